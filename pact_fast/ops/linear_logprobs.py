@@ -1,0 +1,209 @@
+"""Fused lm_head + log-softmax + gather: per-token log-probs without [N, V] logits.
+
+``linear_logprobs`` is the public op. Two backends share one contract:
+
+- ``torch``: chunks of rows through ``hidden @ weight.T``; forward keeps only per-row
+  statistics, backward recomputes each chunk's logits. Never more than one chunk of logits
+  is alive. The CPU path, and the reference the Triton kernels are tested against.
+- ``triton``: the kernels in ``pact_fast.kernels.linear_logprobs`` (CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``), which stream vocabulary tiles and never hold more than a tile.
+
+Both compact away rows whose target is ``ignore_index`` before any matmul, so those rows
+cost nothing and get zero gradient.
+"""
+import torch
+
+# Rows per chunk of the torch path are chosen so one fp32 chunk of logits holds ~4M values (16 MiB).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _check_inputs(hidden, weight, targets, bias, temperature):
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("linear_logprobs: `hidden` and `weight` must be tensors")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError("linear_logprobs: `targets` must be a tensor of token ids")
+    if not hidden.is_floating_point():
+        raise TypeError(f"linear_logprobs: `hidden` must be floating point, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_logprobs: `weight` dtype {weight.dtype} differs from `hidden` dtype {hidden.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_logprobs: `weight` must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_logprobs: `hidden` last dim must equal H={weight.shape[1]} of `weight` [V, H], "
+            f"got `hidden` shape {tuple(hidden.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"linear_logprobs: `targets` must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"linear_logprobs: `targets` shape {tuple(targets.shape)} must equal `hidden` shape without its "
+            f"last dim {tuple(hidden.shape[:-1])}")
+    devices = {hidden.device, weight.device, targets.device}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"linear_logprobs: `bias` must be a tensor of shape [V]=({weight.shape[0]},)")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"linear_logprobs: `bias` dtype {bias.dtype} differs from `hidden` dtype {hidden.dtype}")
+        devices.add(bias.device)
+    if len(devices) > 1:
+        raise ValueError(f"linear_logprobs: inputs live on different devices: {sorted(map(str, devices))}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"linear_logprobs: `temperature` must be a number > 0, got {temperature!r}")
+
+
+def _compact(targets, ignore_index, vocab_size):
+    """Indices [n] of rows that carry a target, after checking every target lies in [0, V)."""
+    keep = targets != ignore_index
+    kept = targets[keep]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab_size):
+        bad = kept[(kept < 0) | (kept >= vocab_size)][0].item()
+        raise ValueError(
+            f"linear_logprobs: target {bad} is outside [0, V={vocab_size}) and is not ignore_index={ignore_index}")
+    return keep.nonzero().squeeze(1)
+
+
+def _chunk_logits(x, weight, bias, inv_temp):
+    """fp32 logits / temperature for one chunk of rows: [C, V]."""
+    z = x @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.float() * inv_temp
+
+
+class _TorchLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, inv_temp, chunk):
+        n = x.shape[0]
+        logp = x.new_empty(n, dtype=torch.float32)  # [n]
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp)
+        for i in range(0, n, chunk):
+            z = _chunk_logits(x[i:i + chunk], weight, bias, inv_temp)  # [C, V]
+            c_lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - c_lse[:, None])
+            lse[i:i + chunk] = c_lse
+            ent[i:i + chunk] = (c_lse - (p * z).sum(-1)).clamp_min(0)
+            logp[i:i + chunk] = (z.gather(1, targets[i:i + chunk, None]).squeeze(1) - c_lse).clamp_max(0)
+        ctx.save_for_backward(x, weight, bias, targets, lse, ent)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        x, weight, bias, targets, lse, ent = ctx.saved_tensors
+        inv_temp, chunk = ctx.inv_temp, ctx.chunk
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        w32 = weight.float()
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # fp32 accumulation
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        for i in range(0, x.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
+            p = torch.exp(z - lse[sl, None])
+            dz = -p * g_logp[sl, None]
+            dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
+            if g_ent is not None:
+                mean_z = lse[sl] - ent[sl]
+                dz += g_ent[sl, None] * p * (mean_z[:, None] - z)
+            dz *= inv_temp
+            if dx is not None:
+                dx[sl] = (dz @ w32).to(x.dtype)
+            dw += dz.t() @ x[sl].float()
+            if db is not None:
+                db += dz.sum(0)
+        return (dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None, None)
+
+
+class _TritonLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, inv_temp):
+        from ..kernels import linear_logprobs_launch as launch
+
+        logp, lse, ent = launch.forward(x, weight, bias, targets, inv_temp)
+        ctx.save_for_backward(x, weight, bias, targets, lse, ent)
+        ctx.inv_temp = inv_temp
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        from ..kernels import linear_logprobs_launch as launch
+
+        x, weight, bias, targets, lse, ent = ctx.saved_tensors
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        dx, dw, db = launch.backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_temp)
+        return (dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None)
+
+
+def _resolve_backend(backend, device):
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"linear_logprobs: unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
+    if backend == "triton" and device.type != "cuda":
+        from ..kernels.registry import interpreting
+
+        if not interpreting():
+            raise ValueError("linear_logprobs: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                             "set before triton is imported; use backend='torch' on CPU")
+    return backend
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False, backend="auto", chunk_rows=None):
+    """Log-probs of chosen tokens under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[N, H]`` (or ``[*, H]``) fp32/fp16/bf16 hidden states, e.g. a model's last hidden state.
+        weight: ``[V, H]`` lm_head weight, same dtype and device as ``hidden``.
+        targets: ``[N]`` (or ``[*]``) integer token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]`` lm_head bias.
+        temperature: logits are divided by it (> 0); 1.0 means unchanged.
+        ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost.
+        return_entropy: also return the entropy of each row's distribution.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
+        chunk_rows: rows per chunk of the torch backend; default keeps one chunk near 16 MiB of fp32 logits.
+
+    Returns:
+        ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable
+        with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+    """
+    _check_inputs(hidden, weight, targets, bias, temperature)
+    backend = _resolve_backend(backend, hidden.device)
+    lead_shape = hidden.shape[:-1]
+    x_all = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    t_all = targets.reshape(-1).long()  # [N]
+    rows = _compact(t_all, ignore_index, weight.shape[0])  # [n]
+    x = x_all.index_select(0, rows)  # [n, H]: ignored rows never reach a matmul
+    t = t_all.index_select(0, rows)
+    w = weight.contiguous()
+    inv_temp = 1.0 / float(temperature)
+    if backend == "triton":
+        logp_c, ent_c = _TritonLinearLogprobs.apply(x, w, bias, t, inv_temp)
+    else:
+        chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        logp_c, ent_c = _TorchLinearLogprobs.apply(x, w, bias, t, inv_temp, chunk)
+    n_all = x_all.shape[0]
+    logp = logp_c.new_zeros(n_all).index_copy(0, rows, logp_c).reshape(lead_shape)
+    if not return_entropy:
+        return logp
+    entropy = ent_c.new_zeros(n_all).index_copy(0, rows, ent_c).reshape(lead_shape)
+    return logp, entropy
+
+
+def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+    """Naive path: materialises ``[N, V]`` logits, then log_softmax and gather. Returns (logp, entropy) in
+    the dtype of the computation; for tests (run it in float64) and as the benchmark's baseline."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    keep = targets != ignore_index
+    logp = logprobs.gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp * keep, entropy * keep

@@ -1,0 +1,195 @@
+"""Attention over a DFS-packed token trie: key ``k`` is visible to query ``q`` iff
+``k <= q < subtree_end[k]`` (a query sees its ancestors' segments and its own segment causally).
+
+Backends (SPEC section 3):
+
+- ``triton``: block-sparse flash kernels in ``pact_fast.kernels.tree_attention``; no fully
+  masked tile is ever computed. CUDA, or the CPU under ``TRITON_INTERPRET=1``.
+- ``sdpa``: a dense boolean ``[L, L]`` mask through ``scaled_dot_product_attention``; the CPU path.
+- ``varlen``: each segment attends to its gathered ancestors' keys/values plus itself causally,
+  through flash-attn's ``flash_attn_varlen_func`` when installed, else SDPA per segment.
+- ``flex``: FlexAttention with a ``mask_mod`` over ``subtree_end`` (CUDA only: no CPU backward).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "sdpa", "varlen", "flex")
+
+
+def tree_mask(subtree_end):
+    """Dense visibility ``[B, L, L]`` bool (query, key) from ``subtree_end [B, L]``."""
+    L = subtree_end.shape[-1]
+    pos = torch.arange(L, device=subtree_end.device)
+    q = pos[:, None]
+    k = pos[None, :]
+    return (k <= q) & (q < subtree_end[:, None, :])
+
+
+def validate_layout(q, k, v, subtree_end):
+    """Raise ValueError on shapes or a subtree_end that no token trie produces."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"tree_attention: q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, HQ, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+        raise ValueError(f"tree_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, Hkv, L={L}, D={D}]")
+    if HQ % k.shape[1]:
+        raise ValueError(f"tree_attention: query heads Hq={HQ} must be a multiple of key/value heads Hkv={k.shape[1]}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"tree_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(subtree_end.shape) != (B, L):
+        raise ValueError(f"tree_attention: subtree_end must be [B={B}, L={L}], got {tuple(subtree_end.shape)}")
+    if subtree_end.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tree_attention: subtree_end must be int32 or int64, got {subtree_end.dtype}")
+    own = torch.arange(1, L + 1, device=subtree_end.device)
+    bad = (subtree_end < own) | (subtree_end > L)
+    if bool(bad.any()):
+        b, t = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"tree_attention: subtree_end[{b}, {t}] = {int(subtree_end[b, t])} must lie in "
+                         f"[{t + 1}, {L}] (at least one past the token itself, at most L)")
+
+
+def tree_attention_reference(q, k, v, subtree_end, scale=None):
+    """Plain softmax attention under the tree mask, in the inputs' dtype (run it in float64 for tests)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    s = s.masked_fill(~tree_mask(subtree_end)[:, None], float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _sdpa(q, k, v, subtree_end, scale):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=tree_mask(subtree_end)[:, None], scale=scale)
+
+
+def segments(subtree_end):
+    """Split a layout [L] into trie segments: returns a list of (start, stop, ancestors [n] long).
+
+    Tokens t and t+1 share a segment iff t+1 is t's only child: subtree_end[t] > t + 1 and
+    subtree_end[t+1] == subtree_end[t]. The ancestors of a segment are the keys before its start
+    whose subtree contains it."""
+    ends = subtree_end.tolist()
+    L = len(ends)
+    out, start = [], 0
+    for t in range(L):
+        if t + 1 == L or not (ends[t] > t + 1 and ends[t + 1] == ends[t]):
+            anc = [j for j in range(start) if ends[j] > start]
+            out.append((start, t + 1, torch.tensor(anc, dtype=torch.long, device=subtree_end.device)))
+            start = t + 1
+    return out
+
+
+def _varlen(q, k, v, subtree_end, scale):
+    """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    B, HQ, L, D = q.shape
+    group = HQ // k.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        segs = segments(subtree_end[b])
+        kv_idx = [torch.cat([anc, torch.arange(s, e, device=q.device)]) for s, e, anc in segs]
+        if flash_attn_varlen_func is not None and q.is_cuda:
+            idx = torch.cat(kv_idx)
+            cu_q = torch.tensor([0] + [e for _, e, _ in segs], device=q.device, dtype=torch.int32)
+            lens_k = torch.tensor([0] + [len(i) for i in kv_idx], device=q.device)
+            cu_k = lens_k.cumsum(0).int()
+            o = flash_attn_varlen_func(
+                q[b].transpose(0, 1), k[b][:, idx].transpose(0, 1), v[b][:, idx].transpose(0, 1), cu_q, cu_k,
+                max(e - s for s, e, _ in segs), int(lens_k.max()), softmax_scale=scale, causal=True)
+            out[b] = o.transpose(0, 1)
+            continue
+        for (s, e, anc), idx in zip(segs, kv_idx):
+            kk = k[b][:, idx].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
+            vv = v[b][:, idx].repeat_interleave(group, dim=0)
+            n_anc = len(anc)
+            qpos = torch.arange(e - s, device=q.device)[:, None]
+            kpos = torch.arange(n_anc + e - s, device=q.device)[None, :]
+            mask = kpos <= qpos + n_anc  # [len, n_anc + len]
+            out[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], kk, vv, attn_mask=mask, scale=scale)
+    return out
+
+
+def _flex(q, k, v, subtree_end, scale):
+    if not q.is_cuda:
+        raise ValueError("tree_attention: backend='flex' needs CUDA tensors (FlexAttention has no CPU backward)")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, HQ, L, _ = q.shape
+    ends = subtree_end.long()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx])
+
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=HQ != k.shape[1])
+
+
+class _TritonTreeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, subtree_end, scale):
+        from ..kernels import tree_attention_launch as launch
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ends = subtree_end.to(torch.int32).contiguous()
+        o, lse, lists = launch.forward(q, k, v, ends, scale)
+        ctx.save_for_backward(q, k, v, o, lse, ends, *lists)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels import tree_attention_launch as launch
+
+        q, k, v, o, lse, ends, *lists = ctx.saved_tensors
+        dq, dk, dv = launch.backward(q, k, v, o, lse, do.contiguous(), ends, lists, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def resolve_backend(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"tree_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    if backend == "triton" and device.type != "cuda":
+        from ..kernels.registry import interpreting
+
+        if not interpreting():
+            raise ValueError("tree_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported; use backend='sdpa' on CPU")
+    return backend
+
+
+def tree_attention(q, k, v, subtree_end, *, scale=None, backend="auto", validate=True):
+    """Softmax attention in which query ``q`` sees key ``k`` iff ``k <= q < subtree_end[k]``.
+
+    Args:
+        q: ``[B, Hq, L, D]`` queries (fp32/fp16/bf16).
+        k, v: ``[B, Hkv, L, D]`` keys and values; ``Hq % Hkv == 0`` (grouped-query attention).
+        subtree_end: ``[B, L]`` int32/int64; one past the last token of each token's subtree
+            (``pact_fast.packing.pack_tree`` produces it).
+        scale: softmax scale; None means ``1 / sqrt(D)``.
+        backend: ``"auto"`` (triton on CUDA, sdpa on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
+        validate: check shapes and the layout (one host sync); callers that validated the layout
+            once, e.g. per packed forward, pass False in every layer.
+
+    Returns:
+        ``[B, Hq, L, D]`` in the dtype of ``q``; exact gradients for q, k and v.
+    """
+    if validate:
+        validate_layout(q, k, v, subtree_end)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        return _TritonTreeAttention.apply(q, k, v, subtree_end, scale)
+    return {"sdpa": _sdpa, "varlen": _varlen, "flex": _flex}[backend](q, k, v, subtree_end, scale)

@@ -1,0 +1,167 @@
+"""Prefix-tree packing: merge token sequences into a trie and flatten it depth-first.
+
+One packed row holds every sequence of a PACT group (trace-conditioned and prompt-only copies
+of each rollout, plus the trace), each shared prefix once (SPEC section 2):
+
+- ``position_ids[i]``: depth of token i in the trie, the position it has in its own sequence;
+- ``subtree_end[i]``: one past the last packed index in token i's subtree; key ``k`` is
+  visible to query ``q`` iff ``k <= q < subtree_end[k]``;
+- ``token_index[j][t]``: packed index of token t of sequence j; token t of sequence j is
+  predicted by the hidden state at ``token_index[j][t - 1]``.
+
+Shared prefixes are found from token ids alone, so any chat template works.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+class _Trie:
+    """Token trie with one node per distinct prefix; children kept in insertion order."""
+
+    def __init__(self):
+        self.token = []  # node -> token id
+        self.children = [{}]  # node -> {token id: child node}; node 0 is the empty root
+        self.size = 0  # tokens (non-root nodes)
+
+    def new_tokens(self, seq):
+        """How many nodes inserting ``seq`` would add (its length minus its longest stored prefix)."""
+        node = 0
+        for depth, tok in enumerate(seq):
+            node = self.children[node].get(tok)
+            if node is None:
+                return len(seq) - depth
+        return 0
+
+    def insert(self, seq):
+        """Insert ``seq``; returns the node of each of its tokens."""
+        node, nodes = 0, []
+        for tok in seq:
+            child = self.children[node].get(tok)
+            if child is None:
+                child = len(self.children)
+                self.children[node][tok] = child
+                self.children.append({})
+                self.token.append(tok)
+                self.size += 1
+            nodes.append(child)
+            node = child
+        return nodes
+
+
+@dataclass
+class PackedTree:
+    """A DFS-flattened token trie. All tensors are int64 on CPU; move them with ``.to(device)``."""
+
+    input_ids: torch.Tensor  # [L]
+    position_ids: torch.Tensor  # [L]
+    subtree_end: torch.Tensor  # [L]
+    token_index: list  # per sequence j: [n_j] packed index of each token
+
+    @property
+    def num_tokens(self):
+        return int(self.input_ids.numel())
+
+    def to(self, device):
+        return PackedTree(self.input_ids.to(device), self.position_ids.to(device), self.subtree_end.to(device),
+                          [t.to(device) for t in self.token_index])
+
+    def predictor_rows(self, seq_ids=None, token_ids=None):
+        """Rows of the packed hidden state that predict chosen tokens, and those tokens.
+
+        Args:
+            seq_ids: sequences to score (default: all, in order).
+            token_ids: optional per chosen sequence a LongTensor of token positions t >= 1 to score
+                (default: every token 1..n-1).
+
+        Returns:
+            ``rows [M]`` (packed index of the hidden state that predicts each token; the same row
+            repeats at a branch point), ``targets [M]`` (the predicted token ids) and ``offsets [S+1]``
+            (the scored tokens of the s-th chosen sequence are ``rows[offsets[s]:offsets[s+1]]``).
+        """
+        seq_ids = range(len(self.token_index)) if seq_ids is None else seq_ids
+        rows, targets, offsets = [], [], [0]
+        for s, j in enumerate(seq_ids):
+            index = self.token_index[j]
+            t = torch.arange(1, len(index)) if token_ids is None else torch.as_tensor(token_ids[s]).long()
+            if t.numel() and int(t.min()) < 1:
+                raise ValueError(f"predictor_rows: sequence {j} asks to score token {int(t.min())}; "
+                                 "token 0 has no predictor")
+            rows.append(index[t - 1])
+            targets.append(self.input_ids[index[t]])
+            offsets.append(offsets[-1] + t.numel())
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        return cat(rows), cat(targets), torch.tensor(offsets)
+
+
+def _as_list(seq, j):
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1:
+            raise ValueError(f"pack_tree: sequence {j} must be 1-D, got shape {tuple(seq.shape)}")
+        seq = seq.tolist()
+    seq = list(seq)
+    if not seq:
+        raise ValueError(f"pack_tree: sequence {j} is empty")
+    return [int(t) for t in seq]
+
+
+def pack_tree(sequences):
+    """Merge token sequences (lists or 1-D tensors of ids) into one DFS-flattened trie.
+
+    Returns a ``PackedTree`` with ``L`` = number of distinct prefixes (trie nodes). Packed order is
+    depth-first pre-order with children in order of first appearance, so the first sequence is laid
+    out contiguously from index 0.
+    """
+    seqs = [_as_list(s, j) for j, s in enumerate(sequences)]
+    trie = _Trie()
+    seq_nodes = [trie.insert(s) for s in seqs]
+    L = trie.size
+    order = [0] * (L + 1)  # node -> packed index (root excluded)
+    input_ids = [0] * L
+    depth = [0] * L
+    subtree_end = [0] * L
+    nxt = 0
+    stack = [(child, 0, False) for child in reversed(list(trie.children[0].values()))]
+    while stack:
+        node, d, done = stack.pop()
+        if done:
+            subtree_end[order[node]] = nxt
+            continue
+        order[node] = nxt
+        input_ids[nxt] = trie.token[node - 1]
+        depth[nxt] = d
+        nxt += 1
+        stack.append((node, d, True))
+        stack.extend((child, d + 1, False) for child in reversed(list(trie.children[node].values())))
+    token_index = [torch.tensor([order[n] for n in nodes], dtype=torch.long) for nodes in seq_nodes]
+    return PackedTree(torch.tensor(input_ids, dtype=torch.long), torch.tensor(depth, dtype=torch.long),
+                      torch.tensor(subtree_end, dtype=torch.long), token_index)
+
+
+def split_micro_batches(groups, max_tokens):
+    """Assign sequences of many groups to micro-batches whose packed size stays within ``max_tokens``.
+
+    Args:
+        groups: list of groups, each a list of sequences (lists or 1-D tensors of token ids).
+        max_tokens: token budget of one packed micro-batch.
+
+    Returns:
+        A list of micro-batches, each a list of ``(group_index, sequence_index)``. Groups are filled in
+        order; a group that does not fit in the current micro-batch continues in the next one, and each
+        part carries its own copy of the ancestors it needs (the shared prompt is packed again).
+    """
+    batches, current, trie = [], [], _Trie()
+    for g, group in enumerate(groups):
+        for j, seq in enumerate(group):
+            seq = _as_list(seq, j)
+            if len(seq) > max_tokens:
+                raise ValueError(f"split_micro_batches: sequence {j} of group {g} has {len(seq)} tokens, more than "
+                                 f"max_tokens={max_tokens}; raise the budget or truncate the sequence")
+            if trie.size + trie.new_tokens(seq) > max_tokens:
+                batches.append(current)
+                current, trie = [], _Trie()
+            trie.insert(seq)
+            current.append((g, j))
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="pact_fast",
+    version="0.1.0",
+    description="Fast, memory-lean PACT trainer: tree-packed scoring and fused Triton log-prob kernels",
+    python_requires=">=3.9",
+    # `kernels/` is shipped as `pact_fast.kernels`: the top-level name `kernels` belongs to
+    # Hugging Face's kernels package, which transformers imports when present.
+    packages=["pact_fast", "pact_fast.ops", "pact_fast.kernels"],
+    package_dir={"pact_fast": "pact_fast", "pact_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "transformers>=4.53",
+        "tokenizers",
+        "safetensors",
+    ],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "test": ["pytest", "triton>=3.1"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "gpu": ["liger-kernel", "cut-cross-entropy"],
+    },
+    entry_points={"console_scripts": ["pact-fast=pact_fast.cli:main"]},
+)

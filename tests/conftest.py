@@ -1,0 +1,21 @@
+"""Kernels run under the Triton interpreter on machines without a GPU (SPEC section 5).
+TRITON_INTERPRET must be set before triton is first imported, hence here."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def rel_err(out, ref):
+    """|out - ref| / |ref| in float64 (Frobenius norms)."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"

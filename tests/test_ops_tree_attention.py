@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from pact_fast.kernels.tree_attention_launch import tile_lists
+from pact_fast.ops import tree_attention, tree_attention_reference
+from pact_fast.ops.tree_attention import tree_mask
+from pact_fast.packing import pack_tree
+from conftest import rel_err
+from trees import pact_group, random_tree_sequences
+
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+
+
+def _layout(seeds_depths):
+    """Batch of packed trees padded to one length with trailing single-token chains."""
+    packs = [pack_tree(random_tree_sequences(s, d)) for s, d in seeds_depths]
+    L = max(p.num_tokens for p in packs)
+    ends = []
+    for p in packs:
+        pad = torch.arange(p.num_tokens + 1, L + 1)  # padding tokens each see only themselves
+        ends.append(torch.cat([p.subtree_end, pad]))
+    return torch.stack(ends)
+
+
+# fp16 runs on the Triton kernels only: the fp16 SDPA/varlen paths are PyTorch's own kernels.
+BACKEND_DTYPES = [pytest.param(b, torch.float32, id=f"{b}-fp32") for b in ("sdpa", "varlen", "triton")] + [
+    pytest.param("triton", torch.float16, id="triton-fp16")]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("HQ,HKV,D", [(4, 2, 24), (3, 3, 16), (4, 1, 32)], ids=["gqa2-D24", "mha-D16", "mqa-D32"])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_matches_float64_reference(backend, dtype, HQ, HKV, D, depth, device):
+    subtree_end = _layout([(depth, depth), (depth + 10, depth)]).to(device)
+    B, L = subtree_end.shape
+    g = torch.Generator().manual_seed(depth)
+    q, k, v, do = (torch.randn(B, h, L, D, generator=g) for h in (HQ, HKV, HKV, HQ))
+    ours = [t.to(dtype).to(device).clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out = tree_attention(*ours, subtree_end, backend=backend)
+    out_r = tree_attention_reference(*ref, subtree_end.cpu())
+    assert out.dtype == dtype and out.shape == (B, HQ, L, D)
+    assert rel_err(out.cpu(), out_r) < TOL[dtype]
+    out.backward(do.to(dtype).to(device))
+    out_r.backward(do.double())
+    for name, o, r in zip("qkv", ours, ref):
+        assert rel_err(o.grad.cpu(), r.grad) < TOL[dtype], f"d{name}"
+
+
+def test_pact_group_layout_with_custom_scale():
+    subtree_end = pack_tree(pact_group()).subtree_end[None]
+    L = subtree_end.shape[1]
+    assert L % 16, "layout should not be a multiple of the interpreter tile"
+    q, k, v = (torch.randn(1, 2, L, 16, dtype=torch.float64) for _ in range(3))
+    ref = tree_attention_reference(q, k, v, subtree_end, scale=0.3)
+    out = tree_attention(q.float(), k.float(), v.float(), subtree_end, scale=0.3, backend="triton")
+    assert rel_err(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_tile_lists_are_exactly_the_tiles_with_a_visible_pair(block):
+    subtree_end = _layout([(1, 3), (2, 4)])
+    q_count, q_index, k_count, k_index = tile_lists(subtree_end, block)
+    mask = tree_mask(subtree_end)  # [B, L(query), L(key)]
+    B, L = subtree_end.shape
+    T = -(-L // block)
+    padded = torch.nn.functional.pad(mask, (0, T * block - L, 0, T * block - L))
+    expected = padded.view(B, T, block, T, block).any(-1).any(2)  # [B, query tile, key tile]
+    for b in range(B):
+        for i in range(T):
+            listed = set(q_index[b, i, : q_count[b, i]].tolist())
+            assert listed == set(expected[b, i].nonzero().flatten().tolist())
+        for j in range(T):
+            listed = set(k_index[b, j, : k_count[b, j]].tolist())
+            assert listed == set(expected[b, :, j].nonzero().flatten().tolist())
+    assert expected.sum() < T * T * B, "a tree layout leaves some tiles fully masked"
+
+
+@pytest.mark.parametrize("change,exc,word", [
+    (lambda q, k, v, e: (q, k, v, e - 1), ValueError, "subtree_end"),
+    (lambda q, k, v, e: (q, k, v, e + 50), ValueError, "subtree_end"),
+    (lambda q, k, v, e: (q, k, v, e[:, :-1]), ValueError, "subtree_end"),
+    (lambda q, k, v, e: (q, k, v, e.float()), TypeError, "subtree_end"),
+    (lambda q, k, v, e: (q[:, :3], k, v, e), ValueError, "multiple"),
+    (lambda q, k, v, e: (q, k[..., :8], v, e), ValueError, "k "),
+    (lambda q, k, v, e: (q[0], k, v, e), ValueError, "B, H, L, D"),
+    (lambda q, k, v, e: (q, k.double(), v, e), TypeError, "dtypes"),
+], ids=["end-below-self", "end-past-L", "end-shape", "end-float", "heads", "k-shape", "q-rank", "dtype"])
+def test_bad_layout_is_a_clear_error(change, exc, word):
+    e = pack_tree(pact_group()).subtree_end[None]
+    L = e.shape[1]
+    q, k, v = torch.randn(1, 4, L, 16), torch.randn(1, 2, L, 16), torch.randn(1, 2, L, 16)
+    with pytest.raises(exc, match=word):
+        tree_attention(*change(q, k, v, e), backend="sdpa")
+
+
+def test_flex_on_cpu_is_refused():
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randn(1, 2, e.shape[1], 16)
+    with pytest.raises(ValueError, match="CUDA"):
+        tree_attention(q, q, q, e, backend="flex")
