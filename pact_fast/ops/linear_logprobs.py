@@ -13,8 +13,8 @@ cost nothing and get zero gradient.
 """
 import torch
 
-# Rows per chunk of the torch path are chosen so one fp32 chunk of logits holds ~4M values (16 MiB).
-_CHUNK_ELEMENTS = 1 << 22
+# Rows per chunk of the torch path are chosen so one fp32 chunk of logits holds ~2M values (8 MiB).
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def _check_inputs(hidden, weight, targets, bias, temperature):
@@ -78,12 +78,13 @@ class _TorchLinearLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp)
         for i in range(0, n, chunk):
-            z = _chunk_logits(x[i:i + chunk], weight, bias, inv_temp)  # [C, V]
+            sl = slice(i, i + chunk)
+            z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
             c_lse = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - c_lse[:, None])
-            lse[i:i + chunk] = c_lse
-            ent[i:i + chunk] = (c_lse - (p * z).sum(-1)).clamp_min(0)
-            logp[i:i + chunk] = (z.gather(1, targets[i:i + chunk, None]).squeeze(1) - c_lse).clamp_max(0)
+            logprobs = z.sub_(c_lse[:, None])  # in place: at most two [C, V] buffers per chunk
+            logp[sl] = logprobs.gather(1, targets[sl, None]).squeeze(1).clamp_max(0)
+            ent[sl] = (-(logprobs.exp() * logprobs).sum(-1)).clamp_min(0)
+            lse[sl] = c_lse
         ctx.save_for_backward(x, weight, bias, targets, lse, ent)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
@@ -102,16 +103,18 @@ class _TorchLinearLogprobs(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             sl = slice(i, i + chunk)
             z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
-            p = torch.exp(z - lse[sl, None])
-            dz = -p * g_logp[sl, None]
-            dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
+            # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
             if g_ent is not None:
-                mean_z = lse[sl] - ent[sl]
-                dz += g_ent[sl, None] * p * (mean_z[:, None] - z)
-            dz *= inv_temp
+                coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
+                dz = z.sub_(lse[sl, None]).exp_().mul_(coef)
+                del coef
+            else:
+                dz = z.sub_(lse[sl, None]).exp_().mul_(-g_logp[sl, None])
+            dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
+            dz.mul_(inv_temp)
             if dx is not None:
                 dx[sl] = (dz @ w32).to(x.dtype)
-            dw += dz.t() @ x[sl].float()
+            dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
             if db is not None:
                 db += dz.sum(0)
         return (dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None, None)
@@ -166,7 +169,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost.
         return_entropy: also return the entropy of each row's distribution.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
-        chunk_rows: rows per chunk of the torch backend; default keeps one chunk near 16 MiB of fp32 logits.
+        chunk_rows: rows per chunk of the torch backend; default keeps one chunk near 8 MiB of fp32 logits.
 
     Returns:
         ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable

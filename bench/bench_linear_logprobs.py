@@ -1,0 +1,125 @@
+"""Benchmark of the per-token log-prob op: naive PyTorch vs the chunked torch path vs the Triton
+kernels, plus Liger-Kernel's fused linear cross entropy and cut-cross-entropy where installed.
+
+    python bench/bench_linear_logprobs.py                 # CPU: N=8192, H=1024, V=32000 (torch paths)
+    python bench/bench_linear_logprobs.py --workload W-logprob --json out.json   # CUDA, SPEC section 6
+    pytest bench/bench_linear_logprobs.py                 # pytest-benchmark, small size
+
+Every provider computes fp32 logp for N rows (and its gradient w.r.t. hidden and weight in
+fwd+bwd mode, upstream gradient random). Times and peak extra memory are measured side by side
+in one process; ratios are against the naive path.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, measure, print_table, write_json  # noqa: E402
+
+from pact_fast.ops import linear_logprobs  # noqa: E402
+
+WORKLOADS = {
+    "cpu": dict(N=8192, H=1024, V=32000, dtype=torch.float32),
+    "W-logprob": dict(N=32768, H=2048, V=151936, dtype=torch.bfloat16),
+    "W-logprob-4096": dict(N=32768, H=4096, V=151936, dtype=torch.bfloat16),
+    "tiny": dict(N=256, H=64, V=1000, dtype=torch.float32),
+}
+
+
+def providers(device):
+    """name -> fn(hidden, weight, targets) returning fp32 logp [N]."""
+    out = {
+        "naive": lambda h, w, t: torch.log_softmax((h @ w.t()).float(), -1).gather(-1, t[:, None]).squeeze(-1),
+        "torch_chunked": lambda h, w, t: linear_logprobs(h, w, t, backend="torch"),
+    }
+    if device.type == "cuda":
+        out["triton"] = lambda h, w, t: linear_logprobs(h, w, t, backend="triton")
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            out["liger_flce"] = lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none").float()
+        except ImportError:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+
+            out["cce"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
+        except ImportError:
+            pass
+    return out
+
+
+def make_inputs(N, H, V, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(device)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    return hidden, weight, targets
+
+
+def run(workload, device, reps, names=None):
+    shape = WORKLOADS[workload]
+    hidden, weight, targets = make_inputs(**shape, device=device)
+    grad = torch.randn(shape["N"], device=device)
+    rows = []
+    for name, fn in providers(device).items():
+        if names and name not in names:
+            continue
+
+        def fwd():
+            with torch.no_grad():
+                fn(hidden, weight, targets)
+
+        def fwd_bwd():
+            h = hidden.detach().requires_grad_()
+            w = weight.detach().requires_grad_()
+            (fn(h, w, targets) * grad).sum().backward()
+
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            seconds, peak = measure(call, device, reps=reps)
+            rows.append({"provider": name, "mode": mode, "ms": seconds * 1e3, "peak_MiB": peak / 2 ** 20})
+    for row in rows:
+        base = next(r for r in rows if r["provider"] == "naive" and r["mode"] == row["mode"])
+        row["time_vs_naive"] = row["ms"] / base["ms"]
+        row["mem_vs_naive"] = row["peak_MiB"] / base["peak_MiB"] if base["peak_MiB"] else None
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="linear log-prob benchmark")
+    parser.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
+                        help="default: W-logprob on CUDA, cpu otherwise")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 1 on CPU, 10 on CUDA)")
+    parser.add_argument("--providers", nargs="*", help="subset of providers")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    workload = args.workload or ("W-logprob" if device.type == "cuda" else "cpu")
+    reps = args.reps or (10 if device.type == "cuda" else 1)
+    rows = run(workload, device, reps, args.providers)
+    shape = {k: str(v) for k, v in WORKLOADS[workload].items()}
+    print(f"linear_logprobs  workload={workload} {shape}  device={device}")
+    print_table(rows, ["provider", "mode", "ms", "peak_MiB", "time_vs_naive", "mem_vs_naive"])
+    if args.json:
+        write_json(args.json, {"bench": "linear_logprobs", "workload": workload, "shape": shape,
+                               "machine": machine_info(device), "rows": rows})
+
+
+def test_linear_logprobs_fwd_bwd(benchmark):
+    """pytest-benchmark entry: the torch path at the tiny workload, forward+backward."""
+    hidden, weight, targets = make_inputs(**WORKLOADS["tiny"], device="cpu")
+    h = hidden.requires_grad_()
+
+    def step():
+        h.grad = None
+        linear_logprobs(h, weight, targets, backend="torch").sum().backward()
+
+    benchmark(step)
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+if __name__ == "__main__":
+    main()
