@@ -1,0 +1,421 @@
+"""Every PACT objective as a pure function of tensors (SPEC section 1; docs/method.md).
+
+Layout: rollouts are rows of a padded batch, ``[B, T]`` per-token tensors with a
+``response_mask [B, T]`` (1 on model-generated tokens, 0 on tool responses and padding), scalar
+``rewards [B]`` and ``group_ids [B]`` (which prompt group a rollout belongs to). The expert traces
+are rows of ``[S, E]`` tensors with per-token component labels. No model is involved: callers
+supply log-probs from any engine (``pact_fast.scoring`` or their own).
+
+``pact_loss(batch, config, progress)`` combines the terms and returns ``(loss, metrics)``; the
+baselines ``sft``, ``grpo`` and ``sft_then_grpo`` are values of ``PACTLossConfig.mode``.
+"""
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+
+# Component labels of trace tokens (``sft_components``).
+NONE, REASONING, TOOL_CALL, TOOL_RESPONSE, OTHER = 0, 1, 2, 3, 4
+COMPONENT_NAMES = {NONE: "none", REASONING: "reasoning", TOOL_CALL: "tool_call", TOOL_RESPONSE: "tool_response",
+                   OTHER: "other"}
+
+MODES = ("pact", "sft", "grpo", "sft_then_grpo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+CTX_DENS = ("same", "behavior")
+ANCHOR_MODES = ("bernoulli", "mix")
+SFT_REASONING_MODES = ("segment", "scale")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class PACTLossConfig:
+    """Every knob of the PACT objective. Fields marked (reading) are our reconstruction of the paper."""
+
+    mode: str = field(default="pact", metadata={"help": "pact | sft | grpo | sft_then_grpo", "choices": MODES})
+    # GRPO advantages
+    adv_eps: float = field(default=1e-6, metadata={"help": "eps in (R - mean) / (std + eps)"})
+    norm_adv_by_std: bool = field(default=True, metadata={"help": "divide advantages by the group std"})
+    # clipped surrogate
+    clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - clip_eps_low"})
+    clip_eps_high: float = field(default=0.2, metadata={"help": "upper clip: ratio <= 1 + clip_eps_high"})
+    dual_clip: Optional[float] = field(default=None, metadata={
+        "help": "dual-clip constant c > 1 bounding the loss of negative-advantage tokens by -A * c; None = off"})
+    loss_agg: str = field(default="token-mean", metadata={"help": "loss aggregation", "choices": LOSS_AGGS})
+    loss_scale_factor: Optional[int] = field(default=None, metadata={
+        "help": "divisor per sequence for seq-mean-token-sum-norm; None = the padded length T"})
+    ctx_den: str = field(default="same", metadata={
+        "help": "(reading) ratio denominator of L_TC: old policy under the trace context (same) or the "
+                "prompt-only behaviour policy (behavior)", "choices": CTX_DENS})
+    # prompt-only anchoring
+    anchor_mode: str = field(default="bernoulli", metadata={
+        "help": "(reading) bernoulli: per group L_PO with probability q, else L_TC; mix: (1-q) L_TC + q L_PO",
+        "choices": ANCHOR_MODES})
+    anchor_q: float = field(default=0.3, metadata={"help": "anchoring probability / weight q"})
+    # component-aware SFT on the trace
+    lambda_sft: float = field(default=1.0, metadata={"help": "weight of L_SFT in the total loss"})
+    sft_reasoning_mode: str = field(default="segment", metadata={
+        "help": "segment: annealed prefix of reasoning segments; scale: all segments, weight annealed like "
+                "tool calls", "choices": SFT_REASONING_MODES})
+    w_reason: float = field(default=1.0, metadata={"help": "weight of supervised reasoning tokens"})
+    w_other: float = field(default=1.0, metadata={"help": "weight of other assistant tokens (delimiters)"})
+    beta_0: float = field(default=0.8, metadata={"help": "tool-call weight at progress 0"})
+    beta_1: float = field(default=0.2, metadata={"help": "tool-call weight from progress s_end on"})
+    s_end: float = field(default=1.0, metadata={"help": "progress at which the annealing schedules end"})
+    # regularisers (off by default)
+    beta_kl: float = field(default=0.0, metadata={"help": "weight of KL(pi_theta || pi_ref); 0 = off"})
+    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator", "choices": KL_ESTIMATORS})
+    c_ent: float = field(default=0.0, metadata={"help": "entropy bonus coefficient; 0 = off"})
+    # baselines
+    switch_progress: float = field(default=0.5, metadata={"help": "sft_then_grpo: progress at which SFT stops"})
+    seed: int = field(default=0, metadata={"help": "seed of the anchoring draws (mixed with the step)"})
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"PACTLossConfig.{f.name}={getattr(self, f.name)!r}; choose one of {choices}")
+        if not 0.0 <= self.anchor_q <= 1.0:
+            raise ValueError(f"PACTLossConfig.anchor_q={self.anchor_q} must lie in [0, 1]")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"PACTLossConfig.dual_clip={self.dual_clip} must be > 1 (or None)")
+        if self.s_end <= 0:
+            raise ValueError(f"PACTLossConfig.s_end={self.s_end} must be > 0")
+
+
+@dataclass
+class PACTBatch:
+    """Inputs of ``pact_loss``. Shapes: B rollouts, T response tokens, S traces, E trace tokens.
+
+    Log-probs are fp32 per-token values of the rollout tokens (``0`` where masked). Current-policy
+    tensors carry gradients; ``old_*``, ``behavior_logp`` and ``ref_logp`` do not.
+    """
+
+    response_mask: torch.Tensor  # [B, T] 1 = model-generated token
+    rewards: torch.Tensor  # [B]
+    group_ids: torch.Tensor  # [B] int, prompt group of each rollout
+    logp_tc: Optional[torch.Tensor] = None  # [B, T] current policy under (x, h)
+    logp_po: Optional[torch.Tensor] = None  # [B, T] current policy under (x)
+    old_logp_tc: Optional[torch.Tensor] = None  # [B, T] old policy under (x, h)
+    old_logp_po: Optional[torch.Tensor] = None  # [B, T] old policy under (x)
+    behavior_logp: Optional[torch.Tensor] = None  # [B, T] sampling policy (prompt-only); default old_logp_po
+    ref_logp: Optional[torch.Tensor] = None  # [B, T] reference policy under (x), for the KL term
+    entropy: Optional[torch.Tensor] = None  # [B, T] current-policy entropy under (x), for the bonus
+    sft_logp: Optional[torch.Tensor] = None  # [S, E] current policy on the trace tokens under (x)
+    sft_components: Optional[torch.Tensor] = None  # [S, E] int labels (NONE, REASONING, ...)
+    sft_segment_ids: Optional[torch.Tensor] = None  # [S, E] reasoning segment index within its turn
+    sft_turn_ids: Optional[torch.Tensor] = None  # [S, E] assistant turn index
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
+    """GRPO advantages ``A_i = (R_i - mean_G R) / (std_G R + eps)`` (or without the std).
+
+    rewards: [B] float; group_ids: [B] int. Returns [B] fp32 (fp64 for fp64 rewards). The std is the unbiased sample std; a group
+    of one rollout, or of equal rewards, gets advantage 0.
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} and group_ids "
+                         f"{tuple(group_ids.shape)} must both be [B]")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("group_advantages: rewards contain NaN or inf")
+    r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    zeros = torch.zeros(n_groups, device=r.device, dtype=r.dtype)
+    count = zeros.index_add(0, inv, torch.ones_like(r))
+    mean = zeros.index_add(0, inv, r) / count
+    centered = r - mean[inv]
+    if not norm_by_std:
+        return centered
+    sq = zeros.index_add(0, inv, centered ** 2)
+    std = torch.sqrt(sq / (count - 1).clamp_min(1))
+    return centered / (std[inv] + eps)
+
+
+# ---------------------------------------------------------------- surrogate
+
+
+def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
+    """Reduce per-token ``values [B, T]`` over ``mask [B, T]`` (SPEC agg modes); empty masks give 0."""
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))  # where, not *: NaN * 0 is NaN
+    seq_tokens = mask.to(values.dtype).sum(-1)
+    if agg == "token-mean":
+        return masked.sum() / seq_tokens.sum().clamp_min(1)
+    n_seq = (seq_tokens > 0).sum().clamp_min(1)
+    if agg == "seq-mean-token-mean":
+        return (masked.sum(-1) / seq_tokens.clamp_min(1)).sum() / n_seq
+    if agg == "seq-mean-token-sum-norm":
+        scale = loss_scale_factor or values.shape[-1]
+        return masked.sum() / (n_seq * scale)
+    raise ValueError(f"aggregate: unknown agg {agg!r}; choose one of {LOSS_AGGS}")
+
+
+def clipped_surrogate_tokens(logp, old_logp, advantages, *, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None):
+    """Per-token PPO/GRPO loss ``max(-A rho, -A clip(rho, 1-eps_lo, 1+eps_hi))`` with optional dual clip.
+
+    logp, old_logp: [B, T]; advantages: [B] or [B, T]. Returns (loss [B, T], ratio [B, T],
+    clipped_low [B, T] bool, clipped_high [B, T] bool, dual_clipped [B, T] bool).
+    """
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # keeps exp finite on stale or masked tokens
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    clipped_low = (ratio < 1.0 - clip_eps_low) & (adv < 0)
+    clipped_high = (ratio > 1.0 + clip_eps_high) & (adv > 0)
+    dual_clipped = torch.zeros_like(clipped_low)
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual_clipped = (adv < 0) & (loss > bound)
+        loss = torch.where(adv < 0, torch.minimum(loss, bound), loss)
+    return loss, ratio, clipped_low, clipped_high, dual_clipped
+
+
+def policy_loss(logp, old_logp, advantages, response_mask, *, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+                loss_agg="token-mean", loss_scale_factor=None):
+    """Aggregated clipped surrogate and the metrics people watch. Returns (loss, metrics: dict[str, float])."""
+    loss_t, ratio, low, high, dual = clipped_surrogate_tokens(
+        logp, old_logp, advantages, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+    loss = aggregate(loss_t, response_mask, loss_agg, loss_scale_factor)
+    return loss, surrogate_metrics(logp, old_logp, ratio, low, high, dual, response_mask)
+
+
+def surrogate_metrics(logp, old_logp, ratio, clipped_low, clipped_high, dual_clipped, mask, prefix=""):
+    m = mask.bool()
+    n = max(int(m.sum()), 1)
+    with torch.no_grad():
+        diff = (old_logp - logp)[m]
+        return {
+            f"{prefix}clip_frac_low": clipped_low[m].sum().item() / n,
+            f"{prefix}clip_frac_high": clipped_high[m].sum().item() / n,
+            f"{prefix}dual_clip_frac": dual_clipped[m].sum().item() / n,
+            f"{prefix}approx_kl": diff.mean().item() if diff.numel() else 0.0,  # k1 estimate of KL(old || new)
+            f"{prefix}ratio_mean": ratio[m].mean().item() if diff.numel() else 1.0,
+            f"{prefix}ratio_max": ratio[m].max().item() if diff.numel() else 1.0,
+        }
+
+
+# ---------------------------------------------------------------- anchoring
+
+
+def anchor_draws(num_groups, q, generator):
+    """Bernoulli(q) per prompt group from a seeded generator: True = use the prompt-only surrogate. [G] bool."""
+    return torch.rand(num_groups, generator=generator) < q
+
+
+def anchor_generator(seed, step):
+    """The generator ``pact_loss`` draws from at a given step: reproducible from (seed, step)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63))
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def tool_call_weight(progress, beta_0=0.8, beta_1=0.2, s_end=1.0):
+    """beta(s): linear from beta_0 at s=0 to beta_1 at s=s_end, constant after."""
+    frac = min(max(progress / s_end, 0.0), 1.0)
+    return beta_0 + (beta_1 - beta_0) * frac
+
+
+def reasoning_segments_kept(n_segments, progress, s_end=1.0):
+    """ceil(n_k * (1 - s / s_end)): leading reasoning segments of a turn still supervised. Tensor or int."""
+    frac = min(max(progress / s_end, 0.0), 1.0)
+    if isinstance(n_segments, torch.Tensor):
+        return torch.ceil(n_segments.double() * (1.0 - frac) - 1e-9).long()
+    return math.ceil(n_segments * (1.0 - frac) - 1e-9)
+
+
+def sft_token_weights(components, segment_ids, turn_ids, progress, config):
+    """Per-token SFT weights ``w_t`` of traces. components/segment_ids/turn_ids: [S, E] int. Returns [S, E] fp32.
+
+    Reasoning (segment mode): ``w_reason`` on the first ``ceil(n_k (1 - s/s_end))`` segments of turn k, else 0;
+    (scale mode): ``w_reason * beta(s)`` on all. Tool calls: ``beta(s)``. Tool responses and NONE: 0 (never
+    targets). Other assistant tokens: ``w_other``. ``mode='sft'`` (the plain SFT baseline): 1 on every
+    assistant token, no annealing.
+    """
+    w = torch.zeros(components.shape, dtype=torch.float32, device=components.device)
+    assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
+    if config.mode in ("sft", "sft_then_grpo"):
+        return w.masked_fill(assistant, 1.0)
+    beta = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
+    w = w.masked_fill(components == TOOL_CALL, beta)
+    w = w.masked_fill(components == OTHER, config.w_other)
+    reasoning = components == REASONING
+    if config.sft_reasoning_mode == "scale":
+        return w.masked_fill(reasoning, config.w_reason * beta)
+    # segment mode: n_k = 1 + largest segment id of turn k in each trace
+    S, E = components.shape
+    turns = turn_ids.long().clamp_min(0)
+    n_turns = int(turns.max()) + 1 if turns.numel() else 1
+    key = (torch.arange(S, device=w.device)[:, None] * n_turns + turns)[reasoning]  # [n_reasoning]
+    seg = segment_ids.long()[reasoning]
+    n_seg = torch.zeros(S * n_turns, dtype=torch.long, device=w.device).scatter_reduce_(
+        0, key, seg + 1, reduce="amax", include_self=True)
+    kept = reasoning_segments_kept(n_seg, progress, config.s_end)
+    keep = torch.zeros_like(reasoning)
+    keep[reasoning] = seg < kept[key]
+    return w.masked_fill(keep, config.w_reason)
+
+
+def sft_loss(sft_logp, weights, components):
+    """``L_SFT = mean over traces of sum_t w_t * nll_t / N_trace`` with N_trace the trace's assistant tokens.
+
+    sft_logp: [S, E] log-probs of trace tokens; weights: [S, E]; components: [S, E]. Returns a scalar.
+    """
+    assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
+    n_trace = assistant.sum(-1).clamp_min(1).to(sft_logp.dtype)  # [S]
+    per_trace = (-(sft_logp * weights.to(sft_logp.dtype))).sum(-1) / n_trace
+    has = assistant.any(-1)
+    return per_trace[has].sum() / has.sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------- regularisers
+
+
+def kl_penalty(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi_theta || pi_ref) from log-probs of sampled tokens. [B, T]."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        neg = (-log_ratio).clamp(max=20.0)
+        return torch.exp(neg) - neg - 1.0
+    raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+# ---------------------------------------------------------------- total
+
+
+def _check_finite(name, tensor, mask=None):
+    values = tensor if mask is None else tensor[mask.bool()]
+    if not torch.isfinite(values).all():
+        raise ValueError(f"pact_loss: {name} contains NaN or inf" + (" on unmasked tokens" if mask is not None else ""))
+
+
+def _require(batch, names, why):
+    missing = [n for n in names if getattr(batch, n) is None]
+    if missing:
+        raise ValueError(f"pact_loss: {why} needs batch fields {missing}")
+
+
+def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
+    """The PACT objective: ``L = L_RL + lambda_sft L_SFT + beta_kl KL - c_ent H`` (SPEC section 1).
+
+    Args:
+        batch: ``PACTBatch``; which fields are needed depends on the mode (a clear error names any missing).
+        config: ``PACTLossConfig`` (default: PACT defaults).
+        progress: training progress s in [0, 1] driving the annealing schedules (and sft_then_grpo's switch).
+        step: mixed with ``config.seed`` for the anchoring draws when no ``generator`` is given.
+        generator: torch.Generator for the Bernoulli anchoring draws.
+
+    Returns:
+        ``(loss, metrics)``: a scalar tensor (never NaN) and a dict of floats: every loss term, the
+        surrogate metrics of each context, anchoring counts and ``skipped_groups`` (groups whose
+        response mask selects nothing).
+    """
+    config = config or PACTLossConfig()
+    mode = config.mode
+    if mode == "sft_then_grpo":
+        use_rl, use_sft = progress >= config.switch_progress, progress < config.switch_progress
+        rl_kind = "grpo"
+    else:
+        use_rl, use_sft, rl_kind = mode != "sft", mode != "grpo", mode
+    metrics = {}
+    device = batch.response_mask.device
+    total = torch.zeros((), device=device)
+
+    if use_rl:
+        _require(batch, ["logp_po", "old_logp_po"], f"mode {mode!r} (prompt-only surrogate)")
+        mask = batch.response_mask.bool()
+        if batch.logp_po.shape != mask.shape:
+            raise ValueError(f"pact_loss: logp_po {tuple(batch.logp_po.shape)} must match response_mask "
+                             f"{tuple(mask.shape)}")
+        token_inputs = {}
+        for name in ("logp_po", "old_logp_po", "logp_tc", "old_logp_tc", "behavior_logp", "ref_logp", "entropy"):
+            t = getattr(batch, name)
+            if t is not None:
+                if t.shape != mask.shape:
+                    raise ValueError(f"pact_loss: {name} {tuple(t.shape)} must match response_mask {tuple(mask.shape)}")
+                _check_finite(name, t, mask)
+                # masked tokens become 0 so that nothing non-finite there reaches the loss or its gradient
+                t = torch.where(mask, t, torch.zeros_like(t))
+            token_inputs[name] = t
+        batch = PACTBatch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)}, **token_inputs})
+        adv = group_advantages(batch.rewards, batch.group_ids, eps=config.adv_eps,
+                               norm_by_std=config.norm_adv_by_std)
+        _, group_index = torch.unique(batch.group_ids, return_inverse=True)
+        n_groups = int(group_index.max()) + 1
+        tokens_per_group = torch.zeros(n_groups, device=device).index_add_(0, group_index, mask.sum(-1).float())
+        metrics["skipped_groups"] = float((tokens_per_group == 0).sum())
+        clip = dict(clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
+        behavior = batch.behavior_logp if batch.behavior_logp is not None else batch.old_logp_po
+        po = clipped_surrogate_tokens(batch.logp_po, batch.old_logp_po, adv, **clip)
+        metrics.update(surrogate_metrics(batch.logp_po, batch.old_logp_po, *po[1:], mask, prefix="po/"))
+        if rl_kind == "grpo":
+            token_loss = po[0]
+            metrics["anchored_groups"] = float(n_groups)
+        else:
+            _require(batch, ["logp_tc"], "mode 'pact' (trace-conditioned surrogate)")
+            den = batch.old_logp_tc if config.ctx_den == "same" else behavior
+            if den is None:
+                raise ValueError("pact_loss: ctx_den='same' needs batch field old_logp_tc")
+            tc = clipped_surrogate_tokens(batch.logp_tc, den, adv, **clip)
+            metrics.update(surrogate_metrics(batch.logp_tc, den, *tc[1:], mask, prefix="tc/"))
+            if config.anchor_mode == "mix":
+                token_loss = (1.0 - config.anchor_q) * tc[0] + config.anchor_q * po[0]
+                metrics["anchored_groups"] = config.anchor_q * n_groups
+            else:
+                gen = generator or anchor_generator(config.seed, step)
+                anchored = anchor_draws(n_groups, config.anchor_q, gen).to(device)  # [G]
+                token_loss = torch.where(anchored[group_index][:, None], po[0], tc[0])
+                metrics["anchored_groups"] = float(anchored.sum())
+        l_rl = aggregate(token_loss, mask, config.loss_agg, config.loss_scale_factor)
+        total = total + l_rl
+        metrics["loss/rl"] = l_rl.item()
+        metrics["adv_mean"] = adv.mean().item()
+        metrics["adv_abs_mean"] = adv.abs().mean().item()
+        metrics["reward_mean"] = batch.rewards.float().mean().item()
+        if config.beta_kl > 0:
+            _require(batch, ["ref_logp"], "beta_kl > 0")
+            kl = aggregate(kl_penalty(batch.logp_po, batch.ref_logp, config.kl_estimator), mask, config.loss_agg,
+                           config.loss_scale_factor)
+            total = total + config.beta_kl * kl
+            metrics["loss/kl"] = kl.item()
+        if config.c_ent > 0:
+            _require(batch, ["entropy"], "c_ent > 0")
+            ent = aggregate(batch.entropy, mask, config.loss_agg, config.loss_scale_factor)
+            total = total - config.c_ent * ent
+            metrics["entropy"] = ent.item()
+
+    if use_sft and config.lambda_sft > 0:
+        _require(batch, ["sft_logp", "sft_components"], f"mode {mode!r} (trace SFT)")
+        if batch.sft_components.shape != batch.sft_logp.shape:
+            raise ValueError(f"pact_loss: sft_components {tuple(batch.sft_components.shape)} must match sft_logp "
+                             f"{tuple(batch.sft_logp.shape)}")
+        target = batch.sft_components != NONE
+        _check_finite("sft_logp", batch.sft_logp, target & (batch.sft_components != TOOL_RESPONSE))
+        needs_segments = mode == "pact" and config.sft_reasoning_mode == "segment"
+        if needs_segments:
+            _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'")
+        zeros = torch.zeros_like(batch.sft_components)
+        weights = sft_token_weights(batch.sft_components,
+                                    batch.sft_segment_ids if batch.sft_segment_ids is not None else zeros,
+                                    batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config)
+        logp = torch.where(weights > 0, batch.sft_logp, torch.zeros_like(batch.sft_logp))
+        l_sft = sft_loss(logp, weights, batch.sft_components)
+        total = total + config.lambda_sft * l_sft
+        metrics["loss/sft"] = l_sft.item()
+        metrics["sft_weight_mean"] = weights[target].mean().item() if target.any() else 0.0
+        metrics["tool_call_weight"] = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
+
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"pact_loss: the loss is not finite ({total.item()}); metrics: {metrics}")
+    metrics["loss/total"] = total.item()
+    metrics["progress"] = float(progress)
+    return total, metrics

@@ -1,0 +1,301 @@
+"""Every PACT term against hand-written float64 computations (loops, no vectorised shortcuts)."""
+import math
+
+import pytest
+import torch
+
+from pact_fast.losses import (NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig,
+                              aggregate, anchor_draws, anchor_generator, clipped_surrogate_tokens,
+                              group_advantages, kl_penalty, pact_loss, reasoning_segments_kept, sft_loss,
+                              sft_token_weights, tool_call_weight)
+
+D = torch.float64
+
+
+def _batch(B=6, T=7, seed=0, groups=(0, 0, 0, 1, 1, 1)):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(D)
+    mask[0, :] = 1.0
+    old_tc = -torch.rand(B, T, generator=g, dtype=D) * 3
+    old_po = -torch.rand(B, T, generator=g, dtype=D) * 3
+    return PACTBatch(
+        response_mask=mask, rewards=torch.rand(B, generator=g, dtype=D),
+        group_ids=torch.tensor(groups[:B]),
+        logp_tc=(old_tc + 0.4 * torch.randn(B, T, generator=g, dtype=D)).requires_grad_(),
+        logp_po=(old_po + 0.4 * torch.randn(B, T, generator=g, dtype=D)).requires_grad_(),
+        old_logp_tc=old_tc, old_logp_po=old_po,
+        sft_logp=(-torch.rand(2, 9, generator=g, dtype=D) * 2).requires_grad_(),
+        sft_components=torch.tensor([[NONE, REASONING, REASONING, REASONING, TOOL_CALL, TOOL_CALL, OTHER,
+                                      TOOL_RESPONSE, REASONING],
+                                     [REASONING, REASONING, TOOL_CALL, OTHER, TOOL_RESPONSE, TOOL_RESPONSE,
+                                      REASONING, TOOL_CALL, NONE]]),
+        sft_segment_ids=torch.tensor([[0, 0, 1, 2, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 0]]),
+        sft_turn_ids=torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1, 1, 1]]),
+    )
+
+
+def _hand_advantages(rewards, groups, eps, norm):
+    out = []
+    for i in range(len(rewards)):
+        members = [float(rewards[j]) for j in range(len(rewards)) if int(groups[j]) == int(groups[i])]
+        mean = sum(members) / len(members)
+        var = sum((r - mean) ** 2 for r in members) / max(len(members) - 1, 1)
+        a = float(rewards[i]) - mean
+        out.append(a / (math.sqrt(var) + eps) if norm else a)
+    return torch.tensor(out, dtype=D)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["std", "no-std"])
+def test_group_advantages(norm):
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 3.0, 7.0], dtype=D)
+    groups = torch.tensor([4, 4, 4, 9, 9, 1, 1])
+    adv = group_advantages(rewards, groups, eps=1e-6, norm_by_std=norm)
+    assert torch.allclose(adv.double(), _hand_advantages(rewards, groups, 1e-6, norm).float().double(), atol=1e-5)
+    assert adv[3] == 0 and adv[4] == 0, "equal rewards give zero advantage"
+    assert group_advantages(torch.tensor([3.0]), torch.tensor([0])).item() == 0.0
+
+
+def _hand_token_loss(lp, old, a, lo, hi, c):
+    r = math.exp(lp - old)
+    loss = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
+    if c is not None and a < 0:
+        loss = min(loss, -a * c)
+    return loss
+
+
+@pytest.mark.parametrize("dual", [None, 3.0], ids=["no-dual", "dual3"])
+def test_clipped_surrogate_clips_both_sides(dual):
+    lp = torch.tensor([[0.0, 0.5, -0.5, 2.0, -2.0, 0.1]], dtype=D).repeat(2, 1)
+    old = torch.zeros_like(lp)
+    adv = torch.tensor([1.0, -1.0], dtype=D)
+    loss, ratio, low, high, dual_mask = clipped_surrogate_tokens(lp, old, adv, clip_eps_low=0.2, clip_eps_high=0.28,
+                                                                 dual_clip=dual)
+    for b in range(2):
+        for t in range(lp.shape[1]):
+            expected = _hand_token_loss(lp[b, t].item(), 0.0, adv[b].item(), 0.2, 0.28, dual)
+            assert loss[b, t].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert high[0].tolist() == [False, True, False, True, False, False]
+    assert low[1].tolist() == [False, False, True, False, True, False]
+    if dual:
+        assert dual_mask[1].tolist() == [False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregation_with_an_empty_row(agg):
+    values = torch.randn(3, 4, dtype=D)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=D)
+    values[1, 0] = float("nan")  # masked NaN must not leak
+    rows = [[values[b, t].item() for t in range(4) if mask[b, t]] for b in range(3)]
+    if agg == "token-mean":
+        expected = sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    elif agg == "seq-mean-token-mean":
+        expected = sum(sum(r) / len(r) for r in rows if r) / 2
+    else:
+        expected = sum(sum(r) for r in rows) / (2 * 4)
+    assert aggregate(values, mask, agg).item() == pytest.approx(expected, rel=1e-12)
+
+
+def _hand_tc_po(batch, cfg):
+    adv = _hand_advantages(batch.rewards, batch.group_ids, cfg.adv_eps, cfg.norm_adv_by_std)
+    B, T = batch.response_mask.shape
+    tc, po = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            tc[b][t] = _hand_token_loss(batch.logp_tc[b, t].item(), batch.old_logp_tc[b, t].item(), adv[b].item(),
+                                        cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip)
+            po[b][t] = _hand_token_loss(batch.logp_po[b, t].item(), batch.old_logp_po[b, t].item(), adv[b].item(),
+                                        cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip)
+    return torch.tensor(tc, dtype=D), torch.tensor(po, dtype=D)
+
+
+def test_mix_anchoring_is_the_weighted_sum_of_both_surrogates():
+    batch = _batch()
+    cfg = PACTLossConfig(anchor_mode="mix", anchor_q=0.3, lambda_sft=0.0, clip_eps_high=0.28)
+    loss, metrics = pact_loss(batch, cfg)
+    tc, po = _hand_tc_po(batch, cfg)
+    m = batch.response_mask
+    expected = ((0.7 * tc + 0.3 * po) * m).sum() / m.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert metrics["loss/rl"] == pytest.approx(expected.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("ctx_den", ["same", "behavior"])
+def test_bernoulli_anchoring_picks_one_surrogate_per_group(ctx_den):
+    batch = _batch()
+    batch.behavior_logp = batch.old_logp_po - 0.1
+    cfg = PACTLossConfig(anchor_q=0.5, lambda_sft=0.0, ctx_den=ctx_den)
+    draws = anchor_draws(2, 0.5, anchor_generator(cfg.seed, 11))
+    loss, metrics = pact_loss(batch, cfg, step=11)
+    den_batch = PACTBatch(**{**batch.__dict__, "old_logp_tc": batch.behavior_logp}) if ctx_den == "behavior" else batch
+    tc, po = _hand_tc_po(den_batch, cfg)
+    _, po_true = _hand_tc_po(batch, cfg)
+    rows = [po_true[b] if draws[int(batch.group_ids[b])] else tc[b] for b in range(6)]
+    m = batch.response_mask
+    expected = (torch.stack(rows) * m).sum() / m.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert metrics["anchored_groups"] == float(draws.sum())
+
+
+def test_anchoring_frequency_matches_q_and_is_reproducible():
+    q = 0.3
+    draws = anchor_draws(40000, q, anchor_generator(seed=7, step=3))
+    assert abs(draws.double().mean().item() - q) < 0.01
+    assert torch.equal(draws, anchor_draws(40000, q, anchor_generator(seed=7, step=3)))
+    assert not torch.equal(draws, anchor_draws(40000, q, anchor_generator(seed=7, step=4)))
+    # per step, over many steps of 2 groups, pact_loss anchors a q fraction
+    batch = _batch()
+    counts = [pact_loss(batch, PACTLossConfig(anchor_q=q, lambda_sft=0.0), step=s)[1]["anchored_groups"]
+              for s in range(1500)]
+    assert abs(sum(counts) / (2 * 1500) - q) < 0.03
+
+
+@pytest.mark.parametrize("progress,beta,kept4,kept3", [(0.0, 0.8, 4, 3), (0.5, 0.5, 2, 2), (1.0, 0.2, 0, 0)])
+def test_schedules(progress, beta, kept4, kept3):
+    assert tool_call_weight(progress) == pytest.approx(beta)
+    assert reasoning_segments_kept(4, progress) == kept4
+    assert reasoning_segments_kept(3, progress) == kept3
+    assert reasoning_segments_kept(torch.tensor([4, 3]), progress).tolist() == [kept4, kept3]
+
+
+def _hand_sft_weights(comp, seg, turn, progress, cfg):
+    beta = cfg.beta_0 + (cfg.beta_1 - cfg.beta_0) * min(progress / cfg.s_end, 1.0)
+    S, E = comp.shape
+    w = [[0.0] * E for _ in range(S)]
+    for s in range(S):
+        n_seg = {}
+        for e in range(E):
+            if comp[s, e] == REASONING:
+                k = int(turn[s, e])
+                n_seg[k] = max(n_seg.get(k, 0), int(seg[s, e]) + 1)
+        for e in range(E):
+            c = int(comp[s, e])
+            if c == TOOL_CALL:
+                w[s][e] = beta
+            elif c == OTHER:
+                w[s][e] = cfg.w_other
+            elif c == REASONING:
+                if cfg.sft_reasoning_mode == "scale":
+                    w[s][e] = cfg.w_reason * beta
+                else:
+                    keep = math.ceil(n_seg[int(turn[s, e])] * (1 - min(progress / cfg.s_end, 1.0)) - 1e-9)
+                    w[s][e] = cfg.w_reason if int(seg[s, e]) < keep else 0.0
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["segment", "scale"])
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_sft_weights_and_loss(mode, progress):
+    batch = _batch()
+    cfg = PACTLossConfig(mode="pact", sft_reasoning_mode=mode, w_reason=0.9, w_other=0.7)
+    comp, seg, turn = batch.sft_components, batch.sft_segment_ids, batch.sft_turn_ids
+    w = sft_token_weights(comp, seg, turn, progress, cfg)
+    expected_w = _hand_sft_weights(comp, seg, turn, progress, cfg)
+    assert torch.allclose(w, expected_w)
+    assert (w[comp == TOOL_RESPONSE] == 0).all() and (w[comp == NONE] == 0).all()
+    lp = batch.sft_logp.detach()
+    expected = 0.0
+    for s in range(2):
+        n = sum(int(c) in (REASONING, TOOL_CALL, OTHER) for c in comp[s])
+        expected += sum(-expected_w[s, e].item() * lp[s, e].item() for e in range(9)) / n
+    assert sft_loss(lp, w, comp).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_gradcheck_wrt_every_logprob_input():
+    batch = _batch(B=4, T=5, groups=(0, 0, 1, 1))
+    cfg = PACTLossConfig(anchor_mode="mix", beta_kl=0.1, c_ent=0.01)
+    batch.ref_logp = batch.old_logp_po - 0.05
+    ent = torch.rand(4, 5, dtype=D)
+
+    def f(logp_tc, logp_po, sft_logp, entropy):
+        b = PACTBatch(**{**batch.__dict__, "logp_tc": logp_tc, "logp_po": logp_po, "sft_logp": sft_logp,
+                         "entropy": entropy})
+        return pact_loss(b, cfg, progress=0.3)[0]
+
+    inputs = (batch.logp_tc.detach().clone().requires_grad_(), batch.logp_po.detach().clone().requires_grad_(),
+              batch.sft_logp.detach().clone().requires_grad_(), ent.requires_grad_())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators(estimator):
+    lp = torch.tensor([-1.0, -0.5, -2.0], dtype=D)
+    ref = torch.tensor([-1.2, -0.5, -1.0], dtype=D)
+    for i in range(3):
+        d = lp[i].item() - ref[i].item()
+        expected = {"k1": d, "k2": 0.5 * d * d, "k3": math.exp(-d) + d - 1}[estimator]
+        assert kl_penalty(lp, ref, estimator)[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_baseline_sft_is_textbook_nll():
+    batch = _batch()
+    loss, metrics = pact_loss(batch, PACTLossConfig(mode="sft"), progress=0.9)
+    lp, comp = batch.sft_logp.detach(), batch.sft_components
+    per_trace = []
+    for s in range(2):
+        toks = [-lp[s, e].item() for e in range(9) if int(comp[s, e]) in (REASONING, TOOL_CALL, OTHER)]
+        per_trace.append(sum(toks) / len(toks))
+    assert loss.item() == pytest.approx(sum(per_trace) / 2, rel=1e-10)
+    assert "loss/rl" not in metrics
+
+
+def test_baseline_grpo_is_textbook_prompt_only_grpo():
+    batch = _batch()
+    cfg = PACTLossConfig(mode="grpo")
+    loss, metrics = pact_loss(batch, cfg)
+    _, po = _hand_tc_po(batch, cfg)
+    m = batch.response_mask
+    assert loss.item() == pytest.approx(((po * m).sum() / m.sum()).item(), rel=1e-10)
+    assert "loss/sft" not in metrics
+    batch.logp_tc = None  # GRPO never needs the trace-conditioned log-probs
+    assert pact_loss(batch, cfg)[0].item() == pytest.approx(loss.item())
+
+
+def test_sft_then_grpo_switches_at_the_configured_progress():
+    batch = _batch()
+    cfg = PACTLossConfig(mode="sft_then_grpo", switch_progress=0.4)
+    early = pact_loss(batch, cfg, progress=0.1)
+    late = pact_loss(batch, cfg, progress=0.6)
+    assert early[0].item() == pytest.approx(pact_loss(batch, PACTLossConfig(mode="sft"))[0].item())
+    assert late[0].item() == pytest.approx(pact_loss(batch, PACTLossConfig(mode="grpo"))[0].item())
+
+
+def test_masked_nan_is_harmless_and_empty_groups_are_counted():
+    batch = _batch()
+    batch.response_mask[3:] = 0  # group 1 selects nothing
+    with torch.no_grad():
+        batch.logp_tc[3:] = float("nan")
+        batch.logp_po[3:] = float("nan")
+    loss, metrics = pact_loss(batch, PACTLossConfig(anchor_mode="mix"))
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["skipped_groups"] == 1.0
+    assert torch.isfinite(batch.logp_tc.grad).all() and (batch.logp_tc.grad[3:] == 0).all()
+
+
+def test_all_masked_gives_zero_rl_loss_not_nan():
+    batch = _batch()
+    batch.response_mask.zero_()
+    loss, metrics = pact_loss(batch, PACTLossConfig(mode="grpo"))
+    assert loss.item() == 0.0 and metrics["skipped_groups"] == 2.0
+
+
+@pytest.mark.parametrize("change,word", [
+    (lambda b: setattr(b, "logp_tc", b.logp_tc[:, :-1]), "logp_tc"),
+    (lambda b: b.logp_po.data.__setitem__((0, 0), float("nan")), "logp_po contains NaN"),
+    (lambda b: b.rewards.__setitem__(0, float("nan")), "rewards"),
+    (lambda b: setattr(b, "old_logp_po", None), "old_logp_po"),
+    (lambda b: setattr(b, "sft_components", b.sft_components[:, :-1]), "sft_components"),
+    (lambda b: setattr(b, "sft_segment_ids", None), "sft_segment_ids"),
+], ids=["shape", "nan-logp", "nan-reward", "missing-old", "sft-shape", "missing-segments"])
+def test_bad_input_is_a_clear_error(change, word):
+    batch = _batch()
+    change(batch)
+    with pytest.raises(ValueError, match=word):
+        pact_loss(batch, PACTLossConfig())
+
+
+@pytest.mark.parametrize("kwargs,word", [(dict(mode="ppo"), "mode"), (dict(loss_agg="mean"), "loss_agg"),
+                                         (dict(anchor_q=1.5), "anchor_q"), (dict(dual_clip=0.5), "dual_clip"),
+                                         (dict(kl_estimator="k4"), "kl_estimator")])
+def test_bad_config_names_the_field_and_choices(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        PACTLossConfig(**kwargs)
