@@ -1,8 +1,8 @@
 """Timing and peak-memory helpers shared by the benchmarks.
 
-Peak memory is the increase of the high-water mark over the memory in use before the call:
-``torch.cuda.max_memory_allocated`` on CUDA, the process's resident set (VmHWM, reset through
-/proc/self/clear_refs) on CPU.
+Peak memory is the increase of live tensor bytes over those live before the call:
+``torch.cuda.max_memory_allocated`` on CUDA, the CPU allocator's running total from the
+profiler's allocation events on CPU (measured in one extra, untimed call).
 """
 import gc
 import json
@@ -13,6 +13,41 @@ import time
 from datetime import datetime, timezone
 
 import torch
+
+
+def cpu_peak_bytes(fn):
+    """Peak live bytes of PyTorch's CPU allocator during one ``fn()`` call, above what was live before.
+
+    Read from the profiler's allocation events (each carries the allocator's running total), so it counts
+    tensors, not the process's resident set, which glibc's allocator keeps inflated after frees. Falls back
+    to the resident-set high-water mark where the profiler offers no allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(node):
+        kind, fields = node.typed
+        if "Allocation" in str(kind):
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        for child in node.children:
+            walk(child)
+
+    try:
+        for root in prof.profiler.kineto_results.experimental_event_tree():
+            walk(root)
+    except (AttributeError, RuntimeError):
+        events = []
+    if not events:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_bytes("VmRSS:")
+        fn()
+        return max(0, _rss_bytes("VmHWM:") - base)
+    events.sort()
+    before = events[0][2] - events[0][1]
+    return max(0, max(total for _, _, total in events) - before)
 
 
 def _rss_bytes(field):
@@ -39,18 +74,18 @@ def measure(fn, device, reps=3, warmup=1):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        base = _rss_bytes("VmRSS:")
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM:")
-    return statistics.median(times), max(0, peak - base)
+    if device.type == "cuda":
+        peak = max(0, torch.cuda.max_memory_allocated(device) - base)
+    else:
+        gc.collect()
+        peak = cpu_peak_bytes(fn)  # one more call, under the profiler, after the timed ones
+    return statistics.median(times), peak
 
 
 def machine_info(device):

@@ -24,14 +24,20 @@ class _Trie:
         self.children = [{}]  # node -> {token id: child node}; node 0 is the empty root
         self.size = 0  # tokens (non-root nodes)
 
-    def new_tokens(self, seq):
-        """How many nodes inserting ``seq`` would add (its length minus its longest stored prefix)."""
-        node = 0
-        for depth, tok in enumerate(seq):
-            node = self.children[node].get(tok)
-            if node is None:
-                return len(seq) - depth
-        return 0
+    def new_tokens(self, seqs):
+        """How many nodes inserting all of ``seqs`` would add (prefixes shared among them counted once)."""
+        virtual = {}  # (parent, token) -> id of a node that would be created
+        for seq in seqs:
+            node, is_real = 0, True
+            for tok in seq:
+                if is_real and tok in self.children[node]:
+                    node = self.children[node][tok]
+                    continue
+                key = (is_real, node, tok)
+                if key not in virtual:
+                    virtual[key] = len(virtual)
+                node, is_real = virtual[key], False
+        return len(virtual)
 
     def insert(self, seq):
         """Insert ``seq``; returns the node of each of its tokens."""
@@ -138,6 +144,31 @@ def pack_tree(sequences):
                       torch.tensor(subtree_end, dtype=torch.long), token_index)
 
 
+def split_units(units, max_tokens):
+    """Assign units (each a list of sequences that must share a micro-batch, e.g. the two copies of a
+    rollout) to micro-batches whose packed trie stays within ``max_tokens``.
+
+    Returns a list of micro-batches, each a list of unit indices in order. Units are filled in order;
+    one that does not fit starts the next micro-batch, which packs its own copy of the ancestors it
+    needs (a shared prompt is packed again)."""
+    batches, current, trie = [], [], _Trie()
+    for u, unit in enumerate(units):
+        seqs = [_as_list(seq, j) for j, seq in enumerate(unit)]
+        alone = _Trie().new_tokens(seqs)
+        if alone > max_tokens:
+            raise ValueError(f"split_units: unit {u} packs to {alone} tokens, more than max_tokens={max_tokens}; "
+                             "raise the budget or truncate the sequences")
+        if current and trie.size + trie.new_tokens(seqs) > max_tokens:
+            batches.append(current)
+            current, trie = [], _Trie()
+        for seq in seqs:
+            trie.insert(seq)
+        current.append(u)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def split_micro_batches(groups, max_tokens):
     """Assign sequences of many groups to micro-batches whose packed size stays within ``max_tokens``.
 
@@ -150,18 +181,28 @@ def split_micro_batches(groups, max_tokens):
         order; a group that does not fit in the current micro-batch continues in the next one, and each
         part carries its own copy of the ancestors it needs (the shared prompt is packed again).
     """
-    batches, current, trie = [], [], _Trie()
-    for g, group in enumerate(groups):
-        for j, seq in enumerate(group):
-            seq = _as_list(seq, j)
-            if len(seq) > max_tokens:
-                raise ValueError(f"split_micro_batches: sequence {j} of group {g} has {len(seq)} tokens, more than "
-                                 f"max_tokens={max_tokens}; raise the budget or truncate the sequence")
-            if trie.size + trie.new_tokens(seq) > max_tokens:
-                batches.append(current)
-                current, trie = [], _Trie()
-            trie.insert(seq)
-            current.append((g, j))
-    if current:
-        batches.append(current)
-    return batches
+    index = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
+    for g, j in index:
+        n = len(_as_list(groups[g][j], j))
+        if n > max_tokens:
+            raise ValueError(f"split_micro_batches: sequence {j} of group {g} has {n} tokens, more than "
+                             f"max_tokens={max_tokens}; raise the budget or truncate the sequence")
+    batches = split_units([[groups[g][j]] for g, j in index], max_tokens)
+    return [[index[u] for u in batch] for batch in batches]
+
+
+def pack_back_to_back(sequences):
+    """The unshared layout: sequences one after another, each attending only to itself (a forest of
+    chains, i.e. a block-diagonal causal mask). What padding-free RL trainers pack today; the
+    baseline the trie is measured against. Same ``PackedTree`` interface as ``pack_tree``."""
+    seqs = [_as_list(s, j) for j, s in enumerate(sequences)]
+    ids, pos, ends, index, start = [], [], [], [], 0
+    for s in seqs:
+        n = len(s)
+        ids += s
+        pos += range(n)
+        ends += [start + n] * n
+        index.append(torch.arange(start, start + n))
+        start += n
+    return PackedTree(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
+                      torch.tensor(ends, dtype=torch.long), index)

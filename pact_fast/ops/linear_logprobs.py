@@ -80,11 +80,15 @@ class _TorchLinearLogprobs(torch.autograd.Function):
         for i in range(0, n, chunk):
             sl = slice(i, i + chunk)
             z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
-            c_lse = torch.logsumexp(z, dim=-1)
-            logprobs = z.sub_(c_lse[:, None])  # in place: at most two [C, V] buffers per chunk
-            logp[sl] = logprobs.gather(1, targets[sl, None]).squeeze(1).clamp_max(0)
-            ent[sl] = (-(logprobs.exp() * logprobs).sum(-1)).clamp_min(0)
-            lse[sl] = c_lse
+            m = z.amax(-1)
+            z.sub_(m[:, None])  # z - m, in place: at most two [C, V] buffers per chunk
+            e = z.exp()
+            s = e.sum(-1)
+            log_s = s.log()
+            # entropy = log s - sum(e * (z - m)) / s
+            ent[sl] = (log_s - e.mul_(z).sum(-1) / s).clamp_min(0)
+            logp[sl] = (z.gather(1, targets[sl, None]).squeeze(1) - log_s).clamp_max(0)
+            lse[sl] = m + log_s
         ctx.save_for_backward(x, weight, bias, targets, lse, ent)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward

@@ -41,6 +41,12 @@ def validate_layout(q, k, v, subtree_end):
         raise TypeError(f"tree_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(subtree_end.shape) != (B, L):
         raise ValueError(f"tree_attention: subtree_end must be [B={B}, L={L}], got {tuple(subtree_end.shape)}")
+    validate_subtree_end(subtree_end)
+
+
+def validate_subtree_end(subtree_end):
+    """Raise unless ``subtree_end [B, L]`` is integer with ``t + 1 <= subtree_end[b, t] <= L``."""
+    L = subtree_end.shape[-1]
     if subtree_end.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: subtree_end must be int32 or int64, got {subtree_end.dtype}")
     own = torch.arange(1, L + 1, device=subtree_end.device)
@@ -99,24 +105,25 @@ def _varlen(q, k, v, subtree_end, scale):
     for b in range(B):
         segs = segments(subtree_end[b])
         kv_idx = [torch.cat([anc, torch.arange(s, e, device=q.device)]) for s, e, anc in segs]
+        lens_k = torch.tensor([0] + [len(i) for i in kv_idx])
+        cu_k = lens_k.cumsum(0)
+        idx = torch.cat(kv_idx)
+        kk, vv = k[b].index_select(1, idx), v[b].index_select(1, idx)  # [Hkv, sum_k, D]: one gather per layer
         if flash_attn_varlen_func is not None and q.is_cuda:
-            idx = torch.cat(kv_idx)
             cu_q = torch.tensor([0] + [e for _, e, _ in segs], device=q.device, dtype=torch.int32)
-            lens_k = torch.tensor([0] + [len(i) for i in kv_idx], device=q.device)
-            cu_k = lens_k.cumsum(0).int()
             o = flash_attn_varlen_func(
-                q[b].transpose(0, 1), k[b][:, idx].transpose(0, 1), v[b][:, idx].transpose(0, 1), cu_q, cu_k,
+                q[b].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), cu_q, cu_k.int().to(q.device),
                 max(e - s for s, e, _ in segs), int(lens_k.max()), softmax_scale=scale, causal=True)
             out[b] = o.transpose(0, 1)
             continue
-        for (s, e, anc), idx in zip(segs, kv_idx):
-            kk = k[b][:, idx].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
-            vv = v[b][:, idx].repeat_interleave(group, dim=0)
+        for i, (s, e, anc) in enumerate(segs):
+            ks = kk[:, cu_k[i]:cu_k[i + 1]].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
+            vs = vv[:, cu_k[i]:cu_k[i + 1]].repeat_interleave(group, dim=0)
             n_anc = len(anc)
             qpos = torch.arange(e - s, device=q.device)[:, None]
             kpos = torch.arange(n_anc + e - s, device=q.device)[None, :]
-            mask = kpos <= qpos + n_anc  # [len, n_anc + len]
-            out[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], kk, vv, attn_mask=mask, scale=scale)
+            mask = kpos <= qpos + n_anc  # [len, n_anc + len], causal aligned bottom right
+            out[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], ks, vs, attn_mask=mask, scale=scale)
     return out
 
 

@@ -1,0 +1,153 @@
+"""Score many sequences of a Hugging Face causal LM in one packed forward.
+
+The sequences are merged into a token trie (``pact_fast.packing``); the model runs once over the
+packed row with trie-depth ``position_ids`` and tree attention registered through
+``transformers.AttentionInterface``; ``linear_logprobs`` turns the predictor rows of the last
+hidden state into fp32 log-probs without materialising logits (SPEC section 4).
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .ops.linear_logprobs import linear_logprobs
+from .ops.tree_attention import resolve_backend, tree_attention, validate_subtree_end
+from .packing import PackedTree, pack_tree
+
+ATTN_IMPLEMENTATION = "pact_tree"
+
+
+@dataclass
+class TreeLayout:
+    """Forward kwarg ``tree_layout``: what every attention layer of a packed forward needs."""
+
+    subtree_end: torch.Tensor  # [1, L] int32, validated once per forward
+    backend: str
+    calls: int = 0
+
+
+def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None)."""
+    layout = kwargs.get("tree_layout")
+    if layout is None:
+        raise RuntimeError(f"attention '{ATTN_IMPLEMENTATION}' was called without a tree_layout kwarg; "
+                           "run the model through pact_fast.scoring")
+    if getattr(module, "sliding_window", None):
+        raise ValueError(f"{type(module).__name__} uses sliding-window attention, which the tree layout does not "
+                         "implement; disable it in the model config")
+    if dropout and module.training:
+        raise ValueError("attention dropout is not supported by tree attention; set attention_dropout=0")
+    out = tree_attention(query, key, value, layout.subtree_end, scale=scaling, backend=layout.backend,
+                         validate=False)
+    layout.calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask function for the registered implementation: the tree layout replaces any [L, L] mask."""
+    return None
+
+
+def register_tree_attention():
+    """Register the tree attention (and a no-op mask builder) with transformers; idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _tree_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # older transformers build masks without this registry
+        return
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+
+
+def _decoder_and_head(model):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", None)
+    decoder = getattr(model, prefix, None) if prefix else None
+    if head is None or decoder is None or not hasattr(model, "config"):
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM with an lm_head "
+                        "(get_output_embeddings) and a base model")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers.AttentionInterface, "
+                         "so it cannot run the tree layout")
+    for knob in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, knob, None) not in (None, 1.0):
+            raise ValueError(f"{type(model).__name__} sets config.{knob}; linear_logprobs computes plain "
+                             "lm_head logits, so scoring it would be wrong")
+    return decoder, head
+
+
+@contextmanager
+def tree_attention_enabled(model):
+    """Switch the model to the registered tree attention for the duration of the block."""
+    register_tree_attention()
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
+def packed_hidden_states(model, packed, *, backend="auto"):
+    """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
+    decoder, _ = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    input_ids = packed.input_ids.to(device)[None]  # [1, L]
+    subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]
+    validate_subtree_end(subtree_end)  # once here; every layer then skips the check
+    n_layers = model.config.num_hidden_layers
+    layout = TreeLayout(subtree_end, resolve_backend(backend, device))
+    with tree_attention_enabled(model):
+        out = decoder(input_ids=input_ids, position_ids=packed.position_ids.to(device)[None], use_cache=False,
+                      tree_layout=layout)
+    if layout.calls != n_layers:
+        raise ValueError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; this "
+                         "model's attention does not go through transformers.AttentionInterface")
+    return out.last_hidden_state[0]
+
+
+def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backend="auto", temperature=1.0,
+                 return_entropy=False):
+    """Log-probs of ``targets [M]`` predicted by packed ``rows [M]`` (``PackedTree.predictor_rows``).
+
+    Returns fp32 ``logp [M]`` (and ``entropy [M]``), differentiable w.r.t. the model's parameters.
+    """
+    _, head = _decoder_and_head(model)
+    hidden = packed_hidden_states(model, packed, backend=backend)  # [L, H]
+    device = hidden.device
+    picked = hidden.index_select(0, rows.to(device))  # [M, H]; a branch row repeats, its prefix never re-runs
+    return linear_logprobs(picked, head.weight, targets.to(device), bias=head.bias, temperature=temperature,
+                           return_entropy=return_entropy, backend=logprob_backend)
+
+
+def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto", temperature=1.0,
+                      return_entropy=False):
+    """Per-sequence log-probs of tokens 1..n-1 from one packed forward.
+
+    Args:
+        model: a Hugging Face causal LM whose attention dispatches through ``AttentionInterface``
+            (Llama, Qwen2, Qwen3, Mistral, ...).
+        sequences: token id sequences (lists or 1-D tensors); shared prefixes go through the model once.
+        backend: tree-attention backend (``pact_fast.ops.tree_attention``).
+        logprob_backend: ``linear_logprobs`` backend.
+        temperature: logits are divided by it.
+        return_entropy: also return per-token entropies.
+
+    Returns:
+        A list with, for sequence j of length n_j, fp32 ``logp [n_j - 1]`` (the same numbers as a separate
+        forward, log_softmax and gather), or a list of ``(logp, entropy)`` pairs with ``return_entropy``.
+    """
+    packed = pack_tree(sequences)
+    rows, targets, offsets = packed.predictor_rows()
+    out = score_packed(model, packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
+                       temperature=temperature, return_entropy=return_entropy)
+    bounds = offsets.tolist()
+    if return_entropy:
+        logp, ent = out
+        return [(logp[a:b], ent[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+__all__ = ["sequence_logprobs", "score_packed", "packed_hidden_states", "register_tree_attention", "PackedTree",
+           "TreeLayout", "ATTN_IMPLEMENTATION"]
