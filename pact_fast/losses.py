@@ -105,6 +105,9 @@ class PACTBatch:
     sft_components: Optional[torch.Tensor] = None  # [S, E] int labels (NONE, REASONING, ...)
     sft_segment_ids: Optional[torch.Tensor] = None  # [S, E] reasoning segment index within its turn
     sft_turn_ids: Optional[torch.Tensor] = None  # [S, E] assistant turn index
+    # Precomputed per-rollout values, for callers that split a step's groups across micro-batches or ranks:
+    advantages: Optional[torch.Tensor] = None  # [B] group advantages computed over the whole group
+    anchored: Optional[torch.Tensor] = None  # [B] bool, the group's Bernoulli anchoring draw
 
 
 # ---------------------------------------------------------------- advantages
@@ -347,8 +350,11 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
                 t = torch.where(mask, t, torch.zeros_like(t))
             token_inputs[name] = t
         batch = PACTBatch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)}, **token_inputs})
-        adv = group_advantages(batch.rewards, batch.group_ids, eps=config.adv_eps,
-                               norm_by_std=config.norm_adv_by_std)
+        if batch.advantages is not None:
+            adv = batch.advantages
+        else:
+            adv = group_advantages(batch.rewards, batch.group_ids, eps=config.adv_eps,
+                                   norm_by_std=config.norm_adv_by_std)
         _, group_index = torch.unique(batch.group_ids, return_inverse=True)
         n_groups = int(group_index.max()) + 1
         tokens_per_group = torch.zeros(n_groups, device=device).index_add_(0, group_index, mask.sum(-1).float())
@@ -371,9 +377,15 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
                 token_loss = (1.0 - config.anchor_q) * tc[0] + config.anchor_q * po[0]
                 metrics["anchored_groups"] = config.anchor_q * n_groups
             else:
-                gen = generator or anchor_generator(config.seed, step)
-                anchored = anchor_draws(n_groups, config.anchor_q, gen).to(device)  # [G]
-                token_loss = torch.where(anchored[group_index][:, None], po[0], tc[0])
+                if batch.anchored is not None:
+                    per_rollout = batch.anchored.bool().to(device)  # [B]
+                    anchored = torch.zeros(n_groups, dtype=torch.bool, device=device).index_fill_(
+                        0, group_index[per_rollout], True)
+                else:
+                    gen = generator or anchor_generator(config.seed, step)
+                    anchored = anchor_draws(n_groups, config.anchor_q, gen).to(device)  # [G]
+                    per_rollout = anchored[group_index]
+                token_loss = torch.where(per_rollout[:, None], po[0], tc[0])
                 metrics["anchored_groups"] = float(anchored.sum())
         l_rl = aggregate(token_loss, mask, config.loss_agg, config.loss_scale_factor)
         total = total + l_rl

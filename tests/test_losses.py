@@ -299,3 +299,21 @@ def test_bad_input_is_a_clear_error(change, word):
 def test_bad_config_names_the_field_and_choices(kwargs, word):
     with pytest.raises(ValueError, match=word):
         PACTLossConfig(**kwargs)
+
+
+def test_precomputed_advantages_and_anchoring_are_used_as_given():
+    batch = _batch()
+    cfg = PACTLossConfig(anchor_q=0.5, lambda_sft=0.0)
+    adv = torch.tensor([0.5, -1.0, 0.2, 1.5, -0.3, 0.0], dtype=D)
+    anchored = torch.tensor([True, True, True, False, False, False])
+    batch.advantages, batch.anchored = adv, anchored
+    loss, metrics = pact_loss(batch, cfg)
+    rows = []
+    for b in range(6):
+        lp = batch.logp_po if anchored[b] else batch.logp_tc
+        old = batch.old_logp_po if anchored[b] else batch.old_logp_tc
+        rows.append([_hand_token_loss(lp[b, t].item(), old[b, t].item(), adv[b].item(), 0.2, 0.2, None)
+                     for t in range(7)])
+    m = batch.response_mask
+    assert loss.item() == pytest.approx(((torch.tensor(rows, dtype=D) * m).sum() / m.sum()).item(), rel=1e-10)
+    assert metrics["anchored_groups"] == 1.0
