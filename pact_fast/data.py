@@ -1,0 +1,184 @@
+"""Tool-use data: the JSONL format pact_fast trains on, and a loader that validates every row.
+
+One JSON object per line, OpenAI chat style::
+
+    {"id": "task-1",
+     "messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
+     "tools": [{"type": "function", "function": {"name": "lookup", "description": "...",
+                "parameters": {"type": "object", "properties": {...}, "required": [...]}}}],
+     "trace": [{"role": "assistant", "reasoning_content": "...", "content": "",
+                "tool_calls": [{"id": "c1", "type": "function",
+                                "function": {"name": "lookup", "arguments": {"entity": "maya"}}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "acme"},
+               {"role": "user", "content": "a later user turn (multi-turn data such as BFCL)"},
+               {"role": "assistant", "content": "acme"}],
+     "answer": "acme",
+     "env": {"name": "multihop", "world_seed": 0}}
+
+``messages`` is the prompt (system and user turns). ``trace`` is the expert trace: assistant
+turns with optional ``reasoning_content`` and ``tool_calls`` (``arguments`` as an object or a JSON
+string), the ``tool`` responses that followed (``tool_call_id`` names an earlier call), and, for
+multi-turn tasks, later ``user`` turns. ``answer`` and ``env`` are what the reward needs.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataFormatError(ValueError):
+    """A row that does not follow the format; the message names file, line and reason."""
+
+
+@dataclass
+class Example:
+    id: str
+    messages: list  # prompt: system/user messages
+    tools: list = field(default_factory=list)  # OpenAI function specs
+    trace: list = field(default_factory=list)  # expert trace messages
+    answer: object = None
+    env: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return {"id": self.id, "messages": self.messages, "tools": self.tools, "trace": self.trace,
+                "answer": self.answer, "env": self.env}
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: int = 0
+    skipped: list = field(default_factory=list)  # (line, reason)
+
+    def summary(self):
+        return f"{self.path}: {self.loaded} rows loaded, {len(self.skipped)} skipped"
+
+
+def _fail(reason):
+    raise DataFormatError(reason)
+
+
+def _check_message(msg, where, roles):
+    if not isinstance(msg, dict):
+        _fail(f"{where} must be an object, got {type(msg).__name__}")
+    role = msg.get("role")
+    if role not in roles:
+        _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}")
+    content = msg.get("content")
+    if content is not None and not isinstance(content, str):
+        _fail(f"{where}.content must be a string or null")
+    return role
+
+
+def _normalise_call(call, where):
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        _fail(f"{where} must be an object with a 'function' object")
+    fn = call["function"]
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        _fail(f"{where}.function.name must be a non-empty string")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as exc:
+            _fail(f"{where}.function.arguments is not valid JSON ({exc.msg})")
+    if not isinstance(args, dict):
+        _fail(f"{where}.function.arguments must be an object")
+    if not isinstance(call.get("id", ""), str):
+        _fail(f"{where}.id must be a string")
+    return {"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def parse_example(row):
+    """Validate one decoded row and return an ``Example`` (tool-call arguments normalised to objects)."""
+    if not isinstance(row, dict):
+        _fail(f"a row must be a JSON object, got {type(row).__name__}")
+    if "id" not in row or not isinstance(row["id"], (str, int)):
+        _fail("missing 'id' (string)")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _fail("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        _check_message(m, f"messages[{i}]", {"system", "user"})
+    if not any(m["role"] == "user" for m in messages):
+        _fail("'messages' has no user message")
+    tools = row.get("tools", [])
+    if not isinstance(tools, list):
+        _fail("'tools' must be a list")
+    names = set()
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            _fail(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if not isinstance(fn.get("parameters", {}), dict):
+            _fail(f"tools[{i}].function.parameters must be a JSON schema object")
+        names.add(fn["name"])
+    trace = row.get("trace", [])
+    if not isinstance(trace, list):
+        _fail("'trace' must be a list")
+    norm_trace, open_calls = [], set()
+    for i, m in enumerate(trace):
+        role = _check_message(m, f"trace[{i}]", {"assistant", "tool", "user"})
+        m = dict(m)
+        if role == "assistant":
+            if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+                _fail(f"trace[{i}].reasoning_content must be a string")
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                _fail(f"trace[{i}].tool_calls must be a list")
+            m["tool_calls"] = [_normalise_call(c, f"trace[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+            for c in m["tool_calls"]:
+                if tools and c["function"]["name"] not in names:
+                    _fail(f"trace[{i}] calls {c['function']['name']!r}, which 'tools' does not list")
+                open_calls.add(c["id"])
+            if not m["tool_calls"]:
+                m.pop("tool_calls")
+        elif role == "tool":
+            cid = m.get("tool_call_id")
+            if cid not in open_calls:
+                _fail(f"trace[{i}].tool_call_id {cid!r} answers no earlier tool call")
+            if not isinstance(m.get("content"), str):
+                _fail(f"trace[{i}].content of a tool response must be a string")
+        norm_trace.append(m)
+    env = row.get("env", {})
+    if not isinstance(env, dict):
+        _fail("'env' must be an object")
+    return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)
+
+
+def load_examples(path, *, on_error="raise"):
+    """Read a JSONL file of examples.
+
+    on_error: ``"raise"`` stops at the first bad row with a ``DataFormatError`` naming file, line and
+    reason; ``"skip"`` skips bad rows and records each (line, reason) in the report.
+    Returns ``(examples, LoadReport)``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"load_examples: on_error={on_error!r}; choose 'raise' or 'skip'")
+    path = Path(path)
+    report, examples = LoadReport(str(path)), []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    _fail(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                examples.append(parse_example(row))
+            except DataFormatError as exc:
+                if on_error == "raise":
+                    raise DataFormatError(f"{path}:{line_no}: {exc}") from None
+                report.skipped.append((line_no, str(exc)))
+    report.loaded = len(examples)
+    if not examples:
+        raise DataFormatError(f"{path}: no valid rows" + (f" ({len(report.skipped)} skipped; first: line "
+                                                          f"{report.skipped[0][0]}: {report.skipped[0][1]})"
+                                                          if report.skipped else ""))
+    return examples, report
+
+
+def write_examples(path, examples):
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex) + "\n")

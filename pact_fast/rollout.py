@@ -1,0 +1,183 @@
+"""Prompt-only multi-turn rollouts: a group of G episodes per prompt, batched, with a KV cache.
+
+Each turn, every live episode of the group samples an assistant turn (temperature, top-p, a
+per-turn token cap) until the end-of-turn token; tool calls are parsed from the text in the
+template's format and executed by the environment; the tool responses (and, in multi-turn
+environments, a later user turn) are rendered by the chat template and appended as context
+tokens. An episode ends on a turn without tool calls (its answer), or at the turn limit.
+
+The result per episode: the response token ids after the prompt, ``response_mask`` (1 on
+sampled tokens), the behaviour log-probs of sampled tokens (``log softmax(logits / T)`` of the
+sampling model, before top-p truncation), and the reward. ``RolloutEngine`` is the interface a
+faster engine (vLLM, SGLang) implements to replace ``HFRolloutEngine``.
+"""
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .chat import prompt_ids, render
+from .toolcalls import parse_tool_calls
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = field(default=4, metadata={"help": "rollouts per prompt (G)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per assistant turn"})
+    max_turns: int = field(default=6, metadata={"help": "assistant turns per episode"})
+    tool_call_format: str = field(default="compact", metadata={"help": "compact | hermes"})
+    greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation)"})
+
+
+@dataclass
+class Episode:
+    example_id: str
+    prompt_ids: list
+    response_ids: list = field(default_factory=list)
+    response_mask: list = field(default_factory=list)  # 1 = sampled by the model, 0 = tool/user context
+    behavior_logp: list = field(default_factory=list)  # log-prob of each sampled token (0 on context)
+    reward: float = 0.0
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    finish: str = ""  # answer | turn_limit | length
+    final_text: str = ""
+
+    @property
+    def num_model_tokens(self):
+        return sum(self.response_mask)
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a generator: G prompt-only episodes per example."""
+
+    def rollout(self, examples, make_env) -> list:  # -> list (per example) of list[Episode]
+        ...
+
+
+def _sample(logits, temperature, top_p, greedy, generator):
+    """logits [N, V] -> (tokens [N], behaviour logp [N] under softmax(logits / T))."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if greedy:
+        tokens = logprobs.argmax(-1)
+    else:
+        probs = logprobs.exp()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFRolloutEngine:
+    """Sampling with a Hugging Face causal LM and its KV cache, batched across a group's episodes."""
+
+    def __init__(self, model, tokenizer, config=None, seed=0):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or RolloutConfig()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+
+    @torch.no_grad()
+    def _generate_turn(self, contexts):
+        """Sample one assistant turn for each context (lists of ids). Returns per row (tokens, logps, ended)."""
+        cfg, model = self.config, self.model
+        device = next(model.parameters()).device
+        pad = self.tokenizer.pad_token_id or 0
+        width = max(map(len, contexts))
+        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, c in enumerate(contexts):  # left padding
+            ids[i, width - len(c):] = torch.tensor(c)
+            attn[i, width - len(c):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        tokens, logps = [[] for _ in contexts], [[] for _ in contexts]
+        ended = torch.zeros(len(contexts), dtype=torch.bool)
+        next_pos = position_ids[:, -1]
+        for _ in range(cfg.max_new_tokens):
+            tok, lp = _sample(logits.cpu(), cfg.temperature, cfg.top_p, cfg.greedy, self.generator)
+            for i in range(len(contexts)):
+                if not ended[i]:
+                    tokens[i].append(int(tok[i]))
+                    logps[i].append(float(lp[i]))
+            ended |= tok == self.eos
+            if ended.all():
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            next_pos = next_pos + 1
+            out = model(input_ids=tok[:, None].to(device), attention_mask=attn, position_ids=next_pos[:, None],
+                        past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return tokens, logps, ended.tolist()
+
+    def _context_block(self, example, conv, new_messages):
+        """Token ids the template adds for ``new_messages`` after ``conv``, up to the next generation prompt."""
+        before = render(self.tokenizer, conv, example.tools, False)
+        after = render(self.tokenizer, conv + new_messages, example.tools, True)
+        if not after.startswith(before):
+            raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
+        return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+
+    def rollout_group(self, example, make_env):
+        """G episodes of one example, sampled prompt-only; ``make_env(example)`` builds an environment."""
+        cfg = self.config
+        prompt = prompt_ids(self.tokenizer, example)
+        episodes = [Episode(example.id, list(prompt)) for _ in range(cfg.group_size)]
+        envs = [make_env(example) for _ in episodes]
+        convs = [list(example.messages) for _ in episodes]
+        live = list(range(cfg.group_size))
+        while live:
+            contexts = [episodes[i].prompt_ids + episodes[i].response_ids for i in live]
+            tokens, logps, ended = self._generate_turn(contexts)
+            still = []
+            for i, toks, lps, done in zip(live, tokens, logps, ended):
+                ep, env = episodes[i], envs[i]
+                ep.response_ids += toks
+                ep.response_mask += [1] * len(toks)
+                ep.behavior_logp += lps
+                ep.turns += 1
+                text = self.tokenizer.decode(toks, skip_special_tokens=False)
+                if not done:
+                    ep.finish, ep.final_text = "length", text
+                    continue
+                calls = parse_tool_calls(text, cfg.tool_call_format)
+                assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
+                if calls:
+                    responses = env.step(calls)
+                    ep.tool_calls += len(calls)
+                    ep.tool_errors += sum(not hasattr(c, "arguments") or r.startswith("error") for c, r in
+                                          zip(calls, responses))
+                    new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
+                else:
+                    user = env.next_user_turn()
+                    if user is None:
+                        ep.finish, ep.final_text = "answer", text
+                        continue
+                    new = [{"role": "user", "content": user}]
+                if ep.turns >= cfg.max_turns:
+                    ep.finish, ep.final_text = "turn_limit", text
+                    continue
+                block = self._context_block(example, convs[i] + [assistant], new)
+                convs[i] += [assistant] + new
+                ep.response_ids += block
+                ep.response_mask += [0] * len(block)
+                ep.behavior_logp += [0.0] * len(block)
+                still.append(i)
+            live = still
+        for ep, env in zip(episodes, envs):
+            ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
+        return episodes
+
+    def rollout(self, examples, make_env):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return [self.rollout_group(ex, make_env) for ex in examples]
+        finally:
+            self.model.train(was_training)
