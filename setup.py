@@ -17,11 +17,12 @@ setup(
         "transformers>=4.53",
         "tokenizers",
         "safetensors",
+        "matplotlib",
     ],
     extras_require={
         "triton": ["triton>=3.1"],
         "test": ["pytest", "triton>=3.1"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["pact-fast=pact_fast.cli:main"]},

@@ -112,10 +112,13 @@ def _common_prefix(a, b):
     return i
 
 
-def _diff_region(tokenizer, with_part, without_part):
+def _diff_region(tokenizer, with_part, without_part, starts_with=None):
     """[start, end) characters of ``with_part`` that ``without_part`` lacks, as whole tokens: the tokens left
     between the longest common token prefix and suffix of the two renderings (character-wise diffs would
-    absorb characters the two happen to share at the edges, such as the ``<`` of two different tags)."""
+    absorb characters the two happen to share at the edges, such as the ``<`` of two different tags).
+
+    An insertion between repeated delimiters can be aligned several ways (``<|im_end|> <|im_start|> tool ...``
+    shifts by a token); with ``starts_with`` (a token id) the alignment starting with that token is chosen."""
     a = tokenizer(with_part, add_special_tokens=False, return_offsets_mapping=True)
     b = tokenizer(without_part, add_special_tokens=False)["input_ids"]
     ids, offsets = a["input_ids"], a["offset_mapping"]
@@ -123,9 +126,26 @@ def _diff_region(tokenizer, with_part, without_part):
     s = 0
     while s < min(len(ids), len(b)) - p and ids[-1 - s] == b[-1 - s]:
         s += 1
-    if p >= len(ids) - s:
+    end = len(ids) - s
+    if p >= end:
         return 0, 0
-    return offsets[p][0], offsets[len(ids) - s - 1][1]
+    if starts_with is not None:
+        shift = 0
+        while p - shift > 0 and ids[p - shift - 1] == ids[end - shift - 1]:
+            shift += 1
+        for d in range(shift, -1, -1):  # leftmost alignment that starts with the turn-start token
+            if ids[p - d] == starts_with:
+                p, end = p - d, end - d
+                break
+    return offsets[p][0], offsets[end - 1][1]
+
+
+def _turn_start_token(tokenizer, conv, tools, kw):
+    """First token of the generation prompt: the token that opens every turn in the template."""
+    plain = render(tokenizer, conv, tools, False, **kw)
+    prompt = render(tokenizer, conv, tools, True, **kw)
+    ids = tokenizer(prompt[len(plain):], add_special_tokens=False)["input_ids"] if prompt.startswith(plain) else []
+    return ids[0] if ids else None
 
 
 def _label_turn(tokenizer, conv, k, tools, kw, labels, segments):
@@ -154,10 +174,12 @@ def _label_turn(tokenizer, conv, k, tools, kw, labels, segments):
     return full
 
 
-def _label_tool(tokenizer, conv, j, tools, kw, labels):
-    before = render(tokenizer, conv[:j], tools, False, **kw)
-    after = render(tokenizer, conv[: j + 1], tools, False, **kw)
-    for i in range(_common_prefix(before, after), len(after)):
+def _label_tool(tokenizer, conv, j, tools, kw, text, labels, turn_start):
+    """Label tool message ``conv[j]`` inside ``text`` (a rendering of a conversation that contains it): the
+    tokens that rendering the same conversation without that message removes."""
+    without = render(tokenizer, conv[:j] + conv[j + 1:], tools, False, **kw)
+    a, b = _diff_region(tokenizer, text, without, starts_with=turn_start)
+    for i in range(a, b):
         labels[i] = TOOL_RESPONSE
 
 
@@ -182,6 +204,7 @@ def trace_sequences(tokenizer, example, **template_kwargs):
     conv = list(example.messages) + list(example.trace)
     tools, kw = example.tools, template_kwargs
     whole = render(tokenizer, conv, tools, False, **kw)
+    turn_start = _turn_start_token(tokenizer, conv, tools, kw)
     assistant_idx = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     tool_idx = [i for i, m in enumerate(conv) if m["role"] == "tool"]
     per_turn = []
@@ -193,7 +216,7 @@ def trace_sequences(tokenizer, example, **template_kwargs):
         turns = [turn if lab != NONE else 0 for lab in labels]
         for j in tool_idx:
             if j < k:
-                _label_tool(tokenizer, conv, j, tools, kw, labels)
+                _label_tool(tokenizer, conv[: k + 1], j, tools, kw, text, labels, turn_start)
         per_turn.append((text, labels, segments, turns))
         prefix_preserving &= whole.startswith(text)
     if prefix_preserving:
@@ -203,7 +226,7 @@ def trace_sequences(tokenizer, example, **template_kwargs):
                 if x in (REASONING, TOOL_CALL, OTHER):
                     labels[i], segments[i], turns[i] = x, seg[i], trn[i]
         for j in tool_idx:
-            _label_tool(tokenizer, conv, j, tools, kw, labels)
+            _label_tool(tokenizer, conv, j, tools, kw, whole, labels, turn_start)
         return [_tokenize_labeled(tokenizer, whole, labels, segments, turns)]
     # each per-turn array labels only its own turn: earlier turns are context there
     return [_tokenize_labeled(tokenizer, text, lab, seg, trn) for text, lab, seg, trn in per_turn]

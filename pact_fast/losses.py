@@ -307,7 +307,7 @@ def _require(batch, names, why):
         raise ValueError(f"pact_loss: {why} needs batch fields {missing}")
 
 
-def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
+def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scale=1.0, sft_scale=1.0):
     """The PACT objective: ``L = L_RL + lambda_sft L_SFT + beta_kl KL - c_ent H`` (SPEC section 1).
 
     Args:
@@ -316,6 +316,9 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
         progress: training progress s in [0, 1] driving the annealing schedules (and sft_then_grpo's switch).
         step: mixed with ``config.seed`` for the anchoring draws when no ``generator`` is given.
         generator: torch.Generator for the Bernoulli anchoring draws.
+        rl_scale, sft_scale: factors on the RL terms (surrogate, KL, entropy) and on the SFT term, for gradient
+            accumulation: a micro-batch's share of the step's response tokens (or sequences) and of its traces
+            makes the sum over micro-batches equal the loss of the whole step.
 
     Returns:
         ``(loss, metrics)``: a scalar tensor (never NaN) and a dict of floats: every loss term, the
@@ -333,6 +336,9 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
     device = batch.response_mask.device
     total = torch.zeros((), device=device)
 
+    if use_rl and batch.response_mask.shape[0] == 0:
+        use_rl = False  # a micro-batch holding only trace sequences: no RL term here
+        metrics["loss/rl"] = 0.0
     if use_rl:
         _require(batch, ["logp_po", "old_logp_po"], f"mode {mode!r} (prompt-only surrogate)")
         mask = batch.response_mask.bool()
@@ -388,7 +394,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
                 token_loss = torch.where(per_rollout[:, None], po[0], tc[0])
                 metrics["anchored_groups"] = float(anchored.sum())
         l_rl = aggregate(token_loss, mask, config.loss_agg, config.loss_scale_factor)
-        total = total + l_rl
+        total = total + rl_scale * l_rl
         metrics["loss/rl"] = l_rl.item()
         metrics["adv_mean"] = adv.mean().item()
         metrics["adv_abs_mean"] = adv.abs().mean().item()
@@ -397,12 +403,12 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
             _require(batch, ["ref_logp"], "beta_kl > 0")
             kl = aggregate(kl_penalty(batch.logp_po, batch.ref_logp, config.kl_estimator), mask, config.loss_agg,
                            config.loss_scale_factor)
-            total = total + config.beta_kl * kl
+            total = total + rl_scale * config.beta_kl * kl
             metrics["loss/kl"] = kl.item()
         if config.c_ent > 0:
             _require(batch, ["entropy"], "c_ent > 0")
             ent = aggregate(batch.entropy, mask, config.loss_agg, config.loss_scale_factor)
-            total = total - config.c_ent * ent
+            total = total - rl_scale * config.c_ent * ent
             metrics["entropy"] = ent.item()
 
     if use_sft and config.lambda_sft > 0:
@@ -421,7 +427,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None):
                                     batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config)
         logp = torch.where(weights > 0, batch.sft_logp, torch.zeros_like(batch.sft_logp))
         l_sft = sft_loss(logp, weights, batch.sft_components)
-        total = total + config.lambda_sft * l_sft
+        total = total + sft_scale * config.lambda_sft * l_sft
         metrics["loss/sft"] = l_sft.item()
         metrics["sft_weight_mean"] = weights[target].mean().item() if target.any() else 0.0
         metrics["tool_call_weight"] = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)

@@ -53,7 +53,7 @@ class Episode:
 class RolloutEngine(Protocol):
     """What the trainer needs from a generator: G prompt-only episodes per example."""
 
-    def rollout(self, examples, make_env) -> list:  # -> list (per example) of list[Episode]
+    def rollout(self, examples, make_env, group_size=None) -> list:  # -> list (per example) of list[Episode]
         ...
 
 
@@ -124,60 +124,62 @@ class HFRolloutEngine:
             raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
         return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
 
-    def rollout_group(self, example, make_env):
-        """G episodes of one example, sampled prompt-only; ``make_env(example)`` builds an environment."""
+    def rollout(self, examples, make_env, group_size=None):
+        """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all
+        sampled in one batch; ``make_env(example)`` builds an environment. Returns a list per example."""
         cfg = self.config
-        prompt = prompt_ids(self.tokenizer, example)
-        episodes = [Episode(example.id, list(prompt)) for _ in range(cfg.group_size)]
-        envs = [make_env(example) for _ in episodes]
-        convs = [list(example.messages) for _ in episodes]
-        live = list(range(cfg.group_size))
-        while live:
-            contexts = [episodes[i].prompt_ids + episodes[i].response_ids for i in live]
-            tokens, logps, ended = self._generate_turn(contexts)
-            still = []
-            for i, toks, lps, done in zip(live, tokens, logps, ended):
-                ep, env = episodes[i], envs[i]
-                ep.response_ids += toks
-                ep.response_mask += [1] * len(toks)
-                ep.behavior_logp += lps
-                ep.turns += 1
-                text = self.tokenizer.decode(toks, skip_special_tokens=False)
-                if not done:
-                    ep.finish, ep.final_text = "length", text
-                    continue
-                calls = parse_tool_calls(text, cfg.tool_call_format)
-                assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
-                if calls:
-                    responses = env.step(calls)
-                    ep.tool_calls += len(calls)
-                    ep.tool_errors += sum(not hasattr(c, "arguments") or r.startswith("error") for c, r in
-                                          zip(calls, responses))
-                    new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
-                else:
-                    user = env.next_user_turn()
-                    if user is None:
-                        ep.finish, ep.final_text = "answer", text
-                        continue
-                    new = [{"role": "user", "content": user}]
-                if ep.turns >= cfg.max_turns:
-                    ep.finish, ep.final_text = "turn_limit", text
-                    continue
-                block = self._context_block(example, convs[i] + [assistant], new)
-                convs[i] += [assistant] + new
-                ep.response_ids += block
-                ep.response_mask += [0] * len(block)
-                ep.behavior_logp += [0.0] * len(block)
-                still.append(i)
-            live = still
-        for ep, env in zip(episodes, envs):
-            ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
-        return episodes
-
-    def rollout(self, examples, make_env):
+        G = group_size or cfg.group_size
+        jobs = [ex for ex in examples for _ in range(G)]
+        prompts = {ex.id: prompt_ids(self.tokenizer, ex) for ex in examples}
+        episodes = [Episode(ex.id, list(prompts[ex.id])) for ex in jobs]
+        envs = [make_env(ex) for ex in jobs]
+        convs = [list(ex.messages) for ex in jobs]
         was_training = self.model.training
         self.model.eval()
         try:
-            return [self.rollout_group(ex, make_env) for ex in examples]
+            live = list(range(len(jobs)))
+            while live:
+                contexts = [episodes[i].prompt_ids + episodes[i].response_ids for i in live]
+                tokens, logps, ended = self._generate_turn(contexts)
+                live = [i for i, toks, lps, done in zip(live, tokens, logps, ended)
+                        if self._advance(jobs[i], episodes[i], envs[i], convs[i], toks, lps, done)]
         finally:
             self.model.train(was_training)
+        for ep, env in zip(episodes, envs):
+            ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
+        return [episodes[k * G:(k + 1) * G] for k in range(len(examples))]
+
+    def _advance(self, example, ep, env, conv, toks, lps, done):
+        """Record a sampled turn, run its tool calls, append the context; True while the episode goes on."""
+        cfg = self.config
+        ep.response_ids += toks
+        ep.response_mask += [1] * len(toks)
+        ep.behavior_logp += lps
+        ep.turns += 1
+        text = self.tokenizer.decode(toks, skip_special_tokens=False)
+        if not done:
+            ep.finish, ep.final_text = "length", text
+            return False
+        calls = parse_tool_calls(text, cfg.tool_call_format)
+        assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
+        if calls:
+            responses = env.step(calls)
+            ep.tool_calls += len(calls)
+            ep.tool_errors += sum(not hasattr(c, "arguments") or r.startswith("error")
+                                  for c, r in zip(calls, responses))
+            new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
+        else:
+            user = env.next_user_turn()
+            if user is None:
+                ep.finish, ep.final_text = "answer", text
+                return False
+            new = [{"role": "user", "content": user}]
+        if ep.turns >= cfg.max_turns:
+            ep.finish, ep.final_text = "turn_limit", text
+            return False
+        block = self._context_block(example, conv + [assistant], new)
+        conv += [assistant] + new
+        ep.response_ids += block
+        ep.response_mask += [0] * len(block)
+        ep.behavior_logp += [0.0] * len(block)
+        return True

@@ -121,6 +121,22 @@ def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backen
                            return_entropy=return_entropy, backend=logprob_backend)
 
 
+class PackedScorer(torch.nn.Module):
+    """``score_packed`` as a module: ``scorer(packed, rows, targets, **kw) -> logp``.
+
+    Wrap the causal LM in it before FSDP2's ``fully_shard`` (per decoder layer, then this module as the
+    root): the root's hooks then gather the embedding, final norm and lm_head for the packed pass and
+    reduce-scatter their gradients, although the pass calls the decoder and the lm_head weight directly.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed, rows, targets, **kwargs):
+        return score_packed(self.model, packed, rows, targets, **kwargs)
+
+
 def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto", temperature=1.0,
                       return_entropy=False):
     """Per-sequence log-probs of tokens 1..n-1 from one packed forward.
@@ -149,5 +165,5 @@ def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto
     return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-__all__ = ["sequence_logprobs", "score_packed", "packed_hidden_states", "register_tree_attention", "PackedTree",
+__all__ = ["sequence_logprobs", "score_packed", "PackedScorer", "packed_hidden_states", "register_tree_attention", "PackedTree",
            "TreeLayout", "ATTN_IMPLEMENTATION"]

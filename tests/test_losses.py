@@ -317,3 +317,14 @@ def test_precomputed_advantages_and_anchoring_are_used_as_given():
     m = batch.response_mask
     assert loss.item() == pytest.approx(((torch.tensor(rows, dtype=D) * m).sum() / m.sum()).item(), rel=1e-10)
     assert metrics["anchored_groups"] == 1.0
+
+
+def test_a_batch_without_rollouts_gives_the_sft_term_alone():
+    batch = _batch()
+    full_sft = pact_loss(batch, PACTLossConfig(), progress=0.2)[1]["loss/sft"]
+    empty = torch.zeros(0, 0, dtype=D)
+    batch = PACTBatch(**{**batch.__dict__, "response_mask": empty, "rewards": torch.zeros(0, dtype=D),
+                         "group_ids": torch.zeros(0, dtype=torch.long), "logp_tc": empty, "logp_po": empty,
+                         "old_logp_tc": empty, "old_logp_po": empty})
+    loss, metrics = pact_loss(batch, PACTLossConfig(), progress=0.2)
+    assert loss.item() == pytest.approx(full_sft) and metrics["loss/rl"] == 0.0

@@ -1,0 +1,78 @@
+"""``pact-fast`` (also ``python -m pact_fast``): train, compare baselines, show the environment.
+
+    pact-fast train                                # the main job: a short PACT run on CPU
+    pact-fast train --config run.yaml train.steps=200 loss.anchor_q=0.5
+    pact-fast train --model ./my-qwen3 --data tasks.jsonl train.device=cuda
+    pact-fast train --resume runs/pact             # continue from the newest checkpoint
+    pact-fast compare                              # sft, grpo, sft_then_grpo, pact on equal budgets
+    pact-fast demo                                 # tasks, expert traces, one episode of a random model
+    pact-fast config                               # every key with its default and help
+"""
+import argparse
+import json
+import sys
+
+from .config import ConfigError, describe, load_config
+
+
+def _train_parser(sub, name, help_text):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", help="YAML file of config sections (model, data, rollout, loss, train)")
+    p.add_argument("--model", help="local Hugging Face causal LM directory (sets model.path)")
+    p.add_argument("--data", help="training JSONL in the pact_fast.data format (sets data.path)")
+    p.add_argument("--out", help="run directory (sets train.out_dir)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides; see `pact-fast config`")
+    return p
+
+
+def _resolve(args):
+    overrides = list(args.overrides)
+    for flag, key in (("model", "model.path"), ("data", "data.path"), ("out", "train.out_dir")):
+        if getattr(args, flag, None):
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = _train_parser(sub, "train", "train with PACT (or a baseline: loss.mode=sft|grpo|sft_then_grpo)")
+    p_train.add_argument("--resume", help="run or checkpoint directory to continue from")
+    p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
+    p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"])
+    sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
+    sub.add_parser("config", help="list every config key with its default and help")
+    args = parser.parse_args(argv)
+    if args.command == "config":
+        print("\n".join(describe()))
+        return 0
+    if args.command == "demo":
+        from .envs.__main__ import demo
+
+        demo()
+        return 0
+    try:
+        config = _resolve(args)
+    except ConfigError as exc:
+        print(f"pact-fast: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        from .trainer import train
+
+        if args.resume:
+            try:
+                from .trainer import latest_checkpoint
+
+                run_cfg = latest_checkpoint(args.resume).parent.parent / "config.yaml"
+                overrides = list(args.overrides) + [f"train.out_dir={latest_checkpoint(args.resume).parent.parent}"]
+                config = load_config(str(run_cfg) if run_cfg.exists() else args.config, overrides)
+            except (ConfigError, FileNotFoundError) as exc:
+                print(f"pact-fast: {exc}", file=sys.stderr)
+                return 2
+        summary = train(config, resume=args.resume)
+        print(json.dumps(summary, indent=1))
+        return 130 if summary["interrupted"] else 0
+    from .compare import compare
+
+    compare(config, modes=args.modes)
+    return 0

@@ -1,0 +1,219 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML and ``key=value`` overrides.
+
+    pact-fast train --config run.yaml train.steps=100 loss.anchor_q=0.5 rollout.group_size=8
+
+Every field has a default and a help string; an unknown key or a value of the wrong type is an
+error that names it and lists the valid keys or choices. The resolved config is saved with every run.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from .losses import PACTLossConfig
+from .rollout import RolloutConfig
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = field(default=None, metadata={
+        "help": "local Hugging Face causal LM directory (with its tokenizer); None = a tiny Qwen3-shaped model "
+                "on the built-in tokenizer"})
+    hidden_size: int = field(default=96, metadata={"help": "built-in model: hidden size"})
+    num_layers: int = field(default=3, metadata={"help": "built-in model: decoder layers"})
+    num_heads: int = field(default=4, metadata={"help": "built-in model: query heads"})
+    num_kv_heads: int = field(default=2, metadata={"help": "built-in model: key/value heads"})
+    head_dim: int = field(default=24, metadata={"help": "built-in model: head dimension"})
+    intermediate_size: int = field(default=192, metadata={"help": "built-in model: MLP width"})
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = field(default=None, metadata={
+        "help": "JSONL file in the pact_fast.data format; None = tasks of the built-in multi-hop environment"})
+    eval_path: Optional[str] = field(default=None, metadata={"help": "held-out JSONL; None = split from the data"})
+    train_tasks: int = field(default=400, metadata={"help": "built-in environment: training tasks"})
+    eval_tasks: int = field(default=64, metadata={"help": "held-out tasks (built-in, or split off a data file)"})
+    hops: tuple = field(default=(1, 2), metadata={"help": "built-in environment: hop counts of the tasks"})
+    distractors: int = field(default=0, metadata={"help": "built-in environment: unused distractor tools"})
+    seed: int = field(default=0, metadata={"help": "task generation and data order seed"})
+    on_error: str = field(default="raise", metadata={"help": "bad data rows: raise or skip",
+                                                     "choices": ("raise", "skip")})
+    max_turns: int = field(default=4, metadata={"help": "environment turn limit"})
+    format_reward: float = field(default=0.0, metadata={"help": "reward for episodes whose tool calls all ran"})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=60, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompt groups per step (all ranks together)"})
+    update_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
+    micro_batch_tokens: int = field(default=4096, metadata={"help": "token budget of one packed micro-batch"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine decay"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = off"})
+    seed: int = field(default=0, metadata={"help": "seed of the model init, sampling and anchoring"})
+    out_dir: str = field(default="runs/pact", metadata={"help": "run directory"})
+    stop_after: int = field(default=0, metadata={
+        "help": "stop (with a checkpoint) after this many steps of this run, keeping the schedule of `steps`; "
+                "0 = run to `steps`"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps; 0 = at the end only"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0 = before and after only"})
+    attn_backend: str = field(default="auto", metadata={
+        "help": "tree attention backend", "choices": ("auto", "triton", "sdpa", "varlen", "flex")})
+    logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend",
+                                                           "choices": ("auto", "torch", "triton")})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
+    liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})
+    tensorboard: bool = field(default=True, metadata={"help": "TensorBoard events when tensorboard is installed"})
+    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (needs wandb)"})
+    wandb_project: str = field(default="pact_fast", metadata={"help": "wandb project"})
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: PACTLossConfig = field(default_factory=PACTLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names it and what would be valid."""
+
+
+def _coerce(value, tp, key):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if tp is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, int, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _set(obj, key, value, path):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(fields))}")
+    f = fields[key]
+    hints = typing.get_type_hints(type(obj))
+    if dataclasses.is_dataclass(getattr(obj, key)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a section (mapping) of keys {sorted(fields)}")
+        for k, v in value.items():
+            _set(getattr(obj, key), k, v, f"{path}.{k}")
+        return
+    coerced = _coerce(value, hints[key], path)
+    choices = f.metadata.get("choices")
+    if choices and coerced not in choices:
+        raise ConfigError(f"{path}={coerced!r} is not valid; choose one of {list(choices)}")
+    setattr(obj, key, coerced)
+
+
+def _rebuild(obj):
+    """Re-run __post_init__ checks of nested dataclasses after overrides."""
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _rebuild(child)
+            try:
+                setattr(obj, f.name, type(child)(**{g.name: getattr(child, g.name) for g in dataclasses.fields(child)}))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def load_config(path=None, overrides=()):
+    """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order)."""
+    config = Config()
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
+        for section, values in data.items():
+            _set(config, section, values, section)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        obj = config
+        for depth, part in enumerate(parts[:-1]):
+            if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
+                valid = [f.name for f in dataclasses.fields(obj)]
+                raise ConfigError(f"unknown section {'.'.join(parts[:depth + 1])!r}; valid: {', '.join(valid)}")
+            obj = getattr(obj, part)
+        if len(parts) == 1:
+            raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
+        _set(obj, parts[-1], value, key.strip())
+    _rebuild(config)
+    return config
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path):
+    data = to_dict(config)
+    with open(path, "w") as f:
+        yaml.safe_dump(_plain(data), f, sort_keys=False)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def describe(config_cls=Config, prefix=""):
+    """Lines of ``key (type, default): help`` for every field, for ``--help``."""
+    lines = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines += describe(type(default), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}")
+    return lines

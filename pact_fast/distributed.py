@@ -1,0 +1,216 @@
+"""Single-process and FSDP2 (``torchrun``) plumbing for the trainer, in one place.
+
+Under ``torchrun --nproc_per_node=K -m pact_fast train``: the policy is sharded with
+``fully_shard`` per decoder layer and at the root (bf16 mixed precision on CUDA); each rank takes
+a contiguous share of the step's prompt groups; every rank runs the same number of micro-batches
+(padding ones carry zero loss) so FSDP's collectives line up; gradients average across ranks;
+metrics are averaged; rank 0 writes full (unsharded) checkpoints. Rollouts sample with an
+unsharded copy of the policy whose weights are refreshed from the shards before every step, so
+ranks never wait on each other's generation lengths. Without torchrun every function here is
+the identity or its single-process meaning.
+"""
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+
+def init():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        td.init_process_group(backend)
+
+
+def is_distributed():
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def rank():
+    return td.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return td.get_world_size() if is_distributed() else 1
+
+
+def device(name):
+    if torch.cuda.is_available() and name in ("auto", "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def barrier():
+    if is_distributed():
+        td.barrier()
+
+
+def _decoder_layers(module):
+    model = getattr(module, "model", module)  # a PackedScorer holds the causal LM as .model
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (expected <base>.layers)")
+    return layers
+
+
+def shard(model, bf16=False):
+    """FSDP2 ``fully_shard`` on every decoder layer and the root; identity in a single process."""
+    if not is_distributed():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def rollout_copy(model):
+    """The model rollouts sample with: the policy itself, or (under torchrun, made before sharding) a copy
+    that stays unsharded and is refreshed from the shards before every step."""
+    if not is_distributed():
+        return model
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def sync_rollout_weights(scorer, rollout_model):
+    """Copy the (possibly sharded) policy's weights into the rollout model; a no-op when they are one."""
+    model = scorer
+    if rollout_model is getattr(scorer, "model", scorer):
+        return
+    with torch.no_grad():
+        full = {k.removeprefix("model."): v for k, v in model.named_parameters()}
+        for name, p in rollout_model.named_parameters():
+            src = full[name]
+            p.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)
+
+
+def shard_list(items):
+    """This rank's contiguous share of a step's items (prompt groups)."""
+    n, w, r = len(items), world_size(), rank()
+    if n % w:
+        raise ValueError(f"train.prompts_per_step={n} must be a multiple of the world size {w}")
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def shard_positions(n):
+    return list(range(n))[rank() * n // world_size():(rank() + 1) * n // world_size()]
+
+
+@dataclass
+class MicroBatch:
+    indices: list
+    padding: bool = False  # a repeat run only so that every rank makes the same collective calls
+
+
+def pad_micro_batches(batches):
+    out = [MicroBatch(b) for b in batches]
+    if is_distributed():
+        n = torch.tensor([len(out)])
+        td.all_reduce(n, op=td.ReduceOp.MAX)
+        out += [MicroBatch(batches[0], padding=True) for _ in range(int(n) - len(out))]
+    return out
+
+
+def sum_counts(values):
+    """Sum integers over ranks."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def clip_grad_norm(model, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def reduce_metrics(metrics):
+    if not is_distributed():
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    td.all_reduce(t)
+    return {**metrics, **{k: v / world_size() for k, v in zip(keys, t.tolist())}}
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model):
+    if not is_distributed():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_optimizer_state(model, optimizer):
+    if not is_distributed():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def tied_keys(model):
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())
+
+
+def load_checkpoint(ckpt, scorer, optimizer, scheduler, order):
+    """Restore weights, optimizer, scheduler, data order and RNG from ``ckpt``; returns its step."""
+    import random
+
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no *.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    model = scorer.model
+    if is_distributed():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(scorer, {f"model.{k}": v for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(scorer, optimizer, trainer_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        untied = [k for k in missing if k not in tied_keys(model)]
+        if untied or unexpected:
+            raise ValueError(f"{ckpt}: weights do not match the model (missing {untied}, unexpected {unexpected})")
+        if tied_keys(model):
+            model.tie_weights()
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    order.__dict__.update(trainer_state["order"])
+    random.setstate(trainer_state["rng"]["python"])
+    torch.set_rng_state(trainer_state["rng"]["torch"])
+    return int(trainer_state["step"])
+
+
+def apply_liger(model):
+    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the model body (CUDA only)."""
+    if not torch.cuda.is_available():
+        raise ValueError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)

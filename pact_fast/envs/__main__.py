@@ -1,0 +1,55 @@
+"""``python -m pact_fast.envs --demo``: built-in tasks with their expert traces, and one episode of a
+tiny random model, printed for a person to read."""
+import argparse
+
+import torch
+
+
+def demo(n_tasks=3, seed=0):
+    from ..chat import render
+    from ..data import parse_example
+    from ..rollout import HFRolloutEngine, RolloutConfig
+    from .multihop import MultiHopEnv, make_task
+    from .tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for k, hops in zip(range(n_tasks), (1, 2, 3)):
+        ex = parse_example(make_task(seed + k, hops=hops, n_distractors=1))
+        print(f"=== task {ex.id} ({hops} hops)  answer: {ex.answer}")
+        print("question:", ex.messages[-1]["content"])
+        for m in ex.trace:
+            if m["role"] == "assistant":
+                calls = " ; ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", []))
+                print(f"  assistant  think: {m.get('reasoning_content', '')}")
+                print(f"             {'call: ' + calls if calls else 'answer: ' + m['content']}")
+            else:
+                print(f"  {m['role']:<10} {m['content']}")
+        print()
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(config)
+    ex = parse_example(make_task(seed, hops=2))
+    engine = HFRolloutEngine(model, tokenizer, RolloutConfig(group_size=1, max_new_tokens=24, max_turns=3), seed=seed)
+    ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=3))[0][0]
+    print("=== one episode of an untrained tiny model (prompt-only)")
+    print(render(tokenizer, ex.messages, ex.tools, True))
+    print(tokenizer.decode(ep.response_ids))
+    print(f"finish={ep.finish} turns={ep.turns} tool_calls={ep.tool_calls} reward={ep.reward}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo", action="store_true", help="print tasks, traces and one episode")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.demo:
+        parser.print_help()
+        return
+    demo(seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

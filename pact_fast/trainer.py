@@ -1,0 +1,626 @@
+"""The PACT training loop (SPEC sections 1 and 2), flat and readable.
+
+Per step:
+1. take the next ``prompts_per_step`` prompt groups (a seeded order, resumable);
+2. sample G prompt-only episodes each in the environment (``RolloutEngine``);
+3. rewards -> group advantages; one anchoring draw per group;
+4. old log-probs of both contexts (and the reference's) in a packed no-grad pass, when the update
+   needs them (``update_epochs > 1``, or a reference model); with one epoch they equal the detached
+   current log-probs, and that pass is skipped;
+5. update epochs over micro-batches packed under a token budget: one packed forward with
+   gradients scores, for every rollout, its response under the trace-conditioned and the
+   prompt-only prompt, and the expert trace; ``pact_loss``; backward; then clip, AdamW, schedule.
+
+The progress variable ``s = step / steps`` drives the annealing schedules. Rollouts, scoring and
+updates only meet through ``Episode`` lists, so a faster engine can replace ``HFRolloutEngine``.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .chat import prompt_ids, trace_conditioned_prompt_ids, trace_sequences
+from .config import Config, save_config
+from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
+from .packing import pack_tree, split_units
+from .rollout import HFRolloutEngine
+from .scoring import PackedScorer
+
+
+# ---------------------------------------------------------------- setup
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model_and_tokenizer(cfg, device, seed):
+    """The policy and its tokenizer: a local HF directory, or the built-in tiny model and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    if cfg.path:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        from .envs import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=2048,
+                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def load_data(cfg):
+    """(train examples, held-out examples) from a data file or the built-in environment."""
+    from .data import load_examples, parse_example
+    from .envs import make_tasks
+
+    if cfg.path:
+        train, report = load_examples(cfg.path, on_error=cfg.on_error)
+        if report.skipped:
+            print(f"[pact_fast] {report.summary()}")
+        if cfg.eval_path:
+            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error)
+        else:
+            n = min(cfg.eval_tasks, len(train) // 5)
+            train, held_out = train[n:], train[:n]
+        return train, held_out
+    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, hops=cfg.hops,
+                                                  n_distractors=cfg.distractors)]
+    seen = {t.messages[-1]["content"] for t in train}
+    held_out, k = [], 0
+    while len(held_out) < cfg.eval_tasks and k < 50:
+        for t in make_tasks(cfg.eval_tasks * 2, seed=cfg.seed + 1000 + k, hops=cfg.hops, n_distractors=cfg.distractors):
+            ex = parse_example(t)
+            if ex.messages[-1]["content"] not in seen and len(held_out) < cfg.eval_tasks:
+                seen.add(ex.messages[-1]["content"])
+                held_out.append(ex)
+        k += 1
+    return train, held_out
+
+
+def make_env_factory(cfg):
+    from .envs.multihop import MultiHopEnv
+
+    def make_env(example):
+        name = (example.env or {}).get("name", "multihop")
+        if name != "multihop":
+            raise ValueError(f"example {example.id}: unknown environment {name!r}")
+        return MultiHopEnv(example, max_turns=cfg.max_turns, format_reward=cfg.format_reward)
+
+    return make_env
+
+
+def lr_lambda(cfg):
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it at the last step."""
+
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return f
+
+
+@dataclass
+class DataOrder:
+    """Seeded order over the training examples: an epoch's permutation and the position in it."""
+
+    seed: int
+    size: int
+    epoch: int = 0
+    index: int = 0
+
+    def take(self, n):
+        out = []
+        while len(out) < n:
+            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+            take = perm[self.index:self.index + n - len(out)].tolist()
+            out += take
+            self.index += len(take)
+            if self.index >= self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class GroupInputs:
+    """Token ids a group needs besides its episodes (cached per example)."""
+
+    tc_prompt: list
+    po_prompt: list
+    sft: list  # LabeledSequence items
+
+
+@dataclass
+class Unit:
+    """Sequences that go through one micro-batch together."""
+
+    kind: str  # "rollout" (tc and po copies of one episode) or "sft" (one trace sequence)
+    group: int  # index of the group in the step
+    item: int  # episode index in the step, or trace sequence index in the step
+    sequences: list
+    mask: list = field(default_factory=list)  # rollout units: the episode's response_mask
+
+
+def build_units(groups, episodes, inputs):
+    units, n_ep, n_sft = [], 0, 0
+    for g, (eps, gi) in enumerate(zip(episodes, inputs)):
+        for ep in eps:
+            units.append(Unit("rollout", g, n_ep, [gi.tc_prompt + ep.response_ids, gi.po_prompt + ep.response_ids],
+                              ep.response_mask))
+            n_ep += 1
+        for s in gi.sft:
+            units.append(Unit("sft", g, n_sft, [s.input_ids]))
+            n_sft += 1
+    return units
+
+
+def _pad(rows, width, value=0.0, dtype=torch.float32, device="cpu"):
+    out = torch.full((len(rows), width), value, dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        r = torch.as_tensor(r, dtype=dtype) if not isinstance(r, torch.Tensor) else r
+        out[i, : len(r)] = r
+    return out
+
+
+def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temperature, return_entropy=False):
+    """One packed forward for a micro-batch of units.
+
+    Returns per rollout unit ``(logp_tc [R], logp_po [R])`` (response tokens, in order) and per sft unit
+    ``logp [n-1]`` (every token after the first), plus per rollout unit the po entropies when asked.
+    """
+    seqs, spans = [], []
+    for u in units:
+        spans.append(len(seqs))
+        seqs += u.sequences
+    packed = pack_tree(seqs)
+    token_ids = []
+    for u in units:
+        if u.kind == "rollout":
+            gi = inputs[u.group]
+            for seq, prompt in zip(u.sequences, (gi.tc_prompt, gi.po_prompt)):
+                token_ids.append(torch.arange(len(prompt), len(seq)))
+        else:
+            token_ids.append(torch.arange(1, len(u.sequences[0])))
+    rows, targets, offsets = packed.predictor_rows(token_ids=token_ids)
+    out = scorer(packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
+                 temperature=temperature, return_entropy=return_entropy)
+    logp, ent = out if return_entropy else (out, None)
+    bounds = offsets.tolist()
+    pieces = [logp[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    ent_pieces = [ent[a:b] for a, b in zip(bounds[:-1], bounds[1:])] if ent is not None else None
+    results, k = [], 0
+    for u in units:
+        if u.kind == "rollout":
+            results.append((pieces[k], pieces[k + 1], ent_pieces[k + 1] if ent_pieces else None))
+            k += 2
+        else:
+            results.append(pieces[k])
+            k += 1
+    return results, packed.num_tokens
+
+
+def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored, old, device):
+    """Assemble a ``PACTBatch`` (padded [B, T] and [S, E]) for the units of one micro-batch."""
+    roll = [(u, r) for u, r in zip(units, results) if u.kind == "rollout"]
+    sft = [(u, r) for u, r in zip(units, results) if u.kind == "sft"]
+    T = max((len(episodes_flat[u.item].response_ids) for u, _ in roll), default=0)
+    idx = [u.item for u, _ in roll]
+
+    def stack(values, fill=0.0):
+        if not values:
+            return torch.zeros((0, T), device=device)
+        return torch.stack([torch.nn.functional.pad(v, (0, T - len(v)), value=fill) for v in values])
+
+    batch = PACTBatch(
+        response_mask=_pad([episodes_flat[i].response_mask for i in idx], T, device=device),
+        rewards=torch.tensor([episodes_flat[i].reward for i in idx], device=device),
+        group_ids=torch.tensor([u.group for u, _ in roll], dtype=torch.long, device=device),
+        logp_tc=stack([r[0] for _, r in roll]), logp_po=stack([r[1] for _, r in roll]),
+        old_logp_tc=stack([old["tc"][i] for i in idx]) if old else stack([r[0].detach() for _, r in roll]),
+        old_logp_po=stack([old["po"][i] for i in idx]) if old else stack([r[1].detach() for _, r in roll]),
+        behavior_logp=_pad([episodes_flat[i].behavior_logp for i in idx], T, device=device),
+        ref_logp=stack([old["ref"][i] for i in idx]) if old and "ref" in old else None,
+        entropy=stack([r[2] for _, r in roll]) if roll and roll[0][1][2] is not None else None,
+        advantages=advantages[idx].to(device) if idx else torch.zeros(0, device=device),
+        anchored=anchored[[u.group for u, _ in roll]].to(device) if idx else torch.zeros(0, dtype=torch.bool),
+    )
+    E = max((len(r) for _, r in sft), default=0)
+    labels = [sft_flat[u.item] for u, _ in sft]
+    batch.sft_logp = torch.stack([torch.nn.functional.pad(r, (0, E - len(r))) for _, r in sft]) if sft else \
+        torch.zeros((0, 0), device=device)
+    batch.sft_components = _pad([s.components[1:] for s in labels], E, dtype=torch.long, device=device)
+    batch.sft_segment_ids = _pad([s.segment_ids[1:] for s in labels], E, dtype=torch.long, device=device)
+    batch.sft_turn_ids = _pad([s.turn_ids[1:] for s in labels], E, dtype=torch.long, device=device)
+    return batch
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last):
+    """Write ``checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-step_{step:06d}"
+    model_state = {k.removeprefix("model."): v for k, v in dist.full_model_state(scorer).items()}
+    if getattr(scorer.model.config, "tie_word_embeddings", False):
+        for key in dist.tied_keys(scorer.model):  # a gathered state dict holds tied weights as separate copies
+            model_state.pop(key, None)
+    optim_state = dist.full_optimizer_state(scorer, optimizer)
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
+                   tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(path):
+    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
+    path = Path(path)
+    if (path / "trainer_state.pt").exists():
+        return path
+    found = sorted((path / "checkpoints").glob("step_*"))
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint (expected {path}/checkpoints/step_*)")
+    return found[-1]
+
+
+# ---------------------------------------------------------------- loop
+
+
+@dataclass
+class StepStats:
+    step: int
+    metrics: dict = field(default_factory=dict)
+
+
+def evaluate(engine, examples, make_env, rollout_cfg):
+    """Greedy prompt-only episodes on held-out examples: success rate, mean reward, tokens used."""
+    greedy = HFRolloutEngine(engine.model, engine.tokenizer, type(rollout_cfg)(**{**rollout_cfg.__dict__,
+                                                                                  "greedy": True}))
+    eps = [g[0] for g in greedy.rollout(examples, make_env, group_size=1)]
+    n = max(len(eps), 1)
+    return {"success_rate": sum(e.reward >= 1.0 for e in eps) / n, "mean_reward": sum(e.reward for e in eps) / n,
+            "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n}
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag the loop checks between steps (a checkpoint is saved)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(config: Config, *, resume=None, engine_factory=None, log=print):
+    """Run PACT training; returns a summary dict. ``engine_factory(model, tokenizer, rollout_cfg, seed)``
+    may supply another rollout engine (default ``HFRolloutEngine``)."""
+    tc, lc = config.train, config.loss
+    dist.init()
+    device = resolve_device(tc.device) if not dist.is_distributed() else dist.device(tc.device)
+    run_dir = Path(tc.out_dir)
+    model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
+    train_set, held_out = load_data(config.data)
+    make_env = make_env_factory(config.data)
+    ref_model = None
+    if lc.beta_kl > 0:
+        ref_model = build_model_and_tokenizer(config.model, device, tc.seed)[0].eval().requires_grad_(False)
+    ref_scorer = PackedScorer(ref_model) if ref_model is not None else None
+    if tc.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    if tc.liger:
+        dist.apply_liger(model)
+    rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
+    scorer = dist.shard(PackedScorer(model), bf16=tc.bf16 and device.type == "cuda")
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    order = DataOrder(config.data.seed, len(train_set))
+    start_step = 0
+    if resume:
+        ckpt = latest_checkpoint(resume)
+        start_step = dist.load_checkpoint(ckpt, scorer, optimizer, scheduler, order)
+        log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
+    engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
+        rollout_model, tokenizer, config.rollout, tc.seed)
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    cache = {}
+
+    def inputs_for(ex):
+        if ex.id not in cache:
+            cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex),
+                                       trace_sequences(tokenizer, ex))
+        return cache[ex.id]
+
+    writers = _Writers(run_dir, tc, config) if dist.rank() == 0 else None
+    eval_before = None
+    if start_step == 0:
+        eval_before = evaluate(engine, held_out, make_env, config.rollout)
+        log(f"[pact_fast] held-out before training: {eval_before}")
+    history, eval_after = [], None
+    bar = _progress(tc, start_step)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else _null()
+    step = start_step
+    with _Interrupt() as interrupt:
+        for step in range(start_step, tc.steps):
+            if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
+                break
+            t0 = time.perf_counter()
+            progress = step / max(1, tc.steps)
+            idx = order.take(tc.prompts_per_step)
+            mine = dist.shard_list(idx)  # this rank's prompt groups
+            examples = [train_set[i] for i in mine]
+            dist.sync_rollout_weights(scorer, rollout_model)
+            engine.generator.manual_seed(tc.seed * 1_000_003 + step * 1009 + dist.rank())
+            episodes = engine.rollout(examples, make_env)
+            t_roll = time.perf_counter() - t0
+            inputs = [inputs_for(ex) for ex in examples]
+            flat = [ep for eps in episodes for ep in eps]
+            sft_flat = [s for gi in inputs for s in gi.sft]
+            group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
+            rewards = torch.tensor([ep.reward for ep in flat])
+            advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
+            global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
+            anchored = global_draws[dist.shard_positions(len(idx))]
+            units = build_units(examples, episodes, inputs)
+            batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
+            batches = dist.pad_micro_batches(batches)
+            score = dict(backend=tc.attn_backend, logprob_backend=tc.logprob_backend,
+                         temperature=config.rollout.temperature)
+            old = None
+            if tc.update_epochs > 1 or ref_model is not None:
+                old = {"tc": {}, "po": {}}
+                with torch.no_grad(), autocast:
+                    for mb in batches:
+                        mb_units = [units[i] for i in mb.indices]
+                        res, _ = score_micro_batch(scorer, mb_units, inputs, **score)
+                        ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
+                        for j, (u, r) in enumerate(zip(mb_units, res)):
+                            if u.kind == "rollout":
+                                old["tc"][u.item], old["po"][u.item] = r[0].float(), r[1].float()
+                                if ref_res is not None:
+                                    old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
+            # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
+            rl_unit = "tokens" if lc.loss_agg == "token-mean" else "sequences"
+            counts = [_rl_count(units[i] for i in mb.indices if units[i].kind == "rollout") if not mb.padding
+                      else (0, 0) for mb in batches]
+            rl_total, sft_total = dist.sum_counts([sum(c[0 if rl_unit == "tokens" else 1] for c in counts),
+                                                   sum(len([i for i in mb.indices if units[i].kind == "sft"])
+                                                       for mb in batches if not mb.padding)])
+            packed_tokens, metrics_acc = 0, []
+            for _ in range(tc.update_epochs):
+                for mb in batches:
+                    mb_units = [units[i] for i in mb.indices]
+                    with autocast:
+                        res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0, **score)
+                    batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
+                    world = dist.world_size()  # FSDP averages gradients over ranks
+                    n_rl = _rl_count(u for u in mb_units if u.kind == "rollout")[0 if rl_unit == "tokens" else 1]
+                    n_sft = sum(u.kind == "sft" for u in mb_units)
+                    rl_scale = 0.0 if mb.padding else world * n_rl / max(rl_total, 1)
+                    sft_scale = 0.0 if mb.padding else world * n_sft / max(sft_total, 1)
+                    loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
+                    loss.backward()
+                    weight = n_rl + n_sft
+                    packed_tokens += n_tok
+                    if not mb.padding:
+                        metrics_acc.append((weight, metrics))
+                grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            seconds = time.perf_counter() - t0
+            sampled = sum(ep.num_model_tokens for ep in flat)
+            metrics = _average(metrics_acc)
+            metrics.update({
+                "step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+                "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
+                "episode_turns": sum(ep.turns for ep in flat) / max(1, len(flat)),
+                "tool_calls_per_episode": sum(ep.tool_calls for ep in flat) / max(1, len(flat)),
+                "tool_errors_per_episode": sum(ep.tool_errors for ep in flat) / max(1, len(flat)),
+                "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
+                "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
+                "rollout_seconds": t_roll, "step_seconds": seconds,
+                "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
+            })
+            metrics = dist.reduce_metrics(metrics)
+            history.append(metrics)
+            if writers:
+                writers.log(metrics)
+            if bar:
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
+                                tok_s=f"{metrics['tokens_per_second']:.0f}")
+                bar.update(1)
+            if tc.save_every and (step + 1) % tc.save_every == 0:
+                save_checkpoint(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+                ev = evaluate(engine, held_out, make_env, config.rollout)
+                if writers:
+                    writers.log({"step": step + 1, **{f"eval/{k}": v for k, v in ev.items()}})
+        else:
+            step = tc.steps
+    if bar:
+        bar.close()
+    interrupted = interrupt.requested
+    done_steps = step
+    ckpt = save_checkpoint(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+    if done_steps == tc.steps:
+        dist.sync_rollout_weights(scorer, rollout_model)
+        eval_after = evaluate(engine, held_out, make_env, config.rollout)
+        if writers:
+            writers.log({"step": done_steps, **{f"eval/{k}": v for k, v in eval_after.items()}})
+    summary = {"steps": done_steps, "interrupted": interrupted, "checkpoint": str(ckpt), "run_dir": str(run_dir),
+               "eval_before": eval_before, "eval_after": eval_after,
+               "final_reward_mean": history[-1]["reward_mean"] if history else None,
+               "seconds": sum(h["step_seconds"] for h in history)}
+    if writers:
+        writers.close(summary)
+    return summary
+
+
+def _rl_count(rollout_units):
+    """(response tokens, non-empty sequences) of rollout units: what the RL aggregation averages over."""
+    tokens = sequences = 0
+    for u in rollout_units:
+        n = sum(u.mask)
+        tokens += n
+        sequences += n > 0
+    return tokens, sequences
+
+
+def _average(weighted):
+    total = sum(w for w, _ in weighted) or 1.0
+    keys = {k for _, m in weighted for k in m}
+    return {k: sum(w * m[k] for w, m in weighted if k in m) / sum(w for w, m in weighted if k in m) if any(
+        k in m for _, m in weighted) else 0.0 for k in keys} if total else {}
+
+
+def _peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(tc, start):
+    if not tc.progress or dist.rank() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=tc.steps, initial=start, desc="pact", unit="step", dynamic_ncols=True)
+
+
+class _Writers:
+    """metrics.jsonl always; TensorBoard and wandb when installed and enabled; a PNG plot at the end."""
+
+    def __init__(self, run_dir, tc, config):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.tb = self.wandb = None
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                pass
+        if tc.wandb:
+            import wandb  # asked for explicitly: a missing package is an error
+
+            self.wandb = wandb.init(project=tc.wandb_project, config=_jsonable(config.__dict__), dir=str(run_dir))
+
+    def log(self, metrics):
+        self.file.write(json.dumps(_jsonable(metrics)) + "\n")
+        self.file.flush()
+        step = metrics.get("step", 0)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step":
+                if self.tb:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def close(self, summary):
+        self.file.close()
+        with open(self.path.parent / "summary.json", "w") as f:
+            json.dump(_jsonable(summary), f, indent=1)
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+        plot_metrics(self.path, self.path.parent / "curves.png")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "__dict__") and not isinstance(x, (int, float, str)):
+        return _jsonable(x.__dict__)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def plot_metrics(metrics_path, png_path):
+    """Reward and loss curves (and held-out success) from metrics.jsonl; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    steps = [r["step"] for r in rows if "reward_mean" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(steps, [r["reward_mean"] for r in rows if "reward_mean" in r])
+    axes[0].set_title("rollout reward")
+    for key in ("loss/total", "loss/rl", "loss/sft"):
+        axes[1].plot(steps, [r.get(key, float("nan")) for r in rows if "reward_mean" in r], label=key)
+    axes[1].legend()
+    axes[1].set_title("loss")
+    ev = [r for r in rows if "eval/success_rate" in r]
+    axes[2].plot([r["step"] for r in ev], [r["eval/success_rate"] for r in ev], marker="o")
+    axes[2].set_title("held-out success (greedy)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,96 @@
+import pytest
+
+from pact_fast.chat import (TraceContextTemplate, prompt_ids, reasoning_segments, trace_conditioned_prompt_ids,
+                            trace_sequences)
+from pact_fast.data import parse_example
+from pact_fast.envs import build_tokenizer
+from pact_fast.envs.tokenizer import CHAT_TEMPLATE
+from pact_fast.losses import NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE
+
+N, R, C, T, O = NONE, REASONING, TOOL_CALL, TOOL_RESPONSE, OTHER
+
+EXAMPLE = {
+    "id": "known",
+    "messages": [{"role": "system", "content": "you answer questions with tools ."},
+                 {"role": "user", "content": "what is the age of maya ?"}],
+    "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"entity": {"type": "string"}, "relation": {"type": "string"}}}}}],
+    "trace": [{"role": "assistant", "content": "", "reasoning_content": "i need the age of maya . first i look up .",
+               "tool_calls": [{"id": "c1", "function": {"name": "lookup",
+                                                        "arguments": {"entity": "maya", "relation": "age"}}}]},
+              {"role": "tool", "tool_call_id": "c1", "content": "42"},
+              {"role": "assistant", "content": "42", "reasoning_content": "the answer is 42 ."}],
+    "answer": "42",
+}
+
+# (token, component, segment, turn), written out by hand from the template
+EXPECTED = (
+    [(t, N, 0, 0) for t in "<|im_start|> system you answer questions with tools . tools : lookup ( entity , relation ) ; "
+                             "<|im_end|> <|im_start|> user what is the age of maya ? <|im_end|> <|im_start|> assistant".split()]
+    + [("<think>", O, 0, 0)]
+    + [(t, R, 0, 0) for t in "i need the age of maya .".split()]
+    + [(t, R, 1, 0) for t in "first i look up .".split()]
+    + [("</think>", O, 0, 0)]
+    + [(t, C, 0, 0) for t in "<tool_call> lookup ( entity = maya , relation = age ) </tool_call>".split()]
+    + [("<|im_end|>", O, 0, 0)]
+    + [(t, T, 0, 0) for t in "<|im_start|> tool <tool_response> 4 2 </tool_response> <|im_end|>".split()]
+    + [(t, N, 0, 0) for t in "<|im_start|> assistant".split()]
+    + [("<think>", O, 0, 1)]
+    + [(t, R, 0, 1) for t in "the answer is 4 2 .".split()]
+    + [("</think>", O, 0, 1), ("4", O, 0, 1), ("2", O, 0, 1), ("<|im_end|>", O, 0, 1)]
+)
+
+
+def test_known_conversation_token_by_token():
+    tok = build_tokenizer()
+    seqs = trace_sequences(tok, parse_example(EXAMPLE))
+    assert len(seqs) == 1, "the built-in template is prefix-preserving: one sequence"
+    s = seqs[0]
+    got = list(zip(tok.convert_ids_to_tokens(s.input_ids), s.components, s.segment_ids, s.turn_ids))
+    assert got == EXPECTED
+
+
+def test_prompts_share_the_prefix_and_the_trace_sequence_starts_with_the_prompt():
+    tok = build_tokenizer()
+    ex = parse_example(EXAMPLE)
+    po, tc = prompt_ids(tok, ex), trace_conditioned_prompt_ids(tok, ex)
+    sft = trace_sequences(tok, ex)[0].input_ids
+    assert sft[: len(po)] == po
+    question_end = tok.convert_ids_to_tokens(po).index("?") + 1
+    assert tc[:question_end] == po[:question_end]
+    text = tok.decode(tc)
+    assert "privileged expert trace" in text and "call : lookup ( entity = maya , relation = age )" in text
+    custom = trace_conditioned_prompt_ids(tok, ex, TraceContextTemplate(header="[ expert ]", footer="[ end ]"))
+    assert "[ expert ]" in tok.decode(custom) and "privileged" not in tok.decode(custom)
+
+
+# Qwen3-style: reasoning of assistant turns before the last message is dropped (not prefix-preserving)
+DROPPING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if m.reasoning_content %} <think> {{ m.reasoning_content }} </think>{% endif -%}",
+    "{%- if m.reasoning_content and loop.last %} <think> {{ m.reasoning_content }} </think>{% endif -%}")
+
+
+def test_template_that_drops_earlier_reasoning_still_gives_correct_masks():
+    assert DROPPING_TEMPLATE != CHAT_TEMPLATE
+    tok = build_tokenizer()
+    tok.chat_template = DROPPING_TEMPLATE
+    seqs = trace_sequences(tok, parse_example(EXAMPLE))
+    assert len(seqs) == 2, "one sequence per assistant turn"
+    first, second = ([(t, c, g, u) for t, c, g, u in zip(tok.convert_ids_to_tokens(s.input_ids), s.components,
+                                                         s.segment_ids, s.turn_ids)] for s in seqs)
+    # turn 0 is the last message of its own sequence: rendered with its reasoning, fully labelled
+    assert first == EXPECTED[: EXPECTED.index(("<|im_end|>", O, 0, 0)) + 1]
+    # in turn 1's sequence, turn 0 is context (its reasoning dropped by the template): nothing supervised there
+    labelled = [x for x in second if x[1] in (R, C, O)]
+    assert labelled == [x for x in EXPECTED if x[3] == 1 and x[1] in (R, C, O)]
+    assert all(x[0] not in ("need", "first") for x in second), "turn 0's reasoning is not rendered in turn 1's"
+    assert [x for x in second if x[1] == T] == [x for x in EXPECTED if x[1] == T]
+
+
+@pytest.mark.parametrize("text,segments", [
+    ("one . two . three .", ["one .", "two .", "three ."]),
+    ("para one. still one.\n\npara two.", ["para one. still one.", "para two."]),
+    ("no end mark", ["no end mark"]),
+])
+def test_reasoning_segments(text, segments):
+    assert [text[a:b] for a, b in reasoning_segments(text)] == segments

@@ -1,0 +1,75 @@
+import pytest
+
+from pact_fast.data import parse_example
+from pact_fast.envs import build_tokenizer, make_task, make_tasks
+from pact_fast.envs.multihop import MultiHopEnv, World, execute, normalise_answer
+from pact_fast.toolcalls import ToolCall, ToolCallError, parse_tool_calls
+
+
+def test_tasks_are_deterministic_from_the_seed():
+    assert make_tasks(20, seed=3) == make_tasks(20, seed=3)
+    assert make_tasks(20, seed=3) != make_tasks(20, seed=4)
+    assert World.sample(1).facts == World.sample(1).facts
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+@pytest.mark.parametrize("distractors", [0, 2])
+def test_every_expert_trace_reaches_reward_one(hops, distractors):
+    for seed in range(40):
+        ex = parse_example(make_task(seed, hops=hops, n_distractors=distractors))
+        env = MultiHopEnv(ex, format_reward=0.1)
+        calls_made = 0
+        for m in ex.trace:
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                calls = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+                responses = env.step(calls)
+                calls_made += len(calls)
+            elif m["role"] == "tool":
+                assert m["content"] == responses[0], "the trace's tool response is what the environment returns"
+        final = ex.trace[-1]
+        assert env.reward(f"<think> x </think> {final['content']} <|im_end|>") == pytest.approx(1.1)
+        assert env.reward("<think> x </think> wrong <|im_end|>") == pytest.approx(0.1)
+        assert calls_made >= hops
+        assert len(ex.tools) == 3 + distractors
+
+
+def test_malformed_calls_become_error_observations():
+    ex = parse_example(make_task(0, hops=1))
+    env = MultiHopEnv(ex)
+    out = env.step([ToolCallError("x (", "bad"), ToolCall("fly", {}), ToolCall("lookup", {"entity": "maya"}),
+                    ToolCall("add", {"a": "two", "b": 1}), ToolCall("lookup", {"entity": "nobody", "relation": "age"})])
+    assert all(o.startswith("error") for o in out)
+    assert env.errors == 5
+    assert env.reward(ex.answer) == 1.0  # errors cost only the format bonus (0 here)
+
+
+def test_tools_never_eval_model_text():
+    world = World.sample(0)
+    payload = "__import__('os').system('echo hacked')"
+    with pytest.raises(Exception, match="unknown entity"):
+        execute(world, "lookup", {"entity": payload, "relation": "age"}, {"lookup"})
+    with pytest.raises(Exception, match="number"):
+        execute(world, "add", {"a": payload, "b": 1}, {"add"})
+
+
+def test_parsers():
+    calls = parse_tool_calls("<tool_call> add ( a = 1 2 , b = 3 ) </tool_call> <tool_call> ( ) </tool_call>")
+    assert calls[0] == ToolCall("add", {"a": 12, "b": 3})
+    assert isinstance(calls[1], ToolCallError)
+    hermes = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call><tool_call>{x</tool_call>',
+                              "hermes")
+    assert hermes[0] == ToolCall("f", {"x": 1}) and isinstance(hermes[1], ToolCallError)
+    assert isinstance(parse_tool_calls("<tool_call> lookup ( entity = a")[-1], ToolCallError)
+    with pytest.raises(ValueError, match="format"):
+        parse_tool_calls("x", "xml")
+
+
+def test_tokenizer_covers_every_task_text():
+    tok = build_tokenizer()
+    for t in make_tasks(50, seed=1, hops=(1, 2, 3), n_distractors=3):
+        ex = parse_example(t)
+        text = tok.apply_chat_template(ex.messages + ex.trace, tools=ex.tools, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert normalise_answer(tok.decode(tok(ex.answer, add_special_tokens=False)["input_ids"])) == \
+            normalise_answer(ex.answer)

@@ -1,0 +1,137 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pact_fast.config import ConfigError, load_config
+from pact_fast.trainer import train
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=24", "data.eval_tasks=2",
+        "train.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=10", "data.max_turns=2",
+        "train.progress=false", "train.tensorboard=false", "train.micro_batch_tokens=700", "train.warmup_steps=1"]
+HERE = Path(__file__).parent
+
+
+def _weights(run_dir):
+    ckpt = sorted((Path(run_dir) / "checkpoints").glob("step_*"))[-1]
+    return ckpt, load_file(str(ckpt / "model.safetensors"))
+
+
+def _initial_weights():
+    from pact_fast.trainer import build_model_and_tokenizer
+
+    cfg = load_config(None, TINY)
+    model, _ = build_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
+    return model.state_dict()
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+    full = load_config(None, TINY + ["train.steps=4", f"train.out_dir={tmp_path / 'full'}"])
+    summary = train(full, log=lambda *a: None)
+    assert summary["steps"] == 4 and summary["eval_after"] is not None
+    half = load_config(None, TINY + ["train.steps=4", "train.stop_after=2", f"train.out_dir={tmp_path / 'half'}"])
+    assert train(half, log=lambda *a: None)["steps"] == 2
+    resumed = load_config(None, TINY + ["train.steps=4", f"train.out_dir={tmp_path / 'half'}"])
+    assert train(resumed, resume=tmp_path / "half", log=lambda *a: None)["steps"] == 4
+    (ckpt_a, a), (ckpt_b, b) = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    assert ckpt_a.name == ckpt_b.name == "step_000004"
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "N steps and N/2 + resume + N/2 must agree exactly"
+    initial = _initial_weights()
+    assert any(not torch.equal(a[k], initial[k]) for k in a), "training must move the weights"
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss/total", "loss/sft", "loss/rl", "tokens_per_second", "peak_memory_mb", "po/clip_frac_low"):
+        assert key in steps[0], key
+    assert (tmp_path / "full" / "config.yaml").exists() and (tmp_path / "full" / "summary.json").exists()
+    assert (tmp_path / "full" / "curves.png").exists()
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=2",
+                                    f"train.out_dir={tmp_path}"])
+    train(cfg, log=lambda *a: None)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_000002", "step_000003"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_000003")
+    AutoTokenizer.from_pretrained(tmp_path / "checkpoints" / "step_000003")
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "pact_fast", "train", *TINY, "train.steps=500", f"train.out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    done = len([line for line in metrics.read_text().splitlines() if "reward_mean" in line])
+    ckpts = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert ckpts and ckpts[-1].name == f"step_{done:06d}"
+    assert '"interrupted": true' in out
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.stpes=3"], "unknown key 'train.stpes'; valid keys here: .*steps"),
+    (["train.steps=abc"], "train.steps: expected an integer"),
+    (["loss.mode=ppo"], r"loss.mode='ppo' is not valid; choose one of \['pact', 'sft', 'grpo', 'sft_then_grpo'\]"),
+    (["trian.steps=3"], "unknown section 'trian'"),
+    (["steps=3"], "must name a section"),
+    (["loss.anchor_q=2"], "anchor_q"),
+])
+def test_bad_config_is_an_error_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, args)
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "train", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    assert proc.returncode == 2 and "config error" in proc.stderr
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 0.01\nloss:\n  mode: grpo\ndata:\n  hops: [1, 3]\n")
+    cfg = load_config(path, ["train.steps=9"])
+    assert cfg.train.steps == 9 and cfg.train.lr == 0.01 and cfg.loss.mode == "grpo" and cfg.data.hops == (1, 3)
+    path.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        load_config(path)
+
+
+def _fsdp_run(out, nproc, tmp_path):
+    args = [str(out), *TINY, "train.steps=3", "rollout.group_size=3"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{HERE}:{HERE.parent}"
+    if nproc == 1:
+        cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+               str(HERE / "fsdp_worker.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _weights(out)[1]
+
+
+def test_fsdp2_on_gloo_matches_one_process(tmp_path):
+    one = _fsdp_run(tmp_path / "one", 1, tmp_path)
+    two = _fsdp_run(tmp_path / "two", 2, tmp_path)
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
+    initial = _initial_weights()
+    assert any(not torch.allclose(one[k], initial[k]) for k in one), "training must move the weights"
