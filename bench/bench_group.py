@@ -16,7 +16,6 @@ both copies, all trace tokens) and, in fwd+bwd mode, their gradient into every p
 Times and peak memory are measured side by side in one process; ratios are against b2b-varlen.
 The log-probs of every provider are checked against the first one (max abs difference).
 """
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
 
 from pact_fast.ops import linear_logprobs  # noqa: E402
 from pact_fast.packing import pack_back_to_back, pack_tree  # noqa: E402
@@ -132,17 +131,7 @@ def run(workload, device, reps, names=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="PACT group scoring benchmark")
-    parser.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
-                        help="default: W-group on CUDA, W-cpu otherwise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 on CPU, 5 on CUDA)")
-    parser.add_argument("--providers", nargs="*", help="subset of providers")
-    parser.add_argument("--json", help="write results here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    workload = args.workload or ("W-group" if device.type == "cuda" else "W-cpu")
-    reps = args.reps or (5 if device.type == "cuda" else 3)
+    args, device, workload, reps = bench_args("PACT group scoring benchmark", WORKLOADS, "W-group", "W-cpu", 5, 3, argv)
     rows, tokens = run(workload, device, reps, args.providers)
     print(f"group scoring  workload={workload}  device={device}  {tokens}")
     print_table(rows, ["provider", "mode", "ms", "peak_MiB", "speedup_vs_b2b", "mem_reduction_vs_b2b", "max_abs_diff"])

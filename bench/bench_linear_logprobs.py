@@ -9,14 +9,13 @@ Every provider computes fp32 logp for N rows (and its gradient w.r.t. hidden and
 fwd+bwd mode, upstream gradient random). Times and peak extra memory are measured side by side
 in one process; ratios are against the naive path.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
 
 from pact_fast.ops import linear_logprobs  # noqa: E402
 
@@ -88,17 +87,7 @@ def run(workload, device, reps, names=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="linear log-prob benchmark")
-    parser.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
-                        help="default: W-logprob on CUDA, cpu otherwise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 1 on CPU, 10 on CUDA)")
-    parser.add_argument("--providers", nargs="*", help="subset of providers")
-    parser.add_argument("--json", help="write results here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    workload = args.workload or ("W-logprob" if device.type == "cuda" else "cpu")
-    reps = args.reps or (10 if device.type == "cuda" else 1)
+    args, device, workload, reps = bench_args("linear log-prob benchmark", WORKLOADS, "W-logprob", "cpu", 10, 1, argv)
     rows = run(workload, device, reps, args.providers)
     shape = {k: str(v) for k, v in WORKLOADS[workload].items()}
     print(f"linear_logprobs  workload={workload} {shape}  device={device}")

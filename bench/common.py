@@ -4,6 +4,7 @@ Peak memory is the increase of live tensor bytes over those live before the call
 ``torch.cuda.max_memory_allocated`` on CUDA, the CPU allocator's running total from the
 profiler's allocation events on CPU (measured in one extra, untimed call).
 """
+import argparse
 import gc
 import json
 import os
@@ -122,3 +123,20 @@ def _fmt(x):
 def write_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def bench_args(description, workloads, gpu_workload, cpu_workload, gpu_reps, cpu_reps, argv=None):
+    """Parse the options every benchmark takes; returns (args, device, workload, reps)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workload", default=None, choices=sorted(workloads),
+                        help=f"default: {gpu_workload} on CUDA, {cpu_workload} otherwise")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None,
+                        help=f"timed repetitions (default {cpu_reps} on CPU, {gpu_reps} on CUDA)")
+    parser.add_argument("--providers", nargs="*", help="subset of providers")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    return args, device, args.workload or (gpu_workload if cuda else cpu_workload), args.reps or (
+        gpu_reps if cuda else cpu_reps)
