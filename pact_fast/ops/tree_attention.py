@@ -5,7 +5,7 @@ Backends (SPEC section 3):
 
 - ``triton``: block-sparse flash kernels in ``pact_fast.kernels.tree_attention``; no fully
   masked tile is ever computed. CUDA, or the CPU under ``TRITON_INTERPRET=1``.
-- ``sdpa``: a dense boolean ``[L, L]`` mask through ``scaled_dot_product_attention``; the CPU path.
+- ``sdpa``: a dense boolean ``[L, L]`` mask through ``scaled_dot_product_attention``; the reference.
 - ``varlen``: each segment attends to its gathered ancestors' keys/values plus itself causally,
   through flash-attn's ``flash_attn_varlen_func`` when installed, else SDPA per segment.
 - ``flex``: FlexAttention with a ``mask_mod`` over ``subtree_end`` (CUDA only: no CPU backward).
@@ -166,8 +166,8 @@ class _TritonTreeAttention(torch.autograd.Function):
 def resolve_backend(backend, device):
     if backend not in BACKENDS:
         raise ValueError(f"tree_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
+    if backend == "auto":  # CPU: per-segment attention beats a dense [L, L] mask (bench/results/group_w-cpu.json)
+        return "triton" if device.type == "cuda" else "varlen"
     if backend == "triton" and device.type != "cuda":
         from ..kernels.registry import interpreting
 
@@ -186,7 +186,7 @@ def tree_attention(q, k, v, subtree_end, *, scale=None, backend="auto", validate
         subtree_end: ``[B, L]`` int32/int64; one past the last token of each token's subtree
             (``pact_fast.packing.pack_tree`` produces it).
         scale: softmax scale; None means ``1 / sqrt(D)``.
-        backend: ``"auto"`` (triton on CUDA, sdpa on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
+        backend: ``"auto"`` (triton on CUDA, varlen on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
         validate: check shapes and the layout (one host sync); callers that validated the layout
             once, e.g. per packed forward, pass False in every layer.
 
