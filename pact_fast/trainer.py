@@ -514,10 +514,14 @@ def _rl_count(rollout_units):
 
 
 def _average(weighted):
-    total = sum(w for w, _ in weighted) or 1.0
-    keys = {k for _, m in weighted for k in m}
-    return {k: sum(w * m[k] for w, m in weighted if k in m) / sum(w for w, m in weighted if k in m) if any(
-        k in m for _, m in weighted) else 0.0 for k in keys} if total else {}
+    """Mean of each metric over the micro-batches that report it, weighted by their sizes."""
+    sums, weights, counts = {}, {}, {}
+    for w, metrics in weighted:
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+            weights[k] = weights.get(k, 0.0) + w
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / weights[k] if weights[k] else sums[k] / counts[k] for k in sums}
 
 
 def _peak_memory_mb(device):

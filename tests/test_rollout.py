@@ -1,0 +1,109 @@
+"""Multi-turn rollouts with a tiny random Qwen3 whose logits get a scripted boost toward a fixed sequence of
+assistant turns (so episodes really call tools over several turns); the boost depends only on the tokens so far,
+so re-scoring the finished sequence with the same model must reproduce the behaviour log-probs."""
+import torch
+
+from pact_fast.chat import trace_sequences
+from pact_fast.data import parse_example
+from pact_fast.envs import build_tokenizer, make_task
+from pact_fast.envs.multihop import MultiHopEnv
+from pact_fast.losses import NONE
+from pact_fast.rollout import HFRolloutEngine, RolloutConfig
+from models import tiny_causal_lm
+
+
+class ScriptedLM(torch.nn.Module):
+    """Adds +12 to the logit of the next token of the scripted turn that matches the current assistant turn."""
+
+    def __init__(self, base, turns, turn_start):
+        super().__init__()
+        self.base, self.turns, self.turn_start = base, turns, turn_start
+        self.history = None
+
+    def _boost(self, ids):
+        B, L = ids.shape
+        boost = torch.zeros(B, L, self.base.config.vocab_size)
+        n = len(self.turn_start)
+        for b in range(B):
+            row = ids[b].tolist()
+            all_starts = [i for i in range(L) if row[i: i + n] == self.turn_start]
+            for p in range(L):
+                starts = [i for i in all_starts if i + n - 1 <= p]
+                if not starts:
+                    continue
+                k = len(starts) - 1  # index of the current assistant turn
+                gen = row[starts[-1] + n: p + 1]
+                if 0 <= k < len(self.turns) and gen == self.turns[k][: len(gen)] and len(gen) < len(self.turns[k]):
+                    boost[b, p, self.turns[k][len(gen)]] = 12.0
+        return boost
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, use_cache=use_cache)
+        self.history = input_ids.cpu() if past_key_values is None else torch.cat([self.history, input_ids.cpu()], 1)
+        out.logits = out.logits + self._boost(self.history)[:, -input_ids.shape[1]:].to(out.logits.dtype)
+        return out
+
+
+def _script(tok, ex, malformed):
+    """Token ids of each expert assistant turn (after its turn-start), optionally with a malformed first call."""
+    seq = trace_sequences(tok, ex)[0]
+    turns, cur = [], None
+    for i, c in zip(seq.input_ids, seq.components):
+        if c != NONE and c != 3:
+            cur = cur if cur is not None else []
+            cur.append(i)
+        elif cur is not None:
+            turns.append(cur)
+            cur = None
+    if cur:
+        turns.append(cur)
+    if malformed:
+        bad = tok("<think> oops . </think> <tool_call> lookup ( maya ) </tool_call> <|im_end|>",
+                  add_special_tokens=False)["input_ids"]
+        turns = [bad] + turns
+    return turns
+
+
+def test_multi_turn_episodes_are_well_formed_and_logps_match_rescoring():
+    tok = build_tokenizer()
+    ex = parse_example(make_task(4, hops=2))
+    base = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    turn_start = tok("<|im_start|> assistant", add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(base, _script(tok, ex, malformed=True), turn_start)
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=3, max_new_tokens=40, max_turns=5, temperature=1.0),
+                             seed=1)
+    episodes = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=5))[0]
+    expert_calls = sum(bool(m.get("tool_calls")) for m in ex.trace)
+    assert expert_calls >= 2
+    for ep in episodes:
+        assert len(ep.response_ids) == len(ep.response_mask) == len(ep.behavior_logp)
+        assert ep.turns == expert_calls + 2 and ep.finish == "answer" and ep.reward == 1.0
+        assert ep.tool_calls == expert_calls + 1 and ep.tool_errors == 1, "the malformed call is an error observation"
+        text = tok.decode(ep.response_ids)
+        assert "error" in text and text.count("<tool_response>") == expert_calls + 1
+        # mask: 1 exactly on sampled tokens; tool blocks are 0
+        ids, mask = ep.response_ids, ep.response_mask
+        for i, m in enumerate(mask):
+            if tok.convert_ids_to_tokens(ids[i]) in ("<tool_response>", "</tool_response>"):
+                assert m == 0
+        full = torch.tensor(ep.prompt_ids + ep.response_ids)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
+        P = len(ep.prompt_ids)
+        rescored = logp[P - 1:].gather(-1, full[0, P:, None]).squeeze(-1)
+        m = torch.tensor(mask).bool()
+        assert torch.allclose(rescored[m], torch.tensor(ep.behavior_logp)[m], atol=1e-4)
+        assert (torch.tensor(ep.behavior_logp)[~m] == 0).all()
+
+
+def test_greedy_rollouts_are_deterministic_and_length_capped():
+    tok = build_tokenizer()
+    ex = parse_example(make_task(2, hops=1))
+    model = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    cfg = RolloutConfig(group_size=2, max_new_tokens=7, max_turns=2, greedy=True)
+    a = HFRolloutEngine(model, tok, cfg).rollout([ex], lambda e: MultiHopEnv(e))[0]
+    b = HFRolloutEngine(model, tok, cfg, seed=5).rollout([ex], lambda e: MultiHopEnv(e))[0]
+    assert [e.response_ids for e in a] == [e.response_ids for e in b]
+    assert all(len(e.response_ids) <= 7 and e.reward == 0.0 for e in a)
+    assert a[0].finish in ("length", "answer")
