@@ -21,12 +21,12 @@ class ModelConfig:
     path: Optional[str] = field(default=None, metadata={
         "help": "local Hugging Face causal LM directory (with its tokenizer); None = a tiny Qwen3-shaped model "
                 "on the built-in tokenizer"})
-    hidden_size: int = field(default=96, metadata={"help": "built-in model: hidden size"})
-    num_layers: int = field(default=3, metadata={"help": "built-in model: decoder layers"})
+    hidden_size: int = field(default=128, metadata={"help": "built-in model: hidden size"})
+    num_layers: int = field(default=4, metadata={"help": "built-in model: decoder layers"})
     num_heads: int = field(default=4, metadata={"help": "built-in model: query heads"})
     num_kv_heads: int = field(default=2, metadata={"help": "built-in model: key/value heads"})
-    head_dim: int = field(default=24, metadata={"help": "built-in model: head dimension"})
-    intermediate_size: int = field(default=192, metadata={"help": "built-in model: MLP width"})
+    head_dim: int = field(default=32, metadata={"help": "built-in model: head dimension"})
+    intermediate_size: int = field(default=256, metadata={"help": "built-in model: MLP width"})
 
 
 @dataclass
@@ -35,23 +35,27 @@ class DataConfig:
         "help": "JSONL file in the pact_fast.data format; None = tasks of the built-in multi-hop environment"})
     eval_path: Optional[str] = field(default=None, metadata={"help": "held-out JSONL; None = split from the data"})
     train_tasks: int = field(default=400, metadata={"help": "built-in environment: training tasks"})
-    eval_tasks: int = field(default=64, metadata={"help": "held-out tasks (built-in, or split off a data file)"})
-    hops: tuple = field(default=(1, 2), metadata={"help": "built-in environment: hop counts of the tasks"})
+    eval_tasks: int = field(default=32, metadata={
+        "help": "held-out tasks: built-in ones come from another world (world_seed + 1: other facts, so answers "
+                "cannot be memorised); with a data file, split off its start unless eval_path is given"})
+    world_seed: int = field(default=0, metadata={"help": "built-in environment: the world of the training tasks"})
+    hops: tuple = field(default=(1,), metadata={"help": "built-in environment: hop counts of the tasks"})
+    ops: bool = field(default=False, metadata={
+        "help": "built-in environment: tasks may end with an add (numbers) or initial (words) step"})
     distractors: int = field(default=0, metadata={"help": "built-in environment: unused distractor tools"})
     seed: int = field(default=0, metadata={"help": "task generation and data order seed"})
     on_error: str = field(default="raise", metadata={"help": "bad data rows: raise or skip",
                                                      "choices": ("raise", "skip")})
-    max_turns: int = field(default=4, metadata={"help": "environment turn limit"})
     format_reward: float = field(default=0.0, metadata={"help": "reward for episodes whose tool calls all ran"})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompt groups per step (all ranks together)"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all ranks together)"})
     update_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
-    micro_batch_tokens: int = field(default=4096, metadata={"help": "token budget of one packed micro-batch"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
+    micro_batch_tokens: int = field(default=8192, metadata={"help": "token budget of one packed micro-batch"})
+    lr: float = field(default=6e-3, metadata={"help": "peak learning rate (AdamW)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine decay"})
     warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -83,7 +87,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: PACTLossConfig = field(default_factory=PACTLossConfig)
+    # The built-in tiny job anneals reasoning by scale (every segment supervised, weight beta(s)): with the
+    # library default (segment prefix), a tiny model whose reward is still sparse loses the supervision of the
+    # trailing reasoning before RL can replace it, and its generations drift. pact_loss's own default stays segment.
+    loss: PACTLossConfig = field(default_factory=lambda: PACTLossConfig(sft_reasoning_mode="scale"))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

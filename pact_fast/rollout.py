@@ -22,11 +22,11 @@ from .toolcalls import parse_tool_calls
 
 @dataclass
 class RolloutConfig:
-    group_size: int = field(default=4, metadata={"help": "rollouts per prompt (G)"})
+    group_size: int = field(default=2, metadata={"help": "rollouts per prompt (G)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per assistant turn"})
-    max_turns: int = field(default=6, metadata={"help": "assistant turns per episode"})
+    max_turns: int = field(default=3, metadata={"help": "assistant turns per episode (the environment's limit)"})
     tool_call_format: str = field(default="compact", metadata={"help": "compact | hermes"})
     greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation)"})
 
@@ -174,7 +174,7 @@ class HFRolloutEngine:
                 ep.finish, ep.final_text = "answer", text
                 return False
             new = [{"role": "user", "content": user}]
-        if ep.turns >= cfg.max_turns:
+        if ep.turns >= min(cfg.max_turns, getattr(env, "max_turns", cfg.max_turns)):
             ep.finish, ep.final_text = "turn_limit", text
             return False
         block = self._context_block(example, conv + [assistant], new)

@@ -82,28 +82,21 @@ def load_data(cfg):
             n = min(cfg.eval_tasks, len(train) // 5)
             train, held_out = train[n:], train[:n]
         return train, held_out
-    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, hops=cfg.hops,
-                                                  n_distractors=cfg.distractors)]
-    seen = {t.messages[-1]["content"] for t in train}
-    held_out, k = [], 0
-    while len(held_out) < cfg.eval_tasks and k < 50:
-        for t in make_tasks(cfg.eval_tasks * 2, seed=cfg.seed + 1000 + k, hops=cfg.hops, n_distractors=cfg.distractors):
-            ex = parse_example(t)
-            if ex.messages[-1]["content"] not in seen and len(held_out) < cfg.eval_tasks:
-                seen.add(ex.messages[-1]["content"])
-                held_out.append(ex)
-        k += 1
+    kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
+    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed, **kw)]
+    held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
+                                                     world_seed=cfg.world_seed + 1, **kw)]
     return train, held_out
 
 
-def make_env_factory(cfg):
+def make_env_factory(cfg, max_turns):
     from .envs.multihop import MultiHopEnv
 
     def make_env(example):
         name = (example.env or {}).get("name", "multihop")
         if name != "multihop":
             raise ValueError(f"example {example.id}: unknown environment {name!r}")
-        return MultiHopEnv(example, max_turns=cfg.max_turns, format_reward=cfg.format_reward)
+        return MultiHopEnv(example, max_turns=max_turns, format_reward=cfg.format_reward)
 
     return make_env
 
@@ -344,7 +337,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     run_dir = Path(tc.out_dir)
     model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
     train_set, held_out = load_data(config.data)
-    make_env = make_env_factory(config.data)
+    make_env = make_env_factory(config.data, config.rollout.max_turns)
     ref_model = None
     if lc.beta_kl > 0:
         ref_model = build_model_and_tokenizer(config.model, device, tc.seed)[0].eval().requires_grad_(False)

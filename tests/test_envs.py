@@ -73,3 +73,11 @@ def test_tokenizer_covers_every_task_text():
         assert tok.unk_token_id not in ids
         assert normalise_answer(tok.decode(tok(ex.answer, add_special_tokens=False)["input_ids"])) == \
             normalise_answer(ex.answer)
+
+
+def test_ops_knob_controls_the_final_operation():
+    def tools_used(tasks):
+        return {c["function"]["name"] for t in tasks for m in parse_example(t).trace for c in m.get("tool_calls", [])}
+
+    assert tools_used(make_tasks(40, seed=2, hops=(1, 2), ops=False)) == {"lookup"}
+    assert {"lookup", "add", "initial"} <= tools_used(make_tasks(80, seed=2, hops=(1, 2), ops=True))

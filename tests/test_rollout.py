@@ -107,3 +107,14 @@ def test_greedy_rollouts_are_deterministic_and_length_capped():
     assert [e.response_ids for e in a] == [e.response_ids for e in b]
     assert all(len(e.response_ids) <= 7 and e.reward == 0.0 for e in a)
     assert a[0].finish in ("length", "answer")
+
+
+def test_the_environment_turn_limit_ends_episodes():
+    tok = build_tokenizer()
+    ex = parse_example(make_task(4, hops=2))
+    base = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    turn_start = tok("<|im_start|> assistant", add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(base, _script(tok, ex, malformed=False), turn_start)
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=40, max_turns=5))
+    ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=1))[0][0]
+    assert ep.turns == 1 and ep.finish == "turn_limit" and ep.reward == 0.0

@@ -15,7 +15,7 @@ from pact_fast.trainer import train
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
         "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=24", "data.eval_tasks=2",
-        "train.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=10", "data.max_turns=2",
+        "train.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=10", "rollout.max_turns=2",
         "train.progress=false", "train.tensorboard=false", "train.micro_batch_tokens=700", "train.warmup_steps=1"]
 HERE = Path(__file__).parent
 
@@ -135,3 +135,12 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
     initial = _initial_weights()
     assert any(not torch.allclose(one[k], initial[k]) for k in one), "training must move the weights"
+
+
+def test_built_in_held_out_tasks_come_from_another_world():
+    from pact_fast.trainer import load_data
+
+    cfg = load_config(None, ["data.eval_tasks=5", "data.train_tasks=7"])
+    train_set, held_out = load_data(cfg.data)
+    assert len(train_set) == 7 and len(held_out) == 5
+    assert {e.env["world_seed"] for e in train_set} == {0} and {e.env["world_seed"] for e in held_out} == {1}

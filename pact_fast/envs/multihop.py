@@ -124,10 +124,11 @@ def _phrase(path, start):
     return text
 
 
-def make_task(seed, hops=2, n_distractors=0, world_seed=0):
+def make_task(seed, hops=2, n_distractors=0, world_seed=0, ops=True):
     """One task as a data row (``pact_fast.data`` format) with its expert trace.
 
-    hops: look-ups before the answer (1..3); some tasks add a final ``add`` or ``initial`` step.
+    hops: look-ups before the answer (1..3). ops: some tasks add a final ``add`` (numbers) or ``initial``
+    (words) step. n_distractors: unused tools offered besides the needed ones.
     """
     if hops not in CHAINS:
         raise ValueError(f"make_task: hops={hops}; choose one of {sorted(CHAINS)}")
@@ -138,6 +139,8 @@ def make_task(seed, hops=2, n_distractors=0, world_seed=0):
     value, entity, trace, calls = None, person, [], 0
     numeric = RELATIONS[path[-1]][1] == "number"
     extra = rng.choice(["add", "none"]) if numeric else rng.choice(["initial", "none", "none"])
+    if not ops:
+        extra = "none"
     question = _phrase(path, person)
     if extra == "add":
         k = rng.randint(1, 9)
@@ -179,11 +182,11 @@ def make_task(seed, hops=2, n_distractors=0, world_seed=0):
     }
 
 
-def make_tasks(n, seed=0, hops=(1, 2), n_distractors=0, world_seed=0):
+def make_tasks(n, seed=0, hops=(1, 2), n_distractors=0, world_seed=0, ops=True):
     """n tasks with hop counts cycling through ``hops``; task seeds derive from ``seed``."""
     rng = random.Random(seed)
     return [make_task(rng.randrange(2 ** 31), hops=hops[i % len(hops)], n_distractors=n_distractors,
-                      world_seed=world_seed) for i in range(n)]
+                      world_seed=world_seed, ops=ops) for i in range(n)]
 
 
 def vocabulary():
