@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,12 +294,6 @@ def latest_checkpoint(path):
 # ---------------------------------------------------------------- loop
 
 
-@dataclass
-class StepStats:
-    step: int
-    metrics: dict = field(default_factory=dict)
-
-
 def evaluate(engine, examples, make_env, rollout_cfg):
     """Greedy prompt-only episodes on held-out examples: success rate, mean reward, tokens used."""
     greedy = HFRolloutEngine(engine.model, engine.tokenizer, type(rollout_cfg)(**{**rollout_cfg.__dict__,
@@ -374,9 +369,11 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     if start_step == 0:
         eval_before = evaluate(engine, held_out, make_env, config.rollout)
         log(f"[pact_fast] held-out before training: {eval_before}")
+        if writers:
+            writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
     history, eval_after = [], None
     bar = _progress(tc, start_step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
     step = start_step
     with _Interrupt() as interrupt:
         for step in range(start_step, tc.steps):
@@ -523,14 +520,6 @@ def _peak_memory_mb(device):
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(tc, start):
