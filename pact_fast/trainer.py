@@ -95,8 +95,12 @@ def make_env_factory(cfg, max_turns):
 
     def make_env(example):
         name = (example.env or {}).get("name", "multihop")
+        if name == "bfcl":
+            from .envs.bfcl import BFCLEnv
+
+            return BFCLEnv(example, max_turns=max_turns)
         if name != "multihop":
-            raise ValueError(f"example {example.id}: unknown environment {name!r}")
+            raise ValueError(f"example {example.id}: unknown environment {name!r}; known: multihop, bfcl")
         return MultiHopEnv(example, max_turns=max_turns, format_reward=cfg.format_reward)
 
     return make_env

@@ -118,3 +118,30 @@ def test_the_environment_turn_limit_ends_episodes():
     engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=40, max_turns=5))
     ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=1))[0][0]
     assert ep.turns == 1 and ep.finish == "turn_limit" and ep.reward == 0.0
+
+
+def test_rollout_continues_with_the_environments_next_user_turn():
+    tok = build_tokenizer()
+    ex = parse_example(make_task(1, hops=1))
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    turns = [ids("<think> first . </think> maya <|im_end|>"), ids("<think> then . </think> omar <|im_end|>")]
+    model = ScriptedLM(tiny_causal_lm("qwen3", vocab_size=len(tok)), turns, ids("<|im_start|> assistant"))
+
+    class TwoUserTurns(MultiHopEnv):
+        """Like BFCL: a second user turn arrives when the assistant ends its first turn."""
+
+        def __init__(self, example):
+            super().__init__(example, max_turns=4)
+            self.pending = ["what is the age of omar ?"]
+
+        def next_user_turn(self):
+            return self.pending.pop() if self.pending else None
+
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=20, max_turns=4))
+    ep = engine.rollout([ex], TwoUserTurns)[0][0]
+    assert ep.turns == 2 and ep.finish == "answer" and ep.final_text.strip().endswith("omar <|im_end|>")
+    tokens = tok.convert_ids_to_tokens(ep.response_ids)
+    start = tokens.index("user")
+    assert tokens[start:start + 8] == "user what is the age of omar ?".split()
+    assert all(m == 0 for m in ep.response_mask[start - 1:start + 9]), "the user turn is context"
+    assert ep.response_mask[:len(turns[0])] == [1] * len(turns[0])
