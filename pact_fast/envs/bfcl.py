@@ -22,6 +22,8 @@ import inspect
 import json
 from importlib import resources
 
+from .base import ToolEnv
+
 CATEGORIES = ("multi_turn_base",)
 
 
@@ -156,30 +158,20 @@ def load_bfcl(category="multi_turn_base", limit=None):
     return examples
 
 
-class BFCLEnv:
+class BFCLEnv(ToolEnv):
     """Executes an episode's calls on live back-ends and hands over BFCL's later user turns."""
 
-    def __init__(self, example, *, max_turns=20):
-        spec = example.env
-        self.spec = spec
-        self.backends = BFCLBackends(spec["initial_config"], spec["involved_classes"])
-        self.pending = [list(turn) for turn in spec["user_turns"]]
-        self.max_turns = max_turns
-        self.turns = 0
-        self.errors = 0
+    malformed_response = "Error during execution: malformed tool call"
 
-    def step(self, calls):
-        self.turns += 1
-        out = []
-        for call in calls:
-            if not hasattr(call, "arguments"):
-                self.errors += 1
-                out.append("Error during execution: malformed tool call")
-                continue
-            result = self.backends.execute(call.name, (), call.arguments)
-            self.errors += result.startswith("Error during execution")
-            out.append(result)
-        return out
+    def __init__(self, example, *, max_turns=20):
+        super().__init__(max_turns)
+        self.spec = example.env
+        self.backends = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"])
+        self.pending = [list(turn) for turn in self.spec["user_turns"]]
+
+    def run_call(self, name, arguments):
+        result = self.backends.execute(name, (), arguments)
+        return result, not result.startswith("Error during execution")
 
     def next_user_turn(self):
         """The next user turn's text once the assistant ends a turn; None when the conversation is over."""

@@ -10,6 +10,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from .base import ToolEnv
+
 PEOPLE = ["maya", "omar", "lena", "ivan", "nora", "theo", "zara", "hugo", "iris", "felix", "ada", "kai",
           "luca", "mina", "otto", "rosa"]
 COMPANIES = ["acme", "globex", "initech", "umbrella", "hooli", "vandelay", "stark", "wayne"]
@@ -212,7 +214,7 @@ def final_answer(text):
     return text.split("<|im_end|>")[0].strip()
 
 
-class MultiHopEnv:
+class MultiHopEnv(ToolEnv):
     """Episode state of one task: executes parsed calls, limits turns, scores the final answer.
 
     reward = 1 for an exact answer (after ``normalise_answer``), plus ``format_reward`` when the episode
@@ -220,34 +222,18 @@ class MultiHopEnv:
     """
 
     def __init__(self, example, *, max_turns=6, format_reward=0.0):
+        super().__init__(max_turns)
         spec = example.env or {}
         self.world = World.sample(int(spec.get("world_seed", 0)))
         self.allowed = {t["function"]["name"] for t in example.tools} or set(TOOLS)
         self.answer = example.answer
-        self.max_turns = max_turns
         self.format_reward = format_reward
-        self.turns = 0
-        self.errors = 0
 
-    def step(self, calls):
-        """Execute a turn's calls (``ToolCall`` or ``ToolCallError`` items) -> tool response texts."""
-        self.turns += 1
-        out = []
-        for call in calls:
-            if not hasattr(call, "arguments"):
-                self.errors += 1
-                out.append("error : bad tool call")
-                continue
-            try:
-                out.append(execute(self.world, call.name, call.arguments, self.allowed))
-            except ToolError as exc:
-                self.errors += 1
-                out.append(f"error : {exc}")
-        return out
-
-    def next_user_turn(self):
-        """Multi-turn environments return the next user message once the assistant ends a turn."""
-        return None
+    def run_call(self, name, arguments):
+        try:
+            return execute(self.world, name, arguments, self.allowed), True
+        except ToolError as exc:
+            return f"error : {exc}", False
 
     def reward(self, final_text):
         correct = normalise_answer(final_answer(final_text)) == normalise_answer(self.answer)
