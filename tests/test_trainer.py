@@ -144,3 +144,20 @@ def test_built_in_held_out_tasks_come_from_another_world():
     train_set, held_out = load_data(cfg.data)
     assert len(train_set) == 7 and len(held_out) == 5
     assert {e.env["world_seed"] for e in train_set} == {0} and {e.env["world_seed"] for e in held_out} == {1}
+
+
+def test_local_model_dir_data_file_and_reference_kl(tmp_path):
+    from pact_fast.data import write_examples
+    from pact_fast.envs import make_tasks
+
+    first = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path / 'first'}"])
+    model_dir = Path(train(first, log=lambda *a: None)["checkpoint"])
+    data = tmp_path / "tasks.jsonl"
+    write_examples(data, make_tasks(12, seed=5, hops=(1, 2)))
+    cfg = load_config(None, TINY + ["train.steps=2", "loss.beta_kl=0.1", "data.eval_tasks=2",
+                                    f"model.path={model_dir}", f"data.path={data}", f"train.out_dir={tmp_path / 'second'}"])
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "second" / "metrics.jsonl") if "reward_mean" in line]
+    assert all("loss/kl" in r and r["loss/kl"] >= 0 for r in rows)
+    assert rows[0]["loss/kl"] < 1e-6, "the policy starts equal to the frozen reference"
