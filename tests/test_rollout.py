@@ -65,12 +65,17 @@ def _script(tok, ex, malformed):
     return turns
 
 
-def test_multi_turn_episodes_are_well_formed_and_logps_match_rescoring():
+def _scripted_task(malformed):
+    """(tokenizer, example, model that follows the example's expert turns, with a malformed call first if asked)."""
     tok = build_tokenizer()
     ex = parse_example(make_task(4, hops=2))
     base = tiny_causal_lm("qwen3", vocab_size=len(tok))
     turn_start = tok("<|im_start|> assistant", add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(base, _script(tok, ex, malformed=True), turn_start)
+    return tok, ex, ScriptedLM(base, _script(tok, ex, malformed=malformed), turn_start)
+
+
+def test_multi_turn_episodes_are_well_formed_and_logps_match_rescoring():
+    tok, ex, model = _scripted_task(malformed=True)
     engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=3, max_new_tokens=40, max_turns=5, temperature=1.0),
                              seed=1)
     episodes = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=5))[0]
@@ -110,11 +115,7 @@ def test_greedy_rollouts_are_deterministic_and_length_capped():
 
 
 def test_the_environment_turn_limit_ends_episodes():
-    tok = build_tokenizer()
-    ex = parse_example(make_task(4, hops=2))
-    base = tiny_causal_lm("qwen3", vocab_size=len(tok))
-    turn_start = tok("<|im_start|> assistant", add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(base, _script(tok, ex, malformed=False), turn_start)
+    tok, ex, model = _scripted_task(malformed=False)
     engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=40, max_turns=5))
     ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=1))[0][0]
     assert ep.turns == 1 and ep.finish == "turn_limit" and ep.reward == 0.0
