@@ -80,11 +80,10 @@ def rollout_copy(model):
 
 def sync_rollout_weights(scorer, rollout_model):
     """Copy the (possibly sharded) policy's weights into the rollout model; a no-op when they are one."""
-    model = scorer
     if rollout_model is getattr(scorer, "model", scorer):
         return
     with torch.no_grad():
-        full = {k.removeprefix("model."): v for k, v in model.named_parameters()}
+        full = {k.removeprefix("model."): v for k, v in scorer.named_parameters()}
         for name, p in rollout_model.named_parameters():
             src = full[name]
             p.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)
@@ -96,10 +95,6 @@ def shard_list(items):
     if n % w:
         raise ValueError(f"train.prompts_per_step={n} must be a multiple of the world size {w}")
     return items[r * n // w:(r + 1) * n // w]
-
-
-def shard_positions(n):
-    return list(range(n))[rank() * n // world_size():(rank() + 1) * n // world_size()]
 
 
 @dataclass

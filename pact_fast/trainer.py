@@ -399,7 +399,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             rewards = torch.tensor([ep.reward for ep in flat])
             advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
             global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
-            anchored = global_draws[dist.shard_positions(len(idx))]
+            anchored = global_draws[dist.shard_list(list(range(len(idx))))]
             units = build_units(examples, episodes, inputs)
             batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
             batches = dist.pad_micro_batches(batches)
@@ -419,24 +419,20 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                                 if ref_res is not None:
                                     old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
             # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
-            rl_unit = "tokens" if lc.loss_agg == "token-mean" else "sequences"
-            counts = [_rl_count(units[i] for i in mb.indices if units[i].kind == "rollout") if not mb.padding
-                      else (0, 0) for mb in batches]
-            rl_total, sft_total = dist.sum_counts([sum(c[0 if rl_unit == "tokens" else 1] for c in counts),
-                                                   sum(len([i for i in mb.indices if units[i].kind == "sft"])
-                                                       for mb in batches if not mb.padding)])
+            by_tokens = lc.loss_agg == "token-mean"
+            mb_rl = [0 if mb.padding else _rl_count([units[i] for i in mb.indices], by_tokens) for mb in batches]
+            mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
+            rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
             packed_tokens, metrics_acc = 0, []
             for _ in range(tc.update_epochs):
-                for mb in batches:
+                for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
                     mb_units = [units[i] for i in mb.indices]
                     with autocast:
                         res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0, **score)
                     batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
                     world = dist.world_size()  # FSDP averages gradients over ranks
-                    n_rl = _rl_count(u for u in mb_units if u.kind == "rollout")[0 if rl_unit == "tokens" else 1]
-                    n_sft = sum(u.kind == "sft" for u in mb_units)
-                    rl_scale = 0.0 if mb.padding else world * n_rl / max(rl_total, 1)
-                    sft_scale = 0.0 if mb.padding else world * n_sft / max(sft_total, 1)
+                    rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
+                    sft_scale = world * n_sft / max(sft_total, 1)
                     loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
                     loss.backward()
                     weight = n_rl + n_sft
@@ -497,14 +493,11 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     return summary
 
 
-def _rl_count(rollout_units):
-    """(response tokens, non-empty sequences) of rollout units: what the RL aggregation averages over."""
-    tokens = sequences = 0
-    for u in rollout_units:
-        n = sum(u.mask)
-        tokens += n
-        sequences += n > 0
-    return tokens, sequences
+def _rl_count(units, by_tokens):
+    """What the RL aggregation averages over in these units: response tokens (token-mean) or non-empty
+    response sequences (the seq-mean aggregations)."""
+    masks = [sum(u.mask) for u in units if u.kind == "rollout"]
+    return sum(masks) if by_tokens else sum(n > 0 for n in masks)
 
 
 def _average(weighted):
