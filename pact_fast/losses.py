@@ -65,6 +65,9 @@ class PACTLossConfig:
     # regularisers (off by default)
     beta_kl: float = field(default=0.0, metadata={"help": "weight of KL(pi_theta || pi_ref); 0 = off"})
     kl_estimator: str = field(default="k3", metadata={"help": "KL estimator", "choices": KL_ESTIMATORS})
+    kl_ratio_weighted: bool = field(default=False, metadata={
+        "help": "weight each token's KL estimate by the ratio pi_theta / pi_old (the samples come from pi_old; "
+                "TRL's use_bias_correction_kl)"})
     c_ent: float = field(default=0.0, metadata={"help": "entropy bonus coefficient; 0 = off"})
     # baselines
     switch_progress: float = field(default=0.5, metadata={"help": "sft_then_grpo: progress at which SFT stops"})
@@ -401,8 +404,10 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         metrics["reward_mean"] = batch.rewards.float().mean().item()
         if config.beta_kl > 0:
             _require(batch, ["ref_logp"], "beta_kl > 0")
-            kl = aggregate(kl_penalty(batch.logp_po, batch.ref_logp, config.kl_estimator), mask, config.loss_agg,
-                           config.loss_scale_factor)
+            kl_tokens = kl_penalty(batch.logp_po, batch.ref_logp, config.kl_estimator)
+            if config.kl_ratio_weighted:
+                kl_tokens = kl_tokens * po[1]  # po[1]: the prompt-only ratio pi_theta / pi_old
+            kl = aggregate(kl_tokens, mask, config.loss_agg, config.loss_scale_factor)
             total = total + rl_scale * config.beta_kl * kl
             metrics["loss/kl"] = kl.item()
         if config.c_ent > 0:

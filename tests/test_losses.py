@@ -226,6 +226,26 @@ def test_kl_estimators(estimator):
         assert kl_penalty(lp, ref, estimator)[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def test_kl_term_with_and_without_the_ratio_weight():
+    batch = _batch()
+    batch.ref_logp = batch.logp_po.detach() - 0.3 * torch.rand_like(batch.logp_po)
+    lp, old, ref, m = batch.logp_po.detach(), batch.old_logp_po, batch.ref_logp, batch.response_mask
+    for weighted in (False, True):
+        cfg = PACTLossConfig(mode="grpo", beta_kl=0.5, kl_ratio_weighted=weighted)
+        base = pact_loss(batch, PACTLossConfig(mode="grpo"))[0].item()
+        total, tokens = 0.0, 0
+        for b in range(m.shape[0]):
+            for t in range(m.shape[1]):
+                if m[b, t]:
+                    d = lp[b, t].item() - ref[b, t].item()
+                    k3 = math.exp(-d) + d - 1
+                    total += k3 * (math.exp(lp[b, t].item() - old[b, t].item()) if weighted else 1.0)
+                    tokens += 1
+        loss, metrics = pact_loss(batch, cfg)
+        assert metrics["loss/kl"] == pytest.approx(total / tokens, rel=1e-10)
+        assert loss.item() == pytest.approx(base + 0.5 * total / tokens, rel=1e-10)
+
+
 def test_baseline_sft_is_textbook_nll():
     batch = _batch()
     loss, metrics = pact_loss(batch, PACTLossConfig(mode="sft"), progress=0.9)
