@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.9",
     # `kernels/` is shipped as `pact_fast.kernels`: the top-level name `kernels` belongs to
     # Hugging Face's kernels package, which transformers imports when present.
-    packages=["pact_fast", "pact_fast.ops", "pact_fast.kernels"],
+    packages=["pact_fast", "pact_fast.ops", "pact_fast.kernels", "pact_fast.adapters", "pact_fast.envs"],
     package_dir={"pact_fast": "pact_fast", "pact_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["pytest", "triton>=3.1"],
+        # TRL's private GRPOTrainer hooks move between releases: the adapter is tested with this one
+        "trl": ["trl==1.16.0"],
+        "test": ["pytest", "triton>=3.1", "trl==1.16.0"],
         "bench": ["pytest-benchmark"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },

@@ -1,0 +1,209 @@
+"""PACTGRPOTrainer through TRL's real training loop (GRPOTrainer.train on CPU, tiny random model)."""
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from models import tiny_causal_lm
+from pact_fast.adapters.trl import PACTGRPOTrainer, pact_config_from_grpo_args
+from pact_fast.chat import prompt_ids, trace_conditioned_prompt_ids, trace_sequences
+from pact_fast.data import DataFormatError, parse_example
+from pact_fast.envs.multihop import make_tasks
+from pact_fast.envs.tokenizer import build_tokenizer
+from pact_fast.losses import PACTBatch, pact_loss
+
+TOKENIZER = build_tokenizer()
+
+
+def _rows(n=4, seed=1):
+    return [{"prompt": r["messages"], "trace": json.dumps(r["trace"]), "id": r["id"]}
+            for r in make_tasks(n, seed=seed, hops=(1, 2))]
+
+
+def _reward(completions, **kwargs):
+    # a deterministic function of the sampled text with spread inside a group
+    return [float(len(c[0]["content"].split()) % 3) for c in completions]
+
+
+def _args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  num_generations=2, max_completion_length=8, max_steps=2, learning_rate=1e-2, use_cpu=True,
+                  report_to=[], logging_steps=1, save_strategy="no", seed=0)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+class Recording(PACTGRPOTrainer):
+    """Keeps every micro-batch's inputs, loss and the weights it was computed with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.records.append((inputs, loss.detach(), weights, self.pact_progress()))
+        return loss
+
+
+def _unpad(ids, mask):
+    return ids[mask.bool()].tolist()
+
+
+def _completion_logp(model, context, completion):
+    """float64 log-probs of ``completion`` after ``context`` from one unpadded forward. [len(completion)]"""
+    ids = torch.tensor([context + completion])
+    logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    n = len(context)
+    return logp[n - 1:n - 1 + len(completion)].gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_a_step_is_the_float64_pact_loss_of_its_generation_batch(tmp_path):
+    """Two micro-batches of one optimizer step add up to pact_loss of the whole generation batch,
+    recomputed here with separate unpadded float64 forwards and our own prompt rendering."""
+    rows = _rows()
+    trainer = Recording(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                        args=_args(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+    trainer.train()
+    assert len(trainer.records) == 4  # 2 steps x 2 micro-batches
+    examples = {}
+    for r in rows:
+        ex = parse_example({"id": r["id"], "messages": r["prompt"], "trace": json.loads(r["trace"])})
+        examples[tuple(prompt_ids(TOKENIZER, ex))] = ex
+
+    for step in range(2):
+        micro = trainer.records[2 * step: 2 * step + 2]
+        weights, progress = micro[0][2], micro[0][3]
+        assert all(torch.equal(weights[k], micro[1][2][k]) for k in weights)  # gradient accumulation
+        reference = tiny_causal_lm("llama", vocab_size=len(TOKENIZER))
+        reference.load_state_dict(weights)
+        reference = reference.double()
+
+        logp_po, logp_tc, masks, adv, anchored, groups, sft = [], [], [], [], [], [], []
+        with torch.no_grad():
+            for inputs, *_ in micro:
+                for i in range(inputs["prompt_ids"].shape[0]):
+                    prompt = _unpad(inputs["prompt_ids"][i], inputs["prompt_mask"][i])
+                    example = examples[tuple(prompt)]  # TRL's prompt tokens are ours
+                    tc_prompt = trace_conditioned_prompt_ids(TOKENIZER, example)
+                    assert _unpad(inputs["pact_tc_prompt_ids"][i], inputs["pact_tc_prompt_mask"][i]) == tc_prompt
+                    completion = _unpad(inputs["completion_ids"][i], inputs["completion_mask"][i])
+                    logp_po.append(_completion_logp(reference, prompt, completion))
+                    logp_tc.append(_completion_logp(reference, tc_prompt, completion))
+                    masks.append(torch.ones(len(completion)))
+                    adv.append(inputs["advantages"][i])
+                    anchored.append(inputs["pact_anchored"][i])
+                    groups.append(inputs["pact_group"][i])
+                    if inputs["pact_sft"][i]:
+                        for seq in trace_sequences(TOKENIZER, example):
+                            full = reference(input_ids=torch.tensor([seq.input_ids])).logits[0].double()
+                            lp = full[:-1].log_softmax(-1).gather(-1, torch.tensor(seq.input_ids[1:])[:, None])[:, 0]
+                            sft.append((lp, seq.components[1:], seq.segment_ids[1:], seq.turn_ids[1:]))
+        owners = [g for g, (inputs, *_) in enumerate(micro) for owned in inputs["pact_sft"] if owned]
+        assert len(owners) == 2  # one trace per prompt group, held once
+        pad = torch.nn.utils.rnn.pad_sequence
+        batch = PACTBatch(
+            response_mask=pad(masks, batch_first=True), rewards=torch.zeros(len(masks), dtype=torch.float64),
+            group_ids=torch.stack(groups), logp_po=pad(logp_po, batch_first=True),
+            logp_tc=pad(logp_tc, batch_first=True), advantages=torch.stack(adv).double(),
+            anchored=torch.stack(anchored),
+            sft_logp=pad([s[0] for s in sft], batch_first=True),
+            sft_components=pad([torch.tensor(s[1]) for s in sft], batch_first=True),
+            sft_segment_ids=pad([torch.tensor(s[2]) for s in sft], batch_first=True),
+            sft_turn_ids=pad([torch.tensor(s[3]) for s in sft], batch_first=True))
+        batch.old_logp_po, batch.old_logp_tc = batch.logp_po.clone(), batch.logp_tc.clone()
+        expected, _ = pact_loss(batch, trainer.pact_config, progress)
+        got = sum(loss for _, loss, *_ in micro)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4)  # fp32 model vs float64 reference
+
+    logged = [h for h in trainer.state.log_history if "pact/loss/sft" in h]
+    assert len(logged) == 2 and all(h["pact/loss/sft"] > 0 for h in logged)
+
+
+class Both(PACTGRPOTrainer):
+    """Computes TRL's own GRPO loss and ours on the same micro-batch; trains with ours."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs = []
+
+    def _compute_loss(self, model, inputs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        theirs = GRPOTrainer._compute_loss(self, model, inputs)
+        ours = super()._compute_loss(model, inputs)
+        g_theirs = torch.autograd.grad(theirs, params, retain_graph=True)
+        g_ours = torch.autograd.grad(ours, params, retain_graph=True)
+        old = inputs.get("old_per_token_logps")
+        self.pairs.append((theirs.item(), ours.item(), g_theirs, g_ours, old))
+        return ours
+
+
+@pytest.mark.parametrize("loss_type,beta,pact", [
+    ("grpo", 0.0, {"mode": "grpo"}),
+    ("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}),  # every group anchored prompt-only
+    ("bnpo", 0.1, {"mode": "grpo"}),
+    ("dr_grpo", 0.0, {"mode": "grpo"}),
+    ("dapo", 0.0, {"mode": "grpo"}),
+])
+def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact):
+    """With the trace terms off, the loss and its gradients are TRL's own, off-policy (num_iterations=2,
+    so ratios move away from 1 and clipping is exercised) and with TRL's KL term."""
+    args = _args(tmp_path, loss_type=loss_type, beta=beta, num_iterations=2, max_steps=3, learning_rate=0.05,
+                 epsilon=0.05)
+    model_dir = tmp_path / "model"  # TRL loads its reference model (beta > 0) from the policy's path
+    tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
+    trainer = Both(model=str(model_dir), reward_funcs=_reward, args=args,
+                   train_dataset=Dataset.from_list(_rows(6)), processing_class=TOKENIZER,
+                   pact_config=pact_config_from_grpo_args(args, **pact))
+    trainer.train()
+    assert len(trainer.pairs) == 6
+    assert any(old is not None for *_, old in trainer.pairs)
+    for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        for a, b in zip(g_theirs, g_ours):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    clipped = [h.get("pact/po/clip_frac_low", 0) + h.get("pact/po/clip_frac_high", 0)
+               for h in trainer.state.log_history]
+    assert max(clipped) > 0  # the clipped branch was taken somewhere
+
+
+def test_training_with_pact_changes_the_model(tmp_path):
+    model = tiny_causal_lm("llama", vocab_size=len(TOKENIZER))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = PACTGRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, max_steps=1),
+                              train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER)
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": [{"role": "user", "content": "q"}]}, "has no 'trace'"),
+    ({"prompt": [{"role": "user", "content": "q"}], "trace": "[{"}, "not valid JSON"),
+    ({"prompt": "q", "trace": "[]"}, "conversational"),
+    ({"prompt": [{"role": "user", "content": "q"}], "trace": json.dumps([{"role": "tool", "content": "x",
+                                                                          "tool_call_id": "c9"}])},
+     "answers no earlier tool call"),
+])
+def test_bad_rows_name_the_row_and_the_problem(tmp_path, row, message):
+    trainer = PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                              args=_args(tmp_path), train_dataset=Dataset.from_list(_rows()),
+                              processing_class=TOKENIZER)
+    with pytest.raises(DataFormatError, match=message) as info:
+        trainer._pact_example(row, 3)
+    assert "row 3" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,pact,message", [
+    ({"loss_type": "cispo"}, None, "loss_type='cispo'"),
+    ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
+    ({}, {"beta_kl": 0.1}, "beta > 0"),
+])
+def test_unsupported_options_are_refused(tmp_path, overrides, pact, message):
+    args = _args(tmp_path, **overrides)
+    config = None if pact is None else pact_config_from_grpo_args(_args(tmp_path), **pact)
+    with pytest.raises(ValueError, match=message):
+        PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward, args=args,
+                        train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER, pact_config=config)
