@@ -235,15 +235,15 @@ def reasoning_segments_kept(n_segments, progress, s_end=1.0):
     return math.ceil(n_segments * (1.0 - frac) - 1e-9)
 
 
-def sft_token_weights(components, segment_ids, turn_ids, progress, config):
-    """Per-token SFT weights ``w_t`` of traces. components/segment_ids/turn_ids: [S, E] int. Returns [S, E] fp32.
+def sft_token_weights(components, segment_ids, turn_ids, progress, config, dtype=torch.float32):
+    """Per-token SFT weights ``w_t`` of traces. components/segment_ids/turn_ids: [S, E] int. Returns [S, E] dtype.
 
     Reasoning (segment mode): ``w_reason`` on the first ``ceil(n_k (1 - s/s_end))`` segments of turn k, else 0;
     (scale mode): ``w_reason * beta(s)`` on all. Tool calls: ``beta(s)``. Tool responses and NONE: 0 (never
     targets). Other assistant tokens: ``w_other``. ``mode='sft'`` (the plain SFT baseline): 1 on every
     assistant token, no annealing.
     """
-    w = torch.zeros(components.shape, dtype=torch.float32, device=components.device)
+    w = torch.zeros(components.shape, dtype=dtype, device=components.device)
     assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
     if config.mode in ("sft", "sft_then_grpo"):
         return w.masked_fill(assistant, 1.0)
@@ -429,7 +429,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         zeros = torch.zeros_like(batch.sft_components)
         weights = sft_token_weights(batch.sft_components,
                                     batch.sft_segment_ids if batch.sft_segment_ids is not None else zeros,
-                                    batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config)
+                                    batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config,
+                                    dtype=batch.sft_logp.dtype)
         logp = torch.where(weights > 0, batch.sft_logp, torch.zeros_like(batch.sft_logp))
         l_sft = sft_loss(logp, weights, batch.sft_components)
         total = total + sft_scale * config.lambda_sft * l_sft

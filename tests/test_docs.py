@@ -1,4 +1,6 @@
-"""docs/method.md cites the line of pact_fast/losses.py that computes each equation; keep them true."""
+"""docs/method.md cites the line of pact_fast/losses.py that computes each equation; keep them true.
+
+After editing losses.py, `python tests/test_docs.py` re-points the links (CITED says what each one shows)."""
 import re
 from pathlib import Path
 
@@ -46,3 +48,24 @@ def test_method_md_cites_the_lines_that_compute_each_equation():
             where = [i + 1 for i, text in enumerate(source) if code in text]
             stale.append(f"link {k + 1} cites line {line}; {code!r} is at line(s) {where}")
     assert not stale, "\n".join(stale)
+
+
+def repoint_method_md():
+    """Rewrite docs/method.md's line numbers to where CITED's code now is (``python tests/test_docs.py``)."""
+    path = ROOT / "docs" / "method.md"
+    source = (ROOT / "pact_fast" / "losses.py").read_text().splitlines()
+    codes = iter(CITED)
+
+    def repoint(match):
+        code = next(codes)
+        where = [i + 1 for i, text in enumerate(source) if code in text]
+        if len(where) != 1:
+            raise SystemExit(f"{code!r} is on lines {where} of losses.py; make CITED's entry unique")
+        return f"[{match.group(1)}{where[0]}](../pact_fast/losses.py#L{where[0]})"
+
+    text = re.sub(r"\[((?:losses\.py:|line )?)\d+\]\(\.\./pact_fast/losses\.py#L\d+\)", repoint, path.read_text())
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    repoint_method_md()

@@ -1,0 +1,89 @@
+"""OpenRLHF: ``PACTPolicyLoss``, a drop-in for ``openrlhf.models.loss.PolicyLoss`` (tested against 0.11.2).
+
+It is built with PolicyLoss's arguments and called the way ``PPOActor.training_step`` calls
+``self.actor_loss_fn``, and returns the same ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``
+tuple, so ``self.actor_loss_fn = PACTPolicyLoss(...)`` is the whole swap. Called with only
+OpenRLHF's arguments and ``PACTLossConfig(mode="grpo")`` it is PolicyLoss (same loss, gradient and
+statistics). The PACT terms need tensors OpenRLHF does not compute, passed as keyword arguments:
+
+- ``log_probs_tc`` [B, T]: the current policy's log-probs of the same action tokens with the
+  expert trace in the prompt (a second actor forward on the trace-conditioned sequences), and
+  ``old_log_probs_tc`` [B, T] (the old policy's, from experience making) when ``ctx_den='same'``;
+- ``group_ids`` [B] (the prompt group of each sample) or ``anchored`` [B] bool (the group's
+  anchoring draw, equal within a group), for ``anchor_mode='bernoulli'``; with neither, the draw
+  of each sample's group cannot be made and the call is refused;
+- ``sft_log_probs`` [S, E] with ``sft_components`` [S, E] (and ``sft_segment_ids``, ``sft_turn_ids``
+  in ``segment`` mode): the trace tokens' log-probs under the prompt and their labels from
+  ``pact_fast.chat.trace_sequences``; ``sft_scale`` is this micro-batch's share of the step's traces;
+- ``progress`` in [0, 1] for the annealing schedules, ``step`` for the anchoring seed.
+
+``self.metrics`` holds the last call's ``pact_loss`` metrics (floats) for logging.
+"""
+import dataclasses
+
+import torch
+
+from ..losses import PACTBatch, PACTLossConfig, pact_loss
+
+
+class PACTPolicyLoss(torch.nn.Module):
+    """PolicyLoss-compatible PACT loss.
+
+    Args: PolicyLoss's own (``clip_eps_low``, ``clip_eps_high``, ``dual_clip``, ``token_level_loss``,
+    ``policy_loss_type``, ``is_correction_*``; they override the matching ``pact_config`` fields:
+    ``token_level_loss`` picks ``loss_agg`` token-mean or seq-mean-token-mean), and ``pact_config``.
+    ``policy_loss_type='gspo'`` and train/rollout importance-sampling correction are refused.
+    """
+
+    def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
+                 policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
+                 is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0), *, pact_config=None):
+        super().__init__()
+        if policy_loss_type != "ppo":
+            raise ValueError(f"PACTPolicyLoss: policy_loss_type={policy_loss_type!r}; only 'ppo' (token ratios)")
+        if is_correction_level != "off":
+            raise ValueError(f"PACTPolicyLoss: is_correction_level={is_correction_level!r}; importance-sampling "
+                             "correction is not supported (use 'off')")
+        self.config = dataclasses.replace(
+            pact_config or PACTLossConfig(), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+            dual_clip=dual_clip, loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
+        self.token_level_loss = token_level_loss
+        self.metrics = {}
+
+    def rl_scale(self, action_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None):
+        """Factor turning the micro-batch mean into OpenRLHF's share of the global-batch mean."""
+        if self.token_level_loss:
+            return 1.0 if batch_num_tokens is None else action_mask.sum().item() / batch_num_tokens * dp_size
+        if global_batch_size is None:
+            return 1.0
+        return (action_mask.sum(-1) > 0).sum().item() / global_batch_size * dp_size
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
+                batch_num_tokens=None, global_batch_size=None, *, log_probs_tc=None, old_log_probs_tc=None,
+                group_ids=None, anchored=None, sft_log_probs=None, sft_components=None, sft_segment_ids=None,
+                sft_turn_ids=None, sft_scale=1.0, progress=0.0, step=0):
+        """log_probs, old_log_probs, advantages, action_mask: [B, T]. Returns (loss, clip_ratio, ppo_kl, None, None)."""
+        if action_mask is None:
+            action_mask = torch.ones_like(log_probs)
+        B = log_probs.shape[0]
+        cfg = self.config
+        if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and group_ids is None and anchored is None:
+            raise ValueError("PACTPolicyLoss: anchor_mode='bernoulli' needs group_ids [B] or anchored [B]")
+        if group_ids is None:
+            group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
+        batch = PACTBatch(
+            response_mask=action_mask, rewards=torch.zeros(B, device=log_probs.device), group_ids=group_ids,
+            logp_po=log_probs, old_logp_po=old_log_probs, logp_tc=log_probs_tc, old_logp_tc=old_log_probs_tc,
+            behavior_logp=rollout_log_probs, advantages=advantages, anchored=anchored,
+            sft_logp=sft_log_probs, sft_components=sft_components, sft_segment_ids=sft_segment_ids,
+            sft_turn_ids=sft_turn_ids)
+        scale = self.rl_scale(action_mask, dp_size, batch_num_tokens, global_batch_size)
+        loss, metrics = pact_loss(batch, cfg, progress, step=step, rl_scale=scale, sft_scale=sft_scale)
+        metrics.pop("reward_mean", None)  # OpenRLHF passes advantages, not rewards
+        self.metrics = metrics
+        ctx = "tc/" if "tc/approx_kl" in metrics else "po/"  # the trace-conditioned surrogate when PACT has one
+        like = dict(dtype=loss.dtype, device=loss.device)
+        clip_ratio = torch.tensor(metrics.get(f"{ctx}clip_frac_low", 0.0) + metrics.get(f"{ctx}clip_frac_high", 0.0),
+                                  **like)
+        ppo_kl = torch.tensor(metrics.get(f"{ctx}approx_kl", 0.0), **like)
+        return loss, clip_ratio, ppo_kl, None, None

@@ -1,0 +1,133 @@
+"""PACTPolicyLoss against OpenRLHF's own PolicyLoss (openrlhf 0.11.2, installed --no-deps).
+
+``openrlhf.models`` imports the actor, which needs flash-attn (CUDA only), and ``models/utils.py``
+imports deepspeed for ZeRO-3 helpers the loss never calls. The fixture loads the real ``loss.py`` and
+``utils.py`` as modules of a bare ``openrlhf.models`` package, with an empty stand-in for deepspeed
+when it is not installed; everything is undone after each test.
+"""
+import importlib
+import importlib.util
+import inspect
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact_fast.adapters.openrlhf import PACTPolicyLoss
+from pact_fast.losses import TOOL_CALL, PACTLossConfig, tool_call_weight
+
+D = torch.float64
+
+
+@pytest.fixture
+def PolicyLoss(monkeypatch):
+    root = Path(importlib.util.find_spec("openrlhf").submodule_search_locations[0]) / "models"
+    package = types.ModuleType("openrlhf.models")
+    package.__path__ = [str(root)]
+    monkeypatch.setitem(sys.modules, "openrlhf.models", package)
+    if importlib.util.find_spec("deepspeed") is None:
+        monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    for name in ("openrlhf.models.loss", "openrlhf.models.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module = importlib.import_module("openrlhf.models.loss")
+    for name in ("openrlhf.models.loss", "openrlhf.models.utils"):
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again at teardown
+    return module.PolicyLoss
+
+
+def _inputs(B=4, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=D) * 3
+    new = old + 0.5 * torch.randn(B, T, generator=g, dtype=D)  # ratios well outside [0.8, 1.2]
+    adv = torch.randn(B, 1, generator=g, dtype=D).expand(B, T).clone()
+    adv[1, :3] = -adv[1, :3]  # token-level advantages, as OpenRLHF passes them
+    mask = (torch.rand(B, T, generator=g) > 0.25).to(D)
+    mask[0, 0] = 1.0
+    return new, old, adv, mask
+
+
+def _grad(loss, x):
+    return torch.autograd.grad(loss, x, retain_graph=True)[0]
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("global_info", [{}, {"dp_size": 2, "batch_num_tokens": 61.0, "global_batch_size": 10.0}])
+def test_grpo_mode_is_openrlhfs_policy_loss(PolicyLoss, token_level_loss, dual_clip, global_info):
+    new, old, adv, mask = _inputs()
+    mask[3] = 0.0  # an empty sample
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level_loss)
+    theirs = PolicyLoss(**kwargs)
+    ours = PACTPolicyLoss(**kwargs, pact_config=PACTLossConfig(mode="grpo"))
+    x = new.clone().requires_grad_()
+    t = theirs(x, old, adv, action_mask=mask, rollout_log_probs=None, **global_info)
+    o = ours(x, old, adv, action_mask=mask, rollout_log_probs=None, **global_info)
+    assert len(o) == len(t) == 5 and o[3] is None and o[4] is None
+    for a, b in zip(o[:3], t[:3]):
+        assert a.item() == pytest.approx(b.item(), rel=1e-8)  # OpenRLHF adds 1e-8 to token counts
+    torch.testing.assert_close(_grad(o[0], x), _grad(t[0], x), rtol=1e-8, atol=1e-15)
+    assert 0 < t[1].item() < 1  # both clipping branches are in play
+
+
+def test_pact_mode_routes_each_group_to_its_context(PolicyLoss):
+    """Anchored groups use the prompt-only log-probs, the others the trace-conditioned ones: OpenRLHF's
+    loss on the token-wise composition of the two, with gradients split between the two inputs."""
+    po, old_po, adv, mask = _inputs(seed=1)
+    tc, old_tc, _, _ = _inputs(seed=2)
+    group_ids = torch.tensor([0, 0, 1, 1])
+    anchored = torch.tensor([True, True, False, False])
+    x_po, x_tc = po.clone().requires_grad_(), tc.clone().requires_grad_()
+    ours = PACTPolicyLoss(clip_eps_high=0.28, pact_config=PACTLossConfig(lambda_sft=0.0))
+    loss, clip_ratio, ppo_kl, _, _ = ours(x_po, old_po, adv, action_mask=mask, log_probs_tc=x_tc,
+                                          old_log_probs_tc=old_tc, group_ids=group_ids, anchored=anchored)
+    pick = anchored[:, None].expand_as(po)
+    composed = torch.where(pick, po, tc).requires_grad_()
+    expected = PolicyLoss(clip_eps_high=0.28)(composed, torch.where(pick, old_po, old_tc), adv, action_mask=mask)[0]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    g = _grad(expected, composed)
+    torch.testing.assert_close(_grad(loss, x_po), torch.where(pick, g, torch.zeros_like(g)))
+    torch.testing.assert_close(_grad(loss, x_tc), torch.where(pick, torch.zeros_like(g), g))
+    assert ours.metrics["anchored_groups"] == 1.0
+
+
+def test_the_sft_term_adds_the_weighted_trace_nll():
+    po, old_po, adv, mask = _inputs(seed=3)
+    tc, old_tc, _, _ = _inputs(seed=4)
+    g = torch.Generator().manual_seed(5)
+    sft_lp = -torch.rand(2, 6, generator=g, dtype=D)
+    components = torch.full((2, 6), TOOL_CALL)
+    common = dict(action_mask=mask, log_probs_tc=tc, old_log_probs_tc=old_tc, anchored=torch.zeros(4, dtype=torch.bool))
+    config = PACTLossConfig(sft_reasoning_mode="scale", lambda_sft=0.7)
+    without = PACTPolicyLoss(pact_config=PACTLossConfig(lambda_sft=0.0))(po, old_po, adv, **common)[0]
+    loss = PACTPolicyLoss(pact_config=config)(po, old_po, adv, **common, sft_log_probs=sft_lp,
+                                               sft_components=components, sft_scale=0.5, progress=0.25)[0]
+    beta = tool_call_weight(0.25)
+    nll = sum(-beta * sft_lp[s].sum().item() / 6 for s in range(2)) / 2
+    assert loss.item() - without.item() == pytest.approx(0.7 * 0.5 * nll, rel=1e-10)
+
+
+def test_it_takes_every_argument_policy_loss_takes(PolicyLoss):
+    for ours, theirs in ((PACTPolicyLoss.__init__, PolicyLoss.__init__), (PACTPolicyLoss.forward, PolicyLoss.forward)):
+        ours_params = inspect.signature(ours).parameters
+        theirs_params = inspect.signature(theirs).parameters
+        assert list(ours_params)[:len(theirs_params)] == list(theirs_params)
+        for name, p in theirs_params.items():
+            assert ours_params[name].default == p.default or (name == "is_correction_threshold"
+                                                              and tuple(ours_params[name].default) == tuple(p.default))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"policy_loss_type": "gspo"}, "only 'ppo'"),
+    ({"is_correction_level": "token"}, "importance-sampling"),
+])
+def test_unsupported_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PACTPolicyLoss(**kwargs)
+
+
+def test_bernoulli_anchoring_needs_the_groups():
+    po, old, adv, mask = _inputs()
+    with pytest.raises(ValueError, match="group_ids"):
+        PACTPolicyLoss()(po, old, adv, action_mask=mask, log_probs_tc=po, old_log_probs_tc=old)
