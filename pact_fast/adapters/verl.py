@@ -1,0 +1,200 @@
+"""verl: a registered policy loss and a whole-loss hook (written against verl 0.9.1's signatures).
+
+verl is not imported here except by ``register()`` and for nested (no-padding) model outputs: its
+import needs Ray and transformers < 5.11, so CI tests our side of these signatures, not verl's.
+
+1. ``compute_policy_loss_pact``, a ``PolicyLossFn`` (``register()`` makes it
+   ``actor.policy_loss.loss_mode=pact``): the PACT surrogate of the rows verl scored, whatever
+   context each row holds. Use it when the host builds, per prompt group, the trace-conditioned
+   copy of its rollouts or, for groups drawn for anchoring (``anchor_rows``), the prompt-only one;
+   verl's own old log-probs of those rows are then the ``ctx_den='same'`` denominator. Clipping comes
+   from verl's ``ActorConfig`` (``clip_ratio_low``/``clip_ratio_high``, dual clip ``clip_ratio_c``),
+   the reduction from ``loss_agg_mode`` and ``config.global_batch_info``, as for verl's ``vanilla``.
+   The SFT term needs trace rows, which this signature never sees: use the hook for it.
+
+2. ``pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config, progress=0.0)``, the
+   whole loss, for ``actor.set_loss_fn(functools.partial(pact_loss_fn, config=actor_config,
+   pact_config=...))``. A micro-batch holds rows in three roles, ``data["pact_role"]`` [N]:
+   ``PO`` (a rollout with the prompt), ``TC`` (the same response with the trace-conditioned prompt)
+   and ``TRACE`` (an expert trace as the response of the prompt). The host supplies, besides verl's
+   ``response_mask``, ``old_log_probs``, ``advantages`` ([N, T], padded or nested):
+   - ``pact_rollout`` [N]: an id shared by a rollout's PO and TC rows (both must be in the micro-batch);
+   - ``pact_group`` [N]: prompt group id; ``pact_anchored`` [N] bool: the group's anchoring draw
+     (``anchor_rows``), needed for ``anchor_mode='bernoulli'``;
+   - ``pact_components``, ``pact_segment_ids``, ``pact_turn_ids`` [N, T] on TRACE rows: labels of
+     the trace tokens from ``pact_fast.chat.trace_sequences``;
+   - ``ref_log_prob`` [N, T] when ``pact_config.beta_kl > 0``;
+   - with ``dp_size > 1`` or micro-batching, the global counts ``pact_rl_tokens`` (response tokens
+     of PO rows), ``pact_rl_seqs`` (PO rows with any) and ``pact_traces`` (TRACE rows) of the mini-batch,
+     so that micro-batch losses add up to the mini-batch's (without them each micro-batch is
+     normalised on its own, right only when it is the whole mini-batch on one rank).
+"""
+import torch
+
+from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, clipped_surrogate_tokens, pact_loss
+
+PO, TC, TRACE = 0, 1, 2
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def _get(config, name, default=None):
+    """Read a field of verl's ActorConfig, a DictConfig or a plain dict."""
+    if isinstance(config, dict):
+        return config.get(name, default)
+    value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def verl_aggregate(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                   loss_scale_factor=None):
+    """verl's reduction of ``loss_mat [B, T]`` over ``mask [B, T]``, normalised by global-batch counts."""
+    mask = mask.to(loss_mat.dtype)
+    masked = torch.where(mask.bool(), loss_mat, torch.zeros_like(loss_mat))
+    if mode == "token-mean":
+        if batch_num_tokens is None and dp_size > 1:
+            raise ValueError("verl_aggregate: token-mean with dp_size > 1 needs batch_num_tokens")
+        tokens = mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return masked.sum() / tokens * dp_size
+    if mode == "token-sum":
+        return masked.sum() * dp_size
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"verl_aggregate: unknown loss_agg_mode {mode!r}; choose one of {LOSS_AGG_MODES}")
+    seq_tokens = mask.sum(-1)
+    has = seq_tokens > 0
+    if global_batch_size is None and dp_size > 1:
+        raise ValueError(f"verl_aggregate: {mode} with dp_size > 1 needs global_batch_size")
+    n_seq = has.sum() if global_batch_size is None else global_batch_size
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / seq_tokens.clamp_min(1)
+        return per_seq[has].sum() / n_seq * dp_size
+    loss = masked.sum(-1)[has].sum() / n_seq * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_scale_factor or loss_mat.shape[-1])
+    return loss
+
+
+def compute_policy_loss_pact(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl ``PolicyLossFn``: [B, T] tensors in, ``(loss, metrics)`` out (metrics under verl's names)."""
+    if config is None:
+        raise ValueError("compute_policy_loss_pact: verl passes the actor config; got None")
+    clip = _get(config, "clip_ratio", 0.2)
+    loss_mat, ratio, low, high, dual = clipped_surrogate_tokens(
+        log_prob, old_log_prob, advantages, clip_eps_low=_get(config, "clip_ratio_low", clip),
+        clip_eps_high=_get(config, "clip_ratio_high", clip), dual_clip=_get(config, "clip_ratio_c", 3.0))
+    if rollout_is_weights is not None:
+        loss_mat = loss_mat * rollout_is_weights
+    info = dict(_get(config, "global_batch_info", {}) or {})
+    loss = verl_aggregate(loss_mat, response_mask, loss_agg_mode, **info)
+    mask = response_mask.bool()
+    n = mask.sum().clamp_min(1)
+    metrics = {
+        "actor/pg_clipfrac": ((low | high) & mask).sum().item() / n.item(),
+        "actor/ppo_kl": ((old_log_prob - log_prob.detach()) * mask).sum().item() / n.item(),
+        "actor/pg_clipfrac_lower": (dual & mask).sum().item() / n.item(),
+    }
+    return loss, metrics
+
+
+def register(name="pact"):
+    """Register ``compute_policy_loss_pact`` with verl as ``actor.policy_loss.loss_mode=<name>``."""
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    return register_policy_loss(name)(compute_policy_loss_pact)
+
+
+def anchor_rows(group_ids, q, seed, step):
+    """One Bernoulli(q) anchoring draw per prompt group, broadcast to its rows. group_ids: [N] int -> [N] bool.
+
+    Every rank gets the same draws for the same (seed, step) and group ids: pass global group ids."""
+    uniq, index = torch.unique(torch.as_tensor(group_ids), return_inverse=True)
+    draws = anchor_draws(len(uniq), q, anchor_generator(seed, step))
+    return draws[index.cpu()].to(index.device)
+
+
+def _field(data, name, default=None):
+    if name not in data.keys():
+        return default
+    value = data[name]
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        value = value.to_padded_tensor(0)
+    return value
+
+
+def _scalar(data, name):
+    value = _field(data, name)
+    return None if value is None else float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _log_probs(model_output, data, key):
+    value = model_output.get(key)
+    if value is None or not value.is_nested:
+        return value
+    from verl.workers.utils.padding import no_padding_2_padding  # nested rows hold prompt + response
+
+    return no_padding_2_padding(value, data)
+
+
+def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=0.0):
+    """verl whole-loss hook: PACT over a micro-batch of PO / TC / TRACE rows. Returns (loss, metrics)."""
+    cfg = pact_config or PACTLossConfig()
+    logp = _log_probs(model_output, data, "log_probs")
+    entropy = _log_probs(model_output, data, "entropy")
+    mask = _field(data, "response_mask").to(logp.dtype)
+    old = _field(data, "old_log_probs")
+    role = _field(data, "pact_role").long()
+    po = torch.nonzero(role == PO)[:, 0]
+    tc_rows = torch.nonzero(role == TC)[:, 0]
+    trace = torch.nonzero(role == TRACE)[:, 0]
+
+    rollout = _field(data, "pact_rollout")
+    tc = po.new_empty(0)
+    if len(tc_rows):
+        by_rollout = {int(rollout[j]): j for j in tc_rows.tolist()}
+        missing = [int(rollout[i]) for i in po.tolist() if int(rollout[i]) not in by_rollout]
+        if missing or len(by_rollout) != len(po):
+            raise ValueError(f"pact_loss_fn: every PO row needs its TC row in the same micro-batch; rollouts "
+                             f"{missing or sorted(set(by_rollout) - {int(rollout[i]) for i in po.tolist()})} "
+                             "are unpaired")
+        tc = torch.tensor([by_rollout[int(rollout[i])] for i in po.tolist()], device=po.device)
+
+    def rows(tensor, index):
+        return None if tensor is None or len(index) == 0 else tensor[index]
+
+    anchored = _field(data, "pact_anchored")
+    if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and anchored is None and len(po):
+        raise ValueError("pact_loss_fn: anchor_mode='bernoulli' needs data['pact_anchored'] (see anchor_rows)")
+    ref = _field(data, "ref_log_prob")
+    batch = PACTBatch(
+        response_mask=mask[po], rewards=torch.zeros(len(po), device=mask.device),
+        group_ids=_field(data, "pact_group")[po], logp_po=logp[po], old_logp_po=old[po],
+        logp_tc=rows(logp, tc), old_logp_tc=rows(old, tc), advantages=_field(data, "advantages")[po],
+        anchored=rows(anchored, po), ref_logp=rows(ref, po), entropy=rows(entropy, po),
+        sft_logp=rows(logp, trace), sft_components=rows(_field(data, "pact_components"), trace),
+        sft_segment_ids=rows(_field(data, "pact_segment_ids"), trace),
+        sft_turn_ids=rows(_field(data, "pact_turn_ids"), trace))
+    if len(trace):  # trace tokens outside the response are never targets
+        batch.sft_components = torch.where(mask[trace].bool(), batch.sft_components,
+                                           torch.zeros_like(batch.sft_components))
+    else:  # no trace in this micro-batch: an empty SFT term
+        batch.sft_logp = logp.new_zeros((0, logp.shape[1]))
+        batch.sft_components = role.new_zeros((0, logp.shape[1]))
+    rl_scale, sft_scale = _scales(data, cfg, batch.response_mask, len(trace))
+    loss, metrics = pact_loss(batch, cfg, progress, rl_scale=rl_scale, sft_scale=sft_scale)
+    metrics.pop("reward_mean", None)  # verl logs rewards; the rows carry advantages
+    return loss, {f"actor/pact/{k}": v for k, v in metrics.items()}
+
+
+def _scales(data, cfg, response_mask, n_traces):
+    """Micro-batch shares of the mini-batch's RL and SFT normalisers, from the host's global counts."""
+    dp_size = _scalar(data, "dp_size") or 1.0
+    rl_tokens, rl_seqs, traces = (_scalar(data, k) for k in ("pact_rl_tokens", "pact_rl_seqs", "pact_traces"))
+    if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
+        raise ValueError("pact_loss_fn: with dp_size > 1 the host must supply pact_rl_tokens, pact_rl_seqs and "
+                         "pact_traces (global counts of the mini-batch)")
+    if cfg.loss_agg == "token-mean":
+        rl_scale = 1.0 if rl_tokens is None else response_mask.sum().item() / rl_tokens * dp_size
+    else:
+        rl_scale = 1.0 if rl_seqs is None else (response_mask.sum(-1) > 0).sum().item() / rl_seqs * dp_size
+    sft_scale = 1.0 if traces is None else n_traces / traces * dp_size
+    return rl_scale, sft_scale

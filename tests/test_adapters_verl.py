@@ -1,0 +1,211 @@
+"""Our side of the verl signatures (verl 0.9.1 needs Ray and transformers < 5.11, so it is not installed)."""
+import inspect
+import math
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pact_fast.adapters import verl as adapter
+from pact_fast.adapters.verl import PO, TC, TRACE, anchor_rows, compute_policy_loss_pact, pact_loss_fn
+from pact_fast.losses import OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
+
+D = torch.float64
+# verl 0.9.1's PolicyLossFn parameters, in order; ppo_loss calls the function with these keywords
+VERL_POLICY_LOSS_PARAMS = ["old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
+                           "rollout_is_weights"]
+
+
+def _tokens(B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=D) * 3
+    new = old + 0.5 * torch.randn(B, T, generator=g, dtype=D)
+    adv = torch.randn(B, 1, generator=g, dtype=D).expand(B, T).clone()
+    mask = (torch.rand(B, T, generator=g) > 0.25).to(D)
+    mask[0, 0] = 1.0
+    return new, old, adv, mask
+
+
+def _hand_vanilla(new, old, adv, mask, lo, hi, c, weights, mode, dp_size=1, batch_num_tokens=None,
+                  global_batch_size=None, loss_scale_factor=None):
+    """verl's vanilla policy loss, token by token in float64."""
+    B, T = new.shape
+    per_seq, tokens, clipped, lower = [], 0, 0, 0
+    for b in range(B):
+        row = []
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            a = adv[b, t].item()
+            r = math.exp(min(max(new[b, t].item() - old[b, t].item(), -20.0), 20.0))
+            l1, l2 = -a * r, -a * min(max(r, 1 - lo), 1 + hi)
+            loss = max(l1, l2)
+            clipped += l2 > l1
+            if a < 0:
+                lower += loss > -a * c
+                loss = min(loss, -a * c)
+            row.append(loss * weights[b, t].item())
+        per_seq.append(row)
+        tokens += len(row)
+    nonempty = [r for r in per_seq if r]
+    if mode == "token-mean":
+        value = sum(map(sum, per_seq)) / (batch_num_tokens or tokens) * dp_size
+    elif mode == "token-sum":
+        value = sum(map(sum, per_seq)) * dp_size
+    elif mode == "seq-mean-token-mean":
+        value = sum(sum(r) / len(r) for r in nonempty) / (global_batch_size or len(nonempty)) * dp_size
+    else:
+        value = sum(sum(r) for r in nonempty) / (global_batch_size or len(nonempty)) * dp_size
+        if mode == "seq-mean-token-sum-norm":
+            value /= loss_scale_factor or T
+    return value, clipped / tokens, lower / tokens
+
+
+def test_the_policy_loss_has_verls_signature():
+    assert list(inspect.signature(compute_policy_loss_pact).parameters) == VERL_POLICY_LOSS_PARAMS
+
+
+@pytest.mark.parametrize("mode", adapter.LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, {"dp_size": 2, "batch_num_tokens": 57.0, "global_batch_size": 9.0,
+                                       "loss_scale_factor": 16}])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_policy_loss_is_verls_vanilla_surrogate(mode, info, with_weights):
+    new, old, adv, mask = _tokens(5, 8, seed=1)
+    mask[4] = 0.0
+    weights = torch.rand(5, 8, dtype=D) + 0.5 if with_weights else torch.ones(5, 8, dtype=D)
+    config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.0,
+                             global_batch_info=dict(info))
+    x = new.clone().requires_grad_()
+    loss, metrics = compute_policy_loss_pact(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
+                                             loss_agg_mode=mode, config=config,
+                                             rollout_is_weights=weights if with_weights else None)
+    expected, clipfrac, lower = _hand_vanilla(new, old, adv, mask, 0.2, 0.28, 2.0, weights, mode, **info)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(clipfrac)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(lower)
+    assert 0 < clipfrac < 1 and lower > 0  # every branch is taken
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[mask == 0] == 0).all()
+
+
+def test_register_puts_it_in_verls_registry(monkeypatch):
+    """A stand-in for verl.trainer.ppo.core_algos with verl's registry contract."""
+    registry = {}
+
+    def register_policy_loss(name):
+        def decorator(func):
+            registry[name] = func
+            return func
+        return decorator
+
+    core_algos = types.ModuleType("verl.trainer.ppo.core_algos")
+    core_algos.register_policy_loss = register_policy_loss
+    for name in ("verl", "verl.trainer", "verl.trainer.ppo"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core_algos)
+    assert adapter.register("pact") is compute_policy_loss_pact
+    assert registry == {"pact": compute_policy_loss_pact}
+
+
+# ---------------------------------------------------------------- whole-loss hook
+
+
+def _group_rows(G=3, R=2, T=10, E=10, seed=0):
+    """Canonical tensors of G groups x R rollouts and one trace per group, and the verl rows made of them
+    (PO rows, then TC rows, then TRACE rows; callers shuffle)."""
+    g = torch.Generator().manual_seed(seed)
+    B = G * R
+    po, old_po, adv, mask = _tokens(B, T, seed)
+    tc, old_tc, _, _ = _tokens(B, T, seed + 1)
+    sft = -torch.rand(G, E, generator=g, dtype=D) * 2
+    labels = torch.tensor([REASONING, REASONING, TOOL_CALL, TOOL_CALL, TOOL_RESPONSE, REASONING, REASONING, OTHER,
+                           TOOL_CALL, OTHER])
+    comps = labels.repeat(G, 1)
+    segs = torch.tensor([0, 1, 0, 0, 0, 0, 0, 0, 0, 0]).repeat(G, 1)
+    turns = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1]).repeat(G, 1)
+    group = torch.arange(B) // R
+    anchored = anchor_rows(group, 0.5, seed=3, step=7)
+    canonical = PACTBatch(response_mask=mask, rewards=torch.zeros(B, dtype=D), group_ids=group, logp_po=po,
+                          old_logp_po=old_po, logp_tc=tc, old_logp_tc=old_tc, advantages=adv, anchored=anchored,
+                          sft_logp=sft, sft_components=comps, sft_segment_ids=segs, sft_turn_ids=turns)
+    zeros = torch.zeros(B, T, dtype=torch.long)
+    rows = {
+        "pact_role": torch.cat([torch.full((B,), PO), torch.full((B,), TC), torch.full((G,), TRACE)]),
+        "pact_rollout": torch.cat([torch.arange(B), torch.arange(B), torch.full((G,), -1)]),
+        "pact_group": torch.cat([group, group, torch.arange(G)]),
+        "pact_anchored": torch.cat([anchored, anchored, torch.zeros(G, dtype=torch.bool)]),
+        "response_mask": torch.cat([mask, mask, torch.ones(G, T, dtype=D)]),
+        "old_log_probs": torch.cat([old_po, old_tc, sft.detach()]),
+        "advantages": torch.cat([adv, adv, torch.zeros(G, T, dtype=D)]),
+        "pact_components": torch.cat([zeros, zeros, comps]),
+        "pact_segment_ids": torch.cat([zeros, zeros, segs]),
+        "pact_turn_ids": torch.cat([zeros, zeros, turns]),
+    }
+    log_probs = torch.cat([po, tc, sft])
+    return canonical, rows, log_probs
+
+
+def _take(rows, index):
+    return {k: v[index] for k, v in rows.items()}
+
+
+def test_hook_routes_shuffled_rows_to_their_roles():
+    canonical, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    perm = torch.randperm(log_probs.shape[0], generator=torch.Generator().manual_seed(0))
+    x = log_probs[perm].clone().requires_grad_()
+    loss, metrics = pact_loss_fn(None, {"log_probs": x}, _take(rows, perm), pact_config=config, progress=0.4)
+
+    leaf = log_probs.clone().requires_grad_()
+    B, G = canonical.logp_po.shape[0], canonical.sft_logp.shape[0]
+    canonical.logp_po, canonical.logp_tc, canonical.sft_logp = leaf[:B], leaf[B:2 * B], leaf[2 * B:2 * B + G]
+    expected, expected_metrics = pact_loss(canonical, config, 0.4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert metrics["actor/pact/loss/sft"] == pytest.approx(expected_metrics["loss/sft"], rel=1e-12)
+    assert 0 < metrics["actor/pact/anchored_groups"] < 3  # both contexts are in play
+    (g_hook,) = torch.autograd.grad(loss, x)
+    (g_ref,) = torch.autograd.grad(expected, leaf)
+    torch.testing.assert_close(g_hook, g_ref[perm], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_and_ranks_add_up_to_the_mini_batch(loss_agg):
+    canonical, rows, log_probs = _group_rows(G=4)
+    config = PACTLossConfig(anchor_q=0.5, loss_agg=loss_agg)
+    whole, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config)
+    mask = canonical.response_mask
+    counts = {"pact_rl_tokens": mask.sum().item(), "pact_rl_seqs": float((mask.sum(-1) > 0).sum()), "pact_traces": 4.0}
+    B = 8
+    halves = [torch.tensor([0, 1, 2, 3, B, B + 1, B + 2, B + 3, 16, 17]),
+              torch.tensor([4, 5, 6, 7, B + 4, B + 5, B + 6, B + 7, 18, 19])]
+    micro = sum(pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts}, pact_config=config)[0]
+                for i in halves)
+    assert micro.item() == pytest.approx(whole.item(), rel=1e-12)
+    # two data-parallel ranks: gradients are averaged, so the mean of the rank losses is the whole loss
+    ranks = [pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts, "dp_size": 2},
+                          pact_config=config)[0] for i in halves]
+    assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_hook_refuses_what_it_cannot_compute():
+    _, rows, log_probs = _group_rows()
+    config = PACTLossConfig()
+    keep = torch.tensor([i for i in range(15) if i != 6])  # drop the TC row of rollout 0
+    with pytest.raises(ValueError, match=r"unpaired"):
+        pact_loss_fn(None, {"log_probs": log_probs[keep]}, _take(rows, keep), pact_config=config)
+    no_draws = {k: v for k, v in rows.items() if k != "pact_anchored"}
+    with pytest.raises(ValueError, match="pact_anchored"):
+        pact_loss_fn(None, {"log_probs": log_probs}, no_draws, pact_config=config)
+    with pytest.raises(ValueError, match="pact_rl_tokens"):
+        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "dp_size": 2}, pact_config=config)
+
+
+def test_anchor_rows_draws_once_per_group_reproducibly():
+    group = torch.arange(4000).repeat_interleave(2)
+    a = anchor_rows(group, 0.3, seed=11, step=5)
+    assert torch.equal(a[0::2], a[1::2])  # one draw per group
+    assert torch.equal(a, anchor_rows(group, 0.3, seed=11, step=5))
+    assert not torch.equal(a, anchor_rows(group, 0.3, seed=11, step=6))
+    assert abs(a[0::2].double().mean().item() - 0.3) < 0.03  # 4000 draws: 4 standard deviations
