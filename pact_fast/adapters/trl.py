@@ -1,7 +1,7 @@
 """TRL: ``PACTGRPOTrainer``, a ``trl.GRPOTrainer`` whose loss is ``pact_loss`` (tested with trl 1.16).
 
 The dataset is what GRPOTrainer takes, conversational ``prompt`` rows, plus a ``trace`` column: the
-expert trace as messages in pact_fast's data format (README, "Data"): assistant turns with
+expert trace as messages in pact_fast's data format (``pact_fast/data.py``): assistant turns with
 ``reasoning_content`` and ``tool_calls``, tool responses, as a list or a JSON string. Reward
 functions see the ``trace`` column among their keyword arguments, as GRPOTrainer passes every column.
 
