@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pact_fast.adapters import verl as adapter
-from pact_fast.adapters.verl import PO, TC, TRACE, anchor_rows, compute_policy_loss_pact, pact_loss_fn
+from pact_fast.adapters.verl import (PO, TC, TRACE, anchor_rows, compute_policy_loss_pact,
+                                     pact_config_from_actor_config, pact_loss_fn)
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
 
 D = torch.float64
@@ -209,3 +210,17 @@ def test_anchor_rows_draws_once_per_group_reproducibly():
     assert torch.equal(a, anchor_rows(group, 0.3, seed=11, step=5))
     assert not torch.equal(a, anchor_rows(group, 0.3, seed=11, step=6))
     assert abs(a[0::2].double().mean().item() - 0.3) < 0.03  # 4000 draws: 4 standard deviations
+
+
+def test_the_actor_config_carries_over():
+    actor = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=2.5,
+                            loss_agg_mode="seq-mean-token-mean", loss_scale_factor=None, entropy_coeff=0.01,
+                            use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.05)
+    cfg = pact_config_from_actor_config(actor, anchor_q=0.4)
+    assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip, cfg.loss_agg) == (0.1, 0.3, 2.5, "seq-mean-token-mean")
+    assert (cfg.c_ent, cfg.beta_kl, cfg.kl_estimator, cfg.anchor_q) == (0.01, 0.05, "k3", 0.4)
+    assert pact_config_from_actor_config({"use_kl_loss": False, "kl_loss_coef": 0.05}).beta_kl == 0.0
+    with pytest.raises(ValueError, match="kl_loss_type='full'"):
+        pact_config_from_actor_config({"use_kl_loss": True, "kl_loss_type": "full"})
+    with pytest.raises(ValueError, match="token-sum"):
+        pact_config_from_actor_config({"loss_agg_mode": "token-sum"})

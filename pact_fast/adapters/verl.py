@@ -14,9 +14,11 @@ import needs Ray and transformers < 5.11, so CI tests our side of these signatur
 
 2. ``pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config, progress=0.0)``, the
    whole loss, for ``actor.set_loss_fn(functools.partial(pact_loss_fn, config=actor_config,
-   pact_config=...))``. A micro-batch holds rows in three roles, ``data["pact_role"]`` [N]:
-   ``PO`` (a rollout with the prompt), ``TC`` (the same response with the trace-conditioned prompt)
-   and ``TRACE`` (an expert trace as the response of the prompt). The host supplies, besides verl's
+   pact_config=...))``; ``pact_config_from_actor_config`` carries the ActorConfig's clipping,
+   reduction, KL loss and entropy coefficient over (the default when ``pact_config`` is None).
+   A micro-batch holds rows in three roles, ``data["pact_role"]`` [N]: ``PO`` (a rollout with the
+   prompt), ``TC`` (the same response with the trace-conditioned prompt) and ``TRACE`` (an expert
+   trace as the response of the prompt). The host supplies, besides verl's
    ``response_mask``, ``old_log_probs``, ``advantages`` ([N, T], padded or nested):
    - ``pact_rollout`` [N]: an id shared by a rollout's PO and TC rows (both must be in the micro-batch);
    - ``pact_group`` [N]: prompt group id; ``pact_anchored`` [N] bool: the group's anchoring draw
@@ -135,9 +137,36 @@ def _log_probs(model_output, data, key):
     return no_padding_2_padding(value, data)
 
 
+# verl's kl_loss_type -> PACTLossConfig.kl_estimator
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def pact_config_from_actor_config(config, **overrides):
+    """A ``PACTLossConfig`` carrying verl's ActorConfig clipping, reduction, KL loss and entropy bonus."""
+    clip = _get(config, "clip_ratio", 0.2)
+    mode = _get(config, "loss_agg_mode", "token-mean")
+    if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        raise ValueError(f"pact_config_from_actor_config: loss_agg_mode={mode!r} has no PACT counterpart")
+    values = dict(clip_eps_low=_get(config, "clip_ratio_low", clip),
+                  clip_eps_high=_get(config, "clip_ratio_high", clip), dual_clip=_get(config, "clip_ratio_c", 3.0),
+                  loss_agg=mode,
+                  loss_scale_factor=_get(config, "loss_scale_factor"), c_ent=_get(config, "entropy_coeff", 0.0))
+    if _get(config, "use_kl_loss", False):
+        kl_type = _get(config, "kl_loss_type", "low_var_kl")
+        if kl_type not in KL_ESTIMATORS:
+            raise ValueError(f"pact_config_from_actor_config: kl_loss_type={kl_type!r}; choose one of "
+                             f"{sorted(KL_ESTIMATORS)}")
+        values.update(beta_kl=_get(config, "kl_loss_coef", 0.001), kl_estimator=KL_ESTIMATORS[kl_type])
+    values.update(overrides)
+    return PACTLossConfig(**values)
+
+
 def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=0.0):
-    """verl whole-loss hook: PACT over a micro-batch of PO / TC / TRACE rows. Returns (loss, metrics)."""
-    cfg = pact_config or PACTLossConfig()
+    """verl whole-loss hook: PACT over a micro-batch of PO / TC / TRACE rows. Returns (loss, metrics).
+
+    config: verl's ActorConfig; without ``pact_config`` the PACT config is ``pact_config_from_actor_config(config)``.
+    """
+    cfg = pact_config or pact_config_from_actor_config(config or {})
     logp = _log_probs(model_output, data, "log_probs")
     entropy = _log_probs(model_output, data, "entropy")
     mask = _field(data, "response_mask").to(logp.dtype)
