@@ -89,6 +89,33 @@ def tree_attention_enabled(model):
         model.config._attn_implementation = previous
 
 
+def _checkpoint_in_tree(checkpoint_func, model):
+    """Wrap an activation-checkpointing function so that the function it runs, and so its recomputation in
+    the backward pass, runs with the tree attention: by then ``tree_attention_enabled`` has restored the
+    model's own attention, and a recomputation without the tree layout gives wrong gradients."""
+    def checkpoint(function, *args, **kwargs):
+        def run(*a, **k):
+            with tree_attention_enabled(model):
+                return function(*a, **k)
+        return checkpoint_func(run, *args, **kwargs)
+    return checkpoint
+
+
+@contextmanager
+def _recompute_in_tree(model):
+    """Route every activation-checkpointed module of ``model`` through ``_checkpoint_in_tree`` for the block."""
+    patched = [m for m in model.modules()
+               if getattr(m, "gradient_checkpointing", False) and "_gradient_checkpointing_func" in vars(m)]
+    originals = [m._gradient_checkpointing_func for m in patched]
+    for m, func in zip(patched, originals):
+        m._gradient_checkpointing_func = _checkpoint_in_tree(func, model)
+    try:
+        yield
+    finally:
+        for m, func in zip(patched, originals):
+            m._gradient_checkpointing_func = func
+
+
 def packed_hidden_states(model, packed, *, backend="auto"):
     """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
     decoder, _ = _decoder_and_head(model)
@@ -98,7 +125,7 @@ def packed_hidden_states(model, packed, *, backend="auto"):
     validate_subtree_end(subtree_end)  # once here; every layer then skips the check
     n_layers = model.config.num_hidden_layers
     layout = TreeLayout(subtree_end, resolve_backend(backend, device))
-    with tree_attention_enabled(model):
+    with tree_attention_enabled(model), _recompute_in_tree(model):
         out = decoder(input_ids=input_ids, position_ids=packed.position_ids.to(device)[None], use_cache=False,
                       tree_layout=layout)
     if layout.calls != n_layers:

@@ -42,6 +42,22 @@ def test_packed_scoring_equals_separate_forwards(family, backend):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_with_the_tree_layout(use_reentrant):
+    """The backward pass recomputes checkpointed layers after the forward has given the model its own
+    attention back; the recomputation must still run the tree layout (same gradients as without)."""
+    model = tiny_causal_lm("qwen3").train()
+    seqs = pact_group(seed=4, prompt=11, trace=5, header=3, G=3, response=4, sft=5, vocab=60)
+    weights = [torch.randn(len(s) - 1) for s in seqs]
+    plain = _grads(model, sequence_logprobs(model, seqs), weights)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = _grads(model, sequence_logprobs(model, seqs), weights)
+    assert model.config._attn_implementation == "sdpa"
+    assert checkpointed.keys() == plain.keys()
+    for name in plain:
+        assert rel_err(checkpointed[name], plain[name]) < 1e-5, name
+
+
 def test_entropy_and_temperature():
     model = tiny_causal_lm("qwen3")
     seqs = pact_group(seed=5, vocab=60)
