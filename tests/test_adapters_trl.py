@@ -30,7 +30,7 @@ def _reward(completions, **kwargs):
 def _args(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                   num_generations=2, max_completion_length=8, max_steps=2, learning_rate=1e-2, use_cpu=True,
-                  report_to=[], logging_steps=1, save_strategy="no", seed=0)
+                  report_to=[], logging_steps=1, save_strategy="no", seed=0, bf16=False)  # fp32, to compare
     values.update(overrides)
     return GRPOConfig(**values)
 
@@ -117,7 +117,7 @@ def test_a_step_is_the_float64_pact_loss_of_its_generation_batch(tmp_path):
         batch.old_logp_po, batch.old_logp_tc = batch.logp_po.clone(), batch.logp_tc.clone()
         expected, _ = pact_loss(batch, trainer.pact_config, progress)
         got = sum(loss for _, loss, *_ in micro)
-        assert got.item() == pytest.approx(expected.item(), rel=1e-4)  # fp32 model vs float64 reference
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)  # fp32 model vs float64 reference
 
     logged = [h for h in trainer.state.log_history if "pact/loss/sft" in h]
     assert len(logged) == 2 and all(h["pact/loss/sft"] > 0 for h in logged)
@@ -200,10 +200,47 @@ def test_bad_rows_name_the_row_and_the_problem(tmp_path, row, message):
     ({"loss_type": "cispo"}, None, "loss_type='cispo'"),
     ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
     ({}, {"beta_kl": 0.1}, "beta > 0"),
+    ({}, {}, "scoring="),
 ])
 def test_unsupported_options_are_refused(tmp_path, overrides, pact, message):
     args = _args(tmp_path, **overrides)
     config = None if pact is None else pact_config_from_grpo_args(_args(tmp_path), **pact)
+    scoring = "tree" if message == "scoring=" else "padded"
     with pytest.raises(ValueError, match=message):
         PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward, args=args,
-                        train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER, pact_config=config)
+                        train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER, pact_config=config,
+                        scoring=scoring)
+
+
+class PackedVsPadded(PACTGRPOTrainer):
+    """Scores each micro-batch both ways; trains with the packed pass."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, scoring="packed", **kwargs)
+        self.checked = 0
+
+    def _compute_loss(self, model, inputs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.scoring = "padded"
+        padded = self.pact_batch(model, inputs)
+        self.scoring = "packed"
+        packed = self.pact_batch(model, inputs)
+        for name in ("logp_po", "logp_tc", "entropy", "sft_logp"):
+            torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=2e-5)
+        progress = self.pact_progress()
+        g_padded = torch.autograd.grad(pact_loss(padded, self.pact_config, progress)[0], params)
+        g_packed = torch.autograd.grad(pact_loss(packed, self.pact_config, progress)[0], params)
+        for a, b in zip(g_padded, g_packed):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        self.checked += 1
+        return super()._compute_loss(model, inputs)
+
+
+def test_packed_scoring_equals_trls_padded_forwards(tmp_path):
+    """One tree-packed forward gives the log-probs, entropies and gradients of TRL's three padded ones."""
+    args = _args(tmp_path, num_iterations=2, max_steps=2)
+    trainer = PackedVsPadded(model=tiny_causal_lm("qwen3", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                             args=args, train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
+                             pact_config=pact_config_from_grpo_args(args, c_ent=0.01))
+    trainer.train()
+    assert trainer.checked == 4

@@ -19,19 +19,24 @@ What the subclass adds to GRPOTrainer, which samples and scores rollouts prompt-
   ``loss_agg``); the SFT term is scaled so that each trace sequence of a generation batch counts once
   per optimizer step.
 
-This is three padded forwards per micro-batch; ``pact-fast train`` does the same work in one
-tree-packed pass. Options of GRPOTrainer that change the surrogate itself (``loss_type`` cispo / sapo
+``scoring="padded"`` (the default) runs these as three padded forwards per micro-batch;
+``scoring="packed"`` runs one tree-packed forward of the micro-batch (``pact_fast.scoring``): each
+prompt, each trace-conditioned prompt and each trace prefix goes through the model once, as in
+``pact-fast train``. It needs a model whose attention goes through transformers' AttentionInterface
+(Llama, Qwen2, Qwen3, Mistral, ...) and, for now, one process. Options of GRPOTrainer that change the surrogate itself (``loss_type`` cispo / sapo
 / vespo / luspo, the off-policy mask, the entropy mask, sequence-level importance sampling, vLLM
 importance-sampling correction) are refused at construction.
 """
 import json
 
 import torch
+import torch.nn.functional as F
 from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
 from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, pact_loss
+from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
 # default) is a token mean over the whole generation batch, made here from micro-batch means (``_rl_scale``).
@@ -66,6 +71,16 @@ def _left_pad(rows, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+def _unpadded(ids, mask):
+    """ids, mask: [B, P]. Returns the B lists of ids where mask is 1."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def _pad_rows(parts, width):
+    """parts: 1-D tensors of length <= width. Returns [len(parts), width], zero-padded on the right."""
+    return torch.stack([F.pad(p, (0, width - p.shape[0])) for p in parts])
+
+
 def _right_pad(rows, value, device):
     """rows: list of S lists. Returns [S, L] long, right-padded with ``value``."""
     width = max(len(r) for r in rows)
@@ -82,13 +97,19 @@ class PACTGRPOTrainer(GRPOTrainer):
         pact_config: ``PACTLossConfig``; default: PACT defaults with GRPOConfig's ``epsilon``,
             ``epsilon_high``, ``beta`` (k3 KL) and ``loss_type`` carried over (``pact_config_from_grpo_args``).
         trace_template: ``TraceContextTemplate`` writing the trace into the privileged prompt.
+        scoring: ``"padded"`` (TRL's forward, three per micro-batch) or ``"packed"`` (one tree-packed forward).
     """
 
-    def __init__(self, *args, pact_config=None, trace_template=None, **kwargs):
+    def __init__(self, *args, pact_config=None, trace_template=None, scoring="padded", **kwargs):
         super().__init__(*args, **kwargs)
         self.pact_config = pact_config or pact_config_from_grpo_args(self.args)
         self.trace_template = trace_template or TraceContextTemplate()
+        self.scoring = scoring
         refused = []
+        if scoring not in ("padded", "packed"):
+            refused.append(f"scoring={scoring!r} (use 'padded' or 'packed')")
+        if scoring == "packed" and self.accelerator.num_processes > 1:
+            refused.append("scoring='packed' with more than one process (use 'padded')")
         if self.pact_config.beta_kl > 0 and self.beta == 0.0:
             refused.append("pact_config.beta_kl > 0 needs GRPOConfig(beta > 0) so that TRL keeps a reference model")
         if self.args.loss_type not in LOSS_AGG:
@@ -175,14 +196,54 @@ class PACTGRPOTrainer(GRPOTrainer):
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
             completion_ids.size(1), compute_entropy=entropy)[:2]
 
-    def pact_batch(self, model, inputs):
-        """The ``PACTBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
+    def _packed_logps(self, model, inputs, sequences):
+        """One tree-packed forward of the prompt-only rollouts, the trace-conditioned rollouts and the traces.
+
+        Returns (logp_po [B, T], entropy [B, T] or None, logp_tc [B, T], sft_logp [S, E - 1] or None)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        response_mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
+        B, T = completion_ids.shape
+        completions = _unpadded(completion_ids, completion_mask)  # TRL's completion masks are prefixes
+        contexts = [_unpadded(inputs["prompt_ids"], inputs["prompt_mask"]),
+                    _unpadded(inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"])]
+        seqs = [ctx[i] + completions[i] for ctx in contexts for i in range(B)] + [s.input_ids for s in sequences]
+        with_entropy = self.pact_config.c_ent > 0
+        with self.accelerator.autocast():  # the mixed precision TRL's own forward runs under
+            out = sequence_logprobs(model, seqs, temperature=self.temperature, return_entropy=with_entropy)
+        logp, ent = zip(*out) if with_entropy else (out, None)
+
+        def completion_part(values, k, context):  # values of tokens 1..n-1 -> the completion's tokens
+            start = len(context) - 1
+            return values[k][start:start + len(completions[k % B])]
+
+        logp_po = _pad_rows([completion_part(logp, i, contexts[0][i]) for i in range(B)], T)
+        logp_tc = _pad_rows([completion_part(logp, B + i, contexts[1][i]) for i in range(B)], T)
+        entropy = _pad_rows([completion_part(ent, i, contexts[0][i]) for i in range(B)], T) if with_entropy else None
+        width = max((len(s.input_ids) - 1 for s in sequences), default=0)
+        sft_logp = _pad_rows(list(logp[2 * B:]), width) if sequences else None
+        return logp_po, entropy, logp_tc, sft_logp
+
+    def _padded_logps(self, model, inputs, sequences):
+        """The same as ``_packed_logps`` through TRL's own forward: three padded batches."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         logp_po, entropy = self._pact_logps(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids,
                                             completion_mask, entropy=self.pact_config.c_ent > 0)
         logp_tc, _ = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
                                       completion_ids, completion_mask)
+        sft_logp = None
+        if sequences:
+            device = completion_ids.device
+            ids = _right_pad([s.input_ids for s in sequences], self._tokenizer.pad_token_id, device)
+            attn = _right_pad([[1] * len(s.input_ids) for s in sequences], 0, device)
+            sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
+        return logp_po, entropy, logp_tc, sft_logp
+
+    def pact_batch(self, model, inputs):
+        """The ``PACTBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        response_mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
+        sequences = [s for owned in inputs["pact_sft"] for s in owned]
+        score = self._packed_logps if self.scoring == "packed" else self._padded_logps
+        logp_po, entropy, logp_tc, sft_logp = score(model, inputs, sequences)
         old_po = inputs.get("old_per_token_logps")
         old_tc = inputs.get("pact_old_logp_tc")
         advantages = inputs["advantages"]
@@ -195,12 +256,9 @@ class PACTGRPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy,
             advantages=advantages, anchored=inputs["pact_anchored"])
 
-        sequences = [s for owned in inputs["pact_sft"] for s in owned]
         device = completion_ids.device
         if sequences:
-            ids = _right_pad([s.input_ids for s in sequences], self._tokenizer.pad_token_id, device)
-            attn = _right_pad([[1] * len(s.input_ids) for s in sequences], 0, device)
-            batch.sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
+            batch.sft_logp = sft_logp
             batch.sft_components = _right_pad([s.components for s in sequences], 0, device)[:, 1:]
             batch.sft_segment_ids = _right_pad([s.segment_ids for s in sequences], 0, device)[:, 1:]
             batch.sft_turn_ids = _right_pad([s.turn_ids for s in sequences], 0, device)[:, 1:]
