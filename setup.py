@@ -23,7 +23,10 @@ setup(
         "triton": ["triton>=3.1"],
         # TRL's private GRPOTrainer hooks move between releases: the adapter is tested with this one
         "trl": ["trl==1.16.0"],
-        "test": ["pytest", "triton>=3.1", "trl==1.16.0"],
+        # verl 0.9.1 itself goes in with --no-deps (its metadata pins transformers < 5.11); these are what
+        # its loss code imports (tests/test_adapters_verl.py)
+        "test": ["pytest", "triton>=3.1", "trl==1.16.0", "ray==2.55.0", "tensordict==0.10.0", "omegaconf",
+                 "hydra-core", "codetiming", "pillow"],
         "bench": ["pytest-benchmark"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },

@@ -1,12 +1,19 @@
-"""Our side of the verl signatures (verl 0.9.1 needs Ray and transformers < 5.11, so it is not installed)."""
+"""The verl adapter through verl 0.9.1's own code: its registry, ``ppo_loss`` and no-padding batches.
+
+verl is installed --no-deps (its metadata pins transformers < 5.11; the loss code runs with newer ones),
+with Ray and tensordict, which it imports. Float64 hand computations check the numbers besides."""
 import inspect
 import math
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tensordict import TensorDict
+from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import ActorConfig, PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import left_right_2_no_padding
 
 from pact_fast.adapters import verl as adapter
 from pact_fast.adapters.verl import (PO, TC, TRACE, anchor_rows, compute_policy_loss_pact,
@@ -91,23 +98,65 @@ def test_policy_loss_is_verls_vanilla_surrogate(mode, info, with_weights):
     assert torch.isfinite(x.grad).all() and (x.grad[mask == 0] == 0).all()
 
 
-def test_register_puts_it_in_verls_registry(monkeypatch):
-    """A stand-in for verl.trainer.ppo.core_algos with verl's registry contract."""
-    registry = {}
+def _no_padding_batch(fields, log_probs, prompt_lens, seed=0):
+    """A micro-batch as verl's engine hands it to a loss: ``fields`` ([N, T] response-aligned tensors, or [N])
+    in a TensorDict in verl's no-padding layout, and per-token log-probs [N, T] of the responses placed in
+    a nested tensor over prompt + response (position t holds the log-prob of token t + 1)."""
+    N, T = log_probs.shape
+    P = max(prompt_lens)
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = torch.randint(3, 50, (N, P), generator=g), torch.randint(3, 50, (N, T), generator=g)
+    attention = torch.zeros(N, P + T, dtype=torch.long)
+    for i, p in enumerate(prompt_lens):
+        attention[i, P - p:] = 1
+    data = TensorDict({**fields, "prompts": prompts, "responses": responses,
+                       "input_ids": torch.cat([prompts, responses], 1), "attention_mask": attention,
+                       "position_ids": (attention.cumsum(-1) - 1).clamp_min(0)}, batch_size=[N])
+    data = left_right_2_no_padding(data)
+    filler = -torch.rand(N, P + 1, generator=g, dtype=log_probs.dtype)
+    values = torch.cat([torch.cat([filler[i, :p - 1], log_probs[i], filler[i, p:p + 1]])
+                        for i, p in enumerate(prompt_lens)])
+    return data, torch.nested.nested_tensor_from_jagged(values, offsets=data["input_ids"].offsets())
 
-    def register_policy_loss(name):
-        def decorator(func):
-            registry[name] = func
-            return func
-        return decorator
 
-    core_algos = types.ModuleType("verl.trainer.ppo.core_algos")
-    core_algos.register_policy_loss = register_policy_loss
-    for name in ("verl", "verl.trainer", "verl.trainer.ppo"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core_algos)
-    assert adapter.register("pact") is compute_policy_loss_pact
-    assert registry == {"pact": compute_policy_loss_pact}
+def _global_info(data, dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    for key, value in (("dp_size", dp_size), ("batch_num_tokens", batch_num_tokens),
+                       ("global_batch_size", global_batch_size)):
+        tu.assign_non_tensor_data(data, key, value)
+    return data
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, "pact", raising=False)  # removed again at teardown
+    return adapter.register("pact")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("info", [{}, {"dp_size": 2, "batch_num_tokens": 57, "global_batch_size": 9}])
+def test_verls_ppo_loss_runs_it_as_loss_mode_pact(registered, mode, info):
+    """verl's own ppo_loss with loss_mode=pact gives vanilla's loss, gradient and metrics."""
+    assert registered is compute_policy_loss_pact
+    assert core_algos.get_policy_loss_fn("pact") is compute_policy_loss_pact
+    new, old, adv, mask = _tokens(5, 8, seed=2)
+    mask[4] = 0.0
+    results = []
+    for loss_mode in ("vanilla", "pact"):
+        config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_high=0.28,
+                             clip_ratio_c=1.5, loss_agg_mode=mode, policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+        x = new.clone().requires_grad_()
+        data, log_probs = _no_padding_batch({"response_mask": mask, "old_log_probs": old, "advantages": adv}, x,
+                                            prompt_lens=[3, 5, 2, 4, 5])
+        loss, metrics = ppo_loss(config, {"log_probs": log_probs}, _global_info(data, **info))
+        (grad,) = torch.autograd.grad(loss, x)
+        results.append((loss.item(), grad, {k: m.aggregate() for k, m in metrics.items()}))
+    (vanilla, g_vanilla, m_vanilla), (pact, g_pact, m_pact) = results
+    assert pact == pytest.approx(vanilla, rel=1e-12)
+    torch.testing.assert_close(g_pact, g_vanilla, rtol=1e-12, atol=1e-15)
+    assert m_pact.keys() == m_vanilla.keys()
+    for key in m_vanilla:
+        assert m_pact[key] == pytest.approx(m_vanilla[key], rel=1e-6, abs=1e-12), key  # verl: fp32 fractions
+    assert m_vanilla["actor/pg_clipfrac"] > 0 and m_vanilla["actor/pg_clipfrac_lower"] > 0
 
 
 # ---------------------------------------------------------------- whole-loss hook
@@ -224,3 +273,21 @@ def test_the_actor_config_carries_over():
         pact_config_from_actor_config({"use_kl_loss": True, "kl_loss_type": "full"})
     with pytest.raises(ValueError, match="token-sum"):
         pact_config_from_actor_config({"loss_agg_mode": "token-sum"})
+
+
+def test_hook_reads_verls_no_padding_batches():
+    """The hook on a TensorDict in verl's no-padding layout, with nested log-probs, is the hook on the
+    padded rows: the same loss as pact_loss of the canonical batch, and the same gradients."""
+    canonical, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    leaf = log_probs.clone().requires_grad_()
+    data, nested = _no_padding_batch(rows, leaf, prompt_lens=[4, 6, 3, 5, 7, 2, 6, 6, 4, 4, 3, 5, 2, 7, 3])
+    loss, _ = pact_loss_fn(None, {"log_probs": nested}, _global_info(data), pact_config=config, progress=0.2)
+    reference = log_probs.clone().requires_grad_()
+    B, G = canonical.logp_po.shape[0], canonical.sft_logp.shape[0]
+    canonical.logp_po, canonical.logp_tc = reference[:B], reference[B:2 * B]
+    canonical.sft_logp = reference[2 * B:2 * B + G]
+    expected, _ = pact_loss(canonical, config, 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], torch.autograd.grad(expected, reference)[0],
+                               rtol=1e-12, atol=1e-15)

@@ -1,7 +1,7 @@
-"""verl: a registered policy loss and a whole-loss hook (written against verl 0.9.1's signatures).
+"""verl: a registered policy loss and a whole-loss hook (tested with verl 0.9.1).
 
-verl is not imported here except by ``register()`` and for nested (no-padding) model outputs: its
-import needs Ray and transformers < 5.11, so CI tests our side of these signatures, not verl's.
+verl is imported only by ``register()`` and for nested (no-padding) model outputs, so this module
+loads without it. The tests run both through verl's own ``ppo_loss``, registry and no-padding batches.
 
 1. ``compute_policy_loss_pact``, a ``PolicyLossFn`` (``register()`` makes it
    ``actor.policy_loss.loss_mode=pact``): the PACT surrogate of the rows verl scored, whatever
