@@ -159,6 +159,20 @@ def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
     raise ValueError(f"aggregate: unknown agg {agg!r}; choose one of {LOSS_AGGS}")
 
 
+def micro_batch_share(response_mask, loss_agg="token-mean", *, global_tokens=None, global_seqs=None, world=1):
+    """``rl_scale`` of a micro-batch: its share of the step's RL normaliser, times the data-parallel world size.
+
+    response_mask: [B, T]. ``token-mean`` counts response tokens (of ``global_tokens``), the sequence reductions
+    count non-empty rows (of ``global_seqs``). With the count of the whole step over all ranks, the micro-batch
+    losses add up (and ranks average, as data-parallel gradients do) to the step's loss; without it the
+    micro-batch is taken as the whole step (share 1)."""
+    if loss_agg == "token-mean":
+        local, total = response_mask.sum().item(), global_tokens
+    else:
+        local, total = (response_mask.sum(-1) > 0).sum().item(), global_seqs
+    return 1.0 if total is None else world * local / total
+
+
 def clipped_surrogate_tokens(logp, old_logp, advantages, *, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None):
     """Per-token PPO/GRPO loss ``max(-A rho, -A clip(rho, 1-eps_lo, 1+eps_hi))`` with optional dual clip.
 

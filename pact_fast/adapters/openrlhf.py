@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, micro_batch_share, pact_loss
 
 
 class PACTPolicyLoss(torch.nn.Module):
@@ -47,16 +47,7 @@ class PACTPolicyLoss(torch.nn.Module):
         self.config = dataclasses.replace(
             pact_config or PACTLossConfig(), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
             dual_clip=dual_clip, loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
-        self.token_level_loss = token_level_loss
         self.metrics = {}
-
-    def rl_scale(self, action_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None):
-        """Factor turning the micro-batch mean into OpenRLHF's share of the global-batch mean."""
-        if self.token_level_loss:
-            return 1.0 if batch_num_tokens is None else action_mask.sum().item() / batch_num_tokens * dp_size
-        if global_batch_size is None:
-            return 1.0
-        return (action_mask.sum(-1) > 0).sum().item() / global_batch_size * dp_size
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None, *, log_probs_tc=None, old_log_probs_tc=None,
@@ -77,7 +68,8 @@ class PACTPolicyLoss(torch.nn.Module):
             behavior_logp=rollout_log_probs, advantages=advantages, anchored=anchored,
             sft_logp=sft_log_probs, sft_components=sft_components, sft_segment_ids=sft_segment_ids,
             sft_turn_ids=sft_turn_ids)
-        scale = self.rl_scale(action_mask, dp_size, batch_num_tokens, global_batch_size)
+        scale = micro_batch_share(action_mask, cfg.loss_agg, global_tokens=batch_num_tokens,
+                                  global_seqs=global_batch_size, world=dp_size)
         loss, metrics = pact_loss(batch, cfg, progress, step=step, rl_scale=scale, sft_scale=sft_scale)
         metrics.pop("reward_mean", None)  # OpenRLHF passes advantages, not rewards
         self.metrics = metrics

@@ -35,7 +35,7 @@ from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, micro_batch_share, pact_loss
 from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
@@ -276,10 +276,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self.args.loss_type != "dapo":
             return 1.0 / accumulation
         # TRL's dapo: token sum over the tokens of the generation batch (per process), per optimizer step
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
         if training:
             normalizer = normalizer * accumulation / self.args.steps_per_generation
-        return response_mask.sum() / normalizer
+        return micro_batch_share(response_mask, "token-mean", global_tokens=normalizer)
 
     def _compute_loss(self, model, inputs):
         batch = self.pact_batch(model, inputs)

@@ -33,7 +33,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, clipped_surrogate_tokens, pact_loss
+from ..losses import (PACTBatch, PACTLossConfig, aggregate, anchor_draws, anchor_generator, clipped_surrogate_tokens,
+                      micro_batch_share, pact_loss)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -50,29 +51,19 @@ def _get(config, name, default=None):
 def verl_aggregate(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
                    loss_scale_factor=None):
     """verl's reduction of ``loss_mat [B, T]`` over ``mask [B, T]``, normalised by global-batch counts."""
-    mask = mask.to(loss_mat.dtype)
-    masked = torch.where(mask.bool(), loss_mat, torch.zeros_like(loss_mat))
-    if mode == "token-mean":
-        if batch_num_tokens is None and dp_size > 1:
-            raise ValueError("verl_aggregate: token-mean with dp_size > 1 needs batch_num_tokens")
-        tokens = mask.sum() if batch_num_tokens is None else batch_num_tokens
-        return masked.sum() / tokens * dp_size
-    if mode == "token-sum":
-        return masked.sum() * dp_size
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"verl_aggregate: unknown loss_agg_mode {mode!r}; choose one of {LOSS_AGG_MODES}")
-    seq_tokens = mask.sum(-1)
-    has = seq_tokens > 0
-    if global_batch_size is None and dp_size > 1:
-        raise ValueError(f"verl_aggregate: {mode} with dp_size > 1 needs global_batch_size")
-    n_seq = has.sum() if global_batch_size is None else global_batch_size
-    if mode == "seq-mean-token-mean":
-        per_seq = masked.sum(-1) / seq_tokens.clamp_min(1)
-        return per_seq[has].sum() / n_seq * dp_size
-    loss = masked.sum(-1)[has].sum() / n_seq * dp_size
-    if mode == "seq-mean-token-sum-norm":
-        loss = loss / (loss_scale_factor or loss_mat.shape[-1])
-    return loss
+    if mode == "token-sum":
+        return torch.where(mask.bool(), loss_mat, torch.zeros_like(loss_mat)).sum() * dp_size
+    total = batch_num_tokens if mode == "token-mean" else global_batch_size
+    if total is None and dp_size > 1:
+        raise ValueError(f"verl_aggregate: {mode} with dp_size > 1 needs "
+                         f"{'batch_num_tokens' if mode == 'token-mean' else 'global_batch_size'}")
+    if mode == "seq-mean-token-sum":
+        mode, loss_scale_factor = "seq-mean-token-sum-norm", 1
+    share = micro_batch_share(mask, mode, global_tokens=batch_num_tokens, global_seqs=global_batch_size,
+                              world=dp_size)
+    return aggregate(loss_mat, mask, mode, loss_scale_factor) * share
 
 
 def compute_policy_loss_pact(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
@@ -221,9 +212,7 @@ def _scales(data, cfg, response_mask, n_traces):
     if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
         raise ValueError("pact_loss_fn: with dp_size > 1 the host must supply pact_rl_tokens, pact_rl_seqs and "
                          "pact_traces (global counts of the mini-batch)")
-    if cfg.loss_agg == "token-mean":
-        rl_scale = 1.0 if rl_tokens is None else response_mask.sum().item() / rl_tokens * dp_size
-    else:
-        rl_scale = 1.0 if rl_seqs is None else (response_mask.sum(-1) > 0).sum().item() / rl_seqs * dp_size
+    rl_scale = micro_batch_share(response_mask, cfg.loss_agg, global_tokens=rl_tokens, global_seqs=rl_seqs,
+                                 world=dp_size)
     sft_scale = 1.0 if traces is None else n_traces / traces * dp_size
     return rl_scale, sft_scale
