@@ -1,5 +1,9 @@
 """PACTGRPOTrainer through TRL's real training loop (GRPOTrainer.train on CPU, tiny random model)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +248,25 @@ def test_packed_scoring_equals_trls_padded_forwards(tmp_path):
                              pact_config=pact_config_from_grpo_args(args, c_ent=0.01))
     trainer.train()
     assert trainer.checked == 4
+
+
+def test_two_ranks_share_a_prompt_group(tmp_path):
+    """torchrun, 2 processes (DDP on gloo): a prompt group split across the ranks gets one anchoring draw,
+    its trace is held by exactly one row, and the ranks end with the same weights."""
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{here}:{here.parent}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           str(here / "trl_ddp_worker.py"), str(tmp_path)]
+    # ranks that disagree on their collectives hang: the timeout turns that into a failure
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step in (0, 1):
+        rows = [row for rank in ranks for row in rank["rows"] if row["step"] == step]
+        assert len(rows) == 4 and {row["group"] for row in rows} == {0}
+        assert len({row["anchored"] for row in rows}) == 1  # one draw for the group, on both ranks
+        assert sorted(row["sft"] > 0 for row in rows) == [False, False, False, True]
+        assert len({tuple(row["prompt"]) for row in rows}) == 1  # the ranks did hold one group
+    for key, value in ranks[0]["weights"].items():
+        assert torch.allclose(torch.tensor(value), torch.tensor(ranks[1]["weights"][key])), key

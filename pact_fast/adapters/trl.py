@@ -229,13 +229,14 @@ class PACTGRPOTrainer(GRPOTrainer):
                                             completion_mask, entropy=self.pact_config.c_ent > 0)
         logp_tc, _ = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
                                       completion_ids, completion_mask)
-        sft_logp = None
-        if sequences:
-            device = completion_ids.device
-            ids = _right_pad([s.input_ids for s in sequences], self._tokenizer.pad_token_id, device)
-            attn = _right_pad([[1] * len(s.input_ids) for s in sequences], 0, device)
-            sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
-        return logp_po, entropy, logp_tc, sft_logp
+        # Every rank runs the trace forward, on a 2-token stand-in when it holds no trace: DDP synchronises at
+        # each forward, and ranks that ran different numbers of forwards would wait on each other forever.
+        rows = [s.input_ids for s in sequences] or [[self._tokenizer.pad_token_id] * 2]
+        device = completion_ids.device
+        ids = _right_pad(rows, self._tokenizer.pad_token_id, device)
+        attn = _right_pad([[1] * len(r) for r in rows], 0, device)
+        sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
+        return logp_po, entropy, logp_tc, sft_logp if sequences else None
 
     def pact_batch(self, model, inputs):
         """The ``PACTBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
