@@ -270,3 +270,13 @@ def test_two_ranks_share_a_prompt_group(tmp_path):
         assert len({tuple(row["prompt"]) for row in rows}) == 1  # the ranks did hold one group
     for key, value in ranks[0]["weights"].items():
         assert torch.allclose(torch.tensor(value), torch.tensor(ranks[1]["weights"][key])), key
+
+
+def test_evaluation_reports_the_pact_loss(tmp_path):
+    args = _args(tmp_path, per_device_eval_batch_size=2)
+    trainer = PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                              args=args, train_dataset=Dataset.from_list(_rows()),
+                              eval_dataset=Dataset.from_list(_rows(2, seed=9)), processing_class=TOKENIZER)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_pact/loss/total"], rel=1e-6)
+    assert metrics["eval_pact/loss/sft"] > 0 and "eval_pact/tc/approx_kl" in metrics
