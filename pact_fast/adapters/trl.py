@@ -23,9 +23,13 @@ What the subclass adds to GRPOTrainer, which samples and scores rollouts prompt-
 ``scoring="packed"`` runs one tree-packed forward of the micro-batch (``pact_fast.scoring``): each
 prompt, each trace-conditioned prompt and each trace prefix goes through the model once, as in
 ``pact-fast train``. It needs a model whose attention goes through transformers' AttentionInterface
-(Llama, Qwen2, Qwen3, Mistral, ...) and, for now, one process. Options of GRPOTrainer that change the surrogate itself (``loss_type`` cispo / sapo
-/ vespo / luspo, the off-policy mask, the entropy mask, sequence-level importance sampling, vLLM
-importance-sampling correction) are refused at construction.
+(Llama, Qwen2, Qwen3, Mistral, ...) and, for now, one process.
+
+Options of GRPOTrainer that change the surrogate itself (``loss_type`` cispo / sapo / vespo / luspo,
+the off-policy mask, the entropy mask, sequence-level importance sampling, vLLM importance-sampling
+correction) are refused at construction. TRL's multi-turn tool loop works through its ``tool_mask``
+(tool responses are never RL targets), but the tests run single-turn: TRL parses tool calls only
+with a response schema for the chat template, which the built-in word-level template lacks.
 """
 import json
 
