@@ -227,6 +227,19 @@ def anchor_draws(num_groups, q, generator):
     return torch.rand(num_groups, generator=generator) < q
 
 
+def anchor_rows(group_ids, num_groups, q, seed, step):
+    """Each row's anchoring draw: group g of a step's ``num_groups`` prompt groups gets draw g of
+    ``anchor_draws(num_groups, q, anchor_generator(seed, step))``. group_ids: [N] int -> [N] bool.
+
+    With step-wide group ids, rows of one group get the same draw on whichever rank holds them."""
+    group_ids = torch.as_tensor(group_ids)
+    if len(group_ids) and not 0 <= int(group_ids.min()) <= int(group_ids.max()) < num_groups:
+        raise ValueError(f"anchor_rows: group ids must lie in [0, {num_groups}); got "
+                         f"[{int(group_ids.min())}, {int(group_ids.max())}]")
+    draws = anchor_draws(num_groups, q, anchor_generator(seed, step))
+    return draws[group_ids.cpu()].to(group_ids.device)
+
+
 def anchor_generator(seed, step):
     """The generator ``pact_loss`` draws from at a given step: reproducible from (seed, step)."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63))

@@ -16,9 +16,10 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
 
 from pact_fast.adapters import verl as adapter
-from pact_fast.adapters.verl import (PO, TC, TRACE, anchor_rows, compute_policy_loss_pact,
-                                     pact_config_from_actor_config, pact_loss_fn)
-from pact_fast.losses import OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
+from pact_fast.adapters.verl import (PO, TC, TRACE, compute_policy_loss_pact, pact_config_from_actor_config,
+                                     pact_loss_fn)
+from pact_fast.losses import (OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, anchor_rows,
+                              pact_loss)
 
 D = torch.float64
 # verl 0.9.1's PolicyLossFn parameters, in order; ppo_loss calls the function with these keywords
@@ -176,7 +177,7 @@ def _group_rows(G=3, R=2, T=10, E=10, seed=0):
     segs = torch.tensor([0, 1, 0, 0, 0, 0, 0, 0, 0, 0]).repeat(G, 1)
     turns = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1]).repeat(G, 1)
     group = torch.arange(B) // R
-    anchored = anchor_rows(group, 0.5, seed=3, step=7)
+    anchored = anchor_rows(group, G, 0.5, seed=3, step=7)
     canonical = PACTBatch(response_mask=mask, rewards=torch.zeros(B, dtype=D), group_ids=group, logp_po=po,
                           old_logp_po=old_po, logp_tc=tc, old_logp_tc=old_tc, advantages=adv, anchored=anchored,
                           sft_logp=sft, sft_components=comps, sft_segment_ids=segs, sft_turn_ids=turns)
@@ -254,11 +255,18 @@ def test_hook_refuses_what_it_cannot_compute():
 
 def test_anchor_rows_draws_once_per_group_reproducibly():
     group = torch.arange(4000).repeat_interleave(2)
-    a = anchor_rows(group, 0.3, seed=11, step=5)
+    a = anchor_rows(group, 4000, 0.3, seed=11, step=5)
     assert torch.equal(a[0::2], a[1::2])  # one draw per group
-    assert torch.equal(a, anchor_rows(group, 0.3, seed=11, step=5))
-    assert not torch.equal(a, anchor_rows(group, 0.3, seed=11, step=6))
+    assert torch.equal(a, anchor_rows(group, 4000, 0.3, seed=11, step=5))
+    assert not torch.equal(a, anchor_rows(group, 4000, 0.3, seed=11, step=6))
     assert abs(a[0::2].double().mean().item() - 0.3) < 0.03  # 4000 draws: 4 standard deviations
+    # two ranks holding parts of the step's groups, group 2 on both: each group keeps its own draw
+    rank0, rank1 = torch.tensor([0, 1, 2, 2]), torch.tensor([2, 3, 3, 5])
+    draws = anchor_rows(torch.arange(6), 6, 0.5, seed=1, step=0)
+    assert torch.equal(anchor_rows(rank0, 6, 0.5, seed=1, step=0), draws[rank0])
+    assert torch.equal(anchor_rows(rank1, 6, 0.5, seed=1, step=0), draws[rank1])
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        anchor_rows(torch.tensor([6]), 6, 0.5, seed=1, step=0)
 
 
 def test_the_actor_config_carries_over():

@@ -39,7 +39,7 @@ from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_draws, anchor_generator, micro_batch_share, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, anchor_rows, micro_batch_share, pact_loss
 from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
@@ -174,9 +174,8 @@ class PACTGRPOTrainer(GRPOTrainer):
         global_index = self.accelerator.process_index * B + torch.arange(B)
         group = global_index // n_gen
         n_groups = -(-self.accelerator.num_processes * B // n_gen)
-        draws = anchor_draws(n_groups, self.pact_config.anchor_q,
-                             anchor_generator(self.pact_config.seed, self.state.global_step))
-        output["pact_anchored"] = draws[group].to(device)
+        output["pact_anchored"] = anchor_rows(group, n_groups, self.pact_config.anchor_q, self.pact_config.seed,
+                                              self.state.global_step).to(device)
         output["pact_group"] = group.to(device)
 
         if output.get("old_per_token_logps") is not None:

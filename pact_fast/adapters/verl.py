@@ -6,7 +6,7 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 1. ``compute_policy_loss_pact``, a ``PolicyLossFn`` (``register()`` makes it
    ``actor.policy_loss.loss_mode=pact``): the PACT surrogate of the rows verl scored, whatever
    context each row holds. Use it when the host builds, per prompt group, the trace-conditioned
-   copy of its rollouts or, for groups drawn for anchoring (``anchor_rows``), the prompt-only one;
+   copy of its rollouts or, for groups drawn for anchoring (``pact_fast.losses.anchor_rows``), the prompt-only one;
    verl's own old log-probs of those rows are then the ``ctx_den='same'`` denominator. Clipping comes
    from verl's ``ActorConfig`` (``clip_ratio_low``/``clip_ratio_high``, dual clip ``clip_ratio_c``),
    the reduction from ``loss_agg_mode`` and ``config.global_batch_info``, as for verl's ``vanilla``.
@@ -22,7 +22,7 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
    ``response_mask``, ``old_log_probs``, ``advantages`` ([N, T], padded or nested):
    - ``pact_rollout`` [N]: an id shared by a rollout's PO and TC rows (both must be in the micro-batch);
    - ``pact_group`` [N]: prompt group id; ``pact_anchored`` [N] bool: the group's anchoring draw
-     (``anchor_rows``), needed for ``anchor_mode='bernoulli'``;
+     (``pact_fast.losses.anchor_rows``), needed for ``anchor_mode='bernoulli'``;
    - ``pact_components``, ``pact_segment_ids``, ``pact_turn_ids`` [N, T] on TRACE rows: labels of
      the trace tokens from ``pact_fast.chat.trace_sequences``;
    - ``ref_log_prob`` [N, T] when ``pact_config.beta_kl > 0``;
@@ -33,8 +33,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import (PACTBatch, PACTLossConfig, aggregate, anchor_draws, anchor_generator, clipped_surrogate_tokens,
-                      micro_batch_share, pact_loss)
+from ..losses import (PACTBatch, PACTLossConfig, aggregate, clipped_surrogate_tokens, micro_batch_share, pact_loss,
+                      surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -79,14 +79,9 @@ def compute_policy_loss_pact(old_log_prob, log_prob, advantages, response_mask, 
         loss_mat = loss_mat * rollout_is_weights
     info = dict(_get(config, "global_batch_info", {}) or {})
     loss = verl_aggregate(loss_mat, response_mask, loss_agg_mode, **info)
-    mask = response_mask.bool()
-    n = mask.sum().clamp_min(1)
-    metrics = {
-        "actor/pg_clipfrac": ((low | high) & mask).sum().item() / n.item(),
-        "actor/ppo_kl": ((old_log_prob - log_prob.detach()) * mask).sum().item() / n.item(),
-        "actor/pg_clipfrac_lower": (dual & mask).sum().item() / n.item(),
-    }
-    return loss, metrics
+    m = surrogate_metrics(log_prob, old_log_prob, ratio, low, high, dual, response_mask)
+    return loss, {"actor/pg_clipfrac": m["clip_frac_low"] + m["clip_frac_high"], "actor/ppo_kl": m["approx_kl"],
+                  "actor/pg_clipfrac_lower": m["dual_clip_frac"]}
 
 
 def register(name="pact"):
@@ -96,18 +91,9 @@ def register(name="pact"):
     return register_policy_loss(name)(compute_policy_loss_pact)
 
 
-def anchor_rows(group_ids, q, seed, step):
-    """One Bernoulli(q) anchoring draw per prompt group, broadcast to its rows. group_ids: [N] int -> [N] bool.
-
-    Every rank gets the same draws for the same (seed, step) and group ids: pass global group ids."""
-    uniq, index = torch.unique(torch.as_tensor(group_ids), return_inverse=True)
-    draws = anchor_draws(len(uniq), q, anchor_generator(seed, step))
-    return draws[index.cpu()].to(index.device)
-
-
-def _field(data, name, default=None):
+def _field(data, name):
     if name not in data.keys():
-        return default
+        return None
     value = data[name]
     if isinstance(value, torch.Tensor) and value.is_nested:
         value = value.to_padded_tensor(0)
@@ -183,7 +169,7 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
 
     anchored = _field(data, "pact_anchored")
     if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and anchored is None and len(po):
-        raise ValueError("pact_loss_fn: anchor_mode='bernoulli' needs data['pact_anchored'] (see anchor_rows)")
+        raise ValueError("pact_loss_fn: anchor_mode='bernoulli' needs data['pact_anchored'] (see pact_fast.losses.anchor_rows)")
     ref = _field(data, "ref_log_prob")
     batch = PACTBatch(
         response_mask=mask[po], rewards=torch.zeros(len(po), device=mask.device),
