@@ -32,6 +32,20 @@ class GateEntry:
     note: str = field(default="", compare=False)
 
 
+@dataclass(frozen=True)
+class KernelCost:
+    """What one kernel launch moves and multiplies, by the performance model (bench/roofline.py).
+
+    ``flops``: tensor-core FLOPs, 2*M*N*K per ``tl.dot`` executed; ``bytes``: global-memory bytes of
+    every ``tl.load`` / ``tl.store`` executed, masked-off elements excluded. A test checks both against
+    what the Triton interpreter really executes (tests/test_roofline.py).
+    """
+
+    kernel: str  # e.g. "linear_logprobs.fwd"; the name the count harness reports for that kernel
+    flops: int
+    bytes: int
+
+
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
