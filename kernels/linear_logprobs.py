@@ -20,6 +20,8 @@ tiles and accumulates dW (and dbias), both in fp32 and tile by tile; no [N, V] b
 import triton
 import triton.language as tl
 
+from .registry import cost_name
+
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
 _M_INIT = tl.constexpr(-1.0e30)
 
@@ -60,6 +62,7 @@ def _grad_logits_tile(z, cols, col_mask, row_mask, tgt, lse, ent, g_logp, g_ent,
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
 
 
+@cost_name("linear_logprobs.fwd")
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
                 N, V, H, stride_xn, stride_wv, inv_temp,
@@ -93,6 +96,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
     tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
 
 
+@cost_name("linear_logprobs.dx")
 @triton.jit
 def _dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
                N, V, H, stride_xn, stride_wv, stride_dxn, inv_temp,
@@ -132,6 +136,7 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_p
             tl.store(dx_ptrs, acc, mask=io_mask)
 
 
+@cost_name("linear_logprobs.dw")
 @triton.jit
 def _dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dw_ptr, db_ptr,
                N, V, H, stride_xn, stride_wv, stride_dwv, inv_temp,

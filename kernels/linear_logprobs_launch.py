@@ -3,7 +3,7 @@ import torch
 import triton
 
 from .linear_logprobs import _dw_kernel, _dx_kernel, _fwd_kernel
-from .registry import TRITON_DTYPE, GateEntry, LaunchConfig, interpreting
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, LaunchConfig, interpreting
 
 # GPU: 64-row tiles fill one Hopper warpgroup MMA (m64); 128 vocabulary columns per tile keep
 # the fp32 logits tile at 32 registers/thread with 8 warps. The dW kernel walks rows for a
@@ -35,14 +35,14 @@ def _launch(kernel, grid, cfg, *args, **constexprs):
     kernel[grid](*args, **constexprs, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def forward(x, w, b, targets, inv_temp):
+def forward(x, w, b, targets, inv_temp, configs=None):
     """x [N,H], w [V,H], b [V]|None, targets [N] int64 in [0,V) -> fp32 (logp [N], lse [N], entropy [N])."""
     N, H = x.shape
     V = w.shape[0]
     logp, lse, ent = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(3))
     if N == 0:
         return logp, lse, ent
-    cfg = _configs()["fwd"]
+    cfg = (configs or _configs())["fwd"]
     upcast, precision = _flags(x.dtype)
     grid = (triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
     _launch(_fwd_kernel, grid, cfg, x, w, b if b is not None else w, targets, logp, lse, ent,
@@ -51,7 +51,7 @@ def forward(x, w, b, targets, inv_temp):
     return logp, lse, ent
 
 
-def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp):
+def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None):
     """Gradients for upstream g_logp [N] (and g_ent [N] or None) -> fp32 (dx [N,H], dw [V,H], db [V]|None)."""
     N, H = x.shape
     V = w.shape[0]
@@ -60,7 +60,7 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp):
     db = torch.zeros((V,), device=x.device, dtype=torch.float32) if b is not None else None
     if N == 0:
         return dx, dw, db
-    cfgs = _configs()
+    cfgs = configs or _configs()
     upcast, precision = _flags(x.dtype)
     g_logp = g_logp.float().contiguous()
     has_gent = g_ent is not None
@@ -74,6 +74,41 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp):
             x, w, b_arg, targets, lse, ent, g_logp, g_ent, dw, db if db is not None else dw,
             N, V, H, x.stride(0), w.stride(0), dw.stride(0), inv_temp, **common)
     return dx, dw, db
+
+
+def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None):
+    """Performance model of one fwd+bwd over N kept rows: one KernelCost per kernel launch.
+
+    Bytes count every executed tl.load/tl.store (masked elements excluded), FLOPs 2*M*N*K per tl.dot
+    at full tile size; ``configs`` defaults to the GPU tile configurations."""
+    cfgs = configs or GPU_CONFIGS
+    e = torch.empty((), dtype=dtype).element_size()
+    row_stats = 8 + 4 + 4 + 4 + (4 if has_gent else 0)  # targets, lse, entropy, g_logp, g_ent
+    costs = []
+    for name in ("fwd", "dx", "dw"):
+        bn, bv, bh = (cfgs[name].blocks[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+        nb, vb, hb = triton.cdiv(N, bn), triton.cdiv(V, bv), triton.cdiv(H, bh)
+        logits_flops = 2 * bn * bv * bh * hb * vb * nb
+        if name == "fwd":
+            # logits tiles: x once per vocabulary tile, w once per row tile; targets in; logp, lse, entropy out
+            nbytes = vb * N * H * e + nb * V * H * e + has_bias * nb * V * e + 8 * N + 12 * N
+            costs.append(KernelCost("linear_logprobs.fwd", logits_flops, nbytes))
+        elif name == "dx":
+            # + w again per (row tile, vocabulary tile), fp32 dX tile loaded and stored per vocabulary tile
+            nbytes = (row_stats * N + vb * N * H * e + 2 * nb * V * H * e + has_bias * nb * V * e
+                      + vb * N * H * 8)
+            costs.append(KernelCost("linear_logprobs.dx", 2 * logits_flops, nbytes))
+        else:
+            # + x again per (vocabulary tile, row tile), fp32 dW tile loaded and stored per row tile
+            nbytes = (vb * row_stats * N + 2 * vb * N * H * e + nb * V * H * e + has_bias * nb * V * e
+                      + nb * V * H * 8 + has_bias * V * 4)
+            costs.append(KernelCost("linear_logprobs.dw", 2 * logits_flops, nbytes))
+    return costs
+
+
+def extra_memory_bytes(N, V, H, dtype):
+    """Bytes the op allocates beyond its outputs and returned gradients: fp32 dX and dW before the cast."""
+    return N * H * 4 + V * H * 4
 
 
 def gate_entries():

@@ -46,6 +46,17 @@ class KernelCost:
     bytes: int
 
 
+def cost_name(name):
+    """Tag a Triton kernel with the name its ``KernelCost`` entries use (``@cost_name("x.fwd")`` above
+    ``@triton.jit``); bench/roofline.py's count harness reports the kernel under that name."""
+
+    def tag(kernel):
+        kernel.cost_name = name
+        return kernel
+
+    return tag
+
+
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 

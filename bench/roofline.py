@@ -1,0 +1,358 @@
+"""Performance model: speed of every kernel without a GPU (SPEC section 7).
+
+A launch costs ``max(flops / F, bytes / B)`` on a device; an op costs the sum over its launches.
+FLOPs are tensor-core FLOPs (2*M*N*K per ``tl.dot`` executed); bytes are the global-memory bytes of
+every ``tl.load`` / ``tl.store`` executed, masked-off elements excluded. A cuBLAS GEMM
+(``torch.mm`` / ``addmm``) is modelled at its compulsory bytes (each operand and the output once).
+The formulas live beside each launcher (``kernel_costs(...)``); ``count_executed()`` counts what the
+Triton interpreter really executes so a test (tests/test_roofline.py) can hold them equal.
+
+    python bench/roofline.py                                    # table, labelled as a model
+    python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
+
+API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
+``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))``.
+"""
+import argparse
+import contextlib
+import inspect
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Device:
+    """Peak dense bf16 tensor-core rate (FLOP/s) and HBM bandwidth (byte/s) the model assumes."""
+
+    flops: float
+    bandwidth: float
+
+
+DEVICES = {"H100": Device(700e12, 3.0e12), "H200": Device(700e12, 4.3e12)}
+TORCH_GEMM = "torch.mm"  # every cuBLAS GEMM the count harness sees is reported under this name
+
+
+def launch_ms(cost, device):
+    """Predicted milliseconds of one KernelCost on a device name ("H100") or Device."""
+    dev = DEVICES[device] if isinstance(device, str) else device
+    return 1e3 * max(cost.flops / dev.flops, cost.bytes / dev.bandwidth)
+
+
+def predict_ms(costs, device):
+    """Predicted milliseconds of a list of KernelCost: the sum of each launch's roofline time."""
+    return sum(launch_ms(c, device) for c in costs)
+
+
+def kernel_family(name):
+    """Name the count harness reports for a KernelCost name: ``"torch.mm[dx]"`` -> ``"torch.mm"``."""
+    return name.split("[", 1)[0]
+
+
+def aggregate(costs):
+    """{kernel family: (flops, bytes)} summed over a list of KernelCost, comparable to count_executed()."""
+    out = defaultdict(lambda: [0, 0])
+    for c in costs:
+        acc = out[kernel_family(c.kernel)]
+        acc[0] += c.flops
+        acc[1] += c.bytes
+    return {k: tuple(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Count harness: what the Triton interpreter executes, per kernel
+# ---------------------------------------------------------------------------------------------
+
+_BUILDER_METHODS = {
+    "create_masked_load": ["self", "ptrs", "mask", "other", "cache_policy", "is_volatile"],
+    "create_masked_store": ["self", "ptrs", "value", "mask", "cache_policy"],
+    "create_load": ["self", "ptr", "cache_policy", "is_volatile"],
+    "create_store": ["self", "ptr", "val", "cache_policy"],
+    "create_dot": ["self", "a", "b", "d", "input_precision", "max_num_imprecise_acc"],
+    "create_atomic_rmw": ["self", "rmwOp", "ptr", "val", "mask", "sem", "scope"],
+    "create_atomic_cas": ["self", "ptr", "cmp", "val", "sem", "scope"],
+}
+# Memory ops the kernels of this project do not use; counting them would need their own rule.
+_UNCOUNTED = ("create_descriptor_load", "create_descriptor_store", "create_descriptor_gather",
+              "create_descriptor_scatter", "create_dot_scaled")
+
+
+def _element_bytes(ptrs):
+    bits = ptrs.get_element_ty().primitive_bitwidth
+    return max(1, bits // 8)
+
+
+def kernel_cost_name(kernel):
+    """The name a launched kernel is counted under: its ``registry.cost_name`` tag, else module.function."""
+    tag = getattr(kernel, "cost_name", None)
+    if tag:
+        return tag
+    fn = kernel.fn
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
+class Counts(dict):
+    """{kernel name: [flops, bytes]} accumulated while ``count_executed`` is active."""
+
+    def add(self, name, flops=0, nbytes=0):
+        acc = self.setdefault(name, [0, 0])
+        acc[0] += int(flops)
+        acc[1] += int(nbytes)
+
+    def as_tuples(self):
+        return {k: (v[0], v[1]) for k, v in self.items()}
+
+
+@contextlib.contextmanager
+def count_executed(count_torch_gemms=True):
+    """Count tensor-core FLOPs and global-memory bytes of every Triton kernel run under TRITON_INTERPRET=1.
+
+    Yields a ``Counts`` dict ``{kernel name: [flops, bytes]}``. Triton kernels are named by
+    ``kernel_cost_name``; cuBLAS GEMMs (aten mm / addmm / bmm / baddbmm), when ``count_torch_gemms``,
+    under ``"torch.mm"`` at compulsory bytes (inputs, including an addmm's C, and the output once).
+    Raises RuntimeError if Triton is not interpreting or the interpreter's builder API is not the
+    one this harness wraps (it never silently counts zero).
+    """
+    from triton.runtime import interpreter as interp
+
+    from pact_fast.kernels.registry import interpreting
+
+    if not interpreting():
+        raise RuntimeError("count_executed needs TRITON_INTERPRET=1 set before triton is imported")
+    builder_cls = interp.InterpreterBuilder
+    for name, params in _BUILDER_METHODS.items():
+        method = getattr(builder_cls, name, None)
+        if method is None or list(inspect.signature(method).parameters) != params:
+            raise RuntimeError(f"count_executed: triton's InterpreterBuilder.{name} is missing or changed "
+                               f"signature (expected {params}); update bench/roofline.py for this triton")
+    if not hasattr(interp.InterpretedFunction, "run") or \
+            list(inspect.signature(interp.InterpretedFunction.run).parameters)[:2] != ["self", "args"]:
+        raise RuntimeError("count_executed: triton's InterpretedFunction.run changed; update bench/roofline.py")
+
+    counts = Counts()
+    current = []  # stack of kernel names being launched
+    originals = {name: getattr(builder_cls, name) for name in list(_BUILDER_METHODS) + list(_UNCOUNTED)
+                 if hasattr(builder_cls, name)}
+    orig_run = interp.InterpretedFunction.run
+
+    def owner():
+        if not current:
+            raise RuntimeError("count_executed: a memory op ran outside any kernel launch")
+        return current[-1]
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        counts.add(owner(), nbytes=int(mask.data.sum()) * _element_bytes(ptrs))
+        return originals["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        counts.add(owner(), nbytes=int(mask.data.sum()) * _element_bytes(ptrs))
+        return originals["create_masked_store"](self, ptrs, value, mask, cache_policy)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        *batch, m, k = a.data.shape
+        n = b.data.shape[-1]
+        batch_size = 1
+        for s in batch:
+            batch_size *= s
+        counts.add(owner(), flops=2 * batch_size * m * n * k)
+        return originals["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
+        counts.add(owner(), nbytes=2 * int(mask.data.sum()) * _element_bytes(ptr))
+        return originals["create_atomic_rmw"](self, rmwOp, ptr, val, mask, sem, scope)
+
+    def atomic_cas(self, ptr, cmp, val, sem, scope):
+        counts.add(owner(), nbytes=2 * int(ptr.data.size) * _element_bytes(ptr))
+        return originals["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+
+    def uncounted(name):
+        def refuse(self, *args, **kwargs):
+            raise RuntimeError(f"count_executed: {name} is not modelled; add a counting rule to bench/roofline.py")
+        return refuse
+
+    def run(self, *args, grid, warmup, **kwargs):
+        current.append(kernel_cost_name(self))
+        counts.setdefault(current[-1], [0, 0])
+        try:
+            return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            current.pop()
+
+    patches = {"create_masked_load": masked_load, "create_masked_store": masked_store, "create_dot": dot,
+               "create_atomic_rmw": atomic_rmw, "create_atomic_cas": atomic_cas,
+               **{name: uncounted(name) for name in _UNCOUNTED if name in originals}}
+    gemm_mode = _TorchGemmCounter(counts) if count_torch_gemms else contextlib.nullcontext()
+    try:
+        for name, fn in patches.items():
+            setattr(builder_cls, name, fn)
+        interp.InterpretedFunction.run = run
+        with gemm_mode:
+            yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(builder_cls, name, fn)
+        interp.InterpretedFunction.run = orig_run
+
+
+class _TorchGemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten GEMMs at compulsory bytes: 2*M*N*K FLOPs; every tensor operand and the output once."""
+
+    _GEMMS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+              "aten.mm.out", "aten.addmm.out", "aten.addmm_.default"}
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func)
+        if name in self._GEMMS:
+            a, b = (args[0], args[1]) if "mm" in name and "add" not in name else (args[1], args[2])
+            *batch, m, k = a.shape
+            n = b.shape[-1]
+            batch_size = 1
+            for s in batch:
+                batch_size *= s
+            tensors = [t for t in args if isinstance(t, torch.Tensor)]
+            result = out if isinstance(out, torch.Tensor) else kwargs.get("out")
+            nbytes = sum(t.numel() * t.element_size() for t in tensors) + result.numel() * result.element_size()
+            self.counts.add(TORCH_GEMM, flops=2 * batch_size * m * n * k, nbytes=nbytes)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+
+W_LOGPROB = {"W-logprob-H2048": dict(N=32768, H=2048, V=151936), "W-logprob-H4096": dict(N=32768, H=4096, V=151936)}
+BF16 = 2
+
+# The Triton kernels before issue 11 (64x128x64 tiles, fp32 accumulators read-modify-written in HBM),
+# by their formulas, which the interpreter counts matched exactly at that commit (a563d47); kept as
+# data so README can show before/after. g_ent given, no bias. Extra memory: fp32 dX and dW.
+BEFORE = {
+    "W-logprob-H2048": {"kernels": {"linear_logprobs.fwd": (20_392_504_721_408, 477_949_984_768),
+                                    "linear_logprobs.dx": (40_785_009_442_816, 1_433_848_774_656),
+                                    "linear_logprobs.dw": (40_785_009_442_816, 1_912_730_812_416)},
+                        "extra_memory_bytes": 32768 * 2048 * 4 + 151936 * 2048 * 4},
+    "W-logprob-H4096": {"kernels": {"linear_logprobs.fwd": (40_785_009_442_816, 955_899_314_176),
+                                    "linear_logprobs.dx": (81_570_018_885_632, 2_867_696_762_880),
+                                    "linear_logprobs.dw": (81_570_018_885_632, 3_824_528_130_048)},
+                        "extra_memory_bytes": 32768 * 4096 * 4 + 151936 * 4096 * 4},
+}
+
+
+def ideal_logprob_ms(N, V, H, device):
+    """Three bare bf16 GEMMs of 2NVH FLOPs each (logits, dX, dW) at compulsory bytes."""
+    dev = DEVICES[device]
+    gemm_bytes = [(N * H + V * H) * BF16 + N * V * BF16, (N * V + V * H + N * H) * BF16, (N * V + N * H + V * H) * BF16]
+    return sum(1e3 * max(2 * N * V * H / dev.flops, b / dev.bandwidth) for b in gemm_bytes)
+
+
+def _kernel_detail(costs, device):
+    out = []
+    for name, (flops, nbytes) in aggregate_by_name(costs).items():
+        out.append({"kernel": name, "flops": flops, "bytes": nbytes,
+                    "intensity": flops / nbytes if nbytes else float("inf"),
+                    "predicted_ms": predict_ms([c for c in costs if c.kernel == name], device)})
+    return out
+
+
+def aggregate_by_name(costs):
+    out = defaultdict(lambda: [0, 0])
+    for c in costs:
+        out[c.kernel][0] += c.flops
+        out[c.kernel][1] += c.bytes
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _logprob_rows(devices):
+    from pact_fast.kernels import linear_logprobs_launch as launch
+    from pact_fast.kernels.registry import KernelCost
+
+    rows = []
+    for workload, shape in W_LOGPROB.items():
+        for device in devices:
+            ideal = ideal_logprob_ms(shape["N"], shape["V"], shape["H"], device)
+            costs = launch.kernel_costs(shape["N"], shape["V"], shape["H"], torch.bfloat16, has_bias=False,
+                                        has_gent=True)
+            pred = predict_ms(costs, device)
+            rows.append({"workload": workload, "op": "linear_logprobs fwd+bwd", "device": device,
+                         "predicted_ms": pred, "ideal_ms": ideal, "ratio": pred / ideal,
+                         "extra_memory_bytes": launch.extra_memory_bytes(shape["N"], shape["V"], shape["H"],
+                                                                         torch.bfloat16),
+                         "kernels": _kernel_detail(costs, device), "label": "model"})
+            if workload in BEFORE:
+                before = [KernelCost(k, f, b) for k, (f, b) in BEFORE[workload]["kernels"].items()]
+                pred = predict_ms(before, device)
+                rows.append({"workload": workload, "op": "linear_logprobs fwd+bwd (before issue 11)",
+                             "device": device, "predicted_ms": pred, "ideal_ms": ideal, "ratio": pred / ideal,
+                             "extra_memory_bytes": BEFORE[workload]["extra_memory_bytes"],
+                             "kernels": _kernel_detail(before, device), "label": "model"})
+    return rows
+
+
+def _group_rows(devices):
+    """One W-group layer, from kernels/tree_attention_launch.py where it exposes its model."""
+    from pact_fast.kernels import tree_attention_launch as launch
+
+    if not hasattr(launch, "w_group_layer_costs"):
+        return [{"workload": "W-group-layer", "op": "tree_attention fwd+bwd", "device": d,
+                 "predicted_ms": None, "ideal_ms": None, "ratio": None, "extra_memory_bytes": None,
+                 "kernels": [], "label": "model", "note": "tree_attention_launch has no model yet"}
+                for d in devices]
+    costs, ideal_costs, extra = launch.w_group_layer_costs()
+    rows = []
+    for device in devices:
+        pred, ideal = predict_ms(costs, device), predict_ms(ideal_costs, device)
+        rows.append({"workload": "W-group-layer", "op": "tree_attention fwd+bwd", "device": device,
+                     "predicted_ms": pred, "ideal_ms": ideal, "ratio": pred / ideal, "extra_memory_bytes": extra,
+                     "kernels": _kernel_detail(costs, device), "label": "model"})
+    return rows
+
+
+def model_rows(devices=("H100", "H200")):
+    """Every workload and op the model covers, one dict per (workload, op, device); see the module doc."""
+    return _logprob_rows(devices) + _group_rows(devices)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows):
+    print("Performance model (predicted, not measured): max(FLOPs/F, bytes/B) per launch, summed.")
+    print(f"{'workload':18} {'op':42} {'dev':5} {'pred ms':>9} {'ideal ms':>9} {'ratio':>6} {'extra MB':>9}")
+    for r in rows:
+        extra = None if r["extra_memory_bytes"] is None else r["extra_memory_bytes"] / 2**20
+        print(f"{r['workload']:18} {r['op']:42} {r['device']:5} {_fmt(r['predicted_ms'], '9.2f')} "
+              f"{_fmt(r['ideal_ms'], '9.2f')} {_fmt(r['ratio'], '6.2f')} {_fmt(extra, '9.1f')}")
+        for k in r["kernels"]:
+            print(f"{'':20}{k['kernel']:40} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / 1e9:9.2f} GB "
+                  f"{k['intensity']:8.1f} FLOP/B {k['predicted_ms']:9.2f} ms")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write {'rows': [...], 'devices': ...} here")
+    args = ap.parse_args(argv)
+    rows = model_rows()
+    print_table(rows)
+    if args.json:
+        doc = {"rows": rows, "devices": {k: vars(v) for k, v in DEVICES.items()},
+               "note": "performance model (bench/roofline.py), not measurements"}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The performance model cannot drift from the code: every log-prob kernel runs under the Triton
+interpreter and the FLOPs and bytes it executes must EQUAL kernels/linear_logprobs_launch.kernel_costs."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact_fast.kernels import linear_logprobs_launch as launch
+from pact_fast.kernels.registry import KernelCost, interpreting
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import roofline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="counts what the Triton interpreter executes")
+
+SHAPES = [
+    pytest.param(37, 203, 48, True, True, id="N37-V203-H48-bias-ent"),
+    pytest.param(16, 64, 32, False, False, id="N16-V64-H32"),
+    pytest.param(70, 301, 40, True, False, id="N70-V301-H40-bias"),
+    pytest.param(5, 1001, 24, False, True, id="N5-V1001-H24-ent"),
+]
+CONFIGS = {"interpreter": launch.INTERPRET_CONFIGS, "gpu": launch.GPU_CONFIGS}
+
+
+def _run(N, V, H, has_bias, has_gent, configs, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if has_bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    with roofline.count_executed() as counts:
+        _, lse, ent = launch.forward(x, w, b, t, 1.0, configs=configs)
+        launch.backward(x, w, b, t, lse, ent, torch.randn(N, generator=g),
+                        torch.randn(N, generator=g) if has_gent else None, 1.0, configs=configs)
+    return counts.as_tuples()
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("N,V,H,has_bias,has_gent", SHAPES)
+def test_counted_flops_and_bytes_equal_the_formulas(N, V, H, has_bias, has_gent, config):
+    counted = _run(N, V, H, has_bias, has_gent, CONFIGS[config])
+    model = roofline.aggregate(launch.kernel_costs(N, V, H, torch.float32, has_bias, has_gent,
+                                                   configs=CONFIGS[config]))
+    assert counted == model
+
+
+def test_fp16_counts_two_bytes_per_element():
+    counted = _run(21, 77, 32, False, True, launch.INTERPRET_CONFIGS, dtype=torch.float16)
+    model = roofline.aggregate(launch.kernel_costs(21, 77, 32, torch.float16, False, True,
+                                                   configs=launch.INTERPRET_CONFIGS))
+    assert counted == model
+
+
+def test_predicted_time_is_the_roofline_max():
+    cost = KernelCost("k", flops=7 * 10 ** 12, bytes=6 * 10 ** 9)  # 10 ms of FLOPs, 2 ms of bytes on H100
+    assert roofline.predict_ms([cost], "H100") == pytest.approx(10.0)
+    heavy = KernelCost("k", flops=10 ** 12, bytes=3 * 10 ** 10)  # memory-bound: 10 ms at 3.0 TB/s
+    assert roofline.predict_ms([heavy, cost], "H100") == pytest.approx(20.0)
+    assert roofline.predict_ms([heavy], "H200") == pytest.approx(1e3 * 3e10 / 4.3e12)
+
+
+def test_count_harness_counts_torch_gemms_at_compulsory_bytes():
+    a, b, c = torch.randn(5, 7), torch.randn(7, 3), torch.randn(5, 3)
+    with roofline.count_executed() as counts:
+        torch.mm(a, b)
+        torch.addmm(c, a, b)
+    assert counts.as_tuples() == {roofline.TORCH_GEMM: (2 * 2 * 5 * 3 * 7, 4 * ((35 + 21 + 15) + (15 + 35 + 21 + 15)))}
+
+
+def test_model_rows_cover_the_workloads():
+    rows = roofline.model_rows(devices=("H100",))
+    names = {(r["workload"], r["device"]) for r in rows}
+    assert {("W-logprob-H2048", "H100"), ("W-logprob-H4096", "H100"), ("W-group-layer", "H100")} <= names
+    for r in rows:
+        assert {"workload", "op", "device", "predicted_ms", "ideal_ms", "ratio", "extra_memory_bytes"} <= set(r)
