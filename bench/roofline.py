@@ -238,7 +238,7 @@ W_LOGPROB = {"W-logprob-H2048": dict(N=32768, H=2048, V=151936), "W-logprob-H409
 BF16 = 2
 
 # The Triton kernels before issue 11 (64x128x64 tiles, fp32 accumulators read-modify-written in HBM),
-# by their formulas, which the interpreter counts matched exactly at that commit (a563d47); kept as
+# by their formulas, which the interpreter counts matched exactly at commit ba13c6a; kept as
 # data so README can show before/after. g_ent given, no bias. Extra memory: fp32 dX and dW.
 BEFORE = {
     "W-logprob-H2048": {"kernels": {"linear_logprobs.fwd": (20_392_504_721_408, 477_949_984_768),
@@ -336,7 +336,7 @@ def print_table(rows):
     for r in rows:
         extra = None if r["extra_memory_bytes"] is None else r["extra_memory_bytes"] / 2**20
         print(f"{r['workload']:18} {r['op']:42} {r['device']:5} {_fmt(r['predicted_ms'], '9.2f')} "
-              f"{_fmt(r['ideal_ms'], '9.2f')} {_fmt(r['ratio'], '6.2f')} {_fmt(extra, '9.1f')}")
+              f"{_fmt(r['ideal_ms'], '9.2f')} {_fmt(r['ratio'], '6.3f')} {_fmt(extra, '9.1f')}")
         for k in r["kernels"]:
             print(f"{'':20}{k['kernel']:40} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / 1e9:9.2f} GB "
                   f"{k['intensity']:8.1f} FLOP/B {k['predicted_ms']:9.2f} ms")

@@ -1,41 +1,87 @@
-"""Launchers for the linear log-prob kernels: tile choice, output allocation, grids."""
+"""Launchers for the linear log-prob op: row blocks x vocabulary slabs over a bounded workspace.
+
+For each block of ``R`` rows and slab of ``S`` vocabulary columns, a cuBLAS GEMM writes the logits
+into a workspace ``[R, S]`` in the input dtype and a Triton epilogue (``kernels/linear_logprobs.py``)
+consumes it. Forward: GEMM + online-LSE epilogue. Backward: GEMM (recompute) + epilogue that turns
+the workspace into d logits in place, then
+
+    dX[rows]  (+)= dz @ w[cols]        (addmm into the returned dX: rounded once per vocabulary slab)
+    dW[cols]  (+)= dz.T @ x[rows]      (addmm into the returned dW: rounded once per row block)
+
+in the input dtype; each GEMM accumulates over its own reduction dimension (S for dX, R for dW) in
+fp32 inside cuBLAS, so no fp32 accumulator tile is re-read from memory. fp32 inputs are exact fp32
+throughout; with bf16/fp16 the logits are rounded to the input dtype before the softmax (as the
+model's own lm_head output would be), and dW carries ceil(N / R) roundings, dX ceil(V / S).
+
+The workspace is sized by a memory budget, ``WORKSPACE_FRACTION`` of the weight gradient's bytes,
+with at least ``MIN_BLOCK_ROWS`` rows per block (so the GEMMs are compute-bound) where N allows.
+"""
+from dataclasses import dataclass
+
 import torch
 import triton
 
-from .linear_logprobs import _dw_kernel, _dx_kernel, _fwd_kernel
+from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from .registry import TRITON_DTYPE, GateEntry, KernelCost, LaunchConfig, interpreting
 
-# GPU: 64-row tiles fill one Hopper warpgroup MMA (m64); 128 vocabulary columns per tile keep
-# the fp32 logits tile at 32 registers/thread with 8 warps. The dW kernel walks rows for a
-# fixed vocabulary tile, so it gets the same tile shape transposed in role.
+WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
+MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
+SLAB_MULTIPLE = 128  # slab widths are multiples of this (tensor-core and vector friendly)
+
+# GPU: 8 rows x 512 columns per program (32 fp32 values per thread at 4 warps); a 2048-row block
+# gives 256 programs, enough to keep every SM streaming. Memory-bound row reductions: no MMA.
 GPU_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
-    "dx": LaunchConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=2),
-    "dw": LaunchConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=2),
+    "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2),
+    "bwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2),
 }
-# Interpreter: the smallest tiles tl.dot accepts, so small test shapes still span several tiles.
+# Interpreter: small tiles, so small test shapes still span several tiles.
 INTERPRET_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}),
-    "dx": LaunchConfig({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}),
-    "dw": LaunchConfig({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}),
+    "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
+    "bwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
 }
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Rows per block (R) and vocabulary columns per slab (S) of the workspace [R, S]."""
+
+    rows: int
+    slab: int
 
 
 def _configs():
     return INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
 
 
-def _flags(dtype):
-    """(UPCAST, DOT_PRECISION): upcast bf16 under the interpreter, whose bf16 tl.dot is wrong;
-    fp32 inputs use exact fp32 products, never TF32."""
-    return interpreting() and dtype == torch.bfloat16, "ieee"
+def plan(N, V, H):
+    """The Blocking the launcher uses for N rows, vocabulary V, hidden H. The workspace holds at most
+    WORKSPACE_FRACTION * V * H elements of the input dtype, the weight gradient's dtype."""
+    budget = int(WORKSPACE_FRACTION * V * H)  # workspace elements
+    rows = max(1, min(N, MIN_BLOCK_ROWS))
+    slab = max(SLAB_MULTIPLE, budget // rows // SLAB_MULTIPLE * SLAB_MULTIPLE)
+    return Blocking(rows, min(slab, V))
 
 
 def _launch(kernel, grid, cfg, *args, **constexprs):
     kernel[grid](*args, **constexprs, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def forward(x, w, b, targets, inv_temp, configs=None):
+def _logits(x_blk, w, b, v0, s, out):
+    """out [r, s] = x_blk [r, H] @ w[v0:v0+s].T (+ b[v0:v0+s]), one cuBLAS GEMM in the input dtype."""
+    if b is None:
+        torch.mm(x_blk, w[v0:v0 + s].t(), out=out)
+    else:
+        torch.addmm(b[v0:v0 + s], x_blk, w[v0:v0 + s].t(), out=out)
+
+
+def _blocks(N, V, blocking):
+    for r0 in range(0, N, blocking.rows):
+        r = min(blocking.rows, N - r0)
+        for v0 in range(0, V, blocking.slab):
+            yield r0, r, v0, min(blocking.slab, V - v0)
+
+
+def forward(x, w, b, targets, inv_temp, configs=None, blocking=None):
     """x [N,H], w [V,H], b [V]|None, targets [N] int64 in [0,V) -> fp32 (logp [N], lse [N], entropy [N])."""
     N, H = x.shape
     V = w.shape[0]
@@ -43,106 +89,117 @@ def forward(x, w, b, targets, inv_temp, configs=None):
     if N == 0:
         return logp, lse, ent
     cfg = (configs or _configs())["fwd"]
-    upcast, precision = _flags(x.dtype)
-    grid = (triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
-    _launch(_fwd_kernel, grid, cfg, x, w, b if b is not None else w, targets, logp, lse, ent,
-            N, V, H, x.stride(0), w.stride(0), inv_temp,
-            HAS_BIAS=b is not None, UPCAST=upcast, DOT_PRECISION=precision)
+    blocking = blocking or plan(N, V, H)
+    workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
+    state = torch.empty((4, blocking.rows), device=x.device, dtype=torch.float32)  # m, s, t, z_tgt per row
+    for r0, r, v0, s in _blocks(N, V, blocking):
+        z = workspace[:r * s].view(r, s)
+        _logits(x[r0:r0 + r], w, b, v0, s, z)
+        _launch(_slab_stats_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
+                z, z.stride(0), targets[r0:r0 + r], state, logp[r0:r0 + r], lse[r0:r0 + r], ent[r0:r0 + r],
+                r, s, v0, inv_temp, IS_FIRST=v0 == 0, IS_LAST=v0 + s == V)
     return logp, lse, ent
 
 
-def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None):
-    """Gradients for upstream g_logp [N] (and g_ent [N] or None) -> fp32 (dx [N,H], dw [V,H], db [V]|None)."""
+def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, blocking=None):
+    """Gradients for upstream g_logp [N] (and g_ent [N] or None) -> (dx [N,H], dw [V,H]) in the input
+    dtype and db [V] fp32 (None without bias)."""
     N, H = x.shape
     V = w.shape[0]
-    dx = torch.zeros((N, H), device=x.device, dtype=torch.float32)
-    dw = torch.zeros((V, H), device=x.device, dtype=torch.float32)
     db = torch.zeros((V,), device=x.device, dtype=torch.float32) if b is not None else None
     if N == 0:
-        return dx, dw, db
-    cfgs = configs or _configs()
-    upcast, precision = _flags(x.dtype)
+        return torch.zeros_like(x), torch.zeros_like(w), db
+    # every row block's first slab writes its rows of dX, every slab's first row block its rows of dW
+    dx = torch.empty((N, H), device=x.device, dtype=x.dtype)
+    dw = torch.empty((V, H), device=x.device, dtype=w.dtype)
+    cfg = (configs or _configs())["bwd"]
+    blocking = blocking or plan(N, V, H)
     g_logp = g_logp.float().contiguous()
     has_gent = g_ent is not None
     g_ent = g_ent.float().contiguous() if has_gent else g_logp
-    common = dict(HAS_BIAS=b is not None, HAS_GENT=has_gent, UPCAST=upcast, DOT_PRECISION=precision)
-    b_arg = b if b is not None else w
-    _launch(_dx_kernel, (triton.cdiv(N, cfgs["dx"].blocks["BLOCK_N"]),), cfgs["dx"],
-            x, w, b_arg, targets, lse, ent, g_logp, g_ent, dx,
-            N, V, H, x.stride(0), w.stride(0), dx.stride(0), inv_temp, **common)
-    _launch(_dw_kernel, (triton.cdiv(V, cfgs["dw"].blocks["BLOCK_V"]),), cfgs["dw"],
-            x, w, b_arg, targets, lse, ent, g_logp, g_ent, dw, db if db is not None else dw,
-            N, V, H, x.stride(0), w.stride(0), dw.stride(0), inv_temp, **common)
+    workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
+    for r0, r, v0, s in _blocks(N, V, blocking):
+        z = workspace[:r * s].view(r, s)
+        x_blk, w_slab = x[r0:r0 + r], w[v0:v0 + s]
+        _logits(x_blk, w, b, v0, s, z)
+        _launch(_slab_grad_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
+                z, z.stride(0), targets[r0:r0 + r], lse[r0:r0 + r], ent[r0:r0 + r], g_logp[r0:r0 + r],
+                g_ent[r0:r0 + r], db[v0:v0 + s] if db is not None else lse, r, s, v0, inv_temp,
+                HAS_GENT=has_gent, HAS_BIAS=b is not None)
+        dx_blk, dw_slab = dx[r0:r0 + r], dw[v0:v0 + s]
+        if v0 == 0:
+            torch.mm(z, w_slab, out=dx_blk)
+        else:
+            dx_blk.addmm_(z, w_slab)
+        if r0 == 0:
+            torch.mm(z.t(), x_blk, out=dw_slab)
+        else:
+            dw_slab.addmm_(z.t(), x_blk)
     return dx, dw, db
 
 
-def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None):
-    """Performance model of one fwd+bwd over N kept rows: one KernelCost per kernel launch.
+def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None):
+    """Performance model of one fwd+bwd over N kept rows: one KernelCost per launch, in launch order.
 
-    Bytes count every executed tl.load/tl.store (masked elements excluded), FLOPs 2*M*N*K per tl.dot
-    at full tile size; ``configs`` defaults to the GPU tile configurations."""
+    Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded;
+    an atomic counts as a load plus a store), no tensor-core FLOPs. cuBLAS GEMMs (``torch.mm[...]``):
+    2*M*N*K FLOPs and compulsory bytes (operands, an addmm's C, and the output once).
+    ``configs`` / ``blocking`` default to what the launcher uses on a GPU."""
     cfgs = configs or GPU_CONFIGS
+    blocking = blocking or plan(N, V, H)
     e = torch.empty((), dtype=dtype).element_size()
-    row_stats = 8 + 4 + 4 + 4 + (4 if has_gent else 0)  # targets, lse, entropy, g_logp, g_ent
     costs = []
-    for name in ("fwd", "dx", "dw"):
-        bn, bv, bh = (cfgs[name].blocks[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
-        nb, vb, hb = triton.cdiv(N, bn), triton.cdiv(V, bv), triton.cdiv(H, bh)
-        logits_flops = 2 * bn * bv * bh * hb * vb * nb
-        if name == "fwd":
-            # logits tiles: x once per vocabulary tile, w once per row tile; targets in; logp, lse, entropy out
-            nbytes = vb * N * H * e + nb * V * H * e + has_bias * nb * V * e + 8 * N + 12 * N
-            costs.append(KernelCost("linear_logprobs.fwd", logits_flops, nbytes))
-        elif name == "dx":
-            # + w again per (row tile, vocabulary tile), fp32 dX tile loaded and stored per vocabulary tile
-            nbytes = (row_stats * N + vb * N * H * e + 2 * nb * V * H * e + has_bias * nb * V * e
-                      + vb * N * H * 8)
-            costs.append(KernelCost("linear_logprobs.dx", 2 * logits_flops, nbytes))
-        else:
-            # + x again per (vocabulary tile, row tile), fp32 dW tile loaded and stored per row tile
-            nbytes = (vb * row_stats * N + 2 * vb * N * H * e + nb * V * H * e + has_bias * nb * V * e
-                      + nb * V * H * 8 + has_bias * V * 4)
-            costs.append(KernelCost("linear_logprobs.dw", 2 * logits_flops, nbytes))
+
+    def gemm(tag, m, n, k, c_in):
+        nbytes = (m * k + k * n + m * n + (c_in or 0)) * e
+        costs.append(KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, nbytes))
+
+    for r0, r, v0, s in _blocks(N, V, blocking):  # forward
+        gemm("logits", r, s, H, s if has_bias else 0)
+        first, last = v0 == 0, v0 + s == V
+        nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + (12 * r if last else 16 * r)
+        costs.append(KernelCost("linear_logprobs.fwd", 0, nbytes))
+    bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
+    for r0, r, v0, s in _blocks(N, V, blocking):  # backward
+        gemm("logits", r, s, H, s if has_bias else 0)
+        row_bytes = (8 + 4 + 4 + (8 if has_gent else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
+        atomics = 2 * 4 * s * triton.cdiv(r, bwd_block_r) if has_bias else 0
+        costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * s * e + atomics))
+        gemm("dx", r, H, s, 0 if v0 == 0 else r * H)
+        gemm("dw", s, H, r, 0 if r0 == 0 else s * H)
     return costs
 
 
-def extra_memory_bytes(N, V, H, dtype):
-    """Bytes the op allocates beyond its outputs and returned gradients: fp32 dX and dW before the cast."""
-    return N * H * 4 + V * H * 4
+def extra_memory_bytes(N, V, H, dtype, has_bias=False, blocking=None):
+    """Bytes the op allocates beyond its outputs and returned gradients (backward's peak): the workspace
+    (+ the fp32 db, cast to the bias dtype at the end)."""
+    blocking = blocking or plan(N, V, H)
+    e = torch.empty((), dtype=dtype).element_size()
+    return blocking.rows * blocking.slab * e + (4 * V if has_bias else 0)
 
 
 def gate_entries():
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
-        mma = dtype != torch.float32  # fp32 uses exact ieee products: no tensor cores expected
+        for first in (False, True):
+            for last in (False, True):
+                cfg = GPU_CONFIGS["fwd"]
+                entries.append(GateEntry(
+                    f"linear_logprobs.fwd[{t}{'-first' if first else ''}{'-last' if last else ''}]",
+                    _slab_stats_kernel,
+                    {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "state_ptr": "*fp32",
+                     "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "R": "i32", "S": "i32",
+                     "v0": "i32", "inv_temp": "fp32"},
+                    {"IS_FIRST": first, "IS_LAST": last, **cfg.blocks}, cfg, expects_mma=False))
         for has_bias in (False, True):
-            base = {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": "ieee"}
-            tag = f"{t}{'-bias' if has_bias else ''}"
-            cfg = GPU_CONFIGS["fwd"]
-            entries.append(GateEntry(
-                f"linear_logprobs.fwd[{tag}]", _fwd_kernel,
-                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "logp_ptr": "*fp32",
-                 "lse_ptr": "*fp32", "ent_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
-                 "stride_xn": "i32", "stride_wv": "i32", "inv_temp": "fp32"},
-                {**base, **cfg.blocks}, cfg, mma))
             for has_gent in (False, True):
-                g = {**base, "HAS_GENT": has_gent}
-                gtag = f"{tag}{'-ent' if has_gent else ''}"
-                cfg = GPU_CONFIGS["dx"]
+                cfg = GPU_CONFIGS["bwd"]
                 entries.append(GateEntry(
-                    f"linear_logprobs.dx[{gtag}]", _dx_kernel,
-                    {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                     "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dx_ptr": "*fp32",
-                     "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_wv": "i32",
-                     "stride_dxn": "i32", "inv_temp": "fp32"},
-                    {**g, **cfg.blocks}, cfg, mma))
-                cfg = GPU_CONFIGS["dw"]
-                entries.append(GateEntry(
-                    f"linear_logprobs.dw[{gtag}]", _dw_kernel,
-                    {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                     "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dw_ptr": "*fp32",
-                     "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32",
-                     "stride_wv": "i32", "stride_dwv": "i32", "inv_temp": "fp32"},
-                    {**g, **cfg.blocks}, cfg, mma))
+                    f"linear_logprobs.bwd[{t}{'-bias' if has_bias else ''}{'-ent' if has_gent else ''}]",
+                    _slab_grad_kernel,
+                    {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+                     "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "db_ptr": "*fp32",
+                     "R": "i32", "S": "i32", "v0": "i32", "inv_temp": "fp32"},
+                    {"HAS_GENT": has_gent, "HAS_BIAS": has_bias, **cfg.blocks}, cfg, expects_mma=False))
     return entries

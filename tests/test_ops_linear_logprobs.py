@@ -4,7 +4,7 @@ import torch
 from pact_fast.ops import linear_logprobs, linear_logprobs_reference
 from conftest import rel_err
 
-TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CASES = [
     pytest.param(37, 48, 203, id="N37-H48-V203"),
     pytest.param(16, 32, 64, id="N16-H32-V64"),
@@ -47,6 +47,56 @@ def test_matches_float64_reference(backend, dtype, use_bias, temperature, N, H, 
     for name, o, r in zip(["hidden", "weight", "bias"], ours, ref):
         assert o.grad.dtype == dtype
         assert rel_err(o.grad, r.grad) < TOL[dtype], name
+
+
+def _check_against_float64(hidden, weight, bias, targets, tol, temperature=1.0, **kwargs):
+    """Our logp, entropy and every gradient (random g_logp and g_ent) against the float64 reference."""
+    inputs = [hidden, weight] + ([bias] if bias is not None else [])
+    ours = [t.clone().requires_grad_() for t in inputs]
+    ref = [t.double().clone().requires_grad_() for t in inputs]
+    logp, ent = linear_logprobs(ours[0], ours[1], targets, bias=ours[2] if bias is not None else None,
+                                temperature=temperature, return_entropy=True, **kwargs)
+    logp_r, ent_r = linear_logprobs_reference(ref[0], ref[1], targets, bias=ref[2] if bias is not None else None,
+                                              temperature=temperature)
+    assert (logp <= 0).all() and (ent >= 0).all()
+    assert rel_err(logp, logp_r) < tol and rel_err(ent, ent_r) < tol
+    g = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(targets.shape, generator=g).to(hidden.device)
+    g_ent = torch.randn(targets.shape, generator=g).to(hidden.device)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    (logp_r * g_logp.double() + ent_r * g_ent.double()).sum().backward()
+    for name, o, r in zip(["hidden", "weight", "bias"], ours, ref):
+        assert o.grad.dtype == o.dtype
+        assert rel_err(o.grad, r.grad) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rows,slab", [(8, 40), (16, 128), (13, 999)], ids=["R8-S40", "R16-S128", "R13-S999"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
+def test_triton_row_blocks_and_vocab_slabs_match_float64(dtype, rows, slab, use_bias, device):
+    """Several ragged row blocks x vocabulary slabs (last ones partial), ignored rows, temperature."""
+    hidden, weight, bias, targets = _inputs(45, 40, 301, dtype, device, n_ignored=4, seed=3)
+    _check_against_float64(hidden, weight, bias if use_bias else None, targets, TOL[dtype], temperature=0.8,
+                           backend="triton", chunk_rows=rows, vocab_slab=slab)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_logits_across_slabs(backend, device):
+    """|logits| ~ 1e3 with the maximum in a later slab than the target: the online LSE rescales exactly."""
+    hidden, weight, _, targets = _inputs(23, 16, 157, torch.float32, device, n_ignored=0, seed=5)
+    weight = weight * (1e3 / (hidden @ weight.t()).abs().max())
+    _check_against_float64(hidden, weight, None, targets, 2e-5, backend=backend, chunk_rows=5,
+                           **({"vocab_slab": 32} if backend == "triton" else {}))
+
+
+def test_triton_gradients_come_back_in_the_input_dtype_without_fp32_copies(device):
+    hidden, weight, _, targets = _inputs(20, 32, 90, torch.float16, device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = linear_logprobs(h, w, targets, backend="triton", chunk_rows=8, vocab_slab=32)
+    logp.sum().backward()
+    assert h.grad.dtype == torch.float16 and w.grad.dtype == torch.float16
+    ignored = targets == -100
+    assert torch.all(h.grad[ignored] == 0) and torch.all(h.grad[~ignored].abs().sum(-1) > 0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -92,6 +142,17 @@ def test_chunking_does_not_change_results():
     assert torch.allclose(whole, chunked, atol=1e-6)
 
 
+def test_torch_chunks_are_sized_by_budget_and_minimum_rows():
+    import importlib
+
+    mod = importlib.import_module("pact_fast.ops.linear_logprobs")
+
+    assert mod._torch_chunk_rows(32000) >= mod._MIN_CHUNK_ROWS  # 2M-element chunks were 65 rows here
+    assert mod._torch_chunk_rows(151936) == mod._MIN_CHUNK_ROWS
+    assert mod._torch_chunk_rows(1000) * 1000 * 4 <= mod._CHUNK_BYTES < (mod._torch_chunk_rows(1000) + 1) * 4000
+
+
+
 def test_leading_dims_are_kept():
     hidden, weight, _, targets = _inputs(24, 16, 40, torch.float32, "cpu")
     flat = linear_logprobs(hidden, weight, targets)
@@ -112,8 +173,10 @@ def test_leading_dims_are_kept():
     (dict(bias=torch.randn(39)), ValueError, "bias"),
     (dict(weight=torch.randn(40, 16, device="meta")), ValueError, "devices"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(chunk_rows=0), ValueError, "chunk_rows"),
+    (dict(vocab_slab=-4), ValueError, "vocab_slab"),
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
-        "hidden-H", "weight-dtype", "bias-shape", "devices", "backend-name"])
+        "hidden-H", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
     args.update(kwargs)

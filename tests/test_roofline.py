@@ -21,35 +21,59 @@ SHAPES = [
     pytest.param(5, 1001, 24, False, True, id="N5-V1001-H24-ent"),
 ]
 CONFIGS = {"interpreter": launch.INTERPRET_CONFIGS, "gpu": launch.GPU_CONFIGS}
+# None: the launcher's own plan; else ragged row blocks x vocabulary slabs (several of each)
+BLOCKINGS = {"plan": None, "R13-S40": launch.Blocking(13, 40)}
 
 
-def _run(N, V, H, has_bias, has_gent, configs, dtype=torch.float32, seed=0):
+def _run(N, V, H, has_bias, has_gent, configs, blocking=None, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, H, generator=g).to(dtype)
     w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
     b = torch.randn(V, generator=g).to(dtype) if has_bias else None
     t = torch.randint(0, V, (N,), generator=g)
     with roofline.count_executed() as counts:
-        _, lse, ent = launch.forward(x, w, b, t, 1.0, configs=configs)
+        _, lse, ent = launch.forward(x, w, b, t, 1.0, configs=configs, blocking=blocking)
         launch.backward(x, w, b, t, lse, ent, torch.randn(N, generator=g),
-                        torch.randn(N, generator=g) if has_gent else None, 1.0, configs=configs)
+                        torch.randn(N, generator=g) if has_gent else None, 1.0, configs=configs, blocking=blocking)
     return counts.as_tuples()
 
 
+@pytest.mark.parametrize("blocking", list(BLOCKINGS))
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("N,V,H,has_bias,has_gent", SHAPES)
-def test_counted_flops_and_bytes_equal_the_formulas(N, V, H, has_bias, has_gent, config):
-    counted = _run(N, V, H, has_bias, has_gent, CONFIGS[config])
+def test_counted_flops_and_bytes_equal_the_formulas(N, V, H, has_bias, has_gent, config, blocking):
+    counted = _run(N, V, H, has_bias, has_gent, CONFIGS[config], BLOCKINGS[blocking])
     model = roofline.aggregate(launch.kernel_costs(N, V, H, torch.float32, has_bias, has_gent,
-                                                   configs=CONFIGS[config]))
+                                                   configs=CONFIGS[config], blocking=BLOCKINGS[blocking]))
+    assert set(counted) == {"linear_logprobs.fwd", "linear_logprobs.bwd", roofline.TORCH_GEMM}
     assert counted == model
 
 
-def test_fp16_counts_two_bytes_per_element():
-    counted = _run(21, 77, 32, False, True, launch.INTERPRET_CONFIGS, dtype=torch.float16)
-    model = roofline.aggregate(launch.kernel_costs(21, 77, 32, torch.float16, False, True,
-                                                   configs=launch.INTERPRET_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16bit_inputs_count_two_bytes_per_element(dtype):
+    blocking = launch.Blocking(8, 32)
+    counted = _run(21, 77, 32, True, True, launch.INTERPRET_CONFIGS, blocking, dtype=dtype)
+    model = roofline.aggregate(launch.kernel_costs(21, 77, 32, dtype, True, True,
+                                                   configs=launch.INTERPRET_CONFIGS, blocking=blocking))
     assert counted == model
+
+
+def test_one_kernel_cost_per_launch_in_launch_order():
+    costs = launch.kernel_costs(10, 50, 16, torch.float32, False, True, blocking=launch.Blocking(4, 20))
+    n_blocks = 3 * 3  # ceil(10 / 4) row blocks x ceil(50 / 20) slabs
+    fwd = [c.kernel for c in costs[:2 * n_blocks]]
+    bwd = [c.kernel for c in costs[2 * n_blocks:]]
+    assert fwd == ["torch.mm[logits]", "linear_logprobs.fwd"] * n_blocks
+    assert bwd == ["torch.mm[logits]", "linear_logprobs.bwd", "torch.mm[dx]", "torch.mm[dw]"] * n_blocks
+
+
+def test_w_logprob_meets_the_targets_by_the_model():
+    """Issue 11: fwd+bwd <= 1.45x three GEMMs on H100 and extra memory <= 5% of the bf16 weight gradient."""
+    for workload, shape in roofline.W_LOGPROB.items():
+        N, H, V = shape["N"], shape["H"], shape["V"]
+        costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, has_gent=True)
+        assert roofline.predict_ms(costs, "H100") <= 1.45 * roofline.ideal_logprob_ms(N, V, H, "H100"), workload
+        assert launch.extra_memory_bytes(N, V, H, torch.bfloat16) <= 0.05 * V * H * 2, workload
 
 
 def test_predicted_time_is_the_roofline_max():

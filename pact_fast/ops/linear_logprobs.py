@@ -2,19 +2,23 @@
 
 ``linear_logprobs`` is the public op. Two backends share one contract:
 
-- ``torch``: chunks of rows through ``hidden @ weight.T``; forward keeps only per-row
-  statistics, backward recomputes each chunk's logits. Never more than one chunk of logits
-  is alive. The CPU path, and the reference the Triton kernels are tested against.
-- ``triton``: the kernels in ``pact_fast.kernels.linear_logprobs`` (CUDA, or the CPU under
-  ``TRITON_INTERPRET=1``), which stream vocabulary tiles and never hold more than a tile.
+- ``torch``: chunks of rows through ``hidden @ weight.T`` over the whole vocabulary; forward
+  keeps only per-row statistics, backward recomputes each chunk's logits. Never more than one
+  chunk of logits is alive. The CPU path, and the reference the Triton kernels are tested against.
+- ``triton``: row blocks x vocabulary slabs over a bounded workspace: cuBLAS GEMMs for the
+  logits, dX and dW, Triton epilogues (``pact_fast.kernels.linear_logprobs``) for the online
+  log-sum-exp and the gradient of the logits (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+  See ``kernels/linear_logprobs_launch.py`` for where 16-bit gradients are rounded.
 
 Both compact away rows whose target is ``ignore_index`` before any matmul, so those rows
-cost nothing and get zero gradient.
+cost nothing and get zero gradient (no copy when no row is ignored).
 """
 import torch
 
-# Rows per chunk of the torch path are chosen so one fp32 chunk of logits holds ~2M values (8 MiB).
-_CHUNK_ELEMENTS = 1 << 21
+# Rows per chunk of the torch path: one fp32 chunk of logits near _CHUNK_BYTES, but never fewer
+# than _MIN_CHUNK_ROWS rows (thinner GEMMs run well below the machine's matmul speed).
+_CHUNK_BYTES = 64 << 20
+_MIN_CHUNK_ROWS = 512
 
 
 def _check_inputs(hidden, weight, targets, bias, temperature):
@@ -49,6 +53,11 @@ def _check_inputs(hidden, weight, targets, bias, temperature):
         raise ValueError(f"linear_logprobs: inputs live on different devices: {sorted(map(str, devices))}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"linear_logprobs: `temperature` must be a number > 0, got {temperature!r}")
+
+
+def _torch_chunk_rows(vocab_size):
+    """Rows per chunk of the torch path: fp32 logits of a chunk within _CHUNK_BYTES, at least _MIN_CHUNK_ROWS."""
+    return max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (4 * vocab_size))
 
 
 def _compact(targets, ignore_index, vocab_size):
@@ -126,12 +135,12 @@ class _TorchLinearLogprobs(torch.autograd.Function):
 
 class _TritonLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, inv_temp):
+    def forward(ctx, x, weight, bias, targets, inv_temp, blocking):
         from ..kernels import linear_logprobs_launch as launch
 
-        logp, lse, ent = launch.forward(x, weight, bias, targets, inv_temp)
+        logp, lse, ent = launch.forward(x, weight, bias, targets, inv_temp, blocking=blocking)
         ctx.save_for_backward(x, weight, bias, targets, lse, ent)
-        ctx.inv_temp = inv_temp
+        ctx.inv_temp, ctx.blocking = inv_temp, blocking
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -142,8 +151,9 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         x, weight, bias, targets, lse, ent = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        dx, dw, db = launch.backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_temp)
-        return (dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None)
+        dx, dw, db = launch.backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_temp,
+                                     blocking=ctx.blocking)
+        return dx, dw, db.to(bias.dtype) if db is not None else None, None, None, None
 
 
 def _resolve_backend(backend, device):
@@ -161,7 +171,7 @@ def _resolve_backend(backend, device):
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, backend="auto", chunk_rows=None):
+                    return_entropy=False, backend="auto", chunk_rows=None, vocab_slab=None):
     """Log-probs of chosen tokens under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -173,28 +183,41 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost.
         return_entropy: also return the entropy of each row's distribution.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
-        chunk_rows: rows per chunk of the torch backend; default keeps one chunk near 8 MiB of fp32 logits.
+        chunk_rows: rows per chunk (torch) or row block (triton); default: torch, one chunk's fp32
+            logits near 64 MiB but at least 512 rows; triton, ``linear_logprobs_launch.plan``.
+        vocab_slab: vocabulary columns per slab of the triton backend; default from ``plan``.
 
     Returns:
         ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable
         with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
     _check_inputs(hidden, weight, targets, bias, temperature)
+    for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
+        if value is not None and not (isinstance(value, int) and value > 0):
+            raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
     backend = _resolve_backend(backend, hidden.device)
     lead_shape = hidden.shape[:-1]
     x_all = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     t_all = targets.reshape(-1).long()  # [N]
     rows = _compact(t_all, ignore_index, weight.shape[0])  # [n]
-    x = x_all.index_select(0, rows)  # [n, H]: ignored rows never reach a matmul
-    t = t_all.index_select(0, rows)
+    n_all, n = x_all.shape[0], rows.numel()
+    # [n, H]: ignored rows never reach a matmul
+    x = x_all.contiguous() if n == n_all else x_all.index_select(0, rows)
+    t = t_all if n == n_all else t_all.index_select(0, rows)
     w = weight.contiguous()
     inv_temp = 1.0 / float(temperature)
     if backend == "triton":
-        logp_c, ent_c = _TritonLinearLogprobs.apply(x, w, bias, t, inv_temp)
+        from ..kernels import linear_logprobs_launch as launch
+
+        blocking = launch.plan(n, weight.shape[0], weight.shape[1])
+        blocking = launch.Blocking(chunk_rows or blocking.rows, vocab_slab or blocking.slab)
+        logp_c, ent_c = _TritonLinearLogprobs.apply(x, w, bias, t, inv_temp, blocking)
     else:
-        chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        chunk = chunk_rows or _torch_chunk_rows(weight.shape[0])
         logp_c, ent_c = _TorchLinearLogprobs.apply(x, w, bias, t, inv_temp, chunk)
-    n_all = x_all.shape[0]
+    if n == n_all:
+        logp = logp_c.reshape(lead_shape)
+        return (logp, ent_c.reshape(lead_shape)) if return_entropy else logp
     logp = logp_c.new_zeros(n_all).index_copy(0, rows, logp_c).reshape(lead_shape)
     if not return_entropy:
         return logp
