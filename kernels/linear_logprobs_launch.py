@@ -13,6 +13,9 @@ fp32 inside cuBLAS, so no fp32 accumulator tile is re-read from memory. fp32 inp
 throughout; with bf16/fp16 the logits are rounded to the input dtype before the softmax (as the
 model's own lm_head output would be), and dW carries ceil(N / R) roundings, dX ceil(V / S).
 
+Building blocks for other ops over the same loop (e.g. a fused loss head): ``plan`` / ``Blocking``,
+``blocks``, ``workspace_view``, ``slab_logits``, ``slab_stats``, ``slab_grad``, ``accumulate_grads``.
+
 The workspace is sized by a memory budget, ``WORKSPACE_FRACTION`` of the weight gradient's bytes,
 with at least ``MIN_BLOCK_ROWS`` rows per block (so the GEMMs are compute-bound) where N allows.
 """
@@ -66,19 +69,58 @@ def _launch(kernel, grid, cfg, *args, **constexprs):
     kernel[grid](*args, **constexprs, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _logits(x_blk, w, b, v0, s, out):
+def blocks(N, V, blocking):
+    """(r0, r, v0, s) for every row block x vocabulary slab, slabs inner: rows [r0, r0 + r), columns
+    [v0, v0 + s)."""
+    for r0 in range(0, N, blocking.rows):
+        r = min(blocking.rows, N - r0)
+        for v0 in range(0, V, blocking.slab):
+            yield r0, r, v0, min(blocking.slab, V - v0)
+
+
+def workspace_view(workspace, r, s):
+    """A contiguous [r, s] view at the start of a flat workspace of at least r * s elements."""
+    return workspace[:r * s].view(r, s)
+
+
+def slab_logits(x_blk, w, b, v0, out):
     """out [r, s] = x_blk [r, H] @ w[v0:v0+s].T (+ b[v0:v0+s]), one cuBLAS GEMM in the input dtype."""
+    s = out.shape[1]
     if b is None:
         torch.mm(x_blk, w[v0:v0 + s].t(), out=out)
     else:
         torch.addmm(b[v0:v0 + s], x_blk, w[v0:v0 + s].t(), out=out)
 
 
-def _blocks(N, V, blocking):
-    for r0 in range(0, N, blocking.rows):
-        r = min(blocking.rows, N - r0)
-        for v0 in range(0, V, blocking.slab):
-            yield r0, r, v0, min(blocking.slab, V - v0)
+def slab_stats(z, v0, V, targets, state, logp, lse, ent, inv_temp, cfg):
+    """Online LSE over one slab: z [r, s] logits of columns [v0, v0 + s); targets [r]; state [4, >= r] fp32
+    carried between the slabs of a block; at the last slab (v0 + s == V) writes logp, lse, entropy [r]."""
+    r, s = z.shape
+    _launch(_slab_stats_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
+            z, z.stride(0), targets, state, logp, lse, ent, r, s, v0, inv_temp,
+            IS_FIRST=v0 == 0, IS_LAST=v0 + s == V)
+
+
+def slab_grad(z, v0, targets, lse, ent, g_logp, g_ent, db, inv_temp, cfg):
+    """z [r, s] logits of columns [v0, v0 + s) -> d loss / d logits, in place; targets, lse, g_logp [r];
+    ent, g_ent [r] or g_ent None (no entropy gradient); db [s] fp32 += column sums, or None."""
+    r, s = z.shape
+    _launch(_slab_grad_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
+            z, z.stride(0), targets, lse, ent, g_logp, g_logp if g_ent is None else g_ent,
+            lse if db is None else db, r, s, v0, inv_temp, HAS_GENT=g_ent is not None, HAS_BIAS=db is not None)
+
+
+def accumulate_grads(dz, x_blk, w_slab, dx_blk, dw_slab, first_slab, first_block):
+    """dx_blk [r, H] (+)= dz [r, s] @ w_slab [s, H]; dw_slab [s, H] (+)= dz.T @ x_blk [r, H]: cuBLAS GEMMs in
+    the input dtype that overwrite on a block's first slab / a slab's first block and accumulate after."""
+    if first_slab:
+        torch.mm(dz, w_slab, out=dx_blk)
+    else:
+        dx_blk.addmm_(dz, w_slab)
+    if first_block:
+        torch.mm(dz.t(), x_blk, out=dw_slab)
+    else:
+        dw_slab.addmm_(dz.t(), x_blk)
 
 
 def forward(x, w, b, targets, inv_temp, configs=None, blocking=None):
@@ -92,12 +134,11 @@ def forward(x, w, b, targets, inv_temp, configs=None, blocking=None):
     blocking = blocking or plan(N, V, H)
     workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
     state = torch.empty((4, blocking.rows), device=x.device, dtype=torch.float32)  # m, s, t, z_tgt per row
-    for r0, r, v0, s in _blocks(N, V, blocking):
-        z = workspace[:r * s].view(r, s)
-        _logits(x[r0:r0 + r], w, b, v0, s, z)
-        _launch(_slab_stats_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
-                z, z.stride(0), targets[r0:r0 + r], state, logp[r0:r0 + r], lse[r0:r0 + r], ent[r0:r0 + r],
-                r, s, v0, inv_temp, IS_FIRST=v0 == 0, IS_LAST=v0 + s == V)
+    for r0, r, v0, s in blocks(N, V, blocking):
+        rows = slice(r0, r0 + r)
+        z = workspace_view(workspace, r, s)
+        slab_logits(x[rows], w, b, v0, z)
+        slab_stats(z, v0, V, targets[rows], state, logp[rows], lse[rows], ent[rows], inv_temp, cfg)
     return logp, lse, ent
 
 
@@ -115,26 +156,15 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, 
     cfg = (configs or _configs())["bwd"]
     blocking = blocking or plan(N, V, H)
     g_logp = g_logp.float().contiguous()
-    has_gent = g_ent is not None
-    g_ent = g_ent.float().contiguous() if has_gent else g_logp
+    g_ent = g_ent.float().contiguous() if g_ent is not None else None
     workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
-    for r0, r, v0, s in _blocks(N, V, blocking):
-        z = workspace[:r * s].view(r, s)
-        x_blk, w_slab = x[r0:r0 + r], w[v0:v0 + s]
-        _logits(x_blk, w, b, v0, s, z)
-        _launch(_slab_grad_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
-                z, z.stride(0), targets[r0:r0 + r], lse[r0:r0 + r], ent[r0:r0 + r], g_logp[r0:r0 + r],
-                g_ent[r0:r0 + r], db[v0:v0 + s] if db is not None else lse, r, s, v0, inv_temp,
-                HAS_GENT=has_gent, HAS_BIAS=b is not None)
-        dx_blk, dw_slab = dx[r0:r0 + r], dw[v0:v0 + s]
-        if v0 == 0:
-            torch.mm(z, w_slab, out=dx_blk)
-        else:
-            dx_blk.addmm_(z, w_slab)
-        if r0 == 0:
-            torch.mm(z.t(), x_blk, out=dw_slab)
-        else:
-            dw_slab.addmm_(z.t(), x_blk)
+    for r0, r, v0, s in blocks(N, V, blocking):
+        rows, cols = slice(r0, r0 + r), slice(v0, v0 + s)
+        z = workspace_view(workspace, r, s)
+        slab_logits(x[rows], w, b, v0, z)
+        slab_grad(z, v0, targets[rows], lse[rows], ent[rows], g_logp[rows],
+                  g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp, cfg)
+        accumulate_grads(z, x[rows], w[cols], dx[rows], dw[cols], first_slab=v0 == 0, first_block=r0 == 0)
     return dx, dw, db
 
 
@@ -154,13 +184,13 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
         nbytes = (m * k + k * n + m * n + (c_in or 0)) * e
         costs.append(KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, nbytes))
 
-    for r0, r, v0, s in _blocks(N, V, blocking):  # forward
+    for r0, r, v0, s in blocks(N, V, blocking):  # forward
         gemm("logits", r, s, H, s if has_bias else 0)
         first, last = v0 == 0, v0 + s == V
         nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + (12 * r if last else 16 * r)
         costs.append(KernelCost("linear_logprobs.fwd", 0, nbytes))
     bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
-    for r0, r, v0, s in _blocks(N, V, blocking):  # backward
+    for r0, r, v0, s in blocks(N, V, blocking):  # backward
         gemm("logits", r, s, H, s if has_bias else 0)
         row_bytes = (8 + 4 + 4 + (8 if has_gent else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
         atomics = 2 * 4 * s * triton.cdiv(r, bwd_block_r) if has_bias else 0
