@@ -11,7 +11,10 @@ Triton interpreter really executes so a test (tests/test_roofline.py) can hold t
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
 
 API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
-``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))``.
+``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))`` (every row of the table),
+``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``ideal_logprob_ms``.
+Each row: workload, op, device, predicted_ms, ideal_ms, ratio, extra_memory_bytes, kernels
+(per-kernel flops, bytes, intensity, predicted_ms), label "model".
 """
 import argparse
 import contextlib
@@ -252,11 +255,12 @@ BEFORE = {
 }
 
 
-def ideal_logprob_ms(N, V, H, device):
-    """Three bare bf16 GEMMs of 2NVH FLOPs each (logits, dX, dW) at compulsory bytes."""
+def ideal_logprob_ms(N, V, H, device, gemms=3):
+    """``gemms`` bare bf16 GEMMs of 2NVH FLOPs each at compulsory bytes: 3 for fwd+bwd (logits, dX, dW),
+    1 for the forward (logits)."""
     dev = DEVICES[device]
-    gemm_bytes = [(N * H + V * H) * BF16 + N * V * BF16, (N * V + V * H + N * H) * BF16, (N * V + N * H + V * H) * BF16]
-    return sum(1e3 * max(2 * N * V * H / dev.flops, b / dev.bandwidth) for b in gemm_bytes)
+    gemm_bytes = [(N * H + V * H + N * V) * BF16, (N * V + V * H + N * H) * BF16, (N * V + N * H + V * H) * BF16]
+    return sum(1e3 * max(2 * N * V * H / dev.flops, b / dev.bandwidth) for b in gemm_bytes[:gemms])
 
 
 def _kernel_detail(costs, device):
@@ -269,6 +273,7 @@ def _kernel_detail(costs, device):
 
 
 def aggregate_by_name(costs):
+    """{KernelCost name: (flops, bytes)} summed over a list of KernelCost, in first-seen order."""
     out = defaultdict(lambda: [0, 0])
     for c in costs:
         out[c.kernel][0] += c.flops
@@ -276,29 +281,31 @@ def aggregate_by_name(costs):
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _logprob_rows(devices):
+def _row(workload, op, device, costs, ideal_ms, extra_memory_bytes, **extra):
+    pred = predict_ms(costs, device)
+    return {"workload": workload, "op": op, "device": device, "predicted_ms": pred, "ideal_ms": ideal_ms,
+            "ratio": pred / ideal_ms, "extra_memory_bytes": extra_memory_bytes,
+            "kernels": _kernel_detail(costs, device), "label": "model", **extra}
+
+
+def logprob_rows(workload, N, V, H, devices=("H100", "H200"), has_gent=True):
+    """Model rows of linear_logprobs (bf16, no bias) at any shape: "linear_logprobs fwd" against one GEMM,
+    "linear_logprobs fwd+bwd" against three; plus the pre-issue-11 kernels where BEFORE has the workload."""
     from pact_fast.kernels import linear_logprobs_launch as launch
     from pact_fast.kernels.registry import KernelCost
 
+    shape = {"N": N, "V": V, "H": H, "dtype": "bf16"}
+    extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16)
     rows = []
-    for workload, shape in W_LOGPROB.items():
-        for device in devices:
-            ideal = ideal_logprob_ms(shape["N"], shape["V"], shape["H"], device)
-            costs = launch.kernel_costs(shape["N"], shape["V"], shape["H"], torch.bfloat16, has_bias=False,
-                                        has_gent=True)
-            pred = predict_ms(costs, device)
-            rows.append({"workload": workload, "op": "linear_logprobs fwd+bwd", "device": device,
-                         "predicted_ms": pred, "ideal_ms": ideal, "ratio": pred / ideal,
-                         "extra_memory_bytes": launch.extra_memory_bytes(shape["N"], shape["V"], shape["H"],
-                                                                         torch.bfloat16),
-                         "kernels": _kernel_detail(costs, device), "label": "model"})
-            if workload in BEFORE:
-                before = [KernelCost(k, f, b) for k, (f, b) in BEFORE[workload]["kernels"].items()]
-                pred = predict_ms(before, device)
-                rows.append({"workload": workload, "op": "linear_logprobs fwd+bwd (before issue 11)",
-                             "device": device, "predicted_ms": pred, "ideal_ms": ideal, "ratio": pred / ideal,
-                             "extra_memory_bytes": BEFORE[workload]["extra_memory_bytes"],
-                             "kernels": _kernel_detail(before, device), "label": "model"})
+    for device in devices:
+        for op, passes, gemms in (("linear_logprobs fwd", ("fwd",), 1), ("linear_logprobs fwd+bwd", ("fwd", "bwd"), 3)):
+            costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, has_gent=has_gent, passes=passes)
+            rows.append(_row(workload, op, device, costs, ideal_logprob_ms(N, V, H, device, gemms), extra,
+                             shape=shape))
+        if workload in BEFORE:
+            before = [KernelCost(k, f, b) for k, (f, b) in BEFORE[workload]["kernels"].items()]
+            rows.append(_row(workload, "linear_logprobs fwd+bwd (before issue 11)", device, before,
+                             ideal_logprob_ms(N, V, H, device), BEFORE[workload]["extra_memory_bytes"], shape=shape))
     return rows
 
 
@@ -323,7 +330,10 @@ def _group_rows(devices):
 
 def model_rows(devices=("H100", "H200")):
     """Every workload and op the model covers, one dict per (workload, op, device); see the module doc."""
-    return _logprob_rows(devices) + _group_rows(devices)
+    rows = []
+    for workload, shape in W_LOGPROB.items():
+        rows += logprob_rows(workload, shape["N"], shape["V"], shape["H"], devices)
+    return rows + _group_rows(devices)
 
 
 def _fmt(x, spec):

@@ -168,13 +168,16 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, 
     return dx, dw, db
 
 
-def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None):
-    """Performance model of one fwd+bwd over N kept rows: one KernelCost per launch, in launch order.
+def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None, passes=("fwd", "bwd")):
+    """Performance model of ``passes`` (forward and/or backward) over N kept rows: one KernelCost per
+    launch, in launch order.
 
     Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded;
     an atomic counts as a load plus a store), no tensor-core FLOPs. cuBLAS GEMMs (``torch.mm[...]``):
     2*M*N*K FLOPs and compulsory bytes (operands, an addmm's C, and the output once).
     ``configs`` / ``blocking`` default to what the launcher uses on a GPU."""
+    if not passes or not set(passes) <= {"fwd", "bwd"}:
+        raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     cfgs = configs or GPU_CONFIGS
     blocking = blocking or plan(N, V, H)
     e = torch.empty((), dtype=dtype).element_size()
@@ -184,13 +187,13 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
         nbytes = (m * k + k * n + m * n + (c_in or 0)) * e
         costs.append(KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, nbytes))
 
-    for r0, r, v0, s in blocks(N, V, blocking):  # forward
+    for r0, r, v0, s in blocks(N, V, blocking) if "fwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)
         first, last = v0 == 0, v0 + s == V
         nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + (12 * r if last else 16 * r)
         costs.append(KernelCost("linear_logprobs.fwd", 0, nbytes))
     bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
-    for r0, r, v0, s in blocks(N, V, blocking):  # backward
+    for r0, r, v0, s in blocks(N, V, blocking) if "bwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)
         row_bytes = (8 + 4 + 4 + (8 if has_gent else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
         atomics = 2 * 4 * s * triton.cdiv(r, bwd_block_r) if has_bias else 0

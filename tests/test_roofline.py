@@ -67,6 +67,17 @@ def test_one_kernel_cost_per_launch_in_launch_order():
     assert bwd == ["torch.mm[logits]", "linear_logprobs.bwd", "torch.mm[dx]", "torch.mm[dw]"] * n_blocks
 
 
+def test_forward_and_backward_passes_partition_the_launches():
+    args = (300, 1000, 64, torch.bfloat16, True, True)
+    blocking = launch.Blocking(128, 384)
+    both = launch.kernel_costs(*args, blocking=blocking)
+    fwd = launch.kernel_costs(*args, blocking=blocking, passes=("fwd",))
+    bwd = launch.kernel_costs(*args, blocking=blocking, passes=("bwd",))
+    assert fwd + bwd == both and fwd and bwd
+    with pytest.raises(ValueError, match="passes"):
+        launch.kernel_costs(*args, passes=("dx",))
+
+
 def test_w_logprob_meets_the_targets_by_the_model():
     """Issue 11: fwd+bwd <= 1.45x three GEMMs on H100 and extra memory <= 5% of the bf16 weight gradient."""
     for workload, shape in roofline.W_LOGPROB.items():
@@ -98,3 +109,7 @@ def test_model_rows_cover_the_workloads():
     assert {("W-logprob-H2048", "H100"), ("W-logprob-H4096", "H100"), ("W-group-layer", "H100")} <= names
     for r in rows:
         assert {"workload", "op", "device", "predicted_ms", "ideal_ms", "ratio", "extra_memory_bytes"} <= set(r)
+    fwd_bwd = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "linear_logprobs fwd+bwd")
+    fwd = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "linear_logprobs fwd")
+    assert fwd["ideal_ms"] == pytest.approx(fwd_bwd["ideal_ms"] / 3)
+    assert fwd_bwd["ratio"] == pytest.approx(fwd_bwd["predicted_ms"] / fwd_bwd["ideal_ms"])
