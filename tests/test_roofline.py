@@ -113,3 +113,12 @@ def test_model_rows_cover_the_workloads():
     fwd = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "linear_logprobs fwd")
     assert fwd["ideal_ms"] == pytest.approx(fwd_bwd["ideal_ms"] / 3)
     assert fwd_bwd["ratio"] == pytest.approx(fwd_bwd["predicted_ms"] / fwd_bwd["ideal_ms"])
+
+
+def test_count_harness_refuses_a_changed_interpreter_api(monkeypatch):
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, a, b, d: None)
+    with pytest.raises(RuntimeError, match="create_dot"):
+        with roofline.count_executed():
+            pass
