@@ -129,7 +129,8 @@ def test_a_later_user_turn_can_make_tools_available():
     shout = {"role": "assistant", "content": "", "tool_calls": [
         {"id": "s1", "type": "function", "function": {"name": "shout", "arguments": {"w": "x"}}}]}
     later = row["trace"] + [{"role": "user", "content": "now shout", "tools": [extra]}, shout,
-                            {"role": "tool", "tool_call_id": "s1", "content": "X"}, {"role": "assistant", "content": "X"}]
+                            {"role": "tool", "tool_call_id": "s1", "content": "X"},
+                            {"role": "assistant", "content": "X"}]
     ex = parse_example({**row, "trace": later})
     assert ex.trace[len(row["trace"])]["tools"] == [extra]
     early = [{"role": "user", "content": "shout first"}, shout] + later
