@@ -169,6 +169,8 @@ class HFRolloutEngine:
             self.model.train(was_training)
         for ep, env in zip(episodes, envs):
             ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
+            if hasattr(env, "close"):
+                env.close()
         return [episodes[k * G:(k + 1) * G] for k in range(len(examples))]
 
     def _advance(self, example, ep, env, conv, toks, lps, done):

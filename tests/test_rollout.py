@@ -194,3 +194,25 @@ def test_greedy_can_be_asked_per_call_as_evaluation_does():
     sampled = [HFRolloutEngine(model, tok, sampling, seed=s).rollout([ex], MultiHopEnv, group_size=1)[0][0]
                for s in range(4)]
     assert len({tuple(e.response_ids) for e in sampled}) > 1, "greedy=None keeps the configured sampling"
+
+
+def test_rollout_closes_every_environment_after_its_reward():
+    tok, ex, model = _scripted_task(malformed=False)
+    made = []
+
+    class Tracked(MultiHopEnv):
+        closed_after_reward = False
+
+        def reward(self, final_text):
+            self.rewarded = True
+            return super().reward(final_text)
+
+        def close(self):
+            self.closed_after_reward = getattr(self, "rewarded", False)
+
+    def make_env(example):
+        made.append(Tracked(example))
+        return made[-1]
+
+    HFRolloutEngine(model, tok, RolloutConfig(group_size=2, max_new_tokens=40, max_turns=4)).rollout([ex], make_env)
+    assert len(made) == 2 and all(env.closed_after_reward for env in made)

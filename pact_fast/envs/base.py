@@ -89,3 +89,6 @@ class ToolEnv:
     def next_user_turn(self):
         """The next user message once the assistant ends a turn (multi-turn environments); None ends the episode."""
         return None
+
+    def close(self):
+        """Release what the episode holds (a worker process in ``BFCLEnv``); the rollout calls it after the reward."""

@@ -263,7 +263,11 @@ class BFCLEnv(ToolEnv):
     def __init__(self, example, *, max_turns=20, call_timeout=CALL_TIMEOUT_S, max_call_chars=MAX_CALL_CHARS,
                  max_result_chars=MAX_RESULT_CHARS):
         super().__init__(max_turns, max_call_chars=max_call_chars, max_result_chars=max_result_chars)
+        from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
+
         self.spec = example.env
+        for name in self.spec["involved_classes"]:  # imported here, once, rather than in every forked worker
+            importlib.import_module(CLASS_FILE_PATH_MAPPING[name])
         self.long_context = bool(self.spec.get("long_context", False))
         classes = self.spec["involved_classes"]
         self.sandbox = Sandbox(BFCLBackends, (self.spec["initial_config"], classes, self.long_context),

@@ -17,6 +17,7 @@ are): a fork is cheap and, unlike "spawn" and "forkserver", does not re-import t
 child only runs the back-end's Python code, never torch. Where fork does not exist, "spawn".
 """
 import multiprocessing
+import warnings
 
 CALL_TIMEOUT_S = 5.0  # default wall-clock limit of one call, seconds
 
@@ -67,7 +68,11 @@ class Sandbox:
         ctx = _context()
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, self.factory, self.args), daemon=True)
-        self.process.start()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns on fork from a process with threads (torch's): the child never
+            # touches torch or a lock those threads hold, it runs only the back-end's Python code.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            self.process.start()
         child.close()
 
     def _send(self, message, timeout):
