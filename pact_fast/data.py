@@ -19,6 +19,12 @@ One JSON object per line, OpenAI chat style::
 turns with optional ``reasoning_content`` and ``tool_calls`` (``arguments`` as an object or a JSON
 string), the ``tool`` responses that followed (``tool_call_id`` names an earlier call), and, for
 multi-turn tasks, later ``user`` turns. ``answer`` and ``env`` are what the reward needs.
+
+A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
+the next assistant or user turn; an assistant turn without tool calls is a final answer, after
+which only a ``user`` turn may come. A later user turn may carry ``tools``, function specs it makes
+available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite JSON numbers
+(no NaN or Infinity) and ids unique within a file.
 """
 import json
 from dataclasses import dataclass, field
@@ -88,6 +94,27 @@ def _normalise_call(call, where):
     return {"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
+def _check_tools(tools, where):
+    """Validate a list of function specs; returns their names."""
+    if not isinstance(tools, list):
+        _fail(f"{where} must be a list")
+    names = set()
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            _fail(f"{where}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        params = fn.get("parameters", {})
+        if not isinstance(params, dict):
+            _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
+        if not isinstance(params.get("properties", {}), dict):
+            _fail(f"{where}[{i}].function.parameters.properties must be an object")
+        required = params.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            _fail(f"{where}[{i}].function.parameters.required must be a list of strings")
+        names.add(fn["name"])
+    return names
+
+
 def parse_example(row):
     """Validate one decoded row and return an ``Example`` (tool-call arguments normalised to objects)."""
     if not isinstance(row, dict):
@@ -102,47 +129,87 @@ def parse_example(row):
     if not any(m["role"] == "user" for m in messages):
         _fail("'messages' has no user message")
     tools = row.get("tools", [])
-    if not isinstance(tools, list):
-        _fail("'tools' must be a list")
-    names = set()
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            _fail(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        if not isinstance(fn.get("parameters", {}), dict):
-            _fail(f"tools[{i}].function.parameters must be a JSON schema object")
-        names.add(fn["name"])
+    names = _check_tools(tools, "tools")
     trace = row.get("trace", [])
     if not isinstance(trace, list):
         _fail("'trace' must be a list")
-    norm_trace, open_calls = [], set()
+    norm_trace = []
+    open_calls = {}  # id -> where, of calls not answered yet
+    call_ids = set()
+    final_answer = None  # index of the assistant turn that ended the conversation so far
+
+    def require_answered(i):
+        if open_calls:
+            cid, where = next(iter(open_calls.items()))
+            _fail(f"{where} (id {cid!r}) is never answered: trace[{i}] comes before its tool response"
+                  if i is not None else f"{where} (id {cid!r}) is never answered")
+
     for i, m in enumerate(trace):
         role = _check_message(m, f"trace[{i}]", {"assistant", "tool", "user"})
         m = dict(m)
         if role == "assistant":
+            if final_answer is not None:
+                _fail(f"trace[{i}] is an assistant turn after the final answer trace[{final_answer}]; "
+                      f"only a user turn may follow it")
+            require_answered(i)
             if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
                 _fail(f"trace[{i}].reasoning_content must be a string")
             calls = m.get("tool_calls") or []
             if not isinstance(calls, list):
                 _fail(f"trace[{i}].tool_calls must be a list")
             m["tool_calls"] = [_normalise_call(c, f"trace[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
-            for c in m["tool_calls"]:
+            for j, c in enumerate(m["tool_calls"]):
                 if tools and c["function"]["name"] not in names:
                     _fail(f"trace[{i}] calls {c['function']['name']!r}, which 'tools' does not list")
-                open_calls.add(c["id"])
+                if c["id"] in call_ids:
+                    _fail(f"trace[{i}].tool_calls[{j}].id {c['id']!r} is used by an earlier tool call")
+                call_ids.add(c["id"])
+                open_calls[c["id"]] = f"trace[{i}].tool_calls[{j}]"
             if not m["tool_calls"]:
                 m.pop("tool_calls")
+                final_answer = i
         elif role == "tool":
             cid = m.get("tool_call_id")
+            if cid in call_ids and cid not in open_calls:
+                _fail(f"trace[{i}].tool_call_id {cid!r} answers a tool call a second time")
             if cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers no earlier tool call")
+            del open_calls[cid]
             if not isinstance(m.get("content"), str):
                 _fail(f"trace[{i}].content of a tool response must be a string")
+        else:
+            require_answered(i)
+            final_answer = None
+            if "tools" in m:
+                names |= _check_tools(m["tools"], f"trace[{i}].tools")
         norm_trace.append(m)
+    require_answered(None)
     env = row.get("env", {})
     if not isinstance(env, dict):
         _fail("'env' must be an object")
     return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)
+
+
+def _reject_constant(name):
+    _fail(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def _decode_row(raw):
+    """One line of bytes -> the decoded JSON value; every failure is a ``DataFormatError``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+    try:
+        return json.loads(line, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        _fail(f"invalid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        _fail("JSON nested too deeply")
+    except DataFormatError:
+        raise
+    except ValueError:  # Python's int-string conversion limit
+        _fail("a number has more digits than Python's int conversion limit (4300 by default)")
 
 
 def load_examples(path, *, on_error="raise"):
@@ -156,20 +223,21 @@ def load_examples(path, *, on_error="raise"):
         raise ValueError(f"load_examples: on_error={on_error!r}; choose 'raise' or 'skip'")
     path = Path(path)
     report, examples = LoadReport(str(path)), []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    first_line = {}  # id -> line where it first appeared
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    _fail(f"invalid JSON ({exc.msg} at column {exc.colno})")
-                examples.append(parse_example(row))
+                example = parse_example(_decode_row(raw)) if raw.strip() else None
+                if example is not None and example.id in first_line:
+                    _fail(f"duplicate id {example.id!r} (first on line {first_line[example.id]})")
             except DataFormatError as exc:
                 if on_error == "raise":
                     raise DataFormatError(f"{path}:{line_no}: {exc}") from None
                 report.skipped.append((line_no, str(exc)))
+                continue
+            if example is not None:
+                first_line[example.id] = line_no
+                examples.append(example)
     report.loaded = len(examples)
     if not examples:
         raise DataFormatError(f"{path}: no valid rows" + (f" ({len(report.skipped)} skipped; first: line "
@@ -179,6 +247,7 @@ def load_examples(path, *, on_error="raise"):
 
 
 def write_examples(path, examples):
+    """Write ``Example`` objects (or row dicts) as JSONL that ``load_examples`` reads back unchanged."""
     with open(path, "w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex) + "\n")
+            f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex, allow_nan=False) + "\n")

@@ -112,6 +112,25 @@ class PACTBatch:
     advantages: Optional[torch.Tensor] = None  # [B] group advantages computed over the whole group
     anchored: Optional[torch.Tensor] = None  # [B] bool, the group's Bernoulli anchoring draw
 
+    def validate(self):
+        """Raise a ``ValueError`` naming the field when a per-rollout input has the wrong shape or dtype."""
+        if self.response_mask.dim() != 2:
+            raise ValueError(f"PACTBatch: response_mask must be [B, T], got {tuple(self.response_mask.shape)}")
+        B = self.response_mask.shape[0]
+        for name in ("rewards", "group_ids", "anchored"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (B,):
+                raise ValueError(f"PACTBatch: {name} must be [B] = [{B}] (rows of response_mask), "
+                                 f"got {tuple(t.shape)}")
+        for name in ("group_ids", "anchored"):
+            t = getattr(self, name)
+            if t is not None and (t.is_floating_point() or t.is_complex()):
+                raise ValueError(f"PACTBatch: {name} must be an integer{' or bool' if name == 'anchored' else ''} "
+                                 f"tensor, got {t.dtype}")
+        if self.advantages is not None and tuple(self.advantages.shape) not in ((B,), tuple(self.response_mask.shape)):
+            raise ValueError(f"PACTBatch: advantages must be [B] = [{B}] or [B, T] = "
+                             f"{list(self.response_mask.shape)}, got {tuple(self.advantages.shape)}")
+
 
 # ---------------------------------------------------------------- advantages
 
@@ -119,12 +138,16 @@ class PACTBatch:
 def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     """GRPO advantages ``A_i = (R_i - mean_G R) / (std_G R + eps)`` (or without the std).
 
-    rewards: [B] float; group_ids: [B] int. Returns [B] fp32 (fp64 for fp64 rewards). The std is the unbiased sample std; a group
-    of one rollout, or of equal rewards, gets advantage 0.
+    rewards: [B] float (any float dtype); group_ids: [B] int. Returns [B] fp32 (fp64 for fp64 rewards).
+    The std is the unbiased sample std. A group of one rollout, or whose rewards are all equal, gets
+    exactly 0: its rounded mean would otherwise leave a tiny ``R - mean`` that ``1 / (std + eps)``
+    magnifies (0.7 x 16 in fp32 gives 0.106 each), pushing the whole group one way.
     """
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
         raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} and group_ids "
                          f"{tuple(group_ids.shape)} must both be [B]")
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_advantages: group_ids must be an integer tensor, got {group_ids.dtype}")
     if not torch.isfinite(rewards).all():
         raise ValueError("group_advantages: rewards contain NaN or inf")
     r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
@@ -133,7 +156,10 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     zeros = torch.zeros(n_groups, device=r.device, dtype=r.dtype)
     count = zeros.index_add(0, inv, torch.ones_like(r))
     mean = zeros.index_add(0, inv, r) / count
-    centered = r - mean[inv]
+    lowest = zeros.scatter_reduce(0, inv, r, reduce="amin", include_self=False)
+    highest = zeros.scatter_reduce(0, inv, r, reduce="amax", include_self=False)
+    constant = (lowest == highest)[inv]  # [B] the rollout's group has one reward value
+    centered = torch.where(constant, torch.zeros_like(r), r - mean[inv])
     if not norm_by_std:
         return centered
     sq = zeros.index_add(0, inv, centered ** 2)
@@ -356,6 +382,9 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         response mask selects nothing).
     """
     config = config or PACTLossConfig()
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"pact_loss: progress={progress} must lie in [0, 1] (training steps done / total)")
+    batch.validate()
     mode = config.mode
     if mode == "sft_then_grpo":
         use_rl, use_sft = progress >= config.switch_progress, progress < config.switch_progress

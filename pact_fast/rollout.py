@@ -51,9 +51,20 @@ class Episode:
 
 
 class RolloutEngine(Protocol):
-    """What the trainer needs from a generator: G prompt-only episodes per example."""
+    """What the trainer needs from a generator (``HFRolloutEngine`` is the reference implementation).
 
-    def rollout(self, examples, make_env, group_size=None) -> list:  # -> list (per example) of list[Episode]
+    - ``generator``: the ``torch.Generator`` sampling draws from; the trainer reseeds it every step
+      (``engine.generator.manual_seed(...)``) so that runs are reproducible.
+    - ``rollout(examples, make_env, group_size=None, greedy=None)``: ``group_size`` (default: the
+      engine's configured G) prompt-only episodes of every example, a list per example of
+      ``Episode``. ``greedy=True`` asks for argmax decoding (held-out evaluation), ``None`` keeps the
+      engine's configured decoding. Evaluation goes through this method too, so a custom engine is
+      never bypassed.
+    """
+
+    generator: torch.Generator
+
+    def rollout(self, examples, make_env, group_size=None, greedy=None) -> list:  # per example: list[Episode]
         ...
 
 
@@ -72,6 +83,15 @@ def _sample(logits, temperature, top_p, greedy, generator):
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _count_errors(env, errors_before, calls, responses):
+    """Tool errors of one turn: the environment's own tally (``ToolEnv.errors``, which knows that BFCL's
+    errors read "Error during execution: ..."); for an environment without one, malformed calls and
+    responses that start with "error" in any case."""
+    if isinstance(errors_before, int) and isinstance(getattr(env, "errors", None), int):
+        return env.errors - errors_before
+    return sum(not hasattr(c, "arguments") or r.lower().startswith("error") for c, r in zip(calls, responses))
+
+
 class HFRolloutEngine:
     """Sampling with a Hugging Face causal LM and its KV cache, batched across a group's episodes."""
 
@@ -82,7 +102,7 @@ class HFRolloutEngine:
         self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
 
     @torch.no_grad()
-    def _generate_turn(self, contexts):
+    def _generate_turn(self, contexts, greedy):
         """Sample one assistant turn for each context (lists of ids). Returns per row (tokens, logps, ended)."""
         cfg, model = self.config, self.model
         device = next(model.parameters()).device
@@ -101,7 +121,7 @@ class HFRolloutEngine:
         ended = torch.zeros(len(contexts), dtype=torch.bool)
         next_pos = position_ids[:, -1]
         for _ in range(cfg.max_new_tokens):
-            tok, lp = _sample(logits.cpu(), cfg.temperature, cfg.top_p, cfg.greedy, self.generator)
+            tok, lp = _sample(logits.cpu(), cfg.temperature, cfg.top_p, greedy, self.generator)
             for i in range(len(contexts)):
                 if not ended[i]:
                     tokens[i].append(int(tok[i]))
@@ -124,11 +144,13 @@ class HFRolloutEngine:
             raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
         return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
 
-    def rollout(self, examples, make_env, group_size=None):
+    def rollout(self, examples, make_env, group_size=None, greedy=None):
         """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all
-        sampled in one batch; ``make_env(example)`` builds an environment. Returns a list per example."""
+        sampled in one batch; ``make_env(example)`` builds an environment; ``greedy`` (default
+        ``config.greedy``) picks argmax decoding. Returns a list per example."""
         cfg = self.config
         G = group_size or cfg.group_size
+        greedy = cfg.greedy if greedy is None else greedy
         jobs = [ex for ex in examples for _ in range(G)]
         prompts = {ex.id: prompt_ids(self.tokenizer, ex) for ex in examples}
         episodes = [Episode(ex.id, list(prompts[ex.id])) for ex in jobs]
@@ -140,13 +162,15 @@ class HFRolloutEngine:
             live = list(range(len(jobs)))
             while live:
                 contexts = [episodes[i].prompt_ids + episodes[i].response_ids for i in live]
-                tokens, logps, ended = self._generate_turn(contexts)
+                tokens, logps, ended = self._generate_turn(contexts, greedy)
                 live = [i for i, toks, lps, done in zip(live, tokens, logps, ended)
                         if self._advance(jobs[i], episodes[i], envs[i], convs[i], toks, lps, done)]
         finally:
             self.model.train(was_training)
         for ep, env in zip(episodes, envs):
             ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
+            if hasattr(env, "close"):
+                env.close()
         return [episodes[k * G:(k + 1) * G] for k in range(len(examples))]
 
     def _advance(self, example, ep, env, conv, toks, lps, done):
@@ -163,10 +187,10 @@ class HFRolloutEngine:
         calls = parse_tool_calls(text, cfg.tool_call_format)
         assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
         if calls:
+            errors_before = getattr(env, "errors", None)
             responses = env.step(calls)
             ep.tool_calls += len(calls)
-            ep.tool_errors += sum(not hasattr(c, "arguments") or r.startswith("error")
-                                  for c, r in zip(calls, responses))
+            ep.tool_errors += _count_errors(env, errors_before, calls, responses)
             new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
         else:
             user = env.next_user_turn()

@@ -4,14 +4,27 @@
 - ``hermes``: ``<tool_call> {"name": ..., "arguments": {...}} </tool_call>`` (Qwen, Hermes templates).
 
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
-observation for the model; parsing never raises on model text.
+observation for the model; parsing never raises on model text. Model text is untrusted, so a
+call longer than ``MAX_CALL_CHARS`` or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is
+an error item before any parser sees it (deep JSON would otherwise raise ``RecursionError``), and
+error items keep only a short excerpt of the text.
 """
 import json
 import re
 from dataclasses import dataclass
 
+MAX_CALL_CHARS = 10_000  # characters of one call's text (name and arguments)
+MAX_ARGUMENT_DEPTH = 32  # nesting of lists and objects in a call's arguments
+EXCERPT_CHARS = 80  # characters of an offending text quoted in an error message
+
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _COMPACT = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
+
+
+def excerpt(text, limit=EXCERPT_CHARS):
+    """``repr`` of at most ``limit`` characters of ``text``, with the total length when it is cut."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 @dataclass
@@ -22,14 +35,34 @@ class ToolCall:
 
 @dataclass
 class ToolCallError:
-    text: str
+    text: str  # an excerpt of the offending call text
     reason: str
+
+    def __post_init__(self):
+        if len(self.text) > EXCERPT_CHARS:
+            self.text = self.text[:EXCERPT_CHARS] + "..."
+
+
+def nesting_depth(value, limit=MAX_ARGUMENT_DEPTH):
+    """Depth of nested lists, tuples and dicts in ``value`` (a scalar is 0), counted without recursion;
+    stops counting once it passes ``limit``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            deepest = max(deepest, depth + 1)
+            if deepest > limit:
+                return deepest
+            stack.extend((x, depth + 1) for x in item)
+    return deepest
 
 
 def _value(text):
     compact = re.sub(r"\s+", "", text)
     if re.fullmatch(r"-?\d+", compact):
-        return int(compact)
+        return int(compact)  # ValueError past Python's 4300-digit limit; parse_compact reports it
     return " ".join(text.split())
 
 
@@ -47,22 +80,33 @@ def parse_compact(body):
             key = key.strip()
             if not re.fullmatch(r"[A-Za-z_]\w*", key):
                 return ToolCallError(body, "bad argument name")
-            args[key] = _value(value)
+            try:
+                args[key] = _value(value)
+            except ValueError:  # an integer past Python's int-string conversion limit
+                return ToolCallError(body, f"argument {key} is an integer with too many digits")
     return ToolCall(name, args)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_hermes(body):
     try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        return ToolCallError(body, "tool call is nested too deeply")
+    except ValueError:  # JSONDecodeError, NaN/Infinity, integers past Python's conversion limit
         return ToolCallError(body, "tool call is not valid JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCallError(body, "tool call needs a string 'name'")
     args = obj.get("arguments", {})
     if isinstance(args, str):
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = json.loads(args, parse_constant=_reject_constant)
+        except RecursionError:
+            return ToolCallError(body, "arguments are nested too deeply")
+        except ValueError:
             return ToolCallError(body, "arguments are not valid JSON")
     if not isinstance(args, dict):
         return ToolCallError(body, "arguments must be an object")
@@ -72,12 +116,22 @@ def parse_hermes(body):
 PARSERS = {"compact": parse_compact, "hermes": parse_hermes}
 
 
+def parse_one(body, fmt="compact"):
+    """One call's text (between the tags) -> ``ToolCall`` or ``ToolCallError``, size and depth capped."""
+    if len(body) > MAX_CALL_CHARS:
+        return ToolCallError(body, f"tool call has {len(body)} characters, more than the limit of {MAX_CALL_CHARS}")
+    call = PARSERS[fmt](body)
+    if isinstance(call, ToolCall) and nesting_depth(call.arguments) > MAX_ARGUMENT_DEPTH:
+        return ToolCallError(body, f"arguments are nested deeper than {MAX_ARGUMENT_DEPTH} levels")
+    return call
+
+
 def parse_tool_calls(text, fmt="compact"):
     """All tool calls in ``text``: a list of ``ToolCall`` or ``ToolCallError``. An unclosed
     ``<tool_call>`` is an error item too."""
     if fmt not in PARSERS:
         raise ValueError(f"parse_tool_calls: unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
-    calls = [PARSERS[fmt](m.group(1)) for m in _BLOCK.finditer(text)]
+    calls = [parse_one(m.group(1), fmt) for m in _BLOCK.finditer(text)]
     if text.count("<tool_call>") > len(calls):
         calls.append(ToolCallError(text[text.rfind("<tool_call>"):], "unclosed <tool_call>"))
     return calls

@@ -1,10 +1,11 @@
 """BFCL multi-turn (bfcl-eval, installed with --no-deps): conversion, safe replay, environment."""
+import time
 import uuid
 
 import pytest
 
-from pact_fast.data import parse_example
-from pact_fast.envs.bfcl import BFCLBackends, BFCLEnv, load_bfcl, parse_call
+from pact_fast.data import DataFormatError, load_examples, parse_example, write_examples
+from pact_fast.envs.bfcl import CATEGORIES, BFCLBackends, BFCLEnv, load_bfcl, parse_call
 from pact_fast.toolcalls import ToolCall
 
 
@@ -71,3 +72,189 @@ def test_parse_call_reads_literals():
     assert parse_call("sort('a.txt')") == ("sort", ["a.txt"], {})
     assert parse_call("f(a=-1, b=[1, 'x'], c={'k': None}, d=True)") == (
         "f", [], {"a": -1, "b": [1, "x"], "c": {"k": None}, "d": True})
+
+
+# ---------------------------------------------------------------- every multi-turn category
+
+EXPECTED_ENTRIES = {"multi_turn_base": 200, "multi_turn_miss_func": 199, "multi_turn_miss_param": 200,
+                    "multi_turn_long_context": 200}
+
+
+@pytest.fixture(scope="module")
+def categories():
+    from pact_fast.data import LoadReport
+
+    out = {}
+    for category in CATEGORIES:
+        report = LoadReport(category)
+        out[category] = (load_bfcl(category, on_error="skip", report=report), report)
+    return out
+
+
+def test_every_category_loads_and_only_the_inconsistent_entry_is_skipped(categories):
+    assert set(categories) == set(EXPECTED_ENTRIES)
+    for category, (examples, report) in categories.items():
+        assert len(examples) == EXPECTED_ENTRIES[category], category
+        assert len({ex.id for ex in examples}) == len(examples)
+    assert categories["multi_turn_miss_func"][1].skipped == [
+        ("multi_turn_miss_func_49", "gold turn 1 calls 'tail', which BFCL holds back until turn 3")]
+    with pytest.raises(DataFormatError, match="entry multi_turn_miss_func_49: gold turn 1 calls 'tail'"):
+        load_bfcl("multi_turn_miss_func")
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_write_read_round_trip(categories, category, tmp_path):
+    examples = categories[category][0]
+    path = tmp_path / f"{category}.jsonl"
+    write_examples(path, examples)
+    again, report = load_examples(path)
+    assert report.loaded == len(examples) and not report.skipped
+    assert [e.to_json() for e in again] == [e.to_json() for e in examples]
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_trace_replays_through_the_environment_to_reward_one(categories, category):
+    """The trace (not BFCL's gold strings): its calls carry the gold arguments, the environment answers
+    each with the trace's response, hands over the trace's user turns, and ends in BFCL's gold state by
+    our reward and by BFCL's own state_checker."""
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import state_checker
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils import execute_multi_turn_func_call
+
+    for ex in categories[category][0]:
+        spec = ex.env
+        gold_calls = [parse_call(c) for turn in spec["gold"] for c in turn]
+        trace_calls = [c["function"] for m in ex.trace for c in m.get("tool_calls", [])]
+        assert [c["name"] for c in trace_calls] == [name for name, _, _ in gold_calls], ex.id
+        for call, (_, args, kwargs) in zip(trace_calls, gold_calls):
+            assert kwargs.items() <= call["arguments"].items() and len(call["arguments"]) == len(args) + len(kwargs)
+        env = BFCLEnv(ex)
+        for i, m in enumerate(ex.trace):
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                c = m["tool_calls"][0]["function"]
+                assert env.step([ToolCall(c["name"], c["arguments"])]) == [ex.trace[i + 1]["content"]], (ex.id, i)
+            elif m["role"] == "assistant":
+                expected = ex.trace[i + 1]["content"] if i + 1 < len(ex.trace) else None
+                assert env.next_user_turn() == expected, (ex.id, i)
+        assert env.errors == sum(m["content"].startswith("Error during execution") for m in ex.trace
+                                 if m["role"] == "tool")
+        assert env.reward("") == 1.0, ex.id
+        run, theirs = f"pactfast_{uuid.uuid4().hex}", None  # one run name: BFCL keeps its instances across turns
+        for turn in spec["gold"]:
+            _, theirs = execute_multi_turn_func_call(turn, spec["initial_config"], spec["involved_classes"], run,
+                                                     ex.id, long_context=spec["long_context"])
+        assert state_checker(env.instances(), theirs)["valid"], ex.id
+        env.close()
+
+
+def test_trace_arguments_are_not_shared_with_the_backends(categories):
+    """Back-ends keep the lists they are given; a later call used to change an earlier call's arguments."""
+    by_id = {ex.id: ex for ex in categories["multi_turn_base"][0]}
+    for entry in ("multi_turn_base_90", "multi_turn_base_147"):
+        ex = by_id[entry]
+        trace_calls = [c["function"] for m in ex.trace for c in m.get("tool_calls", [])]
+        gold = [parse_call(c) for turn in ex.env["gold"] for c in turn]
+        assert [c["arguments"] for c in trace_calls if c["name"] == "post_tweet"] == [
+            kw for name, _, kw in gold if name == "post_tweet"]
+    tweet = [c["function"]["arguments"] for m in by_id["multi_turn_base_90"].trace for c in m.get("tool_calls", [])
+             if c["function"]["name"] == "post_tweet"]
+    assert tweet[0]["mentions"] == ["@TravelBuddy"]
+
+
+def test_miss_func_holds_functions_back_until_bfcl_reveals_them(categories):
+    from bfcl_eval.constants.default_prompts import DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC
+
+    for ex in categories["multi_turn_miss_func"][0]:
+        revealed = ex.env["revealed_tools"]
+        held = {n for names in revealed.values() for n in names}
+        assert held and not held & {t["function"]["name"] for t in ex.tools}, ex.id
+        reveal_msgs = [m for m in ex.trace if m["role"] == "user" and "tools" in m]
+        assert [[t["function"]["name"] for t in m["tools"]] for m in reveal_msgs] == list(revealed.values())
+        assert all(m["content"].endswith(DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC) for m in reveal_msgs)
+    ex = categories["multi_turn_miss_func"][0][0]  # sort is held back until turn 3
+    assert ex.env["revealed_tools"] == {"3": ["sort"]}
+    env = BFCLEnv(ex)
+    call = ToolCall("sort", {"file_name": "final_report.pdf"})
+    for turn in range(1, 3):
+        assert env.step([call]) == ["Error during execution: unknown function sort"], turn
+        assert env.next_user_turn() == ex.env["user_turns"][turn - 1][0]["content"]
+    assert env.step([call]) == ["Error during execution: unknown function sort"]
+    assert "sort" in env.next_user_turn()  # turn 3 reveals it
+    assert not env.step([call])[0].startswith("Error during execution")
+    env.close()
+
+
+def test_miss_param_traces_close_the_turn_without_a_call(categories):
+    for ex in categories["multi_turn_miss_param"][0]:
+        empty = [t for t, calls in enumerate(ex.env["gold"]) if not calls and t + 1 < len(ex.env["gold"])]
+        assert empty, ex.id
+        users = [i for i, m in enumerate(ex.trace) if m["role"] == "user"]
+        for t in empty:  # the turn's user message (or the prompt) is followed directly by the closing turn
+            at = users[t - 1] + 1 if t else 0
+            assert ex.trace[at] == {"role": "assistant", "content": ""}, (ex.id, t)
+
+
+def test_long_context_backends_are_loaded_long(categories):
+    ex = categories["multi_turn_long_context"][0][0]
+    assert ex.env["long_context"] is True
+    env = BFCLEnv(ex)
+    long = env.instances()
+    short = BFCLBackends(ex.env["initial_config"], ex.env["involved_classes"]).instances
+    assert any(vars(long[name]) != vars(short[name]) for name in short)
+    env.close()
+
+
+# ---------------------------------------------------------------- hostile model output
+
+HOSTILE_CALLS = {
+    "unary-minus": "f(x=" + "-" * 100_000 + "1)",
+    "attribute-chain": "a" + ".b" * 100_000 + "()",
+    "nesting": "f(x=" + "(" * 10_000 + ")" * 10_000 + ")",
+    "nesting-under-cap": "f(x=" + "[" * 4_000 + "]" * 4_000 + ")",
+    "minus-under-cap": "f(x=" + "-" * 9_000 + "1)",
+    "digits": "f(x=" + "7" * 5_000 + ")",
+}
+
+
+@pytest.mark.parametrize("text", list(HOSTILE_CALLS.values()), ids=list(HOSTILE_CALLS))
+def test_hostile_call_strings_are_short_errors(text):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        parse_call(text)
+    assert len(str(info.value)) < 300, "the message does not echo the input"
+    backends = BFCLBackends({}, ["MathAPI"])
+    out = backends.execute_string(text)
+    assert out.startswith("Error during execution") and len(out) < 300
+    assert time.perf_counter() - start < 5.0
+
+
+def test_a_call_past_the_time_limit_is_stopped_and_the_state_kept(base):
+    ex = next(e for e in base if "MathAPI" in e.env["involved_classes"] and "GorillaFileSystem" in
+              e.env["involved_classes"])
+    env = BFCLEnv(ex, call_timeout=1.0)
+    assert env.step([ToolCall("mkdir", {"dir_name": "kept"})]) == ["None"]
+    start = time.perf_counter()
+    out = env.step([ToolCall("power", {"base": 10, "exponent": 100_000_000})])
+    assert time.perf_counter() - start < 10.0
+    assert out == ["Error during execution: power ran past the time limit of 1 s"] and env.errors == 1
+    assert env.sandbox.restarts == 1
+    assert "kept" in env.step([ToolCall("ls", {})])[0], "the completed calls were replayed"
+    assert env.step([ToolCall("power", {"base": 2, "exponent": 10})]) == ['{"result": 1024}']
+    env.close()
+
+
+def test_oversized_arguments_and_results_become_error_observations(base):
+    env = BFCLEnv(base[0], max_result_chars=30)
+    out = env.step([ToolCall("mkdir", {"dir_name": "x" * 20_000}), ToolCall("mkdir", {"dir_name": [[[[1]]]] * 1}),
+                    ToolCall("cd", {"folder": _deep(100)}), ToolCall("ls", {})])
+    assert out[0] == "Error during execution: arguments of mkdir are longer than the limit of 10000 characters"
+    assert out[2] == "Error during execution: arguments of cd are nested deeper than 32 levels"
+    assert out[3].startswith("Error during execution: the result of ls has") and len(out[3]) < 200
+    assert all(o.startswith("Error during execution") for o in out) and env.errors == 4
+    env.close()
+
+
+def _deep(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -67,3 +67,77 @@ def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
     path.write_text("{}\n")
     with pytest.raises(DataFormatError, match="no valid rows"):
         load_examples(path, on_error="skip")
+
+
+def _with_trace(trace):
+    return json.dumps({**_good(), "id": "t", "trace": trace})
+
+
+_CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"entity": "maya",
+                                                                                "relation": "age"}}}]}
+_ANSWER = {"role": "tool", "tool_call_id": "c1", "content": "33"}
+_FINAL = {"role": "assistant", "content": "33"}
+_BAD_TOOLS = [{**_good()["tools"][0], "function": {**_good()["tools"][0]["function"], "parameters": {
+    "type": "object", "properties": ["entity", "relation"]}}}]
+
+# (raw line bytes, reason the loader must give)
+HOSTILE_ROWS = [
+    (json.dumps({**_good(), "id": "u"}).replace('"u"', '"u\\u00e9"').encode().replace(b"\\u00e9", b"\xff"),
+     r"not UTF-8 \(byte 0xff at column \d+\)"),
+    (json.dumps({**_good(), "id": "big", "answer": 1}).replace('"answer": 1', '"answer": ' + "7" * 5000).encode(),
+     "a number has more digits than Python.s int conversion limit"),
+    (("[" * 100_000 + "]" * 100_000).encode(), "JSON nested too deeply"),
+    (json.dumps(_good()).encode(), r"duplicate id 'multihop-0-0' \(first on line 1\)"),
+    (_with_trace([_CALL, _ANSWER, _FINAL, {"role": "assistant", "content": "again"}]).encode(),
+     r"trace\[3\] is an assistant turn after the final answer trace\[2\]"),
+    (_with_trace([_CALL, _FINAL]).encode(), r"trace\[0\].tool_calls\[0\] \(id 'c1'\) is never answered"),
+    (_with_trace([_CALL]).encode(), r"trace\[0\].tool_calls\[0\] \(id 'c1'\) is never answered"),
+    (_with_trace([_CALL, _ANSWER, _ANSWER, _FINAL]).encode(), r"trace\[2\].tool_call_id 'c1' answers a tool call a "
+                                                              r"second time"),
+    (_with_trace([_CALL, _ANSWER, _CALL, _ANSWER, _FINAL]).encode(), r"trace\[2\].tool_calls\[0\].id 'c1' is used"),
+    (json.dumps({**_good(), "id": "p", "tools": _BAD_TOOLS}).encode(),
+     r"tools\[0\].function.parameters.properties must be an object"),
+    (json.dumps({**_good(), "id": "nan", "answer": 1.5}).replace("1.5", "NaN").encode(), "NaN is not a JSON number"),
+    (json.dumps({**_good(), "id": "inf", "answer": 1.5}).replace("1.5", "-Infinity").encode(),
+     "-Infinity is not a JSON number"),
+]
+
+
+def test_hostile_rows_are_reported_with_file_line_and_reason(tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    good_last = json.dumps(make_task(1, hops=1)).encode()
+    path.write_bytes(b"\n".join([json.dumps(_good()).encode()] + [row for row, _ in HOSTILE_ROWS] + [good_last]))
+    examples, report = load_examples(path, on_error="skip")
+    assert [e.id for e in examples] == [_good()["id"], make_task(1, hops=1)["id"]]
+    assert [line for line, _ in report.skipped] == list(range(2, 2 + len(HOSTILE_ROWS)))
+    for (line, reason), (_, expected) in zip(report.skipped, HOSTILE_ROWS):
+        assert re.search(expected, reason), (line, reason)
+        assert len(reason) < 300, "the reason does not echo the row"
+    for k, (row, expected) in enumerate(HOSTILE_ROWS):
+        one = tmp_path / f"hostile{k}.jsonl"
+        one.write_bytes(json.dumps(_good()).encode() + b"\n" + row + b"\n")
+        with pytest.raises(DataFormatError, match=rf"^{re.escape(str(one))}:2: {expected}"):
+            load_examples(one)
+
+
+def test_a_later_user_turn_can_make_tools_available():
+    row = _good()
+    extra = {"type": "function", "function": {"name": "shout", "description": "upper-case a word",
+                                              "parameters": {"type": "object", "properties": {"w": {"type": "string"}},
+                                                             "required": ["w"]}}}
+    shout = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "s1", "type": "function", "function": {"name": "shout", "arguments": {"w": "x"}}}]}
+    later = row["trace"] + [{"role": "user", "content": "now shout", "tools": [extra]}, shout,
+                            {"role": "tool", "tool_call_id": "s1", "content": "X"},
+                            {"role": "assistant", "content": "X"}]
+    ex = parse_example({**row, "trace": later})
+    assert ex.trace[len(row["trace"])]["tools"] == [extra]
+    early = [{"role": "user", "content": "shout first"}, shout] + later
+    with pytest.raises(DataFormatError, match="'shout', which 'tools' does not list"):
+        parse_example({**row, "trace": row["trace"] + early[:2]})
+
+
+def test_written_rows_never_contain_nan(tmp_path):
+    with pytest.raises(ValueError):
+        write_examples(tmp_path / "x.jsonl", [{**_good(), "answer": float("nan")}])

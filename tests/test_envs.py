@@ -1,8 +1,11 @@
+import time
+
 import pytest
 
 from pact_fast.data import parse_example
 from pact_fast.envs import build_tokenizer, make_task, make_tasks
 from pact_fast.envs.multihop import MultiHopEnv, World, execute, normalise_answer
+from pact_fast.envs.sandbox import Sandbox, SandboxTimeout
 from pact_fast.toolcalls import ToolCall, ToolCallError, parse_tool_calls
 
 
@@ -81,3 +84,47 @@ def test_ops_knob_controls_the_final_operation():
 
     assert tools_used(make_tasks(40, seed=2, hops=(1, 2), ops=False)) == {"lookup"}
     assert {"lookup", "add", "initial"} <= tools_used(make_tasks(80, seed=2, hops=(1, 2), ops=True))
+
+
+class _Counter:
+    """A deterministic stateful object for the sandbox tests."""
+
+    def __init__(self, start):
+        self.n = start
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+    def power(self, base, exponent):
+        return base ** exponent  # one C operation that holds the GIL: only killing the process stops it
+
+    def fail(self):
+        raise KeyError("no such key")
+
+    def value(self):
+        return self.n
+
+
+def test_sandbox_stops_an_overrunning_call_and_restores_the_state():
+    sandbox = Sandbox(_Counter, (10,), timeout=1.0)
+    assert sandbox.call("add", 2) == 12 and sandbox.call("add", 3) == 15
+    first = sandbox.process
+    start = time.perf_counter()
+    with pytest.raises(SandboxTimeout, match="power ran past the time limit of 1 s"):
+        sandbox.call("power", 10, 100_000_000)
+    assert time.perf_counter() - start < 10.0
+    first.join(timeout=5)
+    assert not first.is_alive(), "the overrunning child is killed"
+    assert sandbox.restarts == 1 and sandbox.call("value", record=False) == 15, "completed calls were replayed"
+    with pytest.raises(RuntimeError, match="KeyError: 'no such key'"):
+        sandbox.call("fail")
+    assert sandbox.call("add", 1) == 16 and sandbox.restarts == 1
+    child = sandbox.process
+    sandbox.close()
+    child.join(timeout=5)
+    assert not child.is_alive()
+    assert sandbox.call("value") == 10, "after close a call starts from factory(*args)"
+    sandbox.close()
+    with pytest.raises(ValueError, match="timeout"):
+        Sandbox(_Counter, (0,), timeout=0)

@@ -348,3 +348,76 @@ def test_a_batch_without_rollouts_gives_the_sft_term_alone():
                          "old_logp_tc": empty, "old_logp_po": empty})
     loss, metrics = pact_loss(batch, PACTLossConfig(), progress=0.2)
     assert loss.item() == pytest.approx(full_sft) and metrics["loss/rl"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("value,size", [(0.7, 16), (0.9, 3), (1 / 3, 7), (0.1, 5), (1000.1, 9), (-2.3, 2)])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(dtype, value, size):
+    g = torch.Generator().manual_seed(size)
+    varied = torch.rand(5, generator=g, dtype=torch.float64)
+    rewards = torch.cat([torch.full((size,), value, dtype=torch.float64), varied]).to(dtype)
+    groups = torch.tensor([7] * size + [2] * 5)
+    for norm in (True, False):
+        adv = group_advantages(rewards, groups, norm_by_std=norm)
+        assert (adv[:size] == 0).all(), (norm, adv[:size])
+        hand = _hand_advantages(rewards.double(), groups, 1e-6, norm)
+        assert torch.allclose(adv[size:].double(), hand[size:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("mode", ["pact", "grpo"])
+def test_a_group_of_equal_rewards_contributes_no_loss_and_no_gradient(dtype, mode):
+    batch = _batch(groups=(0, 0, 0, 1, 1, 1))
+    batch.rewards = torch.tensor([0.7, 0.7, 0.7, 0.2, 0.9, 0.4], dtype=dtype)
+    cfg = PACTLossConfig(mode=mode, lambda_sft=0.0, anchor_mode="mix", anchor_q=0.5)  # both surrogates
+    loss, _ = pact_loss(batch, cfg)
+    loss.backward()
+    for name in ("logp_po", "logp_tc") if mode == "pact" else ("logp_po",):
+        grad = getattr(batch, name).grad
+        assert (grad[:3] == 0).all(), name
+        assert grad[3:].abs().sum() > 0, name
+    moved = _batch(groups=(0, 0, 0, 1, 1, 1))
+    moved.rewards = batch.rewards
+    with torch.no_grad():
+        moved.logp_po[:3] += 0.3
+        moved.logp_tc[:3] -= 0.2
+    assert pact_loss(moved, cfg)[0].item() == loss.item(), "the equal-reward group's tokens add nothing"
+
+
+@pytest.mark.parametrize("change,word", [
+    (lambda b: setattr(b, "anchored", torch.ones(5, dtype=torch.bool)), "anchored must be \\[B\\] = \\[6\\]"),
+    (lambda b: setattr(b, "advantages", torch.zeros(6, 3, dtype=D)), "advantages must be \\[B\\]"),
+    (lambda b: setattr(b, "advantages", torch.zeros(7, dtype=D)), "advantages must be \\[B\\]"),
+    (lambda b: setattr(b, "group_ids", b.group_ids.double()), "group_ids must be an integer"),
+    (lambda b: setattr(b, "rewards", b.rewards[:4]), "rewards must be \\[B\\]"),
+    (lambda b: setattr(b, "anchored", torch.ones(6, dtype=D)), "anchored must be an integer or bool"),
+], ids=["anchored-length", "advantages-2d", "advantages-length", "float-group-ids", "rewards-length",
+        "float-anchored"])
+def test_wrong_per_rollout_fields_name_the_field(change, word):
+    batch = _batch()
+    change(batch)
+    with pytest.raises(ValueError, match=word):
+        pact_loss(batch, PACTLossConfig())
+
+
+@pytest.mark.parametrize("progress", [-0.1, 1.5, float("nan")])
+def test_progress_outside_zero_one_is_rejected(progress):
+    with pytest.raises(ValueError, match="progress"):
+        pact_loss(_batch(), PACTLossConfig(), progress)
+
+
+def test_float_group_ids_are_rejected_by_group_advantages():
+    with pytest.raises(ValueError, match="group_ids must be an integer"):
+        group_advantages(torch.rand(4), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_advantages_per_token_are_accepted():
+    batch = _batch()
+    cfg = PACTLossConfig(mode="grpo", lambda_sft=0.0)
+    per_rollout = torch.linspace(-1, 1, 6, dtype=D)
+    batch.advantages = per_rollout
+    expected = pact_loss(batch, cfg)[0].item()
+    batch.advantages = per_rollout[:, None].expand(6, 7)
+    assert pact_loss(batch, cfg)[0].item() == pytest.approx(expected, rel=1e-12)

@@ -146,3 +146,73 @@ def test_rollout_continues_with_the_environments_next_user_turn():
     assert tokens[start:start + 8] == "user what is the age of omar ?".split()
     assert all(m == 0 for m in ep.response_mask[start - 1:start + 9]), "the user turn is context"
     assert ep.response_mask[:len(turns[0])] == [1] * len(turns[0])
+
+
+class _BFCLStyleErrors(MultiHopEnv):
+    """Every call fails the way BFCL's back-ends fail: "Error during execution: ..." (capital E)."""
+
+    def run_call(self, name, arguments):
+        return "Error during execution: no such file", False
+
+
+class _NoTally:
+    """A duck-typed environment without ``errors``: only its response texts tell errors apart."""
+
+    max_turns = 3
+
+    def step(self, calls):
+        return ["ERROR : refused" for _ in calls]
+
+    def next_user_turn(self):
+        return None
+
+    def reward(self, final_text):
+        return 0.0
+
+
+def test_tool_errors_count_what_the_environment_calls_an_error():
+    tok, ex, model = _scripted_task(malformed=False)
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=40, max_turns=2))
+    ep = engine.rollout([ex], _BFCLStyleErrors)[0][0]
+    assert ep.tool_calls == 2 and ep.tool_errors == 2, "BFCL's 'Error during execution' is an error"
+    tok, ex, model = _scripted_task(malformed=False)
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=1, max_new_tokens=40, max_turns=2))
+    ep = engine.rollout([ex], lambda e: _NoTally())[0][0]
+    assert ep.tool_calls == 2 and ep.tool_errors == 2
+
+
+def test_greedy_can_be_asked_per_call_as_evaluation_does():
+    tok = build_tokenizer()
+    ex = parse_example(make_task(2, hops=1))
+    model = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    sampling = RolloutConfig(group_size=2, max_new_tokens=7, max_turns=2, greedy=False, temperature=5.0)
+    a = HFRolloutEngine(model, tok, sampling, seed=1).rollout([ex], MultiHopEnv, group_size=1, greedy=True)[0]
+    b = HFRolloutEngine(model, tok, sampling, seed=2).rollout([ex], MultiHopEnv, group_size=1, greedy=True)[0]
+    c = HFRolloutEngine(model, tok, RolloutConfig(**{**sampling.__dict__, "greedy": True})).rollout(
+        [ex], MultiHopEnv, group_size=1)[0]
+    assert len(a) == 1 and a[0].response_ids == b[0].response_ids == c[0].response_ids
+    sampled = [HFRolloutEngine(model, tok, sampling, seed=s).rollout([ex], MultiHopEnv, group_size=1)[0][0]
+               for s in range(4)]
+    assert len({tuple(e.response_ids) for e in sampled}) > 1, "greedy=None keeps the configured sampling"
+
+
+def test_rollout_closes_every_environment_after_its_reward():
+    tok, ex, model = _scripted_task(malformed=False)
+    made = []
+
+    class Tracked(MultiHopEnv):
+        closed_after_reward = False
+
+        def reward(self, final_text):
+            self.rewarded = True
+            return super().reward(final_text)
+
+        def close(self):
+            self.closed_after_reward = getattr(self, "rewarded", False)
+
+    def make_env(example):
+        made.append(Tracked(example))
+        return made[-1]
+
+    HFRolloutEngine(model, tok, RolloutConfig(group_size=2, max_new_tokens=40, max_turns=4)).rollout([ex], make_env)
+    assert len(made) == 2 and all(env.closed_after_reward for env in made)

@@ -1,4 +1,33 @@
-"""What every tool environment shares: turn and error bookkeeping around one-call execution."""
+"""What every tool environment shares: turn and error bookkeeping, and size caps, around one-call execution."""
+from ..toolcalls import MAX_ARGUMENT_DEPTH, MAX_CALL_CHARS, nesting_depth
+
+MAX_RESULT_CHARS = 100_000  # characters of one tool response (BFCL long_context reaches 31,706)
+MAX_NAME_CHARS = 100  # characters of a tool name
+
+
+def argument_chars(value, limit=MAX_CALL_CHARS):
+    """Approximate characters of ``value`` written out (strings, numbers, containers), counted without
+    recursion and without converting big integers to text; stops counting once it passes ``limit``."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, dict):
+            total += 2
+            for k, v in item.items():
+                total += 2
+                stack += [k, v]
+        elif isinstance(item, (list, tuple)):
+            total += 2 + len(item)
+            stack += list(item)
+        elif isinstance(item, (str, bytes)):
+            total += len(item) + 2
+        elif isinstance(item, bool) or item is None:
+            total += 5
+        elif isinstance(item, int):
+            total += item.bit_length() * 3 // 10 + 2  # about log10(2) digits per bit
+        else:
+            total += 24
+    return total
 
 
 class ToolEnv:
@@ -6,25 +35,53 @@ class ToolEnv:
 
     Subclasses implement ``run_call(name, arguments) -> (response text, ok)`` and ``reward(final_text)``;
     multi-turn environments also override ``next_user_turn``. ``max_turns`` is the episode's turn limit.
+
+    ``step`` refuses, with an error observation and before ``run_call`` sees them, calls whose name is
+    not a short string, whose arguments are not an object, write out to more than ``max_call_chars``
+    characters or nest deeper than ``MAX_ARGUMENT_DEPTH``; a response longer than ``max_result_chars``
+    is replaced by an error observation too. Error observations start with ``error_prefix``.
     """
 
+    error_prefix = "error : "
     malformed_response = "error : bad tool call"
 
-    def __init__(self, max_turns):
+    def __init__(self, max_turns, *, max_call_chars=MAX_CALL_CHARS, max_result_chars=MAX_RESULT_CHARS):
         self.max_turns = max_turns
+        self.max_call_chars = max_call_chars
+        self.max_result_chars = max_result_chars
         self.turns = 0
         self.errors = 0
 
     def run_call(self, name, arguments):
         raise NotImplementedError
 
+    def refusal(self, name, arguments):
+        """Why a call is refused before execution (a short text), or None."""
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            return "bad tool name"
+        if not isinstance(arguments, dict):
+            return f"arguments of {name} must be an object"
+        size = argument_chars(arguments, self.max_call_chars)
+        if size > self.max_call_chars:
+            return f"arguments of {name} are longer than the limit of {self.max_call_chars} characters"
+        if nesting_depth(arguments) > MAX_ARGUMENT_DEPTH:
+            return f"arguments of {name} are nested deeper than {MAX_ARGUMENT_DEPTH} levels"
+        return None
+
     def step(self, calls):
         """Execute a turn's calls (``ToolCall`` or ``ToolCallError`` items) -> tool response texts."""
         self.turns += 1
         out = []
         for call in calls:
-            text, ok = self.run_call(call.name, call.arguments) if hasattr(call, "arguments") else (
-                self.malformed_response, False)
+            if not hasattr(call, "arguments"):
+                text, ok = self.malformed_response, False
+            elif (reason := self.refusal(call.name, call.arguments)) is not None:
+                text, ok = self.error_prefix + reason, False
+            else:
+                text, ok = self.run_call(call.name, call.arguments)
+                if len(text) > self.max_result_chars:
+                    text, ok = (f"{self.error_prefix}the result of {call.name} has {len(text)} characters, more "
+                                f"than the limit of {self.max_result_chars}"), False
             self.errors += not ok
             out.append(text)
         return out
@@ -32,3 +89,6 @@ class ToolEnv:
     def next_user_turn(self):
         """The next user message once the assistant ends a turn (multi-turn environments); None ends the episode."""
         return None
+
+    def close(self):
+        """Release what the episode holds (a worker process in ``BFCLEnv``); the rollout calls it after the reward."""

@@ -4,16 +4,29 @@ Needs the ``bfcl-eval`` package, installed without its API-client dependencies:
 ``pip install --no-deps bfcl-eval`` (its multi-turn back-ends need only the standard library and
 mpmath). Data and function docs are read from the installed package; nothing is downloaded.
 
-- ``load_bfcl(category)``: each BFCL entry becomes an ``Example``: the first user turn is the
-  prompt; the trace replays BFCL's gold call sequence, one assistant tool call per message with
-  the back-end's response, an empty assistant message closing each user turn, and the later user
-  turns in between; ``env`` carries the initial back-end configuration and the later user turns.
+- ``load_bfcl(category)``: each entry of a multi-turn category (``CATEGORIES``) becomes an
+  ``Example``: the first user turn is the prompt; the trace replays BFCL's gold call sequence, one
+  assistant tool call per message with the back-end's response, an empty assistant message closing
+  each user turn, and the later user turns in between; ``env`` carries the initial back-end
+  configuration, the later user turns and the gold calls. Category semantics, as BFCL scores them:
+
+  - ``multi_turn_base``: every function is offered from the start;
+  - ``multi_turn_miss_func``: BFCL holds some functions back until a given turn, whose user message
+    it writes itself ("I have updated some more functions ..."); ``tools`` leaves them out, that
+    user turn lists their specs (in its text, and in its ``tools`` field, which the data loader
+    reads), and ``BFCLEnv`` answers calls to them with an error until that turn;
+  - ``multi_turn_miss_param``: some turns lack a parameter: their gold is empty, so the trace closes
+    the turn without a call (the assistant has to ask) and the next user turn supplies it;
+  - ``multi_turn_long_context``: the back-ends are loaded with ``long_context=True`` (BFCL's larger
+    file systems, message inboxes and so on), in the environment and for the gold state alike.
+
 - ``parse_call``: a BFCL call string (``mv(source='a', destination='b')``) parsed with ``ast``;
   arguments must be literals. Nothing is ever passed to ``eval``.
 - ``BFCLBackends``: the back-end instances of an entry; calls dispatch to their public methods.
-- ``BFCLEnv``: the environment interface of the rollout. Once the assistant ends a turn,
-  ``next_user_turn`` hands over BFCL's next user turn; the reward is 1 when the back-ends end in
-  the state the gold calls produce (BFCL's state check).
+- ``BFCLEnv``: the environment interface of the rollout. The model's calls run on back-ends in a
+  worker process (``pact_fast.envs.sandbox``), each under a time limit, so that no call can stall a
+  run; once the assistant ends a turn, ``next_user_turn`` hands over BFCL's next user turn; the
+  reward is 1 when the back-ends end in the state the gold calls produce (BFCL's state check).
 """
 import ast
 import copy
@@ -22,9 +35,12 @@ import inspect
 import json
 from importlib import resources
 
-from .base import ToolEnv
+from ..toolcalls import MAX_CALL_CHARS, excerpt
+from .base import MAX_RESULT_CHARS, ToolEnv
+from .sandbox import CALL_TIMEOUT_S, Sandbox, SandboxTimeout
 
-CATEGORIES = ("multi_turn_base",)
+CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
+ERROR = "Error during execution: "  # how BFCL's executor words a failed call
 
 
 def _package_file(*parts):
@@ -40,22 +56,31 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def parse_call(text):
+def parse_call(text, max_chars=MAX_CALL_CHARS):
     """``name(arg, key=value, ...)`` -> (name, args list, kwargs dict). Literal arguments only; raises
-    ValueError for anything else (attribute calls, nested calls, names, ``**kwargs``)."""
+    ValueError for anything else (attribute calls, nested calls, names, ``**kwargs``), for a text
+    longer than ``max_chars`` and for one nested too deeply for the parser. Messages quote at most a
+    short excerpt of the text."""
+    if not isinstance(text, str):
+        raise ValueError(f"a call must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise ValueError(f"call of {len(text)} characters is longer than the limit of {max_chars}")
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as exc:
-        raise ValueError(f"not a call: {text!r} ({exc.msg})") from None
+        reason = exc.msg if len(exc.msg) <= 60 else exc.msg[:60] + "..."
+        raise ValueError(f"not a call: {excerpt(text)} ({reason})") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"not a call: {excerpt(text)} (nested too deeply)") from None
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-        raise ValueError(f"not a plain function call: {text!r}")
+        raise ValueError(f"not a plain function call: {excerpt(text)}")
     try:
         args = [ast.literal_eval(a) for a in node.args]
         if any(k.arg is None for k in node.keywords):
             raise ValueError("**kwargs")
         kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    except (ValueError, TypeError, SyntaxError):
-        raise ValueError(f"arguments of {text!r} must be literals") from None
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        raise ValueError(f"arguments of {excerpt(text)} must be literals") from None
     return node.func.id, args, kwargs
 
 
@@ -88,21 +113,27 @@ class BFCLBackends:
                     self.methods[method_name] = method
 
     def execute(self, name, args=(), kwargs=None):
-        """Run one call; errors become BFCL-style error texts, never exceptions."""
+        """Run one call; errors become BFCL-style error texts, never exceptions. The arguments are
+        copied: back-ends keep references to what they are given (a tweet's ``mentions`` list), and a
+        caller that reuses its dicts would otherwise see them change."""
         method = self.methods.get(name)
         if method is None:
-            return f"Error during execution: unknown function {name}"
+            return f"{ERROR}unknown function {name}"
         try:
-            return _format_result(method(*args, **(kwargs or {})))
+            return _format_result(method(*copy.deepcopy(list(args)), **copy.deepcopy(kwargs or {})))
         except Exception as exc:  # a back-end error is an observation for the model
-            return f"Error during execution: {exc}"
+            return f"{ERROR}{exc}"
 
     def execute_string(self, text):
         try:
             name, args, kwargs = parse_call(text)
         except ValueError as exc:
-            return f"Error during execution: {exc}"
+            return f"{ERROR}{exc}"
         return self.execute(name, args, kwargs)
+
+    def snapshot(self):
+        """The back-end instances (what BFCL's ``state_checker`` compares)."""
+        return self.instances
 
 
 def _tool_spec(doc):
@@ -121,66 +152,157 @@ def _func_docs(involved_classes):
     return docs
 
 
-def load_bfcl(category="multi_turn_base", limit=None):
-    """BFCL entries of a multi-turn category as ``Example`` rows (see the module docstring)."""
-    from ..data import parse_example
+def revealed_turn_text(specs):
+    """The user message of a turn where BFCL reveals held-back functions: their specs, then BFCL's words."""
+    from bfcl_eval.constants.default_prompts import DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC
+
+    return json.dumps(specs) + "\n" + DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC
+
+
+def _entry_example(entry, gold, category):
+    """One BFCL entry and its gold call lists (one per turn) -> a data row (see the module docstring)."""
+    classes = entry["involved_classes"]
+    long_context = category == "multi_turn_long_context"
+    specs = {d["name"]: _tool_spec(d) for d in _func_docs(classes)}
+    held = {int(turn): list(names) for turn, names in entry.get("missed_function", {}).items()}
+    unknown = [n for names in held.values() for n in names if n not in specs]
+    if unknown:
+        raise ValueError(f"missed_function names {unknown} are not functions of {classes}")
+    held_names = {n for names in held.values() for n in names}
+    if len(gold) != len(entry["question"]):
+        raise ValueError(f"{len(entry['question'])} user turns but {len(gold)} gold turns")
+    backends = BFCLBackends(entry["initial_config"], classes, long_context=long_context)
+    trace, user_turns, n_call = [], [], 0
+    for turn, (question, calls) in enumerate(zip(entry["question"], gold)):
+        if turn in held:
+            if question:
+                raise ValueError(f"turn {turn} reveals functions but has its own user message")
+            revealed = [specs[n] for n in held[turn]]
+            question = [{"role": "user", "content": revealed_turn_text(revealed)}]
+        if turn:
+            user_turns.append([{"role": "user", "content": m["content"]} for m in question])
+            message = {"role": "user", "content": "\n".join(m["content"] for m in question)}
+            if turn in held:
+                message["tools"] = revealed
+            trace.append(message)
+        for call in calls:
+            name, args, kwargs = parse_call(call)
+            if name not in backends.methods:
+                raise ValueError(f"gold call {excerpt(call)} names no function of {classes}")
+            later = [t for t, names in held.items() if name in names and t > turn]
+            if later:
+                raise ValueError(f"gold turn {turn} calls {name!r}, which BFCL holds back until turn {later[0]}")
+            if args:  # positional arguments become the method's parameter names
+                params = list(inspect.signature(backends.methods[name]).parameters)
+                kwargs = {**dict(zip(params, args)), **kwargs}
+            n_call += 1
+            cid = f"call{n_call}"
+            trace.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": cid, "type": "function", "function": {"name": name, "arguments": copy.deepcopy(kwargs)}}]})
+            trace.append({"role": "tool", "tool_call_id": cid, "content": backends.execute(name, (), kwargs)})
+        trace.append({"role": "assistant", "content": ""})
+    return {
+        "id": entry["id"], "messages": entry["question"][0],
+        "tools": [spec for name, spec in specs.items() if name not in held_names],
+        "trace": trace, "answer": None,
+        "env": {"name": "bfcl", "category": category, "initial_config": entry["initial_config"],
+                "involved_classes": classes, "long_context": long_context, "user_turns": user_turns,
+                "revealed_tools": {str(turn): names for turn, names in held.items()}, "gold": gold}}
+
+
+def load_bfcl(category="multi_turn_base", limit=None, *, on_error="raise", report=None):
+    """BFCL entries of a multi-turn category as ``Example`` rows (see the module docstring).
+
+    on_error: ``"raise"`` stops at the first entry that does not convert (a ``DataFormatError``
+    naming the file, the entry and the reason); ``"skip"`` leaves it out and, when ``report`` (a
+    ``pact_fast.data.LoadReport``) is given, records (entry id, reason) in ``report.skipped``.
+    In bfcl-eval 2026.3.23, ``multi_turn_miss_func_49`` is such an entry: its gold calls ``tail``
+    in turn 1, two turns before BFCL reveals it.
+    """
+    from ..data import DataFormatError, LoadReport, parse_example
 
     if category not in CATEGORIES:
         raise ValueError(f"load_bfcl: category {category!r} is not supported; choose one of {CATEGORIES}")
-    entries = _read_jsonl(_package_file("data", f"BFCL_v4_{category}.json"))
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"load_bfcl: on_error={on_error!r}; choose 'raise' or 'skip'")
+    path = _package_file("data", f"BFCL_v4_{category}.json")
+    report = report if report is not None else LoadReport(str(path))
+    entries = _read_jsonl(path)
     answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(_package_file("data", "possible_answer",
                                                                               f"BFCL_v4_{category}.json"))}
     examples = []
     for entry in entries[:limit]:
-        classes = entry["involved_classes"]
-        backends = BFCLBackends(entry["initial_config"], classes)
-        trace, n_call = [], 0
-        for turn, (question, calls) in enumerate(zip(entry["question"], answers[entry["id"]])):
-            if turn:
-                trace += [{"role": "user", "content": m["content"]} for m in question]
-            for call in calls:
-                name, args, kwargs = parse_call(call)
-                if args:  # positional arguments become the method's parameter names
-                    params = list(inspect.signature(backends.methods[name]).parameters)
-                    kwargs = {**dict(zip(params, args)), **kwargs}
-                n_call += 1
-                cid = f"call{n_call}"
-                trace.append({"role": "assistant", "content": "", "tool_calls": [
-                    {"id": cid, "type": "function", "function": {"name": name, "arguments": kwargs}}]})
-                trace.append({"role": "tool", "tool_call_id": cid, "content": backends.execute(name, (), kwargs)})
-            trace.append({"role": "assistant", "content": ""})
-        examples.append(parse_example({
-            "id": entry["id"], "messages": entry["question"][0], "tools": [_tool_spec(d) for d in _func_docs(classes)],
-            "trace": trace, "answer": None,
-            "env": {"name": "bfcl", "category": category, "initial_config": entry["initial_config"],
-                    "involved_classes": classes, "user_turns": entry["question"][1:],
-                    "gold": answers[entry["id"]]}}))
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        try:
+            if entry_id not in answers:
+                raise ValueError("no ground truth in possible_answer")
+            examples.append(parse_example(_entry_example(entry, answers[entry_id], category)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+            if on_error == "raise":
+                raise DataFormatError(f"{path}: entry {entry_id}: {reason}") from None
+            report.skipped.append((entry_id, reason))
+    report.loaded = len(examples)
     return examples
 
 
 class BFCLEnv(ToolEnv):
-    """Executes an episode's calls on live back-ends and hands over BFCL's later user turns."""
+    """Executes an episode's calls on live back-ends and hands over BFCL's later user turns.
 
-    malformed_response = "Error during execution: malformed tool call"
+    The back-ends live in a worker process (``Sandbox``): a call that runs past ``call_timeout``
+    seconds is stopped and answered with an error, and the back-ends are left as they were before
+    it. ``max_call_chars`` and ``max_result_chars`` cap a call's arguments and a response (see
+    ``ToolEnv``). Functions BFCL holds back (``multi_turn_miss_func``) are unknown until the user
+    turn that reveals them. The gold state for the reward is computed in this process from the
+    data's gold calls (trusted data, not model output).
+    """
 
-    def __init__(self, example, *, max_turns=20):
-        super().__init__(max_turns)
+    error_prefix = ERROR
+    malformed_response = f"{ERROR}malformed tool call"
+
+    def __init__(self, example, *, max_turns=20, call_timeout=CALL_TIMEOUT_S, max_call_chars=MAX_CALL_CHARS,
+                 max_result_chars=MAX_RESULT_CHARS):
+        super().__init__(max_turns, max_call_chars=max_call_chars, max_result_chars=max_result_chars)
+        from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
+
         self.spec = example.env
-        self.backends = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"])
+        for name in self.spec["involved_classes"]:  # imported here, once, rather than in every forked worker
+            importlib.import_module(CLASS_FILE_PATH_MAPPING[name])
+        self.long_context = bool(self.spec.get("long_context", False))
+        classes = self.spec["involved_classes"]
+        self.sandbox = Sandbox(BFCLBackends, (self.spec["initial_config"], classes, self.long_context),
+                               timeout=call_timeout)
         self.pending = [list(turn) for turn in self.spec["user_turns"]]
+        self.turn_index = 0
+        self.revealed = {int(k): set(v) for k, v in self.spec.get("revealed_tools", {}).items()}
+        self.hidden = set().union(*self.revealed.values())
 
     def run_call(self, name, arguments):
-        result = self.backends.execute(name, (), arguments)
-        return result, not result.startswith("Error during execution")
+        if name in self.hidden:
+            return f"{ERROR}unknown function {name}", False
+        try:
+            result = self.sandbox.call("execute", name, (), arguments)
+        except SandboxTimeout:
+            result = f"{ERROR}{name} ran past the time limit of {self.sandbox.timeout:g} s"
+        except RuntimeError as exc:
+            result = f"{ERROR}{exc}"
+        return result, not result.startswith(ERROR)
 
     def next_user_turn(self):
-        """The next user turn's text once the assistant ends a turn; None when the conversation is over."""
+        """The next user turn's text once the assistant ends a turn; None when the conversation is over.
+        A turn that reveals held-back functions makes them callable from then on."""
         if not self.pending:
             return None
+        self.turn_index += 1
+        self.hidden -= self.revealed.get(self.turn_index, set())
         return "\n".join(m["content"] for m in self.pending.pop(0))
 
+    def instances(self):
+        """The episode's back-end instances, copied out of the worker process."""
+        return self.sandbox.call("snapshot", record=False)
+
     def gold_state(self):
-        gold = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"])
+        gold = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"], self.long_context)
         for turn in self.spec["gold"]:
             for call in turn:
                 gold.execute_string(call)
@@ -189,9 +311,16 @@ class BFCLEnv(ToolEnv):
     def reward(self, final_text):
         """1.0 when every back-end ends in the gold state (public attributes equal, as BFCL's state check)."""
         gold = self.gold_state()
+        try:
+            mine = self.instances()
+        except (SandboxTimeout, RuntimeError):
+            return 0.0
         for name, instance in gold.instances.items():
-            mine = self.backends.instances[name]
             for attr, value in vars(instance).items():
-                if not attr.startswith("_") and getattr(mine, attr) != value:
+                if not attr.startswith("_") and getattr(mine[name], attr) != value:
                     return 0.0
         return 1.0
+
+    def close(self):
+        """Stop the worker process (it also stops when the environment is garbage-collected)."""
+        self.sandbox.close()

@@ -96,7 +96,7 @@ def execute(world, name, arguments, allowed):
         if kind == "number":
             try:
                 nums[p] = int(arguments[p])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from JSON's 1e999
                 raise ToolError(f"{p} must be a number") from None
     if name == "lookup":
         table = world.facts.get(str(arguments["relation"]))
@@ -218,11 +218,14 @@ class MultiHopEnv(ToolEnv):
     """Episode state of one task: executes parsed calls, limits turns, scores the final answer.
 
     reward = 1 for an exact answer (after ``normalise_answer``), plus ``format_reward`` when the episode
-    made tool calls and every one parsed and ran without error.
+    made tool calls and every one parsed and ran without error. Tools run in this process: each is a
+    table look-up or one arithmetic operation on arguments that ``ToolEnv`` has size-capped (and
+    integers parse only up to Python's 4300-digit limit), so no call can run long. ``caps``:
+    ``max_call_chars`` / ``max_result_chars`` of ``ToolEnv``.
     """
 
-    def __init__(self, example, *, max_turns=6, format_reward=0.0):
-        super().__init__(max_turns)
+    def __init__(self, example, *, max_turns=6, format_reward=0.0, **caps):
+        super().__init__(max_turns, **caps)
         spec = example.env or {}
         self.world = World.sample(int(spec.get("world_seed", 0)))
         self.allowed = {t["function"]["name"] for t in example.tools} or set(TOOLS)
