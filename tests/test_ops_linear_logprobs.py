@@ -153,6 +153,15 @@ def test_torch_chunks_are_sized_by_budget_and_minimum_rows():
 
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_inputs_without_ignored_rows(backend, device):
+    """Every row kept (no compaction copy): strided hidden and targets must still be read right."""
+    hidden, weight, _, targets = _inputs(30, 16, 70, torch.float32, device, n_ignored=0)
+    logp = linear_logprobs(hidden[::2], weight, targets[::2], backend=backend)
+    logp_r, _ = linear_logprobs_reference(hidden[::2].double(), weight.double(), targets[::2])
+    assert rel_err(logp, logp_r) < 2e-5
+
+
 def test_leading_dims_are_kept():
     hidden, weight, _, targets = _inputs(24, 16, 40, torch.float32, "cpu")
     flat = linear_logprobs(hidden, weight, targets)

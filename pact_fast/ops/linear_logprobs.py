@@ -203,7 +203,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     n_all, n = x_all.shape[0], rows.numel()
     # [n, H]: ignored rows never reach a matmul
     x = x_all.contiguous() if n == n_all else x_all.index_select(0, rows)
-    t = t_all if n == n_all else t_all.index_select(0, rows)
+    t = t_all.contiguous() if n == n_all else t_all.index_select(0, rows)
     w = weight.contiguous()
     inv_temp = 1.0 / float(temperature)
     if backend == "triton":
