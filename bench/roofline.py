@@ -74,23 +74,48 @@ def aggregate(costs):
 # Count harness: what the Triton interpreter executes, per kernel
 # ---------------------------------------------------------------------------------------------
 
-_BUILDER_METHODS = {
-    "create_masked_load": ["self", "ptrs", "mask", "other", "cache_policy", "is_volatile"],
-    "create_masked_store": ["self", "ptrs", "value", "mask", "cache_policy"],
-    "create_load": ["self", "ptr", "cache_policy", "is_volatile"],
-    "create_store": ["self", "ptr", "val", "cache_policy"],
-    "create_dot": ["self", "a", "b", "d", "input_precision", "max_num_imprecise_acc"],
-    "create_atomic_rmw": ["self", "rmwOp", "ptr", "val", "mask", "sem", "scope"],
-    "create_atomic_cas": ["self", "ptr", "cmp", "val", "sem", "scope"],
+# Builder methods wrapped, with the arguments each rule reads (looked up by name, so the harness
+# follows triton versions whose other arguments differ, e.g. cache_policy vs cache_modifier).
+_COUNTED = {
+    "create_masked_load": ("ptrs", "mask"),
+    "create_masked_store": ("ptrs", "mask"),
+    "create_dot": ("a", "b"),
+    "create_atomic_rmw": ("ptr", "mask"),
+    "create_atomic_cas": ("ptr",),
 }
+# Unmasked and atomic loads/stores must reach the masked builders above (checked in their source).
+_DELEGATES = {"create_load": "create_masked_load", "create_store": "create_masked_store",
+              "create_atomic_load": "create_masked_load", "create_atomic_store": "create_masked_store"}
 # Memory ops the kernels of this project do not use; counting them would need their own rule.
 _UNCOUNTED = ("create_descriptor_load", "create_descriptor_store", "create_descriptor_gather",
-              "create_descriptor_scatter", "create_dot_scaled")
+              "create_descriptor_scatter", "create_tensor_pointer_load", "create_tensor_pointer_store",
+              "create_dot_scaled")
 
 
 def _element_bytes(ptrs):
-    bits = ptrs.get_element_ty().primitive_bitwidth
-    return max(1, bits // 8)
+    ty = ptrs.dtype
+    while hasattr(ty, "element_ty"):
+        ty = ty.element_ty
+    return max(1, ty.primitive_bitwidth // 8)
+
+
+def _check_interpreter_api(interp):
+    """The builder methods and arguments the harness wraps exist; raise RuntimeError naming what changed."""
+    builder_cls = interp.InterpreterBuilder
+    for name, needed in _COUNTED.items():
+        method = getattr(builder_cls, name, None)
+        params = list(inspect.signature(method).parameters) if method is not None else []
+        if not set(needed) <= set(params):
+            raise RuntimeError(f"count_executed: triton's InterpreterBuilder.{name} is missing or lost arguments "
+                               f"{needed} (has {params}); update bench/roofline.py for this triton")
+    for name, target in _DELEGATES.items():
+        method = getattr(builder_cls, name, None)
+        if method is not None and target not in inspect.getsource(method):
+            raise RuntimeError(f"count_executed: InterpreterBuilder.{name} no longer goes through {target}; "
+                               "update bench/roofline.py for this triton")
+    run = getattr(interp.InterpretedFunction, "run", None)
+    if run is None or not {"grid", "warmup"} <= set(inspect.signature(run).parameters):
+        raise RuntimeError("count_executed: triton's InterpretedFunction.run changed; update bench/roofline.py")
 
 
 def kernel_cost_name(kernel):
@@ -130,19 +155,12 @@ def count_executed(count_torch_gemms=True):
 
     if not interpreting():
         raise RuntimeError("count_executed needs TRITON_INTERPRET=1 set before triton is imported")
+    _check_interpreter_api(interp)
     builder_cls = interp.InterpreterBuilder
-    for name, params in _BUILDER_METHODS.items():
-        method = getattr(builder_cls, name, None)
-        if method is None or list(inspect.signature(method).parameters) != params:
-            raise RuntimeError(f"count_executed: triton's InterpreterBuilder.{name} is missing or changed "
-                               f"signature (expected {params}); update bench/roofline.py for this triton")
-    if not hasattr(interp.InterpretedFunction, "run") or \
-            list(inspect.signature(interp.InterpretedFunction.run).parameters)[:2] != ["self", "args"]:
-        raise RuntimeError("count_executed: triton's InterpretedFunction.run changed; update bench/roofline.py")
 
     counts = Counts()
     current = []  # stack of kernel names being launched
-    originals = {name: getattr(builder_cls, name) for name in list(_BUILDER_METHODS) + list(_UNCOUNTED)
+    originals = {name: getattr(builder_cls, name) for name in list(_COUNTED) + list(_UNCOUNTED)
                  if hasattr(builder_cls, name)}
     orig_run = interp.InterpretedFunction.run
 
@@ -151,30 +169,33 @@ def count_executed(count_torch_gemms=True):
             raise RuntimeError("count_executed: a memory op ran outside any kernel launch")
         return current[-1]
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        counts.add(owner(), nbytes=int(mask.data.sum()) * _element_bytes(ptrs))
-        return originals["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+    def masked_bytes(a):
+        return int(a["mask"].data.sum()) * _element_bytes(a.get("ptrs", a.get("ptr")))
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
-        counts.add(owner(), nbytes=int(mask.data.sum()) * _element_bytes(ptrs))
-        return originals["create_masked_store"](self, ptrs, value, mask, cache_policy)
-
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        *batch, m, k = a.data.shape
-        n = b.data.shape[-1]
+    def dot_flops(a):
+        *batch, m, k = a["a"].data.shape
         batch_size = 1
         for s in batch:
             batch_size *= s
-        counts.add(owner(), flops=2 * batch_size * m * n * k)
-        return originals["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+        return 2 * batch_size * m * a["b"].data.shape[-1] * k
 
-    def atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
-        counts.add(owner(), nbytes=2 * int(mask.data.sum()) * _element_bytes(ptr))
-        return originals["create_atomic_rmw"](self, rmwOp, ptr, val, mask, sem, scope)
+    rules = {  # name -> (flops, bytes) of one call, from its bound arguments
+        "create_masked_load": lambda a: (0, masked_bytes(a)),
+        "create_masked_store": lambda a: (0, masked_bytes(a)),
+        "create_dot": lambda a: (dot_flops(a), 0),
+        "create_atomic_rmw": lambda a: (0, 2 * masked_bytes(a)),  # a load and a store per true element
+        "create_atomic_cas": lambda a: (0, 2 * int(a["ptr"].data.size) * _element_bytes(a["ptr"])),
+    }
 
-    def atomic_cas(self, ptr, cmp, val, sem, scope):
-        counts.add(owner(), nbytes=2 * int(ptr.data.size) * _element_bytes(ptr))
-        return originals["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+    def counted(name):
+        original, rule = originals[name], rules[name]
+        signature = inspect.signature(original)
+
+        def wrapper(self, *args, **kwargs):
+            flops, nbytes = rule(signature.bind(self, *args, **kwargs).arguments)
+            counts.add(owner(), flops=flops, nbytes=nbytes)
+            return original(self, *args, **kwargs)
+        return wrapper
 
     def uncounted(name):
         def refuse(self, *args, **kwargs):
@@ -189,8 +210,7 @@ def count_executed(count_torch_gemms=True):
         finally:
             current.pop()
 
-    patches = {"create_masked_load": masked_load, "create_masked_store": masked_store, "create_dot": dot,
-               "create_atomic_rmw": atomic_rmw, "create_atomic_cas": atomic_cas,
+    patches = {**{name: counted(name) for name in _COUNTED},
                **{name: uncounted(name) for name in _UNCOUNTED if name in originals}}
     gemm_mode = _TorchGemmCounter(counts) if count_torch_gemms else contextlib.nullcontext()
     try:

@@ -118,7 +118,7 @@ def test_model_rows_cover_the_workloads():
 def test_count_harness_refuses_a_changed_interpreter_api(monkeypatch):
     from triton.runtime import interpreter
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, a, b, d: None)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, lhs, rhs, acc: None)
     with pytest.raises(RuntimeError, match="create_dot"):
         with roofline.count_executed():
             pass
