@@ -275,7 +275,8 @@ _CALL_SYNTAX = {
                 "{% endfor %} ) </tool_call>",
                 "To call a tool, write <tool_call> name ( key = value , ... ) </tool_call>."),
     "hermes": ("<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>",
-               'To call a tool, write <tool_call>\n{"name": <tool name>, "arguments": <arguments object>}\n</tool_call>.'),
+               'To call a tool, write <tool_call>\n{"name": <tool name>, "arguments": <arguments object>}\n'
+               '</tool_call>.'),
 }
 
 
@@ -321,7 +322,8 @@ def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|
 _PROBE_TOOLS = [{"type": "function", "function": {
     "name": "probe_lookup", "description": "looks a fact up",
     "parameters": {"type": "object", "properties": {"probe_key": {"type": "string"}}, "required": ["probe_key"]}}}]
-_PROBE_CALL = {"id": "call0", "type": "function", "function": {"name": "probe_lookup", "arguments": {"probe_key": "walrus"}}}
+_PROBE_CALL = {"id": "call0", "type": "function",
+               "function": {"name": "probe_lookup", "arguments": {"probe_key": "walrus"}}}
 _PROBE = [{"role": "system", "content": "You answer with tools."},
           {"role": "user", "content": "Which fact is it?"},
           {"role": "assistant", "content": "", "reasoning_content": "I should look the walrus fact up.",
@@ -335,7 +337,8 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
     the template carries tools, calls in ``tool_call_format``, tool responses, reasoning if ``reasoning``,
     and is prefix-preserving across a tool turn, as rollouts need)."""
     if tool_call_format not in PARSERS:
-        raise ValueError(f"probe_chat_template: unknown tool_call_format {tool_call_format!r}; choose one of {sorted(PARSERS)}")
+        raise ValueError(f"probe_chat_template: unknown tool_call_format {tool_call_format!r}; "
+                         f"choose one of {sorted(PARSERS)}")
     if not getattr(tokenizer, "chat_template", None):
         return ["the tokenizer has no chat template"]
     try:
@@ -408,7 +411,8 @@ def check_trace_components(example, sequences):
                              "but no tool-call tokens in the rendered trace (the chat template drops tool_calls; "
                              "use chat_template=auto or builtin)")
         if (msg.get("reasoning_content") or "").strip() and (REASONING, k) not in have:
-            raise ValueError(f"example {example.id!r}: assistant turn {k} has reasoning but no reasoning tokens in the "
-                             "rendered trace (the chat template drops reasoning_content; use chat_template=auto or builtin)")
+            raise ValueError(f"example {example.id!r}: assistant turn {k} has reasoning but no reasoning tokens in "
+                             "the rendered trace (the chat template drops reasoning_content; use chat_template=auto "
+                             "or builtin)")
     if any(m["role"] == "tool" for m in example.trace) and TOOL_RESPONSE not in have:
         raise ValueError(f"example {example.id!r}: the trace has tool responses but the rendered trace shows none")
