@@ -16,6 +16,7 @@ from pact_fast.data import parse_example
 from pact_fast.envs import make_tasks
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
 from pact_fast.models import ModelError, check_model_dir, fetch_model, load_pretrained
+from pact_fast.rollout import HFRolloutEngine, RolloutConfig
 from pact_fast.scoring import sequence_logprobs
 from pact_fast.toolcalls import ToolCall, parse_tool_calls
 
@@ -118,11 +119,15 @@ def test_model_directory_errors(tmp_path):
         check_model_dir(tmp_path)
 
 
+def _complete(model, tokenizer, text, max_new_tokens=4):
+    ids = tokenizer(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
 def test_the_converted_model_answers(smollm2):
     model, tokenizer = smollm2
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in _complete(model, tokenizer, "The capital of France is")
 
 
 # ---------------------------------------------------------------- chat template
@@ -164,6 +169,14 @@ def test_probe_detects_that_smollm2_drops_tools_and_falls_back_to_builtin(smollm
         if m["role"] == "tool":
             assert m["content"] in responses
     assert tokenizer.eos_token in tokenizer.decode([t for t, c in zip(seq.input_ids, seq.components) if c == OTHER])
+
+    # what a rollout appends after a tool call: the tool turn and the next generation prompt
+    engine = HFRolloutEngine(None, tokenizer, RolloutConfig(tool_call_format="compact"))
+    turn = {"role": "assistant", "content": "<tool_call> lookup ( entity = hugo , relation = employer ) </tool_call>"}
+    block = engine._context_block(example, list(example.messages) + [turn],
+                                  [{"role": "tool", "tool_call_id": "call0", "content": "hooli"}])
+    assert tokenizer.decode(block) == ("<|im_start|>tool\n<tool_response>\nhooli\n</tool_response><|im_end|>\n"
+                                       "<|im_start|>assistant\n")
 
 
 # ---------------------------------------------------------------- packed scoring and PACT steps
@@ -248,3 +261,4 @@ def test_pact_steps_on_a_real_example_lower_the_sft_loss_on_tool_calls(smollm2_d
         optimizer.step()
     after = _tool_call_nll(model, sft)
     assert after < 0.8 * before, (before, after)
+    assert "Paris" in _complete(model.eval(), tokenizer, "The capital of France is"), "the default lr keeps it fluent"
