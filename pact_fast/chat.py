@@ -14,12 +14,45 @@ boundaries: the span of assistant turn k is what ``render(conv[:k+1])`` adds aft
 (or without its tool calls) shows which characters those produced. A template that is not
 prefix-preserving (one that drops earlier turns' reasoning, say) yields one sequence per
 assistant turn, each labelling only its last turn; the trie then shares whatever prefix they have.
+
+Many chat templates ignore ``tools``, ``tool_calls`` or ``reasoning_content`` (SmolLM2's does): the
+prompt then shows no tools and the trace renders as empty assistant turns. ``probe_chat_template``
+renders a small tool conversation and lists what the template loses; ``resolve_chat_template``
+keeps the model's template, switches to the built-in tool format, or refuses, per
+``chat_template = auto | model | builtin``; ``check_trace_components`` is the check before
+training that every trace turn's tool calls and reasoning became tokens.
+
+The built-in tool format (``builtin_chat_template``), ChatML turns ending with the tokenizer's
+end-of-sequence token::
+
+    <|im_start|>system
+    {system text}
+
+    You can call these tools:
+    {one JSON function spec per line}
+    To call a tool, write <tool_call> name ( key = value , ... ) </tool_call>. ...<|im_end|>
+    <|im_start|>user
+    {task}<|im_end|>
+    <|im_start|>assistant
+    <think>
+    {reasoning}
+    </think>
+    {content}
+    <tool_call> lookup ( entity = maya ) </tool_call><|im_end|>
+    <|im_start|>tool
+    <tool_response>
+    {result}
+    </tool_response><|im_end|>
+
+Calls follow ``rollout.tool_call_format``: ``compact`` as above, ``hermes`` as
+``<tool_call>\n{"name": "lookup", "arguments": {"entity": "maya"}}\n</tool_call>``.
 """
 import copy
 import re
 from dataclasses import dataclass
 
 from .losses import NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE
+from .toolcalls import PARSERS, ToolCall, parse_tool_calls
 
 
 @dataclass
@@ -230,3 +263,156 @@ def trace_sequences(tokenizer, example, **template_kwargs):
         return [_tokenize_labeled(tokenizer, whole, labels, segments, turns)]
     # each per-turn array labels only its own turn: earlier turns are context there
     return [_tokenize_labeled(tokenizer, text, lab, seg, trn) for text, lab, seg, trn in per_turn]
+
+
+# ---------------------------------------------------------------- templates that carry tools
+
+CHAT_TEMPLATE_MODES = ("auto", "model", "builtin")
+
+_CALL_SYNTAX = {
+    "compact": ("<tool_call> {{ c.function.name }} ("
+                "{% for k, v in c.function.arguments.items() %} {{ k }} = {{ v }}{% if not loop.last %} ,{% endif %}"
+                "{% endfor %} ) </tool_call>",
+                "To call a tool, write <tool_call> name ( key = value , ... ) </tool_call>."),
+    "hermes": ("<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>",
+               'To call a tool, write <tool_call>\n{"name": <tool name>, "arguments": <arguments object>}\n'
+               '</tool_call>.'),
+}
+
+
+def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|>", turn_end="<|im_end|>"):
+    """The project's tool format as a Jinja chat template (module docstring): tools in the system turn, calls
+    in ``tool_call_format``, responses as ``tool`` turns, reasoning in ``<think>`` in the assistant turn.
+    Prefix-preserving across turns. ``turn_end`` must be the token that ends an assistant turn in rollouts
+    (the tokenizer's end-of-sequence token)."""
+    if tool_call_format not in _CALL_SYNTAX:
+        raise ValueError(f"builtin_chat_template: unknown tool_call_format {tool_call_format!r}; "
+                         f"choose one of {sorted(_CALL_SYNTAX)}")
+    call, how = _CALL_SYNTAX[tool_call_format]
+    s, e = turn_start, turn_end
+    # no whitespace control: every character is literal, except that Jinja (trim_blocks, as transformers sets
+    # it) drops a newline right after a block tag, so those newlines are written as expressions
+    nl = "{{ '\\n' }}"
+    return (
+        "{% set ns = namespace(system='') %}"
+        "{% for m in messages %}{% if m.role == 'system' %}{% set ns.system = ns.system + m.content %}{% endif %}"
+        "{% endfor %}"
+        "{% if ns.system or tools %}"
+        f"{s}system\n{{{{ ns.system }}}}"
+        f"{{% if tools %}}{{% if ns.system %}}{nl}{nl}{{% endif %}}You can call these tools:\n"
+        f"{{% for t in tools %}}{{{{ t.function | tojson }}}}{nl}{{% endfor %}}"
+        f"{how} Tool results come back in tool turns; think inside <think> </think> first."
+        "{% endif %}"
+        f"{e}\n"
+        "{% endif %}"
+        "{% for m in messages %}"
+        f"{{% if m.role == 'user' %}}{s}user\n{{{{ m.content }}}}{e}\n"
+        f"{{% elif m.role == 'assistant' %}}{s}assistant\n"
+        f"{{% if m.reasoning_content %}}<think>\n{{{{ m.reasoning_content }}}}\n</think>{nl}{{% endif %}}"
+        "{% if m.content %}{{ m.content }}{% endif %}"
+        f"{{% for c in m.tool_calls or [] %}}{{% if m.content or not loop.first %}}{nl}{{% endif %}}"
+        f"{call}{{% endfor %}}{e}\n"
+        f"{{% elif m.role == 'tool' %}}{s}tool\n<tool_response>\n{{{{ m.content }}}}\n</tool_response>{e}\n"
+        "{% endif %}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{s}assistant\n{{% endif %}}"
+    )
+
+
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "probe_lookup", "description": "looks a fact up",
+    "parameters": {"type": "object", "properties": {"probe_key": {"type": "string"}}, "required": ["probe_key"]}}}]
+_PROBE_CALL = {"id": "call0", "type": "function",
+               "function": {"name": "probe_lookup", "arguments": {"probe_key": "walrus"}}}
+_PROBE = [{"role": "system", "content": "You answer with tools."},
+          {"role": "user", "content": "Which fact is it?"},
+          {"role": "assistant", "content": "", "reasoning_content": "I should look the walrus fact up.",
+           "tool_calls": [_PROBE_CALL]},
+          {"role": "tool", "tool_call_id": "call0", "content": "tusks"},
+          {"role": "assistant", "content": "tusks"}]
+
+
+def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True):
+    """What the tokenizer's chat template loses of a tool conversation: a list of one-line problems (empty:
+    the template carries tools, calls in ``tool_call_format``, tool responses, reasoning if ``reasoning``,
+    and is prefix-preserving across a tool turn, as rollouts need)."""
+    if tool_call_format not in PARSERS:
+        raise ValueError(f"probe_chat_template: unknown tool_call_format {tool_call_format!r}; "
+                         f"choose one of {sorted(PARSERS)}")
+    if not getattr(tokenizer, "chat_template", None):
+        return ["the tokenizer has no chat template"]
+    try:
+        prompt = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, True)
+        first = render(tokenizer, _PROBE[:3], _PROBE_TOOLS, False)
+        with_tool = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, True)
+        whole = render(tokenizer, _PROBE, _PROBE_TOOLS, False)
+    except Exception as exc:  # a template may raise anything on roles or fields it does not know
+        return [f"the template cannot render a tool conversation ({type(exc).__name__}: {exc})"]
+    problems = []
+    if "probe_lookup" not in prompt or "probe_key" not in prompt:
+        problems.append("the prompt does not show the tools (name and parameters)")
+    turn = first[_common_prefix(first, prompt):]
+    calls = parse_tool_calls(turn, tool_call_format)
+    if calls != [ToolCall("probe_lookup", {"probe_key": "walrus"})]:
+        problems.append(f"the assistant turn shows no tool call in the {tool_call_format!r} format "
+                        "(rollout.tool_call_format must match the template's)")
+    if reasoning and "walrus fact up" not in first:
+        problems.append("the assistant turn drops reasoning_content")
+    if "tusks" not in with_tool[len(first):]:
+        problems.append("the tool response is not rendered")
+    if not with_tool.startswith(first) or not whole.startswith(with_tool[: len(first)]):
+        problems.append("the template is not prefix-preserving across a tool turn (rollouts append tool turns)")
+    return problems
+
+
+def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *, reasoning=True, log=print):
+    """Make ``tokenizer.chat_template`` one that carries tools; returns ``"model"`` or ``"builtin"``.
+
+    mode: ``auto`` keeps the model's template when ``probe_chat_template`` finds no problem, else installs
+        ``builtin_chat_template`` (and says why through ``log``); ``model`` keeps it or raises a one-line
+        ``ValueError`` with the problems; ``builtin`` always installs the built-in format.
+    reasoning: whether the data has reasoning, so that a template dropping it is a problem.
+    """
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"chat_template={mode!r}; choose one of {', '.join(CHAT_TEMPLATE_MODES)}")
+    if mode != "builtin":
+        problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning)
+        if not problems:
+            return "model"
+        if mode == "model":
+            raise ValueError("chat_template=model, but the model's chat template cannot be trained on tool use: "
+                             + "; ".join(problems) + " (use chat_template=auto or builtin)")
+        if log:
+            log("[pact_fast] the model's chat template " + "; ".join(problems)
+                + f": using the built-in tool format ({tool_call_format} calls) instead")
+    if tokenizer.eos_token is None:
+        raise ValueError("the built-in tool format ends turns with the tokenizer's eos token, and it has none")
+    tokenizer.chat_template = builtin_chat_template(tool_call_format, turn_end=tokenizer.eos_token)
+    problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning)
+    if problems:
+        raise ValueError("the built-in tool format does not render with this tokenizer: " + "; ".join(problems))
+    return "builtin"
+
+
+def check_trace_components(example, sequences):
+    """Raise a one-line ``ValueError`` naming the example when a trace turn's tool calls (or reasoning), or
+    the trace's tool responses, produced no labelled tokens in ``sequences`` (``trace_sequences`` output)."""
+    have = {}
+    for s in sequences:
+        for comp, turn in zip(s.components, s.turn_ids):
+            if comp in (REASONING, TOOL_CALL):
+                have[(comp, turn)] = True
+            elif comp == TOOL_RESPONSE:
+                have[TOOL_RESPONSE] = True
+    turns = [m for m in example.trace if m["role"] == "assistant"]
+    for k, msg in enumerate(turns):
+        if msg.get("tool_calls") and (TOOL_CALL, k) not in have:
+            raise ValueError(f"example {example.id!r}: assistant turn {k} has {len(msg['tool_calls'])} tool call(s) "
+                             "but no tool-call tokens in the rendered trace (the chat template drops tool_calls; "
+                             "use chat_template=auto or builtin)")
+        if (msg.get("reasoning_content") or "").strip() and (REASONING, k) not in have:
+            raise ValueError(f"example {example.id!r}: assistant turn {k} has reasoning but no reasoning tokens in "
+                             "the rendered trace (the chat template drops reasoning_content; use chat_template=auto "
+                             "or builtin)")
+    if any(m["role"] == "tool" for m in example.trace) and TOOL_RESPONSE not in have:
+        raise ValueError(f"example {example.id!r}: the trace has tool responses but the rendered trace shows none")

