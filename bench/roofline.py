@@ -12,7 +12,8 @@ Triton interpreter really executes so a test (tests/test_roofline.py) can hold t
 
 API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
 ``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))`` (every row of the table),
-``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``ideal_logprob_ms``.
+``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``ideal_logprob_ms``,
+``model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes)`` (a row for any other op).
 Each row: workload, op, device, predicted_ms, ideal_ms, ratio, extra_memory_bytes, kernels
 (per-kernel flops, bytes, intensity, predicted_ms), label "model".
 """
@@ -301,7 +302,8 @@ def aggregate_by_name(costs):
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _row(workload, op, device, costs, ideal_ms, extra_memory_bytes, **extra):
+def model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes, **extra):
+    """One table row for any op: its KernelCost list on a device against an ideal time (ms)."""
     pred = predict_ms(costs, device)
     return {"workload": workload, "op": op, "device": device, "predicted_ms": pred, "ideal_ms": ideal_ms,
             "ratio": pred / ideal_ms, "extra_memory_bytes": extra_memory_bytes,
@@ -320,11 +322,11 @@ def logprob_rows(workload, N, V, H, devices=("H100", "H200"), has_gent=True):
     for device in devices:
         for op, passes, gemms in (("linear_logprobs fwd", ("fwd",), 1), ("linear_logprobs fwd+bwd", ("fwd", "bwd"), 3)):
             costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, has_gent=has_gent, passes=passes)
-            rows.append(_row(workload, op, device, costs, ideal_logprob_ms(N, V, H, device, gemms), extra,
+            rows.append(model_row(workload, op, device, costs, ideal_logprob_ms(N, V, H, device, gemms), extra,
                              shape=shape))
         if workload in BEFORE:
             before = [KernelCost(k, f, b) for k, (f, b) in BEFORE[workload]["kernels"].items()]
-            rows.append(_row(workload, "linear_logprobs fwd+bwd (before issue 11)", device, before,
+            rows.append(model_row(workload, "linear_logprobs fwd+bwd (before issue 11)", device, before,
                              ideal_logprob_ms(N, V, H, device), BEFORE[workload]["extra_memory_bytes"], shape=shape))
     return rows
 
@@ -355,7 +357,7 @@ def _group_rows(devices):
                          "note": "kernels/tree_attention_launch.py has no w_group_layer_costs() yet"})
             continue
         costs, ideal_costs, extra = launch.w_group_layer_costs()
-        rows.append(_row("W-group-layer", "tree_attention fwd+bwd", device, costs, predict_ms(ideal_costs, device),
+        rows.append(model_row("W-group-layer", "tree_attention fwd+bwd", device, costs, predict_ms(ideal_costs, device),
                          extra))
     return rows
 
