@@ -1,0 +1,106 @@
+"""Benchmark of the PACT loss head: fused (``fused_pact_head``) vs unfused (``linear_logprobs`` + ``pact_loss``)
+vs naive (materialised logits + log_softmax + ``pact_loss``), forward+backward, same inputs, one process.
+
+    python bench/bench_fused_pact_head.py                  # CPU: N=8192, H=1024, V=32000, fp32
+    python bench/bench_fused_pact_head.py --workload tiny  # seconds
+
+The N scored rows are laid out as a PACT micro-batch: B rollouts x T tokens under both contexts plus
+S traces x E tokens. Every provider returns the same loss; ratios are against naive.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
+
+from pact_fast.losses import OTHER, REASONING, TOOL_CALL, PACTBatch, PACTLossConfig, pact_loss  # noqa: E402
+from pact_fast.ops import linear_logprobs  # noqa: E402
+from pact_fast.ops.fused_pact_head import fused_pact_head  # noqa: E402
+
+WORKLOADS = {
+    # 16 rollouts x 200 tokens in two contexts (6,400 rows) + 2 traces x 896 tokens (1,792 rows) = 8,192 rows
+    "cpu": dict(B=16, T=200, S=2, E=896, H=1024, V=32000, dtype=torch.float32),
+    "tiny": dict(B=4, T=16, S=1, E=32, H=64, V=1000, dtype=torch.float32),
+}
+
+
+def make_inputs(B, T, S, E, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * B * T + S * E
+    rows = {"logp_po": torch.arange(B * T).view(B, T), "logp_tc": torch.arange(B * T, 2 * B * T).view(B, T),
+            "sft_logp": torch.arange(2 * B * T, n).view(S, E)}
+    comps = torch.tensor([REASONING, TOOL_CALL, OTHER])[torch.randint(0, 3, (S, E), generator=g)]
+    batch = PACTBatch(response_mask=torch.ones(B, T), rewards=torch.rand(B, generator=g),
+                      group_ids=torch.arange(B) // 4, old_logp_tc=-torch.rand(B, T, generator=g) * 3 - 8,
+                      old_logp_po=-torch.rand(B, T, generator=g) * 3 - 8, sft_components=comps,
+                      sft_segment_ids=torch.zeros(S, E, dtype=torch.long), sft_turn_ids=torch.zeros(S, E, dtype=torch.long))
+    batch = PACTBatch(**{f: (v.to(device) if isinstance(v, torch.Tensor) else v) for f, v in vars(batch).items()})
+    hidden = torch.randn(n, H, generator=g).to(dtype).to(device).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(device).requires_grad_()
+    targets = torch.randint(0, V, (n,), generator=g).to(device)
+    return hidden, weight, targets, {k: v.to(device) for k, v in rows.items()}, batch
+
+
+def _with(batch, rows, logp):
+    fill = {name: logp[index] for name, index in rows.items()}
+    return PACTBatch(**{**vars(batch), **fill})
+
+
+def providers(hidden, weight, targets, rows, batch, config):
+    """name -> fn() returning the loss (differentiable w.r.t. hidden and weight)."""
+    def naive():
+        logp = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, targets[:, None]).squeeze(1)
+        return pact_loss(_with(batch, rows, logp), config, 0.3)[0]
+
+    def unfused():
+        logp = linear_logprobs(hidden, weight, targets, backend="torch")
+        return pact_loss(_with(batch, rows, logp), config, 0.3)[0]
+
+    def fused():
+        return fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3)[0]
+
+    return {"naive": naive, "unfused": unfused, "fused": fused}
+
+
+def run(workload, device, reps, names=None):
+    w = WORKLOADS[workload]
+    hidden, weight, targets, rows, batch = make_inputs(**w, device=device)
+    config = PACTLossConfig()
+    out = []
+    losses = {}
+    for name, fn in providers(hidden, weight, targets, rows, batch, config).items():
+        if names and name not in names:
+            continue
+
+        def fwd_bwd(fn=fn):
+            hidden.grad = weight.grad = None
+            loss = fn()
+            loss.backward()
+            losses[name] = loss.item()
+
+        seconds, peak = measure(fwd_bwd, device, reps=reps)
+        out.append({"provider": name, "mode": "fwd+bwd", "ms": seconds * 1e3, "peak_MiB": peak / 2 ** 20,
+                    "loss": losses[name]})
+    base = next((r for r in out if r["provider"] == "naive"), None)
+    for r in out:
+        if base:
+            r["time_vs_naive"] = r["ms"] / base["ms"]
+            r["peak_vs_naive"] = r["peak_MiB"] / base["peak_MiB"] if base["peak_MiB"] else None
+    return out
+
+
+def main(argv=None):
+    args, device, workload, reps = bench_args("PACT loss head benchmark", WORKLOADS, "cpu", "cpu", 5, 3, argv)
+    rows = run(workload, device, reps, args.providers)
+    print(f"PACT loss head  workload={workload}  device={device}  {WORKLOADS[workload]}")
+    print_table(rows, ["provider", "mode", "ms", "peak_MiB", "time_vs_naive", "peak_vs_naive", "loss"])
+    if args.json:
+        write_json(args.json, {"bench": "fused_pact_head", "workload": workload,
+                               "shape": {k: str(v) for k, v in WORKLOADS[workload].items()},
+                               "machine": machine_info(device), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The PACT loss fused into the lm_head: loss, metrics, dX and dW in one pass over the vocabulary.
+
+Unfused, a step runs ``linear_logprobs`` (logits, 2NVH), ``pact_loss``, then ``linear_logprobs``'s
+backward, which recomputes the logits (2NVH) before forming dX and dW (4NVH): 8NVH. But every PACT
+term's gradient with respect to a token's log-prob (and entropy) is a pointwise function of that
+token's own values and of per-row constants known before the pass (advantages, old / ref log-probs,
+the anchoring draw, SFT weights, aggregation counts). So each bounded chunk of rows can be turned into
+logits, log-probs, their upstream gradients and dz once, and dX, dW formed from it at once: 6NVH, no
+recompute (SPEC section 7, last paragraph).
+
+The upstream gradients come from ``pact_loss`` itself: for a chunk, ``pact_loss`` is evaluated on the
+whole batch with the chunk's values as autograd leaves (every other token holds a finite stand-in) and
+differentiated with respect to those leaves. Because each term is pointwise in a token's own values,
+the chunk's gradient does not depend on the stand-ins, so loss, metrics and gradients are those of the
+unfused path for every ``PACTLossConfig`` (tests/test_fused_pact_head.py checks them in float64). The
+loss and metrics returned are one last ``pact_loss`` call on the real values.
+
+Backends: ``torch`` (chunks of rows through ``matmul``; CPU and CUDA). A Triton epilogue that forms dz
+in the kernel of the log-prob op is not written yet: ``backend="triton"`` is refused.
+"""
+from dataclasses import fields
+
+import torch
+
+from ..losses import PACTBatch, anchor_draws, anchor_generator, pact_loss
+
+# A chunk's fp32 logits (and the dz built in place of them) stay under this budget, but hold at least
+# MIN_CHUNK_ROWS rows so the GEMMs stay wide enough to run at speed.
+CHUNK_BYTES = 64 << 20
+MIN_CHUNK_ROWS = 256
+# The fields of PACTBatch this op fills from the lm_head (everything else comes in with `batch`).
+SCORED_FIELDS = ("logp_tc", "logp_po", "sft_logp")
+
+
+def _chunk_rows(n, vocab):
+    return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))))
+
+
+def _check(hidden, weight, targets, bias, rows, batch, backend, temperature):
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"fused_pact_head: unknown backend {backend!r}; choose 'auto' or 'torch'")
+    if backend == "triton":
+        raise ValueError("fused_pact_head: backend='triton' is not implemented yet (the gradient formed in the "
+                         "Triton log-prob epilogue); use backend='torch', which runs on CPU and CUDA")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_pact_head: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError("fused_pact_head: hidden, weight and bias must share one dtype")
+    if tuple(targets.shape) != (hidden.shape[0],) or targets.is_floating_point():
+        raise ValueError(f"fused_pact_head: targets must be integer [N] = [{hidden.shape[0]}], got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"fused_pact_head: targets must lie in [0, V={weight.shape[0]})")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"fused_pact_head: temperature must be a number > 0, got {temperature!r}")
+    unknown = set(rows) - set(SCORED_FIELDS)
+    if unknown:
+        raise ValueError(f"fused_pact_head: rows has unknown fields {sorted(unknown)}; expected {SCORED_FIELDS}")
+    for name, index in rows.items():
+        if index.is_floating_point():
+            raise TypeError(f"fused_pact_head: rows[{name!r}] must be an integer tensor of row indices (-1 = none)")
+        if index.numel() and int(index.max()) >= hidden.shape[0]:
+            raise ValueError(f"fused_pact_head: rows[{name!r}] points past the {hidden.shape[0]} rows of hidden")
+        if getattr(batch, name) is not None:
+            raise ValueError(f"fused_pact_head: batch.{name} is computed by this op from rows[{name!r}]; leave it None")
+    mask_shape = tuple(batch.response_mask.shape)
+    for name in ("logp_tc", "logp_po"):
+        if name in rows and tuple(rows[name].shape) != mask_shape:
+            raise ValueError(f"fused_pact_head: rows[{name!r}] {tuple(rows[name].shape)} must match response_mask "
+                             f"{mask_shape}")
+    if "sft_logp" in rows and batch.sft_components is not None and \
+            rows["sft_logp"].shape != batch.sft_components.shape:
+        raise ValueError(f"fused_pact_head: rows['sft_logp'] {tuple(rows['sft_logp'].shape)} must match "
+                         f"sft_components {tuple(batch.sft_components.shape)}")
+
+
+def _fixed_anchoring(batch, config, step, generator):
+    """The Bernoulli anchoring draw ``pact_loss`` would make, drawn once so every call below sees the same."""
+    if batch.anchored is not None or config.mode != "pact" or config.anchor_mode != "bernoulli" \
+            or batch.response_mask.shape[0] == 0:
+        return batch.anchored
+    _, group_index = torch.unique(batch.group_ids, return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    draws = anchor_draws(n_groups, config.anchor_q, generator or anchor_generator(config.seed, step))
+    return draws.to(group_index.device)[group_index]
+
+
+def _scatter(values, index):
+    """Per-row values [N] -> the padded layout of ``index`` ([B, T] or [S, E]); 0 where index is -1."""
+    picked = values.index_select(0, index.clamp_min(0).reshape(-1)).reshape(index.shape)
+    return torch.where(index >= 0, picked, torch.zeros_like(picked))
+
+
+class _FusedHead(torch.autograd.Function):
+    """Returns the loss computed in forward; backward scales the gradients formed there by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss, dx, dw, db):
+        ctx.save_for_backward(dx, dw, db if db is not None else dw)
+        ctx.has_bias = db is not None
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw, db = ctx.saved_tensors
+        return (dx * grad.to(dx.dtype), dw * grad.to(dw.dtype), db * grad.to(db.dtype) if ctx.has_bias else None,
+                None, None, None, None)
+
+
+def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=0.0, *, bias=None, temperature=1.0,
+                    old_from_current=False, step=0, generator=None, rl_scale=1.0, sft_scale=1.0, chunk_rows=None,
+                    backend="auto"):
+    """``pact_loss`` over log-probs of the lm_head, with dX, dW (and dbias) formed in the forward pass.
+
+    Equal to scoring the rows with ``linear_logprobs``, scattering them into ``batch`` and calling
+    ``pact_loss``, but it never recomputes a logit and never holds more than one chunk of them.
+
+    Args:
+        hidden: ``[N, H]`` hidden states of the scored rows (e.g. the predictor rows of a packed forward).
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[N]`` int token ids in ``[0, V)``, the token each row predicts.
+        rows: ``{"logp_tc": [B, T], "logp_po": [B, T], "sft_logp": [S, E]}`` int row indices into ``hidden``,
+            ``-1`` where a position holds no scored token; the fields the config needs.
+        batch: ``PACTBatch`` with every input except those three fields (and ``entropy``, filled from the
+            prompt-only rows when ``config.c_ent > 0``), which must be None.
+        config, progress, step, generator, rl_scale, sft_scale: as for ``pact_loss``.
+        temperature: logits are divided by it.
+        old_from_current: the old log-probs of both contexts are the current ones, detached (one update epoch
+            on fresh rollouts); ``batch.old_logp_tc`` / ``old_logp_po`` must then be None.
+        chunk_rows: rows per chunk; default keeps a chunk's fp32 logits near 64 MiB, at least 256 rows.
+        backend: ``"auto"`` or ``"torch"``.
+
+    Returns:
+        ``(loss, metrics)`` as ``pact_loss`` returns them; ``loss`` is differentiable with respect to
+        ``hidden``, ``weight`` and ``bias``. Logits, log-probs and dW accumulate in fp32 (float64 for
+        float64 inputs); dX and dW come back in the input dtype.
+    """
+    from ..losses import PACTLossConfig
+
+    config = config or PACTLossConfig()
+    _check(hidden, weight, targets, bias, rows, batch, backend, temperature)
+    if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
+        raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")
+    want_entropy = config.c_ent > 0
+    if want_entropy and "logp_po" not in rows:
+        raise ValueError("fused_pact_head: c_ent > 0 needs rows['logp_po'] (the entropy of prompt-only rows)")
+    base = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    base["anchored"] = _fixed_anchoring(batch, config, step, generator)
+    kwargs = dict(progress=progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
+
+    def loss_of(logp, ent):
+        """pact_loss with the scored fields read from per-row values logp [N], ent [N] (or None)."""
+        fill = {name: _scatter(logp, index) for name, index in rows.items()}
+        if old_from_current:
+            for name in ("logp_tc", "logp_po"):
+                if name in fill:
+                    fill["old_" + name] = fill[name].detach()
+        if want_entropy:
+            fill["entropy"] = _scatter(ent, rows["logp_po"])
+        return pact_loss(PACTBatch(**{**base, **fill}), config, **kwargs)
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    inv_temp = 1.0 / float(temperature)
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    logp = _stand_ins(n, rows, batch, config, acc, hidden.device)  # [N]: real values replace them chunk by chunk
+    ent = torch.zeros_like(logp) if want_entropy else None
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
+    dx = torch.empty_like(hidden) if needs_grad else None  # [N, H]
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad else None  # [V, H], >= fp32
+    db = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_grad and bias is not None else None
+    w = weight.detach()
+    chunk = chunk_rows or _chunk_rows(n, vocab)
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            x = hidden.detach()[i:i + chunk]  # [C, H]
+            z = x @ w.t()  # [C, V]
+            if bias is not None:
+                z = z + bias.detach()
+            z = z.to(acc).mul_(inv_temp)
+            lse = torch.logsumexp(z, dim=-1)  # [C]
+            t = targets[i:i + chunk, None]
+            logp[i:i + chunk] = (z.gather(1, t).squeeze(1) - lse).clamp_max(0)
+            p = z.sub(lse[:, None]).exp_()  # [C, V]
+            if want_entropy:
+                mean_z = (p * z).sum(-1)  # E[z]
+                ent[i:i + chunk] = (lse - mean_z).clamp_min(0)
+            if not needs_grad:
+                continue
+            g_logp, g_ent = _chunk_grads(loss_of, logp, ent, i, min(n, i + chunk))
+            # dz = g_logp * (onehot - p) + g_ent * p * (E[z] - z), divided by the temperature; in place of z
+            if want_entropy:
+                dz = z.neg_().add_(mean_z[:, None]).mul_(g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
+            else:
+                dz = p.mul_(-g_logp[:, None])
+            dz.scatter_add_(1, t, g_logp[:, None]).mul_(inv_temp)
+            del z, p
+            dz_in = dz.to(hidden.dtype)
+            dx[i:i + chunk] = dz_in @ w  # [C, H]
+            dw.addmm_(dz.t(), x.to(acc))  # accumulated over chunks in fp32 (float64 for float64 inputs)
+            if db is not None:
+                db += dz.sum(0)
+        loss, metrics = loss_of(logp, ent)
+    if not needs_grad:
+        return loss, metrics
+    return _FusedHead.apply(hidden, weight, bias, loss, dx, dw.to(weight.dtype),
+                            db.to(bias.dtype) if db is not None else None), metrics
+
+
+def _stand_ins(n, rows, batch, config, dtype, device):
+    """Per-row log-probs [N] to hold until a row's chunk is computed: each rollout token's ratio
+    denominator (ratio 1), 0 for trace tokens, so every ``pact_loss`` term stays finite. Their values
+    never reach a gradient (each term is pointwise in a token's own log-prob)."""
+    logp = torch.zeros(n, dtype=dtype, device=device)
+    behavior = batch.behavior_logp if batch.behavior_logp is not None else batch.old_logp_po
+    dens = {"logp_po": batch.old_logp_po,
+            "logp_tc": batch.old_logp_tc if config.ctx_den == "same" else behavior}
+    for name, den in dens.items():
+        if name in rows and den is not None:
+            valid = (rows[name] >= 0) & batch.response_mask.bool()
+            logp[rows[name][valid]] = den[valid].to(dtype)
+    return logp
+
+
+def _chunk_grads(loss_of, logp, ent, lo, hi):
+    """d pact_loss / d (logp, entropy) of rows [lo, hi): ([C], [C]) fp32; zero where a row carries no loss."""
+    with torch.enable_grad():
+        leaf = logp[lo:hi].clone().requires_grad_()
+        full = torch.cat([logp[:lo], leaf, logp[hi:]])
+        leaves = [leaf]
+        full_ent = None
+        if ent is not None:
+            ent_leaf = ent[lo:hi].clone().requires_grad_()
+            full_ent = torch.cat([ent[:lo], ent_leaf, ent[hi:]])
+            leaves.append(ent_leaf)
+        loss, _ = loss_of(full, full_ent)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    g_logp = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+    g_ent = None
+    if ent is not None:
+        g_ent = grads[1] if grads[1] is not None else torch.zeros_like(leaf)
+    return g_logp.detach(), (g_ent.detach() if g_ent is not None else None)

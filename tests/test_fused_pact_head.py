@@ -1,0 +1,171 @@
+"""fused_pact_head against the unfused path: naive float64 logits -> log_softmax -> pact_loss -> autograd.
+
+Every PACTLossConfig option family is covered on random batches with ragged masks, an empty rollout,
+a group of equal rewards and (in one case) logits of magnitude ~1e3."""
+import math
+
+import pytest
+import torch
+
+from pact_fast.losses import NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig, pact_loss
+from pact_fast.ops import linear_logprobs
+from pact_fast.ops.fused_pact_head import fused_pact_head
+
+D = torch.float64
+V, H = 37, 11  # odd sizes
+
+
+def _problem(seed, dtype=D, logit_scale=1.0, bias=False):
+    """A random micro-batch: B=5 rollouts x T=6 tokens in two contexts, S=2 traces x E=7, as hidden rows."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 6
+    mask = (torch.rand(B, T, generator=g) > 0.35).to(D)
+    mask[0] = 1.0
+    mask[3] = 0.0  # an empty rollout
+    components = torch.tensor([[NONE, REASONING, REASONING, TOOL_CALL, TOOL_CALL, OTHER, TOOL_RESPONSE],
+                               [REASONING, TOOL_CALL, OTHER, TOOL_RESPONSE, REASONING, TOOL_CALL, NONE]])
+    rows, n = {}, 0
+    for name, valid in (("logp_po", mask.bool()), ("logp_tc", mask.bool()), ("sft_logp", components != NONE)):
+        index = torch.full(valid.shape, -1, dtype=torch.long)
+        index[valid] = torch.arange(n, n + int(valid.sum()))
+        rows[name], n = index, n + int(valid.sum())
+    hidden = torch.randn(n, H, generator=g, dtype=D).to(dtype).requires_grad_()
+    weight = (logit_scale * torch.randn(V, H, generator=g, dtype=D) / math.sqrt(H)).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=D)).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, V, (n,), generator=g)
+    batch = PACTBatch(
+        response_mask=mask, rewards=torch.tensor([1.0, 0.0, 0.5, 0.7, 0.7], dtype=D),  # group 1: equal rewards
+        group_ids=torch.tensor([0, 0, 0, 1, 1]),
+        old_logp_tc=-torch.rand(B, T, generator=g, dtype=D) * 4, old_logp_po=-torch.rand(B, T, generator=g, dtype=D) * 4,
+        behavior_logp=-torch.rand(B, T, generator=g, dtype=D) * 4, ref_logp=-torch.rand(B, T, generator=g, dtype=D) * 4,
+        sft_components=components, sft_segment_ids=torch.tensor([[0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]]),
+        sft_turn_ids=torch.tensor([[0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1, 1]]))
+    return hidden, weight, b, targets, rows, batch
+
+
+def _scatter(values, index):
+    return torch.where(index >= 0, values[index.clamp_min(0)], torch.zeros((), dtype=values.dtype))
+
+
+def _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature, old_from_current, **kw):
+    """The float64 reference: materialised logits, log_softmax, gather, pact_loss."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    logprobs = torch.log_softmax(z / temperature, dim=-1)
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)
+    ent = -(logprobs.exp() * logprobs).sum(-1)
+    fill = {name: _scatter(logp, index) for name, index in rows.items()}
+    if old_from_current:
+        fill["old_logp_tc"], fill["old_logp_po"] = fill["logp_tc"].detach(), fill["logp_po"].detach()
+    if config.c_ent > 0:
+        fill["entropy"] = _scatter(ent, rows["logp_po"])
+    fields = {f: getattr(batch, f) for f in batch.__dataclass_fields__}
+    return pact_loss(PACTBatch(**{**fields, **fill}), config, progress, **kw)
+
+
+CASES = [
+    pytest.param(dict(), 0.3, {}, id="pact-default"),
+    pytest.param(dict(anchor_mode="mix", loss_agg="seq-mean-token-mean", ctx_den="behavior", dual_clip=3.0), 0.5, {},
+                 id="pact-mix-seqmean-behavior-dualclip"),
+    pytest.param(dict(loss_agg="seq-mean-token-sum-norm", beta_kl=0.1, kl_estimator="k3", c_ent=0.01), 0.9, {},
+                 id="pact-sumnorm-k3-entropy-segment"),
+    pytest.param(dict(mode="grpo", beta_kl=0.2, kl_estimator="k1", kl_ratio_weighted=True), 0.1, {},
+                 id="grpo-k1-ratio-weighted"),
+    pytest.param(dict(mode="sft"), 0.4, {}, id="sft"),
+    pytest.param(dict(mode="sft_then_grpo"), 0.2, {}, id="sft_then_grpo-sft-phase"),
+    pytest.param(dict(mode="sft_then_grpo", beta_kl=0.05, kl_estimator="k2"), 0.7, {}, id="sft_then_grpo-rl-phase-k2"),
+    pytest.param(dict(clip_eps_low=0.1, clip_eps_high=0.28, norm_adv_by_std=False, sft_reasoning_mode="scale",
+                      anchor_q=0.9), 0.6, {"temperature": 0.7, "bias": True}, id="pact-asymclip-nostd-scale-temp-bias"),
+    pytest.param(dict(c_ent=0.05, anchor_mode="mix"), 0.0, {"old_from_current": True}, id="pact-old-from-current"),
+    pytest.param(dict(), 0.5, {"logit_scale": 300.0}, id="pact-large-logits"),
+]
+
+
+@pytest.mark.parametrize("cfg,progress,opts", CASES)
+def test_fused_head_equals_the_unfused_path_in_float64(cfg, progress, opts):
+    config = PACTLossConfig(**cfg)
+    temperature = opts.get("temperature", 1.0)
+    old_from_current = opts.get("old_from_current", False)
+    for seed in (0, 1):
+        hidden, weight, bias, targets, rows, batch = _problem(seed, logit_scale=opts.get("logit_scale", 1.0),
+                                                              bias=opts.get("bias", False))
+        if old_from_current:
+            batch.old_logp_tc = batch.old_logp_po = None
+        params = [hidden, weight] + ([bias] if bias is not None else [])
+        ref_loss, ref_metrics = _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature,
+                                         old_from_current, step=seed + 3)
+        ref_grads = torch.autograd.grad(ref_loss, params)
+        loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, progress, bias=bias,
+                                        temperature=temperature, old_from_current=old_from_current, step=seed + 3,
+                                        chunk_rows=7)  # several ragged chunks
+        grads = torch.autograd.grad(3.0 * loss, params)  # backward scales by the incoming grad
+        assert torch.isclose(loss, ref_loss, rtol=1e-10, atol=1e-12), (loss.item(), ref_loss.item())
+        assert metrics.keys() == ref_metrics.keys()
+        for k in ref_metrics:
+            assert math.isclose(metrics[k], ref_metrics[k], rel_tol=1e-9, abs_tol=1e-12), (k, metrics[k], ref_metrics[k])
+        for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+            err = (got - 3.0 * want).norm() / (3.0 * want).norm().clamp_min(1e-300)
+            assert err < 1e-10, (name, err.item())
+            assert want.abs().max() > 0 or cfg.get("mode") == "sft", name  # the case carries a gradient
+
+
+def test_fp32_fused_head_matches_linear_logprobs_plus_pact_loss():
+    config = PACTLossConfig(c_ent=0.01, beta_kl=0.05)
+    hidden, weight, bias, targets, rows, batch = _problem(5, dtype=torch.float32, bias=True)
+    for name in ("old_logp_tc", "old_logp_po", "behavior_logp", "ref_logp"):
+        setattr(batch, name, getattr(batch, name).float())
+    batch.response_mask, batch.rewards = batch.response_mask.float(), batch.rewards.float()
+    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, backend="torch")
+    fill = {name: _scatter(logp, index) for name, index in rows.items()}
+    fill["entropy"] = _scatter(ent, rows["logp_po"])
+    ref_loss, _ = pact_loss(PACTBatch(**{**{f: getattr(batch, f) for f in batch.__dataclass_fields__}, **fill}),
+                            config, 0.4, step=1)
+    ref = torch.autograd.grad(ref_loss, [hidden, weight, bias])
+    loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, bias=bias, step=1)
+    got = torch.autograd.grad(loss, [hidden, weight, bias])
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, abs(ref_loss.item()))
+    for g, r in zip(got, ref):
+        assert ((g - r).norm() / r.norm()).item() < 1e-4
+
+
+def test_anchoring_drawn_inside_equals_pact_losss_own_draw():
+    # with anchor_q = 0.5 the two groups' draws differ across steps; the fused op must draw what pact_loss draws
+    config = PACTLossConfig(anchor_q=0.5)
+    hidden, weight, _, targets, rows, batch = _problem(2)
+    for step in range(6):
+        ref, ref_m = _unfused(hidden, weight, None, targets, rows, batch, config, 0.5, 1.0, False, step=step)
+        got, got_m = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.5, step=step)
+        assert torch.isclose(got, ref, rtol=1e-10) and got_m["anchored_groups"] == ref_m["anchored_groups"]
+
+
+def test_no_grad_gives_the_loss_without_gradient_buffers():
+    config = PACTLossConfig()
+    hidden, weight, _, targets, rows, batch = _problem(3)
+    ref, _ = _unfused(hidden, weight, None, targets, rows, batch, config, 0.2, 1.0, False)
+    with torch.no_grad():
+        loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.2)
+    assert not loss.requires_grad and torch.isclose(loss, ref.detach(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(backend="triton"), "not implemented yet"),
+    (lambda a: a.update(backend="cuda"), "unknown backend"),
+    (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"][:, :-1]), "must match response_mask"),
+    (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"] + 1000), "points past"),
+    (lambda a: a["rows"].update(entropy=a["rows"]["logp_po"]), "unknown fields"),
+    (lambda a: setattr(a["batch"], "logp_po", a["batch"].old_logp_po), "leave it None"),
+    (lambda a: a.update(targets=a["targets"] + V), "targets must lie in"),
+    (lambda a: a.update(temperature=0.0), "temperature"),
+    (lambda a: a.update(old_from_current=True), "old_from_current"),
+], ids=["triton", "backend", "rows-shape", "rows-range", "rows-field", "batch-field", "targets", "temperature",
+        "old-given"])
+def test_bad_input_is_an_error_naming_it(change, match):
+    hidden, weight, _, targets, rows, batch = _problem(4)
+    args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, old_from_current=False)
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_pact_head(hidden, weight, args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
+                        temperature=args["temperature"], old_from_current=args["old_from_current"],
+                        backend=args["backend"])
