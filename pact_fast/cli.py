@@ -71,6 +71,9 @@ def main(argv=None):
                 return 2
         summary = train(config, resume=args.resume)
         print(json.dumps(summary, indent=1))
+        if summary["stopped"]:
+            print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)
+            return 1
         return 130 if summary["interrupted"] else 0
     from .compare import compare
 

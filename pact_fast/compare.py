@@ -25,14 +25,26 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), log=print):
         rows.append({"mode": mode, **(summary["eval_after"] or {}), "steps": summary["steps"],
                      "train_seconds": summary["seconds"],
                      "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate")})
-    header = f"{'mode':<15}{'success':>9}{'reward':>9}{'tokens/ep':>11}{'train s':>9}"
-    lines = [header] + [f"{r['mode']:<15}{r['success_rate']:>9.3f}{r['mean_reward']:>9.3f}"
-                        f"{r['tokens_per_episode']:>11.1f}{r['train_seconds']:>9.0f}" for r in rows]
-    print("\n".join(lines))
+        if summary["interrupted"] or summary["stopped"]:
+            log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
+                f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the modes after it are not run")
+            break
+    print(format_table(rows))
     with open(root / "compare.json", "w") as f:
         json.dump(rows, f, indent=1)
     _plot(root, rows)
     return rows
+
+
+def format_table(rows):
+    """The comparison table; a mode that did not finish shows '-' where it has no held-out evaluation."""
+    def cell(r, key, spec, width):
+        return f"{r[key]:>{width}{spec}}" if r.get(key) is not None else f"{'-':>{width}}"
+
+    header = f"{'mode':<15}{'success':>9}{'reward':>9}{'tokens/ep':>11}{'train s':>9}"
+    return "\n".join([header] + [f"{r['mode']:<15}{cell(r, 'success_rate', '.3f', 9)}{cell(r, 'mean_reward', '.3f', 9)}"
+                                  f"{cell(r, 'tokens_per_episode', '.1f', 11)}{cell(r, 'train_seconds', '.0f', 9)}"
+                                  for r in rows])
 
 
 def _plot(root, rows):
@@ -51,7 +63,8 @@ def _plot(root, rows):
     axes[0].set_title("rollout reward (training)")
     axes[0].set_xlabel("step")
     axes[0].legend()
-    axes[1].bar([r["mode"] for r in rows], [r["success_rate"] for r in rows])
+    done = [r for r in rows if r.get("success_rate") is not None]  # modes that reached their evaluation
+    axes[1].bar([r["mode"] for r in done], [r["success_rate"] for r in done])
     axes[1].set_title("held-out success (greedy, prompt-only)")
     fig.tight_layout()
     fig.savefig(root / "compare.png", dpi=90)

@@ -6,6 +6,7 @@ Every field has a default and a help string; an unknown key or a value of the wr
 error that names it and lists the valid keys or choices. The resolved config is saved with every run.
 """
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -72,7 +73,7 @@ class TrainConfig:
         "help": "tree attention backend", "choices": ("auto", "triton", "sdpa", "varlen", "flex")})
     logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend",
                                                            "choices": ("auto", "torch", "triton")})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
     liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})
@@ -80,6 +81,15 @@ class TrainConfig:
     wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (needs wandb)"})
     wandb_project: str = field(default="pact_fast", metadata={"help": "wandb project"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+    max_skipped_steps: int = field(default=5, metadata={
+        "help": "a step whose loss or gradient is not finite is skipped (no update) and logged; this many "
+                "consecutive skips stop the run with a checkpoint of the last good state"})
+
+    def __post_init__(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device={self.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
 
 
 @dataclass

@@ -17,7 +17,9 @@ from typing import Protocol
 import torch
 
 from .chat import prompt_ids, render
-from .toolcalls import parse_tool_calls
+from .envs.base import MAX_RESULT_CHARS
+from .envs.sandbox import CALL_TIMEOUT_S
+from .toolcalls import MAX_CALL_CHARS, PARSERS, parse_tool_calls
 
 
 @dataclass
@@ -27,7 +29,14 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per assistant turn"})
     max_turns: int = field(default=3, metadata={"help": "assistant turns per episode (the environment's limit)"})
-    tool_call_format: str = field(default="compact", metadata={"help": "compact | hermes"})
+    tool_call_format: str = field(default="compact", metadata={"help": "how the model writes tool calls",
+                                                               "choices": tuple(PARSERS)})
+    call_timeout: float = field(default=CALL_TIMEOUT_S, metadata={
+        "help": "seconds one tool call may run (BFCL back-ends run in a worker killed past it)"})
+    max_call_chars: int = field(default=MAX_CALL_CHARS, metadata={
+        "help": "longer tool-call text or arguments become an error observation"})
+    max_result_chars: int = field(default=MAX_RESULT_CHARS, metadata={
+        "help": "longer tool responses become an error observation"})
     greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation)"})
 
 

@@ -90,18 +90,22 @@ def load_data(cfg):
     return train, held_out
 
 
-def make_env_factory(cfg, max_turns):
+def make_env_factory(cfg, rollout_cfg):
+    """example -> its environment, with the turn limit and the tool-call limits of ``rollout_cfg``."""
     from .envs.multihop import MultiHopEnv
+
+    caps = dict(max_turns=rollout_cfg.max_turns, max_call_chars=rollout_cfg.max_call_chars,
+                max_result_chars=rollout_cfg.max_result_chars)
 
     def make_env(example):
         name = (example.env or {}).get("name", "multihop")
         if name == "bfcl":
             from .envs.bfcl import BFCLEnv
 
-            return BFCLEnv(example, max_turns=max_turns)
+            return BFCLEnv(example, call_timeout=rollout_cfg.call_timeout, **caps)
         if name != "multihop":
             raise ValueError(f"example {example.id}: unknown environment {name!r}; known: multihop, bfcl")
-        return MultiHopEnv(example, max_turns=max_turns, format_reward=cfg.format_reward)
+        return MultiHopEnv(example, format_reward=cfg.format_reward, **caps)
 
     return make_env
 
@@ -298,11 +302,10 @@ def latest_checkpoint(path):
 # ---------------------------------------------------------------- loop
 
 
-def evaluate(engine, examples, make_env, rollout_cfg):
-    """Greedy prompt-only episodes on held-out examples: success rate, mean reward, tokens used."""
-    greedy = HFRolloutEngine(engine.model, engine.tokenizer, type(rollout_cfg)(**{**rollout_cfg.__dict__,
-                                                                                  "greedy": True}))
-    eps = [g[0] for g in greedy.rollout(examples, make_env, group_size=1)]
+def evaluate(engine, examples, make_env):
+    """Greedy prompt-only episodes on held-out examples, through the run's own engine (any
+    ``RolloutEngine``): success rate, mean reward, tokens used."""
+    eps = [g[0] for g in engine.rollout(examples, make_env, group_size=1, greedy=True)]
     n = max(len(eps), 1)
     return {"success_rate": sum(e.reward >= 1.0 for e in eps) / n, "mean_reward": sum(e.reward for e in eps) / n,
             "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n}
@@ -336,7 +339,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     run_dir = Path(tc.out_dir)
     model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
     train_set, held_out = load_data(config.data)
-    make_env = make_env_factory(config.data, config.rollout.max_turns)
+    make_env = make_env_factory(config.data, config.rollout)
     ref_model = None
     if lc.beta_kl > 0:
         ref_model = build_model_and_tokenizer(config.model, device, tc.seed)[0].eval().requires_grad_(False)
@@ -371,14 +374,14 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     writers = _Writers(run_dir, tc, config) if dist.rank() == 0 else None
     eval_before = None
     if start_step == 0:
-        eval_before = evaluate(engine, held_out, make_env, config.rollout)
+        eval_before = evaluate(engine, held_out, make_env)
         log(f"[pact_fast] held-out before training: {eval_before}")
         if writers:
             writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
     history, eval_after = [], None
     bar = _progress(tc, start_step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
-    step = start_step
+    step, skip_streak, stopped = start_step, 0, None
     with _Interrupt() as interrupt:
         for step in range(start_step, tc.steps):
             if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
@@ -424,7 +427,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
             rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
             packed_tokens, metrics_acc = 0, []
+            skipped = False
             for _ in range(tc.update_epochs):
+                non_finite_loss = False
                 for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
                     mb_units = [units[i] for i in mb.indices]
                     with autocast:
@@ -433,16 +438,30 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                     world = dist.world_size()  # FSDP averages gradients over ranks
                     rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
                     sft_scale = world * n_sft / max(sft_total, 1)
-                    loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
+                    try:
+                        loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
+                                                  sft_scale=sft_scale)
+                    except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
+                        non_finite_loss, metrics = True, None
+                        loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
                     loss.backward()
                     weight = n_rl + n_sft
                     packed_tokens += n_tok
-                    if not mb.padding:
+                    if metrics is not None and not mb.padding:
                         metrics_acc.append((weight, metrics))
                 grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
+                bad = non_finite_loss or not math.isfinite(float(grad_norm))
+                if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped = True
+                    break
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            scheduler.step()  # the schedule follows the step count, skipped steps included
+            skip_streak = skip_streak + 1 if skipped else 0
+            if skipped:
+                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if non_finite_loss else 'gradient'}; "
+                    f"step skipped ({skip_streak} in a row)")
             seconds = time.perf_counter() - t0
             sampled = sum(ep.num_model_tokens for ep in flat)
             metrics = _average(metrics_acc)
@@ -455,7 +474,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 "tool_errors_per_episode": sum(ep.tool_errors for ep in flat) / max(1, len(flat)),
                 "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
                 "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
-                "rollout_seconds": t_roll, "step_seconds": seconds,
+                "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
                 "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
             })
             metrics = dist.reduce_metrics(metrics)
@@ -468,8 +487,14 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.update(1)
             if tc.save_every and (step + 1) % tc.save_every == 0:
                 save_checkpoint(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+            if skip_streak >= tc.max_skipped_steps:
+                stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
+                           f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "
+                           "and the rewards)")
+                step += 1
+                break
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-                ev = evaluate(engine, held_out, make_env, config.rollout)
+                ev = evaluate(engine, held_out, make_env)
                 if writers:
                     writers.log({"step": step + 1, **{f"eval/{k}": v for k, v in ev.items()}})
         else:
@@ -481,16 +506,26 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     ckpt = save_checkpoint(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
     if done_steps == tc.steps:
         dist.sync_rollout_weights(scorer, rollout_model)
-        eval_after = evaluate(engine, held_out, make_env, config.rollout)
+        eval_after = evaluate(engine, held_out, make_env)
         if writers:
             writers.log({"step": done_steps, **{f"eval/{k}": v for k, v in eval_after.items()}})
-    summary = {"steps": done_steps, "interrupted": interrupted, "checkpoint": str(ckpt), "run_dir": str(run_dir),
+    if stopped:
+        log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
+    summary = {"steps": done_steps, "interrupted": interrupted, "stopped": stopped, "checkpoint": str(ckpt),
+               "run_dir": str(run_dir),
                "eval_before": eval_before, "eval_after": eval_after,
                "final_reward_mean": history[-1]["reward_mean"] if history else None,
                "seconds": sum(h["step_seconds"] for h in history)}
     if writers:
         writers.close(summary)
     return summary
+
+
+def _zero_loss(results):
+    """0 times every scored log-prob of a micro-batch (NaN made 0): a backward that touches the whole graph
+    but adds nothing, for a micro-batch whose loss is not finite."""
+    leaves = [t for r in results for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    return sum((t.nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for t in leaves)
 
 
 def _rl_count(units, by_tokens):

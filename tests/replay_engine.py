@@ -12,7 +12,7 @@ class ReplayEngine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.generator = torch.Generator().manual_seed(seed)
 
-    def rollout(self, examples, make_env, group_size=None):
+    def rollout(self, examples, make_env, group_size=None, greedy=None):
         out = []
         for ex in examples:
             prompt = prompt_ids(self.tokenizer, ex)

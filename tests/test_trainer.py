@@ -161,3 +161,114 @@ def test_local_model_dir_data_file_and_reference_kl(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "second" / "metrics.jsonl") if "reward_mean" in line]
     assert all("loss/kl" in r and r["loss/kl"] >= 0 for r in rows)
     assert rows[0]["loss/kl"] < 1e-6, "the policy starts equal to the frozen reference"
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _flaky_loss(monkeypatch, bad_steps, how):
+    """Make trainer.pact_loss non-finite (loss or gradient) at the given 0-based steps."""
+    import pact_fast.trainer as trainer
+
+    real = trainer.pact_loss
+
+    def flaky(batch, config, progress, *, step, **kw):
+        loss, metrics = real(batch, config, progress, step=step, **kw)
+        if step not in bad_steps:
+            return loss, metrics
+        if how == "loss":
+            raise FloatingPointError("pact_loss: the loss is not finite (nan)")
+        return loss + _NaNGrad.apply(batch.logp_po.sum()) * 0.0, metrics
+
+    monkeypatch.setattr(trainer, "pact_loss", flaky)
+
+
+def _all_checkpoint_weights(run_dir):
+    return {p.name: load_file(str(p / "model.safetensors")) for p in sorted((Path(run_dir) / "checkpoints").glob("step_*"))}
+
+
+@pytest.mark.parametrize("how", ["loss", "gradient"])
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how):
+    _flaky_loss(monkeypatch, {1}, how)
+    logs = []
+    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=5", f"train.out_dir={tmp_path}"])
+    summary = train(cfg, log=logs.append)
+    assert summary["steps"] == 3 and summary["stopped"] is None
+    w = _all_checkpoint_weights(tmp_path)
+    assert all(torch.equal(w["step_000001"][k], w["step_000002"][k]) for k in w["step_000001"]), \
+        "the skipped step must not change the weights"
+    assert any(not torch.equal(w["step_000002"][k], w["step_000003"][k]) for k in w["step_000002"])
+    assert all(torch.isfinite(v).all() for v in w["step_000003"].values())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "reward_mean" in line]
+    assert [r["skipped_step"] for r in rows] == [0.0, 1.0, 0.0]
+    assert any(f"step 2: non-finite {how}; step skipped" in line for line in logs), logs
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_a_message(tmp_path, monkeypatch):
+    _flaky_loss(monkeypatch, set(range(1, 100)), "loss")
+    cfg = load_config(None, TINY + ["train.steps=6", "train.max_skipped_steps=2", "train.save_every=1",
+                                    "train.keep_last=5", f"train.out_dir={tmp_path}"])
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["steps"] == 3 and "2 consecutive steps had a non-finite loss or gradient" in summary["stopped"]
+    w = _all_checkpoint_weights(tmp_path)
+    assert sorted(w) == ["step_000001", "step_000002", "step_000003"]
+    assert all(torch.equal(w["step_000001"][k], w["step_000003"][k]) for k in w["step_000001"])
+
+
+def test_evaluation_goes_through_the_runs_engine(tmp_path):
+    sys.path.insert(0, str(HERE))
+    from replay_engine import ReplayEngine
+
+    calls = []
+
+    class Recording(ReplayEngine):
+        def rollout(self, examples, make_env, group_size=None, greedy=None):
+            calls.append((len(examples), group_size, greedy))
+            return super().rollout(examples, make_env, group_size, greedy)
+
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    summary = train(cfg, engine_factory=lambda m, t, c, s: Recording(m, t, c, s), log=lambda *a: None)
+    eval_calls = [c for c in calls if c[2] is True]
+    assert eval_calls == [(2, 1, True), (2, 1, True)], calls  # before and after, held-out tasks, one greedy episode
+    assert summary["eval_after"]["success_rate"] == 0.0  # the replay's first episode has reward 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rollout.tool_call_format=xml", "rollout.tool_call_format='xml' is not valid; choose one of ['compact', 'hermes']"),
+    ("train.device=gpu", "train.device='gpu' is not valid; choose auto, cpu, cuda or cuda:N"),
+    ("train.max_skipped_steps=0", "train.max_skipped_steps=0 must be >= 1"),
+])
+def test_options_with_fixed_values_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_compare_stops_at_an_unfinished_mode_and_still_prints_its_table(tmp_path, monkeypatch, capsys):
+    import pact_fast.compare as compare
+
+    def fake_train(cfg, log):
+        Path(cfg.train.out_dir).mkdir(parents=True)
+        (Path(cfg.train.out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+        done = cfg.loss.mode == "sft"
+        return {"steps": 3 if done else 1, "seconds": 2.0, "interrupted": not done, "stopped": None,
+                "eval_before": {"success_rate": 0.0},
+                "eval_after": {"success_rate": 0.25, "mean_reward": 0.5, "tokens_per_episode": 7.0} if done else None}
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    cfg = load_config(None, [f"train.out_dir={tmp_path}"])
+    rows = compare.compare(cfg, modes=("sft", "grpo", "pact"), log=lambda *a: None)
+    assert [r["mode"] for r in rows] == ["sft", "grpo"]  # pact never started
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["sft", "0.250", "0.500", "7.0", "2"]
+    assert table[2].split() == ["grpo", "-", "-", "-", "2"]
+    assert (tmp_path / "compare.json").exists()
