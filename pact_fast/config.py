@@ -28,6 +28,11 @@ class ModelConfig:
     num_kv_heads: int = field(default=2, metadata={"help": "built-in model: key/value heads"})
     head_dim: int = field(default=32, metadata={"help": "built-in model: head dimension"})
     intermediate_size: int = field(default=256, metadata={"help": "built-in model: MLP width"})
+    chat_template: str = field(default="auto", metadata={
+        "help": "how prompts carry tools: auto = the model's chat template if a probe conversation shows the tool, "
+                "a call in rollout.tool_call_format and reasoning, else the built-in tool format (pact_fast.chat); "
+                "model = the model's or an error; builtin = always the built-in format",
+        "choices": ("auto", "model", "builtin")})
 
 
 @dataclass
@@ -178,8 +183,23 @@ def _rebuild(obj):
 
 
 def load_config(path=None, overrides=()):
-    """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order)."""
+    """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order).
+
+    With a pretrained ``model.path``, ``pact_fast.models.pretrained_defaults()`` replace the built-in tiny
+    model's defaults (its lr wrecks a pretrained model); the file and the overrides still win."""
+    config = _load(path, overrides)
+    if config.model.path:
+        from .models import pretrained_defaults
+
+        config = _load(path, overrides, base=pretrained_defaults())
+    return config
+
+
+def _load(path, overrides, base=None):
     config = Config()
+    for key, value in (base or {}).items():
+        section, name = key.split(".")
+        _set(getattr(config, section), name, value, key)
     if path:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -224,13 +244,15 @@ def _plain(x):
     return x
 
 
-def describe(config_cls=Config, prefix=""):
-    """Lines of ``key (type, default): help`` for every field, for ``--help``."""
+def describe(config=None, prefix=""):
+    """Lines of ``key = value  help`` for every field of ``config`` (default: ``Config()``, the values a run
+    without a file or overrides uses), for ``pact-fast config``."""
+    config = Config() if config is None else config
     lines = []
-    for f in dataclasses.fields(config_cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            lines += describe(type(default), f"{prefix}{f.name}.")
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}")
+            lines.append(f"  {prefix}{f.name} = {value!r}  {f.metadata.get('help', '')}")
     return lines

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from .chat import prompt_ids, trace_conditioned_prompt_ids, trace_sequences
+from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
+                   trace_sequences)
 from .config import Config, save_config
 from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
 from .packing import pack_tree, split_units
@@ -47,11 +48,12 @@ def resolve_device(name):
 
 def build_model_and_tokenizer(cfg, device, seed):
     """The policy and its tokenizer: a local HF directory, or the built-in tiny model and tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
     if cfg.path:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation="sdpa", dtype=torch.float32)
+        from .models import load_pretrained
+
+        model, tokenizer = load_pretrained(cfg.path)  # one-line ModelError for a missing dir or tokenizer
     else:
         from .envs import build_tokenizer
 
@@ -339,6 +341,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     run_dir = Path(tc.out_dir)
     model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
     train_set, held_out = load_data(config.data)
+    if config.model.path:  # the built-in tokenizer's own template carries tools; a pretrained one may not
+        reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
+        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
+                              reasoning=reasoning, log=log)
     make_env = make_env_factory(config.data, config.rollout)
     ref_model = None
     if lc.beta_kl > 0:
@@ -367,8 +373,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
 
     def inputs_for(ex):
         if ex.id not in cache:
-            cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex),
-                                       trace_sequences(tokenizer, ex))
+            sft = trace_sequences(tokenizer, ex)
+            check_trace_components(ex, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
+            cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex), sft)
         return cache[ex.id]
 
     writers = _Writers(run_dir, tc, config) if dist.rank() == 0 else None

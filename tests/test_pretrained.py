@@ -262,3 +262,30 @@ def test_pact_steps_on_a_real_example_lower_the_sft_loss_on_tool_calls(smollm2_d
     after = _tool_call_nll(model, sft)
     assert after < 0.8 * before, (before, after)
     assert "Paris" in _complete(model.eval(), tokenizer, "The capital of France is"), "the default lr keeps it fluent"
+
+
+def test_pact_fast_train_with_the_real_model(smollm2_dir, tmp_path):
+    """`pact-fast train --model DIR`: pretrained defaults, the built-in tool format for SmolLM2's template,
+    traces with tool-call tokens, one PACT step; and the defaults `pact-fast config --model` shows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    shown = subprocess.run([sys.executable, "-m", "pact_fast", "config", "--model", str(smollm2_dir)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert "train.lr = 3e-05" in shown.stdout and "model.chat_template = 'auto'" in shown.stdout
+    cmd = [sys.executable, "-m", "pact_fast", "train", "--model", str(smollm2_dir), "--out", str(tmp_path),
+           "train.steps=1", "train.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=16",
+           "rollout.max_turns=1", "data.train_tasks=4", "data.eval_tasks=1", "train.progress=false",
+           "train.tensorboard=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "using the built-in tool format" in proc.stdout + proc.stderr
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 3e-05 and saved["model"]["path"] == str(smollm2_dir)
+    step = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss/sft"' in line][0]
+    assert step["loss/sft"] > 0 and step["step"] == 1
