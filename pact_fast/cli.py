@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, describe, load_config
+from .config import ConfigError, config_changes, describe, load_config
 from .models import KNOWN_MODELS, ModelError, fetch_model
 
 
@@ -33,6 +33,30 @@ def _resolve(args):
         if getattr(args, flag, None):
             overrides.append(f"{key}={getattr(args, flag)}")
     return load_config(args.config, overrides)
+
+
+def _resume_config(args):
+    """The config of ``--resume DIR``: the run's config.yaml with this command's overrides on top. Says what it
+    resumes and every option that differs from the saved run."""
+    from .trainer import latest_checkpoint
+
+    given = [f"--{flag}" for flag in ("config", "model", "data", "out") if getattr(args, flag)]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps its run directory, "
+                         "model, data and config.yaml; pass changes as section.key=value overrides")
+    ckpt = latest_checkpoint(args.resume)
+    run_dir = ckpt.parent.parent
+    run_cfg = run_dir / "config.yaml"
+    if not run_cfg.exists():
+        raise FileNotFoundError(f"--resume {args.resume}: {run_cfg} is missing (the run's resolved config)")
+    saved = load_config(str(run_cfg))
+    config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"])
+    step = int(ckpt.name.rsplit("_", 1)[-1]) if ckpt.name.startswith("step_") else "?"
+    print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
+    for key, old, new in config_changes(saved, config):
+        if key != "train.out_dir":
+            print(f"pact-fast: changed {key}: {old!r} -> {new!r}", file=sys.stderr)
+    return config
 
 
 def main(argv=None):
@@ -75,12 +99,8 @@ def main(argv=None):
 
         if args.resume:
             try:
-                from .trainer import latest_checkpoint
-
-                run_cfg = latest_checkpoint(args.resume).parent.parent / "config.yaml"
-                overrides = list(args.overrides) + [f"train.out_dir={latest_checkpoint(args.resume).parent.parent}"]
-                config = load_config(str(run_cfg) if run_cfg.exists() else args.config, overrides)
-            except (ConfigError, FileNotFoundError) as exc:
+                config = _resume_config(args)
+            except (ConfigError, FileNotFoundError, ValueError) as exc:
                 print(f"pact-fast: {exc}", file=sys.stderr)
                 return 2
         try:

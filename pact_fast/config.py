@@ -70,8 +70,10 @@ class TrainConfig:
     out_dir: str = field(default="runs/pact", metadata={"help": "run directory"})
     stop_after: int = field(default=0, metadata={
         "help": "stop (with a checkpoint) after this many steps of this run, keeping the schedule of `steps`; "
-                "0 = run to `steps`"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps; 0 = at the end only"})
+                "0 = run to `steps`; never saved in the run's config.yaml", "one_off": True})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = off"})
+    save_every_minutes: float = field(default=10.0, metadata={
+        "help": "also checkpoint when this many minutes passed since the last checkpoint; 0 = off"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0 = before and after only"})
     attn_backend: str = field(default="auto", metadata={
@@ -231,9 +233,27 @@ def to_dict(config):
 
 
 def save_config(config, path):
+    """Write the resolved config as YAML; one-off options (``train.stop_after``) are saved at their defaults,
+    so a later ``--resume`` does not repeat them."""
     data = to_dict(config)
+    for section, key, default in _one_off_fields():
+        data[section][key] = default
     with open(path, "w") as f:
         yaml.safe_dump(_plain(data), f, sort_keys=False)
+
+
+def _one_off_fields():
+    for sf in dataclasses.fields(Config):
+        section = sf.default_factory()
+        for f in dataclasses.fields(section):
+            if f.metadata.get("one_off"):
+                yield sf.name, f.name, getattr(section, f.name)
+
+
+def config_changes(old, new):
+    """``[(key, old value, new value)]`` for every option that differs between two configs."""
+    a, b = _plain(to_dict(old)), _plain(to_dict(new))
+    return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 
 def _plain(x):

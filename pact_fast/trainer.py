@@ -282,12 +282,28 @@ def save_checkpoint(run_dir, step, scorer, tokenizer, optimizer, scheduler, orde
         torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
                    tmp / "trainer_state.pt")
+        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_tree(ckpt_root, files=False)
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _fsync_tree(path, files=True):
+    """fsync every file directly in ``path`` (when ``files``), then the directory itself."""
+    if files:
+        for p in Path(path).iterdir():
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(path):
@@ -388,7 +404,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     history, eval_after = [], None
     bar = _progress(tc, start_step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
-    step, skip_streak, stopped = start_step, 0, None
+    step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
     with _Interrupt() as interrupt:
         for step in range(start_step, tc.steps):
             if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
@@ -492,8 +508,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
-            if tc.save_every and (step + 1) % tc.save_every == 0:
+            due_by_time = tc.save_every_minutes and time.monotonic() - last_save >= 60 * tc.save_every_minutes
+            if (tc.save_every and (step + 1) % tc.save_every == 0) or due_by_time:
                 save_checkpoint(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+                last_save = time.monotonic()
             if skip_streak >= tc.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
                            f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "

@@ -272,3 +272,52 @@ def test_compare_stops_at_an_unfinished_mode_and_still_prints_its_table(tmp_path
     assert table[1].split() == ["sft", "0.250", "0.500", "7.0", "2"]
     assert table[2].split() == ["grpo", "-", "-", "-", "2"]
     assert (tmp_path / "compare.json").exists()
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    marker = tmp_path / "writing"
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(HERE / "slow_checkpoint_worker.py"), str(run), str(marker), *TINY,
+                             "train.steps=4", "train.save_every=1", "train.keep_last=5"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == [".tmp-step_000002", "step_000001"], ckpts  # killed mid-write: a partial temporary directory
+    resumed = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--resume", str(run)],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run} from step_000001 (step 1 of 4)" in resumed.stderr
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_000001", "step_000002", "step_000003", "step_000004"]
+
+
+def test_resume_says_what_changed_and_never_keeps_one_off_options(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    base = [sys.executable, "-m", "pact_fast", "train"]
+    first = subprocess.run(base + [*TINY, "train.steps=3", "train.stop_after=1", f"train.out_dir={tmp_path}"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "stop_after: 0" in saved  # a one-off option is never persisted
+    again = subprocess.run(base + ["--resume", str(tmp_path), "loss.anchor_q=0.5", "train.stop_after=1"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {tmp_path} from step_000001 (step 1 of 3)" in again.stderr
+    assert "changed loss.anchor_q: 0.3 -> 0.5" in again.stderr and "changed train.stop_after: 0 -> 1" in again.stderr
+    assert json.loads(again.stdout[again.stdout.index("{"):])["steps"] == 2
+    last = subprocess.run(base + ["--resume", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert last.returncode == 0 and "pact-fast: changed" not in last.stderr  # anchor_q=0.5 is now the run's own option
+    assert json.loads(last.stdout[last.stdout.index("{"):])["steps"] == 3  # no stop_after carried over
+    refused = subprocess.run(base + ["--resume", str(tmp_path), "--model", "/some/model"], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("pact-fast: --model cannot be combined with --resume: a resumed run keeps its run "
+                                      "directory, model, data and config.yaml; pass changes as section.key=value "
+                                      "overrides")
