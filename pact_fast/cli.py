@@ -14,6 +14,7 @@ import json
 import sys
 
 from .config import ConfigError, config_changes, describe, load_config
+from .data import DataFormatError
 from .models import KNOWN_MODELS, ModelError, fetch_model
 
 
@@ -105,7 +106,7 @@ def main(argv=None):
                 return 2
         try:
             summary = train(config, resume=args.resume)
-        except ModelError as exc:
+        except (ModelError, DataFormatError) as exc:  # a user's model directory or data file, not a bug
             print(f"pact-fast: {exc}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=1))

@@ -321,3 +321,15 @@ def test_resume_says_what_changed_and_never_keeps_one_off_options(tmp_path):
     assert refused.stderr.strip() == ("pact-fast: --model cannot be combined with --resume: a resumed run keeps its run "
                                       "directory, model, data and config.yaml; pass changes as section.key=value "
                                       "overrides")
+
+
+def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": "a"\n')
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--data", str(bad), "--out", str(tmp_path / "run"),
+                           *TINY], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                          timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pact-fast:")]
+    assert len(lines) == 1 and f"{bad}:1:" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
