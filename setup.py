@@ -32,5 +32,5 @@ setup(
         "bench": ["pytest-benchmark"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },
-    entry_points={"console_scripts": ["pact-fast=pact_fast.cli:main"]},
+    entry_points={"console_scripts": ["pact-fast=pact_fast.__main__:entry"]},
 )

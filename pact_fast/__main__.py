@@ -1,5 +1,21 @@
+"""``python -m pact_fast`` and the ``pact-fast`` command: ``pact_fast.cli.main`` behind a Ctrl-C guard.
+
+The guard sits here, before ``pact_fast.cli`` is imported, so that a Ctrl-C while torch loads, while the model
+is built or during the held-out evaluation (or a second Ctrl-C) ends with one line and status 130, never a
+traceback. A Ctrl-C during training is the trainer's: it saves a checkpoint (``pact_fast.trainer``).
+"""
 import sys
 
-from .cli import main
 
-sys.exit(main())
+def entry():
+    try:
+        from .cli import main
+
+        return main()
+    except KeyboardInterrupt:
+        print("pact-fast: interrupted; checkpoints already written are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

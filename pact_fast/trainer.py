@@ -329,11 +329,18 @@ def evaluate(engine, examples, make_env):
             "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n}
 
 
-class _Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks between steps (a checkpoint is saved)."""
+class _StepAborted(Exception):
+    """The first Ctrl-C, raised inside the abortable part of a step (rollouts, scoring, backward)."""
 
-    def __init__(self):
-        self.requested = False
+
+class _Interrupt:
+    """The first Ctrl-C: inside the abortable part of a step (``abortable``: rollouts, scoring, backward, before
+    any optimizer update) it aborts the step at once, and the loop drops its gradients and rewinds its data;
+    elsewhere (the update, a checkpoint write) it is a flag the loop checks after the step. Either way a
+    checkpoint of the last whole step is saved. A second Ctrl-C quits without saving."""
+
+    def __init__(self, log):
+        self.requested, self.abortable, self.log = False, False, log
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -343,6 +350,10 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.log("[pact_fast] Ctrl-C: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
+        if self.abortable:
+            self.abortable = False
+            raise _StepAborted
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -405,81 +416,91 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     bar = _progress(tc, start_step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
     step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
-    with _Interrupt() as interrupt:
+    with _Interrupt(log) as interrupt:
         for step in range(start_step, tc.steps):
             if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
                 break
-            t0 = time.perf_counter()
-            progress = step / max(1, tc.steps)
-            idx = order.take(tc.prompts_per_step)
-            mine = dist.shard_list(idx)  # this rank's prompt groups
-            examples = [train_set[i] for i in mine]
-            dist.sync_rollout_weights(scorer, rollout_model)
-            engine.generator.manual_seed(tc.seed * 1_000_003 + step * 1009 + dist.rank())
-            episodes = engine.rollout(examples, make_env)
-            t_roll = time.perf_counter() - t0
-            inputs = [inputs_for(ex) for ex in examples]
-            flat = [ep for eps in episodes for ep in eps]
-            sft_flat = [s for gi in inputs for s in gi.sft]
-            group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
-            rewards = torch.tensor([ep.reward for ep in flat])
-            advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
-            global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
-            anchored = global_draws[dist.shard_list(list(range(len(idx))))]
-            units = build_units(examples, episodes, inputs)
-            batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
-            batches = dist.pad_micro_batches(batches)
-            score = dict(backend=tc.attn_backend, logprob_backend=tc.logprob_backend,
-                         temperature=config.rollout.temperature)
-            old = None
-            if tc.update_epochs > 1 or ref_model is not None:
-                old = {"tc": {}, "po": {}}
-                with torch.no_grad(), autocast:
-                    for mb in batches:
+            order_state = dict(order.__dict__)
+            interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
+            try:
+                t0 = time.perf_counter()
+                progress = step / max(1, tc.steps)
+                idx = order.take(tc.prompts_per_step)
+                mine = dist.shard_list(idx)  # this rank's prompt groups
+                examples = [train_set[i] for i in mine]
+                dist.sync_rollout_weights(scorer, rollout_model)
+                engine.generator.manual_seed(tc.seed * 1_000_003 + step * 1009 + dist.rank())
+                episodes = engine.rollout(examples, make_env)
+                t_roll = time.perf_counter() - t0
+                inputs = [inputs_for(ex) for ex in examples]
+                flat = [ep for eps in episodes for ep in eps]
+                sft_flat = [s for gi in inputs for s in gi.sft]
+                group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
+                rewards = torch.tensor([ep.reward for ep in flat])
+                advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
+                global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
+                anchored = global_draws[dist.shard_list(list(range(len(idx))))]
+                units = build_units(examples, episodes, inputs)
+                batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
+                batches = dist.pad_micro_batches(batches)
+                score = dict(backend=tc.attn_backend, logprob_backend=tc.logprob_backend,
+                             temperature=config.rollout.temperature)
+                old = None
+                if tc.update_epochs > 1 or ref_model is not None:
+                    old = {"tc": {}, "po": {}}
+                    with torch.no_grad(), autocast:
+                        for mb in batches:
+                            mb_units = [units[i] for i in mb.indices]
+                            res, _ = score_micro_batch(scorer, mb_units, inputs, **score)
+                            ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
+                            for j, (u, r) in enumerate(zip(mb_units, res)):
+                                if u.kind == "rollout":
+                                    old["tc"][u.item], old["po"][u.item] = r[0].float(), r[1].float()
+                                    if ref_res is not None:
+                                        old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
+                # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
+                by_tokens = lc.loss_agg == "token-mean"
+                mb_rl = [0 if mb.padding else _rl_count([units[i] for i in mb.indices], by_tokens) for mb in batches]
+                mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
+                rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
+                packed_tokens, metrics_acc = 0, []
+                skipped = False
+                for _ in range(tc.update_epochs):
+                    non_finite_loss = False
+                    for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
                         mb_units = [units[i] for i in mb.indices]
-                        res, _ = score_micro_batch(scorer, mb_units, inputs, **score)
-                        ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
-                        for j, (u, r) in enumerate(zip(mb_units, res)):
-                            if u.kind == "rollout":
-                                old["tc"][u.item], old["po"][u.item] = r[0].float(), r[1].float()
-                                if ref_res is not None:
-                                    old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
-            # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
-            by_tokens = lc.loss_agg == "token-mean"
-            mb_rl = [0 if mb.padding else _rl_count([units[i] for i in mb.indices], by_tokens) for mb in batches]
-            mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
-            rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
-            packed_tokens, metrics_acc = 0, []
-            skipped = False
-            for _ in range(tc.update_epochs):
-                non_finite_loss = False
-                for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
-                    mb_units = [units[i] for i in mb.indices]
-                    with autocast:
-                        res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0, **score)
-                    batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
-                    world = dist.world_size()  # FSDP averages gradients over ranks
-                    rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
-                    sft_scale = world * n_sft / max(sft_total, 1)
-                    try:
-                        loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
-                                                  sft_scale=sft_scale)
-                    except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
-                        non_finite_loss, metrics = True, None
-                        loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
-                    loss.backward()
-                    weight = n_rl + n_sft
-                    packed_tokens += n_tok
-                    if metrics is not None and not mb.padding:
-                        metrics_acc.append((weight, metrics))
-                grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
-                bad = non_finite_loss or not math.isfinite(float(grad_norm))
-                if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
+                        with autocast:
+                            res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0, **score)
+                        batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
+                        world = dist.world_size()  # FSDP averages gradients over ranks
+                        rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
+                        sft_scale = world * n_sft / max(sft_total, 1)
+                        try:
+                            loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
+                                                      sft_scale=sft_scale)
+                        except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
+                            non_finite_loss, metrics = True, None
+                            loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
+                        loss.backward()
+                        weight = n_rl + n_sft
+                        packed_tokens += n_tok
+                        if metrics is not None and not mb.padding:
+                            metrics_acc.append((weight, metrics))
+                    grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
+                    bad = non_finite_loss or not math.isfinite(float(grad_norm))
+                    if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped = True
+                        break
+                    interrupt.abortable = False  # from here on the step completes
+                    optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    skipped = True
-                    break
-                optimizer.step()
+            except _StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
                 optimizer.zero_grad(set_to_none=True)
+                order.__dict__.update(order_state)
+                break
+            finally:
+                interrupt.abortable = False
             scheduler.step()  # the schedule follows the step count, skipped steps included
             skip_streak = skip_streak + 1 if skipped else 0
             if skipped:

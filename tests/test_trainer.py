@@ -333,3 +333,39 @@ def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("pact-fast:")]
     assert len(lines) == 1 and f"{bad}:1:" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _start(tmp_path, *extra):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "pact_fast", "train", *TINY, f"train.out_dir={tmp_path}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_ctrl_c_at_start_up_is_one_line_and_exit_130(tmp_path):
+    proc = _start(tmp_path, "train.steps=50")
+    time.sleep(1.0)  # importing torch and building the model: long before the first step
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "pact-fast: interrupted" in err
+
+
+def test_ctrl_c_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path):
+    # steps of 8 groups x 2 rollouts of up to 30 tokens: several seconds each on this CPU
+    proc = _start(tmp_path, "train.steps=50", "train.prompts_per_step=8", "rollout.max_new_tokens=30")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"reward_mean"' in metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # step 2 has just begun its rollouts
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C: saving a checkpoint of the last whole step" in out + err
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    assert [s["step"] for s in steps] == [1], "the step in progress was aborted, not finished"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    resumed = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--resume", str(tmp_path), "train.stop_after=1"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                             timeout=600)
+    assert resumed.returncode == 0 and "from step_000001 (step 1 of 50)" in resumed.stderr
