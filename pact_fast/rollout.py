@@ -11,6 +11,7 @@ sampled tokens), the behaviour log-probs of sampled tokens (``log softmax(logits
 sampling model, before top-p truncation), and the reward. ``RolloutEngine`` is the interface a
 faster engine (vLLM, SGLang) implements to replace ``HFRolloutEngine``.
 """
+import inspect
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,6 +78,12 @@ class RolloutEngine(Protocol):
         ...
 
 
+def _cache_argument(model):
+    """The KV-cache keyword of the model's forward and output: ``cache`` in recent transformers, which warn on
+    every call with ``past_key_values``; ``past_key_values`` in older ones (>= 4.53 supported)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _sample(logits, temperature, top_p, greedy, generator):
     """logits [N, V] -> (tokens [N], behaviour logp [N] under softmax(logits / T))."""
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -124,8 +131,9 @@ class HFRolloutEngine:
             attn[i, width - len(c):] = 1
         ids, attn = ids.to(device), attn.to(device)
         position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+        cache_arg = _cache_argument(model)
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = out[cache_arg], out.logits[:, -1]
         tokens, logps = [[] for _ in contexts], [[] for _ in contexts]
         ended = torch.zeros(len(contexts), dtype=torch.bool)
         next_pos = position_ids[:, -1]
@@ -141,8 +149,8 @@ class HFRolloutEngine:
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             next_pos = next_pos + 1
             out = model(input_ids=tok[:, None].to(device), attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                        use_cache=True, **{cache_arg: past})
+            past, logits = out[cache_arg], out.logits[:, -1]
         return tokens, logps, ended.tolist()
 
     def _context_block(self, example, conv, new_messages):

@@ -413,7 +413,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if writers:
             writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
     history, eval_after = [], None
-    bar = _progress(tc, start_step)
+    bar = _progress(tc, lc.mode, start_step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
     step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
     with _Interrupt(log) as interrupt:
@@ -600,12 +600,12 @@ def _peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _progress(tc, start):
+def _progress(tc, mode, start):
     if not tc.progress or dist.rank() != 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=tc.steps, initial=start, desc="pact", unit="step", dynamic_ncols=True)
+    return tqdm(total=tc.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
 
 
 class _Writers:

@@ -128,3 +128,12 @@ def test_sandbox_stops_an_overrunning_call_and_restores_the_state():
     sandbox.close()
     with pytest.raises(ValueError, match="timeout"):
         Sandbox(_Counter, (0,), timeout=0)
+
+
+def test_demo_shows_the_main_jobs_one_hop_tasks(capsys):
+    from pact_fast.envs.__main__ import demo
+
+    demo(n_tasks=2, seed=4)
+    out = capsys.readouterr().out
+    assert out.count("(1 hop)") == 2 and "hops)" not in out
+    assert out.count("call: lookup(") == 2  # one look-up per task, no add / initial step (data.ops=false)

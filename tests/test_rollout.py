@@ -216,3 +216,16 @@ def test_rollout_closes_every_environment_after_its_reward():
 
     HFRolloutEngine(model, tok, RolloutConfig(group_size=2, max_new_tokens=40, max_turns=4)).rollout([ex], make_env)
     assert len(made) == 2 and all(env.closed_after_reward for env in made)
+
+
+def test_rollouts_use_the_models_own_cache_argument_without_deprecation_warnings():
+    import warnings
+
+    tok = build_tokenizer()
+    model = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    ex = parse_example(make_task(3, hops=1))
+    engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=2, max_new_tokens=6, max_turns=2), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers warns on every call with past_key_values
+        episodes = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=2))[0]
+    assert all(len(ep.response_ids) > 0 for ep in episodes)

@@ -5,17 +5,20 @@ import argparse
 import torch
 
 
-def demo(n_tasks=3, seed=0):
+def demo(n_tasks=3, seed=0, hops=(1,)):
+    """Print ``n_tasks`` built-in tasks with ``hops`` look-ups (default: the main job's 1-hop tasks) and their
+    expert traces, then one episode of an untrained tiny model on the first."""
     from ..chat import render
     from ..data import parse_example
     from ..rollout import HFRolloutEngine, RolloutConfig
-    from .multihop import MultiHopEnv, make_task
+    from .multihop import MultiHopEnv, make_tasks
     from .tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
-    for k, hops in zip(range(n_tasks), (1, 2, 3)):
-        ex = parse_example(make_task(seed + k, hops=hops, n_distractors=1))
-        print(f"=== task {ex.id} ({hops} hops)  answer: {ex.answer}")
+    tasks = [parse_example(t) for t in make_tasks(n_tasks, seed=seed, hops=hops, ops=False)]  # as the main job
+    for k, ex in enumerate(tasks):
+        n_hops = hops[k % len(hops)]
+        print(f"=== task {ex.id} ({n_hops} hop{'s' if n_hops > 1 else ''})  answer: {ex.answer}")
         print("question:", ex.messages[-1]["content"])
         for m in ex.trace:
             if m["role"] == "assistant":
@@ -31,7 +34,7 @@ def demo(n_tasks=3, seed=0):
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
     model = AutoModelForCausalLM.from_config(config)
-    ex = parse_example(make_task(seed, hops=2))
+    ex = tasks[0]
     engine = HFRolloutEngine(model, tokenizer, RolloutConfig(group_size=1, max_new_tokens=24, max_turns=3), seed=seed)
     ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=3))[0][0]
     print("=== one episode of an untrained tiny model (prompt-only)")
@@ -44,11 +47,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--demo", action="store_true", help="print tasks, traces and one episode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hops", type=int, nargs="+", default=[1], help="look-ups per task (the main job: 1)")
     args = parser.parse_args()
     if not args.demo:
         parser.print_help()
         return
-    demo(seed=args.seed)
+    demo(seed=args.seed, hops=tuple(args.hops))
 
 
 if __name__ == "__main__":
