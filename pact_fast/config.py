@@ -75,7 +75,8 @@ class TrainConfig:
     save_every_minutes: float = field(default=10.0, metadata={
         "help": "also checkpoint when this many minutes passed since the last checkpoint; 0 = off"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0 = before and after only"})
+    eval_every: int = field(default=100, metadata={
+        "help": "held-out evaluation every N steps (curves.png draws it as a line); 0 = before and after only"})
     attn_backend: str = field(default="auto", metadata={
         "help": "tree attention backend", "choices": ("auto", "triton", "sdpa", "varlen", "flex")})
     logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend",

@@ -33,6 +33,7 @@ from .chat import (check_trace_components, prompt_ids, resolve_chat_template, tr
 from .config import Config, save_config
 from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
 from .packing import pack_tree, split_units
+from .plots import plot_runs
 from .rollout import HFRolloutEngine
 from .scoring import PackedScorer
 
@@ -519,6 +520,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
                 "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
                 "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
+                **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else float(global_draws.float().mean())}
+                   if lc.mode == "pact" else {}),
                 "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
             })
             metrics = dist.reduce_metrics(metrics)
@@ -646,7 +649,7 @@ class _Writers:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
-        plot_metrics(self.path, self.path.parent / "curves.png")
+        plot_runs([self.path.parent], self.path.parent / "curves.png")
 
 
 def _jsonable(x):
@@ -659,32 +662,3 @@ def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def plot_metrics(metrics_path, png_path):
-    """Reward and loss curves (and held-out success) from metrics.jsonl; skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    steps = [r["step"] for r in rows if "reward_mean" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    axes[0].plot(steps, [r["reward_mean"] for r in rows if "reward_mean" in r])
-    axes[0].set_title("rollout reward")
-    for key in ("loss/total", "loss/rl", "loss/sft"):
-        axes[1].plot(steps, [r.get(key, float("nan")) for r in rows if "reward_mean" in r], label=key)
-    axes[1].legend()
-    axes[1].set_title("loss")
-    ev = [r for r in rows if "eval/success_rate" in r]
-    axes[2].plot([r["step"] for r in ev], [r["eval/success_rate"] for r in ev], marker="o")
-    axes[2].set_title("held-out success (greedy)")
-    for ax in axes:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return png_path

@@ -1,0 +1,82 @@
+"""Training curves from ``metrics.jsonl``: one PNG, one panel per quantity that has data, runs overlaid.
+
+    pact-fast plot runs/pact                      # runs/pact/curves.png
+    pact-fast plot runs/cmp/sft runs/cmp/pact --out modes.png
+
+Panels: rollout reward; each loss term on its own axes (the total would hide the SFT term in SFT-only
+phases); held-out success at every evaluation (``train.eval_every``); the PACT diagnostics: ratio of the
+trace-conditioned and prompt-only contexts, their clip fractions, the SFT weights, the anchoring fraction.
+"""
+import json
+from pathlib import Path
+
+# (title, y label, [(metric key, legend label)]); a panel is drawn when any run has any of its keys
+PANELS = [
+    ("rollout reward", "mean reward", [("reward_mean", "reward")]),
+    ("held-out success (greedy, prompt-only)", "success rate", [("eval/success_rate", "success")]),
+    ("total loss", "loss", [("loss/total", "total")]),
+    ("RL surrogate", "loss", [("loss/rl", "rl")]),
+    ("trace SFT (per trace token)", "weighted NLL", [("loss/sft", "sft")]),
+    ("KL to the reference", "KL estimate", [("loss/kl", "kl")]),
+    ("ratio pi / pi_old", "mean ratio", [("tc/ratio_mean", "trace-conditioned"), ("po/ratio_mean", "prompt-only")]),
+    ("clipped tokens", "fraction", [("tc/clip_frac_high", "tc high"), ("tc/clip_frac_low", "tc low"),
+                                    ("po/clip_frac_high", "po high"), ("po/clip_frac_low", "po low")]),
+    ("SFT weights", "weight", [("tool_call_weight", "tool calls beta(s)"), ("sft_weight_mean", "mean over trace")]),
+    ("prompt-only anchoring", "fraction of groups", [("anchor_frac", "anchored")]),
+    ("throughput", "tokens / s", [("tokens_per_second", "tokens/s")]),
+]
+
+
+def read_metrics(run_dir):
+    """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself)."""
+    path = Path(run_dir)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a pact-fast run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def panels_with_data(runs):
+    """The entries of ``PANELS`` that some run (a list of metrics rows) has a value for."""
+    return [p for p in PANELS if any(key in row for rows in runs for key, _ in p[2] for row in rows)]
+
+
+def plot_runs(run_dirs, png_path, labels=None):
+    """Write the panels of every run in ``run_dirs`` to ``png_path``; returns the path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [(label, read_metrics(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
+    panels = panels_with_data([rows for _, rows in runs])
+    ncols = min(3, len(panels)) or 1
+    nrows = max(1, -(-len(panels) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.3 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, (title, ylabel, keys) in zip(axes.flat, panels):
+        for r, (label, rows) in enumerate(runs):
+            for s, (key, key_label) in enumerate(keys):
+                points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+                if not points:
+                    continue
+                name = " ".join(x for x in (label if len(runs) > 1 else "", key_label if len(keys) > 1 else "") if x)
+                ax.plot(*zip(*points), linestyle=styles[s % len(styles)], color=colors[r % len(colors)],
+                        marker="o" if key.startswith("eval/") else None, label=name or None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if any(key.startswith("eval/") for key, _ in keys):
+            ax.set_ylim(-0.02, 1.02)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
