@@ -27,6 +27,7 @@ def _train_parser(sub, name, help_text):
     p.add_argument("--data", help="training JSONL in the pact_fast.data format (sets data.path)")
     p.add_argument("--out", help="run directory (sets train.out_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides; see `pact-fast config`")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a configuration, data or model error")
     return p
 
 
@@ -112,6 +113,8 @@ def main(argv=None):
     try:
         config = _resolve(args)
     except ConfigError as exc:
+        if args.debug:
+            raise
         print(f"pact-fast: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "train":
@@ -121,11 +124,15 @@ def main(argv=None):
             try:
                 config = _resume_config(args)
             except (ConfigError, FileNotFoundError, ValueError) as exc:
+                if args.debug:
+                    raise
                 print(f"pact-fast: {exc}", file=sys.stderr)
                 return 2
         try:
             summary = train(config, resume=args.resume)
-        except (ModelError, DataFormatError) as exc:  # a user's model directory or data file, not a bug
+        except (ModelError, DataFormatError, FileNotFoundError) as exc:  # the user's model, data or files
+            if args.debug:
+                raise
             print(f"pact-fast: {exc}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=1))

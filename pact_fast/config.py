@@ -162,7 +162,8 @@ def _set(obj, key, value, path):
     hints = typing.get_type_hints(type(obj))
     if dataclasses.is_dataclass(getattr(obj, key)):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a section (mapping) of keys {sorted(fields)}")
+            keys = sorted(f.name for f in dataclasses.fields(getattr(obj, key)))
+            raise ConfigError(f"{path}: expected a section (a mapping of its keys {', '.join(keys)}), got {value!r}")
         for k, v in value.items():
             _set(getattr(obj, key), k, v, f"{path}.{k}")
         return
@@ -204,8 +205,13 @@ def _load(path, overrides, base=None):
         section, name = key.split(".")
         _set(getattr(config, section), name, value, key)
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
         for section, values in data.items():

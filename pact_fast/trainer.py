@@ -76,6 +76,9 @@ def load_data(cfg):
     from .data import load_examples, parse_example
     from .envs import make_tasks
 
+    for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path}: no such file")
     if cfg.path:
         train, report = load_examples(cfg.path, on_error=cfg.on_error)
         if report.skipped:
@@ -367,8 +370,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     dist.init()
     device = resolve_device(tc.device) if not dist.is_distributed() else dist.device(tc.device)
     run_dir = Path(tc.out_dir)
+    train_set, held_out = load_data(config.data)  # data errors before the expensive model load
     model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
-    train_set, held_out = load_data(config.data)
     if config.model.path:  # the built-in tokenizer's own template carries tools; a pretrained one may not
         reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
         resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
