@@ -203,6 +203,9 @@ def _decode_row(raw):
     try:
         return json.loads(line, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
+        text = line.rstrip("\r\n")
+        if exc.pos >= len(text):  # the text ends before the value does: a truncated row
+            _fail(f"invalid JSON: the line ends after column {len(text)} ({exc.msg}; truncated?)")
         _fail(f"invalid JSON ({exc.msg} at column {exc.colno})")
     except RecursionError:
         _fail("JSON nested too deeply")

@@ -141,3 +141,12 @@ def test_a_later_user_turn_can_make_tools_available():
 def test_written_rows_never_contain_nan(tmp_path):
     with pytest.raises(ValueError):
         write_examples(tmp_path / "x.jsonl", [{**_good(), "answer": float("nan")}])
+
+
+def test_a_truncated_row_is_reported_where_the_line_ends(tmp_path):
+    from pact_fast.data import DataFormatError, load_examples
+
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"id": "a", "messages": [\n')
+    with pytest.raises(DataFormatError, match=r"cut.jsonl:1: invalid JSON: the line ends after column 25 .*truncated"):
+        load_examples(path)
