@@ -51,11 +51,18 @@ def _common(q, k):
                 UPCAST=interpreting() and q.dtype == torch.bfloat16), (B, HQ, k.shape[1], L)
 
 
-def forward(q, k, v, subtree_end, scale):
-    """q [B,Hq,L,D], k/v [B,Hkv,L,D] contiguous, subtree_end [B,L] int32 -> (o [B,Hq,L,D], lse [B,Hq,L] fp32, lists)."""
+def launch_block():
+    """The square tile the launches use: the block of the tile lists (``tile_lists(subtree_end, launch_block())``)."""
+    return _configs()["fwd"].blocks["BLOCK_M"]
+
+
+def forward(q, k, v, subtree_end, scale, lists=None):
+    """q [B,Hq,L,D], k/v [B,Hkv,L,D] contiguous, subtree_end [B,L] int32 -> (o [B,Hq,L,D], lse [B,Hq,L] fp32, lists).
+
+    lists: ``tile_lists(subtree_end, launch_block())`` when the caller built them once for several layers."""
     cfg = _configs()["fwd"]
     block = cfg.blocks["BLOCK_M"]
-    lists = tile_lists(subtree_end, block)
+    lists = tile_lists(subtree_end, block) if lists is None else lists
     flags, (B, HQ, HKV, L) = _common(q, k)
     o = torch.full_like(q, float("nan"))
     lse = torch.full((B, HQ, L), float("nan"), device=q.device, dtype=torch.float32)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops.linear_logprobs import linear_logprobs
-from .ops.tree_attention import resolve_backend, tree_attention, validate_subtree_end
+from .ops.tree_attention import TreeAttentionLayout, build_layout, tree_attention
 from .packing import PackedTree, pack_tree
 
 ATTN_IMPLEMENTATION = "pact_tree"
@@ -19,10 +19,11 @@ ATTN_IMPLEMENTATION = "pact_tree"
 
 @dataclass
 class TreeLayout:
-    """Forward kwarg ``tree_layout``: what every attention layer of a packed forward needs."""
+    """Forward kwarg ``tree_layout``: what every attention layer of a packed forward needs, built once per
+    forward (``build_layout``: validation, tile lists or segment gathers, all host syncs), and a count of the
+    layers that used it."""
 
-    subtree_end: torch.Tensor  # [1, L] int32, validated once per forward
-    backend: str
+    attention: TreeAttentionLayout
     calls: int = 0
 
 
@@ -37,8 +38,7 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
                          "implement; disable it in the model config")
     if dropout and module.training:
         raise ValueError("attention dropout is not supported by tree attention; set attention_dropout=0")
-    out = tree_attention(query, key, value, layout.subtree_end, scale=scaling, backend=layout.backend,
-                         validate=False)
+    out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, validate=False)
     layout.calls += 1
     return out.transpose(1, 2).contiguous(), None
 
@@ -122,9 +122,8 @@ def packed_hidden_states(model, packed, *, backend="auto"):
     device = next(model.parameters()).device
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
     subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]
-    validate_subtree_end(subtree_end)  # once here; every layer then skips the check
     n_layers = model.config.num_hidden_layers
-    layout = TreeLayout(subtree_end, resolve_backend(backend, device))
+    layout = TreeLayout(build_layout(subtree_end, backend))  # once per forward; the layers only read it
     with tree_attention_enabled(model), _recompute_in_tree(model):
         out = decoder(input_ids=input_ids, position_ids=packed.position_ids.to(device)[None], use_cache=False,
                       tree_layout=layout)

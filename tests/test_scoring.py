@@ -78,3 +78,46 @@ def test_sliding_window_model_is_refused():
 def test_non_hf_module_is_refused():
     with pytest.raises(TypeError, match="causal LM"):
         sequence_logprobs(torch.nn.Linear(4, 4), [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "varlen"])
+def test_the_layout_is_built_once_per_forward_and_no_layer_syncs(backend, monkeypatch):
+    """Every layer reads the layout built before the layer loop: the builder runs once per forward (the tile
+    lists, segments and gathers it makes are the forward's only host synchronisation)."""
+    import importlib
+
+    import pact_fast.scoring as scoring
+
+    ops = importlib.import_module("pact_fast.ops.tree_attention")  # the module: pact_fast.ops re-exports the function
+
+    built = []
+    real = ops.build_layout
+
+    def counting(*args, **kwargs):
+        built.append(backend)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "build_layout", counting)
+    monkeypatch.setattr(scoring, "build_layout", counting)
+    synced = []
+    real_segments = ops.segments
+    monkeypatch.setattr(ops, "segments", lambda *a: synced.append(1) or real_segments(*a))
+    model = tiny_causal_lm("qwen3")
+    seqs = pact_group(seed=5, prompt=9, trace=4, header=2, G=2, response=3, sft=4, vocab=60)
+    logps = sequence_logprobs(model, seqs, backend=backend)
+    assert len(built) == 1 and model.config.num_hidden_layers > 1
+    assert len(synced) == (1 if backend == "varlen" else 0)  # segments: once, at build time
+    sum(lp.sum() for lp in logps).backward()
+    assert len(built) == 1  # the backward pass builds nothing either
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "varlen"])
+def test_tree_attention_with_a_prebuilt_layout_equals_building_it(backend):
+    from pact_fast.ops.tree_attention import build_layout, tree_attention
+    from pact_fast.packing import pack_tree
+
+    ends = pack_tree(pact_group(seed=2, prompt=7, trace=3, header=2, G=2, response=3, sft=3, vocab=50)).subtree_end[None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, ends.shape[1], 16, generator=g) for h in (4, 2, 2))
+    layout = build_layout(ends, backend)
+    assert torch.equal(tree_attention(q, k, v, layout=layout), tree_attention(q, k, v, ends, backend=backend))

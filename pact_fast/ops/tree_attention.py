@@ -11,6 +11,8 @@ Backends (SPEC section 3):
 - ``flex``: FlexAttention with a ``mask_mod`` over ``subtree_end`` (CUDA only: no CPU backward).
 """
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,63 +95,118 @@ def segments(subtree_end):
     return out
 
 
-def _varlen(q, k, v, subtree_end, scale):
+@dataclass
+class VarlenRow:
+    """One batch row of a layout for the varlen backend: every segment attends to its gathered keys."""
+
+    bounds: list  # [(start, stop)] of each segment, python ints
+    cu_k: list  # [S + 1] offsets of each segment's keys in kv_index, python ints
+    kv_index: torch.Tensor  # [sum_k] long: each segment's ancestor keys, then its own tokens
+    cu_q_dev: torch.Tensor  # [S + 1] int32 on the device (flash-attn)
+    cu_k_dev: torch.Tensor  # [S + 1] int32 on the device
+
+
+@dataclass
+class TreeAttentionLayout:
+    """What every attention layer of one packed forward needs, built once (``build_layout``): all host
+    synchronisation of a forward happens there, none inside the layer loop."""
+
+    subtree_end: torch.Tensor  # [B, L] int32
+    backend: str  # resolved: triton, sdpa, varlen or flex
+    tiles: Optional[tuple] = None  # triton: tile_lists(subtree_end, launch block)
+    varlen: Optional[list] = None  # varlen: a VarlenRow per batch row
+    block_mask: Optional[object] = None  # flex: FlexAttention's BlockMask
+
+
+def build_layout(subtree_end, backend="auto", *, validate=True):
+    """The layout of ``subtree_end [B, L]`` for ``backend``: validated, with the tile lists (triton), the
+    segments and their key gathers (varlen) or the block mask (flex) built now, once."""
+    if validate:
+        validate_subtree_end(subtree_end)
+    ends = subtree_end.to(torch.int32).contiguous()
+    backend = resolve_backend(backend, ends.device)
+    layout = TreeAttentionLayout(ends, backend)
+    if backend == "triton":
+        from ..kernels import tree_attention_launch as launch
+
+        layout.tiles = launch.tile_lists(ends, launch.launch_block())
+    elif backend == "varlen":
+        layout.varlen = [_varlen_row(ends[b]) for b in range(ends.shape[0])]
+    elif backend == "flex":
+        layout.block_mask = _flex_block_mask(ends)
+    return layout
+
+
+def _varlen_row(ends):
+    segs = segments(ends)
+    device = ends.device
+    kv = [torch.cat([anc, torch.arange(s, e, device=device)]) for s, e, anc in segs]
+    cu_k = [0]
+    for idx in kv:
+        cu_k.append(cu_k[-1] + len(idx))
+    cu_q = [0] + [e for _, e, _ in segs]
+    return VarlenRow([(s, e) for s, e, _ in segs], cu_k, torch.cat(kv),
+                     torch.tensor(cu_q, device=device, dtype=torch.int32),
+                     torch.tensor(cu_k, device=device, dtype=torch.int32))
+
+
+def _varlen(q, k, v, layout, scale):
     """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         flash_attn_varlen_func = None
-    B, HQ, L, D = q.shape
-    group = HQ // k.shape[1]
+    group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    for b in range(B):
-        segs = segments(subtree_end[b])
-        kv_idx = [torch.cat([anc, torch.arange(s, e, device=q.device)]) for s, e, anc in segs]
-        lens_k = torch.tensor([0] + [len(i) for i in kv_idx])
-        cu_k = lens_k.cumsum(0)
-        idx = torch.cat(kv_idx)
-        kk, vv = k[b].index_select(1, idx), v[b].index_select(1, idx)  # [Hkv, sum_k, D]: one gather per layer
+    for b, row in enumerate(layout.varlen):
+        kk, vv = k[b].index_select(1, row.kv_index), v[b].index_select(1, row.kv_index)  # [Hkv, sum_k, D]: one gather
         if flash_attn_varlen_func is not None and q.is_cuda:
-            cu_q = torch.tensor([0] + [e for _, e, _ in segs], device=q.device, dtype=torch.int32)
+            lens_k = [b_ - a for a, b_ in zip(row.cu_k[:-1], row.cu_k[1:])]
             o = flash_attn_varlen_func(
-                q[b].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), cu_q, cu_k.int().to(q.device),
-                max(e - s for s, e, _ in segs), int(lens_k.max()), softmax_scale=scale, causal=True)
+                q[b].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), row.cu_q_dev, row.cu_k_dev,
+                max(e - s for s, e in row.bounds), max(lens_k), softmax_scale=scale, causal=True)
             out[b] = o.transpose(0, 1)
             continue
-        for i, (s, e, anc) in enumerate(segs):
-            ks = kk[:, cu_k[i]:cu_k[i + 1]].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
-            vs = vv[:, cu_k[i]:cu_k[i + 1]].repeat_interleave(group, dim=0)
-            n_anc = len(anc)
+        for i, (s, e) in enumerate(row.bounds):
+            k0, k1 = row.cu_k[i], row.cu_k[i + 1]
+            ks = kk[:, k0:k1].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
+            vs = vv[:, k0:k1].repeat_interleave(group, dim=0)
+            n_anc = k1 - k0 - (e - s)
             qpos = torch.arange(e - s, device=q.device)[:, None]
-            kpos = torch.arange(n_anc + e - s, device=q.device)[None, :]
+            kpos = torch.arange(k1 - k0, device=q.device)[None, :]
             mask = kpos <= qpos + n_anc  # [len, n_anc + len], causal aligned bottom right
             out[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], ks, vs, attn_mask=mask, scale=scale)
     return out
 
 
-def _flex(q, k, v, subtree_end, scale):
-    if not q.is_cuda:
+def _flex_block_mask(subtree_end):
+    if subtree_end.device.type != "cuda":
         raise ValueError("tree_attention: backend='flex' needs CUDA tensors (FlexAttention has no CPU backward)")
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    B, HQ, L, _ = q.shape
+    B, L = subtree_end.shape
     ends = subtree_end.long()
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx])
 
-    block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=HQ != k.shape[1])
+    return create_block_mask(mask_mod, B, None, L, L, device=subtree_end.device)
+
+
+def _flex(q, k, v, layout, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class _TritonTreeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, subtree_end, scale):
+    def forward(ctx, q, k, v, layout, scale):
         from ..kernels import tree_attention_launch as launch
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ends = subtree_end.to(torch.int32).contiguous()
-        o, lse, lists = launch.forward(q, k, v, ends, scale)
+        ends = layout.subtree_end
+        o, lse, lists = launch.forward(q, k, v, ends, scale, layout.tiles)
         ctx.save_for_backward(q, k, v, o, lse, ends, *lists)
         ctx.scale = scale
         return o
@@ -177,7 +234,7 @@ def resolve_backend(backend, device):
     return backend
 
 
-def tree_attention(q, k, v, subtree_end, *, scale=None, backend="auto", validate=True):
+def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None):
     """Softmax attention in which query ``q`` sees key ``k`` iff ``k <= q < subtree_end[k]``.
 
     Args:
@@ -189,14 +246,24 @@ def tree_attention(q, k, v, subtree_end, *, scale=None, backend="auto", validate
         backend: ``"auto"`` (triton on CUDA, varlen on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
         validate: check shapes and the layout (one host sync); callers that validated the layout
             once, e.g. per packed forward, pass False in every layer.
+        layout: a ``build_layout(subtree_end, backend)`` made once for several calls (every layer of a packed
+            forward): no host synchronisation then happens in the call; ``subtree_end`` and ``backend`` are
+            taken from it.
 
     Returns:
         ``[B, Hq, L, D]`` in the dtype of ``q``; exact gradients for q, k and v.
     """
-    if validate:
-        validate_layout(q, k, v, subtree_end)
+    if layout is None:
+        if subtree_end is None:
+            raise ValueError("tree_attention: pass subtree_end or a layout from build_layout")
+        if validate:
+            validate_layout(q, k, v, subtree_end)
+        layout = build_layout(subtree_end, backend, validate=False)
+    elif validate:
+        validate_layout(q, k, v, layout.subtree_end)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = resolve_backend(backend, q.device)
-    if backend == "triton":
-        return _TritonTreeAttention.apply(q, k, v, subtree_end, scale)
-    return {"sdpa": _sdpa, "varlen": _varlen, "flex": _flex}[backend](q, k, v, subtree_end, scale)
+    if layout.backend == "triton":
+        return _TritonTreeAttention.apply(q, k, v, layout, scale)
+    if layout.backend == "sdpa":
+        return _sdpa(q, k, v, layout.subtree_end, scale)
+    return {"varlen": _varlen, "flex": _flex}[layout.backend](q, k, v, layout, scale)
