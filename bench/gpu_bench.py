@@ -28,6 +28,8 @@ from common import machine_info, measure  # noqa: E402
 
 import roofline  # noqa: E402
 
+from pact_fast.packing import pack_back_to_back, pack_tree  # noqa: E402
+
 LOGPROB_WORKLOADS = {"W-logprob-H2048": dict(N=32768, H=2048, V=151936),
                      "W-logprob-H4096": dict(N=32768, H=4096, V=151936)}
 LOGPROB_DRY = {"tiny-logprob": dict(N=64, H=32, V=500)}
@@ -58,11 +60,13 @@ def _timed(fn, device, reps):
 
 def logprob_providers(device):
     """name -> (fn(hidden, weight, targets) -> loss-like tensor, or None, skip reason)."""
-    from pact_fast.ops import linear_logprobs, linear_logprobs_reference
+    from pact_fast.ops import linear_logprobs
+
+    from bench_linear_logprobs import providers as cpu_providers
 
     out = {
         "triton": (lambda h, w, t: linear_logprobs(h, w, t, backend="triton"), None),
-        "naive": (lambda h, w, t: linear_logprobs_reference(h, w, t)[0].float(), None),
+        "naive": (cpu_providers(torch.device("cpu"))["naive"], None),  # logits, fp32 log_softmax, gather
     }
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -196,6 +200,22 @@ def attention_ideal_ms(subtree_end, HQ, HKV, D, device_name, mode="fwd+bwd", ele
     return 1e3 * max(flops / dev.flops, nbytes / dev.bandwidth)
 
 
+def _compiled_flex(subtree_end, HQ, HKV, scale):
+    """fn(q, k, v): torch.compile'd FlexAttention with the tree's block mask built once (eager FlexAttention
+    materialises every score); a mask reused by every layer, as a trainer would."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, L = subtree_end.shape
+    ends = subtree_end.long()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx])
+
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=subtree_end.device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=HQ != HKV)
+
+
 def layer_shape(dry_run):
     from bench_group import WORKLOADS
 
@@ -207,7 +227,6 @@ def run_layer(dry_run, device, reps):
     from bench_group import make_group
 
     from pact_fast.ops import tree_attention
-    from pact_fast.packing import pack_back_to_back, pack_tree
 
     workload, w = layer_shape(dry_run)
     seqs, _ = make_group(w)
@@ -227,7 +246,8 @@ def run_layer(dry_run, device, reps):
         g = torch.Generator().manual_seed(0)
         q, k, v, do = (torch.randn(1, h, L, D, generator=g).to(dtype).to(device) for h in (HQ, HKV, HKV, HQ))
         backends = {"triton": (None, has_triton)}
-        backends["flex"] = (None, None if device.type == "cuda" else "FlexAttention backward needs CUDA")
+        backends["flex"] = (_compiled_flex(ends, HQ, HKV, D ** -0.5), None) if device.type == "cuda" else \
+            (None, "FlexAttention backward needs CUDA")
         backends["varlen"] = (None, None)
         if dry_run:
             backends["sdpa"] = (None, None)
@@ -272,17 +292,58 @@ def run_layer(dry_run, device, reps):
 # the whole W-group pass
 # ---------------------------------------------------------------------------------------------
 
+def group_rows(bench_group, workload, device, reps, names):
+    """bench_group.run's measurements, with each provider's failure (an OOM, a missing backend) reported in
+    its row instead of ending the section. Returns (rows, token counts)."""
+    w = bench_group.WORKLOADS[workload]
+    model = bench_group.make_model(w, device)
+    seqs, scored = bench_group.make_group(w)
+    tokens = {"tokens_tree": pack_tree(seqs).num_tokens, "tokens_back_to_back": sum(map(len, seqs)),
+              "scored_tokens": int(sum(map(len, scored)))}
+    rows, reference, grads = [], None, None
+    for name, fn in bench_group.providers(model, seqs, scored, device).items():
+        if names and name not in names:
+            continue
+        try:
+            with torch.no_grad():
+                logp = fn().float()
+        except Exception as e:  # noqa: BLE001
+            rows += [{"provider": name, "mode": m, "ms": None, "peak_MiB": None,
+                      "error": f"{type(e).__name__}: {str(e)[:200]}"} for m in ("fwd", "fwd+bwd")]
+            continue
+        reference = logp if reference is None else reference
+        if grads is None:
+            grads = torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+        def fwd_bwd(fn=fn):
+            model.zero_grad(set_to_none=True)
+            (fn() * grads).sum().backward()
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            ms, peak, err = _timed(call, device, reps)
+            rows.append({"provider": name, "mode": mode, "ms": ms, "peak_MiB": peak,
+                         "max_abs_diff_vs_first": (logp - reference).abs().max().item(),
+                         **({"error": err} if err else {})})
+        model.zero_grad(set_to_none=True)
+    for row in rows:
+        base = next((r for r in rows if r["provider"] == "b2b-varlen" and r["mode"] == row["mode"] and r["ms"]), None)
+        row["time_vs_b2b_varlen"] = row["ms"] / base["ms"] if base and row["ms"] else None
+    return rows, tokens
+
+
 def run_group(dry_run, device, reps):
-    """bench_group.run on W-group (CUDA) or tiny (dry run). The model has no whole-pass figure: each row's
+    """bench_group's providers on W-group (CUDA) or tiny (dry run). The model has no whole-pass figure: each row's
     prediction is the number of layers times the visible-pairs attention ideal of its layout (attention only,
     a lower bound)."""
     import bench_group
 
-    from pact_fast.packing import pack_back_to_back, pack_tree
-
     workload = "tiny" if dry_run else "W-group"
     names = ["packed-sdpa", "b2b-sdpa"] if dry_run else None  # dry run: the plumbing, not every provider
-    rows, tokens = bench_group.run(workload, device, min(reps, 3), names)
+    rows, tokens = group_rows(bench_group, workload, device, min(reps, 3), names)
     layers = bench_group.WORKLOADS[workload]["layers"]
     dev = model_device(device)
     w = bench_group.WORKLOADS[workload]

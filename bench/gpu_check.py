@@ -35,7 +35,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def rel_err(out, ref):
     """|out - ref| / |ref| in float64 (Frobenius norms), as tests/conftest.py."""
     ref = ref.double()
-    return ((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-300)).item()
+    return ((out.to(ref.device).double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def _verdict(errors, plain, absolute=True):
