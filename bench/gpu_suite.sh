@@ -40,8 +40,10 @@ WHEELS=$(ls "$ROOT"/.whl/*.whl 2>/dev/null || true)
 SITE=$(mktemp -d /tmp/gpu_suite_site.XXXXXX)
 if [ -n "$WHEELS" ]; then
   # shellcheck disable=SC2086
-  $PY -m pip install --quiet --no-index --no-deps --target "$SITE" $WHEELS \
-    || echo "gpu_suite: installing the baseline wheels failed; those baselines will say not installed" >&2
+  if ! $PY -m pip install --quiet --no-index --no-deps --target "$SITE" $WHEELS; then
+    echo "gpu_suite: pip could not install the wheels; unpacking them (pure Python) instead" >&2
+    for w in $WHEELS; do $PY -m zipfile -e "$w" "$SITE" || echo "gpu_suite: could not unpack $w" >&2; done
+  fi
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
