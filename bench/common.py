@@ -6,6 +6,7 @@ profiler's allocation events on CPU (measured in one extra, untimed call).
 """
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -108,6 +109,11 @@ def machine_info(device):
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    for dist in ("transformers", "liger-kernel", "cut-cross-entropy"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[dist] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -292,9 +292,14 @@ def run_layer(dry_run, device, reps):
 # the whole W-group pass
 # ---------------------------------------------------------------------------------------------
 
-def group_rows(bench_group, workload, device, reps, names):
+EAGER_FLEX = "eager FlexAttention (pact_fast.ops backend='flex') materialises every score at this size; " \
+             "see the layer section for compiled FlexAttention"
+
+
+def group_rows(bench_group, workload, device, reps, names, skipped):
     """bench_group.run's measurements, with each provider's failure (an OOM, a missing backend) reported in
-    its row instead of ending the section. Returns (rows, token counts)."""
+    its row instead of ending the section; providers in ``skipped`` {name: reason} get rows saying so.
+    Returns (rows, token counts)."""
     w = bench_group.WORKLOADS[workload]
     model = bench_group.make_model(w, device)
     seqs, scored = bench_group.make_group(w)
@@ -303,6 +308,10 @@ def group_rows(bench_group, workload, device, reps, names):
     rows, reference, grads = [], None, None
     for name, fn in bench_group.providers(model, seqs, scored, device).items():
         if names and name not in names:
+            continue
+        if name in skipped:
+            rows += [{"provider": name, "mode": m, "ms": None, "peak_MiB": None, "skipped": skipped[name]}
+                     for m in ("fwd", "fwd+bwd")]
             continue
         try:
             with torch.no_grad():
@@ -342,8 +351,11 @@ def run_group(dry_run, device, reps):
     import bench_group
 
     workload = "tiny" if dry_run else "W-group"
-    names = ["packed-sdpa", "b2b-sdpa"] if dry_run else None  # dry run: the plumbing, not every provider
-    rows, tokens = group_rows(bench_group, workload, device, min(reps, 3), names)
+    # dry run: the plumbing, not every provider. CUDA: not the flex providers, whose eager FlexAttention
+    # (pact_fast.ops) materialises every score; the layer section measures compiled FlexAttention.
+    skipped = {"packed-flex": EAGER_FLEX, "b2b-flex": EAGER_FLEX}
+    names = ["packed-sdpa", "b2b-sdpa"] if dry_run else None
+    rows, tokens = group_rows(bench_group, workload, device, reps, names, skipped)
     layers = bench_group.WORKLOADS[workload]["layers"]
     dev = model_device(device)
     w = bench_group.WORKLOADS[workload]
@@ -365,6 +377,7 @@ def run_model(dry_run, device, reps):
     return roofline.model_rows()
 
 
+CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "model": 1}  # within the suite's 9 minutes
 SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "model": run_model}
 COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "ideal_ms", "peak_MiB", "status"]
 
@@ -424,7 +437,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the section's JSON here")
     ap.add_argument("--dir", help="report: the directory holding the sections' JSON")
     ap.add_argument("--sections", nargs="*", default=["check", "logprob", "layer", "group", "model"])
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 on CUDA, 1 on CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default CUDA_REPS, 1 on CPU)")
     args = ap.parse_args(argv)
     if args.section == "report":
         doc = report(args.dir, args.sections)
@@ -436,7 +449,7 @@ def main(argv=None):
     device = torch.device("cpu" if args.dry_run else "cuda")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device; use --dry-run on the CPU")
-    reps = args.reps or (1 if args.dry_run else 10)
+    reps = args.reps or (1 if args.dry_run else CUDA_REPS[args.section])
     rows = SECTIONS[args.section](args.dry_run, device, reps)
     doc = {"section": args.section, "dry_run": args.dry_run, "machine": machine_info(device),
            "interpret": os.environ.get("TRITON_INTERPRET") == "1", "rows": rows}

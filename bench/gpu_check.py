@@ -51,15 +51,15 @@ def _verdict(errors, plain, absolute=True):
 
 def logprob_inputs(N, H, V, dtype, device, scale=1.0, ignored=0.1, seed=0):
     """hidden [N, H], weight [V, H], bias [V] in ``dtype``; targets [N] with a fraction ``ignored`` at -100;
-    g_logp, g_ent [N] fp32 upstream gradients. Generated on the CPU so every device sees the same numbers."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(N, H, generator=g) * scale).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
-    bias = torch.randn(V, generator=g).to(dtype)
-    targets = torch.randint(0, V, (N,), generator=g)
-    targets[torch.randperm(N, generator=g)[:max(1, int(ignored * N))]] = -100
-    g_logp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
-    return [t.to(device) for t in (hidden, weight, bias, targets, g_logp, g_ent)]
+    g_logp, g_ent [N] fp32 upstream gradients; drawn on ``device`` (the W shapes' weights are large)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=g, device=device) * scale).to(dtype)
+    weight = (torch.randn(V, H, generator=g, device=device) / H ** 0.5).to(dtype)
+    bias = torch.randn(V, generator=g, device=device).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g, device=device)
+    targets[torch.randperm(N, generator=g, device=device)[:max(1, int(ignored * N))]] = -100
+    g_logp, g_ent = torch.randn(N, generator=g, device=device), torch.randn(N, generator=g, device=device)
+    return hidden, weight, bias, targets, g_logp, g_ent
 
 
 def logprob_reference(hidden, weight, bias, targets, g_logp, g_ent, temperature, dtype, chunk):

@@ -31,7 +31,7 @@ if [ "$DRY" = 1 ]; then
 else
   DIR=${GPU_SUITE_DIR:-bench/results/gpu_suite-$(date -u +%Y%m%dT%H%M%SZ)}
   FLAG=
-  T_CHECK=140; T_LOGPROB=130; T_LAYER=120; T_GROUP=90; T_MODEL=20  # 500 s in all
+  T_CHECK=120; T_LOGPROB=110; T_LAYER=120; T_GROUP=130; T_MODEL=20  # 500 s in all
 fi
 mkdir -p "$DIR"
 

@@ -17,7 +17,7 @@ SECTIONS = ("check", "logprob", "layer", "group", "model")
 def suite(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gpu_suite")
     env = dict(os.environ, GPU_SUITE_DIR=str(out_dir / "results"), OUT=str(out_dir / "out"), PYTHON=sys.executable,
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
