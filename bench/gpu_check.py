@@ -16,6 +16,8 @@ comparison says nothing). The large-logits case is judged by the second bound al
 """
 import argparse
 import importlib
+import inspect
+import itertools
 import json
 import sys
 import time
@@ -179,8 +181,13 @@ def tree_layout(dry_run, big):
     return torch.stack([torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]) for p in packs])
 
 
-def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, chunk=2048):
-    from pact_fast.ops import tree_attention
+def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, chunk=2048, **options):
+    """One case: Triton tree_attention (the GPU tile configuration on CUDA) vs float64. ``options`` go to
+    tree_attention (e.g. ``deterministic``); a deterministic backward must also repeat bit for bit."""
+    from pact_fast.ops import tree_attention as tree_attention_op
+
+    def tree_attention(*args, **kwargs):
+        return tree_attention_op(*args, **kwargs, **(options if kwargs.get("backend") == "triton" else {}))
 
     dtype = DTYPES[dtype_name]
     subtree_end = tree_layout(dry_run, big).to(device)
@@ -193,6 +200,11 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
     out.backward(do.to(dtype))
     ours = {"out": out.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     dtypes_ok = all(t.dtype == dtype for t in ours.values())
+    repeats = True
+    if options.get("deterministic"):
+        again = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        tree_attention(*again, subtree_end, backend="triton").backward(do.to(dtype))
+        repeats = all(torch.equal(a.grad, b) for a, b in zip(again, (ours["dq"], ours["dk"], ours["dv"])))
     del leaves, out
     ref = dict(zip(ours, tree_reference(q, k, v, subtree_end, do, scale, torch.float64, chunk)))
     errors = {key: rel_err(val, ref[key]) for key, val in ours.items()}
@@ -208,8 +220,9 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
     finite = all(torch.isfinite(t).all().item() for t in ours.values())
     verdict_plain = {key: val for key, val in plain.items() if key != "note"}
     return {"kernel": "tree_attention", "case": name, "shape": {"B": B, "L": L, "HQ": HQ, "HKV": HKV, "D": D},
-            "dtype": dtype_name, "errors": errors, "plain_torch_errors": plain,
-            "passed": bool(finite and dtypes_ok and _verdict(errors, verdict_plain))}
+            "dtype": dtype_name, "options": options, "errors": errors, "plain_torch_errors": plain,
+            "bitwise_repeatable": repeats if options.get("deterministic") else None,
+            "passed": bool(finite and dtypes_ok and repeats and _verdict(errors, verdict_plain))}
 
 
 def tree_cases(dry_run):
@@ -248,9 +261,16 @@ def run(dry_run, device):
     except ImportError as e:
         results["tree_attention"] = {"skipped": f"no Triton tree-attention kernels: {e}"}
         return results
-    for name, HQ, HKV, D, kw in tree_cases(dry_run):
+    from pact_fast.ops import tree_attention
+
+    # both backward variants where the op offers a choice (a deterministic one and an atomic one)
+    variants = [{"deterministic": True}, {"deterministic": False}] if "deterministic" in \
+        inspect.signature(tree_attention).parameters else [{}]
+    for (name, HQ, HKV, D, kw), variant in itertools.product(tree_cases(dry_run), variants):
+        if variant:
+            name += "-deterministic" if variant["deterministic"] else "-atomic"
         for dtype_name in DTYPES:
-            r = _guarded(check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw)
+            r = _guarded(check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw, **variant)
             r.setdefault("kernel", "tree_attention")
             r["dtype"] = dtype_name
             results["tree_attention"].append(r)
