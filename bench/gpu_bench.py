@@ -402,9 +402,20 @@ def report(directory, sections):
     return doc
 
 
+def failures(doc):
+    """Sections that wrote no JSON and correctness cases that failed, as short strings."""
+    out = [f"section {n}: {sec['error']}" for n, sec in doc["sections"].items() if "error" in sec]
+    check = doc["sections"].get("check", {}).get("results", {})
+    for kernel, cases in check.items():
+        if isinstance(cases, list):
+            out += [f"check {kernel}/{c['case']}/{c.get('dtype')}" for c in cases if not c["passed"]]
+    return out
+
+
 def print_table(doc):
     lines = []
-    for name, sec in doc["sections"].items():
+    order = [n for n in doc["sections"] if n == "model"] + [n for n in doc["sections"] if n != "model"]
+    for name, sec in ((n, doc["sections"][n]) for n in order):
         if "error" in sec:
             lines.append(f"[{name}] ERROR: {sec['error']}")
             continue
@@ -420,6 +431,8 @@ def print_table(doc):
                           for c in cases if not c["passed"]]
             continue
         if name == "model":
+            lines += [f"[model] {r['workload']:18} {r['op']:44} {r['device']:5} predicted {_fmt(r['predicted_ms'])} ms"
+                      f"  ideal {_fmt(r['ideal_ms'])} ms" for r in sec["rows"]]
             continue
         rows = sec["rows"]
         for r in rows:
@@ -442,10 +455,13 @@ def main(argv=None):
     if args.section == "report":
         doc = report(args.dir, args.sections)
         doc.update(dry_run=args.dry_run, machine=machine_info("cuda" if torch.cuda.is_available() else "cpu"))
+        doc["failures"] = failures(doc)
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
         print_table(doc)
-        return 0
+        if doc["failures"]:
+            print(f"gpu_suite: FAILURES: {doc['failures']}")
+        return 1 if doc["failures"] else 0
     device = torch.device("cpu" if args.dry_run else "cuda")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device; use --dry-run on the CPU")
