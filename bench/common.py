@@ -6,6 +6,7 @@ profiler's allocation events on CPU (measured in one extra, untimed call).
 """
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -65,7 +66,8 @@ def _sync(device):
 
 
 def measure(fn, device, reps=3, warmup=1):
-    """Run ``fn()`` warmup + reps times; returns (median seconds, peak extra bytes of one call)."""
+    """Run ``fn()`` warmup + reps times; returns (median seconds, peak extra bytes of one call).
+    Times come from CUDA events on CUDA, the wall clock otherwise."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -77,9 +79,16 @@ def measure(fn, device, reps=3, warmup=1):
         base = torch.cuda.memory_allocated(device)
     times = []
     for _ in range(reps):
+        if device.type == "cuda":  # CUDA events: device time of the call, launch queue included
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+            continue
         t0 = time.perf_counter()
         fn()
-        _sync(device)
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         peak = max(0, torch.cuda.max_memory_allocated(device) - base)
@@ -100,6 +109,11 @@ def machine_info(device):
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    for dist in ("transformers", "liger-kernel", "cut-cross-entropy"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[dist] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -1,0 +1,486 @@
+"""The GPU suite's benchmark sections, each measured side by side in one process, with the performance
+model's prediction (bench/roofline.py) beside every measured figure.
+
+    python bench/gpu_bench.py logprob --json logprob.json   # linear_logprobs vs naive, Liger, CCE, bare GEMMs
+    python bench/gpu_bench.py layer --json layer.json       # one W-group layer of tree attention vs baselines
+    python bench/gpu_bench.py group --json group.json       # the whole W-group pass (bench/bench_group.py)
+    python bench/gpu_bench.py model --json model.json       # the model's rows alone
+    python bench/gpu_bench.py report --dir DIR --json suite.json   # merge the sections, print the table
+    ... --dry-run                                           # CPU, TRITON_INTERPRET=1, tiny shapes
+
+Every measured row carries ``ms`` and ``peak_MiB`` (None with ``skipped`` or ``error`` saying why),
+``predicted_ms`` and ``ideal_ms`` from the model for the device it ran on, and ``prediction`` naming which
+model figure that is. Baselines with no model of their own get the ideal (bare GEMMs / visible-pairs) as
+their prediction: a lower bound, labelled so.
+"""
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import machine_info, measure  # noqa: E402
+
+import roofline  # noqa: E402
+
+from pact_fast.packing import pack_back_to_back, pack_tree  # noqa: E402
+
+LOGPROB_WORKLOADS = {"W-logprob-H2048": dict(N=32768, H=2048, V=151936),
+                     "W-logprob-H4096": dict(N=32768, H=4096, V=151936)}
+LOGPROB_DRY = {"tiny-logprob": dict(N=64, H=32, V=500)}
+
+
+def model_device(device):
+    """The model's device name (roofline.DEVICES) for a torch device: H200 if the GPU says so, else H100."""
+    if device.type == "cuda" and "H200" in torch.cuda.get_device_name(device):
+        return "H200"
+    return "H100"
+
+
+def _timed(fn, device, reps):
+    """(ms, peak MiB, error): OOM and other failures become an error string, not a lost section. One warm-up
+    call on CUDA (Triton compiles there); none on the CPU, where the dry run only checks the plumbing."""
+    try:
+        seconds, peak = measure(fn, device, reps=reps, warmup=1 if device.type == "cuda" else 0)
+        return seconds * 1e3, peak / 2 ** 20, None
+    except Exception as e:  # noqa: BLE001 (a baseline's failure is a reported figure)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_logprobs
+# ---------------------------------------------------------------------------------------------
+
+def logprob_providers(device):
+    """name -> (fn(hidden, weight, targets) -> loss-like tensor, or None, skip reason)."""
+    from pact_fast.ops import linear_logprobs
+
+    from bench_linear_logprobs import providers as cpu_providers
+
+    out = {
+        "triton": (lambda h, w, t: linear_logprobs(h, w, t, backend="triton"), None),
+        "naive": (cpu_providers(torch.device("cpu"))["naive"], None),  # logits, fp32 log_softmax, gather
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        out["liger_flce"] = (lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none"), None)
+    except ImportError as e:
+        out["liger_flce"] = (None, f"not installed ({e})")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        out["cce"] = (lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none"), None)
+    except ImportError as e:
+        out["cce"] = (None, f"not installed ({e})")
+    if device.type != "cuda":
+        for name in ("liger_flce", "cce"):
+            if out[name][1] is None:
+                out[name] = (None, "needs CUDA")
+    return out
+
+
+def bare_gemms(hidden, weight, grad_logits, passes):
+    """The ideal's GEMMs in the input dtype: logits [N, V]; with "bwd" also dX [N, H] and dW [V, H]."""
+    z = hidden @ weight.t()
+    if "bwd" in passes:
+        grad_logits @ weight
+        grad_logits.t() @ hidden
+    return z
+
+
+def run_logprob(dry_run, device, reps):
+    from bench_linear_logprobs import make_inputs
+
+    workloads = LOGPROB_DRY if dry_run else LOGPROB_WORKLOADS
+    dev = model_device(device)
+    rows = []
+    for workload, shape in workloads.items():
+        N, H, V = shape["N"], shape["H"], shape["V"]
+        model = {r["op"]: r for r in roofline.logprob_rows(workload, N, V, H, devices=(dev,))}
+        ideal = {"fwd": roofline.ideal_logprob_ms(N, V, H, dev, gemms=1),
+                 "fwd+bwd": roofline.ideal_logprob_ms(N, V, H, dev, gemms=3)}
+        hidden, weight, targets = make_inputs(N, H, V, torch.bfloat16, device)
+        grad = torch.randn(N, device=device)
+        providers = logprob_providers(device)
+        for name, (fn, skip) in providers.items():
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"section": "logprob", "workload": workload, "shape": shape, "dtype": "bf16",
+                       "provider": name, "mode": mode, "model_device": dev, "ideal_ms": ideal[mode]}
+                if name == "triton":
+                    m = model[f"linear_logprobs {mode}"]
+                    row.update(predicted_ms=m["predicted_ms"], prediction=f"roofline: linear_logprobs {mode}",
+                               predicted_extra_MiB=m["extra_memory_bytes"] / 2 ** 20)
+                else:
+                    row.update(predicted_ms=ideal[mode],
+                               prediction=f"roofline ideal: {1 if mode == 'fwd' else 3} bare GEMM(s), a lower bound")
+                if skip:
+                    rows.append({**row, "ms": None, "peak_MiB": None, "skipped": skip})
+                    continue
+                if mode == "fwd":
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            fn(hidden, weight, targets)
+                else:
+                    def call(fn=fn):
+                        h = hidden.detach().requires_grad_()
+                        w = weight.detach().requires_grad_()
+                        (fn(h, w, targets).float() * grad).sum().backward()
+                ms, peak, err = _timed(call, device, reps)
+                rows.append({**row, "ms": ms, "peak_MiB": peak, **({"error": err} if err else {})})
+        passes = {"fwd": ("fwd",), "fwd+bwd": ("fwd", "bwd")}
+        grad_logits = torch.randn(N, V, device=device, dtype=torch.bfloat16)
+        for mode in ("fwd", "fwd+bwd"):
+            ms, peak, err = _timed(lambda m=mode: bare_gemms(hidden, weight, grad_logits, passes[m]), device, reps)
+            rows.append({"section": "logprob", "workload": workload, "shape": shape, "dtype": "bf16",
+                         "provider": "cublas_gemms", "mode": mode, "model_device": dev, "ms": ms, "peak_MiB": peak,
+                         "ideal_ms": ideal[mode], "predicted_ms": ideal[mode],
+                         "prediction": f"roofline ideal: {1 if mode == 'fwd' else 3} bare GEMM(s)",
+                         **({"error": err} if err else {})})
+        del hidden, weight, grad_logits
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for r in rows:
+            if r["workload"] == workload:
+                base = next(b for b in rows if b["workload"] == workload and b["provider"] == "naive"
+                            and b["mode"] == r["mode"])
+                r["time_vs_naive"] = r["ms"] / base["ms"] if r["ms"] and base["ms"] else None
+                r["measured_vs_predicted"] = r["ms"] / r["predicted_ms"] if r["ms"] and r["predicted_ms"] else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# tree attention: one W-group layer
+# ---------------------------------------------------------------------------------------------
+
+def _torch_varlen(seq_lens, scale):
+    """fn(q, k, v) over a back-to-back layout with torch.nn.attention.varlen (causal per sequence), or a
+    skip reason. q: [1, Hq, L, D]; k, v: [1, Hkv, L, D]."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+
+    def fn(q, k, v):
+        cu = torch.tensor([0] + seq_lens, device=q.device).cumsum(0).to(torch.int32)
+        qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))  # [L, H, D]
+        if gqa:
+            extra = {"enable_gqa": True}
+        else:
+            extra = {}
+            kt, vt = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (kt, vt))
+        kwargs = {"scale": scale} if "scale" in params else {}
+        m = max(seq_lens)
+        return varlen_attn(qt, kt, vt, cu, cu, m, m, **causal, **extra, **kwargs).transpose(0, 1)[None]
+
+    return fn, None
+
+
+def attention_ideal_ms(subtree_end, HQ, HKV, D, device_name, mode="fwd+bwd", elem_bytes=2):
+    """Visible-pairs ideal of one attention layer over a layout (SPEC section 6): 2 matmuls forward, 5 more
+    backward, each 2*D FLOPs per visible (query, key) pair per query head; compulsory bytes once (q, k, v, o,
+    and for the backward do, dq, dk, dv). subtree_end: [B, L]."""
+    dev = roofline.DEVICES[device_name]
+    L = subtree_end.shape[-1]
+    pairs = int((subtree_end - torch.arange(L, device=subtree_end.device)).sum())
+    matmuls = 2 if mode == "fwd" else 7
+    flops = matmuls * 2 * pairs * D * HQ
+    tensors_q, tensors_kv = (2, 2) if mode == "fwd" else (4, 4)
+    nbytes = subtree_end.shape[0] * L * D * (tensors_q * HQ + tensors_kv * HKV) * elem_bytes
+    return 1e3 * max(flops / dev.flops, nbytes / dev.bandwidth)
+
+
+def _compiled_flex(subtree_end, HQ, HKV, scale):
+    """fn(q, k, v): torch.compile'd FlexAttention with the tree's block mask built once (eager FlexAttention
+    materialises every score); a mask reused by every layer, as a trainer would."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, L = subtree_end.shape
+    ends = subtree_end.long()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx])
+
+    # _compile: build the block mask block by block instead of evaluating mask_mod on a dense [L, L] grid
+    compiled = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=subtree_end.device, **compiled)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=HQ != HKV)
+
+
+def layer_shape(dry_run):
+    from bench_group import WORKLOADS
+
+    w = WORKLOADS["tiny" if dry_run else "W-group"]
+    return "W-group-tiny" if dry_run else "W-group-layer", w
+
+
+def run_layer(dry_run, device, reps):
+    from bench_group import make_group
+
+    from pact_fast.ops import tree_attention
+
+    workload, w = layer_shape(dry_run)
+    seqs, _ = make_group(w)
+    HQ, HKV, D = w["heads"], w["kv_heads"], w["head_dim"]
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    dev = model_device(device)
+    model = next((r for r in roofline._group_rows((dev,)) if r["op"] == "tree_attention fwd+bwd"), {})
+    try:
+        import pact_fast.kernels.tree_attention_launch  # noqa: F401
+        has_triton = None
+    except ImportError as e:
+        has_triton = f"no Triton tree-attention kernels: {e}"
+    rows = []
+    for layout, pack in (("packed", pack_tree), ("b2b", pack_back_to_back)):
+        ends = pack(seqs).subtree_end[None].to(device)
+        L = ends.shape[1]
+        g = torch.Generator().manual_seed(0)
+        q, k, v, do = (torch.randn(1, h, L, D, generator=g).to(dtype).to(device) for h in (HQ, HKV, HKV, HQ))
+        backends = {"triton": (None, has_triton if not (dry_run and layout == "b2b") else
+                               "dry run: the interpreter runs the packed layout only")}
+        backends["flex"] = (None, "FlexAttention backward needs CUDA")
+        if device.type == "cuda":
+            try:
+                backends["flex"] = (_compiled_flex(ends, HQ, HKV, D ** -0.5), None)
+            except Exception as e:  # noqa: BLE001 (e.g. an OOM building the block mask)
+                backends["flex"] = (None, f"block mask failed: {type(e).__name__}: {str(e)[:200]}")
+                torch.cuda.empty_cache()
+        backends["varlen"] = (None, None)
+        if dry_run:
+            backends["sdpa"] = (None, None)
+        if layout == "b2b":
+            backends["torch_varlen"] = _torch_varlen([len(s) for s in seqs], D ** -0.5)
+            if device.type != "cuda" and backends["torch_varlen"][1] is None:
+                backends["torch_varlen"] = (None, "torch.nn.attention.varlen needs CUDA")
+        for name, (custom, skip) in backends.items():
+            row = {"section": "layer", "workload": workload, "layout": layout, "provider": f"{layout}-{name}",
+                   "mode": "fwd+bwd", "dtype": str(dtype).replace("torch.", ""),
+                   "shape": {"L": L, "HQ": HQ, "HKV": HKV, "D": D}, "model_device": dev}
+            ideal = attention_ideal_ms(ends, HQ, HKV, D, dev)
+            if layout == "packed" and name == "triton" and model.get("predicted_ms") is not None and not dry_run:
+                row.update(predicted_ms=model["predicted_ms"], ideal_ms=model["ideal_ms"],
+                           prediction="roofline: tree_attention fwd+bwd (kernels/tree_attention_launch model)")
+            else:
+                why = "" if model.get("predicted_ms") is not None or name != "triton" else \
+                    "; " + model.get("note", "no kernel model")
+                row.update(predicted_ms=ideal, ideal_ms=ideal,
+                           prediction=f"visible-pairs ideal of this layout, a lower bound{why}")
+            if skip:
+                rows.append({**row, "ms": None, "peak_MiB": None, "skipped": skip})
+                continue
+
+            def call(name=name, custom=custom):
+                qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                out = custom(qq, kk, vv) if custom else tree_attention(qq, kk, vv, ends, backend=name,
+                                                                       validate=False)
+                out.backward(do)
+
+            ms, peak, err = _timed(call, device, reps)
+            rows.append({**row, "ms": ms, "peak_MiB": peak, **({"error": err} if err else {})})
+        del q, k, v, do
+    base = next((r for r in rows if r["provider"] == "b2b-varlen" and r["ms"]), None)
+    for r in rows:
+        r["time_vs_b2b_varlen"] = r["ms"] / base["ms"] if base and r["ms"] else None
+        r["measured_vs_predicted"] = r["ms"] / r["predicted_ms"] if r["ms"] and r.get("predicted_ms") else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole W-group pass
+# ---------------------------------------------------------------------------------------------
+
+EAGER_FLEX = "eager FlexAttention (pact_fast.ops backend='flex') materialises every score at this size; " \
+             "see the layer section for compiled FlexAttention"
+
+
+def group_rows(bench_group, workload, device, reps, names, skipped):
+    """bench_group.run's measurements, with each provider's failure (an OOM, a missing backend) reported in
+    its row instead of ending the section; providers in ``skipped`` {name: reason} get rows saying so.
+    Returns (rows, token counts)."""
+    w = bench_group.WORKLOADS[workload]
+    model = bench_group.make_model(w, device)
+    seqs, scored = bench_group.make_group(w)
+    tokens = {"tokens_tree": pack_tree(seqs).num_tokens, "tokens_back_to_back": sum(map(len, seqs)),
+              "scored_tokens": int(sum(map(len, scored)))}
+    rows, reference, grads = [], None, None
+    for name, fn in bench_group.providers(model, seqs, scored, device).items():
+        if names and name not in names:
+            continue
+        if name in skipped:
+            rows += [{"provider": name, "mode": m, "ms": None, "peak_MiB": None, "skipped": skipped[name]}
+                     for m in ("fwd", "fwd+bwd")]
+            continue
+        try:
+            with torch.no_grad():
+                logp = fn().float()
+        except Exception as e:  # noqa: BLE001
+            rows += [{"provider": name, "mode": m, "ms": None, "peak_MiB": None,
+                      "error": f"{type(e).__name__}: {str(e)[:200]}"} for m in ("fwd", "fwd+bwd")]
+            continue
+        reference = logp if reference is None else reference
+        if grads is None:
+            grads = torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+        def fwd_bwd(fn=fn):
+            model.zero_grad(set_to_none=True)
+            (fn() * grads).sum().backward()
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            ms, peak, err = _timed(call, device, reps)
+            rows.append({"provider": name, "mode": mode, "ms": ms, "peak_MiB": peak,
+                         "max_abs_diff_vs_first": (logp - reference).abs().max().item(),
+                         **({"error": err} if err else {})})
+        model.zero_grad(set_to_none=True)
+    for row in rows:
+        base = next((r for r in rows if r["provider"] == "b2b-varlen" and r["mode"] == row["mode"] and r["ms"]), None)
+        row["time_vs_b2b_varlen"] = row["ms"] / base["ms"] if base and row["ms"] else None
+    return rows, tokens
+
+
+def run_group(dry_run, device, reps):
+    """bench_group's providers on W-group (CUDA) or tiny (dry run). The model has no whole-pass figure: each row's
+    prediction is the number of layers times the visible-pairs attention ideal of its layout (attention only,
+    a lower bound)."""
+    import bench_group
+
+    workload = "tiny" if dry_run else "W-group"
+    # dry run: the plumbing, not every provider. CUDA: not the flex providers, whose eager FlexAttention
+    # (pact_fast.ops) materialises every score; the layer section measures compiled FlexAttention.
+    skipped = {"packed-flex": EAGER_FLEX, "b2b-flex": EAGER_FLEX}
+    names = ["packed-sdpa", "b2b-sdpa"] if dry_run else None
+    rows, tokens = group_rows(bench_group, workload, device, reps, names, skipped)
+    layers = bench_group.WORKLOADS[workload]["layers"]
+    dev = model_device(device)
+    w = bench_group.WORKLOADS[workload]
+    seqs, _ = bench_group.make_group(w)
+    layouts = {"packed": pack_tree(seqs).subtree_end[None], "b2b": pack_back_to_back(seqs).subtree_end[None]}
+    for r in rows:
+        layout = "packed" if r["provider"].startswith("packed") else "b2b"
+        ideal = layers * attention_ideal_ms(layouts[layout], w["heads"], w["kv_heads"], w["head_dim"], dev, r["mode"])
+        r.update(section="group", workload=workload, model_device=dev, tokens=tokens, predicted_ms=ideal,
+                 ideal_ms=ideal, prediction=f"{layers} x visible-pairs attention ideal of the {layout} layout "
+                                            "(attention only, a lower bound)")
+        r["measured_vs_predicted"] = r["ms"] / r["predicted_ms"] if r["ms"] and r["predicted_ms"] else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_model(dry_run, device, reps):
+    return roofline.model_rows()
+
+
+CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "model": 1}  # within the suite's 9 minutes
+SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "model": run_model}
+COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "ideal_ms", "peak_MiB", "status"]
+
+
+def _fmt(x):
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "-" if x is None else str(x)
+
+
+def report(directory, sections):
+    """Merge the sections' JSON (missing or failed ones become {'error': ...}) into one document."""
+    doc = {"sections": {}}
+    for name in sections:
+        path = Path(directory) / f"{name}.json"
+        if path.exists():
+            doc["sections"][name] = json.loads(path.read_text())
+        else:
+            log = Path(directory) / f"{name}.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            doc["sections"][name] = {"error": "section wrote no JSON (timeout or crash)", "log_tail": tail}
+    return doc
+
+
+def failures(doc):
+    """Sections that wrote no JSON and correctness cases that failed, as short strings."""
+    out = [f"section {n}: {sec['error']}" for n, sec in doc["sections"].items() if "error" in sec]
+    check = doc["sections"].get("check", {}).get("results", {})
+    for kernel, cases in check.items():
+        if isinstance(cases, list):
+            out += [f"check {kernel}/{c['case']}/{c.get('dtype')}" for c in cases if not c["passed"]]
+    return out
+
+
+def print_table(doc):
+    lines = []
+    order = [n for n in doc["sections"] if n == "model"] + [n for n in doc["sections"] if n != "model"]
+    for name, sec in ((n, doc["sections"][n]) for n in order):
+        if "error" in sec:
+            lines.append(f"[{name}] ERROR: {sec['error']}")
+            continue
+        if name == "check":
+            for kernel, cases in sec["results"].items():
+                if isinstance(cases, dict):
+                    lines.append(f"[check] {kernel}: skipped: {cases['skipped']}")
+                    continue
+                ok = sum(c["passed"] for c in cases)
+                worst = max((e for c in cases for e in c.get("errors", {}).values()), default=float("nan"))
+                lines.append(f"[check] {kernel}: {ok}/{len(cases)} cases passed, worst relative error {worst:.3g}")
+                lines += [f"[check]   FAILED {c['case']} {c.get('dtype')} {c.get('error', c.get('errors'))}"
+                          for c in cases if not c["passed"]]
+            continue
+        if name == "model":
+            lines += [f"[model] {r['workload']:18} {r['op']:44} {r['device']:5} predicted {_fmt(r['predicted_ms'])} ms"
+                      f"  ideal {_fmt(r['ideal_ms'])} ms" for r in sec["rows"]]
+            continue
+        rows = sec["rows"]
+        for r in rows:
+            r["status"] = r.get("skipped") or r.get("error") or "ok"
+        widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in COLUMNS]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+        lines += ["  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(COLUMNS, widths)) for r in rows]
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("section", choices=sorted(SECTIONS) + ["report"])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--json", help="write the section's JSON here")
+    ap.add_argument("--dir", help="report: the directory holding the sections' JSON")
+    ap.add_argument("--sections", nargs="*", default=["check", "logprob", "layer", "group", "model"])
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default CUDA_REPS, 1 on CPU)")
+    args = ap.parse_args(argv)
+    if args.section == "report":
+        doc = report(args.dir, args.sections)
+        doc.update(dry_run=args.dry_run, machine=machine_info("cuda" if torch.cuda.is_available() else "cpu"))
+        doc["failures"] = failures(doc)
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        print_table(doc)
+        if doc["failures"]:
+            print(f"gpu_suite: FAILURES: {doc['failures']}")
+        return 1 if doc["failures"] else 0
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu_bench: no CUDA device; use --dry-run on the CPU")
+    reps = args.reps or (1 if args.dry_run else CUDA_REPS[args.section])
+    rows = SECTIONS[args.section](args.dry_run, device, reps)
+    doc = {"section": args.section, "dry_run": args.dry_run, "machine": machine_info(device),
+           "interpret": os.environ.get("TRITON_INTERPRET") == "1", "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
