@@ -79,8 +79,11 @@ class TrainConfig:
         "help": "held-out evaluation every N steps (curves.png draws it as a line); 0 = before and after only"})
     attn_backend: str = field(default="auto", metadata={
         "help": "tree attention backend", "choices": ("auto", "triton", "sdpa", "varlen", "flex")})
-    logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend",
+    logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend (fused_head=false)",
                                                            "choices": ("auto", "torch", "triton")})
+    fused_head: bool = field(default=True, metadata={
+        "help": "the PACT loss fused into the lm_head (pact_fast.ops.fused_pact_head: loss, dX and dW in one pass "
+                "over the vocabulary, torch backend); false = linear_logprobs, then pact_loss"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})

@@ -148,7 +148,9 @@ def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backen
 
 
 class PackedScorer(torch.nn.Module):
-    """``score_packed`` as a module: ``scorer(packed, rows, targets, **kw) -> logp``.
+    """``score_packed`` as a module: ``scorer(packed, rows, targets, **kw) -> logp``; with ``head_loss`` the
+    picked hidden rows go to ``head_loss(hidden [M, H], weight [V, H], bias, targets [M])`` instead of the
+    log-prob op (a loss fused into the lm_head, e.g. ``pact_fast.ops.fused_pact_head``), whose result it returns.
 
     Wrap the causal LM in it before FSDP2's ``fully_shard`` (per decoder layer, then this module as the
     root): the root's hooks then gather the embedding, final norm and lm_head for the packed pass and
@@ -159,8 +161,13 @@ class PackedScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, packed, rows, targets, **kwargs):
-        return score_packed(self.model, packed, rows, targets, **kwargs)
+    def forward(self, packed, rows, targets, head_loss=None, **kwargs):
+        if head_loss is None:
+            return score_packed(self.model, packed, rows, targets, **kwargs)
+        _, head = _decoder_and_head(self.model)
+        hidden = packed_hidden_states(self.model, packed, backend=kwargs.get("backend", "auto"))  # [L, H]
+        picked = hidden.index_select(0, rows.to(hidden.device))  # [M, H]
+        return head_loss(picked, head.weight, head.bias, targets.to(hidden.device))
 
 
 def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto", temperature=1.0,

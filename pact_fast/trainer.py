@@ -32,6 +32,7 @@ from .chat import (check_trace_components, prompt_ids, resolve_chat_template, tr
                    trace_sequences)
 from .config import Config, save_config
 from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
+from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, split_units
 from .plots import plot_runs
 from .rollout import HFRolloutEngine
@@ -193,16 +194,10 @@ def _pad(rows, width, value=0.0, dtype=torch.float32, device="cpu"):
     return out
 
 
-def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temperature, return_entropy=False):
-    """One packed forward for a micro-batch of units.
-
-    Returns per rollout unit ``(logp_tc [R], logp_po [R])`` (response tokens, in order) and per sft unit
-    ``logp [n-1]`` (every token after the first), plus per rollout unit the po entropies when asked.
-    """
-    seqs, spans = [], []
-    for u in units:
-        spans.append(len(seqs))
-        seqs += u.sequences
+def pack_micro_batch(units, inputs):
+    """The trie of a micro-batch and its scored rows: ``(packed, rows [M], targets [M], offsets [P+1])``, P pieces
+    in unit order (a rollout unit's response under the tc then the po prompt; a trace's tokens after the first)."""
+    seqs = [s for u in units for s in u.sequences]
     packed = pack_tree(seqs)
     token_ids = []
     for u in units:
@@ -213,12 +208,15 @@ def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temper
         else:
             token_ids.append(torch.arange(1, len(u.sequences[0])))
     rows, targets, offsets = packed.predictor_rows(token_ids=token_ids)
-    out = scorer(packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
-                 temperature=temperature, return_entropy=return_entropy)
-    logp, ent = out if return_entropy else (out, None)
+    return packed, rows, targets, offsets
+
+
+def _per_unit(units, values, offsets, entropy=None):
+    """Split per-row ``values [M]`` by ``offsets`` into per-unit results: rollout ``(tc [R], po [R], po entropy
+    [R] or None)``, sft ``[n-1]``."""
     bounds = offsets.tolist()
-    pieces = [logp[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    ent_pieces = [ent[a:b] for a, b in zip(bounds[:-1], bounds[1:])] if ent is not None else None
+    pieces = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    ent_pieces = [entropy[a:b] for a, b in zip(bounds[:-1], bounds[1:])] if entropy is not None else None
     results, k = [], 0
     for u in units:
         if u.kind == "rollout":
@@ -227,7 +225,48 @@ def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temper
         else:
             results.append(pieces[k])
             k += 1
-    return results, packed.num_tokens
+    return results
+
+
+def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temperature, return_entropy=False):
+    """One packed forward for a micro-batch of units.
+
+    Returns per rollout unit ``(logp_tc [R], logp_po [R])`` (response tokens, in order) and per sft unit
+    ``logp [n-1]`` (every token after the first), plus per rollout unit the po entropies when asked.
+    """
+    packed, rows, targets, offsets = pack_micro_batch(units, inputs)
+    out = scorer(packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
+                 temperature=temperature, return_entropy=return_entropy)
+    logp, ent = out if return_entropy else (out, None)
+    return _per_unit(units, logp, offsets, ent), packed.num_tokens
+
+
+def fused_micro_batch_loss(scorer, units, inputs, batch_args, loss_args, *, backend, temperature):
+    """``pact_loss`` of a micro-batch through ``fused_pact_head`` (loss, dX and dW in one lm_head pass).
+
+    batch_args: ``batch_for_loss``'s arguments after units and results; loss_args: ``fused_pact_head``'s
+    config, progress, step, rl_scale, sft_scale. Returns ``(loss, metrics or None, packed tokens)``; metrics
+    are None when the loss is not finite (the loss is then a zero that still reaches every parameter).
+    """
+    packed, rows, targets, offsets = pack_micro_batch(units, inputs)
+    # the padded layout of batch_for_loss, filled with row number + 1 (0 = padding) instead of log-probs
+    slots = batch_for_loss(units, _per_unit(units, torch.arange(1, len(rows) + 1, dtype=torch.float64), offsets),
+                           *batch_args)
+    index = {name: getattr(slots, name).long() - 1 for name in ("logp_tc", "logp_po", "sft_logp")}
+    old = batch_args[-2]
+    batch = PACTBatch(**{**vars(slots), "logp_tc": None, "logp_po": None, "sft_logp": None, "entropy": None,
+                         "old_logp_tc": slots.old_logp_tc if old else None,
+                         "old_logp_po": slots.old_logp_po if old else None})
+
+    def head_loss(hidden, weight, bias, targets):
+        try:
+            return fused_pact_head(hidden, weight, targets, index, batch, bias=bias, temperature=temperature,
+                                   old_from_current=not old, **loss_args)
+        except FloatingPointError:
+            return hidden.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0 + weight.sum() * 0.0, None
+
+    loss, metrics = scorer(packed, rows, targets, backend=backend, head_loss=head_loss)
+    return loss, metrics, packed.num_tokens
 
 
 def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored, old, device):
@@ -473,18 +512,28 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                     non_finite_loss = False
                     for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
                         mb_units = [units[i] for i in mb.indices]
-                        with autocast:
-                            res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0, **score)
-                        batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
                         world = dist.world_size()  # FSDP averages gradients over ranks
                         rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
                         sft_scale = world * n_sft / max(sft_total, 1)
-                        try:
-                            loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
-                                                      sft_scale=sft_scale)
-                        except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
-                            non_finite_loss, metrics = True, None
-                            loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
+                        if tc.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
+                            with autocast:
+                                loss, metrics, n_tok = fused_micro_batch_loss(
+                                    scorer, mb_units, inputs, (flat, sft_flat, advantages, anchored, old, device),
+                                    dict(config=lc, progress=progress, step=step, rl_scale=rl_scale,
+                                         sft_scale=sft_scale), backend=tc.attn_backend,
+                                    temperature=config.rollout.temperature)
+                            non_finite_loss |= metrics is None
+                        else:
+                            with autocast:
+                                res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0,
+                                                               **score)
+                            batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
+                            try:
+                                loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
+                                                          sft_scale=sft_scale)
+                            except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
+                                non_finite_loss, metrics = True, None
+                                loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
                         loss.backward()
                         weight = n_rl + n_sft
                         packed_tokens += n_tok

@@ -176,7 +176,10 @@ class _NaNGrad(torch.autograd.Function):
 
 
 def _flaky_loss(monkeypatch, bad_steps, how):
-    """Make trainer.pact_loss non-finite (loss or gradient) at the given 0-based steps."""
+    """Make pact_loss non-finite (loss or gradient) at the given 0-based steps, in the trainer's unfused path and
+    inside the fused head."""
+    import importlib
+
     import pact_fast.trainer as trainer
 
     real = trainer.pact_loss
@@ -190,17 +193,20 @@ def _flaky_loss(monkeypatch, bad_steps, how):
         return loss + _NaNGrad.apply(batch.logp_po.sum()) * 0.0, metrics
 
     monkeypatch.setattr(trainer, "pact_loss", flaky)
+    monkeypatch.setattr(importlib.import_module("pact_fast.ops.fused_pact_head"), "pact_loss", flaky)
 
 
 def _all_checkpoint_weights(run_dir):
     return {p.name: load_file(str(p / "model.safetensors")) for p in sorted((Path(run_dir) / "checkpoints").glob("step_*"))}
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "unfused"])
 @pytest.mark.parametrize("how", ["loss", "gradient"])
-def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how):
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how, fused):
     _flaky_loss(monkeypatch, {1}, how)
     logs = []
-    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=5", f"train.out_dir={tmp_path}"])
+    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=5", f"train.out_dir={tmp_path}",
+                                    f"train.fused_head={str(fused).lower()}"])
     summary = train(cfg, log=logs.append)
     assert summary["steps"] == 3 and summary["stopped"] is None
     w = _all_checkpoint_weights(tmp_path)
@@ -342,12 +348,17 @@ def _start(tmp_path, *extra):
 
 
 def test_ctrl_c_at_start_up_is_one_line_and_exit_130(tmp_path):
-    proc = _start(tmp_path, "train.steps=50")
-    time.sleep(1.0)  # importing torch and building the model: long before the first step
-    proc.send_signal(signal.SIGINT)
+    # 32 held-out tasks of up to 30 tokens: the evaluation before training takes seconds
+    proc = _start(tmp_path, "train.steps=50", "data.eval_tasks=32", "rollout.max_new_tokens=30")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "config.yaml").exists():  # the model is built
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # during the held-out evaluation before the first step
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "pact-fast: interrupted" in err
+    assert not (tmp_path / "metrics.jsonl").exists() or '"reward_mean"' not in (tmp_path / "metrics.jsonl").read_text()
 
 
 def test_ctrl_c_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path):
@@ -369,3 +380,20 @@ def test_ctrl_c_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path):
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
                              timeout=600)
     assert resumed.returncode == 0 and "from step_000001 (step 1 of 50)" in resumed.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["train.update_epochs=2", "loss.c_ent=0.01"]], ids=["one-epoch", "two-epochs-entropy"])
+def test_training_with_the_fused_head_equals_training_without_it(tmp_path, extra):
+    """Same seeds, rollouts and steps: the fused lm_head loss and linear_logprobs + pact_loss give the same
+    losses and (to fp32 rounding) the same weights."""
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / str(fused)
+        cfg = load_config(None, TINY + extra + ["train.steps=3", f"train.out_dir={out}", f"train.fused_head={str(fused).lower()}"])
+        train(cfg, log=lambda *a: None)
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line]
+        runs[fused] = ([r["loss/total"] for r in rows], _weights(out)[1])
+    (loss_f, w_f), (loss_u, w_u) = runs[True], runs[False]
+    assert loss_f == pytest.approx(loss_u, rel=1e-4)
+    for k in w_u:
+        assert torch.allclose(w_f[k], w_u[k], rtol=1e-4, atol=1e-5), k
