@@ -492,6 +492,10 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         total = total + sft_scale * config.lambda_sft * l_sft
         metrics["loss/sft"] = l_sft.item()
         metrics["sft_weight_mean"] = weights[target].mean().item() if target.any() else 0.0
+        for comp in (REASONING, TOOL_CALL, OTHER):  # the annealing, component by component
+            sel = batch.sft_components == comp
+            if sel.any():
+                metrics[f"sft_weight/{COMPONENT_NAMES[comp]}"] = weights[sel].mean().item()
         metrics["tool_call_weight"] = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
 
     if not torch.isfinite(total):

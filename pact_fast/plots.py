@@ -21,7 +21,9 @@ PANELS = [
     ("ratio pi / pi_old", "mean ratio", [("tc/ratio_mean", "trace-conditioned"), ("po/ratio_mean", "prompt-only")]),
     ("clipped tokens", "fraction", [("tc/clip_frac_high", "tc high"), ("tc/clip_frac_low", "tc low"),
                                     ("po/clip_frac_high", "po high"), ("po/clip_frac_low", "po low")]),
-    ("SFT weights", "weight", [("tool_call_weight", "tool calls beta(s)"), ("sft_weight_mean", "mean over trace")]),
+    ("SFT weight by component", "mean token weight", [("sft_weight/tool_call", "tool calls"),
+                                                       ("sft_weight/reasoning", "reasoning"),
+                                                       ("sft_weight/other", "other")]),
     ("prompt-only anchoring", "fraction of groups", [("anchor_frac", "anchored")]),
     ("throughput", "tokens / s", [("tokens_per_second", "tokens/s")]),
 ]

@@ -421,3 +421,14 @@ def test_advantages_per_token_are_accepted():
     expected = pact_loss(batch, cfg)[0].item()
     batch.advantages = per_rollout[:, None].expand(6, 7)
     assert pact_loss(batch, cfg)[0].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_sft_weight_metrics_follow_each_components_schedule():
+    batch = _batch()
+    for progress in (0.0, 0.5, 1.0):
+        cfg = PACTLossConfig(sft_reasoning_mode="scale", w_other=0.6)
+        _, m = pact_loss(batch, cfg, progress)
+        beta = tool_call_weight(progress)
+        assert m["sft_weight/tool_call"] == pytest.approx(beta)
+        assert m["sft_weight/reasoning"] == pytest.approx(beta * cfg.w_reason)  # scale mode: annealed like calls
+        assert m["sft_weight/other"] == pytest.approx(0.6)

@@ -19,14 +19,14 @@ def _run(path, rows):
 def _sft_run(path):  # an SFT-only run: no RL terms, no ratios, evaluations at steps 0 and 2
     return _run(path, [{"step": 0, "eval/success_rate": 0.0}]
                 + [{"step": s, "reward_mean": 0.1 * s, "loss/total": 2.0 / s, "loss/sft": 2.0 / s,
-                    "tool_call_weight": 0.8 - 0.1 * s} for s in (1, 2)] + [{"step": 2, "eval/success_rate": 0.5}])
+                    "sft_weight/tool_call": 0.8 - 0.1 * s} for s in (1, 2)] + [{"step": 2, "eval/success_rate": 0.5}])
 
 
 def test_only_quantities_with_data_get_a_panel(tmp_path):
     rows = read_metrics(_sft_run(tmp_path / "sft"))
     titles = [p[0] for p in panels_with_data([rows])]
     assert titles == ["rollout reward", "held-out success (greedy, prompt-only)", "total loss",
-                      "trace SFT (per trace token)", "SFT weights"]
+                      "trace SFT (per trace token)", "SFT weight by component"]
     assert all(ylabel for _, ylabel, _ in PANELS)  # every panel labels its y axis
 
 
