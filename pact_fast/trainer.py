@@ -241,19 +241,19 @@ def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temper
     return _per_unit(units, logp, offsets, ent), packed.num_tokens
 
 
-def fused_micro_batch_loss(scorer, units, inputs, batch_args, loss_args, *, backend, temperature):
+def fused_micro_batch_loss(scorer, units, inputs, episodes_flat, sft_flat, advantages, anchored, old, device,
+                           loss_args, *, backend, temperature):
     """``pact_loss`` of a micro-batch through ``fused_pact_head`` (loss, dX and dW in one lm_head pass).
 
-    batch_args: ``batch_for_loss``'s arguments after units and results; loss_args: ``fused_pact_head``'s
-    config, progress, step, rl_scale, sft_scale. Returns ``(loss, metrics or None, packed tokens)``; metrics
-    are None when the loss is not finite (the loss is then a zero that still reaches every parameter).
+    The middle arguments are ``batch_for_loss``'s; loss_args: ``fused_pact_head``'s config, progress, step,
+    rl_scale, sft_scale. Returns ``(loss, metrics or None, packed tokens)``; metrics are None when the loss is
+    not finite (the loss is then a zero that still reaches every parameter).
     """
     packed, rows, targets, offsets = pack_micro_batch(units, inputs)
     # the padded layout of batch_for_loss, filled with row number + 1 (0 = padding) instead of log-probs
     slots = batch_for_loss(units, _per_unit(units, torch.arange(1, len(rows) + 1, dtype=torch.float64), offsets),
-                           *batch_args)
+                           episodes_flat, sft_flat, advantages, anchored, old, device)
     index = {name: getattr(slots, name).long() - 1 for name in ("logp_tc", "logp_po", "sft_logp")}
-    old = batch_args[-2]
     batch = PACTBatch(**{**vars(slots), "logp_tc": None, "logp_po": None, "sft_logp": None, "entropy": None,
                          "old_logp_tc": slots.old_logp_tc if old else None,
                          "old_logp_po": slots.old_logp_po if old else None})
@@ -518,7 +518,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                         if tc.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
                             with autocast:
                                 loss, metrics, n_tok = fused_micro_batch_loss(
-                                    scorer, mb_units, inputs, (flat, sft_flat, advantages, anchored, old, device),
+                                    scorer, mb_units, inputs, flat, sft_flat, advantages, anchored, old, device,
                                     dict(config=lc, progress=progress, step=step, rl_scale=rl_scale,
                                          sft_scale=sft_scale), backend=tc.attn_backend,
                                     temperature=config.rollout.temperature)
