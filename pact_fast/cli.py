@@ -142,5 +142,11 @@ def main(argv=None):
         return 130 if summary["interrupted"] else 0
     from .compare import compare
 
-    compare(config, modes=args.modes)
+    try:
+        compare(config, modes=args.modes)
+    except (ModelError, DataFormatError, FileNotFoundError) as exc:  # the user's model, data or files
+        if args.debug:
+            raise
+        print(f"pact-fast: {exc}", file=sys.stderr)
+        return 2
     return 0

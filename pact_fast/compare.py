@@ -9,10 +9,11 @@ import copy
 import json
 from pathlib import Path
 
-from .trainer import train
+from .trainer import load_data, train
 
 
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), log=print):
+    load_data(config.data)  # a data mistake is reported before any run directory is made
     root = Path(config.train.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rows = []

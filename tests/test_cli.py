@@ -37,3 +37,11 @@ def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp
 def test_debug_shows_the_traceback(tmp_path):
     proc = _cli("train", "--config", "missing.yaml", "--debug", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_compare_reports_missing_data_as_one_line(tmp_path):
+    proc = _cli("compare", "--data", "nope.jsonl", "--out", "out", "--modes", "sft", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pact-fast: data.path=nope.jsonl: no such file"), proc.stderr
+    assert not (tmp_path / "out").exists()
