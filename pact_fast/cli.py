@@ -39,6 +39,17 @@ def _resolve(args):
     return load_config(args.config, overrides)
 
 
+USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError)  # the user's model, data or files, not bugs
+
+
+def _user_error(args, message):
+    """One line on stderr and status 2; with --debug, the traceback of the exception being handled instead."""
+    if args.debug:
+        raise
+    print(f"pact-fast: {message}", file=sys.stderr)
+    return 2
+
+
 def _resume_config(args):
     """The config of ``--resume DIR``: the run's config.yaml with this command's overrides on top. Says what it
     resumes and every option that differs from the saved run."""
@@ -113,10 +124,7 @@ def main(argv=None):
     try:
         config = _resolve(args)
     except ConfigError as exc:
-        if args.debug:
-            raise
-        print(f"pact-fast: config error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(args, f"config error: {exc}")
     if args.command == "train":
         from .trainer import train
 
@@ -124,17 +132,11 @@ def main(argv=None):
             try:
                 config = _resume_config(args)
             except (ConfigError, FileNotFoundError, ValueError) as exc:
-                if args.debug:
-                    raise
-                print(f"pact-fast: {exc}", file=sys.stderr)
-                return 2
+                return _user_error(args, exc)
         try:
             summary = train(config, resume=args.resume)
-        except (ModelError, DataFormatError, FileNotFoundError) as exc:  # the user's model, data or files
-            if args.debug:
-                raise
-            print(f"pact-fast: {exc}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as exc:
+            return _user_error(args, exc)
         print(json.dumps(summary, indent=1))
         if summary["stopped"]:
             print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)
@@ -144,9 +146,6 @@ def main(argv=None):
 
     try:
         compare(config, modes=args.modes)
-    except (ModelError, DataFormatError, FileNotFoundError) as exc:  # the user's model, data or files
-        if args.debug:
-            raise
-        print(f"pact-fast: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return _user_error(args, exc)
     return 0
