@@ -186,18 +186,13 @@ def _torch_varlen(seq_lens, scale):
     return fn, None
 
 
-def attention_ideal_ms(subtree_end, HQ, HKV, D, device_name, mode="fwd+bwd", elem_bytes=2):
-    """Visible-pairs ideal of one attention layer over a layout (SPEC section 6): 2 matmuls forward, 5 more
-    backward, each 2*D FLOPs per visible (query, key) pair per query head; compulsory bytes once (q, k, v, o,
-    and for the backward do, dq, dk, dv). subtree_end: [B, L]."""
-    dev = roofline.DEVICES[device_name]
-    L = subtree_end.shape[-1]
-    pairs = int((subtree_end - torch.arange(L, device=subtree_end.device)).sum())
-    matmuls = 2 if mode == "fwd" else 7
-    flops = matmuls * 2 * pairs * D * HQ
-    tensors_q, tensors_kv = (2, 2) if mode == "fwd" else (4, 4)
-    nbytes = subtree_end.shape[0] * L * D * (tensors_q * HQ + tensors_kv * HKV) * elem_bytes
-    return 1e3 * max(flops / dev.flops, nbytes / dev.bandwidth)
+def attention_ideal_ms(subtree_end, HQ, HKV, D, device_name, mode="fwd+bwd"):
+    """Visible-pairs ideal (ms, bf16) of one attention layer over a layout ``subtree_end [B, L]`` (SPEC section
+    7), from ``kernels/tree_attention_launch.ideal_costs``; mode "fwd" or "fwd+bwd"."""
+    from pact_fast.kernels.tree_attention_launch import ideal_costs
+
+    passes = ("fwd",) if mode == "fwd" else ("fwd", "bwd")
+    return roofline.predict_ms(ideal_costs(subtree_end, HQ, HKV, D, torch.bfloat16, passes), device_name)
 
 
 def _compiled_flex(subtree_end, HQ, HKV, scale):
@@ -235,7 +230,8 @@ def run_layer(dry_run, device, reps):
     HQ, HKV, D = w["heads"], w["kv_heads"], w["head_dim"]
     dtype = torch.float32 if dry_run else torch.bfloat16
     dev = model_device(device)
-    model = next((r for r in roofline._group_rows((dev,)) if r["op"] == "tree_attention fwd+bwd"), {})
+    models = {r["op"]: r for r in roofline._group_rows((dev,))}
+    model_ops = {"triton": "tree_attention fwd+bwd", "triton_atomic": "tree_attention fwd+bwd (dq atomics)"}
     try:
         import pact_fast.kernels.tree_attention_launch  # noqa: F401
         has_triton = None
@@ -249,6 +245,10 @@ def run_layer(dry_run, device, reps):
         q, k, v, do = (torch.randn(1, h, L, D, generator=g).to(dtype).to(device) for h in (HQ, HKV, HKV, HQ))
         backends = {"triton": (None, has_triton if not (dry_run and layout == "b2b") else
                                "dry run: the interpreter runs the packed layout only")}
+        if layout == "packed":  # the 5-matmul backward (dq by fp32 atomics) beside the default split
+            backends["triton_atomic"] = (
+                lambda q, k, v, ends=ends: tree_attention(q, k, v, ends, backend="triton", dq_mode="atomic",
+                                                          validate=False), has_triton)
         backends["flex"] = (None, "FlexAttention backward needs CUDA")
         if device.type == "cuda":
             try:
@@ -268,14 +268,12 @@ def run_layer(dry_run, device, reps):
                    "mode": "fwd+bwd", "dtype": str(dtype).replace("torch.", ""),
                    "shape": {"L": L, "HQ": HQ, "HKV": HKV, "D": D}, "model_device": dev}
             ideal = attention_ideal_ms(ends, HQ, HKV, D, dev)
-            if layout == "packed" and name == "triton" and model.get("predicted_ms") is not None and not dry_run:
+            model = models.get(model_ops.get(name), {})
+            if layout == "packed" and model and not dry_run:
                 row.update(predicted_ms=model["predicted_ms"], ideal_ms=model["ideal_ms"],
-                           prediction="roofline: tree_attention fwd+bwd (kernels/tree_attention_launch model)")
+                           prediction=f"roofline: {model['op']} (kernels/tree_attention_launch model)")
             else:
-                why = "" if model.get("predicted_ms") is not None or name != "triton" else \
-                    "; " + model.get("note", "no kernel model")
-                row.update(predicted_ms=ideal, ideal_ms=ideal,
-                           prediction=f"visible-pairs ideal of this layout, a lower bound{why}")
+                row.update(predicted_ms=ideal, ideal_ms=ideal, prediction="visible-pairs ideal of this layout, a lower bound")
             if skip:
                 rows.append({**row, "ms": None, "peak_MiB": None, "skipped": skip})
                 continue

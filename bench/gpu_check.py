@@ -183,7 +183,7 @@ def tree_layout(dry_run, big):
 
 def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, chunk=2048, **options):
     """One case: Triton tree_attention (the GPU tile configuration on CUDA) vs float64. ``options`` go to
-    tree_attention (e.g. ``deterministic``); a deterministic backward must also repeat bit for bit."""
+    tree_attention (e.g. ``dq_mode``); the deterministic backward (dq_mode "split") must also repeat bit for bit."""
     from pact_fast.ops import tree_attention as tree_attention_op
 
     def tree_attention(*args, **kwargs):
@@ -201,7 +201,8 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
     ours = {"out": out.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     dtypes_ok = all(t.dtype == dtype for t in ours.values())
     repeats = True
-    if options.get("deterministic"):
+    deterministic = options.get("dq_mode", "split") == "split"
+    if deterministic:
         again = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         tree_attention(*again, subtree_end, backend="triton").backward(do.to(dtype))
         repeats = all(torch.equal(a.grad, b) for a, b in zip(again, (ours["dq"], ours["dk"], ours["dv"])))
@@ -221,15 +222,18 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
     verdict_plain = {key: val for key, val in plain.items() if key != "note"}
     return {"kernel": "tree_attention", "case": name, "shape": {"B": B, "L": L, "HQ": HQ, "HKV": HKV, "D": D},
             "dtype": dtype_name, "options": options, "errors": errors, "plain_torch_errors": plain,
-            "bitwise_repeatable": repeats if options.get("deterministic") else None,
+            "bitwise_repeatable": repeats if deterministic else None,
             "passed": bool(finite and dtypes_ok and repeats and _verdict(errors, verdict_plain))}
 
 
 def tree_cases(dry_run):
-    """(name, HQ, HKV, D, kwargs): GQA, MHA and MQA on random tries; the W-group layer's heads on its trie."""
+    """(name, HQ, HKV, D, kwargs): GQA, MHA and MQA on random tries, each dq mode; the W-group layer's heads on
+    its trie."""
     if dry_run:
-        return [("gqa2-D16", 4, 2, 16, {}), ("mqa-D16", 2, 1, 16, {}), ("W-group-tiny", 4, 2, 16, {"big": True})]
+        return [("gqa2-D16", 4, 2, 16, {}), ("mqa-D16", 2, 1, 16, {}), ("gqa2-D16-atomic", 4, 2, 16, {"dq_mode": "atomic"}),
+                ("W-group-tiny", 4, 2, 16, {"big": True})]
     return [("gqa2-D128", 16, 8, 128, {}), ("mha-D64", 4, 4, 64, {}), ("mqa-D64", 8, 1, 64, {}),
+            ("gqa3-D128", 12, 4, 128, {}), ("gqa2-D128-atomic", 16, 8, 128, {"dq_mode": "atomic"}),
             ("W-group-layer", 16, 8, 128, {"big": True})]
 
 

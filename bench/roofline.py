@@ -331,34 +331,45 @@ def logprob_rows(workload, N, V, H, devices=("H100", "H200"), has_gent=True):
     return rows
 
 
-# Issue 11's model of the tree-attention kernels before it (H100 only, no per-kernel split recorded).
+# Issue 11's model of the tree-attention kernels before it (H100 only, no per-kernel split recorded): 64x64 tiles,
+# one query head per program, dq recomputing QK^T and dO V^T in its own kernel.
 GROUP_BEFORE = {"H100": {"predicted_ms": 16.3, "ideal_ms": 5.0}}
 
 
+def w_group_layout():
+    """(subtree_end [1, L] int32, HQ, HKV, D): the packed token trie of one W-group (SPEC section 6:
+    P=4k, T=2k, U=16, E=2k, G=8, R=1k; L = 24,592) and the heads of its Qwen3-1.7B-shaped model."""
+    from bench_group import WORKLOADS, make_group
+
+    from pact_fast.packing import pack_tree
+
+    w = WORKLOADS["W-group"]
+    seqs, _ = make_group(w)
+    return pack_tree(seqs).subtree_end[None].to(torch.int32), w["heads"], w["kv_heads"], w["head_dim"]
+
+
 def _group_rows(devices):
-    """One W-group layer of tree attention, fwd+bwd. The model comes from
-    ``kernels/tree_attention_launch.w_group_layer_costs() -> (costs, ideal_costs, extra_memory_bytes)``:
-    KernelCost lists of the launches at the GPU configuration and of the visible-pairs ideal (2 matmuls
-    forward, 5 backward over visible pairs, compulsory bytes once) for the layer SPEC section 6 names."""
+    """One W-group layer of tree attention, fwd+bwd, bf16, against its visible-pairs ideal (2 matmuls forward,
+    5 backward over visible pairs, compulsory bytes once): the launcher's model
+    (``kernels/tree_attention_launch.kernel_costs``) for each dq mode, and issue 11's figures for the kernels
+    before it."""
     from pact_fast.kernels import tree_attention_launch as launch
 
+    ends, HQ, HKV, D = w_group_layout()
+    shape = {"L": ends.shape[1], "HQ": HQ, "HKV": HKV, "D": D, "dtype": "bf16"}
+    ideal = launch.ideal_costs(ends, HQ, HKV, D, torch.bfloat16)
     rows = []
     for device in devices:
         if device in GROUP_BEFORE:
             before = GROUP_BEFORE[device]
             rows.append({"workload": "W-group-layer", "op": "tree_attention fwd+bwd (before issue 11)",
                          "device": device, **before, "ratio": before["predicted_ms"] / before["ideal_ms"],
-                         "extra_memory_bytes": None, "kernels": [], "label": "model",
+                         "extra_memory_bytes": None, "kernels": [], "label": "model", "shape": shape,
                          "note": "figures from issue 11's model of the kernels before it"})
-        if not hasattr(launch, "w_group_layer_costs"):
-            rows.append({"workload": "W-group-layer", "op": "tree_attention fwd+bwd", "device": device,
-                         "predicted_ms": None, "ideal_ms": None, "ratio": None, "extra_memory_bytes": None,
-                         "kernels": [], "label": "model",
-                         "note": "kernels/tree_attention_launch.py has no w_group_layer_costs() yet"})
-            continue
-        costs, ideal_costs, extra = launch.w_group_layer_costs()
-        rows.append(model_row("W-group-layer", "tree_attention fwd+bwd", device, costs, predict_ms(ideal_costs, device),
-                         extra))
+        for dq_mode, op in (("split", "tree_attention fwd+bwd"), ("atomic", "tree_attention fwd+bwd (dq atomics)")):
+            costs = launch.kernel_costs(ends, HQ, HKV, D, torch.bfloat16, dq_mode=dq_mode)
+            rows.append(model_row("W-group-layer", op, device, costs, predict_ms(ideal, device),
+                                  launch.extra_memory_bytes(ends, HQ, D, dq_mode=dq_mode), shape=shape))
     return rows
 
 

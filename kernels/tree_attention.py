@@ -1,67 +1,88 @@
 """Triton kernels for tree attention over a DFS-packed token trie.
 
 Key ``k`` is visible to query ``q`` iff ``k <= q < subtree_end[k]`` (SPEC section 2).
-The launcher lists, per query tile, the key tiles holding at least one visible pair (and the
-transpose, per key tile, the query tiles), so no kernel touches a fully masked tile:
+The launcher lists, per query tile, the key tiles holding at least one visible pair (and, per key
+tile, the query tiles), so no kernel touches a fully masked tile:
 
-- ``_fwd_kernel``: one program per (query tile, batch*q-head); online softmax in base 2;
-  writes ``o`` and the row log-sum-exp ``lse`` (base 2, fp32) for backward.
-- ``_dq_kernel``: per query tile, walks the same key tiles, ``dq = scale * sum ds @ k``.
-- ``_dkdv_kernel``: per (key tile, batch*kv-head), walks the query tiles of every q-head of its
-  GQA group; ``dv = sum p^T @ do``, ``dk = scale * sum ds^T @ q``. No atomics anywhere.
+- ``_fwd_kernel``: one program per (query tile, batch, block of HEADS query heads that share one
+  key/value head): the heads' rows are stacked into one ``[HEADS * BLOCK_M, D]`` operand, so every
+  key/value tile loaded serves all of them (GQA packing); online softmax in base 2; writes ``o`` and
+  the row log-sum-exp ``lse`` (base 2, fp32) for backward.
+- ``_delta_kernel``: ``delta = rowsum(do * o)`` in fp32, one pass over ``o`` and ``do``.
+- ``_dq_kernel``: per query tile (same stacking), walks the forward's key tiles: ``dq = scale * sum ds @ k``.
+- ``_dkdv_kernel``: per (key tile, batch, key/value head), walks the query tiles of every query head of
+  its group: ``dv = sum p^T @ do``, ``dk = scale * sum ds^T @ q``. With ``ATOMIC_DQ`` it also adds
+  ``scale * ds @ k`` into an fp32 dq buffer with atomics (5 matmuls per visible tile pair instead of the
+  split's 4 + 3, in a summation order that varies run to run); ``_cast_kernel`` then writes dq.
 
-with ``p = exp2(s * log2e - lse)``, ``ds = p * (do @ v^T - delta)``, ``delta = rowsum(do * o)``.
+with ``p = exp2(s * log2e - lse)``, ``ds = p * (do @ v^T - delta)``. Without ``ATOMIC_DQ`` nothing uses
+atomics and every result is deterministic.
 """
 import triton
 import triton.language as tl
+
+from .registry import cost_name
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _visible(offs_m, offs_n, end, L):
-    """[BLOCK_M, BLOCK_N] bool: key n visible to query m (both inside the sequence)."""
-    return (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end[None, :]) & (offs_m[:, None] < L)
+def _query_rows(pid_m, h0, BLOCK_M: tl.constexpr, HEADS: tl.constexpr):
+    """Rows of a stacked query block: (position [HEADS*BLOCK_M], head [HEADS*BLOCK_M]); row r is head
+    ``h0 + r // BLOCK_M`` at position ``pid_m * BLOCK_M + r % BLOCK_M``."""
+    r = tl.arange(0, HEADS * BLOCK_M)
+    return pid_m * BLOCK_M + r % BLOCK_M, h0 + r // BLOCK_M
 
 
 @triton.jit
+def _load_rows(ptrs, row_mask, d_mask, UPCAST: tl.constexpr):
+    """A [rows, BLOCK_D] tile, zero outside the rows and the head dimension (fp32 when UPCAST)."""
+    x = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _visible(pos_m, offs_n, end, L):
+    """[rows, BLOCK_N] bool: key n visible to the query at position m (both inside the sequence)."""
+    return (offs_n[None, :] <= pos_m[:, None]) & (pos_m[:, None] < end[None, :]) & (pos_m[:, None] < L)
+
+
+@cost_name("tree_attention.fwd")
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                L, HQ, GROUP, N_TILES, scale,
+                L, HQ, GROUP, N_QT, N_KT, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+                HEADS: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = pid_bh // (HQ // HEADS)
+    h0 = (pid_bh % (HQ // HEADS)) * HEADS
+    hk = h0 // GROUP
+    pos, head = _query_rows(pid_m, h0, BLOCK_M, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    m_mask = pos < L
+    q = _load_rows(q_ptr + b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :], m_mask, d_mask,
+                   UPCAST)
     qk_scale = scale * _LOG2E
-    m_i = tl.full((BLOCK_M,), _M_INIT, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    list_off = (b * N_TILES + pid_m) * N_TILES
-    n_visible = tl.load(cnt_ptr + b * N_TILES + pid_m)
+    m_i = tl.full((HEADS * BLOCK_M,), _M_INIT, dtype=tl.float32)
+    l_i = tl.zeros((HEADS * BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
+    list_off = (b * N_QT + pid_m) * N_KT
+    n_visible = tl.load(cnt_ptr + b * N_QT + pid_m)
     for t in range(n_visible):
         j = tl.load(idx_ptr + list_off + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < L
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
+        v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, end, L), s, float("-inf"))
+        s = tl.where(_visible(pos, offs_n, end, L), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -70,66 +91,74 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
         m_i = m_new
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    m_mask = offs_m < L
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+    tl.store(o_ptr + b * sob + head[:, None] * soh + pos[:, None] * sol + offs_d[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + pid_bh * L + offs_m, m_i + tl.log2(l_safe), mask=m_mask)
+    tl.store(lse_ptr + (b * HQ + head) * L + pos, m_i + tl.log2(l_safe), mask=m_mask)
 
 
+@cost_name("tree_attention.delta")
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, ROWS,
+                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[r] = sum_d o[r, d] * do[r, d] in fp32; o, do contiguous [ROWS, HEAD_DIM]."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_mask = offs_r < ROWS
+    d_mask = offs_d < HEAD_DIM
+    ptrs = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    o = _load_rows(o_ptr + ptrs, r_mask, d_mask, True)
+    do = _load_rows(do_ptr + ptrs, r_mask, d_mask, True)
+    tl.store(delta_ptr + offs_r, tl.sum(o * do, axis=1), mask=r_mask)
+
+
+@cost_name("tree_attention.dq")
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-               L, HQ, GROUP, N_TILES, scale,
+               L, HQ, GROUP, N_QT, N_KT, scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               UPCAST: tl.constexpr):
+               HEADS: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = pid_bh // (HQ // HEADS)
+    h0 = (pid_bh % (HQ // HEADS)) * HEADS
+    hk = h0 // GROUP
+    pos, head = _query_rows(pid_m, h0, BLOCK_M, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < L
-    qd_mask = m_mask[:, None] & d_mask[None, :]
-    # q and do share q's strides (the launcher makes do contiguous like q's copy)
-    q_off = b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :]
-    q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + q_off, mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(lse_ptr + pid_bh * L + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + pid_bh * L + offs_m, mask=m_mask, other=0.0)
+    m_mask = pos < L
+    # q, do and dq share q's strides (the launcher makes do and dq contiguous like q)
+    q_off = b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :]
+    q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST)
+    do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
+    lse = tl.load(lse_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
     qk_scale = scale * _LOG2E
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    list_off = (b * N_TILES + pid_m) * N_TILES
-    n_visible = tl.load(cnt_ptr + b * N_TILES + pid_m)
+    dq = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
+    list_off = (b * N_QT + pid_m) * N_KT
+    n_visible = tl.load(cnt_ptr + b * N_QT + pid_m)
     for t in range(n_visible):
         j = tl.load(idx_ptr + list_off + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < L
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
+        v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(_visible(offs_m, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(_visible(pos, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+@cost_name("tree_attention.dkdv")
 @triton.jit
-def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
                  sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                 L, HQ, HKV, GROUP, N_TILES, scale,
+                 L, HQ, HKV, GROUP, N_KT, N_QT, scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -138,41 +167,44 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < L
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_off = b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :]
+    v_off = b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :]
+    k = _load_rows(k_ptr + k_off, n_mask, d_mask, UPCAST)
+    v = _load_rows(v_ptr + v_off, n_mask, d_mask, UPCAST)
     end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     qk_scale = scale * _LOG2E
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    list_off = (b * N_TILES + pid_n) * N_TILES
-    n_visible = tl.load(cnt_ptr + b * N_TILES + pid_n)
+    list_off = (b * N_KT + pid_n) * N_QT
+    n_visible = tl.load(cnt_ptr + b * N_KT + pid_n)
     for g in range(GROUP):
         h = hk * GROUP + g
-        bh = b * HQ + h
         for t in range(n_visible):
             i = tl.load(idx_ptr + list_off + t)
-            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < L
-            q_off = b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :]
-            qd_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
-            do = tl.load(do_ptr + q_off, mask=qd_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_ptr + bh * L + offs_m, mask=m_mask, other=0.0)
-            delta = tl.load(delta_ptr + bh * L + offs_m, mask=m_mask, other=0.0)
+            pos, _ = _query_rows(i, h, BLOCK_M, 1)
+            m_mask = pos < L
+            q_off = b * sqb + h * sqh + pos[:, None] * sql + offs_d[None, :]
+            q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST)
+            do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
+            lse = tl.load(lse_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
+            delta = tl.load(delta_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(_visible(offs_m, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(_visible(pos, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
-    tl.store(dk_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+            if ATOMIC_DQ:  # dq_ptr: fp32 [B, Hq, L, D] with q's strides
+                tl.atomic_add(dq_ptr + q_off, tl.dot(ds.to(k.dtype), k) * scale,
+                              mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(dk_ptr + k_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(dv_ptr + v_off, dv.to(dv_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+
+
+@cost_name("tree_attention.cast")
+@triton.jit
+def _cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """dst[i] = src[i] in dst's dtype (the atomic mode's fp32 dq to the gradient's dtype)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)

@@ -1,121 +1,293 @@
-"""Launchers for the tree-attention kernels: visible-tile lists, output allocation, grids."""
+"""Launchers for the tree-attention kernels: visible-tile lists, grids, and the performance model.
+
+Tiles (``GPU_CONFIGS``, chosen by ``kernel_costs`` at one W-group layer, bench/roofline.py):
+
+- forward and dq: query tiles of 128 positions, with the query heads that share a key/value head
+  stacked (``heads_per_program``: up to 2, so 256 rows) against 64-key tiles. A key/value tile is
+  loaded once for all rows: 2 (forward) or 3 (dq) matmuls over 256 rows per 32 KB of K and V
+  (bf16, head_dim 128) is 256-384 FLOP/byte, compute-bound on H100 (~230 needed).
+- dk/dv: 128-key tiles against 64-query tiles: 4 matmuls per 32 KB of q and do, 256 FLOP/byte.
+
+The backward runs 7 matmuls per visible tile pair (split: dq in its own kernel, deterministic). The
+5-matmul alternative (``dq_mode="atomic"``: dq added into an fp32 buffer with atomics from the dk/dv
+kernel) moves 8 bytes of atomics per dq element per tile pair, 107 FLOP/byte at these tiles, so by the
+model it is slower (see ``kernel_costs`` and README's roofline table); it is kept for measurement on a GPU,
+where L2 may absorb the atomics the model charges to HBM.
+"""
+from typing import NamedTuple
+
 import torch
 import triton
 
-from .registry import TRITON_DTYPE, GateEntry, LaunchConfig, interpreting
-from .tree_attention import _dkdv_kernel, _dq_kernel, _fwd_kernel
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, LaunchConfig, interpreting
+from .tree_attention import _cast_kernel, _delta_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 
-# GPU: square 64x64 tiles (one tile list serves forward, dq and, transposed, dk/dv); 4 warps
-# keep the fp32 score tile and the [64, 128] accumulators in registers at head_dim 128.
 GPU_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    "dq": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    "dkdv": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    "fwd": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    "dq": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    "dkdv": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    "delta": LaunchConfig({"BLOCK_R": 64}, num_warps=4, num_stages=1),
+    "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
 }
-INTERPRET_CONFIGS = {name: LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}) for name in GPU_CONFIGS}
+# Interpreter: small tiles (the backward's key tiles twice the query tiles, as on the GPU).
+INTERPRET_CONFIGS = {
+    "fwd": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
+    "dq": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
+    "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
+    "delta": LaunchConfig({"BLOCK_R": 16}),
+    "cast": LaunchConfig({"BLOCK": 256}),
+}
+MAX_HEADS = 2  # query heads stacked per forward / dq program
 GATE_HEAD_DIMS = (64, 128)
+DQ_MODES = ("split", "atomic")
 
 
-def _configs():
-    return INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
+def _configs(configs=None):
+    cfgs = configs or (INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS)
+    if cfgs["fwd"].blocks != cfgs["dq"].blocks:
+        raise ValueError("tree_attention: the forward and dq kernels walk one tile list; their tiles must match")
+    return cfgs
 
 
-def tile_lists(subtree_end, block):
-    """Visible tile pairs of a tree layout, exactly: tile pair (i, j) is listed iff some key k in
-    key tile j and query q in query tile i have k <= q < subtree_end[k].
+def heads_per_program(group):
+    """Query heads stacked in one forward / dq program: the largest power of two <= MAX_HEADS dividing
+    the GQA group size (all of them share one key/value head)."""
+    heads = 1
+    while heads * 2 <= MAX_HEADS and group % (heads * 2) == 0:
+        heads *= 2
+    return heads
 
-    subtree_end: [B, L] int. Returns int32 tensors
-    (q_count [B, T], q_index [B, T, T]: key tiles per query tile, ascending, first q_count valid;
-     k_count [B, T], k_index [B, T, T]: query tiles per key tile), T = ceil(L / block).
-    """
+
+def visible_tiles(subtree_end, block_m, block_n):
+    """[B, ceil(L / block_m), ceil(L / block_n)] bool: query tile i and key tile j hold a visible pair,
+    i.e. some key k of tile j and query q of tile i have k <= q < subtree_end[k]. subtree_end: [B, L]."""
     B, L = subtree_end.shape
-    T = triton.cdiv(L, block)
-    device = subtree_end.device
-    ends = torch.nn.functional.pad(subtree_end.long(), (0, T * block - L))  # [B, T*block]; pad keys see nothing
-    keys = torch.arange(T * block, device=device)
-    q_first = torch.arange(T, device=device) * block  # [T]
-    q_last = torch.clamp(q_first + block - 1, max=L - 1)
+    Tm, Tn = triton.cdiv(L, block_m), triton.cdiv(L, block_n)
+    ends = torch.nn.functional.pad(subtree_end.long(), (0, Tn * block_n - L))  # pad keys see nothing
+    keys = torch.arange(Tn * block_n, device=subtree_end.device)
+    q_first = torch.arange(Tm, device=subtree_end.device) * block_m
+    q_last = torch.clamp(q_first + block_m - 1, max=L - 1)
     # key k sees some query of tile i  <=>  k <= q_last[i] and subtree_end[k] > q_first[i]
-    sees = (keys[None, None, :] <= q_last[None, :, None]) & (ends[:, None, :] > q_first[None, :, None])  # [B, T, T*block]
-    visible = sees.view(B, T, T, block).any(-1)  # [B, T(query tiles), T(key tiles)]
-    q_count = visible.sum(-1).int()
-    q_index = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices.int()
-    k_count = visible.sum(1).int()
-    k_index = torch.sort((~visible).transpose(1, 2).to(torch.int8), dim=-1, stable=True).indices.int()
-    return q_count.contiguous(), q_index.contiguous(), k_count.contiguous(), k_index.contiguous()
+    sees = (keys[None, None, :] <= q_last[None, :, None]) & (ends[:, None, :] > q_first[None, :, None])
+    return sees.view(B, Tm, Tn, block_n).any(-1)
 
 
-def _common(q, k):
-    B, HQ, L, D = q.shape
+def _lists(visible):
+    """(count [B, T0] int32, index [B, T0, T1] int32): per row of ``visible [B, T0, T1]``, its true columns
+    ascending, the first ``count`` entries of ``index`` valid."""
+    count = visible.sum(-1).int().contiguous()
+    index = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices.int().contiguous()
+    return count, index
+
+
+class TileLists(NamedTuple):
+    """The visible tile pairs every launch walks, built once per layout (``tile_lists``)."""
+
+    q_count: torch.Tensor  # [B, Tq] key tiles per query tile (forward and dq tiles)
+    q_index: torch.Tensor  # [B, Tq, Tk] those key tiles, ascending
+    k_count: torch.Tensor  # [B, Tk'] query tiles per key tile (dk/dv tiles)
+    k_index: torch.Tensor  # [B, Tk', Tq'] those query tiles, ascending
+
+
+def tile_lists(subtree_end, configs=None):
+    """TileLists of ``subtree_end [B, L]`` at the launch tiles (``configs`` default: the launcher's own)."""
+    cfgs = _configs(configs)
+    fwd, bwd = cfgs["fwd"].blocks, cfgs["dkdv"].blocks
+    q_lists = _lists(visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"]))
+    k_lists = _lists(visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"]).transpose(1, 2))
+    return TileLists(*q_lists, *k_lists)
+
+
+def _flags(q):
+    D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                UPCAST=interpreting() and q.dtype == torch.bfloat16), (B, HQ, k.shape[1], L)
+                UPCAST=interpreting() and q.dtype == torch.bfloat16)
 
 
-def launch_block():
-    """The square tile the launches use: the block of the tile lists (``tile_lists(subtree_end, launch_block())``)."""
-    return _configs()["fwd"].blocks["BLOCK_M"]
+def _launch(kernel, grid, cfg, *args, **constexprs):
+    kernel[grid](*args, **constexprs, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def forward(q, k, v, subtree_end, scale, lists=None):
+def forward(q, k, v, subtree_end, scale, lists=None, configs=None):
     """q [B,Hq,L,D], k/v [B,Hkv,L,D] contiguous, subtree_end [B,L] int32 -> (o [B,Hq,L,D], lse [B,Hq,L] fp32, lists).
 
-    lists: ``tile_lists(subtree_end, launch_block())`` when the caller built them once for several layers."""
-    cfg = _configs()["fwd"]
-    block = cfg.blocks["BLOCK_M"]
-    lists = tile_lists(subtree_end, block) if lists is None else lists
-    flags, (B, HQ, HKV, L) = _common(q, k)
+    lists: ``tile_lists(subtree_end)`` when the caller built them once for several layers."""
+    cfgs = _configs(configs)
+    lists = tile_lists(subtree_end, cfgs) if lists is None else lists
+    B, HQ, L, _ = q.shape
+    group = HQ // k.shape[1]
+    heads = heads_per_program(group)
     o = torch.full_like(q, float("nan"))
     lse = torch.full((B, HQ, L), float("nan"), device=q.device, dtype=torch.float32)
-    T = triton.cdiv(L, block)
-    _fwd_kernel[(T, B * HQ)](
-        q, k, v, subtree_end, lists[0], lists[1], o, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        L, HQ, HQ // HKV, T, scale, **flags, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    n_qt, n_kt = lists.q_index.shape[1:]
+    _launch(_fwd_kernel, (n_qt, B * HQ // heads), cfgs["fwd"],
+            q, k, v, subtree_end, lists.q_count, lists.q_index, o, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **_flags(q))
     return o, lse, lists
 
 
-def backward(q, k, v, o, lse, do, subtree_end, lists, scale):
-    """Gradients (dq, dk, dv) in the layouts of q, k, v (all contiguous)."""
-    cfgs = _configs()
-    flags, (B, HQ, HKV, L) = _common(q, k)
-    T = triton.cdiv(L, cfgs["dq"].blocks["BLOCK_M"])
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, Hq, L]
+def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", configs=None):
+    """Gradients (dq, dk, dv) in the layouts of q, k, v (all contiguous; do contiguous like q).
+
+    dq_mode: "split" (dq by its own kernel; deterministic) or "atomic" (dq added with fp32 atomics from
+    the dk/dv kernel: 5 matmuls per tile pair instead of 7, summation order varies run to run)."""
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"tree_attention: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
+    cfgs = _configs(configs)
+    B, HQ, L, D = q.shape
+    HKV = k.shape[1]
+    group = HQ // HKV
+    flags = _flags(q)
+    delta = torch.empty((B, HQ, L), device=q.device, dtype=torch.float32)
+    rows = B * HQ * L
+    _launch(_delta_kernel, (triton.cdiv(rows, cfgs["delta"].blocks["BLOCK_R"]),), cfgs["delta"],
+            o, do, delta, rows, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    cfg = cfgs["dq"]
-    _dq_kernel[(T, B * HQ)](
-        q, k, v, subtree_end, lists[0], lists[1], do, lse, delta, dq, *strides,
-        L, HQ, HQ // HKV, T, scale, **flags, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = cfgs["dkdv"]
-    _dkdv_kernel[(T, B * HKV)](
-        q, k, v, subtree_end, lists[2], lists[3], do, lse, delta, dk, dv, *strides,
-        L, HQ, HKV, HQ // HKV, T, scale, **flags, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    atomic = dq_mode == "atomic"
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
+    if not atomic:
+        heads = heads_per_program(group)
+        n_qt, n_kt = lists.q_index.shape[1:]
+        _launch(_dq_kernel, (n_qt, B * HQ // heads), cfgs["dq"],
+                q, k, v, subtree_end, lists.q_count, lists.q_index, do, lse, delta, dq, *strides,
+                L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **flags)
+    n_kt, n_qt = lists.k_index.shape[1:]
+    _launch(_dkdv_kernel, (n_kt, B * HKV), cfgs["dkdv"],
+            q, k, v, subtree_end, lists.k_count, lists.k_index, do, lse, delta, dk, dv, dq_acc, *strides,
+            L, HQ, HKV, group, n_kt, n_qt, scale, ATOMIC_DQ=atomic, **flags)
+    if atomic:
+        n = dq.numel()
+        _launch(_cast_kernel, (triton.cdiv(n, cfgs["cast"].blocks["BLOCK"]),), cfgs["cast"], dq_acc, dq, n)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Performance model (bench/roofline.py; tests/test_roofline_tree.py holds it equal to the counts)
+# ---------------------------------------------------------------------------------------------
+
+def _valid(L, block, tiles):
+    """[tiles] int64: positions < L in each tile of ``block``."""
+    return torch.clamp(L - torch.arange(tiles) * block, max=block)
+
+
+def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split"):
+    """Performance model of tree attention over ``subtree_end [B, L]``: one KernelCost per launch, in
+    launch order (forward; then delta, dq (split) or none, dk/dv, cast (atomic)).
+
+    FLOPs: 2*M*N*K per ``tl.dot`` executed (K = BLOCK_D, the head dim padded to a power of two);
+    bytes: every executed tl.load / tl.store (masked elements excluded; an atomic is a load and a store),
+    including the tile-list scalars. ``configs`` default to the GPU's."""
+    if not passes or not set(passes) <= {"fwd", "bwd"}:
+        raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"kernel_costs: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
+    cfgs = configs or GPU_CONFIGS
+    ends = subtree_end.cpu()
+    B, L = ends.shape
+    e = torch.empty((), dtype=dtype).element_size()
+    BD = max(16, triton.next_power_of_2(D))
+    heads = heads_per_program(HQ // HKV)
+    row = D * e  # bytes of one q/k/v/o row
+
+    def pairs(block_m, block_n, transpose):
+        """(tile pairs, sum over pairs of the valid rows of the walked tile, programs) for one tile list."""
+        vis = visible_tiles(ends, block_m, block_n)
+        if transpose:  # walk query tiles per key tile
+            vis = vis.transpose(1, 2)
+            walked = _valid(L, block_m, vis.shape[2])
+        else:
+            walked = _valid(L, block_n, vis.shape[2])
+        return int(vis.sum()), int((vis.long() * walked).sum()), B * vis.shape[1]
+
+    costs = []
+    bm, bn = cfgs["fwd"].blocks["BLOCK_M"], cfgs["fwd"].blocks["BLOCK_N"]
+    n_pairs, walked_keys, programs = pairs(bm, bn, transpose=False)
+    head_blocks = HQ // heads
+    # per program: its count; per pair: index, k and v tiles, subtree_end of the keys
+    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4))
+    if "fwd" in passes:
+        flops = head_blocks * n_pairs * 2 * (2 * heads * bm * bn * BD)
+        costs.append(KernelCost("tree_attention.fwd", flops, kv_walk + HQ * B * L * (2 * row + 4)))  # q; o, lse
+    if "bwd" not in passes:
+        return costs
+    costs.append(KernelCost("tree_attention.delta", 0, B * HQ * L * (2 * row + 4)))
+    if dq_mode == "split":
+        flops = head_blocks * n_pairs * 3 * (2 * heads * bm * bn * BD)
+        costs.append(KernelCost("tree_attention.dq", flops, kv_walk + HQ * B * L * (3 * row + 8)))  # q, do, lse, delta; dq
+    bm, bn = cfgs["dkdv"].blocks["BLOCK_M"], cfgs["dkdv"].blocks["BLOCK_N"]
+    n_pairs, walked_queries, programs = pairs(bm, bn, transpose=True)
+    dots = 5 if dq_mode == "atomic" else 4
+    per_query = 2 * row + 8 + (2 * 4 * D if dq_mode == "atomic" else 0)  # q, do, lse, delta (+ dq atomics)
+    nbytes = HKV * (4 * programs + B * L * (4 * row + 4)) + HQ * (4 * n_pairs + walked_queries * per_query)
+    costs.append(KernelCost("tree_attention.dkdv", HQ * n_pairs * dots * 2 * bm * bn * BD, nbytes))
+    if dq_mode == "atomic":
+        costs.append(KernelCost("tree_attention.cast", 0, B * HQ * L * D * (4 + e)))
+    return costs
+
+
+def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd")):
+    """The visible-pairs ideal as one KernelCost: 2 matmuls forward and 5 backward of 2*D FLOPs per visible
+    (query, key) pair per query head; compulsory bytes once (q, k, v, o; and do, dq, dk, dv)."""
+    B, L = subtree_end.shape
+    pos = torch.arange(L, device=subtree_end.device)
+    visible = int((subtree_end.long() - pos).sum())
+    e = torch.empty((), dtype=dtype).element_size()
+    matmuls = 7 if "bwd" in passes else 2
+    tensors = 4 if "bwd" in passes else 2
+    return [KernelCost("ideal", matmuls * 2 * visible * D * HQ, tensors * B * L * D * (HQ + HKV) * e)]
+
+
+def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split"):
+    """Bytes allocated beyond q, k, v, o and the gradients: lse and delta (fp32 per query row), the tile
+    lists (int32), and in atomic mode the fp32 dq buffer."""
+    cfgs = configs or GPU_CONFIGS
+    B, L = subtree_end.shape
+    lists = 0
+    for name in ("fwd", "dkdv"):
+        tm, tn = (triton.cdiv(L, cfgs[name].blocks[k]) for k in ("BLOCK_M", "BLOCK_N"))
+        lists += 4 * B * (tm * tn + max(tm, tn))
+    return 2 * 4 * B * HQ * L + lists + (4 * B * HQ * L * D if dq_mode == "atomic" else 0)
 
 
 def gate_entries():
     entries = []
     strides = {n: "i32" for n in ("sqb", "sqh", "sql", "skb", "skh", "skl", "svb", "svh", "svl")}
-    sizes = {"L": "i32", "HQ": "i32", "GROUP": "i32", "N_TILES": "i32", "scale": "fp32"}
     for dtype in (torch.bfloat16, torch.float16):
         t = TRITON_DTYPE[dtype]
+        io = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "end_ptr": "*i32", "cnt_ptr": "*i32",
+              "idx_ptr": "*i32"}
+        grads = {"do_ptr": f"*{t}", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        walk = {"L": "i32", "HQ": "i32", "GROUP": "i32", "N_QT": "i32", "N_KT": "i32", "scale": "fp32"}
         for d in GATE_HEAD_DIMS:
             base = {"HEAD_DIM": d, "BLOCK_D": d, "UPCAST": False}
-            io = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "end_ptr": "*i32", "cnt_ptr": "*i32",
-                  "idx_ptr": "*i32"}
-            cfg = GPU_CONFIGS["fwd"]
+            for heads in range(1, MAX_HEADS + 1):
+                if MAX_HEADS % heads:
+                    continue
+                cfg = GPU_CONFIGS["fwd"]
+                entries.append(GateEntry(
+                    f"tree_attention.fwd[{t}-d{d}-heads{heads}]", _fwd_kernel,
+                    {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32", "sol": "i32",
+                     **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
+                cfg = GPU_CONFIGS["dq"]
+                entries.append(GateEntry(
+                    f"tree_attention.dq[{t}-d{d}-heads{heads}]", _dq_kernel,
+                    {**io, **grads, "dq_ptr": f"*{t}", **strides, **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
+            for atomic in (False, True):
+                cfg = GPU_CONFIGS["dkdv"]
+                entries.append(GateEntry(
+                    f"tree_attention.dkdv[{t}-d{d}{'-atomic' if atomic else ''}]", _dkdv_kernel,
+                    {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "dq_ptr": "*fp32", **strides, "L": "i32",
+                     "HQ": "i32", "HKV": "i32", "GROUP": "i32", "N_KT": "i32", "N_QT": "i32", "scale": "fp32"},
+                    {**base, "ATOMIC_DQ": atomic, **cfg.blocks}, cfg))
+            cfg = GPU_CONFIGS["delta"]
             entries.append(GateEntry(
-                f"tree_attention.fwd[{t}-d{d}]", _fwd_kernel,
-                {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32", "sol": "i32",
-                 **sizes}, {**base, **cfg.blocks}, cfg))
-            grads = {"do_ptr": f"*{t}", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-            cfg = GPU_CONFIGS["dq"]
-            entries.append(GateEntry(
-                f"tree_attention.dq[{t}-d{d}]", _dq_kernel,
-                {**io, **grads, "dq_ptr": f"*{t}", **strides, **sizes}, {**base, **cfg.blocks}, cfg))
-            cfg = GPU_CONFIGS["dkdv"]
-            entries.append(GateEntry(
-                f"tree_attention.dkdv[{t}-d{d}]", _dkdv_kernel,
-                {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", **strides, "L": "i32", "HQ": "i32",
-                 "HKV": "i32", "GROUP": "i32", "N_TILES": "i32", "scale": "fp32"}, {**base, **cfg.blocks}, cfg))
+                f"tree_attention.delta[{t}-d{d}]", _delta_kernel,
+                {"o_ptr": f"*{t}", "do_ptr": f"*{t}", "delta_ptr": "*fp32", "ROWS": "i32"},
+                {"HEAD_DIM": d, "BLOCK_D": d, **cfg.blocks}, cfg, expects_mma=False))
+        cfg = GPU_CONFIGS["cast"]
+        entries.append(GateEntry(f"tree_attention.cast[{t}]", _cast_kernel,
+                                 {"src_ptr": "*fp32", "dst_ptr": f"*{t}", "n": "i32"}, dict(cfg.blocks), cfg,
+                                 expects_mma=False))
     return entries

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pact_fast.kernels.tree_attention_launch import tile_lists
+from pact_fast.kernels.tree_attention_launch import visible_tiles
 from pact_fast.ops import tree_attention, tree_attention_reference
 from pact_fast.ops.tree_attention import tree_mask
 from pact_fast.packing import pack_tree
@@ -57,23 +57,58 @@ def test_pact_group_layout_with_custom_scale():
     assert rel_err(out, ref) < 2e-5
 
 
-@pytest.mark.parametrize("block", [4, 16])
-def test_tile_lists_are_exactly_the_tiles_with_a_visible_pair(block):
+@pytest.mark.parametrize("block_m,block_n", [(4, 4), (16, 16), (8, 16), (16, 4)])
+def test_visible_tiles_are_exactly_the_tiles_with_a_visible_pair(block_m, block_n):
     subtree_end = _layout([(1, 3), (2, 4)])
-    q_count, q_index, k_count, k_index = tile_lists(subtree_end, block)
+    visible = visible_tiles(subtree_end, block_m, block_n)
     mask = tree_mask(subtree_end)  # [B, L(query), L(key)]
     B, L = subtree_end.shape
-    T = -(-L // block)
-    padded = torch.nn.functional.pad(mask, (0, T * block - L, 0, T * block - L))
-    expected = padded.view(B, T, block, T, block).any(-1).any(2)  # [B, query tile, key tile]
-    for b in range(B):
-        for i in range(T):
-            listed = set(q_index[b, i, : q_count[b, i]].tolist())
-            assert listed == set(expected[b, i].nonzero().flatten().tolist())
-        for j in range(T):
-            listed = set(k_index[b, j, : k_count[b, j]].tolist())
-            assert listed == set(expected[b, :, j].nonzero().flatten().tolist())
-    assert expected.sum() < T * T * B, "a tree layout leaves some tiles fully masked"
+    Tm, Tn = -(-L // block_m), -(-L // block_n)
+    padded = torch.nn.functional.pad(mask, (0, Tn * block_n - L, 0, Tm * block_m - L))
+    expected = padded.view(B, Tm, block_m, Tn, block_n).any(-1).any(2)  # [B, query tile, key tile]
+    assert torch.equal(visible, expected)
+    assert expected.sum() < Tm * Tn * B, "a tree layout leaves some tiles fully masked"
+
+
+def test_tile_lists_list_each_visible_tile_once_ascending():
+    from pact_fast.kernels.tree_attention_launch import INTERPRET_CONFIGS, tile_lists
+
+    subtree_end = _layout([(1, 3), (2, 4)])
+    lists = tile_lists(subtree_end, INTERPRET_CONFIGS)
+    fwd, bwd = INTERPRET_CONFIGS["fwd"].blocks, INTERPRET_CONFIGS["dkdv"].blocks
+    for count, index, visible in ((lists.q_count, lists.q_index, visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"])),
+                                  (lists.k_count, lists.k_index,
+                                   visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"]).transpose(1, 2))):
+        for b in range(visible.shape[0]):
+            for i in range(visible.shape[1]):
+                listed = index[b, i, : count[b, i]].tolist()
+                assert listed == visible[b, i].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("HQ,HKV", [(4, 2), (6, 2), (8, 1), (2, 2)], ids=["gqa2", "gqa3", "mqa8", "mha"])
+@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
+def test_triton_dq_modes_and_head_stacking_match_float64(HQ, HKV, dq_mode):
+    """Every GQA group size (stacked 2 heads per program for 2, 8; 1 for 3 and MHA) in both dq modes."""
+    subtree_end = _layout([(3, 3), (5, 2)])
+    B, L = subtree_end.shape
+    g = torch.Generator().manual_seed(HQ * 10 + HKV)
+    q, k, v, do = (torch.randn(B, h, L, 16, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ))
+    ours = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = tree_attention(*ours, subtree_end, backend="triton", dq_mode=dq_mode)
+    out_r = tree_attention_reference(*ref, subtree_end)
+    assert rel_err(out.detach(), out_r.detach()) < 2e-5
+    out.backward(do.float())
+    out_r.backward(do)
+    for name, o, r in zip("qkv", ours, ref):
+        assert rel_err(o.grad, r.grad) < 2e-5, f"d{name}"
+
+
+def test_unknown_dq_mode_is_refused():
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randn(1, 2, e.shape[1], 16)
+    with pytest.raises(ValueError, match="dq_mode"):
+        tree_attention(q, q, q, e, backend="triton", dq_mode="fast")
 
 
 @pytest.mark.parametrize("change,exc,word", [

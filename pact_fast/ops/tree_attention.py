@@ -113,23 +113,28 @@ class TreeAttentionLayout:
 
     subtree_end: torch.Tensor  # [B, L] int32
     backend: str  # resolved: triton, sdpa, varlen or flex
-    tiles: Optional[tuple] = None  # triton: tile_lists(subtree_end, launch block)
+    tiles: Optional[tuple] = None  # triton: kernels/tree_attention_launch.tile_lists(subtree_end)
+    dq_mode: str = "split"  # triton backward: "split" (deterministic) or "atomic" (see the launcher)
     varlen: Optional[list] = None  # varlen: a VarlenRow per batch row
     block_mask: Optional[object] = None  # flex: FlexAttention's BlockMask
 
 
-def build_layout(subtree_end, backend="auto", *, validate=True):
+def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split"):
     """The layout of ``subtree_end [B, L]`` for ``backend``: validated, with the tile lists (triton), the
-    segments and their key gathers (varlen) or the block mask (flex) built now, once."""
+    segments and their key gathers (varlen) or the block mask (flex) built now, once. ``dq_mode`` picks the
+    triton backward's dq path: "split" (deterministic, the default: faster by the performance model) or
+    "atomic" (fp32 atomics, 5 matmuls per tile pair; summation order varies)."""
     if validate:
         validate_subtree_end(subtree_end)
     ends = subtree_end.to(torch.int32).contiguous()
     backend = resolve_backend(backend, ends.device)
-    layout = TreeAttentionLayout(ends, backend)
+    if dq_mode not in ("split", "atomic"):
+        raise ValueError(f"tree_attention: dq_mode must be 'split' or 'atomic', got {dq_mode!r}")
+    layout = TreeAttentionLayout(ends, backend, dq_mode=dq_mode)
     if backend == "triton":
         from ..kernels import tree_attention_launch as launch
 
-        layout.tiles = launch.tile_lists(ends, launch.launch_block())
+        layout.tiles = launch.tile_lists(ends)
     elif backend == "varlen":
         layout.varlen = [_varlen_row(ends[b]) for b in range(ends.shape[0])]
     elif backend == "flex":
@@ -209,6 +214,7 @@ class _TritonTreeAttention(torch.autograd.Function):
         o, lse, lists = launch.forward(q, k, v, ends, scale, layout.tiles)
         ctx.save_for_backward(q, k, v, o, lse, ends, *lists)
         ctx.scale = scale
+        ctx.dq_mode = layout.dq_mode
         return o
 
     @staticmethod
@@ -216,7 +222,8 @@ class _TritonTreeAttention(torch.autograd.Function):
         from ..kernels import tree_attention_launch as launch
 
         q, k, v, o, lse, ends, *lists = ctx.saved_tensors
-        dq, dk, dv = launch.backward(q, k, v, o, lse, do.contiguous(), ends, lists, ctx.scale)
+        dq, dk, dv = launch.backward(q, k, v, o, lse, do.contiguous(), ends, launch.TileLists(*lists), ctx.scale,
+                                     ctx.dq_mode)
         return dq, dk, dv, None, None
 
 
@@ -234,7 +241,8 @@ def resolve_backend(backend, device):
     return backend
 
 
-def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None):
+def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None,
+                   dq_mode="split"):
     """Softmax attention in which query ``q`` sees key ``k`` iff ``k <= q < subtree_end[k]``.
 
     Args:
@@ -249,6 +257,7 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         layout: a ``build_layout(subtree_end, backend)`` made once for several calls (every layer of a packed
             forward): no host synchronisation then happens in the call; ``subtree_end`` and ``backend`` are
             taken from it.
+        dq_mode: the triton backward's dq path when no layout is given (``build_layout``).
 
     Returns:
         ``[B, Hq, L, D]`` in the dtype of ``q``; exact gradients for q, k and v.
@@ -258,7 +267,7 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
             raise ValueError("tree_attention: pass subtree_end or a layout from build_layout")
         if validate:
             validate_layout(q, k, v, subtree_end)
-        layout = build_layout(subtree_end, backend, validate=False)
+        layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode)
     elif validate:
         validate_layout(q, k, v, layout.subtree_end)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
