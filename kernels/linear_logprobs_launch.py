@@ -25,24 +25,15 @@ import torch
 import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, LaunchConfig, interpreting
+from . import registry
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, interpreting
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
 SLAB_MULTIPLE = 128  # slab widths are multiples of this (tensor-core and vector friendly)
 
-# GPU: 8 rows per program, so a 2048-row block gives 256 programs, enough to keep every SM streaming;
-# 256 columns per forward tile (16 fp32 values per thread at 4 warps: 512 reached 207 registers with
-# triton 3.6, near spilling), 512 for the elementwise backward. Memory-bound epilogues: no MMA.
-GPU_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 256}, num_warps=4, num_stages=2),
-    "bwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2),
-}
-# Interpreter: small tiles, so small test shapes still span several tiles.
-INTERPRET_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
-    "bwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
-}
+GPU_CONFIGS = registry.GPU_CONFIGS["linear_logprobs"]
+INTERPRET_CONFIGS = registry.INTERPRET_CONFIGS["linear_logprobs"]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""One table of every Triton kernel and the configurations it is launched with.
+"""The launch configurations of every Triton kernel, and the types the launchers, the compile gate and
+the performance model share.
 
-Launchers read their tile sizes from here, and the compile gate
-(``python -m pact_fast.compile_gate``) compiles every entry for sm_90a and sm_80, so a
-configuration cannot be launched without having passed the gate.
+Launchers read their tile sizes from ``GPU_CONFIGS`` / ``INTERPRET_CONFIGS`` here (by op name), and the
+compile gate (``python -m pact_fast.compile_gate``, entries from ``kernels/gate_entries.py``) compiles every
+GPU configuration for sm_90a and sm_80, so a configuration cannot be launched without having passed the
+gate. This module imports no launcher.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +31,6 @@ class GateEntry:
     constexprs: dict
     config: LaunchConfig
     expects_mma: bool = True  # tile matmuls on 16-bit inputs must use tensor cores
-    note: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def all_gate_entries() -> list:
-    """Every (kernel, config, dtype) the project launches on a GPU."""
-    from . import linear_logprobs_launch, tree_attention_launch
-
-    return linear_logprobs_launch.gate_entries() + tree_attention_launch.gate_entries()
+GPU_CONFIGS = {
+    # linear_logprobs: 8 rows per program, so a 2048-row block gives 256 programs, enough to keep every SM
+    # streaming; 256 columns per forward tile (16 fp32 values per thread at 4 warps: 512 reached 207 registers
+    # with triton 3.6, near spilling), 512 for the elementwise backward. Memory-bound epilogues: no MMA.
+    "linear_logprobs": {
+        "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 256}, num_warps=4, num_stages=2),
+        "bwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2),
+    },
+    # tree_attention (chosen by its model at one W-group layer, kernels/tree_attention_launch.py): forward and
+    # dq over 128-query tiles with up to 2 query heads stacked (256 rows per K/V tile), dk/dv over 128-key tiles.
+    "tree_attention": {
+        "fwd": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        "dq": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        "dkdv": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        "delta": LaunchConfig({"BLOCK_R": 32}, num_warps=4, num_stages=1),
+        "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
+    },
+}
+# Interpreter: small tiles, so small test shapes still span several tiles (tree attention's backward key
+# tiles twice its query tiles, as on the GPU).
+INTERPRET_CONFIGS = {
+    "linear_logprobs": {
+        "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
+        "bwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
+    },
+    "tree_attention": {
+        "fwd": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
+        "dq": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
+        "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
+        "delta": LaunchConfig({"BLOCK_R": 16}),
+        "cast": LaunchConfig({"BLOCK": 256}),
+    },
+}

@@ -1,6 +1,7 @@
 """Launchers for the tree-attention kernels: visible-tile lists, grids, and the performance model.
 
-Tiles (``GPU_CONFIGS``, chosen by ``kernel_costs`` at one W-group layer, bench/roofline.py):
+Tiles (``GPU_CONFIGS``, from kernels/registry.py, chosen by ``kernel_costs`` at one W-group layer,
+bench/roofline.py):
 
 - forward and dq: query tiles of 128 positions, with the query heads that share a key/value head
   stacked (``heads_per_program``: up to 2, so 256 rows) against 64-key tiles. A key/value tile is
@@ -19,24 +20,12 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, LaunchConfig, interpreting
+from . import registry
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, interpreting
 from .tree_attention import _cast_kernel, _delta_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 
-GPU_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    "dq": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    "dkdv": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    "delta": LaunchConfig({"BLOCK_R": 64}, num_warps=4, num_stages=1),
-    "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
-}
-# Interpreter: small tiles (the backward's key tiles twice the query tiles, as on the GPU).
-INTERPRET_CONFIGS = {
-    "fwd": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
-    "dq": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
-    "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
-    "delta": LaunchConfig({"BLOCK_R": 16}),
-    "cast": LaunchConfig({"BLOCK": 256}),
-}
+GPU_CONFIGS = registry.GPU_CONFIGS["tree_attention"]
+INTERPRET_CONFIGS = registry.INTERPRET_CONFIGS["tree_attention"]
 MAX_HEADS = 2  # query heads stacked per forward / dq program
 GATE_HEAD_DIMS = (64, 128)
 DQ_MODES = ("split", "atomic")

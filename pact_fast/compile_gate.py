@@ -1,7 +1,7 @@
 """Compile gate: every Triton kernel, at every launch configuration, built for real GPUs here.
 
 The Triton interpreter accepts code that the GPU compiler rejects and says nothing about
-speed. This gate compiles each entry of ``pact_fast.kernels.registry`` to a CUDA binary for
+speed. This gate compiles each entry of ``pact_fast.kernels.gate_entries`` to a CUDA binary for
 sm_90a (H100/H200) and sm_80 (A100) on a machine without a GPU, then reads the binary with
 ``cuobjdump``: registers, shared memory, local memory (spills) and tensor-core instructions.
 
@@ -74,14 +74,15 @@ def compile_entry(entry, arch):
 
 def _job(args):
     index, arch = args
-    from pact_fast.kernels.registry import all_gate_entries
+    from pact_fast.kernels.gate_entries import all_gate_entries
 
     return compile_entry(all_gate_entries()[index], arch)
 
 
 def run_gate(workers=None):
     """Compile every registered entry for every architecture; returns the rows."""
-    from pact_fast.kernels.registry import all_gate_entries, interpreting
+    from pact_fast.kernels.gate_entries import all_gate_entries
+    from pact_fast.kernels.registry import interpreting
 
     if interpreting():
         raise RuntimeError("the compile gate needs real JIT functions: unset TRITON_INTERPRET")

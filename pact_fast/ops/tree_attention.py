@@ -59,11 +59,15 @@ def validate_subtree_end(subtree_end):
                          f"[{t + 1}, {L}] (at least one past the token itself, at most L)")
 
 
+def _repeat_kv(q, k, v):
+    """k, v [B, Hkv, L, D] repeated to q's Hq heads (each key/value head serves Hq / Hkv query heads)."""
+    group = q.shape[1] // k.shape[1]
+    return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+
+
 def tree_attention_reference(q, k, v, subtree_end, scale=None):
     """Plain softmax attention under the tree mask, in the inputs' dtype (run it in float64 for tests)."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    k, v = _repeat_kv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, L, L]
     s = s.masked_fill(~tree_mask(subtree_end)[:, None], float("-inf"))
@@ -71,10 +75,8 @@ def tree_attention_reference(q, k, v, subtree_end, scale=None):
 
 
 def _sdpa(q, k, v, subtree_end, scale):
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    """The dense-mask backend: PyTorch's SDPA under the [B, 1, L, L] tree mask."""
+    k, v = _repeat_kv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=tree_mask(subtree_end)[:, None], scale=scale)
 
 
@@ -117,6 +119,7 @@ class TreeAttentionLayout:
     dq_mode: str = "split"  # triton backward: "split" (deterministic) or "atomic" (see the launcher)
     varlen: Optional[list] = None  # varlen: a VarlenRow per batch row
     block_mask: Optional[object] = None  # flex: FlexAttention's BlockMask
+    flash_varlen: Optional[object] = None  # varlen on CUDA: flash-attn's flash_attn_varlen_func when installed
 
 
 def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split"):
@@ -137,6 +140,7 @@ def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split")
         layout.tiles = launch.tile_lists(ends)
     elif backend == "varlen":
         layout.varlen = [_varlen_row(ends[b]) for b in range(ends.shape[0])]
+        layout.flash_varlen = _flash_varlen() if ends.is_cuda else None
     elif backend == "flex":
         layout.block_mask = _flex_block_mask(ends)
     return layout
@@ -155,17 +159,23 @@ def _varlen_row(ends):
                      torch.tensor(cu_k, device=device, dtype=torch.int32))
 
 
-def _varlen(q, k, v, layout, scale):
-    """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right."""
+def _flash_varlen():
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
-        flash_attn_varlen_func = None
+        return None
+    return flash_attn_varlen_func
+
+
+def _varlen(q, k, v, layout, scale):
+    """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right."""
+    flash_attn_varlen_func = layout.flash_varlen
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for b, row in enumerate(layout.varlen):
         kk, vv = k[b].index_select(1, row.kv_index), v[b].index_select(1, row.kv_index)  # [Hkv, sum_k, D]: one gather
-        if flash_attn_varlen_func is not None and q.is_cuda:
+        if flash_attn_varlen_func is not None:
             lens_k = [b_ - a for a, b_ in zip(row.cu_k[:-1], row.cu_k[1:])]
             o = flash_attn_varlen_func(
                 q[b].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), row.cu_q_dev, row.cu_k_dev,
@@ -204,27 +214,56 @@ def _flex(q, k, v, layout, scale):
     return flex_attention(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-class _TritonTreeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        from ..kernels import tree_attention_launch as launch
+# The Triton path as two torch.library custom ops with fake (shape-only) implementations, so torch.compile
+# keeps them whole in one graph (fullgraph=True works) instead of breaking at an autograd.Function that
+# launches kernels. The tile lists travel as tensors; scale and dq_mode as plain arguments.
 
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ends = layout.subtree_end
-        o, lse, lists = launch.forward(q, k, v, ends, scale, layout.tiles)
-        ctx.save_for_backward(q, k, v, o, lse, ends, *lists)
-        ctx.scale = scale
-        ctx.dq_mode = layout.dq_mode
-        return o
+@torch.library.custom_op("pact_fast::tree_attention_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor, q_count: torch.Tensor,
+                q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor, scale: float,
+                dq_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, Hq, L, D], lse [B, Hq, L] fp32, base 2) of contiguous q, k, v. dq_mode is read by backward."""
+    from ..kernels import tree_attention_launch as launch
 
-    @staticmethod
-    def backward(ctx, do):
-        from ..kernels import tree_attention_launch as launch
+    o, lse, _ = launch.forward(q, k, v, subtree_end, scale, launch.TileLists(q_count, q_index, k_count, k_index))
+    return o, lse
 
-        q, k, v, o, lse, ends, *lists = ctx.saved_tensors
-        dq, dk, dv = launch.backward(q, k, v, o, lse, do.contiguous(), ends, launch.TileLists(*lists), ctx.scale,
-                                     ctx.dq_mode)
-        return dq, dk, dv, None, None
+
+@_triton_fwd.register_fake
+def _(q, k, v, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pact_fast::tree_attention_bwd", mutates_args=())
+def _triton_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                subtree_end: torch.Tensor, q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor,
+                k_index: torch.Tensor, scale: float, dq_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the layouts of q, k, v; do contiguous like q."""
+    from ..kernels import tree_attention_launch as launch
+
+    return launch.backward(q, k, v, o, lse, do, subtree_end, launch.TileLists(q_count, q_index, k_count, k_index),
+                           scale, dq_mode)
+
+
+@_triton_bwd.register_fake
+def _(q, k, v, o, lse, do, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    q, k, v, subtree_end, *lists, scale, dq_mode = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, subtree_end, *lists)
+    ctx.scale, ctx.dq_mode = scale, dq_mode
+
+
+def _triton_backward(ctx, do, _grad_lse):
+    q, k, v, o, lse, subtree_end, *lists = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd(q, k, v, o, lse, do.contiguous(), subtree_end, *lists, ctx.scale, ctx.dq_mode)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
 def resolve_backend(backend, device):
@@ -272,7 +311,9 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         validate_layout(q, k, v, layout.subtree_end)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if layout.backend == "triton":
-        return _TritonTreeAttention.apply(q, k, v, layout, scale)
+        o, _ = _triton_fwd(q.contiguous(), k.contiguous(), v.contiguous(), layout.subtree_end, *layout.tiles, scale,
+                           layout.dq_mode)
+        return o
     if layout.backend == "sdpa":
         return _sdpa(q, k, v, layout.subtree_end, scale)
     return {"varlen": _varlen, "flex": _flex}[layout.backend](q, k, v, layout, scale)
