@@ -67,6 +67,7 @@ def interpreting() -> bool:
 
 def all_gate_entries() -> list:
     """Every (kernel, config, dtype) the project launches on a GPU."""
-    from . import linear_logprobs_launch, tree_attention_launch
+    from . import fused_pact_head_launch, linear_logprobs_launch, tree_attention_launch
 
-    return linear_logprobs_launch.gate_entries() + tree_attention_launch.gate_entries()
+    return linear_logprobs_launch.gate_entries() + tree_attention_launch.gate_entries() + \
+        fused_pact_head_launch.gate_entries()

@@ -37,7 +37,8 @@ def test_gate_covers_every_kernel_on_both_architectures(gate_rows):
     _, rows = gate_rows
     names = {r["kernel"].split("[")[0] for r in rows}
     assert names == {"linear_logprobs.fwd", "linear_logprobs.bwd",
-                     "tree_attention.fwd", "tree_attention.dq", "tree_attention.dkdv"}
+                     "tree_attention.fwd", "tree_attention.dq", "tree_attention.dkdv",
+                     "fused_pact_head.pass", "fused_pact_head.scale"}
     for r in rows:
         if r["expects_mma"]:
             assert r["mma"] == ("HGMMA" if r["arch"] == "sm_90" else "HMMA"), r
