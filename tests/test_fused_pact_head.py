@@ -270,3 +270,42 @@ def test_auto_backend_is_torch_on_cpu_even_when_interpreting(monkeypatch):
     with pytest.raises(AssertionError, match="auto ran"):
         fused_pact_head(hidden.float(), weight.float(), targets, rows, _as_fp32_batch(batch), PACTLossConfig(), 0.2,
                         backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_no_index_refers_to_get_zero_gradient_and_skip_the_matmuls(backend, monkeypatch):
+    """Five extra rows of hidden (at the start, the middle and the end) that no index refers to: the loss and
+    the other gradients are unchanged, theirs are zero, and the head only ever sees the referenced rows."""
+    import importlib
+
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    op = importlib.import_module("pact_fast.ops.fused_pact_head")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    hidden, weight, _, targets, rows, batch = _problem(8, dtype=dtype)
+    batch = _as_fp32_batch(batch) if backend == "triton" else batch
+    config = PACTLossConfig(c_ent=0.01)
+    n = hidden.shape[0]
+    g = torch.Generator().manual_seed(9)
+    extra = torch.randn(5, H, generator=g, dtype=dtype)
+    wide = torch.cat([extra[:2], hidden.detach()[:10], extra[2:3], hidden.detach()[10:], extra[3:]]).requires_grad_()
+    new_row = torch.cat([torch.arange(2, 12), torch.arange(13, n + 3)])  # where each old row now lives
+    wide_rows = {name: torch.where(index >= 0, new_row[index.clamp_min(0)], index) for name, index in rows.items()}
+    wide_targets = torch.zeros(n + 5, dtype=torch.long)
+    wide_targets[new_row] = targets
+    seen = []
+    for name, module in (("run", launch), ("_run_torch", op)):
+        original = getattr(module, name)
+
+        def spy(x, *args, original=original, **kwargs):
+            seen.append(x.shape[0])
+            return original(x, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    ref, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, step=1, backend=backend)
+    got, _ = fused_pact_head(wide, weight, wide_targets, wide_rows, batch, config, 0.4, step=1, backend=backend)
+    assert seen == [n, n]
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    dwide, dweight = torch.autograd.grad(got, [wide, weight])
+    assert torch.equal(got, ref) and torch.equal(dweight, ref_grads[1])
+    assert torch.equal(dwide[new_row], ref_grads[0])
+    assert dwide[[0, 1, 12, n + 3, n + 4]].abs().max() == 0

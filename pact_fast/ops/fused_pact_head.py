@@ -137,7 +137,8 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
         targets: ``[N]`` int token ids in ``[0, V)``, the token each row predicts.
         rows: ``{"logp_tc": [B, T], "logp_po": [B, T], "sft_logp": [S, E]}`` int row indices into ``hidden``,
-            ``-1`` where a position holds no scored token; the fields the config needs.
+            ``-1`` where a position holds no scored token; the fields the config needs. A row of ``hidden``
+            no index refers to gets a zero gradient and never reaches a matmul.
         batch: ``PACTBatch`` with every input except those three fields (and ``entropy``, filled from the
             prompt-only rows when ``config.c_ent > 0``), which must be None.
         config, progress, step, generator, rl_scale, sft_scale: as for ``pact_loss``.
@@ -182,15 +183,36 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
 
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                               (bias is not None and bias.requires_grad))
+    x, rows, keep = _compact(hidden.detach(), rows)  # rows no index refers to never reach a matmul
+    if keep is not None:
+        targets = targets[keep]
     run = _run_triton if backend == "triton" else _run_torch
-    logp, ent, grads = run(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
-                           1.0 / float(temperature), want_entropy, _stand_ins(hidden.shape[0], rows, batch, config),
+    logp, ent, grads = run(x, weight.detach(), bias.detach() if bias is not None else None, targets,
+                           1.0 / float(temperature), want_entropy, _stand_ins(x.shape[0], rows, batch, config),
                            loss_of if needs_grad else None, chunk_rows)
     with torch.no_grad():
         loss, metrics = loss_of(logp, ent)
     if not needs_grad:
         return loss, metrics
-    return _FusedHead.apply(hidden, weight, bias, loss, *grads), metrics
+    dx, dw, db = grads
+    if keep is not None:  # zero gradient for the rows left out
+        dx = torch.zeros_like(hidden).index_copy_(0, keep, dx)
+    return _FusedHead.apply(hidden, weight, bias, loss, dx, dw, db), metrics
+
+
+def _compact(x, rows):
+    """(x [n, H], rows renumbered, keep [n] | None): only the rows of x [N, H] some index in ``rows`` refers
+    to, in order; ``keep`` None (and no copy) when every row is referred to."""
+    used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for index in rows.values():
+        used[index[index >= 0]] = True
+    if bool(used.all()):
+        return x, rows, None
+    keep = used.nonzero().squeeze(1)
+    renumber = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    renumber[keep] = torch.arange(keep.numel(), device=x.device)
+    return x[keep], {name: torch.where(index >= 0, renumber[index.clamp_min(0)], index) for name, index in
+                     rows.items()}, keep
 
 
 def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_rows):
