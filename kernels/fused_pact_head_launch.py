@@ -76,6 +76,9 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, rows_per_block=None,
     cfgs = configs or _configs()
     R = rows_per_block or BLOCK_ROWS
     shift = grads is not None and shift_mode(x.dtype, want_entropy)
+    if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
+        raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
+                         "linear_logprobs' gradient epilogue; use fewer rows per block")
     logp, lse, ent, s = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(4))
     dx = dw = db = None
     if grads is not None:
