@@ -103,16 +103,17 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
         redo = row_mask & bad
         if tl.sum(redo.to(tl.int32), axis=0) > 0:
             tl.debug_barrier()  # the first loop's stores are visible to every thread of the program
-            u_tgt = tl.exp(z_tgt - m)
+            u_tgt = tl.exp(tl.where(redo, z_tgt - m, 0.0))
             for c0 in range(0, V, BLOCK_V):
                 cols = c0 + tl.arange(0, BLOCK_V)
                 mask = redo[:, None] & (cols < V)[None, :]
                 ptrs = row_ptr[:, None] + cols[None, :]
-                stored = tl.load(ptrs, mask=mask, other=0.0)
+                stored = tl.load(ptrs, mask=mask, other=1.0)
                 raw = (cols[None, :] >= switch[:, None]) | (cols[None, :] == tgt[:, None])
                 stored = stored.to(tl.float32)
                 z = tl.where(raw, stored * inv_temp, c[:, None] + tl.log(tl.where(raw, 1.0, stored)))
-                u = tl.where(cols[None, :] == tgt[:, None], (u_tgt - s_safe)[:, None], tl.exp(z - m[:, None]))
+                u = tl.exp(tl.where(mask, z - m[:, None], float("-inf")))  # rows past R hold m = -1e30
+                u = tl.where(cols[None, :] == tgt[:, None], (u_tgt - s_safe)[:, None], u)
                 tl.store(ptrs, u.to(z_ptr.dtype.element_ty), mask=mask)
 
 
