@@ -374,7 +374,7 @@ def fused_head_rows(workload, N, V, H, devices=("H100", "H200")):
     rows = []
     for device in devices:
         for op, want_entropy in (("fused_pact_head fwd+bwd", False),
-                                 ("fused_pact_head fwd+bwd (entropy bonus or fp16)", True)):
+                                 ("fused_pact_head fwd+bwd (entropy or fp16)", True)):
             costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, want_entropy=want_entropy)
             rows.append(model_row(workload, op, device, costs, ideal_logprob_ms(N, V, H, device),
                                   launch.extra_memory_bytes(N, V, H, torch.bfloat16, want_entropy=want_entropy),

@@ -113,5 +113,5 @@ def test_model_rows_include_the_fused_head():
     assert {w for w, _ in fused} == set(roofline.W_LOGPROB)
     for (workload, op), r in fused.items():
         assert r["ratio"] == pytest.approx(r["predicted_ms"] / r["ideal_ms"])
-        ordinary = fused[(workload, "fused_pact_head fwd+bwd (entropy bonus or fp16)")]
+        ordinary = fused[(workload, "fused_pact_head fwd+bwd (entropy or fp16)")]
         assert fused[(workload, "fused_pact_head fwd+bwd")]["predicted_ms"] < ordinary["predicted_ms"]
