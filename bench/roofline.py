@@ -366,8 +366,9 @@ def _group_rows(devices):
 def fused_head_rows(workload, N, V, H, devices=("H100", "H200")):
     """Model rows of the Triton backend of fused_pact_head (bf16, no bias, no row over the shift limit)
     against three GEMMs: "fused_pact_head fwd+bwd" (no entropy bonus: one read and write of the logits)
-    and "... (entropy bonus or fp16)" (the ordinary epilogue: a read for the statistics, a read and a write
-    for the gradient). The upstream gradients from pact_loss between the passes are not modelled."""
+    and "... (entropy or fp16)" (the entropy bonus or fp16 inputs take the ordinary epilogue: a read for the
+    statistics, a read and a write for the gradient). The upstream gradients from pact_loss between the
+    passes are not modelled."""
     from pact_fast.kernels import fused_pact_head_launch as launch
 
     shape = {"N": N, "V": V, "H": H, "dtype": "bf16"}
