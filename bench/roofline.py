@@ -12,7 +12,8 @@ Triton interpreter really executes so a test (tests/test_roofline.py) can hold t
 
 API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
 ``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))`` (every row of the table),
-``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``ideal_logprob_ms``,
+``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``fused_head_rows(...)``
+(the Triton fused PACT head at any shape), ``ideal_logprob_ms``,
 ``model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes)`` (a row for any other op).
 Each row: workload, op, device, predicted_ms, ideal_ms, ratio, extra_memory_bytes, kernels
 (per-kernel flops, bytes, intensity, predicted_ms), label "model".
@@ -373,11 +374,32 @@ def _group_rows(devices):
     return rows
 
 
+def fused_head_rows(workload, N, V, H, devices=("H100", "H200")):
+    """Model rows of the Triton backend of fused_pact_head (bf16, no bias, no row over the shift limit)
+    against three GEMMs: "fused_pact_head fwd+bwd" (no entropy bonus: one read and write of the logits)
+    and "... (entropy or fp16)" (the entropy bonus or fp16 inputs take the ordinary epilogue: a read for the
+    statistics, a read and a write for the gradient). The upstream gradients from pact_loss between the
+    passes are not modelled."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    shape = {"N": N, "V": V, "H": H, "dtype": "bf16"}
+    rows = []
+    for device in devices:
+        for op, want_entropy in (("fused_pact_head fwd+bwd", False),
+                                 ("fused_pact_head fwd+bwd (entropy or fp16)", True)):
+            costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, want_entropy=want_entropy)
+            rows.append(model_row(workload, op, device, costs, ideal_logprob_ms(N, V, H, device),
+                                  launch.extra_memory_bytes(N, V, H, torch.bfloat16, want_entropy=want_entropy),
+                                  shape=shape))
+    return rows
+
+
 def model_rows(devices=("H100", "H200")):
     """Every workload and op the model covers, one dict per (workload, op, device); see the module doc."""
     rows = []
     for workload, shape in W_LOGPROB.items():
         rows += logprob_rows(workload, shape["N"], shape["V"], shape["H"], devices)
+        rows += fused_head_rows(workload, shape["N"], shape["V"], shape["H"], devices)
     return rows + _group_rows(devices)
 
 

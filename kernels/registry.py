@@ -66,13 +66,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# linear_logprobs' backward epilogue, also the fused head's gradient pass in its ordinary mode
+_LOGPROB_BWD_GPU = LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2)
+_LOGPROB_BWD_INTERPRET = LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32})
+
 GPU_CONFIGS = {
     # linear_logprobs: 8 rows per program, so a 2048-row block gives 256 programs, enough to keep every SM
     # streaming; 256 columns per forward tile (16 fp32 values per thread at 4 warps: 512 reached 207 registers
     # with triton 3.6, near spilling), 512 for the elementwise backward. Memory-bound epilogues: no MMA.
     "linear_logprobs": {
         "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 256}, num_warps=4, num_stages=2),
-        "bwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2),
+        "bwd": _LOGPROB_BWD_GPU,
     },
     # tree_attention (chosen by its model at one W-group layer, kernels/tree_attention_launch.py): forward and
     # dq over 128-query tiles with up to 2 query heads stacked (256 rows per K/V tile), dk/dv over 128-key tiles.
@@ -83,13 +87,21 @@ GPU_CONFIGS = {
         "delta": LaunchConfig({"BLOCK_R": 32}, num_warps=4, num_stages=1),
         "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
     },
+    # fused_pact_head: 4 rows per program (512 programs per 2048-row block) x 256 columns per tile: the shift
+    # pass at 8 rows reached 247 registers with triton 3.9 (near spilling, 2 programs per SM), at 4 rows 108.
+    # Memory-bound epilogues, no MMA. "grad" is linear_logprobs' own backward epilogue (ordinary mode).
+    "fused_pact_head": {
+        "pass": LaunchConfig({"BLOCK_R": 4, "BLOCK_V": 256}, num_warps=4, num_stages=2),
+        "scale": LaunchConfig({"BLOCK_R": 8, "BLOCK_H": 256}, num_warps=4, num_stages=2),
+        "grad": _LOGPROB_BWD_GPU,
+    },
 }
 # Interpreter: small tiles, so small test shapes still span several tiles (tree attention's backward key
 # tiles twice its query tiles, as on the GPU).
 INTERPRET_CONFIGS = {
     "linear_logprobs": {
         "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
-        "bwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
+        "bwd": _LOGPROB_BWD_INTERPRET,
     },
     "tree_attention": {
         "fwd": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
@@ -97,5 +109,10 @@ INTERPRET_CONFIGS = {
         "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
         "delta": LaunchConfig({"BLOCK_R": 16}),
         "cast": LaunchConfig({"BLOCK": 256}),
+    },
+    "fused_pact_head": {
+        "pass": LaunchConfig({"BLOCK_R": 4, "BLOCK_V": 16}),
+        "scale": LaunchConfig({"BLOCK_R": 4, "BLOCK_H": 8}),
+        "grad": _LOGPROB_BWD_INTERPRET,
     },
 }

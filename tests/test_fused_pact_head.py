@@ -11,6 +11,8 @@ from pact_fast.losses import NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, P
 from pact_fast.ops import linear_logprobs
 from pact_fast.ops.fused_pact_head import fused_pact_head
 
+from conftest import rel_err
+
 D = torch.float64
 V, H = 37, 11  # odd sizes
 
@@ -150,7 +152,7 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda a: a.update(backend="triton"), "not implemented yet"),
+    (lambda a: a.update(backend="triton"), "fp32, fp16 or bf16"),  # float64 inputs
     (lambda a: a.update(backend="cuda"), "unknown backend"),
     (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"][:, :-1]), "must match response_mask"),
     (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"] + 1000), "points past"),
@@ -159,7 +161,7 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: a.update(targets=a["targets"] + V), "targets must lie in"),
     (lambda a: a.update(temperature=0.0), "temperature"),
     (lambda a: a.update(old_from_current=True), "old_from_current"),
-], ids=["triton", "backend", "rows-shape", "rows-range", "rows-field", "batch-field", "targets", "temperature",
+], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-field", "batch-field", "targets", "temperature",
         "old-given"])
 def test_bad_input_is_an_error_naming_it(change, match):
     hidden, weight, _, targets, rows, batch = _problem(4)
@@ -169,3 +171,141 @@ def test_bad_input_is_an_error_naming_it(change, match):
         fused_pact_head(hidden, weight, args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
                         temperature=args["temperature"], old_from_current=args["old_from_current"],
                         backend=args["backend"])
+
+
+# ------------------------------------------------------------------ the Triton backend (interpreter on CPU)
+
+# fp32: tight; 16-bit: the logits are rounded to the input dtype before the softmax, dz (or U) and dW too
+TRITON_TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _as_fp32_batch(batch):
+    for name in ("response_mask", "rewards", "old_logp_tc", "old_logp_po", "behavior_logp", "ref_logp"):
+        if getattr(batch, name) is not None:
+            setattr(batch, name, getattr(batch, name).float())
+    return batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cfg,progress,opts", CASES)
+def test_triton_backend_equals_the_float64_reference(cfg, progress, opts, dtype):
+    """Loss, metrics and the gradients of hidden, weight (and bias) against float64 autograd of the unfused
+    path on the same (rounded) inputs, in row blocks of 7 (ragged) with the interpreter's small tiles."""
+    config = PACTLossConfig(**cfg)
+    temperature = opts.get("temperature", 1.0)
+    old_from_current = opts.get("old_from_current", False)
+    hidden, weight, bias, targets, rows, batch = _problem(1, dtype=dtype, logit_scale=opts.get("logit_scale", 1.0),
+                                                          bias=opts.get("bias", False))
+    batch = _as_fp32_batch(batch)
+    if old_from_current:
+        batch.old_logp_tc = batch.old_logp_po = None
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref_loss, ref_metrics = _unfused(*ref_params[:2], ref_params[2] if bias is not None else None, targets, rows,
+                                     batch, config, progress, temperature, old_from_current, step=4)
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, progress, bias=bias,
+                                    temperature=temperature, old_from_current=old_from_current, step=4,
+                                    chunk_rows=7, backend="triton")
+    grads = torch.autograd.grad(2.0 * loss, params)
+    tol = TRITON_TOL[dtype]
+    assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (loss.item(), ref_loss.item())
+    assert metrics.keys() == ref_metrics.keys()
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == dtype, name
+        assert want.abs().max() > 0 or cfg.get("mode") == "sft", name  # the case carries a gradient
+        assert rel_err(got, 2.0 * want) < tol, (name, rel_err(got, 2.0 * want))
+
+
+def test_triton_backend_matches_the_torch_backend_metrics_in_fp32():
+    config = PACTLossConfig(c_ent=0.02, beta_kl=0.1, anchor_mode="mix")
+    hidden, weight, bias, targets, rows, batch = _problem(6, dtype=torch.float32, bias=True)
+    batch = _as_fp32_batch(batch)
+    got, got_m = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, bias=bias, step=2, backend="triton")
+    ref, ref_m = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, bias=bias, step=2, backend="torch")
+    assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    for k in ref_m:
+        assert math.isclose(got_m[k], ref_m[k], rel_tol=1e-4, abs_tol=1e-6), (k, got_m[k], ref_m[k])
+
+
+@pytest.mark.parametrize("limit", [20.0, 2.0, -1.0], ids=["none-over", "some-over", "all-over"])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)], ids=["fp32-bias", "bf16"])
+def test_rows_over_the_shift_limit_are_re_shifted_exactly(limit, dtype, bias):
+    """The pass's second loop (rows whose max logit exceeds the target's by more than the limit) gives the same
+    gradients: launcher against float64 autograd of g . logp for a random upstream g, temperature 0.8."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    g = torch.Generator().manual_seed(7)
+    N, V, H = 23, 53, 12
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) / 2).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    g_logp = torch.randn(N, generator=g)
+    ref = [p.double().requires_grad_() for p in (x, w) + ((b,) if bias else ())]
+    z = ref[0] @ ref[1].t() + (ref[2] if bias else 0)
+    logp_ref = torch.log_softmax(z / 0.8, -1).gather(1, t[:, None]).squeeze(1)
+    want = torch.autograd.grad((g_logp.double() * logp_ref).sum(), ref)
+    z_round = (x @ w.t() + (b if bias else 0)).float() / 0.8
+    over = (z_round.max(-1).values - z_round.gather(1, t[:, None]).squeeze(1)) > limit
+    assert over.any() == (limit < 20.0) and over.all() == (limit < 0)
+    logp, _, dx, dw, db = launch.run(x, w, b, t, 1 / 0.8, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None),
+                                     rows_per_block=9, limit=limit)
+    # the log-probs of the logits as the workspace holds them (rounded to the input dtype)
+    assert rel_err(logp, torch.log_softmax(z_round.double(), -1).gather(1, t[:, None]).squeeze(1)) < 1e-6
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, got, ref_grad in zip(("x", "w", "b"), (dx, dw, db), want):
+        assert rel_err(got, ref_grad) < tol, (name, rel_err(got, ref_grad))
+
+
+def test_auto_backend_is_torch_on_cpu_even_when_interpreting(monkeypatch):
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto ran the Triton backend on CPU tensors")
+
+    monkeypatch.setattr(launch, "run", refuse)
+    hidden, weight, _, targets, rows, batch = _problem(3)
+    fused_pact_head(hidden, weight, targets, rows, batch, PACTLossConfig(), 0.2, backend="auto")
+    with pytest.raises(AssertionError, match="auto ran"):
+        fused_pact_head(hidden.float(), weight.float(), targets, rows, _as_fp32_batch(batch), PACTLossConfig(), 0.2,
+                        backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_no_index_refers_to_get_zero_gradient_and_skip_the_matmuls(backend, monkeypatch):
+    """Five extra rows of hidden (at the start, the middle and the end) that no index refers to: the loss and
+    the other gradients are unchanged, theirs are zero, and the head only ever sees the referenced rows."""
+    import importlib
+
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    op = importlib.import_module("pact_fast.ops.fused_pact_head")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    hidden, weight, _, targets, rows, batch = _problem(8, dtype=dtype)
+    batch = _as_fp32_batch(batch) if backend == "triton" else batch
+    config = PACTLossConfig(c_ent=0.01)
+    n = hidden.shape[0]
+    g = torch.Generator().manual_seed(9)
+    extra = torch.randn(5, H, generator=g, dtype=dtype)
+    wide = torch.cat([extra[:2], hidden.detach()[:10], extra[2:3], hidden.detach()[10:], extra[3:]]).requires_grad_()
+    new_row = torch.cat([torch.arange(2, 12), torch.arange(13, n + 3)])  # where each old row now lives
+    wide_rows = {name: torch.where(index >= 0, new_row[index.clamp_min(0)], index) for name, index in rows.items()}
+    wide_targets = torch.zeros(n + 5, dtype=torch.long)
+    wide_targets[new_row] = targets
+    seen = []
+    for name, module in (("run", launch), ("_run_torch", op)):
+        original = getattr(module, name)
+
+        def spy(x, *args, original=original, **kwargs):
+            seen.append(x.shape[0])
+            return original(x, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    ref, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, step=1, backend=backend)
+    got, _ = fused_pact_head(wide, weight, wide_targets, wide_rows, batch, config, 0.4, step=1, backend=backend)
+    assert seen == [n, n]
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    dwide, dweight = torch.autograd.grad(got, [wide, weight])
+    assert torch.equal(got, ref) and torch.equal(dweight, ref_grads[1])
+    assert torch.equal(dwide[new_row], ref_grads[0])
+    assert dwide[[0, 1, 12, n + 3, n + 4]].abs().max() == 0

@@ -15,8 +15,11 @@ the chunk's gradient does not depend on the stand-ins, so loss, metrics and grad
 unfused path for every ``PACTLossConfig`` (tests/test_fused_pact_head.py checks them in float64). The
 loss and metrics returned are one last ``pact_loss`` call on the real values.
 
-Backends: ``torch`` (chunks of rows through ``matmul``; CPU and CUDA). A Triton epilogue that forms dz
-in the kernel of the log-prob op is not written yet: ``backend="triton"`` is refused.
+Backends: ``torch`` (chunks of rows through ``matmul``; CPU and CUDA) and ``triton``
+(``kernels/fused_pact_head_launch.py``: per block of rows, the logits over the whole vocabulary by one
+cuBLAS GEMM into a bounded workspace, a Triton epilogue that reads them once for the log-probs and, in the
+same pass, leaves a matrix whose row scaling is d loss / d logits, then the dX and dW GEMMs). ``auto``
+picks triton on CUDA, torch elsewhere; triton on CPU tensors runs under ``TRITON_INTERPRET=1`` (tests).
 """
 from dataclasses import fields
 
@@ -36,12 +39,25 @@ def _chunk_rows(n, vocab):
     return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))))
 
 
-def _check(hidden, weight, targets, bias, rows, batch, backend, temperature):
+def _resolve_backend(backend, hidden):
+    """'torch' or 'triton' for ``backend`` ('auto': triton on CUDA, torch elsewhere)."""
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"fused_pact_head: unknown backend {backend!r}; choose 'auto' or 'torch'")
+        raise ValueError(f"fused_pact_head: unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
+    if backend == "auto":
+        return "triton" if hidden.device.type == "cuda" else "torch"
     if backend == "triton":
-        raise ValueError("fused_pact_head: backend='triton' is not implemented yet (the gradient formed in the "
-                         "Triton log-prob epilogue); use backend='torch', which runs on CPU and CUDA")
+        from ..kernels.registry import TRITON_DTYPE, interpreting
+
+        if hidden.device.type != "cuda" and not interpreting():
+            raise ValueError("fused_pact_head: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported; use backend='torch' on CPU")
+        if hidden.dtype not in TRITON_DTYPE:
+            raise TypeError(f"fused_pact_head: backend='triton' takes fp32, fp16 or bf16 inputs, got {hidden.dtype}; "
+                            "use backend='torch'")
+    return backend
+
+
+def _check(hidden, weight, targets, bias, rows, batch, temperature):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_pact_head: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -121,25 +137,30 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
         targets: ``[N]`` int token ids in ``[0, V)``, the token each row predicts.
         rows: ``{"logp_tc": [B, T], "logp_po": [B, T], "sft_logp": [S, E]}`` int row indices into ``hidden``,
-            ``-1`` where a position holds no scored token; the fields the config needs.
+            ``-1`` where a position holds no scored token; the fields the config needs. A row of ``hidden``
+            no index refers to gets a zero gradient and never reaches a matmul.
         batch: ``PACTBatch`` with every input except those three fields (and ``entropy``, filled from the
             prompt-only rows when ``config.c_ent > 0``), which must be None.
         config, progress, step, generator, rl_scale, sft_scale: as for ``pact_loss``.
         temperature: logits are divided by it.
         old_from_current: the old log-probs of both contexts are the current ones, detached (one update epoch
             on fresh rollouts); ``batch.old_logp_tc`` / ``old_logp_po`` must then be None.
-        chunk_rows: rows per chunk; default keeps a chunk's fp32 logits near 64 MiB, at least 256 rows.
-        backend: ``"auto"`` or ``"torch"``.
+        chunk_rows: rows per chunk (torch) or row block (triton); default: torch, a chunk's fp32 logits near
+            64 MiB, at least 256 rows; triton, ``fused_pact_head_launch.BLOCK_ROWS`` (2048).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(loss, metrics)`` as ``pact_loss`` returns them; ``loss`` is differentiable with respect to
-        ``hidden``, ``weight`` and ``bias``. Logits, log-probs and dW accumulate in fp32 (float64 for
-        float64 inputs); dX and dW come back in the input dtype.
+        ``hidden``, ``weight`` and ``bias``. torch: logits, log-probs and dW accumulate in fp32 (float64
+        for float64 inputs). triton: logits rounded to the input dtype (as the model's lm_head output
+        would be), fp32 statistics, dW (and db) rounded once per row block (see the launcher's doc).
+        dX and dW come back in the input dtype.
     """
     from ..losses import PACTLossConfig
 
     config = config or PACTLossConfig()
-    _check(hidden, weight, targets, bias, rows, batch, backend, temperature)
+    backend = _resolve_backend(backend, hidden)
+    _check(hidden, weight, targets, bias, rows, batch, temperature)
     if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
         raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")
     want_entropy = config.c_ent > 0
@@ -160,24 +181,58 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
             fill["entropy"] = _scatter(ent, rows["logp_po"])
         return pact_loss(PACTBatch(**{**base, **fill}), config, **kwargs)
 
-    n, vocab = hidden.shape[0], weight.shape[0]
-    inv_temp = 1.0 / float(temperature)
-    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for float64 inputs
-    logp = _stand_ins(n, rows, batch, config, acc, hidden.device)  # [N]: real values replace them chunk by chunk
-    ent = torch.zeros_like(logp) if want_entropy else None
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                               (bias is not None and bias.requires_grad))
-    dx = torch.empty_like(hidden) if needs_grad else None  # [N, H]
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad else None  # [V, H], >= fp32
-    db = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_grad and bias is not None else None
-    w = weight.detach()
+    x, rows, keep = _compact(hidden.detach(), rows)  # rows no index refers to never reach a matmul
+    if keep is not None:
+        targets = targets[keep]
+    run = _run_triton if backend == "triton" else _run_torch
+    logp, ent, grads = run(x, weight.detach(), bias.detach() if bias is not None else None, targets,
+                           1.0 / float(temperature), want_entropy, _stand_ins(x.shape[0], rows, batch, config),
+                           loss_of if needs_grad else None, chunk_rows)
+    with torch.no_grad():
+        loss, metrics = loss_of(logp, ent)
+    if not needs_grad:
+        return loss, metrics
+    dx, dw, db = grads
+    if keep is not None:  # zero gradient for the rows left out
+        dx = torch.zeros_like(hidden).index_copy_(0, keep, dx)
+    return _FusedHead.apply(hidden, weight, bias, loss, dx, dw, db), metrics
+
+
+def _compact(x, rows):
+    """(x [n, H], rows renumbered, keep [n] | None): only the rows of x [N, H] some index in ``rows`` refers
+    to, in order; ``keep`` None (and no copy) when every row is referred to."""
+    used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for index in rows.values():
+        used[index[index >= 0]] = True
+    if bool(used.all()):
+        return x, rows, None
+    keep = used.nonzero().squeeze(1)
+    renumber = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    renumber[keep] = torch.arange(keep.numel(), device=x.device)
+    return x[keep], {name: torch.where(index >= 0, renumber[index.clamp_min(0)], index) for name, index in
+                     rows.items()}, keep
+
+
+def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_rows):
+    """Chunks of rows through ``matmul``: returns (logp [N], ent [N] | None, (dx, dw, db | None) | None).
+    ``held``: the stand-in log-probs the chunks overwrite; ``loss_of``: None for the forward only."""
+    n, vocab = x.shape[0], w.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    logp = held.to(acc)  # [N]: real values replace the stand-ins chunk by chunk
+    ent = torch.zeros_like(logp) if want_entropy else None
+    needs_grad = loss_of is not None
+    dx = torch.empty_like(x) if needs_grad else None  # [N, H]
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs_grad else None  # [V, H], >= fp32
+    db = torch.zeros(vocab, dtype=acc, device=w.device) if needs_grad and b is not None else None
     chunk = chunk_rows or _chunk_rows(n, vocab)
     with torch.no_grad():
         for i in range(0, n, chunk):
-            x = hidden.detach()[i:i + chunk]  # [C, H]
-            z = x @ w.t()  # [C, V]
-            if bias is not None:
-                z = z + bias.detach()
+            xc = x[i:i + chunk]  # [C, H]
+            z = xc @ w.t()  # [C, V]
+            if b is not None:
+                z = z + b
             z = z.to(acc).mul_(inv_temp)
             lse = torch.logsumexp(z, dim=-1)  # [C]
             t = targets[i:i + chunk, None]
@@ -196,23 +251,44 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
                 dz = p.mul_(-g_logp[:, None])
             dz.scatter_add_(1, t, g_logp[:, None]).mul_(inv_temp)
             del z, p
-            dz_in = dz.to(hidden.dtype)
-            dx[i:i + chunk] = dz_in @ w  # [C, H]
-            dw.addmm_(dz.t(), x.to(acc))  # accumulated over chunks in fp32 (float64 for float64 inputs)
+            dx[i:i + chunk] = dz.to(x.dtype) @ w  # [C, H]
+            dw.addmm_(dz.t(), xc.to(acc))  # accumulated over chunks in fp32 (float64 for float64 inputs)
             if db is not None:
                 db += dz.sum(0)
-        loss, metrics = loss_of(logp, ent)
     if not needs_grad:
-        return loss, metrics
-    return _FusedHead.apply(hidden, weight, bias, loss, dx, dw.to(weight.dtype),
-                            db.to(bias.dtype) if db is not None else None), metrics
+        return logp, ent, None
+    return logp, ent, (dx, dw.to(w.dtype), db.to(b.dtype) if db is not None else None)
 
 
-def _stand_ins(n, rows, batch, config, dtype, device):
+def _run_triton(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_rows):
+    """Row blocks through ``kernels/fused_pact_head_launch.run``; same contract as ``_run_torch``. The
+    upstream gradients of a block come from ``loss_of`` once the block's log-probs replace their stand-ins."""
+    from ..kernels import fused_pact_head_launch as launch
+
+    logp_held = held.float()  # [N]
+    ent_held = torch.zeros_like(logp_held) if want_entropy else None
+
+    def grads(lo, hi, logp, ent):
+        logp_held[lo:hi] = logp[lo:hi]
+        if want_entropy:
+            ent_held[lo:hi] = ent[lo:hi]
+        return _chunk_grads(loss_of, logp_held, ent_held, lo, hi)
+
+    logp, ent, dx, dw, db = launch.run(x.contiguous(), w.contiguous(), b, targets.long().contiguous(), inv_temp,
+                                       want_entropy, grads if loss_of is not None else None,
+                                       rows_per_block=chunk_rows)
+    ent = ent if want_entropy else None
+    if loss_of is None:
+        return logp, ent, None
+    return logp, ent, (dx, dw, db.to(b.dtype) if db is not None else None)
+
+
+def _stand_ins(n, rows, batch, config):
     """Per-row log-probs [N] to hold until a row's chunk is computed: each rollout token's ratio
     denominator (ratio 1), 0 for trace tokens, so every ``pact_loss`` term stays finite. Their values
     never reach a gradient (each term is pointwise in a token's own log-prob)."""
-    logp = torch.zeros(n, dtype=dtype, device=device)
+    dtype = torch.promote_types(batch.response_mask.dtype, torch.float32)
+    logp = torch.zeros(n, dtype=dtype, device=batch.response_mask.device)
     behavior = batch.behavior_logp if batch.behavior_logp is not None else batch.old_logp_po
     dens = {"logp_po": batch.old_logp_po,
             "logp_tc": batch.old_logp_tc if config.ctx_den == "same" else behavior}

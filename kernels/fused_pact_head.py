@@ -1,0 +1,140 @@
+"""Triton epilogue kernels of the PACT loss fused into the lm_head (``pact_fast.ops.fused_pact_head``).
+
+The launcher (``fused_pact_head_launch``) walks blocks of ``R`` rows. For each, a cuBLAS GEMM writes the
+block's logits over the WHOLE vocabulary, ``z_raw = x[rows] @ w.T (+ b)``, into a workspace ``[R, V]`` in
+the input dtype; then ``_head_pass_kernel`` reads it once.
+
+``_head_pass_kernel`` keeps, per row, the online log-sum-exp of ``z = z_raw / temperature`` in fp32
+(running max m, s = sum exp(z - m), t = sum exp(z - m) (z - m), z_tgt) and writes ``logp``, ``lse`` and
+``entropy``. With ``WRITE_U`` it also overwrites the workspace, in the same pass, with
+
+    U[r, v] = exp(z[r, v] - c_r)  (v != target),    U[r, target] = -sum_{v != target} exp(z[r, v] - c_r),
+
+for a per-row shift ``c_r`` fixed BEFORE the pass: ``c_r = z[r, target]`` (one element read first). Then
+the gradient of the logits, whatever the upstream gradient ``g_r`` of the row's log-prob (known only
+after the pass: it comes from the PACT loss of the whole batch), is a row scaling of U:
+
+    d loss / d z_raw[r, :] = g_r (onehot(target) - softmax(z)) / temperature = beta_r U[r, :],
+    beta_r = -g_r / (temperature * s_r),   s_r = sum_v exp(z[r, v] - c_r)   (written to ``s``),
+
+so dX = diag(beta) (U @ w) and dW = U.T @ (diag(beta) x) are cuBLAS GEMMs on U and the workspace is read
+and written once (4 bytes per logit in bf16) instead of read for the statistics and read and written
+again for the gradient (6). ``U[r, target]`` is accumulated in fp32 without cancellation, as the
+ordinary gradient's ``1 - p_target`` would be.
+
+The shift keeps every ``U`` below ``exp(limit)`` while the row's max logit is at most ``limit`` above its
+target logit (``-logp_target`` bounds that gap). A row whose gap exceeds ``limit`` (a target the model
+finds less likely than about exp(-limit)) is re-shifted by its true max in a second loop over that row
+only, reading back what the first loop stored: ``U`` (from which ``z = c + log U``) before the tile where
+the row went over the limit, the raw logits from there on and at the target (the first loop never stores
+the target column). Such rows cost one more read and write of their logits; rows within the limit none.
+
+``_scale_rows_kernel`` applies ``beta``: ``dx[r, :] *= beta_r`` (dx holds ``U @ w``), ``xs[r, :] = beta_r
+x[r, :]`` (the dW GEMM's right operand) and ``beta`` itself in the input dtype (for the bias gradient's
+GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix) and fp16
+(whose range cannot hold ``U``) run the pass without ``WRITE_U``, then the ordinary gradient kernel of
+``linear_logprobs`` (read and write of the logits).
+"""
+import triton
+import triton.language as tl
+
+from .registry import cost_name
+
+# Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
+_M_INIT = tl.constexpr(-1.0e30)
+
+
+@cost_name("fused_pact_head.pass")
+@triton.jit
+def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_ptr,
+                      R, V, inv_temp, limit,
+                      WRITE_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row block over the whole vocabulary: z [R, V] (workspace, raw logits; with WRITE_U overwritten
+    by U), targets [R] int64 in [0, V); writes logp, lse, entropy [R] fp32 and, with WRITE_U, s [R] fp32
+    (the row sum of exp(z - shift) that U is relative to)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0)
+    row_ptr = z_ptr + rows.to(tl.int64) * stride_zr
+    m = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    z_tgt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if WRITE_U:
+        c = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
+        s_other = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        bad = rows < 0  # the row's max went more than `limit` above c (monotone along the row)
+        switch = tl.full((BLOCK_R,), V, dtype=tl.int32)  # first column stored raw for a bad row
+    for c0 in range(0, V, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (cols < V)[None, :]
+        ptrs = row_ptr[:, None] + cols[None, :]
+        z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
+        z = z_raw.to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        zc = tl.where(mask, z - m_new[:, None], 0.0)
+        t = alpha * (t + (m - m_new) * s) + tl.sum(p * zc, axis=1)
+        s = alpha * s + tl.sum(p, axis=1)
+        is_tgt = cols[None, :] == tgt[:, None]
+        z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)
+        m = m_new
+        if WRITE_U:
+            now_bad = bad | (m_new - c > limit)
+            switch = tl.where(now_bad & ~bad, c0, switch)
+            bad = now_bad
+            u = tl.exp(tl.minimum(z - c[:, None], limit))  # the min only guards rows that are bad anyway
+            s_other += tl.sum(tl.where(mask & ~is_tgt, u, 0.0), axis=1)
+            out = tl.where(bad[:, None], z_raw, u.to(z_raw.dtype))
+            tl.store(ptrs, out, mask=mask & ~is_tgt)
+    s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0; keep their (unstored) log finite
+    log_s = tl.log(s_safe)
+    lse = m + log_s
+    tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(ent_ptr + rows, tl.maximum(log_s - t / s_safe, 0.0), mask=row_mask)
+    if WRITE_U:
+        good = row_mask & ~bad
+        tl.store(row_ptr + tgt, (-s_other).to(z_ptr.dtype.element_ty), mask=good)
+        # bad rows: U relative to the true max m, where sum_v exp(z - m) = s
+        tl.store(s_ptr + rows, tl.where(bad, s_safe, 1.0 + s_other), mask=row_mask)
+        redo = row_mask & bad
+        if tl.sum(redo.to(tl.int32), axis=0) > 0:
+            tl.debug_barrier()  # the first loop's stores are visible to every thread of the program
+            u_tgt = tl.exp(tl.where(redo, z_tgt - m, 0.0))
+            for c0 in range(0, V, BLOCK_V):
+                cols = c0 + tl.arange(0, BLOCK_V)
+                mask = redo[:, None] & (cols < V)[None, :]
+                ptrs = row_ptr[:, None] + cols[None, :]
+                stored = tl.load(ptrs, mask=mask, other=1.0)
+                raw = (cols[None, :] >= switch[:, None]) | (cols[None, :] == tgt[:, None])
+                stored = stored.to(tl.float32)
+                z = tl.where(raw, stored * inv_temp, c[:, None] + tl.log(tl.where(raw, 1.0, stored)))
+                u = tl.exp(tl.where(mask, z - m[:, None], float("-inf")))  # rows past R hold m = -1e30
+                u = tl.where(cols[None, :] == tgt[:, None], (u_tgt - s_safe)[:, None], u)
+                tl.store(ptrs, u.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@cost_name("fused_pact_head.scale")
+@triton.jit
+def _scale_rows_kernel(dx_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, inv_temp,
+                       BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """beta = -g * inv_temp / s for g, s [R] fp32; dx [R, H] *= beta (in place); xs [R, H] = beta * x [R, H];
+    beta [R] in the input dtype (written by the programs of the first column tile). All row-major, stride H."""
+    pid_r = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    beta = -tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_temp / tl.load(s_ptr + rows, mask=row_mask,
+                                                                                  other=1.0)
+    if pid_h == 0:
+        tl.store(beta_ptr + rows, beta.to(beta_ptr.dtype.element_ty), mask=row_mask)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = row_mask[:, None] & (cols < H)[None, :]
+    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, (dx * beta[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(xs_ptr + offs, (x * beta[:, None]).to(xs_ptr.dtype.element_ty), mask=mask)
