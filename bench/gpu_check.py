@@ -16,8 +16,6 @@ comparison says nothing). The large-logits case is judged by the second bound al
 """
 import argparse
 import importlib
-import inspect
-import itertools
 import json
 import sys
 import time
@@ -238,6 +236,53 @@ def tree_cases(dry_run):
 
 
 # ---------------------------------------------------------------------------------------------
+# fused_pact_head
+# ---------------------------------------------------------------------------------------------
+
+def check_head_case(name, shape, dtype_name, device, c_ent=0.0):
+    """One case: the Triton fused PACT head (loss, d hidden, d weight) vs its torch backend in float64 on the same
+    rounded inputs, beside the torch backend in the same dtype. ``shape``: bench_fused_pact_head's B, T, S, E, H,
+    V (a PACT micro-batch's scored rows); c_ent > 0 takes the ordinary (entropy) path, 0 the shift path."""
+    from bench_fused_pact_head import make_inputs
+
+    from pact_fast.losses import PACTLossConfig
+    from pact_fast.ops.fused_pact_head import fused_pact_head
+
+    dtype = DTYPES[dtype_name]
+    hidden, weight, targets, rows, batch = make_inputs(**shape, dtype=dtype, device=device)
+    config = PACTLossConfig(c_ent=c_ent)
+
+    def run(backend, run_dtype):
+        h, w = (t.to(run_dtype).detach().requires_grad_() for t in (hidden, weight))
+        loss = fused_pact_head(h, w, targets, rows, batch, config, 0.3, backend=backend)[0]
+        loss.backward()
+        return {"loss": loss.detach().reshape(1), "d_hidden": h.grad, "d_weight": w.grad}
+
+    t0 = time.perf_counter()
+    ours = run("triton", dtype)
+    kernel_s = time.perf_counter() - t0
+    ref = run("torch", torch.float64)
+    errors = {k: rel_err(v, ref[k]) for k, v in ours.items()}
+    plain_out = run("torch", dtype)
+    plain = {k: rel_err(v, ref[k]) for k, v in plain_out.items()}
+    finite = all(torch.isfinite(v).all().item() for v in ours.values())
+    dtypes_ok = ours["d_hidden"].dtype == dtype and ours["d_weight"].dtype == dtype
+    return {"kernel": "fused_pact_head", "case": name, "shape": shape, "dtype": dtype_name, "c_ent": c_ent,
+            "errors": errors, "plain_torch_errors": plain, "kernel_s": kernel_s,
+            "passed": bool(finite and dtypes_ok and _verdict(errors, plain))}
+
+
+def head_cases(dry_run):
+    """(name, shape, kwargs): both of the head's paths (shift, and ordinary with the entropy bonus) at a small
+    shape; on CUDA also the W-logprob rows (N=32,768, H=2,048, V=151,936)."""
+    small = dict(B=4, T=16, S=1, E=32, H=64, V=1000) if dry_run else dict(B=8, T=64, S=2, E=128, H=256, V=32000)
+    cases = [("small", small, {}), ("small-entropy", small, {"c_ent": 0.01})]
+    if not dry_run:
+        cases.append(("W-logprob-H2048", dict(B=64, T=224, S=4, E=1024, H=2048, V=151936), {}))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _guarded(fn, *args, **kwargs):
     try:
@@ -248,7 +293,8 @@ def _guarded(fn, *args, **kwargs):
 
 
 def run(dry_run, device):
-    """{'linear_logprobs': [case dicts], 'tree_attention': [case dicts] or {'skipped': reason}}."""
+    """{'linear_logprobs': [case dicts], 'tree_attention': [case dicts] or {'skipped': reason},
+    'fused_pact_head': [case dicts]}."""
     results = {"linear_logprobs": [], "tree_attention": []}
     for name, N, H, V, kw in logprob_cases(dry_run):
         for dtype_name in DTYPES:
@@ -265,21 +311,25 @@ def run(dry_run, device):
     except ImportError as e:
         results["tree_attention"] = {"skipped": f"no Triton tree-attention kernels: {e}"}
         return results
-    from pact_fast.ops import tree_attention
-
-    # both backward variants where the op offers a choice (a deterministic one and an atomic one)
-    variants = [{"deterministic": True}, {"deterministic": False}] if "deterministic" in \
-        inspect.signature(tree_attention).parameters else [{}]
-    for (name, HQ, HKV, D, kw), variant in itertools.product(tree_cases(dry_run), variants):
-        if variant:
-            name += "-deterministic" if variant["deterministic"] else "-atomic"
+    for name, HQ, HKV, D, kw in tree_cases(dry_run):
         for dtype_name in DTYPES:
-            r = _guarded(check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw, **variant)
+            r = _guarded(check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw)
             r.setdefault("kernel", "tree_attention")
             r["dtype"] = dtype_name
             results["tree_attention"].append(r)
             print(json.dumps({k: r.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}),
                   flush=True)
+    results["fused_pact_head"] = []
+    for name, shape, kw in head_cases(dry_run):
+        for dtype_name in DTYPES:
+            r = _guarded(check_head_case, name, shape, dtype_name, device, **kw)
+            r.setdefault("kernel", "fused_pact_head")
+            r["dtype"] = dtype_name
+            results["fused_pact_head"].append(r)
+            print(json.dumps({k: r.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}),
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return results
 
 
