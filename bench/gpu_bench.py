@@ -4,6 +4,7 @@ model's prediction (bench/roofline.py) beside every measured figure.
     python bench/gpu_bench.py logprob --json logprob.json   # linear_logprobs vs naive, Liger, CCE, bare GEMMs
     python bench/gpu_bench.py layer --json layer.json       # one W-group layer of tree attention vs baselines
     python bench/gpu_bench.py group --json group.json       # the whole W-group pass (bench/bench_group.py)
+    python bench/gpu_bench.py head --json head.json         # the PACT loss head: fused vs unfused vs naive
     python bench/gpu_bench.py model --json model.json       # the model's rows alone
     python bench/gpu_bench.py report --dir DIR --json suite.json   # merge the sections, print the table
     ... --dry-run                                           # CPU, TRITON_INTERPRET=1, tiny shapes
@@ -379,12 +380,44 @@ def run_group(dry_run, device, reps):
 
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# the PACT loss head: fused vs unfused vs naive (bench/bench_fused_pact_head.py)
+# ---------------------------------------------------------------------------------------------
+
+def run_head(dry_run, device, reps):
+    """bench_fused_pact_head's providers on W-logprob rows laid out as a PACT micro-batch (CUDA; its tiny
+    workload in a dry run), fwd+bwd. fused_triton is predicted by the model's "fused_pact_head fwd+bwd" row
+    (the default loss has no entropy bonus); the others get three bare GEMMs, a lower bound."""
+    import bench_fused_pact_head as head
+
+    workload = "tiny" if dry_run else "W-logprob"
+    w = head.WORKLOADS[workload]
+    N, H, V = 2 * w["B"] * w["T"] + w["S"] * w["E"], w["H"], w["V"]
+    dev = model_device(device)
+    model = next(r for r in roofline.fused_head_rows(workload, N, V, H, devices=(dev,))
+                 if r["op"] == "fused_pact_head fwd+bwd")
+    ideal = roofline.ideal_logprob_ms(N, V, H, dev)
+    rows = []
+    for r in head.run(workload, device, reps):
+        row = {"section": "head", "workload": workload, "shape": {"N": N, "H": H, "V": V},
+               "dtype": str(w["dtype"]).replace("torch.", ""), "model_device": dev, "ideal_ms": ideal,
+               "ms": None, "peak_MiB": None, **r}
+        if r["provider"] == "fused_triton":
+            row.update(predicted_ms=model["predicted_ms"], prediction="roofline: fused_pact_head fwd+bwd",
+                       predicted_extra_MiB=model["extra_memory_bytes"] / 2 ** 20)
+        else:
+            row.update(predicted_ms=ideal, prediction="roofline ideal: 3 bare GEMMs, a lower bound")
+        row["measured_vs_predicted"] = row["ms"] / row["predicted_ms"] if row["ms"] else None
+        rows.append(row)
+    return rows
+
+
 def run_model(dry_run, device, reps):
     return roofline.model_rows()
 
 
-CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "model": 1}  # within the suite's 9 minutes
-SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "model": run_model}
+CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "head": 3, "model": 1}  # within the suite's 9 minutes
+SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "head": run_head, "model": run_model}
 COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "ideal_ms", "peak_MiB", "status"]
 
 
@@ -455,7 +488,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--json", help="write the section's JSON here")
     ap.add_argument("--dir", help="report: the directory holding the sections' JSON")
-    ap.add_argument("--sections", nargs="*", default=["check", "logprob", "layer", "group", "model"])
+    ap.add_argument("--sections", nargs="*", default=["check", "logprob", "layer", "group", "head", "model"])
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default CUDA_REPS, 1 on CPU)")
     args = ap.parse_args(argv)
     if args.section == "report":

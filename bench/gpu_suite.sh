@@ -30,11 +30,11 @@ if [ "$DRY" = 1 ]; then
   DIR=${GPU_SUITE_DIR:-$(mktemp -d /tmp/gpu_suite.XXXXXX)}
   FLAG=--dry-run
   # seconds per section
-  T_CHECK=120; T_LOGPROB=60; T_LAYER=90; T_GROUP=60; T_MODEL=60
+  T_CHECK=150; T_LOGPROB=60; T_LAYER=90; T_GROUP=60; T_HEAD=60; T_MODEL=60
 else
   DIR=${GPU_SUITE_DIR:-bench/results/gpu_suite-$(date -u +%Y%m%dT%H%M%SZ)}
   FLAG=
-  T_CHECK=120; T_LOGPROB=110; T_LAYER=120; T_GROUP=130; T_MODEL=20  # 500 s in all
+  T_CHECK=130; T_LOGPROB=100; T_LAYER=100; T_GROUP=100; T_HEAD=60; T_MODEL=15  # 505 s in all
 fi
 mkdir -p "$DIR"
 
@@ -62,7 +62,7 @@ run_section() {  # name timeout command...
 }
 
 run_section check "$T_CHECK" $PY bench/gpu_check.py $FLAG --json "$DIR/check.json"
-for s in logprob layer group model; do
+for s in logprob layer group head model; do
   var=T_$(echo "$s" | tr a-z A-Z)
   run_section "$s" "${!var}" $PY bench/gpu_bench.py "$s" $FLAG --json "$DIR/$s.json"
 done

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("check", "logprob", "layer", "group", "model")
+SECTIONS = ("check", "logprob", "layer", "group", "head", "model")
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,17 @@ def test_correctness_cases_ran_and_passed(suite):
         for c in tree:
             assert c["passed"], c
             assert max(c["errors"].values()) < 1e-2 and set(c["errors"]) == {"out", "dq", "dk", "dv"}
+        assert {c.get("options", {}).get("dq_mode", "split") for c in tree} == {"split", "atomic"}
+    head = results["fused_pact_head"]
+    assert {c["dtype"] for c in head} == {"bf16", "fp16"} and {c["c_ent"] for c in head} == {0.0, 0.01}
+    for c in head:
+        assert c["passed"], c
 
 
 def test_each_measured_figure_has_a_prediction_beside_it(suite):
     doc, _, _ = suite
     providers = set()
-    for name in ("logprob", "layer", "group"):
+    for name in ("logprob", "layer", "group", "head"):
         rows = doc["sections"][name]["rows"]
         assert rows, name
         for r in rows:
@@ -76,8 +81,10 @@ def test_each_measured_figure_has_a_prediction_beside_it(suite):
     for p in ("triton", "naive", "liger_flce", "cce", "cublas_gemms"):
         for mode in ("fwd", "fwd+bwd"):
             assert ("logprob", p, mode) in providers
-    for p in ("packed-triton", "packed-flex", "packed-varlen", "b2b-varlen", "b2b-torch_varlen"):
+    for p in ("packed-triton", "packed-triton_atomic", "packed-flex", "packed-varlen", "b2b-varlen", "b2b-torch_varlen"):
         assert ("layer", p, "fwd+bwd") in providers
+    for p in ("naive", "unfused", "fused", "fused_triton"):
+        assert ("head", p, "fwd+bwd") in providers
     measured = {(n, p, m) for n in ("logprob", "layer") for r in doc["sections"][n]["rows"]
                 if r["ms"] for p, m in [(r["provider"], r["mode"])]}
     assert ("logprob", "triton", "fwd+bwd") in measured and ("logprob", "naive", "fwd+bwd") in measured
