@@ -81,6 +81,8 @@ def main(argv=None):
     p_train.add_argument("--resume", help="run or checkpoint directory to continue from")
     p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
     p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"])
+    p_cmp.add_argument("--seeds", nargs="*", type=int, default=None,
+                       help="run every mode once per seed (train/data/loss seeds) and report mean and spread")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
     p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
     p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")
@@ -145,7 +147,7 @@ def main(argv=None):
     from .compare import compare
 
     try:
-        compare(config, modes=args.modes)
+        compare(config, modes=args.modes, seeds=args.seeds)
     except USER_ERRORS as exc:
         return _user_error(args, exc)
     return 0

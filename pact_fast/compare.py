@@ -3,38 +3,111 @@
 Each mode (``sft``, ``grpo``, ``sft_then_grpo``, ``pact``) trains from the same initial weights,
 with the same seeds, data order, rollout budget (prompts x group size x steps) and optimizer;
 only ``loss.mode`` differs. Each is evaluated greedily, prompt-only, on the same held-out tasks.
-Writes ``compare.json`` and ``compare.png`` under ``train.out_dir`` and prints the table.
+Writes ``compare.json`` (one row per run) and ``compare.png`` under ``train.out_dir`` and prints the table.
+
+With ``seeds`` (``pact-fast compare --seeds 0 1 2``) every mode runs once per seed (``train.seed``,
+``data.seed`` and ``loss.seed`` set to it; runs in ``out_dir/seed<k>/<mode>``) and the table gives each
+mode's mean held-out success with its standard deviation and range over the seeds (also in
+``compare_summary.json``). A run whose directory already holds a finished run of the same configuration
+is read back, not trained again, so an interrupted comparison continues where it stopped.
 """
 import copy
 import json
+import statistics
 from pathlib import Path
 
+from .config import config_changes, load_config
 from .trainer import load_data, train
 
+# Options that do not change what a run computes: a finished run that differs only in these is reused.
+_COSMETIC = {"train.out_dir", "train.progress"}
 
-def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), log=print):
+
+def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
+    """Train every mode (for every seed in ``seeds``; None: the config's own, one run per mode) and return
+    one row per run: mode, seed, held-out success/reward after training, steps, seconds."""
     load_data(config.data)  # a data mistake is reported before any run directory is made
     root = Path(config.train.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for mode in modes:
-        cfg = copy.deepcopy(config)
-        cfg.loss.mode = mode
-        cfg.train.out_dir = str(root / mode)
-        log(f"[compare] training {mode} for {cfg.train.steps} steps -> {cfg.train.out_dir}")
-        summary = train(cfg, log=log)
-        rows.append({"mode": mode, **(summary["eval_after"] or {}), "steps": summary["steps"],
-                     "train_seconds": summary["seconds"],
-                     "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate")})
-        if summary["interrupted"] or summary["stopped"]:
-            log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
-                f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the modes after it are not run")
-            break
-    print(format_table(rows))
+    for seed in seeds if seeds else [None]:
+        for mode in modes:
+            cfg = copy.deepcopy(config)
+            cfg.loss.mode = mode
+            run_dir = root / mode if seed is None else root / f"seed{seed}" / mode
+            cfg.train.out_dir = str(run_dir)
+            if seed is not None:
+                cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
+            summary = _finished_run(cfg)
+            if summary is not None:
+                log(f"[compare] {run_dir} holds this run, finished: reading it back")
+            else:
+                log(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
+                    f"steps -> {run_dir}")
+                summary = train(cfg, log=log)
+            rows.append({"mode": mode, "seed": cfg.train.seed, **(summary["eval_after"] or {}),
+                         "steps": summary["steps"], "train_seconds": summary["seconds"],
+                         "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate"),
+                         "run_dir": str(run_dir)})
+            if summary["interrupted"] or summary["stopped"]:
+                log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
+                    f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are not run")
+                return _report(root, rows, seeds)
+    return _report(root, rows, seeds)
+
+
+def _finished_run(cfg):
+    """The summary of a finished run of exactly this configuration in ``cfg.train.out_dir``, else None."""
+    run_dir = Path(cfg.train.out_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        stored = load_config(run_dir / "config.yaml")
+    except (OSError, ValueError):
+        return None
+    changed = {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC
+    done = summary.get("steps") == cfg.train.steps and not summary.get("interrupted") and not summary.get("stopped")
+    return summary if done and not changed else None
+
+
+def _report(root, rows, seeds):
+    summary = summarize(rows) if seeds else None
+    print(format_table(rows) if summary is None else format_summary(summary))
     with open(root / "compare.json", "w") as f:
         json.dump(rows, f, indent=1)
+    if summary is not None:
+        with open(root / "compare_summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
     _plot(root, rows)
     return rows
+
+
+def summarize(rows):
+    """Per mode over its runs (seeds): n, mean / standard deviation / min / max of held-out success and mean
+    reward after training; runs without an evaluation (interrupted) are left out."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        done = [r for r in rows if r["mode"] == mode and r.get("success_rate") is not None]
+        entry = {"mode": mode, "n": len(done), "seeds": [r["seed"] for r in done]}
+        for key in ("success_rate", "mean_reward"):
+            values = [r[key] for r in done]
+            entry[key] = {"mean": statistics.fmean(values) if values else None,
+                          "std": statistics.stdev(values) if len(values) > 1 else None,
+                          "min": min(values, default=None), "max": max(values, default=None),
+                          "values": values}
+        out.append(entry)
+    return out
+
+
+def format_summary(summary):
+    """The multi-seed table: mean held-out success +- standard deviation [min, max] per mode."""
+    lines = [f"{'mode':<15}{'seeds':>6}{'success mean':>14}{'std':>7}{'min':>7}{'max':>7}{'reward mean':>13}"]
+    for e in summary:
+        s, r = e["success_rate"], e["mean_reward"]
+        cells = [f"{x:>7.3f}" if x is not None else f"{'-':>7}" for x in (s["std"], s["min"], s["max"])]
+        mean = f"{s['mean']:>14.3f}" if s["mean"] is not None else f"{'-':>14}"
+        reward = f"{r['mean']:>13.3f}" if r["mean"] is not None else f"{'-':>13}"
+        lines.append(f"{e['mode']:<15}{e['n']:>6}{mean}{''.join(cells)}{reward}")
+    return "\n".join(lines)
 
 
 def format_table(rows):
@@ -48,7 +121,16 @@ def format_table(rows):
                                   for r in rows])
 
 
+def _reward_curve(run_dir):
+    """(steps, rollout reward) of one run's metrics.jsonl."""
+    metrics = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    points = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def _plot(root, rows):
+    """compare.png: each mode's training reward (the mean over seeds, their range shaded) and held-out success
+    (mean over seeds, bars from min to max)."""
     try:
         import matplotlib
 
@@ -57,16 +139,30 @@ def _plot(root, rows):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for r in rows:
-        metrics = [json.loads(line) for line in open(root / r["mode"] / "metrics.jsonl")]
-        steps = [m["step"] for m in metrics if "reward_mean" in m]
-        axes[0].plot(steps, [m["reward_mean"] for m in metrics if "reward_mean" in m], label=r["mode"])
-    axes[0].set_title("rollout reward (training)")
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    for mode in modes:
+        curves = [_reward_curve(r["run_dir"]) for r in rows if r["mode"] == mode]
+        n = min(len(steps) for steps, _ in curves)
+        if n == 0:
+            continue
+        steps = curves[0][0][:n]
+        values = [c[1][:n] for c in curves]
+        mean = [sum(v) / len(v) for v in zip(*values)]
+        line, = axes[0].plot(steps, mean, label=mode)
+        if len(values) > 1:
+            axes[0].fill_between(steps, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
+                                 color=line.get_color(), alpha=0.2)
+    axes[0].set_title("rollout reward (training" + (", mean and range over seeds)" if len(rows) > len(modes) else ")"))
     axes[0].set_xlabel("step")
+    axes[0].set_ylabel("mean reward")
     axes[0].legend()
-    done = [r for r in rows if r.get("success_rate") is not None]  # modes that reached their evaluation
-    axes[1].bar([r["mode"] for r in done], [r["success_rate"] for r in done])
+    done = [e for e in summarize(rows) if e["n"]]  # modes that reached their evaluation
+    means = [e["success_rate"]["mean"] for e in done]
+    spread = [[m - e["success_rate"]["min"] for m, e in zip(means, done)],
+              [e["success_rate"]["max"] - m for m, e in zip(means, done)]]
+    axes[1].bar([e["mode"] for e in done], means, yerr=spread if len(rows) > len(modes) else None, capsize=4)
     axes[1].set_title("held-out success (greedy, prompt-only)")
+    axes[1].set_ylabel("success rate")
     fig.tight_layout()
     fig.savefig(root / "compare.png", dpi=90)
     plt.close(fig)

@@ -280,6 +280,46 @@ def test_compare_stops_at_an_unfinished_mode_and_still_prints_its_table(tmp_path
     assert (tmp_path / "compare.json").exists()
 
 
+def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+    import pact_fast.compare as compare
+    from pact_fast.config import save_config
+
+    calls = []
+
+    def fake_train(cfg, log):  # writes what train writes: metrics, summary and config
+        assert cfg.train.seed == cfg.data.seed == cfg.loss.seed
+        calls.append((cfg.loss.mode, cfg.train.seed))
+        run = Path(cfg.train.out_dir)
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.1 * cfg.train.seed}) + "\n")
+        success = 0.1 * cfg.train.seed + (0.5 if cfg.loss.mode == "pact" else 0.0)
+        summary = {"steps": cfg.train.steps, "seconds": 1.0, "interrupted": False, "stopped": None,
+                   "eval_before": {"success_rate": 0.0},
+                   "eval_after": {"success_rate": success, "mean_reward": success, "tokens_per_episode": 5.0}}
+        (run / "summary.json").write_text(json.dumps(summary))
+        save_config(cfg, run / "config.yaml")
+        return summary
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3"])
+    rows = compare.compare(cfg, modes=("sft", "pact"), seeds=[0, 1, 2], log=lambda *a: None)
+    assert sorted(calls) == sorted((m, s) for m in ("sft", "pact") for s in (0, 1, 2))
+    assert {r["run_dir"] for r in rows} == {str(tmp_path / f"seed{s}" / m) for m in ("sft", "pact") for s in (0, 1, 2)}
+    summary = {e["mode"]: e["success_rate"] for e in json.loads((tmp_path / "compare_summary.json").read_text())}
+    assert summary["pact"]["mean"] == pytest.approx(0.6) and summary["pact"]["std"] == pytest.approx(0.1)
+    assert (summary["sft"]["min"], summary["sft"]["max"]) == pytest.approx((0.0, 0.2))
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[:6] == ["pact", "3", "0.600", "0.100", "0.500", "0.700"]
+    assert (tmp_path / "compare.png").exists()
+
+    compare.compare(cfg, modes=("sft", "pact"), seeds=[0, 1, 2], log=lambda *a: None)
+    assert len(calls) == 6, "finished runs of the same configuration are read back, not trained again"
+    changed = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3", "loss.anchor_q=0.5"])
+    with pytest.raises(FileExistsError):  # a different configuration trains again (here: into the same dirs)
+        compare.compare(changed, modes=("pact",), seeds=[0], log=lambda *a: None)
+    assert calls[-1] == ("pact", 0) and len(calls) == 7
+
+
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     marker = tmp_path / "writing"
