@@ -5,7 +5,7 @@ FLOPs are tensor-core FLOPs (2*M*N*K per ``tl.dot`` executed); bytes are the glo
 every ``tl.load`` / ``tl.store`` executed, masked-off elements excluded. A cuBLAS GEMM
 (``torch.mm`` / ``addmm``) is modelled at its compulsory bytes (each operand and the output once).
 The formulas live beside each launcher (``kernel_costs(...)``); ``count_executed()`` counts what the
-Triton interpreter really executes so a test (tests/test_roofline.py) can hold them equal.
+Triton interpreter really executes so the tests (tests/test_roofline*.py) can hold them equal.
 
     python bench/roofline.py                                    # table, labelled as a model
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
@@ -13,7 +13,8 @@ Triton interpreter really executes so a test (tests/test_roofline.py) can hold t
 API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
 ``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))`` (every row of the table),
 ``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``fused_head_rows(...)``
-(the Triton fused PACT head at any shape), ``ideal_logprob_ms``,
+(the Triton fused PACT head at any shape), ``ideal_logprob_ms``, ``w_group_layout()`` (the W-group trie and
+heads; with ``kernels/tree_attention_launch.kernel_costs`` / ``ideal_costs``, tree attention at any layout),
 ``model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes)`` (a row for any other op).
 Each row: workload, op, device, predicted_ms, ideal_ms, ratio, extra_memory_bytes, kernels
 (per-kernel flops, bytes, intensity, predicted_ms), label "model".
