@@ -29,7 +29,7 @@ only, reading back what the first loop stored: ``U`` (from which ``z = c + log U
 the row went over the limit, the raw logits from there on and at the target (the first loop never stores
 the target column). Such rows cost one more read and write of their logits; rows within the limit none.
 
-Every fp32 -> bf16 store goes through ``_round_to`` (round to nearest even, as ``cvt.rn`` on a GPU; the
+Every fp32 -> bf16 store goes through ``round_to`` (kernels/common.py) (round to nearest even, as ``cvt.rn`` on a GPU; the
 interpreter's own cast truncates, which biased U and the row scaling alike and made the interpreted bf16
 gradients ~2.4x less accurate than the GPU's). In bf16 the shift path's dX and dW then carry about 1.05-1.2x the
 error of d logits formed in fp32 and rounded once (up to 1.5x on the tests' tiny V=37 problems, where the
@@ -44,32 +44,11 @@ GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of 
 import triton
 import triton.language as tl
 
-from .registry import cost_name, interpreting
+from .common import round_to
+from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
 _M_INIT = tl.constexpr(-1.0e30)
-# Triton decides at decoration time whether @triton.jit runs on the interpreter; so does this module.
-_INTERPRETED = tl.constexpr(interpreting())
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 x cast to ``dtype``, rounded to nearest (ties to even) on every backend.
-
-    On a GPU ``x.to(tl.bfloat16)`` is ``cvt.rn.bf16.f32``. The interpreter's fp32 -> bf16 cast (Triton 3.x)
-    truncates the mantissa instead: every value moves toward zero by 2^-8.5 relative on average, the same way.
-    U and beta * (U @ w) (or beta * x) are two such roundings of same-signed values in series, so their biases
-    add up and the shift path's bf16 gradients came out ~2.4x less accurate than on a GPU (0.6% vs 0.27% on
-    N=64, H=64, V=1000). Under the interpreter the fp32 value is first rounded to a bf16 value by integer
-    arithmetic on its bits, which the truncating cast then keeps exactly; GPU code is unchanged."""
-    if _INTERPRETED:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
-    return x.to(dtype)
-
-
 @cost_name("fused_pact_head.pass")
 @triton.jit
 def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_ptr,
@@ -113,7 +92,7 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
             bad = now_bad
             u = tl.exp(tl.minimum(z - c[:, None], limit))  # the min only guards rows that are bad anyway
             s_other += tl.sum(tl.where(mask & ~is_tgt, u, 0.0), axis=1)
-            out = tl.where(bad[:, None], z_raw, _round_to(u, z_raw.dtype))
+            out = tl.where(bad[:, None], z_raw, round_to(u, z_raw.dtype))
             tl.store(ptrs, out, mask=mask & ~is_tgt)
     s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0; keep their (unstored) log finite
     log_s = tl.log(s_safe)
@@ -123,7 +102,7 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
     tl.store(ent_ptr + rows, tl.maximum(log_s - t / s_safe, 0.0), mask=row_mask)
     if WRITE_U:
         good = row_mask & ~bad
-        tl.store(row_ptr + tgt, _round_to(-s_other, z_ptr.dtype.element_ty), mask=good)
+        tl.store(row_ptr + tgt, round_to(-s_other, z_ptr.dtype.element_ty), mask=good)
         # bad rows: U relative to the true max m, where sum_v exp(z - m) = s
         tl.store(s_ptr + rows, tl.where(bad, s_safe, 1.0 + s_other), mask=row_mask)
         redo = row_mask & bad
@@ -140,7 +119,7 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
                 z = tl.where(raw, stored * inv_temp, c[:, None] + tl.log(tl.where(raw, 1.0, stored)))
                 u = tl.exp(tl.where(mask, z - m[:, None], float("-inf")))  # rows past R hold m = -1e30
                 u = tl.where(cols[None, :] == tgt[:, None], (u_tgt - s_safe)[:, None], u)
-                tl.store(ptrs, _round_to(u, z_ptr.dtype.element_ty), mask=mask)
+                tl.store(ptrs, round_to(u, z_ptr.dtype.element_ty), mask=mask)
 
 
 @cost_name("fused_pact_head.scale")
@@ -156,11 +135,11 @@ def _scale_rows_kernel(dx_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, inv_
     beta = -tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_temp / tl.load(s_ptr + rows, mask=row_mask,
                                                                                   other=1.0)
     if pid_h == 0:
-        tl.store(beta_ptr + rows, _round_to(beta, beta_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(beta_ptr + rows, round_to(beta, beta_ptr.dtype.element_ty), mask=row_mask)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = row_mask[:, None] & (cols < H)[None, :]
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, _round_to(dx * beta[:, None], dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, round_to(dx * beta[:, None], dx_ptr.dtype.element_ty), mask=mask)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(xs_ptr + offs, _round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)
+    tl.store(xs_ptr + offs, round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)

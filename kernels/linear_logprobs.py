@@ -25,6 +25,7 @@ Each element is loaded and then stored by the same program, so the in-place upda
 import triton
 import triton.language as tl
 
+from .common import round_to
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -110,6 +111,6 @@ def _slab_grad_kernel(z_ptr, stride_zr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, ge
         if HAS_GENT:
             dz += g_ent[:, None] * p * (mean_z[:, None] - z)
         dz = tl.where(mask, dz * inv_temp, 0.0)
-        tl.store(ptrs, dz.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, round_to(dz, z_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)

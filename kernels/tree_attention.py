@@ -21,6 +21,7 @@ atomics and every result is deterministic.
 import triton
 import triton.language as tl
 
+from .common import round_to
 from .registry import cost_name
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -92,7 +93,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     tl.store(o_ptr + b * sob + head[:, None] * soh + pos[:, None] * sol + offs_d[None, :],
-             acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+             round_to(acc, o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(lse_ptr + (b * HQ + head) * L + pos, m_i + tl.log2(l_safe), mask=m_mask)
 
 
@@ -149,7 +150,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(dq_ptr + q_off, round_to(dq * scale, dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @cost_name("tree_attention.dkdv")
@@ -197,8 +198,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
             if ATOMIC_DQ:  # dq_ptr: fp32 [B, Hq, L, D] with q's strides
                 tl.atomic_add(dq_ptr + q_off, tl.dot(ds.to(k.dtype), k) * scale,
                               mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(dk_ptr + k_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
-    tl.store(dv_ptr + v_off, dv.to(dv_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(dk_ptr + k_off, round_to(dk * scale, dk_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(dv_ptr + v_off, round_to(dv, dv_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
 
 @cost_name("tree_attention.cast")
@@ -207,4 +208,4 @@ def _cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     """dst[i] = src[i] in dst's dtype (the atomic mode's fp32 dq to the gradient's dtype)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_ptr + offs, round_to(tl.load(src_ptr + offs, mask=mask), dst_ptr.dtype.element_ty), mask=mask)
