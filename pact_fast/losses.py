@@ -422,7 +422,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
                                    norm_by_std=config.norm_adv_by_std)
         _, group_index = torch.unique(batch.group_ids, return_inverse=True)
         n_groups = int(group_index.max()) + 1
-        tokens_per_group = torch.zeros(n_groups, device=device).index_add_(0, group_index, mask.sum(-1).float())
+        tokens_per_group = torch.zeros(n_groups, dtype=torch.float32, device=device).index_add_(0, group_index, mask.sum(-1).float())
         metrics["skipped_groups"] = float((tokens_per_group == 0).sum())
         clip = dict(clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
         behavior = batch.behavior_logp if batch.behavior_logp is not None else batch.old_logp_po
