@@ -121,6 +121,15 @@ def sum_counts(values):
     return t.tolist()
 
 
+def max_count(value):
+    """The largest of an integer over ranks."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return int(t)
+
+
 def clip_grad_norm(model, max_norm):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

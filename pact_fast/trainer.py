@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
 from .config import Config, save_config
-from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
+from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, split_units
 from .plots import plot_runs
@@ -481,8 +481,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
                 rewards = torch.tensor([ep.reward for ep in flat])
                 advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
-                global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
-                anchored = global_draws[dist.shard_list(list(range(len(idx))))]
+                all_groups = torch.arange(tc.prompts_per_step)
+                anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), tc.prompts_per_step,
+                                       lc.anchor_q, lc.seed, step)  # this rank's groups' draws [P / world]
                 units = build_units(examples, episodes, inputs)
                 batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
                 batches = dist.pad_micro_batches(batches)
@@ -502,24 +503,27 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                                     if ref_res is not None:
                                         old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
                 # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
-                by_tokens = lc.loss_agg == "token-mean"
-                mb_rl = [0 if mb.padding else _rl_count([units[i] for i in mb.indices], by_tokens) for mb in batches]
-                mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
-                rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
+                masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
+                mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
+                mb_counts = [response_counts(m) for m in masks]
+                step_tokens, step_seqs, step_traces = dist.sum_counts(
+                    [sum(c[0] for c in mb_counts), sum(c[1] for c in mb_counts), sum(mb_traces)])
+                step_lc = _step_loss_config(lc, masks)
                 packed_tokens, metrics_acc = 0, []
                 skipped = False
                 for _ in range(tc.update_epochs):
                     non_finite_loss = False
-                    for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
+                    for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
                         mb_units = [units[i] for i in mb.indices]
-                        world = dist.world_size()  # FSDP averages gradients over ranks
-                        rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
-                        sft_scale = world * n_sft / max(sft_total, 1)
+                        # padding micro-batches count 0: zero loss; FSDP averages gradients over ranks
+                        rl_scale, sft_scale = loss_scales(mask, n_traces, lc.loss_agg, step_tokens=step_tokens,
+                                                          step_seqs=step_seqs, step_traces=step_traces,
+                                                          world=dist.world_size())
                         if tc.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
                             with autocast:
                                 loss, metrics, n_tok = fused_micro_batch_loss(
                                     scorer, mb_units, inputs, flat, sft_flat, advantages, anchored, old, device,
-                                    dict(config=lc, progress=progress, step=step, rl_scale=rl_scale,
+                                    dict(config=step_lc, progress=progress, step=step, rl_scale=rl_scale,
                                          sft_scale=sft_scale), backend=tc.attn_backend,
                                     temperature=config.rollout.temperature)
                             non_finite_loss |= metrics is None
@@ -529,13 +533,13 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                                                                **score)
                             batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
                             try:
-                                loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
+                                loss, metrics = pact_loss(batch, step_lc, progress, step=step, rl_scale=rl_scale,
                                                           sft_scale=sft_scale)
                             except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
                                 non_finite_loss, metrics = True, None
                                 loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
                         loss.backward()
-                        weight = n_rl + n_sft
+                        weight = counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces
                         packed_tokens += n_tok
                         if metrics is not None and not mb.padding:
                             metrics_acc.append((weight, metrics))
@@ -572,7 +576,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
                 "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
                 "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
-                **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else float(global_draws.float().mean())}
+                **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else
+                    float(anchor_rows(all_groups, tc.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())}
                    if lc.mode == "pact" else {}),
                 "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
             })
@@ -629,11 +634,19 @@ def _zero_loss(results):
     return sum((t.nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for t in leaves)
 
 
-def _rl_count(units, by_tokens):
-    """What the RL aggregation averages over in these units: response tokens (token-mean) or non-empty
-    response sequences (the seq-mean aggregations)."""
-    masks = [sum(u.mask) for u in units if u.kind == "rollout"]
-    return sum(masks) if by_tokens else sum(n > 0 for n in masks)
+def _response_mask(units):
+    """The response_mask [B, T] of the rollout units of a micro-batch (T: their longest response)."""
+    masks = [u.mask for u in units if u.kind == "rollout"]
+    return _pad(masks, max((len(m) for m in masks), default=0))
+
+
+def _step_loss_config(lc, masks):
+    """``lc`` for this step: ``seq-mean-token-sum-norm`` divides by a fixed length, which without
+    ``loss_scale_factor`` is the step's longest response (over all ranks), not each micro-batch's own.
+    masks: the step's response_mask per micro-batch, [B, T] each."""
+    if lc.loss_agg != "seq-mean-token-sum-norm" or lc.loss_scale_factor:
+        return lc
+    return replace(lc, loss_scale_factor=dist.max_count(max((m.shape[-1] for m in masks), default=0)) or None)
 
 
 def _average(weighted):

@@ -54,7 +54,7 @@ def _max_rel_diff(a, b):
     return max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("fused", ["true", "false"], ids=["fused-head", "unfused"])
 def test_many_and_few_micro_batches_make_the_same_update(tmp_path, monkeypatch, float64, agg, fused):
     """The step-wide normaliser makes the micro-batch losses add up to the step's loss: a step split into one

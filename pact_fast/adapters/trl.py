@@ -39,7 +39,7 @@ from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_rows, micro_batch_share, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss
 from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
@@ -276,25 +276,22 @@ class PACTGRPOTrainer(GRPOTrainer):
         """Training progress s in [0, 1] for the annealing schedules: optimizer steps done / max_steps."""
         return min(self.state.global_step / self.state.max_steps, 1.0) if self.state.max_steps else 0.0
 
-    def _rl_scale(self, inputs, response_mask, training, accumulation):
-        if self.args.loss_type != "dapo":
-            return 1.0 / accumulation
-        # TRL's dapo: token sum over the tokens of the generation batch (per process), per optimizer step
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
-        if training:
-            normalizer = normalizer * accumulation / self.args.steps_per_generation
-        return micro_batch_share(response_mask, "token-mean", global_tokens=normalizer)
-
     def _compute_loss(self, model, inputs):
         batch = self.pact_batch(model, inputs)
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1
-        rl_scale = self._rl_scale(inputs, batch.response_mask, training, accumulation)
         # pact_loss averages the SFT term over the micro-batch's trace sequences; this makes every sequence
         # of the generation batch weigh the same in the optimizer step
         per_micro = inputs["pact_n_sft"].item() / (self.args.steps_per_generation if training else 1)
         here = sum(len(owned) for owned in inputs["pact_sft"])
-        sft_scale = here / per_micro / accumulation if per_micro else 0.0
+        tokens = None  # TRL's other loss types average each micro-batch; gradient accumulation adds them
+        if self.args.loss_type == "dapo":  # a token sum over the generation batch's tokens (per process)
+            tokens = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
+            tokens = tokens * accumulation / self.args.steps_per_generation if training else tokens
+        rl_scale, sft_scale = loss_scales(batch.response_mask, here, "token-mean", step_tokens=tokens,
+                                          step_traces=per_micro * accumulation)
+        if tokens is None:
+            rl_scale = 1.0 / accumulation
         loss, metrics = pact_loss(batch, self.pact_config, self.pact_progress(), rl_scale=rl_scale,
                                   sft_scale=sft_scale)
         mode = "train" if training else "eval"
