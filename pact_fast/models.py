@@ -191,6 +191,20 @@ def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
     return model, tokenizer
 
 
+def apply_liger(model):
+    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the model body (CUDA only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
 def pretrained_defaults():
     """Config overrides for a pretrained ``model.path`` (the built-in tiny model keeps the config defaults).
 

@@ -16,9 +16,6 @@ updates only meet through ``Episode`` lists, so a faster engine can replace ``HF
 """
 import json
 import math
-import os
-import random
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -27,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
 from .config import Config, save_config
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
+from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, split_units
 from .plots import plot_runs
@@ -304,62 +303,6 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
     return batch
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last):
-    """Write ``checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp-step_{step:06d}"
-    model_state = {k.removeprefix("model."): v for k, v in dist.full_model_state(scorer).items()}
-    if getattr(scorer.model.config, "tie_word_embeddings", False):
-        for key in dist.tied_keys(scorer.model):  # a gathered state dict holds tied weights as separate copies
-            model_state.pop(key, None)
-    optim_state = dist.full_optimizer_state(scorer, optimizer)
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-                   tmp / "trainer_state.pt")
-        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_tree(ckpt_root, files=False)
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def _fsync_tree(path, files=True):
-    """fsync every file directly in ``path`` (when ``files``), then the directory itself."""
-    if files:
-        for p in Path(path).iterdir():
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def latest_checkpoint(path):
-    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
-    path = Path(path)
-    if (path / "trainer_state.pt").exists():
-        return path
-    found = sorted((path / "checkpoints").glob("step_*"))
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint (expected {path}/checkpoints/step_*)")
-    return found[-1]
-
-
 # ---------------------------------------------------------------- loop
 
 
@@ -423,7 +366,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     if tc.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if tc.liger:
-        dist.apply_liger(model)
+        apply_liger(model)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
     scorer = dist.shard(PackedScorer(model), bf16=tc.bf16 and device.type == "cuda")
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -431,8 +374,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     order = DataOrder(config.data.seed, len(train_set))
     start_step = 0
     if resume:
-        ckpt = latest_checkpoint(resume)
-        start_step = dist.load_checkpoint(ckpt, scorer, optimizer, scheduler, order)
+        ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
     engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
         rollout_model, tokenizer, config.rollout, tc.seed)
@@ -591,7 +533,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.update(1)
             due_by_time = tc.save_every_minutes and time.monotonic() - last_save >= 60 * tc.save_every_minutes
             if (tc.save_every and (step + 1) % tc.save_every == 0) or due_by_time:
-                save_checkpoint(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+                checkpoint.save(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
                 last_save = time.monotonic()
             if skip_streak >= tc.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
@@ -609,7 +551,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         bar.close()
     interrupted = interrupt.requested
     done_steps = step
-    ckpt = save_checkpoint(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+    ckpt = checkpoint.save(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
     if done_steps == tc.steps:
         dist.sync_rollout_weights(scorer, rollout_model)
         eval_after = evaluate(engine, held_out, make_env)
