@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -165,7 +166,7 @@ class GroupInputs:
 class Unit:
     """Sequences that go through one micro-batch together."""
 
-    kind: str  # "rollout" (tc and po copies of one episode) or "sft" (one trace sequence)
+    kind: str  # "rollout" (the episode under the trace-conditioned and the prompt-only prompt) or "sft" (one trace sequence)
     group: int  # index of the group in the step
     item: int  # episode index in the step, or trace sequence index in the step
     sequences: list
@@ -195,7 +196,8 @@ def _pad(rows, width, value=0.0, dtype=torch.float32, device="cpu"):
 
 def pack_micro_batch(units, inputs):
     """The trie of a micro-batch and its scored rows: ``(packed, rows [M], targets [M], offsets [P+1])``, P pieces
-    in unit order (a rollout unit's response under the tc then the po prompt; a trace's tokens after the first)."""
+    in unit order (a rollout unit's response under the trace-conditioned then the prompt-only prompt; a trace's
+    tokens after the first)."""
     seqs = [s for u in units for s in u.sequences]
     packed = pack_tree(seqs)
     token_ids = []
@@ -210,19 +212,40 @@ def pack_micro_batch(units, inputs):
     return packed, rows, targets, offsets
 
 
+class UnitScores(NamedTuple):
+    """What one packed forward scored for one unit: a rollout unit's response tokens under the trace-conditioned
+    and the prompt-only prompt (and the prompt-only entropies when asked), or a trace unit's tokens after its
+    first. Fields a unit's kind does not have are None."""
+
+    logp_tc: Optional[torch.Tensor] = None  # [R] rollout units
+    logp_po: Optional[torch.Tensor] = None  # [R] rollout units
+    entropy_po: Optional[torch.Tensor] = None  # [R] rollout units, when asked
+    logp_sft: Optional[torch.Tensor] = None  # [n-1] trace units
+
+
+@dataclass
+class OldLogps:
+    """Log-probs before the step's first update, by episode index in the step: [R] each. ``ref`` is the frozen
+    reference's prompt-only log-probs (only with a reference model)."""
+
+    tc: dict = field(default_factory=dict)
+    po: dict = field(default_factory=dict)
+    ref: Optional[dict] = None
+
+
 def _per_unit(units, values, offsets, entropy=None):
-    """Split per-row ``values [M]`` by ``offsets`` into per-unit results: rollout ``(tc [R], po [R], po entropy
-    [R] or None)``, sft ``[n-1]``."""
+    """Split per-row ``values [M]`` (and ``entropy [M]``) by ``offsets [P+1]`` into one ``UnitScores`` per
+    unit."""
     bounds = offsets.tolist()
     pieces = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     ent_pieces = [entropy[a:b] for a, b in zip(bounds[:-1], bounds[1:])] if entropy is not None else None
     results, k = [], 0
     for u in units:
         if u.kind == "rollout":
-            results.append((pieces[k], pieces[k + 1], ent_pieces[k + 1] if ent_pieces else None))
+            results.append(UnitScores(pieces[k], pieces[k + 1], ent_pieces[k + 1] if ent_pieces else None))
             k += 2
         else:
-            results.append(pieces[k])
+            results.append(UnitScores(logp_sft=pieces[k]))
             k += 1
     return results
 
@@ -230,8 +253,7 @@ def _per_unit(units, values, offsets, entropy=None):
 def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temperature, return_entropy=False):
     """One packed forward for a micro-batch of units.
 
-    Returns per rollout unit ``(logp_tc [R], logp_po [R])`` (response tokens, in order) and per sft unit
-    ``logp [n-1]`` (every token after the first), plus per rollout unit the po entropies when asked.
+    Returns ``(one UnitScores per unit, packed tokens)``; ``entropy_po`` is filled when ``return_entropy``.
     """
     packed, rows, targets, offsets = pack_micro_batch(units, inputs)
     out = scorer(packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
@@ -284,19 +306,19 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
         response_mask=_pad([episodes_flat[i].response_mask for i in idx], T, device=device),
         rewards=torch.tensor([episodes_flat[i].reward for i in idx], device=device),
         group_ids=torch.tensor([u.group for u, _ in roll], dtype=torch.long, device=device),
-        logp_tc=stack([r[0] for _, r in roll]), logp_po=stack([r[1] for _, r in roll]),
-        old_logp_tc=stack([old["tc"][i] for i in idx]) if old else stack([r[0].detach() for _, r in roll]),
-        old_logp_po=stack([old["po"][i] for i in idx]) if old else stack([r[1].detach() for _, r in roll]),
+        logp_tc=stack([r.logp_tc for _, r in roll]), logp_po=stack([r.logp_po for _, r in roll]),
+        old_logp_tc=stack([old.tc[i] for i in idx]) if old else stack([r.logp_tc.detach() for _, r in roll]),
+        old_logp_po=stack([old.po[i] for i in idx]) if old else stack([r.logp_po.detach() for _, r in roll]),
         behavior_logp=_pad([episodes_flat[i].behavior_logp for i in idx], T, device=device),
-        ref_logp=stack([old["ref"][i] for i in idx]) if old and "ref" in old else None,
-        entropy=stack([r[2] for _, r in roll]) if roll and roll[0][1][2] is not None else None,
+        ref_logp=stack([old.ref[i] for i in idx]) if old and old.ref is not None else None,
+        entropy=stack([r.entropy_po for _, r in roll]) if roll and roll[0][1].entropy_po is not None else None,
         advantages=advantages[idx].to(device) if idx else torch.zeros(0, device=device),
         anchored=anchored[[u.group for u, _ in roll]].to(device) if idx else torch.zeros(0, dtype=torch.bool),
     )
-    E = max((len(r) for _, r in sft), default=0)
+    E = max((len(r.logp_sft) for _, r in sft), default=0)
     labels = [sft_flat[u.item] for u, _ in sft]
-    batch.sft_logp = torch.stack([torch.nn.functional.pad(r, (0, E - len(r))) for _, r in sft]) if sft else \
-        torch.zeros((0, 0), device=device)
+    sft_logp = [torch.nn.functional.pad(r.logp_sft, (0, E - len(r.logp_sft))) for _, r in sft]
+    batch.sft_logp = torch.stack(sft_logp) if sft else torch.zeros((0, 0), device=device)
     batch.sft_components = _pad([s.components[1:] for s in labels], E, dtype=torch.long, device=device)
     batch.sft_segment_ids = _pad([s.segment_ids[1:] for s in labels], E, dtype=torch.long, device=device)
     batch.sft_turn_ids = _pad([s.turn_ids[1:] for s in labels], E, dtype=torch.long, device=device)
@@ -348,12 +370,12 @@ class _Interrupt:
 def train(config: Config, *, resume=None, engine_factory=None, log=print):
     """Run PACT training; returns a summary dict. ``engine_factory(model, tokenizer, rollout_cfg, seed)``
     may supply another rollout engine (default ``HFRolloutEngine``)."""
-    tc, lc = config.train, config.loss
+    train_cfg, lc = config.train, config.loss
     dist.init()
-    device = resolve_device(tc.device) if not dist.is_distributed() else dist.device(tc.device)
-    run_dir = Path(tc.out_dir)
+    device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
+    run_dir = Path(train_cfg.out_dir)
     train_set, held_out = load_data(config.data)  # data errors before the expensive model load
-    model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
+    model, tokenizer = build_model_and_tokenizer(config.model, device, train_cfg.seed)
     if config.model.path:  # the built-in tokenizer's own template carries tools; a pretrained one may not
         reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
         resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
@@ -361,23 +383,23 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     make_env = make_env_factory(config.data, config.rollout)
     ref_model = None
     if lc.beta_kl > 0:
-        ref_model = build_model_and_tokenizer(config.model, device, tc.seed)[0].eval().requires_grad_(False)
+        ref_model = build_model_and_tokenizer(config.model, device, train_cfg.seed)[0].eval().requires_grad_(False)
     ref_scorer = PackedScorer(ref_model) if ref_model is not None else None
-    if tc.grad_checkpointing:
+    if train_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    if tc.liger:
+    if train_cfg.liger:
         apply_liger(model)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
-    scorer = dist.shard(PackedScorer(model), bf16=tc.bf16 and device.type == "cuda")
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    scorer = dist.shard(PackedScorer(model), bf16=train_cfg.bf16 and device.type == "cuda")
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
     order = DataOrder(config.data.seed, len(train_set))
     start_step = 0
     if resume:
         ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
     engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
-        rollout_model, tokenizer, config.rollout, tc.seed)
+        rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -390,7 +412,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex), sft)
         return cache[ex.id]
 
-    writers = _Writers(run_dir, tc, config) if dist.rank() == 0 else None
+    writers = _Writers(run_dir, train_cfg, config) if dist.rank() == 0 else None
     eval_before = None
     if start_step == 0:
         eval_before = evaluate(engine, held_out, make_env)
@@ -398,23 +420,23 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if writers:
             writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
     history, eval_after = [], None
-    bar = _progress(tc, lc.mode, start_step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
+    bar = _progress(train_cfg, lc.mode, start_step)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if train_cfg.bf16 and device.type == "cuda" else nullcontext()
     step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
     with _Interrupt(log) as interrupt:
-        for step in range(start_step, tc.steps):
-            if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
+        for step in range(start_step, train_cfg.steps):
+            if interrupt.requested or (train_cfg.stop_after and step - start_step >= train_cfg.stop_after):
                 break
             order_state = dict(order.__dict__)
             interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
             try:
                 t0 = time.perf_counter()
-                progress = step / max(1, tc.steps)
-                idx = order.take(tc.prompts_per_step)
+                progress = step / max(1, train_cfg.steps)
+                idx = order.take(train_cfg.prompts_per_step)
                 mine = dist.shard_list(idx)  # this rank's prompt groups
                 examples = [train_set[i] for i in mine]
                 dist.sync_rollout_weights(scorer, rollout_model)
-                engine.generator.manual_seed(tc.seed * 1_000_003 + step * 1009 + dist.rank())
+                engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
                 episodes = engine.rollout(examples, make_env)
                 t_roll = time.perf_counter() - t0
                 inputs = [inputs_for(ex) for ex in examples]
@@ -423,17 +445,17 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
                 rewards = torch.tensor([ep.reward for ep in flat])
                 advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
-                all_groups = torch.arange(tc.prompts_per_step)
-                anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), tc.prompts_per_step,
+                all_groups = torch.arange(train_cfg.prompts_per_step)
+                anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), train_cfg.prompts_per_step,
                                        lc.anchor_q, lc.seed, step)  # this rank's groups' draws [P / world]
                 units = build_units(examples, episodes, inputs)
-                batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
+                batches = split_units([u.sequences for u in units], train_cfg.micro_batch_tokens)
                 batches = dist.pad_micro_batches(batches)
-                score = dict(backend=tc.attn_backend, logprob_backend=tc.logprob_backend,
+                score = dict(backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
                              temperature=config.rollout.temperature)
                 old = None
-                if tc.update_epochs > 1 or ref_model is not None:
-                    old = {"tc": {}, "po": {}}
+                if train_cfg.update_epochs > 1 or ref_model is not None:
+                    old = OldLogps(ref={} if ref_model is not None else None)
                     with torch.no_grad(), autocast:
                         for mb in batches:
                             mb_units = [units[i] for i in mb.indices]
@@ -441,9 +463,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                             ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
                             for j, (u, r) in enumerate(zip(mb_units, res)):
                                 if u.kind == "rollout":
-                                    old["tc"][u.item], old["po"][u.item] = r[0].float(), r[1].float()
+                                    old.tc[u.item], old.po[u.item] = r.logp_tc.float(), r.logp_po.float()
                                     if ref_res is not None:
-                                        old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
+                                        old.ref[u.item] = ref_res[j].logp_po.float()
                 # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
                 masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
                 mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
@@ -453,7 +475,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step_lc = _step_loss_config(lc, masks)
                 packed_tokens, metrics_acc = 0, []
                 skipped = False
-                for _ in range(tc.update_epochs):
+                for _ in range(train_cfg.update_epochs):
                     non_finite_loss = False
                     for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
                         mb_units = [units[i] for i in mb.indices]
@@ -461,12 +483,12 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                         rl_scale, sft_scale = loss_scales(mask, n_traces, lc.loss_agg, step_tokens=step_tokens,
                                                           step_seqs=step_seqs, step_traces=step_traces,
                                                           world=dist.world_size())
-                        if tc.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
+                        if train_cfg.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
                             with autocast:
                                 loss, metrics, n_tok = fused_micro_batch_loss(
                                     scorer, mb_units, inputs, flat, sft_flat, advantages, anchored, old, device,
                                     dict(config=step_lc, progress=progress, step=step, rl_scale=rl_scale,
-                                         sft_scale=sft_scale), backend=tc.attn_backend,
+                                         sft_scale=sft_scale), backend=train_cfg.attn_backend,
                                     temperature=config.rollout.temperature)
                             non_finite_loss |= metrics is None
                         else:
@@ -485,7 +507,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                         packed_tokens += n_tok
                         if metrics is not None and not mb.padding:
                             metrics_acc.append((weight, metrics))
-                    grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
+                    grad_norm = dist.clip_grad_norm(scorer, train_cfg.grad_clip)
                     bad = non_finite_loss or not math.isfinite(float(grad_norm))
                     if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
                         optimizer.zero_grad(set_to_none=True)
@@ -519,7 +541,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
                 "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
                 **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else
-                    float(anchor_rows(all_groups, tc.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())}
+                    float(anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())}
                    if lc.mode == "pact" else {}),
                 "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
             })
@@ -531,28 +553,28 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
-            due_by_time = tc.save_every_minutes and time.monotonic() - last_save >= 60 * tc.save_every_minutes
-            if (tc.save_every and (step + 1) % tc.save_every == 0) or due_by_time:
-                checkpoint.save(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+            due_by_time = train_cfg.save_every_minutes and time.monotonic() - last_save >= 60 * train_cfg.save_every_minutes
+            if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
+                checkpoint.save(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, train_cfg.keep_last)
                 last_save = time.monotonic()
-            if skip_streak >= tc.max_skipped_steps:
+            if skip_streak >= train_cfg.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
                            f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "
                            "and the rewards)")
                 step += 1
                 break
-            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+            if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
                 ev = evaluate(engine, held_out, make_env)
                 if writers:
                     writers.log({"step": step + 1, **{f"eval/{k}": v for k, v in ev.items()}})
         else:
-            step = tc.steps
+            step = train_cfg.steps
     if bar:
         bar.close()
     interrupted = interrupt.requested
     done_steps = step
-    ckpt = checkpoint.save(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
-    if done_steps == tc.steps:
+    ckpt = checkpoint.save(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, train_cfg.keep_last)
+    if done_steps == train_cfg.steps:
         dist.sync_rollout_weights(scorer, rollout_model)
         eval_after = evaluate(engine, held_out, make_env)
         if writers:
@@ -572,7 +594,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
 def _zero_loss(results):
     """0 times every scored log-prob of a micro-batch (NaN made 0): a backward that touches the whole graph
     but adds nothing, for a micro-batch whose loss is not finite."""
-    leaves = [t for r in results for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    leaves = [t for r in results for t in r if t is not None]
     return sum((t.nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for t in leaves)
 
 
@@ -610,32 +632,32 @@ def _peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _progress(tc, mode, start):
-    if not tc.progress or dist.rank() != 0:
+def _progress(train_cfg, mode, start):
+    if not train_cfg.progress or dist.rank() != 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=tc.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
+    return tqdm(total=train_cfg.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
 
 
 class _Writers:
     """metrics.jsonl always; TensorBoard and wandb when installed and enabled; a PNG plot at the end."""
 
-    def __init__(self, run_dir, tc, config):
+    def __init__(self, run_dir, train_cfg, config):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
         self.tb = self.wandb = None
-        if tc.tensorboard:
+        if train_cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 pass
-        if tc.wandb:
+        if train_cfg.wandb:
             import wandb  # asked for explicitly: a missing package is an error
 
-            self.wandb = wandb.init(project=tc.wandb_project, config=_jsonable(config.__dict__), dir=str(run_dir))
+            self.wandb = wandb.init(project=train_cfg.wandb_project, config=_jsonable(config.__dict__), dir=str(run_dir))
 
     def log(self, metrics):
         self.file.write(json.dumps(_jsonable(metrics)) + "\n")
