@@ -1,6 +1,8 @@
-"""The PACT training loop (SPEC sections 1 and 2), flat and readable.
+"""The PACT training loop (SPEC sections 1 and 2), flat and readable: ``build(config) -> Components`` makes
+everything a run trains with, ``train_step(components, step) -> StepStats`` is one step, and ``train(config)``
+is the loop around them (logging, checkpoints, evaluation, Ctrl-C) that returns the run's summary.
 
-Per step:
+Per step (``train_step``):
 1. take the next ``prompts_per_step`` prompt groups (a seeded order, resumable);
 2. sample G prompt-only episodes each in the environment (``RolloutEngine``);
 3. rewards -> group advantages; one anchoring draw per group;
@@ -173,7 +175,8 @@ class Unit:
     mask: list = field(default_factory=list)  # rollout units: the episode's response_mask
 
 
-def build_units(groups, episodes, inputs):
+def build_units(episodes, inputs):
+    """The step's units: per prompt group, one rollout unit per episode, then one sft unit per trace sequence."""
     units, n_ep, n_sft = [], 0, 0
     for g, (eps, gi) in enumerate(zip(episodes, inputs)):
         for ep in eps:
@@ -367,10 +370,49 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(config: Config, *, resume=None, engine_factory=None, log=print):
-    """Run PACT training; returns a summary dict. ``engine_factory(model, tokenizer, rollout_cfg, seed)``
-    may supply another rollout engine (default ``HFRolloutEngine``)."""
-    train_cfg, lc = config.train, config.loss
+@dataclass
+class Components:
+    """Everything a run trains with, built once by ``build`` and handed to ``train_step`` and the loop."""
+
+    config: Config
+    device: torch.device
+    tokenizer: object
+    scorer: torch.nn.Module  # PackedScorer over the policy (FSDP-sharded under torchrun)
+    ref_scorer: Optional[torch.nn.Module]  # the frozen reference (loss.beta_kl > 0), else None
+    rollout_model: torch.nn.Module  # what the engine samples with: the policy, or its unsharded copy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: object  # a RolloutEngine
+    make_env: object  # example -> its environment
+    train_set: list  # Example
+    held_out: list  # Example
+    order: DataOrder
+    writers: Optional["_Writers"]  # rank 0 only
+    start_step: int = 0
+    group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs
+
+    def inputs_for(self, example):
+        """The example's ``GroupInputs``, tokenised once per run."""
+        if example.id not in self.group_inputs:
+            sft = trace_sequences(self.tokenizer, example)
+            check_trace_components(example, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
+            self.group_inputs[example.id] = GroupInputs(trace_conditioned_prompt_ids(self.tokenizer, example),
+                                                        prompt_ids(self.tokenizer, example), sft)
+        return self.group_inputs[example.id]
+
+    def autocast(self):
+        """bf16 autocast on CUDA with ``train.bf16``; nothing otherwise."""
+        if self.config.train.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Components:
+    """Data, policy (and reference), optimizer, schedule, rollout engine, data order and writers of a run; with
+    ``resume`` (a run or checkpoint directory) restored from its latest checkpoint. Creates the run directory
+    and writes its ``config.yaml``. ``engine_factory(model, tokenizer, rollout_cfg, seed)`` may supply another
+    rollout engine (default ``HFRolloutEngine``)."""
+    train_cfg = config.train
     dist.init()
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
     run_dir = Path(train_cfg.out_dir)
@@ -380,11 +422,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
         resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
                               reasoning=reasoning, log=log)
-    make_env = make_env_factory(config.data, config.rollout)
-    ref_model = None
-    if lc.beta_kl > 0:
+    ref_scorer = None
+    if config.loss.beta_kl > 0:
         ref_model = build_model_and_tokenizer(config.model, device, train_cfg.seed)[0].eval().requires_grad_(False)
-    ref_scorer = PackedScorer(ref_model) if ref_model is not None else None
+        ref_scorer = PackedScorer(ref_model)
     if train_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if train_cfg.liger:
@@ -403,149 +444,189 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    cache = {}
-
-    def inputs_for(ex):
-        if ex.id not in cache:
-            sft = trace_sequences(tokenizer, ex)
-            check_trace_components(ex, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
-            cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex), sft)
-        return cache[ex.id]
-
     writers = _Writers(run_dir, train_cfg, config) if dist.rank() == 0 else None
+    return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
+                      make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step)
+
+
+@dataclass
+class StepStats:
+    """What one ``train_step`` did; ``metrics()`` is the row it logs."""
+
+    step: int  # steps done, this one included
+    losses: dict  # pact_loss's metrics, averaged over micro-batches weighted by their sizes
+    lr: float  # the lr of the next step
+    grad_norm: float
+    skipped: bool  # a non-finite loss or gradient: no update
+    non_finite_loss: bool  # (when skipped) the loss itself, not only its gradient
+    rewards: torch.Tensor  # [N] this rank's episodes
+    episodes: list  # Episode
+    packed_tokens: int
+    micro_batches: int
+    unshared_tokens: int
+    anchor_frac: Optional[float]  # pact mode only
+    rollout_seconds: float
+    step_seconds: float
+    peak_memory_mb: float
+
+    def metrics(self):
+        eps, n = self.episodes, max(1, len(self.episodes))
+        sampled = sum(ep.num_model_tokens for ep in eps)
+        rewards = self.rewards
+        return {
+            **self.losses,
+            "step": self.step, "lr": self.lr, "grad_norm": self.grad_norm,
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
+            "episode_turns": sum(ep.turns for ep in eps) / n,
+            "tool_calls_per_episode": sum(ep.tool_calls for ep in eps) / n,
+            "tool_errors_per_episode": sum(ep.tool_errors for ep in eps) / n,
+            "sampled_tokens": sampled, "packed_tokens": self.packed_tokens, "micro_batches": self.micro_batches,
+            "unshared_tokens": self.unshared_tokens,
+            "rollout_seconds": self.rollout_seconds, "step_seconds": self.step_seconds,
+            "skipped_step": float(self.skipped),
+            **({"anchor_frac": self.anchor_frac} if self.anchor_frac is not None else {}),
+            "tokens_per_second": (sampled + self.packed_tokens) / self.step_seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+
+
+def train_step(c: Components, step, interrupt=None) -> StepStats:
+    """One PACT step (0-based ``step``): rollouts of the next prompt groups, advantages and anchoring, old
+    log-probs when needed, ``update_epochs`` passes of packed micro-batches (loss, backward), then clip, AdamW
+    and the schedule. A non-finite loss or gradient skips the update on every rank. ``interrupt.abortable`` is
+    cleared before the first optimizer update: up to there a Ctrl-C may abort the step (``_StepAborted``)."""
+    config, train_cfg, lc = c.config, c.config.train, c.config.loss
+    t0 = time.perf_counter()
+    progress = step / max(1, train_cfg.steps)
+    examples = [c.train_set[i] for i in dist.shard_list(c.order.take(train_cfg.prompts_per_step))]  # this rank's
+    dist.sync_rollout_weights(c.scorer, c.rollout_model)
+    c.engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
+    episodes = c.engine.rollout(examples, c.make_env)
+    t_roll = time.perf_counter() - t0
+    inputs = [c.inputs_for(ex) for ex in examples]
+    flat = [ep for eps in episodes for ep in eps]
+    sft_flat = [s for gi in inputs for s in gi.sft]
+    group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])  # [N]
+    rewards = torch.tensor([ep.reward for ep in flat])  # [N]
+    advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)  # [N]
+    all_groups = torch.arange(train_cfg.prompts_per_step)
+    anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), train_cfg.prompts_per_step,
+                           lc.anchor_q, lc.seed, step)  # this rank's groups' draws [P / world]
+    units = build_units(episodes, inputs)
+    batches = dist.pad_micro_batches(split_units([u.sequences for u in units], train_cfg.micro_batch_tokens))
+    score = dict(backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
+                 temperature=config.rollout.temperature)
+    old = None
+    if train_cfg.update_epochs > 1 or c.ref_scorer is not None:
+        old = _old_logps(c, [[units[i] for i in mb.indices] for mb in batches], inputs, score)
+    # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
+    masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
+    mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
+    mb_counts = [response_counts(m) for m in masks]
+    step_tokens, step_seqs, step_traces = dist.sum_counts(
+        [sum(n[0] for n in mb_counts), sum(n[1] for n in mb_counts), sum(mb_traces)])
+    step_lc = _step_loss_config(lc, masks)
+    packed_tokens, weighted_metrics, skipped = 0, [], False
+    for _ in range(train_cfg.update_epochs):
+        non_finite_loss = False
+        for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
+            mb_units = [units[i] for i in mb.indices]
+            # padding micro-batches count 0: zero loss; FSDP averages gradients over ranks
+            rl_scale, sft_scale = loss_scales(mask, n_traces, lc.loss_agg, step_tokens=step_tokens,
+                                              step_seqs=step_seqs, step_traces=step_traces, world=dist.world_size())
+            loss_args = dict(config=step_lc, progress=progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
+            with c.autocast():
+                loss, metrics, n_tok = _micro_batch_loss(c, mb_units, inputs, flat, sft_flat, advantages, anchored,
+                                                         old, loss_args, score)
+            non_finite_loss |= metrics is None
+            loss.backward()
+            packed_tokens += n_tok
+            if metrics is not None and not mb.padding:
+                weighted_metrics.append((counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces, metrics))
+        grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
+        bad = non_finite_loss or not math.isfinite(float(grad_norm))
+        if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
+            c.optimizer.zero_grad(set_to_none=True)
+            skipped = True
+            break
+        if interrupt is not None:
+            interrupt.abortable = False  # from here on the step completes
+        c.optimizer.step()
+        c.optimizer.zero_grad(set_to_none=True)
+    c.scheduler.step()  # the schedule follows the step count, skipped steps included
+    anchor_frac = None
+    if lc.mode == "pact":
+        anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(
+            anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())
+    return StepStats(step + 1, _average(weighted_metrics), c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
+                     non_finite_loss, rewards, flat, packed_tokens, len(batches),
+                     sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
+                     _peak_memory_mb(c.device))
+
+
+def _old_logps(c, micro_batches, inputs, score):
+    """The policy's (and the reference's) log-probs of every rollout before the step's first update, in a
+    no-grad pass over ``micro_batches`` (lists of units)."""
+    old = OldLogps(ref={} if c.ref_scorer is not None else None)
+    with torch.no_grad(), c.autocast():
+        for mb_units in micro_batches:
+            res, _ = score_micro_batch(c.scorer, mb_units, inputs, **score)
+            ref_res = score_micro_batch(c.ref_scorer, mb_units, inputs, **score)[0] if c.ref_scorer else None
+            for j, (u, r) in enumerate(zip(mb_units, res)):
+                if u.kind == "rollout":
+                    old.tc[u.item], old.po[u.item] = r.logp_tc.float(), r.logp_po.float()
+                    if ref_res is not None:
+                        old.ref[u.item] = ref_res[j].logp_po.float()
+    return old
+
+
+def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, old, loss_args, score):
+    """``(loss, metrics or None, packed tokens)`` of one micro-batch, through the fused head or through
+    ``score_micro_batch`` and ``pact_loss``. A non-finite loss gives metrics None and a zero loss that still
+    reaches the whole graph (every rank runs its backward: FSDP's collectives)."""
+    if c.config.train.fused_head:
+        return fused_micro_batch_loss(c.scorer, units, inputs, flat, sft_flat, advantages, anchored, old, c.device,
+                                      loss_args, backend=score["backend"], temperature=score["temperature"])
+    res, n_tok = score_micro_batch(c.scorer, units, inputs, return_entropy=c.config.loss.c_ent > 0, **score)
+    batch = batch_for_loss(units, res, flat, sft_flat, advantages, anchored, old, c.device)
+    try:
+        loss, metrics = pact_loss(batch, **loss_args)
+    except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
+        return _zero_loss(res), None, n_tok
+    return loss, metrics, n_tok
+
+
+def train(config: Config, *, resume=None, engine_factory=None, log=print):
+    """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
+    eval_after, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
+    c = build(config, resume=resume, engine_factory=engine_factory, log=log)
+    train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     eval_before = None
-    if start_step == 0:
-        eval_before = evaluate(engine, held_out, make_env)
+    if c.start_step == 0:
+        eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
-        if writers:
-            writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
-    history, eval_after = [], None
-    bar = _progress(train_cfg, lc.mode, start_step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if train_cfg.bf16 and device.type == "cuda" else nullcontext()
-    step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
+    history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
+    step, skip_streak, stopped, last_save = c.start_step, 0, None, time.monotonic()
     with _Interrupt(log) as interrupt:
-        for step in range(start_step, train_cfg.steps):
-            if interrupt.requested or (train_cfg.stop_after and step - start_step >= train_cfg.stop_after):
+        for step in range(c.start_step, train_cfg.steps):
+            if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
                 break
-            order_state = dict(order.__dict__)
+            order_state = dict(c.order.__dict__)
             interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
             try:
-                t0 = time.perf_counter()
-                progress = step / max(1, train_cfg.steps)
-                idx = order.take(train_cfg.prompts_per_step)
-                mine = dist.shard_list(idx)  # this rank's prompt groups
-                examples = [train_set[i] for i in mine]
-                dist.sync_rollout_weights(scorer, rollout_model)
-                engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
-                episodes = engine.rollout(examples, make_env)
-                t_roll = time.perf_counter() - t0
-                inputs = [inputs_for(ex) for ex in examples]
-                flat = [ep for eps in episodes for ep in eps]
-                sft_flat = [s for gi in inputs for s in gi.sft]
-                group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
-                rewards = torch.tensor([ep.reward for ep in flat])
-                advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
-                all_groups = torch.arange(train_cfg.prompts_per_step)
-                anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), train_cfg.prompts_per_step,
-                                       lc.anchor_q, lc.seed, step)  # this rank's groups' draws [P / world]
-                units = build_units(examples, episodes, inputs)
-                batches = split_units([u.sequences for u in units], train_cfg.micro_batch_tokens)
-                batches = dist.pad_micro_batches(batches)
-                score = dict(backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
-                             temperature=config.rollout.temperature)
-                old = None
-                if train_cfg.update_epochs > 1 or ref_model is not None:
-                    old = OldLogps(ref={} if ref_model is not None else None)
-                    with torch.no_grad(), autocast:
-                        for mb in batches:
-                            mb_units = [units[i] for i in mb.indices]
-                            res, _ = score_micro_batch(scorer, mb_units, inputs, **score)
-                            ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
-                            for j, (u, r) in enumerate(zip(mb_units, res)):
-                                if u.kind == "rollout":
-                                    old.tc[u.item], old.po[u.item] = r.logp_tc.float(), r.logp_po.float()
-                                    if ref_res is not None:
-                                        old.ref[u.item] = ref_res[j].logp_po.float()
-                # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
-                masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
-                mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
-                mb_counts = [response_counts(m) for m in masks]
-                step_tokens, step_seqs, step_traces = dist.sum_counts(
-                    [sum(c[0] for c in mb_counts), sum(c[1] for c in mb_counts), sum(mb_traces)])
-                step_lc = _step_loss_config(lc, masks)
-                packed_tokens, metrics_acc = 0, []
-                skipped = False
-                for _ in range(train_cfg.update_epochs):
-                    non_finite_loss = False
-                    for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
-                        mb_units = [units[i] for i in mb.indices]
-                        # padding micro-batches count 0: zero loss; FSDP averages gradients over ranks
-                        rl_scale, sft_scale = loss_scales(mask, n_traces, lc.loss_agg, step_tokens=step_tokens,
-                                                          step_seqs=step_seqs, step_traces=step_traces,
-                                                          world=dist.world_size())
-                        if train_cfg.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
-                            with autocast:
-                                loss, metrics, n_tok = fused_micro_batch_loss(
-                                    scorer, mb_units, inputs, flat, sft_flat, advantages, anchored, old, device,
-                                    dict(config=step_lc, progress=progress, step=step, rl_scale=rl_scale,
-                                         sft_scale=sft_scale), backend=train_cfg.attn_backend,
-                                    temperature=config.rollout.temperature)
-                            non_finite_loss |= metrics is None
-                        else:
-                            with autocast:
-                                res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0,
-                                                               **score)
-                            batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
-                            try:
-                                loss, metrics = pact_loss(batch, step_lc, progress, step=step, rl_scale=rl_scale,
-                                                          sft_scale=sft_scale)
-                            except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
-                                non_finite_loss, metrics = True, None
-                                loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
-                        loss.backward()
-                        weight = counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces
-                        packed_tokens += n_tok
-                        if metrics is not None and not mb.padding:
-                            metrics_acc.append((weight, metrics))
-                    grad_norm = dist.clip_grad_norm(scorer, train_cfg.grad_clip)
-                    bad = non_finite_loss or not math.isfinite(float(grad_norm))
-                    if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped = True
-                        break
-                    interrupt.abortable = False  # from here on the step completes
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                stats = train_step(c, step, interrupt)
             except _StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
-                optimizer.zero_grad(set_to_none=True)
-                order.__dict__.update(order_state)
+                c.optimizer.zero_grad(set_to_none=True)
+                c.order.__dict__.update(order_state)
                 break
             finally:
                 interrupt.abortable = False
-            scheduler.step()  # the schedule follows the step count, skipped steps included
-            skip_streak = skip_streak + 1 if skipped else 0
-            if skipped:
-                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if non_finite_loss else 'gradient'}; "
+            skip_streak = skip_streak + 1 if stats.skipped else 0
+            if stats.skipped:
+                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if stats.non_finite_loss else 'gradient'}; "
                     f"step skipped ({skip_streak} in a row)")
-            seconds = time.perf_counter() - t0
-            sampled = sum(ep.num_model_tokens for ep in flat)
-            metrics = _average(metrics_acc)
-            metrics.update({
-                "step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-                "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
-                "episode_turns": sum(ep.turns for ep in flat) / max(1, len(flat)),
-                "tool_calls_per_episode": sum(ep.tool_calls for ep in flat) / max(1, len(flat)),
-                "tool_errors_per_episode": sum(ep.tool_errors for ep in flat) / max(1, len(flat)),
-                "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
-                "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
-                "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
-                **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else
-                    float(anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())}
-                   if lc.mode == "pact" else {}),
-                "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
-            })
-            metrics = dist.reduce_metrics(metrics)
+            metrics = dist.reduce_metrics(stats.metrics())
             history.append(metrics)
             if writers:
                 writers.log(metrics)
@@ -553,9 +634,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
-            due_by_time = train_cfg.save_every_minutes and time.monotonic() - last_save >= 60 * train_cfg.save_every_minutes
+            minutes = train_cfg.save_every_minutes
+            due_by_time = minutes and time.monotonic() - last_save >= 60 * minutes
             if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
-                checkpoint.save(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, train_cfg.keep_last)
+                _save(c, step + 1)
                 last_save = time.monotonic()
             if skip_streak >= train_cfg.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
@@ -564,31 +646,37 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step += 1
                 break
             if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
-                ev = evaluate(engine, held_out, make_env)
-                if writers:
-                    writers.log({"step": step + 1, **{f"eval/{k}": v for k, v in ev.items()}})
+                _evaluate_and_log(c, step + 1)
         else:
             step = train_cfg.steps
     if bar:
         bar.close()
-    interrupted = interrupt.requested
-    done_steps = step
-    ckpt = checkpoint.save(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, train_cfg.keep_last)
-    if done_steps == train_cfg.steps:
-        dist.sync_rollout_weights(scorer, rollout_model)
-        eval_after = evaluate(engine, held_out, make_env)
-        if writers:
-            writers.log({"step": done_steps, **{f"eval/{k}": v for k, v in eval_after.items()}})
+    ckpt = _save(c, step)
+    if step == train_cfg.steps:
+        dist.sync_rollout_weights(c.scorer, c.rollout_model)
+        eval_after = _evaluate_and_log(c, step)
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
-    summary = {"steps": done_steps, "interrupted": interrupted, "stopped": stopped, "checkpoint": str(ckpt),
-               "run_dir": str(run_dir),
-               "eval_before": eval_before, "eval_after": eval_after,
+    summary = {"steps": step, "interrupted": interrupt.requested, "stopped": stopped, "checkpoint": str(ckpt),
+               "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
                "final_reward_mean": history[-1]["reward_mean"] if history else None,
                "seconds": sum(h["step_seconds"] for h in history)}
     if writers:
         writers.close(summary)
     return summary
+
+
+def _save(c, step):
+    return checkpoint.save(c.config.train.out_dir, step, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order,
+                           c.config.train.keep_last)
+
+
+def _evaluate_and_log(c, step):
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``."""
+    result = evaluate(c.engine, c.held_out, c.make_env)
+    if c.writers:
+        c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    return result
 
 
 def _zero_loss(results):
