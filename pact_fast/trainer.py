@@ -35,7 +35,7 @@ from .config import Config, save_config
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
-from .packing import pack_tree, split_units
+from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout import HFRolloutEngine
 from .scoring import PackedScorer
@@ -189,14 +189,6 @@ def build_units(episodes, inputs):
     return units
 
 
-def _pad(rows, width, value=0.0, dtype=torch.float32, device="cpu"):
-    out = torch.full((len(rows), width), value, dtype=dtype, device=device)
-    for i, r in enumerate(rows):
-        r = torch.as_tensor(r, dtype=dtype) if not isinstance(r, torch.Tensor) else r
-        out[i, : len(r)] = r
-    return out
-
-
 def pack_micro_batch(units, inputs):
     """The trie of a micro-batch and its scored rows: ``(packed, rows [M], targets [M], offsets [P+1])``, P pieces
     in unit order (a rollout unit's response under the trace-conditioned then the prompt-only prompt; a trace's
@@ -300,19 +292,20 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
     T = max((len(episodes_flat[u.item].response_ids) for u, _ in roll), default=0)
     idx = [u.item for u, _ in roll]
 
-    def stack(values, fill=0.0):
-        if not values:
-            return torch.zeros((0, T), device=device)
-        return torch.stack([torch.nn.functional.pad(v, (0, T - len(v)), value=fill) for v in values])
+    def stack(values):  # [B, T]; tensor rows keep their dtype
+        return pad_rows(values, T, device=device) if values else torch.zeros((0, T), device=device)
+
+    def floats(lists):  # [B, T] float32
+        return pad_rows(lists, T, dtype=torch.float32, device=device)
 
     batch = PACTBatch(
-        response_mask=_pad([episodes_flat[i].response_mask for i in idx], T, device=device),
+        response_mask=floats([episodes_flat[i].response_mask for i in idx]),
         rewards=torch.tensor([episodes_flat[i].reward for i in idx], device=device),
         group_ids=torch.tensor([u.group for u, _ in roll], dtype=torch.long, device=device),
         logp_tc=stack([r.logp_tc for _, r in roll]), logp_po=stack([r.logp_po for _, r in roll]),
         old_logp_tc=stack([old.tc[i] for i in idx]) if old else stack([r.logp_tc.detach() for _, r in roll]),
         old_logp_po=stack([old.po[i] for i in idx]) if old else stack([r.logp_po.detach() for _, r in roll]),
-        behavior_logp=_pad([episodes_flat[i].behavior_logp for i in idx], T, device=device),
+        behavior_logp=floats([episodes_flat[i].behavior_logp for i in idx]),
         ref_logp=stack([old.ref[i] for i in idx]) if old and old.ref is not None else None,
         entropy=stack([r.entropy_po for _, r in roll]) if roll and roll[0][1].entropy_po is not None else None,
         advantages=advantages[idx].to(device) if idx else torch.zeros(0, device=device),
@@ -320,11 +313,11 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
     )
     E = max((len(r.logp_sft) for _, r in sft), default=0)
     labels = [sft_flat[u.item] for u, _ in sft]
-    sft_logp = [torch.nn.functional.pad(r.logp_sft, (0, E - len(r.logp_sft))) for _, r in sft]
-    batch.sft_logp = torch.stack(sft_logp) if sft else torch.zeros((0, 0), device=device)
-    batch.sft_components = _pad([s.components[1:] for s in labels], E, dtype=torch.long, device=device)
-    batch.sft_segment_ids = _pad([s.segment_ids[1:] for s in labels], E, dtype=torch.long, device=device)
-    batch.sft_turn_ids = _pad([s.turn_ids[1:] for s in labels], E, dtype=torch.long, device=device)
+    batch.sft_logp = pad_rows([r.logp_sft for _, r in sft], E, device=device) if sft else \
+        torch.zeros((0, 0), device=device)  # [S, E]
+    batch.sft_components = pad_rows([s.components[1:] for s in labels], E, device=device)
+    batch.sft_segment_ids = pad_rows([s.segment_ids[1:] for s in labels], E, device=device)
+    batch.sft_turn_ids = pad_rows([s.turn_ids[1:] for s in labels], E, device=device)
     return batch
 
 
@@ -689,7 +682,7 @@ def _zero_loss(results):
 def _response_mask(units):
     """The response_mask [B, T] of the rollout units of a micro-batch (T: their longest response)."""
     masks = [u.mask for u in units if u.kind == "rollout"]
-    return _pad(masks, max((len(m) for m in masks), default=0))
+    return pad_rows(masks, dtype=torch.float32)
 
 
 def _step_loss_config(lc, masks):

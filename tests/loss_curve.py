@@ -42,7 +42,7 @@ class ScriptedEngine(ReplayEngine):
             for ep in group:
                 n = len(ep.response_ids) - int(torch.randint(0, 4, (1,), generator=self.generator))
                 reward = float(torch.rand(1, generator=self.generator) < 0.5)
-                eps.append(Episode(ep.example_id, ep.prompt_ids, ep.response_ids[:n], ep.response_mask[:n],
+                eps.append(Episode(ep.prompt_ids, ep.response_ids[:n], ep.response_mask[:n],
                                    ep.behavior_logp[:n], reward=reward, turns=1, finish="answer"))
             out.append(eps)
         return out
