@@ -9,6 +9,8 @@ import copy
 import json
 from pathlib import Path
 
+from .plots import pyplot
+from .tables import text_table
 from .trainer import load_data, train
 
 
@@ -39,22 +41,16 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), log=print):
 
 def format_table(rows):
     """The comparison table; a mode that did not finish shows '-' where it has no held-out evaluation."""
-    def cell(r, key, spec, width):
-        return f"{r[key]:>{width}{spec}}" if r.get(key) is not None else f"{'-':>{width}}"
-
-    header = f"{'mode':<15}{'success':>9}{'reward':>9}{'tokens/ep':>11}{'train s':>9}"
-    return "\n".join([header] + [f"{r['mode']:<15}{cell(r, 'success_rate', '.3f', 9)}{cell(r, 'mean_reward', '.3f', 9)}"
-                                  f"{cell(r, 'tokens_per_episode', '.1f', 11)}{cell(r, 'train_seconds', '.0f', 9)}"
-                                  for r in rows])
+    columns = [("success", "success_rate", ".3f"), ("reward", "mean_reward", ".3f"),
+               ("tokens/ep", "tokens_per_episode", ".1f"), ("train_s", "train_seconds", ".0f")]
+    shown = [{"mode": r["mode"], **{name: "-" if r.get(key) is None else format(r[key], spec)
+                                    for name, key, spec in columns}} for r in rows]
+    return text_table(shown, ["mode"] + [name for name, _, _ in columns])
 
 
 def _plot(root, rows):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for r in rows:

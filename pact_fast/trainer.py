@@ -31,7 +31,7 @@ from . import checkpoint
 from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
-from .config import Config, save_config
+from .config import Config, plain, save_config
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
@@ -738,10 +738,10 @@ class _Writers:
         if train_cfg.wandb:
             import wandb  # asked for explicitly: a missing package is an error
 
-            self.wandb = wandb.init(project=train_cfg.wandb_project, config=_jsonable(config.__dict__), dir=str(run_dir))
+            self.wandb = wandb.init(project=train_cfg.wandb_project, config=plain(config, finite=True), dir=str(run_dir))
 
     def log(self, metrics):
-        self.file.write(json.dumps(_jsonable(metrics)) + "\n")
+        self.file.write(json.dumps(plain(metrics, finite=True)) + "\n")
         self.file.flush()
         step = metrics.get("step", 0)
         for k, v in metrics.items():
@@ -754,21 +754,9 @@ class _Writers:
     def close(self, summary):
         self.file.close()
         with open(self.path.parent / "summary.json", "w") as f:
-            json.dump(_jsonable(summary), f, indent=1)
+            json.dump(plain(summary, finite=True), f, indent=1)
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
         plot_runs([self.path.parent], self.path.parent / "curves.png")
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "__dict__") and not isinstance(x, (int, float, str)):
-        return _jsonable(x.__dict__)
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
