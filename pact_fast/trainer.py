@@ -33,7 +33,7 @@ from .chat import (check_trace_components, prompt_ids, resolve_chat_template, tr
                    trace_sequences)
 from .config import Config, plain, save_config
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
-from .models import apply_liger
+from .models import apply_liger, random_qwen3
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
@@ -52,8 +52,6 @@ def resolve_device(name):
 
 def build_model_and_tokenizer(cfg, device, seed):
     """The policy and its tokenizer: a local HF directory, or the built-in tiny model and tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
     if cfg.path:
         from .models import load_pretrained
 
@@ -62,13 +60,11 @@ def build_model_and_tokenizer(cfg, device, seed):
         from .envs import build_tokenizer
 
         tokenizer = build_tokenizer()
-        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=2048,
-                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = random_qwen3(len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                             num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
