@@ -22,7 +22,10 @@ from typing import Optional
 
 import torch
 
+from ._backend import resolve_backend
 from ._custom import custom_op
+
+BACKENDS = ("auto", "torch", "triton")
 
 # Rows per chunk of the torch path: one fp32 chunk of logits near _CHUNK_BYTES, but never fewer
 # than _MIN_CHUNK_ROWS rows (thinner GEMMs run well below the machine's matmul speed).
@@ -225,20 +228,6 @@ _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, ba
                              setup_context=_setup_context)
 
 
-def _resolve_backend(backend, device):
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"linear_logprobs: unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
-    if backend == "triton" and device.type != "cuda":
-        from ..kernels.registry import interpreting
-
-        if not interpreting():
-            raise ValueError("linear_logprobs: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                             "set before triton is imported; use backend='torch' on CPU")
-    return backend
-
-
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                     return_entropy=False, backend="auto", chunk_rows=None, vocab_slab=None):
     """Log-probs of chosen tokens under ``softmax((hidden @ weight.T + bias) / temperature)``.
@@ -264,7 +253,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
         if value is not None and not (isinstance(value, int) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
-    backend = _resolve_backend(backend, hidden.device)
+    backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch")
     lead_shape = hidden.shape[:-1]
     logp, _, entropy = _linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,  # [N, H]
                                         targets.reshape(-1).long(), 1.0 / float(temperature), ignore_index, backend,
