@@ -380,6 +380,11 @@ class Components:
     start_step: int = 0
     group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs
 
+    @property
+    def model(self):
+        """The policy's causal LM (inside ``scorer``)."""
+        return self.scorer.model
+
     def inputs_for(self, example):
         """The example's ``GroupInputs``, tokenised once per run."""
         if example.id not in self.group_inputs:

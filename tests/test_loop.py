@@ -140,3 +140,41 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
                 11: peak * 0.1, 12: peak * 0.1}  # the floor from the last step on
     for step, lr in expected.items():
         assert lrs[step] == pytest.approx(lr, rel=1e-12), step
+
+
+def test_build_and_train_step_are_the_loop_in_pieces(tmp_path):
+    """``build`` gives the components, ``train_step`` one step's StepStats; two steps through them equal the
+    first two rows of ``train`` on the same config (same seeds: same numbers)."""
+    from pact_fast.trainer import StepStats, build, train_step
+
+    overrides = TINY + ["train.steps=2", "train.save_every=0"]
+    engine = lambda m, t, c, s: ReplayEngine(m, t, c, s)  # noqa: E731
+    c = build(load_config(None, overrides + [f"train.out_dir={tmp_path / 'parts'}"]), engine_factory=engine,
+              log=lambda *a: None)
+    assert c.model is c.scorer.model and c.start_step == 0 and c.order.index == 0
+    stats = [train_step(c, step) for step in range(2)]
+    assert all(isinstance(s, StepStats) for s in stats) and [s.step for s in stats] == [1, 2]
+    assert c.order.index == 2 * c.config.train.prompts_per_step  # the data order moved on
+    assert c.scheduler.last_epoch == 2 and not stats[0].skipped
+    c.writers.close({})
+    train(load_config(None, overrides + [f"train.out_dir={tmp_path / 'whole'}"]), engine_factory=engine,
+          log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl") if "reward_mean" in line]
+    for s, row in zip(stats, rows):
+        m = s.metrics()
+        for key in ("step", "lr", "grad_norm", "loss/total", "loss/rl", "loss/sft", "reward_mean", "micro_batches",
+                    "packed_tokens", "anchor_frac"):
+            assert m[key] == row[key], key
+
+
+def test_checkpoint_latest_skips_partial_writes_and_names_its_step(tmp_path):
+    from pact_fast import checkpoint
+
+    for name in ("step_000002", "step_000010", ".tmp-step_000011"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert checkpoint.latest(tmp_path).name == "step_000010"
+    assert checkpoint.step_of(checkpoint.latest(tmp_path)) == 10 and checkpoint.step_of(tmp_path) is None
+    (tmp_path / "checkpoints" / "step_000002" / checkpoint.STATE_FILE).touch()
+    assert checkpoint.latest(tmp_path / "checkpoints" / "step_000002").name == "step_000002"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.latest(tmp_path / "checkpoints" / "step_000010")
