@@ -44,14 +44,12 @@ WORKLOADS = {
 
 
 def make_model(w, device):
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from pact_fast.models import random_qwen3
 
-    config = Qwen3Config(vocab_size=w["vocab"], hidden_size=w["hidden"], intermediate_size=w["ffn"],
-                         num_hidden_layers=w["layers"], num_attention_heads=w["heads"],
-                         num_key_value_heads=w["kv_heads"], head_dim=w["head_dim"],
-                         max_position_embeddings=w["P"] + w["T"] + w["R"] + w["E"] + 64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=w["dtype"])
+    model = random_qwen3(w["vocab"], hidden_size=w["hidden"], intermediate_size=w["ffn"], num_layers=w["layers"],
+                         num_heads=w["heads"], num_kv_heads=w["kv_heads"], head_dim=w["head_dim"],
+                         max_positions=w["P"] + w["T"] + w["R"] + w["E"] + 64, seed=0, dtype=w["dtype"],
+                         tie_word_embeddings=False)
     return model.to(device).train()
 
 

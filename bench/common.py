@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from pact_fast.tables import text_table
+
 
 def cpu_peak_bytes(fn):
     """Peak live bytes of PyTorch's CPU allocator during one ``fn()`` call, above what was live before.
@@ -121,11 +123,7 @@ def machine_info(device):
 
 
 def print_table(rows, cols):
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for cell in cells:
-        print("  ".join(x.ljust(w) for x, w in zip(cell, widths)))
+    print(text_table(rows, cols, cell=_fmt, missing=None))
 
 
 def _fmt(x):

@@ -53,20 +53,21 @@ def _user_error(args, message):
 def _resume_config(args):
     """The config of ``--resume DIR``: the run's config.yaml with this command's overrides on top. Says what it
     resumes and every option that differs from the saved run."""
-    from .trainer import latest_checkpoint
+    from . import checkpoint
 
     given = [f"--{flag}" for flag in ("config", "model", "data", "out") if getattr(args, flag)]
     if given:
         raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps its run directory, "
                          "model, data and config.yaml; pass changes as section.key=value overrides")
-    ckpt = latest_checkpoint(args.resume)
+    ckpt = checkpoint.latest(args.resume)
     run_dir = ckpt.parent.parent
     run_cfg = run_dir / "config.yaml"
     if not run_cfg.exists():
         raise FileNotFoundError(f"--resume {args.resume}: {run_cfg} is missing (the run's resolved config)")
     saved = load_config(str(run_cfg))
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"])
-    step = int(ckpt.name.rsplit("_", 1)[-1]) if ckpt.name.startswith("step_") else "?"
+    step = checkpoint.step_of(ckpt)
+    step = "?" if step is None else step
     print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
     for key, old, new in config_changes(saved, config):
         if key != "train.out_dir":

@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 
 from .config import config_changes, load_config
+from .plots import pyplot
+from .tables import text_table
 from .trainer import load_data, train
 
 # Options that do not change what a run computes: a finished run that differs only in these is reused.
@@ -99,26 +101,24 @@ def summarize(rows):
 
 
 def format_summary(summary):
-    """The multi-seed table: mean held-out success +- standard deviation [min, max] per mode."""
-    lines = [f"{'mode':<15}{'seeds':>6}{'success mean':>14}{'std':>7}{'min':>7}{'max':>7}{'reward mean':>13}"]
-    for e in summary:
-        s, r = e["success_rate"], e["mean_reward"]
-        cells = [f"{x:>7.3f}" if x is not None else f"{'-':>7}" for x in (s["std"], s["min"], s["max"])]
-        mean = f"{s['mean']:>14.3f}" if s["mean"] is not None else f"{'-':>14}"
-        reward = f"{r['mean']:>13.3f}" if r["mean"] is not None else f"{'-':>13}"
-        lines.append(f"{e['mode']:<15}{e['n']:>6}{mean}{''.join(cells)}{reward}")
-    return "\n".join(lines)
+    """The multi-seed table: per mode, the seeds run, mean held-out success, its standard deviation and range,
+    and the mean reward."""
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    shown = [{"mode": e["mode"], "seeds": str(e["n"]), "success_mean": fmt(e["success_rate"]["mean"]),
+              "std": fmt(e["success_rate"]["std"]), "min": fmt(e["success_rate"]["min"]),
+              "max": fmt(e["success_rate"]["max"]), "reward_mean": fmt(e["mean_reward"]["mean"])} for e in summary]
+    return text_table(shown, ["mode", "seeds", "success_mean", "std", "min", "max", "reward_mean"])
 
 
 def format_table(rows):
     """The comparison table; a mode that did not finish shows '-' where it has no held-out evaluation."""
-    def cell(r, key, spec, width):
-        return f"{r[key]:>{width}{spec}}" if r.get(key) is not None else f"{'-':>{width}}"
-
-    header = f"{'mode':<15}{'success':>9}{'reward':>9}{'tokens/ep':>11}{'train s':>9}"
-    return "\n".join([header] + [f"{r['mode']:<15}{cell(r, 'success_rate', '.3f', 9)}{cell(r, 'mean_reward', '.3f', 9)}"
-                                  f"{cell(r, 'tokens_per_episode', '.1f', 11)}{cell(r, 'train_seconds', '.0f', 9)}"
-                                  for r in rows])
+    columns = [("success", "success_rate", ".3f"), ("reward", "mean_reward", ".3f"),
+               ("tokens/ep", "tokens_per_episode", ".1f"), ("train_s", "train_seconds", ".0f")]
+    shown = [{"mode": r["mode"], **{name: "-" if r.get(key) is None else format(r[key], spec)
+                                    for name, key, spec in columns}} for r in rows]
+    return text_table(shown, ["mode"] + [name for name, _, _ in columns])
 
 
 def _reward_curve(run_dir):
@@ -131,12 +131,8 @@ def _reward_curve(run_dir):
 def _plot(root, rows):
     """compare.png: each mode's training reward (the mean over seeds, their range shaded) and held-out success
     (mean over seeds, bars from min to max)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     modes = list(dict.fromkeys(r["mode"] for r in rows))

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .tables import text_table
+
 ARCHS = {90: {"smem": 227 * 1024, "mma": "HGMMA"}, 80: {"smem": 163 * 1024, "mma": "HMMA"}}
 
 
@@ -93,10 +95,7 @@ def run_gate(workers=None):
 
 def format_table(rows):
     cols = ["kernel", "arch", "num_warps", "num_stages", "registers", "shared_bytes", "local_bytes", "mma", "ok"]
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(x.ljust(w) for x, w in zip(cell, widths)) for cell in cells]
+    lines = [text_table(rows, cols)]
     lines += [f"FAIL {r['kernel']} {r['arch']}: {r['error']}" for r in rows if not r["ok"]]
     return "\n".join(lines)
 

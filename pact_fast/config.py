@@ -6,6 +6,7 @@ Every field has a default and a help string; an unknown key or a value of the wr
 error that names it and lists the valid keys or choices. The resolved config is saved with every run.
 """
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -238,18 +239,14 @@ def _load(path, overrides, base=None):
     return config
 
 
-def to_dict(config):
-    return dataclasses.asdict(config)
-
-
 def save_config(config, path):
     """Write the resolved config as YAML; one-off options (``train.stop_after``) are saved at their defaults,
     so a later ``--resume`` does not repeat them."""
-    data = to_dict(config)
+    data = plain(config)
     for section, key, default in _one_off_fields():
         data[section][key] = default
     with open(path, "w") as f:
-        yaml.safe_dump(_plain(data), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)
 
 
 def _one_off_fields():
@@ -262,15 +259,21 @@ def _one_off_fields():
 
 def config_changes(old, new):
     """``[(key, old value, new value)]`` for every option that differs between two configs."""
-    a, b = _plain(to_dict(old)), _plain(to_dict(new))
+    a, b = plain(old), plain(new)
     return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 
-def _plain(x):
+def plain(x, *, finite=False):
+    """``x`` as plain data for YAML or JSON: objects (dataclasses, configs) as dicts of their fields, tuples as
+    lists, dict keys as strings; with ``finite``, non-finite floats as None (JSON has no NaN)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {str(k): plain(v, finite=finite) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v, finite=finite) for v in x]
+    if hasattr(x, "__dict__") and not isinstance(x, (int, float, str)):
+        return plain(x.__dict__, finite=finite)
+    if finite and isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 

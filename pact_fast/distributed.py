@@ -121,6 +121,15 @@ def sum_counts(values):
     return t.tolist()
 
 
+def max_count(value):
+    """The largest of an integer over ranks."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return int(t)
+
+
 def clip_grad_norm(model, max_norm):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -160,52 +169,3 @@ def full_optimizer_state(model, optimizer):
 def tied_keys(model):
     tied = getattr(model, "_tied_weights_keys", None) or []
     return set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())
-
-
-def load_checkpoint(ckpt, scorer, optimizer, scheduler, order):
-    """Restore weights, optimizer, scheduler, data order and RNG from ``ckpt``; returns its step."""
-    import random
-
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no *.safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    model = scorer.model
-    if is_distributed():
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        set_model_state_dict(scorer, {f"model.{k}": v for k, v in state.items()},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(scorer, optimizer, trainer_state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        untied = [k for k in missing if k not in tied_keys(model)]
-        if untied or unexpected:
-            raise ValueError(f"{ckpt}: weights do not match the model (missing {untied}, unexpected {unexpected})")
-        if tied_keys(model):
-            model.tie_weights()
-        optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    order.__dict__.update(trainer_state["order"])
-    random.setstate(trainer_state["rng"]["python"])
-    torch.set_rng_state(trainer_state["rng"]["torch"])
-    return int(trainer_state["step"])
-
-
-def apply_liger(model):
-    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the model body (CUDA only)."""
-    if not torch.cuda.is_available():
-        raise ValueError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError as exc:
-        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
-    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)

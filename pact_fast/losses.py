@@ -185,18 +185,39 @@ def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
     raise ValueError(f"aggregate: unknown agg {agg!r}; choose one of {LOSS_AGGS}")
 
 
-def micro_batch_share(response_mask, loss_agg="token-mean", *, global_tokens=None, global_seqs=None, world=1):
-    """``rl_scale`` of a micro-batch: its share of the step's RL normaliser, times the data-parallel world size.
+def response_counts(response_mask):
+    """What the RL aggregations average over: ``(response tokens, non-empty responses)`` of
+    ``response_mask [B, T]`` (token-mean counts tokens, the seq-mean aggregations count responses)."""
+    lengths = response_mask.sum(-1)  # [B]
+    return lengths.sum().item(), (lengths > 0).sum().item()
 
-    response_mask: [B, T]. ``token-mean`` counts response tokens (of ``global_tokens``), the sequence reductions
-    count non-empty rows (of ``global_seqs``). With the count of the whole step over all ranks, the micro-batch
-    losses add up (and ranks average, as data-parallel gradients do) to the step's loss; without it the
-    micro-batch is taken as the whole step (share 1)."""
-    if loss_agg == "token-mean":
-        local, total = response_mask.sum().item(), global_tokens
-    else:
-        local, total = (response_mask.sum(-1) > 0).sum().item(), global_seqs
-    return 1.0 if total is None else world * local / total
+
+def loss_scales(response_mask, n_traces=0, loss_agg="token-mean", *, step_tokens=None, step_seqs=None,
+                step_traces=None, world=1):
+    """The step's loss normaliser, as ``(rl_scale, sft_scale)`` of one micro-batch for ``pact_loss``.
+
+    ``pact_loss`` averages over its own micro-batch; each scale is the micro-batch's share of the step's count
+    times the data-parallel world size, so the micro-batch losses add up (and ranks average, as data-parallel
+    gradients do) to the loss of the whole step in one batch.
+
+    Args:
+        response_mask: ``[B, T]`` 0/1, the micro-batch's rollout rows.
+        n_traces: trace sequences in the micro-batch (the SFT term averages over them).
+        loss_agg: the RL aggregation: ``token-mean`` counts response tokens, the others non-empty responses.
+        step_tokens, step_seqs, step_traces: the same counts over the whole step, all micro-batches and ranks
+            (``response_counts`` summed, and the traces); None means this micro-batch is the whole step
+            (share 1).
+        world: data-parallel ranks whose gradients are averaged.
+    """
+    tokens, seqs = response_counts(response_mask)
+    local, total = (tokens, step_tokens) if loss_agg == "token-mean" else (seqs, step_seqs)
+    return _share(local, total, world), _share(n_traces, step_traces, world)
+
+
+def _share(local, total, world):
+    if total is None:
+        return 1.0
+    return world * local / total if total else 0.0
 
 
 def clipped_surrogate_tokens(logp, old_logp, advantages, *, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None):
@@ -422,7 +443,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
                                    norm_by_std=config.norm_adv_by_std)
         _, group_index = torch.unique(batch.group_ids, return_inverse=True)
         n_groups = int(group_index.max()) + 1
-        tokens_per_group = torch.zeros(n_groups, device=device).index_add_(0, group_index, mask.sum(-1).float())
+        tokens_per_group = torch.zeros(n_groups, dtype=torch.float32, device=device).index_add_(0, group_index, mask.sum(-1).float())
         metrics["skipped_groups"] = float((tokens_per_group == 0).sum())
         clip = dict(clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
         behavior = batch.behavior_logp if batch.behavior_logp is not None else batch.old_logp_po

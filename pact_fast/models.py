@@ -191,6 +191,36 @@ def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
     return model, tokenizer
 
 
+def random_qwen3(vocab_size, *, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim,
+                 max_positions, seed, dtype=None, **config_kw):
+    """A randomly initialised Qwen3 causal LM with sdpa attention, its weights drawn after
+    ``torch.manual_seed(seed)``; nothing is downloaded. ``config_kw`` go to ``Qwen3Config`` (token ids,
+    ``tie_word_embeddings``); ``dtype`` None keeps torch's default dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         head_dim=head_dim, max_position_embeddings=max_positions, **config_kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                            **({"dtype": dtype} if dtype is not None else {}))
+
+
+def apply_liger(model):
+    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the model body (CUDA only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
 def pretrained_defaults():
     """Config overrides for a pretrained ``model.path`` (the built-in tiny model keeps the config defaults).
 

@@ -169,26 +169,26 @@ def split_units(units, max_tokens):
     return batches
 
 
-def split_micro_batches(groups, max_tokens):
-    """Assign sequences of many groups to micro-batches whose packed size stays within ``max_tokens``.
+def pad_rows(rows, width=None, value=0, *, dtype=None, device=None, left=False):
+    """Rows of different lengths as one padded tensor ``[B, W]``.
 
     Args:
-        groups: list of groups, each a list of sequences (lists or 1-D tensors of token ids).
-        max_tokens: token budget of one packed micro-batch.
-
-    Returns:
-        A list of micro-batches, each a list of ``(group_index, sequence_index)``. Groups are filled in
-        order; a group that does not fit in the current micro-batch continues in the next one, and each
-        part carries its own copy of the ancestors it needs (the shared prompt is packed again).
+        rows: B lists of numbers, or B 1-D tensors (which keep their autograd graph).
+        width: W, at least the longest row; default the longest row (0 without rows).
+        value: the padding value.
+        dtype, device: default the tensor rows' own, or int64 on the CPU for lists.
+        left: pad before each row (left-padded prompts) instead of after it.
     """
-    index = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
-    for g, j in index:
-        n = len(_as_list(groups[g][j], j))
-        if n > max_tokens:
-            raise ValueError(f"split_micro_batches: sequence {j} of group {g} has {n} tokens, more than "
-                             f"max_tokens={max_tokens}; raise the budget or truncate the sequence")
-    batches = split_units([[groups[g][j]] for g, j in index], max_tokens)
-    return [[index[u] for u in batch] for batch in batches]
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    if rows and all(isinstance(r, torch.Tensor) for r in rows):
+        out = torch.stack([torch.nn.functional.pad(r, (width - len(r), 0) if left else (0, width - len(r)),
+                                                   value=value) for r in rows])  # [B, W]
+        return out.to(dtype=dtype or out.dtype, device=device or out.device)
+    out = torch.full((len(rows), width), value, dtype=dtype or torch.long)  # [B, W]
+    for i, r in enumerate(rows):
+        start = width - len(r) if left else 0
+        out[i, start:start + len(r)] = torch.as_tensor(r, dtype=out.dtype)
+    return out if device is None else out.to(device)
 
 
 def pack_back_to_back(sequences):

@@ -43,15 +43,23 @@ def panels_with_data(runs):
     return [p for p in PANELS if any(key in row for rows in runs for key, _ in p[2] for row in rows)]
 
 
-def plot_runs(run_dirs, png_path, labels=None):
-    """Write the panels of every run in ``run_dirs`` to ``png_path``; returns the path, or None without
-    matplotlib."""
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend), or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_runs(run_dirs, png_path, labels=None):
+    """Write the panels of every run in ``run_dirs`` to ``png_path``; returns the path, or None without
+    matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     runs = [(label, read_metrics(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
     panels = panels_with_data([rows for _, rows in runs])

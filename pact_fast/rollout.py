@@ -43,7 +43,6 @@ class RolloutConfig:
 
 @dataclass
 class Episode:
-    example_id: str
     prompt_ids: list
     response_ids: list = field(default_factory=list)
     response_mask: list = field(default_factory=list)  # 1 = sampled by the model, 0 = tool/user context
@@ -170,7 +169,7 @@ class HFRolloutEngine:
         greedy = cfg.greedy if greedy is None else greedy
         jobs = [ex for ex in examples for _ in range(G)]
         prompts = {ex.id: prompt_ids(self.tokenizer, ex) for ex in examples}
-        episodes = [Episode(ex.id, list(prompts[ex.id])) for ex in jobs]
+        episodes = [Episode(list(prompts[ex.id])) for ex in jobs]
         envs = [make_env(ex) for ex in jobs]
         convs = [list(ex.messages) for ex in jobs]
         was_training = self.model.training

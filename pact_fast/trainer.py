@@ -1,6 +1,8 @@
-"""The PACT training loop (SPEC sections 1 and 2), flat and readable.
+"""The PACT training loop (SPEC sections 1 and 2), flat and readable: ``build(config) -> Components`` makes
+everything a run trains with, ``train_step(components, step) -> StepStats`` is one step, and ``train(config)``
+is the loop around them (logging, checkpoints, evaluation, Ctrl-C) that returns the run's summary.
 
-Per step:
+Per step (``train_step``):
 1. take the next ``prompts_per_step`` prompt groups (a seeded order, resumable);
 2. sample G prompt-only episodes each in the environment (``RolloutEngine``);
 3. rewards -> group advantages; one anchoring draw per group;
@@ -16,24 +18,24 @@ updates only meet through ``Episode`` lists, so a faster engine can replace ``HF
 """
 import json
 import math
-import os
-import random
-import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
+from . import checkpoint
 from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
-from .config import Config, save_config
-from .losses import PACTBatch, anchor_draws, anchor_generator, group_advantages, pact_loss
+from .config import Config, plain, save_config
+from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
+from .models import apply_liger, random_qwen3
 from .ops.fused_pact_head import fused_pact_head
-from .packing import pack_tree, split_units
+from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout import HFRolloutEngine
 from .scoring import PackedScorer
@@ -50,8 +52,6 @@ def resolve_device(name):
 
 def build_model_and_tokenizer(cfg, device, seed):
     """The policy and its tokenizer: a local HF directory, or the built-in tiny model and tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
     if cfg.path:
         from .models import load_pretrained
 
@@ -60,13 +60,11 @@ def build_model_and_tokenizer(cfg, device, seed):
         from .envs import build_tokenizer
 
         tokenizer = build_tokenizer()
-        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=2048,
-                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = random_qwen3(len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                             num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -166,14 +164,15 @@ class GroupInputs:
 class Unit:
     """Sequences that go through one micro-batch together."""
 
-    kind: str  # "rollout" (tc and po copies of one episode) or "sft" (one trace sequence)
+    kind: str  # "rollout" (the episode under the trace-conditioned and the prompt-only prompt) or "sft" (one trace sequence)
     group: int  # index of the group in the step
     item: int  # episode index in the step, or trace sequence index in the step
     sequences: list
     mask: list = field(default_factory=list)  # rollout units: the episode's response_mask
 
 
-def build_units(groups, episodes, inputs):
+def build_units(episodes, inputs):
+    """The step's units: per prompt group, one rollout unit per episode, then one sft unit per trace sequence."""
     units, n_ep, n_sft = [], 0, 0
     for g, (eps, gi) in enumerate(zip(episodes, inputs)):
         for ep in eps:
@@ -186,17 +185,10 @@ def build_units(groups, episodes, inputs):
     return units
 
 
-def _pad(rows, width, value=0.0, dtype=torch.float32, device="cpu"):
-    out = torch.full((len(rows), width), value, dtype=dtype, device=device)
-    for i, r in enumerate(rows):
-        r = torch.as_tensor(r, dtype=dtype) if not isinstance(r, torch.Tensor) else r
-        out[i, : len(r)] = r
-    return out
-
-
 def pack_micro_batch(units, inputs):
     """The trie of a micro-batch and its scored rows: ``(packed, rows [M], targets [M], offsets [P+1])``, P pieces
-    in unit order (a rollout unit's response under the tc then the po prompt; a trace's tokens after the first)."""
+    in unit order (a rollout unit's response under the trace-conditioned then the prompt-only prompt; a trace's
+    tokens after the first)."""
     seqs = [s for u in units for s in u.sequences]
     packed = pack_tree(seqs)
     token_ids = []
@@ -211,19 +203,40 @@ def pack_micro_batch(units, inputs):
     return packed, rows, targets, offsets
 
 
+class UnitScores(NamedTuple):
+    """What one packed forward scored for one unit: a rollout unit's response tokens under the trace-conditioned
+    and the prompt-only prompt (and the prompt-only entropies when asked), or a trace unit's tokens after its
+    first. Fields a unit's kind does not have are None."""
+
+    logp_tc: Optional[torch.Tensor] = None  # [R] rollout units
+    logp_po: Optional[torch.Tensor] = None  # [R] rollout units
+    entropy_po: Optional[torch.Tensor] = None  # [R] rollout units, when asked
+    logp_sft: Optional[torch.Tensor] = None  # [n-1] trace units
+
+
+@dataclass
+class OldLogps:
+    """Log-probs before the step's first update, by episode index in the step: [R] each. ``ref`` is the frozen
+    reference's prompt-only log-probs (only with a reference model)."""
+
+    tc: dict = field(default_factory=dict)
+    po: dict = field(default_factory=dict)
+    ref: Optional[dict] = None
+
+
 def _per_unit(units, values, offsets, entropy=None):
-    """Split per-row ``values [M]`` by ``offsets`` into per-unit results: rollout ``(tc [R], po [R], po entropy
-    [R] or None)``, sft ``[n-1]``."""
+    """Split per-row ``values [M]`` (and ``entropy [M]``) by ``offsets [P+1]`` into one ``UnitScores`` per
+    unit."""
     bounds = offsets.tolist()
     pieces = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     ent_pieces = [entropy[a:b] for a, b in zip(bounds[:-1], bounds[1:])] if entropy is not None else None
     results, k = [], 0
     for u in units:
         if u.kind == "rollout":
-            results.append((pieces[k], pieces[k + 1], ent_pieces[k + 1] if ent_pieces else None))
+            results.append(UnitScores(pieces[k], pieces[k + 1], ent_pieces[k + 1] if ent_pieces else None))
             k += 2
         else:
-            results.append(pieces[k])
+            results.append(UnitScores(logp_sft=pieces[k]))
             k += 1
     return results
 
@@ -231,8 +244,7 @@ def _per_unit(units, values, offsets, entropy=None):
 def score_micro_batch(scorer, units, inputs, *, backend, logprob_backend, temperature, return_entropy=False):
     """One packed forward for a micro-batch of units.
 
-    Returns per rollout unit ``(logp_tc [R], logp_po [R])`` (response tokens, in order) and per sft unit
-    ``logp [n-1]`` (every token after the first), plus per rollout unit the po entropies when asked.
+    Returns ``(one UnitScores per unit, packed tokens)``; ``entropy_po`` is filled when ``return_entropy``.
     """
     packed, rows, targets, offsets = pack_micro_batch(units, inputs)
     out = scorer(packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
@@ -276,88 +288,33 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
     T = max((len(episodes_flat[u.item].response_ids) for u, _ in roll), default=0)
     idx = [u.item for u, _ in roll]
 
-    def stack(values, fill=0.0):
-        if not values:
-            return torch.zeros((0, T), device=device)
-        return torch.stack([torch.nn.functional.pad(v, (0, T - len(v)), value=fill) for v in values])
+    def stack(values):  # [B, T]; tensor rows keep their dtype
+        return pad_rows(values, T, device=device) if values else torch.zeros((0, T), device=device)
+
+    def floats(lists):  # [B, T] float32
+        return pad_rows(lists, T, dtype=torch.float32, device=device)
 
     batch = PACTBatch(
-        response_mask=_pad([episodes_flat[i].response_mask for i in idx], T, device=device),
+        response_mask=floats([episodes_flat[i].response_mask for i in idx]),
         rewards=torch.tensor([episodes_flat[i].reward for i in idx], device=device),
         group_ids=torch.tensor([u.group for u, _ in roll], dtype=torch.long, device=device),
-        logp_tc=stack([r[0] for _, r in roll]), logp_po=stack([r[1] for _, r in roll]),
-        old_logp_tc=stack([old["tc"][i] for i in idx]) if old else stack([r[0].detach() for _, r in roll]),
-        old_logp_po=stack([old["po"][i] for i in idx]) if old else stack([r[1].detach() for _, r in roll]),
-        behavior_logp=_pad([episodes_flat[i].behavior_logp for i in idx], T, device=device),
-        ref_logp=stack([old["ref"][i] for i in idx]) if old and "ref" in old else None,
-        entropy=stack([r[2] for _, r in roll]) if roll and roll[0][1][2] is not None else None,
+        logp_tc=stack([r.logp_tc for _, r in roll]), logp_po=stack([r.logp_po for _, r in roll]),
+        old_logp_tc=stack([old.tc[i] for i in idx]) if old else stack([r.logp_tc.detach() for _, r in roll]),
+        old_logp_po=stack([old.po[i] for i in idx]) if old else stack([r.logp_po.detach() for _, r in roll]),
+        behavior_logp=floats([episodes_flat[i].behavior_logp for i in idx]),
+        ref_logp=stack([old.ref[i] for i in idx]) if old and old.ref is not None else None,
+        entropy=stack([r.entropy_po for _, r in roll]) if roll and roll[0][1].entropy_po is not None else None,
         advantages=advantages[idx].to(device) if idx else torch.zeros(0, device=device),
         anchored=anchored[[u.group for u, _ in roll]].to(device) if idx else torch.zeros(0, dtype=torch.bool),
     )
-    E = max((len(r) for _, r in sft), default=0)
+    E = max((len(r.logp_sft) for _, r in sft), default=0)
     labels = [sft_flat[u.item] for u, _ in sft]
-    batch.sft_logp = torch.stack([torch.nn.functional.pad(r, (0, E - len(r))) for _, r in sft]) if sft else \
-        torch.zeros((0, 0), device=device)
-    batch.sft_components = _pad([s.components[1:] for s in labels], E, dtype=torch.long, device=device)
-    batch.sft_segment_ids = _pad([s.segment_ids[1:] for s in labels], E, dtype=torch.long, device=device)
-    batch.sft_turn_ids = _pad([s.turn_ids[1:] for s in labels], E, dtype=torch.long, device=device)
+    batch.sft_logp = pad_rows([r.logp_sft for _, r in sft], E, device=device) if sft else \
+        torch.zeros((0, 0), device=device)  # [S, E]
+    batch.sft_components = pad_rows([s.components[1:] for s in labels], E, device=device)
+    batch.sft_segment_ids = pad_rows([s.segment_ids[1:] for s in labels], E, device=device)
+    batch.sft_turn_ids = pad_rows([s.turn_ids[1:] for s in labels], E, device=device)
     return batch
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last):
-    """Write ``checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp-step_{step:06d}"
-    model_state = {k.removeprefix("model."): v for k, v in dist.full_model_state(scorer).items()}
-    if getattr(scorer.model.config, "tie_word_embeddings", False):
-        for key in dist.tied_keys(scorer.model):  # a gathered state dict holds tied weights as separate copies
-            model_state.pop(key, None)
-    optim_state = dist.full_optimizer_state(scorer, optimizer)
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-                   tmp / "trainer_state.pt")
-        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_tree(ckpt_root, files=False)
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def _fsync_tree(path, files=True):
-    """fsync every file directly in ``path`` (when ``files``), then the directory itself."""
-    if files:
-        for p in Path(path).iterdir():
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def latest_checkpoint(path):
-    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
-    path = Path(path)
-    if (path / "trainer_state.pt").exists():
-        return path
-    found = sorted((path / "checkpoints").glob("step_*"))
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint (expected {path}/checkpoints/step_*)")
-    return found[-1]
 
 
 # ---------------------------------------------------------------- loop
@@ -402,181 +359,268 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(config: Config, *, resume=None, engine_factory=None, log=print):
-    """Run PACT training; returns a summary dict. ``engine_factory(model, tokenizer, rollout_cfg, seed)``
-    may supply another rollout engine (default ``HFRolloutEngine``)."""
-    tc, lc = config.train, config.loss
+@dataclass
+class Components:
+    """Everything a run trains with, built once by ``build`` and handed to ``train_step`` and the loop."""
+
+    config: Config
+    device: torch.device
+    tokenizer: object
+    scorer: torch.nn.Module  # PackedScorer over the policy (FSDP-sharded under torchrun)
+    ref_scorer: Optional[torch.nn.Module]  # the frozen reference (loss.beta_kl > 0), else None
+    rollout_model: torch.nn.Module  # what the engine samples with: the policy, or its unsharded copy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: object  # a RolloutEngine
+    make_env: object  # example -> its environment
+    train_set: list  # Example
+    held_out: list  # Example
+    order: DataOrder
+    writers: Optional["_Writers"]  # rank 0 only
+    start_step: int = 0
+    group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs
+
+    @property
+    def model(self):
+        """The policy's causal LM (inside ``scorer``)."""
+        return self.scorer.model
+
+    def inputs_for(self, example):
+        """The example's ``GroupInputs``, tokenised once per run."""
+        if example.id not in self.group_inputs:
+            sft = trace_sequences(self.tokenizer, example)
+            check_trace_components(example, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
+            self.group_inputs[example.id] = GroupInputs(trace_conditioned_prompt_ids(self.tokenizer, example),
+                                                        prompt_ids(self.tokenizer, example), sft)
+        return self.group_inputs[example.id]
+
+    def autocast(self):
+        """bf16 autocast on CUDA with ``train.bf16``; nothing otherwise."""
+        if self.config.train.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Components:
+    """Data, policy (and reference), optimizer, schedule, rollout engine, data order and writers of a run; with
+    ``resume`` (a run or checkpoint directory) restored from its latest checkpoint. Creates the run directory
+    and writes its ``config.yaml``. ``engine_factory(model, tokenizer, rollout_cfg, seed)`` may supply another
+    rollout engine (default ``HFRolloutEngine``)."""
+    train_cfg = config.train
     dist.init()
-    device = resolve_device(tc.device) if not dist.is_distributed() else dist.device(tc.device)
-    run_dir = Path(tc.out_dir)
+    device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
+    run_dir = Path(train_cfg.out_dir)
     train_set, held_out = load_data(config.data)  # data errors before the expensive model load
-    model, tokenizer = build_model_and_tokenizer(config.model, device, tc.seed)
+    model, tokenizer = build_model_and_tokenizer(config.model, device, train_cfg.seed)
     if config.model.path:  # the built-in tokenizer's own template carries tools; a pretrained one may not
         reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
         resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
                               reasoning=reasoning, log=log)
-    make_env = make_env_factory(config.data, config.rollout)
-    ref_model = None
-    if lc.beta_kl > 0:
-        ref_model = build_model_and_tokenizer(config.model, device, tc.seed)[0].eval().requires_grad_(False)
-    ref_scorer = PackedScorer(ref_model) if ref_model is not None else None
-    if tc.grad_checkpointing:
+    ref_scorer = None
+    if config.loss.beta_kl > 0:
+        ref_model = build_model_and_tokenizer(config.model, device, train_cfg.seed)[0].eval().requires_grad_(False)
+        ref_scorer = PackedScorer(ref_model)
+    if train_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    if tc.liger:
-        dist.apply_liger(model)
+    if train_cfg.liger:
+        apply_liger(model)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
-    scorer = dist.shard(PackedScorer(model), bf16=tc.bf16 and device.type == "cuda")
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    scorer = dist.shard(PackedScorer(model), bf16=train_cfg.bf16 and device.type == "cuda")
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
     order = DataOrder(config.data.seed, len(train_set))
     start_step = 0
     if resume:
-        ckpt = latest_checkpoint(resume)
-        start_step = dist.load_checkpoint(ckpt, scorer, optimizer, scheduler, order)
+        ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
     engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
-        rollout_model, tokenizer, config.rollout, tc.seed)
+        rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    cache = {}
+    writers = _Writers(run_dir, train_cfg, config) if dist.rank() == 0 else None
+    return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
+                      make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step)
 
-    def inputs_for(ex):
-        if ex.id not in cache:
-            sft = trace_sequences(tokenizer, ex)
-            check_trace_components(ex, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
-            cache[ex.id] = GroupInputs(trace_conditioned_prompt_ids(tokenizer, ex), prompt_ids(tokenizer, ex), sft)
-        return cache[ex.id]
 
-    writers = _Writers(run_dir, tc, config) if dist.rank() == 0 else None
+@dataclass
+class StepStats:
+    """What one ``train_step`` did; ``metrics()`` is the row it logs."""
+
+    step: int  # steps done, this one included
+    losses: dict  # pact_loss's metrics, averaged over micro-batches weighted by their sizes
+    lr: float  # the lr of the next step
+    grad_norm: float
+    skipped: bool  # a non-finite loss or gradient: no update
+    non_finite_loss: bool  # (when skipped) the loss itself, not only its gradient
+    rewards: torch.Tensor  # [N] this rank's episodes
+    episodes: list  # Episode
+    packed_tokens: int
+    micro_batches: int
+    unshared_tokens: int
+    anchor_frac: Optional[float]  # pact mode only
+    rollout_seconds: float
+    step_seconds: float
+    peak_memory_mb: float
+
+    def metrics(self):
+        eps, n = self.episodes, max(1, len(self.episodes))
+        sampled = sum(ep.num_model_tokens for ep in eps)
+        rewards = self.rewards
+        return {
+            **self.losses,
+            "step": self.step, "lr": self.lr, "grad_norm": self.grad_norm,
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
+            "episode_turns": sum(ep.turns for ep in eps) / n,
+            "tool_calls_per_episode": sum(ep.tool_calls for ep in eps) / n,
+            "tool_errors_per_episode": sum(ep.tool_errors for ep in eps) / n,
+            "sampled_tokens": sampled, "packed_tokens": self.packed_tokens, "micro_batches": self.micro_batches,
+            "unshared_tokens": self.unshared_tokens,
+            "rollout_seconds": self.rollout_seconds, "step_seconds": self.step_seconds,
+            "skipped_step": float(self.skipped),
+            **({"anchor_frac": self.anchor_frac} if self.anchor_frac is not None else {}),
+            "tokens_per_second": (sampled + self.packed_tokens) / self.step_seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+
+
+def train_step(c: Components, step, interrupt=None) -> StepStats:
+    """One PACT step (0-based ``step``): rollouts of the next prompt groups, advantages and anchoring, old
+    log-probs when needed, ``update_epochs`` passes of packed micro-batches (loss, backward), then clip, AdamW
+    and the schedule. A non-finite loss or gradient skips the update on every rank. ``interrupt.abortable`` is
+    cleared before the first optimizer update: up to there a Ctrl-C may abort the step (``_StepAborted``)."""
+    config, train_cfg, lc = c.config, c.config.train, c.config.loss
+    t0 = time.perf_counter()
+    progress = step / max(1, train_cfg.steps)
+    examples = [c.train_set[i] for i in dist.shard_list(c.order.take(train_cfg.prompts_per_step))]  # this rank's
+    dist.sync_rollout_weights(c.scorer, c.rollout_model)
+    c.engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
+    episodes = c.engine.rollout(examples, c.make_env)
+    t_roll = time.perf_counter() - t0
+    inputs = [c.inputs_for(ex) for ex in examples]
+    flat = [ep for eps in episodes for ep in eps]
+    sft_flat = [s for gi in inputs for s in gi.sft]
+    group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])  # [N]
+    rewards = torch.tensor([ep.reward for ep in flat])  # [N]
+    advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)  # [N]
+    all_groups = torch.arange(train_cfg.prompts_per_step)
+    anchored = anchor_rows(torch.tensor(dist.shard_list(all_groups.tolist())), train_cfg.prompts_per_step,
+                           lc.anchor_q, lc.seed, step)  # this rank's groups' draws [P / world]
+    units = build_units(episodes, inputs)
+    batches = dist.pad_micro_batches(split_units([u.sequences for u in units], train_cfg.micro_batch_tokens))
+    score = dict(backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
+                 temperature=config.rollout.temperature)
+    old = None
+    if train_cfg.update_epochs > 1 or c.ref_scorer is not None:
+        old = _old_logps(c, [[units[i] for i in mb.indices] for mb in batches], inputs, score)
+    # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
+    masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
+    mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
+    mb_counts = [response_counts(m) for m in masks]
+    step_tokens, step_seqs, step_traces = dist.sum_counts(
+        [sum(n[0] for n in mb_counts), sum(n[1] for n in mb_counts), sum(mb_traces)])
+    step_lc = _step_loss_config(lc, masks)
+    packed_tokens, weighted_metrics, skipped = 0, [], False
+    for _ in range(train_cfg.update_epochs):
+        non_finite_loss = False
+        for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
+            mb_units = [units[i] for i in mb.indices]
+            # padding micro-batches count 0: zero loss; FSDP averages gradients over ranks
+            rl_scale, sft_scale = loss_scales(mask, n_traces, lc.loss_agg, step_tokens=step_tokens,
+                                              step_seqs=step_seqs, step_traces=step_traces, world=dist.world_size())
+            loss_args = dict(config=step_lc, progress=progress, step=step, rl_scale=rl_scale, sft_scale=sft_scale)
+            with c.autocast():
+                loss, metrics, n_tok = _micro_batch_loss(c, mb_units, inputs, flat, sft_flat, advantages, anchored,
+                                                         old, loss_args, score)
+            non_finite_loss |= metrics is None
+            loss.backward()
+            packed_tokens += n_tok
+            if metrics is not None and not mb.padding:
+                weighted_metrics.append((counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces, metrics))
+        grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
+        bad = non_finite_loss or not math.isfinite(float(grad_norm))
+        if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
+            c.optimizer.zero_grad(set_to_none=True)
+            skipped = True
+            break
+        if interrupt is not None:
+            interrupt.abortable = False  # from here on the step completes
+        c.optimizer.step()
+        c.optimizer.zero_grad(set_to_none=True)
+    c.scheduler.step()  # the schedule follows the step count, skipped steps included
+    anchor_frac = None
+    if lc.mode == "pact":
+        anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(
+            anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())
+    return StepStats(step + 1, _average(weighted_metrics), c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
+                     non_finite_loss, rewards, flat, packed_tokens, len(batches),
+                     sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
+                     _peak_memory_mb(c.device))
+
+
+def _old_logps(c, micro_batches, inputs, score):
+    """The policy's (and the reference's) log-probs of every rollout before the step's first update, in a
+    no-grad pass over ``micro_batches`` (lists of units)."""
+    old = OldLogps(ref={} if c.ref_scorer is not None else None)
+    with torch.no_grad(), c.autocast():
+        for mb_units in micro_batches:
+            res, _ = score_micro_batch(c.scorer, mb_units, inputs, **score)
+            ref_res = score_micro_batch(c.ref_scorer, mb_units, inputs, **score)[0] if c.ref_scorer else None
+            for j, (u, r) in enumerate(zip(mb_units, res)):
+                if u.kind == "rollout":
+                    old.tc[u.item], old.po[u.item] = r.logp_tc.float(), r.logp_po.float()
+                    if ref_res is not None:
+                        old.ref[u.item] = ref_res[j].logp_po.float()
+    return old
+
+
+def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, old, loss_args, score):
+    """``(loss, metrics or None, packed tokens)`` of one micro-batch, through the fused head or through
+    ``score_micro_batch`` and ``pact_loss``. A non-finite loss gives metrics None and a zero loss that still
+    reaches the whole graph (every rank runs its backward: FSDP's collectives)."""
+    if c.config.train.fused_head:
+        return fused_micro_batch_loss(c.scorer, units, inputs, flat, sft_flat, advantages, anchored, old, c.device,
+                                      loss_args, backend=score["backend"], temperature=score["temperature"])
+    res, n_tok = score_micro_batch(c.scorer, units, inputs, return_entropy=c.config.loss.c_ent > 0, **score)
+    batch = batch_for_loss(units, res, flat, sft_flat, advantages, anchored, old, c.device)
+    try:
+        loss, metrics = pact_loss(batch, **loss_args)
+    except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
+        return _zero_loss(res), None, n_tok
+    return loss, metrics, n_tok
+
+
+def train(config: Config, *, resume=None, engine_factory=None, log=print):
+    """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
+    eval_after, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
+    c = build(config, resume=resume, engine_factory=engine_factory, log=log)
+    train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     eval_before = None
-    if start_step == 0:
-        eval_before = evaluate(engine, held_out, make_env)
+    if c.start_step == 0:
+        eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
-        if writers:
-            writers.log({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
-    history, eval_after = [], None
-    bar = _progress(tc, lc.mode, start_step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and device.type == "cuda" else nullcontext()
-    step, skip_streak, stopped, last_save = start_step, 0, None, time.monotonic()
+    history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
+    step, skip_streak, stopped, last_save = c.start_step, 0, None, time.monotonic()
     with _Interrupt(log) as interrupt:
-        for step in range(start_step, tc.steps):
-            if interrupt.requested or (tc.stop_after and step - start_step >= tc.stop_after):
+        for step in range(c.start_step, train_cfg.steps):
+            if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
                 break
-            order_state = dict(order.__dict__)
+            order_state = dict(c.order.__dict__)
             interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
             try:
-                t0 = time.perf_counter()
-                progress = step / max(1, tc.steps)
-                idx = order.take(tc.prompts_per_step)
-                mine = dist.shard_list(idx)  # this rank's prompt groups
-                examples = [train_set[i] for i in mine]
-                dist.sync_rollout_weights(scorer, rollout_model)
-                engine.generator.manual_seed(tc.seed * 1_000_003 + step * 1009 + dist.rank())
-                episodes = engine.rollout(examples, make_env)
-                t_roll = time.perf_counter() - t0
-                inputs = [inputs_for(ex) for ex in examples]
-                flat = [ep for eps in episodes for ep in eps]
-                sft_flat = [s for gi in inputs for s in gi.sft]
-                group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])
-                rewards = torch.tensor([ep.reward for ep in flat])
-                advantages = group_advantages(rewards, group_of, eps=lc.adv_eps, norm_by_std=lc.norm_adv_by_std)
-                global_draws = anchor_draws(tc.prompts_per_step, lc.anchor_q, anchor_generator(lc.seed, step))
-                anchored = global_draws[dist.shard_list(list(range(len(idx))))]
-                units = build_units(examples, episodes, inputs)
-                batches = split_units([u.sequences for u in units], tc.micro_batch_tokens)
-                batches = dist.pad_micro_batches(batches)
-                score = dict(backend=tc.attn_backend, logprob_backend=tc.logprob_backend,
-                             temperature=config.rollout.temperature)
-                old = None
-                if tc.update_epochs > 1 or ref_model is not None:
-                    old = {"tc": {}, "po": {}}
-                    with torch.no_grad(), autocast:
-                        for mb in batches:
-                            mb_units = [units[i] for i in mb.indices]
-                            res, _ = score_micro_batch(scorer, mb_units, inputs, **score)
-                            ref_res = score_micro_batch(ref_scorer, mb_units, inputs, **score)[0] if ref_model else None
-                            for j, (u, r) in enumerate(zip(mb_units, res)):
-                                if u.kind == "rollout":
-                                    old["tc"][u.item], old["po"][u.item] = r[0].float(), r[1].float()
-                                    if ref_res is not None:
-                                        old.setdefault("ref", {})[u.item] = ref_res[j][1].float()
-                # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
-                by_tokens = lc.loss_agg == "token-mean"
-                mb_rl = [0 if mb.padding else _rl_count([units[i] for i in mb.indices], by_tokens) for mb in batches]
-                mb_sft = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
-                rl_total, sft_total = dist.sum_counts([sum(mb_rl), sum(mb_sft)])
-                packed_tokens, metrics_acc = 0, []
-                skipped = False
-                for _ in range(tc.update_epochs):
-                    non_finite_loss = False
-                    for mb, n_rl, n_sft in zip(batches, mb_rl, mb_sft):
-                        mb_units = [units[i] for i in mb.indices]
-                        world = dist.world_size()  # FSDP averages gradients over ranks
-                        rl_scale = world * n_rl / max(rl_total, 1)  # padding micro-batches count 0: zero loss
-                        sft_scale = world * n_sft / max(sft_total, 1)
-                        if tc.fused_head:  # a non-finite loss comes back as metrics None and a zero loss
-                            with autocast:
-                                loss, metrics, n_tok = fused_micro_batch_loss(
-                                    scorer, mb_units, inputs, flat, sft_flat, advantages, anchored, old, device,
-                                    dict(config=lc, progress=progress, step=step, rl_scale=rl_scale,
-                                         sft_scale=sft_scale), backend=tc.attn_backend,
-                                    temperature=config.rollout.temperature)
-                            non_finite_loss |= metrics is None
-                        else:
-                            with autocast:
-                                res, n_tok = score_micro_batch(scorer, mb_units, inputs, return_entropy=lc.c_ent > 0,
-                                                               **score)
-                            batch = batch_for_loss(mb_units, res, flat, sft_flat, advantages, anchored, old, device)
-                            try:
-                                loss, metrics = pact_loss(batch, lc, progress, step=step, rl_scale=rl_scale,
-                                                          sft_scale=sft_scale)
-                            except FloatingPointError:  # a non-finite log-prob or loss: this step makes no update
-                                non_finite_loss, metrics = True, None
-                                loss = _zero_loss(res)  # every rank still runs its backward (FSDP's collectives)
-                        loss.backward()
-                        weight = n_rl + n_sft
-                        packed_tokens += n_tok
-                        if metrics is not None and not mb.padding:
-                            metrics_acc.append((weight, metrics))
-                    grad_norm = dist.clip_grad_norm(scorer, tc.grad_clip)
-                    bad = non_finite_loss or not math.isfinite(float(grad_norm))
-                    if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped = True
-                        break
-                    interrupt.abortable = False  # from here on the step completes
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                stats = train_step(c, step, interrupt)
             except _StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
-                optimizer.zero_grad(set_to_none=True)
-                order.__dict__.update(order_state)
+                c.optimizer.zero_grad(set_to_none=True)
+                c.order.__dict__.update(order_state)
                 break
             finally:
                 interrupt.abortable = False
-            scheduler.step()  # the schedule follows the step count, skipped steps included
-            skip_streak = skip_streak + 1 if skipped else 0
-            if skipped:
-                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if non_finite_loss else 'gradient'}; "
+            skip_streak = skip_streak + 1 if stats.skipped else 0
+            if stats.skipped:
+                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if stats.non_finite_loss else 'gradient'}; "
                     f"step skipped ({skip_streak} in a row)")
-            seconds = time.perf_counter() - t0
-            sampled = sum(ep.num_model_tokens for ep in flat)
-            metrics = _average(metrics_acc)
-            metrics.update({
-                "step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-                "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
-                "episode_turns": sum(ep.turns for ep in flat) / max(1, len(flat)),
-                "tool_calls_per_episode": sum(ep.tool_calls for ep in flat) / max(1, len(flat)),
-                "tool_errors_per_episode": sum(ep.tool_errors for ep in flat) / max(1, len(flat)),
-                "sampled_tokens": sampled, "packed_tokens": packed_tokens, "micro_batches": len(batches),
-                "unshared_tokens": sum(len(s) for u in units for s in u.sequences),
-                "rollout_seconds": t_roll, "step_seconds": seconds, "skipped_step": float(skipped),
-                **({"anchor_frac": lc.anchor_q if lc.anchor_mode == "mix" else float(global_draws.float().mean())}
-                   if lc.mode == "pact" else {}),
-                "tokens_per_second": (sampled + packed_tokens) / seconds, "peak_memory_mb": _peak_memory_mb(device),
-            })
-            metrics = dist.reduce_metrics(metrics)
+            metrics = dist.reduce_metrics(stats.metrics())
             history.append(metrics)
             if writers:
                 writers.log(metrics)
@@ -584,37 +628,31 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
-            due_by_time = tc.save_every_minutes and time.monotonic() - last_save >= 60 * tc.save_every_minutes
-            if (tc.save_every and (step + 1) % tc.save_every == 0) or due_by_time:
-                save_checkpoint(run_dir, step + 1, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
+            minutes = train_cfg.save_every_minutes
+            due_by_time = minutes and time.monotonic() - last_save >= 60 * minutes
+            if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
+                _save(c, step + 1)
                 last_save = time.monotonic()
-            if skip_streak >= tc.max_skipped_steps:
+            if skip_streak >= train_cfg.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
                            f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "
                            "and the rewards)")
                 step += 1
                 break
-            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-                ev = evaluate(engine, held_out, make_env)
-                if writers:
-                    writers.log({"step": step + 1, **{f"eval/{k}": v for k, v in ev.items()}})
+            if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
+                _evaluate_and_log(c, step + 1)
         else:
-            step = tc.steps
+            step = train_cfg.steps
     if bar:
         bar.close()
-    interrupted = interrupt.requested
-    done_steps = step
-    ckpt = save_checkpoint(run_dir, done_steps, scorer, tokenizer, optimizer, scheduler, order, tc.keep_last)
-    if done_steps == tc.steps:
-        dist.sync_rollout_weights(scorer, rollout_model)
-        eval_after = evaluate(engine, held_out, make_env)
-        if writers:
-            writers.log({"step": done_steps, **{f"eval/{k}": v for k, v in eval_after.items()}})
+    ckpt = _save(c, step)
+    if step == train_cfg.steps:
+        dist.sync_rollout_weights(c.scorer, c.rollout_model)
+        eval_after = _evaluate_and_log(c, step)
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
-    summary = {"steps": done_steps, "interrupted": interrupted, "stopped": stopped, "checkpoint": str(ckpt),
-               "run_dir": str(run_dir),
-               "eval_before": eval_before, "eval_after": eval_after,
+    summary = {"steps": step, "interrupted": interrupt.requested, "stopped": stopped, "checkpoint": str(ckpt),
+               "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
                "final_reward_mean": history[-1]["reward_mean"] if history else None,
                "seconds": sum(h["step_seconds"] for h in history)}
     if writers:
@@ -622,18 +660,39 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     return summary
 
 
+def _save(c, step):
+    return checkpoint.save(c.config.train.out_dir, step, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order,
+                           c.config.train.keep_last)
+
+
+def _evaluate_and_log(c, step):
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``."""
+    result = evaluate(c.engine, c.held_out, c.make_env)
+    if c.writers:
+        c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    return result
+
+
 def _zero_loss(results):
     """0 times every scored log-prob of a micro-batch (NaN made 0): a backward that touches the whole graph
     but adds nothing, for a micro-batch whose loss is not finite."""
-    leaves = [t for r in results for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    leaves = [t for r in results for t in r if t is not None]
     return sum((t.nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for t in leaves)
 
 
-def _rl_count(units, by_tokens):
-    """What the RL aggregation averages over in these units: response tokens (token-mean) or non-empty
-    response sequences (the seq-mean aggregations)."""
-    masks = [sum(u.mask) for u in units if u.kind == "rollout"]
-    return sum(masks) if by_tokens else sum(n > 0 for n in masks)
+def _response_mask(units):
+    """The response_mask [B, T] of the rollout units of a micro-batch (T: their longest response)."""
+    masks = [u.mask for u in units if u.kind == "rollout"]
+    return pad_rows(masks, dtype=torch.float32)
+
+
+def _step_loss_config(lc, masks):
+    """``lc`` for this step: ``seq-mean-token-sum-norm`` divides by a fixed length, which without
+    ``loss_scale_factor`` is the step's longest response (over all ranks), not each micro-batch's own.
+    masks: the step's response_mask per micro-batch, [B, T] each."""
+    if lc.loss_agg != "seq-mean-token-sum-norm" or lc.loss_scale_factor:
+        return lc
+    return replace(lc, loss_scale_factor=dist.max_count(max((m.shape[-1] for m in masks), default=0)) or None)
 
 
 def _average(weighted):
@@ -655,35 +714,35 @@ def _peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _progress(tc, mode, start):
-    if not tc.progress or dist.rank() != 0:
+def _progress(train_cfg, mode, start):
+    if not train_cfg.progress or dist.rank() != 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=tc.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
+    return tqdm(total=train_cfg.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
 
 
 class _Writers:
     """metrics.jsonl always; TensorBoard and wandb when installed and enabled; a PNG plot at the end."""
 
-    def __init__(self, run_dir, tc, config):
+    def __init__(self, run_dir, train_cfg, config):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
         self.tb = self.wandb = None
-        if tc.tensorboard:
+        if train_cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 pass
-        if tc.wandb:
+        if train_cfg.wandb:
             import wandb  # asked for explicitly: a missing package is an error
 
-            self.wandb = wandb.init(project=tc.wandb_project, config=_jsonable(config.__dict__), dir=str(run_dir))
+            self.wandb = wandb.init(project=train_cfg.wandb_project, config=plain(config, finite=True), dir=str(run_dir))
 
     def log(self, metrics):
-        self.file.write(json.dumps(_jsonable(metrics)) + "\n")
+        self.file.write(json.dumps(plain(metrics, finite=True)) + "\n")
         self.file.flush()
         step = metrics.get("step", 0)
         for k, v in metrics.items():
@@ -696,21 +755,9 @@ class _Writers:
     def close(self, summary):
         self.file.close()
         with open(self.path.parent / "summary.json", "w") as f:
-            json.dump(_jsonable(summary), f, indent=1)
+            json.dump(plain(summary, finite=True), f, indent=1)
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
         plot_runs([self.path.parent], self.path.parent / "curves.png")
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "__dict__") and not isinstance(x, (int, float, str)):
-        return _jsonable(x.__dict__)
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x

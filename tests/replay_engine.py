@@ -22,7 +22,7 @@ class ReplayEngine:
             group = []
             for g in range(group_size or self.config.group_size):
                 n = len(resp) - g
-                group.append(Episode(ex.id, list(prompt), resp[:n], mask[:n], [-1.0] * n, reward=float(g % 2),
+                group.append(Episode(list(prompt), resp[:n], mask[:n], [-1.0] * n, reward=float(g % 2),
                                      turns=1, finish="answer"))
             out.append(group)
         return out

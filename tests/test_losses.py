@@ -432,3 +432,43 @@ def test_sft_weight_metrics_follow_each_components_schedule():
         assert m["sft_weight/tool_call"] == pytest.approx(beta)
         assert m["sft_weight/reasoning"] == pytest.approx(beta * cfg.w_reason)  # scale mode: annealed like calls
         assert m["sft_weight/other"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("split", [[[0, 1], [2, 3, 4], [5]], [[0], [1], [2], [3], [4], [5]]], ids=["3-mbs", "6-mbs"])
+def test_loss_scales_make_micro_batch_losses_add_up_to_the_step_loss(agg, split):
+    """pact_loss of each micro-batch times its loss_scales: the gradients add up to those of the whole batch in
+    one pact_loss (float64, to 1e-10), for every aggregation; traces are spread over the micro-batches."""
+    from pact_fast.losses import loss_scales, response_counts
+
+    full = _batch()
+    cfg = PACTLossConfig(loss_agg=agg, loss_scale_factor=7 if agg == "seq-mean-token-sum-norm" else None)
+    full.advantages = group_advantages(full.rewards, full.group_ids)
+    full.anchored = torch.tensor([True, True, True, False, False, False])
+    loss, _ = pact_loss(full, cfg, 0.3)
+    leaves = (full.logp_tc, full.logp_po, full.sft_logp)
+    want = torch.autograd.grad(loss, leaves)
+    traces = [[0], [1]] + [[]] * (len(split) - 2)
+    step_tokens, step_seqs = response_counts(full.response_mask)
+    total = 0.0
+    for rows, sft_rows in zip(split, traces):
+        part = PACTBatch(**{name: value[rows] if torch.is_tensor(value) and name[:4] != "sft_" and value.dim() else
+                            value for name, value in vars(full).items()})
+        for name in ("sft_logp", "sft_components", "sft_segment_ids", "sft_turn_ids"):
+            setattr(part, name, getattr(full, name)[sft_rows])
+        rl_scale, sft_scale = loss_scales(part.response_mask, len(sft_rows), agg, step_tokens=step_tokens,
+                                          step_seqs=step_seqs, step_traces=2)
+        total = total + pact_loss(part, cfg, 0.3, rl_scale=rl_scale, sft_scale=sft_scale)[0]
+    got = torch.autograd.grad(total, leaves)
+    assert total.detach().item() == pytest.approx(loss.detach().item(), rel=1e-10)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_scales_without_step_counts_take_the_micro_batch_as_the_step():
+    from pact_fast.losses import loss_scales
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert loss_scales(mask, 1) == (1.0, 1.0)
+    assert loss_scales(mask, 1, "token-mean", step_tokens=8, step_traces=4, world=2) == (0.5, 0.5)
+    assert loss_scales(mask, 0, "seq-mean-token-mean", step_seqs=4, step_traces=0) == (0.25, 0.0)

@@ -192,3 +192,43 @@ def test_bad_input_is_a_clear_error(kwargs, exc, word):
     hidden, weight, targets = args.pop("hidden"), args.pop("weight"), args.pop("targets")
     with pytest.raises(exc, match=word):
         linear_logprobs(hidden, weight, targets, **args)
+
+
+def test_the_op_compiles_in_one_graph_and_matches_eager():
+    """``linear_logprobs`` is a registered custom op (fake implementation and autograd formula):
+    ``torch.compile(fullgraph=True)`` of a function around it compiles on CPU (no graph break) and gives eager's
+    values and gradients, ignored rows included."""
+    torch.manual_seed(0)
+    N, H, V = 37, 16, 101
+    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[::5] = -100
+
+    def loss(hidden, weight, bias, targets):
+        logp, ent = linear_logprobs(torch.tanh(hidden), weight, targets, bias=bias, temperature=0.7,
+                                    return_entropy=True, backend="torch")
+        return (logp * torch.arange(N)).sum() + 0.3 * ent.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    got = compiled(hidden, weight, bias, targets)
+    got_grads = torch.autograd.grad(got, (hidden, weight, bias))
+    want = loss(hidden, weight, bias, targets)
+    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert hasattr(torch.ops.pact_fast, "linear_logprobs")
+
+
+def test_the_op_passes_torch_library_opcheck():
+    """Schema, fake implementation and autograd registration agree with the op (``torch.library.opcheck``)."""
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(33, 8, requires_grad=True)
+    targets = torch.randint(0, 33, (9,))
+    targets[2] = -100
+    torch.library.opcheck(torch.ops.pact_fast.linear_logprobs.default,
+                          (hidden, weight, None, targets, 1.0, -100, "torch", 0, 0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pact_fast.ops.tree_attention import segments, tree_mask
-from pact_fast.packing import pack_tree, split_micro_batches
+from pact_fast.packing import pack_tree, split_units
 from trees import pact_group, random_tree_sequences
 
 
@@ -75,10 +75,11 @@ def test_segments_follow_the_trie():
         assert (p.position_ids[s:e] == torch.arange(e - s) + len(anc)).all()
 
 
-def test_split_micro_batches_respects_the_budget_and_covers_every_sequence():
+def test_split_units_respects_the_budget_and_covers_every_sequence():
     groups = [pact_group(seed=s, G=4) for s in range(5)]
     budget = 60
-    batches = split_micro_batches(groups, budget)
+    index = [(g, j) for g, grp in enumerate(groups) for j in range(len(grp))]  # one sequence per unit
+    batches = [[index[u] for u in b] for b in split_units([[groups[g][j]] for g, j in index], budget)]
     seen = sorted(x for b in batches for x in b)
     assert seen == sorted((g, j) for g, grp in enumerate(groups) for j in range(len(grp)))
     for b in batches:
@@ -86,7 +87,7 @@ def test_split_micro_batches_respects_the_budget_and_covers_every_sequence():
     whole = pack_tree(groups[0]).num_tokens
     assert whole > budget and len(batches) > len(groups), "a group larger than the budget must be split"
     with pytest.raises(ValueError, match="max_tokens"):
-        split_micro_batches([[list(range(100))]], 50)
+        split_units([[list(range(100))]], 50)
 
 
 @pytest.mark.parametrize("bad,word", [([[]], "empty"), ([torch.zeros(2, 2, dtype=torch.long)], "1-D")])
@@ -101,3 +102,17 @@ def test_identical_sequences_share_every_token():
     p = pack_tree([s, s, s[:5]])
     assert p.num_tokens == 12
     assert torch.equal(p.token_index[0], p.token_index[1])
+
+
+def test_pad_rows_pads_lists_and_tensors_on_either_side():
+    from pact_fast.packing import pad_rows
+
+    assert pad_rows([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
+    assert pad_rows([[1, 2], [3]], 3, value=9, left=True).tolist() == [[9, 1, 2], [9, 9, 3]]
+    assert pad_rows([[1, 0]], dtype=torch.float32).dtype == torch.float32
+    assert pad_rows([]).shape == (0, 0)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    out = pad_rows([x, x[:1]], 3)
+    assert out.dtype == torch.float64 and out.tolist() == [[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]
+    out.sum().backward()
+    assert x.grad.tolist() == [2.0, 1.0]

@@ -229,3 +229,20 @@ def test_rollouts_use_the_models_own_cache_argument_without_deprecation_warnings
         warnings.simplefilter("error", FutureWarning)  # transformers warns on every call with past_key_values
         episodes = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=2))[0]
     assert all(len(ep.response_ids) > 0 for ep in episodes)
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    """probs 0.5, 0.3, 0.15, 0.05 with top_p=0.7: the nucleus is the smallest top set whose mass reaches 0.7,
+    tokens 0 and 1; tokens 2 and 3 are never drawn, and the behaviour log-prob stays the untruncated one."""
+    from pact_fast.rollout import _sample
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log().float().repeat(4000, 1)  # [N, V]
+    gen = torch.Generator().manual_seed(0)
+    tokens, logp = _sample(logits, 1.0, 0.7, False, gen)
+    assert set(tokens.tolist()) == {0, 1}
+    assert abs((tokens == 0).double().mean().item() - 0.5 / 0.8) < 0.03  # renormalised within the nucleus
+    assert torch.allclose(logp.double(), probs.log()[tokens], atol=1e-6)
+    everything, _ = _sample(logits, 1.0, 1.0, False, gen)
+    assert set(everything.tolist()) == {0, 1, 2, 3}
+    assert set(_sample(logits, 1.0, 0.4, False, gen)[0].tolist()) == {0}

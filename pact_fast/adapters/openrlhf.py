@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, micro_batch_share, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, loss_scales, pact_loss
 
 
 class PACTPolicyLoss(torch.nn.Module):
@@ -68,8 +68,8 @@ class PACTPolicyLoss(torch.nn.Module):
             behavior_logp=rollout_log_probs, advantages=advantages, anchored=anchored,
             sft_logp=sft_log_probs, sft_components=sft_components, sft_segment_ids=sft_segment_ids,
             sft_turn_ids=sft_turn_ids)
-        scale = micro_batch_share(action_mask, cfg.loss_agg, global_tokens=batch_num_tokens,
-                                  global_seqs=global_batch_size, world=dp_size)
+        scale, _ = loss_scales(action_mask, 0, cfg.loss_agg, step_tokens=batch_num_tokens,
+                               step_seqs=global_batch_size, world=dp_size)
         loss, metrics = pact_loss(batch, cfg, progress, step=step, rl_scale=scale, sft_scale=sft_scale)
         metrics.pop("reward_mean", None)  # OpenRLHF passes advantages, not rewards
         self.metrics = metrics

@@ -34,12 +34,12 @@ with a response schema for the chat template, which the built-in word-level temp
 import json
 
 import torch
-import torch.nn.functional as F
 from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_rows, micro_batch_share, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss
+from ..packing import pad_rows
 from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
@@ -63,35 +63,10 @@ def pact_config_from_grpo_args(args, **overrides):
     return PACTLossConfig(**values)
 
 
-def _left_pad(rows, pad_id, device):
-    """rows: list of B token-id lists. Returns (ids [B, P] long, mask [B, P] long), left-padded."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _unpadded(ids, mask):
     """ids, mask: [B, P]. Returns the B lists of ids where mask is 1."""
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
-
-def _pad_rows(parts, width):
-    """parts: 1-D tensors of length <= width. Returns [len(parts), width], zero-padded on the right."""
-    return torch.stack([F.pad(p, (0, width - p.shape[0])) for p in parts])
-
-
-def _right_pad(rows, value, device):
-    """rows: list of S lists. Returns [S, L] long, right-padded with ``value``."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out.to(device)
 
 
 class PACTGRPOTrainer(GRPOTrainer):
@@ -166,7 +141,9 @@ class PACTGRPOTrainer(GRPOTrainer):
         examples = [self._pact_example(row, i) for i, row in enumerate(inputs)]
 
         tc_ids, _, _ = self._tokenize_prompts([trace_conditioned_messages(ex, self.trace_template) for ex in examples])
-        tc_prompt_ids, tc_prompt_mask = _left_pad([list(r) for r in tc_ids], self._tokenizer.pad_token_id, device)
+        tc_rows = [list(r) for r in tc_ids]
+        tc_prompt_ids = pad_rows(tc_rows, value=self._tokenizer.pad_token_id, left=True, device=device)  # [B, P]
+        tc_prompt_mask = pad_rows([[1] * len(r) for r in tc_rows], left=True, device=device)  # [B, P]
         output["pact_tc_prompt_ids"], output["pact_tc_prompt_mask"] = tc_prompt_ids, tc_prompt_mask
 
         # prompt groups are runs of num_generations rows of the global generation batch
@@ -218,11 +195,11 @@ class PACTGRPOTrainer(GRPOTrainer):
             start = len(context) - 1
             return values[k][start:start + len(completions[k % B])]
 
-        logp_po = _pad_rows([completion_part(logp, i, contexts[0][i]) for i in range(B)], T)
-        logp_tc = _pad_rows([completion_part(logp, B + i, contexts[1][i]) for i in range(B)], T)
-        entropy = _pad_rows([completion_part(ent, i, contexts[0][i]) for i in range(B)], T) if with_entropy else None
+        logp_po = pad_rows([completion_part(logp, i, contexts[0][i]) for i in range(B)], T)
+        logp_tc = pad_rows([completion_part(logp, B + i, contexts[1][i]) for i in range(B)], T)
+        entropy = pad_rows([completion_part(ent, i, contexts[0][i]) for i in range(B)], T) if with_entropy else None
         width = max((len(s.input_ids) - 1 for s in sequences), default=0)
-        sft_logp = _pad_rows(list(logp[2 * B:]), width) if sequences else None
+        sft_logp = pad_rows(list(logp[2 * B:]), width) if sequences else None
         return logp_po, entropy, logp_tc, sft_logp
 
     def _padded_logps(self, model, inputs, sequences):
@@ -236,8 +213,8 @@ class PACTGRPOTrainer(GRPOTrainer):
         # each forward, and ranks that ran different numbers of forwards would wait on each other forever.
         rows = [s.input_ids for s in sequences] or [[self._tokenizer.pad_token_id] * 2]
         device = completion_ids.device
-        ids = _right_pad(rows, self._tokenizer.pad_token_id, device)
-        attn = _right_pad([[1] * len(r) for r in rows], 0, device)
+        ids = pad_rows(rows, value=self._tokenizer.pad_token_id, device=device)
+        attn = pad_rows([[1] * len(r) for r in rows], device=device)
         sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
         return logp_po, entropy, logp_tc, sft_logp if sequences else None
 
@@ -263,9 +240,9 @@ class PACTGRPOTrainer(GRPOTrainer):
         device = completion_ids.device
         if sequences:
             batch.sft_logp = sft_logp
-            batch.sft_components = _right_pad([s.components for s in sequences], 0, device)[:, 1:]
-            batch.sft_segment_ids = _right_pad([s.segment_ids for s in sequences], 0, device)[:, 1:]
-            batch.sft_turn_ids = _right_pad([s.turn_ids for s in sequences], 0, device)[:, 1:]
+            batch.sft_components = pad_rows([s.components for s in sequences], device=device)[:, 1:]
+            batch.sft_segment_ids = pad_rows([s.segment_ids for s in sequences], device=device)[:, 1:]
+            batch.sft_turn_ids = pad_rows([s.turn_ids for s in sequences], device=device)[:, 1:]
         else:
             empty = torch.zeros((0, 1), dtype=torch.long, device=device)
             batch.sft_logp = torch.zeros((0, 1), device=device)
@@ -276,25 +253,22 @@ class PACTGRPOTrainer(GRPOTrainer):
         """Training progress s in [0, 1] for the annealing schedules: optimizer steps done / max_steps."""
         return min(self.state.global_step / self.state.max_steps, 1.0) if self.state.max_steps else 0.0
 
-    def _rl_scale(self, inputs, response_mask, training, accumulation):
-        if self.args.loss_type != "dapo":
-            return 1.0 / accumulation
-        # TRL's dapo: token sum over the tokens of the generation batch (per process), per optimizer step
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
-        if training:
-            normalizer = normalizer * accumulation / self.args.steps_per_generation
-        return micro_batch_share(response_mask, "token-mean", global_tokens=normalizer)
-
     def _compute_loss(self, model, inputs):
         batch = self.pact_batch(model, inputs)
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1
-        rl_scale = self._rl_scale(inputs, batch.response_mask, training, accumulation)
         # pact_loss averages the SFT term over the micro-batch's trace sequences; this makes every sequence
         # of the generation batch weigh the same in the optimizer step
         per_micro = inputs["pact_n_sft"].item() / (self.args.steps_per_generation if training else 1)
         here = sum(len(owned) for owned in inputs["pact_sft"])
-        sft_scale = here / per_micro / accumulation if per_micro else 0.0
+        tokens = None  # TRL's other loss types average each micro-batch; gradient accumulation adds them
+        if self.args.loss_type == "dapo":  # a token sum over the generation batch's tokens (per process)
+            tokens = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
+            tokens = tokens * accumulation / self.args.steps_per_generation if training else tokens
+        rl_scale, sft_scale = loss_scales(batch.response_mask, here, "token-mean", step_tokens=tokens,
+                                          step_traces=per_micro * accumulation)
+        if tokens is None:
+            rl_scale = 1.0 / accumulation
         loss, metrics = pact_loss(batch, self.pact_config, self.pact_progress(), rl_scale=rl_scale,
                                   sft_scale=sft_scale)
         mode = "train" if training else "eval"

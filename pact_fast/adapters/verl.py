@@ -33,7 +33,7 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import (PACTBatch, PACTLossConfig, aggregate, clipped_surrogate_tokens, micro_batch_share, pact_loss,
+from ..losses import (PACTBatch, PACTLossConfig, aggregate, clipped_surrogate_tokens, loss_scales, pact_loss,
                       surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
@@ -61,8 +61,8 @@ def verl_aggregate(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, globa
                          f"{'batch_num_tokens' if mode == 'token-mean' else 'global_batch_size'}")
     if mode == "seq-mean-token-sum":
         mode, loss_scale_factor = "seq-mean-token-sum-norm", 1
-    share = micro_batch_share(mask, mode, global_tokens=batch_num_tokens, global_seqs=global_batch_size,
-                              world=dp_size)
+    share, _ = loss_scales(mask, 0, mode, step_tokens=batch_num_tokens, step_seqs=global_batch_size,
+                           world=dp_size)
     return aggregate(loss_mat, mask, mode, loss_scale_factor) * share
 
 
@@ -185,20 +185,13 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     else:  # no trace in this micro-batch: an empty SFT term
         batch.sft_logp = logp.new_zeros((0, logp.shape[1]))
         batch.sft_components = role.new_zeros((0, logp.shape[1]))
-    rl_scale, sft_scale = _scales(data, cfg, batch.response_mask, len(trace))
-    loss, metrics = pact_loss(batch, cfg, progress, rl_scale=rl_scale, sft_scale=sft_scale)
-    metrics.pop("reward_mean", None)  # verl logs rewards; the rows carry advantages
-    return loss, {f"actor/pact/{k}": v for k, v in metrics.items()}
-
-
-def _scales(data, cfg, response_mask, n_traces):
-    """Micro-batch shares of the mini-batch's RL and SFT normalisers, from the host's global counts."""
     dp_size = _scalar(data, "dp_size") or 1.0
     rl_tokens, rl_seqs, traces = (_scalar(data, k) for k in ("pact_rl_tokens", "pact_rl_seqs", "pact_traces"))
     if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
         raise ValueError("pact_loss_fn: with dp_size > 1 the host must supply pact_rl_tokens, pact_rl_seqs and "
                          "pact_traces (global counts of the mini-batch)")
-    rl_scale = micro_batch_share(response_mask, cfg.loss_agg, global_tokens=rl_tokens, global_seqs=rl_seqs,
-                                 world=dp_size)
-    sft_scale = 1.0 if traces is None else n_traces / traces * dp_size
-    return rl_scale, sft_scale
+    rl_scale, sft_scale = loss_scales(batch.response_mask, len(trace), cfg.loss_agg, step_tokens=rl_tokens,
+                                      step_seqs=rl_seqs, step_traces=traces, world=dp_size)
+    loss, metrics = pact_loss(batch, cfg, progress, rl_scale=rl_scale, sft_scale=sft_scale)
+    metrics.pop("reward_mean", None)  # verl logs rewards; the rows carry advantages
+    return loss, {f"actor/pact/{k}": v for k, v in metrics.items()}

@@ -2,8 +2,6 @@
 tiny random model, printed for a person to read."""
 import argparse
 
-import torch
-
 
 def demo(n_tasks=3, seed=0, hops=(1,)):
     """Print ``n_tasks`` built-in tasks with ``hops`` look-ups (default: the main job's 1-hop tasks) and their
@@ -28,12 +26,10 @@ def demo(n_tasks=3, seed=0, hops=(1,)):
             else:
                 print(f"  {m['role']:<10} {m['content']}")
         print()
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from ..models import random_qwen3
 
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    model = AutoModelForCausalLM.from_config(config)
+    model = random_qwen3(len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_positions=1024, seed=seed)
     ex = tasks[0]
     engine = HFRolloutEngine(model, tokenizer, RolloutConfig(group_size=1, max_new_tokens=24, max_turns=3), seed=seed)
     ep = engine.rollout([ex], lambda e: MultiHopEnv(e, max_turns=3))[0][0]

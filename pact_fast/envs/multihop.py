@@ -74,9 +74,6 @@ class World:
             facts["country"][city] = country
         return cls(facts)
 
-    def to_json(self):
-        return {r: dict(t) for r, t in self.facts.items()}
-
 
 class ToolError(Exception):
     """A tool call the environment rejects; becomes an error observation for the model."""

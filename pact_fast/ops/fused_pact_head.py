@@ -26,6 +26,7 @@ from dataclasses import fields
 import torch
 
 from ..losses import PACTBatch, anchor_draws, anchor_generator, pact_loss
+from ._backend import resolve_backend
 
 # A chunk's fp32 logits (and the dz built in place of them) stay under this budget, but hold at least
 # MIN_CHUNK_ROWS rows so the GEMMs stay wide enough to run at speed.
@@ -39,22 +40,12 @@ def _chunk_rows(n, vocab):
     return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))))
 
 
-def _resolve_backend(backend, hidden):
-    """'torch' or 'triton' for ``backend`` ('auto': triton on CUDA, torch elsewhere)."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"fused_pact_head: unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
-    if backend == "auto":
-        return "triton" if hidden.device.type == "cuda" else "torch"
-    if backend == "triton":
-        from ..kernels.registry import TRITON_DTYPE, interpreting
+def _check_triton_dtype(hidden):
+    from ..kernels.registry import TRITON_DTYPE
 
-        if hidden.device.type != "cuda" and not interpreting():
-            raise ValueError("fused_pact_head: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "triton is imported; use backend='torch' on CPU")
-        if hidden.dtype not in TRITON_DTYPE:
-            raise TypeError(f"fused_pact_head: backend='triton' takes fp32, fp16 or bf16 inputs, got {hidden.dtype}; "
-                            "use backend='torch'")
-    return backend
+    if hidden.dtype not in TRITON_DTYPE:
+        raise TypeError(f"fused_pact_head: backend='triton' takes fp32, fp16 or bf16 inputs, got {hidden.dtype}; "
+                        "use backend='torch'")
 
 
 def _check(hidden, weight, targets, bias, rows, batch, temperature):
@@ -159,7 +150,9 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     from ..losses import PACTLossConfig
 
     config = config or PACTLossConfig()
-    backend = _resolve_backend(backend, hidden)
+    backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch")
+    if backend == "triton":
+        _check_triton_dtype(hidden)
     _check(hidden, weight, targets, bias, rows, batch, temperature)
     if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
         raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")

@@ -12,8 +12,20 @@
 
 Both compact away rows whose target is ``ignore_index`` before any matmul, so those rows
 cost nothing and get zero gradient (no copy when no row is ignored).
+
+Forward and backward are registered as the ops ``pact_fast::linear_logprobs`` and
+``pact_fast::linear_logprobs_backward`` (``torch.library.custom_op``, with fake implementations and the
+autograd formula; ``pact_fast.ops._custom``), so ``torch.compile(fullgraph=True)`` traces a function that
+calls ``linear_logprobs`` without a graph break.
 """
+from typing import Optional
+
 import torch
+
+from ._backend import resolve_backend
+from ._custom import custom_op
+
+BACKENDS = ("auto", "torch", "triton")
 
 # Rows per chunk of the torch path: one fp32 chunk of logits near _CHUNK_BYTES, but never fewer
 # than _MIN_CHUNK_ROWS rows (thinner GEMMs run well below the machine's matmul speed).
@@ -79,95 +91,141 @@ def _chunk_logits(x, weight, bias, inv_temp):
     return z.float() * inv_temp
 
 
-class _TorchLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, inv_temp, chunk):
-        n = x.shape[0]
-        logp = x.new_empty(n, dtype=torch.float32)  # [n]
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp)
-        for i in range(0, n, chunk):
-            sl = slice(i, i + chunk)
-            z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
-            m = z.amax(-1)
-            z.sub_(m[:, None])  # z - m, in place: at most two [C, V] buffers per chunk
-            e = z.exp()
-            s = e.sum(-1)
-            log_s = s.log()
-            # entropy = log s - sum(e * (z - m)) / s
-            ent[sl] = (log_s - e.mul_(z).sum(-1) / s).clamp_min(0)
-            logp[sl] = (z.gather(1, targets[sl, None]).squeeze(1) - log_s).clamp_max(0)
-            lse[sl] = m + log_s
-        ctx.save_for_backward(x, weight, bias, targets, lse, ent)
-        ctx.inv_temp, ctx.chunk = inv_temp, chunk
-        ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        x, weight, bias, targets, lse, ent = ctx.saved_tensors
-        inv_temp, chunk = ctx.inv_temp, ctx.chunk
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        w32 = weight.float()
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # fp32 accumulation
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
-        for i in range(0, x.shape[0], chunk):
-            sl = slice(i, i + chunk)
-            z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
-            # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
-            if g_ent is not None:
-                coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
-                dz = z.sub_(lse[sl, None]).exp_().mul_(coef)
-                del coef
-            else:
-                dz = z.sub_(lse[sl, None]).exp_().mul_(-g_logp[sl, None])
-            dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
-            dz.mul_(inv_temp)
-            if dx is not None:
-                dx[sl] = (dz @ w32).to(x.dtype)
-            dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
-            if db is not None:
-                db += dz.sum(0)
-        return (dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None, None)
+def _torch_forward(x, weight, bias, targets, inv_temp, chunk):
+    """x [n, H], targets [n] -> fp32 (logp [n], lse [n], entropy [n]), one chunk of logits alive at a time."""
+    n = x.shape[0]
+    logp = x.new_empty(n, dtype=torch.float32)  # [n]
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    for i in range(0, n, chunk):
+        sl = slice(i, i + chunk)
+        z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
+        m = z.amax(-1)
+        z.sub_(m[:, None])  # z - m, in place: at most two [C, V] buffers per chunk
+        e = z.exp()
+        s = e.sum(-1)
+        log_s = s.log()
+        # entropy = log s - sum(e * (z - m)) / s
+        ent[sl] = (log_s - e.mul_(z).sum(-1) / s).clamp_min(0)
+        logp[sl] = (z.gather(1, targets[sl, None]).squeeze(1) - log_s).clamp_max(0)
+        lse[sl] = m + log_s
+    return logp, lse, ent
 
 
-class _TritonLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, inv_temp, blocking):
+def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, chunk):
+    """Gradients for upstream g_logp [n] (and g_ent [n] or None), recomputing each chunk's logits:
+    (dx [n, H], dw [V, H]) in the input dtype, db [V] fp32 (None without bias)."""
+    dx = torch.empty_like(x)
+    w32 = weight.float()
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # fp32 accumulation
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+    for i in range(0, x.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
+        # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
+        if g_ent is not None:
+            coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
+            dz = z.sub_(lse[sl, None]).exp_().mul_(coef)
+            del coef
+        else:
+            dz = z.sub_(lse[sl, None]).exp_().mul_(-g_logp[sl, None])
+        dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
+        dz.mul_(inv_temp)
+        dx[sl] = (dz @ w32).to(x.dtype)
+        dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
+        if db is not None:
+            db += dz.sum(0)
+    return dx, dw.to(weight.dtype), db
+
+
+def _blocking(n, weight, chunk_rows, vocab_slab):
+    """The Triton launcher's Blocking for n rows; chunk_rows / vocab_slab 0 take ``plan``'s."""
+    from ..kernels import linear_logprobs_launch as launch
+
+    planned = launch.plan(n, weight.shape[0], weight.shape[1])
+    return launch.Blocking(chunk_rows or planned.rows, vocab_slab or planned.slab)
+
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+             inv_temp: float, ignore_index: int, backend: str, chunk_rows: int,
+             vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op ``pact_fast::linear_logprobs``: hidden [N, H], targets [N] int64 -> fp32 (logp [N], lse [N],
+    entropy [N]); rows whose target is ``ignore_index`` skip every matmul and get 0. chunk_rows and
+    vocab_slab 0: the backend's default."""
+    rows = _compact(targets, ignore_index, weight.shape[0])  # [n]
+    n_all, n = hidden.shape[0], rows.numel()
+    # [n, H]: ignored rows never reach a matmul
+    x = hidden.contiguous() if n == n_all else hidden.index_select(0, rows)
+    t = targets.contiguous() if n == n_all else targets.index_select(0, rows)
+    w = weight.contiguous()
+    if backend == "triton":
         from ..kernels import linear_logprobs_launch as launch
 
-        logp, lse, ent = launch.forward(x, weight, bias, targets, inv_temp, blocking=blocking)
-        ctx.save_for_backward(x, weight, bias, targets, lse, ent)
-        ctx.inv_temp, ctx.blocking = inv_temp, blocking
-        ctx.set_materialize_grads(False)
-        return logp, ent
+        out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab))
+    else:
+        out = _torch_forward(x, w, bias, t, inv_temp, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+    if n == n_all:
+        return out
+    return tuple(v.new_zeros(n_all).index_copy(0, rows, v) for v in out)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
+
+def _forward_fake(hidden, weight, bias, targets, inv_temp, ignore_index, backend, chunk_rows, vocab_slab):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+              lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: Optional[torch.Tensor],
+              inv_temp: float, ignore_index: int, backend: str, chunk_rows: int,
+              vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op ``pact_fast::linear_logprobs_backward``: for upstream g_logp [N] (and g_ent [N] or None),
+    (dx [N, H], dw [V, H]) in the input dtype and db [V] in the bias dtype (empty without bias); ignored rows
+    get dx 0."""
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # [n]
+    n_all, n = hidden.shape[0], rows.numel()
+
+    def kept(v):
+        return v.contiguous() if n == n_all else v.index_select(0, rows)
+
+    x, t, w = kept(hidden), kept(targets), weight.contiguous()
+    args = (x, w, bias, t, kept(lse), kept(ent), kept(g_logp), None if g_ent is None else kept(g_ent), inv_temp)
+    if backend == "triton":
         from ..kernels import linear_logprobs_launch as launch
 
-        x, weight, bias, targets, lse, ent = ctx.saved_tensors
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        dx, dw, db = launch.backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_temp,
-                                     blocking=ctx.blocking)
-        return dx, dw, db.to(bias.dtype) if db is not None else None, None, None, None
+        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab))
+    else:
+        dx, dw, db = _torch_backward(*args, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+    if n != n_all:
+        dx = hidden.new_zeros(hidden.shape).index_copy(0, rows, dx)
+    return dx, dw, db.to(bias.dtype) if bias is not None else weight.new_empty(0)
 
 
-def _resolve_backend(backend, device):
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"linear_logprobs: unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
-    if backend == "triton" and device.type != "cuda":
-        from ..kernels.registry import interpreting
+def _backward_fake(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, ignore_index, backend,
+                   chunk_rows, vocab_slab):
+    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(0 if bias is None else weight.shape[0])
 
-        if not interpreting():
-            raise ValueError("linear_logprobs: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                             "set before triton is imported; use backend='torch' on CPU")
-    return backend
+
+_linear_logprobs_backward = custom_op("linear_logprobs_backward", _backward, fake=_backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, inv_temp, ignore_index, backend, chunk_rows, vocab_slab = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.args = (inv_temp, ignore_index, backend, chunk_rows, vocab_slab)
+    ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
+
+
+def _autograd_backward(ctx, g_logp, g_lse, g_ent):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse)
+    dx, dw, db = _linear_logprobs_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *ctx.args)
+    return dx, dw, db if bias is not None else None, None, None, None, None, None, None
+
+
+_linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, backward=_autograd_backward,
+                             setup_context=_setup_context)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
@@ -195,34 +253,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
         if value is not None and not (isinstance(value, int) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
-    backend = _resolve_backend(backend, hidden.device)
+    backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch")
     lead_shape = hidden.shape[:-1]
-    x_all = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    t_all = targets.reshape(-1).long()  # [N]
-    rows = _compact(t_all, ignore_index, weight.shape[0])  # [n]
-    n_all, n = x_all.shape[0], rows.numel()
-    # [n, H]: ignored rows never reach a matmul
-    x = x_all.contiguous() if n == n_all else x_all.index_select(0, rows)
-    t = t_all.contiguous() if n == n_all else t_all.index_select(0, rows)
-    w = weight.contiguous()
-    inv_temp = 1.0 / float(temperature)
-    if backend == "triton":
-        from ..kernels import linear_logprobs_launch as launch
-
-        blocking = launch.plan(n, weight.shape[0], weight.shape[1])
-        blocking = launch.Blocking(chunk_rows or blocking.rows, vocab_slab or blocking.slab)
-        logp_c, ent_c = _TritonLinearLogprobs.apply(x, w, bias, t, inv_temp, blocking)
-    else:
-        chunk = chunk_rows or _torch_chunk_rows(weight.shape[0])
-        logp_c, ent_c = _TorchLinearLogprobs.apply(x, w, bias, t, inv_temp, chunk)
-    if n == n_all:
-        logp = logp_c.reshape(lead_shape)
-        return (logp, ent_c.reshape(lead_shape)) if return_entropy else logp
-    logp = logp_c.new_zeros(n_all).index_copy(0, rows, logp_c).reshape(lead_shape)
-    if not return_entropy:
-        return logp
-    entropy = ent_c.new_zeros(n_all).index_copy(0, rows, ent_c).reshape(lead_shape)
-    return logp, entropy
+    logp, _, entropy = _linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,  # [N, H]
+                                        targets.reshape(-1).long(), 1.0 / float(temperature), ignore_index, backend,
+                                        chunk_rows or 0, vocab_slab or 0)
+    logp = logp.reshape(lead_shape)
+    return (logp, entropy.reshape(lead_shape)) if return_entropy else logp
 
 
 def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):

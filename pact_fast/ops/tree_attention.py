@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._backend import resolve_backend
+
 BACKENDS = ("auto", "triton", "sdpa", "varlen", "flex")
 
 
@@ -130,7 +132,8 @@ def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split")
     if validate:
         validate_subtree_end(subtree_end)
     ends = subtree_end.to(torch.int32).contiguous()
-    backend = resolve_backend(backend, ends.device)
+    # auto on CPU: per-segment attention beats a dense [L, L] mask (bench/results/group_w-cpu.json)
+    backend = resolve_backend("tree_attention", backend, ends.device, BACKENDS, "varlen")
     if dq_mode not in ("split", "atomic"):
         raise ValueError(f"tree_attention: dq_mode must be 'split' or 'atomic', got {dq_mode!r}")
     layout = TreeAttentionLayout(ends, backend, dq_mode=dq_mode)
@@ -264,20 +267,6 @@ def _triton_backward(ctx, do, _grad_lse):
 
 
 _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-
-
-def resolve_backend(backend, device):
-    if backend not in BACKENDS:
-        raise ValueError(f"tree_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":  # CPU: per-segment attention beats a dense [L, L] mask (bench/results/group_w-cpu.json)
-        return "triton" if device.type == "cuda" else "varlen"
-    if backend == "triton" and device.type != "cuda":
-        from ..kernels.registry import interpreting
-
-        if not interpreting():
-            raise ValueError("tree_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "triton is imported; use backend='sdpa' on CPU")
-    return backend
 
 
 def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None,

@@ -1,0 +1,120 @@
+"""Checkpoints of a training run, in one place: save, find the latest, load, resume.
+
+A run directory holds ``checkpoints/step_NNNNNN/``: the model (``save_pretrained``, safetensors, tied weights
+once), the tokenizer, and ``trainer_state.pt`` (step, optimizer, scheduler, data order, Python and torch RNG
+states). A checkpoint is written under ``.tmp-step_NNNNNN``, fsynced, then renamed, so a process killed
+mid-write (even by SIGKILL) leaves the previous checkpoints whole and only a temporary directory that resuming
+ignores. Under ``torchrun`` the state is gathered unsharded and rank 0 writes it; every rank loads it.
+"""
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last):
+    """Write ``run_dir/checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``
+    (0 keeps all). Returns the checkpoint directory."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-step_{step:06d}"
+    model_state = {k.removeprefix("model."): v for k, v in dist.full_model_state(scorer).items()}
+    if getattr(scorer.model.config, "tie_word_embeddings", False):
+        for key in dist.tied_keys(scorer.model):  # a gathered state dict holds tied weights as separate copies
+            model_state.pop(key, None)
+    optim_state = dist.full_optimizer_state(scorer, optimizer)
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
+                   tmp / STATE_FILE)
+        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_tree(ckpt_root, files=False)
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _fsync_tree(path, files=True):
+    """fsync every file directly in ``path`` (when ``files``), then the directory itself."""
+    if files:
+        for p in Path(path).iterdir():
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest(path):
+    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    found = sorted((path / "checkpoints").glob("step_*"))
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint (expected {path}/checkpoints/step_*)")
+    return found[-1]
+
+
+def step_of(ckpt):
+    """The step a checkpoint directory's name says (``step_000012`` -> 12), or None for another name."""
+    name = Path(ckpt).name
+    return int(name.rsplit("_", 1)[-1]) if name.startswith("step_") else None
+
+
+def load(ckpt, scorer, optimizer, scheduler, order):
+    """Restore weights, optimizer, scheduler, data order and RNG from ``ckpt``; returns its step."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no *.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    trainer_state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    model = scorer.model
+    if dist.is_distributed():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(scorer, {f"model.{k}": v for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(scorer, optimizer, trainer_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        untied = [k for k in missing if k not in dist.tied_keys(model)]
+        if untied or unexpected:
+            raise ValueError(f"{ckpt}: weights do not match the model (missing {untied}, unexpected {unexpected})")
+        if dist.tied_keys(model):
+            model.tie_weights()
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    order.__dict__.update(trainer_state["order"])
+    random.setstate(trainer_state["rng"]["python"])
+    torch.set_rng_state(trainer_state["rng"]["torch"])
+    return int(trainer_state["step"])
+
+
+def resume(path, scorer, optimizer, scheduler, order):
+    """Load the latest checkpoint under ``path`` (a run or a checkpoint directory): ``(checkpoint, step)``."""
+    ckpt = latest(path)
+    return ckpt, load(ckpt, scorer, optimizer, scheduler, order)

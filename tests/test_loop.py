@@ -1,0 +1,180 @@
+"""What one training step does, pinned: many vs few micro-batches, update epochs, the CLI's --resume, the data
+order's epochs, the lr schedule."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from replay_engine import ReplayEngine
+from safetensors.torch import load_file
+
+from pact_fast.config import load_config
+from pact_fast.trainer import DataOrder, lr_lambda, train
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=24", "data.eval_tasks=2",
+        "train.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=10", "rollout.max_turns=2",
+        "train.progress=false", "train.tensorboard=false", "train.micro_batch_tokens=700", "train.warmup_steps=1"]
+ADAMW = torch.optim.AdamW
+
+
+@pytest.fixture
+def float64():
+    """Models built inside the test are float64 (the lm_head log-probs stay fp32, by design)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _recorded_updates(monkeypatch, overrides, out_dir):
+    """Train with ``overrides`` through the replay engine; per optimizer step, (lr, [grad of each parameter])."""
+    updates = []
+
+    class RecordingAdamW(ADAMW):
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            updates.append((self.param_groups[0]["lr"], [p.grad.detach().clone() for p in params]))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    cfg = load_config(None, TINY + overrides + [f"train.out_dir={out_dir}", "train.save_every=0"])
+    train(cfg, engine_factory=lambda m, t, c, s: ReplayEngine(m, t, c, s), log=lambda *a: None)
+    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl") if "reward_mean" in line]
+    return updates, rows
+
+
+def _summary(out):
+    """The summary JSON ``pact-fast train`` prints last."""
+    return json.loads(out[out.index("{\n"):])
+
+
+def _max_rel_diff(a, b):
+    return max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("fused", ["true", "false"], ids=["fused-head", "unfused"])
+def test_many_and_few_micro_batches_make_the_same_update(tmp_path, monkeypatch, float64, agg, fused):
+    """The step-wide normaliser makes the micro-batch losses add up to the step's loss: a step split into one
+    micro-batch per unit and the same step in one micro-batch give the same gradients (to the fp32 rounding of
+    the lm_head log-probs; a wrong share per micro-batch is off by tens of percent)."""
+    runs = {}
+    for budget in (210, 100_000):
+        runs[budget] = _recorded_updates(monkeypatch, [f"train.micro_batch_tokens={budget}", f"loss.loss_agg={agg}",
+                                                       f"train.fused_head={fused}", "train.steps=2"],
+                                         tmp_path / str(budget))
+    (many, many_rows), (few, few_rows) = runs[210], runs[100_000]
+    assert [r["micro_batches"] for r in few_rows] == [1, 1]
+    assert all(r["micro_batches"] >= 4 for r in many_rows)
+    assert len(many) == len(few) == 2
+    assert many[0][1][0].dtype == torch.float64
+    for (_, g_many), (_, g_few) in zip(many, few):
+        assert _max_rel_diff(g_many, g_few) < 1e-5
+
+
+def test_two_update_epochs_repeat_the_step_against_the_old_policy(tmp_path, monkeypatch, float64):
+    """update_epochs=2: two optimizer updates per step at the step's lr; the first equals the one-epoch update
+    (old log-probs from the no-grad pass equal the current ones), the second is taken after the first moved the
+    weights, so its ratios leave 1 and its gradient differs."""
+    one, one_rows = _recorded_updates(monkeypatch, ["train.steps=2"], tmp_path / "one")
+    two, two_rows = _recorded_updates(monkeypatch, ["train.steps=2", "train.update_epochs=2"], tmp_path / "two")
+    assert len(one) == 2 and len(two) == 4
+    assert [lr for lr, _ in two] == [one[0][0], one[0][0], one[1][0], one[1][0]]  # one schedule step per step
+    assert _max_rel_diff(two[0][1], one[0][1]) < 1e-5
+    assert _max_rel_diff(two[1][1], two[0][1]) > 1e-3
+    assert [r["step"] for r in two_rows] == [1, 2]
+    assert one_rows[0]["po/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert two_rows[0]["po/ratio_max"] > 1.0 + 1e-4, "the second epoch's ratios are against the step's old policy"
+
+
+def test_cli_resume_continues_the_step_counter_and_the_weights(tmp_path, capsys):
+    """``pact-fast train ... train.stop_after=2`` then ``pact-fast train --resume DIR``: the run ends at step 4
+    with the weights of an uninterrupted 4-step run."""
+    from pact_fast.cli import main
+
+    half, full = tmp_path / "half", tmp_path / "full"
+    assert main(["train", *TINY, "train.steps=4", "train.stop_after=2", "--out", str(half)]) == 0
+    first = _summary(capsys.readouterr().out)
+    assert first["steps"] == 2
+    assert main(["train", "--resume", str(half)]) == 0
+    captured = capsys.readouterr()
+    assert _summary(captured.out)["steps"] == 4
+    assert f"resuming {half} from step_000002 (step 2 of 4)" in captured.err
+    rows = [json.loads(line) for line in open(half / "metrics.jsonl") if "reward_mean" in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert main(["train", *TINY, "train.steps=4", "--out", str(full)]) == 0
+    a = load_file(str(half / "checkpoints" / "step_000004" / "model.safetensors"))
+    b = load_file(str(full / "checkpoints" / "step_000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_order_takes_every_example_once_per_epoch_and_reshuffles():
+    order = DataOrder(seed=3, size=5)
+    taken = [order.take(3) for _ in range(5)]  # 15 examples: three epochs, two takes cross an epoch's end
+    flat = [i for t in taken for i in t]
+    epochs = [flat[0:5], flat[5:10], flat[10:15]]
+    assert all(sorted(e) == [0, 1, 2, 3, 4] for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1, "each epoch draws a new permutation"
+    assert (order.epoch, order.index) == (3, 0)
+    again = DataOrder(seed=3, size=5)
+    assert [again.take(3) for _ in range(5)] == taken
+    assert DataOrder(seed=4, size=5).take(5) != epochs[0] or DataOrder(seed=5, size=5).take(5) != epochs[0]
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = load_config(None, ["train.steps=11", "train.warmup_steps=3", "train.min_lr_ratio=0.1", "train.lr=0.002"]).train
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    lrs = []
+    for _ in range(13):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = 0.002
+    expected = {0: peak / 3, 1: peak * 2 / 3, 2: peak, 3: peak,  # warmup, then the cosine starts at the peak
+                5: peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 8))),
+                7: peak * 0.55,  # half-way through the decay: halfway between the peak and the floor
+                11: peak * 0.1, 12: peak * 0.1}  # the floor from the last step on
+    for step, lr in expected.items():
+        assert lrs[step] == pytest.approx(lr, rel=1e-12), step
+
+
+def test_build_and_train_step_are_the_loop_in_pieces(tmp_path):
+    """``build`` gives the components, ``train_step`` one step's StepStats; two steps through them equal the
+    first two rows of ``train`` on the same config (same seeds: same numbers)."""
+    from pact_fast.trainer import StepStats, build, train_step
+
+    overrides = TINY + ["train.steps=2", "train.save_every=0"]
+    engine = lambda m, t, c, s: ReplayEngine(m, t, c, s)  # noqa: E731
+    c = build(load_config(None, overrides + [f"train.out_dir={tmp_path / 'parts'}"]), engine_factory=engine,
+              log=lambda *a: None)
+    assert c.model is c.scorer.model and c.start_step == 0 and c.order.index == 0
+    stats = [train_step(c, step) for step in range(2)]
+    assert all(isinstance(s, StepStats) for s in stats) and [s.step for s in stats] == [1, 2]
+    assert c.order.index == 2 * c.config.train.prompts_per_step  # the data order moved on
+    assert c.scheduler.last_epoch == 2 and not stats[0].skipped
+    c.writers.close({})
+    train(load_config(None, overrides + [f"train.out_dir={tmp_path / 'whole'}"]), engine_factory=engine,
+          log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl") if "reward_mean" in line]
+    for s, row in zip(stats, rows):
+        m = s.metrics()
+        for key in ("step", "lr", "grad_norm", "loss/total", "loss/rl", "loss/sft", "reward_mean", "micro_batches",
+                    "packed_tokens", "anchor_frac"):
+            assert m[key] == row[key], key
+
+
+def test_checkpoint_latest_skips_partial_writes_and_names_its_step(tmp_path):
+    from pact_fast import checkpoint
+
+    for name in ("step_000002", "step_000010", ".tmp-step_000011"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert checkpoint.latest(tmp_path).name == "step_000010"
+    assert checkpoint.step_of(checkpoint.latest(tmp_path)) == 10 and checkpoint.step_of(tmp_path) is None
+    (tmp_path / "checkpoints" / "step_000002" / checkpoint.STATE_FILE).touch()
+    assert checkpoint.latest(tmp_path / "checkpoints" / "step_000002").name == "step_000002"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.latest(tmp_path / "checkpoints" / "step_000010")
