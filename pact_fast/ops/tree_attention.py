@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend
+from ._custom import custom_op
 
 BACKENDS = ("auto", "triton", "sdpa", "varlen", "flex")
 
@@ -217,14 +218,13 @@ def _flex(q, k, v, layout, scale):
     return flex_attention(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-# The Triton path as two torch.library custom ops with fake (shape-only) implementations, so torch.compile
-# keeps them whole in one graph (fullgraph=True works) instead of breaking at an autograd.Function that
-# launches kernels. The tile lists travel as tensors; scale and dq_mode as plain arguments.
+# The Triton path as two torch.library custom ops (pact_fast/ops/_custom.py) with fake (shape-only)
+# implementations, so torch.compile keeps them whole in one graph (fullgraph=True works) instead of breaking
+# at kernel launches. The tile lists travel as tensors; scale and dq_mode as plain arguments.
 
-@torch.library.custom_op("pact_fast::tree_attention_fwd", mutates_args=())
-def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor, q_count: torch.Tensor,
-                q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor, scale: float,
-                dq_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor,
+                     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
+                     scale: float, dq_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, L, D], lse [B, Hq, L] fp32, base 2) of contiguous q, k, v. dq_mode is read by backward."""
     from ..kernels import tree_attention_launch as launch
 
@@ -232,15 +232,14 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: 
     return o, lse
 
 
-@_triton_fwd.register_fake
-def _(q, k, v, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+def _triton_fwd_fake(q, k, v, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("pact_fast::tree_attention_bwd", mutates_args=())
-def _triton_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-                subtree_end: torch.Tensor, q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor,
-                k_index: torch.Tensor, scale: float, dq_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                     do: torch.Tensor, subtree_end: torch.Tensor, q_count: torch.Tensor, q_index: torch.Tensor,
+                     k_count: torch.Tensor, k_index: torch.Tensor, scale: float,
+                     dq_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the layouts of q, k, v; do contiguous like q."""
     from ..kernels import tree_attention_launch as launch
 
@@ -248,8 +247,7 @@ def _triton_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
                            scale, dq_mode)
 
 
-@_triton_bwd.register_fake
-def _(q, k, v, o, lse, do, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+def _triton_bwd_fake(q, k, v, o, lse, do, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -266,7 +264,9 @@ def _triton_backward(ctx, do, _grad_lse):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_triton_bwd = custom_op("tree_attention_backward", _triton_bwd_impl, fake=_triton_bwd_fake)
+_triton_fwd = custom_op("tree_attention", _triton_fwd_impl, fake=_triton_fwd_fake, backward=_triton_backward,
+                        setup_context=_triton_setup_context)
 
 
 def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None,
