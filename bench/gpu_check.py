@@ -295,17 +295,18 @@ def _guarded(fn, *args, **kwargs):
 def run(dry_run, device):
     """{'linear_logprobs': [case dicts], 'tree_attention': [case dicts] or {'skipped': reason},
     'fused_pact_head': [case dicts]}."""
-    results = {"linear_logprobs": [], "tree_attention": []}
+    results = {"linear_logprobs": [], "tree_attention": [], "fused_pact_head": []}
+
+    def record(kernel, case):
+        results[kernel].append(case)
+        print(json.dumps({k: case.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for name, N, H, V, kw in logprob_cases(dry_run):
         for dtype_name in DTYPES:
-            r = _guarded(check_logprob_case, name, N, H, V, dtype_name, device, **kw)
-            r.setdefault("kernel", "linear_logprobs")
-            r["dtype"] = dtype_name
-            results["linear_logprobs"].append(r)
-            print(json.dumps({k: r.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}),
-                  flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            record("linear_logprobs", {"kernel": "linear_logprobs", **_guarded(
+                check_logprob_case, name, N, H, V, dtype_name, device, **kw), "dtype": dtype_name})
     try:
         importlib.import_module("pact_fast.kernels.tree_attention_launch")
     except ImportError as e:
@@ -313,23 +314,12 @@ def run(dry_run, device):
         return results
     for name, HQ, HKV, D, kw in tree_cases(dry_run):
         for dtype_name in DTYPES:
-            r = _guarded(check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw)
-            r.setdefault("kernel", "tree_attention")
-            r["dtype"] = dtype_name
-            results["tree_attention"].append(r)
-            print(json.dumps({k: r.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}),
-                  flush=True)
-    results["fused_pact_head"] = []
+            record("tree_attention", {"kernel": "tree_attention", **_guarded(
+                check_tree_case, name, HQ, HKV, D, dtype_name, device, dry_run, **kw), "dtype": dtype_name})
     for name, shape, kw in head_cases(dry_run):
         for dtype_name in DTYPES:
-            r = _guarded(check_head_case, name, shape, dtype_name, device, **kw)
-            r.setdefault("kernel", "fused_pact_head")
-            r["dtype"] = dtype_name
-            results["fused_pact_head"].append(r)
-            print(json.dumps({k: r.get(k) for k in ("kernel", "case", "dtype", "passed", "errors", "error")}),
-                  flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            record("fused_pact_head", {"kernel": "fused_pact_head", **_guarded(
+                check_head_case, name, shape, dtype_name, device, **kw), "dtype": dtype_name})
     return results
 
 

@@ -24,3 +24,29 @@ def round_to(x, dtype: tl.constexpr):
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
     return x.to(dtype)
+
+
+@triton.jit
+def online_softmax_step(m, s, t, z, mask):
+    """One tile of a row-wise online log-sum-exp with its entropy accumulator. Per row: running max ``m``,
+    ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)`` (fp32 [rows]), updated by the tile ``z`` [rows, cols]
+    (fp32, -inf where ``mask`` is false). Returns the new (m, s, t); then lse = m + log s, entropy = log s - t / s."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(z - m_new[:, None])
+    zc = tl.where(mask, z - m_new[:, None], 0.0)
+    t = alpha * (t + (m - m_new) * s) + tl.sum(p * zc, axis=1)
+    s = alpha * s + tl.sum(p, axis=1)
+    return m_new, s, t
+
+
+@triton.jit
+def store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt):
+    """Write the finished online statistics of rows ``rows``: logp = z_tgt - lse (<= 0), lse = m + log s and
+    entropy = log s - t / s (>= 0), fp32. Rows past the block (s = 0) are kept finite and not stored."""
+    s = tl.where(row_mask, s, 1.0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)

@@ -44,7 +44,7 @@ GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of 
 import triton
 import triton.language as tl
 
-from .common import round_to
+from .common import online_softmax_step, round_to, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -77,29 +77,19 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
         ptrs = row_ptr[:, None] + cols[None, :]
         z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
         z = z_raw.to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new[:, None])
-        zc = tl.where(mask, z - m_new[:, None], 0.0)
-        t = alpha * (t + (m - m_new) * s) + tl.sum(p * zc, axis=1)
-        s = alpha * s + tl.sum(p, axis=1)
+        m, s, t = online_softmax_step(m, s, t, z, mask)
         is_tgt = cols[None, :] == tgt[:, None]
         z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)
-        m = m_new
         if WRITE_U:
-            now_bad = bad | (m_new - c > limit)
+            now_bad = bad | (m - c > limit)
             switch = tl.where(now_bad & ~bad, c0, switch)
             bad = now_bad
             u = tl.exp(tl.minimum(z - c[:, None], limit))  # the min only guards rows that are bad anyway
             s_other += tl.sum(tl.where(mask & ~is_tgt, u, 0.0), axis=1)
             out = tl.where(bad[:, None], z_raw, round_to(u, z_raw.dtype))
             tl.store(ptrs, out, mask=mask & ~is_tgt)
-    s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0; keep their (unstored) log finite
-    log_s = tl.log(s_safe)
-    lse = m + log_s
-    tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(ent_ptr + rows, tl.maximum(log_s - t / s_safe, 0.0), mask=row_mask)
+    store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt)
+    s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0
     if WRITE_U:
         good = row_mask & ~bad
         tl.store(row_ptr + tgt, round_to(-s_other, z_ptr.dtype.element_ty), mask=good)

@@ -25,7 +25,7 @@ Each element is loaded and then stored by the same program, so the in-place upda
 import triton
 import triton.language as tl
 
-from .common import round_to
+from .common import online_softmax_step, round_to, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -60,21 +60,10 @@ def _slab_stats_kernel(z_ptr, stride_zr, tgt_ptr, state_ptr, logp_ptr, lse_ptr, 
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=float("-inf"))
         z = z.to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new[:, None])
-        zc = tl.where(mask, z - m_new[:, None], 0.0)
-        t = alpha * (t + (m - m_new) * s) + tl.sum(p * zc, axis=1)
-        s = alpha * s + tl.sum(p, axis=1)
+        m, s, t = online_softmax_step(m, s, t, z, mask)
         z_tgt += tl.sum(tl.where(mask & (cols[None, :] == tgt[:, None]), z, 0.0), axis=1)
-        m = m_new
     if IS_LAST:
-        s = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0; keep their (unstored) log finite
-        log_s = tl.log(s)
-        lse = m + log_s
-        tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
-        tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
+        store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt)
     else:
         tl.store(state_ptr + rows, m, mask=row_mask)
         tl.store(state_ptr + R + rows, s, mask=row_mask)
