@@ -522,7 +522,9 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
         [sum(n[0] for n in mb_counts), sum(n[1] for n in mb_counts), sum(mb_traces)])
     step_lc = _step_loss_config(lc, masks)
     packed_tokens, weighted_metrics, skipped = 0, [], False
+    step_loss, epochs = 0.0, 0  # the step's loss: its micro-batches' scaled losses add up to it, per epoch
     for _ in range(train_cfg.update_epochs):
+        epochs += 1
         non_finite_loss = False
         for mb, mask, counts, n_traces in zip(batches, masks, mb_counts, mb_traces):
             mb_units = [units[i] for i in mb.indices]
@@ -538,6 +540,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
             packed_tokens += n_tok
             if metrics is not None and not mb.padding:
                 weighted_metrics.append((counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces, metrics))
+                step_loss += metrics["loss/total"]
         grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
         bad = non_finite_loss or not math.isfinite(float(grad_norm))
         if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
@@ -553,7 +556,10 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     if lc.mode == "pact":
         anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(
             anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())
-    return StepStats(step + 1, _average(weighted_metrics), c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
+    losses = _average(weighted_metrics)
+    if "loss/total" in losses:  # the per-term losses are each micro-batch's own means, averaged by size above
+        losses["loss/total"] = step_loss / epochs
+    return StepStats(step + 1, losses, c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
                      non_finite_loss, rewards, flat, packed_tokens, len(batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
                      _peak_memory_mb(c.device))
