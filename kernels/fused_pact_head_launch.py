@@ -25,7 +25,7 @@ import triton
 from .fused_pact_head import _head_pass_kernel, _scale_rows_kernel
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, interpreting
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting
 
 BLOCK_ROWS = 2048  # rows per block: the dW GEMM (K = R) stays compute-bound at H >= 2048
 # Rows whose max logit exceeds the target's by more are re-shifted (a target less likely than ~e^-20). Within
@@ -141,8 +141,8 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     shift = backward and shift_mode(dtype, want_entropy)
     costs = []
 
-    def gemm(tag, m, n, k, c_in):
-        costs.append(KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, (m * k + k * n + m * n + c_in) * e))
+    def gemm(tag, m, n, k, c_elems):
+        costs.append(gemm_cost(tag, m, n, k, c_elems, e))
 
     for (r0, r), bad in zip(blocks, bad_rows):
         gemm("logits", r, V, H, V if has_bias else 0)

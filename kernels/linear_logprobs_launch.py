@@ -26,7 +26,7 @@ import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, interpreting
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
@@ -175,9 +175,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     e = torch.empty((), dtype=dtype).element_size()
     costs = []
 
-    def gemm(tag, m, n, k, c_in):
-        nbytes = (m * k + k * n + m * n + (c_in or 0)) * e
-        costs.append(KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, nbytes))
+    def gemm(tag, m, n, k, c_elems):
+        costs.append(gemm_cost(tag, m, n, k, c_elems, e))
 
     for r0, r, v0, s in blocks(N, V, blocking) if "fwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)

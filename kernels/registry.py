@@ -47,6 +47,12 @@ class KernelCost:
     bytes: int
 
 
+def gemm_cost(tag, m, n, k, c_elems, elem_bytes):
+    """KernelCost of a cuBLAS GEMM [m, k] @ [k, n] named ``torch.mm[tag]``: 2*m*n*k FLOPs and compulsory bytes
+    (both operands, the output, and ``c_elems`` elements of an addmm's C read once)."""
+    return KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, (m * k + k * n + m * n + c_elems) * elem_bytes)
+
+
 def cost_name(name):
     """Tag a Triton kernel with the name its ``KernelCost`` entries use (``@cost_name("x.fwd")`` above
     ``@triton.jit``); bench/roofline.py's count harness reports the kernel under that name."""
