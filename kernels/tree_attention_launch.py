@@ -234,9 +234,9 @@ def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split"):
     cfgs = configs or GPU_CONFIGS
     B, L = subtree_end.shape
     lists = 0
-    for name in ("fwd", "dkdv"):
+    for name, listed_per in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N")):  # a count per query / per key tile
         tm, tn = (triton.cdiv(L, cfgs[name].blocks[k]) for k in ("BLOCK_M", "BLOCK_N"))
-        lists += 4 * B * (tm * tn + max(tm, tn))
+        lists += 4 * B * (tm * tn + triton.cdiv(L, cfgs[name].blocks[listed_per]))
     return 2 * 4 * B * HQ * L + lists + (4 * B * HQ * L * D if dq_mode == "atomic" else 0)
 
 

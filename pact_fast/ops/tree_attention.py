@@ -256,6 +256,7 @@ def _triton_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, subtree_end, *lists)
     ctx.scale, ctx.dq_mode = scale, dq_mode
+    ctx.set_materialize_grads(False)  # lse carries no gradient: no zeros [B, Hq, L] allocated per layer
 
 
 def _triton_backward(ctx, do, _grad_lse):
