@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
+from .losses import MODES
 from .models import KNOWN_MODELS, ModelError, fetch_model
 
 
@@ -75,9 +76,6 @@ def _resume_config(args):
     return config
 
 
-MODES = ("sft", "grpo", "sft_then_grpo", "pact")
-
-
 def _compare_lists(parser, args):
     """``--modes a b key=value`` / ``--seeds 0 1 key=value``: argparse hands the overrides after a list option
     to that list; give them back to the overrides, then check the modes and seeds."""
@@ -102,7 +100,8 @@ def main(argv=None):
     p_train = _train_parser(sub, "train", "train with PACT (or a baseline: loss.mode=sft|grpo|sft_then_grpo)")
     p_train.add_argument("--resume", help="run or checkpoint directory to continue from")
     p_cmp = _train_parser(sub, "compare", "train sft, grpo, sft_then_grpo and pact on equal budgets and compare")
-    p_cmp.add_argument("--modes", nargs="*", default=list(MODES), help=f"modes to train, of {', '.join(MODES)}")
+    p_cmp.add_argument("--modes", nargs="*", default=["sft", "grpo", "sft_then_grpo", "pact"],
+                       help=f"modes to train, of {', '.join(MODES)}")
     p_cmp.add_argument("--seeds", nargs="*", default=None,
                        help="run every mode once per seed (train/data/loss seeds) and report mean and spread")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
