@@ -383,8 +383,8 @@ def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *,
             raise ValueError("chat_template=model, but the model's chat template cannot be trained on tool use: "
                              + "; ".join(problems) + " (use chat_template=auto or builtin)")
         if log:
-            log("[pact_fast] the model's chat template " + "; ".join(problems)
-                + f": using the built-in tool format ({tool_call_format} calls) instead")
+            log("[pact_fast] the model's chat template cannot carry tool use (" + "; ".join(problems)
+                + f"): using the built-in tool format ({tool_call_format} calls) instead")
     if tokenizer.eos_token is None:
         raise ValueError("the built-in tool format ends turns with the tokenizer's eos token, and it has none")
     tokenizer.chat_template = builtin_chat_template(tool_call_format, turn_end=tokenizer.eos_token)
