@@ -84,14 +84,15 @@ def _report(root, rows, seeds):
 
 
 def summarize(rows):
-    """Per mode over its runs (seeds): n, mean / standard deviation / min / max of held-out success and mean
-    reward after training; runs without an evaluation (interrupted) are left out."""
+    """Per mode over its runs (seeds): n, mean / standard deviation / min / max of held-out success, mean
+    reward and answer rate after training; runs without an evaluation (interrupted) are left out, as are runs
+    evaluated before the answer rate was measured, from that statistic."""
     out = []
     for mode in dict.fromkeys(r["mode"] for r in rows):
         done = [r for r in rows if r["mode"] == mode and r.get("success_rate") is not None]
         entry = {"mode": mode, "n": len(done), "seeds": [r["seed"] for r in done]}
-        for key in ("success_rate", "mean_reward"):
-            values = [r[key] for r in done]
+        for key in ("success_rate", "mean_reward", "answer_rate"):
+            values = [r[key] for r in done if r.get(key) is not None]
             entry[key] = {"mean": statistics.fmean(values) if values else None,
                           "std": statistics.stdev(values) if len(values) > 1 else None,
                           "min": min(values, default=None), "max": max(values, default=None),
@@ -102,19 +103,21 @@ def summarize(rows):
 
 def format_summary(summary):
     """The multi-seed table: per mode, the seeds run, mean held-out success, its standard deviation and range,
-    and the mean reward."""
+    the mean reward and the mean answer rate."""
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
 
     shown = [{"mode": e["mode"], "seeds": str(e["n"]), "success_mean": fmt(e["success_rate"]["mean"]),
               "std": fmt(e["success_rate"]["std"]), "min": fmt(e["success_rate"]["min"]),
-              "max": fmt(e["success_rate"]["max"]), "reward_mean": fmt(e["mean_reward"]["mean"])} for e in summary]
-    return text_table(shown, ["mode", "seeds", "success_mean", "std", "min", "max", "reward_mean"])
+              "max": fmt(e["success_rate"]["max"]), "reward_mean": fmt(e["mean_reward"]["mean"]),
+              "answered_mean": fmt(e["answer_rate"]["mean"])} for e in summary]
+    return text_table(shown, ["mode", "seeds", "success_mean", "std", "min", "max", "reward_mean", "answered_mean"])
 
 
 def format_table(rows):
     """The comparison table; a mode that did not finish shows '-' where it has no held-out evaluation."""
     columns = [("success", "success_rate", ".3f"), ("reward", "mean_reward", ".3f"),
+               ("answered", "answer_rate", ".3f"), ("calls/ep", "tool_calls_per_episode", ".2f"),
                ("tokens/ep", "tokens_per_episode", ".1f"), ("train_s", "train_seconds", ".0f")]
     shown = [{"mode": r["mode"], **{name: "-" if r.get(key) is None else format(r[key], spec)
                                     for name, key, spec in columns}} for r in rows]

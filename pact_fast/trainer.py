@@ -322,11 +322,14 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
 
 def evaluate(engine, examples, make_env):
     """Greedy prompt-only episodes on held-out examples, through the run's own engine (any
-    ``RolloutEngine``): success rate, mean reward, tokens used."""
+    ``RolloutEngine``): success rate, mean reward, tokens used, and what shows progress before success does:
+    the fraction of episodes that end with an answer (not a turn or length limit) and tool calls per episode."""
     eps = [g[0] for g in engine.rollout(examples, make_env, group_size=1, greedy=True)]
     n = max(len(eps), 1)
     return {"success_rate": sum(e.reward >= 1.0 for e in eps) / n, "mean_reward": sum(e.reward for e in eps) / n,
-            "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n}
+            "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n,
+            "answer_rate": sum(e.finish == "answer" for e in eps) / n,
+            "tool_calls_per_episode": sum(e.tool_calls for e in eps) / n}
 
 
 class _StepAborted(Exception):

@@ -268,15 +268,16 @@ def test_compare_stops_at_an_unfinished_mode_and_still_prints_its_table(tmp_path
         done = cfg.loss.mode == "sft"
         return {"steps": 3 if done else 1, "seconds": 2.0, "interrupted": not done, "stopped": None,
                 "eval_before": {"success_rate": 0.0},
-                "eval_after": {"success_rate": 0.25, "mean_reward": 0.5, "tokens_per_episode": 7.0} if done else None}
+                "eval_after": {"success_rate": 0.25, "mean_reward": 0.5, "tokens_per_episode": 7.0, "answer_rate": 0.75,
+                               "tool_calls_per_episode": 1.5} if done else None}
 
     monkeypatch.setattr(compare, "train", fake_train)
     cfg = load_config(None, [f"train.out_dir={tmp_path}"])
     rows = compare.compare(cfg, modes=("sft", "grpo", "pact"), log=lambda *a: None)
     assert [r["mode"] for r in rows] == ["sft", "grpo"]  # pact never started
     table = capsys.readouterr().out.splitlines()
-    assert table[1].split() == ["sft", "0.250", "0.500", "7.0", "2"]
-    assert table[2].split() == ["grpo", "-", "-", "-", "2"]
+    assert table[1].split() == ["sft", "0.250", "0.500", "0.750", "1.50", "7.0", "2"]
+    assert table[2].split() == ["grpo", "-", "-", "-", "-", "-", "2"]
     assert (tmp_path / "compare.json").exists()
 
 
@@ -295,7 +296,8 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
         success = 0.1 * cfg.train.seed + (0.5 if cfg.loss.mode == "pact" else 0.0)
         summary = {"steps": cfg.train.steps, "seconds": 1.0, "interrupted": False, "stopped": None,
                    "eval_before": {"success_rate": 0.0},
-                   "eval_after": {"success_rate": success, "mean_reward": success, "tokens_per_episode": 5.0}}
+                   "eval_after": {"success_rate": success, "mean_reward": success, "tokens_per_episode": 5.0,
+                                  "answer_rate": 0.25 * cfg.train.seed}}
         (run / "summary.json").write_text(json.dumps(summary))
         save_config(cfg, run / "config.yaml")
         return summary
@@ -309,7 +311,7 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
     assert summary["pact"]["mean"] == pytest.approx(0.6) and summary["pact"]["std"] == pytest.approx(0.1)
     assert (summary["sft"]["min"], summary["sft"]["max"]) == pytest.approx((0.0, 0.2))
     table = capsys.readouterr().out.splitlines()
-    assert table[2].split()[:6] == ["pact", "3", "0.600", "0.100", "0.500", "0.700"]
+    assert table[2].split() == ["pact", "3", "0.600", "0.100", "0.500", "0.700", "0.600", "0.250"]
     assert (tmp_path / "compare.png").exists()
 
     compare.compare(cfg, modes=("sft", "pact"), seeds=[0, 1, 2], log=lambda *a: None)
@@ -437,3 +439,22 @@ def test_training_with_the_fused_head_equals_training_without_it(tmp_path, extra
     assert loss_f == pytest.approx(loss_u, rel=1e-4)
     for k in w_u:
         assert torch.allclose(w_f[k], w_u[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_evaluate_counts_answers_and_tool_calls_besides_success():
+    from pact_fast.rollout import Episode
+    from pact_fast.trainer import evaluate
+
+    episodes = [Episode([1], [2, 3], [1, 1], reward=1.0, tool_calls=2, finish="answer"),
+                Episode([1], [2, 3, 4], [1, 0, 1], reward=0.0, tool_calls=3, finish="answer"),
+                Episode([1], [2], [1], reward=0.0, tool_calls=0, finish="turn_limit"),
+                Episode([1], [2, 3, 4, 5], [1, 1, 1, 1], reward=0.5, tool_calls=1, finish="length")]
+
+    class Engine:
+        def rollout(self, examples, make_env, group_size, greedy):
+            assert group_size == 1 and greedy
+            return [[episodes[i]] for i in range(len(examples))]
+
+    result = evaluate(Engine(), list(range(4)), make_env=None)
+    assert result == pytest.approx({"success_rate": 0.25, "mean_reward": 0.375, "tokens_per_episode": 2.25,
+                                    "answer_rate": 0.5, "tool_calls_per_episode": 1.5})
