@@ -68,7 +68,7 @@ def latest(path):
         return path
     found = sorted((path / "checkpoints").glob("step_*"))
     if not found:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint (expected {path}/checkpoints/step_*)")
+        raise FileNotFoundError(f"{path}: no checkpoint (expected {path}/checkpoints/step_*, or a checkpoint directory)")
     return found[-1]
 
 

@@ -5,6 +5,7 @@
     pact-fast train --model ./my-qwen3 --data tasks.jsonl train.device=cuda
     pact-fast train --resume runs/pact             # continue from the newest checkpoint
     pact-fast compare                              # sft, grpo, sft_then_grpo, pact on equal budgets
+    pact-fast eval --run runs/pact --show 2        # held-out success of a run's latest checkpoint, episodes shown
     pact-fast demo                                 # tasks, expert traces, one episode of a random model
     pact-fast plot runs/pact [runs/other ...]     # curves of one run, or several overlaid
     pact-fast config [--model DIR]                 # every key with its default (for that model) and help
@@ -60,7 +61,10 @@ def _resume_config(args):
     if given:
         raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps its run directory, "
                          "model, data and config.yaml; pass changes as section.key=value overrides")
-    ckpt = checkpoint.latest(args.resume)
+    try:
+        ckpt = checkpoint.latest(args.resume)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--resume {exc}") from None
     run_dir = ckpt.parent.parent
     run_cfg = run_dir / "config.yaml"
     if not run_cfg.exists():
@@ -94,6 +98,22 @@ def _compare_lists(parser, args):
         args.seeds = [int(v) for v in args.seeds]
 
 
+def _eval_config(args):
+    """The config of ``pact-fast eval``: ``--run DIR`` (its config.yaml and latest checkpoint) or the usual
+    --config / --model / --data, then the overrides."""
+    if not args.run:
+        return _resolve(args)
+    from .evaluation import run_config
+
+    given = [f"--{flag}" for flag in ("config", "model", "data") if getattr(args, flag)]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --run: it evaluates the run's latest checkpoint "
+                         "with the run's config.yaml; pass changes as section.key=value overrides")
+    config, ckpt = run_config(args.run, args.overrides)
+    print(f"pact-fast: evaluating {ckpt}", file=sys.stderr)
+    return config
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +124,17 @@ def main(argv=None):
                        help=f"modes to train, of {', '.join(MODES)}")
     p_cmp.add_argument("--seeds", nargs="*", default=None,
                        help="run every mode once per seed (train/data/loss seeds) and report mean and spread")
+    p_eval = sub.add_parser("eval", help="held-out success of a model directory or of a run's latest checkpoint "
+                            "(greedy, prompt-only)", description="held-out success of a model directory or of a run's "
+                            "latest checkpoint (greedy, prompt-only); prints the metrics as JSON")
+    p_eval.add_argument("--run", help="run directory (or checkpoint): its latest checkpoint under its config.yaml")
+    p_eval.add_argument("--config", help="YAML file of config sections")
+    p_eval.add_argument("--model", help="local Hugging Face causal LM directory (sets model.path)")
+    p_eval.add_argument("--data", help="JSONL in the pact_fast.data format (sets data.path; held-out: data.eval_path "
+                        "or split off its start)")
+    p_eval.add_argument("--show", type=int, default=0, metavar="N", help="print the first N episodes as text")
+    p_eval.add_argument("overrides", nargs="*", help="section.key=value overrides; see `pact-fast config`")
+    p_eval.add_argument("--debug", action="store_true", help="show the traceback of a configuration, data or model error")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
     p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
     p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")
@@ -117,6 +148,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "compare":
         _compare_lists(parser, args)
+    if args.command == "eval" and args.show < 0:
+        parser.error(f"eval: --show takes a count >= 0, got {args.show}")
     if args.command == "config":
         print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
         return 0
@@ -145,6 +178,17 @@ def main(argv=None):
         from .envs.__main__ import demo
 
         demo()
+        return 0
+    if args.command == "eval":
+        from .evaluation import evaluate_model
+
+        try:
+            config = _eval_config(args)
+            print(json.dumps(evaluate_model(config, show=args.show), indent=1))
+        except ConfigError as exc:
+            return _user_error(args, f"config error: {exc}")
+        except USER_ERRORS + (ValueError,) as exc:
+            return _user_error(args, exc)
         return 0
     try:
         config = _resolve(args)

@@ -4,8 +4,9 @@
     pact-fast plot runs/cmp/sft runs/cmp/pact --out modes.png
 
 Panels: rollout reward; each loss term on its own axes (the total would hide the SFT term in SFT-only
-phases); held-out success at every evaluation (``train.eval_every``); the PACT diagnostics: ratio of the
-trace-conditioned and prompt-only contexts, their clip fractions, the SFT weights, the anchoring fraction.
+phases); held-out success and answer rate at every evaluation (``train.eval_every``); the PACT diagnostics:
+ratio of the trace-conditioned and prompt-only contexts, their clip fractions, the SFT weights, the anchoring
+fraction.
 """
 import json
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 # (title, y label, [(metric key, legend label)]); a panel is drawn when any run has any of its keys
 PANELS = [
     ("rollout reward", "mean reward", [("reward_mean", "reward")]),
-    ("held-out success (greedy, prompt-only)", "success rate", [("eval/success_rate", "success")]),
+    ("held-out success (greedy, prompt-only)", "fraction of episodes", [("eval/success_rate", "success"),
+                                                                       ("eval/answer_rate", "answered")]),
     ("total loss", "loss", [("loss/total", "total")]),
     ("RL surrogate", "loss", [("loss/rl", "rl")]),
     ("trace SFT (per trace token)", "weighted NLL", [("loss/sft", "sft")]),

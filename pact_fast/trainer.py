@@ -32,6 +32,7 @@ from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
 from .config import Config, plain, save_config
+from .evaluation import evaluate
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
 from .models import apply_liger, random_qwen3
 from .ops.fused_pact_head import fused_pact_head
@@ -318,18 +319,6 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
 
 
 # ---------------------------------------------------------------- loop
-
-
-def evaluate(engine, examples, make_env):
-    """Greedy prompt-only episodes on held-out examples, through the run's own engine (any
-    ``RolloutEngine``): success rate, mean reward, tokens used, and what shows progress before success does:
-    the fraction of episodes that end with an answer (not a turn or length limit) and tool calls per episode."""
-    eps = [g[0] for g in engine.rollout(examples, make_env, group_size=1, greedy=True)]
-    n = max(len(eps), 1)
-    return {"success_rate": sum(e.reward >= 1.0 for e in eps) / n, "mean_reward": sum(e.reward for e in eps) / n,
-            "tokens_per_episode": sum(e.num_model_tokens for e in eps) / n,
-            "answer_rate": sum(e.finish == "answer" for e in eps) / n,
-            "tool_calls_per_episode": sum(e.tool_calls for e in eps) / n}
 
 
 class _StepAborted(Exception):

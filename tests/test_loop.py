@@ -180,3 +180,33 @@ def test_checkpoint_latest_skips_partial_writes_and_names_its_step(tmp_path):
     assert checkpoint.latest(tmp_path / "checkpoints" / "step_000002").name == "step_000002"
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.latest(tmp_path / "checkpoints" / "step_000010")
+
+
+def test_eval_of_a_run_reproduces_its_final_held_out_evaluation(tmp_path, capsys):
+    """``pact-fast eval --run DIR`` loads the latest checkpoint (model and tokenizer written by save_pretrained)
+    under the run's config and scores the held-out tasks exactly as the run's own final evaluation did."""
+    from pact_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "data.eval_tasks=4", "train.steps=2", "--out", str(run)]) == 0
+    after = _summary(capsys.readouterr().out)["eval_after"]
+    assert main(["eval", "--run", str(run), "--show", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"evaluating {run / 'checkpoints' / 'step_000002'}" in captured.err
+    assert _summary(captured.out) == pytest.approx(after)
+    shown = [line for line in captured.out.splitlines() if line.startswith("--- finish:")]
+    assert len(shown) == 2 and all("expected: '" in line for line in shown)
+
+
+def test_eval_mistakes_are_one_line(tmp_path, capsys):
+    from pact_fast.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "no checkpoint (expected" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path), "--model", str(tmp_path)]) == 2
+    assert "--model cannot be combined with --run" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--show", "-1"])
+    assert "--show takes a count >= 0" in capsys.readouterr().err

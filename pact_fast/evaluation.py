@@ -1,0 +1,79 @@
+"""Held-out evaluation: greedy, prompt-only episodes on held-out tasks.
+
+``evaluate`` is what a training run logs as ``eval/*``; ``evaluate_model`` is ``pact-fast eval``: the same
+evaluation of a model directory, or of a run's latest checkpoint under the run's own config, with the first
+episodes shown as text (what the model wrote, the tool responses it got, the expected answer).
+
+    pact-fast eval --run runs/pact --show 2
+    pact-fast eval --model ~/.cache/pact_fast/models/smollm2-135m 'data.hops=[1,2]'
+"""
+from . import checkpoint
+from .config import load_config
+
+
+def episode_metrics(episodes):
+    """Success rate (reward >= 1), mean reward and sampled tokens per episode, and what shows progress before
+    success does: the fraction of episodes that end with an answer (not a turn or length limit) and tool calls
+    per episode. ``episodes``: a list of ``rollout.Episode``."""
+    n = max(len(episodes), 1)
+    return {"success_rate": sum(e.reward >= 1.0 for e in episodes) / n,
+            "mean_reward": sum(e.reward for e in episodes) / n,
+            "tokens_per_episode": sum(e.num_model_tokens for e in episodes) / n,
+            "answer_rate": sum(e.finish == "answer" for e in episodes) / n,
+            "tool_calls_per_episode": sum(e.tool_calls for e in episodes) / n}
+
+
+def evaluate(engine, examples, make_env, *, return_episodes=False):
+    """``episode_metrics`` of one greedy prompt-only episode per example through ``engine`` (any
+    ``RolloutEngine``); with ``return_episodes``, ``(metrics, episodes)``."""
+    episodes = [g[0] for g in engine.rollout(examples, make_env, group_size=1, greedy=True)]
+    metrics = episode_metrics(episodes)
+    return (metrics, episodes) if return_episodes else metrics
+
+
+def format_episode(tokenizer, example, episode):
+    """One episode as text: the question, everything after the prompt (the model's turns and the tool
+    responses, special tokens kept), and how it ended against the expected answer."""
+    question = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
+    return "\n".join([f"=== {example.id}: {question}",
+                      tokenizer.decode(episode.response_ids, skip_special_tokens=False),
+                      f"--- finish: {episode.finish or '-'}  answer: {episode.final_text.strip()!r}  "
+                      f"expected: {example.answer!r}  reward: {episode.reward:g}"])
+
+
+def run_config(run, overrides=()):
+    """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with ``model.path`` set to
+    its latest checkpoint (``run`` may also be a checkpoint directory itself), then ``overrides``."""
+    ckpt = checkpoint.latest(run)
+    run_cfg = ckpt.parent.parent / "config.yaml"
+    if not run_cfg.is_file():
+        raise FileNotFoundError(f"{run}: {run_cfg} is missing (the run's resolved config)")
+    return load_config(str(run_cfg), [f"model.path={ckpt}", *overrides]), ckpt
+
+
+def evaluate_model(config, *, show=0, log=print):
+    """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
+    on the held-out tasks, ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
+    from .chat import resolve_chat_template
+    from .rollout import HFRolloutEngine
+    from .trainer import build_model_and_tokenizer, load_data, make_env_factory, resolve_device
+
+    train_set, held_out = load_data(config.data)  # data errors before the model loads
+    if not held_out:
+        raise ValueError("no held-out tasks to evaluate (data.eval_tasks=0, or a data file too small to split; "
+                         "give data.eval_path)")
+    device = resolve_device(config.train.device)
+    model, tokenizer = build_model_and_tokenizer(config.model, device, config.train.seed)
+    if config.model.path:
+        reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
+        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
+                              reasoning=reasoning, log=log)
+    engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
+    metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
+                                 return_episodes=True)
+    for example, episode in list(zip(held_out, episodes))[:show]:
+        log(format_episode(tokenizer, example, episode))
+    return metrics
+
+
+__all__ = ["episode_metrics", "evaluate", "evaluate_model", "format_episode", "run_config"]
