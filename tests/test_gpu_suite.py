@@ -19,7 +19,7 @@ def suite(tmp_path_factory):
     env = dict(os.environ, GPU_SUITE_DIR=str(out_dir / "results"), OUT=str(out_dir / "out"), PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out_dir / "results" / "suite.json").read_text())
     return doc, proc.stdout, out_dir
