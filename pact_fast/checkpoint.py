@@ -72,6 +72,15 @@ def latest(path):
     return found[-1]
 
 
+def latest_with_config(path):
+    """``(checkpoint, config.yaml)``: ``latest(path)`` and the resolved config of the run that wrote it."""
+    ckpt = latest(path)
+    run_cfg = ckpt.parent.parent / "config.yaml"
+    if not run_cfg.is_file():
+        raise FileNotFoundError(f"{path}: {run_cfg} is missing (the run's resolved config)")
+    return ckpt, run_cfg
+
+
 def step_of(ckpt):
     """The step a checkpoint directory's name says (``step_000012`` -> 12), or None for another name."""
     name = Path(ckpt).name

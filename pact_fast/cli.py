@@ -22,12 +22,15 @@ from .losses import MODES
 from .models import KNOWN_MODELS, ModelError, fetch_model
 
 
-def _train_parser(sub, name, help_text):
+def _train_parser(sub, name, help_text, *, out=True):
+    """A sub-command that takes a config: --config, --model, --data, --out (when ``out``), overrides, --debug."""
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML file of config sections (model, data, rollout, loss, train)")
     p.add_argument("--model", help="local Hugging Face causal LM directory (sets model.path)")
-    p.add_argument("--data", help="training JSONL in the pact_fast.data format (sets data.path)")
-    p.add_argument("--out", help="run directory (sets train.out_dir)")
+    p.add_argument("--data", help="JSONL in the pact_fast.data format (sets data.path; held-out tasks: data.eval_path "
+                   "or split off its start)")
+    if out:
+        p.add_argument("--out", help="run directory (sets train.out_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides; see `pact-fast config`")
     p.add_argument("--debug", action="store_true", help="show the traceback of a configuration, data or model error")
     return p
@@ -52,23 +55,25 @@ def _user_error(args, message):
     return 2
 
 
+def _refuse_beside(args, option, why):
+    """A one-line ValueError when any of --config/--model/--data/--out is given with ``option``."""
+    given = [f"--{flag}" for flag in ("config", "model", "data", "out") if getattr(args, flag, None)]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with {option}: {why}; pass changes as "
+                         "section.key=value overrides")
+
+
 def _resume_config(args):
     """The config of ``--resume DIR``: the run's config.yaml with this command's overrides on top. Says what it
     resumes and every option that differs from the saved run."""
     from . import checkpoint
 
-    given = [f"--{flag}" for flag in ("config", "model", "data", "out") if getattr(args, flag)]
-    if given:
-        raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps its run directory, "
-                         "model, data and config.yaml; pass changes as section.key=value overrides")
+    _refuse_beside(args, "--resume", "a resumed run keeps its run directory, model, data and config.yaml")
     try:
-        ckpt = checkpoint.latest(args.resume)
+        ckpt, run_cfg = checkpoint.latest_with_config(args.resume)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--resume {exc}") from None
     run_dir = ckpt.parent.parent
-    run_cfg = run_dir / "config.yaml"
-    if not run_cfg.exists():
-        raise FileNotFoundError(f"--resume {args.resume}: {run_cfg} is missing (the run's resolved config)")
     saved = load_config(str(run_cfg))
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"])
     step = checkpoint.step_of(ckpt)
@@ -105,10 +110,7 @@ def _eval_config(args):
         return _resolve(args)
     from .evaluation import run_config
 
-    given = [f"--{flag}" for flag in ("config", "model", "data") if getattr(args, flag)]
-    if given:
-        raise ValueError(f"{', '.join(given)} cannot be combined with --run: it evaluates the run's latest checkpoint "
-                         "with the run's config.yaml; pass changes as section.key=value overrides")
+    _refuse_beside(args, "--run", "it evaluates the run's latest checkpoint with the run's config.yaml")
     config, ckpt = run_config(args.run, args.overrides)
     print(f"pact-fast: evaluating {ckpt}", file=sys.stderr)
     return config
@@ -124,17 +126,10 @@ def main(argv=None):
                        help=f"modes to train, of {', '.join(MODES)}")
     p_cmp.add_argument("--seeds", nargs="*", default=None,
                        help="run every mode once per seed (train/data/loss seeds) and report mean and spread")
-    p_eval = sub.add_parser("eval", help="held-out success of a model directory or of a run's latest checkpoint "
-                            "(greedy, prompt-only)", description="held-out success of a model directory or of a run's "
-                            "latest checkpoint (greedy, prompt-only); prints the metrics as JSON")
+    p_eval = _train_parser(sub, "eval", "held-out success of a model directory or of a run's latest checkpoint "
+                           "(greedy, prompt-only); prints the metrics as JSON", out=False)
     p_eval.add_argument("--run", help="run directory (or checkpoint): its latest checkpoint under its config.yaml")
-    p_eval.add_argument("--config", help="YAML file of config sections")
-    p_eval.add_argument("--model", help="local Hugging Face causal LM directory (sets model.path)")
-    p_eval.add_argument("--data", help="JSONL in the pact_fast.data format (sets data.path; held-out: data.eval_path "
-                        "or split off its start)")
     p_eval.add_argument("--show", type=int, default=0, metavar="N", help="print the first N episodes as text")
-    p_eval.add_argument("overrides", nargs="*", help="section.key=value overrides; see `pact-fast config`")
-    p_eval.add_argument("--debug", action="store_true", help="show the traceback of a configuration, data or model error")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
     p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
     p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")

@@ -44,19 +44,15 @@ def format_episode(tokenizer, example, episode):
 def run_config(run, overrides=()):
     """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with ``model.path`` set to
     its latest checkpoint (``run`` may also be a checkpoint directory itself), then ``overrides``."""
-    ckpt = checkpoint.latest(run)
-    run_cfg = ckpt.parent.parent / "config.yaml"
-    if not run_cfg.is_file():
-        raise FileNotFoundError(f"{run}: {run_cfg} is missing (the run's resolved config)")
+    ckpt, run_cfg = checkpoint.latest_with_config(run)
     return load_config(str(run_cfg), [f"model.path={ckpt}", *overrides]), ckpt
 
 
 def evaluate_model(config, *, show=0, log=print):
     """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
     on the held-out tasks, ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
-    from .chat import resolve_chat_template
     from .rollout import HFRolloutEngine
-    from .trainer import build_model_and_tokenizer, load_data, make_env_factory, resolve_device
+    from .trainer import build_model_and_tokenizer, fit_chat_template, load_data, make_env_factory, resolve_device
 
     train_set, held_out = load_data(config.data)  # data errors before the model loads
     if not held_out:
@@ -64,10 +60,7 @@ def evaluate_model(config, *, show=0, log=print):
                          "give data.eval_path)")
     device = resolve_device(config.train.device)
     model, tokenizer = build_model_and_tokenizer(config.model, device, config.train.seed)
-    if config.model.path:
-        reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
-        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
-                              reasoning=reasoning, log=log)
+    fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
     metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
                                  return_episodes=True)

@@ -71,6 +71,16 @@ def build_model_and_tokenizer(cfg, device, seed):
     return model.to(device), tokenizer
 
 
+def fit_chat_template(config, tokenizer, examples, log=print):
+    """With a pretrained ``model.path``: make its tokenizer's chat template carry tools
+    (``chat.resolve_chat_template`` per ``model.chat_template``; reasoning is required when any example's trace
+    has some). The built-in tokenizer's own template carries tools already."""
+    if config.model.path:
+        reasoning = any(m.get("reasoning_content") for ex in examples for m in ex.trace)
+        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
+                              reasoning=reasoning, log=log)
+
+
 def load_data(cfg):
     """(train examples, held-out examples) from a data file or the built-in environment."""
     from .data import load_examples, parse_example
@@ -404,10 +414,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     run_dir = Path(train_cfg.out_dir)
     train_set, held_out = load_data(config.data)  # data errors before the expensive model load
     model, tokenizer = build_model_and_tokenizer(config.model, device, train_cfg.seed)
-    if config.model.path:  # the built-in tokenizer's own template carries tools; a pretrained one may not
-        reasoning = any(m.get("reasoning_content") for ex in train_set + held_out for m in ex.trace)
-        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
-                              reasoning=reasoning, log=log)
+    fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     ref_scorer = None
     if config.loss.beta_kl > 0:
         ref_model = build_model_and_tokenizer(config.model, device, train_cfg.seed)[0].eval().requires_grad_(False)
