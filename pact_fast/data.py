@@ -190,6 +190,24 @@ def parse_example(row):
     return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)
 
 
+def check_trainable(example, *, needs_trace=True):
+    """Refuse a row that parses but cannot train: it would run at zero loss and zero reward.
+
+    Every row needs ``tools`` (what the policy may call), ``env`` with a ``name`` (what runs the calls and
+    scores the episode), and, for the multi-hop environment, ``answer`` (its reward). ``needs_trace``
+    (every loss mode but ``grpo``): a ``trace`` with at least one assistant turn. Raises ``DataFormatError``.
+    """
+    if not example.tools:
+        _fail("missing 'tools': a row lists the functions the policy may call")
+    if not example.env or not isinstance(example.env.get("name"), str):
+        _fail("missing 'env' (an object with a 'name', e.g. {\"name\": \"multihop\", \"world_seed\": 0}): "
+              "the environment that runs the calls and scores the episode")
+    if example.env["name"] == "multihop" and example.answer is None:
+        _fail("missing 'answer': the multihop environment's reward compares the final answer with it")
+    if needs_trace and not any(m["role"] == "assistant" for m in example.trace):
+        _fail("missing 'trace' (the expert's assistant turns): every loss mode but grpo trains on it")
+
+
 def _reject_constant(name):
     _fail(f"{name} is not a JSON number (numbers must be finite)")
 
@@ -215,11 +233,13 @@ def _decode_row(raw):
         _fail("a number has more digits than Python's int conversion limit (4300 by default)")
 
 
-def load_examples(path, *, on_error="raise"):
+def load_examples(path, *, on_error="raise", check=None):
     """Read a JSONL file of examples.
 
     on_error: ``"raise"`` stops at the first bad row with a ``DataFormatError`` naming file, line and
     reason; ``"skip"`` skips bad rows and records each (line, reason) in the report.
+    check: an optional ``Example -> None`` that raises ``DataFormatError`` for a row the caller cannot use
+    (e.g. ``check_trainable``); its refusals are reported like format errors, with file and line.
     Returns ``(examples, LoadReport)``.
     """
     if on_error not in ("raise", "skip"):
@@ -233,6 +253,8 @@ def load_examples(path, *, on_error="raise"):
                 example = parse_example(_decode_row(raw)) if raw.strip() else None
                 if example is not None and example.id in first_line:
                     _fail(f"duplicate id {example.id!r} (first on line {first_line[example.id]})")
+                if example is not None and check is not None:
+                    check(example)
             except DataFormatError as exc:
                 if on_error == "raise":
                     raise DataFormatError(f"{path}:{line_no}: {exc}") from None

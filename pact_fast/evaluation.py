@@ -54,7 +54,7 @@ def evaluate_model(config, *, show=0, log=print):
     from .rollout import HFRolloutEngine
     from .trainer import build_model_and_tokenizer, fit_chat_template, load_data, make_env_factory, resolve_device
 
-    train_set, held_out = load_data(config.data)  # data errors before the model loads
+    train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
     if not held_out:
         raise ValueError("no held-out tasks to evaluate (data.eval_tasks=0, or a data file too small to split; "
                          "give data.eval_path)")

@@ -81,20 +81,27 @@ def fit_chat_template(config, tokenizer, examples, log=print):
                               reasoning=reasoning, log=log)
 
 
-def load_data(cfg):
-    """(train examples, held-out examples) from a data file or the built-in environment."""
-    from .data import load_examples, parse_example
+def load_data(cfg, *, needs_trace=True):
+    """(train examples, held-out examples) from a data file or the built-in environment.
+
+    A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
+    trace when ``needs_trace``); held-out rows need no trace."""
+    from functools import partial
+
+    from .data import check_trainable, load_examples, parse_example
     from .envs import make_tasks
 
     for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{key}={path}: no such file")
     if cfg.path:
-        train, report = load_examples(cfg.path, on_error=cfg.on_error)
+        train, report = load_examples(cfg.path, on_error=cfg.on_error,
+                                      check=partial(check_trainable, needs_trace=needs_trace))
         if report.skipped:
             print(f"[pact_fast] {report.summary()}")
         if cfg.eval_path:
-            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error)
+            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error,
+                                        check=partial(check_trainable, needs_trace=False))
         else:
             n = min(cfg.eval_tasks, len(train) // 5)
             train, held_out = train[n:], train[:n]
@@ -411,8 +418,11 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     train_cfg = config.train
     dist.init()
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
     run_dir = Path(train_cfg.out_dir)
-    train_set, held_out = load_data(config.data)  # data errors before the expensive model load
+    # data errors before the expensive model load
+    train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
     model, tokenizer = build_model_and_tokenizer(config.model, device, train_cfg.seed)
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     ref_scorer = None
@@ -645,7 +655,12 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step += 1
                 break
             if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
-                _evaluate_and_log(c, step + 1)
+                result = _evaluate_and_log(c, step + 1)
+                if bar:
+                    bar.clear()
+                log(f"[pact_fast] held-out at step {step + 1}: {result}")
+                if bar:
+                    bar.refresh()
         else:
             step = train_cfg.steps
     if bar:

@@ -1,8 +1,12 @@
 """Kernels run under the Triton interpreter on machines without a GPU (SPEC section 5).
-TRITON_INTERPRET must be set before triton is first imported, hence here."""
+TRITON_INTERPRET must be set before triton is first imported, hence here. OMP_WAIT_POLICY=PASSIVE (as the
+pact-fast command sets it) before torch loads OpenMP: the suite's subprocesses (the compile gate's pool,
+torchrun workers, CLI runs) share the cores with it, and spinning OpenMP workers would starve each other."""
 import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

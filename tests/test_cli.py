@@ -1,5 +1,6 @@
 """Every user mistake on the command line is one line naming it, exit status 2, before any expensive work,
 with no run directory left behind; --debug shows the traceback instead."""
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,31 @@ def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_row_without_tools_trace_answer_or_env_is_refused_before_training(tmp_path):
+    """A row of only ``id`` and ``messages`` parses, but would train at loss 0 and reward 0: one line naming the
+    file, the line and the first missing field, before any run directory is made."""
+    row = {"id": "q1", "messages": [{"role": "user", "content": "what is the employer of hugo ?"}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    proc = _cli("train", "--data", "rows.jsonl", "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pact-fast: rows.jsonl:1: missing 'tools'"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_sets_a_passive_openmp_wait_policy_before_torch_loads(given, expected):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the command's module sets it before any torch
+    import, and a value from the environment wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, pact_fast.__main__; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", expected]
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -150,3 +150,38 @@ def test_a_truncated_row_is_reported_where_the_line_ends(tmp_path):
     path.write_text('{"id": "a", "messages": [\n')
     with pytest.raises(DataFormatError, match=r"cut.jsonl:1: invalid JSON: the line ends after column 25 .*truncated"):
         load_examples(path)
+
+
+@pytest.mark.parametrize("drop,message", [
+    (("tools",), "missing 'tools'"),
+    (("env",), "missing 'env'"),
+    (("answer",), "missing 'answer'"),
+    (("trace",), "missing 'trace'"),
+    (("tools", "trace", "answer", "env"), "missing 'tools'"),
+])
+def test_a_row_that_cannot_train_names_file_line_and_field(tmp_path, drop, message):
+    """A row that parses but would train at zero loss and zero reward is refused with file, line and field."""
+    from pact_fast.data import check_trainable
+
+    path = tmp_path / "rows.jsonl"
+    row = {k: v for k, v in make_task(1, hops=1).items() if k not in drop}
+    path.write_text(json.dumps(_good()) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataFormatError, match=f"^{re.escape(str(path))}:2: {re.escape(message)}"):
+        load_examples(path, check=check_trainable)
+    examples, report = load_examples(path, on_error="skip", check=check_trainable)
+    assert len(examples) == 1 and report.skipped[0][0] == 2 and message in report.skipped[0][1]
+
+
+def test_grpo_rows_need_no_trace_but_still_their_reward():
+    from functools import partial
+
+    from pact_fast.data import check_trainable
+
+    grpo = partial(check_trainable, needs_trace=False)
+    grpo(parse_example({**_good(), "trace": []}))
+    with pytest.raises(DataFormatError, match="missing 'trace'"):
+        check_trainable(parse_example({**_good(), "trace": []}))
+    with pytest.raises(DataFormatError, match="missing 'answer'"):
+        grpo(parse_example({**_good(), "answer": None}))
+    with pytest.raises(DataFormatError, match="missing 'trace'"):  # a trace without an assistant turn is none
+        check_trainable(parse_example({**_good(), "trace": [{"role": "user", "content": "more"}]}))

@@ -219,6 +219,24 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how, fus
     assert any(f"step 2: non-finite {how}; step skipped" in line for line in logs), logs
 
 
+def test_each_periodic_evaluation_prints_a_line_and_train_threads_sets_torchs_pool(tmp_path):
+    logs, threads = [], torch.get_num_threads()
+    cfg = load_config(None, TINY + ["train.steps=3", "train.eval_every=1", "train.threads=1",
+                                    f"train.out_dir={tmp_path}"])
+    try:
+        train(cfg, log=logs.append)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval/success_rate" in line]
+    periodic = [line for line in logs if line.startswith("[pact_fast] held-out at step")]
+    assert [line.split(":")[0] for line in periodic] == ["[pact_fast] held-out at step 1",
+                                                        "[pact_fast] held-out at step 2"]
+    for line, row in zip(periodic, rows[1:3]):
+        assert row["step"] == int(line.split(":")[0].split()[-1])
+        assert f"'success_rate': {row['eval/success_rate']}" in line, (line, row)
+
+
 def test_consecutive_non_finite_steps_stop_the_run_with_a_message(tmp_path, monkeypatch):
     _flaky_loss(monkeypatch, set(range(1, 100)), "loss")
     cfg = load_config(None, TINY + ["train.steps=6", "train.max_skipped_steps=2", "train.save_every=1",
