@@ -50,3 +50,17 @@ def store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt):
     tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
+
+
+@triton.jit
+def soft_cap(z, cap):
+    """``cap * tanh(z / cap)`` and its derivative ``1 - tanh(z / cap)^2``, elementwise on fp32 ``z`` (``cap`` > 0).
+
+    Both come from one ``e = exp(-2 |z| / cap)``: ``tanh = (1 - e) / (1 + e)`` (sign of z) and
+    ``1 - tanh^2 = 4 e / (1 + e)^2``, which keeps the derivative's relative accuracy where tanh saturates
+    (``1 - tanh^2`` itself cancels there). z = -inf gives -cap and derivative 0."""
+    e = tl.exp(-2.0 * tl.abs(z) / cap)
+    one_plus_e = 1.0 + e
+    th = (1.0 - e) / one_plus_e
+    th = tl.where(z < 0, -th, th)
+    return cap * th, 4.0 * e / (one_plus_e * one_plus_e)

@@ -4,9 +4,11 @@ The launcher (``fused_pact_head_launch``) walks blocks of ``R`` rows. For each, 
 block's logits over the WHOLE vocabulary, ``z_raw = x[rows] @ w.T (+ b)``, into a workspace ``[R, V]`` in
 the input dtype; then ``_head_pass_kernel`` reads it once.
 
-``_head_pass_kernel`` keeps, per row, the online log-sum-exp of ``z = z_raw / temperature`` in fp32
+``_head_pass_kernel`` keeps, per row, the online log-sum-exp of ``z = z_raw * inv_temp`` in fp32
 (running max m, s = sum exp(z - m), t = sum exp(z - m) (z - m), z_tgt) and writes ``logp``, ``lse`` and
-``entropy``. With ``WRITE_U`` it also overwrites the workspace, in the same pass, with
+``entropy``; with ``SOFTCAP`` the logits are ``z = cap * tanh(z_raw / cap) * inv_temp`` (as in
+``kernels/linear_logprobs.py``; ``inv_temp`` carries a model's logit scale). With ``WRITE_U`` it also
+overwrites the workspace, in the same pass, with
 
     U[r, v] = exp(z[r, v] - c_r)  (v != target),    U[r, target] = -sum_{v != target} exp(z[r, v] - c_r),
 
@@ -14,8 +16,8 @@ for a per-row shift ``c_r`` fixed BEFORE the pass: ``c_r = z[r, target]`` (one e
 the gradient of the logits, whatever the upstream gradient ``g_r`` of the row's log-prob (known only
 after the pass: it comes from the PACT loss of the whole batch), is a row scaling of U:
 
-    d loss / d z_raw[r, :] = g_r (onehot(target) - softmax(z)) / temperature = beta_r U[r, :],
-    beta_r = -g_r / (temperature * s_r),   s_r = sum_v exp(z[r, v] - c_r)   (written to ``s``),
+    d loss / d z_raw[r, :] = g_r (onehot(target) - softmax(z)) * inv_temp = beta_r U[r, :],
+    beta_r = -g_r * inv_temp / s_r,   s_r = sum_v exp(z[r, v] - c_r)   (written to ``s``),
 
 so dX = diag(beta) (U @ w) and dW = U.T @ (diag(beta) x) are cuBLAS GEMMs on U and the workspace is read
 and written once (4 bytes per logit in bf16) instead of read for the statistics and read and written
@@ -37,14 +39,16 @@ ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = b
 
 ``_scale_rows_kernel`` applies ``beta``: ``dx[r, :] *= beta_r`` (dx holds ``U @ w``), ``xs[r, :] = beta_r
 x[r, :]`` (the dW GEMM's right operand) and ``beta`` itself in the input dtype (for the bias gradient's
-GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix) and fp16
-(whose range cannot hold ``U``) run the pass without ``WRITE_U``, then the ordinary gradient kernel of
-``linear_logprobs`` (read and write of the logits).
+GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
+(whose range cannot hold ``U``) and a soft cap run the pass without ``WRITE_U``, then the ordinary gradient
+kernel of ``linear_logprobs`` (read and write of the logits). With a soft cap d loss / d z_raw is the row
+scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from the stored values as
+``c + log U``, which that product does not allow; so ``SOFTCAP`` and ``WRITE_U`` never meet.
 """
 import triton
 import triton.language as tl
 
-from .common import online_softmax_step, round_to, store_row_stats
+from .common import online_softmax_step, round_to, soft_cap, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -52,11 +56,13 @@ _M_INIT = tl.constexpr(-1.0e30)
 @cost_name("fused_pact_head.pass")
 @triton.jit
 def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_ptr,
-                      R, V, inv_temp, limit,
-                      WRITE_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                      R, V, inv_temp, limit, cap,
+                      WRITE_U: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row block over the whole vocabulary: z [R, V] (workspace, raw logits; with WRITE_U overwritten
     by U), targets [R] int64 in [0, V); writes logp, lse, entropy [R] fp32 and, with WRITE_U, s [R] fp32
-    (the row sum of exp(z - shift) that U is relative to)."""
+    (the row sum of exp(z - shift) that U is relative to). ``cap`` is read only with SOFTCAP (never with
+    WRITE_U)."""
+    tl.static_assert(not (WRITE_U and SOFTCAP), "the U pass takes no soft cap")
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -76,7 +82,11 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
         mask = row_mask[:, None] & (cols < V)[None, :]
         ptrs = row_ptr[:, None] + cols[None, :]
         z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
-        z = z_raw.to(tl.float32) * inv_temp
+        z = z_raw.to(tl.float32)
+        if SOFTCAP:
+            z, _ = soft_cap(z, cap)
+            z = tl.where(mask, z, float("-inf"))
+        z = z * inv_temp
         m, s, t = online_softmax_step(m, s, t, z, mask)
         is_tgt = cols[None, :] == tgt[:, None]
         z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)

@@ -10,8 +10,8 @@ Per block of ``R`` rows (``rows_per_block``, default ``BLOCK_ROWS``):
    the PACT loss, a pointwise function of each token's own values (SPEC section 7, last paragraph).
 4. shift mode: ``torch.mm[dx]`` = U @ w into dX's rows, ``fused_pact_head.scale`` (dX rows *= beta,
    xs = beta * x), ``torch.mm[dw]`` = U.T @ xs into dW, ``torch.mm[db]`` = U.T @ beta into db.
-   ordinary mode (entropy bonus, or fp16): ``linear_logprobs.bwd`` turns the workspace into d logits in
-   place (fp32 bias gradient by atomics), then ``torch.mm[dx]`` and ``torch.mm[dw]``.
+   ordinary mode (entropy bonus, fp16, or a soft cap): ``linear_logprobs.bwd`` turns the workspace into
+   d logits in place (fp32 bias gradient by atomics), then ``torch.mm[dx]`` and ``torch.mm[dw]``.
 
 6NVH FLOPs, no logit computed twice. dX is rounded to the input dtype once (after its GEMM, again after
 the row scaling in shift mode); dW and (shift mode) db accumulate over row blocks in the input dtype, so
@@ -41,10 +41,11 @@ def _configs():
     return INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
 
 
-def shift_mode(dtype, want_entropy):
-    """True when the gradient is a row scaling of the pass's U: no entropy bonus, and a dtype whose range
-    holds U (bf16, fp32; fp16 tops out at 65504)."""
-    return not want_entropy and dtype in (torch.bfloat16, torch.float32)
+def shift_mode(dtype, want_entropy, softcap=False):
+    """True when the gradient is a row scaling of the pass's U: no entropy bonus, no soft cap (rows re-shifted
+    past the limit recover their logits from U, which U * (1 - tanh^2) would not allow), and a dtype whose
+    range holds U (bf16, fp32; fp16 tops out at 65504)."""
+    return not want_entropy and not softcap and dtype in (torch.bfloat16, torch.float32)
 
 
 def row_blocks(N, R):
@@ -52,8 +53,10 @@ def row_blocks(N, R):
     return [(r0, min(R, N - r0)) for r0 in range(0, N, R)]
 
 
-def run(x, w, b, targets, inv_temp, want_entropy, grads, *, rows_per_block=None, limit=SHIFT_LIMIT, configs=None):
-    """The fused head over x [N, H], w [V, H], b [V] | None, targets [N] int64 in [0, V).
+def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
+        configs=None):
+    """The fused head over x [N, H], w [V, H], b [V] | None, targets [N] int64 in [0, V), with the logits
+    ``z_raw * inv_temp``, or ``cap * tanh(z_raw / cap) * inv_temp`` when ``cap`` is not None (ordinary mode).
 
     ``grads(lo, hi, logp, ent) -> (g_logp [hi-lo], g_ent [hi-lo] | None)`` fp32 upstream gradients of rows
     [lo, hi), called once per block after that block's log-probs are in ``logp [N]`` (and entropies in
@@ -65,7 +68,7 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, rows_per_block=None,
     V = w.shape[0]
     cfgs = configs or _configs()
     R = rows_per_block or BLOCK_ROWS
-    shift = grads is not None and shift_mode(x.dtype, want_entropy)
+    shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
     if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
                          "linear_logprobs' gradient epilogue; use fewer rows per block")
@@ -90,7 +93,8 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, rows_per_block=None,
             torch.addmm(b, x[rows], w.t(), out=z)
         _head_pass_kernel[(triton.cdiv(r, pcfg.blocks["BLOCK_R"]),)](
             z, z.stride(0), targets[rows], logp[rows], lse[rows], ent[rows], s[rows], r, V, inv_temp, limit,
-            WRITE_U=shift, **pcfg.blocks, num_warps=pcfg.num_warps, num_stages=pcfg.num_stages)
+            cap or 1.0, WRITE_U=shift, SOFTCAP=cap is not None, **pcfg.blocks, num_warps=pcfg.num_warps,
+            num_stages=pcfg.num_stages)
         if grads is None:
             continue
         g_logp, g_ent = grads(r0, r0 + r, logp, ent)
@@ -106,7 +110,7 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, rows_per_block=None,
                 _accumulate(db, z.t(), beta[:r], first)
         else:
             slab_grad(z, 0, targets[rows], lse[rows], ent[rows], g_logp,
-                      g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"])
+                      g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
             torch.mm(z, w, out=dx[rows])
             _accumulate(dw, z.t(), x[rows], first)
     if db is not None and shift:
@@ -123,22 +127,22 @@ def _accumulate(out, a, b, first):
 
 
 def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=None, rows_per_block=None,
-                 backward=True):
+                 backward=True, softcap=False):
     """Performance model of ``run``: one KernelCost per launch, in launch order.
 
     Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded; an atomic
     counts as a load plus a store), no tensor-core FLOPs. cuBLAS GEMMs (``torch.mm[...]``): 2*M*N*K FLOPs and
     compulsory bytes (operands, an addmm's C, the output once). ``bad_rows``: per row block, how many rows
     the pass re-shifts in its second loop (their max logit over ``limit`` above the target's; data-dependent,
-    0 by default); ``backward=False``: forward only (``grads=None``). ``configs`` / ``rows_per_block``
-    default to what ``run`` uses on a GPU."""
+    0 by default); ``backward=False``: forward only (``grads=None``); ``softcap``: ``run`` with a cap (ordinary
+    mode; the cap itself moves no byte). ``configs`` / ``rows_per_block`` default to what ``run`` uses on a GPU."""
     cfgs = configs or GPU_CONFIGS
     blocks = row_blocks(N, rows_per_block or BLOCK_ROWS)
     bad_rows = bad_rows or [0] * len(blocks)
     if len(bad_rows) != len(blocks):
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
     e = torch.empty((), dtype=dtype).element_size()
-    shift = backward and shift_mode(dtype, want_entropy)
+    shift = backward and shift_mode(dtype, want_entropy, softcap)
     costs = []
 
     def gemm(tag, m, n, k, c_elems):
@@ -172,30 +176,33 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     return costs
 
 
-def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None):
+def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False):
     """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the logits workspace
     [R, V] and, in shift mode, xs [R, H] and beta [R] (input dtype); fp32 lse and s [N]."""
     R = min(N, rows_per_block or BLOCK_ROWS)
     e = torch.empty((), dtype=dtype).element_size()
-    shift = shift_mode(dtype, want_entropy)
+    shift = shift_mode(dtype, want_entropy, softcap)
     return R * V * e + (R * H * e + R * e if shift else 0) + 8 * N
 
 
 def gate_entries():
     """The pass kernel and the row-scaling kernel at their GPU configurations, for every dtype and mode
-    ``run`` launches them with (shift mode: bf16, fp32; ordinary: bf16, fp16, fp32)."""
+    ``run`` launches them with (shift mode: bf16, fp32; ordinary: bf16, fp16, fp32, with or without a soft
+    cap)."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
-        for write_u in (False, True):
+        for write_u, softcap in ((False, False), (True, False), (False, True)):
             if write_u and not shift_mode(dtype, False):
                 continue
             cfg = GPU_CONFIGS["pass"]
             entries.append(GateEntry(
-                f"fused_pact_head.pass[{t}{'-shift' if write_u else ''}]", _head_pass_kernel,
+                f"fused_pact_head.pass[{t}{'-shift' if write_u else ''}{'-softcap' if softcap else ''}]",
+                _head_pass_kernel,
                 {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
-                 "ent_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "V": "i32", "inv_temp": "fp32", "limit": "fp32"},
-                {"WRITE_U": write_u, **cfg.blocks}, cfg, expects_mma=False))
+                 "ent_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "V": "i32", "inv_temp": "fp32", "limit": "fp32",
+                 "cap": "fp32"},
+                {"WRITE_U": write_u, "SOFTCAP": softcap, **cfg.blocks}, cfg, expects_mma=False))
         if shift_mode(dtype, False):
             cfg = GPU_CONFIGS["scale"]
             entries.append(GateEntry(

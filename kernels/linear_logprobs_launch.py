@@ -16,6 +16,11 @@ model's own lm_head output would be), and dW carries ceil(N / R) roundings, dX c
 Building blocks for other ops over the same loop (e.g. a fused loss head): ``plan`` / ``Blocking``,
 ``blocks``, ``workspace_view``, ``slab_logits``, ``slab_stats``, ``slab_grad``, ``accumulate_grads``.
 
+Every function takes the logits' transform as ``inv_temp`` and ``cap``: the epilogues use
+``z = z_raw * inv_temp``, or ``z = cap * tanh(z_raw / cap) * inv_temp`` when ``cap`` is not None (a soft
+cap; ``pact_fast.ops.linear_logprobs`` folds a logit scale into both). The soft cap changes no load, store
+or GEMM, so ``kernel_costs`` holds with and without it.
+
 The workspace is sized by a memory budget, ``WORKSPACE_FRACTION`` of the weight gradient's bytes,
 with at least ``MIN_BLOCK_ROWS`` rows per block (so the GEMMs are compute-bound) where N allows.
 """
@@ -84,22 +89,23 @@ def slab_logits(x_blk, w, b, v0, out):
         torch.addmm(b[v0:v0 + s], x_blk, w[v0:v0 + s].t(), out=out)
 
 
-def slab_stats(z, v0, V, targets, state, logp, lse, ent, inv_temp, cfg):
+def slab_stats(z, v0, V, targets, state, logp, lse, ent, inv_temp, cfg, cap=None):
     """Online LSE over one slab: z [r, s] logits of columns [v0, v0 + s); targets [r]; state [4, >= r] fp32
     carried between the slabs of a block; at the last slab (v0 + s == V) writes logp, lse, entropy [r]."""
     r, s = z.shape
     _launch(_slab_stats_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
-            z, z.stride(0), targets, state, logp, lse, ent, r, s, v0, inv_temp,
-            IS_FIRST=v0 == 0, IS_LAST=v0 + s == V)
+            z, z.stride(0), targets, state, logp, lse, ent, r, s, v0, inv_temp, cap or 1.0,
+            IS_FIRST=v0 == 0, IS_LAST=v0 + s == V, SOFTCAP=cap is not None)
 
 
-def slab_grad(z, v0, targets, lse, ent, g_logp, g_ent, db, inv_temp, cfg):
+def slab_grad(z, v0, targets, lse, ent, g_logp, g_ent, db, inv_temp, cfg, cap=None):
     """z [r, s] logits of columns [v0, v0 + s) -> d loss / d logits, in place; targets, lse, g_logp [r];
     ent, g_ent [r] or g_ent None (no entropy gradient); db [s] fp32 += column sums, or None."""
     r, s = z.shape
     _launch(_slab_grad_kernel, (triton.cdiv(r, cfg.blocks["BLOCK_R"]),), cfg,
             z, z.stride(0), targets, lse, ent, g_logp, g_logp if g_ent is None else g_ent,
-            lse if db is None else db, r, s, v0, inv_temp, HAS_GENT=g_ent is not None, HAS_BIAS=db is not None)
+            lse if db is None else db, r, s, v0, inv_temp, cap or 1.0,
+            HAS_GENT=g_ent is not None, HAS_BIAS=db is not None, SOFTCAP=cap is not None)
 
 
 def accumulate_grads(dz, x_blk, w_slab, dx_blk, dw_slab, first_slab, first_block):
@@ -115,8 +121,9 @@ def accumulate_grads(dz, x_blk, w_slab, dx_blk, dw_slab, first_slab, first_block
         dw_slab.addmm_(dz.t(), x_blk)
 
 
-def forward(x, w, b, targets, inv_temp, configs=None, blocking=None):
-    """x [N,H], w [V,H], b [V]|None, targets [N] int64 in [0,V) -> fp32 (logp [N], lse [N], entropy [N])."""
+def forward(x, w, b, targets, inv_temp, configs=None, blocking=None, cap=None):
+    """x [N,H], w [V,H], b [V]|None, targets [N] int64 in [0,V) -> fp32 (logp [N], lse [N], entropy [N]) of
+    the logits ``z_raw * inv_temp`` (``cap`` None) or ``cap * tanh(z_raw / cap) * inv_temp``."""
     N, H = x.shape
     V = w.shape[0]
     logp, lse, ent = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(3))
@@ -130,13 +137,13 @@ def forward(x, w, b, targets, inv_temp, configs=None, blocking=None):
         rows = slice(r0, r0 + r)
         z = workspace_view(workspace, r, s)
         slab_logits(x[rows], w, b, v0, z)
-        slab_stats(z, v0, V, targets[rows], state, logp[rows], lse[rows], ent[rows], inv_temp, cfg)
+        slab_stats(z, v0, V, targets[rows], state, logp[rows], lse[rows], ent[rows], inv_temp, cfg, cap)
     return logp, lse, ent
 
 
-def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, blocking=None):
+def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, blocking=None, cap=None):
     """Gradients for upstream g_logp [N] (and g_ent [N] or None) -> (dx [N,H], dw [V,H]) in the input
-    dtype and db [V] fp32 (None without bias)."""
+    dtype and db [V] fp32 (None without bias); ``inv_temp`` and ``cap`` as in ``forward``."""
     N, H = x.shape
     V = w.shape[0]
     db = torch.zeros((V,), device=x.device, dtype=torch.float32) if b is not None else None
@@ -155,7 +162,8 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, 
         z = workspace_view(workspace, r, s)
         slab_logits(x[rows], w, b, v0, z)
         slab_grad(z, v0, targets[rows], lse[rows], ent[rows], g_logp[rows],
-                  g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp, cfg)
+                  g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp, cfg,
+                  cap)
         accumulate_grads(z, x[rows], w[cols], dx[rows], dw[cols], first_slab=v0 == 0, first_block=r0 == 0)
     return dx, dw, db
 
@@ -203,27 +211,33 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, blocking=None):
 
 
 def gate_entries():
+    """Both epilogues at their GPU configurations, for every dtype and constexpr combination the launchers use
+    (first / last slab, bias, entropy gradient, soft cap)."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
-        for first in (False, True):
-            for last in (False, True):
-                cfg = GPU_CONFIGS["fwd"]
-                entries.append(GateEntry(
-                    f"linear_logprobs.fwd[{t}{'-first' if first else ''}{'-last' if last else ''}]",
-                    _slab_stats_kernel,
-                    {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "state_ptr": "*fp32",
-                     "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "R": "i32", "S": "i32",
-                     "v0": "i32", "inv_temp": "fp32"},
-                    {"IS_FIRST": first, "IS_LAST": last, **cfg.blocks}, cfg, expects_mma=False))
-        for has_bias in (False, True):
-            for has_gent in (False, True):
-                cfg = GPU_CONFIGS["bwd"]
-                entries.append(GateEntry(
-                    f"linear_logprobs.bwd[{t}{'-bias' if has_bias else ''}{'-ent' if has_gent else ''}]",
-                    _slab_grad_kernel,
-                    {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                     "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "db_ptr": "*fp32",
-                     "R": "i32", "S": "i32", "v0": "i32", "inv_temp": "fp32"},
-                    {"HAS_GENT": has_gent, "HAS_BIAS": has_bias, **cfg.blocks}, cfg, expects_mma=False))
+        for softcap in (False, True):
+            cap_tag = "-softcap" if softcap else ""
+            for first in (False, True):
+                for last in (False, True):
+                    cfg = GPU_CONFIGS["fwd"]
+                    entries.append(GateEntry(
+                        f"linear_logprobs.fwd[{t}{'-first' if first else ''}{'-last' if last else ''}{cap_tag}]",
+                        _slab_stats_kernel,
+                        {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "state_ptr": "*fp32",
+                         "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "R": "i32", "S": "i32",
+                         "v0": "i32", "inv_temp": "fp32", "cap": "fp32"},
+                        {"IS_FIRST": first, "IS_LAST": last, "SOFTCAP": softcap, **cfg.blocks}, cfg,
+                        expects_mma=False))
+            for has_bias in (False, True):
+                for has_gent in (False, True):
+                    cfg = GPU_CONFIGS["bwd"]
+                    entries.append(GateEntry(
+                        f"linear_logprobs.bwd[{t}{'-bias' if has_bias else ''}{'-ent' if has_gent else ''}{cap_tag}]",
+                        _slab_grad_kernel,
+                        {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+                         "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "db_ptr": "*fp32",
+                         "R": "i32", "S": "i32", "v0": "i32", "inv_temp": "fp32", "cap": "fp32"},
+                        {"HAS_GENT": has_gent, "HAS_BIAS": has_bias, "SOFTCAP": softcap, **cfg.blocks}, cfg,
+                        expects_mma=False))
     return entries

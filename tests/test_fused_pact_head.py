@@ -17,7 +17,7 @@ D = torch.float64
 V, H = 37, 11  # odd sizes
 
 
-def _problem(seed, dtype=D, logit_scale=1.0, bias=False):
+def _problem(seed, dtype=D, weight_scale=1.0, bias=False):
     """A random micro-batch: B=5 rollouts x T=6 tokens in two contexts, S=2 traces x E=7, as hidden rows."""
     g = torch.Generator().manual_seed(seed)
     B, T = 5, 6
@@ -32,7 +32,7 @@ def _problem(seed, dtype=D, logit_scale=1.0, bias=False):
         index[valid] = torch.arange(n, n + int(valid.sum()))
         rows[name], n = index, n + int(valid.sum())
     hidden = torch.randn(n, H, generator=g, dtype=D).to(dtype).requires_grad_()
-    weight = (logit_scale * torch.randn(V, H, generator=g, dtype=D) / math.sqrt(H)).to(dtype).requires_grad_()
+    weight = (weight_scale * torch.randn(V, H, generator=g, dtype=D) / math.sqrt(H)).to(dtype).requires_grad_()
     b = (torch.randn(V, generator=g, dtype=D)).to(dtype).requires_grad_() if bias else None
     targets = torch.randint(0, V, (n,), generator=g)
     batch = PACTBatch(
@@ -49,11 +49,15 @@ def _scatter(values, index):
     return torch.where(index >= 0, values[index.clamp_min(0)], torch.zeros((), dtype=values.dtype))
 
 
-def _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature, old_from_current, **kw):
-    """The float64 reference: materialised logits, log_softmax, gather, pact_loss."""
+def _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature, old_from_current,
+             logit_scale=1.0, softcap=None, **kw):
+    """The float64 reference: materialised logits (scaled, soft-capped), log_softmax, gather, pact_loss."""
     z = hidden.double() @ weight.double().t()
     if bias is not None:
         z = z + bias.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     logprobs = torch.log_softmax(z / temperature, dim=-1)
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)
     ent = -(logprobs.exp() * logprobs).sum(-1)
@@ -80,27 +84,40 @@ CASES = [
     pytest.param(dict(clip_eps_low=0.1, clip_eps_high=0.28, norm_adv_by_std=False, sft_reasoning_mode="scale",
                       anchor_q=0.9), 0.6, {"temperature": 0.7, "bias": True}, id="pact-asymclip-nostd-scale-temp-bias"),
     pytest.param(dict(c_ent=0.05, anchor_mode="mix"), 0.0, {"old_from_current": True}, id="pact-old-from-current"),
-    pytest.param(dict(), 0.5, {"logit_scale": 300.0}, id="pact-large-logits"),
+    pytest.param(dict(), 0.5, {"weight_scale": 300.0}, id="pact-large-logits"),
+    pytest.param(dict(), 0.5, {"logit_scale": 1.7, "bias": True}, id="pact-logit-scale-bias"),
+    pytest.param(dict(), 0.5, {"softcap": 1.5, "weight_scale": 3.0}, id="pact-softcap"),
+    pytest.param(dict(c_ent=0.02, beta_kl=0.1, kl_estimator="k3"), 0.3,
+                 {"logit_scale": 0.6, "softcap": 2.0, "temperature": 0.8, "bias": True, "weight_scale": 3.0},
+                 id="pact-entropy-k3-scale-softcap-temp-bias"),
+    pytest.param(dict(), 0.5, {"weight_scale": 300.0, "logit_scale": 0.5, "softcap": 30.0},
+                 id="pact-large-logits-softcap"),
 ]
+
+
+def _transform(opts):
+    """The logit transform keywords of a case, for the op and for ``_unfused`` alike."""
+    return dict(temperature=opts.get("temperature", 1.0), logit_scale=opts.get("logit_scale", 1.0),
+                softcap=opts.get("softcap"))
 
 
 @pytest.mark.parametrize("cfg,progress,opts", CASES)
 def test_fused_head_equals_the_unfused_path_in_float64(cfg, progress, opts):
     config = PACTLossConfig(**cfg)
-    temperature = opts.get("temperature", 1.0)
+    transform = _transform(opts)
     old_from_current = opts.get("old_from_current", False)
     for seed in (0, 1):
-        hidden, weight, bias, targets, rows, batch = _problem(seed, logit_scale=opts.get("logit_scale", 1.0),
+        hidden, weight, bias, targets, rows, batch = _problem(seed, weight_scale=opts.get("weight_scale", 1.0),
                                                               bias=opts.get("bias", False))
         if old_from_current:
             batch.old_logp_tc = batch.old_logp_po = None
         params = [hidden, weight] + ([bias] if bias is not None else [])
-        ref_loss, ref_metrics = _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature,
-                                         old_from_current, step=seed + 3)
+        ref_loss, ref_metrics = _unfused(hidden, weight, bias, targets, rows, batch, config, progress,
+                                         old_from_current=old_from_current, step=seed + 3, **transform)
         ref_grads = torch.autograd.grad(ref_loss, params)
         loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, progress, bias=bias,
-                                        temperature=temperature, old_from_current=old_from_current, step=seed + 3,
-                                        chunk_rows=7)  # several ragged chunks
+                                        old_from_current=old_from_current, step=seed + 3,
+                                        chunk_rows=7, **transform)  # several ragged chunks
         grads = torch.autograd.grad(3.0 * loss, params)  # backward scales by the incoming grad
         assert torch.isclose(loss, ref_loss, rtol=1e-10, atol=1e-12), (loss.item(), ref_loss.item())
         assert metrics.keys() == ref_metrics.keys()
@@ -160,17 +177,22 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: setattr(a["batch"], "logp_po", a["batch"].old_logp_po), "leave it None"),
     (lambda a: a.update(targets=a["targets"] + V), "targets must lie in"),
     (lambda a: a.update(temperature=0.0), "temperature"),
+    (lambda a: a.update(logit_scale=0.0), "logit_scale"),
+    (lambda a: a.update(logit_scale=float("inf")), "logit_scale"),
+    (lambda a: a.update(softcap=-1.0), "softcap"),
+    (lambda a: a.update(softcap=0.0), "softcap"),
     (lambda a: a.update(old_from_current=True), "old_from_current"),
 ], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-field", "batch-field", "targets", "temperature",
-        "old-given"])
+        "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given"])
 def test_bad_input_is_an_error_naming_it(change, match):
     hidden, weight, _, targets, rows, batch = _problem(4)
-    args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, old_from_current=False)
+    args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, logit_scale=1.0,
+                softcap=None, old_from_current=False)
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_pact_head(hidden, weight, args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
-                        temperature=args["temperature"], old_from_current=args["old_from_current"],
-                        backend=args["backend"])
+                        temperature=args["temperature"], logit_scale=args["logit_scale"], softcap=args["softcap"],
+                        old_from_current=args["old_from_current"], backend=args["backend"])
 
 
 # ------------------------------------------------------------------ the Triton backend (interpreter on CPU)
@@ -186,15 +208,13 @@ def _as_fp32_batch(batch):
     return batch
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("cfg,progress,opts", CASES)
-def test_triton_backend_equals_the_float64_reference(cfg, progress, opts, dtype):
+def _check_low_precision(cfg, progress, opts, dtype, backend):
     """Loss, metrics and the gradients of hidden, weight (and bias) against float64 autograd of the unfused
-    path on the same (rounded) inputs, in row blocks of 7 (ragged) with the interpreter's small tiles."""
+    path on the same (rounded) inputs, in row blocks of 7 (ragged); triton with the interpreter's small tiles."""
     config = PACTLossConfig(**cfg)
-    temperature = opts.get("temperature", 1.0)
+    transform = _transform(opts)
     old_from_current = opts.get("old_from_current", False)
-    hidden, weight, bias, targets, rows, batch = _problem(1, dtype=dtype, logit_scale=opts.get("logit_scale", 1.0),
+    hidden, weight, bias, targets, rows, batch = _problem(1, dtype=dtype, weight_scale=opts.get("weight_scale", 1.0),
                                                           bias=opts.get("bias", False))
     batch = _as_fp32_batch(batch)
     if old_from_current:
@@ -202,11 +222,11 @@ def test_triton_backend_equals_the_float64_reference(cfg, progress, opts, dtype)
     params = [hidden, weight] + ([bias] if bias is not None else [])
     ref_params = [p.detach().double().requires_grad_() for p in params]
     ref_loss, ref_metrics = _unfused(*ref_params[:2], ref_params[2] if bias is not None else None, targets, rows,
-                                     batch, config, progress, temperature, old_from_current, step=4)
+                                     batch, config, progress, old_from_current=old_from_current, step=4, **transform)
     ref_grads = torch.autograd.grad(ref_loss, ref_params)
     loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, progress, bias=bias,
-                                    temperature=temperature, old_from_current=old_from_current, step=4,
-                                    chunk_rows=7, backend="triton")
+                                    old_from_current=old_from_current, step=4, chunk_rows=7, backend=backend,
+                                    **transform)
     grads = torch.autograd.grad(2.0 * loss, params)
     tol = TRITON_TOL[dtype]
     assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (loss.item(), ref_loss.item())
@@ -215,6 +235,20 @@ def test_triton_backend_equals_the_float64_reference(cfg, progress, opts, dtype)
         assert got.dtype == dtype, name
         assert want.abs().max() > 0 or cfg.get("mode") == "sft", name  # the case carries a gradient
         assert rel_err(got, 2.0 * want) < tol, (name, rel_err(got, 2.0 * want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cfg,progress,opts", CASES)
+def test_triton_backend_equals_the_float64_reference(cfg, progress, opts, dtype):
+    _check_low_precision(cfg, progress, opts, dtype, "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg,progress,opts", [c for c in CASES if {"logit_scale", "softcap"} & set(c.values[2])])
+def test_torch_backend_with_logit_transforms_in_fp32_and_fp16(cfg, progress, opts, dtype):
+    """The torch backend's logit scale and soft cap on fp32 / fp16 inputs (the float64 test above holds it to
+    1e-10 on float64 inputs)."""
+    _check_low_precision(cfg, progress, opts, dtype, "torch")
 
 
 def test_triton_backend_matches_the_torch_backend_metrics_in_fp32():
@@ -256,6 +290,58 @@ def test_rows_over_the_shift_limit_are_re_shifted_exactly(limit, dtype, bias):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     for name, got, ref_grad in zip(("x", "w", "b"), (dx, dw, db), want):
         assert rel_err(got, ref_grad) < tol, (name, rel_err(got, ref_grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("want_entropy", [False, True], ids=["logp", "logp-ent"])
+def test_softcap_launcher_matches_float64(dtype, want_entropy):
+    """The triton launcher with a soft cap (and a logit scale, temperature 0.7, bias): log-probs (<= 0),
+    entropies and the gradients of x, w, b for random upstream gradients of both, against float64 autograd of
+    ``linear_logprobs_reference``; logits up to ~400 before the scale, so the cap of 30 saturates. A cap takes
+    the ordinary epilogue even where shift mode would otherwise run (no entropy bonus, fp32 / bf16)."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+    from pact_fast.ops.linear_logprobs import linear_logprobs_reference, logit_transform
+
+    g = torch.Generator().manual_seed(13)
+    N, Vb, Hb = 29, 203, 24
+    x = torch.randn(N, Hb, generator=g).to(dtype)
+    w = (torch.randn(Vb, Hb, generator=g) * 20).to(dtype)
+    b = torch.randn(Vb, generator=g).to(dtype)
+    t = torch.randint(0, Vb, (N,), generator=g)
+    g_logp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    transform = dict(temperature=0.7, logit_scale=0.5, softcap=30.0)
+    inv_temp, cap = logit_transform(**transform)
+    logp, ent, dx, dw, db = launch.run(x, w, b, t, inv_temp, want_entropy,
+                                       lambda lo, hi, lp, en: (g_logp[lo:hi], g_ent[lo:hi] if want_entropy else None),
+                                       cap=cap, rows_per_block=11)
+    ref = [p.double().requires_grad_() for p in (x, w, b)]
+    logp_r, ent_r = linear_logprobs_reference(*ref[:2], t, bias=ref[2], **transform)
+    upstream = (g_logp.double() * logp_r).sum() + ((g_ent.double() * ent_r).sum() if want_entropy else 0)
+    want = torch.autograd.grad(upstream, ref)
+    tol = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    assert (logp <= 0).all() and (ent >= 0).all()
+    assert rel_err(logp, logp_r) < tol and rel_err(ent, ent_r) < tol
+    for name, got, ref_grad in zip(("x", "w", "b"), (dx, dw, db), want):
+        assert rel_err(got, ref_grad) < tol, (name, rel_err(got, ref_grad))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", D), ("triton", torch.float32), ("triton", torch.bfloat16)],
+                         ids=["torch-f64", "triton-fp32", "triton-bf16"])
+def test_logit_scale_without_softcap_is_an_inverse_temperature(backend, dtype):
+    """logit_scale 4 with softcap=None is temperature 1/4, bit for bit (loss, metrics, every gradient), the
+    triton backend on its shift path (no entropy bonus) and in bf16 too."""
+    config = PACTLossConfig(beta_kl=0.1)
+    results = []
+    for transform in (dict(logit_scale=4.0), dict(temperature=0.25)):
+        hidden, weight, bias, targets, rows, batch = _problem(10, dtype=dtype, bias=True)
+        batch = _as_fp32_batch(batch) if backend == "triton" else batch
+        loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, bias=bias, step=1,
+                                        chunk_rows=7, backend=backend, **transform)
+        results.append((loss, metrics, torch.autograd.grad(loss, [hidden, weight, bias])))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and metrics_a == metrics_b
+    for got, want in zip(grads_a, grads_b):
+        assert torch.equal(got, want)
 
 
 def test_auto_backend_is_torch_on_cpu_even_when_interpreting(monkeypatch):

@@ -49,15 +49,17 @@ def test_matches_float64_reference(backend, dtype, use_bias, temperature, N, H, 
         assert rel_err(o.grad, r.grad) < TOL[dtype], name
 
 
-def _check_against_float64(hidden, weight, bias, targets, tol, temperature=1.0, **kwargs):
-    """Our logp, entropy and every gradient (random g_logp and g_ent) against the float64 reference."""
+def _check_against_float64(hidden, weight, bias, targets, tol, temperature=1.0, transform=None, **kwargs):
+    """Our logp, entropy and every gradient (random g_logp and g_ent) against the float64 reference;
+    ``transform``: logit_scale / softcap keywords given to both."""
+    transform = transform or {}
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
     ours = [t.clone().requires_grad_() for t in inputs]
     ref = [t.double().clone().requires_grad_() for t in inputs]
     logp, ent = linear_logprobs(ours[0], ours[1], targets, bias=ours[2] if bias is not None else None,
-                                temperature=temperature, return_entropy=True, **kwargs)
+                                temperature=temperature, return_entropy=True, **transform, **kwargs)
     logp_r, ent_r = linear_logprobs_reference(ref[0], ref[1], targets, bias=ref[2] if bias is not None else None,
-                                              temperature=temperature)
+                                              temperature=temperature, **transform)
     assert (logp <= 0).all() and (ent >= 0).all()
     assert rel_err(logp, logp_r) < tol and rel_err(ent, ent_r) < tol
     g = torch.Generator().manual_seed(1)
@@ -87,6 +89,52 @@ def test_large_logits_across_slabs(backend, device):
     weight = weight * (1e3 / (hidden @ weight.t()).abs().max())
     _check_against_float64(hidden, weight, None, targets, 2e-5, backend=backend, chunk_rows=5,
                            **({"vocab_slab": 32} if backend == "triton" else {}))
+
+
+TRANSFORMS = [
+    pytest.param(dict(softcap=3.0), id="softcap3"),
+    pytest.param(dict(logit_scale=0.37), id="scale0.37"),
+    pytest.param(dict(logit_scale=2.5, softcap=4.0), id="scale2.5-softcap4"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_logit_scale_and_softcap_match_float64(backend, dtype, transform, device):
+    """Gemma2 / Granite / Cohere logit transforms (with a bias, temperature 0.8, ignored rows, V odd): logp,
+    entropy and the gradients of hidden, weight and bias against float64 autograd of the reference; the triton
+    backend over ragged row blocks x vocabulary slabs. Logits reach ~8, so the cap of 3 saturates."""
+    hidden, weight, bias, targets = _inputs(37, 48, 203, dtype, device, scale=3.0, n_ignored=4, seed=11)
+    blocking = dict(chunk_rows=13, vocab_slab=40) if backend == "triton" else dict(chunk_rows=16)
+    _check_against_float64(hidden, weight, bias, targets, TOL[dtype], temperature=0.8, transform=transform,
+                           backend=backend, **blocking)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_softcap_on_large_logits_across_slabs(backend, device):
+    """|logit_scale * logits| ~ 1e3, capped at 30 (Gemma2's value): deep in tanh's saturation, where the
+    derivative 1 - tanh^2 must not cancel, with the maximum in a later slab than the target."""
+    hidden, weight, bias, targets = _inputs(23, 16, 157, torch.float32, device, n_ignored=2, seed=5)
+    weight = weight * (2e3 / (hidden @ weight.t()).abs().max())
+    _check_against_float64(hidden, weight, bias, targets, 2e-5, transform=dict(logit_scale=0.5, softcap=30.0),
+                           backend=backend, chunk_rows=5, **({"vocab_slab": 32} if backend == "triton" else {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logit_scale_without_softcap_is_an_inverse_temperature(backend, device):
+    """logit_scale s with softcap=None folds into the temperature: the same values and gradients as
+    temperature 1 / s (bit for bit at s = 4, a power of two; to rounding at s = 0.3)."""
+    hidden, weight, bias, targets = _inputs(21, 32, 77, torch.float32, device, seed=2)
+    for scale, exact in ((4.0, True), (0.3, False)):
+        results = []
+        for kwargs in (dict(logit_scale=scale), dict(temperature=1.0 / scale)):
+            h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+            logp, ent = linear_logprobs(h, w, targets, bias=b, return_entropy=True, backend=backend, **kwargs)
+            (logp.sum() + 0.5 * ent.sum()).backward()
+            results.append((logp, ent, h.grad, w.grad, b.grad))
+        for got, want in zip(*results):
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_triton_gradients_come_back_in_the_input_dtype_without_fp32_copies(device):
@@ -177,6 +225,13 @@ def test_leading_dims_are_kept():
     (dict(targets=torch.full((6,), -3)), ValueError, "outside"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(logit_scale=0.0), ValueError, "logit_scale"),
+    (dict(logit_scale=-2.0), ValueError, "logit_scale"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-30.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
     (dict(weight=torch.randn(40, 8)), ValueError, "hidden"),
     (dict(weight=torch.randn(40, 16, dtype=torch.float64)), TypeError, "weight"),
     (dict(bias=torch.randn(39)), ValueError, "bias"),
@@ -185,6 +240,7 @@ def test_leading_dims_are_kept():
     (dict(chunk_rows=0), ValueError, "chunk_rows"),
     (dict(vocab_slab=-4), ValueError, "vocab_slab"),
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
+        "scale-zero", "scale-negative", "scale-inf", "scale-nan", "softcap-zero", "softcap-negative", "softcap-inf",
         "hidden-H", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
@@ -194,10 +250,11 @@ def test_bad_input_is_a_clear_error(kwargs, exc, word):
         linear_logprobs(hidden, weight, targets, **args)
 
 
-def test_the_op_compiles_in_one_graph_and_matches_eager():
+@pytest.mark.parametrize("transform", [{}, dict(logit_scale=0.6, softcap=2.0)], ids=["plain", "scale-softcap"])
+def test_the_op_compiles_in_one_graph_and_matches_eager(transform):
     """``linear_logprobs`` is a registered custom op (fake implementation and autograd formula):
     ``torch.compile(fullgraph=True)`` of a function around it compiles on CPU (no graph break) and gives eager's
-    values and gradients, ignored rows included."""
+    values and gradients, ignored rows included, with and without a logit scale and soft cap."""
     torch.manual_seed(0)
     N, H, V = 37, 16, 101
     hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
@@ -208,8 +265,8 @@ def test_the_op_compiles_in_one_graph_and_matches_eager():
 
     def loss(hidden, weight, bias, targets):
         logp, ent = linear_logprobs(torch.tanh(hidden), weight, targets, bias=bias, temperature=0.7,
-                                    return_entropy=True, backend="torch")
-        return (logp * torch.arange(N)).sum() + 0.3 * ent.sum()
+                                    return_entropy=True, backend="torch", **transform)
+        return (logp.double() * torch.arange(N)).sum() + 0.3 * ent.double().sum()  # fp32 outputs, summed in float64
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
@@ -223,12 +280,14 @@ def test_the_op_compiles_in_one_graph_and_matches_eager():
     assert hasattr(torch.ops.pact_fast, "linear_logprobs")
 
 
-def test_the_op_passes_torch_library_opcheck():
-    """Schema, fake implementation and autograd registration agree with the op (``torch.library.opcheck``)."""
+@pytest.mark.parametrize("cap", [0.0, 2.5], ids=["nocap", "cap2.5"])
+def test_the_op_passes_torch_library_opcheck(cap):
+    """Schema, fake implementation and autograd registration agree with the op (``torch.library.opcheck``);
+    its float arguments are the folded inverse temperature and soft cap (0.0: none)."""
     torch.manual_seed(1)
     hidden = torch.randn(9, 8, requires_grad=True)
     weight = torch.randn(33, 8, requires_grad=True)
     targets = torch.randint(0, 33, (9,))
     targets[2] = -100
     torch.library.opcheck(torch.ops.pact_fast.linear_logprobs.default,
-                          (hidden, weight, None, targets, 1.0, -100, "torch", 0, 0))
+                          (hidden, weight, None, targets, 1.0, cap, -100, "torch", 0, 0))

@@ -25,16 +25,17 @@ CONFIGS = {"interpreter": launch.INTERPRET_CONFIGS, "gpu": launch.GPU_CONFIGS}
 BLOCKINGS = {"plan": None, "R13-S40": launch.Blocking(13, 40)}
 
 
-def _run(N, V, H, has_bias, has_gent, configs, blocking=None, dtype=torch.float32, seed=0):
+def _run(N, V, H, has_bias, has_gent, configs, blocking=None, dtype=torch.float32, seed=0, cap=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, H, generator=g).to(dtype)
     w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
     b = torch.randn(V, generator=g).to(dtype) if has_bias else None
     t = torch.randint(0, V, (N,), generator=g)
     with roofline.count_executed() as counts:
-        _, lse, ent = launch.forward(x, w, b, t, 1.0, configs=configs, blocking=blocking)
+        _, lse, ent = launch.forward(x, w, b, t, 1.0, configs=configs, blocking=blocking, cap=cap)
         launch.backward(x, w, b, t, lse, ent, torch.randn(N, generator=g),
-                        torch.randn(N, generator=g) if has_gent else None, 1.0, configs=configs, blocking=blocking)
+                        torch.randn(N, generator=g) if has_gent else None, 1.0, configs=configs, blocking=blocking,
+                        cap=cap)
     return counts.as_tuples()
 
 
@@ -46,6 +47,18 @@ def test_counted_flops_and_bytes_equal_the_formulas(N, V, H, has_bias, has_gent,
     model = roofline.aggregate(launch.kernel_costs(N, V, H, torch.float32, has_bias, has_gent,
                                                    configs=CONFIGS[config], blocking=BLOCKINGS[blocking]))
     assert set(counted) == {"linear_logprobs.fwd", "linear_logprobs.bwd", roofline.TORCH_GEMM}
+    assert counted == model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_softcap_moves_no_extra_byte(config, dtype):
+    """A soft cap is arithmetic inside the epilogues (tanh forward, its slope backward): what they execute still
+    equals kernel_costs, which has no soft-cap term."""
+    blocking = launch.Blocking(13, 40)
+    counted = _run(37, 203, 48, True, True, CONFIGS[config], blocking, dtype=dtype, cap=3.0)
+    model = roofline.aggregate(launch.kernel_costs(37, 203, 48, dtype, True, True, configs=CONFIGS[config],
+                                                   blocking=blocking))
     assert counted == model
 
 

@@ -26,7 +26,8 @@ CONFIGS = {"interpreter": launch.INTERPRET_CONFIGS, "gpu": launch.GPU_CONFIGS}
 ROWS_PER_BLOCK = {"plan": None, "R6": 6}  # the default (one block at these N) and ragged blocks
 
 
-def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=launch.SHIFT_LIMIT, backward=True):
+def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=launch.SHIFT_LIMIT, backward=True,
+         cap=None):
     """Counts of one launcher call, and the rows over the shift limit per row block."""
     g = torch.Generator().manual_seed(N + V)
     x = torch.randn(N, H, generator=g).to(dtype)
@@ -40,7 +41,7 @@ def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=
 
     with roofline.count_executed() as counts:
         launch.run(x, w, b, t, 1.0, want_entropy, grads if backward else None, rows_per_block=rows_per_block,
-                   limit=limit, configs=configs)
+                   limit=limit, configs=configs, cap=cap)
     z = (x @ w.t() + (b if has_bias else 0)).float()
     over = (z.max(-1).values - z.gather(1, t[:, None]).squeeze(1)) > limit
     bad = [int(over[r0:r0 + r].sum()) for r0, r in launch.row_blocks(N, rows_per_block or launch.BLOCK_ROWS)]
@@ -75,6 +76,21 @@ def test_rows_over_the_shift_limit_cost_one_more_read_and_write_each(limit, dtyp
     pass_bytes = [roofline.aggregate(costs)["fused_pact_head.pass"][1] for costs in (model, none_over)]
     extra = pass_bytes[0] - pass_bytes[1]
     assert extra == sum(bad) * (2 * 131 - 1) * e  # read + write of the row, less the skipped target store
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_softcap_takes_the_ordinary_epilogue_and_counts_it(config, dtype):
+    """With a soft cap ``run`` takes the ordinary epilogue even without an entropy bonus in fp32 / bf16: the
+    pass, linear_logprobs' gradient kernel and two GEMMs per block, counted exactly by kernel_costs(softcap=True)
+    (the tanh itself moves no byte)."""
+    counted, bad = _run(21, 301, 40, True, False, dtype, CONFIGS[config], 6, cap=3.0)
+    model = launch.kernel_costs(21, 301, 40, dtype, True, False, bad_rows=bad, configs=CONFIGS[config],
+                                rows_per_block=6, softcap=True)
+    assert [c.kernel for c in model] == ["torch.mm[logits]", "fused_pact_head.pass", "linear_logprobs.bwd",
+                                         "torch.mm[dx]", "torch.mm[dw]"] * 4
+    assert set(counted) == {"fused_pact_head.pass", "linear_logprobs.bwd", roofline.TORCH_GEMM}
+    assert counted == roofline.aggregate(model)
 
 
 def test_forward_only_counts_the_logits_gemm_and_the_statistics():

@@ -20,6 +20,11 @@ Backends: ``torch`` (chunks of rows through ``matmul``; CPU and CUDA) and ``trit
 cuBLAS GEMM into a bounded workspace, a Triton epilogue that reads them once for the log-probs and, in the
 same pass, leaves a matrix whose row scaling is d loss / d logits, then the dX and dW GEMMs). ``auto``
 picks triton on CUDA, torch elsewhere; triton on CPU tensors runs under ``TRITON_INTERPRET=1`` (tests).
+
+A model's logit transform is part of the contract, as in ``linear_logprobs``: ``logit_scale`` folds into the
+inverse temperature (the triton backend keeps its row-scaling fast path); ``softcap`` applies ``tanh`` to the
+logits and its derivative to d logits, and the triton backend then takes its ordinary epilogue (see
+``kernels/fused_pact_head_launch.shift_mode``).
 """
 from dataclasses import fields
 
@@ -27,6 +32,7 @@ import torch
 
 from ..losses import PACTBatch, anchor_draws, anchor_generator, pact_loss
 from ._backend import resolve_backend
+from .linear_logprobs import check_logit_transform, chunk_logits, logit_transform
 
 # A chunk's fp32 logits (and the dz built in place of them) stay under this budget, but hold at least
 # MIN_CHUNK_ROWS rows so the GEMMs stay wide enough to run at speed.
@@ -48,7 +54,7 @@ def _check_triton_dtype(hidden):
                         "use backend='torch'")
 
 
-def _check(hidden, weight, targets, bias, rows, batch, temperature):
+def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_pact_head: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -59,8 +65,7 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature):
                          f"{targets.dtype} {tuple(targets.shape)}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"fused_pact_head: targets must lie in [0, V={weight.shape[0]})")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"fused_pact_head: temperature must be a number > 0, got {temperature!r}")
+    check_logit_transform("fused_pact_head", temperature, logit_scale, softcap)
     unknown = set(rows) - set(SCORED_FIELDS)
     if unknown:
         raise ValueError(f"fused_pact_head: rows has unknown fields {sorted(unknown)}; expected {SCORED_FIELDS}")
@@ -116,8 +121,8 @@ class _FusedHead(torch.autograd.Function):
 
 
 def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=0.0, *, bias=None, temperature=1.0,
-                    old_from_current=False, step=0, generator=None, rl_scale=1.0, sft_scale=1.0, chunk_rows=None,
-                    backend="auto"):
+                    logit_scale=1.0, softcap=None, old_from_current=False, step=0, generator=None, rl_scale=1.0,
+                    sft_scale=1.0, chunk_rows=None, backend="auto"):
     """``pact_loss`` over log-probs of the lm_head, with dX, dW (and dbias) formed in the forward pass.
 
     Equal to scoring the rows with ``linear_logprobs``, scattering them into ``batch`` and calling
@@ -133,7 +138,12 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         batch: ``PACTBatch`` with every input except those three fields (and ``entropy``, filled from the
             prompt-only rows when ``config.c_ent > 0``), which must be None.
         config, progress, step, generator, rl_scale, sft_scale: as for ``pact_loss``.
-        temperature: logits are divided by it.
+        temperature: logits are divided by it (> 0), last.
+        logit_scale: the lm_head's logits are multiplied by it first (finite, > 0; 1.0: unchanged).
+        softcap: ``None`` (no cap) or ``c > 0``: logits ``z -> c * tanh(z / c)`` after the scale, before the
+            temperature (Gemma2's ``final_logit_softcapping``). The triton backend then forms d logits with
+            ``linear_logprobs``' gradient epilogue (its U row-scaling path cannot re-shift rows exactly
+            through the tanh), one more read of the logits per row block.
         old_from_current: the old log-probs of both contexts are the current ones, detached (one update epoch
             on fresh rollouts); ``batch.old_logp_tc`` / ``old_logp_po`` must then be None.
         chunk_rows: rows per chunk (torch) or row block (triton); default: torch, a chunk's fp32 logits near
@@ -153,7 +163,7 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch")
     if backend == "triton":
         _check_triton_dtype(hidden)
-    _check(hidden, weight, targets, bias, rows, batch, temperature)
+    _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap)
     if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
         raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")
     want_entropy = config.c_ent > 0
@@ -180,8 +190,9 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     if keep is not None:
         targets = targets[keep]
     run = _run_triton if backend == "triton" else _run_torch
-    logp, ent, grads = run(x, weight.detach(), bias.detach() if bias is not None else None, targets,
-                           1.0 / float(temperature), want_entropy, _stand_ins(x.shape[0], rows, batch, config),
+    inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
+    logp, ent, grads = run(x, weight.detach(), bias.detach() if bias is not None else None, targets, inv_temp, cap,
+                           want_entropy, _stand_ins(x.shape[0], rows, batch, config),
                            loss_of if needs_grad else None, chunk_rows)
     with torch.no_grad():
         loss, metrics = loss_of(logp, ent)
@@ -208,9 +219,10 @@ def _compact(x, rows):
                      rows.items()}, keep
 
 
-def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_rows):
+def _run_torch(x, w, b, targets, inv_temp, cap, want_entropy, held, loss_of, chunk_rows):
     """Chunks of rows through ``matmul``: returns (logp [N], ent [N] | None, (dx, dw, db | None) | None).
-    ``held``: the stand-in log-probs the chunks overwrite; ``loss_of``: None for the forward only."""
+    Logits ``cap * tanh(z_raw / cap) * inv_temp`` (``z_raw * inv_temp`` for cap 0.0); ``held``: the stand-in
+    log-probs the chunks overwrite; ``loss_of``: None for the forward only."""
     n, vocab = x.shape[0], w.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
     logp = held.to(acc)  # [N]: real values replace the stand-ins chunk by chunk
@@ -223,10 +235,7 @@ def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_ro
     with torch.no_grad():
         for i in range(0, n, chunk):
             xc = x[i:i + chunk]  # [C, H]
-            z = xc @ w.t()  # [C, V]
-            if b is not None:
-                z = z + b
-            z = z.to(acc).mul_(inv_temp)
+            z, slope = chunk_logits(xc, w, b, inv_temp, cap, with_slope=needs_grad, dtype=acc)  # [C, V] each
             lse = torch.logsumexp(z, dim=-1)  # [C]
             t = targets[i:i + chunk, None]
             logp[i:i + chunk] = (z.gather(1, t).squeeze(1) - lse).clamp_max(0)
@@ -237,13 +246,15 @@ def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_ro
             if not needs_grad:
                 continue
             g_logp, g_ent = _chunk_grads(loss_of, logp, ent, i, min(n, i + chunk))
-            # dz = g_logp * (onehot - p) + g_ent * p * (E[z] - z), divided by the temperature; in place of z
+            # dz = g_logp * (onehot - p) + g_ent * p * (E[z] - z), times d z / d z_raw; in place of z
             if want_entropy:
                 dz = z.neg_().add_(mean_z[:, None]).mul_(g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
             else:
                 dz = p.mul_(-g_logp[:, None])
             dz.scatter_add_(1, t, g_logp[:, None]).mul_(inv_temp)
-            del z, p
+            if slope is not None:
+                dz.mul_(slope)
+            del z, p, slope
             dx[i:i + chunk] = dz.to(x.dtype) @ w  # [C, H]
             dw.addmm_(dz.t(), xc.to(acc))  # accumulated over chunks in fp32 (float64 for float64 inputs)
             if db is not None:
@@ -253,7 +264,7 @@ def _run_torch(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_ro
     return logp, ent, (dx, dw.to(w.dtype), db.to(b.dtype) if db is not None else None)
 
 
-def _run_triton(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_rows):
+def _run_triton(x, w, b, targets, inv_temp, cap, want_entropy, held, loss_of, chunk_rows):
     """Row blocks through ``kernels/fused_pact_head_launch.run``; same contract as ``_run_torch``. The
     upstream gradients of a block come from ``loss_of`` once the block's log-probs replace their stand-ins."""
     from ..kernels import fused_pact_head_launch as launch
@@ -269,7 +280,7 @@ def _run_triton(x, w, b, targets, inv_temp, want_entropy, held, loss_of, chunk_r
 
     logp, ent, dx, dw, db = launch.run(x.contiguous(), w.contiguous(), b, targets.long().contiguous(), inv_temp,
                                        want_entropy, grads if loss_of is not None else None,
-                                       rows_per_block=chunk_rows)
+                                       rows_per_block=chunk_rows, cap=cap or None)
     ent = ent if want_entropy else None
     if loss_of is None:
         return logp, ent, None

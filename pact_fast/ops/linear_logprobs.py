@@ -10,6 +10,11 @@
   log-sum-exp and the gradient of the logits (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
   See ``kernels/linear_logprobs_launch.py`` for where 16-bit gradients are rounded.
 
+Models that transform the lm_head's logits before the softmax are scored exactly: ``logit_scale``
+(Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``) and ``softcap`` (Gemma2's
+``final_logit_softcapping``). Without a soft cap the scale folds into the inverse temperature; with one,
+both backends apply ``tanh`` to the logits in forward and its derivative in backward.
+
 Both compact away rows whose target is ``ignore_index`` before any matmul, so those rows
 cost nothing and get zero gradient (no copy when no row is ignored).
 
@@ -18,6 +23,7 @@ Forward and backward are registered as the ops ``pact_fast::linear_logprobs`` an
 autograd formula; ``pact_fast.ops._custom``), so ``torch.compile(fullgraph=True)`` traces a function that
 calls ``linear_logprobs`` without a graph break.
 """
+import math
 from typing import Optional
 
 import torch
@@ -33,7 +39,28 @@ _CHUNK_BYTES = 64 << 20
 _MIN_CHUNK_ROWS = 512
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature):
+def check_logit_transform(op, temperature, logit_scale, softcap):
+    """Refuse a temperature, logit scale or soft cap outside its domain (``op`` names the caller)."""
+    def positive(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{op}: `temperature` must be a number > 0, got {temperature!r}")
+    if not positive(logit_scale):
+        raise ValueError(f"{op}: `logit_scale` must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and not positive(softcap):
+        raise ValueError(f"{op}: `softcap` must be None or a finite number > 0, got {softcap!r}")
+
+
+def logit_transform(temperature, logit_scale, softcap):
+    """(inv_temp, cap) such that the op's logits ``softcap * tanh(z_raw * logit_scale / softcap) / temperature``
+    (or ``z_raw * logit_scale / temperature`` without a soft cap) are ``cap * tanh(z_raw / cap) * inv_temp``
+    (``z_raw * inv_temp`` when cap is 0.0, meaning no soft cap): the logit scale folds into both."""
+    inv_temp = float(logit_scale) / float(temperature)
+    return inv_temp, (float(softcap) / float(logit_scale) if softcap is not None else 0.0)
+
+
+def _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("linear_logprobs: `hidden` and `weight` must be tensors")
     if not isinstance(targets, torch.Tensor):
@@ -63,8 +90,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature):
         devices.add(bias.device)
     if len(devices) > 1:
         raise ValueError(f"linear_logprobs: inputs live on different devices: {sorted(map(str, devices))}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"linear_logprobs: `temperature` must be a number > 0, got {temperature!r}")
+    check_logit_transform("linear_logprobs", temperature, logit_scale, softcap)
 
 
 def _torch_chunk_rows(vocab_size):
@@ -83,15 +109,23 @@ def _compact(targets, ignore_index, vocab_size):
     return keep.nonzero().squeeze(1)
 
 
-def _chunk_logits(x, weight, bias, inv_temp):
-    """fp32 logits / temperature for one chunk of rows: [C, V]."""
+def chunk_logits(x, weight, bias, inv_temp, cap, with_slope=False, dtype=torch.float32):
+    """Logits of one chunk of rows x [C, H] in ``dtype``: z [C, V] = z_raw * inv_temp, or with a soft cap
+    (cap > 0) cap * tanh(z_raw / cap) * inv_temp (``logit_transform``). Returns (z, slope): with_slope and a cap,
+    slope [C, V] = d tanh(y) / dy = 1 / cosh(y)^2 at y = z_raw / cap (no cancellation where tanh saturates);
+    else None."""
     z = x @ weight.t()
     if bias is not None:
         z = z + bias
-    return z.float() * inv_temp
+    z = z.to(dtype)  # [C, V], a fresh buffer: scaled in place below
+    if not cap:
+        return z.mul_(inv_temp), None
+    y = z.div_(cap)
+    slope = torch.cosh(y).pow_(-2) if with_slope else None  # [C, V]
+    return y.tanh_().mul_(cap * inv_temp), slope
 
 
-def _torch_forward(x, weight, bias, targets, inv_temp, chunk):
+def _torch_forward(x, weight, bias, targets, inv_temp, cap, chunk):
     """x [n, H], targets [n] -> fp32 (logp [n], lse [n], entropy [n]), one chunk of logits alive at a time."""
     n = x.shape[0]
     logp = x.new_empty(n, dtype=torch.float32)  # [n]
@@ -99,7 +133,7 @@ def _torch_forward(x, weight, bias, targets, inv_temp, chunk):
     ent = torch.empty_like(logp)
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
-        z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
+        z, _ = chunk_logits(x[sl], weight, bias, inv_temp, cap)  # [C, V]
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m, in place: at most two [C, V] buffers per chunk
         e = z.exp()
@@ -112,16 +146,17 @@ def _torch_forward(x, weight, bias, targets, inv_temp, chunk):
     return logp, lse, ent
 
 
-def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, chunk):
+def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, chunk):
     """Gradients for upstream g_logp [n] (and g_ent [n] or None), recomputing each chunk's logits:
-    (dx [n, H], dw [V, H]) in the input dtype, db [V] fp32 (None without bias)."""
+    (dx [n, H], dw [V, H]) in the input dtype, db [V] fp32 (None without bias). With a soft cap a chunk holds
+    one more [C, V] buffer (the tanh slope)."""
     dx = torch.empty_like(x)
     w32 = weight.float()
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # fp32 accumulation
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, i + chunk)
-        z = _chunk_logits(x[sl], weight, bias, inv_temp)  # [C, V]
+        z, slope = chunk_logits(x[sl], weight, bias, inv_temp, cap, with_slope=True)  # [C, V] each
         # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
         if g_ent is not None:
             coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
@@ -130,7 +165,10 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
         else:
             dz = z.sub_(lse[sl, None]).exp_().mul_(-g_logp[sl, None])
         dz.scatter_add_(1, targets[sl, None], g_logp[sl, None])
-        dz.mul_(inv_temp)
+        dz.mul_(inv_temp)  # d z / d z_raw = inv_temp (* the tanh slope with a soft cap)
+        if slope is not None:
+            dz.mul_(slope)
+            del slope
         dx[sl] = (dz @ w32).to(x.dtype)
         dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
         if db is not None:
@@ -147,10 +185,11 @@ def _blocking(n, weight, chunk_rows, vocab_slab):
 
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-             inv_temp: float, ignore_index: int, backend: str, chunk_rows: int,
+             inv_temp: float, cap: float, ignore_index: int, backend: str, chunk_rows: int,
              vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op ``pact_fast::linear_logprobs``: hidden [N, H], targets [N] int64 -> fp32 (logp [N], lse [N],
-    entropy [N]); rows whose target is ``ignore_index`` skip every matmul and get 0. chunk_rows and
+    entropy [N]) of the logits ``cap * tanh(z_raw / cap) * inv_temp`` (``z_raw * inv_temp`` for cap 0.0; see
+    ``logit_transform``); rows whose target is ``ignore_index`` skip every matmul and get 0. chunk_rows and
     vocab_slab 0: the backend's default."""
     rows = _compact(targets, ignore_index, weight.shape[0])  # [n]
     n_all, n = hidden.shape[0], rows.numel()
@@ -161,22 +200,23 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if backend == "triton":
         from ..kernels import linear_logprobs_launch as launch
 
-        out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab))
+        out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab),
+                             cap=cap or None)
     else:
-        out = _torch_forward(x, w, bias, t, inv_temp, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+        out = _torch_forward(x, w, bias, t, inv_temp, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]))
     if n == n_all:
         return out
     return tuple(v.new_zeros(n_all).index_copy(0, rows, v) for v in out)
 
 
-def _forward_fake(hidden, weight, bias, targets, inv_temp, ignore_index, backend, chunk_rows, vocab_slab):
+def _forward_fake(hidden, weight, bias, targets, inv_temp, cap, ignore_index, backend, chunk_rows, vocab_slab):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
 def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
               lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: Optional[torch.Tensor],
-              inv_temp: float, ignore_index: int, backend: str, chunk_rows: int,
+              inv_temp: float, cap: float, ignore_index: int, backend: str, chunk_rows: int,
               vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op ``pact_fast::linear_logprobs_backward``: for upstream g_logp [N] (and g_ent [N] or None),
     (dx [N, H], dw [V, H]) in the input dtype and db [V] in the bias dtype (empty without bias); ignored rows
@@ -192,15 +232,15 @@ def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if backend == "triton":
         from ..kernels import linear_logprobs_launch as launch
 
-        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab))
+        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab), cap=cap or None)
     else:
-        dx, dw, db = _torch_backward(*args, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]))
     if n != n_all:
         dx = hidden.new_zeros(hidden.shape).index_copy(0, rows, dx)
     return dx, dw, db.to(bias.dtype) if bias is not None else weight.new_empty(0)
 
 
-def _backward_fake(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, ignore_index, backend,
+def _backward_fake(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, ignore_index, backend,
                    chunk_rows, vocab_slab):
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(0 if bias is None else weight.shape[0])
 
@@ -209,10 +249,10 @@ _linear_logprobs_backward = custom_op("linear_logprobs_backward", _backward, fak
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, inv_temp, ignore_index, backend, chunk_rows, vocab_slab = inputs
+    hidden, weight, bias, targets, inv_temp, cap, ignore_index, backend, chunk_rows, vocab_slab = inputs
     _, lse, ent = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.args = (inv_temp, ignore_index, backend, chunk_rows, vocab_slab)
+    ctx.args = (inv_temp, cap, ignore_index, backend, chunk_rows, vocab_slab)
     ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
 
 
@@ -221,7 +261,7 @@ def _autograd_backward(ctx, g_logp, g_lse, g_ent):
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     dx, dw, db = _linear_logprobs_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *ctx.args)
-    return dx, dw, db if bias is not None else None, None, None, None, None, None, None
+    return dx, dw, db if bias is not None else None, None, None, None, None, None, None, None
 
 
 _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, backward=_autograd_backward,
@@ -229,8 +269,10 @@ _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, ba
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, backend="auto", chunk_rows=None, vocab_slab=None):
-    """Log-probs of chosen tokens under ``softmax((hidden @ weight.T + bias) / temperature)``.
+                    return_entropy=False, backend="auto", chunk_rows=None, vocab_slab=None, logit_scale=1.0,
+                    softcap=None):
+    """Log-probs of chosen tokens under ``softmax(cap(logit_scale * (hidden @ weight.T + bias)) / temperature)``,
+    ``cap(z) = softcap * tanh(z / softcap)`` (the identity when ``softcap`` is None).
 
     Args:
         hidden: ``[N, H]`` (or ``[*, H]``) fp32/fp16/bf16 hidden states, e.g. a model's last hidden state.
@@ -244,30 +286,40 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         chunk_rows: rows per chunk (torch) or row block (triton); default: torch, one chunk's fp32
             logits near 64 MiB but at least 512 rows; triton, ``linear_logprobs_launch.plan``.
         vocab_slab: vocabulary columns per slab of the triton backend; default from ``plan``.
+        logit_scale: the lm_head's logits are multiplied by it first (finite, > 0); 1.0 means unchanged
+            (Cohere: ``config.logit_scale``; Granite: ``1 / config.logits_scaling``).
+        softcap: ``None`` (no cap) or the soft cap (> 0) applied after the scale and before the temperature
+            (Gemma2: ``config.final_logit_softcapping``).
 
     Returns:
         ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable
         with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature)
+    _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap)
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
         if value is not None and not (isinstance(value, int) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
     backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch")
     lead_shape = hidden.shape[:-1]
+    inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
     logp, _, entropy = _linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,  # [N, H]
-                                        targets.reshape(-1).long(), 1.0 / float(temperature), ignore_index, backend,
+                                        targets.reshape(-1).long(), inv_temp, cap, ignore_index, backend,
                                         chunk_rows or 0, vocab_slab or 0)
     logp = logp.reshape(lead_shape)
     return (logp, entropy.reshape(lead_shape)) if return_entropy else logp
 
 
-def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
-    """Naive path: materialises ``[N, V]`` logits, then log_softmax and gather. Returns (logp, entropy) in
-    the dtype of the computation; for tests (run it in float64) and as the benchmark's baseline."""
+def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                              logit_scale=1.0, softcap=None):
+    """Naive path: materialises ``[N, V]`` logits, scales, soft-caps and divides them by the temperature as the
+    arguments of ``linear_logprobs`` say, then log_softmax and gather. Returns (logp, entropy) in the dtype of
+    the computation; for tests (run it in float64) and as the benchmark's baseline."""
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     keep = targets != ignore_index
