@@ -197,13 +197,16 @@ def _valid(L, block, tiles):
     return torch.clamp(L - torch.arange(tiles) * block, max=block)
 
 
-def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split"):
+def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split",
+                 position_ids=None, window=None):
     """Performance model of tree attention over ``subtree_end [B, L]``: one KernelCost per launch, in
     launch order (forward; then delta, dq (split) or none, dk/dv, cast (atomic)).
 
     FLOPs: 2*M*N*K per ``tl.dot`` executed (K = BLOCK_D, the head dim padded to a power of two);
     bytes: every executed tl.load / tl.store (masked elements excluded; an atomic is a load and a store),
-    including the tile-list scalars. ``configs`` default to the GPU's."""
+    including the tile-list scalars. ``configs`` default to the GPU's. ``window`` over ``position_ids [B, L]``:
+    the window's tile lists, plus an int32 position read wherever a key's subtree_end or a query row is. A
+    softcap changes neither number (elementwise tanh on tiles already in registers)."""
     if not passes or not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     if dq_mode not in DQ_MODES:
@@ -215,10 +218,12 @@ def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "b
     BD = max(16, triton.next_power_of_2(D))
     heads = heads_per_program(HQ // HKV)
     row = D * e  # bytes of one q/k/v/o row
+    depth = 0 if window is None else 4  # an int32 position id per query row and per key, read under a window
+    positions = None if position_ids is None else position_ids.cpu()
 
     def pairs(block_m, block_n, transpose):
         """(tile pairs, sum over pairs of the valid rows of the walked tile, programs) for one tile list."""
-        vis = visible_tiles(ends, block_m, block_n)
+        vis = visible_tiles(ends, block_m, block_n, positions, window)
         if transpose:  # walk query tiles per key tile
             vis = vis.transpose(1, 2)
             walked = _valid(L, block_m, vis.shape[2])
@@ -230,34 +235,56 @@ def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "b
     bm, bn = cfgs["fwd"].blocks["BLOCK_M"], cfgs["fwd"].blocks["BLOCK_N"]
     n_pairs, walked_keys, programs = pairs(bm, bn, transpose=False)
     head_blocks = HQ // heads
-    # per program: its count; per pair: index, k and v tiles, subtree_end of the keys
-    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4))
+    # per program: its count; per pair: index, k and v tiles, subtree_end (and positions) of the keys
+    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4 + depth))
     if "fwd" in passes:
         flops = head_blocks * n_pairs * 2 * (2 * heads * bm * bn * BD)
-        costs.append(KernelCost("tree_attention.fwd", flops, kv_walk + HQ * B * L * (2 * row + 4)))  # q; o, lse
+        costs.append(KernelCost("tree_attention.fwd", flops,
+                                kv_walk + HQ * B * L * (2 * row + 4 + depth)))  # q (and positions); o, lse
     if "bwd" not in passes:
         return costs
     costs.append(KernelCost("tree_attention.delta", 0, B * HQ * L * (2 * row + 4)))
     if dq_mode == "split":
         flops = head_blocks * n_pairs * 3 * (2 * heads * bm * bn * BD)
-        costs.append(KernelCost("tree_attention.dq", flops, kv_walk + HQ * B * L * (3 * row + 8)))  # q, do, lse, delta; dq
+        costs.append(KernelCost("tree_attention.dq", flops,
+                                kv_walk + HQ * B * L * (3 * row + 8 + depth)))  # q, do, lse, delta (positions); dq
     bm, bn = cfgs["dkdv"].blocks["BLOCK_M"], cfgs["dkdv"].blocks["BLOCK_N"]
     n_pairs, walked_queries, programs = pairs(bm, bn, transpose=True)
     dots = 5 if dq_mode == "atomic" else 4
-    per_query = 2 * row + 8 + (2 * 4 * D if dq_mode == "atomic" else 0)  # q, do, lse, delta (+ dq atomics)
-    nbytes = HKV * (4 * programs + B * L * (4 * row + 4)) + HQ * (4 * n_pairs + walked_queries * per_query)
+    # q, do, lse, delta (and positions) (+ dq atomics)
+    per_query = 2 * row + 8 + depth + (2 * 4 * D if dq_mode == "atomic" else 0)
+    # per program: count, k, v, subtree_end (and positions) of its keys, dk, dv; per pair: index, query rows
+    nbytes = HKV * (4 * programs + B * L * (4 * row + 4 + depth)) + HQ * (4 * n_pairs + walked_queries * per_query)
     costs.append(KernelCost("tree_attention.dkdv", HQ * n_pairs * dots * 2 * bm * bn * BD, nbytes))
     if dq_mode == "atomic":
         costs.append(KernelCost("tree_attention.cast", 0, B * HQ * L * D * (4 + e)))
     return costs
 
 
-def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd")):
-    """The visible-pairs ideal as one KernelCost: 2 matmuls forward and 5 backward of 2*D FLOPs per visible
-    (query, key) pair per query head; compulsory bytes once (q, k, v, o; and do, dq, dk, dv)."""
+def visible_pairs(subtree_end, position_ids=None, window=None, chunk=1024):
+    """Number of visible (query, key) pairs of ``subtree_end [B, L]`` (under ``window`` over ``position_ids``),
+    counted ``chunk`` keys at a time (no [L, L] buffer)."""
     B, L = subtree_end.shape
+    ends = subtree_end.long()
     pos = torch.arange(L, device=subtree_end.device)
-    visible = int((subtree_end.long() - pos).sum())
+    if window is None:
+        return int((ends - pos).sum())
+    positions = position_ids.long()
+    total = 0
+    for k0 in range(0, L, chunk):
+        keys = pos[k0:k0 + chunk]  # [c]
+        sees = (keys[:, None] <= pos) & (pos < ends[:, k0:k0 + chunk, None])  # [B, c, L(query)]
+        near = positions[:, None, :] - positions[:, k0:k0 + chunk, None] < window
+        total += int((sees & near).sum())
+    return total
+
+
+def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd"), position_ids=None, window=None):
+    """The visible-pairs ideal as one KernelCost: 2 matmuls forward and 5 backward of 2*D FLOPs per visible
+    (query, key) pair per query head (under ``window`` over ``position_ids`` when given); compulsory bytes
+    once (q, k, v, o; and do, dq, dk, dv)."""
+    B, L = subtree_end.shape
+    visible = visible_pairs(subtree_end, position_ids, window)
     e = torch.empty((), dtype=dtype).element_size()
     matmuls = 7 if "bwd" in passes else 2
     tensors = 4 if "bwd" in passes else 2
