@@ -283,24 +283,22 @@ def test_windowed_tiles_drop_only_tiles_wholly_outside_the_window(block_m, block
 
 
 @pytest.mark.parametrize("kwargs,exc,word", [
-    ({"window": 0}, ValueError, "window must be an integer >= 1"),
-    ({"window": 2.5}, ValueError, "window must be an integer >= 1"),
-    ({"window": 3, "position_ids": None}, ValueError, "window needs position_ids"),
-    ({"softcap": -1.0}, ValueError, "softcap must be > 0"),
-    ({"window": 3, "position_ids": "short"}, ValueError, "position_ids must be"),
-    ({"window": 3, "position_ids": "float"}, TypeError, "position_ids must be int"),
-], ids=["window0", "window-float", "no-positions", "softcap-negative", "positions-shape", "positions-float"])
+    (lambda pos: {"window": 0, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
+    (lambda pos: {"window": 2.5, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
+    (lambda pos: {"window": 3}, ValueError, "window needs position_ids"),
+    (lambda pos: {"softcap": -1.0}, ValueError, "softcap must be > 0"),
+    (lambda pos: {"softcap": "30"}, ValueError, "softcap must be > 0"),
+    (lambda pos: {"window": 3, "position_ids": pos[:, :-1]}, ValueError, "position_ids must be \\[B, L\\]"),
+    (lambda pos: {"window": 3, "position_ids": pos.float()}, TypeError, "position_ids must be int"),
+], ids=["window0", "window-float", "no-positions", "softcap-negative", "softcap-str", "positions-shape",
+        "positions-float"])
 @pytest.mark.parametrize("backend", ["sdpa", "varlen"])
 def test_bad_window_or_softcap_is_a_clear_error(kwargs, exc, word, backend):
     packed = pack_tree(pact_group())
-    e, positions = packed.subtree_end[None], packed.position_ids[None]
-    kwargs = {"position_ids": positions, **kwargs}
-    kwargs["position_ids"] = {"short": positions[:, :-1], "float": positions.float()}.get(kwargs["position_ids"],
-                                                                                         kwargs["position_ids"]) \
-        if isinstance(kwargs["position_ids"], str) else kwargs["position_ids"]
+    e = packed.subtree_end[None]
     q = torch.randn(1, 2, e.shape[1], 16)
     with pytest.raises(exc, match=word):
-        tree_attention(q, q, q, e, backend=backend, **kwargs)
+        tree_attention(q, q, q, e, backend=backend, **kwargs(packed.position_ids[None]))
 
 
 def test_softcap_zero_is_off_and_positions_with_a_layout_are_refused():

@@ -28,6 +28,7 @@ layers): what depends on the window (triton tile lists, flex block masks) is bui
 and cached on the layout.
 """
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,14 +58,14 @@ def check_options(window, softcap, position_ids):
     """Raise ValueError on a window below 1 or without position ids, or a negative softcap; returns
     (window, softcap) normalised: None when off (a softcap of 0 is off)."""
     if window is not None:
-        if isinstance(window, bool) or int(window) != window or window < 1:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"tree_attention: window must be an integer >= 1 (or None for no window), got {window!r}")
         if position_ids is None:
             raise ValueError("tree_attention: a window needs position_ids [B, L] (pack_tree(...).position_ids), "
                              "passed to tree_attention or build_layout")
         window = int(window)
     if softcap is not None:
-        if not softcap >= 0:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0:
             raise ValueError(f"tree_attention: softcap must be > 0 (None or 0 for no softcap), got {softcap!r}")
         softcap = float(softcap) or None
     return window, softcap
