@@ -143,8 +143,9 @@ def logprob_cases(dry_run):
 # tree_attention
 # ---------------------------------------------------------------------------------------------
 
-def tree_reference(q, k, v, subtree_end, do, scale, dtype, chunk):
-    """Tree attention in ``dtype`` over chunks of query rows: out [B, Hq, L, D] and dq, dk, dv of sum(out * do)."""
+def tree_reference(q, k, v, subtree_end, do, scale, dtype, chunk, position_ids=None, window=None, softcap=None):
+    """Tree attention in ``dtype`` over chunks of query rows: out [B, Hq, L, D] and dq, dk, dv of sum(out * do);
+    with ``window`` over ``position_ids [B, L]`` and ``softcap`` as tree_attention's."""
     B, HQ, L, D = q.shape
     group = HQ // k.shape[1]
     qd, kd, vd = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
@@ -155,7 +156,11 @@ def tree_reference(q, k, v, subtree_end, do, scale, dtype, chunk):
             for s in range(0, L, chunk):
                 rows = key[s:s + chunk]
                 visible = (key[None, :] <= rows[:, None]) & (rows[:, None] < subtree_end[b][None, :])
+                if window is not None:
+                    visible &= position_ids[b, s:s + chunk, None] - position_ids[b][None, :] < window
                 scores = (qd[b, h, s:s + chunk] @ kd[b, h // group].t()) * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
                 p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
                 o = p @ vd[b, h // group]
                 (o * do[b, h, s:s + chunk].to(dtype)).sum().backward()
@@ -164,31 +169,41 @@ def tree_reference(q, k, v, subtree_end, do, scale, dtype, chunk):
 
 
 def tree_layout(dry_run, big):
-    """subtree_end [B, L]: random PACT-shaped tries (two, padded) or the W-group trie."""
+    """(subtree_end [B, L], position_ids [B, L]): random PACT-shaped tries (two, padded with single-token roots
+    at position 0) or the W-group trie."""
     from pact_fast.packing import pack_tree
 
     if big:
         from bench_group import WORKLOADS, make_group
 
         seqs, _ = make_group(WORKLOADS["tiny" if dry_run else "W-group"])
-        return pack_tree(seqs).subtree_end[None]
+        packed = pack_tree(seqs)
+        return packed.subtree_end[None], packed.position_ids[None]
     from trees import random_tree_sequences
 
     packs = [pack_tree(random_tree_sequences(s, d)) for s, d in ((3, 3), (11, 2))]
     L = max(p.num_tokens for p in packs)
-    return torch.stack([torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]) for p in packs])
+    ends = torch.stack([torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]) for p in packs])
+    positions = torch.stack([torch.cat([p.position_ids, torch.zeros(L - p.num_tokens, dtype=torch.long)])
+                             for p in packs])
+    return ends, positions
 
 
 def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, chunk=2048, **options):
     """One case: Triton tree_attention (the GPU tile configuration on CUDA) vs float64. ``options`` go to
-    tree_attention (e.g. ``dq_mode``); the deterministic backward (dq_mode "split") must also repeat bit for bit."""
+    tree_attention (e.g. ``dq_mode``; ``window`` and ``softcap`` also to the plain-PyTorch path and the
+    reference); the deterministic backward (dq_mode "split") must also repeat bit for bit."""
     from pact_fast.ops import tree_attention as tree_attention_op
 
+    subtree_end, position_ids = (t.to(device) for t in tree_layout(dry_run, big))
+    attn = {"window": options.get("window"), "softcap": options.get("softcap")}
+    triton_only = {k: v for k, v in options.items() if k not in attn}
+
     def tree_attention(*args, **kwargs):
-        return tree_attention_op(*args, **kwargs, **(options if kwargs.get("backend") == "triton" else {}))
+        return tree_attention_op(*args, **kwargs, position_ids=position_ids, **attn,
+                                 **(triton_only if kwargs.get("backend") == "triton" else {}))
 
     dtype = DTYPES[dtype_name]
-    subtree_end = tree_layout(dry_run, big).to(device)
     B, L = subtree_end.shape
     g = torch.Generator().manual_seed(HQ * 100 + D)
     q, k, v, do = (torch.randn(B, h, L, D, generator=g).to(device) for h in (HQ, HKV, HKV, HQ))
@@ -205,7 +220,7 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
         tree_attention(*again, subtree_end, backend="triton").backward(do.to(dtype))
         repeats = all(torch.equal(a.grad, b) for a, b in zip(again, (ours["dq"], ours["dk"], ours["dv"])))
     del leaves, out
-    ref = dict(zip(ours, tree_reference(q, k, v, subtree_end, do, scale, torch.float64, chunk)))
+    ref = dict(zip(ours, tree_reference(q, k, v, subtree_end, do, scale, torch.float64, chunk, position_ids, **attn)))
     errors = {key: rel_err(val, ref[key]) for key, val in ours.items()}
     plain = {key: None for key in ours}
     try:  # plain PyTorch in the same dtype: SDPA per segment over gathered ancestors
@@ -225,13 +240,16 @@ def check_tree_case(name, HQ, HKV, D, dtype_name, device, dry_run, big=False, ch
 
 
 def tree_cases(dry_run):
-    """(name, HQ, HKV, D, kwargs): GQA, MHA and MQA on random tries, each dq mode; the W-group layer's heads on
-    its trie."""
+    """(name, HQ, HKV, D, kwargs): GQA, MHA and MQA on random tries, each dq mode, a sliding window with a logit
+    softcap (window shorter than the sequences); the W-group layer's heads on its trie."""
     if dry_run:
         return [("gqa2-D16", 4, 2, 16, {}), ("mqa-D16", 2, 1, 16, {}), ("gqa2-D16-atomic", 4, 2, 16, {"dq_mode": "atomic"}),
+                ("gqa2-D16-window-softcap", 4, 2, 16, {"window": 5, "softcap": 2.0}),
                 ("W-group-tiny", 4, 2, 16, {"big": True})]
     return [("gqa2-D128", 16, 8, 128, {}), ("mha-D64", 4, 4, 64, {}), ("mqa-D64", 8, 1, 64, {}),
             ("gqa3-D128", 12, 4, 128, {}), ("gqa2-D128-atomic", 16, 8, 128, {"dq_mode": "atomic"}),
+            ("gqa2-D128-window-softcap", 16, 8, 128, {"window": 8, "softcap": 2.0}),
+            ("gqa2-D128-window-atomic", 16, 8, 128, {"window": 8, "dq_mode": "atomic"}),
             ("W-group-layer", 16, 8, 128, {"big": True})]
 
 

@@ -17,6 +17,14 @@ tile, the query tiles), so no kernel touches a fully masked tile:
 
 with ``p = exp2(s * log2e - lse)``, ``ds = p * (do @ v^T - delta)``. Without ``ATOMIC_DQ`` nothing uses
 atomics and every result is deterministic.
+
+Two compile-time options, off by default so that path is unchanged:
+
+- ``WINDOW`` (sliding window): the pair (q, k) also needs ``depth[q] - depth[k] < window``, with ``depth``
+  the position ids ``[B, L]`` int32 (trie depths) at ``depth_ptr`` and ``window`` a runtime int (one
+  compiled kernel serves every window). The launcher's tile lists already drop tiles wholly outside it.
+- ``SOFTCAP`` (logit softcap): the score ``x = scale * q.k`` becomes ``softcap * tanh(x / softcap)``;
+  the backward multiplies ``ds`` by ``1 - tanh^2``, recomputing tanh from the raw score.
 """
 import triton
 import triton.language as tl
@@ -46,18 +54,52 @@ def _load_rows(ptrs, row_mask, d_mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(pos_m, offs_n, end, L):
-    """[rows, BLOCK_N] bool: key n visible to the query at position m (both inside the sequence)."""
-    return (offs_n[None, :] <= pos_m[:, None]) & (pos_m[:, None] < end[None, :]) & (pos_m[:, None] < L)
+def _depths(depth_ptr, offs, mask, WINDOW: tl.constexpr):
+    """Position ids (trie depths) at packed indices ``offs`` when WINDOW; else ``offs`` itself, unused."""
+    if WINDOW:
+        depth = tl.load(depth_ptr + offs, mask=mask, other=0)
+    else:
+        depth = offs
+    return depth
+
+
+@triton.jit
+def _visible(pos_m, offs_n, end, L, depth_m, depth_n, window, WINDOW: tl.constexpr):
+    """[rows, BLOCK_N] bool: key n visible to the query at position m (both inside the sequence; with WINDOW,
+    their depths less than ``window`` apart)."""
+    vis = (offs_n[None, :] <= pos_m[:, None]) & (pos_m[:, None] < end[None, :]) & (pos_m[:, None] < L)
+    if WINDOW:
+        vis = vis & (depth_m[:, None] - depth_n[None, :] < window)
+    return vis
+
+
+@triton.jit
+def _tanh(x):
+    """tanh of fp32 ``x`` as 1 - 2 / (e^2x + 1): exactly +-1 where e^2x overflows or vanishes."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr):
+    """(s, t) of a query tile [rows, D] and a key tile [cols, D]: the scores in base 2, ``log2e * scale * q.k``
+    or with SOFTCAP ``log2e * softcap * t``, where ``t = tanh(scale * q.k / softcap)`` (the backward's chain
+    rule needs it; without SOFTCAP t is the raw product and unused)."""
+    t = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        t = _tanh(t * (scale / softcap))
+        s = t * (softcap * _LOG2E)
+    else:
+        s = t * (scale * _LOG2E)
+    return s, t
 
 
 @cost_name("tree_attention.fwd")
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                L, HQ, GROUP, N_QT, N_KT, scale,
+                L, HQ, GROUP, N_QT, N_KT, scale, depth_ptr, window, softcap,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEADS: tl.constexpr, UPCAST: tl.constexpr):
+                HEADS: tl.constexpr, UPCAST: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // (HQ // HEADS)
@@ -69,7 +111,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
     m_mask = pos < L
     q = _load_rows(q_ptr + b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :], m_mask, d_mask,
                    UPCAST)
-    qk_scale = scale * _LOG2E
+    depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
     m_i = tl.full((HEADS * BLOCK_M,), _M_INIT, dtype=tl.float32)
     l_i = tl.zeros((HEADS * BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -82,8 +124,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
         k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
         v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(_visible(pos, offs_n, end, L), s, float("-inf"))
+        depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
+        s, _ = _scores(q, k, scale, softcap, SOFTCAP)
+        s = tl.where(_visible(pos, offs_n, end, L, depth_m, depth_n, window, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -116,9 +159,9 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, ROWS,
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-               L, HQ, GROUP, N_QT, N_KT, scale,
+               L, HQ, GROUP, N_QT, N_KT, scale, depth_ptr, window, softcap,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEADS: tl.constexpr, UPCAST: tl.constexpr):
+               HEADS: tl.constexpr, UPCAST: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // (HQ // HEADS)
@@ -134,7 +177,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
     do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
     lse = tl.load(lse_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
-    qk_scale = scale * _LOG2E
+    depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
     dq = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
     list_off = (b * N_QT + pid_m) * N_KT
     n_visible = tl.load(cnt_ptr + b * N_QT + pid_m)
@@ -145,10 +188,13 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
         k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
         v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(_visible(pos, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
+        depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
+        s, t = _scores(q, k, scale, softcap, SOFTCAP)
+        p = tl.where(_visible(pos, offs_n, end, L, depth_m, depth_n, window, WINDOW), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     tl.store(dq_ptr + q_off, round_to(dq * scale, dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -157,9 +203,9 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
 @triton.jit
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
                  sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                 L, HQ, HKV, GROUP, N_KT, N_QT, scale,
+                 L, HQ, HKV, GROUP, N_KT, N_QT, scale, depth_ptr, window, softcap,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                 UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -173,7 +219,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
     k = _load_rows(k_ptr + k_off, n_mask, d_mask, UPCAST)
     v = _load_rows(v_ptr + v_off, n_mask, d_mask, UPCAST)
     end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
-    qk_scale = scale * _LOG2E
+    depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     list_off = (b * N_KT + pid_n) * N_QT
@@ -189,11 +235,15 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
             do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
             lse = tl.load(lse_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
             delta = tl.load(delta_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(_visible(pos, offs_n, end, L), tl.exp2(s - lse[:, None]), 0.0)
+            depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
+            s, t = _scores(q, k, scale, softcap, SOFTCAP)
+            p = tl.where(_visible(pos, offs_n, end, L, depth_m, depth_n, window, WINDOW), tl.exp2(s - lse[:, None]),
+                         0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
             if ATOMIC_DQ:  # dq_ptr: fp32 [B, Hq, L, D] with q's strides
                 tl.atomic_add(dq_ptr + q_off, tl.dot(ds.to(k.dtype), k) * scale,

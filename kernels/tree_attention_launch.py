@@ -14,6 +14,10 @@ The backward runs 7 matmuls per visible tile pair (split: dq in its own kernel, 
 kernel) moves 8 bytes of atomics per dq element per tile pair, 107 FLOP/byte at these tiles, so by the
 model it is slower (see ``kernel_costs`` and README's roofline table); it is kept for measurement on a GPU,
 where L2 may absorb the atomics the model charges to HBM.
+
+A sliding window (``window`` over ``position_ids``) drops from the lists every tile pair wholly outside it
+(the smallest query position of the query tile minus the largest key position of the key tile is at least
+``window``); the kernels mask the pairs of the remaining tiles one by one. A softcap changes no list.
 """
 from typing import NamedTuple
 
@@ -47,9 +51,12 @@ def heads_per_program(group):
     return heads
 
 
-def visible_tiles(subtree_end, block_m, block_n):
+def visible_tiles(subtree_end, block_m, block_n, position_ids=None, window=None):
     """[B, ceil(L / block_m), ceil(L / block_n)] bool: query tile i and key tile j hold a visible pair,
-    i.e. some key k of tile j and query q of tile i have k <= q < subtree_end[k]. subtree_end: [B, L]."""
+    i.e. some key k of tile j and query q of tile i have k <= q < subtree_end[k]. subtree_end: [B, L].
+
+    With ``window`` (and ``position_ids [B, L]``), also not wholly outside the window: the smallest query
+    position in tile i minus the largest key position in tile j is below ``window``."""
     B, L = subtree_end.shape
     Tm, Tn = triton.cdiv(L, block_m), triton.cdiv(L, block_n)
     ends = torch.nn.functional.pad(subtree_end.long(), (0, Tn * block_n - L))  # pad keys see nothing
@@ -58,7 +65,21 @@ def visible_tiles(subtree_end, block_m, block_n):
     q_last = torch.clamp(q_first + block_m - 1, max=L - 1)
     # key k sees some query of tile i  <=>  k <= q_last[i] and subtree_end[k] > q_first[i]
     sees = (keys[None, None, :] <= q_last[None, :, None]) & (ends[:, None, :] > q_first[None, :, None])
-    return sees.view(B, Tm, Tn, block_n).any(-1)
+    visible = sees.view(B, Tm, Tn, block_n).any(-1)
+    if window is not None:
+        visible &= _near_tiles(position_ids, block_m, block_n, window)
+    return visible
+
+
+def _near_tiles(position_ids, block_m, block_n, window):
+    """[B, Tm, Tn] bool: min position of query tile i - max position of key tile j < window."""
+    B, L = position_ids.shape
+    Tm, Tn = triton.cdiv(L, block_m), triton.cdiv(L, block_n)
+    pos = position_ids.long()
+    far = 2 * (int(pos.abs().max()) + window)  # beyond any position: padding never sets a min or a max
+    q_min = torch.nn.functional.pad(pos, (0, Tm * block_m - L), value=far).view(B, Tm, block_m).amin(-1)
+    k_max = torch.nn.functional.pad(pos, (0, Tn * block_n - L), value=-far).view(B, Tn, block_n).amax(-1)
+    return (q_min[:, :, None] - k_max[:, None, :]) < window
 
 
 def _lists(visible):
@@ -78,12 +99,13 @@ class TileLists(NamedTuple):
     k_index: torch.Tensor  # [B, Tk', Tq'] those query tiles, ascending
 
 
-def tile_lists(subtree_end, configs=None):
-    """TileLists of ``subtree_end [B, L]`` at the launch tiles (``configs`` default: the launcher's own)."""
+def tile_lists(subtree_end, configs=None, position_ids=None, window=None):
+    """TileLists of ``subtree_end [B, L]`` at the launch tiles (``configs`` default: the launcher's own), under
+    ``window`` over ``position_ids [B, L]`` when given (``visible_tiles``)."""
     cfgs = _configs(configs)
     fwd, bwd = cfgs["fwd"].blocks, cfgs["dkdv"].blocks
-    q_lists = _lists(visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"]))
-    k_lists = _lists(visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"]).transpose(1, 2))
+    q_lists = _lists(visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"], position_ids, window))
+    k_lists = _lists(visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"], position_ids, window).transpose(1, 2))
     return TileLists(*q_lists, *k_lists)
 
 
@@ -93,16 +115,26 @@ def _flags(q):
                 UPCAST=interpreting() and q.dtype == torch.bfloat16)
 
 
+def _options(subtree_end, position_ids, window, softcap):
+    """The kernels' window / softcap arguments: runtime values plus the WINDOW / SOFTCAP flags (off: the
+    kernels compile without them; subtree_end then stands in for the unread depth pointer)."""
+    if window is not None and position_ids is None:
+        raise ValueError("tree_attention: a window needs position_ids [B, L]")
+    return dict(depth_ptr=subtree_end if window is None else position_ids, window=window or 0,
+                softcap=softcap or 1.0, WINDOW=window is not None, SOFTCAP=softcap is not None)
+
+
 def _launch(kernel, grid, cfg, *args, **constexprs):
     kernel[grid](*args, **constexprs, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def forward(q, k, v, subtree_end, scale, lists=None, configs=None):
+def forward(q, k, v, subtree_end, scale, lists=None, configs=None, position_ids=None, window=None, softcap=None):
     """q [B,Hq,L,D], k/v [B,Hkv,L,D] contiguous, subtree_end [B,L] int32 -> (o [B,Hq,L,D], lse [B,Hq,L] fp32, lists).
 
-    lists: ``tile_lists(subtree_end)`` when the caller built them once for several layers."""
+    lists: ``tile_lists(subtree_end, position_ids=..., window=...)`` when the caller built them once for several
+    layers. position_ids: [B, L] int32 contiguous, read under a window (None: none); softcap: None for none."""
     cfgs = _configs(configs)
-    lists = tile_lists(subtree_end, cfgs) if lists is None else lists
+    lists = tile_lists(subtree_end, cfgs, position_ids, window) if lists is None else lists
     B, HQ, L, _ = q.shape
     group = HQ // k.shape[1]
     heads = heads_per_program(group)
@@ -112,15 +144,18 @@ def forward(q, k, v, subtree_end, scale, lists=None, configs=None):
     _launch(_fwd_kernel, (n_qt, B * HQ // heads), cfgs["fwd"],
             q, k, v, subtree_end, lists.q_count, lists.q_index, o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **_flags(q))
+            L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **_flags(q),
+            **_options(subtree_end, position_ids, window, softcap))
     return o, lse, lists
 
 
-def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", configs=None):
+def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", configs=None, position_ids=None,
+             window=None, softcap=None):
     """Gradients (dq, dk, dv) in the layouts of q, k, v (all contiguous; do contiguous like q).
 
     dq_mode: "split" (dq by its own kernel; deterministic) or "atomic" (dq added with fp32 atomics from
-    the dk/dv kernel: 5 matmuls per tile pair instead of 7, summation order varies run to run)."""
+    the dk/dv kernel: 5 matmuls per tile pair instead of 7, summation order varies run to run).
+    lists, position_ids, window, softcap: the forward's."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"tree_attention: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     cfgs = _configs(configs)
@@ -128,6 +163,7 @@ def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", co
     HKV = k.shape[1]
     group = HQ // HKV
     flags = _flags(q)
+    options = _options(subtree_end, position_ids, window, softcap)
     delta = torch.empty((B, HQ, L), device=q.device, dtype=torch.float32)
     rows = B * HQ * L
     _launch(_delta_kernel, (triton.cdiv(rows, cfgs["delta"].blocks["BLOCK_R"]),), cfgs["delta"],
@@ -141,11 +177,11 @@ def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", co
         n_qt, n_kt = lists.q_index.shape[1:]
         _launch(_dq_kernel, (n_qt, B * HQ // heads), cfgs["dq"],
                 q, k, v, subtree_end, lists.q_count, lists.q_index, do, lse, delta, dq, *strides,
-                L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **flags)
+                L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **flags, **options)
     n_kt, n_qt = lists.k_index.shape[1:]
     _launch(_dkdv_kernel, (n_kt, B * HKV), cfgs["dkdv"],
             q, k, v, subtree_end, lists.k_count, lists.k_index, do, lse, delta, dk, dv, dq_acc, *strides,
-            L, HQ, HKV, group, n_kt, n_qt, scale, ATOMIC_DQ=atomic, **flags)
+            L, HQ, HKV, group, n_kt, n_qt, scale, ATOMIC_DQ=atomic, **flags, **options)
     if atomic:
         n = dq.numel()
         _launch(_cast_kernel, (triton.cdiv(n, cfgs["cast"].blocks["BLOCK"]),), cfgs["cast"], dq_acc, dq, n)
@@ -161,13 +197,16 @@ def _valid(L, block, tiles):
     return torch.clamp(L - torch.arange(tiles) * block, max=block)
 
 
-def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split"):
+def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split",
+                 position_ids=None, window=None):
     """Performance model of tree attention over ``subtree_end [B, L]``: one KernelCost per launch, in
     launch order (forward; then delta, dq (split) or none, dk/dv, cast (atomic)).
 
     FLOPs: 2*M*N*K per ``tl.dot`` executed (K = BLOCK_D, the head dim padded to a power of two);
     bytes: every executed tl.load / tl.store (masked elements excluded; an atomic is a load and a store),
-    including the tile-list scalars. ``configs`` default to the GPU's."""
+    including the tile-list scalars. ``configs`` default to the GPU's. ``window`` over ``position_ids [B, L]``:
+    the window's tile lists, plus an int32 position read wherever a key's subtree_end or a query row is. A
+    softcap changes neither number (elementwise tanh on tiles already in registers)."""
     if not passes or not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     if dq_mode not in DQ_MODES:
@@ -179,10 +218,12 @@ def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "b
     BD = max(16, triton.next_power_of_2(D))
     heads = heads_per_program(HQ // HKV)
     row = D * e  # bytes of one q/k/v/o row
+    depth = 0 if window is None else 4  # an int32 position id per query row and per key, read under a window
+    positions = None if position_ids is None else position_ids.cpu()
 
     def pairs(block_m, block_n, transpose):
         """(tile pairs, sum over pairs of the valid rows of the walked tile, programs) for one tile list."""
-        vis = visible_tiles(ends, block_m, block_n)
+        vis = visible_tiles(ends, block_m, block_n, positions, window)
         if transpose:  # walk query tiles per key tile
             vis = vis.transpose(1, 2)
             walked = _valid(L, block_m, vis.shape[2])
@@ -194,34 +235,56 @@ def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "b
     bm, bn = cfgs["fwd"].blocks["BLOCK_M"], cfgs["fwd"].blocks["BLOCK_N"]
     n_pairs, walked_keys, programs = pairs(bm, bn, transpose=False)
     head_blocks = HQ // heads
-    # per program: its count; per pair: index, k and v tiles, subtree_end of the keys
-    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4))
+    # per program: its count; per pair: index, k and v tiles, subtree_end (and positions) of the keys
+    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4 + depth))
     if "fwd" in passes:
         flops = head_blocks * n_pairs * 2 * (2 * heads * bm * bn * BD)
-        costs.append(KernelCost("tree_attention.fwd", flops, kv_walk + HQ * B * L * (2 * row + 4)))  # q; o, lse
+        costs.append(KernelCost("tree_attention.fwd", flops,
+                                kv_walk + HQ * B * L * (2 * row + 4 + depth)))  # q (and positions); o, lse
     if "bwd" not in passes:
         return costs
     costs.append(KernelCost("tree_attention.delta", 0, B * HQ * L * (2 * row + 4)))
     if dq_mode == "split":
         flops = head_blocks * n_pairs * 3 * (2 * heads * bm * bn * BD)
-        costs.append(KernelCost("tree_attention.dq", flops, kv_walk + HQ * B * L * (3 * row + 8)))  # q, do, lse, delta; dq
+        costs.append(KernelCost("tree_attention.dq", flops,
+                                kv_walk + HQ * B * L * (3 * row + 8 + depth)))  # q, do, lse, delta (positions); dq
     bm, bn = cfgs["dkdv"].blocks["BLOCK_M"], cfgs["dkdv"].blocks["BLOCK_N"]
     n_pairs, walked_queries, programs = pairs(bm, bn, transpose=True)
     dots = 5 if dq_mode == "atomic" else 4
-    per_query = 2 * row + 8 + (2 * 4 * D if dq_mode == "atomic" else 0)  # q, do, lse, delta (+ dq atomics)
-    nbytes = HKV * (4 * programs + B * L * (4 * row + 4)) + HQ * (4 * n_pairs + walked_queries * per_query)
+    # q, do, lse, delta (and positions) (+ dq atomics)
+    per_query = 2 * row + 8 + depth + (2 * 4 * D if dq_mode == "atomic" else 0)
+    # per program: count, k, v, subtree_end (and positions) of its keys, dk, dv; per pair: index, query rows
+    nbytes = HKV * (4 * programs + B * L * (4 * row + 4 + depth)) + HQ * (4 * n_pairs + walked_queries * per_query)
     costs.append(KernelCost("tree_attention.dkdv", HQ * n_pairs * dots * 2 * bm * bn * BD, nbytes))
     if dq_mode == "atomic":
         costs.append(KernelCost("tree_attention.cast", 0, B * HQ * L * D * (4 + e)))
     return costs
 
 
-def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd")):
-    """The visible-pairs ideal as one KernelCost: 2 matmuls forward and 5 backward of 2*D FLOPs per visible
-    (query, key) pair per query head; compulsory bytes once (q, k, v, o; and do, dq, dk, dv)."""
+def visible_pairs(subtree_end, position_ids=None, window=None, chunk=1024):
+    """Number of visible (query, key) pairs of ``subtree_end [B, L]`` (under ``window`` over ``position_ids``),
+    counted ``chunk`` keys at a time (no [L, L] buffer)."""
     B, L = subtree_end.shape
+    ends = subtree_end.long()
     pos = torch.arange(L, device=subtree_end.device)
-    visible = int((subtree_end.long() - pos).sum())
+    if window is None:
+        return int((ends - pos).sum())
+    positions = position_ids.long()
+    total = 0
+    for k0 in range(0, L, chunk):
+        keys = pos[k0:k0 + chunk]  # [c]
+        sees = (keys[:, None] <= pos) & (pos < ends[:, k0:k0 + chunk, None])  # [B, c, L(query)]
+        near = positions[:, None, :] - positions[:, k0:k0 + chunk, None] < window
+        total += int((sees & near).sum())
+    return total
+
+
+def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd"), position_ids=None, window=None):
+    """The visible-pairs ideal as one KernelCost: 2 matmuls forward and 5 backward of 2*D FLOPs per visible
+    (query, key) pair per query head (under ``window`` over ``position_ids`` when given); compulsory bytes
+    once (q, k, v, o; and do, dq, dk, dv)."""
+    B, L = subtree_end.shape
+    visible = visible_pairs(subtree_end, position_ids, window)
     e = torch.empty((), dtype=dtype).element_size()
     matmuls = 7 if "bwd" in passes else 2
     tensors = 4 if "bwd" in passes else 2
@@ -240,36 +303,50 @@ def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split"):
     return 2 * 4 * B * HQ * L + lists + (4 * B * HQ * L * D if dq_mode == "atomic" else 0)
 
 
+# (WINDOW, SOFTCAP) combinations launched: none (most models), window (Mistral, Gemma3's local layers), softcap
+# (Gemma2's global layers), both (Gemma2's local layers)
+GATE_OPTIONS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def _option_tag(window, softcap):
+    return ("-window" if window else "") + ("-softcap" if softcap else "")
+
+
 def gate_entries():
     entries = []
     strides = {n: "i32" for n in ("sqb", "sqh", "sql", "skb", "skh", "skl", "svb", "svh", "svl")}
+    options = {"depth_ptr": "*i32", "window": "i32", "softcap": "fp32"}
     for dtype in (torch.bfloat16, torch.float16):
         t = TRITON_DTYPE[dtype]
         io = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "end_ptr": "*i32", "cnt_ptr": "*i32",
               "idx_ptr": "*i32"}
         grads = {"do_ptr": f"*{t}", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-        walk = {"L": "i32", "HQ": "i32", "GROUP": "i32", "N_QT": "i32", "N_KT": "i32", "scale": "fp32"}
+        walk = {"L": "i32", "HQ": "i32", "GROUP": "i32", "N_QT": "i32", "N_KT": "i32", "scale": "fp32", **options}
         for d in GATE_HEAD_DIMS:
-            base = {"HEAD_DIM": d, "BLOCK_D": d, "UPCAST": False}
-            for heads in range(1, MAX_HEADS + 1):
-                if MAX_HEADS % heads:
-                    continue
-                cfg = GPU_CONFIGS["fwd"]
-                entries.append(GateEntry(
-                    f"tree_attention.fwd[{t}-d{d}-heads{heads}]", _fwd_kernel,
-                    {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32", "sol": "i32",
-                     **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
-                cfg = GPU_CONFIGS["dq"]
-                entries.append(GateEntry(
-                    f"tree_attention.dq[{t}-d{d}-heads{heads}]", _dq_kernel,
-                    {**io, **grads, "dq_ptr": f"*{t}", **strides, **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
-            for atomic in (False, True):
-                cfg = GPU_CONFIGS["dkdv"]
-                entries.append(GateEntry(
-                    f"tree_attention.dkdv[{t}-d{d}{'-atomic' if atomic else ''}]", _dkdv_kernel,
-                    {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "dq_ptr": "*fp32", **strides, "L": "i32",
-                     "HQ": "i32", "HKV": "i32", "GROUP": "i32", "N_KT": "i32", "N_QT": "i32", "scale": "fp32"},
-                    {**base, "ATOMIC_DQ": atomic, **cfg.blocks}, cfg))
+            for window, softcap in GATE_OPTIONS:
+                base = {"HEAD_DIM": d, "BLOCK_D": d, "UPCAST": False, "WINDOW": window, "SOFTCAP": softcap}
+                tag = _option_tag(window, softcap)
+                for heads in range(1, MAX_HEADS + 1):
+                    if MAX_HEADS % heads:
+                        continue
+                    cfg = GPU_CONFIGS["fwd"]
+                    entries.append(GateEntry(
+                        f"tree_attention.fwd[{t}-d{d}-heads{heads}{tag}]", _fwd_kernel,
+                        {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32",
+                         "sol": "i32", **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
+                    cfg = GPU_CONFIGS["dq"]
+                    entries.append(GateEntry(
+                        f"tree_attention.dq[{t}-d{d}-heads{heads}{tag}]", _dq_kernel,
+                        {**io, **grads, "dq_ptr": f"*{t}", **strides, **walk}, {**base, "HEADS": heads, **cfg.blocks},
+                        cfg))
+                for atomic in (False, True):
+                    cfg = GPU_CONFIGS["dkdv"]
+                    entries.append(GateEntry(
+                        f"tree_attention.dkdv[{t}-d{d}{'-atomic' if atomic else ''}{tag}]", _dkdv_kernel,
+                        {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "dq_ptr": "*fp32", **strides, "L": "i32",
+                         "HQ": "i32", "HKV": "i32", "GROUP": "i32", "N_KT": "i32", "N_QT": "i32", "scale": "fp32",
+                         **options},
+                        {**base, "ATOMIC_DQ": atomic, **cfg.blocks}, cfg))
             cfg = GPU_CONFIGS["delta"]
             entries.append(GateEntry(
                 f"tree_attention.delta[{t}-d{d}]", _delta_kernel,

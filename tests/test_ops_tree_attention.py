@@ -11,15 +11,21 @@ from trees import pact_group, random_tree_sequences
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
 
 
-def _layout(seeds_depths):
-    """Batch of packed trees padded to one length with trailing single-token chains."""
+def _packed(seeds_depths):
+    """(subtree_end [B, L], position_ids [B, L]) of a batch of packed trees padded to one length with
+    trailing single-token chains (each padding token sees only itself, at position 0)."""
     packs = [pack_tree(random_tree_sequences(s, d)) for s, d in seeds_depths]
     L = max(p.num_tokens for p in packs)
-    ends = []
+    ends, positions = [], []
     for p in packs:
-        pad = torch.arange(p.num_tokens + 1, L + 1)  # padding tokens each see only themselves
-        ends.append(torch.cat([p.subtree_end, pad]))
-    return torch.stack(ends)
+        ends.append(torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]))
+        positions.append(torch.cat([p.position_ids, torch.zeros(L - p.num_tokens, dtype=torch.long)]))
+    return torch.stack(ends), torch.stack(positions)
+
+
+def _layout(seeds_depths):
+    """Batch of packed trees padded to one length with trailing single-token chains."""
+    return _packed(seeds_depths)[0]
 
 
 # fp16 runs on the Triton kernels only: the fp16 SDPA/varlen paths are PyTorch's own kernels.
@@ -129,11 +135,13 @@ def test_bad_layout_is_a_clear_error(change, exc, word):
         tree_attention(*change(q, k, v, e), backend="sdpa")
 
 
-def test_flex_on_cpu_is_refused():
-    e = pack_tree(pact_group()).subtree_end[None]
+@pytest.mark.parametrize("options", [{}, {"window": 4, "softcap": 2.0}], ids=["plain", "window-softcap"])
+def test_flex_on_cpu_is_refused(options):
+    packed = pack_tree(pact_group())
+    e = packed.subtree_end[None]
     q = torch.randn(1, 2, e.shape[1], 16)
     with pytest.raises(ValueError, match="CUDA"):
-        tree_attention(q, q, q, e, backend="flex")
+        tree_attention(q, q, q, e, backend="flex", position_ids=packed.position_ids[None], **options)
 
 
 @pytest.mark.parametrize("backend", ["triton", "varlen", "sdpa"])
@@ -157,3 +165,156 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert torch.allclose(out, loss(*eager), rtol=1e-6)
     for a, b in zip(eager, compiled):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding window and logit softcap
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = [
+    pytest.param({"window": 3}, id="window3"),
+    pytest.param({"window": 2}, id="window2"),
+    pytest.param({"softcap": 1.5}, id="softcap"),
+    pytest.param({"window": 5, "softcap": 1.5}, id="window5-softcap"),
+]
+
+
+def _inputs(B, L, HQ, HKV, D, seed):
+    """Fresh random float64 q, k, v, do."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ)]
+
+
+def _check(backend, dtype, options, tol, dq_mode="split", HQ=4, HKV=2, D=16, seeds_depths=((3, 3), (5, 2))):
+    """tree_attention under ``options`` against the float64 reference: output and the gradients of q, k, v."""
+    ends, positions = _packed(seeds_depths)
+    B, L = ends.shape
+    assert "window" not in options or options["window"] < max(int(p.max()) for p in positions), \
+        "the window must be shorter than the sequences"
+    q, k, v, do = _inputs(B, L, HQ, HKV, D, seed=sum(map(ord, repr(options))))
+    ours = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = tree_attention(*ours, ends, backend=backend, dq_mode=dq_mode, position_ids=positions, **options)
+    out_r = tree_attention_reference(*ref, ends, position_ids=positions, **options)
+    assert out.dtype == dtype and rel_err(out.detach(), out_r.detach()) < tol
+    out.backward(do.to(dtype))
+    out_r.backward(do)
+    for name, o, r in zip("qkv", ours, ref):
+        assert rel_err(o.grad, r.grad) < tol, f"d{name}"
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_window_and_softcap_match_float64_reference(backend, options):
+    _check(backend, torch.float64, options, 1e-12)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
+def test_triton_window_and_softcap_match_float64_reference(dtype, tol, dq_mode, options):
+    _check("triton", dtype, options, tol, dq_mode)
+
+
+def test_triton_window_with_stacked_heads_and_d24():
+    """GQA groups of 2 stack two heads per program (the query positions are read per stacked row); D=24 pads."""
+    _check("triton", torch.float32, {"window": 4, "softcap": 3.0}, 1e-4, HQ=8, HKV=1, D=24)
+
+
+def test_window_is_huggingface_sliding_window_of_each_sequence_alone():
+    """Packed and windowed, every sequence's rows equal that sequence run alone under Hugging Face's own
+    sliding-window causal mask (transformers.masking_utils)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    window = 4
+    seqs = random_tree_sequences(11, 3)
+    packed = pack_tree(seqs)
+    L = packed.num_tokens
+    assert max(map(len, seqs)) > 2 * window, "the window must be shorter than the sequences"
+    q, k, v, _ = _inputs(1, L, 2, 1, 8, seed=5)
+    for backend in ("sdpa", "varlen"):
+        out = tree_attention(q, k, v, packed.subtree_end[None], backend=backend,
+                             position_ids=packed.position_ids[None], window=window, softcap=2.0)
+        for rows in packed.token_index:
+            n = len(rows)
+            pos = torch.arange(n)
+            mask = sliding_window_causal_mask_function(window)(0, 0, pos[:, None], pos[None, :])  # [n, n]
+            qs, ks, vs = (t[0, :, rows] for t in (q, k, v))
+            s = 2.0 * torch.tanh((qs @ ks.transpose(-1, -2)) / 8 ** 0.5 / 2.0)
+            alone = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vs
+            assert rel_err(out[0, :, rows], alone) < 1e-12, backend
+
+
+def test_one_layout_serves_several_windows_building_each_once(monkeypatch):
+    """Full and windowed layers share one layout; a window's tile lists are built on first use, then reused."""
+    from pact_fast.kernels import tree_attention_launch as launch
+
+    ends, positions = _packed([(3, 3)])
+    calls = []
+    real = launch.tile_lists
+    monkeypatch.setattr(launch, "tile_lists", lambda *a, **kw: calls.append(kw.get("window")) or real(*a, **kw))
+    layout = build_layout(ends, "triton", position_ids=positions)
+    q, k, v, _ = _inputs(1, ends.shape[1], 2, 2, 16, seed=1)
+    q, k, v = q.float(), k.float(), v.float()
+    for window in (None, 3, 5, 3, None, 5):
+        out = tree_attention(q, k, v, layout=layout, window=window)
+        ref = tree_attention_reference(q.double(), k.double(), v.double(), ends, position_ids=positions, window=window)
+        assert rel_err(out, ref) < 1e-4
+    assert calls == [None, 3, 5]
+
+
+@pytest.mark.parametrize("block_m,block_n", [(4, 4), (16, 16), (8, 16), (16, 4)])
+@pytest.mark.parametrize("window", [2, 5])
+def test_windowed_tiles_drop_only_tiles_wholly_outside_the_window(block_m, block_n, window):
+    ends, positions = _packed([(1, 3), (2, 4)])
+    B, L = ends.shape
+    Tm, Tn = -(-L // block_m), -(-L // block_n)
+    tree = visible_tiles(ends, block_m, block_n)
+    windowed = visible_tiles(ends, block_m, block_n, positions, window)
+    mask = tree_mask(ends, positions, window)
+    padded = torch.nn.functional.pad(mask, (0, Tn * block_n - L, 0, Tm * block_m - L))
+    has_pair = padded.view(B, Tm, block_m, Tn, block_n).any(-1).any(2)
+    assert torch.equal(windowed & has_pair, has_pair), "a tile holding a visible pair was dropped"
+    assert torch.equal(windowed, windowed & tree)
+    q_min = torch.nn.functional.pad(positions, (0, Tm * block_m - L), value=10 ** 6).view(B, Tm, -1).amin(-1)
+    k_max = torch.nn.functional.pad(positions, (0, Tn * block_n - L), value=-1).view(B, Tn, -1).amax(-1)
+    assert torch.equal(windowed, tree & (q_min[:, :, None] - k_max[:, None, :] < window))
+    assert windowed.sum() < tree.sum(), "the window drops some tiles"
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    (lambda pos: {"window": 0, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
+    (lambda pos: {"window": 2.5, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
+    (lambda pos: {"window": 3}, ValueError, "window needs position_ids"),
+    (lambda pos: {"softcap": -1.0}, ValueError, "softcap must be > 0"),
+    (lambda pos: {"softcap": "30"}, ValueError, "softcap must be > 0"),
+    (lambda pos: {"window": 3, "position_ids": pos[:, :-1]}, ValueError, "position_ids must be \\[B, L\\]"),
+    (lambda pos: {"window": 3, "position_ids": pos.float()}, TypeError, "position_ids must be int"),
+], ids=["window0", "window-float", "no-positions", "softcap-negative", "softcap-str", "positions-shape",
+        "positions-float"])
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_bad_window_or_softcap_is_a_clear_error(kwargs, exc, word, backend):
+    packed = pack_tree(pact_group())
+    e = packed.subtree_end[None]
+    q = torch.randn(1, 2, e.shape[1], 16)
+    with pytest.raises(exc, match=word):
+        tree_attention(q, q, q, e, backend=backend, **kwargs(packed.position_ids[None]))
+
+
+def test_softcap_zero_is_off_and_positions_with_a_layout_are_refused():
+    packed = pack_tree(pact_group())
+    e, positions = packed.subtree_end[None], packed.position_ids[None]
+    q = torch.randn(1, 2, e.shape[1], 16)
+    assert torch.equal(tree_attention(q, q, q, e, backend="sdpa", softcap=0.0), tree_attention(q, q, q, e, backend="sdpa"))
+    layout = build_layout(e, "sdpa", position_ids=positions)
+    with pytest.raises(ValueError, match="pass position_ids to build_layout"):
+        tree_attention(q, q, q, layout=layout, position_ids=positions, window=2)
+
+
+def test_varlen_refuses_positions_that_are_not_trie_depths():
+    """flash-attn's window counts key offsets: varlen needs positions growing by one along every path."""
+    packed = pack_tree(pact_group())
+    positions = packed.position_ids.clone()
+    positions[5] += 1  # inside the shared prompt: no longer its parent's position + 1
+    with pytest.raises(ValueError, match="position_ids must grow by one"):
+        build_layout(packed.subtree_end[None], "varlen", position_ids=positions[None])

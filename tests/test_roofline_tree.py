@@ -21,26 +21,42 @@ pytestmark = pytest.mark.skipif(not interpreting(), reason="counts what the Trit
 CONFIGS = {"interpreter": launch.INTERPRET_CONFIGS, "gpu": launch.GPU_CONFIGS}
 
 
+def _batch_with_positions(*packs):
+    """([B, L] subtree_end, [B, L] position_ids) of several packed trees, padded to one length with
+    single-token chains (each its own root, at position 0)."""
+    L = max(p.num_tokens for p in packs)
+    ends = torch.stack([torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]) for p in packs]).int()
+    positions = torch.stack([torch.cat([p.position_ids, torch.zeros(L - p.num_tokens, dtype=torch.long)])
+                             for p in packs]).int()
+    return ends, positions
+
+
 def _batch(*packs):
     """[B, L] subtree_end of several packed trees, padded to one length with single-token chains."""
-    L = max(p.num_tokens for p in packs)
-    return torch.stack([torch.cat([p.subtree_end, torch.arange(p.num_tokens + 1, L + 1)]) for p in packs]).int()
+    return _batch_with_positions(*packs)[0]
 
 
 LAYOUTS = {
     "pact-group": lambda: pack_tree(pact_group()).subtree_end[None].int(),
     "ragged-pair": lambda: _batch(pack_tree(random_tree_sequences(4, 3)), pack_tree(random_tree_sequences(7, 2))),
 }
+# (subtree_end, position_ids, window): windows shorter than the sequences, so whole tiles fall outside them
+WINDOWED = {
+    "pact-group-window5": lambda: (*_batch_with_positions(pack_tree(pact_group(prompt=33, response=7))), 5),
+    "ragged-pair-window3": lambda: (*_batch_with_positions(pack_tree(random_tree_sequences(4, 3)),
+                                                           pack_tree(random_tree_sequences(7, 2))), 3),
+}
 
 
-def _count(subtree_end, HQ, HKV, D, dtype, configs, dq_mode):
+def _count(subtree_end, HQ, HKV, D, dtype, configs, dq_mode, position_ids=None, window=None, softcap=None):
     B, L = subtree_end.shape
     g = torch.Generator().manual_seed(HQ + D)
     q, k, v, do = (torch.randn(B, h, L, D, generator=g).to(dtype) for h in (HQ, HKV, HKV, HQ))
+    options = dict(position_ids=position_ids, window=window, softcap=softcap)
     with roofline.count_executed() as counts:
-        lists = launch.tile_lists(subtree_end, configs)
-        o, lse, _ = launch.forward(q, k, v, subtree_end, D ** -0.5, lists, configs)
-        launch.backward(q, k, v, o, lse, do, subtree_end, lists, D ** -0.5, dq_mode, configs)
+        lists = launch.tile_lists(subtree_end, configs, position_ids, window)
+        o, lse, _ = launch.forward(q, k, v, subtree_end, D ** -0.5, lists, configs, **options)
+        launch.backward(q, k, v, o, lse, do, subtree_end, lists, D ** -0.5, dq_mode, configs, **options)
     return counts.as_tuples()
 
 
@@ -55,6 +71,32 @@ def test_counted_flops_and_bytes_equal_the_formulas(layout, HQ, HKV, D, config, 
     kernels = {"fwd", "delta", "dkdv"} | ({"dq"} if dq_mode == "split" else {"cast"})
     assert set(counted) == {f"tree_attention.{k}" for k in kernels}
     assert counted == model
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["window", "window-softcap"])
+@pytest.mark.parametrize("dq_mode", launch.DQ_MODES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("layout", list(WINDOWED))
+def test_windowed_counts_equal_the_formulas(layout, config, dq_mode, softcap):
+    """A window's tile lists (and its position reads) are what the kernels execute; a softcap adds no
+    matmul or memory traffic."""
+    ends, positions, window = WINDOWED[layout]()
+    counted = _count(ends, 4, 2, 16, torch.float32, CONFIGS[config], dq_mode, positions, window, softcap)
+    model = launch.kernel_costs(ends, 4, 2, 16, torch.float32, CONFIGS[config], dq_mode=dq_mode,
+                                position_ids=positions, window=window)
+    assert counted == roofline.aggregate(model)
+    if layout == "pact-group-window5" and config == "interpreter":  # the window skips some of the tree's tiles
+        full = launch.kernel_costs(ends, 4, 2, 16, torch.float32, CONFIGS[config], dq_mode=dq_mode)
+        for kernel in ("fwd", "dkdv"):
+            windowed, tree = (next(c.flops for c in costs if c.kernel == f"tree_attention.{kernel}")
+                              for costs in (model, full))
+            assert windowed < tree, kernel
+
+
+def test_softcap_counts_equal_the_unsoftcapped_formulas():
+    ends = LAYOUTS["ragged-pair"]()
+    counted = _count(ends, 4, 2, 16, torch.float32, launch.INTERPRET_CONFIGS, "split", softcap=1.5)
+    assert counted == roofline.aggregate(launch.kernel_costs(ends, 4, 2, 16, torch.float32, launch.INTERPRET_CONFIGS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -102,3 +144,14 @@ def test_ideal_counts_visible_pairs():
     (ideal,) = launch.ideal_costs(ends, HQ=2, HKV=1, D=8, dtype=torch.float16)
     assert ideal.flops == 7 * 2 * 6 * 8 * 2
     assert ideal.bytes == 4 * 3 * 8 * (2 + 1) * 2
+
+
+@pytest.mark.parametrize("layout", list(WINDOWED))
+def test_ideal_counts_the_pairs_visible_in_the_window(layout):
+    from pact_fast.ops.tree_attention import tree_mask
+
+    ends, positions, window = WINDOWED[layout]()
+    pairs = int(tree_mask(ends, positions, window).sum())
+    assert launch.visible_pairs(ends, positions, window, chunk=7) == pairs < launch.visible_pairs(ends)
+    (ideal,) = launch.ideal_costs(ends, HQ=2, HKV=1, D=8, dtype=torch.float16, position_ids=positions, window=window)
+    assert ideal.flops == 7 * 2 * pairs * 8 * 2

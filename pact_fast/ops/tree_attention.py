@@ -1,17 +1,35 @@
 """Attention over a DFS-packed token trie: key ``k`` is visible to query ``q`` iff
 ``k <= q < subtree_end[k]`` (a query sees its ancestors' segments and its own segment causally).
 
+Two options every backend applies, forward and backward, as Hugging Face models define them:
+
+- sliding window (``window``, e.g. Mistral, Gemma's local layers): key ``k`` is visible only if also
+  ``position_ids[q] - position_ids[k] < window``, with ``position_ids`` the trie depths (each token's
+  position along its own path, ``pack_tree(...).position_ids``). Along one path this is exactly the
+  windowed causal mask of that sequence alone.
+- logit softcap (``softcap``, Gemma2's ``attn_logit_softcapping``): scores ``s = scale * q.k`` become
+  ``softcap * tanh(s / softcap)`` before masking and softmax.
+
 Backends (SPEC section 3):
 
 - ``triton``: block-sparse flash kernels in ``pact_fast.kernels.tree_attention``; no fully
-  masked tile is ever computed. CUDA, or the CPU under ``TRITON_INTERPRET=1``.
-- ``sdpa``: a dense boolean ``[L, L]`` mask through ``scaled_dot_product_attention``; the reference.
+  masked tile is ever computed, nor a tile wholly outside the window. CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``.
+- ``sdpa``: a dense boolean ``[L, L]`` mask through ``scaled_dot_product_attention`` (with a softcap,
+  which SDPA cannot apply, the same mask over explicitly computed scores).
 - ``varlen``: each segment attends to its gathered ancestors' keys/values plus itself causally,
-  through flash-attn's ``flash_attn_varlen_func`` when installed, else SDPA per segment.
-- ``flex``: FlexAttention with a ``mask_mod`` over ``subtree_end`` (CUDA only: no CPU backward).
+  through flash-attn's ``flash_attn_varlen_func`` (its ``window_size`` and ``softcap``) when installed,
+  else SDPA per segment.
+- ``flex``: FlexAttention with a ``mask_mod`` over ``subtree_end`` and the positions, a ``score_mod``
+  for the softcap (CUDA only: no CPU backward).
+
+A layout (``build_layout``) serves every window of one forward (Gemma alternates full and windowed
+layers): what depends on the window (triton tile lists, flex block masks) is built on its first use
+and cached on the layout.
 """
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,13 +41,43 @@ from ._custom import custom_op
 BACKENDS = ("auto", "triton", "sdpa", "varlen", "flex")
 
 
-def tree_mask(subtree_end):
-    """Dense visibility ``[B, L, L]`` bool (query, key) from ``subtree_end [B, L]``."""
+def tree_mask(subtree_end, position_ids=None, window=None):
+    """Dense visibility ``[B, L, L]`` bool (query, key) from ``subtree_end [B, L]``; with ``window``, also
+    ``position_ids[q] - position_ids[k] < window`` (``position_ids [B, L]``)."""
     L = subtree_end.shape[-1]
     pos = torch.arange(L, device=subtree_end.device)
     q = pos[:, None]
     k = pos[None, :]
-    return (k <= q) & (q < subtree_end[:, None, :])
+    mask = (k <= q) & (q < subtree_end[:, None, :])
+    if window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
+    return mask
+
+
+def check_options(window, softcap, position_ids):
+    """Raise ValueError on a window below 1 or without position ids, or a negative softcap; returns
+    (window, softcap) normalised: None when off (a softcap of 0 is off)."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"tree_attention: window must be an integer >= 1 (or None for no window), got {window!r}")
+        if position_ids is None:
+            raise ValueError("tree_attention: a window needs position_ids [B, L] (pack_tree(...).position_ids), "
+                             "passed to tree_attention or build_layout")
+        window = int(window)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0:
+            raise ValueError(f"tree_attention: softcap must be > 0 (None or 0 for no softcap), got {softcap!r}")
+        softcap = float(softcap) or None
+    return window, softcap
+
+
+def validate_position_ids(position_ids, subtree_end):
+    """Raise unless ``position_ids`` is an integer ``[B, L]`` tensor like ``subtree_end``."""
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tree_attention: position_ids must be int32 or int64, got {position_ids.dtype}")
+    if position_ids.shape != subtree_end.shape:
+        raise ValueError(f"tree_attention: position_ids must be [B, L] = {list(subtree_end.shape)} like subtree_end, "
+                         f"got {list(position_ids.shape)}")
 
 
 def validate_layout(q, k, v, subtree_end):
@@ -68,19 +116,36 @@ def _repeat_kv(q, k, v):
     return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
 
 
-def tree_attention_reference(q, k, v, subtree_end, scale=None):
-    """Plain softmax attention under the tree mask, in the inputs' dtype (run it in float64 for tests)."""
-    k, v = _repeat_kv(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, L, L]
-    s = s.masked_fill(~tree_mask(subtree_end)[:, None], float("-inf"))
+def _explicit(q, k, v, mask, scale, softcap):
+    """softmax(cap(scale * q @ k^T) masked) @ v computed step by step; q [..., M, D], k, v [..., N, D] (heads
+    already repeated), mask broadcastable to [..., M, N] bool, cap = softcap * tanh(. / softcap) or none."""
+    s = (q @ k.transpose(-1, -2)) * scale  # [..., M, N]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
 
 
-def _sdpa(q, k, v, subtree_end, scale):
-    """The dense-mask backend: PyTorch's SDPA under the [B, 1, L, L] tree mask."""
+def _attend(q, k, v, mask, scale, softcap):
+    """Masked attention through PyTorch's SDPA, or explicitly when a softcap is set (SDPA has none)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _explicit(q, k, v, mask, scale, softcap)
+
+
+def tree_attention_reference(q, k, v, subtree_end, scale=None, *, position_ids=None, window=None, softcap=None):
+    """Plain softmax attention under the tree mask (and the window, and the softcap), in the inputs' dtype
+    (run it in float64 for tests). Arguments as ``tree_attention``'s."""
+    window, softcap = check_options(window, softcap, position_ids)
     k, v = _repeat_kv(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=tree_mask(subtree_end)[:, None], scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _explicit(q, k, v, tree_mask(subtree_end, position_ids, window)[:, None], scale, softcap)
+
+
+def _sdpa(q, k, v, layout, scale, window, softcap):
+    """The dense-mask backend: PyTorch's SDPA under the [B, 1, L, L] mask."""
+    k, v = _repeat_kv(q, k, v)
+    return _attend(q, k, v, tree_mask(layout.subtree_end, layout.position_ids, window)[:, None], scale, softcap)
 
 
 def segments(subtree_end):
@@ -109,48 +174,66 @@ class VarlenRow:
     kv_index: torch.Tensor  # [sum_k] long: each segment's ancestor keys, then its own tokens
     cu_q_dev: torch.Tensor  # [S + 1] int32 on the device (flash-attn)
     cu_k_dev: torch.Tensor  # [S + 1] int32 on the device
+    kv_pos: Optional[torch.Tensor] = None  # [sum_k] position ids of the gathered keys (None: no position ids)
 
 
 @dataclass
 class TreeAttentionLayout:
     """What every attention layer of one packed forward needs, built once (``build_layout``): all host
-    synchronisation of a forward happens there, none inside the layer loop."""
+    synchronisation of a forward happens there, none inside the layer loop, except once per window value on
+    the window's first use (its triton tile lists or flex block mask, then cached in ``masks``)."""
 
     subtree_end: torch.Tensor  # [B, L] int32
     backend: str  # resolved: triton, sdpa, varlen or flex
-    tiles: Optional[tuple] = None  # triton: kernels/tree_attention_launch.tile_lists(subtree_end)
+    position_ids: Optional[torch.Tensor] = None  # [B, L] int32 trie depths; needed by a window
     dq_mode: str = "split"  # triton backward: "split" (deterministic) or "atomic" (see the launcher)
     varlen: Optional[list] = None  # varlen: a VarlenRow per batch row
-    block_mask: Optional[object] = None  # flex: FlexAttention's BlockMask
     flash_varlen: Optional[object] = None  # varlen on CUDA: flash-attn's flash_attn_varlen_func when installed
+    # triton: window -> kernels/tree_attention_launch.TileLists; flex: window -> BlockMask (None: no window)
+    masks: dict = field(default_factory=dict)
+
+    def masks_for(self, window):
+        """The triton tile lists or flex block mask under ``window`` (None: the tree alone), built on first use."""
+        if window not in self.masks:
+            if self.backend == "triton":
+                from ..kernels import tree_attention_launch as launch
+
+                self.masks[window] = launch.tile_lists(self.subtree_end, position_ids=self.position_ids,
+                                                       window=window)
+            else:
+                self.masks[window] = _flex_block_mask(self.subtree_end, self.position_ids, window)
+        return self.masks[window]
 
 
-def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split"):
+def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split", position_ids=None):
     """The layout of ``subtree_end [B, L]`` for ``backend``: validated, with the tile lists (triton), the
     segments and their key gathers (varlen) or the block mask (flex) built now, once. ``dq_mode`` picks the
     triton backward's dq path: "split" (deterministic, the default: faster by the performance model) or
-    "atomic" (fp32 atomics, 5 matmuls per tile pair; summation order varies)."""
+    "atomic" (fp32 atomics, 5 matmuls per tile pair; summation order varies). ``position_ids [B, L]`` int
+    (the trie depths, ``pack_tree(...).position_ids``) are what a sliding window is measured in; the varlen
+    backend needs them to grow by one along every path (flash-attn's window counts key offsets)."""
     if validate:
         validate_subtree_end(subtree_end)
+        if position_ids is not None:
+            validate_position_ids(position_ids, subtree_end)
     ends = subtree_end.to(torch.int32).contiguous()
+    positions = None if position_ids is None else position_ids.to(torch.int32).contiguous()
     # auto on CPU: per-segment attention beats a dense [L, L] mask (bench/results/group_w-cpu.json)
     backend = resolve_backend("tree_attention", backend, ends.device, BACKENDS, "varlen")
     if dq_mode not in ("split", "atomic"):
         raise ValueError(f"tree_attention: dq_mode must be 'split' or 'atomic', got {dq_mode!r}")
-    layout = TreeAttentionLayout(ends, backend, dq_mode=dq_mode)
-    if backend == "triton":
-        from ..kernels import tree_attention_launch as launch
-
-        layout.tiles = launch.tile_lists(ends)
+    layout = TreeAttentionLayout(ends, backend, positions, dq_mode=dq_mode)
+    if backend in ("triton", "flex"):
+        layout.masks_for(None)
     elif backend == "varlen":
-        layout.varlen = [_varlen_row(ends[b]) for b in range(ends.shape[0])]
+        layout.varlen = [_varlen_row(ends[b], None if positions is None else positions[b])
+                         for b in range(ends.shape[0])]
         layout.flash_varlen = _flash_varlen() if ends.is_cuda else None
-    elif backend == "flex":
-        layout.block_mask = _flex_block_mask(ends)
     return layout
 
 
-def _varlen_row(ends):
+def _varlen_row(ends, positions):
+    """VarlenRow of one row's ``ends [L]`` (and ``positions [L]`` or None)."""
     segs = segments(ends)
     device = ends.device
     kv = [torch.cat([anc, torch.arange(s, e, device=device)]) for s, e, anc in segs]
@@ -158,9 +241,19 @@ def _varlen_row(ends):
     for idx in kv:
         cu_k.append(cu_k[-1] + len(idx))
     cu_q = [0] + [e for _, e, _ in segs]
-    return VarlenRow([(s, e) for s, e, _ in segs], cu_k, torch.cat(kv),
+    kv_index = torch.cat(kv)  # [sum_k]
+    kv_pos = None
+    if positions is not None:
+        kv_pos = positions.index_select(0, kv_index)  # [sum_k]
+        lens = torch.tensor([len(idx) for idx in kv], device=device)
+        first = torch.tensor(cu_k[:-1], device=device)
+        offset = torch.arange(len(kv_index), device=device) - first.repeat_interleave(lens)
+        if not torch.equal(kv_pos, kv_pos[first].repeat_interleave(lens) + offset):
+            raise ValueError("tree_attention: position_ids must grow by one from each token to the next along every "
+                             "trie path (the trie depths, pack_tree(...).position_ids) for backend='varlen'")
+    return VarlenRow([(s, e) for s, e, _ in segs], cu_k, kv_index,
                      torch.tensor(cu_q, device=device, dtype=torch.int32),
-                     torch.tensor(cu_k, device=device, dtype=torch.int32))
+                     torch.tensor(cu_k, device=device, dtype=torch.int32), kv_pos)
 
 
 def _flash_varlen():
@@ -172,8 +265,9 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def _varlen(q, k, v, layout, scale):
-    """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right."""
+def _varlen(q, k, v, layout, scale, window, softcap):
+    """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right. Their positions
+    are consecutive (checked by build_layout), so the window is one on key offsets, as flash-attn applies it."""
     flash_attn_varlen_func = layout.flash_varlen
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -181,9 +275,14 @@ def _varlen(q, k, v, layout, scale):
         kk, vv = k[b].index_select(1, row.kv_index), v[b].index_select(1, row.kv_index)  # [Hkv, sum_k, D]: one gather
         if flash_attn_varlen_func is not None:
             lens_k = [b_ - a for a, b_ in zip(row.cu_k[:-1], row.cu_k[1:])]
+            options = {}  # passed only when set: flash-attn before 2.6 has no softcap argument
+            if window is not None:
+                options["window_size"] = (window - 1, 0)  # keys up to window - 1 positions back, none ahead
+            if softcap is not None:
+                options["softcap"] = softcap
             o = flash_attn_varlen_func(
                 q[b].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), row.cu_q_dev, row.cu_k_dev,
-                max(e - s for s, e in row.bounds), max(lens_k), softmax_scale=scale, causal=True)
+                max(e - s for s, e in row.bounds), max(lens_k), softmax_scale=scale, causal=True, **options)
             out[b] = o.transpose(0, 1)
             continue
         for i, (s, e) in enumerate(row.bounds):
@@ -194,11 +293,14 @@ def _varlen(q, k, v, layout, scale):
             qpos = torch.arange(e - s, device=q.device)[:, None]
             kpos = torch.arange(k1 - k0, device=q.device)[None, :]
             mask = kpos <= qpos + n_anc  # [len, n_anc + len], causal aligned bottom right
-            out[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], ks, vs, attn_mask=mask, scale=scale)
+            if window is not None:
+                pos = row.kv_pos[k0:k1]  # [n_anc + len]; the segment's own tokens last
+                mask = mask & (pos[n_anc:, None] - pos[None, :] < window)
+            out[b, :, s:e] = _attend(q[b, :, s:e], ks, vs, mask, scale, softcap)
     return out
 
 
-def _flex_block_mask(subtree_end):
+def _flex_block_mask(subtree_end, position_ids, window):
     if subtree_end.device.type != "cuda":
         raise ValueError("tree_attention: backend='flex' needs CUDA tensors (FlexAttention has no CPU backward)")
     from torch.nn.attention.flex_attention import create_block_mask
@@ -209,60 +311,75 @@ def _flex_block_mask(subtree_end):
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx])
 
-    return create_block_mask(mask_mod, B, None, L, L, device=subtree_end.device)
+    def window_mask_mod(b, h, q_idx, kv_idx):
+        near = position_ids[b, q_idx] - position_ids[b, kv_idx] < window
+        return (kv_idx <= q_idx) & (q_idx < ends[b, kv_idx]) & near
+
+    return create_block_mask(mask_mod if window is None else window_mask_mod, B, None, L, L,
+                             device=subtree_end.device)
 
 
-def _flex(q, k, v, layout, scale):
+def _flex(q, k, v, layout, scale, window, softcap):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    def capped(score, b, h, q_idx, kv_idx):  # score is already scale * q.k
+        return softcap * torch.tanh(score / softcap)
+
+    return flex_attention(q, k, v, score_mod=None if softcap is None else capped, block_mask=layout.masks_for(window),
+                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # The Triton path as two torch.library custom ops (pact_fast/ops/_custom.py) with fake (shape-only)
 # implementations, so torch.compile keeps them whole in one graph (fullgraph=True works) instead of breaking
-# at kernel launches. The tile lists travel as tensors; scale and dq_mode as plain arguments.
+# at kernel launches. The tile lists travel as tensors; scale, dq_mode, window (0: none) and softcap (0.0: none)
+# as plain arguments.
 
 def _triton_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor,
-                     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
-                     scale: float, dq_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     position_ids: Optional[torch.Tensor], q_count: torch.Tensor, q_index: torch.Tensor,
+                     k_count: torch.Tensor, k_index: torch.Tensor, scale: float, dq_mode: str, window: int,
+                     softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, L, D], lse [B, Hq, L] fp32, base 2) of contiguous q, k, v. dq_mode is read by backward."""
     from ..kernels import tree_attention_launch as launch
 
-    o, lse, _ = launch.forward(q, k, v, subtree_end, scale, launch.TileLists(q_count, q_index, k_count, k_index))
+    o, lse, _ = launch.forward(q, k, v, subtree_end, scale, launch.TileLists(q_count, q_index, k_count, k_index),
+                               position_ids=position_ids, window=window or None, softcap=softcap or None)
     return o, lse
 
 
-def _triton_fwd_fake(q, k, v, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+def _triton_fwd_fake(q, k, v, subtree_end, position_ids, q_count, q_index, k_count, k_index, scale, dq_mode, window,
+                     softcap):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _triton_bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                     do: torch.Tensor, subtree_end: torch.Tensor, q_count: torch.Tensor, q_index: torch.Tensor,
-                     k_count: torch.Tensor, k_index: torch.Tensor, scale: float,
-                     dq_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     do: torch.Tensor, subtree_end: torch.Tensor, position_ids: Optional[torch.Tensor],
+                     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
+                     scale: float, dq_mode: str, window: int,
+                     softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the layouts of q, k, v; do contiguous like q."""
     from ..kernels import tree_attention_launch as launch
 
     return launch.backward(q, k, v, o, lse, do, subtree_end, launch.TileLists(q_count, q_index, k_count, k_index),
-                           scale, dq_mode)
+                           scale, dq_mode, position_ids=position_ids, window=window or None, softcap=softcap or None)
 
 
-def _triton_bwd_fake(q, k, v, o, lse, do, subtree_end, q_count, q_index, k_count, k_index, scale, dq_mode):
+def _triton_bwd_fake(q, k, v, o, lse, do, subtree_end, position_ids, q_count, q_index, k_count, k_index, scale,
+                     dq_mode, window, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _triton_setup_context(ctx, inputs, output):
-    q, k, v, subtree_end, *lists, scale, dq_mode = inputs
+    q, k, v, subtree_end, position_ids, *lists, scale, dq_mode, window, softcap = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, subtree_end, *lists)
-    ctx.scale, ctx.dq_mode = scale, dq_mode
+    ctx.save_for_backward(q, k, v, o, lse, subtree_end, position_ids, *lists)
+    ctx.options = scale, dq_mode, window, softcap
     ctx.set_materialize_grads(False)  # lse carries no gradient: no zeros [B, Hq, L] allocated per layer
 
 
 def _triton_backward(ctx, do, _grad_lse):
-    q, k, v, o, lse, subtree_end, *lists = ctx.saved_tensors
-    dq, dk, dv = _triton_bwd(q, k, v, o, lse, do.contiguous(), subtree_end, *lists, ctx.scale, ctx.dq_mode)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, o, lse, subtree_end, position_ids, *lists = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd(q, k, v, o, lse, do.contiguous(), subtree_end, position_ids, *lists, *ctx.options)
+    return (dq, dk, dv) + (None,) * 10
 
 
 _triton_bwd = custom_op("tree_attention_backward", _triton_bwd_impl, fake=_triton_bwd_fake)
@@ -271,8 +388,9 @@ _triton_fwd = custom_op("tree_attention", _triton_fwd_impl, fake=_triton_fwd_fak
 
 
 def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", validate=True, layout=None,
-                   dq_mode="split"):
-    """Softmax attention in which query ``q`` sees key ``k`` iff ``k <= q < subtree_end[k]``.
+                   dq_mode="split", position_ids=None, window=None, softcap=None):
+    """Softmax attention in which query ``q`` sees key ``k`` iff ``k <= q < subtree_end[k]`` (and, with a
+    window, ``position_ids[q] - position_ids[k] < window``).
 
     Args:
         q: ``[B, Hq, L, D]`` queries (fp32/fp16/bf16).
@@ -283,10 +401,16 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         backend: ``"auto"`` (triton on CUDA, varlen on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
         validate: check shapes and the layout (one host sync); callers that validated the layout
             once, e.g. per packed forward, pass False in every layer.
-        layout: a ``build_layout(subtree_end, backend)`` made once for several calls (every layer of a packed
-            forward): no host synchronisation then happens in the call; ``subtree_end`` and ``backend`` are
-            taken from it.
+        layout: a ``build_layout(subtree_end, backend, position_ids=...)`` made once for several calls (every
+            layer of a packed forward): no host synchronisation then happens in the call (but on a window's
+            first use); ``subtree_end``, ``backend`` and ``position_ids`` are taken from it.
         dq_mode: the triton backward's dq path when no layout is given (``build_layout``).
+        position_ids: ``[B, L]`` int, each token's position along its own path (the trie depth,
+            ``pack_tree(...).position_ids``) when no layout is given; needed by ``window``.
+        window: sliding window; None means none. Key ``k`` stays visible to query ``q`` only while
+            ``position_ids[q] - position_ids[k] < window`` (Hugging Face's ``sliding_window``); an int >= 1.
+        softcap: attention logit softcap; None or 0 means none. Scores ``s = scale * q.k`` become
+            ``softcap * tanh(s / softcap)`` before masking and softmax (Gemma2's ``attn_logit_softcapping``).
 
     Returns:
         ``[B, Hq, L, D]`` in the dtype of ``q``; exact gradients for q, k and v.
@@ -294,16 +418,22 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
     if layout is None:
         if subtree_end is None:
             raise ValueError("tree_attention: pass subtree_end or a layout from build_layout")
+        window, softcap = check_options(window, softcap, position_ids)
         if validate:
             validate_layout(q, k, v, subtree_end)
-        layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode)
-    elif validate:
-        validate_layout(q, k, v, layout.subtree_end)
+            if position_ids is not None:
+                validate_position_ids(position_ids, subtree_end)
+        layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode, position_ids=position_ids)
+    else:
+        if position_ids is not None:
+            raise ValueError("tree_attention: with a layout, pass position_ids to build_layout, not to tree_attention")
+        window, softcap = check_options(window, softcap, layout.position_ids)
+        if validate:
+            validate_layout(q, k, v, layout.subtree_end)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if layout.backend == "triton":
-        o, _ = _triton_fwd(q.contiguous(), k.contiguous(), v.contiguous(), layout.subtree_end, *layout.tiles, scale,
-                           layout.dq_mode)
+        o, _ = _triton_fwd(q.contiguous(), k.contiguous(), v.contiguous(), layout.subtree_end,
+                           layout.position_ids if window else None, *layout.masks_for(window), scale, layout.dq_mode,
+                           window or 0, softcap or 0.0)
         return o
-    if layout.backend == "sdpa":
-        return _sdpa(q, k, v, layout.subtree_end, scale)
-    return {"varlen": _varlen, "flex": _flex}[layout.backend](q, k, v, layout, scale)
+    return {"sdpa": _sdpa, "varlen": _varlen, "flex": _flex}[layout.backend](q, k, v, layout, scale, window, softcap)
