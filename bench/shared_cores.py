@@ -7,10 +7,12 @@ wall-clock time of the whole command and of its training steps (the sum of ``ste
 "Shared" starts ``--hogs`` busy processes beside it (pure-Python loops, as other jobs' work would be) and ends
 them after. The settings compared:
 
-- ``passive``: ``pact-fast`` as shipped: OMP_WAIT_POLICY=PASSIVE set before torch loads, torch's default threads;
-- ``spin``: OpenMP's default waiting (idle workers spin): ``pact_fast.cli.main`` called without the command's
-  module, so nothing sets OMP_WAIT_POLICY;
-- ``threads1``: ``spin`` with ``train.threads=1``.
+- ``shipped``: ``python -m pact_fast``, i.e. the command with whatever its module sets before torch loads;
+- ``spin``: OpenMP's default waiting (idle workers spin up to GOMP_SPINCOUNT=300k, then sleep):
+  ``pact_fast.cli.main`` called without the command's module, nothing set;
+- ``passive``: ``spin`` with OMP_WAIT_POLICY=PASSIVE (idle workers sleep at once);
+- ``threads1``: ``spin`` with ``train.threads=1``;
+- ``spincountN``: ``spin`` with GOMP_SPINCOUNT=N (idle workers spin N iterations, then sleep).
 
 The ratio that matters is shared/quiet of one setting; the command's target is at most 2x.
 """
@@ -26,11 +28,15 @@ from pathlib import Path
 
 from common import machine_info, print_table, write_json
 
+_COMMAND = [sys.executable, "-m", "pact_fast"]
+_CLI_ONLY = [sys.executable, "-c", "import sys; from pact_fast.cli import main; sys.exit(main())"]
+# setting -> (command, extra overrides, environment)
 SETTINGS = {
-    "passive": ([sys.executable, "-m", "pact_fast"], []),
-    "spin": ([sys.executable, "-c", "import sys; from pact_fast.cli import main; sys.exit(main())"], []),
-    "threads1": ([sys.executable, "-c", "import sys; from pact_fast.cli import main; sys.exit(main())"],
-                 ["train.threads=1"]),
+    "shipped": (_COMMAND, [], {}),
+    "spin": (_CLI_ONLY, [], {}),
+    "passive": (_CLI_ONLY, [], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "threads1": (_CLI_ONLY, ["train.threads=1"], {}),
+    **{f"spincount{n}": (_CLI_ONLY, [], {"GOMP_SPINCOUNT": str(n)}) for n in (1000, 10000, 100000)},
 }
 
 
@@ -41,8 +47,9 @@ def _hog():
 
 def run_case(setting, steps, out_dir):
     """Seconds of the whole command and of its training steps for one setting."""
-    command, extra = SETTINGS[setting]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    command, extra, env_extra = SETTINGS[setting]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.update(env_extra)
     args = ["train", f"train.steps={steps}", "train.progress=false", f"train.out_dir={out_dir}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env)
@@ -57,7 +64,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hogs", type=int, default=3, help="busy processes beside the job on shared cores")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["shipped", "spin", "passive", "threads1"],
+                        choices=list(SETTINGS))
     parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

@@ -111,6 +111,13 @@ class TrainConfig:
 
 
 @dataclass
+class ScoringConfig:
+    check: bool = field(default=True, metadata={
+        "help": "before training, score a small built-in group packed and with the model's own forward and refuse "
+                "the model if they differ (pact_fast.scoring.check_model); off (false) skips the check"})
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +127,7 @@ class Config:
     # trailing reasoning before RL can replace it, and its generations drift. pact_loss's own default stays segment.
     loss: PACTLossConfig = field(default_factory=lambda: PACTLossConfig(sft_reasoning_mode="scale"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 
 class ConfigError(ValueError):

@@ -27,18 +27,33 @@ class TreeLayout:
     calls: int = 0
 
 
-def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None)."""
+# Attention keyword arguments that do not change what attention computes: the packed forward's bookkeeping
+# (position ids, cache flags, MoE router flags, our layout) and the causal flag that the tree layout subsumes.
+_NEUTRAL_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_router_logits", "is_causal",
+                             "tree_layout", "past_key_values", "past_key_value"})
+
+
+def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, **kwargs):
+    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None).
+
+    Implements what the model passes: ``scaling``, ``sliding_window`` (positions along each query's own path,
+    as the model attends over that sequence alone) and ``softcap`` (attention logit soft-capping). Any other
+    keyword with a value, e.g. attention sinks (``s_aux``) or a head mask, is refused by name: never dropped."""
     layout = kwargs.get("tree_layout")
     if layout is None:
-        raise RuntimeError(f"attention '{ATTN_IMPLEMENTATION}' was called without a tree_layout kwarg; "
-                           "run the model through pact_fast.scoring")
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"{type(module).__name__} uses sliding-window attention, which the tree layout does not "
-                         "implement; disable it in the model config")
+        raise ValueError(f"{type(module).__name__} was called without the tree layout: the model's decoder does not "
+                         "pass keyword arguments through to its attention (it cannot be scored packed), or the "
+                         f"model was set to attention '{ATTN_IMPLEMENTATION}' outside pact_fast.scoring")
+    unknown = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL_KWARGS and v is not None and v is not False)
+    if unknown:
+        raise ValueError(f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which tree "
+                         "attention does not implement: this model cannot be scored packed")
     if dropout and module.training:
-        raise ValueError("attention dropout is not supported by tree attention; set attention_dropout=0")
-    out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, validate=False)
+        raise ValueError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree attention; "
+                         "set the config's attention dropout to 0")
+    out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, window=sliding_window or None,
+                         softcap=softcap or None, validate=False)
     layout.calls += 1
     return out.transpose(1, 2).contiguous(), None
 
@@ -67,14 +82,24 @@ def _decoder_and_head(model):
     if head is None or decoder is None or not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM with an lm_head "
                         "(get_output_embeddings) and a base model")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers.AttentionInterface, "
-                         "so it cannot run the tree layout")
-    for knob in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, knob, None) not in (None, 1.0):
-            raise ValueError(f"{type(model).__name__} sets config.{knob}; linear_logprobs computes plain "
-                             "lm_head logits, so scoring it would be wrong")
     return decoder, head
+
+
+def logit_transform(config):
+    """``{"logit_scale": float, "softcap": float or None}``: what a model's causal-LM head does to the lm_head
+    logits before the softmax, read from its config: Cohere's ``logit_scale`` multiplies, Granite's
+    ``logits_scaling`` divides, Gemma2/3's ``final_logit_softcapping`` caps (``c * tanh(z / c)``), in that
+    order. The log-prob ops take both as parameters; a transform the config does not name is caught by
+    ``check_model``."""
+    scale = 1.0
+    for knob, apply in (("logit_scale", lambda s, v: s * v), ("logits_scaling", lambda s, v: s / v)):
+        value = getattr(config, knob, None)
+        if value is not None:
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"config.{knob}={value!r}: expected a positive number")
+            scale = apply(scale, float(value))
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
 
 
 @contextmanager
@@ -123,10 +148,10 @@ def packed_hidden_states(model, packed, *, backend="auto"):
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
     subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]
     n_layers = model.config.num_hidden_layers
-    layout = TreeLayout(build_layout(subtree_end, backend))  # once per forward; the layers only read it
+    position_ids = packed.position_ids.to(device)[None]  # [1, L]: trie depths
+    layout = TreeLayout(build_layout(subtree_end, backend, position_ids=position_ids))  # once per forward
     with tree_attention_enabled(model), _recompute_in_tree(model):
-        out = decoder(input_ids=input_ids, position_ids=packed.position_ids.to(device)[None], use_cache=False,
-                      tree_layout=layout)
+        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, tree_layout=layout)
     if layout.calls != n_layers:
         raise ValueError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; this "
                          "model's attention does not go through transformers.AttentionInterface")
@@ -144,13 +169,15 @@ def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backen
     device = hidden.device
     picked = hidden.index_select(0, rows.to(device))  # [M, H]; a branch row repeats, its prefix never re-runs
     return linear_logprobs(picked, head.weight, targets.to(device), bias=head.bias, temperature=temperature,
-                           return_entropy=return_entropy, backend=logprob_backend)
+                           return_entropy=return_entropy, backend=logprob_backend, **logit_transform(model.config))
 
 
 class PackedScorer(torch.nn.Module):
     """``score_packed`` as a module: ``scorer(packed, rows, targets, **kw) -> logp``; with ``head_loss`` the
-    picked hidden rows go to ``head_loss(hidden [M, H], weight [V, H], bias, targets [M])`` instead of the
-    log-prob op (a loss fused into the lm_head, e.g. ``pact_fast.ops.fused_pact_head``), whose result it returns.
+    picked hidden rows go to ``head_loss(hidden [M, H], weight [V, H], bias, targets [M], logit_scale=...,
+    softcap=...)`` instead of the log-prob op (a loss fused into the lm_head, e.g.
+    ``pact_fast.ops.fused_pact_head``), whose result it returns; the keywords are the model's
+    ``logit_transform``.
 
     Wrap the causal LM in it before FSDP2's ``fully_shard`` (per decoder layer, then this module as the
     root): the root's hooks then gather the embedding, final norm and lm_head for the packed pass and
@@ -167,7 +194,8 @@ class PackedScorer(torch.nn.Module):
         _, head = _decoder_and_head(self.model)
         hidden = packed_hidden_states(self.model, packed, backend=kwargs.get("backend", "auto"))  # [L, H]
         picked = hidden.index_select(0, rows.to(hidden.device))  # [M, H]
-        return head_loss(picked, head.weight, head.bias, targets.to(hidden.device))
+        return head_loss(picked, head.weight, head.bias, targets.to(hidden.device),
+                         **logit_transform(self.model.config))
 
 
 def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto", temperature=1.0,
@@ -198,5 +226,81 @@ def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto
     return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-__all__ = ["sequence_logprobs", "score_packed", "PackedScorer", "packed_hidden_states", "register_tree_attention", "PackedTree",
-           "TreeLayout", "ATTN_IMPLEMENTATION"]
+# (max, mean) |log-prob difference| between packed scoring and the model's own forward that check_model accepts.
+# 16-bit models differ from themselves: SmolLM2-135M's own bf16 forward is 0.43 max / 0.12 mean off its fp32
+# one, and packed bf16 scoring 0.25 / 0.066 off its own bf16 forward; a logit scale of 1.1 that one path misses
+# moves the mean by 0.94 (fp16: 0.035 / 0.011 and 0.94).
+CHECK_TOLERANCE = {torch.float64: (1e-6, 1e-6), torch.float32: (1e-3, 1e-3), torch.float16: (0.25, 0.05),
+                   torch.bfloat16: (1.0, 0.2)}
+
+
+def _smallest_window(config):
+    """The smallest sliding window any layer of ``config`` may use, or None."""
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
+def _probe_group(config, seed):
+    """Three token sequences sharing a prefix, the longest crossing the model's smallest sliding window when
+    that is at most 256 tokens (a window longer than every sequence is never exercised)."""
+    window = _smallest_window(config)
+    length = min(max(24, (window or 0) + 8), 264)
+    prefix = length // 3
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (3, length), generator=g)
+    ids[:, :prefix] = ids[0, :prefix]
+    return [ids[0].tolist(), ids[1, : length - 5].tolist(), ids[2, : prefix + (length - prefix) // 2].tolist()]
+
+
+def check_model(model, *, seed=0, backend="auto", logprob_backend="auto", log=None):
+    """Score a small built-in group packed (``sequence_logprobs``) and through the model's own forward, one
+    sequence at a time; refuse the model when they differ, so an architecture whose attention or head pact_fast
+    does not reproduce (a mask, a scaling or a transform it does not know) never trains on wrong numbers.
+
+    Runs without gradients, in eval mode (restored after), in the parameters' dtype, with tolerances
+    ``CHECK_TOLERANCE[dtype]`` on the max and the mean absolute log-prob difference. Returns ``{"max_abs_diff",
+    "mean_abs_diff", "tolerance": (max, mean), "tokens", "seconds"}``; raises ``ModelError`` (one line: the
+    numbers, or why the packed path refused the model) otherwise."""
+    import time
+
+    from .models import ModelError
+
+    t0 = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    sequences = _probe_group(model.config, seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                packed = sequence_logprobs(model, sequences, backend=backend, logprob_backend=logprob_backend)
+            except (TypeError, ValueError) as exc:
+                raise ModelError(f"{exc} (pact_fast.scoring.check_model)") from exc
+            diffs = []
+            for seq, logp in zip(sequences, packed):
+                ids = torch.tensor(seq, device=device)[None]
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+                own = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+                diffs.append((logp.double() - own).abs().cpu())
+    finally:
+        model.train(was_training)
+    diff = torch.cat(diffs)
+    worst, mean = diff.max().item(), diff.mean().item()
+    tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.bfloat16])
+    result = {"max_abs_diff": worst, "mean_abs_diff": mean, "tolerance": tolerance, "tokens": len(diff),
+              "seconds": time.perf_counter() - t0}
+    name, dtype_name = type(model).__name__, str(dtype).replace("torch.", "")
+    if not (worst <= tolerance[0] and mean <= tolerance[1]):
+        raise ModelError(f"{name}: packed log-probs differ from the model's own forward by {worst:.3g} max, "
+                         f"{mean:.3g} mean (tolerance {tolerance[0]:g} / {tolerance[1]:g} in {dtype_name}): "
+                         "pact_fast does not reproduce this architecture, so it refuses to train it "
+                         "(scoring.check=off skips this check)")
+    if log:
+        log(f"[pact_fast] packed scoring of {name} matches its own forward: |logp diff| {worst:.2g} max, "
+            f"{mean:.2g} mean in {dtype_name}, {result['seconds']:.2f} s")
+    return result
+
+
+__all__ = ["sequence_logprobs", "score_packed", "check_model", "logit_transform", "PackedScorer",
+           "packed_hidden_states", "register_tree_attention", "PackedTree", "TreeLayout", "ATTN_IMPLEMENTATION"]

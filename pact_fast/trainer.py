@@ -39,7 +39,7 @@ from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout import HFRolloutEngine
-from .scoring import PackedScorer
+from .scoring import PackedScorer, check_model
 
 
 # ---------------------------------------------------------------- setup
@@ -288,10 +288,10 @@ def fused_micro_batch_loss(scorer, units, inputs, episodes_flat, sft_flat, advan
                          "old_logp_tc": slots.old_logp_tc if old else None,
                          "old_logp_po": slots.old_logp_po if old else None})
 
-    def head_loss(hidden, weight, bias, targets):
+    def head_loss(hidden, weight, bias, targets, **logit_transform):
         try:
             return fused_pact_head(hidden, weight, targets, index, batch, bias=bias, temperature=temperature,
-                                   old_from_current=not old, **loss_args)
+                                   old_from_current=not old, **logit_transform, **loss_args)
         except FloatingPointError:
             return hidden.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0 + weight.sum() * 0.0, None
 
@@ -434,6 +434,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     if train_cfg.liger:
         apply_liger(model)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
+    if config.scoring.check:  # an architecture scored wrongly is refused before any step
+        check_model(model, backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
+                    log=log if dist.rank() == 0 else None)
     scorer = dist.shard(PackedScorer(model), bf16=train_cfg.bf16 and device.type == "cuda")
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))

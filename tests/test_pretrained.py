@@ -226,6 +226,22 @@ def _tool_call_nll(model, sft):
     return -logp[torch.tensor(sft.components[1:]) == TOOL_CALL].mean().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_model_passes_real_weights_and_refuses_a_head_it_misses(smollm2_dir, dtype, monkeypatch):
+    """The load-time check on SmolLM2 in fp32 and bf16 (whose own forward is noisier than packed scoring's
+    difference from it), and a 10% logit scale that the packed path applies and the model does not."""
+    from pact_fast import scoring
+
+    model, _ = load_pretrained(smollm2_dir, dtype=dtype)
+    result = scoring.check_model(model)
+    assert result["max_abs_diff"] <= result["tolerance"][0] and result["mean_abs_diff"] <= result["tolerance"][1]
+    if dtype == torch.float32:
+        assert result["max_abs_diff"] < 1e-4
+    monkeypatch.setattr(scoring, "logit_transform", lambda config: {"logit_scale": 1.1, "softcap": None})
+    with pytest.raises(ModelError, match="packed log-probs differ from the model's own forward"):
+        scoring.check_model(model)
+
+
 def test_pact_steps_on_a_real_example_lower_the_sft_loss_on_tool_calls(smollm2_dir):
     torch.manual_seed(0)
     model, tokenizer = load_pretrained(smollm2_dir)

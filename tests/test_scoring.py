@@ -69,10 +69,43 @@ def test_entropy_and_temperature():
         assert rel_err(ent, -(logprobs.exp() * logprobs).sum(-1)) < 1e-5
 
 
-def test_sliding_window_model_is_refused():
-    model = tiny_causal_lm("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    with pytest.raises(ValueError, match="sliding"):
-        sequence_logprobs(model, pact_group(vocab=60))
+def test_an_attention_keyword_tree_attention_does_not_implement_is_refused_by_name():
+    from pact_fast import scoring
+
+    model = tiny_causal_lm("llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    layout = scoring.TreeLayout(scoring.build_layout(torch.full((1, 5), 5, dtype=torch.int32), "sdpa"))
+    with pytest.raises(ValueError, match="LlamaAttention passes head_mask, s_aux to its attention"):
+        scoring._tree_attention_forward(attn, q, kv, kv, None, tree_layout=layout, s_aux=torch.zeros(4),
+                                        head_mask=torch.ones(4), position_ids=torch.arange(5)[None])
+    out, _ = scoring._tree_attention_forward(attn, q, kv, kv, None, tree_layout=layout, use_cache=False,
+                                             position_ids=torch.arange(5)[None], output_router_logits=False)
+    assert out.shape == (1, 5, 4, 8)
+
+
+def test_check_model_refuses_a_head_it_does_not_reproduce_with_both_numbers(monkeypatch):
+    """A causal-LM head that transforms logits in a way pact_fast does not know (stood in for by a logit scale
+    the model's own forward does not apply) is refused, naming the difference and the tolerance."""
+    from pact_fast import scoring
+    from pact_fast.models import ModelError
+
+    model = tiny_causal_lm("qwen3")
+    result = scoring.check_model(model)
+    assert result["max_abs_diff"] < 1e-5 and result["tolerance"] == (1e-3, 1e-3) and result["tokens"] > 24
+    monkeypatch.setattr(scoring, "logit_transform", lambda config: {"logit_scale": 3.0, "softcap": None})
+    with pytest.raises(ModelError, match=r"Qwen3ForCausalLM: packed log-probs differ from the model's own forward "
+                                         r"by [0-9.e-]+ max, [0-9.e-]+ mean \(tolerance 0.001 / 0.001 in float32\)"):
+        scoring.check_model(model)
+
+
+def test_check_model_crosses_the_smallest_sliding_window():
+    from pact_fast.scoring import _probe_group
+
+    model = tiny_causal_lm("qwen2", use_sliding_window=True, sliding_window=40, max_window_layers=0)
+    assert max(map(len, _probe_group(model.config, 0))) > 40
+    assert max(map(len, _probe_group(tiny_causal_lm("llama").config, 0))) == 24
 
 
 def test_non_hf_module_is_refused():

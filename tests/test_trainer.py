@@ -237,6 +237,19 @@ def test_each_periodic_evaluation_prints_a_line_and_train_threads_sets_torchs_po
         assert f"'success_rate': {row['eval/success_rate']}" in line, (line, row)
 
 
+def test_a_model_scored_wrongly_is_refused_before_any_step_unless_the_check_is_off(tmp_path, monkeypatch):
+    from pact_fast import scoring
+    from pact_fast.models import ModelError
+
+    monkeypatch.setattr(scoring, "logit_transform", lambda config: {"logit_scale": 3.0, "softcap": None})
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path / 'on'}"])
+    with pytest.raises(ModelError, match="packed log-probs differ from the model's own forward"):
+        train(cfg, log=lambda *a: None)
+    assert not (tmp_path / "on").exists(), "refused before the run directory is made"
+    cfg = load_config(None, TINY + ["train.steps=1", "scoring.check=off", f"train.out_dir={tmp_path / 'off'}"])
+    assert train(cfg, log=lambda *a: None)["steps"] == 1
+
+
 def test_consecutive_non_finite_steps_stop_the_run_with_a_message(tmp_path, monkeypatch):
     _flaky_loss(monkeypatch, set(range(1, 100)), "loss")
     cfg = load_config(None, TINY + ["train.steps=6", "train.max_skipped_steps=2", "train.save_every=1",

@@ -1,0 +1,166 @@
+"""Every Hugging Face causal LM scores exactly packed, or is refused in one line before any step.
+
+Tiny random-weight models of many architectures (``AutoConfig.for_model``, fp32), each with a sliding window
+shorter than the sequences where the architecture has one: ``sequence_logprobs`` of a group of 4 sequences
+sharing a 10-token prefix equals the model's own eager forward of each sequence alone, log-probs and
+gradients; or the model is refused with the message ``ARCHITECTURES`` names. README's table of supported
+architectures is generated from this list (``python tests/test_architectures.py`` rewrites it).
+"""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 8
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, attention_dropout=0.0)
+
+# (test id, model_type, what README's row shows, config overrides, None or the words of the refusal)
+ARCHITECTURES = [
+    ("llama", "llama", "Llama", {}, None),
+    ("qwen2-window", "qwen2", "Qwen2, sliding window", {"use_sliding_window": True, "sliding_window": WINDOW,
+                                                        "max_window_layers": 1}, None),
+    ("qwen3", "qwen3", "Qwen3", {}, None),
+    ("qwen3_moe", "qwen3_moe", "Qwen3-MoE", {"moe_intermediate_size": 32, "num_experts": 4,
+                                             "num_experts_per_tok": 2}, None),
+    ("mistral", "mistral", "Mistral, sliding window", {"sliding_window": WINDOW}, None),
+    ("mixtral", "mixtral", "Mixtral, sliding window", {"sliding_window": WINDOW, "num_local_experts": 4}, None),
+    ("phi3", "phi3", "Phi-3, sliding window", {"sliding_window": WINDOW}, None),
+    ("gemma", "gemma", "Gemma", {}, None),
+    ("gemma2", "gemma2", "Gemma2, default softcaps, alternating windows", {"sliding_window": WINDOW}, None),
+    ("gemma2-caps", "gemma2", "Gemma2, softcaps that bite (attention 1, final 2; larger weights)",
+     {"sliding_window": WINDOW, "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0,
+      "initializer_range": 0.3}, None),
+    ("gemma3_text", "gemma3_text", "Gemma3 text, alternating windows", {"sliding_window": WINDOW}, None),
+    ("cohere", "cohere", "Cohere (logit_scale)", {"logit_scale": 0.5}, None),
+    ("cohere2", "cohere2", "Cohere2, sliding window (logit_scale)", {"sliding_window": WINDOW, "logit_scale": 0.5},
+     None),
+    ("granite", "granite", "Granite (logits_scaling)", {"logits_scaling": 4.0}, None),
+    ("starcoder2", "starcoder2", "Starcoder2, sliding window", {"sliding_window": WINDOW}, None),
+    ("olmo", "olmo", "OLMo (clip_qkv)", {"clip_qkv": 0.5}, None),
+    ("olmo2", "olmo2", "OLMo2", {}, None),
+    ("gpt_neox", "gpt_neox", "GPT-NeoX (partial rotary)", {"rotary_pct": 0.5}, None),
+    ("gpt2", "gpt2", "GPT-2", {"attn_pdrop": 0.0, "n_embd": 64, "n_layer": 2, "n_head": 4}, None),
+    ("opt", "opt", "OPT", {"ffn_dim": 128, "word_embed_proj_dim": 64}, None),
+    ("phi", "phi", "Phi", {}, None),
+    ("exaone4", "exaone4", "EXAONE 4, sliding window", {"sliding_window": WINDOW}, None),
+    ("stablelm", "stablelm", "StableLM", {}, "does not pass keyword arguments"),
+    ("bloom", "bloom", "Bloom (ALiBi)", {"n_layer": 2, "n_head": 4}, "tree attention ran in 0 of 2 layers"),
+    ("gpt_oss", "gpt_oss", "GPT-OSS (attention sinks)", {"sliding_window": WINDOW, "num_local_experts": 4},
+     "passes s_aux"),
+]
+BY_ID = {a[0]: a for a in ARCHITECTURES}
+
+
+def tiny(arch_id):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, model_type, _, overrides, _ = BY_ID[arch_id]
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**SMALL, **overrides}.items():
+        if hasattr(config, key) or key in overrides:
+            setattr(config, key, value)
+    if getattr(config, "layer_types", None) is not None and hasattr(config, "sliding_window"):
+        config.layer_types = [("sliding_attention" if i % 2 == 0 else "full_attention")
+                              if getattr(config, "sliding_window", None) else "full_attention"
+                              for i in range(config.num_hidden_layers)]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+
+
+def group(vocab_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab_size, (10,), generator=g).tolist()
+    return [prefix + torch.randint(3, vocab_size, (n - 10,), generator=g).tolist() for n in (15, 22, 30, 26)]
+
+
+def _separate(model, sequences):
+    out = []
+    for seq in sequences:
+        ids = torch.tensor(seq)[None]
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        out.append(logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0])
+    return out
+
+
+def _grads(model, logps):
+    model.zero_grad(set_to_none=True)
+    weights = torch.linspace(0.5, 1.5, sum(len(x) for x in logps))  # not a plain sum: every token's own weight
+    (torch.cat(logps) * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch_id", list(BY_ID))
+def test_packed_scoring_equals_the_models_own_forward_or_refuses(arch_id):
+    from pact_fast.scoring import check_model, sequence_logprobs
+
+    _, _, label, _, refusal = BY_ID[arch_id]
+    model = tiny(arch_id)
+    sequences = group(model.config.vocab_size)
+    if refusal is not None:
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            sequence_logprobs(model, sequences)
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            check_model(model)
+        return
+    window = getattr(model.config, "sliding_window", None)
+    if "window" in label:
+        assert window == WINDOW < max(map(len, sequences)), "the window must be shorter than the sequences"
+    ref = _separate(model, sequences)
+    ref_grads = _grads(model, ref)
+    packed = sequence_logprobs(model, sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(packed, ref))
+    assert diff < 1e-4, f"{arch_id}: packed vs separate log-probs differ by {diff:.3g}"
+    grads = _grads(model, packed)
+    assert grads.keys() == ref_grads.keys()
+    # relative to each parameter's gradient, floored at 1e-3 of the largest (a key bias's gradient is ~0)
+    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
+    for name, g in grads.items():
+        err = ((g - ref_grads[name]).norm() / torch.maximum(ref_grads[name].norm(), floor)).item()
+        assert err < 1e-4, f"{arch_id}: gradient of {name} differs (relative {err:.3g})"
+    assert check_model(model)["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("arch_id", ["gemma2-caps", "mistral", "granite"])
+def test_triton_kernels_score_windows_softcaps_and_logit_scales_exactly(arch_id):
+    """The same check through the Triton tree attention and log-prob kernels (the interpreter, fp32)."""
+    from pact_fast.scoring import sequence_logprobs
+
+    model = tiny(arch_id)
+    sequences = group(model.config.vocab_size)
+    ref = _separate(model, sequences)
+    ref_grads = _grads(model, ref)
+    packed = sequence_logprobs(model, sequences, backend="triton", logprob_backend="triton")
+    diff = max((a - b).abs().max().item() for a, b in zip(packed, ref))
+    assert diff < 1e-4, f"{arch_id}: triton packed vs separate log-probs differ by {diff:.3g}"
+    grads = _grads(model, packed)
+    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
+    worst = max(((g - ref_grads[n]).norm() / torch.maximum(ref_grads[n].norm(), floor)).item() for n, g in grads.items())
+    assert worst < 1e-4, f"{arch_id}: triton gradients differ (relative {worst:.3g})"
+
+
+def readme_table():
+    """The README table of architectures, from ``ARCHITECTURES``."""
+    lines = ["| architecture (`model_type`) | packed scoring |", "|---|---|"]
+    for _, model_type, label, _, refusal in ARCHITECTURES:
+        verdict = "exact (log-probs and gradients)" if refusal is None else f"refused: \"{refusal}\""
+        lines.append(f"| {label} (`{model_type}`) | {verdict} |")
+    return "\n".join(lines)
+
+
+_TABLE = re.compile(r"(<!-- architectures -->\n)(.*?)\n?(<!-- /architectures -->)", re.S)
+
+
+def test_readme_table_lists_the_tested_architectures():
+    match = _TABLE.search((ROOT / "README.md").read_text())
+    assert match, "README.md lacks the <!-- architectures --> table"
+    assert match.group(2) == readme_table(), "README's table is stale: run python tests/test_architectures.py"
+
+
+if __name__ == "__main__" and sys.argv[1:] == []:
+    path = ROOT / "README.md"
+    path.write_text(_TABLE.sub(lambda m: m.group(1) + readme_table() + "\n" + m.group(3), path.read_text()))
