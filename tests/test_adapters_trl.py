@@ -1,4 +1,5 @@
 """PACTGRPOTrainer through TRL's real training loop (GRPOTrainer.train on CPU, tiny random model)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from models import tiny_causal_lm
+from pact_fast.adapters import trl as adapter
 from pact_fast.adapters.trl import PACTGRPOTrainer, pact_config_from_grpo_args
 from pact_fast.chat import prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from pact_fast.data import DataFormatError, parse_example
@@ -29,6 +31,18 @@ def _rows(n=4, seed=1):
 def _reward(completions, **kwargs):
     # a deterministic function of the sampled text with spread inside a group
     return [float(len(c[0]["content"].split()) % 3) for c in completions]
+
+
+def tiny_moe_lm(vocab_size, seed=0):
+    """A 2-layer Qwen3-MoE (4 experts, 2 per token) whose config carries router_aux_loss_coef=0.001."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
 
 
 def _args(tmp_path, **overrides):
@@ -200,20 +214,65 @@ def test_bad_rows_name_the_row_and_the_problem(tmp_path, row, message):
     assert "row 3" in str(info.value)
 
 
-@pytest.mark.parametrize("overrides,pact,message", [
-    ({"loss_type": "cispo"}, None, "loss_type='cispo'"),
-    ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
-    ({}, {"beta_kl": 0.1}, "beta > 0"),
-    ({}, {}, "scoring="),
-])
-def test_unsupported_options_are_refused(tmp_path, overrides, pact, message):
-    args = _args(tmp_path, **overrides)
+def test_every_grpo_config_field_is_classified():
+    """Each GRPOConfig field is implemented, left to TRL, refused, or without effect on the loss: a TRL release
+    that adds (or drops) a field fails here until the adapter decides what it means under PACT."""
+    sets = {"PACT_FIELDS": adapter.PACT_FIELDS, "TRL_FIELDS": adapter.TRL_FIELDS,
+            "REFUSED_FIELDS": adapter.REFUSED_FIELDS, "NO_LOSS_EFFECT_FIELDS": adapter.NO_LOSS_EFFECT_FIELDS}
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    classified = set().union(*sets.values())
+    assert not names - classified, f"GRPOConfig fields nobody classified: {sorted(names - classified)}"
+    assert not classified - names, f"classified fields GRPOConfig no longer has: {sorted(classified - names)}"
+    for a in sets:
+        for b in sets:
+            assert a == b or not sets[a] & sets[b], f"{a} and {b} share {sorted(sets[a] & sets[b])}"
+
+
+def _construct(tmp_path, overrides=None, pact=None, scoring="padded", model=None):
+    args = _args(tmp_path, **(overrides or {}))
     config = None if pact is None else pact_config_from_grpo_args(_args(tmp_path), **pact)
-    scoring = "tree" if message == "scoring=" else "padded"
+    return PACTGRPOTrainer(model=model or tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                           args=args, train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
+                           pact_config=config, scoring=scoring)
+
+
+@pytest.mark.parametrize("overrides,pact,scoring,message", [
+    pytest.param({"loss_type": "cispo"}, None, "padded", "loss_type='cispo'", id="cispo"),
+    pytest.param({"loss_type": "sapo"}, {}, "padded", "loss_type='sapo'", id="sapo"),
+    pytest.param({"top_entropy_quantile": 0.5}, {}, "padded", "top_entropy_quantile", id="entropy-mask"),
+    pytest.param({"importance_sampling_level": "sequence"}, {}, "padded", "importance_sampling_level",
+                 id="sequence-is"),
+    pytest.param({"off_policy_mask_threshold": 0.5}, {}, "padded", "off_policy_mask_threshold", id="opsm"),
+    pytest.param({"delta": 1.5}, {}, "padded", "delta=1.5", id="delta"),
+    pytest.param({"entropy_coef": 0.01}, {}, "padded", "entropy_coef", id="entropy-bonus"),
+    pytest.param({"use_adaptive_entropy": True}, {}, "padded", "use_adaptive_entropy", id="adaptive-entropy"),
+    pytest.param({}, {"beta_kl": 0.1}, "padded", "beta > 0", id="kl-without-ref"),
+    pytest.param({}, {}, "tree", "scoring=", id="scoring"),
+    pytest.param({"cast_lm_head_to_fp32": True}, {}, "packed", "cast_lm_head_to_fp32", id="fp32-head-packed"),
+])
+def test_unsupported_options_are_refused_at_construction(tmp_path, overrides, pact, scoring, message):
     with pytest.raises(ValueError, match=message):
-        PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward, args=args,
-                        train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER, pact_config=config,
-                        scoring=scoring)
+        _construct(tmp_path, overrides, pact, scoring)
+
+
+def test_moe_router_loss_is_refused_unless_turned_off(tmp_path):
+    """TRL adds a MoE model's load-balancing loss by default (the config's coefficient)."""
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.001"):
+        _construct(tmp_path, model=tiny_moe_lm(len(TOKENIZER)))
+    _construct(tmp_path, {"router_aux_loss_coef": 0.0}, model=tiny_moe_lm(len(TOKENIZER)))
+
+
+def test_refusals_come_one_per_line(tmp_path):
+    with pytest.raises(ValueError) as info:
+        _construct(tmp_path, {"delta": 1.5, "entropy_coef": 0.01, "top_entropy_quantile": 0.5})
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 3 and all(line.startswith("- ") for line in lines)
+
+
+def test_remove_unused_columns_keeps_the_trace(tmp_path):
+    trainer = _construct(tmp_path, {"remove_unused_columns": True, "max_steps": 1})
+    trainer.train()
+    assert trainer.state.global_step == 1
 
 
 class PackedVsPadded(PACTGRPOTrainer):

@@ -25,9 +25,9 @@ prompt, each trace-conditioned prompt and each trace prefix goes through the mod
 ``pact-fast train``. It needs a model whose attention goes through transformers' AttentionInterface
 (Llama, Qwen2, Qwen3, Mistral, ...) and, for now, one process.
 
-Options of GRPOTrainer that change the surrogate itself (``loss_type`` cispo / sapo / vespo / luspo,
-the off-policy mask, the entropy mask, sequence-level importance sampling, vLLM importance-sampling
-correction) are refused at construction. TRL's multi-turn tool loop works through its ``tool_mask``
+Every ``GRPOConfig`` field is in one of four sets below (``PACT_FIELDS``, ``TRL_FIELDS``, ``REFUSED_FIELDS``,
+``NO_LOSS_EFFECT_FIELDS``); options that would change the loss in a way PACT does not implement are refused at
+construction, one line per field with the alternative (``_pact_refusals``). TRL's multi-turn tool loop works through its ``tool_mask``
 (tool responses are never RL targets), but the tests run single-turn: TRL parses tool calls only
 with a response schema for the chat template, which the built-in word-level template lacks.
 """
@@ -47,9 +47,78 @@ from ..scoring import sequence_logprobs
 LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
             "dapo": "token-mean"}
 
+# What PACTGRPOTrainer does with each GRPOConfig field (trl 1.16.0), in four disjoint sets. The tests walk
+# dataclasses.fields(GRPOConfig) and fail on a field in none of them, so a TRL release that adds a field fails
+# loudly until someone decides here what it means under PACT.
+#
+# Read by this adapter, with the meaning given where it is used (pact_config_from_grpo_args, _compute_loss,
+# _pact_refusals): the clipped surrogate, the KL term, the aggregation, the old log-probs of both contexts.
+PACT_FIELDS = frozenset({
+    "loss_type", "epsilon", "epsilon_high", "beta", "use_bias_correction_kl", "max_completion_length",
+    "num_iterations", "steps_per_generation", "gradient_accumulation_steps", "temperature", "chat_template_kwargs",
+    "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32",
+})
+# Acted on by GRPOTrainer's own machinery, which the adapter keeps as it is: generation (the rollouts stay
+# prompt-only), rewards and advantages, reference model, optimizer and schedule, precision, parallelism.
+TRL_FIELDS = frozenset({
+    # model and generation
+    "model_init_kwargs", "trust_remote_code", "disable_dropout", "num_generations", "num_generations_eval",
+    "ds3_gather_for_generation", "shuffle_dataset", "pad_to_multiple_of", "generation_batch_size", "top_p", "top_k",
+    "min_p", "generation_kwargs", "repetition_penalty", "cache_implementation", "max_tool_calling_iterations",
+    "use_transformers_continuous_batching", "transformers_continuous_batching_config", "use_transformers_paged",
+    "use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
+    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
+    "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
+    # rewards, advantages, completions, reference model
+    "reward_weights", "multi_objective_aggregation", "scale_rewards", "mask_truncated_completions",
+    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+    # the Trainer: optimizer, schedule, batches, precision, parallelism, data order
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "optim_args", "optim_target_modules", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "num_train_epochs", "max_steps", "per_device_eval_batch_size", "auto_find_batch_size", "seed", "data_seed",
+    "full_determinism", "bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32", "use_cpu", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "activation_checkpointing", "activation_checkpointing_kwargs", "neftune_noise_alpha", "use_liger_kernel",
+    "liger_kernel_config", "accelerator_config", "parallelism_config", "deepspeed", "fsdp", "fsdp_config",
+    "ddp_backend", "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "ddp_find_unused_parameters", "ddp_static_graph",
+    "local_rank", "average_tokens_across_devices", "dataloader_drop_last", "dataloader_in_order",
+    "train_sampling_strategy", "ignore_data_skip", "resume_from_checkpoint",
+})
+# Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative.
+REFUSED_FIELDS = frozenset({
+    "router_aux_loss_coef", "delta", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+    "entropy_coef_delta", "entropy_target", "importance_sampling_level", "top_entropy_quantile",
+    "off_policy_mask_threshold", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
+    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+    "vespo_lambda_neg",
+})
+# No effect on the loss or the update: logging, output, saving, hub, evaluation schedule, data-loader workers.
+# (label_smoothing_factor: GRPOTrainer replaces the Trainer's loss and never reads it; use_cache: generation speed.)
+NO_LOSS_EFFECT_FIELDS = frozenset({
+    "output_dir", "run_name", "project", "report_to", "logging_steps", "logging_strategy", "logging_first_step",
+    "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "log_completions",
+    "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo", "disable_tqdm",
+    "debug", "skip_memory_metrics", "include_num_input_tokens_seen", "trackio_bucket_id", "trackio_space_id",
+    "trackio_static_space_id", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+    "save_on_each_node", "restore_callback_states_from_checkpoint", "enable_jit_checkpoint", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "do_train",
+    "do_eval", "do_predict", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_accumulation_steps",
+    "eval_do_concat_batches", "eval_use_gather_object", "batch_eval_metrics", "include_for_metrics",
+    "prediction_loss_only", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "label_names",
+    "length_column_name", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "ddp_timeout", "torch_empty_cache_steps",
+    "label_smoothing_factor", "use_cache",
+})
+
 
 def pact_config_from_grpo_args(args, **overrides):
-    """A ``PACTLossConfig`` carrying a ``GRPOConfig``'s clipping, KL term and loss aggregation."""
+    """A ``PACTLossConfig`` carrying a ``GRPOConfig``'s clipping, KL term and loss aggregation.
+
+    ``epsilon`` / ``epsilon_high`` clip both contexts' ratios; ``beta`` weighs the k3 KL of the prompt-only policy
+    to the reference, ratio-weighted when ``use_bias_correction_kl``; ``loss_type`` picks ``loss_agg`` (``LOSS_AGG``),
+    with ``dr_grpo`` dividing each sequence by ``max_completion_length``.
+    """
     if args.loss_type not in LOSS_AGG:
         raise ValueError(f"PACTGRPOTrainer: GRPOConfig.loss_type={args.loss_type!r} has no PACT counterpart; "
                          f"choose one of {sorted(LOSS_AGG)}")
@@ -84,27 +153,51 @@ class PACTGRPOTrainer(GRPOTrainer):
         self.pact_config = pact_config or pact_config_from_grpo_args(self.args)
         self.trace_template = trace_template or TraceContextTemplate()
         self.scoring = scoring
-        refused = []
-        if scoring not in ("padded", "packed"):
-            refused.append(f"scoring={scoring!r} (use 'padded' or 'packed')")
-        if scoring == "packed" and self.accelerator.num_processes > 1:
-            refused.append("scoring='packed' with more than one process (use 'padded')")
+        refused = self._pact_refusals()
+        if refused:
+            raise ValueError("PACTGRPOTrainer does not support:\n" + "\n".join(f"- {r}" for r in refused))
+
+    def _pact_refusals(self):
+        """One line per option that would change the loss in a way PACT does not implement: the field, why, and
+        what to use instead. Every GRPOConfig field in ``REFUSED_FIELDS`` is checked here."""
+        args, refused = self.args, []
+        if self.scoring not in ("padded", "packed"):
+            refused.append(f"scoring={self.scoring!r}: use 'padded' or 'packed'")
+        if self.scoring == "packed" and self.accelerator.num_processes > 1:
+            refused.append("scoring='packed' with more than one process: use 'padded'")
+        if self.scoring == "packed" and args.cast_lm_head_to_fp32:
+            refused.append("cast_lm_head_to_fp32 with scoring='packed': the packed pass reads lm_head.weight itself, "
+                           "without TRL's fp32 cast; use scoring='padded'")
         if self.pact_config.beta_kl > 0 and self.beta == 0.0:
             refused.append("pact_config.beta_kl > 0 needs GRPOConfig(beta > 0) so that TRL keeps a reference model")
-        if self.args.loss_type not in LOSS_AGG:
-            refused.append(f"loss_type={self.args.loss_type!r} (use one of {sorted(LOSS_AGG)})")
+        if args.loss_type not in LOSS_AGG:  # also covers sapo_temperature_* and vespo_*, read only by their loss
+            refused.append(f"loss_type={args.loss_type!r}: its surrogate has no PACT counterpart; use one of "
+                           f"{sorted(LOSS_AGG)}")
+        if self.aux_loss_enabled:
+            refused.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (this MoE model's load-balancing loss): "
+                           "not added to the PACT loss; set router_aux_loss_coef=0.0")
+        if args.delta is not None:
+            refused.append(f"delta={args.delta} (two-sided clipping): not applied; pass pact_config with dual_clip")
+        if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+            refused.append("entropy_coef / use_adaptive_entropy (entropy bonus): not applied; pass pact_config "
+                           "with c_ent")
         if self.off_policy_mask_threshold is not None:
-            refused.append("off_policy_mask_threshold")
+            refused.append("off_policy_mask_threshold: no PACT counterpart; set it None")
         if self.top_entropy_quantile < 1.0:
-            refused.append("top_entropy_quantile < 1")
+            refused.append("top_entropy_quantile < 1: no PACT counterpart; set it 1.0")
         if self.importance_sampling_level != "token":
-            refused.append("importance_sampling_level='sequence'")
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            refused.append("vllm_importance_sampling_correction (set it False)")
+            refused.append("importance_sampling_level='sequence': no PACT counterpart; use 'token'")
+        if self.use_vllm and self.vllm_importance_sampling_correction:  # its mode, clip and cap fields with it
+            refused.append("vllm_importance_sampling_correction: not applied to PACT's ratios; set it False")
         if self._is_vlm:
-            refused.append("vision-language models (text only)")
-        if refused:
-            raise ValueError("PACTGRPOTrainer does not support: " + "; ".join(refused))
+            refused.append("vision-language models: PACT traces are text only")
+        return refused
+
+    def _set_signature_columns_if_needed(self):
+        """With ``remove_unused_columns=True`` TRL keeps only its own columns; PACT needs ``trace`` too."""
+        super()._set_signature_columns_if_needed()
+        if "trace" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "trace"]
 
     # ------------------------------------------------------------ generation side
 
