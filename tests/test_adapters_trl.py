@@ -1,4 +1,5 @@
 """PACTGRPOTrainer through TRL's real training loop (GRPOTrainer.train on CPU, tiny random model)."""
+import copy
 import dataclasses
 import json
 import os
@@ -29,8 +30,9 @@ def _rows(n=4, seed=1):
 
 
 def _reward(completions, **kwargs):
-    # a deterministic function of the sampled text with spread inside a group
-    return [float(len(c[0]["content"].split()) % 3) for c in completions]
+    # a deterministic function of the sampled text with spread inside a group (messages or, for string
+    # prompts, strings)
+    return [float(len((c if isinstance(c, str) else c[0]["content"]).split()) % 3) for c in completions]
 
 
 def tiny_moe_lm(vocab_size, seed=0):
@@ -200,18 +202,65 @@ def test_training_with_pact_changes_the_model(tmp_path):
 @pytest.mark.parametrize("row,message", [
     ({"prompt": [{"role": "user", "content": "q"}]}, "has no 'trace'"),
     ({"prompt": [{"role": "user", "content": "q"}], "trace": "[{"}, "not valid JSON"),
-    ({"prompt": "q", "trace": "[]"}, "conversational"),
+    ({"prompt": None, "trace": "[]"}, "a string or a list of messages, got NoneType"),
     ({"prompt": [{"role": "user", "content": "q"}], "trace": json.dumps([{"role": "tool", "content": "x",
                                                                           "tool_call_id": "c9"}])},
      "answers no earlier tool call"),
 ])
-def test_bad_rows_name_the_row_and_the_problem(tmp_path, row, message):
-    trainer = PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
-                              args=_args(tmp_path), train_dataset=Dataset.from_list(_rows()),
-                              processing_class=TOKENIZER)
+def test_bad_rows_fail_at_construction_naming_the_row(tmp_path, row, message):
+    rows = _rows()
+    rows[2] = row
     with pytest.raises(DataFormatError, match=message) as info:
-        trainer._pact_example(row, 3)
-    assert "row 3" in str(info.value)
+        PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                        args=_args(tmp_path), train_dataset=Dataset.from_list(_rows()),
+                        eval_dataset={"held": Dataset.from_list(rows)}, processing_class=TOKENIZER)
+    assert "eval_dataset['held'] row 2" in str(info.value)
+
+
+def test_a_data_set_without_traces_fails_at_construction(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "trace"} for r in _rows()]
+    with pytest.raises(DataFormatError, match="train_dataset row 0 has no 'trace' column"):
+        PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                        args=_args(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+
+
+def test_a_trace_the_template_cannot_render_fails_at_construction(tmp_path):
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.chat_template = ("{%- for m in messages if 'UNRENDERABLE' in (m.reasoning_content or '') -%}"
+                               "{{ raise_exception('this reasoning cannot be rendered') }}{%- endfor -%}"
+                               + TOKENIZER.chat_template)
+    rows = _rows()
+    trace = json.loads(rows[1]["trace"])
+    trace[0]["reasoning_content"] = "UNRENDERABLE"
+    rows[1]["trace"] = json.dumps(trace)
+    with pytest.raises(DataFormatError, match="train_dataset row 1: the trace does not render .*cannot be rendered"):
+        PACTGRPOTrainer(model=tiny_causal_lm("llama", vocab_size=len(tokenizer)), reward_funcs=_reward,
+                        args=_args(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def test_string_prompts_train_with_the_trace_after_the_prompt_text(tmp_path):
+    """TRL's standard format: the prompt-only rollouts come from the raw prompt string, the trace-conditioned
+    prompt is that string followed by the rendered trace (no template, as TRL tokenizes strings), and the SFT
+    sequences render the prompt as one user message."""
+    rows = [{"prompt": r["prompt"][-1]["content"], "trace": r["trace"]} for r in _rows()]
+    trainer = Recording(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                        args=_args(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+                        processing_class=TOKENIZER)
+    trainer.train()
+    template = trainer.trace_template
+    by_prompt = {tuple(TOKENIZER(r["prompt"])["input_ids"]): r for r in rows}
+    for inputs, loss, *_ in trainer.records:
+        assert torch.isfinite(loss)
+        for i in range(inputs["prompt_ids"].shape[0]):
+            row = by_prompt[tuple(_unpad(inputs["prompt_ids"][i], inputs["prompt_mask"][i]))]
+            text = row["prompt"] + template.separator + template.render(json.loads(row["trace"]))
+            assert _unpad(inputs["pact_tc_prompt_ids"][i], inputs["pact_tc_prompt_mask"][i]) == \
+                TOKENIZER(text)["input_ids"]
+            if inputs["pact_sft"][i]:
+                example = parse_example({"id": "x", "messages": [{"role": "user", "content": row["prompt"]}],
+                                         "trace": json.loads(row["trace"])})
+                assert [s.input_ids for s in inputs["pact_sft"][i]] == \
+                    [s.input_ids for s in trace_sequences(TOKENIZER, example)]
 
 
 def test_every_grpo_config_field_is_classified():

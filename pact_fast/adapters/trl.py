@@ -1,9 +1,12 @@
 """TRL: ``PACTGRPOTrainer``, a ``trl.GRPOTrainer`` whose loss is ``pact_loss`` (tested with trl 1.16).
 
-The dataset is what GRPOTrainer takes, conversational ``prompt`` rows, plus a ``trace`` column: the
-expert trace as messages in pact_fast's data format (``pact_fast/data.py``): assistant turns with
-``reasoning_content`` and ``tool_calls``, tool responses, as a list or a JSON string. Reward
-functions see the ``trace`` column among their keyword arguments, as GRPOTrainer passes every column.
+The dataset is what GRPOTrainer takes, ``prompt`` rows in the conversational format (messages) or the standard
+one (a string: the trace-conditioned prompt is then that string followed by the rendered trace, and the trace's
+SFT sequences take the string as one user message), plus a ``trace`` column: the expert trace as messages in
+pact_fast's data format (``pact_fast/data.py``): assistant turns with ``reasoning_content`` and ``tool_calls``,
+tool responses, as a list or a JSON string. Every row of a map-style data set is parsed and rendered at
+construction, so a bad row fails there, named. Reward functions see the ``trace`` column among their keyword
+arguments, as GRPOTrainer passes every column.
 
 What the subclass adds to GRPOTrainer, which samples and scores rollouts prompt-only as usual:
 
@@ -36,7 +39,7 @@ import json
 import torch
 from trl import GRPOTrainer
 
-from ..chat import TraceContextTemplate, trace_conditioned_messages, trace_sequences
+from ..chat import TraceContextTemplate, render, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
 from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss
 from ..packing import pad_rows
@@ -156,6 +159,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         refused = self._pact_refusals()
         if refused:
             raise ValueError("PACTGRPOTrainer does not support:\n" + "\n".join(f"- {r}" for r in refused))
+        self._check_dataset(self.train_dataset, "train_dataset")
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
+        for key, dataset in evals.items():
+            self._check_dataset(dataset, "eval_dataset" if key is None else f"eval_dataset[{key!r}]")
 
     def _pact_refusals(self):
         """One line per option that would change the loss in a way PACT does not implement: the field, why, and
@@ -201,25 +208,56 @@ class PACTGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------ generation side
 
-    def _pact_example(self, row, index):
+    def _pact_example(self, row, where):
+        """The ``Example`` of one data set row: its prompt, a list of messages or a string (TRL's standard format,
+        which becomes one user message here), and its trace. ``where`` names the row in a ``DataFormatError``."""
         trace = row.get("trace")
         if trace is None:
-            raise DataFormatError(f"PACTGRPOTrainer: dataset row {index} has no 'trace' column")
+            raise DataFormatError(f"PACTGRPOTrainer: {where} has no 'trace' column")
         if isinstance(trace, str):
             try:
                 trace = json.loads(trace)
             except json.JSONDecodeError as exc:
-                raise DataFormatError(f"PACTGRPOTrainer: row {index}: 'trace' is not valid JSON ({exc.msg})") from None
-        prompt = row["prompt"]
+                raise DataFormatError(f"PACTGRPOTrainer: {where}: 'trace' is not valid JSON ({exc.msg})") from None
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list):
-            raise DataFormatError(f"PACTGRPOTrainer: row {index}: 'prompt' must be a list of messages "
-                                  "(conversational); the trace is rendered with the chat template")
+            raise DataFormatError(f"PACTGRPOTrainer: {where}: 'prompt' must be a string or a list of messages, "
+                                  f"got {type(prompt).__name__}")
         try:
-            example = parse_example({"id": str(index), "messages": prompt, "trace": trace})
+            example = parse_example({"id": where, "messages": prompt, "trace": trace})
         except DataFormatError as exc:
-            raise DataFormatError(f"PACTGRPOTrainer: row {index}: {exc}") from None
+            raise DataFormatError(f"PACTGRPOTrainer: {where}: {exc}") from None
         example.tools = self.tools or []
         return example
+
+    def _trace_conditioned_prompts(self, rows, examples):
+        """The prompts ``(x, h)`` in the rows' own format: messages with the trace written after the last user
+        message's text (``trace_conditioned_messages``), or, for string prompts, that text itself, which TRL then
+        tokenizes without a chat template as it does the prompt-only string."""
+        messages = [trace_conditioned_messages(ex, self.trace_template) for ex in examples]
+        if isinstance(rows[0]["prompt"], str):
+            return [m[-1]["content"] for m in messages]
+        return messages
+
+    def _check_dataset(self, dataset, name):
+        """Every row of a map-style data set parses, and its trace-conditioned prompt and its trace render under
+        the trainer's chat template and tools: a bad row fails at construction with its number, not at the step
+        that samples it. (One pass over the data; iterable data sets are checked as their rows arrive.)"""
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return
+        for i, row in enumerate(dataset):
+            where = f"{name} row {i}"
+            example = self._pact_example(row, where)
+            try:
+                tc_prompt = self._trace_conditioned_prompts([row], [example])[0]
+                if not isinstance(tc_prompt, str):
+                    render(self._tokenizer, tc_prompt, example.tools, True, **self._template_kwargs())
+                trace_sequences(self._tokenizer, example, **self._template_kwargs())
+            except Exception as exc:  # the template's own error (jinja2, ValueError, ...), re-raised with the row
+                raise DataFormatError(f"PACTGRPOTrainer: {where}: the trace does not render under the chat template "
+                                      f"({type(exc).__name__}: {exc})") from exc
 
     def _template_kwargs(self):
         kwargs = dict(self.chat_template_kwargs)
@@ -231,9 +269,9 @@ class PACTGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         device = output["prompt_ids"].device
         B = len(inputs)
-        examples = [self._pact_example(row, i) for i, row in enumerate(inputs)]
+        examples = [self._pact_example(row, f"generation batch row {i}") for i, row in enumerate(inputs)]
 
-        tc_ids, _, _ = self._tokenize_prompts([trace_conditioned_messages(ex, self.trace_template) for ex in examples])
+        tc_ids, _, _ = self._tokenize_prompts(self._trace_conditioned_prompts(inputs, examples))
         tc_rows = [list(r) for r in tc_ids]
         tc_prompt_ids = pad_rows(tc_rows, value=self._tokenizer.pad_token_id, left=True, device=device)  # [B, P]
         tc_prompt_mask = pad_rows([[1] * len(r) for r in tc_rows], left=True, device=device)  # [B, P]
