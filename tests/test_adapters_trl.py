@@ -161,25 +161,30 @@ class Both(PACTGRPOTrainer):
         return ours
 
 
-@pytest.mark.parametrize("loss_type,beta,pact", [
-    ("grpo", 0.0, {"mode": "grpo"}),
-    ("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}),  # every group anchored prompt-only
-    ("bnpo", 0.1, {"mode": "grpo"}),
-    ("dr_grpo", 0.0, {"mode": "grpo"}),
-    ("dapo", 0.0, {"mode": "grpo"}),
+@pytest.mark.parametrize("loss_type,beta,pact,extra", [
+    pytest.param("grpo", 0.0, {"mode": "grpo"}, {}, id="grpo"),
+    pytest.param("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, {},  # every group anchored
+                 id="grpo-anchored"),
+    pytest.param("bnpo", 0.1, {"mode": "grpo"}, {}, id="bnpo-kl"),
+    pytest.param("dr_grpo", 0.0, {"mode": "grpo"}, {}, id="dr_grpo"),
+    pytest.param("dapo", 0.0, {"mode": "grpo"}, {}, id="dapo"),
+    pytest.param("dapo", 0.0, {"mode": "grpo"}, {"delta": 1.06}, id="dapo-delta"),
+    pytest.param("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, {"delta": 1.06, "learning_rate": 0.1},
+                 id="grpo-anchored-delta"),
 ])
-def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact):
+def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact, extra):
     """With the trace terms off, the loss and its gradients are TRL's own, off-policy (num_iterations=2,
-    so ratios move away from 1 and clipping is exercised) and with TRL's KL term."""
-    args = _args(tmp_path, loss_type=loss_type, beta=beta, num_iterations=2, max_steps=3, learning_rate=0.05,
-                 epsilon=0.05)
+    so ratios move away from 1 and clipping is exercised), with TRL's KL term and TRL's two-sided clipping
+    (delta, PACT's dual clip)."""
+    args = _args(tmp_path, **{**dict(loss_type=loss_type, beta=beta, num_iterations=2, max_steps=3,
+                                     learning_rate=0.05, epsilon=0.05), **extra})
     model_dir = tmp_path / "model"  # TRL loads its reference model (beta > 0) from the policy's path
     tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
     trainer = Both(model=str(model_dir), reward_funcs=_reward, args=args,
                    train_dataset=Dataset.from_list(_rows(6)), processing_class=TOKENIZER,
                    pact_config=pact_config_from_grpo_args(args, **pact))
     trainer.train()
-    assert len(trainer.pairs) == 6
+    assert len(trainer.pairs) == 2 * args.max_steps
     assert any(old is not None for *_, old in trainer.pairs)
     for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
@@ -188,6 +193,9 @@ def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact)
     clipped = [h.get("pact/po/clip_frac_low", 0) + h.get("pact/po/clip_frac_high", 0)
                for h in trainer.state.log_history]
     assert max(clipped) > 0  # the clipped branch was taken somewhere
+    if "delta" in extra:
+        assert trainer.pact_config.dual_clip == extra["delta"]
+        assert max(h.get("pact/po/dual_clip_frac", 0) for h in trainer.state.log_history) > 0
 
 
 def test_training_with_pact_changes_the_model(tmp_path):
@@ -292,16 +300,25 @@ def _construct(tmp_path, overrides=None, pact=None, scoring="padded", model=None
     pytest.param({"importance_sampling_level": "sequence"}, {}, "padded", "importance_sampling_level",
                  id="sequence-is"),
     pytest.param({"off_policy_mask_threshold": 0.5}, {}, "padded", "off_policy_mask_threshold", id="opsm"),
-    pytest.param({"delta": 1.5}, {}, "padded", "delta=1.5", id="delta"),
+    pytest.param({"delta": 1.1}, None, "padded", "delta=1.1 <= 1 \\+ epsilon_high", id="delta-small"),
+    pytest.param({"delta": 1.5}, {}, "padded", "pact_config.dual_clip=None disagrees with GRPOConfig's delta",
+                 id="delta-dropped-by-own-config"),
+    pytest.param({"epsilon": 0.1}, {}, "padded", "pact_config.clip_eps_low=0.2 disagrees", id="epsilon-dropped"),
     pytest.param({"entropy_coef": 0.01}, {}, "padded", "entropy_coef", id="entropy-bonus"),
     pytest.param({"use_adaptive_entropy": True}, {}, "padded", "use_adaptive_entropy", id="adaptive-entropy"),
-    pytest.param({}, {"beta_kl": 0.1}, "padded", "beta > 0", id="kl-without-ref"),
+    pytest.param({}, {"beta_kl": 0.1}, "padded", "beta_kl=0.1 disagrees with GRPOConfig's beta", id="kl-without-ref"),
     pytest.param({}, {}, "tree", "scoring=", id="scoring"),
     pytest.param({"cast_lm_head_to_fp32": True}, {}, "packed", "cast_lm_head_to_fp32", id="fp32-head-packed"),
 ])
 def test_unsupported_options_are_refused_at_construction(tmp_path, overrides, pact, scoring, message):
     with pytest.raises(ValueError, match=message):
         _construct(tmp_path, overrides, pact, scoring)
+
+
+def test_delta_maps_onto_the_dual_clip_only_above_the_upper_clip(tmp_path):
+    assert pact_config_from_grpo_args(_args(tmp_path, delta=1.5, epsilon_high=0.28)).dual_clip == 1.5
+    with pytest.raises(ValueError, match="delta=1.28 must exceed 1 \\+ epsilon_high"):
+        pact_config_from_grpo_args(_args(tmp_path, delta=1.28, epsilon_high=0.28))
 
 
 def test_moe_router_loss_is_refused_unless_turned_off(tmp_path):
@@ -313,7 +330,7 @@ def test_moe_router_loss_is_refused_unless_turned_off(tmp_path):
 
 def test_refusals_come_one_per_line(tmp_path):
     with pytest.raises(ValueError) as info:
-        _construct(tmp_path, {"delta": 1.5, "entropy_coef": 0.01, "top_entropy_quantile": 0.5})
+        _construct(tmp_path, {"delta": 1.1, "entropy_coef": 0.01, "top_entropy_quantile": 0.5})
     lines = str(info.value).splitlines()[1:]
     assert len(lines) == 3 and all(line.startswith("- ") for line in lines)
 

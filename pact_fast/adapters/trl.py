@@ -57,10 +57,14 @@ LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq
 # Read by this adapter, with the meaning given where it is used (pact_config_from_grpo_args, _compute_loss,
 # _pact_refusals): the clipped surrogate, the KL term, the aggregation, the old log-probs of both contexts.
 PACT_FIELDS = frozenset({
-    "loss_type", "epsilon", "epsilon_high", "beta", "use_bias_correction_kl", "max_completion_length",
+    "loss_type", "epsilon", "epsilon_high", "delta", "beta", "use_bias_correction_kl", "max_completion_length",
     "num_iterations", "steps_per_generation", "gradient_accumulation_steps", "temperature", "chat_template_kwargs",
     "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32",
 })
+# PACTLossConfig fields that pact_config_from_grpo_args derives, and the GRPOConfig fields they come from.
+GRPO_SOURCES = {"clip_eps_low": "epsilon", "clip_eps_high": "epsilon_high (or epsilon)", "dual_clip": "delta",
+                "beta_kl": "beta", "kl_ratio_weighted": "use_bias_correction_kl", "loss_agg": "loss_type",
+                "loss_scale_factor": "loss_type / max_completion_length"}
 # Acted on by GRPOTrainer's own machinery, which the adapter keeps as it is: generation (the rollouts stay
 # prompt-only), rewards and advantages, reference model, optimizer and schedule, precision, parallelism.
 TRL_FIELDS = frozenset({
@@ -89,7 +93,7 @@ TRL_FIELDS = frozenset({
 })
 # Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative.
 REFUSED_FIELDS = frozenset({
-    "router_aux_loss_coef", "delta", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+    "router_aux_loss_coef", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
     "entropy_coef_delta", "entropy_target", "importance_sampling_level", "top_entropy_quantile",
     "off_policy_mask_threshold", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
@@ -118,15 +122,22 @@ NO_LOSS_EFFECT_FIELDS = frozenset({
 def pact_config_from_grpo_args(args, **overrides):
     """A ``PACTLossConfig`` carrying a ``GRPOConfig``'s clipping, KL term and loss aggregation.
 
-    ``epsilon`` / ``epsilon_high`` clip both contexts' ratios; ``beta`` weighs the k3 KL of the prompt-only policy
-    to the reference, ratio-weighted when ``use_bias_correction_kl``; ``loss_type`` picks ``loss_agg`` (``LOSS_AGG``),
-    with ``dr_grpo`` dividing each sequence by ``max_completion_length``.
+    ``epsilon`` / ``epsilon_high`` clip both contexts' ratios; ``delta`` (TRL's two-sided clipping: the unclipped
+    ratio capped at ``delta``) is the dual clip ``dual_clip = delta``, which bounds a negative-advantage token's loss
+    by ``-A delta``; for ``delta > 1 + epsilon_high`` the two are the same function of the ratio, and TRL's cap
+    leaves positive-advantage tokens alone, so a smaller ``delta`` is refused. ``beta`` weighs the k3 KL of the
+    prompt-only policy to the reference, ratio-weighted when ``use_bias_correction_kl``; ``loss_type`` picks
+    ``loss_agg`` (``LOSS_AGG``), with ``dr_grpo`` dividing each sequence by ``max_completion_length``.
     """
     if args.loss_type not in LOSS_AGG:
         raise ValueError(f"PACTGRPOTrainer: GRPOConfig.loss_type={args.loss_type!r} has no PACT counterpart; "
                          f"choose one of {sorted(LOSS_AGG)}")
-    values = dict(clip_eps_low=args.epsilon,
-                  clip_eps_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    if args.delta is not None and args.delta <= 1.0 + eps_high:
+        raise ValueError(f"PACTGRPOTrainer: GRPOConfig.delta={args.delta} must exceed 1 + epsilon_high = "
+                         f"{1.0 + eps_high}: below it TRL's cap also clips positive-advantage ratios, which PACT's "
+                         "dual clip does not")
+    values = dict(clip_eps_low=args.epsilon, clip_eps_high=eps_high, dual_clip=args.delta,
                   beta_kl=args.beta, kl_estimator="k3", kl_ratio_weighted=args.use_bias_correction_kl,
                   loss_agg=LOSS_AGG[args.loss_type])
     if args.loss_type == "dr_grpo":
@@ -146,28 +157,39 @@ class PACTGRPOTrainer(GRPOTrainer):
 
     Args (besides GRPOTrainer's, all keyword):
         pact_config: ``PACTLossConfig``; default: PACT defaults with GRPOConfig's ``epsilon``,
-            ``epsilon_high``, ``beta`` (k3 KL) and ``loss_type`` carried over (``pact_config_from_grpo_args``).
+            ``epsilon_high``, ``delta``, ``beta`` (k3 KL) and ``loss_type`` carried over
+            (``pact_config_from_grpo_args``); one given by hand must agree with them.
         trace_template: ``TraceContextTemplate`` writing the trace into the privileged prompt.
         scoring: ``"padded"`` (TRL's forward, three per micro-batch) or ``"packed"`` (one tree-packed forward).
     """
 
     def __init__(self, *args, pact_config=None, trace_template=None, scoring="padded", **kwargs):
         super().__init__(*args, **kwargs)
-        self.pact_config = pact_config or pact_config_from_grpo_args(self.args)
         self.trace_template = trace_template or TraceContextTemplate()
         self.scoring = scoring
-        refused = self._pact_refusals()
+        refused = self._pact_refusals(pact_config)
         if refused:
             raise ValueError("PACTGRPOTrainer does not support:\n" + "\n".join(f"- {r}" for r in refused))
+        self.pact_config = pact_config or pact_config_from_grpo_args(self.args)
         self._check_dataset(self.train_dataset, "train_dataset")
         evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
         for key, dataset in evals.items():
             self._check_dataset(dataset, "eval_dataset" if key is None else f"eval_dataset[{key!r}]")
 
-    def _pact_refusals(self):
+    def _pact_refusals(self, pact_config):
         """One line per option that would change the loss in a way PACT does not implement: the field, why, and
-        what to use instead. Every GRPOConfig field in ``REFUSED_FIELDS`` is checked here."""
+        what to use instead. Every GRPOConfig field in ``REFUSED_FIELDS`` is checked here, and a ``pact_config``
+        given by hand must agree with the GRPOConfig fields it carries (else one of them would be dropped)."""
         args, refused = self.args, []
+        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        mappable = args.loss_type in LOSS_AGG and (args.delta is None or args.delta > 1.0 + eps_high)
+        if pact_config is not None and mappable:
+            derived = pact_config_from_grpo_args(args)
+            for name, source in GRPO_SOURCES.items():
+                ours, theirs = getattr(pact_config, name), getattr(derived, name)
+                if ours != theirs:
+                    refused.append(f"pact_config.{name}={ours!r} disagrees with GRPOConfig's {source} ({theirs!r}); "
+                                   "build pact_config with pact_config_from_grpo_args(args, ...)")
         if self.scoring not in ("padded", "packed"):
             refused.append(f"scoring={self.scoring!r}: use 'padded' or 'packed'")
         if self.scoring == "packed" and self.accelerator.num_processes > 1:
@@ -175,16 +197,15 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self.scoring == "packed" and args.cast_lm_head_to_fp32:
             refused.append("cast_lm_head_to_fp32 with scoring='packed': the packed pass reads lm_head.weight itself, "
                            "without TRL's fp32 cast; use scoring='padded'")
-        if self.pact_config.beta_kl > 0 and self.beta == 0.0:
-            refused.append("pact_config.beta_kl > 0 needs GRPOConfig(beta > 0) so that TRL keeps a reference model")
         if args.loss_type not in LOSS_AGG:  # also covers sapo_temperature_* and vespo_*, read only by their loss
             refused.append(f"loss_type={args.loss_type!r}: its surrogate has no PACT counterpart; use one of "
                            f"{sorted(LOSS_AGG)}")
         if self.aux_loss_enabled:
             refused.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (this MoE model's load-balancing loss): "
                            "not added to the PACT loss; set router_aux_loss_coef=0.0")
-        if args.delta is not None:
-            refused.append(f"delta={args.delta} (two-sided clipping): not applied; pass pact_config with dual_clip")
+        if args.delta is not None and args.delta <= 1.0 + eps_high:
+            refused.append(f"delta={args.delta} <= 1 + epsilon_high: TRL's cap would also clip positive-advantage "
+                           "ratios, PACT's dual clip does not; use delta > 1 + epsilon_high")
         if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
             refused.append("entropy_coef / use_adaptive_entropy (entropy bonus): not applied; pass pact_config "
                            "with c_ent")
