@@ -152,7 +152,10 @@ class Both(PACTGRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         params = [p for p in model.parameters() if p.requires_grad]
+        controller = self.entropy_coef, self._last_world_entropy, self._entropy_window_stats
         theirs = GRPOTrainer._compute_loss(self, model, inputs)
+        # TRL's adaptive entropy controller moved on; ours must make the same move from the same state
+        self.entropy_coef, self._last_world_entropy, self._entropy_window_stats = controller
         ours = super()._compute_loss(model, inputs)
         g_theirs = torch.autograd.grad(theirs, params, retain_graph=True)
         g_ours = torch.autograd.grad(ours, params, retain_graph=True)
@@ -169,8 +172,15 @@ class Both(PACTGRPOTrainer):
     pytest.param("dr_grpo", 0.0, {"mode": "grpo"}, {}, id="dr_grpo"),
     pytest.param("dapo", 0.0, {"mode": "grpo"}, {}, id="dapo"),
     pytest.param("dapo", 0.0, {"mode": "grpo"}, {"delta": 1.06}, id="dapo-delta"),
-    pytest.param("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, {"delta": 1.06, "learning_rate": 0.1},
-                 id="grpo-anchored-delta"),
+    pytest.param("grpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0},
+                 {"delta": 1.06, "learning_rate": 0.1}, id="grpo-anchored-delta"),
+    pytest.param("grpo", 0.0, {"mode": "grpo"}, {"entropy_coef": 0.05}, id="grpo-entropy"),
+    pytest.param("dapo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, {"entropy_coef": 0.05},
+                 id="dapo-anchored-entropy"),
+    pytest.param("dr_grpo", 0.0, {"mode": "grpo"}, {"use_adaptive_entropy": True, "entropy_coef": 0.05,
+                                                    "entropy_target": 10.0}, id="dr_grpo-adaptive-entropy-up"),
+    pytest.param("bnpo", 0.0, {"mode": "grpo"}, {"use_adaptive_entropy": True, "entropy_coef": 0.05,
+                                                 "entropy_target": 1.0}, id="bnpo-adaptive-entropy-down"),
 ])
 def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact, extra):
     """With the trace terms off, the loss and its gradients are TRL's own, off-policy (num_iterations=2,
@@ -196,6 +206,15 @@ def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact,
     if "delta" in extra:
         assert trainer.pact_config.dual_clip == extra["delta"]
         assert max(h.get("pact/po/dual_clip_frac", 0) for h in trainer.state.log_history) > 0
+    if extra.get("use_adaptive_entropy"):  # entropy ~ log(vocab) ~ 5: below a target of 10, above one of 1
+        step = args.entropy_coef_delta if args.entropy_target > 5 else -args.entropy_coef_delta
+        assert trainer.entropy_coef == pytest.approx(args.entropy_coef + args.max_steps * step)
+        applied = [h["pact/entropy_coef"] for h in trainer.state.log_history if "pact/entropy_coef" in h]
+        assert applied[0] == 0.0  # no measured entropy yet: no bonus in the first step
+        assert max(applied) > 0 if step > 0 else max(applied) == 0.0
+    elif "entropy_coef" in extra:
+        assert all(h["pact/entropy_coef"] == extra["entropy_coef"] for h in trainer.state.log_history
+                   if "pact/entropy_coef" in h)
 
 
 def test_training_with_pact_changes_the_model(tmp_path):
@@ -304,8 +323,7 @@ def _construct(tmp_path, overrides=None, pact=None, scoring="padded", model=None
     pytest.param({"delta": 1.5}, {}, "padded", "pact_config.dual_clip=None disagrees with GRPOConfig's delta",
                  id="delta-dropped-by-own-config"),
     pytest.param({"epsilon": 0.1}, {}, "padded", "pact_config.clip_eps_low=0.2 disagrees", id="epsilon-dropped"),
-    pytest.param({"entropy_coef": 0.01}, {}, "padded", "entropy_coef", id="entropy-bonus"),
-    pytest.param({"use_adaptive_entropy": True}, {}, "padded", "use_adaptive_entropy", id="adaptive-entropy"),
+    pytest.param({"entropy_coef": 0.01}, {"c_ent": 0.01}, "padded", "two entropy bonuses", id="two-entropy-bonuses"),
     pytest.param({}, {"beta_kl": 0.1}, "padded", "beta_kl=0.1 disagrees with GRPOConfig's beta", id="kl-without-ref"),
     pytest.param({}, {}, "tree", "scoring=", id="scoring"),
     pytest.param({"cast_lm_head_to_fp32": True}, {}, "packed", "cast_lm_head_to_fp32", id="fp32-head-packed"),
@@ -330,7 +348,7 @@ def test_moe_router_loss_is_refused_unless_turned_off(tmp_path):
 
 def test_refusals_come_one_per_line(tmp_path):
     with pytest.raises(ValueError) as info:
-        _construct(tmp_path, {"delta": 1.1, "entropy_coef": 0.01, "top_entropy_quantile": 0.5})
+        _construct(tmp_path, {"delta": 1.1, "off_policy_mask_threshold": 0.5, "top_entropy_quantile": 0.5})
     lines = str(info.value).splitlines()[1:]
     assert len(lines) == 3 and all(line.startswith("- ") for line in lines)
 

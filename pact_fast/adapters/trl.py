@@ -30,9 +30,9 @@ prompt, each trace-conditioned prompt and each trace prefix goes through the mod
 
 Every ``GRPOConfig`` field is in one of four sets below (``PACT_FIELDS``, ``TRL_FIELDS``, ``REFUSED_FIELDS``,
 ``NO_LOSS_EFFECT_FIELDS``); options that would change the loss in a way PACT does not implement are refused at
-construction, one line per field with the alternative (``_pact_refusals``). TRL's multi-turn tool loop works through its ``tool_mask``
-(tool responses are never RL targets), but the tests run single-turn: TRL parses tool calls only
-with a response schema for the chat template, which the built-in word-level template lacks.
+construction, one line per field with the alternative (``_pact_refusals``). TRL's multi-turn tool loop works
+through its ``tool_mask`` (tool responses are never RL targets), but the tests run single-turn: TRL parses tool
+calls only with a response schema for the chat template, which the built-in word-level template lacks.
 """
 import json
 
@@ -59,7 +59,8 @@ LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq
 PACT_FIELDS = frozenset({
     "loss_type", "epsilon", "epsilon_high", "delta", "beta", "use_bias_correction_kl", "max_completion_length",
     "num_iterations", "steps_per_generation", "gradient_accumulation_steps", "temperature", "chat_template_kwargs",
-    "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32",
+    "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32", "entropy_coef",
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
 })
 # PACTLossConfig fields that pact_config_from_grpo_args derives, and the GRPOConfig fields they come from.
 GRPO_SOURCES = {"clip_eps_low": "epsilon", "clip_eps_high": "epsilon_high (or epsilon)", "dual_clip": "delta",
@@ -93,8 +94,7 @@ TRL_FIELDS = frozenset({
 })
 # Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative.
 REFUSED_FIELDS = frozenset({
-    "router_aux_loss_coef", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
-    "entropy_coef_delta", "entropy_target", "importance_sampling_level", "top_entropy_quantile",
+    "router_aux_loss_coef", "importance_sampling_level", "top_entropy_quantile",
     "off_policy_mask_threshold", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
     "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
@@ -167,6 +167,7 @@ class PACTGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.trace_template = trace_template or TraceContextTemplate()
         self.scoring = scoring
+        self._entropy_bonus_on = self.args.entropy_coef != 0.0 or self.args.use_adaptive_entropy
         refused = self._pact_refusals(pact_config)
         if refused:
             raise ValueError("PACTGRPOTrainer does not support:\n" + "\n".join(f"- {r}" for r in refused))
@@ -206,9 +207,9 @@ class PACTGRPOTrainer(GRPOTrainer):
         if args.delta is not None and args.delta <= 1.0 + eps_high:
             refused.append(f"delta={args.delta} <= 1 + epsilon_high: TRL's cap would also clip positive-advantage "
                            "ratios, PACT's dual clip does not; use delta > 1 + epsilon_high")
-        if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-            refused.append("entropy_coef / use_adaptive_entropy (entropy bonus): not applied; pass pact_config "
-                           "with c_ent")
+        if self._entropy_bonus_on and pact_config is not None and pact_config.c_ent > 0:
+            refused.append(f"entropy_coef={args.entropy_coef} (or use_adaptive_entropy) with pact_config.c_ent="
+                           f"{pact_config.c_ent}: two entropy bonuses; keep one")
         if self.off_policy_mask_threshold is not None:
             refused.append("off_policy_mask_threshold: no PACT counterpart; set it None")
         if self.top_entropy_quantile < 1.0:
@@ -323,6 +324,11 @@ class PACTGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------ loss side
 
+    @property
+    def _needs_entropy(self):
+        """Whether the loss uses the prompt-only policy's entropy: PACT's c_ent term or TRL's entropy bonus."""
+        return self.pact_config.c_ent > 0 or self._entropy_bonus_on
+
     def _pact_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, entropy=False):
         return self._get_per_token_logps_and_entropies(
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
@@ -338,7 +344,7 @@ class PACTGRPOTrainer(GRPOTrainer):
         contexts = [_unpadded(inputs["prompt_ids"], inputs["prompt_mask"]),
                     _unpadded(inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"])]
         seqs = [ctx[i] + completions[i] for ctx in contexts for i in range(B)] + [s.input_ids for s in sequences]
-        with_entropy = self.pact_config.c_ent > 0
+        with_entropy = self._needs_entropy
         with self.accelerator.autocast():  # the mixed precision TRL's own forward runs under
             out = sequence_logprobs(model, seqs, temperature=self.temperature, return_entropy=with_entropy)
         logp, ent = zip(*out) if with_entropy else (out, None)
@@ -358,7 +364,7 @@ class PACTGRPOTrainer(GRPOTrainer):
         """The same as ``_packed_logps`` through TRL's own forward: three padded batches."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         logp_po, entropy = self._pact_logps(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids,
-                                            completion_mask, entropy=self.pact_config.c_ent > 0)
+                                            completion_mask, entropy=self._needs_entropy)
         logp_tc, _ = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
                                       completion_ids, completion_mask)
         # Every rank runs the trace forward, on a 2-token stand-in when it holds no trace: DDP synchronises at
@@ -401,6 +407,44 @@ class PACTGRPOTrainer(GRPOTrainer):
             batch.sft_components = batch.sft_segment_ids = batch.sft_turn_ids = empty
         return batch
 
+    def _entropy_bonus(self, entropy, mask, training, metrics):
+        """GRPOConfig's entropy bonus, ``entropy_coef * H``, before the division by the accumulation steps.
+
+        ``H`` is the mean entropy of the prompt-only policy (the rollouts' own context, the one PACT's KL and
+        ``c_ent`` terms use) over the micro-batch's response tokens, whatever ``loss_type`` is: TRL's meaning,
+        which ``c_ent`` (aggregated like the RL term) does not have for grpo, dr_grpo or dapo. With
+        ``use_adaptive_entropy`` the coefficient applies only while the previous optimizer step's entropy, over
+        all its micro-batches and ranks, was at most ``entropy_target``; after each step it moves by
+        ``entropy_coef_delta``, up when that entropy was at most the target and down otherwise, within
+        ``[entropy_coef_min, entropy_coef_max]``. The controller keeps its state in GRPOTrainer's own attributes
+        (``entropy_coef``, ``_last_world_entropy``), so TRL's checkpoints save and restore it."""
+        m = mask.bool()
+        token_entropy = torch.where(m, entropy, torch.zeros_like(entropy))  # [B, T]
+        h = token_entropy.sum() / m.sum().clamp(min=1)
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            if self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
+            if training:
+                self._adapt_entropy_coef(token_entropy.detach().sum(), m.sum())
+        metrics["entropy"], metrics["entropy_coef"] = h.item(), coef
+        return coef * h
+
+    def _adapt_entropy_coef(self, entropy_sum, tokens):
+        """Adds one micro-batch to the accumulation window; at the window's last one, updates the coefficient."""
+        stats = torch.stack([entropy_sum.float(), tokens.float()])
+        window = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        self._entropy_window_stats = window
+        if not self.accelerator.sync_gradients:
+            return
+        total, count = self.accelerator.reduce(window, reduction="sum").tolist()
+        self._last_world_entropy = total / max(count, 1.0)
+        if self._last_world_entropy <= self.args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+        self._entropy_window_stats = None
+
     def pact_progress(self):
         """Training progress s in [0, 1] for the annealing schedules: optimizer steps done / max_steps."""
         return min(self.state.global_step / self.state.max_steps, 1.0) if self.state.max_steps else 0.0
@@ -423,6 +467,10 @@ class PACTGRPOTrainer(GRPOTrainer):
             rl_scale = 1.0 / accumulation
         loss, metrics = pact_loss(batch, self.pact_config, self.pact_progress(), rl_scale=rl_scale,
                                   sft_scale=sft_scale)
+        if self._entropy_bonus_on:
+            bonus = self._entropy_bonus(batch.entropy, batch.response_mask, training, metrics)
+            loss = loss - bonus / accumulation
+            metrics["loss/total"] = loss.item()
         mode = "train" if training else "eval"
         for key, value in metrics.items():
             if key != "reward_mean":  # rewards are TRL's to log; the batch carries advantages only
