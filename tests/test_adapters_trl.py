@@ -148,7 +148,7 @@ class Both(PACTGRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pairs = []
+        self.pairs, self.inputs = [], []
 
     def _compute_loss(self, model, inputs):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -161,6 +161,7 @@ class Both(PACTGRPOTrainer):
         g_ours = torch.autograd.grad(ours, params, retain_graph=True)
         old = inputs.get("old_per_token_logps")
         self.pairs.append((theirs.item(), ours.item(), g_theirs, g_ours, old))
+        self.inputs.append((inputs, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return ours
 
 
@@ -339,11 +340,52 @@ def test_delta_maps_onto_the_dual_clip_only_above_the_upper_clip(tmp_path):
         pact_config_from_grpo_args(_args(tmp_path, delta=1.28, epsilon_high=0.28))
 
 
-def test_moe_router_loss_is_refused_unless_turned_off(tmp_path):
-    """TRL adds a MoE model's load-balancing loss by default (the config's coefficient)."""
-    with pytest.raises(ValueError, match="router_aux_loss_coef=0.001"):
-        _construct(tmp_path, model=tiny_moe_lm(len(TOKENIZER)))
-    _construct(tmp_path, {"router_aux_loss_coef": 0.0}, model=tiny_moe_lm(len(TOKENIZER)))
+def test_moe_router_loss_is_refused_with_packed_scoring(tmp_path):
+    """TRL adds a MoE model's load-balancing loss by default (the config's coefficient); the packed pass has none."""
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.001 .* with scoring='packed'"):
+        _construct(tmp_path, scoring="packed", model=tiny_moe_lm(len(TOKENIZER)))
+
+
+def _router_loss(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+
+
+@pytest.mark.parametrize("coef", [pytest.param(None, id="config-coef"), pytest.param(0.5, id="coef-0.5"),
+                                  pytest.param(0.0, id="off")])
+def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, coef):
+    """With the trace terms off, the loss is TRL's but for the router loss: TRL's is that of its one forward
+    (the prompt-only rollouts), ours the mean over the adapter's forwards (prompt-only rollouts,
+    trace-conditioned rollouts, traces), each recomputed here by a plain forward of the model."""
+    args = _args(tmp_path, router_aux_loss_coef=coef, num_iterations=2, max_steps=2, learning_rate=0.05)
+    trainer = Both(model=tiny_moe_lm(len(TOKENIZER)), reward_funcs=_reward, args=args,
+                   train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
+                   pact_config=pact_config_from_grpo_args(args, mode="grpo"))
+    expected_coef = 0.001 if coef is None else coef
+    assert trainer.router_aux_loss_coef == expected_coef and trainer.aux_loss_enabled == (expected_coef > 0)
+    trainer.train()
+    assert len(trainer.pairs) == 4 and len(trainer.inputs) == 4
+    model = trainer.model
+    for (theirs, ours, *_), (inputs, weights) in zip(trainer.pairs, trainer.inputs):
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            completion = inputs["completion_ids"], inputs["completion_mask"]
+            po = _router_loss(model, torch.cat([inputs["prompt_ids"], completion[0]], 1),
+                              torch.cat([inputs["prompt_mask"], completion[1]], 1))
+            tc = _router_loss(model, torch.cat([inputs["pact_tc_prompt_ids"], completion[0]], 1),
+                              torch.cat([inputs["pact_tc_prompt_mask"], completion[1]], 1))
+            traces = [s.input_ids for owned in inputs["pact_sft"] for s in owned]
+            parts = [po, tc]
+            if traces:
+                ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in traces], batch_first=True,
+                                                      padding_value=TOKENIZER.pad_token_id)
+                mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t), dtype=torch.long) for t in traces],
+                                                       batch_first=True)
+                parts.append(_router_loss(model, ids, mask))
+        accumulation = args.gradient_accumulation_steps
+        shift = expected_coef * (torch.stack(parts).mean() - po).item() / accumulation
+        assert ours == pytest.approx(theirs + shift, rel=1e-5, abs=1e-7)
+    logged = [h["pact/aux_loss"] for h in trainer.state.log_history if "pact/aux_loss" in h]
+    assert (len(logged) == 2) == (expected_coef > 0)
 
 
 def test_refusals_come_one_per_line(tmp_path):
@@ -369,9 +411,9 @@ class PackedVsPadded(PACTGRPOTrainer):
     def _compute_loss(self, model, inputs):
         params = [p for p in model.parameters() if p.requires_grad]
         self.scoring = "padded"
-        padded = self.pact_batch(model, inputs)
+        padded, _ = self.pact_batch(model, inputs)
         self.scoring = "packed"
-        packed = self.pact_batch(model, inputs)
+        packed, _ = self.pact_batch(model, inputs)
         for name in ("logp_po", "logp_tc", "entropy", "sft_logp"):
             torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=2e-5)
         progress = self.pact_progress()

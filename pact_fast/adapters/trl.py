@@ -61,6 +61,7 @@ PACT_FIELDS = frozenset({
     "num_iterations", "steps_per_generation", "gradient_accumulation_steps", "temperature", "chat_template_kwargs",
     "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32", "entropy_coef",
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+    "router_aux_loss_coef",
 })
 # PACTLossConfig fields that pact_config_from_grpo_args derives, and the GRPOConfig fields they come from.
 GRPO_SOURCES = {"clip_eps_low": "epsilon", "clip_eps_high": "epsilon_high (or epsilon)", "dual_clip": "delta",
@@ -94,7 +95,7 @@ TRL_FIELDS = frozenset({
 })
 # Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative.
 REFUSED_FIELDS = frozenset({
-    "router_aux_loss_coef", "importance_sampling_level", "top_entropy_quantile",
+    "importance_sampling_level", "top_entropy_quantile",
     "off_policy_mask_threshold", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
     "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
@@ -201,9 +202,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         if args.loss_type not in LOSS_AGG:  # also covers sapo_temperature_* and vespo_*, read only by their loss
             refused.append(f"loss_type={args.loss_type!r}: its surrogate has no PACT counterpart; use one of "
                            f"{sorted(LOSS_AGG)}")
-        if self.aux_loss_enabled:
-            refused.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (this MoE model's load-balancing loss): "
-                           "not added to the PACT loss; set router_aux_loss_coef=0.0")
+        if self.aux_loss_enabled and self.scoring == "packed":
+            refused.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (this MoE model's load-balancing loss) "
+                           "with scoring='packed': the packed pass has no router losses; use scoring='padded' or "
+                           "router_aux_loss_coef=0.0")
         if args.delta is not None and args.delta <= 1.0 + eps_high:
             refused.append(f"delta={args.delta} <= 1 + epsilon_high: TRL's cap would also clip positive-advantage "
                            "ratios, PACT's dual clip does not; use delta > 1 + epsilon_high")
@@ -330,14 +332,17 @@ class PACTGRPOTrainer(GRPOTrainer):
         return self.pact_config.c_ent > 0 or self._entropy_bonus_on
 
     def _pact_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, entropy=False):
+        """TRL's forward of the completions after the prompts: (logp [B, T], entropy [B, T] or None, aux_loss or
+        None), the MoE load-balancing loss when TRL would add it."""
         return self._get_per_token_logps_and_entropies(
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
-            completion_ids.size(1), compute_entropy=entropy)[:2]
+            completion_ids.size(1), compute_entropy=entropy, compute_aux_loss=self.aux_loss_enabled)
 
     def _packed_logps(self, model, inputs, sequences):
         """One tree-packed forward of the prompt-only rollouts, the trace-conditioned rollouts and the traces.
 
-        Returns (logp_po [B, T], entropy [B, T] or None, logp_tc [B, T], sft_logp [S, E - 1] or None)."""
+        Returns (logp_po [B, T], entropy [B, T] or None, logp_tc [B, T], sft_logp [S, E - 1] or None, None): no
+        router loss, which is refused with this scoring."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         B, T = completion_ids.shape
         completions = _unpadded(completion_ids, completion_mask)  # TRL's completion masks are prefixes
@@ -358,31 +363,38 @@ class PACTGRPOTrainer(GRPOTrainer):
         entropy = pad_rows([completion_part(ent, i, contexts[0][i]) for i in range(B)], T) if with_entropy else None
         width = max((len(s.input_ids) - 1 for s in sequences), default=0)
         sft_logp = pad_rows(list(logp[2 * B:]), width) if sequences else None
-        return logp_po, entropy, logp_tc, sft_logp
+        return logp_po, entropy, logp_tc, sft_logp, None
 
     def _padded_logps(self, model, inputs, sequences):
-        """The same as ``_packed_logps`` through TRL's own forward: three padded batches."""
+        """The same as ``_packed_logps`` through TRL's own forward: three padded batches. The last value is the
+        MoE load-balancing loss when TRL would add one: the mean of the forwards' losses (the traces' forward
+        counted when the micro-batch holds traces), as TRL averages it over the chunks of its one forward."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        logp_po, entropy = self._pact_logps(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids,
-                                            completion_mask, entropy=self._needs_entropy)
-        logp_tc, _ = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
-                                      completion_ids, completion_mask)
+        logp_po, entropy, aux_po = self._pact_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                                    completion_ids, completion_mask, entropy=self._needs_entropy)
+        logp_tc, _, aux_tc = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
+                                              completion_ids, completion_mask)
         # Every rank runs the trace forward, on a 2-token stand-in when it holds no trace: DDP synchronises at
         # each forward, and ranks that ran different numbers of forwards would wait on each other forever.
         rows = [s.input_ids for s in sequences] or [[self._tokenizer.pad_token_id] * 2]
         device = completion_ids.device
         ids = pad_rows(rows, value=self._tokenizer.pad_token_id, device=device)
         attn = pad_rows([[1] * len(r) for r in rows], device=device)
-        sft_logp, _ = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1)[:2]
-        return logp_po, entropy, logp_tc, sft_logp if sequences else None
+        with_aux = self.aux_loss_enabled and bool(sequences)
+        sft_logp, _, aux_sft = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1,
+                                                                       compute_aux_loss=with_aux)
+        aux = [a for a in (aux_po, aux_tc, aux_sft) if a is not None]
+        aux_loss = torch.stack(aux).mean() if aux else None
+        return logp_po, entropy, logp_tc, sft_logp if sequences else None, aux_loss
 
     def pact_batch(self, model, inputs):
-        """The ``PACTBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
+        """``(PACTBatch, aux_loss)`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients);
+        ``aux_loss``: the MoE load-balancing loss of its forwards, None unless TRL would add one."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         response_mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
         sequences = [s for owned in inputs["pact_sft"] for s in owned]
         score = self._packed_logps if self.scoring == "packed" else self._padded_logps
-        logp_po, entropy, logp_tc, sft_logp = score(model, inputs, sequences)
+        logp_po, entropy, logp_tc, sft_logp, aux_loss = score(model, inputs, sequences)
         old_po = inputs.get("old_per_token_logps")
         old_tc = inputs.get("pact_old_logp_tc")
         advantages = inputs["advantages"]
@@ -405,7 +417,7 @@ class PACTGRPOTrainer(GRPOTrainer):
             empty = torch.zeros((0, 1), dtype=torch.long, device=device)
             batch.sft_logp = torch.zeros((0, 1), device=device)
             batch.sft_components = batch.sft_segment_ids = batch.sft_turn_ids = empty
-        return batch
+        return batch, aux_loss
 
     def _entropy_bonus(self, entropy, mask, training, metrics):
         """GRPOConfig's entropy bonus, ``entropy_coef * H``, before the division by the accumulation steps.
@@ -450,7 +462,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         return min(self.state.global_step / self.state.max_steps, 1.0) if self.state.max_steps else 0.0
 
     def _compute_loss(self, model, inputs):
-        batch = self.pact_batch(model, inputs)
+        """``pact_loss`` of the micro-batch, scaled as TRL scales its loss_type, minus GRPOConfig's entropy bonus
+        (``_entropy_bonus``), plus ``router_aux_loss_coef`` times the MoE load-balancing loss of the adapter's
+        forwards, both divided by the accumulation steps as TRL divides them."""
+        batch, aux_loss = self.pact_batch(model, inputs)
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1
         # pact_loss averages the SFT term over the micro-batch's trace sequences; this makes every sequence
@@ -470,7 +485,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_on:
             bonus = self._entropy_bonus(batch.entropy, batch.response_mask, training, metrics)
             loss = loss - bonus / accumulation
-            metrics["loss/total"] = loss.item()
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            metrics["aux_loss"] = aux_loss.item()
+        metrics["loss/total"] = loss.item()
         mode = "train" if training else "eval"
         for key, value in metrics.items():
             if key != "reward_mean":  # rewards are TRL's to log; the batch carries advantages only
