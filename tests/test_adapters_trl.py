@@ -182,25 +182,20 @@ class Both(PACTGRPOTrainer):
                                                     "entropy_target": 10.0}, id="dr_grpo-adaptive-entropy-up"),
     pytest.param("bnpo", 0.0, {"mode": "grpo"}, {"use_adaptive_entropy": True, "entropy_coef": 0.05,
                                                  "entropy_target": 1.0}, id="bnpo-adaptive-entropy-down"),
+    pytest.param("dapo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0},
+                 {"top_entropy_quantile": 0.3, "entropy_coef": 0.05}, id="dapo-anchored-entropy-mask"),
+    pytest.param("grpo", 0.1, {"mode": "grpo"}, {"top_entropy_quantile": 0.5}, id="grpo-kl-entropy-mask"),
+    pytest.param("bnpo", 0.0, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0},
+                 {"off_policy_mask_threshold": 0.002}, id="bnpo-anchored-off-policy-mask"),
 ])
 def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact, extra):
     """With the trace terms off, the loss and its gradients are TRL's own, off-policy (num_iterations=2,
-    so ratios move away from 1 and clipping is exercised), with TRL's KL term and TRL's two-sided clipping
-    (delta, PACT's dual clip)."""
+    so ratios move away from 1 and clipping is exercised), with TRL's KL term, TRL's two-sided clipping
+    (delta, PACT's dual clip), its entropy bonus (static and adaptive), its entropy mask and its off-policy
+    sequence mask."""
     args = _args(tmp_path, **{**dict(loss_type=loss_type, beta=beta, num_iterations=2, max_steps=3,
                                      learning_rate=0.05, epsilon=0.05), **extra})
-    model_dir = tmp_path / "model"  # TRL loads its reference model (beta > 0) from the policy's path
-    tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
-    trainer = Both(model=str(model_dir), reward_funcs=_reward, args=args,
-                   train_dataset=Dataset.from_list(_rows(6)), processing_class=TOKENIZER,
-                   pact_config=pact_config_from_grpo_args(args, **pact))
-    trainer.train()
-    assert len(trainer.pairs) == 2 * args.max_steps
-    assert any(old is not None for *_, old in trainer.pairs)
-    for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
-        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
-        for a, b in zip(g_theirs, g_ours):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    trainer = _train_both(tmp_path, args, pact)
     clipped = [h.get("pact/po/clip_frac_low", 0) + h.get("pact/po/clip_frac_high", 0)
                for h in trainer.state.log_history]
     assert max(clipped) > 0  # the clipped branch was taken somewhere
@@ -216,6 +211,48 @@ def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact,
     elif "entropy_coef" in extra:
         assert all(h["pact/entropy_coef"] == extra["entropy_coef"] for h in trainer.state.log_history
                    if "pact/entropy_coef" in h)
+    if "off_policy_mask_threshold" in extra:  # some negative-advantage rollout was dropped
+        assert min(h.get("pact/off_policy_kept", 1) for h in trainer.state.log_history) < 1
+
+
+def _train_both(tmp_path, args, pact, cls=Both):
+    """Trains with ``cls`` (a ``Both``) and checks every micro-batch's loss and gradients against TRL's."""
+    model_dir = tmp_path / "model"  # TRL loads its reference model (beta > 0) from the policy's path
+    tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
+    trainer = cls(model=str(model_dir), reward_funcs=_reward, args=args, train_dataset=Dataset.from_list(_rows(6)),
+                  processing_class=TOKENIZER, pact_config=pact_config_from_grpo_args(args, **pact))
+    trainer.train()
+    assert len(trainer.pairs) == 2 * args.max_steps
+    assert any(old is not None for *_, old in trainer.pairs)
+    for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        for a, b in zip(g_theirs, g_ours):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    return trainer
+
+
+class SampledByVLLM(Both):
+    """As if vLLM had sampled the rollouts: TRL's importance-sampling ratios (here a fixed function of the
+    tokens, per token or per sequence) reach the loss, and use_vllm is on only while the losses are computed
+    (generation stays local)."""
+
+    def _compute_loss(self, model, inputs):
+        ratio = 0.5 + (inputs["completion_ids"] % 5).float() / 4  # [B, T] in [0.5, 1.5]
+        token_level = self.vllm_importance_sampling_mode.startswith("token")
+        inputs["importance_sampling_ratio"] = ratio if token_level else ratio[:, :1]
+        self.use_vllm = True
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self.use_vllm = False
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_vllm_importance_sampling_correction_weighs_both_surrogates_as_trl(tmp_path, mode):
+    args = _args(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.05, epsilon=0.05,
+                 vllm_importance_sampling_mode=mode)
+    assert args.vllm_importance_sampling_correction  # TRL's default
+    _train_both(tmp_path, args, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, cls=SampledByVLLM)
 
 
 def test_training_with_pact_changes_the_model(tmp_path):
@@ -316,10 +353,8 @@ def _construct(tmp_path, overrides=None, pact=None, scoring="padded", model=None
 @pytest.mark.parametrize("overrides,pact,scoring,message", [
     pytest.param({"loss_type": "cispo"}, None, "padded", "loss_type='cispo'", id="cispo"),
     pytest.param({"loss_type": "sapo"}, {}, "padded", "loss_type='sapo'", id="sapo"),
-    pytest.param({"top_entropy_quantile": 0.5}, {}, "padded", "top_entropy_quantile", id="entropy-mask"),
     pytest.param({"importance_sampling_level": "sequence"}, {}, "padded", "importance_sampling_level",
                  id="sequence-is"),
-    pytest.param({"off_policy_mask_threshold": 0.5}, {}, "padded", "off_policy_mask_threshold", id="opsm"),
     pytest.param({"delta": 1.1}, None, "padded", "delta=1.1 <= 1 \\+ epsilon_high", id="delta-small"),
     pytest.param({"delta": 1.5}, {}, "padded", "pact_config.dual_clip=None disagrees with GRPOConfig's delta",
                  id="delta-dropped-by-own-config"),
@@ -390,7 +425,7 @@ def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, coef):
 
 def test_refusals_come_one_per_line(tmp_path):
     with pytest.raises(ValueError) as info:
-        _construct(tmp_path, {"delta": 1.1, "off_policy_mask_threshold": 0.5, "top_entropy_quantile": 0.5})
+        _construct(tmp_path, {"delta": 1.1, "importance_sampling_level": "sequence", "loss_type": "sapo"})
     lines = str(info.value).splitlines()[1:]
     assert len(lines) == 3 and all(line.startswith("- ") for line in lines)
 
@@ -411,9 +446,9 @@ class PackedVsPadded(PACTGRPOTrainer):
     def _compute_loss(self, model, inputs):
         params = [p for p in model.parameters() if p.requires_grad]
         self.scoring = "padded"
-        padded, _ = self.pact_batch(model, inputs)
+        padded = self.pact_batch(model, inputs).batch
         self.scoring = "packed"
-        packed, _ = self.pact_batch(model, inputs)
+        packed = self.pact_batch(model, inputs).batch
         for name in ("logp_po", "logp_tc", "entropy", "sft_logp"):
             torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=2e-5)
         progress = self.pact_progress()

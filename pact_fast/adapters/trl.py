@@ -20,7 +20,9 @@ What the subclass adds to GRPOTrainer, which samples and scores rollouts prompt-
   rollouts, on the trace-conditioned rollouts and on the traces, then ``pact_loss``. The RL terms are
   normalised as TRL normalises its ``loss_type`` (``pact_config_from_grpo_args`` maps it to
   ``loss_agg``); the SFT term is scaled so that each trace sequence of a generation batch counts once
-  per optimizer step.
+  per optimizer step. GRPOConfig's token filters (off-policy mask, entropy mask, vLLM importance
+  sampling) weigh both contexts' surrogates through the advantages (``_surrogate_filters``); its entropy
+  bonus (``_entropy_bonus``) and an MoE model's router loss are added as TRL adds them.
 
 ``scoring="padded"`` (the default) runs these as three padded forwards per micro-batch;
 ``scoring="packed"`` runs one tree-packed forward of the micro-batch (``pact_fast.scoring``): each
@@ -35,6 +37,7 @@ through its ``tool_mask`` (tool responses are never RL targets), but the tests r
 calls only with a response schema for the chat template, which the built-in word-level template lacks.
 """
 import json
+from typing import NamedTuple, Optional
 
 import torch
 from trl import GRPOTrainer
@@ -46,7 +49,7 @@ from ..packing import pad_rows
 from ..scoring import sequence_logprobs
 
 # GRPOConfig.loss_type -> PACTLossConfig.loss_agg. grpo / bnpo / dr_grpo reduce each micro-batch; dapo (TRL's
-# default) is a token mean over the whole generation batch, made here from micro-batch means (``_rl_scale``).
+# default) is a token mean over the whole generation batch, made here from micro-batch means (``_compute_loss``).
 LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
             "dapo": "token-mean"}
 
@@ -54,14 +57,17 @@ LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq
 # dataclasses.fields(GRPOConfig) and fail on a field in none of them, so a TRL release that adds a field fails
 # loudly until someone decides here what it means under PACT.
 #
-# Read by this adapter, with the meaning given where it is used (pact_config_from_grpo_args, _compute_loss,
-# _pact_refusals): the clipped surrogate, the KL term, the aggregation, the old log-probs of both contexts.
+# Read by this adapter, with the meaning given where it is used (pact_config_from_grpo_args, _surrogate_filters,
+# _entropy_bonus, _compute_loss, _pact_refusals): the clipped surrogate, the KL term, the aggregation, the token
+# filters, the entropy bonus, the router loss, the old log-probs of both contexts.
 PACT_FIELDS = frozenset({
     "loss_type", "epsilon", "epsilon_high", "delta", "beta", "use_bias_correction_kl", "max_completion_length",
     "num_iterations", "steps_per_generation", "gradient_accumulation_steps", "temperature", "chat_template_kwargs",
     "per_device_train_batch_size", "remove_unused_columns", "cast_lm_head_to_fp32", "entropy_coef",
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
-    "router_aux_loss_coef",
+    "router_aux_loss_coef", "off_policy_mask_threshold", "top_entropy_quantile",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
 })
 # PACTLossConfig fields that pact_config_from_grpo_args derives, and the GRPOConfig fields they come from.
 GRPO_SOURCES = {"clip_eps_low": "epsilon", "clip_eps_high": "epsilon_high (or epsilon)", "dual_clip": "delta",
@@ -93,13 +99,11 @@ TRL_FIELDS = frozenset({
     "local_rank", "average_tokens_across_devices", "dataloader_drop_last", "dataloader_in_order",
     "train_sampling_strategy", "ignore_data_skip", "resume_from_checkpoint",
 })
-# Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative.
+# Refused in __init__ (_pact_refusals) whenever set so that they would change the loss, with the alternative:
+# sequence-level ratios, and the parameters of the loss types with no PACT counterpart (loss_type itself is read).
 REFUSED_FIELDS = frozenset({
-    "importance_sampling_level", "top_entropy_quantile",
-    "off_policy_mask_threshold", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
-    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-    "vespo_lambda_neg",
+    "importance_sampling_level", "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg",
 })
 # No effect on the loss or the update: logging, output, saving, hub, evaluation schedule, data-loader workers.
 # (label_smoothing_factor: GRPOTrainer replaces the Trainer's loss and never reads it; use_cache: generation speed.)
@@ -145,6 +149,15 @@ def pact_config_from_grpo_args(args, **overrides):
         values["loss_scale_factor"] = args.max_completion_length
     values.update(overrides)
     return PACTLossConfig(**values)
+
+
+class ScoredMicroBatch(NamedTuple):
+    """What the loss of one micro-batch is computed from (``PACTGRPOTrainer.pact_batch``)."""
+
+    batch: PACTBatch  # pact_loss's input; advantages [B, T] when GRPOConfig's token filters weigh the surrogate
+    aux_loss: Optional[torch.Tensor]  # MoE load-balancing loss of the forwards; None unless TRL would add one
+    bonus_mask: torch.Tensor  # [B, T] the tokens GRPOConfig's entropy bonus averages over
+    metrics: dict  # the filters' statistics (off_policy_kept)
 
 
 def _unpadded(ids, mask):
@@ -212,14 +225,8 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_on and pact_config is not None and pact_config.c_ent > 0:
             refused.append(f"entropy_coef={args.entropy_coef} (or use_adaptive_entropy) with pact_config.c_ent="
                            f"{pact_config.c_ent}: two entropy bonuses; keep one")
-        if self.off_policy_mask_threshold is not None:
-            refused.append("off_policy_mask_threshold: no PACT counterpart; set it None")
-        if self.top_entropy_quantile < 1.0:
-            refused.append("top_entropy_quantile < 1: no PACT counterpart; set it 1.0")
         if self.importance_sampling_level != "token":
             refused.append("importance_sampling_level='sequence': no PACT counterpart; use 'token'")
-        if self.use_vllm and self.vllm_importance_sampling_correction:  # its mode, clip and cap fields with it
-            refused.append("vllm_importance_sampling_correction: not applied to PACT's ratios; set it False")
         if self._is_vlm:
             refused.append("vision-language models: PACT traces are text only")
         return refused
@@ -329,7 +336,7 @@ class PACTGRPOTrainer(GRPOTrainer):
     @property
     def _needs_entropy(self):
         """Whether the loss uses the prompt-only policy's entropy: PACT's c_ent term or TRL's entropy bonus."""
-        return self.pact_config.c_ent > 0 or self._entropy_bonus_on
+        return self.pact_config.c_ent > 0 or self._entropy_bonus_on or self.top_entropy_quantile < 1.0
 
     def _pact_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, entropy=False):
         """TRL's forward of the completions after the prompts: (logp [B, T], entropy [B, T] or None, aux_loss or
@@ -387,23 +394,62 @@ class PACTGRPOTrainer(GRPOTrainer):
         aux_loss = torch.stack(aux).mean() if aux else None
         return logp_po, entropy, logp_tc, sft_logp if sequences else None, aux_loss
 
+    def _surrogate_filters(self, inputs, response_mask, logp_po, old_logp_po, entropy, metrics):
+        """GRPOConfig's per-token filters of the policy-gradient term, folded into the advantages.
+
+        A weight ``w >= 0`` on a token's clipped surrogate is the surrogate with advantage ``A w`` there (it is
+        positively homogeneous in ``A``, dual clip included), so one ``[B, T]`` advantage weighs both contexts'
+        surrogates, and leaves alone the KL and entropy terms, which TRL does not weigh, and the token counts
+        the terms are averaged over. Each filter is a function of the prompt-only rollout, the samples both
+        contexts score:
+
+        - ``off_policy_mask_threshold``: a negative-advantage rollout whose prompt-only policy has moved from the
+          sampler's log-probs (vLLM's if any, else the old policy's) by more than the threshold in mean token KL
+          gets weight 0 (TRL's ``get_off_policy_mask``);
+        - ``top_entropy_quantile < 1``: only tokens whose prompt-only entropy is in that top quantile of the
+          step's tokens, over all ranks, keep weight 1 (TRL's ``get_high_entropy_mask``); the entropy bonus is
+          averaged over them too;
+        - ``vllm_importance_sampling_correction`` (with vLLM): TRL's truncated or masked ratio
+          ``pi_old(y | x) / pi_vLLM(y | x)``, per token or per sequence. Both surrogates are expectations over
+          the same prompt-only samples, so the one correction of their sampler serves both.
+
+        Returns (advantages [B] or [B, T], bonus_mask [B, T]: the tokens the entropy bonus averages over)."""
+        advantages, bonus_mask = inputs["advantages"], response_mask
+        weight = None  # [B, T] or [B, 1]; None: no filter on
+        if self.off_policy_mask_threshold is not None:
+            sampler = inputs.get("sampling_per_token_logps", old_logp_po)
+            keep = self.get_off_policy_mask(advantages[:, None], logp_po, sampler, response_mask,
+                                            self.off_policy_mask_threshold).float()  # [B, 1]
+            weight = keep
+            metrics["off_policy_kept"] = keep.mean().item()
+        if self.top_entropy_quantile < 1.0:
+            keep = self.get_high_entropy_mask(entropy, response_mask, 1.0 - self.top_entropy_quantile)  # [B, T]
+            weight = keep.float() if weight is None else weight * keep
+            bonus_mask = response_mask * keep
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]  # [B, T] or [B, 1]
+            weight = ratio if weight is None else weight * ratio
+        if weight is None:
+            return advantages, bonus_mask
+        return advantages[:, None] * weight.expand_as(logp_po), bonus_mask
+
     def pact_batch(self, model, inputs):
-        """``(PACTBatch, aux_loss)`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients);
-        ``aux_loss``: the MoE load-balancing loss of its forwards, None unless TRL would add one."""
+        """The ``ScoredMicroBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         response_mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
         sequences = [s for owned in inputs["pact_sft"] for s in owned]
         score = self._packed_logps if self.scoring == "packed" else self._padded_logps
         logp_po, entropy, logp_tc, sft_logp, aux_loss = score(model, inputs, sequences)
         old_po = inputs.get("old_per_token_logps")
+        old_po = logp_po.detach() if old_po is None else old_po
         old_tc = inputs.get("pact_old_logp_tc")
-        advantages = inputs["advantages"]
+        metrics = {}
+        advantages, bonus_mask = self._surrogate_filters(inputs, response_mask, logp_po, old_po, entropy, metrics)
         batch = PACTBatch(
             # TRL keeps the rewards to itself: with advantages given, rewards only feed a metric we drop
-            response_mask=response_mask, rewards=torch.zeros_like(advantages), group_ids=inputs["pact_group"],
-            logp_tc=logp_tc, logp_po=logp_po,
-            old_logp_tc=logp_tc.detach() if old_tc is None else old_tc,
-            old_logp_po=logp_po.detach() if old_po is None else old_po,
+            response_mask=response_mask, rewards=torch.zeros_like(inputs["advantages"]),
+            group_ids=inputs["pact_group"], logp_tc=logp_tc, logp_po=logp_po,
+            old_logp_tc=logp_tc.detach() if old_tc is None else old_tc, old_logp_po=old_po,
             ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy,
             advantages=advantages, anchored=inputs["pact_anchored"])
 
@@ -417,7 +463,7 @@ class PACTGRPOTrainer(GRPOTrainer):
             empty = torch.zeros((0, 1), dtype=torch.long, device=device)
             batch.sft_logp = torch.zeros((0, 1), device=device)
             batch.sft_components = batch.sft_segment_ids = batch.sft_turn_ids = empty
-        return batch, aux_loss
+        return ScoredMicroBatch(batch, aux_loss, bonus_mask, metrics)
 
     def _entropy_bonus(self, entropy, mask, training, metrics):
         """GRPOConfig's entropy bonus, ``entropy_coef * H``, before the division by the accumulation steps.
@@ -465,7 +511,7 @@ class PACTGRPOTrainer(GRPOTrainer):
         """``pact_loss`` of the micro-batch, scaled as TRL scales its loss_type, minus GRPOConfig's entropy bonus
         (``_entropy_bonus``), plus ``router_aux_loss_coef`` times the MoE load-balancing loss of the adapter's
         forwards, both divided by the accumulation steps as TRL divides them."""
-        batch, aux_loss = self.pact_batch(model, inputs)
+        batch, aux_loss, bonus_mask, filter_metrics = self.pact_batch(model, inputs)
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1
         # pact_loss averages the SFT term over the micro-batch's trace sequences; this makes every sequence
@@ -482,8 +528,9 @@ class PACTGRPOTrainer(GRPOTrainer):
             rl_scale = 1.0 / accumulation
         loss, metrics = pact_loss(batch, self.pact_config, self.pact_progress(), rl_scale=rl_scale,
                                   sft_scale=sft_scale)
+        metrics.update(filter_metrics)
         if self._entropy_bonus_on:
-            bonus = self._entropy_bonus(batch.entropy, batch.response_mask, training, metrics)
+            bonus = self._entropy_bonus(batch.entropy, bonus_mask, training, metrics)
             loss = loss - bonus / accumulation
         if aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
