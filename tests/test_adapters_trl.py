@@ -255,6 +255,43 @@ def test_vllm_importance_sampling_correction_weighs_both_surrogates_as_trl(tmp_p
     _train_both(tmp_path, args, {"mode": "pact", "anchor_q": 1.0, "lambda_sft": 0.0}, cls=SampledByVLLM)
 
 
+class WithToolResponses(Both):
+    """As if TRL's tool loop had spliced a tool response into every completion: its ``tool_mask`` is 0 on
+    completion tokens 2..4. Also checks, in every micro-batch, that no token it marks gets a policy gradient
+    in either context."""
+
+    def _compute_loss(self, model, inputs):
+        tool_mask = torch.ones_like(inputs["completion_mask"])
+        tool_mask[:, 2:5] = 0
+        inputs["tool_mask"] = tool_mask
+        batch = self.pact_batch(model, inputs).batch
+        loss, _ = pact_loss(batch, self.pact_config, self.pact_progress())
+        g_tc, g_po = torch.autograd.grad(loss, [batch.logp_tc, batch.logp_po], allow_unused=True)
+        for grad in (g_tc, g_po):
+            assert grad is None or not grad[:, 2:5].any()
+        self.checked_tool_tokens = getattr(self, "checked_tool_tokens", 0) + 1
+        return super()._compute_loss(model, inputs)
+
+
+@pytest.mark.parametrize("pact", [pytest.param({"mode": "grpo"}, id="grpo"),
+                                  pytest.param({"mode": "pact", "anchor_q": 0.5}, id="pact")])
+def test_tool_response_tokens_get_no_policy_gradient(tmp_path, pact):
+    """TRL's tool_mask (multi-turn tool use) leaves tool responses out of both surrogates, the KL and the entropy
+    bonus; with the trace terms off the loss is TRL's own (``_train_both`` compares only then)."""
+    args = _args(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.05, epsilon=0.05, beta=0.1,
+                 entropy_coef=0.01)
+    if pact["mode"] == "grpo":
+        trainer = _train_both(tmp_path, args, pact, cls=WithToolResponses)
+    else:
+        model_dir = tmp_path / "model"
+        tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
+        trainer = WithToolResponses(model=str(model_dir), reward_funcs=_reward, args=args,
+                                    train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
+                                    pact_config=pact_config_from_grpo_args(args, **pact))
+        trainer.train()
+    assert trainer.checked_tool_tokens == 2 * args.max_steps
+
+
 def test_training_with_pact_changes_the_model(tmp_path):
     model = tiny_causal_lm("llama", vocab_size=len(TOKENIZER))
     before = {k: v.clone() for k, v in model.state_dict().items()}
