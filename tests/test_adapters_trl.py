@@ -292,6 +292,84 @@ def test_tool_response_tokens_get_no_policy_gradient(tmp_path, pact):
     assert trainer.checked_tool_tokens == 2 * args.max_steps
 
 
+# TRL parses tool calls with a response template; this one reads the built-in template's
+# "<tool_call> name ( key = value , ... ) </tool_call>".
+BUILTIN_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|> assistant",
+    "fields": {
+        "reasoning_content": {"open": "<think>", "close_pattern": r"\s*</think>\s*", "content": "text"},
+        "tool_calls": {
+            "open_pattern": r"<tool_call>\s*(?P<name>[^\s(]+)\s*\(",
+            "close_pattern": r"\)\s*</tool_call>\s*",
+            "repeats": True,
+            "content": "xml-inline",
+            "content_args": {"tag_pattern": r"(?P<key>[^\s=,]+)\s*=\s*(?P<value>[^,]*?)\s*(?=,|$)",
+                             "value_parser": {"name": "text"}},
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
+        },
+        "content": {"close_pattern": r"\s*<\|im_end\|>\s*", "content": "text"},
+    },
+}
+
+
+def lookup(entity: str, relation: str) -> str:
+    """Look up a relation of an entity.
+
+    Args:
+        entity: the entity
+        relation: the relation
+    """
+    return "wayne"
+
+
+class CallsATool(PACTGRPOTrainer):
+    """The first turn of every rollout calls ``lookup`` (as TRL's own tool test patches generation); TRL runs the
+    tool, appends its response and generates on. Checks each micro-batch's tool mask and gradients."""
+
+    CALL = " <tool_call> lookup ( entity = ivan , relation = employer ) </tool_call> <|im_end|>"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tool_tokens = []
+
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        response = self._tokenizer.convert_tokens_to_ids("<tool_response>")
+        if any(response in ids for ids in prompt_ids):  # after the tool: the model goes on
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        call = self._tokenizer(self.CALL, add_special_tokens=False)["input_ids"]
+        return [list(call) for _ in prompt_ids], None
+
+    def _compute_loss(self, model, inputs):
+        tool = inputs["completion_mask"].bool() & ~inputs["tool_mask"].bool()  # [B, T] the spliced tool response
+        self.tool_tokens.append([self._tokenizer.decode(row[m]) for row, m in zip(inputs["completion_ids"], tool)])
+        batch = self.pact_batch(model, inputs).batch
+        loss, _ = pact_loss(batch, self.pact_config, self.pact_progress())
+        g_tc, g_po = torch.autograd.grad(loss, [batch.logp_tc, batch.logp_po], allow_unused=True)
+        for grad in (g_tc, g_po):
+            assert grad is None or not grad[tool].any()
+        assert any(g is not None and g[~tool & batch.response_mask.bool()].any() for g in (g_tc, g_po))
+        return super()._compute_loss(model, inputs)
+
+
+def test_multi_turn_tool_calls(tmp_path):
+    """TRL's tools= loop under PACT: the tool's response spliced into each rollout gets no policy gradient in
+    either context, the model's own tokens around it do, and the trace's tool calls get the SFT loss."""
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.response_template = BUILTIN_RESPONSE_TEMPLATE
+    args = _args(tmp_path, max_completion_length=24, num_iterations=2, max_steps=2)
+    def reward(completions, **kwargs):  # of the last message, the model's turn after the tool's response
+        return [float(len(c[-1]["content"])) for c in completions]
+
+    trainer = CallsATool(model=tiny_causal_lm("llama", vocab_size=len(tokenizer)), reward_funcs=reward, args=args,
+                         train_dataset=Dataset.from_list(_rows()), processing_class=tokenizer, tools=[lookup])
+    trainer.train()
+    assert len(trainer.tool_tokens) == 4
+    assert all("wayne" in text for micro in trainer.tool_tokens for text in micro)
+    tool_calls = [h["pact/sft_weight/tool_call"] for h in trainer.state.log_history if "pact/sft_weight/tool_call" in h]
+    assert tool_calls and all(w > 0 for w in tool_calls)
+
+
 def test_training_with_pact_changes_the_model(tmp_path):
     model = tiny_causal_lm("llama", vocab_size=len(TOKENIZER))
     before = {k: v.clone() for k, v in model.state_dict().items()}

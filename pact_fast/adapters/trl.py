@@ -32,9 +32,10 @@ prompt, each trace-conditioned prompt and each trace prefix goes through the mod
 
 Every ``GRPOConfig`` field is in one of four sets below (``PACT_FIELDS``, ``TRL_FIELDS``, ``REFUSED_FIELDS``,
 ``NO_LOSS_EFFECT_FIELDS``); options that would change the loss in a way PACT does not implement are refused at
-construction, one line per field with the alternative (``_pact_refusals``). TRL's multi-turn tool loop works
-through its ``tool_mask`` (tool responses are never RL targets), but the tests run single-turn: TRL parses tool
-calls only with a response schema for the chat template, which the built-in word-level template lacks.
+construction, one line per field with the alternative (``_pact_refusals``). TRL's multi-turn tool loop
+(``tools=``) works through its ``tool_mask``: the tool responses spliced into a rollout are never RL targets in
+either context. TRL parses tool calls with the tokenizer's response template, which the caller sets for a chat
+template TRL does not know (the tests set one for the built-in word-level template).
 """
 import json
 from typing import NamedTuple, Optional
