@@ -148,7 +148,7 @@ class Both(PACTGRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pairs, self.inputs = [], []
+        self.pairs = []
 
     def _compute_loss(self, model, inputs):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -161,7 +161,6 @@ class Both(PACTGRPOTrainer):
         g_ours = torch.autograd.grad(ours, params, retain_graph=True)
         old = inputs.get("old_per_token_logps")
         self.pairs.append((theirs.item(), ours.item(), g_theirs, g_ours, old))
-        self.inputs.append((inputs, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return ours
 
 
@@ -266,8 +265,8 @@ class WithToolResponses(Both):
         inputs["tool_mask"] = tool_mask
         batch = self.pact_batch(model, inputs).batch
         loss, _ = pact_loss(batch, self.pact_config, self.pact_progress())
-        g_tc, g_po = torch.autograd.grad(loss, [batch.logp_tc, batch.logp_po], allow_unused=True)
-        for grad in (g_tc, g_po):
+        scored = [t for t in (batch.logp_tc, batch.logp_po) if t is not None]  # logp_tc: mode pact only
+        for grad in torch.autograd.grad(loss, scored, allow_unused=True):
             assert grad is None or not grad[:, 2:5].any()
         self.checked_tool_tokens = getattr(self, "checked_tool_tokens", 0) + 1
         return super()._compute_loss(model, inputs)
@@ -368,6 +367,42 @@ def test_multi_turn_tool_calls(tmp_path):
     assert all("wayne" in text for micro in trainer.tool_tokens for text in micro)
     tool_calls = [h["pact/sft_weight/tool_call"] for h in trainer.state.log_history if "pact/sft_weight/tool_call" in h]
     assert tool_calls and all(w > 0 for w in tool_calls)
+
+
+class CountsForwards(PACTGRPOTrainer):
+    """Counts the model forwards of each micro-batch's loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards, self.old_tc = [], []
+
+    def _compute_loss(self, model, inputs):
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            handle.remove()
+        self.forwards.append(len(calls))
+        self.old_tc.append("pact_old_logp_tc" in inputs)
+        return loss
+
+
+@pytest.mark.parametrize("pact,forwards", [
+    pytest.param({"mode": "pact"}, 3, id="pact"),
+    pytest.param({"mode": "pact", "lambda_sft": 0.0}, 2, id="pact-without-sft"),
+    pytest.param({"mode": "grpo"}, 1, id="grpo"),
+    pytest.param({"mode": "sft"}, 2, id="sft"),
+])
+def test_only_the_contexts_the_loss_uses_are_scored(tmp_path, pact, forwards):
+    """Mode grpo costs what TRL's step costs: one forward, and no old trace-conditioned log-probs."""
+    args = _args(tmp_path, num_iterations=2, max_steps=2)
+    trainer = CountsForwards(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                             args=args, train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
+                             pact_config=pact_config_from_grpo_args(args, **pact))
+    trainer.train()
+    assert trainer.forwards == [forwards] * 4
+    assert all(trainer.old_tc) == (pact["mode"] == "pact") and any(trainer.old_tc) == (pact["mode"] == "pact")
 
 
 def test_training_with_pact_changes_the_model(tmp_path):
@@ -496,16 +531,11 @@ def test_moe_router_loss_is_refused_with_packed_scoring(tmp_path):
         _construct(tmp_path, scoring="packed", model=tiny_moe_lm(len(TOKENIZER)))
 
 
-def _router_loss(model, ids, mask):
-    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
-
-
 @pytest.mark.parametrize("coef", [pytest.param(None, id="config-coef"), pytest.param(0.5, id="coef-0.5"),
                                   pytest.param(0.0, id="off")])
 def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, coef):
-    """With the trace terms off, the loss is TRL's but for the router loss: TRL's is that of its one forward
-    (the prompt-only rollouts), ours the mean over the adapter's forwards (prompt-only rollouts,
-    trace-conditioned rollouts, traces), each recomputed here by a plain forward of the model."""
+    """Trace terms off (mode grpo): only the prompt-only rollouts are scored, and the loss with its router
+    loss and gradients is TRL's own."""
     args = _args(tmp_path, router_aux_loss_coef=coef, num_iterations=2, max_steps=2, learning_rate=0.05)
     trainer = Both(model=tiny_moe_lm(len(TOKENIZER)), reward_funcs=_reward, args=args,
                    train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER,
@@ -513,29 +543,57 @@ def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, coef):
     expected_coef = 0.001 if coef is None else coef
     assert trainer.router_aux_loss_coef == expected_coef and trainer.aux_loss_enabled == (expected_coef > 0)
     trainer.train()
-    assert len(trainer.pairs) == 4 and len(trainer.inputs) == 4
+    assert len(trainer.pairs) == 4
+    for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        for a, b in zip(g_theirs, g_ours):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert (len([h for h in trainer.state.log_history if "pact/aux_loss" in h]) == 2) == (expected_coef > 0)
+
+
+class RouterLosses(PACTGRPOTrainer):
+    """Keeps each micro-batch's inputs, weights and the router loss the adapter computed for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def _compute_loss(self, model, inputs):
+        aux = self.pact_batch(model, inputs).aux_loss.item()
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.records.append((inputs, weights, aux))
+        return super()._compute_loss(model, inputs)
+
+
+def _router_loss(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+
+
+def test_moe_router_loss_averages_the_forwards_of_every_context(tmp_path):
+    """Under PACT the router loss is the mean over the adapter's forwards (prompt-only rollouts,
+    trace-conditioned rollouts, traces), each recomputed here by a plain forward of the model."""
+    args = _args(tmp_path, router_aux_loss_coef=0.5, max_steps=2)
+    trainer = RouterLosses(model=tiny_moe_lm(len(TOKENIZER)), reward_funcs=_reward, args=args,
+                           train_dataset=Dataset.from_list(_rows()), processing_class=TOKENIZER)
+    trainer.train()
+    assert len(trainer.records) == 4
     model = trainer.model
-    for (theirs, ours, *_), (inputs, weights) in zip(trainer.pairs, trainer.inputs):
+    pad = torch.nn.utils.rnn.pad_sequence
+    n_with_traces = 0
+    for inputs, weights, aux in trainer.records:
         model.load_state_dict(weights)
         with torch.no_grad():
             completion = inputs["completion_ids"], inputs["completion_mask"]
-            po = _router_loss(model, torch.cat([inputs["prompt_ids"], completion[0]], 1),
-                              torch.cat([inputs["prompt_mask"], completion[1]], 1))
-            tc = _router_loss(model, torch.cat([inputs["pact_tc_prompt_ids"], completion[0]], 1),
-                              torch.cat([inputs["pact_tc_prompt_mask"], completion[1]], 1))
-            traces = [s.input_ids for owned in inputs["pact_sft"] for s in owned]
-            parts = [po, tc]
+            parts = [_router_loss(model, torch.cat([inputs[f"{prefix}prompt_ids"], completion[0]], 1),
+                                  torch.cat([inputs[f"{prefix}prompt_mask"], completion[1]], 1))
+                     for prefix in ("", "pact_tc_")]
+            traces = [torch.tensor(s.input_ids) for owned in inputs["pact_sft"] for s in owned]
             if traces:
-                ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in traces], batch_first=True,
-                                                      padding_value=TOKENIZER.pad_token_id)
-                mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t), dtype=torch.long) for t in traces],
-                                                       batch_first=True)
-                parts.append(_router_loss(model, ids, mask))
-        accumulation = args.gradient_accumulation_steps
-        shift = expected_coef * (torch.stack(parts).mean() - po).item() / accumulation
-        assert ours == pytest.approx(theirs + shift, rel=1e-5, abs=1e-7)
-    logged = [h["pact/aux_loss"] for h in trainer.state.log_history if "pact/aux_loss" in h]
-    assert (len(logged) == 2) == (expected_coef > 0)
+                n_with_traces += 1
+                parts.append(_router_loss(model, pad(traces, batch_first=True, padding_value=TOKENIZER.pad_token_id),
+                                          pad([torch.ones_like(t) for t in traces], batch_first=True)))
+        assert aux == pytest.approx(torch.stack(parts).mean().item(), rel=1e-5)
+    assert n_with_traces  # TRL shuffles a generation batch's rows over its micro-batches
 
 
 def test_refusals_come_one_per_line(tmp_path):

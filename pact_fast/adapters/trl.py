@@ -17,7 +17,8 @@ What the subclass adds to GRPOTrainer, which samples and scores rollouts prompt-
   each group's trace tokenized with component labels, held by the group's first rollout
   (``pact_sft``, and their count ``pact_n_sft``);
 - the loss (``_compute_loss``): TRL's own log-prob path (its fused LM head) on the prompt-only
-  rollouts, on the trace-conditioned rollouts and on the traces, then ``pact_loss``. The RL terms are
+  rollouts, on the trace-conditioned rollouts and on the traces (each only when the loss uses it: mode
+  grpo scores the prompt-only rollouts alone, as TRL does), then ``pact_loss``. The RL terms are
   normalised as TRL normalises its ``loss_type`` (``pact_config_from_grpo_args`` maps it to
   ``loss_agg``); the SFT term is scaled so that each trace sequence of a generation batch counts once
   per optimizer step. GRPOConfig's token filters (off-policy mask, entropy mask, vLLM importance
@@ -318,7 +319,7 @@ class PACTGRPOTrainer(GRPOTrainer):
                                               self.state.global_step).to(device)
         output["pact_group"] = group.to(device)
 
-        if output.get("old_per_token_logps") is not None:
+        if output.get("old_per_token_logps") is not None and self._scores_trace_conditioned:
             completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
             with torch.no_grad():
                 output["pact_old_logp_tc"], _, _ = self._get_per_token_logps_and_entropies(
@@ -346,16 +347,33 @@ class PACTGRPOTrainer(GRPOTrainer):
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
             completion_ids.size(1), compute_entropy=entropy, compute_aux_loss=self.aux_loss_enabled)
 
-    def _packed_logps(self, model, inputs, sequences):
-        """One tree-packed forward of the prompt-only rollouts, the trace-conditioned rollouts and the traces.
+    @property
+    def _scores_trace_conditioned(self):
+        """Whether the loss uses the trace-conditioned rollouts (``mode="pact"``); else they are not scored."""
+        return self.pact_config.mode == "pact"
 
-        Returns (logp_po [B, T], entropy [B, T] or None, logp_tc [B, T], sft_logp [S, E - 1] or None, None): no
-        router loss, which is refused with this scoring."""
+    def _scores_traces(self):
+        """Whether the loss uses the traces at this progress (SFT on, ``lambda_sft > 0``); else they are not
+        scored. The same on every rank, so DDP's forwards stay in step."""
+        config = self.pact_config
+        if config.mode == "sft_then_grpo":
+            sft = self.pact_progress() < config.switch_progress
+        else:
+            sft = config.mode != "grpo"
+        return sft and config.lambda_sft > 0
+
+    def _packed_logps(self, model, inputs, sequences):
+        """One tree-packed forward of the prompt-only rollouts, the trace-conditioned rollouts (when the loss
+        uses them) and the traces.
+
+        Returns (logp_po [B, T], entropy [B, T] or None, logp_tc [B, T] or None, sft_logp [S, E - 1] or None,
+        None): no router loss, which is refused with this scoring."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         B, T = completion_ids.shape
         completions = _unpadded(completion_ids, completion_mask)  # TRL's completion masks are prefixes
-        contexts = [_unpadded(inputs["prompt_ids"], inputs["prompt_mask"]),
-                    _unpadded(inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"])]
+        contexts = [_unpadded(inputs["prompt_ids"], inputs["prompt_mask"])]
+        if self._scores_trace_conditioned:
+            contexts.append(_unpadded(inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"]))
         seqs = [ctx[i] + completions[i] for ctx in contexts for i in range(B)] + [s.input_ids for s in sequences]
         with_entropy = self._needs_entropy
         with self.accelerator.autocast():  # the mixed precision TRL's own forward runs under
@@ -367,30 +385,37 @@ class PACTGRPOTrainer(GRPOTrainer):
             return values[k][start:start + len(completions[k % B])]
 
         logp_po = pad_rows([completion_part(logp, i, contexts[0][i]) for i in range(B)], T)
-        logp_tc = pad_rows([completion_part(logp, B + i, contexts[1][i]) for i in range(B)], T)
+        logp_tc = None
+        if len(contexts) == 2:
+            logp_tc = pad_rows([completion_part(logp, B + i, contexts[1][i]) for i in range(B)], T)
         entropy = pad_rows([completion_part(ent, i, contexts[0][i]) for i in range(B)], T) if with_entropy else None
         width = max((len(s.input_ids) - 1 for s in sequences), default=0)
-        sft_logp = pad_rows(list(logp[2 * B:]), width) if sequences else None
+        sft_logp = pad_rows(list(logp[len(contexts) * B:]), width) if sequences else None
         return logp_po, entropy, logp_tc, sft_logp, None
 
     def _padded_logps(self, model, inputs, sequences):
-        """The same as ``_packed_logps`` through TRL's own forward: three padded batches. The last value is the
-        MoE load-balancing loss when TRL would add one: the mean of the forwards' losses (the traces' forward
-        counted when the micro-batch holds traces), as TRL averages it over the chunks of its one forward."""
+        """The same as ``_packed_logps`` through TRL's own forward: one padded batch per context the loss uses
+        (prompt-only rollouts; trace-conditioned rollouts in mode pact; traces while the SFT term is on). The last
+        value is the MoE load-balancing loss when TRL would add one: the mean of these forwards' losses (the
+        traces' counted when the micro-batch holds traces), as TRL averages it over the chunks of its forward."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         logp_po, entropy, aux_po = self._pact_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
                                                     completion_ids, completion_mask, entropy=self._needs_entropy)
-        logp_tc, _, aux_tc = self._pact_logps(model, inputs["pact_tc_prompt_ids"], inputs["pact_tc_prompt_mask"],
-                                              completion_ids, completion_mask)
-        # Every rank runs the trace forward, on a 2-token stand-in when it holds no trace: DDP synchronises at
-        # each forward, and ranks that ran different numbers of forwards would wait on each other forever.
-        rows = [s.input_ids for s in sequences] or [[self._tokenizer.pad_token_id] * 2]
-        device = completion_ids.device
-        ids = pad_rows(rows, value=self._tokenizer.pad_token_id, device=device)
-        attn = pad_rows([[1] * len(r) for r in rows], device=device)
-        with_aux = self.aux_loss_enabled and bool(sequences)
-        sft_logp, _, aux_sft = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1,
-                                                                       compute_aux_loss=with_aux)
+        logp_tc = aux_tc = None
+        if self._scores_trace_conditioned:
+            logp_tc, _, aux_tc = self._pact_logps(model, inputs["pact_tc_prompt_ids"],
+                                                  inputs["pact_tc_prompt_mask"], completion_ids, completion_mask)
+        sft_logp = aux_sft = None
+        if self._scores_traces():
+            # Every rank runs the trace forward, on a 2-token stand-in when it holds no trace: DDP synchronises
+            # at each forward, and ranks that ran different numbers of forwards would wait on each other forever.
+            rows = [s.input_ids for s in sequences] or [[self._tokenizer.pad_token_id] * 2]
+            device = completion_ids.device
+            ids = pad_rows(rows, value=self._tokenizer.pad_token_id, device=device)
+            attn = pad_rows([[1] * len(r) for r in rows], device=device)
+            with_aux = self.aux_loss_enabled and bool(sequences)
+            sft_logp, _, aux_sft = self._get_per_token_logps_and_entropies(model, ids, attn, ids.size(1) - 1,
+                                                                           compute_aux_loss=with_aux)
         aux = [a for a in (aux_po, aux_tc, aux_sft) if a is not None]
         aux_loss = torch.stack(aux).mean() if aux else None
         return logp_po, entropy, logp_tc, sft_logp if sequences else None, aux_loss
@@ -438,7 +463,7 @@ class PACTGRPOTrainer(GRPOTrainer):
         """The ``ScoredMicroBatch`` of one micro-batch of ``inputs`` (current-policy log-probs carry gradients)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         response_mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
-        sequences = [s for owned in inputs["pact_sft"] for s in owned]
+        sequences = [s for owned in inputs["pact_sft"] for s in owned] if self._scores_traces() else []
         score = self._packed_logps if self.scoring == "packed" else self._padded_logps
         logp_po, entropy, logp_tc, sft_logp, aux_loss = score(model, inputs, sequences)
         old_po = inputs.get("old_per_token_logps")
@@ -450,7 +475,7 @@ class PACTGRPOTrainer(GRPOTrainer):
             # TRL keeps the rewards to itself: with advantages given, rewards only feed a metric we drop
             response_mask=response_mask, rewards=torch.zeros_like(inputs["advantages"]),
             group_ids=inputs["pact_group"], logp_tc=logp_tc, logp_po=logp_po,
-            old_logp_tc=logp_tc.detach() if old_tc is None else old_tc, old_logp_po=old_po,
+            old_logp_tc=logp_tc.detach() if old_tc is None and logp_tc is not None else old_tc, old_logp_po=old_po,
             ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy,
             advantages=advantages, anchored=inputs["pact_anchored"])
 
@@ -533,6 +558,10 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_on:
             bonus = self._entropy_bonus(batch.entropy, bonus_mask, training, metrics)
             loss = loss - bonus / accumulation
+        if not loss.requires_grad and torch.is_grad_enabled():
+            # nothing here reaches the loss (mode sft, and the micro-batch holds no trace): a zero term on the
+            # prompt-only forward keeps a graph to backpropagate, as the optimizer step and DDP expect
+            loss = loss + 0.0 * torch.where(batch.response_mask.bool(), batch.logp_po, 0.0).sum()
         if aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             metrics["aux_loss"] = aux_loss.item()
