@@ -167,7 +167,6 @@ def _unpadded(ids, mask):
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-
 class PACTGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` trained with the PACT objective.
 
@@ -176,7 +175,8 @@ class PACTGRPOTrainer(GRPOTrainer):
             ``epsilon_high``, ``delta``, ``beta`` (k3 KL) and ``loss_type`` carried over
             (``pact_config_from_grpo_args``); one given by hand must agree with them.
         trace_template: ``TraceContextTemplate`` writing the trace into the privileged prompt.
-        scoring: ``"padded"`` (TRL's forward, three per micro-batch) or ``"packed"`` (one tree-packed forward).
+        scoring: ``"padded"`` (TRL's forward, up to three per micro-batch) or ``"packed"`` (one tree-packed
+            forward).
     """
 
     def __init__(self, *args, pact_config=None, trace_template=None, scoring="padded", **kwargs):
