@@ -432,6 +432,21 @@ def test_bad_rows_fail_at_construction_naming_the_row(tmp_path, row, message):
     assert "eval_dataset['held'] row 2" in str(info.value)
 
 
+def test_a_text_trace_is_one_assistant_turn(tmp_path):
+    """TRL's standard format end to end: string prompts and string traces (the expert's answer)."""
+    rows = [{"prompt": r["prompt"][-1]["content"], "trace": json.loads(r["trace"])[-1]["content"]} for r in _rows()]
+    trainer = Recording(model=tiny_causal_lm("llama", vocab_size=len(TOKENIZER)), reward_funcs=_reward,
+                        args=_args(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+                        processing_class=TOKENIZER)
+    trainer.train()
+    example = trainer._pact_example(rows[0], "row 0")
+    assert example.trace == [{"role": "assistant", "content": rows[0]["trace"]}]
+    texts = [TOKENIZER.decode(inputs["pact_tc_prompt_ids"][i]) for inputs, *_ in trainer.records
+             for i in range(len(inputs["pact_tc_prompt_ids"]))]
+    assert all("answer :" in text for text in texts)
+    assert max(h.get("pact/loss/sft", 0) for h in trainer.state.log_history) > 0
+
+
 def test_a_data_set_without_traces_fails_at_construction(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "trace"} for r in _rows()]
     with pytest.raises(DataFormatError, match="train_dataset row 0 has no 'trace' column"):

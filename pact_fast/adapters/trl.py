@@ -4,7 +4,8 @@ The dataset is what GRPOTrainer takes, ``prompt`` rows in the conversational for
 one (a string: the trace-conditioned prompt is then that string followed by the rendered trace, and the trace's
 SFT sequences take the string as one user message), plus a ``trace`` column: the expert trace as messages in
 pact_fast's data format (``pact_fast/data.py``): assistant turns with ``reasoning_content`` and ``tool_calls``,
-tool responses, as a list or a JSON string. Every row of a map-style data set is parsed and rendered at
+tool responses, as a list or a JSON string; or, in the standard format's spirit, a plain string: the expert's
+answer, one assistant turn. Every row of a map-style data set is parsed and rendered at
 construction, so a bad row fails there, named. Reward functions see the ``trace`` column among their keyword
 arguments, as GRPOTrainer passes every column.
 
@@ -243,11 +244,15 @@ class PACTGRPOTrainer(GRPOTrainer):
 
     def _pact_example(self, row, where):
         """The ``Example`` of one data set row: its prompt, a list of messages or a string (TRL's standard format,
-        which becomes one user message here), and its trace. ``where`` names the row in a ``DataFormatError``."""
+        which becomes one user message here), and its trace: messages, as a list or a JSON string (one that starts
+        with ``[``), or any other string, the expert's answer as text (one assistant turn). ``where`` names the
+        row in a ``DataFormatError``."""
         trace = row.get("trace")
         if trace is None:
             raise DataFormatError(f"PACTGRPOTrainer: {where} has no 'trace' column")
-        if isinstance(trace, str):
+        if isinstance(trace, str) and not trace.lstrip().startswith("["):
+            trace = [{"role": "assistant", "content": trace}]
+        elif isinstance(trace, str):
             try:
                 trace = json.loads(trace)
             except json.JSONDecodeError as exc:
