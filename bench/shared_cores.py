@@ -4,8 +4,8 @@
 
 Each case runs ``pact-fast train train.steps=N`` in a fresh process (its own run directory) and records the
 wall-clock time of the whole command and of its training steps (the sum of ``step_seconds`` in metrics.jsonl).
-"Shared" starts ``--hogs`` busy processes beside it (pure-Python loops, as other jobs' work would be) and ends
-them after. The settings compared:
+"Shared" starts ``--hogs`` busy processes beside it (``--hog-kind``: pure-Python loops, or small torch jobs
+whose OpenMP threads spin as torch's do by default) and ends them after. The settings compared:
 
 - ``shipped``: ``python -m pact_fast``, i.e. the command with whatever its module sets before torch loads;
 - ``spin``: OpenMP's default waiting (idle workers spin up to GOMP_SPINCOUNT=300k, then sleep):
@@ -18,7 +18,6 @@ The ratio that matters is shared/quiet of one setting; the command's target is a
 """
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -36,13 +35,21 @@ SETTINGS = {
     "spin": (_CLI_ONLY, [], {}),
     "passive": (_CLI_ONLY, [], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "threads1": (_CLI_ONLY, ["train.threads=1"], {}),
-    **{f"spincount{n}": (_CLI_ONLY, [], {"GOMP_SPINCOUNT": str(n)}) for n in (1000, 10000, 100000)},
+    **{f"spincount{n}": (_CLI_ONLY, [], {"GOMP_SPINCOUNT": str(n)}) for n in (100, 1000, 10000, 100000)},
 }
 
 
-def _hog():
-    while True:
-        pass
+# Busy processes beside the job: pure-Python loops, or torch jobs with OpenMP's default (spinning) waiting and
+# torch's default threads, as another training run or a test suite would be.
+HOGS = {
+    "python": "while True: pass",
+    "torch": "import torch\na = torch.randn(192, 192)\nwhile True:\n    (a @ a).relu_().sum()",
+}
+
+
+def start_hogs(kind, n):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    return [subprocess.Popen([sys.executable, "-c", HOGS[kind]], env=env) for _ in range(n)]
 
 
 def run_case(setting, steps, out_dir):
@@ -64,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hogs", type=int, default=3, help="busy processes beside the job on shared cores")
+    parser.add_argument("--hog-kind", default="python", choices=list(HOGS), help="what each busy process runs")
     parser.add_argument("--settings", nargs="+", default=["shipped", "spin", "passive", "threads1"],
                         choices=list(SETTINGS))
     parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared"])
@@ -72,19 +80,16 @@ def main():
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for load in args.loads:
-            hogs = [multiprocessing.Process(target=_hog, daemon=True) for _ in range(args.hogs if load == "shared"
-                                                                                      else 0)]
-            for h in hogs:
-                h.start()
+            hogs = start_hogs(args.hog_kind, args.hogs if load == "shared" else 0)
             try:
-                for setting in args.settings:
+                for i, setting in enumerate(args.settings):
                     row = {"load": load, "setting": setting, **run_case(setting, args.steps,
-                                                                         Path(tmp) / f"{load}-{setting}")}
+                                                                         Path(tmp) / f"{load}-{i}-{setting}")}
                     results.append(row)
                     print(row, flush=True)
             finally:
                 for h in hogs:
-                    h.terminate()
+                    h.kill()
     quiet = {r["setting"]: r for r in results if r["load"] == "quiet"}
     for r in results:
         if r["load"] == "shared" and r["setting"] in quiet:
@@ -93,7 +98,7 @@ def main():
     print_table(results, ["load", "setting", "wall_s", "step_s", "step_s_vs_quiet", "wall_s_vs_quiet"])
     if args.json:
         write_json(args.json, {"machine": machine_info("cpu"), "steps": args.steps, "hogs": args.hogs,
-                               "results": results})
+                               "hog_kind": args.hog_kind, "results": results})
 
 
 if __name__ == "__main__":

@@ -87,9 +87,8 @@ class TrainConfig:
                 "over the vocabulary, torch backend); false = linear_logprobs, then pact_loss"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={
-        "help": "CPU threads of torch's intra-op pool; 0 = torch's default (OMP_NUM_THREADS, else one per core). "
-                "The pact-fast command also sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it, so idle "
-                "threads sleep instead of spinning against other processes on the cores"})
+        "help": "CPU threads of torch's intra-op pool; 0 = OMP_NUM_THREADS if set, else the cores idle when the run "
+                "starts (pact_fast.cpu: busy cores shared with other processes slow a run that also uses them)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
     liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})

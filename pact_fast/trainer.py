@@ -32,6 +32,7 @@ from . import distributed as dist
 from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
                    trace_sequences)
 from .config import Config, plain, save_config
+from .cpu import fit_threads
 from .evaluation import evaluate
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
 from .models import apply_liger, random_qwen3
@@ -418,8 +419,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     train_cfg = config.train
     dist.init()
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    if device.type == "cpu":
+        fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")

@@ -1,10 +1,14 @@
 """Kernels run under the Triton interpreter on machines without a GPU (SPEC section 5).
-TRITON_INTERPRET must be set before triton is first imported, hence here. OMP_WAIT_POLICY=PASSIVE (as the
-pact-fast command sets it) before torch loads OpenMP: the suite's subprocesses (the compile gate's pool,
-torchrun workers, CLI runs) share the cores with it, and spinning OpenMP workers would starve each other."""
+TRITON_INTERPRET must be set before triton is first imported, hence here. OpenMP's bounded spin (as the
+pact-fast command sets it, pact_fast.cpu) before torch loads: the suite's subprocesses (the compile gate's
+pool, torchrun workers, CLI runs) share the cores with it. OMP_NUM_THREADS fixes torch's threads at one per
+core, so the trainer does not fit them to whatever else the suite is running (the numbers stay comparable)."""
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pact_fast.cpu import set_spin_limit
+
+set_spin_limit()
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402
 

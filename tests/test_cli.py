@@ -47,17 +47,19 @@ def test_a_data_row_without_tools_trace_answer_or_env_is_refused_before_training
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_command_sets_a_passive_openmp_wait_policy_before_torch_loads(given, expected):
-    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the command's module sets it before any torch
-    import, and a value from the environment wins."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import os, sys, pact_fast.__main__; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+@pytest.mark.parametrize("given,expected", [({}, ["False", "10000", "-"]),
+                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, ["False", "-", "ACTIVE"]),
+                                            ({"GOMP_SPINCOUNT": "5"}, ["False", "5", "-"])])
+def test_the_command_bounds_openmp_spinning_before_torch_loads(given, expected):
+    """OpenMP reads its waiting settings once, when torch loads it: the command's module sets a bounded spin
+    before any torch import, and a waiting policy or spin count from the environment wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
+    code = ("import os, sys, pact_fast.__main__; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT', '-'), "
+            "os.environ.get('OMP_WAIT_POLICY', '-'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", expected]
+    assert proc.stdout.split() == expected
 
 
 def test_debug_shows_the_traceback(tmp_path):
