@@ -415,9 +415,12 @@ def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
 
 
 def _start(tmp_path, *extra):
+    """The command as a terminal starts it: SIGINT at its default, whatever this process inherited (a child
+    exec'd with SIGINT ignored keeps it ignored, and Python then installs no KeyboardInterrupt handler)."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "pact_fast", "train", *TINY, f"train.out_dir={tmp_path}", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_at_start_up_is_one_line_and_exit_130(tmp_path):
