@@ -28,7 +28,8 @@ _COSMETIC = {"train.out_dir", "train.progress"}
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
     """Train every mode (for every seed in ``seeds``; None: the config's own, one run per mode) and return
     one row per run: mode, seed, held-out success/reward after training, steps, seconds."""
-    load_data(config.data, needs_trace=set(modes) != {"grpo"})  # a data mistake is reported before any run directory is made
+    # a data mistake is reported before any run directory is made
+    load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rows = []

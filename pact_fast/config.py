@@ -104,7 +104,7 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"train.device={self.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
         if self.threads < 0:
-            raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = torch's default)")
+            raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = fitted to the idle cores)")
         if self.max_skipped_steps < 1:
             raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
 

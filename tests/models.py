@@ -16,3 +16,21 @@ def tiny_causal_lm(family, vocab_size=67, seed=0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
     return model.eval()
+
+
+def separate_logprobs(model, sequences):
+    """Reference for packed scoring: each sequence alone through the model's own forward, log_softmax in
+    float64, gather: a list of ``logp [n_j - 1]``."""
+    out = []
+    for seq in sequences:
+        ids = torch.tensor(seq)[None]
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+        out.append(torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1))
+    return out
+
+
+def param_grads(model, logps, weights):
+    """Gradients of ``sum_j (logps[j] * weights[j]).sum()``: ``{name: grad}`` of the parameters that get one."""
+    model.zero_grad(set_to_none=True)
+    sum((lp * w).sum() for lp, w in zip(logps, weights)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

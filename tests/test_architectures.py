@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import param_grads, separate_logprobs
+
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 8
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -78,20 +80,19 @@ def group(vocab_size, seed=0):
     return [prefix + torch.randint(3, vocab_size, (n - 10,), generator=g).tolist() for n in (15, 22, 30, 26)]
 
 
-def _separate(model, sequences):
-    out = []
-    for seq in sequences:
-        ids = torch.tensor(seq)[None]
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        out.append(logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0])
-    return out
-
-
 def _grads(model, logps):
-    model.zero_grad(set_to_none=True)
-    weights = torch.linspace(0.5, 1.5, sum(len(x) for x in logps))  # not a plain sum: every token's own weight
-    (torch.cat(logps) * weights).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    """Gradients of the log-probs, each token weighted on its own (not a plain sum)."""
+    weights = torch.linspace(0.5, 1.5, sum(len(x) for x in logps)).split([len(x) for x in logps])
+    return param_grads(model, logps, weights)
+
+
+def _assert_same_grads(arch_id, grads, ref_grads):
+    """Relative to each parameter's gradient, floored at 1e-3 of the largest (a key bias's gradient is ~0)."""
+    assert grads.keys() == ref_grads.keys()
+    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
+    for name, g in grads.items():
+        err = ((g - ref_grads[name]).norm() / torch.maximum(ref_grads[name].norm(), floor)).item()
+        assert err < 1e-4, f"{arch_id}: gradient of {name} differs (relative {err:.3g})"
 
 
 @pytest.mark.parametrize("arch_id", list(BY_ID))
@@ -110,18 +111,12 @@ def test_packed_scoring_equals_the_models_own_forward_or_refuses(arch_id):
     window = getattr(model.config, "sliding_window", None)
     if "window" in label:
         assert window == WINDOW < max(map(len, sequences)), "the window must be shorter than the sequences"
-    ref = _separate(model, sequences)
+    ref = separate_logprobs(model, sequences)
     ref_grads = _grads(model, ref)
     packed = sequence_logprobs(model, sequences)
     diff = max((a - b).abs().max().item() for a, b in zip(packed, ref))
     assert diff < 1e-4, f"{arch_id}: packed vs separate log-probs differ by {diff:.3g}"
-    grads = _grads(model, packed)
-    assert grads.keys() == ref_grads.keys()
-    # relative to each parameter's gradient, floored at 1e-3 of the largest (a key bias's gradient is ~0)
-    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
-    for name, g in grads.items():
-        err = ((g - ref_grads[name]).norm() / torch.maximum(ref_grads[name].norm(), floor)).item()
-        assert err < 1e-4, f"{arch_id}: gradient of {name} differs (relative {err:.3g})"
+    _assert_same_grads(arch_id, _grads(model, packed), ref_grads)
     assert check_model(model)["max_abs_diff"] < 1e-4
 
 
@@ -132,15 +127,12 @@ def test_triton_kernels_score_windows_softcaps_and_logit_scales_exactly(arch_id)
 
     model = tiny(arch_id)
     sequences = group(model.config.vocab_size)
-    ref = _separate(model, sequences)
+    ref = separate_logprobs(model, sequences)
     ref_grads = _grads(model, ref)
     packed = sequence_logprobs(model, sequences, backend="triton", logprob_backend="triton")
     diff = max((a - b).abs().max().item() for a, b in zip(packed, ref))
     assert diff < 1e-4, f"{arch_id}: triton packed vs separate log-probs differ by {diff:.3g}"
-    grads = _grads(model, packed)
-    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
-    worst = max(((g - ref_grads[n]).norm() / torch.maximum(ref_grads[n].norm(), floor)).item() for n, g in grads.items())
-    assert worst < 1e-4, f"{arch_id}: triton gradients differ (relative {worst:.3g})"
+    _assert_same_grads(arch_id, _grads(model, packed), ref_grads)
 
 
 def readme_table():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from models import separate_logprobs
 from pact_fast import models
 from pact_fast.chat import (check_trace_components, encode, probe_chat_template, prompt_ids, resolve_chat_template,
                             trace_conditioned_prompt_ids, trace_sequences)
@@ -182,15 +183,6 @@ def test_probe_detects_that_smollm2_drops_tools_and_falls_back_to_builtin(smollm
 # ---------------------------------------------------------------- packed scoring and PACT steps
 
 
-def _separate(model, seqs):
-    out = []
-    for s in seqs:
-        ids = torch.tensor(s)[None]
-        logits = model(input_ids=ids).logits[0, :-1]
-        out.append(torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1))
-    return out
-
-
 def test_packed_scoring_equals_separate_forwards_on_real_weights(smollm2, smollm2_dir):
     from transformers import AutoTokenizer
 
@@ -202,9 +194,9 @@ def test_packed_scoring_equals_separate_forwards_on_real_weights(smollm2, smollm
 
     ref64 = model.double()
     with torch.no_grad():
-        exact = _separate(ref64, seqs)
+        exact = separate_logprobs(ref64, seqs)
     model.float()
-    separate = _separate(model, seqs)
+    separate = separate_logprobs(model, seqs)
     model.zero_grad()
     sum((lp * w).sum() for lp, w in zip(separate, weights)).backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}

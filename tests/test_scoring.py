@@ -3,24 +3,8 @@ import torch
 
 from pact_fast.scoring import sequence_logprobs
 from conftest import rel_err
-from models import FAMILIES, tiny_causal_lm
+from models import FAMILIES, param_grads, separate_logprobs, tiny_causal_lm
 from trees import pact_group
-
-
-def _separate(model, seqs):
-    """Reference: each sequence on its own through the model's own forward, log_softmax, gather."""
-    out = []
-    for s in seqs:
-        ids = torch.tensor(s)[None]
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1))
-    return out
-
-
-def _grads(model, logps, weights):
-    model.zero_grad()
-    sum((lp * w).sum() for lp, w in zip(logps, weights)).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -29,14 +13,14 @@ def test_packed_scoring_equals_separate_forwards(family, backend):
     model = tiny_causal_lm(family)
     seqs = pact_group(seed=3, prompt=13, trace=6, header=3, G=3, response=4, sft=5, vocab=60)
     weights = [torch.randn(len(s) - 1) for s in seqs]
-    ref = _separate(model, seqs)
-    ref_grads = _grads(model, ref, weights)
+    ref = separate_logprobs(model, seqs)
+    ref_grads = param_grads(model, ref, weights)
     ours = sequence_logprobs(model, seqs, backend=backend)
     assert model.config._attn_implementation == "sdpa", "the model's attention setting must be restored"
     for o, r in zip(ours, ref):
         assert o.shape == r.shape and o.dtype == torch.float32
         assert rel_err(o, r) < 1e-5
-    grads = _grads(model, ours, weights)
+    grads = param_grads(model, ours, weights)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
@@ -49,9 +33,9 @@ def test_activation_checkpointing_recomputes_with_the_tree_layout(use_reentrant)
     model = tiny_causal_lm("qwen3").train()
     seqs = pact_group(seed=4, prompt=11, trace=5, header=3, G=3, response=4, sft=5, vocab=60)
     weights = [torch.randn(len(s) - 1) for s in seqs]
-    plain = _grads(model, sequence_logprobs(model, seqs), weights)
+    plain = param_grads(model, sequence_logprobs(model, seqs), weights)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    checkpointed = _grads(model, sequence_logprobs(model, seqs), weights)
+    checkpointed = param_grads(model, sequence_logprobs(model, seqs), weights)
     assert model.config._attn_implementation == "sdpa"
     assert checkpointed.keys() == plain.keys()
     for name in plain:
