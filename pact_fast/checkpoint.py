@@ -1,7 +1,8 @@
 """Checkpoints of a training run, in one place: save, find the latest, load, resume.
 
 A run directory holds ``checkpoints/step_NNNNNN/``: the model (``save_pretrained``, safetensors, tied weights
-once), the tokenizer, and ``trainer_state.pt`` (step, optimizer, scheduler, data order, Python and torch RNG
+once; with LoRA the adapters only, in peft's format: ``adapter_config.json`` and ``adapter_model.safetensors``),
+the tokenizer, and ``trainer_state.pt`` (step, optimizer, scheduler, data order, Python and torch RNG
 states). A checkpoint is written under ``.tmp-step_NNNNNN``, fsynced, then renamed, so a process killed
 mid-write (even by SIGKILL) leaves the previous checkpoints whole and only a temporary directory that resuming
 ignores. Under ``torchrun`` the state is gathered unsharded and rank 0 writes it; every rank loads it.
@@ -18,9 +19,9 @@ from . import distributed as dist
 STATE_FILE = "trainer_state.pt"
 
 
-def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last):
+def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last, *, peft_model=None):
     """Write ``run_dir/checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``
-    (0 keeps all). Returns the checkpoint directory."""
+    (0 keeps all). With ``peft_model`` (LoRA) only the adapters are written. Returns the checkpoint directory."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
@@ -32,7 +33,12 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
     optim_state = dist.full_optimizer_state(scorer, optimizer)
     if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        if peft_model is not None:
+            from .model_setup import save_adapter
+
+            save_adapter(peft_model, model_state, tmp)
+        else:
+            scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
@@ -87,17 +93,33 @@ def step_of(ckpt):
     return int(name.rsplit("_", 1)[-1]) if name.startswith("step_") else None
 
 
-def load(ckpt, scorer, optimizer, scheduler, order):
-    """Restore weights, optimizer, scheduler, data order and RNG from ``ckpt``; returns its step."""
+def _read_weights(ckpt, peft_model):
+    """The checkpoint's weights by parameter name in the causal LM: the full model's, or (LoRA) the adapters'."""
     from safetensors.torch import load_file
 
-    ckpt = Path(ckpt)
+    from .model_setup import ADAPTER_WEIGHTS, read_adapter
+
+    if peft_model is not None:
+        if not (ckpt / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{ckpt}: no {ADAPTER_WEIGHTS}: a checkpoint of a run without LoRA cannot resume "
+                                    "with model.lora.enabled=true")
+        return read_adapter(peft_model, ckpt)
+    if (ckpt / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{ckpt}: holds LoRA adapters only; resume it with model.lora.enabled=true")
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no *.safetensors weights")
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    return state
+
+
+def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
+    """Restore weights (with ``peft_model``: the LoRA adapters), optimizer, scheduler, data order and RNG from
+    ``ckpt``; returns its step."""
+    ckpt = Path(ckpt)
+    state = _read_weights(ckpt, peft_model)
     trainer_state = torch.load(ckpt / STATE_FILE, weights_only=False)
     model = scorer.model
     if dist.is_distributed():
@@ -108,6 +130,9 @@ def load(ckpt, scorer, optimizer, scheduler, order):
                              options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(scorer, optimizer, trainer_state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
+    elif peft_model is not None:  # read_adapter checked names and shapes
+        model.load_state_dict(state, strict=False)
+        optimizer.load_state_dict(trainer_state["optimizer"])
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
         untied = [k for k in missing if k not in dist.tied_keys(model)]
@@ -123,7 +148,7 @@ def load(ckpt, scorer, optimizer, scheduler, order):
     return int(trainer_state["step"])
 
 
-def resume(path, scorer, optimizer, scheduler, order):
+def resume(path, scorer, optimizer, scheduler, order, *, peft_model=None):
     """Load the latest checkpoint under ``path`` (a run or a checkpoint directory): ``(checkpoint, step)``."""
     ckpt = latest(path)
-    return ckpt, load(ckpt, scorer, optimizer, scheduler, order)
+    return ckpt, load(ckpt, scorer, optimizer, scheduler, order, peft_model=peft_model)

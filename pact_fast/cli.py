@@ -6,6 +6,7 @@
     pact-fast train --resume runs/pact             # continue from the newest checkpoint
     pact-fast compare                              # sft, grpo, sft_then_grpo, pact on equal budgets
     pact-fast eval --run runs/pact --show 2        # held-out success of a run's latest checkpoint, episodes shown
+    pact-fast export runs/lora --merge ./merged    # a LoRA run's adapters folded into a plain HF model directory
     pact-fast demo                                 # tasks, expert traces, one episode of a random model
     pact-fast plot runs/pact [runs/other ...]     # curves of one run, or several overlaid
     pact-fast config [--model DIR]                 # every key with its default (for that model) and help
@@ -130,6 +131,11 @@ def main(argv=None):
                            "(greedy, prompt-only); prints the metrics as JSON", out=False)
     p_eval.add_argument("--run", help="run directory (or checkpoint): its latest checkpoint under its config.yaml")
     p_eval.add_argument("--show", type=int, default=0, metavar="N", help="print the first N episodes as text")
+    p_export = sub.add_parser("export", help="write a LoRA run's latest checkpoint merged into its base model as a "
+                              "Hugging Face model directory")
+    p_export.add_argument("run", help="run directory (or one of its checkpoints) trained with model.lora.enabled=true")
+    p_export.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
+    p_export.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
     p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
     p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")
@@ -173,6 +179,18 @@ def main(argv=None):
         from .envs.__main__ import demo
 
         demo()
+        return 0
+    if args.command == "export":
+        from .evaluation import run_config
+        from .model_setup import export_merged
+
+        try:
+            config, ckpt = run_config(args.run)
+            print(export_merged(config, args.merge, log=lambda m: print(m, file=sys.stderr)))
+        except ConfigError as exc:
+            return _user_error(args, f"config error: {exc}")
+        except USER_ERRORS as exc:
+            return _user_error(args, exc)
         return 0
     if args.command == "eval":
         from .evaluation import evaluate_model

@@ -17,9 +17,10 @@ import statistics
 from pathlib import Path
 
 from .config import config_changes, load_config
+from .data import load_data
 from .plots import pyplot
 from .tables import text_table
-from .trainer import load_data, train
+from .trainer import train
 
 # Options that do not change what a run computes: a finished run that differs only in these is reused.
 _COSMETIC = {"train.out_dir", "train.progress"}

@@ -10,12 +10,38 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import yaml
 
 from .losses import PACTLossConfig
 from .rollout import RolloutConfig
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (peft) instead of all weights: no gradients or AdamW state for the base, and "
+                "the reference policy (loss.beta_kl > 0) is the base with the adapters off, not a second model"})
+    r: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    target_modules: Tuple[str, ...] = field(default=(), metadata={
+        "help": "module names to adapt, e.g. [q_proj, v_proj]; empty = every linear layer of the decoder layers "
+                "(never the lm_head or a MoE router)"})
+    adapter: Optional[str] = field(default=None, metadata={
+        "help": "start from these adapters: a LoRA checkpoint of a run (adapter_config.json and "
+                "adapter_model.safetensors) made with the same r, alpha and target modules"})
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"model.lora.r={self.r} must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        if self.adapter and not self.enabled:
+            raise ValueError("model.lora.adapter is set but model.lora.enabled is false")
 
 
 @dataclass
@@ -34,6 +60,10 @@ class ModelConfig:
                 "a call in rollout.tool_call_format and reasoning, else the built-in tool format (pact_fast.chat); "
                 "model = the model's or an error; builtin = always the built-in format",
         "choices": ("auto", "model", "builtin")})
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze_lm_head: bool = field(default=False, metadata={
+        "help": "do not train the lm_head weight (tied embeddings freeze with it): the log-prob ops skip its "
+                "gradient; with LoRA the head is frozen anyway"})
 
 
 @dataclass
@@ -142,10 +172,11 @@ def _coerce(value, tp, key):
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if tp is tuple or origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.strip("()[]").split(",") if v.strip()]
+            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, int, key) for v in value)
+        item = args[0] if args else int  # Tuple[str, ...] holds strings; a bare tuple, integers
+        return tuple(_coerce(v, item, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value

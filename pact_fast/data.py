@@ -276,3 +276,34 @@ def write_examples(path, examples):
     with open(path, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex, allow_nan=False) + "\n")
+
+
+def load_data(cfg, *, needs_trace=True):
+    """(train examples, held-out examples) from a data file or the built-in environment.
+
+    A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
+    trace when ``needs_trace``); held-out rows need no trace."""
+    from functools import partial
+
+    from .envs import make_tasks
+
+    for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path}: no such file")
+    if cfg.path:
+        train, report = load_examples(cfg.path, on_error=cfg.on_error,
+                                      check=partial(check_trainable, needs_trace=needs_trace))
+        if report.skipped:
+            print(f"[pact_fast] {report.summary()}")
+        if cfg.eval_path:
+            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error,
+                                        check=partial(check_trainable, needs_trace=False))
+        else:
+            n = min(cfg.eval_tasks, len(train) // 5)
+            train, held_out = train[n:], train[:n]
+        return train, held_out
+    kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
+    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed, **kw)]
+    held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
+                                                     world_seed=cfg.world_seed + 1, **kw)]
+    return train, held_out

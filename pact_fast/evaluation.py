@@ -1,8 +1,9 @@
 """Held-out evaluation: greedy, prompt-only episodes on held-out tasks.
 
 ``evaluate`` is what a training run logs as ``eval/*``; ``evaluate_model`` is ``pact-fast eval``: the same
-evaluation of a model directory, or of a run's latest checkpoint under the run's own config, with the first
-episodes shown as text (what the model wrote, the tool responses it got, the expected answer).
+evaluation of a model directory, or of a run's latest checkpoint under the run's own config (a LoRA run's
+adapters on its base model), with the first episodes shown as text (what the model wrote, the tool responses it
+got, the expected answer).
 
     pact-fast eval --run runs/pact --show 2
     pact-fast eval --model ~/.cache/pact_fast/models/smollm2-135m 'data.hops=[1,2]'
@@ -42,24 +43,28 @@ def format_episode(tokenizer, example, episode):
 
 
 def run_config(run, overrides=()):
-    """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with ``model.path`` set to
-    its latest checkpoint (``run`` may also be a checkpoint directory itself), then ``overrides``."""
+    """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with its latest checkpoint
+    (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
+    ``model.lora.adapter`` on the run's base model; then ``overrides``."""
     ckpt, run_cfg = checkpoint.latest_with_config(run)
-    return load_config(str(run_cfg), [f"model.path={ckpt}", *overrides]), ckpt
+    key = "model.lora.adapter" if load_config(str(run_cfg)).model.lora.enabled else "model.path"
+    return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides]), ckpt
 
 
 def evaluate_model(config, *, show=0, log=print):
     """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
     on the held-out tasks, ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
+    from .data import load_data
+    from .envs import make_env_factory
+    from .model_setup import build_policy, fit_chat_template, resolve_device
     from .rollout import HFRolloutEngine
-    from .trainer import build_model_and_tokenizer, fit_chat_template, load_data, make_env_factory, resolve_device
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
     if not held_out:
         raise ValueError("no held-out tasks to evaluate (data.eval_tasks=0, or a data file too small to split; "
                          "give data.eval_path)")
-    device = resolve_device(config.train.device)
-    model, tokenizer = build_model_and_tokenizer(config.model, device, config.train.seed)
+    policy = build_policy(config.model, resolve_device(config.train.device), config.train.seed)
+    model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
     metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),

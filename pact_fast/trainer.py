@@ -29,13 +29,15 @@ import torch
 
 from . import checkpoint
 from . import distributed as dist
-from .chat import (check_trace_components, prompt_ids, resolve_chat_template, trace_conditioned_prompt_ids,
-                   trace_sequences)
+from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from .config import Config, plain, save_config
 from .cpu import fit_threads
+from .data import load_data
+from .envs import make_env_factory
 from .evaluation import evaluate
 from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
-from .models import apply_liger, random_qwen3
+from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device
+from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
@@ -44,94 +46,6 @@ from .scoring import PackedScorer, check_model
 
 
 # ---------------------------------------------------------------- setup
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_model_and_tokenizer(cfg, device, seed):
-    """The policy and its tokenizer: a local HF directory, or the built-in tiny model and tokenizer."""
-    if cfg.path:
-        from .models import load_pretrained
-
-        model, tokenizer = load_pretrained(cfg.path)  # one-line ModelError for a missing dir or tokenizer
-    else:
-        from .envs import build_tokenizer
-
-        tokenizer = build_tokenizer()
-        model = random_qwen3(len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                             num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                             head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
-
-def fit_chat_template(config, tokenizer, examples, log=print):
-    """With a pretrained ``model.path``: make its tokenizer's chat template carry tools
-    (``chat.resolve_chat_template`` per ``model.chat_template``; reasoning is required when any example's trace
-    has some). The built-in tokenizer's own template carries tools already."""
-    if config.model.path:
-        reasoning = any(m.get("reasoning_content") for ex in examples for m in ex.trace)
-        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
-                              reasoning=reasoning, log=log)
-
-
-def load_data(cfg, *, needs_trace=True):
-    """(train examples, held-out examples) from a data file or the built-in environment.
-
-    A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
-    trace when ``needs_trace``); held-out rows need no trace."""
-    from functools import partial
-
-    from .data import check_trainable, load_examples, parse_example
-    from .envs import make_tasks
-
-    for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{key}={path}: no such file")
-    if cfg.path:
-        train, report = load_examples(cfg.path, on_error=cfg.on_error,
-                                      check=partial(check_trainable, needs_trace=needs_trace))
-        if report.skipped:
-            print(f"[pact_fast] {report.summary()}")
-        if cfg.eval_path:
-            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error,
-                                        check=partial(check_trainable, needs_trace=False))
-        else:
-            n = min(cfg.eval_tasks, len(train) // 5)
-            train, held_out = train[n:], train[:n]
-        return train, held_out
-    kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
-    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed, **kw)]
-    held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
-                                                     world_seed=cfg.world_seed + 1, **kw)]
-    return train, held_out
-
-
-def make_env_factory(cfg, rollout_cfg):
-    """example -> its environment, with the turn limit and the tool-call limits of ``rollout_cfg``."""
-    from .envs.multihop import MultiHopEnv
-
-    caps = dict(max_turns=rollout_cfg.max_turns, max_call_chars=rollout_cfg.max_call_chars,
-                max_result_chars=rollout_cfg.max_result_chars)
-
-    def make_env(example):
-        name = (example.env or {}).get("name", "multihop")
-        if name == "bfcl":
-            from .envs.bfcl import BFCLEnv
-
-            return BFCLEnv(example, call_timeout=rollout_cfg.call_timeout, **caps)
-        if name != "multihop":
-            raise ValueError(f"example {example.id}: unknown environment {name!r}; known: multihop, bfcl")
-        return MultiHopEnv(example, format_reward=cfg.format_reward, **caps)
-
-    return make_env
 
 
 def lr_lambda(cfg):
@@ -377,7 +291,7 @@ class Components:
     device: torch.device
     tokenizer: object
     scorer: torch.nn.Module  # PackedScorer over the policy (FSDP-sharded under torchrun)
-    ref_scorer: Optional[torch.nn.Module]  # the frozen reference (loss.beta_kl > 0), else None
+    ref_scorer: Optional[object]  # the frozen reference (loss.beta_kl > 0; with LoRA the policy, adapters off)
     rollout_model: torch.nn.Module  # what the engine samples with: the policy, or its unsharded copy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -389,6 +303,7 @@ class Components:
     writers: Optional["_Writers"]  # rank 0 only
     start_step: int = 0
     group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs
+    peft: Optional[torch.nn.Module] = None  # the PeftModel around the policy with LoRA (model_setup.Policy)
 
     @property
     def model(self):
@@ -422,16 +337,15 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     if device.type == "cpu":
         fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)
     run_dir = Path(train_cfg.out_dir)
-    # data errors before the expensive model load
+    # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
-    model, tokenizer = build_model_and_tokenizer(config.model, device, train_cfg.seed)
+    policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None)
+    model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
-    ref_scorer = None
-    if config.loss.beta_kl > 0:
-        ref_model = build_model_and_tokenizer(config.model, device, train_cfg.seed)[0].eval().requires_grad_(False)
-        ref_scorer = PackedScorer(ref_model)
     if train_cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
+        # frozen tied head) would silently drop the gradients of the layers inside it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_cfg.liger:
         apply_liger(model)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
@@ -439,12 +353,17 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         check_model(model, backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
                     log=log if dist.rank() == 0 else None)
     scorer = dist.shard(PackedScorer(model), bf16=train_cfg.bf16 and device.type == "cuda")
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    ref_scorer = None
+    if config.loss.beta_kl > 0:  # LoRA: the base with the adapters off; otherwise a frozen copy of the start
+        ref_scorer = AdaptersOffScorer(scorer, policy.peft) if policy.peft is not None else PackedScorer(
+            build_policy(config.model, device, train_cfg.seed).model.eval().requires_grad_(False))
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
     order = DataOrder(config.data.seed, len(train_set))
     start_step = 0
     if resume:
-        ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order)
+        ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order, peft_model=policy.peft)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
     engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
         rollout_model, tokenizer, config.rollout, train_cfg.seed)
@@ -453,7 +372,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         save_config(config, run_dir / "config.yaml")
     writers = _Writers(run_dir, train_cfg, config) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
-                      make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step)
+                      make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step,
+                      peft=policy.peft)
 
 
 @dataclass
@@ -686,7 +606,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
 
 def _save(c, step):
     return checkpoint.save(c.config.train.out_dir, step, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order,
-                           c.config.train.keep_last)
+                           c.config.train.keep_last, peft_model=c.peft)
 
 
 def _evaluate_and_log(c, step):

@@ -26,7 +26,7 @@ def _weights(run_dir):
 
 
 def _initial_weights():
-    from pact_fast.trainer import build_model_and_tokenizer
+    from pact_fast.model_setup import build_model_and_tokenizer
 
     cfg = load_config(None, TINY)
     model, _ = build_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
@@ -138,7 +138,7 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
 
 
 def test_built_in_held_out_tasks_come_from_another_world():
-    from pact_fast.trainer import load_data
+    from pact_fast.data import load_data
 
     cfg = load_config(None, ["data.eval_tasks=5", "data.train_tasks=7"])
     train_set, held_out = load_data(cfg.data)

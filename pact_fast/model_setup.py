@@ -1,0 +1,371 @@
+"""A run's model, set up in one place for the trainer, ``pact-fast eval``, ``pact-fast export`` and the planner:
+the device, the policy and its tokenizer, LoRA adapters (``model.lora``), a frozen lm_head
+(``model.freeze_lm_head``), the chat template that carries tools, and the reference policy.
+
+With LoRA (``peft``), the adapters are injected into the Hugging Face model in place: the packed tree scoring,
+the fused head and ``linear_logprobs`` run the same model object, only its adapter weights train, and the
+reference policy is that model with its adapters switched off (``adapters_off``), never a second copy.
+
+    policy = build_policy(config.model, device, seed)   # -> Policy(model, tokenizer, peft)
+    with adapters_off(policy.peft):                      # the base model's log-probs
+        ...
+"""
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .chat import resolve_chat_template
+from .models import ModelError, load_pretrained, random_qwen3
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def resolve_device(name):
+    """``train.device`` as a torch device; ``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Policy:
+    """The model a run trains: ``model`` is the Hugging Face causal LM (with the adapters injected when LoRA is on),
+    ``peft`` the ``peft.PeftModel`` around it (None without LoRA): what saves, loads, merges and switches off the
+    adapters."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    peft: Optional[torch.nn.Module] = None
+
+
+def build_model_and_tokenizer(cfg, device, seed):
+    """The base causal LM and its tokenizer, without adapters: a local HF directory (``cfg.path``), or the
+    built-in tiny Qwen3-shaped model (its weights drawn from ``seed``) on the built-in tokenizer."""
+    if cfg.path:
+        model, tokenizer = load_pretrained(cfg.path)  # one-line ModelError for a missing dir or tokenizer
+    else:
+        from .envs import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model = random_qwen3(len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                             num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def build_policy(cfg, device, seed, *, log=None):
+    """``Policy`` of ``model`` config ``cfg``: the base model (``build_model_and_tokenizer``), then LoRA adapters
+    when ``cfg.lora.enabled`` (loaded from ``cfg.lora.adapter`` when given, else freshly initialised: B = 0, so
+    the policy starts equal to the base), then a frozen lm_head when ``cfg.freeze_lm_head``. The LoRA set-up is
+    checked on the model's skeleton (``check_lora``) before any weight is loaded."""
+    check_lora(cfg)
+    model, tokenizer = build_model_and_tokenizer(cfg, device, seed)
+    peft_model = apply_lora(model, cfg.lora, log=log) if cfg.lora.enabled else None
+    if cfg.freeze_lm_head:
+        freeze_lm_head(model, log=log)
+    return Policy(model, tokenizer, peft_model)
+
+
+def freeze_lm_head(model, log=None):
+    """Stop training the lm_head weight: the log-prob ops then skip its gradient (two GEMMs instead of three).
+    With tied embeddings the input embedding is the same tensor and is frozen with it (said in ``log``)."""
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    if head.bias is not None:
+        head.bias.requires_grad_(False)
+    if log and model.get_input_embeddings().weight is head.weight:
+        log("[pact_fast] model.freeze_lm_head: the embeddings are tied to the lm_head and are frozen too")
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def _decoder_layers(model):
+    prefix = getattr(model, "base_model_prefix", "model")
+    layers = getattr(getattr(model, prefix, model), "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(model).__name__}: no decoder layers (<{prefix}>.layers) to put LoRA adapters in")
+    return layers
+
+
+def _router_width(config):
+    """The number of experts of a mixture-of-experts config (its router is a linear layer that LoRA leaves alone
+    by default), or None."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_lora_targets(model):
+    """The linear layers LoRA adapts by default: every ``nn.Linear`` inside the decoder layers, by its attribute
+    name (Llama/Qwen: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); never the lm_head (the
+    log-prob ops read its weight directly) and never a mixture-of-experts router."""
+    experts = _router_width(model.config)
+    names = set()
+    for layer in _decoder_layers(model):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear) and module.out_features != experts:
+                names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ModelError(f"{type(model).__name__}: its decoder layers have no linear layers for LoRA "
+                         "(model.lora.target_modules names the modules to adapt)")
+    return sorted(names)
+
+
+def lora_targets(model, lora_cfg):
+    """The module names LoRA adapts: ``lora_cfg.target_modules``, checked against ``model``, or the default.
+    Raises ``ModelError`` (one line) for a name that matches no module, for the lm_head (its LoRA delta would
+    never reach the log-prob ops, which read the head weight) and for a module type peft cannot adapt."""
+    if not lora_cfg.target_modules:
+        return default_lora_targets(model)
+    head = model.get_output_embeddings()
+    leaves = {}
+    for name, module in model.named_modules():
+        if name:
+            leaves.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    supported = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    for target in lora_cfg.target_modules:
+        modules = leaves.get(target)
+        if not modules:
+            raise ModelError(f"model.lora.target_modules: {target!r} matches no module of {type(model).__name__}; "
+                             f"its linear layers: {', '.join(default_lora_targets(model))}")
+        if any(m is head for m in modules):
+            raise ModelError(f"model.lora.target_modules: {target!r} is the lm_head, which LoRA cannot adapt here: "
+                             "the log-prob ops read the head weight directly (use model.freeze_lm_head, or train it "
+                             "fully without LoRA)")
+        unsupported = sorted({type(m).__name__ for m in modules if not isinstance(m, supported)})
+        if unsupported:
+            raise ModelError(f"model.lora.target_modules: {target!r} is a {', '.join(unsupported)}, which peft's LoRA "
+                             f"does not adapt; adapt linear layers such as {', '.join(default_lora_targets(model))}")
+    return list(lora_cfg.target_modules)
+
+
+def _skeleton(cfg):
+    """The model of ``cfg`` on the meta device (no weights read or allocated), for checks before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .envs import build_tokenizer
+    from .models import check_model_dir
+
+    if cfg.path:
+        check_model_dir(cfg.path)
+        config = AutoConfig.from_pretrained(str(cfg.path), local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):
+        return random_qwen3(len(build_tokenizer()), hidden_size=cfg.hidden_size,
+                            intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
+                            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                            max_positions=2048, seed=0, tie_word_embeddings=True)
+
+
+def check_lora(cfg):
+    """Refuse a LoRA set-up the model cannot take, before its weights load: peft missing, target modules that do not
+    exist or cannot be adapted, an adapter directory that is not one or was made with other settings."""
+    lora = cfg.lora
+    if not lora.enabled:
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ModelError("model.lora.enabled=true needs peft: pip install 'pact_fast[lora]' (or pip install peft)") \
+            from None
+    lora_targets(_skeleton(cfg), lora)
+    if lora.adapter:
+        saved = _adapter_config(lora.adapter)
+        wanted = {"r": lora.r, "lora_alpha": lora.alpha}
+        if lora.target_modules:
+            wanted["target_modules"] = sorted(lora.target_modules)
+        have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+                "target_modules": sorted(saved.get("target_modules") or [])}
+        differ = [f"{k}: config {v!r}, adapter {have[k]!r}" for k, v in wanted.items() if have[k] != v]
+        if differ:
+            raise ModelError(f"model.lora.adapter={lora.adapter}: made with other LoRA settings ({'; '.join(differ)})")
+
+
+def _adapter_config(path):
+    import json
+
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise ModelError(f"model.lora.adapter={path}: no {ADAPTER_CONFIG} (expected a LoRA checkpoint of a pact-fast "
+                         "run, or a peft adapter directory)")
+    return json.loads(file.read_text())
+
+
+def apply_lora(model, lora_cfg, log=None):
+    """Inject LoRA adapters into ``model`` in place (``peft.get_peft_model``): the base weights freeze, the
+    adapters train. Loads ``lora_cfg.adapter``'s weights when given. Returns the ``PeftModel``; ``model`` itself
+    stays the object to score and sample with."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model, lora_cfg)
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"model.lora: peft cannot adapt {type(model).__name__} ({' '.join(str(exc).split())})") \
+            from None
+    if lora_cfg.adapter:
+        load_adapter_weights(peft_model, lora_cfg.adapter)
+    if log:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"[pact_fast] LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {', '.join(targets)}: {trainable:,} "
+            f"trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    return peft_model
+
+
+@contextmanager
+def adapters_off(peft_model):
+    """The base model for the duration of the block: the LoRA adapters are switched off (``peft_model`` None: the
+    model as it is)."""
+    with peft_model.disable_adapter() if peft_model is not None else nullcontext():
+        yield
+
+
+class AdaptersOffScorer:
+    """A scorer (``PackedScorer``) called with the adapters switched off: the reference policy of a LoRA run,
+    sharing every weight with the policy."""
+
+    def __init__(self, scorer, peft_model):
+        self.scorer, self.peft = scorer, peft_model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.peft):
+            return self.scorer(*args, **kwargs)
+
+
+def adapter_key_map(peft_model, names):
+    """``{saved key: model key}`` for the adapter parameters ``names`` of the causal LM inside ``peft_model``
+    (``model.layers.0.self_attn.q_proj.lora_A.default.weight``): peft's own file naming
+    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), found by passing each name's index
+    through ``peft.get_peft_model_state_dict``."""
+    from peft import get_peft_model_state_dict
+
+    marked = {f"base_model.model.{n}": torch.tensor(i) for i, n in enumerate(names)}
+    saved = get_peft_model_state_dict(peft_model, state_dict=marked)
+    return {key: names[int(index)] for key, index in saved.items()}
+
+
+def adapter_names(model):
+    """Names (in ``model``) of the trainable adapter parameters."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+
+
+def save_adapter(peft_model, model_state, directory):
+    """Write the adapters of ``model_state`` (the causal LM's full state dict, e.g. gathered from FSDP shards) to
+    ``directory`` in peft's format (``adapter_config.json``, ``adapter_model.safetensors``), loadable with
+    ``peft.PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    key_map = adapter_key_map(peft_model, adapter_names(peft_model.base_model.model))
+    tensors = {saved: model_state[name].detach().cpu().contiguous() for saved, name in key_map.items()}
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].save_pretrained(str(directory))
+    save_file(tensors, str(Path(directory) / ADAPTER_WEIGHTS))
+
+
+def read_adapter(peft_model, directory):
+    """The adapter tensors of ``directory`` keyed by their parameter names in the causal LM; a ``ModelError``
+    when the directory's adapters do not match the model's (missing or extra tensors, other shapes)."""
+    from safetensors.torch import load_file
+
+    file = Path(directory) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise ModelError(f"{directory}: no {ADAPTER_WEIGHTS}")
+    saved = load_file(str(file))
+    model = peft_model.base_model.model
+    key_map = adapter_key_map(peft_model, adapter_names(model))
+    missing, extra = sorted(set(key_map) - set(saved)), sorted(set(saved) - set(key_map))
+    if missing or extra:
+        raise ModelError(f"{directory}: its adapters do not match the model's (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    params = dict(model.named_parameters())
+    state = {}
+    for key, name in key_map.items():
+        if saved[key].shape != params[name].shape:
+            raise ModelError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, the model's "
+                             f"{tuple(params[name].shape)}")
+        state[name] = saved[key]
+    return state
+
+
+def load_adapter_weights(peft_model, directory):
+    """Copy ``directory``'s adapter weights into ``peft_model`` (single process)."""
+    state = read_adapter(peft_model, directory)
+    params = dict(peft_model.base_model.model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def merged_model(policy):
+    """A plain Hugging Face model with the adapters folded into the base weights (``merge_and_unload``)."""
+    if policy.peft is None:
+        raise ModelError("the model has no LoRA adapters to merge")
+    return policy.peft.merge_and_unload()
+
+
+def export_merged(config, out, log=print):
+    """Write ``config``'s LoRA policy (the adapters of ``model.lora.adapter`` on ``model.path``) with the adapters
+    folded into the weights, as a plain Hugging Face model directory ``out`` (model, config, and the tokenizer
+    the adapters were trained with), which ``transformers`` loads without peft. Written under a temporary name,
+    then renamed. Returns ``out``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    lora = config.model.lora
+    if not (lora.enabled and lora.adapter):
+        raise ModelError("nothing to merge: the run has no LoRA adapters (model.lora.enabled is false); its "
+                         "checkpoints are full models that transformers loads as they are")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty; export into a new directory")
+    policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
+    tokenizer = policy.tokenizer
+    if any((Path(lora.adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(lora.adapter), local_files_only=True)
+    merged = merged_model(policy)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log(f"[pact_fast] merged {lora.adapter} into {config.model.path or 'the built-in model'}: {out}")
+    return out
+
+
+# ---------------------------------------------------------------- chat template
+
+
+def fit_chat_template(config, tokenizer, examples, log=print):
+    """With a pretrained ``model.path``: make its tokenizer's chat template carry tools
+    (``chat.resolve_chat_template`` per ``model.chat_template``; reasoning is required when any example's trace
+    has some). The built-in tokenizer's own template carries tools already."""
+    if config.model.path:
+        reasoning = any(m.get("reasoning_content") for ex in examples for m in ex.trace)
+        resolve_chat_template(tokenizer, config.model.chat_template, config.rollout.tool_call_format,
+                              reasoning=reasoning, log=log)
+
+
+__all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
+           "default_lora_targets", "lora_targets", "check_lora", "apply_lora", "adapters_off", "AdaptersOffScorer",
+           "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -1,0 +1,303 @@
+"""LoRA through the whole trainer (``model.lora``, ``pact_fast.model_setup``): packed scoring of a PEFT-wrapped model,
+adapter-only optimizer, checkpoints and resume, the reference policy as the base with adapters off, export
+--merge, eval of a LoRA run, a frozen lm_head, and the one-line refusals."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err
+from models import param_grads, separate_logprobs, tiny_causal_lm
+from pact_fast.config import ConfigError, load_config
+from pact_fast.model_setup import (AdaptersOffScorer, adapters_off, apply_lora, build_model_and_tokenizer,
+                                   build_policy, default_lora_targets, lora_targets)
+from pact_fast.models import ModelError
+from pact_fast.scoring import sequence_logprobs
+from pact_fast.trainer import build, train, train_step
+from test_trainer import TINY
+
+HERE = Path(__file__).parent
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
+ENV = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent}"}
+
+
+def _randomise_adapters(model, seed=0):
+    """LoRA's B starts at 0 (adapters off = on); random B and A make the adapters matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def _lora_cfg(**kw):
+    return load_config(None, LORA + [f"model.lora.{k}={v}" for k, v in kw.items()]).model.lora
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_scoring_of_a_lora_model_equals_separate_forwards(family):
+    model = tiny_causal_lm(family, vocab_size=53).double()
+    apply_lora(model, _lora_cfg())
+    _randomise_adapters(model)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 53, (9,), generator=g).tolist()
+    seqs = [prefix + torch.randint(0, 53, (n,), generator=g).tolist() for n in (7, 4, 11)]
+    weights = [torch.randn(len(s) - 1, generator=g, dtype=torch.float64) for s in seqs]
+    packed = sequence_logprobs(model, seqs)
+    separate = separate_logprobs(model, seqs)
+    for a, b in zip(packed, separate):  # the ops return fp32 log-probs
+        assert rel_err(a.double(), b) < 1e-6
+    packed_grads = param_grads(model, packed, weights)
+    separate_grads = param_grads(model, separate, weights)
+    assert packed_grads.keys() == separate_grads.keys()
+    assert packed_grads and all("lora_" in n for n in packed_grads), "only the adapters get gradients"
+    for name in packed_grads:
+        assert rel_err(packed_grads[name], separate_grads[name]) < 1e-5, name
+
+
+def test_default_targets_are_the_decoder_linears_and_bad_targets_are_refused():
+    model = tiny_causal_lm("llama")
+    assert default_lora_targets(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                           "v_proj"]
+    assert lora_targets(model, _lora_cfg(target_modules="[q_proj,v_proj]")) == ["q_proj", "v_proj"]
+    with pytest.raises(ModelError, match="'qkv' matches no module of LlamaForCausalLM; its linear layers: down_proj"):
+        lora_targets(model, _lora_cfg(target_modules="[q_proj,qkv]"))
+    with pytest.raises(ModelError, match="'lm_head' is the lm_head"):
+        lora_targets(model, _lora_cfg(target_modules="[lm_head]"))
+    with pytest.raises(ModelError, match="'act_fn' is a SiLUActivation"):
+        lora_targets(model, _lora_cfg(target_modules="[act_fn]"))
+
+
+def test_lora_config_refusals():
+    with pytest.raises(ConfigError, match="model.lora.r=0 must be >= 1"):
+        load_config(None, LORA + ["model.lora.r=0"])
+    with pytest.raises(ConfigError, match="model.lora.adapter is set but model.lora.enabled is false"):
+        load_config(None, ["model.lora.adapter=/somewhere"])
+    with pytest.raises(ConfigError, match="unknown key 'model.lora.rank'"):
+        load_config(None, ["model.lora.rank=8"])
+
+
+def test_reference_is_the_base_with_adapters_off_and_no_second_copy(tmp_path):
+    config = load_config(None, TINY + LORA + ["loss.beta_kl=0.1", f"train.out_dir={tmp_path}"])
+    c = build(config, log=lambda *a: None)
+    assert isinstance(c.ref_scorer, AdaptersOffScorer) and c.ref_scorer.scorer is c.scorer
+    policy_storage = {p.data_ptr() for p in c.model.parameters()}
+    everything = {p.data_ptr() for m in (c.scorer, c.rollout_model) for p in m.parameters()}
+    assert everything == policy_storage, "no second set of weights for the reference or the rollouts"
+    base, _ = build_model_and_tokenizer(config.model, torch.device("cpu"), config.train.seed)
+    _randomise_adapters(c.model)
+    seqs = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5]]
+    with torch.no_grad():
+        with adapters_off(c.peft):
+            off = sequence_logprobs(c.model, seqs)
+        on = sequence_logprobs(c.model, seqs)
+        plain = sequence_logprobs(base, seqs)
+    for a, b, d in zip(off, plain, on):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert (d - b).abs().max() > 1e-3, "the adapters change the policy"
+
+
+def test_optimizer_trains_only_the_adapters(tmp_path):
+    config = load_config(None, TINY + LORA + ["train.steps=2", f"train.out_dir={tmp_path}"])
+    c = build(config, log=lambda *a: None)
+    in_optimizer = [p for group in c.optimizer.param_groups for p in group["params"]]
+    named = dict(c.model.named_parameters())
+    adapters = [p for n, p in named.items() if "lora_" in n]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in adapters}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for step in range(2):
+        train_step(c, step)
+    moved = [n for n, p in named.items() if not torch.equal(p, before[n])]
+    assert moved and all("lora_B" in n or "lora_A" in n for n in moved), moved
+    assert any("lora_B" in n for n in moved), "the adapters learn"
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients(tmp_path):
+    """Frozen embeddings feed the first checkpointed layer; the adapters get the same gradients as without
+    checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        config = load_config(None, TINY + LORA + [f"train.grad_checkpointing={ckpt}", "loss.mode=sft",
+                                                  f"train.out_dir={tmp_path / str(ckpt)}"])
+        c = build(config, log=lambda *a: None)
+        _randomise_adapters(c.model)
+        seqs = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5, 8]]
+        c.model.train()
+        logps = sequence_logprobs(c.model, seqs)
+        grads.append(param_grads(c.model, logps, [torch.ones(len(s) - 1) for s in seqs]))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(
+        [n for n, _ in c.model.named_parameters() if "lora_" in n])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def _adapters(run_dir):
+    ckpt = sorted((Path(run_dir) / "checkpoints").glob("step_*"))[-1]
+    return ckpt, load_file(str(ckpt / "adapter_model.safetensors"))
+
+
+def test_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
+    full = load_config(None, TINY + LORA + ["train.steps=4", f"train.out_dir={tmp_path / 'full'}"])
+    train(full, log=lambda *a: None)
+    half = load_config(None, TINY + LORA + ["train.steps=4", "train.stop_after=2", f"train.out_dir={tmp_path / 'half'}"])
+    train(half, log=lambda *a: None)
+    train(load_config(None, TINY + LORA + ["train.steps=4", f"train.out_dir={tmp_path / 'half'}"]),
+          resume=tmp_path / "half", log=lambda *a: None)
+    (ckpt_a, a), (ckpt_b, b) = _adapters(tmp_path / "full"), _adapters(tmp_path / "half")
+    assert ckpt_a.name == ckpt_b.name == "step_000004"
+    assert not list(ckpt_a.glob("model*.safetensors")), "a LoRA checkpoint holds no base weights"
+    assert json.loads((ckpt_a / "adapter_config.json").read_text())["r"] == 4
+    assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "N steps and N/2 + resume + N/2 must agree exactly"
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a), "the adapters trained"
+    with pytest.raises(FileNotFoundError, match="holds LoRA adapters only; resume it with model.lora.enabled=true"):
+        train(load_config(None, TINY + ["train.steps=5", f"train.out_dir={tmp_path / 'half'}"]),
+              resume=tmp_path / "half", log=lambda *a: None)
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pact_fast", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def test_export_merge_and_eval_of_a_lora_run(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pact_fast.evaluation import evaluate_model, run_config
+
+    run = tmp_path / "run"
+    train(load_config(None, TINY + LORA + ["train.steps=2", "train.lr=0.05", f"train.out_dir={run}"]),
+          log=lambda *a: None)
+    config, ckpt = run_config(run)
+    assert config.model.lora.adapter == str(ckpt) and config.model.path is None
+    policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
+    base, _ = build_model_and_tokenizer(config.model, torch.device("cpu"), config.train.seed)
+    proc = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    seqs = [[3, 9, 12, 4, 30, 7, 2], [3, 9, 12, 5]]
+    with torch.no_grad():
+        adapted = separate_logprobs(policy.model, seqs)
+        plain = separate_logprobs(merged, seqs)
+        untrained = separate_logprobs(base, seqs)
+    for a, m, u in zip(adapted, plain, untrained):
+        torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
+        assert (a - u).abs().max() > 1e-4, "the adapters trained, so the merge must differ from the base"
+    metrics = evaluate_model(config, log=lambda *a: None)
+    merged_metrics = evaluate_model(load_config(None, TINY + [f"model.path={tmp_path / 'merged'}",
+                                                              "model.chat_template=builtin"]), log=lambda *a: None)
+    assert metrics == merged_metrics, "eval of the LoRA run is eval of its merged model"
+    again = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
+    assert again.returncode == 2 and "is not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_refusals_are_one_line_before_any_weight_loads(tmp_path):
+    full_run = tmp_path / "full"
+    train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={full_run}"]), log=lambda *a: None)
+    proc = _cli("export", str(full_run), "--merge", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "nothing to merge: the run has no LoRA adapters" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    proc = _cli("train", "--out", str(tmp_path / "bad"), *TINY, *LORA, "model.lora.target_modules=[q_proj,nope]")
+    assert proc.returncode == 2 and "'nope' matches no module" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists(), "refused before the run directory or any weight"
+    adapter = sorted((full_run / "checkpoints").glob("step_*"))[-1]
+    proc = _cli("eval", *TINY, *LORA, f"model.lora.adapter={adapter}")
+    assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr
+
+
+def test_adapter_made_with_other_settings_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={run}"]), log=lambda *a: None)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    config = load_config(None, TINY + ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=8",
+                                       f"model.lora.adapter={ckpt}"])
+    with pytest.raises(ModelError, match="made with other LoRA settings \\(r: config 8, adapter 4\\)"):
+        build_policy(config.model, torch.device("cpu"), 0)
+
+
+def test_freeze_lm_head_keeps_the_head_and_trains_the_rest(tmp_path):
+    untied = ["model.path=" + str(_untied_model_dir(tmp_path))]
+    config = load_config(None, TINY + untied + ["model.freeze_lm_head=true", "model.chat_template=builtin",
+                                                "train.lr=0.01", f"train.out_dir={tmp_path / 'run'}"])
+    c = build(config, log=lambda *a: None)
+    head, embed = c.model.get_output_embeddings().weight, c.model.get_input_embeddings().weight
+    assert not head.requires_grad and embed.requires_grad
+    before_head, before_embed = head.detach().clone(), embed.detach().clone()
+    train_step(c, 0)
+    assert head.grad is None and torch.equal(head, before_head)
+    assert not torch.equal(embed, before_embed), "the rest trains"
+
+
+def _untied_model_dir(tmp_path):
+    """A tiny untied Qwen3 on the built-in tokenizer, saved as a model directory."""
+    from pact_fast.envs import build_tokenizer
+    from pact_fast.models import random_qwen3
+
+    tokenizer = build_tokenizer()
+    model = random_qwen3(len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_positions=512, seed=0, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    out = tmp_path / "untied"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path):
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        args = [str(out), *TINY, *LORA, "train.steps=3", "rollout.group_size=3", "train.lr=0.05"]
+        env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541",
+            str(HERE / "fsdp_worker.py"), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results.append(_adapters(out)[1])
+    one, two = results
+    assert one.keys() == two.keys() and all("lora_" in k for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert any(k.endswith("lora_B.weight") and one[k].abs().max() > 0 for k in one), "the adapters trained"
+
+
+def test_pact_fast_train_lora_on_smollm2_checkpoints_resumes_and_exports(smollm2_dir, tmp_path):
+    """The user's path: `pact-fast train --model <SmolLM2-135M> model.lora.enabled=true`, resume, export --merge."""
+    from transformers import AutoModelForCausalLM
+
+    from pact_fast.evaluation import run_config
+
+    run = tmp_path / "run"
+    common = ["train.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.max_turns=1",
+              "data.train_tasks=4", "data.eval_tasks=1", "train.progress=false", "train.tensorboard=false",
+              "model.lora.enabled=true", "train.lr=1e-3"]
+    proc = _cli("train", "--model", str(smollm2_dir), "--out", str(run), "train.steps=2", "train.stop_after=1",
+                *common)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "LoRA r=16 alpha=32 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in proc.stdout
+    proc = _cli("train", "--resume", str(run))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and json.loads(proc.stdout[proc.stdout.index("{"):])["steps"] == 2
+    ckpt, adapters = _adapters(run)
+    assert ckpt.name == "step_000002" and sum(v.numel() for v in adapters.values()) < 5e6
+    assert not list(ckpt.glob("model*.safetensors"))
+    proc = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config, _ = run_config(run)
+    policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
+    seqs = [policy.tokenizer("The capital of France is Paris.")["input_ids"]]
+    with torch.no_grad():
+        adapted, plain = separate_logprobs(policy.model, seqs)[0], separate_logprobs(merged, seqs)[0]
+        with adapters_off(policy.peft):
+            base = separate_logprobs(policy.model, seqs)[0]
+    assert (adapted - plain).abs().max() < 1e-4
+    assert (adapted - base).abs().max() > 1e-4, "two LoRA steps at lr 1e-3 move the policy"
