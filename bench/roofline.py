@@ -50,7 +50,7 @@ class Device:
 
 DEVICES = {"H100": Device(700e12, 3.0e12), "H200": Device(700e12, 4.3e12)}
 TORCH_GEMM = "torch.mm"  # every cuBLAS GEMM the count harness sees is reported under this name
-MB = 10 ** 6  # every memory figure this module prints is in MB = 10^6 bytes (GB = 10^9)
+MIB, GIB = 2 ** 20, 2 ** 30  # every memory figure this module prints: MiB = 2^20 bytes, traffic in GiB = 2^30
 
 
 def launch_ms(cost, device):
@@ -751,12 +751,23 @@ def _attention_family(table, shape, kwargs, stored):
     costs = launch.kernel_costs(ends, HQ, HKV, D, torch.bfloat16, **kwargs)
     launches = attention_launches(table, ends, HQ, HKV, D, torch.bfloat16, **kwargs)
     aux, syncs = torch_launches("tree_attention fwd+bwd", 0, ends.numel() * HQ * D, stored)
-    (fwd,) = launch.ideal_costs(ends, HQ, HKV, D, torch.bfloat16, passes=("fwd",))
-    work_ideal = launch.ideal_costs(ends, HQ, HKV, D, torch.bfloat16)  # forward and backward together
-    ideal = [Launch("ideal fwd", fwd.flops, fwd.bytes, "attention_fwd"),
-             Launch("ideal bwd", work_ideal[0].flops - fwd.flops, work_ideal[0].bytes - fwd.bytes, "attention_bwd")]
+    work_ideal = launch.ideal_costs(ends, HQ, HKV, D, torch.bfloat16)
+    ideal = attention_ideal_launches(ends, HQ, HKV, D)
     extra = launch.extra_memory_bytes(ends, HQ, D, **_accepted(launch.extra_memory_bytes, kwargs))
     return costs, launches + aux, ideal, lambda d: predict_ms(work_ideal, d), extra, syncs
+
+
+def attention_ideal_launches(subtree_end, HQ, HKV, D, passes=("fwd", "bwd")):
+    """[Launch] of the visible-pairs ideal of one attention layer (bf16): the forward's 2 matmuls at the forward
+    class and the backward's 5 at the backward class, compulsory bytes once."""
+    from pact_fast.kernels import tree_attention_launch as launch
+
+    (fwd,) = launch.ideal_costs(subtree_end, HQ, HKV, D, torch.bfloat16, passes=("fwd",))
+    out = [Launch("ideal fwd", fwd.flops, fwd.bytes, "attention_fwd")]
+    if "bwd" in passes:
+        (both,) = launch.ideal_costs(subtree_end, HQ, HKV, D, torch.bfloat16)
+        out.append(Launch("ideal bwd", both.flops - fwd.flops, both.bytes - fwd.bytes, "attention_bwd"))
+    return out
 
 
 FAMILIES = {"logprob": _logprob_family, "head": _head_family, "attention": _attention_family}
@@ -870,11 +881,11 @@ def _fmt(x, spec):
 def print_table(rows, source=""):
     print("Performance model: PREDICTIONS, not measurements. work = max(FLOPs/F, bytes/B) per launch at F = 700 "
           "TFLOP/s;\ntime = max(compute, memory, issue) + launch per launch at the efficiency classes (CLASSES, "
-          f"SOURCES in bench/roofline.py). MB = 10^6 bytes.{(' Issue term: ' + source) if source else ''}")
+          f"SOURCES in bench/roofline.py). MiB = 2^20 bytes, GiB = 2^30.{(' Issue term: ' + source) if source else ''}")
     print(f"{'workload':16} {'op':44} {'dev':5} {'work ms':>8} {'ideal':>7} {'work x':>6} {'time ms':>8} "
-          f"{'ideal':>7} {'time x':>6} {'launches':>8} {'syncs':>5} {'extra MB':>9}")
+          f"{'ideal':>7} {'time x':>6} {'launches':>8} {'syncs':>5} {'extra MiB':>9}")
     for r in rows:
-        extra = None if r["extra_memory_bytes"] is None else r["extra_memory_bytes"] / MB
+        extra = None if r["extra_memory_bytes"] is None else r["extra_memory_bytes"] / MIB
         print(f"{r['workload']:16} {r['op']:44} {r['device']:5} {_fmt(r['predicted_ms'], '8.2f')} "
               f"{_fmt(r['ideal_ms'], '7.2f')} {_fmt(r['work_ratio'], '6.3f')} {_fmt(r['predicted_time_ms'], '8.2f')} "
               f"{_fmt(r['ideal_time_ms'], '7.2f')} {_fmt(r['time_ratio'], '6.3f')} {_fmt(r.get('launch_count'), '8d')} "
@@ -882,7 +893,7 @@ def print_table(rows, source=""):
         for k in r["kernels"]:
             timed = (f" time {k['predicted_time_ms']:8.2f} ms x{k['launches']:<5d} {k['bound']:7} "
                      f"{k['warp_instructions_per_element']:.2f} wi/el") if "predicted_time_ms" in k else ""
-            print(f"{'':18}{k['kernel']:28} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / 1e9:8.2f} GB "
+            print(f"{'':18}{k['kernel']:28} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / GIB:8.2f} GiB "
                   f"{k['intensity']:8.1f} FLOP/B work {k['predicted_ms']:8.2f} ms{timed}")
 
 
@@ -907,7 +918,7 @@ def main(argv=None):
     print_table(rows, next(iter(table.values()))["source"])
     if args.json:
         doc = {"rows": rows, "devices": {k: vars(v) for k, v in DEVICES.items()}, "classes": vars(CLASSES),
-               "sources": SOURCES, "units": "bytes; MB = 10^6 bytes",
+               "sources": SOURCES, "units": "bytes; printed as MiB = 2^20 bytes and GiB = 2^30",
                "note": "performance model (bench/roofline.py): predictions, not measurements"}
         Path(args.json).write_text(json.dumps(doc, indent=1, default=list) + "\n")
 

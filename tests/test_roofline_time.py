@@ -1,6 +1,6 @@
 """The time model of bench/roofline.py: a launch's time is the max of its compute, memory and issue terms plus a
 launch overhead; the issue term comes from SASS; every torch kernel a public op launches is counted (an op the
-harness has no rule for is an error); rows carry work and time ratios separately, in one unit of memory."""
+harness has no rule for is an error); rows carry work and time ratios separately, in one unit of memory (MiB = 2^20 bytes)."""
 import json
 import math
 import sys
@@ -165,7 +165,7 @@ def test_json_rows_have_work_and_time_fields_and_one_memory_unit(tmp_path, capsy
     roofline.main(["--json", str(out), "--stored-sass"])
     printed = capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert "MB = 10^6" in doc["units"] and "MiB" not in printed
+    assert "MiB = 2^20" in doc["units"] and " MB" not in printed and " GB " not in printed
     timed = 0
     for r in doc["rows"]:
         assert {"workload", "op", "device", "ratio", "extra_memory_bytes", "work_ratio", "predicted_time_ms",
@@ -178,11 +178,11 @@ def test_json_rows_have_work_and_time_fields_and_one_memory_unit(tmp_path, capsy
     assert timed >= 12
     row = next(r for r in doc["rows"] if r["op"] == "linear_logprobs fwd+bwd" and r["device"] == "H100"
                and r["workload"] == "W-logprob-H2048")
-    assert f"{row['extra_memory_bytes'] / 1e6:9.1f}" in printed  # the table's "extra MB" is 10^6 bytes
+    assert f"{row['extra_memory_bytes'] / 2 ** 20:9.1f}" in printed  # the table's "extra MiB" is 2^20 bytes
 
 
-def test_print_table_labels_predictions_and_prints_mb():
-    row = roofline.model_row("w", "op", "H100", [], 1.0, 2_500_000)
+def test_print_table_labels_predictions_and_prints_mib():
+    row = roofline.model_row("w", "op", "H100", [], 1.0, 5 * 2 ** 19)
     row["predicted_ms"], row["work_ratio"] = 1.0, 1.0
     import contextlib
     import io
@@ -191,5 +191,5 @@ def test_print_table_labels_predictions_and_prints_mb():
     with contextlib.redirect_stdout(buf):
         roofline.print_table([row])
     text = buf.getvalue()
-    assert "PREDICTIONS, not measurements" in text and "extra MB" in text
+    assert "PREDICTIONS, not measurements" in text and "extra MiB" in text
     assert "      2.5" in text.splitlines()[-1]
