@@ -1,23 +1,33 @@
-"""Performance model: speed of every kernel without a GPU (SPEC section 7).
+"""Performance model: speed of every kernel without a GPU (SPEC section 7). Every figure is a prediction.
 
-A launch costs ``max(flops / F, bytes / B)`` on a device; an op costs the sum over its launches.
-FLOPs are tensor-core FLOPs (2*M*N*K per ``tl.dot`` executed); bytes are the global-memory bytes of
-every ``tl.load`` / ``tl.store`` executed, masked-off elements excluded. A cuBLAS GEMM
-(``torch.mm`` / ``addmm``) is modelled at its compulsory bytes (each operand and the output once).
-The formulas live beside each launcher (``kernel_costs(...)``); ``count_executed()`` counts what the
-Triton interpreter really executes so the tests (tests/test_roofline*.py) can hold them equal.
+Two models over the same counts. Work model: a launch costs ``max(flops / F, bytes / B)``, an op the sum
+(``predict_ms``). FLOPs are tensor-core FLOPs (2*M*N*K per ``tl.dot`` executed); bytes are the global-memory
+bytes of every ``tl.load`` / ``tl.store`` executed, masked-off elements excluded; a cuBLAS GEMM (``torch.mm`` /
+``addmm``) at its compulsory bytes. The formulas live beside each launcher (``kernel_costs(...)``);
+``count_executed()`` counts what the Triton interpreter really executes so tests/test_roofline*.py hold them equal.
+
+Time model (``predict_time_ms``): a launch costs ``max(compute, memory, issue) + launch overhead`` at the
+efficiency classes stated once in ``CLASSES`` (sources in ``SOURCES``): cuBLAS GEMMs by their waves of tiles on
+the SMs, Triton attention forward / backward rates, the issue term of each Triton kernel from its sm_90a SASS
+(bench/sass.py: warp-instructions per element of its hot loop), and every torch kernel the public op launches
+beside them (``count_executed(torch_ops=True)`` driven through ``pact_fast.ops.*``; it raises on an aten op it
+has no rule for), probed at small shapes and stored (``--probe``), scaled to the workload. Memory is printed in
+MiB = 2^20 bytes, traffic in GiB = 2^30.
 
     python bench/roofline.py                                    # table, labelled as a model
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
+    python bench/roofline.py --stored-sass                      # issue term from the stored SASS table
+    TRITON_INTERPRET=1 python bench/roofline.py --probe         # recount the torch kernels of each public op
 
-API for other tools: ``DEVICES``, ``predict_ms(costs, device)``, ``count_executed()``,
-``aggregate(costs)``, ``model_rows(devices=("H100", "H200"))`` (every row of the table),
-``logprob_rows(workload, N, V, H, devices)`` (linear_logprobs at any shape), ``fused_head_rows(...)``
-(the Triton fused PACT head at any shape), ``ideal_logprob_ms``, ``w_group_layout()`` (the W-group trie and
-heads; with ``kernels/tree_attention_launch.kernel_costs`` / ``ideal_costs``, tree attention at any layout),
-``model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes)`` (a row for any other op).
-Each row: workload, op, device, predicted_ms, ideal_ms, ratio, extra_memory_bytes, kernels
-(per-kernel flops, bytes, intensity, predicted_ms), label "model".
+API for other tools: ``DEVICES``, ``CLASSES``, ``predict_ms(costs, device)``, ``predict_time_ms(launches, device)``,
+``launch_terms``, ``count_executed()``, ``aggregate(costs)``, ``model_rows(devices, table)`` (every row of the
+table), ``VARIANTS`` (one line per row kind), ``variant_rows``, ``logprob_rows(workload, N, V, H, devices)``,
+``fused_head_rows(...)``, ``ideal_logprob_ms``, ``attention_ideal_launches``, ``w_group_layout()``,
+``model_row(workload, op, device, costs, ideal_ms, extra_memory_bytes, launches, ideal_launches, syncs)``.
+Each row: workload, op, device; work model: predicted_ms, ideal_ms, ratio (= work_ratio); time model:
+predicted_time_ms, ideal_time_ms, time_ratio (None for rows kept from older models), time_split_ms,
+launch_count, host_syncs; extra_memory_bytes; kernels (per kernel: flops, bytes, intensity, predicted_ms, and
+predicted_time_ms, launches, bound, warp_instructions_per_element); label "model".
 """
 import argparse
 import contextlib
