@@ -514,7 +514,8 @@ def epilogue_launches(module, table, *args, **kwargs):
 def attention_launches(table, subtree_end, HQ, HKV, D, dtype=torch.bfloat16, **kwargs):
     """[Launch] of tree attention (``tree_attention_launch.kernel_costs``): score elements from each kernel's
     FLOPs (2 matmuls of BLOCK_D per score forward, 3 in dq, 4 in dk/dv or 5 with dq atomics), rows x D for
-    delta and cast; issue per element from the SASS of the entry for this head dim and head stacking."""
+    delta and cast; issue per element from the SASS of the gate entry this launch uses (head dim, stacked heads,
+    dq mode)."""
     import sass
     import triton
 
@@ -522,20 +523,23 @@ def attention_launches(table, subtree_end, HQ, HKV, D, dtype=torch.bfloat16, **k
 
     BD = max(16, triton.next_power_of_2(D))
     B, L = subtree_end.shape
-    tag = f"d{D}-heads{launch.heads_per_program(HQ // HKV)}"
-    matmuls = {"tree_attention.fwd": 2, "tree_attention.dq": 3,
-               "tree_attention.dkdv": 5 if kwargs.get("dq_mode") == "atomic" else 4}
+    atomic = kwargs.get("dq_mode") == "atomic"
+    heads = launch.heads_per_program(HQ // HKV)
+    entries = {"tree_attention.fwd": f"tree_attention.fwd[bf16-d{D}-heads{heads}]",
+               "tree_attention.dq": f"tree_attention.dq[bf16-d{D}-heads{heads}]",
+               "tree_attention.dkdv": f"tree_attention.dkdv[bf16-d{D}{'-atomic' if atomic else ''}]",
+               "tree_attention.delta": f"tree_attention.delta[bf16-d{D}]", "tree_attention.cast": "tree_attention.cast[bf16]"}
+    matmuls = {"tree_attention.fwd": 2, "tree_attention.dq": 3, "tree_attention.dkdv": 5 if atomic else 4}
     out = []
     for c in launch.kernel_costs(subtree_end, HQ, HKV, D, dtype, **kwargs):
         name = kernel_family(c.kernel)
         if name in matmuls:
             kind = "attention_fwd" if name == "tree_attention.fwd" else "attention_bwd"
             elements = c.flops // (2 * matmuls[name] * BD)
-            per = sass.per_element(table, name, tag if name != "tree_attention.dkdv" else f"d{D}")
         else:
             kind, elements = "epilogue", B * HQ * L * D
-            per = sass.per_element(table, name, f"d{D}" if name == "tree_attention.delta" else "")
-        out.append(Launch(c.kernel, c.flops, c.bytes, kind, elements=elements, per_element=per))
+        out.append(Launch(c.kernel, c.flops, c.bytes, kind, elements=elements,
+                          per_element=sass.entry_per_element(table, entries[name])))
     return out
 
 

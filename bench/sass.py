@@ -186,6 +186,13 @@ def per_element(table, kernel, tag=""):
     return max(values)
 
 
+def entry_per_element(table, entry_name):
+    """Warp-instructions per element of one gate entry by its full name ("tree_attention.dkdv[bf16-d128]")."""
+    if entry_name not in table:
+        raise KeyError(f"bench/sass.py: no issue profile for {entry_name!r}; refresh {STORED.name}")
+    return table[entry_name]["warp_instructions_per_element"]
+
+
 def main(argv=None):
     import triton
 
