@@ -409,16 +409,18 @@ class Classes:
 
 CLASSES = Classes()
 SOURCES = {
-    "gemm_fraction": "NVIDIA H100 datasheet (989 TFLOP/s dense bf16, SXM); ~700 TFLOP/s is what large cuBLAS bf16 "
-                     "GEMMs reach in public H100 measurements; this project's work model assumed it before",
-    "gemm_tile": "NVIDIA Deep Learning Performance guide, 'Matrix Multiplication Background': tile and wave "
-                 "quantization (a GEMM runs in waves of one output tile per SM; the last wave may be partial)",
-    "attention": "FlashAttention-3 paper (Shah et al. 2024), H100 baselines: Triton / FlashAttention-2 forward "
-                 "~350-500 TFLOP/s, backward ~250-350 (issue 24)",
-    "issue": "NVIDIA Hopper tuning guide / H100 whitepaper: 132 SMs, 4 warp schedulers per SM, one warp-"
-             "instruction per scheduler per clock; 1.755 GHz taken as the sustained clock (max boost 1.98 GHz)",
-    "launch_s": "a kernel launch costs ~4-5 us of host time in eager PyTorch (issue 24)",
-    "bandwidth": "H100 SXM HBM3 3.35 TB/s peak, 3.0 assumed achieved; H200 HBM3e 4.8 TB/s peak, 4.3 assumed",
+    "gemm_fraction": "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16; 700 (71%) is this project's assumption "
+                     "for large cuBLAS bf16 GEMMs since issue 11, not measured here",
+    "gemm_tile": "NVIDIA Deep Learning Performance guide, 'Matrix Multiplication Background User's Guide': tile "
+                 "and wave quantization (one output tile per SM per wave; a partial last wave costs a whole one); "
+                 "128x256 is an assumed tile, cuBLAS picks its own",
+    "attention": "issue 24: Triton attention without spills reaches ~350-500 TFLOP/s forward and 250-350 "
+                 "backward on H100 (in line with the H100 baselines of the FlashAttention-3 paper, Shah et al. "
+                 "2024); the middles of those ranges are taken",
+    "issue": "NVIDIA H100 whitepaper: 132 SMs, 4 SM partitions each with a warp scheduler issuing one warp-"
+             "instruction per clock; 1.755 GHz is an assumed sustained clock (max boost 1.98 GHz)",
+    "launch_s": "issue 24: a kernel launch costs ~4-5 us of host time in eager PyTorch",
+    "bandwidth": "H100 SXM HBM3 3.35 TB/s and H200 HBM3e 4.8 TB/s peak (datasheets); 3.0 and 4.3 assumed achieved",
 }
 
 
@@ -554,6 +556,7 @@ def gemm_launches(shapes, dtype_bytes=BF16):
 # ---------------------------------------------------------------------------------------------
 
 TORCH_OPS = ROOT / "bench" / "results" / "roofline_torch_ops.json"
+TORCH_OPS_NAME = "torch ops"  # the Launch name (and kernels row) of the torch kernels around the modelled ones
 
 
 def _probe_logprob(passes, blocks):
@@ -653,7 +656,7 @@ def torch_launches(op, units, rows, stored=None):
     n = round(probe["per_call"]["launches"] + probe["per_unit"]["launches"] * units)
     nbytes = (probe["per_call"]["bytes"] + probe["per_unit"]["bytes"] * units) * rows / probe["rows"]
     syncs = round(probe["per_call"]["syncs"] + probe["per_unit"]["syncs"] * units)
-    return [Launch("torch ops", 0, int(nbytes / n), "torch") for _ in range(n)] if n else [], syncs
+    return [Launch(TORCH_OPS_NAME, 0, int(nbytes / n), "torch") for _ in range(n)] if n else [], syncs
 
 
 def ideal_logprob_ms(N, V, H, device, gemms=3):
@@ -688,6 +691,12 @@ def _kernel_detail(costs, device, launches=None):
                        bound=max(set(bounds), key=bounds.count),
                        warp_instructions_per_element=mine[0].per_element)
         out.append(row)
+    torch_ops = [x for x in launches or () if x.kind == "torch"]
+    if torch_ops:
+        nbytes = sum(x.bytes for x in torch_ops)
+        out.append({"kernel": TORCH_OPS_NAME, "flops": 0, "bytes": nbytes, "intensity": 0.0, "predicted_ms": None,
+                    "predicted_time_ms": predict_time_ms(torch_ops, device), "launches": len(torch_ops),
+                    "bound": "memory", "warp_instructions_per_element": 0.0})
     return out
 
 
@@ -908,7 +917,7 @@ def print_table(rows, source=""):
             timed = (f" time {k['predicted_time_ms']:8.2f} ms x{k['launches']:<5d} {k['bound']:7} "
                      f"{k['warp_instructions_per_element']:.2f} wi/el") if "predicted_time_ms" in k else ""
             print(f"{'':18}{k['kernel']:28} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / GIB:8.2f} GiB "
-                  f"{k['intensity']:8.1f} FLOP/B work {k['predicted_ms']:8.2f} ms{timed}")
+                  f"{k['intensity']:8.1f} FLOP/B work {_fmt(k['predicted_ms'], '8.2f'):>8} ms{timed}")
 
 
 def main(argv=None):
