@@ -530,7 +530,8 @@ def attention_launches(table, subtree_end, HQ, HKV, D, dtype=torch.bfloat16, **k
     entries = {"tree_attention.fwd": f"tree_attention.fwd[bf16-d{D}-heads{heads}]",
                "tree_attention.dq": f"tree_attention.dq[bf16-d{D}-heads{heads}]",
                "tree_attention.dkdv": f"tree_attention.dkdv[bf16-d{D}{'-atomic' if atomic else ''}]",
-               "tree_attention.delta": f"tree_attention.delta[bf16-d{D}]", "tree_attention.cast": "tree_attention.cast[bf16]"}
+               "tree_attention.delta": f"tree_attention.delta[bf16-d{D}]",
+               "tree_attention.cast": "tree_attention.cast[bf16]"}
     matmuls = {"tree_attention.fwd": 2, "tree_attention.dq": 3, "tree_attention.dkdv": 5 if atomic else 4}
     out = []
     for c in launch.kernel_costs(subtree_end, HQ, HKV, D, dtype, **kwargs):
@@ -560,6 +561,7 @@ TORCH_OPS_NAME = "torch ops"  # the Launch name (and kernels row) of the torch k
 
 
 def _probe_logprob(passes, blocks):
+    """(counts, {"rows": N}) of one linear_logprobs call (fp32, N=24, V=96, H=16) at (row blocks, slabs)."""
     from pact_fast.ops import linear_logprobs
 
     N, V, H = 24, 96, 16
@@ -577,6 +579,8 @@ def _probe_logprob(passes, blocks):
 
 
 def _probe_head(passes, blocks):
+    """(counts, {"rows": N}) of one fused_pact_head forward+backward (fp32, a 36-row PACT micro-batch of
+    bench_fused_pact_head's layout, default PACTLossConfig) in ``blocks[0]`` row blocks."""
     import bench_fused_pact_head as head
 
     from pact_fast.losses import PACTLossConfig
@@ -593,6 +597,8 @@ def _probe_head(passes, blocks):
 
 
 def _probe_attention(passes, blocks):
+    """(counts, {"rows": L * HQ * D}) of one tree_attention forward+backward (fp32, a 3-sequence trie, 4 / 2
+    heads of 16) that builds its own layout, as a call without ``layout=`` does."""
     from pact_fast.ops import tree_attention
 
     from pact_fast.packing import pack_tree
@@ -605,6 +611,7 @@ def _probe_attention(passes, blocks):
     with count_executed(torch_ops=True) as counts:
         o = tree_attention(q, k, v, ends, backend="triton")
         torch.autograd.backward(o, grad)
+    # scaled by L * HQ * D: right for the fills of [HQ, L, D] buffers, an upper bound for the layout's O(L) ops
     return counts, {"rows": L * HQ * D}
 
 
@@ -650,8 +657,9 @@ def stored_torch_ops():
 def torch_launches(op, units, rows, stored=None):
     """[Launch] of the torch kernels ``op`` launches around its modelled ones at a workload: launches counted
     through the public op (``probe_torch_ops``, stored), a + b * units of them; their bytes scaled from the
-    probe's rows to ``rows`` (an approximation: they are O(rows) tensors, small beside the GEMMs), spread
-    evenly over the launches. Returns (launches, host synchronisations)."""
+    probe's rows to ``rows`` (an approximation: tensors of the op's rows, or of L * HQ * D for attention, small
+    beside the GEMMs; the probe runs fp32), spread evenly over the launches. Returns (launches, host
+    synchronisations)."""
     probe = (stored or stored_torch_ops())[op]
     n = round(probe["per_call"]["launches"] + probe["per_unit"]["launches"] * units)
     nbytes = (probe["per_call"]["bytes"] + probe["per_unit"]["bytes"] * units) * rows / probe["rows"]

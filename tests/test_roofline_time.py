@@ -1,6 +1,7 @@
 """The time model of bench/roofline.py: a launch's time is the max of its compute, memory and issue terms plus a
 launch overhead; the issue term comes from SASS; every torch kernel a public op launches is counted (an op the
-harness has no rule for is an error); rows carry work and time ratios separately, in one unit of memory (MiB = 2^20 bytes)."""
+harness has no rule for is an error); rows carry work and time ratios separately, in one unit of memory
+(MiB = 2^20 bytes)."""
 import json
 import math
 import sys
