@@ -575,7 +575,7 @@ def _probe_logprob(passes, blocks):
         logp = linear_logprobs(x, w, t, backend="triton", chunk_rows=chunk, vocab_slab=V // blocks[1])
         if "bwd" in passes:
             torch.autograd.backward(logp, grad)
-    return counts, {"rows": N}
+    return counts, {"rows": N, "row_blocks": blocks[0]}
 
 
 def _probe_head(passes, blocks):
@@ -593,7 +593,7 @@ def _probe_head(passes, blocks):
         loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, PACTLossConfig(), 0.3, backend="triton",
                                   chunk_rows=-(-N // blocks[0]))
         loss.backward()
-    return counts, {"rows": N}
+    return counts, {"rows": N, "row_blocks": blocks[0]}
 
 
 def _probe_attention(passes, blocks):
@@ -615,8 +615,7 @@ def _probe_attention(passes, blocks):
     return counts, {"rows": L * HQ * D}
 
 
-# op -> (probe, passes, whether its torch kernels may repeat per block (units: its cuBLAS GEMM launches),
-# (row blocks, vocabulary slabs) probed)
+# op -> (probe, passes, whether its torch kernels may repeat per row block, (row blocks, vocabulary slabs) probed)
 PROBES = {
     "linear_logprobs fwd": (_probe_logprob, ("fwd",), True, ((1, 1), (2, 2))),
     "linear_logprobs fwd+bwd": (_probe_logprob, ("fwd", "bwd"), True, ((1, 1), (2, 2))),
@@ -629,14 +628,14 @@ _MODELLED = ("torch.mm",)  # the formulas (kernel_costs) price these and every T
 def probe_torch_ops(op):
     """Count, through the public op at small shapes, the torch kernels it launches beyond the GEMMs and Triton
     kernels the formulas price: {"per_call": {...}, "per_unit": {...}, "rows": r} with launches, bytes and
-    host synchronisations, fitted as a + b * units over the two blockings probed (units: the op's cuBLAS GEMM
-    launches; per_unit all 0 for an op without them). Needs TRITON_INTERPRET=1."""
+    host synchronisations, fitted as a + b * units over the two blockings probed (units: the op's row blocks;
+    per_unit all 0 for an op without them). Needs TRITON_INTERPRET=1."""
     probe, passes, unit, blockings = PROBES[op]
     points = []
     for blocks in blockings:
         counts, meta = probe(passes, blocks)
         aux = {k: v for k, v in counts.items() if k.startswith("torch.") and k not in _MODELLED}
-        units = counts.launches.get(TORCH_GEMM, 0) if unit else 0
+        units = meta["row_blocks"] if unit else 0
         points.append((units, sum(counts.launches[k] for k in aux), sum(v[1] for v in aux.values()), counts.syncs,
                        meta["rows"]))
     (u0, n0, b0, s0, rows), last = points[0], points[-1]
@@ -654,16 +653,16 @@ def stored_torch_ops():
     return json.loads(TORCH_OPS.read_text())["ops"]
 
 
-def torch_launches(op, units, rows, stored=None):
+def torch_launches(op, row_blocks, rows, stored=None):
     """[Launch] of the torch kernels ``op`` launches around its modelled ones at a workload: launches counted
-    through the public op (``probe_torch_ops``, stored), a + b * units of them; their bytes scaled from the
+    through the public op (``probe_torch_ops``, stored), a + b * row_blocks of them; their bytes scaled from the
     probe's rows to ``rows`` (an approximation: tensors of the op's rows, or of L * HQ * D for attention, small
     beside the GEMMs; the probe runs fp32), spread evenly over the launches. Returns (launches, host
     synchronisations)."""
     probe = (stored or stored_torch_ops())[op]
-    n = round(probe["per_call"]["launches"] + probe["per_unit"]["launches"] * units)
-    nbytes = (probe["per_call"]["bytes"] + probe["per_unit"]["bytes"] * units) * rows / probe["rows"]
-    syncs = round(probe["per_call"]["syncs"] + probe["per_unit"]["syncs"] * units)
+    n = round(probe["per_call"]["launches"] + probe["per_unit"]["launches"] * row_blocks)
+    nbytes = (probe["per_call"]["bytes"] + probe["per_unit"]["bytes"] * row_blocks) * rows / probe["rows"]
+    syncs = round(probe["per_call"]["syncs"] + probe["per_unit"]["syncs"] * row_blocks)
     return [Launch(TORCH_OPS_NAME, 0, int(nbytes / n), "torch") for _ in range(n)] if n else [], syncs
 
 
@@ -753,7 +752,8 @@ def _logprob_family(table, shape, kwargs, stored):
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, **args)
     passes = args.get("passes", ("fwd", "bwd"))
     probe = "linear_logprobs fwd" if tuple(passes) == ("fwd",) else "linear_logprobs fwd+bwd"
-    aux, syncs = torch_launches(probe, sum(x.kind == "gemm" for x in launches), N, stored)
+    blocking = args.get("blocking") or launch.plan(N, V, H)
+    aux, syncs = torch_launches(probe, -(-N // blocking.rows), N, stored)
     gemms = [(N, V, H)] + ([(N, H, V), (V, H, N)] if "bwd" in passes else [])
     extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16, **_accepted(launch.extra_memory_bytes, kwargs))
     return (costs, launches + aux, gemm_launches(gemms), lambda d: ideal_logprob_ms(N, V, H, d, len(gemms)), extra,
@@ -767,7 +767,8 @@ def _head_family(table, shape, kwargs, stored):
     N, V, H = shape["N"], shape["V"], shape["H"]
     costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, **kwargs)
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, has_bias=False, **kwargs)
-    aux, syncs = torch_launches("fused_pact_head fwd+bwd", sum(x.kind == "gemm" for x in launches), N, stored)
+    rows_per_block = min(N, kwargs.get("rows_per_block") or launch.BLOCK_ROWS)
+    aux, syncs = torch_launches("fused_pact_head fwd+bwd", -(-N // rows_per_block), N, stored)
     extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16, **_accepted(launch.extra_memory_bytes, kwargs))
     return (costs, launches + aux, gemm_launches([(N, V, H), (N, H, V), (V, H, N)]),
             lambda d: ideal_logprob_ms(N, V, H, d), extra, syncs)
