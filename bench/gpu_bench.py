@@ -10,9 +10,11 @@ model's prediction (bench/roofline.py) beside every measured figure.
     ... --dry-run                                           # CPU, TRITON_INTERPRET=1, tiny shapes
 
 Every measured row carries ``ms`` and ``peak_MiB`` (None with ``skipped`` or ``error`` saying why),
-``predicted_ms`` and ``ideal_ms`` from the model for the device it ran on, and ``prediction`` naming which
-model figure that is. Baselines with no model of their own get the ideal (bare GEMMs / visible-pairs) as
-their prediction: a lower bound, labelled so.
+``predicted_ms`` and ``ideal_ms`` from the time model (bench/roofline.py: max(compute, memory, issue) plus
+launch overhead per launch, at its efficiency classes) for the device it ran on, ``measured_vs_predicted``,
+and ``prediction`` naming which model figure that is. Baselines with no model of their own get the ideal
+(bare GEMMs / visible-pairs at the same classes) as their prediction: a lower bound, labelled so. The report
+prints each measured time beside the predicted one with their ratio: the first GPU run calibrates the classes.
 """
 import argparse
 import inspect
@@ -28,8 +30,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine_info, measure  # noqa: E402
 
 import roofline  # noqa: E402
+import sass  # noqa: E402
 
 from pact_fast.packing import pack_back_to_back, pack_tree  # noqa: E402
+
+# The issue term of the time model from the stored SASS table (bench/results/roofline_sass.json): compiling
+# every kernel here would cost the suite a minute; each section's JSON names the table.
+SASS_TABLE = sass.stored()
 
 LOGPROB_WORKLOADS = {"W-logprob-H2048": dict(N=32768, H=2048, V=151936),
                      "W-logprob-H4096": dict(N=32768, H=4096, V=151936)}
@@ -105,9 +112,8 @@ def run_logprob(dry_run, device, reps):
     rows = []
     for workload, shape in workloads.items():
         N, H, V = shape["N"], shape["H"], shape["V"]
-        model = {r["op"]: r for r in roofline.logprob_rows(workload, N, V, H, devices=(dev,))}
-        ideal = {"fwd": roofline.ideal_logprob_ms(N, V, H, dev, gemms=1),
-                 "fwd+bwd": roofline.ideal_logprob_ms(N, V, H, dev, gemms=3)}
+        model = {r["op"]: r for r in roofline.logprob_rows(workload, N, V, H, devices=(dev,), table=SASS_TABLE)}
+        ideal = {mode: model[f"linear_logprobs {mode}"]["ideal_time_ms"] for mode in ("fwd", "fwd+bwd")}
         hidden, weight, targets = make_inputs(N, H, V, torch.bfloat16, device)
         grad = torch.randn(N, device=device)
         providers = logprob_providers(device)
@@ -117,7 +123,8 @@ def run_logprob(dry_run, device, reps):
                        "provider": name, "mode": mode, "model_device": dev, "ideal_ms": ideal[mode]}
                 if name == "triton":
                     m = model[f"linear_logprobs {mode}"]
-                    row.update(predicted_ms=m["predicted_ms"], prediction=f"roofline: linear_logprobs {mode}",
+                    row.update(predicted_ms=m["predicted_time_ms"], work_predicted_ms=m["predicted_ms"],
+                               prediction=f"roofline: linear_logprobs {mode} (time model)",
                                predicted_extra_MiB=m["extra_memory_bytes"] / 2 ** 20)
                 else:
                     row.update(predicted_ms=ideal[mode],
@@ -189,11 +196,11 @@ def _torch_varlen(seq_lens, scale):
 
 def attention_ideal_ms(subtree_end, HQ, HKV, D, device_name, mode="fwd+bwd"):
     """Visible-pairs ideal (ms, bf16) of one attention layer over a layout ``subtree_end [B, L]`` (SPEC section
-    7), from ``kernels/tree_attention_launch.ideal_costs``; mode "fwd" or "fwd+bwd"."""
-    from pact_fast.kernels.tree_attention_launch import ideal_costs
-
+    7) by the time model, at its attention classes (``roofline.attention_ideal_launches``); mode "fwd" or
+    "fwd+bwd"."""
     passes = ("fwd",) if mode == "fwd" else ("fwd", "bwd")
-    return roofline.predict_ms(ideal_costs(subtree_end, HQ, HKV, D, torch.bfloat16, passes), device_name)
+    return roofline.predict_time_ms(roofline.attention_ideal_launches(subtree_end.cpu(), HQ, HKV, D, passes),
+                                    device_name)
 
 
 def _compiled_flex(subtree_end, HQ, HKV, scale):
@@ -231,7 +238,7 @@ def run_layer(dry_run, device, reps):
     HQ, HKV, D = w["heads"], w["kv_heads"], w["head_dim"]
     dtype = torch.float32 if dry_run else torch.bfloat16
     dev = model_device(device)
-    models = {r["op"]: r for r in roofline._group_rows((dev,))}
+    models = {r["op"]: r for r in roofline._group_rows((dev,), SASS_TABLE)}
     model_ops = {"triton": "tree_attention fwd+bwd", "triton_atomic": "tree_attention fwd+bwd (dq atomics)"}
     try:
         import pact_fast.kernels.tree_attention_launch  # noqa: F401
@@ -271,8 +278,9 @@ def run_layer(dry_run, device, reps):
             ideal = attention_ideal_ms(ends, HQ, HKV, D, dev)
             model = models.get(model_ops.get(name), {})
             if layout == "packed" and model and not dry_run:
-                row.update(predicted_ms=model["predicted_ms"], ideal_ms=model["ideal_ms"],
-                           prediction=f"roofline: {model['op']} (kernels/tree_attention_launch model)")
+                row.update(predicted_ms=model["predicted_time_ms"], ideal_ms=model["ideal_time_ms"],
+                           work_predicted_ms=model["predicted_ms"],
+                           prediction=f"roofline: {model['op']} (time model)")
             else:
                 row.update(predicted_ms=ideal, ideal_ms=ideal, prediction="visible-pairs ideal of this layout, a lower bound")
             if skip:
@@ -394,16 +402,17 @@ def run_head(dry_run, device, reps):
     w = head.WORKLOADS[workload]
     N, H, V = 2 * w["B"] * w["T"] + w["S"] * w["E"], w["H"], w["V"]
     dev = model_device(device)
-    model = next(r for r in roofline.fused_head_rows(workload, N, V, H, devices=(dev,))
+    model = next(r for r in roofline.fused_head_rows(workload, N, V, H, devices=(dev,), table=SASS_TABLE)
                  if r["op"] == "fused_pact_head fwd+bwd")
-    ideal = roofline.ideal_logprob_ms(N, V, H, dev)
+    ideal = model["ideal_time_ms"]
     rows = []
     for r in head.run(workload, device, reps):
         row = {"section": "head", "workload": workload, "shape": {"N": N, "H": H, "V": V},
                "dtype": str(w["dtype"]).replace("torch.", ""), "model_device": dev, "ideal_ms": ideal,
                "ms": None, "peak_MiB": None, **r}
         if r["provider"] == "fused_triton":
-            row.update(predicted_ms=model["predicted_ms"], prediction="roofline: fused_pact_head fwd+bwd",
+            row.update(predicted_ms=model["predicted_time_ms"], work_predicted_ms=model["predicted_ms"],
+                       prediction="roofline: fused_pact_head fwd+bwd (time model)",
                        predicted_extra_MiB=model["extra_memory_bytes"] / 2 ** 20)
         else:
             row.update(predicted_ms=ideal, prediction="roofline ideal: 3 bare GEMMs, a lower bound")
@@ -413,12 +422,13 @@ def run_head(dry_run, device, reps):
 
 
 def run_model(dry_run, device, reps):
-    return roofline.model_rows()
+    return roofline.model_rows(table=SASS_TABLE)
 
 
 CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "head": 3, "model": 1}  # within the suite's 9 minutes
 SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "head": run_head, "model": run_model}
-COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "ideal_ms", "peak_MiB", "status"]
+COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "measured_vs_predicted", "ideal_ms",
+           "peak_MiB", "status"]
 
 
 def _fmt(x):
@@ -470,8 +480,9 @@ def print_table(doc):
                           for c in cases if not c["passed"]]
             continue
         if name == "model":
-            lines += [f"[model] {r['workload']:18} {r['op']:44} {r['device']:5} predicted {_fmt(r['predicted_ms'])} ms"
-                      f"  ideal {_fmt(r['ideal_ms'])} ms" for r in sec["rows"]]
+            lines += [f"[model] {r['workload']:18} {r['op']:44} {r['device']:5} predicted time "
+                      f"{_fmt(r.get('predicted_time_ms'))} ms  ideal {_fmt(r.get('ideal_time_ms'))} ms  "
+                      f"(work model {_fmt(r['predicted_ms'])} / {_fmt(r['ideal_ms'])} ms)" for r in sec["rows"]]
             continue
         rows = sec["rows"]
         for r in rows:
@@ -507,7 +518,8 @@ def main(argv=None):
     reps = args.reps or (1 if args.dry_run else CUDA_REPS[args.section])
     rows = SECTIONS[args.section](args.dry_run, device, reps)
     doc = {"section": args.section, "dry_run": args.dry_run, "machine": machine_info(device),
-           "interpret": os.environ.get("TRITON_INTERPRET") == "1", "rows": rows}
+           "interpret": os.environ.get("TRITON_INTERPRET") == "1", "rows": rows,
+           "issue_term": next(iter(SASS_TABLE.values()))["source"]}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return 0

@@ -5,8 +5,9 @@
 #   bash bench/gpu_suite.sh             # on the GPU machine, from the repo root; under 9 minutes on one H100
 #   bash bench/gpu_suite.sh --dry-run   # the same script on the CPU: TRITON_INTERPRET=1, tiny shapes
 #
-# Writes one JSON per section and suite.json (device, versions, date, every figure, prediction beside each
-# measured figure) into bench/results/gpu_suite-<date>/ (dry run: a temp dir, or $GPU_SUITE_DIR) and, when
+# Writes one JSON per section and suite.json (device, versions, date, every figure, the time model's
+# prediction beside each measured figure; the final table prints ms, predicted_ms and measured_vs_predicted
+# side by side, so this first run on a GPU calibrates the model's efficiency classes, bench/roofline.py CLASSES) into bench/results/gpu_suite-<date>/ (dry run: a temp dir, or $GPU_SUITE_DIR) and, when
 # $OUT is set, copies them there. Each section runs under its own timeout, so a hang in one still leaves
 # the JSON of the others. Liger-Kernel and cut-cross-entropy come from the wheels bench/gpu_wheels.sh
 # downloaded into .whl/ (carry that folder to the device); without them those baselines say "not installed".

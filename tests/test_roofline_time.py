@@ -1,0 +1,200 @@
+"""The time model of bench/roofline.py: a launch's time is the max of its compute, memory and issue terms plus a
+launch overhead; the issue term comes from SASS; every torch kernel a public op launches is counted (an op the
+harness has no rule for is an error); rows carry work and time ratios separately, in one unit of memory
+(MiB = 2^20 bytes)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact_fast.kernels import linear_logprobs_launch as launch
+from pact_fast.kernels.registry import interpreting
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import roofline  # noqa: E402
+import sass  # noqa: E402
+
+# H100 SXM as the model states it, written out here: 132 SMs x 4 schedulers x 1.755 GHz; HBM 3.0 TB/s.
+ISSUE_RATE = 132 * 4 * 1.755e9  # warp-instructions per second
+LAUNCH_S = 4.5e-6
+
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="counts what the Triton interpreter executes")
+
+
+def test_time_is_the_max_of_the_three_terms_plus_a_launch():
+    # compute 1 ms at 400 TFLOP/s, memory 2 ms at 3.0 TB/s, issue 2e9 warp-instructions: ~2.158 ms
+    k = roofline.Launch("k", flops=4 * 10 ** 11, bytes=6 * 10 ** 9, kind="attention_fwd", elements=10 ** 9,
+                        per_element=2.0)
+    issue_s = 2e9 / ISSUE_RATE
+    assert issue_s > 2e-3
+    assert roofline.predict_time_ms([k], "H100") == pytest.approx(1e3 * (issue_s + LAUNCH_S))
+    # memory-bound epilogue: 6 GB at 3.0 TB/s (H100) and at 4.3 TB/s (H200); its issue term is smaller
+    epi = roofline.Launch("e", flops=0, bytes=6 * 10 ** 9, kind="epilogue", elements=10 ** 9, per_element=0.5)
+    assert roofline.predict_time_ms([epi], "H100") == pytest.approx(2.0 + 1e3 * LAUNCH_S)
+    assert roofline.predict_time_ms([epi], "H200") == pytest.approx(1e3 * (6e9 / 4.3e12 + LAUNCH_S))
+    # two launches add, each with its own overhead
+    assert roofline.predict_time_ms([k, epi], "H100") == pytest.approx(1e3 * (issue_s + 2e-3 + 2 * LAUNCH_S))
+    with pytest.raises(ValueError, match="FLOPs"):
+        roofline.predict_time_ms([roofline.Launch("x", 10, 0, "epilogue")], "H100")
+
+
+def test_gemm_time_follows_its_waves_of_tiles():
+    """A cuBLAS GEMM at 700 of 989 TFLOP/s when its 128x256 output tiles fill whole waves of 132 SMs; one tile
+    more starts a second wave that runs nearly empty."""
+    m, n, k = 128 * 132, 256, 4096
+    full = roofline.Launch("g", 2 * m * n * k, 0, "gemm", gemm=(m, n, k))
+    assert roofline.predict_time_ms([full], "H100") == pytest.approx(1e3 * (2 * m * n * k / 700e12 + LAUNCH_S))
+    m2 = m + 1  # 133 row tiles: 2 waves for 1 + 1/132 waves of work
+    more = roofline.Launch("g", 2 * m2 * n * k, 0, "gemm", gemm=(m2, n, k))
+    rate = 700e12 * (m2 * n) / (2 * 132 * 128 * 256)
+    assert roofline.predict_time_ms([more], "H100") == pytest.approx(1e3 * (2 * m2 * n * k / rate + LAUNCH_S))
+
+
+def test_sass_hot_loop_gives_warp_instructions_per_element():
+    """A hand-made listing: 3 setup instructions, a loop of 4 (a backward branch closes it), EXIT and the
+    trailing self-branch (not a loop)."""
+    listing = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   S2R R0, SR_TID.X ;",
+        "        /*0020*/                   IMAD R2, R0, 0x4, RZ ;",
+        "        /*0030*/                   LDG.E R3, desc[UR4][R2.64] ;",
+        "        /*0040*/                   FADD R4, R3, R4 ;",
+        "        /*0050*/                   ISETP.GE.AND P0, PT, R2, 0x100, PT ;",
+        "        /*0060*/              @!P0 BRA 0x30 ;",
+        "        /*0070*/                   EXIT ;",
+        "        /*0080*/                   BRA 0x80;",
+    ])
+    assert sass.loops(listing) == [(3, 6)]
+    assert sass.hot_loop(listing) == (4, 9)
+
+    class Entry:  # a GateEntry's fields the profile reads
+        name = "linear_logprobs.fwd[bf16]"
+        constexprs = {"BLOCK_R": 2, "BLOCK_S": 8}
+
+        class config:
+            num_warps = 4
+
+    p = sass.profile(Entry, listing)
+    assert p["warp_instructions_per_element"] == 4 * 4 / 16
+
+
+def test_stored_sass_table_covers_every_kernel_the_model_prices():
+    table = sass.stored()
+    assert all("stored table" in p["source"] for p in table.values())
+    for kernel in sass.ELEMENTS:
+        assert sass.per_element(table, kernel) > 0, kernel
+
+
+@needs_interpreter
+def test_harness_refuses_a_torch_op_it_does_not_model():
+    a = torch.randn(6, 6)
+    with pytest.raises(RuntimeError, match="linalg_qr.* is not modelled"):
+        with roofline.count_executed(torch_ops=True):
+            torch.linalg.qr(a)
+
+
+@needs_interpreter
+def test_harness_counts_elementwise_bytes_launches_and_syncs():
+    a, b = torch.randn(10), torch.randn(10)
+    with roofline.count_executed(torch_ops=True) as counts:
+        c = a + b  # reads 2 x 40 bytes, writes 40
+        c.view(2, 5).t()  # views launch nothing
+        float(c.sum())  # a reduction (40 + 4 bytes) and a host synchronisation
+    assert counts["torch.add"] == [0, 120] and counts.launches["torch.add"] == 1
+    assert counts["torch.sum"] == [0, 44]
+    assert counts.syncs == 1
+    assert not any(name.startswith(("torch.view", "torch.t")) for name in counts)
+
+
+@needs_interpreter
+def test_public_linear_logprobs_launches_exactly_the_modelled_kernels_and_the_stored_torch_ops():
+    """Driven through pact_fast.ops.linear_logprobs (forward and backward): its Triton kernels and GEMMs equal
+    kernel_costs at its own blocking, and its other torch kernels equal the stored probe table."""
+    from pact_fast.ops import linear_logprobs
+
+    N, V, H = 30, 130, 16
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 4).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    grad = torch.randn(N, generator=g)
+    with roofline.count_executed(torch_ops=True) as counts:
+        logp = linear_logprobs(x, w, t, backend="triton", chunk_rows=16, vocab_slab=64)
+        torch.autograd.backward(logp, grad)
+    model = roofline.aggregate(launch.kernel_costs(N, V, H, torch.float32, has_bias=False, has_gent=False,
+                                                   configs=launch.INTERPRET_CONFIGS, blocking=launch.Blocking(16, 64)))
+    modelled = {k: tuple(v) for k, v in counts.items() if not k.startswith("torch.") or k == roofline.TORCH_GEMM}
+    assert modelled == model
+    stored = roofline.stored_torch_ops()["linear_logprobs fwd+bwd"]
+    others = [k for k in counts if k.startswith("torch.") and k != roofline.TORCH_GEMM]
+    assert sum(counts.launches[k] for k in others) == stored["per_call"]["launches"]
+    assert counts.syncs == stored["per_call"]["syncs"]
+
+
+@needs_interpreter
+def test_stored_torch_op_table_is_current():
+    """bench/results/roofline_torch_ops.json equals a fresh count through each public op (refresh it with
+    ``TRITON_INTERPRET=1 python bench/roofline.py --probe`` when an op changes what it launches)."""
+    stored = roofline.stored_torch_ops()
+    assert set(stored) == set(roofline.PROBES)
+    for op in roofline.PROBES:
+        assert roofline.probe_torch_ops(op) == stored[op], op
+
+
+def test_rows_include_every_launch_and_their_torch_kernels():
+    rows = roofline.model_rows(devices=("H100",), table=sass.stored())
+    stored = roofline.stored_torch_ops()
+    for r in rows:
+        if r["time_ratio"] is None:
+            assert "work model only" in r["note"]
+            continue
+        kernels = {k["kernel"]: k for k in r["kernels"]}
+        assert sum(k["launches"] for k in r["kernels"]) == r["launch_count"], r["op"]
+        assert kernels[roofline.TORCH_OPS_NAME]["launches"] > 0, r["op"]
+        assert sum(k["predicted_time_ms"] for k in r["kernels"]) == pytest.approx(r["predicted_time_ms"])
+    head = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "fused_pact_head fwd+bwd")
+    blocks = math.ceil(32768 / 2048)
+    per_block = stored["fused_pact_head fwd+bwd"]["per_unit"]["launches"]
+    torch_ops = next(k for k in head["kernels"] if k["kernel"] == roofline.TORCH_OPS_NAME)
+    assert torch_ops["launches"] == pytest.approx(blocks * per_block +
+                                                  stored["fused_pact_head fwd+bwd"]["per_call"]["launches"], abs=1)
+    gemms_and_triton = [k for k in head["kernels"] if k["kernel"] != roofline.TORCH_OPS_NAME]
+    assert sum(k["launches"] for k in gemms_and_triton) == 5 * blocks  # logits, pass, dX, scale, dW per block
+
+
+def test_json_rows_have_work_and_time_fields_and_one_memory_unit(tmp_path, capsys):
+    out = tmp_path / "roofline.json"
+    roofline.main(["--json", str(out), "--stored-sass"])
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert "MiB = 2^20" in doc["units"] and " MB" not in printed and " GB " not in printed
+    timed = 0
+    for r in doc["rows"]:
+        assert {"workload", "op", "device", "ratio", "extra_memory_bytes", "work_ratio", "predicted_time_ms",
+                "ideal_time_ms", "time_ratio"} <= set(r)
+        assert r["ratio"] == r["work_ratio"] == pytest.approx(r["predicted_ms"] / r["ideal_ms"])
+        if r["time_ratio"] is not None:
+            timed += 1
+            assert r["time_ratio"] == pytest.approx(r["predicted_time_ms"] / r["ideal_time_ms"])
+            assert r["predicted_time_ms"] == pytest.approx(sum(r["time_split_ms"].values()))
+    assert timed >= 12
+    row = next(r for r in doc["rows"] if r["op"] == "linear_logprobs fwd+bwd" and r["device"] == "H100"
+               and r["workload"] == "W-logprob-H2048")
+    assert f"{row['extra_memory_bytes'] / 2 ** 20:9.1f}" in printed  # the table's "extra MiB" is 2^20 bytes
+
+
+def test_print_table_labels_predictions_and_prints_mib():
+    row = roofline.model_row("w", "op", "H100", [], 1.0, 5 * 2 ** 19)
+    row["predicted_ms"], row["work_ratio"] = 1.0, 1.0
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        roofline.print_table([row])
+    text = buf.getvalue()
+    assert "PREDICTIONS, not measurements" in text and "extra MiB" in text
+    assert "      2.5" in text.splitlines()[-1]
