@@ -266,37 +266,74 @@ def _masked(t, mask):
     return None if t is None else torch.where(mask, t, torch.zeros_like(t))
 
 
-def token_grads(prep, logp_po=None, logp_tc=None):
-    """d pact_loss / d (logp_po [B, T], logp_tc [B, T], sft_logp [S, E], entropy [B, T]) at the given current
-    log-probs, as a dict (a field absent when its term is off). The SFT and entropy gradients are constants."""
+@dataclass
+class SurrogateTerm:
+    """One context's share of the RL loss as per-token constants (tensors of one shape: the batch's [B, T],
+    or per row of a fused head): ``weight`` (rl_scale x aggregation weight x anchoring share, 0 off the mask),
+    ``adv``, ratio denominator ``den`` (None: the token's own log-prob, detached), and for the prompt-only
+    context the KL term's ``kl_weight`` (rl_scale x aggregation weight x beta_kl) and ``ref``."""
+
+    weight: torch.Tensor
+    adv: torch.Tensor
+    den: Optional[torch.Tensor]
+    config: PACTLossConfig
+    kl_weight: Optional[torch.Tensor] = None
+    ref: Optional[torch.Tensor] = None
+
+    def grad(self, logp):
+        """d loss / d logp, elementwise over the constants' shape."""
+        c = self.config
+        g = self.weight * surrogate_grad(logp, self.den, self.adv, c.clip_eps_low, c.clip_eps_high, c.dual_clip)
+        if self.kl_weight is None:
+            return g
+        g_kl = kl_grad(logp, self.ref, c.kl_estimator)
+        if c.kl_ratio_weighted:
+            raw = logp - self.den if self.den is not None else torch.zeros_like(logp)
+            ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+            d_ratio = torch.where(raw.abs() <= LOG_RATIO_CLAMP, ratio, torch.zeros_like(ratio))
+            g_kl = g_kl * ratio + kl_penalty(logp, self.ref, c.kl_estimator) * d_ratio
+        return g + self.kl_weight * g_kl
+
+    def map(self, fn):
+        """The same term with ``fn`` applied to every tensor (e.g. to move it to another layout)."""
+        return SurrogateTerm(*(fn(t) if isinstance(t, torch.Tensor) else t for t in
+                               (self.weight, self.adv, self.den, self.config, self.kl_weight, self.ref)))
+
+
+def token_terms(prep):
+    """The per-token constants of every term's gradient: ``{"logp_po": SurrogateTerm, "logp_tc": SurrogateTerm,
+    "entropy": [B, T] constant gradient, "sft_logp": [S, E] constant gradient}``, a key absent when its term is
+    off. [B, T] tensors are 0 off the response mask."""
     out = {}
     c = prep.config
     if prep.use_rl:
         mask = prep.mask
         adv = prep.adv[:, None] if prep.adv.dim() == 1 else prep.adv
+        adv = torch.where(mask, adv.expand(mask.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
         weight = prep.rl_scale * prep.agg_weight
-        clip = dict(clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip)
-        lp_po = _masked(logp_po, mask)
         old_po = None if prep.old_from_current else _masked(prep.batch.old_logp_po, mask)
-        g_po = weight * prep.po_share * surrogate_grad(lp_po, old_po, adv, **clip)
-        if c.beta_kl > 0:
-            ref = _masked(prep.batch.ref_logp, mask)
-            g_kl = kl_grad(lp_po, ref, c.kl_estimator)
-            if c.kl_ratio_weighted:
-                raw = lp_po - old_po if old_po is not None else torch.zeros_like(lp_po)
-                ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-                d_ratio = torch.where(raw.abs() <= LOG_RATIO_CLAMP, ratio, torch.zeros_like(ratio))
-                g_kl = g_kl * ratio + kl_penalty(lp_po, ref, c.kl_estimator) * d_ratio
-            g_po = g_po + weight * c.beta_kl * g_kl
-        out["logp_po"] = torch.where(mask, g_po, torch.zeros_like(g_po))
+        kl = dict(kl_weight=weight * c.beta_kl, ref=_masked(prep.batch.ref_logp, mask)) if c.beta_kl > 0 else {}
+        out["logp_po"] = SurrogateTerm(weight * prep.po_share, adv, old_po, c, **kl)
         if prep.tc_share is not None:
-            lp_tc = _masked(logp_tc, mask)
-            g_tc = weight * prep.tc_share * surrogate_grad(lp_tc, _masked(prep.tc_den, mask), adv, **clip)
-            out["logp_tc"] = torch.where(mask, g_tc, torch.zeros_like(g_tc))
+            out["logp_tc"] = SurrogateTerm(weight * prep.tc_share, adv, _masked(prep.tc_den, mask), c)
         if c.c_ent > 0:
             out["entropy"] = -c.c_ent * weight
     if prep.use_sft:
         out["sft_logp"] = prep.sft_grad
+    return out
+
+
+def token_grads(prep, logp_po=None, logp_tc=None):
+    """d pact_loss / d (logp_po [B, T], logp_tc [B, T], sft_logp [S, E], entropy [B, T]) at the given current
+    log-probs, as a dict (a field absent when its term is off): ``token_terms`` evaluated."""
+    current = {"logp_po": logp_po, "logp_tc": logp_tc}
+    out = {}
+    for name, term in token_terms(prep).items():
+        if isinstance(term, SurrogateTerm):
+            g = term.grad(_masked(current[name], prep.mask))
+            out[name] = torch.where(prep.mask, g, torch.zeros_like(g))
+        else:
+            out[name] = term
     return out
 
 
