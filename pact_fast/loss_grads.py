@@ -156,6 +156,7 @@ class Prepared:
     rewards_finite: Optional[torch.Tensor] = None  # 0-dim bool (None: advantages given)
     sft_w: Optional[torch.Tensor] = None  # [S, E] SFT token weights (0 where logp is not a target)
     sft_grad: Optional[torch.Tensor] = None  # [S, E] d pact_loss / d sft_logp (constant)
+    generator: Optional[torch.Generator] = None  # the caller's anchoring generator, to advance by G draws
 
 
 def _require(batch, names, why, have):
@@ -249,7 +250,10 @@ def _prepare_rl(prep, batch, config, step, generator, have):
         if batch.anchored is not None:
             per_rollout = batch.anchored.bool()
         else:  # anchor_draws(G, q, gen)[g]: rand(B)'s first G values are rand(G)'s (one generator stream)
-            gen = generator or anchor_generator(config.seed, step)
+            gen = anchor_generator(config.seed, step)
+            if generator is not None:  # drawn from a copy; Metrics.resolve advances the caller's by G, as pact_loss
+                gen.set_state(generator.get_state())
+                prep.generator = generator
             draws = torch.rand(mask.shape[0], generator=gen) < config.anchor_q  # [B] >= G draws
             per_rollout = draws.to(mask.device, non_blocking=True)[group_index]
         prep.per_rollout = per_rollout
@@ -345,12 +349,15 @@ class Metrics:
     entries: list  # (key, value: 0-dim tensor | float, present: 0-dim bool tensor | None)
     checks: list  # (ok: 0-dim bool tensor, exception type, message)
     total: torch.Tensor
+    generator: Optional[torch.Generator] = None  # advanced by n_groups draws once they are read
+    n_groups: Optional[torch.Tensor] = None
 
     def resolve(self):
         """The metrics dict of ``pact_loss``; raises what it raises. One host synchronisation."""
         tensors = [v for _, v, _ in self.entries if isinstance(v, torch.Tensor)]
         tensors += [p for _, _, p in self.entries if p is not None]
         tensors += [ok for ok, _, _ in self.checks] + [torch.isfinite(self.total)]
+        tensors += [self.n_groups] if self.generator is not None else []
         values = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
         got = [next(values) if isinstance(v, torch.Tensor) else float(v) for _, v, _ in self.entries]
         present = [bool(next(values)) if p is not None else True for _, _, p in self.entries]
@@ -358,6 +365,8 @@ class Metrics:
             if not next(values):
                 raise exc(message)
         finite = bool(next(values))
+        if self.generator is not None:
+            torch.rand(int(next(values)), generator=self.generator)  # pact_loss's anchor_draws(G, ...)
         metrics = {key: value for (key, _, _), value, keep in zip(self.entries, got, present) if keep}
         if not finite:
             raise FloatingPointError(f"pact_loss: the loss is not finite ({metrics['loss/total']}); metrics: "
@@ -464,7 +473,7 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
         entries.append(("tool_call_weight", tool_call_weight(prep.progress, c.beta_0, c.beta_1, c.s_end), None))
     entries.append(("loss/total", total, None))
     entries.append(("progress", float(prep.progress), None))
-    return total, Metrics(entries, checks, total)
+    return total, Metrics(entries, checks, total, prep.generator, prep.n_groups)
 
 
 def _anchored_groups(prep):

@@ -206,3 +206,15 @@ def test_prepare_grads_value_and_metrics_take_one_sync(cfg, progress, opts):
                                                           if k != "entropy" or config.c_ent > 0})
         metrics.resolve()
     assert syncs.total == 1, syncs.calls
+
+
+def test_a_given_generator_draws_and_advances_as_in_pact_loss():
+    config, batch, current = _setup(dict(anchor_q=0.5), {}, 2)
+    mine, theirs = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(3):
+        ref, ref_m = pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}),
+                               config, 0.3, generator=theirs)
+        prep = loss_grads.prepare(batch, config, 0.3, generator=mine)
+        loss, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
+        assert torch.isclose(loss, ref, rtol=1e-12) and metrics.resolve()["anchored_groups"] == ref_m["anchored_groups"]
+        assert torch.equal(mine.get_state(), theirs.get_state())
