@@ -38,8 +38,8 @@ error of d logits formed in fp32 and rounded once (up to 1.5x on the tests' tiny
 ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = beta x``'s.
 
 ``_scale_rows_kernel`` applies ``beta``: ``dx[r, :] *= beta_r`` (dx holds ``U @ w``), ``xs[r, :] = beta_r
-x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta`` itself in the input dtype (for the bias gradient's
-GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
+x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta``
+itself in the input dtype (for the bias gradient's GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
 (whose range cannot hold ``U``) and a soft cap run the pass without ``WRITE_U``, then the ordinary gradient
 kernel of ``linear_logprobs`` (read and write of the logits). With a soft cap d loss / d z_raw is the row
 scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from the stored values as

@@ -383,7 +383,8 @@ def _surrogate_entries(logp, old_logp, ratio, low, high, dual, mask, prefix):
         return torch.where(mask, x, torch.zeros_like(x)).sum() / n
 
     diff = old_logp - logp
-    return [(f"{prefix}clip_frac_low", mean(low.double()), None), (f"{prefix}clip_frac_high", mean(high.double()), None),
+    return [(f"{prefix}clip_frac_low", mean(low.double()), None),
+            (f"{prefix}clip_frac_high", mean(high.double()), None),
             (f"{prefix}dual_clip_frac", mean(dual.double()), None),
             (f"{prefix}approx_kl", torch.where(some, mean(diff), 0.0), None),
             (f"{prefix}ratio_mean", torch.where(some, mean(ratio), 1.0), None),

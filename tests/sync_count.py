@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default: "item/bool/int/float", aten.nonzero.default: "nonzero",
-           aten._unique2.default: "unique", aten.unique_dim.default: "unique", aten.unique_consecutive.default: "unique",
+           aten._unique2.default: "unique", aten.unique_dim.default: "unique",
+           aten.unique_consecutive.default: "unique",
            aten.masked_select.default: "masked_select", aten.repeat_interleave.Tensor: "repeat_interleave",
            aten.is_nonzero.default: "bool"}
 

@@ -38,7 +38,8 @@ def _args(backend, seed=0, bias=False):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
-@pytest.mark.parametrize("cfg", [dict(), dict(c_ent=0.02, beta_kl=0.1, anchor_mode="mix", loss_agg="seq-mean-token-mean"),
+@pytest.mark.parametrize("cfg", [dict(),
+                                 dict(c_ent=0.02, beta_kl=0.1, anchor_mode="mix", loss_agg="seq-mean-token-mean"),
                                  dict(mode="grpo", dual_clip=3.0, kl_ratio_weighted=True, beta_kl=0.1)],
                          ids=["pact-bernoulli", "pact-mix-entropy-kl", "grpo"])
 def test_one_host_sync_per_call_whatever_the_row_blocks(backend, cfg):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pact_fast import loss_grads
-from pact_fast.losses import (NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, PACTBatch, PACTLossConfig,
-                              group_advantages, pact_loss, sft_token_weights)
+from pact_fast.losses import NONE, PACTBatch, PACTLossConfig, group_advantages, pact_loss, sft_token_weights
 
 from sync_count import count_syncs
 
@@ -74,7 +73,8 @@ CONFIGS = [
 def _setup(cfg, opts, seed):
     batch, current = _batch(seed, spread=opts.get("spread", 1.0))
     if opts.get("B") == 0:  # a micro-batch of traces only
-        for name in ("response_mask", "rewards", "group_ids", "old_logp_po", "old_logp_tc", "behavior_logp", "ref_logp"):
+        for name in ("response_mask", "rewards", "group_ids", "old_logp_po", "old_logp_tc", "behavior_logp",
+                     "ref_logp"):
             setattr(batch, name, getattr(batch, name)[:0])
         current = {k: v if k == "sft_logp" else v[:0] for k, v in current.items()}
     B = batch.response_mask.shape[0]
