@@ -1,6 +1,6 @@
 """Launcher of the Triton backend of ``fused_pact_head``: loss, dX and dW in one pass over the logits.
 
-Per block of ``R`` rows (``rows_per_block``, default ``BLOCK_ROWS``):
+Per block of ``R`` rows (``rows_per_block``, default ``default_rows``: the workspace within 25% of dW):
 
 1. ``torch.mm[logits]``: the block's logits over the whole vocabulary into a workspace ``[R, V]`` (input
    dtype; cuBLAS, with the bias by ``addmm``).
