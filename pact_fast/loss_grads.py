@@ -94,39 +94,44 @@ def sft_weights(components, segment_ids, turn_ids, progress, config, dtype=torch
     return w.masked_fill(keep, config.w_reason)
 
 
-def surrogate_grad(logp, den, adv, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None):
+def surrogate_grad(logp, den, adv, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, upstream=None):
     """d/d logp of ``clipped_surrogate_tokens``' per-token loss at logp, ratio denominator ``den`` (a tensor,
-    or None: the token's own log-prob, detached, so the ratio is 1) and advantage ``adv`` (broadcastable).
+    or None: the token's own log-prob, detached, so the ratio is 1) and advantage ``adv`` (broadcastable), times
+    ``upstream`` (the token loss's own gradient; None: 1).
 
     loss = max(-A rho, -A clip(rho, 1 - lo, 1 + hi)), rho = exp(clamp(logp - den, -20, 20)); with a dual clip
-    c, min(loss, -A c) where A < 0. Elementwise, any shape."""
+    c, min(loss, -A c) where A < 0. Elementwise, any shape; the products in autograd's order, so fp32 results
+    round as autograd's do."""
     raw = logp - den if den is not None else torch.zeros_like(logp)
     ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    d_ratio = torch.where((raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP), ratio, torch.zeros_like(ratio))
+    g = torch.ones_like(ratio) if upstream is None else upstream.expand_as(ratio)
+    zero = torch.zeros_like(g)
     low, high = 1.0 - clip_eps_low, 1.0 + clip_eps_high
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(low, high)
-    d_unclipped = -adv * d_ratio
-    d_clipped = torch.where((ratio >= low) & (ratio <= high), d_unclipped, torch.zeros_like(d_unclipped))
-    d = torch.where(unclipped > clipped, d_unclipped,
-                    torch.where(unclipped < clipped, d_clipped, 0.5 * (d_unclipped + d_clipped)))
-    if dual_clip is None:
-        return d
-    loss = torch.maximum(unclipped, clipped)
-    bound = -adv * dual_clip
-    d_dual = torch.where(loss < bound, d, torch.where(loss == bound, 0.5 * d, torch.zeros_like(d)))
-    return torch.where(adv < 0, d_dual, d)
+    neg_adv = -adv
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * ratio.clamp(low, high)
+    if dual_clip is not None:
+        loss = torch.maximum(unclipped, clipped)
+        bound = -adv * dual_clip
+        g_min = torch.where(loss == bound, g / 2, g).masked_fill(loss > bound, 0.0)
+        g = torch.where(adv < 0, g_min, zero) + torch.where(adv < 0, zero, g)
+    g_unclipped = torch.where(unclipped == clipped, g / 2, g).masked_fill(unclipped < clipped, 0.0)
+    g_clipped = torch.where(unclipped == clipped, g / 2, g).masked_fill(unclipped > clipped, 0.0)
+    g_ratio = g_unclipped * neg_adv + torch.where((ratio >= low) & (ratio <= high), g_clipped * neg_adv, zero)
+    return torch.where((raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP), g_ratio * ratio, zero)
 
 
-def kl_grad(logp, ref_logp, estimator):
-    """d/d logp of ``kl_penalty(logp, ref_logp, estimator)``, elementwise."""
+def kl_grad(logp, ref_logp, estimator, upstream=None):
+    """d/d logp of ``kl_penalty(logp, ref_logp, estimator)`` times ``upstream`` (None: 1), elementwise, in
+    autograd's order."""
     log_ratio = logp - ref_logp
+    g = torch.ones_like(log_ratio) if upstream is None else upstream.expand_as(log_ratio)
     if estimator == "k1":
-        return torch.ones_like(log_ratio)
+        return g
     if estimator == "k2":
-        return log_ratio
+        return (g * 0.5) * (2 * log_ratio)
     neg = -log_ratio
-    return torch.where(neg <= KL_CLAMP, 1.0 - torch.exp(neg.clamp(max=KL_CLAMP)), torch.zeros_like(neg))
+    return -torch.where(neg <= KL_CLAMP, g * torch.exp(neg.clamp(max=KL_CLAMP)) - g, torch.zeros_like(g))
 
 
 @dataclass
@@ -146,7 +151,9 @@ class Prepared:
     batch: PACTBatch  # masked token inputs (0 off the response mask) and advantages
     mask: Optional[torch.Tensor] = None  # [B, T] bool
     adv: Optional[torch.Tensor] = None  # [B] or [B, T]
-    agg_weight: Optional[torch.Tensor] = None  # [B, T] d aggregate / d token value (0 off the mask)
+    agg_weight: Optional[torch.Tensor] = None  # [B, T] d total / d token loss: rl_scale / the aggregation's count
+    kl_weight: Optional[torch.Tensor] = None  # [B, T] d total / d token KL estimate (beta_kl > 0)
+    ent_weight: Optional[torch.Tensor] = None  # [B, T] d total / d token entropy (c_ent > 0)
     po_share: Optional[torch.Tensor] = None  # [B, T] the prompt-only surrogate's share of a token's loss
     tc_share: Optional[torch.Tensor] = None  # [B, T] the trace-conditioned surrogate's share (None: grpo)
     tc_den: Optional[torch.Tensor] = None  # [B, T] L_TC's ratio denominator (None: logp_tc itself)
@@ -200,8 +207,8 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
         n_trace = assistant.sum(-1).clamp_min(1).to(dtype)  # [S]
         n_has = assistant.any(-1).sum().clamp_min(1).to(dtype)
         prep.sft_w = w
-        prep.sft_grad = torch.where(w > 0, -sft_scale * config.lambda_sft * w / n_trace[:, None] / n_has,
-                                    torch.zeros_like(w))
+        scale = torch.full((), sft_scale * config.lambda_sft, dtype=dtype, device=w.device)  # d total / d L_SFT
+        prep.sft_grad = torch.where(w > 0, -((scale / n_has) / n_trace[:, None]) * w, torch.zeros_like(w))
     return prep
 
 
@@ -217,7 +224,7 @@ def _prepare_rl(prep, batch, config, step, generator, have):
         if config.ctx_den == "same" and batch.old_logp_tc is None and not prep.old_from_current:
             raise ValueError("pact_loss: ctx_den='same' needs batch field old_logp_tc")
         if config.ctx_den == "behavior" and batch.behavior_logp is None and prep.old_from_current:
-            raise ValueError("fused_pact_head: ctx_den='behavior' with old_from_current needs batch.behavior_logp "
+            raise ValueError("loss_grads: ctx_den='behavior' with old_from_current needs batch.behavior_logp "
                              "(L_TC's denominator would be another row's current log-prob)")
     if config.beta_kl > 0:
         _require(batch, ["ref_logp"], "beta_kl > 0", have)
@@ -227,13 +234,21 @@ def _prepare_rl(prep, batch, config, step, generator, have):
     fm = mask.to(torch.promote_types(batch.response_mask.dtype, torch.float32))
     seq_tokens = fm.sum(-1)  # [B]
     n_seq = (seq_tokens > 0).sum().clamp_min(1)
-    if config.loss_agg == "token-mean":
-        per = (1.0 / seq_tokens.sum().clamp_min(1)).expand_as(seq_tokens)
-    elif config.loss_agg == "seq-mean-token-mean":
-        per = 1.0 / (seq_tokens.clamp_min(1) * n_seq)
-    else:
-        per = (1.0 / (n_seq * (config.loss_scale_factor or mask.shape[-1])).to(fm.dtype)).expand_as(seq_tokens)
-    prep.agg_weight = torch.where(mask, per[:, None].expand_as(fm), torch.zeros_like(fm))
+
+    def per_token(factor):
+        """factor x d aggregate / d token value [B, T], divided as autograd divides (0 off the mask)."""
+        scale = torch.full((), factor, dtype=fm.dtype, device=fm.device)
+        if config.loss_agg == "token-mean":
+            per = (scale / seq_tokens.sum().clamp_min(1)).expand_as(seq_tokens)
+        elif config.loss_agg == "seq-mean-token-mean":
+            per = (scale / n_seq) / seq_tokens.clamp_min(1)
+        else:
+            per = (scale / (n_seq * (config.loss_scale_factor or mask.shape[-1]))).expand_as(seq_tokens)
+        return torch.where(mask, per[:, None].expand_as(fm), torch.zeros_like(fm))
+
+    prep.agg_weight = per_token(prep.rl_scale)
+    prep.kl_weight = per_token(prep.rl_scale * config.beta_kl) if config.beta_kl > 0 else None
+    prep.ent_weight = per_token(-(prep.rl_scale * config.c_ent)) if config.c_ent > 0 else None
     group_index, n_groups = dense_groups(batch.group_ids)
     prep.group_index, prep.n_groups = group_index, n_groups
     if batch.advantages is not None:
@@ -287,16 +302,16 @@ class SurrogateTerm:
     def grad(self, logp):
         """d loss / d logp, elementwise over the constants' shape."""
         c = self.config
-        g = self.weight * surrogate_grad(logp, self.den, self.adv, c.clip_eps_low, c.clip_eps_high, c.dual_clip)
+        g = surrogate_grad(logp, self.den, self.adv, c.clip_eps_low, c.clip_eps_high, c.dual_clip, self.weight)
         if self.kl_weight is None:
             return g
-        g_kl = kl_grad(logp, self.ref, c.kl_estimator)
-        if c.kl_ratio_weighted:
-            raw = logp - self.den if self.den is not None else torch.zeros_like(logp)
-            ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-            d_ratio = torch.where(raw.abs() <= LOG_RATIO_CLAMP, ratio, torch.zeros_like(ratio))
-            g_kl = g_kl * ratio + kl_penalty(logp, self.ref, c.kl_estimator) * d_ratio
-        return g + self.kl_weight * g_kl
+        if not c.kl_ratio_weighted:
+            return g + kl_grad(logp, self.ref, c.kl_estimator, self.kl_weight)
+        raw = logp - self.den if self.den is not None else torch.zeros_like(logp)
+        ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        d_ratio = torch.where(raw.abs() <= LOG_RATIO_CLAMP, ratio, torch.zeros_like(ratio))
+        g_kl = kl_grad(logp, self.ref, c.kl_estimator, self.kl_weight * ratio)
+        return g + g_kl + self.kl_weight * kl_penalty(logp, self.ref, c.kl_estimator) * d_ratio
 
     def map(self, fn):
         """The same term with ``fn`` applied to every tensor (e.g. to move it to another layout)."""
@@ -314,14 +329,14 @@ def token_terms(prep):
         mask = prep.mask
         adv = prep.adv[:, None] if prep.adv.dim() == 1 else prep.adv
         adv = torch.where(mask, adv.expand(mask.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
-        weight = prep.rl_scale * prep.agg_weight
+        weight = prep.agg_weight
         old_po = None if prep.old_from_current else _masked(prep.batch.old_logp_po, mask)
-        kl = dict(kl_weight=weight * c.beta_kl, ref=_masked(prep.batch.ref_logp, mask)) if c.beta_kl > 0 else {}
+        kl = dict(kl_weight=prep.kl_weight, ref=_masked(prep.batch.ref_logp, mask)) if c.beta_kl > 0 else {}
         out["logp_po"] = SurrogateTerm(weight * prep.po_share, adv, old_po, c, **kl)
         if prep.tc_share is not None:
             out["logp_tc"] = SurrogateTerm(weight * prep.tc_share, adv, _masked(prep.tc_den, mask), c)
         if c.c_ent > 0:
-            out["entropy"] = -c.c_ent * weight
+            out["entropy"] = prep.ent_weight
     if prep.use_sft:
         out["sft_logp"] = prep.sft_grad
     return out

@@ -218,3 +218,12 @@ def test_a_given_generator_draws_and_advances_as_in_pact_loss():
         loss, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
         assert torch.isclose(loss, ref, rtol=1e-12) and metrics.resolve()["anchored_groups"] == ref_m["anchored_groups"]
         assert torch.equal(mine.get_state(), theirs.get_state())
+
+
+def test_behavior_denominator_from_another_rows_current_log_prob_is_refused():
+    """ctx_den='behavior' without behavior_logp and old_from_current: L_TC's denominator would be the prompt-only
+    row's current log-prob, not a constant of the token; refused in one line rather than differentiated wrongly."""
+    config, batch, _ = _setup(dict(ctx_den="behavior"), {"old_from_current": True}, 0)
+    batch.behavior_logp = None
+    with pytest.raises(ValueError, match="behavior_logp"):
+        loss_grads.prepare(batch, config, 0.3, old_from_current=True)
