@@ -427,7 +427,8 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
             checks.append((prep.rewards_finite, ValueError, "group_advantages: rewards contain NaN or inf"))
         t = {k: _masked(v, mask) for k, v in inputs.items()}
         adv = prep.adv
-        counts = torch.zeros(mask.shape[0], device=mask.device).index_add_(0, prep.group_index, mask.sum(-1).float())
+        counts = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device).index_add_(
+            0, prep.group_index, mask.sum(-1))
         real_group = torch.arange(mask.shape[0], device=mask.device) < prep.n_groups
         entries.append(("skipped_groups", ((counts == 0) & real_group).sum(), None))
         clip = dict(clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip)
@@ -495,7 +496,8 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
 def _anchored_groups(prep):
     """Groups the Bernoulli anchoring sends to L_PO: those with an anchored rollout, counted without a sync."""
     B = prep.group_index.shape[0]
-    hit = torch.zeros(B, device=prep.group_index.device).index_add_(0, prep.group_index, prep.per_rollout.float())
+    hit = torch.zeros(B, dtype=torch.long, device=prep.group_index.device).index_add_(
+        0, prep.group_index, prep.per_rollout.long())
     return (hit > 0).sum()
 
 
