@@ -65,15 +65,23 @@ def providers(hidden, weight, targets, rows, batch, config):
     def fused():
         return fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, backend="torch")[0]
 
+    def fused_lean():
+        return fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, memory_lean=True, backend="torch")[0]
+
     def fused_triton():
         return fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, backend="triton")[0]
 
-    run = {"naive": naive, "unfused": unfused, "fused": fused}
+    def fused_triton_lean():
+        return fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, memory_lean=True,
+                               backend="triton")[0]
+
+    run = {"naive": naive, "unfused": unfused, "fused": fused, "fused_lean": fused_lean}
     skipped = {}
-    if hidden.device.type == "cuda":
-        run["fused_triton"] = fused_triton
-    else:
-        skipped["fused_triton"] = "the Triton backend needs CUDA (the interpreter is for tests, not timing)"
+    for name, fn in (("fused_triton", fused_triton), ("fused_triton_lean", fused_triton_lean)):
+        if hidden.device.type == "cuda":
+            run[name] = fn
+        else:
+            skipped[name] = "the Triton backend needs CUDA (the interpreter is for tests, not timing)"
     return run, skipped
 
 

@@ -38,8 +38,8 @@ error of d logits formed in fp32 and rounded once (up to 1.5x on the tests' tiny
 ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = beta x``'s.
 
 ``_scale_rows_kernel`` applies ``beta``: ``dx[r, :] *= beta_r`` (dx holds ``U @ w``), ``xs[r, :] = beta_r
-x[r, :]`` (the dW GEMM's right operand) and ``beta`` itself in the input dtype (for the bias gradient's
-GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
+x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta``
+itself in the input dtype (for the bias gradient's GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
 (whose range cannot hold ``U``) and a soft cap run the pass without ``WRITE_U``, then the ordinary gradient
 kernel of ``linear_logprobs`` (read and write of the logits). With a soft cap d loss / d z_raw is the row
 scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from the stored values as
@@ -125,9 +125,10 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
 @cost_name("fused_pact_head.scale")
 @triton.jit
 def _scale_rows_kernel(dx_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, inv_temp,
-                       BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """beta = -g * inv_temp / s for g, s [R] fp32; dx [R, H] *= beta (in place); xs [R, H] = beta * x [R, H];
-    beta [R] in the input dtype (written by the programs of the first column tile). All row-major, stride H."""
+                       WRITE_XS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """beta = -g * inv_temp / s for g, s [R] fp32; dx [R, H] *= beta (in place); with WRITE_XS (the weight
+    needs its gradient) xs [R, H] = beta * x [R, H]; beta [R] in the input dtype (written by the programs of the
+    first column tile). All row-major, stride H."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -141,5 +142,6 @@ def _scale_rows_kernel(dx_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, inv_
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, round_to(dx * beta[:, None], dx_ptr.dtype.element_ty), mask=mask)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(xs_ptr + offs, round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)
+    if WRITE_XS:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(xs_ptr + offs, round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)

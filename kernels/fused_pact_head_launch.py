@@ -1,6 +1,6 @@
 """Launcher of the Triton backend of ``fused_pact_head``: loss, dX and dW in one pass over the logits.
 
-Per block of ``R`` rows (``rows_per_block``, default ``BLOCK_ROWS``):
+Per block of ``R`` rows (``rows_per_block``, default ``default_rows``: the workspace within 25% of dW):
 
 1. ``torch.mm[logits]``: the block's logits over the whole vocabulary into a workspace ``[R, V]`` (input
    dtype; cuBLAS, with the bias by ``addmm``).
@@ -17,24 +17,40 @@ Per block of ``R`` rows (``rows_per_block``, default ``BLOCK_ROWS``):
 the row scaling in shift mode); dW and (shift mode) db accumulate over row blocks in the input dtype, so
 they carry ceil(N / R) roundings, as ``linear_logprobs``'s dW does; fp32 inputs are fp32 throughout.
 The workspace ``R * V`` elements plus ``R * H`` (xs) are the memory beyond the outputs
-(``extra_memory_bytes``); at W-logprob (R=2048, V=151,936, bf16) 622 MB, 3% of naive's fp32 logits.
+(``extra_memory_bytes``). The default R (``default_rows``) keeps them within ``WORKSPACE_SHARE`` (25%) of
+dW's bytes: at W-logprob (V=151,936, H=2048, bf16) R=448, 138 MiB against dW's 594 MiB.
+
+``weight_grad=False`` (a frozen lm_head): no dW GEMM, no dW, no xs; the scaling kernel only scales dX.
+
+``memory_lean=True``: cut-cross-entropy style, ``linear_logprobs``' blocking (row blocks x vocabulary slabs,
+workspace within 5% of dW): its forward (GEMM + online-LSE epilogue per slab) for every row, the upstream
+gradients of all rows at once, then per slab the logits again (GEMM), ``linear_logprobs.bwd`` into d
+logits and the dX (and dW) GEMMs: 8NVH FLOPs (with a frozen weight 6NVH) for a workspace of R x S.
+
+``kernel_costs(..., memory_lean, weight_grad)`` and ``extra_memory_bytes(..., memory_lean, weight_grad)`` model
+every variant; tests/test_roofline_fused_head.py holds them to what the interpreter executes.
 """
 import torch
 import triton
 
 from .fused_pact_head import _head_pass_kernel, _scale_rows_kernel
+from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
 from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting
 
-BLOCK_ROWS = 2048  # rows per block: the dW GEMM (K = R) stays compute-bound at H >= 2048
+BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
+ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
+WORKSPACE_SHARE = 0.25  # default: extra memory within this share of dW's bytes (V * H * itemsize)
 # Rows whose max logit exceeds the target's by more are re-shifted (a target less likely than ~e^-20). Within
 # it U <= e^20 and s <= V e^20, so beta = -g / (T s) >= |g| e^-20 / (T V): beta * x in bf16 / fp32 stays far
 # above the subnormal range for any upstream gradient a loss produces (g ~ 1e-5 per token of a 32k mean).
 SHIFT_LIMIT = 20.0
 
-GPU_CONFIGS = registry.GPU_CONFIGS["fused_pact_head"]
-INTERPRET_CONFIGS = registry.INTERPRET_CONFIGS["fused_pact_head"]
+# memory_lean runs linear_logprobs' forward epilogue ("lean_fwd") and its backward one ("grad")
+GPU_CONFIGS = {**registry.GPU_CONFIGS["fused_pact_head"], "lean_fwd": registry.GPU_CONFIGS["linear_logprobs"]["fwd"]}
+INTERPRET_CONFIGS = {**registry.INTERPRET_CONFIGS["fused_pact_head"],
+                     "lean_fwd": registry.INTERPRET_CONFIGS["linear_logprobs"]["fwd"]}
 
 
 def _configs():
@@ -53,21 +69,41 @@ def row_blocks(N, R):
     return [(r0, min(R, N - r0)) for r0 in range(0, N, R)]
 
 
+def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True):
+    """Rows per block by default: the most (a multiple of ROW_MULTIPLE, at most BLOCK_ROWS and N) whose extra
+    memory stays within WORKSPACE_SHARE of dW's bytes, at least ROW_MULTIPLE."""
+    budget = WORKSPACE_SHARE * V * H * torch.empty((), dtype=dtype).element_size()
+    R = BLOCK_ROWS
+    while R > ROW_MULTIPLE and extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R,
+                                                  softcap=softcap, weight_grad=weight_grad) > budget:
+        R -= ROW_MULTIPLE
+    return max(1, min(N, R))
+
+
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
-        configs=None):
+        configs=None, weight_grad=True, memory_lean=False, blocking=None):
     """The fused head over x [N, H], w [V, H], b [V] | None, targets [N] int64 in [0, V), with the logits
     ``z_raw * inv_temp``, or ``cap * tanh(z_raw / cap) * inv_temp`` when ``cap`` is not None (ordinary mode).
 
-    ``grads(lo, hi, logp, ent) -> (g_logp [hi-lo], g_ent [hi-lo] | None)`` fp32 upstream gradients of rows
-    [lo, hi), called once per block after that block's log-probs are in ``logp [N]`` (and entropies in
-    ``ent [N]``); ``grads=None``: forward only.
+    ``grads(lo, hi, logp, ent) -> (g_logp [hi-lo], g_ent [hi-lo] | None)`` upstream gradients (any float dtype)
+    of rows [lo, hi), called once per block after that block's log-probs are in ``logp [N]`` (and entropies in
+    ``ent [N]``); ``grads=None``: forward only. ``weight_grad=False``: no dW (returned None). ``memory_lean``:
+    recompute over ``blocking`` (default ``linear_logprobs_launch.plan``, its rows replaced by
+    ``rows_per_block`` when given), ``grads`` called once for all rows.
 
-    Returns ``(logp [N], ent [N], dx [N, H], dw [V, H], db [V] | None)``: fp32 log-probs and entropies;
-    gradients in the input dtype except db (fp32 in ordinary mode); dx, dw, db None without ``grads``."""
+    Returns ``(logp [N], ent [N], dx [N, H], dw [V, H] | None, db [V] | None)``: fp32 log-probs and entropies;
+    gradients in the input dtype except db (fp32 in ordinary and lean mode); dx, dw, db None without
+    ``grads``."""
+    if memory_lean:
+        if blocking is None:
+            planned = lean.plan(*x.shape[:1], w.shape[0], x.shape[1])
+            blocking = lean.Blocking(min(rows_per_block, x.shape[0]), planned.slab) if rows_per_block else planned
+        return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, configs or _configs(), weight_grad,
+                         blocking)
     N, H = x.shape
     V = w.shape[0]
     cfgs = configs or _configs()
-    R = rows_per_block or BLOCK_ROWS
+    R = rows_per_block or default_rows(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad)
     shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
     if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
@@ -76,12 +112,13 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     dx = dw = db = None
     if grads is not None:
         dx = torch.empty_like(x)
-        dw = torch.empty_like(w)
+        dw = torch.empty_like(w) if weight_grad else None
         if b is not None:
             db = torch.empty((V, 1), device=x.device, dtype=x.dtype) if shift else \
                 torch.zeros(V, device=x.device, dtype=torch.float32)
     workspace = torch.empty(min(R, N) * V, device=x.device, dtype=x.dtype)  # [R * V]
-    xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift else None  # beta * x of a block
+    # beta * x of a block, the dW GEMM's right operand
+    xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift and weight_grad else None
     beta = torch.empty((min(R, N), 1), device=x.device, dtype=x.dtype) if shift else None
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
     for r0, r in row_blocks(N, R):
@@ -103,18 +140,52 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
         if shift:
             torch.mm(z, w, out=dx[rows])
             _scale_rows_kernel[(triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))](
-                dx[rows], x[rows], xs[:r], beta[:r], g_logp, s[rows], r, H, inv_temp,
-                **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
-            _accumulate(dw, z.t(), xs[:r], first)
+                dx[rows], x[rows], xs[:r] if xs is not None else dx[rows], beta[:r], g_logp, s[rows], r, H,
+                inv_temp, WRITE_XS=weight_grad, **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
+            if dw is not None:
+                _accumulate(dw, z.t(), xs[:r], first)
             if db is not None:
                 _accumulate(db, z.t(), beta[:r], first)
         else:
             slab_grad(z, 0, targets[rows], lse[rows], ent[rows], g_logp,
                       g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
             torch.mm(z, w, out=dx[rows])
-            _accumulate(dw, z.t(), x[rows], first)
+            if dw is not None:
+                _accumulate(dw, z.t(), x[rows], first)
     if db is not None and shift:
         db = db.view(V)
+    return logp, ent, dx, dw, db
+
+
+def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, weight_grad, blocking):
+    """memory_lean: linear_logprobs' forward over row blocks x vocabulary slabs, the upstream gradients of every
+    row, then per (block, slab) the logits again, d logits in place, dX (+)= dz @ w[cols], dW[cols] (+)= dz.T @
+    x[rows] (rounded once per vocabulary slab / row block, as in linear_logprobs)."""
+    N, H = x.shape
+    V = w.shape[0]
+    logp, lse, ent = lean.forward(x, w, b, targets, inv_temp, configs={"fwd": cfgs["lean_fwd"]}, blocking=blocking,
+                                  cap=cap)
+    if grads is None:
+        return logp, ent, None, None, None
+    dx = torch.zeros_like(x) if N == 0 else torch.empty_like(x)
+    dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if weight_grad else None
+    db = torch.zeros(V, device=x.device, dtype=torch.float32) if b is not None else None
+    if N == 0:
+        return logp, ent, dx, dw, db
+    g_logp, g_ent = grads(0, N, logp, ent)
+    g_logp = g_logp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
+    for r0, r, v0, s in lean.blocks(N, V, blocking):
+        rows, cols = slice(r0, r0 + r), slice(v0, v0 + s)
+        z = lean.workspace_view(workspace, r, s)
+        lean.slab_logits(x[rows], w, b, v0, z)
+        slab_grad(z, v0, targets[rows], lse[rows], ent[rows], g_logp[rows],
+                  g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp,
+                  cfgs["grad"], cap)
+        _accumulate(dx[rows], z, w[cols], v0 == 0)
+        if dw is not None:
+            _accumulate(dw[cols], z.t(), x[rows], r0 == 0)
     return logp, ent, dx, dw, db
 
 
@@ -127,7 +198,7 @@ def _accumulate(out, a, b, first):
 
 
 def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=None, rows_per_block=None,
-                 backward=True, softcap=False):
+                 backward=True, softcap=False, memory_lean=False, weight_grad=True, blocking=None):
     """Performance model of ``run``: one KernelCost per launch, in launch order.
 
     Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded; an atomic
@@ -135,9 +206,18 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     compulsory bytes (operands, an addmm's C, the output once). ``bad_rows``: per row block, how many rows
     the pass re-shifts in its second loop (their max logit over ``limit`` above the target's; data-dependent,
     0 by default); ``backward=False``: forward only (``grads=None``); ``softcap``: ``run`` with a cap (ordinary
-    mode; the cap itself moves no byte). ``configs`` / ``rows_per_block`` default to what ``run`` uses on a GPU."""
+    mode; the cap itself moves no byte); ``weight_grad=False``: a frozen weight (no dW GEMM, no xs; two GEMMs
+    per block instead of three); ``memory_lean``: the recompute over ``blocking`` (default
+    ``linear_logprobs_launch.plan``), 8NVH FLOPs with dW. ``configs`` / ``rows_per_block`` default to what
+    ``run`` uses on a GPU."""
     cfgs = configs or GPU_CONFIGS
-    blocks = row_blocks(N, rows_per_block or BLOCK_ROWS)
+    if memory_lean:
+        lean_cfgs = {"fwd": cfgs["lean_fwd"], "bwd": cfgs["grad"]}
+        costs = lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
+                                  passes=("fwd", "bwd") if backward and N else ("fwd",))
+        return [c for c in costs if weight_grad or c.kernel != "torch.mm[dw]"]
+    R = rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad)
+    blocks = row_blocks(N, R)
     bad_rows = bad_rows or [0] * len(blocks)
     if len(bad_rows) != len(blocks):
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
@@ -162,9 +242,11 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         if shift:
             gemm("dx", r, H, V, 0)
             h_tiles = triton.cdiv(H, cfgs["scale"].blocks["BLOCK_H"])
-            # g and s per (row, column tile); beta once per row; dx read + write, x read, xs write
-            costs.append(KernelCost("fused_pact_head.scale", 0, 8 * r * h_tiles + r * e + 4 * r * H * e))
-            gemm("dw", V, H, r, acc * V * H)
+            # g and s per (row, column tile); beta once per row; dx read + write (+ x read, xs write)
+            costs.append(KernelCost("fused_pact_head.scale", 0,
+                                    8 * r * h_tiles + r * e + (4 if weight_grad else 2) * r * H * e))
+            if weight_grad:
+                gemm("dw", V, H, r, acc * V * H)
             if has_bias:
                 gemm("db", V, 1, r, acc * V)
         else:
@@ -172,23 +254,29 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
             atomics = 2 * 4 * V * triton.cdiv(r, cfgs["grad"].blocks["BLOCK_R"]) if has_bias else 0
             costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * V * e + atomics))
             gemm("dx", r, H, V, 0)
-            gemm("dw", V, H, r, acc * V * H)
+            if weight_grad:
+                gemm("dw", V, H, r, acc * V * H)
     return costs
 
 
-def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False):
+def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False,
+                       memory_lean=False, weight_grad=True, blocking=None):
     """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the logits workspace
-    [R, V] and, in shift mode, xs [R, H] and beta [R] (input dtype); fp32 lse and s [N]."""
-    R = min(N, rows_per_block or BLOCK_ROWS)
+    [R, V] and, in shift mode, xs [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
+    memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the forward's state [4, R]."""
     e = torch.empty((), dtype=dtype).element_size()
+    if memory_lean:
+        blocking = blocking or lean.plan(N, V, H)
+        return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
+    R = min(N, rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad))
     shift = shift_mode(dtype, want_entropy, softcap)
-    return R * V * e + (R * H * e + R * e if shift else 0) + 8 * N
+    return R * V * e + ((R * H * e if weight_grad else 0) + R * e if shift else 0) + 8 * N
 
 
 def gate_entries():
     """The pass kernel and the row-scaling kernel at their GPU configurations, for every dtype and mode
-    ``run`` launches them with (shift mode: bf16, fp32; ordinary: bf16, fp16, fp32, with or without a soft
-    cap)."""
+    ``run`` launches them with (shift mode: bf16, fp32, with and without xs; ordinary: bf16, fp16, fp32, with or
+    without a soft cap). memory_lean launches linear_logprobs' epilogues at its own gated configurations."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
@@ -205,9 +293,10 @@ def gate_entries():
                 {"WRITE_U": write_u, "SOFTCAP": softcap, **cfg.blocks}, cfg, expects_mma=False))
         if shift_mode(dtype, False):
             cfg = GPU_CONFIGS["scale"]
-            entries.append(GateEntry(
-                f"fused_pact_head.scale[{t}]", _scale_rows_kernel,
-                {"dx_ptr": f"*{t}", "x_ptr": f"*{t}", "xs_ptr": f"*{t}", "beta_ptr": f"*{t}", "g_ptr": "*fp32",
-                 "s_ptr": "*fp32", "R": "i32", "H": "i32", "inv_temp": "fp32"},
-                cfg.blocks, cfg, expects_mma=False))
+            for write_xs in (True, False):
+                entries.append(GateEntry(
+                    f"fused_pact_head.scale[{t}{'' if write_xs else '-frozen'}]", _scale_rows_kernel,
+                    {"dx_ptr": f"*{t}", "x_ptr": f"*{t}", "xs_ptr": f"*{t}", "beta_ptr": f"*{t}", "g_ptr": "*fp32",
+                     "s_ptr": "*fp32", "R": "i32", "H": "i32", "inv_temp": "fp32"},
+                    {"WRITE_XS": write_xs, **cfg.blocks}, cfg, expects_mma=False))
     return entries

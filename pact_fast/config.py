@@ -115,6 +115,9 @@ class TrainConfig:
     fused_head: bool = field(default=True, metadata={
         "help": "the PACT loss fused into the lm_head (pact_fast.ops.fused_pact_head: loss, dX and dW in one pass "
                 "over the vocabulary, torch backend); false = linear_logprobs, then pact_loss"})
+    fused_head_memory_lean: bool = field(default=False, metadata={
+        "help": "fused head (fused_head=true only): recompute logits over vocabulary slabs, workspace within 5% of "
+                "dW for ~4/3 the GEMM time; false = one pass, workspace within 25% of dW"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={
         "help": "CPU threads of torch's intra-op pool; 0 = OMP_NUM_THREADS if set, else the cores idle when the run "
@@ -137,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = fitted to the idle cores)")
         if self.max_skipped_steps < 1:
             raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
+        if self.fused_head_memory_lean and not self.fused_head:
+            raise ValueError("train.fused_head_memory_lean=true needs train.fused_head=true (it is the fused head's)")
 
 
 @dataclass

@@ -520,7 +520,8 @@ def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, ol
     reaches the whole graph (every rank runs its backward: FSDP's collectives)."""
     if c.config.train.fused_head:
         return fused_micro_batch_loss(c.scorer, units, inputs, flat, sft_flat, advantages, anchored, old, c.device,
-                                      loss_args, backend=score["backend"], temperature=score["temperature"])
+                                      dict(loss_args, memory_lean=c.config.train.fused_head_memory_lean),
+                                      backend=score["backend"], temperature=score["temperature"])
     res, n_tok = score_micro_batch(c.scorer, units, inputs, return_entropy=c.config.loss.c_ent > 0, **score)
     batch = batch_for_loss(units, res, flat, sft_flat, advantages, anchored, old, c.device)
     try:

@@ -189,7 +189,8 @@ def test_bad_input_is_an_error_naming_it(change, match):
     args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, logit_scale=1.0,
                 softcap=None, old_from_current=False)
     change(args)
-    with pytest.raises((ValueError, TypeError), match=match):
+    # RuntimeError: a device-side assert (value checks that would otherwise synchronise with the host)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         fused_pact_head(hidden, weight, args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
                         temperature=args["temperature"], logit_scale=args["logit_scale"], softcap=args["softcap"],
                         old_from_current=args["old_from_current"], backend=args["backend"])
@@ -359,14 +360,10 @@ def test_auto_backend_is_torch_on_cpu_even_when_interpreting(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_rows_no_index_refers_to_get_zero_gradient_and_skip_the_matmuls(backend, monkeypatch):
+def test_rows_no_index_refers_to_get_zero_gradient(backend):
     """Five extra rows of hidden (at the start, the middle and the end) that no index refers to: the loss and
-    the other gradients are unchanged, theirs are zero, and the head only ever sees the referenced rows."""
-    import importlib
-
-    from pact_fast.kernels import fused_pact_head_launch as launch
-
-    op = importlib.import_module("pact_fast.ops.fused_pact_head")
+    the other gradients are unchanged, theirs are exactly zero (they go through the matmuls with a zero
+    upstream gradient: finding them would cost a host synchronisation)."""
     dtype = torch.float64 if backend == "torch" else torch.float32
     hidden, weight, _, targets, rows, batch = _problem(8, dtype=dtype)
     batch = _as_fp32_batch(batch) if backend == "triton" else batch
@@ -379,21 +376,13 @@ def test_rows_no_index_refers_to_get_zero_gradient_and_skip_the_matmuls(backend,
     wide_rows = {name: torch.where(index >= 0, new_row[index.clamp_min(0)], index) for name, index in rows.items()}
     wide_targets = torch.zeros(n + 5, dtype=torch.long)
     wide_targets[new_row] = targets
-    seen = []
-    for name, module in (("run", launch), ("_run_torch", op)):
-        original = getattr(module, name)
-
-        def spy(x, *args, original=original, **kwargs):
-            seen.append(x.shape[0])
-            return original(x, *args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
     ref, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, step=1, backend=backend)
     got, _ = fused_pact_head(wide, weight, wide_targets, wide_rows, batch, config, 0.4, step=1, backend=backend)
-    assert seen == [n, n]
     ref_grads = torch.autograd.grad(ref, [hidden, weight])
     dwide, dweight = torch.autograd.grad(got, [wide, weight])
-    assert torch.equal(got, ref) and torch.equal(dweight, ref_grads[1])
-    assert torch.equal(dwide[new_row], ref_grads[0])
+    tol = 1e-12 if backend == "torch" else 1e-6
+    assert torch.isclose(got, ref, rtol=tol) and rel_err(dweight, ref_grads[1]) < tol
+    assert rel_err(dwide[new_row], ref_grads[0]) < tol
     assert dwide[[0, 1, 12, n + 3, n + 4]].abs().max() == 0
 
 

@@ -113,13 +113,14 @@ def test_one_kernel_cost_per_launch_in_launch_order():
 
 
 def test_w_logprob_meets_the_targets_by_the_model():
-    """Issue 16: fused fwd+bwd <= 1.1x three bare GEMMs on H100 at W-logprob (bf16, no entropy bonus), 6NVH
-    FLOPs exactly, and a workspace of at most 4% of naive's fp32 logits."""
+    """Issue 24 (was issue 16's 1.1x at a workspace as large as dW): fused fwd+bwd <= 1.15x three bare GEMMs on
+    H100 at W-logprob (bf16, no entropy bonus) with the default row block, whose workspace stays within 25% of
+    dW; 6NVH FLOPs exactly, and a workspace of at most 4% of naive's fp32 logits."""
     for workload, shape in roofline.W_LOGPROB.items():
         N, H, V = shape["N"], shape["H"], shape["V"]
         costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, want_entropy=False)
         assert sum(c.flops for c in costs) == 6 * N * V * H, workload
-        assert roofline.predict_ms(costs, "H100") <= 1.1 * roofline.ideal_logprob_ms(N, V, H, "H100"), workload
+        assert roofline.predict_ms(costs, "H100") <= 1.15 * roofline.ideal_logprob_ms(N, V, H, "H100"), workload
         assert launch.extra_memory_bytes(N, V, H, torch.bfloat16) <= 0.04 * N * V * 4, workload
 
 

@@ -176,13 +176,11 @@ class _NaNGrad(torch.autograd.Function):
 
 
 def _flaky_loss(monkeypatch, bad_steps, how):
-    """Make pact_loss non-finite (loss or gradient) at the given 0-based steps, in the trainer's unfused path and
-    inside the fused head."""
-    import importlib
-
+    """Make the loss non-finite (loss or gradient) at the given 0-based steps, in the trainer's unfused path
+    (pact_loss) and in the fused head (fused_pact_head, which no longer calls pact_loss)."""
     import pact_fast.trainer as trainer
 
-    real = trainer.pact_loss
+    real, real_head = trainer.pact_loss, trainer.fused_pact_head
 
     def flaky(batch, config, progress, *, step, **kw):
         loss, metrics = real(batch, config, progress, step=step, **kw)
@@ -192,8 +190,16 @@ def _flaky_loss(monkeypatch, bad_steps, how):
             raise FloatingPointError("pact_loss: the loss is not finite (nan)")
         return loss + _NaNGrad.apply(batch.logp_po.sum()) * 0.0, metrics
 
+    def flaky_head(hidden, *args, step, **kw):
+        loss, metrics = real_head(hidden, *args, step=step, **kw)
+        if step not in bad_steps:
+            return loss, metrics
+        if how == "loss":
+            raise FloatingPointError("pact_loss: the loss is not finite (nan)")
+        return loss + _NaNGrad.apply(hidden.sum()) * 0.0, metrics
+
     monkeypatch.setattr(trainer, "pact_loss", flaky)
-    monkeypatch.setattr(importlib.import_module("pact_fast.ops.fused_pact_head"), "pact_loss", flaky)
+    monkeypatch.setattr(trainer, "fused_pact_head", flaky_head)
 
 
 def _all_checkpoint_weights(run_dir):
