@@ -8,12 +8,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def _run(args, tmp_path):
+    """Run Python in ``tmp_path`` without the interpreter, importing pact_fast from this checkout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
 
 
