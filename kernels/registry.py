@@ -31,6 +31,12 @@ class GateEntry:
     constexprs: dict
     config: LaunchConfig
     expects_mma: bool = True  # tile matmuls on 16-bit inputs must use tensor cores
+    min_ctas_per_sm: int = 1  # the gate fails a build with fewer resident CTAs per SM (registers, shared memory)
+    # arguments every launch passes divisible by 16 (a pointer's address: torch allocations are 16-byte aligned; an
+    # int's value, e.g. a stride that is a multiple of the head dim), compiled with that hint as Triton's runtime
+    # specialisation does when it launches them
+    aligned: tuple = ()
+    archs: tuple = (90, 80)  # the architectures this entry is launched on (its config may be one arch's)
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# linear_logprobs' backward epilogue, also the fused head's gradient pass in its ordinary mode
-_LOGPROB_BWD_GPU = LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=4, num_stages=2)
+# linear_logprobs' backward epilogue, also the fused head's gradient pass in its ordinary mode. 8 warps: at 4, its
+# bf16 build with bias and entropy gradient kept 16 B of stack with STL/LDL on sm_80 (96 registers, triton 3.9)
+_LOGPROB_BWD_GPU = LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=8, num_stages=2)
 _LOGPROB_BWD_INTERPRET = LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32})
 
 GPU_CONFIGS = {
@@ -84,12 +91,14 @@ GPU_CONFIGS = {
         "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 256}, num_warps=4, num_stages=2),
         "bwd": _LOGPROB_BWD_GPU,
     },
-    # tree_attention (chosen by its model at one W-group layer, kernels/tree_attention_launch.py): forward and
-    # dq over 128-query tiles with up to 2 query heads stacked (256 rows per K/V tile), dk/dv over 128-key tiles.
+    # tree_attention (kernels/tree_attention_launch.py): one query head per program; forward and dq over 64-query
+    # tiles against 32-key tiles, dk/dv over 64-key tiles against 16-query tiles (sm_80: 32-key tiles, ARCH_CONFIGS),
+    # 4 warps. The largest tiles the compile gate builds with no spill and 2 CTAs per SM on sm_90a and sm_80 at
+    # head dim 128 (triton 3.9): stacking 2 heads, 128-query or 64x64 tiles, or 8 warps all spilled or fell to 1 CTA.
     "tree_attention": {
-        "fwd": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        "dq": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        "dkdv": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        "fwd": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        "dq": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         "delta": LaunchConfig({"BLOCK_R": 32}, num_warps=4, num_stages=1),
         "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
     },
@@ -102,6 +111,27 @@ GPU_CONFIGS = {
         "grad": _LOGPROB_BWD_GPU,
     },
 }
+# Replacements of GPU_CONFIGS entries on one architecture (80: A100 and any GPU below sm_90; GPU_CONFIGS itself is
+# sm_90a's). tree_attention's dk/dv at 64 keys spills on sm_80, where mma.sync holds the k and v operands in registers
+# beside the dk and dv accumulators; 32-key tiles fit (sm_90a keeps 64: wgmma needs 64 rows per warp group).
+ARCH_CONFIGS = {
+    80: {"tree_attention": {"dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)}},
+}
+GATE_ARCHS = (90, 80)  # what the compile gate builds: sm_90a and sm_80
+
+
+def gpu_configs(op, arch=90):
+    """Launch configurations of ``op`` (a GPU_CONFIGS key) on architecture ``arch`` (90 or 80)."""
+    if arch not in GATE_ARCHS:
+        raise ValueError(f"gpu_configs: arch must be one of {GATE_ARCHS}, got {arch!r}")
+    return {**GPU_CONFIGS[op], **ARCH_CONFIGS.get(arch, {}).get(op, {})}
+
+
+def device_arch(device) -> int:
+    """The GATE_ARCHS entry whose configurations a CUDA ``device`` launches: 90 from sm_90 up, else 80."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
 # Interpreter: small tiles, so small test shapes still span several tiles (tree attention's backward key
 # tiles twice its query tiles, as on the GPU).
 INTERPRET_CONFIGS = {

@@ -6,14 +6,16 @@ tile, the query tiles), so no kernel touches a fully masked tile:
 
 - ``_fwd_kernel``: one program per (query tile, batch, block of HEADS query heads that share one
   key/value head): the heads' rows are stacked into one ``[HEADS * BLOCK_M, D]`` operand, so every
-  key/value tile loaded serves all of them (GQA packing); online softmax in base 2; writes ``o`` and
-  the row log-sum-exp ``lse`` (base 2, fp32) for backward.
+  key/value tile loaded serves all of them (the launcher stacks 1: 2 spill at head dim 128); online softmax
+  in base 2; writes ``o`` and the row log-sum-exp ``lse`` (base 2, fp32) for backward.
 - ``_delta_kernel``: ``delta = rowsum(do * o)`` in fp32, one pass over ``o`` and ``do``.
 - ``_dq_kernel``: per query tile (same stacking), walks the forward's key tiles: ``dq = scale * sum ds @ k``.
 - ``_dkdv_kernel``: per (key tile, batch, key/value head), walks the query tiles of every query head of
-  its group: ``dv = sum p^T @ do``, ``dk = scale * sum ds^T @ q``. With ``ATOMIC_DQ`` it also adds
-  ``scale * ds @ k`` into an fp32 dq buffer with atomics (5 matmuls per visible tile pair instead of the
-  split's 4 + 3, in a summation order that varies run to run); ``_cast_kernel`` then writes dq.
+  its group, in transposed tiles ``[keys, queries]`` (``s^T = k @ q^T``, ``dp^T = v @ do^T``: k and v are
+  left operands, so each warp holds only its own key rows, and ``p^T``, ``ds^T`` are already the left
+  operands of ``dv = sum p^T @ do``, ``dk = scale * sum ds^T @ q``). With ``ATOMIC_DQ`` it also adds
+  ``scale * (k^T @ ds^T)^T`` into an fp32 dq buffer with atomics (5 matmuls per visible tile pair instead of
+  the split's 4 + 3, in a summation order that varies run to run); ``_cast_kernel`` then writes dq.
 
 with ``p = exp2(s * log2e - lse)``, ``ds = p * (do @ v^T - delta)``. Without ``ATOMIC_DQ`` nothing uses
 atomics and every result is deterministic.
@@ -45,9 +47,20 @@ def _query_rows(pid_m, h0, BLOCK_M: tl.constexpr, HEADS: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptrs, row_mask, d_mask, UPCAST: tl.constexpr):
+def _tile_mask(row_mask, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a [rows, BLOCK_D] tile: the rows' mask, and the head-dim mask ``d_mask`` [BLOCK_D] unless
+    BLOCK_D == HEAD_DIM (then [rows, 1], broadcast by the load or store: an all-true column mask costs registers)."""
+    if HEAD_DIM == BLOCK_D:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & d_mask[None, :]
+    return mask
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, d_mask, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """A [rows, BLOCK_D] tile, zero outside the rows and the head dimension (fp32 when UPCAST)."""
-    x = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    x = tl.load(ptrs, mask=_tile_mask(row_mask, d_mask, HEAD_DIM, BLOCK_D), other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -74,6 +87,15 @@ def _visible(pos_m, offs_n, end, L, depth_m, depth_n, window, WINDOW: tl.constex
 
 
 @triton.jit
+def _visible_t(pos_m, offs_n, end, L, depth_m, depth_n, window, WINDOW: tl.constexpr):
+    """``_visible`` transposed: [BLOCK_N, rows] bool, key n (row) visible to the query at position m (column)."""
+    vis = (offs_n[:, None] <= pos_m[None, :]) & (pos_m[None, :] < end[:, None]) & (pos_m[None, :] < L)
+    if WINDOW:
+        vis = vis & (depth_m[None, :] - depth_n[:, None] < window)
+    return vis
+
+
+@triton.jit
 def _tanh(x):
     """tanh of fp32 ``x`` as 1 - 2 / (e^2x + 1): exactly +-1 where e^2x overflows or vanishes."""
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
@@ -81,7 +103,8 @@ def _tanh(x):
 
 @triton.jit
 def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr):
-    """(s, t) of a query tile [rows, D] and a key tile [cols, D]: the scores in base 2, ``log2e * scale * q.k``
+    """(s, t) of a left tile [rows, D] and a right tile [cols, D] (queries and keys, or keys and queries for the
+    transposed scores): the scores [rows, cols] in base 2, ``log2e * scale * q.k``
     or with SOFTCAP ``log2e * softcap * t``, where ``t = tanh(scale * q.k / softcap)`` (the backward's chain
     rule needs it; without SOFTCAP t is the raw product and unused)."""
     t = tl.dot(q, tl.trans(k))
@@ -110,19 +133,21 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
     d_mask = offs_d < HEAD_DIM
     m_mask = pos < L
     q = _load_rows(q_ptr + b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :], m_mask, d_mask,
-                   UPCAST)
+                   UPCAST, HEAD_DIM, BLOCK_D)
     depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
     m_i = tl.full((HEADS * BLOCK_M,), _M_INIT, dtype=tl.float32)
     l_i = tl.zeros((HEADS * BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
     list_off = (b * N_QT + pid_m) * N_KT
     n_visible = tl.load(cnt_ptr + b * N_QT + pid_m)
     for t in range(n_visible):
         j = tl.load(idx_ptr + list_off + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < L
-        k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
-        v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
+        k = _load_rows(k_base + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
         depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
         s, _ = _scores(q, k, scale, softcap, SOFTCAP)
@@ -136,7 +161,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, o_ptr, lse_ptr,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     tl.store(o_ptr + b * sob + head[:, None] * soh + pos[:, None] * sol + offs_d[None, :],
-             round_to(acc, o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+             round_to(acc, o_ptr.dtype.element_ty), mask=_tile_mask(m_mask, d_mask, HEAD_DIM, BLOCK_D))
     tl.store(lse_ptr + (b * HQ + head) * L + pos, m_i + tl.log2(l_safe), mask=m_mask)
 
 
@@ -150,8 +175,8 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, ROWS,
     r_mask = offs_r < ROWS
     d_mask = offs_d < HEAD_DIM
     ptrs = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
-    o = _load_rows(o_ptr + ptrs, r_mask, d_mask, True)
-    do = _load_rows(do_ptr + ptrs, r_mask, d_mask, True)
+    o = _load_rows(o_ptr + ptrs, r_mask, d_mask, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(do_ptr + ptrs, r_mask, d_mask, True, HEAD_DIM, BLOCK_D)
     tl.store(delta_ptr + offs_r, tl.sum(o * do, axis=1), mask=r_mask)
 
 
@@ -173,20 +198,22 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
     m_mask = pos < L
     # q, do and dq share q's strides (the launcher makes do and dq contiguous like q)
     q_off = b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :]
-    q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST)
-    do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
+    q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
+    do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + (b * HQ + head) * L + pos, mask=m_mask, other=0.0)
     depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
     dq = tl.zeros((HEADS * BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
     list_off = (b * N_QT + pid_m) * N_KT
     n_visible = tl.load(cnt_ptr + b * N_QT + pid_m)
     for t in range(n_visible):
         j = tl.load(idx_ptr + list_off + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < L
-        k = _load_rows(k_ptr + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST)
-        v = _load_rows(v_ptr + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST)
+        k = _load_rows(k_base + offs_n[:, None] * skl + offs_d[None, :], n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base + offs_n[:, None] * svl + offs_d[None, :], n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
         end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
         depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
         s, t = _scores(q, k, scale, softcap, SOFTCAP)
@@ -196,7 +223,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr, 
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    tl.store(dq_ptr + q_off, round_to(dq * scale, dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(dq_ptr + q_off, round_to(dq * scale, dq_ptr.dtype.element_ty),
+             mask=_tile_mask(m_mask, d_mask, HEAD_DIM, BLOCK_D))
 
 
 @cost_name("tree_attention.dkdv")
@@ -216,8 +244,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
     n_mask = offs_n < L
     k_off = b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :]
     v_off = b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :]
-    k = _load_rows(k_ptr + k_off, n_mask, d_mask, UPCAST)
-    v = _load_rows(v_ptr + v_off, n_mask, d_mask, UPCAST)
+    k = _load_rows(k_ptr + k_off, n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr + v_off, n_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
     end = tl.load(end_ptr + b * L + offs_n, mask=n_mask, other=0)
     depth_n = _depths(depth_ptr + b * L, offs_n, n_mask, WINDOW)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -231,25 +259,29 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, end_ptr, cnt_ptr, idx_ptr, do_ptr, lse_ptr
             pos, _ = _query_rows(i, h, BLOCK_M, 1)
             m_mask = pos < L
             q_off = b * sqb + h * sqh + pos[:, None] * sql + offs_d[None, :]
-            q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST)
-            do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST)
+            q = _load_rows(q_ptr + q_off, m_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
+            do = _load_rows(do_ptr + q_off, m_mask, d_mask, UPCAST, HEAD_DIM, BLOCK_D)
             lse = tl.load(lse_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
             delta = tl.load(delta_ptr + (b * HQ + h) * L + pos, mask=m_mask, other=0.0)
             depth_m = _depths(depth_ptr + b * L, pos, m_mask, WINDOW)
-            s, t = _scores(q, k, scale, softcap, SOFTCAP)
-            p = tl.where(_visible(pos, offs_n, end, L, depth_m, depth_n, window, WINDOW), tl.exp2(s - lse[:, None]),
-                         0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
+            # transposed tiles [keys, queries]: k and v are the left operands (each warp holds only its own key
+            # rows), and p^T, ds^T come out in the layout the dk / dv products take
+            s_t, t_t = _scores(k, q, scale, softcap, SOFTCAP)
+            vis_t = _visible_t(pos, offs_n, end, L, depth_m, depth_n, window, WINDOW)
+            p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)
             if ATOMIC_DQ:  # dq_ptr: fp32 [B, Hq, L, D] with q's strides
-                tl.atomic_add(dq_ptr + q_off, tl.dot(ds.to(k.dtype), k) * scale,
-                              mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(dk_ptr + k_off, round_to(dk * scale, dk_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
-    tl.store(dv_ptr + v_off, round_to(dv, dv_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+                dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype))  # [BLOCK_D, BLOCK_M]: fewer registers than ds @ k
+                tl.atomic_add(dq_ptr + tl.trans(q_off), dq_t * scale,
+                              mask=tl.trans(_tile_mask(m_mask, d_mask, HEAD_DIM, BLOCK_D)))
+    kv_mask = _tile_mask(n_mask, d_mask, HEAD_DIM, BLOCK_D)
+    tl.store(dk_ptr + k_off, round_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + v_off, round_to(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @cost_name("tree_attention.cast")

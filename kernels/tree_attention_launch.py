@@ -1,19 +1,20 @@
 """Launchers for the tree-attention kernels: visible-tile lists, grids, and the performance model.
 
-Tiles (``GPU_CONFIGS``, from kernels/registry.py, chosen by ``kernel_costs`` at one W-group layer,
-bench/roofline.py):
+Tiles (``GPU_CONFIGS`` from kernels/registry.py, sm_80's dk/dv tile from its ``ARCH_CONFIGS``), one query head per
+program, 4 warps, the largest the compile gate (``python -m pact_fast.compile_gate``) builds with no spill and at
+least 2 CTAs per SM on sm_90a and sm_80 at head dims 64 and 128:
 
-- forward and dq: query tiles of 128 positions, with the query heads that share a key/value head
-  stacked (``heads_per_program``: up to 2, so 256 rows) against 64-key tiles. A key/value tile is
-  loaded once for all rows: 2 (forward) or 3 (dq) matmuls over 256 rows per 32 KB of K and V
-  (bf16, head_dim 128) is 256-384 FLOP/byte, compute-bound on H100 (~230 needed).
-- dk/dv: 128-key tiles against 64-query tiles: 4 matmuls per 32 KB of q and do, 256 FLOP/byte.
+- forward and dq: 64-query tiles against 32-key tiles. A key/value tile serves 64 query rows: 2 (forward) or 3 (dq)
+  matmuls per 16 KB of K and V (bf16, head dim 128) is 64-96 FLOP/byte of tile loads, most of which the L2 cache
+  serves (every query tile of a head walks the same key tiles).
+- dk/dv: 64-key tiles (sm_80: 32) against 16-query tiles, computed transposed (``k @ q^T``) so k and v are the left
+  operands and p^T, ds^T come out in the layout the dk / dv products take: 4 matmuls per 8 KB of q and do.
 
 The backward runs 7 matmuls per visible tile pair (split: dq in its own kernel, deterministic). The
 5-matmul alternative (``dq_mode="atomic"``: dq added into an fp32 buffer with atomics from the dk/dv
-kernel) moves 8 bytes of atomics per dq element per tile pair, 107 FLOP/byte at these tiles, so by the
-model it is slower (see ``kernel_costs`` and README's roofline table); it is kept for measurement on a GPU,
-where L2 may absorb the atomics the model charges to HBM.
+kernel) moves 8 bytes of atomics per dq element per tile pair, so by the model it is slower (see ``kernel_costs``
+and README's roofline table); it is kept for measurement on a GPU, where L2 may absorb the atomics the model charges
+to HBM.
 
 A sliding window (``window`` over ``position_ids``) drops from the lists every tile pair wholly outside it
 (the smallest query position of the query tile minus the largest key position of the key tile is at least
@@ -25,18 +26,24 @@ import torch
 import triton
 
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, interpreting
+from .registry import GATE_ARCHS, TRITON_DTYPE, GateEntry, KernelCost, device_arch, gpu_configs, interpreting
 from .tree_attention import _cast_kernel, _delta_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 
-GPU_CONFIGS = registry.GPU_CONFIGS["tree_attention"]
+GPU_CONFIGS = registry.GPU_CONFIGS["tree_attention"]  # sm_90a's, the performance model's (H100, H200)
 INTERPRET_CONFIGS = registry.INTERPRET_CONFIGS["tree_attention"]
-MAX_HEADS = 2  # query heads stacked per forward / dq program
+MAX_HEADS = 1  # query heads stacked per forward / dq program (2 spilled at head dim 128, see registry.GPU_CONFIGS)
 GATE_HEAD_DIMS = (64, 128)
 DQ_MODES = ("split", "atomic")
 
 
-def _configs(configs=None):
-    cfgs = configs or (INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS)
+def _configs(configs=None, device=None):
+    """``configs``, or the interpreter's, or those of the architecture of CUDA ``device``."""
+    if configs:
+        cfgs = configs
+    elif interpreting():
+        cfgs = INTERPRET_CONFIGS
+    else:
+        cfgs = gpu_configs("tree_attention", device_arch(device))
     if cfgs["fwd"].blocks != cfgs["dq"].blocks:
         raise ValueError("tree_attention: the forward and dq kernels walk one tile list; their tiles must match")
     return cfgs
@@ -102,7 +109,7 @@ class TileLists(NamedTuple):
 def tile_lists(subtree_end, configs=None, position_ids=None, window=None):
     """TileLists of ``subtree_end [B, L]`` at the launch tiles (``configs`` default: the launcher's own), under
     ``window`` over ``position_ids [B, L]`` when given (``visible_tiles``)."""
-    cfgs = _configs(configs)
+    cfgs = _configs(configs, subtree_end.device)
     fwd, bwd = cfgs["fwd"].blocks, cfgs["dkdv"].blocks
     q_lists = _lists(visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"], position_ids, window))
     k_lists = _lists(visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"], position_ids, window).transpose(1, 2))
@@ -133,7 +140,7 @@ def forward(q, k, v, subtree_end, scale, lists=None, configs=None, position_ids=
 
     lists: ``tile_lists(subtree_end, position_ids=..., window=...)`` when the caller built them once for several
     layers. position_ids: [B, L] int32 contiguous, read under a window (None: none); softcap: None for none."""
-    cfgs = _configs(configs)
+    cfgs = _configs(configs, q.device)
     lists = tile_lists(subtree_end, cfgs, position_ids, window) if lists is None else lists
     B, HQ, L, _ = q.shape
     group = HQ // k.shape[1]
@@ -158,7 +165,7 @@ def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", co
     lists, position_ids, window, softcap: the forward's."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"tree_attention: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
-    cfgs = _configs(configs)
+    cfgs = _configs(configs, q.device)
     B, HQ, L, D = q.shape
     HKV = k.shape[1]
     group = HQ // HKV
@@ -198,20 +205,20 @@ def _valid(L, block, tiles):
 
 
 def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "bwd"), dq_mode="split",
-                 position_ids=None, window=None):
+                 position_ids=None, window=None, arch=90):
     """Performance model of tree attention over ``subtree_end [B, L]``: one KernelCost per launch, in
     launch order (forward; then delta, dq (split) or none, dk/dv, cast (atomic)).
 
     FLOPs: 2*M*N*K per ``tl.dot`` executed (K = BLOCK_D, the head dim padded to a power of two);
     bytes: every executed tl.load / tl.store (masked elements excluded; an atomic is a load and a store),
-    including the tile-list scalars. ``configs`` default to the GPU's. ``window`` over ``position_ids [B, L]``:
-    the window's tile lists, plus an int32 position read wherever a key's subtree_end or a query row is. A
-    softcap changes neither number (elementwise tanh on tiles already in registers)."""
+    including the tile-list scalars. ``configs`` default to the GPU's of ``arch`` (90: sm_90a, 80: sm_80).
+    ``window`` over ``position_ids [B, L]``: the window's tile lists, plus an int32 position read wherever a
+    key's subtree_end or a query row is. A softcap changes neither number (elementwise tanh on tiles already in registers)."""
     if not passes or not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     if dq_mode not in DQ_MODES:
         raise ValueError(f"kernel_costs: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
-    cfgs = configs or GPU_CONFIGS
+    cfgs = configs or gpu_configs("tree_attention", arch)
     ends = subtree_end.cpu()
     B, L = ends.shape
     e = torch.empty((), dtype=dtype).element_size()
@@ -291,10 +298,10 @@ def ideal_costs(subtree_end, HQ, HKV, D, dtype, passes=("fwd", "bwd"), position_
     return [KernelCost("ideal", matmuls * 2 * visible * D * HQ, tensors * B * L * D * (HQ + HKV) * e)]
 
 
-def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split"):
+def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split", arch=90):
     """Bytes allocated beyond q, k, v, o and the gradients: lse and delta (fp32 per query row), the tile
-    lists (int32), and in atomic mode the fp32 dq buffer."""
-    cfgs = configs or GPU_CONFIGS
+    lists (int32), and in atomic mode the fp32 dq buffer (``configs`` default: the GPU's of ``arch``)."""
+    cfgs = configs or gpu_configs("tree_attention", arch)
     B, L = subtree_end.shape
     lists = 0
     for name, listed_per in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N")):  # a count per query / per key tile
@@ -310,6 +317,29 @@ GATE_OPTIONS = ((False, False), (True, False), (False, True), (True, True))
 
 def _option_tag(window, softcap):
     return ("-window" if window else "") + ("-softcap" if softcap else "")
+
+
+def _gate_entry(name, kernel, signature, constexprs, cfg, archs, **kw):
+    """A GateEntry compiled as the launches specialise it: every pointer 16-byte aligned, every stride a multiple
+    of the head dim (64 or 128), so divisible by 16; at least 2 CTAs per SM."""
+    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n in _STRIDES)
+    return GateEntry(name, kernel, signature, constexprs, cfg, aligned=aligned, min_ctas_per_sm=2, archs=archs, **kw)
+
+
+_STRIDES = {"sqb", "sqh", "sql", "skb", "skh", "skl", "svb", "svh", "svl", "sob", "soh", "sol"}
+
+
+def _per_arch(kernel):
+    """[(archs, LaunchConfig)]: the gate's architectures grouped by their configuration of ``kernel``."""
+    groups = []  # [(archs, cfg)]; LaunchConfig holds a dict, so it is compared, not hashed
+    for arch in GATE_ARCHS:
+        cfg = gpu_configs("tree_attention", arch)[kernel]
+        same = [g for g in groups if g[1] == cfg]
+        if same:
+            same[0][0].append(arch)
+        else:
+            groups.append(([arch], cfg))
+    return [(tuple(archs), cfg) for archs, cfg in groups]
 
 
 def gate_entries():
@@ -329,31 +359,31 @@ def gate_entries():
                 for heads in range(1, MAX_HEADS + 1):
                     if MAX_HEADS % heads:
                         continue
-                    cfg = GPU_CONFIGS["fwd"]
-                    entries.append(GateEntry(
-                        f"tree_attention.fwd[{t}-d{d}-heads{heads}{tag}]", _fwd_kernel,
-                        {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32",
-                         "sol": "i32", **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg))
-                    cfg = GPU_CONFIGS["dq"]
-                    entries.append(GateEntry(
-                        f"tree_attention.dq[{t}-d{d}-heads{heads}{tag}]", _dq_kernel,
-                        {**io, **grads, "dq_ptr": f"*{t}", **strides, **walk}, {**base, "HEADS": heads, **cfg.blocks},
-                        cfg))
+                    for archs, cfg in _per_arch("fwd"):
+                        entries.append(_gate_entry(
+                            f"tree_attention.fwd[{t}-d{d}-heads{heads}{tag}]", _fwd_kernel,
+                            {**io, "o_ptr": f"*{t}", "lse_ptr": "*fp32", **strides, "sob": "i32", "soh": "i32",
+                             "sol": "i32", **walk}, {**base, "HEADS": heads, **cfg.blocks}, cfg, archs))
+                    for archs, cfg in _per_arch("dq"):
+                        entries.append(_gate_entry(
+                            f"tree_attention.dq[{t}-d{d}-heads{heads}{tag}]", _dq_kernel,
+                            {**io, **grads, "dq_ptr": f"*{t}", **strides, **walk},
+                            {**base, "HEADS": heads, **cfg.blocks}, cfg, archs))
                 for atomic in (False, True):
-                    cfg = GPU_CONFIGS["dkdv"]
-                    entries.append(GateEntry(
-                        f"tree_attention.dkdv[{t}-d{d}{'-atomic' if atomic else ''}{tag}]", _dkdv_kernel,
-                        {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "dq_ptr": "*fp32", **strides, "L": "i32",
-                         "HQ": "i32", "HKV": "i32", "GROUP": "i32", "N_KT": "i32", "N_QT": "i32", "scale": "fp32",
-                         **options},
-                        {**base, "ATOMIC_DQ": atomic, **cfg.blocks}, cfg))
-            cfg = GPU_CONFIGS["delta"]
-            entries.append(GateEntry(
-                f"tree_attention.delta[{t}-d{d}]", _delta_kernel,
-                {"o_ptr": f"*{t}", "do_ptr": f"*{t}", "delta_ptr": "*fp32", "ROWS": "i32"},
-                {"HEAD_DIM": d, "BLOCK_D": d, **cfg.blocks}, cfg, expects_mma=False))
-        cfg = GPU_CONFIGS["cast"]
-        entries.append(GateEntry(f"tree_attention.cast[{t}]", _cast_kernel,
-                                 {"src_ptr": "*fp32", "dst_ptr": f"*{t}", "n": "i32"}, dict(cfg.blocks), cfg,
-                                 expects_mma=False))
+                    for archs, cfg in _per_arch("dkdv"):
+                        entries.append(_gate_entry(
+                            f"tree_attention.dkdv[{t}-d{d}{'-atomic' if atomic else ''}{tag}]", _dkdv_kernel,
+                            {**io, **grads, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "dq_ptr": "*fp32", **strides,
+                             "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "N_KT": "i32", "N_QT": "i32",
+                             "scale": "fp32", **options},
+                            {**base, "ATOMIC_DQ": atomic, **cfg.blocks}, cfg, archs))
+            for archs, cfg in _per_arch("delta"):
+                entries.append(_gate_entry(
+                    f"tree_attention.delta[{t}-d{d}]", _delta_kernel,
+                    {"o_ptr": f"*{t}", "do_ptr": f"*{t}", "delta_ptr": "*fp32", "ROWS": "i32"},
+                    {"HEAD_DIM": d, "BLOCK_D": d, **cfg.blocks}, cfg, archs, expects_mma=False))
+        for archs, cfg in _per_arch("cast"):
+            entries.append(_gate_entry(f"tree_attention.cast[{t}]", _cast_kernel,
+                                       {"src_ptr": "*fp32", "dst_ptr": f"*{t}", "n": "i32"}, dict(cfg.blocks), cfg,
+                                       archs, expects_mma=False))
     return entries
