@@ -198,7 +198,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     for r0, r, v0, s in blocks(N, V, blocking) if "fwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)
         first, last = v0 == 0, v0 + s == V
-        nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + (12 * r if last else 16 * r)
+        # targets, state in (after the first slab), the logits, each row's target logit, state or results out
+        nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + r * e + (12 * r if last else 16 * r)
         costs.append(KernelCost("linear_logprobs.fwd", 0, nbytes))
     bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
     for r0, r, v0, s in blocks(N, V, blocking) if "bwd" in passes else ():
