@@ -7,7 +7,8 @@ Both are row-block x vocabulary-slab building blocks: they see a workspace, the 
 vocabulary column ``v0`` and per-row vectors already offset to the block's first row.
 
 ``_slab_stats_kernel`` (forward) keeps, per row, an online log-sum-exp over the slabs in fp32, in base 2
-(``u = z * log2(e)``: each logit costs one FFMA and one ``ex2``),
+(``u = z * log2(e)``: each logit costs one FFMA and one ``ex2``; with SOFTCAP its ``tanh`` one more ``ex2`` and
+an approximate reciprocal, the cap folded into the scale),
 
     m2 = running max of u,   s = sum 2^(u - m2),   t2 = sum 2^(u - m2) * (u - m2),   z_tgt,
 
@@ -56,15 +57,35 @@ def _exp2(x):
 
 
 @triton.jit
-def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, cap, SOFTCAP: tl.constexpr, TAIL: tl.constexpr):
+def _rcp(x):
+    """1 / x of fp32 ``x``: one ``rcp.approx.ftz`` on a GPU (within 1 ulp) instead of the several that ``/`` emits."""
+    if _INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _tanh_over(z, k):
+    """``tanh(z / cap)`` of fp32 ``z`` given ``k = 2 log2(e) / cap``: ``e = 2^(-k |z|)``, ``(1 - e) / (1 + e)`` with
+    z's sign (the forward's soft cap; its ``cap`` factor folds into the scale that follows)."""
+    e = _exp2(-k * tl.abs(z))
+    th = (1.0 - e) * _rcp(1.0 + e)
+    return tl.where(z < 0, -th, th)
+
+
+@triton.jit
+def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, k, SOFTCAP: tl.constexpr, TAIL: tl.constexpr):
     """One [SPLIT, rows, cols] tile (a row's BLOCK_S columns as SPLIT chunks, so each thread holds SPLIT pieces of
     its row and a row reduction crosses lanes once per tile) of the online log-sum-exp in base 2:
-    ``u = z * log2(e) - m2`` (z the transformed logits, ``c = inv_temp * log2(e)``), ``s = sum 2^u``,
-    ``t2 = sum 2^u u``. Only the TAIL tile masks columns (``col_ok``); elsewhere ``load_mask`` is the
-    loop-invariant row mask, and rows past the block hold finite garbage that is never stored."""
+    ``u = y * c - m2`` (y = z_raw, or ``tanh(z_raw / cap)`` with SOFTCAP, k as in ``_tanh_over``; c = the logits'
+    scale, inv_temp or with SOFTCAP cap * inv_temp, times log2(e)), ``s = sum 2^u``, ``t2 = sum 2^u u``.
+    Only the TAIL tile masks columns (``col_ok``); elsewhere ``load_mask`` is the loop-invariant row mask, and rows
+    past the block hold finite garbage that is never stored."""
     z = tl.load(ptrs, mask=load_mask, other=0.0).to(tl.float32)
     if SOFTCAP:
-        z, _ = soft_cap(z, cap)
+        z = _tanh_over(z, k)
     if TAIL:
         z = tl.where(col_ok, z, float("-inf"))
     m_new = tl.maximum(m2, tl.max(tl.max(z, axis=0), axis=1) * c)
@@ -91,15 +112,22 @@ def _slab_stats_kernel(z_ptr, stride_zr, tgt_ptr, state_ptr, logp_ptr, lse_ptr, 
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    c = inv_temp * _LOG2E
+    # u = z_raw * c, or tanh(z_raw / cap) * c with a soft cap (the cap folded into c), in base 2
+    if SOFTCAP:
+        scale = cap * inv_temp
+        k = 2.0 * _LOG2E / cap
+    else:
+        scale = inv_temp
+        k = 0.0
+    c = scale * _LOG2E
     # the target's logit: one load per row (column clamped into the slab, kept only where it lies in it)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1) - v0  # target's column within this slab
     in_slab = (tgt >= 0) & (tgt < S)
     z_t = tl.load(z_ptr + rows * stride_zr + tl.where(in_slab, tgt, 0).to(tl.int32), mask=row_mask,
                   other=0.0).to(tl.float32)
     if SOFTCAP:
-        z_t, _ = soft_cap(z_t, cap)
-    z_t = tl.where(in_slab, z_t * inv_temp, 0.0)
+        z_t = _tanh_over(z_t, k)
+    z_t = tl.where(in_slab, z_t * scale, 0.0)
     if IS_FIRST:
         m2 = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
         s = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -116,10 +144,10 @@ def _slab_stats_kernel(z_ptr, stride_zr, tgt_ptr, state_ptr, logp_ptr, lse_ptr, 
     row_mask_3d = row_mask[None, :, None]
     full = S - S % BLOCK_S
     for c0 in range(0, full, BLOCK_S):
-        m2, s, t2 = _stats_tile(ptrs + c0, row_mask_3d, row_mask_3d, m2, s, t2, c, cap, SOFTCAP=SOFTCAP, TAIL=False)
+        m2, s, t2 = _stats_tile(ptrs + c0, row_mask_3d, row_mask_3d, m2, s, t2, c, k, SOFTCAP=SOFTCAP, TAIL=False)
     if full < S:
         col_ok = full + chunk_cols < S
-        m2, s, t2 = _stats_tile(ptrs + full, row_mask_3d & col_ok, col_ok, m2, s, t2, c, cap, SOFTCAP=SOFTCAP,
+        m2, s, t2 = _stats_tile(ptrs + full, row_mask_3d & col_ok, col_ok, m2, s, t2, c, k, SOFTCAP=SOFTCAP,
                                 TAIL=True)
     if IS_LAST:
         store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m2 * _LN2, s, t2 * _LN2, z_tgt)
