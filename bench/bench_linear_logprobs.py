@@ -4,12 +4,21 @@ kernels, plus Liger-Kernel's fused linear cross entropy and cut-cross-entropy wh
     python bench/bench_linear_logprobs.py                 # CPU: N=8192, H=1024, V=32000 (torch paths)
     python bench/bench_linear_logprobs.py --workload W-logprob --json out.json   # CUDA, SPEC section 6
     pytest bench/bench_linear_logprobs.py                 # pytest-benchmark, small size
+    python bench/bench_linear_logprobs.py --sass          # issue term of the forward epilogue (no GPU needed)
 
 Every provider computes fp32 logp for N rows (and its gradient w.r.t. hidden and weight in
 fwd+bwd mode, upstream gradient random). Times and peak extra memory are measured side by side
 in one process; ratios are against the naive path.
+
+``--sass`` compiles the forward epilogue at its GPU configuration for sm_90a and sm_80 as the compile gate does
+(triton's bundled ptxas / cuobjdump), with the specialisation a launch gets (16-divisible pointers, strides and
+sizes), and counts the SASS instructions of its column loop: warp-instructions per logit = instructions in the
+loop body / logits one warp handles per iteration (BLOCK_R * BLOCK_S / num_warps).
 """
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,7 +95,64 @@ def run(workload, device, reps, names=None):
     return rows
 
 
+def _loop_bodies(sass):
+    """[(first address, last address, instructions)] of every loop in a cuobjdump -sass listing: the range from a
+    backward branch's target to the branch (NOPs left out)."""
+    code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) <= addr:
+            start = int(target.group(1), 16)
+            loops.append((start, addr, [t for a, t in code if start <= a <= addr and not t.startswith("NOP")]))
+    return loops
+
+
+def epilogue_sass_rows(archs=(90, 80), names=None):
+    """One row per forward-epilogue gate entry (those in ``names``, default all) and architecture: registers,
+    stack bytes, instructions in the column loop and warp-instructions per logit."""
+    import os
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from pact_fast.compile_gate import _tool
+    from pact_fast.kernels import linear_logprobs_launch as launch
+
+    rows = []
+    for entry in (e for e in launch.gate_entries() if e.name.startswith("linear_logprobs.fwd")
+                  and (names is None or e.name in names)):
+        args = entry.kernel.arg_names
+        attrs = {(args.index(a),): [["tt.divisibility", 16]] for a, ty in entry.signature.items()
+                 if ty.startswith("*") or a in ("stride_zr", "R", "S", "v0")}
+        src = triton.compiler.ASTSource(fn=entry.kernel, constexprs=entry.constexprs, attrs=attrs,
+                                        signature={**entry.signature, **{k: "constexpr" for k in entry.constexprs}})
+        for arch in archs:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": entry.config.num_warps,
+                                               "num_stages": entry.config.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(compiled.asm["cubin"])
+            try:
+                sass, usage = (subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True,
+                                              check=True).stdout for flag in ("-sass", "--dump-resource-usage"))
+            finally:
+                os.unlink(f.name)
+            body = max((b for _, _, b in _loop_bodies(sass)), key=len)
+            per_warp = entry.constexprs["BLOCK_R"] * entry.constexprs["BLOCK_S"] / entry.config.num_warps
+            fields = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+            rows.append({"kernel": entry.name, "arch": f"sm_{arch}", "registers": int(fields["REG"]),
+                         "stack": int(fields["STACK"]), "loop_instructions": len(body),
+                         "logits_per_warp_iteration": int(per_warp), "instructions_per_logit": len(body) / per_warp})
+    return rows
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sass" in argv:
+        print_table(epilogue_sass_rows(), ["kernel", "arch", "registers", "stack", "loop_instructions",
+                                           "logits_per_warp_iteration", "instructions_per_logit"])
+        return
     args, device, workload, reps = bench_args("linear log-prob benchmark", WORKLOADS, "W-logprob", "cpu", 10, 1, argv)
     rows = run(workload, device, reps, args.providers)
     shape = {k: str(v) for k, v in WORKLOADS[workload].items()}

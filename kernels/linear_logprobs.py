@@ -6,12 +6,18 @@ writes the block's logits ``z_raw = x[rows] @ w[cols].T (+ b[cols])`` into a bou
 Both are row-block x vocabulary-slab building blocks: they see a workspace, the slab's first
 vocabulary column ``v0`` and per-row vectors already offset to the block's first row.
 
-``_slab_stats_kernel`` (forward) keeps, per row, an online log-sum-exp over the slabs in fp32,
+``_slab_stats_kernel`` (forward) keeps, per row, an online log-sum-exp over the slabs in fp32, in base 2
+(``u = z * log2(e)``: each logit costs one FFMA and one ``ex2``; with SOFTCAP its ``tanh`` one more ``ex2`` and
+an approximate reciprocal, the cap folded into the scale),
 
-    m = running max of z,   s = sum exp(z - m),   t = sum exp(z - m) * (z - m),   z_tgt,
+    m2 = running max of u,   s = sum 2^(u - m2),   t2 = sum 2^(u - m2) * (u - m2),   z_tgt,
 
 in a ``[4, R]`` fp32 state between slabs, and at the last slab writes ``logp = z_tgt - lse``,
-``lse = m + log s`` and ``entropy = log s - t / s``. The logits are
+``lse = (m2 + log2 s) ln 2`` and ``entropy = (log2 s - t2 / s) ln 2``. ``z_tgt`` is one load of the row's
+target logit per slab (its column clamped into the slab, kept only where the target lies in it), not a compare
+over every logit. A tile is BLOCK_R rows x BLOCK_S columns held as SPLIT chunks per thread, so a row's
+reductions cross the warp's lanes once per BLOCK_S columns; only the slab's last partial tile masks columns.
+The logits are
 
     z = z_raw * inv_temp,   or with SOFTCAP   z = cap * tanh(z_raw / cap) * inv_temp
 
@@ -30,11 +36,68 @@ Each element is loaded and then stored by the same program, so the in-place upda
 import triton
 import triton.language as tl
 
-from .common import online_softmax_step, round_to, soft_cap, store_row_stats
+from .common import _INTERPRETED, round_to, soft_cap, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
 _M_INIT = tl.constexpr(-1.0e30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp2(x):
+    """2^x of fp32 ``x``: one ``ex2.approx.ftz`` on a GPU (``tl.exp2`` adds a subnormal range fix-up around it, 3
+    more instructions per element, for results below 2^-126 that vanish beside the row's largest term of 1)."""
+    if _INTERPRETED:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x of fp32 ``x``: one ``rcp.approx.ftz`` on a GPU (within 1 ulp) instead of the several that ``/`` emits."""
+    if _INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _tanh_over(z, k):
+    """``tanh(z / cap)`` of fp32 ``z`` given ``k = 2 log2(e) / cap``: ``e = 2^(-k |z|)``, ``(1 - e) / (1 + e)`` with
+    z's sign (the forward's soft cap; its ``cap`` factor folds into the scale that follows)."""
+    e = _exp2(-k * tl.abs(z))
+    th = (1.0 - e) * _rcp(1.0 + e)
+    return tl.where(z < 0, -th, th)
+
+
+@triton.jit
+def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, k, SOFTCAP: tl.constexpr, TAIL: tl.constexpr):
+    """One [SPLIT, rows, cols] tile (a row's BLOCK_S columns as SPLIT chunks, so each thread holds SPLIT pieces of
+    its row and a row reduction crosses lanes once per tile) of the online log-sum-exp in base 2:
+    ``u = y * c - m2`` (y = z_raw, or ``tanh(z_raw / cap)`` with SOFTCAP, k as in ``_tanh_over``; c = the logits'
+    scale, inv_temp or with SOFTCAP cap * inv_temp, times log2(e)), ``s = sum 2^u``, ``t2 = sum 2^u u``.
+    Only the TAIL tile masks columns (``col_ok``); elsewhere ``load_mask`` is the loop-invariant row mask, and rows
+    past the block hold finite garbage that is never stored."""
+    z = tl.load(ptrs, mask=load_mask, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z = _tanh_over(z, k)
+    if TAIL:
+        z = tl.where(col_ok, z, float("-inf"))
+    m_new = tl.maximum(m2, tl.max(tl.max(z, axis=0), axis=1) * c)
+    u = z * c - m_new[None, :, None]  # one FFMA per logit; -inf on masked columns
+    p = _exp2(u)
+    pu = p * u
+    if TAIL:
+        pu = tl.where(col_ok, pu, 0.0)  # 0 * -inf
+    alpha = _exp2(m2 - m_new)
+    t2 = alpha * (t2 + (m2 - m_new) * s) + tl.sum(tl.sum(pu, axis=0), axis=1)
+    s = alpha * s + tl.sum(tl.sum(p, axis=0), axis=1)
+    return m_new, s, t2
 
 
 @cost_name("linear_logprobs.fwd")
@@ -42,42 +105,56 @@ _M_INIT = tl.constexpr(-1.0e30)
 def _slab_stats_kernel(z_ptr, stride_zr, tgt_ptr, state_ptr, logp_ptr, lse_ptr, ent_ptr,
                        R, S, v0, inv_temp, cap,
                        IS_FIRST: tl.constexpr, IS_LAST: tl.constexpr, SOFTCAP: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
     """One vocabulary slab of the forward: z [R, S] (workspace), targets [R] int64, state [4, R] fp32
-    (m, s, t, z_tgt; read unless IS_FIRST, written unless IS_LAST), logp/lse/entropy [R] fp32 (IS_LAST);
+    (m2, s, t2, z_tgt; read unless IS_FIRST, written unless IS_LAST), logp/lse/entropy [R] fp32 (IS_LAST);
     ``cap`` is read only with SOFTCAP."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
+    # u = z_raw * c, or tanh(z_raw / cap) * c with a soft cap (the cap folded into c), in base 2
+    if SOFTCAP:
+        scale = cap * inv_temp
+        k = 2.0 * _LOG2E / cap
+    else:
+        scale = inv_temp
+        k = 0.0
+    c = scale * _LOG2E
+    # the target's logit: one load per row (column clamped into the slab, kept only where it lies in it)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1) - v0  # target's column within this slab
+    in_slab = (tgt >= 0) & (tgt < S)
+    z_t = tl.load(z_ptr + rows * stride_zr + tl.where(in_slab, tgt, 0).to(tl.int32), mask=row_mask,
+                  other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z_t = _tanh_over(z_t, k)
+    z_t = tl.where(in_slab, z_t * scale, 0.0)
     if IS_FIRST:
-        m = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
+        m2 = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
         s = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        z_tgt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        t2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        z_tgt = z_t
     else:
-        m = tl.load(state_ptr + rows, mask=row_mask, other=0.0)
+        m2 = tl.load(state_ptr + rows, mask=row_mask, other=0.0)
         s = tl.load(state_ptr + R + rows, mask=row_mask, other=0.0)
-        t = tl.load(state_ptr + 2 * R + rows, mask=row_mask, other=0.0)
-        z_tgt = tl.load(state_ptr + 3 * R + rows, mask=row_mask, other=0.0)
-    for c0 in range(0, S, BLOCK_S):
-        cols = c0 + tl.arange(0, BLOCK_S)
-        col_mask = cols < S
-        mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=float("-inf"))
-        z = z.to(tl.float32)
-        if SOFTCAP:
-            z, _ = soft_cap(z, cap)
-            z = tl.where(mask, z, float("-inf"))
-        z = z * inv_temp
-        m, s, t = online_softmax_step(m, s, t, z, mask)
-        z_tgt += tl.sum(tl.where(mask & (cols[None, :] == tgt[:, None]), z, 0.0), axis=1)
+        t2 = tl.load(state_ptr + 2 * R + rows, mask=row_mask, other=0.0)
+        z_tgt = tl.load(state_ptr + 3 * R + rows, mask=row_mask, other=0.0) + z_t
+    # [SPLIT, BLOCK_R, BLOCK_S // SPLIT]: column h * BLOCK_S // SPLIT + k of each row
+    chunk_cols = tl.arange(0, SPLIT)[:, None, None] * (BLOCK_S // SPLIT) + tl.arange(0, BLOCK_S // SPLIT)[None, None, :]
+    ptrs = z_ptr + rows[None, :, None] * stride_zr + chunk_cols
+    row_mask_3d = row_mask[None, :, None]
+    full = S - S % BLOCK_S
+    for c0 in range(0, full, BLOCK_S):
+        m2, s, t2 = _stats_tile(ptrs + c0, row_mask_3d, row_mask_3d, m2, s, t2, c, k, SOFTCAP=SOFTCAP, TAIL=False)
+    if full < S:
+        col_ok = full + chunk_cols < S
+        m2, s, t2 = _stats_tile(ptrs + full, row_mask_3d & col_ok, col_ok, m2, s, t2, c, k, SOFTCAP=SOFTCAP,
+                                TAIL=True)
     if IS_LAST:
-        store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt)
+        store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m2 * _LN2, s, t2 * _LN2, z_tgt)
     else:
-        tl.store(state_ptr + rows, m, mask=row_mask)
+        tl.store(state_ptr + rows, m2, mask=row_mask)
         tl.store(state_ptr + R + rows, s, mask=row_mask)
-        tl.store(state_ptr + 2 * R + rows, t, mask=row_mask)
+        tl.store(state_ptr + 2 * R + rows, t2, mask=row_mask)
         tl.store(state_ptr + 3 * R + rows, z_tgt, mask=row_mask)
 
 

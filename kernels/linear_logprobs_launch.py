@@ -8,7 +8,8 @@ the workspace into d logits in place, then
     dX[rows]  (+)= dz @ w[cols]        (addmm into the returned dX: rounded once per vocabulary slab)
     dW[cols]  (+)= dz.T @ x[rows]      (addmm into the returned dW: rounded once per row block)
 
-in the input dtype; each GEMM accumulates over its own reduction dimension (S for dX, R for dW) in
+in the input dtype (with ``weight_grad`` False, a frozen lm_head, only dX: no dW GEMM and no dW buffer); each
+GEMM accumulates over its own reduction dimension (S for dX, R for dW) in
 fp32 inside cuBLAS, so no fp32 accumulator tile is re-read from memory. fp32 inputs are exact fp32
 throughout; with bf16/fp16 the logits are rounded to the input dtype before the softmax (as the
 model's own lm_head output would be), and dW carries ceil(N / R) roundings, dX ceil(V / S).
@@ -109,12 +110,15 @@ def slab_grad(z, v0, targets, lse, ent, g_logp, g_ent, db, inv_temp, cfg, cap=No
 
 
 def accumulate_grads(dz, x_blk, w_slab, dx_blk, dw_slab, first_slab, first_block):
-    """dx_blk [r, H] (+)= dz [r, s] @ w_slab [s, H]; dw_slab [s, H] (+)= dz.T @ x_blk [r, H]: cuBLAS GEMMs in
-    the input dtype that overwrite on a block's first slab / a slab's first block and accumulate after."""
+    """dx_blk [r, H] (+)= dz [r, s] @ w_slab [s, H]; dw_slab [s, H] (+)= dz.T @ x_blk [r, H] (no dW GEMM when
+    dw_slab is None: a frozen weight): cuBLAS GEMMs in the input dtype that overwrite on a block's first slab /
+    a slab's first block and accumulate after."""
     if first_slab:
         torch.mm(dz, w_slab, out=dx_blk)
     else:
         dx_blk.addmm_(dz, w_slab)
+    if dw_slab is None:
+        return
     if first_block:
         torch.mm(dz.t(), x_blk, out=dw_slab)
     else:
@@ -141,17 +145,19 @@ def forward(x, w, b, targets, inv_temp, configs=None, blocking=None, cap=None):
     return logp, lse, ent
 
 
-def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, blocking=None, cap=None):
+def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, blocking=None, cap=None,
+             weight_grad=True):
     """Gradients for upstream g_logp [N] (and g_ent [N] or None) -> (dx [N,H], dw [V,H]) in the input
-    dtype and db [V] fp32 (None without bias); ``inv_temp`` and ``cap`` as in ``forward``."""
+    dtype and db [V] fp32 (None without bias); ``inv_temp`` and ``cap`` as in ``forward``. ``weight_grad``
+    False (a frozen lm_head): dw is None, with no dW GEMM and no dW buffer."""
     N, H = x.shape
     V = w.shape[0]
     db = torch.zeros((V,), device=x.device, dtype=torch.float32) if b is not None else None
     if N == 0:
-        return torch.zeros_like(x), torch.zeros_like(w), db
+        return torch.zeros_like(x), torch.zeros_like(w) if weight_grad else None, db
     # every row block's first slab writes its rows of dX, every slab's first row block its rows of dW
     dx = torch.empty((N, H), device=x.device, dtype=x.dtype)
-    dw = torch.empty((V, H), device=x.device, dtype=w.dtype)
+    dw = torch.empty((V, H), device=x.device, dtype=w.dtype) if weight_grad else None
     cfg = (configs or _configs())["bwd"]
     blocking = blocking or plan(N, V, H)
     g_logp = g_logp.float().contiguous()
@@ -164,13 +170,16 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, 
         slab_grad(z, v0, targets[rows], lse[rows], ent[rows], g_logp[rows],
                   g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp, cfg,
                   cap)
-        accumulate_grads(z, x[rows], w[cols], dx[rows], dw[cols], first_slab=v0 == 0, first_block=r0 == 0)
+        accumulate_grads(z, x[rows], w[cols], dx[rows], dw[cols] if dw is not None else None, first_slab=v0 == 0,
+                         first_block=r0 == 0)
     return dx, dw, db
 
 
-def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None, passes=("fwd", "bwd")):
+def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None, passes=("fwd", "bwd"),
+                 weight_grad=True):
     """Performance model of ``passes`` (forward and/or backward) over N kept rows: one KernelCost per
-    launch, in launch order.
+    launch, in launch order. ``weight_grad`` False models a frozen lm_head: no ``torch.mm[dw]`` GEMMs (two
+    GEMMs per backward block instead of three).
 
     Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded;
     an atomic counts as a load plus a store), no tensor-core FLOPs. cuBLAS GEMMs (``torch.mm[...]``):
@@ -189,7 +198,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     for r0, r, v0, s in blocks(N, V, blocking) if "fwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)
         first, last = v0 == 0, v0 + s == V
-        nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + (12 * r if last else 16 * r)
+        # targets, state in (after the first slab), the logits, each row's target logit, state or results out
+        nbytes = 8 * r + (0 if first else 16 * r) + r * s * e + r * e + (12 * r if last else 16 * r)
         costs.append(KernelCost("linear_logprobs.fwd", 0, nbytes))
     bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
     for r0, r, v0, s in blocks(N, V, blocking) if "bwd" in passes else ():
@@ -198,7 +208,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
         atomics = 2 * 4 * s * triton.cdiv(r, bwd_block_r) if has_bias else 0
         costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * s * e + atomics))
         gemm("dx", r, H, s, 0 if v0 == 0 else r * H)
-        gemm("dw", s, H, r, 0 if r0 == 0 else s * H)
+        if weight_grad:
+            gemm("dw", s, H, r, 0 if r0 == 0 else s * H)
     return costs
 
 

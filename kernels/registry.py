@@ -84,11 +84,12 @@ _LOGPROB_BWD_GPU = LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 512}, num_warps=8, num
 _LOGPROB_BWD_INTERPRET = LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32})
 
 GPU_CONFIGS = {
-    # linear_logprobs: 8 rows per program, so a 2048-row block gives 256 programs, enough to keep every SM
-    # streaming; 256 columns per forward tile (16 fp32 values per thread at 4 warps: 512 reached 207 registers
-    # with triton 3.6, near spilling), 512 for the elementwise backward. Memory-bound epilogues: no MMA.
+    # linear_logprobs: forward, 4 rows per program (512 programs per 2048-row block) and 1024-column tiles held
+    # as SPLIT=4 chunks per thread, so each row reduction crosses the warp's lanes once per 32 of a thread's
+    # logits (0.27 SASS warp-instructions per bf16 logit on sm_90a, 56 registers; 8x256 tiles: 0.38);
+    # backward, 8 rows per program, 512 columns per elementwise tile. Memory-bound epilogues: no MMA.
     "linear_logprobs": {
-        "fwd": LaunchConfig({"BLOCK_R": 8, "BLOCK_S": 256}, num_warps=4, num_stages=2),
+        "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 1024, "SPLIT": 4}, num_warps=4, num_stages=2),
         "bwd": _LOGPROB_BWD_GPU,
     },
     # tree_attention (kernels/tree_attention_launch.py): one query head per program; forward and dq over 64-query
@@ -136,7 +137,7 @@ def device_arch(device) -> int:
 # tiles twice its query tiles, as on the GPU).
 INTERPRET_CONFIGS = {
     "linear_logprobs": {
-        "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32}),
+        "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32, "SPLIT": 2}),
         "bwd": _LOGPROB_BWD_INTERPRET,
     },
     "tree_attention": {

@@ -18,6 +18,9 @@ both backends apply ``tanh`` to the logits in forward and its derivative in back
 Both compact away rows whose target is ``ignore_index`` before any matmul, so those rows
 cost nothing and get zero gradient (no copy when no row is ignored).
 
+A frozen lm_head (``weight.requires_grad`` False: LoRA adapters elsewhere, or a frozen head) costs no weight
+gradient on either backend: backward skips the dW GEMM and never allocates dW or its accumulator.
+
 Forward and backward are registered as the ops ``pact_fast::linear_logprobs`` and
 ``pact_fast::linear_logprobs_backward`` (``torch.library.custom_op``, with fake implementations and the
 autograd formula; ``pact_fast.ops._custom``), so ``torch.compile(fullgraph=True)`` traces a function that
@@ -146,13 +149,14 @@ def _torch_forward(x, weight, bias, targets, inv_temp, cap, chunk):
     return logp, lse, ent
 
 
-def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, chunk):
+def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, chunk, weight_grad=True):
     """Gradients for upstream g_logp [n] (and g_ent [n] or None), recomputing each chunk's logits:
     (dx [n, H], dw [V, H]) in the input dtype, db [V] fp32 (None without bias). With a soft cap a chunk holds
-    one more [C, V] buffer (the tanh slope)."""
+    one more [C, V] buffer (the tanh slope). ``weight_grad`` False (a frozen lm_head): dw is None, and neither
+    its fp32 accumulator nor its GEMM is made."""
     dx = torch.empty_like(x)
     w32 = weight.float()
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # fp32 accumulation
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None  # fp32 acc.
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, i + chunk)
@@ -170,10 +174,11 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
             dz.mul_(slope)
             del slope
         dx[sl] = (dz @ w32).to(x.dtype)
-        dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
+        if dw is not None:
+            dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
         if db is not None:
             db += dz.sum(0)
-    return dx, dw.to(weight.dtype), db
+    return dx, dw.to(weight.dtype) if dw is not None else None, db
 
 
 def _blocking(n, weight, chunk_rows, vocab_slab):
@@ -217,10 +222,12 @@ def _forward_fake(hidden, weight, bias, targets, inv_temp, cap, ignore_index, ba
 def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
               lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: Optional[torch.Tensor],
               inv_temp: float, cap: float, ignore_index: int, backend: str, chunk_rows: int,
-              vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              vocab_slab: int, weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op ``pact_fast::linear_logprobs_backward``: for upstream g_logp [N] (and g_ent [N] or None),
     (dx [N, H], dw [V, H]) in the input dtype and db [V] in the bias dtype (empty without bias); ignored rows
-    get dx 0."""
+    get dx 0. ``weight_grad`` False (the lm_head weight is frozen): dw is empty [0] and never computed (no dW
+    GEMM, no dW buffer); it defaults to True, so a compiled graph cached from before the argument existed still
+    gets every gradient it asks for."""
     rows = (targets != ignore_index).nonzero().squeeze(1)  # [n]
     n_all, n = hidden.shape[0], rows.numel()
 
@@ -232,17 +239,21 @@ def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if backend == "triton":
         from ..kernels import linear_logprobs_launch as launch
 
-        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab), cap=cap or None)
+        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab), cap=cap or None,
+                                     weight_grad=weight_grad)
     else:
-        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]),
+                                     weight_grad=weight_grad)
     if n != n_all:
         dx = hidden.new_zeros(hidden.shape).index_copy(0, rows, dx)
-    return dx, dw, db.to(bias.dtype) if bias is not None else weight.new_empty(0)
+    return (dx, dw if weight_grad else weight.new_empty(0),
+            db.to(bias.dtype) if bias is not None else weight.new_empty(0))
 
 
 def _backward_fake(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, ignore_index, backend,
-                   chunk_rows, vocab_slab):
-    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(0 if bias is None else weight.shape[0])
+                   chunk_rows, vocab_slab, weight_grad=True):
+    return (torch.empty_like(hidden), torch.empty_like(weight) if weight_grad else weight.new_empty(0),
+            weight.new_empty(0 if bias is None else weight.shape[0]))
 
 
 _linear_logprobs_backward = custom_op("linear_logprobs_backward", _backward, fake=_backward_fake)
@@ -260,8 +271,11 @@ def _autograd_backward(ctx, g_logp, g_lse, g_ent):
     hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
-    dx, dw, db = _linear_logprobs_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *ctx.args)
-    return dx, dw, db if bias is not None else None, None, None, None, None, None, None, None
+    weight_grad = ctx.needs_input_grad[1]  # False for a frozen lm_head: two GEMMs instead of three
+    dx, dw, db = _linear_logprobs_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *ctx.args,
+                                           weight_grad)
+    return (dx, dw if weight_grad else None, db if bias is not None else None,
+            None, None, None, None, None, None, None)
 
 
 _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, backward=_autograd_backward,
@@ -293,7 +307,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 
     Returns:
         ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable
-        with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+        with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient. A ``weight`` that does
+        not require grad (a frozen lm_head, e.g. LoRA adapters elsewhere) costs no dW: backward runs two
+        GEMMs per block (logits, dX) instead of three and allocates no dW buffer.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap)
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
