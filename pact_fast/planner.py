@@ -19,7 +19,8 @@ A training step peaks at the largest of these moments (each a sum of the terms b
   state, autocast weight copies, activations (or, with checkpointing, the checkpointed layer inputs), the final
   norm and scored rows, the op's buffers;
 - ``layer recompute`` (checkpointing only): the same minus the op's buffers plus one recomputed layer's
-  activations and (full fine-tuning) the lm_head's gradient 4Vh;
+  activations and the gradients (all of them, as when the first layer is recomputed; the gradient buffers of
+  the layer's own backward are left out);
 - ``optimizer step``: weights, gradients, AdamW state and AdamW's temporaries.
 
 The terms:
@@ -52,8 +53,9 @@ The terms:
 - ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
   scored rows.
 - ``logprob_op``: dX 4Mh and dW 4Vh (the fused head computes dW in its forward and holds it to the backward;
-  both ops compute it also for a frozen head today), plus the workspace: on the CPU (torch backend) two fp32
-  [C, V] chunks, C = min(M, max(256, 64 MiB / 4V)); on CUDA (triton backend)
+  both ops compute it also for a frozen head today), plus the workspace: on the CPU (torch backend) fp32
+  [C, V] chunks, C = min(M, max(256, 64 MiB / 4V)): two, three when M > C (the previous chunk's buffer is
+  still referenced when the next one's logits are allocated); on CUDA (triton backend)
   ``kernels.fused_pact_head_launch.extra_memory_bytes`` or ``kernels.linear_logprobs_launch
   .extra_memory_bytes`` (``train.fused_head`` false).
 - rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward
@@ -319,7 +321,9 @@ def logprob_op_bytes(shape, rows, options):
     terms = 4 * rows * h + 4 * vocab * h
     if options.device == "cpu":
         chunk = max(1, min(rows, max(256, (64 << 20) // (4 * vocab))))
-        return terms + 2 * 4 * chunk * vocab
+        # a chunk's logits and exp; with more than one chunk the last chunk's buffer is still referenced when
+        # the next chunk's logits are allocated: three
+        return terms + (3 if rows > chunk else 2) * 4 * chunk * vocab
     import torch
 
     if options.fused_head:
@@ -355,10 +359,9 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
         copies = 2 * counts["layer_linear"] if bf16 and not options.lora else 0
         moments.append(("lm_head", {**base, "autocast_weight_copies": copies, **inputs, **rows_bytes,
                                     "logprob_op": logprob_op_bytes(shape, rows, options)}))
-        head_grad = 0 if options.lora else 4 * shape.vocab_size * shape.hidden_size
         recompute_copies = 2 * counts["layer_linear"] // shape.num_layers if bf16 else 0  # one layer's casts
         moments.append(("layer recompute", {**base, "autocast_weight_copies": recompute_copies,
-                                            **inputs, **rows_bytes, "lm_head_gradient": head_grad,
+                                            **inputs, **rows_bytes, "gradients": 4 * trainable,
                                             "recomputed_layer": layer}))
     else:
         moments.append(("lm_head", {**base, "autocast_weight_copies": 2 * counts["layer_linear"] if bf16 else 0,
