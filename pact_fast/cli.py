@@ -169,6 +169,9 @@ def _plan(args):
             if args.device == "cpu":
                 defaults.dtype, defaults.attn_backend = "float32", "sdpa"
             options = planner.PlanOptions(**{**vars(defaults), **{k: v for k, v in explicit.items() if v is not None}})
+        if (args.rollout_group_size is not None or args.rollout_new_tokens is not None) and not args.rollout_context:
+            raise planner.PlanError("--rollout-group-size / --rollout-new-tokens plan the rollout phase only with "
+                                    "--rollout-context (its longest context in tokens)")
         if args.tokens is not None and args.tokens < 1:
             raise planner.PlanError(f"--tokens {args.tokens} must be >= 1")
         lines, best = planner.report(shape, budget, options, tokens=args.tokens)

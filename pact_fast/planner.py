@@ -224,7 +224,7 @@ class PlanOptions:
     attn_backend: str = "flash"  # flash: triton / flex / flash-attn (O(T) saved state); sdpa: dense [T, T] mask
     rollout_group_size: int = 0  # G episodes sampled together; 0 = no rollout phase planned
     rollout_context: int = 0  # tokens of the longest rollout context (prompt + earlier turns)
-    rollout_new_tokens: int = 0  # rollout.max_new_tokens
+    rollout_new_tokens: int = 48  # rollout.max_new_tokens (its default)
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "float32"):
@@ -434,6 +434,9 @@ def report(shape, budget, options, tokens=None):
         lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in rollout.terms.items()]
     if best:
         lines.append(f"fits: train.micro_batch_tokens={best} (largest multiple of 64 predicted to fit)")
+    elif rollout is not None and rollout.total > budget:
+        lines.append(f"does not fit: the rollout phase alone is predicted at {gib(rollout.total):.2f} GiB (fewer "
+                     "episodes sampled together or a shorter context)")
     else:
         lines.append("does not fit: not even 64 tokens per micro-batch (try --lora, --grad-checkpointing or a "
                      "larger GPU)")

@@ -82,6 +82,12 @@ def test_the_largest_micro_batch_fits_and_the_next_one_does_not():
     assert planner.max_micro_batch_tokens(shape, 24 * 10 ** 9, planner.PlanOptions()) == 0
 
 
+def test_plan_options_default_to_the_trainers_rollout_length():
+    from pact_fast.rollout import RolloutConfig
+
+    assert planner.PlanOptions().rollout_new_tokens == RolloutConfig().max_new_tokens
+
+
 def test_the_rollout_kv_cache_term_is_the_cache_a_prefill_allocates():
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -94,7 +100,8 @@ def test_the_rollout_kv_cache_term_is_the_cache_a_prefill_allocates():
     cache = out.past_key_values
     cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     shape = planner.shape_from_config(config.to_dict(), "tiny")
-    rollout = planner.predict_rollout(shape, planner.PlanOptions(rollout_group_size=g, rollout_context=context))
+    rollout = planner.predict_rollout(shape, planner.PlanOptions(rollout_group_size=g, rollout_context=context,
+                                                                 rollout_new_tokens=0))
     assert rollout.terms["rollout_kv_cache"] == cached
     assert rollout.terms["rollout_prefill_logits"] == out.logits.numel() * out.logits.element_size()
 
@@ -205,7 +212,9 @@ def test_plan_prints_the_largest_micro_batch_that_fits():
     (["--model", "qwen3-1.7b", "--gpu-memory", "24GB", "--device", "cpu", "--dtype", "bf16"],
      "pact-fast: --dtype bf16 on the CPU"),
     (["--gpu-memory", "24GB"], "pact-fast: plan: give --model"),
-], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model"])
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--rollout-group-size", "8"],
+     "pact-fast: --rollout-group-size / --rollout-new-tokens plan the rollout phase only with --rollout-context"),
+], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model", "rollout-without-context"])
 def test_plan_mistakes_are_one_line_with_status_2(args, message):
     rc, out, err = _plan(*args)
     assert rc == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
