@@ -9,7 +9,8 @@ tokens. An episode ends on a turn without tool calls (its answer), or at the tur
 The result per episode: the response token ids after the prompt, ``response_mask`` (1 on
 sampled tokens), the behaviour log-probs of sampled tokens (``log softmax(logits / T)`` of the
 sampling model, before top-p truncation), and the reward. ``RolloutEngine`` is the interface a
-faster engine (vLLM, SGLang) implements to replace ``HFRolloutEngine``.
+faster engine implements to replace ``HFRolloutEngine``: ``pact_fast.rollout_vllm.VLLMRolloutEngine``
+(``rollout.engine=vllm``) is one.
 """
 import inspect
 from dataclasses import dataclass, field, fields

@@ -96,6 +96,19 @@ def test_without_vllm_the_error_names_the_extra(monkeypatch):
         make_rollout_engine(torch.nn.Linear(1, 1), _Tok(), RolloutConfig(engine="vllm"), seed=0)
 
 
+def test_pact_fast_train_without_vllm_fails_in_one_line(tmp_path):
+    """The command, with vLLM made unimportable (``sys.modules['vllm'] = None``): status 2, one line naming the
+    extra, before any step."""
+    code = ("import sys; sys.modules['vllm'] = None; from pact_fast.cli import main; "
+            f"sys.exit(main(['train', '--out', {str(tmp_path)!r}, 'rollout.engine=vllm', 'train.steps=1', "
+            "'data.train_tasks=4', 'data.eval_tasks=1', 'train.progress=false']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pact-fast:")]
+    assert len(lines) == 1 and 'pip install -e ".[vllm]"' in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_hf_engine_with_tis_logs_no_mismatch_and_trains(tmp_path):
     """TIS wired into the step: with the HF engine the behaviour log-probs are the trainer's, so every weight is 1."""
     from pact_fast.trainer import train
