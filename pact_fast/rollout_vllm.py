@@ -30,8 +30,9 @@ from .rollout import HFRolloutEngine, RolloutConfig
 
 INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its own transformers), then, on CPU, '
                 "pip uninstall -y torchvision torchaudio torchcodec")
-# max |engine - trainer| log-prob on the probe sequence accepted after a sync, per engine dtype (measured: fp32
-# ~1e-5; bf16 rounding alone moves probe log-probs by up to ~0.1-0.3)
+# max |engine - trainer| log-prob on the probe sequence accepted after a sync, per engine dtype. Measured on
+# SmolLM2-135M, CPU: fp32 ~1e-5; bf16 0.14-0.29 from its rounding alone, so in bf16 the probe catches only gross
+# failures (the checksum of the bytes the worker read still checks every weight)
 PROBE_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
 PROBE_TOKENS = 64  # tokens of the probe sequence (the first prompt the engine sees, cut)
 DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
@@ -133,13 +134,15 @@ class VLLMRolloutEngine(HFRolloutEngine):
         try:
             model.save_pretrained(self._dir / "model", safe_serialization=True)
             kv = dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2 ** 30)) if cfg.vllm_kv_cache_gb else {}
+            max_len = min(cfg.vllm_max_model_len, getattr(model.config, "max_position_embeddings", None) or math.inf)
             try:
                 self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True, dtype=str(dtype).split(".")[1],
                                seed=seed, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                               max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager,
+                               max_model_len=int(max_len), enforce_eager=cfg.vllm_enforce_eager,
                                tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, **kv)
             except Exception as exc:
+                shutil.rmtree(self._dir, ignore_errors=True)
                 reason = " ".join(str(exc).split())[:300]
                 raise RolloutEngineError(f"rollout.engine=vllm: the engine failed to start ({type(exc).__name__}: "
                                          f"{reason})") from None
