@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         self.dtype = dtype
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the weight file in memory, where there is one
         self._dir = Path(tempfile.mkdtemp(prefix="pact_fast_vllm_", dir=shm))
+        weakref.finalize(self, shutil.rmtree, str(self._dir), True)  # the weight file goes at exit, close() or not
         self._shm = None
         try:
             model.save_pretrained(self._dir / "model", safe_serialization=True)
