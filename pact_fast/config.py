@@ -285,7 +285,15 @@ def _load(path, overrides, base=None):
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
         _set(obj, parts[-1], value, key.strip())
     _rebuild(config)
+    _check_across(config)
     return config
+
+
+def _check_across(config):
+    """Options of different sections that do not go together."""
+    if config.model.lora.enabled and config.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm with model.lora.enabled=true is not supported: the vLLM engine is "
+                          "synced with full weights, not adapters; use rollout.engine=hf with LoRA")
 
 
 def save_config(config, path):

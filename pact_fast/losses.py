@@ -524,3 +524,44 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
     metrics["loss/total"] = total.item()
     metrics["progress"] = float(progress)
     return total, metrics
+
+
+# ---------------------------------------------------------------- off-policy correction
+
+
+def truncated_importance_weights(logp, behavior_logp, response_mask, cap):
+    """Truncated importance sampling (TIS) for rollouts sampled by another engine than the trainer (vLLM).
+
+    ``w_t = min(exp(logp_t - behavior_logp_t), cap)`` per sampled token: the trainer's old policy over the
+    sampler's probability of the token, capped. A weight multiplies the token's clipped surrogate; the
+    surrogate is positively homogeneous in the advantage, so callers pass ``A_i w_t`` as a ``[B, T]`` advantage
+    (docs/method.md, "Off-policy correction").
+
+    Args:
+        logp: [B, T] the trainer's log-probs of the sampled tokens under the sampling context, no gradient.
+        behavior_logp: [B, T] the sampler's log-probs of the same tokens.
+        response_mask: [B, T] 1 on sampled tokens.
+        cap: C >= 1.
+
+    Returns:
+        ``(weights [B, T] fp32, 0 off the mask, metrics)``; metrics: ``rollout/logp_mismatch_mean`` and
+        ``rollout/logp_mismatch_max`` (mean and max of ``|logp - behavior_logp|`` over sampled tokens),
+        ``rollout/is_clipped_frac`` (share of sampled tokens whose ratio exceeded the cap), ``rollout/is_weight_mean``.
+    """
+    if not cap >= 1:
+        raise ValueError(f"truncated_importance_weights: cap={cap} must be >= 1")
+    if logp.shape != behavior_logp.shape or logp.shape != response_mask.shape:
+        raise ValueError(f"truncated_importance_weights: logp {tuple(logp.shape)}, behavior_logp "
+                         f"{tuple(behavior_logp.shape)} and response_mask {tuple(response_mask.shape)} must match")
+    mask = response_mask.bool()
+    diff = torch.where(mask, logp.detach().float() - behavior_logp.float(), torch.zeros_like(logp, dtype=torch.float32))
+    if not torch.isfinite(diff[mask]).all():
+        raise ValueError("truncated_importance_weights: logp or behavior_logp is NaN or inf on a sampled token")
+    ratio = diff.exp()
+    weights = torch.where(mask, ratio.clamp(max=cap), torch.zeros_like(ratio))  # [B, T]
+    n = mask.sum().clamp(min=1)
+    metrics = {"rollout/logp_mismatch_mean": float(diff.abs().sum() / n),
+               "rollout/logp_mismatch_max": float(diff.abs().max()) if mask.any() else 0.0,
+               "rollout/is_clipped_frac": float(((ratio > cap) & mask).sum() / n),
+               "rollout/is_weight_mean": float(weights.sum() / n)}
+    return weights, metrics

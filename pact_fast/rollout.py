@@ -9,11 +9,12 @@ tokens. An episode ends on a turn without tool calls (its answer), or at the tur
 The result per episode: the response token ids after the prompt, ``response_mask`` (1 on
 sampled tokens), the behaviour log-probs of sampled tokens (``log softmax(logits / T)`` of the
 sampling model, before top-p truncation), and the reward. ``RolloutEngine`` is the interface a
-faster engine (vLLM, SGLang) implements to replace ``HFRolloutEngine``.
+faster engine implements to replace ``HFRolloutEngine``: ``pact_fast.rollout_vllm.VLLMRolloutEngine``
+(``rollout.engine=vllm``) is one.
 """
 import inspect
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Optional, Protocol
 
 import torch
 
@@ -39,6 +40,46 @@ class RolloutConfig:
     max_result_chars: int = field(default=MAX_RESULT_CHARS, metadata={
         "help": "longer tool responses become an error observation"})
     greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation)"})
+    engine: str = field(default="hf", metadata={
+        "help": "hf: Hugging Face forward with a KV cache (HFRolloutEngine); vllm: a colocated vLLM engine "
+                "(pact_fast.rollout_vllm; pip install -e '.[vllm]'), weights pushed in place every step",
+        "choices": ("hf", "vllm")})
+    is_cap: Optional[float] = field(default=None, metadata={
+        "help": "truncated importance sampling: each sampled token's policy-gradient weight is "
+                "min(pi_trainer / pi_engine, is_cap) (losses.truncated_importance_weights); None = 2.0 with "
+                "engine=vllm, off with hf (its log-probs are the trainer's); 0 = off; else >= 1"})
+    vllm_dtype: str = field(default="auto", metadata={
+        "help": "vllm: the engine's weights and compute; auto = float32 on CPU, bfloat16 on CUDA",
+        "choices": ("auto", "float32", "bfloat16", "float16")})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm: share of the GPU the engine may take (weights + KV), the rest left to training; on CPU "
+                "(vLLM's meaning) the share of RAM, used only when vllm_kv_cache_gb = 0"})
+    vllm_kv_cache_gb: float = field(default=1.0, metadata={
+        "help": "vllm: KV-cache memory in GiB (vLLM's kv_cache_memory_bytes; on CPU what VLLM_CPU_KVCACHE_SPACE "
+                "sets); 0 = sized from vllm_gpu_memory_utilization"})
+    vllm_max_model_len: int = field(default=4096, metadata={
+        "help": "vllm: longest prompt + episode in tokens (at most the model's max_position_embeddings)"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the engine shards over"})
+    vllm_enforce_eager: bool = field(default=True, metadata={
+        "help": "vllm: eager execution (no torch.compile or CUDA graphs): quicker to start, slower per token"})
+
+    def __post_init__(self):
+        if self.engine == "hf":
+            changed = [f.name for f in fields(self) if f.name.startswith("vllm_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"rollout.{changed[0]} applies to rollout.engine=vllm only (engine is hf)")
+        if self.is_cap is not None and self.is_cap != 0 and not self.is_cap >= 1:
+            raise ValueError(f"rollout.is_cap={self.is_cap} must be >= 1 (a cap on pi_trainer / pi_engine), "
+                             "0 (off) or None (auto)")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must lie "
+                             "in (0, 1]")
+        if not self.vllm_kv_cache_gb >= 0:
+            raise ValueError(f"rollout.vllm_kv_cache_gb={self.vllm_kv_cache_gb} must be >= 0 (0 = sized by vLLM)")
+        for name in ("vllm_max_model_len", "vllm_tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass

@@ -35,13 +35,14 @@ from .cpu import fit_threads
 from .data import load_data
 from .envs import make_env_factory
 from .evaluation import evaluate
-from .losses import PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts
+from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
+                     truncated_importance_weights)
 from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
-from .rollout import HFRolloutEngine
+from .rollout_vllm import is_cap, make_rollout_engine
 from .scoring import PackedScorer, check_model
 
 
@@ -155,6 +156,7 @@ class OldLogps:
     tc: dict = field(default_factory=dict)
     po: dict = field(default_factory=dict)
     ref: Optional[dict] = None
+    is_weight: Optional[dict] = None  # truncated importance weights [R] (rollout.is_cap), else None
 
 
 def _per_unit(units, values, offsets, entropy=None):
@@ -237,7 +239,10 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
         behavior_logp=floats([episodes_flat[i].behavior_logp for i in idx]),
         ref_logp=stack([old.ref[i] for i in idx]) if old and old.ref is not None else None,
         entropy=stack([r.entropy_po for _, r in roll]) if roll and roll[0][1].entropy_po is not None else None,
-        advantages=advantages[idx].to(device) if idx else torch.zeros(0, device=device),
+        # [B]; with truncated importance weights [B, T]: A_i w_t (losses.truncated_importance_weights)
+        advantages=(advantages[idx].to(device)[:, None] * floats([old.is_weight[i] for i in idx])
+                    if idx and old and old.is_weight else advantages[idx].to(device) if idx else
+                    torch.zeros(0, device=device)),
         anchored=anchored[[u.group for u, _ in roll]].to(device) if idx else torch.zeros(0, dtype=torch.bool),
     )
     E = max((len(r.logp_sft) for _, r in sft), default=0)
@@ -330,7 +335,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     """Data, policy (and reference), optimizer, schedule, rollout engine, data order and writers of a run; with
     ``resume`` (a run or checkpoint directory) restored from its latest checkpoint. Creates the run directory
     and writes its ``config.yaml``. ``engine_factory(model, tokenizer, rollout_cfg, seed)`` may supply another
-    rollout engine (default ``HFRolloutEngine``)."""
+    rollout engine (default ``rollout_vllm.make_rollout_engine``: the one ``rollout.engine`` names)."""
     train_cfg = config.train
     dist.init()
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
@@ -365,8 +370,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     if resume:
         ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order, peft_model=policy.peft)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
-    engine = (engine_factory or (lambda m, t, c, s: HFRolloutEngine(m, t, c, seed=s)))(
-        rollout_model, tokenizer, config.rollout, train_cfg.seed)
+    engine = (engine_factory or make_rollout_engine)(rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -445,8 +449,10 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     score = dict(backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
                  temperature=config.rollout.temperature)
     old = None
-    if train_cfg.update_epochs > 1 or c.ref_scorer is not None:
+    cap = is_cap(config.rollout)
+    if train_cfg.update_epochs > 1 or c.ref_scorer is not None or cap:
         old = _old_logps(c, [[units[i] for i in mb.indices] for mb in batches], inputs, score)
+    tis_metrics = _importance_weights(old, flat, cap) if cap else {}
     # step-wide normalisers, over all ranks: the micro-batch losses then add up to the step's loss
     masks = [_response_mask([] if mb.padding else [units[i] for i in mb.indices]) for mb in batches]
     mb_traces = [0 if mb.padding else sum(units[i].kind == "sft" for i in mb.indices) for mb in batches]
@@ -489,7 +495,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     if lc.mode == "pact":
         anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(
             anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())
-    losses = _average(weighted_metrics)
+    losses = {**_average(weighted_metrics), **tis_metrics}
     if "loss/total" in losses:  # the per-term losses are each micro-batch's own means, averaged by size above
         losses["loss/total"] = step_loss / epochs
     return StepStats(step + 1, losses, c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
@@ -512,6 +518,18 @@ def _old_logps(c, micro_batches, inputs, score):
                     if ref_res is not None:
                         old.ref[u.item] = ref_res[j].logp_po.float()
     return old
+
+
+def _importance_weights(old, flat, cap):
+    """Truncated importance weights (``losses.truncated_importance_weights``, cap ``cap``) of every episode's
+    sampled tokens, the trainer's prompt-only log-probs before the update over the engine's, into
+    ``old.is_weight``; returns their metrics."""
+    weights, metrics = truncated_importance_weights(pad_rows([old.po[i].cpu() for i in range(len(flat))]),
+                                                    pad_rows([ep.behavior_logp for ep in flat], dtype=torch.float32),
+                                                    pad_rows([ep.response_mask for ep in flat], dtype=torch.float32),
+                                                    cap)  # [N, T]
+    old.is_weight = {i: weights[i, :len(ep.response_ids)] for i, ep in enumerate(flat)}
+    return metrics
 
 
 def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, old, loss_args, score):

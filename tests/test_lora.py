@@ -80,6 +80,8 @@ def test_lora_config_refusals():
         load_config(None, ["model.lora.adapter=/somewhere"])
     with pytest.raises(ConfigError, match="unknown key 'model.lora.rank'"):
         load_config(None, ["model.lora.rank=8"])
+    with pytest.raises(ConfigError, match="rollout.engine=vllm with model.lora.enabled=true is not supported"):
+        load_config(None, LORA + ["rollout.engine=vllm"])
 
 
 def test_reference_is_the_base_with_adapters_off_and_no_second_copy(tmp_path):

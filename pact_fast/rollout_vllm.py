@@ -1,0 +1,283 @@
+"""Rollouts from a vLLM engine: ``VLLMRolloutEngine`` (``rollout.engine=vllm``), and ``make_rollout_engine``,
+which picks the engine a run's config asks for.
+
+The episode loop, the chat rendering (``pact_fast.chat``) and the tool-call parsing (``pact_fast.toolcalls``)
+are ``HFRolloutEngine``'s own: only the sampling of one assistant turn changes. Each turn, every live episode
+of the step is one request (its prompt and response so far, as token ids), all in one ``LLM.generate`` call;
+prefix caching spares re-filling the conversation turn after turn. Sampling matches the HF engine's:
+temperature, top-p, ``max_new_tokens`` per turn, a stop on the tokenizer's end-of-turn token only, and one seed
+per request drawn from ``generator`` (which the trainer reseeds every step). The behaviour log-probs are the
+engine's (``SamplingParams(logprobs=0)``, ``logprobs_mode="processed_logprobs"``): ``log softmax(logits / T)``
+as the HF engine records them while ``top_p = 1``; with ``top_p < 1`` vLLM renormalises them over the nucleus
+it samples from (the true sampling probability), and greedy decoding reports them at ``T = 1``.
+
+Weights: the engine starts from a copy of the training model saved at construction (no tokenizer: token ids
+go in and out), and before every ``rollout`` whose model changed (parameter versions) the training model's
+weights are written to one shared-memory file and loaded by the engine's worker in place
+(``reload_weights`` through ``collective_rpc``), the prefix cache is dropped, and a fingerprint is checked:
+the engine's log-probs of a fixed probe sequence against the training model's, to a dtype-aware tolerance.
+A failed sync or a dead engine raises ``RolloutEngineError``: a run never samples from stale weights.
+"""
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from .rollout import HFRolloutEngine, RolloutConfig
+
+INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its own transformers), then, on CPU, '
+                "pip uninstall -y torchvision torchaudio torchcodec")
+# max |engine - trainer| log-prob on the probe sequence accepted after a sync, per engine dtype. Measured on
+# SmolLM2-135M, CPU: fp32 ~1e-5; bf16 0.14-0.29 from its rounding alone, so in bf16 the probe catches only gross
+# failures (the checksum of the bytes the worker read still checks every weight)
+PROBE_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
+PROBE_TOKENS = 64  # tokens of the probe sequence (the first prompt the engine sees, cut)
+DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
+
+
+class RolloutEngineError(RuntimeError):
+    """The rollout engine is unusable (missing, dead) or holds weights other than the trainer's."""
+
+
+def is_cap(config):
+    """The truncated importance sampling cap a run uses: ``rollout.is_cap``, or when unset ``DEFAULT_IS_CAP``
+    with ``rollout.engine=vllm`` and 0 (off) with the HF engine, whose log-probs are the trainer's own."""
+    if config.is_cap is not None:
+        return config.is_cap
+    return DEFAULT_IS_CAP if config.engine == "vllm" else 0.0
+
+
+def import_vllm():
+    """``(LLM, SamplingParams)``, or a one-line ``RolloutEngineError`` naming what to install."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as exc:
+        raise RolloutEngineError(f"rollout.engine=vllm: vLLM is not importable ({exc}); {INSTALL_HINT}") from None
+    except Exception as exc:  # e.g. pip's CUDA torchvision: "operator torchvision::nms does not exist"
+        reason = " ".join(str(exc).split())[:200]
+        raise RolloutEngineError(f"rollout.engine=vllm: vLLM is installed but fails to import ({reason}); "
+                                 f"{INSTALL_HINT}") from None
+    return LLM, SamplingParams
+
+
+def make_rollout_engine(model, tokenizer, config: RolloutConfig, seed=0):
+    """The engine ``config.engine`` names: ``HFRolloutEngine`` (hf) or ``VLLMRolloutEngine`` (vllm)."""
+    if config.engine == "hf":
+        return HFRolloutEngine(model, tokenizer, config, seed=seed)
+    from . import distributed as dist
+
+    if dist.is_distributed():
+        raise RolloutEngineError("rollout.engine=vllm under torchrun is not implemented (one engine per rank, "
+                                 "weights gathered rank by rank); use rollout.engine=hf there")
+    return VLLMRolloutEngine(model, tokenizer, config, seed=seed)
+
+
+def _worker_load(path, size, meta):
+    """The callable ``collective_rpc`` runs in the engine's worker (``self``): read the weights ``meta``
+    ``[(name, dtype, shape, byte offset)]`` from the shared file ``path``, load them in place, and rebuild the
+    CPU GEMM handles of layers that got no weights of their own (a tied lm_head keeps a packed copy of the old
+    embedding otherwise). Returns the float64 sum of every tensor it read, for the trainer to compare."""
+
+    def load(self):
+        import torch
+
+        buf = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+        total = 0.0
+
+        def weights():
+            nonlocal total
+            for name, dtype, shape, offset in meta:
+                n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                tensor = buf[offset:offset + n].view(dtype).view(shape)
+                total += float(tensor.double().sum())
+                yield name, tensor
+
+        self.reload_weights(weights_iterator=weights())
+        model = self.model_runner.get_model()
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if hasattr(module, "cpu_linear") and getattr(module, "weight", None) is not None \
+                    and module.weight.numel() > 0 and method is not None:
+                method.process_weights_after_loading(module)
+        return total
+
+    return load
+
+
+class VLLMRolloutEngine(HFRolloutEngine):
+    """``HFRolloutEngine``'s episode loop with turns sampled by a colocated vLLM engine (module docstring).
+
+    Args:
+        model: the training model (its current weights are pushed into the engine before each rollout).
+        tokenizer: its tokenizer (rendering and parsing stay on this side; the engine sees token ids).
+        config: ``RolloutConfig`` (``engine="vllm"`` and the ``vllm_*`` options).
+        seed: seed of ``generator``, from which every request's sampling seed is drawn.
+    """
+
+    def __init__(self, model, tokenizer, config=None, seed=0):
+        super().__init__(model, tokenizer, config or RolloutConfig(engine="vllm"), seed=seed)
+        cfg = self.config
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends a callable
+        LLM, self._SamplingParams = import_vllm()
+        if cfg.vllm_tensor_parallel_size > 1 and not torch.cuda.is_available():
+            raise RolloutEngineError(f"rollout.vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} needs "
+                                     "that many GPUs; this machine has none")
+        dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.vllm_dtype]
+        self.dtype = dtype
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the weight file in memory, where there is one
+        self._dir = Path(tempfile.mkdtemp(prefix="pact_fast_vllm_", dir=shm))
+        weakref.finalize(self, shutil.rmtree, str(self._dir), True)  # the weight file goes at exit, close() or not
+        self._shm = None
+        try:
+            model.save_pretrained(self._dir / "model", safe_serialization=True)
+            kv = dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2 ** 30)) if cfg.vllm_kv_cache_gb else {}
+            max_len = min(cfg.vllm_max_model_len, getattr(model.config, "max_position_embeddings", None) or math.inf)
+            try:
+                self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True, dtype=str(dtype).split(".")[1],
+                               seed=seed, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                               max_model_len=int(max_len), enforce_eager=cfg.vllm_enforce_eager,
+                               tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, **kv)
+            except Exception as exc:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                reason = " ".join(str(exc).split())[:300]
+                raise RolloutEngineError(f"rollout.engine=vllm: the engine failed to start ({type(exc).__name__}: "
+                                         f"{reason})") from None
+        finally:
+            shutil.rmtree(self._dir / "model", ignore_errors=True)
+        self._synced_version = self._model_version()
+        self.probe = None
+        self.syncs = 0
+        self.last_probe_error = None
+
+    # ---------------------------------------------------------------- weights
+
+    def _model_version(self):
+        """A number that changes whenever any parameter of the training model is modified in place."""
+        return sum(p._version for p in self.model.parameters())
+
+    def _weights(self):
+        """``[(name, tensor)]`` of the training model in the engine's dtype (tied weights once)."""
+        return [(name, p.detach().to("cpu", self.dtype).contiguous()) for name, p in self.model.named_parameters()]
+
+    def sync_weights(self, force=False):
+        """Push the training model's weights into the engine when they changed since the last push (or
+        ``force``), drop the prefix cache (its KV came from the old weights), and check the fingerprint.
+        Raises ``RolloutEngineError`` when the engine is dead, read other bytes, or disagrees on the probe."""
+        version = self._model_version()
+        if not force and version == self._synced_version:
+            return False
+        weights = self._weights()
+        size = sum(t.numel() * t.element_size() for _, t in weights)
+        path = str(self._dir / "weights.bin")
+        if self._shm is None or self._shm.numel() != size:
+            self._shm = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        meta, offset, expected = [], 0, 0.0
+        for name, t in weights:
+            n = t.numel() * t.element_size()
+            self._shm[offset:offset + n].copy_(t.view(-1).view(torch.uint8))
+            meta.append((name, t.dtype, tuple(t.shape), offset))
+            expected += float(t.double().sum())
+            offset += n
+        got = self._call(lambda: self.llm.collective_rpc(_worker_load(path, size, meta)), "a weight sync")
+        if not all(math.isclose(g, expected, rel_tol=1e-9, abs_tol=1e-6) for g in got):
+            raise RolloutEngineError(f"weight sync: the engine read weights summing to {got}, the trainer wrote "
+                                     f"{expected}; stopping rather than sampling from other weights")
+        self._call(self.llm.reset_prefix_cache, "a prefix-cache reset")
+        self._synced_version = version
+        self.syncs += 1
+        if self.probe is not None:
+            self.check_fingerprint()
+        return True
+
+    @torch.no_grad()
+    def trainer_logprobs(self, ids):
+        """The training model's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` (temperature 1)."""
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+        finally:
+            self.model.train(was_training)
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
+
+    def engine_logprobs(self, ids):
+        """The engine's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` (prompt log-probs, temperature 1)."""
+        params = self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        out = self._call(lambda: self.llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False),
+                         "a probe")[0]
+        return torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+    def check_fingerprint(self):
+        """Compare the engine's probe log-probs with the trainer's; raise when they differ past the dtype's
+        tolerance (``PROBE_ATOL``). Returns the max abs difference."""
+        err = float((self.engine_logprobs(self.probe) - self.trainer_logprobs(self.probe)).abs().max())
+        self.last_probe_error = err
+        if not err <= PROBE_ATOL[self.dtype]:
+            raise RolloutEngineError(f"weight sync: the engine's log-probs of the probe sequence differ from the "
+                                     f"trainer's by up to {err:.3g} (tolerance {PROBE_ATOL[self.dtype]} for "
+                                     f"{self.dtype}); the engine does not hold the trained weights")
+        return err
+
+    # ---------------------------------------------------------------- sampling
+
+    def _call(self, fn, what):
+        try:
+            return fn()
+        except RolloutEngineError:
+            raise
+        except Exception as exc:
+            dead = type(exc).__name__ == "EngineDeadError" or "dead" in str(exc).lower()
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            if dead:
+                raise RolloutEngineError(f"the vLLM engine process died during {what} ({reason}); the run stops "
+                                         "(was it killed, or out of memory?)") from None
+            raise RolloutEngineError(f"the vLLM engine failed during {what} ({type(exc).__name__}: {reason})") \
+                from None
+
+    def rollout(self, examples, make_env, group_size=None, greedy=None):
+        """``HFRolloutEngine.rollout`` after a weight sync (when the training model changed) and, on the first
+        call, the fingerprint check of the engine's starting weights."""
+        self.sync_weights()
+        if self.probe is None and examples:
+            from .chat import prompt_ids
+
+            self.probe = list(prompt_ids(self.tokenizer, examples[0]))[:PROBE_TOKENS]
+            self.check_fingerprint()
+        return super().rollout(examples, make_env, group_size=group_size, greedy=greedy)
+
+    def _generate_turn(self, contexts, greedy):
+        """One assistant turn for every context (token ids), one request each, in one ``generate`` call.
+        Returns per row (tokens, behaviour logps, ended on the end-of-turn token)."""
+        cfg = self.config
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(contexts),), generator=self.generator).tolist()
+        params = [self._SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                                       max_tokens=cfg.max_new_tokens, logprobs=0, ignore_eos=True,
+                                       stop_token_ids=[self.eos], seed=s, detokenize=False) for s in seeds]
+        prompts = [{"prompt_token_ids": list(c)} for c in contexts]
+        outs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False), "a rollout turn")
+        tokens, logps, ended = [], [], []
+        for out in outs:
+            c = out.outputs[0]
+            toks = list(c.token_ids)
+            tokens.append(toks)
+            logps.append([float(d[t].logprob) for d, t in zip(c.logprobs, toks)])
+            ended.append(bool(toks) and toks[-1] == self.eos)
+        return tokens, logps, ended
+
+    def close(self):
+        """Shut the engine's processes down and delete its files (the engine is unusable afterwards)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # already dead: nothing left to shut down
+                pass
+        self._shm = None
+        shutil.rmtree(self._dir, ignore_errors=True)
