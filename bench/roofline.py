@@ -17,6 +17,7 @@ MiB = 2^20 bytes, traffic in GiB = 2^30.
     python bench/roofline.py                                    # table, labelled as a model
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
     python bench/roofline.py --stored-sass                      # issue term from the stored SASS table
+    python bench/roofline.py --readme                           # README's tables (Markdown)
     TRITON_INTERPRET=1 python bench/roofline.py --probe         # recount the torch kernels of each public op
 
 API for other tools: ``DEVICES``, ``CLASSES``, ``predict_ms(costs, device)``, ``predict_time_ms(launches, device)``,
@@ -174,7 +175,7 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
     under ``"torch.mm"`` at compulsory bytes (inputs, including an addmm's C, and the output once).
     ``torch_ops``: also every other aten op, inside the ``pact_fast::`` custom ops too (``_TorchOpCounter``):
     each kernel-launching op under ``"torch.<op>"`` with the bytes of its tensors, views free, host
-    synchronisations in ``counts.syncs``; an op it has no rule for raises RuntimeError, so what a public op
+    synchronisations in ``counts.syncs`` (``Tensor.tolist`` too, which reads host data without an aten op); an op it has no rule for raises RuntimeError, so what a public op
     launches is never left uncounted. Raises RuntimeError if Triton is not interpreting or the interpreter's
     builder API is not the one this harness wraps (it never silently counts zero).
     """
@@ -241,19 +242,31 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
 
     patches = {**{name: counted(name) for name in _COUNTED},
                **{name: uncounted(name) for name in _UNCOUNTED if name in originals}}
+    orig_tolist = torch.Tensor.tolist
+
+    def tolist(self):  # reads the tensor on the host without an aten op the dispatch mode would see
+        if not current:
+            counts.syncs += 1
+        return orig_tolist(self)
+
     if torch_ops:
         gemm_mode = _TorchOpCounter(counts, in_kernel=lambda: bool(current))
+        patches_tensor = {"tolist": tolist}
     else:
         gemm_mode = _TorchGemmCounter(counts) if count_torch_gemms else contextlib.nullcontext()
+        patches_tensor = {}
     try:
         for name, fn in patches.items():
             setattr(builder_cls, name, fn)
+        for name, fn in patches_tensor.items():
+            setattr(torch.Tensor, name, fn)
         interp.InterpretedFunction.run = run
         with gemm_mode:
             yield counts
     finally:
         for name, fn in originals.items():
             setattr(builder_cls, name, fn)
+        torch.Tensor.tolist = orig_tolist
         interp.InterpretedFunction.run = orig_run
 
 
@@ -976,6 +989,36 @@ def print_table(rows, source=""):
                   f"{k['intensity']:8.1f} FLOP/B work {_fmt(k['predicted_ms'], '8.2f'):>8} ms{timed}")
 
 
+README_TABLES = {  # README table -> the ops of its rows (workload order of model_rows)
+    "logprob": ("linear_logprobs fwd", "linear_logprobs fwd+bwd", "linear_logprobs fwd+bwd (frozen head; ideal 2 GEMMs: "
+                "logits, dX)", "linear_logprobs fwd+bwd (before issue 11)"),
+    "head": tuple(op for fam, op, _ in VARIANTS if fam == "head"),
+    "attention": ("tree_attention fwd+bwd (before issue 11)",) + tuple(op for fam, op, _ in VARIANTS
+                                                                     if fam == "attention"),
+}
+
+
+def markdown_table(rows, ops, device="H100"):
+    """README's Markdown table of ``rows`` whose op is in ``ops``, on ``device``: work and time (ms and ratio to
+    the row's ideal), the ideal's work / time ms, launches, host synchronisations and extra memory in MiB (with
+    its share of a bf16 dW for the log-prob heads). Every figure a prediction of this model."""
+    lines = ["| workload | op (predicted, " + device + ") | work ms | work x | time ms | time x | ideal ms: work / time "
+             "| launches | host syncs | extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["device"] != device or r["op"] not in ops:
+            continue
+        extra = r["extra_memory_bytes"]
+        memory = "-" if extra is None else f"{extra / MIB:,.1f}"
+        if extra is not None and "V" in r.get("shape", {}):
+            memory += f" ({100 * extra / (r['shape']['V'] * r['shape']['H'] * BF16):.1f}% of dW)"
+        ideal = f"{r['ideal_ms']:,.2f} / {_fmt(r['ideal_time_ms'], ',.2f')}"
+        lines.append(f"| {r['workload']} | {r['op']} | {r['predicted_ms']:,.2f} | {r['work_ratio']:.3f}x | "
+                     f"{_fmt(r['predicted_time_ms'], ',.2f')} | {_fmt(r['time_ratio'], '.3f')}"
+                     f"{'' if r['time_ratio'] is None else 'x'} | {ideal} | {_fmt(r.get('launch_count'), ',d')} | "
+                     f"{_fmt(r.get('host_syncs'), 'd')} | {memory} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import sass
 
@@ -984,6 +1027,7 @@ def main(argv=None):
     ap.add_argument("--probe", action="store_true",
                     help="count the torch kernels of each public op (TRITON_INTERPRET=1) into " + TORCH_OPS.name)
     ap.add_argument("--stored-sass", action="store_true", help="read the issue term from the stored SASS table")
+    ap.add_argument("--readme", action="store_true", help="print README's tables (Markdown, H100 and H200) instead")
     args = ap.parse_args(argv)
     if args.probe:
         doc = {"note": "torch kernels each public op launches beside its modelled GEMMs and Triton kernels, counted "
@@ -994,7 +1038,12 @@ def main(argv=None):
         return
     table = sass.issue_table(compile_here=False if args.stored_sass else None)
     rows = model_rows(table=table)
-    print_table(rows, next(iter(table.values()))["source"])
+    if args.readme:
+        for name, ops in README_TABLES.items():
+            for device in DEVICES:
+                print(f"{name}, {device}:\n{markdown_table(rows, ops, device)}\n")
+    else:
+        print_table(rows, next(iter(table.values()))["source"])
     if args.json:
         doc = {"rows": rows, "devices": {k: vars(v) for k, v in DEVICES.items()}, "classes": vars(CLASSES),
                "sources": SOURCES, "units": "bytes; printed as MiB = 2^20 bytes and GiB = 2^30",
