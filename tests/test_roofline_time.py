@@ -226,3 +226,14 @@ def test_frozen_head_rows_are_priced_against_two_gemms_and_the_lean_row_is_named
     heads = [r for op, r in by_op.items() if op.startswith("fused_pact_head")]
     assert by_op[lean[0]]["extra_memory_bytes"] == min(r["extra_memory_bytes"] for r in heads)
     assert by_op[lean[0]]["extra_memory_bytes"] <= 0.05 * V * H * 2  # within 5% of a bf16 dW
+
+
+def test_readme_tables_are_what_the_model_prints():
+    """README's performance-model tables (log-prob ops, fused head, tree attention; H100) are the script's
+    ``--readme`` output for the current model, so a change of kernel or class shows up there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = roofline.model_rows(table=sass.stored())
+    for name, ops in roofline.README_TABLES.items():
+        table = roofline.markdown_table(rows, ops, "H100")
+        assert table.count("\n") >= 3, name
+        assert table in readme, f"README's {name} table is stale: python bench/roofline.py --readme"
