@@ -175,9 +175,10 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
     under ``"torch.mm"`` at compulsory bytes (inputs, including an addmm's C, and the output once).
     ``torch_ops``: also every other aten op, inside the ``pact_fast::`` custom ops too (``_TorchOpCounter``):
     each kernel-launching op under ``"torch.<op>"`` with the bytes of its tensors, views free, host
-    synchronisations in ``counts.syncs`` (``Tensor.tolist`` too, which reads host data without an aten op); an op it has no rule for raises RuntimeError, so what a public op
-    launches is never left uncounted. Raises RuntimeError if Triton is not interpreting or the interpreter's
-    builder API is not the one this harness wraps (it never silently counts zero).
+    synchronisations in ``counts.syncs`` (``Tensor.tolist`` too, which reads host data without an aten op); an
+    op it has no rule for raises RuntimeError, so what a public op launches is never left uncounted. Raises
+    RuntimeError if Triton is not interpreting or the interpreter's builder API is not the one this harness
+    wraps (it never silently counts zero).
     """
     from triton.runtime import interpreter as interp
 
@@ -990,8 +991,8 @@ def print_table(rows, source=""):
 
 
 README_TABLES = {  # README table -> the ops of its rows (workload order of model_rows)
-    "logprob": ("linear_logprobs fwd", "linear_logprobs fwd+bwd", "linear_logprobs fwd+bwd (frozen head; ideal 2 GEMMs: "
-                "logits, dX)", "linear_logprobs fwd+bwd (before issue 11)"),
+    "logprob": tuple(op for fam, op, _ in VARIANTS if fam == "logprob") +
+    ("linear_logprobs fwd+bwd (before issue 11)",),
     "head": tuple(op for fam, op, _ in VARIANTS if fam == "head"),
     "attention": ("tree_attention fwd+bwd (before issue 11)",) + tuple(op for fam, op, _ in VARIANTS
                                                                      if fam == "attention"),
@@ -1002,7 +1003,7 @@ def markdown_table(rows, ops, device="H100"):
     """README's Markdown table of ``rows`` whose op is in ``ops``, on ``device``: work and time (ms and ratio to
     the row's ideal), the ideal's work / time ms, launches, host synchronisations and extra memory in MiB (with
     its share of a bf16 dW for the log-prob heads). Every figure a prediction of this model."""
-    lines = ["| workload | op (predicted, " + device + ") | work ms | work x | time ms | time x | ideal ms: work / time "
+    lines = [f"| workload | op (predicted, {device}) | work ms | work x | time ms | time x | ideal ms: work / time "
              "| launches | host syncs | extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["device"] != device or r["op"] not in ops:
