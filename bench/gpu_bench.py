@@ -402,17 +402,18 @@ def run_head(dry_run, device, reps):
     w = head.WORKLOADS[workload]
     N, H, V = 2 * w["B"] * w["T"] + w["S"] * w["E"], w["H"], w["V"]
     dev = model_device(device)
-    model = next(r for r in roofline.fused_head_rows(workload, N, V, H, devices=(dev,), table=SASS_TABLE)
-                 if r["op"] == "fused_pact_head fwd+bwd")
-    ideal = model["ideal_time_ms"]
+    models = {r["op"]: r for r in roofline.fused_head_rows(workload, N, V, H, devices=(dev,), table=SASS_TABLE)}
+    modelled = {"fused_triton": "fused_pact_head fwd+bwd", "fused_triton_lean": "fused_pact_head fwd+bwd (memory_lean)"}
+    ideal = models["fused_pact_head fwd+bwd"]["ideal_time_ms"]
     rows = []
     for r in head.run(workload, device, reps):
         row = {"section": "head", "workload": workload, "shape": {"N": N, "H": H, "V": V},
                "dtype": str(w["dtype"]).replace("torch.", ""), "model_device": dev, "ideal_ms": ideal,
                "ms": None, "peak_MiB": None, **r}
-        if r["provider"] == "fused_triton":
+        if r["provider"] in modelled:
+            model = models[modelled[r["provider"]]]
             row.update(predicted_ms=model["predicted_time_ms"], work_predicted_ms=model["predicted_ms"],
-                       prediction="roofline: fused_pact_head fwd+bwd (time model)",
+                       prediction=f"roofline: {model['op']} (time model)",
                        predicted_extra_MiB=model["extra_memory_bytes"] / 2 ** 20)
         else:
             row.update(predicted_ms=ideal, prediction="roofline ideal: 3 bare GEMMs, a lower bound")

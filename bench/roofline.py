@@ -17,6 +17,7 @@ MiB = 2^20 bytes, traffic in GiB = 2^30.
     python bench/roofline.py                                    # table, labelled as a model
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
     python bench/roofline.py --stored-sass                      # issue term from the stored SASS table
+    python bench/roofline.py --readme                           # README's tables (Markdown)
     TRITON_INTERPRET=1 python bench/roofline.py --probe         # recount the torch kernels of each public op
 
 API for other tools: ``DEVICES``, ``CLASSES``, ``predict_ms(costs, device)``, ``predict_time_ms(launches, device)``,
@@ -174,9 +175,10 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
     under ``"torch.mm"`` at compulsory bytes (inputs, including an addmm's C, and the output once).
     ``torch_ops``: also every other aten op, inside the ``pact_fast::`` custom ops too (``_TorchOpCounter``):
     each kernel-launching op under ``"torch.<op>"`` with the bytes of its tensors, views free, host
-    synchronisations in ``counts.syncs``; an op it has no rule for raises RuntimeError, so what a public op
-    launches is never left uncounted. Raises RuntimeError if Triton is not interpreting or the interpreter's
-    builder API is not the one this harness wraps (it never silently counts zero).
+    synchronisations in ``counts.syncs`` (``Tensor.tolist`` too, which reads host data without an aten op); an
+    op it has no rule for raises RuntimeError, so what a public op launches is never left uncounted. Raises
+    RuntimeError if Triton is not interpreting or the interpreter's builder API is not the one this harness
+    wraps (it never silently counts zero).
     """
     from triton.runtime import interpreter as interp
 
@@ -241,19 +243,31 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
 
     patches = {**{name: counted(name) for name in _COUNTED},
                **{name: uncounted(name) for name in _UNCOUNTED if name in originals}}
+    orig_tolist = torch.Tensor.tolist
+
+    def tolist(self):  # reads the tensor on the host without an aten op the dispatch mode would see
+        if not current:
+            counts.syncs += 1
+        return orig_tolist(self)
+
     if torch_ops:
         gemm_mode = _TorchOpCounter(counts, in_kernel=lambda: bool(current))
+        patches_tensor = {"tolist": tolist}
     else:
         gemm_mode = _TorchGemmCounter(counts) if count_torch_gemms else contextlib.nullcontext()
+        patches_tensor = {}
     try:
         for name, fn in patches.items():
             setattr(builder_cls, name, fn)
+        for name, fn in patches_tensor.items():
+            setattr(torch.Tensor, name, fn)
         interp.InterpretedFunction.run = run
         with gemm_mode:
             yield counts
     finally:
         for name, fn in originals.items():
             setattr(builder_cls, name, fn)
+        torch.Tensor.tolist = orig_tolist
         interp.InterpretedFunction.run = orig_run
 
 
@@ -304,7 +318,8 @@ rand rand_like randn randint bernoulli bernoulli_ copy_ _to_copy clone cat stack
 index_put index_put_ _index_put_impl_ index gather scatter scatter_ scatter_add scatter_add_ masked_fill masked_fill_
 index_add_ index_add embedding repeat flip roll where scatter_reduce scatter_reduce_ index_reduce bincount sort topk
 searchsorted isin lift_fresh_copy slice_scatter select_scatter as_strided_scatter index_fill index_fill_ cumprod
-random_ uniform_ normal_ exponential_ masked_scatter embedding_dense_backward copy constant_pad_nd""".split())
+random_ uniform_ normal_ exponential_ masked_scatter embedding_dense_backward copy constant_pad_nd
+_assert_async""".split())  # _assert_async: a device-side check (one small kernel, no host synchronisation)
 TORCH_SYNCS = frozenset("_local_scalar_dense nonzero _unique2 unique_dim unique_consecutive masked_select is_nonzero "
                         "equal".split())
 
@@ -475,31 +490,43 @@ def predict_time_ms(launches, device, classes=CLASSES):
     return 1e3 * sum(launch_terms(x, device, classes)["total"] for x in launches)
 
 
-def _recording_gemm_cost(module):
-    """Patch ``module.gemm_cost`` to record each GEMM's (m, n, k) by the KernelCost it returns."""
+def _recording_gemm_cost(modules):
+    """Patch ``gemm_cost`` of each of ``modules`` to record each GEMM's (m, n, k) by the KernelCost it returns.
+    Returns (restore, shapes): call ``restore()`` to put the originals back."""
     shapes = {}
-    original = module.gemm_cost
+    originals = {m: m.gemm_cost for m in modules}
 
-    def record(tag, m, n, k, c_elems, elem_bytes):
-        cost = original(tag, m, n, k, c_elems, elem_bytes)
-        shapes[id(cost)] = (m, n, k)
-        return cost
+    def recorder(original):
+        def record(tag, m, n, k, c_elems, elem_bytes):
+            cost = original(tag, m, n, k, c_elems, elem_bytes)
+            shapes[id(cost)] = (m, n, k)
+            return cost
+        return record
 
-    return original, record, shapes
+    for m, original in originals.items():
+        m.gemm_cost = recorder(original)
+
+    def restore():
+        for m, original in originals.items():
+            m.gemm_cost = original
+
+    return restore, shapes
 
 
 def epilogue_launches(module, table, *args, **kwargs):
     """[Launch] of a GEMM + epilogue launcher (``module.kernel_costs(*args, **kwargs)``): GEMMs with their shapes,
-    each Triton kernel handling the output tile of the GEMM launched just before it (the logits of a block, or
-    dX for the fused head's row scaling), at the warp-instructions per element of its SASS (``table``)."""
+    each Triton kernel handling the output tile of the GEMM launched just before it (the logits of a block or
+    slab, or dX for the fused head's row scaling), at the warp-instructions per element of its SASS (``table``).
+    GEMMs priced by ``linear_logprobs_launch`` (the fused head's memory_lean recompute) are recorded too."""
     import sass
 
-    original, record, shapes = _recording_gemm_cost(module)
-    module.gemm_cost = record
+    from pact_fast.kernels import linear_logprobs_launch
+
+    restore, shapes = _recording_gemm_cost({module, linear_logprobs_launch})
     try:
         costs = module.kernel_costs(*args, **kwargs)
     finally:
-        module.gemm_cost = original
+        restore()
     out, tile = [], None
     for c in costs:
         if id(c) in shapes:
@@ -560,14 +587,15 @@ TORCH_OPS = ROOT / "bench" / "results" / "roofline_torch_ops.json"
 TORCH_OPS_NAME = "torch ops"  # the Launch name (and kernels row) of the torch kernels around the modelled ones
 
 
-def _probe_logprob(passes, blocks):
-    """(counts, {"rows": N}) of one linear_logprobs call (fp32, N=24, V=96, H=16) at (row blocks, slabs)."""
+def _probe_logprob(passes, blocks, weight_grad=True):
+    """(counts, {"rows": N}) of one linear_logprobs call (fp32, N=24, V=96, H=16) at (row blocks, slabs);
+    ``weight_grad`` False: a frozen weight (``requires_grad`` False), as a frozen lm_head calls it."""
     from pact_fast.ops import linear_logprobs
 
     N, V, H = 24, 96, 16
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, H, generator=g).requires_grad_()
-    w = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_(weight_grad)
     t = torch.randint(0, V, (N,), generator=g)
     grad = torch.randn(N, generator=g)
     chunk = N // blocks[0]
@@ -578,9 +606,10 @@ def _probe_logprob(passes, blocks):
     return counts, {"rows": N, "row_blocks": blocks[0]}
 
 
-def _probe_head(passes, blocks):
+def _probe_head(passes, blocks, weight_grad=True, memory_lean=False):
     """(counts, {"rows": N}) of one fused_pact_head forward+backward (fp32, a 36-row PACT micro-batch of
-    bench_fused_pact_head's layout, default PACTLossConfig) in ``blocks[0]`` row blocks."""
+    bench_fused_pact_head's layout, default PACTLossConfig) in ``blocks[0]`` row blocks; ``weight_grad`` False:
+    a frozen lm_head (``requires_grad`` False); ``memory_lean`` as the op takes it."""
     import bench_fused_pact_head as head
 
     from pact_fast.losses import PACTLossConfig
@@ -589,9 +618,10 @@ def _probe_head(passes, blocks):
     hidden, weight, targets, rows, batch = head.make_inputs(B=2, T=6, S=1, E=12, H=16, V=96,
                                                             dtype=torch.float32, device="cpu")
     N = hidden.shape[0]
+    weight.requires_grad_(weight_grad)
     with count_executed(torch_ops=True) as counts:
         loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, PACTLossConfig(), 0.3, backend="triton",
-                                  chunk_rows=-(-N // blocks[0]))
+                                  chunk_rows=-(-N // blocks[0]), memory_lean=memory_lean)
         loss.backward()
     return counts, {"rows": N, "row_blocks": blocks[0]}
 
@@ -615,12 +645,17 @@ def _probe_attention(passes, blocks):
     return counts, {"rows": L * HQ * D}
 
 
-# op -> (probe, passes, whether its torch kernels may repeat per row block, (row blocks, vocabulary slabs) probed)
+# probe name -> (probe, passes, whether its torch kernels may repeat per row block, (row blocks, vocabulary slabs)
+# probed, the probe's keyword arguments: how the op is called)
 PROBES = {
-    "linear_logprobs fwd": (_probe_logprob, ("fwd",), True, ((1, 1), (2, 2))),
-    "linear_logprobs fwd+bwd": (_probe_logprob, ("fwd", "bwd"), True, ((1, 1), (2, 2))),
-    "fused_pact_head fwd+bwd": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1))),
-    "tree_attention fwd+bwd": (_probe_attention, ("fwd", "bwd"), False, ((1, 1),)),
+    "linear_logprobs fwd": (_probe_logprob, ("fwd",), True, ((1, 1), (2, 2)), {}),
+    "linear_logprobs fwd+bwd": (_probe_logprob, ("fwd", "bwd"), True, ((1, 1), (2, 2)), {}),
+    "linear_logprobs fwd+bwd frozen": (_probe_logprob, ("fwd", "bwd"), True, ((1, 1), (2, 2)),
+                                       dict(weight_grad=False)),
+    "fused_pact_head fwd+bwd": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), {}),
+    "fused_pact_head fwd+bwd frozen": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), dict(weight_grad=False)),
+    "fused_pact_head fwd+bwd lean": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), dict(memory_lean=True)),
+    "tree_attention fwd+bwd": (_probe_attention, ("fwd", "bwd"), False, ((1, 1),), {}),
 }
 _MODELLED = ("torch.mm",)  # the formulas (kernel_costs) price these and every Triton kernel
 
@@ -630,10 +665,10 @@ def probe_torch_ops(op):
     kernels the formulas price: {"per_call": {...}, "per_unit": {...}, "rows": r} with launches, bytes and
     host synchronisations, fitted as a + b * units over the two blockings probed (units: the op's row blocks;
     per_unit all 0 for an op without them). Needs TRITON_INTERPRET=1."""
-    probe, passes, unit, blockings = PROBES[op]
+    probe, passes, unit, blockings, options = PROBES[op]
     points = []
     for blocks in blockings:
-        counts, meta = probe(passes, blocks)
+        counts, meta = probe(passes, blocks, **options)
         aux = {k: v for k, v in counts.items() if k.startswith("torch.") and k not in _MODELLED}
         units = meta["row_blocks"] if unit else 0
         points.append((units, sum(counts.launches[k] for k in aux), sum(v[1] for v in aux.values()), counts.syncs,
@@ -668,7 +703,7 @@ def torch_launches(op, row_blocks, rows, stored=None):
 
 def ideal_logprob_ms(N, V, H, device, gemms=3):
     """``gemms`` bare bf16 GEMMs of 2NVH FLOPs each at compulsory bytes: 3 for fwd+bwd (logits, dX, dW),
-    1 for the forward (logits)."""
+    2 for fwd+bwd with a frozen weight (logits, dX), 1 for the forward (logits)."""
     dev = DEVICES[device]
     gemm_bytes = [(N * H + V * H + N * V) * BF16, (N * V + V * H + N * H) * BF16, (N * V + N * H + V * H) * BF16]
     return sum(1e3 * max(2 * N * V * H / dev.flops, b / dev.bandwidth) for b in gemm_bytes[:gemms])
@@ -751,27 +786,47 @@ def _logprob_family(table, shape, kwargs, stored):
     costs = launch.kernel_costs(N, V, H, torch.bfloat16, **args)
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, **args)
     passes = args.get("passes", ("fwd", "bwd"))
-    probe = "linear_logprobs fwd" if tuple(passes) == ("fwd",) else "linear_logprobs fwd+bwd"
+    weight_grad = args.get("weight_grad", True)
+    probe = "linear_logprobs fwd" if tuple(passes) == ("fwd",) else \
+        "linear_logprobs fwd+bwd" + ("" if weight_grad else " frozen")
     blocking = args.get("blocking") or launch.plan(N, V, H)
     aux, syncs = torch_launches(probe, -(-N // blocking.rows), N, stored)
-    gemms = [(N, V, H)] + ([(N, H, V), (V, H, N)] if "bwd" in passes else [])
+    gemms = _ideal_gemms(N, V, H, backward="bwd" in passes, weight_grad=weight_grad)
     extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16, **_accepted(launch.extra_memory_bytes, kwargs))
     return (costs, launches + aux, gemm_launches(gemms), lambda d: ideal_logprob_ms(N, V, H, d, len(gemms)), extra,
             syncs)
 
 
+def _ideal_gemms(N, V, H, backward=True, weight_grad=True):
+    """[(m, n, k)] of the bare GEMMs a log-prob head cannot avoid: logits; with the backward dX, and dW unless
+    the weight is frozen (``weight_grad`` False: two GEMMs)."""
+    return [(N, V, H)] + ([(N, H, V)] if backward else []) + ([(V, H, N)] if backward and weight_grad else [])
+
+
 def _head_family(table, shape, kwargs, stored):
-    """The same for the Triton fused PACT head (bf16, no bias, no row over the shift limit)."""
+    """The same for the Triton fused PACT head (bf16, no bias, no row over the shift limit): row blocks of
+    ``default_rows`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op called that
+    way (frozen weight, lean), counted through it (``PROBES``)."""
     from pact_fast.kernels import fused_pact_head_launch as launch
+    from pact_fast.kernels import linear_logprobs_launch
 
     N, V, H = shape["N"], shape["V"], shape["H"]
+    weight_grad, lean = kwargs.get("weight_grad", True), kwargs.get("memory_lean", False)
     costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, **kwargs)
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, has_bias=False, **kwargs)
-    rows_per_block = min(N, kwargs.get("rows_per_block") or launch.BLOCK_ROWS)
-    aux, syncs = torch_launches("fused_pact_head fwd+bwd", -(-N // rows_per_block), N, stored)
+    if lean:
+        rows_per_block = (kwargs.get("blocking") or linear_logprobs_launch.plan(N, V, H)).rows
+    else:
+        rows_per_block = kwargs.get("rows_per_block") or launch.default_rows(
+            N, V, H, torch.bfloat16, kwargs.get("want_entropy", False), weight_grad=weight_grad)
+    probe = "fused_pact_head fwd+bwd" + ("" if weight_grad else " frozen") + (" lean" if lean else "")
+    if probe not in (stored or stored_torch_ops()):
+        raise ValueError(f"roofline: no torch-op probe {probe!r} for this fused-head variant; add it to PROBES")
+    aux, syncs = torch_launches(probe, -(-N // min(N, rows_per_block)), N, stored)
     extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16, **_accepted(launch.extra_memory_bytes, kwargs))
-    return (costs, launches + aux, gemm_launches([(N, V, H), (N, H, V), (V, H, N)]),
-            lambda d: ideal_logprob_ms(N, V, H, d), extra, syncs)
+    gemms = _ideal_gemms(N, V, H, weight_grad=weight_grad)
+    return (costs, launches + aux, gemm_launches(gemms), lambda d: ideal_logprob_ms(N, V, H, d, len(gemms)), extra,
+            syncs)
 
 
 def _attention_family(table, shape, kwargs, stored):
@@ -805,12 +860,16 @@ def attention_ideal_launches(subtree_end, HQ, HKV, D, passes=("fwd", "bwd")):
 FAMILIES = {"logprob": _logprob_family, "head": _head_family, "attention": _attention_family}
 
 # Every row of the table: (family, op, keyword arguments of the launcher's kernel_costs). A new variant is one
-# line here, e.g. a frozen head: ("logprob", "linear_logprobs fwd+bwd (frozen head)", dict(weight_grad=False)).
+# line here. Frozen-head rows (weight_grad False) are priced against their own ideal: two GEMMs (logits, dX).
 VARIANTS = [
     ("logprob", "linear_logprobs fwd", dict(passes=("fwd",))),
     ("logprob", "linear_logprobs fwd+bwd", dict()),
+    ("logprob", "linear_logprobs fwd+bwd (frozen head; ideal 2 GEMMs: logits, dX)", dict(weight_grad=False)),
     ("head", "fused_pact_head fwd+bwd", dict(want_entropy=False)),
     ("head", "fused_pact_head fwd+bwd (entropy or fp16)", dict(want_entropy=True)),
+    ("head", "fused_pact_head fwd+bwd (memory_lean)", dict(want_entropy=False, memory_lean=True)),
+    ("head", "fused_pact_head fwd+bwd (frozen head; ideal 2 GEMMs: logits, dX)", dict(want_entropy=False,
+                                                                                     weight_grad=False)),
     ("attention", "tree_attention fwd+bwd", dict(dq_mode="split")),
     ("attention", "tree_attention fwd+bwd (dq atomics)", dict(dq_mode="atomic")),
 ]
@@ -853,9 +912,11 @@ def logprob_rows(workload, N, V, H, devices=("H100", "H200"), table=None):
 
 def fused_head_rows(workload, N, V, H, devices=("H100", "H200"), table=None):
     """Model rows of the Triton backend of fused_pact_head (bf16, no bias, no row over the shift limit) against
-    three GEMMs: "fused_pact_head fwd+bwd" (no entropy bonus: one read and write of the logits) and "...
-    (entropy or fp16)" (the ordinary epilogue: a read for the statistics, a read and a write for the gradient).
-    The time model includes the torch kernels between the passes (``pact_loss`` per row block today)."""
+    three GEMMs (two, logits and dX, for a frozen head): "fused_pact_head fwd+bwd" (no entropy bonus: one read
+    and write of the logits), "... (entropy or fp16)" (the ordinary epilogue: a read for the statistics, a read
+    and a write for the gradient), "... (memory_lean)" (the logits recomputed over vocabulary slabs) and "...
+    (frozen head ...)" (no dW). The time model includes the torch kernels the op launches around its passes
+    (the loss once per call, counted through the op: ``PROBES``)."""
     return variant_rows(workload, "head", {"N": N, "V": V, "H": H}, devices, table)
 
 
@@ -929,6 +990,36 @@ def print_table(rows, source=""):
                   f"{k['intensity']:8.1f} FLOP/B work {_fmt(k['predicted_ms'], '8.2f'):>8} ms{timed}")
 
 
+README_TABLES = {  # README table -> the ops of its rows (workload order of model_rows)
+    "logprob": tuple(op for fam, op, _ in VARIANTS if fam == "logprob") +
+    ("linear_logprobs fwd+bwd (before issue 11)",),
+    "head": tuple(op for fam, op, _ in VARIANTS if fam == "head"),
+    "attention": ("tree_attention fwd+bwd (before issue 11)",) + tuple(op for fam, op, _ in VARIANTS
+                                                                     if fam == "attention"),
+}
+
+
+def markdown_table(rows, ops, device="H100"):
+    """README's Markdown table of ``rows`` whose op is in ``ops``, on ``device``: work and time (ms and ratio to
+    the row's ideal), the ideal's work / time ms, launches, host synchronisations and extra memory in MiB (with
+    its share of a bf16 dW for the log-prob heads). Every figure a prediction of this model."""
+    lines = [f"| workload | op (predicted, {device}) | work ms | work x | time ms | time x | ideal ms: work / time "
+             "| launches | host syncs | extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["device"] != device or r["op"] not in ops:
+            continue
+        extra = r["extra_memory_bytes"]
+        memory = "-" if extra is None else f"{extra / MIB:,.1f}"
+        if extra is not None and "V" in r.get("shape", {}):
+            memory += f" ({100 * extra / (r['shape']['V'] * r['shape']['H'] * BF16):.1f}% of dW)"
+        ideal = f"{r['ideal_ms']:,.2f} / {_fmt(r['ideal_time_ms'], ',.2f')}"
+        lines.append(f"| {r['workload']} | {r['op']} | {r['predicted_ms']:,.2f} | {r['work_ratio']:.3f}x | "
+                     f"{_fmt(r['predicted_time_ms'], ',.2f')} | {_fmt(r['time_ratio'], '.3f')}"
+                     f"{'' if r['time_ratio'] is None else 'x'} | {ideal} | {_fmt(r.get('launch_count'), ',d')} | "
+                     f"{_fmt(r.get('host_syncs'), 'd')} | {memory} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import sass
 
@@ -937,6 +1028,7 @@ def main(argv=None):
     ap.add_argument("--probe", action="store_true",
                     help="count the torch kernels of each public op (TRITON_INTERPRET=1) into " + TORCH_OPS.name)
     ap.add_argument("--stored-sass", action="store_true", help="read the issue term from the stored SASS table")
+    ap.add_argument("--readme", action="store_true", help="print README's tables (Markdown, H100 and H200) instead")
     args = ap.parse_args(argv)
     if args.probe:
         doc = {"note": "torch kernels each public op launches beside its modelled GEMMs and Triton kernels, counted "
@@ -947,7 +1039,12 @@ def main(argv=None):
         return
     table = sass.issue_table(compile_here=False if args.stored_sass else None)
     rows = model_rows(table=table)
-    print_table(rows, next(iter(table.values()))["source"])
+    if args.readme:
+        for name, ops in README_TABLES.items():
+            for device in DEVICES:
+                print(f"{name}, {device}:\n{markdown_table(rows, ops, device)}\n")
+    else:
+        print_table(rows, next(iter(table.values()))["source"])
     if args.json:
         doc = {"rows": rows, "devices": {k: vars(v) for k, v in DEVICES.items()}, "classes": vars(CLASSES),
                "sources": SOURCES, "units": "bytes; printed as MiB = 2^20 bytes and GiB = 2^30",

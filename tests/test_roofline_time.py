@@ -103,9 +103,10 @@ def test_harness_counts_elementwise_bytes_launches_and_syncs():
         c = a + b  # reads 2 x 40 bytes, writes 40
         c.view(2, 5).t()  # views launch nothing
         float(c.sum())  # a reduction (40 + 4 bytes) and a host synchronisation
+        c[:2].tolist()  # another, though no aten op runs for it
     assert counts["torch.add"] == [0, 120] and counts.launches["torch.add"] == 1
     assert counts["torch.sum"] == [0, 44]
-    assert counts.syncs == 1
+    assert counts.syncs == 2
     assert not any(name.startswith(("torch.view", "torch.t")) for name in counts)
 
 
@@ -156,7 +157,9 @@ def test_rows_include_every_launch_and_their_torch_kernels():
         assert kernels[roofline.TORCH_OPS_NAME]["launches"] > 0, r["op"]
         assert sum(k["predicted_time_ms"] for k in r["kernels"]) == pytest.approx(r["predicted_time_ms"])
     head = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "fused_pact_head fwd+bwd")
-    blocks = math.ceil(32768 / 2048)
+    from pact_fast.kernels import fused_pact_head_launch
+
+    blocks = math.ceil(32768 / fused_pact_head_launch.default_rows(32768, 151936, 2048, torch.bfloat16))
     per_block = stored["fused_pact_head fwd+bwd"]["per_unit"]["launches"]
     torch_ops = next(k for k in head["kernels"] if k["kernel"] == roofline.TORCH_OPS_NAME)
     assert torch_ops["launches"] == pytest.approx(blocks * per_block +
@@ -198,3 +201,39 @@ def test_print_table_labels_predictions_and_prints_mib():
     text = buf.getvalue()
     assert "PREDICTIONS, not measurements" in text and "extra MiB" in text
     assert "      2.5" in text.splitlines()[-1]
+
+
+def test_frozen_head_rows_are_priced_against_two_gemms_and_the_lean_row_is_named():
+    """A frozen lm_head (weight_grad False) launches no dW GEMM and its ideal is two GEMMs (logits, dX), said in
+    the op; the memory_lean fused head has "lean" in its op and the smallest fused-head workspace."""
+    rows = roofline.model_rows(devices=("H100",), table=sass.stored())
+    N, V, H = 32768, 151936, 2048
+    by_op = {r["op"]: r for r in rows if r["workload"] == "W-logprob-H2048"}
+    frozen = [op for op in by_op if "frozen head" in op]
+    assert {op.split()[0] for op in frozen} == {"linear_logprobs", "fused_pact_head"}
+    for op in frozen:
+        r = by_op[op]
+        assert "ideal 2 GEMMs" in op
+        assert r["ideal_ms"] == pytest.approx(roofline.ideal_logprob_ms(N, V, H, "H100", gemms=2))
+        assert r["ideal_time_ms"] == pytest.approx(roofline.predict_time_ms(
+            roofline.gemm_launches([(N, V, H), (N, H, V)]), "H100"))
+        kernels = {k["kernel"] for k in r["kernels"]}
+        assert "torch.mm[dw]" not in kernels and "torch.mm[dx]" in kernels, op
+        recomputed = op.startswith("linear_logprobs")  # its backward recomputes the logits: 3 GEMMs, not 2
+        assert sum(k["flops"] for k in r["kernels"]) == (6 if recomputed else 4) * N * V * H, op
+    lean = [op for op in by_op if op.startswith("fused_pact_head") and "lean" in op]
+    assert len(lean) == 1
+    heads = [r for op, r in by_op.items() if op.startswith("fused_pact_head")]
+    assert by_op[lean[0]]["extra_memory_bytes"] == min(r["extra_memory_bytes"] for r in heads)
+    assert by_op[lean[0]]["extra_memory_bytes"] <= 0.05 * V * H * 2  # within 5% of a bf16 dW
+
+
+def test_readme_tables_are_what_the_model_prints():
+    """README's performance-model tables (log-prob ops, fused head, tree attention; H100) are the script's
+    ``--readme`` output for the current model, so a change of kernel or class shows up there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = roofline.model_rows(table=sass.stored())
+    for name, ops in roofline.README_TABLES.items():
+        table = roofline.markdown_table(rows, ops, "H100")
+        assert table.count("\n") >= 3, name
+        assert table in readme, f"README's {name} table is stale: python bench/roofline.py --readme"
