@@ -26,7 +26,7 @@ import torch
 
 from .losses import (NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig,
                      aggregate, anchor_generator, clipped_surrogate_tokens, kl_penalty, reasoning_segments_kept,
-                     tool_call_weight)
+                     sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -66,16 +66,9 @@ def sft_weights(components, segment_ids, turn_ids, progress, config, dtype=torch
     """``losses.sft_token_weights`` without a sync: [S, E] dtype. The segment count of each (trace, turn) is a
     segmented max over the turn's dense rank within its trace (a sort along E), not over ``max(turn) + 1``
     buckets."""
-    w = torch.zeros(components.shape, dtype=dtype, device=components.device)
-    assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
-    if config.mode in ("sft", "sft_then_grpo"):
-        return w.masked_fill(assistant, 1.0)
-    beta = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
-    w = w.masked_fill(components == TOOL_CALL, beta)
-    w = w.masked_fill(components == OTHER, config.w_other)
-    reasoning = components == REASONING
-    if config.sft_reasoning_mode == "scale":
-        return w.masked_fill(reasoning, config.w_reason * beta)
+    w, reasoning = sft_weights_before_segments(components, progress, config, dtype)
+    if reasoning is None:
+        return w
     S, E = components.shape
     if S * E == 0:
         return w

@@ -309,6 +309,23 @@ def reasoning_segments_kept(n_segments, progress, s_end=1.0):
     return math.ceil(n_segments * (1.0 - frac) - 1e-9)
 
 
+def sft_weights_before_segments(components, progress, config, dtype=torch.float32):
+    """The SFT weights that need no reasoning-segment count: ``(w [S, E] dtype, reasoning)``. ``reasoning`` is
+    None when ``w`` is complete (the SFT modes, scale mode); in segment mode it is the [S, E] mask of reasoning
+    tokens, whose weights the caller fills from their segments."""
+    w = torch.zeros(components.shape, dtype=dtype, device=components.device)
+    assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
+    if config.mode in ("sft", "sft_then_grpo"):
+        return w.masked_fill(assistant, 1.0), None
+    beta = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
+    w = w.masked_fill(components == TOOL_CALL, beta)
+    w = w.masked_fill(components == OTHER, config.w_other)
+    reasoning = components == REASONING
+    if config.sft_reasoning_mode == "scale":
+        return w.masked_fill(reasoning, config.w_reason * beta), None
+    return w, reasoning
+
+
 def sft_token_weights(components, segment_ids, turn_ids, progress, config, dtype=torch.float32):
     """Per-token SFT weights ``w_t`` of traces. components/segment_ids/turn_ids: [S, E] int. Returns [S, E] dtype.
 
@@ -317,16 +334,9 @@ def sft_token_weights(components, segment_ids, turn_ids, progress, config, dtype
     targets). Other assistant tokens: ``w_other``. ``mode='sft'`` (the plain SFT baseline): 1 on every
     assistant token, no annealing.
     """
-    w = torch.zeros(components.shape, dtype=dtype, device=components.device)
-    assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
-    if config.mode in ("sft", "sft_then_grpo"):
-        return w.masked_fill(assistant, 1.0)
-    beta = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
-    w = w.masked_fill(components == TOOL_CALL, beta)
-    w = w.masked_fill(components == OTHER, config.w_other)
-    reasoning = components == REASONING
-    if config.sft_reasoning_mode == "scale":
-        return w.masked_fill(reasoning, config.w_reason * beta)
+    w, reasoning = sft_weights_before_segments(components, progress, config, dtype)
+    if reasoning is None:
+        return w
     # segment mode: n_k = 1 + largest segment id of turn k in each trace
     S, E = components.shape
     turns = turn_ids.long().clamp_min(0)
