@@ -200,7 +200,8 @@ def main(argv=None):
                                       attn_backend="varlen", **({"lora_targets": targets} if lora else {}))
         predicted = planner.predict(shape, sizes["tokens"], options, scored_rows=sizes["scored_rows"],
                                     varlen=planner.VarlenSizes(sizes["varlen_keys"], sizes["varlen_pairs"]))
-        row = {"name": name, "lora_targets": list(targets), **sizes, **measured, "predicted_peak_bytes": predicted.total,
+        row = {"name": name, "lora_targets": list(targets), **sizes, **measured,
+               "predicted_peak_bytes": predicted.total,
                "predicted_moment": predicted.moment, "predicted_terms": predicted.terms,
                "ratio_predicted_over_measured": predicted.total / measured["peak_bytes"]}
         rows.append(row)

@@ -72,7 +72,8 @@ The terms:
   and its prefill computes every position's logits).
 
 Measured on the CPU (float32; ``bench/bench_memory.py``, ``tests/test_planner.py``): full fine-tuning,
-LoRA and checkpointing, fused head and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
+LoRA (the trainer's ``model_setup.apply_lora``) and checkpointing, a frozen lm_head (tied and untied), the
+fused head (also memory_lean) and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
 (autocast copies, the flash backend, the triton workspaces, foreach AdamW) are not measured here.
 """
 import json
@@ -516,7 +517,8 @@ def options_from_config(config, **overrides):
                         "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
     kw = dict(dtype="bf16" if train.bf16 and device == "cuda" else "float32", device=device,
               grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
-              memory_lean=train.fused_head_memory_lean, attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
+              memory_lean=train.fused_head_memory_lean,
+              attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
               rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens,
               lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
               lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS,
