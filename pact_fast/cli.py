@@ -137,6 +137,9 @@ def _plan_parser(sub):
                    help="train.fused_head (default on); --no-fused-head: linear_logprobs")
     p.add_argument("--freeze-lm-head", action=argparse.BooleanOptionalAction,
                    help="model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes the head anyway")
+    p.add_argument("--reference-model", action=argparse.BooleanOptionalAction,
+                   help="loss.beta_kl > 0: full fine-tuning keeps a frozen fp32 copy of the model as the KL reference "
+                   "(LoRA: none, the adapters are switched off)")
     p.add_argument("--memory-lean", action=argparse.BooleanOptionalAction,
                    help="train.fused_head_memory_lean: the fused head's smaller workspace (more FLOPs)")
     p.add_argument("--attn-backend", choices=("flash", "sdpa"), help="flash: triton/flex/flash-attn (default on "
@@ -166,6 +169,7 @@ def _plan(args):
                         lora_dropout=args.lora_dropout, lora_targets=targets,
                         grad_checkpointing=args.grad_checkpointing, fused_head=args.fused_head,
                         freeze_lm_head=args.freeze_lm_head, memory_lean=args.memory_lean,
+                        reference_model=args.reference_model,
                         attn_backend=args.attn_backend, rollout_group_size=args.rollout_group_size,
                         rollout_context=args.rollout_context, rollout_new_tokens=args.rollout_new_tokens)
         if config is not None:

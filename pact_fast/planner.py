@@ -26,6 +26,8 @@ A training step peaks at the largest of these moments (each a sum of the terms b
 The terms:
 
 - ``weights`` = 4P (the trainer keeps fp32 weights; LoRA adds its adapters' r * (in + out) per module).
+- ``reference_weights`` (``loss.beta_kl`` > 0, full fine-tuning only) = 4P: the trainer builds a frozen copy of the
+  starting model as the KL reference; with LoRA the reference is the base with the adapters off, no copy.
 - P_t: LoRA, the adapters' parameters; full fine-tuning, P, less the lm_head's V h with ``model.freeze_lm_head``
   (with tied embeddings the embedding is the same tensor and freezes with it: ``model_setup.freeze_lm_head``).
 - ``gradients`` = 4P_t (fp32, one per trainable parameter).
@@ -237,6 +239,7 @@ class PlanOptions:
     rollout_new_tokens: int = 48  # rollout.max_new_tokens (its default)
     freeze_lm_head: bool = False  # model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes it anyway
     memory_lean: bool = False  # train.fused_head_memory_lean
+    reference_model: bool = False  # loss.beta_kl > 0: a frozen copy of the weights (full fine-tuning only)
 
     @property
     def head_trainable(self):
@@ -380,6 +383,12 @@ def trained_params(shape, options):
     return 0, counts["total"] - frozen, max(embed, max(i * o for i, o in module_dims(shape).values()))
 
 
+def reference_bytes(shape, options):
+    """The KL reference's fp32 weights: a second model for full fine-tuning with ``reference_model``; 0 with LoRA
+    (the base with the adapters off) or without a KL term."""
+    return 4 * param_counts(shape)["total"] if options.reference_model and not options.lora else 0
+
+
 def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
     """Predicted peak bytes of one training step on a micro-batch of ``tokens`` packed tokens, ``scored_rows``
     of them through the lm_head (default: all); ``varlen``: the trie's ``VarlenSizes`` (varlen backend).
@@ -394,7 +403,7 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
     state = 8 * trainable
     bf16 = options.dtype == "bf16"
     layer = layer_activation_bytes(shape, tokens, options, varlen)
-    base = {"weights": weights, "adamw_state": state}
+    base = {"weights": weights, "reference_weights": reference_bytes(shape, options), "adamw_state": state}
     rows_bytes = {"final_norm_and_rows": 4 * ((2 if options.lora else 3) * tokens + rows) * shape.hidden_size}
     moments = []
     if options.grad_checkpointing:
@@ -425,7 +434,8 @@ def predict_rollout(shape, options):
     counts = param_counts(shape)
     adapters, trainable, _ = trained_params(shape, options)
     kv = shape.num_kv_heads * shape.head_dim
-    terms = {"weights": 4 * (counts["total"] + adapters), "adamw_state": 8 * trainable,
+    terms = {"weights": 4 * (counts["total"] + adapters), "reference_weights": reference_bytes(shape, options),
+             "adamw_state": 8 * trainable,
              "rollout_kv_cache": 4 * 2 * shape.num_layers * kv * g * (options.rollout_context +
                                                                      options.rollout_new_tokens),
              "rollout_prefill_logits": 4 * g * options.rollout_context * shape.vocab_size}
@@ -468,7 +478,8 @@ def report(shape, budget, options, tokens=None):
              f"activation checkpointing {'on' if options.grad_checkpointing else 'off'}, "
              f"{'fused head' if options.fused_head else 'linear_logprobs'}"
              f"{' (memory_lean)' if options.memory_lean else ''}, lm_head "
-             f"{'trained' if options.head_trainable else 'frozen (no dW)'}, {options.device}; "
+             f"{'trained' if options.head_trainable else 'frozen (no dW)'}"
+             f"{', KL reference copy' if reference_bytes(shape, options) else ''}, {options.device}; "
              f"GPU memory {gib(budget):.1f} GiB",
              f"predicted peak at micro_batch_tokens={at} ({pred.moment}): {gib(pred.total):.2f} GiB"]
     lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in pred.terms.items() if value]
@@ -506,10 +517,10 @@ def readme_table(sizes=(24, 40, 80)):
 
 def options_from_config(config, **overrides):
     """``PlanOptions`` from a resolved ``pact_fast.config.Config`` (train.bf16, grad_checkpointing, fused_head,
-    fused_head_memory_lean, attn_backend, device; model.lora and model.freeze_lm_head; the rollout's group size
-    and new tokens), then ``overrides`` (the command line's explicit options). An empty
-    ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``: every linear
-    layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
+    fused_head_memory_lean, attn_backend, device; model.lora and model.freeze_lm_head; loss.beta_kl > 0: a
+    reference model; the rollout's group size and new tokens), then ``overrides`` (the command line's explicit
+    options). An empty ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``:
+    every linear layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
     train, lora = config.train, config.model.lora
     device = "cpu" if train.device == "cpu" else "cuda"
     if device == "cpu" and train.attn_backend != "sdpa":
@@ -522,7 +533,7 @@ def options_from_config(config, **overrides):
               rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens,
               lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
               lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS,
-              freeze_lm_head=config.model.freeze_lm_head)
+              freeze_lm_head=config.model.freeze_lm_head, reference_model=config.loss.beta_kl > 0)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return PlanOptions(**kw)
 
@@ -530,4 +541,4 @@ def options_from_config(config, **overrides):
 __all__ = ["ModelShape", "KNOWN_SHAPES", "PlanOptions", "Prediction", "PlanError", "parse_size", "resolve_model",
            "shape_from_config", "shape_from_dir", "param_counts", "lora_params", "predict", "predict_rollout",
            "max_micro_batch_tokens", "report", "readme_table", "options_from_config", "DEFAULT_LORA_TARGETS",
-           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes"]
+           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes"]

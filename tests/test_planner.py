@@ -329,3 +329,22 @@ def test_plan_takes_the_frozen_head_and_memory_lean_flags():
     assert rc == 0 and "lm_head frozen (no dW)" in out and f"train.micro_batch_tokens={best} " in out
     rc, _, err = _plan("--model", "qwen3-4b", "--gpu-memory", "80GB", "--memory-lean", "--no-fused-head")
     assert rc == 2 and err.startswith("pact-fast: --memory-lean needs the fused head")
+
+
+def test_the_reference_term_is_the_copy_the_trainer_builds_and_none_with_lora():
+    """loss.beta_kl > 0: full fine-tuning builds a second model (build_policy) as the reference; LoRA turns its
+    adapters off instead, so the planner adds the copy's bytes for the one and nothing for the other."""
+    from pact_fast.config import load_config
+    from pact_fast.model_setup import build_policy
+
+    config = load_config(None, ["loss.beta_kl=0.1", "train.device=cpu", "train.attn_backend=sdpa"])
+    reference = build_policy(config.model, torch.device("cpu"), 0).model
+    shape = planner.shape_from_config(reference.config.to_dict(), "builtin")
+    options = planner.options_from_config(config)
+    copy = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert options.reference_model and planner.predict(shape, 256, options).terms["reference_weights"] == copy
+    lora = planner.options_from_config(load_config(None, ["loss.beta_kl=0.1", "model.lora.enabled=true",
+                                                          "train.device=cpu", "train.attn_backend=sdpa"]))
+    assert planner.predict(shape, 256, lora).terms["reference_weights"] == 0
+    assert not planner.options_from_config(load_config(None, ["train.device=cpu", "train.attn_backend=sdpa"])) \
+        .reference_model
