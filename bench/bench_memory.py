@@ -9,9 +9,11 @@ Method (CPU): a first step, unmeasured, creates AdamW's state; the second runs u
 ``torch.profiler.profile(profile_memory=True)``, whose allocation events carry the CPU allocator's running
 total of the bytes allocated while profiling. The peak of that total above its value before the step, plus
 the bytes live before the step (parameters, buffers, optimizer state: summed over distinct storages), is the
-measured peak. It counts tensors, not the resident set. Full fine-tuning and LoRA (``peft.get_peft_model``,
-r=16 on q,k,v,o,gate,up,down, lm_head frozen) are measured on the same workload and compared with the
-planner's prediction for the same model, dtype, options and packed-token count.
+measured peak. It counts tensors, not the resident set. Full fine-tuning and LoRA (the trainer's own set-up,
+``model_setup.apply_lora`` with ``model.lora``'s defaults: r=16, alpha 32, every linear layer of the decoder
+layers, base and lm_head frozen, so the fused head takes its frozen-head path: no dW) are measured on the same
+workload, activation checkpointing enabled as the trainer does (non-reentrant), and compared with the planner's
+prediction for the same model, dtype, options and packed-token count.
 
     python bench/bench_memory.py                      # SmolLM2-135M (fetch_model), bench/results/memory_cpu.json
     python bench/bench_memory.py --tokens 512 --json /tmp/m.json
@@ -22,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -73,9 +76,9 @@ def packed_sizes(episodes, inputs):
             **{"varlen_" + k: v for k, v in planner.varlen_sizes(packed.subtree_end)._asdict().items()}}
 
 
-def train_step(model, optimizer, episodes, inputs, *, fused_head=True, attn_backend="auto"):
+def train_step(model, optimizer, episodes, inputs, *, fused_head=True, attn_backend="auto", memory_lean=False):
     """One trainer step on the group, rollout-free: packed loss, backward, clip, AdamW, zero_grad;
-    ``attn_backend`` as ``train.attn_backend``."""
+    ``attn_backend`` as ``train.attn_backend``, ``memory_lean`` as ``train.fused_head_memory_lean``."""
     scorer = PackedScorer(model)
     device = next(model.parameters()).device
     units = build_units([episodes], [inputs])
@@ -87,7 +90,8 @@ def train_step(model, optimizer, episodes, inputs, *, fused_head=True, attn_back
     sft_flat = inputs.sft
     if fused_head:
         loss, _, _ = fused_micro_batch_loss(scorer, units, [inputs], episodes, sft_flat, advantages, anchored, None,
-                                            device, loss_args, backend=attn_backend, temperature=1.0)
+                                            device, dict(loss_args, memory_lean=memory_lean), backend=attn_backend,
+                                            temperature=1.0)
     else:
         res, _ = score_micro_batch(scorer, units, [inputs], backend=attn_backend, logprob_backend="auto",
                                    temperature=1.0)
@@ -140,26 +144,26 @@ def allocator_peak(fn):
     return max(total for _, _, total in events) - before, out
 
 
-def lora_wrap(model, r=16, alpha=32, dropout=0.0, targets=planner.DEFAULT_LORA_TARGETS):
-    """The causal LM with peft LoRA adapters injected on ``targets`` (base weights and lm_head frozen): the
-    PEFT wrapper's base model, which ``PackedScorer`` scores like any causal LM."""
-    from peft import LoraConfig, get_peft_model
+def lora_wrap(model, lora_cfg=None):
+    """``model`` with LoRA adapters injected in place by the trainer's set-up (``model_setup.apply_lora``;
+    ``lora_cfg`` a ``config.LoRAConfig``, default ``model.lora``'s defaults): base weights and lm_head frozen.
+    Returns ``model``, which ``PackedScorer`` scores like any causal LM."""
+    from pact_fast.config import LoRAConfig
+    from pact_fast.model_setup import apply_lora
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                            target_modules=list(targets), bias="none")).get_base_model()
+    apply_lora(model, lora_cfg or LoRAConfig(enabled=True))
+    return model
 
 
 def measure_step(model, episodes, inputs, *, fused_head=True, grad_checkpointing=False, attn_backend="auto",
-                 lr=1e-5):
+                 memory_lean=False, lr=1e-5):
     """Measured peak bytes (and its parts) of a steady-state step of ``model`` (its trainable parameters)."""
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable()
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    if grad_checkpointing:  # as the trainer enables it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     step = lambda: train_step(model, optimizer, episodes, inputs, fused_head=fused_head,  # noqa: E731
-                              attn_backend=attn_backend)
+                              attn_backend=attn_backend, memory_lean=memory_lean)
     step()  # creates AdamW's state
     before = live_bytes(model, optimizer)
     t0 = time.perf_counter()
@@ -175,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--json", default=str(RESULTS))
     args = parser.parse_args(argv)
+    from pact_fast.config import LoRAConfig
+    from pact_fast.model_setup import lora_targets
     from pact_fast.models import fetch_model, load_pretrained
 
     path = args.model or fetch_model("smollm2-135m", log=None)
@@ -183,16 +189,19 @@ def main(argv=None):
     for name, lora, ckpt in (("full", False, False), ("lora", True, False), ("lora+ckpt", True, True)):
         torch.manual_seed(0)
         model, _ = load_pretrained(path)
+        targets = ()
         if lora:
+            targets = tuple(lora_targets(model, LoRAConfig(enabled=True)))
             model = lora_wrap(model)
         episodes, inputs = synthetic_group(shape.vocab_size, args.tokens, args.group_size)
         sizes = packed_sizes(episodes, inputs)
         measured = measure_step(model, episodes, inputs, grad_checkpointing=ckpt)
         options = planner.PlanOptions(dtype="float32", device="cpu", lora=lora, grad_checkpointing=ckpt,
-                                      attn_backend="varlen")
+                                      attn_backend="varlen", **({"lora_targets": targets} if lora else {}))
         predicted = planner.predict(shape, sizes["tokens"], options, scored_rows=sizes["scored_rows"],
                                     varlen=planner.VarlenSizes(sizes["varlen_keys"], sizes["varlen_pairs"]))
-        row = {"name": name, **sizes, **measured, "predicted_peak_bytes": predicted.total,
+        row = {"name": name, "lora_targets": list(targets), **sizes, **measured,
+               "predicted_peak_bytes": predicted.total,
                "predicted_moment": predicted.moment, "predicted_terms": predicted.terms,
                "ratio_predicted_over_measured": predicted.total / measured["peak_bytes"]}
         rows.append(row)
@@ -201,8 +210,8 @@ def main(argv=None):
               f"{measured['step_seconds_profiled']:.1f} s", flush=True)
         del model
     payload = {"model": str(path), "shape": shape._asdict(), "dtype": "float32", "attn_backend": "varlen (auto on CPU)",
-               "fused_head": True, "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
-                                            "target_modules": list(planner.DEFAULT_LORA_TARGETS)},
+               "fused_head": True, "lora": {**asdict(LoRAConfig(enabled=True)),
+                                            "setup": "pact_fast.model_setup.apply_lora"},
                "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                            "python": platform.python_version(),

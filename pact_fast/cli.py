@@ -137,6 +137,13 @@ def _plan_parser(sub):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing")
     p.add_argument("--fused-head", action=argparse.BooleanOptionalAction,
                    help="train.fused_head (default on); --no-fused-head: linear_logprobs")
+    p.add_argument("--freeze-lm-head", action=argparse.BooleanOptionalAction,
+                   help="model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes the head anyway")
+    p.add_argument("--reference-model", action=argparse.BooleanOptionalAction,
+                   help="loss.beta_kl > 0: full fine-tuning keeps a frozen fp32 copy of the model as the KL reference "
+                   "(LoRA: none, the adapters are switched off)")
+    p.add_argument("--memory-lean", action=argparse.BooleanOptionalAction,
+                   help="train.fused_head_memory_lean: the fused head's smaller workspace (more FLOPs)")
     p.add_argument("--attn-backend", choices=("flash", "sdpa"), help="flash: triton/flex/flash-attn (default on "
                    "CUDA); sdpa: dense mask (required on the CPU)")
     p.add_argument("--tokens", type=int, help="show the terms at this micro-batch size instead of the largest")
@@ -163,6 +170,8 @@ def _plan(args):
         explicit = dict(dtype=args.dtype, device=args.device, lora=args.lora, lora_r=args.lora_r,
                         lora_dropout=args.lora_dropout, lora_targets=targets,
                         grad_checkpointing=args.grad_checkpointing, fused_head=args.fused_head,
+                        freeze_lm_head=args.freeze_lm_head, memory_lean=args.memory_lean,
+                        reference_model=args.reference_model,
                         attn_backend=args.attn_backend, rollout_group_size=args.rollout_group_size,
                         rollout_context=args.rollout_context, rollout_new_tokens=args.rollout_new_tokens)
         if config is not None:

@@ -26,6 +26,10 @@ A training step peaks at the largest of these moments (each a sum of the terms b
 The terms:
 
 - ``weights`` = 4P (the trainer keeps fp32 weights; LoRA adds its adapters' r * (in + out) per module).
+- ``reference_weights`` (``loss.beta_kl`` > 0, full fine-tuning only) = 4P: the trainer builds a frozen copy of the
+  starting model as the KL reference; with LoRA the reference is the base with the adapters off, no copy.
+- P_t: LoRA, the adapters' parameters; full fine-tuning, P, less the lm_head's V h with ``model.freeze_lm_head``
+  (with tied embeddings the embedding is the same tensor and freezes with it: ``model_setup.freeze_lm_head``).
 - ``gradients`` = 4P_t (fp32, one per trainable parameter).
 - ``adamw_state`` = 8P_t (``exp_avg`` and ``exp_avg_sq``, fp32).
 - ``adamw_temporaries``: on CUDA the foreach implementation's sqrt(exp_avg_sq) list, 4P_t; on the CPU the
@@ -52,19 +56,26 @@ The terms:
     dropout the dropped input and its mask (a + 1) * in.
 - ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
   scored rows.
-- ``logprob_op``: dX 4Mh and dW 4Vh (the fused head computes dW in its forward and holds it to the backward;
-  both ops compute it also for a frozen head today), plus the workspace: on the CPU (torch backend) fp32
-  [C, V] chunks, C = min(M, max(256, 64 MiB / 4V)): two, three when M > C (the previous chunk's buffer is
-  still referenced when the next one's logits are allocated); on CUDA (triton backend)
-  ``kernels.fused_pact_head_launch.extra_memory_bytes`` or ``kernels.linear_logprobs_launch
-  .extra_memory_bytes`` (``train.fused_head`` false).
+- ``logprob_op``: dX 4Mh and, for a trained lm_head only, dW 4Vh (the fused head forms both in its forward and
+  hands them to the backward in place; a frozen head, i.e. LoRA or ``model.freeze_lm_head``, gets no dW GEMM
+  and no dW buffer from either op), plus the workspace of [C, V] fp32 chunks on the CPU (torch backend), C
+  the op's own chunk rows: the fused head's ``_chunk_rows`` (min(M, max(256, 64 MiB / 4V)); with
+  ``train.fused_head_memory_lean`` its two live buffers within 5% of dW's bytes), ``linear_logprobs``'
+  ``_torch_chunk_rows`` (max(512, 64 MiB / 4V)). The fused head holds two such buffers, three when M > C (the
+  previous chunk's gradient is still referenced when the next chunk's logits and probabilities are
+  allocated); ``linear_logprobs`` peaks either in its forward (two, three when M > C) with no dX or dW yet, or
+  in its backward (dX, dW and one buffer, two when M > C). On CUDA (triton backend)
+  ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default row block ``default_rows``: workspace
+  within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: within 5%) or
+  ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false).
 - rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward
   with no gradients alive): weights + AdamW state + ``rollout_kv_cache`` 4 * 2 * n * kv * G * (context + new
   tokens) + ``rollout_prefill_logits`` 4 * G * context * V (the engine runs the fp32 model without autocast
   and its prefill computes every position's logits).
 
 Measured on the CPU (float32; ``bench/bench_memory.py``, ``tests/test_planner.py``): full fine-tuning,
-LoRA and checkpointing, fused head and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
+LoRA (the trainer's ``model_setup.apply_lora``) and checkpointing, a frozen lm_head (tied and untied), the
+fused head (also memory_lean) and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
 (autocast copies, the flash backend, the triton workspaces, foreach AdamW) are not measured here.
 """
 import json
@@ -73,6 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+# model_setup.default_lora_targets of a Llama/Qwen model: every nn.Linear of a decoder layer
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -225,6 +237,14 @@ class PlanOptions:
     rollout_group_size: int = 0  # G episodes sampled together; 0 = no rollout phase planned
     rollout_context: int = 0  # tokens of the longest rollout context (prompt + earlier turns)
     rollout_new_tokens: int = 48  # rollout.max_new_tokens (its default)
+    freeze_lm_head: bool = False  # model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes it anyway
+    memory_lean: bool = False  # train.fused_head_memory_lean
+    reference_model: bool = False  # loss.beta_kl > 0: a frozen copy of the weights (full fine-tuning only)
+
+    @property
+    def head_trainable(self):
+        """Whether the lm_head weight trains (gets dW and optimizer state): not with LoRA nor freeze_lm_head."""
+        return not (self.lora or self.freeze_lm_head)
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "float32"):
@@ -248,6 +268,8 @@ class PlanOptions:
                                 f"{', '.join(DEFAULT_LORA_TARGETS)}")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise PlanError(f"--lora-dropout {self.lora_dropout} must lie in [0, 1)")
+        if self.memory_lean and not self.fused_head:
+            raise PlanError("--memory-lean needs the fused head (train.fused_head_memory_lean is the fused head's)")
         for name in ("rollout_group_size", "rollout_context", "rollout_new_tokens"):
             if getattr(self, name) < 0:
                 raise PlanError(f"{name.replace('_', '-')} must be >= 0")
@@ -316,21 +338,55 @@ def varlen_sizes(subtree_end):
 
 
 def logprob_op_bytes(shape, rows, options):
-    """Bytes of the log-prob op at the backward's start: dX, dW and the workspace (see the module doc)."""
-    h, vocab = shape.hidden_size, shape.vocab_size
-    terms = 4 * rows * h + 4 * vocab * h
-    if options.device == "cpu":
-        chunk = max(1, min(rows, max(256, (64 << 20) // (4 * vocab))))
-        # a chunk's logits and exp; with more than one chunk the last chunk's buffer is still referenced when
-        # the next chunk's logits are allocated: three
-        return terms + (3 if rows > chunk else 2) * 4 * chunk * vocab
+    """Bytes of the log-prob op at its peak, every activation alive: dX, dW (a trained lm_head only) and the
+    workspace (see the module doc)."""
     import torch
 
+    h, vocab = shape.hidden_size, shape.vocab_size
+    grads = 4 * rows * h + (4 * vocab * h if options.head_trainable else 0)
+    if options.device == "cpu":
+        if options.fused_head:
+            from .ops.fused_pact_head import _chunk_rows
+
+            chunk = _chunk_rows(rows, vocab, h, torch.float32, 4, options.memory_lean)
+            # a chunk's logits and probabilities; with more than one chunk the previous chunk's gradient (built in
+            # place of its probabilities) is still referenced when the next chunk's two are allocated: three
+            return grads + (3 if rows > chunk else 2) * 4 * chunk * vocab
+        from .ops.linear_logprobs import _torch_chunk_rows
+
+        chunk = min(rows, _torch_chunk_rows(vocab))
+        more = rows > chunk
+        # forward: logits and exp (and the previous chunk's exp); backward: d logits built in place of the logits
+        # (and the previous chunk's), after dX and dW are allocated
+        return max((3 if more else 2) * 4 * chunk * vocab, grads + (2 if more else 1) * 4 * chunk * vocab)
     if options.fused_head:
         from .kernels import fused_pact_head_launch as launch
-    else:
-        from .kernels import linear_logprobs_launch as launch
-    return terms + launch.extra_memory_bytes(rows, vocab, h, torch.float32)
+
+        return grads + launch.extra_memory_bytes(rows, vocab, h, torch.float32, memory_lean=options.memory_lean,
+                                                 weight_grad=options.head_trainable)
+    from .kernels import linear_logprobs_launch as launch
+
+    return grads + launch.extra_memory_bytes(rows, vocab, h, torch.float32)
+
+
+def trained_params(shape, options):
+    """``(adapter parameters, trainable parameters, largest trainable tensor)``: LoRA trains its adapters only;
+    full fine-tuning everything but, with ``freeze_lm_head``, the lm_head (the embedding with it when tied)."""
+    counts = param_counts(shape)
+    if options.lora:
+        adapters = lora_params(shape, options.lora_r, options.lora_targets)
+        return adapters, adapters, max(options.lora_r * max(max(d) for d in module_dims(shape).values()), 1)
+    if options.head_trainable:
+        return 0, counts["total"], counts["largest"]
+    frozen = counts["embedding"] if shape.tie_word_embeddings else counts["lm_head"]
+    embed = 0 if shape.tie_word_embeddings else counts["embedding"]
+    return 0, counts["total"] - frozen, max(embed, max(i * o for i, o in module_dims(shape).values()))
+
+
+def reference_bytes(shape, options):
+    """The KL reference's fp32 weights: a second model for full fine-tuning with ``reference_model``; 0 with LoRA
+    (the base with the adapters off) or without a KL term."""
+    return 4 * param_counts(shape)["total"] if options.reference_model and not options.lora else 0
 
 
 def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
@@ -342,15 +398,12 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
         raise PlanError(f"tokens must be >= 1, got {tokens}")
     rows = tokens if scored_rows is None else scored_rows
     counts = param_counts(shape)
-    adapters = lora_params(shape, options.lora_r, options.lora_targets) if options.lora else 0
-    trainable = adapters if options.lora else counts["total"]
-    largest = max(options.lora_r * max(max(d) for d in module_dims(shape).values()), 1) if options.lora \
-        else counts["largest"]
+    adapters, trainable, largest = trained_params(shape, options)
     weights = 4 * (counts["total"] + adapters)
     state = 8 * trainable
     bf16 = options.dtype == "bf16"
     layer = layer_activation_bytes(shape, tokens, options, varlen)
-    base = {"weights": weights, "adamw_state": state}
+    base = {"weights": weights, "reference_weights": reference_bytes(shape, options), "adamw_state": state}
     rows_bytes = {"final_norm_and_rows": 4 * ((2 if options.lora else 3) * tokens + rows) * shape.hidden_size}
     moments = []
     if options.grad_checkpointing:
@@ -379,10 +432,10 @@ def predict_rollout(shape, options):
     if not g or not options.rollout_context:
         return None
     counts = param_counts(shape)
-    adapters = lora_params(shape, options.lora_r, options.lora_targets) if options.lora else 0
-    trainable = adapters if options.lora else counts["total"]
+    adapters, trainable, _ = trained_params(shape, options)
     kv = shape.num_kv_heads * shape.head_dim
-    terms = {"weights": 4 * (counts["total"] + adapters), "adamw_state": 8 * trainable,
+    terms = {"weights": 4 * (counts["total"] + adapters), "reference_weights": reference_bytes(shape, options),
+             "adamw_state": 8 * trainable,
              "rollout_kv_cache": 4 * 2 * shape.num_layers * kv * g * (options.rollout_context +
                                                                      options.rollout_new_tokens),
              "rollout_prefill_logits": 4 * g * options.rollout_context * shape.vocab_size}
@@ -423,7 +476,10 @@ def report(shape, budget, options, tokens=None):
              f"{', tied embeddings' if shape.tie_word_embeddings else ''})",
              f"plan: {mode}, {options.dtype}{' (fp32 weights, bf16 autocast)' if options.dtype == 'bf16' else ''}, "
              f"activation checkpointing {'on' if options.grad_checkpointing else 'off'}, "
-             f"{'fused head' if options.fused_head else 'linear_logprobs'}, {options.device}; "
+             f"{'fused head' if options.fused_head else 'linear_logprobs'}"
+             f"{' (memory_lean)' if options.memory_lean else ''}, lm_head "
+             f"{'trained' if options.head_trainable else 'frozen (no dW)'}"
+             f"{', KL reference copy' if reference_bytes(shape, options) else ''}, {options.device}; "
              f"GPU memory {gib(budget):.1f} GiB",
              f"predicted peak at micro_batch_tokens={at} ({pred.moment}): {gib(pred.total):.2f} GiB"]
     lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in pred.terms.items() if value]
@@ -461,21 +517,23 @@ def readme_table(sizes=(24, 40, 80)):
 
 def options_from_config(config, **overrides):
     """``PlanOptions`` from a resolved ``pact_fast.config.Config`` (train.bf16, grad_checkpointing, fused_head,
-    attn_backend, device; model.lora when the config has it; the rollout's group size and new tokens), then
-    ``overrides`` (the command line's explicit options)."""
-    train = config.train
+    fused_head_memory_lean, attn_backend, device; model.lora and model.freeze_lm_head; loss.beta_kl > 0: a
+    reference model; the rollout's group size and new tokens), then ``overrides`` (the command line's explicit
+    options). An empty ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``:
+    every linear layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
+    train, lora = config.train, config.model.lora
     device = "cpu" if train.device == "cpu" else "cuda"
     if device == "cpu" and train.attn_backend != "sdpa":
         raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
                         "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
     kw = dict(dtype="bf16" if train.bf16 and device == "cuda" else "float32", device=device,
               grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
+              memory_lean=train.fused_head_memory_lean,
               attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
-              rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens)
-    lora = getattr(config.model, "lora", None)
-    if lora is not None:
-        kw.update(lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
-                  lora_targets=tuple(lora.target_modules) if lora.target_modules else DEFAULT_LORA_TARGETS)
+              rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens,
+              lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
+              lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS,
+              freeze_lm_head=config.model.freeze_lm_head, reference_model=config.loss.beta_kl > 0)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return PlanOptions(**kw)
 
@@ -483,4 +541,4 @@ def options_from_config(config, **overrides):
 __all__ = ["ModelShape", "KNOWN_SHAPES", "PlanOptions", "Prediction", "PlanError", "parse_size", "resolve_model",
            "shape_from_config", "shape_from_dir", "param_counts", "lora_params", "predict", "predict_rollout",
            "max_micro_batch_tokens", "report", "readme_table", "options_from_config", "DEFAULT_LORA_TARGETS",
-           "varlen_sizes", "VarlenSizes"]
+           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes"]
