@@ -37,6 +37,9 @@ from pact_fast.scoring import PackedScorer
 from pact_fast.trainer import (GroupInputs, batch_for_loss, build_units, fused_micro_batch_loss,
                                pack_micro_batch, score_micro_batch)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import allocator_peak as common_allocator_peak  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_cpu.json"
 
 
@@ -121,27 +124,11 @@ def live_bytes(model, optimizer):
 
 def allocator_peak(fn):
     """(peak bytes of the CPU allocator's running total above its value before ``fn()``, fn's result), from
-    the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = []
-
-    def walk(node):
-        kind, fields = node.typed
-        if "Allocation" in str(kind):
-            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    if not events:
+    the profiler's allocation events (``common.allocator_peak``)."""
+    peak, out = common_allocator_peak(fn)
+    if peak is None:
         raise RuntimeError("the profiler recorded no allocation events")
-    events.sort()
-    before = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - before, out
+    return peak, out
 
 
 def lora_wrap(model, lora_cfg=None):

@@ -19,16 +19,16 @@ import torch
 from pact_fast.tables import text_table
 
 
-def cpu_peak_bytes(fn):
-    """Peak live bytes of PyTorch's CPU allocator during one ``fn()`` call, above what was live before.
+def allocator_peak(fn):
+    """``(peak, fn's result)``: the peak of PyTorch's CPU allocator's running total during one ``fn()`` call,
+    above its value before, in bytes; peak is None where the profiler records no allocation events.
 
     Read from the profiler's allocation events (each carries the allocator's running total), so it counts
-    tensors, not the process's resident set, which glibc's allocator keeps inflated after frees. Falls back
-    to the resident-set high-water mark where the profiler offers no allocation events."""
+    tensors, not the process's resident set, which glibc's allocator keeps inflated after frees."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        out = fn()
     events = []
 
     def walk(node):
@@ -44,14 +44,24 @@ def cpu_peak_bytes(fn):
     except (AttributeError, RuntimeError):
         events = []
     if not events:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_bytes("VmRSS:")
-        fn()
-        return max(0, _rss_bytes("VmHWM:") - base)
+        return None, out
     events.sort()
     before = events[0][2] - events[0][1]
-    return max(0, max(total for _, _, total in events) - before)
+    return max(0, max(total for _, _, total in events) - before), out
+
+
+def cpu_peak_bytes(fn):
+    """Peak live bytes of PyTorch's CPU allocator during one ``fn()`` call, above what was live before
+    (``allocator_peak``); falls back to the resident-set high-water mark of a second call where the profiler
+    offers no allocation events."""
+    peak, _ = allocator_peak(fn)
+    if peak is not None:
+        return peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_bytes("VmRSS:")
+    fn()
+    return max(0, _rss_bytes("VmHWM:") - base)
 
 
 def _rss_bytes(field):
