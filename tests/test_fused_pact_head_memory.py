@@ -186,7 +186,10 @@ def test_triton_memory_lean_over_several_slabs_equals_float64(cfg, progress, opt
     loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, progress, bias=bias, step=4,
                               memory_lean=True, backend="triton", **transform)
     grads = torch.autograd.grad(loss, params)
-    tol = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    # fp32: the lean path's statistics come from linear_logprobs' base-2 epilogue, which rounds each logit once
+    # more (z * log2 e, error ~|z| eps rather than ~|z - max| eps): 2.03e-5 at the large-logits case's |z| ~ 300,
+    # where the fp32 logits themselves already carry ~|z| eps = 1.8e-5
+    tol = {torch.float32: 4e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
     assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
     for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype and rel_err(got, want) < tol
