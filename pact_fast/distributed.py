@@ -48,12 +48,14 @@ def barrier():
         td.barrier()
 
 
-def _decoder_layers(module):
+def decoder_layers(module):
+    """The decoder layers (``<base>.layers``) of a causal LM or of the ``PackedScorer`` around one; ValueError when
+    there are none."""
     model = getattr(module, "model", module)  # a PackedScorer holds the causal LM as .model
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (expected <base>.layers)")
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected <base>.layers)")
     return layers
 
 
@@ -64,7 +66,7 @@ def shard(model, bf16=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .chat import resolve_chat_template
+from .distributed import decoder_layers
 from .models import ModelError, load_pretrained, random_qwen3
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -89,14 +90,6 @@ def freeze_lm_head(model, log=None):
 # ---------------------------------------------------------------- LoRA
 
 
-def _decoder_layers(model):
-    prefix = getattr(model, "base_model_prefix", "model")
-    layers = getattr(getattr(model, prefix, model), "layers", None)
-    if layers is None:
-        raise ModelError(f"{type(model).__name__}: no decoder layers (<{prefix}>.layers) to put LoRA adapters in")
-    return layers
-
-
 def _router_width(config):
     """The number of experts of a mixture-of-experts config (its router is a linear layer that LoRA leaves alone
     by default), or None."""
@@ -113,7 +106,11 @@ def default_lora_targets(model):
     log-prob ops read its weight directly) and never a mixture-of-experts router."""
     experts = _router_width(model.config)
     names = set()
-    for layer in _decoder_layers(model):
+    try:
+        layers = decoder_layers(model)
+    except ValueError as exc:
+        raise ModelError(f"{exc}: nowhere to put LoRA adapters") from None
+    for layer in layers:
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) and module.out_features != experts:
                 names.add(name.rsplit(".", 1)[-1])

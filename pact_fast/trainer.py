@@ -229,6 +229,9 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
     def floats(lists):  # [B, T] float32
         return pad_rows(lists, T, dtype=torch.float32, device=device)
 
+    adv = advantages[idx].to(device) if idx else torch.zeros(0, device=device)  # [B]
+    if idx and old and old.is_weight:  # truncated importance weights: A_i w_t, [B, T]
+        adv = adv[:, None] * floats([old.is_weight[i] for i in idx])
     batch = PACTBatch(
         response_mask=floats([episodes_flat[i].response_mask for i in idx]),
         rewards=torch.tensor([episodes_flat[i].reward for i in idx], device=device),
@@ -239,10 +242,7 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
         behavior_logp=floats([episodes_flat[i].behavior_logp for i in idx]),
         ref_logp=stack([old.ref[i] for i in idx]) if old and old.ref is not None else None,
         entropy=stack([r.entropy_po for _, r in roll]) if roll and roll[0][1].entropy_po is not None else None,
-        # [B]; with truncated importance weights [B, T]: A_i w_t (losses.truncated_importance_weights)
-        advantages=(advantages[idx].to(device)[:, None] * floats([old.is_weight[i] for i in idx])
-                    if idx and old and old.is_weight else advantages[idx].to(device) if idx else
-                    torch.zeros(0, device=device)),
+        advantages=adv,  # (losses.truncated_importance_weights)
         anchored=anchored[[u.group for u, _ in roll]].to(device) if idx else torch.zeros(0, dtype=torch.bool),
     )
     E = max((len(r.logp_sft) for _, r in sft), default=0)
