@@ -76,7 +76,8 @@ which this model does not price).
 
 Output rows, per device and engine: ms of rollouts, scoring, update and the step, each part's fraction of the
 step, and the sub-terms (prefill, decode, host sampling, launches per decode step, kernels per layer).
-Units: ms; bytes; MiB = 2^20 bytes (``roofline.MIB``).
+Memory the rollouts hold (``rollout_memory_mib``): the KV cache at the end of the last turn, and for the HF engine
+the last turn's prefill logits [rows, context, V] fp32. Units: ms; MiB = 2^20 bytes (``roofline.MIB``).
 """
 import argparse
 import json
@@ -93,7 +94,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline  # noqa: E402
-from roofline import CLASSES, DEVICES, TORCH_FREE, TORCH_SYNCS, Launch, launch_terms  # noqa: E402
+from roofline import CLASSES, DEVICES, MIB, TORCH_FREE, TORCH_SYNCS, Launch, launch_terms  # noqa: E402
 
 FP32, BF16 = 4, 2
 ENGINES = ("hf", "vllm", "vllm-eager")
@@ -115,6 +116,7 @@ class Constants:
 
 
 CONSTANTS = Constants()
+DEVICE_MEMORY_GIB = {"H100": 80, "H200": 141}  # HBM capacity, for the rollout-phase fit check only
 SOURCES = {
     "fp32_peak_flops": "NVIDIA H100 SXM and H200 SXM datasheets: FP32 67 TFLOP/s. torch's default (float32 matmul "
                        "precision 'highest', allow_tf32 False) keeps fp32 GEMMs off the tensor cores; the "
@@ -143,6 +145,7 @@ SOURCES = {
                              "temporary list written and read (8 B); pact_fast/planner.py has the same temporaries",
     "clip_bytes_per_param": "torch.nn.utils.clip_grad_norm_ (foreach): the norm reads every fp32 gradient (4 B), "
                             "the scale reads and writes it (8 B)",
+    "device_memory_gib": "NVIDIA H100 SXM datasheet 80 GB, H200 SXM 141 GB (taken as GiB: the check is coarse)",
     "roofline": "kernel pricing, DEVICES, CLASSES (incl. launch_s = 4.5 us per launch) and their SOURCES: "
                 "bench/roofline.py",
 }
@@ -172,7 +175,7 @@ class Workload:
     groups: int = 1
 
     def __post_init__(self):
-        bad = [f.name for f in fields(self) if not (getattr(self, f.name) >= 0 and isinstance(getattr(self, f.name), int))]
+        bad = [f.name for f in fields(self) if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 0]
         if bad or self.turns < 1 or self.model_tokens < 1 or self.G < 1 or self.groups < 1 or self.layers < 1:
             raise ValueError(f"step_model: workload fields must be integers >= 0 (turns, model_tokens, G, groups, "
                              f"layers >= 1): {asdict(self)}")
@@ -224,12 +227,13 @@ def w_group(**overrides):
 class Op:
     """One host call in a CUDA stream: ``launch`` a kernel (a roofline ``Launch``; None for host-only work),
     ``host_s`` seconds of host time to issue it (``CLASSES.launch_s`` for a launch) or to do host work, ``sync``:
-    the host first waits for every kernel issued before (``.item()``, a device -> host copy)."""
+    the host first waits for every kernel issued before (``.item()``, a device -> host copy); ``part`` a label."""
 
     name: str
     launch: Launch = None
     host_s: float = 0.0
     sync: bool = False
+    part: str = ""  # what the op belongs to, for the GPU time split (``stream_time``'s "parts")
 
 
 GEMM_OPS = frozenset("mm addmm bmm baddbmm".split())
@@ -361,6 +365,8 @@ def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=
     it (attention mask of ones, positions, ``use_cache``; the causal LM with every position's logits), or
     ``base_only``: the decoder body without cache or mask (the trainer's packed forward runs the body and its
     own head). Counted on the meta device (``KernelCounter``, ``AttentionAsOneKernel``)."""
+    from pact_fast.rollout import _cache_argument
+
     layers = w.layers if layers is None else layers
     model = meta_model(tuple((f, getattr(w, f)) for f in MODEL_FIELDS), layers)
     meta = dict(device="meta")
@@ -372,17 +378,16 @@ def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=
             with AttentionAsOneKernel(counter), counter:
                 model.model(input_ids=ids, position_ids=positions, use_cache=False)
             return counter.ops
-        cache = None
+        cache_arg, cache = _cache_argument(model), {}
         if past:
             with AttentionAsOneKernel(KernelCounter(classes)), KernelCounter(classes):
-                cache = model(input_ids=torch.zeros(rows, past, dtype=torch.long, **meta),
-                              attention_mask=torch.ones(rows, past, dtype=torch.long, **meta),
-                              position_ids=torch.arange(past, **meta)[None].expand(rows, -1),
-                              use_cache=True).past_key_values
+                out = model(input_ids=torch.zeros(rows, past, dtype=torch.long, **meta),
+                            attention_mask=torch.ones(rows, past, dtype=torch.long, **meta),
+                            position_ids=torch.arange(past, **meta)[None].expand(rows, -1), use_cache=True)
+            cache = {cache_arg: out[cache_arg]}
         mask = torch.ones(rows, past + q_len, dtype=torch.long, **meta)
         with AttentionAsOneKernel(counter), counter:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **({"past_key_values": cache} if cache is not None else {}))
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
     return counter.ops
 
 
@@ -430,12 +435,14 @@ def device_seconds(op, device, classes=CLASSES):
 
 
 def stream_time(ops, device, classes=CLASSES, gpu_seconds=None):
-    """{total, gpu, host, launches, syncs} (seconds, counts) of ``ops`` issued in order on one CUDA stream.
+    """{total, gpu, host, launches, syncs, parts} (seconds, counts; parts: GPU seconds per ``Op.part``) of ``ops``
+    issued in order on one CUDA stream.
 
     host clock h, GPU clock g, both 0 at the start; per op: a ``sync`` first sets h = max(h, g); then h +=
     host_s; a kernel of device time t (``device_seconds``, or ``gpu_seconds[i]``) runs from max(g, h): g =
     max(g, h) + t. total = max(h, g): host bound when launches outlast kernels, GPU bound otherwise."""
     h = g = busy = host = 0.0
+    parts = {}
     for i, op in enumerate(ops):
         if op.sync:
             h = max(h, g)
@@ -445,8 +452,9 @@ def stream_time(ops, device, classes=CLASSES, gpu_seconds=None):
             t = gpu_seconds[i] if gpu_seconds is not None else device_seconds(op, device, classes)
             g = max(g, h) + t
             busy += t
+            parts[op.part] = parts.get(op.part, 0.0) + t
     return {"total": max(h, g), "gpu": busy, "host": host, "launches": sum(o.launch is not None for o in ops),
-            "syncs": sum(o.sync for o in ops)}
+            "syncs": sum(o.sync for o in ops), "parts": parts}
 
 
 def interpolated_times(ops_a, ops_b, fractions, device, classes=CLASSES):
@@ -464,13 +472,18 @@ def interpolated_times(ops_a, ops_b, fractions, device, classes=CLASSES):
     return out
 
 
-def _sum(parts):
-    keys = ("total", "gpu", "host", "launches", "syncs")
-    return {k: sum(p[k] for p in parts) for k in keys}
+def _sum(times):
+    """The sum of ``stream_time`` dicts (their parts added by name)."""
+    out = {k: sum(t[k] for t in times) for k in ("total", "gpu", "host", "launches", "syncs")}
+    out["parts"] = {}
+    for t in times:
+        for name, v in t["parts"].items():
+            out["parts"][name] = out["parts"].get(name, 0.0) + v
+    return out
 
 
 def _repeat(t, n):
-    return {k: v * n for k, v in t.items()}
+    return _sum([t] * n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +514,19 @@ def hf_prefill_ops(w, context):
     setup = [torch_op("ids to device", B * context * 8), torch_op("mask to device", B * context * 8)] + \
         [torch_op(f"position_ids {k}", 2 * B * context * 8) for k in ("cumsum", "sub", "clamp_min")]
     return setup + count_forward(w, B, context)
+
+
+def rollout_memory_mib(w, engine):
+    """{kv_cache, prefill_logits, peak} MiB at the last turn: K and V of every layer for rows x (last context +
+    model_tokens) tokens (fp32 for HF, bf16 for vLLM); HF's prefill logits rows x last context x V fp32 (0 for
+    vLLM, which computes one row per request); the peak adds the trainer's fp32 weights and AdamW state, 12 bytes
+    a parameter (pact_fast/planner.py's rollout phase), and for vLLM its own bf16 weights, 2 bytes a parameter."""
+    hf = engine == "hf"
+    tokens = w.rollout_rows * (w.context(w.turns - 1) + w.model_tokens)
+    kv = tokens * w.layers * 2 * w.kv_heads * w.head_dim * (FP32 if hf else BF16)
+    logits = w.rollout_rows * w.context(w.turns - 1) * w.vocab * FP32 if hf else 0
+    resident = (12 + (0 if hf else 2)) * w.params()
+    return {"kv_cache": kv / MIB, "prefill_logits": logits / MIB, "peak": (kv + logits + resident) / MIB}
 
 
 def hf_rollout(w, device):
@@ -625,24 +651,27 @@ def body_ops(w, L, backward, table):
     passes = ("fwd", "bwd") if backward else ("fwd",)
     attention = [Op(x.kernel, x, CLASSES.launch_s) for x in
                  roofline.attention_launches(table, layout, w.heads, w.kv_heads, w.head_dim, passes=passes)]
+    attention = [replace(a, part="tree attention") for a in attention]
     counted = count_forward(w, 1, L, base_only=True)
     per_layer, _ = kernels_per_layer(w, 1, 8, base_only=True)
-    ops, gemms = [], []
+    weights = set(w.linear_shapes())
+    ops, gemms, elementwise = [], [], []
     for op in counted:
-        if op.launch is not None and op.launch.kind == "gemm":
+        if op.launch is not None and op.launch.kind == "gemm" and op.launch.gemm[1:] in weights:
             m, n, k = op.launch.gemm
             gemms.append((m, n, k))
-            ops.append(torch_op("autocast weight cast", n * k * (FP32 + BF16)))
-            ops.append(gemm_op("gemm (bf16)", m, n, k, BF16))
+            ops.append(replace(torch_op("autocast weight cast", n * k * (FP32 + BF16)), part="weight casts"))
+            ops.append(replace(gemm_op("gemm (bf16)", m, n, k, BF16), part="body GEMMs"))
         elif op.launch is not None and op.launch.kind == "attention_fwd":
-            ops.extend(attention if not backward else [a for a in attention if a.launch.kind == "attention_fwd"])
+            ops.extend(a for a in attention if a.launch.kind == "attention_fwd" or not backward)
         else:
-            ops.append(op)
+            ops.append(replace(op, part="elementwise"))
+            elementwise += [ops[-1]] if op.launch is not None else []
     if backward:
-        elementwise = [o for o in counted if o.launch is not None and o.launch.kind == "torch"]
         for m, n, k in reversed(gemms):
-            ops += [gemm_op("gemm dX (bf16)", m, k, n, BF16), gemm_op("gemm dW (bf16)", n, k, m, BF16),
-                    torch_op("dW to fp32 .grad", n * k * (BF16 + FP32))]
+            ops += [replace(gemm_op("gemm dX (bf16)", m, k, n, BF16), part="body GEMMs"),
+                    replace(gemm_op("gemm dW (bf16)", n, k, m, BF16), part="body GEMMs"),
+                    replace(torch_op("dW to fp32 .grad", n * k * (BF16 + FP32)), part="weight casts")]
         ops += [o for o in elementwise for _ in range(2)]
         ops += [a for a in attention if a.launch.kind != "attention_fwd"] * w.layers
     return ops, per_layer
@@ -656,7 +685,8 @@ def head_ops(w, backward, table):
         _, launches, _, _, _, syncs = roofline.FAMILIES["head"](table, shape, dict(want_entropy=False), None)
     else:
         _, launches, _, _, _, syncs = roofline.FAMILIES["logprob"](table, shape, dict(passes=("fwd",)), None)
-    return [Op(x.kernel, x, CLASSES.launch_s) for x in launches] + [Op("head sync", sync=True)] * syncs
+    return [Op(x.kernel, x, CLASSES.launch_s, part="log-prob head") for x in launches] + \
+        [Op("head sync", sync=True)] * syncs
 
 
 def packed_pass(w, device, backward, table=None):
@@ -669,8 +699,9 @@ def packed_pass(w, device, backward, table=None):
     out = _repeat(one, w.groups)
     if backward:
         P = w.params()
-        opt = stream_time([torch_op("clip_grad_norm_", CONSTANTS.clip_bytes_per_param * P),
-                           torch_op("AdamW (foreach)", CONSTANTS.adamw_bytes_per_param * P)], device)
+        opt = stream_time([replace(torch_op("clip_grad_norm_", CONSTANTS.clip_bytes_per_param * P), part="optimizer"),
+                           replace(torch_op("AdamW (foreach)", CONSTANTS.adamw_bytes_per_param * P),
+                                   part="optimizer")], device)
         out = _sum([out, opt])
     return {**out, "tokens": L * w.groups, "kernels_per_layer_fwd": per_layer}
 
@@ -711,27 +742,36 @@ def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None
                   "update": 1e3 * update["total"]}
             step = sum(ms.values())
             decode = r["decode"]
+            memory = rollout_memory_mib(w, engine)
             rows.append({
                 "device": device, "engine": engine, **{f"{p}_ms": ms[p] for p in PARTS}, "step_ms": step,
                 **{f"{p}_fraction": ms[p] / step for p in PARTS}, "score_pass": scored, **detail,
                 "decode_gpu_busy_ms": 1e3 * decode["gpu"], "decode_host_ms": 1e3 * decode["host"],
                 "decode_launches_per_step": r["decode_launches_per_step"],
+                **{f"rollout_{k}_MiB": v for k, v in memory.items()},
+                "rollout_fits": memory["peak"] <= DEVICE_MEMORY_GIB[device] * 1024,
                 "packed_tokens": update["tokens"], "update_kernels_per_layer_fwd": update["kernels_per_layer_fwd"],
+                "scoring_gpu_ms_by_part": {k: 1e3 * v for k, v in scoring["parts"].items()} if scored else {},
+                "update_gpu_ms_by_part": {k: 1e3 * v for k, v in update["parts"].items()},
                 "label": "model prediction"})
     return rows
 
 
 def print_table(rows, w):
     print(f"Whole-step model: PREDICTIONS, not measurements (bench/step_model.py; kernels priced by bench/roofline.py)."
-          f"\nWorkload: {asdict(w)}, R={w.R}. ms per training step; fractions of the step.")
-    head = (f"{'device':6} {'engine':10} {'rollouts':>9} {'scoring':>8} {'update':>8} {'step ms':>9} {'roll %':>7} "
-            f"{'score %':>7} {'upd %':>6} {'prefill':>8} {'decode':>8} {'sampling':>8} {'launch/step':>11}")
-    print(head)
+          f"\nWorkload: {asdict(w)}, R={w.R}. ms per training step; fractions of the step; rollout peak in MiB = 2^20 "
+          "bytes.")
+    print(f"{'device':6} {'engine':10} {'rollouts':>9} {'scoring':>8} {'update':>8} {'step ms':>9} {'roll %':>7} "
+          f"{'score %':>7} {'upd %':>6} {'prefill':>8} {'decode':>8} {'sampling':>8} {'launch/step':>11} "
+          f"{'peak MiB':>9} fits")
     for r in rows:
         print(f"{r['device']:6} {r['engine']:10} {r['rollouts_ms']:9.1f} {r['scoring_ms']:8.1f} {r['update_ms']:8.1f} "
               f"{r['step_ms']:9.1f} {100 * r['rollouts_fraction']:6.1f}% {100 * r['scoring_fraction']:6.1f}% "
               f"{100 * r['update_fraction']:5.1f}% {r['prefill_ms']:8.1f} {r['decode_ms']:8.1f} "
-              f"{r['host_sampling_ms']:8.1f} {r['decode_launches_per_step']:11d}")
+              f"{r['host_sampling_ms']:8.1f} {r['decode_launches_per_step']:11d} {r['rollout_peak_MiB']:9.0f} "
+              f"{'yes' if r['rollout_fits'] else 'NO'}")
+    if not all(r["rollout_fits"] for r in rows):
+        print("NO: the rollout phase's memory exceeds the device; its times describe a run that cannot happen.")
 
 
 def measure_host_sampling(rows=8, vocab=151936, reps=20):
