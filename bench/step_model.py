@@ -4,6 +4,7 @@ Every figure is a PREDICTION (no GPU has run this project); the GPU suite's meas
     python bench/step_model.py                                       # the table
     python bench/step_model.py --json bench/results/step_model.json  # also the rows as JSON
     python bench/step_model.py --turns 8 --groups 16                 # another workload (defaults: W-group)
+    python bench/step_model.py --score-pass on                       # the old-log-prob pass for every engine
     python bench/step_model.py --measure-host-sampling               # re-measure CONSTANTS.host_sample_s_per_element
 
 Workload (``Workload``; defaults SPEC section 6's W-group: a Qwen3-1.7B-shaped model, 28 layers, H=2048,
@@ -18,14 +19,17 @@ Every kernel is priced by the roofline's time model (bench/roofline.py: ``launch
 and efficiency ``CLASSES``): device time = max(compute, memory, issue). The host side is simulated as one
 CUDA stream (``stream_time``): each launch costs the host ``CLASSES.launch_s``; a kernel starts when it is
 launched and the GPU is free; a synchronisation makes the host wait for the GPU. So a stretch of small
-kernels is launch bound (host time) and a stretch of large ones is GPU bound, each where it belongs.
+kernels is launch bound (host time) and a stretch of large ones is GPU bound, each where it belongs. One
+departure from the roofline (``op_terms``): a skinny GEMM, fewer output rows or columns than the roofline's
+128-row tile (every decode step's), is not priced by waves of 128 x 256 tiles, which would leave it at ~1% of
+the peak; its compute term is its FLOPs at the GEMM class's fraction of the peak, so its bytes bound it.
 
 Rollouts, HF engine (``pact_fast.rollout.HFRolloutEngine._generate_turn``; the trainer calls it with the fp32
 model and no autocast, so its GEMMs run on the fp32 CUDA cores, ``CONSTANTS.fp32_peak_flops``, and weights are
 4 bytes): per turn k the whole conversation, context c_k = P + U + k (model_tokens + tool_tokens), is
 prefilled again (no prefix cache across turns: a fresh KV cache per turn), and its lm_head computes the
 logits of every context position; then model_tokens - 1 decode forwards over the G * groups live rows, the
-k-th with c_k + j - 1 cached tokens. What one forward launches is counted, not assumed: the real model class
+j-th with c_k + j - 1 cached tokens. What one forward launches is counted, not assumed: the real model class
 (transformers' Qwen3, ``pact_fast.models.random_qwen3``, at the workload's full size) runs on the meta device
 under a dispatch counter (``KernelCounter``): every kernel-launching aten op with the bytes of its tensors,
 cuBLAS GEMMs with their (m, n, k), SDPA as one attention kernel (``AttentionAsOneKernel``), host
@@ -44,8 +48,9 @@ recomputed in reality); then model_tokens - 1 decode steps. Its kernels are read
 GEMM, q/k RMSNorms, rotary, KV-cache write, flash attention, o_proj, fused-add RMSNorm, merged gate_up GEMM,
 SiLU-and-mul, down), per forward an embedding, a final norm and the lm_head over one row per request, then
 ``CONSTANTS.vllm_sampler_kernels`` sampler kernels over [rows, V] fp32. Decode streams its bytes at the
-roofline's achieved bandwidth (its memory class: attention reads every request's cached K/V once) and runs
-its GEMMs at the roofline's GEMM class; prefill attention at the roofline's attention forward class. Two
+roofline's achieved bandwidth (its memory class, no separate decode class: attention reads every request's
+cached K/V once) and runs its GEMMs at the roofline's GEMM class; prefill attention at the roofline's
+attention forward class. Two
 modes: ``vllm`` with CUDA graphs (``rollout.vllm_enforce_eager=false``: a decode forward is one graph launch),
 and ``vllm-eager`` (the project's default ``vllm_enforce_eager=true``: every kernel a launch). Each step adds
 ``CONSTANTS.vllm_step_host_s`` of scheduler / input / output work on the host, not overlapped, and a
@@ -123,7 +128,8 @@ SOURCES = {
                        "roofline's GEMM class (fraction of peak, tile waves) and attention fraction are applied "
                        "to this peak too (an assumption)",
     "host_sample_s_per_element": "measured here: pact_fast.rollout._sample on [8, 151936] fp32 logits, "
-                                 "temperature 1, top-p 1, one thread, fastest of 20 calls, 65 ms (median 70 ms), "
+                                 "temperature 1, top-p 1, one thread, 65 ms: the fastest of 20 calls in one run "
+                                 "(median 70 ms); four runs gave fastest 51-69 ms and medians 70-106 ms, the "
                                  "2-core x86_64 Xeon shared with other jobs, torch 2.13.0+cpu, 2026-12-04 "
                                  "(python bench/step_model.py --measure-host-sampling); torch.multinomial over "
                                  "the vocabulary takes most of it. Scaled per logit to other rows and V",
