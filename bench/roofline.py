@@ -286,7 +286,7 @@ def _gemm_cost(name, args, kwargs, out):
 
 
 _GEMMS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default", "aten.mm.out",
-          "aten.addmm.out", "aten.addmm_.default"}
+          "aten.bmm.out", "aten.addmm.out", "aten.addmm_.default"}
 
 
 class _TorchGemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -455,21 +455,22 @@ class Launch:
     per_element: float = 0.0
 
 
-def gemm_efficiency(m, n, device, classes=CLASSES):
-    """Fraction of the dense peak a cuBLAS GEMM with an [m, n] output reaches: ``gemm_fraction`` times the
-    useful share of its tile waves, m*n / (waves * SMs * tile), waves = ceil(tiles / SMs)."""
+def gemm_efficiency(m, n, device, classes=CLASSES, batch=1):
+    """Fraction of the dense peak a cuBLAS GEMM with an [m, n] output (``batch`` of them in one batched launch)
+    reaches: ``gemm_fraction`` times the useful share of its tile waves, batch*m*n / (waves * SMs * tile),
+    waves = ceil(batch * tiles / SMs)."""
     dev = DEVICES[device] if isinstance(device, str) else device
     tm, tn = classes.gemm_tile
-    tiles = -(-m // tm) * -(-n // tn)
+    tiles = batch * -(-m // tm) * -(-n // tn)
     waves = -(-tiles // dev.sms)
-    return classes.gemm_fraction * m * n / (waves * dev.sms * tm * tn)
+    return classes.gemm_fraction * batch * m * n / (waves * dev.sms * tm * tn)
 
 
 def launch_terms(launch, device, classes=CLASSES):
     """{compute, memory, issue, launch, total} seconds of one Launch: total = max of the first three + launch."""
     dev = DEVICES[device] if isinstance(device, str) else device
     if launch.kind == "gemm":
-        rate = dev.peak_flops * gemm_efficiency(launch.gemm[0], launch.gemm[1], dev, classes)
+        rate = dev.peak_flops * gemm_efficiency(*launch.gemm[:2], dev, classes, *launch.gemm[3:])
     elif launch.kind in ("attention_fwd", "attention_bwd"):
         rate = getattr(classes, launch.kind + "_flops")
     elif launch.kind in ("epilogue", "torch"):
@@ -491,15 +492,16 @@ def predict_time_ms(launches, device, classes=CLASSES):
 
 
 def _recording_gemm_cost(modules):
-    """Patch ``gemm_cost`` of each of ``modules`` to record each GEMM's (m, n, k) by the KernelCost it returns.
+    """Patch ``gemm_cost`` of each of ``modules`` to record each GEMM's (m, n, k, batch) by the KernelCost it
+    returns.
     Returns (restore, shapes): call ``restore()`` to put the originals back."""
     shapes = {}
     originals = {m: m.gemm_cost for m in modules}
 
     def recorder(original):
-        def record(tag, m, n, k, c_elems, elem_bytes):
-            cost = original(tag, m, n, k, c_elems, elem_bytes)
-            shapes[id(cost)] = (m, n, k)
+        def record(tag, m, n, k, c_elems, elem_bytes, batch=1):
+            cost = original(tag, m, n, k, c_elems, elem_bytes, batch)
+            shapes[id(cost)] = (m, n, k, batch)
             return cost
         return record
 
@@ -513,11 +515,19 @@ def _recording_gemm_cost(modules):
     return restore, shapes
 
 
+def _variant(name):
+    """``"fused_pact_head.pass[shift]"`` -> ``"shift"``: the gate entries a KernelCost's launch is one of (their
+    names contain it); "" for a plain name, priced at the costliest entry of its family."""
+    return name.split("[", 1)[1].rstrip("]") if "[" in name else ""
+
+
 def epilogue_launches(module, table, *args, **kwargs):
     """[Launch] of a GEMM + epilogue launcher (``module.kernel_costs(*args, **kwargs)``): GEMMs with their shapes,
-    each Triton kernel handling the output tile of the GEMM launched just before it (the logits of a block or
-    slab, or dX for the fused head's row scaling), at the warp-instructions per element of its SASS (``table``).
-    GEMMs priced by ``linear_logprobs_launch`` (the fused head's memory_lean recompute) are recorded too."""
+    each Triton kernel handling the output (batch x m x n) of the GEMM launched just before it (the logits of a
+    block or slab; the fused head's dX, or its partial products when split: a GEMM of the same [m, n] right after
+    another adds into its output, as the split's remainder does), at the warp-instructions per element of its SASS
+    (``table``; a tagged cost, e.g. ``fused_pact_head.pass[shift]``, at the entries of that variant). GEMMs priced
+    by ``linear_logprobs_launch`` (the fused head's memory_lean recompute) are recorded too."""
     import sass
 
     from pact_fast.kernels import linear_logprobs_launch
@@ -527,16 +537,20 @@ def epilogue_launches(module, table, *args, **kwargs):
         costs = module.kernel_costs(*args, **kwargs)
     finally:
         restore()
-    out, tile = [], None
+    out, tile, last = [], None, None
     for c in costs:
         if id(c) in shapes:
-            tile = shapes[id(c)]
-            out.append(Launch(c.kernel, c.flops, c.bytes, "gemm", gemm=tile))
+            shape = shapes[id(c)]
+            if last is None or shape[:2] != last[:2]:  # not a GEMM adding into the one before it
+                tile = shape
+            last = shape
+            out.append(Launch(c.kernel, c.flops, c.bytes, "gemm", gemm=shape))
             continue
+        last = None
         if c.flops or tile is None:
             raise ValueError(f"time model: {c.kernel} is not an epilogue after a GEMM; price it explicitly")
-        out.append(Launch(c.kernel, 0, c.bytes, "epilogue", elements=tile[0] * tile[1],
-                          per_element=sass.per_element(table, kernel_family(c.kernel))))
+        out.append(Launch(c.kernel, 0, c.bytes, "epilogue", elements=tile[0] * tile[1] * tile[3],
+                          per_element=sass.per_element(table, kernel_family(c.kernel), _variant(c.kernel))))
     return out
 
 
@@ -657,19 +671,22 @@ PROBES = {
     "fused_pact_head fwd+bwd lean": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), dict(memory_lean=True)),
     "tree_attention fwd+bwd": (_probe_attention, ("fwd", "bwd"), False, ((1, 1),), {}),
 }
-_MODELLED = ("torch.mm",)  # the formulas (kernel_costs) price these and every Triton kernel
+_MODELLED = ("torch.mm",)  # the formulas (kernel_costs) price these and every Triton kernel of the launchers
+# Triton kernels an op launches itself, around its launcher (elementwise over rows, memory-bound): priced with the
+# op's torch kernels, from the same probe
+OP_KERNELS = ("fused_pact_head.grads",)
 
 
 def probe_torch_ops(op):
-    """Count, through the public op at small shapes, the torch kernels it launches beyond the GEMMs and Triton
-    kernels the formulas price: {"per_call": {...}, "per_unit": {...}, "rows": r} with launches, bytes and
+    """Count, through the public op at small shapes, the torch kernels (and ``OP_KERNELS``) it launches beyond
+    the GEMMs and Triton kernels the formulas price: {"per_call": {...}, "per_unit": {...}, "rows": r} with launches, bytes and
     host synchronisations, fitted as a + b * units over the two blockings probed (units: the op's row blocks;
     per_unit all 0 for an op without them). Needs TRITON_INTERPRET=1."""
     probe, passes, unit, blockings, options = PROBES[op]
     points = []
     for blocks in blockings:
         counts, meta = probe(passes, blocks, **options)
-        aux = {k: v for k, v in counts.items() if k.startswith("torch.") and k not in _MODELLED}
+        aux = {k: v for k, v in counts.items() if (k.startswith("torch.") and k not in _MODELLED) or k in OP_KERNELS}
         units = meta["row_blocks"] if unit else 0
         points.append((units, sum(counts.launches[k] for k in aux), sum(v[1] for v in aux.values()), counts.syncs,
                        meta["rows"]))

@@ -41,15 +41,26 @@ def online_softmax_step(m, s, t, z, mask):
 
 
 @triton.jit
-def store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt):
-    """Write the finished online statistics of rows ``rows``: logp = z_tgt - lse (<= 0), lse = m + log s and
-    entropy = log s - t / s (>= 0), fp32. Rows past the block (s = 0) are kept finite and not stored."""
+def online_lse_step(m, s, z):
+    """``online_softmax_step`` without the entropy accumulator: (m, s) of a row-wise online log-sum-exp updated
+    by the tile ``z`` [rows, cols] (fp32, -inf where masked)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = tl.exp(m - m_new) * s + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt, ENTROPY: tl.constexpr = True):
+    """Write the finished online statistics of rows ``rows``: logp = z_tgt - lse (<= 0), lse = m + log s and,
+    with ENTROPY, entropy = log s - t / s (>= 0), fp32. Rows past the block (s = 0) are kept finite and not
+    stored."""
     s = tl.where(row_mask, s, 1.0)
     log_s = tl.log(s)
     lse = m + log_s
     tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
+    if ENTROPY:
+        tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
 
 
 @triton.jit

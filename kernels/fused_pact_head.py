@@ -37,8 +37,9 @@ gradients ~2.4x less accurate than the GPU's). In bf16 the shift path's dX and d
 error of d logits formed in fp32 and rounded once (up to 1.5x on the tests' tiny V=37 problems, where the
 ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = beta x``'s.
 
-``_scale_rows_kernel`` applies ``beta``: ``dx[r, :] *= beta_r`` (dx holds ``U @ w``), ``xs[r, :] = beta_r
-x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta``
+``_scale_rows_kernel`` sums the partial products of dX's GEMM (split over the vocabulary when one block's
+``[R, H]`` output is too few tiles to fill the GPU: ``fused_pact_head_launch.dx_splits``) and applies
+``beta``: ``dx[r, :] = beta_r * (U @ w)[r, :]``, ``xs[r, :] = beta_r x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta``
 itself in the input dtype (for the bias gradient's GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
 (whose range cannot hold ``U``) and a soft cap run the pass without ``WRITE_U``, then the ordinary gradient
 kernel of ``linear_logprobs`` (read and write of the logits). With a soft cap d loss / d z_raw is the row
@@ -48,7 +49,7 @@ scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from t
 import triton
 import triton.language as tl
 
-from .common import online_softmax_step, round_to, soft_cap, store_row_stats
+from .common import online_lse_step, online_softmax_step, round_to, soft_cap, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -57,11 +58,13 @@ _M_INIT = tl.constexpr(-1.0e30)
 @triton.jit
 def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_ptr,
                       R, V, inv_temp, limit, cap,
-                      WRITE_U: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                      WRITE_U: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
     """One row block over the whole vocabulary: z [R, V] (workspace, raw logits; with WRITE_U overwritten
-    by U), targets [R] int64 in [0, V); writes logp, lse, entropy [R] fp32 and, with WRITE_U, s [R] fp32
-    (the row sum of exp(z - shift) that U is relative to). ``cap`` is read only with SOFTCAP (never with
-    WRITE_U)."""
+    by U), targets [R] int64 in [0, V); writes logp, lse [R] fp32, with ENTROPY entropy [R] fp32 (its running
+    sum t is not kept otherwise) and, with WRITE_U, s [R] fp32 (the row sum of exp(z - shift) that U is relative
+    to). ``cap`` is read only with SOFTCAP (never with WRITE_U). With WRITE_U the target logit is the shift c,
+    read before the loop; otherwise each tile picks it out of the row."""
     tl.static_assert(not (WRITE_U and SOFTCAP), "the U pass takes no soft cap")
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -77,6 +80,7 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
         s_other = tl.zeros((BLOCK_R,), dtype=tl.float32)
         bad = rows < 0  # the row's max went more than `limit` above c (monotone along the row)
         switch = tl.full((BLOCK_R,), V, dtype=tl.int32)  # first column stored raw for a bad row
+        z_tgt = c
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < V)[None, :]
@@ -87,9 +91,13 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
             z, _ = soft_cap(z, cap)
             z = tl.where(mask, z, float("-inf"))
         z = z * inv_temp
-        m, s, t = online_softmax_step(m, s, t, z, mask)
+        if ENTROPY:
+            m, s, t = online_softmax_step(m, s, t, z, mask)
+        else:
+            m, s = online_lse_step(m, s, z)
         is_tgt = cols[None, :] == tgt[:, None]
-        z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)
+        if not WRITE_U:
+            z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)
         if WRITE_U:
             now_bad = bad | (m - c > limit)
             switch = tl.where(now_bad & ~bad, c0, switch)
@@ -98,7 +106,7 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
             s_other += tl.sum(tl.where(mask & ~is_tgt, u, 0.0), axis=1)
             out = tl.where(bad[:, None], z_raw, round_to(u, z_raw.dtype))
             tl.store(ptrs, out, mask=mask & ~is_tgt)
-    store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt)
+    store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt, ENTROPY)
     s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0
     if WRITE_U:
         good = row_mask & ~bad
@@ -124,24 +132,123 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
 
 @cost_name("fused_pact_head.scale")
 @triton.jit
-def _scale_rows_kernel(dx_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, inv_temp,
-                       WRITE_XS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """beta = -g * inv_temp / s for g, s [R] fp32; dx [R, H] *= beta (in place); with WRITE_XS (the weight
-    needs its gradient) xs [R, H] = beta * x [R, H]; beta [R] in the input dtype (written by the programs of the
-    first column tile). All row-major, stride H."""
+def _scale_rows_kernel(dx_ptr, parts_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, n_parts, part_stride,
+                       inv_temp,
+                       SCALE: tl.constexpr, WRITE_XS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dx [R, H] = beta * sum_p parts[p] (fp32 sum of the ``n_parts`` partial products of dX's vocabulary-split
+    GEMM, ``part_stride`` elements apart, each [R, H]; ``parts`` may be ``dx`` itself when n_parts is 1), beta = -g * inv_temp / s for g, s
+    [R] fp32; with WRITE_XS (the weight needs its gradient) xs [R, H] = beta * x [R, H]; beta [R] in the input
+    dtype (written by the programs of the first column tile). SCALE False: dx = sum_p parts[p] only (the ordinary
+    gradient's dX; g, s, x, xs, beta unread). All row-major, stride H."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    beta = -tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_temp / tl.load(s_ptr + rows, mask=row_mask,
-                                                                                  other=1.0)
-    if pid_h == 0:
-        tl.store(beta_ptr + rows, round_to(beta, beta_ptr.dtype.element_ty), mask=row_mask)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = row_mask[:, None] & (cols < H)[None, :]
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
-    dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, round_to(dx * beta[:, None], dx_ptr.dtype.element_ty), mask=mask)
-    if WRITE_XS:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(xs_ptr + offs, round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)
+    dx = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    for p in range(n_parts):
+        dx += tl.load(parts_ptr + p * part_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALE:
+        beta = -tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_temp / tl.load(s_ptr + rows, mask=row_mask,
+                                                                                      other=1.0)
+        if pid_h == 0:
+            tl.store(beta_ptr + rows, round_to(beta, beta_ptr.dtype.element_ty), mask=row_mask)
+        dx = dx * beta[:, None]
+        if WRITE_XS:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(xs_ptr + offs, round_to(x * beta[:, None], xs_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+# Clamps of the PACT loss's log-ratios (pact_fast.loss_grads.LOG_RATIO_CLAMP, KL_CLAMP)
+_LOG_RATIO_CLAMP = tl.constexpr(20.0)
+_KL_CLAMP = tl.constexpr(20.0)
+
+
+@triton.jit
+def _surrogate_grad(logp, den, adv, g, low, high, dual_clip, HAS_DEN: tl.constexpr, DUAL: tl.constexpr):
+    """``pact_fast.loss_grads.surrogate_grad`` elementwise in fp32: d/d logp of the clipped surrogate's token loss
+    at ratio exp(clamp(logp - den, -20, 20)) (den absent: ratio 1), times ``g``; ``low`` / ``high`` = 1 -+ eps."""
+    if HAS_DEN:
+        raw = logp - den
+    else:
+        raw = tl.zeros_like(logp)
+    ratio = tl.exp(tl.minimum(tl.maximum(raw, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
+    neg_adv = -adv
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * tl.minimum(tl.maximum(ratio, low), high)
+    if DUAL:
+        loss = tl.maximum(unclipped, clipped)
+        bound = -adv * dual_clip
+        g_min = tl.where(loss > bound, 0.0, tl.where(loss == bound, g / 2, g))
+        g = tl.where(adv < 0, g_min, g)
+    g_unclipped = tl.where(unclipped < clipped, 0.0, tl.where(unclipped == clipped, g / 2, g))
+    g_clipped = tl.where(unclipped > clipped, 0.0, tl.where(unclipped == clipped, g / 2, g))
+    g_ratio = g_unclipped * neg_adv + tl.where((ratio >= low) & (ratio <= high), g_clipped * neg_adv, 0.0)
+    return tl.where((raw >= -_LOG_RATIO_CLAMP) & (raw <= _LOG_RATIO_CLAMP), g_ratio * ratio, 0.0)
+
+
+@triton.jit
+def _kl_terms(logp, ref, EST: tl.constexpr):
+    """(d/d logp of ``losses.kl_penalty``, the penalty itself) elementwise; EST 1, 2, 3: estimators k1, k2, k3."""
+    log_ratio = logp - ref
+    if EST == 1:
+        return tl.full(logp.shape, 1.0, tl.float32), log_ratio
+    elif EST == 2:
+        return log_ratio, 0.5 * log_ratio * log_ratio
+    else:
+        neg = -log_ratio
+        clamped = tl.minimum(neg, _KL_CLAMP)
+        grad = -tl.where(neg <= _KL_CLAMP, tl.exp(clamped) - 1.0, 0.0)
+        return grad, tl.exp(clamped) - clamped - 1.0
+
+
+@cost_name("fused_pact_head.grads")
+@triton.jit
+def _row_grads_kernel(g_ptr, logp_ptr, base_ptr, po_w_ptr, po_adv_ptr, po_den_ptr, kl_w_ptr, ref_ptr, tc_w_ptr,
+                      tc_adv_ptr, tc_den_ptr, n, low, high, dual_clip,
+                      HAS_BASE: tl.constexpr, HAS_PO: tl.constexpr, PO_DEN: tl.constexpr, KL: tl.constexpr,
+                      KL_RATIO: tl.constexpr, HAS_TC: tl.constexpr, TC_DEN: tl.constexpr, DUAL: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """d loss / d logp of ``n`` rows, fp32 [n], from their log-probs ``logp`` [n] and per-row constants (any float
+    dtype, [n] each; ``pact_fast.loss_grads.SurrogateTerm`` moved to rows): ``base`` (the terms constant in logp:
+    SFT) + the prompt-only surrogate (weight, advantage, denominator; KL 1-3: plus the KL penalty's gradient,
+    k1-k3, with weight ``kl_w`` and reference ``ref``; KL_RATIO: weighted by the ratio, whose own derivative
+    adds kl_w * penalty * ratio) + the trace-conditioned surrogate (weight, advantage, denominator)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        g = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_PO:
+        w = tl.load(po_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        adv = tl.load(po_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        den = logp  # unread without PO_DEN
+        if PO_DEN:
+            den = tl.load(po_den_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g += _surrogate_grad(logp, den, adv, w, low, high, dual_clip, PO_DEN, DUAL)
+        if KL > 0:
+            kl_w = tl.load(kl_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d_kl, penalty = _kl_terms(logp, ref, KL)
+            if KL_RATIO:
+                raw = tl.zeros_like(logp)
+                if PO_DEN:
+                    raw = logp - den
+                ratio = tl.exp(tl.minimum(tl.maximum(raw, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
+                d_ratio = tl.where(tl.abs(raw) <= _LOG_RATIO_CLAMP, ratio, 0.0)
+                g += d_kl * (kl_w * ratio) + kl_w * penalty * d_ratio
+            else:
+                g += d_kl * kl_w
+    if HAS_TC:
+        w = tl.load(tc_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        adv = tl.load(tc_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        den = logp  # unread without TC_DEN
+        if TC_DEN:
+            den = tl.load(tc_den_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g += _surrogate_grad(logp, den, adv, w, low, high, dual_clip, TC_DEN, DUAL)
+    tl.store(g_ptr + offs, g, mask=mask)

@@ -33,7 +33,7 @@ every variant; tests/test_roofline_fused_head.py holds them to what the interpre
 import torch
 import triton
 
-from .fused_pact_head import _head_pass_kernel, _scale_rows_kernel
+from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_kernel
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
@@ -46,6 +46,15 @@ WORKSPACE_SHARE = 0.25  # default: extra memory within this share of dW's bytes 
 # it U <= e^20 and s <= V e^20, so beta = -g / (T s) >= |g| e^-20 / (T V): beta * x in bf16 / fp32 stays far
 # above the subnormal range for any upstream gradient a loss produces (g ~ 1e-5 per token of a 32k mean).
 SHIFT_LIMIT = 20.0
+# dX's GEMM of a row block has an [R, H] output: at W-logprob (R=448, H=2048) 32 output tiles of cuBLAS's 128x256
+# on a GPU of 132 SMs, a quarter of one wave, each tile reducing over the whole vocabulary. ``dx_splits`` splits
+# that reduction over the vocabulary into one batched GEMM of S partial products (``_dx_parts``), summed in fp32
+# by the row-scaling kernel: S times the tiles, up to one wave.
+GEMM_TILE = (128, 256)  # output tile of cuBLAS's Hopper bf16 GEMMs (bench/roofline.py's assumption too)
+DEFAULT_SMS = 132  # H100 / H200 SXM; a CUDA device's own count is read where the launcher runs on one
+MAX_DX_SPLITS = 8
+MIN_SPLIT_K = 4096  # vocabulary columns per split at least: each partial GEMM stays a long reduction
+SPLIT_ALIGN = 8  # columns per split a multiple of this: 16-byte aligned batch offsets in bf16
 
 # memory_lean runs linear_logprobs' forward epilogue ("lean_fwd") and its backward one ("grad")
 GPU_CONFIGS = {**registry.GPU_CONFIGS["fused_pact_head"], "lean_fwd": registry.GPU_CONFIGS["linear_logprobs"]["fwd"]}
@@ -62,6 +71,43 @@ def shift_mode(dtype, want_entropy, softcap=False):
     past the limit recover their logits from U, which U * (1 - tanh^2) would not allow), and a dtype whose
     range holds U (bf16, fp32; fp16 tops out at 65504)."""
     return not want_entropy and not softcap and dtype in (torch.bfloat16, torch.float32)
+
+
+def dx_splits(R, H, V, sms=DEFAULT_SMS):
+    """Vocabulary splits of dX's GEMM for row blocks of R rows: as many as fit the output tiles of one block's
+    [R, H] into one wave of ``sms`` SMs, at most MAX_DX_SPLITS and V // MIN_SPLIT_K, at least 1."""
+    tiles = triton.cdiv(R, GEMM_TILE[0]) * triton.cdiv(H, GEMM_TILE[1])
+    return max(1, min(MAX_DX_SPLITS, sms // tiles, V // MIN_SPLIT_K))
+
+
+def split_columns(V, S):
+    """(k, rem): S splits of k vocabulary columns each (a multiple of SPLIT_ALIGN when S > 1), the last ``rem``
+    columns added to the first partial product by one more GEMM."""
+    if S == 1:
+        return V, 0
+    k = V // S // SPLIT_ALIGN * SPLIT_ALIGN
+    return k, V - S * k
+
+
+def device_sms(device):
+    """Streaming multiprocessors of a CUDA ``device``; DEFAULT_SMS elsewhere (the interpreter, the model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def _dx_parts(z, w, parts, S):
+    """The S partial products of dX = z [r, V] @ w [V, H] over vocabulary splits (``split_columns``), into the
+    flat buffer ``parts`` (at least S * r * H elements): one batched GEMM, plus one small GEMM into the first
+    part for the columns past S splits. Returns them as [S, r, H], contiguous."""
+    r, V = z.shape
+    H = w.shape[1]
+    k, rem = split_columns(V, S)
+    out = parts[:S * r * H].view(S, r, H)
+    torch.bmm(z[:, :S * k].view(r, S, k).transpose(0, 1), w[:S * k].view(S, k, H), out=out)
+    if rem:
+        out[0].addmm_(z[:, S * k:], w[S * k:])
+    return out
 
 
 def row_blocks(N, R):
@@ -81,7 +127,7 @@ def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=
 
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
-        configs=None, weight_grad=True, memory_lean=False, blocking=None):
+        configs=None, weight_grad=True, memory_lean=False, blocking=None, splits=None):
     """The fused head over x [N, H], w [V, H], b [V] | None, targets [N] int64 in [0, V), with the logits
     ``z_raw * inv_temp``, or ``cap * tanh(z_raw / cap) * inv_temp`` when ``cap`` is not None (ordinary mode).
 
@@ -91,9 +137,10 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     recompute over ``blocking`` (default ``linear_logprobs_launch.plan``, its rows replaced by
     ``rows_per_block`` when given), ``grads`` called once for all rows.
 
-    Returns ``(logp [N], ent [N], dx [N, H], dw [V, H] | None, db [V] | None)``: fp32 log-probs and entropies;
+    Returns ``(logp [N], ent [N], dx [N, H], dw [V, H] | None, db [V] | None)``: fp32 log-probs and entropies (NaN
+    without want_entropy, but in memory_lean);
     gradients in the input dtype except db (fp32 in ordinary and lean mode); dx, dw, db None without
-    ``grads``."""
+    ``grads``. ``splits``: vocabulary splits of each block's dX GEMM (default ``dx_splits`` for the device)."""
     if memory_lean:
         if blocking is None:
             planned = lean.plan(*x.shape[:1], w.shape[0], x.shape[1])
@@ -120,6 +167,8 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     # beta * x of a block, the dW GEMM's right operand
     xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift and weight_grad else None
     beta = torch.empty((min(R, N), 1), device=x.device, dtype=x.dtype) if shift else None
+    S = splits or dx_splits(min(R, N), H, V, device_sms(x.device))
+    parts = torch.empty(S * min(R, N) * H, device=x.device, dtype=x.dtype) if grads is not None and S > 1 else None
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
     for r0, r in row_blocks(N, R):
         rows = slice(r0, r0 + r)
@@ -130,18 +179,21 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
             torch.addmm(b, x[rows], w.t(), out=z)
         _head_pass_kernel[(triton.cdiv(r, pcfg.blocks["BLOCK_R"]),)](
             z, z.stride(0), targets[rows], logp[rows], lse[rows], ent[rows], s[rows], r, V, inv_temp, limit,
-            cap or 1.0, WRITE_U=shift, SOFTCAP=cap is not None, **pcfg.blocks, num_warps=pcfg.num_warps,
+            cap or 1.0, WRITE_U=shift, SOFTCAP=cap is not None, ENTROPY=want_entropy, **pcfg.blocks,
+            num_warps=pcfg.num_warps,
             num_stages=pcfg.num_stages)
         if grads is None:
             continue
         g_logp, g_ent = grads(r0, r0 + r, logp, ent)
         g_logp = g_logp.float().contiguous()
         first = r0 == 0
+        grid = (triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))
         if shift:
-            torch.mm(z, w, out=dx[rows])
-            _scale_rows_kernel[(triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))](
-                dx[rows], x[rows], xs[:r] if xs is not None else dx[rows], beta[:r], g_logp, s[rows], r, H,
-                inv_temp, WRITE_XS=weight_grad, **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
+            src = _dx_parts(z, w, parts, S) if S > 1 else torch.mm(z, w, out=dx[rows])
+            _scale_rows_kernel[grid](
+                dx[rows], src, x[rows], xs[:r] if xs is not None else dx[rows], beta[:r], g_logp, s[rows], r, H, S,
+                r * H, inv_temp, SCALE=True, WRITE_XS=weight_grad, **scfg.blocks, num_warps=scfg.num_warps,
+                num_stages=scfg.num_stages)
             if dw is not None:
                 _accumulate(dw, z.t(), xs[:r], first)
             if db is not None:
@@ -149,12 +201,53 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
         else:
             slab_grad(z, 0, targets[rows], lse[rows], ent[rows], g_logp,
                       g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
-            torch.mm(z, w, out=dx[rows])
+            if S > 1:  # the partial products summed, unscaled
+                _scale_rows_kernel[grid](dx[rows], _dx_parts(z, w, parts, S), dx[rows], dx[rows], dx[rows], g_logp,
+                                         g_logp, r, H, S, r * H, inv_temp, SCALE=False, WRITE_XS=False, **scfg.blocks,
+                                         num_warps=scfg.num_warps, num_stages=scfg.num_stages)
+            else:
+                torch.mm(z, w, out=dx[rows])
             if dw is not None:
                 _accumulate(dw, z.t(), x[rows], first)
     if db is not None and shift:
         db = db.view(V)
     return logp, ent, dx, dw, db
+
+
+KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+
+
+def row_grads(logp, base=None, po=None, tc=None, *, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+              kl_estimator="k3", kl_ratio_weighted=False, configs=None):
+    """d loss / d logp of rows, fp32 [n], in one launch of ``_row_grads_kernel`` (no host synchronisation).
+
+    Args:
+        logp: [n] the rows' log-probs.
+        base: [n] the part constant in logp (the SFT term's gradient), or None.
+        po: the prompt-only surrogate's per-row constants ``(weight, adv, den, kl_weight, ref)``, each [n]
+            (``den`` None: ratio 1; ``kl_weight`` / ``ref`` None: no KL term), or None.
+        tc: the trace-conditioned surrogate's ``(weight, adv, den)``, or None.
+        clip_eps_low, clip_eps_high, dual_clip, kl_estimator, kl_ratio_weighted: as ``PACTLossConfig``.
+    """
+    n = logp.shape[0]
+    out = torch.empty(n, device=logp.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    cfg = (configs or _configs())["grads"]
+    po_w, po_adv, po_den, kl_w, ref = po or (None,) * 5
+    tc_w, tc_adv, tc_den = tc or (None,) * 3
+    kl = KL_ESTIMATORS[kl_estimator] if po is not None and kl_w is not None else 0
+
+    def ptr(t):
+        return logp if t is None else t.contiguous()
+
+    _row_grads_kernel[(triton.cdiv(n, cfg.blocks["BLOCK"]),)](
+        out, logp, ptr(base), ptr(po_w), ptr(po_adv), ptr(po_den), ptr(kl_w), ptr(ref), ptr(tc_w), ptr(tc_adv),
+        ptr(tc_den), n, 1.0 - clip_eps_low, 1.0 + clip_eps_high, dual_clip or 0.0, HAS_BASE=base is not None,
+        HAS_PO=po is not None, PO_DEN=po_den is not None, KL=kl, KL_RATIO=kl_ratio_weighted, HAS_TC=tc is not None,
+        TC_DEN=tc_den is not None, DUAL=dual_clip is not None, **cfg.blocks, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return out
 
 
 def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, weight_grad, blocking):
@@ -198,7 +291,7 @@ def _accumulate(out, a, b, first):
 
 
 def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=None, rows_per_block=None,
-                 backward=True, softcap=False, memory_lean=False, weight_grad=True, blocking=None):
+                 backward=True, softcap=False, memory_lean=False, weight_grad=True, blocking=None, splits=None):
     """Performance model of ``run``: one KernelCost per launch, in launch order.
 
     Triton kernels: bytes of every executed tl.load / tl.store / atomic (masked elements excluded; an atomic
@@ -208,8 +301,10 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     0 by default); ``backward=False``: forward only (``grads=None``); ``softcap``: ``run`` with a cap (ordinary
     mode; the cap itself moves no byte); ``weight_grad=False``: a frozen weight (no dW GEMM, no xs; two GEMMs
     per block instead of three); ``memory_lean``: the recompute over ``blocking`` (default
-    ``linear_logprobs_launch.plan``), 8NVH FLOPs with dW. ``configs`` / ``rows_per_block`` default to what
-    ``run`` uses on a GPU."""
+    ``linear_logprobs_launch.plan``), 8NVH FLOPs with dW. ``configs`` / ``rows_per_block`` / ``splits`` default to
+    what ``run`` uses on a GPU of DEFAULT_SMS SMs. dX's GEMM split S ways is one batched GEMM of S [r, H] outputs
+    (``gemm_cost``'s ``batch``), plus one for the columns past the splits, and the scaling kernel reads the S
+    partial products."""
     cfgs = configs or GPU_CONFIGS
     if memory_lean:
         lean_cfgs = {"fwd": cfgs["lean_fwd"], "bwd": cfgs["grad"]}
@@ -223,28 +318,39 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
     e = torch.empty((), dtype=dtype).element_size()
     shift = backward and shift_mode(dtype, want_entropy, softcap)
+    S = splits or dx_splits(min(R, N), H, V)
+    k_split, rem = split_columns(V, S)
+    h_tiles = triton.cdiv(H, cfgs["scale"].blocks["BLOCK_H"])
     costs = []
 
-    def gemm(tag, m, n, k, c_elems):
-        costs.append(gemm_cost(tag, m, n, k, c_elems, e))
+    def gemm(tag, m, n, k, c_elems, batch=1):
+        costs.append(gemm_cost(tag, m, n, k, c_elems, e, batch))
+
+    def dx_gemms(r):
+        if S == 1:
+            gemm("dx", r, H, V, 0)
+            return
+        gemm("dx", r, H, k_split, 0, batch=S)
+        if rem:
+            gemm("dx", r, H, rem, r * H)
 
     for (r0, r), bad in zip(blocks, bad_rows):
         gemm("logits", r, V, H, V if has_bias else 0)
-        nbytes = 8 * r + r * V * e + 12 * r  # targets; the logits read once; logp, lse, entropy
+        nbytes = 8 * r + r * V * e + (12 if want_entropy else 8) * r  # targets; logits read once; logp, lse (entropy)
         if shift:
             # shift c (target logit); U stored but for the target column; s; target column of good rows;
             # the bad rows' second loop (read and write of their row)
             nbytes += r * e + r * (V - 1) * e + 4 * r + (r - bad) * e + 2 * bad * V * e
-        costs.append(KernelCost("fused_pact_head.pass", 0, nbytes))
+        costs.append(KernelCost("fused_pact_head.pass[shift]" if shift else "fused_pact_head.pass", 0, nbytes))
         if not backward:
             continue
         acc = 0 if r0 == 0 else 1
         if shift:
-            gemm("dx", r, H, V, 0)
-            h_tiles = triton.cdiv(H, cfgs["scale"].blocks["BLOCK_H"])
-            # g and s per (row, column tile); beta once per row; dx read + write (+ x read, xs write)
+            dx_gemms(r)
+            # g and s per (row, column tile); beta once per row; S partial products read, dx written (+ x read,
+            # xs written)
             costs.append(KernelCost("fused_pact_head.scale", 0,
-                                    8 * r * h_tiles + r * e + (4 if weight_grad else 2) * r * H * e))
+                                    8 * r * h_tiles + r * e + (S + 1 + (2 if weight_grad else 0)) * r * H * e))
             if weight_grad:
                 gemm("dw", V, H, r, acc * V * H)
             if has_bias:
@@ -253,16 +359,19 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
             row_bytes = (8 + 4 + 4 + (8 if want_entropy else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
             atomics = 2 * 4 * V * triton.cdiv(r, cfgs["grad"].blocks["BLOCK_R"]) if has_bias else 0
             costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * V * e + atomics))
-            gemm("dx", r, H, V, 0)
+            dx_gemms(r)
+            if S > 1:  # the partial products summed into dx
+                costs.append(KernelCost("fused_pact_head.scale", 0, (S + 1) * r * H * e))
             if weight_grad:
                 gemm("dw", V, H, r, acc * V * H)
     return costs
 
 
 def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False,
-                       memory_lean=False, weight_grad=True, blocking=None):
+                       memory_lean=False, weight_grad=True, blocking=None, splits=None):
     """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the logits workspace
-    [R, V] and, in shift mode, xs [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
+    [R, V], dX's S partial products [S, R, H] when its GEMM is split (``dx_splits``) and, in shift mode, xs
+    [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
     memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the forward's state [4, R]."""
     e = torch.empty((), dtype=dtype).element_size()
     if memory_lean:
@@ -270,13 +379,16 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
         return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
     R = min(N, rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad))
     shift = shift_mode(dtype, want_entropy, softcap)
-    return R * V * e + ((R * H * e if weight_grad else 0) + R * e if shift else 0) + 8 * N
+    S = splits or dx_splits(R, H, V)
+    return R * V * e + (S * R * H * e if S > 1 else 0) + ((R * H * e if weight_grad else 0) + R * e if shift else 0) \
+        + 8 * N
 
 
 def gate_entries():
     """The pass kernel and the row-scaling kernel at their GPU configurations, for every dtype and mode
     ``run`` launches them with (shift mode: bf16, fp32, with and without xs; ordinary: bf16, fp16, fp32, with or
-    without a soft cap). memory_lean launches linear_logprobs' epilogues at its own gated configurations."""
+    without a soft cap, and the scaling kernel summing a split dX), and the upstream-gradient kernel. memory_lean
+    launches linear_logprobs' epilogues at its own gated configurations."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
@@ -290,13 +402,26 @@ def gate_entries():
                 {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
                  "ent_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "V": "i32", "inv_temp": "fp32", "limit": "fp32",
                  "cap": "fp32"},
-                {"WRITE_U": write_u, "SOFTCAP": softcap, **cfg.blocks}, cfg, expects_mma=False))
-        if shift_mode(dtype, False):
-            cfg = GPU_CONFIGS["scale"]
-            for write_xs in (True, False):
-                entries.append(GateEntry(
-                    f"fused_pact_head.scale[{t}{'' if write_xs else '-frozen'}]", _scale_rows_kernel,
-                    {"dx_ptr": f"*{t}", "x_ptr": f"*{t}", "xs_ptr": f"*{t}", "beta_ptr": f"*{t}", "g_ptr": "*fp32",
-                     "s_ptr": "*fp32", "R": "i32", "H": "i32", "inv_temp": "fp32"},
-                    {"WRITE_XS": write_xs, **cfg.blocks}, cfg, expects_mma=False))
+                {"WRITE_U": write_u, "SOFTCAP": softcap, "ENTROPY": not write_u, **cfg.blocks}, cfg,
+                expects_mma=False))
+        cfg = GPU_CONFIGS["scale"]
+        # shift mode: scaled, with xs or (frozen weight) without; ordinary mode: the split dX's parts summed
+        variants = ((True, True, ""), (True, False, "-frozen")) if shift_mode(dtype, False) else ()
+        for scale, write_xs, tag in variants + ((False, False, "-sum"),):
+            entries.append(GateEntry(
+                f"fused_pact_head.scale[{t}{tag}]", _scale_rows_kernel,
+                {"dx_ptr": f"*{t}", "parts_ptr": f"*{t}", "x_ptr": f"*{t}", "xs_ptr": f"*{t}", "beta_ptr": f"*{t}",
+                 "g_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "H": "i32", "n_parts": "i32", "part_stride": "i32",
+                 "inv_temp": "fp32"},
+                {"SCALE": scale, "WRITE_XS": write_xs, **cfg.blocks}, cfg, expects_mma=False))
+    cfg = GPU_CONFIGS["grads"]
+    # the upstream gradients: the default loss (both surrogates with denominators, SFT) and every term on
+    for tag, flags in (("", dict(KL=0, KL_RATIO=False, DUAL=False)), ("-all", dict(KL=3, KL_RATIO=True, DUAL=True))):
+        entries.append(GateEntry(
+            f"fused_pact_head.grads[fp32{tag}]", _row_grads_kernel,
+            {"g_ptr": "*fp32", "logp_ptr": "*fp32", **{f"{k}_ptr": "*fp32" for k in (
+                "base", "po_w", "po_adv", "po_den", "kl_w", "ref", "tc_w", "tc_adv", "tc_den")},
+             "n": "i32", "low": "fp32", "high": "fp32", "dual_clip": "fp32"},
+            {"HAS_BASE": True, "HAS_PO": True, "PO_DEN": True, "HAS_TC": True, "TC_DEN": True, **flags, **cfg.blocks},
+            cfg, expects_mma=False))
     return entries

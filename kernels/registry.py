@@ -53,10 +53,12 @@ class KernelCost:
     bytes: int
 
 
-def gemm_cost(tag, m, n, k, c_elems, elem_bytes):
-    """KernelCost of a cuBLAS GEMM [m, k] @ [k, n] named ``torch.mm[tag]``: 2*m*n*k FLOPs and compulsory bytes
-    (both operands, the output, and ``c_elems`` elements of an addmm's C read once)."""
-    return KernelCost(f"torch.mm[{tag}]", 2 * m * n * k, (m * k + k * n + m * n + c_elems) * elem_bytes)
+def gemm_cost(tag, m, n, k, c_elems, elem_bytes, batch=1):
+    """KernelCost of a cuBLAS GEMM [m, k] @ [k, n] (``batch`` of them in one batched launch) named
+    ``torch.mm[tag]``: 2*batch*m*n*k FLOPs and compulsory bytes (both operands, the output, and ``c_elems``
+    elements of an addmm's C read once)."""
+    return KernelCost(f"torch.mm[{tag}]", 2 * batch * m * n * k,
+                      (batch * (m * k + k * n + m * n) + c_elems) * elem_bytes)
 
 
 def cost_name(name):
@@ -109,6 +111,7 @@ GPU_CONFIGS = {
     "fused_pact_head": {
         "pass": LaunchConfig({"BLOCK_R": 4, "BLOCK_V": 256}, num_warps=4, num_stages=2),
         "scale": LaunchConfig({"BLOCK_R": 8, "BLOCK_H": 256}, num_warps=4, num_stages=2),
+        "grads": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
         "grad": _LOGPROB_BWD_GPU,
     },
 }
@@ -150,6 +153,7 @@ INTERPRET_CONFIGS = {
     "fused_pact_head": {
         "pass": LaunchConfig({"BLOCK_R": 4, "BLOCK_V": 16}),
         "scale": LaunchConfig({"BLOCK_R": 4, "BLOCK_H": 8}),
+        "grads": LaunchConfig({"BLOCK": 16}),
         "grad": _LOGPROB_BWD_INTERPRET,
     },
 }

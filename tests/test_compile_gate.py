@@ -45,7 +45,7 @@ def test_gate_covers_every_kernel_on_both_architectures(gate_rows):
     names = {r["kernel"].split("[")[0] for r in rows}
     assert names == {"linear_logprobs.fwd", "linear_logprobs.bwd",
                      "tree_attention.fwd", "tree_attention.dq", "tree_attention.dkdv", "tree_attention.delta",
-                     "tree_attention.cast", "fused_pact_head.pass", "fused_pact_head.scale"}
+                     "tree_attention.cast", "fused_pact_head.pass", "fused_pact_head.scale", "fused_pact_head.grads"}
     for r in rows:
         if r["expects_mma"]:
             assert ("HGMMA" if r["arch"] == "sm_90" else "HMMA") in r["mma"].split(","), r

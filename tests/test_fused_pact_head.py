@@ -320,8 +320,11 @@ def test_softcap_launcher_matches_float64(dtype, want_entropy):
     upstream = (g_logp.double() * logp_r).sum() + ((g_ent.double() * ent_r).sum() if want_entropy else 0)
     want = torch.autograd.grad(upstream, ref)
     tol = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
-    assert (logp <= 0).all() and (ent >= 0).all()
-    assert rel_err(logp, logp_r) < tol and rel_err(ent, ent_r) < tol
+    assert (logp <= 0).all() and rel_err(logp, logp_r) < tol
+    if want_entropy:
+        assert (ent >= 0).all() and rel_err(ent, ent_r) < tol
+    else:  # the pass keeps no entropy sum when nothing asks for it
+        assert ent.isnan().all()
     for name, got, ref_grad in zip(("x", "w", "b"), (dx, dw, db), want):
         assert rel_err(got, ref_grad) < tol, (name, rel_err(got, ref_grad))
 

@@ -27,7 +27,7 @@ ROWS_PER_BLOCK = {"plan": None, "R6": 6}  # the default (one block at these N) a
 
 
 def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=launch.SHIFT_LIMIT, backward=True,
-         cap=None):
+         cap=None, splits=None):
     """Counts of one launcher call, and the rows over the shift limit per row block."""
     g = torch.Generator().manual_seed(N + V)
     x = torch.randn(N, H, generator=g).to(dtype)
@@ -41,7 +41,7 @@ def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=
 
     with roofline.count_executed() as counts:
         launch.run(x, w, b, t, 1.0, want_entropy, grads if backward else None, rows_per_block=rows_per_block,
-                   limit=limit, configs=configs, cap=cap)
+                   limit=limit, configs=configs, cap=cap, splits=splits)
     z = (x @ w.t() + (b if has_bias else 0)).float()
     over = (z.max(-1).values - z.gather(1, t[:, None]).squeeze(1)) > limit
     bad = [int(over[r0:r0 + r].sum()) for r0, r in launch.row_blocks(N, rows_per_block or launch.BLOCK_ROWS)]
@@ -93,6 +93,26 @@ def test_softcap_takes_the_ordinary_epilogue_and_counts_it(config, dtype):
     assert counted == roofline.aggregate(model)
 
 
+@pytest.mark.parametrize("dtype,want_entropy", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-shift", "fp32-ordinary"])
+@pytest.mark.parametrize("V", [96, 203], ids=["V96-even", "V203-remainder"])
+def test_split_dx_counts_one_batched_gemm_and_the_parts_read_by_the_scaling_kernel(V, dtype, want_entropy):
+    """dX split 3 ways over the vocabulary: one batched GEMM per block (and a small one for the columns past the
+    splits), the scaling kernel reading the three partial products, exactly as kernel_costs(splits=3) prices."""
+    counted, bad = _run(17, V, 24, True, want_entropy, dtype, launch.INTERPRET_CONFIGS, 6, splits=3)
+    model = launch.kernel_costs(17, V, 24, dtype, True, want_entropy, bad_rows=bad,
+                                configs=launch.INTERPRET_CONFIGS, rows_per_block=6, splits=3)
+    dx = [c for c in model if c.kernel == "torch.mm[dx]"]
+    assert len(dx) == 3 * (2 if launch.split_columns(V, 3)[1] else 1)
+    assert set(counted) == {"fused_pact_head.pass", "fused_pact_head.scale", roofline.TORCH_GEMM} | (
+        {"linear_logprobs.bwd"} if want_entropy else set())
+    assert counted == roofline.aggregate(model)
+    unsplit = [c for c in launch.kernel_costs(17, V, 24, dtype, True, want_entropy, bad_rows=bad,
+                                              configs=launch.INTERPRET_CONFIGS, rows_per_block=6, splits=1)
+               if c.kernel == "torch.mm[dx]"]
+    assert sum(c.flops for c in unsplit) == sum(c.flops for c in dx)  # the same FLOPs, in more output tiles
+
+
 def test_forward_only_counts_the_logits_gemm_and_the_statistics():
     counted, _ = _run(30, 150, 20, False, False, torch.float32, launch.INTERPRET_CONFIGS, 8, backward=False)
     model = launch.kernel_costs(30, 150, 20, torch.float32, False, False, configs=launch.INTERPRET_CONFIGS,
@@ -103,7 +123,7 @@ def test_forward_only_counts_the_logits_gemm_and_the_statistics():
 
 def test_one_kernel_cost_per_launch_in_launch_order():
     shift = launch.kernel_costs(10, 50, 16, torch.bfloat16, True, False, rows_per_block=4)
-    assert [c.kernel for c in shift] == ["torch.mm[logits]", "fused_pact_head.pass", "torch.mm[dx]",
+    assert [c.kernel for c in shift] == ["torch.mm[logits]", "fused_pact_head.pass[shift]", "torch.mm[dx]",
                                          "fused_pact_head.scale", "torch.mm[dw]", "torch.mm[db]"] * 3
     ordinary = launch.kernel_costs(10, 50, 16, torch.bfloat16, False, True, rows_per_block=4)
     assert [c.kernel for c in ordinary] == ["torch.mm[logits]", "fused_pact_head.pass", "linear_logprobs.bwd",

@@ -114,22 +114,32 @@ def _scatter(values, index):
 class _RowGrads:
     """d loss / d (logp, entropy) per row of ``hidden``: each field's ``loss_grads.token_terms`` moved from
     token positions to the rows they index (a row holds each field's constants of the one token it predicts;
-    0 where no token of that field refers to it). ``__call__(lo, hi, logp, ent)`` evaluates rows [lo, hi)."""
+    0 where no token of that field refers to it). ``__call__(lo, hi, logp, ent)`` evaluates rows [lo, hi):
+    with torch ops (``kernel`` False), or in one launch of ``fused_pact_head_launch.row_grads`` (``kernel`` True,
+    the triton backend: the terms constant in logp summed once here)."""
 
-    def __init__(self, prep, rows, n, want_entropy):
+    def __init__(self, prep, rows, n, want_entropy, kernel=False):
         self.n = n
-        self.terms = []  # (SurrogateTerm over rows [N]) or constant gradient [N]
+        self.config = prep.config
+        self.terms = {}  # name -> SurrogateTerm over rows [N], or constant gradient [N]
         self.g_ent = None
         for name, term in loss_grads.token_terms(prep).items():
             index = rows["logp_po" if name == "entropy" else name]
             if isinstance(term, loss_grads.SurrogateTerm):
-                self.terms.append(term.map(lambda t, index=index, name=name: self._to_rows(t, index, name)))
+                self.terms[name] = term.map(lambda t, index=index, name=name: self._to_rows(t, index, name))
             elif name == "entropy":
                 self.g_ent = self._to_rows(term, index, name)
             else:
-                self.terms.append(self._to_rows(term, index, name))
+                self.terms[name] = self._to_rows(term, index, name)
         if want_entropy and self.g_ent is None:
             self.g_ent = torch.zeros(n, device=prep.batch.response_mask.device)
+        self.kernel = kernel
+        if kernel:
+            unknown = set(self.terms) - {"logp_po", "logp_tc", "sft_logp"}
+            if unknown or ("logp_tc" in self.terms and self.terms["logp_tc"].kl_weight is not None):
+                raise NotImplementedError(f"fused_pact_head: the row-gradient kernel has no term {sorted(unknown)} "
+                                          "(or a KL term on trace-conditioned rows)")
+            self.base = self.terms.get("sft_logp")
 
     def _to_rows(self, values, index, name):
         """values [P-shaped] at positions -> [N] at the rows ``index`` names (-1 = none); a row named twice within a
@@ -144,13 +154,30 @@ class _RowGrads:
     def __call__(self, lo, hi, logp, ent):
         """(g_logp [hi-lo], g_ent [hi-lo] | None) at rows [lo, hi) of the per-row log-probs ``logp`` [N]."""
         lp = logp[lo:hi]
+        g_ent = self.g_ent[lo:hi] if self.g_ent is not None else None
+        if self.kernel:
+            return self._kernel(lo, hi, lp), g_ent
         g = torch.zeros_like(lp)
-        for term in self.terms:
+        for term in self.terms.values():
             if isinstance(term, loss_grads.SurrogateTerm):
                 g = g + term.map(lambda t: t[lo:hi]).grad(lp)
             else:
                 g = g + term[lo:hi]
-        return g, (self.g_ent[lo:hi] if self.g_ent is not None else None)
+        return g, g_ent
+
+    def _kernel(self, lo, hi, lp):
+        from ..kernels import fused_pact_head_launch as launch
+
+        def rows(t):
+            return None if t is None else t[lo:hi]
+
+        po, tc, c = self.terms.get("logp_po"), self.terms.get("logp_tc"), self.config
+        return launch.row_grads(
+            lp, rows(self.base),
+            po and tuple(rows(t) for t in (po.weight, po.adv, po.den, po.kl_weight, po.ref)),
+            tc and tuple(rows(t) for t in (tc.weight, tc.adv, tc.den)), clip_eps_low=c.clip_eps_low,
+            clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, kl_estimator=c.kl_estimator,
+            kl_ratio_weighted=c.kl_ratio_weighted)
 
 
 class _FusedHead(torch.autograd.Function):
@@ -237,7 +264,7 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     grad_on = torch.is_grad_enabled()
     weight_grad = grad_on and weight.requires_grad
     needs_grad = grad_on and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    row_grads = _RowGrads(prep, rows, hidden.shape[0], want_entropy) if needs_grad else None
+    row_grads = _RowGrads(prep, rows, hidden.shape[0], want_entropy, backend == "triton") if needs_grad else None
     run = _run_triton if backend == "triton" else _run_torch
     inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
     logp, ent, grads = run(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
