@@ -5,7 +5,6 @@ Every figure is a PREDICTION (no GPU has run this project); the GPU suite's meas
     python bench/step_model.py --json bench/results/step_model.json  # also the rows as JSON
     python bench/step_model.py --turns 8 --groups 16                 # another workload (defaults: W-group)
     python bench/step_model.py --score-pass on                       # the old-log-prob pass for every engine
-    python bench/step_model.py --measure-host-sampling               # re-measure CONSTANTS.host_sample_s_per_element
 
 Workload (``Workload``; defaults SPEC section 6's W-group: a Qwen3-1.7B-shaped model, 28 layers, H=2048,
 16 / 8 heads of 128, MLP 6144, V=151,936, untied lm_head as bench/bench_group.py builds it; one group of G=8
@@ -27,18 +26,18 @@ the peak; its compute term is its FLOPs at the GEMM class's fraction of the peak
 Rollouts, HF engine (``pact_fast.rollout.HFRolloutEngine._generate_turn``; the trainer calls it with the fp32
 model and no autocast, so its GEMMs run on the fp32 CUDA cores, ``CONSTANTS.fp32_peak_flops``, and weights are
 4 bytes): per turn k the whole conversation, context c_k = P + U + k (model_tokens + tool_tokens), is
-prefilled again (no prefix cache across turns: a fresh KV cache per turn), and its lm_head computes the
-logits of every context position; then model_tokens - 1 decode forwards over the G * groups live rows, the
+prefilled again (no prefix cache across turns: a fresh KV cache per turn), its lm_head computing the last
+position's logits only (``logits_to_keep=1``); then model_tokens - 1 decode forwards over the G * groups live rows, the
 j-th with c_k + j - 1 cached tokens. What one forward launches is counted, not assumed: the real model class
 (transformers' Qwen3, ``pact_fast.models.random_qwen3``, at the workload's full size) runs on the meta device
 under a dispatch counter (``KernelCounter``): every kernel-launching aten op with the bytes of its tensors,
 cuBLAS GEMMs with their (m, n, k), SDPA as one attention kernel (``AttentionAsOneKernel``), host
 synchronisations (the padding-mask check's ``.item()``). Decode forwards are counted at the first and last
 step of a turn; every op's FLOPs and bytes are affine in the cached length, so the steps between are
-interpolated exactly. Around each decode forward the engine itself: the logits copied to the host (a
-synchronisation, ``CONSTANTS.pcie_bandwidth``), sampling on the host CPU (``CONSTANTS.host_sample_s_per_element``
-x rows x V, measured), the attention mask grown by a ``torch.cat``, the positions incremented, the sampled
-ids copied back.
+interpolated exactly. Around each decode forward the engine itself: its sampling on the device
+(``pact_fast.rollout._sample`` counted the same way over [rows, V] fp32 logits), the sampled ids and their
+log-probs copied to the host (a synchronisation, ``CONSTANTS.pcie_bandwidth``), the attention mask grown by a
+``torch.cat``, the positions incremented.
 
 Rollouts, vLLM engine (``pact_fast.rollout_vllm``, bf16): one ``generate`` per turn; prefix caching, so turn
 0 prefills the G * groups prompts (no sharing between requests of one batch is assumed) and turn k > 0 only
@@ -86,9 +85,7 @@ the last turn's prefill logits [rows, context, V] fp32. Units: ms; MiB = 2^20 by
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -111,7 +108,6 @@ class Constants:
     """The whole-step model's own constants (sources in ``SOURCES``); the rest are the roofline's."""
 
     fp32_peak_flops: float = 67e12  # FP32 (CUDA cores, no tensor cores) peak of H100 / H200 SXM
-    host_sample_s_per_element: float = 65e-3 / (8 * 151936)  # HFRolloutEngine's host sampling, per logit
     pcie_bandwidth: float = 25e9  # device -> host copy of the logits, byte/s
     vllm_step_host_s: float = 0.5e-3  # vLLM scheduler + input preparation + output processing per step
     vllm_sampler_kernels: int = 6  # kernels of vLLM's sampler per step, each over [rows, V] fp32
@@ -127,14 +123,8 @@ SOURCES = {
                        "precision 'highest', allow_tf32 False) keeps fp32 GEMMs off the tensor cores; the "
                        "roofline's GEMM class (fraction of peak, tile waves) and attention fraction are applied "
                        "to this peak too (an assumption)",
-    "host_sample_s_per_element": "measured here: pact_fast.rollout._sample on [8, 151936] fp32 logits, "
-                                 "temperature 1, top-p 1, one thread, 65 ms: the fastest of 20 calls in one run "
-                                 "(median 70 ms); four runs gave fastest 51-69 ms and medians 70-106 ms, the "
-                                 "2-core x86_64 Xeon shared with other jobs, torch 2.13.0+cpu, 2026-12-04 "
-                                 "(python bench/step_model.py --measure-host-sampling); torch.multinomial over "
-                                 "the vocabulary takes most of it. Scaled per logit to other rows and V",
     "pcie_bandwidth": "PCIe Gen5 x16 is 64 GB/s per direction (H100 SXM host link); 25 GB/s assumed achieved for "
-                      "a small pageable device->host copy",
+                      "a small pageable device->host copy (the sampled ids and log-probs)",
     "vllm_step_host_s": "assumption: vLLM's V1 blog (2025-01-24) names scheduling, input preparation and output "
                         "processing as the CPU overhead that matters when a step's GPU time is a few ms; 0.5 ms "
                         "per step, not overlapped with the GPU, is assumed, not measured",
@@ -368,10 +358,10 @@ MODEL_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "voc
 def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=CLASSES):
     """[Op] of one eager forward of the workload's model (``layers`` decoder layers, default all) on ``rows``
     sequences of ``q_len`` new tokens after ``past`` cached ones, as ``HFRolloutEngine._generate_turn`` calls
-    it (attention mask of ones, positions, ``use_cache``; the causal LM with every position's logits), or
+    it (attention mask of ones, positions, ``use_cache``; the causal LM with the last position's logits), or
     ``base_only``: the decoder body without cache or mask (the trainer's packed forward runs the body and its
     own head). Counted on the meta device (``KernelCounter``, ``AttentionAsOneKernel``)."""
-    from pact_fast.rollout import _cache_argument
+    from pact_fast.rollout import _cache_argument, _last_logits_only
 
     layers = w.layers if layers is None else layers
     model = meta_model(tuple((f, getattr(w, f)) for f in MODEL_FIELDS), layers)
@@ -393,7 +383,8 @@ def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=
             cache = {cache_arg: out[cache_arg]}
         mask = torch.ones(rows, past + q_len, dtype=torch.long, **meta)
         with AttentionAsOneKernel(counter), counter:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache,
+                  **_last_logits_only(model))
     return counter.ops
 
 
@@ -496,26 +487,28 @@ def _repeat(t, n):
 # Rollouts
 # ---------------------------------------------------------------------------------------------
 
-def host_sampling_seconds(rows, vocab):
-    """Host seconds of ``HFRolloutEngine``'s ``_sample`` on [rows, vocab] logits (``CONSTANTS``, measured)."""
-    return CONSTANTS.host_sample_s_per_element * rows * vocab
+def hf_sample_ops(w):
+    """[Op] of ``pact_fast.rollout._sample`` on the device over [rows, V] fp32 logits (temperature 1, top-p 1;
+    counted on the meta device), then the sampled ids and log-probs to the host (a synchronisation)."""
+    from pact_fast.rollout import _sample
+
+    B = w.rollout_rows
+    counter = KernelCounter(CLASSES)
+    with torch.no_grad(), counter:
+        _sample(torch.zeros(B, w.vocab, device="meta"), 1.0, 1.0, False, None)
+    return counter.ops + [Op("tokens, logp .cpu()", host_s=B * (8 + 4) / CONSTANTS.pcie_bandwidth, sync=True)]
 
 
-def hf_step_ops(w, context):
-    """[Op] the HF engine issues around one decode forward (``_generate_turn``'s loop) at ``context`` tokens in
-    the attention mask: the logits [rows, V] fp32 to the host (a synchronisation), sampling there, the mask
-    grown by one column (``torch.cat``, int64), the positions incremented, the sampled ids to the device."""
-    B, V = w.rollout_rows, w.vocab
-    return [Op("logits.cpu()", host_s=B * V * FP32 / CONSTANTS.pcie_bandwidth, sync=True),
-            Op("_sample (host)", host_s=host_sampling_seconds(B, V)),
-            torch_op("torch.cat(attention_mask)", B * (2 * context + 1) * 8),
-            torch_op("next_pos + 1", 2 * B * 8),
-            torch_op("ids to device", B * 8)]
+def hf_advance_ops(w, context):
+    """[Op] the HF engine issues between a sampled token and the next decode forward at ``context`` tokens in the
+    attention mask: the mask grown by one column (``torch.cat``, int64) and the positions incremented."""
+    B = w.rollout_rows
+    return [torch_op("torch.cat(attention_mask)", B * (2 * context + 1) * 8), torch_op("next_pos + 1", 2 * B * 8)]
 
 
 def hf_prefill_ops(w, context):
     """[Op] of one turn's start in the HF engine: ids and mask to the device, positions (cumsum, subtract,
-    clamp), the prefill forward of ``context`` tokens per row with every position's logits (counted)."""
+    clamp), the prefill forward of ``context`` tokens per row, the last position's logits only (counted)."""
     B = w.rollout_rows
     setup = [torch_op("ids to device", B * context * 8), torch_op("mask to device", B * context * 8)] + \
         [torch_op(f"position_ids {k}", 2 * B * context * 8) for k in ("cumsum", "sub", "clamp_min")]
@@ -524,38 +517,39 @@ def hf_prefill_ops(w, context):
 
 def rollout_memory_mib(w, engine):
     """{kv_cache, prefill_logits, peak} MiB at the last turn: K and V of every layer for rows x (last context +
-    model_tokens) tokens (fp32 for HF, bf16 for vLLM); HF's prefill logits rows x last context x V fp32 (0 for
-    vLLM, which computes one row per request); the peak adds the trainer's fp32 weights and AdamW state, 12 bytes
+    model_tokens) tokens (fp32 for HF, bf16 for vLLM); HF's prefill logits rows x V fp32 (the last position's:
+    ``logits_to_keep=1``; 0 for vLLM, whose [rows, V] logits live in its own KV budget); the peak adds the trainer's fp32 weights and AdamW state, 12 bytes
     a parameter (pact_fast/planner.py's rollout phase), and for vLLM its own bf16 weights, 2 bytes a parameter."""
     hf = engine == "hf"
     tokens = w.rollout_rows * (w.context(w.turns - 1) + w.model_tokens)
     kv = tokens * w.layers * 2 * w.kv_heads * w.head_dim * (FP32 if hf else BF16)
-    logits = w.rollout_rows * w.context(w.turns - 1) * w.vocab * FP32 if hf else 0
+    logits = w.rollout_rows * w.vocab * FP32 if hf else 0
     resident = (12 + (0 if hf else 2)) * w.params()
     return {"kv_cache": kv / MIB, "prefill_logits": logits / MIB, "peak": (kv + logits + resident) / MIB}
 
 
 def hf_rollout(w, device):
     """Seconds of the HF engine's rollouts on ``device`` (``stream_time`` dicts): per turn the prefill, the
-    decode steps (forward + the engine's host work around it) and the first token's sampling."""
+    decode steps (the engine's work between tokens, the forward, the sampling) and the first token's
+    sampling; ``sampling_s``: the GPU seconds of the sampling kernels over the rollouts."""
     dev, classes = fp32_device(device)
     B, m = w.rollout_rows, w.model_tokens
-    prefill, decode, sampling = [], [], []
+    sample = hf_sample_ops(w)
+    prefill, decode = [], []
     per_step = None
     for k in range(w.turns):
         c = w.context(k)
-        prefill.append(stream_time(hf_prefill_ops(w, c) + hf_step_ops(w, c)[:2], dev, classes))
-        sampling.append(host_sampling_seconds(B, w.vocab) * m)
+        prefill.append(stream_time(hf_prefill_ops(w, c) + sample, dev, classes))
         if m < 2:
             continue
         first, last = c + 1, c + m - 1  # mask width of the first and last decode forward
-        ops_a = hf_step_ops(w, first - 1)[2:] + count_forward(w, B, 1, past=first - 1) + hf_step_ops(w, first)[:2]
-        ops_b = hf_step_ops(w, last - 1)[2:] + count_forward(w, B, 1, past=last - 1) + hf_step_ops(w, last)[:2]
+        ops_a = hf_advance_ops(w, first - 1) + count_forward(w, B, 1, past=first - 1) + sample
+        ops_b = hf_advance_ops(w, last - 1) + count_forward(w, B, 1, past=last - 1) + sample
         steps = interpolated_times(ops_a, ops_b, [j / max(1, m - 2) for j in range(m - 1)], dev, classes)
         decode.append(_sum(steps))
         per_step = per_step or ops_a
     return {"prefill": _sum(prefill), "decode": _sum(decode) if decode else _sum([]),
-            "host_sampling_s": sum(sampling),
+            "sampling_s": w.turns * m * stream_time(sample, dev, classes)["gpu"],
             "decode_launches_per_step": sum(o.launch is not None for o in per_step) if per_step else 0}
 
 
@@ -617,8 +611,10 @@ def vllm_rollout(w, device, graphs):
     nbytes = CONSTANTS.weight_sync_bytes_per_param * w.params()
     sync = stream_time([torch_op("weight push", nbytes)], device)
     launches = sum(o.launch is not None and o.host_s > 0 for o in vllm_step_ops(w, [(1, w.context(0))] * B, graphs))
+    sampler = vllm_forward_ops(w, [(1, w.context(0))] * B)[-CONSTANTS.vllm_sampler_kernels:]
     return {"prefill": _sum(prefill), "decode": _sum(decode) if decode else _sum([]), "weight_sync": sync,
-            "decode_launches_per_step": launches}
+            "decode_launches_per_step": launches,
+            "sampling_s": w.turns * m * stream_time(sampler, device)["gpu"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,12 +731,12 @@ def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None
                 r = hf_rollout(w, device)
                 roll_s = r["prefill"]["total"] + r["decode"]["total"]
                 detail = {"prefill_ms": 1e3 * r["prefill"]["total"], "decode_ms": 1e3 * r["decode"]["total"],
-                          "host_sampling_ms": 1e3 * r["host_sampling_s"], "weight_sync_ms": 0.0}
+                          "sampling_ms": 1e3 * r["sampling_s"], "weight_sync_ms": 0.0}
             elif engine in ("vllm", "vllm-eager"):
                 r = vllm_rollout(w, device, graphs=engine == "vllm")
                 roll_s = r["prefill"]["total"] + r["decode"]["total"] + r["weight_sync"]["total"]
                 detail = {"prefill_ms": 1e3 * r["prefill"]["total"], "decode_ms": 1e3 * r["decode"]["total"],
-                          "host_sampling_ms": 0.0, "weight_sync_ms": 1e3 * r["weight_sync"]["total"]}
+                          "sampling_ms": 1e3 * r["sampling_s"], "weight_sync_ms": 1e3 * r["weight_sync"]["total"]}
             else:
                 raise ValueError(f"step_model: unknown engine {engine!r}; one of {ENGINES}")
             scored = default_score_pass(engine) if score_pass is None else score_pass
@@ -774,29 +770,10 @@ def print_table(rows, w):
         print(f"{r['device']:6} {r['engine']:10} {r['rollouts_ms']:9.1f} {r['scoring_ms']:8.1f} {r['update_ms']:8.1f} "
               f"{r['step_ms']:9.1f} {100 * r['rollouts_fraction']:6.1f}% {100 * r['scoring_fraction']:6.1f}% "
               f"{100 * r['update_fraction']:5.1f}% {r['prefill_ms']:8.1f} {r['decode_ms']:8.1f} "
-              f"{r['host_sampling_ms']:8.1f} {r['decode_launches_per_step']:11d} {r['rollout_peak_MiB']:9.0f} "
+              f"{r['sampling_ms']:8.1f} {r['decode_launches_per_step']:11d} {r['rollout_peak_MiB']:9.0f} "
               f"{'yes' if r['rollout_fits'] else 'NO'}")
     if not all(r["rollout_fits"] for r in rows):
         print("NO: the rollout phase's memory exceeds the device; its times describe a run that cannot happen.")
-
-
-def measure_host_sampling(rows=8, vocab=151936, reps=20):
-    """(fastest, median) seconds of ``pact_fast.rollout._sample`` on [rows, vocab] fp32 logits, one thread."""
-    from pact_fast.rollout import _sample
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        logits = torch.randn(rows, vocab, generator=g)
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            _sample(logits, 1.0, 1.0, False, g)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return min(times), statistics.median(times)
 
 
 def main(argv=None):
@@ -806,14 +783,7 @@ def main(argv=None):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"default {f.default}")
     ap.add_argument("--score-pass", choices=("auto", "on", "off"), default="auto",
                     help="the old-log-prob pass: auto = as the trainer decides per engine (vLLM's TIS: on; HF: off)")
-    ap.add_argument("--measure-host-sampling", action="store_true",
-                    help="time the HF engine's host sampling here ([8, V] logits) and exit")
     args = ap.parse_args(argv)
-    if args.measure_host_sampling:
-        fast, median = measure_host_sampling(vocab=args.vocab)
-        print(f"_sample on [8, {args.vocab}] fp32, one thread: fastest {1e3 * fast:.1f} ms, median {1e3 * median:.1f} "
-              f"ms (measured on this machine); per logit {fast / (8 * args.vocab):.3e} s")
-        return
     w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     rows = step_rows(w, score_pass={"auto": None, "on": True, "off": False}[args.score_pass])
     print_table(rows, w)

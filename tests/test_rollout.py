@@ -246,3 +246,37 @@ def test_top_p_never_samples_outside_the_nucleus():
     everything, _ = _sample(logits, 1.0, 1.0, False, gen)
     assert set(everything.tolist()) == {0, 1, 2, 3}
     assert set(_sample(logits, 1.0, 0.4, False, gen)[0].tolist()) == {0}
+
+
+def test_prefill_computes_the_last_positions_logits_only_and_episodes_stay_the_same():
+    """A prefill asks the model for its last position's logits only (``logits_to_keep=1``, [N, 1, V] rather
+    than [N, L, V]); a model whose forward has no such option gets every position's, and both sample the same
+    episodes from the same seed."""
+    tok = build_tokenizer()
+    ex = parse_example(make_task(4, hops=1))
+    model = tiny_causal_lm("qwen3", vocab_size=len(tok))
+    shapes = []
+    hook = model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    cfg = RolloutConfig(group_size=2, max_new_tokens=8, max_turns=2, temperature=1.0)
+    kept = HFRolloutEngine(model, tok, cfg, seed=3).rollout([ex], lambda e: MultiHopEnv(e, max_turns=2))[0]
+    hook.remove()
+    assert shapes and all(s[1] == 1 for s in shapes)  # prefills and decode steps alike: one position
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache, **cache):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache, **cache)
+            shapes.append(tuple(out.logits.shape))
+            return out
+
+    shapes.clear()
+    wrapped = EveryPosition(model)
+    every = HFRolloutEngine(wrapped, tok, cfg, seed=3).rollout([ex], lambda e: MultiHopEnv(e, max_turns=2))[0]
+    assert max(s[1] for s in shapes) > 1  # the prefills' every position
+    assert [e.response_ids for e in every] == [e.response_ids for e in kept]
+    for a, b in zip(every, kept):
+        assert torch.allclose(torch.tensor(a.behavior_logp), torch.tensor(b.behavior_logp), atol=1e-5)

@@ -177,13 +177,14 @@ def test_workload_defaults_are_w_group():
 
 
 def test_hf_prefill_recomputes_the_whole_context_each_turn():
-    """HF: turn k's prefill runs c_k tokens per row through every linear and the lm_head (all positions);
-    vLLM with its prefix cache: the tool response and the last sampled token, and one lm_head row per request."""
+    """HF: turn k's prefill runs c_k tokens per row through every linear, and the lm_head over the last position
+    only (``logits_to_keep=1``); vLLM with its prefix cache: the tool response and the last sampled token, and
+    one lm_head row per request."""
     w, B = TINY, TINY.rollout_rows
     for k in range(w.turns):
         c = w.context(k)
         hf = sm.hf_prefill_ops(w, c)
-        assert gemm_flops(hf) == 2 * B * c * (w.layers * linear_weights(w) + w.vocab * w.hidden)
+        assert gemm_flops(hf) == 2 * B * c * w.layers * linear_weights(w) + 2 * B * w.vocab * w.hidden
     new = w.tool_tokens + 1
     vllm = sm.vllm_forward_ops(w, [(new, w.context(1) - new)] * B)
     assert gemm_flops(vllm) == 2 * B * new * w.layers * linear_weights(w) + 2 * B * w.vocab * w.hidden
@@ -198,7 +199,7 @@ def test_more_turns_more_hf_rollout_time():
 
 def test_prefix_caching_removes_the_re_prefill():
     """W-group's model, 2 rows: each HF turn's prefill takes longer than the one before (the whole, longer
-    conversation again, every position's logits); a vLLM turn's after the first barely grows (only the tool
+    conversation again); a vLLM turn's after the first barely grows (only the tool
     response and the last sampled token go through the model; their attention reads the longer cache)."""
     w = sm.Workload(P=1024, G=2, tool_tokens=256)
     dev, classes = sm.fp32_device("H100")
@@ -234,17 +235,26 @@ def test_rollout_memory_in_mib():
     w = sm.Workload()
     hf, vllm = sm.rollout_memory_mib(w, "hf"), sm.rollout_memory_mib(w, "vllm")
     last = 4096 + 16 + 3 * (208 + 64)  # the last turn's context
-    assert hf["prefill_logits"] == 8 * last * 151936 * 4 / 2 ** 20 and vllm["prefill_logits"] == 0
+    assert hf["prefill_logits"] == 8 * 151936 * 4 / 2 ** 20 and vllm["prefill_logits"] == 0  # the last position
     assert hf["kv_cache"] == 8 * (last + 208) * 28 * 2 * 8 * 128 * 4 / 2 ** 20 == 2 * vllm["kv_cache"]
     weights = 2 * w.params() / 2 ** 20  # vLLM's own bf16 copy
     assert vllm["peak"] - vllm["kv_cache"] == hf["peak"] - hf["kv_cache"] - hf["prefill_logits"] + weights
-    rows = sm.step_rows(replace(TINY, G=64, P=4096, vocab=100_000), devices=("H100",), engines=("hf", "vllm"))
-    assert [r["rollout_fits"] for r in rows] == [False, True]  # HF: 64 x 4k x 100k fp32 logits, 105 GB > 80 GB
+    rows = sm.step_rows(replace(TINY, G=64, P=32768, layers=6, hidden=256, heads=8, kv_heads=8, head_dim=128),
+                        devices=("H100",), engines=("hf", "vllm"))
+    assert [r["rollout_fits"] for r in rows] == [False, True]  # HF: an fp32 KV cache, 64 x 33k x 6 x 2 x 1024 x 4 B
+    assert rows[0]["rollout_kv_cache_MiB"] > 80 * 1024 > rows[1]["rollout_kv_cache_MiB"]
 
 
-def test_host_sampling_scales_with_rows_and_vocabulary():
-    assert sm.host_sampling_seconds(8, 151936) == pytest.approx(65e-3)
-    assert sm.host_sampling_seconds(16, 151936) == pytest.approx(2 * sm.host_sampling_seconds(8, 151936))
+def test_hf_sampling_runs_on_the_device_with_one_small_copy_to_the_host():
+    """``pact_fast.rollout._sample`` counted on the meta device: kernels over [rows, V] (no [rows, V] copy to
+    the host), then one synchronising copy of the ids and log-probs, 12 bytes a row."""
+    w = replace(TINY, G=4)
+    ops = sm.hf_sample_ops(w)
+    kernels = [o for o in ops if o.launch is not None]
+    assert len(kernels) >= 3 and all(o.launch.bytes >= w.rollout_rows * w.vocab * 4 for o in kernels)
+    (copy,) = [o for o in ops if o.sync]
+    assert copy.host_s == pytest.approx(w.rollout_rows * 12 / sm.CONSTANTS.pcie_bandwidth)
+    assert ops[-1] is copy
 
 
 # --- scoring and update ------------------------------------------------------------------------------------
@@ -288,5 +298,5 @@ def test_step_rows_fractions_and_cli(tmp_path):
         assert r["step_ms"] == pytest.approx(sum(r[f"{p}_ms"] for p in sm.PARTS))
         assert r["label"] == "model prediction" and (r["scoring_ms"] > 0) == (r["engine"] != "hf")
         assert min(r[f"{p}_ms"] for p in ("rollouts", "update")) > 0
-    assert doc["workload"]["R"] == TINY.R and "host_sample_s_per_element" in doc["sources"]
+    assert doc["workload"]["R"] == TINY.R and "pcie_bandwidth" in doc["sources"]
     assert set(vars(sm.CONSTANTS)) <= set(doc["sources"])
