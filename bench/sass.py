@@ -143,11 +143,13 @@ def profile(entry, sass):
 
 
 def model_entries():
-    """The GateEntries the performance model prices: every kernel the model uses, bf16 (W-logprob, W-group)."""
+    """The GateEntries the performance model prices: every kernel the model uses, bf16 (W-logprob, W-group), at the
+    configuration launched on sm_90a (an entry of another architecture's configuration, e.g. sm_80's dk/dv tile,
+    has the same name and would overwrite it)."""
     from pact_fast.kernels.gate_entries import all_gate_entries
 
     return [e for e in all_gate_entries() if "bf16" in e.name and "softcap" not in e.name
-            and "window" not in e.name]
+            and "window" not in e.name and ARCH in e.archs]
 
 
 def measure(entries=None):

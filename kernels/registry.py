@@ -94,12 +94,14 @@ GPU_CONFIGS = {
         "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 1024, "SPLIT": 4}, num_warps=4, num_stages=2),
         "bwd": _LOGPROB_BWD_GPU,
     },
-    # tree_attention (kernels/tree_attention_launch.py): one query head per program; forward and dq over 64-query
-    # tiles against 32-key tiles, dk/dv over 64-key tiles against 16-query tiles (sm_80: 32-key tiles, ARCH_CONFIGS),
-    # 4 warps. The largest tiles the compile gate builds with no spill and 2 CTAs per SM on sm_90a and sm_80 at
-    # head dim 128 (triton 3.9): stacking 2 heads, 128-query or 64x64 tiles, or 8 warps all spilled or fell to 1 CTA.
+    # tree_attention (kernels/tree_attention_launch.py): one query head per program, 4 warps; forward over 128-query
+    # tiles against 16-key tiles (each K/V tile read once per 128 query rows: half the forward's bytes of 64-row
+    # tiles), dq over 64-query tiles against 32-key tiles (its own tile list), dk/dv over 64-key tiles against
+    # 16-query tiles (sm_80: 32-key tiles, ARCH_CONFIGS). The largest tiles the compile gate builds with no spill and
+    # 2 CTAs per SM on sm_90a and sm_80 at head dim 128 with every option (triton 3.9): a 128x32 forward and a
+    # 128-row dq (either key tile) spilled, 8 warps fell to 1 CTA per SM.
     "tree_attention": {
-        "fwd": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        "fwd": LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 16}, num_warps=4, num_stages=2),
         "dq": LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         "delta": LaunchConfig({"BLOCK_R": 32}, num_warps=4, num_stages=1),
@@ -136,15 +138,15 @@ def device_arch(device) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
-# Interpreter: small tiles, so small test shapes still span several tiles (tree attention's backward key
-# tiles twice its query tiles, as on the GPU).
+# Interpreter: small tiles, so small test shapes still span several tiles (tree attention's forward query tiles
+# twice its dq tiles, and its backward key tiles twice its query tiles, as on the GPU).
 INTERPRET_CONFIGS = {
     "linear_logprobs": {
         "fwd": LaunchConfig({"BLOCK_R": 4, "BLOCK_S": 32, "SPLIT": 2}),
         "bwd": _LOGPROB_BWD_INTERPRET,
     },
     "tree_attention": {
-        "fwd": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
+        "fwd": LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}),
         "dq": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}),
         "dkdv": LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
         "delta": LaunchConfig({"BLOCK_R": 16}),

@@ -9,7 +9,8 @@ tile, the query tiles), so no kernel touches a fully masked tile:
   key/value tile loaded serves all of them (the launcher stacks 1: 2 spill at head dim 128); online softmax
   in base 2; writes ``o`` and the row log-sum-exp ``lse`` (base 2, fp32) for backward.
 - ``_delta_kernel``: ``delta = rowsum(do * o)`` in fp32, one pass over ``o`` and ``do``.
-- ``_dq_kernel``: per query tile (same stacking), walks the forward's key tiles: ``dq = scale * sum ds @ k``.
+- ``_dq_kernel``: per query tile (same stacking; its own tiles and tile list), walks its key tiles:
+  ``dq = scale * sum ds @ k``.
 - ``_dkdv_kernel``: per (key tile, batch, key/value head), walks the query tiles of every query head of
   its group, in transposed tiles ``[keys, queries]`` (``s^T = k @ q^T``, ``dp^T = v @ do^T``: k and v are
   left operands, so each warp holds only its own key rows, and ``p^T``, ``ds^T`` are already the left

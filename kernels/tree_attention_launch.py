@@ -4,17 +4,17 @@ Tiles (``GPU_CONFIGS`` from kernels/registry.py, sm_80's dk/dv tile from its ``A
 program, 4 warps, the largest the compile gate (``python -m pact_fast.compile_gate``) builds with no spill and at
 least 2 CTAs per SM on sm_90a and sm_80 at head dims 64 and 128:
 
-- forward and dq: 64-query tiles against 32-key tiles. A key/value tile serves 64 query rows: 2 (forward) or 3 (dq)
-  matmuls per 16 KB of K and V (bf16, head dim 128) is 64-96 FLOP/byte of tile loads, most of which the L2 cache
-  serves (every query tile of a head walks the same key tiles).
+- forward: 128-query tiles against 16-key tiles. A key/value tile serves 128 query rows, so the forward reads each
+  head's K and V half as often as at 64 rows (the model charges every re-read to HBM).
+- dq: 64-query tiles against 32-key tiles (at 128 rows its fp32 dq accumulator spills), walking its own tile list.
 - dk/dv: 64-key tiles (sm_80: 32) against 16-query tiles, computed transposed (``k @ q^T``) so k and v are the left
   operands and p^T, ds^T come out in the layout the dk / dv products take: 4 matmuls per 8 KB of q and do.
 
 The backward runs 7 matmuls per visible tile pair (split: dq in its own kernel, deterministic). The
 5-matmul alternative (``dq_mode="atomic"``: dq added into an fp32 buffer with atomics from the dk/dv
-kernel) moves 8 bytes of atomics per dq element per tile pair, so by the model it is slower (see ``kernel_costs``
-and README's roofline table); it is kept for measurement on a GPU, where L2 may absorb the atomics the model charges
-to HBM.
+kernel) moves 8 bytes of atomics per dq element per tile pair, so by the work model, and by the time model on H100,
+it is slower (see ``kernel_costs`` and README's roofline table); it is kept for measurement on a GPU, where L2 may
+absorb the atomics the model charges to HBM.
 
 A sliding window (``window`` over ``position_ids``) drops from the lists every tile pair wholly outside it
 (the smallest query position of the query tile minus the largest key position of the key tile is at least
@@ -44,8 +44,6 @@ def _configs(configs=None, device=None):
         cfgs = INTERPRET_CONFIGS
     else:
         cfgs = gpu_configs("tree_attention", device_arch(device))
-    if cfgs["fwd"].blocks != cfgs["dq"].blocks:
-        raise ValueError("tree_attention: the forward and dq kernels walk one tile list; their tiles must match")
     return cfgs
 
 
@@ -100,8 +98,10 @@ def _lists(visible):
 class TileLists(NamedTuple):
     """The visible tile pairs every launch walks, built once per layout (``tile_lists``)."""
 
-    q_count: torch.Tensor  # [B, Tq] key tiles per query tile (forward and dq tiles)
+    q_count: torch.Tensor  # [B, Tq] key tiles per query tile (forward tiles)
     q_index: torch.Tensor  # [B, Tq, Tk] those key tiles, ascending
+    dq_count: torch.Tensor  # [B, Tq''] key tiles per query tile (dq tiles)
+    dq_index: torch.Tensor  # [B, Tq'', Tk''] those key tiles, ascending
     k_count: torch.Tensor  # [B, Tk'] query tiles per key tile (dk/dv tiles)
     k_index: torch.Tensor  # [B, Tk', Tq'] those query tiles, ascending
 
@@ -110,10 +110,12 @@ def tile_lists(subtree_end, configs=None, position_ids=None, window=None):
     """TileLists of ``subtree_end [B, L]`` at the launch tiles (``configs`` default: the launcher's own), under
     ``window`` over ``position_ids [B, L]`` when given (``visible_tiles``)."""
     cfgs = _configs(configs, subtree_end.device)
-    fwd, bwd = cfgs["fwd"].blocks, cfgs["dkdv"].blocks
-    q_lists = _lists(visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"], position_ids, window))
-    k_lists = _lists(visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"], position_ids, window).transpose(1, 2))
-    return TileLists(*q_lists, *k_lists)
+
+    def visible(kernel):
+        blocks = cfgs[kernel].blocks
+        return visible_tiles(subtree_end, blocks["BLOCK_M"], blocks["BLOCK_N"], position_ids, window)
+
+    return TileLists(*_lists(visible("fwd")), *_lists(visible("dq")), *_lists(visible("dkdv").transpose(1, 2)))
 
 
 def _flags(q):
@@ -181,9 +183,9 @@ def backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode="split", co
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     if not atomic:
         heads = heads_per_program(group)
-        n_qt, n_kt = lists.q_index.shape[1:]
+        n_qt, n_kt = lists.dq_index.shape[1:]
         _launch(_dq_kernel, (n_qt, B * HQ // heads), cfgs["dq"],
-                q, k, v, subtree_end, lists.q_count, lists.q_index, do, lse, delta, dq, *strides,
+                q, k, v, subtree_end, lists.dq_count, lists.dq_index, do, lse, delta, dq, *strides,
                 L, HQ, group, n_qt, n_kt, scale, HEADS=heads, **flags, **options)
     n_kt, n_qt = lists.k_index.shape[1:]
     _launch(_dkdv_kernel, (n_kt, B * HKV), cfgs["dkdv"],
@@ -238,21 +240,26 @@ def kernel_costs(subtree_end, HQ, HKV, D, dtype, configs=None, passes=("fwd", "b
             walked = _valid(L, block_n, vis.shape[2])
         return int(vis.sum()), int((vis.long() * walked).sum()), B * vis.shape[1]
 
-    costs = []
-    bm, bn = cfgs["fwd"].blocks["BLOCK_M"], cfgs["fwd"].blocks["BLOCK_N"]
-    n_pairs, walked_keys, programs = pairs(bm, bn, transpose=False)
     head_blocks = HQ // heads
-    # per program: its count; per pair: index, k and v tiles, subtree_end (and positions) of the keys
-    kv_walk = head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4 + depth))
+
+    def query_walk(kernel, matmuls):
+        """(FLOPs, bytes of the key/value walk) of the forward or dq kernel: per program its count; per pair the
+        index, k and v tiles, subtree_end (and positions) of the keys."""
+        bm, bn = cfgs[kernel].blocks["BLOCK_M"], cfgs[kernel].blocks["BLOCK_N"]
+        n_pairs, walked_keys, programs = pairs(bm, bn, transpose=False)
+        flops = head_blocks * n_pairs * matmuls * (2 * heads * bm * bn * BD)
+        return flops, head_blocks * (4 * programs + 4 * n_pairs + walked_keys * (2 * row + 4 + depth))
+
+    costs = []
     if "fwd" in passes:
-        flops = head_blocks * n_pairs * 2 * (2 * heads * bm * bn * BD)
+        flops, kv_walk = query_walk("fwd", 2)
         costs.append(KernelCost("tree_attention.fwd", flops,
                                 kv_walk + HQ * B * L * (2 * row + 4 + depth)))  # q (and positions); o, lse
     if "bwd" not in passes:
         return costs
     costs.append(KernelCost("tree_attention.delta", 0, B * HQ * L * (2 * row + 4)))
     if dq_mode == "split":
-        flops = head_blocks * n_pairs * 3 * (2 * heads * bm * bn * BD)
+        flops, kv_walk = query_walk("dq", 3)
         costs.append(KernelCost("tree_attention.dq", flops,
                                 kv_walk + HQ * B * L * (3 * row + 8 + depth)))  # q, do, lse, delta (positions); dq
     bm, bn = cfgs["dkdv"].blocks["BLOCK_M"], cfgs["dkdv"].blocks["BLOCK_N"]
@@ -304,7 +311,7 @@ def extra_memory_bytes(subtree_end, HQ, D, configs=None, dq_mode="split", arch=9
     cfgs = configs or gpu_configs("tree_attention", arch)
     B, L = subtree_end.shape
     lists = 0
-    for name, listed_per in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N")):  # a count per query / per key tile
+    for name, listed_per in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkdv", "BLOCK_N")):  # a count per listed tile
         tm, tn = (triton.cdiv(L, cfgs[name].blocks[k]) for k in ("BLOCK_M", "BLOCK_N"))
         lists += 4 * B * (tm * tn + triton.cdiv(L, cfgs[name].blocks[listed_per]))
     return 2 * 4 * B * HQ * L + lists + (4 * B * HQ * L * D if dq_mode == "atomic" else 0)

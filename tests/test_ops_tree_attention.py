@@ -81,8 +81,11 @@ def test_tile_lists_list_each_visible_tile_once_ascending():
 
     subtree_end = _layout([(1, 3), (2, 4)])
     lists = tile_lists(subtree_end, INTERPRET_CONFIGS)
-    fwd, bwd = INTERPRET_CONFIGS["fwd"].blocks, INTERPRET_CONFIGS["dkdv"].blocks
+    fwd, dq, bwd = (INTERPRET_CONFIGS[k].blocks for k in ("fwd", "dq", "dkdv"))
+    assert fwd["BLOCK_M"] != dq["BLOCK_M"], "the forward and dq walk lists of different query tiles"
     for count, index, visible in ((lists.q_count, lists.q_index, visible_tiles(subtree_end, fwd["BLOCK_M"], fwd["BLOCK_N"])),
+                                  (lists.dq_count, lists.dq_index,
+                                   visible_tiles(subtree_end, dq["BLOCK_M"], dq["BLOCK_N"])),
                                   (lists.k_count, lists.k_index,
                                    visible_tiles(subtree_end, bwd["BLOCK_M"], bwd["BLOCK_N"]).transpose(1, 2))):
         for b in range(visible.shape[0]):
@@ -94,7 +97,8 @@ def test_tile_lists_list_each_visible_tile_once_ascending():
 @pytest.mark.parametrize("HQ,HKV", [(4, 2), (6, 2), (8, 1), (2, 2)], ids=["gqa2", "gqa3", "mqa8", "mha"])
 @pytest.mark.parametrize("dq_mode", ["split", "atomic"])
 def test_triton_dq_modes_and_head_stacking_match_float64(HQ, HKV, dq_mode):
-    """Every GQA group size (stacked 2 heads per program for 2, 8; 1 for 3 and MHA) in both dq modes."""
+    """Every GQA group size (as many query heads per forward / dq program as ``heads_per_program`` stacks, at most
+    ``MAX_HEADS``) in both dq modes."""
     subtree_end = _layout([(3, 3), (5, 2)])
     B, L = subtree_end.shape
     g = torch.Generator().manual_seed(HQ * 10 + HKV)

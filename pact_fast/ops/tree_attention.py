@@ -336,35 +336,37 @@ def _flex(q, k, v, layout, scale, window, softcap):
 
 def _triton_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor,
                      position_ids: Optional[torch.Tensor], q_count: torch.Tensor, q_index: torch.Tensor,
-                     k_count: torch.Tensor, k_index: torch.Tensor, scale: float, dq_mode: str, window: int,
-                     softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     dq_count: torch.Tensor, dq_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
+                     scale: float, dq_mode: str, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, L, D], lse [B, Hq, L] fp32, base 2) of contiguous q, k, v. dq_mode is read by backward."""
     from ..kernels import tree_attention_launch as launch
 
-    o, lse, _ = launch.forward(q, k, v, subtree_end, scale, launch.TileLists(q_count, q_index, k_count, k_index),
+    lists = launch.TileLists(q_count, q_index, dq_count, dq_index, k_count, k_index)
+    o, lse, _ = launch.forward(q, k, v, subtree_end, scale, lists,
                                position_ids=position_ids, window=window or None, softcap=softcap or None)
     return o, lse
 
 
-def _triton_fwd_fake(q, k, v, subtree_end, position_ids, q_count, q_index, k_count, k_index, scale, dq_mode, window,
-                     softcap):
+def _triton_fwd_fake(q, k, v, subtree_end, position_ids, q_count, q_index, dq_count, dq_index, k_count, k_index, scale,
+                     dq_mode, window, softcap):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _triton_bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, subtree_end: torch.Tensor, position_ids: Optional[torch.Tensor],
-                     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
-                     scale: float, dq_mode: str, window: int,
+                     q_count: torch.Tensor, q_index: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor,
+                     k_count: torch.Tensor, k_index: torch.Tensor, scale: float, dq_mode: str, window: int,
                      softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the layouts of q, k, v; do contiguous like q."""
     from ..kernels import tree_attention_launch as launch
 
-    return launch.backward(q, k, v, o, lse, do, subtree_end, launch.TileLists(q_count, q_index, k_count, k_index),
-                           scale, dq_mode, position_ids=position_ids, window=window or None, softcap=softcap or None)
+    lists = launch.TileLists(q_count, q_index, dq_count, dq_index, k_count, k_index)
+    return launch.backward(q, k, v, o, lse, do, subtree_end, lists, scale, dq_mode, position_ids=position_ids,
+                           window=window or None, softcap=softcap or None)
 
 
-def _triton_bwd_fake(q, k, v, o, lse, do, subtree_end, position_ids, q_count, q_index, k_count, k_index, scale,
-                     dq_mode, window, softcap):
+def _triton_bwd_fake(q, k, v, o, lse, do, subtree_end, position_ids, q_count, q_index, dq_count, dq_index, k_count,
+                     k_index, scale, dq_mode, window, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -379,7 +381,7 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, do, _grad_lse):
     q, k, v, o, lse, subtree_end, position_ids, *lists = ctx.saved_tensors
     dq, dk, dv = _triton_bwd(q, k, v, o, lse, do.contiguous(), subtree_end, position_ids, *lists, *ctx.options)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * (2 + len(lists) + len(ctx.options))  # subtree_end, position_ids, lists, options
 
 
 _triton_bwd = custom_op("tree_attention_backward", _triton_bwd_impl, fake=_triton_bwd_fake)
