@@ -6,6 +6,7 @@ model's prediction (bench/roofline.py) beside every measured figure.
     python bench/gpu_bench.py group --json group.json       # the whole W-group pass (bench/bench_group.py)
     python bench/gpu_bench.py head --json head.json         # the PACT loss head: fused vs unfused vs naive
     python bench/gpu_bench.py model --json model.json       # the model's rows alone
+    python bench/gpu_bench.py train --json train.json       # 3 steps of the main job on the device
     python bench/gpu_bench.py report --dir DIR --json suite.json   # merge the sections, print the table
     ... --dry-run                                           # CPU, TRITON_INTERPRET=1, tiny shapes
 
@@ -426,8 +427,45 @@ def run_model(dry_run, device, reps):
     return roofline.model_rows(table=SASS_TABLE)
 
 
-CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "head": 3, "model": 1}  # within the suite's 9 minutes
-SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "head": run_head, "model": run_model}
+# ---------------------------------------------------------------------------------------------
+# the main job on the device: every CUDA-only path of a training step at once
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 3
+
+
+def run_train(dry_run, device, reps):
+    """TRAIN_STEPS steps of ``pact-fast train`` (the built-in environment and tiny model) on ``device``, no
+    held-out evaluation: on CUDA the HF engine's rollouts under bf16 autocast with on-device sampling, the
+    packed scoring through the Triton tree attention and the fused head, the update. One row per step: its
+    seconds, rollout seconds, loss, peak memory and whether the loss and gradient norm are finite (a step that
+    raises fails the section). No model prediction: the whole-step model (bench/step_model.py) is for the
+    W-group workload, not this tiny one."""
+    import math
+    import tempfile
+
+    from pact_fast.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as out:
+        code = cli(["train", f"train.steps={TRAIN_STEPS}", "train.progress=false", f"train.out_dir={out}",
+                    "train.eval_every=0", f"train.device={device.type}"])
+        lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = []
+    for m in (x for x in lines if "step_seconds" in x):
+        finite = all(math.isfinite(m[k]) for k in ("loss/total", "grad_norm") if k in m)
+        rows.append({"section": "train", "workload": "main job", "provider": f"pact-fast train ({device.type})",
+                     "step": m["step"], "ms": 1e3 * m["step_seconds"], "rollout_ms": 1e3 * m["rollout_seconds"],
+                     "loss": m.get("loss/total"), "peak_MiB": m.get("peak_memory_mb"), "finite": finite,
+                     "predicted_ms": None, "measured_vs_predicted": None, "exit_code": code,
+                     "status": "ok" if finite and code == 0 else "FAILED: non-finite loss or a non-zero exit"})
+    if len(rows) != TRAIN_STEPS:
+        raise RuntimeError(f"gpu_bench train: {len(rows)} steps logged of {TRAIN_STEPS} (exit code {code})")
+    return rows
+
+
+CUDA_REPS = {"logprob": 5, "layer": 10, "group": 2, "head": 3, "model": 1, "train": 1}  # within the suite's 8 min
+SECTIONS = {"logprob": run_logprob, "layer": run_layer, "group": run_group, "head": run_head, "model": run_model,
+            "train": run_train}
 COLUMNS = ["section", "workload", "provider", "mode", "ms", "predicted_ms", "measured_vs_predicted", "ideal_ms",
            "peak_MiB", "status"]
 
@@ -459,6 +497,8 @@ def failures(doc):
     for kernel, cases in check.items():
         if isinstance(cases, list):
             out += [f"check {kernel}/{c['case']}/{c.get('dtype')}" for c in cases if not c["passed"]]
+    out += [f"train step {r['step']}: {r['status']}" for r in doc["sections"].get("train", {}).get("rows", [])
+            if r["status"] != "ok"]
     return out
 
 
@@ -500,7 +540,8 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--json", help="write the section's JSON here")
     ap.add_argument("--dir", help="report: the directory holding the sections' JSON")
-    ap.add_argument("--sections", nargs="*", default=["check", "logprob", "layer", "group", "head", "model"])
+    ap.add_argument("--sections", nargs="*",
+                    default=["check", "logprob", "layer", "group", "head", "model", "train"])
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default CUDA_REPS, 1 on CPU)")
     args = ap.parse_args(argv)
     if args.section == "report":

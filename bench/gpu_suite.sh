@@ -29,11 +29,12 @@ if [ "$DRY" = 1 ]; then
   FLAG=--dry-run
   # seconds per section: generous, so that a CPU shared with other jobs does not fail the dry run (the
   # interpreter's check section takes ~1 min alone and timed out at 150 s beside a training run)
-  T_CHECK=900; T_LOGPROB=300; T_LAYER=300; T_GROUP=300; T_HEAD=300; T_MODEL=300; T_ROLLOUT=900
+  T_CHECK=900; T_LOGPROB=300; T_LAYER=300; T_GROUP=300; T_HEAD=300; T_MODEL=300; T_TRAIN=300; T_ROLLOUT=900
 else
   DIR=${GPU_SUITE_DIR:-bench/results/gpu_suite-$(date -u +%Y%m%dT%H%M%SZ)}
   FLAG=
   T_CHECK=130; T_LOGPROB=100; T_LAYER=100; T_GROUP=100; T_HEAD=60; T_MODEL=15  # 505 s in all
+  T_TRAIN=90  # 595 s with it; last: the main job on the GPU (first Triton compiles included), cut first if time runs out
   T_ROLLOUT=120  # only where vLLM is importable
 fi
 mkdir -p "$DIR"
@@ -62,7 +63,7 @@ run_section() {  # name timeout command...
 }
 
 run_section check "$T_CHECK" $PY bench/gpu_check.py $FLAG --json "$DIR/check.json"
-for s in logprob layer group head model; do
+for s in logprob layer group head model train; do
   var=T_$(echo "$s" | tr a-z A-Z)
   run_section "$s" "${!var}" $PY bench/gpu_bench.py "$s" $FLAG --json "$DIR/$s.json"
 done

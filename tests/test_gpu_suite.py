@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("check", "logprob", "layer", "group", "head", "model")
+SECTIONS = ("check", "logprob", "layer", "group", "head", "model", "train")
 
 
 @pytest.fixture(scope="module")
