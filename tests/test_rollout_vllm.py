@@ -1,10 +1,12 @@
 """The vLLM rollout engine (pact_fast.rollout_vllm) and the truncated importance sampling it turns on.
 
 The first tests need no vLLM: the TIS weights against a hand computation, the config's refusals, the HF engine
-with TIS on (its behaviour log-probs are the trainer's: no mismatch), the one-line error without vLLM. The
-rest start vLLM's CPU engine on SmolLM2-135M-Instruct (float32, 1 GiB of KV cache) and are skipped, with the
-reason, where vLLM cannot be imported: it pins transformers < 5.20, so it lives in its own virtualenv
-(README, "Rollouts with vLLM"; .ci/run runs this file there)."""
+with TIS on (its behaviour log-probs are the trainer's: no mismatch), the one-line error without vLLM, and sleep
+mode's call order on a recording stand-in for ``vllm.LLM`` (vLLM's CPU build has no sleep mode). The rest start
+vLLM's CPU engine on SmolLM2-135M-Instruct (float32, 1 GiB of KV cache; two engines of 0.25 GiB under torchrun,
+tests/vllm_fsdp_worker.py) or check signatures of the installed vLLM, and are skipped, with the reason, where
+vLLM cannot be imported: it pins transformers < 5.20, so it lives in its own virtualenv (README, "Rollouts
+with vLLM"; .ci/run runs this file there)."""
 import json
 import math
 import os
@@ -181,9 +183,9 @@ class _FakeLLM:
         return [NS(outputs=[NS(token_ids=[self.eos], logprobs=[{self.eos: NS(logprob=-0.5)}])]) for _ in prompts]
 
 
-def _fake_engine(monkeypatch, vllm_sleep):
-    """A ``VLLMRolloutEngine`` on ``_FakeLLM`` and the built-in tiny model, made as on a CUDA machine (the config
-    check and the sleep default look at ``torch.cuda.is_available``); ``_FakeLLM.calls`` emptied."""
+def _fake_engine(monkeypatch, vllm_sleep, cuda=True):
+    """A ``VLLMRolloutEngine`` on ``_FakeLLM`` and the built-in tiny model, made as on a machine with CUDA or
+    without (the config check and the sleep default look at ``torch.cuda.is_available``)."""
     from types import SimpleNamespace as NS
 
     from pact_fast.config import Config
@@ -196,7 +198,7 @@ def _fake_engine(monkeypatch, vllm_sleep):
     _FakeLLM.calls = []
     monkeypatch.setattr(rollout_vllm, "import_vllm", lambda: (_FakeLLM, lambda **kw: NS(**kw)))
     with monkeypatch.context() as m:
-        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_available", lambda: cuda)
         cfg = RolloutConfig(engine="vllm", group_size=1, max_turns=1, vllm_dtype="float32", vllm_sleep=vllm_sleep)
         engine = rollout_vllm.VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
     return engine
@@ -236,14 +238,9 @@ def test_sleep_mode_sleeps_after_rollouts_and_wakes_weights_then_kv_cache_around
     assert engine.syncs == 2 and engine.last_probe_error < 1e-4  # the engine holds the updated weights
 
 
-@pytest.mark.parametrize("vllm_sleep", [False, "cpu-default"])
-def test_without_sleep_mode_nothing_sleeps_or_wakes(monkeypatch, vllm_sleep):
-    from pact_fast import rollout_vllm
-
-    if vllm_sleep == "cpu-default":  # unset on a machine without CUDA: off
-        monkeypatch.setattr(rollout_vllm, "vllm_sleep", lambda cfg: False)
-        vllm_sleep = None
-    engine = _fake_engine(monkeypatch, vllm_sleep=vllm_sleep)
+@pytest.mark.parametrize("vllm_sleep, cuda", [(False, True), (None, False)], ids=["off-on-cuda", "unset-on-cpu"])
+def test_without_sleep_mode_nothing_sleeps_or_wakes(monkeypatch, vllm_sleep, cuda):
+    engine = _fake_engine(monkeypatch, vllm_sleep=vllm_sleep, cuda=cuda)
     assert not engine.sleep and _FakeLLM.calls[0][2]["enable_sleep_mode"] is False
     for change in (False, True):
         if change:
@@ -319,7 +316,7 @@ def test_the_real_llm_accepts_the_sleep_and_wake_arguments_the_engine_passes(mon
     assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(EngineArgs)}
 
 
-@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="sleep mode is refused only where there is no CUDA")
 def test_asking_for_sleep_mode_on_cpu_fails_before_any_step(tmp_path):
     cmd = [sys.executable, "-m", "pact_fast", "train", "--out", str(tmp_path), "rollout.engine=vllm",
            "rollout.vllm_sleep=true", "train.steps=1"]
