@@ -264,6 +264,38 @@ def test_sleep_mode_default_follows_cuda(monkeypatch):
     assert vllm_sleep(RolloutConfig(engine="vllm", vllm_sleep=False)) is False
 
 
+def test_under_torchrun_the_engine_process_sees_no_torchrun_variables_and_only_the_ranks_gpu(monkeypatch):
+    """What the engine's process inherits under torchrun (``engine_process_env``), as on local rank 1 of a node
+    whose visible GPUs are 4-7: no RANK / MASTER_PORT / ..., CUDA_VISIBLE_DEVICES the rank's GPU; the trainer's
+    environment back afterwards."""
+    from pact_fast import rollout_vllm
+
+    monkeypatch.setattr(rollout_vllm.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    with rollout_vllm.engine_process_env():
+        inside = {key: os.environ.get(key) for key in torchrun}
+    assert inside == {"RANK": None, "LOCAL_RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "MASTER_PORT": None,
+                      "CUDA_VISIBLE_DEVICES": "5"}
+    assert {key: os.environ.get(key) for key in torchrun} == torchrun
+
+
+def test_tensor_parallel_engines_under_torchrun_are_refused(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from pact_fast import rollout_vllm
+
+    monkeypatch.setattr(rollout_vllm, "import_vllm", lambda: (_FakeLLM, lambda **kw: NS(**kw)))
+    monkeypatch.setattr(rollout_vllm.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = RolloutConfig(engine="vllm", vllm_tensor_parallel_size=2)
+    with pytest.raises(RolloutEngineError, match="vllm_tensor_parallel_size=2 under torchrun is not implemented"):
+        rollout_vllm.VLLMRolloutEngine(torch.nn.Linear(1, 1), _Tok(), cfg, seed=0)
+
+
 # ---------------------------------------------------------------- with vLLM's CPU engine
 
 
