@@ -114,6 +114,16 @@ def pad_micro_batches(batches):
     return out
 
 
+def gather_errors(error):
+    """Every rank's ``error`` (a message, or None), in rank order; ``[error]`` in a single process. Each rank
+    calls it at the same point, so a failure on one rank can stop them all, none left waiting in a collective."""
+    if not is_distributed():
+        return [error]
+    errors = [None] * world_size()
+    td.all_gather_object(errors, error)
+    return errors
+
+
 def sum_counts(values):
     """Sum integers over ranks."""
     if not is_distributed():

@@ -62,6 +62,10 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the engine shards over"})
     vllm_enforce_eager: bool = field(default=True, metadata={
         "help": "vllm: eager execution (no torch.compile or CUDA graphs): quicker to start, slower per token"})
+    vllm_sleep: Optional[bool] = field(default=None, metadata={
+        "help": "vllm: sleep mode: the engine frees its KV cache and weights (vLLM sleep level 2) while the trainer "
+                "updates, and wakes before the next rollouts; None = on where the engine runs on CUDA, off on "
+                "CPU (vLLM has no sleep mode there, so true is refused)"})
 
     def __post_init__(self):
         if self.engine == "hf":
@@ -80,6 +84,9 @@ class RolloutConfig:
         for name in ("vllm_max_model_len", "vllm_tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.vllm_sleep and not torch.cuda.is_available():
+            raise ValueError("rollout.vllm_sleep=true needs the engine on a CUDA GPU: vLLM has no sleep mode on "
+                             "CPU (leave it unset: off on CPU, on with CUDA)")
 
 
 @dataclass

@@ -17,16 +17,31 @@ weights are written to one shared-memory file and loaded by the engine's worker 
 (``reload_weights`` through ``collective_rpc``), the prefix cache is dropped, and a fingerprint is checked:
 the engine's log-probs of a fixed probe sequence against the training model's, to a dtype-aware tolerance.
 A failed sync or a dead engine raises ``RolloutEngineError``: a run never samples from stale weights.
+
+Under torchrun (FSDP2) every rank runs its own engine and samples the prompt groups it owns (the trainer's
+``distributed.shard_list`` split, as with the HF engine). The trainer gathers the sharded parameters into the
+rank's unsharded rollout copy (``distributed.sync_rollout_weights``: ``full_tensor()`` parameter by parameter, in
+the same order on every rank) and each rank pushes that copy into its own engine through a shared-memory file
+with the rank in its name. The engine's process is a plain single-process engine: torchrun's variables are
+hidden from it, and on CUDA it sees only the rank's GPU. Each rank checks its own engine; the ranks then share
+their outcome (``distributed.gather_errors``), so a failed sync or probe on any rank stops every rank with that
+rank's message, and no rank is left waiting in a collective.
+
+Sleep mode (``rollout.vllm_sleep``, CUDA only: vLLM has none on CPU): after each rollout the engine sleeps
+(level 2: its KV cache and weights are freed while the trainer updates); before the next it wakes its weights,
+takes the trainer's weights (every time: level 2 discarded them), wakes its KV cache, then checks the probe.
 """
 import math
 import os
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .rollout import HFRolloutEngine, RolloutConfig
 
 INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its own transformers), then, on CPU, '
@@ -37,6 +52,11 @@ INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its 
 PROBE_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
 PROBE_TOKENS = 64  # tokens of the probe sequence (the first prompt the engine sees, cut)
 DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
+SLEEP_LEVEL = 2  # vLLM's level that frees weights and KV cache (level 1 would keep a CPU copy of old weights)
+WAKE_WEIGHTS, WAKE_KV_CACHE = ["weights"], ["kv_cache"]  # LLM.wake_up tags: weights first, KV cache after the sync
+# what torchrun sets for its workers: hidden from the engine's process, which is a world of its own
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RolloutEngineError(RuntimeError):
@@ -49,6 +69,12 @@ def is_cap(config):
     if config.is_cap is not None:
         return config.is_cap
     return DEFAULT_IS_CAP if config.engine == "vllm" else 0.0
+
+
+def vllm_sleep(config):
+    """Whether the engine sleeps between rollouts: ``rollout.vllm_sleep``, or when unset on where the engine runs
+    on CUDA and off on CPU (vLLM has no sleep mode there)."""
+    return config.vllm_sleep if config.vllm_sleep is not None else torch.cuda.is_available()
 
 
 def import_vllm():
@@ -68,12 +94,47 @@ def make_rollout_engine(model, tokenizer, config: RolloutConfig, seed=0):
     """The engine ``config.engine`` names: ``HFRolloutEngine`` (hf) or ``VLLMRolloutEngine`` (vllm)."""
     if config.engine == "hf":
         return HFRolloutEngine(model, tokenizer, config, seed=seed)
-    from . import distributed as dist
-
-    if dist.is_distributed():
-        raise RolloutEngineError("rollout.engine=vllm under torchrun is not implemented (one engine per rank, "
-                                 "weights gathered rank by rank); use rollout.engine=hf there")
     return VLLMRolloutEngine(model, tokenizer, config, seed=seed)
+
+
+def save_for_engine(model, directory):
+    """The model as the engine's starting checkpoint: its config (and generation config) and its parameters,
+    tied ones once, in one safetensors file. Written by every rank: ``save_pretrained`` writes on rank 0 only
+    under torch.distributed."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_file({name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@contextmanager
+def engine_process_env():
+    """The environment the engine's process starts with: under torchrun without torchrun's variables (the
+    engine is a world of its own, not a member of the trainer's) and on CUDA with only the rank's own GPU
+    visible; the trainer's environment is restored afterwards."""
+    if not dist.is_distributed():
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in (*TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES")}
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        if torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
+        for key in TORCHRUN_ENV:
+            os.environ.pop(key, None)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _worker_load(path, size, meta):
@@ -126,23 +187,32 @@ class VLLMRolloutEngine(HFRolloutEngine):
         if cfg.vllm_tensor_parallel_size > 1 and not torch.cuda.is_available():
             raise RolloutEngineError(f"rollout.vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} needs "
                                      "that many GPUs; this machine has none")
+        if cfg.vllm_tensor_parallel_size > 1 and dist.is_distributed():
+            raise RolloutEngineError(f"rollout.vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} under "
+                                     "torchrun is not implemented: each rank's engine runs on the rank's own GPU "
+                                     "(tensor_parallel_size=1)")
+        self.sleep = vllm_sleep(cfg)
+        self.rank = dist.rank()
         dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.vllm_dtype]
         self.dtype = dtype
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the weight file in memory, where there is one
-        self._dir = Path(tempfile.mkdtemp(prefix="pact_fast_vllm_", dir=shm))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"pact_fast_vllm_rank{self.rank}_", dir=shm))
         weakref.finalize(self, shutil.rmtree, str(self._dir), True)  # the weight file goes at exit, close() or not
         self._shm = None
         try:
-            model.save_pretrained(self._dir / "model", safe_serialization=True)
+            save_for_engine(model, self._dir / "model")
             kv = dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2 ** 30)) if cfg.vllm_kv_cache_gb else {}
             max_len = min(cfg.vllm_max_model_len, getattr(model.config, "max_position_embeddings", None) or math.inf)
             try:
-                self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True, dtype=str(dtype).split(".")[1],
-                               seed=seed, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                               max_model_len=int(max_len), enforce_eager=cfg.vllm_enforce_eager,
-                               tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, **kv)
+                with engine_process_env():
+                    self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True,
+                                   dtype=str(dtype).split(".")[1], seed=seed, enable_prefix_caching=True,
+                                   logprobs_mode="processed_logprobs", max_model_len=int(max_len),
+                                   enforce_eager=cfg.vllm_enforce_eager,
+                                   tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                   enable_sleep_mode=self.sleep, **kv)
             except Exception as exc:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 reason = " ".join(str(exc).split())[:300]
@@ -151,6 +221,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         finally:
             shutil.rmtree(self._dir / "model", ignore_errors=True)
         self._synced_version = self._model_version()
+        self.asleep = False
         self.probe = None
         self.syncs = 0
         self.last_probe_error = None
@@ -167,14 +238,32 @@ class VLLMRolloutEngine(HFRolloutEngine):
 
     def sync_weights(self, force=False):
         """Push the training model's weights into the engine when they changed since the last push (or
-        ``force``), drop the prefix cache (its KV came from the old weights), and check the fingerprint.
-        Raises ``RolloutEngineError`` when the engine is dead, read other bytes, or disagrees on the probe."""
+        ``force``), waking it first from sleep (weights, the push, then the KV cache; after a sleep the push is
+        forced: level 2 discarded the weights), drop the prefix cache (its KV came from the old weights), and
+        check the fingerprint. Raises ``RolloutEngineError`` when the engine is dead, read other bytes, or
+        disagrees on the probe. Returns whether it pushed."""
+        if self.asleep:
+            self._call(lambda: self.llm.wake_up(tags=WAKE_WEIGHTS), "a wake-up (weights)")
+            self.push_weights(force=True)
+            self._call(lambda: self.llm.wake_up(tags=WAKE_KV_CACHE), "a wake-up (KV cache)")
+            self.asleep = False
+        elif not self.push_weights(force):
+            return False
+        self._call(self.llm.reset_prefix_cache, "a prefix-cache reset")
+        if self.probe is not None:
+            self.check_fingerprint()
+        return True
+
+    def push_weights(self, force=False):
+        """Write the training model's weights (when changed since the last push, or ``force``) to this rank's
+        shared file and load them into the engine's worker; raises ``RolloutEngineError`` unless the worker read
+        exactly the bytes written (float64 sums). Returns whether it pushed."""
         version = self._model_version()
         if not force and version == self._synced_version:
             return False
         weights = self._weights()
         size = sum(t.numel() * t.element_size() for _, t in weights)
-        path = str(self._dir / "weights.bin")
+        path = str(self._dir / f"weights_rank{self.rank}.bin")
         if self._shm is None or self._shm.numel() != size:
             self._shm = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         meta, offset, expected = [], 0, 0.0
@@ -188,11 +277,8 @@ class VLLMRolloutEngine(HFRolloutEngine):
         if not all(math.isclose(g, expected, rel_tol=1e-9, abs_tol=1e-6) for g in got):
             raise RolloutEngineError(f"weight sync: the engine read weights summing to {got}, the trainer wrote "
                                      f"{expected}; stopping rather than sampling from other weights")
-        self._call(self.llm.reset_prefix_cache, "a prefix-cache reset")
         self._synced_version = version
         self.syncs += 1
-        if self.probe is not None:
-            self.check_fingerprint()
         return True
 
     @torch.no_grad()
@@ -242,15 +328,32 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 from None
 
     def rollout(self, examples, make_env, group_size=None, greedy=None):
-        """``HFRolloutEngine.rollout`` after a weight sync (when the training model changed) and, on the first
-        call, the fingerprint check of the engine's starting weights."""
+        """``HFRolloutEngine.rollout`` after ``prepare`` (weights in and checked), whose outcome every rank shares
+        (a failure on one rank raises on all); then, in sleep mode, the engine sleeps until the next call."""
+        error = None
+        try:
+            self.prepare(examples)
+        except RolloutEngineError as exc:
+            error = str(exc)
+        failed = [(r, e) for r, e in enumerate(dist.gather_errors(error)) if e is not None]
+        if failed:  # on every rank alike: none goes on to a collective the others never reach
+            r, message = failed[0]
+            raise RolloutEngineError(f"rank {r}'s vLLM engine: {message}" if dist.is_distributed() else message)
+        episodes = super().rollout(examples, make_env, group_size=group_size, greedy=greedy)
+        if self.sleep:
+            self._call(lambda: self.llm.sleep(level=SLEEP_LEVEL), "sleep")
+            self.asleep = True
+        return episodes
+
+    def prepare(self, examples):
+        """``sync_weights``; on the first call also pick the probe (the first prompt, cut) and check the engine's
+        starting weights against it."""
         self.sync_weights()
         if self.probe is None and examples:
             from .chat import prompt_ids
 
             self.probe = list(prompt_ids(self.tokenizer, examples[0]))[:PROBE_TOKENS]
             self.check_fingerprint()
-        return super().rollout(examples, make_env, group_size=group_size, greedy=greedy)
 
     def _generate_turn(self, contexts, greedy):
         """One assistant turn for every context (token ids), one request each, in one ``generate`` call.

@@ -1,10 +1,12 @@
 """The vLLM rollout engine (pact_fast.rollout_vllm) and the truncated importance sampling it turns on.
 
 The first tests need no vLLM: the TIS weights against a hand computation, the config's refusals, the HF engine
-with TIS on (its behaviour log-probs are the trainer's: no mismatch), the one-line error without vLLM. The
-rest start vLLM's CPU engine on SmolLM2-135M-Instruct (float32, 1 GiB of KV cache) and are skipped, with the
-reason, where vLLM cannot be imported: it pins transformers < 5.20, so it lives in its own virtualenv
-(README, "Rollouts with vLLM"; .ci/run runs this file there)."""
+with TIS on (its behaviour log-probs are the trainer's: no mismatch), the one-line error without vLLM, and sleep
+mode's call order on a recording stand-in for ``vllm.LLM`` (vLLM's CPU build has no sleep mode). The rest start
+vLLM's CPU engine on SmolLM2-135M-Instruct (float32, 1 GiB of KV cache; two engines of 0.25 GiB under torchrun,
+tests/vllm_fsdp_worker.py) or check signatures of the installed vLLM, and are skipped, with the reason, where
+vLLM cannot be imported: it pins transformers < 5.20, so it lives in its own virtualenv (README, "Rollouts
+with vLLM"; .ci/run runs this file there)."""
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +58,9 @@ def test_truncated_importance_weights_against_a_hand_computation():
     ("rollout.engine=sglang", "rollout.engine='sglang' is not valid; choose one of \\['hf', 'vllm'\\]"),
     ("rollout.vllm_kv_cache_gb=2", "rollout.vllm_kv_cache_gb applies to rollout.engine=vllm only"),
     ("rollout.vllm_dtype=bfloat16", "rollout.vllm_dtype applies to rollout.engine=vllm only"),
+    ("rollout.vllm_sleep=false", "rollout.vllm_sleep applies to rollout.engine=vllm only"),
     ("rollout.is_cap=0.5", "rollout.is_cap=0.5 must be >= 1"),
-], ids=["unknown-engine", "kv-with-hf", "dtype-with-hf", "cap-below-1"])
+], ids=["unknown-engine", "kv-with-hf", "dtype-with-hf", "sleep-with-hf", "cap-below-1"])
 def test_config_refusals(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
@@ -126,6 +130,172 @@ def test_hf_engine_with_tis_logs_no_mismatch_and_trains(tmp_path):
         assert math.isfinite(r["loss/total"])
 
 
+class _FakeLLM:
+    """A stand-in for ``vllm.LLM`` that records every call (name, args, kwargs) into ``calls``: it loads the
+    starting checkpoint and the pushed weights into a model of its own (so the probe compares real log-probs),
+    answers every turn with the end-of-turn token, and has ``sleep`` / ``wake_up``."""
+
+    calls = []
+
+    def __init__(self, model, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.calls.append(("__init__", (), kwargs))
+        self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.eos = self.model.config.eos_token_id
+        params = dict(self.model.named_parameters())
+
+        class Worker:
+            model_runner = type("Runner", (), {"get_model": staticmethod(lambda: self.model)})
+
+            @staticmethod
+            @torch.no_grad()
+            def reload_weights(weights_iterator):
+                for name, tensor in weights_iterator:
+                    params[name].copy_(tensor)
+
+        self.worker = Worker()
+
+    def collective_rpc(self, fn):
+        self.calls.append(("collective_rpc", (), {}))
+        return [fn(self.worker)]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache", (), {}))
+
+    def sleep(self, *args, **kwargs):
+        self.calls.append(("sleep", args, kwargs))
+
+    def wake_up(self, *args, **kwargs):
+        self.calls.append(("wake_up", args, kwargs))
+
+    @torch.no_grad()
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace as NS
+
+        if not isinstance(params, list):  # the probe: prompt log-probs of its one sequence
+            self.calls.append(("generate(probe)", (), {}))
+            ids = prompts[0]["prompt_token_ids"]
+            logp = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+            lps = logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+            return [NS(prompt_logprobs=[None] + [{t: NS(logprob=lp)} for t, lp in zip(ids[1:], lps)])]
+        self.calls.append(("generate", (), {}))
+        return [NS(outputs=[NS(token_ids=[self.eos], logprobs=[{self.eos: NS(logprob=-0.5)}])]) for _ in prompts]
+
+
+def _fake_engine(monkeypatch, vllm_sleep, cuda=True):
+    """A ``VLLMRolloutEngine`` on ``_FakeLLM`` and the built-in tiny model, made as on a machine with CUDA or
+    without (the config check and the sleep default look at ``torch.cuda.is_available``)."""
+    from types import SimpleNamespace as NS
+
+    from pact_fast.config import Config
+    from pact_fast.model_setup import build_policy, fit_chat_template
+    from pact_fast import rollout_vllm
+
+    config = Config()
+    policy = build_policy(config.model, torch.device("cpu"), 0)
+    fit_chat_template(config, policy.tokenizer, _examples(2), log=None)
+    _FakeLLM.calls = []
+    monkeypatch.setattr(rollout_vllm, "import_vllm", lambda: (_FakeLLM, lambda **kw: NS(**kw)))
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: cuda)
+        cfg = RolloutConfig(engine="vllm", group_size=1, max_turns=1, vllm_dtype="float32", vllm_sleep=vllm_sleep)
+        engine = rollout_vllm.VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
+    return engine
+
+
+def _update(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+
+
+def _sleep_calls(monkeypatch):
+    """The recorded calls of three rollouts with sleep mode on: the first, one with unchanged weights, one after
+    an update (``[(name, args, kwargs)]`` per rollout), and the engine."""
+    engine = _fake_engine(monkeypatch, vllm_sleep=None)  # None: on, as on CUDA
+    assert engine.sleep and _FakeLLM.calls[0][2]["enable_sleep_mode"] is True
+    per_rollout = []
+    for change in (False, False, True):
+        if change:
+            _update(engine.model)
+        _FakeLLM.calls = []
+        engine.rollout(_examples(1), _make_env)
+        per_rollout.append(list(_FakeLLM.calls))
+    return per_rollout, engine
+
+
+def test_sleep_mode_sleeps_after_rollouts_and_wakes_weights_then_kv_cache_around_the_sync(monkeypatch):
+    per_rollout, engine = _sleep_calls(monkeypatch)
+    names = [[name if name != "wake_up" else f"wake_up{kw['tags']}" for name, _, kw in calls]
+             for calls in per_rollout]
+    assert names[0] == ["generate(probe)", "generate", "sleep"]  # starting weights, probe picked, no push
+    woken = ["wake_up['weights']", "collective_rpc", "wake_up['kv_cache']", "reset_prefix_cache", "generate(probe)",
+             "generate", "sleep"]
+    assert names[1] == woken, "after a sleep the weights are pushed even when unchanged (level 2 dropped them)"
+    assert names[2] == woken
+    assert all(kw == {"level": 2} for calls in per_rollout for name, _, kw in calls if name == "sleep")
+    assert engine.syncs == 2 and engine.last_probe_error < 1e-4  # the engine holds the updated weights
+
+
+@pytest.mark.parametrize("vllm_sleep, cuda", [(False, True), (None, False)], ids=["off-on-cuda", "unset-on-cpu"])
+def test_without_sleep_mode_nothing_sleeps_or_wakes(monkeypatch, vllm_sleep, cuda):
+    engine = _fake_engine(monkeypatch, vllm_sleep=vllm_sleep, cuda=cuda)
+    assert not engine.sleep and _FakeLLM.calls[0][2]["enable_sleep_mode"] is False
+    for change in (False, True):
+        if change:
+            _update(engine.model)
+        engine.rollout(_examples(1), _make_env)
+    names = [name for name, _, _ in _FakeLLM.calls]
+    assert "sleep" not in names and "wake_up" not in names
+    assert names.count("collective_rpc") == 1 and engine.last_probe_error < 1e-4  # one push: the update
+
+
+def test_sleep_mode_default_follows_cuda(monkeypatch):
+    from pact_fast.rollout_vllm import vllm_sleep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vllm_sleep(RolloutConfig(engine="vllm")) is False
+    assert vllm_sleep(RolloutConfig(engine="vllm", vllm_sleep=False)) is False
+    with pytest.raises(ValueError, match="rollout.vllm_sleep=true needs the engine on a CUDA GPU"):
+        RolloutConfig(engine="vllm", vllm_sleep=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert vllm_sleep(RolloutConfig(engine="vllm")) is True
+    assert vllm_sleep(RolloutConfig(engine="vllm", vllm_sleep=False)) is False
+
+
+def test_under_torchrun_the_engine_process_sees_no_torchrun_variables_and_only_the_ranks_gpu(monkeypatch):
+    """What the engine's process inherits under torchrun (``engine_process_env``), as on local rank 1 of a node
+    whose visible GPUs are 4-7: no RANK / MASTER_PORT / ..., CUDA_VISIBLE_DEVICES the rank's GPU; the trainer's
+    environment back afterwards."""
+    from pact_fast import rollout_vllm
+
+    monkeypatch.setattr(rollout_vllm.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    with rollout_vllm.engine_process_env():
+        inside = {key: os.environ.get(key) for key in torchrun}
+    assert inside == {"RANK": None, "LOCAL_RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "MASTER_PORT": None,
+                      "CUDA_VISIBLE_DEVICES": "5"}
+    assert {key: os.environ.get(key) for key in torchrun} == torchrun
+
+
+def test_tensor_parallel_engines_under_torchrun_are_refused(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from pact_fast import rollout_vllm
+
+    monkeypatch.setattr(rollout_vllm, "import_vllm", lambda: (_FakeLLM, lambda **kw: NS(**kw)))
+    monkeypatch.setattr(rollout_vllm.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = RolloutConfig(engine="vllm", vllm_tensor_parallel_size=2)
+    with pytest.raises(RolloutEngineError, match="vllm_tensor_parallel_size=2 under torchrun is not implemented"):
+        rollout_vllm.VLLMRolloutEngine(torch.nn.Linear(1, 1), _Tok(), cfg, seed=0)
+
+
 # ---------------------------------------------------------------- with vLLM's CPU engine
 
 
@@ -157,6 +327,35 @@ def _make_env(example):
     from pact_fast.envs.multihop import MultiHopEnv
 
     return MultiHopEnv(example)
+
+
+@needs_vllm
+def test_the_real_llm_accepts_the_sleep_and_wake_arguments_the_engine_passes(monkeypatch):
+    """vLLM's own ``LLM.sleep`` / ``LLM.wake_up`` signatures bind every call the engine made to the fake, and
+    ``enable_sleep_mode`` is an engine argument (``LLM(**kwargs)`` hands it to ``EngineArgs``)."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    per_rollout, _ = _sleep_calls(monkeypatch)
+    made = [(name, args, kw) for calls in per_rollout for name, args, kw in calls if name in ("sleep", "wake_up")]
+    assert {name for name, _, _ in made} == {"sleep", "wake_up"}
+    for name, args, kw in made:
+        inspect.signature(getattr(LLM, name)).bind(object(), *args, **kw)  # TypeError on an unknown argument
+    assert "tags" in inspect.signature(LLM.wake_up).parameters and "level" in inspect.signature(LLM.sleep).parameters
+    assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="sleep mode is refused only where there is no CUDA")
+def test_asking_for_sleep_mode_on_cpu_fails_before_any_step(tmp_path):
+    cmd = [sys.executable, "-m", "pact_fast", "train", "--out", str(tmp_path), "rollout.engine=vllm",
+           "rollout.vllm_sleep=true", "train.steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pact-fast:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "vllm_sleep=true needs the engine on a CUDA GPU" in lines[0]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 @needs_vllm
@@ -228,6 +427,66 @@ def test_a_killed_engine_process_is_an_error_with_a_message(smollm2_engine):
     time.sleep(2)
     with pytest.raises(RolloutEngineError, match="vLLM engine"):
         engine.rollout(_examples(1), _make_env, group_size=1)
+
+
+def _torchrun_vllm(mode, out, smollm2_dir, logs):
+    """A 2-rank ``pact-fast train`` with the vLLM engine through tests/vllm_fsdp_worker.py (gloo, 2 steps, one
+    prompt group per rank, a small KV cache so that two engines and two trainers fit); each rank's output in
+    its own file under ``logs``. The workers import this checkout's pact_fast (PYTHONPATH), installed or not."""
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+           f"--log-dir={logs}", "--redirects=3", str(Path(__file__).parent / "vllm_fsdp_worker.py"), mode, str(out),
+           "--model", str(smollm2_dir), "rollout.engine=vllm", "rollout.vllm_max_model_len=2048",
+           "rollout.vllm_kv_cache_gb=0.25", "train.steps=2", "train.prompts_per_step=2", "rollout.group_size=2",
+           "rollout.max_new_tokens=16", "rollout.max_turns=1", "data.train_tasks=4", "data.eval_tasks=1",
+           "train.eval_every=0", "train.progress=false", "train.save_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=root, env=env)
+    rank_logs = {int(p.parent.name): p.read_text() for p in Path(logs).rglob("stderr.log")}
+    return proc, rank_logs
+
+
+@needs_vllm
+def test_two_ranks_each_with_its_engine_train_in_sync(smollm2_dir, tmp_path):
+    """torchrun, 2 gloo ranks, FSDP2: each rank's engine gets the weights gathered from the shards and passes the
+    probe before every rollout phase (the start, both steps, the final evaluation), and both ranks pushed the
+    same full weights, which change with each update."""
+    proc, rank_logs = _torchrun_vllm("ok", tmp_path / "run", smollm2_dir, tmp_path / "logs")
+    assert proc.returncode == 0, "\n".join(log[-2000:] for log in rank_logs.values()) or proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert math.isfinite(r["loss/total"]) and r["skipped_step"] == 0.0
+        assert 0 < r["rollout/logp_mismatch_mean"] <= r["rollout/logp_mismatch_max"] < 1e-3  # float32 engines
+    checks = {rank: [json.loads(line) for line in (tmp_path / "run" / f"probes_rank{rank}.jsonl").read_text()
+                     .splitlines()] for rank in (0, 1)}
+    for rank, rows in checks.items():
+        # the start (no push), the gathered copy before step 1, after each of the 2 updates
+        assert [c["syncs"] for c in rows] == [0, 1, 2, 3], (rank, rows)
+        assert all(c["probe_err"] < PROBE_ATOL[torch.float32] for c in rows), (rank, rows)
+    sums = [[c["weights_sum"] for c in checks[rank]] for rank in (0, 1)]
+    assert sums[0] == sums[1], "the ranks pushed different weights"
+    assert sums[0][1] != sums[0][2] != sums[0][3], "an update did not reach the engines"
+
+
+@needs_vllm
+def test_a_rank_whose_engine_serves_other_weights_stops_every_rank(smollm2_dir, tmp_path):
+    """Rank 1's pushes are corrupted (its final norm doubled): its probe fails in step 1, and both ranks stop
+    with rank 1's message (status 2, one line each), none left waiting in a collective."""
+    proc, rank_logs = _torchrun_vllm("corrupt", tmp_path / "run", smollm2_dir, tmp_path / "logs")
+    assert proc.returncode != 0
+    assert sorted(rank_logs) == [0, 1], proc.stderr[-3000:]
+    for rank, log in rank_logs.items():
+        lines = [line for line in log.splitlines() if line.startswith("pact-fast:")]
+        assert len(lines) == 1 and "rank 1's vLLM engine" in lines[0], (rank, log[-3000:])
+        assert "does not hold the trained weights" in lines[0]
+        assert "Traceback" not in log
+    passed = {rank: [json.loads(line)["syncs"] for line in (tmp_path / "run" / f"probes_rank{rank}.jsonl")
+                     .read_text().splitlines()] for rank in (0, 1)}
+    assert passed == {0: [0, 1], 1: [0]}, "rank 0 passed its step-1 check, rank 1 failed it"
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in steps if "loss/total" in r], "no step may complete"
 
 
 @needs_vllm
