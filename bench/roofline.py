@@ -324,11 +324,12 @@ TORCH_SYNCS = frozenset("_local_scalar_dense nonzero _unique2 unique_dim unique_
                         "equal".split())
 
 
-def _tensors(value):
+def flat_tensors(value):
+    """The tensors in ``value`` (a tensor, or lists / tuples of them, nested), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in flat_tensors(v)]
     return []
 
 
@@ -372,10 +373,10 @@ class _TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         elif packet in TORCH_FREE:
             pass
         elif packet in TORCH_KERNELS or packet in TORCH_SYNCS or torch.Tag.pointwise in func.tags:
-            nbytes = sum(t.numel() * t.element_size() for t in _tensors(list(args) + list(kwargs.values())) +
-                         _tensors(out))
+            nbytes = sum(t.numel() * t.element_size() for t in flat_tensors(list(args) + list(kwargs.values())) +
+                         flat_tensors(out))
             self.counts.add(f"torch.{packet}", nbytes=nbytes, launches=1)
-            bool_index = packet == "index" and any(t.dtype == torch.bool for t in _tensors(args[1:]))
+            bool_index = packet == "index" and any(t.dtype == torch.bool for t in flat_tensors(args[1:]))
             self.counts.syncs += packet in TORCH_SYNCS or bool_index  # a mask index is a nonzero on the device
         else:
             raise RuntimeError(f"count_executed: the torch op {name} is not modelled; give it a rule in "

@@ -96,7 +96,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline  # noqa: E402
-from roofline import CLASSES, DEVICES, MIB, TORCH_FREE, TORCH_SYNCS, Launch, launch_terms  # noqa: E402
+from roofline import CLASSES, DEVICES, MIB, TORCH_FREE, TORCH_SYNCS, Launch, flat_tensors, launch_terms  # noqa: E402
 
 FP32, BF16 = 4, 2
 ENGINES = ("hf", "vllm", "vllm-eager")
@@ -235,14 +235,6 @@ class Op:
 GEMM_OPS = frozenset("mm addmm bmm baddbmm".split())
 
 
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -305,7 +297,7 @@ class KernelCounter(TorchDispatchMode):
         elif packet == "embedding":  # reads the looked-up rows only, not the whole table
             self.ops.append(torch_op(str(func), 2 * _nbytes([out]) + _nbytes([args[1]]), self.classes))
         else:
-            nbytes = _nbytes(_tensors(list(args) + list(kwargs.values())) + _tensors(out))
+            nbytes = _nbytes(flat_tensors(list(args) + list(kwargs.values())) + flat_tensors(out))
             op = torch_op(str(func), nbytes, self.classes)
             self.ops.append(replace(op, sync=packet in TORCH_SYNCS))
         return out

@@ -191,6 +191,19 @@ def _surrogate_grad(logp, den, adv, g, low, high, dual_clip, HAS_DEN: tl.constex
 
 
 @triton.jit
+def _term_grad(logp, w_ptr, adv_ptr, den_ptr, offs, mask, low, high, dual_clip, HAS_DEN: tl.constexpr,
+               DUAL: tl.constexpr):
+    """One surrogate's (gradient, ratio denominator) at rows ``offs``: its weight, advantage and (HAS_DEN)
+    denominator loaded, ``_surrogate_grad`` evaluated; the denominator is ``logp`` itself without HAS_DEN."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    den = logp
+    if HAS_DEN:
+        den = tl.load(den_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return _surrogate_grad(logp, den, adv, w, low, high, dual_clip, HAS_DEN, DUAL), den
+
+
+@triton.jit
 def _kl_terms(logp, ref, EST: tl.constexpr):
     """(d/d logp of ``losses.kl_penalty``, the penalty itself) elementwise; EST 1, 2, 3: estimators k1, k2, k3."""
     log_ratio = logp - ref
@@ -225,12 +238,8 @@ def _row_grads_kernel(g_ptr, logp_ptr, base_ptr, po_w_ptr, po_adv_ptr, po_den_pt
     else:
         g = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_PO:
-        w = tl.load(po_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        adv = tl.load(po_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        den = logp  # unread without PO_DEN
-        if PO_DEN:
-            den = tl.load(po_den_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g += _surrogate_grad(logp, den, adv, w, low, high, dual_clip, PO_DEN, DUAL)
+        g_po, den = _term_grad(logp, po_w_ptr, po_adv_ptr, po_den_ptr, offs, mask, low, high, dual_clip, PO_DEN, DUAL)
+        g += g_po
         if KL > 0:
             kl_w = tl.load(kl_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -245,10 +254,6 @@ def _row_grads_kernel(g_ptr, logp_ptr, base_ptr, po_w_ptr, po_adv_ptr, po_den_pt
             else:
                 g += d_kl * kl_w
     if HAS_TC:
-        w = tl.load(tc_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        adv = tl.load(tc_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        den = logp  # unread without TC_DEN
-        if TC_DEN:
-            den = tl.load(tc_den_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g += _surrogate_grad(logp, den, adv, w, low, high, dual_clip, TC_DEN, DUAL)
+        g_tc, _ = _term_grad(logp, tc_w_ptr, tc_adv_ptr, tc_den_ptr, offs, mask, low, high, dual_clip, TC_DEN, DUAL)
+        g += g_tc
     tl.store(g_ptr + offs, g, mask=mask)
