@@ -436,7 +436,7 @@ TRAIN_STEPS = 3
 
 def run_train(dry_run, device, reps):
     """TRAIN_STEPS steps of ``pact-fast train`` (the built-in environment and tiny model) on ``device``, no
-    held-out evaluation: on CUDA the HF engine's rollouts under bf16 autocast with on-device sampling, the
+    held-out evaluation: on CUDA the HF engine's rollouts with on-device sampling, the
     packed scoring through the Triton tree attention and the fused head, the update. One row per step: its
     seconds, rollout seconds, loss, peak memory and whether the loss and gradient norm are finite (a step that
     raises fails the section). No model prediction: the whole-step model (bench/step_model.py) is for the

@@ -23,9 +23,9 @@ departure from the roofline (``op_terms``): a skinny GEMM, fewer output rows or 
 128-row tile (every decode step's), is not priced by waves of 128 x 256 tiles, which would leave it at ~1% of
 the peak; its compute term is its FLOPs at the GEMM class's fraction of the peak, so its bytes bound it.
 
-Rollouts, HF engine (``pact_fast.rollout.HFRolloutEngine._generate_turn``; the trainer calls it under its bf16
-autocast, ``train.bf16`` on CUDA, priced as the model in bf16; ``--hf-fp32``: the fp32 model without autocast,
-GEMMs on the fp32 CUDA cores, ``CONSTANTS.fp32_peak_flops``, 4-byte weights and KV cache): per turn k the whole conversation, context c_k = P + U + k (model_tokens + tool_tokens), is
+Rollouts, HF engine (``pact_fast.rollout.HFRolloutEngine._generate_turn``; the trainer calls it with the fp32
+model and no autocast, so its GEMMs run on the fp32 CUDA cores, ``CONSTANTS.fp32_peak_flops``, and weights are
+4 bytes): per turn k the whole conversation, context c_k = P + U + k (model_tokens + tool_tokens), is
 prefilled again (no prefix cache across turns: a fresh KV cache per turn), its lm_head computing the last
 position's logits only (``logits_to_keep=1``); then model_tokens - 1 decode forwards over the G * groups live rows, the
 j-th with c_k + j - 1 cached tokens. What one forward launches is counted, not assumed: the real model class
@@ -331,35 +331,32 @@ class AttentionAsOneKernel(TorchFunctionMode):
 
 
 @lru_cache(maxsize=8)
-def meta_model(shape, layers, dtype=torch.float32):
-    """transformers' Qwen3 causal LM (``pact_fast.models.random_qwen3``, sdpa attention, untied lm_head, in
-    ``dtype``) of ``shape`` (a Workload's model fields) and ``layers`` on the meta device: shapes, no memory, no
-    compute."""
+def meta_model(shape, layers):
+    """transformers' Qwen3 causal LM (``pact_fast.models.random_qwen3``, sdpa attention, untied lm_head, fp32)
+    of ``shape`` (a Workload's model fields) and ``layers`` on the meta device: shapes, no memory, no compute."""
     from pact_fast.models import random_qwen3
 
     w = Workload(**dict(shape))
     with torch.device("meta"):
         model = random_qwen3(w.vocab, hidden_size=w.hidden, intermediate_size=w.ffn, num_layers=layers,
                              num_heads=w.heads, num_kv_heads=w.kv_heads, head_dim=w.head_dim,
-                             max_positions=1 << 20, seed=0, dtype=dtype, tie_word_embeddings=False)
+                             max_positions=1 << 20, seed=0, dtype=torch.float32, tie_word_embeddings=False)
     return model.eval()
 
 
 MODEL_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab")
 
 
-def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=CLASSES, dtype=torch.float32):
+def count_forward(w, rows, q_len, past=0, base_only=False, layers=None, classes=CLASSES):
     """[Op] of one eager forward of the workload's model (``layers`` decoder layers, default all) on ``rows``
     sequences of ``q_len`` new tokens after ``past`` cached ones, as ``HFRolloutEngine._generate_turn`` calls
     it (attention mask of ones, positions, ``use_cache``; the causal LM with the last position's logits), or
     ``base_only``: the decoder body without cache or mask (the trainer's packed forward runs the body and its
-    own head). ``dtype``: the model's (bf16 stands for the trainer's bf16 autocast, under which the rollouts of
-    the HF engine run on CUDA: bf16 GEMMs, activations and KV cache; the weights' casts, once per rollout under
-    autocast's cache, are not counted). Counted on the meta device (``KernelCounter``, ``AttentionAsOneKernel``)."""
+    own head). Counted on the meta device (``KernelCounter``, ``AttentionAsOneKernel``)."""
     from pact_fast.rollout import _cache_argument, _last_logits_only
 
     layers = w.layers if layers is None else layers
-    model = meta_model(tuple((f, getattr(w, f)) for f in MODEL_FIELDS), layers, dtype)
+    model = meta_model(tuple((f, getattr(w, f)) for f in MODEL_FIELDS), layers)
     meta = dict(device="meta")
     ids = torch.zeros(rows, q_len, dtype=torch.long, **meta)
     positions = (past + torch.arange(q_len, **meta))[None].expand(rows, -1)
@@ -482,15 +479,15 @@ def _repeat(t, n):
 # Rollouts
 # ---------------------------------------------------------------------------------------------
 
-def hf_sample_ops(w, dtype=torch.float32):
-    """[Op] of ``pact_fast.rollout._sample`` on the device over [rows, V] logits of ``dtype`` (temperature 1,
-    top-p 1; counted on the meta device), then the sampled ids and log-probs to the host (a synchronisation)."""
+def hf_sample_ops(w):
+    """[Op] of ``pact_fast.rollout._sample`` on the device over [rows, V] fp32 logits (temperature 1, top-p 1;
+    counted on the meta device), then the sampled ids and log-probs to the host (a synchronisation)."""
     from pact_fast.rollout import _sample
 
     B = w.rollout_rows
     counter = KernelCounter(CLASSES)
     with torch.no_grad(), counter:
-        _sample(torch.zeros(B, w.vocab, device="meta", dtype=dtype), 1.0, 1.0, False, None)
+        _sample(torch.zeros(B, w.vocab, device="meta"), 1.0, 1.0, False, None)
     return counter.ops + [Op("tokens, logp .cpu()", host_s=B * (8 + 4) / CONSTANTS.pcie_bandwidth, sync=True)]
 
 
@@ -501,48 +498,45 @@ def hf_advance_ops(w, context):
     return [torch_op("torch.cat(attention_mask)", B * (2 * context + 1) * 8), torch_op("next_pos + 1", 2 * B * 8)]
 
 
-def hf_prefill_ops(w, context, dtype=torch.float32):
+def hf_prefill_ops(w, context):
     """[Op] of one turn's start in the HF engine: ids and mask to the device, positions (cumsum, subtract,
     clamp), the prefill forward of ``context`` tokens per row, the last position's logits only (counted)."""
     B = w.rollout_rows
     setup = [torch_op("ids to device", B * context * 8), torch_op("mask to device", B * context * 8)] + \
         [torch_op(f"position_ids {k}", 2 * B * context * 8) for k in ("cumsum", "sub", "clamp_min")]
-    return setup + count_forward(w, B, context, dtype=dtype)
+    return setup + count_forward(w, B, context)
 
 
-def rollout_memory_mib(w, engine, hf_bf16=True):
+def rollout_memory_mib(w, engine):
     """{kv_cache, prefill_logits, peak} MiB at the last turn: K and V of every layer for rows x (last context +
-    model_tokens) tokens (bf16; fp32 for HF without ``hf_bf16``, the trainer's bf16 autocast); HF's prefill logits rows x V fp32 (the last position's:
+    model_tokens) tokens (fp32 for HF, bf16 for vLLM); HF's prefill logits rows x V fp32 (the last position's:
     ``logits_to_keep=1``; 0 for vLLM, whose [rows, V] logits live in its own KV budget); the peak adds the trainer's fp32 weights and AdamW state, 12 bytes
     a parameter (pact_fast/planner.py's rollout phase), and for vLLM its own bf16 weights, 2 bytes a parameter."""
     hf = engine == "hf"
     tokens = w.rollout_rows * (w.context(w.turns - 1) + w.model_tokens)
-    kv = tokens * w.layers * 2 * w.kv_heads * w.head_dim * (FP32 if hf and not hf_bf16 else BF16)
+    kv = tokens * w.layers * 2 * w.kv_heads * w.head_dim * (FP32 if hf else BF16)
     logits = w.rollout_rows * w.vocab * FP32 if hf else 0
     resident = (12 + (0 if hf else 2)) * w.params()
     return {"kv_cache": kv / MIB, "prefill_logits": logits / MIB, "peak": (kv + logits + resident) / MIB}
 
 
-def hf_rollout(w, device, bf16=True):
+def hf_rollout(w, device):
     """Seconds of the HF engine's rollouts on ``device`` (``stream_time`` dicts): per turn the prefill, the
     decode steps (the engine's work between tokens, the forward, the sampling) and the first token's
-    sampling; ``sampling_s``: the GPU seconds of the sampling kernels over the rollouts. ``bf16``: under the
-    trainer's bf16 autocast (``train.bf16``, its default on CUDA), priced at the bf16 device; else the fp32
-    model on CUDA cores (``fp32_device``)."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    dev, classes = (DEVICES[device], CLASSES) if bf16 else fp32_device(device)
+    sampling; ``sampling_s``: the GPU seconds of the sampling kernels over the rollouts."""
+    dev, classes = fp32_device(device)
     B, m = w.rollout_rows, w.model_tokens
-    sample = hf_sample_ops(w, dtype)
+    sample = hf_sample_ops(w)
     prefill, decode = [], []
     per_step = None
     for k in range(w.turns):
         c = w.context(k)
-        prefill.append(stream_time(hf_prefill_ops(w, c, dtype) + sample, dev, classes))
+        prefill.append(stream_time(hf_prefill_ops(w, c) + sample, dev, classes))
         if m < 2:
             continue
         first, last = c + 1, c + m - 1  # mask width of the first and last decode forward
-        ops_a = hf_advance_ops(w, first - 1) + count_forward(w, B, 1, past=first - 1, dtype=dtype) + sample
-        ops_b = hf_advance_ops(w, last - 1) + count_forward(w, B, 1, past=last - 1, dtype=dtype) + sample
+        ops_a = hf_advance_ops(w, first - 1) + count_forward(w, B, 1, past=first - 1) + sample
+        ops_b = hf_advance_ops(w, last - 1) + count_forward(w, B, 1, past=last - 1) + sample
         steps = interpolated_times(ops_a, ops_b, [j / max(1, m - 2) for j in range(m - 1)], dev, classes)
         decode.append(_sum(steps))
         per_step = per_step or ops_a
@@ -716,9 +710,8 @@ def default_score_pass(engine):
     return engine != "hf"
 
 
-def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None, table=None, hf_bf16=True):
-    """One row per (device, engine): ms of each part and of the step, fractions, and the sub-terms; ``hf_bf16``
-    False prices the HF engine's rollouts in fp32 (``train.bf16=false``)."""
+def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None, table=None):
+    """One row per (device, engine): ms of each part and of the step, fractions, and the sub-terms."""
     w = w or Workload()
     table = table if table is not None else _issue_table()
     rows = []
@@ -727,7 +720,7 @@ def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None
         update = packed_pass(w, device, backward=True, table=table)
         for engine in engines:
             if engine == "hf":
-                r = hf_rollout(w, device, bf16=hf_bf16)
+                r = hf_rollout(w, device)
                 roll_s = r["prefill"]["total"] + r["decode"]["total"]
                 detail = {"prefill_ms": 1e3 * r["prefill"]["total"], "decode_ms": 1e3 * r["decode"]["total"],
                           "sampling_ms": 1e3 * r["sampling_s"], "weight_sync_ms": 0.0}
@@ -743,7 +736,7 @@ def step_rows(w=None, devices=("H100", "H200"), engines=ENGINES, score_pass=None
                   "update": 1e3 * update["total"]}
             step = sum(ms.values())
             decode = r["decode"]
-            memory = rollout_memory_mib(w, engine, hf_bf16)
+            memory = rollout_memory_mib(w, engine)
             rows.append({
                 "device": device, "engine": engine, **{f"{p}_ms": ms[p] for p in PARTS}, "step_ms": step,
                 **{f"{p}_fraction": ms[p] / step for p in PARTS}, "score_pass": scored, **detail,
@@ -782,12 +775,9 @@ def main(argv=None):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"default {f.default}")
     ap.add_argument("--score-pass", choices=("auto", "on", "off"), default="auto",
                     help="the old-log-prob pass: auto = as the trainer decides per engine (vLLM's TIS: on; HF: off)")
-    ap.add_argument("--hf-fp32", action="store_true",
-                    help="price the HF engine's rollouts in fp32 (train.bf16=false) instead of bf16 autocast")
     args = ap.parse_args(argv)
     w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
-    rows = step_rows(w, score_pass={"auto": None, "on": True, "off": False}[args.score_pass],
-                     hf_bf16=not args.hf_fp32)
+    rows = step_rows(w, score_pass={"auto": None, "on": True, "off": False}[args.score_pass])
     print_table(rows, w)
     if args.json:
         doc = {"rows": rows, "workload": {**asdict(w), "R": w.R, "params": w.params()},

@@ -122,8 +122,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata={
         "help": "CPU threads of torch's intra-op pool; 0 = OMP_NUM_THREADS if set, else the cores idle when the run "
                 "starts (pact_fast.cpu: busy cores shared with other processes slow a run that also uses them)"})
-    bf16: bool = field(default=True, metadata={
-        "help": "bf16 autocast on CUDA (the update, scoring and the hf engine's rollouts)"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
     liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})
     tensorboard: bool = field(default=True, metadata={"help": "TensorBoard events when tensorboard is installed"})

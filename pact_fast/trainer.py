@@ -433,10 +433,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     examples = [c.train_set[i] for i in dist.shard_list(c.order.take(train_cfg.prompts_per_step))]  # this rank's
     dist.sync_rollout_weights(c.scorer, c.rollout_model)
     c.engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
-    # the HF engine samples under the update's bf16 autocast (on CUDA with train.bf16: tensor-core GEMMs, half the
-    # bytes a decode step reads); vLLM samples in its own process, in rollout.vllm_dtype
-    with c.autocast() if config.rollout.engine == "hf" else nullcontext():
-        episodes = c.engine.rollout(examples, c.make_env)
+    episodes = c.engine.rollout(examples, c.make_env)
     t_roll = time.perf_counter() - t0
     inputs = [c.inputs_for(ex) for ex in examples]
     flat = [ep for eps in episodes for ep in eps]

@@ -234,31 +234,15 @@ def test_hf_decode_is_launch_bound_at_small_batch():
 def test_rollout_memory_in_mib():
     w = sm.Workload()
     hf, vllm = sm.rollout_memory_mib(w, "hf"), sm.rollout_memory_mib(w, "vllm")
-    hf32 = sm.rollout_memory_mib(w, "hf", hf_bf16=False)
     last = 4096 + 16 + 3 * (208 + 64)  # the last turn's context
     assert hf["prefill_logits"] == 8 * 151936 * 4 / 2 ** 20 and vllm["prefill_logits"] == 0  # the last position
-    assert hf32["kv_cache"] == 8 * (last + 208) * 28 * 2 * 8 * 128 * 4 / 2 ** 20 == 2 * vllm["kv_cache"]
-    assert hf["kv_cache"] == vllm["kv_cache"]  # bf16 under the trainer's autocast
+    assert hf["kv_cache"] == 8 * (last + 208) * 28 * 2 * 8 * 128 * 4 / 2 ** 20 == 2 * vllm["kv_cache"]
     weights = 2 * w.params() / 2 ** 20  # vLLM's own bf16 copy
     assert vllm["peak"] - vllm["kv_cache"] == hf["peak"] - hf["kv_cache"] - hf["prefill_logits"] + weights
     rows = sm.step_rows(replace(TINY, G=64, P=32768, layers=6, hidden=256, heads=8, kv_heads=8, head_dim=128),
-                        devices=("H100",), engines=("hf", "vllm"), hf_bf16=False)
+                        devices=("H100",), engines=("hf", "vllm"))
     assert [r["rollout_fits"] for r in rows] == [False, True]  # HF: an fp32 KV cache, 64 x 33k x 6 x 2 x 1024 x 4 B
     assert rows[0]["rollout_kv_cache_MiB"] > 80 * 1024 > rows[1]["rollout_kv_cache_MiB"]
-
-
-def test_hf_rollouts_under_bf16_autocast_read_half_the_bytes_of_fp32():
-    """The HF engine under the trainer's bf16 autocast: a decode forward's GEMMs move half the bytes of the fp32
-    model's and run on the tensor cores, so the W-group model's prefills and decode steps take less time (a tiny
-    model's are launch bound either way, and bf16's RMSNorm casts add launches)."""
-    bf16, fp32 = (sm.count_forward(replace(TINY, G=2), 2, 1, past=16, dtype=d) for d in (torch.bfloat16, torch.float32))
-    weights = [sum(o.launch.bytes for o in ops if o.launch is not None and o.launch.kind == "gemm")
-               for ops in (bf16, fp32)]
-    assert weights[1] == 2 * weights[0]
-    w = sm.Workload(turns=1, model_tokens=4)
-    fast, slow = (sm.hf_rollout(w, "H100", bf16=b) for b in (True, False))
-    assert fast["prefill"]["total"] < slow["prefill"]["total"] / 3
-    assert fast["decode"]["total"] < slow["decode"]["total"]
 
 
 def test_hf_sampling_runs_on_the_device_with_one_small_copy_to_the_host():
