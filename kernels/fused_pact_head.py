@@ -5,8 +5,8 @@ block's logits over the WHOLE vocabulary, ``z_raw = x[rows] @ w.T (+ b)``, into 
 the input dtype; then ``_head_pass_kernel`` reads it once.
 
 ``_head_pass_kernel`` keeps, per row, the online log-sum-exp of ``z = z_raw * inv_temp`` in fp32
-(running max m, s = sum exp(z - m), t = sum exp(z - m) (z - m), z_tgt) and writes ``logp``, ``lse`` and
-``entropy``; with ``SOFTCAP`` the logits are ``z = cap * tanh(z_raw / cap) * inv_temp`` (as in
+(running max m, s = sum exp(z - m), with ``ENTROPY`` t = sum exp(z - m) (z - m)) and the target logit z_tgt, and
+writes ``logp``, ``lse`` (and ``entropy``); with ``SOFTCAP`` the logits are ``z = cap * tanh(z_raw / cap) * inv_temp`` (as in
 ``kernels/linear_logprobs.py``; ``inv_temp`` carries a model's logit scale). With ``WRITE_U`` it also
 overwrites the workspace, in the same pass, with
 
@@ -35,7 +35,9 @@ Every fp32 -> bf16 store goes through ``round_to`` (kernels/common.py) (round to
 interpreter's own cast truncates, which biased U and the row scaling alike and made the interpreted bf16
 gradients ~2.4x less accurate than the GPU's). In bf16 the shift path's dX and dW then carry about 1.05-1.2x the
 error of d logits formed in fp32 and rounded once (up to 1.5x on the tests' tiny V=37 problems, where the
-ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = beta x``'s.
+ratio is noisy): its extra roundings are dX's after the row scaling and ``xs = beta x``'s, and, where dX's
+GEMM is split over the vocabulary, each partial product's before their fp32 sum (within 1.5x of the unsplit
+error in the tests).
 
 ``_scale_rows_kernel`` sums the partial products of dX's GEMM (split over the vocabulary when one block's
 ``[R, H]`` output is too few tiles to fill the GPU: ``fused_pact_head_launch.dx_splits``) and applies

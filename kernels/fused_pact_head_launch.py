@@ -77,7 +77,7 @@ def dx_splits(R, H, V, sms=DEFAULT_SMS):
     """Vocabulary splits of dX's GEMM for row blocks of R rows: as many as fit the output tiles of one block's
     [R, H] into one wave of ``sms`` SMs, at most MAX_DX_SPLITS and V // MIN_SPLIT_K, at least 1."""
     tiles = triton.cdiv(R, GEMM_TILE[0]) * triton.cdiv(H, GEMM_TILE[1])
-    return max(1, min(MAX_DX_SPLITS, sms // tiles, V // MIN_SPLIT_K))
+    return max(1, min(MAX_DX_SPLITS, sms // max(1, tiles), V // MIN_SPLIT_K))
 
 
 def split_columns(V, S):
@@ -115,13 +115,14 @@ def row_blocks(N, R):
     return [(r0, min(R, N - r0)) for r0 in range(0, N, R)]
 
 
-def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True):
+def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
     """Rows per block by default: the most (a multiple of ROW_MULTIPLE, at most BLOCK_ROWS and N) whose extra
-    memory stays within WORKSPACE_SHARE of dW's bytes, at least ROW_MULTIPLE."""
+    memory (with dX's splits for a GPU of ``sms`` SMs) stays within WORKSPACE_SHARE of dW's bytes, at least
+    ROW_MULTIPLE."""
     budget = WORKSPACE_SHARE * V * H * torch.empty((), dtype=dtype).element_size()
     R = BLOCK_ROWS
     while R > ROW_MULTIPLE and extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R,
-                                                  softcap=softcap, weight_grad=weight_grad) > budget:
+                                                  softcap=softcap, weight_grad=weight_grad, sms=sms) > budget:
         R -= ROW_MULTIPLE
     return max(1, min(N, R))
 
@@ -142,6 +143,9 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     gradients in the input dtype except db (fp32 in ordinary and lean mode); dx, dw, db None without
     ``grads``. ``splits``: vocabulary splits of each block's dX GEMM (default ``dx_splits`` for the device)."""
     if memory_lean:
+        if splits is not None:
+            raise ValueError("fused_pact_head: splits applies to the default mode's dX GEMM; memory_lean forms dX "
+                             "slab by slab (no split)")
         if blocking is None:
             planned = lean.plan(*x.shape[:1], w.shape[0], x.shape[1])
             blocking = lean.Blocking(min(rows_per_block, x.shape[0]), planned.slab) if rows_per_block else planned
@@ -150,24 +154,25 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     N, H = x.shape
     V = w.shape[0]
     cfgs = configs or _configs()
-    R = rows_per_block or default_rows(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad)
+    sms = device_sms(x.device)
+    R = rows_per_block or default_rows(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms)
     shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
     if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
                          "linear_logprobs' gradient epilogue; use fewer rows per block")
     logp, lse, ent, s = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(4))
     dx = dw = db = None
-    if grads is not None:
+    if grads is not None:  # dW and db are written by the first row block: zeros when there is none
         dx = torch.empty_like(x)
-        dw = torch.empty_like(w) if weight_grad else None
+        dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if weight_grad else None
         if b is not None:
-            db = torch.empty((V, 1), device=x.device, dtype=x.dtype) if shift else \
+            db = torch.zeros((V, 1), device=x.device, dtype=x.dtype) if shift else \
                 torch.zeros(V, device=x.device, dtype=torch.float32)
     workspace = torch.empty(min(R, N) * V, device=x.device, dtype=x.dtype)  # [R * V]
     # beta * x of a block, the dW GEMM's right operand
     xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift and weight_grad else None
     beta = torch.empty((min(R, N), 1), device=x.device, dtype=x.dtype) if shift else None
-    S = splits or dx_splits(min(R, N), H, V, device_sms(x.device))
+    S = splits or dx_splits(min(R, N), H, V, sms)
     parts = torch.empty(S * min(R, N) * H, device=x.device, dtype=x.dtype) if grads is not None and S > 1 else None
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
     for r0, r in row_blocks(N, R):
@@ -368,18 +373,18 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
 
 
 def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False,
-                       memory_lean=False, weight_grad=True, blocking=None, splits=None):
+                       memory_lean=False, weight_grad=True, blocking=None, splits=None, sms=DEFAULT_SMS):
     """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the logits workspace
-    [R, V], dX's S partial products [S, R, H] when its GEMM is split (``dx_splits``) and, in shift mode, xs
-    [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
+    [R, V], dX's S partial products [S, R, H] when its GEMM is split (``dx_splits`` on ``sms`` SMs) and, in
+    shift mode, xs [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
     memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the forward's state [4, R]."""
     e = torch.empty((), dtype=dtype).element_size()
     if memory_lean:
         blocking = blocking or lean.plan(N, V, H)
         return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
-    R = min(N, rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad))
+    R = min(N, rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad, sms))
     shift = shift_mode(dtype, want_entropy, softcap)
-    S = splits or dx_splits(R, H, V)
+    S = splits or dx_splits(R, H, V, sms)
     return R * V * e + (S * R * H * e if S > 1 else 0) + ((R * H * e if weight_grad else 0) + R * e if shift else 0) \
         + 8 * N
 
@@ -392,17 +397,21 @@ def gate_entries():
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
-        for write_u, softcap in ((False, False), (True, False), (False, True)):
+        # (U, soft cap, entropy): the shift pass; the ordinary one with an entropy bonus, and without one (fp16, or
+        # a soft cap); with a soft cap, both
+        for write_u, softcap, entropy in ((True, False, False), (False, False, True), (False, False, False),
+                                          (False, True, True), (False, True, False)):
             if write_u and not shift_mode(dtype, False):
                 continue
             cfg = GPU_CONFIGS["pass"]
             entries.append(GateEntry(
-                f"fused_pact_head.pass[{t}{'-shift' if write_u else ''}{'-softcap' if softcap else ''}]",
+                f"fused_pact_head.pass[{t}{'-shift' if write_u else ''}{'-softcap' if softcap else ''}"
+                f"{'-noent' if not (write_u or entropy) else ''}]",
                 _head_pass_kernel,
                 {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
                  "ent_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "V": "i32", "inv_temp": "fp32", "limit": "fp32",
                  "cap": "fp32"},
-                {"WRITE_U": write_u, "SOFTCAP": softcap, "ENTROPY": not write_u, **cfg.blocks}, cfg,
+                {"WRITE_U": write_u, "SOFTCAP": softcap, "ENTROPY": entropy, **cfg.blocks}, cfg,
                 expects_mma=False))
         cfg = GPU_CONFIGS["scale"]
         # shift mode: scaled, with xs or (frozen weight) without; ordinary mode: the split dX's parts summed

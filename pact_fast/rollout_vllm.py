@@ -55,8 +55,11 @@ DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
 SLEEP_LEVEL = 2  # vLLM's level that frees weights and KV cache (level 1 would keep a CPU copy of old weights)
 WAKE_WEIGHTS, WAKE_KV_CACHE = ["weights"], ["kv_cache"]  # LLM.wake_up tags: weights first, KV cache after the sync
 # what torchrun sets for its workers: hidden from the engine's process, which is a world of its own
+# (TORCHELASTIC_USE_AGENT_STORE would make a tcp:// store of the engine's a client of a server nobody runs)
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_ERROR_FILE")
 
 
 class RolloutEngineError(RuntimeError):
@@ -335,6 +338,8 @@ class VLLMRolloutEngine(HFRolloutEngine):
             self.prepare(examples)
         except RolloutEngineError as exc:
             error = str(exc)
+        except Exception as exc:  # e.g. /dev/shm full, out of memory while gathering: still shared with every rank
+            error = f"weight sync failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
         failed = [(r, e) for r, e in enumerate(dist.gather_errors(error)) if e is not None]
         if failed:  # on every rank alike: none goes on to a collective the others never reach
             r, message = failed[0]

@@ -610,7 +610,6 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         bar.close()
     ckpt = _save(c, step)
     if step == train_cfg.steps:
-        dist.sync_rollout_weights(c.scorer, c.rollout_model)
         eval_after = _evaluate_and_log(c, step)
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
@@ -629,7 +628,9 @@ def _save(c, step):
 
 
 def _evaluate_and_log(c, step):
-    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``."""
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``, with the current weights (under
+    torchrun the rollout copy is refreshed first; every rank calls this)."""
+    dist.sync_rollout_weights(c.scorer, c.rollout_model)
     result = evaluate(c.engine, c.held_out, c.make_env)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})

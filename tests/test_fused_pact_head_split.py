@@ -151,3 +151,26 @@ def test_split_dx_memory_is_counted_in_the_workspace():
     without = launch.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=R, splits=1)
     assert with_parts - without == S * R * H * 2
     assert with_parts <= launch.WORKSPACE_SHARE * V * H * 2
+
+
+def test_zero_rows_and_the_split_options_that_do_not_apply():
+    x, w, b, t, g_logp, _ = _problem(0, 96, 24, torch.float32, 1, True)
+    logp, ent, dx, dw, db = launch.run(x, w, b, t, 1.0, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None))
+    assert logp.shape == (0,) and dx.shape == (0, 24)  # no rows: dW and db are zeros, never left unwritten
+    assert dw.shape == (96, 24) and (dw == 0).all() and db.shape == (96,) and (db == 0).all()
+    assert launch.extra_memory_bytes(0, 96, 24, torch.float32) == 0
+    x, w, b, t, g_logp, _ = _problem(8, 96, 24, torch.float32, 2, False)
+    with pytest.raises(ValueError, match="memory_lean"):
+        launch.run(x, w, b, t, 1.0, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None), memory_lean=True,
+                   splits=2)
+
+
+def test_the_workspace_budget_holds_at_the_devices_own_sm_count():
+    """The row block is planned with the splits the device's SM count gives (more SMs, more parts), so the
+    workspace stays within its share of dW on any GPU."""
+    N, V, H = 32768, 151936, 2048
+    for sms in (108, 132, 148, 264):
+        R = launch.default_rows(N, V, H, torch.bfloat16, sms=sms)
+        assert launch.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=R, sms=sms) <= \
+            launch.WORKSPACE_SHARE * V * H * 2
+    assert launch.dx_splits(R, H, V, 264) > launch.dx_splits(R, H, V, 132)
