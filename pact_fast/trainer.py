@@ -598,6 +598,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step += 1
                 break
             if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
+                dist.sync_rollout_weights(c.scorer, c.rollout_model)  # torchrun: the copy is one update old
                 result = _evaluate_and_log(c, step + 1)
                 if bar:
                     bar.clear()
@@ -610,6 +611,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         bar.close()
     ckpt = _save(c, step)
     if step == train_cfg.steps:
+        dist.sync_rollout_weights(c.scorer, c.rollout_model)
         eval_after = _evaluate_and_log(c, step)
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
@@ -628,9 +630,7 @@ def _save(c, step):
 
 
 def _evaluate_and_log(c, step):
-    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``, with the current weights (under
-    torchrun the rollout copy is refreshed first; every rank calls this)."""
-    dist.sync_rollout_weights(c.scorer, c.rollout_model)
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``."""
     result = evaluate(c.engine, c.held_out, c.make_env)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
