@@ -1,11 +1,26 @@
-"""Run a few training steps (replayed episodes) single-process or under torchrun; used by test_trainer."""
+"""Run a few training steps (replayed episodes) single-process or under torchrun; used by test_trainer. With
+``PACT_TEST_ROLLOUT_LOG`` set, every rollout call appends {"eval": greedy, "sum": the engine model's weight sum}
+to ``$PACT_TEST_ROLLOUT_LOG.rank<RANK>`` (which weights each rollout and evaluation saw)."""
+import json
+import os
 import sys
 
 from pact_fast.config import load_config
 from pact_fast.trainer import train
 from replay_engine import ReplayEngine
 
+
+class RecordingReplayEngine(ReplayEngine):
+    def rollout(self, examples, make_env, group_size=None, greedy=None):
+        log = os.environ.get("PACT_TEST_ROLLOUT_LOG")
+        if log:
+            total = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+            with open(f"{log}.rank{os.environ.get('RANK', '0')}", "a") as f:
+                f.write(json.dumps({"eval": bool(greedy), "sum": total}) + "\n")
+        return super().rollout(examples, make_env, group_size=group_size, greedy=greedy)
+
+
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
     config = load_config(None, [f"train.out_dir={out_dir}", *overrides])
-    train(config, engine_factory=lambda m, t, c, s: ReplayEngine(m, t, c, s), log=lambda *a: None)
+    train(config, engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)

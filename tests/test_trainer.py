@@ -113,10 +113,11 @@ def test_yaml_config_and_overrides(tmp_path):
         load_config(path)
 
 
-def _fsdp_run(out, nproc, tmp_path):
-    args = [str(out), *TINY, "train.steps=3", "rollout.group_size=3"]
+def _fsdp_run(out, nproc, tmp_path, extra=(), env_extra=None):
+    args = [str(out), *TINY, "train.steps=3", "rollout.group_size=3", *extra]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{HERE}:{HERE.parent}"
+    env.update(env_extra or {})
     if nproc == 1:
         cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args]
     else:
@@ -135,6 +136,24 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
     initial = _initial_weights()
     assert any(not torch.allclose(one[k], initial[k]) for k in one), "training must move the weights"
+
+
+def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
+    """2 gloo ranks, each sampling from an unsharded copy of the policy: a held-out evaluation between steps runs
+    on the weights of the update just made (the copy is refreshed first), as the next step's rollouts do, not on
+    the copy the step's rollouts used."""
+    log = tmp_path / "rollouts"
+    _fsdp_run(tmp_path / "run", 2, tmp_path, extra=["train.eval_every=1"],
+              env_extra={"PACT_TEST_ROLLOUT_LOG": str(log)})
+    for rank in (0, 1):
+        calls = [json.loads(line) for line in Path(f"{log}.rank{rank}").read_text().splitlines()]
+        # eval before, then per step: its rollouts, the evaluation after it (the last one after the final save)
+        assert [c["eval"] for c in calls] == [True, False, True, False, True, False, True], calls
+        sums = [c["sum"] for c in calls]
+        assert sums[0] == sums[1], "the first rollouts sample the initial weights"
+        for k in (1, 3):  # the evaluations between steps
+            assert sums[k + 1] != sums[k], "the evaluation after a step saw the weights from before its update"
+            assert sums[k + 1] == sums[k + 2], "the evaluation and the next step's rollouts see the same weights"
 
 
 def test_built_in_held_out_tasks_come_from_another_world():
