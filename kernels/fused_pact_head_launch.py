@@ -185,35 +185,25 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
         _head_pass_kernel[(triton.cdiv(r, pcfg.blocks["BLOCK_R"]),)](
             z, z.stride(0), targets[rows], logp[rows], lse[rows], ent[rows], s[rows], r, V, inv_temp, limit,
             cap or 1.0, WRITE_U=shift, SOFTCAP=cap is not None, ENTROPY=want_entropy, **pcfg.blocks,
-            num_warps=pcfg.num_warps,
-            num_stages=pcfg.num_stages)
+            num_warps=pcfg.num_warps, num_stages=pcfg.num_stages)
         if grads is None:
             continue
         g_logp, g_ent = grads(r0, r0 + r, logp, ent)
         g_logp = g_logp.float().contiguous()
         first = r0 == 0
-        grid = (triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))
-        if shift:
-            src = _dx_parts(z, w, parts, S) if S > 1 else torch.mm(z, w, out=dx[rows])
-            _scale_rows_kernel[grid](
-                dx[rows], src, x[rows], xs[:r] if xs is not None else dx[rows], beta[:r], g_logp, s[rows], r, H, S,
-                r * H, inv_temp, SCALE=True, WRITE_XS=weight_grad, **scfg.blocks, num_warps=scfg.num_warps,
-                num_stages=scfg.num_stages)
-            if dw is not None:
-                _accumulate(dw, z.t(), xs[:r], first)
-            if db is not None:
-                _accumulate(db, z.t(), beta[:r], first)
-        else:
+        if not shift:  # d logits in place of the logits
             slab_grad(z, 0, targets[rows], lse[rows], ent[rows], g_logp,
                       g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
-            if S > 1:  # the partial products summed, unscaled
-                _scale_rows_kernel[grid](dx[rows], _dx_parts(z, w, parts, S), dx[rows], dx[rows], dx[rows], g_logp,
-                                         g_logp, r, H, S, r * H, inv_temp, SCALE=False, WRITE_XS=False, **scfg.blocks,
-                                         num_warps=scfg.num_warps, num_stages=scfg.num_stages)
-            else:
-                torch.mm(z, w, out=dx[rows])
-            if dw is not None:
-                _accumulate(dw, z.t(), x[rows], first)
+        src = _dx_parts(z, w, parts, S) if S > 1 else torch.mm(z, w, out=dx[rows])
+        if shift or S > 1:  # dx = beta * (U @ w) (shift mode), or the partial products summed (ordinary mode)
+            _scale_rows_kernel[(triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))](
+                dx[rows], src, x[rows], xs[:r] if xs is not None else dx[rows], beta[:r] if shift else dx[rows],
+                g_logp, s[rows], r, H, S, r * H, inv_temp, SCALE=shift, WRITE_XS=shift and weight_grad,
+                **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
+        if dw is not None:
+            _accumulate(dw, z.t(), xs[:r] if shift else x[rows], first)
+        if db is not None and shift:  # (ordinary mode: slab_grad's atomics)
+            _accumulate(db, z.t(), beta[:r], first)
     if db is not None and shift:
         db = db.view(V)
     return logp, ent, dx, dw, db
@@ -331,14 +321,6 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     def gemm(tag, m, n, k, c_elems, batch=1):
         costs.append(gemm_cost(tag, m, n, k, c_elems, e, batch))
 
-    def dx_gemms(r):
-        if S == 1:
-            gemm("dx", r, H, V, 0)
-            return
-        gemm("dx", r, H, k_split, 0, batch=S)
-        if rem:
-            gemm("dx", r, H, rem, r * H)
-
     for (r0, r), bad in zip(blocks, bad_rows):
         gemm("logits", r, V, H, V if has_bias else 0)
         nbytes = 8 * r + r * V * e + (12 if want_entropy else 8) * r  # targets; logits read once; logp, lse (entropy)
@@ -350,25 +332,25 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         if not backward:
             continue
         acc = 0 if r0 == 0 else 1
-        if shift:
-            dx_gemms(r)
-            # g and s per (row, column tile); beta once per row; S partial products read, dx written (+ x read,
-            # xs written)
-            costs.append(KernelCost("fused_pact_head.scale", 0,
-                                    8 * r * h_tiles + r * e + (S + 1 + (2 if weight_grad else 0)) * r * H * e))
-            if weight_grad:
-                gemm("dw", V, H, r, acc * V * H)
-            if has_bias:
-                gemm("db", V, 1, r, acc * V)
-        else:
+        if not shift:
             row_bytes = (8 + 4 + 4 + (8 if want_entropy else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
             atomics = 2 * 4 * V * triton.cdiv(r, cfgs["grad"].blocks["BLOCK_R"]) if has_bias else 0
             costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * V * e + atomics))
-            dx_gemms(r)
-            if S > 1:  # the partial products summed into dx
-                costs.append(KernelCost("fused_pact_head.scale", 0, (S + 1) * r * H * e))
-            if weight_grad:
-                gemm("dw", V, H, r, acc * V * H)
+        if S == 1:
+            gemm("dx", r, H, V, 0)
+        else:
+            gemm("dx", r, H, k_split, 0, batch=S)
+            if rem:
+                gemm("dx", r, H, rem, r * H)
+        if shift:  # g and s per (row, column tile); beta once per row; S parts read, dx written (+ x read, xs written)
+            costs.append(KernelCost("fused_pact_head.scale", 0,
+                                    8 * r * h_tiles + r * e + (S + 1 + (2 if weight_grad else 0)) * r * H * e))
+        elif S > 1:  # the partial products summed into dx
+            costs.append(KernelCost("fused_pact_head.scale", 0, (S + 1) * r * H * e))
+        if weight_grad:
+            gemm("dw", V, H, r, acc * V * H)
+        if has_bias and shift:
+            gemm("db", V, 1, r, acc * V)
     return costs
 
 
