@@ -510,8 +510,9 @@ def hf_prefill_ops(w, context):
 def rollout_memory_mib(w, engine):
     """{kv_cache, prefill_logits, peak} MiB at the last turn: K and V of every layer for rows x (last context +
     model_tokens) tokens (fp32 for HF, bf16 for vLLM); HF's prefill logits rows x V fp32 (the last position's:
-    ``logits_to_keep=1``; 0 for vLLM, whose [rows, V] logits live in its own KV budget); the peak adds the trainer's fp32 weights and AdamW state, 12 bytes
-    a parameter (pact_fast/planner.py's rollout phase), and for vLLM its own bf16 weights, 2 bytes a parameter."""
+    ``logits_to_keep=1``; 0 for vLLM, whose [rows, V] logits live in its own KV budget); the peak adds the
+    trainer's fp32 weights and AdamW state, 12 bytes a parameter (pact_fast/planner.py's rollout phase), and for
+    vLLM its own bf16 weights, 2 bytes a parameter."""
     hf = engine == "hf"
     tokens = w.rollout_rows * (w.context(w.turns - 1) + w.model_tokens)
     kv = tokens * w.layers * 2 * w.kv_heads * w.head_dim * (FP32 if hf else BF16)

@@ -5,9 +5,9 @@ block's logits over the WHOLE vocabulary, ``z_raw = x[rows] @ w.T (+ b)``, into 
 the input dtype; then ``_head_pass_kernel`` reads it once.
 
 ``_head_pass_kernel`` keeps, per row, the online log-sum-exp of ``z = z_raw * inv_temp`` in fp32
-(running max m, s = sum exp(z - m), with ``ENTROPY`` t = sum exp(z - m) (z - m)) and the target logit z_tgt, and
-writes ``logp``, ``lse`` (and ``entropy``); with ``SOFTCAP`` the logits are ``z = cap * tanh(z_raw / cap) * inv_temp`` (as in
-``kernels/linear_logprobs.py``; ``inv_temp`` carries a model's logit scale). With ``WRITE_U`` it also
+(running max m, s = sum exp(z - m), with ``ENTROPY`` t = sum exp(z - m) (z - m)) and the target logit z_tgt,
+and writes ``logp``, ``lse`` (and ``entropy``); with ``SOFTCAP`` the logits are ``z = cap * tanh(z_raw / cap) *
+inv_temp`` (as in ``kernels/linear_logprobs.py``; ``inv_temp`` carries a model's logit scale). With ``WRITE_U`` it also
 overwrites the workspace, in the same pass, with
 
     U[r, v] = exp(z[r, v] - c_r)  (v != target),    U[r, target] = -sum_{v != target} exp(z[r, v] - c_r),
@@ -41,8 +41,9 @@ error in the tests).
 
 ``_scale_rows_kernel`` sums the partial products of dX's GEMM (split over the vocabulary when one block's
 ``[R, H]`` output is too few tiles to fill the GPU: ``fused_pact_head_launch.dx_splits``) and applies
-``beta``: ``dx[r, :] = beta_r * (U @ w)[r, :]``, ``xs[r, :] = beta_r x[r, :]`` (the dW GEMM's right operand; skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta``
-itself in the input dtype (for the bias gradient's GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
+``beta``: ``dx[r, :] = beta_r * (U @ w)[r, :]``, ``xs[r, :] = beta_r x[r, :]`` (the dW GEMM's right operand;
+skipped with ``WRITE_XS`` off, for a frozen lm_head) and ``beta`` itself in the input dtype (for the bias
+gradient's GEMM). The entropy bonus (its gradient ``p (E[z] - z)`` is not a row scaling of one matrix), fp16
 (whose range cannot hold ``U``) and a soft cap run the pass without ``WRITE_U``, then the ordinary gradient
 kernel of ``linear_logprobs`` (read and write of the logits). With a soft cap d loss / d z_raw is the row
 scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from the stored values as
@@ -135,13 +136,13 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
 @cost_name("fused_pact_head.scale")
 @triton.jit
 def _scale_rows_kernel(dx_ptr, parts_ptr, x_ptr, xs_ptr, beta_ptr, g_ptr, s_ptr, R, H, n_parts, part_stride,
-                       inv_temp,
-                       SCALE: tl.constexpr, WRITE_XS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                       inv_temp, SCALE: tl.constexpr, WRITE_XS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     """dx [R, H] = beta * sum_p parts[p] (fp32 sum of the ``n_parts`` partial products of dX's vocabulary-split
-    GEMM, ``part_stride`` elements apart, each [R, H]; ``parts`` may be ``dx`` itself when n_parts is 1), beta = -g * inv_temp / s for g, s
-    [R] fp32; with WRITE_XS (the weight needs its gradient) xs [R, H] = beta * x [R, H]; beta [R] in the input
-    dtype (written by the programs of the first column tile). SCALE False: dx = sum_p parts[p] only (the ordinary
-    gradient's dX; g, s, x, xs, beta unread). All row-major, stride H."""
+    GEMM, ``part_stride`` elements apart, each [R, H]; ``parts`` may be ``dx`` itself when n_parts is 1),
+    beta = -g * inv_temp / s for g, s [R] fp32; with WRITE_XS (the weight needs its gradient) xs [R, H] =
+    beta * x [R, H]; beta [R] in the input dtype (written by the programs of the first column tile). SCALE False:
+    dx = sum_p parts[p] only (the ordinary gradient's dX; g, s, x, xs, beta unread). All row-major, stride H."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
