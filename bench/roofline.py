@@ -18,6 +18,7 @@ MiB = 2^20 bytes, traffic in GiB = 2^30.
     python bench/roofline.py --json bench/results/roofline.json # also the rows as JSON
     python bench/roofline.py --stored-sass                      # issue term from the stored SASS table
     python bench/roofline.py --readme                           # README's tables (Markdown)
+    python bench/roofline.py --step                             # then the whole W-group step (bench/step_model.py)
     TRITON_INTERPRET=1 python bench/roofline.py --probe         # recount the torch kernels of each public op
 
 API for other tools: ``DEVICES``, ``CLASSES``, ``predict_ms(costs, device)``, ``predict_time_ms(launches, device)``,
@@ -1047,6 +1048,9 @@ def main(argv=None):
                     help="count the torch kernels of each public op (TRITON_INTERPRET=1) into " + TORCH_OPS.name)
     ap.add_argument("--stored-sass", action="store_true", help="read the issue term from the stored SASS table")
     ap.add_argument("--readme", action="store_true", help="print README's tables (Markdown, H100 and H200) instead")
+    ap.add_argument("--step", action="store_true",
+                    help="then the whole-step model: a W-group step's rollouts, scoring and update per engine "
+                         "(bench/step_model.py, built on this module's per-op models)")
     args = ap.parse_args(argv)
     if args.probe:
         doc = {"note": "torch kernels each public op launches beside its modelled GEMMs and Triton kernels, counted "
@@ -1068,6 +1072,11 @@ def main(argv=None):
                "sources": SOURCES, "units": "bytes; printed as MiB = 2^20 bytes and GiB = 2^30",
                "note": "performance model (bench/roofline.py): predictions, not measurements"}
         Path(args.json).write_text(json.dumps(doc, indent=1, default=list) + "\n")
+    if args.step:
+        import step_model
+
+        print()
+        step_model.main([])
 
 
 if __name__ == "__main__":

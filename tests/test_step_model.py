@@ -300,3 +300,13 @@ def test_step_rows_fractions_and_cli(tmp_path):
         assert min(r[f"{p}_ms"] for p in ("rollouts", "update")) > 0
     assert doc["workload"]["R"] == TINY.R and "pcie_bandwidth" in doc["sources"]
     assert set(vars(sm.CONSTANTS)) <= set(doc["sources"])
+
+
+def test_roofline_step_flag_prints_the_whole_step_of_the_w_group(capsys):
+    roofline.main(["--stored-sass", "--step"])
+    out = capsys.readouterr().out
+    assert "Performance model: PREDICTIONS" in out and "Whole-step model: PREDICTIONS" in out
+    printed = {(line.split()[0], line.split()[1]): float(line.split()[5]) for line in out.splitlines()
+               if line.split()[:1] and line.split()[0] in roofline.DEVICES and line.split()[1] in sm.ENGINES}
+    rows = sm.step_rows(sm.Workload())
+    assert printed == {(r["device"], r["engine"]): pytest.approx(r["step_ms"], abs=0.05) for r in rows}
