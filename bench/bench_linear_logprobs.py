@@ -15,10 +15,7 @@ in one process; ratios are against the naive path.
 sizes), and counts the SASS instructions of its column loop: warp-instructions per logit = instructions in the
 loop body / logits one warp handles per iteration (BLOCK_R * BLOCK_S / num_warps).
 """
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -95,55 +92,25 @@ def run(workload, device, reps, names=None):
     return rows
 
 
-def _loop_bodies(sass):
-    """[(first address, last address, instructions)] of every loop in a cuobjdump -sass listing: the range from a
-    backward branch's target to the branch (NOPs left out)."""
-    code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = []
-    for addr, text in code:
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) <= addr:
-            start = int(target.group(1), 16)
-            loops.append((start, addr, [t for a, t in code if start <= a <= addr and not t.startswith("NOP")]))
-    return loops
-
-
 def epilogue_sass_rows(archs=(90, 80), names=None):
-    """One row per forward-epilogue gate entry (those in ``names``, default all) and architecture: registers,
-    stack bytes, instructions in the column loop and warp-instructions per logit."""
-    import os
+    """One row per forward-epilogue gate entry (those in ``names``, default the 16-divisible vocabulary's builds)
+    and architecture: registers, stack bytes, instructions in the column loop and warp-instructions per logit,
+    compiled as the compile gate builds the entry (bench/sass.py)."""
+    import sass
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from pact_fast.compile_gate import _tool
+    from pact_fast.compile_gate import compile_entry
     from pact_fast.kernels import linear_logprobs_launch as launch
 
     rows = []
     for entry in (e for e in launch.gate_entries() if e.name.startswith("linear_logprobs.fwd")
-                  and (names is None or e.name in names)):
-        args = entry.kernel.arg_names
-        attrs = {(args.index(a),): [["tt.divisibility", 16]] for a, ty in entry.signature.items()
-                 if ty.startswith("*") or a in ("stride_zr", "R", "S", "v0")}
-        src = triton.compiler.ASTSource(fn=entry.kernel, constexprs=entry.constexprs, attrs=attrs,
-                                        signature={**entry.signature, **{k: "constexpr" for k in entry.constexprs}})
+                  and (e.name in names if names is not None else "-odd]" not in e.name)):
         for arch in archs:
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": entry.config.num_warps,
-                                               "num_stages": entry.config.num_stages})
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(compiled.asm["cubin"])
-            try:
-                sass, usage = (subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True,
-                                              check=True).stdout for flag in ("-sass", "--dump-resource-usage"))
-            finally:
-                os.unlink(f.name)
-            body = max((b for _, _, b in _loop_bodies(sass)), key=len)
+            built = compile_entry(entry, arch)
+            body, _ = sass.hot_loop(sass.kernel_sass(entry, arch))
             per_warp = entry.constexprs["BLOCK_R"] * entry.constexprs["BLOCK_S"] / entry.config.num_warps
-            fields = dict(re.findall(r"(REG|STACK):(\d+)", usage))
-            rows.append({"kernel": entry.name, "arch": f"sm_{arch}", "registers": int(fields["REG"]),
-                         "stack": int(fields["STACK"]), "loop_instructions": len(body),
-                         "logits_per_warp_iteration": int(per_warp), "instructions_per_logit": len(body) / per_warp})
+            rows.append({"kernel": entry.name, "arch": f"sm_{arch}", "registers": built["registers"],
+                         "stack": built["stack_bytes"], "loop_instructions": body,
+                         "logits_per_warp_iteration": int(per_warp), "instructions_per_logit": body / per_warp})
     return rows
 
 

@@ -71,15 +71,11 @@ def toolchain_ready():
 
 
 def kernel_sass(entry, arch=ARCH):
-    """The SASS text of one GateEntry compiled for ``sm_{arch}`` with the gate's options."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    """The SASS text of one GateEntry compiled for ``sm_{arch}`` as the compile gate builds it (its options and
+    alignment hints: ``pact_fast.compile_gate.build``)."""
+    from pact_fast.compile_gate import build
 
-    src = triton.compiler.ASTSource(fn=entry.kernel,
-                                    signature={**entry.signature, **{k: "constexpr" for k in entry.constexprs}},
-                                    constexprs=entry.constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": entry.config.num_warps, "num_stages": entry.config.num_stages})
+    compiled = build(entry, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         cubin = f.name
@@ -123,19 +119,27 @@ def loops(sass):
     return out
 
 
-def hot_loop(sass):
+# Kernels whose hot loop is their first: the fused head's pass has a second loop that runs only for rows past its
+# shift limit (a target less likely than ~e^-20), data dependent and none by default; the model prices its
+# bytes (kernel_costs' bad_rows), not its instructions
+FIRST_LOOP = {"fused_pact_head.pass"}
+
+
+def hot_loop(sass, first=False):
     """(instructions in the hot loop's body, total instructions): the innermost loop with the largest body
-    (innermost: contains no other loop); the whole kernel when there is none."""
+    (innermost: contains no other loop), or with ``first`` the first innermost loop in program order; the whole
+    kernel when there is none."""
     instructions, _ = parse(sass)
     found = loops(sass)
-    inner = [(s, e) for s, e in found if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in found)]
-    body = max((e - s + 1 for s, e in inner), default=len(instructions))
+    inner = sorted((s, e) for s, e in found if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in found))
+    sizes = [e - s + 1 for s, e in inner]
+    body = (sizes[0] if first else max(sizes)) if sizes else len(instructions)
     return body, len(instructions)
 
 
 def profile(entry, sass):
     """Issue profile of one GateEntry from its SASS: warp-instructions per element of the hot loop."""
-    body, total = hot_loop(sass)
+    body, total = hot_loop(sass, first=family(entry.name) in FIRST_LOOP)
     elements = ELEMENTS[family(entry.name)](entry.constexprs)
     return {"entry": entry.name, "num_warps": entry.config.num_warps, "loop_instructions": body,
             "total_instructions": total, "elements_per_iteration": elements,
@@ -143,13 +147,13 @@ def profile(entry, sass):
 
 
 def model_entries():
-    """The GateEntries the performance model prices: every kernel the model uses, bf16 (W-logprob, W-group), at the
-    configuration launched on sm_90a (an entry of another architecture's configuration, e.g. sm_80's dk/dv tile,
+    """The GateEntries the performance model prices: every kernel the model uses, bf16 (W-logprob, W-group), as a
+    vocabulary that is a multiple of 16 specialises it (not the "-odd" builds), at the configuration launched on sm_90a (an entry of another architecture's configuration, e.g. sm_80's dk/dv tile,
     has the same name and would overwrite it)."""
     from pact_fast.kernels.gate_entries import all_gate_entries
 
     return [e for e in all_gate_entries() if "bf16" in e.name and "softcap" not in e.name
-            and "window" not in e.name and ARCH in e.archs]
+            and "window" not in e.name and "-odd]" not in e.name and ARCH in e.archs]
 
 
 def measure(entries=None):

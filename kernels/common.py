@@ -27,6 +27,17 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def exp2_approx(x):
+    """2^x of fp32 ``x``: one ``ex2.approx.ftz`` on a GPU (``tl.exp2`` adds a subnormal range fix-up around it, 3
+    more instructions per element, for results below 2^-126 that vanish beside the row's largest term of 1)."""
+    if _INTERPRETED:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def online_softmax_step(m, s, t, z, mask):
     """One tile of a row-wise online log-sum-exp with its entropy accumulator. Per row: running max ``m``,
     ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)`` (fp32 [rows]), updated by the tile ``z`` [rows, cols]

@@ -26,10 +26,12 @@ ordinary gradient's ``1 - p_target`` would be.
 
 The shift keeps every ``U`` below ``exp(limit)`` while the row's max logit is at most ``limit`` above its
 target logit (``-logp_target`` bounds that gap). A row whose gap exceeds ``limit`` (a target the model
-finds less likely than about exp(-limit)) is re-shifted by its true max in a second loop over that row
-only, reading back what the first loop stored: ``U`` (from which ``z = c + log U``) before the tile where
-the row went over the limit, the raw logits from there on and at the target (the first loop never stores
-the target column). Such rows cost one more read and write of their logits; rows within the limit none.
+finds less likely than about exp(-limit)) is re-shifted by its max in a second loop over that row only,
+reading back what the first loop stored: ``U`` (from which ``z = c + log U``) before the tile where the row
+went over the limit, the raw logits from there on; its target column and ``s`` are written after that loop,
+from the sum of what it wrote. Such rows cost one more read and write of their logits; rows within the limit
+none. The first loop does one row reduction per tile (the running max that detects the limit) and keeps
+the row sum per lane, reduced once after the loop (``_u_pass``).
 
 Every fp32 -> bf16 store goes through ``round_to`` (kernels/common.py) (round to nearest even, as ``cvt.rn`` on a GPU; the
 interpreter's own cast truncates, which biased U and the row scaling alike and made the interpreted bf16
@@ -52,11 +54,13 @@ scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from t
 import triton
 import triton.language as tl
 
-from .common import online_lse_step, online_softmax_step, round_to, soft_cap, store_row_stats
+from .common import exp2_approx, online_lse_step, online_softmax_step, round_to, soft_cap, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
 _M_INIT = tl.constexpr(-1.0e30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 @cost_name("fused_pact_head.pass")
 @triton.jit
 def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_ptr,
@@ -66,30 +70,35 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
     """One row block over the whole vocabulary: z [R, V] (workspace, raw logits; with WRITE_U overwritten
     by U), targets [R] int64 in [0, V); writes logp, lse [R] fp32, with ENTROPY entropy [R] fp32 (its running
     sum t is not kept otherwise) and, with WRITE_U, s [R] fp32 (the row sum of exp(z - shift) that U is relative
-    to). ``cap`` is read only with SOFTCAP (never with WRITE_U). With WRITE_U the target logit is the shift c,
-    read before the loop; otherwise each tile picks it out of the row."""
+    to). ``cap`` is read only with SOFTCAP (never with WRITE_U)."""
     tl.static_assert(not (WRITE_U and SOFTCAP), "the U pass takes no soft cap")
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0)
     row_ptr = z_ptr + rows.to(tl.int64) * stride_zr
+    if WRITE_U:
+        _u_pass(row_ptr, tgt, logp_ptr, lse_ptr, s_ptr, rows, row_mask, V, inv_temp, limit, BLOCK_R, BLOCK_V)
+    else:
+        _stats_pass(row_ptr, tgt, logp_ptr, lse_ptr, ent_ptr, rows, row_mask, V, inv_temp, cap, SOFTCAP, ENTROPY,
+                    BLOCK_R, BLOCK_V)
+
+
+@triton.jit
+def _stats_pass(row_ptr, tgt, logp_ptr, lse_ptr, ent_ptr, rows, row_mask, V, inv_temp, cap, SOFTCAP: tl.constexpr,
+                ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The pass without U: the online log-sum-exp (and entropy) of each row; its target logit is one load."""
     m = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    z_tgt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if WRITE_U:
-        c = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
-        s_other = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        bad = rows < 0  # the row's max went more than `limit` above c (monotone along the row)
-        switch = tl.full((BLOCK_R,), V, dtype=tl.int32)  # first column stored raw for a bad row
-        z_tgt = c
+    z_tgt = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z_tgt, _dz_tgt = soft_cap(z_tgt, cap)  # not named `_`: the loop below rebinds `_` to a tile
+    z_tgt = z_tgt * inv_temp
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < V)[None, :]
-        ptrs = row_ptr[:, None] + cols[None, :]
-        z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
-        z = z_raw.to(tl.float32)
+        z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         if SOFTCAP:
             z, _ = soft_cap(z, cap)
             z = tl.where(mask, z, float("-inf"))
@@ -98,39 +107,81 @@ def _head_pass_kernel(z_ptr, stride_zr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, s_p
             m, s, t = online_softmax_step(m, s, t, z, mask)
         else:
             m, s = online_lse_step(m, s, z)
-        is_tgt = cols[None, :] == tgt[:, None]
-        if not WRITE_U:
-            z_tgt += tl.sum(tl.where(mask & is_tgt, z, 0.0), axis=1)
-        if WRITE_U:
-            now_bad = bad | (m - c > limit)
-            switch = tl.where(now_bad & ~bad, c0, switch)
-            bad = now_bad
-            u = tl.exp(tl.minimum(z - c[:, None], limit))  # the min only guards rows that are bad anyway
-            s_other += tl.sum(tl.where(mask & ~is_tgt, u, 0.0), axis=1)
-            out = tl.where(bad[:, None], z_raw, round_to(u, z_raw.dtype))
-            tl.store(ptrs, out, mask=mask & ~is_tgt)
     store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt, ENTROPY)
-    s_safe = tl.where(row_mask, s, 1.0)  # rows past R hold s = 0
-    if WRITE_U:
-        good = row_mask & ~bad
-        tl.store(row_ptr + tgt, round_to(-s_other, z_ptr.dtype.element_ty), mask=good)
-        # bad rows: U relative to the true max m, where sum_v exp(z - m) = s
-        tl.store(s_ptr + rows, tl.where(bad, s_safe, 1.0 + s_other), mask=row_mask)
-        redo = row_mask & bad
-        if tl.sum(redo.to(tl.int32), axis=0) > 0:
-            tl.debug_barrier()  # the first loop's stores are visible to every thread of the program
-            u_tgt = tl.exp(tl.where(redo, z_tgt - m, 0.0))
-            for c0 in range(0, V, BLOCK_V):
-                cols = c0 + tl.arange(0, BLOCK_V)
-                mask = redo[:, None] & (cols < V)[None, :]
-                ptrs = row_ptr[:, None] + cols[None, :]
-                stored = tl.load(ptrs, mask=mask, other=1.0)
-                raw = (cols[None, :] >= switch[:, None]) | (cols[None, :] == tgt[:, None])
-                stored = stored.to(tl.float32)
-                z = tl.where(raw, stored * inv_temp, c[:, None] + tl.log(tl.where(raw, 1.0, stored)))
-                u = tl.exp(tl.where(mask, z - m[:, None], float("-inf")))  # rows past R hold m = -1e30
-                u = tl.where(cols[None, :] == tgt[:, None], (u_tgt - s_safe)[:, None], u)
-                tl.store(ptrs, round_to(u, z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _u_pass(row_ptr, tgt, logp_ptr, lse_ptr, s_ptr, rows, row_mask, V, inv_temp, limit, BLOCK_R: tl.constexpr,
+            BLOCK_V: tl.constexpr):
+    """The pass with U, in base 2: x = (z - c) log2(e) per logit, c the row's target logit. One row reduction
+    per tile (the running max ``gap`` of x); the sum over the other columns stays per lane in ``acc`` and is
+    reduced once, after the loop. Its terms are 2^(x - ref), ref = max(gap - limit2, 0): 0 while the row is
+    within the limit (then they are U itself), past it the row's max less the limit, so no term exceeds
+    2^limit2 whatever the logits; ``acc`` is rescaled when ref moves. The one exponential per logit gives both
+    U and the sum."""
+    c = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
+    k = inv_temp * _LOG2E
+    c2 = c * _LOG2E
+    limit2 = limit * _LOG2E
+    gap = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
+    ref = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    switch = tl.full((BLOCK_R,), V, dtype=tl.int32)  # first column stored raw for a row past the limit
+    tgt32 = tgt.to(tl.int32)  # V < 2^31: one 32-bit compare per logit, against a constant of the lane
+    lanes = tl.arange(0, BLOCK_V)
+    for c0 in range(0, V, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (cols < V)[None, :]
+        ptrs = row_ptr[:, None] + cols[None, :]
+        z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
+        z = z_raw.to(tl.float32)
+        x = z * k - c2[:, None]
+        gap = tl.maximum(gap, tl.max(x, axis=1))
+        ref_new = tl.maximum(gap - limit2, 0.0)
+        bad = ref_new > 0.0  # monotone along the row: once past the limit, raw logits are stored
+        switch = tl.where(bad & (switch == V), c0, switch)
+        u = exp2_approx(x - ref_new[:, None])
+        acc = acc * exp2_approx(ref - ref_new)[:, None] + tl.where(lanes[None, :] == (tgt32 - c0)[:, None], 0.0, u)
+        ref = ref_new
+        # a raw logit goes back unchanged: bf16 / fp32 -> fp32 -> the same dtype is exact
+        tl.store(ptrs, round_to(tl.where(bad[:, None], z, u), z_raw.dtype), mask=mask)
+    s_other = tl.sum(acc, axis=1)  # sum over v != target of 2^(x - ref)
+    shift = ref * _LN2  # natural units: the sums are relative to c + shift
+    s = s_other + exp2_approx(-ref)  # the target's own term
+    store_row_stats(logp_ptr, lse_ptr, lse_ptr, rows, row_mask, c + shift, s, s, c, False)
+    bad = row_mask & (ref > 0.0)
+    good = row_mask & ~bad
+    tl.store(row_ptr + tgt, round_to(-s_other, row_ptr.dtype.element_ty), mask=good)
+    tl.store(s_ptr + rows, 1.0 + s_other, mask=good)
+    if tl.sum(bad.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()  # the first loop's stores are visible to every thread of the program
+        _reshift_rows(row_ptr, tgt, s_ptr + rows, bad, switch, c, c + gap * _LN2, V, inv_temp, BLOCK_R, BLOCK_V)
+
+
+@triton.jit
+def _reshift_rows(row_ptr, tgt, s_ptrs, redo, switch, c, m, V, inv_temp, BLOCK_R: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """Rows ``redo`` went past the limit: rewrite them as U relative to their max ``m`` (natural units),
+    reading back what the first loop stored: U (from which z = c + log U) before column ``switch``, the raw
+    logits from there on; their sum s_m = sum_v exp(z - m) of the values written goes to ``s_ptrs``, and the
+    target column (z = c) becomes ``exp(c - m) - s_m``."""
+    u_tgt = tl.exp(tl.where(redo, c - m, 0.0))
+    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    for c0 in range(0, V, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = redo[:, None] & (cols < V)[None, :]
+        is_tgt = cols[None, :] == tgt[:, None]
+        ptrs = row_ptr[:, None] + cols[None, :]
+        stored = tl.load(ptrs, mask=mask, other=1.0)
+        raw = cols[None, :] >= switch[:, None]
+        stored = stored.to(tl.float32)
+        z = tl.where(raw, stored * inv_temp, c[:, None] + tl.log(tl.where(raw, 1.0, stored)))
+        u = tl.exp(tl.where(mask & ~is_tgt, z - m[:, None], float("-inf")))
+        acc += u
+        tl.store(ptrs, round_to(u, row_ptr.dtype.element_ty), mask=mask & ~is_tgt)
+    s_m = u_tgt + tl.sum(acc, axis=1)
+    tl.store(row_ptr + tgt, round_to(u_tgt - s_m, row_ptr.dtype.element_ty), mask=redo)
+    tl.store(s_ptrs, s_m, mask=redo)
 
 
 @cost_name("fused_pact_head.scale")

@@ -37,7 +37,7 @@ from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_k
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting, vocab_variants
 
 BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
 ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
@@ -323,11 +323,10 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
 
     for (r0, r), bad in zip(blocks, bad_rows):
         gemm("logits", r, V, H, V if has_bias else 0)
-        nbytes = 8 * r + r * V * e + (12 if want_entropy else 8) * r  # targets; logits read once; logp, lse (entropy)
-        if shift:
-            # shift c (target logit); U stored but for the target column; s; target column of good rows;
-            # the bad rows' second loop (read and write of their row)
-            nbytes += r * e + r * (V - 1) * e + 4 * r + (r - bad) * e + 2 * bad * V * e
+        # targets; target logits (the shift c in shift mode); logits read once; logp, lse (entropy)
+        nbytes = 8 * r + r * e + r * V * e + (12 if want_entropy else 8) * r
+        if shift:  # U stored; s; target column of good rows; the bad rows' second loop (read and write of their row)
+            nbytes += r * V * e + 4 * r + (r - bad) * e + 2 * bad * V * e
         costs.append(KernelCost("fused_pact_head.pass[shift]" if shift else "fused_pact_head.pass", 0, nbytes))
         if not backward:
             continue
@@ -374,7 +373,8 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
 def gate_entries():
     """The pass kernel and the row-scaling kernel at their GPU configurations, for every dtype and mode
     ``run`` launches them with (shift mode: bf16, fp32, with and without xs; ordinary: bf16, fp16, fp32, with or
-    without a soft cap, and the scaling kernel summing a split dX), and the upstream-gradient kernel. memory_lean
+    without a soft cap, and the scaling kernel summing a split dX), and the upstream-gradient kernel; the pass
+    as a 16-divisible vocabulary's build and any other's (``registry.vocab_variants``). memory_lean
     launches linear_logprobs' epilogues at its own gated configurations."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -386,7 +386,7 @@ def gate_entries():
             if write_u and not shift_mode(dtype, False):
                 continue
             cfg = GPU_CONFIGS["pass"]
-            entries.append(GateEntry(
+            entries += vocab_variants(
                 f"fused_pact_head.pass[{t}{'-shift' if write_u else ''}{'-softcap' if softcap else ''}"
                 f"{'-noent' if not (write_u or entropy) else ''}]",
                 _head_pass_kernel,
@@ -394,7 +394,7 @@ def gate_entries():
                  "ent_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "V": "i32", "inv_temp": "fp32", "limit": "fp32",
                  "cap": "fp32"},
                 {"WRITE_U": write_u, "SOFTCAP": softcap, "ENTROPY": entropy, **cfg.blocks}, cfg,
-                expects_mma=False))
+                ("stride_zr", "V"), expects_mma=False)
         cfg = GPU_CONFIGS["scale"]
         # shift mode: scaled, with xs or (frozen weight) without; ordinary mode: the split dX's parts summed
         variants = ((True, True, ""), (True, False, "-frozen")) if shift_mode(dtype, False) else ()

@@ -36,24 +36,13 @@ Each element is loaded and then stored by the same program, so the in-place upda
 import triton
 import triton.language as tl
 
-from .common import _INTERPRETED, round_to, soft_cap, store_row_stats
+from .common import _INTERPRETED, exp2_approx, round_to, soft_cap, store_row_stats
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
 _M_INIT = tl.constexpr(-1.0e30)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _exp2(x):
-    """2^x of fp32 ``x``: one ``ex2.approx.ftz`` on a GPU (``tl.exp2`` adds a subnormal range fix-up around it, 3
-    more instructions per element, for results below 2^-126 that vanish beside the row's largest term of 1)."""
-    if _INTERPRETED:
-        return tl.exp2(x)
-    else:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
 
 
 @triton.jit
@@ -70,7 +59,7 @@ def _rcp(x):
 def _tanh_over(z, k):
     """``tanh(z / cap)`` of fp32 ``z`` given ``k = 2 log2(e) / cap``: ``e = 2^(-k |z|)``, ``(1 - e) / (1 + e)`` with
     z's sign (the forward's soft cap; its ``cap`` factor folds into the scale that follows)."""
-    e = _exp2(-k * tl.abs(z))
+    e = exp2_approx(-k * tl.abs(z))
     th = (1.0 - e) * _rcp(1.0 + e)
     return tl.where(z < 0, -th, th)
 
@@ -90,11 +79,11 @@ def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, k, SOFTCAP: tl.constexpr,
         z = tl.where(col_ok, z, float("-inf"))
     m_new = tl.maximum(m2, tl.max(tl.max(z, axis=0), axis=1) * c)
     u = z * c - m_new[None, :, None]  # one FFMA per logit; -inf on masked columns
-    p = _exp2(u)
+    p = exp2_approx(u)
     pu = p * u
     if TAIL:
         pu = tl.where(col_ok, pu, 0.0)  # 0 * -inf
-    alpha = _exp2(m2 - m_new)
+    alpha = exp2_approx(m2 - m_new)
     t2 = alpha * (t2 + (m2 - m_new) * s) + tl.sum(tl.sum(pu, axis=0), axis=1)
     s = alpha * s + tl.sum(tl.sum(p, axis=0), axis=1)
     return m_new, s, t2

@@ -32,7 +32,7 @@ import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting
+from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting, vocab_variants
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
@@ -221,9 +221,15 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, blocking=None):
     return blocking.rows * blocking.slab * e + (4 * V if has_bias else 0)
 
 
+# A slab's row stride, width and first column: multiples of 16 with a vocabulary that is (slab widths are
+# multiples of SLAB_MULTIPLE, the last one V - v0)
+SLAB_SIZES = ("stride_zr", "S", "v0")
+
+
 def gate_entries():
     """Both epilogues at their GPU configurations, for every dtype and constexpr combination the launchers use
-    (first / last slab, bias, entropy gradient, soft cap)."""
+    (first / last slab, bias, entropy gradient, soft cap), each as a 16-divisible vocabulary's build and any
+    other's (``registry.vocab_variants``)."""
     entries = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE[dtype]
@@ -232,23 +238,23 @@ def gate_entries():
             for first in (False, True):
                 for last in (False, True):
                     cfg = GPU_CONFIGS["fwd"]
-                    entries.append(GateEntry(
+                    entries += vocab_variants(
                         f"linear_logprobs.fwd[{t}{'-first' if first else ''}{'-last' if last else ''}{cap_tag}]",
                         _slab_stats_kernel,
                         {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "state_ptr": "*fp32",
                          "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "R": "i32", "S": "i32",
                          "v0": "i32", "inv_temp": "fp32", "cap": "fp32"},
                         {"IS_FIRST": first, "IS_LAST": last, "SOFTCAP": softcap, **cfg.blocks}, cfg,
-                        expects_mma=False))
+                        SLAB_SIZES, expects_mma=False)
             for has_bias in (False, True):
                 for has_gent in (False, True):
                     cfg = GPU_CONFIGS["bwd"]
-                    entries.append(GateEntry(
+                    entries += vocab_variants(
                         f"linear_logprobs.bwd[{t}{'-bias' if has_bias else ''}{'-ent' if has_gent else ''}{cap_tag}]",
                         _slab_grad_kernel,
                         {"z_ptr": f"*{t}", "stride_zr": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
                          "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "db_ptr": "*fp32",
                          "R": "i32", "S": "i32", "v0": "i32", "inv_temp": "fp32", "cap": "fp32"},
                         {"HAS_GENT": has_gent, "HAS_BIAS": has_bias, "SOFTCAP": softcap, **cfg.blocks}, cfg,
-                        expects_mma=False))
+                        SLAB_SIZES, expects_mma=False)
     return entries

@@ -70,18 +70,24 @@ def _alignment_attrs(entry):
     return {(entry.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in entry.aligned}
 
 
-def compile_entry(entry, arch):
-    """Build one GateEntry for one architecture; returns a row of measurements and verdicts."""
+def build(entry, arch):
+    """Triton's compiled kernel of one GateEntry for ``sm_{arch}``: its constexprs, launch options and alignment
+    hints, as a launch on that GPU specialises it (the gate and bench/sass.py read the same build)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     src = triton.compiler.ASTSource(fn=entry.kernel, signature={**entry.signature, **{k: "constexpr" for k in entry.constexprs}},
                                     constexprs=entry.constexprs, attrs=_alignment_attrs(entry))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": entry.config.num_warps, "num_stages": entry.config.num_stages})
+
+
+def compile_entry(entry, arch):
+    """Build one GateEntry for one architecture; returns a row of measurements and verdicts."""
     row = {"kernel": entry.name, "arch": f"sm_{arch}", "num_warps": entry.config.num_warps,
            "num_stages": entry.config.num_stages, **{k: v for k, v in entry.config.blocks.items()}}
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": entry.config.num_warps, "num_stages": entry.config.num_stages})
+        compiled = build(entry, arch)
     except Exception as exc:  # the gate reports any compiler rejection as a failure row
         return {**row, "ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

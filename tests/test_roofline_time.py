@@ -81,6 +81,36 @@ def test_sass_hot_loop_gives_warp_instructions_per_element():
     assert p["warp_instructions_per_element"] == 4 * 4 / 16
 
 
+def test_sass_hot_loop_of_the_pass_is_its_first_loop():
+    """The fused head's pass: a main loop of 3 instructions, then a larger one (its re-shift of rows past the
+    limit, which runs for none by default). The largest loop elsewhere, the first for the pass."""
+    listing = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   LDG.E R3, desc[UR4][R2.64] ;",
+        "        /*0020*/                   FADD R4, R3, R4 ;",
+        "        /*0030*/              @!P0 BRA 0x10 ;",
+        "        /*0040*/                   LDG.E R3, desc[UR4][R2.64] ;",
+        "        /*0050*/                   MUFU.LG2 R5, R3 ;",
+        "        /*0060*/                   FADD R4, R5, R4 ;",
+        "        /*0070*/                   STG.E desc[UR4][R2.64], R4 ;",
+        "        /*0080*/              @!P1 BRA 0x40 ;",
+        "        /*0090*/                   EXIT ;",
+    ])
+    assert sass.loops(listing) == [(1, 3), (4, 8)]
+    assert sass.hot_loop(listing) == (5, 10) and sass.hot_loop(listing, first=True) == (3, 10)
+
+    class Entry:
+        constexprs = {"BLOCK_R": 4, "BLOCK_V": 8}
+
+        class config:
+            num_warps = 4
+
+    for name, body in (("fused_pact_head.pass[bf16-shift]", 3), ("linear_logprobs.bwd[bf16]", 5)):
+        Entry.name = name
+        Entry.constexprs = {"BLOCK_R": 4, "BLOCK_V": 8, "BLOCK_S": 8}
+        assert sass.profile(Entry, listing)["loop_instructions"] == body, name
+
+
 def test_stored_sass_table_covers_every_kernel_the_model_prices():
     table = sass.stored()
     assert all("stored table" in p["source"] for p in table.values())
