@@ -113,15 +113,19 @@ def _stats_pass(row_ptr, tgt, logp_ptr, lse_ptr, ent_ptr, rows, row_mask, V, inv
 @triton.jit
 def _u_pass(row_ptr, tgt, logp_ptr, lse_ptr, s_ptr, rows, row_mask, V, inv_temp, limit, BLOCK_R: tl.constexpr,
             BLOCK_V: tl.constexpr):
-    """The pass with U, in base 2: x = (z - c) log2(e) per logit, c the row's target logit. One row reduction
-    per tile (the running max ``gap`` of x); the sum over the other columns stays per lane in ``acc`` and is
-    reduced once, after the loop. Its terms are 2^(x - ref), ref = max(gap - limit2, 0): 0 while the row is
-    within the limit (then they are U itself), past it the row's max less the limit, so no term exceeds
-    2^limit2 whatever the logits; ``acc`` is rescaled when ref moves. The one exponential per logit gives both
-    U and the sum."""
-    c = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
+    """The pass with U, in base 2: x = (z_raw - c_raw) inv_temp log2(e) per logit, c_raw the row's raw target
+    logit (the difference first: exact where the two are close, whatever their size; folding c into one FMA
+    left every U with an error of |c| 2^-24 against the target's term). One row reduction per tile (the running
+    max ``gap`` of x); the sum over the other columns stays per lane in ``acc`` and is reduced once, after the
+    loop. Its terms are 2^(x - ref), ref = max(gap - limit2, 0): 0 while the row is within the limit (then
+    they are U itself), past it the row's max less the limit, so no term exceeds 2^limit2 whatever the logits;
+    ``acc`` is rescaled when ref moves. The one exponential per logit gives both U and the sum. A target
+    logit of -inf (a token the model cannot emit, e.g. under a -inf bias) is measured against 0 instead, its
+    own term 0: logp -inf, and the row is finite (re-shifted when its logits go past the limit)."""
+    c_raw = tl.load(row_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32)
+    c_ref = tl.where(c_raw > float("-inf"), c_raw, 0.0)
+    c = c_ref * inv_temp  # natural units: U = exp(z - c); the target's own logit is c_raw * inv_temp
     k = inv_temp * _LOG2E
-    c2 = c * _LOG2E
     limit2 = limit * _LOG2E
     gap = tl.full((BLOCK_R,), _M_INIT, dtype=tl.float32)
     ref = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -135,37 +139,43 @@ def _u_pass(row_ptr, tgt, logp_ptr, lse_ptr, s_ptr, rows, row_mask, V, inv_temp,
         ptrs = row_ptr[:, None] + cols[None, :]
         z_raw = tl.load(ptrs, mask=mask, other=float("-inf"))
         z = z_raw.to(tl.float32)
-        x = z * k - c2[:, None]
+        x = (z - c_ref[:, None]) * k
         gap = tl.maximum(gap, tl.max(x, axis=1))
         ref_new = tl.maximum(gap - limit2, 0.0)
         bad = ref_new > 0.0  # monotone along the row: once past the limit, raw logits are stored
         switch = tl.where(bad & (switch == V), c0, switch)
         u = exp2_approx(x - ref_new[:, None])
-        acc = acc * exp2_approx(ref - ref_new)[:, None] + tl.where(lanes[None, :] == (tgt32 - c0)[:, None], 0.0, u)
+        alpha = tl.where(ref_new == ref, 1.0, exp2_approx(ref - ref_new))  # exactly 1 while ref stays put
+        acc = acc * alpha[:, None] + tl.where(lanes[None, :] == (tgt32 - c0)[:, None], 0.0, u)
         ref = ref_new
         # a raw logit goes back unchanged: bf16 / fp32 -> fp32 -> the same dtype is exact
         tl.store(ptrs, round_to(tl.where(bad[:, None], z, u), z_raw.dtype), mask=mask)
     s_other = tl.sum(acc, axis=1)  # sum over v != target of 2^(x - ref)
     shift = ref * _LN2  # natural units: the sums are relative to c + shift
-    s = s_other + exp2_approx(-ref)  # the target's own term
-    store_row_stats(logp_ptr, lse_ptr, lse_ptr, rows, row_mask, c + shift, s, s, c, False)
+    s = s_other + exp2_approx((c_raw - c_ref) * k - ref)  # the target's own term (0 for a -inf target)
+    log_s = tl.log(tl.where(row_mask, s, 1.0))
+    tl.store(lse_ptr + rows, c + shift + log_s, mask=row_mask)
+    # logp relative to c, not as (target logit) - lse: at logits of size |c| that difference would carry the
+    # rounding of lse, |c| 2^-24
+    tl.store(logp_ptr + rows, tl.minimum((c_raw - c_ref) * inv_temp - shift - log_s, 0.0), mask=row_mask)
     bad = row_mask & (ref > 0.0)
     good = row_mask & ~bad
     tl.store(row_ptr + tgt, round_to(-s_other, row_ptr.dtype.element_ty), mask=good)
-    tl.store(s_ptr + rows, 1.0 + s_other, mask=good)
+    tl.store(s_ptr + rows, s, mask=good)
     if tl.sum(bad.to(tl.int32), axis=0) > 0:
         tl.debug_barrier()  # the first loop's stores are visible to every thread of the program
-        _reshift_rows(row_ptr, tgt, s_ptr + rows, bad, switch, c, c + gap * _LN2, V, inv_temp, BLOCK_R, BLOCK_V)
+        _reshift_rows(row_ptr, tgt, s_ptr + rows, bad, switch, c, c_raw * inv_temp, c + gap * _LN2, V, inv_temp,
+                      BLOCK_R, BLOCK_V)
 
 
 @triton.jit
-def _reshift_rows(row_ptr, tgt, s_ptrs, redo, switch, c, m, V, inv_temp, BLOCK_R: tl.constexpr,
+def _reshift_rows(row_ptr, tgt, s_ptrs, redo, switch, c, z_tgt, m, V, inv_temp, BLOCK_R: tl.constexpr,
                   BLOCK_V: tl.constexpr):
     """Rows ``redo`` went past the limit: rewrite them as U relative to their max ``m`` (natural units),
     reading back what the first loop stored: U (from which z = c + log U) before column ``switch``, the raw
     logits from there on; their sum s_m = sum_v exp(z - m) of the values written goes to ``s_ptrs``, and the
-    target column (z = c) becomes ``exp(c - m) - s_m``."""
-    u_tgt = tl.exp(tl.where(redo, c - m, 0.0))
+    target column (logit ``z_tgt``) becomes ``exp(z_tgt - m) - s_m``."""
+    u_tgt = tl.exp(tl.where(redo, z_tgt - m, 0.0))
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)

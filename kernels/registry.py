@@ -119,8 +119,8 @@ GPU_CONFIGS = {
         "delta": LaunchConfig({"BLOCK_R": 32}, num_warps=4, num_stages=1),
         "cast": LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),
     },
-    # fused_pact_head: 4 rows per program (one a warp) x 256 columns per tile: the shift pass takes 71 registers
-    # (triton 3.9, sm_90a) and 0.46 warp-instructions per logit; 512- and 1024-column tiles save 1-2% of its
+    # fused_pact_head: 4 rows per program x 256 columns per tile: the shift pass takes 75 registers
+    # (triton 3.9, sm_90a) and 0.50 warp-instructions per logit; 512- and 1024-column tiles save 1-2% of its
     # instructions at 114 and 180 registers, 8 rows x 1024 columns at 8 warps none (bench/sass.py, 2026-12-05).
     # Memory-bound epilogues, no MMA. "grad" is linear_logprobs' own backward epilogue (ordinary mode).
     "fused_pact_head": {

@@ -293,6 +293,59 @@ def test_rows_over_the_shift_limit_are_re_shifted_exactly(limit, dtype, bias):
         assert rel_err(got, ref_grad) < tol, (name, rel_err(got, ref_grad))
 
 
+def _run_on_logits(Z, t, g_logp, dtype, inv_temp=1.0, bias=None):
+    """The shift-mode launcher on a workspace that holds exactly ``Z`` [N, V] (rounded to ``dtype``; x = I,
+    w = Z^T, plus ``bias``), and float64 references from that workspace: (logp, dz) of the launcher (dz = dW^T
+    = d loss / d logits) and (logp, dz) of softmax, the target's 1 - p summed over the other columns."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    N, V = Z.shape
+    x, w = torch.eye(N, dtype=dtype), Z.to(dtype).t().contiguous()
+    logp, _, dx, dw, db = launch.run(x, w, bias, t, inv_temp, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None))
+    z = (Z.to(dtype).double() + (0 if bias is None else bias.double())) * inv_temp
+    ls = torch.log_softmax(z, -1)
+    p, onehot = ls.exp(), torch.nn.functional.one_hot(t, V).bool()
+    dz = g_logp.double()[:, None] * inv_temp * torch.where(onehot, torch.where(onehot, 0.0, p).sum(1, keepdim=True), -p)
+    return (logp, dw.t(), dx, db), (ls.gather(1, t[:, None]).squeeze(1), dz)
+
+
+@pytest.mark.parametrize("magnitude", [30.0, 1000.0, 3000.0])
+def test_shift_pass_keeps_fp32_accuracy_at_large_logits(magnitude):
+    """Confident rows (the target the max, the others 4-12 below it) at logits of magnitude ``magnitude``, fp32:
+    U relative to the target must not inherit the logits' rounding (x = (z - c) k, not z k - c k: the latter gave
+    3e-5 and 7e-5 relative error at 1000 and 3000, against ~5e-8 for the exact difference)."""
+    gen = torch.Generator().manual_seed(5)
+    N, V = 8, 45
+    t = torch.randint(0, V, (N,), generator=gen)
+    Z = magnitude - 4.0 - 8.0 * torch.rand(N, V, generator=gen)
+    Z[torch.arange(N), t] = magnitude
+    Z[1::2] -= 2 * magnitude  # half the rows at -magnitude
+    (logp, dz, _, _), (logp_ref, dz_ref) = _run_on_logits(Z, t, torch.linspace(-1.0, 1.5, N), torch.float32)
+    assert rel_err(dz, dz_ref) < 1e-6
+    assert (logp.double() - logp_ref).abs().max() < 1e-6 * (1 + (logp_ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spread", [1.0, 40.0], ids=["within-limit", "past-limit"])
+def test_shift_pass_with_a_target_of_minus_infinity(dtype, spread):
+    """A row whose target logit is -inf (a -inf bias masks a token the batch holds; its upstream gradient 0, as a
+    loss that drops it gives): logp -inf, every gradient finite, and the other rows exact. ``spread``: the row's
+    other logits within the shift limit of 0, or past it (the second loop)."""
+    gen = torch.Generator().manual_seed(9)
+    N, V = 5, 23
+    Z = spread * torch.randn(N, V, generator=gen)
+    bias = torch.zeros(V, dtype=dtype)
+    bias[4] = float("-inf")
+    t = torch.tensor([4, 7, 0, 22, 13])
+    g_logp = torch.tensor([0.0, 1.0, -0.5, 0.8, 2.0])
+    (logp, dz, dx, db), (logp_ref, dz_ref) = _run_on_logits(Z, t, g_logp, dtype, bias=bias)
+    assert logp[0] == float("-inf") and torch.isfinite(logp[1:]).all()
+    assert all(torch.isfinite(v.float()).all() for v in (dz, dx, db))
+    assert rel_err(logp[1:], logp_ref[1:]) < 1e-6
+    dz_ref = torch.where(torch.isnan(dz_ref), 0.0, dz_ref)  # row 0: g = 0 times (onehot - p)
+    assert rel_err(dz, dz_ref) < (2e-5 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("want_entropy", [False, True], ids=["logp", "logp-ent"])
 def test_softcap_launcher_matches_float64(dtype, want_entropy):
