@@ -100,10 +100,11 @@ def epilogue_sass_rows(archs=(90, 80), names=None):
 
     from pact_fast.compile_gate import compile_entry
     from pact_fast.kernels import linear_logprobs_launch as launch
+    from pact_fast.kernels.registry import odd_vocab
 
     rows = []
     for entry in (e for e in launch.gate_entries() if e.name.startswith("linear_logprobs.fwd")
-                  and (e.name in names if names is not None else "-odd]" not in e.name)):
+                  and (e.name in names if names is not None else not odd_vocab(e.name))):
         for arch in archs:
             built = compile_entry(entry, arch)
             body, _ = sass.hot_loop(sass.kernel_sass(entry, arch))

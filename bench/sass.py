@@ -19,10 +19,7 @@ import argparse
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +53,9 @@ def family(entry_name):
     return entry_name.split("[", 1)[0]
 
 
-def _tool(name):
-    import triton
-
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else shutil.which(name)
-
-
 def toolchain_ready():
     """True when kernels can be compiled and disassembled here (cuobjdump found, not interpreting)."""
+    from pact_fast.compile_gate import _tool
     from pact_fast.kernels.registry import interpreting
 
     return not interpreting() and _tool("cuobjdump") is not None
@@ -73,16 +64,9 @@ def toolchain_ready():
 def kernel_sass(entry, arch=ARCH):
     """The SASS text of one GateEntry compiled for ``sm_{arch}`` as the compile gate builds it (its options and
     alignment hints: ``pact_fast.compile_gate.build``)."""
-    from pact_fast.compile_gate import build
+    from pact_fast.compile_gate import build, disassemble
 
-    compiled = build(entry, arch)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-        cubin = f.name
-    try:
-        return subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(cubin)
+    return disassemble(build(entry, arch), "-sass")[0]
 
 
 def parse(sass):
@@ -148,12 +132,14 @@ def profile(entry, sass):
 
 def model_entries():
     """The GateEntries the performance model prices: every kernel the model uses, bf16 (W-logprob, W-group), as a
-    vocabulary that is a multiple of 16 specialises it (not the "-odd" builds), at the configuration launched on sm_90a (an entry of another architecture's configuration, e.g. sm_80's dk/dv tile,
-    has the same name and would overwrite it)."""
+    vocabulary that is a multiple of 16 specialises it (``registry.odd_vocab`` builds left out), at the configuration
+    launched on sm_90a (an entry of another architecture's configuration, e.g. sm_80's dk/dv tile, has the same
+    name and would overwrite it)."""
     from pact_fast.kernels.gate_entries import all_gate_entries
+    from pact_fast.kernels.registry import odd_vocab
 
     return [e for e in all_gate_entries() if "bf16" in e.name and "softcap" not in e.name
-            and "window" not in e.name and "-odd]" not in e.name and ARCH in e.archs]
+            and "window" not in e.name and not odd_vocab(e.name) and ARCH in e.archs]
 
 
 def measure(entries=None):

@@ -61,6 +61,9 @@ def gemm_cost(tag, m, n, k, c_elems, elem_bytes, batch=1):
                       (batch * (m * k + k * n + m * n) + c_elems) * elem_bytes)
 
 
+ODD_VOCAB = "-odd"  # the tag of an entry's build for a vocabulary that is not a multiple of 16
+
+
 def vocab_variants(name, kernel, signature, constexprs, config, sizes, **kw):
     """The two builds a logits epilogue gets at launch: Triton specialises every argument divisible by 16 (a
     torch allocation's address, a size or stride that is a multiple of 16). With a vocabulary that is a multiple
@@ -70,7 +73,12 @@ def vocab_variants(name, kernel, signature, constexprs, config, sizes, **kw):
     performance model prices the first (bench/sass.py leaves "-odd" out)."""
     aligned = tuple(n for n, t in signature.items() if t.startswith("*")) + tuple(sizes)
     return [GateEntry(name, kernel, signature, constexprs, config, aligned=aligned, **kw),
-            GateEntry(name[:-1] + "-odd]", kernel, signature, constexprs, config, **kw)]
+            GateEntry(name[:-1] + ODD_VOCAB + "]", kernel, signature, constexprs, config, **kw)]
+
+
+def odd_vocab(entry_name):
+    """True for the build ``vocab_variants`` makes for a vocabulary that is not a multiple of 16."""
+    return entry_name.endswith(ODD_VOCAB + "]")
 
 
 def cost_name(name):

@@ -82,6 +82,19 @@ def build(entry, arch):
                           options={"num_warps": entry.config.num_warps, "num_stages": entry.config.num_stages})
 
 
+def disassemble(compiled, *flags):
+    """``cuobjdump <flag>``'s output on a compiled kernel's cubin, one string per flag ("-sass",
+    "--dump-resource-usage")."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        cubin = f.name
+    try:
+        return [subprocess.run([_tool("cuobjdump"), flag, cubin], capture_output=True, text=True, check=True).stdout
+                for flag in flags]
+    finally:
+        os.unlink(cubin)
+
+
 def compile_entry(entry, arch):
     """Build one GateEntry for one architecture; returns a row of measurements and verdicts."""
     row = {"kernel": entry.name, "arch": f"sm_{arch}", "num_warps": entry.config.num_warps,
@@ -90,15 +103,7 @@ def compile_entry(entry, arch):
         compiled = build(entry, arch)
     except Exception as exc:  # the gate reports any compiler rejection as a failure row
         return {**row, "ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-        cubin = f.name
-    try:
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(cubin)
+    usage, sass = disassemble(compiled, "--dump-resource-usage", "-sass")
     fields = dict(re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage))
     shared = int(fields.get("SHARED", 0)) + int(compiled.metadata.shared)
     mma = sorted({m for m in re.findall(r"\b(HGMMA|HMMA|IMMA)\b", sass)})
