@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pact_fast.kernels.registry import GEMM_TILE, gemm_waves  # noqa: E402  (as the launchers plan)
+
 
 @dataclass(frozen=True)
 class Device:
@@ -417,7 +419,7 @@ class Classes:
     prints each measured time beside the predicted one for that). Sources: ``SOURCES``."""
 
     gemm_fraction: float = 700 / 989  # cuBLAS bf16, full waves of large tiles: 700 of the 989 TFLOP/s dense peak
-    gemm_tile: tuple = (128, 256)  # output tile (rows, columns) of cuBLAS's Hopper bf16 GEMMs
+    gemm_tile: tuple = GEMM_TILE  # output tile (rows, columns) of cuBLAS's Hopper bf16 GEMMs (as the launchers plan)
     attention_fwd_flops: float = 400e12  # Triton attention forward, FLOP/s (350-500 measured on H100)
     attention_bwd_flops: float = 300e12  # Triton attention backward, FLOP/s (250-350 on H100)
     issue_per_sm_clock: int = 4  # warp-instructions per SM per clock: 4 schedulers, one each
@@ -463,8 +465,7 @@ def gemm_efficiency(m, n, device, classes=CLASSES, batch=1):
     waves = ceil(batch * tiles / SMs)."""
     dev = DEVICES[device] if isinstance(device, str) else device
     tm, tn = classes.gemm_tile
-    tiles = batch * -(-m // tm) * -(-n // tn)
-    waves = -(-tiles // dev.sms)
+    waves = gemm_waves(m, n, dev.sms, batch, classes.gemm_tile)
     return classes.gemm_fraction * batch * m * n / (waves * dev.sms * tm * tn)
 
 

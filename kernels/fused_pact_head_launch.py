@@ -1,6 +1,6 @@
 """Launcher of the Triton backend of ``fused_pact_head``: loss, dX and dW in one pass over the logits.
 
-Per block of ``R`` rows (``rows_per_block``, default ``default_rows``: the workspace within 25% of dW):
+Per block of ``R`` rows (``rows_per_block``, default ``default_plan``'s: the workspace within 25% of dW):
 
 1. ``torch.mm[logits]``: the block's logits over the whole vocabulary into a workspace ``[R, V]`` (input
    dtype; cuBLAS, with the bias by ``addmm``).
@@ -16,9 +16,10 @@ Per block of ``R`` rows (``rows_per_block``, default ``default_rows``: the works
 6NVH FLOPs, no logit computed twice. dX is rounded to the input dtype once (after its GEMM, again after
 the row scaling in shift mode); dW and (shift mode) db accumulate over row blocks in the input dtype, so
 they carry ceil(N / R) roundings, as ``linear_logprobs``'s dW does; fp32 inputs are fp32 throughout.
-The workspace ``R * V`` elements plus ``R * H`` (xs) are the memory beyond the outputs
-(``extra_memory_bytes``). The default R (``default_rows``) keeps them within ``WORKSPACE_SHARE`` (25%) of
-dW's bytes: at W-logprob (V=151,936, H=2048, bf16) R=448, 138 MiB against dW's 594 MiB.
+The workspace ``R * V`` elements plus ``R * H`` (xs) and dX's S partial products ``S * R * H`` are the memory
+beyond the outputs (``extra_memory_bytes``). The default (R, S) (``default_plan``) keeps them within
+``WORKSPACE_SHARE`` (25%) of dW's bytes and fills the GPU's waves of GEMM tiles: at W-logprob (V=151,936,
+H=2048, bf16) R=384 and S=11, 130 MiB against dW's 594 MiB.
 
 ``weight_grad=False`` (a frozen lm_head): no dW GEMM, no dW, no xs; the scaling kernel only scales dX.
 
@@ -30,6 +31,8 @@ logits and the dX (and dW) GEMMs: 8NVH FLOPs (with a frozen weight 6NVH) for a w
 ``kernel_costs(..., memory_lean, weight_grad)`` and ``extra_memory_bytes(..., memory_lean, weight_grad)`` model
 every variant; tests/test_roofline_fused_head.py holds them to what the interpreter executes.
 """
+import functools
+
 import torch
 import triton
 
@@ -37,7 +40,8 @@ from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_k
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting, vocab_variants
+from .registry import (DEFAULT_SMS, GEMM_RIDGE, TRITON_DTYPE, GateEntry, KernelCost, device_sms, gemm_cost,
+                       gemm_work, interpreting, vocab_variants)
 
 BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
 ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
@@ -46,13 +50,11 @@ WORKSPACE_SHARE = 0.25  # default: extra memory within this share of dW's bytes 
 # it U <= e^20 and s <= V e^20, so beta = -g / (T s) >= |g| e^-20 / (T V): beta * x in bf16 / fp32 stays far
 # above the subnormal range for any upstream gradient a loss produces (g ~ 1e-5 per token of a 32k mean).
 SHIFT_LIMIT = 20.0
-# dX's GEMM of a row block has an [R, H] output: at W-logprob (R=448, H=2048) 32 output tiles of cuBLAS's 128x256
-# on a GPU of 132 SMs, a quarter of one wave, each tile reducing over the whole vocabulary. ``dx_splits`` splits
+# dX's GEMM of a row block has an [R, H] output: at W-logprob (R=384, H=2048) 24 output tiles of cuBLAS's 128x256
+# on a GPU of 132 SMs, a fifth of one wave, each tile reducing over the whole vocabulary. ``dx_splits`` splits
 # that reduction over the vocabulary into one batched GEMM of S partial products (``_dx_parts``), summed in fp32
-# by the row-scaling kernel: S times the tiles, up to one wave.
-GEMM_TILE = (128, 256)  # output tile of cuBLAS's Hopper bf16 GEMMs (bench/roofline.py's assumption too)
-DEFAULT_SMS = 132  # H100 / H200 SXM; a CUDA device's own count is read where the launcher runs on one
-MAX_DX_SPLITS = 8
+# by the row-scaling kernel: S times the tiles, S chosen so they fill whole waves (11 there: two full waves).
+MAX_DX_SPLITS = 16
 MIN_SPLIT_K = 4096  # vocabulary columns per split at least: each partial GEMM stays a long reduction
 SPLIT_ALIGN = 8  # columns per split a multiple of this: 16-byte aligned batch offsets in bf16
 
@@ -73,11 +75,23 @@ def shift_mode(dtype, want_entropy, softcap=False):
     return not want_entropy and not softcap and dtype in (torch.bfloat16, torch.float32)
 
 
-def dx_splits(R, H, V, sms=DEFAULT_SMS):
-    """Vocabulary splits of dX's GEMM for row blocks of R rows: as many as fit the output tiles of one block's
-    [R, H] into one wave of ``sms`` SMs, at most MAX_DX_SPLITS and V // MIN_SPLIT_K, at least 1."""
-    tiles = triton.cdiv(R, GEMM_TILE[0]) * triton.cdiv(H, GEMM_TILE[1])
-    return max(1, min(MAX_DX_SPLITS, sms // max(1, tiles), V // MIN_SPLIT_K))
+def dx_splits(R, H, V, sms=DEFAULT_SMS, elem_bytes=2, fits=None):
+    """Vocabulary splits of dX's GEMM for row blocks of R rows on a GPU of ``sms`` SMs: the S (at most
+    MAX_DX_SPLITS and V // MIN_SPLIT_K) whose batched GEMM plus the scaling kernel's read of the S partial
+    products cost least (``_dx_work``): S partial products fill ceil(S * tiles / sms) waves, each tile reducing
+    over V / S columns. The fewest splits on a tie; ``fits(S)``, when given, bounds S (the workspace budget)."""
+    most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K))
+    options = [S for S in range(1, most + 1) if fits is None or fits(S)] or [1]
+    return min(options, key=lambda S: (_dx_work(R, H, V, S, sms, elem_bytes), S))
+
+
+def _dx_work(r, H, V, S, sms, e):
+    """Planned cost (``registry.gemm_work``) of a row block's dX: its GEMM split S ways, and the parts' sum."""
+    if S == 1:
+        return gemm_work(r, H, V, 0, e, sms)
+    k, rem = split_columns(V, S)
+    parts = gemm_work(r, H, k, 0, e, sms, batch=S) + (gemm_work(r, H, rem, r * H, e, sms) if rem else 0)
+    return parts + (S + 1) * r * H * e * GEMM_RIDGE  # the scaling kernel reads S parts, writes dX
 
 
 def split_columns(V, S):
@@ -87,13 +101,6 @@ def split_columns(V, S):
         return V, 0
     k = V // S // SPLIT_ALIGN * SPLIT_ALIGN
     return k, V - S * k
-
-
-def device_sms(device):
-    """Streaming multiprocessors of a CUDA ``device``; DEFAULT_SMS elsewhere (the interpreter, the model)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SMS
 
 
 def _dx_parts(z, w, parts, S):
@@ -116,15 +123,54 @@ def row_blocks(N, R):
 
 
 def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
-    """Rows per block by default: the most (a multiple of ROW_MULTIPLE, at most BLOCK_ROWS and N) whose extra
-    memory (with dX's splits for a GPU of ``sms`` SMs) stays within WORKSPACE_SHARE of dW's bytes, at least
-    ROW_MULTIPLE."""
-    budget = WORKSPACE_SHARE * V * H * torch.empty((), dtype=dtype).element_size()
-    R = BLOCK_ROWS
-    while R > ROW_MULTIPLE and extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R,
-                                                  softcap=softcap, weight_grad=weight_grad, sms=sms) > budget:
-        R -= ROW_MULTIPLE
-    return max(1, min(N, R))
+    """Rows per block by default: ``default_plan``'s."""
+    return default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def default_plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
+    """(rows per block R, dX splits S) by default: of the R that are multiples of ROW_MULTIPLE up to
+    BLOCK_ROWS (and N itself below that) and the S ``dx_splits`` allows, with extra memory within
+    WORKSPACE_SHARE of dW's bytes, the pair whose GEMMs over all N rows cost least (``_block_work``: waves of
+    cuBLAS tiles on ``sms`` SMs, or their bytes where those dominate). At W-logprob that is R=384 (three tiles of
+    128 rows, where 448 fills three and a half) and S=11 (two full waves of dX's tiles). The largest R on a tie."""
+    e = torch.empty((), dtype=dtype).element_size()
+    budget = WORKSPACE_SHARE * V * H * e
+    if N == 0:
+        return ROW_MULTIPLE, 1
+    candidates = set(range(ROW_MULTIPLE, min(N, BLOCK_ROWS) + 1, ROW_MULTIPLE)) | ({N} if N <= BLOCK_ROWS else set())
+    best = None
+    for R in sorted(candidates, reverse=True):
+        def fits(S, R=R):
+            return extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R, softcap=softcap,
+                                      weight_grad=weight_grad, splits=S, sms=sms) <= budget
+        if not fits(1):
+            continue
+        S = dx_splits(R, H, V, sms, e, fits)
+        work = sum(count * _block_work(r, V, H, S, e, weight_grad, sms)
+                   for r, count in ((R, N // R), (N % R, 1)) if r and count)
+        if best is None or work < best[0]:
+            best = (work, R, S)
+    if best is None:  # not even ROW_MULTIPLE rows fit: the smallest block
+        return min(N, ROW_MULTIPLE), 1
+    return best[1], best[2]
+
+
+def _block_work(r, V, H, S, e, weight_grad, sms):
+    """Planned cost (``registry.gemm_work``) of one row block's GEMMs: logits, dX split S ways, dW (accumulated)."""
+    work = gemm_work(r, V, H, 0, e, sms) + _dx_work(r, H, V, S, sms, e)
+    return work + (gemm_work(V, H, r, V * H, e, sms) if weight_grad else 0)
+
+
+def blocking_of(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS,
+                rows_per_block=None, splits=None):
+    """(R, S) that ``run`` uses: ``default_plan``'s, or ``rows_per_block`` with ``dx_splits``' S for it; ``splits``
+    replaces S when given."""
+    if rows_per_block:
+        e = torch.empty((), dtype=dtype).element_size()
+        return rows_per_block, splits or dx_splits(min(rows_per_block, N), H, V, sms, e)
+    R, S = default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)
+    return R, splits or S
 
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
@@ -147,7 +193,7 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
             raise ValueError("fused_pact_head: splits applies to the default mode's dX GEMM; memory_lean forms dX "
                              "slab by slab (no split)")
         if blocking is None:
-            planned = lean.plan(*x.shape[:1], w.shape[0], x.shape[1])
+            planned = lean.plan(x.shape[0], w.shape[0], x.shape[1], device_sms(x.device))
             blocking = lean.Blocking(min(rows_per_block, x.shape[0]), planned.slab) if rows_per_block else planned
         return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, configs or _configs(), weight_grad,
                          blocking)
@@ -155,7 +201,7 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     V = w.shape[0]
     cfgs = configs or _configs()
     sms = device_sms(x.device)
-    R = rows_per_block or default_rows(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms)
+    R, S = blocking_of(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms, rows_per_block, splits)
     shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
     if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
@@ -172,7 +218,6 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     # beta * x of a block, the dW GEMM's right operand
     xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift and weight_grad else None
     beta = torch.empty((min(R, N), 1), device=x.device, dtype=x.dtype) if shift else None
-    S = splits or dx_splits(min(R, N), H, V, sms)
     parts = torch.empty(S * min(R, N) * H, device=x.device, dtype=x.dtype) if grads is not None and S > 1 else None
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
     for r0, r in row_blocks(N, R):
@@ -306,14 +351,14 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         costs = lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
                                   passes=("fwd", "bwd") if backward and N else ("fwd",))
         return [c for c in costs if weight_grad or c.kernel != "torch.mm[dw]"]
-    R = rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad)
+    R, S = blocking_of(N, V, H, dtype, want_entropy, softcap, weight_grad, rows_per_block=rows_per_block,
+                       splits=splits)
     blocks = row_blocks(N, R)
     bad_rows = bad_rows or [0] * len(blocks)
     if len(bad_rows) != len(blocks):
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
     e = torch.empty((), dtype=dtype).element_size()
     shift = backward and shift_mode(dtype, want_entropy, softcap)
-    S = splits or dx_splits(min(R, N), H, V)
     k_split, rem = split_columns(V, S)
     h_tiles = triton.cdiv(H, cfgs["scale"].blocks["BLOCK_H"])
     costs = []
@@ -363,9 +408,9 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
     if memory_lean:
         blocking = blocking or lean.plan(N, V, H)
         return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
-    R = min(N, rows_per_block or default_rows(N, V, H, dtype, want_entropy, softcap, weight_grad, sms))
+    R, S = blocking_of(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block, splits)
+    R = min(N, R)
     shift = shift_mode(dtype, want_entropy, softcap)
-    S = splits or dx_splits(R, H, V, sms)
     return R * V * e + (S * R * H * e if S > 1 else 0) + ((R * H * e if weight_grad else 0) + R * e if shift else 0) \
         + 8 * N
 

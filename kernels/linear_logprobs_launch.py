@@ -32,7 +32,8 @@ import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from . import registry
-from .registry import TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, interpreting, vocab_variants
+from .registry import (DEFAULT_SMS, TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, gemm_work, interpreting,
+                       vocab_variants)
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
@@ -54,13 +55,32 @@ def _configs():
     return INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
 
 
-def plan(N, V, H):
-    """The Blocking the launcher uses for N rows, vocabulary V, hidden H. The workspace holds at most
-    WORKSPACE_FRACTION * V * H elements of the input dtype, the weight gradient's dtype."""
+def plan(N, V, H, sms=DEFAULT_SMS):
+    """The Blocking the launcher uses for N rows, vocabulary V, hidden H on a GPU of ``sms`` SMs: min(N,
+    MIN_BLOCK_ROWS) rows, and slabs as wide as the workspace allows (WORKSPACE_FRACTION * V * H elements of the
+    input dtype, the weight gradient's dtype; at least SLAB_MULTIPLE columns) where that covers V; else, of the
+    widths that are multiples of SLAB_MULTIPLE within it, the one whose GEMMs over all blocks and slabs cost
+    least (``_work``: waves of cuBLAS tiles, or bytes where those dominate), the widest on a tie. At W-logprob
+    (H=2048) that is 6,144 columns (three full waves of logits tiles) where the widest, 7,552, takes four."""
     budget = int(WORKSPACE_FRACTION * V * H)  # workspace elements
     rows = max(1, min(N, MIN_BLOCK_ROWS))
-    slab = max(SLAB_MULTIPLE, budget // rows // SLAB_MULTIPLE * SLAB_MULTIPLE)
-    return Blocking(rows, min(slab, V))
+    widest = max(SLAB_MULTIPLE, budget // rows // SLAB_MULTIPLE * SLAB_MULTIPLE)
+    if widest >= V:
+        return Blocking(rows, V)
+    widths = range(SLAB_MULTIPLE, widest + 1, SLAB_MULTIPLE)
+    return Blocking(rows, min(widths, key=lambda s: (_work(N, V, H, rows, s, sms), -s)))
+
+
+def _work(N, V, H, rows, slab, sms, e=2):
+    """Planned cost (``registry.gemm_work``) of the GEMMs of a forward and backward over blocks of ``rows`` x slabs
+    of ``slab``: the logits twice, dX and dW accumulated."""
+    total = 0
+    for r, n_r in ((rows, N // rows), (N % rows, 1)):
+        for s, n_s in ((slab, V // slab), (V % slab, 1)):
+            if r and s and n_r and n_s:
+                total += n_r * n_s * (2 * gemm_work(r, s, H, 0, e, sms) + gemm_work(r, H, s, r * H, e, sms) +
+                                      gemm_work(s, H, r, s * H, e, sms))
+    return total
 
 
 def _launch(kernel, grid, cfg, *args, **constexprs):

@@ -61,6 +61,37 @@ def gemm_cost(tag, m, n, k, c_elems, elem_bytes, batch=1):
                       (batch * (m * k + k * n + m * n) + c_elems) * elem_bytes)
 
 
+# How the launchers size their row blocks and vocabulary slabs for cuBLAS (the same assumptions bench/roofline.py's
+# time model prices GEMMs with): an output tile per SM per wave, a partial last wave costing a whole one.
+GEMM_TILE = (128, 256)  # output tile (rows, columns) of cuBLAS's Hopper bf16 GEMMs: assumed, cuBLAS picks its own
+DEFAULT_SMS = 132  # H100 / H200 SXM; a CUDA device's own count is read where a launcher runs on one
+# FLOPs per byte at which a GEMM turns memory-bound: 700 TFLOP/s of cuBLAS bf16 over 3.0 TB/s of HBM (an H100's;
+# bench/roofline.py's classes). An H200's 163 would plan the same blocks at every SPEC workload.
+GEMM_RIDGE = 700 / 3.0
+
+
+def device_sms(device):
+    """Streaming multiprocessors of a CUDA ``device``; DEFAULT_SMS elsewhere (the interpreter, the model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def gemm_waves(m, n, sms=DEFAULT_SMS, batch=1, tile=GEMM_TILE):
+    """Waves of output tiles of a cuBLAS GEMM with an [m, n] output (``batch`` of them in one batched launch) on
+    ``sms`` SMs: ceil(batch * ceil(m / tile rows) * ceil(n / tile columns) / sms)."""
+    tiles = batch * -(-m // tile[0]) * -(-n // tile[1])
+    return -(-tiles // sms)
+
+
+def gemm_work(m, n, k, c_elems, elem_bytes, sms=DEFAULT_SMS, batch=1):
+    """What a launcher plans a cuBLAS GEMM to cost, in FLOPs at full waves: max(the FLOPs its waves of tiles take
+    (``gemm_waves``, each tile reducing over k), its compulsory bytes (``gemm_cost``) times GEMM_RIDGE)."""
+    waves = gemm_waves(m, n, sms, batch)
+    return max(2 * waves * sms * GEMM_TILE[0] * GEMM_TILE[1] * k,
+               gemm_cost("", m, n, k, c_elems, elem_bytes, batch).bytes * GEMM_RIDGE)
+
+
 ODD_VOCAB = "-odd"  # the tag of an entry's build for a vocabulary that is not a multiple of 16
 
 

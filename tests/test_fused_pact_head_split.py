@@ -89,17 +89,21 @@ def test_row_grads_kernel_without_terms_and_without_denominators():
     assert launch.row_grads(logp[:0]).shape == (0,)
 
 
-def test_dx_splits_fill_one_wave_of_tiles():
-    # W-logprob at H=2048: 448-row blocks are 4 x 8 tiles of 128x256: four splits make 128 tiles on 132 SMs
-    R = launch.default_rows(32768, 151936, 2048, torch.bfloat16)
-    tiles = math.ceil(R / 128) * math.ceil(2048 / 256)
-    S = launch.dx_splits(R, 2048, 151936)
-    assert S > 1 and S * tiles <= 132 < (S + 1) * tiles
+def test_dx_splits_fill_whole_waves_of_tiles():
+    # W-logprob at H=2048: 384-row blocks are 3 x 8 tiles of 128x256. Split S ways, dX's GEMM takes
+    # ceil(24 S / 132) waves of tiles reducing over V / S columns: 11 splits fill two waves exactly, the least
+    # time per column of any S up to the bound (written out here: waves / S)
+    R, H, V = 384, 2048, 151936
+    assert launch.default_plan(32768, V, H, torch.bfloat16) == (R, 11)
+    per_split = {S: math.ceil(24 * S / 132) / S for S in range(1, launch.MAX_DX_SPLITS + 1)}
+    assert min(per_split, key=per_split.get) == 11 == launch.dx_splits(R, H, V)
+    # 448 rows (4 x 8 tiles): four splits make 128 tiles, one wave; a bound on the workspace is obeyed
+    assert launch.dx_splits(448, H, V) == 4 and launch.dx_splits(R, H, V, fits=lambda S: S <= 6) == 5
     # a block that fills a wave by itself, or a short vocabulary, is not split
     assert launch.dx_splits(1024, 4096, 151936) == 1
     assert launch.dx_splits(64, 256, 2 * launch.MIN_SPLIT_K - 1) == 1
-    k, rem = launch.split_columns(151936, S)
-    assert k % launch.SPLIT_ALIGN == 0 and S * k + rem == 151936 and rem < S * launch.SPLIT_ALIGN
+    k, rem = launch.split_columns(V, 11)
+    assert k % launch.SPLIT_ALIGN == 0 and 11 * k + rem == V and rem < 11 * launch.SPLIT_ALIGN
 
 
 def _problem(N, V, H, dtype, seed, bias):
@@ -166,11 +170,14 @@ def test_zero_rows_and_the_split_options_that_do_not_apply():
 
 
 def test_the_workspace_budget_holds_at_the_devices_own_sm_count():
-    """The row block is planned with the splits the device's SM count gives (more SMs, more parts), so the
-    workspace stays within its share of dW on any GPU."""
+    """The row block and dX's splits are planned for the device's SM count (108: A100, 114: H100 PCIe, 132: H100
+    and H200 SXM, 148: B200), each filling that device's waves, and the workspace stays within its share of dW
+    on any of them."""
     N, V, H = 32768, 151936, 2048
-    for sms in (108, 132, 148, 264):
-        R = launch.default_rows(N, V, H, torch.bfloat16, sms=sms)
-        assert launch.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=R, sms=sms) <= \
-            launch.WORKSPACE_SHARE * V * H * 2
-    assert launch.dx_splits(R, H, V, 264) > launch.dx_splits(R, H, V, 132)
+    budget = launch.WORKSPACE_SHARE * V * H * 2
+    for sms in (108, 114, 132, 148, 264):
+        R, S = launch.default_plan(N, V, H, torch.bfloat16, sms=sms)
+        assert launch.extra_memory_bytes(N, V, H, torch.bfloat16, sms=sms) <= budget
+        tiles = math.ceil(R / 128) * math.ceil(H / 256)
+        assert S * tiles / (math.ceil(S * tiles / sms) * sms) > 0.9  # the split GEMM's waves at least 90% full
+    assert launch.dx_splits(448, H, V, 264) > launch.dx_splits(448, H, V, 132)  # 32 tiles: 8 splits fill 264 SMs

@@ -53,6 +53,63 @@ def test_gemm_time_follows_its_waves_of_tiles():
     assert roofline.predict_time_ms([more], "H100") == pytest.approx(1e3 * (2 * m2 * n * k / rate + LAUNCH_S))
 
 
+def test_launchers_plan_with_the_models_tile_and_ridge():
+    """The launchers size their blocks with the tile and the H100 ridge (FLOPs per byte) the time model prices
+    GEMMs with; a GEMM's planned cost is its waves' FLOPs, or its bytes at the ridge where those dominate."""
+    from pact_fast.kernels import registry
+
+    h100 = roofline.DEVICES["H100"]
+    assert roofline.CLASSES.gemm_tile == registry.GEMM_TILE == (128, 256)
+    assert registry.GEMM_RIDGE == pytest.approx(h100.flops / h100.bandwidth)
+    assert registry.DEFAULT_SMS == h100.sms
+    # 24 tiles x 11 = 264: two full waves; x 12 = 288: a third wave
+    assert registry.gemm_waves(384, 2048, 132, batch=11) == 2 and registry.gemm_waves(384, 2048, 132, batch=12) == 3
+    compute = registry.gemm_work(384, 2048, 151936 // 11, 0, 2, 132, batch=11)
+    assert compute == 2 * 2 * 132 * 128 * 256 * (151936 // 11)
+    # dW's update at K = 64 rows: 4 bytes of bf16 C per output element (read, write) beside 2*64 FLOPs: memory
+    V, H, k = 151936, 2048, 64
+    want = (V * k + k * H + V * H + V * H) * 2 * registry.GEMM_RIDGE
+    assert registry.gemm_work(V, H, k, V * H, 2, 132) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("H", [2048, 4096])
+def test_default_blockings_are_the_time_models_best(H):
+    """The fused head's default (rows per block, dX splits) and the log-prob op's default slab, planned by the
+    launchers' own few lines, are the best of every blocking the budget allows by the full time model, on H100
+    and H200 (within 1%): the workspace holds whole tile rows (W-logprob, H=2048: 384 rows, three tiles of 128,
+    where 448 left half a tile idle in every logits and dX GEMM) and the splits fill whole waves."""
+    from pact_fast.kernels import fused_pact_head_launch as head
+
+    N, V = 32768, 151936
+    shape = {"N": N, "V": V, "H": H}
+    table = sass.issue_table()
+
+    def ratios(kwargs):
+        rows = roofline.variant_rows("W", "head", shape, table=table, variants=[("head", "x", kwargs)])
+        return [r["time_ratio"] for r in rows]
+
+    R, S = head.default_plan(N, V, H, torch.bfloat16)
+    assert R % 128 == 0 and head.default_rows(N, V, H, torch.bfloat16) == R
+    budget = head.WORKSPACE_SHARE * V * H * 2
+    assert head.extra_memory_bytes(N, V, H, torch.bfloat16) <= budget
+    planned = ratios({"want_entropy": False})
+    assert planned == ratios({"want_entropy": False, "rows_per_block": R, "splits": S})
+    grid = [ratios({"want_entropy": False, "rows_per_block": r, "splits": s})
+            for r in range(64, 2049, 64) for s in range(1, head.MAX_DX_SPLITS + 1)
+            if head.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=r, splits=s) <= budget]
+    assert len(grid) > 50
+    for device in (0, 1):
+        assert planned[device] <= 1.01 * min(g[device] for g in grid)
+    lean = {"want_entropy": False, "memory_lean": True}
+    blocking = launch.plan(N, V, H)
+    assert blocking.rows * blocking.slab <= launch.WORKSPACE_FRACTION * V * H
+    planned = ratios(lean)
+    grid = [ratios({**lean, "blocking": launch.Blocking(blocking.rows, s)})
+            for s in range(128, int(launch.WORKSPACE_FRACTION * V * H) // blocking.rows + 1, 128)]
+    for device in (0, 1):
+        assert planned[device] <= 1.01 * min(g[device] for g in grid)
+
+
 def test_sass_hot_loop_gives_warp_instructions_per_element():
     """A hand-made listing: 3 setup instructions, a loop of 4 (a backward branch closes it), EXIT and the
     trailing self-branch (not a loop)."""
@@ -189,13 +246,16 @@ def test_rows_include_every_launch_and_their_torch_kernels():
     head = next(r for r in rows if r["workload"] == "W-logprob-H2048" and r["op"] == "fused_pact_head fwd+bwd")
     from pact_fast.kernels import fused_pact_head_launch
 
-    blocks = math.ceil(32768 / fused_pact_head_launch.default_rows(32768, 151936, 2048, torch.bfloat16))
+    R, S = fused_pact_head_launch.default_plan(32768, 151936, 2048, torch.bfloat16)
+    blocks = math.ceil(32768 / R)
     per_block = stored["fused_pact_head fwd+bwd"]["per_unit"]["launches"]
     torch_ops = next(k for k in head["kernels"] if k["kernel"] == roofline.TORCH_OPS_NAME)
     assert torch_ops["launches"] == pytest.approx(blocks * per_block +
                                                   stored["fused_pact_head fwd+bwd"]["per_call"]["launches"], abs=1)
     gemms_and_triton = [k for k in head["kernels"] if k["kernel"] != roofline.TORCH_OPS_NAME]
-    assert sum(k["launches"] for k in gemms_and_triton) == 5 * blocks  # logits, pass, dX, scale, dW per block
+    # logits, pass, dX (and one GEMM for the columns past S equal splits), scale, dW per block
+    per_block = 5 + (1 if fused_pact_head_launch.split_columns(151936, S)[1] else 0)
+    assert sum(k["launches"] for k in gemms_and_triton) == per_block * blocks
 
 
 def test_json_rows_have_work_and_time_fields_and_one_memory_unit(tmp_path, capsys):

@@ -184,8 +184,9 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
 def _blocking(n, weight, chunk_rows, vocab_slab):
     """The Triton launcher's Blocking for n rows; chunk_rows / vocab_slab 0 take ``plan``'s."""
     from ..kernels import linear_logprobs_launch as launch
+    from ..kernels.registry import device_sms
 
-    planned = launch.plan(n, weight.shape[0], weight.shape[1])
+    planned = launch.plan(n, weight.shape[0], weight.shape[1], device_sms(weight.device))
     return launch.Blocking(chunk_rows or planned.rows, vocab_slab or planned.slab)
 
 
