@@ -40,8 +40,8 @@ from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_k
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import (DEFAULT_SMS, GEMM_RIDGE, TRITON_DTYPE, GateEntry, KernelCost, device_sms, gemm_cost,
-                       gemm_work, interpreting, vocab_variants)
+from .registry import (DEFAULT_SMS, GEMM_RIDGE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, device_sms,
+                       gemm_cost, gemm_work, interpreting, vocab_variants)
 
 BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
 ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
@@ -55,6 +55,7 @@ SHIFT_LIMIT = 20.0
 # that reduction over the vocabulary into one batched GEMM of S partial products (``_dx_parts``), summed in fp32
 # by the row-scaling kernel: S times the tiles, S chosen so they fill whole waves (11 there: two full waves).
 MAX_DX_SPLITS = 16
+SPLIT_SLACK = 0.05  # dX takes the fewest splits within this share of the least planned cost: each split costs memory
 MIN_SPLIT_K = 4096  # vocabulary columns per split at least: each partial GEMM stays a long reduction
 SPLIT_ALIGN = 8  # columns per split a multiple of this: 16-byte aligned batch offsets in bf16
 
@@ -75,23 +76,31 @@ def shift_mode(dtype, want_entropy, softcap=False):
     return not want_entropy and not softcap and dtype in (torch.bfloat16, torch.float32)
 
 
-def dx_splits(R, H, V, sms=DEFAULT_SMS, elem_bytes=2, fits=None):
-    """Vocabulary splits of dX's GEMM for row blocks of R rows on a GPU of ``sms`` SMs: the S (at most
-    MAX_DX_SPLITS and V // MIN_SPLIT_K) whose batched GEMM plus the scaling kernel's read of the S partial
-    products cost least (``_dx_work``): S partial products fill ceil(S * tiles / sms) waves, each tile reducing
-    over V / S columns. The fewest splits on a tie; ``fits(S)``, when given, bounds S (the workspace budget)."""
+def dx_splits(R, H, V, sms=DEFAULT_SMS, elem_bytes=2, fits=None, shift=True, N=None):
+    """Vocabulary splits of dX's GEMM for row blocks of R rows (of N rows in all; default one block) on a GPU of
+    ``sms`` SMs: the fewest S (at most MAX_DX_SPLITS and V // MIN_SPLIT_K) whose planned cost over the blocks
+    (``_dx_work``: the batched GEMM and the scaling kernel's read of the S partial products) is within
+    SPLIT_SLACK of the least: S partial products fill ceil(S * tiles / sms) waves, each tile reducing over V / S
+    columns. ``fits(S)``, when given, bounds S (the workspace budget); ``shift``: the scaling kernel runs
+    unsplit too (shift mode)."""
     most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K))
     options = [S for S in range(1, most + 1) if fits is None or fits(S)] or [1]
-    return min(options, key=lambda S: (_dx_work(R, H, V, S, sms, elem_bytes), S))
+    blocks = [(R, 1)] if N is None else [(r, n) for r, n in ((R, N // R), (N % R, 1)) if r and n]
+    work = {S: sum(n * _dx_work(r, H, V, S, sms, elem_bytes, shift) for r, n in blocks) for S in options}
+    least = min(work.values())
+    return min(S for S in options if work[S] <= (1 + SPLIT_SLACK) * least)
 
 
-def _dx_work(r, H, V, S, sms, e):
-    """Planned cost (``registry.gemm_work``) of a row block's dX: its GEMM split S ways, and the parts' sum."""
+def _dx_work(r, H, V, S, sms, e, shift):
+    """Planned cost (``registry.gemm_work``) of a row block's dX: its GEMM split S ways, and the scaling kernel
+    that sums the parts (ordinary mode: only when split) or scales dX's rows (shift mode)."""
     if S == 1:
-        return gemm_work(r, H, V, 0, e, sms)
-    k, rem = split_columns(V, S)
-    parts = gemm_work(r, H, k, 0, e, sms, batch=S) + (gemm_work(r, H, rem, r * H, e, sms) if rem else 0)
-    return parts + (S + 1) * r * H * e * GEMM_RIDGE  # the scaling kernel reads S parts, writes dX
+        gemm = gemm_work(r, H, V, 0, e, sms)
+    else:
+        k, rem = split_columns(V, S)
+        gemm = gemm_work(r, H, k, 0, e, sms, batch=S) + (gemm_work(r, H, rem, r * H, e, sms) if rem else 0)
+    scale = (S + 1) * r * H * e * GEMM_RIDGE + LAUNCH_WORK if shift or S > 1 else 0  # reads S parts, writes dX
+    return gemm + scale
 
 
 def split_columns(V, S):
@@ -130,24 +139,23 @@ def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=
 @functools.lru_cache(maxsize=256)
 def default_plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
     """(rows per block R, dX splits S) by default: of the R that are multiples of ROW_MULTIPLE up to
-    BLOCK_ROWS (and N itself below that) and the S ``dx_splits`` allows, with extra memory within
-    WORKSPACE_SHARE of dW's bytes, the pair whose GEMMs over all N rows cost least (``_block_work``: waves of
-    cuBLAS tiles on ``sms`` SMs, or their bytes where those dominate). At W-logprob that is R=384 (three tiles of
-    128 rows, where 448 fills three and a half) and S=11 (two full waves of dX's tiles). The largest R on a tie."""
+    BLOCK_ROWS (and N itself below that), each with ``dx_splits``' S within the budget (``_budget``: extra
+    memory within WORKSPACE_SHARE of dW's bytes), the one whose launches over all N rows cost least
+    (``_block_work``: waves of cuBLAS tiles on ``sms`` SMs, or their bytes where those dominate, and a launch
+    overhead each). At W-logprob (H=2048) that is R=384, three tiles of 128 rows where 448 fills three and a half,
+    and S=11, two full waves of dX's tiles. The largest R on a tie."""
     e = torch.empty((), dtype=dtype).element_size()
-    budget = WORKSPACE_SHARE * V * H * e
+    shift = shift_mode(dtype, want_entropy, softcap)
     if N == 0:
         return ROW_MULTIPLE, 1
     candidates = set(range(ROW_MULTIPLE, min(N, BLOCK_ROWS) + 1, ROW_MULTIPLE)) | ({N} if N <= BLOCK_ROWS else set())
     best = None
     for R in sorted(candidates, reverse=True):
-        def fits(S, R=R):
-            return extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R, softcap=softcap,
-                                      weight_grad=weight_grad, splits=S, sms=sms) <= budget
+        fits = _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, R)
         if not fits(1):
             continue
-        S = dx_splits(R, H, V, sms, e, fits)
-        work = sum(count * _block_work(r, V, H, S, e, weight_grad, sms)
+        S = dx_splits(R, H, V, sms, e, fits, shift, N)
+        work = sum(count * _block_work(r, V, H, S, e, weight_grad, shift, sms)
                    for r, count in ((R, N // R), (N % R, 1)) if r and count)
         if best is None or work < best[0]:
             best = (work, R, S)
@@ -156,21 +164,38 @@ def default_plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=
     return best[1], best[2]
 
 
-def _block_work(r, V, H, S, e, weight_grad, sms):
-    """Planned cost (``registry.gemm_work``) of one row block's GEMMs: logits, dX split S ways, dW (accumulated)."""
-    work = gemm_work(r, V, H, 0, e, sms) + _dx_work(r, H, V, S, sms, e)
+def _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, R):
+    """``fits(S)``: whether row blocks of R rows with dX split S ways keep the extra memory within
+    WORKSPACE_SHARE of dW's bytes."""
+    budget = WORKSPACE_SHARE * V * H * torch.empty((), dtype=dtype).element_size()
+
+    def fits(S):
+        return extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R, softcap=softcap,
+                                  weight_grad=weight_grad, splits=S, sms=sms) <= budget
+    return fits
+
+
+def _block_work(r, V, H, S, e, weight_grad, shift, sms):
+    """Planned cost (``registry.gemm_work``) of one row block: logits, the pass (one launch; its bytes are the
+    same for any blocking), dX split S ways, dW (accumulated)."""
+    work = gemm_work(r, V, H, 0, e, sms) + LAUNCH_WORK + _dx_work(r, H, V, S, sms, e, shift)
     return work + (gemm_work(V, H, r, V * H, e, sms) if weight_grad else 0)
 
 
 def blocking_of(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS,
                 rows_per_block=None, splits=None):
-    """(R, S) that ``run`` uses: ``default_plan``'s, or ``rows_per_block`` with ``dx_splits``' S for it; ``splits``
-    replaces S when given."""
-    if rows_per_block:
-        e = torch.empty((), dtype=dtype).element_size()
-        return rows_per_block, splits or dx_splits(min(rows_per_block, N), H, V, sms, e)
-    R, S = default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)
-    return R, splits or S
+    """(R, S) that ``run`` uses: ``default_plan``'s, or ``rows_per_block`` with ``dx_splits``' S for it (within the
+    budget when blocks of that many rows fit it unsplit: ``rows_per_block=default_rows(...)`` runs as the default
+    does); ``splits`` replaces S when given."""
+    if not rows_per_block:
+        R, S = default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)
+        return R, splits or S
+    if splits:
+        return rows_per_block, splits
+    fits = _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block)
+    e = torch.empty((), dtype=dtype).element_size()
+    return rows_per_block, dx_splits(min(rows_per_block, N), H, V, sms, e, fits if fits(1) else None,
+                                     shift_mode(dtype, want_entropy, softcap), N)
 
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
@@ -193,7 +218,7 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
             raise ValueError("fused_pact_head: splits applies to the default mode's dX GEMM; memory_lean forms dX "
                              "slab by slab (no split)")
         if blocking is None:
-            planned = lean.plan(x.shape[0], w.shape[0], x.shape[1], device_sms(x.device))
+            planned = lean.plan(x.shape[0], w.shape[0], x.shape[1], device_sms(x.device), x.element_size())
             blocking = lean.Blocking(min(rows_per_block, x.shape[0]), planned.slab) if rows_per_block else planned
         return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, configs or _configs(), weight_grad,
                          blocking)
@@ -406,7 +431,7 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
     memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the forward's state [4, R]."""
     e = torch.empty((), dtype=dtype).element_size()
     if memory_lean:
-        blocking = blocking or lean.plan(N, V, H)
+        blocking = blocking or lean.plan(N, V, H, sms, e)
         return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
     R, S = blocking_of(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block, splits)
     R = min(N, R)

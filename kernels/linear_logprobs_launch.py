@@ -25,6 +25,7 @@ or GEMM, so ``kernel_costs`` holds with and without it.
 The workspace is sized by a memory budget, ``WORKSPACE_FRACTION`` of the weight gradient's bytes,
 with at least ``MIN_BLOCK_ROWS`` rows per block (so the GEMMs are compute-bound) where N allows.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,8 @@ import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from . import registry
-from .registry import (DEFAULT_SMS, TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, gemm_work, interpreting,
-                       vocab_variants)
+from .registry import (DEFAULT_SMS, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, gemm_work,
+                       interpreting, vocab_variants)
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
@@ -55,31 +56,34 @@ def _configs():
     return INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
 
 
-def plan(N, V, H, sms=DEFAULT_SMS):
+@functools.lru_cache(maxsize=256)
+def plan(N, V, H, sms=DEFAULT_SMS, elem_bytes=2):
     """The Blocking the launcher uses for N rows, vocabulary V, hidden H on a GPU of ``sms`` SMs: min(N,
     MIN_BLOCK_ROWS) rows, and slabs as wide as the workspace allows (WORKSPACE_FRACTION * V * H elements of the
     input dtype, the weight gradient's dtype; at least SLAB_MULTIPLE columns) where that covers V; else, of the
-    widths that are multiples of SLAB_MULTIPLE within it, the one whose GEMMs over all blocks and slabs cost
-    least (``_work``: waves of cuBLAS tiles, or bytes where those dominate), the widest on a tie. At W-logprob
-    (H=2048) that is 6,144 columns (three full waves of logits tiles) where the widest, 7,552, takes four."""
+    widths that are multiples of SLAB_MULTIPLE within it, the one whose launches over all blocks and slabs cost
+    least (``_work``: waves of cuBLAS tiles, or bytes where those dominate, and a launch overhead each), the widest
+    on a tie. At W-logprob (H=2048) that is 6,144 columns (three full waves of logits tiles) where the widest,
+    7,552, takes four. ``elem_bytes``: the input dtype's size."""
     budget = int(WORKSPACE_FRACTION * V * H)  # workspace elements
     rows = max(1, min(N, MIN_BLOCK_ROWS))
     widest = max(SLAB_MULTIPLE, budget // rows // SLAB_MULTIPLE * SLAB_MULTIPLE)
     if widest >= V:
         return Blocking(rows, V)
     widths = range(SLAB_MULTIPLE, widest + 1, SLAB_MULTIPLE)
-    return Blocking(rows, min(widths, key=lambda s: (_work(N, V, H, rows, s, sms), -s)))
+    return Blocking(rows, min(widths, key=lambda s: (_work(N, V, H, rows, s, sms, elem_bytes), -s)))
 
 
-def _work(N, V, H, rows, slab, sms, e=2):
-    """Planned cost (``registry.gemm_work``) of the GEMMs of a forward and backward over blocks of ``rows`` x slabs
-    of ``slab``: the logits twice, dX and dW accumulated."""
+def _work(N, V, H, rows, slab, sms, e):
+    """Planned cost (``registry.gemm_work``) of a forward and backward over blocks of ``rows`` x slabs of
+    ``slab``: per block and slab the logits twice, dX and dW accumulated, and the two epilogues' launches (their
+    bytes are the same for any blocking)."""
     total = 0
     for r, n_r in ((rows, N // rows), (N % rows, 1)):
         for s, n_s in ((slab, V // slab), (V % slab, 1)):
             if r and s and n_r and n_s:
                 total += n_r * n_s * (2 * gemm_work(r, s, H, 0, e, sms) + gemm_work(r, H, s, r * H, e, sms) +
-                                      gemm_work(s, H, r, s * H, e, sms))
+                                      gemm_work(s, H, r, s * H, e, sms) + 2 * LAUNCH_WORK)
     return total
 
 
@@ -154,7 +158,7 @@ def forward(x, w, b, targets, inv_temp, configs=None, blocking=None, cap=None):
     if N == 0:
         return logp, lse, ent
     cfg = (configs or _configs())["fwd"]
-    blocking = blocking or plan(N, V, H)
+    blocking = blocking or plan(N, V, H, registry.device_sms(x.device), x.element_size())
     workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
     state = torch.empty((4, blocking.rows), device=x.device, dtype=torch.float32)  # m, s, t, z_tgt per row
     for r0, r, v0, s in blocks(N, V, blocking):
@@ -179,7 +183,7 @@ def backward(x, w, b, targets, lse, ent, g_logp, g_ent, inv_temp, configs=None, 
     dx = torch.empty((N, H), device=x.device, dtype=x.dtype)
     dw = torch.empty((V, H), device=x.device, dtype=w.dtype) if weight_grad else None
     cfg = (configs or _configs())["bwd"]
-    blocking = blocking or plan(N, V, H)
+    blocking = blocking or plan(N, V, H, registry.device_sms(x.device), x.element_size())
     g_logp = g_logp.float().contiguous()
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
     workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
@@ -208,7 +212,7 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     if not passes or not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     cfgs = configs or GPU_CONFIGS
-    blocking = blocking or plan(N, V, H)
+    blocking = blocking or plan(N, V, H, elem_bytes=torch.empty((), dtype=dtype).element_size())
     e = torch.empty((), dtype=dtype).element_size()
     costs = []
 
@@ -236,7 +240,7 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
 def extra_memory_bytes(N, V, H, dtype, has_bias=False, blocking=None):
     """Bytes the op allocates beyond its outputs and returned gradients (backward's peak): the workspace
     (+ the fp32 db, cast to the bias dtype at the end)."""
-    blocking = blocking or plan(N, V, H)
+    blocking = blocking or plan(N, V, H, elem_bytes=torch.empty((), dtype=dtype).element_size())
     e = torch.empty((), dtype=dtype).element_size()
     return blocking.rows * blocking.slab * e + (4 * V if has_bias else 0)
 

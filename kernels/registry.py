@@ -68,6 +68,7 @@ DEFAULT_SMS = 132  # H100 / H200 SXM; a CUDA device's own count is read where a 
 # FLOPs per byte at which a GEMM turns memory-bound: 700 TFLOP/s of cuBLAS bf16 over 3.0 TB/s of HBM (an H100's;
 # bench/roofline.py's classes). An H200's 163 would plan the same blocks at every SPEC workload.
 GEMM_RIDGE = 700 / 3.0
+LAUNCH_WORK = 4.5e-6 * 700e12  # a kernel launch (4.5 us of host time, bench/roofline.py's class) in FLOPs at 700 TFLOP/s
 
 
 def device_sms(device):
@@ -86,10 +87,11 @@ def gemm_waves(m, n, sms=DEFAULT_SMS, batch=1, tile=GEMM_TILE):
 
 def gemm_work(m, n, k, c_elems, elem_bytes, sms=DEFAULT_SMS, batch=1):
     """What a launcher plans a cuBLAS GEMM to cost, in FLOPs at full waves: max(the FLOPs its waves of tiles take
-    (``gemm_waves``, each tile reducing over k), its compulsory bytes (``gemm_cost``) times GEMM_RIDGE)."""
+    (``gemm_waves``, each tile reducing over k), its compulsory bytes (``gemm_cost``) times GEMM_RIDGE), plus
+    its launch (LAUNCH_WORK)."""
     waves = gemm_waves(m, n, sms, batch)
     return max(2 * waves * sms * GEMM_TILE[0] * GEMM_TILE[1] * k,
-               gemm_cost("", m, n, k, c_elems, elem_bytes, batch).bytes * GEMM_RIDGE)
+               gemm_cost("", m, n, k, c_elems, elem_bytes, batch).bytes * GEMM_RIDGE) + LAUNCH_WORK
 
 
 ODD_VOCAB = "-odd"  # the tag of an entry's build for a vocabulary that is not a multiple of 16

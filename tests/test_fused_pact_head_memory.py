@@ -172,7 +172,7 @@ def test_triton_memory_lean_over_several_slabs_equals_float64(cfg, progress, opt
     """Row blocks of 7 x vocabulary slabs of 16 (V=37: three slabs, the last ragged)."""
     from pact_fast.kernels import linear_logprobs_launch as lean
 
-    monkeypatch.setattr(lean, "plan", lambda N, V, H, sms=None: lean.Blocking(7, 16))
+    monkeypatch.setattr(lean, "plan", lambda N, V, H, *device: lean.Blocking(7, 16))
     config = PACTLossConfig(**cfg)
     transform = _transform(opts)
     hidden, weight, bias, targets, rows, batch = _problem(1, dtype=dtype, weight_scale=opts.get("weight_scale", 1.0),

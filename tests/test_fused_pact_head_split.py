@@ -157,6 +157,22 @@ def test_split_dx_memory_is_counted_in_the_workspace():
     assert with_parts <= launch.WORKSPACE_SHARE * V * H * 2
 
 
+def test_named_rows_per_block_get_the_defaults_splits_within_the_budget():
+    """rows_per_block=default_rows(...) runs as the default does: its splits stay within the workspace budget
+    (here 7 splits of 192-row blocks would take 26% of dW; the budget allows 4), also where its last block is
+    ragged; a block already over the budget by itself gets the splits that cost least."""
+    for N, V, H, dtype in ((500, 32000, 896, torch.float32), (32768, 151936, 2048, torch.bfloat16),
+                           (1000, 151936, 2048, torch.bfloat16)):
+        R, S = launch.default_plan(N, V, H, dtype)
+        assert launch.blocking_of(N, V, H, dtype, rows_per_block=R) == (R, S)
+        assert launch.extra_memory_bytes(N, V, H, dtype, rows_per_block=R) <= \
+            launch.WORKSPACE_SHARE * V * H * dtype.itemsize
+    assert launch.default_plan(500, 32000, 896, torch.float32) == (192, 4)
+    assert launch.dx_splits(192, 896, 32000, 132, 4) == 7  # unbounded: 7 splits of 2 x 4 tiles each
+    big = launch.blocking_of(32768, 151936, 2048, torch.bfloat16, rows_per_block=1024)
+    assert big == (1024, launch.dx_splits(1024, 2048, 151936, N=32768))
+
+
 def test_zero_rows_and_the_split_options_that_do_not_apply():
     x, w, b, t, g_logp, _ = _problem(0, 96, 24, torch.float32, 1, True)
     logp, ent, dx, dw, db = launch.run(x, w, b, t, 1.0, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None))

@@ -64,23 +64,25 @@ def test_launchers_plan_with_the_models_tile_and_ridge():
     assert registry.DEFAULT_SMS == h100.sms
     # 24 tiles x 11 = 264: two full waves; x 12 = 288: a third wave
     assert registry.gemm_waves(384, 2048, 132, batch=11) == 2 and registry.gemm_waves(384, 2048, 132, batch=12) == 3
+    # a launch: 4.5 us of host time, priced as the FLOPs 700 TFLOP/s would do in it
+    assert registry.LAUNCH_WORK == pytest.approx(roofline.CLASSES.launch_s * h100.flops)
     compute = registry.gemm_work(384, 2048, 151936 // 11, 0, 2, 132, batch=11)
-    assert compute == 2 * 2 * 132 * 128 * 256 * (151936 // 11)
+    assert compute == pytest.approx(2 * 2 * 132 * 128 * 256 * (151936 // 11) + registry.LAUNCH_WORK)
     # dW's update at K = 64 rows: 4 bytes of bf16 C per output element (read, write) beside 2*64 FLOPs: memory
     V, H, k = 151936, 2048, 64
-    want = (V * k + k * H + V * H + V * H) * 2 * registry.GEMM_RIDGE
+    want = (V * k + k * H + V * H + V * H) * 2 * registry.GEMM_RIDGE + registry.LAUNCH_WORK
     assert registry.gemm_work(V, H, k, V * H, 2, 132) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("H", [2048, 4096])
-def test_default_blockings_are_the_time_models_best(H):
+@pytest.mark.parametrize("N,H", [(32768, 2048), (32768, 4096), (3000, 2048)])
+def test_default_blockings_are_the_time_models_best(N, H):
     """The fused head's default (rows per block, dX splits) and the log-prob op's default slab, planned by the
     launchers' own few lines, are the best of every blocking the budget allows by the full time model, on H100
     and H200 (within 1%): the workspace holds whole tile rows (W-logprob, H=2048: 384 rows, three tiles of 128,
-    where 448 left half a tile idle in every logits and dX GEMM) and the splits fill whole waves."""
+    where 448 left half a tile idle in every logits and dX GEMM) and the splits fill whole waves; a smaller N too."""
     from pact_fast.kernels import fused_pact_head_launch as head
 
-    N, V = 32768, 151936
+    V = 151936
     shape = {"N": N, "V": V, "H": H}
     table = sass.issue_table()
 
@@ -90,12 +92,14 @@ def test_default_blockings_are_the_time_models_best(H):
 
     R, S = head.default_plan(N, V, H, torch.bfloat16)
     assert R % 128 == 0 and head.default_rows(N, V, H, torch.bfloat16) == R
+    # naming the default's rows per block runs the default's blocking
+    assert head.blocking_of(N, V, H, torch.bfloat16, rows_per_block=R) == (R, S)
     budget = head.WORKSPACE_SHARE * V * H * 2
     assert head.extra_memory_bytes(N, V, H, torch.bfloat16) <= budget
     planned = ratios({"want_entropy": False})
     assert planned == ratios({"want_entropy": False, "rows_per_block": R, "splits": S})
     grid = [ratios({"want_entropy": False, "rows_per_block": r, "splits": s})
-            for r in range(64, 2049, 64) for s in range(1, head.MAX_DX_SPLITS + 1)
+            for r in range(64, min(N, 2048) + 1, 64) for s in range(1, head.MAX_DX_SPLITS + 1)
             if head.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=r, splits=s) <= budget]
     assert len(grid) > 50
     for device in (0, 1):

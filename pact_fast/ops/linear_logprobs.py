@@ -186,7 +186,7 @@ def _blocking(n, weight, chunk_rows, vocab_slab):
     from ..kernels import linear_logprobs_launch as launch
     from ..kernels.registry import device_sms
 
-    planned = launch.plan(n, weight.shape[0], weight.shape[1], device_sms(weight.device))
+    planned = launch.plan(n, weight.shape[0], weight.shape[1], device_sms(weight.device), weight.element_size())
     return launch.Blocking(chunk_rows or planned.rows, vocab_slab or planned.slab)
 
 
