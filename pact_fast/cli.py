@@ -81,6 +81,9 @@ def _resume_config(args):
     saved = load_config(str(run_cfg))
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"])
     step = checkpoint.step_of(ckpt)
+    if step is not None and step > config.train.steps:
+        raise ConfigError(f"--resume {run_dir}: its last checkpoint is at step {step}, past train.steps="
+                          f"{config.train.steps}; raise train.steps to go on (a run is never cut back)")
     step = "?" if step is None else step
     print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
     for key, old, new in config_changes(saved, config):

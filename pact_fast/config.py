@@ -285,8 +285,51 @@ def _load(path, overrides, base=None):
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
         _set(obj, parts[-1], value, key.strip())
     _rebuild(config)
+    _check_values(config)
     _check_across(config)
     return config
+
+
+# Bounds of numeric options, checked after the file and the overrides (None: unbounded; "open": the bound itself
+# is refused). Every float option must also be finite.
+BOUNDS = {
+    "train.steps": (1, None), "train.prompts_per_step": (1, None), "train.update_epochs": (1, None),
+    "train.micro_batch_tokens": (1, None), "train.lr": ((0, "open"), None), "train.min_lr_ratio": (0, 1),
+    "train.warmup_steps": (0, None), "train.weight_decay": (0, None), "train.grad_clip": (0, None),
+    "train.stop_after": (0, None), "train.save_every": (0, None), "train.save_every_minutes": (0, None),
+    "train.keep_last": (1, None), "train.eval_every": (0, None),
+    "data.train_tasks": (1, None), "data.eval_tasks": (1, None), "data.distractors": (0, None),
+    "rollout.group_size": (1, None), "rollout.max_new_tokens": (1, None), "rollout.max_turns": (1, None),
+    "rollout.temperature": ((0, "open"), None), "rollout.top_p": ((0, "open"), 1),
+    "loss.adv_eps": (0, None), "loss.clip_eps_low": (0, (1, "open")), "loss.clip_eps_high": (0, None),
+    "loss.lambda_sft": (0, None), "loss.w_reason": (0, None), "loss.w_other": (0, None), "loss.beta_0": (0, None),
+    "loss.beta_1": (0, None), "loss.beta_kl": (0, None), "loss.c_ent": (0, None), "loss.switch_progress": (0, 1),
+}
+
+
+def _check_values(config):
+    """Every float option finite, every option of BOUNDS within its bounds, the built-in hop counts known."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value} must be a finite number")
+            if key in BOUNDS and value is not None:
+                for bound, below in zip(BOUNDS[key], (True, False)):
+                    limit, is_open = bound if isinstance(bound, tuple) else (bound, False)
+                    if limit is None:
+                        continue
+                    bad = (value <= limit if is_open else value < limit) if below else \
+                        (value >= limit if is_open else value > limit)
+                    if bad:
+                        relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
+                        raise ConfigError(f"{key}={value} must be {relation} {limit}")
+    from .envs.multihop import CHAINS
+
+    if not config.data.hops or any(h not in CHAINS for h in config.data.hops):
+        raise ConfigError(f"data.hops={list(config.data.hops)} must be a non-empty list of hop counts from "
+                          f"{sorted(CHAINS)}")
 
 
 def _check_across(config):

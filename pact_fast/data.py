@@ -190,6 +190,9 @@ def parse_example(row):
     return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)
 
 
+ENVIRONMENTS = ("multihop", "bfcl")  # the env names pact_fast.envs.make_env_factory runs
+
+
 def check_trainable(example, *, needs_trace=True):
     """Refuse a row that parses but cannot train: it would run at zero loss and zero reward.
 
@@ -202,6 +205,11 @@ def check_trainable(example, *, needs_trace=True):
     if not example.env or not isinstance(example.env.get("name"), str):
         _fail("missing 'env' (an object with a 'name', e.g. {\"name\": \"multihop\", \"world_seed\": 0}): "
               "the environment that runs the calls and scores the episode")
+    if example.env["name"] not in ENVIRONMENTS:
+        _fail(f"unknown env name {example.env['name']!r}; known: {', '.join(ENVIRONMENTS)}")
+    seed = example.env.get("world_seed", 0)
+    if example.env["name"] == "multihop" and (not isinstance(seed, int) or isinstance(seed, bool)):
+        _fail(f"env 'world_seed' must be an integer, got {seed!r}")
     if example.env["name"] == "multihop" and example.answer is None:
         _fail("missing 'answer': the multihop environment's reward compares the final answer with it")
     if needs_trace and not any(m["role"] == "assistant" for m in example.trace):

@@ -113,7 +113,9 @@ class PACTBatch:
     anchored: Optional[torch.Tensor] = None  # [B] bool, the group's Bernoulli anchoring draw
 
     def validate(self):
-        """Raise a ``ValueError`` naming the field when a per-rollout input has the wrong shape or dtype."""
+        """Raise a ``ValueError`` naming the field when a per-rollout input has the wrong shape or dtype, or a
+        constant of the loss (``CONSTANT_FIELDS``: old, behaviour and reference log-probs, rewards,
+        advantages) requires grad."""
         if self.response_mask.dim() != 2:
             raise ValueError(f"PACTBatch: response_mask must be [B, T], got {tuple(self.response_mask.shape)}")
         B = self.response_mask.shape[0]
@@ -130,6 +132,15 @@ class PACTBatch:
         if self.advantages is not None and tuple(self.advantages.shape) not in ((B,), tuple(self.response_mask.shape)):
             raise ValueError(f"PACTBatch: advantages must be [B] = [{B}] or [B, T] = "
                              f"{list(self.response_mask.shape)}, got {tuple(self.advantages.shape)}")
+        for name in CONSTANT_FIELDS:
+            t = getattr(self, name)
+            if t is not None and t.requires_grad:
+                raise ValueError(f"PACTBatch: {name} requires grad; pass it detached (it is a constant of the loss: "
+                                 "when it is the current log-probs with their graph, the ratio's gradient is 0)")
+
+
+# The inputs the loss treats as constants: a tensor among them that requires grad is refused (PACTBatch.validate)
+CONSTANT_FIELDS = ("old_logp_tc", "old_logp_po", "behavior_logp", "ref_logp", "rewards", "advantages")
 
 
 # ---------------------------------------------------------------- advantages

@@ -32,7 +32,7 @@ from . import distributed as dist
 from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from .config import Config, plain, save_config
 from .cpu import fit_threads
-from .data import load_data
+from .data import DataFormatError, load_data
 from .envs import make_env_factory
 from .evaluation import evaluate
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
@@ -344,6 +344,10 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
+    if not train_set or not held_out:
+        raise DataFormatError(f"{config.data.path or 'the built-in environment'}: no "
+                              f"{'training' if not train_set else 'held-out'} tasks (a data file too small to split "
+                              "off data.eval_tasks held-out rows, or every row skipped; give data.eval_path)")
     policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
@@ -369,12 +373,15 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     start_step = 0
     if resume:
         ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order, peft_model=policy.peft)
+        if start_step > train_cfg.steps:
+            raise ValueError(f"resume: {ckpt} is at step {start_step}, past train.steps={train_cfg.steps}; "
+                             f"raise train.steps to go on (its checkpoints would be overwritten otherwise)")
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
     engine = (engine_factory or make_rollout_engine)(rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    writers = _Writers(run_dir, train_cfg, config) if dist.rank() == 0 else None
+    writers = _Writers(run_dir, train_cfg, config, start_step) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
                       make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step,
                       peft=policy.peft)
@@ -689,8 +696,10 @@ def _progress(train_cfg, mode, start):
 class _Writers:
     """metrics.jsonl always; TensorBoard and wandb when installed and enabled; a PNG plot at the end."""
 
-    def __init__(self, run_dir, train_cfg, config):
+    def __init__(self, run_dir, train_cfg, config, start_step=0):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if start_step and self.path.exists():
+            self._cut(start_step)
         self.file = self.path.open("a")
         self.tb = self.wandb = None
         if train_cfg.tensorboard:
@@ -704,6 +713,21 @@ class _Writers:
             import wandb  # asked for explicitly: a missing package is an error
 
             self.wandb = wandb.init(project=train_cfg.wandb_project, config=plain(config, finite=True), dir=str(run_dir))
+
+    def _cut(self, start_step):
+        """Keep the rows of the steps a resumed run does not repeat (step <= start_step): a run stopped after a
+        step's row but before its checkpoint (kill -9) wrote rows that the resumed run writes again."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a row cut short by the kill
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= start_step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def log(self, metrics):
         self.file.write(json.dumps(plain(metrics, finite=True)) + "\n")

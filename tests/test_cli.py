@@ -47,6 +47,19 @@ def test_a_data_row_without_tools_trace_answer_or_env_is_refused_before_training
     assert not (tmp_path / "out").exists()
 
 
+def test_a_data_file_too_small_to_split_off_held_out_tasks_is_refused(tmp_path):
+    """Three rows give no held-out row (data.eval_tasks come off a file's start, at most a fifth of it): one line
+    before any step, not a run whose held-out success reads 0.0."""
+    from pact_fast.envs import make_task
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(make_task(k, hops=1)) + "\n" for k in range(3)))
+    proc = _cli("train", "--data", "rows.jsonl", "--out", "out", "loss.mode=grpo", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pact-fast: rows.jsonl: no held-out tasks"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("given,expected", [({}, ["False", "10000", "-"]),
                                             ({"OMP_WAIT_POLICY": "ACTIVE"}, ["False", "-", "ACTIVE"]),
                                             ({"GOMP_SPINCOUNT": "5"}, ["False", "5", "-"])])

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from pact_fast.data import DataFormatError, load_examples, parse_example, write_examples
+from pact_fast.data import DataFormatError, check_trainable, load_examples, parse_example, write_examples
 from pact_fast.envs import make_task
 
 
@@ -185,3 +185,14 @@ def test_grpo_rows_need_no_trace_but_still_their_reward():
         grpo(parse_example({**_good(), "answer": None}))
     with pytest.raises(DataFormatError, match="missing 'trace'"):  # a trace without an assistant turn is none
         check_trainable(parse_example({**_good(), "trace": [{"role": "user", "content": "more"}]}))
+
+
+@pytest.mark.parametrize("env,reason", [({"name": "chess"}, "unknown env name 'chess'; known: multihop, bfcl"),
+                                        ({"name": "multihop", "world_seed": "zero"},
+                                         "env 'world_seed' must be an integer, got 'zero'")])
+def test_a_row_no_environment_can_run_is_refused_with_file_and_line(tmp_path, env, reason):
+    """Such a row parses, then fails inside the first step's rollouts; the loader refuses it, naming file and line."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(make_task(0, hops=1)) + "\n" + json.dumps({**make_task(1, hops=1), "env": env}) + "\n")
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))}:2: {re.escape(reason)}"):
+        load_examples(path, check=check_trainable)

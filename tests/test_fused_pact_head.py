@@ -172,7 +172,12 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: a.update(backend="triton"), "fp32, fp16 or bf16"),  # float64 inputs
     (lambda a: a.update(backend="cuda"), "unknown backend"),
     (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"][:, :-1]), "must match response_mask"),
-    (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"] + 1000), "points past"),
+    (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"] + 1000), r"row indices in \[-1, "),
+    (lambda a: a["rows"].update(logp_po=a["rows"]["logp_po"] - 1000), r"row indices in \[-1, "),
+    (lambda a: a["rows"].update(logp_po=torch.where(a["batch"].response_mask.bool(), -1, a["rows"]["logp_po"])),
+     "is -1 at a position its mask scores"),
+    (lambda a: a["rows"].update(sft_logp=torch.full_like(a["rows"]["sft_logp"], -1)),
+     "is -1 at a position its mask scores"),
     (lambda a: a["rows"].update(entropy=a["rows"]["logp_po"]), "unknown fields"),
     (lambda a: setattr(a["batch"], "logp_po", a["batch"].old_logp_po), "leave it None"),
     (lambda a: a.update(targets=a["targets"] + V), "targets must lie in"),
@@ -182,7 +187,8 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: a.update(softcap=-1.0), "softcap"),
     (lambda a: a.update(softcap=0.0), "softcap"),
     (lambda a: a.update(old_from_current=True), "old_from_current"),
-], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-field", "batch-field", "targets", "temperature",
+], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-below", "rows-unscored", "sft-unscored",
+        "rows-field", "batch-field", "targets", "temperature",
         "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given"])
 def test_bad_input_is_an_error_naming_it(change, match):
     hidden, weight, _, targets, rows, batch = _problem(4)

@@ -472,3 +472,18 @@ def test_loss_scales_without_step_counts_take_the_micro_batch_as_the_step():
     assert loss_scales(mask, 1) == (1.0, 1.0)
     assert loss_scales(mask, 1, "token-mean", step_tokens=8, step_traces=4, world=2) == (0.5, 0.5)
     assert loss_scales(mask, 0, "seq-mean-token-mean", step_seqs=4, step_traces=0) == (0.25, 0.0)
+
+
+@pytest.mark.parametrize("name", ["old_logp_po", "old_logp_tc", "ref_logp", "behavior_logp"])
+def test_a_constant_that_carries_a_gradient_is_refused(name):
+    """old_logp_po=logp_po without .detach() (on-policy, one epoch) makes every ratio exp(0) with a gradient that
+    cancels: the RL term's gradient would be exactly 0. The loss refuses it, naming the field."""
+    batch = _batch()
+    batch.ref_logp = batch.old_logp_po.clone()
+    config = PACTLossConfig(mode="grpo", beta_kl=0.1)
+    setattr(batch, name, batch.logp_po if name != "old_logp_tc" else batch.logp_tc)
+    with pytest.raises(ValueError, match=f"{name} requires grad; pass it detached"):
+        pact_loss(batch, config, 0.3)
+    setattr(batch, name, getattr(batch, name).detach())
+    loss, _ = pact_loss(batch, config, 0.3)
+    assert torch.autograd.grad(loss, batch.logp_po)[0].abs().sum() > 0

@@ -322,3 +322,21 @@ def test_varlen_refuses_positions_that_are_not_trie_depths():
     positions[5] += 1  # inside the shared prompt: no longer its parent's position + 1
     with pytest.raises(ValueError, match="position_ids must grow by one"):
         build_layout(packed.subtree_end[None], "varlen", position_ids=positions[None])
+
+
+def test_validation_refuses_subtrees_that_do_not_nest():
+    """Each bound t + 1 <= subtree_end[t] <= L holds, but token 1 sits in token 0's subtree [0, 2) with its own
+    reaching 9: no trie gives that, and the backends would disagree on it. Refused, naming the token; every
+    packed trie passes, and the subtree maxima behind the check equal a plain loop's on random layouts."""
+    from pact_fast.ops.tree_attention import _subtree_max, validate_subtree_end
+
+    q = k = v = torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match=r"subtree_end\[0, 0\] = 2, but a token of that subtree .* end at 9"):
+        tree_attention(q, k, v, torch.tensor([[2, 9, 9, 9, 9, 9, 9, 9, 9]]))
+    validate_subtree_end(_layout([(3, 3), (7, 2), (11, 4)]))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        L = int(torch.randint(1, 40, (1,), generator=g))
+        ends = [int(torch.randint(t + 1, L + 1, (1,), generator=g)) for t in range(L)]
+        want = [max(ends[t + 1:ends[t]], default=0) for t in range(L)]
+        assert _subtree_max(torch.tensor([ends]))[0].tolist() == want

@@ -419,6 +419,14 @@ def test_resume_says_what_changed_and_never_keeps_one_off_options(tmp_path):
     last = subprocess.run(base + ["--resume", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert last.returncode == 0 and "pact-fast: changed" not in last.stderr  # anchor_q=0.5 is now the run's own option
     assert json.loads(last.stdout[last.stdout.index("{"):])["steps"] == 3  # no stop_after carried over
+    # a resume that would end before the run's last checkpoint is refused: it would overwrite that step's files
+    weights = (tmp_path / "checkpoints" / "step_000003" / "model.safetensors").read_bytes()
+    behind = subprocess.run(base + ["--resume", str(tmp_path), "train.steps=2"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert behind.returncode == 2 and behind.stderr.strip() == (
+        f"pact-fast: --resume {tmp_path}: its last checkpoint is at step 3, past train.steps=2; raise train.steps to "
+        "go on (a run is never cut back)")
+    assert (tmp_path / "checkpoints" / "step_000003" / "model.safetensors").read_bytes() == weights
     refused = subprocess.run(base + ["--resume", str(tmp_path), "--model", "/some/model"], capture_output=True,
                              text=True, env=env, timeout=120)
     assert refused.returncode == 2
@@ -517,3 +525,19 @@ def test_evaluate_counts_answers_and_tool_calls_besides_success():
     result = evaluate(Engine(), list(range(4)), make_env=None)
     assert result == pytest.approx({"success_rate": 0.25, "mean_reward": 0.375, "tokens_per_episode": 2.25,
                                     "answer_rate": 0.5, "tool_calls_per_episode": 1.5})
+
+
+def test_a_resumed_run_drops_the_metrics_rows_past_its_checkpoint(tmp_path):
+    """A run killed after step 3's row but before its checkpoint (step 2) resumes at step 2 and writes step 3
+    again: the rows past the checkpoint, and a row the kill cut short, are dropped first."""
+    from pact_fast.trainer import _Writers
+
+    rows = [{"step": 1, "reward_mean": 0.1}, {"step": 2, "eval/success": 0.5}, {"step": 2, "reward_mean": 0.2},
+            {"step": 3, "reward_mean": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
+    config = load_config(None, ["train.tensorboard=false"])
+    writers = _Writers(tmp_path, config.train, config, start_step=2)
+    writers.log({"step": 3, "reward_mean": 0.35})
+    writers.file.close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == rows[:3] + [{"step": 3, "reward_mean": 0.35}]

@@ -18,7 +18,9 @@ def make_env_factory(cfg, rollout_cfg):
 
             return BFCLEnv(example, call_timeout=rollout_cfg.call_timeout, **caps)
         if name != "multihop":
-            raise ValueError(f"example {example.id}: unknown environment {name!r}; known: multihop, bfcl")
+            from ..data import ENVIRONMENTS
+
+            raise ValueError(f"example {example.id}: unknown environment {name!r}; known: {', '.join(ENVIRONMENTS)}")
         return MultiHopEnv(example, format_reward=cfg.format_reward, **caps)
 
     return make_env

@@ -35,7 +35,7 @@ logits and its derivative to d logits, and the triton backend then takes its ord
 import torch
 
 from .. import loss_grads
-from ..losses import PACTLossConfig
+from ..losses import NONE, PACTLossConfig
 from ._backend import resolve_backend
 from .linear_logprobs import check_logit_transform, chunk_logits, logit_transform
 
@@ -101,8 +101,17 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
                             f"fused_pact_head: targets must lie in [0, V={vocab})")
     for name, index in rows.items():
         if index.numel():
-            torch._assert_async((index < n).all(),
-                                f"fused_pact_head: rows[{name!r}] points past the {n} rows of hidden")
+            torch._assert_async((index < n).all() & (index >= -1).all(),
+                                f"fused_pact_head: rows[{name!r}] must hold row indices in [-1, {n}) (-1 = none)")
+    # a scored position must name its row: -1 there would score it as log-prob 0
+    scored = {"logp_tc": batch.response_mask != 0, "logp_po": batch.response_mask != 0}
+    if batch.sft_components is not None:
+        scored["sft_logp"] = batch.sft_components != NONE
+    for name, index in rows.items():
+        if index.numel() and name in scored:
+            torch._assert_async(((index >= 0) | ~scored[name]).all(),
+                                f"fused_pact_head: rows[{name!r}] is -1 at a position its mask scores "
+                                f"({'response_mask' if name != 'sft_logp' else 'sft_components'} nonzero)")
 
 
 def _scatter(values, index):

@@ -98,16 +98,43 @@ def validate_layout(q, k, v, subtree_end):
 
 
 def validate_subtree_end(subtree_end):
-    """Raise unless ``subtree_end [B, L]`` is integer with ``t + 1 <= subtree_end[b, t] <= L``."""
+    """Raise unless ``subtree_end [B, L]`` is integer with ``t + 1 <= subtree_end[b, t] <= L`` and subtrees that
+    nest, as a token trie's do: every token u of t's subtree (t < u < subtree_end[b, t]) has
+    ``subtree_end[b, u] <= subtree_end[b, t]``."""
     L = subtree_end.shape[-1]
     if subtree_end.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: subtree_end must be int32 or int64, got {subtree_end.dtype}")
     own = torch.arange(1, L + 1, device=subtree_end.device)
-    bad = (subtree_end < own) | (subtree_end > L)
-    if bool(bad.any()):
-        b, t = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"tree_attention: subtree_end[{b}, {t}] = {int(subtree_end[b, t])} must lie in "
-                         f"[{t + 1}, {L}] (at least one past the token itself, at most L)")
+    out_of_range = (subtree_end < own) | (subtree_end > L)
+    inside = _subtree_max(subtree_end)
+    if bool((out_of_range | (inside > subtree_end)).any()):  # one host synchronisation for both checks
+        if bool(out_of_range.any()):
+            b, t = (int(x) for x in out_of_range.nonzero()[0])
+            raise ValueError(f"tree_attention: subtree_end[{b}, {t}] = {int(subtree_end[b, t])} must lie in "
+                             f"[{t + 1}, {L}] (at least one past the token itself, at most L)")
+        b, t = (int(x) for x in (inside > subtree_end).nonzero()[0])
+        raise ValueError(f"tree_attention: subtree_end[{b}, {t}] = {int(subtree_end[b, t])}, but a token of that "
+                         f"subtree has its own subtree end at {int(inside[b, t])}: subtrees must nest, as a token "
+                         "trie's do (pact_fast.packing.pack_tree)")
+
+
+def _subtree_max(subtree_end):
+    """[B, L] the largest subtree_end of the tokens strictly inside each token's subtree (0 for a leaf): range
+    maxima over [t + 1, subtree_end[t]) from a sparse table (level j: the max of each window of 2^j tokens)."""
+    e = subtree_end.long()
+    B, L = e.shape
+    levels = [e]
+    while 2 ** len(levels) <= L:
+        w = 2 ** (len(levels) - 1)
+        levels.append(torch.maximum(levels[-1][:, :-w], levels[-1][:, w:]))
+    start = torch.arange(1, L + 1, device=e.device).expand(B, L)
+    size = e - start  # tokens below t in its subtree
+    inside = torch.zeros_like(e)
+    for j, level in enumerate(levels):
+        w, last = 2 ** j, level.shape[1] - 1
+        both = torch.maximum(level.gather(1, start.clamp(max=last)), level.gather(1, (e - w).clamp(0, last)))
+        inside = torch.where((size >= w) & (size < 2 * w), both, inside)
+    return inside
 
 
 def _repeat_kv(q, k, v):

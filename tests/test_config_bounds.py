@@ -1,0 +1,48 @@
+"""Numeric options out of their range, or not finite, are refused in one line naming the option and its bound,
+before any step: a NaN weight would switch a loss term off, a negative step count would name a checkpoint
+"step_-00001", a top_p of 0 would sample nothing."""
+import dataclasses
+
+import pytest
+
+from pact_fast.config import BOUNDS, Config, ConfigError, load_config
+from pact_fast.models import pretrained_defaults
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=-1", "train.steps=-1 must be >= 1"),
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.lr=nan", "train.lr=nan must be a finite number"),
+    ("train.lr=inf", "train.lr=inf must be a finite number"),
+    ("loss.lambda_sft=nan", "loss.lambda_sft=nan must be a finite number"),
+    ("loss.adv_eps=nan", "loss.adv_eps=nan must be a finite number"),
+    ("loss.beta_0=-1", "loss.beta_0=-1.0 must be >= 0"),
+    ("loss.clip_eps_low=1", "loss.clip_eps_low=1.0 must be < 1"),
+    ("train.min_lr_ratio=5", "train.min_lr_ratio=5.0 must be <= 1"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0 must be >= 0"),
+    ("rollout.top_p=0", "rollout.top_p=0.0 must be > 0"),
+    ("rollout.top_p=2", "rollout.top_p=2.0 must be <= 1"),
+    ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
+    ("rollout.group_size=0", "rollout.group_size=0 must be >= 1"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0 must be >= 1"),
+    ("train.prompts_per_step=0", "train.prompts_per_step=0 must be >= 1"),
+    ("train.micro_batch_tokens=0", "train.micro_batch_tokens=0 must be >= 1"),
+    ("train.update_epochs=0", "train.update_epochs=0 must be >= 1"),
+    ("data.train_tasks=0", "data.train_tasks=0 must be >= 1"),
+    ("data.eval_tasks=0", "data.eval_tasks=0 must be >= 1"),
+    ("data.hops=[]", "data.hops=[] must be a non-empty list of hop counts from [1, 2, 3]"),
+    ("data.hops=[7]", "data.hops=[7] must be a non-empty list of hop counts from [1, 2, 3]"),
+])
+def test_out_of_range_or_non_finite_options_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_every_bound_names_an_option_and_the_defaults_keep_them():
+    config = Config()
+    for key in BOUNDS:
+        section, name = key.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(config, section))}, key
+    load_config(None, [])  # the built-in job's defaults
+    load_config(None, [f"{k}={v}" for k, v in pretrained_defaults().items()])  # a pretrained model's
