@@ -103,7 +103,7 @@ def _check_tools(tools, where):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             _fail(f"{where}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        params = fn.get("parameters", {})
+        params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
         if not isinstance(params.get("properties", {}), dict):
@@ -227,7 +227,11 @@ def _decode_row(raw):
     except UnicodeDecodeError as exc:
         _fail(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
     try:
-        return json.loads(line, parse_constant=_reject_constant)
+        value = json.loads(line, parse_constant=_reject_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character
+        return value
+    except UnicodeEncodeError:
+        _fail("a string holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
     except json.JSONDecodeError as exc:
         text = line.rstrip("\r\n")
         if exc.pos >= len(text):  # the text ends before the value does: a truncated row

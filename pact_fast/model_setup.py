@@ -30,7 +30,12 @@ def resolve_device(name):
     """``train.device`` as a torch device; ``auto`` is CUDA when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ModelError(f"train.device={name}: this torch ({torch.__version__}) sees {count} CUDA device(s)")
+    return device
 
 
 @dataclass

@@ -215,11 +215,11 @@ def apply_liger(model):
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
+        raise ModelError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError as exc:
-        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
+        raise ModelError("train.liger=true needs liger-kernel: pip install liger-kernel") from exc
     _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
 

@@ -24,7 +24,11 @@ def _cli(*args, cwd=None):
     (None, ["--data", "nope.jsonl"], "pact-fast: data.path=nope.jsonl: no such file"),
     (None, ["rollout.tool_call_format=xml"], "pact-fast: config error: rollout.tool_call_format='xml' is not valid"),
     (None, ["--model", "no/such/dir"], "pact-fast: model directory 'no/such/dir' does not exist"),
-], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model"])
+    (None, ["train.steps=0"], "pact-fast: config error: train.steps=0 must be >= 1"),
+    (None, ["train.device=cuda:99"], "pact-fast: train.device=cuda:99: this torch"),
+    (None, ["train.liger=true"], "pact-fast: train.liger=true needs"),
+], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
+        "steps-zero", "no-such-gpu", "liger"])
 def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp_path, setup, args, message):
     if setup is not None:
         (tmp_path / "run.yaml").write_text(setup)

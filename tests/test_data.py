@@ -101,6 +101,8 @@ HOSTILE_ROWS = [
     (json.dumps({**_good(), "id": "nan", "answer": 1.5}).replace("1.5", "NaN").encode(), "NaN is not a JSON number"),
     (json.dumps({**_good(), "id": "inf", "answer": 1.5}).replace("1.5", "-Infinity").encode(),
      "-Infinity is not a JSON number"),
+    (json.dumps({**_good(), "id": "surrogate", "answer": "x"}).replace('"x"', '"a\\ud800b"').encode(),
+     "a string holds a lone surrogate escape"),
 ]
 
 
@@ -196,3 +198,12 @@ def test_a_row_no_environment_can_run_is_refused_with_file_and_line(tmp_path, en
     path.write_text(json.dumps(make_task(0, hops=1)) + "\n" + json.dumps({**make_task(1, hops=1), "env": env}) + "\n")
     with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))}:2: {re.escape(reason)}"):
         load_examples(path, check=check_trainable)
+
+
+def test_a_tool_of_no_arguments_may_leave_out_its_parameters():
+    """OpenAI function specs make ``parameters`` optional: a tool without it takes no arguments (an empty object
+    schema), as the chat templates and the environment then see it."""
+    row = _good()
+    row["tools"][0]["function"].pop("parameters")
+    ex = parse_example(row)
+    assert ex.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
