@@ -40,8 +40,8 @@ from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_k
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import (DEFAULT_SMS, GEMM_RIDGE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, device_sms,
-                       gemm_cost, gemm_work, interpreting, vocab_variants)
+from .registry import (DEFAULT_SMS, GEMM_RIDGE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, block_sizes,
+                       device_sms, gemm_cost, gemm_work, interpreting, vocab_variants)
 
 BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
 ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
@@ -85,7 +85,7 @@ def dx_splits(R, H, V, sms=DEFAULT_SMS, elem_bytes=2, fits=None, shift=True, N=N
     unsplit too (shift mode)."""
     most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K))
     options = [S for S in range(1, most + 1) if fits is None or fits(S)] or [1]
-    blocks = [(R, 1)] if N is None else [(r, n) for r, n in ((R, N // R), (N % R, 1)) if r and n]
+    blocks = [(R, 1)] if N is None else block_sizes(N, R)
     work = {S: sum(n * _dx_work(r, H, V, S, sms, elem_bytes, shift) for r, n in blocks) for S in options}
     least = min(work.values())
     return min(S for S in options if work[S] <= (1 + SPLIT_SLACK) * least)
@@ -155,8 +155,7 @@ def default_plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=
         if not fits(1):
             continue
         S = dx_splits(R, H, V, sms, e, fits, shift, N)
-        work = sum(count * _block_work(r, V, H, S, e, weight_grad, shift, sms)
-                   for r, count in ((R, N // R), (N % R, 1)) if r and count)
+        work = sum(count * _block_work(r, V, H, S, e, weight_grad, shift, sms) for r, count in block_sizes(N, R))
         if best is None or work < best[0]:
             best = (work, R, S)
     if best is None:  # not even ROW_MULTIPLE rows fit: the smallest block

@@ -33,8 +33,8 @@ import triton
 
 from .linear_logprobs import _slab_grad_kernel, _slab_stats_kernel
 from . import registry
-from .registry import (DEFAULT_SMS, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, gemm_cost, gemm_work,
-                       interpreting, vocab_variants)
+from .registry import (DEFAULT_SMS, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, block_sizes, gemm_cost,
+                       gemm_work, interpreting, vocab_variants)
 
 WORKSPACE_FRACTION = 0.05  # workspace bytes <= this share of the weight gradient's bytes (V * H * itemsize)
 MIN_BLOCK_ROWS = 2048  # rows per block when N has them: GEMMs of K=R for dW at > 500 FLOP/byte
@@ -78,13 +78,9 @@ def _work(N, V, H, rows, slab, sms, e):
     """Planned cost (``registry.gemm_work``) of a forward and backward over blocks of ``rows`` x slabs of
     ``slab``: per block and slab the logits twice, dX and dW accumulated, and the two epilogues' launches (their
     bytes are the same for any blocking)."""
-    total = 0
-    for r, n_r in ((rows, N // rows), (N % rows, 1)):
-        for s, n_s in ((slab, V // slab), (V % slab, 1)):
-            if r and s and n_r and n_s:
-                total += n_r * n_s * (2 * gemm_work(r, s, H, 0, e, sms) + gemm_work(r, H, s, r * H, e, sms) +
-                                      gemm_work(s, H, r, s * H, e, sms) + 2 * LAUNCH_WORK)
-    return total
+    return sum(n_r * n_s * (2 * gemm_work(r, s, H, 0, e, sms) + gemm_work(r, H, s, r * H, e, sms) +
+                            gemm_work(s, H, r, s * H, e, sms) + 2 * LAUNCH_WORK)
+               for r, n_r in block_sizes(N, rows) for s, n_s in block_sizes(V, slab))
 
 
 def _launch(kernel, grid, cfg, *args, **constexprs):
@@ -212,8 +208,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     if not passes or not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_costs: passes must be a subset of ('fwd', 'bwd'), got {passes!r}")
     cfgs = configs or GPU_CONFIGS
-    blocking = blocking or plan(N, V, H, elem_bytes=torch.empty((), dtype=dtype).element_size())
     e = torch.empty((), dtype=dtype).element_size()
+    blocking = blocking or plan(N, V, H, elem_bytes=e)
     costs = []
 
     def gemm(tag, m, n, k, c_elems):
@@ -240,8 +236,8 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
 def extra_memory_bytes(N, V, H, dtype, has_bias=False, blocking=None):
     """Bytes the op allocates beyond its outputs and returned gradients (backward's peak): the workspace
     (+ the fp32 db, cast to the bias dtype at the end)."""
-    blocking = blocking or plan(N, V, H, elem_bytes=torch.empty((), dtype=dtype).element_size())
     e = torch.empty((), dtype=dtype).element_size()
+    blocking = blocking or plan(N, V, H, elem_bytes=e)
     return blocking.rows * blocking.slab * e + (4 * V if has_bias else 0)
 
 

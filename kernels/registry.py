@@ -68,7 +68,7 @@ DEFAULT_SMS = 132  # H100 / H200 SXM; a CUDA device's own count is read where a 
 # FLOPs per byte at which a GEMM turns memory-bound: 700 TFLOP/s of cuBLAS bf16 over 3.0 TB/s of HBM (an H100's;
 # bench/roofline.py's classes). An H200's 163 would plan the same blocks at every SPEC workload.
 GEMM_RIDGE = 700 / 3.0
-LAUNCH_WORK = 4.5e-6 * 700e12  # a kernel launch (4.5 us of host time, bench/roofline.py's class) in FLOPs at 700 TFLOP/s
+LAUNCH_WORK = 4.5e-6 * 700e12  # a launch (4.5 us of host time, bench/roofline.py's class) in FLOPs at 700 TFLOP/s
 
 
 def device_sms(device):
@@ -76,6 +76,12 @@ def device_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SMS
+
+
+def block_sizes(n, size):
+    """[(block size, how many)] of ``n`` items cut into blocks of ``size``: the full blocks and the remainder's,
+    each present only when it has items (what a blocking plan prices: each size once)."""
+    return [(b, k) for b, k in ((size, n // size), (n % size, 1)) if b and k]
 
 
 def gemm_waves(m, n, sms=DEFAULT_SMS, batch=1, tile=GEMM_TILE):

@@ -294,7 +294,7 @@ def load_data(cfg, *, needs_trace=True):
     """(train examples, held-out examples) from a data file or the built-in environment.
 
     A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
-    trace when ``needs_trace``); held-out rows need no trace."""
+    trace when ``needs_trace``); held-out rows need no trace. No held-out task is a ``DataFormatError``."""
     from functools import partial
 
     from .envs import make_tasks
@@ -313,9 +313,13 @@ def load_data(cfg, *, needs_trace=True):
         else:
             n = min(cfg.eval_tasks, len(train) // 5)
             train, held_out = train[n:], train[:n]
-        return train, held_out
-    kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
-    train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed, **kw)]
-    held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
-                                                     world_seed=cfg.world_seed + 1, **kw)]
+    else:
+        kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
+        train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed,
+                                                      **kw)]
+        held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
+                                                         world_seed=cfg.world_seed + 1, **kw)]
+    if not held_out:  # training would report a held-out success of 0.0, evaluation would have nothing to score
+        raise DataFormatError(f"{cfg.path or 'the built-in environment'}: no held-out tasks (data.eval_tasks=0, or "
+                              "a data file too small to split off a fifth of it; give data.eval_path)")
     return train, held_out

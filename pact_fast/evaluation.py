@@ -60,9 +60,6 @@ def evaluate_model(config, *, show=0, log=print):
     from .rollout import HFRolloutEngine
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
-    if not held_out:
-        raise ValueError("no held-out tasks to evaluate (data.eval_tasks=0, or a data file too small to split; "
-                         "give data.eval_path)")
     policy = build_policy(config.model, resolve_device(config.train.device), config.train.seed)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)

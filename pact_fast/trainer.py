@@ -32,7 +32,7 @@ from . import distributed as dist
 from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from .config import Config, plain, save_config
 from .cpu import fit_threads
-from .data import DataFormatError, load_data
+from .data import load_data
 from .envs import make_env_factory
 from .evaluation import evaluate
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
@@ -344,10 +344,6 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
-    if not train_set or not held_out:
-        raise DataFormatError(f"{config.data.path or 'the built-in environment'}: no "
-                              f"{'training' if not train_set else 'held-out'} tasks (a data file too small to split "
-                              "off data.eval_tasks held-out rows, or every row skipped; give data.eval_path)")
     policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
