@@ -34,7 +34,8 @@ from pact_fast.chat import LabeledSequence
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL, PACTLossConfig, anchor_rows, group_advantages, pact_loss
 from pact_fast.rollout import Episode
 from pact_fast.scoring import PackedScorer
-from pact_fast.trainer import (GroupInputs, batch_for_loss, build_units, fused_micro_batch_loss,
+from pact_fast.task_inputs import GroupInputs
+from pact_fast.trainer import (batch_for_loss, build_units, fused_micro_batch_loss,
                                pack_micro_batch, score_micro_batch)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -43,6 +43,11 @@ class Example:
     trace: list = field(default_factory=list)  # expert trace messages
     answer: object = None
     env: dict = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # "file:line" of a row read by load_examples; "" otherwise
+
+    def where(self):
+        """The row for a message: ``file:line (id 'x')``, or ``task 'x'`` for a task made in memory."""
+        return f"{self.source} (id {self.id!r})" if self.source else f"task {self.id!r}"
 
     def to_json(self):
         return {"id": self.id, "messages": self.messages, "tools": self.tools, "trace": self.trace,
@@ -274,6 +279,7 @@ def load_examples(path, *, on_error="raise", check=None):
                 continue
             if example is not None:
                 first_line[example.id] = line_no
+                example.source = f"{path}:{line_no}"
                 examples.append(example)
     report.loaded = len(examples)
     if not examples:

@@ -58,11 +58,14 @@ def evaluate_model(config, *, show=0, log=print):
     from .envs import make_env_factory
     from .model_setup import build_policy, fit_chat_template, resolve_device
     from .rollout import HFRolloutEngine
+    from .task_inputs import limits, prepare
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
     policy = build_policy(config.model, resolve_device(config.train.device), config.train.seed)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
+    _, held_out = prepare(tokenizer, [], held_out, limits(model, config, engine="hf"), on_error=config.data.on_error,
+                          log=log)
     engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
     metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
                                  return_episodes=True)

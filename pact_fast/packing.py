@@ -144,6 +144,11 @@ def pack_tree(sequences):
                       torch.tensor(subtree_end, dtype=torch.long), token_index)
 
 
+def packed_size(sequences):
+    """Tokens of the trie that ``pack_tree(sequences)`` builds: each distinct prefix once."""
+    return _Trie().new_tokens([_as_list(seq, j) for j, seq in enumerate(sequences)])
+
+
 def split_units(units, max_tokens):
     """Assign units (each a list of sequences that must share a micro-batch, e.g. the two copies of a
     rollout) to micro-batches whose packed trie stays within ``max_tokens``.
@@ -154,7 +159,7 @@ def split_units(units, max_tokens):
     batches, current, trie = [], [], _Trie()
     for u, unit in enumerate(units):
         seqs = [_as_list(seq, j) for j, seq in enumerate(unit)]
-        alone = _Trie().new_tokens(seqs)
+        alone = packed_size(seqs)
         if alone > max_tokens:
             raise ValueError(f"split_units: unit {u} packs to {alone} tokens, more than max_tokens={max_tokens}; "
                              "raise the budget or truncate the sequences")

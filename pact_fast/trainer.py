@@ -29,7 +29,6 @@ import torch
 
 from . import checkpoint
 from . import distributed as dist
-from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from .config import Config, plain, save_config
 from .cpu import fit_threads
 from .data import load_data
@@ -44,6 +43,7 @@ from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout_vllm import is_cap, make_rollout_engine
 from .scoring import PackedScorer, check_model
+from .task_inputs import group_inputs, limits, prepare
 
 
 # ---------------------------------------------------------------- setup
@@ -83,15 +83,6 @@ class DataOrder:
 
 
 # ---------------------------------------------------------------- scoring
-
-
-@dataclass
-class GroupInputs:
-    """Token ids a group needs besides its episodes (cached per example)."""
-
-    tc_prompt: list
-    po_prompt: list
-    sft: list  # LabeledSequence items
 
 
 @dataclass
@@ -307,7 +298,7 @@ class Components:
     order: DataOrder
     writers: Optional["_Writers"]  # rank 0 only
     start_step: int = 0
-    group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs
+    group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs, made on the task's first draw
     peft: Optional[torch.nn.Module] = None  # the PeftModel around the policy with LoRA (model_setup.Policy)
 
     @property
@@ -316,12 +307,9 @@ class Components:
         return self.scorer.model
 
     def inputs_for(self, example):
-        """The example's ``GroupInputs``, tokenised once per run."""
+        """The example's ``GroupInputs``, tokenised once per run (``build`` checked them all before step 1)."""
         if example.id not in self.group_inputs:
-            sft = trace_sequences(self.tokenizer, example)
-            check_trace_components(example, sft)  # a trace whose calls or reasoning render to nothing teaches nothing
-            self.group_inputs[example.id] = GroupInputs(trace_conditioned_prompt_ids(self.tokenizer, example),
-                                                        prompt_ids(self.tokenizer, example), sft)
+            self.group_inputs[example.id] = group_inputs(self.tokenizer, example)
         return self.group_inputs[example.id]
 
     def autocast(self):
@@ -347,6 +335,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
+    # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
+    train_set, held_out = prepare(tokenizer, train_set, held_out, limits(model, config), on_error=config.data.on_error,
+                                  log=log if dist.rank() == 0 else None)
     if train_cfg.grad_checkpointing:
         # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
         # frozen tied head) would silently drop the gradients of the layers inside it

@@ -1,0 +1,139 @@
+"""Token ids of a task, and the check that every task fits a step before the first one.
+
+Besides its episodes, a prompt group needs its trace-conditioned and prompt-only prompts and the trace's labelled
+sequences (the SFT term): ``GroupInputs``, made when a step first draws the task. ``prepare`` makes them once for
+every training task before step 1 (keeping only the verdict, not the ids) and refuses, in one line naming the row
+(``file:line (id 'x')``), a task that cannot go through a step even with a one-token response, where the step
+that first drew it would otherwise stop, possibly hours in, or train on quietly:
+
+- a trace whose tool calls or reasoning render to no token (``chat.check_trace_components``);
+- a trace-conditioned prompt or trace sequence longer than the model's positions (``max_position_embeddings``:
+  past them a rotary model reads positions it never trained on and no error says so), or a prompt-only prompt
+  longer than what the rollout engine samples from (those positions, within ``rollout.vllm_max_model_len`` with
+  the vLLM engine);
+- a rollout unit (both prompts and one response token under each, packed) or a trace sequence that packs to
+  more tokens than ``train.micro_batch_tokens``.
+
+Held-out tasks are checked for their prompt-only prompt, the only one evaluation samples from. With
+``data.on_error=skip`` such rows are left out and counted, as ``data.load_examples`` leaves out malformed ones.
+"""
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
+from .data import DataFormatError
+from .packing import packed_size
+
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often while checking a large data set
+
+
+@dataclass
+class GroupInputs:
+    """Token ids a group needs besides its episodes."""
+
+    tc_prompt: list
+    po_prompt: list
+    sft: list  # LabeledSequence items
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a task's sequences must fit: ``micro_batch_tokens`` per packed micro-batch, ``positions`` per scored
+    sequence (None: no bound), ``sampling`` per prompt the engine samples from, named ``sampling_name``."""
+
+    micro_batch_tokens: int
+    positions: Optional[int] = None
+    sampling: Optional[int] = None
+    sampling_name: str = "the model's max_position_embeddings"
+
+
+def limits(model, config, engine=None):
+    """``Limits`` of a run: ``train.micro_batch_tokens``, the model's ``max_position_embeddings`` (None when its
+    config has none) and, when the rollout engine (``engine``, default ``rollout.engine``) is vLLM,
+    ``rollout.vllm_max_model_len`` for the sampled prompts where it is the tighter bound."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    sampling, name = positions, "the model's max_position_embeddings"
+    vllm_len = config.rollout.vllm_max_model_len
+    if (engine or config.rollout.engine) == "vllm" and (positions is None or vllm_len < positions):
+        sampling, name = vllm_len, "rollout.vllm_max_model_len"
+    return Limits(config.train.micro_batch_tokens, positions, sampling, name)
+
+
+def group_inputs(tokenizer, example):
+    """``GroupInputs`` of ``example``; a trace whose tool calls or reasoning render to nothing is a
+    ``DataFormatError`` naming the row (it would teach nothing)."""
+    sft = trace_sequences(tokenizer, example)
+    try:
+        check_trace_components(example, sft)
+    except ValueError as exc:
+        raise DataFormatError(f"{example.where()}: {str(exc).removeprefix(f'example {example.id!r}: ')}") from None
+    return GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
+
+
+def check_lengths(example, inputs, lim):
+    """Raise a one-line ``DataFormatError`` when ``example``'s ``inputs`` (``GroupInputs``) cannot go through a
+    step within ``lim`` (``Limits``) even with a one-token response."""
+    _check_sampling(example, len(inputs.po_prompt), lim)
+    scored = [("trace-conditioned prompt", len(inputs.tc_prompt) + 1)]
+    scored += [(f"trace sequence {k}", len(s.input_ids)) for k, s in enumerate(inputs.sft)]
+    for what, n in scored:
+        if lim.positions is not None and n > lim.positions:
+            raise DataFormatError(f"{example.where()}: its {what} needs {n:,} positions, more than the model's "
+                                  f"{lim.positions:,} (max_position_embeddings); shorten the row")
+    budget = lim.micro_batch_tokens
+    rollout = packed_size([inputs.tc_prompt + [-1], inputs.po_prompt + [-1]])  # -1: any response token
+    if rollout > budget:
+        raise DataFormatError(f"{example.where()}: its trace-conditioned and prompt-only prompts, with one response "
+                              f"token each, pack to {rollout:,} tokens, more than train.micro_batch_tokens="
+                              f"{budget:,}; raise it (pact-fast plan says what fits) or shorten the row")
+    for k, s in enumerate(inputs.sft):
+        if len(s.input_ids) > budget:
+            raise DataFormatError(f"{example.where()}: its trace sequence {k} is {len(s.input_ids):,} tokens, more "
+                                  f"than train.micro_batch_tokens={budget:,}; raise it (pact-fast plan says what "
+                                  "fits) or shorten the trace")
+
+
+def _check_sampling(example, prompt_len, lim):
+    if lim.sampling is not None and prompt_len + 1 > lim.sampling:
+        raise DataFormatError(f"{example.where()}: its prompt and one sampled token need {prompt_len + 1:,} "
+                              f"positions, more than {lim.sampling_name}={lim.sampling:,}; shorten the row")
+
+
+def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
+    """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` and every
+    held-out prompt fits ``lim.sampling``. ``on_error="raise"``: the first task that fails is a
+    ``DataFormatError``; ``"skip"``: failing tasks are left out and ``log``-ged as a count with the first reason
+    (none left of a non-empty split is still an error). ``log``: also a progress line every PROGRESS_EVERY_S
+    seconds on a large data set."""
+    start = last = time.perf_counter()
+    skipped = {"training": [], "held-out": []}  # reasons
+
+    def keep(examples, check, what):
+        nonlocal last
+        kept = []
+        for i, example in enumerate(examples):
+            try:
+                check(example)
+                kept.append(example)
+            except DataFormatError as exc:
+                if on_error == "raise":
+                    raise
+                skipped[what].append(str(exc))
+            if log is not None and time.perf_counter() - last > PROGRESS_EVERY_S:
+                last = time.perf_counter()
+                log(f"[pact_fast] checked {i + 1:,} of {len(examples):,} {what} tasks ({last - start:.0f} s)")
+        return kept
+
+    train_kept = keep(train_set, lambda ex: check_lengths(ex, group_inputs(tokenizer, ex), lim), "training")
+    kept_held_out = keep(held_out, lambda ex: _check_sampling(ex, len(prompt_ids(tokenizer, ex)), lim), "held-out")
+    for what, reasons in skipped.items():
+        if reasons and log is not None:
+            log(f"[pact_fast] {len(reasons)} {what} rows skipped (data.on_error=skip); first: {reasons[0]}")
+    for what, before, after in (("training", train_set, train_kept), ("held-out", held_out, kept_held_out)):
+        if before and not after:
+            raise DataFormatError(f"no {what} row fits a step ({len(before)} skipped); first: {skipped[what][0]}")
+    return train_kept, kept_held_out
+
+
+__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "prepare", "PROGRESS_EVERY_S"]

@@ -1,0 +1,190 @@
+"""Every task is tokenised and checked before the first step (pact_fast/task_inputs.py): a row too long for the
+model's positions or for a micro-batch, or whose trace renders to nothing, is one line naming file, line and id
+before any step, where the step that first drew it used to stop (or, past the positions, run on quietly)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pact_fast import task_inputs
+from pact_fast.config import load_config
+from pact_fast.data import DataFormatError, load_examples, parse_example
+from pact_fast.envs import build_tokenizer, make_tasks
+from pact_fast.model_setup import build_model_and_tokenizer
+from pact_fast.packing import pack_tree
+from pact_fast.rollout import Episode
+from pact_fast.task_inputs import Limits, check_lengths, group_inputs, limits, prepare
+from pact_fast.trainer import build, build_units
+
+from test_trainer import HERE, TINY
+
+
+def load_examples_from(rows):
+    return [parse_example(r) for r in rows]
+
+
+def _rows(n=6):
+    return make_tasks(n, seed=0, world_seed=0, hops=(1,), n_distractors=0, ops=False)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _long_reasoning(row, words):
+    row["trace"][0]["reasoning_content"] = " ".join(["hugo"] * words)
+    return row
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer) of the built-in tiny model."""
+    cfg = load_config(None, TINY)
+    return build_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
+
+
+def test_a_trace_too_long_for_a_micro_batch_stops_the_cli_before_any_step(tmp_path):
+    rows = _rows()
+    _long_reasoning(rows[2], 900)  # the trace-conditioned prompt carries the trace: ~900 tokens over a 700 budget
+    data = _write(tmp_path / "data.jsonl", rows)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--data", str(data), "--out", str(run), *TINY],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pact-fast:")]
+    assert len(lines) == 1, proc.stderr
+    assert f"{data}:3 (id {rows[2]['id']!r})" in lines[0] and "train.micro_batch_tokens=700" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not run.exists(), "refused before the run directory is made"
+
+
+def test_build_refuses_a_row_past_the_models_positions_naming_it(tmp_path):
+    rows = _rows()
+    _long_reasoning(rows[4], 2100)  # the tiny model has 2048 positions; the budget is raised out of the way
+    data = _write(tmp_path / "data.jsonl", rows)
+    cfg = load_config(None, TINY + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}",
+                                    "train.micro_batch_tokens=100000"])
+    with pytest.raises(DataFormatError, match=rf"{data}:5 \(id '{rows[4]['id']}'\): its trace-conditioned prompt "
+                                              r"needs 2,\d\d\d positions, more than the model's 2,048"):
+        build(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_held_out_prompt_past_the_positions_is_refused(tmp_path):
+    rows, held = _rows(), _rows(8)[6:]
+    held[1]["messages"][-1]["content"] = " ".join(["hugo"] * 2100)
+    data, eval_data = _write(tmp_path / "d.jsonl", rows), _write(tmp_path / "e.jsonl", held)
+    cfg = load_config(None, TINY + [f"data.path={data}", f"data.eval_path={eval_data}",
+                                    f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataFormatError, match=rf"{eval_data}:2 \(id '{held[1]['id']}'\): its prompt and one sampled "
+                                              r"token need 2,\d+ positions, more than the model's "
+                                              r"max_position_embeddings=2,048"):
+        build(cfg, log=lambda *_: None)
+
+
+def test_the_lengths_bound_what_a_step_packs(tiny):
+    """check_lengths passes a task whose rollout unit packs to exactly the budget and refuses one token less; the
+    bound it checks is the unit a step packs with one response token. Scored sequences are held to the model's
+    positions, the sampled prompt to the engine's (vLLM's max_model_len when tighter)."""
+    model, tok = tiny
+    example = load_examples_from(_rows(1))[0]
+    gi = group_inputs(tok, example)
+    ep = Episode(prompt_ids=gi.po_prompt, response_ids=[5], response_mask=[1])
+    unit = build_units([[ep]], [gi])[0]
+    size = len(pack_tree(unit.sequences).input_ids)
+    assert max(len(s.input_ids) for s in gi.sft) < size  # the rollout unit binds first here
+    check_lengths(example, gi, Limits(size))
+    with pytest.raises(DataFormatError, match=f"pack to {size:,} tokens, more than train.micro_batch_tokens="
+                                              f"{size - 1:,}"):
+        check_lengths(example, gi, Limits(size - 1))
+    n = len(gi.tc_prompt) + 1
+    check_lengths(example, gi, Limits(size, positions=n))
+    with pytest.raises(DataFormatError, match=f"task {example.id!r}: its trace-conditioned prompt needs {n:,} "
+                                              f"positions, more than the model's {n - 1:,}"):
+        check_lengths(example, gi, Limits(size, positions=n - 1))
+    m = len(gi.po_prompt) + 1
+    assert m < n  # the trace-conditioned prompt carries the trace
+    check_lengths(example, gi, Limits(size, sampling=m))
+    with pytest.raises(DataFormatError, match=f"its prompt and one sampled token need {m:,} positions, more than "
+                                              f"x={m - 1}"):
+        check_lengths(example, gi, Limits(size, sampling=m - 1, sampling_name="x"))
+
+    cfg = load_config(None, TINY)
+    assert limits(model, cfg) == Limits(700, 2048, 2048, "the model's max_position_embeddings")
+    vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
+    # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
+    assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len")
+    assert limits(model, vllm, engine="hf").sampling == 2048
+
+
+def test_a_trace_sequence_longer_than_the_budget_is_refused(tiny):
+    _, tok = tiny
+    example = load_examples_from(_rows(1))[0]
+    gi = group_inputs(tok, example)
+    gi.tc_prompt = gi.po_prompt[:]  # a rollout unit as short as its prompt, so the trace sequence binds
+    n = max(len(s.input_ids) for s in gi.sft)
+    check_lengths(example, gi, Limits(n))
+    with pytest.raises(DataFormatError, match=f"trace sequence 0 is {n:,} tokens, more than"):
+        check_lengths(example, gi, Limits(n - 1))
+
+
+def test_a_trace_call_the_template_drops_is_refused_before_any_step(tmp_path):
+    """Before, the first step that drew the row stopped on it; now ``prepare`` (build) names file and line."""
+    from test_chat import NO_CALLS_TEMPLATE
+
+    tok = build_tokenizer()
+    path = _write(tmp_path / "d.jsonl", _rows(3))
+    examples, _ = load_examples(path)
+    assert prepare(tok, examples, [], Limits(10_000)) == (examples, [])
+    tok.chat_template = NO_CALLS_TEMPLATE
+    with pytest.raises(DataFormatError, match=rf"^{path}:1 \(id '[^']*'\): assistant turn 0 has 1 tool call"):
+        prepare(tok, examples, [], Limits(10_000))
+
+
+def test_skip_leaves_out_the_rows_that_do_not_fit_and_says_so(tiny):
+    """data.on_error=skip covers these checks as it covers malformed rows: the rows left out are counted with the
+    first reason; none left of a split is still an error."""
+    _, tok = tiny
+    rows = _rows(5)
+    _long_reasoning(rows[1], 900)
+    held = _rows(8)[5:]
+    held[0]["messages"][-1]["content"] = " ".join(["hugo"] * 900)
+    train, held_out = load_examples_from(rows), load_examples_from(held)
+    lines = []
+    kept, kept_held_out = prepare(tok, train, held_out, Limits(700, 2048, 600), on_error="skip", log=lines.append)
+    assert [ex.id for ex in kept] == [r["id"] for k, r in enumerate(rows) if k != 1]
+    assert [ex.id for ex in kept_held_out] == [r["id"] for r in held[1:]]
+    assert lines[0].startswith(f"[pact_fast] 1 training rows skipped (data.on_error=skip); first: task "
+                               f"{rows[1]['id']!r}: its trace-conditioned and prompt-only prompts, with one "
+                               "response token each, pack to"), lines
+    assert lines[1].startswith(f"[pact_fast] 1 held-out rows skipped (data.on_error=skip); first: task "
+                               f"{held[0]['id']!r}: its prompt and one sampled token need"), lines
+    with pytest.raises(DataFormatError, match=r"no training row fits a step \(1 skipped\); first: task"):
+        prepare(tok, train[1:2], held_out, Limits(700), on_error="skip")
+    with pytest.raises(DataFormatError, match=f"task {rows[1]['id']!r}"):
+        prepare(tok, train, held_out, Limits(700))
+
+
+def test_prepare_checks_every_task_and_reports_progress(tiny, monkeypatch):
+    _, tok = tiny
+    examples = load_examples_from(_rows(4))
+    lines = []
+    monkeypatch.setattr(task_inputs, "PROGRESS_EVERY_S", -1.0)
+    assert prepare(tok, examples, examples[:1], Limits(10_000, 2048, 2048), log=lines.append) == (examples,
+                                                                                                    examples[:1])
+    assert lines[3] == "[pact_fast] checked 4 of 4 training tasks (0 s)" and lines[4].startswith(
+        "[pact_fast] checked 1 of 1 held-out tasks"), lines
+
+
+def test_rows_read_from_a_file_know_their_line(tmp_path):
+    path = _write(tmp_path / "d.jsonl", _rows(3))
+    examples, _ = load_examples(path)
+    assert [ex.source for ex in examples] == [f"{path}:{k}" for k in (1, 2, 3)]
+    assert examples[1].where() == f"{path}:2 (id {examples[1].id!r})"
+    assert "source" not in examples[0].to_json()
+    assert load_examples_from(_rows(1))[0].where().startswith("task ")
