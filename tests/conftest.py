@@ -2,13 +2,22 @@
 TRITON_INTERPRET must be set before triton is first imported, hence here. OpenMP's bounded spin (as the
 pact-fast command sets it, pact_fast.cpu) before torch loads: the suite's subprocesses (the compile gate's
 pool, torchrun workers, CLI runs) share the cores with it. OMP_NUM_THREADS fixes torch's threads at one per
-core, so the trainer does not fit them to whatever else the suite is running (the numbers stay comparable)."""
+core, so the trainer does not fit them to whatever else the suite is running (the numbers stay comparable).
+Inductor's compile cache goes to a fresh directory per run: it keys a custom op by name, not by what the op
+returns, so a cache left by an older checkout (linear_logprobs' fp32 outputs for float64 inputs) would serve
+kernels that misread today's outputs."""
+import atexit
 import os
+import shutil
+import tempfile
 
 from pact_fast.cpu import set_spin_limit
 
 set_spin_limit()
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pact_fast_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 

@@ -187,17 +187,18 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: a.update(softcap=-1.0), "softcap"),
     (lambda a: a.update(softcap=0.0), "softcap"),
     (lambda a: a.update(old_from_current=True), "old_from_current"),
+    (lambda a: a.update(weight=a["weight"][:, :0], hidden=a["hidden"][:, :0]), "V >= 1 and H >= 1"),
 ], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-below", "rows-unscored", "sft-unscored",
         "rows-field", "batch-field", "targets", "temperature",
-        "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given"])
+        "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given", "H-zero"])
 def test_bad_input_is_an_error_naming_it(change, match):
     hidden, weight, _, targets, rows, batch = _problem(4)
     args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, logit_scale=1.0,
-                softcap=None, old_from_current=False)
+                softcap=None, old_from_current=False, hidden=hidden, weight=weight)
     change(args)
     # RuntimeError: a device-side assert (value checks that would otherwise synchronise with the host)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        fused_pact_head(hidden, weight, args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
+        fused_pact_head(args["hidden"], args["weight"], args["targets"], args["rows"], args["batch"], PACTLossConfig(), 0.1,
                         temperature=args["temperature"], logit_scale=args["logit_scale"], softcap=args["softcap"],
                         old_from_current=args["old_from_current"], backend=args["backend"])
 

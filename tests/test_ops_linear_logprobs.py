@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pact_fast.ops import linear_logprobs, linear_logprobs_reference
+from pact_fast.ops._backend import resolve_backend
 from conftest import rel_err
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -233,6 +234,8 @@ def test_leading_dims_are_kept():
     (dict(softcap=-30.0), ValueError, "softcap"),
     (dict(softcap=float("inf")), ValueError, "softcap"),
     (dict(weight=torch.randn(40, 8)), ValueError, "hidden"),
+    (dict(hidden=torch.randn(6, 0), weight=torch.randn(40, 0)), ValueError, r"V >= 1 and H >= 1, got shape \(40, 0\)"),
+    (dict(weight=torch.randn(0, 16), targets=torch.full((6,), -100)), ValueError, "V >= 1 and H >= 1"),
     (dict(weight=torch.randn(40, 16, dtype=torch.float64)), TypeError, "weight"),
     (dict(bias=torch.randn(39)), ValueError, "bias"),
     (dict(weight=torch.randn(40, 16, device="meta")), ValueError, "devices"),
@@ -241,7 +244,7 @@ def test_leading_dims_are_kept():
     (dict(vocab_slab=-4), ValueError, "vocab_slab"),
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
         "scale-zero", "scale-negative", "scale-inf", "scale-nan", "softcap-zero", "softcap-negative", "softcap-inf",
-        "hidden-H", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab"])
+        "hidden-H", "H-zero", "V-zero", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
     args.update(kwargs)
@@ -266,7 +269,7 @@ def test_the_op_compiles_in_one_graph_and_matches_eager(transform):
     def loss(hidden, weight, bias, targets):
         logp, ent = linear_logprobs(torch.tanh(hidden), weight, targets, bias=bias, temperature=0.7,
                                     return_entropy=True, backend="torch", **transform)
-        return (logp.double() * torch.arange(N)).sum() + 0.3 * ent.double().sum()  # fp32 outputs, summed in float64
+        return (logp * torch.arange(N)).sum() + 0.3 * ent.sum()  # float64 outputs of float64 inputs
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
@@ -278,6 +281,39 @@ def test_the_op_compiles_in_one_graph_and_matches_eager(transform):
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
     assert hasattr(torch.ops.pact_fast, "linear_logprobs")
+
+
+@pytest.mark.parametrize("transform", [{}, dict(logit_scale=0.6, softcap=2.0)], ids=["plain", "scale-softcap"])
+def test_float64_inputs_give_float64_log_probs_that_pass_gradcheck(transform):
+    """The torch backend computes in float64 for float64 inputs (it returned fp32, ~1e-6 off, before): log-probs
+    and entropies equal the float64 reference to 1e-12, and ``torch.autograd.gradcheck`` passes through the op,
+    an ignored row and a chunk boundary included. The triton backend refuses float64 in one line."""
+    torch.manual_seed(3)
+    N, H, V = 7, 5, 11
+    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[2] = -100
+    kw = dict(bias=bias, temperature=0.7, **transform)
+    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend="torch", chunk_rows=4, **kw)
+    ref_logp, ref_ent = linear_logprobs_reference(hidden, weight, targets, **kw)
+    assert logp.dtype == ent.dtype == torch.float64
+    assert (logp - ref_logp).abs().max() < 1e-12
+    assert ((ent - ref_ent)[targets != -100]).abs().max() < 1e-12
+
+    def f(hidden, weight, bias):
+        lp, en = linear_logprobs(hidden, weight, targets, return_entropy=True, backend="torch", chunk_rows=4,
+                                 **{**kw, "bias": bias})
+        return lp, en
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 inputs, got torch.float64"):
+        linear_logprobs(hidden, weight, targets, backend="triton")
+    # "auto" on a GPU picks the torch backend for float64 (the kernels take 16- and 32-bit floats)
+    cuda = torch.device("cuda")
+    assert resolve_backend("op", "auto", cuda, ("auto", "torch", "triton"), "torch", torch.float64) == "torch"
+    assert resolve_backend("op", "auto", cuda, ("auto", "torch", "triton"), "torch", torch.bfloat16) == "triton"
 
 
 @pytest.mark.parametrize("cap", [0.0, 2.5], ids=["nocap", "cap2.5"])

@@ -130,13 +130,30 @@ def test_unknown_dq_mode_is_refused():
     (lambda q, k, v, e: (q, k[..., :8], v, e), ValueError, "k "),
     (lambda q, k, v, e: (q[0], k, v, e), ValueError, "B, H, L, D"),
     (lambda q, k, v, e: (q, k.double(), v, e), TypeError, "dtypes"),
-], ids=["end-below-self", "end-past-L", "end-shape", "end-float", "heads", "k-shape", "q-rank", "dtype"])
+    (lambda q, k, v, e: (q[..., :0], k[..., :0], v[..., :0], e), ValueError, "head dim D must be >= 1"),
+    (lambda q, k, v, e: (q[:, :0], k[:, :0], v[:, :0], e), ValueError, "heads Hq, Hkv"),
+], ids=["end-below-self", "end-past-L", "end-shape", "end-float", "heads", "k-shape", "q-rank", "dtype", "dim-0",
+        "heads-0"])
 def test_bad_layout_is_a_clear_error(change, exc, word):
     e = pack_tree(pact_group()).subtree_end[None]
     L = e.shape[1]
     q, k, v = torch.randn(1, 4, L, 16), torch.randn(1, 2, L, 16), torch.randn(1, 2, L, 16)
     with pytest.raises(exc, match=word):
         tree_attention(*change(q, k, v, e), backend="sdpa")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "triton"])
+@pytest.mark.parametrize("B,L", [(1, 0), (0, 5)], ids=["no-token", "no-row"])
+def test_an_empty_batch_gives_empty_outputs_and_gradients(backend, B, L):
+    """No token (L = 0) or no row (B = 0): every backend returns the empty [B, Hq, L, D] output, and backward
+    gives q, k and v empty gradients (varlen failed in torch.cat, or returned an output outside the graph)."""
+    q = torch.randn(B, 4, L, 8, requires_grad=True)
+    k, v = (torch.randn(B, 2, L, 8, requires_grad=True) for _ in range(2))
+    e = torch.arange(1, L + 1).expand(B, L).contiguous()
+    o = tree_attention(q, k, v, e, backend=backend)
+    assert o.shape == (B, 4, L, 8) and o.requires_grad
+    o.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
 
 
 @pytest.mark.parametrize("options", [{}, {"window": 4, "softcap": 2.0}], ids=["plain", "window-softcap"])

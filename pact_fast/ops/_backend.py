@@ -1,15 +1,23 @@
 """Which backend an op runs, decided one way for every op (``backend="auto"`` and its checks)."""
 
 
-def resolve_backend(op, backend, device, choices, cpu_default):
-    """``backend`` checked against ``choices``; ``"auto"`` is ``"triton"`` on CUDA and ``cpu_default`` elsewhere;
-    ``"triton"`` on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported).
+def resolve_backend(op, backend, device, choices, cpu_default, dtype=None):
+    """``backend`` checked against ``choices``; ``"auto"`` is ``"triton"`` on CUDA and ``cpu_default`` elsewhere,
+    or for a ``dtype`` the Triton kernels do not take (float64); ``"triton"`` refuses such a dtype, and on CPU
+    tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported).
 
-    op: the op's name for messages; device: the inputs' ``torch.device``."""
+    op: the op's name for messages; device: the inputs' ``torch.device``; dtype: their dtype (None: not
+    checked)."""
+    from ..kernels.registry import TRITON_DTYPE
+
     if backend not in choices:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {choices}")
+    triton_dtype = dtype is None or dtype in TRITON_DTYPE
     if backend == "auto":
-        return "triton" if device.type == "cuda" else cpu_default
+        return "triton" if device.type == "cuda" and triton_dtype else cpu_default
+    if backend == "triton" and not triton_dtype:
+        raise TypeError(f"{op}: backend='triton' takes fp32, fp16 or bf16 inputs, got {dtype}; use "
+                        f"backend='{cpu_default}'")
     if backend == "triton" and device.type != "cuda":
         from ..kernels.registry import interpreting
 

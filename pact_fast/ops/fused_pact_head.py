@@ -58,20 +58,14 @@ def _chunk_rows(n, vocab, hidden_size, acc, dw_elem, memory_lean):
     return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (e * vocab))))
 
 
-def _check_triton_dtype(hidden):
-    from ..kernels.registry import TRITON_DTYPE
-
-    if hidden.dtype not in TRITON_DTYPE:
-        raise TypeError(f"fused_pact_head: backend='triton' takes fp32, fp16 or bf16 inputs, got {hidden.dtype}; "
-                        "use backend='torch'")
-
-
 def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap):
     """Host checks on shapes, dtypes and options; value ranges (targets, row indices) as device-side asserts,
     which raise at once on a CPU and fail the stream on a GPU, without a host synchronisation."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_pact_head: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
+    if min(weight.shape) < 1:
+        raise ValueError(f"fused_pact_head: weight [V, H] needs V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError("fused_pact_head: hidden, weight and bias must share one dtype")
     if tuple(targets.shape) != (hidden.shape[0],) or targets.is_floating_point():
@@ -245,7 +239,7 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
             True: triton recomputes the logits over vocabulary slabs (``linear_logprobs``' blocking, workspace
             within 5% of dW, 8NVH FLOPs instead of 6NVH); torch takes chunks whose two [C, V] buffers stay within
             5% of dW.
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere and for float64), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(loss, metrics)`` as ``pact_loss`` returns them (and raising what it raises: ``ValueError`` for
@@ -256,9 +250,8 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         per row block (see the launcher's doc). dX and dW come back in the input dtype.
     """
     config = config or PACTLossConfig()
-    backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch")
-    if backend == "triton":
-        _check_triton_dtype(hidden)
+    backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch",
+                              hidden.dtype)
     if not isinstance(memory_lean, bool):
         raise TypeError(f"fused_pact_head: memory_lean must be a bool, got {memory_lean!r}")
     _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap)

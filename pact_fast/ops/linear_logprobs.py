@@ -74,6 +74,8 @@ def _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softc
         raise TypeError(f"linear_logprobs: `weight` dtype {weight.dtype} differs from `hidden` dtype {hidden.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"linear_logprobs: `weight` must be [V, H], got shape {tuple(weight.shape)}")
+    if min(weight.shape) < 1:
+        raise ValueError(f"linear_logprobs: `weight` [V, H] needs V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear_logprobs: `hidden` last dim must equal H={weight.shape[1]} of `weight` [V, H], "
@@ -96,9 +98,15 @@ def _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softc
     check_logit_transform("linear_logprobs", temperature, logit_scale, softcap)
 
 
-def _torch_chunk_rows(vocab_size):
-    """Rows per chunk of the torch path: fp32 logits of a chunk within _CHUNK_BYTES, at least _MIN_CHUNK_ROWS."""
-    return max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (4 * vocab_size))
+def _acc_dtype(dtype):
+    """What the torch path computes logits, statistics and dW in: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _torch_chunk_rows(vocab_size, dtype=torch.float32):
+    """Rows per chunk of the torch path: a chunk's logits (``_acc_dtype``) within _CHUNK_BYTES, at least
+    _MIN_CHUNK_ROWS."""
+    return max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (_acc_dtype(dtype).itemsize * vocab_size))
 
 
 def _compact(targets, ignore_index, vocab_size):
@@ -129,14 +137,16 @@ def chunk_logits(x, weight, bias, inv_temp, cap, with_slope=False, dtype=torch.f
 
 
 def _torch_forward(x, weight, bias, targets, inv_temp, cap, chunk):
-    """x [n, H], targets [n] -> fp32 (logp [n], lse [n], entropy [n]), one chunk of logits alive at a time."""
+    """x [n, H], targets [n] -> (logp [n], lse [n], entropy [n]) in ``_acc_dtype``, one chunk of logits alive
+    at a time."""
     n = x.shape[0]
-    logp = x.new_empty(n, dtype=torch.float32)  # [n]
+    acc = _acc_dtype(x.dtype)
+    logp = x.new_empty(n, dtype=acc)  # [n]
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
-        z, _ = chunk_logits(x[sl], weight, bias, inv_temp, cap)  # [C, V]
+        z, _ = chunk_logits(x[sl], weight, bias, inv_temp, cap, dtype=acc)  # [C, V]
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m, in place: at most two [C, V] buffers per chunk
         e = z.exp()
@@ -151,16 +161,19 @@ def _torch_forward(x, weight, bias, targets, inv_temp, cap, chunk):
 
 def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, cap, chunk, weight_grad=True):
     """Gradients for upstream g_logp [n] (and g_ent [n] or None), recomputing each chunk's logits:
-    (dx [n, H], dw [V, H]) in the input dtype, db [V] fp32 (None without bias). With a soft cap a chunk holds
-    one more [C, V] buffer (the tanh slope). ``weight_grad`` False (a frozen lm_head): dw is None, and neither
-    its fp32 accumulator nor its GEMM is made."""
+    (dx [n, H], dw [V, H]) in the input dtype, db [V] in ``_acc_dtype`` (None without bias). With a soft cap a
+    chunk holds one more [C, V] buffer (the tanh slope). ``weight_grad`` False (a frozen lm_head): dw is None, and
+    neither its accumulator nor its GEMM is made."""
+    acc = _acc_dtype(x.dtype)
+    lse, ent, g_logp = lse.to(acc), ent.to(acc), g_logp.to(acc)  # upstream gradients may come in another dtype
+    g_ent = g_ent.to(acc) if g_ent is not None else None
     dx = torch.empty_like(x)
-    w32 = weight.float()
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None  # fp32 acc.
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+    w32 = weight.to(acc)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None  # fp32 (float64) acc.
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, i + chunk)
-        z, slope = chunk_logits(x[sl], weight, bias, inv_temp, cap, with_slope=True)  # [C, V] each
+        z, slope = chunk_logits(x[sl], weight, bias, inv_temp, cap, with_slope=True, dtype=acc)  # [C, V] each
         # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
         if g_ent is not None:
             coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
@@ -175,7 +188,7 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
             del slope
         dx[sl] = (dz @ w32).to(x.dtype)
         if dw is not None:
-            dw.addmm_(dz.t(), x[sl].float())  # in place: no [V, H] temporary per chunk
+            dw.addmm_(dz.t(), x[sl].to(acc))  # in place: no [V, H] temporary per chunk
         if db is not None:
             db += dz.sum(0)
     return dx, dw.to(weight.dtype) if dw is not None else None, db
@@ -193,10 +206,10 @@ def _blocking(n, weight, chunk_rows, vocab_slab):
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
              inv_temp: float, cap: float, ignore_index: int, backend: str, chunk_rows: int,
              vocab_slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op ``pact_fast::linear_logprobs``: hidden [N, H], targets [N] int64 -> fp32 (logp [N], lse [N],
-    entropy [N]) of the logits ``cap * tanh(z_raw / cap) * inv_temp`` (``z_raw * inv_temp`` for cap 0.0; see
-    ``logit_transform``); rows whose target is ``ignore_index`` skip every matmul and get 0. chunk_rows and
-    vocab_slab 0: the backend's default."""
+    """The op ``pact_fast::linear_logprobs``: hidden [N, H], targets [N] int64 -> (logp [N], lse [N], entropy [N])
+    in fp32 (float64 for float64 inputs) of the logits ``cap * tanh(z_raw / cap) * inv_temp`` (``z_raw *
+    inv_temp`` for cap 0.0; see ``logit_transform``); rows whose target is ``ignore_index`` skip every matmul and
+    get 0. chunk_rows and vocab_slab 0: the backend's default."""
     rows = _compact(targets, ignore_index, weight.shape[0])  # [n]
     n_all, n = hidden.shape[0], rows.numel()
     # [n, H]: ignored rows never reach a matmul
@@ -209,7 +222,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab),
                              cap=cap or None)
     else:
-        out = _torch_forward(x, w, bias, t, inv_temp, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]))
+        out = _torch_forward(x, w, bias, t, inv_temp, cap, chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype))
     if n == n_all:
         return out
     return tuple(v.new_zeros(n_all).index_copy(0, rows, v) for v in out)
@@ -217,7 +230,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def _forward_fake(hidden, weight, bias, targets, inv_temp, cap, ignore_index, backend, chunk_rows, vocab_slab):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(hidden.new_empty(n, dtype=_acc_dtype(hidden.dtype)) for _ in range(3))
 
 
 def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -243,7 +256,7 @@ def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab), cap=cap or None,
                                      weight_grad=weight_grad)
     else:
-        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0]),
+        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype),
                                      weight_grad=weight_grad)
     if n != n_all:
         dx = hidden.new_zeros(hidden.shape).index_copy(0, rows, dx)
@@ -290,14 +303,15 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     ``cap(z) = softcap * tanh(z / softcap)`` (the identity when ``softcap`` is None).
 
     Args:
-        hidden: ``[N, H]`` (or ``[*, H]``) fp32/fp16/bf16 hidden states, e.g. a model's last hidden state.
+        hidden: ``[N, H]`` (or ``[*, H]``) fp32/fp16/bf16 hidden states, e.g. a model's last hidden state
+            (float64 too on the torch backend, e.g. for ``torch.autograd.gradcheck``).
         weight: ``[V, H]`` lm_head weight, same dtype and device as ``hidden``.
         targets: ``[N]`` (or ``[*]``) integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]`` lm_head bias.
         temperature: logits are divided by it (> 0); 1.0 means unchanged.
         ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost.
         return_entropy: also return the entropy of each row's distribution.
-        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise and for float64), ``"torch"`` or ``"triton"``.
         chunk_rows: rows per chunk (torch) or row block (triton); default: torch, one chunk's fp32
             logits near 64 MiB but at least 512 rows; triton, ``linear_logprobs_launch.plan``.
         vocab_slab: vocabulary columns per slab of the triton backend; default from ``plan``.
@@ -307,16 +321,16 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
             (Gemma2: ``config.final_logit_softcapping``).
 
     Returns:
-        ``logp [N]`` fp32, or ``(logp [N], entropy [N])`` with ``return_entropy``; differentiable
-        with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient. A ``weight`` that does
-        not require grad (a frozen lm_head, e.g. LoRA adapters elsewhere) costs no dW: backward runs two
+        ``logp [N]`` fp32 (float64 for float64 inputs), or ``(logp [N], entropy [N])`` with ``return_entropy``;
+        differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient. A ``weight``
+        that does not require grad (a frozen lm_head, e.g. LoRA adapters elsewhere) costs no dW: backward runs two
         GEMMs per block (logits, dX) instead of three and allocates no dW buffer.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap)
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
         if value is not None and not (isinstance(value, int) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
-    backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch")
+    backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch", hidden.dtype)
     lead_shape = hidden.shape[:-1]
     inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
     logp, _, entropy = _linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,  # [N, H]

@@ -88,6 +88,9 @@ def validate_layout(q, k, v, subtree_end):
     B, HQ, L, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
         raise ValueError(f"tree_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, Hkv, L={L}, D={D}]")
+    if min(HQ, k.shape[1], D) < 1:
+        raise ValueError(f"tree_attention: heads Hq, Hkv and head dim D must be >= 1; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if HQ % k.shape[1]:
         raise ValueError(f"tree_attention: query heads Hq={HQ} must be a multiple of key/value heads Hkv={k.shape[1]}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -254,7 +257,7 @@ def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split",
         layout.masks_for(None)
     elif backend == "varlen":
         layout.varlen = [_varlen_row(ends[b], None if positions is None else positions[b])
-                         for b in range(ends.shape[0])]
+                         for b in range(ends.shape[0])] if ends.shape[1] else []
         layout.flash_varlen = _flash_varlen() if ends.is_cuda else None
     return layout
 
@@ -295,6 +298,8 @@ def _flash_varlen():
 def _varlen(q, k, v, layout, scale, window, softcap):
     """Per segment: keys = gathered ancestors + own tokens, causal aligned to the bottom right. Their positions
     are consecutive (checked by build_layout), so the window is one on key offsets, as flash-attn applies it."""
+    if q.numel() == 0:  # no token (L = 0) or no row (B = 0): an empty output, still in the autograd graph
+        return q + 0 * (k.sum() + v.sum())
     flash_attn_varlen_func = layout.flash_varlen
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
