@@ -16,6 +16,9 @@ that first drew it would otherwise stop, possibly hours in, or train on quietly:
 
 Held-out tasks are checked for their prompt-only prompt, the only one evaluation samples from. With
 ``data.on_error=skip`` such rows are left out and counted, as ``data.load_examples`` leaves out malformed ones.
+
+An episode can still outgrow its step (turns of tool output after a long trace-conditioned prompt):
+``fit_episodes`` cuts it to ``response_cap`` as an episode that ran out of length, so the step goes on.
 """
 import time
 from dataclasses import dataclass
@@ -94,6 +97,35 @@ def check_lengths(example, inputs, lim):
                                   "fits) or shorten the trace")
 
 
+def response_cap(inputs, lim):
+    """The most response tokens an episode of a task (``GroupInputs``) can keep within ``lim``: its rollout unit
+    (the two prompts, then the response under each: ``packed_size`` of the prompts plus twice the response) within
+    the micro-batch budget, the response after the trace-conditioned prompt within the positions, after the
+    prompt-only prompt within what the engine samples from. At least 1 for a task ``check_lengths`` passed."""
+    caps = [(lim.micro_batch_tokens - packed_size([inputs.tc_prompt, inputs.po_prompt])) // 2]
+    if lim.positions is not None:
+        caps.append(lim.positions - len(inputs.tc_prompt))
+    if lim.sampling is not None:
+        caps.append(lim.sampling - len(inputs.po_prompt))
+    return min(caps)
+
+
+def fit_episodes(episodes, inputs, lim):
+    """Cut each episode (``rollout.Episode``) whose response is longer than its task's ``response_cap`` to it, as
+    one that ran out of length: ``finish`` "length", reward 0 (what an engine gives an episode stopped at its
+    length limit). ``episodes``: a list per task, ``inputs`` their ``GroupInputs``. Returns how many were cut: a
+    step then packs every unit within the budget, where one long episode used to stop the run."""
+    cut = 0
+    for eps, gi in zip(episodes, inputs):
+        cap = response_cap(gi, lim)
+        for ep in eps:
+            if len(ep.response_ids) > cap:
+                del ep.response_ids[cap:], ep.response_mask[cap:], ep.behavior_logp[cap:]
+                ep.finish, ep.reward = "length", 0.0
+                cut += 1
+    return cut
+
+
 def _check_sampling(example, prompt_len, lim):
     if lim.sampling is not None and prompt_len + 1 > lim.sampling:
         raise DataFormatError(f"{example.where()}: its prompt and one sampled token need {prompt_len + 1:,} "
@@ -136,4 +168,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
     return train_kept, kept_held_out
 
 
-__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "prepare", "PROGRESS_EVERY_S"]
+__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "response_cap", "fit_episodes",
+           "prepare", "PROGRESS_EVERY_S"]

@@ -43,7 +43,7 @@ from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout_vllm import is_cap, make_rollout_engine
 from .scoring import PackedScorer, check_model
-from .task_inputs import group_inputs, limits, prepare
+from .task_inputs import fit_episodes, group_inputs, limits, prepare
 
 
 # ---------------------------------------------------------------- setup
@@ -298,6 +298,7 @@ class Components:
     order: DataOrder
     writers: Optional["_Writers"]  # rank 0 only
     start_step: int = 0
+    limits: Optional[object] = None  # task_inputs.Limits (set by build): what a step's sequences must fit
     group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs, made on the task's first draw
     peft: Optional[torch.nn.Module] = None  # the PeftModel around the policy with LoRA (model_setup.Policy)
 
@@ -336,7 +337,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
-    train_set, held_out = prepare(tokenizer, train_set, held_out, limits(model, config), on_error=config.data.on_error,
+    lim = limits(model, config)
+    train_set, held_out = prepare(tokenizer, train_set, held_out, lim, on_error=config.data.on_error,
                                   log=log if dist.rank() == 0 else None)
     if train_cfg.grad_checkpointing:
         # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
@@ -371,7 +373,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     writers = _Writers(run_dir, train_cfg, config, start_step) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
                       make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step,
-                      peft=policy.peft)
+                      lim, peft=policy.peft)
 
 
 @dataclass
@@ -393,6 +395,7 @@ class StepStats:
     rollout_seconds: float
     step_seconds: float
     peak_memory_mb: float
+    truncated: int = 0  # episodes cut to fit the step (task_inputs.fit_episodes)
 
     def metrics(self):
         eps, n = self.episodes, max(1, len(self.episodes))
@@ -406,6 +409,7 @@ class StepStats:
             "episode_turns": sum(ep.turns for ep in eps) / n,
             "tool_calls_per_episode": sum(ep.tool_calls for ep in eps) / n,
             "tool_errors_per_episode": sum(ep.tool_errors for ep in eps) / n,
+            "truncated_episodes": self.truncated,
             "sampled_tokens": sampled, "packed_tokens": self.packed_tokens, "micro_batches": self.micro_batches,
             "unshared_tokens": self.unshared_tokens,
             "rollout_seconds": self.rollout_seconds, "step_seconds": self.step_seconds,
@@ -430,6 +434,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     episodes = c.engine.rollout(examples, c.make_env)
     t_roll = time.perf_counter() - t0
     inputs = [c.inputs_for(ex) for ex in examples]
+    truncated = fit_episodes(episodes, inputs, c.limits)
     flat = [ep for eps in episodes for ep in eps]
     sft_flat = [s for gi in inputs for s in gi.sft]
     group_of = torch.tensor([g for g, eps in enumerate(episodes) for _ in eps])  # [N]
@@ -495,7 +500,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     return StepStats(step + 1, losses, c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
                      non_finite_loss, rewards, flat, packed_tokens, len(batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
-                     _peak_memory_mb(c.device))
+                     _peak_memory_mb(c.device), truncated)
 
 
 def _old_logps(c, micro_batches, inputs, score):

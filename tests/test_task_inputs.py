@@ -2,9 +2,11 @@
 model's positions or for a micro-batch, or whose trace renders to nothing, is one line naming file, line and id
 before any step, where the step that first drew it used to stop (or, past the positions, run on quietly)."""
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +16,10 @@ from pact_fast.config import load_config
 from pact_fast.data import DataFormatError, load_examples, parse_example
 from pact_fast.envs import build_tokenizer, make_tasks
 from pact_fast.model_setup import build_model_and_tokenizer
-from pact_fast.packing import pack_tree
+from pact_fast.packing import pack_tree, packed_size
 from pact_fast.rollout import Episode
-from pact_fast.task_inputs import Limits, check_lengths, group_inputs, limits, prepare
-from pact_fast.trainer import build, build_units
+from pact_fast.task_inputs import Limits, check_lengths, group_inputs, limits, prepare, response_cap
+from pact_fast.trainer import build, build_units, train_step
 
 from test_trainer import HERE, TINY
 
@@ -188,3 +190,40 @@ def test_rows_read_from_a_file_know_their_line(tmp_path):
     assert examples[1].where() == f"{path}:2 (id {examples[1].id!r})"
     assert "source" not in examples[0].to_json()
     assert load_examples_from(_rows(1))[0].where().startswith("task ")
+
+
+def test_response_cap_is_the_longest_response_whose_unit_fits(tiny):
+    """An episode of response_cap tokens packs within every limit; one token more would not (the cap binds on the
+    budget, the positions or the sampled prompt, whichever is tightest)."""
+    _, tok = tiny
+    gi = group_inputs(tok, load_examples_from(_rows(1))[0])
+    prompts = packed_size([gi.tc_prompt, gi.po_prompt])
+
+    def unit_size(r):
+        ep = Episode(prompt_ids=gi.po_prompt, response_ids=list(range(3, 3 + r)), response_mask=[1] * r)
+        return packed_size(build_units([[ep]], [gi])[0].sequences)
+
+    for budget in (prompts + 2, prompts + 9, prompts + 40):
+        cap = response_cap(gi, Limits(budget))
+        assert unit_size(cap) <= budget < unit_size(cap + 1)
+    n = len(gi.tc_prompt) + 7
+    assert response_cap(gi, Limits(10_000, positions=n)) == 7
+    assert response_cap(gi, Limits(10_000, sampling=len(gi.po_prompt) + 5)) == 5
+
+
+def test_an_episode_longer_than_its_step_is_cut_not_fatal(tmp_path):
+    """A step whose episode outgrew the micro-batch budget used to stop the run in split_units (and a resume drew
+    the same episode again); fit_episodes cuts it to its task's cap as an episode that ran out of length."""
+    cfg = load_config(None, TINY + [f"train.out_dir={tmp_path}", "rollout.max_new_tokens=24", "rollout.max_turns=3"])
+    c = build(cfg, log=lambda *_: None)
+    widest = max(packed_size([gi.tc_prompt, gi.po_prompt]) for gi in (group_inputs(c.tokenizer, ex)
+                                                                        for ex in c.train_set))
+    budget = widest + 2 * 4  # every task keeps at least 4 response tokens; a 24-token turn does not fit
+    c.config.train.micro_batch_tokens = budget
+    c.limits = replace(c.limits, micro_batch_tokens=budget)
+    stats = train_step(c, 0)
+    cut = [ep for ep in stats.episodes if ep.finish == "length" and ep.reward == 0.0]
+    assert stats.truncated > 0 and len(cut) >= stats.truncated
+    assert stats.metrics()["truncated_episodes"] == stats.truncated
+    assert math.isfinite(stats.grad_norm) and not stats.skipped
+    assert stats.packed_tokens <= budget * stats.micro_batches
