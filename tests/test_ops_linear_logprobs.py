@@ -253,17 +253,21 @@ def test_bad_input_is_a_clear_error(kwargs, exc, word):
         linear_logprobs(hidden, weight, targets, **args)
 
 
+def _float64_leaves(N, H, V, seed):
+    """float64 hidden [N, H], weight [V, H] and bias [V] that require grad, and targets [N] in [0, V)."""
+    torch.manual_seed(seed)
+    hidden, weight = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    bias = torch.randn(V, dtype=torch.float64)
+    return hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), torch.randint(0, V, (N,))
+
+
 @pytest.mark.parametrize("transform", [{}, dict(logit_scale=0.6, softcap=2.0)], ids=["plain", "scale-softcap"])
 def test_the_op_compiles_in_one_graph_and_matches_eager(transform):
     """``linear_logprobs`` is a registered custom op (fake implementation and autograd formula):
     ``torch.compile(fullgraph=True)`` of a function around it compiles on CPU (no graph break) and gives eager's
     values and gradients, ignored rows included, with and without a logit scale and soft cap."""
-    torch.manual_seed(0)
     N, H, V = 37, 16, 101
-    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, V, (N,))
+    hidden, weight, bias, targets = _float64_leaves(N, H, V, seed=0)
     targets[::5] = -100
 
     def loss(hidden, weight, bias, targets):
@@ -288,12 +292,8 @@ def test_float64_inputs_give_float64_log_probs_that_pass_gradcheck(transform):
     """The torch backend computes in float64 for float64 inputs (it returned fp32, ~1e-6 off, before): log-probs
     and entropies equal the float64 reference to 1e-12, and ``torch.autograd.gradcheck`` passes through the op,
     an ignored row and a chunk boundary included. The triton backend refuses float64 in one line."""
-    torch.manual_seed(3)
     N, H, V = 7, 5, 11
-    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, V, (N,))
+    hidden, weight, bias, targets = _float64_leaves(N, H, V, seed=3)
     targets[2] = -100
     kw = dict(bias=bias, temperature=0.7, **transform)
     logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend="torch", chunk_rows=4, **kw)
