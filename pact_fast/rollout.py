@@ -13,6 +13,7 @@ faster engine implements to replace ``HFRolloutEngine``: ``pact_fast.rollout_vll
 (``rollout.engine=vllm``) is one.
 """
 import inspect
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Protocol
 
@@ -180,10 +181,13 @@ class HFRolloutEngine:
         self.config = config or RolloutConfig()
         self.generator = torch.Generator().manual_seed(seed)
         self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        # the longest prompt + episode: past the model's positions a rotary model samples on quietly
+        self.max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or math.inf
 
     @torch.no_grad()
-    def _generate_turn(self, contexts, greedy):
-        """Sample one assistant turn for each context (lists of ids). Returns per row (tokens, logps, ended)."""
+    def _generate_turn(self, contexts, greedy, budgets):
+        """Sample one assistant turn for each context (lists of ids), at most ``budgets[i]`` (>= 1) tokens for
+        context i. Returns per row (tokens, logps, ended on the end-of-turn token)."""
         cfg, model = self.config, self.model
         device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id or 0
@@ -202,16 +206,19 @@ class HFRolloutEngine:
         generator = _turn_generator(self.generator, device)
         tokens, logps = [[] for _ in contexts], [[] for _ in contexts]
         ended = torch.zeros(len(contexts), dtype=torch.bool)
+        stopped = ended.clone()  # ended, or out of budget
+        budgets = torch.tensor(budgets)
         next_pos = position_ids[:, -1]
-        for _ in range(cfg.max_new_tokens):
+        for n in range(1, cfg.max_new_tokens + 1):
             tok_dev, lp = _sample(logits, cfg.temperature, cfg.top_p, greedy, generator)
             tok, lp = tok_dev.cpu(), lp.cpu()
             for i in range(len(contexts)):
-                if not ended[i]:
+                if not stopped[i]:
                     tokens[i].append(int(tok[i]))
                     logps[i].append(float(lp[i]))
-            ended |= tok == self.eos
-            if ended.all():
+            ended |= (tok == self.eos) & ~stopped
+            stopped |= ended | (budgets <= n)
+            if stopped.all():
                 break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             next_pos = next_pos + 1
@@ -245,8 +252,15 @@ class HFRolloutEngine:
         try:
             live = list(range(len(jobs)))
             while live:
+                full = [i for i in live if len(episodes[i].prompt_ids) + len(episodes[i].response_ids) >= self.max_len]
+                for i in full:  # no position left for a token: the episode ran out of length
+                    episodes[i].finish = "length"
+                live = [i for i in live if i not in full]
+                if not live:
+                    break
                 contexts = [episodes[i].prompt_ids + episodes[i].response_ids for i in live]
-                tokens, logps, ended = self._generate_turn(contexts, greedy)
+                budgets = [int(min(cfg.max_new_tokens, self.max_len - len(c))) for c in contexts]
+                tokens, logps, ended = self._generate_turn(contexts, greedy, budgets)
                 live = [i for i, toks, lps, done in zip(live, tokens, logps, ended)
                         if self._advance(jobs[i], episodes[i], envs[i], convs[i], toks, lps, done)]
         finally:

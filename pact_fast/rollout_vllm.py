@@ -206,7 +206,8 @@ class VLLMRolloutEngine(HFRolloutEngine):
         try:
             save_for_engine(model, self._dir / "model")
             kv = dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2 ** 30)) if cfg.vllm_kv_cache_gb else {}
-            max_len = min(cfg.vllm_max_model_len, getattr(model.config, "max_position_embeddings", None) or math.inf)
+            max_len = min(cfg.vllm_max_model_len, self.max_len)  # the model's positions (HFRolloutEngine)
+            self.max_len = max_len
             try:
                 with engine_process_env():
                     self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True,
@@ -360,14 +361,15 @@ class VLLMRolloutEngine(HFRolloutEngine):
             self.probe = list(prompt_ids(self.tokenizer, examples[0]))[:PROBE_TOKENS]
             self.check_fingerprint()
 
-    def _generate_turn(self, contexts, greedy):
-        """One assistant turn for every context (token ids), one request each, in one ``generate`` call.
-        Returns per row (tokens, behaviour logps, ended on the end-of-turn token)."""
+    def _generate_turn(self, contexts, greedy, budgets):
+        """One assistant turn for every context (token ids), at most ``budgets[i]`` tokens for context i (within
+        the engine's max_model_len), one request each, in one ``generate`` call. Returns per row (tokens,
+        behaviour logps, ended on the end-of-turn token)."""
         cfg = self.config
         seeds = torch.randint(0, 2 ** 31 - 1, (len(contexts),), generator=self.generator).tolist()
         params = [self._SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-                                       max_tokens=cfg.max_new_tokens, logprobs=0, ignore_eos=True,
-                                       stop_token_ids=[self.eos], seed=s, detokenize=False) for s in seeds]
+                                       max_tokens=b, logprobs=0, ignore_eos=True, stop_token_ids=[self.eos], seed=s,
+                                       detokenize=False) for s, b in zip(seeds, budgets)]
         prompts = [{"prompt_token_ids": list(c)} for c in contexts]
         outs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False), "a rollout turn")
         tokens, logps, ended = [], [], []

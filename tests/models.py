@@ -12,7 +12,7 @@ def tiny_causal_lm(family, vocab_size=67, seed=0, **overrides):
                   tie_word_embeddings=False, attention_dropout=0.0)
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     extra = {"head_dim": 8} if family == "qwen3" else {}
-    config = config_cls(**common, **extra, **overrides)
+    config = config_cls(**{**common, **extra, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
     return model.eval()

@@ -280,3 +280,20 @@ def test_prefill_computes_the_last_positions_logits_only_and_episodes_stay_the_s
     assert [e.response_ids for e in every] == [e.response_ids for e in kept]
     for a, b in zip(every, kept):
         assert torch.allclose(torch.tensor(a.behavior_logp), torch.tensor(b.behavior_logp), atol=1e-5)
+
+
+def test_episodes_stop_at_the_models_positions():
+    """An episode never grows past the model's max_position_embeddings: a turn samples at most the positions
+    left, and an episode with none left ends as "length" (it sampled on past them, quietly, before)."""
+    tok = build_tokenizer()
+    ex = parse_example(make_task(3, hops=2))
+    prompt = HFRolloutEngine(tiny_causal_lm("qwen3", vocab_size=len(tok)), tok).rollout(
+        [ex], MultiHopEnv, group_size=1, greedy=True)[0][0].prompt_ids
+    for room in (5, 0):
+        model = tiny_causal_lm("qwen3", vocab_size=len(tok), max_position_embeddings=len(prompt) + room)
+        engine = HFRolloutEngine(model, tok, RolloutConfig(group_size=4, max_new_tokens=40, max_turns=3,
+                                                           temperature=1.0))
+        episodes = engine.rollout([ex], MultiHopEnv)[0]
+        assert all(len(ep.prompt_ids) + len(ep.response_ids) <= len(prompt) + room for ep in episodes)
+        assert any(ep.finish == "length" and len(ep.response_ids) == room for ep in episodes)
+        assert all(len(ep.behavior_logp) == len(ep.response_mask) == len(ep.response_ids) for ep in episodes)
