@@ -392,6 +392,25 @@ def test_sampling_is_seeded_and_stops_at_the_cap_or_end_of_turn(smollm2_engine):
 
 
 @needs_vllm
+def test_episodes_stop_within_the_engines_max_model_len(smollm2_engine):
+    """Each request asks for at most the positions the engine's max_model_len leaves (vLLM refused a context at the
+    limit, and the run stopped): an episode with none left ends as "length"."""
+    from pact_fast.chat import prompt_ids
+
+    engine = smollm2_engine
+    assert engine.max_len == 2048  # rollout.vllm_max_model_len, under SmolLM2's 8192 positions
+    examples = _examples(1)
+    limit = len(prompt_ids(engine.tokenizer, examples[0])) + 5
+    engine.max_len = limit
+    try:
+        episodes = engine.rollout(examples, _make_env, group_size=2)[0]
+    finally:
+        engine.max_len = 2048
+    assert all(len(ep.prompt_ids) + len(ep.response_ids) <= limit for ep in episodes)
+    assert any(ep.finish == "length" and len(ep.response_ids) == 5 for ep in episodes)
+
+
+@needs_vllm
 def test_weight_sync_then_greedy_logprobs_match_the_trainer(smollm2_engine):
     engine = smollm2_engine
     model = engine.model
