@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
+from .data import DataFormatError
 
 STATE_FILE = "trainer_state.pt"
 
@@ -142,7 +143,12 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
             model.tie_weights()
         optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
-    order.__dict__.update(trainer_state["order"])
+    saved = trainer_state["order"]
+    if saved["size"] != order.size or saved.get("fingerprint", order.fingerprint) != order.fingerprint:
+        raise DataFormatError(f"resume: {ckpt} drew from {saved['size']:,} training rows; this config's data gives "
+                              f"{order.size:,}{' other ones' if saved['size'] == order.size else ''} (the data file, "
+                              "its checks or data.eval_tasks changed); resume with the run's data, or start a new run")
+    order.__dict__.update(saved)
     random.setstate(trainer_state["rng"]["python"])
     torch.set_rng_state(trainer_state["rng"]["torch"])
     return int(trainer_state["step"])

@@ -61,7 +61,8 @@ class LoadReport:
     skipped: list = field(default_factory=list)  # (line, reason)
 
     def summary(self):
-        return f"{self.path}: {self.loaded} rows loaded, {len(self.skipped)} skipped"
+        first = " (first: line {}: {})".format(*min(self.skipped)) if self.skipped else ""
+        return f"{self.path}: {self.loaded} rows loaded, {len(self.skipped)} skipped{first}"
 
 
 def _fail(reason):
@@ -217,6 +218,8 @@ def check_trainable(example, *, needs_trace=True):
         _fail(f"env 'world_seed' must be an integer, got {seed!r}")
     if example.env["name"] == "multihop" and example.answer is None:
         _fail("missing 'answer': the multihop environment's reward compares the final answer with it")
+    if example.env["name"] == "multihop" and not str(example.answer).strip():
+        _fail("'answer' is empty: the multihop reward would pay an empty reply")
     if needs_trace and not any(m["role"] == "assistant" for m in example.trace):
         _fail("missing 'trace' (the expert's assistant turns): every loss mode but grpo trains on it")
 
@@ -296,11 +299,29 @@ def write_examples(path, examples):
             f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex, allow_nan=False) + "\n")
 
 
+def _with_traces(examples, report, on_error):
+    """``examples`` that carry a trace (``check_trainable``'s trace check); one without is a ``DataFormatError``
+    naming its file and line, or (``on_error="skip"``) left out and recorded in ``report``."""
+    kept = []
+    for ex in examples:
+        try:
+            check_trainable(ex, needs_trace=True)
+            kept.append(ex)
+        except DataFormatError as exc:
+            if on_error == "raise":
+                raise DataFormatError(f"{ex.source}: {exc}") from None
+            report.skipped.append((int(ex.source.rsplit(":", 1)[1]), str(exc)))
+            report.loaded -= 1
+    return kept
+
+
 def load_data(cfg, *, needs_trace=True):
     """(train examples, held-out examples) from a data file or the built-in environment.
 
     A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
-    trace when ``needs_trace``); held-out rows need no trace. No held-out task is a ``DataFormatError``."""
+    trace when ``needs_trace``); held-out rows need no trace, and without ``data.eval_path`` they are split off
+    before the trace check (a run and its evaluation hold out the same rows). No held-out task is a
+    ``DataFormatError``."""
     from functools import partial
 
     from .envs import make_tasks
@@ -309,16 +330,29 @@ def load_data(cfg, *, needs_trace=True):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{key}={path}: no such file")
     if cfg.path:
-        train, report = load_examples(cfg.path, on_error=cfg.on_error,
-                                      check=partial(check_trainable, needs_trace=needs_trace))
+        # the held-out split is made before the trace check (held-out rows need none), so that a run and
+        # `pact-fast eval` of it split a file alike whatever the loss mode
+        rows, report = load_examples(cfg.path, on_error=cfg.on_error, check=partial(check_trainable, needs_trace=False))
+        if cfg.eval_path:
+            held_out, eval_report = load_examples(cfg.eval_path, on_error=cfg.on_error,
+                                                  check=partial(check_trainable, needs_trace=False))
+            train = rows
+            if eval_report.skipped:
+                print(f"[pact_fast] {eval_report.summary()}")
+            overlap = sorted({ex.id for ex in held_out} & {ex.id for ex in rows})
+            if overlap:
+                print(f"[pact_fast] {len(overlap)} held-out ids are also training rows (first: {overlap[0]!r}): the "
+                      "held-out results include tasks the run trains on")
+        else:
+            n = min(cfg.eval_tasks, len(rows) // 5)
+            train, held_out = rows[n:], rows[:n]
+        if needs_trace:
+            train = _with_traces(train, report, cfg.on_error)
+            if not train:
+                raise DataFormatError(f"{cfg.path}: no training row has a trace (every loss mode but grpo trains on "
+                                      "one)")
         if report.skipped:
             print(f"[pact_fast] {report.summary()}")
-        if cfg.eval_path:
-            held_out, _ = load_examples(cfg.eval_path, on_error=cfg.on_error,
-                                        check=partial(check_trainable, needs_trace=False))
-        else:
-            n = min(cfg.eval_tasks, len(train) // 5)
-            train, held_out = train[n:], train[:n]
     else:
         kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
         train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed,

@@ -64,8 +64,8 @@ def evaluate_model(config, *, show=0, log=print):
     policy = build_policy(config.model, resolve_device(config.train.device), config.train.seed)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
-    _, held_out = prepare(tokenizer, [], held_out, limits(model, config, engine="hf"), on_error=config.data.on_error,
-                          log=log)
+    # the run's own limits (its engine's): the same held-out rows as its training evaluated
+    _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log)
     engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
     metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
                                  return_episodes=True)

@@ -51,14 +51,14 @@ class Limits:
     sampling_name: str = "the model's max_position_embeddings"
 
 
-def limits(model, config, engine=None):
+def limits(model, config):
     """``Limits`` of a run: ``train.micro_batch_tokens``, the model's ``max_position_embeddings`` (None when its
-    config has none) and, when the rollout engine (``engine``, default ``rollout.engine``) is vLLM,
-    ``rollout.vllm_max_model_len`` for the sampled prompts where it is the tighter bound."""
+    config has none) and, with ``rollout.engine=vllm``, ``rollout.vllm_max_model_len`` for the sampled prompts
+    where it is the tighter bound."""
     positions = getattr(model.config, "max_position_embeddings", None)
     sampling, name = positions, "the model's max_position_embeddings"
     vllm_len = config.rollout.vllm_max_model_len
-    if (engine or config.rollout.engine) == "vllm" and (positions is None or vllm_len < positions):
+    if config.rollout.engine == "vllm" and (positions is None or vllm_len < positions):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
     return Limits(config.train.micro_batch_tokens, positions, sampling, name)
 

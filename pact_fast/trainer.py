@@ -16,6 +16,7 @@ Per step (``train_step``):
 The progress variable ``s = step / steps`` drives the annealing schedules. Rollouts, scoring and
 updates only meet through ``Episode`` lists, so a faster engine can replace ``HFRolloutEngine``.
 """
+import hashlib
 import json
 import math
 import signal
@@ -61,6 +62,14 @@ def lr_lambda(cfg):
     return f
 
 
+WARN_CUT_EVERY = 50  # steps between the console lines that say episodes were cut to fit a step
+
+
+def ids_fingerprint(examples):
+    """A short hash of the examples' ids in order: what a run's data order draws from."""
+    return hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()[:16]
+
+
 @dataclass
 class DataOrder:
     """Seeded order over the training examples: an epoch's permutation and the position in it."""
@@ -69,6 +78,7 @@ class DataOrder:
     size: int
     epoch: int = 0
     index: int = 0
+    fingerprint: str = ""  # of the training rows' ids in order (ids_fingerprint): a resume must see the same rows
 
     def take(self, n):
         out = []
@@ -358,7 +368,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
-    order = DataOrder(config.data.seed, len(train_set))
+    order = DataOrder(config.data.seed, len(train_set), fingerprint=ids_fingerprint(train_set))
     start_step = 0
     if resume:
         ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order, peft_model=policy.peft)
@@ -558,7 +568,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
     history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
-    step, skip_streak, stopped, last_save = c.start_step, 0, None, time.monotonic()
+    step, skip_streak, stopped, last_save, warned_cut = c.start_step, 0, None, time.monotonic(), 0
     with _Interrupt(log) as interrupt:
         for step in range(c.start_step, train_cfg.steps):
             if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
@@ -590,6 +600,11 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
                 _save(c, step + 1)
                 last_save = time.monotonic()
+            if stats.truncated and step >= warned_cut:  # the first cut, then at most every WARN_CUT_EVERY steps
+                warned_cut = step + WARN_CUT_EVERY
+                log(f"[pact_fast] step {step + 1}: {stats.truncated} of {len(stats.episodes)} episodes were cut to fit "
+                    f"train.micro_batch_tokens={train_cfg.micro_batch_tokens} or the positions, as out of length "
+                    "(reward 0); raise the budget if that is many (metric truncated_episodes)")
             if skip_streak >= train_cfg.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
                            f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "

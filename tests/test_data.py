@@ -185,6 +185,9 @@ def test_grpo_rows_need_no_trace_but_still_their_reward():
         check_trainable(parse_example({**_good(), "trace": []}))
     with pytest.raises(DataFormatError, match="missing 'answer'"):
         grpo(parse_example({**_good(), "answer": None}))
+    for empty in ("", "  "):  # MultiHopEnv's reward paid an empty reply 1.0 against an empty answer
+        with pytest.raises(DataFormatError, match="'answer' is empty: the multihop reward would pay an empty reply"):
+            grpo(parse_example({**_good(), "answer": empty}))
     with pytest.raises(DataFormatError, match="missing 'trace'"):  # a trace without an assistant turn is none
         check_trainable(parse_example({**_good(), "trace": [{"role": "user", "content": "more"}]}))
 
@@ -207,3 +210,45 @@ def test_a_tool_of_no_arguments_may_leave_out_its_parameters():
     row["tools"][0]["function"].pop("parameters")
     ex = parse_example(row)
     assert ex.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+
+
+def _split_config(path, **kw):
+    from pact_fast.config import DataConfig
+
+    return DataConfig(path=str(path), eval_tasks=2, **kw)
+
+
+def test_a_run_and_its_evaluation_split_a_file_alike(tmp_path, capsys):
+    """The held-out split is made before the trace check: a run (needs_trace) and `pact-fast eval` of it (no
+    trace needed) hold out the same rows; before, rows without a trace shifted the eval's split onto a row the
+    run trained on. A training row without a trace is still refused (file:line) or, with skip, counted."""
+    from pact_fast.data import load_data
+
+    rows = [make_task(k, hops=1) for k in range(12)]
+    rows[0]["trace"] = []  # a held-out row needs no trace
+    rows[7]["trace"] = []
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match=f"^{re.escape(str(path))}:8: missing 'trace'"):
+        load_data(_split_config(path))
+    train, held_out = load_data(_split_config(path, on_error="skip"))
+    assert f"{path}: 11 rows loaded, 1 skipped (first: line 8: missing 'trace'" in capsys.readouterr().out
+    _, eval_held_out = load_data(_split_config(path, on_error="skip"), needs_trace=False)
+    assert [ex.id for ex in held_out] == [ex.id for ex in eval_held_out] == [rows[0]["id"], rows[1]["id"]]
+    assert [ex.id for ex in train] == [r["id"] for k, r in enumerate(rows) if k >= 2 and k != 7]
+
+
+def test_skipped_held_out_rows_and_ids_shared_with_training_are_reported(tmp_path, capsys):
+    from pact_fast.data import load_data
+
+    rows = [make_task(k, hops=1) for k in range(6)]
+    path, eval_path = tmp_path / "rows.jsonl", tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = [make_task(k, hops=1) for k in (5, 6, 7)]
+    held[1].pop("answer")
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in held))
+    _, held_out = load_data(_split_config(path, eval_path=str(eval_path), on_error="skip"))
+    out = capsys.readouterr().out
+    assert [ex.id for ex in held_out] == [held[0]["id"], held[2]["id"]]
+    assert f"{eval_path}: 2 rows loaded, 1 skipped (first: line 2: missing 'answer'" in out
+    assert f"1 held-out ids are also training rows (first: {held[0]['id']!r})" in out

@@ -188,9 +188,10 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     (lambda a: a.update(softcap=0.0), "softcap"),
     (lambda a: a.update(old_from_current=True), "old_from_current"),
     (lambda a: a.update(weight=a["weight"][:, :0], hidden=a["hidden"][:, :0]), "V >= 1 and H >= 1"),
+    (lambda a: a.update(targets=a["targets"] > 0), "targets must be integer"),  # bool scored tokens 0 and 1
 ], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-below", "rows-unscored", "sft-unscored",
         "rows-field", "batch-field", "targets", "temperature",
-        "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given", "H-zero"])
+        "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given", "H-zero", "targets-bool"])
 def test_bad_input_is_an_error_naming_it(change, match):
     hidden, weight, _, targets, rows, batch = _problem(4)
     args = dict(rows=rows, batch=batch, targets=targets, backend="auto", temperature=1.0, logit_scale=1.0,

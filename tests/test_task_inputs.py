@@ -121,7 +121,6 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
     vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
     # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
     assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len")
-    assert limits(model, vllm, engine="hf").sampling == 2048
 
 
 def test_a_trace_sequence_longer_than_the_budget_is_refused(tiny):
@@ -227,3 +226,52 @@ def test_an_episode_longer_than_its_step_is_cut_not_fatal(tmp_path):
     assert stats.metrics()["truncated_episodes"] == stats.truncated
     assert math.isfinite(stats.grad_norm) and not stats.skipped
     assert stats.packed_tokens <= budget * stats.micro_batches
+
+
+def test_a_resume_whose_data_draws_other_rows_is_refused(tmp_path):
+    """The checkpoint's data order names the rows it draws from (count and a hash of the ids): a resume whose
+    data gives other rows is one line before any step. Before, fewer rows crashed mid-step (IndexError) and
+    other rows of the same count were drawn quietly."""
+    base = TINY + [f"train.out_dir={tmp_path}", "train.steps=2", "train.stop_after=1", "data.eval_tasks=2"]
+    from pact_fast.trainer import train
+
+    train(load_config(None, base), log=lambda *_: None)
+    build(load_config(None, base), resume=tmp_path, log=lambda *_: None)  # the same data resumes
+    with pytest.raises(DataFormatError, match=r"drew from 24 training rows; this config's data gives 20 \(the data"):
+        build(load_config(None, base + ["data.train_tasks=20"]), resume=tmp_path, log=lambda *_: None)
+    with pytest.raises(DataFormatError, match="drew from 24 training rows; this config's data gives 24 other ones"):
+        build(load_config(None, base + ["data.seed=5"]), resume=tmp_path, log=lambda *_: None)
+
+
+def test_a_chat_template_the_run_cannot_use_is_a_model_error(tiny):
+    """model.chat_template=model with a template that drops tool calls: a ModelError (one line from the CLI),
+    not a traceback."""
+    from test_chat import NO_CALLS_TEMPLATE
+
+    from pact_fast.model_setup import fit_chat_template
+    from pact_fast.models import ModelError
+
+    tok = build_tokenizer()
+    tok.chat_template = NO_CALLS_TEMPLATE
+    cfg = load_config(None, ["model.chat_template=model"])
+    cfg.model.path = "/a/pretrained/model"  # fit_chat_template acts on pretrained models only
+    with pytest.raises(ModelError, match="^model.chat_template=model: chat_template=model, but the model's chat "
+                                         "template cannot be trained on tool use"):
+        fit_chat_template(cfg, tok, load_examples_from(_rows(1)), log=None)
+
+
+def test_cut_episodes_are_said_on_the_console(tmp_path, monkeypatch):
+    from pact_fast import trainer
+
+    probe = build(load_config(None, TINY + [f"train.out_dir={tmp_path / 'probe'}"]), log=lambda *_: None)
+    widest = max(packed_size([gi.tc_prompt, gi.po_prompt]) for gi in (group_inputs(probe.tokenizer, ex)
+                                                                        for ex in probe.train_set))
+    lines = []
+    trainer.train(load_config(None, TINY + [f"train.out_dir={tmp_path / 'run'}", "train.steps=3", "train.eval_every=0",
+                                            f"train.micro_batch_tokens={widest + 8}", "rollout.max_new_tokens=24"]),
+                  log=lines.append)
+    said = [line for line in lines if "episodes were cut to fit train.micro_batch_tokens" in line]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    cut = [r["truncated_episodes"] for r in rows if "truncated_episodes" in r]
+    assert cut and cut[0] > 0
+    assert len(said) == 1 and said[0].startswith(f"[pact_fast] step 1: {cut[0]} of 8 episodes were cut")

@@ -68,7 +68,7 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
         raise ValueError(f"fused_pact_head: weight [V, H] needs V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError("fused_pact_head: hidden, weight and bias must share one dtype")
-    if tuple(targets.shape) != (hidden.shape[0],) or targets.is_floating_point():
+    if tuple(targets.shape) != (hidden.shape[0],) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise ValueError(f"fused_pact_head: targets must be integer [N] = [{hidden.shape[0]}], got "
                          f"{targets.dtype} {tuple(targets.shape)}")
     check_logit_transform("fused_pact_head", temperature, logit_scale, softcap)
