@@ -120,8 +120,13 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
     """Restore weights (with ``peft_model``: the LoRA adapters), optimizer, scheduler, data order and RNG from
     ``ckpt``; returns its step."""
     ckpt = Path(ckpt)
-    state = _read_weights(ckpt, peft_model)
     trainer_state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    saved = trainer_state["order"]  # checked before anything is read into the model or the optimizer
+    if saved["size"] != order.size or saved.get("fingerprint", order.fingerprint) != order.fingerprint:
+        raise DataFormatError(f"resume: {ckpt} drew from {saved['size']:,} training rows; this config's data gives "
+                              f"{order.size:,}{' other ones' if saved['size'] == order.size else ''} (the data file, "
+                              "its checks or data.eval_tasks changed); resume with the run's data, or start a new run")
+    state = _read_weights(ckpt, peft_model)
     model = scorer.model
     if dist.is_distributed():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -143,11 +148,6 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
             model.tie_weights()
         optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
-    saved = trainer_state["order"]
-    if saved["size"] != order.size or saved.get("fingerprint", order.fingerprint) != order.fingerprint:
-        raise DataFormatError(f"resume: {ckpt} drew from {saved['size']:,} training rows; this config's data gives "
-                              f"{order.size:,}{' other ones' if saved['size'] == order.size else ''} (the data file, "
-                              "its checks or data.eval_tasks changed); resume with the run's data, or start a new run")
     order.__dict__.update(saved)
     random.setstate(trainer_state["rng"]["python"])
     torch.set_rng_state(trainer_state["rng"]["torch"])

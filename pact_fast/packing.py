@@ -159,7 +159,7 @@ def split_units(units, max_tokens):
     batches, current, trie = [], [], _Trie()
     for u, unit in enumerate(units):
         seqs = [_as_list(seq, j) for j, seq in enumerate(unit)]
-        alone = packed_size(seqs)
+        alone = _Trie().new_tokens(seqs)
         if alone > max_tokens:
             raise ValueError(f"split_units: unit {u} packs to {alone} tokens, more than max_tokens={max_tokens}; "
                              "raise the budget or truncate the sequences")
