@@ -102,6 +102,9 @@ class Episode:
     tool_errors: int = 0
     finish: str = ""  # answer | turn_limit | length
     final_text: str = ""
+    # per sampled turn, (tool calls, tool errors) it made: what ``task_inputs.fit_episodes`` recounts from when it
+    # cuts the episode (an engine that leaves it empty keeps its counts on a cut)
+    turn_tools: list = field(default_factory=list)
 
     @property
     def num_model_tokens(self):
@@ -117,7 +120,8 @@ class RolloutEngine(Protocol):
       engine's configured G) prompt-only episodes of every example, a list per example of
       ``Episode``. ``greedy=True`` asks for argmax decoding (held-out evaluation), ``None`` keeps the
       engine's configured decoding. Evaluation goes through this method too, so a custom engine is
-      never bypassed.
+      never bypassed. ``Episode.turn_tools`` is optional: with it, an episode cut to fit its step
+      (``task_inputs.fit_episodes``) reports the turns and tool calls it kept.
     """
 
     generator: torch.Generator
@@ -281,16 +285,20 @@ class HFRolloutEngine:
         text = self.tokenizer.decode(toks, skip_special_tokens=False)
         if not done:
             ep.finish, ep.final_text = "length", text
+            ep.turn_tools.append((0, 0))
             return False
         calls = parse_tool_calls(text, cfg.tool_call_format)
         assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
         if calls:
             errors_before = getattr(env, "errors", None)
             responses = env.step(calls)
+            errors = _count_errors(env, errors_before, calls, responses)
             ep.tool_calls += len(calls)
-            ep.tool_errors += _count_errors(env, errors_before, calls, responses)
+            ep.tool_errors += errors
+            ep.turn_tools.append((len(calls), errors))
             new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
         else:
+            ep.turn_tools.append((0, 0))
             user = env.next_user_turn()
             if user is None:
                 ep.finish, ep.final_text = "answer", text

@@ -113,17 +113,46 @@ def response_cap(inputs, lim):
 def fit_episodes(episodes, inputs, lim):
     """Cut each episode (``rollout.Episode``) whose response is longer than its task's ``response_cap`` to it, as
     one that ran out of length: ``finish`` "length", reward 0 (what an engine gives an episode stopped at its
-    length limit). ``episodes``: a list per task, ``inputs`` their ``GroupInputs``. Returns how many were cut: a
-    step then packs every unit within the budget, where one long episode used to stop the run."""
+    length limit), its turns and tool counts those of what is left (``_recount``). ``episodes``: a list per task,
+    ``inputs`` their ``GroupInputs``. Returns how many were cut: a step then packs every unit within the budget,
+    where one long episode used to stop the run."""
     cut = 0
     for eps, gi in zip(episodes, inputs):
         cap = response_cap(gi, lim)
         for ep in eps:
             if len(ep.response_ids) > cap:
+                _recount(ep, cap)
                 del ep.response_ids[cap:], ep.response_mask[cap:], ep.behavior_logp[cap:]
                 ep.finish, ep.reward = "length", 0.0
                 cut += 1
     return cut
+
+
+def _sampled_spans(mask):
+    """[(start, end)] of each run of sampled tokens (mask 1) in a response mask: one per turn."""
+    spans, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def _recount(ep, cap):
+    """An episode's ``turns`` after cutting its response to ``cap`` tokens (the turns that sampled a token before
+    it) and its ``tool_calls`` / ``tool_errors`` (those of turns whose whole text is kept), from its per-turn
+    ``turn_tools``. Counts that the response mask and ``turn_tools`` do not bear out stay as they are (an engine
+    of the user's)."""
+    spans = _sampled_spans(ep.response_mask)
+    if len(spans) != ep.turns or len(ep.turn_tools) != ep.turns:
+        return
+    ep.turn_tools = [tools if end <= cap else (0, 0) for (start, end), tools in zip(spans, ep.turn_tools)
+                     if start < cap]
+    ep.turns = len(ep.turn_tools)
+    ep.tool_calls = sum(calls for calls, _ in ep.turn_tools)
+    ep.tool_errors = sum(errors for _, errors in ep.turn_tools)
 
 
 def _check_sampling(example, prompt_len, lim):

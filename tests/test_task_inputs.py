@@ -210,6 +210,37 @@ def test_response_cap_is_the_longest_response_whose_unit_fits(tiny):
     assert response_cap(gi, Limits(10_000, sampling=len(gi.po_prompt) + 5)) == 5
 
 
+@pytest.mark.parametrize("cap, turns, calls, errors", [(7, 2, 2, 1), (8, 2, 3, 1), (9, 2, 3, 1), (10, 3, 3, 1),
+                                                        (3, 1, 2, 1), (2, 1, 0, 0)])
+def test_a_cut_episode_counts_the_turns_and_calls_it_keeps(tiny, cap, turns, calls, errors):
+    """Three turns sampled at [0, 3), [5, 8) and [9, 11), the first making two tool calls (one failed), the second
+    one: cut to ``cap`` tokens, a turn counts when it sampled a token before the cut, its calls when its whole
+    text is kept (the metrics counted the cut part before)."""
+    _, tok = tiny
+    gi = group_inputs(tok, load_examples_from(_rows(1))[0])
+    mask = [1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1]
+    ep = Episode(prompt_ids=gi.po_prompt, response_ids=list(range(3, 14)), response_mask=list(mask),
+                 behavior_logp=[-1.0] * 11, reward=1.0, turns=3, tool_calls=3, tool_errors=1, finish="answer",
+                 turn_tools=[(2, 1), (1, 0), (0, 0)])
+    lim = Limits(10_000, positions=len(gi.tc_prompt) + cap)
+    assert response_cap(gi, lim) == cap
+    assert task_inputs.fit_episodes([[ep]], [gi], lim) == 1
+    assert (ep.turns, ep.tool_calls, ep.tool_errors) == (turns, calls, errors)
+    assert len(ep.response_ids) == len(ep.response_mask) == len(ep.behavior_logp) == cap
+    assert (ep.finish, ep.reward) == ("length", 0.0)
+
+
+def test_a_cut_episode_of_a_foreign_engine_keeps_its_counts(tiny):
+    """An engine of the user's that records no per-turn tool counts: a cut leaves turns and calls as they were
+    (nothing to recount from), and still cuts the response."""
+    _, tok = tiny
+    gi = group_inputs(tok, load_examples_from(_rows(1))[0])
+    ep = Episode(prompt_ids=gi.po_prompt, response_ids=list(range(3, 9)), response_mask=[1] * 6,
+                 behavior_logp=[-1.0] * 6, turns=2, tool_calls=4)
+    task_inputs.fit_episodes([[ep]], [gi], Limits(10_000, positions=len(gi.tc_prompt) + 2))
+    assert (ep.turns, ep.tool_calls, len(ep.response_ids)) == (2, 4, 2)
+
+
 def test_an_episode_longer_than_its_step_is_cut_not_fatal(tmp_path):
     """A step whose episode outgrew the micro-batch budget used to stop the run in split_units (and a resume drew
     the same episode again); fit_episodes cuts it to its task's cap as an episode that ran out of length."""
@@ -224,6 +255,9 @@ def test_an_episode_longer_than_its_step_is_cut_not_fatal(tmp_path):
     cut = [ep for ep in stats.episodes if ep.finish == "length" and ep.reward == 0.0]
     assert stats.truncated > 0 and len(cut) >= stats.truncated
     assert stats.metrics()["truncated_episodes"] == stats.truncated
+    for ep in stats.episodes:  # the engine's per-turn counts add up; a cut one's turns are what it kept
+        assert len(ep.turn_tools) == ep.turns and sum(c for c, _ in ep.turn_tools) == ep.tool_calls
+        assert len(task_inputs._sampled_spans(ep.response_mask)) == ep.turns
     assert math.isfinite(stats.grad_norm) and not stats.skipped
     assert stats.packed_tokens <= budget * stats.micro_batches
 
