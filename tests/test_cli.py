@@ -27,8 +27,10 @@ def _cli(*args, cwd=None):
     (None, ["train.steps=0"], "pact-fast: config error: train.steps=0 must be >= 1"),
     (None, ["train.device=cuda:99"], "pact-fast: train.device=cuda:99: this torch"),
     (None, ["train.liger=true"], "pact-fast: train.liger=true needs"),
+    # overrides on both sides of an option are all read, the last one winning
+    (None, ["train.steps=3", "--data", "nope.jsonl", "train.steps=0"], "pact-fast: config error: train.steps=0 must"),
 ], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
-        "steps-zero", "no-such-gpu", "liger"])
+        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option"])
 def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp_path, setup, args, message):
     if setup is not None:
         (tmp_path / "run.yaml").write_text(setup)
@@ -77,6 +79,15 @@ def test_the_command_bounds_openmp_spinning_before_torch_loads(given, expected):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected
+
+
+def test_an_unknown_option_among_overrides_is_still_refused(tmp_path):
+    """Words left after the overrides are taken as overrides only when they are ``key=value``: an unknown option is
+    argparse's error (usage, then the line), before anything runs."""
+    proc = _cli("train", "train.steps=3", "--out", "out", "--bogus", "x=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "pact-fast: error: unrecognized arguments: --bogus x=1"
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
