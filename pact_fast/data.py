@@ -28,6 +28,7 @@ available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite
 """
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 
@@ -43,7 +44,13 @@ class Example:
     trace: list = field(default_factory=list)  # expert trace messages
     answer: object = None
     env: dict = field(default_factory=dict)
-    source: str = field(default="", compare=False)  # "file:line" of a row read by load_examples; "" otherwise
+    path: str = field(default="", compare=False)  # the file of a row read by load_examples; "" otherwise
+    line: int = field(default=0, compare=False)  # its line there (1-based)
+
+    @property
+    def source(self):
+        """``file:line`` of a row read by ``load_examples``; "" for a task made in memory."""
+        return f"{self.path}:{self.line}" if self.path else ""
 
     def where(self):
         """The row for a message: ``file:line (id 'x')``, or ``task 'x'`` for a task made in memory."""
@@ -282,7 +289,7 @@ def load_examples(path, *, on_error="raise", check=None):
                 continue
             if example is not None:
                 first_line[example.id] = line_no
-                example.source = f"{path}:{line_no}"
+                example.path, example.line = str(path), line_no
                 examples.append(example)
     report.loaded = len(examples)
     if not examples:
@@ -299,20 +306,35 @@ def write_examples(path, examples):
             f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex, allow_nan=False) + "\n")
 
 
+def keep_rows(examples, check, on_error, skipped, progress=None):
+    """The ``examples`` that ``check(example)`` passes. A ``DataFormatError`` it raises is raised again naming the row
+    (``Example.where``, unless its message already starts with it) with ``on_error="raise"``; with ``"skip"`` the
+    row is left out and ``skipped(example, str(error))`` called. ``progress(done)``, when given, after each row."""
+    kept = []
+    for done, example in enumerate(examples, start=1):
+        try:
+            check(example)
+            kept.append(example)
+        except DataFormatError as exc:
+            if on_error == "skip":
+                skipped(example, str(exc))
+            elif str(exc).startswith(example.where()):
+                raise
+            else:
+                raise DataFormatError(f"{example.where()}: {exc}") from None
+        if progress is not None:
+            progress(done)
+    return kept
+
+
 def _with_traces(examples, report, on_error):
     """``examples`` that carry a trace (``check_trainable``'s trace check); one without is a ``DataFormatError``
     naming its file and line, or (``on_error="skip"``) left out and recorded in ``report``."""
-    kept = []
-    for ex in examples:
-        try:
-            check_trainable(ex, needs_trace=True)
-            kept.append(ex)
-        except DataFormatError as exc:
-            if on_error == "raise":
-                raise DataFormatError(f"{ex.source}: {exc}") from None
-            report.skipped.append((int(ex.source.rsplit(":", 1)[1]), str(exc)))
-            report.loaded -= 1
-    return kept
+    def skipped(example, reason):
+        report.skipped.append((example.line, reason))
+        report.loaded -= 1
+
+    return keep_rows(examples, partial(check_trainable, needs_trace=True), on_error, skipped)
 
 
 def load_data(cfg, *, needs_trace=True):
@@ -322,8 +344,6 @@ def load_data(cfg, *, needs_trace=True):
     trace when ``needs_trace``); held-out rows need no trace, and without ``data.eval_path`` they are split off
     before the trace check (a run and its evaluation hold out the same rows). No held-out task is a
     ``DataFormatError``."""
-    from functools import partial
-
     from .envs import make_tasks
 
     for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
-from .data import DataFormatError
+from .data import DataFormatError, keep_rows
 from .packing import packed_size
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often while checking a large data set
@@ -171,20 +171,13 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
     skipped = {"training": [], "held-out": []}  # reasons
 
     def keep(examples, check, what):
-        nonlocal last
-        kept = []
-        for i, example in enumerate(examples):
-            try:
-                check(example)
-                kept.append(example)
-            except DataFormatError as exc:
-                if on_error == "raise":
-                    raise
-                skipped[what].append(str(exc))
+        def progress(done):
+            nonlocal last
             if log is not None and time.perf_counter() - last > PROGRESS_EVERY_S:
                 last = time.perf_counter()
-                log(f"[pact_fast] checked {i + 1:,} of {len(examples):,} {what} tasks ({last - start:.0f} s)")
-        return kept
+                log(f"[pact_fast] checked {done:,} of {len(examples):,} {what} tasks ({last - start:.0f} s)")
+
+        return keep_rows(examples, check, on_error, lambda _, reason: skipped[what].append(reason), progress)
 
     train_kept = keep(train_set, lambda ex: check_lengths(ex, group_inputs(tokenizer, ex), lim), "training")
     kept_held_out = keep(held_out, lambda ex: _check_sampling(ex, len(prompt_ids(tokenizer, ex)), lim), "held-out")

@@ -229,7 +229,7 @@ def test_a_run_and_its_evaluation_split_a_file_alike(tmp_path, capsys):
     rows[7]["trace"] = []
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataFormatError, match=f"^{re.escape(str(path))}:8: missing 'trace'"):
+    with pytest.raises(DataFormatError, match="^" + re.escape(f"{path}:8 (id 'multihop-0-7'): missing 'trace'")):
         load_data(_split_config(path))
     train, held_out = load_data(_split_config(path, on_error="skip"))
     assert f"{path}: 11 rows loaded, 1 skipped (first: line 8: missing 'trace'" in capsys.readouterr().out
