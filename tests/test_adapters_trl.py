@@ -214,7 +214,26 @@ def test_without_the_trace_it_is_trls_grpo_loss(tmp_path, loss_type, beta, pact,
         assert min(h.get("pact/off_policy_kept", 1) for h in trainer.state.log_history) < 1
 
 
-def _train_both(tmp_path, args, pact, cls=Both):
+class OneCompletionMasked(Both):
+    """A micro-batch whose first completion is masked out entirely, as ``mask_truncated_completions`` masks a
+    truncated one."""
+
+    def _compute_loss(self, model, inputs):
+        mask = inputs["completion_mask"].clone()
+        mask[0] = 0
+        return super()._compute_loss(model, {**inputs, "completion_mask": mask})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo"])
+def test_a_masked_out_completion_counts_as_trl_counts_it(tmp_path, loss_type):
+    """TRL's grpo and dr_grpo divide by every row of a micro-batch, an empty one included (PACT's seq-means
+    count the non-empty ones: a micro-batch with one masked completion got 2x TRL's loss and gradient)."""
+    args = _args(tmp_path, loss_type=loss_type, beta=0.0, num_iterations=1, max_steps=1, learning_rate=0.05)
+    trainer = _train_both(tmp_path, args, {"mode": "grpo"}, cls=OneCompletionMasked, old=False)
+    assert all(theirs != 0 for theirs, *_ in trainer.pairs)
+
+
+def _train_both(tmp_path, args, pact, cls=Both, old=True):
     """Trains with ``cls`` (a ``Both``) and checks every micro-batch's loss and gradients against TRL's."""
     model_dir = tmp_path / "model"  # TRL loads its reference model (beta > 0) from the policy's path
     tiny_causal_lm("llama", vocab_size=len(TOKENIZER)).save_pretrained(model_dir)
@@ -222,7 +241,7 @@ def _train_both(tmp_path, args, pact, cls=Both):
                   processing_class=TOKENIZER, pact_config=pact_config_from_grpo_args(args, **pact))
     trainer.train()
     assert len(trainer.pairs) == 2 * args.max_steps
-    assert any(old is not None for *_, old in trainer.pairs)
+    assert not old or any(old_logp is not None for *_, old_logp in trainer.pairs)
     for theirs, ours, g_theirs, g_ours, _ in trainer.pairs:
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
         for a, b in zip(g_theirs, g_ours):

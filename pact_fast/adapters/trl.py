@@ -47,7 +47,7 @@ from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, render, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss, response_counts
 from ..packing import pad_rows
 from ..scoring import sequence_logprobs
 
@@ -557,6 +557,10 @@ class PACTGRPOTrainer(GRPOTrainer):
                                           step_traces=per_micro * accumulation)
         if tokens is None:
             rl_scale = 1.0 / accumulation
+            if self.args.loss_type in ("grpo", "dr_grpo"):
+                # TRL averages over every row of the micro-batch, a row whose completion mask is all zero
+                # (mask_truncated_completions) included; pact_loss's seq-means count non-empty rows only
+                rl_scale *= response_counts(batch.response_mask)[1] / max(batch.response_mask.shape[0], 1)
         loss, metrics = pact_loss(batch, self.pact_config, self.pact_progress(), rl_scale=rl_scale,
                                   sft_scale=sft_scale)
         metrics.update(filter_metrics)
