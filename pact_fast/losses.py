@@ -116,6 +116,12 @@ class PACTBatch:
         """Raise a ``ValueError`` naming the field when a per-rollout input has the wrong shape or dtype, or a
         constant of the loss (``CONSTANT_FIELDS``: old, behaviour and reference log-probs, rewards,
         advantages) requires grad."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                hint = (" (string ids such as verl's uid: integers first, e.g. "
+                        "torch.as_tensor(numpy.unique(uid, return_inverse=True)[1]))" if f.name == "group_ids" else "")
+                raise ValueError(f"PACTBatch: {f.name} must be a torch.Tensor, got {type(value).__name__}{hint}")
         if self.response_mask.dim() != 2:
             raise ValueError(f"PACTBatch: response_mask must be [B, T], got {tuple(self.response_mask.shape)}")
         B = self.response_mask.shape[0]
@@ -414,6 +420,9 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         progress: training progress s in [0, 1] driving the annealing schedules (and sft_then_grpo's switch).
         step: mixed with ``config.seed`` for the anchoring draws when no ``generator`` is given.
         generator: torch.Generator for the Bernoulli anchoring draws.
+            Without ``batch.anchored``, the call draws for the groups it holds, by their rank among its group ids:
+            right for one call per step holding the step's groups. A step split over micro-batches or ranks passes
+            ``batch.anchored`` (``anchor_rows`` with step-wide group ids), or every call would draw the same.
         rl_scale, sft_scale: factors on the RL terms (surrogate, KL, entropy) and on the SFT term, for gradient
             accumulation: a micro-batch's share of the step's response tokens (or sequences) and of its traces
             makes the sum over micro-batches equal the loss of the whole step.

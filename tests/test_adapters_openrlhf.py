@@ -127,7 +127,23 @@ def test_unsupported_options_are_refused(kwargs, message):
         PACTPolicyLoss(**kwargs)
 
 
-def test_bernoulli_anchoring_needs_the_groups():
+def test_bernoulli_anchoring_needs_the_steps_draws():
+    """Drawn inside each call (OpenRLHF passes no step), a group's draw would repeat in every micro-batch and
+    step: group ids alone are refused, the step's draws (anchor_rows) are what the call takes."""
     po, old, adv, mask = _inputs()
-    with pytest.raises(ValueError, match="group_ids"):
-        PACTPolicyLoss()(po, old, adv, action_mask=mask, log_probs_tc=po, old_log_probs_tc=old)
+    for extra in ({}, {"group_ids": torch.tensor([0, 0, 1, 1])}):
+        with pytest.raises(ValueError, match="needs anchored"):
+            PACTPolicyLoss()(po, old, adv, action_mask=mask, log_probs_tc=po, old_log_probs_tc=old, **extra)
+
+
+def test_a_pact_config_that_disagrees_with_policy_loss_arguments_is_refused():
+    """PolicyLoss's arguments set the clipping and reduction over pact_config's defaults; a pact_config field set
+    to something else was silently replaced by them (by PolicyLoss's defaults when none were given)."""
+    with pytest.raises(ValueError, match=r"clip_eps_high: 0.2 here, 0.28 in pact_config.*loss_agg: 'token-mean' "
+                                         r"here, 'seq-mean-token-sum-norm' in pact_config"):
+        PACTPolicyLoss(pact_config=PACTLossConfig(clip_eps_high=0.28, loss_agg="seq-mean-token-sum-norm"))
+    loss = PACTPolicyLoss(clip_eps_high=0.28, dual_clip=3.0, token_level_loss=False,
+                          pact_config=PACTLossConfig(clip_eps_high=0.28, dual_clip=3.0,
+                                                     loss_agg="seq-mean-token-mean"))
+    assert (loss.config.clip_eps_high, loss.config.dual_clip, loss.config.loss_agg) == (0.28, 3.0,
+                                                                                         "seq-mean-token-mean")

@@ -4,6 +4,8 @@ After editing losses.py, `python tests/test_docs.py` re-points the links (CITED 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # What each cited line computes, in the order the links appear in docs/method.md.
@@ -69,3 +71,41 @@ def repoint_method_md():
 
 if __name__ == "__main__":
     repoint_method_md()
+
+
+def _readme_block(after):
+    """The first ```python block of README.md after the line ``after``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(after)
+    block = text.index("```python\n", start) + len("```python\n")
+    return text[block:text.index("```", block)]
+
+
+def test_readmes_pact_loss_snippet_runs_on_grpo_layout_tensors():
+    """README's pact_loss snippet, as written, on what a GRPO trainer holds: verl's uid is an object array of
+    strings (a snippet passing it as group_ids failed with an AttributeError); the snippet's group ids give the
+    advantages of those groups."""
+    import numpy as np
+    import torch
+
+    from pact_fast.losses import REASONING, TOOL_CALL, group_advantages
+
+    g = torch.Generator().manual_seed(0)
+    B, T, S, E = 6, 5, 2, 4
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    old = logp.detach() - 0.1 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    space = {"uid": np.array(["q7", "q3", "q7", "q3", "q9", "q9"], dtype=object),
+             "response_mask": torch.ones(B, T), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
+             "logp": logp, "old_logp": old, "logp_tc": logp, "old_logp_tc": old,
+             "trace_logp": -torch.rand(S, E, generator=g, dtype=torch.float64),
+             "components": torch.tensor([[REASONING, REASONING, TOOL_CALL, TOOL_CALL]] * S),
+             "segment_ids": torch.zeros(S, E, dtype=torch.long), "turn_ids": torch.zeros(S, E, dtype=torch.long),
+             "step": 3, "total_steps": 10}
+    exec(_readme_block("### The loss inside verl, TRL or OpenRLHF"), space)
+    assert space["group_ids"].tolist() == [1, 0, 1, 0, 2, 2]
+    torch.testing.assert_close(space["batch"].group_ids, space["group_ids"])
+    assert torch.isfinite(space["loss"]) and space["metrics"]["loss/sft"] > 0
+    # the advantages are those of the uid groups (each one success, one failure), not of one group of six
+    by_uid = group_advantages(space["rewards"], torch.tensor([1, 0, 1, 0, 2, 2])).abs().mean().item()
+    assert space["metrics"]["adv_abs_mean"] == pytest.approx(by_uid)
+    assert by_uid != pytest.approx(group_advantages(space["rewards"], torch.zeros(B, dtype=torch.long)).abs().mean().item())

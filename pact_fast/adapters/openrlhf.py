@@ -9,13 +9,15 @@ statistics). The PACT terms need tensors OpenRLHF does not compute, passed as ke
 - ``log_probs_tc`` [B, T]: the current policy's log-probs of the same action tokens with the
   expert trace in the prompt (a second actor forward on the trace-conditioned sequences), and
   ``old_log_probs_tc`` [B, T] (the old policy's, from experience making) when ``ctx_den='same'``;
-- ``group_ids`` [B] (the prompt group of each sample) or ``anchored`` [B] bool (the group's
-  anchoring draw, equal within a group), for ``anchor_mode='bernoulli'``; with neither, the draw
-  of each sample's group cannot be made and the call is refused;
+- ``anchored`` [B] bool, each sample's group's anchoring draw (``anchor_mode='bernoulli'``), made once per
+  step for the step's groups with ``pact_fast.losses.anchor_rows(group_ids, n_groups, q, seed, step)``:
+  OpenRLHF calls the loss once per micro-batch and passes no step, so draws made inside each call would be
+  the same in every micro-batch and every step; a bernoulli call without it is refused. ``group_ids`` [B]
+  (optional) names each sample's group for the metrics;
 - ``sft_log_probs`` [S, E] with ``sft_components`` [S, E] (and ``sft_segment_ids``, ``sft_turn_ids``
   in ``segment`` mode): the trace tokens' log-probs under the prompt and their labels from
   ``pact_fast.chat.trace_sequences``; ``sft_scale`` is this micro-batch's share of the step's traces;
-- ``progress`` in [0, 1] for the annealing schedules, ``step`` for the anchoring seed.
+- ``progress`` in [0, 1] for the annealing schedules.
 
 ``self.metrics`` holds the last call's ``pact_loss`` metrics (floats) for logging.
 """
@@ -30,8 +32,10 @@ class PACTPolicyLoss(torch.nn.Module):
     """PolicyLoss-compatible PACT loss.
 
     Args: PolicyLoss's own (``clip_eps_low``, ``clip_eps_high``, ``dual_clip``, ``token_level_loss``,
-    ``policy_loss_type``, ``is_correction_*``; they override the matching ``pact_config`` fields:
-    ``token_level_loss`` picks ``loss_agg`` token-mean or seq-mean-token-mean), and ``pact_config``.
+    ``policy_loss_type``, ``is_correction_*``) and ``pact_config``. PolicyLoss's arguments set the clipping and
+    the reduction (``token_level_loss``: ``loss_agg`` token-mean, else seq-mean-token-mean) over
+    ``pact_config``'s defaults; a ``pact_config`` field set to another value than both is refused (one would
+    silently replace the other).
     ``policy_loss_type='gspo'`` and train/rollout importance-sampling correction are refused.
     """
 
@@ -44,22 +48,32 @@ class PACTPolicyLoss(torch.nn.Module):
         if is_correction_level != "off":
             raise ValueError(f"PACTPolicyLoss: is_correction_level={is_correction_level!r}; importance-sampling "
                              "correction is not supported (use 'off')")
-        self.config = dataclasses.replace(
-            pact_config or PACTLossConfig(), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
-            dual_clip=dual_clip, loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
+        given = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                     loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
+        if pact_config is not None:
+            default = PACTLossConfig()
+            differ = [f"{key}: {given[key]!r} here, {getattr(pact_config, key)!r} in pact_config" for key in given
+                      if getattr(pact_config, key) not in (given[key], getattr(default, key))]
+            if differ:
+                raise ValueError("PACTPolicyLoss: PolicyLoss's arguments (clip_eps_low, clip_eps_high, dual_clip, "
+                                 "token_level_loss) and pact_config disagree on " + "; ".join(differ) +
+                                 "; give both the same values")
+        self.config = dataclasses.replace(pact_config or PACTLossConfig(), **given)
         self.metrics = {}
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None, *, log_probs_tc=None, old_log_probs_tc=None,
                 group_ids=None, anchored=None, sft_log_probs=None, sft_components=None, sft_segment_ids=None,
-                sft_turn_ids=None, sft_scale=1.0, progress=0.0, step=0):
+                sft_turn_ids=None, sft_scale=1.0, progress=0.0):
         """log_probs, old_log_probs, advantages, action_mask: [B, T]. Returns (loss, clip_ratio, ppo_kl, None, None)."""
         if action_mask is None:
             action_mask = torch.ones_like(log_probs)
         B = log_probs.shape[0]
         cfg = self.config
-        if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and group_ids is None and anchored is None:
-            raise ValueError("PACTPolicyLoss: anchor_mode='bernoulli' needs group_ids [B] or anchored [B]")
+        if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and anchored is None:
+            raise ValueError("PACTPolicyLoss: anchor_mode='bernoulli' needs anchored [B], the step's draws made once "
+                             "(pact_fast.losses.anchor_rows(group_ids, n_groups, q, seed, step)): drawn in each "
+                             "micro-batch's call they would repeat in every micro-batch and step")
         if group_ids is None:
             group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
         batch = PACTBatch(
@@ -70,7 +84,7 @@ class PACTPolicyLoss(torch.nn.Module):
             sft_turn_ids=sft_turn_ids)
         scale, _ = loss_scales(action_mask, 0, cfg.loss_agg, step_tokens=batch_num_tokens,
                                step_seqs=global_batch_size, world=dp_size)
-        loss, metrics = pact_loss(batch, cfg, progress, step=step, rl_scale=scale, sft_scale=sft_scale)
+        loss, metrics = pact_loss(batch, cfg, progress, rl_scale=scale, sft_scale=sft_scale)
         metrics.pop("reward_mean", None)  # OpenRLHF passes advantages, not rewards
         self.metrics = metrics
         ctx = "tc/" if "tc/approx_kl" in metrics else "po/"  # the trace-conditioned surrogate when PACT has one
