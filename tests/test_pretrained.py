@@ -78,14 +78,32 @@ def test_fetch_model_rebuilds_an_incomplete_directory_through_a_temporary_one(tm
     monkeypatch.setattr(models, "locate_gguf", lambda name, install=False: gguf)
     monkeypatch.setattr(models, "_convert", _fake_convert)
     monkeypatch.setattr(models.importlib.metadata, "version", lambda package: "0.1.2")
-    dest = tmp_path / "cache" / "smollm2-135m"
+    monkeypatch.setenv("PACT_FAST_CACHE", str(tmp_path / "cache"))
+    dest = models.default_model_dir("smollm2-135m")
     dest.mkdir(parents=True)
-    (dest / "config.json").write_text("{}")  # an interrupted earlier run: no marker
+    (dest / "config.json").write_text("{}")  # pact_fast's own cache, incomplete: no marker
     (dest / "stale.bin").write_text("x")
-    assert fetch_model("smollm2-135m", dest, log=None) == dest
+    assert fetch_model("smollm2-135m", log=None) == dest
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", models.MARKER, "tokenizer.json"]
     assert (dest / "tokenizer.json").read_text() == "weights"
     assert [p.name for p in dest.parent.iterdir()] == ["smollm2-135m"], "no temporary directory left behind"
+
+
+def test_a_destination_of_the_users_with_files_in_it_is_refused_untouched(tmp_path, monkeypatch):
+    """fetch-model DEST over a directory of the user's (no marker) deleted everything in it before converting."""
+    monkeypatch.setattr(models, "locate_gguf", lambda name, install=False: tmp_path / "w.gguf")
+    monkeypatch.setattr(models, "_convert", _fake_convert)
+    dest = tmp_path / "precious"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "notes.txt").write_text("my notes")
+    with pytest.raises(ModelError, match="exists and is not a converted smollm2-135m"):
+        fetch_model("smollm2-135m", dest, log=None)
+    assert (dest / "notes.txt").read_text() == "my notes" and (dest / "sub").is_dir()
+    (tmp_path / "w.gguf").write_text("weights")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(models.importlib.metadata, "version", lambda package: "0.1.2")
+    assert fetch_model("smollm2-135m", empty, log=None) == empty and models.is_complete(empty)
 
 
 def test_a_failed_conversion_leaves_the_destination_alone(tmp_path, monkeypatch):
