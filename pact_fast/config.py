@@ -284,8 +284,8 @@ def _load(path, overrides, base=None):
         if len(parts) == 1:
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
         _set(obj, parts[-1], value, key.strip())
+    _check_values(config)  # first, so that a bound BOUNDS holds is named by its key (loss.c_ent, not PACTLossConfig)
     _rebuild(config)
-    _check_values(config)
     _check_across(config)
     return config
 
@@ -304,6 +304,10 @@ BOUNDS = {
     "loss.adv_eps": (0, None), "loss.clip_eps_low": (0, (1, "open")), "loss.clip_eps_high": (0, None),
     "loss.lambda_sft": (0, None), "loss.w_reason": (0, None), "loss.w_other": (0, None), "loss.beta_0": (0, None),
     "loss.beta_1": (0, None), "loss.beta_kl": (0, None), "loss.c_ent": (0, None), "loss.switch_progress": (0, 1),
+    "loss.loss_scale_factor": (1, None), "rollout.call_timeout": ((0, "open"), None), "rollout.max_call_chars": (1, None),
+    "rollout.max_result_chars": (1, None), "data.format_reward": (0, None), "model.hidden_size": (1, None),
+    "model.num_layers": (1, None), "model.num_heads": (1, None), "model.num_kv_heads": (1, None),
+    "model.head_dim": (1, None), "model.intermediate_size": (1, None),
 }
 
 

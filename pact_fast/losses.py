@@ -28,6 +28,11 @@ SFT_REASONING_MODES = ("segment", "scale")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+# PACTLossConfig fields that must be >= 0
+NONNEGATIVE = ("adv_eps", "clip_eps_low", "clip_eps_high", "lambda_sft", "w_reason", "w_other", "beta_0", "beta_1",
+               "beta_kl", "c_ent")
+
+
 @dataclass
 class PACTLossConfig:
     """Every knob of the PACT objective. Fields marked (reading) are our reconstruction of the paper."""
@@ -84,6 +89,17 @@ class PACTLossConfig:
             raise ValueError(f"PACTLossConfig.dual_clip={self.dual_clip} must be > 1 (or None)")
         if self.s_end <= 0:
             raise ValueError(f"PACTLossConfig.s_end={self.s_end} must be > 0")
+        # weights and coefficients below 0 would not turn a term around: each is read as "off" (> 0 tests) or
+        # empties the clip range, so they are refused rather than trained on
+        for name in NONNEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError(f"PACTLossConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"PACTLossConfig.clip_eps_low={self.clip_eps_low} must be < 1 (the ratio's lower bound "
+                             "1 - clip_eps_low stays positive)")
+        if self.loss_scale_factor is not None and self.loss_scale_factor < 1:
+            raise ValueError(f"PACTLossConfig.loss_scale_factor={self.loss_scale_factor} must be >= 1 (or None: the "
+                             "padded length T)")
 
 
 @dataclass

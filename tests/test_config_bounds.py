@@ -32,6 +32,12 @@ from pact_fast.models import pretrained_defaults
     ("data.eval_tasks=0", "data.eval_tasks=0 must be >= 1"),
     ("data.hops=[]", "data.hops=[] must be a non-empty list of hop counts from [1, 2, 3]"),
     ("data.hops=[7]", "data.hops=[7] must be a non-empty list of hop counts from [1, 2, 3]"),
+    ("loss.loss_scale_factor=-5", "loss.loss_scale_factor=-5 must be >= 1"),
+    ("loss.loss_scale_factor=0", "loss.loss_scale_factor=0 must be >= 1"),
+    ("rollout.call_timeout=0", "rollout.call_timeout=0.0 must be > 0"),
+    ("rollout.max_result_chars=-1", "rollout.max_result_chars=-1 must be >= 1"),
+    ("data.format_reward=-1", "data.format_reward=-1.0 must be >= 0"),
+    ("model.hidden_size=0", "model.hidden_size=0 must be >= 1"),
 ])
 def test_out_of_range_or_non_finite_options_are_refused(override, message):
     with pytest.raises(ConfigError) as info:

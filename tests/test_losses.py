@@ -1,5 +1,6 @@
 """Every PACT term against hand-written float64 computations (loops, no vectorised shortcuts)."""
 import math
+import re
 
 import pytest
 import torch
@@ -487,3 +488,18 @@ def test_a_constant_that_carries_a_gradient_is_refused(name):
     setattr(batch, name, getattr(batch, name).detach())
     loss, _ = pact_loss(batch, config, 0.3)
     assert torch.autograd.grad(loss, batch.logp_po)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("c_ent", -0.1, "c_ent=-0.1 must be >= 0"), ("beta_kl", -0.1, "beta_kl=-0.1 must be >= 0"),
+    ("lambda_sft", -1.0, "lambda_sft=-1.0 must be >= 0"), ("clip_eps_high", -0.5, "clip_eps_high=-0.5 must be >= 0"),
+    ("clip_eps_low", -0.1, "clip_eps_low=-0.1 must be >= 0"), ("clip_eps_low", 1.0, "clip_eps_low=1.0 must be < 1"),
+    ("w_reason", -1.0, "w_reason=-1.0 must be >= 0"), ("beta_0", -0.2, "beta_0=-0.2 must be >= 0"),
+    ("loss_scale_factor", -5, "loss_scale_factor=-5 must be >= 1"),
+    ("loss_scale_factor", 0, "loss_scale_factor=0 must be >= 1"),
+])
+def test_a_loss_config_out_of_range_is_refused(field, value, message):
+    """A negative coefficient or weight read as "off" (``> 0`` tests, ``where(w > 0)``), a negative clip emptied the
+    clip range (zero gradient), a loss_scale_factor <= 0 flipped the loss's sign or read as None: refused."""
+    with pytest.raises(ValueError, match=re.escape(f"PACTLossConfig.{message}")):
+        PACTLossConfig(**{field: value})
