@@ -42,8 +42,11 @@ def _train_parser(sub, name, help_text, *, out=True):
 def _resolve(args):
     overrides = list(args.overrides)
     for flag, key in (("model", "model.path"), ("data", "data.path"), ("out", "train.out_dir")):
-        if getattr(args, flag, None):
-            overrides.append(f"{key}={getattr(args, flag)}")
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            raise ConfigError(f"--{flag} was given an empty path (an unset shell variable?)")
+        if value is not None:
+            overrides.append(f"{key}={value}")
     return load_config(args.config, overrides)
 
 

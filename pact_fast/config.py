@@ -207,6 +207,22 @@ def _coerce(value, tp, key):
     return value
 
 
+def _override_value(obj, key, raw, path):
+    """The value of ``path=raw`` on the command line: the text itself for a string option (a path such as
+    ``010``, ``runs/exp #2`` or ``yes`` stays what it says; YAML would read 8, ``runs/exp`` and True), YAML
+    otherwise (numbers, booleans, lists)."""
+    hint = typing.get_type_hints(type(obj)).get(key)
+    if hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)):
+        return raw
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}={raw!r}: not a valid value (YAML: a number, true/false, or a list such as "
+                          "[1, 2])") from None
+
+
 def _set(obj, key, value, path):
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
@@ -274,7 +290,6 @@ def _load(path, overrides, base=None):
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        value = yaml.safe_load(raw) if raw.strip() else ""
         obj = config
         for depth, part in enumerate(parts[:-1]):
             if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
@@ -283,7 +298,7 @@ def _load(path, overrides, base=None):
             obj = getattr(obj, part)
         if len(parts) == 1:
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
-        _set(obj, parts[-1], value, key.strip())
+        _set(obj, parts[-1], _override_value(obj, parts[-1], raw, key.strip()), key.strip())
     _check_values(config)  # first, so that a bound BOUNDS holds is named by its key (loss.c_ent, not PACTLossConfig)
     _rebuild(config)
     _check_across(config)

@@ -29,8 +29,9 @@ def _cli(*args, cwd=None):
     (None, ["train.liger=true"], "pact-fast: train.liger=true needs"),
     # overrides on both sides of an option are all read, the last one winning
     (None, ["train.steps=3", "--data", "nope.jsonl", "train.steps=0"], "pact-fast: config error: train.steps=0 must"),
+    (None, ["--data", ""], "pact-fast: config error: --data was given an empty path"),
 ], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
-        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option"])
+        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option", "empty-path"])
 def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp_path, setup, args, message):
     if setup is not None:
         (tmp_path / "run.yaml").write_text(setup)

@@ -52,3 +52,14 @@ def test_every_bound_names_an_option_and_the_defaults_keep_them():
         assert name in {f.name for f in dataclasses.fields(getattr(config, section))}, key
     load_config(None, [])  # the built-in job's defaults
     load_config(None, [f"{k}={v}" for k, v in pretrained_defaults().items()])  # a pretrained model's
+
+
+def test_a_string_option_takes_the_text_as_given():
+    """Paths on the command line are not YAML: `--out 010` wrote to '8', `runs/exp #2` to 'runs/exp', `yes` was
+    'True'; `null` still unsets an optional path. A value YAML cannot read is one line naming the key."""
+    config = load_config(None, ["train.out_dir=010", "data.path=runs/exp #2", "data.eval_path=yes",
+                                "model.path=null", "data.hops=[1, 2]", "train.steps=3"])
+    assert (config.train.out_dir, config.data.path, config.data.eval_path) == ("010", "runs/exp #2", "yes")
+    assert config.model.path is None and config.data.hops == (1, 2) and config.train.steps == 3
+    with pytest.raises(ConfigError, match=r"train.steps='\[x': not a valid value"):
+        load_config(None, ["train.steps=[x"])
