@@ -51,7 +51,7 @@ def _resolve(args):
 
 
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
-USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError)
+USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError)
 
 
 def _user_error(args, message):

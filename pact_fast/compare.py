@@ -9,7 +9,8 @@ With ``seeds`` (``pact-fast compare --seeds 0 1 2``) every mode runs once per se
 ``data.seed`` and ``loss.seed`` set to it; runs in ``out_dir/seed<k>/<mode>``) and the table gives each
 mode's mean held-out success with its standard deviation and range over the seeds (also in
 ``compare_summary.json``). A run whose directory already holds a finished run of the same configuration
-is read back, not trained again, so an interrupted comparison continues where it stopped.
+is read back, not trained again, and an unfinished one is resumed from its last checkpoint, so an interrupted
+comparison continues where it stopped; a directory holding a run of another configuration is refused.
 """
 import copy
 import json
@@ -42,10 +43,13 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
             cfg.train.out_dir = str(run_dir)
             if seed is not None:
                 cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
-            summary = _finished_run(cfg)
-            if summary is not None:
+            state, summary = _earlier_run(cfg)
+            if state == "finished":
                 log(f"[compare] {run_dir} holds this run, finished: reading it back")
-            else:
+            elif state == "unfinished":
+                log(f"[compare] {run_dir} holds this run, unfinished: resuming it")
+                summary = train(cfg, resume=str(run_dir), log=log)
+            else:  # a directory holding another run is refused by train
                 log(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
                     f"steps -> {run_dir}")
                 summary = train(cfg, log=log)
@@ -60,17 +64,26 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
     return _report(root, rows, seeds)
 
 
-def _finished_run(cfg):
-    """The summary of a finished run of exactly this configuration in ``cfg.train.out_dir``, else None."""
+def _earlier_run(cfg):
+    """What ``cfg.train.out_dir`` holds of a run of exactly this configuration: ``("finished", summary)``,
+    ``("unfinished", None)`` when it has a checkpoint to resume from, else ``(None, None)``."""
     run_dir = Path(cfg.train.out_dir)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
         stored = load_config(run_dir / "config.yaml")
     except (OSError, ValueError):
-        return None
-    changed = {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC
-    done = summary.get("steps") == cfg.train.steps and not summary.get("interrupted") and not summary.get("stopped")
-    return summary if done and not changed else None
+        return None, None
+    if {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC:
+        return None, None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if summary and summary.get("steps") == cfg.train.steps and not summary.get("interrupted") \
+            and not summary.get("stopped"):
+        return "finished", summary
+    if any((run_dir / "checkpoints").glob("step_*")):
+        return "unfinished", None
+    return None, None
 
 
 def _report(root, rows, seeds):

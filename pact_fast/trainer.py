@@ -30,7 +30,7 @@ import torch
 
 from . import checkpoint
 from . import distributed as dist
-from .config import Config, plain, save_config
+from .config import Config, ConfigError, plain, save_config
 from .cpu import fit_threads
 from .data import load_data
 from .envs import make_env_factory
@@ -330,12 +330,30 @@ class Components:
         return nullcontext()
 
 
+def check_fresh_run_dir(out_dir):
+    """A ``ConfigError`` when ``out_dir`` already holds a run: a checkpoint, a ``summary.json`` or steps in
+    ``metrics.jsonl``. A second run there would append its rows to the first's, prune the newer run's
+    checkpoints by name (older step numbers sort first) and leave eval, plot and export reading a mix of the
+    two. A directory whose run stopped before its first step (empty metrics) is reused."""
+    run_dir = Path(out_dir)
+    metrics = run_dir / "metrics.jsonl"
+    held = [name for name, there in (
+        ("checkpoints", any((run_dir / "checkpoints").glob("step_*"))),
+        ("summary.json", (run_dir / "summary.json").exists()),
+        ("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0)) if there]
+    if held:
+        raise ConfigError(f"train.out_dir={out_dir} already holds a run ({', '.join(held)}): continue it with "
+                          f"--resume {out_dir}, or give a new --out (or train.out_dir)")
+
+
 def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Components:
     """Data, policy (and reference), optimizer, schedule, rollout engine, data order and writers of a run; with
     ``resume`` (a run or checkpoint directory) restored from its latest checkpoint. Creates the run directory
     and writes its ``config.yaml``. ``engine_factory(model, tokenizer, rollout_cfg, seed)`` may supply another
     rollout engine (default ``rollout_vllm.make_rollout_engine``: the one ``rollout.engine`` names)."""
     train_cfg = config.train
+    if not resume:
+        check_fresh_run_dir(train_cfg.out_dir)
     dist.init()
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
     if device.type == "cpu":

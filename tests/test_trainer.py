@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -376,6 +377,53 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
     with pytest.raises(FileExistsError):  # a different configuration trains again (here: into the same dirs)
         compare.compare(changed, modes=("pact",), seeds=[0], log=lambda *a: None)
     assert calls[-1] == ("pact", 0) and len(calls) == 7
+
+
+def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_path):
+    """A second `train` into a run's directory appended its metrics to the first's and pruned the newer run's
+    checkpoints by name, and eval, plot and export then read the old model or a mix: refused, untouched; a
+    directory whose run stopped before its first step is reused."""
+    from pact_fast.trainer import check_fresh_run_dir
+
+    run = tmp_path / "run"
+    train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={run}"]), log=lambda *a: None)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=f"train.out_dir={run} already holds a run \\(checkpoints, summary.json, "
+                                          f"metrics.jsonl\\): continue it with --resume {run}"):
+        train(load_config(None, TINY + ["train.steps=1", "model.hidden_size=64", f"train.out_dir={run}"]))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("")
+    (stopped / "metrics.jsonl").write_text("")
+    check_fresh_run_dir(stopped)
+
+
+def test_compare_resumes_an_unfinished_run_of_its_configuration(tmp_path, monkeypatch):
+    """An interrupted comparison goes on from the run's last checkpoint (it trained the run again from step 0 into
+    the same directory before, mixing the two)."""
+    import pact_fast.compare as compare
+    from pact_fast.config import save_config
+
+    calls = []
+
+    def fake_train(cfg, log, resume=None):
+        calls.append((cfg.loss.mode, resume))
+        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+        return {"steps": cfg.train.steps, "seconds": 1.0, "interrupted": False, "stopped": None,
+                "eval_before": None, "eval_after": {"success_rate": 0.5}}
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3"])
+    run = tmp_path / "pact"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    unfinished = copy.deepcopy(cfg)
+    unfinished.loss.mode, unfinished.train.out_dir = "pact", str(run)
+    save_config(unfinished, run / "config.yaml")
+    (run / "summary.json").write_text(json.dumps({"steps": 1, "interrupted": True, "stopped": None}))
+    compare.compare(cfg, modes=("sft", "pact"), log=lambda *a: None)
+    assert calls == [("sft", None), ("pact", str(run))]
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path):
