@@ -251,6 +251,22 @@ def test_hook_refuses_what_it_cannot_compute():
         pact_loss_fn(None, {"log_probs": log_probs}, no_draws, pact_config=config)
     with pytest.raises(ValueError, match="pact_rl_tokens"):
         pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "dp_size": 2}, pact_config=config)
+    # one rank, two micro-batches: verl says so through batch_num_tokens, and adds the micro-batch losses (each
+    # normalised on its own, the step's gradient was twice the mini-batch's)
+    half = torch.tensor([0, 1, 2, 6, 7, 8, 12])
+    whole_tokens = float(rows["response_mask"].sum())
+    with pytest.raises(ValueError, match=f"holds {rows['response_mask'][half].sum():.0f} of the mini-batch's "
+                                         f"{whole_tokens:.0f} response tokens"):
+        pact_loss_fn(None, {"log_probs": log_probs[half]}, {**_take(rows, half), "batch_num_tokens": whole_tokens},
+                     pact_config=config)
+    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "batch_num_tokens": whole_tokens}, pact_config=config)
+    with pytest.raises(ValueError, match="rollout_is_weights"):  # verl's rollout correction: not silently dropped
+        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "rollout_is_weights": torch.ones_like(log_probs)},
+                     pact_config=config)
+    for name in ("pact_group", "pact_role", "advantages"):  # a missing field is named, not a TypeError
+        with pytest.raises(ValueError, match=f"data has no '{name}'"):
+            pact_loss_fn(None, {"log_probs": log_probs}, {k: v for k, v in rows.items() if k != name},
+                         pact_config=config)
 
 
 def test_anchor_rows_draws_once_per_group_reproducibly():

@@ -29,7 +29,10 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
    - with ``dp_size > 1`` or micro-batching, the global counts ``pact_rl_tokens`` (response tokens
      of PO rows), ``pact_rl_seqs`` (PO rows with any) and ``pact_traces`` (TRACE rows) of the mini-batch,
      so that micro-batch losses add up to the mini-batch's (without them each micro-batch is
-     normalised on its own, right only when it is the whole mini-batch on one rank).
+     normalised on its own, right only when it is the whole mini-batch on one rank: a micro-batch holding
+     fewer response tokens than verl's ``batch_num_tokens`` is then refused, as is ``dp_size > 1``).
+   ``rollout_is_weights`` (verl's rollout correction) is refused by the hook; ``compute_policy_loss_pact``
+   applies it.
 """
 import torch
 
@@ -100,6 +103,15 @@ def _field(data, name):
     return value
 
 
+def _need(data, name, why=""):
+    """``_field``, or a ValueError naming the missing field."""
+    value = _field(data, name)
+    if value is None:
+        raise ValueError(f"pact_loss_fn: data has no {name!r}{why}; see pact_fast.adapters.verl's docstring for what "
+                         "the host supplies")
+    return value
+
+
 def _scalar(data, name):
     value = _field(data, name)
     return None if value is None else float(value.item() if isinstance(value, torch.Tensor) else value)
@@ -144,18 +156,22 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     config: verl's ActorConfig; without ``pact_config`` the PACT config is ``pact_config_from_actor_config(config)``.
     """
     cfg = pact_config or pact_config_from_actor_config(config or {})
+    if _field(data, "rollout_is_weights") is not None:
+        raise ValueError("pact_loss_fn: data['rollout_is_weights'] (verl's rollout correction) is not applied by this "
+                         "hook; turn the correction off, or use compute_policy_loss_pact (loss_mode=pact), which "
+                         "weighs its rows by them")
     logp = _log_probs(model_output, data, "log_probs")
     entropy = _log_probs(model_output, data, "entropy")
-    mask = _field(data, "response_mask").to(logp.dtype)
-    old = _field(data, "old_log_probs")
-    role = _field(data, "pact_role").long()
+    mask = _need(data, "response_mask").to(logp.dtype)
+    old = _need(data, "old_log_probs")
+    role = _need(data, "pact_role", " (PO, TC or TRACE per row)").long()
     po = torch.nonzero(role == PO)[:, 0]
     tc_rows = torch.nonzero(role == TC)[:, 0]
     trace = torch.nonzero(role == TRACE)[:, 0]
 
-    rollout = _field(data, "pact_rollout")
     tc = po.new_empty(0)
     if len(tc_rows):
+        rollout = _need(data, "pact_rollout", " (the id a rollout's PO and TC rows share)")
         by_rollout = {int(rollout[j]): j for j in tc_rows.tolist()}
         missing = [int(rollout[i]) for i in po.tolist() if int(rollout[i]) not in by_rollout]
         if missing or len(by_rollout) != len(po):
@@ -173,8 +189,8 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     ref = _field(data, "ref_log_prob")
     batch = PACTBatch(
         response_mask=mask[po], rewards=torch.zeros(len(po), device=mask.device),
-        group_ids=_field(data, "pact_group")[po], logp_po=logp[po], old_logp_po=old[po],
-        logp_tc=rows(logp, tc), old_logp_tc=rows(old, tc), advantages=_field(data, "advantages")[po],
+        group_ids=_need(data, "pact_group", " (prompt group id per row)")[po], logp_po=logp[po], old_logp_po=old[po],
+        logp_tc=rows(logp, tc), old_logp_tc=rows(old, tc), advantages=_need(data, "advantages")[po],
         anchored=rows(anchored, po), ref_logp=rows(ref, po), entropy=rows(entropy, po),
         sft_logp=rows(logp, trace), sft_components=rows(_field(data, "pact_components"), trace),
         sft_segment_ids=rows(_field(data, "pact_segment_ids"), trace),
@@ -190,6 +206,13 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
         raise ValueError("pact_loss_fn: with dp_size > 1 the host must supply pact_rl_tokens, pact_rl_seqs and "
                          "pact_traces (global counts of the mini-batch)")
+    whole = _scalar(data, "batch_num_tokens")  # verl's count of the mini-batch's response tokens on this rank
+    here = float(mask.sum())
+    if None in (rl_tokens, rl_seqs, traces) and whole is not None and here < whole:
+        raise ValueError(f"pact_loss_fn: this micro-batch holds {here:.0f} of the mini-batch's {whole:.0f} response "
+                         "tokens (verl's batch_num_tokens) and verl adds the micro-batch losses: supply "
+                         "pact_rl_tokens, pact_rl_seqs and pact_traces (the mini-batch's counts), or each "
+                         "micro-batch counts as a whole mini-batch")
     rl_scale, sft_scale = loss_scales(batch.response_mask, len(trace), cfg.loss_agg, step_tokens=rl_tokens,
                                       step_seqs=rl_seqs, step_traces=traces, world=dp_size)
     loss, metrics = pact_loss(batch, cfg, progress, rl_scale=rl_scale, sft_scale=sft_scale)
