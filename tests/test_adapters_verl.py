@@ -297,6 +297,8 @@ def test_the_actor_config_carries_over():
         pact_config_from_actor_config({"use_kl_loss": True, "kl_loss_type": "full"})
     with pytest.raises(ValueError, match="token-sum"):
         pact_config_from_actor_config({"loss_agg_mode": "token-sum"})
+    with pytest.raises(ValueError, match=r"entropy_coeff=-0.01 < 0 \(an entropy penalty\)"):  # was dropped quietly
+        pact_config_from_actor_config({"entropy_coeff": -0.01})
 
 
 def test_hook_reads_verls_no_padding_batches():

@@ -131,7 +131,12 @@ KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": 
 
 
 def pact_config_from_actor_config(config, **overrides):
-    """A ``PACTLossConfig`` carrying verl's ActorConfig clipping, reduction, KL loss and entropy bonus."""
+    """A ``PACTLossConfig`` carrying verl's ActorConfig clipping, reduction, KL loss and entropy bonus.
+
+    verl's ``low_var_kl`` becomes PACT's ``k3``, which is not clamped: verl clamps each token's estimate to
+    [-10, 10], so the two differ on tokens whose log-prob lies more than ~2.53 nats under the reference's (k3 = 10
+    there; past it verl's gradient is 0, PACT's keeps pulling the token back). A negative ``entropy_coeff`` (an
+    entropy penalty) has no PACT counterpart and is refused."""
     clip = _get(config, "clip_ratio", 0.2)
     mode = _get(config, "loss_agg_mode", "token-mean")
     if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
@@ -140,6 +145,9 @@ def pact_config_from_actor_config(config, **overrides):
                   clip_eps_high=_get(config, "clip_ratio_high", clip), dual_clip=_get(config, "clip_ratio_c", 3.0),
                   loss_agg=mode,
                   loss_scale_factor=_get(config, "loss_scale_factor"), c_ent=_get(config, "entropy_coeff", 0.0))
+    if values["c_ent"] < 0:
+        raise ValueError(f"pact_config_from_actor_config: entropy_coeff={values['c_ent']} < 0 (an entropy penalty) has "
+                         "no PACT counterpart; PACT's c_ent is a bonus (>= 0)")
     if _get(config, "use_kl_loss", False):
         kl_type = _get(config, "kl_loss_type", "low_var_kl")
         if kl_type not in KL_ESTIMATORS:
