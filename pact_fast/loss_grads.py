@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from .losses import (NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig,
-                     aggregate, anchor_generator, clipped_surrogate_tokens, kl_penalty, reasoning_segments_kept,
-                     sft_weights_before_segments, tool_call_weight)
+from .losses import (MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch,
+                     PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens, kl_penalty,
+                     reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -166,11 +166,12 @@ def _require(batch, names, why, have):
 
 
 def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scale=1.0, sft_scale=1.0,
-            old_from_current=False, scored=("logp_tc", "logp_po", "sft_logp", "entropy")):
+            old_from_current=False, scored=("logp_tc", "logp_po", "sft_logp", "entropy"), dtype=None):
     """The per-token constants of ``pact_loss(batch, config, progress, ...)`` (same arguments), with the
     current-policy fields named in ``scored`` still to come (they may be None in ``batch``);
-    ``old_from_current``: ``old_logp_tc`` / ``old_logp_po`` are those current values, detached. Host checks
-    only (shapes, options); checks of values are deferred to ``Metrics.resolve``."""
+    ``old_from_current``: ``old_logp_tc`` / ``old_logp_po`` are those current values, detached; ``dtype``: the
+    float dtype those will have (the constants are made in at least that precision). Host checks only (shapes,
+    options); checks of values are deferred to ``Metrics.resolve``."""
     config = config or PACTLossConfig()
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"pact_loss: progress={progress} must lie in [0, 1] (training steps done / total)")
@@ -185,7 +186,7 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
     prep = Prepared(config, progress, rl_scale, sft_scale, use_rl and not rl_empty, use_sft and config.lambda_sft > 0,
                     rl_kind, old_from_current, rl_empty, batch)
     if prep.use_rl:
-        _prepare_rl(prep, batch, config, step, generator, have)
+        _prepare_rl(prep, batch, config, step, generator, have, dtype)
     if prep.use_sft:
         _require(batch, ["sft_logp", "sft_components"], f"mode {mode!r} (trace SFT)", have)
         comps = batch.sft_components
@@ -193,7 +194,7 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
             _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'", have)
         zeros = torch.zeros_like(comps)
         dtype = batch.sft_logp.dtype if batch.sft_logp is not None else torch.promote_types(
-            batch.response_mask.dtype, torch.float32)
+            batch.response_mask.dtype, dtype or torch.float32)
         w = sft_weights(comps, batch.sft_segment_ids if batch.sft_segment_ids is not None else zeros,
                         batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config, dtype=dtype)
         assistant = (comps == REASONING) | (comps == TOOL_CALL) | (comps == OTHER)
@@ -205,7 +206,7 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
     return prep
 
 
-def _prepare_rl(prep, batch, config, step, generator, have):
+def _prepare_rl(prep, batch, config, step, generator, have, scored_dtype=None):
     _require(batch, ["logp_po", "old_logp_po"], f"mode {config.mode!r} (prompt-only surrogate)", have)
     mask = batch.response_mask.bool()
     for name in ("logp_po", "old_logp_po", "logp_tc", "old_logp_tc", "behavior_logp", "ref_logp", "entropy"):
@@ -224,7 +225,12 @@ def _prepare_rl(prep, batch, config, step, generator, have):
     if config.c_ent > 0:
         _require(batch, ["entropy"], "c_ent > 0", have)
     prep.mask = mask
-    fm = mask.to(torch.promote_types(batch.response_mask.dtype, torch.float32))
+    # the aggregation weights in the precision of the log-probs (float64 ones with a float32 or integer mask)
+    dtype = torch.promote_types(batch.response_mask.dtype, scored_dtype or torch.float32)
+    for t in (batch.old_logp_po, batch.old_logp_tc, batch.behavior_logp, batch.ref_logp, batch.logp_po):
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    fm = mask.to(dtype)
     seq_tokens = fm.sum(-1)  # [B]
     n_seq = (seq_tokens > 0).sum().clamp_min(1)
 
@@ -412,6 +418,7 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
         old_tc = logp_tc.detach() if prep.old_from_current and logp_tc is not None else b.old_logp_tc
         inputs = {"logp_po": logp_po, "old_logp_po": old_po, "logp_tc": logp_tc, "old_logp_tc": old_tc,
                   "behavior_logp": b.behavior_logp, "ref_logp": b.ref_logp, "entropy": entropy}
+        checks.append((binary(b.response_mask), ValueError, MASK_VALUES))
         for name, t in inputs.items():
             if t is not None:
                 checks.append((torch.isfinite(torch.where(mask, t, torch.zeros_like(t))).all(), ValueError,

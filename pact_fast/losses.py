@@ -204,8 +204,10 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
 
 
 def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
-    """Reduce per-token ``values [B, T]`` over ``mask [B, T]`` (SPEC agg modes); empty masks give 0."""
-    masked = torch.where(mask.bool(), values, torch.zeros_like(values))  # where, not *: NaN * 0 is NaN
+    """Reduce per-token ``values [B, T]`` over ``mask [B, T]`` (SPEC agg modes; a nonzero mask entry selects its
+    token, in the sums and in the counts alike); empty masks give 0."""
+    mask = mask.bool()
+    masked = torch.where(mask, values, torch.zeros_like(values))  # where, not *: NaN * 0 is NaN
     seq_tokens = mask.to(values.dtype).sum(-1)
     if agg == "token-mean":
         return masked.sum() / seq_tokens.sum().clamp_min(1)
@@ -415,6 +417,15 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
 # ---------------------------------------------------------------- total
 
 
+MASK_VALUES = ("pact_loss: response_mask must hold 0 and 1 only (bool, int or float); token weights are not a mask: "
+               "fold them into per-token advantages ([B, T])")
+
+
+def binary(mask):
+    """0-dim bool tensor: every entry of ``mask`` is 0 or 1."""
+    return ((mask == 0) | (mask == 1)).all()
+
+
 def _check_finite(name, tensor, mask=None):
     values = tensor if mask is None else tensor[mask.bool()]
     if not torch.isfinite(values).all():
@@ -467,6 +478,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         metrics["loss/rl"] = 0.0
     if use_rl:
         _require(batch, ["logp_po", "old_logp_po"], f"mode {mode!r} (prompt-only surrogate)")
+        if not binary(batch.response_mask):
+            raise ValueError(MASK_VALUES)
         mask = batch.response_mask.bool()
         if batch.logp_po.shape != mask.shape:
             raise ValueError(f"pact_loss: logp_po {tuple(batch.logp_po.shape)} must match response_mask "

@@ -503,3 +503,17 @@ def test_a_loss_config_out_of_range_is_refused(field, value, message):
     clip range (zero gradient), a loss_scale_factor <= 0 flipped the loss's sign or read as None: refused."""
     with pytest.raises(ValueError, match=re.escape(f"PACTLossConfig.{message}")):
         PACTLossConfig(**{field: value})
+
+
+def test_a_mask_of_token_weights_is_refused_and_aggregate_counts_what_it_sums():
+    """A soft mask (0.5) was read as 1 by pact_loss (same loss as a 0/1 mask) while aggregate divided by the soft
+    sum: pact_loss refuses it; aggregate selects with nonzero entries in the sums and the counts alike."""
+    values = torch.arange(20.0).reshape(4, 5)
+    assert aggregate(values, 0.3 * torch.ones(4, 5)).item() == pytest.approx(9.5)
+    assert aggregate(torch.ones(4, 5), 0.5 * torch.ones(4, 5), "seq-mean-token-mean").item() == pytest.approx(1.0)
+    B, T = 4, 5
+    logp = -torch.rand(B, T, dtype=torch.float64)
+    batch = PACTBatch(response_mask=torch.full((B, T), 0.5), rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                      group_ids=torch.tensor([0, 0, 1, 1]), logp_po=logp, old_logp_po=logp)
+    with pytest.raises(ValueError, match="response_mask must hold 0 and 1 only"):
+        pact_loss(batch, PACTLossConfig(mode="grpo"))

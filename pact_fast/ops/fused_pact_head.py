@@ -262,7 +262,8 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         raise ValueError("fused_pact_head: c_ent > 0 needs rows['logp_po'] (the entropy of prompt-only rows)")
     prep = loss_grads.prepare(batch, config, progress, step=step, generator=generator, rl_scale=rl_scale,
                               sft_scale=sft_scale, old_from_current=old_from_current,
-                              scored=tuple(rows) + (("entropy",) if want_entropy else ()))
+                              scored=tuple(rows) + (("entropy",) if want_entropy else ()),
+                              dtype=torch.promote_types(hidden.dtype, torch.float32))
     grad_on = torch.is_grad_enabled()
     weight_grad = grad_on and weight.requires_grad
     needs_grad = grad_on and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
