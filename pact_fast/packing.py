@@ -104,10 +104,14 @@ def _as_list(seq, j):
     if isinstance(seq, torch.Tensor):
         if seq.dim() != 1:
             raise ValueError(f"pack_tree: sequence {j} must be 1-D, got shape {tuple(seq.shape)}")
+        if seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
+            raise ValueError(f"pack_tree: sequence {j} must hold integer token ids, got {seq.dtype}")
         seq = seq.tolist()
     seq = list(seq)
     if not seq:
         raise ValueError(f"pack_tree: sequence {j} is empty")
+    if any(isinstance(t, bool) or int(t) != t for t in seq):
+        raise ValueError(f"pack_tree: sequence {j} must hold integer token ids, got {seq[:8]}")
     return [int(t) for t in seq]
 
 
@@ -184,7 +188,10 @@ def pad_rows(rows, width=None, value=0, *, dtype=None, device=None, left=False):
         dtype, device: default the tensor rows' own, or int64 on the CPU for lists.
         left: pad before each row (left-padded prompts) instead of after it.
     """
-    width = max((len(r) for r in rows), default=0) if width is None else width
+    longest = max((len(r) for r in rows), default=0)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"pad_rows: width={width} is shorter than the longest row ({longest}); rows are never cut")
     if rows and all(isinstance(r, torch.Tensor) for r in rows):
         out = torch.stack([torch.nn.functional.pad(r, (width - len(r), 0) if left else (0, width - len(r)),
                                                    value=value) for r in rows])  # [B, W]

@@ -90,7 +90,9 @@ def test_split_units_respects_the_budget_and_covers_every_sequence():
         split_units([[list(range(100))]], 50)
 
 
-@pytest.mark.parametrize("bad,word", [([[]], "empty"), ([torch.zeros(2, 2, dtype=torch.long)], "1-D")])
+@pytest.mark.parametrize("bad,word", [([[]], "empty"), ([torch.zeros(2, 2, dtype=torch.long)], "1-D"),
+                                      ([torch.tensor([1.7, 2.2])], "integer token ids"),  # truncated to 1, 2
+                                      ([[1, 2.5]], "integer token ids"), ([[True, 3]], "integer token ids")])
 def test_bad_sequences_are_errors(bad, word):
     with pytest.raises(ValueError, match=word):
         pack_tree(bad)
@@ -116,3 +118,6 @@ def test_pad_rows_pads_lists_and_tensors_on_either_side():
     assert out.dtype == torch.float64 and out.tolist() == [[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]
     out.sum().backward()
     assert x.grad.tolist() == [2.0, 1.0]
+    for rows in ([torch.arange(5), torch.arange(3)], [[1, 2, 3], [4]]):  # tensors were cut to the width silently
+        with pytest.raises(ValueError, match="width=2 is shorter than the longest row"):
+            pad_rows(rows, width=2)
