@@ -261,6 +261,11 @@ def clipped_surrogate_tokens(logp, old_logp, advantages, *, clip_eps_low=0.2, cl
     logp, old_logp: [B, T]; advantages: [B] or [B, T]. Returns (loss [B, T], ratio [B, T],
     clipped_low [B, T] bool, clipped_high [B, T] bool, dual_clipped [B, T] bool).
     """
+    if logp.dim() != 2 or old_logp.shape != logp.shape or \
+            tuple(advantages.shape) not in ((logp.shape[0],), tuple(logp.shape)):
+        raise ValueError(f"clipped_surrogate_tokens: logp and old_logp must be [B, T] and advantages [B] or [B, T]; "
+                         f"got {tuple(logp.shape)}, {tuple(old_logp.shape)} and {tuple(advantages.shape)} (1-D "
+                         "token rows would broadcast to [N, N])")
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # keeps exp finite on stale or masked tokens
     ratio = torch.exp(log_ratio)
@@ -578,6 +583,10 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
                 metrics[f"sft_weight/{COMPONENT_NAMES[comp]}"] = weights[sel].mean().item()
         metrics["tool_call_weight"] = tool_call_weight(progress, config.beta_0, config.beta_1, config.s_end)
 
+    if not total.requires_grad:  # nothing reached the loss (an empty micro-batch): a zero on the inputs' graph
+        for t in (batch.logp_po, batch.logp_tc, batch.sft_logp, batch.entropy):
+            if t is not None and t.requires_grad:
+                total = total + t.reshape(-1)[:0].sum()  # an empty sum: 0 even where masked values are NaN
     if not torch.isfinite(total):
         raise FloatingPointError(f"pact_loss: the loss is not finite ({total.item()}); metrics: {metrics}")
     metrics["loss/total"] = total.item()

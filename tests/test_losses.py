@@ -517,3 +517,16 @@ def test_a_mask_of_token_weights_is_refused_and_aggregate_counts_what_it_sums():
                       group_ids=torch.tensor([0, 0, 1, 1]), logp_po=logp, old_logp_po=logp)
     with pytest.raises(ValueError, match="response_mask must hold 0 and 1 only"):
         pact_loss(batch, PACTLossConfig(mode="grpo"))
+
+
+def test_an_empty_grpo_micro_batch_backpropagates_and_1d_token_rows_are_refused():
+    """B=0 in mode grpo gave a loss without a graph (backward raised); clipped_surrogate_tokens on flat [N] token
+    rows broadcast advantages against them into an [N, N] loss."""
+    lp = torch.zeros(0, 5, requires_grad=True)
+    batch = PACTBatch(response_mask=torch.zeros(0, 5), rewards=torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long),
+                      logp_po=lp, old_logp_po=lp.detach())
+    loss, _ = pact_loss(batch, PACTLossConfig(mode="grpo"))
+    loss.backward()
+    assert loss.item() == 0.0 and lp.grad.shape == (0, 5)
+    with pytest.raises(ValueError, match=r"must be \[B, T\] and advantages \[B\] or \[B, T\]"):
+        clipped_surrogate_tokens(torch.zeros(4), torch.zeros(4), torch.ones(4))

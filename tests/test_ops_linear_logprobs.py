@@ -327,3 +327,18 @@ def test_the_op_passes_torch_library_opcheck(cap):
     targets[2] = -100
     torch.library.opcheck(torch.ops.pact_fast.linear_logprobs.default,
                           (hidden, weight, None, targets, 1.0, cap, -100, "torch", 0, 0))
+
+
+def test_a_numpy_or_tensor_temperature_is_a_number_and_infinity_is_refused():
+    """np.float32(0.5) and torch.tensor(0.5) were refused as "not a number"; inf was accepted (uniform logits)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(11, 8, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 11, (4,), generator=g)
+    ref = linear_logprobs(h, w, t, temperature=0.5, backend="torch")
+    for temperature in (np.float32(0.5), torch.tensor(0.5)):
+        assert torch.equal(linear_logprobs(h, w, t, temperature=temperature, backend="torch"), ref)
+    for bad in (float("inf"), True, torch.tensor([0.5, 0.5])):
+        with pytest.raises(ValueError, match="temperature` must be a finite number > 0"):
+            linear_logprobs(h, w, t, temperature=bad, backend="torch")

@@ -27,6 +27,7 @@ autograd formula; ``pact_fast.ops._custom``), so ``torch.compile(fullgraph=True)
 calls ``linear_logprobs`` without a graph break.
 """
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -45,10 +46,15 @@ _MIN_CHUNK_ROWS = 512
 def check_logit_transform(op, temperature, logit_scale, softcap):
     """Refuse a temperature, logit scale or soft cap outside its domain (``op`` names the caller)."""
     def positive(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        """A finite real number > 0: a Python, NumPy or 0-dim tensor one (not a bool)."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                return False
+            value = value.item()
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{op}: `temperature` must be a number > 0, got {temperature!r}")
+    if not positive(temperature):
+        raise ValueError(f"{op}: `temperature` must be a finite number > 0, got {temperature!r}")
     if not positive(logit_scale):
         raise ValueError(f"{op}: `logit_scale` must be a finite number > 0, got {logit_scale!r}")
     if softcap is not None and not positive(softcap):
