@@ -153,7 +153,8 @@ def _plan_parser(sub):
     p.add_argument("--attn-backend", choices=("flash", "sdpa"), help="flash: triton/flex/flash-attn (default on "
                    "CUDA); sdpa: dense mask (required on the CPU)")
     p.add_argument("--tokens", type=int, help="show the terms at this micro-batch size instead of the largest")
-    p.add_argument("--rollout-group-size", type=int, help="plan the rollout phase: episodes sampled together")
+    p.add_argument("--rollout-group-size", type=int, help="plan the rollout phase: episodes sampled together "
+                   "(train.prompts_per_step x rollout.group_size)")
     p.add_argument("--rollout-context", type=int, help="plan the rollout phase: longest context in tokens")
     p.add_argument("--rollout-new-tokens", type=int, help="rollout.max_new_tokens (default 48)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -190,6 +191,10 @@ def _plan(args):
         if (args.rollout_group_size is not None or args.rollout_new_tokens is not None) and not args.rollout_context:
             raise planner.PlanError("--rollout-group-size / --rollout-new-tokens plan the rollout phase only with "
                                     "--rollout-context (its longest context in tokens)")
+        if args.rollout_context and options.rollout_group_size < 1:
+            raise planner.PlanError("--rollout-context plans the rollout phase with --rollout-group-size (episodes "
+                                    "the engine samples together: train.prompts_per_step x rollout.group_size) or "
+                                    "a --config; give one >= 1")
         if args.tokens is not None and args.tokens < 1:
             raise planner.PlanError(f"--tokens {args.tokens} must be >= 1")
         lines, best = planner.report(shape, budget, options, tokens=args.tokens)

@@ -70,8 +70,10 @@ The terms:
   ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false).
 - rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward
   with no gradients alive): weights + AdamW state + ``rollout_kv_cache`` 4 * 2 * n * kv * G * (context + new
-  tokens) + ``rollout_prefill_logits`` 4 * G * context * V (the engine runs the fp32 model without autocast
-  and its prefill computes every position's logits).
+  tokens) + ``rollout_prefill_activations`` 4 * G * context * (PREFILL_MLP * I + PREFILL_HIDDEN * h) +
+  ``rollout_prefill_logits`` 4 * G * V (the engine runs the fp32 model without autocast and asks the prefill
+  for the last position's logits only, ``logits_to_keep=1``). G is every episode the engine samples at once:
+  ``train.prompts_per_step`` x ``rollout.group_size`` (on one GPU).
 
 Measured on the CPU (float32; ``bench/bench_memory.py``, ``tests/test_planner.py``): full fine-tuning,
 LoRA (the trainer's ``model_setup.apply_lora``) and checkpointing, a frozen lm_head (tied and untied), the
@@ -145,9 +147,20 @@ def parse_size(text):
     return int(value)
 
 
+# config.json keys that mark a mixture-of-experts model (Mixtral, Qwen2/3-MoE, DeepSeek, OLMoE)
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
 def shape_from_config(config, name="model"):
-    """A ``ModelShape`` from a Hugging Face ``config.json`` mapping (a Llama/Qwen2/Qwen3/Mistral-like decoder)."""
+    """A ``ModelShape`` from a Hugging Face ``config.json`` mapping (a Llama/Qwen2/Qwen3/Mistral-like decoder).
+    A mixture-of-experts config is refused: the planner counts one dense MLP per layer."""
+    if not isinstance(config, dict):
+        raise PlanError(f"{name}: config.json must be a mapping of a model's settings, got {type(config).__name__}")
     config = dict(config.get("text_config") or config)
+    experts = next((config[k] for k in MOE_KEYS if config.get(k)), None)
+    if experts:
+        raise PlanError(f"{name}: a mixture-of-experts model ({', '.join(k for k in MOE_KEYS if config.get(k))} = "
+                        f"{experts}); the planner counts one dense MLP per layer and would under-count its weights")
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     missing = [k for k in need if not isinstance(config.get(k), int)]
     if missing:
@@ -179,10 +192,10 @@ def resolve_model(name_or_dir):
     """A known name (case-insensitive) or a local directory -> ``ModelShape``; else a ``PlanError`` that lists
     the known names."""
     key = str(name_or_dir).lower()
+    if Path(name_or_dir).is_dir():  # a directory of that name is the user's model, even where a known name matches
+        return shape_from_dir(name_or_dir)
     if key in KNOWN_SHAPES:
         return KNOWN_SHAPES[key]
-    if Path(name_or_dir).is_dir():
-        return shape_from_dir(name_or_dir)
     raise PlanError(f"unknown model {name_or_dir!r} (not a known name nor a directory); known: "
                     f"{', '.join(KNOWN_SHAPES)}")
 
@@ -234,7 +247,7 @@ class PlanOptions:
     grad_checkpointing: bool = False
     fused_head: bool = True  # train.fused_head
     attn_backend: str = "flash"  # flash: triton / flex / flash-attn (O(T) saved state); sdpa: dense [T, T] mask
-    rollout_group_size: int = 0  # G episodes sampled together; 0 = no rollout phase planned
+    rollout_group_size: int = 0  # G episodes sampled together (prompts per step x group size); 0 = no rollout
     rollout_context: int = 0  # tokens of the longest rollout context (prompt + earlier turns)
     rollout_new_tokens: int = 48  # rollout.max_new_tokens (its default)
     freeze_lm_head: bool = False  # model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes it anyway
@@ -426,6 +439,14 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
     return Prediction(sum(terms.values()), terms, moment)
 
 
+# A prefill's transient activations per context token, fp32: PREFILL_MLP MLP widths (gate, up, their product
+# alive together) and PREFILL_HIDDEN hidden widths (residual stream, norms, rotary tables, attention output).
+# Fitted to the allocator peaks of prefills of a tiny Qwen3 (h 128, I 384) and Llama (h 256, I 512) on the CPU
+# (sdpa, 4-16 rows x 64-256 tokens): within 2% there; tests/test_planner.py holds them to other shapes.
+PREFILL_MLP = 3.0
+PREFILL_HIDDEN = 4.5
+
+
 def predict_rollout(shape, options):
     """Predicted peak of the rollout phase, or None without a configured rollout (see the module doc)."""
     g = options.rollout_group_size
@@ -434,12 +455,15 @@ def predict_rollout(shape, options):
     counts = param_counts(shape)
     adapters, trainable, _ = trained_params(shape, options)
     kv = shape.num_kv_heads * shape.head_dim
+    rows = g * options.rollout_context
     terms = {"weights": 4 * (counts["total"] + adapters), "reference_weights": reference_bytes(shape, options),
              "adamw_state": 8 * trainable,
              "rollout_kv_cache": 4 * 2 * shape.num_layers * kv * g * (options.rollout_context +
                                                                      options.rollout_new_tokens),
-             "rollout_prefill_logits": 4 * g * options.rollout_context * shape.vocab_size}
-    return Prediction(sum(terms.values()), terms, "rollout")
+             "rollout_prefill_activations": 4 * rows * (PREFILL_MLP * shape.intermediate_size +
+                                                        PREFILL_HIDDEN * shape.hidden_size),
+             "rollout_prefill_logits": 4 * g * shape.vocab_size}
+    return Prediction(sum(terms.values()), {k: v for k, v in terms.items() if v}, "rollout")
 
 
 def max_micro_batch_tokens(shape, budget, options=None, *, limit=1 << 22):
@@ -482,12 +506,12 @@ def report(shape, budget, options, tokens=None):
              f"{', KL reference copy' if reference_bytes(shape, options) else ''}, {options.device}; "
              f"GPU memory {gib(budget):.1f} GiB",
              f"predicted peak at micro_batch_tokens={at} ({pred.moment}): {gib(pred.total):.2f} GiB"]
-    lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in pred.terms.items() if value]
+    lines += [f"  {name:<28} {gib(value):8.3f} GiB" for name, value in pred.terms.items() if value]
     rollout = predict_rollout(shape, options)
     if rollout is not None:
         lines.append(f"predicted rollout peak (G={options.rollout_group_size}, context {options.rollout_context}"
                      f" + {options.rollout_new_tokens} new): {gib(rollout.total):.2f} GiB")
-        lines += [f"  {name:<24} {gib(value):8.3f} GiB" for name, value in rollout.terms.items()]
+        lines += [f"  {name:<28} {gib(value):8.3f} GiB" for name, value in rollout.terms.items()]
     if best:
         lines.append(f"fits: train.micro_batch_tokens={best} (largest multiple of 64 predicted to fit)")
     elif rollout is not None and rollout.total > budget:
@@ -530,7 +554,8 @@ def options_from_config(config, **overrides):
               grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
               memory_lean=train.fused_head_memory_lean,
               attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
-              rollout_group_size=config.rollout.group_size, rollout_new_tokens=config.rollout.max_new_tokens,
+              rollout_group_size=config.rollout.group_size * train.prompts_per_step,  # sampled in one batch
+              rollout_new_tokens=config.rollout.max_new_tokens,
               lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
               lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS,
               freeze_lm_head=config.model.freeze_lm_head, reference_model=config.loss.beta_kl > 0)

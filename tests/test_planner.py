@@ -103,7 +103,19 @@ def test_the_rollout_kv_cache_term_is_the_cache_a_prefill_allocates():
     rollout = planner.predict_rollout(shape, planner.PlanOptions(rollout_group_size=g, rollout_context=context,
                                                                  rollout_new_tokens=0))
     assert rollout.terms["rollout_kv_cache"] == cached
-    assert rollout.terms["rollout_prefill_logits"] == out.logits.numel() * out.logits.element_size()
+    with torch.no_grad():  # the engine asks for the last position's logits only
+        last = model(input_ids=torch.randint(0, 97, (g, context)), logits_to_keep=1).logits
+    assert rollout.terms["rollout_prefill_logits"] == last.numel() * last.element_size()
+
+
+def test_a_mixture_of_experts_config_is_refused():
+    """Mixtral's config read as dense: 7.2B parameters planned for 46.7B."""
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8}
+    with pytest.raises(planner.PlanError, match="mixture-of-experts model \\(num_local_experts = 8\\)"):
+        planner.shape_from_config(mixtral, "mixtral")
+    with pytest.raises(planner.PlanError, match="must be a mapping"):
+        planner.shape_from_config([1, 2], "listcfg")
 
 
 def _tiny_llama(**kw):
@@ -124,6 +136,33 @@ def _tiny_qwen3():
                          max_position_embeddings=2048)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float(), config
+
+
+@pytest.mark.parametrize("build,rows,context", [(_tiny_llama, 6, 96), (_tiny_qwen3, 3, 200)])
+def test_the_rollout_prefill_peak_is_what_the_engine_allocates(build, rows, context):
+    """KV cache, transient activations and last-position logits of a prefill as HFRolloutEngine runs it
+    (left padding, logits_to_keep=1), against the allocator's peak on other shapes than the constants were
+    fitted on (the prefill term was every position's logits before, which the engine never allocates)."""
+    from pact_fast.rollout import _last_logits_only
+
+    model, config = build()
+    model.eval()
+    ids = torch.randint(0, config.vocab_size, (rows, context))
+    attn = torch.ones(rows, context, dtype=torch.long)
+    attn[0, :7] = 0
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+
+    def prefill():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True,
+                         **_last_logits_only(model))
+
+    measured, _ = bench_memory.allocator_peak(prefill)
+    shape = planner.shape_from_config(config.to_dict(), "tiny")
+    terms = planner.predict_rollout(shape, planner.PlanOptions(rollout_group_size=rows, rollout_context=context,
+                                                               rollout_new_tokens=0)).terms
+    predicted = sum(terms[k] for k in ("rollout_kv_cache", "rollout_prefill_activations", "rollout_prefill_logits"))
+    assert abs(predicted - measured) / measured < 0.1, (predicted, measured, terms)
 
 
 def _measure_and_predict(build, lora, ckpt, fused, attn, tokens=512, frozen_head=False, lean=False):
@@ -283,7 +322,10 @@ def test_plan_prints_the_largest_micro_batch_that_fits():
     (["--gpu-memory", "24GB"], "pact-fast: plan: give --model"),
     (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--rollout-group-size", "8"],
      "pact-fast: --rollout-group-size / --rollout-new-tokens plan the rollout phase only with --rollout-context"),
-], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model", "rollout-without-context"])
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--rollout-context", "4096"],
+     "pact-fast: --rollout-context plans the rollout phase with --rollout-group-size"),
+], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model", "rollout-without-context",
+        "context-without-group-size"])
 def test_plan_mistakes_are_one_line_with_status_2(args, message):
     rc, out, err = _plan(*args)
     assert rc == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
