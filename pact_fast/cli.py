@@ -106,11 +106,20 @@ def _compare_lists(parser, args):
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"compare: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if not args.modes:
+        parser.error(f"compare: --modes takes at least one of {', '.join(MODES)}")
+    if len(set(args.modes)) < len(args.modes):
+        parser.error(f"compare: --modes names a mode twice ({' '.join(args.modes)}); each runs once")
+    if any(o.split("=", 1)[0].strip() == "loss.mode" for o in args.overrides):
+        parser.error("compare: loss.mode is what --modes sets, one run per mode; leave it out")
     if args.seeds is not None:
         bad = [v for v in args.seeds if not v.lstrip("-").isdigit()]
         if bad or not args.seeds:
             parser.error(f"compare: --seeds takes integers, got {' '.join(args.seeds) or 'none'}")
         args.seeds = [int(v) for v in args.seeds]
+        if len(set(args.seeds)) < len(args.seeds):
+            parser.error(f"compare: --seeds names a seed twice ({' '.join(map(str, args.seeds))}); a seed's runs "
+                         "would be read back and counted again")
 
 
 def _eval_config(args):

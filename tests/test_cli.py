@@ -116,7 +116,10 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     monkeypatch.setattr(compare, "compare", fake_compare)
     assert cli.main(["compare", "--modes", "sft", "pact", "--seeds", "0", "2", "train.steps=7"]) == 0
     assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7}
-    for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode")):
+    for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
+                       (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
+                       (["compare", "--seeds", "0", "0"], "a seed twice"),
+                       (["compare", "loss.mode=grpo"], "loss.mode is what --modes sets")):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 2 and word in capsys.readouterr().err
