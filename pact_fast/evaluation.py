@@ -9,7 +9,7 @@ got, the expected answer).
     pact-fast eval --model ~/.cache/pact_fast/models/smollm2-135m 'data.hops=[1,2]'
 """
 from . import checkpoint
-from .config import load_config
+from .config import ConfigError, load_config
 
 
 def episode_metrics(episodes):
@@ -47,7 +47,19 @@ def run_config(run, overrides=()):
     (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
     ``model.lora.adapter`` on the run's base model; then ``overrides``."""
     ckpt, run_cfg = checkpoint.latest_with_config(run)
-    key = "model.lora.adapter" if load_config(str(run_cfg)).model.lora.enabled else "model.path"
+    saved = load_config(str(run_cfg))
+    # what makes the model is the run's: another shape, path or adapter would evaluate something else (the built-in
+    # base under LoRA is drawn from train.seed)
+    fixed = [key for key in ("model.path", "model.hidden_size", "model.num_layers", "model.num_heads",
+                             "model.num_kv_heads", "model.head_dim", "model.intermediate_size")] + \
+        (["model.lora."] if saved.model.lora.enabled else []) + \
+        (["train.seed"] if saved.model.lora.enabled and saved.model.path is None else [])
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
+            raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
+                              "it cannot be overridden")
+    key = "model.lora.adapter" if saved.model.lora.enabled else "model.path"
     return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides]), ckpt
 
 

@@ -196,6 +196,9 @@ def test_eval_of_a_run_reproduces_its_final_held_out_evaluation(tmp_path, capsys
     assert _summary(captured.out) == pytest.approx(after)
     shown = [line for line in captured.out.splitlines() if line.startswith("--- finish:")]
     assert len(shown) == 2 and all("expected: '" in line for line in shown)
+    # what makes the model is the run's: an override would evaluate another model under the checkpoint's name
+    assert main(["eval", "--run", str(run), "model.hidden_size=64"]) == 2
+    assert "model.hidden_size is the run's own" in capsys.readouterr().err
 
 
 def test_eval_mistakes_are_one_line(tmp_path, capsys):

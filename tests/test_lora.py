@@ -177,6 +177,9 @@ def test_export_merge_and_eval_of_a_lora_run(tmp_path):
           log=lambda *a: None)
     config, ckpt = run_config(run)
     assert config.model.lora.adapter == str(ckpt) and config.model.path is None
+    for override in ("train.seed=1", "model.lora.r=4"):  # the built-in base is drawn from the run's seed
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]} is the run's own"):
+            run_config(run, [override])
     policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
     base, _ = build_model_and_tokenizer(config.model, torch.device("cpu"), config.train.seed)
     proc = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
