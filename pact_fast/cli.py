@@ -270,7 +270,11 @@ def main(argv=None):
     if args.command == "plot":
         from .plots import plot_runs
 
-        out = args.out or (str(Path(args.runs[0]) / "curves.png") if len(args.runs) == 1 else "curves.png")
+        first = Path(args.runs[0])
+        out = args.out or (str((first if first.is_dir() else first.parent) / "curves.png") if len(args.runs) == 1
+                           else "curves.png")
+        if not Path(out).suffix:
+            out += ".png"  # matplotlib would add it; say the file's real name
         try:
             written = plot_runs(args.runs, out)
         except (FileNotFoundError, ValueError) as exc:

@@ -32,12 +32,38 @@ PANELS = [
 
 
 def read_metrics(run_dir):
-    """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself)."""
+    """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself). A last line cut short (a run
+    writing it, or killed while it did) is left out; any other line that is not JSON is a ``ValueError`` naming
+    the file and line, as is a file without a row."""
     path = Path(run_dir)
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a pact-fast run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not path.read_text().endswith("\n"):
+                break  # the last row, still being written
+            raise ValueError(f"{path}:{number}: not a JSON row ({exc})") from None
+    if not rows:
+        raise ValueError(f"{path}: no step logged yet")
+    return rows
+
+
+def run_labels(run_dirs):
+    """A legend label per run: its directory's name, with as many parent directories as make the labels
+    distinct (``seed0/pact`` and ``seed1/pact`` where both are ``pact``)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in run_dirs]
 
 
 def panels_with_data(runs):
@@ -63,7 +89,7 @@ def plot_runs(run_dirs, png_path, labels=None):
     plt = pyplot()
     if plt is None:
         return None
-    runs = [(label, read_metrics(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
+    runs = [(label, read_metrics(d)) for label, d in zip(labels or run_labels(run_dirs), run_dirs)]
     panels = panels_with_data([rows for _, rows in runs])
     ncols = min(3, len(panels)) or 1
     nrows = max(1, -(-len(panels) // ncols))

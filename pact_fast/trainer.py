@@ -773,4 +773,5 @@ class _Writers:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
-        plot_runs([self.path.parent], self.path.parent / "curves.png")
+        if self.path.stat().st_size:  # a run stopped before its first row has no curve to draw
+            plot_runs([self.path.parent], self.path.parent / "curves.png")

@@ -49,3 +49,43 @@ def test_plot_command_overlays_runs_and_names_a_missing_one(tmp_path):
 def test_plot_runs_writes_one_png(tmp_path):
     png = plot_runs([_sft_run(tmp_path / "r")], tmp_path / "c.png")
     assert Path(png).stat().st_size > 1000
+
+
+def test_a_row_cut_short_is_left_out_and_a_bad_line_is_named(tmp_path):
+    """A run killed while writing its last row: the plot draws the rows before it (it failed with a JSON error
+    naming no file); a bad line elsewhere, or a file without rows, is a ValueError naming the file (and line)."""
+    import pytest
+
+    run = _sft_run(tmp_path / "cut")
+    path = run / "metrics.jsonl"
+    whole = read_metrics(run)
+    path.write_text(path.read_text() + '{"step": 3, "reward_')
+    assert read_metrics(run) == whole
+    path.write_text('{"step": 1}\n{"step": 2, \n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not a JSON row"):
+        read_metrics(run)
+    path.write_text("")
+    with pytest.raises(ValueError, match="no step logged yet"):
+        read_metrics(run)
+
+
+def test_runs_of_the_same_name_get_labels_that_tell_them_apart(tmp_path):
+    """compare --seeds writes seed0/pact and seed1/pact: both were labelled 'pact'."""
+    from pact_fast.plots import run_labels
+
+    assert run_labels([tmp_path / "seed0" / "pact", tmp_path / "seed1" / "pact"]) == ["seed0/pact", "seed1/pact"]
+    assert run_labels([tmp_path / "sft", tmp_path / "pact"]) == ["sft", "pact"]
+
+
+def test_plot_of_a_metrics_file_and_an_out_without_suffix(tmp_path):
+    """`plot RUN/metrics.jsonl` made RUN/metrics.jsonl/curves.png (a traceback); `--out noext` printed a name
+    matplotlib then wrote with .png added."""
+    run = _sft_run(tmp_path / "r")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "plot", str(run / "metrics.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(run / "curves.png"), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "plot", str(run), "--out", str(tmp_path / "noext")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "noext.png")
+    assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
