@@ -85,6 +85,8 @@ def latest_with_config(path):
     run_cfg = ckpt.parent.parent / "config.yaml"
     if not run_cfg.is_file():
         raise FileNotFoundError(f"{path}: {run_cfg} is missing (the run's resolved config)")
+    if not run_cfg.read_text().strip():  # read as every default, it would load the run under another config
+        raise FileNotFoundError(f"{path}: {run_cfg} is empty (a run writes its whole resolved config there)")
     return ckpt, run_cfg
 
 

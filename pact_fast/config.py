@@ -7,9 +7,11 @@ error that names it and lists the valid keys or choices. The resolved config is 
 """
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Tuple
 
 import yaml
@@ -255,6 +257,20 @@ def _rebuild(obj):
                 raise ConfigError(str(exc)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one, quietly)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {first[key]})", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path=None, overrides=()):
     """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order).
 
@@ -276,15 +292,18 @@ def _load(path, overrides, base=None):
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"--config {path}: no such file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
-        for section, values in data.items():
-            _set(config, section, values, section)
+        try:
+            for section, values in data.items():
+                _set(config, section, values, section)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -364,8 +383,10 @@ def save_config(config, path):
     data = plain(config)
     for section, key, default in _one_off_fields():
         data[section][key] = default
-    with open(path, "w") as f:
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)  # whole or not at all: a crash mid-write leaves the old file, never a cut one
 
 
 def _one_off_fields():

@@ -63,3 +63,32 @@ def test_a_string_option_takes_the_text_as_given():
     assert config.model.path is None and config.data.hops == (1, 2) and config.train.steps == 3
     with pytest.raises(ConfigError, match=r"train.steps='\[x': not a valid value"):
         load_config(None, ["train.steps=[x"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_and_file_errors_name_the_file(tmp_path):
+    """YAML kept the last of two `train:` sections (or keys) quietly; an unknown key in a file did not say which
+    file it came from."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 2\nloss:\n  anchor_q: 0.1\n  anchor_q: 0.5\n")
+    with pytest.raises(ConfigError, match=r"key 'anchor_q' given twice \(first on line 4\)"):
+        load_config(str(twice))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  stpes: 2\n")
+    with pytest.raises(ConfigError, match=f"^{typo}: unknown key 'train.stpes'"):
+        load_config(str(typo))
+
+
+def test_a_runs_config_is_written_whole_and_an_empty_one_is_refused(tmp_path):
+    """save_config writes through a temporary file (a crash mid-write left a cut config.yaml); eval --run of a run
+    whose config.yaml is empty evaluated it under every default (32 held-out tasks instead of the run's)."""
+    from pact_fast import checkpoint
+    from pact_fast.config import save_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    save_config(load_config(None, ["data.eval_tasks=2"]), run / "config.yaml")
+    assert load_config(str(run / "config.yaml")).data.eval_tasks == 2
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]  # no temporary left
+    (run / "config.yaml").write_text("")
+    with pytest.raises(FileNotFoundError, match="config.yaml is empty"):
+        checkpoint.latest_with_config(run)
