@@ -200,6 +200,11 @@ def _plan(args):
         if (args.rollout_group_size is not None or args.rollout_new_tokens is not None) and not args.rollout_context:
             raise planner.PlanError("--rollout-group-size / --rollout-new-tokens plan the rollout phase only with "
                                     "--rollout-context (its longest context in tokens)")
+        lora_flags = [f for f, v in (("--lora-r", args.lora_r), ("--lora-dropout", args.lora_dropout),
+                                     ("--lora-targets", args.lora_targets)) if v is not None]
+        if lora_flags and not options.lora:
+            raise planner.PlanError(f"{', '.join(lora_flags)} without LoRA (--lora, or model.lora.enabled in "
+                                    "--config) plan nothing")
         if args.rollout_context and options.rollout_group_size < 1:
             raise planner.PlanError("--rollout-context plans the rollout phase with --rollout-group-size (episodes "
                                     "the engine samples together: train.prompts_per_step x rollout.group_size) or "
@@ -265,6 +270,10 @@ def main(argv=None):
     if args.command == "eval" and args.show < 0:
         parser.error(f"eval: --show takes a count >= 0, got {args.show}")
     if args.command == "config":
+        if args.model is not None and not Path(args.model).is_dir():
+            print(f"pact-fast: --model {args.model}: no such directory (the defaults shown are a pretrained model "
+                  "directory's)", file=sys.stderr)
+            return 2
         print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
         return 0
     if args.command == "plot":

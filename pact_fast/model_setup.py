@@ -337,6 +337,8 @@ def export_merged(config, out, log=print):
         raise ModelError("nothing to merge: the run has no LoRA adapters (model.lora.enabled is false); its "
                          "checkpoints are full models that transformers loads as they are")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"--merge {out} is a file; export into a new directory")
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; export into a new directory")
     policy = build_policy(config.model, torch.device("cpu"), config.train.seed)

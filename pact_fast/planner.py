@@ -279,6 +279,8 @@ class PlanOptions:
             if unknown or not self.lora_targets:
                 raise PlanError(f"LoRA target modules {', '.join(unknown) or '(none)'}: choose from "
                                 f"{', '.join(DEFAULT_LORA_TARGETS)}")
+            if len(set(self.lora_targets)) < len(self.lora_targets):
+                raise PlanError(f"LoRA target modules {', '.join(self.lora_targets)} name a module twice")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise PlanError(f"--lora-dropout {self.lora_dropout} must lie in [0, 1)")
         if self.memory_lean and not self.fused_head:
@@ -546,14 +548,19 @@ def options_from_config(config, **overrides):
     options). An empty ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``:
     every linear layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
     train, lora = config.train, config.model.lora
-    device = "cpu" if train.device == "cpu" else "cuda"
-    if device == "cpu" and train.attn_backend != "sdpa":
+    if overrides.get("device"):  # --device wins, with that device's defaults (float32 and sdpa on the CPU)
+        device = overrides["device"]
+        attn = "sdpa" if device == "cpu" or train.attn_backend == "sdpa" else "flash"
+    else:
+        device = "cpu" if train.device == "cpu" else "cuda"
+        attn = "sdpa" if train.attn_backend == "sdpa" else "flash"
+    if device == "cpu" and not overrides.get("device") and train.attn_backend != "sdpa":
         raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
                         "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
     kw = dict(dtype="bf16" if train.bf16 and device == "cuda" else "float32", device=device,
               grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
               memory_lean=train.fused_head_memory_lean,
-              attn_backend="sdpa" if train.attn_backend == "sdpa" else "flash",
+              attn_backend=attn,
               rollout_group_size=config.rollout.group_size * train.prompts_per_step,  # sampled in one batch
               rollout_new_tokens=config.rollout.max_new_tokens,
               lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),

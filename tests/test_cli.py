@@ -123,3 +123,10 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 2 and word in capsys.readouterr().err
+
+
+def test_config_of_a_model_directory_that_does_not_exist_is_refused():
+    """`pact-fast config --model /nonexistent` printed a pretrained directory's defaults, status 0."""
+    proc = _cli("config", "--model", "/nonexistent/model")
+    assert proc.returncode == 2 and proc.stderr.strip() == ("pact-fast: --model /nonexistent/model: no such directory "
+                                                            "(the defaults shown are a pretrained model directory's)")

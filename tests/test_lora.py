@@ -200,6 +200,9 @@ def test_export_merge_and_eval_of_a_lora_run(tmp_path):
     assert metrics == merged_metrics, "eval of the LoRA run is eval of its merged model"
     again = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
     assert again.returncode == 2 and "is not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("x")  # a NotADirectoryError traceback before
+    onto_file = _cli("export", str(run), "--merge", str(tmp_path / "afile"))
+    assert onto_file.returncode == 2 and "is a file" in onto_file.stderr and "Traceback" not in onto_file.stderr
 
 
 def test_refusals_are_one_line_before_any_weight_loads(tmp_path):

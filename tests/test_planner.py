@@ -324,8 +324,12 @@ def test_plan_prints_the_largest_micro_batch_that_fits():
      "pact-fast: --rollout-group-size / --rollout-new-tokens plan the rollout phase only with --rollout-context"),
     (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--rollout-context", "4096"],
      "pact-fast: --rollout-context plans the rollout phase with --rollout-group-size"),
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--lora-r", "64"],
+     "pact-fast: --lora-r without LoRA (--lora, or model.lora.enabled in --config) plan nothing"),
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--lora", "--lora-targets", "q_proj,q_proj"],
+     "pact-fast: LoRA target modules q_proj, q_proj name a module twice"),
 ], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model", "rollout-without-context",
-        "context-without-group-size"])
+        "context-without-group-size", "lora-flag-without-lora", "lora-target-twice"])
 def test_plan_mistakes_are_one_line_with_status_2(args, message):
     rc, out, err = _plan(*args)
     assert rc == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
@@ -390,3 +394,11 @@ def test_the_reference_term_is_the_copy_the_trainer_builds_and_none_with_lora():
     assert planner.predict(shape, 256, lora).terms["reference_weights"] == 0
     assert not planner.options_from_config(load_config(None, ["train.device=cpu", "train.attn_backend=sdpa"])) \
         .reference_model
+
+
+def test_device_on_the_command_line_sets_that_devices_defaults_over_a_config(tmp_path):
+    """`plan --config run.yaml --device cpu` blamed a --dtype bf16 nobody gave (the config's CUDA default)."""
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  steps: 2\n")
+    rc, out, err = _plan("--config", str(run), "--model", "qwen3-0.6b", "--gpu-memory", "24GB", "--device", "cpu")
+    assert rc == 0 and "float32" in out and ", cpu;" in out, err
