@@ -350,8 +350,11 @@ def main(argv=None):
             print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)
             return 1
         return 130 if summary["interrupted"] else 0
-    from .compare import compare
+    from .compare import COMPARE_DIR, compare
+    from .config import TrainConfig
 
+    if config.train.out_dir == TrainConfig().out_dir:  # train's default: the comparison would nest in its run
+        config.train.out_dir = COMPARE_DIR
     try:
         compare(config, modes=args.modes, seeds=args.seeds)
     except USER_ERRORS as exc:

@@ -3,7 +3,8 @@
 Each mode (``sft``, ``grpo``, ``sft_then_grpo``, ``pact``) trains from the same initial weights,
 with the same seeds, data order, rollout budget (prompts x group size x steps) and optimizer;
 only ``loss.mode`` differs. Each is evaluated greedily, prompt-only, on the same held-out tasks.
-Writes ``compare.json`` (one row per run) and ``compare.png`` under ``train.out_dir`` and prints the table.
+Writes ``compare.json`` (one row per run) and ``compare.png`` under ``train.out_dir`` (``pact-fast compare``:
+``runs/compare`` when it is left at train's default, ``runs/pact``) and prints the table.
 
 With ``seeds`` (``pact-fast compare --seeds 0 1 2``) every mode runs once per seed (``train.seed``,
 ``data.seed`` and ``loss.seed`` set to it; runs in ``out_dir/seed<k>/<mode>``) and the table gives each
@@ -23,6 +24,8 @@ from .plots import pyplot
 from .tables import text_table
 from .trainer import train
 
+# Where `pact-fast compare` writes when train.out_dir is left at its default (train's own run directory)
+COMPARE_DIR = "runs/compare"
 # Options that do not change what a run computes: a finished run that differs only in these is reused.
 _COSMETIC = {"train.out_dir", "train.progress"}
 

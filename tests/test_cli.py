@@ -111,11 +111,13 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     seen = {}
 
     def fake_compare(config, modes, seeds):
-        seen.update(modes=modes, seeds=seeds, steps=config.train.steps)
+        seen.update(modes=modes, seeds=seeds, steps=config.train.steps, out=config.train.out_dir)
 
     monkeypatch.setattr(compare, "compare", fake_compare)
     assert cli.main(["compare", "--modes", "sft", "pact", "--seeds", "0", "2", "train.steps=7"]) == 0
-    assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7}
+    # train's default run directory is left to train: the comparison goes to runs/compare
+    assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7, "out": "runs/compare"}
+    assert cli.main(["compare", "--modes", "sft", "--out", "elsewhere"]) == 0 and seen["out"] == "elsewhere"
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),
