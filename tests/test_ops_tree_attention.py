@@ -332,13 +332,19 @@ def test_softcap_zero_is_off_and_positions_with_a_layout_are_refused():
         tree_attention(q, q, q, layout=layout, position_ids=positions, window=2)
 
 
-def test_varlen_refuses_positions_that_are_not_trie_depths():
-    """flash-attn's window counts key offsets: varlen needs positions growing by one along every path."""
+@pytest.mark.parametrize("backend", ["varlen", "sdpa"])
+def test_every_backend_refuses_positions_that_are_not_trie_depths(backend):
+    """flash-attn's window counts key offsets, the other backends compare positions: with positions that do not
+    grow by one along every path they gave two different windows (sdpa 1.6 off varlen's), so all refuse them;
+    depths shifted per root (a root's position is free) pass."""
     packed = pack_tree(pact_group())
     positions = packed.position_ids.clone()
     positions[5] += 1  # inside the shared prompt: no longer its parent's position + 1
-    with pytest.raises(ValueError, match="position_ids must grow by one"):
-        build_layout(packed.subtree_end[None], "varlen", position_ids=positions[None])
+    with pytest.raises(ValueError, match=r"position_ids\[0, 5\] = .*positions grow by one"):
+        build_layout(packed.subtree_end[None], backend, position_ids=positions[None])
+    with pytest.raises(ValueError, match="positions grow by one"):  # a 0..L-1 arange, the usual mistake
+        build_layout(packed.subtree_end[None], backend, position_ids=torch.arange(packed.num_tokens)[None])
+    build_layout(packed.subtree_end[None], backend, position_ids=packed.position_ids[None] + 7)
 
 
 def test_validation_refuses_subtrees_that_do_not_nest():

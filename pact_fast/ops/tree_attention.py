@@ -72,12 +72,31 @@ def check_options(window, softcap, position_ids):
 
 
 def validate_position_ids(position_ids, subtree_end):
-    """Raise unless ``position_ids`` is an integer ``[B, L]`` tensor like ``subtree_end``."""
+    """Raise unless ``position_ids`` is an integer ``[B, L]`` tensor like ``subtree_end`` that grows by one from
+    each token to its children (a root's position is free): the trie depths, what a window is measured in. Other
+    positions would give each backend another window (varlen counts key offsets, the others compare positions)."""
     if position_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: position_ids must be int32 or int64, got {position_ids.dtype}")
     if position_ids.shape != subtree_end.shape:
         raise ValueError(f"tree_attention: position_ids must be [B, L] = {list(subtree_end.shape)} like subtree_end, "
                          f"got {list(position_ids.shape)}")
+    B, L = subtree_end.shape
+    if not L:
+        return
+    # depth[t] = the tokens whose subtree holds t: +1 after each token, -1 at its subtree's end
+    ends = subtree_end.long()
+    delta = torch.zeros(B, L + 1, dtype=torch.long, device=ends.device)
+    delta[:, 1:] += 1
+    delta.scatter_add_(1, ends, torch.full_like(ends, -1))
+    depth = delta.cumsum(1)[:, :L]
+    idx = torch.arange(L, device=ends.device).expand(B, L)
+    root = torch.where(depth == 0, idx, torch.zeros_like(idx)).cummax(1).values  # the root of each token's tree
+    expected = position_ids.long().gather(1, root) + depth
+    if not torch.equal(position_ids.long(), expected):
+        b, t = (int(x) for x in (position_ids.long() != expected).nonzero()[0])
+        raise ValueError(f"tree_attention: position_ids[{b}, {t}] = {int(position_ids[b, t])}, expected {int(expected[b, t])}:"
+                         " positions grow by one from each token to its children along the trie (its depths, "
+                         "pack_tree(...).position_ids)")
 
 
 def validate_layout(q, k, v, subtree_end):
