@@ -363,6 +363,8 @@ def _check_values(config):
                     if bad:
                         relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
                         raise ConfigError(f"{key}={value} must be {relation} {limit}")
+    if not config.train.out_dir.strip():  # "" would write the run into the working directory
+        raise ConfigError("train.out_dir is empty; give the run a directory")
     from .envs.multihop import CHAINS
 
     if not config.data.hops or any(h not in CHAINS for h in config.data.hops):

@@ -63,6 +63,8 @@ def test_a_string_option_takes_the_text_as_given():
     assert config.model.path is None and config.data.hops == (1, 2) and config.train.steps == 3
     with pytest.raises(ConfigError, match=r"train.steps='\[x': not a valid value"):
         load_config(None, ["train.steps=[x"])
+    with pytest.raises(ConfigError, match="train.out_dir is empty"):  # the run went into the working directory
+        load_config(None, ["train.out_dir="])
 
 
 def test_a_key_given_twice_in_a_config_file_is_refused_and_file_errors_name_the_file(tmp_path):
