@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from .config import ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
 from .losses import MODES
@@ -220,6 +222,17 @@ def _plan(args):
     return 0 if best else 1
 
 
+def _out_dir_given(args):
+    """Whether the command line or its --config file set train.out_dir."""
+    if args.out or any(o.split("=", 1)[0].strip() == "train.out_dir" for o in args.overrides):
+        return True
+    if not args.config:
+        return False
+    with open(args.config) as f:  # loaded already: it exists and is YAML
+        data = yaml.safe_load(f) or {}
+    return isinstance(data.get("train"), dict) and "out_dir" in data["train"]
+
+
 def _parse(parser, argv):
     """``parser.parse_args``, but overrides may stand on both sides of an option (``train a=1 --data X b=2``):
     argparse takes only the first run of a positional list and calls the rest unrecognised, so the ``key=value``
@@ -351,10 +364,10 @@ def main(argv=None):
             return 1
         return 130 if summary["interrupted"] else 0
     from .compare import COMPARE_DIR, compare
-    from .config import TrainConfig
 
-    if config.train.out_dir == TrainConfig().out_dir:  # train's default: the comparison would nest in its run
+    if not _out_dir_given(args):  # train's default: the comparison would nest in its run
         config.train.out_dir = COMPARE_DIR
+        print(f"pact-fast: compare writes to {COMPARE_DIR} (--out to choose)", file=sys.stderr)
     try:
         compare(config, modes=args.modes, seeds=args.seeds)
     except USER_ERRORS as exc:

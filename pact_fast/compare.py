@@ -18,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import config_changes, load_config
+from .config import ConfigError, one_off_fields, config_changes, load_config
 from .data import load_data
 from .plots import pyplot
 from .tables import text_table
@@ -26,8 +26,11 @@ from .trainer import train
 
 # Where `pact-fast compare` writes when train.out_dir is left at its default (train's own run directory)
 COMPARE_DIR = "runs/compare"
-# Options that do not change what a run computes: a finished run that differs only in these is reused.
-_COSMETIC = {"train.out_dir", "train.progress"}
+# Options that do not change what a run computes: a run that differs only in these is reused (read back or
+# resumed); the one-off options (train.stop_after) too, which a run's config.yaml keeps at their defaults.
+_COSMETIC = {"train.out_dir", "train.progress", "train.tensorboard", "train.wandb", "train.wandb_project",
+             "train.save_every", "train.save_every_minutes", "train.keep_last"} | \
+    {f"{section}.{key}" for section, key, _ in one_off_fields()}
 
 
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
@@ -52,7 +55,8 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
             elif state == "unfinished":
                 log(f"[compare] {run_dir} holds this run, unfinished: resuming it")
                 summary = train(cfg, resume=str(run_dir), log=log)
-            else:  # a directory holding another run is refused by train
+            else:
+                _refuse_other_run(cfg)
                 log(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
                     f"steps -> {run_dir}")
                 summary = train(cfg, log=log)
@@ -65,6 +69,22 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                     f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are not run")
                 return _report(root, rows, seeds)
     return _report(root, rows, seeds)
+
+
+def _refuse_other_run(cfg):
+    """A ``ConfigError`` naming what differs when ``cfg.train.out_dir`` holds a run of another configuration."""
+    from .trainer import check_fresh_run_dir
+
+    try:
+        check_fresh_run_dir(cfg.train.out_dir)
+    except ConfigError:
+        try:
+            stored = load_config(str(Path(cfg.train.out_dir) / "config.yaml"))
+            changed = sorted({key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC)
+        except (OSError, ValueError):
+            changed = ["its config.yaml cannot be read"]
+        raise ConfigError(f"compare: {cfg.train.out_dir} holds a run of another configuration ({', '.join(changed)});"
+                          " delete it or compare into another --out") from None
 
 
 def _earlier_run(cfg):

@@ -383,7 +383,7 @@ def save_config(config, path):
     """Write the resolved config as YAML; one-off options (``train.stop_after``) are saved at their defaults,
     so a later ``--resume`` does not repeat them."""
     data = plain(config)
-    for section, key, default in _one_off_fields():
+    for section, key, default in one_off_fields():
         data[section][key] = default
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w") as f:
@@ -391,7 +391,7 @@ def save_config(config, path):
     os.replace(tmp, path)  # whole or not at all: a crash mid-write leaves the old file, never a cut one
 
 
-def _one_off_fields():
+def one_off_fields():
     for sf in dataclasses.fields(Config):
         section = sf.default_factory()
         for f in dataclasses.fields(section):

@@ -50,10 +50,12 @@ def run_config(run, overrides=()):
     saved = load_config(str(run_cfg))
     # what makes the model is the run's: another shape, path or adapter would evaluate something else (the built-in
     # base under LoRA is drawn from train.seed)
-    fixed = [key for key in ("model.path", "model.hidden_size", "model.num_layers", "model.num_heads",
-                             "model.num_kv_heads", "model.head_dim", "model.intermediate_size")] + \
-        (["model.lora."] if saved.model.lora.enabled else []) + \
-        (["train.seed"] if saved.model.lora.enabled and saved.model.path is None else [])
+    lora = saved.model.lora.enabled
+    # a LoRA run's model.path is its base's directory, which may have moved (another machine): that one may be given
+    fixed = (["model.path"] if not (lora and saved.model.path) else []) + \
+        ["model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
+         "model.intermediate_size"] + (["model.lora."] if lora else []) + \
+        (["train.seed"] if lora and saved.model.path is None else [])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):

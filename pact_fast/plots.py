@@ -39,7 +39,8 @@ def read_metrics(run_dir):
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a pact-fast run directory?)")
-    lines = path.read_text().splitlines()
+    text = path.read_text()  # once: a writer may finish its row meanwhile
+    lines = text.splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -47,7 +48,7 @@ def read_metrics(run_dir):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            if number == len(lines) and not path.read_text().endswith("\n"):
+            if number == len(lines) and not text.endswith("\n"):
                 break  # the last row, still being written
             raise ValueError(f"{path}:{number}: not a JSON row ({exc})") from None
     if not rows:
@@ -58,7 +59,7 @@ def read_metrics(run_dir):
 def run_labels(run_dirs):
     """A legend label per run: its directory's name, with as many parent directories as make the labels
     distinct (``seed0/pact`` and ``seed1/pact`` where both are ``pact``)."""
-    parts = [Path(d).resolve().parts for d in run_dirs]
+    parts = [(Path(d).parent if Path(d).is_file() else Path(d)).resolve().parts for d in run_dirs]
     for k in range(1, max((len(p) for p in parts), default=1) + 1):
         labels = ["/".join(p[-k:]) for p in parts]
         if len(set(labels)) == len(labels):

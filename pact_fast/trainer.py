@@ -19,6 +19,7 @@ updates only meet through ``Episode`` lists, so a faster engine can replace ``HF
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -331,19 +332,28 @@ class Components:
 
 
 def check_fresh_run_dir(out_dir):
-    """A ``ConfigError`` when ``out_dir`` already holds a run: a checkpoint, a ``summary.json`` or steps in
-    ``metrics.jsonl``. A second run there would append its rows to the first's, prune the newer run's
-    checkpoints by name (older step numbers sort first) and leave eval, plot and export reading a mix of the
-    two. A directory whose run stopped before its first step (empty metrics) is reused."""
+    """A ``ConfigError`` when ``out_dir`` already holds a run: a checkpoint or a ``summary.json``. A second run there
+    would append its rows to the first's, prune the newer run's checkpoints by name (older step numbers sort first)
+    and leave eval, plot and export reading a mix of the two. A run that stopped before its first checkpoint
+    (killed, out of memory) left nothing to resume: the directory is reused, its ``metrics.jsonl`` kept as
+    ``metrics.jsonl.prev`` (``reuse_run_dir``)."""
     run_dir = Path(out_dir)
-    metrics = run_dir / "metrics.jsonl"
-    held = [name for name, there in (
-        ("checkpoints", any((run_dir / "checkpoints").glob("step_*"))),
-        ("summary.json", (run_dir / "summary.json").exists()),
-        ("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0)) if there]
-    if held:
-        raise ConfigError(f"train.out_dir={out_dir} already holds a run ({', '.join(held)}): continue it with "
-                          f"--resume {out_dir}, or give a new --out (or train.out_dir)")
+    if any((run_dir / "checkpoints").glob("step_*")):
+        raise ConfigError(f"train.out_dir={out_dir} already holds a run (checkpoints): continue it with --resume "
+                          f"{out_dir}, or give a new --out (or train.out_dir)")
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"train.out_dir={out_dir} already holds a finished run (summary.json, no checkpoint to "
+                          "resume): give a new --out (or train.out_dir), or delete that directory")
+
+
+def reuse_run_dir(out_dir, log=print):
+    """Before a fresh run in ``out_dir`` (``check_fresh_run_dir`` passed): the rows of a run that stopped before
+    its first checkpoint move to ``metrics.jsonl.prev``, so that this run's rows start the file."""
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        os.replace(metrics, metrics.with_name("metrics.jsonl.prev"))
+        log(f"[pact_fast] {out_dir} held the rows of a run stopped before its first checkpoint: kept as "
+            "metrics.jsonl.prev, this run starts metrics.jsonl")
 
 
 def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Components:
@@ -397,6 +407,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     engine = (engine_factory or make_rollout_engine)(rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            reuse_run_dir(run_dir, log)
         save_config(config, run_dir / "config.yaml")
     writers = _Writers(run_dir, train_cfg, config, start_step) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,

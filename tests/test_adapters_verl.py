@@ -317,3 +317,14 @@ def test_hook_reads_verls_no_padding_batches():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], torch.autograd.grad(expected, reference)[0],
                                rtol=1e-12, atol=1e-15)
+
+
+def test_a_whole_mini_batch_in_bf16_is_not_taken_for_a_micro_batch():
+    """The micro-batch check counted response tokens in the log-probs' dtype: in bf16 4,101 tokens sum to 4,096,
+    and a call holding the whole mini-batch was refused."""
+    B, T = 3, 1367
+    logp = -torch.rand(B, T).bfloat16()
+    data = {"pact_role": torch.full((B,), PO), "pact_group": torch.arange(B), "response_mask": torch.ones(B, T),
+            "old_log_probs": logp.float(), "advantages": torch.randn(B, T), "batch_num_tokens": float(B * T)}
+    loss, _ = pact_loss_fn(None, {"log_probs": logp}, data, pact_config=PACTLossConfig(mode="grpo"))
+    assert torch.isfinite(loss)

@@ -118,6 +118,7 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     # train's default run directory is left to train: the comparison goes to runs/compare
     assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7, "out": "runs/compare"}
     assert cli.main(["compare", "--modes", "sft", "--out", "elsewhere"]) == 0 and seen["out"] == "elsewhere"
+    assert cli.main(["compare", "--modes", "sft", "--out", "runs/pact"]) == 0 and seen["out"] == "runs/pact"
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),

@@ -313,3 +313,20 @@ def test_pact_fast_train_lora_on_smollm2_checkpoints_resumes_and_exports(smollm2
             base = separate_logprobs(policy.model, seqs)[0]
     assert (adapted - plain).abs().max() < 1e-4
     assert (adapted - base).abs().max() > 1e-4, "two LoRA steps at lr 1e-3 move the policy"
+
+
+def test_eval_of_a_lora_run_may_point_at_its_base_where_it_now_lies(tmp_path):
+    """A LoRA run's model.path is its base model's directory, which another machine keeps elsewhere: eval --run
+    takes it (the adapters are the checkpoint); the adapters' own settings stay the run's."""
+    from pact_fast.config import save_config
+    from pact_fast.evaluation import run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "trainer_state.pt").write_bytes(b"")
+    save_config(load_config(None, ["model.path=/cluster/models/base", "model.lora.enabled=true"]),
+                run / "config.yaml")
+    config, ckpt = run_config(run, ["model.path=/home/me/models/base"])
+    assert config.model.path == "/home/me/models/base" and config.model.lora.adapter == str(ckpt)
+    with pytest.raises(ConfigError, match="model.lora.r is the run's own"):
+        run_config(run, ["model.lora.r=4"])

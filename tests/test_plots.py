@@ -75,6 +75,8 @@ def test_runs_of_the_same_name_get_labels_that_tell_them_apart(tmp_path):
 
     assert run_labels([tmp_path / "seed0" / "pact", tmp_path / "seed1" / "pact"]) == ["seed0/pact", "seed1/pact"]
     assert run_labels([tmp_path / "sft", tmp_path / "pact"]) == ["sft", "pact"]
+    run = _sft_run(tmp_path / "a" / "pact")
+    assert run_labels([run / "metrics.jsonl", tmp_path / "sft"]) == ["pact", "sft"]  # a file is labelled by its run
 
 
 def test_plot_of_a_metrics_file_and_an_out_without_suffix(tmp_path):

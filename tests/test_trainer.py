@@ -374,9 +374,14 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
     compare.compare(cfg, modes=("sft", "pact"), seeds=[0, 1, 2], log=lambda *a: None)
     assert len(calls) == 6, "finished runs of the same configuration are read back, not trained again"
     changed = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3", "loss.anchor_q=0.5"])
-    with pytest.raises(FileExistsError):  # a different configuration trains again (here: into the same dirs)
+    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(loss.anchor_q\)"):
         compare.compare(changed, modes=("pact",), seeds=[0], log=lambda *a: None)
-    assert calls[-1] == ("pact", 0) and len(calls) == 7
+    assert len(calls) == 6, "a directory holding another configuration's run is never trained over"
+    # a one-off or cosmetic option (stop_after, which config.yaml keeps at its default) still reads the run back
+    again = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3", "train.stop_after=1",
+                               "train.tensorboard=false"])
+    compare.compare(again, modes=("sft", "pact"), seeds=[0, 1, 2], log=lambda *a: None)
+    assert len(calls) == 6
 
 
 def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_path):
@@ -388,15 +393,22 @@ def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_
     run = tmp_path / "run"
     train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={run}"]), log=lambda *a: None)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match=f"train.out_dir={run} already holds a run \\(checkpoints, summary.json, "
-                                          f"metrics.jsonl\\): continue it with --resume {run}"):
+    with pytest.raises(ConfigError, match=f"train.out_dir={run} already holds a run \\(checkpoints\\): continue it "
+                                          f"with --resume {run}"):
         train(load_config(None, TINY + ["train.steps=1", "model.hidden_size=64", f"train.out_dir={run}"]))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finished = tmp_path / "finished"  # save_every=0: a summary, nothing to resume
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a finished run .* delete that directory"):
+        check_fresh_run_dir(finished)
+    # a run killed before its first checkpoint (its step-0 evaluation logged): rerunning it is the way on
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    (stopped / "config.yaml").write_text("")
-    (stopped / "metrics.jsonl").write_text("")
-    check_fresh_run_dir(stopped)
+    (stopped / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/success_rate": 0.0}) + "\n")
+    train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={stopped}"]), log=lambda *a: None)
+    assert (stopped / "metrics.jsonl.prev").read_text().startswith('{"step": 0')
+    assert [json.loads(r)["step"] for r in (stopped / "metrics.jsonl").read_text().splitlines()][-1] == 1
 
 
 def test_compare_resumes_an_unfinished_run_of_its_configuration(tmp_path, monkeypatch):

@@ -45,9 +45,7 @@ LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-tok
 
 def _get(config, name, default=None):
     """Read a field of verl's ActorConfig, a DictConfig or a plain dict."""
-    if isinstance(config, dict):
-        return config.get(name, default)
-    value = getattr(config, name, default)
+    value = config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
     return default if value is None else value
 
 
@@ -214,8 +212,8 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
         raise ValueError("pact_loss_fn: with dp_size > 1 the host must supply pact_rl_tokens, pact_rl_seqs and "
                          "pact_traces (global counts of the mini-batch)")
-    whole = _scalar(data, "batch_num_tokens")  # verl's count of the mini-batch's response tokens on this rank
-    here = float(mask.sum())
+    whole = _scalar(data, "batch_num_tokens")  # verl's count of the mini-batch's response tokens (one rank here)
+    here = float(_need(data, "response_mask").sum(dtype=torch.float64))  # not in logp's dtype: bf16 rounds counts
     if None in (rl_tokens, rl_seqs, traces) and whole is not None and here < whole:
         raise ValueError(f"pact_loss_fn: this micro-batch holds {here:.0f} of the mini-batch's {whole:.0f} response "
                          "tokens (verl's batch_num_tokens) and verl adds the micro-batch losses: supply "
