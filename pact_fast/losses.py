@@ -427,7 +427,9 @@ MASK_VALUES = ("pact_loss: response_mask must hold 0 and 1 only (bool, int or fl
 
 
 def binary(mask):
-    """0-dim bool tensor: every entry of ``mask`` is 0 or 1."""
+    """0-dim bool tensor: every entry of ``mask`` is 0 or 1 (no kernel for a bool mask)."""
+    if mask.dtype == torch.bool:
+        return torch.ones((), dtype=torch.bool, device=mask.device)
     return ((mask == 0) | (mask == 1)).all()
 
 
