@@ -368,6 +368,9 @@ def main(argv=None):
     if not _out_dir_given(args):  # train's default: the comparison would nest in its run
         config.train.out_dir = COMPARE_DIR
         print(f"pact-fast: compare writes to {COMPARE_DIR} (--out to choose)", file=sys.stderr)
+    if args.config and config.loss.mode != "pact":
+        print(f"pact-fast: compare trains --modes {' '.join(args.modes)}; the config's loss.mode="
+              f"{config.loss.mode} is not used", file=sys.stderr)
     try:
         compare(config, modes=args.modes, seeds=args.seeds)
     except USER_ERRORS as exc:

@@ -104,7 +104,7 @@ def test_compare_reports_missing_data_as_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monkeypatch, capsys):
+def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monkeypatch, capsys, tmp_path):
     import pact_fast.cli as cli
     import pact_fast.compare as compare
 
@@ -119,6 +119,11 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     assert seen == {"modes": ["sft", "pact"], "seeds": [0, 2], "steps": 7, "out": "runs/compare"}
     assert cli.main(["compare", "--modes", "sft", "--out", "elsewhere"]) == 0 and seen["out"] == "elsewhere"
     assert cli.main(["compare", "--modes", "sft", "--out", "runs/pact"]) == 0 and seen["out"] == "runs/pact"
+    capsys.readouterr()
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("loss:\n  mode: grpo\n")  # a train config reused: its mode is not what compare trains
+    assert cli.main(["compare", "--modes", "sft", "--config", str(run_yaml)]) == 0
+    assert "the config's loss.mode=grpo is not used" in capsys.readouterr().err
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),
