@@ -5,6 +5,7 @@ is built or during the held-out evaluation (or a second Ctrl-C) ends with one li
 traceback. A Ctrl-C during training is the trainer's: it saves a checkpoint (``pact_fast.trainer``). OpenMP's
 spin limit is set here too, before torch loads.
 """
+import os
 import sys
 
 from .cpu import set_spin_limit
@@ -20,6 +21,9 @@ def entry():
     except KeyboardInterrupt:
         print("pact-fast: interrupted; checkpoints already written are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`pact-fast plan ... | head`): stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

@@ -138,3 +138,13 @@ def test_config_of_a_model_directory_that_does_not_exist_is_refused():
     proc = _cli("config", "--model", "/nonexistent/model")
     assert proc.returncode == 2 and proc.stderr.strip() == ("pact-fast: --model /nonexistent/model: no such directory "
                                                             "(the defaults shown are a pretrained model directory's)")
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`pact-fast plan ... | head -1` ended in a BrokenPipeError traceback when head left first."""
+    proc = subprocess.Popen([sys.executable, "-m", "pact_fast", "plan", "--model", "qwen3-0.6b", "--gpu-memory", "24GB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    proc.stdout.close()  # the reader leaves before the command prints
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
