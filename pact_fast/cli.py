@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, config_changes, describe, load_config
+from .config import RUN_CONFIG, ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
 from .losses import MODES
 from .models import KNOWN_MODELS, ModelError, fetch_model
@@ -83,8 +83,8 @@ def _resume_config(args):
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--resume {exc}") from None
     run_dir = ckpt.parent.parent
-    saved = load_config(str(run_cfg))
-    config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"])
+    saved = load_config(str(run_cfg), label=RUN_CONFIG)
+    config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
     step = checkpoint.step_of(ckpt)
     if step is not None and step > config.train.steps:
         raise ConfigError(f"--resume {run_dir}: its last checkpoint is at step {step}, past train.steps="

@@ -166,6 +166,9 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 
+RUN_CONFIG = "the run's config"  # load_config's label for a run directory's own config.yaml
+
+
 class ConfigError(ValueError):
     """A bad key or value; the message names it and what would be valid."""
 
@@ -271,20 +274,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path=None, overrides=()):
+def load_config(path=None, overrides=(), *, label="--config"):
     """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order).
 
     With a pretrained ``model.path``, ``pact_fast.models.pretrained_defaults()`` replace the built-in tiny
-    model's defaults (its lr wrecks a pretrained model); the file and the overrides still win."""
-    config = _load(path, overrides)
+    model's defaults (its lr wrecks a pretrained model); the file and the overrides still win. ``label`` names
+    the file in errors (a run's own config.yaml is not a --config the user gave)."""
+    config = _load(path, overrides, label=label)
     if config.model.path:
         from .models import pretrained_defaults
 
-        config = _load(path, overrides, base=pretrained_defaults())
+        config = _load(path, overrides, base=pretrained_defaults(), label=label)
     return config
 
 
-def _load(path, overrides, base=None):
+def _load(path, overrides, base=None, label="--config"):
     config = Config()
     for key, value in (base or {}).items():
         section, name = key.split(".")
@@ -294,9 +298,9 @@ def _load(path, overrides, base=None):
             with open(path) as f:
                 data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
-            raise ConfigError(f"--config {path}: no such file") from None
+            raise ConfigError(f"{label} {path}: no such file") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+            raise ConfigError(f"{label} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
         try:

@@ -9,7 +9,7 @@ got, the expected answer).
     pact-fast eval --model ~/.cache/pact_fast/models/smollm2-135m 'data.hops=[1,2]'
 """
 from . import checkpoint
-from .config import ConfigError, load_config
+from .config import RUN_CONFIG, ConfigError, load_config
 
 
 def episode_metrics(episodes):
@@ -47,7 +47,7 @@ def run_config(run, overrides=()):
     (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
     ``model.lora.adapter`` on the run's base model; then ``overrides``."""
     ckpt, run_cfg = checkpoint.latest_with_config(run)
-    saved = load_config(str(run_cfg))
+    saved = load_config(str(run_cfg), label=RUN_CONFIG)
     # what makes the model is the run's: another shape, path or adapter would evaluate something else (the built-in
     # base under LoRA is drawn from train.seed)
     lora = saved.model.lora.enabled
@@ -62,7 +62,7 @@ def run_config(run, overrides=()):
             raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
                               "it cannot be overridden")
     key = "model.lora.adapter" if saved.model.lora.enabled else "model.path"
-    return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides]), ckpt
+    return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG), ckpt
 
 
 def evaluate_model(config, *, show=0, log=print):

@@ -94,3 +94,15 @@ def test_a_runs_config_is_written_whole_and_an_empty_one_is_refused(tmp_path):
     (run / "config.yaml").write_text("")
     with pytest.raises(FileNotFoundError, match="config.yaml is empty"):
         checkpoint.latest_with_config(run)
+
+
+def test_a_runs_broken_config_is_named_as_the_runs_not_as_a_config_flag(tmp_path):
+    """eval --run / --resume of a run whose config.yaml is not YAML said `--config <path>`, a flag never given."""
+    from pact_fast.evaluation import run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "trainer_state.pt").write_bytes(b"")
+    (run / "config.yaml").write_text("train: [\n")
+    with pytest.raises(ConfigError, match=f"^the run's config {run / 'config.yaml'}: not valid YAML"):
+        run_config(run)
