@@ -130,6 +130,12 @@ class RolloutEngine(Protocol):
         ...
 
 
+def _encodable(text):
+    """``text`` with what UTF-8 cannot encode (a lone surrogate the model wrote as ``\\ud800`` in a call's JSON and a
+    tool echoed back) replaced, so the tokenizer takes it: model text never stops a run."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _cache_argument(model):
     """The KV-cache keyword of the model's forward and output: ``cache`` in recent transformers, which warn on
     every call with ``past_key_values``; ``past_key_values`` in older ones (>= 4.53 supported)."""
@@ -283,12 +289,13 @@ class HFRolloutEngine:
         ep.behavior_logp += lps
         ep.turns += 1
         text = self.tokenizer.decode(toks, skip_special_tokens=False)
+        final = text.replace(self.tokenizer.eos_token, "")  # the turn without its end token, whichever it is
         if not done:
-            ep.finish, ep.final_text = "length", text
+            ep.finish, ep.final_text = "length", final
             ep.turn_tools.append((0, 0))
             return False
         calls = parse_tool_calls(text, cfg.tool_call_format)
-        assistant = {"role": "assistant", "content": text.replace(self.tokenizer.eos_token, "").strip()}
+        assistant = {"role": "assistant", "content": final.strip()}
         if calls:
             errors_before = getattr(env, "errors", None)
             responses = env.step(calls)
@@ -296,16 +303,17 @@ class HFRolloutEngine:
             ep.tool_calls += len(calls)
             ep.tool_errors += errors
             ep.turn_tools.append((len(calls), errors))
-            new = [{"role": "tool", "tool_call_id": f"call{k}", "content": r} for k, r in enumerate(responses)]
+            new = [{"role": "tool", "tool_call_id": f"call{k}", "content": _encodable(r)}
+                   for k, r in enumerate(responses)]
         else:
             ep.turn_tools.append((0, 0))
             user = env.next_user_turn()
             if user is None:
-                ep.finish, ep.final_text = "answer", text
+                ep.finish, ep.final_text = "answer", final
                 return False
             new = [{"role": "user", "content": user}]
         if ep.turns >= min(cfg.max_turns, getattr(env, "max_turns", cfg.max_turns)):
-            ep.finish, ep.final_text = "turn_limit", text
+            ep.finish, ep.final_text = "turn_limit", final
             return False
         block = self._context_block(example, conv + [assistant], new)
         conv += [assistant] + new

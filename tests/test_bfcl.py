@@ -59,6 +59,10 @@ def test_environment_hands_over_user_turns_and_scores_the_end_state(base):
     env.step([ToolCall("mkdir", {"dir_name": "not_in_gold"})])
     assert env.reward("") == 0.0
     assert env.step([ToolCall("no_such_tool", {})])[0].startswith("Error during execution")
+    # most back-ends report a failed call as {"error": ...}: counted as a tool error, as raised ones are
+    before = env.errors
+    assert '"error"' in env.step([ToolCall("cd", {"folder": "no_such_dir"})])[0]
+    assert env.errors == before + 1
 
 
 @pytest.mark.parametrize("text", ["__import__('os').system('echo x')", "os.system('x')", "f(x=open('a'))",

@@ -44,6 +44,10 @@ def test_malformed_calls_become_error_observations():
     assert all(o.startswith("error") for o in out)
     assert env.errors == 5
     assert env.reward(ex.answer) == 1.0  # errors cost only the format bonus (0 here)
+    # a sum past Python's 4300-digit int-to-string limit raised a ValueError that stopped the run
+    big = int("9" + "0" * 4299)
+    assert env.step([ToolCall("add", {"a": big, "b": big})]) == ["error : the result has too many digits"]
+    assert env.errors == 6
 
 
 def test_tools_never_eval_model_text():

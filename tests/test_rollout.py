@@ -297,3 +297,51 @@ def test_episodes_stop_at_the_models_positions():
         assert all(len(ep.prompt_ids) + len(ep.response_ids) <= len(prompt) + room for ep in episodes)
         assert any(ep.finish == "length" and len(ep.response_ids) == room for ep in episodes)
         assert all(len(ep.behavior_logp) == len(ep.response_mask) == len(ep.response_ids) for ep in episodes)
+
+
+class _OneTurnEngine(HFRolloutEngine):
+    """Every episode's turn is ``text`` followed by the tokenizer's end-of-turn token (no model runs)."""
+
+    def __init__(self, tokenizer, text, **cfg):
+        stub = torch.nn.Linear(1, 1)
+        stub.config = type("C", (), {"max_position_embeddings": 100_000})()
+        super().__init__(stub, tokenizer, RolloutConfig(**cfg))
+        self.text = text
+
+    def _generate_turn(self, contexts, greedy, budgets):
+        ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"] + [self.eos]
+        return [list(ids) for _ in contexts], [[0.0] * len(ids) for _ in contexts], [True] * len(contexts)
+
+
+def test_the_right_answer_is_paid_whatever_the_tokenizers_end_of_turn_token(smollm2_dir):
+    """The final turn reached the reward with its end token; the multi-hop answer check removed <|im_end|> only, so
+    a tokenizer ending turns with <|endoftext|> (or Llama's <|eot_id|>, Mistral's </s>) was never paid."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    ex = parse_example(make_task(1, hops=1, n_distractors=3))
+    for eos in ("<|im_end|>", "<|endoftext|>"):
+        tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+        tok.eos_token = eos
+        resolve_chat_template(tok, "builtin", "compact", log=None)
+        for text in (ex.answer, f"<think>\nfound it\n</think>\n{ex.answer}"):
+            (ep,) = _OneTurnEngine(tok, text, group_size=1).rollout([ex], MultiHopEnv)[0]
+            assert (ep.finish, ep.reward, ep.final_text) == ("answer", 1.0, text), (eos, text)
+
+
+def test_a_tool_result_the_tokenizer_cannot_encode_is_an_observation_not_a_crash(smollm2_dir):
+    """A tool name written as "look\\ud800up" in a call's JSON is a lone surrogate the environment echoes back in
+    its error; the tokenizer refused the text and the run stopped."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    resolve_chat_template(tok, "builtin", "hermes", log=None)
+    ex = parse_example(make_task(1, hops=1, n_distractors=3))
+    call = '<tool_call>\n{"name": "look\\ud800up", "arguments": {}}\n</tool_call>'
+    (ep,) = _OneTurnEngine(tok, call, group_size=1, tool_call_format="hermes", max_turns=2).rollout(
+        [ex], MultiHopEnv)[0]
+    assert ep.turns == 2 and ep.tool_calls == ep.tool_errors == 2  # the same call each turn, an error each time
+    assert "look?up" in tok.decode(ep.response_ids)

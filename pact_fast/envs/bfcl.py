@@ -84,6 +84,18 @@ def parse_call(text, max_chars=MAX_CALL_CHARS):
     return node.func.id, args, kwargs
 
 
+def _reports_error(result):
+    """Whether a back-end's result is its own error report, ``{"error": ...}`` (how most BFCL back-ends say a
+    call failed, rather than raising)."""
+    if not result.startswith("{"):
+        return False
+    try:
+        value = json.loads(result)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and "error" in value
+
+
 def _format_result(result):
     """The response text BFCL's executor produces for a return value."""
     if isinstance(result, str):
@@ -286,7 +298,7 @@ class BFCLEnv(ToolEnv):
             result = f"{ERROR}{name} ran past the time limit of {self.sandbox.timeout:g} s"
         except RuntimeError as exc:
             result = f"{ERROR}{exc}"
-        return result, not result.startswith(ERROR)
+        return result, not (result.startswith(ERROR) or _reports_error(result))
 
     def next_user_turn(self):
         """The next user turn's text once the assistant ends a turn; None when the conversation is over.

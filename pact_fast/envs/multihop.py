@@ -103,12 +103,13 @@ def execute(world, name, arguments, allowed):
         if value is None:
             raise ToolError("unknown entity")
         return str(value)
-    if name == "add":
-        return str(nums["a"] + nums["b"])
-    if name == "multiply":
-        return str(nums["a"] * nums["b"])
-    if name == "subtract":
-        return str(nums["a"] - nums["b"])
+    if name in ("add", "multiply", "subtract"):
+        a, b = nums["a"], nums["b"]
+        value = a + b if name == "add" else a * b if name == "multiply" else a - b
+        try:
+            return str(value)
+        except ValueError:  # past Python's int-to-string digit limit (4300 by default)
+            raise ToolError("the result has too many digits") from None
     if name == "initial":
         return str(arguments["word"])[:1] or "none"
     if name == "length":
@@ -206,7 +207,8 @@ def normalise_answer(text):
 
 
 def final_answer(text):
-    """The answer part of an assistant turn: after any ``</think>``, before ``<|im_end|>``."""
+    """The answer part of an assistant turn: after any ``</think>``, before ``<|im_end|>`` (the engines hand over
+    the final turn without the tokenizer's end-of-turn token, whatever it is)."""
     text = text.split("</think>")[-1]
     return text.split("<|im_end|>")[0].strip()
 
