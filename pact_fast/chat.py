@@ -362,6 +362,38 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
         problems.append("the tool response is not rendered")
     if not with_tool.startswith(first) or not whole.startswith(with_tool[: len(first)]):
         problems.append("the template is not prefix-preserving across a tool turn (rollouts append tool turns)")
+    elif not problems:
+        problems += _rollout_problems(tokenizer, turn)
+    return problems
+
+
+def _rollout_problems(tokenizer, turn):
+    """What a rollout would meet that the structured probe does not show: the engine appends each sampled turn as
+    raw text (reasoning, if any, inside it) and then the tool or user turn, and needs the text so far to stay a
+    prefix. Checked for a call turn with reasoning, without it and with an empty ``<think>``, and for a user turn
+    after a final answer (Qwen3's template, for one, drops an earlier turn's reasoning once a new user turn comes,
+    and gives a last turn without reasoning an empty ``<think>`` it takes away once a tool turn follows)."""
+    call = turn.split("</think>")[-1]
+    if tokenizer.eos_token:
+        call = call.split(tokenizer.eos_token)[0]
+    call = call.strip()
+    tool = {"role": "tool", "tool_call_id": "call0", "content": "tusks"}
+    cases = {"a call turn with reasoning": (f"<think>\nI look it up.\n</think>\n\n{call}", tool),
+             "a call turn without reasoning": (call, tool),
+             "a call turn with an empty <think>": (f"<think>\n\n</think>\n\n{call}", tool),
+             "a user turn after an answer": ("<think>\nIt is tusks.\n</think>\n\ntusks",
+                                             {"role": "user", "content": "And the next one?"})}
+    problems = []
+    for what, (text, new) in cases.items():
+        conv = _PROBE[:2] + [{"role": "assistant", "content": text}]
+        try:
+            before = render(tokenizer, conv, _PROBE_TOOLS, False)
+            after = render(tokenizer, conv + [new], _PROBE_TOOLS, True)
+        except Exception as exc:  # a template may raise anything on content it does not expect
+            problems.append(f"the template cannot render {what} ({type(exc).__name__}: {exc})")
+            continue
+        if not after.startswith(before):
+            problems.append(f"the template re-renders {what} once the next turn comes (rollouts append turns)")
     return problems
 
 

@@ -120,6 +120,35 @@ def test_probe_names_what_a_template_drops(template, problem):
         assert probe_chat_template(tok, "compact", reasoning=False) == [], "data without reasoning needs none"
 
 
+# Qwen3-style, on raw assistant text as rollouts append it: a last turn without reasoning gets an empty <think>
+# that goes once a turn follows, and a turn's reasoning is dropped once a new user turn comes
+EMPTY_THINK_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if m.content %} {{ m.content }}{% endif -%}",
+    "{%- if loop.last and m.content and '<think>' not in m.content %} <think> </think>{% endif -%}"
+    "{%- if m.content %} {{ m.content }}{% endif -%}")
+DROPS_ON_USER_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if m.content %} {{ m.content }}{% endif -%}",
+    "{%- if m.content %} {{ m.content.split('</think>')[-1] if messages[loop.index0:] | selectattr('role', "
+    "'equalto', 'user') | list else m.content }}{% endif -%}")
+
+
+@pytest.mark.parametrize("template,problems", [
+    pytest.param(EMPTY_THINK_TEMPLATE, ["a call turn without reasoning"], id="empty-think"),
+    pytest.param(DROPS_ON_USER_TEMPLATE, ["a user turn after an answer"], id="drops-reasoning-on-user"),
+])
+def test_probe_renders_turns_as_rollouts_append_them(template, problems):
+    """Qwen3's template passed the probe (structured tool_calls and reasoning_content) and then broke the run:
+    rollouts append raw turn text, and a tool call without reasoning, or a later user turn (BFCL), re-rendered an
+    earlier turn. The probe now renders those forms; auto falls back to the built-in format on them."""
+    tok = build_tokenizer()
+    tok.chat_template = template
+    found = probe_chat_template(tok, "compact")
+    assert [p for p in found if not any(w in p for w in problems)] == [] and all(
+        any(w in p for p in found) for w in problems), found
+    said = []
+    assert resolve_chat_template(tok, "auto", "compact", log=said.append) == "builtin" and "re-renders" in said[0]
+
+
 def test_probe_checks_the_call_format_and_rendering_errors():
     tok = build_tokenizer()
     (problem,) = probe_chat_template(tok, "hermes")
