@@ -358,6 +358,9 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
                         "(rollout.tool_call_format must match the template's)")
     if reasoning and "walrus fact up" not in first:
         problems.append("the assistant turn drops reasoning_content")
+    if tokenizer.eos_token and tokenizer.eos_token not in turn:
+        problems.append(f"the assistant turn does not end with the tokenizer's eos token {tokenizer.eos_token!r}, "
+                        "where rollouts stop sampling a turn (a base model's tokenizer under an instruct template)")
     if "tusks" not in with_tool[len(first):]:
         problems.append("the tool response is not rendered")
     if not with_tool.startswith(first) or not whole.startswith(with_tool[: len(first)]):

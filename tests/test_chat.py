@@ -149,6 +149,16 @@ def test_probe_renders_turns_as_rollouts_append_them(template, problems):
     assert resolve_chat_template(tok, "auto", "compact", log=said.append) == "builtin" and "re-renders" in said[0]
 
 
+def test_probe_refuses_a_template_whose_turns_do_not_end_with_eos():
+    """A Qwen3-Base-style tokenizer (eos <|endoftext|>) under a template ending turns with <|im_end|>: the engine
+    stops a turn at eos only, so every turn ran to max_new_tokens and ended as "length" (reward 0)."""
+    tok = build_tokenizer()
+    assert probe_chat_template(tok, "compact") == []
+    tok.eos_token = "<|im_start|>"  # a token the template does not end an assistant turn with
+    (problem,) = probe_chat_template(tok, "compact")
+    assert "does not end with the tokenizer's eos token '<|im_start|>'" in problem
+
+
 def test_probe_checks_the_call_format_and_rendering_errors():
     tok = build_tokenizer()
     (problem,) = probe_chat_template(tok, "hermes")
