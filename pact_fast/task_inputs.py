@@ -26,6 +26,7 @@ from typing import Optional
 
 from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
 from .data import DataFormatError, keep_rows
+from .envs import min_turns
 from .packing import packed_size
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often while checking a large data set
@@ -49,6 +50,7 @@ class Limits:
     positions: Optional[int] = None
     sampling: Optional[int] = None
     sampling_name: str = "the model's max_position_embeddings"
+    max_turns: Optional[int] = None  # rollout.max_turns: assistant turns an episode may take
 
 
 def limits(model, config):
@@ -60,7 +62,7 @@ def limits(model, config):
     vllm_len = config.rollout.vllm_max_model_len
     if config.rollout.engine == "vllm" and (positions is None or vllm_len < positions):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
-    return Limits(config.train.micro_batch_tokens, positions, sampling, name)
+    return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns)
 
 
 def group_inputs(tokenizer, example):
@@ -161,6 +163,15 @@ def _check_sampling(example, prompt_len, lim):
                               f"positions, more than {lim.sampling_name}={lim.sampling:,}; shorten the row")
 
 
+def unrewardable(examples, lim):
+    """The ``examples`` whose episodes could never be rewarded within ``lim.max_turns`` assistant turns
+    (``envs.min_turns``: one per user turn, one more where the expert calls tools). They still train the SFT term,
+    so they are said, not refused: their rollouts earn 0 and give the RL terms nothing."""
+    if lim.max_turns is None:
+        return []
+    return [ex for ex in examples if min_turns(ex) > lim.max_turns]
+
+
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
     """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` and every
     held-out prompt fits ``lim.sampling``. ``on_error="raise"``: the first task that fails is a
@@ -184,6 +195,12 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
     for what, reasons in skipped.items():
         if reasons and log is not None:
             log(f"[pact_fast] {len(reasons)} {what} rows skipped (data.on_error=skip); first: {reasons[0]}")
+    for what, kept in (("training", train_kept), ("held-out", kept_held_out)):
+        short = unrewardable(kept, lim)
+        if short and log is not None:
+            log(f"[pact_fast] {len(short)} of {len(kept)} {what} tasks need more assistant turns than "
+                f"rollout.max_turns={lim.max_turns} to be rewarded (first: {short[0].where()}, "
+                f"{min_turns(short[0])} turns): their episodes earn 0; raise rollout.max_turns")
     for what, before, after in (("training", train_set, train_kept), ("held-out", held_out, kept_held_out)):
         if before and not after:
             raise DataFormatError(f"no {what} row fits a step ({len(before)} skipped); first: {skipped[what][0]}")
@@ -191,4 +208,4 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "response_cap", "fit_episodes",
-           "prepare", "PROGRESS_EVERY_S"]
+           "prepare", "unrewardable", "PROGRESS_EVERY_S"]

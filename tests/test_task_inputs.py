@@ -14,7 +14,7 @@ import torch
 from pact_fast import task_inputs
 from pact_fast.config import load_config
 from pact_fast.data import DataFormatError, load_examples, parse_example
-from pact_fast.envs import build_tokenizer, make_tasks
+from pact_fast.envs import build_tokenizer, make_tasks, min_turns
 from pact_fast.model_setup import build_model_and_tokenizer
 from pact_fast.packing import pack_tree, packed_size
 from pact_fast.rollout import Episode
@@ -309,3 +309,27 @@ def test_cut_episodes_are_said_on_the_console(tmp_path, monkeypatch):
     cut = [r["truncated_episodes"] for r in rows if "truncated_episodes" in r]
     assert cut and cut[0] > 0
     assert len(said) == 1 and said[0].startswith(f"[pact_fast] step 1: {cut[0]} of 8 episodes were cut")
+
+
+def test_tasks_that_could_never_be_rewarded_within_max_turns_are_said(tiny):
+    """rollout.max_turns=3 (the default) ran BFCL tasks of 4-14 user turns and tool calls, which no episode could
+    finish: every rollout earned 0 and nothing said so. A multi-hop task needs a call turn and an answer turn."""
+    _, tok = tiny
+    rows = load_examples_from(_rows(3))
+    said = []
+    prepare(tok, rows, rows[:1], Limits(10_000, max_turns=1), log=said.append)
+    assert min_turns(rows[0]) == 2
+    assert any(line.startswith("[pact_fast] 3 of 3 training tasks need more assistant turns than "
+                               "rollout.max_turns=1 to be rewarded") for line in said), said
+    assert any("1 of 1 held-out tasks" in line for line in said)
+    said.clear()
+    prepare(tok, rows, rows[:1], Limits(10_000, max_turns=2), log=said.append)
+    assert not any("to be rewarded" in line for line in said)
+    # a BFCL-style row: two user turns, the first answered with a call, the second without
+    bfcl = replace(rows[0], env={"name": "bfcl", "user_turns": [[{"role": "user", "content": "and then ?"}]]},
+                   trace=[{"role": "assistant", "content": "", "tool_calls": rows[0].trace[0]["tool_calls"]},
+                          {"role": "tool", "tool_call_id": "c", "content": "x"},
+                          {"role": "assistant", "content": "done"},
+                          {"role": "user", "content": "and then ?"},
+                          {"role": "assistant", "content": "ok"}])
+    assert min_turns(bfcl) == 3

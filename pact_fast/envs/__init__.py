@@ -26,4 +26,19 @@ def make_env_factory(cfg, rollout_cfg):
     return make_env
 
 
-__all__ = ["make_task", "make_tasks", "build_tokenizer", "make_env_factory"]
+def min_turns(example):
+    """The fewest assistant turns an episode of ``example`` needs to be rewarded: one per user turn (a BFCL task's
+    first query and each later one; a multi-hop task has one), and one more for each user turn whose expert trace
+    calls tools (calls get their results in the next turn; a turn without calls ends the user turn)."""
+    env = example.env or {}
+    queries = 1 + len(env.get("user_turns", ())) if env.get("name") == "bfcl" else 1
+    calling, current = 0, False  # user turns of the trace with calls; whether the current one has any
+    for message in example.trace or ():
+        if message["role"] == "user":
+            calling, current = calling + current, False
+        elif message["role"] == "assistant" and message.get("tool_calls"):
+            current = True
+    return queries + calling + current
+
+
+__all__ = ["make_task", "make_tasks", "build_tokenizer", "make_env_factory", "min_turns"]
