@@ -117,10 +117,10 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
         check_lengths(example, gi, Limits(size, sampling=m - 1, sampling_name="x"))
 
     cfg = load_config(None, TINY)
-    assert limits(model, cfg) == Limits(700, 2048, 2048, "the model's max_position_embeddings")
+    assert limits(model, cfg) == Limits(700, 2048, 2048, "the model's max_position_embeddings", 2)
     vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
     # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
-    assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len")
+    assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2)
 
 
 def test_a_trace_sequence_longer_than_the_budget_is_refused(tiny):
