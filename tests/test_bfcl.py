@@ -262,3 +262,22 @@ def _deep(depth):
     for _ in range(depth):
         value = [value]
     return value
+
+
+def test_an_episode_that_makes_no_call_is_not_paid_for_a_read_only_task(base):
+    """multi_turn_base_13's gold calls (cd, tail, diff) change no back-end: the state check alone paid 1.0 to an
+    episode that never called a tool (11 of 200 base tasks). BFCL's response check, every gold result of a turn
+    among the episode's results so far, is part of the reward now."""
+    ex = next(e for e in base if e.id == "multi_turn_base_13")
+    idle = BFCLEnv(ex)
+    try:
+        gold, results = idle.gold_state()
+        start = idle.instances()
+        assert all(vars(start[n])[a] == v for n, inst in gold.instances.items() for a, v in vars(inst).items()
+                   if not a.startswith("_")), "the task's gold state is its start state"
+        assert any(results)
+        while idle.next_user_turn() is not None:
+            pass
+        assert idle.reward("") == 0.0
+    finally:
+        idle.close()

@@ -29,6 +29,7 @@ mpmath). Data and function docs are read from the installed package; nothing is 
   reward is 1 when the back-ends end in the state the gold calls produce (BFCL's state check).
 """
 import ast
+import collections
 import copy
 import importlib
 import inspect
@@ -286,6 +287,7 @@ class BFCLEnv(ToolEnv):
                                timeout=call_timeout)
         self.pending = [list(turn) for turn in self.spec["user_turns"]]
         self.turn_index = 0
+        self.results = []  # per user turn, the execution results of the episode's calls in it
         self.revealed = {int(k): set(v) for k, v in self.spec.get("revealed_tools", {}).items()}
         self.hidden = set().union(*self.revealed.values())
 
@@ -298,6 +300,8 @@ class BFCLEnv(ToolEnv):
             result = f"{ERROR}{name} ran past the time limit of {self.sandbox.timeout:g} s"
         except RuntimeError as exc:
             result = f"{ERROR}{exc}"
+        self.results += [[] for _ in range(self.turn_index + 1 - len(self.results))]
+        self.results[self.turn_index].append(result)
         return result, not (result.startswith(ERROR) or _reports_error(result))
 
     def next_user_turn(self):
@@ -314,15 +318,17 @@ class BFCLEnv(ToolEnv):
         return self.sandbox.call("snapshot", record=False)
 
     def gold_state(self):
+        """(gold back-ends after every gold call, the gold calls' execution results per user turn)."""
         gold = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"], self.long_context)
-        for turn in self.spec["gold"]:
-            for call in turn:
-                gold.execute_string(call)
-        return gold
+        results = [[gold.execute_string(call) for call in turn] for turn in self.spec["gold"]]
+        return gold, results
 
     def reward(self, final_text):
-        """1.0 when every back-end ends in the gold state (public attributes equal, as BFCL's state check)."""
-        gold = self.gold_state()
+        """1.0 when every back-end ends in the gold state (public attributes equal, as BFCL's state check) and,
+        as BFCL's response check, every gold call's execution result of each user turn is among the results of
+        the episode's calls up to that turn (in any order): a final state that needs no call (a task of
+        read-only calls) is not paid to an episode that never made them."""
+        gold, gold_results = self.gold_state()
         try:
             mine = self.instances()
         except (SandboxTimeout, RuntimeError):
@@ -331,6 +337,11 @@ class BFCLEnv(ToolEnv):
             for attr, value in vars(instance).items():
                 if not attr.startswith("_") and getattr(mine[name], attr) != value:
                     return 0.0
+        so_far = collections.Counter()
+        for turn, expected in enumerate(gold_results):
+            so_far.update(self.results[turn] if turn < len(self.results) else [])
+            if collections.Counter(expected) - so_far:
+                return 0.0
         return 1.0
 
     def close(self):
