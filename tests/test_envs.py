@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -108,6 +109,42 @@ class _Counter:
 
     def value(self):
         return self.n
+
+
+class _LoadSensitive:
+    """A deterministic back-end whose ``inc`` takes 2 s while ``flag`` exists (a machine under load)."""
+
+    def __init__(self, flag):
+        self.flag, self.n = flag, 0
+
+    def inc(self):
+        if os.path.exists(self.flag):
+            time.sleep(2)
+        self.n += 1
+        return self.n
+
+    def hang(self):
+        time.sleep(100)
+
+
+def test_a_sandbox_whose_replay_overran_refuses_every_later_call(tmp_path):
+    """After a replay overran, the next call built a fresh object and answered as if the completed calls never
+    ran (state 0 after three increments), and the episode went on, rewarded, on it: every later call is an
+    error now."""
+    flag = tmp_path / "busy"
+    sandbox = Sandbox(_LoadSensitive, (str(flag),), timeout=1.0)
+    try:
+        assert [sandbox.call("inc") for _ in range(3)] == [1, 2, 3]
+        flag.touch()
+        with pytest.raises(RuntimeError, match="state is lost"):
+            sandbox.call("hang")  # times out; replaying the three incs now overruns
+        flag.unlink()
+        with pytest.raises(RuntimeError, match="state is lost"):
+            sandbox.call("inc")
+    finally:
+        sandbox.close()
+    assert sandbox.call("inc") == 1, "close() starts over from factory(*args)"
+    sandbox.close()
 
 
 def test_sandbox_stops_an_overrunning_call_and_restores_the_state():

@@ -63,6 +63,7 @@ class Sandbox:
         self.completed = []  # (method, args, kwargs) of the recorded calls that returned
         self.process = self.conn = None
         self.restarts = 0
+        self.lost = None  # why the object's state is gone (a replay overran): every later call raises it
 
     def _start(self):
         ctx = _context()
@@ -82,6 +83,8 @@ class Sandbox:
         return self.conn.recv()
 
     def call(self, method, *args, record=True, **kwargs):
+        if self.lost:  # a fresh object would answer as if the completed calls never ran
+            raise RuntimeError(self.lost)
         if self.process is None:
             self._start()
         try:
@@ -105,13 +108,15 @@ class Sandbox:
                 self._send(message, self.timeout)
             except (SandboxTimeout, EOFError, BrokenPipeError, ConnectionResetError):
                 self._stop()
-                raise RuntimeError("Sandbox: replaying completed calls after a restart overran the time limit; "
-                                   "the sandboxed object is not deterministic") from None
+                self.lost = ("Sandbox: replaying completed calls after a restart overran the time limit; the "
+                             "object's state is lost")
+                raise RuntimeError(self.lost) from None
 
     def close(self):
         """Stop the child and forget the completed calls: a later call starts from ``factory(*args)``."""
         self._stop()
         self.completed = []
+        self.lost = None
 
     def _stop(self):
         if self.process is not None:
