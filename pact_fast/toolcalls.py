@@ -17,7 +17,7 @@ MAX_CALL_CHARS = 10_000  # characters of one call's text (name and arguments)
 MAX_ARGUMENT_DEPTH = 32  # nesting of lists and objects in a call's arguments
 EXCERPT_CHARS = 80  # characters of an offending text quoted in an error message
 
-_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _COMPACT = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
 
 
@@ -100,7 +100,9 @@ def parse_hermes(body):
         return ToolCallError(body, "tool call is not valid JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCallError(body, "tool call needs a string 'name'")
-    args = obj.get("arguments", {})
+    if "arguments" in obj and "parameters" in obj:
+        return ToolCallError(body, "tool call has both 'arguments' and 'parameters'")
+    args = obj.get("arguments", obj.get("parameters", {}))  # "parameters": Llama 3.1's name for them
     if isinstance(args, str):
         try:
             args = json.loads(args, parse_constant=_reject_constant)
@@ -127,11 +129,19 @@ def parse_one(body, fmt="compact"):
 
 
 def parse_tool_calls(text, fmt="compact"):
-    """All tool calls in ``text``: a list of ``ToolCall`` or ``ToolCallError``. An unclosed
-    ``<tool_call>`` is an error item too."""
+    """All tool calls in ``text`` after its reasoning (past the last ``</think>``: a call the model only thinks
+    about is not made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to
+    right in one pass (a degenerate turn of many unclosed tags costs linear time). An unclosed ``<tool_call>`` is
+    an error item too."""
     if fmt not in PARSERS:
         raise ValueError(f"parse_tool_calls: unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
-    calls = [parse_one(m.group(1), fmt) for m in _BLOCK.finditer(text)]
-    if text.count("<tool_call>") > len(calls):
-        calls.append(ToolCallError(text[text.rfind("<tool_call>"):], "unclosed <tool_call>"))
+    text = text.rsplit("</think>", 1)[-1]
+    calls, i = [], 0
+    while (start := text.find(OPEN, i)) >= 0:
+        end = text.find(CLOSE, start + len(OPEN))
+        if end < 0:
+            calls.append(ToolCallError(text[start:], "unclosed <tool_call>"))
+            break
+        calls.append(parse_one(text[start + len(OPEN):end], fmt))
+        i = end + len(CLOSE)
     return calls

@@ -178,3 +178,20 @@ def test_demo_shows_the_main_jobs_one_hop_tasks(capsys):
     out = capsys.readouterr().out
     assert out.count("(1 hop)") == 2 and "hops)" not in out
     assert out.count("call: lookup(") == 2  # one look-up per task, no add / initial step (data.ops=false)
+
+
+def test_calls_are_read_after_the_reasoning_in_linear_time_and_numbers_are_whole():
+    """A call written inside <think> was executed; 40k unclosed <tool_call> tags took seconds to parse (a lazy
+    regex from every tag to the end); a nested tag counted twice; Llama 3.1's "parameters" key was dropped (the
+    call ran without arguments); add(a=3.9) ran as 3 and a=true as 1."""
+    thought = "<think>\n<tool_call> lookup ( entity = maya , relation = age ) </tool_call>\n</think>\nno call"
+    assert parse_tool_calls(thought, "compact") == []
+    start = time.perf_counter()
+    calls = parse_tool_calls("<tool_call> x" * 40_000, "compact")
+    assert time.perf_counter() - start < 1.0 and len(calls) == 1 and "unclosed" in calls[0].reason
+    assert len(parse_tool_calls("<tool_call><tool_call>x</tool_call>", "compact")) == 1
+    (call,) = parse_tool_calls('<tool_call>{"name": "lookup", "parameters": {"entity": "maya"}}</tool_call>', "hermes")
+    assert call == ToolCall("lookup", {"entity": "maya"})
+    env = MultiHopEnv(parse_example(make_task(0, hops=1)))
+    assert env.step([ToolCall("add", {"a": 3.9, "b": 1}), ToolCall("add", {"a": True, "b": 1}),
+                     ToolCall("add", {"a": 3.0, "b": 1})]) == ["error : a must be a whole number"] * 2 + ["4"]

@@ -85,4 +85,4 @@ def test_non_finite_numbers_are_tool_errors_not_crashes():
     env = MultiHopEnv(parse_example(make_task(0, hops=1)))
     (call,) = parse_tool_calls(_block('{"name": "add", "arguments": {"a": 1e999, "b": 1}}'), "hermes")
     assert call.arguments["a"] == float("inf")
-    assert env.step([call]) == ["error : a must be a number"]
+    assert env.step([call]) == ["error : a must be a whole number"]

@@ -91,8 +91,11 @@ def execute(world, name, arguments, allowed):
     nums = {}
     for p, kind in spec["parameters"].items():
         if kind == "number":
+            value = arguments[p]
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ToolError(f"{p} must be a whole number")  # int() read true as 1 and 3.9 as 3
             try:
-                nums[p] = int(arguments[p])
+                nums[p] = int(value)
             except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from JSON's 1e999
                 raise ToolError(f"{p} must be a number") from None
     if name == "lookup":
