@@ -1,7 +1,11 @@
 """Parse tool calls out of model text, in the format a chat template renders them. Never ``eval``.
 
 - ``compact``: ``<tool_call> name ( key = value , ... ) </tool_call>`` (the built-in template);
-- ``hermes``: ``<tool_call> {"name": ..., "arguments": {...}} </tool_call>`` (Qwen, Hermes templates).
+- ``hermes``: ``<tool_call> {"name": ..., "arguments": {...}} </tool_call>`` (Qwen, Hermes templates;
+  ``"parameters"`` in place of ``"arguments"``, as Llama 3.1 writes them, is read too).
+
+Only the text after the turn's reasoning (past its last ``</think>``) is searched: a call the model only thinks
+about is not made.
 
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
 observation for the model; parsing never raises on model text. Model text is untrusted, so a
