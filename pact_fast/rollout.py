@@ -20,7 +20,7 @@ from typing import Optional, Protocol
 import torch
 
 from .chat import prompt_ids, render
-from .envs.base import MAX_RESULT_CHARS
+from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS
 from .envs.sandbox import CALL_TIMEOUT_S
 from .toolcalls import MAX_CALL_CHARS, PARSERS, parse_tool_calls
 
@@ -40,6 +40,8 @@ class RolloutConfig:
         "help": "longer tool-call text or arguments become an error observation"})
     max_result_chars: int = field(default=MAX_RESULT_CHARS, metadata={
         "help": "longer tool responses become an error observation"})
+    max_calls_per_turn: int = field(default=MAX_CALLS_PER_TURN, metadata={
+        "help": "tool calls one assistant turn may make; the ones past it become error observations, not run"})
     greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation)"})
     engine: str = field(default="hf", metadata={
         "help": "hf: Hugging Face forward with a KV cache (HFRolloutEngine); vllm: a colocated vLLM engine "

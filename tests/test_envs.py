@@ -195,3 +195,12 @@ def test_calls_are_read_after_the_reasoning_in_linear_time_and_numbers_are_whole
     env = MultiHopEnv(parse_example(make_task(0, hops=1)))
     assert env.step([ToolCall("add", {"a": 3.9, "b": 1}), ToolCall("add", {"a": True, "b": 1}),
                      ToolCall("add", {"a": 3.0, "b": 1})]) == ["error : a must be a whole number"] * 2 + ["4"]
+
+
+def test_a_turn_runs_at_most_max_calls_per_turn_calls():
+    """A turn of many calls ran every one (on BFCL each up to rollout.call_timeout, serially): past the cap they
+    are error observations, not run."""
+    env = MultiHopEnv(parse_example(make_task(0, hops=1)), max_calls_per_turn=2)
+    out = env.step([ToolCall("add", {"a": k, "b": 1}) for k in range(4)])
+    assert out[:2] == ["1", "2"] and out[2:] == ["error : not run: more than 2 tool calls in one turn"] * 2
+    assert env.errors == 2

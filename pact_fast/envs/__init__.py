@@ -9,7 +9,7 @@ def make_env_factory(cfg, rollout_cfg):
     from .multihop import MultiHopEnv
 
     caps = dict(max_turns=rollout_cfg.max_turns, max_call_chars=rollout_cfg.max_call_chars,
-                max_result_chars=rollout_cfg.max_result_chars)
+                max_result_chars=rollout_cfg.max_result_chars, max_calls_per_turn=rollout_cfg.max_calls_per_turn)
 
     def make_env(example):
         name = (example.env or {}).get("name", "multihop")

@@ -2,6 +2,7 @@
 from ..toolcalls import MAX_ARGUMENT_DEPTH, MAX_CALL_CHARS, nesting_depth
 
 MAX_RESULT_CHARS = 100_000  # characters of one tool response (BFCL long_context reaches 31,706)
+MAX_CALLS_PER_TURN = 16  # calls one assistant turn may make (expert traces: 1 on multi-hop and every BFCL category)
 MAX_NAME_CHARS = 100  # characters of a tool name
 
 
@@ -39,16 +40,20 @@ class ToolEnv:
     ``step`` refuses, with an error observation and before ``run_call`` sees them, calls whose name is
     not a short string, whose arguments are not an object, write out to more than ``max_call_chars``
     characters or nest deeper than ``MAX_ARGUMENT_DEPTH``; a response longer than ``max_result_chars``
-    is replaced by an error observation too. Error observations start with ``error_prefix``.
+    is replaced by an error observation too, and so is every call of a turn past its first
+    ``max_calls_per_turn`` (a turn of many slow calls would hold its episode for each one's time limit).
+    Error observations start with ``error_prefix``.
     """
 
     error_prefix = "error : "
     malformed_response = "error : bad tool call"
 
-    def __init__(self, max_turns, *, max_call_chars=MAX_CALL_CHARS, max_result_chars=MAX_RESULT_CHARS):
+    def __init__(self, max_turns, *, max_call_chars=MAX_CALL_CHARS, max_result_chars=MAX_RESULT_CHARS,
+                 max_calls_per_turn=MAX_CALLS_PER_TURN):
         self.max_turns = max_turns
         self.max_call_chars = max_call_chars
         self.max_result_chars = max_result_chars
+        self.max_calls_per_turn = max_calls_per_turn
         self.turns = 0
         self.errors = 0
 
@@ -72,8 +77,11 @@ class ToolEnv:
         """Execute a turn's calls (``ToolCall`` or ``ToolCallError`` items) -> tool response texts."""
         self.turns += 1
         out = []
-        for call in calls:
-            if not hasattr(call, "arguments"):
+        for k, call in enumerate(calls):
+            if k >= self.max_calls_per_turn:
+                text, ok = (f"{self.error_prefix}not run: more than {self.max_calls_per_turn} tool calls in one "
+                            "turn"), False
+            elif not hasattr(call, "arguments"):
                 text, ok = self.malformed_response, False
             elif (reason := self.refusal(call.name, call.arguments)) is not None:
                 text, ok = self.error_prefix + reason, False

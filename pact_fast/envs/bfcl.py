@@ -37,7 +37,7 @@ import json
 from importlib import resources
 
 from ..toolcalls import MAX_CALL_CHARS, excerpt
-from .base import MAX_RESULT_CHARS, ToolEnv
+from .base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnv
 from .sandbox import CALL_TIMEOUT_S, Sandbox, SandboxTimeout
 
 CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
@@ -274,8 +274,9 @@ class BFCLEnv(ToolEnv):
     malformed_response = f"{ERROR}malformed tool call"
 
     def __init__(self, example, *, max_turns=20, call_timeout=CALL_TIMEOUT_S, max_call_chars=MAX_CALL_CHARS,
-                 max_result_chars=MAX_RESULT_CHARS):
-        super().__init__(max_turns, max_call_chars=max_call_chars, max_result_chars=max_result_chars)
+                 max_result_chars=MAX_RESULT_CHARS, max_calls_per_turn=MAX_CALLS_PER_TURN):
+        super().__init__(max_turns, max_call_chars=max_call_chars, max_result_chars=max_result_chars,
+                         max_calls_per_turn=max_calls_per_turn)
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
 
         self.spec = example.env
