@@ -68,6 +68,11 @@ def _fsync_tree(path, files=True):
         os.close(fd)
 
 
+def has_checkpoint(run_dir):
+    """Whether a run directory holds a checkpoint (``checkpoints/step_*``) to resume from."""
+    return any((Path(run_dir) / "checkpoints").glob("step_*"))
+
+
 def latest(path):
     """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
     path = Path(path)

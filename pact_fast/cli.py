@@ -112,7 +112,7 @@ def _compare_lists(parser, args):
         parser.error(f"compare: --modes takes at least one of {', '.join(MODES)}")
     if len(set(args.modes)) < len(args.modes):
         parser.error(f"compare: --modes names a mode twice ({' '.join(args.modes)}); each runs once")
-    if any(o.split("=", 1)[0].strip() == "loss.mode" for o in args.overrides):
+    if _overridden(args, "loss.mode"):
         parser.error("compare: loss.mode is what --modes sets, one run per mode; leave it out")
     if args.seeds is not None:
         bad = [v for v in args.seeds if not v.lstrip("-").isdigit()]
@@ -222,9 +222,14 @@ def _plan(args):
     return 0 if best else 1
 
 
+def _overridden(args, key):
+    """Whether the command's ``section.key=value`` overrides set ``key``."""
+    return any(o.split("=", 1)[0].strip() == key for o in args.overrides)
+
+
 def _out_dir_given(args):
     """Whether the command line or its --config file set train.out_dir."""
-    if args.out or any(o.split("=", 1)[0].strip() == "train.out_dir" for o in args.overrides):
+    if args.out or _overridden(args, "train.out_dir"):
         return True
     if not args.config:
         return False

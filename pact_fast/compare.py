@@ -18,6 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
+from . import checkpoint
 from .config import ConfigError, one_off_fields, config_changes, load_config
 from .data import load_data
 from .plots import pyplot
@@ -104,7 +105,7 @@ def _earlier_run(cfg):
     if summary and summary.get("steps") == cfg.train.steps and not summary.get("interrupted") \
             and not summary.get("stopped"):
         return "finished", summary
-    if any((run_dir / "checkpoints").glob("step_*")):
+    if checkpoint.has_checkpoint(run_dir):
         return "unfinished", None
     return None, None
 

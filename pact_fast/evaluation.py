@@ -61,7 +61,7 @@ def run_config(run, overrides=()):
         if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
             raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
                               "it cannot be overridden")
-    key = "model.lora.adapter" if saved.model.lora.enabled else "model.path"
+    key = "model.lora.adapter" if lora else "model.path"
     return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG), ckpt
 
 

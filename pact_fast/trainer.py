@@ -338,7 +338,7 @@ def check_fresh_run_dir(out_dir):
     (killed, out of memory) left nothing to resume: the directory is reused, its ``metrics.jsonl`` kept as
     ``metrics.jsonl.prev`` (``reuse_run_dir``)."""
     run_dir = Path(out_dir)
-    if any((run_dir / "checkpoints").glob("step_*")):
+    if checkpoint.has_checkpoint(run_dir):
         raise ConfigError(f"train.out_dir={out_dir} already holds a run (checkpoints): continue it with --resume "
                           f"{out_dir}, or give a new --out (or train.out_dir)")
     if (run_dir / "summary.json").exists():
