@@ -64,10 +64,16 @@ def nesting_depth(value, limit=MAX_ARGUMENT_DEPTH):
 
 
 def _value(text):
-    compact = re.sub(r"\s+", "", text)
-    if re.fullmatch(r"-?\d+", compact):
-        return int(compact)  # ValueError past Python's 4300-digit limit; parse_compact reports it
-    return " ".join(text.split())
+    """A compact argument's text -> int or str. Digits split by whitespace are one number (the built-in tokenizer
+    decodes ``12`` as ``1 2``, ``-5`` as ``- 5``); an int only in its canonical form (``007`` and ``-0`` stay the
+    strings ``"007"`` and ``"-0"``, as an id or code would be written). Any other value is its text less the
+    spaces around it, inner whitespace kept (a newline in a value is the model's)."""
+    digits = re.sub(r"\s+", "", text)
+    if re.fullmatch(r"-?\d+", digits):
+        if re.fullmatch(r"-?[1-9]\d*|0", digits):
+            return int(digits)  # ValueError past Python's 4300-digit limit; parse_compact reports it
+        return digits
+    return text.strip()
 
 
 def parse_compact(body):

@@ -86,3 +86,14 @@ def test_non_finite_numbers_are_tool_errors_not_crashes():
     (call,) = parse_tool_calls(_block('{"name": "add", "arguments": {"a": 1e999, "b": 1}}'), "hermes")
     assert call.arguments["a"] == float("inf")
     assert env.step([call]) == ["error : a must be a whole number"]
+
+
+@pytest.mark.parametrize("text, value", [
+    ("12", 12), ("1 2", 12), ("- 5", -5), ("0", 0),  # the built-in tokenizer decodes 12 as "1 2", -5 as "- 5"
+    ("007", "007"), ("0 0 7", "007"), ("-0", "-0"),  # not an int's canonical form: an id or a code, kept as text
+    ("New  York", "New  York"), ("line one\nline two", "line one\nline two"),  # inner whitespace is the model's
+])
+def test_compact_values_keep_what_the_model_wrote(text, value):
+    calls = parse_tool_calls(_block(f" lookup ( key = {text} ) "), "compact")
+    assert calls == [ToolCall("lookup", {"key": value})]
+    assert type(calls[0].arguments["key"]) is type(value)
