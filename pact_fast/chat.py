@@ -48,6 +48,7 @@ Calls follow ``rollout.tool_call_format``: ``compact`` as above, ``hermes`` as
 ``<tool_call>\n{"name": "lookup", "arguments": {"entity": "maya"}}\n</tool_call>``.
 """
 import copy
+import json
 import re
 from dataclasses import dataclass
 
@@ -427,6 +428,47 @@ def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *,
     if problems:
         raise ValueError("the built-in tool format does not render with this tokenizer: " + "; ".join(problems))
     return "builtin"
+
+
+def _call_text(call):
+    """``name({json arguments})`` of a ToolCall, or the reason of a ToolCallError: types kept apart (``true`` is not
+    ``1``, ``[1]`` is not ``"[1]"``)."""
+    if not isinstance(call, ToolCall):
+        return f"an error ({call.reason})"
+    return f"{call.name}({json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)})"
+
+
+def trace_call_mismatch(tokenizer, example, sequences, tool_call_format):
+    """How the first of the trace's tool-call turns reads back, or None when every one does: each assistant turn
+    with ``tool_calls``, decoded from its labelled tokens in ``sequences`` (``trace_sequences`` output) as a
+    rollout decodes a sampled turn and parsed in ``tool_call_format``, must give the trace's calls, names,
+    arguments and their JSON types. Where it does not (the compact format writes ``True``, ``[1, 2]`` or a
+    comma inside a value as bare text), the SFT term teaches calls that the rollout would run differently.
+    Returns a one-line description: the turn, the calls as written and as read back."""
+    turn_tokens = {}  # assistant turn -> its tokens, from the first sequence that labels it
+    for s in sequences:
+        mine = {}
+        for token, comp, turn in zip(s.input_ids, s.components, s.turn_ids):
+            if comp in (REASONING, TOOL_CALL, OTHER):
+                mine.setdefault(turn, []).append(token)
+        for turn, tokens in mine.items():
+            turn_tokens.setdefault(turn, tokens)
+    turns = [m for m in example.trace if m["role"] == "assistant"]
+    for k, msg in enumerate(turns):
+        if not msg.get("tool_calls"):
+            continue
+        written = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
+        read = parse_tool_calls(tokenizer.decode(turn_tokens.get(k, []), skip_special_tokens=False),
+                                tool_call_format)
+        if [_call_text(c) for c in read] != [_call_text(c) for c in written]:
+            return (f"assistant turn {k}'s tool calls, rendered and read back in rollout.tool_call_format="
+                    f"{tool_call_format!r}, are {_cut('; '.join(map(_call_text, read)) or 'no call')}, not "
+                    f"{_cut('; '.join(map(_call_text, written)))}")
+    return None
+
+
+def _cut(text, limit=160):
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_trace_components(example, sequences):

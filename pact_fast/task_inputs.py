@@ -6,7 +6,9 @@ every training task before step 1 (keeping only the verdict, not the ids) and re
 (``file:line (id 'x')``), a task that cannot go through a step even with a one-token response, where the step
 that first drew it would otherwise stop, possibly hours in, or train on quietly:
 
-- a trace whose tool calls or reasoning render to no token (``chat.check_trace_components``);
+- a trace whose tool calls or reasoning render to no token (``chat.check_trace_components``), or whose tool
+  calls, rendered and read back as a rollout reads a sampled turn, are not the calls written
+  (``check_trace_calls``: the compact format cannot write a list, a boolean or a comma inside a value);
 - a trace-conditioned prompt or trace sequence longer than the model's positions (``max_position_embeddings``:
   past them a rotary model reads positions it never trained on and no error says so), or a prompt-only prompt
   longer than what the rollout engine samples from (those positions, within ``rollout.vllm_max_model_len`` with
@@ -24,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .chat import check_trace_components, prompt_ids, trace_conditioned_prompt_ids, trace_sequences
+from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trace_conditioned_prompt_ids,
+                   trace_sequences)
 from .data import DataFormatError, keep_rows
 from .envs import min_turns
 from .packing import packed_size
@@ -74,6 +77,17 @@ def group_inputs(tokenizer, example):
     except ValueError as exc:
         raise DataFormatError(f"{example.where()}: {str(exc).removeprefix(f'example {example.id!r}: ')}") from None
     return GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
+
+
+def check_trace_calls(tokenizer, example, inputs, tool_call_format):
+    """Raise a one-line ``DataFormatError`` when a trace turn's tool calls do not read back from their rendered
+    tokens as written (``chat.trace_call_mismatch``): its SFT term would teach calls that run differently."""
+    mismatch = trace_call_mismatch(tokenizer, example, inputs.sft, tool_call_format)
+    if mismatch:
+        hint = " (the compact format writes values as bare text: use rollout.tool_call_format=hermes)" \
+            if tool_call_format == "compact" else ""
+        raise DataFormatError(f"{example.where()}: {mismatch}; the SFT term would teach calls the rollout runs "
+                              f"differently{hint}")
 
 
 def check_lengths(example, inputs, lim):
@@ -172,9 +186,9 @@ def unrewardable(examples, lim):
     return [ex for ex in examples if min_turns(ex) > lim.max_turns]
 
 
-def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
-    """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` and every
-    held-out prompt fits ``lim.sampling``. ``on_error="raise"``: the first task that fails is a
+def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
+    """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` (and, given
+    the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling``. ``on_error="raise"``: the first task that fails is a
     ``DataFormatError``; ``"skip"``: failing tasks are left out and ``log``-ged as a count with the first reason
     (none left of a non-empty split is still an error). ``log``: also a progress line every PROGRESS_EVERY_S
     seconds on a large data set."""
@@ -190,7 +204,13 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
 
         return keep_rows(examples, check, on_error, lambda _, reason: skipped[what].append(reason), progress)
 
-    train_kept = keep(train_set, lambda ex: check_lengths(ex, group_inputs(tokenizer, ex), lim), "training")
+    def check_training(ex):
+        inputs = group_inputs(tokenizer, ex)
+        check_lengths(ex, inputs, lim)
+        if tool_call_format is not None:
+            check_trace_calls(tokenizer, ex, inputs, tool_call_format)
+
+    train_kept = keep(train_set, check_training, "training")
     kept_held_out = keep(held_out, lambda ex: _check_sampling(ex, len(prompt_ids(tokenizer, ex)), lim), "held-out")
     for what, reasons in skipped.items():
         if reasons and log is not None:
@@ -207,5 +227,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None):
     return train_kept, kept_held_out
 
 
-__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "response_cap", "fit_episodes",
-           "prepare", "unrewardable", "PROGRESS_EVERY_S"]
+__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "check_trace_calls", "response_cap",
+           "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]

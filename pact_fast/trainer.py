@@ -377,7 +377,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
     lim = limits(model, config)
     train_set, held_out = prepare(tokenizer, train_set, held_out, lim, on_error=config.data.on_error,
-                                  log=log if dist.rank() == 0 else None)
+                                  log=log if dist.rank() == 0 else None,
+                                  tool_call_format=config.rollout.tool_call_format)
     if train_cfg.grad_checkpointing:
         # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
         # frozen tied head) would silently drop the gradients of the layers inside it

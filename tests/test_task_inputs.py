@@ -333,3 +333,84 @@ def test_tasks_that_could_never_be_rewarded_within_max_turns_are_said(tiny):
                           {"role": "user", "content": "and then ?"},
                           {"role": "assistant", "content": "ok"}])
     assert min_turns(bfcl) == 3
+
+
+def _calling_row(arguments):
+    """A row whose trace makes one call of ``post`` with ``arguments`` (BFCL-like values) and then answers."""
+    tool = {"type": "function", "function": {"name": "post", "description": "posts", "parameters": {
+        "type": "object", "properties": {k: {} for k in arguments}, "required": list(arguments)}}}
+    return {"id": "r", "messages": [{"role": "user", "content": "Post it."}], "tools": [tool],
+            "trace": [{"role": "assistant", "reasoning_content": "I post it.", "content": "",
+                       "tool_calls": [{"id": "c1", "type": "function",
+                                       "function": {"name": "post", "arguments": arguments}}]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "done"},
+                      {"role": "assistant", "content": "done"}],
+            "answer": "done", "env": {}}
+
+
+@pytest.mark.parametrize("arguments, read_back", [
+    ({"tags": ["#a", "#b"]}, "an error"),  # the comma between list items splits the arguments
+    ({"tags": ["#a"]}, '"tags": "[\'#a\']"'),  # a list read back as its text
+    ({"all": True}, '"all": "True"'),  # a boolean as the word True
+    ({"code": "7"}, '"code": 7'),  # a digit string as a number
+    ({"text": "hi, you"}, "an error"),
+])
+def test_trace_calls_that_do_not_read_back_are_refused(smollm2_dir, tmp_path, arguments, read_back):
+    """The compact format writes values as bare text: a trace call with a list, a boolean, a digit string or a
+    comma inside a value reads back, from the tokens its SFT term trains on, as another call (63 of the 344 gold
+    calls of 60 BFCL multi_turn_base tasks). Refused naming the row, unless the format is one that carries JSON;
+    skipped and counted with on_error=skip."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    path = _write(tmp_path / "d.jsonl", [_calling_row(arguments)])
+    examples, _ = load_examples(path)
+    tokenizers = {}
+    for fmt in ("compact", "hermes"):
+        tokenizers[fmt] = AutoTokenizer.from_pretrained(smollm2_dir)
+        resolve_chat_template(tokenizers[fmt], "builtin", fmt, log=None)
+    assert prepare(tokenizers["hermes"], examples, [], Limits(10_000), tool_call_format="hermes") == (examples, [])
+    with pytest.raises(DataFormatError) as info:
+        prepare(tokenizers["compact"], examples, [], Limits(10_000), tool_call_format="compact")
+    message = str(info.value)
+    assert message.startswith(f"{path}:1 (id 'r'): assistant turn 0's tool calls, rendered and read back in "
+                              "rollout.tool_call_format='compact', are ")
+    assert read_back in message and "use rollout.tool_call_format=hermes" in message and "\n" not in message
+    lines = []
+    with pytest.raises(DataFormatError, match="no training row fits a step"):
+        prepare(tokenizers["compact"], examples, [], Limits(10_000), tool_call_format="compact", on_error="skip",
+                log=lines.append)
+    assert "assistant turn 0's tool calls" in lines[0]
+
+
+def test_compact_values_that_read_back_pass(smollm2_dir, tmp_path):
+    """What the compact format does carry is not refused: words, numbers, an id with leading zeros, inner spaces."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    built_in = make_tasks(64, seed=0, world_seed=0, hops=(1, 2, 3), ops=True)  # add ( a = 48 , b = 5 ) among them
+    assert any(c["function"]["name"] == "add" for r in built_in for m in r["trace"] for c in m.get("tool_calls", []))
+    rows = [_calling_row({"name": "Maya  Lopez", "n": 12, "neg": -5, "id": "007"}), *built_in]
+    rows[0]["id"] = "calls"
+    examples, _ = load_examples(_write(tmp_path / "d.jsonl", rows))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    resolve_chat_template(tok, "builtin", "compact", log=None)
+    assert prepare(tok, examples, [], Limits(10_000), tool_call_format="compact") == (examples, [])
+    builtin = build_tokenizer()  # the built-in tokenizer splits digits ("1 2") and signs ("- 5")
+    assert prepare(builtin, examples[1:], [], Limits(10_000), tool_call_format="compact") == (examples[1:], [])
+
+
+def test_build_checks_trace_calls_in_the_runs_tool_call_format(tmp_path):
+    """trainer.build hands prepare the run's rollout.tool_call_format: a trace call with a list argument is refused
+    before any step in the (default) compact format."""
+    rows = _rows()
+    call = rows[3]["trace"][0]["tool_calls"][0]["function"]
+    call["arguments"]["entity"] = [call["arguments"]["entity"]]
+    data = _write(tmp_path / "data.jsonl", rows)
+    cfg = load_config(None, TINY + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataFormatError, match=rf"^{data}:4 \(id '{rows[3]['id']}'\): assistant turn 0's tool calls, "
+                                              r"rendered and read back in rollout.tool_call_format='compact'"):
+        build(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
