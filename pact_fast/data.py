@@ -16,11 +16,16 @@ One JSON object per line, OpenAI chat style::
      "env": {"name": "multihop", "world_seed": 0}}
 
 ``messages`` is the prompt (system and user turns). ``trace`` is the expert trace: assistant
-turns with optional ``reasoning_content`` and ``tool_calls`` (``arguments`` as an object or a JSON
-string), the ``tool`` responses that followed (``tool_call_id`` names an earlier call), and, for
-multi-turn tasks, later ``user`` turns. ``answer`` and ``env`` are what the reward needs.
+turns with optional ``reasoning_content`` (a ``content`` that opens with ``<think>...</think>`` is read as
+reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as an object or a JSON
+string, ``parameters`` read as its other name, checked against the function's schema: its required
+arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed,
+in the order of the calls (``tool_call_id`` names the call), and, for multi-turn tasks, later
+``user`` turns. ``answer`` and ``env`` are what the reward needs.
 
-A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
+System and user messages need text. Keys of other conventions that this format spells otherwise
+(``function_call``, ``reasoning``, ``thinking``) and content given as a list of parts are refused,
+not dropped. A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
 which only a ``user`` turn may come. A later user turn may carry ``tools``, function specs it makes
 available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite JSON numbers
@@ -76,6 +81,16 @@ def _fail(reason):
     raise DataFormatError(reason)
 
 
+# keys other conventions give an assistant turn that this format spells otherwise; read silently they would be dropped
+_OTHER_SPELLINGS = {
+    "function_call": "OpenAI's legacy 'function_call': write it as 'tool_calls': [{'id': ..., 'type': 'function', "
+                     "'function': {'name': ..., 'arguments': ...}}], answered by a 'tool' message with that "
+                     "'tool_call_id'",
+    "reasoning": "'reasoning': name it 'reasoning_content'",
+    "thinking": "'thinking': name it 'reasoning_content'",
+}
+
+
 def _check_message(msg, where, roles):
     if not isinstance(msg, dict):
         _fail(f"{where} must be an object, got {type(msg).__name__}")
@@ -83,9 +98,33 @@ def _check_message(msg, where, roles):
     if role not in roles:
         _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}")
     content = msg.get("content")
+    if isinstance(content, list):
+        _fail(f"{where}.content is a list of content parts; give it as one string (join the parts' 'text')")
     if content is not None and not isinstance(content, str):
-        _fail(f"{where}.content must be a string or null")
+        _fail(f"{where}.content of a tool response must be a string (JSON-encode a structured result)"
+              if role == "tool" else f"{where}.content must be a string or null")
+    if role in ("system", "user") and not (content or "").strip():
+        _fail(f"{where}.content is {'null' if content is None else 'empty'}: a {role} message needs its text")
+    if role == "assistant":
+        for key, how in _OTHER_SPELLINGS.items():
+            if key in msg:
+                _fail(f"{where} has {how}")
     return role
+
+
+def _split_think(msg, where):
+    """An assistant turn whose ``content`` opens with ``<think>...</think>`` (how many chat data sets store reasoning)
+    -> the reasoning in ``reasoning_content``, the rest in ``content``; a ``<think>`` tag anywhere else is refused
+    (it would train as answer text and be left out of the privileged trace)."""
+    content = msg.get("content") or ""
+    if "<think>" not in content and "</think>" not in content:
+        return msg
+    head, sep, rest = content.lstrip().partition("</think>")
+    if (not head.startswith("<think>") or not sep or "<think>" in rest or "</think>" in rest
+            or "<think>" in head[len("<think>"):] or msg.get("reasoning_content")):
+        _fail(f"{where}.content holds <think> tags other than one leading <think>...</think> block (read as "
+              "reasoning_content) with no reasoning_content beside it")
+    return {**msg, "reasoning_content": head[len("<think>"):].strip(), "content": rest.strip()}
 
 
 def _normalise_call(call, where):
@@ -94,24 +133,53 @@ def _normalise_call(call, where):
     fn = call["function"]
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         _fail(f"{where}.function.name must be a non-empty string")
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
+    if "arguments" in fn and "parameters" in fn:
+        _fail(f"{where}.function has both 'arguments' and 'parameters'")
+    args = fn.get("arguments", fn.get("parameters", {}))  # "parameters": Llama 3.1's name for them
+    if isinstance(args, str):  # decoded as strictly as a row (_decode_row)
         try:
-            args = json.loads(args) if args.strip() else {}
+            args = json.loads(args, parse_constant=_reject_constant) if args.strip() else {}
+            json.dumps(args, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as exc:
             _fail(f"{where}.function.arguments is not valid JSON ({exc.msg})")
+        except RecursionError:
+            _fail(f"{where}.function.arguments is nested too deeply")
+        except UnicodeEncodeError:
+            _fail(f"{where}.function.arguments holds a lone surrogate escape (\\ud800-\\udfff): it encodes no "
+                  "character")
+        except DataFormatError as exc:
+            _fail(f"{where}.function.arguments: {exc}")
+        except ValueError:
+            _fail(f"{where}.function.arguments has a number past Python's int conversion limit")
     if not isinstance(args, dict):
         _fail(f"{where}.function.arguments must be an object")
-    if not isinstance(call.get("id", ""), str):
-        _fail(f"{where}.id must be a string")
-    return {"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if "id" not in call or not isinstance(call["id"], str) or not call["id"]:
+        _fail(f"{where} needs an 'id' (a non-empty string): the 'tool' message that answers it names it in "
+              "'tool_call_id'")
+    return {"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _check_arguments(call, specs, where):
+    """The call's arguments against its function's JSON schema: every ``required`` one given, none that
+    ``properties`` does not list (unless ``additionalProperties`` allows them)."""
+    params = specs[call["function"]["name"]]["parameters"]
+    args = call["function"]["arguments"]
+    missing = [p for p in params.get("required", []) if p not in args]
+    if missing:
+        _fail(f"{where} calls {call['function']['name']!r} without its required argument(s) {missing}")
+    properties = params.get("properties", {})
+    if params.get("additionalProperties", False) is not True:
+        unknown = [a for a in args if a not in properties]
+        if unknown:
+            _fail(f"{where} calls {call['function']['name']!r} with argument(s) {unknown} that its parameters do "
+                  f"not list ({sorted(properties) or 'none'})")
 
 
 def _check_tools(tools, where):
-    """Validate a list of function specs; returns their names."""
+    """Validate a list of function specs; returns {name: function spec}."""
     if not isinstance(tools, list):
         _fail(f"{where} must be a list")
-    names = set()
+    names = {}
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -124,16 +192,19 @@ def _check_tools(tools, where):
         required = params.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             _fail(f"{where}[{i}].function.parameters.required must be a list of strings")
-        names.add(fn["name"])
+        names[fn["name"]] = fn
     return names
 
 
 def parse_example(row):
     """Validate one decoded row and return an ``Example`` (tool-call arguments normalised to objects)."""
     if not isinstance(row, dict):
-        _fail(f"a row must be a JSON object, got {type(row).__name__}")
-    if "id" not in row or not isinstance(row["id"], (str, int)):
-        _fail("missing 'id' (string)")
+        _fail(f"a row must be a JSON object, got {type(row).__name__}"
+              + (" (a JSON array file? rows are JSONL, one object per line)" if isinstance(row, list) else ""))
+    if "id" not in row:
+        _fail("missing 'id' (a string or an integer)")
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+        _fail(f"'id' must be a string or an integer, got {json.dumps(row['id'])}")
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         _fail("'messages' must be a non-empty list")
@@ -161,6 +232,7 @@ def parse_example(row):
         role = _check_message(m, f"trace[{i}]", {"assistant", "tool", "user"})
         m = dict(m)
         if role == "assistant":
+            m = _split_think(m, f"trace[{i}]")
             if final_answer is not None:
                 _fail(f"trace[{i}] is an assistant turn after the final answer trace[{final_answer}]; "
                       f"only a user turn may follow it")
@@ -174,6 +246,8 @@ def parse_example(row):
             for j, c in enumerate(m["tool_calls"]):
                 if tools and c["function"]["name"] not in names:
                     _fail(f"trace[{i}] calls {c['function']['name']!r}, which 'tools' does not list")
+                if tools:
+                    _check_arguments(c, names, f"trace[{i}].tool_calls[{j}]")
                 if c["id"] in call_ids:
                     _fail(f"trace[{i}].tool_calls[{j}].id {c['id']!r} is used by an earlier tool call")
                 call_ids.add(c["id"])
@@ -183,18 +257,24 @@ def parse_example(row):
                 final_answer = i
         elif role == "tool":
             cid = m.get("tool_call_id")
+            if cid is None:
+                _fail(f"trace[{i}] (a tool response) has no 'tool_call_id': it names the id of the call it answers")
             if cid in call_ids and cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers a tool call a second time")
             if cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers no earlier tool call")
+            first = next(iter(open_calls))
+            if cid != first:  # a rollout gets its results in call order, and templates show no ids
+                _fail(f"trace[{i}] answers call {cid!r} before {first!r}: tool responses come in the order of the "
+                      "calls")
             del open_calls[cid]
             if not isinstance(m.get("content"), str):
-                _fail(f"trace[{i}].content of a tool response must be a string")
+                _fail(f"trace[{i}].content of a tool response must be a string (JSON-encode a structured result)")
         else:
             require_answered(i)
             final_answer = None
             if "tools" in m:
-                names |= _check_tools(m["tools"], f"trace[{i}].tools")
+                names.update(_check_tools(m["tools"], f"trace[{i}].tools"))
         norm_trace.append(m)
     require_answered(None)
     env = row.get("env", {})
@@ -235,8 +315,15 @@ def _reject_constant(name):
     _fail(f"{name} is not a JSON number (numbers must be finite)")
 
 
-def _decode_row(raw):
-    """One line of bytes -> the decoded JSON value; every failure is a ``DataFormatError``."""
+def _decode_row(raw, line_no=0):
+    """One line of bytes (the ``line_no``-th) -> the decoded JSON value; every failure is a ``DataFormatError``."""
+    if line_no == 1:
+        if raw.startswith(b"\x1f\x8b"):
+            _fail("a gzip file: decompress it first (rows are JSONL text, one JSON object per line)")
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+        if raw.strip() in (b"[", b"{"):
+            _fail(f"the line is {raw.strip().decode()!r} alone: a JSON array or pretty-printed JSON, not JSONL (one "
+                  "JSON object per line)")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -277,7 +364,7 @@ def load_examples(path, *, on_error="raise", check=None):
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                example = parse_example(_decode_row(raw)) if raw.strip() else None
+                example = parse_example(_decode_row(raw, line_no)) if raw.strip() else None
                 if example is not None and example.id in first_line:
                     _fail(f"duplicate id {example.id!r} (first on line {first_line[example.id]})")
                 if example is not None and check is not None:

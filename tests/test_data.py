@@ -207,9 +207,13 @@ def test_a_tool_of_no_arguments_may_leave_out_its_parameters():
     """OpenAI function specs make ``parameters`` optional: a tool without it takes no arguments (an empty object
     schema), as the chat templates and the environment then see it."""
     row = _good()
-    row["tools"][0]["function"].pop("parameters")
+    row["tools"].append({"type": "function", "function": {"name": "now", "description": "the time"}})
     ex = parse_example(row)
-    assert ex.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert ex.tools[-1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    row["tools"][0]["function"].pop("parameters")  # lookup, which the trace calls with arguments
+    with pytest.raises(DataFormatError, match=r"calls 'lookup' with argument\(s\) \['entity', 'relation'\] that "
+                                              r"its parameters do not list \(none\)"):
+        parse_example(row)
 
 
 def _split_config(path, **kw):
@@ -252,3 +256,102 @@ def test_skipped_held_out_rows_and_ids_shared_with_training_are_reported(tmp_pat
     assert [ex.id for ex in held_out] == [held[0]["id"], held[2]["id"]]
     assert f"{eval_path}: 2 rows loaded, 1 skipped (first: line 2: missing 'answer'" in out
     assert f"1 held-out ids are also training rows (first: {held[0]['id']!r})" in out
+
+
+def _call_turn(i=0):
+    """Index of the first trace turn of ``_good()`` that calls a tool, and the row."""
+    row = _good()
+    return row, next(k for k, m in enumerate(row["trace"]) if m.get("tool_calls"))
+
+
+def _edit(change):
+    row, k = _call_turn()
+    change(row, k)
+    return row
+
+
+# (change to a good row, words of the refusal): what other conventions and a hurried conversion produce, each
+# refused naming the field, where before it loaded and trained something else
+CONVERSIONS = {
+    "legacy-function-call": (lambda r, k: r["trace"][k].update(
+        function_call={"name": "lookup", "arguments": "{}"}), r"trace\[\d+\] has OpenAI's legacy 'function_call'"),
+    "reasoning-key": (lambda r, k: r["trace"][k].update(reasoning="i look it up"), "name it 'reasoning_content'"),
+    "thinking-key": (lambda r, k: r["trace"][k].update(thinking="i look it up"), "name it 'reasoning_content'"),
+    "content-parts": (lambda r, k: r["messages"][-1].update(content=[{"type": "text", "text": "hi"}]),
+                      r"messages\[\d\]\.content is a list of content parts; give it as one string"),
+    "null-user": (lambda r, k: r["messages"][-1].update(content=None), r"content is null: a user message needs"),
+    "empty-system": (lambda r, k: r["messages"][0].update(content=" "), r"content is empty: a system message needs"),
+    "missing-required-argument": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"]["arguments"].pop("entity"),
+                                  r"calls 'lookup' without its required argument\(s\) \['entity'\]"),
+    "unknown-argument": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"]["arguments"].update(city="x"),
+                         r"with argument\(s\) \['city'\] that its parameters do not list"),
+    "both-arguments-and-parameters": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(parameters={}),
+                                      "has both 'arguments' and 'parameters'"),
+    "call-without-id": (lambda r, k: r["trace"][k]["tool_calls"][0].pop("id"), r"needs an 'id'"),
+    "response-without-id": (lambda r, k: r["trace"][k + 1].pop("tool_call_id"), r"has no 'tool_call_id'"),
+    "nan-in-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
+        arguments='{"entity": "maya", "relation": NaN}'), r"arguments: NaN is not a JSON number"),
+    "surrogate-in-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
+        arguments='{"entity": "m\\ud800", "relation": "home"}'), "lone surrogate"),
+    "deep-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
+        arguments='{"entity": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nested too deeply"),
+    "float-id": (lambda r, k: r.update(id=1.5), "'id' must be a string or an integer, got 1.5"),
+    "bool-id": (lambda r, k: r.update(id=True), "'id' must be a string or an integer, got true"),
+    "object-tool-result": (lambda r, k: r["trace"][k + 1].update(content={"x": 1}), "JSON-encode a structured result"),
+    "think-inside-the-answer": (lambda r, k: r["trace"][-1].update(content="it is <think>x</think> paris"),
+                                "<think> tags other than one leading"),
+}
+
+
+@pytest.mark.parametrize("change, words", CONVERSIONS.values(), ids=CONVERSIONS)
+def test_other_conventions_are_refused_not_dropped(change, words):
+    with pytest.raises(DataFormatError, match=words):
+        parse_example(_edit(change))
+
+
+def test_parameters_are_read_as_arguments_and_a_leading_think_as_reasoning():
+    row, k = _call_turn()
+    call = row["trace"][k]["tool_calls"][0]["function"]
+    want = dict(call["arguments"])
+    call["parameters"] = call.pop("arguments")  # Llama 3.1's name, which the rollout's parser reads too
+    answer = row["trace"][-1]
+    answer.pop("reasoning_content", None)
+    answer["content"], final = f"<think>\nso it is {answer['content']}\n</think>\n\n{answer['content']}", answer["content"]
+    ex = parse_example(row)
+    assert ex.trace[k]["tool_calls"][0]["function"]["arguments"] == want
+    assert ex.trace[-1]["reasoning_content"] == f"so it is {final}" and ex.trace[-1]["content"] == final
+
+
+def test_tool_responses_out_of_call_order_are_refused():
+    """Rollouts get a turn's results in call order and templates show no ids: responses in another order would
+    teach results attached to the wrong calls."""
+    row = _good()
+    k = next(i for i, m in enumerate(row["trace"]) if m.get("tool_calls"))
+    first = row["trace"][k]["tool_calls"][0]
+    second = {**first, "id": "c2", "function": {**first["function"], "arguments": dict(first["function"]["arguments"])}}
+    row["trace"][k]["tool_calls"].append(second)
+    response = row["trace"][k + 1]
+    row["trace"].insert(k + 1, {**response, "tool_call_id": "c2"})
+    with pytest.raises(DataFormatError, match=rf"trace\[{k + 1}\] answers call 'c2' before '{first['id']}'"):
+        parse_example(row)
+    row["trace"][k + 1], row["trace"][k + 2] = row["trace"][k + 2], row["trace"][k + 1]
+    assert parse_example(row).trace[k + 2]["tool_call_id"] == "c2"
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\x1f\x8b\x08\x00", "a gzip file: decompress it first"),
+    (b"[\n" + json.dumps(_good()).encode() + b"\n]\n", "the line is '\\[' alone: a JSON array or pretty-printed JSON"),
+    (("[" + json.dumps(_good()) + "]\n").encode(), "a row must be a JSON object, got list \\(a JSON array file\\? rows are JSONL"),
+])
+def test_files_that_are_not_jsonl_say_what_they_are(tmp_path, content, words):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=rf"{path}:1: {words}"):
+        load_examples(path)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_good()).encode() + b"\n")
+    examples, _ = load_examples(path)
+    assert examples[0].id == _good()["id"]
