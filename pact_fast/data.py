@@ -291,7 +291,9 @@ def check_trainable(example, *, needs_trace=True):
 
     Every row needs ``tools`` (what the policy may call), ``env`` with a ``name`` (what runs the calls and
     scores the episode), and, for the multi-hop environment, ``answer`` (its reward). ``needs_trace``
-    (every loss mode but ``grpo``): a ``trace`` with at least one assistant turn. Raises ``DataFormatError``.
+    (every loss mode but ``grpo``): a ``trace`` with at least one assistant turn. Then its environment's own
+    check (``envs.check_example``: a multi-hop trace must replay to reward 1 there; a BFCL row needs the fields
+    its back-ends read). Raises ``DataFormatError``.
     """
     if not example.tools:
         _fail("missing 'tools': a row lists the functions the policy may call")
@@ -309,6 +311,11 @@ def check_trainable(example, *, needs_trace=True):
         _fail("'answer' is empty: the multihop reward would pay an empty reply")
     if needs_trace and not any(m["role"] == "assistant" for m in example.trace):
         _fail("missing 'trace' (the expert's assistant turns): every loss mode but grpo trains on it")
+    from .envs import check_example
+
+    reason = check_example(example)
+    if reason:
+        _fail(reason)
 
 
 def _reject_constant(name):

@@ -355,3 +355,78 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_good()).encode() + b"\n")
     examples, _ = load_examples(path)
     assert examples[0].id == _good()["id"]
+
+
+def _multihop(change):
+    row = _good()
+    change(row)
+    return parse_example(row)
+
+
+# (change to a good multi-hop row, words of check_trainable's refusal): rows that loaded and then crashed mid-run
+# (a tool the environment cannot run) or trained RL against SFT (a trace the environment does not reward)
+UNTRAINABLE_MULTIHOP = {
+    "a-tool-of-the-users": (lambda r: r["tools"].append(
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}),
+        "env 'multihop' runs only its own tools .*; the row lists 'get_weather'"),
+    "a-list-answer": (lambda r: r.update(answer=[r["answer"]]), "'answer' must be a string or an integer"),
+    "a-bool-answer": (lambda r: r.update(answer=False), "'answer' must be a string or an integer"),
+    "an-answer-the-trace-does-not-give": (lambda r: r.update(answer="atlantis"),
+                                          "the trace's final answer .* does not earn the reward against 'answer' "
+                                          "'atlantis'"),
+    "another-world": (lambda r: r["env"].update(world_seed=r["env"]["world_seed"] + 5),
+                      r"trace\[\d+\] gives 'lookup' the result .*, where the environment \(world \d+\) answers"),
+    "a-later-user-turn": (lambda r: r["trace"].extend([{"role": "user", "content": "and then ?"},
+                                                       {"role": "assistant", "content": "paris"}]),
+                          r"trace\[\d+\] is a later user turn, but env 'multihop' has one user turn"),
+}
+
+
+@pytest.mark.parametrize("change, words", UNTRAINABLE_MULTIHOP.values(), ids=UNTRAINABLE_MULTIHOP)
+def test_multihop_rows_must_replay_to_their_reward(change, words):
+    example = _multihop(change)
+    with pytest.raises(DataFormatError, match=words):
+        check_trainable(example)
+
+
+def test_every_built_in_task_replays_to_its_reward():
+    from pact_fast.envs import make_tasks
+
+    for hops in (1, 2, 3):
+        for t in make_tasks(60, seed=hops, hops=(hops,), n_distractors=2, world_seed=hops, ops=True):
+            check_trainable(parse_example(t))
+
+
+def test_a_listed_tool_the_environment_does_not_have_is_an_error_observation():
+    """Before, ``execute`` raised KeyError for a name the row listed but the environment lacks: the run stopped."""
+    from pact_fast.envs.multihop import MultiHopEnv
+    from pact_fast.toolcalls import ToolCall
+
+    row = _good()
+    row["tools"].append({"type": "function", "function": {"name": "get_weather"}})
+    env = MultiHopEnv(parse_example(row))
+    assert env.step([ToolCall("get_weather", {})]) == ["error : unknown tool get_weather"]
+
+
+def _bfcl_row(**env):
+    row = _good()
+    row["answer"] = None
+    row["env"] = {"name": "bfcl", "involved_classes": ["GorillaFileSystem"], "initial_config": {}, "user_turns": [],
+                  "gold": [["ls()"]], **env}
+    return parse_example(row)
+
+
+@pytest.mark.parametrize("env, words", [
+    (dict(involved_classes=None), "needs 'involved_classes', a non-empty list"),
+    (dict(involved_classes=["NoSuchAPI"]), "names 'NoSuchAPI', not a BFCL back-end"),
+    (dict(initial_config=None), "needs 'initial_config'"),
+    (dict(user_turns=[[{"role": "user", "content": "more"}]]), "'user_turns' has 1 later user turns, the trace 0"),
+    (dict(gold=None), "needs 'gold'"),
+    (dict(gold=[["ls()"], ["pwd()"]]), "'gold' has 2 turns for 1 user turns"),
+], ids=["no-classes", "unknown-class", "no-config", "user-turns", "no-gold", "gold-turns"])
+def test_bfcl_rows_need_the_fields_their_back_ends_read(env, words):
+    """Before, such rows loaded and the run stopped at the first episode (KeyError), or the first one scored."""
+    pytest.importorskip("bfcl_eval")
+    check_trainable(_bfcl_row(), needs_trace=False)  # the good one passes
+    with pytest.raises(DataFormatError, match=words):
+        check_trainable(_bfcl_row(**env), needs_trace=False)

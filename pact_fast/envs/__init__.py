@@ -26,6 +26,18 @@ def make_env_factory(cfg, rollout_cfg):
     return make_env
 
 
+def check_example(example):
+    """Why ``example`` cannot train in its environment (``env.name``; a one-line reason), or None:
+    ``multihop.check_example`` (its own tools, a text answer, a trace that replays to reward 1) or
+    ``bfcl.check_example`` (the fields ``BFCLEnv`` reads)."""
+    name = (example.env or {}).get("name")
+    if name == "bfcl":
+        from .bfcl import check_example as check
+    else:
+        from .multihop import check_example as check
+    return check(example)
+
+
 def min_turns(example):
     """The fewest assistant turns an episode of ``example`` needs to be rewarded: one per user turn (a BFCL task's
     first query and each later one; a multi-hop task has one), and one more for each user turn whose expert trace
@@ -41,4 +53,4 @@ def min_turns(example):
     return queries + calling + current
 
 
-__all__ = ["make_task", "make_tasks", "build_tokenizer", "make_env_factory", "min_turns"]
+__all__ = ["make_task", "make_tasks", "build_tokenizer", "make_env_factory", "check_example", "min_turns"]

@@ -223,6 +223,38 @@ def _entry_example(entry, gold, category):
                 "revealed_tools": {str(turn): names for turn, names in held.items()}, "gold": gold}}
 
 
+def check_example(example):
+    """Why ``example`` cannot run in ``BFCLEnv`` (a one-line reason), or None: ``env`` needs
+    ``involved_classes`` (BFCL back-end class names), ``initial_config`` (an object), ``user_turns`` (a list of
+    message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
+    turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field."""
+    try:
+        from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
+    except ImportError:
+        return "env 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval"
+    env = example.env
+    classes = env.get("involved_classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "env 'bfcl' needs 'involved_classes', a non-empty list of BFCL back-end class names"
+    unknown = [c for c in classes if c not in CLASS_FILE_PATH_MAPPING]
+    if unknown:
+        return f"env 'involved_classes' names {unknown[0]!r}, not a BFCL back-end ({', '.join(CLASS_FILE_PATH_MAPPING)})"
+    if not isinstance(env.get("initial_config"), dict):
+        return "env 'bfcl' needs 'initial_config', an object (the back-ends' initial state)"
+    turns = env.get("user_turns")
+    if not isinstance(turns, list) or not all(isinstance(t, list) for t in turns):
+        return "env 'bfcl' needs 'user_turns', a list with the messages of each later user turn"
+    later = sum(m["role"] == "user" for m in example.trace)
+    if example.trace and later != len(turns):
+        return f"env 'user_turns' has {len(turns)} later user turns, the trace {later}"
+    gold = env.get("gold")
+    if not isinstance(gold, list) or not all(isinstance(t, list) and all(isinstance(c, str) for c in t) for t in gold):
+        return "env 'bfcl' needs 'gold', a list with the gold call strings of each user turn"
+    if len(gold) != 1 + len(turns):
+        return f"env 'gold' has {len(gold)} turns for {1 + len(turns)} user turns"
+    return None
+
+
 def load_bfcl(category="multi_turn_base", limit=None, *, on_error="raise", report=None):
     """BFCL entries of a multi-turn category as ``Example`` rows (see the module docstring).
 

@@ -10,6 +10,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from ..toolcalls import ToolCall, excerpt
 from .base import ToolEnv
 
 PEOPLE = ["maya", "omar", "lena", "ivan", "nora", "theo", "zara", "hugo", "iris", "felix", "ada", "kai",
@@ -81,9 +82,9 @@ class ToolError(Exception):
 
 def execute(world, name, arguments, allowed):
     """Run one parsed tool call. arguments: dict of str -> str/int. Returns the response text."""
-    if name not in allowed:
+    spec = TOOLS.get(name) or DISTRACTORS.get(name)
+    if name not in allowed or spec is None:
         raise ToolError(f"unknown tool {name}")
-    spec = TOOLS.get(name) or DISTRACTORS[name]
     missing = [p for p in spec["parameters"] if p not in arguments]
     extra = [a for a in arguments if a not in spec["parameters"]]
     if missing or extra:
@@ -244,3 +245,41 @@ class MultiHopEnv(ToolEnv):
         correct = normalise_answer(final_answer(final_text)) == normalise_answer(self.answer)
         clean_calls = self.turns > 0 and self.errors == 0
         return float(correct) + (self.format_reward if clean_calls else 0.0)
+
+
+def check_example(example):
+    """Why ``example`` cannot train against ``MultiHopEnv`` (a one-line reason), or None. Its tools must be the
+    environment's own (it runs no other); its ``answer`` a string or an integer, as the reward compares it as
+    text; its trace one user turn (the environment hands over no later one), and, replayed here, the trace's tool
+    results must be what the environment answers in its world (``env.world_seed``) and its final answer must earn
+    the reward. Otherwise the RL terms would punish what the SFT term teaches."""
+    own = set(TOOLS) | set(DISTRACTORS)
+    foreign = [t["function"]["name"] for t in example.tools if t["function"]["name"] not in own]
+    if foreign:
+        return (f"env 'multihop' runs only its own tools ({', '.join(sorted(own))}); the row lists {foreign[0]!r}: "
+                "give such rows an environment that runs their tools")
+    if not isinstance(example.answer, (str, int)) or isinstance(example.answer, bool):
+        return (f"'answer' must be a string or an integer for the multihop reward (it compares the final answer "
+                f"as text), got {type(example.answer).__name__}")
+    later = next((i for i, m in enumerate(example.trace) if m["role"] == "user"), None)
+    if later is not None:
+        return f"trace[{later}] is a later user turn, but env 'multihop' has one user turn and hands over no other"
+    if not any(m["role"] == "assistant" for m in example.trace):
+        return None
+    env = MultiHopEnv(example, max_turns=len(example.trace) + 1)
+    results, final = [], None
+    for i, m in enumerate(example.trace):
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            results = list(zip(env.step(calls), (c.name for c in calls)))
+        elif m["role"] == "tool":
+            expected, name = results.pop(0)
+            if m["content"].strip() != expected.strip():
+                return (f"trace[{i}] gives {name!r} the result {excerpt(m['content'])}, where the environment (world "
+                        f"{example.env.get('world_seed', 0)}) answers {excerpt(expected)}")
+        elif m["role"] == "assistant":
+            final = m.get("content") or ""
+    if final is not None and env.reward(final) < 1.0:
+        return (f"the trace's final answer {excerpt(final_answer(final))} does not earn the reward against 'answer' "
+                f"{excerpt(str(example.answer))}")
+    return None
