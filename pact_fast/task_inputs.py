@@ -29,6 +29,7 @@ from typing import Optional
 from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trace_conditioned_prompt_ids,
                    trace_sequences)
 from .data import DataFormatError, keep_rows
+from .losses import OTHER, REASONING, TOOL_CALL
 from .envs import min_turns
 from .packing import packed_size
 
@@ -54,6 +55,7 @@ class Limits:
     sampling: Optional[int] = None
     sampling_name: str = "the model's max_position_embeddings"
     max_turns: Optional[int] = None  # rollout.max_turns: assistant turns an episode may take
+    max_new_tokens: Optional[int] = None  # rollout.max_new_tokens: tokens an episode's turn may take
 
 
 def limits(model, config):
@@ -65,18 +67,51 @@ def limits(model, config):
     vllm_len = config.rollout.vllm_max_model_len
     if config.rollout.engine == "vllm" and (positions is None or vllm_len < positions):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
-    return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns)
+    return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns,
+                  config.rollout.max_new_tokens)
 
 
 def group_inputs(tokenizer, example):
     """``GroupInputs`` of ``example``; a trace whose tool calls or reasoning render to nothing is a
-    ``DataFormatError`` naming the row (it would teach nothing)."""
-    sft = trace_sequences(tokenizer, example)
+    ``DataFormatError`` naming the row (it would teach nothing), and so is a row the chat template cannot render."""
+    try:
+        sft = trace_sequences(tokenizer, example)
+        inputs = GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
+    except Exception as exc:  # a template may raise anything (jinja2's errors) on content it does not expect
+        raise DataFormatError(f"{example.where()}: the chat template cannot render it ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
     try:
         check_trace_components(example, sft)
     except ValueError as exc:
         raise DataFormatError(f"{example.where()}: {str(exc).removeprefix(f'example {example.id!r}: ')}") from None
-    return GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
+    return inputs
+
+
+def check_known_tokens(tokenizer, example, sequences, what):
+    """Raise a one-line ``DataFormatError`` when token ``sequences`` (``example``'s ``what``) hold the tokenizer's
+    unknown token: text the model can neither read nor write (the built-in model's word tokenizer knows only its
+    tasks' words). Says the most any one sequence holds (they overlap: each trace sequence repeats the prompt)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id):
+        return
+    n = max(sum(1 for t in ids if t == unk) for ids in sequences)
+    if n:
+        raise DataFormatError(f"{example.where()}: its {what} has {n} piece(s) of text the tokenizer reads as "
+                              f"{tokenizer.unk_token!r}; the built-in model's word tokenizer knows only the built-in "
+                              "tasks' words: train a pretrained model (--model DIR) on such data")
+
+
+def longest_turn(sequences):
+    """Tokens of the longest assistant turn (its reasoning, calls and answer) in ``sequences`` (``trace_sequences``)."""
+    lengths = {}
+    for s in sequences:
+        mine = {}
+        for comp, turn in zip(s.components, s.turn_ids):
+            if comp in (REASONING, TOOL_CALL, OTHER):
+                mine[turn] = mine.get(turn, 0) + 1
+        for turn, n in mine.items():
+            lengths.setdefault(turn, n)
+    return max(lengths.values(), default=0)
 
 
 def check_trace_calls(tokenizer, example, inputs, tool_call_format):
@@ -204,14 +239,33 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
         return keep_rows(examples, check, on_error, lambda _, reason: skipped[what].append(reason), progress)
 
+    long_turns = []  # (example, tokens of its longest expert turn) past rollout.max_new_tokens
+
     def check_training(ex):
         inputs = group_inputs(tokenizer, ex)
+        check_known_tokens(tokenizer, ex, [inputs.tc_prompt] + [s.input_ids for s in inputs.sft], "prompt or trace")
         check_lengths(ex, inputs, lim)
         if tool_call_format is not None:
             check_trace_calls(tokenizer, ex, inputs, tool_call_format)
+        longest = longest_turn(inputs.sft)
+        if lim.max_new_tokens is not None and longest > lim.max_new_tokens:
+            long_turns.append((ex, longest))
+
+    def check_held_out(ex):
+        ids = prompt_ids(tokenizer, ex)
+        check_known_tokens(tokenizer, ex, [ids], "prompt")
+        _check_sampling(ex, len(ids), lim)
 
     train_kept = keep(train_set, check_training, "training")
-    kept_held_out = keep(held_out, lambda ex: _check_sampling(ex, len(prompt_ids(tokenizer, ex)), lim), "held-out")
+    kept_held_out = keep(held_out, check_held_out, "held-out")
+    if long_turns and log is not None:
+        kept_ids = {id(ex) for ex in train_kept}
+        long_turns = [(ex, n) for ex, n in long_turns if id(ex) in kept_ids]
+        if long_turns:
+            ex, n = long_turns[0]
+            log(f"[pact_fast] {len(long_turns)} of {len(train_kept)} training tasks have an expert turn longer than "
+                f"rollout.max_new_tokens={lim.max_new_tokens} (first: {ex.where()}, {n} tokens): an episode that "
+                "imitates it is cut there and earns 0; raise rollout.max_new_tokens")
     for what, reasons in skipped.items():
         if reasons and log is not None:
             log(f"[pact_fast] {len(reasons)} {what} rows skipped (data.on_error=skip); first: {reasons[0]}")
@@ -227,5 +281,6 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
     return train_kept, kept_held_out
 
 
-__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_lengths", "check_trace_calls", "response_cap",
+__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths", "check_trace_calls",
+           "longest_turn", "response_cap",
            "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]

@@ -117,10 +117,10 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
         check_lengths(example, gi, Limits(size, sampling=m - 1, sampling_name="x"))
 
     cfg = load_config(None, TINY)
-    assert limits(model, cfg) == Limits(700, 2048, 2048, "the model's max_position_embeddings", 2)
+    assert limits(model, cfg) == Limits(700, 2048, 2048, "the model's max_position_embeddings", 2, 10)
     vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
     # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
-    assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2)
+    assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2, 10)
 
 
 def test_a_trace_sequence_longer_than_the_budget_is_refused(tiny):
@@ -403,14 +403,61 @@ def test_compact_values_that_read_back_pass(smollm2_dir, tmp_path):
 
 
 def test_build_checks_trace_calls_in_the_runs_tool_call_format(tmp_path):
-    """trainer.build hands prepare the run's rollout.tool_call_format: a trace call with a list argument is refused
-    before any step in the (default) compact format."""
-    rows = _rows()
-    call = rows[3]["trace"][0]["tool_calls"][0]["function"]
-    call["arguments"]["entity"] = [call["arguments"]["entity"]]
+    """trainer.build hands prepare the run's rollout.tool_call_format: a trace call with a digit string argument is
+    refused before any step in the (default) compact format, which writes it as a number."""
+    rows = make_tasks(64, seed=0, world_seed=0, hops=(1, 2, 3), ops=True)
+    k = next(i for i, r in enumerate(rows) if any(c["function"]["name"] == "add" for m in r["trace"]
+                                                  for c in m.get("tool_calls", [])))
+    rows = rows[k - 3:k + 3] if k >= 3 else rows[:6]
+    k = min(k, 3)
+    call = next(c["function"] for m in rows[k]["trace"] for c in m.get("tool_calls", []) if c["function"]["name"] == "add")
+    call["arguments"]["a"] = str(call["arguments"]["a"])  # the environment adds "48" as 48; compact reads back 48
     data = _write(tmp_path / "data.jsonl", rows)
     cfg = load_config(None, TINY + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}"])
-    with pytest.raises(DataFormatError, match=rf"^{data}:4 \(id '{rows[3]['id']}'\): assistant turn 0's tool calls, "
-                                              r"rendered and read back in rollout.tool_call_format='compact'"):
+    with pytest.raises(DataFormatError, match=rf"^{data}:{k + 1} \(id '{rows[k]['id']}'\): assistant turn \d's tool "
+                                              r"calls, rendered and read back in rollout.tool_call_format='compact'"):
         build(cfg, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_text_the_built_in_tokenizer_cannot_read_is_refused(tiny):
+    """The built-in model's word tokenizer knows only its tasks' words: other data trained on <|unk|> pieces
+    (a call to <|unk|> ( <|unk|> = <|unk|> )) without a word. Held-out prompts too."""
+    _, tok = tiny
+    rows = _rows(4)
+    rows[1]["messages"][-1]["content"] += " Tokyo 東京"
+    train = load_examples_from(rows)
+    with pytest.raises(DataFormatError, match=rf"task {rows[1]['id']!r}: its prompt or trace has 2 piece\(s\) of text "
+                                              r"the tokenizer reads as '<\|unk\|>'.*--model DIR"):
+        prepare(tok, train, [], Limits(10_000))
+    with pytest.raises(DataFormatError, match=rf"task {rows[1]['id']!r}: its prompt has 2 piece"):
+        prepare(tok, train[:1], train[1:2], Limits(10_000))
+
+
+def test_expert_turns_longer_than_a_rollout_turn_are_said(tiny):
+    _, tok = tiny
+    rows = _rows(4)
+    _long_reasoning(rows[2], 60)  # the built-in tasks' turns take at most 37 tokens, within the default 48
+    train = load_examples_from(rows)
+    lines = []
+    prepare(tok, train, [], Limits(10_000, max_new_tokens=48), log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"[pact_fast] 1 of 4 training tasks have an expert turn longer than rollout.max_new_tokens=48 (first: task "
+        f"{rows[2]['id']!r}, "), lines
+    assert task_inputs.longest_turn(group_inputs(tok, train[2]).sft) > 60
+    lines.clear()
+    prepare(tok, train, [], Limits(10_000, max_new_tokens=1000), log=lines.append)
+    assert lines == []
+
+
+def test_a_row_the_template_cannot_render_is_named(tiny):
+    _, tok = tiny
+    train = load_examples_from(_rows(2))
+    original = tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m.content.upper() }}{{ m.nothing.deeper }}{% endfor %}"
+    try:
+        with pytest.raises(DataFormatError, match=rf"task {train[0].id!r}: the chat template cannot render it "
+                                                  r"\(UndefinedError: "):
+            prepare(tok, train, [], Limits(10_000))
+    finally:
+        tok.chat_template = original
