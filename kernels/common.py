@@ -38,10 +38,24 @@ def exp2_approx(x):
 
 
 @triton.jit
+def nonpositive(x):
+    """min(x, 0) that keeps a NaN (``tl.minimum`` lowers to ``min.f32``, which returns the other operand)."""
+    return tl.where(x > 0.0, 0.0, x)
+
+
+@triton.jit
+def nonnegative(x):
+    """max(x, 0) that keeps a NaN."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def online_softmax_step(m, s, t, z, mask):
     """One tile of a row-wise online log-sum-exp with its entropy accumulator. Per row: running max ``m``,
     ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)`` (fp32 [rows]), updated by the tile ``z`` [rows, cols]
-    (fp32, -inf where ``mask`` is false). Returns the new (m, s, t); then lse = m + log s, entropy = log s - t / s."""
+    (fp32, -inf where ``mask`` is false). Returns the new (m, s, t); then lse = m + log s, entropy = log s - t / s.
+    A logit of -inf where ``mask`` is true (a -inf bias) makes t NaN (0 * -inf) while s stays finite: the caller
+    sums such rows' t again with ``entropy_terms``."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
     alpha = tl.exp(m - m_new)
     p = tl.exp(z - m_new[:, None])
@@ -49,6 +63,14 @@ def online_softmax_step(m, s, t, z, mask):
     t = alpha * (t + (m - m_new) * s) + tl.sum(p * zc, axis=1)
     s = alpha * s + tl.sum(p, axis=1)
     return m_new, s, t
+
+
+@triton.jit
+def entropy_terms(z, m):
+    """sum exp(z - m) (z - m) per row of the tile ``z`` [rows, cols] (fp32) against the row's final max ``m``, a
+    term 0 where z is -inf (p = 0; (z - m) clamped so it is not 0 * -inf) and NaN where z is NaN."""
+    d = z - m[:, None]
+    return tl.sum(tl.exp(d) * tl.maximum(d, -1.0e30), axis=1)
 
 
 @triton.jit
@@ -63,15 +85,15 @@ def online_lse_step(m, s, z):
 @triton.jit
 def store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt, ENTROPY: tl.constexpr = True):
     """Write the finished online statistics of rows ``rows``: logp = z_tgt - lse (<= 0), lse = m + log s and,
-    with ENTROPY, entropy = log s - t / s (>= 0), fp32. Rows past the block (s = 0) are kept finite and not
-    stored."""
+    with ENTROPY, entropy = log s - t / s (>= 0), fp32. The clamps keep a NaN (``tl.minimum`` would return 0 for
+    it: a NaN logit read as log-prob 0). Rows past the block (s = 0) are kept finite and not stored."""
     s = tl.where(row_mask, s, 1.0)
     log_s = tl.log(s)
     lse = m + log_s
-    tl.store(logp_ptr + rows, tl.minimum(z_tgt - lse, 0.0), mask=row_mask)
+    tl.store(logp_ptr + rows, nonpositive(z_tgt - lse), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if ENTROPY:
-        tl.store(ent_ptr + rows, tl.maximum(log_s - t / s, 0.0), mask=row_mask)
+        tl.store(ent_ptr + rows, nonnegative(log_s - t / s), mask=row_mask)
 
 
 @triton.jit

@@ -54,7 +54,8 @@ scaling of ``U * (1 - tanh^2)``, but a re-shifted row recovers its logits from t
 import triton
 import triton.language as tl
 
-from .common import exp2_approx, online_lse_step, online_softmax_step, round_to, soft_cap, store_row_stats
+from .common import (entropy_terms, exp2_approx, nonpositive, online_lse_step, online_softmax_step, round_to,
+                     soft_cap, store_row_stats)
 from .registry import cost_name
 
 # Below any logit a model produces, yet finite: keeps `(m_old - m_new) * s` free of inf * 0.
@@ -107,6 +108,17 @@ def _stats_pass(row_ptr, tgt, logp_ptr, lse_ptr, ent_ptr, rows, row_mask, V, inv
             m, s, t = online_softmax_step(m, s, t, z, mask)
         else:
             m, s = online_lse_step(m, s, z)
+    if ENTROPY and not SOFTCAP:  # (a soft cap leaves no logit at -inf)
+        # a logit of -inf (a -inf bias) made t NaN with s finite: t again, its terms 0 there (rare, out of the loop)
+        redo = row_mask & (t != t) & (s == s)
+        if tl.sum(redo.to(tl.int32), axis=0) > 0:
+            t_again = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for c0 in range(0, V, BLOCK_V):
+                cols = c0 + tl.arange(0, BLOCK_V)
+                mask = row_mask[:, None] & (cols < V)[None, :]
+                z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                t_again += entropy_terms(z * inv_temp, m)
+            t = tl.where(redo, t_again, t)
     store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m, s, t, z_tgt, ENTROPY)
 
 
@@ -157,7 +169,7 @@ def _u_pass(row_ptr, tgt, logp_ptr, lse_ptr, s_ptr, rows, row_mask, V, inv_temp,
     tl.store(lse_ptr + rows, c + shift + log_s, mask=row_mask)
     # logp relative to c, not as (target logit) - lse: at logits of size |c| that difference would carry the
     # rounding of lse, |c| 2^-24
-    tl.store(logp_ptr + rows, tl.minimum((c_raw - c_ref) * inv_temp - shift - log_s, 0.0), mask=row_mask)
+    tl.store(logp_ptr + rows, nonpositive((c_raw - c_ref) * inv_temp - shift - log_s), mask=row_mask)
     bad = row_mask & (ref > 0.0)
     good = row_mask & ~bad
     tl.store(row_ptr + tgt, round_to(-s_other, row_ptr.dtype.element_ty), mask=good)

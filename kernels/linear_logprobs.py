@@ -71,7 +71,8 @@ def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, k, SOFTCAP: tl.constexpr,
     ``u = y * c - m2`` (y = z_raw, or ``tanh(z_raw / cap)`` with SOFTCAP, k as in ``_tanh_over``; c = the logits'
     scale, inv_temp or with SOFTCAP cap * inv_temp, times log2(e)), ``s = sum 2^u``, ``t2 = sum 2^u u``.
     Only the TAIL tile masks columns (``col_ok``); elsewhere ``load_mask`` is the loop-invariant row mask, and rows
-    past the block hold finite garbage that is never stored."""
+    past the block hold finite garbage that is never stored. A logit of -inf (a -inf bias) makes t2 NaN here
+    (p u = 0 * -inf): ``_slab_stats_kernel`` sums such rows' t2 again with ``_entropy_tile``."""
     z = tl.load(ptrs, mask=load_mask, other=0.0).to(tl.float32)
     if SOFTCAP:
         z = _tanh_over(z, k)
@@ -87,6 +88,17 @@ def _stats_tile(ptrs, load_mask, col_ok, m2, s, t2, c, k, SOFTCAP: tl.constexpr,
     t2 = alpha * (t2 + (m2 - m_new) * s) + tl.sum(tl.sum(pu, axis=0), axis=1)
     s = alpha * s + tl.sum(tl.sum(p, axis=0), axis=1)
     return m_new, s, t2
+
+
+@triton.jit
+def _entropy_tile(ptrs, load_mask, col_ok, m2, c, TAIL: tl.constexpr):
+    """sum 2^u u over one tile, as ``_stats_tile``'s t2 but against the slab's final max ``m2`` and with u clamped at
+    _M_INIT, so a logit of -inf adds 0 (p = 0), not NaN; a NaN logit still gives NaN. No soft cap (none is -inf)."""
+    z = tl.load(ptrs, mask=load_mask, other=0.0).to(tl.float32)
+    if TAIL:
+        z = tl.where(col_ok, z, float("-inf"))
+    u = z * c - m2[None, :, None]
+    return tl.sum(tl.sum(exp2_approx(u) * tl.maximum(u, _M_INIT), axis=0), axis=1)
 
 
 @cost_name("linear_logprobs.fwd")
@@ -131,13 +143,26 @@ def _slab_stats_kernel(z_ptr, stride_zr, tgt_ptr, state_ptr, logp_ptr, lse_ptr, 
     chunk_cols = tl.arange(0, SPLIT)[:, None, None] * (BLOCK_S // SPLIT) + tl.arange(0, BLOCK_S // SPLIT)[None, None, :]
     ptrs = z_ptr + rows[None, :, None] * stride_zr + chunk_cols
     row_mask_3d = row_mask[None, :, None]
+    m2_in, s_in, t2_in = m2, s, t2
     full = S - S % BLOCK_S
     for c0 in range(0, full, BLOCK_S):
         m2, s, t2 = _stats_tile(ptrs + c0, row_mask_3d, row_mask_3d, m2, s, t2, c, k, SOFTCAP=SOFTCAP, TAIL=False)
+    col_ok = full + chunk_cols < S
     if full < S:
-        col_ok = full + chunk_cols < S
         m2, s, t2 = _stats_tile(ptrs + full, row_mask_3d & col_ok, col_ok, m2, s, t2, c, k, SOFTCAP=SOFTCAP,
                                 TAIL=True)
+    # rows whose t2 went NaN with s finite met a logit of -inf (a -inf bias, a masked vocabulary; a NaN logit makes
+    # s NaN too): their t2 is summed again over the slab, the terms of -inf logits 0. Rare, so kept out of the
+    # loop above, whose instructions per logit bound the epilogue. A soft cap leaves no logit at -inf (tanh).
+    redo = row_mask & (t2 != t2) & (s == s)
+    if not SOFTCAP and tl.sum(redo.to(tl.int32), axis=0) > 0:
+        t_slab = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, full, BLOCK_S):
+            t_slab += _entropy_tile(ptrs + c0, row_mask_3d, row_mask_3d, m2, c, TAIL=False)
+        if full < S:
+            t_slab += _entropy_tile(ptrs + full, row_mask_3d & col_ok, col_ok, m2, c, TAIL=True)
+        alpha = exp2_approx(m2_in - m2)
+        t2 = tl.where(redo, alpha * (t2_in + (m2_in - m2) * s_in) + t_slab, t2)
     if IS_LAST:
         store_row_stats(logp_ptr, lse_ptr, ent_ptr, rows, row_mask, m2 * _LN2, s, t2 * _LN2, z_tgt)
     else:
@@ -177,8 +202,8 @@ def _slab_grad_kernel(z_ptr, stride_zr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, ge
         p = tl.exp(z - lse[:, None])
         onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
         dz = g_logp[:, None] * (onehot - p)
-        if HAS_GENT:
-            dz += g_ent[:, None] * p * (mean_z[:, None] - z)
+        if HAS_GENT:  # E[z] - z is +inf at a logit of -inf (p = 0 there): clamped, so the term is 0, not NaN
+            dz += g_ent[:, None] * p * tl.minimum(mean_z[:, None] - z, -_M_INIT)
         dz = dz * inv_temp
         if SOFTCAP:
             dz = dz * slope

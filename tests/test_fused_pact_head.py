@@ -60,7 +60,7 @@ def _unfused(hidden, weight, bias, targets, rows, batch, config, progress, tempe
         z = softcap * torch.tanh(z / softcap)
     logprobs = torch.log_softmax(z / temperature, dim=-1)
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)
-    ent = -(logprobs.exp() * logprobs).sum(-1)
+    ent = -(logprobs.exp() * torch.where(logprobs > float("-inf"), logprobs, 0.0)).sum(-1)  # 0 log 0 = 0
     fill = {name: _scatter(logp, index) for name, index in rows.items()}
     if old_from_current:
         fill["old_logp_tc"], fill["old_logp_po"] = fill["logp_tc"].detach(), fill["logp_po"].detach()

@@ -37,7 +37,7 @@ import torch
 from .. import loss_grads
 from ..losses import NONE, PACTLossConfig
 from ._backend import resolve_backend
-from .linear_logprobs import check_logit_transform, chunk_logits, logit_transform
+from .linear_logprobs import FINITE, check_logit_transform, chunk_logits, logit_transform
 
 # A chunk's fp32 logits (and the dz built in place of them) stay under this budget, but hold at least
 # MIN_CHUNK_ROWS rows so the GEMMs stay wide enough to run at speed (torch backend).
@@ -306,7 +306,8 @@ def _run_torch(x, w, b, targets, inv_temp, cap, want_entropy, row_grads, chunk_r
             logp[i:i + chunk] = (z.gather(1, t).squeeze(1) - lse).clamp_max(0)
             p = z.sub(lse[:, None]).exp_()  # [C, V]
             if want_entropy:
-                mean_z = (p * z).sum(-1)  # E[z]
+                # E[z]: 0 * -inf (p = 0 at a -inf logit) is NaN, read as 0; a NaN logit still makes lse NaN
+                mean_z = (p * z).nan_to_num_(nan=0.0).sum(-1)
                 ent[i:i + chunk] = (lse - mean_z).clamp_min(0)
             if not needs_grad:
                 continue
@@ -314,7 +315,8 @@ def _run_torch(x, w, b, targets, inv_temp, cap, want_entropy, row_grads, chunk_r
             g_logp = g_logp.to(acc)
             # dz = g_logp * (onehot - p) + g_ent * p * (E[z] - z), times d z / d z_raw; in place of z
             if want_entropy:
-                dz = z.neg_().add_(mean_z[:, None]).mul_(g_ent.to(acc)[:, None]).sub_(g_logp[:, None]).mul_(p)
+                dz = z.neg_().clamp_max_(FINITE).add_(mean_z[:, None]).mul_(g_ent.to(acc)[:, None]).sub_(
+                    g_logp[:, None]).mul_(p)
             else:
                 dz = p.mul_(-g_logp[:, None])
             dz.scatter_add_(1, t, g_logp[:, None]).mul_(inv_temp)

@@ -36,6 +36,9 @@ from ._backend import resolve_backend
 from ._custom import custom_op
 
 BACKENDS = ("auto", "torch", "triton")
+# Past any logit a model produces, finite in fp32: a logit of -inf (a -inf bias) is clamped to -FINITE where it is
+# multiplied by its probability 0, so an entropy term is 0 * (-1e30) = 0, not 0 * -inf = NaN.
+FINITE = 1e30
 
 # Rows per chunk of the torch path: one fp32 chunk of logits near _CHUNK_BYTES, but never fewer
 # than _MIN_CHUNK_ROWS rows (thinner GEMMs run well below the machine's matmul speed).
@@ -158,9 +161,9 @@ def _torch_forward(x, weight, bias, targets, inv_temp, cap, chunk):
         e = z.exp()
         s = e.sum(-1)
         log_s = s.log()
-        # entropy = log s - sum(e * (z - m)) / s
-        ent[sl] = (log_s - e.mul_(z).sum(-1) / s).clamp_min(0)
         logp[sl] = (z.gather(1, targets[sl, None]).squeeze(1) - log_s).clamp_max(0)
+        # entropy = log s - sum(e * (z - m)) / s; a logit of -inf (a -inf bias) adds 0 there, not 0 * -inf
+        ent[sl] = (log_s - e.mul_(z.clamp_min_(-FINITE)).sum(-1) / s).clamp_min(0)
         lse[sl] = m + log_s
     return logp, lse, ent
 
@@ -181,8 +184,9 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
         sl = slice(i, i + chunk)
         z, slope = chunk_logits(x[sl], weight, bias, inv_temp, cap, with_slope=True, dtype=acc)  # [C, V] each
         # dz = p * (g_ent * (E[z] - z) - g_logp) + g_logp * onehot(target), built in place
-        if g_ent is not None:
-            coef = z.neg().add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(g_logp[sl, None])
+        if g_ent is not None:  # E[z] - z clamped: +inf at a logit of -inf, where p = 0 makes the term 0
+            coef = z.neg().clamp_max_(FINITE).add_((lse[sl] - ent[sl])[:, None]).mul_(g_ent[sl, None]).sub_(
+                g_logp[sl, None])
             dz = z.sub_(lse[sl, None]).exp_().mul_(coef)
             del coef
         else:
@@ -361,5 +365,6 @@ def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature
     logprobs = torch.log_softmax(z, dim=-1)
     keep = targets != ignore_index
     logp = logprobs.gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # p log p is 0 where p = 0 (a -inf logit): log p taken as 0 there, so neither the sum nor its gradient is NaN
+    entropy = -(logprobs.exp() * torch.where(logprobs > float("-inf"), logprobs, 0.0)).sum(-1)
     return logp * keep, entropy * keep
