@@ -66,6 +66,7 @@ class TraceContextTemplate:
     tool_result: str = "result : {text}"
     user: str = "user : {text}"
     answer: str = "answer : {text}"
+    note: str = "note : {text}"  # the text of a turn that also calls tools, written before its calls
     footer: str = "[ end trace ]"
     separator: str = " "
     placement: str = "\n\n{prompt}{separator}{trace}"  # appended to the last user message
@@ -76,11 +77,12 @@ class TraceContextTemplate:
             if m["role"] == "assistant":
                 if m.get("reasoning_content"):
                     parts.append(self.reasoning.format(text=m["reasoning_content"]))
-                for c in m.get("tool_calls") or []:
+                calls = m.get("tool_calls") or []
+                if m.get("content"):  # in the turn's order: its text, then its calls (an answer has none)
+                    parts.append((self.note if calls else self.answer).format(text=m["content"]))
+                for c in calls:
                     args = " , ".join(f"{k} = {v}" for k, v in c["function"]["arguments"].items())
                     parts.append(self.tool_call.format(name=c["function"]["name"], args=args))
-                if m.get("content"):
-                    parts.append(self.answer.format(text=m["content"]))
             elif m["role"] == "tool":
                 parts.append(self.tool_result.format(text=m["content"]))
             elif m["role"] == "user":
@@ -296,7 +298,8 @@ def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|
     nl = "{{ '\\n' }}"
     return (
         "{% set ns = namespace(system='') %}"
-        "{% for m in messages %}{% if m.role == 'system' %}{% set ns.system = ns.system + m.content %}{% endif %}"
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{% set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m.content %}{% endif %}"
         "{% endfor %}"
         "{% if ns.system or tools %}"
         f"{s}system\n{{{{ ns.system }}}}"

@@ -212,3 +212,22 @@ def test_builtin_format_keeps_token_exact_reasoning_and_call_labels():
     assert got == [x for x in EXPECTED if x[1] in (R, C)]
     assert [x[0] for x in zip(tok.convert_ids_to_tokens(s.input_ids), s.components) if x[1] == T][1:] == \
         "<tool_response> 4 2 </tool_response> <|im_end|>".split()
+
+
+def test_the_privileged_trace_keeps_a_turns_order_and_system_messages_stay_apart():
+    """A turn's text came after its calls in the privileged trace, called an answer (the trained turn has it
+    first); two system messages ran together ("tools .Today is Monday.")."""
+    from pact_fast.chat import TraceContextTemplate, builtin_chat_template
+    from pact_fast.envs import build_tokenizer
+
+    trace = [{"role": "assistant", "content": "let me check", "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"entity": "x"}}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "r"},
+             {"role": "assistant", "content": "done"}]
+    assert TraceContextTemplate().render(trace) == ("[ privileged expert trace ] note : let me check call : lookup ( "
+                                                    "entity = x ) result : r answer : done [ end trace ]")
+    tok = build_tokenizer()
+    tok.chat_template = builtin_chat_template()
+    text = tok.apply_chat_template([{"role": "system", "content": "a ."}, {"role": "system", "content": "b ."},
+                                    {"role": "user", "content": "x"}], tokenize=False)
+    assert text.startswith("<|im_start|>system\na .\n\nb .<|im_end|>")
