@@ -20,13 +20,25 @@ from .data import DataFormatError
 STATE_FILE = "trainer_state.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed into this run: damaged, or of a model of other options (one line)."""
+
+
+def step_dir(run_dir, step):
+    """Where ``save`` writes the checkpoint of ``step`` in ``run_dir``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
 def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_last, *, peft_model=None):
     """Write ``run_dir/checkpoints/step_N`` under a temporary name, then rename; keep the last ``keep_last``
-    (0 keeps all). With ``peft_model`` (LoRA) only the adapters are written. Returns the checkpoint directory."""
-    ckpt_root = Path(run_dir) / "checkpoints"
+    (at least 1). With ``peft_model`` (LoRA) only the adapters are written. A checkpoint of the same step already
+    there is moved aside before the rename and deleted after it, so no moment leaves the step without one on disk.
+    Returns the checkpoint directory."""
+    final = step_dir(run_dir, step)
+    ckpt_root = final.parent
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".tmp-step_{step:06d}"
+    old = ckpt_root / f".old-step_{step:06d}"
     model_state = {k.removeprefix("model."): v for k, v in dist.full_model_state(scorer).items()}
     if getattr(scorer.model.config, "tie_word_embeddings", False):
         for key in dist.tied_keys(scorer.model):  # a gathered state dict holds tied weights as separate copies
@@ -45,9 +57,12 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
                     "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
                    tmp / STATE_FILE)
         _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_tree(ckpt_root, files=False)
+        shutil.rmtree(old, ignore_errors=True)
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -119,15 +134,24 @@ def _read_weights(ckpt, peft_model):
         raise FileNotFoundError(f"{ckpt}: no *.safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_readable(f, lambda: load_file(str(f))))
     return state
+
+
+def _readable(path, read):
+    """``read()``, a file that does not read (cut short by a full disk, a copy in progress) said in one line."""
+    try:
+        return read()
+    except Exception as exc:  # torch.load and safetensors raise several kinds on a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the "
+                         "checkpoint is damaged: move it aside to resume from the one before") from None
 
 
 def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
     """Restore weights (with ``peft_model``: the LoRA adapters), optimizer, scheduler, data order and RNG from
     ``ckpt``; returns its step."""
     ckpt = Path(ckpt)
-    trainer_state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    trainer_state = _readable(ckpt / STATE_FILE, lambda: torch.load(ckpt / STATE_FILE, weights_only=False))
     saved = trainer_state["order"]  # checked before anything is read into the model or the optimizer
     if saved["size"] != order.size or saved.get("fingerprint", order.fingerprint) != order.fingerprint:
         raise DataFormatError(f"resume: {ckpt} drew from {saved['size']:,} training rows; this config's data gives "
@@ -147,10 +171,15 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
         model.load_state_dict(state, strict=False)
         optimizer.load_state_dict(trainer_state["optimizer"])
     else:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+        if wrong:
+            raise CheckpointError(f"{ckpt}: weights do not fit the model ({wrong[0]}: {tuple(state[wrong[0]].shape)} in the "
+                             f"checkpoint, {shapes[wrong[0]]} in the model): the model options differ from the run's")
         missing, unexpected = model.load_state_dict(state, strict=False)
         untied = [k for k in missing if k not in dist.tied_keys(model)]
         if untied or unexpected:
-            raise ValueError(f"{ckpt}: weights do not match the model (missing {untied}, unexpected {unexpected})")
+            raise CheckpointError(f"{ckpt}: weights do not match the model (missing {untied}, unexpected {unexpected})")
         if dist.tied_keys(model):
             model.tie_weights()
         optimizer.load_state_dict(trainer_state["optimizer"])

@@ -356,6 +356,24 @@ def reuse_run_dir(out_dir, log=print):
             "metrics.jsonl.prev, this run starts metrics.jsonl")
 
 
+def config_warnings(config, n_train):
+    """What a run of ``config`` on ``n_train`` training tasks runs, but not as its options suggest (said at start)."""
+    out = []
+    rl = config.loss.mode != "sft"
+    if rl and config.rollout.group_size == 1:
+        out.append("rollout.group_size=1: each group's advantage is its reward less its own mean, 0: the RL terms "
+                   "train nothing (2 or more rollouts per prompt give them a signal)")
+    if rl and config.rollout.greedy:
+        out.append("rollout.greedy=true in training: a group's rollouts are the same episode, their advantages 0")
+    if config.train.prompts_per_step > n_train:
+        out.append(f"train.prompts_per_step={config.train.prompts_per_step} is more than the {n_train} training "
+                   "tasks: a step draws some of them twice")
+    if config.train.warmup_steps >= config.train.steps:
+        out.append(f"train.warmup_steps={config.train.warmup_steps} >= train.steps={config.train.steps}: the "
+                   "learning rate never reaches train.lr")
+    return out
+
+
 def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Components:
     """Data, policy (and reference), optimizer, schedule, rollout engine, data order and writers of a run; with
     ``resume`` (a run or checkpoint directory) restored from its latest checkpoint. Creates the run directory
@@ -379,6 +397,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     train_set, held_out = prepare(tokenizer, train_set, held_out, lim, on_error=config.data.on_error,
                                   log=log if dist.rank() == 0 else None,
                                   tool_call_format=config.rollout.tool_call_format)
+    if dist.rank() == 0:
+        for warning in config_warnings(config, len(train_set)):
+            log(f"[pact_fast] {warning}")
     if train_cfg.grad_checkpointing:
         # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
         # frozen tied head) would silently drop the gradients of the layers inside it
@@ -518,7 +539,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
             loss.backward()
             packed_tokens += n_tok
             if metrics is not None and not mb.padding:
-                weighted_metrics.append((counts[0 if lc.loss_agg == "token-mean" else 1] + n_traces, metrics))
+                weighted_metrics.append(((counts[0 if lc.loss_agg == "token-mean" else 1], n_traces), metrics))
                 step_loss += metrics["loss/total"]
         grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
         bad = non_finite_loss or not math.isfinite(float(grad_norm))
@@ -530,6 +551,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
             interrupt.abortable = False  # from here on the step completes
         c.optimizer.step()
         c.optimizer.zero_grad(set_to_none=True)
+    lr = c.scheduler.get_last_lr()[0]  # the rate this step trained at (logged; the scheduler now moves on)
     c.scheduler.step()  # the schedule follows the step count, skipped steps included
     anchor_frac = None
     if lc.mode == "pact":
@@ -538,7 +560,14 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     losses = {**_average(weighted_metrics), **tis_metrics}
     if "loss/total" in losses:  # the per-term losses are each micro-batch's own means, averaged by size above
         losses["loss/total"] = step_loss / epochs
-    return StepStats(step + 1, losses, c.scheduler.get_last_lr()[0], float(grad_norm), skipped,
+    if "anchored_groups" in losses:  # a count over the step's groups, which micro-batches split
+        losses["anchored_groups"] = float(train_cfg.prompts_per_step if lc.mode != "pact" else
+                                          anchor_frac * train_cfg.prompts_per_step)
+    if "skipped_groups" in losses:  # groups whose every episode has no response token to score
+        tokens = torch.zeros(len(episodes)).index_add_(0, group_of, torch.tensor(
+            [float(sum(ep.response_mask)) for ep in flat]))
+        losses["skipped_groups"] = float((tokens == 0).sum())
+    return StepStats(step + 1, losses, lr, float(grad_norm), skipped,
                      non_finite_loss, rewards, flat, packed_tokens, len(batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
                      _peak_memory_mb(c.device), truncated)
@@ -600,7 +629,12 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         log(f"[pact_fast] held-out before training: {eval_before}")
     history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
     step, skip_streak, stopped, last_save, warned_cut = c.start_step, 0, None, time.monotonic(), 0
-    with _Interrupt(log) as interrupt:
+    # the checkpoint of a step is written once: a periodic save at the last step, or the one resumed from, is the
+    # final checkpoint (writing it again replaced a checkpoint on disk for nothing)
+    resumed = checkpoint.step_dir(run_dir, c.start_step)
+    saved = {c.start_step: resumed} if c.start_step and (resumed / checkpoint.STATE_FILE).exists() else {}
+    interrupt = _Interrupt(log)
+    with interrupt:
         for step in range(c.start_step, train_cfg.steps):
             if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
                 break
@@ -629,7 +663,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             minutes = train_cfg.save_every_minutes
             due_by_time = minutes and time.monotonic() - last_save >= 60 * minutes
             if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
-                _save(c, step + 1)
+                saved[step + 1] = _save(c, step + 1)
                 last_save = time.monotonic()
             if stats.truncated and step >= warned_cut:  # the first cut, then at most every WARN_CUT_EVERY steps
                 warned_cut = step + WARN_CUT_EVERY
@@ -652,10 +686,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                     bar.refresh()
         else:
             step = train_cfg.steps
-    if bar:
-        bar.close()
-    ckpt = _save(c, step)
-    if step == train_cfg.steps:
+        if bar:
+            bar.close()
+        ckpt = saved.get(step) or _save(c, step)  # a Ctrl-C now is a flag: the write finishes
+    if step == train_cfg.steps and not interrupt.requested:
         dist.sync_rollout_weights(c.scorer, c.rollout_model)
         eval_after = _evaluate_and_log(c, step)
     if stopped:
@@ -704,15 +738,22 @@ def _step_loss_config(lc, masks):
     return replace(lc, loss_scale_factor=dist.max_count(max((m.shape[-1] for m in masks), default=0)) or None)
 
 
+SFT_METRICS = ("loss/sft", "sft_weight_mean", "sft_weight/", "tool_call_weight")  # the SFT term's (prefixes)
+
+
 def _average(weighted):
-    """Mean of each metric over the micro-batches that report it, weighted by their sizes."""
-    sums, weights, counts = {}, {}, {}
-    for w, metrics in weighted:
+    """Each metric over the micro-batches ``[((rollouts, traces), metrics)]``, as the step's loss combines them
+    (``losses.loss_scales``): the SFT term's (``SFT_METRICS``) weighted by the micro-batch's traces, the others by
+    its rollout count (tokens or responses), so a micro-batch without traces (or rollouts) adds nothing to the
+    other term's means. A metric no weighted micro-batch reports is their plain mean."""
+    sums, weights, plain = {}, {}, {}
+    for (rollouts, traces), metrics in weighted:
         for k, v in metrics.items():
+            w = traces if k.startswith(SFT_METRICS) else rollouts
             sums[k] = sums.get(k, 0.0) + w * v
             weights[k] = weights.get(k, 0.0) + w
-            counts[k] = counts.get(k, 0) + 1
-    return {k: sums[k] / weights[k] if weights[k] else sums[k] / counts[k] for k in sums}
+            plain.setdefault(k, []).append(v)
+    return {k: sums[k] / weights[k] if weights[k] else sum(plain[k]) / len(plain[k]) for k in sums}
 
 
 def _peak_memory_mb(device):

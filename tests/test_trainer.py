@@ -601,3 +601,64 @@ def test_a_resumed_run_drops_the_metrics_rows_past_its_checkpoint(tmp_path):
     writers.file.close()
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == rows[:3] + [{"step": 3, "reward_mean": 0.35}]
+
+
+def test_the_last_checkpoint_is_written_once_and_a_ctrl_c_in_it_keeps_it(tmp_path, monkeypatch):
+    """A periodic save at the last step is the final checkpoint: writing it again deleted the one on disk before
+    renaming the new one into place (a kill there lost the run with keep_last=1). A Ctrl-C during the final write
+    was outside the handler: the write died and every step since the last periodic checkpoint was lost."""
+    from pact_fast import checkpoint
+
+    writes = []
+    original = checkpoint.save
+
+    def counting(run_dir, step, *args, **kwargs):
+        writes.append(step)
+        if step == 3:  # the final checkpoint: Ctrl-C in the middle of writing it
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", counting)
+    cfg = load_config(None, TINY + ["train.steps=4", "train.save_every=2", f"train.out_dir={tmp_path / 'a'}"])
+    assert train(cfg, log=lambda *a: None)["checkpoint"].endswith("step_000004")
+    assert writes == [2, 4]
+    writes.clear()
+    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=2", "train.keep_last=1",
+                                    f"train.out_dir={tmp_path / 'b'}"])
+    summary = train(cfg, log=lambda *a: None)
+    assert writes == [2, 3] and summary["interrupted"] and summary["eval_after"] is None
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_000003"]
+    writes.clear()
+    resumed = train(cfg, resume=tmp_path / "b", log=lambda *a: None)  # a finished run: nothing to write again
+    assert resumed["steps"] == 3 and writes == []
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    from pact_fast import checkpoint
+
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    train(cfg, log=lambda *a: None)
+    from pact_fast.trainer import build
+
+    c = build(cfg, resume=tmp_path, log=lambda *a: None)
+    path = checkpoint.save(tmp_path, 1, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order, 2)
+    assert (path / checkpoint.STATE_FILE).exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+
+
+def test_step_metrics_do_not_depend_on_the_micro_batching(tmp_path):
+    """The same step cut into one micro-batch or several: the same gradient, and the same per-term metrics.
+    Before, every metric was averaged over micro-batches weighted by rollouts + traces: a micro-batch of rollouts
+    alone pulled loss/sft and the SFT weights toward 0, and counts (anchored_groups) were averaged, not counted."""
+    rows = {}
+    for budget in (700, 20_000):
+        out = tmp_path / str(budget)
+        cfg = load_config(None, TINY + ["train.steps=1", "train.prompts_per_step=6", f"train.micro_batch_tokens={budget}",
+                                        "data.eval_tasks=1", f"train.out_dir={out}"])
+        train(cfg, log=lambda *a: None)
+        rows[budget] = next(json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line)
+    split, whole = rows[700], rows[20_000]
+    assert split["micro_batches"] > 1 == whole["micro_batches"]
+    for key in ("grad_norm", "loss/total", "loss/sft", "loss/rl", "sft_weight_mean", "sft_weight/reasoning",
+                "po/clip_frac_low", "anchored_groups", "skipped_groups", "reward_mean", "tool_call_weight"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
