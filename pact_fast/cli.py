@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import CheckpointError
 from .config import RUN_CONFIG, ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
 from .losses import MODES
@@ -53,7 +54,7 @@ def _resolve(args):
 
 
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
-USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError)
+USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError, CheckpointError)
 
 
 def _user_error(args, message):
@@ -84,6 +85,20 @@ def _resume_config(args):
         raise FileNotFoundError(f"--resume {exc}") from None
     run_dir = ckpt.parent.parent
     saved = load_config(str(run_cfg), label=RUN_CONFIG)
+    if _overridden(args, "train.out_dir"):
+        raise ConfigError(f"--resume {run_dir}: a resumed run stays in its directory; train.out_dir would be ignored "
+                          "(leave it out)")
+    from .evaluation import MODEL_SHAPE
+
+    # the checkpoint's weights are of the run's model: another shape fails to load, another built-in base is another
+    # model (LoRA); a pretrained run's model.path may move
+    fixed = MODEL_SHAPE + ("model.lora.",) + (("model.path", "train.seed") if saved.model.path is None else ())
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed) and \
+                (key != "train.seed" or saved.model.lora.enabled):
+            raise ConfigError(f"--resume {run_dir}: {key} is the run's own (it makes the model its checkpoint holds); "
+                              "it cannot change on resume")
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
     step = checkpoint.step_of(ckpt)
     if step is not None and step > config.train.steps:

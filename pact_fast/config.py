@@ -216,11 +216,11 @@ def _override_value(obj, key, raw, path):
     """The value of ``path=raw`` on the command line: the text itself for a string option (a path such as
     ``010``, ``runs/exp #2`` or ``yes`` stays what it says; YAML would read 8, ``runs/exp`` and True), YAML
     otherwise (numbers, booleans, lists)."""
+    if not raw.strip():  # `model.path=$UNSET`: read as the default, it trained the built-in model on built-in tasks
+        raise ConfigError(f"{path}= has no value; leave the key out for its default")
     hint = typing.get_type_hints(type(obj)).get(key)
     if hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)):
         return raw
-    if not raw.strip():
-        return ""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:

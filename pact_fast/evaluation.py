@@ -42,6 +42,10 @@ def format_episode(tokenizer, example, episode):
                       f"expected: {example.answer!r}  reward: {episode.reward:g}"])
 
 
+MODEL_SHAPE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
+               "model.intermediate_size")  # the built-in model's shape options
+
+
 def run_config(run, overrides=()):
     """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with its latest checkpoint
     (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
@@ -52,9 +56,8 @@ def run_config(run, overrides=()):
     # base under LoRA is drawn from train.seed)
     lora = saved.model.lora.enabled
     # a LoRA run's model.path is its base's directory, which may have moved (another machine): that one may be given
-    fixed = (["model.path"] if not (lora and saved.model.path) else []) + \
-        ["model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-         "model.intermediate_size"] + (["model.lora."] if lora else []) + \
+    fixed = (["model.path"] if not (lora and saved.model.path) else []) + list(MODEL_SHAPE) + \
+        (["model.lora."] if lora else []) + \
         (["train.seed"] if lora and saved.model.path is None else [])
     for item in overrides:
         key = item.split("=", 1)[0].strip()

@@ -73,13 +73,9 @@ def limits(model, config):
 
 def group_inputs(tokenizer, example):
     """``GroupInputs`` of ``example``; a trace whose tool calls or reasoning render to nothing is a
-    ``DataFormatError`` naming the row (it would teach nothing), and so is a row the chat template cannot render."""
-    try:
-        sft = trace_sequences(tokenizer, example)
-        inputs = GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
-    except Exception as exc:  # a template may raise anything (jinja2's errors) on content it does not expect
-        raise DataFormatError(f"{example.where()}: the chat template cannot render it ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())})") from None
+    ``DataFormatError`` naming the row (it would teach nothing)."""
+    sft = trace_sequences(tokenizer, example)
+    inputs = GroupInputs(trace_conditioned_prompt_ids(tokenizer, example), prompt_ids(tokenizer, example), sft)
     try:
         check_trace_components(example, sft)
     except ValueError as exc:
@@ -242,7 +238,13 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
     long_turns = []  # (example, tokens of its longest expert turn) past rollout.max_new_tokens
 
     def check_training(ex):
-        inputs = group_inputs(tokenizer, ex)
+        try:
+            inputs = group_inputs(tokenizer, ex)
+        except DataFormatError:
+            raise
+        except Exception as exc:  # a template may raise anything (jinja2's errors) on content it does not expect
+            raise DataFormatError(f"{ex.where()}: the chat template cannot render it ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())})") from None
         check_known_tokens(tokenizer, ex, [inputs.tc_prompt] + [s.input_ids for s in inputs.sft], "prompt or trace")
         check_lengths(ex, inputs, lim)
         if tool_call_format is not None:

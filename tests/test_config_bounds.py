@@ -63,8 +63,11 @@ def test_a_string_option_takes_the_text_as_given():
     assert config.model.path is None and config.data.hops == (1, 2) and config.train.steps == 3
     with pytest.raises(ConfigError, match=r"train.steps='\[x': not a valid value"):
         load_config(None, ["train.steps=[x"])
-    with pytest.raises(ConfigError, match="train.out_dir is empty"):  # the run went into the working directory
-        load_config(None, ["train.out_dir="])
+    # an empty value: the run went into the working directory (out_dir); `model.path=$UNSET` or `data.path=`
+    # trained the built-in model on the built-in tasks without a word
+    for key in ("train.out_dir", "model.path", "data.path", "loss.lambda_sft"):
+        with pytest.raises(ConfigError, match=rf"^{key}= has no value; leave the key out for its default$"):
+            load_config(None, [f"{key}= "])
 
 
 def test_a_key_given_twice_in_a_config_file_is_refused_and_file_errors_name_the_file(tmp_path):
@@ -106,3 +109,14 @@ def test_a_runs_broken_config_is_named_as_the_runs_not_as_a_config_flag(tmp_path
     (run / "config.yaml").write_text("train: [\n")
     with pytest.raises(ConfigError, match=f"^the run's config {run / 'config.yaml'}: not valid YAML"):
         run_config(run)
+
+
+def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
+    from pact_fast.trainer import config_warnings
+
+    assert config_warnings(load_config(None, []), 400) == []  # the main job says nothing
+    said = config_warnings(load_config(None, ["rollout.group_size=1", "rollout.greedy=true", "train.prompts_per_step=16",
+                                              "train.warmup_steps=500", "train.steps=300"]), 10)
+    assert [w.split("=")[0] for w in said] == ["rollout.group_size", "rollout.greedy", "train.prompts_per_step",
+                                               "train.warmup_steps"]
+    assert config_warnings(load_config(None, ["loss.mode=sft", "rollout.group_size=1"]), 400) == []  # no RL term

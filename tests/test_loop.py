@@ -213,3 +213,36 @@ def test_eval_mistakes_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--show", "-1"])
     assert "--show takes a count >= 0" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_it_would_ignore_or_could_not_load(tmp_path, capsys):
+    """train.out_dir with --resume was ignored without a word; a model shape option changed on resume stopped with a
+    size-mismatch traceback; a damaged checkpoint file with an unpickling one. Each is one line, status 2."""
+    from pact_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.steps=2", "train.stop_after=1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    for override, words in (("train.out_dir=elsewhere", "a resumed run stays in its directory; train.out_dir"),
+                            ("model.hidden_size=64", "model.hidden_size is the run's own"),
+                            ("model.path=/some/model", "model.path is the run's own")):
+        assert main(["train", "--resume", str(run), override]) == 2, override
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    state = run / "checkpoints" / "step_000001" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as a full disk leaves it
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{state}: cannot be read" in err and "move it aside" in err and "Traceback" not in err, err
+
+
+def test_resuming_into_a_model_of_another_shape_is_one_line_from_python_too(tmp_path):
+    from pact_fast.checkpoint import CheckpointError
+
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    train(cfg, log=lambda *a: None)
+    other = load_config(None, TINY + ["train.steps=2", "model.intermediate_size=96", f"train.out_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model \(model\.layers\.0\.mlp\.\w+\.weight: "
+                                              r"\(\d+, \d+\) in the checkpoint, \(\d+, \d+\) in the model\): the model "
+                                              r"options differ from the run's"):
+        train(other, resume=tmp_path, log=lambda *a: None)
