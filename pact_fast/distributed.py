@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from .config import ConfigError
+
 
 def init():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
@@ -124,6 +126,20 @@ def gather_errors(error):
     return errors
 
 
+def check_same(value, what):
+    """Raise ``ConfigError`` naming the first rank whose ``value`` (a string, e.g. a fingerprint of the config and
+    data) differs from rank 0's: ranks that train on other data or options would average gradients of different
+    steps without a word. Nothing in a single process."""
+    if not is_distributed():
+        return
+    values = [None] * world_size()
+    td.all_gather_object(values, value)
+    other = next((r for r, v in enumerate(values) if v != values[0]), None)
+    if other is not None:
+        raise ConfigError(f"torchrun: rank {other}'s {what} differs from rank 0's; every rank must run the same command "
+                         "on the same data")
+
+
 def sum_counts(values):
     """Sum integers over ranks."""
     if not is_distributed():
@@ -148,12 +164,18 @@ def clip_grad_norm(model, max_norm):
 
 
 def reduce_metrics(metrics):
+    """Each numeric metric's mean over the ranks that report it (a rank may lack a key another has, e.g. a term
+    none of its micro-batches held: the key lists are gathered first, so the reductions line up)."""
     if not is_distributed():
         return metrics
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    mine = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
+    lists = [None] * world_size()
+    td.all_gather_object(lists, mine)
+    keys = sorted(set().union(*lists))
+    t = torch.tensor([[float(metrics[k]) if k in metrics else 0.0 for k in keys],
+                      [1.0 if k in metrics else 0.0 for k in keys]], dtype=torch.float64)
     td.all_reduce(t)
-    return {**metrics, **{k: v / world_size() for k, v in zip(keys, t.tolist())}}
+    return {**metrics, **{k: v / n for k, v, n in zip(keys, t[0].tolist(), t[1].tolist())}}
 
 
 def _full_options():

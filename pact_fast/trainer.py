@@ -419,6 +419,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
     order = DataOrder(config.data.seed, len(train_set), fingerprint=ids_fingerprint(train_set))
+    dist.check_same(json.dumps([plain(config), order.fingerprint], sort_keys=True, default=str), "config or data")
     start_step = 0
     if resume:
         ckpt, start_step = checkpoint.resume(resume, scorer, optimizer, scheduler, order, peft_model=policy.peft)

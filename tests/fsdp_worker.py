@@ -22,5 +22,6 @@ class RecordingReplayEngine(ReplayEngine):
 
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
+    overrides += os.environ.get(f"PACT_TEST_OVERRIDES_RANK{os.environ.get('RANK', '0')}", "").split()
     config = load_config(None, [f"train.out_dir={out_dir}", *overrides])
     train(config, engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)

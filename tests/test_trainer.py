@@ -662,3 +662,14 @@ def test_step_metrics_do_not_depend_on_the_micro_batching(tmp_path):
     for key in ("grad_norm", "loss/total", "loss/sft", "loss/rl", "sft_weight_mean", "sft_weight/reasoning",
                 "po/clip_frac_low", "anchored_groups", "skipped_groups", "reward_mean", "tool_call_weight"):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_torchrun_ranks_that_disagree_on_their_data_are_refused(tmp_path):
+    """Rank 1 given another data.seed trained without a word, averaging gradients of different steps."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=f"{HERE}:{HERE.parent}", PACT_TEST_OVERRIDES_RANK1="data.seed=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=2", "rollout.group_size=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "torchrun: rank 1's config or data differs from rank 0's" in proc.stdout + proc.stderr
