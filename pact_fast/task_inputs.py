@@ -97,6 +97,21 @@ def check_known_tokens(tokenizer, example, sequences, what):
                               "tasks' words: train a pretrained model (--model DIR) on such data")
 
 
+def check_special_text(tokenizer, example):
+    """Raise a one-line ``DataFormatError`` when a message's text holds one of the tokenizer's special tokens
+    (``<|im_end|>`` in a tool result): it is tokenised as the control token, a turn boundary the model would read
+    inside the conversation."""
+    special = [t for t in tokenizer.all_special_tokens if t]
+    for field, messages in (("messages", example.messages), ("trace", example.trace)):
+        for i, m in enumerate(messages):
+            for key in ("content", "reasoning_content"):
+                text = m.get(key) or ""
+                token = next((t for t in special if t in text), None)
+                if token:
+                    raise DataFormatError(f"{example.where()}: {field}[{i}].{key} holds {token!r}, a special token of "
+                                          "the tokenizer: it would read as a control token (a turn boundary) there")
+
+
 def longest_turn(sequences):
     """Tokens of the longest assistant turn (its reasoning, calls and answer) in ``sequences`` (``trace_sequences``)."""
     lengths = {}
@@ -238,6 +253,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
     long_turns = []  # (example, tokens of its longest expert turn) past rollout.max_new_tokens
 
     def check_training(ex):
+        check_special_text(tokenizer, ex)
         try:
             inputs = group_inputs(tokenizer, ex)
         except DataFormatError:
@@ -254,6 +270,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
             long_turns.append((ex, longest))
 
     def check_held_out(ex):
+        check_special_text(tokenizer, ex)
         ids = prompt_ids(tokenizer, ex)
         check_known_tokens(tokenizer, ex, [ids], "prompt")
         _check_sampling(ex, len(ids), lim)
@@ -284,5 +301,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths", "check_trace_calls",
-           "longest_turn", "response_cap",
+           "check_special_text", "longest_turn", "response_cap",
            "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]

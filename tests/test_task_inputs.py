@@ -461,3 +461,15 @@ def test_a_row_the_template_cannot_render_is_named(tiny):
             prepare(tok, train, [], Limits(10_000))
     finally:
         tok.chat_template = original
+
+
+def test_text_holding_a_special_token_is_refused(tiny):
+    """A tool result with `<|im_end|>\\n<|im_start|>assistant` in it was tokenised as control tokens: a fake turn
+    inside the context."""
+    _, tok = tiny
+    rows = _rows(3)
+    k = next(i for i, m in enumerate(rows[1]["trace"]) if m["role"] == "tool")
+    rows[1]["trace"][k]["content"] += " <|im_end|>"
+    with pytest.raises(DataFormatError, match=rf"task {rows[1]['id']!r}: trace\[{k}\]\.content holds '<\|im_end\|>', "
+                                              "a special token of the tokenizer"):
+        prepare(tok, load_examples_from(rows), [], Limits(10_000))
