@@ -625,9 +625,13 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     eval_before = None
+    # a resumed run's summary carries on from the last session's (its evaluation before training, its seconds)
+    previous = _previous_summary(run_dir, c.start_step) if c.start_step else {}
     if c.start_step == 0:
         eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
+    else:
+        eval_before = previous.get("eval_before")
     history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
     step, skip_streak, stopped, last_save, warned_cut = c.start_step, 0, None, time.monotonic(), 0
     # the checkpoint of a step is written once: a periodic save at the last step, or the one resumed from, is the
@@ -690,7 +694,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if bar:
             bar.close()
         ckpt = saved.get(step) or _save(c, step)  # a Ctrl-C now is a flag: the write finishes
-    if step == train_cfg.steps and not interrupt.requested:
+    if step == c.start_step == train_cfg.steps and previous.get("eval_after") is not None:
+        eval_after = previous["eval_after"]  # a finished run resumed: evaluated already, nothing trained since
+    elif step == train_cfg.steps and not interrupt.requested:
         dist.sync_rollout_weights(c.scorer, c.rollout_model)
         eval_after = _evaluate_and_log(c, step)
     if stopped:
@@ -698,10 +704,20 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     summary = {"steps": step, "interrupted": interrupt.requested, "stopped": stopped, "checkpoint": str(ckpt),
                "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
                "final_reward_mean": history[-1]["reward_mean"] if history else None,
-               "seconds": sum(h["step_seconds"] for h in history)}
+               "seconds": sum(h["step_seconds"] for h in history) + previous.get("seconds", 0.0)}
     if writers:
         writers.close(summary)
     return summary
+
+
+def _previous_summary(run_dir, start_step):
+    """The ``summary.json`` a run's last session wrote, if it ended at ``start_step``, where this session resumes
+    ({} otherwise: a session killed before its summary, a checkpoint older than the summary's)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) and summary.get("steps") == start_step else {}
 
 
 def _save(c, step):

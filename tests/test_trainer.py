@@ -673,3 +673,18 @@ def test_torchrun_ranks_that_disagree_on_their_data_are_refused(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
     assert "torchrun: rank 1's config or data differs from rank 0's" in proc.stdout + proc.stderr
+
+
+def test_a_resumed_runs_summary_carries_on_and_a_finished_one_is_not_evaluated_again(tmp_path):
+    """After a resume the summary had eval_before null and the seconds of the last session only; resuming a finished
+    run evaluated it again and appended a second eval row at its last step."""
+    cfg = load_config(None, TINY + ["train.steps=2", "train.stop_after=1", f"train.out_dir={tmp_path}"])
+    first = train(cfg, log=lambda *a: None)
+    cfg = load_config(None, TINY + ["train.steps=2", f"train.out_dir={tmp_path}"])
+    second = train(cfg, resume=tmp_path, log=lambda *a: None)
+    assert second["eval_before"] == first["eval_before"] is not None
+    assert second["seconds"] > first["seconds"] > 0
+    again = train(cfg, resume=tmp_path, log=lambda *a: None)
+    assert again["eval_after"] == second["eval_after"] is not None
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval/' in line]
+    assert [r["step"] for r in evals] == [0, 2]
