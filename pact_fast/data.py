@@ -103,8 +103,9 @@ def _check_message(msg, where, roles):
     if content is not None and not isinstance(content, str):
         _fail(f"{where}.content of a tool response must be a string (JSON-encode a structured result)"
               if role == "tool" else f"{where}.content must be a string or null")
-    if role in ("system", "user") and not (content or "").strip():
-        _fail(f"{where}.content is {'null' if content is None else 'empty'}: a {role} message needs its text")
+    if (role == "user" and not (content or "").strip()) or (role == "system" and content is None):
+        _fail(f"{where}.content is {'null' if content is None else 'empty'}: a {role} message needs its text"
+              + (" (an empty string is an empty system prompt)" if role == "system" else ""))
     if role == "assistant":
         for key, how in _OTHER_SPELLINGS.items():
             if key in msg:

@@ -280,7 +280,8 @@ CONVERSIONS = {
     "content-parts": (lambda r, k: r["messages"][-1].update(content=[{"type": "text", "text": "hi"}]),
                       r"messages\[\d\]\.content is a list of content parts; give it as one string"),
     "null-user": (lambda r, k: r["messages"][-1].update(content=None), r"content is null: a user message needs"),
-    "empty-system": (lambda r, k: r["messages"][0].update(content=" "), r"content is empty: a system message needs"),
+    "null-system": (lambda r, k: r["messages"][0].update(content=None), r"content is null: a system message needs"),
+    "empty-user": (lambda r, k: r["messages"][-1].update(content=" "), r"content is empty: a user message needs"),
     "missing-required-argument": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"]["arguments"].pop("entity"),
                                   r"calls 'lookup' without its required argument\(s\) \['entity'\]"),
     "unknown-argument": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"]["arguments"].update(city="x"),
@@ -430,3 +431,9 @@ def test_bfcl_rows_need_the_fields_their_back_ends_read(env, words):
     check_trainable(_bfcl_row(), needs_trace=False)  # the good one passes
     with pytest.raises(DataFormatError, match=words):
         check_trainable(_bfcl_row(**env), needs_trace=False)
+
+
+def test_an_empty_system_prompt_is_allowed():
+    row = _good()
+    row["messages"][0]["content"] = ""
+    assert parse_example(row).messages[0]["content"] == ""
