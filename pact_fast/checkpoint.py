@@ -89,10 +89,18 @@ def has_checkpoint(run_dir):
 
 
 def latest(path):
-    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory."""
+    """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory (a checkpoint
+    that ``save`` had moved aside, ``.old-step_N``, when a kill left no ``step_N`` in its place, is put back first)."""
     path = Path(path)
     if (path / STATE_FILE).exists():
         return path
+    for old in (path / "checkpoints").glob(".old-step_*"):
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if not final.exists() and (old / STATE_FILE).exists():
+            try:
+                os.replace(old, final)
+            except OSError:  # another rank put it back first
+                pass
     found = sorted((path / "checkpoints").glob("step_*"))
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (expected {path}/checkpoints/step_*, or a checkpoint directory)")

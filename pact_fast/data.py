@@ -20,7 +20,7 @@ turns with optional ``reasoning_content`` (a ``content`` that opens with ``<thin
 reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as an object or a JSON
 string, ``parameters`` read as its other name, checked against the function's schema: its required
 arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed,
-in the order of the calls (``tool_call_id`` names the call), and, for multi-turn tasks, later
+put in the order of the calls (``tool_call_id`` names the call), and, for multi-turn tasks, later
 ``user`` turns. ``answer`` and ``env`` are what the reward needs.
 
 System and user messages need text. Keys of other conventions that this format spells otherwise
@@ -108,24 +108,28 @@ def _check_message(msg, where, roles):
               + (" (an empty string is an empty system prompt)" if role == "system" else ""))
     if role == "assistant":
         for key, how in _OTHER_SPELLINGS.items():
-            if key in msg:
+            value = msg.get(key)
+            # null (the OpenAI SDK writes "function_call": null on every message), or the reasoning repeated
+            if value is not None and not (key != "function_call" and value == msg.get("reasoning_content")):
                 _fail(f"{where} has {how}")
     return role
 
 
 def _split_think(msg, where):
-    """An assistant turn whose ``content`` opens with ``<think>...</think>`` (how many chat data sets store reasoning)
-    -> the reasoning in ``reasoning_content``, the rest in ``content``; a ``<think>`` tag anywhere else is refused
+    """An assistant turn whose ``content`` opens with ``<think>...</think>`` (how many chat data sets store reasoning;
+    or with text up to a lone ``</think>``, where the template pre-fills ``<think>``) -> the reasoning in
+    ``reasoning_content``, the rest in ``content``; a ``<think>`` tag anywhere else is refused
     (it would train as answer text and be left out of the privileged trace)."""
     content = msg.get("content") or ""
     if "<think>" not in content and "</think>" not in content:
         return msg
     head, sep, rest = content.lstrip().partition("</think>")
-    if (not head.startswith("<think>") or not sep or "<think>" in rest or "</think>" in rest
-            or "<think>" in head[len("<think>"):] or msg.get("reasoning_content")):
+    opened = head.startswith("<think>")  # or not: templates that pre-fill <think> leave only its close in the text
+    reasoning = head[len("<think>"):] if opened else head
+    if not sep or "<think>" in reasoning or "<think>" in rest or "</think>" in rest or msg.get("reasoning_content"):
         _fail(f"{where}.content holds <think> tags other than one leading <think>...</think> block (read as "
               "reasoning_content) with no reasoning_content beside it")
-    return {**msg, "reasoning_content": head[len("<think>"):].strip(), "content": rest.strip()}
+    return {**msg, "reasoning_content": reasoning.strip(), "content": rest.strip()}
 
 
 def _normalise_call(call, where):
@@ -161,19 +165,22 @@ def _normalise_call(call, where):
 
 
 def _check_arguments(call, specs, where):
-    """The call's arguments against its function's JSON schema: every ``required`` one given, none that
-    ``properties`` does not list (unless ``additionalProperties`` allows them)."""
+    """The call's arguments against its function's JSON schema: every ``required`` one given and, where the schema
+    lists ``properties`` (a function of no parameters lists none), none it does not list, unless
+    ``additionalProperties`` (true, or a schema) or ``patternProperties`` allow others: a stricter reading than
+    JSON Schema's, whose default allows any, because an argument the function does not take fails its call."""
     params = specs[call["function"]["name"]]["parameters"]
     args = call["function"]["arguments"]
     missing = [p for p in params.get("required", []) if p not in args]
     if missing:
         _fail(f"{where} calls {call['function']['name']!r} without its required argument(s) {missing}")
-    properties = params.get("properties", {})
-    if params.get("additionalProperties", False) is not True:
+    properties = params.get("properties")
+    open_ended = params.get("additionalProperties", False) is not False or "patternProperties" in params
+    if properties is not None and not open_ended:
         unknown = [a for a in args if a not in properties]
         if unknown:
             _fail(f"{where} calls {call['function']['name']!r} with argument(s) {unknown} that its parameters do "
-                  f"not list ({sorted(properties) or 'none'})")
+                  f"not list ({sorted(properties) or 'none'}; additionalProperties would allow them)")
 
 
 def _check_tools(tools, where):
@@ -233,6 +240,8 @@ def parse_example(row):
         role = _check_message(m, f"trace[{i}]", {"assistant", "tool", "user"})
         m = dict(m)
         if role == "assistant":
+            for key in _OTHER_SPELLINGS:  # null or a copy of reasoning_content (checked above): nothing of its own
+                m.pop(key, None)
             m = _split_think(m, f"trace[{i}]")
             if final_answer is not None:
                 _fail(f"trace[{i}] is an assistant turn after the final answer trace[{final_answer}]; "
@@ -264,10 +273,6 @@ def parse_example(row):
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers a tool call a second time")
             if cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers no earlier tool call")
-            first = next(iter(open_calls))
-            if cid != first:  # a rollout gets its results in call order, and templates show no ids
-                _fail(f"trace[{i}] answers call {cid!r} before {first!r}: tool responses come in the order of the "
-                      "calls")
             del open_calls[cid]
             if not isinstance(m.get("content"), str):
                 _fail(f"trace[{i}].content of a tool response must be a string (JSON-encode a structured result)")
@@ -278,10 +283,28 @@ def parse_example(row):
                 names.update(_check_tools(m["tools"], f"trace[{i}].tools"))
         norm_trace.append(m)
     require_answered(None)
+    norm_trace = _responses_in_call_order(norm_trace)
     env = row.get("env", {})
     if not isinstance(env, dict):
         _fail("'env' must be an object")
     return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)
+
+
+def _responses_in_call_order(trace):
+    """``trace`` with each turn's tool responses in the order of its calls: a rollout gets a turn's results in
+    call order, and templates show no ids, so a response in another order would read as another call's result.
+    (Every call is answered before the next turn, so a run of tool messages answers one turn's calls.)"""
+    order = {c["id"]: k for m in trace for k, c in enumerate(m.get("tool_calls") or [])}
+    out, run = [], []
+    for m in trace + [None]:
+        if m is not None and m["role"] == "tool":
+            run.append(m)
+            continue
+        out += sorted(run, key=lambda r: order[r["tool_call_id"]])
+        run = []
+        if m is not None:
+            out.append(m)
+    return out
 
 
 ENVIRONMENTS = ("multihop", "bfcl")  # the env names pact_fast.envs.make_env_factory runs

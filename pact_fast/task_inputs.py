@@ -22,6 +22,7 @@ Held-out tasks are checked for their prompt-only prompt, the only one evaluation
 An episode can still outgrow its step (turns of tool output after a long trace-conditioned prompt):
 ``fit_episodes`` cuts it to ``response_cap`` as an episode that ran out of length, so the step goes on.
 """
+import json
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -102,14 +103,17 @@ def check_special_text(tokenizer, example):
     (``<|im_end|>`` in a tool result): it is tokenised as the control token, a turn boundary the model would read
     inside the conversation."""
     special = [t for t in tokenizer.all_special_tokens if t]
+    texts = [("tools", json.dumps(example.tools, ensure_ascii=False))]
     for field, messages in (("messages", example.messages), ("trace", example.trace)):
         for i, m in enumerate(messages):
-            for key in ("content", "reasoning_content"):
-                text = m.get(key) or ""
-                token = next((t for t in special if t in text), None)
-                if token:
-                    raise DataFormatError(f"{example.where()}: {field}[{i}].{key} holds {token!r}, a special token of "
-                                          "the tokenizer: it would read as a control token (a turn boundary) there")
+            texts += [(f"{field}[{i}].{key}", m.get(key) or "") for key in ("content", "reasoning_content")]
+            texts += [(f"{field}[{i}].tool_calls", json.dumps(m.get("tool_calls") or [], ensure_ascii=False)),
+                      (f"{field}[{i}].tools", json.dumps(m.get("tools") or [], ensure_ascii=False))]
+    for where, text in texts:
+        token = next((t for t in special if t in text), None)
+        if token:
+            raise DataFormatError(f"{example.where()}: {where} holds {token!r}, a special token of the tokenizer: it "
+                                  "would read as a control token there (data.on_error=skip leaves such rows out)")
 
 
 def longest_turn(sequences):
@@ -130,8 +134,8 @@ def check_trace_calls(tokenizer, example, inputs, tool_call_format):
     tokens as written (``chat.trace_call_mismatch``): its SFT term would teach calls that run differently."""
     mismatch = trace_call_mismatch(tokenizer, example, inputs.sft, tool_call_format)
     if mismatch:
-        hint = " (the compact format writes values as bare text: use rollout.tool_call_format=hermes)" \
-            if tool_call_format == "compact" else ""
+        hint = " (the compact format writes values as bare text: use rollout.tool_call_format=hermes, with a " \
+            "pretrained model, whose tokenizer can write JSON)" if tool_call_format == "compact" else ""
         raise DataFormatError(f"{example.where()}: {mismatch}; the SFT term would teach calls the rollout runs "
                               f"differently{hint}")
 

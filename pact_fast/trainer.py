@@ -444,8 +444,8 @@ class StepStats:
     """What one ``train_step`` did; ``metrics()`` is the row it logs."""
 
     step: int  # steps done, this one included
-    losses: dict  # pact_loss's metrics, averaged over micro-batches weighted by their sizes
-    lr: float  # the lr of the next step
+    losses: dict  # pact_loss's metrics over the step's micro-batches (``_average``)
+    lr: float  # the lr this step trained at
     grad_norm: float
     skipped: bool  # a non-finite loss or gradient: no update
     non_finite_loss: bool  # (when skipped) the loss itself, not only its gradient
@@ -564,10 +564,12 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     if "anchored_groups" in losses:  # a count over the step's groups, which micro-batches split
         losses["anchored_groups"] = float(train_cfg.prompts_per_step if lc.mode != "pact" else
                                           anchor_frac * train_cfg.prompts_per_step)
-    if "skipped_groups" in losses:  # groups whose every episode has no response token to score
-        tokens = torch.zeros(len(episodes)).index_add_(0, group_of, torch.tensor(
-            [float(sum(ep.response_mask)) for ep in flat]))
-        losses["skipped_groups"] = float((tokens == 0).sum())
+    # groups whose every episode has no response token to score, over all ranks (each holds its share of the groups)
+    tokens = torch.zeros(len(episodes)).index_add_(0, group_of, torch.tensor(
+        [float(sum(ep.response_mask)) for ep in flat]))
+    skipped_groups = dist.sum_counts([int((tokens == 0).sum())])[0]
+    if "skipped_groups" in losses:
+        losses["skipped_groups"] = float(skipped_groups)
     return StepStats(step + 1, losses, lr, float(grad_norm), skipped,
                      non_finite_loss, rewards, flat, packed_tokens, len(batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,

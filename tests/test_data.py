@@ -212,7 +212,7 @@ def test_a_tool_of_no_arguments_may_leave_out_its_parameters():
     assert ex.tools[-1]["function"]["parameters"] == {"type": "object", "properties": {}}
     row["tools"][0]["function"].pop("parameters")  # lookup, which the trace calls with arguments
     with pytest.raises(DataFormatError, match=r"calls 'lookup' with argument\(s\) \['entity', 'relation'\] that "
-                                              r"its parameters do not list \(none\)"):
+                                              r"its parameters do not list \(none;"):
         parse_example(row)
 
 
@@ -323,20 +323,50 @@ def test_parameters_are_read_as_arguments_and_a_leading_think_as_reasoning():
     assert ex.trace[-1]["reasoning_content"] == f"so it is {final}" and ex.trace[-1]["content"] == final
 
 
-def test_tool_responses_out_of_call_order_are_refused():
-    """Rollouts get a turn's results in call order and templates show no ids: responses in another order would
-    teach results attached to the wrong calls."""
+def test_tool_responses_out_of_call_order_are_put_in_call_order():
+    """Rollouts get a turn's results in call order and templates show no ids: responses in another order (legal
+    in OpenAI's format, matched by id) would teach results attached to the wrong calls."""
     row = _good()
     k = next(i for i, m in enumerate(row["trace"]) if m.get("tool_calls"))
     first = row["trace"][k]["tool_calls"][0]
     second = {**first, "id": "c2", "function": {**first["function"], "arguments": dict(first["function"]["arguments"])}}
     row["trace"][k]["tool_calls"].append(second)
     response = row["trace"][k + 1]
-    row["trace"].insert(k + 1, {**response, "tool_call_id": "c2"})
-    with pytest.raises(DataFormatError, match=rf"trace\[{k + 1}\] answers call 'c2' before '{first['id']}'"):
-        parse_example(row)
-    row["trace"][k + 1], row["trace"][k + 2] = row["trace"][k + 2], row["trace"][k + 1]
-    assert parse_example(row).trace[k + 2]["tool_call_id"] == "c2"
+    row["trace"].insert(k + 1, {**response, "tool_call_id": "c2", "content": "second"})
+    trace = parse_example(row).trace
+    assert [trace[k + 1]["tool_call_id"], trace[k + 2]["tool_call_id"]] == [first["id"], "c2"]
+    assert trace[k + 2]["content"] == "second"
+
+
+def test_null_keys_of_other_conventions_and_a_repeated_reasoning_are_read_past():
+    """The OpenAI SDK writes "function_call": null on every assistant message; some servers repeat the reasoning
+    under "reasoning". Neither carries anything of its own."""
+    row, k = _call_turn()
+    row["trace"][k].update(function_call=None, reasoning=row["trace"][k].get("reasoning_content"), thinking=None)
+    assert not {"function_call", "reasoning", "thinking"} & set(parse_example(row).trace[k])
+
+
+def test_a_lone_closing_think_splits_off_the_reasoning():
+    """Templates that pre-fill <think> leave only its close in the text (R1 distills, QwQ)."""
+    row = _good()
+    answer = row["trace"][-1]
+    answer.pop("reasoning_content", None)
+    final, answer["content"] = answer["content"], f"so it is {answer['content']}\n</think>\n\n{answer['content']}"
+    ex = parse_example(row)
+    assert ex.trace[-1]["reasoning_content"] == f"so it is {final}" and ex.trace[-1]["content"] == final
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": {"entity": {}, "relation": {}}, "additionalProperties": {"type": "string"}},
+    {"type": "object", "properties": {"entity": {}, "relation": {}}, "patternProperties": {"^c": {}}},
+    {"type": "object"}, {},
+], ids=["additional-schema", "pattern", "no-properties", "empty"])
+def test_schemas_that_allow_other_arguments_allow_them(parameters):
+    row, k = _call_turn()
+    name = row["trace"][k]["tool_calls"][0]["function"]["name"]
+    next(t for t in row["tools"] if t["function"]["name"] == name)["function"]["parameters"] = parameters
+    row["trace"][k]["tool_calls"][0]["function"]["arguments"]["city"] = "x"
+    assert parse_example(row).trace[k]["tool_calls"][0]["function"]["arguments"]["city"] == "x"
 
 
 @pytest.mark.parametrize("content, words", [

@@ -688,3 +688,15 @@ def test_a_resumed_runs_summary_carries_on_and_a_finished_one_is_not_evaluated_a
     assert again["eval_after"] == second["eval_after"] is not None
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval/' in line]
     assert [r["step"] for r in evals] == [0, 2]
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_rewrite_is_found_again(tmp_path):
+    """save() moves a step's old checkpoint aside before renaming the new one in; a kill between the two left the
+    step only as .old-step_N, which --resume did not see ("no checkpoint" with keep_last=1)."""
+    from pact_fast import checkpoint
+
+    old = tmp_path / "checkpoints" / ".old-step_000002"
+    old.mkdir(parents=True)
+    (old / checkpoint.STATE_FILE).write_bytes(b"state")
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step_000002"
+    assert (tmp_path / "checkpoints" / "step_000002" / checkpoint.STATE_FILE).read_bytes() == b"state"
