@@ -196,7 +196,7 @@ def test_export_merge_and_eval_of_a_lora_run(tmp_path):
         assert (a - u).abs().max() > 1e-4, "the adapters trained, so the merge must differ from the base"
     metrics = evaluate_model(config, log=lambda *a: None)
     merged_metrics = evaluate_model(load_config(None, TINY + [f"model.path={tmp_path / 'merged'}",
-                                                              "model.chat_template=builtin"]), log=lambda *a: None)
+                                                              "model.chat_template=model"]), log=lambda *a: None)
     assert metrics == merged_metrics, "eval of the LoRA run is eval of its merged model"
     again = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
     assert again.returncode == 2 and "is not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
@@ -236,7 +236,7 @@ def test_adapter_made_with_other_settings_is_refused(tmp_path):
 
 def test_freeze_lm_head_keeps_the_head_and_trains_the_rest(tmp_path):
     untied = ["model.path=" + str(_untied_model_dir(tmp_path))]
-    config = load_config(None, TINY + untied + ["model.freeze_lm_head=true", "model.chat_template=builtin",
+    config = load_config(None, TINY + untied + ["model.freeze_lm_head=true", "model.chat_template=model",
                                                 "train.lr=0.01", f"train.out_dir={tmp_path / 'run'}"])
     c = build(config, log=lambda *a: None)
     head, embed = c.model.get_output_embeddings().weight, c.model.get_input_embeddings().weight
