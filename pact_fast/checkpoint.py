@@ -83,6 +83,22 @@ def _fsync_tree(path, files=True):
         os.close(fd)
 
 
+def set_aside_newer(run_dir, step):
+    """Rename the checkpoints of ``run_dir`` past ``step`` to ``checkpoints/.abandoned-step_N`` (which ``latest``
+    does not see) and return their names: a run resumed from an older checkpoint goes on from there, and its new
+    checkpoints would otherwise be pruned by name in favour of the abandoned ones, which a later ``--resume``
+    would then pick up. Rank 0 renames; every rank gets the names."""
+    newer = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+             if step_of(p) is not None and step_of(p) > step]
+    if dist.rank() == 0:
+        for p in newer:
+            target = p.with_name(f".abandoned-{p.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(p, target)
+    dist.barrier()
+    return [p.name for p in newer]
+
+
 def has_checkpoint(run_dir):
     """Whether a run directory holds a checkpoint (``checkpoints/step_*``) to resume from."""
     return any((Path(run_dir) / "checkpoints").glob("step_*"))

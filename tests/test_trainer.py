@@ -700,3 +700,22 @@ def test_a_checkpoint_moved_aside_by_a_killed_rewrite_is_found_again(tmp_path):
     (old / checkpoint.STATE_FILE).write_bytes(b"state")
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step_000002"
     assert (tmp_path / "checkpoints" / "step_000002" / checkpoint.STATE_FILE).read_bytes() == b"state"
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """Resumed from step 2 of a run that went to 4, the new step 3 was pruned by name in favour of the abandoned
+    step 4, which a later --resume then picked up: the two histories mixed without a word."""
+    from pact_fast import checkpoint
+
+    lines = []
+    cfg3 = load_config(None, TINY + ["train.steps=4", "train.save_every=1", "train.keep_last=3",
+                                     f"train.out_dir={tmp_path / 'b'}"])
+    train(cfg3, log=lambda *a: None)  # steps 2, 3 and 4 kept
+    again = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=3",
+                                      f"train.out_dir={tmp_path / 'b'}"])
+    summary = train(again, resume=tmp_path / "b" / "checkpoints" / "step_000002", log=lines.append)
+    assert summary["steps"] == 3
+    assert any("the newer checkpoints step_000003, step_000004 are not this run's continuation" in l for l in lines)
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert names == [".abandoned-step_000003", ".abandoned-step_000004", "step_000002", "step_000003"]
+    assert checkpoint.latest(tmp_path / "b").name == "step_000003"
