@@ -441,6 +441,20 @@ def _call_text(call):
     return f"{call.name}({json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)})"
 
 
+def turn_tokens(sequences):
+    """{assistant turn: its tokens (reasoning, calls, answer and end)} of ``sequences`` (``trace_sequences``
+    output), each turn from the first sequence that labels it (per-turn sequences label only their own turn)."""
+    out = {}
+    for s in sequences:
+        mine = {}
+        for token, comp, turn in zip(s.input_ids, s.components, s.turn_ids):
+            if comp in (REASONING, TOOL_CALL, OTHER):
+                mine.setdefault(turn, []).append(token)
+        for turn, tokens in mine.items():
+            out.setdefault(turn, tokens)
+    return out
+
+
 def trace_call_mismatch(tokenizer, example, sequences, tool_call_format):
     """How the first of the trace's tool-call turns reads back, or None when every one does: each assistant turn
     with ``tool_calls``, decoded from its labelled tokens in ``sequences`` (``trace_sequences`` output) as a
@@ -448,21 +462,13 @@ def trace_call_mismatch(tokenizer, example, sequences, tool_call_format):
     arguments and their JSON types. Where it does not (the compact format writes ``True``, ``[1, 2]`` or a
     comma inside a value as bare text), the SFT term teaches calls that the rollout would run differently.
     Returns a one-line description: the turn, the calls as written and as read back."""
-    turn_tokens = {}  # assistant turn -> its tokens, from the first sequence that labels it
-    for s in sequences:
-        mine = {}
-        for token, comp, turn in zip(s.input_ids, s.components, s.turn_ids):
-            if comp in (REASONING, TOOL_CALL, OTHER):
-                mine.setdefault(turn, []).append(token)
-        for turn, tokens in mine.items():
-            turn_tokens.setdefault(turn, tokens)
+    tokens = turn_tokens(sequences)
     turns = [m for m in example.trace if m["role"] == "assistant"]
     for k, msg in enumerate(turns):
         if not msg.get("tool_calls"):
             continue
         written = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
-        read = parse_tool_calls(tokenizer.decode(turn_tokens.get(k, []), skip_special_tokens=False),
-                                tool_call_format)
+        read = parse_tool_calls(tokenizer.decode(tokens.get(k, []), skip_special_tokens=False), tool_call_format)
         if [_call_text(c) for c in read] != [_call_text(c) for c in written]:
             return (f"assistant turn {k}'s tool calls, rendered and read back in rollout.tool_call_format="
                     f"{tool_call_format!r}, are {_cut('; '.join(map(_call_text, read)) or 'no call')}, not "

@@ -88,8 +88,7 @@ def set_aside_newer(run_dir, step):
     does not see) and return their names: a run resumed from an older checkpoint goes on from there, and its new
     checkpoints would otherwise be pruned by name in favour of the abandoned ones, which a later ``--resume``
     would then pick up. Rank 0 renames; every rank gets the names."""
-    newer = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-             if step_of(p) is not None and step_of(p) > step]
+    newer = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step_*")) if (step_of(p) or 0) > step]
     if dist.rank() == 0:
         for p in newer:
             target = p.with_name(f".abandoned-{p.name}")
@@ -167,8 +166,9 @@ def _readable(path, read):
     try:
         return read()
     except Exception as exc:  # torch.load and safetensors raise several kinds on a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the "
-                         "checkpoint is damaged: move it aside to resume from the one before") from None
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {reason}); the checkpoint is damaged: "
+                              "move it aside to resume from the one before") from None
 
 
 def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
@@ -198,8 +198,9 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
         if wrong:
-            raise CheckpointError(f"{ckpt}: weights do not fit the model ({wrong[0]}: {tuple(state[wrong[0]].shape)} in the "
-                             f"checkpoint, {shapes[wrong[0]]} in the model): the model options differ from the run's")
+            k = wrong[0]
+            raise CheckpointError(f"{ckpt}: weights do not fit the model ({k}: {tuple(state[k].shape)} in the "
+                                  f"checkpoint, {shapes[k]} in the model): the model options differ from the run's")
         missing, unexpected = model.load_state_dict(state, strict=False)
         untied = [k for k in missing if k not in dist.tied_keys(model)]
         if untied or unexpected:

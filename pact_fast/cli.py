@@ -88,17 +88,17 @@ def _resume_config(args):
     if _overridden(args, "train.out_dir"):
         raise ConfigError(f"--resume {run_dir}: a resumed run stays in its directory; train.out_dir would be ignored "
                           "(leave it out)")
-    from .evaluation import MODEL_SHAPE
+    from .evaluation import MODEL_SHAPE, fixed_override
 
     # the checkpoint's weights are of the run's model: another shape fails to load, another built-in base is another
-    # model (LoRA); a pretrained run's model.path may move
-    fixed = MODEL_SHAPE + ("model.lora.",) + (("model.path", "train.seed") if saved.model.path is None else ())
-    for item in args.overrides:
-        key = item.split("=", 1)[0].strip()
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed) and \
-                (key != "train.seed" or saved.model.lora.enabled):
-            raise ConfigError(f"--resume {run_dir}: {key} is the run's own (it makes the model its checkpoint holds); "
-                              "it cannot change on resume")
+    # model (LoRA: drawn from train.seed); a pretrained run's model.path may move
+    builtin = saved.model.path is None
+    fixed = MODEL_SHAPE + ("model.lora.",) + (("model.path",) if builtin else ()) + \
+        (("train.seed",) if builtin and saved.model.lora.enabled else ())
+    key = fixed_override(args.overrides, fixed)
+    if key:
+        raise ConfigError(f"--resume {run_dir}: {key} is the run's own (it makes the model its checkpoint holds); "
+                          "it cannot change on resume")
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
     step = checkpoint.step_of(ckpt)
     if step is not None and step > config.train.steps:

@@ -343,7 +343,8 @@ BOUNDS = {
     "loss.lambda_sft": (0, None), "loss.w_reason": (0, None), "loss.w_other": (0, None), "loss.beta_0": (0, None),
     "loss.beta_1": (0, None), "loss.beta_kl": (0, None), "loss.c_ent": (0, None), "loss.switch_progress": (0, 1),
     "loss.loss_scale_factor": (1, None), "rollout.call_timeout": ((0, "open"), None), "rollout.max_call_chars": (1, None),
-    "rollout.max_result_chars": (1, None), "rollout.max_calls_per_turn": (1, None), "data.format_reward": (0, None), "model.hidden_size": (1, None),
+    "rollout.max_result_chars": (1, None), "rollout.max_calls_per_turn": (1, None), "data.format_reward": (0, None),
+    "model.hidden_size": (1, None),
     "model.num_layers": (1, None), "model.num_heads": (1, None), "model.num_kv_heads": (1, None),
     "model.head_dim": (1, None), "model.intermediate_size": (1, None),
 }

@@ -25,7 +25,9 @@ put in the order of the calls (``tool_call_id`` names the call), and, for multi-
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
-reasoning, equal to ``reasoning_content``) and content given as a list of parts are refused, not dropped. A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
+reasoning, equal to ``reasoning_content``) and content given as a list of parts are refused, not dropped.
+
+A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
 which only a ``user`` turn may come. A later user turn may carry ``tools``, function specs it makes
 available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite JSON numbers

@@ -136,8 +136,8 @@ def check_same(value, what):
     td.all_gather_object(values, value)
     other = next((r for r, v in enumerate(values) if v != values[0]), None)
     if other is not None:
-        raise ConfigError(f"torchrun: rank {other}'s {what} differs from rank 0's; every rank must run the same command "
-                         "on the same data")
+        raise ConfigError(f"torchrun: rank {other}'s {what} differs from rank 0's; every rank must run the same "
+                          "command on the same data")
 
 
 def sum_counts(values):

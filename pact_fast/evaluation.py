@@ -46,6 +46,16 @@ MODEL_SHAPE = ("model.hidden_size", "model.num_layers", "model.num_heads", "mode
                "model.intermediate_size")  # the built-in model's shape options
 
 
+def fixed_override(overrides, fixed):
+    """The first key of ``overrides`` (``key=value`` strings) that ``fixed`` names (a key, or a prefix ending in
+    "."), or None."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
+            return key
+    return None
+
+
 def run_config(run, overrides=()):
     """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with its latest checkpoint
     (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
@@ -59,11 +69,10 @@ def run_config(run, overrides=()):
     fixed = (["model.path"] if not (lora and saved.model.path) else []) + list(MODEL_SHAPE) + \
         (["model.lora."] if lora else []) + \
         (["train.seed"] if lora and saved.model.path is None else [])
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
-            raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
-                              "it cannot be overridden")
+    key = fixed_override(overrides, fixed)
+    if key:
+        raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
+                          "it cannot be overridden")
     key = "model.lora.adapter" if lora else "model.path"
     return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG), ckpt
 

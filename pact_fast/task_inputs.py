@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trace_conditioned_prompt_ids,
-                   trace_sequences)
+                   trace_sequences, turn_tokens)
 from .data import DataFormatError, keep_rows
-from .losses import OTHER, REASONING, TOOL_CALL
 from .envs import min_turns
 from .packing import packed_size
 
@@ -118,15 +117,7 @@ def check_special_text(tokenizer, example):
 
 def longest_turn(sequences):
     """Tokens of the longest assistant turn (its reasoning, calls and answer) in ``sequences`` (``trace_sequences``)."""
-    lengths = {}
-    for s in sequences:
-        mine = {}
-        for comp, turn in zip(s.components, s.turn_ids):
-            if comp in (REASONING, TOOL_CALL, OTHER):
-                mine[turn] = mine.get(turn, 0) + 1
-        for turn, n in mine.items():
-            lengths.setdefault(turn, n)
-    return max(lengths.values(), default=0)
+    return max(map(len, turn_tokens(sequences).values()), default=0)
 
 
 def check_trace_calls(tokenizer, example, inputs, tool_call_format):
@@ -238,8 +229,8 @@ def unrewardable(examples, lim):
 
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
     """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` (and, given
-    the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling``. ``on_error="raise"``: the first task that fails is a
-    ``DataFormatError``; ``"skip"``: failing tasks are left out and ``log``-ged as a count with the first reason
+    the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling``.
+    ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left out and ``log``-ged as a count with the first reason
     (none left of a non-empty split is still an error). ``log``: also a progress line every PROGRESS_EVERY_S
     seconds on a large data set."""
     start = last = time.perf_counter()
@@ -304,6 +295,6 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
     return train_kept, kept_held_out
 
 
-__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths", "check_trace_calls",
-           "check_special_text", "longest_turn", "response_cap",
-           "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]
+__all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths",
+           "check_trace_calls", "check_special_text", "longest_turn", "response_cap", "fit_episodes", "prepare",
+           "unrewardable", "PROGRESS_EVERY_S"]

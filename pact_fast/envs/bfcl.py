@@ -238,7 +238,8 @@ def check_example(example):
         return "env 'bfcl' needs 'involved_classes', a non-empty list of BFCL back-end class names"
     unknown = [c for c in classes if c not in CLASS_FILE_PATH_MAPPING]
     if unknown:
-        return f"env 'involved_classes' names {unknown[0]!r}, not a BFCL back-end ({', '.join(CLASS_FILE_PATH_MAPPING)})"
+        return (f"env 'involved_classes' names {unknown[0]!r}, not a BFCL back-end "
+                f"({', '.join(CLASS_FILE_PATH_MAPPING)})")
     if not isinstance(env.get("initial_config"), dict):
         return "env 'bfcl' needs 'initial_config', an object (the back-ends' initial state)"
     turns = env.get("user_turns")
