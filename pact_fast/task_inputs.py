@@ -230,9 +230,10 @@ def unrewardable(examples, lim):
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
     """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` (and, given
     the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling``.
-    ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left out and ``log``-ged as a count with the first reason
-    (none left of a non-empty split is still an error). ``log``: also a progress line every PROGRESS_EVERY_S
-    seconds on a large data set."""
+    ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left
+    out and ``log``-ged as a count with the first reason (none left of a non-empty split is still an error).
+    ``log``: also a progress line every PROGRESS_EVERY_S seconds on a large data set, and how many expert turns
+    are longer than ``lim.max_new_tokens``."""
     start = last = time.perf_counter()
     skipped = {"training": [], "held-out": []}  # reasons
 
