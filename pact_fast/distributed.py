@@ -10,6 +10,7 @@ ranks never wait on each other's generation lengths. Without torchrun every func
 the identity or its single-process meaning.
 """
 import copy
+import math
 import os
 from dataclasses import dataclass
 
@@ -163,9 +164,11 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def reduce_metrics(metrics):
-    """Each numeric metric's mean over the ranks that report it (a rank may lack a key another has, e.g. a term
-    none of its micro-batches held: the key lists are gathered first, so the reductions line up)."""
+def reduce_metrics(metrics, summed=(), largest=()):
+    """Each numeric metric reduced over the ranks that report it: the mean, but the sum for the keys in ``summed``
+    (counts each rank holds a share of) and the maximum for those in ``largest`` (a step lasts as long as its
+    slowest rank). A rank may lack a key another has, e.g. a term none of its micro-batches held: the key lists
+    are gathered first, so the reductions line up."""
     if not is_distributed():
         return metrics
     mine = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
@@ -174,8 +177,13 @@ def reduce_metrics(metrics):
     keys = sorted(set().union(*lists))
     t = torch.tensor([[float(metrics[k]) if k in metrics else 0.0 for k in keys],
                       [1.0 if k in metrics else 0.0 for k in keys]], dtype=torch.float64)
+    top = torch.tensor([float(metrics[k]) if k in metrics else -math.inf for k in keys], dtype=torch.float64)
     td.all_reduce(t)
-    return {**metrics, **{k: v / n for k, v, n in zip(keys, t[0].tolist(), t[1].tolist())}}
+    td.all_reduce(top, op=td.ReduceOp.MAX)
+    out = {}
+    for k, total, n, most in zip(keys, t[0].tolist(), t[1].tolist(), top.tolist()):
+        out[k] = total if k in summed else most if k in largest else total / n
+    return {**metrics, **out}
 
 
 def _full_options():

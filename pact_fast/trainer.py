@@ -542,7 +542,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
                                                          old, loss_args, score)
             non_finite_loss |= metrics is None
             loss.backward()
-            packed_tokens += n_tok
+            packed_tokens += 0 if mb.padding else n_tok
             if metrics is not None and not mb.padding:
                 weighted_metrics.append(((counts[0 if lc.loss_agg == "token-mean" else 1], n_traces), metrics))
                 step_loss += metrics["loss/total"]
@@ -575,7 +575,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     if "skipped_groups" in losses:
         losses["skipped_groups"] = float(skipped_groups)
     return StepStats(step + 1, losses, lr, float(grad_norm), skipped,
-                     non_finite_loss, rewards, flat, packed_tokens, len(batches),
+                     non_finite_loss, rewards, flat, packed_tokens, sum(not mb.padding for mb in batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
                      _peak_memory_mb(c.device), truncated)
 
@@ -663,7 +663,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             if stats.skipped:
                 log(f"[pact_fast] step {step + 1}: non-finite {'loss' if stats.non_finite_loss else 'gradient'}; "
                     f"step skipped ({skip_streak} in a row)")
-            metrics = dist.reduce_metrics(stats.metrics())
+            metrics = _step_metrics(stats)
             history.append(metrics)
             if writers:
                 writers.log(metrics)
@@ -678,7 +678,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 last_save = time.monotonic()
             if stats.truncated and step >= warned_cut:  # the first cut, then at most every WARN_CUT_EVERY steps
                 warned_cut = step + WARN_CUT_EVERY
-                log(f"[pact_fast] step {step + 1}: {stats.truncated} of {len(stats.episodes)} episodes were cut to fit "
+                log(f"[pact_fast] step {step + 1}: {int(metrics['truncated_episodes'])} of "
+                    f"{len(stats.episodes) * dist.world_size()} episodes were cut to fit "
                     f"train.micro_batch_tokens={train_cfg.micro_batch_tokens} or the positions, as out of length "
                     "(reward 0); raise the budget if that is many (metric truncated_episodes)")
             if skip_streak >= train_cfg.max_skipped_steps:
@@ -759,6 +760,19 @@ def _step_loss_config(lc, masks):
     if lc.loss_agg != "seq-mean-token-sum-norm" or lc.loss_scale_factor:
         return lc
     return replace(lc, loss_scale_factor=dist.max_count(max((m.shape[-1] for m in masks), default=0)) or None)
+
+
+# counts each torchrun rank holds a share of (summed over the ranks), and times and memory of the slowest rank
+RANK_SUMS = ("sampled_tokens", "packed_tokens", "micro_batches", "unshared_tokens", "truncated_episodes")
+RANK_MAXES = ("rollout_seconds", "step_seconds", "peak_memory_mb")
+
+
+def _step_metrics(stats):
+    """The step's metrics over all ranks: counts summed, times the slowest rank's, the rest averaged (each rank
+    holds as many prompt groups); tokens per second of the whole step."""
+    m = dist.reduce_metrics(stats.metrics(), summed=RANK_SUMS, largest=RANK_MAXES)
+    m["tokens_per_second"] = (m["sampled_tokens"] + m["packed_tokens"]) / m["step_seconds"]
+    return m
 
 
 SFT_METRICS = ("loss/sft", "sft_weight_mean", "sft_weight/", "tool_call_weight")  # the SFT term's (prefixes)

@@ -137,6 +137,18 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
     initial = _initial_weights()
     assert any(not torch.allclose(one[k], initial[k]) for k in one), "training must move the weights"
+    # the logged step metrics are the whole step's: counts summed over the ranks (each holds half the groups),
+    # the losses and rewards the same as one process's
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                if '"sampled_tokens"' in line] for n in ("one", "two")}
+    assert len(rows["one"]) == len(rows["two"]) == 3
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("sampled_tokens", "unshared_tokens", "truncated_episodes"):
+            assert a[key] == b[key], (key, a[key], b[key])
+        # each rank's trees share prefixes only among its own groups
+        assert a["packed_tokens"] <= b["packed_tokens"] <= b["unshared_tokens"]
+        for key in ("reward_mean", "loss/total", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
