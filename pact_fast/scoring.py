@@ -144,12 +144,13 @@ def _recompute_in_tree(model):
 def packed_hidden_states(model, packed, *, backend="auto"):
     """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
     decoder, _ = _decoder_and_head(model)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
     subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]
     n_layers = model.config.num_hidden_layers
     position_ids = packed.position_ids.to(device)[None]  # [1, L]: trie depths
-    layout = TreeLayout(build_layout(subtree_end, backend, position_ids=position_ids))  # once per forward
+    # once per forward; "auto" takes varlen for a float64 model, whose dtype the Triton kernels do not take
+    layout = TreeLayout(build_layout(subtree_end, backend, position_ids=position_ids, dtype=dtype))
     with tree_attention_enabled(model), _recompute_in_tree(model):
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, tree_layout=layout)
     if layout.calls != n_layers:

@@ -114,6 +114,17 @@ def test_triton_dq_modes_and_head_stacking_match_float64(HQ, HKV, dq_mode):
         assert rel_err(o.grad, r.grad) < 2e-5, f"d{name}"
 
 
+def test_triton_refuses_float64_in_one_line():
+    """The kernels take fp32, fp16 and bf16; a float64 call (a layout made for triton, or backend="triton") is
+    refused with the backends that take it, not compiled for a dtype the kernels were never gated for."""
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randn(1, 2, e.shape[1], 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 inputs, got torch.float64"):
+        tree_attention(q, q, q, e, backend="triton")
+    with pytest.raises(TypeError, match="use backend='varlen' or 'sdpa'"):
+        tree_attention(q, q, q, layout=build_layout(e, "triton"))
+
+
 def test_unknown_dq_mode_is_refused():
     e = pack_tree(pact_group()).subtree_end[None]
     q = torch.randn(1, 2, e.shape[1], 16)

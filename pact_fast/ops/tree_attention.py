@@ -254,13 +254,14 @@ class TreeAttentionLayout:
         return self.masks[window]
 
 
-def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split", position_ids=None):
+def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split", position_ids=None, dtype=None):
     """The layout of ``subtree_end [B, L]`` for ``backend``: validated, with the tile lists (triton), the
     segments and their key gathers (varlen) or the block mask (flex) built now, once. ``dq_mode`` picks the
     triton backward's dq path: "split" (deterministic, the default: faster by the performance model) or
     "atomic" (fp32 atomics, 5 matmuls per tile pair; summation order varies). ``position_ids [B, L]`` int
     (the trie depths, ``pack_tree(...).position_ids``) are what a sliding window is measured in; the varlen
-    backend needs them to grow by one along every path (flash-attn's window counts key offsets)."""
+    backend needs them to grow by one along every path (flash-attn's window counts key offsets). ``dtype``: the
+    inputs' dtype when known (``"auto"`` takes varlen for float64, ``"triton"`` refuses it)."""
     if validate:
         validate_subtree_end(subtree_end)
         if position_ids is not None:
@@ -268,7 +269,7 @@ def build_layout(subtree_end, backend="auto", *, validate=True, dq_mode="split",
     ends = subtree_end.to(torch.int32).contiguous()
     positions = None if position_ids is None else position_ids.to(torch.int32).contiguous()
     # auto on CPU: per-segment attention beats a dense [L, L] mask (bench/results/group_w-cpu.json)
-    backend = resolve_backend("tree_attention", backend, ends.device, BACKENDS, "varlen")
+    backend = resolve_backend("tree_attention", backend, ends.device, BACKENDS, "varlen", dtype)
     if dq_mode not in ("split", "atomic"):
         raise ValueError(f"tree_attention: dq_mode must be 'split' or 'atomic', got {dq_mode!r}")
     layout = TreeAttentionLayout(ends, backend, positions, dq_mode=dq_mode)
@@ -476,7 +477,8 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
             validate_layout(q, k, v, subtree_end)
             if position_ids is not None:
                 validate_position_ids(position_ids, subtree_end)
-        layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode, position_ids=position_ids)
+        layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode, position_ids=position_ids,
+                              dtype=q.dtype)
     else:
         if position_ids is not None:
             raise ValueError("tree_attention: with a layout, pass position_ids to build_layout, not to tree_attention")
@@ -485,6 +487,9 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
             validate_layout(q, k, v, layout.subtree_end)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if layout.backend == "triton":
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # a layout is made before any dtype
+            raise TypeError(f"tree_attention: backend='triton' takes fp32, fp16 or bf16 inputs, got {q.dtype}; "
+                            "use backend='varlen' or 'sdpa'")
         o, _ = _triton_fwd(q.contiguous(), k.contiguous(), v.contiguous(), layout.subtree_end,
                            layout.position_ids if window else None, *layout.masks_for(window), scale, layout.dq_mode,
                            window or 0, softcap or 0.0)
