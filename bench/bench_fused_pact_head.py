@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, select_providers, write_json  # noqa: E402
 
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL, PACTBatch, PACTLossConfig, pact_loss  # noqa: E402
 from pact_fast.ops import linear_logprobs  # noqa: E402
@@ -96,9 +96,8 @@ def run(workload, device, reps, names=None):
         if not names or name in names:
             print(f"skipped {name}: {why}")
             out.append({"provider": name, "mode": "fwd+bwd", "skipped": why})
-    for name, fn in fns.items():
-        if names and name not in names:
-            continue
+    for name in select_providers(names, fns, "naive", device, skipped):
+        fn = fns[name]
 
         def fwd_bwd(fn=fn):
             hidden.grad = weight.grad = None

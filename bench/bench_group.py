@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, select_providers, write_json  # noqa: E402
 
 from pact_fast.ops import linear_logprobs  # noqa: E402
 from pact_fast.packing import pack_back_to_back, pack_tree  # noqa: E402
@@ -97,9 +97,9 @@ def run(workload, device, reps, names=None):
     n_tree, n_flat = pack_tree(seqs).num_tokens, sum(map(len, seqs))
     grads = None
     rows, reference = [], None
-    for name, fn in providers(model, seqs, scored, device).items():
-        if names and name not in names:
-            continue
+    fns = providers(model, seqs, scored, device)
+    for name in select_providers(names, fns, "b2b-varlen", device):
+        fn = fns[name]
         with torch.no_grad():
             logp = fn().float()
         reference = logp if reference is None else reference

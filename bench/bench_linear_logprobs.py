@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, select_providers, write_json  # noqa: E402
 
 from pact_fast.ops import linear_logprobs  # noqa: E402
 
@@ -69,9 +69,9 @@ def run(workload, device, reps, names=None):
     hidden, weight, targets = make_inputs(**shape, device=device)
     grad = torch.randn(shape["N"], device=device)
     rows = []
-    for name, fn in providers(device).items():
-        if names and name not in names:
-            continue
+    fns = providers(device)
+    for name in select_providers(names, fns, "naive", device):
+        fn = fns[name]
 
         def fwd():
             with torch.no_grad():

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_group import WORKLOADS, make_group, make_model  # noqa: E402
-from common import bench_args, machine_info, measure, print_table, write_json  # noqa: E402
+from common import bench_args, machine_info, measure, print_table, select_providers, write_json  # noqa: E402
 
 from pact_fast.chat import LabeledSequence  # noqa: E402
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL  # noqa: E402
@@ -82,9 +82,8 @@ def run(workload, device, reps, names=None):
             "pact-padded": lambda: padded._compute_loss(padded.model, inputs),
             "pact-packed": lambda: packed._compute_loss(packed.model, inputs),
         }
-        for name, loss_fn in providers.items():
-            if names and name not in names:
-                continue
+        for name in select_providers(names, providers, "pact-padded", device):
+            loss_fn = providers[name]
             losses[name] = loss_fn().item()
 
             def fwd_bwd(f=loss_fn):

@@ -148,17 +148,43 @@ def write_json(path, payload):
 
 
 def bench_args(description, workloads, gpu_workload, cpu_workload, gpu_reps, cpu_reps, argv=None):
-    """Parse the options every benchmark takes; returns (args, device, workload, reps)."""
+    """Parse the options every benchmark takes; returns (args, device, workload, reps). A device this torch cannot
+    use, repetitions below 1, or a GPU workload (any but ``cpu_workload`` and tiny) on a CPU are argparse errors (one line, exit 2)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workload", default=None, choices=sorted(workloads),
                         help=f"default: {gpu_workload} on CUDA, {cpu_workload} otherwise")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None,
                         help=f"timed repetitions (default {cpu_reps} on CPU, {gpu_reps} on CUDA)")
-    parser.add_argument("--providers", nargs="*", help="subset of providers")
+    parser.add_argument("--providers", nargs="*", help="subset of providers (the baseline of the ratios always runs)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the benchmarks time cpu and cuda devices")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps {args.reps}: at least 1 timed repetition")
     cuda = device.type == "cuda"
-    return args, device, args.workload or (gpu_workload if cuda else cpu_workload), args.reps or (
-        gpu_reps if cuda else cpu_reps)
+    workload = args.workload or (gpu_workload if cuda else cpu_workload)
+    if not cuda and workload not in (cpu_workload, "tiny"):
+        parser.error(f"--workload {workload} is a GPU workload (hours and tens of GB on a CPU); on CPU use "
+                     f"{cpu_workload}" + (" or tiny" if "tiny" in workloads else ""))
+    return args, device, workload, args.reps or (gpu_reps if cuda else cpu_reps)
+
+
+def select_providers(names, available, baseline, device, skipped=()):
+    """The providers to run, in the order of ``available``: every one, or those ``names`` lists plus ``baseline``
+    (the ratios' denominator, always run). A name neither ``available`` nor ``skipped`` (a provider this device
+    lacks, reported by the benchmark) exits with the ones there are on ``device``."""
+    if not names:
+        return list(available)
+    unknown = [n for n in names if n not in available and n not in skipped]
+    if unknown:
+        raise SystemExit(f"--providers: {', '.join(unknown)} not among this benchmark's providers on {device}: "
+                         f"{', '.join([*available, *skipped])}")
+    return [n for n in available if n in names or n == baseline]

@@ -1,0 +1,60 @@
+"""The benchmarks' shared options (bench/common.py): bad input is one argparse line, not a traceback or an hours-long
+run, and a chosen subset of providers still runs the baseline its ratios divide by."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+from common import bench_args, select_providers  # noqa: E402
+
+WORKLOADS = {"cpu": {}, "tiny": {}, "W-logprob": {}, "W-logprob-4096": {}}
+
+
+def _args(argv, monkeypatch, cuda=False):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    return bench_args("test", WORKLOADS, "W-logprob", "cpu", 5, 3, argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--reps", "0"], "--reps 0: at least 1 timed repetition"),
+    (["--reps", "-2"], "--reps -2: at least 1 timed repetition"),
+    (["--device", "cuda"], "--device cuda: this torch"),
+    (["--device", "gpu0"], "--device gpu0:"),
+    (["--workload", "W-logprob"], "--workload W-logprob is a GPU workload"),
+    (["--workload", "W-logprob-4096"], "on CPU use cpu or tiny"),
+])
+def test_bad_options_are_one_argparse_line(argv, message, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _args(argv, monkeypatch)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_defaults_follow_the_device(monkeypatch):
+    _, device, workload, reps = _args([], monkeypatch)
+    assert (device.type, workload, reps) == ("cpu", "cpu", 3)
+    _, _, workload, reps = _args(["--workload", "tiny", "--reps", "7"], monkeypatch)
+    assert (workload, reps) == ("tiny", 7)
+
+
+def test_providers_subset_keeps_the_baseline_and_unknown_names_exit():
+    available = {"naive": None, "torch_chunked": None, "triton": None}
+    assert select_providers(None, available, "naive", "cpu") == ["naive", "torch_chunked", "triton"]
+    assert select_providers(["triton"], available, "naive", "cpu") == ["naive", "triton"]
+    assert select_providers(["fused_triton"], available, "naive", "cpu", skipped={"fused_triton": "CUDA"}) == \
+        ["naive"]
+    with pytest.raises(SystemExit, match="--providers: liger not among this benchmark's providers on cpu: naive"):
+        select_providers(["triton", "liger"], available, "naive", "cpu")
+
+
+def test_a_benchmark_script_refuses_an_unknown_provider_without_a_traceback():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_linear_logprobs.py"), "--workload", "tiny",
+                           "--device", "cpu", "--providers", "nope"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "--providers: nope not among" in proc.stderr and "Traceback" not in proc.stderr
