@@ -167,12 +167,17 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--json", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.tokens < 1 or args.group_size < 1:
+        parser.error(f"--tokens {args.tokens} and --group-size {args.group_size}: at least 1 each")
     from pact_fast.config import LoRAConfig
     from pact_fast.model_setup import lora_targets
     from pact_fast.models import fetch_model, load_pretrained
 
     path = args.model or fetch_model("smollm2-135m", log=None)
-    shape = planner.shape_from_dir(path)
+    try:
+        shape = planner.shape_from_dir(path)
+    except planner.PlanError as exc:
+        parser.error(str(exc))
     rows = []
     for name, lora, ckpt in (("full", False, False), ("lora", True, False), ("lora+ckpt", True, True)):
         torch.manual_seed(0)

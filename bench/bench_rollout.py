@@ -40,14 +40,16 @@ def contexts(tokenizer, n_prompts, samples, config):
 
 
 def timed(engine, ctx, reps):
-    """(median seconds, sampled tokens) of ``reps`` calls of one turn, after a warm-up call."""
+    """(median seconds, sampled tokens) of ``reps`` calls of one turn of up to the engine's ``max_new_tokens`` per
+    context, after a warm-up call."""
+    budgets = [engine.config.max_new_tokens] * len(ctx)
     engine.generator.manual_seed(0)
-    engine._generate_turn(ctx, False)
+    engine._generate_turn(ctx, False, budgets)
     seconds, tokens = [], []
     for r in range(reps):
         engine.generator.manual_seed(r)
         start = time.perf_counter()
-        toks, _, _ = engine._generate_turn(ctx, False)
+        toks, _, _ = engine._generate_turn(ctx, False, budgets)
         seconds.append(time.perf_counter() - start)
         tokens.append(sum(map(len, toks)))
     k = seconds.index(statistics.median(seconds)) if reps % 2 else 0
@@ -64,12 +66,22 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "rollout_cpu.json"))
     args = parser.parse_args(argv)
+    for name in ("prompts", "samples", "max_new_tokens", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     load = os.getloadavg()  # other work on the machine's cores when the run starts
 
     from pact_fast.config import Config
     from pact_fast.models import fetch_model, load_pretrained
     from pact_fast.rollout import HFRolloutEngine, RolloutConfig
-    from pact_fast.rollout_vllm import VLLMRolloutEngine
+    from pact_fast.rollout_vllm import RolloutEngineError, VLLMRolloutEngine, import_vllm
+
+    try:  # before the model loads and the HF engine is timed
+        import_vllm()
+    except RolloutEngineError as exc:
+        parser.error(str(exc))
 
     path = fetch_model("smollm2-135m", log=None)
     dtype = getattr(torch, args.dtype)

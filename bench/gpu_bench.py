@@ -544,6 +544,8 @@ def main(argv=None):
                     default=["check", "logprob", "layer", "group", "head", "model", "train"])
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default CUDA_REPS, 1 on CPU)")
     args = ap.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        ap.error(f"--reps {args.reps}: at least 1 timed repetition")
     if args.section == "report":
         doc = report(args.dir, args.sections)
         doc.update(dry_run=args.dry_run, machine=machine_info("cuda" if torch.cuda.is_available() else "cpu"))

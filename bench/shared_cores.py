@@ -79,6 +79,8 @@ def main():
     parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.steps < 1 or args.hogs < 0 or (args.hogs == 0 and "shared" in args.loads):
+        parser.error(f"--steps {args.steps} (at least 1), --hogs {args.hogs} (at least 1 for the shared load)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for load in args.loads:

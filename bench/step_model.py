@@ -777,7 +777,10 @@ def main(argv=None):
     ap.add_argument("--score-pass", choices=("auto", "on", "off"), default="auto",
                     help="the old-log-prob pass: auto = as the trainer decides per engine (vLLM's TIS: on; HF: off)")
     args = ap.parse_args(argv)
-    w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    try:
+        w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    except ValueError as exc:
+        ap.error(str(exc))
     rows = step_rows(w, score_pass={"auto": None, "on": True, "off": False}[args.score_pass])
     print_table(rows, w)
     if args.json:

@@ -58,3 +58,20 @@ def test_a_benchmark_script_refuses_an_unknown_provider_without_a_traceback():
                            "--device", "cpu", "--providers", "nope"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "--providers: nope not among" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_rollout_benchmark_times_one_turn_of_the_hf_engine():
+    """bench/bench_rollout.py calls the engines' turn as the rollout loop does (a budget per context): the call it
+    times samples between one and max_new_tokens tokens per context."""
+    from bench_rollout import timed
+    from models import tiny_causal_lm
+    from pact_fast.chat import prompt_ids
+    from pact_fast.data import parse_example
+    from pact_fast.envs import build_tokenizer, make_task
+    from pact_fast.rollout import HFRolloutEngine, RolloutConfig
+
+    tok = build_tokenizer()
+    ctx = [list(prompt_ids(tok, parse_example(make_task(i, hops=1)))) for i in range(3)]
+    engine = HFRolloutEngine(tiny_causal_lm("qwen3", vocab_size=len(tok)), tok, RolloutConfig(max_new_tokens=5))
+    seconds, tokens = timed(engine, ctx, 1)
+    assert seconds > 0 and len(ctx) <= tokens <= 5 * len(ctx)
