@@ -42,8 +42,13 @@ class LoRAConfig:
             raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
-        if self.adapter and not self.enabled:
-            raise ValueError("model.lora.adapter is set but model.lora.enabled is false")
+        if not self.enabled:  # an option of LoRA while LoRA is off would be ignored: every weight would train
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if f.name != "enabled" and value != f.default:
+                    shown = list(value) if isinstance(value, tuple) else value
+                    raise ValueError(f"model.lora.{f.name}={shown} is set but model.lora.enabled is false (every "
+                                     "weight would train); set model.lora.enabled=true, or leave it out")
 
 
 @dataclass

@@ -71,13 +71,15 @@ def build_model_and_tokenizer(cfg, device, seed):
 def build_policy(cfg, device, seed, *, log=None):
     """``Policy`` of ``model`` config ``cfg``: the base model (``build_model_and_tokenizer``), then LoRA adapters
     when ``cfg.lora.enabled`` (loaded from ``cfg.lora.adapter`` when given, else freshly initialised: B = 0, so
-    the policy starts equal to the base), then a frozen lm_head when ``cfg.freeze_lm_head``. The LoRA set-up is
-    checked on the model's skeleton (``check_lora``) before any weight is loaded."""
+    the policy starts equal to the base), then a frozen lm_head when ``cfg.freeze_lm_head``; in training mode
+    (dropout on; rollouts and evaluation switch to eval mode themselves). The LoRA set-up is checked on the
+    model's skeleton (``check_lora``) before any weight is loaded."""
     check_lora(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg, device, seed)
     peft_model = apply_lora(model, cfg.lora, log=log) if cfg.lora.enabled else None
     if cfg.freeze_lm_head:
         freeze_lm_head(model, log=log)
+    model.train()  # as the built-in model is made; from_pretrained's eval mode would leave LoRA's dropout off
     return Policy(model, tokenizer, peft_model)
 
 
@@ -128,10 +130,11 @@ def default_lora_targets(model):
 def lora_targets(model, lora_cfg):
     """The module names LoRA adapts: ``lora_cfg.target_modules``, checked against ``model``, or the default.
     Raises ``ModelError`` (one line) for a name that matches no module, for the lm_head (its LoRA delta would
-    never reach the log-prob ops, which read the head weight) and for a module type peft cannot adapt."""
+    never reach the log-prob ops, which read the head weight), for an input embedding tied to the lm_head (a
+    merge would fold its delta into the head as well) and for a module type peft cannot adapt."""
     if not lora_cfg.target_modules:
         return default_lora_targets(model)
-    head = model.get_output_embeddings()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     leaves = {}
     for name, module in model.named_modules():
         if name:
@@ -146,6 +149,10 @@ def lora_targets(model, lora_cfg):
             raise ModelError(f"model.lora.target_modules: {target!r} is the lm_head, which LoRA cannot adapt here: "
                              "the log-prob ops read the head weight directly (use model.freeze_lm_head, or train it "
                              "fully without LoRA)")
+        if any(m is embed for m in modules) and embed.weight is head.weight:
+            raise ModelError(f"model.lora.target_modules: {target!r} is the input embedding, tied to the lm_head: its "
+                             "LoRA would change the inputs only, yet merging it would change the lm_head too (adapt "
+                             "the decoder's linear layers, or use an untied model)")
         unsupported = sorted({type(m).__name__ for m in modules if not isinstance(m, supported)})
         if unsupported:
             raise ModelError(f"model.lora.target_modules: {target!r} is a {', '.join(unsupported)}, which peft's LoRA "
@@ -174,7 +181,8 @@ def _skeleton(cfg):
 
 def check_lora(cfg):
     """Refuse a LoRA set-up the model cannot take, before its weights load: peft missing, target modules that do not
-    exist or cannot be adapted, an adapter directory that is not one or was made with other settings."""
+    exist or cannot be adapted, an adapter directory that is not one, was made with other settings or with a peft
+    option pact_fast does not implement (``check_adapter_options``)."""
     lora = cfg.lora
     if not lora.enabled:
         return
@@ -186,14 +194,48 @@ def check_lora(cfg):
     lora_targets(_skeleton(cfg), lora)
     if lora.adapter:
         saved = _adapter_config(lora.adapter)
+        check_adapter_options(lora.adapter, saved)
         wanted = {"r": lora.r, "lora_alpha": lora.alpha}
         if lora.target_modules:
             wanted["target_modules"] = sorted(lora.target_modules)
+        targets = saved.get("target_modules") or []
         have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
-                "target_modules": sorted(saved.get("target_modules") or [])}
+                "target_modules": [targets] if isinstance(targets, str) else sorted(targets)}  # a str: a regex
         differ = [f"{k}: config {v!r}, adapter {have[k]!r}" for k, v in wanted.items() if have[k] != v]
         if differ:
             raise ModelError(f"model.lora.adapter={lora.adapter}: made with other LoRA settings ({'; '.join(differ)})")
+
+
+# Options of an adapter_config.json that do not change the adapted model once its weights are loaded: where and
+# how it was made, its training-time dropout, and initialisations that leave the base weights as they are.
+_ADAPTER_NEUTRAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                    "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size")
+_NEUTRAL_INITS = (True, False, "gaussian")
+
+
+def check_adapter_options(path, saved):
+    """Refuse (``ModelError``, one line) an adapter whose ``adapter_config.json`` (``saved``) uses a peft option
+    that pact_fast's LoRA does not implement: rsLoRA's scale, per-module ranks or alphas, DoRA, trained biases,
+    fully trained modules, an initialisation that rewrote the base weights (PiSSA, OLoRA, LoftQ), another PEFT
+    method... Loaded as plain LoRA (scale alpha / r on every module), such an adapter would give another model.
+    Only r, lora_alpha and target_modules (checked against the config) and the options of ``_ADAPTER_NEUTRAL``
+    may differ from peft's defaults."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"model.lora.adapter={path}: a peft {saved['peft_type']} adapter; pact_fast trains and "
+                         "loads LoRA adapters only")
+    for key, value in sorted(saved.items()):
+        if key in ("r", "lora_alpha", "target_modules") + _ADAPTER_NEUTRAL:
+            continue
+        if key == "init_lora_weights" and value in _NEUTRAL_INITS:
+            continue
+        if value in (None, False, {}, []) or value == defaults.get(key):  # unset, or a newer peft's option unset
+            continue
+        raise ModelError(f"model.lora.adapter={path}: made with peft's {key}={value!r}, which pact_fast's LoRA "
+                         "does not implement (plain LoRA: r, lora_alpha, lora_dropout and target_modules by "
+                         "module name)")
 
 
 def _adapter_config(path):
@@ -375,5 +417,5 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 
 __all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
-           "default_lora_targets", "lora_targets", "check_lora", "apply_lora", "adapters_off", "AdaptersOffScorer",
-           "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]
+           "default_lora_targets", "lora_targets", "check_lora", "check_adapter_options", "apply_lora", "adapters_off",
+           "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from conftest import rel_err
 from models import param_grads, separate_logprobs, tiny_causal_lm
 from pact_fast.config import ConfigError, load_config
+from pact_fast.distributed import decoder_layers
 from pact_fast.model_setup import (AdaptersOffScorer, adapters_off, apply_lora, build_model_and_tokenizer,
-                                   build_policy, default_lora_targets, lora_targets)
+                                   Policy, build_policy, default_lora_targets, lora_targets, merged_model)
 from pact_fast.models import ModelError
 from pact_fast.scoring import sequence_logprobs
 from pact_fast.trainer import build, train, train_step
@@ -76,7 +77,7 @@ def test_default_targets_are_the_decoder_linears_and_bad_targets_are_refused():
 def test_lora_config_refusals():
     with pytest.raises(ConfigError, match="model.lora.r=0 must be >= 1"):
         load_config(None, LORA + ["model.lora.r=0"])
-    with pytest.raises(ConfigError, match="model.lora.adapter is set but model.lora.enabled is false"):
+    with pytest.raises(ConfigError, match="model.lora.adapter=/somewhere is set but model.lora.enabled is false"):
         load_config(None, ["model.lora.adapter=/somewhere"])
     with pytest.raises(ConfigError, match="unknown key 'model.lora.rank'"):
         load_config(None, ["model.lora.rank=8"])
@@ -330,3 +331,114 @@ def test_eval_of_a_lora_run_may_point_at_its_base_where_it_now_lies(tmp_path):
     assert config.model.path == "/home/me/models/base" and config.model.lora.adapter == str(ckpt)
     with pytest.raises(ConfigError, match="model.lora.r is the run's own"):
         run_config(run, ["model.lora.r=4"])
+
+
+def test_lora_options_set_while_lora_is_off_are_refused():
+    """``model.lora.r=8`` without ``model.lora.enabled=true`` trained every weight, the rank ignored."""
+    for override in ("model.lora.r=8", "model.lora.alpha=4", "model.lora.dropout=0.1",
+                     "model.lora.target_modules=[q_proj]"):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=f"{key}=.* is set but model.lora.enabled is false"):
+            load_config(None, [override])
+    assert load_config(None, ["model.lora.enabled=true", "model.lora.r=8"]).model.lora.r == 8
+
+
+def test_a_tied_embedding_is_refused_as_a_target_and_an_untied_one_merges_exactly():
+    """With tied embeddings a LoRA on embed_tokens reached the inputs only, while merging it changed the lm_head
+    (the same tensor) too: the merged model's log-probs were 33 off the adapted model's."""
+    with pytest.raises(ModelError, match="'embed_tokens' is the input embedding, tied to the lm_head"):
+        lora_targets(tiny_causal_lm("llama", tie_word_embeddings=True), _lora_cfg(target_modules="[embed_tokens]"))
+    model = tiny_causal_lm("llama")
+    peft_model = apply_lora(model, _lora_cfg(target_modules="[embed_tokens,q_proj]"))
+    _randomise_adapters(model)
+    seqs = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5]]
+    with torch.no_grad():
+        adapted = separate_logprobs(model, seqs)
+        packed = sequence_logprobs(model, seqs)
+        merged = separate_logprobs(merged_model(Policy(model, None, peft_model)), seqs)
+    for a, p, m in zip(adapted, packed, merged):
+        torch.testing.assert_close(p.double(), a, rtol=0, atol=1e-5)
+        torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
+
+
+ADAPTER_SEQS = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5]]
+
+
+def _peft_adapter(base_dir, out, **options):
+    """A LoRA adapter made by peft itself on ``base_dir`` (r=4, alpha=8, q_proj and v_proj, random weights), saved
+    to ``out``; returns the log-probs ``peft.PeftModel.from_pretrained`` gives with it (the reference)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **options))
+    _randomise_adapters(model, seed=1)
+    peft_model.save_pretrained(str(out))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(out))
+    with torch.no_grad():
+        return separate_logprobs(loaded, ADAPTER_SEQS)
+
+
+@pytest.mark.parametrize("options, refused", [
+    pytest.param({}, None, id="plain"),
+    pytest.param(dict(use_rslora=True), "use_rslora=True", id="rslora"),
+    pytest.param(dict(alpha_pattern={"q_proj": 32}), "alpha_pattern", id="alpha_pattern"),
+    pytest.param(dict(use_dora=True), "use_dora=True", id="dora"),
+    pytest.param(dict(modules_to_save=["lm_head"]), "modules_to_save", id="modules_to_save"),
+    pytest.param(dict(init_lora_weights="pissa"), "init_lora_weights='pissa'", id="pissa"),
+])
+def test_a_peft_adapter_loads_exactly_or_its_unsupported_option_is_refused(tmp_path, options, refused):
+    """An adapter made by peft with an option pact_fast's LoRA does not implement loaded as plain LoRA: use_rslora
+    (scale alpha / sqrt(r)) and alpha_pattern gave other log-probs (0.011 and 0.0026 off peft's own load)."""
+    base = _untied_model_dir(tmp_path)
+    reference = _peft_adapter(base, tmp_path / "adapter", **options)
+    config = load_config(None, [f"model.path={base}", *LORA, "model.lora.target_modules=[q_proj,v_proj]",
+                                f"model.lora.adapter={tmp_path / 'adapter'}"])
+    if refused:
+        with pytest.raises(ModelError, match=f"made with peft's {refused}.*which pact_fast's LoRA does not"):
+            build_policy(config.model, torch.device("cpu"), 0)
+        return
+    policy = build_policy(config.model, torch.device("cpu"), 0)
+    with torch.no_grad():
+        got = separate_logprobs(policy.model, ADAPTER_SEQS)
+    for g, r in zip(got, reference):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["builtin", "model.path"])
+def test_lora_dropout_acts_in_training_whatever_made_the_model(tmp_path, pretrained):
+    """``from_pretrained`` returns a model in eval mode, which training kept: ``model.lora.dropout`` acted on the
+    built-in model only, and a user's own model trained without it."""
+    model = [f"model.path={_untied_model_dir(tmp_path)}", "model.chat_template=model"] if pretrained else []
+    seqs = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5]]
+    scores = {}
+    for dropout in (0.0, 0.5):
+        config = load_config(None, TINY + LORA + model + [f"model.lora.dropout={dropout}",
+                                                          f"train.out_dir={tmp_path / str(dropout)}"])
+        c = build(config, log=lambda *a: None)
+        train_step(c, 0)  # rollouts switch the model to eval mode and back
+        _randomise_adapters(c.model)
+        with torch.no_grad():
+            scores[dropout] = [sequence_logprobs(c.model, seqs) for _ in range(2)]
+    for a, b in zip(*scores[0.0]):
+        assert torch.equal(a, b), "no dropout: the same log-probs twice"
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(*scores[0.5])), "dropout 0.5 on the adapters' input"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grad_checkpointing_runs_on_a_users_own_model(tmp_path, lora):
+    """transformers checkpoints a layer only in training mode, and ``from_pretrained`` returns eval mode: with
+    ``model.path``, ``train.grad_checkpointing=true`` kept every activation, silently."""
+    config = load_config(None, TINY + (LORA if lora else []) + [
+        f"model.path={_untied_model_dir(tmp_path)}", "model.chat_template=model", "train.grad_checkpointing=true",
+        "loss.mode=sft", f"train.out_dir={tmp_path / 'run'}"])
+    c = build(config, log=lambda *a: None)
+    calls = []
+    layers = decoder_layers(c.model)
+    for layer in layers:
+        def counted(*args, _func=layer._gradient_checkpointing_func, **kwargs):
+            calls.append(1)
+            return _func(*args, **kwargs)
+        layer._gradient_checkpointing_func = counted
+    stats = train_step(c, 0)
+    assert len(calls) == 2 * stats.micro_batches, "every layer of every micro-batch's forward is checkpointed"
