@@ -100,6 +100,9 @@ def _resume_config(args):
         raise ConfigError(f"--resume {run_dir}: {key} is the run's own (it makes the model its checkpoint holds); "
                           "it cannot change on resume")
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
+    if config.model.freeze_lm_head != saved.model.freeze_lm_head and not saved.model.lora.enabled:
+        raise ConfigError(f"--resume {run_dir}: model.freeze_lm_head is the run's own (it decides which weights "
+                          "train, and so the optimizer state its checkpoint holds); it cannot change on resume")
     step = checkpoint.step_of(ckpt)
     if step is not None and step > config.train.steps:
         raise ConfigError(f"--resume {run_dir}: its last checkpoint is at step {step}, past train.steps="

@@ -442,3 +442,15 @@ def test_grad_checkpointing_runs_on_a_users_own_model(tmp_path, lora):
         layer._gradient_checkpointing_func = counted
     stats = train_step(c, 0)
     assert len(calls) == 2 * stats.micro_batches, "every layer of every micro-batch's forward is checkpointed"
+
+
+def test_resume_refuses_a_changed_freeze_lm_head_in_one_line(tmp_path):
+    """``--resume RUN model.freeze_lm_head=true`` on a full fine-tune was a traceback from the optimizer's state
+    (one parameter fewer to train)."""
+    train(load_config(None, TINY + ["train.steps=2", "train.stop_after=1", f"train.out_dir={tmp_path}"]),
+          log=lambda *a: None)
+    proc = _cli("train", "--resume", str(tmp_path), "model.freeze_lm_head=true", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"pact-fast: --resume {tmp_path}: model.freeze_lm_head is the run's own (it decides which weights train, "
+        "and so the optimizer state its checkpoint holds); it cannot change on resume")
