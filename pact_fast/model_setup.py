@@ -143,8 +143,10 @@ def lora_targets(model, lora_cfg):
     for target in lora_cfg.target_modules:
         modules = leaves.get(target)
         if not modules:
-            raise ModelError(f"model.lora.target_modules: {target!r} matches no module of {type(model).__name__}; "
-                             f"its linear layers: {', '.join(default_lora_targets(model))}")
+            raise ModelError(f"model.lora.target_modules: {target!r} matches no module of {type(model).__name__}: "
+                             "target modules are module names such as q_proj, not paths, regexes or all-linear "
+                             "(empty = every linear layer of the decoder layers: "
+                             f"{', '.join(default_lora_targets(model))})")
         if any(m is head for m in modules):
             raise ModelError(f"model.lora.target_modules: {target!r} is the lm_head, which LoRA cannot adapt here: "
                              "the log-prob ops read the head weight directly (use model.freeze_lm_head, or train it "
@@ -191,16 +193,16 @@ def check_lora(cfg):
     except ImportError:
         raise ModelError("model.lora.enabled=true needs peft: pip install 'pact_fast[lora]' (or pip install peft)") \
             from None
-    lora_targets(_skeleton(cfg), lora)
+    targets = lora_targets(_skeleton(cfg), lora)
     if lora.adapter:
         saved = _adapter_config(lora.adapter)
         check_adapter_options(lora.adapter, saved)
         wanted = {"r": lora.r, "lora_alpha": lora.alpha}
-        if lora.target_modules:
-            wanted["target_modules"] = sorted(lora.target_modules)
-        targets = saved.get("target_modules") or []
+        saved_targets = saved.get("target_modules") or []
+        if not isinstance(saved_targets, str):  # a str is peft's regex: the adapter's tensors tell what it adapts
+            wanted["target_modules"] = sorted(set(targets))
         have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
-                "target_modules": [targets] if isinstance(targets, str) else sorted(targets)}  # a str: a regex
+                "target_modules": sorted(set(saved_targets))}
         differ = [f"{k}: config {v!r}, adapter {have[k]!r}" for k, v in wanted.items() if have[k] != v]
         if differ:
             raise ModelError(f"model.lora.adapter={lora.adapter}: made with other LoRA settings ({'; '.join(differ)})")
@@ -418,4 +420,5 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 __all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
            "default_lora_targets", "lora_targets", "check_lora", "check_adapter_options", "apply_lora", "adapters_off",
-           "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]
+           "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged",
+           "fit_chat_template"]

@@ -3,6 +3,7 @@ adapter-only optimizer, checkpoints and resume, the reference policy as the base
 --merge, eval of a LoRA run, a frozen lm_head, and the one-line refusals."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_default_targets_are_the_decoder_linears_and_bad_targets_are_refused():
     assert default_lora_targets(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
                                            "v_proj"]
     assert lora_targets(model, _lora_cfg(target_modules="[q_proj,v_proj]")) == ["q_proj", "v_proj"]
-    with pytest.raises(ModelError, match="'qkv' matches no module of LlamaForCausalLM; its linear layers: down_proj"):
+    with pytest.raises(ModelError, match="'qkv' matches no module of LlamaForCausalLM: .*decoder layers: down_proj"):
         lora_targets(model, _lora_cfg(target_modules="[q_proj,qkv]"))
     with pytest.raises(ModelError, match="'lm_head' is the lm_head"):
         lora_targets(model, _lora_cfg(target_modules="[lm_head]"))
@@ -454,3 +455,18 @@ def test_resume_refuses_a_changed_freeze_lm_head_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"pact-fast: --resume {tmp_path}: model.freeze_lm_head is the run's own (it decides which weights train, "
         "and so the optimizer state its checkpoint holds); it cannot change on resume")
+
+
+def test_an_adapter_of_other_modules_names_them_and_target_names_are_explained(tmp_path):
+    """A peft adapter on q_proj and v_proj loaded into the default targets (every decoder linear) said only that
+    tensors were missing; a regex, a dotted path or all-linear as a target said only that it matched nothing."""
+    base = _untied_model_dir(tmp_path)
+    _peft_adapter(base, tmp_path / "adapter")
+    config = load_config(None, [f"model.path={base}", *LORA, f"model.lora.adapter={tmp_path / 'adapter'}"])
+    with pytest.raises(ModelError, match=r"target_modules: config \['down_proj', .*'v_proj'\], adapter \['q_proj', "
+                                         r"'v_proj'\]\)"):
+        build_policy(config.model, torch.device("cpu"), 0)
+    for target in ("all-linear", "self_attn.q_proj", ".*proj"):
+        with pytest.raises(ModelError, match=f"'{re.escape(target)}' matches no module .*: target modules are module "
+                                             "names such as q_proj, not paths, regexes or all-linear"):
+            lora_targets(tiny_causal_lm("llama"), _lora_cfg(target_modules=f"[{target}]"))
