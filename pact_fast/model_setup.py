@@ -68,19 +68,32 @@ def build_model_and_tokenizer(cfg, device, seed):
     return model.to(device), tokenizer
 
 
-def build_policy(cfg, device, seed, *, log=None):
+def build_policy(cfg, device, seed, *, log=None, training=False):
     """``Policy`` of ``model`` config ``cfg``: the base model (``build_model_and_tokenizer``), then LoRA adapters
     when ``cfg.lora.enabled`` (loaded from ``cfg.lora.adapter`` when given, else freshly initialised: B = 0, so
-    the policy starts equal to the base), then a frozen lm_head when ``cfg.freeze_lm_head``; in training mode
-    (dropout on; rollouts and evaluation switch to eval mode themselves). The LoRA set-up is checked on the
-    model's skeleton (``check_lora``) before any weight is loaded."""
+    the policy starts equal to the base), then a frozen lm_head when ``cfg.freeze_lm_head``. With ``training``
+    (the trainer's policy) in training mode whatever made it (``from_pretrained`` gives eval mode, where LoRA's
+    dropout and activation checkpointing do nothing; rollouts switch to eval mode themselves), and a model whose
+    config asks for attention dropout, which tree attention does not implement, is refused; otherwise as made.
+    The LoRA set-up is checked on the model's skeleton (``check_lora``) before any weight is loaded."""
     check_lora(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg, device, seed)
     peft_model = apply_lora(model, cfg.lora, log=log) if cfg.lora.enabled else None
     if cfg.freeze_lm_head:
         freeze_lm_head(model, log=log)
-    model.train()  # as the built-in model is made; from_pretrained's eval mode would leave LoRA's dropout off
+    if training:
+        check_attention_dropout(model)
+        model.train()
     return Policy(model, tokenizer, peft_model)
+
+
+def check_attention_dropout(model):
+    """A ``ModelError`` (one line) when ``model``'s config asks for attention dropout: packed scoring's tree
+    attention does not implement it, and a model in training mode would apply it."""
+    rate = getattr(model.config.get_text_config(), "attention_dropout", 0.0)
+    if isinstance(rate, (int, float)) and rate > 0:
+        raise ModelError(f"{type(model).__name__}: its config has attention_dropout={rate:g}, which tree attention "
+                         "does not implement; set \"attention_dropout\": 0.0 in its config.json to train it without")
 
 
 def freeze_lm_head(model, log=None):
@@ -419,6 +432,6 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 
 __all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
-           "default_lora_targets", "lora_targets", "check_lora", "check_adapter_options", "apply_lora", "adapters_off",
-           "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged",
-           "fit_chat_template"]
+           "check_attention_dropout", "default_lora_targets", "lora_targets", "check_lora", "check_adapter_options",
+           "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights",
+           "merged_model", "export_merged", "fit_chat_template"]

@@ -389,7 +389,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
-    policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None)
+    policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None, training=True)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw

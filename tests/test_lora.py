@@ -470,3 +470,23 @@ def test_an_adapter_of_other_modules_names_them_and_target_names_are_explained(t
         with pytest.raises(ModelError, match=f"'{re.escape(target)}' matches no module .*: target modules are module "
                                              "names such as q_proj, not paths, regexes or all-linear"):
             lora_targets(tiny_causal_lm("llama"), _lora_cfg(target_modules=f"[{target}]"))
+
+
+def test_attention_dropout_of_a_users_own_model_is_refused_before_any_step(tmp_path):
+    """Trained in training mode, a model whose config asks for attention dropout (which tree attention does not
+    implement) raised a traceback at its first step; in eval mode it had trained without it, silently."""
+    from pact_fast.envs import build_tokenizer
+    from pact_fast.models import random_qwen3
+
+    tokenizer = build_tokenizer()
+    model = random_qwen3(len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_positions=512, seed=0, attention_dropout=0.1,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = load_config(None, TINY + [f"model.path={tmp_path / 'model'}", "model.chat_template=model",
+                                       f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ModelError, match="attention_dropout=0.1, which tree attention does not implement"):
+        build(config, log=lambda *a: None)
+    policy = build_policy(config.model, torch.device("cpu"), 0)  # evaluation samples in eval mode: no dropout
+    assert not policy.model.training
