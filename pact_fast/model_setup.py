@@ -222,9 +222,12 @@ def check_lora(cfg):
 
 
 # Options of an adapter_config.json that do not change the adapted model once its weights are loaded: where and
-# how it was made, its training-time dropout, and initialisations that leave the base weights as they are.
+# how it was made, its training-time dropout, runtime placement, options that act only with another (refused) one
+# (layers_pattern with layers_to_transform, qalora_group_size with use_qalora), and initialisations that leave
+# the base weights as they are (_NEUTRAL_INITS).
 _ADAPTER_NEUTRAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                    "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size")
+                    "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core", "runtime_config",
+                    "layers_pattern", "qalora_group_size")
 _NEUTRAL_INITS = (True, False, "gaussian")
 
 
