@@ -196,10 +196,15 @@ def test_export_merge_and_eval_of_a_lora_run(tmp_path):
     for a, m, u in zip(adapted, plain, untrained):
         torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
         assert (a - u).abs().max() > 1e-4, "the adapters trained, so the merge must differ from the base"
-    metrics = evaluate_model(config, log=lambda *a: None)
-    merged_metrics = evaluate_model(load_config(None, TINY + [f"model.path={tmp_path / 'merged'}",
-                                                              "model.chat_template=model"]), log=lambda *a: None)
-    assert metrics == merged_metrics, "eval of the LoRA run is eval of its merged model"
+    shown = {}  # the episodes each evaluation writes: the metrics of these tiny models are all 0 either way
+    for name, cfg in (("lora", config), ("base", load_config(None, TINY)),
+                      ("merged", load_config(None, TINY + [f"model.path={tmp_path / 'merged'}",
+                                                           "model.chat_template=model"]))):
+        lines = []
+        shown[name] = (evaluate_model(cfg, show=2, log=lines.append), [x for x in lines if x.startswith("===")])
+    assert len(shown["lora"][1]) == 2
+    assert shown["lora"] == shown["merged"], "eval of the LoRA run is eval of its merged model"
+    assert shown["lora"][1] != shown["base"][1], "eval of the LoRA run loads its adapters, not the base alone"
     again = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
     assert again.returncode == 2 and "is not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     (tmp_path / "afile").write_text("x")  # a NotADirectoryError traceback before
