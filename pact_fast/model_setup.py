@@ -10,6 +10,7 @@ reference policy is that model with its adapters switched off (``adapters_off``)
     with adapters_off(policy.peft):                      # the base model's log-probs
         ...
 """
+import dataclasses
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -85,6 +86,12 @@ def build_policy(cfg, device, seed, *, log=None, training=False):
         check_attention_dropout(model)
         model.train()
     return Policy(model, tokenizer, peft_model)
+
+
+def without_start_adapters(cfg):
+    """``model`` config ``cfg`` for a resumed run: ``lora.adapter`` unset, since the checkpoint holds the adapters
+    (the ones the run started from may be gone: another run's checkpoint, pruned by its keep_last)."""
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, adapter=None))
 
 
 def check_attention_dropout(model):
@@ -435,6 +442,6 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 
 __all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
-           "check_attention_dropout", "default_lora_targets", "lora_targets", "check_lora", "check_adapter_options",
-           "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter", "load_adapter_weights",
-           "merged_model", "export_merged", "fit_chat_template"]
+           "check_attention_dropout", "without_start_adapters", "default_lora_targets", "lora_targets", "check_lora",
+           "check_adapter_options", "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter",
+           "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -38,7 +38,7 @@ from .envs import make_env_factory
 from .evaluation import evaluate
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
                      truncated_importance_weights)
-from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device
+from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device, without_start_adapters
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
@@ -389,7 +389,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
-    policy = build_policy(config.model, device, train_cfg.seed, log=log if dist.rank() == 0 else None, training=True)
+    policy = build_policy(without_start_adapters(config.model) if resume else config.model, device, train_cfg.seed,
+                          log=log if dist.rank() == 0 else None, training=True)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw

@@ -495,3 +495,19 @@ def test_attention_dropout_of_a_users_own_model_is_refused_before_any_step(tmp_p
         build(config, log=lambda *a: None)
     policy = build_policy(config.model, torch.device("cpu"), 0)  # evaluation samples in eval mode: no dropout
     assert not policy.model.training
+
+
+def test_a_run_started_from_adapters_resumes_after_they_are_gone(tmp_path):
+    """A run started from ``model.lora.adapter`` (another run's checkpoint, which that run's keep_last may prune)
+    read those adapters again on every resume, although its own checkpoint replaces them: once they were gone it
+    could never resume (and model.lora.adapter cannot change on resume)."""
+    train(load_config(None, TINY + LORA + ["train.steps=1", "train.lr=0.05", f"train.out_dir={tmp_path / 'a'}"]),
+          log=lambda *a: None)
+    start, _ = _adapters(tmp_path / "a")
+    b = TINY + LORA + ["train.steps=2", f"model.lora.adapter={start}"]
+    train(load_config(None, b + [f"train.out_dir={tmp_path / 'whole'}"]), log=lambda *a: None)
+    train(load_config(None, b + ["train.stop_after=1", f"train.out_dir={tmp_path / 'b'}"]), log=lambda *a: None)
+    os.replace(start, tmp_path / "elsewhere")
+    train(load_config(None, b + [f"train.out_dir={tmp_path / 'b'}"]), resume=tmp_path / "b", log=lambda *a: None)
+    whole, resumed = _adapters(tmp_path / "whole")[1], _adapters(tmp_path / "b")[1]
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
