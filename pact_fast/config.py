@@ -32,8 +32,9 @@ class LoRAConfig:
         "help": "module names to adapt, e.g. [q_proj, v_proj]; empty = every linear layer of the decoder layers "
                 "(never the lm_head or a MoE router)"})
     adapter: Optional[str] = field(default=None, metadata={
-        "help": "start from these adapters: a LoRA checkpoint of a run (adapter_config.json and "
-                "adapter_model.safetensors) made with the same r, alpha and target modules"})
+        "help": "start from these adapters: a LoRA checkpoint of a run, or a peft adapter directory of plain LoRA "
+                "(adapter_config.json and adapter_model.safetensors), made with the same r, alpha and target "
+                "modules; another peft option (use_rslora, use_dora, ...) is refused"})
 
     def __post_init__(self):
         if self.r < 1:
