@@ -82,6 +82,10 @@ def test_lora_config_refusals():
         load_config(None, ["model.lora.adapter=/somewhere"])
     with pytest.raises(ConfigError, match="unknown key 'model.lora.rank'"):
         load_config(None, ["model.lora.rank=8"])
+    for peft_option in ("use_rslora=true", "use_dora=true", "bias=all", "modules_to_save=[lm_head]",
+                        "init_lora_weights=pissa", "lora_alpha=16"):  # peft's options this LoRA does not implement
+        with pytest.raises(ConfigError, match=f"unknown key 'model.lora.{peft_option.split('=')[0]}'"):
+            load_config(None, LORA + [f"model.lora.{peft_option}"])
     with pytest.raises(ConfigError, match="rollout.engine=vllm with model.lora.enabled=true is not supported"):
         load_config(None, LORA + ["rollout.engine=vllm"])
 
