@@ -79,11 +79,12 @@ def run_config(run, overrides=()):
 
 def evaluate_model(config, *, show=0, log=print):
     """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
-    on the held-out tasks, ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
+    on the held-out tasks through the engine ``rollout.engine`` names, ``log`` the first ``show`` episodes as text;
+    returns ``episode_metrics``."""
     from .data import load_data
     from .envs import make_env_factory
     from .model_setup import build_policy, fit_chat_template, resolve_device
-    from .rollout import HFRolloutEngine
+    from .rollout_vllm import make_rollout_engine
     from .task_inputs import limits, prepare
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
@@ -92,9 +93,14 @@ def evaluate_model(config, *, show=0, log=print):
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # the run's own limits (its engine's): the same held-out rows as its training evaluated
     _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log)
-    engine = HFRolloutEngine(model, tokenizer, config.rollout, seed=config.train.seed)
-    metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
-                                 return_episodes=True)
+    # the run's own engine, as its evaluations during training sampled
+    engine = make_rollout_engine(model, tokenizer, config.rollout, seed=config.train.seed)
+    try:
+        metrics, episodes = evaluate(engine, held_out, make_env_factory(config.data, config.rollout),
+                                     return_episodes=True)
+    finally:
+        if hasattr(engine, "close"):  # vLLM's engine process
+            engine.close()
     for example, episode in list(zip(held_out, episodes))[:show]:
         log(format_episode(tokenizer, example, episode))
     return metrics

@@ -201,6 +201,29 @@ def test_eval_of_a_run_reproduces_its_final_held_out_evaluation(tmp_path, capsys
     assert "model.hidden_size is the run's own" in capsys.readouterr().err
 
 
+def test_eval_samples_through_the_engine_the_config_names_and_closes_it(monkeypatch):
+    """``evaluate_model`` (``pact-fast eval``) builds the engine ``rollout.engine`` names, as the run's own
+    evaluations sampled (it always took the HF engine: a vLLM run was re-evaluated on another engine), and closes
+    it after (vLLM's engine process)."""
+    from pact_fast import rollout_vllm
+    from pact_fast.evaluation import evaluate_model
+
+    made = []
+
+    class Engine(ReplayEngine):
+        def close(self):
+            made.append("closed")
+
+    def factory(model, tokenizer, config, seed=0):
+        made.append(config.engine)
+        return Engine(model, tokenizer, config, seed)
+
+    monkeypatch.setattr(rollout_vllm, "make_rollout_engine", factory)
+    cfg = load_config(None, TINY + ["rollout.engine=vllm"])
+    metrics = evaluate_model(cfg, log=lambda *a: None)
+    assert made == ["vllm", "closed"] and metrics["answer_rate"] == 1.0  # the replay engine's episodes
+
+
 def test_eval_mistakes_are_one_line(tmp_path, capsys):
     from pact_fast.cli import main
 
