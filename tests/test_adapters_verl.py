@@ -2,6 +2,7 @@
 
 verl is installed --no-deps (its metadata pins transformers < 5.11; the loss code runs with newer ones),
 with Ray and tensordict, which it imports. Float64 hand computations check the numbers besides."""
+import dataclasses
 import inspect
 import math
 from types import SimpleNamespace
@@ -328,3 +329,41 @@ def test_a_whole_mini_batch_in_bf16_is_not_taken_for_a_micro_batch():
             "old_log_probs": logp.float(), "advantages": torch.randn(B, T), "batch_num_tokens": float(B * T)}
     loss, _ = pact_loss_fn(None, {"log_probs": logp}, data, pact_config=PACTLossConfig(mode="grpo"))
     assert torch.isfinite(loss)
+
+
+def _actor(**fields):
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **fields)
+
+
+@pytest.mark.parametrize("actor_fields,name", [
+    (dict(clip_ratio_high=0.28), "clip_eps_high"), (dict(clip_ratio_low=0.1), "clip_eps_low"),
+    (dict(loss_agg_mode="seq-mean-token-mean"), "loss_agg"), (dict(clip_ratio_c=10.0), "dual_clip"),
+    (dict(use_kl_loss=True, kl_loss_coef=0.1), "beta_kl"), (dict(entropy_coeff=0.01), "c_ent"),
+    (dict(use_kl_loss=True, kl_loss_type="k1"), "kl_estimator"),
+])
+def test_a_hand_built_pact_config_that_disagrees_with_the_actor_config_is_refused(actor_fields, name):
+    """The hook took pact_config's clipping, reduction, KL and entropy bonus over the ActorConfig's without a
+    word: with the actor's clip_ratio_high 0.28, seq-mean-token-mean, KL loss and entropy coefficient set, the
+    loss was that of the defaults."""
+    _, rows, log_probs = _group_rows()
+    actor = _actor(**actor_fields)
+    derived = pact_config_from_actor_config(actor, anchor_q=0.5)
+    hand = dataclasses.replace(derived, **{name: getattr(pact_config_from_actor_config(_actor()), name)})
+    with pytest.raises(ValueError, match=f"pact_config.{name}="):
+        pact_loss_fn(actor, {"log_probs": log_probs}, {**rows, "ref_log_prob": log_probs.detach()},
+                     pact_config=hand)
+    # built from the actor config (overrides of PACT's own fields only), it agrees, and the actor adds nothing
+    output, data = {"log_probs": log_probs, "entropy": -log_probs.detach()}, {**rows, "ref_log_prob": log_probs - 0.1}
+    loss, _ = pact_loss_fn(actor, output, data, pact_config=derived)
+    assert loss.item() == pytest.approx(pact_loss_fn(None, output, data, pact_config=derived)[0].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_mode", ["gspo", "clip_cov", "bypass_mode"])
+def test_a_verl_loss_mode_the_hook_does_not_compute_is_refused(loss_mode):
+    """pact_config_from_actor_config read the clipping of an ActorConfig whose policy_loss.loss_mode was gspo
+    (sequence ratios) and the hook computed token-ratio clipping without a word."""
+    actor = _actor(policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+    with pytest.raises(ValueError, match=f"policy_loss.loss_mode='{loss_mode}'"):
+        pact_config_from_actor_config(actor)
+    for ok in ("vanilla", "pact"):
+        pact_config_from_actor_config(_actor(policy_loss=PolicyLossConfig(loss_mode=ok)))

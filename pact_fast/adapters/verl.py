@@ -15,7 +15,9 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 2. ``pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config, progress=0.0)``, the
    whole loss, for ``actor.set_loss_fn(functools.partial(pact_loss_fn, config=actor_config,
    pact_config=...))``; ``pact_config_from_actor_config`` carries the ActorConfig's clipping,
-   reduction, KL loss and entropy coefficient over (the default when ``pact_config`` is None).
+   reduction, KL loss and entropy coefficient over (the default when ``pact_config`` is None; a
+   ``pact_config`` that disagrees with the ActorConfig on one of them is refused, as is a
+   ``policy_loss.loss_mode`` other than vanilla's clipping).
    A micro-batch holds rows in three roles, ``data["pact_role"]`` [N]: ``PO`` (a rollout with the
    prompt), ``TC`` (the same response with the trace-conditioned prompt) and ``TRACE`` (an expert
    trace as the response of the prompt). The host supplies, besides verl's
@@ -128,17 +130,41 @@ def _log_probs(model_output, data, key):
 KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 
 
+# The PACTLossConfig fields pact_config_from_actor_config derives from an ActorConfig (kl_estimator only with a KL
+# loss); pact_loss_fn refuses a pact_config that disagrees with its ActorConfig on one of them.
+ACTOR_FIELDS = ("clip_eps_low", "clip_eps_high", "dual_clip", "loss_agg", "loss_scale_factor", "c_ent", "beta_kl",
+                "kl_estimator")
+
+
+def _is_pact_loss_mode(name):
+    """Whether verl's ``policy_loss.loss_mode`` is vanilla's token-ratio clipping, as PACT's: ``vanilla`` or
+    ``compute_policy_loss_pact``'s registered name."""
+    if name in ("vanilla", "pact"):
+        return True
+    try:
+        from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+    except ImportError:
+        return False
+    return POLICY_LOSS_REGISTRY.get(name) is compute_policy_loss_pact
+
+
 def pact_config_from_actor_config(config, **overrides):
     """A ``PACTLossConfig`` carrying verl's ActorConfig clipping, reduction, KL loss and entropy bonus.
 
     verl's ``low_var_kl`` becomes PACT's ``k3``, which is not clamped: verl clamps each token's estimate to
     [-10, 10], so the two differ on tokens whose log-prob lies more than ~2.53 nats under the reference's (k3 = 10
     there; past it verl's gradient is 0, PACT's keeps pulling the token back). A negative ``entropy_coeff`` (an
-    entropy penalty) has no PACT counterpart and is refused."""
+    entropy penalty) has no PACT counterpart and is refused, as is a ``policy_loss.loss_mode`` other than vanilla's
+    clipping (gspo, clip_cov, ...: PACT computes token-ratio clipping)."""
+    loss_mode = _get(_get(config, "policy_loss", {}), "loss_mode", "vanilla")
+    if not _is_pact_loss_mode(loss_mode):
+        raise ValueError(f"pact_config_from_actor_config: policy_loss.loss_mode={loss_mode!r} has no PACT "
+                         "counterpart (PACT clips token ratios as verl's vanilla); use 'vanilla' or 'pact'")
     clip = _get(config, "clip_ratio", 0.2)
     mode = _get(config, "loss_agg_mode", "token-mean")
     if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        raise ValueError(f"pact_config_from_actor_config: loss_agg_mode={mode!r} has no PACT counterpart")
+        raise ValueError(f"pact_config_from_actor_config: loss_agg_mode={mode!r} has no PACT counterpart; use "
+                         "token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
     values = dict(clip_eps_low=_get(config, "clip_ratio_low", clip),
                   clip_eps_high=_get(config, "clip_ratio_high", clip), dual_clip=_get(config, "clip_ratio_c", 3.0),
                   loss_agg=mode,
@@ -156,12 +182,27 @@ def pact_config_from_actor_config(config, **overrides):
     return PACTLossConfig(**values)
 
 
+def _check_agrees(pact_config, config):
+    """Refuse a ``pact_config`` that differs from ``pact_config_from_actor_config(config)`` on ``ACTOR_FIELDS``."""
+    derived = pact_config_from_actor_config(config)
+    names = [n for n in ACTOR_FIELDS if n != "kl_estimator" or derived.beta_kl > 0]
+    differ = [f"pact_config.{n}={getattr(pact_config, n)!r} (ActorConfig: {getattr(derived, n)!r})" for n in names
+              if getattr(pact_config, n) != getattr(derived, n)]
+    if differ:
+        raise ValueError("pact_loss_fn: pact_config disagrees with verl's ActorConfig on " + "; ".join(differ) +
+                         "; set these in the ActorConfig and build pact_config with "
+                         "pact_config_from_actor_config(actor_config, ...)")
+
+
 def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=0.0):
     """verl whole-loss hook: PACT over a micro-batch of PO / TC / TRACE rows. Returns (loss, metrics).
 
-    config: verl's ActorConfig; without ``pact_config`` the PACT config is ``pact_config_from_actor_config(config)``.
+    config: verl's ActorConfig; without ``pact_config`` the PACT config is ``pact_config_from_actor_config(config)``,
+        and a ``pact_config`` given with it must agree with it on ``ACTOR_FIELDS`` (else one would be dropped).
     """
     cfg = pact_config or pact_config_from_actor_config(config or {})
+    if pact_config is not None and config is not None:
+        _check_agrees(pact_config, config)
     if _field(data, "rollout_is_weights") is not None:
         raise ValueError("pact_loss_fn: data['rollout_is_weights'] (verl's rollout correction) is not applied by this "
                          "hook; turn the correction off, or use compute_policy_loss_pact (loss_mode=pact), which "
