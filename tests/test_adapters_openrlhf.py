@@ -121,6 +121,10 @@ def test_it_takes_every_argument_policy_loss_takes(PolicyLoss):
 @pytest.mark.parametrize("kwargs,message", [
     ({"policy_loss_type": "gspo"}, "only 'ppo'"),
     ({"is_correction_level": "token"}, "importance-sampling"),
+    # the call takes no reference log-probs and no entropy: these failed at the first call, asking for batch fields
+    # the caller cannot pass
+    ({"pact_config": PACTLossConfig(beta_kl=0.1)}, r"pact_config.beta_kl=0.1 .*algo.kl"),
+    ({"pact_config": PACTLossConfig(c_ent=0.01)}, r"pact_config.c_ent=0.01 .*entropy_coef"),
 ])
 def test_unsupported_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

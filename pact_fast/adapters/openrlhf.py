@@ -36,7 +36,9 @@ class PACTPolicyLoss(torch.nn.Module):
     the reduction (``token_level_loss``: ``loss_agg`` token-mean, else seq-mean-token-mean) over
     ``pact_config``'s defaults; a ``pact_config`` field set to another value than both is refused (one would
     silently replace the other).
-    ``policy_loss_type='gspo'`` and train/rollout importance-sampling correction are refused.
+    ``policy_loss_type='gspo'`` and train/rollout importance-sampling correction are refused, and so are PACT's
+    KL and entropy terms (``beta_kl``, ``c_ent``): the call gets neither reference log-probs nor entropies, and
+    OpenRLHF adds its own KL loss and entropy bonus outside PolicyLoss.
     """
 
     def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
@@ -48,6 +50,14 @@ class PACTPolicyLoss(torch.nn.Module):
         if is_correction_level != "off":
             raise ValueError(f"PACTPolicyLoss: is_correction_level={is_correction_level!r}; importance-sampling "
                              "correction is not supported (use 'off')")
+        if pact_config is not None and pact_config.beta_kl > 0:
+            raise ValueError(f"PACTPolicyLoss: pact_config.beta_kl={pact_config.beta_kl} needs reference log-probs, "
+                             "which PolicyLoss's call does not get; OpenRLHF adds its own KL loss (algo.kl.use_loss, "
+                             "init_coef): keep beta_kl=0")
+        if pact_config is not None and pact_config.c_ent > 0:
+            raise ValueError(f"PACTPolicyLoss: pact_config.c_ent={pact_config.c_ent} needs the entropy, which "
+                             "PolicyLoss's call does not get; OpenRLHF adds its own bonus (actor.entropy_coef): keep "
+                             "c_ent=0")
         given = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
                      loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
         if pact_config is not None:
