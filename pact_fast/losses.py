@@ -106,7 +106,8 @@ class PACTLossConfig:
 class PACTBatch:
     """Inputs of ``pact_loss``. Shapes: B rollouts, T response tokens, S traces, E trace tokens.
 
-    Log-probs are fp32 per-token values of the rollout tokens (``0`` where masked). Current-policy
+    Log-probs are per-token values of the rollout tokens (``0`` where masked), fp32 or float64; 16-bit ones are
+    computed with in fp32. Current-policy
     tensors carry gradients; ``old_*``, ``behavior_logp`` and ``ref_logp`` do not.
     """
 
@@ -203,9 +204,16 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
 # ---------------------------------------------------------------- surrogate
 
 
+def at_least_fp32(t):
+    """``t`` in fp32 when it is a 16-bit float tensor (else as it is): what the loss computes in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
     """Reduce per-token ``values [B, T]`` over ``mask [B, T]`` (SPEC agg modes; a nonzero mask entry selects its
-    token, in the sums and in the counts alike); empty masks give 0."""
+    token, in the sums and in the counts alike); empty masks give 0. Sums and counts in fp32 at least (fp16 counts
+    overflow at 65,504 tokens)."""
+    values = at_least_fp32(values)
     mask = mask.bool()
     masked = torch.where(mask, values, torch.zeros_like(values))  # where, not *: NaN * 0 is NaN
     seq_tokens = mask.to(values.dtype).sum(-1)
@@ -222,8 +230,9 @@ def aggregate(values, mask, agg="token-mean", loss_scale_factor=None):
 
 def response_counts(response_mask):
     """What the RL aggregations average over: ``(response tokens, non-empty responses)`` of
-    ``response_mask [B, T]`` (token-mean counts tokens, the seq-mean aggregations count responses)."""
-    lengths = response_mask.sum(-1)  # [B]
+    ``response_mask [B, T]`` (token-mean counts tokens, the seq-mean aggregations count responses); counted exactly
+    whatever the mask's dtype (a bf16 sum of 3,734 ones is 3,744)."""
+    lengths = (response_mask != 0).sum(-1)  # [B] int64
     return lengths.sum().item(), (lengths > 0).sum().item()
 
 
@@ -396,6 +405,7 @@ def sft_loss(sft_logp, weights, components):
 
     sft_logp: [S, E] log-probs of trace tokens; weights: [S, E]; components: [S, E]. Returns a scalar.
     """
+    sft_logp = at_least_fp32(sft_logp)
     assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
     n_trace = assistant.sum(-1).clamp_min(1).to(sft_logp.dtype)  # [S]
     per_trace = (-(sft_logp * weights.to(sft_logp.dtype))).sum(-1) / n_trace
@@ -499,7 +509,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
                     raise ValueError(f"pact_loss: {name} {tuple(t.shape)} must match response_mask {tuple(mask.shape)}")
                 _check_finite(name, t, mask)
                 # masked tokens become 0 so that nothing non-finite there reaches the loss or its gradient
-                t = torch.where(mask, t, torch.zeros_like(t))
+                t = at_least_fp32(torch.where(mask, t, torch.zeros_like(t)))
             token_inputs[name] = t
         batch = PACTBatch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)}, **token_inputs})
         if batch.advantages is not None:
@@ -570,11 +580,12 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         if needs_segments:
             _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'")
         zeros = torch.zeros_like(batch.sft_components)
+        sft_logp = at_least_fp32(batch.sft_logp)
         weights = sft_token_weights(batch.sft_components,
                                     batch.sft_segment_ids if batch.sft_segment_ids is not None else zeros,
                                     batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config,
-                                    dtype=batch.sft_logp.dtype)
-        logp = torch.where(weights > 0, batch.sft_logp, torch.zeros_like(batch.sft_logp))
+                                    dtype=sft_logp.dtype)
+        logp = torch.where(weights > 0, sft_logp, torch.zeros_like(sft_logp))
         l_sft = sft_loss(logp, weights, batch.sft_components)
         total = total + sft_scale * config.lambda_sft * l_sft
         metrics["loss/sft"] = l_sft.item()

@@ -331,6 +331,32 @@ def test_a_whole_mini_batch_in_bf16_is_not_taken_for_a_micro_batch():
     assert torch.isfinite(loss)
 
 
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_bf16_log_probs_are_normalised_by_exact_token_counts(loss_agg):
+    """The hook cast the response mask to the log-probs' dtype and loss_scales counted this micro-batch's tokens in
+    it: with bf16 log-probs and the mini-batch's counts given, 3,734 tokens counted as 3,744 and the loss and its
+    gradient came out 0.27% too large."""
+    B, T = 3, 1367
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(B, T, generator=g)).bfloat16()
+    mask = torch.ones(B, T)
+    mask[2, 1000:] = 0.0
+    data = {"pact_role": torch.full((B,), PO), "pact_group": torch.arange(B), "response_mask": mask,
+            "old_log_probs": logp.float() + 0.01 * torch.randn(B, T, generator=g),
+            "advantages": torch.randn(B, 1, generator=g).expand(B, T).contiguous(),
+            "pact_rl_tokens": float(mask.sum()) * 2, "pact_rl_seqs": 6.0, "pact_traces": 0.0}  # half the mini-batch
+    config = PACTLossConfig(mode="grpo", loss_agg=loss_agg)
+    x, x64 = logp.clone().requires_grad_(), logp.double().requires_grad_()
+    loss, _ = pact_loss_fn(None, {"log_probs": x}, data, pact_config=config)
+    data64 = {**data, "old_log_probs": data["old_log_probs"].double(), "advantages": data["advantages"].double()}
+    expected, _ = pact_loss_fn(None, {"log_probs": x64}, data64, pact_config=config)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    (g_bf16,), (g64,) = torch.autograd.grad(loss, x), torch.autograd.grad(expected, x64)
+    assert (g_bf16.double() - g64).abs().max() <= 1e-2 * g64.abs().max()
+    assert g_bf16.double().sum().item() == pytest.approx(g64.sum().item(), rel=1e-3)  # no bias from the count
+
+
 def _actor(**fields):
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **fields)
 

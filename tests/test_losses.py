@@ -530,3 +530,29 @@ def test_an_empty_grpo_micro_batch_backpropagates_and_1d_token_rows_are_refused(
     assert loss.item() == 0.0 and lp.grad.shape == (0, 5)
     with pytest.raises(ValueError, match=r"must be \[B, T\] and advantages \[B\] or \[B, T\]"):
         clipped_surrogate_tokens(torch.zeros(4), torch.zeros(4), torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_16_bit_log_probs_are_summed_and_counted_in_fp32(dtype, agg):
+    """With fp16 log-probs and old log-probs, pact_loss counted the response tokens in fp16: 66,000 tokens summed to
+    inf and the token-mean loss and its gradient were exactly 0 (bf16: counts off by up to 0.4%, and a trace of
+    2,049 assistant tokens counted as 2,048)."""
+    B, T, E = 33, 2000, 2049
+    g = torch.Generator().manual_seed(0)
+    old = (-torch.rand(B, T, generator=g)).to(dtype)
+    logp = (old.double() + 0.1 * torch.randn(B, T, generator=g, dtype=D)).to(dtype)
+    adv = torch.randn(B, generator=g).to(dtype)
+    sft = (-torch.rand(1, E, generator=g) * 2).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (logp, sft)]
+    leaves64 = [t.double().requires_grad_() for t in (logp, sft)]
+    totals = []
+    for (lp, sft_lp), cast in ((leaves, dtype), (leaves64, D)):
+        batch = PACTBatch(response_mask=torch.ones(B, T), rewards=torch.zeros(B), group_ids=torch.arange(B),
+                          logp_po=lp, old_logp_po=old.to(cast), logp_tc=lp, old_logp_tc=old.to(cast),
+                          advantages=adv.to(cast), sft_logp=sft_lp, sft_components=torch.full((1, E), TOOL_CALL))
+        totals.append(pact_loss(batch, PACTLossConfig(loss_agg=agg, anchor_mode="mix", sft_reasoning_mode="scale"))[0])
+    loss, expected = totals
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves64)):
+        assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()  # each rounded to the 16-bit leaf

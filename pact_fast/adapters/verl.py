@@ -209,7 +209,7 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                          "weighs its rows by them")
     logp = _log_probs(model_output, data, "log_probs")
     entropy = _log_probs(model_output, data, "entropy")
-    mask = _need(data, "response_mask").to(logp.dtype)
+    mask = _need(data, "response_mask")
     old = _need(data, "old_log_probs")
     role = _need(data, "pact_role", " (PO, TC or TRACE per row)").long()
     po = torch.nonzero(role == PO)[:, 0]
