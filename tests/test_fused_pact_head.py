@@ -187,6 +187,20 @@ def test_no_grad_gives_the_loss_without_gradient_buffers():
     assert not loss.requires_grad and torch.isclose(loss, ref.detach(), rtol=1e-10)
 
 
+@pytest.mark.parametrize("mode,progress", [("sft", 0.4), ("sft_then_grpo", 0.2)])
+def test_an_entropy_coefficient_needs_no_prompt_only_rows_while_the_rl_term_is_off(mode, progress):
+    """pact_loss ignores c_ent while no RL term is on (mode sft, sft_then_grpo before its switch); fused_pact_head
+    refused such a call without rows['logp_po'] (c_ent > 0 needs rows['logp_po'])."""
+    hidden, weight, _, targets, rows, batch = _problem(6)
+    sft_rows = {"sft_logp": rows["sft_logp"]}
+    loss, _ = fused_pact_head(hidden, weight, targets, sft_rows, batch, PACTLossConfig(mode=mode, c_ent=0.05),
+                              progress)
+    ref, _ = _unfused(hidden, weight, None, targets, sft_rows, batch, PACTLossConfig(mode=mode), progress, 1.0, False)
+    assert rel_err(loss, ref) < 1e-12
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        assert rel_err(got, want) < 1e-10
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda a: a.update(backend="triton"), "fp32, fp16 or bf16"),  # float64 inputs
     (lambda a: a.update(backend="cuda"), "unknown backend"),

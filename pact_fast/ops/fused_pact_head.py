@@ -257,13 +257,11 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap)
     if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
         raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")
-    want_entropy = config.c_ent > 0
-    if want_entropy and "logp_po" not in rows:
-        raise ValueError("fused_pact_head: c_ent > 0 needs rows['logp_po'] (the entropy of prompt-only rows)")
+    # the entropy is scored from the prompt-only rows, which prepare requires whenever the RL term is on
     prep = loss_grads.prepare(batch, config, progress, step=step, generator=generator, rl_scale=rl_scale,
-                              sft_scale=sft_scale, old_from_current=old_from_current,
-                              scored=tuple(rows) + (("entropy",) if want_entropy else ()),
+                              sft_scale=sft_scale, old_from_current=old_from_current, scored=tuple(rows) + ("entropy",),
                               dtype=torch.promote_types(hidden.dtype, torch.float32))
+    want_entropy = prep.use_rl and config.c_ent > 0  # c_ent is read only by the RL term, as in pact_loss
     grad_on = torch.is_grad_enabled()
     weight_grad = grad_on and weight.requires_grad
     needs_grad = grad_on and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
