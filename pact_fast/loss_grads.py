@@ -26,7 +26,8 @@ import torch
 
 from .losses import (MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch,
                      PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens, kl_penalty,
-                     reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
+                     per_token_advantages, reasoning_segments_kept, sft_weights_before_segments,
+                     tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -425,6 +426,10 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
                                f"pact_loss: {name} contains NaN or inf on unmasked tokens"))
         if prep.rewards_finite is not None:
             checks.append((prep.rewards_finite, ValueError, "group_advantages: rewards contain NaN or inf"))
+        else:  # advantages given
+            adv_tokens = per_token_advantages(prep.adv, mask)
+            checks.append((torch.isfinite(torch.where(mask, adv_tokens, torch.zeros_like(adv_tokens))).all(),
+                           ValueError, "pact_loss: advantages contains NaN or inf on unmasked tokens"))
         t = {k: _masked(v, mask) for k, v in inputs.items()}
         adv = prep.adv
         counts = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device).index_add_(

@@ -443,6 +443,11 @@ def binary(mask):
     return ((mask == 0) | (mask == 1)).all()
 
 
+def per_token_advantages(advantages, mask):
+    """Advantages [B] or [B, T] as [B, T] (a view): each row's value on each of its tokens."""
+    return advantages.expand(mask.shape) if advantages.dim() == 2 else advantages[:, None].expand(mask.shape)
+
+
 def _check_finite(name, tensor, mask=None):
     values = tensor if mask is None else tensor[mask.bool()]
     if not torch.isfinite(values).all():
@@ -514,6 +519,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         batch = PACTBatch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)}, **token_inputs})
         if batch.advantages is not None:
             adv = batch.advantages
+            _check_finite("advantages", per_token_advantages(adv, mask), mask)
         else:
             adv = group_advantages(batch.rewards, batch.group_ids, eps=config.adv_eps,
                                    norm_by_std=config.norm_adv_by_std)

@@ -196,6 +196,17 @@ def test_resolve_raises_what_pact_loss_raises(field, value, error):
         metrics.resolve()
 
 
+def test_resolve_raises_what_pact_loss_raises_on_a_non_finite_given_advantage():
+    config, batch, current = _setup(dict(), {"advantages": "token"}, 0)
+    batch.advantages[0, 0] = float("nan")  # row 0 is all response tokens
+    with pytest.raises(ValueError, match="advantages contains NaN"):
+        pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}), config, 0.3)
+    prep = loss_grads.prepare(batch, config, 0.3)
+    _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
+    with pytest.raises(ValueError, match="advantages contains NaN"):
+        metrics.resolve()
+
+
 @pytest.mark.parametrize("cfg,progress,opts", [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[11]])
 def test_prepare_grads_value_and_metrics_take_one_sync(cfg, progress, opts):
     config, batch, current = _setup(cfg, opts, 1)

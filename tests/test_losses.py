@@ -556,3 +556,25 @@ def test_16_bit_log_probs_are_summed_and_counted_in_fp32(dtype, agg):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves64)):
         assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()  # each rounded to the 16-bit leaf
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["[B]", "[B, T]"])
+def test_a_non_finite_advantage_is_named_and_a_masked_one_is_harmless(per_token):
+    """A NaN advantage on a response token failed as 'the loss is not finite', naming no input (rewards and token
+    inputs are named); one on a masked token (or a row without response tokens) changes nothing."""
+    batch = _batch()
+    B, T = batch.response_mask.shape
+    adv = torch.randn(B, T, dtype=D) if per_token else torch.randn(B, dtype=D)
+    batch.response_mask[5] = 0.0
+    clean, _ = pact_loss(PACTBatch(**{**vars(batch), "advantages": adv}), PACTLossConfig(mode="grpo"))
+    masked = adv.clone()
+    masked[5] = float("nan")  # a row without response tokens (and each of its tokens)
+    if per_token:
+        masked[1][batch.response_mask[1] == 0] = float("inf")
+    leaf = batch.logp_po
+    loss, _ = pact_loss(PACTBatch(**{**vars(batch), "advantages": masked}), PACTLossConfig(mode="grpo"))
+    assert loss.item() == clean.item()
+    assert torch.isfinite(torch.autograd.grad(loss, leaf)[0]).all()
+    masked[0] = float("nan")
+    with pytest.raises(ValueError, match="advantages contains NaN or inf on unmasked tokens"):
+        pact_loss(PACTBatch(**{**vars(batch), "advantages": masked}), PACTLossConfig(mode="grpo"))
