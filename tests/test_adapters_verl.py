@@ -393,3 +393,17 @@ def test_a_verl_loss_mode_the_hook_does_not_compute_is_refused(loss_mode):
         pact_config_from_actor_config(actor)
     for ok in ("vanilla", "pact"):
         pact_config_from_actor_config(_actor(policy_loss=PolicyLossConfig(loss_mode=ok)))
+
+
+@pytest.mark.parametrize("name", ["pact_rl_tokens", "pact_rl_seqs", "pact_traces"])
+def test_mini_batch_counts_below_the_micro_batchs_own_are_refused(name):
+    """A mini-batch count smaller than this micro-batch's own (0, or another micro-batch's) scaled the term by
+    world x local / count without a word: 0 dropped the RL (or SFT) term, a smaller one inflated it."""
+    canonical, rows, log_probs = _group_rows()
+    mask = canonical.response_mask
+    counts = {"pact_rl_tokens": mask.sum().item(), "pact_rl_seqs": float((mask.sum(-1) > 0).sum()), "pact_traces": 3.0}
+    config = PACTLossConfig(anchor_q=0.5)
+    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts}, pact_config=config)
+    for wrong in (0.0, counts[name] - 1):
+        with pytest.raises(ValueError, match=f"{name}={wrong:g} is below this micro-batch's own"):
+            pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts, name: wrong}, pact_config=config)

@@ -39,7 +39,7 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 import torch
 
 from ..losses import (PACTBatch, PACTLossConfig, aggregate, clipped_surrogate_tokens, loss_scales, pact_loss,
-                      surrogate_metrics)
+                      response_counts, surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -260,6 +260,13 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                          "tokens (verl's batch_num_tokens) and verl adds the micro-batch losses: supply "
                          "pact_rl_tokens, pact_rl_seqs and pact_traces (the mini-batch's counts), or each "
                          "micro-batch counts as a whole mini-batch")
+    if None not in (rl_tokens, rl_seqs, traces):
+        own = (*response_counts(batch.response_mask), len(trace))
+        for name, given, mine in zip(("pact_rl_tokens", "pact_rl_seqs", "pact_traces"), (rl_tokens, rl_seqs, traces),
+                                     own):
+            if given < mine:
+                raise ValueError(f"pact_loss_fn: {name}={given:g} is below this micro-batch's own {mine}; it counts "
+                                 "the whole mini-batch, over every micro-batch and rank")
     rl_scale, sft_scale = loss_scales(batch.response_mask, len(trace), cfg.loss_agg, step_tokens=rl_tokens,
                                       step_seqs=rl_seqs, step_traces=traces, world=dp_size)
     loss, metrics = pact_loss(batch, cfg, progress, rl_scale=rl_scale, sft_scale=sft_scale)
