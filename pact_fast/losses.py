@@ -102,6 +102,18 @@ class PACTLossConfig:
                              "padded length T)")
 
 
+# PACTLossConfig fields read only where pact_loss computes the advantages from rewards (no batch.advantages)
+ADVANTAGE_FIELDS = ("adv_eps", "norm_adv_by_std")
+
+
+def advantage_options(config):
+    """``config``'s ``ADVANTAGE_FIELDS`` set away from their defaults, as ``"pact_config.name=value"`` strings: an
+    adapter whose host computes the advantages refuses them (they would go unused)."""
+    default = PACTLossConfig()
+    return [f"pact_config.{name}={getattr(config, name)!r}" for name in ADVANTAGE_FIELDS
+            if getattr(config, name) != getattr(default, name)]
+
+
 @dataclass
 class PACTBatch:
     """Inputs of ``pact_loss``. Shapes: B rollouts, T response tokens, S traces, E trace tokens.

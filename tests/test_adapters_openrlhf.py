@@ -125,6 +125,8 @@ def test_it_takes_every_argument_policy_loss_takes(PolicyLoss):
     # the caller cannot pass
     ({"pact_config": PACTLossConfig(beta_kl=0.1)}, r"pact_config.beta_kl=0.1 .*algo.kl"),
     ({"pact_config": PACTLossConfig(c_ent=0.01)}, r"pact_config.c_ent=0.01 .*entropy_coef"),
+    # the call takes OpenRLHF's advantages: PACT's own advantage options were silently unused
+    ({"pact_config": PACTLossConfig(norm_adv_by_std=False)}, r"pact_config.norm_adv_by_std=False: .*estimator"),
 ])
 def test_unsupported_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -547,6 +547,10 @@ def _construct(tmp_path, overrides=None, pact=None, scoring="padded", model=None
     pytest.param({}, {"beta_kl": 0.1}, "padded", "beta_kl=0.1 disagrees with GRPOConfig's beta", id="kl-without-ref"),
     pytest.param({}, {}, "tree", "scoring=", id="scoring"),
     pytest.param({"cast_lm_head_to_fp32": True}, {}, "packed", "cast_lm_head_to_fp32", id="fp32-head-packed"),
+    # the advantages are GRPOTrainer's (scale_rewards): PACT's own advantage options were silently unused
+    pytest.param({}, {"norm_adv_by_std": False}, "padded", "pact_config.norm_adv_by_std=False: .*scale_rewards",
+                 id="adv-no-std"),
+    pytest.param({}, {"adv_eps": 1e-4}, "padded", "pact_config.adv_eps=0.0001: .*scale_rewards", id="adv-eps"),
 ])
 def test_unsupported_options_are_refused_at_construction(tmp_path, overrides, pact, scoring, message):
     with pytest.raises(ValueError, match=message):

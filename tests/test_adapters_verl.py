@@ -407,3 +407,13 @@ def test_mini_batch_counts_below_the_micro_batchs_own_are_refused(name):
     for wrong in (0.0, counts[name] - 1):
         with pytest.raises(ValueError, match=f"{name}={wrong:g} is below this micro-batch's own"):
             pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts, name: wrong}, pact_config=config)
+
+
+@pytest.mark.parametrize("option", [{"norm_adv_by_std": False}, {"adv_eps": 1e-3}], ids=["no-std", "eps"])
+def test_pact_advantage_options_are_refused_by_the_hook(option):
+    """The hook takes verl's advantages (data['advantages']): PACTLossConfig's advantage options were silently
+    unused (norm_adv_by_std=False trained on verl's std-normalised advantages)."""
+    _, rows, log_probs = _group_rows()
+    name, value = next(iter(option.items()))
+    with pytest.raises(ValueError, match=f"pact_config.{name}={value!r}: .*norm_adv_by_std_in_grpo"):
+        pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=PACTLossConfig(anchor_q=0.5, **option))

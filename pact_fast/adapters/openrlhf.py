@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, loss_scales, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, advantage_options, loss_scales, pact_loss
 
 
 class PACTPolicyLoss(torch.nn.Module):
@@ -58,6 +58,9 @@ class PACTPolicyLoss(torch.nn.Module):
             raise ValueError(f"PACTPolicyLoss: pact_config.c_ent={pact_config.c_ent} needs the entropy, which "
                              "PolicyLoss's call does not get; OpenRLHF adds its own bonus (actor.entropy_coef): keep "
                              "c_ent=0")
+        if pact_config is not None and advantage_options(pact_config):
+            raise ValueError(f"PACTPolicyLoss: {', '.join(advantage_options(pact_config))}: the call takes OpenRLHF's "
+                             "advantages; choose them with algo.advantage.estimator (group_norm, dr_grpo, ...)")
         given = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
                      loss_agg="token-mean" if token_level_loss else "seq-mean-token-mean")
         if pact_config is not None:

@@ -47,7 +47,8 @@ from trl import GRPOTrainer
 
 from ..chat import TraceContextTemplate, render, trace_conditioned_messages, trace_sequences
 from ..data import DataFormatError, parse_example
-from ..losses import PACTBatch, PACTLossConfig, anchor_rows, loss_scales, pact_loss, response_counts
+from ..losses import (PACTBatch, PACTLossConfig, advantage_options, anchor_rows, loss_scales, pact_loss,
+                      response_counts)
 from ..packing import pad_rows
 from ..scoring import sequence_logprobs
 
@@ -228,6 +229,9 @@ class PACTGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_on and pact_config is not None and pact_config.c_ent > 0:
             refused.append(f"entropy_coef={args.entropy_coef} (or use_adaptive_entropy) with pact_config.c_ent="
                            f"{pact_config.c_ent}: two entropy bonuses; keep one")
+        if pact_config is not None:
+            refused += [f"{option}: the advantages are GRPOTrainer's; set GRPOConfig.scale_rewards instead"
+                        for option in advantage_options(pact_config)]
         if self.importance_sampling_level != "token":
             refused.append("importance_sampling_level='sequence': no PACT counterpart; use 'token'")
         if self._is_vlm:

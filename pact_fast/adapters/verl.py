@@ -38,8 +38,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import (PACTBatch, PACTLossConfig, aggregate, clipped_surrogate_tokens, loss_scales, pact_loss,
-                      response_counts, surrogate_metrics)
+from ..losses import (PACTBatch, PACTLossConfig, advantage_options, aggregate, clipped_surrogate_tokens, loss_scales,
+                      pact_loss, response_counts, surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -203,6 +203,9 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     cfg = pact_config or pact_config_from_actor_config(config or {})
     if pact_config is not None and config is not None:
         _check_agrees(pact_config, config)
+    if advantage_options(cfg):
+        raise ValueError(f"pact_loss_fn: {', '.join(advantage_options(cfg))}: the hook takes verl's advantages "
+                         "(data['advantages']); choose them in verl (algorithm.norm_adv_by_std_in_grpo)")
     if _field(data, "rollout_is_weights") is not None:
         raise ValueError("pact_loss_fn: data['rollout_is_weights'] (verl's rollout correction) is not applied by this "
                          "hook; turn the correction off, or use compute_policy_loss_pact (loss_mode=pact), which "
