@@ -226,18 +226,19 @@ def test_hook_routes_shuffled_rows_to_their_roles():
 def test_micro_batches_and_ranks_add_up_to_the_mini_batch(loss_agg):
     canonical, rows, log_probs = _group_rows(G=4)
     config = PACTLossConfig(anchor_q=0.5, loss_agg=loss_agg)
-    whole, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config)
+    whole, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.3)
     mask = canonical.response_mask
     counts = {"pact_rl_tokens": mask.sum().item(), "pact_rl_seqs": float((mask.sum(-1) > 0).sum()), "pact_traces": 4.0}
     B = 8
     halves = [torch.tensor([0, 1, 2, 3, B, B + 1, B + 2, B + 3, 16, 17]),
               torch.tensor([4, 5, 6, 7, B + 4, B + 5, B + 6, B + 7, 18, 19])]
-    micro = sum(pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts}, pact_config=config)[0]
+    micro = sum(pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts}, pact_config=config,
+                             progress=0.3)[0]
                 for i in halves)
     assert micro.item() == pytest.approx(whole.item(), rel=1e-12)
     # two data-parallel ranks: gradients are averaged, so the mean of the rank losses is the whole loss
     ranks = [pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts, "dp_size": 2},
-                          pact_config=config)[0] for i in halves]
+                          pact_config=config, progress=0.3)[0] for i in halves]
     assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-12)
 
 
@@ -246,12 +247,12 @@ def test_hook_refuses_what_it_cannot_compute():
     config = PACTLossConfig()
     keep = torch.tensor([i for i in range(15) if i != 6])  # drop the TC row of rollout 0
     with pytest.raises(ValueError, match=r"unpaired"):
-        pact_loss_fn(None, {"log_probs": log_probs[keep]}, _take(rows, keep), pact_config=config)
+        pact_loss_fn(None, {"log_probs": log_probs[keep]}, _take(rows, keep), pact_config=config, progress=0.3)
     no_draws = {k: v for k, v in rows.items() if k != "pact_anchored"}
     with pytest.raises(ValueError, match="pact_anchored"):
-        pact_loss_fn(None, {"log_probs": log_probs}, no_draws, pact_config=config)
+        pact_loss_fn(None, {"log_probs": log_probs}, no_draws, pact_config=config, progress=0.3)
     with pytest.raises(ValueError, match="pact_rl_tokens"):
-        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "dp_size": 2}, pact_config=config)
+        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "dp_size": 2}, pact_config=config, progress=0.3)
     # one rank, two micro-batches: verl says so through batch_num_tokens, and adds the micro-batch losses (each
     # normalised on its own, the step's gradient was twice the mini-batch's)
     half = torch.tensor([0, 1, 2, 6, 7, 8, 12])
@@ -259,15 +260,16 @@ def test_hook_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match=f"holds {rows['response_mask'][half].sum():.0f} of the mini-batch's "
                                          f"{whole_tokens:.0f} response tokens"):
         pact_loss_fn(None, {"log_probs": log_probs[half]}, {**_take(rows, half), "batch_num_tokens": whole_tokens},
-                     pact_config=config)
-    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "batch_num_tokens": whole_tokens}, pact_config=config)
+                     pact_config=config, progress=0.3)
+    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "batch_num_tokens": whole_tokens}, pact_config=config,
+                 progress=0.3)
     with pytest.raises(ValueError, match="rollout_is_weights"):  # verl's rollout correction: not silently dropped
         pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "rollout_is_weights": torch.ones_like(log_probs)},
-                     pact_config=config)
+                     pact_config=config, progress=0.3)
     for name in ("pact_group", "pact_role", "advantages"):  # a missing field is named, not a TypeError
         with pytest.raises(ValueError, match=f"data has no '{name}'"):
             pact_loss_fn(None, {"log_probs": log_probs}, {k: v for k, v in rows.items() if k != name},
-                         pact_config=config)
+                         pact_config=config, progress=0.3)
 
 
 def test_anchor_rows_draws_once_per_group_reproducibly():
@@ -348,9 +350,9 @@ def test_bf16_log_probs_are_normalised_by_exact_token_counts(loss_agg):
             "pact_rl_tokens": float(mask.sum()) * 2, "pact_rl_seqs": 6.0, "pact_traces": 0.0}  # half the mini-batch
     config = PACTLossConfig(mode="grpo", loss_agg=loss_agg)
     x, x64 = logp.clone().requires_grad_(), logp.double().requires_grad_()
-    loss, _ = pact_loss_fn(None, {"log_probs": x}, data, pact_config=config)
+    loss, _ = pact_loss_fn(None, {"log_probs": x}, data, pact_config=config, progress=0.3)
     data64 = {**data, "old_log_probs": data["old_log_probs"].double(), "advantages": data["advantages"].double()}
-    expected, _ = pact_loss_fn(None, {"log_probs": x64}, data64, pact_config=config)
+    expected, _ = pact_loss_fn(None, {"log_probs": x64}, data64, pact_config=config, progress=0.3)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     (g_bf16,), (g64,) = torch.autograd.grad(loss, x), torch.autograd.grad(expected, x64)
     assert (g_bf16.double() - g64).abs().max() <= 1e-2 * g64.abs().max()
@@ -377,11 +379,12 @@ def test_a_hand_built_pact_config_that_disagrees_with_the_actor_config_is_refuse
     hand = dataclasses.replace(derived, **{name: getattr(pact_config_from_actor_config(_actor()), name)})
     with pytest.raises(ValueError, match=f"pact_config.{name}="):
         pact_loss_fn(actor, {"log_probs": log_probs}, {**rows, "ref_log_prob": log_probs.detach()},
-                     pact_config=hand)
+                     pact_config=hand, progress=0.3)
     # built from the actor config (overrides of PACT's own fields only), it agrees, and the actor adds nothing
     output, data = {"log_probs": log_probs, "entropy": -log_probs.detach()}, {**rows, "ref_log_prob": log_probs - 0.1}
-    loss, _ = pact_loss_fn(actor, output, data, pact_config=derived)
-    assert loss.item() == pytest.approx(pact_loss_fn(None, output, data, pact_config=derived)[0].item(), rel=1e-12)
+    loss, _ = pact_loss_fn(actor, output, data, pact_config=derived, progress=0.3)
+    alone, _ = pact_loss_fn(None, output, data, pact_config=derived, progress=0.3)
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("loss_mode", ["gspo", "clip_cov", "bypass_mode"])
@@ -403,10 +406,11 @@ def test_mini_batch_counts_below_the_micro_batchs_own_are_refused(name):
     mask = canonical.response_mask
     counts = {"pact_rl_tokens": mask.sum().item(), "pact_rl_seqs": float((mask.sum(-1) > 0).sum()), "pact_traces": 3.0}
     config = PACTLossConfig(anchor_q=0.5)
-    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts}, pact_config=config)
+    pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts}, pact_config=config, progress=0.3)
     for wrong in (0.0, counts[name] - 1):
         with pytest.raises(ValueError, match=f"{name}={wrong:g} is below this micro-batch's own"):
-            pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts, name: wrong}, pact_config=config)
+            pact_loss_fn(None, {"log_probs": log_probs}, {**rows, **counts, name: wrong}, pact_config=config,
+                         progress=0.3)
 
 
 @pytest.mark.parametrize("option", [{"norm_adv_by_std": False}, {"adv_eps": 1e-3}], ids=["no-std", "eps"])
@@ -416,4 +420,25 @@ def test_pact_advantage_options_are_refused_by_the_hook(option):
     _, rows, log_probs = _group_rows()
     name, value = next(iter(option.items()))
     with pytest.raises(ValueError, match=f"pact_config.{name}={value!r}: .*norm_adv_by_std_in_grpo"):
-        pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=PACTLossConfig(anchor_q=0.5, **option))
+        pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=PACTLossConfig(anchor_q=0.5, **option),
+                     progress=0.3)
+
+
+def test_progress_comes_with_the_data_each_step():
+    """verl calls the loss function it was given (functools.partial over pact_loss_fn), so a progress keyword stays
+    at its set_loss_fn-time value: without one the hook ran at progress 0 every step (tool-call weight 0.8 and every
+    reasoning segment supervised forever, sft_then_grpo never switching to RL). It reads data['pact_progress'] and
+    refuses to run a schedule without it."""
+    canonical, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    for pact_config in (config, PACTLossConfig(mode="sft_then_grpo")):
+        with pytest.raises(ValueError, match="data\\['pact_progress'\\]"):
+            pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=pact_config)
+    for progress in (0.0, 0.7):
+        from_data, _ = pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "pact_progress": progress},
+                                    pact_config=config)
+        expected, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=progress)
+        assert from_data.item() == expected.item()
+    assert pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.7)[0].item() != \
+        pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.0)[0].item()
+    pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=PACTLossConfig(mode="grpo"))  # no schedule

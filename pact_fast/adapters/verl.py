@@ -12,7 +12,7 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
    the reduction from ``loss_agg_mode`` and ``config.global_batch_info``, as for verl's ``vanilla``.
    The SFT term needs trace rows, which this signature never sees: use the hook for it.
 
-2. ``pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config, progress=0.0)``, the
+2. ``pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=None)``, the
    whole loss, for ``actor.set_loss_fn(functools.partial(pact_loss_fn, config=actor_config,
    pact_config=...))``; ``pact_config_from_actor_config`` carries the ActorConfig's clipping,
    reduction, KL loss and entropy coefficient over (the default when ``pact_config`` is None; a
@@ -28,6 +28,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
    - ``pact_components``, ``pact_segment_ids``, ``pact_turn_ids`` [N, T] on TRACE rows: labels of
      the trace tokens from ``pact_fast.chat.trace_sequences``;
    - ``ref_log_prob`` [N, T] when ``pact_config.beta_kl > 0``;
+   - ``pact_progress``: training progress in [0, 1] (steps done / total), each step, for the annealing schedules
+     (and sft_then_grpo's switch);
    - with ``dp_size > 1`` or micro-batching, the global counts ``pact_rl_tokens`` (response tokens
      of PO rows), ``pact_rl_seqs`` (PO rows with any) and ``pact_traces`` (TRACE rows) of the mini-batch,
      so that micro-batch losses add up to the mini-batch's (without them each micro-batch is
@@ -182,6 +184,12 @@ def pact_config_from_actor_config(config, **overrides):
     return PACTLossConfig(**values)
 
 
+def _has_schedule(config):
+    """Whether the loss changes with training progress: the SFT term's annealing (mode pact) or the switch of
+    sft_then_grpo."""
+    return config.mode == "sft_then_grpo" or (config.mode == "pact" and config.lambda_sft > 0)
+
+
 def _check_agrees(pact_config, config):
     """Refuse a ``pact_config`` that differs from ``pact_config_from_actor_config(config)`` on ``ACTOR_FIELDS``."""
     derived = pact_config_from_actor_config(config)
@@ -194,13 +202,21 @@ def _check_agrees(pact_config, config):
                          "pact_config_from_actor_config(actor_config, ...)")
 
 
-def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=0.0):
+def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None, progress=None):
     """verl whole-loss hook: PACT over a micro-batch of PO / TC / TRACE rows. Returns (loss, metrics).
 
     config: verl's ActorConfig; without ``pact_config`` the PACT config is ``pact_config_from_actor_config(config)``,
         and a ``pact_config`` given with it must agree with it on ``ACTOR_FIELDS`` (else one would be dropped).
+    progress: training progress in [0, 1]; None (the default) reads ``data["pact_progress"]``, which the host sets
+        each step (verl calls the function given to ``set_loss_fn``, so a keyword there never changes). Required
+        when the loss has a schedule (``_has_schedule``), else 0.
     """
     cfg = pact_config or pact_config_from_actor_config(config or {})
+    progress = _scalar(data, "pact_progress") if progress is None else progress
+    if progress is None and _has_schedule(cfg):
+        raise ValueError(f"pact_loss_fn: mode {cfg.mode!r} anneals with training progress: set data['pact_progress'] "
+                         "(steps done / total) each step; a progress keyword bound at set_loss_fn time stays fixed")
+    progress = progress or 0.0
     if pact_config is not None and config is not None:
         _check_agrees(pact_config, config)
     if advantage_options(cfg):
