@@ -114,6 +114,12 @@ def advantage_options(config):
             if getattr(config, name) != getattr(default, name)]
 
 
+def has_schedule(config):
+    """Whether ``pact_loss`` changes with training progress under ``config``: the SFT term's annealing (mode pact)
+    or sft_then_grpo's switch. An adapter that cannot see the step refuses such a config without a progress."""
+    return config.mode == "sft_then_grpo" or (config.mode == "pact" and config.lambda_sft > 0)
+
+
 @dataclass
 class PACTBatch:
     """Inputs of ``pact_loss``. Shapes: B rollouts, T response tokens, S traces, E trace tokens.

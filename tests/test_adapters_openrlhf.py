@@ -153,3 +153,15 @@ def test_a_pact_config_that_disagrees_with_policy_loss_arguments_is_refused():
                                                      loss_agg="seq-mean-token-mean"))
     assert (loss.config.clip_eps_high, loss.config.dual_clip, loss.config.loss_agg) == (0.28, 3.0,
                                                                                          "seq-mean-token-mean")
+
+
+def test_a_scheduled_loss_needs_the_steps_progress():
+    """A call without progress ran the SFT annealing (and sft_then_grpo's switch) at progress 0 every step."""
+    po, old_po, adv, mask = _inputs(seed=3)
+    common = dict(action_mask=mask, log_probs_tc=po, old_log_probs_tc=old_po, anchored=torch.zeros(4, dtype=torch.bool),
+                  sft_log_probs=-torch.rand(2, 6, dtype=D), sft_components=torch.full((2, 6), TOOL_CALL))
+    for config in (PACTLossConfig(sft_reasoning_mode="scale"), PACTLossConfig(mode="sft_then_grpo")):
+        with pytest.raises(ValueError, match="progress"):
+            PACTPolicyLoss(pact_config=config)(po, old_po, adv, **common)
+        PACTPolicyLoss(pact_config=config)(po, old_po, adv, **common, progress=0.6)
+    PACTPolicyLoss(pact_config=PACTLossConfig(mode="grpo"))(po, old_po, adv, action_mask=mask)  # no schedule

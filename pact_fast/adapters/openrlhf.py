@@ -17,7 +17,8 @@ statistics). The PACT terms need tensors OpenRLHF does not compute, passed as ke
 - ``sft_log_probs`` [S, E] with ``sft_components`` [S, E] (and ``sft_segment_ids``, ``sft_turn_ids``
   in ``segment`` mode): the trace tokens' log-probs under the prompt and their labels from
   ``pact_fast.chat.trace_sequences``; ``sft_scale`` is this micro-batch's share of the step's traces;
-- ``progress`` in [0, 1] for the annealing schedules.
+- ``progress`` in [0, 1] for the annealing schedules (and sft_then_grpo's switch): required when the config has
+  one (``pact_fast.losses.has_schedule``), as OpenRLHF passes no step.
 
 ``self.metrics`` holds the last call's ``pact_loss`` metrics (floats) for logging.
 """
@@ -25,7 +26,7 @@ import dataclasses
 
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, advantage_options, loss_scales, pact_loss
+from ..losses import PACTBatch, PACTLossConfig, advantage_options, has_schedule, loss_scales, pact_loss
 
 
 class PACTPolicyLoss(torch.nn.Module):
@@ -77,7 +78,7 @@ class PACTPolicyLoss(torch.nn.Module):
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None, *, log_probs_tc=None, old_log_probs_tc=None,
                 group_ids=None, anchored=None, sft_log_probs=None, sft_components=None, sft_segment_ids=None,
-                sft_turn_ids=None, sft_scale=1.0, progress=0.0):
+                sft_turn_ids=None, sft_scale=1.0, progress=None):
         """log_probs, old_log_probs, advantages, action_mask: [B, T]. Returns (loss, clip_ratio, ppo_kl, None, None)."""
         if action_mask is None:
             action_mask = torch.ones_like(log_probs)
@@ -87,6 +88,10 @@ class PACTPolicyLoss(torch.nn.Module):
             raise ValueError("PACTPolicyLoss: anchor_mode='bernoulli' needs anchored [B], the step's draws made once "
                              "(pact_fast.losses.anchor_rows(group_ids, n_groups, q, seed, step)): drawn in each "
                              "micro-batch's call they would repeat in every micro-batch and step")
+        if progress is None and has_schedule(cfg):
+            raise ValueError(f"PACTPolicyLoss: mode {cfg.mode!r} anneals with training progress: pass progress= "
+                             "(steps done / total) with each call")
+        progress = progress or 0.0
         if group_ids is None:
             group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
         batch = PACTBatch(

@@ -40,8 +40,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import (PACTBatch, PACTLossConfig, advantage_options, aggregate, clipped_surrogate_tokens, loss_scales,
-                      pact_loss, response_counts, surrogate_metrics)
+from ..losses import (PACTBatch, PACTLossConfig, advantage_options, aggregate, clipped_surrogate_tokens, has_schedule,
+                      loss_scales, pact_loss, response_counts, surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -184,12 +184,6 @@ def pact_config_from_actor_config(config, **overrides):
     return PACTLossConfig(**values)
 
 
-def _has_schedule(config):
-    """Whether the loss changes with training progress: the SFT term's annealing (mode pact) or the switch of
-    sft_then_grpo."""
-    return config.mode == "sft_then_grpo" or (config.mode == "pact" and config.lambda_sft > 0)
-
-
 def _check_agrees(pact_config, config):
     """Refuse a ``pact_config`` that differs from ``pact_config_from_actor_config(config)`` on ``ACTOR_FIELDS``."""
     derived = pact_config_from_actor_config(config)
@@ -209,11 +203,11 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
         and a ``pact_config`` given with it must agree with it on ``ACTOR_FIELDS`` (else one would be dropped).
     progress: training progress in [0, 1]; None (the default) reads ``data["pact_progress"]``, which the host sets
         each step (verl calls the function given to ``set_loss_fn``, so a keyword there never changes). Required
-        when the loss has a schedule (``_has_schedule``), else 0.
+        when the loss has a schedule (``pact_fast.losses.has_schedule``), else 0.
     """
     cfg = pact_config or pact_config_from_actor_config(config or {})
     progress = _scalar(data, "pact_progress") if progress is None else progress
-    if progress is None and _has_schedule(cfg):
+    if progress is None and has_schedule(cfg):
         raise ValueError(f"pact_loss_fn: mode {cfg.mode!r} anneals with training progress: set data['pact_progress'] "
                          "(steps done / total) each step; a progress keyword bound at set_loss_fn time stays fixed")
     progress = progress or 0.0
