@@ -311,7 +311,8 @@ def test_hook_reads_verls_no_padding_batches():
     config = PACTLossConfig(anchor_q=0.5)
     leaf = log_probs.clone().requires_grad_()
     data, nested = _no_padding_batch(rows, leaf, prompt_lens=[4, 6, 3, 5, 7, 2, 6, 6, 4, 4, 3, 5, 2, 7, 3])
-    loss, _ = pact_loss_fn(None, {"log_probs": nested}, _global_info(data), pact_config=config, progress=0.2)
+    tu.assign_non_tensor_data(data, "pact_progress", 0.2)  # the host's per-step field, beside verl's own
+    loss, _ = pact_loss_fn(None, {"log_probs": nested}, _global_info(data), pact_config=config)
     reference = log_probs.clone().requires_grad_()
     B, G = canonical.logp_po.shape[0], canonical.sft_logp.shape[0]
     canonical.logp_po, canonical.logp_tc = reference[:B], reference[B:2 * B]
