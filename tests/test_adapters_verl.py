@@ -443,3 +443,17 @@ def test_progress_comes_with_the_data_each_step():
     assert pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.7)[0].item() != \
         pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.0)[0].item()
     pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=PACTLossConfig(mode="grpo"))  # no schedule
+
+
+def test_seq_mean_token_sum_norm_needs_a_fixed_divisor():
+    """Without loss_scale_factor, seq-mean-token-sum-norm divided the rollouts' token sums by the micro-batch's padded
+    width, which its longest row sets, a trace row included: rollouts of 10 tokens were divided by 20 beside a
+    trace of 20 tokens, by 10 beside none. The hook asks for a fixed divisor instead."""
+    canonical, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5, loss_agg="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.3)
+    fixed = PACTLossConfig(anchor_q=0.5, loss_agg="seq-mean-token-sum-norm", loss_scale_factor=10)
+    loss, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=fixed, progress=0.3)
+    expected, _ = pact_loss(canonical, fixed, 0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)

@@ -211,6 +211,11 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
         raise ValueError(f"pact_loss_fn: mode {cfg.mode!r} anneals with training progress: set data['pact_progress'] "
                          "(steps done / total) each step; a progress keyword bound at set_loss_fn time stays fixed")
     progress = progress or 0.0
+    if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None and cfg.mode != "grpo" \
+            and cfg.lambda_sft > 0:
+        raise ValueError("pact_loss_fn: seq-mean-token-sum-norm needs a fixed loss_scale_factor "
+                         "(actor.loss_scale_factor, e.g. the longest response): without one the rollouts' divisor is "
+                         "the micro-batch's padded width, which its trace rows set")
     if pact_config is not None and config is not None:
         _check_agrees(pact_config, config)
     if advantage_options(cfg):
