@@ -457,3 +457,18 @@ def test_seq_mean_token_sum_norm_needs_a_fixed_divisor():
     loss, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=fixed, progress=0.3)
     expected, _ = pact_loss(canonical, fixed, 0.3)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_a_micro_batch_without_trace_rows_or_without_rollouts():
+    """A micro-batch without TRACE rows failed in the default segment mode ('needs batch fields
+    ['sft_segment_ids', 'sft_turn_ids']'): most micro-batches hold no trace. Rollouts in one micro-batch and the
+    traces in another add up to the whole."""
+    canonical, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    whole, _ = pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config, progress=0.3)
+    mask = canonical.response_mask
+    counts = {"pact_rl_tokens": mask.sum().item(), "pact_rl_seqs": float((mask.sum(-1) > 0).sum()), "pact_traces": 3.0}
+    rollouts, traces = torch.arange(12), torch.arange(12, 15)
+    parts = [pact_loss_fn(None, {"log_probs": log_probs[i]}, {**_take(rows, i), **counts}, pact_config=config,
+                          progress=0.3)[0] for i in (rollouts, traces)]
+    assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-12)
