@@ -191,7 +191,7 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
     if prep.use_sft:
         _require(batch, ["sft_logp", "sft_components"], f"mode {mode!r} (trace SFT)", have)
         comps = batch.sft_components
-        if mode == "pact" and config.sft_reasoning_mode == "segment":
+        if mode == "pact" and config.sft_reasoning_mode == "segment" and len(comps):  # traces to label
             _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'", have)
         zeros = torch.zeros_like(comps)
         dtype = batch.sft_logp.dtype if batch.sft_logp is not None else torch.promote_types(

@@ -600,7 +600,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
                              f"{tuple(batch.sft_logp.shape)}")
         target = batch.sft_components != NONE
         _check_finite("sft_logp", batch.sft_logp, target & (batch.sft_components != TOOL_RESPONSE))
-        needs_segments = mode == "pact" and config.sft_reasoning_mode == "segment"
+        # segment labels only where there are trace tokens to label
+        needs_segments = mode == "pact" and config.sft_reasoning_mode == "segment" and len(batch.sft_components)
         if needs_segments:
             _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'")
         zeros = torch.zeros_like(batch.sft_components)

@@ -165,3 +165,17 @@ def test_a_scheduled_loss_needs_the_steps_progress():
             PACTPolicyLoss(pact_config=config)(po, old_po, adv, **common)
         PACTPolicyLoss(pact_config=config)(po, old_po, adv, **common, progress=0.6)
     PACTPolicyLoss(pact_config=PACTLossConfig(mode="grpo"))(po, old_po, adv, action_mask=mask)  # no schedule
+
+
+def test_a_micro_batch_without_traces():
+    """In a micro-batch holding no trace, the SFT inputs are [0, E] (segment labels may be left out); left out
+    altogether they are refused by their names in this call (pact_loss's own field names said nothing here)."""
+    po, old_po, adv, mask = _inputs(seed=3)
+    common = dict(action_mask=mask, log_probs_tc=po, old_log_probs_tc=old_po, anchored=torch.zeros(4, dtype=torch.bool),
+                  progress=0.3)
+    with pytest.raises(ValueError, match="sft_log_probs and sft_components"):
+        PACTPolicyLoss()(po, old_po, adv, **common)
+    loss = PACTPolicyLoss()(po, old_po, adv, **common, sft_log_probs=torch.zeros(0, 6, dtype=D),
+                            sft_components=torch.zeros(0, 6, dtype=torch.long))[0]
+    rl_only = PACTPolicyLoss(pact_config=PACTLossConfig(lambda_sft=0.0))(po, old_po, adv, **common)[0]
+    assert loss.item() == pytest.approx(rl_only.item(), rel=1e-12)

@@ -351,6 +351,17 @@ def test_a_batch_without_rollouts_gives_the_sft_term_alone():
     assert loss.item() == pytest.approx(full_sft) and metrics["loss/rl"] == 0.0
 
 
+def test_a_batch_without_traces_needs_no_segment_labels():
+    """Empty trace tensors ([0, E]: a micro-batch holding rollouts only) in segment mode were refused for lack of
+    segment and turn ids, which label no token there; the loss is the RL term alone."""
+    batch = _batch()
+    rl_only = pact_loss(batch, PACTLossConfig(lambda_sft=0.0), progress=0.2)[0]
+    empty = dict(sft_logp=torch.zeros(0, 9, dtype=D), sft_components=torch.zeros(0, 9, dtype=torch.long),
+                 sft_segment_ids=None, sft_turn_ids=None)
+    loss, metrics = pact_loss(PACTBatch(**{**vars(batch), **empty}), PACTLossConfig(), progress=0.2)
+    assert loss.item() == pytest.approx(rl_only.item(), rel=1e-12) and metrics["loss/sft"] == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
                          ids=["fp16", "bf16", "fp32", "fp64"])
 @pytest.mark.parametrize("value,size", [(0.7, 16), (0.9, 3), (1 / 3, 7), (0.1, 5), (1000.1, 9), (-2.3, 2)])

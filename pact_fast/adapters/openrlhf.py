@@ -16,7 +16,8 @@ statistics). The PACT terms need tensors OpenRLHF does not compute, passed as ke
   (optional) names each sample's group for the metrics;
 - ``sft_log_probs`` [S, E] with ``sft_components`` [S, E] (and ``sft_segment_ids``, ``sft_turn_ids``
   in ``segment`` mode): the trace tokens' log-probs under the prompt and their labels from
-  ``pact_fast.chat.trace_sequences``; ``sft_scale`` is this micro-batch's share of the step's traces;
+  ``pact_fast.chat.trace_sequences`` ([0, E] in a micro-batch without traces); ``sft_scale`` is this
+  micro-batch's share of the step's traces;
 - ``progress`` in [0, 1] for the annealing schedules (and sft_then_grpo's switch): required when the config has
   one (``pact_fast.losses.has_schedule``), as OpenRLHF passes no step.
 
@@ -92,6 +93,11 @@ class PACTPolicyLoss(torch.nn.Module):
             raise ValueError(f"PACTPolicyLoss: mode {cfg.mode!r} anneals with training progress: pass progress= "
                              "(steps done / total) with each call")
         progress = progress or 0.0
+        sft_on = cfg.lambda_sft > 0 and (cfg.mode in ("pact", "sft") or
+                                         (cfg.mode == "sft_then_grpo" and progress < cfg.switch_progress))
+        if sft_on and (sft_log_probs is None or sft_components is None):
+            raise ValueError(f"PACTPolicyLoss: mode {cfg.mode!r} with lambda_sft > 0 needs sft_log_probs and "
+                             "sft_components [S, E] (S = 0, [0, E] tensors, in a micro-batch without traces)")
         if group_ids is None:
             group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
         batch = PACTBatch(

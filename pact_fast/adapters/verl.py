@@ -265,7 +265,7 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                                            torch.zeros_like(batch.sft_components))
     else:  # no trace in this micro-batch: an empty SFT term
         batch.sft_logp = logp.new_zeros((0, logp.shape[1]))
-        batch.sft_components = batch.sft_segment_ids = batch.sft_turn_ids = role.new_zeros((0, logp.shape[1]))
+        batch.sft_components = role.new_zeros((0, logp.shape[1]))
     dp_size = _scalar(data, "dp_size") or 1.0
     rl_tokens, rl_seqs, traces = (_scalar(data, k) for k in ("pact_rl_tokens", "pact_rl_seqs", "pact_traces"))
     if dp_size > 1 and None in (rl_tokens, rl_seqs, traces):
