@@ -248,6 +248,9 @@ def test_hook_refuses_what_it_cannot_compute():
     keep = torch.tensor([i for i in range(15) if i != 6])  # drop the TC row of rollout 0
     with pytest.raises(ValueError, match=r"unpaired"):
         pact_loss_fn(None, {"log_probs": log_probs[keep]}, _take(rows, keep), pact_config=config, progress=0.3)
+    keep = torch.tensor([0, 1, 2, 3, 4, 5, 12, 13, 14])  # no TC row at all (pact_loss asked for 'batch fields')
+    with pytest.raises(ValueError, match=r"6 PO rows and no TC row"):
+        pact_loss_fn(None, {"log_probs": log_probs[keep]}, _take(rows, keep), pact_config=config, progress=0.3)
     no_draws = {k: v for k, v in rows.items() if k != "pact_anchored"}
     with pytest.raises(ValueError, match="pact_anchored"):
         pact_loss_fn(None, {"log_probs": log_probs}, no_draws, pact_config=config, progress=0.3)

@@ -235,6 +235,9 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     trace = torch.nonzero(role == TRACE)[:, 0]
 
     tc = po.new_empty(0)
+    if cfg.mode == "pact" and len(po) and not len(tc_rows):
+        raise ValueError(f"pact_loss_fn: mode 'pact' needs each PO row's TC row (pact_role {TC}) in the same "
+                         f"micro-batch; this one has {len(po)} PO rows and no TC row")
     if len(tc_rows):
         rollout = _need(data, "pact_rollout", " (the id a rollout's PO and TC rows share)")
         by_rollout = {int(rollout[j]): j for j in tc_rows.tolist()}
