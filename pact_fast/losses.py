@@ -124,9 +124,8 @@ def has_schedule(config):
 class PACTBatch:
     """Inputs of ``pact_loss``. Shapes: B rollouts, T response tokens, S traces, E trace tokens.
 
-    Log-probs are per-token values of the rollout tokens (``0`` where masked), fp32 or float64; 16-bit ones are
-    computed with in fp32. Current-policy
-    tensors carry gradients; ``old_*``, ``behavior_logp`` and ``ref_logp`` do not.
+    Log-probs are per-token values of the rollout tokens (``0`` where masked), fp32 or float64 (16-bit ones are
+    upcast to fp32). Current-policy tensors carry gradients; ``old_*``, ``behavior_logp`` and ``ref_logp`` do not.
     """
 
     response_mask: torch.Tensor  # [B, T] 1 = model-generated token
