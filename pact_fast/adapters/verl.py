@@ -157,7 +157,9 @@ def pact_config_from_actor_config(config, **overrides):
     [-10, 10], so the two differ on tokens whose log-prob lies more than ~2.53 nats under the reference's (k3 = 10
     there; past it verl's gradient is 0, PACT's keeps pulling the token back). A negative ``entropy_coeff`` (an
     entropy penalty) has no PACT counterpart and is refused, as is a ``policy_loss.loss_mode`` other than vanilla's
-    clipping (gspo, clip_cov, ...: PACT computes token-ratio clipping)."""
+    clipping (gspo, clip_cov, ...: PACT computes token-ratio clipping). ``overrides`` set PACT's own fields
+    (``anchor_q``, ``lambda_sft``, ...); one of ``ACTOR_FIELDS`` overridden here is refused by ``pact_loss_fn``
+    with that ActorConfig (set it in the ActorConfig)."""
     loss_mode = _get(_get(config, "policy_loss", {}), "loss_mode", "vanilla")
     if not _is_pact_loss_mode(loss_mode):
         raise ValueError(f"pact_config_from_actor_config: policy_loss.loss_mode={loss_mode!r} has no PACT "
