@@ -291,6 +291,10 @@ def apply_lora(model, lora_cfg, log=None):
             from None
     if lora_cfg.adapter:
         load_adapter_weights(peft_model, lora_cfg.adapter)
+        made_on, base = _adapter_config(lora_cfg.adapter).get("base_model_name_or_path"), model.name_or_path
+        if log and made_on and base and Path(made_on).name.lower() != Path(base).name.lower():
+            log(f"[pact_fast] model.lora.adapter={lora_cfg.adapter} was made on {made_on}, this base model is {base}: "
+                "an adapter of another model of the same shape loads without an error, and adapts this one")
     if log:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())

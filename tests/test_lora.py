@@ -415,6 +415,26 @@ def test_a_peft_adapter_loads_exactly_or_its_unsupported_option_is_refused(tmp_p
         torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
 
 
+def test_an_adapter_made_on_another_base_model_is_said(tmp_path):
+    """peft records the base an adapter was made on; one of the same shape made on another model loads without an
+    error, so the set-up says so (by the model directories' names: a base that moved keeps its name)."""
+    import shutil
+
+    base = _untied_model_dir(tmp_path)
+    _peft_adapter(base, tmp_path / "adapter")
+    shutil.copytree(base, tmp_path / "moved" / base.name)
+    shutil.copytree(base, tmp_path / "other-model")
+    said = {}
+    for name, path in (("same", base), ("moved", tmp_path / "moved" / base.name), ("other", tmp_path / "other-model")):
+        config = load_config(None, [f"model.path={path}", *LORA, "model.lora.target_modules=[q_proj,v_proj]",
+                                    f"model.lora.adapter={tmp_path / 'adapter'}"])
+        lines = []
+        build_policy(config.model, torch.device("cpu"), 0, log=lines.append)
+        said[name] = [line for line in lines if "was made on" in line]
+    assert said["same"] == said["moved"] == []
+    assert len(said["other"]) == 1 and str(base) in said["other"][0] and "other-model" in said["other"][0]
+
+
 @pytest.mark.parametrize("pretrained", [False, True], ids=["builtin", "model.path"])
 def test_lora_dropout_acts_in_training_whatever_made_the_model(tmp_path, pretrained):
     """``from_pretrained`` returns a model in eval mode, which training kept: ``model.lora.dropout`` acted on the
