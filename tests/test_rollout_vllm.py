@@ -523,3 +523,9 @@ def test_pact_fast_train_with_the_vllm_engine(smollm2_dir, tmp_path):
         assert math.isfinite(r["loss/total"]) and r["skipped_step"] == 0.0
         assert 0 <= r["rollout/logp_mismatch_mean"] <= r["rollout/logp_mismatch_max"] < 1.0
         assert 0 <= r["rollout/is_clipped_frac"] <= 1
+    # pact-fast eval of the run samples through its engine, as the run's final evaluation did: the same numbers
+    after = json.loads((tmp_path / "summary.json").read_text())["eval_after"]
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "eval", "--run", str(tmp_path)], capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{\n"):]) == pytest.approx(after)
