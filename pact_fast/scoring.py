@@ -28,7 +28,8 @@ class TreeLayout:
 
 
 # Attention keyword arguments that do not change what attention computes: the packed forward's bookkeeping
-# (position ids, cache flags, MoE router flags, our layout) and the causal flag that the tree layout subsumes.
+# (position ids, cache flags, MoE router flags, our layout) and the causal flag that the tree layout subsumes (a
+# False one is refused).
 _NEUTRAL_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_router_logits", "is_causal",
                              "tree_layout", "past_key_values", "past_key_value"})
 
@@ -39,7 +40,8 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
 
     Implements what the model passes: ``scaling``, ``sliding_window`` (positions along each query's own path,
     as the model attends over that sequence alone) and ``softcap`` (attention logit soft-capping). Any other
-    keyword with a value, e.g. attention sinks (``s_aux``) or a head mask, is refused by name: never dropped."""
+    keyword with a value, e.g. attention sinks (``s_aux``) or a head mask, is refused by name: never dropped;
+    so is a bidirectional layer (``is_causal=False`` passed, or set on the module)."""
     layout = kwargs.get("tree_layout")
     if layout is None:
         raise ValueError(f"{type(module).__name__} was called without the tree layout: the model's decoder does not "
@@ -49,6 +51,10 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     if unknown:
         raise ValueError(f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which tree "
                          "attention does not implement: this model cannot be scored packed")
+    causal = kwargs.get("is_causal")
+    if causal is False or (causal is None and getattr(module, "is_causal", True) is False):
+        raise ValueError(f"{type(module).__name__} attends bidirectionally (is_causal=False; e.g. an encoder without "
+                         "config.is_decoder=True): tree attention is causal, so this model cannot be scored packed")
     if dropout and module.training:
         raise ValueError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree attention; "
                          "set the config's attention dropout to 0")
@@ -76,12 +82,20 @@ def register_tree_attention():
 
 
 def _decoder_and_head(model):
+    """``(decoder, lm_head)`` of a causal LM whose logits are the lm_head of the decoder's last hidden state (up to
+    ``logit_transform``). A model with weights outside both (BERT's and RoBERTa's prediction heads: a dense layer
+    and a norm before the output layer) is refused by name: packed scoring would skip them."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", None)
     decoder = getattr(model, prefix, None) if prefix else None
     if head is None or decoder is None or not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM with an lm_head "
-                        "(get_output_embeddings) and a base model")
+                        f"(get_output_embeddings) and a base model at its base_model_prefix ({prefix!r})")
+    known = {id(p) for p in decoder.parameters()} | {id(p) for p in head.parameters()}
+    extra = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) not in known})
+    if extra:
+        raise ValueError(f"{type(model).__name__} has layers between its decoder and its output layer "
+                        f"({', '.join(extra)}) that packed scoring would skip: this model cannot be scored packed")
     return decoder, head
 
 
@@ -141,9 +155,44 @@ def _recompute_in_tree(model):
             m._gradient_checkpointing_func = func
 
 
+def length_dependent_rope(config):
+    """``(rope_type, limit)`` when the model's rotary frequencies depend on the length of the forward's input: HF's
+    ``dynamic`` (NTK) and ``longrope`` rotary embeddings switch or rescale them once the largest position id reaches
+    ``limit`` (``max_position_embeddings``, ``original_max_position_embeddings``), for every token of the forward.
+    None otherwise."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return None
+    per_layer = [p for p in params.values() if isinstance(p, dict)] or [params]  # per layer type, or one
+    for p in per_layer:
+        rope_type = str(p.get("rope_type", p.get("type", "default")))
+        if "dynamic" in rope_type:
+            return rope_type, config.max_position_embeddings
+        if rope_type == "longrope":
+            return rope_type, (p.get("original_max_position_embeddings")
+                               or getattr(config, "original_max_position_embeddings", None)
+                               or config.max_position_embeddings)
+    return None
+
+
+def _check_rope_length(model, packed):
+    """Refuse a packed trie whose longest sequence reaches the length where the rotary frequencies change: alone,
+    each sequence gets the frequencies of its own length; packed, all would get those of the longest."""
+    rope = length_dependent_rope(model.config)
+    if rope is None or not packed.position_ids.numel():
+        return
+    longest = int(packed.position_ids.max()) + 1  # the only host sync, and only for such a model
+    if longest > rope[1]:
+        raise ValueError(f"{type(model).__name__}: rope_type {rope[0]!r} changes its rotary frequencies past {rope[1]} "
+                         f"positions, and this packed group reaches {longest}: sequences of other lengths would be "
+                         f"scored with the longest one's frequencies; pact_fast scores such a model only on "
+                         f"sequences of at most {rope[1]} tokens")
+
+
 def packed_hidden_states(model, packed, *, backend="auto"):
     """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
     decoder, _ = _decoder_and_head(model)
+    _check_rope_length(model, packed)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
     subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]

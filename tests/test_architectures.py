@@ -51,6 +51,15 @@ ARCHITECTURES = [
     ("phi", "phi", "Phi", {}, None),
     ("exaone4", "exaone4", "EXAONE 4, sliding window", {"sliding_window": WINDOW}, None),
     ("stablelm", "stablelm", "StableLM", {}, "does not pass keyword arguments"),
+    ("llama-bidirectional", "llama", "Llama, is_causal=False (bidirectional)", {"is_causal": False},
+     "attends bidirectionally"),
+    ("bert-decoder", "bert", "BERT as a decoder (prediction head)", {"is_decoder": True},
+     "has layers between its decoder and its output layer (cls.predictions.transform.LayerNorm, "
+     "cls.predictions.transform.dense)"),
+    ("roberta-decoder", "roberta", "RoBERTa as a decoder (prediction head)", {"is_decoder": True},
+     "has layers between its decoder and its output layer (lm_head.dense, lm_head.layer_norm)"),
+    ("modernbert-decoder", "modernbert-decoder", "ModernBERT decoder (prediction head)", {},
+     "has layers between its decoder and its output layer (lm_head.dense, lm_head.norm)"),
     ("bloom", "bloom", "Bloom (ALiBi)", {"n_layer": 2, "n_head": 4}, "tree attention ran in 0 of 2 layers"),
     ("gpt_oss", "gpt_oss", "GPT-OSS (attention sinks)", {"sliding_window": WINDOW, "num_local_experts": 4},
      "passes s_aux"),
@@ -133,6 +142,39 @@ def test_triton_kernels_score_windows_softcaps_and_logit_scales_exactly(arch_id)
     diff = max((a - b).abs().max().item() for a, b in zip(packed, ref))
     assert diff < 1e-4, f"{arch_id}: triton packed vs separate log-probs differ by {diff:.3g}"
     _assert_same_grads(arch_id, _grads(model, packed), ref_grads)
+
+
+@pytest.mark.parametrize("model_type,rope", [
+    ("llama", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    ("phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+              "long_factor": [2.0 + i for i in range(8)]}),
+], ids=["dynamic", "longrope"])
+def test_rotary_embeddings_that_depend_on_the_length_are_exact_below_it_and_refused_past_it(model_type, rope):
+    """HF's dynamic and longrope rotary embeddings take their frequencies from the largest position id of the
+    forward: packed, a short sequence would get its longest neighbour's (0.00046 off at this size). Exact while every
+    sequence stays within the limit (dynamic: max_position_embeddings; longrope: original_max_position_embeddings);
+    past it, one line naming the rope type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.scoring import check_model, sequence_logprobs
+
+    sequences = group(512)  # lengths 15, 22, 30, 26
+    for limit in (30, 20):
+        lengths = ({"max_position_embeddings": 256, "original_max_position_embeddings": limit}
+                   if rope["rope_type"] == "longrope" else {"max_position_embeddings": limit})
+        config = AutoConfig.for_model(model_type, **{**SMALL, **lengths, "sliding_window": None,
+                                                     "rope_parameters": dict(rope)})
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        if limit == 30:
+            ref = separate_logprobs(model, sequences)
+            diff = max((a - b).abs().max().item() for a, b in zip(sequence_logprobs(model, sequences), ref))
+            assert diff < 1e-4, f"{rope['rope_type']}: packed vs separate log-probs differ by {diff:.3g}"
+            check_model(model)
+        else:
+            with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}' changes its rotary frequencies "
+                                                 "past 20 positions, and this packed group reaches 30"):
+                sequence_logprobs(model, sequences)
 
 
 def readme_table():
