@@ -5,6 +5,7 @@ packed row with trie-depth ``position_ids`` and tree attention registered throug
 ``transformers.AttentionInterface``; ``linear_logprobs`` turns the predictor rows of the last
 hidden state into fp32 log-probs without materialising logits (SPEC section 4).
 """
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,7 +42,9 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     Implements what the model passes: ``scaling``, ``sliding_window`` (positions along each query's own path,
     as the model attends over that sequence alone) and ``softcap`` (attention logit soft-capping). Any other
     keyword with a value, e.g. attention sinks (``s_aux``) or a head mask, is refused by name: never dropped;
-    so is a bidirectional layer (``is_causal=False`` passed, or set on the module)."""
+    so are a bidirectional layer (``is_causal=False`` passed, or set on the module) and an ``attention_mask``:
+    transformers' mask builders return None here (``_no_mask``), so a mask is one the model made itself (Doge's
+    dynamic mask)."""
     layout = kwargs.get("tree_layout")
     if layout is None:
         raise ValueError(f"{type(module).__name__} was called without the tree layout: the model's decoder does not "
@@ -51,6 +54,10 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     if unknown:
         raise ValueError(f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which tree "
                          "attention does not implement: this model cannot be scored packed")
+    if attention_mask is not None:
+        raise ValueError(f"{type(module).__name__} passes an attention mask of its own making (shape "
+                         f"{tuple(attention_mask.shape)}) that tree attention would drop: this model cannot be scored "
+                         "packed")
     causal = kwargs.get("is_causal")
     if causal is False or (causal is None and getattr(module, "is_causal", True) is False):
         raise ValueError(f"{type(module).__name__} attends bidirectionally (is_causal=False; e.g. an encoder without "
@@ -83,14 +90,20 @@ def register_tree_attention():
 
 def _decoder_and_head(model):
     """``(decoder, lm_head)`` of a causal LM whose logits are the lm_head of the decoder's last hidden state (up to
-    ``logit_transform``). A model with weights outside both (BERT's and RoBERTa's prediction heads: a dense layer
-    and a norm before the output layer) is refused by name: packed scoring would skip them."""
+    ``logit_transform``). Refused by name: a model with weights outside both (BERT's and RoBERTa's prediction heads:
+    a dense layer and a norm before the output layer), which packed scoring would skip, and a decoder that takes no
+    ``position_ids`` (Bart's numbers its input 0..L-1 itself: tokens past a branch point came out 0.09-0.6 off)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", None)
     decoder = getattr(model, prefix, None) if prefix else None
     if head is None or decoder is None or not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM with an lm_head "
                         f"(get_output_embeddings) and a base model at its base_model_prefix ({prefix!r})")
+    body = getattr(decoder, "decoder", decoder)  # Bart-style ForCausalLM: a wrapper around the decoder
+    if "position_ids" not in inspect.signature(body.forward).parameters:
+        raise ValueError(f"{type(model).__name__}: its decoder ({type(body).__name__}) takes no position_ids, so it "
+                         "would number the packed row 0..L-1 instead of each token's position in its own sequence: "
+                         "this model cannot be scored packed")
     known = {id(p) for p in decoder.parameters()} | {id(p) for p in head.parameters()}
     extra = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) not in known})
     if extra:
@@ -325,8 +338,12 @@ def check_model(model, *, seed=0, backend="auto", logprob_backend="auto", log=No
         with torch.no_grad():
             try:
                 packed = sequence_logprobs(model, sequences, backend=backend, logprob_backend=logprob_backend)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError) as exc:  # a refusal: its message says why
                 raise ModelError(f"{exc} (pact_fast.scoring.check_model)") from exc
+            except Exception as exc:  # the model's own code broke on the packed input (Falcon's and MPT's ALiBi)
+                detail = " ".join(str(exc).split())[:200]
+                raise ModelError(f"{type(model).__name__}: packed scoring failed inside the model ({type(exc).__name__}: "
+                                 f"{detail}); it cannot be scored packed (pact_fast.scoring.check_model)") from exc
             diffs = []
             for seq, logp in zip(sequences, packed):
                 ids = torch.tensor(seq, device=device)[None]

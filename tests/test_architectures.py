@@ -51,6 +51,12 @@ ARCHITECTURES = [
     ("phi", "phi", "Phi", {}, None),
     ("exaone4", "exaone4", "EXAONE 4, sliding window", {"sliding_window": WINDOW}, None),
     ("stablelm", "stablelm", "StableLM", {}, "does not pass keyword arguments"),
+    ("mpt", "mpt", "MPT (ALiBi)", {"d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 2},
+     "(MptModel) takes no position_ids"),
+    ("doge", "doge", "Doge (dynamic mask attention)", {}, "passes an attention mask of its own making"),
+    ("bart", "bart", "Bart decoder", {"d_model": 64, "decoder_layers": 2, "encoder_layers": 2, "decoder_ffn_dim": 128,
+                                      "decoder_attention_heads": 4, "encoder_attention_heads": 4},
+     "(BartDecoder) takes no position_ids"),
     ("llama-bidirectional", "llama", "Llama, is_causal=False (bidirectional)", {"is_causal": False},
      "attends bidirectionally"),
     ("bert-decoder", "bert", "BERT as a decoder (prediction head)", {"is_decoder": True},
@@ -60,7 +66,7 @@ ARCHITECTURES = [
      "has layers between its decoder and its output layer (lm_head.dense, lm_head.layer_norm)"),
     ("modernbert-decoder", "modernbert-decoder", "ModernBERT decoder (prediction head)", {},
      "has layers between its decoder and its output layer (lm_head.dense, lm_head.norm)"),
-    ("bloom", "bloom", "Bloom (ALiBi)", {"n_layer": 2, "n_head": 4}, "tree attention ran in 0 of 2 layers"),
+    ("bloom", "bloom", "Bloom (ALiBi)", {"n_layer": 2, "n_head": 4}, "(BloomModel) takes no position_ids"),
     ("gpt_oss", "gpt_oss", "GPT-OSS (attention sinks)", {"sliding_window": WINDOW, "num_local_experts": 4},
      "passes s_aux"),
 ]
@@ -175,6 +181,24 @@ def test_rotary_embeddings_that_depend_on_the_length_are_exact_below_it_and_refu
             with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}' changes its rotary frequencies "
                                                  "past 20 positions, and this packed group reaches 30"):
                 sequence_logprobs(model, sequences)
+
+
+def test_a_model_whose_code_breaks_on_the_packed_input_is_refused_in_one_line():
+    """Falcon's ALiBi code fails inside the model on the packed input (an AttributeError): before any step,
+    check_model turns that into a one-line ModelError naming the model, not a traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.models import ModelError
+    from pact_fast.scoring import check_model
+
+    config = AutoConfig.for_model("falcon", vocab_size=512, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                  alibi=True, new_decoder_architecture=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with pytest.raises(ModelError, match=f"{type(model).__name__}: packed scoring failed inside the model "
+                                         r"\(AttributeError: .*\); it cannot be scored packed") as info:
+        check_model(model)
+    assert "\n" not in str(info.value)
 
 
 def readme_table():
