@@ -112,19 +112,24 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+# Model types whose head multiplies the logits by ``config.logits_scaling``; Granite's and MiniCPM3's divide by it.
+_LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+
+
 def logit_transform(config):
     """``{"logit_scale": float, "softcap": float or None}``: what a model's causal-LM head does to the lm_head
     logits before the softmax, read from its config: Cohere's ``logit_scale`` multiplies, Granite's
-    ``logits_scaling`` divides, Gemma2/3's ``final_logit_softcapping`` caps (``c * tanh(z / c)``), in that
-    order. The log-prob ops take both as parameters; a transform the config does not name is caught by
-    ``check_model``."""
+    ``logits_scaling`` divides (HyperCLOVAX's multiplies), Gemma2/3's ``final_logit_softcapping`` caps
+    (``c * tanh(z / c)``), in that order. The log-prob ops take both as parameters; a transform the config does not
+    name is caught by ``check_model``."""
     scale = 1.0
-    for knob, apply in (("logit_scale", lambda s, v: s * v), ("logits_scaling", lambda s, v: s / v)):
+    divides = getattr(config, "model_type", None) not in _LOGITS_SCALING_MULTIPLIES
+    for knob, multiplies in (("logit_scale", True), ("logits_scaling", not divides)):
         value = getattr(config, knob, None)
         if value is not None:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"config.{knob}={value!r}: expected a positive number")
-            scale = apply(scale, float(value))
+            scale = scale * float(value) if multiplies else scale / float(value)
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
 
