@@ -7,7 +7,8 @@ hidden state into fp32 log-probs without materialising logits (SPEC section 4).
 """
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,11 +22,16 @@ ATTN_IMPLEMENTATION = "pact_tree"
 @dataclass
 class TreeLayout:
     """Forward kwarg ``tree_layout``: what every attention layer of a packed forward needs, built once per
-    forward (``build_layout``: validation, tile lists or segment gathers, all host syncs), and a count of the
-    layers that used it."""
+    forward (``build_layout``: validation, tile lists or segment gathers, all host syncs), and what the forward
+    did with it: the layers that used it, the windows they were passed, the windows of the masks the model built."""
 
     attention: TreeAttentionLayout
     calls: int = 0
+    windows: set = field(default_factory=set)  # sliding_window of each attention call; None: no window
+    mask_windows: set = field(default_factory=set)  # window (or chunk) of each mask the model built; None: causal
+
+
+_BUILDING = ContextVar("pact_fast_tree_layout", default=None)  # the TreeLayout of the packed forward under way
 
 
 # Attention keyword arguments that do not change what attention computes: the packed forward's bookkeeping
@@ -68,11 +74,17 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, window=sliding_window or None,
                          softcap=softcap or None, validate=False)
     layout.calls += 1
+    layout.windows.add(sliding_window or None)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    """Mask function for the registered implementation: the tree layout replaces any [L, L] mask."""
+def _no_mask(*args, local_size=None, **kwargs):
+    """Mask function for the registered implementation: the tree layout replaces any [L, L] mask. Notes the
+    mask's window (transformers passes a sliding window's or an attention chunk's size as ``local_size``), which
+    ``packed_hidden_states`` checks against the windows the attention layers were passed."""
+    layout = _BUILDING.get()
+    if layout is not None:
+        layout.mask_windows.add(local_size or None)
     return None
 
 
@@ -218,11 +230,20 @@ def packed_hidden_states(model, packed, *, backend="auto"):
     position_ids = packed.position_ids.to(device)[None]  # [1, L]: trie depths
     # once per forward; "auto" takes varlen for a float64 model, whose dtype the Triton kernels do not take
     layout = TreeLayout(build_layout(subtree_end, backend, position_ids=position_ids, dtype=dtype))
-    with tree_attention_enabled(model), _recompute_in_tree(model):
-        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, tree_layout=layout)
+    building = _BUILDING.set(layout)
+    try:
+        with tree_attention_enabled(model), _recompute_in_tree(model):
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, tree_layout=layout)
+    finally:
+        _BUILDING.reset(building)
     if layout.calls != n_layers:
         raise ValueError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; this "
                          "model's attention does not go through transformers.AttentionInterface")
+    unpassed = sorted(w for w in layout.mask_windows - layout.windows if w is not None)
+    if unpassed:
+        raise ValueError(f"{type(model).__name__} builds an attention mask limited to {unpassed[0]} tokens (a sliding "
+                         "window or attention chunk) but passes no such sliding_window to its attention, where tree "
+                         "attention takes windows from: this model (or this config) cannot be scored packed")
     return out.last_hidden_state[0]
 
 
