@@ -31,6 +31,10 @@ class TreeLayout:
     mask_windows: set = field(default_factory=set)  # window (or chunk) of each mask the model built; None: causal
 
 
+class PackedScoringError(ValueError):
+    """A model (or config) that packed scoring does not reproduce, refused in one line that says why."""
+
+
 _BUILDING = ContextVar("pact_fast_tree_layout", default=None)  # the TreeLayout of the packed forward under way
 
 
@@ -53,24 +57,26 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     dynamic mask)."""
     layout = kwargs.get("tree_layout")
     if layout is None:
-        raise ValueError(f"{type(module).__name__} was called without the tree layout: the model's decoder does not "
-                         "pass keyword arguments through to its attention (it cannot be scored packed), or the "
-                         f"model was set to attention '{ATTN_IMPLEMENTATION}' outside pact_fast.scoring")
+        raise PackedScoringError(f"{type(module).__name__} was called without the tree layout: the model's decoder "
+                                 "does not pass keyword arguments through to its attention (it cannot be scored "
+                                 f"packed), or the model was set to attention '{ATTN_IMPLEMENTATION}' outside "
+                                 "pact_fast.scoring")
     unknown = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL_KWARGS and v is not None and v is not False)
     if unknown:
-        raise ValueError(f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which tree "
-                         "attention does not implement: this model cannot be scored packed")
+        raise PackedScoringError(f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which tree "
+                                 "attention does not implement: this model cannot be scored packed")
     if attention_mask is not None:
-        raise ValueError(f"{type(module).__name__} passes an attention mask of its own making (shape "
-                         f"{tuple(attention_mask.shape)}) that tree attention would drop: this model cannot be scored "
-                         "packed")
+        raise PackedScoringError(f"{type(module).__name__} passes an attention mask of its own making (shape "
+                                 f"{tuple(attention_mask.shape)}) that tree attention would drop: this model cannot be "
+                                 "scored packed")
     causal = kwargs.get("is_causal")
     if causal is False or (causal is None and getattr(module, "is_causal", True) is False):
-        raise ValueError(f"{type(module).__name__} attends bidirectionally (is_causal=False; e.g. an encoder without "
-                         "config.is_decoder=True): tree attention is causal, so this model cannot be scored packed")
+        raise PackedScoringError(f"{type(module).__name__} attends bidirectionally (is_causal=False; e.g. an encoder "
+                                 "without config.is_decoder=True): tree attention is causal, so this model cannot be "
+                                 "scored packed")
     if dropout and module.training:
-        raise ValueError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree attention; "
-                         "set the config's attention dropout to 0")
+        raise PackedScoringError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree "
+                                 "attention; set the config's attention dropout to 0")
     out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, window=sliding_window or None,
                          softcap=softcap or None, validate=False)
     layout.calls += 1
@@ -113,14 +119,15 @@ def _decoder_and_head(model):
                         f"(get_output_embeddings) and a base model at its base_model_prefix ({prefix!r})")
     body = getattr(decoder, "decoder", decoder)  # Bart-style ForCausalLM: a wrapper around the decoder
     if "position_ids" not in inspect.signature(body.forward).parameters:
-        raise ValueError(f"{type(model).__name__}: its decoder ({type(body).__name__}) takes no position_ids, so it "
-                         "would number the packed row 0..L-1 instead of each token's position in its own sequence: "
-                         "this model cannot be scored packed")
+        raise PackedScoringError(f"{type(model).__name__}: its decoder ({type(body).__name__}) takes no position_ids, "
+                                 "so it would number the packed row 0..L-1 instead of each token's position in its "
+                                 "own sequence: this model cannot be scored packed")
     known = {id(p) for p in decoder.parameters()} | {id(p) for p in head.parameters()}
     extra = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) not in known})
     if extra:
-        raise ValueError(f"{type(model).__name__} has layers between its decoder and its output layer "
-                        f"({', '.join(extra)}) that packed scoring would skip: this model cannot be scored packed")
+        raise PackedScoringError(f"{type(model).__name__} has layers between its decoder and its output layer "
+                                 f"({', '.join(extra)}) that packed scoring would skip: this model cannot be scored "
+                                 "packed")
     return decoder, head
 
 
@@ -140,7 +147,7 @@ def logit_transform(config):
         value = getattr(config, knob, None)
         if value is not None:
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"config.{knob}={value!r}: expected a positive number")
+                raise PackedScoringError(f"config.{knob}={value!r}: expected a positive number")
             scale = scale * float(value) if multiplies else scale / float(value)
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
@@ -213,10 +220,10 @@ def _check_rope_length(model, packed):
         return
     longest = int(packed.position_ids.max()) + 1  # the only host sync, and only for such a model
     if longest > rope[1]:
-        raise ValueError(f"{type(model).__name__}: rope_type {rope[0]!r} changes its rotary frequencies past {rope[1]} "
-                         f"positions, and this packed group reaches {longest}: sequences of other lengths would be "
-                         f"scored with the longest one's frequencies; pact_fast scores such a model only on "
-                         f"sequences of at most {rope[1]} tokens")
+        raise PackedScoringError(f"{type(model).__name__}: rope_type {rope[0]!r} changes its rotary frequencies past "
+                                 f"{rope[1]} positions, and this packed group reaches {longest}: sequences of other "
+                                 "lengths would be scored with the longest one's frequencies; pact_fast scores such a "
+                                 f"model only on sequences of at most {rope[1]} tokens")
 
 
 def packed_hidden_states(model, packed, *, backend="auto"):
@@ -237,13 +244,14 @@ def packed_hidden_states(model, packed, *, backend="auto"):
     finally:
         _BUILDING.reset(building)
     if layout.calls != n_layers:
-        raise ValueError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; this "
-                         "model's attention does not go through transformers.AttentionInterface")
+        raise PackedScoringError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; "
+                                 "this model's attention does not go through transformers.AttentionInterface")
     unpassed = sorted(w for w in layout.mask_windows - layout.windows if w is not None)
     if unpassed:
-        raise ValueError(f"{type(model).__name__} builds an attention mask limited to {unpassed[0]} tokens (a sliding "
-                         "window or attention chunk) but passes no such sliding_window to its attention, where tree "
-                         "attention takes windows from: this model (or this config) cannot be scored packed")
+        raise PackedScoringError(f"{type(model).__name__} builds an attention mask limited to {unpassed[0]} tokens (a "
+                                 "sliding window or attention chunk) but passes no such sliding_window to its "
+                                 "attention, where tree attention takes windows from: this model (or this config) "
+                                 "cannot be scored packed")
     return out.last_hidden_state[0]
 
 
@@ -364,11 +372,11 @@ def check_model(model, *, seed=0, backend="auto", logprob_backend="auto", log=No
         with torch.no_grad():
             try:
                 packed = sequence_logprobs(model, sequences, backend=backend, logprob_backend=logprob_backend)
-            except (TypeError, ValueError) as exc:  # a refusal: its message says why
+            except PackedScoringError as exc:  # a refusal: its message says why
                 raise ModelError(f"{exc} (pact_fast.scoring.check_model)") from exc
-            except Exception as exc:  # the model's own code broke on the packed input (Falcon's and MPT's ALiBi)
+            except Exception as exc:  # e.g. the model's own code broke on the packed input (Falcon's ALiBi)
                 detail = " ".join(str(exc).split())[:200]
-                raise ModelError(f"{type(model).__name__}: packed scoring failed inside the model ({type(exc).__name__}: "
+                raise ModelError(f"{type(model).__name__}: packed scoring failed on this model ({type(exc).__name__}: "
                                  f"{detail}); it cannot be scored packed (pact_fast.scoring.check_model)") from exc
             diffs = []
             for seq, logp in zip(sequences, packed):
@@ -395,5 +403,6 @@ def check_model(model, *, seed=0, backend="auto", logprob_backend="auto", log=No
     return result
 
 
-__all__ = ["sequence_logprobs", "score_packed", "check_model", "logit_transform", "PackedScorer",
-           "packed_hidden_states", "register_tree_attention", "PackedTree", "TreeLayout", "ATTN_IMPLEMENTATION"]
+__all__ = ["sequence_logprobs", "score_packed", "check_model", "logit_transform", "PackedScorer", "PackedScoringError",
+           "packed_hidden_states", "length_dependent_rope", "register_tree_attention", "PackedTree", "TreeLayout",
+           "ATTN_IMPLEMENTATION"]

@@ -194,8 +194,9 @@ def test_rotary_embeddings_that_depend_on_the_length_are_exact_below_it_and_refu
 
 
 def test_a_model_whose_code_breaks_on_the_packed_input_is_refused_in_one_line():
-    """Falcon's ALiBi code fails inside the model on the packed input (an AttributeError): before any step,
-    check_model turns that into a one-line ModelError naming the model, not a traceback."""
+    """Falcon's ALiBi code fails inside the model on the packed input (an AttributeError; DeepSeek-V3.2's indexer
+    a TypeError): before any step, check_model turns that into a one-line ModelError naming the model and the error,
+    not a traceback or a bare "'NoneType' object is not subscriptable"."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pact_fast.models import ModelError
@@ -205,7 +206,7 @@ def test_a_model_whose_code_breaks_on_the_packed_input_is_refused_in_one_line():
                                   alibi=True, new_decoder_architecture=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with pytest.raises(ModelError, match=f"{type(model).__name__}: packed scoring failed inside the model "
+    with pytest.raises(ModelError, match=f"{type(model).__name__}: packed scoring failed on this model "
                                          r"\(AttributeError: .*\); it cannot be scored packed") as info:
         check_model(model)
     assert "\n" not in str(info.value)
