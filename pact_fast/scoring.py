@@ -226,9 +226,25 @@ def _check_rope_length(model, packed):
                                  f"model only on sequences of at most {rope[1]} tokens")
 
 
+def _check_sequence_mixers(model, decoder):
+    """Refuse decoder layers that mix tokens along the sequence outside attention: the causal convolutions of
+    state-space, short-convolution and linear-attention mixers (Falcon-H1's Mamba runs beside attention in every
+    layer) would run along the packed row, across branches."""
+    stacks = [m for m in decoder.modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers]
+    convs = sorted({name.rsplit(".", 1)[-1] for stack in stacks for name, m in stack.named_modules()
+                    if isinstance(m, torch.nn.Conv1d)})
+    if convs:
+        raise PackedScoringError(f"{type(model).__name__}: its decoder layers mix tokens along the sequence outside "
+                                 f"attention (Conv1d {', '.join(convs)}: a state-space, short-convolution or "
+                                 "linear-attention mixer), which would run across the branches of the packed row: "
+                                 "this model cannot be scored packed")
+
+
 def packed_hidden_states(model, packed, *, backend="auto"):
     """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
     decoder, _ = _decoder_and_head(model)
+    _check_sequence_mixers(model, decoder)
     _check_rope_length(model, packed)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
@@ -245,7 +261,8 @@ def packed_hidden_states(model, packed, *, backend="auto"):
         _BUILDING.reset(building)
     if layout.calls != n_layers:
         raise PackedScoringError(f"{type(model).__name__}: tree attention ran in {layout.calls} of {n_layers} layers; "
-                                 "this model's attention does not go through transformers.AttentionInterface")
+                                 "this model's attention does not go through transformers.AttentionInterface, or "
+                                 "some of its layers are not attention layers")
     unpassed = sorted(w for w in layout.mask_windows - layout.windows if w is not None)
     if unpassed:
         raise PackedScoringError(f"{type(model).__name__} builds an attention mask limited to {unpassed[0]} tokens (a "
