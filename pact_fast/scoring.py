@@ -264,11 +264,11 @@ def packed_hidden_states(model, packed, *, backend="auto"):
                                  "this model's attention does not go through transformers.AttentionInterface, or "
                                  "some of its layers are not attention layers")
     unpassed = sorted(w for w in layout.mask_windows - layout.windows if w is not None)
-    if unpassed:
+    if unpassed and unpassed[0] < int(packed.position_ids.max()) + 1:  # a window as long as every sequence is moot
         raise PackedScoringError(f"{type(model).__name__} builds an attention mask limited to {unpassed[0]} tokens (a "
                                  "sliding window or attention chunk) but passes no such sliding_window to its "
                                  "attention, where tree attention takes windows from: this model (or this config) "
-                                 "cannot be scored packed")
+                                 f"cannot be scored packed on sequences longer than {unpassed[0]} tokens")
     return out.last_hidden_state[0]
 
 

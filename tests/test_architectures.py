@@ -225,6 +225,23 @@ def test_a_model_whose_code_breaks_on_the_packed_input_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
+def test_a_window_only_in_the_mask_is_accepted_while_it_is_longer_than_every_sequence():
+    """Phi-3.5-MoE's sliding window (131,072) lives in its mask only, as Qwen2-MoE's does: it never bites while every
+    sequence of a group is shorter, so such a group scores exactly; a longer one is refused (``qwen2_moe-window``)."""
+    from pact_fast.scoring import check_model, sequence_logprobs
+
+    model = tiny("qwen2_moe-window")
+    model.config.sliding_window = 64  # longer than the 30-token sequences, and than check_model's 72-token probe
+    sequences = group(model.config.vocab_size)
+    ref = separate_logprobs(model, sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(sequence_logprobs(model, sequences), ref))
+    assert diff < 1e-4, f"packed vs separate log-probs differ by {diff:.3g}"
+    with pytest.raises(ValueError, match="limited to 64 tokens .* on sequences longer than 64 tokens"):
+        sequence_logprobs(model, [list(range(3, 80)), list(range(3, 40))])
+    with pytest.raises(ValueError, match="limited to 64 tokens"):
+        check_model(model)  # its probe crosses windows up to 256 tokens
+
+
 def readme_table():
     """The README table of architectures, from ``ARCHITECTURES``."""
     lines = ["| architecture (`model_type`) | packed scoring |", "|---|---|"]
