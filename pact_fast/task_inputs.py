@@ -56,19 +56,29 @@ class Limits:
     sampling_name: str = "the model's max_position_embeddings"
     max_turns: Optional[int] = None  # rollout.max_turns: assistant turns an episode may take
     max_new_tokens: Optional[int] = None  # rollout.max_new_tokens: tokens an episode's turn may take
+    positions_name: str = "max_position_embeddings"  # what sets ``positions``
 
 
 def limits(model, config):
     """``Limits`` of a run: ``train.micro_batch_tokens``, the model's ``max_position_embeddings`` (None when its
-    config has none) and, with ``rollout.engine=vllm``, ``rollout.vllm_max_model_len`` for the sampled prompts
+    config has none), or the shorter length past which its rotary frequencies change (a longrope model's
+    ``original_max_position_embeddings``: packed scoring refuses longer sequences, so episodes are cut to it as
+    to the positions) and, with ``rollout.engine=vllm``, ``rollout.vllm_max_model_len`` for the sampled prompts
     where it is the tighter bound."""
+    from .scoring import length_dependent_rope
+
     positions = getattr(model.config, "max_position_embeddings", None)
-    sampling, name = positions, "the model's max_position_embeddings"
+    sampling, name, positions_name = positions, "the model's max_position_embeddings", "max_position_embeddings"
+    rope = length_dependent_rope(model.config)
+    if rope is not None and (positions is None or rope[1] < positions):
+        positions = sampling = rope[1]
+        positions_name = f"where its {rope[0]} rotary frequencies change"
+        name = f"the model's positions before its {rope[0]} rotary frequencies change"
     vllm_len = config.rollout.vllm_max_model_len
-    if config.rollout.engine == "vllm" and (positions is None or vllm_len < positions):
+    if config.rollout.engine == "vllm" and (sampling is None or vllm_len < sampling):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
     return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns,
-                  config.rollout.max_new_tokens)
+                  config.rollout.max_new_tokens, positions_name)
 
 
 def group_inputs(tokenizer, example):
@@ -140,7 +150,7 @@ def check_lengths(example, inputs, lim):
     for what, n in scored:
         if lim.positions is not None and n > lim.positions:
             raise DataFormatError(f"{example.where()}: its {what} needs {n:,} positions, more than the model's "
-                                  f"{lim.positions:,} (max_position_embeddings); shorten the row")
+                                  f"{lim.positions:,} ({lim.positions_name}); shorten the row")
     budget = lim.micro_batch_tokens
     rollout = packed_size([inputs.tc_prompt + [-1], inputs.po_prompt + [-1]])  # -1: any response token
     if rollout > budget:

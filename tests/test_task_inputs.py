@@ -123,6 +123,28 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
     assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2, 10)
 
 
+def test_a_longrope_model_keeps_its_sequences_where_its_frequencies_stay(tiny):
+    """Packed scoring refuses a longrope group past original_max_position_embeddings (each sequence alone would get
+    the frequencies of its own length): the run's limits stop there, not at max_position_embeddings, so a row that
+    needs more is refused at start-up naming why, and episodes are cut to it, instead of a step failing later."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tok = tiny
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=64,
+                 sliding_window=None, pad_token_id=tok.pad_token_id)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi3", **shape, rope_parameters=rope))
+    lim = limits(model, load_config(None, TINY))
+    assert (lim.positions, lim.sampling) == (64, 64)
+    example = load_examples_from(_rows(1))[0]
+    with pytest.raises(DataFormatError, match="more than the model's 64 \\(where its longrope rotary frequencies "
+                                              "change\\)"):
+        check_lengths(example, group_inputs(tok, example), lim)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi3", **shape))  # default rotary embedding
+    assert limits(plain, load_config(None, TINY)).positions == 4096
+
+
 def test_a_trace_sequence_longer_than_the_budget_is_refused(tiny):
     _, tok = tiny
     example = load_examples_from(_rows(1))[0]
