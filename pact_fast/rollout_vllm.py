@@ -7,9 +7,12 @@ of the step is one request (its prompt and response so far, as token ids), all i
 prefix caching spares re-filling the conversation turn after turn. Sampling matches the HF engine's:
 temperature, top-p, ``max_new_tokens`` per turn, a stop on the tokenizer's end-of-turn token only, and one seed
 per request drawn from ``generator`` (which the trainer reseeds every step). The behaviour log-probs are the
-engine's (``SamplingParams(logprobs=0)``, ``logprobs_mode="processed_logprobs"``): ``log softmax(logits / T)``
-as the HF engine records them while ``top_p = 1``; with ``top_p < 1`` vLLM renormalises them over the nucleus
-it samples from (the true sampling probability), and greedy decoding reports them at ``T = 1``.
+engine's, ``log softmax(logits / T)`` of the token before top-p truncation, as the HF engine records them and the
+trainer scores: the temperature is applied inside the engine's model (its logits processor's ``scale`` divided by
+``T``, set in the worker whenever ``rollout.temperature`` changes), vLLM samples at temperature 1 (0: greedy) with
+top-p, and reports ``logprobs_mode="raw_logprobs"`` (``SamplingParams(logprobs=0)``). vLLM's own temperature
+would not do: its processed log-probs are renormalised over the top-p nucleus (0.5 nats off at top_p=0.5), its
+raw ones are at T = 1, and so are its greedy ones in either mode.
 
 Weights: the engine starts from a copy of the training model saved at construction (no tokenizer: token ids
 go in and out), and before every ``rollout`` whose model changed (parameter versions) the training model's
@@ -172,6 +175,23 @@ def _worker_load(path, size, meta):
     return load
 
 
+def _worker_set_temperature(temperature):
+    """The callable ``collective_rpc`` runs in the engine's worker (``self``): the logits of the model's
+    ``LogitsProcessor`` modules divided by ``temperature`` from now on (their own scale, e.g. a model's
+    ``logit_scale``, kept as the base). Returns how many modules it scaled."""
+
+    def scale(self):
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+        found = [m for m in self.model_runner.get_model().modules() if isinstance(m, LogitsProcessor)]
+        for module in found:
+            module.pact_base_scale = getattr(module, "pact_base_scale", module.scale)
+            module.scale = module.pact_base_scale / temperature
+        return len(found)
+
+    return scale
+
+
 class VLLMRolloutEngine(HFRolloutEngine):
     """``HFRolloutEngine``'s episode loop with turns sampled by a colocated vLLM engine (module docstring).
 
@@ -212,7 +232,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 with engine_process_env():
                     self.llm = LLM(model=str(self._dir / "model"), skip_tokenizer_init=True,
                                    dtype=str(dtype).split(".")[1], seed=seed, enable_prefix_caching=True,
-                                   logprobs_mode="processed_logprobs", max_model_len=int(max_len),
+                                   logprobs_mode="raw_logprobs", max_model_len=int(max_len),
                                    enforce_eager=cfg.vllm_enforce_eager,
                                    tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -225,6 +245,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         finally:
             shutil.rmtree(self._dir / "model", ignore_errors=True)
         self._synced_version = self._model_version()
+        self._temperature = 1.0  # what the engine's logits are divided by (_scale_logits)
         self.asleep = False
         self.probe = None
         self.syncs = 0
@@ -285,9 +306,20 @@ class VLLMRolloutEngine(HFRolloutEngine):
         self.syncs += 1
         return True
 
+    def _scale_logits(self):
+        """Divide the engine's logits by ``rollout.temperature`` when that changed since the last call."""
+        temperature = self.config.temperature
+        if temperature == self._temperature:
+            return
+        found = self._call(lambda: self.llm.collective_rpc(_worker_set_temperature(temperature)), "a temperature set")
+        if not all(found):
+            raise RolloutEngineError("rollout.temperature: the vLLM engine's model has no LogitsProcessor to apply "
+                                     f"temperature {temperature} to; its log-probs would not be the trainer's")
+        self._temperature = temperature
+
     @torch.no_grad()
     def trainer_logprobs(self, ids):
-        """The training model's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` (temperature 1)."""
+        """The training model's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` at ``rollout.temperature``."""
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -295,10 +327,12 @@ class VLLMRolloutEngine(HFRolloutEngine):
             logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
         finally:
             self.model.train(was_training)
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
+        logprobs = torch.log_softmax(logits / self.config.temperature, -1)  # [len(ids) - 1, V]
+        return logprobs.gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
 
     def engine_logprobs(self, ids):
-        """The engine's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` (prompt log-probs, temperature 1)."""
+        """The engine's log-probs ``[len(ids) - 1]`` of ``ids[1:]`` (prompt log-probs, at ``rollout.temperature``)."""
+        self._scale_logits()
         params = self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         out = self._call(lambda: self.llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False),
                          "a probe")[0]
@@ -366,8 +400,9 @@ class VLLMRolloutEngine(HFRolloutEngine):
         the engine's max_model_len), one request each, in one ``generate`` call. Returns per row (tokens,
         behaviour logps, ended on the end-of-turn token)."""
         cfg = self.config
+        self._scale_logits()  # the temperature is in the logits: vLLM samples at 1 (or greedy)
         seeds = torch.randint(0, 2 ** 31 - 1, (len(contexts),), generator=self.generator).tolist()
-        params = [self._SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+        params = [self._SamplingParams(temperature=0.0 if greedy else 1.0, top_p=1.0 if greedy else cfg.top_p,
                                        max_tokens=b, logprobs=0, ignore_eos=True, stop_token_ids=[self.eos], seed=s,
                                        detokenize=False) for s, b in zip(seeds, budgets)]
         prompts = [{"prompt_token_ids": list(c)} for c in contexts]

@@ -434,6 +434,30 @@ def test_weight_sync_then_greedy_logprobs_match_the_trainer(smollm2_engine):
 
 
 @needs_vllm
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.5), (0.7, 0.9)])
+def test_behaviour_logprobs_are_the_trainers_at_the_temperature_before_top_p(smollm2_engine, temperature, top_p):
+    """Sampled (top_p < 1) and greedy turns log ``log softmax(logits / T)`` of the token, before top-p truncation,
+    as the HF engine does and the trainer scores: vLLM's own processed log-probs were renormalised over the nucleus
+    (0.48-0.55 mean off at top_p=0.5) and its greedy ones at T = 1 (1.4 off at T=0.7)."""
+    engine, model = smollm2_engine, smollm2_engine.model
+    cfg = engine.config
+    saved = cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.max_turns
+    cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.max_turns = temperature, top_p, 12, 1
+    try:
+        episodes = [ep for greedy in (False, True)
+                    for ep in engine.rollout(_examples(1), _make_env, group_size=2, greedy=greedy)[0]]
+    finally:
+        cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.max_turns = saved
+    for ep in episodes:
+        ids = ep.prompt_ids + ep.response_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
+        scored = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
+        diff = (scored - torch.tensor(ep.behavior_logp)).abs().max()
+        assert diff < 1e-3, f"behaviour log-probs differ from the trainer's by up to {diff:.3g}"
+
+
+@needs_vllm
 def test_a_killed_engine_process_is_an_error_with_a_message(smollm2_engine):
     import psutil
 
