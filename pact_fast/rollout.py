@@ -58,8 +58,8 @@ class RolloutConfig:
         "help": "vllm: share of the GPU the engine may take (weights + KV), the rest left to training; on CPU "
                 "(vLLM's meaning) the share of RAM, used only when vllm_kv_cache_gb = 0"})
     vllm_kv_cache_gb: float = field(default=1.0, metadata={
-        "help": "vllm: KV-cache memory in GiB (vLLM's kv_cache_memory_bytes; on CPU what VLLM_CPU_KVCACHE_SPACE "
-                "sets); 0 = sized from vllm_gpu_memory_utilization"})
+        "help": "vllm: KV-cache memory in GiB (vLLM's kv_cache_memory_bytes; on CPU it replaces "
+                "VLLM_CPU_KVCACHE_SPACE, hidden from the engine); 0 = sized from vllm_gpu_memory_utilization"})
     vllm_max_model_len: int = field(default=4096, metadata={
         "help": "vllm: longest prompt + episode in tokens (at most the model's max_position_embeddings)"})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the engine shards over"})

@@ -63,6 +63,9 @@ TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_R
                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
                 "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_ERROR_FILE")
+# vLLM's CPU platform sizes the KV cache from this (GiB) over kv_cache_memory_bytes: hidden, so that
+# rollout.vllm_kv_cache_gb (or, at 0, vllm_gpu_memory_utilization) is what sizes it
+KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
 class RolloutEngineError(RuntimeError):
@@ -119,21 +122,20 @@ def save_for_engine(model, directory):
 
 @contextmanager
 def engine_process_env():
-    """The environment the engine's process starts with: under torchrun without torchrun's variables (the
-    engine is a world of its own, not a member of the trainer's) and on CUDA with only the rank's own GPU
-    visible; the trainer's environment is restored afterwards."""
-    if not dist.is_distributed():
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in (*TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES")}
+    """The environment the engine (its config and its process) starts with: without ``KV_SPACE_ENV``; under
+    torchrun without torchrun's variables (the engine is a world of its own, not a member of the trainer's) and on
+    CUDA with only the rank's own GPU visible. The trainer's environment is restored afterwards."""
+    saved = {k: os.environ.get(k) for k in (*TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES", KV_SPACE_ENV)}
     local = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        if torch.cuda.is_available():
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
-        for key in TORCHRUN_ENV:
-            os.environ.pop(key, None)
+        os.environ.pop(KV_SPACE_ENV, None)
+        if dist.is_distributed():
+            if torch.cuda.is_available():
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+                os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
+            for key in TORCHRUN_ENV:
+                os.environ.pop(key, None)
         yield
     finally:
         for key, value in saved.items():

@@ -330,6 +330,23 @@ def _make_env(example):
 
 
 @needs_vllm
+def test_the_kv_cache_is_the_options_size_whatever_vllm_cpu_kvcache_space_says(monkeypatch, smollm2_dir):
+    """vLLM's CPU platform takes ``VLLM_CPU_KVCACHE_SPACE`` (GiB) over ``kv_cache_memory_bytes``: exported, it
+    silently replaced ``rollout.vllm_kv_cache_gb``. vLLM's own config, built in the environment the engine starts
+    in (``engine_process_env``), keeps the option's size."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from pact_fast.rollout_vllm import engine_process_env
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    with engine_process_env():
+        config = EngineArgs(model=str(smollm2_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=512,
+                            kv_cache_memory_bytes=2 ** 28).create_engine_config()
+    assert config.cache_config.kv_cache_memory_bytes == 2 ** 28
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3", "the trainer's environment is left as it was"
+
+
+@needs_vllm
 def test_the_real_llm_accepts_the_sleep_and_wake_arguments_the_engine_passes(monkeypatch):
     """vLLM's own ``LLM.sleep`` / ``LLM.wake_up`` signatures bind every call the engine made to the fake, and
     ``enable_sleep_mode`` is an engine argument (``LLM(**kwargs)`` hands it to ``EngineArgs``)."""
