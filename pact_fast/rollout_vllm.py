@@ -34,6 +34,7 @@ Sleep mode (``rollout.vllm_sleep``, CUDA only: vLLM has none on CPU): after each
 (level 2: its KV cache and weights are freed while the trainer updates); before the next it wakes its weights,
 takes the trainer's weights (every time: level 2 discarded them), wakes its KV cache, then checks the probe.
 """
+import copy
 import math
 import os
 import shutil
@@ -109,11 +110,14 @@ def make_rollout_engine(model, tokenizer, config: RolloutConfig, seed=0):
 def save_for_engine(model, directory):
     """The model as the engine's starting checkpoint: its config (and generation config) and its parameters,
     tied ones once, in one safetensors file. Written by every rank: ``save_pretrained`` writes on rank 0 only
-    under torch.distributed."""
+    under torch.distributed. A config without ``architectures`` (a model made with ``from_config``, as the
+    built-in one) gets the model's class: vLLM took such a model for an embedding model and failed to start."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    model.config.save_pretrained(directory)
+    config = copy.deepcopy(model.config)
+    config.architectures = config.architectures or [type(model).__name__]
+    config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     save_file({name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()},

@@ -475,6 +475,33 @@ def test_behaviour_logprobs_are_the_trainers_at_the_temperature_before_top_p(smo
 
 
 @needs_vllm
+def test_the_built_in_model_samples_through_the_engine():
+    """The built-in tiny model (made with ``from_config``: no ``architectures`` in its config) was taken by vLLM for an
+    embedding model, and the engine failed to start ("Tokenizer not available"). Its sampled turns now log the
+    trainer's own log-probs."""
+    from pact_fast.config import Config
+    from pact_fast.model_setup import build_policy, fit_chat_template
+    from pact_fast.rollout_vllm import VLLMRolloutEngine
+
+    config = Config()
+    policy = build_policy(config.model, torch.device("cpu"), 0)
+    fit_chat_template(config, policy.tokenizer, _examples(1), log=None)
+    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, max_turns=1, vllm_max_model_len=1024,
+                        vllm_kv_cache_gb=0.25)
+    engine = VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
+    try:
+        episodes = engine.rollout(_examples(1), _make_env)[0]
+    finally:
+        engine.close()
+    for ep in episodes:
+        ids = ep.prompt_ids + ep.response_ids
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
+        scored = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
+        assert ep.response_ids and (scored - torch.tensor(ep.behavior_logp)).abs().max() < 1e-3
+
+
+@needs_vllm
 def test_a_killed_engine_process_is_an_error_with_a_message(smollm2_engine):
     import psutil
 
