@@ -52,7 +52,8 @@ INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its 
                 "pip uninstall -y torchvision torchaudio torchcodec")
 # max |engine - trainer| log-prob on the probe sequence accepted after a sync, per engine dtype. Measured on
 # SmolLM2-135M, CPU: fp32 ~1e-5; bf16 0.14-0.29 from its rounding alone, so in bf16 the probe catches only gross
-# failures (the checksum of the bytes the worker read still checks every weight)
+# failures. The checksum covers the bytes the worker read, not what vLLM's loader kept: a tensor the engine's model
+# has no place for is dropped without a word (README, "Rollouts with vLLM")
 PROBE_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
 PROBE_TOKENS = 64  # tokens of the probe sequence (the first prompt the engine sees, cut)
 DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
