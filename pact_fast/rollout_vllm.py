@@ -393,12 +393,19 @@ class VLLMRolloutEngine(HFRolloutEngine):
         return episodes
 
     def prepare(self, examples):
-        """``sync_weights``; on the first call also pick the probe (the first prompt, cut) and check the engine's
-        starting weights against it."""
+        """Refuse a prompt that leaves no position for a response (its episodes would end as "length" with no token
+        sampled); ``sync_weights``; on the first call also pick the probe (the first prompt, cut) and check the
+        engine's starting weights against it."""
+        from .chat import prompt_ids
+
+        longest = max((len(prompt_ids(self.tokenizer, ex)) for ex in examples), default=0)
+        if longest >= self.max_len:
+            raise RolloutEngineError(f"a prompt of {longest} tokens does not fit the engine's {self.max_len} positions "
+                                     f"(rollout.vllm_max_model_len={self.config.vllm_max_model_len}, at most the "
+                                     "model's max_position_embeddings): no room for a response; raise it, or shorten "
+                                     "the prompts")
         self.sync_weights()
         if self.probe is None and examples:
-            from .chat import prompt_ids
-
             self.probe = list(prompt_ids(self.tokenizer, examples[0]))[:PROBE_TOKENS]
             self.check_fingerprint()
 

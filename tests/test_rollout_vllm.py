@@ -428,6 +428,24 @@ def test_episodes_stop_within_the_engines_max_model_len(smollm2_engine):
 
 
 @needs_vllm
+def test_a_prompt_longer_than_the_engines_max_model_len_is_refused_in_one_line(smollm2_engine):
+    """With rollout.vllm_max_model_len under a prompt's length every episode of it ended as "length" with no token
+    sampled (reward 0, nothing to learn from), step after step, without a word."""
+    from pact_fast.chat import prompt_ids
+
+    engine = smollm2_engine
+    examples = _examples(1)
+    prompt = len(prompt_ids(engine.tokenizer, examples[0]))
+    engine.max_len = prompt - 1
+    try:
+        with pytest.raises(RolloutEngineError, match=f"a prompt of {prompt} tokens does not fit the engine's "
+                                                     f"{prompt - 1} positions \\(rollout.vllm_max_model_len=2048"):
+            engine.rollout(examples, _make_env, group_size=1)
+    finally:
+        engine.max_len = 2048
+
+
+@needs_vllm
 def test_weight_sync_then_greedy_logprobs_match_the_trainer(smollm2_engine):
     engine = smollm2_engine
     model = engine.model
