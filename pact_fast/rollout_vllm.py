@@ -53,7 +53,7 @@ INSTALL_HINT = ('pip install -e ".[vllm]" (a separate virtualenv: vLLM pins its 
 # max |engine - trainer| log-prob on the probe sequence accepted after a sync, per engine dtype. Measured on
 # SmolLM2-135M, CPU: fp32 ~1e-5; bf16 0.14-0.29 from its rounding alone, so in bf16 the probe catches only gross
 # failures. The checksum covers the bytes the worker read, not what vLLM's loader kept: a tensor the engine's model
-# has no place for is dropped without a word (README, "Rollouts with vLLM")
+# has no place for is dropped without a word, hence the parameter check at start (_worker_unplaced)
 PROBE_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
 PROBE_TOKENS = 64  # tokens of the probe sequence (the first prompt the engine sees, cut)
 DEFAULT_IS_CAP = 2.0  # rollout.is_cap when unset and the engine is vLLM
@@ -182,6 +182,19 @@ def _worker_load(path, size, meta):
     return load
 
 
+def _worker_unplaced(names):
+    """The callable ``collective_rpc`` runs in the engine's worker (``self``): those of the trainer's parameter
+    ``names`` whose module the engine's model has, without that parameter (vLLM's loader drops such a tensor
+    without a word). Names of modules the engine fuses or renames (``q_proj`` into ``qkv_proj``) are not judged."""
+
+    def unplaced(self):
+        modules = dict(self.model_runner.get_model().named_modules())
+        return [name for name in names if (path := name.rpartition(".")[0]) in modules
+                and getattr(modules[path], name.rpartition(".")[2], None) is None]
+
+    return unplaced
+
+
 def _worker_set_temperature(temperature):
     """The callable ``collective_rpc`` runs in the engine's worker (``self``): the logits of the model's
     ``LogitsProcessor`` modules divided by ``temperature`` from now on (their own scale, e.g. a model's
@@ -251,6 +264,13 @@ class VLLMRolloutEngine(HFRolloutEngine):
                                          f"{reason})") from None
         finally:
             shutil.rmtree(self._dir / "model", ignore_errors=True)
+        names = [name for name, _ in model.named_parameters()]
+        unplaced = self._call(lambda: self.llm.collective_rpc(_worker_unplaced(names)), "a parameter check")[0]
+        if unplaced:
+            self.close()
+            raise RolloutEngineError(f"rollout.engine=vllm: vLLM's {type(model).__name__} has no place for "
+                                     f"{unplaced[0]} ({len(unplaced)} such parameters): every weight sync would drop "
+                                     "them and the engine sample without them; use rollout.engine=hf")
         self._synced_version = self._model_version()
         self._temperature = 1.0  # what the engine's logits are divided by (_scale_logits)
         self.asleep = False

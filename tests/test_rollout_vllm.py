@@ -248,7 +248,8 @@ def test_without_sleep_mode_nothing_sleeps_or_wakes(monkeypatch, vllm_sleep, cud
         engine.rollout(_examples(1), _make_env)
     names = [name for name, _, _ in _FakeLLM.calls]
     assert "sleep" not in names and "wake_up" not in names
-    assert names.count("collective_rpc") == 1 and engine.last_probe_error < 1e-4  # one push: the update
+    # the parameter check at start, then one push: the update's
+    assert names.count("collective_rpc") == 2 and engine.last_probe_error < 1e-4
 
 
 def test_sleep_mode_default_follows_cuda(monkeypatch):
@@ -517,6 +518,27 @@ def test_the_built_in_model_samples_through_the_engine():
             logits = policy.model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
         scored = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
         assert ep.response_ids and (scored - torch.tensor(ep.behavior_logp)).abs().max() < 1e-3
+
+
+@needs_vllm
+def test_a_parameter_vllms_model_has_no_place_for_is_refused_at_start():
+    """A Qwen3 with ``attention_bias=True``: vLLM's Qwen3 has no ``o_proj`` bias, and its loader dropped the trainer's
+    without a word at every sync (the checksum counts what the worker read; in bfloat16 the probe passed with the
+    biases moved by N(0, 0.5) and the engine sampled 0.34 off the trainer's log-probs)."""
+    from pact_fast.config import Config
+    from pact_fast.model_setup import build_policy, fit_chat_template
+    from pact_fast.models import random_qwen3
+    from pact_fast.rollout_vllm import VLLMRolloutEngine
+
+    config = Config()
+    tokenizer = build_policy(config.model, torch.device("cpu"), 0).tokenizer
+    fit_chat_template(config, tokenizer, _examples(1), log=None)
+    model = random_qwen3(len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1,
+                         num_kv_heads=1, head_dim=64, max_positions=1024, seed=0, attention_bias=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = RolloutConfig(engine="vllm", vllm_max_model_len=512, vllm_kv_cache_gb=0.25, vllm_dtype="bfloat16")
+    with pytest.raises(RolloutEngineError, match="has no place for model.layers.0.self_attn.o_proj.bias"):
+        VLLMRolloutEngine(model, tokenizer, cfg, seed=0)
 
 
 @needs_vllm
