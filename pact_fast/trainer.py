@@ -260,15 +260,20 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
 # ---------------------------------------------------------------- loop
 
 
-class _StepAborted(Exception):
-    """The first Ctrl-C, raised inside the abortable part of a step (rollouts, scoring, backward)."""
+class _StepAborted(BaseException):
+    """The first Ctrl-C, raised inside the abortable part of a step (rollouts, scoring, backward). A
+    ``BaseException``, as ``KeyboardInterrupt`` is: code that turns any ``Exception`` into a result (a tool
+    environment's back-end errors, a library's feature probe) must not swallow it."""
 
 
 class _Interrupt:
     """The first Ctrl-C: inside the abortable part of a step (``abortable``: rollouts, scoring, backward, before
     any optimizer update) it aborts the step at once, and the loop drops its gradients and rewinds its data;
     elsewhere (the update, a checkpoint write) it is a flag the loop checks after the step. Either way a
-    checkpoint of the last whole step is saved. A second Ctrl-C quits without saving."""
+    checkpoint of the last whole step is saved. A second Ctrl-C quits without saving.
+
+    The handler's raise lands wherever Python happens to be; where that is a finaliser (``__del__``, a weakref
+    callback) Python prints it and goes on, so ``commit`` raises it again before the first update."""
 
     def __init__(self, log):
         self.requested, self.abortable, self.log = False, False, log
@@ -283,8 +288,14 @@ class _Interrupt:
         self.requested = True
         self.log("[pact_fast] Ctrl-C: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
         if self.abortable:
-            self.abortable = False
             raise _StepAborted
+
+    def commit(self):
+        """End the abortable part of a step: abort it if a Ctrl-C came during it (its raise lost), else from
+        here on the step completes."""
+        if self.abortable and self.requested:
+            raise _StepAborted
+        self.abortable = False
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -492,7 +503,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     """One PACT step (0-based ``step``): rollouts of the next prompt groups, advantages and anchoring, old
     log-probs when needed, ``update_epochs`` passes of packed micro-batches (loss, backward), then clip, AdamW
     and the schedule. A non-finite loss or gradient skips the update on every rank. ``interrupt.abortable`` is
-    cleared before the first optimizer update: up to there a Ctrl-C may abort the step (``_StepAborted``)."""
+    ended (``commit``) before the first optimizer update: up to there a Ctrl-C aborts the step (``_StepAborted``)."""
     config, train_cfg, lc = c.config, c.config.train, c.config.loss
     t0 = time.perf_counter()
     progress = step / max(1, train_cfg.steps)
@@ -554,7 +565,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
             skipped = True
             break
         if interrupt is not None:
-            interrupt.abortable = False  # from here on the step completes
+            interrupt.commit()  # from here on the step completes
         c.optimizer.step()
         c.optimizer.zero_grad(set_to_none=True)
     lr = c.scheduler.get_last_lr()[0]  # the rate this step trained at (logged; the scheduler now moves on)
