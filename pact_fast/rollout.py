@@ -251,11 +251,18 @@ class HFRolloutEngine:
         """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all
         sampled in one batch; ``make_env(example)`` builds an environment; ``greedy`` (default
         ``config.greedy``) picks argmax decoding. Returns a list per example."""
+        return self._episodes(examples, self._prompt_ids(examples), make_env, group_size, greedy)
+
+    def _prompt_ids(self, examples):
+        """The rendered prompt of every example: ``{example.id: token ids}``."""
+        return {ex.id: prompt_ids(self.tokenizer, ex) for ex in examples}
+
+    def _episodes(self, examples, prompts, make_env, group_size, greedy):
+        """``rollout`` on the prompts already rendered (``_prompt_ids``)."""
         cfg = self.config
         G = group_size or cfg.group_size
         greedy = cfg.greedy if greedy is None else greedy
         jobs = [ex for ex in examples for _ in range(G)]
-        prompts = {ex.id: prompt_ids(self.tokenizer, ex) for ex in examples}
         episodes = [Episode(list(prompts[ex.id])) for ex in jobs]
         envs = [make_env(ex) for ex in jobs]
         convs = [list(ex.messages) for ex in jobs]

@@ -395,9 +395,10 @@ class VLLMRolloutEngine(HFRolloutEngine):
     def rollout(self, examples, make_env, group_size=None, greedy=None):
         """``HFRolloutEngine.rollout`` after ``prepare`` (weights in and checked), whose outcome every rank shares
         (a failure on one rank raises on all); then, in sleep mode, the engine sleeps until the next call."""
-        error = None
+        error, prompts = None, None
         try:
-            self.prepare(examples)
+            prompts = self._prompt_ids(examples)
+            self.prepare(examples, prompts)
         except RolloutEngineError as exc:
             error = str(exc)
         except Exception as exc:  # e.g. /dev/shm full, out of memory while gathering: still shared with every rank
@@ -406,19 +407,17 @@ class VLLMRolloutEngine(HFRolloutEngine):
         if failed:  # on every rank alike: none goes on to a collective the others never reach
             r, message = failed[0]
             raise RolloutEngineError(f"rank {r}'s vLLM engine: {message}" if dist.is_distributed() else message)
-        episodes = super().rollout(examples, make_env, group_size=group_size, greedy=greedy)
+        episodes = self._episodes(examples, prompts, make_env, group_size, greedy)
         if self.sleep:
             self._call(lambda: self.llm.sleep(level=SLEEP_LEVEL), "sleep")
             self.asleep = True
         return episodes
 
-    def prepare(self, examples):
+    def prepare(self, examples, prompts):
         """Refuse a prompt that leaves no position for a response (its episodes would end as "length" with no token
         sampled); ``sync_weights``; on the first call also pick the probe (the first prompt, cut) and check the
-        engine's starting weights against it."""
-        from .chat import prompt_ids
-
-        longest = max((len(prompt_ids(self.tokenizer, ex)) for ex in examples), default=0)
+        engine's starting weights against it. ``prompts``: ``_prompt_ids(examples)``."""
+        longest = max(map(len, prompts.values()), default=0)
         if longest >= self.max_len:
             raise RolloutEngineError(f"a prompt of {longest} tokens does not fit the engine's {self.max_len} positions "
                                      f"(rollout.vllm_max_model_len={self.config.vllm_max_model_len}, at most the "
@@ -426,7 +425,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                                      "the prompts")
         self.sync_weights()
         if self.probe is None and examples:
-            self.probe = list(prompt_ids(self.tokenizer, examples[0]))[:PROBE_TOKENS]
+            self.probe = list(prompts[examples[0].id])[:PROBE_TOKENS]
             self.check_fingerprint()
 
     def _generate_turn(self, contexts, greedy, budgets):

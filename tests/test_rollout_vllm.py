@@ -252,6 +252,28 @@ def test_without_sleep_mode_nothing_sleeps_or_wakes(monkeypatch, vllm_sleep, cud
     assert names.count("collective_rpc") == 2 and engine.last_probe_error < 1e-4
 
 
+def test_a_rollout_renders_each_prompt_once(monkeypatch):
+    """The engine's length check and the episodes start from the same rendered prompts: ``prepare`` rendered every
+    prompt again, a chat template run per prompt per step for nothing."""
+    from pact_fast import chat, rollout
+
+    engine = _fake_engine(monkeypatch, vllm_sleep=False)
+    renders, original = [], chat.prompt_ids
+
+    def counting(tokenizer, example, **kwargs):
+        renders.append(example.id)
+        return original(tokenizer, example, **kwargs)
+
+    monkeypatch.setattr(rollout, "prompt_ids", counting)
+    monkeypatch.setattr(chat, "prompt_ids", counting)
+    examples = _examples(2)
+    for _ in range(2):  # the first rollout also picks the probe
+        renders.clear()
+        episodes = engine.rollout(examples, _make_env, group_size=2)
+        assert sorted(renders) == sorted(ex.id for ex in examples)
+        assert [ep.prompt_ids for ep in episodes[0]] == [list(original(engine.tokenizer, examples[0]))] * 2
+
+
 def test_sleep_mode_default_follows_cuda(monkeypatch):
     from pact_fast.rollout_vllm import vllm_sleep
 
