@@ -106,11 +106,22 @@ def register_tree_attention():
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
 
 
+# Model types refused by name, for what they do to a packed row that no generic check below sees.
+_REFUSED_TYPES = {
+    "llama4_text": "its NoPE layers scale the queries by a temperature of each token's index in the row "
+                   "(attn_temperature_tuning), not of its position in its own sequence",
+}
+
+
 def _decoder_and_head(model):
     """``(decoder, lm_head)`` of a causal LM whose logits are the lm_head of the decoder's last hidden state (up to
     ``logit_transform``). Refused by name: a model with weights outside both (BERT's and RoBERTa's prediction heads:
     a dense layer and a norm before the output layer), which packed scoring would skip, and a decoder that takes no
-    ``position_ids`` (Bart's numbers its input 0..L-1 itself: tokens past a branch point came out 0.09-0.6 off)."""
+    ``position_ids`` (Bart's numbers its input 0..L-1 itself: tokens past a branch point came out 0.09-0.6 off),
+    and the model types of ``_REFUSED_TYPES``."""
+    reason = _REFUSED_TYPES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if reason:
+        raise PackedScoringError(f"{type(model).__name__}: {reason}; this model cannot be scored packed")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", None)
     decoder = getattr(model, prefix, None) if prefix else None

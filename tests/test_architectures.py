@@ -90,6 +90,9 @@ ARCHITECTURES = [
     ("modernbert-decoder", "modernbert-decoder", "ModernBERT decoder (prediction head)", {},
      "has layers between its decoder and its output layer (lm_head.dense, lm_head.norm)"),
     ("bloom", "bloom", "Bloom (ALiBi)", {"n_layer": 2, "n_head": 4}, "(BloomModel) takes no position_ids"),
+    ("llama4_text", "llama4_text", "Llama 4 text (attention temperature of the row index, chunked attention)",
+     {"intermediate_size_mlp": 128, "num_local_experts": 2, "attention_chunk_size": WINDOW},
+     "scale the queries by a temperature of each token's index in the row"),
     ("gpt_oss", "gpt_oss", "GPT-OSS (attention sinks)", {"sliding_window": WINDOW, "num_local_experts": 4},
      "passes s_aux"),
 ]
