@@ -23,6 +23,7 @@ import yaml
 from .checkpoint import CheckpointError
 from .config import RUN_CONFIG, ConfigError, config_changes, describe, load_config
 from .data import DataFormatError
+from .envs.base import ToolEnvError
 from .losses import MODES
 from .models import KNOWN_MODELS, ModelError, fetch_model
 from .rollout_vllm import RolloutEngineError
@@ -54,7 +55,8 @@ def _resolve(args):
 
 
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
-USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError, CheckpointError)
+USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError, CheckpointError,
+               ToolEnvError)
 
 
 def _user_error(args, message):

@@ -92,6 +92,10 @@ class DataConfig:
     on_error: str = field(default="raise", metadata={"help": "bad data rows: raise or skip",
                                                      "choices": ("raise", "skip")})
     format_reward: float = field(default=0.0, metadata={"help": "reward for episodes whose tool calls all ran"})
+    env_modules: Tuple[str, ...] = field(default=(), metadata={
+        "help": "modules (or packages) a data file's rows may take environments of your own from: a row's env name "
+                "'package.module:ClassName' names a ToolEnv subclass there (pact_fast.envs.plugin); a data file "
+                "alone never imports code"})
 
 
 @dataclass
@@ -378,6 +382,12 @@ def _check_values(config):
         raise ConfigError("train.out_dir is empty; give the run a directory")
     from .envs.multihop import CHAINS
 
+    if config.data.env_modules and not config.data.path:
+        raise ConfigError(f"data.env_modules={list(config.data.env_modules)} needs data.path: the built-in tasks run in "
+                          "the built-in environment")
+    bad = [m for m in config.data.env_modules if not all(p.isidentifier() for p in m.split("."))]
+    if bad:
+        raise ConfigError(f"data.env_modules: {bad[0]!r} is not a module name (e.g. my_envs or my_pkg.envs)")
     if not config.data.hops or any(h not in CHAINS for h in config.data.hops):
         raise ConfigError(f"data.hops={list(config.data.hops)} must be a non-empty list of hop counts from "
                           f"{sorted(CHAINS)}")

@@ -21,7 +21,8 @@ reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as 
 string, ``parameters`` read as its other name, checked against the function's schema: its required
 arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed,
 put in the order of the calls (``tool_call_id`` names the call), and, for multi-turn tasks, later
-``user`` turns. ``answer`` and ``env`` are what the reward needs.
+``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is ``multihop``, ``bfcl``, or
+``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
@@ -312,22 +313,24 @@ def _responses_in_call_order(trace):
 ENVIRONMENTS = ("multihop", "bfcl")  # the env names pact_fast.envs.make_env_factory runs
 
 
-def check_trainable(example, *, needs_trace=True):
+def check_trainable(example, *, needs_trace=True, env_modules=()):
     """Refuse a row that parses but cannot train: it would run at zero loss and zero reward.
 
     Every row needs ``tools`` (what the policy may call), ``env`` with a ``name`` (what runs the calls and
-    scores the episode), and, for the multi-hop environment, ``answer`` (its reward). ``needs_trace``
+    scores the episode: ``ENVIRONMENTS``, or ``"package.module:Class"``, ``envs.plugin``), and, for the multi-hop environment, ``answer`` (its reward). ``needs_trace``
     (every loss mode but ``grpo``): a ``trace`` with at least one assistant turn. Then its environment's own
     check (``envs.check_example``: a multi-hop trace must replay to reward 1 there; a BFCL row needs the fields
-    its back-ends read). Raises ``DataFormatError``.
+    its back-ends read; an environment of the user's own must come from ``env_modules``, ``data.env_modules``).
+    Raises ``DataFormatError``.
     """
     if not example.tools:
         _fail("missing 'tools': a row lists the functions the policy may call")
     if not example.env or not isinstance(example.env.get("name"), str):
         _fail("missing 'env' (an object with a 'name', e.g. {\"name\": \"multihop\", \"world_seed\": 0}): "
               "the environment that runs the calls and scores the episode")
-    if example.env["name"] not in ENVIRONMENTS:
-        _fail(f"unknown env name {example.env['name']!r}; known: {', '.join(ENVIRONMENTS)}")
+    if example.env["name"] not in ENVIRONMENTS and ":" not in example.env["name"]:
+        _fail(f"unknown env name {example.env['name']!r}; known: {', '.join(ENVIRONMENTS)}, or 'package.module:Class' "
+              "naming a ToolEnv subclass of your own (pact_fast.envs.plugin)")
     seed = example.env.get("world_seed", 0)
     if example.env["name"] == "multihop" and (not isinstance(seed, int) or isinstance(seed, bool)):
         _fail(f"env 'world_seed' must be an integer, got {seed!r}")
@@ -339,7 +342,7 @@ def check_trainable(example, *, needs_trace=True):
         _fail("missing 'trace' (the expert's assistant turns): every loss mode but grpo trains on it")
     from .envs import check_example
 
-    reason = check_example(example)
+    reason = check_example(example, env_modules)
     if reason:
         _fail(reason)
 
@@ -447,14 +450,14 @@ def keep_rows(examples, check, on_error, skipped, progress=None):
     return kept
 
 
-def _with_traces(examples, report, on_error):
+def _with_traces(examples, report, on_error, env_modules):
     """``examples`` that carry a trace (``check_trainable``'s trace check); one without is a ``DataFormatError``
     naming its file and line, or (``on_error="skip"``) left out and recorded in ``report``."""
     def skipped(example, reason):
         report.skipped.append((example.line, reason))
         report.loaded -= 1
 
-    return keep_rows(examples, partial(check_trainable, needs_trace=True), on_error, skipped)
+    return keep_rows(examples, partial(check_trainable, needs_trace=True, env_modules=env_modules), on_error, skipped)
 
 
 def load_data(cfg, *, needs_trace=True):
@@ -472,10 +475,10 @@ def load_data(cfg, *, needs_trace=True):
     if cfg.path:
         # the held-out split is made before the trace check (held-out rows need none), so that a run and
         # `pact-fast eval` of it split a file alike whatever the loss mode
-        rows, report = load_examples(cfg.path, on_error=cfg.on_error, check=partial(check_trainable, needs_trace=False))
+        check = partial(check_trainable, needs_trace=False, env_modules=cfg.env_modules)
+        rows, report = load_examples(cfg.path, on_error=cfg.on_error, check=check)
         if cfg.eval_path:
-            held_out, eval_report = load_examples(cfg.eval_path, on_error=cfg.on_error,
-                                                  check=partial(check_trainable, needs_trace=False))
+            held_out, eval_report = load_examples(cfg.eval_path, on_error=cfg.on_error, check=check)
             train = rows
             if eval_report.skipped:
                 print(f"[pact_fast] {eval_report.summary()}")
@@ -487,7 +490,7 @@ def load_data(cfg, *, needs_trace=True):
             n = min(cfg.eval_tasks, len(rows) // 5)
             train, held_out = rows[n:], rows[:n]
         if needs_trace:
-            train = _with_traces(train, report, cfg.on_error)
+            train = _with_traces(train, report, cfg.on_error, cfg.env_modules)
             if not train:
                 raise DataFormatError(f"{cfg.path}: no training row has a trace (every loss mode but grpo trains on "
                                       "one)")

@@ -14,13 +14,14 @@ faster engine implements to replace ``HFRolloutEngine``: ``pact_fast.rollout_vll
 """
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Optional, Protocol
 
 import torch
 
 from .chat import prompt_ids, render
-from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS
+from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnvError
 from .envs.sandbox import CALL_TIMEOUT_S
 from .toolcalls import MAX_CALL_CHARS, PARSERS, parse_tool_calls
 
@@ -176,6 +177,15 @@ def _sample(logits, temperature, top_p, greedy, generator):
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _checked_reward(env, example, reward):
+    """``reward`` as a float, or a ``ToolEnvError`` naming ``env``'s class when it is not a finite number (a None,
+    NaN or tensor would turn every advantage of its group into NaN or noise)."""
+    if not (isinstance(reward, numbers.Real) and math.isfinite(reward)):
+        raise ToolEnvError(f"{type(env).__name__}.reward returned {str(reward)[:100]!r} for example {example.id}: "
+                           "a reward must be a finite number")
+    return float(reward)
+
+
 def _count_errors(env, errors_before, calls, responses):
     """Tool errors of one turn: the environment's own tally (``ToolEnv.errors``, which knows that BFCL's
     errors read "Error during execution: ..."); for an environment without one, malformed calls and
@@ -284,8 +294,8 @@ class HFRolloutEngine:
                         if self._advance(jobs[i], episodes[i], envs[i], convs[i], toks, lps, done)]
         finally:
             self.model.train(was_training)
-        for ep, env in zip(episodes, envs):
-            ep.reward = env.reward(ep.final_text) if ep.finish == "answer" else 0.0
+        for ep, env, ex in zip(episodes, envs, jobs):
+            ep.reward = _checked_reward(env, ex, env.reward(ep.final_text)) if ep.finish == "answer" else 0.0
             if hasattr(env, "close"):
                 env.close()
         return [episodes[k * G:(k + 1) * G] for k in range(len(examples))]
@@ -317,6 +327,9 @@ class HFRolloutEngine:
         else:
             ep.turn_tools.append((0, 0))
             user = env.next_user_turn()
+            if user is not None and not isinstance(user, str):
+                raise ToolEnvError(f"{type(env).__name__}.next_user_turn returned {str(user)[:100]!r} for example "
+                                   f"{example.id}: expected the user's text, or None to end the episode")
             if user is None:
                 ep.finish, ep.final_text = "answer", final
                 return False

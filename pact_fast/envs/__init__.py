@@ -1,5 +1,6 @@
 """Environments: the built-in multi-hop tool environment and its tokenizer, and the factory that gives each
-example its environment (multihop or BFCL)."""
+example its environment (multihop, BFCL, or one of the user's own: ``plugin``)."""
+from . import plugin
 from .multihop import make_task, make_tasks
 from .tokenizer import build_tokenizer
 
@@ -17,6 +18,8 @@ def make_env_factory(cfg, rollout_cfg):
             from .bfcl import BFCLEnv
 
             return BFCLEnv(example, call_timeout=rollout_cfg.call_timeout, **caps)
+        if plugin.is_plugin(name):
+            return plugin.make_env(example, caps, cfg.env_modules)
         if name != "multihop":
             from ..data import ENVIRONMENTS
 
@@ -26,11 +29,14 @@ def make_env_factory(cfg, rollout_cfg):
     return make_env
 
 
-def check_example(example):
+def check_example(example, env_modules=()):
     """Why ``example`` cannot train in its environment (``env.name``; a one-line reason), or None:
-    ``multihop.check_example`` (its own tools, a text answer, a trace that replays to reward 1) or
-    ``bfcl.check_example`` (the fields ``BFCLEnv`` reads)."""
+    ``multihop.check_example`` (its own tools, a text answer, a trace that replays to reward 1),
+    ``bfcl.check_example`` (the fields ``BFCLEnv`` reads) or ``plugin.check_example`` (the class resolves from
+    ``env_modules``, ``data.env_modules``, and its own ``check_example`` passes)."""
     name = (example.env or {}).get("name")
+    if plugin.is_plugin(name):
+        return plugin.check_example(example, env_modules)
     if name == "bfcl":
         from .bfcl import check_example as check
     else:

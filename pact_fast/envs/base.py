@@ -31,6 +31,11 @@ def argument_chars(value, limit=MAX_CALL_CHARS):
     return total
 
 
+class ToolEnvError(RuntimeError):
+    """An environment broke its contract (``run_call`` raised or answered something else than ``(text, ok)``, a
+    reward that is not a finite number): the run stops with this one line, naming the class."""
+
+
 class ToolEnv:
     """Base of the environments the rollout drives.
 
@@ -86,13 +91,25 @@ class ToolEnv:
             elif (reason := self.refusal(call.name, call.arguments)) is not None:
                 text, ok = self.error_prefix + reason, False
             else:
-                text, ok = self.run_call(call.name, call.arguments)
+                text, ok = self._run(call)
                 if len(text) > self.max_result_chars:
                     text, ok = (f"{self.error_prefix}the result of {call.name} has {len(text)} characters, more "
                                 f"than the limit of {self.max_result_chars}"), False
             self.errors += not ok
             out.append(text)
         return out
+
+    def _run(self, call):
+        """``run_call`` of one admitted call, held to its contract: ``(str, ok)``, no exception."""
+        where = f"{type(self).__name__}.run_call({call.name!r})"
+        try:
+            result = self.run_call(call.name, call.arguments)
+        except Exception as exc:  # the environment's own bug: answer expected failures as (error text, False)
+            raise ToolEnvError(f"{where} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (an "
+                               "environment answers a call it cannot run with (error text, False))") from exc
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
+            raise ToolEnvError(f"{where} returned {str(result)[:100]!r}: expected (response text, ran without error)")
+        return result[0], bool(result[1])
 
     def next_user_turn(self):
         """The next user message once the assistant ends a turn (multi-turn environments); None ends the episode."""

@@ -1,0 +1,110 @@
+"""Environments of your own: a row's ``env.name`` of the form ``"package.module:ClassName"`` names a ``ToolEnv``
+subclass that pact_fast imports (from ``sys.path``: install the package, or put its directory on ``PYTHONPATH``)
+and builds for every episode of that row. The run's config must allow the module (``data.env_modules``): a data
+file alone never makes pact_fast import code::
+
+    from pact_fast.envs.base import ToolEnv
+
+    class WeatherEnv(ToolEnv):
+        def __init__(self, example, **caps):  # caps: max_turns, max_call_chars, max_result_chars, ...
+            super().__init__(**caps)
+            self.city = example.env["city"]  # anything the row's "env" object carries
+
+        def run_call(self, name, arguments):  # -> (response text, ran without error)
+            if name != "forecast":
+                return f"error : unknown tool {name}", False
+            return "sunny", True
+
+        def reward(self, final_text):  # -> a finite number; success counts reward >= 1
+            return float("sunny" in final_text.lower())
+
+        @staticmethod
+        def check_example(example):  # optional: why a row cannot train here (one line), or None
+            return None if "city" in example.env else "env needs a 'city'"
+
+``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response; an
+exception it raises, a reward that is not a finite number, and a response that is not text stop the run with a
+``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks) and ``close`` (release what an episode
+holds) are ``ToolEnv``'s to override too. Everything is checked when the data loads (``resolve``,
+``check_example``), before any model does.
+"""
+import importlib
+import inspect
+import sys
+from functools import lru_cache
+
+from .base import ToolEnv
+
+CAPS = ("max_turns", "max_call_chars", "max_result_chars", "max_calls_per_turn")  # what the constructor is given
+
+
+def is_plugin(name):
+    """Whether env name ``name`` names an environment of the user's own (``"module:Class"``)."""
+    return isinstance(name, str) and ":" in name
+
+
+def _allowed(module_name, env_modules):
+    return any(module_name == m or module_name.startswith(m + ".") for m in env_modules)
+
+
+@lru_cache(maxsize=None)
+def _resolve(name, env_modules):
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr or not module_name.replace(".", "").replace("_", "").isalnum():
+        return None, f"env name {name!r}: expected 'package.module:ClassName'"
+    if not _allowed(module_name, env_modules):
+        return None, (f"env name {name!r}: module {module_name} is not in data.env_modules "
+                      f"({', '.join(env_modules) or 'empty'}); a data file never imports code by itself: "
+                      f"data.env_modules=[{module_name}] allows it")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while it imports
+        path = ", ".join(sys.path[:3])
+        return None, (f"env name {name!r}: cannot import {module_name} ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:200]}); is its directory on PYTHONPATH? (sys.path starts {path})")
+    cls = getattr(module, attr, None)
+    if cls is None:
+        return None, f"env name {name!r}: {module_name} has no {attr!r}"
+    if not (inspect.isclass(cls) and issubclass(cls, ToolEnv)):
+        return None, (f"env name {name!r}: {attr} is not a subclass of pact_fast.envs.base.ToolEnv (which checks the "
+                      "calls, counts turns and errors, and caps responses)")
+    missing = [m for m in ("run_call", "reward") if getattr(cls, m, None) is getattr(ToolEnv, m, None)]
+    if missing:
+        return None, f"env name {name!r}: {attr} does not implement {' and '.join(missing)}"
+    try:
+        inspect.signature(cls).bind(None, **{k: None for k in CAPS})
+    except TypeError:
+        return None, (f"env name {name!r}: {attr}(example, {', '.join(f'{k}=...' for k in CAPS)}) does not fit its "
+                      f"__init__{inspect.signature(cls)}: take (example, **caps) and pass caps to ToolEnv.__init__")
+    return cls, None
+
+
+def resolve(name, env_modules):
+    """``(ToolEnv subclass, None)`` for env name ``name``, or ``(None, one-line reason)``: a module outside
+    ``env_modules`` (``data.env_modules``: modules and the packages whose modules may be imported), not
+    importable, no such attribute, not a ``ToolEnv`` subclass, ``run_call`` or ``reward`` not implemented, a
+    constructor that does not take ``(example, **caps)``. Imported once per name."""
+    return _resolve(name, tuple(env_modules))
+
+
+def check_example(example, env_modules):
+    """Why ``example`` cannot train in its environment of the user's own (one line), or None: the class does not
+    resolve (``resolve``), or its optional ``check_example(example)`` says why."""
+    cls, reason = resolve(example.env["name"], env_modules)
+    if reason:
+        return reason
+    check = getattr(cls, "check_example", None)
+    if check is None:
+        return None
+    reason = check(example)
+    if reason is not None and not isinstance(reason, str):
+        return f"{cls.__name__}.check_example returned {reason!r}: expected None or a reason (a string)"
+    return reason
+
+
+def make_env(example, caps, env_modules):
+    """The environment of one episode of ``example``: its class built with ``caps`` (``CAPS``)."""
+    cls, reason = resolve(example.env["name"], env_modules)
+    if reason:
+        raise ValueError(f"example {example.id}: {reason}")
+    return cls(example, **caps)

@@ -1,0 +1,259 @@
+"""Environments of the user's own (``env.name`` = ``"module:Class"``, ``pact_fast.envs.plugin``): they train from a
+data file through the command, are checked when the data loads, and are held to their contract at run time."""
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact_fast.data import DataFormatError, load_examples, parse_example
+from pact_fast.envs import build_tokenizer, make_env_factory, make_task
+from pact_fast.envs.base import ToolEnvError
+from pact_fast.rollout import HFRolloutEngine, RolloutConfig
+from pact_fast.toolcalls import ToolCall
+
+HERE = Path(__file__).resolve().parent
+
+# A user's module: a multi-hop world whose reward is scaled (0.25 + 0.5 * correct, so the run's rewards show whose
+# reward it is), logging every call and reward to the file the row names, and classes that break the contract.
+MODULE = '''
+import json
+import math
+
+from pact_fast.envs.base import ToolEnv
+from pact_fast.envs.multihop import MultiHopEnv
+
+
+class Scaled(MultiHopEnv):
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.log = example.env["log"]
+
+    def run_call(self, name, arguments):
+        text, ok = super().run_call(name, arguments)
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"call": name, "ok": ok}) + "\\n")
+        return text, ok
+
+    def reward(self, final_text):
+        reward = 0.25 + 0.5 * super().reward(final_text)
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"reward": reward}) + "\\n")
+        return reward
+
+    @staticmethod
+    def check_example(example):
+        return None if "log" in example.env else "env needs a 'log' file"
+
+
+class NotAnEnv:
+    pass
+
+
+class NoReward(ToolEnv):
+    def run_call(self, name, arguments):
+        return "x", True
+
+
+class FixedInit(MultiHopEnv):
+    def __init__(self, example):
+        super().__init__(example)
+
+
+class Raises(MultiHopEnv):
+    def run_call(self, name, arguments):
+        return {}[name]
+
+
+class Untupled(MultiHopEnv):
+    def run_call(self, name, arguments):
+        return "a bare text"
+
+
+class NanReward(MultiHopEnv):
+    def reward(self, final_text):
+        return math.nan
+
+
+class NoneReward(MultiHopEnv):
+    def reward(self, final_text):
+        return None
+
+
+class ListUser(MultiHopEnv):
+    def next_user_turn(self):
+        return ["not", "text"]
+
+
+class BadCheck(MultiHopEnv):
+    @staticmethod
+    def check_example(example):
+        return False
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """The name of a fresh module holding ``MODULE``, importable from this process and its children."""
+    name = f"user_envs_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _rows(env_name, n, log, seed=0):
+    rows = []
+    for i in range(n):
+        row = make_task(seed + i, hops=1, ops=False)
+        row["env"] = {**row["env"], "name": env_name, "log": str(log)}
+        rows.append(row)
+    return rows
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_an_environment_of_your_own_trains_from_a_data_file_through_the_command(tmp_path, user_module):
+    log = tmp_path / "env_log.jsonl"
+    data = _write(tmp_path / "tasks.jsonl", _rows(f"{user_module}:Scaled", 40, log))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(HERE.parent)])}
+    run = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--data", str(data), "--out",
+                          str(tmp_path / "run"), f"data.env_modules=[{user_module}]", "train.steps=2", "train.prompts_per_step=2", "rollout.group_size=2",
+                          "data.eval_tasks=2", "rollout.max_new_tokens=24"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rewards = [json.loads(line)["reward"] for line in log.read_text().splitlines() if "reward" in line]
+    assert rewards and set(rewards) <= {0.25, 0.75}  # the user's reward, never MultiHopEnv's 0 / 1
+    summary = json.loads(run.stdout[run.stdout.index("{\n"):])
+    assert summary["steps"] == 2 and summary["eval_before"]["mean_reward"] in (0.0, 0.25, 0.5, 0.75)
+
+
+def test_the_environments_episodes_carry_its_calls_and_rewards(tmp_path, user_module):
+    """The engine drives the user's class: the calls it ran are the episodes' calls, its rewards the episodes'."""
+    log = tmp_path / "env_log.jsonl"
+    (ex,) = [parse_example(r) for r in _rows(f"{user_module}:Scaled", 1, log)]
+    call = ex.trace[0]["tool_calls"][0]["function"]
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=2)
+    episodes = engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))[0]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [ln for ln in lines if "call" in ln] == [{"call": call["name"], "ok": True}] * 2
+    assert [ep.reward for ep in episodes] == [ln["reward"] for ln in lines if "reward" in ln] == [0.75, 0.75]
+    assert [ep.tool_calls for ep in episodes] == [1, 1]
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("Missing", "has no 'Missing'"),
+    ("NotAnEnv", "NotAnEnv is not a subclass of pact_fast.envs.base.ToolEnv"),
+    ("NoReward", "NoReward does not implement reward"),
+    ("FixedInit", r"FixedInit\(example, max_turns=..., .*\) does not fit its __init__\(example\)"),
+    ("BadCheck", r"BadCheck.check_example returned False: expected None or a reason"),
+])
+def test_a_class_that_cannot_serve_is_refused_when_the_data_loads(tmp_path, user_module, attr, message):
+    data = _write(tmp_path / "tasks.jsonl", _rows(f"{user_module}:{attr}", 2, tmp_path / "log"))
+    from pact_fast.data import check_trainable
+
+    with pytest.raises(DataFormatError, match=f"tasks.jsonl:1: env name .*{message}|tasks.jsonl:1: .*{message}"):
+        load_examples(data, check=partial(check_trainable, env_modules=(user_module,)))
+
+
+def test_a_module_that_does_not_import_or_a_row_the_class_refuses_is_named_with_file_and_line(tmp_path, user_module):
+    from pact_fast.data import check_trainable
+
+    rows = _rows(f"{user_module}:Scaled", 3, tmp_path / "log")
+    del rows[1]["env"]["log"]
+    with pytest.raises(DataFormatError, match="tasks.jsonl:2: env needs a 'log' file"):
+        load_examples(_write(tmp_path / "tasks.jsonl", rows), check=partial(check_trainable, env_modules=(user_module,)))
+    rows = _rows("no_such_module_of_yours:Env", 1, tmp_path / "log")
+    with pytest.raises(DataFormatError, match=r"other.jsonl:1: env name 'no_such_module_of_yours:Env': cannot import "
+                                              r"no_such_module_of_yours \(ModuleNotFoundError.*PYTHONPATH"):
+        load_examples(_write(tmp_path / "other.jsonl", rows),
+                      check=partial(check_trainable, env_modules=("no_such_module_of_yours",)))
+    rows = _rows("weather", 1, tmp_path / "log")
+    with pytest.raises(DataFormatError, match="unknown env name 'weather'; known: multihop, bfcl, or "
+                                              "'package.module:Class'"):
+        load_examples(_write(tmp_path / "third.jsonl", rows), check=check_trainable)
+
+
+def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
+    """A downloaded data file naming a module (``antigravity:X`` opens a web browser when imported) is refused
+    before the import unless the run's config allows that module."""
+    from pact_fast.config import ConfigError, load_config
+    from pact_fast.data import check_trainable
+
+    marker = tmp_path / "imported"
+    (tmp_path / f"{user_module}_side.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    rows = _rows(f"{user_module}_side:Env", 1, tmp_path / "log")
+    for allowed in ((), ("other_envs",), (f"{user_module}_sid",)):
+        with pytest.raises(DataFormatError, match=f"module {user_module}_side is not in data.env_modules .*: "
+                                                  f"data.env_modules=\\[{user_module}_side\\] allows it"):
+            load_examples(_write(tmp_path / "t.jsonl", rows), check=partial(check_trainable, env_modules=allowed))
+    assert not marker.exists()
+    with pytest.raises(DataFormatError, match="has no 'Env'"):  # allowed: imported
+        load_examples(_write(tmp_path / "t.jsonl", rows),
+                      check=partial(check_trainable, env_modules=(f"{user_module}_side",)))
+    assert marker.exists()
+    with pytest.raises(ConfigError, match=r"data.env_modules=\['my_envs'\] needs data.path"):
+        load_config(None, ["data.env_modules=[my_envs]"])
+    with pytest.raises(ConfigError, match="'my-envs' is not a module name"):
+        load_config(None, ["data.path=x.jsonl", "data.env_modules=[my-envs]"])
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("Raises", r"Raises.run_call\('lookup'\) raised KeyError"),
+    ("Untupled", r"Untupled.run_call\('lookup'\) returned 'a bare text': expected \(response text, "),
+    ("NanReward", r"NanReward.reward returned 'nan' for example .*: a reward must be a finite number"),
+    ("NoneReward", r"NoneReward.reward returned 'None'"),
+    ("ListUser", r"ListUser.next_user_turn returned \"\['not', 'text'\]\""),
+])
+def test_an_environment_that_breaks_its_contract_stops_the_rollout_in_one_line(tmp_path, user_module, attr, message):
+    """An exception in run_call, a response that is not text, a reward that is not a finite number (NaN turned its
+    group's advantages into NaN; None crashed far from the cause) name the class."""
+    (ex,) = [parse_example(r) for r in _rows(f"{user_module}:{attr}", 1, tmp_path / "log")]
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1)
+    with pytest.raises(ToolEnvError, match=message):
+        engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))
+
+
+def test_the_built_in_environments_meet_the_same_contract():
+    from pact_fast.envs.multihop import MultiHopEnv
+
+    ex = parse_example(make_task(0, hops=1, ops=False))
+    env = MultiHopEnv(ex)
+    call = ex.trace[0]["tool_calls"][0]["function"]
+    assert env.step([ToolCall(call["name"], call["arguments"]), ToolCall("no_such_tool", {})])[1].startswith("error")
+    assert env.errors == 1
+
+
+def _data_cfg(module):
+    from pact_fast.config import DataConfig
+
+    return DataConfig(path="tasks.jsonl", env_modules=(module,))
+
+
+def _call_text(ex):
+    """The trace's first call in the built-in (compact) format."""
+    call = ex.trace[0]["tool_calls"][0]["function"]
+    args = " , ".join(f"{k} = {v}" for k, v in call["arguments"].items())
+    return f"<tool_call> {call['name']} ( {args} ) </tool_call>"
+
+
+class _ScriptedEngine(HFRolloutEngine):
+    """Turn k of every episode is ``turns[k]`` and the end-of-turn token (no model runs; the episodes of a
+    rollout advance together)."""
+
+    def __init__(self, tokenizer, turns, **cfg):
+        stub = torch.nn.Linear(1, 1)
+        stub.config = type("C", (), {"max_position_embeddings": 100_000})()
+        super().__init__(stub, tokenizer, RolloutConfig(**cfg))
+        self.turns, self.turn = turns, 0
+
+    def _generate_turn(self, contexts, greedy, budgets):
+        ids = self.tokenizer(self.turns[min(self.turn, len(self.turns) - 1)], add_special_tokens=False)["input_ids"]
+        self.turn += 1
+        return [ids + [self.eos] for _ in contexts], [[0.0] * (len(ids) + 1) for _ in contexts], [True] * len(contexts)
