@@ -22,6 +22,8 @@ file alone never makes pact_fast import code::
         def check_example(example):  # optional: why a row cannot train here (one line), or None
             return None if "city" in example.env else "env needs a 'city'"
 
+The environment runs in the trainer's process, one episode after another, with no time limit of pact_fast's
+(``BFCLEnv`` has its worker process for that): a call that may hang must bound its own time.
 ``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response; an
 exception it raises, a reward that is not a finite number, and a response that is not text stop the run with a
 ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks) and ``close`` (release what an episode
