@@ -171,6 +171,26 @@ def test_sandbox_stops_an_overrunning_call_and_restores_the_state():
         Sandbox(_Counter, (0,), timeout=0)
 
 
+def test_a_ctrl_c_is_the_trainers_not_the_sandboxed_back_ends():
+    """A forked child inherited the trainer's Ctrl-C handler: on Ctrl-C (sent to the whole process group by a
+    terminal) every BFCL worker printed the trainer's "saving a checkpoint" line and died with a traceback."""
+    import signal
+
+    def handler(signum, frame):
+        raise RuntimeError("the trainer's handler ran in the child")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    sandbox = Sandbox(_Counter, (10,), timeout=5.0)
+    try:
+        assert sandbox.call("add", 1) == 11
+        os.kill(sandbox.process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert sandbox.process.is_alive() and sandbox.call("add", 1) == 12 and sandbox.restarts == 0
+    finally:
+        sandbox.close()
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_demo_shows_the_main_jobs_one_hop_tasks(capsys):
     from pact_fast.envs.__main__ import demo
 

@@ -17,6 +17,7 @@ are): a fork is cheap and, unlike "spawn" and "forkserver", does not re-import t
 child only runs the back-end's Python code, never torch. Where fork does not exist, "spawn".
 """
 import multiprocessing
+import signal
 import warnings
 
 CALL_TIMEOUT_S = 5.0  # default wall-clock limit of one call, seconds
@@ -28,7 +29,9 @@ def _context():
 
 
 def _serve(conn, factory, args):
-    """The child: build the object, then answer (method, args, kwargs) messages until ``None`` or EOF."""
+    """The child: build the object, then answer (method, args, kwargs) messages until ``None`` or EOF. A Ctrl-C is
+    the parent's to handle (a forked child inherits the trainer's handler); the parent ends its children."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     obj = factory(*args)
     while True:
         try:
