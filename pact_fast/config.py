@@ -91,7 +91,9 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "task generation and data order seed"})
     on_error: str = field(default="raise", metadata={"help": "bad data rows: raise or skip",
                                                      "choices": ("raise", "skip")})
-    format_reward: float = field(default=0.0, metadata={"help": "reward for episodes whose tool calls all ran"})
+    format_reward: float = field(default=0.0, metadata={
+        "help": "multi-hop environment: reward for episodes whose tool calls all ran (refused for data without "
+                "multihop rows)"})
     env_modules: Tuple[str, ...] = field(default=(), metadata={
         "help": "modules (or packages) a data file's rows may take environments of your own from: a row's env name "
                 "'package.module:ClassName' names a ToolEnv subclass there (pact_fast.envs.plugin); a data file "

@@ -44,6 +44,11 @@ class DataFormatError(ValueError):
     """A row that does not follow the format; the message names file, line and reason."""
 
 
+class DataSetupError(DataFormatError):
+    """A refusal that is the same for every row (the run's set-up, e.g. an environment class that cannot be
+    imported): raised whatever ``on_error`` says, since skipping would skip every row it touches."""
+
+
 @dataclass
 class Example:
     id: str
@@ -317,11 +322,12 @@ def check_trainable(example, *, needs_trace=True, env_modules=()):
     """Refuse a row that parses but cannot train: it would run at zero loss and zero reward.
 
     Every row needs ``tools`` (what the policy may call), ``env`` with a ``name`` (what runs the calls and
-    scores the episode: ``ENVIRONMENTS``, or ``"package.module:Class"``, ``envs.plugin``), and, for the multi-hop environment, ``answer`` (its reward). ``needs_trace``
-    (every loss mode but ``grpo``): a ``trace`` with at least one assistant turn. Then its environment's own
-    check (``envs.check_example``: a multi-hop trace must replay to reward 1 there; a BFCL row needs the fields
-    its back-ends read; an environment of the user's own must come from ``env_modules``, ``data.env_modules``).
-    Raises ``DataFormatError``.
+    scores the episode: ``ENVIRONMENTS``, or ``"package.module:Class"``, ``envs.plugin``), and, for the
+    multi-hop environment, ``answer`` (its reward). ``needs_trace`` (every loss mode but ``grpo``): a ``trace``
+    with at least one assistant turn. Then its environment's own check (``envs.check_example``: a multi-hop
+    trace must replay to reward 1 there; a BFCL row needs the fields its back-ends read; an environment of the
+    user's own must come from ``env_modules``, ``data.env_modules``, or it is a ``DataSetupError``). Raises
+    ``DataFormatError``.
     """
     if not example.tools:
         _fail("missing 'tools': a row lists the functions the policy may call")
@@ -406,8 +412,8 @@ def load_examples(path, *, on_error="raise", check=None):
                 if example is not None and check is not None:
                     check(example)
             except DataFormatError as exc:
-                if on_error == "raise":
-                    raise DataFormatError(f"{path}:{line_no}: {exc}") from None
+                if on_error == "raise" or isinstance(exc, DataSetupError):
+                    raise type(exc)(f"{path}:{line_no}: {exc}") from None
                 report.skipped.append((line_no, str(exc)))
                 continue
             if example is not None:
@@ -439,12 +445,12 @@ def keep_rows(examples, check, on_error, skipped, progress=None):
             check(example)
             kept.append(example)
         except DataFormatError as exc:
-            if on_error == "skip":
+            if on_error == "skip" and not isinstance(exc, DataSetupError):
                 skipped(example, str(exc))
             elif str(exc).startswith(example.where()):
                 raise
             else:
-                raise DataFormatError(f"{example.where()}: {exc}") from None
+                raise type(exc)(f"{example.where()}: {exc}") from None
         if progress is not None:
             progress(done)
     return kept
@@ -502,6 +508,9 @@ def load_data(cfg, *, needs_trace=True):
                                                       **kw)]
         held_out = [parse_example(t) for t in make_tasks(cfg.eval_tasks, seed=cfg.seed + 1000,
                                                          world_seed=cfg.world_seed + 1, **kw)]
+    if cfg.format_reward and not any((ex.env or {}).get("name") == "multihop" for ex in train + held_out):
+        raise DataFormatError(f"{cfg.path}: data.format_reward={cfg.format_reward:g} pays the multihop environment's "
+                              "episodes only, and no row of this data uses it")
     if not held_out:  # training would report a held-out success of 0.0, evaluation would have nothing to score
         raise DataFormatError(f"{cfg.path or 'the built-in environment'}: no held-out tasks (data.eval_tasks=0, or "
                               "a data file too small to split off a fifth of it; give data.eval_path)")

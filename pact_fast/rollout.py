@@ -14,14 +14,13 @@ faster engine implements to replace ``HFRolloutEngine``: ``pact_fast.rollout_vll
 """
 import inspect
 import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Optional, Protocol
 
 import torch
 
 from .chat import prompt_ids, render
-from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnvError
+from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnvError, contract_call
 from .envs.sandbox import CALL_TIMEOUT_S
 from .toolcalls import MAX_CALL_CHARS, PARSERS, parse_tool_calls
 
@@ -178,12 +177,16 @@ def _sample(logits, temperature, top_p, greedy, generator):
 
 
 def _checked_reward(env, example, reward):
-    """``reward`` as a float, or a ``ToolEnvError`` naming ``env``'s class when it is not a finite number (a None,
-    NaN or tensor would turn every advantage of its group into NaN or noise)."""
-    if not (isinstance(reward, numbers.Real) and math.isfinite(reward)):
+    """``reward`` as a float (a Python, numpy or one-element torch number), or a ``ToolEnvError`` naming ``env``'s
+    class when it is not a finite number (a None or NaN would turn every advantage of its group into NaN)."""
+    try:
+        value = math.nan if isinstance(reward, (str, bytes)) or reward is None else float(reward)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several numbers
+        value = math.nan
+    if not math.isfinite(value):
         raise ToolEnvError(f"{type(env).__name__}.reward returned {str(reward)[:100]!r} for example {example.id}: "
                            "a reward must be a finite number")
-    return float(reward)
+    return value
 
 
 def _count_errors(env, errors_before, calls, responses):
@@ -295,9 +298,10 @@ class HFRolloutEngine:
         finally:
             self.model.train(was_training)
         for ep, env, ex in zip(episodes, envs, jobs):
-            ep.reward = _checked_reward(env, ex, env.reward(ep.final_text)) if ep.finish == "answer" else 0.0
+            ep.reward = _checked_reward(env, ex, contract_call(env, "reward", ex.id, ep.final_text)) \
+                if ep.finish == "answer" else 0.0
             if hasattr(env, "close"):
-                env.close()
+                contract_call(env, "close", ex.id)
         return [episodes[k * G:(k + 1) * G] for k in range(len(examples))]
 
     def _advance(self, example, ep, env, conv, toks, lps, done):
@@ -326,7 +330,7 @@ class HFRolloutEngine:
                    for k, r in enumerate(responses)]
         else:
             ep.turn_tools.append((0, 0))
-            user = env.next_user_turn()
+            user = contract_call(env, "next_user_turn", example.id)
             if user is not None and not isinstance(user, str):
                 raise ToolEnvError(f"{type(env).__name__}.next_user_turn returned {str(user)[:100]!r} for example "
                                    f"{example.id}: expected the user's text, or None to end the episode")

@@ -14,7 +14,6 @@ from pact_fast.data import DataFormatError, load_examples, parse_example
 from pact_fast.envs import build_tokenizer, make_env_factory, make_task
 from pact_fast.envs.base import ToolEnvError
 from pact_fast.rollout import HFRolloutEngine, RolloutConfig
-from pact_fast.toolcalls import ToolCall
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,6 +92,50 @@ class BadCheck(MultiHopEnv):
     @staticmethod
     def check_example(example):
         return False
+
+
+class RaisingCheck(MultiHopEnv):
+    @staticmethod
+    def check_example(example):
+        return example.env["city"]
+
+
+class InstanceCheck(MultiHopEnv):
+    def check_example(self, example):
+        return None
+
+
+class RaisingInit(MultiHopEnv):
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.city = example.env["city"]
+
+
+class DropsCaps(MultiHopEnv):
+    def __init__(self, example, **caps):
+        super().__init__(example, max_turns=caps["max_turns"])
+
+
+class RaisingReward(MultiHopEnv):
+    def reward(self, final_text):
+        return 1 / 0
+
+
+class RaisingClose(MultiHopEnv):
+    def close(self):
+        raise OSError("the service is gone")
+
+
+class NumpyReward(MultiHopEnv):
+    def reward(self, final_text):
+        import numpy
+
+        return numpy.bool_(True)
+
+
+class ListReward(MultiHopEnv):
+    def reward(self, final_text):
+        return [1.0]
 '''
 
 
@@ -152,14 +195,35 @@ def test_the_environments_episodes_carry_its_calls_and_rewards(tmp_path, user_mo
     ("NotAnEnv", "NotAnEnv is not a subclass of pact_fast.envs.base.ToolEnv"),
     ("NoReward", "NoReward does not implement reward"),
     ("FixedInit", r"FixedInit\(example, max_turns=..., .*\) does not fit its __init__\(example\)"),
-    ("BadCheck", r"BadCheck.check_example returned False: expected None or a reason"),
+    ("InstanceCheck", r"InstanceCheck.check_example must be a staticmethod"),
 ])
-def test_a_class_that_cannot_serve_is_refused_when_the_data_loads(tmp_path, user_module, attr, message):
-    data = _write(tmp_path / "tasks.jsonl", _rows(f"{user_module}:{attr}", 2, tmp_path / "log"))
+def test_a_class_that_cannot_serve_is_refused_when_the_data_loads_even_when_skipping_rows(tmp_path, user_module,
+                                                                                          attr, message):
+    """Such a refusal is the same for every row: with data.on_error=skip it skipped each of them and the run
+    trained on the other rows (or none) with one summary line."""
+    from pact_fast.data import DataSetupError, check_trainable
+
+    rows = [make_task(100, hops=1, ops=False)] + _rows(f"{user_module}:{attr}", 2, tmp_path / "log")
+    data = _write(tmp_path / "tasks.jsonl", rows)
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataSetupError, match=f"tasks.jsonl:2: env name '{user_module}:{attr}': .*{message}"):
+            load_examples(data, on_error=on_error, check=partial(check_trainable, env_modules=(user_module,)))
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("BadCheck", r"BadCheck.check_example returned False: expected None or a reason"),
+    ("RaisingCheck", r"RaisingCheck.check_example raised KeyError: 'city'"),
+])
+def test_a_row_its_check_refuses_or_trips_on_is_named_or_skipped(tmp_path, user_module, attr, message):
     from pact_fast.data import check_trainable
 
-    with pytest.raises(DataFormatError, match=f"tasks.jsonl:1: env name .*{message}|tasks.jsonl:1: .*{message}"):
-        load_examples(data, check=partial(check_trainable, env_modules=(user_module,)))
+    rows = [make_task(100, hops=1, ops=False)] + _rows(f"{user_module}:{attr}", 2, tmp_path / "log")
+    data = _write(tmp_path / "tasks.jsonl", rows)
+    check = partial(check_trainable, env_modules=(user_module,))
+    with pytest.raises(DataFormatError, match=f"tasks.jsonl:2: {message}"):
+        load_examples(data, check=check)
+    examples, report = load_examples(data, on_error="skip", check=check)
+    assert [ex.line for ex in examples] == [1] and [line for line, _ in report.skipped] == [2, 3]
 
 
 def test_a_module_that_does_not_import_or_a_row_the_class_refuses_is_named_with_file_and_line(tmp_path, user_module):
@@ -209,25 +273,52 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("Untupled", r"Untupled.run_call\('lookup'\) returned 'a bare text': expected \(response text, "),
     ("NanReward", r"NanReward.reward returned 'nan' for example .*: a reward must be a finite number"),
     ("NoneReward", r"NoneReward.reward returned 'None'"),
+    ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
     ("ListUser", r"ListUser.next_user_turn returned \"\['not', 'text'\]\""),
+    ("RaisingInit", r"RaisingInit\(example multihop-0-0\) raised KeyError: 'city' \(a check of the row belongs in "
+                    "its check_example"),
+    ("DropsCaps", r"DropsCaps.__init__ did not hand max_call_chars=5000 to ToolEnv.__init__"),
+    ("RaisingReward", r"RaisingReward.reward raised ZeroDivisionError: division by zero \(example multihop-0-0\)"),
+    ("RaisingClose", r"RaisingClose.close raised OSError: the service is gone"),
 ])
 def test_an_environment_that_breaks_its_contract_stops_the_rollout_in_one_line(tmp_path, user_module, attr, message):
     """An exception in run_call, a response that is not text, a reward that is not a finite number (NaN turned its
     group's advantages into NaN; None crashed far from the cause) name the class."""
     (ex,) = [parse_example(r) for r in _rows(f"{user_module}:{attr}", 1, tmp_path / "log")]
-    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1)
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1, max_call_chars=5000)
     with pytest.raises(ToolEnvError, match=message):
         engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))
 
 
-def test_the_built_in_environments_meet_the_same_contract():
-    from pact_fast.envs.multihop import MultiHopEnv
+def test_a_numpy_reward_counts_as_its_number(tmp_path, user_module):
+    (ex,) = [parse_example(r) for r in _rows(f"{user_module}:NumpyReward", 1, tmp_path / "log")]
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1)
+    (ep,) = engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))[0]
+    assert ep.reward == 1.0 and type(ep.reward) is float
 
-    ex = parse_example(make_task(0, hops=1, ops=False))
-    env = MultiHopEnv(ex)
-    call = ex.trace[0]["tool_calls"][0]["function"]
-    assert env.step([ToolCall(call["name"], call["arguments"]), ToolCall("no_such_tool", {})])[1].startswith("error")
-    assert env.errors == 1
+
+def test_the_turns_a_task_needs_count_its_later_user_turns(tmp_path, user_module):
+    """The start-up warning that rollout.max_turns is too small counted one user turn for any environment but
+    BFCL's: a multi-turn environment of the user's own was never warned about."""
+    from pact_fast.envs import min_turns
+
+    (row,) = _rows(f"{user_module}:Scaled", 1, tmp_path / "log")
+    one = min_turns(parse_example(row))
+    row["trace"] = row["trace"] + [{"role": "user", "content": "and the next one ?"},
+                                   {"role": "assistant", "content": row["answer"]}]
+    assert min_turns(parse_example(row)) == one + 1
+
+
+def test_format_reward_without_multihop_rows_is_refused(tmp_path, user_module):
+    from pact_fast.config import load_config
+    from pact_fast.data import load_data
+
+    data = _write(tmp_path / "tasks.jsonl", _rows(f"{user_module}:Scaled", 10, tmp_path / "log"))
+    cfg = load_config(None, [f"data.path={data}", f"data.env_modules=[{user_module}]", "data.format_reward=0.1"])
+    with pytest.raises(DataFormatError, match="data.format_reward=0.1 pays the multihop environment's episodes only"):
+        load_data(cfg.data)
+    cfg.data.format_reward = 0.0
+    assert len(load_data(cfg.data)[0]) == 8
 
 
 def _data_cfg(module):

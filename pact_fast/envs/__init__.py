@@ -9,8 +9,7 @@ def make_env_factory(cfg, rollout_cfg):
     """example -> its environment, with the turn limit and the tool-call limits of ``rollout_cfg``."""
     from .multihop import MultiHopEnv
 
-    caps = dict(max_turns=rollout_cfg.max_turns, max_call_chars=rollout_cfg.max_call_chars,
-                max_result_chars=rollout_cfg.max_result_chars, max_calls_per_turn=rollout_cfg.max_calls_per_turn)
+    caps = {key: getattr(rollout_cfg, key) for key in plugin.CAPS}  # max_turns and ToolEnv's size caps
 
     def make_env(example):
         name = (example.env or {}).get("name", "multihop")
@@ -46,10 +45,14 @@ def check_example(example, env_modules=()):
 
 def min_turns(example):
     """The fewest assistant turns an episode of ``example`` needs to be rewarded: one per user turn (a BFCL task's
-    first query and each later one; a multi-hop task has one), and one more for each user turn whose expert trace
-    calls tools (calls get their results in the next turn; a turn without calls ends the user turn)."""
+    first query and each later one; elsewhere the prompt's and each later one in the trace: a multi-hop task has
+    one), and one more for each user turn whose expert trace calls tools (calls get their results in the next
+    turn; a turn without calls ends the user turn)."""
     env = example.env or {}
-    queries = 1 + len(env.get("user_turns", ())) if env.get("name") == "bfcl" else 1
+    if env.get("name") == "bfcl":
+        queries = 1 + len(env.get("user_turns", ()))
+    else:
+        queries = 1 + sum(m["role"] == "user" for m in example.trace or ())
     calling, current = 0, False  # user turns of the trace with calls; whether the current one has any
     for message in example.trace or ():
         if message["role"] == "user":

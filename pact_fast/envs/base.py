@@ -32,8 +32,23 @@ def argument_chars(value, limit=MAX_CALL_CHARS):
 
 
 class ToolEnvError(RuntimeError):
-    """An environment broke its contract (``run_call`` raised or answered something else than ``(text, ok)``, a
-    reward that is not a finite number): the run stops with this one line, naming the class."""
+    """An environment broke its contract (its code raised, ``run_call`` answered something else than ``(text, ok)``,
+    a reward that is not a finite number): the run stops with this one line, naming the class."""
+
+
+def excerpt_of(exc, limit=300):
+    """An exception's message on one line, at most ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
+def contract_call(env, method, example_id, *args):
+    """``env.<method>(*args)``; an exception it raises is a ``ToolEnvError`` naming the class, the method and the
+    example (an environment's own bug, not the model's)."""
+    try:
+        return getattr(env, method)(*args)
+    except Exception as exc:
+        raise ToolEnvError(f"{type(env).__name__}.{method} raised {type(exc).__name__}: {excerpt_of(exc)} (example "
+                           f"{example_id})") from exc
 
 
 class ToolEnv:
@@ -105,8 +120,8 @@ class ToolEnv:
         try:
             result = self.run_call(call.name, call.arguments)
         except Exception as exc:  # the environment's own bug: answer expected failures as (error text, False)
-            raise ToolEnvError(f"{where} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (an "
-                               "environment answers a call it cannot run with (error text, False))") from exc
+            raise ToolEnvError(f"{where} raised {type(exc).__name__}: {excerpt_of(exc)} (an environment answers a "
+                               "call it cannot run with (error text, False))") from exc
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
             raise ToolEnvError(f"{where} returned {str(result)[:100]!r}: expected (response text, ran without error)")
         return result[0], bool(result[1])

@@ -24,18 +24,22 @@ file alone never makes pact_fast import code::
 
 The environment runs in the trainer's process, one episode after another, with no time limit of pact_fast's
 (``BFCLEnv`` has its worker process for that): a call that may hang must bound its own time.
-``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response; an
-exception it raises, a reward that is not a finite number, and a response that is not text stop the run with a
-``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks) and ``close`` (release what an episode
-holds) are ``ToolEnv``'s to override too. Everything is checked when the data loads (``resolve``,
-``check_example``), before any model does.
+``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response. An
+exception from the class's code (its constructor, ``run_call``, ``reward``, ``next_user_turn``, ``close``), a
+constructor that does not hand the caps to ``ToolEnv``, a reward that is not a finite number and a response or
+user turn that is not text stop the run with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn
+tasks: a later user turn in the trace counts towards the turns an episode needs) and ``close`` (release what an
+episode holds) are ``ToolEnv``'s to override too. The class (``resolve``) and every row (``check_example``) are
+checked when the data loads, before any model does: a class that cannot serve is refused whatever
+``data.on_error`` says; a row its ``check_example`` refuses is skipped with ``data.on_error=skip``.
 """
 import importlib
 import inspect
 import sys
 from functools import lru_cache
 
-from .base import ToolEnv
+from ..data import DataSetupError
+from .base import ToolEnv, ToolEnvError, excerpt_of
 
 CAPS = ("max_turns", "max_call_chars", "max_result_chars", "max_calls_per_turn")  # what the constructor is given
 
@@ -78,6 +82,10 @@ def _resolve(name, env_modules):
     except TypeError:
         return None, (f"env name {name!r}: {attr}(example, {', '.join(f'{k}=...' for k in CAPS)}) does not fit its "
                       f"__init__{inspect.signature(cls)}: take (example, **caps) and pass caps to ToolEnv.__init__")
+    check = inspect.getattr_static(cls, "check_example", None)
+    if check is not None and not isinstance(check, (staticmethod, classmethod)):
+        return None, (f"env name {name!r}: {attr}.check_example must be a staticmethod (or classmethod) taking the "
+                      "example: it runs on every row before any environment is built")
     return cls, None
 
 
@@ -90,23 +98,37 @@ def resolve(name, env_modules):
 
 
 def check_example(example, env_modules):
-    """Why ``example`` cannot train in its environment of the user's own (one line), or None: the class does not
-    resolve (``resolve``), or its optional ``check_example(example)`` says why."""
+    """Why ``example`` cannot train in its environment of the user's own (one line), or None: its class's optional
+    ``check_example(example)`` says why (or raised). A class that does not resolve (``resolve``) is a
+    ``DataSetupError``: the same for every row, never skipped."""
     cls, reason = resolve(example.env["name"], env_modules)
     if reason:
-        return reason
+        raise DataSetupError(reason)
     check = getattr(cls, "check_example", None)
     if check is None:
         return None
-    reason = check(example)
+    try:
+        reason = check(example)
+    except Exception as exc:  # the user's check may raise anything on a row it does not expect
+        return f"{cls.__name__}.check_example raised {type(exc).__name__}: {excerpt_of(exc)}"
     if reason is not None and not isinstance(reason, str):
         return f"{cls.__name__}.check_example returned {reason!r}: expected None or a reason (a string)"
     return reason
 
 
 def make_env(example, caps, env_modules):
-    """The environment of one episode of ``example``: its class built with ``caps`` (``CAPS``)."""
+    """The environment of one episode of ``example``: its class built with ``caps`` (``CAPS``, which it must hand
+    to ``ToolEnv``). Raises ``ToolEnvError`` when the constructor raises or drops a cap."""
     cls, reason = resolve(example.env["name"], env_modules)
     if reason:
-        raise ValueError(f"example {example.id}: {reason}")
-    return cls(example, **caps)
+        raise DataSetupError(reason)
+    try:
+        env = cls(example, **caps)
+    except Exception as exc:
+        raise ToolEnvError(f"{cls.__name__}(example {example.id}) raised {type(exc).__name__}: {excerpt_of(exc)} (a "
+                           "check of the row belongs in its check_example, which runs when the data loads)") from exc
+    for key in CAPS[1:]:  # max_turns: the rollout takes the smaller of the env's and the config's
+        if getattr(env, key, None) != caps[key]:
+            raise ToolEnvError(f"{cls.__name__}.__init__ did not hand {key}={caps[key]} to ToolEnv.__init__ (the "
+                               f"environment has {getattr(env, key, None)}): pass **caps on")
+    return env
