@@ -349,6 +349,7 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
         prompt = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, True)
         first = render(tokenizer, _PROBE[:3], _PROBE_TOOLS, False)
         with_tool = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, True)
+        tool_turn = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, False)
         whole = render(tokenizer, _PROBE, _PROBE_TOOLS, False)
     except Exception as exc:  # a template may raise anything on roles or fields it does not know
         return [f"the template cannot render a tool conversation ({type(exc).__name__}: {exc})"]
@@ -367,7 +368,7 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
                         "where rollouts stop sampling a turn (a base model's tokenizer under an instruct template)")
     if "tusks" not in with_tool[len(first):]:
         problems.append("the tool response is not rendered")
-    if not with_tool.startswith(first) or not whole.startswith(with_tool[: len(first)]):
+    if not with_tool.startswith(first) or not whole.startswith(tool_turn):  # nor the tool turn once the answer comes
         problems.append("the template is not prefix-preserving across a tool turn (rollouts append tool turns)")
     elif not problems:
         problems += _rollout_problems(tokenizer, turn)

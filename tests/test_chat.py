@@ -231,3 +231,32 @@ def test_the_privileged_trace_keeps_a_turns_order_and_system_messages_stay_apart
     text = tok.apply_chat_template([{"role": "system", "content": "a ."}, {"role": "system", "content": "b ."},
                                     {"role": "user", "content": "x"}], tokenize=False)
     assert text.startswith("<|im_start|>system\na .\n\nb .<|im_end|>")
+
+
+# Hermes-3-style: a tool turn ends "</tool_response><|im_end|>" while it is the last message, and gains a newline
+# before <|im_end|> once the assistant answers, so the rendered answer turn does not extend the rollout's context
+LAST_TOOL_DIFFERS_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}<|im_start|>system\n{{ m.content }} tools: {{ tools | tojson }}<|im_end|>\n"
+    "{% elif m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' %}<|im_start|>assistant\n"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>tool\n<tool_response>{{ m.content }}</tool_response>"
+    "{{ '' if loop.last else '\\n' }}<|im_end|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_probe_refuses_a_template_that_renders_a_tool_turn_differently_once_the_answer_follows():
+    """Hermes 3's tool-use template (NousResearch) passed the probe with hermes calls: the probe compared the whole
+    conversation with the text before the tool turn only. The trace's answer turn after a tool turn was then
+    labelled from where the two renderings part, and SFT trained the "\\n<|im_end|><|im_start|>assistant\\n" the
+    rollout context already holds as the start of the model's own turn."""
+    tok = build_tokenizer()
+    tok.chat_template = LAST_TOOL_DIFFERS_TEMPLATE
+    (problem,) = probe_chat_template(tok, "hermes")
+    assert "not prefix-preserving across a tool turn" in problem
+    tok.chat_template = LAST_TOOL_DIFFERS_TEMPLATE.replace("{{ '' if loop.last else '\\n' }}", "")
+    assert probe_chat_template(tok, "hermes") == [], "the same template, with a tool turn that renders one way"
