@@ -253,12 +253,16 @@ class HFRolloutEngine:
         return tokens, logps, ended.tolist()
 
     def _context_block(self, example, conv, new_messages):
-        """Token ids the template adds for ``new_messages`` after ``conv``, up to the next generation prompt."""
+        """Token ids the template adds for ``new_messages`` after ``conv``, up to the next generation prompt, from
+        the end-of-turn token that ends the sampled turn ``conv[-1]``: what the template writes after it (ChatML's
+        newline) the model never samples, so it is context too."""
         before = render(self.tokenizer, conv, example.tools, False)
         after = render(self.tokenizer, conv + new_messages, example.tools, True)
         if not after.startswith(before):
             raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
-        return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        end = before.rfind(self.tokenizer.eos_token)
+        start = end + len(self.tokenizer.eos_token) if end >= 0 else len(before)
+        return self.tokenizer(after[start:], add_special_tokens=False)["input_ids"]
 
     def rollout(self, examples, make_env, group_size=None, greedy=None):
         """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all

@@ -189,12 +189,13 @@ def test_probe_detects_that_smollm2_drops_tools_and_falls_back_to_builtin(smollm
             assert m["content"] in responses
     assert tokenizer.eos_token in tokenizer.decode([t for t, c in zip(seq.input_ids, seq.components) if c == OTHER])
 
-    # what a rollout appends after a tool call: the tool turn and the next generation prompt
+    # what a rollout appends after a tool call: the newline after the sampled <|im_end|>, the tool turn and the next
+    # generation prompt
     engine = HFRolloutEngine(None, tokenizer, RolloutConfig(tool_call_format="compact"))
     turn = {"role": "assistant", "content": "<tool_call> lookup ( entity = hugo , relation = employer ) </tool_call>"}
     block = engine._context_block(example, list(example.messages) + [turn],
                                   [{"role": "tool", "tool_call_id": "call0", "content": "hooli"}])
-    assert tokenizer.decode(block) == ("<|im_start|>tool\n<tool_response>\nhooli\n</tool_response><|im_end|>\n"
+    assert tokenizer.decode(block) == ("\n<|im_start|>tool\n<tool_response>\nhooli\n</tool_response><|im_end|>\n"
                                        "<|im_start|>assistant\n")
 
 

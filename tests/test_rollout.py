@@ -345,3 +345,70 @@ def test_a_tool_result_the_tokenizer_cannot_encode_is_an_observation_not_a_crash
         [ex], MultiHopEnv)[0]
     assert ep.turns == 2 and ep.tool_calls == ep.tool_errors == 2  # the same call each turn, an error each time
     assert "look?up" in tok.decode(ep.response_ids)
+
+
+class _ReplayEngine(HFRolloutEngine):
+    """Each turn is the next of ``texts`` followed by the tokenizer's end-of-turn token (no model runs)."""
+
+    def __init__(self, tokenizer, texts, **cfg):
+        stub = torch.nn.Linear(1, 1)
+        stub.config = type("C", (), {"max_position_embeddings": 100_000})()
+        super().__init__(stub, tokenizer, RolloutConfig(**cfg))
+        self.texts = list(texts)
+
+    def _generate_turn(self, contexts, greedy, budgets):
+        ids = self.tokenizer(self.texts.pop(0), add_special_tokens=False)["input_ids"] + [self.eos]
+        return [list(ids) for _ in contexts], [[0.0] * len(ids) for _ in contexts], [True] * len(contexts)
+
+
+class _FixedResults:
+    """Every call returns ``ruth``; the episode ends on its answer."""
+
+    def __init__(self, example):
+        pass
+
+    def step(self, calls):
+        return ["ruth"] * len(calls)
+
+    def next_user_turn(self):
+        return None
+
+    def reward(self, text):
+        return 1.0
+
+
+# a ChatML template of hermes calls, a newline after each turn's end token as most ChatML templates write it
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}<|im_start|>system\n{{ m.content }} tools: {{ tools | tojson }}<|im_end|>\n"
+    "{% elif m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>tool\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_episode_is_the_templates_rendering_of_its_conversation(smollm2_dir):
+    """The context block after a sampled turn started after the template's rendering of that turn, whose newline
+    after <|im_end|> the model never samples: every turn of every episode (the built-in format's too) ran on
+    "<|im_end|><|im_start|>tool" where prompts and SFT traces have "<|im_end|>\\n<|im_start|>tool"."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import builtin_chat_template, render
+
+    ex = parse_example(make_task(1, hops=1, n_distractors=3))
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"entity": "maya", "relation": "mother"}}\n</tool_call>'
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    for template in (CHATML_TEMPLATE, builtin_chat_template("hermes", turn_end=tok.eos_token)):
+        tok.chat_template = template
+        texts = [call, "ruth"]
+        (ep,) = _ReplayEngine(tok, texts, group_size=1, tool_call_format="hermes").rollout([ex], _FixedResults)[0]
+        assert (ep.finish, ep.turns, ep.tool_calls) == ("answer", 2, 1)
+        conv = list(ex.messages) + [{"role": "assistant", "content": call},
+                                    {"role": "tool", "tool_call_id": "call0", "content": "ruth"},
+                                    {"role": "assistant", "content": "ruth"}]
+        text = render(tok, conv, ex.tools)
+        text = text[: text.rindex(tok.eos_token) + len(tok.eos_token)]  # the episode ends on its end token
+        assert ep.prompt_ids + ep.response_ids == tok(text, add_special_tokens=False)["input_ids"]
+        sampled = [t for t, m in zip(ep.response_ids, ep.response_mask) if m]
+        assert tok.decode(sampled) == f"{call}{tok.eos_token}ruth{tok.eos_token}"
