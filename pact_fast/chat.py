@@ -10,7 +10,8 @@
 
 Labels come from character offsets of the rendered text, never from guesses about token
 boundaries: the span of assistant turn k is what ``render(conv[:k+1])`` adds after
-``render(conv[:k], add_generation_prompt=True)``; rendering the same turn without its reasoning
+``render(conv[:k], add_generation_prompt=True)``, up to its end-of-turn token (the eos token, where a rollout
+stops sampling; ChatML's newline after it is context); rendering the same turn without its reasoning
 (or without its tool calls) shows which characters those produced. A template that is not
 prefix-preserving (one that drops earlier turns' reasoning, say) yields one sequence per
 assistant turn, each labelling only its last turn; the trie then shares whatever prefix they have.
@@ -185,10 +186,14 @@ def _turn_start_token(tokenizer, conv, tools, kw):
 
 
 def _label_turn(tokenizer, conv, k, tools, kw, labels, segments):
-    """Label assistant turn ``conv[k]`` in ``render(conv[:k+1])``; fills char arrays; returns that text."""
+    """Label assistant turn ``conv[k]`` in ``render(conv[:k+1])``; fills char arrays; returns that text. The turn ends
+    with its end-of-turn token, where a rollout stops sampling: what the template writes after it (ChatML's newline)
+    is context."""
     full = render(tokenizer, conv[: k + 1], tools, False, **kw)
     start = _common_prefix(full, render(tokenizer, conv[:k], tools, True, **kw))
-    for i in range(start, len(full)):
+    eos = tokenizer.eos_token
+    end = full.rfind(eos, start) if eos else -1
+    for i in range(start, end + len(eos) if end >= 0 else len(full)):
         labels[i] = OTHER
     msg = conv[k]
     reasoning = msg.get("reasoning_content")

@@ -260,3 +260,28 @@ def test_probe_refuses_a_template_that_renders_a_tool_turn_differently_once_the_
     assert "not prefix-preserving across a tool turn" in problem
     tok.chat_template = LAST_TOOL_DIFFERS_TEMPLATE.replace("{{ '' if loop.last else '\\n' }}", "")
     assert probe_chat_template(tok, "hermes") == [], "the same template, with a tool turn that renders one way"
+
+
+# ChatML with hermes calls and reasoning, a newline after each turn's end token
+CHATML_TEMPLATE = LAST_TOOL_DIFFERS_TEMPLATE.replace("{{ '' if loop.last else '\\n' }}<|im_end|>", "<|im_end|>\n")
+
+
+def test_a_turn_is_trained_up_to_its_end_token_and_not_the_newline_after_it(smollm2_dir):
+    """A turn's span was everything its rendering adds, "<|im_end|>\\n" included: SFT trained the newline after the
+    end-of-turn token as the model's (one token a turn, with every ChatML template and the built-in format), which a
+    rollout never samples (it stops at <|im_end|>) and gets as context."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import turn_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    ex = parse_example(EXAMPLE)
+    for template in (CHATML_TEMPLATE, builtin_chat_template("hermes", turn_end=tok.eos_token)):
+        tok.chat_template = template
+        assert probe_chat_template(tok, "hermes") == []
+        (s,) = trace_sequences(tok, ex)
+        turns = [tok.decode(t) for t in turn_tokens([s]).values()]
+        assert [t.endswith(e) for t, e in zip(turns, ("</tool_call><|im_end|>", "42<|im_end|>"))] == [True, True], turns
+        after_end = [c for t, c, prev in zip(s.input_ids[1:], s.components[1:], s.input_ids) if prev == tok.eos_token_id]
+        assert tok.decode(s.input_ids).count("<|im_end|>\n") == len(after_end) == 5
+        assert not {R, C, O} & set(after_end), "the newline after each end token is context"
