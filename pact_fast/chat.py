@@ -351,8 +351,10 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
     if not getattr(tokenizer, "chat_template", None):
         return ["the tokenizer has no chat template"]
     try:
+        plain = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, False)
         prompt = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, True)
         first = render(tokenizer, _PROBE[:3], _PROBE_TOOLS, False)
+        bare = render(tokenizer, _PROBE[:2] + [dict(_PROBE[2], reasoning_content=None)], _PROBE_TOOLS, False)
         with_tool = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, True)
         tool_turn = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, False)
         whole = render(tokenizer, _PROBE, _PROBE_TOOLS, False)
@@ -361,7 +363,10 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
     problems = []
     if "probe_lookup" not in prompt or "probe_key" not in prompt:
         problems.append("the prompt does not show the tools (name and parameters)")
-    turn = first[_common_prefix(first, prompt):]
+    if not (first.startswith(prompt) and bare.startswith(prompt)):
+        problems.append("an assistant turn as rendered does not start with the generation prompt (a pre-filled <think> "
+                        "that rendered turns lack, as in QwQ's and DeepSeek-R1's templates): rollouts sample after it")
+    turn = first[len(prompt) if first.startswith(prompt) else _common_prefix(first, plain):]
     calls = parse_tool_calls(turn, tool_call_format)
     if calls != [ToolCall("probe_lookup", {"probe_key": "walrus"})]:
         problems.append(f"the assistant turn shows no tool call in the {tool_call_format!r} format "

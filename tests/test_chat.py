@@ -285,3 +285,26 @@ def test_a_turn_is_trained_up_to_its_end_token_and_not_the_newline_after_it(smol
         after_end = [c for t, c, prev in zip(s.input_ids[1:], s.components[1:], s.input_ids) if prev == tok.eos_token_id]
         assert tok.decode(s.input_ids).count("<|im_end|>\n") == len(after_end) == 5
         assert not {R, C, O} & set(after_end), "the newline after each end token is context"
+
+
+# a generation prompt that pre-fills <think>, as QwQ's and DeepSeek-R1's templates write it, and turns that show
+# <think> only with reasoning (DROPS_THINK: never, as QwQ's drop it)
+PREFILLED_THINK_TEMPLATE = CHATML_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}").replace(
+    "<think>{{ m.reasoning_content }}</think>", "<think>\n{{ m.reasoning_content }}\n</think>\n")
+DROPS_THINK_TEMPLATE = PREFILLED_THINK_TEMPLATE.replace("{% if m.reasoning_content %}", "{% if false %}")
+
+
+def test_probe_refuses_turns_that_do_not_start_with_the_generation_prompt():
+    """A rollout samples after the generation prompt and SFT labels a trace turn from where its rendering parts from
+    that prompt: with a pre-filled "<think>\\n" and a turn rendered without it, the label started inside
+    "<tool_call>" (its token untrained) and SFT traces no longer began with the rollouts' prompt. The probe kept such
+    a template for data without reasoning (its own turn has reasoning), and for QwQ's said only that the turn shows
+    no tool call in the 'hermes' format, which no rollout.tool_call_format mends."""
+    tok = build_tokenizer()
+    for template in (PREFILLED_THINK_TEMPLATE, DROPS_THINK_TEMPLATE):
+        tok.chat_template = template
+        problems = probe_chat_template(tok, "hermes", reasoning=False)
+        assert len(problems) == 1 and "does not start with the generation prompt" in problems[0], problems
+    tok.chat_template = PREFILLED_THINK_TEMPLATE.replace("<think>\n{% endif %}", "{% endif %}")
+    assert probe_chat_template(tok, "hermes", reasoning=False) == []
