@@ -560,12 +560,12 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
                 step_loss += metrics["loss/total"]
         grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
         bad = non_finite_loss or not math.isfinite(float(grad_norm))
+        if interrupt is not None:
+            interrupt.commit()  # from here on the step completes: its update, or its skip and the schedule's step
         if dist.sum_counts([int(bad)])[0]:  # skipped on every rank alike
             c.optimizer.zero_grad(set_to_none=True)
             skipped = True
             break
-        if interrupt is not None:
-            interrupt.commit()  # from here on the step completes
         c.optimizer.step()
         c.optimizer.zero_grad(set_to_none=True)
     lr = c.scheduler.get_last_lr()[0]  # the rate this step trained at (logged; the scheduler now moves on)
@@ -662,8 +662,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
                 break
             order_state = dict(c.order.__dict__)
-            interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
             try:
+                interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
                 stats = train_step(c, step, interrupt)
             except _StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
                 c.optimizer.zero_grad(set_to_none=True)

@@ -257,6 +257,25 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how, fus
     assert any(f"step 2: non-finite {how}; step skipped" in line for line in logs), logs
 
 
+def test_a_ctrl_c_after_a_skipped_steps_gradients_lets_the_step_finish(tmp_path, monkeypatch):
+    """A skipped step left the step abortable through the schedule's step: a Ctrl-C there aborted a step whose
+    learning-rate schedule had already moved on (one step ahead of its data after a resume)."""
+    _flaky_loss(monkeypatch, {1}, "loss")
+    calls, real_step = [], torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the constructor's, step 1's, then the skipped step 2's
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    cfg = load_config(None, TINY + ["train.steps=4", f"train.out_dir={tmp_path}"])
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["interrupted"] and summary["steps"] == 2, "the skipped step completes, schedule and all"
+    assert summary["checkpoint"].endswith("step_000002")
+
+
 def test_each_periodic_evaluation_prints_a_line_and_train_threads_sets_torchs_pool(tmp_path):
     logs, threads = [], torch.get_num_threads()
     cfg = load_config(None, TINY + ["train.steps=3", "train.eval_every=1", "train.threads=1",
