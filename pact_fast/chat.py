@@ -288,11 +288,11 @@ _CALL_SYNTAX = {
 }
 
 
-def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|>", turn_end="<|im_end|>"):
+def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|>", turn_end="<|im_end|>", bos=""):
     """The project's tool format as a Jinja chat template (module docstring): tools in the system turn, calls
     in ``tool_call_format``, responses as ``tool`` turns, reasoning in ``<think>`` in the assistant turn.
     Prefix-preserving across turns. ``turn_end`` must be the token that ends an assistant turn in rollouts
-    (the tokenizer's end-of-sequence token)."""
+    (the tokenizer's end-of-sequence token); ``bos``, the text every rendering starts with (``expected_bos``)."""
     if tool_call_format not in _CALL_SYNTAX:
         raise ValueError(f"builtin_chat_template: unknown tool_call_format {tool_call_format!r}; "
                          f"choose one of {sorted(_CALL_SYNTAX)}")
@@ -302,6 +302,7 @@ def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|
     # it) drops a newline right after a block tag, so those newlines are written as expressions
     nl = "{{ '\\n' }}"
     return (
+        "{{ " + repr(bos) + " }}"
         "{% set ns = namespace(system='') %}"
         "{% for m in messages %}{% if m.role == 'system' %}"
         "{% set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m.content %}{% endif %}"
@@ -415,6 +416,18 @@ def _rollout_problems(tokenizer, turn):
     return problems
 
 
+def expected_bos(tokenizer):
+    """The begin-of-sequence token's text the model's inputs start with ("" for none): where the tokenizer puts one
+    in front when it encodes text (Llama 3, Mistral, Gemma), or its chat template writes one. Text is encoded
+    without special tokens here (``encode``), so the built-in format must write it, or such a model trains and
+    samples without the token it always saw first."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer.bos_token_id is None or bos == tokenizer.eos_token:  # GPT-2's: turns end with it
+        return ""
+    adds = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return bos if adds or "bos_token" in str(getattr(tokenizer, "chat_template", None) or "") else ""
+
+
 def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *, reasoning=True, log=print):
     """Make ``tokenizer.chat_template`` one that carries tools; returns ``"model"`` or ``"builtin"``.
 
@@ -437,7 +450,8 @@ def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *,
                 + f"): using the built-in tool format ({tool_call_format} calls) instead")
     if tokenizer.eos_token is None:
         raise ValueError("the built-in tool format ends turns with the tokenizer's eos token, and it has none")
-    tokenizer.chat_template = builtin_chat_template(tool_call_format, turn_end=tokenizer.eos_token)
+    tokenizer.chat_template = builtin_chat_template(tool_call_format, turn_end=tokenizer.eos_token,
+                                                    bos=expected_bos(tokenizer))
     problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning)
     if problems:
         raise ValueError("the built-in tool format does not render with this tokenizer: " + "; ".join(problems))

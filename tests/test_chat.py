@@ -308,3 +308,38 @@ def test_probe_refuses_turns_that_do_not_start_with_the_generation_prompt():
         assert len(problems) == 1 and "does not start with the generation prompt" in problems[0], problems
     tok.chat_template = PREFILLED_THINK_TEMPLATE.replace("<think>\n{% endif %}", "{% endif %}")
     assert probe_chat_template(tok, "hermes", reasoning=False) == []
+
+
+def test_the_built_in_format_starts_with_the_bos_token_a_model_expects(smollm2_dir):
+    """The built-in format wrote no begin-of-sequence token and text is encoded without special tokens: Llama 3,
+    Mistral and Gemma models (whose templates carry no tools, so they get the built-in format) trained and sampled
+    without the token every input of theirs began with (Gemma's outputs degrade to noise without it)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import expected_bos, resolve_chat_template
+    from pact_fast.task_inputs import group_inputs
+
+    ex = parse_example(EXAMPLE)
+
+    def smollm2(bos="<|endoftext|>"):  # its own bos is the turn start, which every turn writes anyway
+        tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+        tok.bos_token = bos
+        return tok
+
+    plain = smollm2()
+    adds = smollm2()  # a tokenizer that puts its bos first when it encodes, as Llama's and Mistral's do
+    adds._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{adds.bos_token} $A", special_tokens=[(adds.bos_token, adds.bos_token_id)])
+    writes = smollm2()  # a template that writes it (Gemma's, Llama 3's)
+    writes.chat_template = "{{ bos_token }}" + NO_CALLS_TEMPLATE
+    for tok, first in ((plain, False), (adds, True), (writes, True)):
+        assert (expected_bos(tok) == tok.bos_token) is first
+        assert resolve_chat_template(tok, "auto", "hermes", log=None) == "builtin"
+        inputs = group_inputs(tok, ex)
+        starts = [inputs.po_prompt[0], inputs.tc_prompt[0]] + [s.input_ids[0] for s in inputs.sft]
+        assert all((t == tok.bos_token_id) is first for t in starts), (first, starts)
+        assert probe_chat_template(tok, "hermes") == []
+    gpt2_like = smollm2(bos="<|im_end|>")  # one token both begins and ends (GPT-2's): never written first
+    gpt2_like.chat_template = "{{ bos_token }}" + NO_CALLS_TEMPLATE
+    assert expected_bos(gpt2_like) == ""
