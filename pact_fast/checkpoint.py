@@ -189,7 +189,7 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
 
         set_model_state_dict(scorer, {f"model.{k}": v for k, v in state.items()},
                              options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(scorer, optimizer, trainer_state["optimizer"],
+        set_optimizer_state_dict(scorer, optimizer, _keyed_by_name(trainer_state["optimizer"], scorer, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
     elif peft_model is not None:  # read_adapter checked names and shapes
         model.load_state_dict(state, strict=False)
@@ -213,6 +213,19 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
     random.setstate(trainer_state["rng"]["python"])
     torch.set_rng_state(trainer_state["rng"]["torch"])
     return int(trainer_state["step"])
+
+
+def _keyed_by_name(optim_state, scorer, optimizer):
+    """A single-process run's optimizer state (``optimizer.state_dict()``: parameters by index in the optimizer's
+    groups) keyed by parameter name, as a torchrun run's is and as ``set_optimizer_state_dict`` reads it (an
+    index-keyed one failed there with ``KeyError: 'state.0.step'``); a name-keyed state as it is. The trainer
+    makes its optimizer over the scorer's trainable parameters in the same order in both."""
+    if not all(isinstance(k, int) for g in optim_state["param_groups"] for k in g["params"]):
+        return optim_state
+    names = {p: n for n, p in scorer.named_parameters()}
+    order = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[k]: v for k, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [order[k] for k in g["params"]]} for g in optim_state["param_groups"]]}
 
 
 def resume(path, scorer, optimizer, scheduler, order, *, peft_model=None):

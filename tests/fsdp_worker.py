@@ -1,6 +1,7 @@
 """Run a few training steps (replayed episodes) single-process or under torchrun; used by test_trainer. With
 ``PACT_TEST_ROLLOUT_LOG`` set, every rollout call appends {"eval": greedy, "sum": the engine model's weight sum}
-to ``$PACT_TEST_ROLLOUT_LOG.rank<RANK>`` (which weights each rollout and evaluation saw)."""
+to ``$PACT_TEST_ROLLOUT_LOG.rank<RANK>`` (which weights each rollout and evaluation saw). With ``PACT_TEST_RESUME``
+set, the run resumes from its run directory's latest checkpoint."""
 import json
 import os
 import sys
@@ -24,4 +25,5 @@ if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
     overrides += os.environ.get(f"PACT_TEST_OVERRIDES_RANK{os.environ.get('RANK', '0')}", "").split()
     config = load_config(None, [f"train.out_dir={out_dir}", *overrides])
-    train(config, engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)
+    train(config, resume=out_dir if os.environ.get("PACT_TEST_RESUME") else None,
+          engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)

@@ -151,6 +151,18 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+def test_a_one_process_checkpoint_resumes_under_torchrun(tmp_path):
+    """A single-process checkpoint holds the optimizer state by parameter index, a torchrun one by name; torchrun's
+    loader stopped on the first with KeyError: 'state.0.step'. Now 1 step in one process and 1 under torchrun reach
+    the weights of 2 steps in one process (AdamW's moments carried over: the second step depends on them)."""
+    whole = _fsdp_run(tmp_path / "whole", 1, tmp_path, extra=["train.steps=2"])
+    _fsdp_run(tmp_path / "split", 1, tmp_path, extra=["train.steps=2", "train.stop_after=1"])
+    split = _fsdp_run(tmp_path / "split", 2, tmp_path, extra=["train.steps=2"], env_extra={"PACT_TEST_RESUME": "1"})
+    assert whole.keys() == split.keys()
+    for k in whole:
+        assert torch.allclose(whole[k], split[k], rtol=1e-4, atol=1e-5), k
+
+
 def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
     """2 gloo ranks, each sampling from an unsharded copy of the policy: a held-out evaluation between steps runs
     on the weights of the update just made (the copy is refreshed first), as the next step's rollouts do, not on
