@@ -394,6 +394,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     if not resume:
         check_fresh_run_dir(train_cfg.out_dir)
     dist.init()
+    if train_cfg.prompts_per_step % dist.world_size():  # each rank takes as many prompt groups (dist.shard_list)
+        raise ConfigError(f"train.prompts_per_step={train_cfg.prompts_per_step} must be a multiple of the torchrun "
+                          f"world size {dist.world_size()}")
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
     if device.type == "cpu":
         fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)

@@ -747,6 +747,20 @@ def test_torchrun_ranks_that_disagree_on_their_data_are_refused(tmp_path):
     assert "torchrun: rank 1's config or data differs from rank 0's" in proc.stdout + proc.stderr
 
 
+def test_torchrun_refuses_prompts_per_step_that_the_ranks_cannot_share_in_one_line(tmp_path):
+    """train.prompts_per_step=3 on 2 ranks loaded the model, evaluated, then stopped in step 1 with a traceback
+    (ValueError) on every rank; now one line per rank before anything loads, no run directory left."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29538", "-m",
+           "pact_fast", "train", "--out", str(tmp_path / "run"), *TINY, "train.prompts_per_step=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("pact-fast: train.prompts_per_step=3 must be a multiple of the torchrun world size 2") == 2, out
+    assert "[rank0]: Traceback" not in out and "held-out" not in out and not (tmp_path / "run").exists()
+
+
 def test_a_resumed_runs_summary_carries_on_and_a_finished_one_is_not_evaluated_again(tmp_path):
     """After a resume the summary had eval_before null and the seconds of the last session only; resuming a finished
     run evaluated it again and appended a second eval row at its last step."""
