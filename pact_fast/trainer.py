@@ -687,7 +687,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
             minutes = train_cfg.save_every_minutes
-            due_by_time = minutes and time.monotonic() - last_save >= 60 * minutes
+            # every rank saves when any is due: their clocks differ by their own evaluations and steps, and a rank
+            # saving (collectives) while another trains on hung both
+            due_by_time = minutes and dist.max_count(int(time.monotonic() - last_save >= 60 * minutes))
             if (train_cfg.save_every and (step + 1) % train_cfg.save_every == 0) or due_by_time:
                 saved[step + 1] = _save(c, step + 1)
                 last_save = time.monotonic()

@@ -181,6 +181,24 @@ def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
             assert sums[k + 1] == sums[k + 2], "the evaluation and the next step's rollouts see the same weights"
 
 
+def test_torchrun_ranks_whose_clocks_disagree_save_at_the_same_steps(tmp_path):
+    """train.save_every_minutes was each rank's own clock: a rank due to save (collectives) while the other trained
+    on hung both (here rank 1's clock runs 1000 s per read). Now every rank saves when any is due: after each step."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=f"{HERE}:{HERE.parent}", PACT_TEST_FAST_CLOCK_RANK="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29539",
+           str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=3", "train.save_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        out = proc.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun's agent passes it on to the ranks (each in a session of its own)
+        proc.communicate(timeout=120)
+        pytest.fail("the ranks hung: one saved a checkpoint while the other trained on")
+    assert proc.returncode == 0, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+
+
 def test_built_in_held_out_tasks_come_from_another_world():
     from pact_fast.data import load_data
 
