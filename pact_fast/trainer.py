@@ -785,29 +785,35 @@ RANK_MAXES = ("rollout_seconds", "step_seconds", "peak_memory_mb")
 
 
 def _step_metrics(stats):
-    """The step's metrics over all ranks: counts summed, times the slowest rank's, the rest averaged (each rank
-    holds as many prompt groups); tokens per second of the whole step."""
-    m = dist.reduce_metrics(stats.metrics(), summed=RANK_SUMS, largest=RANK_MAXES)
+    """The step's metrics over all ranks: counts summed, times the slowest rank's and maxima (``MAXIMA``) the
+    largest, the rest averaged (each rank holds as many prompt groups); tokens per second of the whole step."""
+    m = stats.metrics()
+    m = dist.reduce_metrics(m, summed=RANK_SUMS, largest=RANK_MAXES + tuple(k for k in m if k.endswith(MAXIMA)))
     m["tokens_per_second"] = (m["sampled_tokens"] + m["packed_tokens"]) / m["step_seconds"]
     return m
 
 
 SFT_METRICS = ("loss/sft", "sft_weight_mean", "sft_weight/", "tool_call_weight")  # the SFT term's (prefixes)
+MAXIMA = ("_max",)  # metrics that are a largest value (po/ratio_max, rollout/logp_mismatch_max): suffixes
 
 
 def _average(weighted):
     """Each metric over the micro-batches ``[((rollouts, traces), metrics)]``, as the step's loss combines them
     (``losses.loss_scales``): the SFT term's (``SFT_METRICS``) weighted by the micro-batch's traces, the others by
     its rollout count (tokens or responses), so a micro-batch without traces (or rollouts) adds nothing to the
-    other term's means. A metric no weighted micro-batch reports is their plain mean."""
-    sums, weights, plain = {}, {}, {}
+    other term's means. A metric no weighted micro-batch reports is their plain mean. Maxima (``MAXIMA``) are the
+    largest over the micro-batches and epochs (averaged, a second epoch's ratio_max of 1.91 was logged as 1.46)."""
+    sums, weights, plain, held = {}, {}, {}, {}
     for (rollouts, traces), metrics in weighted:
         for k, v in metrics.items():
             w = traces if k.startswith(SFT_METRICS) else rollouts
             sums[k] = sums.get(k, 0.0) + w * v
             weights[k] = weights.get(k, 0.0) + w
             plain.setdefault(k, []).append(v)
-    return {k: sums[k] / weights[k] if weights[k] else sum(plain[k]) / len(plain[k]) for k in sums}
+            if w:  # (a micro-batch of traces alone reports ratio_max 1.0: no rollout of its own)
+                held.setdefault(k, []).append(v)
+    return {k: max(held.get(k) or plain[k]) if k.endswith(MAXIMA) else sums[k] / weights[k] if weights[k] else
+            sum(plain[k]) / len(plain[k]) for k in sums}
 
 
 def _peak_memory_mb(device):

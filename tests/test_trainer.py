@@ -754,6 +754,29 @@ def test_step_metrics_do_not_depend_on_the_micro_batching(tmp_path):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
 
 
+def test_a_logged_ratio_max_is_the_largest_over_the_micro_batches_and_epochs(tmp_path, monkeypatch):
+    """po/ratio_max and tc/ratio_max were averaged over the micro-batches and epochs (and ranks): the first epoch's
+    1.0 halved the second's excess (a step's 1.91 was logged as 1.46). Now the step's largest."""
+    from pact_fast import trainer
+
+    seen, real = [], trainer._micro_batch_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(trainer, "_micro_batch_loss", spy)
+    cfg = load_config(None, TINY + ["train.steps=1", "train.update_epochs=2", "train.micro_batch_tokens=250",
+                                    "data.eval_tasks=1", f"train.out_dir={tmp_path}"])
+    train(cfg, log=lambda *a: None)
+    row = next(json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "reward_mean" in line)
+    assert len(seen) > 2
+    for key in ("po/ratio_max", "tc/ratio_max"):
+        top = max(m[key] for m in seen if m)
+        assert top > 1.01 and row[key] == pytest.approx(top, rel=1e-6), (key, row[key], top)
+
+
 def test_torchrun_ranks_that_disagree_on_their_data_are_refused(tmp_path):
     """Rank 1 given another data.seed trained without a word, averaging gradients of different steps."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
