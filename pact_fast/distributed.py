@@ -164,25 +164,30 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def reduce_metrics(metrics, summed=(), largest=()):
+def reduce_metrics(metrics, summed=(), largest=(), weights=None):
     """Each numeric metric reduced over the ranks that report it: the mean, but the sum for the keys in ``summed``
-    (counts each rank holds a share of) and the maximum for those in ``largest`` (a step lasts as long as its
-    slowest rank). A rank may lack a key another has, e.g. a term none of its micro-batches held: the key lists
-    are gathered first, so the reductions line up."""
+    (counts each rank holds a share of), the maximum for those in ``largest`` (a step lasts as long as its
+    slowest rank) and, for a key of ``weights`` ({key: this rank's weight}, e.g. its rollout tokens), the mean
+    weighted by the ranks' weights (the plain mean where they are all 0). A rank may lack a key another has, e.g. a
+    term none of its micro-batches held: the key lists are gathered first, so the reductions line up."""
     if not is_distributed():
         return metrics
     mine = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
     lists = [None] * world_size()
     td.all_gather_object(lists, mine)
     keys = sorted(set().union(*lists))
+    weights = weights or {}
+    w = [float(weights.get(k, 1.0)) if k in metrics else 0.0 for k in keys]
     t = torch.tensor([[float(metrics[k]) if k in metrics else 0.0 for k in keys],
-                      [1.0 if k in metrics else 0.0 for k in keys]], dtype=torch.float64)
+                      [1.0 if k in metrics else 0.0 for k in keys],
+                      [wk * float(metrics[k]) if k in metrics else 0.0 for wk, k in zip(w, keys)], w],
+                     dtype=torch.float64)
     top = torch.tensor([float(metrics[k]) if k in metrics else -math.inf for k in keys], dtype=torch.float64)
     td.all_reduce(t)
     td.all_reduce(top, op=td.ReduceOp.MAX)
     out = {}
-    for k, total, n, most in zip(keys, t[0].tolist(), t[1].tolist(), top.tolist()):
-        out[k] = total if k in summed else most if k in largest else total / n
+    for k, total, n, weighted, weight, most in zip(keys, *t.tolist(), top.tolist()):
+        out[k] = total if k in summed else most if k in largest else weighted / weight if weight else total / n
     return {**metrics, **out}
 
 

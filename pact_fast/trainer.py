@@ -478,6 +478,8 @@ class StepStats:
     step_seconds: float
     peak_memory_mb: float
     truncated: int = 0  # episodes cut to fit the step (task_inputs.fit_episodes)
+    loss_weights: dict = field(default_factory=dict)  # a weight per metric of ``losses`` that ranks average by it
+
 
     def metrics(self):
         eps, n = self.episodes, max(1, len(self.episodes))
@@ -577,9 +579,13 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     if lc.mode == "pact":
         anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(
             anchor_rows(all_groups, train_cfg.prompts_per_step, lc.anchor_q, lc.seed, step).float().mean())
-    losses = {**_average(weighted_metrics), **tis_metrics}
+    means, loss_weights = _average(weighted_metrics)
+    losses = {**means, **tis_metrics}
+    # over ranks, as over micro-batches: by rollouts (or traces); the TIS metrics by sampled tokens
+    loss_weights.update(dict.fromkeys(tis_metrics, float(sum(sum(ep.response_mask) for ep in flat))))
     if "loss/total" in losses:  # the per-term losses are each micro-batch's own means, averaged by size above
-        losses["loss/total"] = step_loss / epochs
+        losses["loss/total"] = step_loss / epochs  # (each rank's share of the step, times the world: a plain mean)
+        loss_weights.pop("loss/total", None)
     if "anchored_groups" in losses:  # a count over the step's groups, which micro-batches split
         losses["anchored_groups"] = float(train_cfg.prompts_per_step if lc.mode != "pact" else
                                           anchor_frac * train_cfg.prompts_per_step)
@@ -592,7 +598,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     return StepStats(step + 1, losses, lr, float(grad_norm), skipped,
                      non_finite_loss, rewards, flat, packed_tokens, sum(not mb.padding for mb in batches),
                      sum(len(s) for u in units for s in u.sequences), anchor_frac, t_roll, time.perf_counter() - t0,
-                     _peak_memory_mb(c.device), truncated)
+                     _peak_memory_mb(c.device), truncated, loss_weights)
 
 
 def _old_logps(c, micro_batches, inputs, score):
@@ -786,9 +792,11 @@ RANK_MAXES = ("rollout_seconds", "step_seconds", "peak_memory_mb")
 
 def _step_metrics(stats):
     """The step's metrics over all ranks: counts summed, times the slowest rank's and maxima (``MAXIMA``) the
-    largest, the rest averaged (each rank holds as many prompt groups); tokens per second of the whole step."""
+    largest, the loss terms' means weighted as one process weighs its micro-batches (``loss_weights``), the rest
+    averaged (each rank holds as many prompt groups); tokens per second of the whole step."""
     m = stats.metrics()
-    m = dist.reduce_metrics(m, summed=RANK_SUMS, largest=RANK_MAXES + tuple(k for k in m if k.endswith(MAXIMA)))
+    m = dist.reduce_metrics(m, summed=RANK_SUMS, largest=RANK_MAXES + tuple(k for k in m if k.endswith(MAXIMA)),
+                            weights=stats.loss_weights)
     m["tokens_per_second"] = (m["sampled_tokens"] + m["packed_tokens"]) / m["step_seconds"]
     return m
 
@@ -802,7 +810,8 @@ def _average(weighted):
     (``losses.loss_scales``): the SFT term's (``SFT_METRICS``) weighted by the micro-batch's traces, the others by
     its rollout count (tokens or responses), so a micro-batch without traces (or rollouts) adds nothing to the
     other term's means. A metric no weighted micro-batch reports is their plain mean. Maxima (``MAXIMA``) are the
-    largest over the micro-batches and epochs (averaged, a second epoch's ratio_max of 1.91 was logged as 1.46)."""
+    largest over the micro-batches and epochs (averaged, a second epoch's ratio_max of 1.91 was logged as 1.46).
+    Returns ``(means, weights)``: each weighted mean's summed weight, for the mean over ranks."""
     sums, weights, plain, held = {}, {}, {}, {}
     for (rollouts, traces), metrics in weighted:
         for k, v in metrics.items():
@@ -812,8 +821,9 @@ def _average(weighted):
             plain.setdefault(k, []).append(v)
             if w:  # (a micro-batch of traces alone reports ratio_max 1.0: no rollout of its own)
                 held.setdefault(k, []).append(v)
-    return {k: max(held.get(k) or plain[k]) if k.endswith(MAXIMA) else sums[k] / weights[k] if weights[k] else
-            sum(plain[k]) / len(plain[k]) for k in sums}
+    means = {k: max(held.get(k) or plain[k]) if k.endswith(MAXIMA) else sums[k] / weights[k] if weights[k] else
+             sum(plain[k]) / len(plain[k]) for k in sums}
+    return means, {k: w for k, w in weights.items() if w and not k.endswith(MAXIMA)}
 
 
 def _peak_memory_mb(device):

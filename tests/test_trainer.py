@@ -151,6 +151,21 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+def test_torchrun_loss_metrics_weigh_the_ranks_as_one_process_weighs_its_micro_batches(tmp_path):
+    """2 ranks, one prompt group each, 2 epochs: the RL terms' metrics were each rank's token mean averaged plainly
+    over the ranks (loss/rl 0.00931 where one process logged 0.00923, clip fractions off by 0.5-1%); now weighted
+    by the ranks' tokens, and maxima the largest, they are the one-process run's."""
+    extra = ["train.steps=3", "train.prompts_per_step=2", "train.update_epochs=2"]
+    _fsdp_run(tmp_path / "one", 1, tmp_path, extra=extra)
+    _fsdp_run(tmp_path / "two", 2, tmp_path, extra=extra)
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                if '"sampled_tokens"' in line] for n in ("one", "two")}
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("loss/total", "loss/rl", "loss/sft", "po/clip_frac_high", "tc/clip_frac_high", "po/approx_kl",
+                    "tc/approx_kl", "po/ratio_mean", "tc/ratio_mean", "po/ratio_max", "tc/ratio_max"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
+
+
 def test_a_one_process_checkpoint_resumes_under_torchrun(tmp_path):
     """A single-process checkpoint holds the optimizer state by parameter index, a torchrun one by name; torchrun's
     loader stopped on the first with KeyError: 'state.0.step'. Now 1 step in one process and 1 under torchrun reach
