@@ -480,7 +480,6 @@ class StepStats:
     truncated: int = 0  # episodes cut to fit the step (task_inputs.fit_episodes)
     loss_weights: dict = field(default_factory=dict)  # a weight per metric of ``losses`` that ranks average by it
 
-
     def metrics(self):
         eps, n = self.episodes, max(1, len(self.episodes))
         sampled = sum(ep.num_model_tokens for ep in eps)
