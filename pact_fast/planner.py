@@ -151,12 +151,37 @@ def parse_size(text):
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
+def _with_defaults(config, name):
+    """The text model's settings of config.json ``config`` (a multimodal model's ``text_config``) with every key the
+    file leaves out at the default of its transformers config class, as the trainer builds the model (Gemma's and
+    Cohere2's config.json omit ``tie_word_embeddings``, whose default there is true; Gemma-3's ``text_config`` holds
+    a few keys only). A config.json without a ``model_type`` is read as it stands."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        text = config.get("text_config") or config
+        if not isinstance(text, dict):
+            raise PlanError(f"{name}: config.json's text_config must be a mapping, got {type(text).__name__}")
+        return dict(text)
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if model_type not in CONFIG_MAPPING:
+        raise PlanError(f"{name}: model_type {model_type!r} is not one this transformers knows, so the trainer cannot "
+                        "load it either")
+    try:
+        full = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+        return full.get_text_config().to_dict()
+    except Exception as exc:  # transformers' validation of a bad value (its strict dataclass errors, ValueError, ...)
+        reason = " ".join(str(exc).split())[:200]
+        raise PlanError(f"{name}: transformers cannot read this config.json (model_type {model_type!r}): "
+                        f"{reason}") from None
+
+
 def shape_from_config(config, name="model"):
     """A ``ModelShape`` from a Hugging Face ``config.json`` mapping (a Llama/Qwen2/Qwen3/Mistral-like decoder).
     A mixture-of-experts config is refused: the planner counts one dense MLP per layer."""
     if not isinstance(config, dict):
         raise PlanError(f"{name}: config.json must be a mapping of a model's settings, got {type(config).__name__}")
-    config = dict(config.get("text_config") or config)
+    config = _with_defaults(config, name)
     experts = next((config[k] for k in MOE_KEYS if config.get(k)), None)
     if experts:
         raise PlanError(f"{name}: a mixture-of-experts model ({', '.join(k for k in MOE_KEYS if config.get(k))} = "

@@ -62,6 +62,32 @@ def test_a_model_directory_gives_the_shape_and_parameter_count_of_the_model(tmp_
     assert planner.param_counts(shape)["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_keys_a_config_json_leaves_out_take_the_defaults_the_model_is_built_with(tmp_path):
+    """Gemma-2's config.json has no tie_word_embeddings (Gemma2Config's default: true): read as untied, Gemma-2-2B
+    was planned at 3.20B parameters for 2.61B (Gemma-3-1B 1.30B for 1.00B). Gemma-3's multimodal config.json holds
+    a text_config of a few keys (no heads, no vocab_size), which was refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gemma2 = {"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96, "vocab_size": 1024}
+    (tmp_path / "config.json").write_text(json.dumps(gemma2))
+    shape = planner.resolve_model(str(tmp_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**gemma2))
+    assert shape.tie_word_embeddings
+    assert abs(planner.param_counts(shape)["total"] - sum(p.numel() for p in model.parameters())) <= 4 * 64
+    gemma3 = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 2560,
+                                                      "intermediate_size": 10240, "num_hidden_layers": 34}}
+    shape = planner.shape_from_config(gemma3, "gemma-3-4b")
+    assert (shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.tie_word_embeddings) == \
+        (8, 4, 256, 262208, True)
+    for bad, words in (({"model_type": "llama", "hidden_size": "big"}, "transformers cannot read this config.json"),
+                       ({"model_type": "gemma3", "text_config": "x"}, "transformers cannot read this config.json"),
+                       ({"model_type": "nosuch", "hidden_size": 64}, "model_type 'nosuch' is not one")):
+        with pytest.raises(planner.PlanError, match=words):
+            planner.shape_from_config(bad, "bad")
+
+
 def test_unknown_models_and_directories_without_a_config_are_refused_by_name(tmp_path):
     with pytest.raises(planner.PlanError, match="known: smollm2-135m, .*qwen3-8b"):
         planner.resolve_model("qwen9-1b")
