@@ -155,13 +155,14 @@ def _with_defaults(config, name):
     """The text model's settings of config.json ``config`` (a multimodal model's ``text_config``) with every key the
     file leaves out at the default of its transformers config class, as the trainer builds the model (Gemma's and
     Cohere2's config.json omit ``tie_word_embeddings``, whose default there is true; Gemma-3's ``text_config`` holds
-    a few keys only). A config.json without a ``model_type`` is read as it stands."""
+    a few keys only). Returns ``(settings, the transformers config)``; a config.json without a ``model_type`` is
+    read as it stands, ``(settings, None)``."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         text = config.get("text_config") or config
         if not isinstance(text, dict):
             raise PlanError(f"{name}: config.json's text_config must be a mapping, got {type(text).__name__}")
-        return dict(text)
+        return dict(text), None
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_type not in CONFIG_MAPPING:
@@ -169,7 +170,7 @@ def _with_defaults(config, name):
                         "load it either")
     try:
         full = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
-        return full.get_text_config().to_dict()
+        return full.get_text_config().to_dict(), full
     except Exception as exc:  # transformers' validation of a bad value (its strict dataclass errors, ValueError, ...)
         reason = " ".join(str(exc).split())[:200]
         raise PlanError(f"{name}: transformers cannot read this config.json (model_type {model_type!r}): "
@@ -178,10 +179,12 @@ def _with_defaults(config, name):
 
 def shape_from_config(config, name="model"):
     """A ``ModelShape`` from a Hugging Face ``config.json`` mapping (a Llama/Qwen2/Qwen3/Mistral-like decoder).
-    A mixture-of-experts config is refused: the planner counts one dense MLP per layer."""
+    A mixture-of-experts config is refused: the planner counts one dense MLP per layer; so is latent attention, and
+    (with a ``model_type``) a config whose model, counted on the meta device (``exact_param_count``), is more than
+    ``PARAM_TOLERANCE`` off ``param_counts``: layers the planner's formulas do not describe."""
     if not isinstance(config, dict):
         raise PlanError(f"{name}: config.json must be a mapping of a model's settings, got {type(config).__name__}")
-    config = _with_defaults(config, name)
+    config, full = _with_defaults(config, name)
     experts = next((config[k] for k in MOE_KEYS if config.get(k)), None)
     if experts:
         raise PlanError(f"{name}: a mixture-of-experts model ({', '.join(k for k in MOE_KEYS if config.get(k))} = "
@@ -194,10 +197,43 @@ def shape_from_config(config, name="model"):
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     model_type = str(config.get("model_type", ""))
-    return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], heads,
-                      config.get("num_key_value_heads") or heads, head_dim, config["intermediate_size"],
-                      config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
-                      bool(config.get("attention_bias", model_type == "qwen2")), model_type.startswith("qwen3"))
+    if config.get("kv_lora_rank"):
+        raise PlanError(f"{name}: multi-head latent attention (kv_lora_rank = {config['kv_lora_rank']}, model_type "
+                        f"{model_type!r}); the planner counts q/k/v projections of head_dim per head")
+    shape = ModelShape(name, config["hidden_size"], config["num_hidden_layers"], heads,
+                       config.get("num_key_value_heads") or heads, head_dim, config["intermediate_size"],
+                       config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
+                       bool(config.get("attention_bias", model_type == "qwen2")), model_type.startswith("qwen3"))
+    if full is not None:
+        exact, planned = exact_param_count(full, name), param_counts(shape)["total"]
+        if abs(planned - exact) > PARAM_TOLERANCE * exact:
+            raise PlanError(f"{name}: the {full.model_type} model transformers builds holds {exact / 1e9:.4g}B "
+                            "parameters where the planner's Llama-style decoder of these sizes holds "
+                            f"{planned / 1e9:.4g}B "
+                            f"({(planned - exact) / exact:+.1%}"
+                            f"{'; towers beside its text model' if full.get_text_config() is not full else ''}): the "
+                            "planner does not model this architecture")
+    return shape
+
+
+# How far param_counts may be from the model transformers builds (Gemma's extra norms: 0.003%) before a config is
+# refused as an architecture the planner's formulas do not describe
+PARAM_TOLERANCE = 0.01
+
+
+def exact_param_count(config, name="model"):
+    """Parameters of the causal LM transformers builds from ``config`` (a ``PretrainedConfig``), on the meta device
+    (no memory, no weights): every tensor once, tied ones too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # no causal LM class for this model_type, or one its config cannot build
+        reason = " ".join(str(exc).split())[:200]
+        raise PlanError(f"{name}: transformers builds no causal LM from this config.json: {reason}") from None
+    return sum(p.numel() for p in model.parameters())
 
 
 def shape_from_dir(path):
@@ -598,4 +634,4 @@ def options_from_config(config, **overrides):
 __all__ = ["ModelShape", "KNOWN_SHAPES", "PlanOptions", "Prediction", "PlanError", "parse_size", "resolve_model",
            "shape_from_config", "shape_from_dir", "param_counts", "lora_params", "predict", "predict_rollout",
            "max_micro_batch_tokens", "report", "readme_table", "options_from_config", "DEFAULT_LORA_TARGETS",
-           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes"]
+           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes", "exact_param_count"]

@@ -64,8 +64,8 @@ def test_a_model_directory_gives_the_shape_and_parameter_count_of_the_model(tmp_
 
 def test_keys_a_config_json_leaves_out_take_the_defaults_the_model_is_built_with(tmp_path):
     """Gemma-2's config.json has no tie_word_embeddings (Gemma2Config's default: true): read as untied, Gemma-2-2B
-    was planned at 3.20B parameters for 2.61B (Gemma-3-1B 1.30B for 1.00B). Gemma-3's multimodal config.json holds
-    a text_config of a few keys (no heads, no vocab_size), which was refused."""
+    was planned at 3.20B parameters for 2.61B (Gemma-3-1B 1.30B for 1.00B). Gemma-3-4B's text config holds a few
+    keys (no heads, no vocab_size), which was refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     gemma2 = {"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -76,9 +76,8 @@ def test_keys_a_config_json_leaves_out_take_the_defaults_the_model_is_built_with
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**gemma2))
     assert shape.tie_word_embeddings
     assert abs(planner.param_counts(shape)["total"] - sum(p.numel() for p in model.parameters())) <= 4 * 64
-    gemma3 = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 2560,
-                                                      "intermediate_size": 10240, "num_hidden_layers": 34}}
-    shape = planner.shape_from_config(gemma3, "gemma-3-4b")
+    gemma3 = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34}
+    shape = planner.shape_from_config(gemma3, "gemma-3-4b-text")
     assert (shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.tie_word_embeddings) == \
         (8, 4, 256, 262208, True)
     for bad, words in (({"model_type": "llama", "hidden_size": "big"}, "transformers cannot read this config.json"),
@@ -86,6 +85,28 @@ def test_keys_a_config_json_leaves_out_take_the_defaults_the_model_is_built_with
                        ({"model_type": "nosuch", "hidden_size": 64}, "model_type 'nosuch' is not one")):
         with pytest.raises(planner.PlanError, match=words):
             planner.shape_from_config(bad, "bad")
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"model_type": "starcoder2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1024},
+     r"the starcoder2 model transformers builds holds 0.0001573B parameters where the planner's Llama-style decoder "
+     r"of these sizes holds 0.0001887B \(\+20.0%\)"),
+    ({"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "intermediate_size": 256, "vocab_size": 1024, "tie_word_embeddings": False}, "the gpt_neox model"),
+    ({"model_type": "minicpm3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 1024, "kv_lora_rank": 16, "q_lora_rank": 32,
+      "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16}, r"multi-head latent attention \(kv_lora_rank"),
+    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 2560,
+                                              "intermediate_size": 10240, "num_hidden_layers": 34}},
+     r"the gemma3 model transformers builds holds 3.975B parameters .* \(-2.4%; towers beside its text model\)"),
+], ids=["starcoder2-plain-mlp", "gpt-neox", "minicpm3-mla", "gemma3-multimodal"])
+def test_architectures_whose_layers_the_planner_does_not_count_are_refused(config, words):
+    """A plain (non-gated) MLP, biases everywhere or latent attention read as a Llama layer: Starcoder2-7B was
+    planned at 9.89B parameters for 7.17B (+38%), Pythia-1B +27%, Phi-2 +30%, Gemma-3-4B's text model without its
+    vision tower -9.8%; MiniCPM3's latent attention planned as heads of head_dim."""
+    with pytest.raises(planner.PlanError, match=words):
+        planner.shape_from_config(config, "m")
 
 
 def test_unknown_models_and_directories_without_a_config_are_refused_by_name(tmp_path):
