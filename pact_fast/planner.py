@@ -141,10 +141,10 @@ def parse_size(text):
     m = _SIZE.fullmatch(str(text))
     if not m:
         raise PlanError(f"--gpu-memory {text!r} is not a size; write e.g. 24GB, 24GiB or 24000MB")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "GB").lower()]
+    value = int(float(m.group(1)) * _UNITS[(m.group(2) or "GB").lower()])
     if value <= 0:
-        raise PlanError(f"--gpu-memory {text!r} must be more than zero")
-    return int(value)
+        raise PlanError(f"--gpu-memory {text!r} must be at least one byte")
+    return value
 
 
 # config.json keys that mark a mixture-of-experts model (Mixtral, Qwen2/3-MoE, DeepSeek, OLMoE)
@@ -194,6 +194,10 @@ def shape_from_config(config, name="model"):
     if missing:
         raise PlanError(f"{name}: config.json lacks {', '.join(missing)}; the planner needs a decoder-only "
                         "model's config (hidden_size, num_hidden_layers, num_attention_heads, ...)")
+    bad = [f"{k} = {config[k]!r}" for k in need + ("num_key_value_heads", "head_dim") if config.get(k) is not None
+           and (not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] < 1)]
+    if bad:
+        raise PlanError(f"{name}: config.json has {', '.join(bad)}; each must be a positive integer")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     model_type = str(config.get("model_type", ""))
@@ -244,8 +248,10 @@ def shape_from_dir(path):
             config = json.load(f)
     except FileNotFoundError:
         raise PlanError(f"{path}: no config.json (not a Hugging Face model directory)") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanError(f"{path}/config.json is not valid JSON ({exc})") from None
+    except OSError as exc:  # a directory of that name, no permission to read it
+        raise PlanError(f"{path}/config.json cannot be read ({exc.strerror or exc})") from None
     return shape_from_config(config, path.name)
 
 

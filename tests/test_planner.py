@@ -382,6 +382,30 @@ def test_plan_mistakes_are_one_line_with_status_2(args, message):
     assert rc == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
 
 
+def test_unreadable_or_nonsense_model_configs_are_one_line_with_status_2(tmp_path):
+    """A config.json that is a directory or not UTF-8, zero heads, a head_dim that is not a number, a GPU of less
+    than a byte: each was a traceback (IsADirectoryError, UnicodeDecodeError, ZeroDivisionError, TypeError) or a
+    plan for a 0-byte GPU."""
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+             "vocab_size": 128}
+    cases = {"dir": None, "binary": b"\xff\xfe{", "zero-heads": {**sizes, "num_attention_heads": 0},
+             "text-head-dim": {**sizes, "head_dim": "x"}}
+    messages = {"dir": "config.json cannot be read (Is a directory)", "binary": "config.json is not valid JSON",
+                "zero-heads": "config.json has num_attention_heads = 0; each must be a positive integer",
+                "text-head-dim": "config.json has head_dim = 'x'; each must be a positive integer"}
+    for case, content in cases.items():
+        (tmp_path / case).mkdir()
+        if content is None:
+            (tmp_path / case / "config.json").mkdir()
+        else:
+            (tmp_path / case / "config.json").write_bytes(content if isinstance(content, bytes)
+                                                          else json.dumps(content).encode())
+        rc, out, err = _plan("--model", str(tmp_path / case), "--gpu-memory", "24GB")
+        assert rc == 2 and out == "" and err.count("\n") == 1 and messages[case] in err, (case, err)
+    rc, out, err = _plan("--model", "qwen3-0.6b", "--gpu-memory", "0.5B")
+    assert rc == 2 and err == "pact-fast: --gpu-memory '0.5B' must be at least one byte\n"
+
+
 def test_plan_reads_a_run_config(tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n  grad_checkpointing: true\n  fused_head: false\n")
     rc, out, _ = _plan("--model", "qwen2.5-1.5b", "--gpu-memory", "40GB", "--config", str(tmp_path / "run.yaml"),
