@@ -40,8 +40,9 @@ The terms:
 - ``activations`` = n * per_layer(T) without checkpointing; with it ``checkpointed_inputs`` = 4nTh (each
   layer's fp32 input) and ``recomputed_layer`` = per_layer(T). per_layer(T) is what autograd keeps of one
   HF Llama/Qwen decoder layer, T times the bytes per token:
-  - RMSNorms (fp32 in both modes): x * rsqrt, kept for the norm weight's gradient (2h; none with LoRA's frozen
-    weights), a fp32 rsqrt each (8 bytes) and the two residual sums (2h): 4 * (4h + 8 / 4), LoRA 4 * 2h + 8;
+  - RMSNorms, N of them (``layer_norms``: Llama 2, Gemma-2/3 4; fp32 in both modes): each keeps x * rsqrt for
+    the norm weight's gradient (h; none with LoRA's frozen weights), a fp32 rsqrt (4 bytes) and its input (h;
+    Llama's the two residual sums): N * (4 * 2h + 4), LoRA N * (4h + 4);
   - the projections' inputs: float32, the norms' outputs (4 * 2h); bf16, each projection's own bf16 cast of
     its input (2 * 5h: q, k, v, gate, up);
   - MLP: gate, up, silu(gate) and their product, a * 4I;
@@ -51,7 +52,8 @@ The terms:
     an additive float mask, a * T per token; ``varlen`` (the CPU's default: SDPA's math path per trie
     segment) the scaled q and the output a * 2q per token, plus a * (2q * keys + heads * pairs) per layer for
     the gathered, repeated keys and values and the softmax weights (``VarlenSizes`` of the packed trie);
-  - Qwen3's q/k RMSNorms: their fp32 input and x * rsqrt (input only with LoRA), 4 * 2(q + kv), and rsqrts;
+  - Qwen3's and Gemma-3's q/k RMSNorms: their fp32 input and x * rsqrt (input only with LoRA), 4 * 2(q + kv),
+    and rsqrts;
   - LoRA per adapted module: the r-wide middle a * r; in bf16 lora_A's own cast of its input 2 * in; with
     dropout the dropped input and its mask (a + 1) * in.
 - ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
@@ -107,7 +109,8 @@ class ModelShape(NamedTuple):
     vocab_size: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v biases (Qwen2, Qwen2.5)
-    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3, Gemma-3)
+    layer_norms: int = 2  # hidden-wide norms per decoder layer (Gemma-2/3: 4, before and after attention and MLP)
 
 
 def _shape(name, h, n, heads, kv, d, inter, vocab, tied, bias=False, qk_norm=False):
@@ -209,7 +212,10 @@ def shape_from_config(config, name="model"):
                        config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
                        bool(config.get("attention_bias", model_type == "qwen2")), model_type.startswith("qwen3"))
     if full is not None:
-        exact, planned = exact_param_count(full, name), param_counts(shape)["total"]
+        model = _meta_model(full, name)
+        exact = sum(p.numel() for p in model.parameters())
+        shape = shape._replace(**_layer_norms(model, shape.hidden_size))
+        planned = param_counts(shape)["total"]
         if abs(planned - exact) > PARAM_TOLERANCE * exact:
             raise PlanError(f"{name}: the {full.model_type} model transformers builds holds {exact / 1e9:.4g}B "
                             "parameters where the planner's Llama-style decoder of these sizes holds "
@@ -228,6 +234,25 @@ PARAM_TOLERANCE = 0.01
 def exact_param_count(config, name="model"):
     """Parameters of the causal LM transformers builds from ``config`` (a ``PretrainedConfig``), on the meta device
     (no memory, no weights): every tensor once, tied ones too."""
+    return sum(p.numel() for p in _meta_model(config, name).parameters())
+
+
+def _layer_norms(model, hidden):
+    """``{"layer_norms": n, "qk_norm": bool}`` of ``model``'s first decoder layer: its norms of hidden width (the
+    weights named ``*norm*``; Llama 2, Gemma-2/3 4) and whether it norms q and k (``q_norm``: Qwen3, Gemma-3)."""
+    from .distributed import decoder_layers
+
+    try:
+        layer = decoder_layers(model)[0]
+    except (ValueError, IndexError, TypeError):
+        return {}
+    names = [n for n, p in layer.named_parameters() if n.endswith("norm.weight") and p.numel() == hidden]
+    return {"layer_norms": len([n for n in names if "q_norm" not in n and "k_norm" not in n]) or 2,
+            "qk_norm": any("q_norm" in n for n, _ in layer.named_parameters())}
+
+
+def _meta_model(config, name):
+    """The causal LM transformers builds from ``config``, on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -237,7 +262,7 @@ def exact_param_count(config, name="model"):
     except Exception as exc:  # no causal LM class for this model_type, or one its config cannot build
         reason = " ".join(str(exc).split())[:200]
         raise PlanError(f"{name}: transformers builds no causal LM from this config.json: {reason}") from None
-    return sum(p.numel() for p in model.parameters())
+    return model
 
 
 def shape_from_dir(path):
@@ -276,12 +301,12 @@ def module_dims(shape):
 
 
 def param_counts(shape):
-    """Parameters by part: ``embedding`` (V h), ``layers`` (n * (linear weights + q/k/v biases + 2 norms h
-    (+ Qwen3's q/k norms 2 head_dim))), ``layer_linear`` (the linear weights alone), ``final_norm`` (h),
+    """Parameters by part: ``embedding`` (V h), ``layers`` (n * (linear weights + q/k/v biases + N norms h
+    (+ q/k norms 2 head_dim))), ``layer_linear`` (the linear weights alone), ``final_norm`` (h),
     ``lm_head`` (V h, 0 when tied), ``largest`` (the largest single tensor) and ``total``."""
     dims = module_dims(shape)
     linear = sum(i * o for i, o in dims.values())
-    per_layer = linear + 2 * shape.hidden_size
+    per_layer = linear + shape.layer_norms * shape.hidden_size
     if shape.attention_bias:
         per_layer += sum(dims[m][1] for m in ("q_proj", "k_proj", "v_proj"))
     if shape.qk_norm:
@@ -373,9 +398,9 @@ def layer_activation_bytes(shape, tokens, options, varlen=None):
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     a = 2 if options.dtype == "bf16" else 4
     lora = options.lora
-    # both RMSNorms, fp32 in both modes: x * rsqrt (kept for the weight's gradient: not with LoRA's frozen
-    # weights) and the rsqrt; the layer's two residual sums
-    per_token = 4 * (0 if lora else 2 * h) + 2 * 4 + 4 * 2 * h
+    # each RMSNorm (Llama 2, Gemma 4), fp32 in both modes: x * rsqrt (kept for the weight's gradient: not with
+    # LoRA's frozen weights), the rsqrt and its input (Llama: the layer's two residual sums)
+    per_token = shape.layer_norms * (4 * (0 if lora else h) + 4 + 4 * h)
     # what the projections keep: float32, the norms' outputs (2h); bf16, a bf16 cast of the input per call
     per_token += 4 * 2 * h if options.dtype == "float32" else 2 * 5 * h
     per_token += a * 4 * inter  # gate, up, silu(gate), silu(gate) * up

@@ -238,6 +238,25 @@ def _measure_and_predict(build, lora, ckpt, fused, attn, tokens=512, frozen_head
     return measured["peak_bytes"], predictions
 
 
+def _tiny_gemma3():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3_text", vocab_size=2048, hidden_size=128, intermediate_size=448,
+                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                  max_position_embeddings=2048, sliding_window=4096, attention_dropout=0.0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float(), config
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gemma3s_four_norms_and_qk_norms_are_planned(lora):
+    """Gemma-3's layers norm before and after attention and MLP (4 RMSNorms, Llama's 2) and norm q and k; planned
+    as Llama's, this step was predicted 13% (full; LoRA 8%) under its measured peak, Gemma-3-1B's activations at
+    real size 31% under. Now within 1% here."""
+    measured, (predicted, _) = _measure_and_predict(_tiny_gemma3, lora, False, True, "varlen")
+    assert abs(predicted.total - measured) / measured < 0.03, (predicted.total, measured, predicted.terms)
+
+
 CASES = [
     pytest.param(_tiny_llama, False, False, True, "varlen", {}, id="llama-full"),
     pytest.param(_tiny_llama, True, False, True, "varlen", {}, id="llama-lora"),
