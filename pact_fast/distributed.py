@@ -166,8 +166,8 @@ def clip_grad_norm(model, max_norm):
 
 def reduce_metrics(metrics, summed=(), largest=(), weights=None):
     """Each numeric metric reduced over the ranks that report it: the mean, but the sum for the keys in ``summed``
-    (counts each rank holds a share of), the maximum for those in ``largest`` (a step lasts as long as its
-    slowest rank) and, for a key of ``weights`` ({key: this rank's weight}, e.g. its rollout tokens), the mean
+    (counts each rank holds a share of), the maximum for those in ``largest`` or ending with one of them (a step
+    lasts as long as its slowest rank; ``po/ratio_max``: decided on the keys of all ranks) and, for a key of ``weights`` ({key: this rank's weight}, e.g. its rollout tokens), the mean
     weighted by the ranks' weights (the plain mean where they are all 0). A rank may lack a key another has, e.g. a
     term none of its micro-batches held: the key lists are gathered first, so the reductions line up."""
     if not is_distributed():
@@ -187,7 +187,8 @@ def reduce_metrics(metrics, summed=(), largest=(), weights=None):
     td.all_reduce(top, op=td.ReduceOp.MAX)
     out = {}
     for k, total, n, weighted, weight, most in zip(keys, *t.tolist(), top.tolist()):
-        out[k] = total if k in summed else most if k in largest else weighted / weight if weight else total / n
+        out[k] = total if k in summed else most if k.endswith(tuple(largest)) else weighted / weight if weight else \
+            total / n
     return {**metrics, **out}
 
 

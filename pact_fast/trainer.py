@@ -481,11 +481,15 @@ class StepStats:
     loss_weights: dict = field(default_factory=dict)  # a weight per metric of ``losses`` that ranks average by it
 
     def metrics(self):
+        """The step's metrics on this rank: the loss terms' (``losses``), then ``episode_metrics``."""
+        return {**self.losses, **self.episode_metrics()}
+
+    def episode_metrics(self):
+        """What the episodes, the update and the timers say (``reward_mean`` of the episodes, not the loss's)."""
         eps, n = self.episodes, max(1, len(self.episodes))
         sampled = sum(ep.num_model_tokens for ep in eps)
         rewards = self.rewards
         return {
-            **self.losses,
             "step": self.step, "lr": self.lr, "grad_norm": self.grad_norm,
             "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
             "success_rate": float((rewards >= 1).float().mean()) if len(rewards) else 0.0,
@@ -793,9 +797,10 @@ def _step_metrics(stats):
     """The step's metrics over all ranks: counts summed, times the slowest rank's and maxima (``MAXIMA``) the
     largest, the loss terms' means weighted as one process weighs its micro-batches (``loss_weights``), the rest
     averaged (each rank holds as many prompt groups); tokens per second of the whole step."""
-    m = stats.metrics()
-    m = dist.reduce_metrics(m, summed=RANK_SUMS, largest=RANK_MAXES + tuple(k for k in m if k.endswith(MAXIMA)),
-                            weights=stats.loss_weights)
+    episode = stats.episode_metrics()  # its reward_mean replaces the loss's: a mean over episodes, not tokens
+    weights = {k: w for k, w in stats.loss_weights.items() if k not in episode}
+    m = dist.reduce_metrics({**stats.losses, **episode}, summed=RANK_SUMS, largest=RANK_MAXES + MAXIMA,
+                            weights=weights)
     m["tokens_per_second"] = (m["sampled_tokens"] + m["packed_tokens"]) / m["step_seconds"]
     return m
 
@@ -822,7 +827,7 @@ def _average(weighted):
                 held.setdefault(k, []).append(v)
     means = {k: max(held.get(k) or plain[k]) if k.endswith(MAXIMA) else sums[k] / weights[k] if weights[k] else
              sum(plain[k]) / len(plain[k]) for k in sums}
-    return means, {k: w for k, w in weights.items() if w and not k.endswith(MAXIMA)}
+    return means, {k: w for k, w in weights.items() if not k.endswith(MAXIMA)}
 
 
 def _peak_memory_mb(device):

@@ -166,6 +166,22 @@ def test_torchrun_loss_metrics_weigh_the_ranks_as_one_process_weighs_its_micro_b
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
 
 
+def test_torchrun_step_metrics_weigh_by_rollout_tokens_only_what_the_loss_reports(tmp_path):
+    """reward_mean is the episodes' mean, which replaces the loss's own: it was weighted over the ranks by their
+    rollout tokens (ranks of 200 and 20 tokens with rewards 1, 1 and 0, 0 logged 0.909 for 0.5); a micro-batch
+    without rollout tokens counted its fallback ratio with weight 1; maxima are the largest over all ranks."""
+    out = tmp_path / "logged.json"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, str(HERE / "rank_metrics_worker.py"), str(out), "29541"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = json.loads(out.read_text())
+    assert logged["reward_mean"] == pytest.approx(0.5)
+    assert logged["loss/rl"] == pytest.approx((200 * 0.1 + 20 * 0.3) / 220)
+    assert logged["po/ratio_mean"] == pytest.approx((200 * 0.9 + 20 * 0.8) / 220)
+    assert logged["po/ratio_max"] == pytest.approx(1.7)
+
+
 def test_a_one_process_checkpoint_resumes_under_torchrun(tmp_path):
     """A single-process checkpoint holds the optimizer state by parameter index, a torchrun one by name; torchrun's
     loader stopped on the first with KeyError: 'state.0.step'. Now 1 step in one process and 1 under torchrun reach
