@@ -260,7 +260,8 @@ class HFRolloutEngine:
         after = render(self.tokenizer, conv + new_messages, example.tools, True)
         if not after.startswith(before):
             raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
-        end = before.rfind(self.tokenizer.eos_token)
+        turn = len(render(self.tokenizer, conv[:-1], example.tools, True))  # where the sampled turn's text begins
+        end = before.rfind(self.tokenizer.eos_token, turn)  # (an earlier turn's: its text would come again)
         start = end + len(self.tokenizer.eos_token) if end >= 0 else len(before)
         return self.tokenizer(after[start:], add_special_tokens=False)["input_ids"]
 

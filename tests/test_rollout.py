@@ -412,3 +412,23 @@ def test_an_episode_is_the_templates_rendering_of_its_conversation(smollm2_dir):
         assert ep.prompt_ids + ep.response_ids == tok(text, add_special_tokens=False)["input_ids"]
         sampled = [t for t, m in zip(ep.response_ids, ep.response_mask) if m]
         assert tok.decode(sampled) == f"{call}{tok.eos_token}ruth{tok.eos_token}"
+
+
+def test_a_context_block_never_repeats_the_sampled_turn_when_the_template_ends_it_without_eos():
+    """The block after a sampled turn started after the last end-of-turn token of the whole rendering: a template
+    that renders a conversation's last assistant turn without it (the end token written only between turns) made
+    that an earlier turn's, and the sampled turn's text came again in the context."""
+    from pact_fast.envs.tokenizer import CHAT_TEMPLATE
+
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace(" ) </tool_call>{% endfor %} <|im_end|>\n",
+                                              " ) </tool_call>{% endfor %}{% if not loop.last %} <|im_end|>\n"
+                                              "{% endif %}")
+    ex = parse_example(make_task(0, hops=1, ops=False))
+    call = ex.trace[0]["tool_calls"][0]["function"]
+    text = f"<tool_call> {call['name']} ( " + " , ".join(f"{k} = {v}" for k, v in call["arguments"].items()) + " ) " \
+           "</tool_call>"
+    (ep,) = _OneTurnEngine(tok, text, group_size=1, max_turns=2).rollout([ex], MultiHopEnv)[0]
+    decoded = tok.decode(ep.response_ids)
+    assert ep.turns == 2 and decoded.count("<tool_call>") == 2, decoded
+    assert decoded.count("<tool_response>") == 1
