@@ -288,7 +288,10 @@ _CALL_SYNTAX = {
 }
 
 
-def builtin_chat_template(tool_call_format="compact", *, turn_start="<|im_start|>", turn_end="<|im_end|>", bos=""):
+TURN_START = "<|im_start|>"  # what opens every turn of the built-in format
+
+
+def builtin_chat_template(tool_call_format="compact", *, turn_start=TURN_START, turn_end="<|im_end|>", bos=""):
     """The project's tool format as a Jinja chat template (module docstring): tools in the system turn, calls
     in ``tool_call_format``, responses as ``tool`` turns, reasoning in ``<think>`` in the assistant turn.
     Prefix-preserving across turns. ``turn_end`` must be the token that ends an assistant turn in rollouts
@@ -355,7 +358,8 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
         plain = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, False)
         prompt = render(tokenizer, _PROBE[:2], _PROBE_TOOLS, True)
         first = render(tokenizer, _PROBE[:3], _PROBE_TOOLS, False)
-        bare = render(tokenizer, _PROBE[:2] + [dict(_PROBE[2], reasoning_content=None)], _PROBE_TOOLS, False)
+        bare = render(tokenizer, _PROBE[:2] + [{k: v for k, v in _PROBE[2].items() if k != "reasoning_content"}],
+                      _PROBE_TOOLS, False)  # as a rollout's turns come: without the key
         with_tool = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, True)
         tool_turn = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, False)
         whole = render(tokenizer, _PROBE, _PROBE_TOOLS, False)
@@ -364,7 +368,8 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
     problems = []
     if "probe_lookup" not in prompt or "probe_key" not in prompt:
         problems.append("the prompt does not show the tools (name and parameters)")
-    if not (first.startswith(prompt) and bare.startswith(prompt)):
+    preserved = with_tool.startswith(first) and whole.startswith(tool_turn)  # the tool turn, once the answer comes
+    if not (first.startswith(prompt) and bare.startswith(prompt)) or (preserved and not whole.startswith(with_tool)):
         problems.append("an assistant turn as rendered does not start with the generation prompt (a pre-filled <think> "
                         "that rendered turns lack, as in QwQ's and DeepSeek-R1's templates): rollouts sample after it")
     turn = first[len(prompt) if first.startswith(prompt) else _common_prefix(first, plain):]
@@ -379,7 +384,7 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
                         "where rollouts stop sampling a turn (a base model's tokenizer under an instruct template)")
     if "tusks" not in with_tool[len(first):]:
         problems.append("the tool response is not rendered")
-    if not with_tool.startswith(first) or not whole.startswith(tool_turn):  # nor the tool turn once the answer comes
+    if not preserved:
         problems.append("the template is not prefix-preserving across a tool turn (rollouts append tool turns)")
     elif not problems:
         problems += _rollout_problems(tokenizer, turn)
@@ -423,6 +428,8 @@ def expected_bos(tokenizer):
     samples without the token it always saw first."""
     bos = tokenizer.bos_token
     if not bos or tokenizer.bos_token_id is None or bos == tokenizer.eos_token:  # GPT-2's: turns end with it
+        return ""
+    if bos == TURN_START:  # SmolLM2's: the built-in format's turn start, which begins every rendering already
         return ""
     adds = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     return bos if adds or "bos_token" in str(getattr(tokenizer, "chat_template", None) or "") else ""

@@ -308,6 +308,12 @@ def test_probe_refuses_turns_that_do_not_start_with_the_generation_prompt():
         assert len(problems) == 1 and "does not start with the generation prompt" in problems[0], problems
     tok.chat_template = PREFILLED_THINK_TEMPLATE.replace("<think>\n{% endif %}", "{% endif %}")
     assert probe_chat_template(tok, "hermes", reasoning=False) == []
+    # pre-filled only after a tool turn: the probe looked at the first turn's generation prompt alone
+    tok.chat_template = CHATML_TEMPLATE.replace(
+        "<|im_start|>assistant\n{% endif %}",
+        "<|im_start|>assistant\n{% if messages[-1].role == 'tool' %}<think>\n{% endif %}{% endif %}")
+    problems = probe_chat_template(tok, "hermes", reasoning=False)
+    assert len(problems) == 1 and "does not start with the generation prompt" in problems[0], problems
 
 
 def test_the_built_in_format_starts_with_the_bos_token_a_model_expects(smollm2_dir):
@@ -342,4 +348,8 @@ def test_the_built_in_format_starts_with_the_bos_token_a_model_expects(smollm2_d
         assert probe_chat_template(tok, "hermes") == []
     gpt2_like = smollm2(bos="<|im_end|>")  # one token both begins and ends (GPT-2's): never written first
     gpt2_like.chat_template = "{{ bos_token }}" + NO_CALLS_TEMPLATE
-    assert expected_bos(gpt2_like) == ""
+    turn_start = smollm2(bos="<|im_start|>")  # SmolLM2's own: the turn start that begins every rendering anyway
+    turn_start.chat_template = "{{ bos_token }}" + NO_CALLS_TEMPLATE
+    assert expected_bos(gpt2_like) == expected_bos(turn_start) == ""
+    resolve_chat_template(turn_start, "auto", "hermes", log=None)
+    assert group_inputs(turn_start, ex).po_prompt[:2] != [turn_start.bos_token_id] * 2, "written once, not twice"
