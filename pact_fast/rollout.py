@@ -260,10 +260,17 @@ class HFRolloutEngine:
         after = render(self.tokenizer, conv + new_messages, example.tools, True)
         if not after.startswith(before):
             raise ValueError("the chat template is not prefix-preserving across a tool turn; rollouts need one that is")
+        eos = self.tokenizer.eos_token
         turn = len(render(self.tokenizer, conv[:-1], example.tools, True))  # where the sampled turn's text begins
-        end = before.rfind(self.tokenizer.eos_token, turn)  # (an earlier turn's: its text would come again)
-        start = end + len(self.tokenizer.eos_token) if end >= 0 else len(before)
-        return self.tokenizer(after[start:], add_special_tokens=False)["input_ids"]
+        end = before.rfind(eos, turn)  # (an earlier turn's: its text would come again)
+        if end < 0:
+            return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        # encoded behind the end token, as in the whole text: alone, a SentencePiece tokenizer (Llama 2's, Mistral's)
+        # would start it with a "▁" of its own
+        ids = self.tokenizer(eos + after[end + len(eos):], add_special_tokens=False)["input_ids"]
+        if ids[:1] == [self.eos]:
+            return ids[1:]
+        return self.tokenizer(after[end + len(eos):], add_special_tokens=False)["input_ids"]
 
     def rollout(self, examples, make_env, group_size=None, greedy=None):
         """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all

@@ -432,3 +432,33 @@ def test_a_context_block_never_repeats_the_sampled_turn_when_the_template_ends_i
     decoded = tok.decode(ep.response_ids)
     assert ep.turns == 2 and decoded.count("<tool_call>") == 2, decoded
     assert decoded.count("<tool_response>") == 1
+
+
+def test_a_context_block_is_encoded_as_in_the_whole_text_with_a_sentencepiece_tokenizer():
+    """A block encoded alone started with a "▁" of the tokenizer's own (Metaspace pre-tokenizers prepend one to a
+    text's start, as Llama 2's and Mistral's do): the episode's context differed from the conversation's encoding by
+    that token at every turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pact_fast.chat import builtin_chat_template, render
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    corpus = ['<|im_start|>user\nhello tools\n<tool_call>\n{"name": "lookup"}\n</tool_call>\n<tool_response>\nruth\n'
+              '</tool_response>\nassistant user tool'] * 20
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=list('abcdefghijklmnopqrstuvwxyz<>|_/{}":,\n ▁')))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = builtin_chat_template("hermes", turn_end="</s>")
+    ex = parse_example(make_task(0, hops=1, ops=False))
+    engine = _OneTurnEngine(tok, "ruth")
+    conv = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ruth"}]
+    new = [{"role": "user", "content": "tools"}]
+    before, after = render(tok, conv, ex.tools), render(tok, conv + new, ex.tools, True)
+    head = before[:before.rindex("</s>") + len("</s>")]
+    whole, prefix = (tok(t, add_special_tokens=False)["input_ids"] for t in (after, head))
+    assert whole[:len(prefix)] == prefix
+    assert engine._context_block(ex, conv, new) == whole[len(prefix):]
+    assert tok(after[len(head):], add_special_tokens=False)["input_ids"] != whole[len(prefix):], "alone it differs"
