@@ -345,10 +345,11 @@ _PROBE = [{"role": "system", "content": "You answer with tools."},
           {"role": "assistant", "content": "tusks"}]
 
 
-def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True):
+def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True, call_text=True):
     """What the tokenizer's chat template loses of a tool conversation: a list of one-line problems (empty:
-    the template carries tools, calls in ``tool_call_format``, tool responses, reasoning if ``reasoning``,
-    and is prefix-preserving across a tool turn, as rollouts need)."""
+    the template carries tools, calls in ``tool_call_format``, tool responses, reasoning if ``reasoning``, the
+    text of a turn that calls tools if ``call_text``, and is prefix-preserving across a tool turn, as rollouts
+    need)."""
     if tool_call_format not in PARSERS:
         raise ValueError(f"probe_chat_template: unknown tool_call_format {tool_call_format!r}; "
                          f"choose one of {sorted(PARSERS)}")
@@ -360,6 +361,8 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
         first = render(tokenizer, _PROBE[:3], _PROBE_TOOLS, False)
         bare = render(tokenizer, _PROBE[:2] + [{k: v for k, v in _PROBE[2].items() if k != "reasoning_content"}],
                       _PROBE_TOOLS, False)  # as a rollout's turns come: without the key
+        said = render(tokenizer, _PROBE[:2] + [dict(_PROBE[2], content="Checking the walrus records.")],
+                      _PROBE_TOOLS, False)
         with_tool = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, True)
         tool_turn = render(tokenizer, _PROBE[:4], _PROBE_TOOLS, False)
         whole = render(tokenizer, _PROBE, _PROBE_TOOLS, False)
@@ -379,6 +382,8 @@ def probe_chat_template(tokenizer, tool_call_format="compact", *, reasoning=True
                         "(rollout.tool_call_format must match the template's)")
     if reasoning and "walrus fact up" not in first:
         problems.append("the assistant turn drops reasoning_content")
+    if call_text and "Checking the walrus records." not in said:
+        problems.append("an assistant turn that calls tools drops its text (content)")
     if tokenizer.eos_token and tokenizer.eos_token not in turn:
         problems.append(f"the assistant turn does not end with the tokenizer's eos token {tokenizer.eos_token!r}, "
                         "where rollouts stop sampling a turn (a base model's tokenizer under an instruct template)")
@@ -435,18 +440,20 @@ def expected_bos(tokenizer):
     return bos if adds or "bos_token" in str(getattr(tokenizer, "chat_template", None) or "") else ""
 
 
-def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *, reasoning=True, log=print):
+def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *, reasoning=True, call_text=True,
+                          log=print):
     """Make ``tokenizer.chat_template`` one that carries tools; returns ``"model"`` or ``"builtin"``.
 
     mode: ``auto`` keeps the model's template when ``probe_chat_template`` finds no problem, else installs
         ``builtin_chat_template`` (and says why through ``log``); ``model`` keeps it or raises a one-line
         ``ValueError`` with the problems; ``builtin`` always installs the built-in format.
     reasoning: whether the data has reasoning, so that a template dropping it is a problem.
+    call_text: whether the data has text in turns that call tools, likewise.
     """
     if mode not in CHAT_TEMPLATE_MODES:
         raise ValueError(f"chat_template={mode!r}; choose one of {', '.join(CHAT_TEMPLATE_MODES)}")
     if mode != "builtin":
-        problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning)
+        problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning, call_text=call_text)
         if not problems:
             return "model"
         if mode == "model":
@@ -459,7 +466,7 @@ def resolve_chat_template(tokenizer, mode="auto", tool_call_format="compact", *,
         raise ValueError("the built-in tool format ends turns with the tokenizer's eos token, and it has none")
     tokenizer.chat_template = builtin_chat_template(tool_call_format, turn_end=tokenizer.eos_token,
                                                     bos=expected_bos(tokenizer))
-    problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning)
+    problems = probe_chat_template(tokenizer, tool_call_format, reasoning=reasoning, call_text=call_text)
     if problems:
         raise ValueError("the built-in tool format does not render with this tokenizer: " + "; ".join(problems))
     return "builtin"

@@ -353,3 +353,16 @@ def test_the_built_in_format_starts_with_the_bos_token_a_model_expects(smollm2_d
     assert expected_bos(gpt2_like) == expected_bos(turn_start) == ""
     resolve_chat_template(turn_start, "auto", "hermes", log=None)
     assert group_inputs(turn_start, ex).po_prompt[:2] != [turn_start.bos_token_id] * 2, "written once, not twice"
+
+
+def test_probe_names_a_template_that_drops_the_text_of_a_turn_that_calls_tools():
+    """Hermes 3's template drops the text of a turn that also calls tools; the probe's call turn had no text, so a
+    template doing that was kept and SFT silently lost the expert's words before its calls (kept where the data
+    has none)."""
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace("{%- if m.content %} {{ m.content }}{% endif -%}",
+                                              "{%- if m.content and not m.tool_calls %} {{ m.content }}{% endif -%}")
+    assert probe_chat_template(tok, "compact") == ["an assistant turn that calls tools drops its text (content)"]
+    assert probe_chat_template(tok, "compact", call_text=False) == []
+    assert resolve_chat_template(tok, "auto", "compact", call_text=False, log=None) == "model"
+    assert resolve_chat_template(tok, "auto", "compact", call_text=True, log=None) == "builtin"
