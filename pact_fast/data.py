@@ -334,7 +334,9 @@ def check_trainable(example, *, needs_trace=True, env_modules=()):
     if not example.env or not isinstance(example.env.get("name"), str):
         _fail("missing 'env' (an object with a 'name', e.g. {\"name\": \"multihop\", \"world_seed\": 0}): "
               "the environment that runs the calls and scores the episode")
-    if example.env["name"] not in ENVIRONMENTS and ":" not in example.env["name"]:
+    from .envs import check_example, plugin
+
+    if example.env["name"] not in ENVIRONMENTS and not plugin.is_plugin(example.env["name"]):
         _fail(f"unknown env name {example.env['name']!r}; known: {', '.join(ENVIRONMENTS)}, or 'package.module:Class' "
               "naming a ToolEnv subclass of your own (pact_fast.envs.plugin)")
     seed = example.env.get("world_seed", 0)
@@ -346,8 +348,6 @@ def check_trainable(example, *, needs_trace=True, env_modules=()):
         _fail("'answer' is empty: the multihop reward would pay an empty reply")
     if needs_trace and not any(m["role"] == "assistant" for m in example.trace):
         _fail("missing 'trace' (the expert's assistant turns): every loss mode but grpo trains on it")
-    from .envs import check_example
-
     reason = check_example(example, env_modules)
     if reason:
         _fail(reason)

@@ -434,8 +434,8 @@ def export_merged(config, out, log=print):
 def fit_chat_template(config, tokenizer, examples, log=print):
     """With a pretrained ``model.path``: make its tokenizer's chat template carry tools
     (``chat.resolve_chat_template`` per ``model.chat_template``; reasoning, and text in turns that call tools, are
-    required when any example's trace has some); a template it cannot use is a ``ModelError``. The built-in tokenizer's own template carries tools
-    already."""
+    required when any example's trace has some); a template it cannot use is a ``ModelError``. The built-in
+    tokenizer's own template carries tools already."""
     if config.model.path:
         reasoning = any(m.get("reasoning_content") for ex in examples for m in ex.trace)
         call_text = any((m.get("content") or "").strip() and m.get("tool_calls") for ex in examples for m in ex.trace)

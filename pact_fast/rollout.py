@@ -265,12 +265,11 @@ class HFRolloutEngine:
         end = before.rfind(eos, turn)  # (an earlier turn's: its text would come again)
         if end < 0:
             return self.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        block = after[end + len(eos):]
         # encoded behind the end token, as in the whole text: alone, a SentencePiece tokenizer (Llama 2's, Mistral's)
         # would start it with a "▁" of its own
-        ids = self.tokenizer(eos + after[end + len(eos):], add_special_tokens=False)["input_ids"]
-        if ids[:1] == [self.eos]:
-            return ids[1:]
-        return self.tokenizer(after[end + len(eos):], add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(eos + block, add_special_tokens=False)["input_ids"]
+        return ids[1:] if ids[:1] == [self.eos] else self.tokenizer(block, add_special_tokens=False)["input_ids"]
 
     def rollout(self, examples, make_env, group_size=None, greedy=None):
         """``group_size`` (default ``config.group_size``) prompt-only episodes of every example, all

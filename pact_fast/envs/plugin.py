@@ -67,7 +67,7 @@ def _resolve(name, env_modules):
     except Exception as exc:  # the user's module may raise anything while it imports
         path = ", ".join(sys.path[:3])
         return None, (f"env name {name!r}: cannot import {module_name} ({type(exc).__name__}: "
-                      f"{' '.join(str(exc).split())[:200]}); is its directory on PYTHONPATH? (sys.path starts {path})")
+                      f"{excerpt_of(exc, 200)}); is its directory on PYTHONPATH? (sys.path starts {path})")
     cls = getattr(module, attr, None)
     if cls is None:
         return None, f"env name {name!r}: {module_name} has no {attr!r}"
