@@ -35,6 +35,11 @@ class LoRAConfig:
         "help": "start from these adapters: a LoRA checkpoint of a run, or a peft adapter directory of plain LoRA "
                 "(adapter_config.json and adapter_model.safetensors), made with the same r, alpha and target "
                 "modules; another peft option (use_rslora, use_dora, ...) is refused"})
+    base_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen base weights: bfloat16 halves their memory (the adapters, their gradients and "
+                "AdamW state stay float32) and runs the base's forward, residual stream included, in bf16, on the "
+                "CPU too; float32 = the base as a full fine-tune holds it",
+        "choices": ("float32", "bfloat16")})
 
     def __post_init__(self):
         if self.r < 1:

@@ -63,10 +63,18 @@ def decoder_layers(module):
 
 
 def shard(model, bf16=False):
-    """FSDP2 ``fully_shard`` on every decoder layer and the root; identity in a single process."""
+    """FSDP2 ``fully_shard`` on every decoder layer and the root; identity in a single process. A layer holding
+    parameters of two dtypes (LoRA's float32 adapters on a bf16 base, ``model.lora.base_dtype``) needs torch >= 2.8,
+    whose FSDP2 asks only the trainable ones to share a dtype; before, a ``ConfigError`` (one line)."""
     if not is_distributed():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    if len(dtypes) > 1 and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
+        raise ConfigError(f"the model holds {' and '.join(dtypes)} parameters (model.lora.base_dtype): FSDP2 of torch "
+                          f"{torch.__version__} refuses a layer of mixed dtypes; under torchrun use torch >= 2.8, or "
+                          "model.lora.base_dtype=float32")
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(model):

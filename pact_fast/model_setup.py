@@ -50,11 +50,19 @@ class Policy:
     peft: Optional[torch.nn.Module] = None
 
 
+def base_dtype(cfg):
+    """The dtype of ``model`` config ``cfg``'s base weights: ``cfg.lora.base_dtype`` when LoRA freezes them,
+    else float32 (what a full fine-tune's AdamW updates)."""
+    return getattr(torch, cfg.lora.base_dtype) if cfg.lora.enabled else torch.float32
+
+
 def build_model_and_tokenizer(cfg, device, seed):
     """The base causal LM and its tokenizer, without adapters: a local HF directory (``cfg.path``), or the
-    built-in tiny Qwen3-shaped model (its weights drawn from ``seed``) on the built-in tokenizer."""
+    built-in tiny Qwen3-shaped model (its weights drawn from ``seed`` in float32) on the built-in tokenizer; its
+    weights in ``base_dtype(cfg)`` (a pretrained model is read in that dtype, never held in float32 first)."""
+    dtype = base_dtype(cfg)
     if cfg.path:
-        model, tokenizer = load_pretrained(cfg.path)  # one-line ModelError for a missing dir or tokenizer
+        model, tokenizer = load_pretrained(cfg.path, dtype=dtype)  # one-line ModelError: a missing dir or tokenizer
     else:
         from .envs import build_tokenizer
 
@@ -66,7 +74,7 @@ def build_model_and_tokenizer(cfg, device, seed):
                              bos_token_id=None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return model.to(device=device, dtype=dtype), tokenizer
 
 
 def build_policy(cfg, device, seed, *, log=None, training=False):
@@ -398,7 +406,9 @@ def export_merged(config, out, log=print):
     """Write ``config``'s LoRA policy (the adapters of ``model.lora.adapter`` on ``model.path``) with the adapters
     folded into the weights, as a plain Hugging Face model directory ``out`` (model, config, and the tokenizer
     the adapters were trained with), which ``transformers`` loads without peft. Written under a temporary name,
-    then renamed. Returns ``out``."""
+    then renamed. The merge runs in float32 whatever ``model.lora.base_dtype`` trained on: a bf16 base is cast up
+    (exactly) first, so the merged weights are the base the adapters trained on plus their delta, without a bf16
+    rounding of the sum; the directory holds float32 weights either way. Returns ``out``."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -413,6 +423,7 @@ def export_merged(config, out, log=print):
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; export into a new directory")
     policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
+    policy.model.to(torch.float32)
     tokenizer = policy.tokenizer
     if any((Path(lora.adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(lora.adapter), local_files_only=True)
@@ -446,7 +457,7 @@ def fit_chat_template(config, tokenizer, examples, log=print):
             raise ModelError(f"model.chat_template={config.model.chat_template}: {exc}") from None
 
 
-__all__ = ["Policy", "build_policy", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
+__all__ = ["Policy", "build_policy", "base_dtype", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
            "check_attention_dropout", "without_start_adapters", "default_lora_targets", "lora_targets", "check_lora",
            "check_adapter_options", "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter",
            "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -640,6 +640,9 @@ def options_from_config(config, **overrides):
     options). An empty ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``:
     every linear layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
     train, lora = config.train, config.model.lora
+    if lora.enabled and lora.base_dtype != "float32":
+        raise PlanError(f"model.lora.base_dtype={lora.base_dtype}: the planner predicts a float32 base only (a bf16 "
+                        "base halves its weights and runs its residual stream in bf16, which it does not model)")
     if overrides.get("device"):  # --device wins, with that device's defaults (float32 and sdpa on the CPU)
         device = overrides["device"]
         attn = "sdpa" if device == "cpu" or train.attn_backend == "sdpa" else "flash"

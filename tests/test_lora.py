@@ -149,18 +149,21 @@ def _adapters(run_dir):
     return ckpt, load_file(str(ckpt / "adapter_model.safetensors"))
 
 
-def test_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
-    full = load_config(None, TINY + LORA + ["train.steps=4", f"train.out_dir={tmp_path / 'full'}"])
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, base_dtype):
+    lora = LORA + [f"model.lora.base_dtype={base_dtype}"]
+    full = load_config(None, TINY + lora + ["train.steps=4", f"train.out_dir={tmp_path / 'full'}"])
     train(full, log=lambda *a: None)
-    half = load_config(None, TINY + LORA + ["train.steps=4", "train.stop_after=2", f"train.out_dir={tmp_path / 'half'}"])
+    half = load_config(None, TINY + lora + ["train.steps=4", "train.stop_after=2", f"train.out_dir={tmp_path / 'half'}"])
     train(half, log=lambda *a: None)
-    train(load_config(None, TINY + LORA + ["train.steps=4", f"train.out_dir={tmp_path / 'half'}"]),
+    train(load_config(None, TINY + lora + ["train.steps=4", f"train.out_dir={tmp_path / 'half'}"]),
           resume=tmp_path / "half", log=lambda *a: None)
     (ckpt_a, a), (ckpt_b, b) = _adapters(tmp_path / "full"), _adapters(tmp_path / "half")
     assert ckpt_a.name == ckpt_b.name == "step_000004"
     assert not list(ckpt_a.glob("model*.safetensors")), "a LoRA checkpoint holds no base weights"
     assert json.loads((ckpt_a / "adapter_config.json").read_text())["r"] == 4
     assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    assert all(v.dtype == torch.float32 for v in a.values()), "adapters are float32 on any base"
     assert all(torch.equal(a[k], b[k]) for k in a), "N steps and N/2 + resume + N/2 must agree exactly"
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a), "the adapters trained"
     with pytest.raises(FileNotFoundError, match="holds LoRA adapters only; resume it with model.lora.enabled=true"):
@@ -273,11 +276,24 @@ def _untied_model_dir(tmp_path):
     return out
 
 
-def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path):
+def _step_metrics(run_dir, step):
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step") == step and "grad_norm" in row:
+            return row
+    raise AssertionError(f"no step {step} in {run_dir}")
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path, base_dtype):
+    """Float32: the adapters after three steps agree. A bf16 base: the first step's loss and gradient norm agree
+    to bf16's rounding (after it, Adam's normalised steps turn that rounding into weight differences as large as
+    those between two micro-batch splits of one process)."""
     results = []
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
-        args = [str(out), *TINY, *LORA, "train.steps=3", "rollout.group_size=3", "train.lr=0.05"]
+        args = [str(out), *TINY, *LORA, f"model.lora.base_dtype={base_dtype}", "train.steps=3",
+                "rollout.group_size=3", "train.lr=0.05"]
         env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541",
@@ -287,8 +303,14 @@ def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path):
         results.append(_adapters(out)[1])
     one, two = results
     assert one.keys() == two.keys() and all("lora_" in k for k in one)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert all(v.dtype == torch.float32 for v in two.values())
+    if base_dtype == "float32":
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    else:
+        first = [_step_metrics(tmp_path / f"n{n}", 1) for n in (1, 2)]
+        for key, rtol in (("loss/total", 1e-3), ("grad_norm", 1e-2)):
+            assert first[1][key] == pytest.approx(first[0][key], rel=rtol), key
     assert any(k.endswith("lora_B.weight") and one[k].abs().max() > 0 for k in one), "the adapters trained"
 
 
@@ -346,7 +368,7 @@ def test_eval_of_a_lora_run_may_point_at_its_base_where_it_now_lies(tmp_path):
 def test_lora_options_set_while_lora_is_off_are_refused():
     """``model.lora.r=8`` without ``model.lora.enabled=true`` trained every weight, the rank ignored."""
     for override in ("model.lora.r=8", "model.lora.alpha=4", "model.lora.dropout=0.1",
-                     "model.lora.target_modules=[q_proj]"):
+                     "model.lora.target_modules=[q_proj]", "model.lora.base_dtype=bfloat16"):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=f"{key}=.* is set but model.lora.enabled is false"):
             load_config(None, [override])
@@ -535,3 +557,119 @@ def test_a_run_started_from_adapters_resumes_after_they_are_gone(tmp_path):
     train(load_config(None, b + [f"train.out_dir={tmp_path / 'b'}"]), resume=tmp_path / "b", log=lambda *a: None)
     whole, resumed = _adapters(tmp_path / "whole")[1], _adapters(tmp_path / "b")[1]
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def _base_and_adapter_dtypes(model):
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    adapters = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    return base, adapters
+
+
+def test_a_bf16_base_holds_the_rounded_base_weights_and_trains_float32_adapters(tmp_path):
+    """``model.lora.base_dtype=bfloat16``: the frozen base is the float32 one rounded to bf16 (half the bytes),
+    the adapters, their gradients and AdamW state float32; training moves the adapters only; the policy's
+    log-probs are the float32 base's to bf16 precision."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = load_config(None, TINY + LORA + [f"model.lora.base_dtype={dtype}", "train.steps=2", "train.lr=0.05",
+                                                  f"train.out_dir={tmp_path / dtype}"])
+        runs[dtype] = build(config, log=lambda *a: None)
+    c16, c32 = runs["bfloat16"], runs["float32"]
+    assert _base_and_adapter_dtypes(c16.model) == ({torch.bfloat16}, {torch.float32})
+    named16, named32 = dict(c16.model.named_parameters()), dict(c32.model.named_parameters())
+    for name, p in named16.items():
+        if "lora_" not in name:
+            assert torch.equal(p, named32[name].to(torch.bfloat16)), name
+    base_bytes = {k: sum(p.numel() * p.element_size() for n, p in c.model.named_parameters() if "lora_" not in n)
+                  for k, c in runs.items()}
+    assert 2 * base_bytes["bfloat16"] == base_bytes["float32"]
+    in_optimizer = [p for group in c16.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for n, p in named16.items() if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in named16.items()}
+    for step in range(2):
+        train_step(c16, step)
+    moved = [n for n, p in named16.items() if not torch.equal(p, before[n])]
+    assert moved and all("lora_" in n for n in moved) and any("lora_B" in n for n in moved), moved
+    assert all(s["exp_avg"].dtype == torch.float32 for s in c16.optimizer.state.values())
+    with torch.no_grad():  # the same adapters on both bases
+        for name, p in named32.items():
+            if "lora_" in name:
+                p.copy_(named16[name])
+    seqs = [[3, 9, 12, 4, 30, 7, 2], [3, 9, 12, 5]]
+    with torch.no_grad():
+        on16, on32 = sequence_logprobs(c16.model, seqs), sequence_logprobs(c32.model, seqs)
+    diff = torch.cat([(a - b).abs() for a, b in zip(on16, on32)])
+    assert 0 < diff.max() < 0.1, "the bf16 base runs in bf16, within bf16's rounding of the float32 base"
+
+
+def test_export_of_a_bf16_base_run_merges_in_float32_onto_the_base_it_trained_on(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pact_fast.evaluation import run_config
+
+    run = tmp_path / "run"
+    train(load_config(None, TINY + LORA + ["model.lora.base_dtype=bfloat16", "train.steps=2", "train.lr=0.05",
+                                           f"train.out_dir={run}"]), log=lambda *a: None)
+    config, _ = run_config(run)
+    assert config.model.lora.base_dtype == "bfloat16"
+    policy = build_policy(config.model, torch.device("cpu"), config.train.seed)
+    assert _base_and_adapter_dtypes(policy.model) == ({torch.bfloat16}, {torch.float32})
+    proc = _cli("export", str(run), "--merge", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
+    merged_params = dict(merged.named_parameters())
+    assert {p.dtype for p in merged_params.values()} == {torch.float32}
+    scale = config.model.lora.alpha / config.model.lora.r
+    adapted = 0
+    for name, module in policy.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            A, B = module.lora_A["default"].weight.double(), module.lora_B["default"].weight.double()
+            expected = module.base_layer.weight.double() + scale * (B @ A)  # the bf16 base, exactly, plus the delta
+            got = merged_params[name.replace("base_model.model.", "", 1) + ".weight"].double()
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            adapted += bool((B @ A).abs().max() > 0)
+    assert adapted, "the adapters trained"
+    embed = policy.model.get_input_embeddings().weight
+    assert torch.equal(merged.get_input_embeddings().weight, embed.float()), "the base's own bf16 weights"
+
+
+def test_fsdp2_of_an_older_torch_refuses_a_bf16_base_in_one_line(monkeypatch):
+    """FSDP2 before torch 2.8 asserts on a layer holding float32 adapters beside bf16 weights, at the first step."""
+    from pact_fast import distributed
+
+    model = tiny_causal_lm("qwen3")
+    apply_lora(model, _lora_cfg())
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    with pytest.raises(ConfigError, match="bfloat16 and float32 parameters .*use torch >= 2.8, or "
+                                          "model.lora.base_dtype=float32"):
+        distributed.shard(model)
+
+
+def test_the_planner_refuses_a_bf16_base_it_does_not_model():
+    from pact_fast import planner
+
+    config = load_config(None, LORA + ["model.lora.base_dtype=bfloat16"])
+    with pytest.raises(planner.PlanError, match="base_dtype=bfloat16: the planner predicts a float32 base only"):
+        planner.options_from_config(config)
+
+
+def test_a_pretrained_model_loads_as_a_bf16_base(smollm2_dir):
+    """The user's model read in bf16 (the rounded float32 weights), float32 adapters, and its packed scoring
+    agrees with its own forward in bf16 (what the trainer checks before any step)."""
+    from pact_fast.scoring import check_model
+
+    policies = {dtype: build_policy(load_config(None, [f"model.path={smollm2_dir}", "model.lora.enabled=true",
+                                                       f"model.lora.base_dtype={dtype}"]).model,
+                                    torch.device("cpu"), 0)
+                for dtype in ("float32", "bfloat16")}
+    model16, model32 = policies["bfloat16"].model, policies["float32"].model
+    assert _base_and_adapter_dtypes(model16) == ({torch.bfloat16}, {torch.float32})
+    named32 = dict(model32.named_parameters())
+    assert all(torch.equal(p, named32[n].to(torch.bfloat16)) for n, p in model16.named_parameters() if "lora_" not in n)
+    result = check_model(model16)
+    assert result["max_abs_diff"] <= result["tolerance"][0] == 1.0
