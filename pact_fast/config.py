@@ -53,8 +53,9 @@ class LoRAConfig:
                 value = getattr(self, f.name)
                 if f.name != "enabled" and value != f.default:
                     shown = list(value) if isinstance(value, tuple) else value
-                    raise ValueError(f"model.lora.{f.name}={shown} is set but model.lora.enabled is false (every "
-                                     "weight would train); set model.lora.enabled=true, or leave it out")
+                    raise ValueError(f"model.lora.{f.name}={shown} is set but model.lora.enabled is false (it would "
+                                     "be ignored: every weight would train, in float32); set model.lora.enabled=true, "
+                                     "or leave it out")
 
 
 @dataclass
@@ -341,7 +342,6 @@ def _load(path, overrides, base=None, label="--config"):
         _set(obj, parts[-1], _override_value(obj, parts[-1], raw, key.strip()), key.strip())
     _check_values(config)  # first, so that a bound BOUNDS holds is named by its key (loss.c_ent, not PACTLossConfig)
     _rebuild(config)
-    _check_across(config)
     return config
 
 
@@ -400,11 +400,6 @@ def _check_values(config):
                           f"{sorted(CHAINS)}")
 
 
-def _check_across(config):
-    """Options of different sections that do not go together."""
-    if config.model.lora.enabled and config.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine=vllm with model.lora.enabled=true is not supported: the vLLM engine is "
-                          "synced with full weights, not adapters; use rollout.engine=hf with LoRA")
 
 
 def save_config(config, path):

@@ -59,7 +59,8 @@ def base_dtype(cfg):
 def build_model_and_tokenizer(cfg, device, seed):
     """The base causal LM and its tokenizer, without adapters: a local HF directory (``cfg.path``), or the
     built-in tiny Qwen3-shaped model (its weights drawn from ``seed`` in float32) on the built-in tokenizer; its
-    weights in ``base_dtype(cfg)`` (a pretrained model is read in that dtype, never held in float32 first)."""
+    parameters in ``base_dtype(cfg)`` (a pretrained model is read in that dtype, never held in float32 first),
+    its buffers (RoPE's ``inv_freq``) float32 whatever that is, as ``from_pretrained`` keeps them."""
     dtype = base_dtype(cfg)
     if cfg.path:
         model, tokenizer = load_pretrained(cfg.path, dtype=dtype)  # one-line ModelError: a missing dir or tokenizer
@@ -72,9 +73,11 @@ def build_model_and_tokenizer(cfg, device, seed):
                              head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=None)
+        for p in model.parameters():  # tied weights are one parameter: cast once, still tied
+            p.data = p.data.to(dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device=device, dtype=dtype), tokenizer
+    return model.to(device), tokenizer
 
 
 def build_policy(cfg, device, seed, *, log=None, training=False):
@@ -87,7 +90,7 @@ def build_policy(cfg, device, seed, *, log=None, training=False):
     The LoRA set-up is checked on the model's skeleton (``check_lora``) before any weight is loaded."""
     check_lora(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg, device, seed)
-    peft_model = apply_lora(model, cfg.lora, log=log) if cfg.lora.enabled else None
+    peft_model = apply_lora(model, cfg.lora, seed=seed, log=log) if cfg.lora.enabled else None
     if cfg.freeze_lm_head:
         freeze_lm_head(model, log=log)
     if training:
@@ -281,19 +284,23 @@ def _adapter_config(path):
     return json.loads(file.read_text())
 
 
-def apply_lora(model, lora_cfg, log=None):
+def apply_lora(model, lora_cfg, seed=0, log=None):
     """Inject LoRA adapters into ``model`` in place (``peft.get_peft_model``): the base weights freeze, the
-    adapters train. Loads ``lora_cfg.adapter``'s weights when given. Returns the ``PeftModel``; ``model`` itself
-    stays the object to score and sample with."""
+    adapters train. Their initialisation (A random, B = 0) is drawn from ``seed`` whatever the global random state
+    (which it leaves as it was): under torchrun every rank draws the same adapters, and a run's are its seed's.
+    Loads ``lora_cfg.adapter``'s weights when given. Returns the ``PeftModel``; ``model`` itself stays the object
+    to score and sample with."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, lora_cfg)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    device = next(model.parameters()).device
     try:
-        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated is_gradient_checkpointing
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = get_peft_model(model, config)
+            torch.manual_seed(seed)  # peft inits the adapters on the model's device
+            peft_model = get_peft_model(model, config)  # (it asks transformers 5 a deprecated is_gradient_...)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ModelError(f"model.lora: peft cannot adapt {type(model).__name__} ({' '.join(str(exc).split())})") \
             from None

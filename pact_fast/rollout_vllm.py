@@ -108,11 +108,35 @@ def make_rollout_engine(model, tokenizer, config: RolloutConfig, seed=0):
     return VLLMRolloutEngine(model, tokenizer, config, seed=seed)
 
 
+def engine_weights(model):
+    """``(name, tensor)`` of every parameter the engine's model takes, as the plain Hugging Face model names them
+    (tied ones once): with peft's LoRA layers injected (``model.lora``), each adapted layer's base weight with its
+    active adapters' delta folded in (float32, as ``peft``'s merge computes it) under the base layer's own name,
+    and no adapter tensor: the engine samples from the adapted policy without knowing of LoRA."""
+    from_lora = {}  # module path -> peft LoRA layer
+    for path, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            from_lora[path] = module
+    for name, p in model.named_parameters():
+        path, _, leaf = name.rpartition(".base_layer.")
+        if not path:
+            if not any(part.startswith("lora_") for part in name.split(".")):
+                yield name, p.detach()
+            continue
+        layer, value = from_lora[path], p.detach()
+        if leaf == "weight" and not layer.disable_adapters:
+            value = value.float()
+            for adapter in layer.active_adapters:
+                value = value + layer.get_delta_weight(adapter).detach().float()
+        yield f"{path}.{leaf}", value
+
+
 def save_for_engine(model, directory):
     """The model as the engine's starting checkpoint: its config (and generation config) and its parameters,
     tied ones once, in one safetensors file. Written by every rank: ``save_pretrained`` writes on rank 0 only
     under torch.distributed. A config without ``architectures`` (a model made with ``from_config``, as the
-    built-in one) gets the model's class: vLLM took such a model for an embedding model and failed to start."""
+    built-in one) gets the model's class: vLLM took such a model for an embedding model and failed to start. A
+    LoRA model's adapters are folded in (``engine_weights``)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
@@ -121,7 +145,7 @@ def save_for_engine(model, directory):
     config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
-    save_file({name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()},
+    save_file({name: t.to("cpu").contiguous() for name, t in engine_weights(model)},
               str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -264,7 +288,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                                          f"{reason})") from None
         finally:
             shutil.rmtree(self._dir / "model", ignore_errors=True)
-        names = [name for name, _ in model.named_parameters()]
+        names = [name for name, _ in engine_weights(model)]
         unplaced = self._call(lambda: self.llm.collective_rpc(_worker_unplaced(names)), "a parameter check")[0]
         if unplaced:
             self.close()
@@ -285,8 +309,9 @@ class VLLMRolloutEngine(HFRolloutEngine):
         return sum(p._version for p in self.model.parameters())
 
     def _weights(self):
-        """``[(name, tensor)]`` of the training model in the engine's dtype (tied weights once)."""
-        return [(name, p.detach().to("cpu", self.dtype).contiguous()) for name, p in self.model.named_parameters()]
+        """``[(name, tensor)]`` of the training model in the engine's dtype (``engine_weights``: tied weights once,
+        LoRA adapters folded in)."""
+        return [(name, t.to("cpu", self.dtype).contiguous()) for name, t in engine_weights(self.model)]
 
     def sync_weights(self, force=False):
         """Push the training model's weights into the engine when they changed since the last push (or

@@ -86,8 +86,6 @@ def test_lora_config_refusals():
                         "init_lora_weights=pissa", "lora_alpha=16"):  # peft's options this LoRA does not implement
         with pytest.raises(ConfigError, match=f"unknown key 'model.lora.{peft_option.split('=')[0]}'"):
             load_config(None, LORA + [f"model.lora.{peft_option}"])
-    with pytest.raises(ConfigError, match="rollout.engine=vllm with model.lora.enabled=true is not supported"):
-        load_config(None, LORA + ["rollout.engine=vllm"])
 
 
 def test_reference_is_the_base_with_adapters_off_and_no_second_copy(tmp_path):
@@ -288,13 +286,15 @@ def _step_metrics(run_dir, step):
 def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path, base_dtype):
     """Float32: the adapters after three steps agree. A bf16 base: the first step's loss and gradient norm agree
     to bf16's rounding (after it, Adam's normalised steps turn that rounding into weight differences as large as
-    those between two micro-batch splits of one process)."""
-    results = []
+    those between two micro-batch splits of one process), and each rank's unsharded rollout copy (a bf16 base with
+    float32 adapters) takes the same weights from the shards at every step."""
+    results, log = [], tmp_path / "rollouts"
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
         args = [str(out), *TINY, *LORA, f"model.lora.base_dtype={base_dtype}", "train.steps=3",
                 "rollout.group_size=3", "train.lr=0.05"]
         env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+        env.update({"PACT_TEST_ROLLOUT_LOG": str(log)} if nproc == 2 else {})
         cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541",
             str(HERE / "fsdp_worker.py"), *args]
@@ -306,11 +306,15 @@ def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path, base_dtype):
     assert all(v.dtype == torch.float32 for v in two.values())
     if base_dtype == "float32":
         for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4)  # Adam: lr 0.05 steps, each ~0.05
     else:
         first = [_step_metrics(tmp_path / f"n{n}", 1) for n in (1, 2)]
         for key, rtol in (("loss/total", 1e-3), ("grad_norm", 1e-2)):
             assert first[1][key] == pytest.approx(first[0][key], rel=rtol), key
+    rollouts = [[json.loads(line)["sum"] for line in Path(f"{log}.rank{rank}").read_text().splitlines()]
+                for rank in (0, 1)]
+    steps = rollouts[0][1:4]  # the evaluation before training, then the rollouts of steps 1, 2 and 3
+    assert rollouts[0] == rollouts[1] and len(set(steps)) == 3, "each update reached both ranks' rollout copies"
     assert any(k.endswith("lora_B.weight") and one[k].abs().max() > 0 for k in one), "the adapters trained"
 
 
@@ -559,6 +563,10 @@ def test_a_run_started_from_adapters_resumes_after_they_are_gone(tmp_path):
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def _float_buffer_dtypes(model):
+    return {b.dtype for b in model.buffers() if b.is_floating_point()}
+
+
 def _base_and_adapter_dtypes(model):
     base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
     adapters = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
@@ -576,6 +584,8 @@ def test_a_bf16_base_holds_the_rounded_base_weights_and_trains_float32_adapters(
         runs[dtype] = build(config, log=lambda *a: None)
     c16, c32 = runs["bfloat16"], runs["float32"]
     assert _base_and_adapter_dtypes(c16.model) == ({torch.bfloat16}, {torch.float32})
+    assert _float_buffer_dtypes(c16.model) == {torch.float32}, "RoPE's inv_freq is not rounded to bf16"
+    assert c16.model.get_input_embeddings().weight is c16.model.get_output_embeddings().weight, "still tied"
     named16, named32 = dict(c16.model.named_parameters()), dict(c32.model.named_parameters())
     for name, p in named16.items():
         if "lora_" not in name:
@@ -669,7 +679,56 @@ def test_a_pretrained_model_loads_as_a_bf16_base(smollm2_dir):
                 for dtype in ("float32", "bfloat16")}
     model16, model32 = policies["bfloat16"].model, policies["float32"].model
     assert _base_and_adapter_dtypes(model16) == ({torch.bfloat16}, {torch.float32})
+    assert _float_buffer_dtypes(model16) == {torch.float32}, "RoPE's inv_freq is not rounded to bf16"
     named32 = dict(model32.named_parameters())
     assert all(torch.equal(p, named32[n].to(torch.bfloat16)) for n, p in model16.named_parameters() if "lora_" not in n)
     result = check_model(model16)
     assert result["max_abs_diff"] <= result["tolerance"][0] == 1.0
+
+
+@pytest.mark.parametrize("targets", [(), ("embed_tokens", "q_proj", "down_proj")], ids=["default", "embedding"])
+def test_the_vllm_engine_gets_the_adapted_weights_under_the_plain_models_names(targets):
+    """``rollout_vllm.engine_weights``: what the vLLM engine is synced with is the merged model, name for name and
+    within float32 rounding; the adapters switched off give the base."""
+    import copy
+
+    from pact_fast.rollout_vllm import engine_weights
+
+    model = tiny_causal_lm("llama")  # untied: its embedding may be adapted
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _lora_cfg(target_modules=f"[{','.join(targets)}]") if targets else _lora_cfg()
+    peft_model = apply_lora(model, cfg)
+    _randomise_adapters(model)
+    merged = dict(copy.deepcopy(peft_model).merge_and_unload().named_parameters())
+    got = dict(engine_weights(model))
+    assert list(got) == list(merged) == list(base)
+    for name, value in got.items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
+    moved = [n for n in got if not torch.equal(got[n], base[n])]
+    assert moved and all(any(t in n for t in targets or ("proj",)) for n in moved), moved
+    with adapters_off(peft_model):
+        assert all(torch.equal(v, base[n]) for n, v in engine_weights(model))
+
+
+def test_the_adapters_of_a_pretrained_model_are_drawn_from_the_runs_seed(tmp_path):
+    """peft draws lora_A from torch's global random state, which differs between processes (torchrun ranks then
+    started from different adapters) and after any other draw; the adapters are the seed's, and the global state is
+    left as it was."""
+    model = tiny_causal_lm("qwen3")
+    model.save_pretrained(tmp_path / "m")
+    from pact_fast.envs import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    cfg = load_config(None, [f"model.path={tmp_path / 'm'}", *LORA]).model
+
+    def adapters(seed, draws):
+        torch.manual_seed(1234)
+        torch.rand(draws)  # whatever ran before in this process
+        state = torch.get_rng_state()
+        model = build_policy(cfg, torch.device("cpu"), seed).model
+        assert torch.equal(torch.get_rng_state(), state), "the global random state is left as it was"
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    a, b, other = adapters(0, 1), adapters(0, 7), adapters(1, 1)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], other[n]) for n in a)

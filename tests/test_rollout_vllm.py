@@ -543,6 +543,61 @@ def test_the_built_in_model_samples_through_the_engine():
 
 
 @needs_vllm
+def test_a_lora_policy_samples_through_the_engine_with_its_adapters():
+    """``model.lora`` with the vLLM engine: the engine holds the base with the adapters folded in, so its sampled
+    turns log the adapted policy's log-probs (and not the base's)."""
+    from pact_fast.config import load_config
+    from pact_fast.model_setup import adapters_off, build_policy, fit_chat_template
+    from pact_fast.rollout_vllm import VLLMRolloutEngine
+
+    config = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"])
+    policy = build_policy(config.model, torch.device("cpu"), 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at start: random adapters make the policy differ from the base
+        for name, p in policy.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fit_chat_template(config, policy.tokenizer, _examples(1), log=None)
+    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, max_turns=1, vllm_max_model_len=1024,
+                        vllm_kv_cache_gb=0.25)
+    engine = VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
+    try:
+        episodes = engine.rollout(_examples(1), _make_env)[0]
+    finally:
+        engine.close()
+
+    def scored(ep):
+        ids = ep.prompt_ids + ep.response_ids
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
+
+    for ep in episodes:
+        behaviour = torch.tensor(ep.behavior_logp)
+        assert ep.response_ids and (scored(ep) - behaviour).abs().max() < 1e-3
+        with adapters_off(policy.peft):
+            assert (scored(ep) - behaviour).abs().max() > 1e-2, "the engine samples the adapted policy, not the base"
+
+
+@needs_vllm
+def test_pact_fast_train_with_lora_and_the_vllm_engine(tmp_path):
+    """Each update moves the adapters only; the engine is synced with them folded in before every rollout phase:
+    the behaviour log-probs stay the trainer's at every step (float32)."""
+    cmd = [sys.executable, "-m", "pact_fast", "train", "--out", str(tmp_path), "rollout.engine=vllm",
+           "rollout.vllm_max_model_len=1024", "rollout.vllm_kv_cache_gb=0.25", "model.lora.enabled=true",
+           "train.lr=0.05", "train.warmup_steps=0", "train.steps=3", "train.prompts_per_step=2",
+           "rollout.group_size=2", "rollout.max_new_tokens=16", "rollout.max_turns=1", "data.train_tasks=8",
+           "data.eval_tasks=1", "train.eval_every=0", "train.progress=false", "train.save_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert math.isfinite(r["loss/total"]) and r["skipped_step"] == 0.0 and r["grad_norm"] > 0
+        assert 0 <= r["rollout/logp_mismatch_mean"] <= r["rollout/logp_mismatch_max"] < 1e-3
+
+
+@needs_vllm
 def test_a_parameter_vllms_model_has_no_place_for_is_refused_at_start():
     """A Qwen3 with ``attention_bias=True``: vLLM's Qwen3 has no ``o_proj`` bias, and its loader dropped the trainer's
     without a word at every sync (the checksum counts what the worker read; in bfloat16 the probe passed with the
@@ -578,7 +633,7 @@ def test_a_killed_engine_process_is_an_error_with_a_message(smollm2_engine):
         engine.rollout(_examples(1), _make_env, group_size=1)
 
 
-def _torchrun_vllm(mode, out, smollm2_dir, logs):
+def _torchrun_vllm(mode, out, smollm2_dir, logs, *extra):
     """A 2-rank ``pact-fast train`` with the vLLM engine through tests/vllm_fsdp_worker.py (gloo, 2 steps, one
     prompt group per rank, a small KV cache so that two engines and two trainers fit); each rank's output in
     its own file under ``logs``. The workers import this checkout's pact_fast (PYTHONPATH), installed or not."""
@@ -589,18 +644,20 @@ def _torchrun_vllm(mode, out, smollm2_dir, logs):
            "--model", str(smollm2_dir), "rollout.engine=vllm", "rollout.vllm_max_model_len=2048",
            "rollout.vllm_kv_cache_gb=0.25", "train.steps=2", "train.prompts_per_step=2", "rollout.group_size=2",
            "rollout.max_new_tokens=16", "rollout.max_turns=1", "data.train_tasks=4", "data.eval_tasks=1",
-           "train.eval_every=0", "train.progress=false", "train.save_every=0"]
+           "train.eval_every=0", "train.progress=false", "train.save_every=0", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=root, env=env)
     rank_logs = {int(p.parent.name): p.read_text() for p in Path(logs).rglob("stderr.log")}
     return proc, rank_logs
 
 
 @needs_vllm
-def test_two_ranks_each_with_its_engine_train_in_sync(smollm2_dir, tmp_path):
-    """torchrun, 2 gloo ranks, FSDP2: each rank's engine gets the weights gathered from the shards and passes the
-    probe before every rollout phase (the start, both steps, the final evaluation), and both ranks pushed the
-    same full weights, which change with each update."""
-    proc, rank_logs = _torchrun_vllm("ok", tmp_path / "run", smollm2_dir, tmp_path / "logs")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_each_with_its_engine_train_in_sync(smollm2_dir, tmp_path, lora):
+    """torchrun, 2 gloo ranks, FSDP2: each rank's engine gets the weights gathered from the shards (with LoRA, the
+    adapters folded into them) and passes the probe before every rollout phase (the start, both steps, the final
+    evaluation), and both ranks pushed the same full weights, which change with each update."""
+    extra = ("model.lora.enabled=true", "train.lr=1e-3") if lora else ()
+    proc, rank_logs = _torchrun_vllm("ok", tmp_path / "run", smollm2_dir, tmp_path / "logs", *extra)
     assert proc.returncode == 0, "\n".join(log[-2000:] for log in rank_logs.values()) or proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss/total" in r]
