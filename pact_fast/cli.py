@@ -171,6 +171,8 @@ def _plan_parser(sub):
     p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0)")
     p.add_argument("--lora-targets", help="comma-separated target modules (default q,k,v,o,gate,up,down_proj)")
+    p.add_argument("--lora-base-dtype", choices=("float32", "bfloat16"), help="model.lora.base_dtype: bfloat16 "
+                   "holds the frozen base in bf16 and runs it in bf16 (default float32)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing")
     p.add_argument("--fused-head", action=argparse.BooleanOptionalAction,
                    help="train.fused_head (default on); --no-fused-head: linear_logprobs")
@@ -206,7 +208,7 @@ def _plan(args):
         shape = planner.resolve_model(name)
         targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
         explicit = dict(dtype=args.dtype, device=args.device, lora=args.lora, lora_r=args.lora_r,
-                        lora_dropout=args.lora_dropout, lora_targets=targets,
+                        lora_dropout=args.lora_dropout, lora_targets=targets, lora_base_dtype=args.lora_base_dtype,
                         grad_checkpointing=args.grad_checkpointing, fused_head=args.fused_head,
                         freeze_lm_head=args.freeze_lm_head, memory_lean=args.memory_lean,
                         reference_model=args.reference_model,
@@ -223,7 +225,8 @@ def _plan(args):
             raise planner.PlanError("--rollout-group-size / --rollout-new-tokens plan the rollout phase only with "
                                     "--rollout-context (its longest context in tokens)")
         lora_flags = [f for f, v in (("--lora-r", args.lora_r), ("--lora-dropout", args.lora_dropout),
-                                     ("--lora-targets", args.lora_targets)) if v is not None]
+                                     ("--lora-targets", args.lora_targets),
+                                     ("--lora-base-dtype", args.lora_base_dtype)) if v is not None]
         if lora_flags and not options.lora:
             raise planner.PlanError(f"{', '.join(lora_flags)} without LoRA (--lora, or model.lora.enabled in "
                                     "--config) plan nothing")

@@ -1,17 +1,23 @@
 """Memory planner: will a model train on a GPU of a given size, and with how large a micro-batch?
 
     pact-fast plan --model qwen3-1.7b --gpu-memory 24GB --lora --grad-checkpointing
+    pact-fast plan --model qwen3-8b --gpu-memory 24GB --lora --lora-base-dtype bfloat16 --grad-checkpointing
     pact-fast plan --model ./my-model-dir --gpu-memory 80GiB --config run.yaml
 
 ``predict(shape, tokens, options)`` is the peak of one training step of ``tokens`` packed tokens (one
 micro-batch: ``train.micro_batch_tokens``), as a sum of named terms, each a formula of the model's shape;
 ``max_micro_batch_tokens`` is the largest budget whose peak fits. Everything here is a prediction: the
-formulas follow what the trainer allocates (``pact_fast.trainer``: fp32 weights, bf16 autocast on CUDA,
+formulas follow what the trainer allocates (``pact_fast.trainer``: fp32 weights, or with LoRA and
+``model.lora.base_dtype=bfloat16`` a bf16 base beside fp32 adapters; bf16 autocast on CUDA;
 ``torch.optim.AdamW``, the packed forward through ``pact_fast.scoring``, the log-prob op).
 
-Notation: P parameters (P_t trainable), h hidden size, n layers, q = heads * head_dim, kv = kv_heads *
-head_dim, I MLP width, V vocabulary, T packed tokens, M lm_head rows scored (at most T; default T), 4 bytes
-for fp32 and a = 2 (bf16 autocast) or 4 (float32) bytes per activation element.
+Notation: P parameters (P_t trainable, P_a LoRA's adapters), h hidden size, n layers, q = heads * head_dim,
+kv = kv_heads * head_dim, I MLP width, V vocabulary, T packed tokens, M lm_head rows scored (at most T; default
+T), 4 bytes for fp32 and a = 2 (bf16 autocast) or 4 (float32) bytes per activation element. "bf16 base"
+marks each formula's variant for ``lora_base_dtype="bfloat16"`` (``--lora-base-dtype``, LoRA only): the frozen
+base (embeddings, decoder layers, lm_head) is held and run in bf16 with or without autocast (on the CPU there
+is none, so its residual stream, norms' outputs, MLP and attention are bf16 there too); peft casts each
+adapter's input to the adapters' fp32 and the sum back to bf16.
 
 A training step peaks at the largest of these moments (each a sum of the terms below):
 
@@ -20,67 +26,92 @@ A training step peaks at the largest of these moments (each a sum of the terms b
   norm and scored rows, the op's buffers;
 - ``layer recompute`` (checkpointing only): the same minus the op's buffers plus one recomputed layer's
   activations and the gradients (all of them, as when the first layer is recomputed; the gradient buffers of
-  the layer's own backward are left out);
+  the layer's own backward are left out), and for a bf16 base ``adapter_output_sum``;
+- ``adapter output`` (bf16 base without checkpointing): weights, AdamW state, autocast copies, every layer's
+  activations and ``adapter_output_sum`` (the last layer's widest adapted module, in the forward);
 - ``optimizer step``: weights, gradients, AdamW state and AdamW's temporaries.
 
 The terms:
 
-- ``weights`` = 4P (the trainer keeps fp32 weights; LoRA adds its adapters' r * (in + out) per module).
+- ``weights`` = 4P (the trainer keeps fp32 weights; LoRA adds its adapters' r * (in + out) per module, P_a);
+  bf16 base: 2P + 4P_a.
 - ``reference_weights`` (``loss.beta_kl`` > 0, full fine-tuning only) = 4P: the trainer builds a frozen copy of the
   starting model as the KL reference; with LoRA the reference is the base with the adapters off, no copy.
 - P_t: LoRA, the adapters' parameters; full fine-tuning, P, less the lm_head's V h with ``model.freeze_lm_head``
   (with tied embeddings the embedding is the same tensor and freezes with it: ``model_setup.freeze_lm_head``).
-- ``gradients`` = 4P_t (fp32, one per trainable parameter).
-- ``adamw_state`` = 8P_t (``exp_avg`` and ``exp_avg_sq``, fp32).
+- ``gradients`` = 4P_t (fp32, one per trainable parameter; the adapters' also on a bf16 base).
+- ``adamw_state`` = 8P_t (``exp_avg`` and ``exp_avg_sq``, fp32; also on a bf16 base).
 - ``adamw_temporaries``: on CUDA the foreach implementation's sqrt(exp_avg_sq) list, 4P_t; on the CPU the
   single-tensor loop's, 4 * (largest trainable tensor).
 - ``autocast_weight_copies`` (bf16 only) = 2 * (decoder linear weights): autocast casts each weight to bf16
   for its matmul and the backward keeps the copy (frozen weights too, for the input gradient; trainable ones
   stay in autocast's cache, so also with checkpointing); while a checkpointed layer is recomputed, one layer's.
+  bf16 base: 2P_a at every moment (a bf16 weight needs no cast; the fp32 adapters' casts stay cached); none
+  without autocast (the CPU).
 - ``activations`` = n * per_layer(T) without checkpointing; with it ``checkpointed_inputs`` = 4nTh (each
-  layer's fp32 input) and ``recomputed_layer`` = per_layer(T). per_layer(T) is what autograd keeps of one
-  HF Llama/Qwen decoder layer, T times the bytes per token:
+  layer's fp32 input; bf16 base: 2nTh) and ``recomputed_layer`` = per_layer(T). per_layer(T) is what autograd
+  keeps of one HF Llama/Qwen decoder layer, T times the bytes per token:
   - RMSNorms, N of them (``layer_norms``: Llama 2, Gemma-2/3 4; fp32 in both modes): each keeps x * rsqrt for
     the norm weight's gradient (h; none with LoRA's frozen weights), a fp32 rsqrt (4 bytes) and its input (h;
-    Llama's the two residual sums): N * (4 * 2h + 4), LoRA N * (4h + 4);
+    Llama's the two residual sums): N * (4 * 2h + 4), LoRA N * (4h + 4); bf16 base: the same N * (4h + 4), the
+    fp32 copy the norm makes of its bf16 input (HF's RMSNorm upcasts) in place of the input;
   - the projections' inputs: float32, the norms' outputs (4 * 2h); bf16, each projection's own bf16 cast of
-    its input (2 * 5h: q, k, v, gate, up);
-  - MLP: gate, up, silu(gate) and their product, a * 4I;
+    its input (2 * 5h: q, k, v, gate, up); bf16 base: none (a frozen bf16 projection keeps nothing; the
+    adapters keep their own copies, below);
+  - MLP: gate, up, silu(gate) and their product, a * 4I; bf16 base: gate, up and silu(gate) in bf16, 2 * 3I (the
+    product is kept only as down_proj's adapter input);
   - attention, by backend: ``flash`` (triton, flex, flash-attn on CUDA) q, k, v after RoPE, the output and
-    the o_proj input, a * (3q + 2kv), and a fp32 log-sum-exp per head; ``sdpa`` (dense mask, PyTorch's flash
-    kernel) q, k and v repeated to q's heads and the output, a * 4q, the log-sum-exp, and the mask turned into
-    an additive float mask, a * T per token; ``varlen`` (the CPU's default: SDPA's math path per trie
-    segment) the scaled q and the output a * 2q per token, plus a * (2q * keys + heads * pairs) per layer for
-    the gathered, repeated keys and values and the softmax weights (``VarlenSizes`` of the packed trie);
+    the o_proj input, a * (3q + 2kv), and a fp32 log-sum-exp per head (bf16 base: 2 * (2q + 2kv), the o_proj
+    input being its adapter's); ``sdpa`` (dense mask, PyTorch's flash kernel) q, k and v repeated to q's heads
+    and the output, a * 4q (bf16 base: 2 * 4q), the log-sum-exp, and the mask turned into an additive float mask,
+    a * T per token (bf16 base: 2 * T); ``varlen`` (the CPU's default: SDPA's math path per trie segment) the
+    scaled q and the output a * 2q per token (bf16 base: the scaled q, 4q: the math path computes bf16 inputs
+    in fp32), plus 4 * (2q * keys + heads * pairs) per layer for the gathered, repeated keys and values and the
+    softmax weights (``VarlenSizes`` of the packed trie; fp32 on a bf16 base too);
   - Qwen3's and Gemma-3's q/k RMSNorms: their fp32 input and x * rsqrt (input only with LoRA), 4 * 2(q + kv),
-    and rsqrts;
+    and rsqrts; bf16 base: the fp32 copy of their input, 4(q + kv), and rsqrts;
   - LoRA per adapted module: the r-wide middle a * r; in bf16 lora_A's own cast of its input 2 * in; with
-    dropout the dropped input and its mask (a + 1) * in.
+    dropout the dropped input and its mask (a + 1) * in. bf16 base: ad * (in + r), ad = 4 without autocast
+    (lora_A keeps peft's fp32 cast of its bf16 input, one per module, and the fp32 middle) or 2 under autocast
+    (autocast's bf16 cast of that fp32 input), plus the 1-byte dropout mask, in, with dropout (lora_A then keeps
+    the dropped input in place of the cast).
+- ``adapter_output_sum`` (bf16 base only): peft adds the scaled adapter output to the base's bf16 output and casts
+  the sum back to bf16; at the widest adapted module (out features) without autocast the scaled fp32 delta, the
+  base output's fp32 upcast and their fp32 sum, 3 * 4 * T * out, transient (under autocast 2 * 2 * T * out). It is
+  added to the whole recomputed layer, although the modules after the widest one are not yet recomputed then: an
+  upper bound (measured: 6-7% over the step's peak on small models).
 - ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
-  scored rows.
-- ``logprob_op``: dX 4Mh and, for a trained lm_head only, dW 4Vh (the fused head forms both in its forward and
-  hands them to the backward in place; a frozen head, i.e. LoRA or ``model.freeze_lm_head``, gets no dW GEMM
-  and no dW buffer from either op), plus the workspace of [C, V] fp32 chunks on the CPU (torch backend), C
-  the op's own chunk rows: the fused head's ``_chunk_rows`` (min(M, max(256, 64 MiB / 4V)); with
-  ``train.fused_head_memory_lean`` its two live buffers within 5% of dW's bytes), ``linear_logprobs``'
-  ``_torch_chunk_rows`` (max(512, 64 MiB / 4V)). The fused head holds two such buffers, three when M > C (the
-  previous chunk's gradient is still referenced when the next chunk's logits and probabilities are
-  allocated); ``linear_logprobs`` peaks either in its forward (two, three when M > C) with no dX or dW yet, or
-  in its backward (dX, dW and one buffer, two when M > C). On CUDA (triton backend)
+  scored rows; bf16 base: (6T + 2M) * h, the norm's fp32 copy of its input, its bf16 output, the bf16 rows.
+- ``logprob_op``: dX 4Mh (bf16 base: 2Mh, dX in the rows' dtype) and, for a trained lm_head only, dW 4Vh (the
+  fused head forms both in its forward and hands them to the backward in place; a frozen head, i.e. LoRA or
+  ``model.freeze_lm_head``, gets no dW GEMM and no dW buffer from either op), plus the workspace of [C, V] fp32
+  chunks on the CPU (torch backend; fp32 on a bf16 base too), C the op's own chunk rows: the fused head's
+  ``_chunk_rows`` (min(M, max(256, 64 MiB / 4V)); with ``train.fused_head_memory_lean`` its two live buffers
+  within 5% of dW's bytes, 2Vh for a bf16 head), ``linear_logprobs``' ``_torch_chunk_rows`` (max(512, 64 MiB /
+  4V)). The fused head holds two such buffers, three when M > C (the previous chunk's gradient is still
+  referenced when the next chunk's logits and probabilities are allocated; a bf16 base's bf16 logits, cast to
+  fp32 at once, stay below that); ``linear_logprobs`` peaks either in its forward (two, three when M > C) with
+  no dX or dW yet, or in its backward (dX, dW and one buffer, two when M > C; bf16 base: also the fp32 copy of
+  the bf16 lm_head it multiplies by, 4Vh, and a chunk's bf16 logits, 2CV). On CUDA (triton backend)
   ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default row block ``default_rows``: workspace
   within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: within 5%) or
-  ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false).
+  ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false), in the rows' dtype (fp32,
+  bf16 on a bf16 base).
 - rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward
   with no gradients alive): weights + AdamW state + ``rollout_kv_cache`` 4 * 2 * n * kv * G * (context + new
   tokens) + ``rollout_prefill_activations`` 4 * G * context * (PREFILL_MLP * I + PREFILL_HIDDEN * h) +
   ``rollout_prefill_logits`` 4 * G * V (the engine runs the fp32 model without autocast and asks the prefill
   for the last position's logits only, ``logits_to_keep=1``). G is every episode the engine samples at once:
-  ``train.prompts_per_step`` x ``rollout.group_size`` (on one GPU).
+  ``train.prompts_per_step`` x ``rollout.group_size`` (on one GPU). bf16 base: the engine runs the bf16 model,
+  2 bytes in place of 4 in the three rollout terms (the adapters' transients in the prefill are left out, as
+  they are for a float32 base).
 
-Measured on the CPU (float32; ``bench/bench_memory.py``, ``tests/test_planner.py``): full fine-tuning,
-LoRA (the trainer's ``model_setup.apply_lora``) and checkpointing, a frozen lm_head (tied and untied), the
-fused head (also memory_lean) and linear_logprobs, varlen and sdpa. The bf16 autocast and CUDA terms
-(autocast copies, the flash backend, the triton workspaces, foreach AdamW) are not measured here.
+Measured on the CPU (float32 without autocast; ``bench/bench_memory.py``, ``tests/test_planner.py``): full
+fine-tuning, LoRA (the trainer's ``model_setup.apply_lora``) and checkpointing, a frozen lm_head (tied and
+untied), the fused head (also memory_lean) and linear_logprobs, varlen and sdpa; LoRA on a bf16 base (its CPU
+variant: no autocast), with and without checkpointing, fused head and linear_logprobs, varlen and sdpa, and its
+prefill. The bf16 autocast and CUDA terms (autocast copies, a bf16 base's autocast variants, the flash backend,
+the triton workspaces, foreach AdamW) are not measured here.
 """
 import json
 import re
@@ -345,6 +376,12 @@ class PlanOptions:
     freeze_lm_head: bool = False  # model.freeze_lm_head (tied embeddings freeze with it); LoRA freezes it anyway
     memory_lean: bool = False  # train.fused_head_memory_lean
     reference_model: bool = False  # loss.beta_kl > 0: a frozen copy of the weights (full fine-tuning only)
+    lora_base_dtype: str = "float32"  # model.lora.base_dtype; bfloat16: the frozen base in bf16 (LoRA only)
+
+    @property
+    def bf16_base(self):
+        """Whether the frozen base (embeddings, decoder layers, lm_head) is held and run in bf16."""
+        return self.lora_base_dtype == "bfloat16"
 
     @property
     def head_trainable(self):
@@ -375,6 +412,11 @@ class PlanOptions:
                 raise PlanError(f"LoRA target modules {', '.join(self.lora_targets)} name a module twice")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise PlanError(f"--lora-dropout {self.lora_dropout} must lie in [0, 1)")
+        if self.lora_base_dtype not in ("float32", "bfloat16"):
+            raise PlanError(f"--lora-base-dtype {self.lora_base_dtype!r}: choose float32 or bfloat16")
+        if self.bf16_base and not self.lora:
+            raise PlanError("--lora-base-dtype bfloat16 without LoRA: a full fine-tune's AdamW updates float32 "
+                            "weights (add --lora, or model.lora.enabled in --config)")
         if self.memory_lean and not self.fused_head:
             raise PlanError("--memory-lean needs the fused head (train.fused_head_memory_lean is the fused head's)")
         for name in ("rollout_group_size", "rollout_context", "rollout_new_tokens"):
@@ -394,6 +436,28 @@ class Prediction(NamedTuple):
 def layer_activation_bytes(shape, tokens, options, varlen=None):
     """Bytes one decoder layer keeps for its backward over ``tokens`` packed tokens (see the module doc);
     ``varlen``: the packed trie's ``VarlenSizes`` (the varlen backend only)."""
+    a = 2 if options.dtype == "bf16" else 4
+    per_token = _bf16_base_bytes_per_token(shape, options) if options.bf16_base else \
+        _fp32_base_bytes_per_token(shape, options)
+    total = tokens * per_token
+    if options.attn_backend == "sdpa":
+        # the [T, T] mask, made in the model's dtype (a bf16 base: bf16), turned into an additive float mask and kept
+        total += (2 if options.bf16_base else a) * tokens * tokens
+    if options.attn_backend == "varlen":
+        if varlen is None:
+            raise PlanError("the varlen attention backend's memory depends on the packed trie: pass varlen="
+                            "planner.varlen_sizes(subtree_end) of the micro-batch, or plan train.attn_backend=sdpa")
+        # per segment, SDPA's math path (3-D inputs): the scaled keys and the values repeated to q's heads, and
+        # the softmax weights [heads, length, keys]; no log-sum-exp. fp32 also for a bf16 base: the math path
+        # computes bf16 inputs in fp32 and keeps those
+        total += 4 * 2 * shape.num_heads * shape.head_dim * varlen.keys + 4 * shape.num_heads * varlen.pairs
+    return total
+
+
+def _fp32_base_bytes_per_token(shape, options):
+    """Bytes per packed token one decoder layer of a model with float32 weights keeps (``a`` per activation
+    element: 2 under bf16 autocast, 4 without), the varlen keys and the sdpa mask left to
+    ``layer_activation_bytes``."""
     h, inter = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     a = 2 if options.dtype == "bf16" else 4
@@ -415,17 +479,31 @@ def layer_activation_bytes(shape, tokens, options, varlen=None):
             per_token += a * options.lora_r  # the adapter's r-wide middle
             per_token += 2 * dims[t][0] if options.dtype == "bf16" else 0  # lora_A's own bf16 cast of its input
             per_token += (a + 1) * dims[t][0] if options.lora_dropout > 0 else 0  # dropped input and its mask
-    total = tokens * per_token
-    if options.attn_backend == "sdpa":
-        total += a * tokens * tokens  # the [T, T] mask, which SDPA turns into an additive float mask and keeps
-    if options.attn_backend == "varlen":
-        if varlen is None:
-            raise PlanError("the varlen attention backend's memory depends on the packed trie: pass varlen="
-                            "planner.varlen_sizes(subtree_end) of the micro-batch, or plan train.attn_backend=sdpa")
-        # per segment, SDPA's math path (3-D inputs): the scaled keys and the values repeated to q's heads, and
-        # the softmax weights [heads, length, keys]; no log-sum-exp
-        total += a * 2 * q * varlen.keys + a * shape.num_heads * varlen.pairs
-    return total
+    return per_token
+
+
+def _bf16_base_bytes_per_token(shape, options):
+    """Bytes per packed token one decoder layer of a bf16 base (LoRA, ``model.lora.base_dtype=bfloat16``) keeps:
+    the base runs in bf16 (autocast or not); its frozen projections keep nothing (no weight gradient); each
+    adapter keeps its own copy of its input, which peft casts to the adapters' float32 (under autocast lora_A keeps
+    autocast's bf16 cast of that instead). The varlen keys and the sdpa mask: ``layer_activation_bytes``."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    ad = 2 if options.dtype == "bf16" else 4  # an adapter activation: autocast's bf16, else the adapters' float32
+    # each RMSNorm upcasts its bf16 input: it keeps that fp32 copy and the fp32 rsqrt (bf16 output, not kept)
+    per_token = shape.layer_norms * (4 * h + 4)
+    per_token += 2 * 3 * inter  # gate, up, silu(gate) in bf16; their product is kept only as down_proj's adapter input
+    per_token += {"flash": 2 * (2 * q + 2 * kv) + 4 * shape.num_heads,  # q, k, v after RoPE, out (bf16), lse
+                  "sdpa": 2 * 4 * q + 4 * shape.num_heads,  # q, k and v repeated to q's heads, out (bf16), lse
+                  "varlen": 4 * q}[options.attn_backend]  # the math path's fp32 scaled q (keys and weights: below)
+    if shape.qk_norm:  # Qwen3's per-head RMSNorms of q and k: their fp32 copies of the input, rsqrts
+        per_token += 4 * (q + kv) + 4 * (shape.num_heads + shape.num_kv_heads)
+    dims = module_dims(shape)
+    for t in options.lora_targets:
+        fan_in = dims[t][0]
+        # lora_A's input (with dropout: the dropped input, plus its 1-byte mask) and the r-wide middle
+        per_token += ad * (fan_in + options.lora_r) + (fan_in if options.lora_dropout > 0 else 0)
+    return per_token
 
 
 class VarlenSizes(NamedTuple):
@@ -446,34 +524,42 @@ def varlen_sizes(subtree_end):
 
 def logprob_op_bytes(shape, rows, options):
     """Bytes of the log-prob op at its peak, every activation alive: dX, dW (a trained lm_head only) and the
-    workspace (see the module doc)."""
+    workspace (see the module doc). The hidden rows and the lm_head weight are float32, or bf16 for a bf16 base;
+    the workspace is float32 on the CPU either way."""
     import torch
 
     h, vocab = shape.hidden_size, shape.vocab_size
-    grads = 4 * rows * h + (4 * vocab * h if options.head_trainable else 0)
+    e = 2 if options.bf16_base else 4  # bytes of a hidden (and dX) element and of an lm_head weight element
+    dtype = torch.bfloat16 if options.bf16_base else torch.float32
+    grads = e * rows * h + (4 * vocab * h if options.head_trainable else 0)
     if options.device == "cpu":
         if options.fused_head:
             from .ops.fused_pact_head import _chunk_rows
 
-            chunk = _chunk_rows(rows, vocab, h, torch.float32, 4, options.memory_lean)
+            chunk = _chunk_rows(rows, vocab, h, torch.float32, e, options.memory_lean)
             # a chunk's logits and probabilities; with more than one chunk the previous chunk's gradient (built in
-            # place of its probabilities) is still referenced when the next chunk's two are allocated: three
+            # place of its probabilities) is still referenced when the next chunk's two are allocated: three (a bf16
+            # base's bf16 logits, cast to fp32 at once, stay below that)
             return grads + (3 if rows > chunk else 2) * 4 * chunk * vocab
         from .ops.linear_logprobs import _torch_chunk_rows
 
         chunk = min(rows, _torch_chunk_rows(vocab))
         more = rows > chunk
         # forward: logits and exp (and the previous chunk's exp); backward: d logits built in place of the logits
-        # (and the previous chunk's), after dX and dW are allocated
-        return max((3 if more else 2) * 4 * chunk * vocab, grads + (2 if more else 1) * 4 * chunk * vocab)
+        # (and the previous chunk's), after dX and dW are allocated. A bf16 base's backward also makes a fp32 copy
+        # of the lm_head weight (4Vh) and each chunk's bf16 logits (2CV) beside their fp32 cast
+        backward = grads + (2 if more else 1) * 4 * chunk * vocab
+        if options.bf16_base:
+            backward += 4 * vocab * h + 2 * chunk * vocab
+        return max((3 if more else 2) * 4 * chunk * vocab, backward)
     if options.fused_head:
         from .kernels import fused_pact_head_launch as launch
 
-        return grads + launch.extra_memory_bytes(rows, vocab, h, torch.float32, memory_lean=options.memory_lean,
+        return grads + launch.extra_memory_bytes(rows, vocab, h, dtype, memory_lean=options.memory_lean,
                                                  weight_grad=options.head_trainable)
     from .kernels import linear_logprobs_launch as launch
 
-    return grads + launch.extra_memory_bytes(rows, vocab, h, torch.float32)
+    return grads + launch.extra_memory_bytes(rows, vocab, h, dtype)
 
 
 def trained_params(shape, options):
@@ -488,6 +574,24 @@ def trained_params(shape, options):
     frozen = counts["embedding"] if shape.tie_word_embeddings else counts["lm_head"]
     embed = 0 if shape.tie_word_embeddings else counts["embedding"]
     return 0, counts["total"] - frozen, max(embed, max(i * o for i, o in module_dims(shape).values()))
+
+
+def adapter_output_sum_bytes(shape, tokens, options):
+    """A bf16 base's transient at its widest adapted module (``out`` features), over ``tokens`` packed tokens: peft
+    adds the scaled adapter output to the base's bf16 output and casts the sum back to bf16. Without autocast the
+    scaled delta, the base output's fp32 upcast and their fp32 sum, 3 * 4 * out bytes per token; under autocast the
+    bf16 delta and sum, 2 * 2 * out. 0 for a float32 base (whose adapter sums, like the other transients, the
+    planner leaves out)."""
+    if not options.bf16_base:
+        return 0
+    widest = max(module_dims(shape)[t][1] for t in options.lora_targets)
+    return tokens * (2 * 2 if options.dtype == "bf16" else 3 * 4) * widest
+
+
+def weight_bytes(shape, options):
+    """Bytes of the model's weights: 4 per parameter, 2 per base parameter of a bf16 base (its adapters: 4)."""
+    adapters, _, _ = trained_params(shape, options)
+    return (2 if options.bf16_base else 4) * param_counts(shape)["total"] + 4 * adapters
 
 
 def reference_bytes(shape, options):
@@ -506,27 +610,38 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
     rows = tokens if scored_rows is None else scored_rows
     counts = param_counts(shape)
     adapters, trainable, largest = trained_params(shape, options)
-    weights = 4 * (counts["total"] + adapters)
     state = 8 * trainable
     bf16 = options.dtype == "bf16"
+    h, base16 = shape.hidden_size, options.bf16_base
     layer = layer_activation_bytes(shape, tokens, options, varlen)
-    base = {"weights": weights, "reference_weights": reference_bytes(shape, options), "adamw_state": state}
-    rows_bytes = {"final_norm_and_rows": 4 * ((2 if options.lora else 3) * tokens + rows) * shape.hidden_size}
+    base = {"weights": weight_bytes(shape, options), "reference_weights": reference_bytes(shape, options),
+            "adamw_state": state}
+    # the final norm's saved tensors and output and the scored rows: a bf16 base, the norm's fp32 copy of its input,
+    # its bf16 output and the bf16 rows
+    final = (6 * tokens + 2 * rows) * h if base16 else 4 * ((2 if options.lora else 3) * tokens + rows) * h
+    rows_bytes = {"final_norm_and_rows": final}
     moments = []
     if options.grad_checkpointing:
-        inputs = {"checkpointed_inputs": shape.num_layers * tokens * 4 * shape.hidden_size}
-        # full fine-tuning under autocast: the cast of every trainable weight stays cached until autocast exits
-        copies = 2 * counts["layer_linear"] if bf16 and not options.lora else 0
+        inputs = {"checkpointed_inputs": shape.num_layers * tokens * (2 if base16 else 4) * h}
+        if base16:  # a bf16 base's weights need no cast: the adapters' casts, cached until autocast exits
+            copies = recompute_copies = 2 * adapters if bf16 else 0
+        else:  # full fine-tuning under autocast: the cast of every trainable weight stays cached until autocast exits
+            copies = 2 * counts["layer_linear"] if bf16 and not options.lora else 0
+            recompute_copies = 2 * counts["layer_linear"] // shape.num_layers if bf16 else 0  # one layer's casts
         moments.append(("lm_head", {**base, "autocast_weight_copies": copies, **inputs, **rows_bytes,
                                     "logprob_op": logprob_op_bytes(shape, rows, options)}))
-        recompute_copies = 2 * counts["layer_linear"] // shape.num_layers if bf16 else 0  # one layer's casts
         moments.append(("layer recompute", {**base, "autocast_weight_copies": recompute_copies,
                                             **inputs, **rows_bytes, "gradients": 4 * trainable,
-                                            "recomputed_layer": layer}))
+                                            "recomputed_layer": layer,
+                                            "adapter_output_sum": adapter_output_sum_bytes(shape, tokens, options)}))
     else:
-        moments.append(("lm_head", {**base, "autocast_weight_copies": 2 * counts["layer_linear"] if bf16 else 0,
-                                    "activations": shape.num_layers * layer, **rows_bytes,
+        copies = 2 * (adapters if base16 else counts["layer_linear"]) if bf16 else 0
+        activations = {"autocast_weight_copies": copies, "activations": shape.num_layers * layer}
+        moments.append(("lm_head", {**base, **activations, **rows_bytes,
                                     "logprob_op": logprob_op_bytes(shape, rows, options)}))
+        if base16:  # the last layer's widest adapted module, nearly every activation alive
+            moments.append(("adapter output", {**base, **activations, "adapter_output_sum":
+                                               adapter_output_sum_bytes(shape, tokens, options)}))
     moments.append(("optimizer step", {**base, "gradients": 4 * trainable,
                                        "adamw_temporaries": 4 * (trainable if options.device == "cuda" else largest)}))
     moment, terms = max(moments, key=lambda m: sum(m[1].values()))
@@ -536,7 +651,8 @@ def predict(shape, tokens, options=None, *, scored_rows=None, varlen=None):
 # A prefill's transient activations per context token, fp32: PREFILL_MLP MLP widths (gate, up, their product
 # alive together) and PREFILL_HIDDEN hidden widths (residual stream, norms, rotary tables, attention output).
 # Fitted to the allocator peaks of prefills of a tiny Qwen3 (h 128, I 384) and Llama (h 256, I 512) on the CPU
-# (sdpa, 4-16 rows x 64-256 tokens): within 2% there; tests/test_planner.py holds them to other shapes.
+# (sdpa, 4-16 rows x 64-256 tokens): within 2% there; tests/test_planner.py holds them to other shapes. A bf16
+# model's prefill (a bf16 base) is the same count of bf16 elements: within 6% of its measured activations there.
 PREFILL_MLP = 3.0
 PREFILL_HIDDEN = 4.5
 
@@ -546,17 +662,17 @@ def predict_rollout(shape, options):
     g = options.rollout_group_size
     if not g or not options.rollout_context:
         return None
-    counts = param_counts(shape)
-    adapters, trainable, _ = trained_params(shape, options)
+    _, trainable, _ = trained_params(shape, options)
     kv = shape.num_kv_heads * shape.head_dim
     rows = g * options.rollout_context
-    terms = {"weights": 4 * (counts["total"] + adapters), "reference_weights": reference_bytes(shape, options),
+    e = 2 if options.bf16_base else 4  # the engine runs the model in its own dtype: a bf16 base's cache is bf16
+    terms = {"weights": weight_bytes(shape, options), "reference_weights": reference_bytes(shape, options),
              "adamw_state": 8 * trainable,
-             "rollout_kv_cache": 4 * 2 * shape.num_layers * kv * g * (options.rollout_context +
+             "rollout_kv_cache": e * 2 * shape.num_layers * kv * g * (options.rollout_context +
                                                                      options.rollout_new_tokens),
-             "rollout_prefill_activations": 4 * rows * (PREFILL_MLP * shape.intermediate_size +
+             "rollout_prefill_activations": e * rows * (PREFILL_MLP * shape.intermediate_size +
                                                         PREFILL_HIDDEN * shape.hidden_size),
-             "rollout_prefill_logits": 4 * g * shape.vocab_size}
+             "rollout_prefill_logits": e * g * shape.vocab_size}
     return Prediction(sum(terms.values()), {k: v for k, v in terms.items() if v}, "rollout")
 
 
@@ -589,10 +705,11 @@ def report(shape, budget, options, tokens=None):
     at = tokens or best or 64
     pred = predict(shape, at, options)
     mode = f"LoRA r={options.lora_r} on {','.join(options.lora_targets)}" if options.lora else "full fine-tuning"
+    weights = "bf16 base, fp32 adapters" if options.bf16_base else "fp32 weights"
     lines = [f"model {shape.name}: {counts['total'] / 1e9:.3g}B parameters (h={shape.hidden_size}, "
              f"layers={shape.num_layers}, heads={shape.num_heads}/{shape.num_kv_heads} kv, vocab={shape.vocab_size}"
              f"{', tied embeddings' if shape.tie_word_embeddings else ''})",
-             f"plan: {mode}, {options.dtype}{' (fp32 weights, bf16 autocast)' if options.dtype == 'bf16' else ''}, "
+             f"plan: {mode}, {options.dtype} ({weights}{', bf16 autocast' if options.dtype == 'bf16' else ''}), "
              f"activation checkpointing {'on' if options.grad_checkpointing else 'off'}, "
              f"{'fused head' if options.fused_head else 'linear_logprobs'}"
              f"{' (memory_lean)' if options.memory_lean else ''}, lm_head "
@@ -635,14 +752,12 @@ def readme_table(sizes=(24, 40, 80)):
 
 def options_from_config(config, **overrides):
     """``PlanOptions`` from a resolved ``pact_fast.config.Config`` (train.bf16, grad_checkpointing, fused_head,
-    fused_head_memory_lean, attn_backend, device; model.lora and model.freeze_lm_head; loss.beta_kl > 0: a
-    reference model; the rollout's group size and new tokens), then ``overrides`` (the command line's explicit
-    options). An empty ``model.lora.target_modules`` is the trainer's default (``model_setup.default_lora_targets``:
-    every linear layer of a Llama/Qwen decoder layer, ``DEFAULT_LORA_TARGETS``)."""
+    fused_head_memory_lean, attn_backend, device; model.lora, its base_dtype too, and model.freeze_lm_head;
+    loss.beta_kl > 0: a reference model; the rollout's group size and new tokens), then ``overrides`` (the command
+    line's explicit options). An empty ``model.lora.target_modules`` is the trainer's default
+    (``model_setup.default_lora_targets``: every linear layer of a Llama/Qwen decoder layer,
+    ``DEFAULT_LORA_TARGETS``)."""
     train, lora = config.train, config.model.lora
-    if lora.enabled and lora.base_dtype != "float32":
-        raise PlanError(f"model.lora.base_dtype={lora.base_dtype}: the planner predicts a float32 base only (a bf16 "
-                        "base halves its weights and runs its residual stream in bf16, which it does not model)")
     if overrides.get("device"):  # --device wins, with that device's defaults (float32 and sdpa on the CPU)
         device = overrides["device"]
         attn = "sdpa" if device == "cpu" or train.attn_backend == "sdpa" else "flash"
@@ -659,13 +774,16 @@ def options_from_config(config, **overrides):
               rollout_group_size=config.rollout.group_size * train.prompts_per_step,  # sampled in one batch
               rollout_new_tokens=config.rollout.max_new_tokens,
               lora=bool(lora.enabled), lora_r=lora.r, lora_dropout=float(lora.dropout),
-              lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS,
+              lora_targets=tuple(lora.target_modules) or DEFAULT_LORA_TARGETS, lora_base_dtype=lora.base_dtype,
               freeze_lm_head=config.model.freeze_lm_head, reference_model=config.loss.beta_kl > 0)
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    if not kw["lora"] and overrides.get("lora_base_dtype") is None:
+        kw["lora_base_dtype"] = "float32"  # model_setup.base_dtype: without LoRA the base trains, in float32
     return PlanOptions(**kw)
 
 
 __all__ = ["ModelShape", "KNOWN_SHAPES", "PlanOptions", "Prediction", "PlanError", "parse_size", "resolve_model",
            "shape_from_config", "shape_from_dir", "param_counts", "lora_params", "predict", "predict_rollout",
            "max_micro_batch_tokens", "report", "readme_table", "options_from_config", "DEFAULT_LORA_TARGETS",
-           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes", "exact_param_count"]
+           "varlen_sizes", "VarlenSizes", "trained_params", "logprob_op_bytes", "reference_bytes", "exact_param_count",
+           "weight_bytes", "adapter_output_sum_bytes"]

@@ -660,12 +660,29 @@ def test_fsdp2_of_an_older_torch_refuses_a_bf16_base_in_one_line(monkeypatch):
         distributed.shard(model)
 
 
-def test_the_planner_refuses_a_bf16_base_it_does_not_model():
+def test_the_planner_plans_the_bf16_base_a_config_asks_for():
+    """``options_from_config`` carries ``model.lora.base_dtype`` through; the weights term is the bytes of the policy
+    ``build_policy`` makes (a bf16 base: half the base's, the adapters float32); ``--no-lora`` over such a config
+    plans a float32 base, as ``model_setup.base_dtype`` builds it without LoRA."""
     from pact_fast import planner
 
-    config = load_config(None, LORA + ["model.lora.base_dtype=bfloat16"])
-    with pytest.raises(planner.PlanError, match="base_dtype=bfloat16: the planner predicts a float32 base only"):
-        planner.options_from_config(config)
+    predicted, built = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = load_config(None, TINY + LORA + [f"model.lora.base_dtype={dtype}", "train.device=cpu",
+                                                  "train.attn_backend=sdpa"])
+        options = planner.options_from_config(config)
+        assert options.lora_base_dtype == dtype and options.bf16_base == (dtype == "bfloat16")
+        model = build_policy(config.model, torch.device("cpu"), 0).model
+        shape = planner.shape_from_config(model.config.to_dict(), "tiny")
+        predicted[dtype] = planner.predict(shape, 256, options).terms["weights"]
+        built[dtype] = sum(p.numel() * p.element_size() for p in model.parameters())
+        adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert predicted == built
+    assert 2 * (predicted["bfloat16"] - 4 * adapters) == predicted["float32"] - 4 * adapters
+    bf16_lora = load_config(None, LORA + ["model.lora.base_dtype=bfloat16"])
+    assert planner.options_from_config(bf16_lora, lora=False).lora_base_dtype == "float32"  # --no-lora
+    with pytest.raises(planner.PlanError, match="--lora-base-dtype bfloat16 without LoRA"):
+        planner.options_from_config(bf16_lora, lora=False, lora_base_dtype="bfloat16")
 
 
 def test_a_pretrained_model_loads_as_a_bf16_base(smollm2_dir):
