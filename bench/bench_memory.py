@@ -13,7 +13,9 @@ measured peak. It counts tensors, not the resident set. Full fine-tuning and LoR
 ``model_setup.apply_lora`` with ``model.lora``'s defaults: r=16, alpha 32, every linear layer of the decoder
 layers, base and lm_head frozen, so the fused head takes its frozen-head path: no dW) are measured on the same
 workload, activation checkpointing enabled as the trainer does (non-reentrant), and compared with the planner's
-prediction for the same model, dtype, options and packed-token count.
+prediction for the same model, dtype, options and packed-token count. LoRA also on a bf16 base
+(``model.lora.base_dtype=bfloat16``: the model read in bf16, as the trainer reads it, float32 adapters; on the CPU
+the base's forward runs in bf16 without autocast).
 
     python bench/bench_memory.py                      # SmolLM2-135M (fetch_model), bench/results/memory_cpu.json
     python bench/bench_memory.py --tokens 512 --json /tmp/m.json
@@ -179,9 +181,12 @@ def main(argv=None):
     except planner.PlanError as exc:
         parser.error(str(exc))
     rows = []
-    for name, lora, ckpt in (("full", False, False), ("lora", True, False), ("lora+ckpt", True, True)):
+    for name, lora, ckpt, base_dtype in (("full", False, False, "float32"), ("lora", True, False, "float32"),
+                                         ("lora+ckpt", True, True, "float32"),
+                                         ("lora-bf16-base", True, False, "bfloat16"),
+                                         ("lora-bf16-base+ckpt", True, True, "bfloat16")):
         torch.manual_seed(0)
-        model, _ = load_pretrained(path)
+        model, _ = load_pretrained(path, dtype=getattr(torch, base_dtype))
         targets = ()
         if lora:
             targets = tuple(lora_targets(model, LoRAConfig(enabled=True)))
@@ -190,10 +195,11 @@ def main(argv=None):
         sizes = packed_sizes(episodes, inputs)
         measured = measure_step(model, episodes, inputs, grad_checkpointing=ckpt)
         options = planner.PlanOptions(dtype="float32", device="cpu", lora=lora, grad_checkpointing=ckpt,
-                                      attn_backend="varlen", **({"lora_targets": targets} if lora else {}))
+                                      attn_backend="varlen", lora_base_dtype=base_dtype,
+                                      **({"lora_targets": targets} if lora else {}))
         predicted = planner.predict(shape, sizes["tokens"], options, scored_rows=sizes["scored_rows"],
                                     varlen=planner.VarlenSizes(sizes["varlen_keys"], sizes["varlen_pairs"]))
-        row = {"name": name, "lora_targets": list(targets), **sizes, **measured,
+        row = {"name": name, "lora_targets": list(targets), "lora_base_dtype": base_dtype, **sizes, **measured,
                "predicted_peak_bytes": predicted.total,
                "predicted_moment": predicted.moment, "predicted_terms": predicted.terms,
                "ratio_predicted_over_measured": predicted.total / measured["peak_bytes"]}
@@ -202,9 +208,10 @@ def main(argv=None):
               f"{predicted.total / 2**20:.1f} MiB (ratio {row['ratio_predicted_over_measured']:.3f}), "
               f"{measured['step_seconds_profiled']:.1f} s", flush=True)
         del model
-    payload = {"model": str(path), "shape": shape._asdict(), "dtype": "float32", "attn_backend": "varlen (auto on CPU)",
-               "fused_head": True, "lora": {**asdict(LoRAConfig(enabled=True)),
-                                            "setup": "pact_fast.model_setup.apply_lora"},
+    payload = {"model": str(path), "shape": shape._asdict(),
+               "dtype": "float32 (no autocast); the bf16-base rows' base in bf16",
+               "attn_backend": "varlen (auto on CPU)", "fused_head": True,
+               "lora": {**asdict(LoRAConfig(enabled=True)), "setup": "pact_fast.model_setup.apply_lora"},
                "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                            "python": platform.python_version(),

@@ -390,17 +390,18 @@ def test_default_lora_targets_are_the_trainers_for_llama_and_qwen():
 
 
 def test_stored_smollm2_135m_measurements_match_the_planner():
-    """bench/results/memory_cpu.json (bench/bench_memory.py): SmolLM2-135M's measured peaks, full and LoRA,
-    against the planner's prediction recomputed now from the stored packed sizes."""
+    """bench/results/memory_cpu.json (bench/bench_memory.py): SmolLM2-135M's measured peaks, full and LoRA (on a
+    float32 and a bf16 base), against the planner's prediction recomputed now from the stored packed sizes."""
     data = json.loads((HERE.parent / "bench" / "results" / "memory_cpu.json").read_text())
     shape = planner.KNOWN_SHAPES["smollm2-135m"]
     assert planner.ModelShape(**{**data["shape"], "name": shape.name}) == shape
     names = {row["name"] for row in data["rows"]}
-    assert {"full", "lora"} <= names
+    assert {"full", "lora", "lora-bf16-base", "lora-bf16-base+ckpt"} <= names
     for row in data["rows"]:
         lora = row["name"].startswith("lora")
         options = planner.PlanOptions(dtype="float32", device="cpu", lora=lora,
                                       grad_checkpointing=row["name"].endswith("ckpt"), attn_backend="varlen",
+                                      lora_base_dtype=row["lora_base_dtype"],
                                       **({"lora_targets": tuple(row["lora_targets"])} if lora else {}))
         predicted = planner.predict(shape, row["tokens"], options, scored_rows=row["scored_rows"],
                                     varlen=planner.VarlenSizes(row["varlen_keys"], row["varlen_pairs"])).total
