@@ -521,34 +521,42 @@ def test_the_built_in_model_samples_through_the_engine():
     embedding model, and the engine failed to start ("Tokenizer not available"). Its sampled turns now log the
     trainer's own log-probs."""
     from pact_fast.config import Config
-    from pact_fast.model_setup import build_policy, fit_chat_template
-    from pact_fast.rollout_vllm import VLLMRolloutEngine
+    from pact_fast.model_setup import build_policy
 
     config = Config()
     policy = build_policy(config.model, torch.device("cpu"), 0)
+    for ep in _built_in_episodes(config, policy):
+        assert ep.response_ids and (_scored(policy.model, ep) - torch.tensor(ep.behavior_logp)).abs().max() < 1e-3
+
+
+def _built_in_episodes(config, policy):
+    """One built-in task's group of 2 episodes of up to 8 tokens, sampled by a vLLM engine of ``policy``."""
+    from pact_fast.model_setup import fit_chat_template
+    from pact_fast.rollout_vllm import VLLMRolloutEngine
+
     fit_chat_template(config, policy.tokenizer, _examples(1), log=None)
     cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, max_turns=1, vllm_max_model_len=1024,
                         vllm_kv_cache_gb=0.25)
     engine = VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
     try:
-        episodes = engine.rollout(_examples(1), _make_env)[0]
+        return engine.rollout(_examples(1), _make_env)[0]
     finally:
         engine.close()
-    for ep in episodes:
-        ids = ep.prompt_ids + ep.response_ids
-        with torch.no_grad():
-            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
-        scored = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
-        assert ep.response_ids and (scored - torch.tensor(ep.behavior_logp)).abs().max() < 1e-3
+
+
+def _scored(model, ep):
+    """``model``'s log-probs [len(ep.response_ids)] of an episode's response, by its own forward."""
+    ids = ep.prompt_ids + ep.response_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
 
 
 @needs_vllm
 def test_a_lora_policy_samples_through_the_engine_with_its_adapters():
     """``model.lora`` with the vLLM engine: the engine holds the base with the adapters folded in, so its sampled
     turns log the adapted policy's log-probs (and not the base's)."""
-    from pact_fast.config import load_config
-    from pact_fast.model_setup import adapters_off, build_policy, fit_chat_template
-    from pact_fast.rollout_vllm import VLLMRolloutEngine
+    from pact_fast.model_setup import adapters_off, build_policy
 
     config = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"])
     policy = build_policy(config.model, torch.device("cpu"), 0)
@@ -557,26 +565,12 @@ def test_a_lora_policy_samples_through_the_engine_with_its_adapters():
         for name, p in policy.model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    fit_chat_template(config, policy.tokenizer, _examples(1), log=None)
-    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, max_turns=1, vllm_max_model_len=1024,
-                        vllm_kv_cache_gb=0.25)
-    engine = VLLMRolloutEngine(policy.model, policy.tokenizer, cfg, seed=0)
-    try:
-        episodes = engine.rollout(_examples(1), _make_env)[0]
-    finally:
-        engine.close()
-
-    def scored(ep):
-        ids = ep.prompt_ids + ep.response_ids
-        with torch.no_grad():
-            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ep.response_ids)[:, None])[:, 0]
-
-    for ep in episodes:
+    for ep in _built_in_episodes(config, policy):
         behaviour = torch.tensor(ep.behavior_logp)
-        assert ep.response_ids and (scored(ep) - behaviour).abs().max() < 1e-3
+        assert ep.response_ids and (_scored(policy.model, ep) - behaviour).abs().max() < 1e-3
         with adapters_off(policy.peft):
-            assert (scored(ep) - behaviour).abs().max() > 1e-2, "the engine samples the adapted policy, not the base"
+            assert (_scored(policy.model, ep) - behaviour).abs().max() > 1e-2, \
+                "the engine samples the adapted policy, not the base"
 
 
 @needs_vllm
