@@ -51,16 +51,17 @@ class Policy:
 
 
 def base_dtype(cfg):
-    """The dtype of ``model`` config ``cfg``'s base weights: ``cfg.lora.base_dtype`` when LoRA freezes them,
-    else float32 (what a full fine-tune's AdamW updates)."""
-    return getattr(torch, cfg.lora.base_dtype) if cfg.lora.enabled else torch.float32
+    """The dtype ``model`` config ``cfg`` asks of the base weights: bf16 when LoRA freezes them and
+    ``cfg.lora.base_dtype`` says so, else None: as the model is made (float32 from a directory, torch's default
+    dtype for the built-in model), what a full fine-tune's AdamW updates."""
+    return torch.bfloat16 if cfg.lora.enabled and cfg.lora.base_dtype == "bfloat16" else None
 
 
 def build_model_and_tokenizer(cfg, device, seed):
     """The base causal LM and its tokenizer, without adapters: a local HF directory (``cfg.path``), or the
-    built-in tiny Qwen3-shaped model (its weights drawn from ``seed`` in float32) on the built-in tokenizer; its
-    parameters in ``base_dtype(cfg)`` (a pretrained model is read in that dtype, never held in float32 first),
-    its buffers (RoPE's ``inv_freq``) float32 whatever that is, as ``from_pretrained`` keeps them."""
+    built-in tiny Qwen3-shaped model (its weights drawn from ``seed`` in torch's default dtype) on the built-in
+    tokenizer; its parameters in ``base_dtype(cfg)`` when that is set (a pretrained model is read in that dtype,
+    never held in float32 first), its buffers (RoPE's ``inv_freq``) as made, as ``from_pretrained`` keeps them."""
     dtype = base_dtype(cfg)
     if cfg.path:
         model, tokenizer = load_pretrained(cfg.path, dtype=dtype)  # one-line ModelError: a missing dir or tokenizer
@@ -73,7 +74,7 @@ def build_model_and_tokenizer(cfg, device, seed):
                              head_dim=cfg.head_dim, max_positions=2048, seed=seed, tie_word_embeddings=True,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=None)
-        for p in model.parameters():  # tied weights are one parameter: cast once, still tied
+        for p in model.parameters() if dtype is not None else ():  # a tied weight is one parameter: still tied
             p.data = p.data.to(dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

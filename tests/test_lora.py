@@ -296,7 +296,8 @@ def test_fsdp2_on_gloo_with_lora_matches_one_process(tmp_path, base_dtype):
         env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
         env.update({"PACT_TEST_ROLLOUT_LOG": str(log)} if nproc == 2 else {})
         cmd = [sys.executable, str(HERE / "fsdp_worker.py"), *args] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541",
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={29543 if base_dtype == 'float32' else 29545}",  # one each: a port just closed may linger
             str(HERE / "fsdp_worker.py"), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
