@@ -400,8 +400,6 @@ def _check_values(config):
                           f"{sorted(CHAINS)}")
 
 
-
-
 def save_config(config, path):
     """Write the resolved config as YAML; one-off options (``train.stop_after``) are saved at their defaults,
     so a later ``--resume`` does not repeat them."""

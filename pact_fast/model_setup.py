@@ -299,9 +299,10 @@ def apply_lora(model, lora_cfg, seed=0, log=None):
     device = next(model.parameters()).device
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # peft asks transformers 5 a deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(seed)  # peft inits the adapters on the model's device
-            peft_model = get_peft_model(model, config)  # (it asks transformers 5 a deprecated is_gradient_...)
+            peft_model = get_peft_model(model, config)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ModelError(f"model.lora: peft cannot adapt {type(model).__name__} ({' '.join(str(exc).split())})") \
             from None

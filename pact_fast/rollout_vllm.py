@@ -136,7 +136,7 @@ def save_for_engine(model, directory):
     tied ones once, in one safetensors file. Written by every rank: ``save_pretrained`` writes on rank 0 only
     under torch.distributed. A config without ``architectures`` (a model made with ``from_config``, as the
     built-in one) gets the model's class: vLLM took such a model for an embedding model and failed to start. A
-    LoRA model's adapters are folded in (``engine_weights``)."""
+    LoRA model's adapters are folded in (``engine_weights``). Returns the names of the tensors written."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
@@ -145,8 +145,9 @@ def save_for_engine(model, directory):
     config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
-    save_file({name: t.to("cpu").contiguous() for name, t in engine_weights(model)},
-              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {name: t.to("cpu").contiguous() for name, t in engine_weights(model)}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return list(tensors)
 
 
 @contextmanager
@@ -268,7 +269,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         weakref.finalize(self, shutil.rmtree, str(self._dir), True)  # the weight file goes at exit, close() or not
         self._shm = None
         try:
-            save_for_engine(model, self._dir / "model")
+            names = save_for_engine(model, self._dir / "model")
             kv = dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2 ** 30)) if cfg.vllm_kv_cache_gb else {}
             max_len = min(cfg.vllm_max_model_len, self.max_len)  # the model's positions (HFRolloutEngine)
             self.max_len = max_len
@@ -288,7 +289,6 @@ class VLLMRolloutEngine(HFRolloutEngine):
                                          f"{reason})") from None
         finally:
             shutil.rmtree(self._dir / "model", ignore_errors=True)
-        names = [name for name, _ in engine_weights(model)]
         unplaced = self._call(lambda: self.llm.collective_rpc(_worker_unplaced(names)), "a parameter check")[0]
         if unplaced:
             self.close()
