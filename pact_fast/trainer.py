@@ -564,7 +564,8 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
             loss.backward()
             packed_tokens += 0 if mb.padding else n_tok
             if metrics is not None and not mb.padding:
-                weighted_metrics.append(((counts[0 if lc.loss_agg == "token-mean" else 1], n_traces), metrics))
+                weighted_metrics.append(((counts[0 if lc.loss_agg == "token-mean" else 1], n_traces, mask.shape[0]),
+                                         metrics))
                 step_loss += metrics["loss/total"]
         grad_norm = dist.clip_grad_norm(c.scorer, train_cfg.grad_clip)
         bad = non_finite_loss or not math.isfinite(float(grad_norm))
@@ -806,20 +807,22 @@ def _step_metrics(stats):
 
 
 SFT_METRICS = ("loss/sft", "sft_weight_mean", "sft_weight/", "tool_call_weight")  # the SFT term's (prefixes)
+PER_ROLLOUT = ("adv_mean", "adv_abs_mean")  # means over the micro-batch's rollouts, whatever the loss counts
 MAXIMA = ("_max",)  # metrics that are a largest value (po/ratio_max, rollout/logp_mismatch_max): suffixes
 
 
 def _average(weighted):
-    """Each metric over the micro-batches ``[((rollouts, traces), metrics)]``, as the step's loss combines them
-    (``losses.loss_scales``): the SFT term's (``SFT_METRICS``) weighted by the micro-batch's traces, the others by
-    its rollout count (tokens or responses), so a micro-batch without traces (or rollouts) adds nothing to the
-    other term's means. A metric no weighted micro-batch reports is their plain mean. Maxima (``MAXIMA``) are the
-    largest over the micro-batches and epochs (averaged, a second epoch's ratio_max of 1.91 was logged as 1.46).
+    """Each metric over the micro-batches ``[((rollouts, traces, rows), metrics)]``, as the step's loss combines
+    them (``losses.loss_scales``): the SFT term's (``SFT_METRICS``) weighted by the micro-batch's traces, the
+    others by its rollout count (tokens or responses, as the loss counts them), so a micro-batch without traces
+    (or rollouts) adds nothing to the other term's means; the advantages' means (``PER_ROLLOUT``) by its rollout
+    rows. A metric no weighted micro-batch reports is their plain mean. Maxima (``MAXIMA``) are the largest over
+    the micro-batches and epochs (averaged, a second epoch's ratio_max of 1.91 was logged as 1.46).
     Returns ``(means, weights)``: each weighted mean's summed weight, for the mean over ranks."""
     sums, weights, plain, held = {}, {}, {}, {}
-    for (rollouts, traces), metrics in weighted:
+    for (rollouts, traces, rows), metrics in weighted:
         for k, v in metrics.items():
-            w = traces if k.startswith(SFT_METRICS) else rollouts
+            w = traces if k.startswith(SFT_METRICS) else rows if k in PER_ROLLOUT else rollouts
             sums[k] = sums.get(k, 0.0) + w * v
             weights[k] = weights.get(k, 0.0) + w
             plain.setdefault(k, []).append(v)

@@ -13,15 +13,17 @@ def run(rank, out, port):
     td.init_process_group("gloo", rank=rank, world_size=2)
     from pact_fast.trainer import StepStats, _average, _step_metrics
 
-    # rank 0: rollouts of 200 tokens, rewards 1, 1, its largest ratio 1.2; rank 1: 20 tokens, rewards 0, 0, and a
-    # micro-batch with no rollout token (weight 0: its ratio_mean falls back to 1.0), largest ratio 1.7
+    # rank 0: 2 rollouts of 200 tokens, rewards 1, 1, |advantage| 1, its largest ratio 1.2; rank 1: 2 rollouts of
+    # 20 tokens, rewards 0, 0, |advantage| 3, and a micro-batch with no rollout (weight 0: its ratio_mean falls back
+    # to 1.0), largest ratio 1.7
     if rank == 0:
-        micro_batches, rewards = [((200, 2), {"loss/rl": 0.1, "po/ratio_mean": 0.9, "reward_mean": 1.0,
-                                              "po/ratio_max": 1.2})], [1.0, 1.0]
+        micro_batches, rewards = [((200, 2, 2), {"loss/rl": 0.1, "po/ratio_mean": 0.9, "reward_mean": 1.0,
+                                                 "po/ratio_max": 1.2, "adv_abs_mean": 1.0})], [1.0, 1.0]
     else:
-        micro_batches, rewards = [((20, 0), {"loss/rl": 0.3, "po/ratio_mean": 0.8, "reward_mean": 0.0,
-                                             "po/ratio_max": 1.7}),
-                                  ((0, 2), {"loss/rl": 0.0, "po/ratio_mean": 1.0, "reward_mean": 0.0})], [0.0, 0.0]
+        micro_batches, rewards = [((20, 0, 2), {"loss/rl": 0.3, "po/ratio_mean": 0.8, "reward_mean": 0.0,
+                                                "po/ratio_max": 1.7, "adv_abs_mean": 3.0}),
+                                  ((0, 2, 0), {"loss/rl": 0.0, "po/ratio_mean": 1.0, "reward_mean": 0.0,
+                                               "adv_abs_mean": 0.0})], [0.0, 0.0]
     means, weights = _average(micro_batches)
     stats = StepStats(1, means, 1e-5, 1.0, False, False, torch.tensor(rewards), [], 0, 1, 0, None, 1.0, 1.0, 0.0,
                       0, weights)

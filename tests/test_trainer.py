@@ -169,7 +169,8 @@ def test_torchrun_loss_metrics_weigh_the_ranks_as_one_process_weighs_its_micro_b
 def test_torchrun_step_metrics_weigh_by_rollout_tokens_only_what_the_loss_reports(tmp_path):
     """reward_mean is the episodes' mean, which replaces the loss's own: it was weighted over the ranks by their
     rollout tokens (ranks of 200 and 20 tokens with rewards 1, 1 and 0, 0 logged 0.909 for 0.5); a micro-batch
-    without rollout tokens counted its fallback ratio with weight 1; maxima are the largest over all ranks."""
+    without rollout tokens counted its fallback ratio with weight 1; maxima are the largest over all ranks; the
+    advantages' means are by rollouts."""
     out = tmp_path / "logged.json"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run([sys.executable, str(HERE / "rank_metrics_worker.py"), str(out), "29541"],
@@ -180,6 +181,7 @@ def test_torchrun_step_metrics_weigh_by_rollout_tokens_only_what_the_loss_report
     assert logged["loss/rl"] == pytest.approx((200 * 0.1 + 20 * 0.3) / 220)
     assert logged["po/ratio_mean"] == pytest.approx((200 * 0.9 + 20 * 0.8) / 220)
     assert logged["po/ratio_max"] == pytest.approx(1.7)
+    assert logged["adv_abs_mean"] == pytest.approx(2.0)  # by rollouts: 4 of them, not by their tokens
 
 
 def test_a_one_process_checkpoint_resumes_under_torchrun(tmp_path):
@@ -783,6 +785,38 @@ def test_step_metrics_do_not_depend_on_the_micro_batching(tmp_path):
     for key in ("grad_norm", "loss/total", "loss/sft", "loss/rl", "sft_weight_mean", "sft_weight/reasoning",
                 "po/clip_frac_low", "anchored_groups", "skipped_groups", "reward_mean", "tool_call_weight"):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_advantage_metrics_are_means_over_the_step_rollouts_however_micro_batched(tmp_path, monkeypatch):
+    """adv_mean and adv_abs_mean are means over the step's rollouts. They were averaged over the micro-batches
+    weighted by response tokens (the token-mean loss's weight), so the logged value moved with
+    train.micro_batch_tokens. Advantages made distinct per rollout here (the tiny model's rewards tie), and the
+    replayed responses differ in length (the tiny model's all reach max_new_tokens)."""
+    sys.path.insert(0, str(HERE))
+    from replay_engine import ReplayEngine
+
+    from pact_fast import trainer
+
+    made = []
+
+    def distinct(rewards, group_of, **kwargs):
+        made.append(torch.linspace(-1.0, 3.0, len(rewards)) ** 3)  # [N], uneven
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "group_advantages", distinct)
+    rows = {}
+    for budget in (700, 20_000):
+        out = tmp_path / str(budget)
+        cfg = load_config(None, TINY + ["train.steps=1", "train.prompts_per_step=6", "rollout.group_size=3",
+                                        f"train.micro_batch_tokens={budget}", "data.eval_tasks=1",
+                                        f"train.out_dir={out}"])
+        train(cfg, engine_factory=ReplayEngine, log=lambda *a: None)
+        rows[budget] = next(json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line)
+    assert rows[700]["micro_batches"] > 1 == rows[20_000]["micro_batches"]
+    adv = made[-1].double()
+    for row in rows.values():
+        assert row["adv_mean"] == pytest.approx(float(adv.mean()), rel=1e-5)
+        assert row["adv_abs_mean"] == pytest.approx(float(adv.abs().mean()), rel=1e-5)
 
 
 def test_a_logged_ratio_max_is_the_largest_over_the_micro_batches_and_epochs(tmp_path, monkeypatch):
