@@ -25,6 +25,7 @@ from .models import ModelError, load_pretrained, random_qwen3
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_DTYPE_KEY = "pact_fast.base_dtype"  # adapter_model.safetensors metadata: the base the adapters trained on
 
 
 def resolve_device(name):
@@ -312,6 +313,10 @@ def apply_lora(model, lora_cfg, seed=0, log=None):
         if log and made_on and base and Path(made_on).name.lower() != Path(base).name.lower():
             log(f"[pact_fast] model.lora.adapter={lora_cfg.adapter} was made on {made_on}, this base model is {base}: "
                 "an adapter of another model of the same shape loads without an error, and adapts this one")
+        trained_on, here = _adapter_metadata(lora_cfg.adapter).get(BASE_DTYPE_KEY), _base_dtype_name(model)
+        if log and trained_on and trained_on != here:
+            log(f"[pact_fast] model.lora.adapter={lora_cfg.adapter} trained on a {trained_on} base, this base is "
+                f"{here} (model.lora.base_dtype): the adapted model's log-probs are not quite the ones it trained on")
     if log:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -363,11 +368,27 @@ def save_adapter(peft_model, model_state, directory):
     ``peft.PeftModel.from_pretrained``."""
     from safetensors.torch import save_file
 
-    key_map = adapter_key_map(peft_model, adapter_names(peft_model.base_model.model))
+    model = peft_model.base_model.model
+    key_map = adapter_key_map(peft_model, adapter_names(model))
     tensors = {saved: model_state[name].detach().cpu().contiguous() for saved, name in key_map.items()}
     Path(directory).mkdir(parents=True, exist_ok=True)
     peft_model.peft_config["default"].save_pretrained(str(directory))
-    save_file(tensors, str(Path(directory) / ADAPTER_WEIGHTS))
+    save_file(tensors, str(Path(directory) / ADAPTER_WEIGHTS), metadata={BASE_DTYPE_KEY: _base_dtype_name(model)})
+
+
+def _base_dtype_name(model):
+    """The dtype of ``model``'s frozen base weights (its first floating parameter outside the adapters), as
+    ``model.lora.base_dtype`` spells it: ``"float32"``, ``"bfloat16"``."""
+    dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
+    return str(dtype).removeprefix("torch.")
+
+
+def _adapter_metadata(directory):
+    """The string metadata of ``directory``'s adapter weights file ({} for one without)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as f:
+        return f.metadata() or {}
 
 
 def read_adapter(peft_model, directory):

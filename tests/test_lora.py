@@ -462,6 +462,23 @@ def test_an_adapter_made_on_another_base_model_is_said(tmp_path):
     assert len(said["other"]) == 1 and str(base) in said["other"][0] and "other-model" in said["other"][0]
 
 
+def test_adapters_loaded_onto_a_base_of_another_dtype_than_they_trained_on_are_said(tmp_path):
+    """A LoRA checkpoint records its base's dtype (adapter_model.safetensors metadata); adapters trained on a bf16
+    base and loaded onto a float32 one (or the reverse) load without an error and give other log-probs, so the
+    set-up says so; on the dtype they trained on, nothing is said."""
+    config = load_config(None, TINY + LORA + ["model.lora.base_dtype=bfloat16", "train.steps=1",
+                                              f"train.out_dir={tmp_path / 'run'}"])
+    ckpt = train(config, log=lambda *a: None)["checkpoint"]
+    said = {}
+    for dtype in ("float32", "bfloat16"):
+        config = load_config(None, TINY + LORA + [f"model.lora.base_dtype={dtype}", f"model.lora.adapter={ckpt}"])
+        lines = []
+        build_policy(config.model, torch.device("cpu"), 0, log=lines.append)
+        said[dtype] = [line for line in lines if "trained on a" in line]
+    assert said["bfloat16"] == []
+    assert len(said["float32"]) == 1 and "bfloat16 base, this base is float32" in said["float32"][0]
+
+
 @pytest.mark.parametrize("pretrained", [False, True], ids=["builtin", "model.path"])
 def test_lora_dropout_acts_in_training_whatever_made_the_model(tmp_path, pretrained):
     """``from_pretrained`` returns a model in eval mode, which training kept: ``model.lora.dropout`` acted on the
