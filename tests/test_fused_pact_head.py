@@ -295,6 +295,25 @@ def test_torch_backend_with_logit_transforms_in_fp32_and_fp16(cfg, progress, opt
     _check_low_precision(cfg, progress, opts, dtype, "torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_gradients_take_gradscalers_loss_scale(backend):
+    """The gradients formed in forward are multiplied by the incoming gradient in backward: in fp16 that was done
+    after rounding it to fp16, where GradScaler's default scale 65536 is inf (every gradient NaN). Now the scaled
+    gradients, unscaled in fp32, are the float64 reference's."""
+    config = PACTLossConfig()
+    hidden, weight, _, targets, rows, batch = _problem(2, dtype=torch.float16)
+    batch = _as_fp32_batch(batch)
+    ref_params = [p.detach().double().requires_grad_() for p in (hidden, weight)]
+    ref_loss, _ = _unfused(*ref_params, None, targets, rows, batch, config, 0.3, 1.0, False, step=4)
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    scale = 65536.0  # torch.amp.GradScaler's init_scale
+    loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, step=4, chunk_rows=7, backend=backend)
+    grads = torch.autograd.grad(loss * scale, (hidden, weight))
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all(), name
+        assert rel_err(got.float() / scale, want) < TRITON_TOL[torch.float16], (name, rel_err(got.float() / scale, want))
+
+
 def test_triton_backend_matches_the_torch_backend_metrics_in_fp32():
     config = PACTLossConfig(c_ent=0.02, beta_kl=0.1, anchor_mode="mix")
     hidden, weight, bias, targets, rows, batch = _problem(6, dtype=torch.float32, bias=True)

@@ -183,6 +183,20 @@ class _RowGrads:
             kl_ratio_weighted=c.kl_ratio_weighted)
 
 
+def _scale_(t, grad, chunk=1 << 24):
+    """``t *= grad`` in place (``grad`` a 0-dim tensor). An fp16 ``t`` is multiplied in fp32, ``chunk`` elements
+    at a time: GradScaler's 65536 is inf in fp16, and any loss scale rounded to fp16 would scale the gradients by
+    another number. Other dtypes multiply by ``grad`` in their own (bf16 rounds it by at most 2^-9: one factor
+    for the whole gradient, not noise)."""
+    if t.dtype != torch.float16:
+        return t.mul_(grad.to(t.dtype))
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        part.copy_(part.float().mul_(grad))
+    return t
+
+
 class _FusedHead(torch.autograd.Function):
     """Returns the loss computed in forward; backward hands the gradients formed there over, scaled in place by
     grad_output (no second dX- or dW-sized buffer; the engine takes them as .grad without a copy)."""
@@ -199,8 +213,8 @@ class _FusedHead(torch.autograd.Function):
                                "backward; a second backward (retain_graph) needs a second call of the op")
         dx, dw, db = ctx.grads
         ctx.grads = None
-        return (dx.mul_(grad.to(dx.dtype)), dw.mul_(grad.to(dw.dtype)) if dw is not None else None,
-                db.mul_(grad.to(db.dtype)) if db is not None else None, None, None, None, None)
+        return (_scale_(dx, grad), _scale_(dw, grad) if dw is not None else None,
+                _scale_(db, grad) if db is not None else None, None, None, None, None)
 
 
 def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=0.0, *, bias=None, temperature=1.0,
@@ -247,7 +261,10 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         to ``hidden``, ``weight`` and ``bias``; a single backward (the gradients are handed over, not copied).
         torch: logits, log-probs and dW accumulate in fp32 (float64 for float64 inputs). triton: logits rounded
         to the input dtype (as the model's lm_head output would be), fp32 statistics, dW (and db) rounded once
-        per row block (see the launcher's doc). dX and dW come back in the input dtype.
+        per row block (see the launcher's doc). dX and dW come back in the input dtype. In fp16 they are formed
+        at the loss's own scale (``rl_scale``, ``sft_scale``) before the backward's incoming gradient (a
+        GradScaler's loss scale) multiplies them, in fp32: loss scaling cannot lift a d-logit under fp16's
+        normal range (6e-5) out of it as it does in the unfused path; prefer bf16.
     """
     config = config or PACTLossConfig()
     backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch",
