@@ -172,6 +172,15 @@ class PACTBatch:
         if self.advantages is not None and tuple(self.advantages.shape) not in ((B,), tuple(self.response_mask.shape)):
             raise ValueError(f"PACTBatch: advantages must be [B] = [{B}] or [B, T] = "
                              f"{list(self.response_mask.shape)}, got {tuple(self.advantages.shape)}")
+        if self.sft_components is not None:  # the trace fields: every one [S, E], as sft_components
+            if self.sft_components.dim() != 2:
+                raise ValueError(f"PACTBatch: sft_components must be [S, E], got {tuple(self.sft_components.shape)}")
+            shape = tuple(self.sft_components.shape)
+            for name in ("sft_logp", "sft_segment_ids", "sft_turn_ids"):
+                t = getattr(self, name)
+                if t is not None and tuple(t.shape) != shape:
+                    raise ValueError(f"PACTBatch: {name} must be [S, E] = {list(shape)} (the shape of "
+                                     f"sft_components), got {tuple(t.shape)}")
         for name in CONSTANT_FIELDS:
             t = getattr(self, name)
             if t is not None and t.requires_grad:

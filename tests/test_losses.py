@@ -501,6 +501,26 @@ def test_a_constant_that_carries_a_gradient_is_refused(name):
     assert torch.autograd.grad(loss, batch.logp_po)[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("name,shape", [("sft_turn_ids", (1, 9)), ("sft_segment_ids", (1, 9)),
+                                        ("sft_segment_ids", (2, 8)), ("sft_turn_ids", (18,)), ("sft_logp", (2, 8))])
+def test_a_trace_field_of_another_shape_than_sft_components_is_refused_naming_it(name, shape):
+    """sft_turn_ids [1, E] broadcast over the traces (every trace took row 0's turns: loss 0.5 for 0.6), and
+    other shapes failed with an IndexError naming no field; fused_pact_head took a [1, E] sft_segment_ids too."""
+    from pact_fast.ops.fused_pact_head import fused_pact_head
+
+    batch = _batch()
+    setattr(batch, name, getattr(batch, name).reshape(-1)[:math.prod(shape)].reshape(shape))
+    with pytest.raises(ValueError, match=rf"{name} must be \[S, E\] = \[2, 9\]"):
+        pact_loss(batch, PACTLossConfig(), 0.5)
+    if name != "sft_logp":  # the fused head scores the traces itself
+        batch.logp_tc = batch.logp_po = batch.sft_logp = None
+        rows = {"logp_tc": torch.arange(42).reshape(6, 7), "logp_po": torch.arange(42, 84).reshape(6, 7),
+                "sft_logp": torch.arange(84, 102).reshape(2, 9)}
+        with pytest.raises(ValueError, match=rf"{name} must be \[S, E\]"):
+            fused_pact_head(torch.randn(102, 4, dtype=D), torch.randn(5, 4, dtype=D), torch.zeros(102, dtype=torch.long),
+                            rows, batch, PACTLossConfig(), 0.5)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("c_ent", -0.1, "c_ent=-0.1 must be >= 0"), ("beta_kl", -0.1, "beta_kl=-0.1 must be >= 0"),
     ("lambda_sft", -1.0, "lambda_sft=-1.0 must be >= 0"), ("clip_eps_high", -0.5, "clip_eps_high=-0.5 must be >= 0"),
