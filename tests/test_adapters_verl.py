@@ -275,6 +275,24 @@ def test_hook_refuses_what_it_cannot_compute():
                          pact_config=config, progress=0.3)
 
 
+def test_hook_refuses_a_rollout_whose_two_rows_do_not_pair_up():
+    """Two PO rows of one pact_rollout id passed the pairing check (both paired with one TC row, the other TC row
+    dropped: loss 0.409 for 0.344), and a TC row's own response_mask went unread (a TC response cut short would
+    have trained on its padding's log-probs: 0.504)."""
+    _, rows, log_probs = _group_rows()
+    config = PACTLossConfig()
+    twice = {**rows, "pact_rollout": rows["pact_rollout"].clone()}
+    twice["pact_rollout"][1] = 0  # PO rows 0 and 1 both say rollout 0
+    with pytest.raises(ValueError, match=r"pact_rollout \[0\] name two PO rows each"):
+        pact_loss_fn(None, {"log_probs": log_probs}, twice, pact_config=config, progress=0.3)
+    cut = {**rows, "response_mask": rows["response_mask"].clone()}
+    B = int((rows["pact_role"] == PO).sum())
+    cut["response_mask"][B + 2, -2:] = 0  # the TC row of rollout 2, cut two tokens short
+    assert not torch.equal(cut["response_mask"][B + 2], rows["response_mask"][B + 2])
+    with pytest.raises(ValueError, match=r"TC rows of pact_rollout \[2\] have another response_mask"):
+        pact_loss_fn(None, {"log_probs": log_probs}, cut, pact_config=config, progress=0.3)
+
+
 def test_anchor_rows_draws_once_per_group_reproducibly():
     group = torch.arange(4000).repeat_interleave(2)
     a = anchor_rows(group, 4000, 0.3, seed=11, step=5)

@@ -22,7 +22,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
    prompt), ``TC`` (the same response with the trace-conditioned prompt) and ``TRACE`` (an expert
    trace as the response of the prompt). The host supplies, besides verl's
    ``response_mask``, ``old_log_probs``, ``advantages`` ([N, T], padded or nested):
-   - ``pact_rollout`` [N]: an id shared by a rollout's PO and TC rows (both must be in the micro-batch);
+   - ``pact_rollout`` [N]: an id shared by a rollout's PO and TC rows (both must be in the micro-batch, one of
+     each, with the same ``response_mask``: the same response tokens in both contexts);
    - ``pact_group`` [N]: prompt group id; ``pact_anchored`` [N] bool: the group's anchoring draw
      (``pact_fast.losses.anchor_rows``), needed for ``anchor_mode='bernoulli'``;
    - ``pact_components``, ``pact_segment_ids``, ``pact_turn_ids`` [N, T] on TRACE rows: labels of
@@ -242,6 +243,12 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                          f"micro-batch; this one has {len(po)} PO rows and no TC row")
     if len(tc_rows):
         rollout = _need(data, "pact_rollout", " (the id a rollout's PO and TC rows share)")
+        for role_name, index in (("PO", po), ("TC", tc_rows)):
+            ids = [int(rollout[i]) for i in index.tolist()]
+            if len(set(ids)) != len(ids):
+                twice = sorted({i for i in ids if ids.count(i) > 1})
+                raise ValueError(f"pact_loss_fn: pact_rollout {twice} name two {role_name} rows each; one PO and "
+                                 "one TC row per rollout")
         by_rollout = {int(rollout[j]): j for j in tc_rows.tolist()}
         missing = [int(rollout[i]) for i in po.tolist() if int(rollout[i]) not in by_rollout]
         if missing or len(by_rollout) != len(po):
@@ -249,6 +256,11 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                              f"{missing or sorted(set(by_rollout) - {int(rollout[i]) for i in po.tolist()})} "
                              "are unpaired")
         tc = torch.tensor([by_rollout[int(rollout[i])] for i in po.tolist()], device=po.device)
+        differ = (mask[tc] != mask[po]).any(dim=-1)
+        if bool(differ.any()):  # the same response tokens in both contexts, or the TC row's padding would train
+            raise ValueError(f"pact_loss_fn: the TC rows of pact_rollout {sorted(int(rollout[i]) for i in po[differ])} "
+                             "have another response_mask than their PO rows (a response cut short under the longer "
+                             "trace-conditioned prompt?); a rollout's two rows hold the same response tokens")
 
     def rows(tensor, index):
         return None if tensor is None or len(index) == 0 else tensor[index]
