@@ -213,6 +213,8 @@ def test_an_entropy_coefficient_needs_no_prompt_only_rows_while_the_rl_term_is_o
      "is -1 at a position its mask scores"),
     (lambda a: a["rows"].update(entropy=a["rows"]["logp_po"]), "unknown fields"),
     (lambda a: setattr(a["batch"], "logp_po", a["batch"].old_logp_po), "leave it None"),
+    (lambda a: setattr(a["batch"], "entropy", torch.full_like(a["batch"].old_logp_po, 100.0)),
+     r"batch.entropy is computed by this op"),  # was taken and ignored
     (lambda a: a.update(targets=a["targets"] + V), "targets must lie in"),
     (lambda a: a.update(temperature=0.0), "temperature"),
     (lambda a: a.update(logit_scale=0.0), "logit_scale"),
@@ -224,7 +226,7 @@ def test_an_entropy_coefficient_needs_no_prompt_only_rows_while_the_rl_term_is_o
     (lambda a: a.update(targets=a["targets"] > 0), "targets must be integer"),  # bool scored tokens 0 and 1
     (lambda a: setattr(a["batch"], "response_mask", a["batch"].response_mask * 0.5), "0 and 1 only"),
 ], ids=["triton-float64", "backend", "rows-shape", "rows-range", "rows-below", "rows-unscored", "sft-unscored",
-        "rows-field", "batch-field", "targets", "temperature",
+        "rows-field", "batch-field", "batch-entropy", "targets", "temperature",
         "scale-zero", "scale-inf", "softcap-negative", "softcap-zero", "old-given", "H-zero", "targets-bool",
         "mask-weights"])
 def test_bad_input_is_an_error_naming_it(change, match):

@@ -80,6 +80,9 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
             raise TypeError(f"fused_pact_head: rows[{name!r}] must be an integer tensor of row indices (-1 = none)")
         if getattr(batch, name) is not None:
             raise ValueError(f"fused_pact_head: batch.{name} is computed by this op from rows[{name!r}]; leave it None")
+    if batch.entropy is not None:
+        raise ValueError("fused_pact_head: batch.entropy is computed by this op from rows['logp_po'] (config.c_ent > 0);"
+                         " leave it None")
     mask_shape = tuple(batch.response_mask.shape)
     for name in ("logp_tc", "logp_po"):
         if name in rows and tuple(rows[name].shape) != mask_shape:
