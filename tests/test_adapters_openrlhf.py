@@ -142,6 +142,13 @@ def test_bernoulli_anchoring_needs_the_steps_draws():
             PACTPolicyLoss()(po, old, adv, action_mask=mask, log_probs_tc=po, old_log_probs_tc=old, **extra)
 
 
+def test_an_action_mask_of_another_shape_is_named():
+    """A [B, T-1] action_mask was reported as wrong advantages (pact_loss shapes them by the mask)."""
+    po, old, adv, mask = _inputs()
+    with pytest.raises(ValueError, match=r"action_mask \(4, \d+\) must be log_probs' \[B, T\]"):
+        PACTPolicyLoss(pact_config=PACTLossConfig(mode="grpo"))(po, old, adv, action_mask=mask[:, :-1])
+
+
 def test_a_pact_config_that_disagrees_with_policy_loss_arguments_is_refused():
     """PolicyLoss's arguments set the clipping and reduction over pact_config's defaults; a pact_config field set
     to something else was silently replaced by them (by PolicyLoss's defaults when none were given)."""

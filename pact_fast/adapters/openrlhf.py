@@ -83,6 +83,9 @@ class PACTPolicyLoss(torch.nn.Module):
         """log_probs, old_log_probs, advantages, action_mask: [B, T]. Returns (loss, clip_ratio, ppo_kl, None, None)."""
         if action_mask is None:
             action_mask = torch.ones_like(log_probs)
+        if action_mask.shape != log_probs.shape:  # pact_loss would blame the advantages, shaped by the mask
+            raise ValueError(f"PACTPolicyLoss: action_mask {tuple(action_mask.shape)} must be log_probs' [B, T] = "
+                             f"{list(log_probs.shape)}")
         B = log_probs.shape[0]
         cfg = self.config
         if cfg.mode == "pact" and cfg.anchor_mode == "bernoulli" and anchored is None:
