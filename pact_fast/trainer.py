@@ -63,6 +63,18 @@ def lr_lambda(cfg):
     return f
 
 
+def resume_schedule(optimizer, scheduler, cfg):
+    """After a checkpoint's optimizer and scheduler state are loaded: the learning rate and weight decay of this
+    run's config ``cfg`` (a resume may change ``train.lr``, ``train.weight_decay``, or the schedule through
+    ``train.steps`` / ``warmup_steps`` / ``min_lr_ratio``), at the step count the checkpoint holds. The loaded
+    state kept the checkpoint's own, and ``--resume`` said the change while training on without it."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, weight_decay=cfg.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr reports
+
+
 WARN_CUT_EVERY = 50  # steps between the console lines that say episodes were cut to fit a step
 
 
@@ -379,8 +391,8 @@ def config_warnings(config, n_train):
     if config.train.prompts_per_step > n_train:
         out.append(f"train.prompts_per_step={config.train.prompts_per_step} is more than the {n_train} training "
                    "tasks: a step draws some of them twice")
-    if config.train.warmup_steps >= config.train.steps:
-        out.append(f"train.warmup_steps={config.train.warmup_steps} >= train.steps={config.train.steps}: the "
+    if config.train.warmup_steps > config.train.steps:  # warmup's last step trains at train.lr
+        out.append(f"train.warmup_steps={config.train.warmup_steps} > train.steps={config.train.steps}: the "
                    "learning rate never reaches train.lr")
     return out
 
@@ -441,6 +453,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         if start_step > train_cfg.steps:
             raise ValueError(f"resume: {ckpt} is at step {start_step}, past train.steps={train_cfg.steps}; "
                              f"raise train.steps to go on (its checkpoints would be overwritten otherwise)")
+        resume_schedule(optimizer, scheduler, train_cfg)
         log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
         newer = checkpoint.set_aside_newer(run_dir, start_step)
         if newer:

@@ -57,6 +57,26 @@ def test_resume_gives_identical_parameters(tmp_path):
     assert (tmp_path / "full" / "curves.png").exists()
 
 
+def test_a_resume_trains_at_the_learning_rate_and_weight_decay_its_config_says(tmp_path):
+    """--resume with train.lr, train.weight_decay or train.steps changed said "changed ..." and trained on at the
+    checkpoint's own rate and decay (the loaded optimizer and scheduler state kept them). Now the schedule of the
+    resumed config, at the checkpoint's step, and its weight decay."""
+    from pact_fast.trainer import lr_lambda
+
+    first = load_config(None, TINY + ["train.steps=4", "train.stop_after=2", f"train.out_dir={tmp_path}"])
+    train(first, log=lambda *a: None)
+    changed = ["train.steps=6", "train.lr=0.002", "train.weight_decay=0.25", "train.warmup_steps=2"]
+    resumed = load_config(None, TINY + changed + [f"train.out_dir={tmp_path}"])
+    train(resumed, resume=tmp_path, log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    lrs = {r["step"]: r["lr"] for r in rows if "reward_mean" in r}
+    schedule = lr_lambda(resumed.train)
+    for step in (3, 4, 5, 6):
+        assert lrs[step] == pytest.approx(0.002 * schedule(step - 1), rel=1e-9), (step, lrs)
+    state = torch.load(tmp_path / "checkpoints" / "step_000006" / "trainer_state.pt", weights_only=False)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.25}
+
+
 def test_checkpoints_keep_the_last_k(tmp_path):
     cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=2",
                                     f"train.out_dir={tmp_path}"])
