@@ -399,7 +399,12 @@ def read_adapter(peft_model, directory):
     file = Path(directory) / ADAPTER_WEIGHTS
     if not file.is_file():
         raise ModelError(f"{directory}: no {ADAPTER_WEIGHTS}")
-    saved = load_file(str(file))
+    try:
+        saved = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own kinds on a cut or foreign file
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelError(f"{file}: cannot be read ({type(exc).__name__}: {reason}); the adapter file is damaged") \
+            from exc
     model = peft_model.base_model.model
     key_map = adapter_key_map(peft_model, adapter_names(model))
     missing, extra = sorted(set(key_map) - set(saved)), sorted(set(saved) - set(key_map))

@@ -182,6 +182,17 @@ def check_model_dir(path):
                          "(tokenizer.save_pretrained)")
 
 
+def _read(path, what, read):
+    """``read()``; what it raises (a truncated safetensors or JSON file, a copy in progress) as one ``ModelError``
+    line naming the directory (the cause stays chained for ``--debug``)."""
+    try:
+        return read()
+    except Exception as exc:  # safetensors, json, OSError and transformers' own: one line for each
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path}: the {what} cannot be read from it ({type(exc).__name__}: {reason}); a file there "
+                         "is damaged or of another format") from exc
+
+
 def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
     """``(model, tokenizer)`` from a local HF directory, offline, after ``check_model_dir``.
 
@@ -189,12 +200,13 @@ def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
     A tokenizer without a pad token gets its end-of-sequence token as pad.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32,
-                                                 attn_implementation=attn_implementation)
+    _read(path, "config.json", lambda: AutoConfig.from_pretrained(str(path), local_files_only=True))  # read first
+    tokenizer = _read(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    model = _read(path, "model", lambda: AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, dtype=dtype or torch.float32, attn_implementation=attn_implementation))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

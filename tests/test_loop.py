@@ -2,6 +2,7 @@
 order's epochs, the lr schedule."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,36 @@ def test_resume_refuses_what_it_would_ignore_or_could_not_load(tmp_path, capsys)
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{state}: cannot be read" in err and "move it aside" in err and "Traceback" not in err, err
+
+
+def test_a_damaged_lora_checkpoint_or_model_directory_is_one_line(tmp_path, capsys):
+    """A cut adapter_model.safetensors (--resume, eval --run) and a cut model.safetensors or config.json of a
+    model directory (--model) ended in a safetensors or OSError traceback; one line naming the file or
+    directory now, status 2."""
+    from pact_fast.cli import main
+
+    lora = ["model.lora.enabled=true", "model.lora.r=2"]
+    run = tmp_path / "lora"
+    assert main(["train", *TINY, *lora, "train.steps=2", "train.stop_after=1", "--out", str(run)]) == 0
+    adapter = run / "checkpoints" / "step_000001" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:10])
+    capsys.readouterr()
+    for args in (["train", "--resume", str(run)], ["eval", "--run", str(run)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"{adapter}: cannot be read" in err and "damaged" in err and "Traceback" not in err, err
+    full = tmp_path / "full"
+    assert main(["train", *TINY, "train.steps=1", "--out", str(full)]) == 0
+    model_dir = full / "checkpoints" / "step_000001"
+    for name in ("model.safetensors", "config.json"):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(model_dir, broken)
+        (broken / name).write_bytes((broken / name).read_bytes()[:10])
+        capsys.readouterr()
+        assert main(["eval", "--model", str(broken), *TINY[6:]]) == 2, name
+        err = capsys.readouterr().err
+        what = "model" if name == "model.safetensors" else name
+        assert f"{broken}: the {what} cannot be read from it" in err and "Traceback" not in err, err
 
 
 def test_resuming_into_a_model_of_another_shape_is_one_line_from_python_too(tmp_path):
