@@ -221,11 +221,15 @@ def _coerce(value, tp, key):
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if tp is float:
+        if isinstance(value, bool):  # float(True) is 1.0: train.lr=yes trained at 1.0
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, (list, tuple, dict)):  # str() would make "['runs/x']" a directory name
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
 
@@ -385,6 +389,10 @@ def _check_values(config):
                     if bad:
                         relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
                         raise ConfigError(f"{key}={value} must be {relation} {limit}")
+    if config.loss.mode in ("sft", "sft_then_grpo") and config.loss.lambda_sft == 0:
+        phase = "" if config.loss.mode == "sft" else " before loss.switch_progress"
+        raise ConfigError(f"loss.mode={config.loss.mode} with loss.lambda_sft=0: the SFT term is the only loss"
+                          f"{phase}, and it would be 0 (every step trains nothing)")
     if not config.train.out_dir.strip():  # "" would write the run into the working directory
         raise ConfigError("train.out_dir is empty; give the run a directory")
     from .envs.multihop import CHAINS

@@ -38,11 +38,28 @@ from pact_fast.models import pretrained_defaults
     ("rollout.max_result_chars=-1", "rollout.max_result_chars=-1 must be >= 1"),
     ("data.format_reward=-1", "data.format_reward=-1.0 must be >= 0"),
     ("model.hidden_size=0", "model.hidden_size=0 must be >= 1"),
+    # read as 1.0 (YAML's yes is True, float(True) is 1.0): trained at a learning rate of 1
+    ("train.lr=yes", "train.lr: expected a number, got True"),
+    ("loss.lambda_sft=true", "loss.lambda_sft: expected a number, got True"),
+    # the only loss term switched off: every step trained nothing, at loss 0
+    ("loss.mode=sft loss.lambda_sft=0", "loss.mode=sft with loss.lambda_sft=0: the SFT term is the only loss, and it "
+                                        "would be 0 (every step trains nothing)"),
+    ("loss.mode=sft_then_grpo loss.lambda_sft=0", "loss.mode=sft_then_grpo with loss.lambda_sft=0: the SFT term is "
+                                                  "the only loss before loss.switch_progress, and it would be 0 "
+                                                  "(every step trains nothing)"),
 ])
 def test_out_of_range_or_non_finite_options_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert str(info.value) == message
+
+
+def test_a_list_or_mapping_for_a_string_option_is_refused(tmp_path):
+    """train.out_dir: [runs/x] in YAML made a directory named "['runs/x']"."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  out_dir: [runs/x]\n")
+    with pytest.raises(ConfigError, match=r"train.out_dir: expected a string, got \['runs/x'\]"):
+        load_config(str(path))
 
 
 def test_every_bound_names_an_option_and_the_defaults_keep_them():
