@@ -203,11 +203,19 @@ def _check_tools(tools, where):
         params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
+        if params and "type" not in params and "properties" not in params:  # read as a schema, it checks nothing
+            _fail(f"{where}[{i}].function.parameters must be a JSON schema ({{'type': 'object', 'properties': "
+                  f"{{...}}}}); it has neither 'type' nor 'properties' but {sorted(params)[:5]} (a flat map of "
+                  "arguments, as xLAM writes them? put it under 'properties')")
         if not isinstance(params.get("properties", {}), dict):
             _fail(f"{where}[{i}].function.parameters.properties must be an object")
         required = params.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             _fail(f"{where}[{i}].function.parameters.required must be a list of strings")
+        if fn["name"] in names:  # calls would be checked against the last spec, the prompt would show both
+            first = next(j for j, u in enumerate(tools) if u.get("function", {}).get("name") == fn["name"])
+            _fail(f"{where}[{i}] is a second function named {fn['name']!r} (the first is {where}[{first}]); one "
+                  "spec per name")
         names[fn["name"]] = fn
     return names
 

@@ -216,6 +216,23 @@ def test_a_tool_of_no_arguments_may_leave_out_its_parameters():
         parse_example(row)
 
 
+def test_a_flat_argument_map_or_a_second_spec_of_one_name_is_refused():
+    """xLAM's flat ``parameters`` ({"city": {"type": "str"}}, no ``properties``) passed as a schema that checks
+    nothing, so a misspelt argument trained; a tool named twice showed both specs in the prompt while calls were
+    checked against the last one."""
+    row = _good()
+    fn = row["tools"][0]["function"]
+    flat = {**row, "tools": [{"type": "function", "function": {**fn, "parameters": fn["parameters"]["properties"]}}]}
+    with pytest.raises(DataFormatError, match=r"tools\[0\].function.parameters must be a JSON schema .* neither "
+                                              r"'type' nor 'properties' but \['entity', 'relation'\]"):
+        parse_example(flat)
+    twice = {**row, "tools": row["tools"] + [row["tools"][0]]}
+    n = len(row["tools"])
+    with pytest.raises(DataFormatError, match=rf"tools\[{n}\] is a second function named {fn['name']!r} \(the "
+                                              r"first is tools\[0\]\)"):
+        parse_example(twice)
+
+
 def _split_config(path, **kw):
     from pact_fast.config import DataConfig
 
