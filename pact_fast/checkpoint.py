@@ -46,17 +46,13 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
     optim_state = dist.full_optimizer_state(scorer, optimizer)
     if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        if peft_model is not None:
-            from .model_setup import save_adapter
-
-            save_adapter(peft_model, model_state, tmp)
-        else:
-            scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-                   tmp / STATE_FILE)
-        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
+        try:
+            _write(tmp, step, scorer, tokenizer, scheduler, order, model_state, optim_state, peft_model)
+        except (OSError, RuntimeError) as exc:  # a full disk: torch.save says "unexpected pos", safetensors an OSError
+            shutil.rmtree(tmp, ignore_errors=True)  # (it would keep the disk full)
+            reason = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{final}: the checkpoint of step {step} could not be written ({type(exc).__name__}: "
+                                  f"{reason}); is the disk full? The checkpoints before it are kept") from exc
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
@@ -67,6 +63,21 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _write(tmp, step, scorer, tokenizer, scheduler, order, model_state, optim_state, peft_model):
+    """Every file of a checkpoint into ``tmp``, fsynced: on disk before the rename makes it visible."""
+    if peft_model is not None:
+        from .model_setup import save_adapter
+
+        save_adapter(peft_model, model_state, tmp)
+    else:
+        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
+               tmp / STATE_FILE)
+    _fsync_tree(tmp)
 
 
 def _fsync_tree(path, files=True):

@@ -290,6 +290,31 @@ def test_a_damaged_lora_checkpoint_or_model_directory_is_one_line(tmp_path, caps
         assert f"{broken}: the {what} cannot be read from it" in err and "Traceback" not in err, err
 
 
+def test_a_checkpoint_write_that_fails_is_one_line_and_leaves_the_disk_as_it_was(tmp_path, capsys, monkeypatch):
+    """A full disk under torch.save ended in "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+    with the half-written .tmp-step directory left to keep the disk full. Now one line naming the checkpoint,
+    status 2; the temporary directory removed, the checkpoints before it whole."""
+    from pact_fast import checkpoint
+    from pact_fast.cli import main
+
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint's trainer state
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3740672 vs 3740564")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.steps=3", "train.save_every=1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / 'step_000002'}: the checkpoint of step 2 could not be written" in err, err
+    assert "is the disk full?" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+    assert (run / "checkpoints" / "step_000001" / checkpoint.STATE_FILE).is_file()
+
+
 def test_resuming_into_a_model_of_another_shape_is_one_line_from_python_too(tmp_path):
     from pact_fast.checkpoint import CheckpointError
 
