@@ -26,7 +26,9 @@ put in the order of the calls (``tool_call_id`` names the call), and, for multi-
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
-reasoning, equal to ``reasoning_content``) and content given as a list of parts are refused, not dropped.
+reasoning, equal to ``reasoning_content``) and content given as a list of parts are refused, not dropped; so
+is any key the format does not read (``ROW_KEYS``, ``MESSAGE_KEYS``) that holds a value: fields of your own
+go under ``metadata``, which is never read.
 
 A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
@@ -97,6 +99,22 @@ _OTHER_SPELLINGS = {
     "reasoning": "'reasoning': name it 'reasoning_content'",
     "thinking": "'thinking': name it 'reasoning_content'",
 }
+# the keys this format reads: of a row ("metadata": anything of your own, never read), and of a message by role
+# ("tools" on a trace's later user turn); another key with a value is refused (a typo such as "answr", or
+# another convention's meaning such as axolotl's "weight": 0 would otherwise be dropped without a word)
+ROW_KEYS = ("id", "messages", "tools", "trace", "answer", "env", "metadata")
+MESSAGE_KEYS = {"system": ("role", "content", "name"), "user": ("role", "content", "name"),
+                "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", "refusal",
+                              *_OTHER_SPELLINGS),
+                "tool": ("role", "content", "name", "tool_call_id")}
+
+
+def _check_keys(obj, known, where):
+    """Refuse a key of ``obj`` outside ``known`` that holds a value (null or an empty list or object is none)."""
+    extra = [k for k, v in obj.items() if k not in known and v not in (None, [], {})]
+    if extra:
+        _fail(f"{where} has {extra[0]!r}, a key this format does not read (it reads {', '.join(known)}); rename "
+              "it or leave it out" + (", or keep your own fields under 'metadata'" if where == "the row" else ""))
 
 
 def _check_message(msg, where, roles):
@@ -105,6 +123,8 @@ def _check_message(msg, where, roles):
     role = msg.get("role")
     if role not in roles:
         _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}")
+    later_user = role == "user" and where.startswith("trace")
+    _check_keys(msg, MESSAGE_KEYS[role] + (("tools",) if later_user else ()), where)
     content = msg.get("content")
     if isinstance(content, list):
         _fail(f"{where}.content is a list of content parts; give it as one string (join the parts' 'text')")
@@ -227,6 +247,7 @@ def parse_example(row):
               + (" (a JSON array file? rows are JSONL, one object per line)" if isinstance(row, list) else ""))
     if "id" not in row:
         _fail("missing 'id' (a string or an integer)")
+    _check_keys(row, ROW_KEYS, "the row")
     if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
         _fail(f"'id' must be a string or an integer, got {json.dumps(row['id'])}")
     messages = row.get("messages")

@@ -233,6 +233,32 @@ def test_a_flat_argument_map_or_a_second_spec_of_one_name_is_refused():
         parse_example(twice)
 
 
+@pytest.mark.parametrize("change,where,key", [
+    (lambda r: r.update(answr=r.pop("answer")), "the row", "answr"),  # a typo: the reward lost its answer
+    (lambda r: r.update(conversations=[{"from": "human", "value": "hi"}]), "the row", "conversations"),
+    (lambda r: r["trace"][-1].update(weight=0), "trace[6]", "weight"),  # axolotl: do not train on this turn
+    (lambda r: r["messages"][-1].update(tool_calls=[{"id": "x"}]), "messages[1]", "tool_calls"),
+    (lambda r: r["trace"][0].update(tools=[{"type": "function"}]), "trace[0]", "tools"),
+    (lambda r: r["messages"][-1].update(reasoning_content="think"), "messages[1]", "reasoning_content"),
+])
+def test_a_key_the_format_does_not_read_is_refused_not_dropped(change, where, key):
+    """Each of these loaded and trained with the key dropped without a word."""
+    row = _good()
+    change(row)
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(where)} has '{key}', a key this format does not read"):
+        parse_example(row)
+
+
+def test_empty_values_of_other_keys_and_metadata_of_your_own_load():
+    """The OpenAI SDK writes "refusal": null and "annotations": [] on messages; fields of the user's own go under
+    "metadata", which is never read."""
+    row = _good()
+    row["metadata"] = {"source": "xlam", "difficulty": 3}
+    row["messages"][-1]["annotations"] = []
+    row["trace"][0]["refusal"] = None
+    assert parse_example(row).id == row["id"]
+
+
 def _split_config(path, **kw):
     from pact_fast.config import DataConfig
 
