@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
-from .config import ConfigError, one_off_fields, config_changes, load_config
+from .config import RUN_CONFIG, ConfigError, config_changes, load_config, one_off_fields
 from .data import load_data
 from .plots import pyplot
 from .tables import text_table
@@ -80,7 +80,7 @@ def _refuse_other_run(cfg):
         check_fresh_run_dir(cfg.train.out_dir)
     except ConfigError:
         try:
-            stored = load_config(str(Path(cfg.train.out_dir) / "config.yaml"))
+            stored = load_config(str(Path(cfg.train.out_dir) / "config.yaml"), label=RUN_CONFIG)
             changed = sorted({key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC)
         except (OSError, ValueError):
             changed = ["its config.yaml cannot be read"]
@@ -93,7 +93,7 @@ def _earlier_run(cfg):
     ``("unfinished", None)`` when it has a checkpoint to resume from, else ``(None, None)``."""
     run_dir = Path(cfg.train.out_dir)
     try:
-        stored = load_config(run_dir / "config.yaml")
+        stored = load_config(run_dir / "config.yaml", label=RUN_CONFIG)
     except (OSError, ValueError):
         return None, None
     if {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC:

@@ -303,11 +303,60 @@ def load_config(path=None, overrides=(), *, label="--config"):
     model's defaults (its lr wrecks a pretrained model); the file and the overrides still win. ``label`` names
     the file in errors (a run's own config.yaml is not a --config the user gave)."""
     config = _load(path, overrides, label=label)
+    base = None
     if config.model.path:
         from .models import pretrained_defaults
 
-        config = _load(path, overrides, base=pretrained_defaults(), label=label)
+        base = pretrained_defaults()
+        config = _load(path, overrides, base=base, label=label)
+    if label != RUN_CONFIG:  # a run's own config.yaml was checked when the run began (compare sets loss.mode itself)
+        _check_read(config, _load(None, (), base=base))
     return config
+
+
+_SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+_BUILTIN_TASKS = ("train_tasks", "world_seed", "hops", "ops", "distractors")
+_RL = ("adv_eps", "norm_adv_by_std", "clip_eps_low", "clip_eps_high", "dual_clip", "loss_agg", "loss_scale_factor",
+       "beta_kl", "kl_estimator", "kl_ratio_weighted", "c_ent")
+_ANCHORING = ("ctx_den", "anchor_mode", "anchor_q", "seed")  # the trace-conditioned term and its anchoring
+_SFT_WEIGHTS = ("sft_reasoning_mode", "w_reason", "w_other", "beta_0", "beta_1", "s_end")  # PACT's annealed SFT
+
+
+def _unread(config):
+    """``[(reason, "section.key", ...)]``: options this config's other options leave unread, and why."""
+    loss, mode = config.loss, config.loss.mode
+    out = [("with model.path the built-in model's shape options are not read", *(f"model.{k}" for k in _SHAPE)),
+           ("with data.path the built-in tasks' options are not read", *(f"data.{k}" for k in _BUILTIN_TASKS)),
+           ("with data.eval_path the held-out rows are that file's, not a split", "data.eval_tasks")]
+    out = [entry for entry, on in zip(out, (config.model.path, config.data.path, config.data.eval_path)) if on]
+    by_mode = {"sft": _RL + _ANCHORING + _SFT_WEIGHTS + ("switch_progress",),
+               "grpo": ("lambda_sft",) + _ANCHORING + _SFT_WEIGHTS + ("switch_progress",),
+               "sft_then_grpo": _ANCHORING + _SFT_WEIGHTS, "pact": ("switch_progress",)}[mode]
+    out.append((f"loss.mode={mode} does not read it", *(f"loss.{k}" for k in by_mode)))
+    if mode != "sft":
+        if loss.loss_agg != "seq-mean-token-sum-norm":
+            out.append((f"loss.loss_agg={loss.loss_agg} does not read it (seq-mean-token-sum-norm does)",
+                        "loss.loss_scale_factor"))
+        if loss.beta_kl == 0:
+            out.append(("loss.beta_kl=0: there is no KL term", "loss.kl_estimator", "loss.kl_ratio_weighted"))
+        if mode == "pact" and loss.anchor_mode == "mix":
+            out.append(("loss.anchor_mode=mix draws no anchors", "loss.seed"))
+    return out
+
+
+def _check_read(config, reference):
+    """Refuse (one line) an option set away from its default (``reference``: the defaults this config started
+    from) that the rest of the config leaves unread: it would run as if it had not been given."""
+    for reason, *keys in _unread(config):
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            if value != getattr(getattr(reference, section), name):
+                raise ConfigError(f"{key}={_show(value)}: {reason}, so it would change nothing; leave it out")
+
+
+def _show(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _load(path, overrides, base=None, label="--config"):
@@ -321,6 +370,13 @@ def _load(path, overrides, base=None, label="--config"):
                 data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{label} {path}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{label} {path}: a directory; give a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{label} {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); a YAML file is "
+                              "text") from None
+        except OSError as exc:
+            raise ConfigError(f"{label} {path}: cannot be read ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{label} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):

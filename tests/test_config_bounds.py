@@ -75,9 +75,10 @@ def test_a_string_option_takes_the_text_as_given():
     """Paths on the command line are not YAML: `--out 010` wrote to '8', `runs/exp #2` to 'runs/exp', `yes` was
     'True'; `null` still unsets an optional path. A value YAML cannot read is one line naming the key."""
     config = load_config(None, ["train.out_dir=010", "data.path=runs/exp #2", "data.eval_path=yes",
-                                "model.path=null", "data.hops=[1, 2]", "train.steps=3"])
+                                "model.path=null", "train.steps=3"])
     assert (config.train.out_dir, config.data.path, config.data.eval_path) == ("010", "runs/exp #2", "yes")
-    assert config.model.path is None and config.data.hops == (1, 2) and config.train.steps == 3
+    assert config.model.path is None and config.train.steps == 3
+    assert load_config(None, ["data.hops=[1, 2]"]).data.hops == (1, 2)
     with pytest.raises(ConfigError, match=r"train.steps='\[x': not a valid value"):
         load_config(None, ["train.steps=[x"])
     # an empty value: the run went into the working directory (out_dir); `model.path=$UNSET` or `data.path=`
@@ -137,3 +138,59 @@ def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
     assert [w.split("=")[0] for w in said] == ["rollout.group_size", "rollout.greedy", "train.prompts_per_step",
                                                "train.warmup_steps"]
     assert config_warnings(load_config(None, ["loss.mode=sft", "rollout.group_size=1"]), 400) == []  # no RL term
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.path=/m", "model.hidden_size=64"], "model.hidden_size=64: with model.path the built-in model's shape"),
+    (["data.path=d.jsonl", "data.train_tasks=2"], "data.train_tasks=2: with data.path the built-in tasks' options"),
+    (["data.path=d.jsonl", "data.hops=[2]"], "data.hops=[2]: with data.path the built-in tasks' options"),
+    (["data.path=d.jsonl", "data.eval_path=e.jsonl", "data.eval_tasks=2"],
+     "data.eval_tasks=2: with data.eval_path the held-out rows are that file's"),
+    (["loss.mode=grpo", "loss.lambda_sft=5"], "loss.lambda_sft=5.0: loss.mode=grpo does not read it"),
+    (["loss.mode=grpo", "loss.beta_0=0.5"], "loss.beta_0=0.5: loss.mode=grpo does not read it"),
+    (["loss.mode=sft", "loss.clip_eps_high=0.9"], "loss.clip_eps_high=0.9: loss.mode=sft does not read it"),
+    (["loss.mode=sft", "loss.anchor_q=0.9"], "loss.anchor_q=0.9: loss.mode=sft does not read it"),
+    (["loss.mode=sft_then_grpo", "loss.w_reason=0.5"], "loss.w_reason=0.5: loss.mode=sft_then_grpo does not read"),
+    (["loss.switch_progress=0.3"], "loss.switch_progress=0.3: loss.mode=pact does not read it"),
+    (["loss.loss_scale_factor=64"], "loss.loss_scale_factor=64: loss.loss_agg=token-mean does not read it"),
+    (["loss.kl_estimator=k1"], "loss.kl_estimator=k1: loss.beta_kl=0: there is no KL term"),
+    (["loss.anchor_mode=mix", "loss.seed=3"], "loss.seed=3: loss.anchor_mode=mix draws no anchors"),
+])
+def test_an_option_the_rest_of_the_config_leaves_unread_is_refused(overrides, message):
+    """Each of these ran as if it had not been given (a shape option beside a pretrained model, a built-in task
+    count beside a data file, an SFT weight in a GRPO run, ...): refused in one line, ending "leave it out"."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value).startswith(message) and str(info.value).endswith("leave it out"), str(info.value)
+
+
+def test_the_options_a_config_reads_are_taken_and_a_runs_own_config_is_not_checked_again(tmp_path):
+    """Set where they are read, the same options load; values equal to the defaults (a run's config.yaml copied
+    as a template) are not "set"; a run's own config.yaml (compare sets loss.mode on it) loads as it is."""
+    from pact_fast.config import RUN_CONFIG, save_config
+
+    load_config(None, ["loss.mode=grpo", "loss.clip_eps_high=0.28", "loss.beta_kl=0.1", "loss.kl_estimator=k1"])
+    load_config(None, ["loss.mode=sft", "loss.lambda_sft=2"])
+    load_config(None, ["loss.loss_agg=seq-mean-token-sum-norm", "loss.loss_scale_factor=64", "loss.anchor_q=0.5"])
+    load_config(None, ["model.path=/m", "data.path=d.jsonl", "model.hidden_size=64", "data.train_tasks=400"][:2])
+    template = load_config(None, [])
+    template.loss.mode = "grpo"  # every other option at its default, as written
+    save_config(template, tmp_path / "grpo.yaml")
+    assert load_config(str(tmp_path / "grpo.yaml")).loss.mode == "grpo"
+    run = load_config(None, ["loss.beta_0=0.5"])
+    run.loss.mode = "grpo"  # as compare sets it for its grpo run
+    save_config(run, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml"), label=RUN_CONFIG).loss.beta_0 == 0.5
+    with pytest.raises(ConfigError, match="loss.beta_0=0.5: loss.mode=grpo does not read it"):
+        load_config(str(tmp_path / "config.yaml"))
+
+
+def test_a_config_path_that_is_a_directory_or_not_text_is_one_line(tmp_path):
+    """`--config DIR` and a file of bytes that are not UTF-8 ended in IsADirectoryError / UnicodeDecodeError
+    tracebacks."""
+    with pytest.raises(ConfigError, match=rf"^--config {tmp_path}: a directory; give a YAML file$"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "run.yaml"
+    binary.write_bytes(b"\xff\xfetrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: not UTF-8 text \(byte 0: invalid start byte\)"):
+        load_config(str(binary))

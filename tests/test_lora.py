@@ -21,7 +21,7 @@ from pact_fast.model_setup import (AdaptersOffScorer, adapters_off, apply_lora, 
 from pact_fast.models import ModelError
 from pact_fast.scoring import sequence_logprobs
 from pact_fast.trainer import build, train, train_step
-from test_trainer import TINY
+from test_trainer import TINY, tiny_for
 
 HERE = Path(__file__).parent
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
@@ -203,7 +203,7 @@ def test_export_merge_and_eval_of_a_lora_run(tmp_path):
         assert (a - u).abs().max() > 1e-4, "the adapters trained, so the merge must differ from the base"
     shown = {}  # the episodes each evaluation writes: the metrics of these tiny models are all 0 either way
     for name, cfg in (("lora", config), ("base", load_config(None, TINY)),
-                      ("merged", load_config(None, TINY + [f"model.path={tmp_path / 'merged'}",
+                      ("merged", load_config(None, tiny_for(model_path=True) + [f"model.path={tmp_path / 'merged'}",
                                                            "model.chat_template=model"]))):
         lines = []
         shown[name] = (evaluate_model(cfg, show=2, log=lines.append), [x for x in lines if x.startswith("===")])
@@ -232,7 +232,7 @@ def test_refusals_are_one_line_before_any_weight_loads(tmp_path):
     assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr
     lora_run = tmp_path / "lora"
     train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={lora_run}"]), log=lambda *a: None)
-    proc = _cli("eval", "--model", str(sorted((lora_run / "checkpoints").glob("step_*"))[-1]), *TINY)
+    proc = _cli("eval", "--model", str(sorted((lora_run / "checkpoints").glob("step_*"))[-1]), *tiny_for(model_path=True))
     assert proc.returncode == 2 and "holds LoRA adapters, not a model: use --run" in proc.stderr
 
 
@@ -557,7 +557,7 @@ def test_attention_dropout_of_a_users_own_model_is_refused_before_any_step(tmp_p
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    config = load_config(None, TINY + [f"model.path={tmp_path / 'model'}", "model.chat_template=model",
+    config = load_config(None, tiny_for(model_path=True) + [f"model.path={tmp_path / 'model'}", "model.chat_template=model",
                                        f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(ModelError, match="attention_dropout=0.1, which tree attention does not implement"):
         build(config, log=lambda *a: None)

@@ -21,7 +21,7 @@ from pact_fast.rollout import Episode
 from pact_fast.task_inputs import Limits, check_lengths, group_inputs, limits, prepare, response_cap
 from pact_fast.trainer import build, build_units, train_step
 
-from test_trainer import HERE, TINY
+from test_trainer import HERE, TINY, tiny_for
 
 
 def load_examples_from(rows):
@@ -54,7 +54,8 @@ def test_a_trace_too_long_for_a_micro_batch_stops_the_cli_before_any_step(tmp_pa
     _long_reasoning(rows[2], 900)  # the trace-conditioned prompt carries the trace: ~900 tokens over a 700 budget
     data = _write(tmp_path / "data.jsonl", rows)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--data", str(data), "--out", str(run), *TINY],
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "train", "--data", str(data), "--out", str(run),
+                           *tiny_for(data_path=True)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -69,8 +70,8 @@ def test_build_refuses_a_row_past_the_models_positions_naming_it(tmp_path):
     rows = _rows()
     _long_reasoning(rows[4], 2100)  # the tiny model has 2048 positions; the budget is raised out of the way
     data = _write(tmp_path / "data.jsonl", rows)
-    cfg = load_config(None, TINY + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}",
-                                    "train.micro_batch_tokens=100000"])
+    cfg = load_config(None, tiny_for(data_path=True) + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}",
+                                                        "train.micro_batch_tokens=100000"])
     with pytest.raises(DataFormatError, match=rf"{data}:5 \(id '{rows[4]['id']}'\): its trace-conditioned prompt "
                                               r"needs 2,\d\d\d positions, more than the model's 2,048"):
         build(cfg, log=lambda *_: None)
@@ -81,7 +82,7 @@ def test_a_held_out_prompt_past_the_positions_is_refused(tmp_path):
     rows, held = _rows(), _rows(8)[6:]
     held[1]["messages"][-1]["content"] = " ".join(["hugo"] * 2100)
     data, eval_data = _write(tmp_path / "d.jsonl", rows), _write(tmp_path / "e.jsonl", held)
-    cfg = load_config(None, TINY + [f"data.path={data}", f"data.eval_path={eval_data}",
+    cfg = load_config(None, tiny_for(data_path=True, eval_path=True) + [f"data.path={data}", f"data.eval_path={eval_data}",
                                     f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(DataFormatError, match=rf"{eval_data}:2 \(id '{held[1]['id']}'\): its prompt and one sampled "
                                               r"token need 2,\d+ positions, more than the model's "
@@ -435,7 +436,7 @@ def test_build_checks_trace_calls_in_the_runs_tool_call_format(tmp_path):
     call = next(c["function"] for m in rows[k]["trace"] for c in m.get("tool_calls", []) if c["function"]["name"] == "add")
     call["arguments"]["a"] = str(call["arguments"]["a"])  # the environment adds "48" as 48; compact reads back 48
     data = _write(tmp_path / "data.jsonl", rows)
-    cfg = load_config(None, TINY + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(None, tiny_for(data_path=True) + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(DataFormatError, match=rf"^{data}:{k + 1} \(id '{rows[k]['id']}'\): assistant turn \d's tool "
                                               r"calls, rendered and read back in rollout.tool_call_format='compact'"):
         build(cfg, log=lambda *_: None)

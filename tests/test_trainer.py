@@ -21,6 +21,14 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 HERE = Path(__file__).parent
 
 
+def tiny_for(*, data_path=False, eval_path=False, model_path=False):
+    """TINY less the options that a data file, a held-out file or a pretrained model leave unread (refused
+    beside them): the built-in tasks' count, the split's size, the built-in model's shape."""
+    drop = (("data.train_tasks",) if data_path else ()) + (("data.eval_tasks",) if eval_path else ()) + \
+        (("model.",) if model_path else ())
+    return [o for o in TINY if not o.startswith(drop)]
+
+
 def _weights(run_dir):
     ckpt = sorted((Path(run_dir) / "checkpoints").glob("step_*"))[-1]
     return ckpt, load_file(str(ckpt / "model.safetensors"))
@@ -269,7 +277,8 @@ def test_local_model_dir_data_file_and_reference_kl(tmp_path):
     model_dir = Path(train(first, log=lambda *a: None)["checkpoint"])
     data = tmp_path / "tasks.jsonl"
     write_examples(data, make_tasks(12, seed=5, hops=(1, 2)))
-    cfg = load_config(None, TINY + ["train.steps=2", "loss.beta_kl=0.1", "data.eval_tasks=2",
+    cfg = load_config(None, tiny_for(data_path=True, model_path=True) + [
+                                    "train.steps=2", "loss.beta_kl=0.1", "data.eval_tasks=2",
                                     f"model.path={model_dir}", f"data.path={data}", f"train.out_dir={tmp_path / 'second'}"])
     summary = train(cfg, log=lambda *a: None)
     assert summary["steps"] == 2
