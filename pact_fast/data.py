@@ -248,8 +248,8 @@ def parse_example(row):
     if "id" not in row:
         _fail("missing 'id' (a string or an integer)")
     _check_keys(row, ROW_KEYS, "the row")
-    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
-        _fail(f"'id' must be a string or an integer, got {json.dumps(row['id'])}")
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or not str(row["id"]).strip():
+        _fail(f"'id' must be a non-empty string or an integer, got {json.dumps(row['id'])}")
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         _fail("'messages' must be a non-empty list")
@@ -286,9 +286,9 @@ def parse_example(row):
             require_answered(i)
             if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
                 _fail(f"trace[{i}].reasoning_content must be a string")
-            calls = m.get("tool_calls") or []
-            if not isinstance(calls, list):
-                _fail(f"trace[{i}].tool_calls must be a list")
+            calls = [] if m.get("tool_calls") is None else m["tool_calls"]
+            if not isinstance(calls, list):  # ({} and "" read as "no calls" put the error on the tool turn after)
+                _fail(f"trace[{i}].tool_calls must be a list, got {json.dumps(calls)[:60]}")
             m["tool_calls"] = [_normalise_call(c, f"trace[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
             for j, c in enumerate(m["tool_calls"]):
                 if tools and c["function"]["name"] not in names:
@@ -407,9 +407,10 @@ def _decode_row(raw, line_no=0):
         _fail("a string holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
     except json.JSONDecodeError as exc:
         text = line.rstrip("\r\n")
+        where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"  # some messages end in "at" already
         if exc.pos >= len(text):  # the text ends before the value does: a truncated row
-            _fail(f"invalid JSON: the line ends after column {len(text)} ({exc.msg}; truncated?)")
-        _fail(f"invalid JSON ({exc.msg} at column {exc.colno})")
+            _fail(f"invalid JSON: the line ends after column {len(text)} ({where}; truncated?)")
+        _fail(f"invalid JSON ({where})")
     except RecursionError:
         _fail("JSON nested too deeply")
     except DataFormatError:
@@ -506,7 +507,8 @@ def load_data(cfg, *, needs_trace=True):
 
     for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{key}={path}: no such file")
+            raise FileNotFoundError(f"{key}={path}: " + ("a directory; give a JSONL file" if Path(path).is_dir()
+                                                          else "no such file"))
     if cfg.path:
         # the held-out split is made before the trace check (held-out rows need none), so that a run and
         # `pact-fast eval` of it split a file alike whatever the loss mode

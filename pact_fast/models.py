@@ -169,6 +169,8 @@ def fetch_model(name, dest=None, *, install=False, log=print):
 def check_model_dir(path):
     """One-line ``ModelError`` unless ``path`` is a local HF causal-LM directory with a tokenizer."""
     path = Path(path)
+    if path.is_file():
+        raise ModelError(f"model directory {str(path)!r} is a file; give the directory that holds config.json")
     if not path.is_dir():
         known = f" (for a known model run: pact-fast fetch-model {'|'.join(sorted(KNOWN_MODELS))})"
         raise ModelError(f"model directory {str(path)!r} does not exist{known}")

@@ -30,8 +30,11 @@ def _cli(*args, cwd=None):
     # overrides on both sides of an option are all read, the last one winning
     (None, ["train.steps=3", "--data", "nope.jsonl", "train.steps=0"], "pact-fast: config error: train.steps=0 must"),
     (None, ["--data", ""], "pact-fast: config error: --data was given an empty path"),
+    ("x: 1\n", ["--model", "run.yaml"], "pact-fast: model directory 'run.yaml' is a file; give the directory"),
+    ("x: 1\n", ["--data", "."], "pact-fast: data.path=.: a directory; give a JSONL file"),
 ], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
-        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option", "empty-path"])
+        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option", "empty-path", "model-a-file",
+        "data-a-directory"])
 def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp_path, setup, args, message):
     if setup is not None:
         (tmp_path / "run.yaml").write_text(setup)

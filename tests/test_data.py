@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from pact_fast.data import DataFormatError, check_trainable, load_examples, parse_example, write_examples
+from pact_fast.data import DataFormatError, check_trainable, load_data, load_examples, parse_example, write_examples
 from pact_fast.envs import make_task
 
 
@@ -152,6 +152,11 @@ def test_a_truncated_row_is_reported_where_the_line_ends(tmp_path):
     path.write_text('{"id": "a", "messages": [\n')
     with pytest.raises(DataFormatError, match=r"cut.jsonl:1: invalid JSON: the line ends after column 25 .*truncated"):
         load_examples(path)
+    path.write_text('{"id": "a", "messages": "ab\tc"}\n')  # json's message ends in "at": it was cut there
+    with pytest.raises(DataFormatError, match=r"cut.jsonl:1: invalid JSON \(Invalid control character at column 28\)$"):
+        load_examples(path)
+    with pytest.raises(FileNotFoundError, match=rf"data.path={tmp_path}: a directory; give a JSONL file"):
+        load_data(_split_config(tmp_path))
 
 
 @pytest.mark.parametrize("drop,message", [
@@ -339,8 +344,13 @@ CONVERSIONS = {
         arguments='{"entity": "m\\ud800", "relation": "home"}'), "lone surrogate"),
     "deep-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
         arguments='{"entity": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nested too deeply"),
-    "float-id": (lambda r, k: r.update(id=1.5), "'id' must be a string or an integer, got 1.5"),
-    "bool-id": (lambda r, k: r.update(id=True), "'id' must be a string or an integer, got true"),
+    "float-id": (lambda r, k: r.update(id=1.5), "'id' must be a non-empty string or an integer, got 1.5"),
+    "bool-id": (lambda r, k: r.update(id=True), "'id' must be a non-empty string or an integer, got true"),
+    # an empty id: every message named the row "(id '')"
+    "empty-id": (lambda r, k: r.update(id=" "), "'id' must be a non-empty string or an integer, got \" \""),
+    # {} and "" were read as no calls: the error landed on the tool turn after, as an unanswered id
+    "tool-calls-object": (lambda r, k: r["trace"][k].update(tool_calls={}), r"tool_calls must be a list, got \{\}"),
+    "tool-calls-empty-string": (lambda r, k: r["trace"][k].update(tool_calls=""), "tool_calls must be a list, got \"\""),
     "object-tool-result": (lambda r, k: r["trace"][k + 1].update(content={"x": 1}), "JSON-encode a structured result"),
     "think-inside-the-answer": (lambda r, k: r["trace"][-1].update(content="it is <think>x</think> paris"),
                                 "<think> tags other than one leading"),
