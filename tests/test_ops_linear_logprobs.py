@@ -342,3 +342,6 @@ def test_a_numpy_or_tensor_temperature_is_a_number_and_infinity_is_refused():
     for bad in (float("inf"), True, torch.tensor([0.5, 0.5])):
         with pytest.raises(ValueError, match="temperature` must be a finite number > 0"):
             linear_logprobs(h, w, t, temperature=bad, backend="torch")
+    # a learnable temperature was read as a number (a float() warning) and got no gradient
+    with pytest.raises(ValueError, match="`temperature` is a tensor that requires grad; the op takes it as a constant"):
+        linear_logprobs(h, w, t, temperature=torch.tensor(0.5, requires_grad=True), backend="torch")

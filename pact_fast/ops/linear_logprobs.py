@@ -56,6 +56,10 @@ def check_logit_transform(op, temperature, logit_scale, softcap):
             value = value.item()
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if isinstance(value, torch.Tensor) and value.requires_grad:  # read as a number: no gradient would reach it
+            raise ValueError(f"{op}: `{name}` is a tensor that requires grad; the op takes it as a constant "
+                             "(pass float(t) or t.detach())")
     if not positive(temperature):
         raise ValueError(f"{op}: `temperature` must be a finite number > 0, got {temperature!r}")
     if not positive(logit_scale):
