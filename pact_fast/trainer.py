@@ -668,14 +668,12 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     eval_after, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
-    eval_before = None
-    # a resumed run's summary carries on from the last session's (its evaluation before training, its seconds)
-    previous = _previous_summary(run_dir, c.start_step) if c.start_step else {}
-    if c.start_step == 0:
+    # a resumed run's summary carries on from the rows it keeps (its evaluations, its steps' seconds)
+    before = _Carried(writers.kept if writers else [])
+    eval_before = before.evals.get(0)
+    if c.start_step == 0 and _not_logged(eval_before):
         eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
-    else:
-        eval_before = previous.get("eval_before")
     history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
     step, skip_streak, stopped, last_save, warned_cut = c.start_step, 0, None, time.monotonic(), 0
     # the checkpoint of a step is written once: a periodic save at the last step, or the one resumed from, is the
@@ -729,7 +727,6 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step += 1
                 break
             if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
-                dist.sync_rollout_weights(c.scorer, c.rollout_model)  # torchrun: the copy is one update old
                 result = _evaluate_and_log(c, step + 1)
                 if bar:
                     bar.clear()
@@ -741,30 +738,42 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if bar:
             bar.close()
         ckpt = saved.get(step) or _save(c, step)  # a Ctrl-C now is a flag: the write finishes
-    if step == c.start_step == train_cfg.steps and previous.get("eval_after") is not None:
-        eval_after = previous["eval_after"]  # a finished run resumed: evaluated already, nothing trained since
-    elif step == train_cfg.steps and not interrupt.requested:
-        dist.sync_rollout_weights(c.scorer, c.rollout_model)
-        eval_after = _evaluate_and_log(c, step)
+    if step == train_cfg.steps and not interrupt.requested:
+        eval_after = before.evals.get(step)  # a finished run resumed: evaluated already, nothing trained since
+        if _not_logged(eval_after):
+            eval_after = _evaluate_and_log(c, step)
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
     summary = {"steps": step, "interrupted": interrupt.requested, "stopped": stopped, "checkpoint": str(ckpt),
                "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
-               "final_reward_mean": history[-1]["reward_mean"] if history else None,
-               "seconds": sum(h["step_seconds"] for h in history) + previous.get("seconds", 0.0)}
+               "final_reward_mean": history[-1]["reward_mean"] if history else before.reward_mean,
+               "seconds": sum(h["step_seconds"] for h in history) + before.seconds}
     if writers:
         writers.close(summary)
     return summary
 
 
-def _previous_summary(run_dir, start_step):
-    """The ``summary.json`` a run's last session wrote, if it ended at ``start_step``, where this session resumes
-    ({} otherwise: a session killed before its summary, a checkpoint older than the summary's)."""
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) and summary.get("steps") == start_step else {}
+class _Carried:
+    """What a resumed run's summary carries on from the metrics rows it keeps (its checkpoint's step and before):
+    the held-out evaluations by step, the steps' seconds summed and the last step's reward_mean. The rows, not the
+    last summary.json: a session killed (kill -9) wrote none, and one resumed from an older checkpoint, or
+    stopped in its final evaluation, wrote one that does not end where this session starts."""
+
+    def __init__(self, rows):
+        self.evals, self.seconds, self.reward_mean = {}, 0.0, None
+        for row in rows:
+            evaluation = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+            if evaluation:
+                self.evals[row.get("step", 0)] = evaluation
+            elif "step_seconds" in row:
+                self.seconds += row["step_seconds"]
+                self.reward_mean = row.get("reward_mean")
+
+
+def _not_logged(evaluation):
+    """Whether an evaluation is still to run: ``evaluation`` (what metrics.jsonl holds for it) is None on rank 0,
+    which holds the rows and decides for every rank (the evaluation syncs the rollout copy: collectives)."""
+    return bool(dist.max_count(int(dist.rank() == 0 and evaluation is None)))
 
 
 def _save(c, step):
@@ -773,7 +782,9 @@ def _save(c, step):
 
 
 def _evaluate_and_log(c, step):
-    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``."""
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``. The rollout copy is refreshed first:
+    under torchrun it is one update old, or (resumed) made before the checkpoint loaded."""
+    dist.sync_rollout_weights(c.scorer, c.rollout_model)
     result = evaluate(c.engine, c.held_out, c.make_env)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
@@ -867,8 +878,7 @@ class _Writers:
 
     def __init__(self, run_dir, train_cfg, config, start_step=0):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if start_step and self.path.exists():
-            self._cut(start_step)
+        self.kept = self._cut(start_step) if self.path.exists() else []  # (a fresh run's file: none, or empty)
         self.file = self.path.open("a")
         self.tb = self.wandb = None
         if train_cfg.tensorboard:
@@ -884,8 +894,9 @@ class _Writers:
             self.wandb = wandb.init(project=train_cfg.wandb_project, config=plain(config, finite=True), dir=str(run_dir))
 
     def _cut(self, start_step):
-        """Keep the rows of the steps a resumed run does not repeat (step <= start_step): a run stopped after a
-        step's row but before its checkpoint (kill -9) wrote rows that the resumed run writes again."""
+        """Keep the rows of the steps a resumed run does not repeat (step <= start_step, step 0's evaluation too
+        when it resumes at step 0): a run stopped after a step's row but before its checkpoint (kill -9) wrote
+        rows that the resumed run writes again. Returns the kept rows."""
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -893,10 +904,11 @@ class _Writers:
             except ValueError:  # a row cut short by the kill
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= start_step:
-                kept.append(line)
+                kept.append((line, row))
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line, _ in kept))
         tmp.replace(self.path)
+        return [row for _, row in kept]
 
     def log(self, metrics):
         self.file.write(json.dumps(plain(metrics, finite=True)) + "\n")

@@ -940,3 +940,77 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert names == [".abandoned-step_000003", ".abandoned-step_000004", "step_000002", "step_000003"]
     assert checkpoint.latest(tmp_path / "b").name == "step_000003"
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary_of_rows(run_dir):
+    """What summary.json must say of the rows in metrics.jsonl: the step-0 evaluation, the steps' seconds summed
+    and the last step's reward_mean."""
+    rows = _rows(run_dir)
+    steps = [r for r in rows if "step_seconds" in r]
+    before = [{k[len("eval/"):]: v for k, v in r.items() if k != "step"} for r in rows if r["step"] == 0]
+    return {"eval_before": before[0], "seconds": pytest.approx(sum(r["step_seconds"] for r in steps)),
+            "final_reward_mean": steps[-1]["reward_mean"]}
+
+
+def test_a_resumed_runs_summary_is_the_rows_it_keeps_after_a_kill_or_from_an_older_checkpoint(tmp_path):
+    """summary.json carried eval_before and seconds on only from a summary.json ending where the resume started:
+    after a kill -9 (no summary written) or a resume from an older checkpoint, eval_before was null and seconds
+    this session's alone. Now both come from the metrics rows the resumed run keeps."""
+    quiet = lambda *a: None  # noqa: E731
+    cfg = load_config(None, TINY + ["train.steps=3", "train.stop_after=1", f"train.out_dir={tmp_path / 'killed'}"])
+    train(cfg, log=quiet)
+    (tmp_path / "killed" / "summary.json").unlink()  # killed (-9) before its summary
+    cfg = load_config(None, TINY + ["train.steps=3", f"train.out_dir={tmp_path / 'killed'}"])
+    summary = train(cfg, resume=tmp_path / "killed", log=quiet)
+    assert summary["eval_before"] is not None and {k: summary[k] for k in _summary_of_rows(tmp_path / "killed")} == \
+        _summary_of_rows(tmp_path / "killed")
+    cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=3",
+                                    f"train.out_dir={tmp_path / 'older'}"])
+    train(cfg, log=quiet)
+    summary = train(cfg, resume=tmp_path / "older" / "checkpoints" / "step_000001", log=quiet)
+    assert summary["steps"] == 3 and {k: summary[k] for k in _summary_of_rows(tmp_path / "older")} == \
+        _summary_of_rows(tmp_path / "older")
+    assert json.loads((tmp_path / "older" / "summary.json").read_text())["eval_before"] == summary["eval_before"]
+
+
+def test_resuming_a_finished_run_keeps_its_final_reward_mean(tmp_path):
+    """--resume of a run with no step left rewrote summary.json with final_reward_mean null (no step this session)."""
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    first = train(cfg, log=lambda *a: None)
+    again = train(cfg, resume=tmp_path, log=lambda *a: None)
+    assert first["final_reward_mean"] is not None
+    for key in ("final_reward_mean", "seconds", "eval_before", "eval_after"):
+        assert again[key] == first[key], key
+
+
+def test_a_run_interrupted_in_its_first_step_resumes_without_evaluating_step_0_again(tmp_path, monkeypatch):
+    """A Ctrl-C in step 1 saves step_000000 after the step-0 evaluation's row; --resume evaluated again and
+    metrics.jsonl held two step-0 evaluations (rows were trimmed only past a step above 0). Now the row is carried
+    on, and a row past step 0 (a kill -9 after step 1's row) is dropped."""
+    from pact_fast import trainer
+
+    original, evaluated = trainer.train_step, []
+
+    def interrupted(c, step, interrupt=None):
+        os.kill(os.getpid(), signal.SIGINT)  # in the step's abortable part: the step is aborted
+        return original(c, step, interrupt)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    first = train(cfg, log=lambda *a: None)
+    assert first["interrupted"] and first["steps"] == 0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000"]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 1, "reward_mean": 0.5, "step_seconds": 1.0}) + "\n")
+    monkeypatch.setattr(trainer, "train_step", original)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: evaluated.append(1) or {"success": 0.0})
+    second = train(cfg, resume=tmp_path, log=lambda *a: None)
+    assert second["steps"] == 1 and second["eval_before"] == first["eval_before"] is not None
+    assert len(evaluated) == 1  # the final evaluation only
+    assert [r["step"] for r in _rows(tmp_path) if "step_seconds" not in r] == [0, 1]
+    assert [r["step"] for r in _rows(tmp_path) if "step_seconds" in r] == [1]
+    assert second["seconds"] != pytest.approx(1.0)
