@@ -674,6 +674,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     if c.start_step == 0 and _not_logged(eval_before):
         eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
+    # the evaluation of the step resumed from, lost if the run died between that step's checkpoint and it
+    if _periodic_eval(train_cfg, c.start_step) and _not_logged(before.evals.get(c.start_step)):
+        log(f"[pact_fast] held-out at step {c.start_step}: {_evaluate_and_log(c, c.start_step)}")
     history, eval_after, bar = [], None, _progress(train_cfg, config.loss.mode, c.start_step)
     step, skip_streak, stopped, last_save, warned_cut = c.start_step, 0, None, time.monotonic(), 0
     # the checkpoint of a step is written once: a periodic save at the last step, or the one resumed from, is the
@@ -726,7 +729,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                            "and the rewards)")
                 step += 1
                 break
-            if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
+            if _periodic_eval(train_cfg, step + 1):
                 result = _evaluate_and_log(c, step + 1)
                 if bar:
                     bar.clear()
@@ -768,6 +771,12 @@ class _Carried:
             elif "step_seconds" in row:
                 self.seconds += row["step_seconds"]
                 self.reward_mean = row.get("reward_mean")
+
+
+def _periodic_eval(train_cfg, step):
+    """Whether ``step`` (steps done) has a held-out evaluation of ``train.eval_every``: not step 0's (before
+    training) nor the last step's (the final evaluation)."""
+    return bool(train_cfg.eval_every) and step % train_cfg.eval_every == 0 and 0 < step < train_cfg.steps
 
 
 def _not_logged(evaluation):

@@ -1014,3 +1014,34 @@ def test_a_run_interrupted_in_its_first_step_resumes_without_evaluating_step_0_a
     assert [r["step"] for r in _rows(tmp_path) if "step_seconds" not in r] == [0, 1]
     assert [r["step"] for r in _rows(tmp_path) if "step_seconds" in r] == [1]
     assert second["seconds"] != pytest.approx(1.0)
+
+
+def test_a_periodic_evaluation_lost_to_a_kill_after_its_checkpoint_runs_on_resume(tmp_path, monkeypatch):
+    """A step's checkpoint is written before its held-out evaluation: a run killed between the two resumed from
+    that checkpoint past the evaluation, lost for good. Now the resumed run runs it first (and only when missing)."""
+    from pact_fast import trainer
+
+    class Killed(BaseException):
+        pass
+
+    original = trainer._evaluate_and_log
+
+    def killed_at_step_2(c, step):
+        if step == 2:
+            raise Killed
+        return original(c, step)
+
+    monkeypatch.setattr(trainer, "_evaluate_and_log", killed_at_step_2)
+    cfg = load_config(None, TINY + ["train.steps=4", "train.save_every=1", "train.eval_every=1",
+                                    f"train.out_dir={tmp_path}"])
+    with pytest.raises(Killed):
+        train(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    monkeypatch.setattr(trainer, "_evaluate_and_log", original)
+    lines = []
+    cfg = load_config(None, TINY + ["train.steps=4", "train.save_every=1", "train.eval_every=1", "train.stop_after=1",
+                                    f"train.out_dir={tmp_path}"])
+    train(cfg, resume=tmp_path, log=lines.append)
+    assert any(line.startswith("[pact_fast] held-out at step 2:") for line in lines), lines
+    train(cfg, resume=tmp_path, log=lines.append)  # step 3's evaluation is logged: not run again
+    assert [r["step"] for r in _rows(tmp_path) if "step_seconds" not in r] == [0, 1, 2, 3, 4]
