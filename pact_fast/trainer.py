@@ -665,7 +665,7 @@ def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, ol
 
 def train(config: Config, *, resume=None, engine_factory=None, log=print):
     """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
-    eval_after, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
+    eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     # a resumed run's summary carries on from the rows it keeps (its evaluations, its steps' seconds)
@@ -741,14 +741,21 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if bar:
             bar.close()
         ckpt = saved.get(step) or _save(c, step)  # a Ctrl-C now is a flag: the write finishes
+    final_eval_interrupted = False
     if step == train_cfg.steps and not interrupt.requested:
         eval_after = before.evals.get(step)  # a finished run resumed: evaluated already, nothing trained since
         if _not_logged(eval_after):
-            eval_after = _evaluate_and_log(c, step)
+            try:
+                eval_after = _evaluate_and_log(c, step)
+            except KeyboardInterrupt:  # the checkpoint is complete: the summary and the plot are still written
+                final_eval_interrupted = True
+                log(f"[pact_fast] Ctrl-C during the final held-out evaluation: checkpoint {ckpt} is complete; "
+                    f"summary.json (eval_after null) and curves.png written; --resume {run_dir} evaluates it")
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
-    summary = {"steps": step, "interrupted": interrupt.requested, "stopped": stopped, "checkpoint": str(ckpt),
-               "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
+    summary = {"steps": step, "interrupted": interrupt.requested or final_eval_interrupted, "stopped": stopped,
+               "checkpoint": str(ckpt), "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
+               "final_eval_interrupted": final_eval_interrupted,
                "final_reward_mean": history[-1]["reward_mean"] if history else before.reward_mean,
                "seconds": sum(h["step_seconds"] for h in history) + before.seconds}
     if writers:

@@ -1045,3 +1045,34 @@ def test_a_periodic_evaluation_lost_to_a_kill_after_its_checkpoint_runs_on_resum
     assert any(line.startswith("[pact_fast] held-out at step 2:") for line in lines), lines
     train(cfg, resume=tmp_path, log=lines.append)  # step 3's evaluation is logged: not run again
     assert [r["step"] for r in _rows(tmp_path) if "step_seconds" not in r] == [0, 1, 2, 3, 4]
+
+
+def test_a_ctrl_c_in_the_final_evaluation_still_writes_the_summary_and_the_plot(tmp_path, monkeypatch):
+    """A Ctrl-C during the final held-out evaluation left only "interrupted; checkpoints already written are kept":
+    no summary.json, no curves.png, though the last checkpoint was complete. Now both are written (eval_after null,
+    final_eval_interrupted) and the run says so; --resume runs the evaluation and carries the summary on."""
+    from pact_fast import trainer
+
+    original, calls, lines = trainer.evaluate, [], []
+
+    def interrupted_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the final evaluation (the first is step 0's)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted_second_time)
+    cfg = load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"])
+    try:
+        first = train(cfg, log=lines.append)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C in the final evaluation went through: no summary.json, no curves.png")
+    assert first["interrupted"] and first["final_eval_interrupted"] and first["eval_after"] is None
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(first))
+    assert (tmp_path / "curves.png").exists()
+    assert any("Ctrl-C during the final held-out evaluation" in line for line in lines), lines
+    monkeypatch.setattr(trainer, "evaluate", original)
+    again = train(cfg, resume=tmp_path, log=lambda *a: None)
+    assert not again["interrupted"] and not again["final_eval_interrupted"] and again["eval_after"] is not None
+    for key in ("eval_before", "seconds", "final_reward_mean"):
+        assert again[key] == first[key], key
