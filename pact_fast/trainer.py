@@ -668,7 +668,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
-    # a resumed run's summary carries on from the rows it keeps (its evaluations, its steps' seconds)
+    # a resumed run's summary carries on from the rows it keeps (its evaluations, steps' seconds, last reward)
     before = _Carried(writers.kept if writers else [])
     eval_before = before.evals.get(0)
     if c.start_step == 0 and _not_logged(eval_before):
@@ -767,7 +767,8 @@ class _Carried:
     """What a resumed run's summary carries on from the metrics rows it keeps (its checkpoint's step and before):
     the held-out evaluations by step, the steps' seconds summed and the last step's reward_mean. The rows, not the
     last summary.json: a session killed (kill -9) wrote none, and one resumed from an older checkpoint, or
-    stopped in its final evaluation, wrote one that does not end where this session starts."""
+    stopped in its final evaluation, wrote one that does not end where this session starts. Rank 0's rows (it
+    writes the summary): the other ranks' summaries carry nothing on."""
 
     def __init__(self, rows):
         self.evals, self.seconds, self.reward_mean = {}, 0.0, None
