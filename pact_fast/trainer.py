@@ -379,6 +379,19 @@ def reuse_run_dir(out_dir, log=print):
             "metrics.jsonl.prev, this run starts metrics.jsonl")
 
 
+def check_backends(train_cfg, device):
+    """Refuse (``ConfigError``, before the model loads) a Triton backend on a device it cannot run on: it failed
+    in the scoring check, blamed on the model, or (``scoring.check=false``) mid-run after the first evaluation."""
+    from .kernels.registry import interpreting
+
+    if device.type == "cuda" or interpreting():
+        return
+    for key in ("attn_backend", "logprob_backend"):
+        if getattr(train_cfg, key) == "triton":
+            raise ConfigError(f"train.{key}=triton needs a CUDA device; this run is on {device} "
+                              f"(train.device={train_cfg.device}): use auto, which picks the torch path there")
+
+
 def config_warnings(config, n_train):
     """What a run of ``config`` on ``n_train`` training tasks runs, but not as its options suggest (said at start)."""
     out = []
@@ -412,6 +425,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
     if device.type == "cpu":
         fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)
+    check_backends(train_cfg, device)
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
@@ -672,6 +686,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     before = _Carried(writers.kept if writers else [])
     eval_before = before.evals.get(0)
     if c.start_step == 0 and _not_logged(eval_before):
+        log(f"[pact_fast] held-out evaluation before training: {len(c.held_out)} tasks, one greedy episode each")
         eval_before = _evaluate_and_log(c, 0)
         log(f"[pact_fast] held-out before training: {eval_before}")
     # the evaluation of the step resumed from, lost if the run died between that step's checkpoint and it

@@ -85,6 +85,23 @@ def test_a_resume_trains_at_the_learning_rate_and_weight_decay_its_config_says(t
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.25}
 
 
+@pytest.mark.parametrize("key", ["attn_backend", "logprob_backend"])
+def test_a_triton_backend_on_the_cpu_is_refused_before_the_model_loads(tmp_path, monkeypatch, key):
+    """train.attn_backend=triton on a CPU failed in the scoring check as "Qwen3ForCausalLM: packed scoring failed on
+    this model", or with scoring.check=false as a ValueError traceback after the first evaluation."""
+    from pact_fast import trainer
+    from pact_fast.config import ConfigError
+    from pact_fast.kernels import registry
+
+    monkeypatch.setattr(registry, "interpreting", lambda: False)  # the suite runs Triton under its interpreter
+    loaded = []
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **k: loaded.append(1))
+    cfg = load_config(None, TINY + [f"train.{key}=triton", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"train.{key}=triton needs a CUDA device; this run is on cpu"):
+        trainer.build(cfg, log=lambda *a: None)
+    assert not loaded and not (tmp_path / "run").exists()
+
+
 def test_checkpoints_keep_the_last_k(tmp_path):
     cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=2",
                                     f"train.out_dir={tmp_path}"])
