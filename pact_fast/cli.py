@@ -75,6 +75,12 @@ def _refuse_beside(args, option, why):
                          "section.key=value overrides")
 
 
+def _to_stderr(*args):
+    """The trainer's and the evaluation's log lines: on stderr, so that stdout is the JSON result alone
+    (``pact-fast train > summary.json``)."""
+    print(*args, file=sys.stderr)
+
+
 def _resume_config(args):
     """The config of ``--resume DIR``: the run's config.yaml with this command's overrides on top. Says what it
     resumes and every option that differs from the saved run."""
@@ -364,7 +370,7 @@ def main(argv=None):
 
         try:
             config = _eval_config(args)
-            print(json.dumps(evaluate_model(config, show=args.show), indent=1))
+            print(json.dumps(evaluate_model(config, show=args.show, log=_to_stderr), indent=1))
         except ConfigError as exc:
             return _user_error(args, f"config error: {exc}")
         except USER_ERRORS + (ValueError,) as exc:
@@ -383,7 +389,7 @@ def main(argv=None):
             except (ConfigError, FileNotFoundError, ValueError) as exc:
                 return _user_error(args, exc)
         try:
-            summary = train(config, resume=args.resume)
+            summary = train(config, resume=args.resume, log=_to_stderr)
         except USER_ERRORS as exc:
             return _user_error(args, exc)
         print(json.dumps(summary, indent=1))

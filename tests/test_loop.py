@@ -99,7 +99,7 @@ def test_cli_resume_continues_the_step_counter_and_the_weights(tmp_path, capsys)
 
     half, full = tmp_path / "half", tmp_path / "full"
     assert main(["train", *TINY, "train.steps=4", "train.stop_after=2", "--out", str(half)]) == 0
-    first = _summary(capsys.readouterr().out)
+    first = json.loads(capsys.readouterr().out)  # stdout holds the summary alone: `pact-fast train > s.json`
     assert first["steps"] == 2
     assert main(["train", "--resume", str(half)]) == 0
     captured = capsys.readouterr()
@@ -194,8 +194,8 @@ def test_eval_of_a_run_reproduces_its_final_held_out_evaluation(tmp_path, capsys
     assert main(["eval", "--run", str(run), "--show", "2"]) == 0
     captured = capsys.readouterr()
     assert f"evaluating {run / 'checkpoints' / 'step_000002'}" in captured.err
-    assert _summary(captured.out) == pytest.approx(after)
-    shown = [line for line in captured.out.splitlines() if line.startswith("--- finish:")]
+    assert json.loads(captured.out) == pytest.approx(after)  # the metrics alone on stdout, the episodes on stderr
+    shown = [line for line in captured.err.splitlines() if line.startswith("--- finish:")]  # stdout: JSON alone
     assert len(shown) == 2 and all("expected: '" in line for line in shown)
     # what makes the model is the run's: an override would evaluate another model under the checkpoint's name
     assert main(["eval", "--run", str(run), "model.hidden_size=64"]) == 2

@@ -332,10 +332,10 @@ def test_pact_fast_train_lora_on_smollm2_checkpoints_resumes_and_exports(smollm2
     proc = _cli("train", "--model", str(smollm2_dir), "--out", str(run), "train.steps=2", "train.stop_after=1",
                 *common)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "LoRA r=16 alpha=32 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in proc.stdout
+    assert "LoRA r=16 alpha=32 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in proc.stderr
     proc = _cli("train", "--resume", str(run))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout and json.loads(proc.stdout[proc.stdout.index("{"):])["steps"] == 2
+    assert "resumed from" in proc.stderr and json.loads(proc.stdout)["steps"] == 2  # stdout: the summary alone
     ckpt, adapters = _adapters(run)
     assert ckpt.name == "step_000002" and sum(v.numel() for v in adapters.values()) < 5e6
     assert not list(ckpt.glob("model*.safetensors"))
