@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import CheckpointError
-from .config import RUN_CONFIG, ConfigError, config_changes, describe, load_config
+from .config import RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config
 from .data import DataFormatError
 from .envs.base import ToolEnvError
 from .losses import MODES
@@ -43,7 +43,7 @@ def _train_parser(sub, name, help_text, *, out=True):
     return p
 
 
-def _resolve(args):
+def _resolve(args, check_read=True):
     overrides = list(args.overrides)
     for flag, key in (("model", "model.path"), ("data", "data.path"), ("out", "train.out_dir")):
         value = getattr(args, flag, None)
@@ -51,7 +51,7 @@ def _resolve(args):
             raise ConfigError(f"--{flag} was given an empty path (an unset shell variable?)")
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, check_read=check_read)
 
 
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
@@ -117,6 +117,7 @@ def _resume_config(args):
                           f"{config.train.steps}; raise train.steps to go on (a run is never cut back)")
     step = "?" if step is None else step
     print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
+    check_unread(config, reference=saved)  # an override the run does not read (a loss option of another mode)
     for key, old, new in config_changes(saved, config):
         if key != "train.out_dir":
             print(f"pact-fast: changed {key}: {old!r} -> {new!r}", file=sys.stderr)
@@ -206,7 +207,8 @@ def _plan(args):
 
     try:
         budget = planner.parse_size(args.gpu_memory)
-        config = load_config(args.config) if args.config else None
+        # the planner reads the train, rollout and LoRA settings only (a compare run's config.yaml may hold others)
+        config = load_config(args.config, check_read=False) if args.config else None
         name = args.model or (config.model.path if config else None)
         if not name:
             raise planner.PlanError("plan: give --model (a directory or one of "
@@ -376,8 +378,8 @@ def main(argv=None):
         except USER_ERRORS + (ValueError,) as exc:
             return _user_error(args, exc)
         return 0
-    try:
-        config = _resolve(args)
+    try:  # --resume checks its overrides against the run's config, compare against every mode it trains
+        config = _resolve(args, check_read=not (args.command == "compare" or getattr(args, "resume", None)))
     except ConfigError as exc:
         return _user_error(args, f"config error: {exc}")
     if args.command == "train":

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
-from .config import RUN_CONFIG, ConfigError, config_changes, load_config, one_off_fields
+from .config import RUN_CONFIG, ConfigError, check_modes, config_changes, load_config, one_off_fields
 from .data import load_data
 from .plots import pyplot
 from .tables import text_table
@@ -37,6 +37,7 @@ _COSMETIC = {"train.out_dir", "train.progress", "train.tensorboard", "train.wand
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
     """Train every mode (for every seed in ``seeds``; None: the config's own, one run per mode) and return
     one row per run: mode, seed, held-out success/reward after training, steps, seconds."""
+    check_modes(config, modes)  # an option no compared mode reads, or one a mode cannot train with
     # a data mistake is reported before any run directory is made
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)

@@ -296,22 +296,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path=None, overrides=(), *, label="--config"):
+def load_config(path=None, overrides=(), *, label="--config", check_read=True):
     """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order).
 
     With a pretrained ``model.path``, ``pact_fast.models.pretrained_defaults()`` replace the built-in tiny
     model's defaults (its lr wrecks a pretrained model); the file and the overrides still win. ``label`` names
-    the file in errors (a run's own config.yaml is not a --config the user gave)."""
+    the file in errors (a run's own config.yaml is not a --config the user gave). ``check_read``: refuse an
+    option the rest of the config leaves unread (``check_unread``); a run's own config.yaml is never checked
+    again (it was when the run began; compare sets loss.mode itself), nor is a config that ``--resume`` or
+    ``compare`` checks their own way."""
     config = _load(path, overrides, label=label)
-    base = None
     if config.model.path:
-        from .models import pretrained_defaults
-
-        base = pretrained_defaults()
-        config = _load(path, overrides, base=base, label=label)
-    if label != RUN_CONFIG:  # a run's own config.yaml was checked when the run began (compare sets loss.mode itself)
-        _check_read(config, _load(None, (), base=base))
+        config = _load(path, overrides, base=_pretrained_defaults(), label=label)
+    if check_read and label != RUN_CONFIG:
+        check_unread(config)
     return config
+
+
+def _pretrained_defaults():
+    from .models import pretrained_defaults
+
+    return pretrained_defaults()
 
 
 _SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
@@ -323,36 +328,64 @@ _SFT_WEIGHTS = ("sft_reasoning_mode", "w_reason", "w_other", "beta_0", "beta_1",
 
 
 def _unread(config):
-    """``[(reason, "section.key", ...)]``: options this config's other options leave unread, and why."""
-    loss, mode = config.loss, config.loss.mode
-    out = [("with model.path the built-in model's shape options are not read", *(f"model.{k}" for k in _SHAPE)),
-           ("with data.path the built-in tasks' options are not read", *(f"data.{k}" for k in _BUILTIN_TASKS)),
-           ("with data.eval_path the held-out rows are that file's, not a split", "data.eval_tasks")]
-    out = [entry for entry, on in zip(out, (config.model.path, config.data.path, config.data.eval_path)) if on]
+    """``{"section.key": why}``: the options this config's other options leave unread."""
+    loss, mode, data = config.loss, config.loss.mode, config.data
+    out = {}
+
+    def add(reason, *keys):
+        out.update(dict.fromkeys(keys, reason))
+
+    if config.model.path:
+        add("with model.path the built-in model's shape options are not read", *(f"model.{k}" for k in _SHAPE))
+    if data.path:
+        add("with data.path the built-in tasks' options are not read", *(f"data.{k}" for k in _BUILTIN_TASKS))
+        if data.eval_path:
+            add("with data.eval_path the held-out rows are that file's, not a split", "data.eval_tasks")
     by_mode = {"sft": _RL + _ANCHORING + _SFT_WEIGHTS + ("switch_progress",),
                "grpo": ("lambda_sft",) + _ANCHORING + _SFT_WEIGHTS + ("switch_progress",),
                "sft_then_grpo": _ANCHORING + _SFT_WEIGHTS, "pact": ("switch_progress",)}[mode]
-    out.append((f"loss.mode={mode} does not read it", *(f"loss.{k}" for k in by_mode)))
+    add(f"loss.mode={mode} does not read it", *(f"loss.{k}" for k in by_mode))
+    if mode == "pact" and loss.lambda_sft == 0:
+        add("loss.lambda_sft=0: there is no SFT term to weigh", *(f"loss.{k}" for k in _SFT_WEIGHTS))
     if mode != "sft":
         if loss.loss_agg != "seq-mean-token-sum-norm":
-            out.append((f"loss.loss_agg={loss.loss_agg} does not read it (seq-mean-token-sum-norm does)",
-                        "loss.loss_scale_factor"))
+            add(f"loss.loss_agg={loss.loss_agg} does not read it (seq-mean-token-sum-norm does)",
+                "loss.loss_scale_factor")
         if loss.beta_kl == 0:
-            out.append(("loss.beta_kl=0: there is no KL term", "loss.kl_estimator", "loss.kl_ratio_weighted"))
-        if mode == "pact" and loss.anchor_mode == "mix":
-            out.append(("loss.anchor_mode=mix draws no anchors", "loss.seed"))
+            add("loss.beta_kl=0: there is no KL term", "loss.kl_estimator", "loss.kl_ratio_weighted")
+        if not loss.norm_adv_by_std:
+            add("loss.norm_adv_by_std=false: the advantages are not divided by a std", "loss.adv_eps")
+        if mode == "pact" and (loss.anchor_mode == "mix" or loss.anchor_q in (0.0, 1.0)):
+            add(f"loss.anchor_mode={loss.anchor_mode} with anchor_q={loss.anchor_q:g} draws no anchors", "loss.seed")
     return out
 
 
-def _check_read(config, reference):
-    """Refuse (one line) an option set away from its default (``reference``: the defaults this config started
-    from) that the rest of the config leaves unread: it would run as if it had not been given."""
-    for reason, *keys in _unread(config):
-        for key in keys:
-            section, name = key.split(".")
-            value = getattr(getattr(config, section), name)
-            if value != getattr(getattr(reference, section), name):
-                raise ConfigError(f"{key}={_show(value)}: {reason}, so it would change nothing; leave it out")
+def check_unread(config, reference=None, modes=None):
+    """Refuse (``ConfigError``, one line) an option set away from ``reference`` that the rest of ``config`` leaves
+    unread: it would run as if it had not been given. ``reference``: what the options were before the user set
+    them (default: the defaults ``config`` starts from; ``--resume``: the run's own config). ``modes``: the loss
+    modes the config will train under (``compare``): an option is refused only when none of them reads it."""
+    if reference is None:
+        reference = _load(None, (), base=_pretrained_defaults() if config.model.path else None)
+    modes = tuple(modes or (config.loss.mode,))
+    unread = [_unread(dataclasses.replace(config, loss=dataclasses.replace(config.loss, mode=m))) for m in modes]
+    for key, reason in unread[0].items():
+        if not all(key in u for u in unread):
+            continue
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value != getattr(getattr(reference, section), name):
+            if len(modes) > 1 and key.startswith("loss."):
+                reason = f"none of the modes {', '.join(modes)} reads it"
+            raise ConfigError(f"{key}={_show(value)}: {reason}, so it would change nothing; leave it out")
+
+
+def check_modes(config, modes):
+    """``config`` about to train under each of ``modes`` (``compare``): every mode's values checked (e.g. an SFT
+    mode with loss.lambda_sft=0 is refused), and an option none of them reads refused (``check_unread``)."""
+    for mode in modes:
+        _check_values(dataclasses.replace(config, loss=dataclasses.replace(config.loss, mode=mode)))
+    check_unread(config, modes=modes)
 
 
 def _show(value):
@@ -453,6 +486,9 @@ def _check_values(config):
         raise ConfigError("train.out_dir is empty; give the run a directory")
     from .envs.multihop import CHAINS
 
+    if config.data.eval_path and not config.data.path:
+        raise ConfigError(f"data.eval_path={config.data.eval_path} needs data.path: the built-in tasks hold out their "
+                          "own (data.eval_tasks of another world)")
     if config.data.env_modules and not config.data.path:
         raise ConfigError(f"data.env_modules={list(config.data.env_modules)} needs data.path: the built-in tasks run in "
                           "the built-in environment")

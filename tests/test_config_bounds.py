@@ -154,7 +154,10 @@ def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
     (["loss.switch_progress=0.3"], "loss.switch_progress=0.3: loss.mode=pact does not read it"),
     (["loss.loss_scale_factor=64"], "loss.loss_scale_factor=64: loss.loss_agg=token-mean does not read it"),
     (["loss.kl_estimator=k1"], "loss.kl_estimator=k1: loss.beta_kl=0: there is no KL term"),
-    (["loss.anchor_mode=mix", "loss.seed=3"], "loss.seed=3: loss.anchor_mode=mix draws no anchors"),
+    (["loss.anchor_mode=mix", "loss.seed=3"], "loss.seed=3: loss.anchor_mode=mix with anchor_q=0.3 draws no"),
+    (["loss.anchor_q=1", "loss.seed=3"], "loss.seed=3: loss.anchor_mode=bernoulli with anchor_q=1 draws no"),
+    (["loss.lambda_sft=0", "loss.beta_0=0.5"], "loss.beta_0=0.5: loss.lambda_sft=0: there is no SFT term"),
+    (["loss.norm_adv_by_std=false", "loss.adv_eps=0.01"], "loss.adv_eps=0.01: loss.norm_adv_by_std=false"),
 ])
 def test_an_option_the_rest_of_the_config_leaves_unread_is_refused(overrides, message):
     """Each of these ran as if it had not been given (a shape option beside a pretrained model, a built-in task
@@ -172,7 +175,9 @@ def test_the_options_a_config_reads_are_taken_and_a_runs_own_config_is_not_check
     load_config(None, ["loss.mode=grpo", "loss.clip_eps_high=0.28", "loss.beta_kl=0.1", "loss.kl_estimator=k1"])
     load_config(None, ["loss.mode=sft", "loss.lambda_sft=2"])
     load_config(None, ["loss.loss_agg=seq-mean-token-sum-norm", "loss.loss_scale_factor=64", "loss.anchor_q=0.5"])
-    load_config(None, ["model.path=/m", "data.path=d.jsonl", "model.hidden_size=64", "data.train_tasks=400"][:2])
+    defaults = Config()  # the built-in model's shape and task count at their defaults: not "set", so taken
+    load_config(None, ["model.path=/m", "data.path=d.jsonl", f"model.hidden_size={defaults.model.hidden_size}",
+                       f"data.train_tasks={defaults.data.train_tasks}"])
     template = load_config(None, [])
     template.loss.mode = "grpo"  # every other option at its default, as written
     save_config(template, tmp_path / "grpo.yaml")
@@ -194,3 +199,22 @@ def test_a_config_path_that_is_a_directory_or_not_text_is_one_line(tmp_path):
     binary.write_bytes(b"\xff\xfetrain:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"run.yaml: not UTF-8 text \(byte 0: invalid start byte\)"):
         load_config(str(binary))
+
+
+def test_a_held_out_file_without_a_data_file_is_refused():
+    """data.eval_path is read beside data.path only: alone, the built-in tasks held out their own, silently."""
+    with pytest.raises(ConfigError, match=r"^data.eval_path=e.jsonl needs data.path"):
+        load_config(None, ["data.eval_path=e.jsonl"])
+
+
+def test_compare_refuses_only_what_none_of_its_modes_reads_and_what_a_mode_cannot_train_with():
+    """compare trains several modes from one config: an option one of them reads is taken (switch_progress for
+    sft_then_grpo); one none reads is refused; loss.lambda_sft=0 would train its SFT arms at loss 0."""
+    from pact_fast.config import check_modes
+
+    config = load_config(None, ["loss.switch_progress=0.3"], check_read=False)
+    check_modes(config, ("sft_then_grpo", "pact"))
+    with pytest.raises(ConfigError, match=r"loss.switch_progress=0.3: none of the modes grpo, pact reads it"):
+        check_modes(config, ("grpo", "pact"))
+    with pytest.raises(ConfigError, match=r"loss.mode=sft with loss.lambda_sft=0"):
+        check_modes(load_config(None, ["loss.lambda_sft=0"]), ("sft", "pact"))

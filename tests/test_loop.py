@@ -314,6 +314,28 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_leaves_the_disk_as_it_was
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
     assert (run / "checkpoints" / "step_000001" / checkpoint.STATE_FILE).is_file()
 
+    def bug(obj, f, *args, **kwargs):
+        raise RuntimeError("a bug, not the disk")
+
+    monkeypatch.setattr(checkpoint.torch, "save", bug)  # not taken for a full disk: the traceback stays
+    with pytest.raises(RuntimeError, match="a bug, not the disk"):
+        main(["train", *TINY, "train.steps=1", "--out", str(tmp_path / "other")])
+
+
+def test_resume_overrides_are_checked_against_the_runs_own_config(tmp_path, capsys):
+    """--resume's overrides were checked for unread options against the default config: on a run with a KL term,
+    loss.kl_estimator=k2 was refused as "loss.beta_kl=0: there is no KL term". Now against the run's config: what
+    it reads is taken, what it does not read is refused."""
+    from pact_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "loss.beta_kl=0.1", "train.steps=3", "train.stop_after=1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "loss.switch_progress=0.6"]) == 2
+    assert "loss.switch_progress=0.6: loss.mode=pact does not read it" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "loss.kl_estimator=k2", "train.stop_after=2"]) == 0
+    assert "changed loss.kl_estimator: 'k3' -> 'k2'" in capsys.readouterr().err
+
 
 def test_resuming_into_a_model_of_another_shape_is_one_line_from_python_too(tmp_path):
     from pact_fast.checkpoint import CheckpointError
