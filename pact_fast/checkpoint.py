@@ -48,7 +48,9 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _write(tmp, step, scorer, tokenizer, scheduler, order, model_state, optim_state, peft_model)
-        except (OSError, RuntimeError) as exc:  # a full disk: torch.save says "unexpected pos", safetensors an OSError
+        except Exception as exc:
+            if not _disk_error(exc):  # a bug stays a traceback
+                raise
             shutil.rmtree(tmp, ignore_errors=True)  # (it would keep the disk full)
             reason = " ".join(str(exc).split())[:200]
             raise CheckpointError(f"{final}: the checkpoint of step {step} could not be written ({type(exc).__name__}: "
@@ -63,6 +65,15 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+# how a full disk (or a quota) reads in the errors of torch.save (PytorchStreamWriter) and safetensors (IoError)
+_DISK_WORDS = ("unexpected pos", "PytorchStreamWriter", "IoError", "No space left", "StorageFull", "quota")
+
+
+def _disk_error(exc):
+    """Whether a checkpoint write failed for want of disk (an ``OSError``, or torch's and safetensors' wording)."""
+    return isinstance(exc, OSError) or any(word in str(exc) for word in _DISK_WORDS)
 
 
 def _write(tmp, step, scorer, tokenizer, scheduler, order, model_state, optim_state, peft_model):

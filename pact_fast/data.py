@@ -104,14 +104,16 @@ _OTHER_SPELLINGS = {
 # another convention's meaning such as axolotl's "weight": 0 would otherwise be dropped without a word)
 ROW_KEYS = ("id", "messages", "tools", "trace", "answer", "env", "metadata")
 MESSAGE_KEYS = {"system": ("role", "content", "name"), "user": ("role", "content", "name"),
-                "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", "refusal",
-                              *_OTHER_SPELLINGS),
+                "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", *_OTHER_SPELLINGS),
                 "tool": ("role", "content", "name", "tool_call_id")}
+# values that say nothing: null and empty ones (OpenAI's "refusal": null, "annotations": []), and the "weight": 1
+# OpenAI's fine-tuning format writes on every assistant turn it trains (a 0 would not train the turn: refused)
+_NO_VALUE = (None, [], {})
 
 
 def _check_keys(obj, known, where):
-    """Refuse a key of ``obj`` outside ``known`` that holds a value (null or an empty list or object is none)."""
-    extra = [k for k, v in obj.items() if k not in known and v not in (None, [], {})]
+    """Refuse a key of ``obj`` outside ``known`` that holds a value (``_NO_VALUE``, or ``"weight": 1``, is none)."""
+    extra = [k for k, v in obj.items() if k not in known and v not in _NO_VALUE and not (k == "weight" and v == 1)]
     if extra:
         _fail(f"{where} has {extra[0]!r}, a key this format does not read (it reads {', '.join(known)}); rename "
               "it or leave it out" + (", or keep your own fields under 'metadata'" if where == "the row" else ""))
@@ -317,7 +319,12 @@ def parse_example(row):
             require_answered(i)
             final_answer = None
             if "tools" in m:
-                names.update(_check_tools(m["tools"], f"trace[{i}].tools"))
+                added = _check_tools(m["tools"], f"trace[{i}].tools")
+                again = sorted(set(added) & set(names))
+                if again:  # the prompt would show both specs, the calls be checked against the later one
+                    _fail(f"trace[{i}].tools specifies {again[0]!r} again; a tool is specified once (in 'tools' "
+                          "or the user turn that makes it available)")
+                names.update(added)
         norm_trace.append(m)
     require_answered(None)
     norm_trace = _responses_in_call_order(norm_trace)

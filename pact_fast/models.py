@@ -187,9 +187,13 @@ def check_model_dir(path):
 def _read(path, what, read):
     """``read()``; what it raises (a truncated safetensors or JSON file, a copy in progress) as one ``ModelError``
     line naming the directory (the cause stays chained for ``--debug``)."""
+    import torch
+
     try:
         return read()
-    except Exception as exc:  # safetensors, json, OSError and transformers' own: one line for each
+    except (MemoryError, ImportError, torch.cuda.OutOfMemoryError):  # not the files' fault
+        raise
+    except Exception as exc:  # safetensors', json's, tokenizers' and transformers' own (OSError): one line each
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"{path}: the {what} cannot be read from it ({type(exc).__name__}: {reason}); a file there "
                          "is damaged or of another format") from exc

@@ -245,6 +245,7 @@ def test_a_flat_argument_map_or_a_second_spec_of_one_name_is_refused():
     (lambda r: r["messages"][-1].update(tool_calls=[{"id": "x"}]), "messages[1]", "tool_calls"),
     (lambda r: r["trace"][0].update(tools=[{"type": "function"}]), "trace[0]", "tools"),
     (lambda r: r["messages"][-1].update(reasoning_content="think"), "messages[1]", "reasoning_content"),
+    (lambda r: r["trace"][-1].update(refusal="I can't help"), "trace[6]", "refusal"),  # the text was dropped
 ])
 def test_a_key_the_format_does_not_read_is_refused_not_dropped(change, where, key):
     """Each of these loaded and trained with the key dropped without a word."""
@@ -261,7 +262,12 @@ def test_empty_values_of_other_keys_and_metadata_of_your_own_load():
     row["metadata"] = {"source": "xlam", "difficulty": 3}
     row["messages"][-1]["annotations"] = []
     row["trace"][0]["refusal"] = None
+    row["trace"][0]["weight"] = 1  # OpenAI's fine-tuning format: the turn trains
     assert parse_example(row).id == row["id"]
+    row["trace"].append({"role": "user", "content": "and again?", "tools": [row["tools"][0]]})
+    row["trace"].append({"role": "assistant", "content": "the same"})
+    with pytest.raises(DataFormatError, match=r"trace\[7\].tools specifies 'lookup' again; a tool is specified once"):
+        parse_example(row)
 
 
 def _split_config(path, **kw):

@@ -297,13 +297,16 @@ def test_torch_backend_with_logit_transforms_in_fp32_and_fp16(cfg, progress, opt
     _check_low_precision(cfg, progress, opts, dtype, "torch")
 
 
+@pytest.mark.parametrize("permuted", [False, True], ids=["contiguous", "permuted-hidden"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fp16_gradients_take_gradscalers_loss_scale(backend):
+def test_fp16_gradients_take_gradscalers_loss_scale(backend, permuted):
     """The gradients formed in forward are multiplied by the incoming gradient in backward: in fp16 that was done
     after rounding it to fp16, where GradScaler's default scale 65536 is inf (every gradient NaN). Now the scaled
     gradients, unscaled in fp32, are the float64 reference's."""
     config = PACTLossConfig()
     hidden, weight, _, targets, rows, batch = _problem(2, dtype=torch.float16)
+    if permuted:  # dX takes its strides (empty_like): the fp32 multiply flattened it with view(-1) and failed
+        hidden = hidden.detach().t().contiguous().t().requires_grad_()
     batch = _as_fp32_batch(batch)
     ref_params = [p.detach().double().requires_grad_() for p in (hidden, weight)]
     ref_loss, _ = _unfused(*ref_params, None, targets, rows, batch, config, 0.3, 1.0, False, step=4)

@@ -187,15 +187,16 @@ class _RowGrads:
 
 
 def _scale_(t, grad, chunk=1 << 24):
-    """``t *= grad`` in place (``grad`` a 0-dim tensor). An fp16 ``t`` is multiplied in fp32, ``chunk`` elements
-    at a time: GradScaler's 65536 is inf in fp16, and any loss scale rounded to fp16 would scale the gradients by
+    """``t *= grad`` in place (``grad`` a 0-dim tensor). An fp16 ``t`` is multiplied in fp32, about ``chunk``
+    elements (whole rows) at a time: GradScaler's 65536 is inf in fp16, and any loss scale rounded to fp16 would scale the gradients by
     another number. Other dtypes multiply by ``grad`` in their own (bf16 rounds it by at most 2^-9: one factor
     for the whole gradient, not noise)."""
     if t.dtype != torch.float16:
         return t.mul_(grad.to(t.dtype))
-    flat = t.view(-1)
-    for i in range(0, flat.numel(), chunk):
-        part = flat[i:i + chunk]
+    rows = t[:, None] if t.dim() == 1 else t  # [V] or [N, H]: dX keeps a permuted hidden's strides (no view(-1))
+    step = max(1, chunk // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        part = rows[i:i + step]
         part.copy_(part.float().mul_(grad))
     return t
 
