@@ -1040,6 +1040,27 @@ def markdown_table(rows, ops, device="H100"):
     return "\n".join(lines)
 
 
+def provenance(issue_source):
+    """When and with what a model's JSON was written, and where its issue term came from (``issue_source``: SASS
+    compiled here, or the stored table): a stored prediction says which code and versions made it."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "torch": torch.__version__, "triton": triton_version, "issue_term": issue_source}
+
+
 def main(argv=None):
     import sass
 
@@ -1071,7 +1092,8 @@ def main(argv=None):
     if args.json:
         doc = {"rows": rows, "devices": {k: vars(v) for k, v in DEVICES.items()}, "classes": vars(CLASSES),
                "sources": SOURCES, "units": "bytes; printed as MiB = 2^20 bytes and GiB = 2^30",
-               "note": "performance model (bench/roofline.py): predictions, not measurements"}
+               "note": "performance model (bench/roofline.py): predictions, not measurements",
+               "generated": provenance(next(iter(table.values()))["source"])}
         Path(args.json).write_text(json.dumps(doc, indent=1, default=list) + "\n")
     if args.step:
         import step_model

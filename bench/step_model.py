@@ -787,7 +787,8 @@ def main(argv=None):
         doc = {"rows": rows, "workload": {**asdict(w), "R": w.R, "params": w.params()},
                "constants": asdict(CONSTANTS), "sources": SOURCES, "devices": {k: vars(v) for k, v in DEVICES.items()},
                "classes": vars(CLASSES), "units": "ms; bytes (MiB = 2^20 bytes)",
-               "note": "whole-step performance model (bench/step_model.py): predictions, not measurements"}
+               "note": "whole-step performance model (bench/step_model.py): predictions, not measurements",
+               "generated": roofline.provenance(next(iter(_issue_table().values()))["source"])}
         Path(args.json).write_text(json.dumps(doc, indent=1, default=list) + "\n")
 
 
