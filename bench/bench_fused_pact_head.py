@@ -9,6 +9,7 @@ The N scored rows are laid out as a PACT micro-batch: B rollouts x T tokens unde
 S traces x E tokens. Every provider returns the same loss; ratios are against naive. ``fused`` is the
 torch backend; ``fused_triton`` (the Triton backend) runs only on CUDA and is listed as skipped elsewhere.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -100,10 +101,12 @@ def run(workload, device, reps, names=None):
         fn = fns[name]
 
         def fwd_bwd(fn=fn):
-            hidden.grad = weight.grad = None
             loss = fn()
             loss.backward()
             losses[name] = loss.item()
+            # freed here, not at the next call's start: a call whose start frees the last one's dX and dW had its
+            # peak taken over a baseline that still counted them (128 MiB for 285 unfused, run to run)
+            hidden.grad = weight.grad = None
 
         seconds, peak = measure(fwd_bwd, device, reps=reps)
         out.append({"provider": name, "mode": "fwd+bwd", "ms": seconds * 1e3, "peak_MiB": peak / 2 ** 20,
@@ -124,7 +127,8 @@ def main(argv=None):
     if args.json:
         write_json(args.json, {"bench": "fused_pact_head", "workload": workload,
                                "shape": {k: str(v) for k, v in WORKLOADS[workload].items()},
-                               "machine": machine_info(device), "rows": rows})
+                               "machine": {**machine_info(device), "load_average": os.getloadavg()}, "reps": reps,
+                               "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ kernels, plus Liger-Kernel's fused linear cross entropy and cut-cross-entropy wh
 
     python bench/bench_linear_logprobs.py                 # CPU: N=8192, H=1024, V=32000 (torch paths)
     python bench/bench_linear_logprobs.py --workload W-logprob --json out.json   # CUDA, SPEC section 6
-    pytest bench/bench_linear_logprobs.py                 # pytest-benchmark, small size
+    pytest bench/bench_linear_logprobs.py                 # pytest-benchmark, small size (pip install -e ".[bench]")
     python bench/bench_linear_logprobs.py --sass          # issue term of the forward epilogue (no GPU needed)
 
 Every provider computes fp32 logp for N rows (and its gradient w.r.t. hidden and weight in
@@ -117,7 +117,11 @@ def epilogue_sass_rows(archs=(90, 80), names=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--sass" in argv:
+    if "--sass" in argv:  # its own report: every other option would go unread
+        others = [a for a in argv if a != "--sass"]
+        if others:
+            raise SystemExit(f"bench_linear_logprobs.py: --sass prints the epilogue's SASS report and takes no other "
+                             f"option (got {' '.join(others)})")
         print_table(epilogue_sass_rows(), ["kernel", "arch", "registers", "stack", "loop_instructions",
                                            "logits_per_warp_iteration", "instructions_per_logit"])
         return

@@ -75,3 +75,26 @@ def test_the_rollout_benchmark_times_one_turn_of_the_hf_engine():
     engine = HFRolloutEngine(tiny_causal_lm("qwen3", vocab_size=len(tok)), tok, RolloutConfig(max_new_tokens=5))
     seconds, tokens = timed(engine, ctx, 1)
     assert seconds > 0 and len(ctx) <= tokens <= 5 * len(ctx)
+
+
+def test_the_sass_report_refuses_the_options_it_does_not_read():
+    """--sass returned before the options were parsed: --json, --workload, --reps and unknown flags went unread."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_linear_logprobs.py"), "--sass", "--json", "x.json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--sass prints the epilogue's SASS report and takes no other option (got --json " \
+        "x.json)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_fused_head_benchmark_counts_each_calls_own_gradients_in_its_peak():
+    """The profiled call started by freeing the previous call's dX and dW, so its peak was taken over a baseline
+    that still counted them: 128 MiB of 285 for the unfused head at the cpu workload, or not, run to run. Each call
+    now starts with none alive: its peak holds its own dX and dW, the same on every run."""
+    import bench_fused_pact_head as bench
+
+    w = bench.WORKLOADS["tiny"]
+    rows = w["B"] * w["T"] * 2 + w["S"] * w["E"]
+    grads = (rows + w["V"]) * w["H"] * 4  # fp32 dX [N, H] and dW [V, H]
+    peaks = [{r["provider"]: r["peak_MiB"] * 2 ** 20 for r in bench.run("tiny", "cpu", 1, ["unfused", "fused"])}
+             for _ in range(2)]
+    assert peaks[0] == peaks[1]
+    assert peaks[0]["unfused"] >= grads and peaks[0]["fused"] >= grads, (peaks[0], grads)
