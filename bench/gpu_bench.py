@@ -546,6 +546,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         ap.error(f"--reps {args.reps}: at least 1 timed repetition")
+    given = [flag for flag, on in (("--dir", args.dir is not None), ("--sections", "--sections" in (argv or sys.argv)))
+             if on]
+    if args.section == "report" and args.dir is None:
+        ap.error("report needs --dir, the directory that holds the sections' JSON")
+    if args.section != "report" and given:
+        ap.error(f"{', '.join(given)}: options of the report; a section reads --dry-run, --json and --reps")
     if args.section == "report":
         doc = report(args.dir, args.sections)
         doc.update(dry_run=args.dry_run, machine=machine_info("cuda" if torch.cuda.is_available() else "cpu"))

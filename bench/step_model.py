@@ -171,10 +171,12 @@ class Workload:
     groups: int = 1
 
     def __post_init__(self):
-        bad = [f.name for f in fields(self) if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 0]
-        if bad or self.turns < 1 or self.model_tokens < 1 or self.G < 1 or self.groups < 1 or self.layers < 1:
-            raise ValueError(f"step_model: workload fields must be integers >= 0 (turns, model_tokens, G, groups, "
-                             f"layers >= 1): {asdict(self)}")
+        may_be_zero = ("tool_tokens", "U", "E", "P")  # no tool turns, no trace, no prompt: still a workload
+        bad = [f.name for f in fields(self) if not isinstance(getattr(self, f.name), int)
+               or getattr(self, f.name) < (0 if f.name in may_be_zero else 1)]
+        if bad:  # a 0 head count or width divided by zero deep in the model
+            raise ValueError(f"step_model: workload fields must be integers >= 1 ({', '.join(may_be_zero)} >= 0); "
+                             f"not {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
         if self.heads % self.kv_heads:
             raise ValueError(f"step_model: heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
 

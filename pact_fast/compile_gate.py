@@ -159,10 +159,13 @@ def format_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pact_fast.compile_gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--workers", type=int, default=None, help="parallel compiler processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel compiler processes (default: one per core; each build takes tens of seconds)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1 process (leave it out for one per core)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = run_gate(args.workers)
     print(format_table(rows))

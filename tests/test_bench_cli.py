@@ -98,3 +98,15 @@ def test_the_fused_head_benchmark_counts_each_calls_own_gradients_in_its_peak():
              for _ in range(2)]
     assert peaks[0] == peaks[1]
     assert peaks[0]["unfused"] >= grads and peaks[0]["fused"] >= grads, (peaks[0], grads)
+
+
+def test_the_gpu_suites_report_needs_its_directory_and_a_section_refuses_the_reports_options(capsys):
+    """`gpu_bench.py report` without --dir ended in a TypeError traceback; a section took --dir and --sections and
+    read neither."""
+    import gpu_bench
+
+    for argv, message in ((["report"], "report needs --dir"),
+                          (["head", "--dry-run", "--dir", "x"], "--dir: options of the report")):
+        with pytest.raises(SystemExit) as exc:
+            gpu_bench.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

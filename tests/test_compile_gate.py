@@ -151,3 +151,14 @@ def test_spill_instructions_are_counted_from_sass():
         /*0100*/                   LDS.U16 R5, [R3] ;
     """
     assert spill_instructions(sass) == (2, 1)
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_a_worker_count_below_one_is_one_line(workers, capsys):
+    """--workers -1 ended in ProcessPoolExecutor's ValueError traceback; 0 silently meant one per core."""
+    from pact_fast.compile_gate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--workers", workers])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--workers {workers}: at least 1 process" in err and "Traceback" not in err

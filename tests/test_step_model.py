@@ -174,6 +174,10 @@ def test_workload_defaults_are_w_group():
         sm.Workload(turns=0)
     with pytest.raises(ValueError):
         sm.Workload(heads=6, kv_heads=4)
+    for field in ("heads", "hidden", "head_dim", "kv_heads", "vocab"):  # were ZeroDivisionError / KeyError deep in
+        with pytest.raises(ValueError, match=rf"not {field}=0"):
+            sm.Workload(**{field: 0})
+    assert sm.Workload(U=0, tool_tokens=0).U == 0
 
 
 def test_hf_prefill_recomputes_the_whole_context_each_turn():
