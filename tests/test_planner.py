@@ -558,3 +558,18 @@ def test_device_on_the_command_line_sets_that_devices_defaults_over_a_config(tmp
     run.write_text("train:\n  steps: 2\n")
     rc, out, err = _plan("--config", str(run), "--model", "qwen3-0.6b", "--gpu-memory", "24GB", "--device", "cpu")
     assert rc == 0 and "float32" in out and ", cpu;" in out, err
+
+
+def test_the_cpu_adamw_step_keeps_two_temporaries_of_its_largest_tensor():
+    """The CPU's single-tensor AdamW forms ``exp_avg_sq.sqrt() / bias_correction2_sqrt``: the root and the
+    quotient are alive together. The planner counted one (4 bytes x the largest tensor), and under-predicted a
+    full fine-tune whose peak is the optimizer step by the tied embedding's 108 MiB (SmolLM2-135M, 64 tokens)."""
+    from common import allocator_peak
+
+    big, small = torch.nn.Parameter(torch.randn(1 << 20)), torch.nn.Parameter(torch.randn(1000))
+    optimizer = torch.optim.AdamW([big, small], lr=1e-3)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    optimizer.step()  # the state (exp_avg, exp_avg_sq) exists from here on
+    peak, _ = allocator_peak(optimizer.step)
+    predicted = 8 * big.numel()  # planner.predict's CPU adamw_temporaries: 8 * (largest trainable tensor)
+    assert predicted <= peak <= predicted * 1.05, (peak, predicted)
