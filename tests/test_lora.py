@@ -248,7 +248,7 @@ def test_adapter_made_with_other_settings_is_refused(tmp_path):
 
 def test_freeze_lm_head_keeps_the_head_and_trains_the_rest(tmp_path):
     untied = ["model.path=" + str(_untied_model_dir(tmp_path))]
-    config = load_config(None, TINY + untied + ["model.freeze_lm_head=true", "model.chat_template=model",
+    config = load_config(None, tiny_for(model_path=True) + untied + ["model.freeze_lm_head=true", "model.chat_template=model",
                                                 "train.lr=0.01", f"train.out_dir={tmp_path / 'run'}"])
     c = build(config, log=lambda *a: None)
     head, embed = c.model.get_output_embeddings().weight, c.model.get_input_embeddings().weight
@@ -487,7 +487,7 @@ def test_lora_dropout_acts_in_training_whatever_made_the_model(tmp_path, pretrai
     seqs = [[3, 9, 12, 4, 30, 7], [3, 9, 12, 5]]
     scores = {}
     for dropout in (0.0, 0.5):
-        config = load_config(None, TINY + LORA + model + [f"model.lora.dropout={dropout}",
+        config = load_config(None, tiny_for(model_path=pretrained) + LORA + model + [f"model.lora.dropout={dropout}",
                                                           f"train.out_dir={tmp_path / str(dropout)}"])
         c = build(config, log=lambda *a: None)
         train_step(c, 0)  # rollouts switch the model to eval mode and back
@@ -503,7 +503,7 @@ def test_lora_dropout_acts_in_training_whatever_made_the_model(tmp_path, pretrai
 def test_grad_checkpointing_runs_on_a_users_own_model(tmp_path, lora):
     """transformers checkpoints a layer only in training mode, and ``from_pretrained`` returns eval mode: with
     ``model.path``, ``train.grad_checkpointing=true`` kept every activation, silently."""
-    config = load_config(None, TINY + (LORA if lora else []) + [
+    config = load_config(None, tiny_for(model_path=True) + (LORA if lora else []) + [
         f"model.path={_untied_model_dir(tmp_path)}", "model.chat_template=model", "train.grad_checkpointing=true",
         "loss.mode=sft", f"train.out_dir={tmp_path / 'run'}"])
     c = build(config, log=lambda *a: None)
