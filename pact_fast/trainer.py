@@ -687,7 +687,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     eval_before = before.evals.get(0)
     if c.start_step == 0 and _not_logged(eval_before):
         log(f"[pact_fast] held-out evaluation before training: {len(c.held_out)} tasks, one greedy episode each")
-        eval_before = _evaluate_and_log(c, 0)
+        eval_before = _evaluate_and_log(c, 0, sync=False)
         log(f"[pact_fast] held-out before training: {eval_before}")
     # the evaluation of the step resumed from, lost if the run died between that step's checkpoint and it
     if _periodic_eval(train_cfg, c.start_step) and _not_logged(before.evals.get(c.start_step)):
@@ -813,10 +813,12 @@ def _save(c, step):
                            c.config.train.keep_last, peft_model=c.peft)
 
 
-def _evaluate_and_log(c, step):
-    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``. The rollout copy is refreshed first:
-    under torchrun it is one update old, or (resumed) made before the checkpoint loaded."""
-    dist.sync_rollout_weights(c.scorer, c.rollout_model)
+def _evaluate_and_log(c, step, sync=True):
+    """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``. The rollout copy is refreshed first
+    (``sync``): under torchrun it is one update old, or (resumed) made before the checkpoint loaded. Before the
+    first step it holds the weights it was made from (a step-0 checkpoint's are those): no push of them again."""
+    if sync:
+        dist.sync_rollout_weights(c.scorer, c.rollout_model)
     result = evaluate(c.engine, c.held_out, c.make_env)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})

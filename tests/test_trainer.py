@@ -1044,10 +1044,10 @@ def test_a_periodic_evaluation_lost_to_a_kill_after_its_checkpoint_runs_on_resum
 
     original = trainer._evaluate_and_log
 
-    def killed_at_step_2(c, step):
+    def killed_at_step_2(c, step, **kwargs):
         if step == 2:
             raise Killed
-        return original(c, step)
+        return original(c, step, **kwargs)
 
     monkeypatch.setattr(trainer, "_evaluate_and_log", killed_at_step_2)
     cfg = load_config(None, TINY + ["train.steps=4", "train.save_every=1", "train.eval_every=1",
