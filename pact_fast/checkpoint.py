@@ -16,6 +16,7 @@ import torch
 
 from . import distributed as dist
 from .data import DataFormatError
+from .files import read_or_raise
 
 STATE_FILE = "trainer_state.pt"
 
@@ -185,12 +186,8 @@ def _read_weights(ckpt, peft_model):
 
 def _readable(path, read):
     """``read()``, a file that does not read (cut short by a full disk, a copy in progress) said in one line."""
-    try:
-        return read()
-    except Exception as exc:  # torch.load and safetensors raise several kinds on a damaged file
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {reason}); the checkpoint is damaged: "
-                              "move it aside to resume from the one before") from None
+    return read_or_raise(read, lambda reason: CheckpointError(
+        f"{path}: cannot be read ({reason}); the checkpoint is damaged: move it aside to resume from the one before"))
 
 
 def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):

@@ -21,6 +21,7 @@ import torch
 
 from .chat import resolve_chat_template
 from .distributed import decoder_layers
+from .files import read_or_raise
 from .models import ModelError, load_pretrained, random_qwen3
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -399,12 +400,8 @@ def read_adapter(peft_model, directory):
     file = Path(directory) / ADAPTER_WEIGHTS
     if not file.is_file():
         raise ModelError(f"{directory}: no {ADAPTER_WEIGHTS}")
-    try:
-        saved = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own kinds on a cut or foreign file
-        reason = " ".join(str(exc).split())[:200]
-        raise ModelError(f"{file}: cannot be read ({type(exc).__name__}: {reason}); the adapter file is damaged") \
-            from exc
+    saved = read_or_raise(lambda: load_file(str(file)), lambda reason: ModelError(
+        f"{file}: cannot be read ({reason}); the adapter file is damaged"))
     model = peft_model.base_model.model
     key_map = adapter_key_map(peft_model, adapter_names(model))
     missing, extra = sorted(set(key_map) - set(saved)), sorted(set(saved) - set(key_map))

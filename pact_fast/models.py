@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import read_or_raise
+
 MARKER = "pact_fast_model.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -186,17 +188,9 @@ def check_model_dir(path):
 
 def _read(path, what, read):
     """``read()``; what it raises (a truncated safetensors or JSON file, a copy in progress) as one ``ModelError``
-    line naming the directory (the cause stays chained for ``--debug``)."""
-    import torch
-
-    try:
-        return read()
-    except (MemoryError, ImportError, torch.cuda.OutOfMemoryError):  # not the files' fault
-        raise
-    except Exception as exc:  # safetensors', json's, tokenizers' and transformers' own (OSError): one line each
-        reason = " ".join(str(exc).split())[:300]
-        raise ModelError(f"{path}: the {what} cannot be read from it ({type(exc).__name__}: {reason}); a file there "
-                         "is damaged or of another format") from exc
+    line naming the directory."""
+    return read_or_raise(read, lambda reason: ModelError(
+        f"{path}: the {what} cannot be read from it ({reason}); a file there is damaged or of another format"))
 
 
 def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
