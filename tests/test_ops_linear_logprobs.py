@@ -242,9 +242,13 @@ def test_leading_dims_are_kept():
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(chunk_rows=0), ValueError, "chunk_rows"),
     (dict(vocab_slab=-4), ValueError, "vocab_slab"),
+    (dict(ignore_index=None), TypeError, "ignore_index` must be an int"),
+    (dict(ignore_index=True), TypeError, "ignore_index` must be an int"),
+    (dict(ignore_index=-100.0), TypeError, "ignore_index` must be an int"),
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
         "scale-zero", "scale-negative", "scale-inf", "scale-nan", "softcap-zero", "softcap-negative", "softcap-inf",
-        "hidden-H", "H-zero", "V-zero", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab"])
+        "hidden-H", "H-zero", "V-zero", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab",
+        "ignore-none", "ignore-bool", "ignore-float"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
     args.update(kwargs)
@@ -345,3 +349,15 @@ def test_a_numpy_or_tensor_temperature_is_a_number_and_infinity_is_refused():
     # a learnable temperature was read as a number (a float() warning) and got no gradient
     with pytest.raises(ValueError, match="`temperature` is a tensor that requires grad; the op takes it as a constant"):
         linear_logprobs(h, w, t, temperature=torch.tensor(0.5, requires_grad=True), backend="torch")
+
+
+def test_ignore_index_of_numpy_or_a_tensor_is_the_int():
+    """A numpy or 0-dim tensor ignore_index is its integer value (the check that refuses None keeps them)."""
+    import numpy as np
+
+    hidden, weight = torch.randn(6, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    targets = torch.tensor([3, 7, 7, 0, 39, 7])
+    want = linear_logprobs(hidden, weight, targets, ignore_index=7)
+    assert (want[targets == 7] == 0).all() and (want[targets != 7] != 0).all()
+    for value in (np.int64(7), torch.tensor(7)):
+        torch.testing.assert_close(linear_logprobs(hidden, weight, targets, ignore_index=value), want, rtol=0, atol=0)

@@ -28,6 +28,7 @@ calls ``linear_logprobs`` without a graph break.
 """
 import math
 import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -310,6 +311,17 @@ _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, ba
                              setup_context=_setup_context)
 
 
+def _integer(ignore_index):
+    """``ignore_index`` as an int (numpy's and 0-dim tensors' too); None, a bool or a float refused in one line."""
+    if not isinstance(ignore_index, bool):
+        try:
+            return operator.index(ignore_index)
+        except TypeError:
+            pass
+    raise TypeError(f"linear_logprobs: `ignore_index` must be an int (one that no target holds, such as the default "
+                    f"-100, ignores no row), got {ignore_index!r}")
+
+
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                     return_entropy=False, backend="auto", chunk_rows=None, vocab_slab=None, logit_scale=1.0,
                     softcap=None):
@@ -323,7 +335,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         targets: ``[N]`` (or ``[*]``) integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]`` lm_head bias.
         temperature: logits are divided by it (> 0); 1.0 means unchanged.
-        ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost.
+        ignore_index: rows with this target get logp 0, entropy 0 and zero gradient, at no cost (an int; one
+            that no target holds, such as the default, ignores no row).
         return_entropy: also return the entropy of each row's distribution.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise and for float64), ``"torch"`` or ``"triton"``.
         chunk_rows: rows per chunk (torch) or row block (triton); default: torch, one chunk's fp32
@@ -341,6 +354,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         GEMMs per block (logits, dX) instead of three and allocates no dW buffer.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap)
+    ignore_index = _integer(ignore_index)
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
         if value is not None and not (isinstance(value, int) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
