@@ -940,6 +940,32 @@ def fused_head_rows(workload, N, V, H, devices=("H100", "H200"), table=None):
     return variant_rows(workload, "head", {"N": N, "V": V, "H": H}, devices, table)
 
 
+def head_block_sweep(workload="W-logprob-H2048", rows=(320, 384, 448, 480, 496, 512, 576, 640), splits=range(1, 17),
+                     device="H100", table=None):
+    """The default fused head (no entropy bonus) at every row block R x dX split S of ``rows`` x ``splits``: one
+    dict each with ``rows``, ``splits``, ``time_ratio``, ``work_ratio``, ``extra_memory_bytes``, ``dw_share``
+    (extra memory over dW's bytes), ``within_budget`` (``dw_share`` <= WORKSPACE_SHARE) and ``default`` (the
+    plan ``default_plan`` picks). It shows what the default's memory budget costs in time: the logits workspace of
+    an R-row block is R / H of dW's bytes, so at H = 2,048 a 512-row block's alone is the whole 25%."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+
+    shape = W_LOGPROB[workload]
+    N, V, H = shape["N"], shape["V"], shape["H"]
+    chosen = launch.default_plan(N, V, H, torch.bfloat16)
+    dw_bytes = V * H * torch.empty((), dtype=torch.bfloat16).element_size()
+    out = []
+    for R in rows:
+        for S in splits:
+            kwargs = dict(want_entropy=False, rows_per_block=R, splits=S)
+            (row,) = variant_rows(workload, "head", shape, (device,), table,
+                                  variants=[("head", f"fused_pact_head fwd+bwd R={R} S={S}", kwargs)])
+            share = row["extra_memory_bytes"] / dw_bytes
+            out.append({"rows": R, "splits": S, "time_ratio": row["time_ratio"], "work_ratio": row["work_ratio"],
+                        "extra_memory_bytes": row["extra_memory_bytes"], "dw_share": share,
+                        "within_budget": share <= launch.WORKSPACE_SHARE, "default": (R, S) == tuple(chosen)})
+    return out
+
+
 # Issue 11's model of the tree-attention kernels before it (H100 only, no per-kernel split recorded): 64x64 tiles,
 # one query head per program, dq recomputing QK^T and dO V^T in its own kernel.
 GROUP_BEFORE = {"H100": {"predicted_ms": 16.3, "ideal_ms": 5.0}}
@@ -1073,7 +1099,24 @@ def main(argv=None):
     ap.add_argument("--step", action="store_true",
                     help="then the whole-step model: a W-group step's rollouts, scoring and update per engine "
                          "(bench/step_model.py, built on this module's per-op models)")
+    ap.add_argument("--head-sweep", action="store_true",
+                    help="instead: the fused head's time ratio and extra memory at W-logprob-H2048 (H100) for row "
+                         "blocks x dX splits around the default (head_block_sweep); with --json, written there")
     args = ap.parse_args(argv)
+    if args.head_sweep:
+        table = sass.issue_table(compile_here=False if args.stored_sass else None)
+        sweep = head_block_sweep(table=table)
+        print("fused_pact_head fwd+bwd, W-logprob-H2048, H100 (PREDICTED): rows  splits  time x  work x  extra/dW")
+        for r in sweep:
+            print(f"{r['rows']:>5} {r['splits']:>7} {r['time_ratio']:>8.3f} {r['work_ratio']:>7.3f} "
+                  f"{100 * r['dw_share']:>8.1f}%{'' if r['within_budget'] else '  over budget'}"
+                  f"{'  <- default' if r['default'] else ''}")
+        if args.json:
+            doc = {"note": "performance model (bench/roofline.py --head-sweep): predictions, not measurements",
+                   "workload": "W-logprob-H2048", "device": "H100", "op": "fused_pact_head fwd+bwd",
+                   "rows": sweep, "generated": provenance(next(iter(table.values()))["source"])}
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        return
     if args.probe:
         doc = {"note": "torch kernels each public op launches beside its modelled GEMMs and Triton kernels, counted "
                        "through the op under TRITON_INTERPRET=1 (bench/roofline.py --probe)",

@@ -331,3 +331,33 @@ def test_readme_tables_are_what_the_model_prints():
         table = roofline.markdown_table(rows, ops, "H100")
         assert table.count("\n") >= 3, name
         assert table in readme, f"README's {name} table is stale: python bench/roofline.py --readme"
+
+
+def test_head_block_sweep_flags_the_default_and_the_budget(tmp_path, capsys):
+    """``--head-sweep``: each (R, S) row is priced as the table prices a blocking, the default is flagged where
+    default_plan puts it, and a row's share of dW is its extra memory over dW's bytes (a 512-row block's logits
+    alone are 512 / H = 25% at H = 2,048, so every 512-row block is over the budget)."""
+    from pact_fast.kernels import fused_pact_head_launch as head
+
+    table = sass.issue_table(compile_here=False)
+    sweep = roofline.head_block_sweep(rows=(384, 512), splits=(4, 11), table=table)
+    assert [(r["rows"], r["splits"]) for r in sweep] == [(384, 4), (384, 11), (512, 4), (512, 11)]
+    V, H = 151936, 2048
+    assert [r["default"] for r in sweep] == [(r["rows"], r["splits"]) == head.default_plan(32768, V, H, torch.bfloat16)
+                                             for r in sweep] and sum(r["default"] for r in sweep) == 1
+    table_row = next(r for r in roofline.fused_head_rows("W-logprob-H2048", 32768, V, H, ("H100",), table)
+                     if r["op"] == "fused_pact_head fwd+bwd")
+    default = next(r for r in sweep if r["default"])
+    assert default["time_ratio"] == pytest.approx(table_row["time_ratio"])
+    for r in sweep:
+        assert r["dw_share"] == pytest.approx(r["extra_memory_bytes"] / (V * H * 2))
+        assert r["within_budget"] == (r["dw_share"] <= head.WORKSPACE_SHARE)
+        assert r["extra_memory_bytes"] > r["rows"] * V * 2  # the logits workspace and more
+    assert not any(r["within_budget"] for r in sweep if r["rows"] == 512)
+    out = tmp_path / "sweep.json"
+    roofline.main(["--head-sweep", "--stored-sass", "--json", str(out)])
+    assert "<- default" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["op"] == "fused_pact_head fwd+bwd" and "predictions" in doc["note"]
+    best = min((r for r in doc["rows"] if r["within_budget"]), key=lambda r: r["time_ratio"])
+    assert best["default"]  # the default is the fastest blocking the budget allows, by this model
