@@ -282,16 +282,30 @@ def _rebuild(obj):
                 raise ConfigError(str(exc)) from None
 
 
+class _KeyError(yaml.constructor.ConstructorError):
+    """A key ``_UniqueKeyLoader`` refuses: YAML that parses, but not as a config."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one, quietly)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one, quietly) and a
+    section's key left empty (``path:`` reads as null: a model path forgotten there trained the built-in model);
+    ``null`` written out, as a run's own config.yaml has it, stays None."""
+
+    def construct_document(self, node):
+        self._root = node
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         first = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in first:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {first[key]})", key_node.start_mark)
+                raise _KeyError(None, None, f"key {key!r} given twice (first on line {first[key]})",
+                                key_node.start_mark)
+            if node is not self._root and isinstance(value_node, yaml.ScalarNode) \
+                    and value_node.tag == "tag:yaml.org,2002:null" and not value_node.value:
+                raise _KeyError(None, None, f"key {key!r} has no value: give one, or write null for none",
+                                key_node.start_mark)
             first[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -410,6 +424,8 @@ def _load(path, overrides, base=None, label="--config"):
                               "text") from None
         except OSError as exc:
             raise ConfigError(f"{label} {path}: cannot be read ({exc.strerror or exc})") from None
+        except _KeyError as exc:
+            raise ConfigError(f"{label} {path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{label} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):

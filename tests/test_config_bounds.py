@@ -88,6 +88,23 @@ def test_a_string_option_takes_the_text_as_given():
             load_config(None, [f"{key}= "])
 
 
+def test_a_key_left_empty_in_a_config_file_is_refused_and_null_is_none(tmp_path):
+    """`path:` with nothing after it reads as null in YAML: a model path forgotten there trained the built-in model
+    without a word. `null` written out (a run's own config.yaml writes it) stays None."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("train:\n  steps: 2\nmodel:\n  path:\n")
+    with pytest.raises(ConfigError, match=rf"^--config {empty}:4: key 'path' has no value: give one, or write null"):
+        load_config(str(empty))
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("data: {path: , eval_path: null}\n")
+    with pytest.raises(ConfigError, match=r":1: key 'path' has no value"):
+        load_config(str(flow))
+    written = tmp_path / "null.yaml"
+    written.write_text("model:\n  path: null\ndata:\n  path: ~\n")
+    config = load_config(str(written))
+    assert config.model.path is None and config.data.path is None
+
+
 def test_a_key_given_twice_in_a_config_file_is_refused_and_file_errors_name_the_file(tmp_path):
     """YAML kept the last of two `train:` sections (or keys) quietly; an unknown key in a file did not say which
     file it came from."""
