@@ -17,6 +17,7 @@ The progress variable ``s = step / steps`` drives the annealing schedules. Rollo
 updates only meet through ``Episode`` lists, so a faster engine can replace ``HFRolloutEngine``.
 """
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -392,6 +393,14 @@ def check_backends(train_cfg, device):
                               f"(train.device={train_cfg.device}): use auto, which picks the torch path there")
 
 
+def check_writers(train_cfg):
+    """Refuse (``ConfigError``, before the model loads) ``train.wandb=true`` without wandb installed: its import
+    failed in ``_Writers``, after the model load and held-out evaluation, as a traceback with a run directory
+    left behind."""
+    if train_cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb=true needs wandb, which is not installed (pip install wandb), or leave it out")
+
+
 def config_warnings(config, n_train):
     """What a run of ``config`` on ``n_train`` training tasks runs, but not as its options suggest (said at start)."""
     out = []
@@ -426,6 +435,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     if device.type == "cpu":
         fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)
     check_backends(train_cfg, device)
+    check_writers(train_cfg)
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
     train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")

@@ -1,5 +1,6 @@
 """Every user mistake on the command line is one line naming it, exit status 2, before any expensive work,
 with no run directory left behind; --debug shows the traceback instead."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,6 +43,17 @@ def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_without_wandb_installed_is_one_line_before_the_model_loads(tmp_path):
+    """``train.wandb=true`` without the package: one line and status 2 before anything loads, not an
+    ImportError traceback after the model load and held-out evaluation with config.yaml left behind."""
+    proc = _cli("train", "train.wandb=true", "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pact-fast: train.wandb=true needs wandb"), proc.stderr
     assert not (tmp_path / "out").exists()
 
 
