@@ -321,6 +321,24 @@ def test_format_reward_without_multihop_rows_is_refused(tmp_path, user_module):
     assert len(load_data(cfg.data)[0]) == 8
 
 
+def test_env_modules_beside_data_whose_rows_name_no_environment_of_your_own_is_refused(tmp_path, user_module):
+    """data.env_modules allows modules for rows that name ``module:Class``; beside rows that all name a built-in
+    environment it is unread (the run trains in the built-in one), so it is refused as other unread options are."""
+    from pact_fast.config import load_config
+    from pact_fast.data import load_data
+
+    data = _write(tmp_path / "tasks.jsonl", _rows("multihop", 10, tmp_path / "log"))
+    cfg = load_config(None, [f"data.path={data}", f"data.env_modules=[{user_module}]"])
+    with pytest.raises(DataFormatError, match=f"data.env_modules=\\[{user_module}\\]: no row of this data names"):
+        load_data(cfg.data)
+    cfg.data.env_modules = ()
+    assert len(load_data(cfg.data)[0]) == 8
+    mixed = _write(tmp_path / "mixed.jsonl", _rows("multihop", 9, tmp_path / "log") +
+                   _rows(f"{user_module}:Scaled", 1, tmp_path / "log", seed=9))
+    cfg = load_config(None, [f"data.path={mixed}", f"data.env_modules=[{user_module}]"])
+    assert len(load_data(cfg.data)[0]) == 8  # one row of its own: the option is read
+
+
 def _data_cfg(module):
     from pact_fast.config import DataConfig
 
