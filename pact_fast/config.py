@@ -130,8 +130,9 @@ class TrainConfig:
         "help": "held-out evaluation every N steps (curves.png draws it as a line); 0 = before and after only"})
     attn_backend: str = field(default="auto", metadata={
         "help": "tree attention backend", "choices": ("auto", "triton", "sdpa", "varlen", "flex")})
-    logprob_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend (fused_head=false)",
-                                                           "choices": ("auto", "torch", "triton")})
+    logprob_backend: str = field(default="auto", metadata={
+        "help": "linear_logprobs backend: the update's log-probs with fused_head=false; the old and reference "
+                "log-prob passes and scoring's start-up check either way", "choices": ("auto", "torch", "triton")})
     fused_head: bool = field(default=True, metadata={
         "help": "the PACT loss fused into the lm_head (pact_fast.ops.fused_pact_head: loss, dX and dW in one pass "
                 "over the vocabulary, torch backend); false = linear_logprobs, then pact_loss"})
@@ -351,6 +352,8 @@ def _unread(config):
 
     if config.model.path:
         add("with model.path the built-in model's shape options are not read", *(f"model.{k}" for k in _SHAPE))
+    if not config.train.wandb:
+        add("train.wandb=false: nothing logs to wandb", "train.wandb_project")
     if data.path:
         add("with data.path the built-in tasks' options are not read", *(f"data.{k}" for k in _BUILTIN_TASKS))
         if data.eval_path:
@@ -498,6 +501,12 @@ def _check_values(config):
         phase = "" if config.loss.mode == "sft" else " before loss.switch_progress"
         raise ConfigError(f"loss.mode={config.loss.mode} with loss.lambda_sft=0: the SFT term is the only loss"
                           f"{phase}, and it would be 0 (every step trains nothing)")
+    m = config.model
+    if not m.path and m.num_heads % m.num_kv_heads:  # else an error from packed scoring's check, after the model load
+        raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads} "
+                          "(each key/value head serves a group of query heads)")
+    if not m.path and m.head_dim % 2:  # else a traceback from the rotary embedding
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even (the rotary embedding rotates pairs)")
     if not config.train.out_dir.strip():  # "" would write the run into the working directory
         raise ConfigError("train.out_dir is empty; give the run a directory")
     from .envs.multihop import CHAINS

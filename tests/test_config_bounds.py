@@ -170,6 +170,7 @@ def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
     (["loss.anchor_q=1", "loss.seed=3"], "loss.seed=3: loss.anchor_mode=bernoulli with anchor_q=1 draws no"),
     (["loss.lambda_sft=0", "loss.beta_0=0.5"], "loss.beta_0=0.5: loss.lambda_sft=0: there is no SFT term"),
     (["loss.norm_adv_by_std=false", "loss.adv_eps=0.01"], "loss.adv_eps=0.01: loss.norm_adv_by_std=false"),
+    (["train.wandb_project=mine"], "train.wandb_project=mine: train.wandb=false: nothing logs to wandb"),
 ])
 def test_an_option_the_rest_of_the_config_leaves_unread_is_refused(overrides, message):
     """Each of these ran as if it had not been given (a shape option beside a pretrained model, a built-in task
@@ -187,6 +188,7 @@ def test_the_options_a_config_reads_are_taken_and_a_runs_own_config_is_not_check
     load_config(None, ["loss.mode=grpo", "loss.clip_eps_high=0.28", "loss.beta_kl=0.1", "loss.kl_estimator=k1"])
     load_config(None, ["loss.mode=sft", "loss.lambda_sft=2"])
     load_config(None, ["loss.loss_agg=seq-mean-token-sum-norm", "loss.loss_scale_factor=64", "loss.anchor_q=0.5"])
+    assert load_config(None, ["train.wandb=true", "train.wandb_project=mine"]).train.wandb_project == "mine"
     defaults = Config()  # the built-in model's shape and task count at their defaults: not "set", so taken
     load_config(None, ["model.path=/m", "data.path=d.jsonl", f"model.hidden_size={defaults.model.hidden_size}",
                        f"data.train_tasks={defaults.data.train_tasks}"])
@@ -230,3 +232,15 @@ def test_compare_refuses_only_what_none_of_its_modes_reads_and_what_a_mode_canno
         check_modes(config, ("grpo", "pact"))
     with pytest.raises(ConfigError, match=r"loss.mode=sft with loss.lambda_sft=0"):
         check_modes(load_config(None, ["loss.lambda_sft=0"]), ("sft", "pact"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.num_heads=3"], "model.num_heads=3 must be a multiple of model.num_kv_heads=2"),
+    (["model.head_dim=7"], "model.head_dim=7 must be even"),
+])
+def test_a_built_in_model_that_cannot_be_built_is_refused_by_its_config(overrides, message):
+    """3 query heads over 2 key/value heads failed in packed scoring's start-up check (blaming the model) after the
+    model was built, or as a traceback with scoring.check=false; an odd head_dim in the rotary embedding."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(None, overrides)
+    load_config(None, ["model.path=/m"])  # a pretrained model's own shape is not these options'
