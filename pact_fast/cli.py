@@ -76,8 +76,8 @@ def _refuse_beside(args, option, why):
 
 
 def _to_stderr(*args):
-    """The trainer's and the evaluation's log lines: on stderr, so that stdout is the JSON result alone
-    (``pact-fast train > summary.json``)."""
+    """The trainer's, the evaluation's and the comparison's log lines: on stderr, so that stdout is the result
+    alone (``pact-fast train > summary.json``; compare's table)."""
     print(*args, file=sys.stderr)
 
 
@@ -408,7 +408,9 @@ def main(argv=None):
         print(f"pact-fast: compare trains --modes {' '.join(args.modes)}; the config's loss.mode="
               f"{config.loss.mode} is not used", file=sys.stderr)
     try:
-        compare(config, modes=args.modes, seeds=args.seeds)
+        rows = compare(config, modes=args.modes, seeds=args.seeds, log=_to_stderr)
     except USER_ERRORS as exc:
         return _user_error(args, exc)
-    return 0
+    if any(r["stopped"] for r in rows):
+        return 1
+    return 130 if any(r["interrupted"] for r in rows) else 0

@@ -7,11 +7,15 @@ Writes ``compare.json`` (one row per run) and ``compare.png`` under ``train.out_
 ``runs/compare`` when it is left at train's default, ``runs/pact``) and prints the table.
 
 With ``seeds`` (``pact-fast compare --seeds 0 1 2``) every mode runs once per seed (``train.seed``,
-``data.seed`` and ``loss.seed`` set to it; runs in ``out_dir/seed<k>/<mode>``) and the table gives each
-mode's mean held-out success with its standard deviation and range over the seeds (also in
-``compare_summary.json``). A run whose directory already holds a finished run of the same configuration
+``data.seed`` and, where the mode draws anchors, ``loss.seed`` set to it; runs in ``out_dir/seed<k>/<mode>``)
+and the table gives each mode's mean held-out success with its standard deviation and range over the seeds
+(also in ``compare_summary.json``). A run whose directory already holds a finished run of the same configuration
 is read back, not trained again, and an unfinished one is resumed from its last checkpoint, so an interrupted
 comparison continues where it stopped; a directory holding a run of another configuration is refused.
+
+Each run's config.yaml holds the options its mode reads; one it does not read (``loss.anchor_q`` in the sft
+run, ``loss.seed`` in the grpo run) stays at its default there, so the file is a ``--config`` that
+``pact-fast train`` accepts.
 """
 import copy
 import json
@@ -19,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
-from .config import RUN_CONFIG, ConfigError, check_modes, config_changes, load_config, one_off_fields
+from .config import RUN_CONFIG, ConfigError, _unread, check_modes, config_changes, load_config, one_off_fields
 from .data import load_data
 from .plots import pyplot
 from .tables import text_table
@@ -36,21 +40,20 @@ _COSMETIC = {"train.out_dir", "train.progress", "train.tensorboard", "train.wand
 
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
     """Train every mode (for every seed in ``seeds``; None: the config's own, one run per mode) and return
-    one row per run: mode, seed, held-out success/reward after training, steps, seconds."""
+    one row per run: mode, seed, held-out success/reward after training, steps, seconds, whether it was
+    interrupted or stopped (the runs after such a run are not run). ``log``: the progress lines; the table is
+    printed on stdout."""
     check_modes(config, modes)  # an option no compared mode reads, or one a mode cannot train with
     # a data mistake is reported before any run directory is made
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for seed in seeds if seeds else [None]:
-        for mode in modes:
-            cfg = copy.deepcopy(config)
-            cfg.loss.mode = mode
+    runs = [(seed, mode) for seed in (seeds if seeds else [None]) for mode in modes]
+    try:
+        for seed, mode in runs:
             run_dir = root / mode if seed is None else root / f"seed{seed}" / mode
-            cfg.train.out_dir = str(run_dir)
-            if seed is not None:
-                cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
+            cfg = _run_config(config, mode, seed, run_dir)
             state, summary = _earlier_run(cfg)
             if state == "finished":
                 log(f"[compare] {run_dir} holds this run, finished: reading it back")
@@ -65,12 +68,38 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
             rows.append({"mode": mode, "seed": cfg.train.seed, **(summary["eval_after"] or {}),
                          "steps": summary["steps"], "train_seconds": summary["seconds"],
                          "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate"),
+                         "interrupted": bool(summary["interrupted"]), "stopped": summary["stopped"],
                          "run_dir": str(run_dir)})
             if summary["interrupted"] or summary["stopped"]:
                 log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
                     f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are not run")
-                return _report(root, rows, seeds)
+                break
+    except KeyboardInterrupt:  # before a run's first step (its model loading): the runs done so far are reported
+        if rows:
+            _report(root, rows, seeds)
+        raise
     return _report(root, rows, seeds)
+
+
+def _run_config(config, mode, seed, run_dir):
+    """The config of one run: ``config`` under ``mode`` (its seeds set to ``seed`` unless None) in ``run_dir``,
+    with every option ``mode`` leaves unread back at its default, as a ``train`` of that mode would have it."""
+    cfg = copy.deepcopy(config)
+    cfg.loss.mode = mode
+    cfg.train.out_dir = str(run_dir)
+    if seed is not None:
+        cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
+    defaults = load_config(None, [f"model.path={cfg.model.path}"] if cfg.model.path else [], check_read=False)
+    for key in _unread(cfg):
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, getattr(getattr(defaults, section), name))
+    return cfg
+
+
+def _differences(stored, cfg):
+    """The options that make the run of config ``stored`` another run than ``cfg``'s: those that differ, less the
+    cosmetic ones and those ``cfg`` leaves unread (a run written before unread options were reset keeps them)."""
+    return {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC - set(_unread(cfg))
 
 
 def _refuse_other_run(cfg):
@@ -82,7 +111,7 @@ def _refuse_other_run(cfg):
     except ConfigError:
         try:
             stored = load_config(str(Path(cfg.train.out_dir) / "config.yaml"), label=RUN_CONFIG)
-            changed = sorted({key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC)
+            changed = sorted(_differences(stored, cfg))
         except (OSError, ValueError):
             changed = ["its config.yaml cannot be read"]
         raise ConfigError(f"compare: {cfg.train.out_dir} holds a run of another configuration ({', '.join(changed)});"
@@ -97,7 +126,7 @@ def _earlier_run(cfg):
         stored = load_config(run_dir / "config.yaml", label=RUN_CONFIG)
     except (OSError, ValueError):
         return None, None
-    if {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC:
+    if _differences(stored, cfg):
         return None, None
     try:
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 HERE = Path(__file__).parent
 
@@ -125,8 +126,9 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
 
     seen = {}
 
-    def fake_compare(config, modes, seeds):
+    def fake_compare(config, modes, seeds, log):
         seen.update(modes=modes, seeds=seeds, steps=config.train.steps, out=config.train.out_dir)
+        return []
 
     monkeypatch.setattr(compare, "compare", fake_compare)
     assert cli.main(["compare", "--modes", "sft", "pact", "--seeds", "0", "2", "train.steps=7"]) == 0
@@ -163,3 +165,76 @@ def test_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # the reader leaves before the command prints
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
+
+
+TINY_COMPARE = ["train.steps=1", "train.prompts_per_step=2", "data.eval_tasks=2"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A real `pact-fast compare` of grpo and pact over one seed, with an option only pact reads."""
+    cwd = tmp_path_factory.mktemp("compare")
+    proc = _cli("compare", "--modes", "grpo", "pact", "--seeds", "1", "--out", "cmp", "loss.anchor_q=0.5",
+                *TINY_COMPARE, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_compare_prints_its_table_on_stdout_and_its_log_on_stderr(compared):
+    """`pact-fast compare > table.txt` got the trainer's log lines mixed into the table."""
+    _, proc = compared
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["mode", "grpo", "pact"], proc.stdout
+    assert "[compare] training grpo (seed 1)" in proc.stderr and "held-out before training" in proc.stderr
+
+
+def test_a_compare_runs_config_yaml_is_a_config_that_trains(compared, tmp_path):
+    """The grpo run's config.yaml held loss.seed (and any option only another compared mode reads), which
+    `train --config` refuses as unread: each run's file holds its own mode's options, so it trains as given."""
+    cwd, _ = compared
+    saved = {mode: yaml.safe_load((cwd / "cmp" / "seed1" / mode / "config.yaml").read_text())
+             for mode in ("grpo", "pact")}
+    assert saved["pact"]["loss"]["seed"] == 1 and saved["pact"]["loss"]["anchor_q"] == 0.5  # pact reads them
+    for mode in ("grpo", "pact"):
+        (tmp_path / f"{mode}.yaml").write_text((cwd / "cmp" / "seed1" / mode / "config.yaml").read_text())
+        proc = _cli("train", "--config", f"{mode}.yaml", "--out", f"again_{mode}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout)["steps"] == 1
+
+
+def _fake_train(interrupt_mode, how):
+    """A stand-in for ``trainer.train``: a finished run, or, in ``interrupt_mode``, one Ctrl-C'd mid-step
+    (``how="step"``: train returns its summary) or before its first step (``how="start"``: KeyboardInterrupt)."""
+    def fake_train(cfg, log):
+        if cfg.loss.mode == interrupt_mode and how == "start":
+            raise KeyboardInterrupt
+        done = cfg.loss.mode != interrupt_mode
+        Path(cfg.train.out_dir).mkdir(parents=True)
+        (Path(cfg.train.out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+        return {"steps": cfg.train.steps if done else 1, "seconds": 1.0, "interrupted": not done, "stopped": None,
+                "eval_before": None, "eval_after": {"success_rate": 0.5} if done else None}
+    return fake_train
+
+
+def test_an_interrupted_compare_exits_130_and_says_which_run_was_cut(monkeypatch, tmp_path, capsys):
+    """A Ctrl-C'd comparison exited 0 and its compare.json did not say which run had been cut short."""
+    import pact_fast.cli as cli
+    import pact_fast.compare as compare
+
+    monkeypatch.setattr(compare, "train", _fake_train("grpo", "step"))
+    assert cli.main(["compare", "--modes", "sft", "grpo", "pact", "--out", str(tmp_path), "train.steps=3"]) == 130
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["mode"], r["interrupted"]) for r in rows] == [("sft", False), ("grpo", True)]
+
+
+def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_table(monkeypatch, tmp_path, capsys):
+    """A Ctrl-C while a later run loaded its model left no compare.json of the runs already finished."""
+    import pact_fast.compare as compare
+    from pact_fast.config import load_config
+
+    monkeypatch.setattr(compare, "train", _fake_train("pact", "start"))
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3"]), modes=("sft", "pact"),
+                        log=lambda *a: None)
+    assert [r["mode"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["sft"]
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["sft", "0.500"]
