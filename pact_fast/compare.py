@@ -72,7 +72,8 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                          "run_dir": str(run_dir)})
             if summary["interrupted"] or summary["stopped"]:
                 log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
-                    f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are not run")
+                    f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
+                    "not run")
                 break
     except KeyboardInterrupt:  # before a run's first step (its model loading): the runs done so far are reported
         if rows:

@@ -492,6 +492,21 @@ def test_plan_reads_a_run_config(tmp_path):
     assert rc == 2 and "train.attn_backend=sdpa" in err
 
 
+def test_plan_says_whether_the_configs_own_micro_batch_fits(tmp_path):
+    """`plan --config run.yaml` printed the largest size that fits and status 0 while the config's own
+    train.micro_batch_tokens, what its run trains with, was predicted far over the GPU's memory."""
+    from pact_fast.config import load_config
+
+    shape, budget = planner.KNOWN_SHAPES["qwen3-0.6b"], 24 * 10 ** 9
+    best = planner.max_micro_batch_tokens(shape, budget, planner.options_from_config(load_config()))
+    for tokens, rc_expected in ((best // 2, 0), (best * 2, 1)):
+        (tmp_path / "run.yaml").write_text(f"train:\n  micro_batch_tokens: {tokens}\n")
+        rc, out, _ = _plan("--model", "qwen3-0.6b", "--gpu-memory", "24GB", "--config", str(tmp_path / "run.yaml"))
+        verdict = out.splitlines()[-1]
+        assert rc == rc_expected and f"train.micro_batch_tokens={tokens} " in verdict, out
+        assert ("does not fit" in verdict) == (rc_expected == 1), verdict
+
+
 def test_options_come_from_a_real_run_config():
     from pact_fast.config import load_config
 
