@@ -33,8 +33,8 @@ PANELS = [
 
 def read_metrics(run_dir):
     """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself). A last line cut short (a run
-    writing it, or killed while it did) is left out; any other line that is not JSON is a ``ValueError`` naming
-    the file and line, as is a file without a row."""
+    writing it, or killed while it did) is left out; any other line that is not a JSON object is a ``ValueError``
+    naming the file and line, as is a file without a row."""
     path = Path(run_dir)
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.exists():
@@ -51,6 +51,8 @@ def read_metrics(run_dir):
             if number == len(lines) and not text.endswith("\n"):
                 break  # the last row, still being written
             raise ValueError(f"{path}:{number}: not a JSON row ({exc})") from None
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"{path}:{number}: not a JSON object of a step's metrics")
     if not rows:
         raise ValueError(f"{path}: no step logged yet")
     return rows
@@ -86,12 +88,15 @@ def pyplot():
 
 def plot_runs(run_dirs, png_path, labels=None):
     """Write the panels of every run in ``run_dirs`` to ``png_path``; returns the path, or None without
-    matplotlib."""
+    matplotlib. Runs without a value of any panel's quantity are a ``ValueError`` (not an empty picture)."""
     plt = pyplot()
     if plt is None:
         return None
     runs = [(label, read_metrics(d)) for label, d in zip(labels or run_labels(run_dirs), run_dirs)]
     panels = panels_with_data([rows for _, rows in runs])
+    if not panels:
+        raise ValueError(f"{', '.join(map(str, run_dirs))}: no metrics row has a quantity to plot (reward_mean, "
+                         "eval/success_rate, loss/total, ...); not a pact-fast run's metrics.jsonl?")
     ncols = min(3, len(panels)) or 1
     nrows = max(1, -(-len(panels) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.3 * nrows), squeeze=False)

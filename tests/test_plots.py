@@ -91,3 +91,19 @@ def test_plot_of_a_metrics_file_and_an_out_without_suffix(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "noext.png")
     assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_without_a_quantity_to_plot_are_refused_not_drawn_blank(tmp_path):
+    """A metrics.jsonl of rows that are not objects, or of objects without any plotted key (another tool's), gave
+    an empty curves.png and status 0."""
+    import pytest
+
+    run = _run(tmp_path / "other", [{"step": 1, "accuracy": 0.5}])
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "plot", str(run)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "no metrics row has a quantity to plot" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (run / "curves.png").exists()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}:2: not a JSON object"):
+        read_metrics(run)
