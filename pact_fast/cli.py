@@ -153,13 +153,16 @@ def _compare_lists(parser, args):
 
 def _eval_config(args):
     """The config of ``pact-fast eval``: ``--run DIR`` (its config.yaml and latest checkpoint) or the usual
-    --config / --model / --data, then the overrides."""
-    if not args.run:
-        return _resolve(args)
-    from .evaluation import run_config
+    --config / --model / --data, then the overrides (an override the evaluation does not read is refused)."""
+    from .evaluation import check_eval_overrides, run_config
 
+    if not args.run:
+        config = _resolve(args)
+        check_eval_overrides(args.overrides)
+        return config
     _refuse_beside(args, "--run", "it evaluates the run's latest checkpoint with the run's config.yaml")
     config, ckpt = run_config(args.run, args.overrides)
+    check_eval_overrides(args.overrides)
     print(f"pact-fast: evaluating {ckpt}", file=sys.stderr)
     return config
 

@@ -56,6 +56,25 @@ def fixed_override(overrides, fixed):
     return None
 
 
+# What an evaluation reads besides model.* and data.*: the rollout options but those of sampling for training
+# (one greedy episode per task), and of train.* the device, threads, seed and the episode length cap
+EVAL_UNREAD_ROLLOUT = ("rollout.group_size", "rollout.temperature", "rollout.top_p", "rollout.greedy",
+                       "rollout.is_cap")
+EVAL_READ_TRAIN = ("train.device", "train.threads", "train.seed", "train.micro_batch_tokens")
+
+
+def check_eval_overrides(overrides):
+    """A one-line ``ConfigError`` for the first of ``overrides`` (``key=value`` strings) that the evaluation does
+    not read (a loss, optimizer or scoring option, a sampling option): it would change nothing."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in EVAL_UNREAD_ROLLOUT or not (key.startswith(("model.", "data.", "rollout."))
+                                              or key in EVAL_READ_TRAIN):
+            raise ConfigError(f"{key}: the evaluation does not read it (one greedy episode per held-out task; of "
+                              f"train.* it reads {', '.join(k[6:] for k in EVAL_READ_TRAIN)}), so it would change "
+                              "nothing; leave it out")
+
+
 def run_config(run, overrides=()):
     """``(config, checkpoint_dir)`` for evaluating a run: the run's ``config.yaml`` with its latest checkpoint
     (``run`` may also be a checkpoint directory itself) as ``model.path``, or, for a LoRA run, as
@@ -79,8 +98,9 @@ def run_config(run, overrides=()):
 
 def evaluate_model(config, *, show=0, log=print):
     """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
-    on the held-out tasks through the engine ``rollout.engine`` names, ``log`` the first ``show`` episodes as text;
-    returns ``episode_metrics``."""
+    on the held-out tasks through the engine ``rollout.engine`` names (on the CPU with ``train.threads``, as the
+    trainer), ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
+    from .cpu import fit_threads
     from .data import load_data
     from .envs import make_env_factory
     from .model_setup import build_policy, fit_chat_template, resolve_device
@@ -88,7 +108,10 @@ def evaluate_model(config, *, show=0, log=print):
     from .task_inputs import limits, prepare
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
-    policy = build_policy(config.model, resolve_device(config.train.device), config.train.seed)
+    device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        fit_threads(config.train.threads, log=log)
+    policy = build_policy(config.model, device, config.train.seed)
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # the run's own limits (its engine's): the same held-out rows as its training evaluated
@@ -106,4 +129,5 @@ def evaluate_model(config, *, show=0, log=print):
     return metrics
 
 
-__all__ = ["episode_metrics", "evaluate", "evaluate_model", "format_episode", "run_config"]
+__all__ = ["check_eval_overrides", "episode_metrics", "evaluate", "evaluate_model", "format_episode",
+           "run_config"]

@@ -238,3 +238,32 @@ def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_
                         log=lambda *a: None)
     assert [r["mode"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["sft"]
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["sft", "0.500"]
+
+
+@pytest.mark.parametrize("override", ["train.steps=5", "loss.anchor_q=0.5", "rollout.greedy=false",
+                                      "rollout.temperature=0.5", "scoring.check=false"])
+def test_eval_refuses_an_override_it_does_not_read(override, capsys):
+    """`pact-fast eval train.steps=5` (or a sampling temperature: the evaluation is greedy) ran and printed metrics
+    as if the option had been applied."""
+    import pact_fast.cli as cli
+
+    assert cli.main(["eval", override, "data.eval_tasks=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = override.split("=")[0]
+    assert len(err) == 1 and err[0].startswith(f"pact-fast: config error: {key}: the evaluation does not read it")
+
+
+def test_eval_uses_train_threads_on_the_cpu(capsys):
+    """`pact-fast eval train.threads=1` was accepted and ran on all of torch's threads."""
+    import torch
+
+    import pact_fast.cli as cli
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["eval", "train.threads=1", "train.device=cpu", "data.eval_tasks=2"]) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads(capsys.readouterr().out)["success_rate"] is not None
+    finally:
+        torch.set_num_threads(before)

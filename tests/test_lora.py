@@ -228,11 +228,11 @@ def test_refusals_are_one_line_before_any_weight_loads(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists(), "refused before the run directory or any weight"
     adapter = sorted((full_run / "checkpoints").glob("step_*"))[-1]
-    proc = _cli("eval", *TINY, *LORA, f"model.lora.adapter={adapter}")
+    proc = _cli("eval", *tiny_for(evaluation=True), *LORA, f"model.lora.adapter={adapter}")
     assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr
     lora_run = tmp_path / "lora"
     train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={lora_run}"]), log=lambda *a: None)
-    proc = _cli("eval", "--model", str(sorted((lora_run / "checkpoints").glob("step_*"))[-1]), *tiny_for(model_path=True))
+    proc = _cli("eval", "--model", str(sorted((lora_run / "checkpoints").glob("step_*"))[-1]), *tiny_for(model_path=True, evaluation=True))
     assert proc.returncode == 2 and "holds LoRA adapters, not a model: use --run" in proc.stderr
 
 

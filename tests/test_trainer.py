@@ -21,11 +21,14 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 HERE = Path(__file__).parent
 
 
-def tiny_for(*, data_path=False, eval_path=False, model_path=False):
+def tiny_for(*, data_path=False, eval_path=False, model_path=False, evaluation=False):
     """TINY less the options that a data file, a held-out file or a pretrained model leave unread (refused
-    beside them): the built-in tasks' count, the split's size, the built-in model's shape."""
+    beside them): the built-in tasks' count, the split's size, the built-in model's shape; with ``evaluation``,
+    less the training's own (`pact-fast eval` refuses them)."""
     drop = (("data.train_tasks",) if data_path else ()) + (("data.eval_tasks",) if eval_path else ()) + \
-        (("model.",) if model_path else ())
+        (("model.",) if model_path else ()) + \
+        (("train.prompts_per_step", "rollout.group_size", "train.progress", "train.tensorboard",
+          "train.warmup_steps") if evaluation else ())
     return [o for o in TINY if not o.startswith(drop)]
 
 
