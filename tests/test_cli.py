@@ -31,7 +31,7 @@ def _cli(*args, cwd=None):
     (None, ["train.liger=true"], "pact-fast: train.liger=true needs"),
     # overrides on both sides of an option are all read, the last one winning
     (None, ["train.steps=3", "--data", "nope.jsonl", "train.steps=0"], "pact-fast: config error: train.steps=0 must"),
-    (None, ["--data", ""], "pact-fast: config error: --data was given an empty path"),
+    (None, ["--data", ""], "pact-fast: --data was given an empty path"),
     ("x: 1\n", ["--model", "run.yaml"], "pact-fast: model directory 'run.yaml' is a file; give the directory"),
     ("x: 1\n", ["--data", "."], "pact-fast: data.path=.: a directory; give a JSONL file"),
 ], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
@@ -267,3 +267,16 @@ def test_eval_uses_train_threads_on_the_cpu(capsys):
         assert json.loads(capsys.readouterr().out)["success_rate"] is not None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("args,name", [
+    (["train", "--resume", ""], "--resume"), (["eval", "--run", ""], "--run"), (["eval", "--config", ""], "--config"),
+    (["plan", "--model", "qwen3-0.6b", "--gpu-memory", "8GB", "--config", ""], "--config"),
+    (["export", "", "--merge", "out"], "the run directory"), (["export", "run", "--merge", ""], "--merge"),
+    (["plot", "a", ""], "a run directory"), (["fetch-model", "smollm2-135m", ""], "the destination")])
+def test_an_empty_path_is_refused_not_read_as_not_given(args, name, tmp_path):
+    """`train --resume "$RUN"` with RUN unset started a fresh run, `eval --run ""` evaluated the untrained built-in
+    model, `plan --config ""` planned without the config: each as if the option had not been given."""
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == f"pact-fast: {name} was given an empty path (an unset shell variable?)\n"
+    assert list(tmp_path.iterdir()) == []
