@@ -254,7 +254,8 @@ def test_eval_refuses_an_override_it_does_not_read(override, capsys):
 
 
 def test_eval_uses_train_threads_on_the_cpu(capsys):
-    """`pact-fast eval train.threads=1` was accepted and ran on all of torch's threads."""
+    """`pact-fast eval train.threads=1` was accepted and ran on all of torch's threads; the built-in model it
+    evaluates without model.path (or --run) is untrained, and it says so."""
     import torch
 
     import pact_fast.cli as cli
@@ -264,7 +265,10 @@ def test_eval_uses_train_threads_on_the_cpu(capsys):
     try:
         assert cli.main(["eval", "train.threads=1", "train.device=cpu", "data.eval_tasks=2"]) == 0
         assert torch.get_num_threads() == 1
-        assert json.loads(capsys.readouterr().out)["success_rate"] is not None
+        out, err = capsys.readouterr()
+        assert json.loads(out)["success_rate"] is not None
+        # a run's config.yaml as --config of a built-in model's run is that model untrained, not the run's: said
+        assert "evaluating the built-in model untrained" in err
     finally:
         torch.set_num_threads(before)
 
