@@ -157,6 +157,10 @@ def _compare_lists(parser, args):
         if bad or not args.seeds:
             parser.error(f"compare: --seeds takes integers, got {' '.join(args.seeds) or 'none'}")
         args.seeds = [int(v) for v in args.seeds]
+        for key in ("train.seed", "data.seed", "loss.seed"):
+            if _overridden(args, key):
+                parser.error(f"compare: --seeds sets {key} to each seed in turn; {key}= would be ignored (leave it "
+                             "out)")
         if len(set(args.seeds)) < len(args.seeds):
             parser.error(f"compare: --seeds names a seed twice ({' '.join(map(str, args.seeds))}); a seed's runs "
                          "would be read back and counted again")

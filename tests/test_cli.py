@@ -144,7 +144,8 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),
-                       (["compare", "loss.mode=grpo"], "loss.mode is what --modes sets")):
+                       (["compare", "loss.mode=grpo"], "loss.mode is what --modes sets"),
+                       (["compare", "--seeds", "0", "1", "train.seed=5"], "train.seed= would be ignored")):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 2 and word in capsys.readouterr().err
