@@ -48,20 +48,24 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    runs = [(seed, mode) for seed in (seeds if seeds else [None]) for mode in modes]
-    try:
-        for seed, mode in runs:
+    runs = []
+    for seed in seeds if seeds else [None]:
+        for mode in modes:
             run_dir = root / mode if seed is None else root / f"seed{seed}" / mode
             cfg = _run_config(config, mode, seed, run_dir)
             state, summary = _earlier_run(cfg)
+            if state is None:  # every run's directory is checked before the first run trains
+                _refuse_other_run(cfg)
+            runs.append((seed, mode, run_dir, cfg, state, summary))
+    rows = []
+    try:
+        for seed, mode, run_dir, cfg, state, summary in runs:
             if state == "finished":
                 log(f"[compare] {run_dir} holds this run, finished: reading it back")
             elif state == "unfinished":
                 log(f"[compare] {run_dir} holds this run, unfinished: resuming it")
                 summary = train(cfg, resume=str(run_dir), log=log)
             else:
-                _refuse_other_run(cfg)
                 log(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
                     f"steps -> {run_dir}")
                 summary = train(cfg, log=log)

@@ -521,6 +521,9 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
     with pytest.raises(ConfigError, match=r"holds a run of another configuration \(loss.anchor_q\)"):
         compare.compare(changed, modes=("pact",), seeds=[0], log=lambda *a: None)
     assert len(calls) == 6, "a directory holding another configuration's run is never trained over"
+    with pytest.raises(ConfigError, match=r"seed0/pact holds a run of another configuration"):
+        compare.compare(changed, modes=("sft", "pact"), seeds=[5, 0], log=lambda *a: None)
+    assert len(calls) == 6, "every run's directory is checked before the first run trains"
     # a one-off or cosmetic option (stop_after, which config.yaml keeps at its default) still reads the run back
     again = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3", "train.stop_after=1",
                                "train.tensorboard=false"])
