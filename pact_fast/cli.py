@@ -356,6 +356,10 @@ def main(argv=None):
             print(f"pact-fast: --model {args.model}: no such directory (the defaults shown are a pretrained model "
                   "directory's)", file=sys.stderr)
             return 2
+        if args.model is not None and not (Path(args.model) / "config.json").is_file():
+            print(f"pact-fast: --model {args.model}: no config.json (not a Hugging Face model directory)",
+                  file=sys.stderr)
+            return 2
         print("\n".join(describe(load_config(None, [f"model.path={args.model}"] if args.model else []))))
         return 0
     if args.command == "plot":
@@ -366,6 +370,9 @@ def main(argv=None):
                            else "curves.png")
         if not Path(out).suffix:
             out += ".png"  # matplotlib would add it; say the file's real name
+        if not Path(out).parent.is_dir():
+            print(f"pact-fast: --out {out}: no directory {Path(out).parent}", file=sys.stderr)
+            return 2
         try:
             written = plot_runs(args.runs, out)
         except (FileNotFoundError, ValueError) as exc:

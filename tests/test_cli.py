@@ -151,11 +151,15 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
         assert info.value.code == 2 and word in capsys.readouterr().err
 
 
-def test_config_of_a_model_directory_that_does_not_exist_is_refused():
-    """`pact-fast config --model /nonexistent` printed a pretrained directory's defaults, status 0."""
+def test_config_of_a_model_directory_that_does_not_exist_is_refused(tmp_path):
+    """`pact-fast config --model /nonexistent` (or a directory without config.json) printed a pretrained
+    directory's defaults, status 0."""
     proc = _cli("config", "--model", "/nonexistent/model")
     assert proc.returncode == 2 and proc.stderr.strip() == ("pact-fast: --model /nonexistent/model: no such directory "
                                                             "(the defaults shown are a pretrained model directory's)")
+    proc = _cli("config", "--model", str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[:200]
+    assert proc.stderr == f"pact-fast: --model {tmp_path}: no config.json (not a Hugging Face model directory)\n"
 
 
 def test_output_into_a_closed_pipe_ends_quietly():
@@ -285,3 +289,11 @@ def test_an_empty_path_is_refused_not_read_as_not_given(args, name, tmp_path):
     proc = _cli(*args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == f"pact-fast: {name} was given an empty path (an unset shell variable?)\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_into_a_directory_that_does_not_exist_names_it(tmp_path):
+    """`plot RUN --out missing/x.png` ended in "[Errno 2] No such file or directory" after reading the runs."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+    proc = _cli("plot", "run", "--out", "missing/x.png", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "pact-fast: --out missing/x.png: no directory missing\n"
