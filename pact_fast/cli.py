@@ -287,15 +287,19 @@ def _overridden(args, key):
     return any(o.split("=", 1)[0].strip() == key for o in args.overrides)
 
 
-def _out_dir_given(args):
-    """Whether the command line or its --config file set train.out_dir."""
-    if args.out or _overridden(args, "train.out_dir"):
-        return True
+def _config_file_sets(args, key):
+    """Whether the command's --config file sets ``key`` (``section.key``)."""
     if not args.config:
         return False
     with open(args.config) as f:  # loaded already: it exists and is YAML
         data = yaml.safe_load(f) or {}
-    return isinstance(data.get("train"), dict) and "out_dir" in data["train"]
+    section, name = key.split(".")
+    return isinstance(data.get(section), dict) and name in data[section]
+
+
+def _out_dir_given(args):
+    """Whether the command line or its --config file set train.out_dir."""
+    return bool(args.out) or _overridden(args, "train.out_dir") or _config_file_sets(args, "train.out_dir")
 
 
 def _parse(parser, argv):
@@ -447,6 +451,10 @@ def main(argv=None):
     if args.config and config.loss.mode != "pact":
         print(f"pact-fast: compare trains --modes {' '.join(args.modes)}; the config's loss.mode="
               f"{config.loss.mode} is not used", file=sys.stderr)
+    seeded = [k for k in ("train.seed", "data.seed", "loss.seed") if _config_file_sets(args, k)]
+    if args.seeds and seeded:  # a run's own config.yaml holds them all: said, not refused
+        print(f"pact-fast: compare --seeds sets {', '.join(seeded)} to each seed; the config's are not used",
+              file=sys.stderr)
     try:
         rows = compare(config, modes=args.modes, seeds=args.seeds, log=_to_stderr)
     except USER_ERRORS as exc:

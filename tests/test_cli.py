@@ -141,6 +141,9 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     run_yaml.write_text("loss:\n  mode: grpo\n")  # a train config reused: its mode is not what compare trains
     assert cli.main(["compare", "--modes", "sft", "--config", str(run_yaml)]) == 0
     assert "the config's loss.mode=grpo is not used" in capsys.readouterr().err
+    run_yaml.write_text("train:\n  seed: 7\n")  # replaced by each seed
+    assert cli.main(["compare", "--modes", "sft", "--seeds", "0", "1", "--config", str(run_yaml)]) == 0
+    assert "compare --seeds sets train.seed to each seed; the config's are not used" in capsys.readouterr().err
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),
