@@ -79,7 +79,7 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                     f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
                     "not run")
                 break
-    except KeyboardInterrupt:  # before a run's first step (its model loading): the runs done so far are reported
+    except BaseException:  # a Ctrl-C before a run's first step, or an error: the runs done so far are reported
         if rows:
             _report(root, rows, seeds)
         raise

@@ -212,10 +212,11 @@ def test_a_compare_runs_config_yaml_is_a_config_that_trains(compared, tmp_path):
 
 def _fake_train(interrupt_mode, how):
     """A stand-in for ``trainer.train``: a finished run, or, in ``interrupt_mode``, one Ctrl-C'd mid-step
-    (``how="step"``: train returns its summary) or before its first step (``how="start"``: KeyboardInterrupt)."""
+    (``how="step"``: train returns its summary) or one that raises ``how`` (an exception class) before its first
+    step."""
     def fake_train(cfg, log):
-        if cfg.loss.mode == interrupt_mode and how == "start":
-            raise KeyboardInterrupt
+        if cfg.loss.mode == interrupt_mode and how != "step":
+            raise how("before the first step")
         done = cfg.loss.mode != interrupt_mode
         Path(cfg.train.out_dir).mkdir(parents=True)
         (Path(cfg.train.out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
@@ -235,13 +236,16 @@ def test_an_interrupted_compare_exits_130_and_says_which_run_was_cut(monkeypatch
     assert [(r["mode"], r["interrupted"]) for r in rows] == [("sft", False), ("grpo", True)]
 
 
-def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_table(monkeypatch, tmp_path, capsys):
-    """A Ctrl-C while a later run loaded its model left no compare.json of the runs already finished."""
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_table(error, monkeypatch, tmp_path,
+                                                                                      capsys):
+    """A Ctrl-C (or an error) while a later run loaded its model left no compare.json of the runs already
+    finished."""
     import pact_fast.compare as compare
     from pact_fast.config import load_config
 
-    monkeypatch.setattr(compare, "train", _fake_train("pact", "start"))
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(compare, "train", _fake_train("pact", error))
+    with pytest.raises(error):
         compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=3"]), modes=("sft", "pact"),
                         log=lambda *a: None)
     assert [r["mode"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["sft"]
