@@ -222,8 +222,8 @@ def _plan_parser(sub):
 
 
 def _plan(args):
-    """Print the planner's report for ``args``: 0 when a micro-batch fits (with --config: the config's
-    train.micro_batch_tokens), 1 when none does (or not the config's), 2 with one line on a bad input."""
+    """Print the planner's report for ``args``: 0 when a micro-batch fits (the one asked about: --tokens, else
+    the --config's train.micro_batch_tokens), 1 when none does (or not that one), 2 with one line on a bad input."""
     from . import planner
 
     try:
@@ -266,13 +266,15 @@ def _plan(args):
         if args.tokens is not None and args.tokens < 1:
             raise planner.PlanError(f"--tokens {args.tokens} must be >= 1")
         lines, best = planner.report(shape, budget, options, tokens=args.tokens)
-        if config is not None and best:  # the config's own micro-batch size is what its run would train with
-            tokens = config.train.micro_batch_tokens
-            peak = planner.predict(shape, tokens, options).total
+        # the size asked about: --tokens, else the config's own (what its run would train with)
+        asked = args.tokens or (config.train.micro_batch_tokens if config is not None else None)
+        if asked and best:
+            peak = planner.predict(shape, asked, options).total
             fits = peak <= budget
-            verdict = "fits" if fits else f"does not fit; set it to at most {best}"
-            lines.append(f"--config {args.config}: train.micro_batch_tokens={tokens} is predicted at "
-                         f"{planner.gib(peak):.2f} GiB: {verdict}")
+            what = f"--tokens {asked}" if args.tokens else \
+                f"--config {args.config}: train.micro_batch_tokens={asked}"
+            verdict = "fits" if fits else f"does not fit; at most {best} does"
+            lines.append(f"{what} is predicted at {planner.gib(peak):.2f} GiB: {verdict}")
             best = best if fits else 0
     except ConfigError as exc:
         return _user_error(args, f"config error: {exc}")

@@ -492,9 +492,10 @@ def test_plan_reads_a_run_config(tmp_path):
     assert rc == 2 and "train.attn_backend=sdpa" in err
 
 
-def test_plan_says_whether_the_configs_own_micro_batch_fits(tmp_path):
+def test_plan_says_whether_the_size_asked_about_fits(tmp_path):
     """`plan --config run.yaml` printed the largest size that fits and status 0 while the config's own
-    train.micro_batch_tokens, what its run trains with, was predicted far over the GPU's memory."""
+    train.micro_batch_tokens, what its run trains with, was predicted far over the GPU's memory; `--tokens N`
+    likewise for N."""
     from pact_fast.config import load_config
 
     shape, budget = planner.KNOWN_SHAPES["qwen3-0.6b"], 24 * 10 ** 9
@@ -505,6 +506,8 @@ def test_plan_says_whether_the_configs_own_micro_batch_fits(tmp_path):
         verdict = out.splitlines()[-1]
         assert rc == rc_expected and f"train.micro_batch_tokens={tokens} " in verdict, out
         assert ("does not fit" in verdict) == (rc_expected == 1), verdict
+        rc, out, _ = _plan("--model", "qwen3-0.6b", "--gpu-memory", "24GB", "--tokens", str(tokens))
+        assert rc == rc_expected and out.splitlines()[-1].startswith(f"--tokens {tokens} is predicted"), out
 
 
 def test_options_come_from_a_real_run_config():
@@ -570,7 +573,7 @@ def test_the_reference_term_is_the_copy_the_trainer_builds_and_none_with_lora():
 def test_device_on_the_command_line_sets_that_devices_defaults_over_a_config(tmp_path):
     """`plan --config run.yaml --device cpu` blamed a --dtype bf16 nobody gave (the config's CUDA default)."""
     run = tmp_path / "run.yaml"
-    run.write_text("train:\n  steps: 2\n")
+    run.write_text("train:\n  steps: 2\n  micro_batch_tokens: 1024\n")  # one that fits: status 0
     rc, out, err = _plan("--config", str(run), "--model", "qwen3-0.6b", "--gpu-memory", "24GB", "--device", "cpu")
     assert rc == 0 and "float32" in out and ", cpu;" in out, err
 
