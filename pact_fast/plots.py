@@ -32,10 +32,15 @@ PANELS = [
 
 
 def read_metrics(run_dir):
-    """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself). A last line cut short (a run
+    """The rows of ``run_dir/metrics.jsonl`` (a run directory or the file itself; a comparison's directory is a
+    ``FileNotFoundError`` naming its runs). A last line cut short (a run
     writing it, or killed while it did) is left out; any other line that is not a JSON object is a ``ValueError``
     naming the file and line, as is a file without a row."""
     path = Path(run_dir)
+    if (path / "compare.json").is_file() and not (path / "metrics.jsonl").exists():  # `plot runs/compare`
+        runs = sorted(str(m.parent) for m in path.glob("**/metrics.jsonl"))
+        raise FileNotFoundError(f"{run_dir}: a comparison, not a run (its plot is {path / 'compare.png'}); give "
+                                f"its runs' directories: {' '.join(runs[:4])}{' ...' if len(runs) > 4 else ''}")
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a pact-fast run directory?)")

@@ -107,3 +107,16 @@ def test_metrics_without_a_quantity_to_plot_are_refused_not_drawn_blank(tmp_path
     (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n[1, 2]\n')
     with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}:2: not a JSON object"):
         read_metrics(run)
+
+
+def test_plot_of_a_comparisons_directory_names_its_runs(tmp_path):
+    """`pact-fast plot runs/compare` said "no metrics.jsonl (is it a run directory?)" of the directory holding the
+    runs."""
+    import pytest
+
+    _sft_run(tmp_path / "cmp" / "sft")
+    _sft_run(tmp_path / "cmp" / "pact")
+    (tmp_path / "cmp" / "compare.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="a comparison, not a run") as info:
+        read_metrics(tmp_path / "cmp")
+    assert f"{tmp_path / 'cmp' / 'pact'} {tmp_path / 'cmp' / 'sft'}" in str(info.value)
