@@ -107,7 +107,7 @@ def _resume_config(args):
     if _overridden(args, "train.out_dir"):
         raise ConfigError(f"--resume {run_dir}: a resumed run stays in its directory; train.out_dir would be ignored "
                           "(leave it out)")
-    from .evaluation import MODEL_SHAPE, fixed_override
+    from .evaluation import MODEL_SHAPE, check_run_paths, fixed_override
 
     # the checkpoint's weights are of the run's model: another shape fails to load, another built-in base is another
     # model (LoRA: drawn from train.seed); a pretrained run's model.path may move
@@ -119,6 +119,7 @@ def _resume_config(args):
         raise ConfigError(f"--resume {run_dir}: {key} is the run's own (it makes the model its checkpoint holds); "
                           "it cannot change on resume")
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
+    check_run_paths(config, run_cfg, args.overrides)
     if config.model.freeze_lm_head != saved.model.freeze_lm_head and not saved.model.lora.enabled:
         raise ConfigError(f"--resume {run_dir}: model.freeze_lm_head is the run's own (it decides which weights "
                           "train, and so the optimizer state its checkpoint holds); it cannot change on resume")

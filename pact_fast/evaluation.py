@@ -8,6 +8,8 @@ got, the expected answer).
     pact-fast eval --run runs/pact --show 2
     pact-fast eval --model ~/.cache/pact_fast/models/smollm2-135m 'data.hops=[1,2]'
 """
+from pathlib import Path
+
 from . import checkpoint
 from .config import RUN_CONFIG, ConfigError, load_config
 
@@ -93,7 +95,21 @@ def run_config(run, overrides=()):
         raise ConfigError(f"--run {run}: {key} is the run's own (it makes the model the checkpoint belongs to); "
                           "it cannot be overridden")
     key = "model.lora.adapter" if lora else "model.path"
-    return load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG), ckpt
+    config = load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG)
+    check_run_paths(config, run_cfg, overrides)
+    return config, ckpt
+
+
+def check_run_paths(config, run_cfg, overrides):
+    """A one-line ``ConfigError`` when a relative model.path, data.path or data.eval_path of the run's config
+    (``run_cfg``, not set by ``overrides``) is not found from here: it is relative to where the run was started."""
+    for key in ("model.path", "data.path", "data.eval_path"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        given = fixed_override(overrides, [key])
+        if value and not given and not Path(value).is_absolute() and not Path(value).exists():
+            raise ConfigError(f"{run_cfg}: {key}={value} is relative to the directory the run was started in and "
+                              f"is not found from here; give {key}=PATH")
 
 
 def evaluate_model(config, *, show=0, log=print):
@@ -129,5 +145,5 @@ def evaluate_model(config, *, show=0, log=print):
     return metrics
 
 
-__all__ = ["check_eval_overrides", "episode_metrics", "evaluate", "evaluate_model", "format_episode",
+__all__ = ["check_eval_overrides", "check_run_paths", "episode_metrics", "evaluate", "evaluate_model", "format_episode",
            "run_config"]

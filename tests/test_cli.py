@@ -304,3 +304,26 @@ def test_plot_into_a_directory_that_does_not_exist_names_it(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
     proc = _cli("plot", "run", "--out", "missing/x.png", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == "pact-fast: --out missing/x.png: no directory missing\n"
+
+
+def test_a_runs_relative_data_path_not_found_from_here_is_named(tmp_path, monkeypatch, capsys):
+    """A run started with `--data tasks.jsonl` keeps that relative path: `eval --run` or `--resume` from another
+    directory said "data.path=tasks.jsonl: no such file", naming neither the run's config nor why."""
+    import pact_fast.cli as cli
+    from pact_fast.envs import make_task
+    from test_trainer import tiny_for
+
+    started, run = tmp_path / "started", tmp_path / "run"
+    started.mkdir()
+    (started / "tasks.jsonl").write_text("".join(json.dumps(make_task(k, hops=1)) + "\n" for k in range(30)))
+    monkeypatch.chdir(started)
+    assert cli.main(["train", "--data", "tasks.jsonl", "--out", str(run), *tiny_for(data_path=True),
+                     "train.steps=1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for argv in (["eval", "--run", str(run)], ["train", "--resume", str(run), "train.steps=2"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{run / 'config.yaml'}: data.path=tasks.jsonl is relative to the directory the " \
+            "run was started in" in err[0], err
+    assert cli.main(["eval", "--run", str(run), f"data.path={started / 'tasks.jsonl'}"]) == 0
