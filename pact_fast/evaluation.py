@@ -109,7 +109,7 @@ def check_run_paths(config, run_cfg, overrides):
         given = fixed_override(overrides, [key])
         if value and not given and not Path(value).is_absolute() and not Path(value).exists():
             raise ConfigError(f"{run_cfg}: {key}={value} is relative to the directory the run was started in and "
-                              f"is not found from here; give {key}=PATH")
+                              f"is not found from here: run from there (eval and --resume also take {key}=PATH)")
 
 
 def evaluate_model(config, *, show=0, log=print):
