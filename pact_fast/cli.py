@@ -377,7 +377,7 @@ def main(argv=None):
                            else "curves.png")
         if not Path(out).suffix:
             out += ".png"  # matplotlib would add it; say the file's real name
-        if not Path(out).parent.is_dir():
+        if args.out and not Path(out).parent.is_dir():
             print(f"pact-fast: --out {out}: no directory {Path(out).parent}", file=sys.stderr)
             return 2
         try:
