@@ -304,6 +304,8 @@ def test_plot_into_a_directory_that_does_not_exist_names_it(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
     proc = _cli("plot", "run", "--out", "missing/x.png", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == "pact-fast: --out missing/x.png: no directory missing\n"
+    proc = _cli("plot", "missing/run", cwd=tmp_path)  # no --out given: the run is what is missing
+    assert proc.returncode == 2 and "missing/run: no metrics.jsonl" in proc.stderr, proc.stderr
 
 
 def test_a_runs_relative_data_path_not_found_from_here_is_named(tmp_path, monkeypatch, capsys):
