@@ -226,7 +226,7 @@ def shape_from_config(config, name="model"):
         raise PlanError(f"{name}: a mixture-of-experts model ({', '.join(k for k in MOE_KEYS if config.get(k))} = "
                         f"{experts}); the planner counts one dense MLP per layer and would under-count its weights")
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [k for k in need if not isinstance(config.get(k), int)]
+    missing = [k for k in need if config.get(k) is None]
     if missing:
         raise PlanError(f"{name}: config.json lacks {', '.join(missing)}; the planner needs a decoder-only "
                         "model's config (hidden_size, num_hidden_layers, num_attention_heads, ...)")
@@ -234,14 +234,20 @@ def shape_from_config(config, name="model"):
            and (not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] < 1)]
     if bad:
         raise PlanError(f"{name}: config.json has {', '.join(bad)}; each must be a positive integer")
-    heads = config["num_attention_heads"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if not config.get("head_dim") and config["hidden_size"] % heads:
+        raise PlanError(f"{name}: config.json has hidden_size = {config['hidden_size']}, not a multiple of "
+                        f"num_attention_heads = {heads}, and no head_dim")
+    if heads % kv_heads:
+        raise PlanError(f"{name}: config.json has num_attention_heads = {heads}, not a multiple of "
+                        f"num_key_value_heads = {kv_heads}")
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     model_type = str(config.get("model_type", ""))
     if config.get("kv_lora_rank"):
         raise PlanError(f"{name}: multi-head latent attention (kv_lora_rank = {config['kv_lora_rank']}, model_type "
                         f"{model_type!r}); the planner counts q/k/v projections of head_dim per head")
-    shape = ModelShape(name, config["hidden_size"], config["num_hidden_layers"], heads,
-                       config.get("num_key_value_heads") or heads, head_dim, config["intermediate_size"],
+    shape = ModelShape(name, config["hidden_size"], config["num_hidden_layers"], heads, kv_heads, head_dim,
+                       config["intermediate_size"],
                        config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
                        bool(config.get("attention_bias", model_type == "qwen2")), model_type.startswith("qwen3"))
     if full is not None:

@@ -457,14 +457,20 @@ def test_plan_mistakes_are_one_line_with_status_2(args, message):
 def test_unreadable_or_nonsense_model_configs_are_one_line_with_status_2(tmp_path):
     """A config.json that is a directory or not UTF-8, zero heads, a head_dim that is not a number, a GPU of less
     than a byte: each was a traceback (IsADirectoryError, UnicodeDecodeError, ZeroDivisionError, TypeError) or a
-    plan for a 0-byte GPU."""
+    plan for a 0-byte GPU. A text hidden_size was said to be missing; heads that do not divide the hidden size
+    (no head_dim) or kv heads that do not divide the heads, which no model loads with, were planned."""
     sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
              "vocab_size": 128}
     cases = {"dir": None, "binary": b"\xff\xfe{", "zero-heads": {**sizes, "num_attention_heads": 0},
-             "text-head-dim": {**sizes, "head_dim": "x"}}
+             "text-head-dim": {**sizes, "head_dim": "x"}, "text-size": {**sizes, "hidden_size": "big"},
+             "heads-not-dividing": {**sizes, "num_attention_heads": 3},
+             "kv-heads-not-dividing": {**sizes, "num_key_value_heads": 3}}
     messages = {"dir": "config.json cannot be read (Is a directory)", "binary": "config.json is not valid JSON",
                 "zero-heads": "config.json has num_attention_heads = 0; each must be a positive integer",
-                "text-head-dim": "config.json has head_dim = 'x'; each must be a positive integer"}
+                "text-head-dim": "config.json has head_dim = 'x'; each must be a positive integer",
+                "text-size": "config.json has hidden_size = 'big'; each must be a positive integer",
+                "heads-not-dividing": "hidden_size = 64, not a multiple of num_attention_heads = 3, and no head_dim",
+                "kv-heads-not-dividing": "num_attention_heads = 4, not a multiple of num_key_value_heads = 3"}
     for case, content in cases.items():
         (tmp_path / case).mkdir()
         if content is None:
