@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
-from .config import RUN_CONFIG, ConfigError, _unread, check_modes, config_changes, load_config, one_off_fields
+from .config import RUN_CONFIG, ConfigError, check_modes, config_changes, load_config, one_off_fields, unread_options
 from .data import load_data
 from .plots import pyplot
 from .tables import text_table
@@ -95,7 +95,7 @@ def _run_config(config, mode, seed, run_dir):
     if seed is not None:
         cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
     defaults = load_config(None, [f"model.path={cfg.model.path}"] if cfg.model.path else [], check_read=False)
-    for key in _unread(cfg):
+    for key in unread_options(cfg):
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, getattr(getattr(defaults, section), name))
     return cfg
@@ -104,7 +104,7 @@ def _run_config(config, mode, seed, run_dir):
 def _differences(stored, cfg):
     """The options that make the run of config ``stored`` another run than ``cfg``'s: those that differ, less the
     cosmetic ones and those ``cfg`` leaves unread (a run written before unread options were reset keeps them)."""
-    return {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC - set(_unread(cfg))
+    return {key for key, _, _ in config_changes(stored, cfg)} - _COSMETIC - set(unread_options(cfg))
 
 
 def _refuse_other_run(cfg):

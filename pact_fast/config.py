@@ -342,7 +342,7 @@ _ANCHORING = ("ctx_den", "anchor_mode", "anchor_q", "seed")  # the trace-conditi
 _SFT_WEIGHTS = ("sft_reasoning_mode", "w_reason", "w_other", "beta_0", "beta_1", "s_end")  # PACT's annealed SFT
 
 
-def _unread(config):
+def unread_options(config):
     """``{"section.key": why}``: the options this config's other options leave unread."""
     loss, mode, data = config.loss, config.loss.mode, config.data
     out = {}
@@ -385,7 +385,7 @@ def check_unread(config, reference=None, modes=None):
     if reference is None:
         reference = _load(None, (), base=_pretrained_defaults() if config.model.path else None)
     modes = tuple(modes or (config.loss.mode,))
-    unread = [_unread(dataclasses.replace(config, loss=dataclasses.replace(config.loss, mode=m))) for m in modes]
+    unread = [unread_options(dataclasses.replace(config, loss=dataclasses.replace(config.loss, mode=m))) for m in modes]
     for key, reason in unread[0].items():
         if not all(key in u for u in unread):
             continue
