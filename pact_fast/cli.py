@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import distributed as dist
 from .checkpoint import CheckpointError
 from .config import RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config
 from .data import DataFormatError
@@ -441,9 +442,11 @@ def main(argv=None):
             summary = train(config, resume=args.resume, log=_to_stderr)
         except USER_ERRORS as exc:
             return _user_error(args, exc)
-        print(json.dumps(summary, indent=1))
+        if dist.rank() == 0:  # under torchrun every rank returns the summary: one JSON document on stdout
+            print(json.dumps(summary, indent=1))
         if summary["stopped"]:
-            print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)
+            if dist.rank() == 0:
+                print(f"pact-fast: training stopped: {summary['stopped']}", file=sys.stderr)
             return 1
         return 130 if summary["interrupted"] else 0
     from .compare import COMPARE_DIR, compare

@@ -687,10 +687,16 @@ def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, ol
     return loss, metrics, n_tok
 
 
+def _silent(*args, **kwargs):
+    """The log of a rank other than 0."""
+
+
 def train(config: Config, *, resume=None, engine_factory=None, log=print):
     """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
     eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
+    if dist.rank() != 0:  # the ranks agree on what is said below (evaluations, skips, cuts): rank 0 says it once
+        log = _silent
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     # a resumed run's summary carries on from the rows it keeps (its evaluations, steps' seconds, last reward)
     before = _Carried(writers.kept if writers else [])

@@ -262,6 +262,20 @@ def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
             assert sums[k + 1] == sums[k + 2], "the evaluation and the next step's rollouts see the same weights"
 
 
+def test_the_command_under_torchrun_prints_one_summary_and_says_each_evaluation_once(tmp_path):
+    """`torchrun -m pact_fast train ... > summary.json`: every rank printed the summary JSON (two documents on
+    stdout: json.load failed with "Extra data") and every held-out line; rank 0 alone says them now."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(HERE.parent)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m",
+           "pact_fast", "train", *TINY, "train.steps=1", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["steps"] == 1, proc.stdout
+    assert proc.stderr.count("held-out before training:") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("held-out evaluation before training") == 1, proc.stderr[-3000:]
+
+
 def test_torchrun_ranks_whose_clocks_disagree_save_at_the_same_steps(tmp_path):
     """train.save_every_minutes was each rank's own clock: a rank due to save (collectives) while the other trained
     on hung both (here rank 1's clock runs 1000 s per read). Now every rank saves when any is due: after each step."""
