@@ -25,6 +25,7 @@ from pathlib import Path
 from . import checkpoint
 from .config import RUN_CONFIG, ConfigError, check_modes, config_changes, load_config, one_off_fields, unread_options
 from .data import load_data
+from .files import write_json
 from .plots import pyplot
 from .tables import text_table
 from .trainer import train
@@ -148,11 +149,9 @@ def _earlier_run(cfg):
 def _report(root, rows, seeds):
     summary = summarize(rows) if seeds else None
     print(format_table(rows) if summary is None else format_summary(summary))
-    with open(root / "compare.json", "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(root / "compare.json", rows)
     if summary is not None:
-        with open(root / "compare_summary.json", "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(root / "compare_summary.json", summary)
     _plot(root, rows)
     return rows
 

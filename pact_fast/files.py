@@ -1,4 +1,4 @@
-"""Reading a file that may be damaged: what its reader raises, said in one line."""
+"""Files that may be damaged: a reader's error said in one line; JSON written whole or not at all."""
 
 
 def read_or_raise(read, error):
@@ -15,3 +15,20 @@ def read_or_raise(read, error):
         raise
     except Exception as exc:
         raise error(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def write_json(path, value):
+    """``value`` as indented JSON at ``path``, whole or not at all: written to a temporary file beside it, then
+    renamed over it (a crash mid-write leaves the old file, or none, never a cut one)."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

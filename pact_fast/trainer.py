@@ -35,6 +35,7 @@ from . import distributed as dist
 from .config import Config, ConfigError, plain, save_config
 from .cpu import fit_threads
 from .data import load_data
+from .files import write_json
 from .envs import make_env_factory
 from .evaluation import evaluate
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
@@ -973,8 +974,7 @@ class _Writers:
 
     def close(self, summary):
         self.file.close()
-        with open(self.path.parent / "summary.json", "w") as f:
-            json.dump(plain(summary, finite=True), f, indent=1)
+        write_json(self.path.parent / "summary.json", plain(summary, finite=True))
         if self.tb:
             self.tb.close()
         if self.wandb:
