@@ -230,8 +230,10 @@ def _plan(args):
 
     try:
         budget = planner.parse_size(args.gpu_memory)
-        # the planner reads the train, rollout and LoRA settings only (a compare run's config.yaml may hold others)
-        config = load_config(args.config, check_read=False) if args.config else None
+        # the planner reads the train, rollout and LoRA settings only (a compare run's config.yaml may hold others);
+        # --model is the run's model.path, so a pretrained model's defaults apply where the file is silent
+        config = load_config(args.config, [f"model.path={args.model}"] if args.model else [], check_read=False) \
+            if args.config else None
         name = args.model or (config.model.path if config else None)
         if not name:
             raise planner.PlanError("plan: give --model (a directory or one of "

@@ -516,6 +516,19 @@ def test_plan_says_whether_the_size_asked_about_fits(tmp_path):
         assert rc == rc_expected and out.splitlines()[-1].startswith(f"--tokens {tokens} is predicted"), out
 
 
+def test_plan_of_a_config_with_model_takes_the_pretrained_default_size_the_run_would(tmp_path):
+    """`plan --model M --config run.yaml` (README's form) with a file that does not set micro_batch_tokens: the run
+    (`train --config run.yaml --model M`) trains with the pretrained default, but the plan judged the built-in
+    model's 8192 and said "does not fit", status 1."""
+    from pact_fast.models import pretrained_defaults
+
+    (tmp_path / "run.yaml").write_text("train:\n  lr: 0.00003\n")
+    rc, out, _ = _plan("--model", "qwen3-1.7b", "--gpu-memory", "32GB", "--config", str(tmp_path / "run.yaml"),
+                       "--lora")
+    tokens = pretrained_defaults()["train.micro_batch_tokens"]
+    assert f"train.micro_batch_tokens={tokens} is predicted" in out.splitlines()[-1] and rc == 0, out
+
+
 def test_options_come_from_a_real_run_config():
     from pact_fast.config import load_config
 
