@@ -23,7 +23,7 @@ def write_json(path, value):
     import json
     import os
 
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: ranks writing the same file do not share it
     try:
         with open(tmp, "w") as f:
             json.dump(value, f, indent=1)

@@ -399,7 +399,8 @@ def check_writers(train_cfg):
     failed in ``_Writers``, after the model load and held-out evaluation, as a traceback with a run directory
     left behind."""
     if train_cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.wandb=true needs wandb, which is not installed (pip install wandb), or leave it out")
+        raise ConfigError("train.wandb=true needs wandb, which is not installed (pip install wandb), or "
+                          "train.wandb=false")
 
 
 def config_warnings(config, n_train):
