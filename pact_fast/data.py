@@ -549,7 +549,9 @@ def load_data(cfg, *, needs_trace=True):
     if cfg.format_reward and not any((ex.env or {}).get("name") == "multihop" for ex in train + held_out):
         raise DataFormatError(f"{cfg.path}: data.format_reward={cfg.format_reward:g} pays the multihop environment's "
                               "episodes only, and no row of this data uses it")
-    if cfg.env_modules and not any(":" in str((ex.env or {}).get("name")) for ex in train + held_out):
+    from .envs import plugin
+
+    if cfg.env_modules and not any(plugin.is_plugin((ex.env or {}).get("name")) for ex in train + held_out):
         # every row names a built-in environment: the allowed modules are never imported, the run trains as without
         raise DataFormatError(f"{cfg.path}: data.env_modules=[{', '.join(cfg.env_modules)}]: no row of this data names "
                               "an environment of your own ('package.module:ClassName'), so it would change nothing; "
