@@ -23,7 +23,8 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
-from .config import RUN_CONFIG, ConfigError, check_modes, config_changes, load_config, one_off_fields, unread_options
+from .config import (RUN_CONFIG, ConfigError, check_modes, config_changes, defaults_for, load_config, one_off_fields,
+                     unread_options)
 from .data import load_data
 from .files import write_json
 from .plots import pyplot
@@ -95,7 +96,7 @@ def _run_config(config, mode, seed, run_dir):
     cfg.train.out_dir = str(run_dir)
     if seed is not None:
         cfg.train.seed = cfg.data.seed = cfg.loss.seed = seed
-    defaults = load_config(None, [f"model.path={cfg.model.path}"] if cfg.model.path else [], check_read=False)
+    defaults = defaults_for(cfg)
     for key in unread_options(cfg):
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, getattr(getattr(defaults, section), name))

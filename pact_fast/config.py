@@ -328,6 +328,12 @@ def load_config(path=None, overrides=(), *, label="--config", check_read=True):
     return config
 
 
+def defaults_for(config):
+    """The defaults ``config`` starts from: the built-in model's, or with a pretrained ``model.path`` those
+    ``load_config`` puts in their place."""
+    return _load(None, (), base=_pretrained_defaults() if config.model.path else None)
+
+
 def _pretrained_defaults():
     from .models import pretrained_defaults
 
@@ -383,7 +389,7 @@ def check_unread(config, reference=None, modes=None):
     them (default: the defaults ``config`` starts from; ``--resume``: the run's own config). ``modes``: the loss
     modes the config will train under (``compare``): an option is refused only when none of them reads it."""
     if reference is None:
-        reference = _load(None, (), base=_pretrained_defaults() if config.model.path else None)
+        reference = defaults_for(config)
     modes = tuple(modes or (config.loss.mode,))
     unread = [unread_options(dataclasses.replace(config, loss=dataclasses.replace(config.loss, mode=m))) for m in modes]
     for key, reason in unread[0].items():
