@@ -7,15 +7,14 @@ error that names it and lists the valid keys or choices. The resolved config is 
 """
 import dataclasses
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Tuple
 
 import yaml
 
+from .files import write_text
 from .losses import PACTLossConfig
 from .rollout import RolloutConfig
 
@@ -537,10 +536,7 @@ def save_config(config, path):
     data = plain(config)
     for section, key, default in one_off_fields():
         data[section][key] = default
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)  # whole or not at all: a crash mid-write leaves the old file, never a cut one
+    write_text(path, yaml.safe_dump(data, sort_keys=False))  # whole or not at all: never a cut config.yaml
 
 
 def one_off_fields():

@@ -1,4 +1,4 @@
-"""Files that may be damaged: a reader's error said in one line; JSON written whole or not at all."""
+"""Files that may be damaged: a reader's error said in one line; text and JSON written whole or not at all."""
 
 
 def read_or_raise(read, error):
@@ -17,18 +17,24 @@ def read_or_raise(read, error):
         raise error(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
 
-def write_json(path, value):
-    """``value`` as indented JSON at ``path``, whole or not at all: written to a temporary file beside it, then
-    renamed over it (a crash mid-write leaves the old file, or none, never a cut one)."""
-    import json
+def write_text(path, text):
+    """``text`` at ``path``, whole or not at all: written to a temporary file beside it, then renamed over it (a
+    crash mid-write leaves the old file, or none, never a cut one; the temporary file goes with an error)."""
     import os
 
     tmp = f"{path}.{os.getpid()}.tmp"  # one per process: ranks writing the same file do not share it
     try:
         with open(tmp, "w") as f:
-            json.dump(value, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, value):
+    """``value`` as indented JSON at ``path``, whole or not at all (``write_text``)."""
+    import json
+
+    write_text(path, json.dumps(value, indent=1))

@@ -352,16 +352,27 @@ def test_resuming_into_a_model_of_another_shape_is_one_line_from_python_too(tmp_
 def test_summary_and_compare_json_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """summary.json and compare.json were written in place: a full disk or a kill mid-write left a cut file that
     the next compare (or a script) could not read. Now a temporary file renamed over the old one."""
+    from pact_fast import files
     from pact_fast.files import write_json
 
     path = tmp_path / "summary.json"
     write_json(path, {"steps": 1})
 
-    def cut(value, f, **kwargs):
-        f.write('{"steps": ')
-        raise OSError(28, "No space left on device")
+    class Full:  # a file on a disk that fills up halfway through the text
+        def __init__(self, name, mode):
+            self.f = open(name, mode)
 
-    monkeypatch.setattr(json, "dump", cut)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "open", Full, raising=False)
     with pytest.raises(OSError, match="No space left"):
         write_json(path, {"steps": 2})
     assert json.loads(path.read_text()) == {"steps": 1} and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
