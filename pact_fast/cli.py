@@ -66,6 +66,8 @@ def _empty_path(args):
     return None
 
 
+# what `compare --seeds` sets to each seed (compare._run_config)
+SEED_KEYS = ("train.seed", "data.seed", "loss.seed")
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
 USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError, CheckpointError,
                ToolEnvError)
@@ -159,7 +161,7 @@ def _compare_lists(parser, args):
         if bad or not args.seeds:
             parser.error(f"compare: --seeds takes integers, got {' '.join(args.seeds) or 'none'}")
         args.seeds = [int(v) for v in args.seeds]
-        for key in ("train.seed", "data.seed", "loss.seed"):
+        for key in SEED_KEYS:
             if _overridden(args, key):
                 parser.error(f"compare: --seeds sets {key} to each seed in turn; {key}= would be ignored (leave it "
                              "out)")
@@ -459,7 +461,7 @@ def main(argv=None):
     if args.config and config.loss.mode != "pact":
         print(f"pact-fast: compare trains --modes {' '.join(args.modes)}; the config's loss.mode="
               f"{config.loss.mode} is not used", file=sys.stderr)
-    seeded = [k for k in ("train.seed", "data.seed", "loss.seed") if _config_file_sets(args, k)]
+    seeded = [k for k in SEED_KEYS if _config_file_sets(args, k)]
     if args.seeds and seeded:  # a run's own config.yaml holds them all: said, not refused
         print(f"pact-fast: compare --seeds sets {', '.join(seeded)} to each seed; the config's are not used",
               file=sys.stderr)
