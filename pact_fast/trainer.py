@@ -35,9 +35,9 @@ from . import distributed as dist
 from .config import Config, ConfigError, plain, save_config
 from .cpu import fit_threads
 from .data import load_data
-from .files import write_json
 from .envs import make_env_factory
 from .evaluation import evaluate
+from .files import write_json
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
                      truncated_importance_weights)
 from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device, without_start_adapters
