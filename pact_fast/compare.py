@@ -11,7 +11,8 @@ With ``seeds`` (``pact-fast compare --seeds 0 1 2``) every mode runs once per se
 and the table gives each mode's mean held-out success with its standard deviation and range over the seeds
 (also in ``compare_summary.json``). A run whose directory already holds a finished run of the same configuration
 is read back, not trained again, and an unfinished one is resumed from its last checkpoint, so an interrupted
-comparison continues where it stopped; a directory holding a run of another configuration is refused.
+comparison continues where it stopped; a directory holding a run of another configuration is refused, as is an
+``out_dir`` that is itself a training run's directory (an arm's config.yaml reused as ``--config`` names its run).
 
 Each run's config.yaml holds the options its mode reads; one it does not read (``loss.anchor_q`` in the sft
 run, ``loss.seed`` in the grpo run) stays at its default there, so the file is a ``--config`` that
@@ -23,6 +24,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
+from . import distributed as dist
 from .config import (RUN_CONFIG, ConfigError, check_modes, config_changes, defaults_for, load_config, one_off_fields,
                      unread_options)
 from .data import load_data
@@ -49,6 +51,7 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
     # a data mistake is reported before any run directory is made
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)
+    _refuse_run_dir_as_root(root)
     root.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in seeds if seeds else [None]:
@@ -83,9 +86,9 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                 break
     except BaseException:  # a Ctrl-C before a run's first step, or an error: the runs done so far are reported
         if rows:
-            _report(root, rows, seeds)
+            _report(root, rows, seeds, log)
         raise
-    return _report(root, rows, seeds)
+    return _report(root, rows, seeds, log)
 
 
 def _run_config(config, mode, seed, run_dir):
@@ -125,6 +128,14 @@ def _refuse_other_run(cfg):
                           " delete it or compare into another --out") from None
 
 
+def _refuse_run_dir_as_root(root):
+    """A ``ConfigError`` when ``root`` is a training run's directory (an arm's config.yaml reused as ``--config``
+    names its own run as ``train.out_dir``): the comparison's runs would be made inside that run."""
+    if (root / "config.yaml").is_file() or checkpoint.has_checkpoint(root):
+        raise ConfigError(f"compare: {root} is the directory of a training run (it holds its config.yaml); a "
+                          "comparison there would put its runs inside that run: compare into another --out")
+
+
 def _earlier_run(cfg):
     """What ``cfg.train.out_dir`` holds of a run of exactly this configuration: ``("finished", summary)``,
     ``("unfinished", None)`` when it has a checkpoint to resume from, else ``(None, None)``."""
@@ -147,13 +158,17 @@ def _earlier_run(cfg):
     return None, None
 
 
-def _report(root, rows, seeds):
+def _report(root, rows, seeds, log):
+    """Print the table and write compare.json (compare_summary.json with ``seeds``) and compare.png; under
+    torchrun rank 0 alone does. Returns ``rows``."""
+    if dist.rank() != 0:
+        return rows
     summary = summarize(rows) if seeds else None
     print(format_table(rows) if summary is None else format_summary(summary))
     write_json(root / "compare.json", rows)
     if summary is not None:
         write_json(root / "compare_summary.json", summary)
-    _plot(root, rows)
+    _plot(root, rows, log)
     return rows
 
 
@@ -199,23 +214,35 @@ def format_table(rows):
 
 
 def _reward_curve(run_dir):
-    """(steps, rollout reward) of one run's metrics.jsonl."""
-    metrics = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    points = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+    """(steps, rollout reward) of one run's metrics.jsonl; None when the file is missing or damaged."""
+    try:
+        metrics = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+        points = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot(root, rows):
+def _plot(root, rows, log):
     """compare.png: each mode's training reward (the mean over seeds, their range shaded) and held-out success
-    (mean over seeds, bars from min to max)."""
+    (mean over seeds, bars from min to max). A run whose metrics.jsonl cannot be read is left out of the reward
+    curves, with a line in ``log``."""
     plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for mode in modes:
-        curves = [_reward_curve(r["run_dir"]) for r in rows if r["mode"] == mode]
-        n = min(len(steps) for steps, _ in curves)
+        curves = []
+        for r in rows:
+            if r["mode"] == mode:
+                curve = _reward_curve(r["run_dir"])
+                if curve is None:
+                    log(f"[compare] {r['run_dir']}/metrics.jsonl cannot be read: compare.png leaves its reward curve "
+                        "out")
+                else:
+                    curves.append(curve)
+        n = min((len(steps) for steps, _ in curves), default=0)
         if n == 0:
             continue
         steps = curves[0][0][:n]

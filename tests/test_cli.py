@@ -252,6 +252,67 @@ def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["sft", "0.500"]
 
 
+def _finishing_train(cfg, log):
+    """A stand-in for ``trainer.train`` that writes what a finished run writes: metrics, summary and config."""
+    from pact_fast.config import save_config
+
+    run = Path(cfg.train.out_dir)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+    summary = {"steps": cfg.train.steps, "seconds": 1.0, "interrupted": False, "stopped": None,
+               "eval_before": None, "eval_after": {"success_rate": 0.5}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    save_config(cfg, run / "config.yaml")
+    return summary
+
+
+def test_compare_refuses_to_put_its_runs_inside_a_training_run(monkeypatch, tmp_path, capsys):
+    """`compare --config cmp/pact/config.yaml` (an arm's config reused, its train.out_dir its own run) trained the
+    new comparison's runs inside that run's directory."""
+    import pact_fast.cli as cli
+    import pact_fast.compare as compare
+
+    monkeypatch.setattr(compare, "train", _finishing_train)
+    assert cli.main(["compare", "--modes", "sft", "pact", "--out", str(tmp_path / "cmp"), "train.steps=2"]) == 0
+    capsys.readouterr()
+    arm = tmp_path / "cmp" / "pact"
+    assert cli.main(["compare", "--modes", "sft", "--config", str(arm / "config.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"compare: {arm} is the directory of a training run" in err[0], err
+    assert not (arm / "sft").exists()
+
+
+def test_compare_reads_back_a_run_whose_metrics_were_deleted(monkeypatch, tmp_path, capsys):
+    """A finished run read back without its metrics.jsonl made compare.png's reward curve raise a traceback after
+    every run had finished; the plot leaves that run out and says so."""
+    import pact_fast.compare as compare
+    from pact_fast.config import load_config
+
+    monkeypatch.setattr(compare, "train", _finishing_train)
+    cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.steps=2"])
+    compare.compare(cfg, modes=("sft", "pact"), log=lambda *a: None)
+    (tmp_path / "sft" / "metrics.jsonl").unlink()
+    (tmp_path / "compare.png").unlink()
+    lines = []
+    rows = compare.compare(cfg, modes=("sft", "pact"), log=lines.append)
+    assert [r["success_rate"] for r in rows] == [0.5, 0.5] and (tmp_path / "compare.png").exists()
+    assert f"[compare] {tmp_path / 'sft'}/metrics.jsonl cannot be read: compare.png leaves its reward curve out" in lines
+
+
+def test_compare_reports_on_rank_0_only(monkeypatch, tmp_path, capsys):
+    """Under torchrun every rank printed the table (one copy per rank on stdout) and wrote compare.json."""
+    import pact_fast.compare as compare
+    import pact_fast.distributed as dist
+    from pact_fast.config import load_config
+
+    monkeypatch.setattr(compare, "train", _finishing_train)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    rows = compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=2"]), modes=("sft",),
+                           log=lambda *a: None)
+    assert [r["mode"] for r in rows] == ["sft"]
+    assert capsys.readouterr().out == "" and not (tmp_path / "compare.json").exists()
+
+
 @pytest.mark.parametrize("override", ["train.steps=5", "loss.anchor_q=0.5", "rollout.greedy=false",
                                       "rollout.temperature=0.5", "scoring.check=false"])
 def test_eval_refuses_an_override_it_does_not_read(override, capsys):
