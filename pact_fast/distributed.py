@@ -21,9 +21,16 @@ from .config import ConfigError
 
 
 def init():
+    """Join torchrun's process group. With CUDA: NCCL for CUDA tensors (FSDP's collectives) and gloo for CPU ones
+    (the step's counts: ``sum_counts``, ``max_count``, ``pad_micro_batches``, ``reduce_metrics``); a group of NCCL
+    alone refuses every CPU tensor ("No backend type associated with device type cpu")."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        td.init_process_group(backend)
+        td.init_process_group(backend_name())
+
+
+def backend_name():
+    """The process group's backend: ``cpu:gloo,cuda:nccl`` where CUDA is available, else ``gloo``."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def is_distributed():
