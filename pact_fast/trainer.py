@@ -25,6 +25,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -282,15 +283,24 @@ class _StepAborted(BaseException):
 
 class _Interrupt:
     """The first Ctrl-C: inside the abortable part of a step (``abortable``: rollouts, scoring, backward, before
-    any optimizer update) it aborts the step at once, and the loop drops its gradients and rewinds its data;
-    elsewhere (the update, a checkpoint write) it is a flag the loop checks after the step. Either way a
-    checkpoint of the last whole step is saved. A second Ctrl-C quits without saving.
+    any optimizer update) it aborts the step, and the loop drops its gradients and rewinds its data; elsewhere (the
+    update, a checkpoint write) it is a flag the loop checks before the next step. Either way a checkpoint of the
+    last whole step is saved. A second Ctrl-C quits without saving.
+
+    In one process the abort is at once. Under torchrun a rank that left its step alone would leave the others
+    waiting in a collective, or pair their collectives with its checkpoint's, so the ranks agree: a Ctrl-C ends a
+    rank's rollouts at once (they make no collective calls) and is otherwise a flag; at each agreement point
+    (``agree``: after the rollouts, after every micro-batch's backward, at ``commit``), which every rank passes in
+    the same order, all abort the step when any rank has had one, and the loop stops when any has.
 
     The handler's raise lands wherever Python happens to be; where that is a finaliser (``__del__``, a weakref
     callback) Python prints it and goes on, so ``commit`` raises it again before the first update."""
 
-    def __init__(self, log):
-        self.requested, self.abortable, self.log = False, False, log
+    def __init__(self, log, distributed=False):
+        self.requested = False  # a Ctrl-C came to this rank
+        self.interrupted = False  # the run stops for a Ctrl-C, this rank's or (under torchrun) another's
+        self.abortable = self.local = False
+        self.log, self.distributed = log, distributed
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -301,14 +311,40 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.requested = True
         self.log("[pact_fast] Ctrl-C: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
-        if self.abortable:
+        if self.abortable and (self.local or not self.distributed):
             raise _StepAborted
 
-    def commit(self):
-        """End the abortable part of a step: abort it if a Ctrl-C came during it (its raise lost), else from
-        here on the step completes."""
-        if self.abortable and self.requested:
+    def any_requested(self):
+        """Whether a Ctrl-C came to this rank or, under torchrun, to any rank (a collective: every rank calls it at
+        the same point); marks the run interrupted when one did."""
+        anyone = dist.max_count(int(self.requested)) if self.distributed else self.requested
+        self.interrupted = self.interrupted or bool(anyone)
+        return self.interrupted
+
+    def agree(self):
+        """An agreement point of the abortable part: abort the step when a Ctrl-C came (its raise lost, or under
+        torchrun to any rank)."""
+        if self.abortable and self.any_requested():
             raise _StepAborted
+
+    def rollouts(self, sample):
+        """``sample()``, the step's rollouts, then an agreement point; under torchrun a Ctrl-C ends them at once."""
+        if self.distributed:
+            try:
+                self.local = True
+                episodes = sample()
+                self.local = False
+            except _StepAborted:
+                self.local, episodes = False, None
+        else:
+            episodes = sample()
+        self.agree()
+        return episodes
+
+    def commit(self):
+        """End the abortable part of a step (an agreement point): abort it if a Ctrl-C came during it, else from
+        here on the step completes."""
+        self.agree()
         self.abortable = False
 
     def __exit__(self, *exc):
@@ -557,7 +593,8 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     examples = [c.train_set[i] for i in dist.shard_list(c.order.take(train_cfg.prompts_per_step))]  # this rank's
     dist.sync_rollout_weights(c.scorer, c.rollout_model)
     c.engine.generator.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + dist.rank())
-    episodes = c.engine.rollout(examples, c.make_env)
+    sample = partial(c.engine.rollout, examples, c.make_env)
+    episodes = sample() if interrupt is None else interrupt.rollouts(sample)
     t_roll = time.perf_counter() - t0
     inputs = [c.inputs_for(ex) for ex in examples]
     truncated = fit_episodes(episodes, inputs, c.limits)
@@ -601,6 +638,8 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
                                                          old, loss_args, score)
             non_finite_loss |= metrics is None
             loss.backward()
+            if interrupt is not None:
+                interrupt.agree()
             packed_tokens += 0 if mb.padding else n_tok
             if metrics is not None and not mb.padding:
                 weighted_metrics.append(((counts[0 if lc.loss_agg == "token-mean" else 1], n_traces, mask.shape[0]),
@@ -716,10 +755,10 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     # final checkpoint (writing it again replaced a checkpoint on disk for nothing)
     resumed = checkpoint.step_dir(run_dir, c.start_step)
     saved = {c.start_step: resumed} if c.start_step and (resumed / checkpoint.STATE_FILE).exists() else {}
-    interrupt = _Interrupt(log)
+    interrupt = _Interrupt(log, distributed=dist.is_distributed())
     with interrupt:
         for step in range(c.start_step, train_cfg.steps):
-            if interrupt.requested or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
+            if interrupt.any_requested() or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
                 break
             order_state = dict(c.order.__dict__)
             try:
@@ -774,8 +813,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
         if bar:
             bar.close()
         ckpt = saved.get(step) or _save(c, step)  # a Ctrl-C now is a flag: the write finishes
+        interrupted = interrupt.any_requested()  # the ranks agree whether to run the final evaluation
     final_eval_interrupted = False
-    if step == train_cfg.steps and not interrupt.requested:
+    if step == train_cfg.steps and not interrupted:
         eval_after = before.evals.get(step)  # a finished run resumed: evaluated already, nothing trained since
         if _not_logged(eval_after):
             try:
@@ -786,7 +826,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                     f"summary.json (eval_after null) and curves.png written; --resume {run_dir} evaluates it")
     if stopped:
         log(f"[pact_fast] {stopped}; checkpoint {ckpt}")
-    summary = {"steps": step, "interrupted": interrupt.requested or final_eval_interrupted, "stopped": stopped,
+    summary = {"steps": step, "interrupted": interrupted or final_eval_interrupted, "stopped": stopped,
                "checkpoint": str(ckpt), "run_dir": str(run_dir), "eval_before": eval_before, "eval_after": eval_after,
                "final_eval_interrupted": final_eval_interrupted,
                "final_reward_mean": history[-1]["reward_mean"] if history else before.reward_mean,

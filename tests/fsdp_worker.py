@@ -2,9 +2,13 @@
 ``PACT_TEST_ROLLOUT_LOG`` set, every rollout call appends {"eval": greedy, "sum": the engine model's weight sum}
 to ``$PACT_TEST_ROLLOUT_LOG.rank<RANK>`` (which weights each rollout and evaluation saw). With ``PACT_TEST_RESUME``
 set, the run resumes from its run directory's latest checkpoint. On the rank ``PACT_TEST_FAST_CLOCK_RANK`` names, the
-trainer's ``time.monotonic()`` moves on 1000 s at every read (a rank whose clock disagrees)."""
+trainer's ``time.monotonic()`` moves on 1000 s at every read (a rank whose clock disagrees). ``PACT_TEST_SIGINT`` =
+``RANK:PHASE:K`` sends that rank alone a SIGINT in its K-th training step, during its rollouts (``PHASE`` rollout)
+or its first micro-batch loss (``loss``); with ``PACT_TEST_SUMMARY`` set, each rank writes train's summary to
+``$PACT_TEST_SUMMARY.rank<RANK>``."""
 import json
 import os
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -15,8 +19,23 @@ from pact_fast.trainer import train
 from replay_engine import ReplayEngine
 
 
+RANK = os.environ.get("RANK", "0")
+SIGINT_AT = os.environ.get("PACT_TEST_SIGINT", "::0").split(":")  # rank, phase, step
+steps = {"rollout": 0, "loss": 0}  # the training step each phase was last in
+
+
+def _reached(phase, step):
+    """Send this process a SIGINT the first time ``phase`` is in the step ``PACT_TEST_SIGINT`` names."""
+    if steps[phase] != step:
+        steps[phase] = step
+        if SIGINT_AT == [RANK, phase, str(step)]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 class RecordingReplayEngine(ReplayEngine):
     def rollout(self, examples, make_env, group_size=None, greedy=None):
+        if not greedy:
+            _reached("rollout", steps["rollout"] + 1)
         log = os.environ.get("PACT_TEST_ROLLOUT_LOG")
         if log:
             total = float(sum(p.detach().double().sum() for p in self.model.parameters()))
@@ -32,6 +51,17 @@ if __name__ == "__main__":
         reads = iter(range(10 ** 9))
         trainer.time = SimpleNamespace(perf_counter=time.perf_counter,
                                        monotonic=lambda: time.monotonic() + 1000.0 * next(reads))
+    micro_batch_loss = trainer._micro_batch_loss
+
+    def counted_loss(*args, **kwargs):
+        out = micro_batch_loss(*args, **kwargs)
+        _reached("loss", steps["rollout"])
+        return out
+
+    trainer._micro_batch_loss = counted_loss
     config = load_config(None, [f"train.out_dir={out_dir}", *overrides])
-    train(config, resume=out_dir if os.environ.get("PACT_TEST_RESUME") else None,
-          engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)
+    summary = train(config, resume=out_dir if os.environ.get("PACT_TEST_RESUME") else None,
+                    engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)
+    if os.environ.get("PACT_TEST_SUMMARY"):
+        with open(f"{os.environ['PACT_TEST_SUMMARY']}.rank{RANK}", "w") as f:
+            json.dump(summary, f)

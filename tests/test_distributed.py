@@ -1,8 +1,21 @@
-"""The torchrun process group (``pact_fast.distributed``)."""
+"""The torchrun process group (``pact_fast.distributed``) and what the ranks must agree on."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch.distributed.distributed_c10d import Backend, BackendConfig
 
 from pact_fast import distributed as dist
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=24", "data.eval_tasks=2",
+        "train.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=10", "rollout.max_turns=2",
+        "train.progress=false", "train.tensorboard=false", "train.micro_batch_tokens=700", "train.warmup_steps=1"]
+HERE = Path(__file__).parent
 
 
 def test_with_cuda_the_process_group_keeps_gloo_for_cpu_tensors(monkeypatch):
@@ -25,3 +38,28 @@ def test_without_cuda_the_process_group_is_gloo(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     dist.init()
     assert BackendConfig(Backend(seen[0])).get_device_backend_map() == {"cpu": "gloo", "cuda": "gloo"}
+
+
+@pytest.mark.parametrize("phase", ["rollout", "loss"])
+def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path):
+    """Under torchrun a rank's Ctrl-C aborted its own step at once: it went on to save its checkpoint (collectives)
+    while the other rank went on with the step's (a hang, or collectives paired wrongly: a checkpoint mixing the
+    shards of two steps). Now the ranks agree: rank 1 alone gets a SIGINT in the second step, during its rollouts or
+    its first micro-batch's loss; both abort that step and save the first."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=f"{HERE}:{HERE.parent}", PACT_TEST_SIGINT=f"1:{phase}:2",
+               PACT_TEST_SUMMARY=str(tmp_path / "summary"))
+    port = {"rollout": 29561, "loss": 29562}[phase]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=4", "train.save_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        out = proc.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=60)
+        pytest.fail("the ranks hung: one left its step for its checkpoint while the other trained on")
+    assert proc.returncode == 0, out[-3000:]
+    summaries = [json.loads((tmp_path / f"summary.rank{r}").read_text()) for r in (0, 1)]
+    assert [(s["steps"], s["interrupted"]) for s in summaries] == [(1, True), (1, True)]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
