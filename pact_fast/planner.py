@@ -91,10 +91,12 @@ The terms:
   ``_chunk_rows`` (min(M, max(256, 64 MiB / 4V)); with ``train.fused_head_memory_lean`` its two live buffers
   within 5% of dW's bytes, 2Vh for a bf16 head), ``linear_logprobs``' ``_torch_chunk_rows`` (max(512, 64 MiB /
   4V)). The fused head holds two such buffers, three when M > C (the previous chunk's gradient is still
-  referenced when the next chunk's logits and probabilities are allocated; a bf16 base's bf16 logits, cast to
-  fp32 at once, stay below that); ``linear_logprobs`` peaks either in its forward (two, three when M > C) with
-  no dX or dW yet, or in its backward (dX, dW and one buffer, two when M > C; bf16 base: also the fp32 copy of
-  the bf16 lm_head it multiplies by, 4Vh, and a chunk's bf16 logits, 2CV). On CUDA (triton backend)
+  referenced when the next chunk's logits and probabilities are allocated; a bf16 base's fp32 copies of a chunk's
+  rows and of one vocabulary slab of the lm_head stay below that); ``linear_logprobs`` peaks either in its forward
+  (two, three when M > C) with no dX or dW yet, or in its backward (dX, dW and one buffer, two when M > C); a
+  bf16 base adds to either the fp32 copies it multiplies in, 4(C + S)h: a chunk's rows (or dX's accumulator) and
+  one vocabulary slab of the lm_head, S = ``linear_logprobs.upcast_slab_cols`` (logits never rounded to bf16,
+  no [V, H] fp32 copy of the head). On CUDA (triton backend)
   ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default row block ``default_rows``: workspace
   within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: within 5%) or
   ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false), in the rows' dtype (fp32,
@@ -547,19 +549,22 @@ def logprob_op_bytes(shape, rows, options):
             chunk = _chunk_rows(rows, vocab, h, torch.float32, e, options.memory_lean)
             # a chunk's logits and probabilities; with more than one chunk the previous chunk's gradient (built in
             # place of its probabilities) is still referenced when the next chunk's two are allocated: three (a bf16
-            # base's bf16 logits, cast to fp32 at once, stay below that)
+            # base's fp32 copies of the rows and of one vocabulary slab of the weight, made while a chunk's logits
+            # are computed, stay below that)
             return grads + (3 if rows > chunk else 2) * 4 * chunk * vocab
-        from .ops.linear_logprobs import _torch_chunk_rows
+        from .ops.linear_logprobs import _torch_chunk_rows, upcast_slab_cols
 
         chunk = min(rows, _torch_chunk_rows(vocab))
         more = rows > chunk
-        # forward: logits and exp (and the previous chunk's exp); backward: d logits built in place of the logits
-        # (and the previous chunk's), after dX and dW are allocated. A bf16 base's backward also makes a fp32 copy
-        # of the lm_head weight (4Vh) and each chunk's bf16 logits (2CV) beside their fp32 cast
-        backward = grads + (2 if more else 1) * 4 * chunk * vocab
-        if options.bf16_base:
-            backward += 4 * vocab * h + 2 * chunk * vocab
-        return max((3 if more else 2) * 4 * chunk * vocab, backward)
+        # A bf16 base's lm_head is multiplied in fp32 over vocabulary slabs beside a chunk's logits: the chunk's rows
+        # in fp32 (in backward dX's fp32 accumulator), 4Ch, and one slab of the weight in fp32, 4Sh.
+        # forward: logits and exp; with more chunks the previous chunk's two are still referenced while the next
+        # chunk's logits are made. backward: d logits built in place of the logits (and the previous chunk's),
+        # after dX and dW are allocated
+        upcast = 4 * (chunk + upcast_slab_cols(vocab, h, chunk)) * h if options.bf16_base else 0
+        cv = 4 * chunk * vocab
+        forward = 3 * cv + upcast if more else max(2 * cv, cv + upcast)
+        return max(forward, grads + (2 if more else 1) * cv + upcast)
     if options.fused_head:
         from .kernels import fused_pact_head_launch as launch
 

@@ -1,3 +1,4 @@
+import importlib
 import pytest
 import torch
 
@@ -199,6 +200,42 @@ def test_torch_chunks_are_sized_by_budget_and_minimum_rows():
     assert mod._torch_chunk_rows(32000) >= mod._MIN_CHUNK_ROWS  # 2M-element chunks were 65 rows here
     assert mod._torch_chunk_rows(151936) == mod._MIN_CHUNK_ROWS
     assert mod._torch_chunk_rows(1000) * 1000 * 4 <= mod._CHUNK_BYTES < (mod._torch_chunk_rows(1000) + 1) * 4000
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap20"])
+def test_torch_16bit_logits_are_not_rounded_to_16_bits(dtype, use_bias, softcap, monkeypatch):
+    """A bf16 / fp16 lm_head on the torch path (a CPU LoRA run with ``model.lora.base_dtype=bfloat16``): logits
+    ~10 multiplied in fp32 over vocabulary slabs (20 columns here: several slabs, the last partial), so logp and
+    entropy are as exact as fp32 logits of the same 16-bit inputs, and each gradient within 16-bit rounding of the
+    float64 reference (it was the logits rounded to bf16 first: logp off by ~0.02 nats, ~1e-3 relative)."""
+    mod = importlib.import_module("pact_fast.ops.linear_logprobs")
+
+    N, H, V = 41, 32, 203
+    monkeypatch.setattr(mod, "_UPCAST_SLAB_BYTES", 20 * 4 * H, raising=False)  # slabs of 20 columns (9 for 6 rows)
+    monkeypatch.setattr(mod, "_MIN_UPCAST_SLAB", 1, raising=False)
+    hidden, weight, bias, targets = _inputs(N, H, V, dtype, "cpu", scale=12.0, n_ignored=3, seed=7)
+    bias = bias if use_bias else None
+    inputs = [hidden, weight] + ([bias] if use_bias else [])
+    ours = [t.clone().requires_grad_() for t in inputs]
+    ref = [t.double().clone().requires_grad_() for t in inputs]
+    logp, ent = linear_logprobs(ours[0], ours[1], targets, bias=ours[2] if use_bias else None, softcap=softcap,
+                                return_entropy=True, backend="torch", chunk_rows=16)
+    logp_r, ent_r = linear_logprobs_reference(ref[0], ref[1], targets, bias=ref[2] if use_bias else None,
+                                              softcap=softcap)
+    assert logp_r.abs().max() > 5  # logits large enough for 16-bit rounding to show
+    assert rel_err(logp, logp_r) < 1e-5 and rel_err(ent, ent_r) < 1e-5
+    g = torch.Generator().manual_seed(2)
+    g_logp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    (logp_r * g_logp.double() + ent_r * g_ent.double()).sum().backward()
+    for name, o, r in zip(["hidden", "weight", "bias"], ours, ref):
+        assert o.grad.dtype == dtype
+        rounding = rel_err(r.grad.to(dtype), r.grad)  # the float64 gradient rounded once to the input dtype
+        assert rel_err(o.grad, r.grad) < 2 * rounding, name
+    assert mod.upcast_slab_cols(V, H, 16) == 20  # several slabs were taken, the last partial
 
 
 

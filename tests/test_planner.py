@@ -217,6 +217,32 @@ def test_the_rollout_prefill_peak_is_what_the_engine_allocates(build, rows, cont
     assert abs(predicted - measured) / measured < 0.1, (predicted, measured, terms)
 
 
+@pytest.mark.parametrize("rows,hidden", [(300, 128), (1048, 128), (1048, 576)], ids=["one-chunk", "two-chunks",
+                                                                                   "two-chunks-h576"])
+def test_a_bf16_base_linear_logprobs_peak_is_what_the_planner_predicts(rows, hidden):
+    """linear_logprobs alone (train.fused_head=false) on a bf16 lm_head and bf16 rows, forward and backward on the
+    CPU, against ``logprob_op_bytes`` for a bf16 base: the chunks' fp32 logits plus the fp32 copies the op multiplies
+    in (the chunk's rows and one vocabulary slab of the head; a trainer step's peak lies elsewhere on these tiny
+    models, so the step cases above do not see this term). V=32000: 524-row chunks, two of them for 1048 rows."""
+    from pact_fast.ops import linear_logprobs
+
+    vocab = 32000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).bfloat16()
+    t = torch.randint(0, vocab, (rows,), generator=g)
+
+    def step():
+        linear_logprobs(x, w, t, backend="torch").sum().backward()
+
+    measured, _ = bench_memory.allocator_peak(step)
+    shape = planner.ModelShape("tiny", hidden, 1, 4, 4, hidden // 4, 4 * hidden, vocab, False)
+    options = planner.PlanOptions(dtype="float32", device="cpu", lora=True, fused_head=False, attn_backend="sdpa",
+                                  lora_base_dtype="bfloat16")
+    predicted = planner.logprob_op_bytes(shape, rows, options)
+    assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
 def _measure_and_predict(build, lora, ckpt, fused, attn, tokens=512, frozen_head=False, lean=False, bf16_base=False):
     """Measured peak of a trainer step of the model ``build()`` makes (LoRA by the trainer's
     ``model_setup.apply_lora``, a frozen head by ``model_setup.freeze_lm_head``; ``bf16_base``: the model cast to

@@ -4,7 +4,9 @@
 
 - ``torch``: chunks of rows through ``hidden @ weight.T`` over the whole vocabulary; forward
   keeps only per-row statistics, backward recomputes each chunk's logits. Never more than one
-  chunk of logits is alive. The CPU path, and the reference the Triton kernels are tested against.
+  chunk of logits is alive. A 16-bit lm_head is multiplied in fp32 over vocabulary slabs, so its logits are
+  never rounded to 16 bits and no fp32 copy of the whole head is made. The CPU path, and the reference the
+  Triton kernels are tested against.
 - ``triton``: row blocks x vocabulary slabs over a bounded workspace: cuBLAS GEMMs for the
   logits, dX and dW, Triton epilogues (``pact_fast.kernels.linear_logprobs``) for the online
   log-sum-exp and the gradient of the logits (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
@@ -45,6 +47,11 @@ FINITE = 1e30
 # than _MIN_CHUNK_ROWS rows (thinner GEMMs run well below the machine's matmul speed).
 _CHUNK_BYTES = 64 << 20
 _MIN_CHUNK_ROWS = 512
+# The torch path multiplies a 16-bit lm_head in fp32 over vocabulary slabs: a slab's fp32 copy within
+# _UPCAST_SLAB_BYTES and within a quarter of the chunk's fp32 logits (memory_lean's small chunks), but at least
+# _MIN_UPCAST_SLAB columns (so a chunk of a few rows is not thousands of tiny GEMMs)
+_UPCAST_SLAB_BYTES = 8 << 20
+_MIN_UPCAST_SLAB = 128
 
 
 def check_logit_transform(op, temperature, logit_scale, softcap):
@@ -134,15 +141,40 @@ def _compact(targets, ignore_index, vocab_size):
     return keep.nonzero().squeeze(1)
 
 
+def upcast_slab_cols(vocab_size, hidden_size, rows, dtype=torch.float32):
+    """Vocabulary rows of a 16-bit lm_head upcast to ``dtype`` at a time for a chunk of ``rows`` rows: a copy
+    within ``_UPCAST_SLAB_BYTES`` and within a quarter of the chunk's logits, at least ``_MIN_UPCAST_SLAB``."""
+    budget = min(_UPCAST_SLAB_BYTES, rows * vocab_size * dtype.itemsize // 4)
+    return min(vocab_size, max(_MIN_UPCAST_SLAB, budget // (dtype.itemsize * hidden_size)))
+
+
+def _slabs(weight, rows, dtype):
+    """(v0, v1) over the vocabulary in slabs of ``upcast_slab_cols`` columns: each ``weight[v0:v1].to(dtype)``, made
+    inside the GEMM's call (so one is alive at a time), multiplies a 16-bit lm_head in fp32 without a [V, H] fp32
+    copy of it."""
+    step = upcast_slab_cols(weight.shape[0], weight.shape[1], rows, dtype)
+    return [(v0, min(v0 + step, weight.shape[0])) for v0 in range(0, weight.shape[0], step)]
+
+
 def chunk_logits(x, weight, bias, inv_temp, cap, with_slope=False, dtype=torch.float32):
     """Logits of one chunk of rows x [C, H] in ``dtype``: z [C, V] = z_raw * inv_temp, or with a soft cap
     (cap > 0) cap * tanh(z_raw / cap) * inv_temp (``logit_transform``). Returns (z, slope): with_slope and a cap,
     slope [C, V] = d tanh(y) / dy = 1 / cosh(y)^2 at y = z_raw / cap (no cancellation where tanh saturates);
-    else None."""
-    z = x @ weight.t()
-    if bias is not None:
-        z = z + bias
-    z = z.to(dtype)  # [C, V], a fresh buffer: scaled in place below
+    else None. 16-bit inputs are multiplied in ``dtype`` slab by slab (``_slabs``): their logits are never
+    rounded to 16 bits (bf16 would cost ~0.02 nats per log-prob at logits ~10, fp16 overflows past 65504)."""
+    if x.dtype == dtype:
+        z = x @ weight.t()
+        if bias is not None:
+            z = z + bias
+    else:
+        z = x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)  # [C, V]
+        xa = x.to(dtype)  # [C, H]
+        for v0, v1 in _slabs(weight, x.shape[0], dtype):
+            if bias is not None:
+                torch.addmm(bias[v0:v1].to(dtype), xa, weight[v0:v1].to(dtype).t(), out=z[:, v0:v1])
+            else:
+                torch.mm(xa, weight[v0:v1].to(dtype).t(), out=z[:, v0:v1])
+    # z [C, V]: a fresh buffer, scaled in place below
     if not cap:
         return z.mul_(inv_temp), None
     y = z.div_(cap)
@@ -182,7 +214,6 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
     lse, ent, g_logp = lse.to(acc), ent.to(acc), g_logp.to(acc)  # upstream gradients may come in another dtype
     g_ent = g_ent.to(acc) if g_ent is not None else None
     dx = torch.empty_like(x)
-    w32 = weight.to(acc)
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None  # fp32 (float64) acc.
     db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
     for i in range(0, x.shape[0], chunk):
@@ -201,7 +232,13 @@ def _torch_backward(x, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp,
         if slope is not None:
             dz.mul_(slope)
             del slope
-        dx[sl] = (dz @ w32).to(x.dtype)
+        if x.dtype == acc:
+            dx[sl] = dz @ weight
+        else:  # a 16-bit lm_head: dz times its fp32 slabs, no [V, H] fp32 copy; dx rounded once
+            dx_acc = torch.zeros(dz.shape[0], x.shape[1], dtype=acc, device=x.device)  # [C, H]
+            for v0, v1 in _slabs(weight, dz.shape[0], acc):
+                dx_acc.addmm_(dz[:, v0:v1], weight[v0:v1].to(acc))
+            dx[sl] = dx_acc
         if dw is not None:
             dw.addmm_(dz.t(), x[sl].to(acc))  # in place: no [V, H] temporary per chunk
         if db is not None:
