@@ -83,6 +83,10 @@ class PACTLossConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"PACTLossConfig.{f.name}={getattr(self, f.name)!r}; choose one of {choices}")
+            # NaN fails every comparison below: read as "off" by the > 0 tests (lambda_sft, c_ent, beta_kl) or as a
+            # NaN loss later; an infinite weight or bound is as meaningless
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"PACTLossConfig.{f.name}={getattr(self, f.name)} must be a finite number")
         if not 0.0 <= self.anchor_q <= 1.0:
             raise ValueError(f"PACTLossConfig.anchor_q={self.anchor_q} must lie in [0, 1]")
         if self.dual_clip is not None and self.dual_clip <= 1.0:

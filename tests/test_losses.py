@@ -536,6 +536,17 @@ def test_a_loss_config_out_of_range_is_refused(field, value, message):
         PACTLossConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["lambda_sft", "c_ent", "beta_kl", "switch_progress", "clip_eps_low", "adv_eps",
+                                   "s_end", "dual_clip", "w_reason"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_loss_config_that_is_not_finite_is_refused(field, value):
+    """NaN passed every range check (each comparison is False): lambda_sft, c_ent or beta_kl NaN turned its term
+    off without a word (their ``> 0`` tests), switch_progress NaN made sft_then_grpo SFT forever, the others a NaN
+    loss several calls later. Refused in one line naming the field."""
+    with pytest.raises(ValueError, match=re.escape(f"PACTLossConfig.{field}={value} must be a finite number")):
+        PACTLossConfig(**{field: value})
+
+
 def test_a_mask_of_token_weights_is_refused_and_aggregate_counts_what_it_sums():
     """A soft mask (0.5) was read as 1 by pact_loss (same loss as a 0/1 mask) while aggregate divided by the soft
     sum: pact_loss refuses it; aggregate selects with nonzero entries in the sums and the counts alike."""
