@@ -46,7 +46,8 @@ def _problem(seed, dtype=D, weight_scale=1.0, bias=False):
 
 
 def _scatter(values, index):
-    return torch.where(index >= 0, values[index.clamp_min(0)], torch.zeros((), dtype=values.dtype))
+    padded = torch.cat([values, values.new_zeros(1)])  # the 0 that index -1 picks, also for no rows
+    return padded[torch.where(index >= 0, index, values.shape[0])]
 
 
 def _unfused(hidden, weight, bias, targets, rows, batch, config, progress, temperature, old_from_current,
@@ -507,6 +508,25 @@ def test_rows_no_index_refers_to_get_zero_gradient(backend):
     assert torch.isclose(got, ref, rtol=tol) and rel_err(dweight, ref_grads[1]) < tol
     assert rel_err(dwide[new_row], ref_grads[0]) < tol
     assert dwide[[0, 1, 12, n + 3, n + 4]].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_micro_batch_without_scored_rows_is_a_zero_loss(backend):
+    """hidden [0, H] (every response mask empty, no trace token): loss, metrics and zero gradients as the unfused
+    path gives them (it was an IndexError from moving the empty log-probs into the batch's layout)."""
+    hidden, weight, _, _, rows, batch = _problem(4, dtype=torch.float32)
+    batch = _as_fp32_batch(batch)
+    batch.response_mask = torch.zeros_like(batch.response_mask)
+    batch.sft_components = torch.full_like(batch.sft_components, NONE)
+    rows = {name: torch.full_like(index, -1) for name, index in rows.items()}
+    hidden = hidden.detach()[:0].requires_grad_()
+    config = PACTLossConfig(c_ent=0.01)
+    targets = torch.zeros(0, dtype=torch.long)
+    loss, metrics = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, backend=backend)
+    ref, ref_metrics = _unfused(hidden, weight, None, targets, rows, batch, config, 0.4, 1.0, False)
+    loss.backward()
+    assert loss.item() == ref.item() == 0.0 and metrics == ref_metrics
+    assert hidden.grad.shape == (0, H) and weight.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("logit_scale", [1.0, 3.0])

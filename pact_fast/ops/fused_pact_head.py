@@ -112,9 +112,9 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
 
 
 def _scatter(values, index):
-    """Per-row values [N] -> the padded layout of ``index`` ([B, T] or [S, E]); 0 where index is -1."""
-    picked = values.index_select(0, index.clamp_min(0).reshape(-1)).reshape(index.shape)
-    return torch.where(index >= 0, picked, torch.zeros_like(picked))
+    """Per-row values [N] -> the padded layout of ``index`` ([B, T] or [S, E]); 0 where index is -1 (N = 0 too)."""
+    padded = torch.cat([values, values.new_zeros(1)])  # [N + 1]: the 0 that -1 picks
+    return padded[torch.where(index >= 0, index, values.shape[0])]
 
 
 class _RowGrads:
