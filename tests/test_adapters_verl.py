@@ -5,6 +5,7 @@ with Ray and tensordict, which it imports. Float64 hand computations check the n
 import dataclasses
 import inspect
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -291,6 +292,56 @@ def test_hook_refuses_a_rollout_whose_two_rows_do_not_pair_up():
     assert not torch.equal(cut["response_mask"][B + 2], rows["response_mask"][B + 2])
     with pytest.raises(ValueError, match=r"TC rows of pact_rollout \[2\] have another response_mask"):
         pact_loss_fn(None, {"log_probs": log_probs}, cut, pact_config=config, progress=0.3)
+
+
+@pytest.mark.parametrize("name", ["pact_role", "pact_group", "pact_anchored", "old_log_probs", "pact_components"])
+def test_a_per_row_field_of_another_length_than_the_log_probs_is_refused(name):
+    """Each per-row field is indexed by the log-probs' rows: pact_role one row short (the last trace row dropped)
+    scored 0.357 for 0.344 with no word, the others paired rows with another row's values or raised IndexError
+    inside the hook. A numpy array (verl's non-tensor batch) is refused the same way."""
+    _, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    for bad, got in ((rows[name][:-1], f"shape {tuple(rows[name][:-1].shape)}"), (rows[name].numpy(), "ndarray")):
+        with pytest.raises(ValueError, match=re.escape(f"data['{name}'] must be a tensor with one row per row of "
+                                                       f"log_probs (15), got {got}")):
+            pact_loss_fn(None, {"log_probs": log_probs}, {**rows, name: bad}, pact_config=config, progress=0.3)
+    with pytest.raises(ValueError, match=re.escape("data['response_mask'] must be a tensor with one row per row of "
+                                                   "log_probs (14)")):
+        pact_loss_fn(None, {"log_probs": log_probs[:-1]}, rows, pact_config=config, progress=0.3)
+
+
+def test_the_policy_loss_refuses_a_mask_or_weights_of_another_shape_and_a_soft_mask():
+    """A response_mask or rollout_is_weights of another shape than log_prob failed inside torch's broadcasting
+    ("The size of tensor a (4) must match ..."); a soft mask (0.5) was read as 1 (the loss of a 0/1 mask)."""
+    new, old, adv, mask = _tokens(4, 5, 0)
+    config = {"clip_ratio": 0.2}
+    with pytest.raises(ValueError, match=re.escape("response_mask (4, 4) must be log_prob's [B, T] = [4, 5]")):
+        compute_policy_loss_pact(old, new, adv, mask[:, :-1], "token-mean", config)
+    with pytest.raises(ValueError, match=re.escape("rollout_is_weights (4, 6) must be log_prob's [B, T] = [4, 5]")):
+        compute_policy_loss_pact(old, new, adv, mask, "token-mean", config, torch.ones(4, 6, dtype=D))
+    with pytest.raises(ValueError, match="response_mask must hold 0 and 1 only"):
+        compute_policy_loss_pact(old, new, adv, mask * 0.5, "token-mean", config)
+    column, _ = compute_policy_loss_pact(old, new, adv, mask, "token-mean", config, torch.full((4, 1), 0.5, dtype=D))
+    assert column.item() == pytest.approx(0.5 * compute_policy_loss_pact(old, new, adv, mask, "token-mean",
+                                                                         config)[0].item(), rel=1e-12)
+
+
+def test_trace_rows_without_labels_and_a_progress_column():
+    """TRACE rows without data['pact_components'] are named (a TypeError from zeros_like before); pact_progress as a
+    TensorDict column ([N], one value) is that value (it was 'a Tensor with 15 elements cannot be converted to
+    Scalar'), and a column of several values is refused."""
+    _, rows, log_probs = _group_rows()
+    config = PACTLossConfig(anchor_q=0.5)
+    with pytest.raises(ValueError, match="data has no 'pact_components'"):
+        pact_loss_fn(None, {"log_probs": log_probs}, {k: v for k, v in rows.items() if k != "pact_components"},
+                     pact_config=config, progress=0.3)
+    column, _ = pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "pact_progress": torch.full((15,), 0.25)},
+                             pact_config=config)
+    assert column.item() == pact_loss_fn(None, {"log_probs": log_probs}, rows, pact_config=config,
+                                         progress=0.25)[0].item()
+    with pytest.raises(ValueError, match="pact_progress'\] is one number per step"):
+        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "pact_progress": torch.linspace(0, 1, 15)},
+                     pact_config=config)
 
 
 def test_anchor_rows_draws_once_per_group_reproducibly():

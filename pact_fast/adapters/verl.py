@@ -41,8 +41,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 """
 import torch
 
-from ..losses import (PACTBatch, PACTLossConfig, advantage_options, aggregate, clipped_surrogate_tokens, has_schedule,
-                      loss_scales, pact_loss, response_counts, surrogate_metrics)
+from ..losses import (MASK_VALUES, PACTBatch, PACTLossConfig, advantage_options, aggregate, binary,
+                      clipped_surrogate_tokens, has_schedule, loss_scales, pact_loss, response_counts, surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -77,6 +77,16 @@ def compute_policy_loss_pact(old_log_prob, log_prob, advantages, response_mask, 
     """verl ``PolicyLossFn``: [B, T] tensors in, ``(loss, metrics)`` out (metrics under verl's names)."""
     if config is None:
         raise ValueError("compute_policy_loss_pact: verl passes the actor config; got None")
+    shape = tuple(log_prob.shape)
+    if tuple(response_mask.shape) != shape:
+        raise ValueError(f"compute_policy_loss_pact: response_mask {tuple(response_mask.shape)} must be log_prob's "
+                         f"[B, T] = {list(shape)}")
+    if rollout_is_weights is not None and not (rollout_is_weights.dim() == 2 and all(
+            w in (1, n) for w, n in zip(rollout_is_weights.shape, shape))):
+        raise ValueError(f"compute_policy_loss_pact: rollout_is_weights {tuple(rollout_is_weights.shape)} must be "
+                         f"log_prob's [B, T] = {list(shape)}")
+    if not binary(response_mask):  # aggregate selects tokens by mask != 0: a soft mask would be read as 1
+        raise ValueError(MASK_VALUES.replace("pact_loss", "compute_policy_loss_pact"))
     clip = _get(config, "clip_ratio", 0.2)
     loss_mat, ratio, low, high, dual = clipped_surrogate_tokens(
         log_prob, old_log_prob, advantages, clip_eps_low=_get(config, "clip_ratio_low", clip),
@@ -116,8 +126,29 @@ def _need(data, name, why=""):
 
 
 def _scalar(data, name):
+    """A per-step number: a Python number, or a tensor holding one value (a TensorDict's [N] column of it too)."""
     value = _field(data, name)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        if value.numel() == 0 or bool((value != value.reshape(-1)[0]).any()):
+            raise ValueError(f"pact_loss_fn: data[{name!r}] is one number per step; got a tensor of shape "
+                             f"{tuple(value.shape)} holding {'none' if value.numel() == 0 else 'several values'}")
+        value = value.reshape(-1)[0]
     return None if value is None else float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+# data's fields with one entry per row of the micro-batch (the rows of model_output's log_probs)
+ROW_FIELDS = ("response_mask", "old_log_probs", "advantages", "pact_role", "pact_rollout", "pact_group",
+              "pact_anchored", "pact_components", "pact_segment_ids", "pact_turn_ids", "ref_log_prob")
+
+
+def _check_rows(data, n, entropy):
+    """Refuse a per-row field (``ROW_FIELDS``, model_output's entropy) that is not a tensor of ``n`` rows: indexed
+    by the log-probs' rows, a shorter one would pair rows with another row's values."""
+    fields = [(f"data[{name!r}]", _field(data, name)) for name in ROW_FIELDS] + [("model_output['entropy']", entropy)]
+    for name, value in fields:
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != n):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"pact_loss_fn: {name} must be a tensor with one row per row of log_probs ({n}), got {got}")
 
 
 def _log_probs(model_output, data, key):
@@ -230,6 +261,7 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
                          "weighs its rows by them")
     logp = _log_probs(model_output, data, "log_probs")
     entropy = _log_probs(model_output, data, "entropy")
+    _check_rows(data, logp.shape[0], entropy)
     mask = _need(data, "response_mask")
     old = _need(data, "old_log_probs")
     role = _need(data, "pact_role", " (PO, TC or TRACE per row)").long()
@@ -274,7 +306,9 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
         group_ids=_need(data, "pact_group", " (prompt group id per row)")[po], logp_po=logp[po], old_logp_po=old[po],
         logp_tc=rows(logp, tc), old_logp_tc=rows(old, tc), advantages=_need(data, "advantages")[po],
         anchored=rows(anchored, po), ref_logp=rows(ref, po), entropy=rows(entropy, po),
-        sft_logp=rows(logp, trace), sft_components=rows(_field(data, "pact_components"), trace),
+        sft_logp=rows(logp, trace),
+        sft_components=rows(_need(data, "pact_components", " (labels of the TRACE rows' tokens)"), trace)
+        if len(trace) else None,
         sft_segment_ids=rows(_field(data, "pact_segment_ids"), trace),
         sft_turn_ids=rows(_field(data, "pact_turn_ids"), trace))
     if len(trace):  # trace tokens outside the response are never targets
