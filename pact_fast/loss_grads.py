@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from .losses import (MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch,
-                     PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens, kl_penalty,
-                     per_token_advantages, reasoning_segments_kept, sft_weights_before_segments,
-                     tool_call_weight)
+from .losses import (COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES,
+                     PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens,
+                     known_components, kl_penalty, per_token_advantages, reasoning_segments_kept,
+                     sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -475,6 +475,7 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
         if comps.shape != sft_logp.shape:
             raise ValueError(f"pact_loss: sft_components {tuple(comps.shape)} must match sft_logp "
                              f"{tuple(sft_logp.shape)}")
+        checks.append((known_components(comps), ValueError, COMPONENT_VALUES))
         target = comps != NONE
         checked = target & (comps != TOOL_RESPONSE)
         checks.append((torch.isfinite(torch.where(checked, sft_logp, torch.zeros_like(sft_logp))).all(), ValueError,

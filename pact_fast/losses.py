@@ -462,6 +462,16 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
 # ---------------------------------------------------------------- total
 
 
+COMPONENT_VALUES = (f"pact_loss: sft_components must hold the labels {NONE}-{OTHER} ("
+                    f"{', '.join(f'{k} {v}' for k, v in COMPONENT_NAMES.items())}; pact_fast.chat.trace_sequences makes "
+                    "them); another value would be read as none, never a target")
+
+
+def known_components(components):
+    """0-dim bool tensor: every entry of ``components`` is one of the ``COMPONENT_NAMES`` labels."""
+    return ((components >= NONE) & (components <= OTHER)).all()
+
+
 MASK_VALUES = ("pact_loss: response_mask must hold 0 and 1 only (bool, int or float); token weights are not a mask: "
                "fold them into per-token advantages ([B, T])")
 
@@ -610,6 +620,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         if batch.sft_components.shape != batch.sft_logp.shape:
             raise ValueError(f"pact_loss: sft_components {tuple(batch.sft_components.shape)} must match sft_logp "
                              f"{tuple(batch.sft_logp.shape)}")
+        if not known_components(batch.sft_components):
+            raise ValueError(COMPONENT_VALUES)
         target = batch.sft_components != NONE
         _check_finite("sft_logp", batch.sft_logp, target & (batch.sft_components != TOOL_RESPONSE))
         # segment labels only where there are trace tokens to label

@@ -207,6 +207,21 @@ def test_resolve_raises_what_pact_loss_raises_on_a_non_finite_given_advantage():
         metrics.resolve()
 
 
+@pytest.mark.parametrize("label", [-100, 5], ids=["hf-ignore", "unknown"])
+def test_a_component_label_outside_0_to_4_is_refused_by_both(label):
+    """An sft_components label outside NONE..OTHER (HF's -100 for 'not a target', another labelling's 5) was read
+    as NONE: its tokens dropped out of the SFT term with no word (a trace labelled all -100 gave loss/sft 0).
+    pact_loss refuses it, and the fused head's resolve (its one sync) as pact_loss does."""
+    config, batch, current = _setup(dict(), {}, 0)
+    batch.sft_components[0, 1] = label
+    with pytest.raises(ValueError, match="sft_components must hold the labels 0-4"):
+        pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}), config, 0.3)
+    prep = loss_grads.prepare(batch, config, 0.3)
+    _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
+    with pytest.raises(ValueError, match="sft_components must hold the labels 0-4"):
+        metrics.resolve()
+
+
 @pytest.mark.parametrize("cfg,progress,opts", [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[11]])
 def test_prepare_grads_value_and_metrics_take_one_sync(cfg, progress, opts):
     config, batch, current = _setup(cfg, opts, 1)
