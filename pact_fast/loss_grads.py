@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from .losses import (COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES,
+from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES,
                      PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens,
-                     known_components, kl_penalty, per_token_advantages, reasoning_segments_kept,
-                     sft_weights_before_segments, tool_call_weight)
+                     known_components, kl_penalty, one_draw_per_group, per_token_advantages,
+                     reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -453,6 +453,9 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
             else:
                 token_loss = torch.where(prep.per_rollout[:, None], po[0], tc[0])
                 entries.append(("anchored_groups", _anchored_groups(prep), None))
+                if b.anchored is not None:
+                    checks.append((one_draw_per_group(prep.per_rollout, prep.group_index, mask.shape[0]), ValueError,
+                                   ANCHORED_VALUES))
         l_rl = aggregate(token_loss, mask, c.loss_agg, c.loss_scale_factor)
         total = total + prep.rl_scale * l_rl
         entries += [("loss/rl", l_rl, None), ("adv_mean", adv.mean(), None), ("adv_abs_mean", adv.abs().mean(), None),

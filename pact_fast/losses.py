@@ -472,6 +472,18 @@ def known_components(components):
     return ((components >= NONE) & (components <= OTHER)).all()
 
 
+ANCHORED_VALUES = ("pact_loss: anchored differs between rollouts of one prompt group (group_ids); it is the group's "
+                   "draw, the same on each of its rows (anchor_rows(group_ids, ...) of these rows, in their order)")
+
+
+def one_draw_per_group(anchored, group_index, n_groups):
+    """0-dim bool tensor: the rows of each group (``group_index [B]`` in [0, n_groups)) agree on ``anchored [B]``."""
+    hits = torch.zeros(n_groups, dtype=torch.long, device=anchored.device)
+    drawn = hits.index_add(0, group_index, anchored.long())[group_index]  # [B] anchored rows of the row's group
+    rows = hits.index_add(0, group_index, torch.ones_like(group_index))[group_index]  # [B] rows of the row's group
+    return ((drawn == 0) | (drawn == rows)).all()
+
+
 MASK_VALUES = ("pact_loss: response_mask must hold 0 and 1 only (bool, int or float); token weights are not a mask: "
                "fold them into per-token advantages ([B, T])")
 
@@ -587,6 +599,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
             else:
                 if batch.anchored is not None:
                     per_rollout = batch.anchored.bool().to(device)  # [B]
+                    if not one_draw_per_group(per_rollout, group_index, n_groups):
+                        raise ValueError(ANCHORED_VALUES)
                     anchored = torch.zeros(n_groups, dtype=torch.bool, device=device).index_fill_(
                         0, group_index[per_rollout], True)
                 else:

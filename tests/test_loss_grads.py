@@ -83,7 +83,7 @@ def _setup(cfg, opts, seed):
     elif opts.get("advantages") == "rollout":
         batch.advantages = torch.randn(B, dtype=D)
     if opts.get("anchored"):
-        batch.anchored = torch.tensor([True, False, False, True, False, True])[:B]
+        batch.anchored = torch.tensor([True, True, False, True, True, False])[:B]  # one draw per group (group_ids)
     if opts.get("old_from_current"):
         batch.old_logp_po = batch.old_logp_tc = None
     return PACTLossConfig(**cfg), batch, current
@@ -219,6 +219,21 @@ def test_a_component_label_outside_0_to_4_is_refused_by_both(label):
     prep = loss_grads.prepare(batch, config, 0.3)
     _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
     with pytest.raises(ValueError, match="sft_components must hold the labels 0-4"):
+        metrics.resolve()
+
+
+def test_anchoring_draws_that_differ_within_a_group_are_refused_by_both():
+    """batch.anchored is each row's copy of its group's draw; rows of one group that disagree (draws not moved
+    with their rows, or made for other group ids) were taken row by row, and anchored_groups counted the group as
+    anchored. pact_loss refuses them, and the fused head's resolve as pact_loss does."""
+    config, batch, current = _setup(dict(), {"anchored": True}, 0)
+    pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}), config, 0.3)
+    batch.anchored = batch.anchored.roll(1)  # [F, T, T, F, T, T]: group 4 gets F and T
+    with pytest.raises(ValueError, match="anchored differs between rollouts of one prompt group"):
+        pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}), config, 0.3)
+    prep = loss_grads.prepare(batch, config, 0.3)
+    _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
+    with pytest.raises(ValueError, match="anchored differs between rollouts of one prompt group"):
         metrics.resolve()
 
 
