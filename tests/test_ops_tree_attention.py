@@ -143,8 +143,13 @@ def test_unknown_dq_mode_is_refused():
     (lambda q, k, v, e: (q, k.double(), v, e), TypeError, "dtypes"),
     (lambda q, k, v, e: (q[..., :0], k[..., :0], v[..., :0], e), ValueError, "head dim D must be >= 1"),
     (lambda q, k, v, e: (q[:, :0], k[:, :0], v[:, :0], e), ValueError, "heads Hq, Hkv"),
+    # a layout on another device than q (its "auto" backend picked for that device), and one on the meta device,
+    # which has no values to build from: both were "Tensor.item() cannot be called on meta tensors"
+    (lambda q, k, v, e: (q, k, v, e.to("meta")), ValueError, r"live on different devices: \['cpu', 'meta'\]"),
+    (lambda q, k, v, e: (q.to("meta"), k.to("meta"), v.to("meta"), e.to("meta")), ValueError,
+     "subtree_end is on the meta device"),
 ], ids=["end-below-self", "end-past-L", "end-shape", "end-float", "heads", "k-shape", "q-rank", "dtype", "dim-0",
-        "heads-0"])
+        "heads-0", "end-on-another-device", "meta"])
 def test_bad_layout_is_a_clear_error(change, exc, word):
     e = pack_tree(pact_group()).subtree_end[None]
     L = e.shape[1]

@@ -116,6 +116,10 @@ def validate_layout(q, k, v, subtree_end):
         raise TypeError(f"tree_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(subtree_end.shape) != (B, L):
         raise ValueError(f"tree_attention: subtree_end must be [B={B}, L={L}], got {tuple(subtree_end.shape)}")
+    devices = {t.device for t in (q, k, v, subtree_end)}
+    if len(devices) > 1:  # the layout (and the backend "auto" picks) follows subtree_end's device
+        raise ValueError(f"tree_attention: q, k, v and subtree_end live on different devices: "
+                         f"{sorted(map(str, devices))}")
     validate_subtree_end(subtree_end)
 
 
@@ -126,6 +130,9 @@ def validate_subtree_end(subtree_end):
     L = subtree_end.shape[-1]
     if subtree_end.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: subtree_end must be int32 or int64, got {subtree_end.dtype}")
+    if subtree_end.is_meta:
+        raise ValueError("tree_attention: subtree_end is on the meta device; the layout is built from its values "
+                         "(pass real tensors)")
     own = torch.arange(1, L + 1, device=subtree_end.device)
     out_of_range = (subtree_end < own) | (subtree_end > L)
     inside = _subtree_max(subtree_end)
