@@ -358,7 +358,16 @@ def anchor_rows(group_ids, num_groups, q, seed, step):
     ``anchor_draws(num_groups, q, anchor_generator(seed, step))``. group_ids: [N] int -> [N] bool.
 
     With step-wide group ids, rows of one group get the same draw on whichever rank holds them."""
-    group_ids = torch.as_tensor(group_ids)
+    if not 0.0 <= q <= 1.0:  # NaN too: every draw would be False, as q > 1 makes them all True
+        raise ValueError(f"anchor_rows: q={q} must lie in [0, 1] (PACTLossConfig.anchor_q)")
+    try:
+        group_ids = torch.as_tensor(group_ids)
+    except (TypeError, ValueError):  # numpy strings; a list of strings
+        raise TypeError("anchor_rows: group_ids must be integers (string ids such as verl's uid: "
+                        "numpy.unique(uid, return_inverse=True)[1])") from None
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        # a bool tensor would index the draws as a mask: fewer draws than rows
+        raise TypeError(f"anchor_rows: group_ids must be integers, got {group_ids.dtype}")
     if len(group_ids) and not 0 <= int(group_ids.min()) <= int(group_ids.max()) < num_groups:
         raise ValueError(f"anchor_rows: group ids must lie in [0, {num_groups}); got "
                          f"[{int(group_ids.min())}, {int(group_ids.max())}]")

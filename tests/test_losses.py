@@ -2,6 +2,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -545,6 +546,25 @@ def test_a_loss_config_that_is_not_finite_is_refused(field, value):
     loss several calls later. Refused in one line naming the field."""
     with pytest.raises(ValueError, match=re.escape(f"PACTLossConfig.{field}={value} must be a finite number")):
         PACTLossConfig(**{field: value})
+
+
+def test_anchor_rows_refuses_a_probability_or_group_ids_it_would_misread():
+    """q outside [0, 1] (NaN: no group anchored, 2.0: every group) and bool group ids (read as a mask over the
+    draws: one draw for two rows) were taken silently; float ids were an IndexError, string ids a numpy error."""
+    from pact_fast.losses import anchor_draws, anchor_generator, anchor_rows
+
+    ids = torch.tensor([1, 0, 1, 2])
+    want = anchor_draws(3, 0.5, anchor_generator(4, 7))[ids]
+    assert torch.equal(anchor_rows(ids, 3, 0.5, 4, 7), want) and torch.equal(anchor_rows(ids.tolist(), 3, 0.5, 4, 7), want)
+    for q in (math.nan, 2.0, -0.1):
+        with pytest.raises(ValueError, match=re.escape(f"anchor_rows: q={q} must lie in [0, 1]")):
+            anchor_rows(ids, 3, q, 4, 7)
+    for bad in (torch.tensor([True, False]), ids.float()):
+        with pytest.raises(TypeError, match=f"group_ids must be integers, got {bad.dtype}"):
+            anchor_rows(bad, 3, 0.5, 4, 7)
+    for uid in (np.array(["a", "b"]), ["a", "b"]):
+        with pytest.raises(TypeError, match="numpy.unique"):
+            anchor_rows(uid, 3, 0.5, 4, 7)
 
 
 def test_a_mask_of_token_weights_is_refused_and_aggregate_counts_what_it_sums():
