@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES,
-                     PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary, clipped_surrogate_tokens,
-                     known_components, kl_penalty, one_draw_per_group, per_token_advantages,
-                     reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
+from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL,
+                     TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary,
+                     clipped_surrogate_tokens, known_components, kl_penalty, one_draw_per_group,
+                     per_token_advantages, reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20

@@ -472,8 +472,8 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
 
 
 COMPONENT_VALUES = (f"pact_loss: sft_components must hold the labels {NONE}-{OTHER} ("
-                    f"{', '.join(f'{k} {v}' for k, v in COMPONENT_NAMES.items())}; pact_fast.chat.trace_sequences makes "
-                    "them); another value would be read as none, never a target")
+                    f"{', '.join(f'{k} {v}' for k, v in COMPONENT_NAMES.items())}; "
+                    "pact_fast.chat.trace_sequences makes them); another value would be read as none, never a target")
 
 
 def known_components(components):

@@ -555,7 +555,8 @@ def test_anchor_rows_refuses_a_probability_or_group_ids_it_would_misread():
 
     ids = torch.tensor([1, 0, 1, 2])
     want = anchor_draws(3, 0.5, anchor_generator(4, 7))[ids]
-    assert torch.equal(anchor_rows(ids, 3, 0.5, 4, 7), want) and torch.equal(anchor_rows(ids.tolist(), 3, 0.5, 4, 7), want)
+    assert torch.equal(anchor_rows(ids, 3, 0.5, 4, 7), want)
+    assert torch.equal(anchor_rows(ids.tolist(), 3, 0.5, 4, 7), want)
     for q in (math.nan, 2.0, -0.1):
         with pytest.raises(ValueError, match=re.escape(f"anchor_rows: q={q} must lie in [0, 1]")):
             anchor_rows(ids, 3, q, 4, 7)

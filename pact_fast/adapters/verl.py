@@ -42,7 +42,8 @@ loads without it. The tests run both through verl's own ``ppo_loss``, registry a
 import torch
 
 from ..losses import (MASK_VALUES, PACTBatch, PACTLossConfig, advantage_options, aggregate, binary,
-                      clipped_surrogate_tokens, has_schedule, loss_scales, pact_loss, response_counts, surrogate_metrics)
+                      clipped_surrogate_tokens, has_schedule, loss_scales, pact_loss, response_counts,
+                      surrogate_metrics)
 
 PO, TC, TRACE = 0, 1, 2
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -148,7 +149,8 @@ def _check_rows(data, n, entropy):
     for name, value in fields:
         if value is not None and (not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != n):
             got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"pact_loss_fn: {name} must be a tensor with one row per row of log_probs ({n}), got {got}")
+            raise ValueError(f"pact_loss_fn: {name} must be a tensor with one row per row of log_probs ({n}), "
+                             f"got {got}")
 
 
 def _log_probs(model_output, data, key):
