@@ -242,6 +242,16 @@ def test_bad_input_is_an_error_naming_it(change, match):
                         old_from_current=args["old_from_current"], backend=args["backend"])
 
 
+@pytest.mark.parametrize("chunk_rows", [-5, 0, 2.5, True])
+def test_a_chunk_rows_that_is_not_a_positive_int_is_refused(chunk_rows):
+    """chunk_rows=-5 ran no chunk on the torch backend and returned the unset log-prob buffer's loss (2.9e26 here,
+    for 3.83); 2.5 and True were a TypeError inside the backends or chunks of one row."""
+    hidden, weight, _, targets, rows, batch = _problem(4)
+    with pytest.raises(ValueError, match=f"chunk_rows must be a positive int or None, got {chunk_rows!r}"):
+        fused_pact_head(hidden, weight, targets, rows, batch, PACTLossConfig(), 0.1, chunk_rows=chunk_rows,
+                        backend="torch")
+
+
 # ------------------------------------------------------------------ the Triton backend (interpreter on CPU)
 
 # fp32: tight; 16-bit: the logits are rounded to the input dtype before the softmax, dz (or U) and dW too

@@ -279,13 +279,14 @@ def test_leading_dims_are_kept():
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(chunk_rows=0), ValueError, "chunk_rows"),
     (dict(vocab_slab=-4), ValueError, "vocab_slab"),
+    (dict(chunk_rows=True), ValueError, "chunk_rows"),  # a bool is an int to Python: it was chunks of one row
     (dict(ignore_index=None), TypeError, "ignore_index` must be an int"),
     (dict(ignore_index=True), TypeError, "ignore_index` must be an int"),
     (dict(ignore_index=-100.0), TypeError, "ignore_index` must be an int"),
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
         "scale-zero", "scale-negative", "scale-inf", "scale-nan", "softcap-zero", "softcap-negative", "softcap-inf",
         "hidden-H", "H-zero", "V-zero", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab",
-        "ignore-none", "ignore-bool", "ignore-float"])
+        "chunk-rows-bool", "ignore-none", "ignore-bool", "ignore-float"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
     args.update(kwargs)

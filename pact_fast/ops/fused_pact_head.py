@@ -275,6 +275,9 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
                               hidden.dtype)
     if not isinstance(memory_lean, bool):
         raise TypeError(f"fused_pact_head: memory_lean must be a bool, got {memory_lean!r}")
+    if chunk_rows is not None and not (isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool)
+                                       and chunk_rows > 0):  # a negative one ran no chunk: the loss was unset memory
+        raise ValueError(f"fused_pact_head: chunk_rows must be a positive int or None, got {chunk_rows!r}")
     _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale, softcap)
     if old_from_current and (batch.old_logp_tc is not None or batch.old_logp_po is not None):
         raise ValueError("fused_pact_head: old_from_current=True fills old_logp_tc / old_logp_po; leave them None")

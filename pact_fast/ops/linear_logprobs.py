@@ -393,7 +393,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     _check_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap)
     ignore_index = _integer(ignore_index)
     for name, value in (("chunk_rows", chunk_rows), ("vocab_slab", vocab_slab)):
-        if value is not None and not (isinstance(value, int) and value > 0):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ValueError(f"linear_logprobs: `{name}` must be a positive int or None, got {value!r}")
     backend = resolve_backend("linear_logprobs", backend, hidden.device, BACKENDS, "torch", hidden.dtype)
     lead_shape = hidden.shape[:-1]
