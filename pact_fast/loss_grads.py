@@ -26,7 +26,7 @@ import torch
 
 from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL,
                      TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary,
-                     clipped_surrogate_tokens, known_components, kl_penalty, one_draw_per_group,
+                     check_call, clipped_surrogate_tokens, known_components, kl_penalty, one_draw_per_group,
                      per_token_advantages, reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
@@ -174,8 +174,7 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
     float dtype those will have (the constants are made in at least that precision). Host checks only (shapes,
     options); checks of values are deferred to ``Metrics.resolve``."""
     config = config or PACTLossConfig()
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"pact_loss: progress={progress} must lie in [0, 1] (training steps done / total)")
+    check_call(progress, rl_scale, sft_scale)
     batch.validate()
     have = set(scored) | ({"old_logp_tc", "old_logp_po"} if old_from_current else set())
     mode = config.mode

@@ -509,6 +509,17 @@ def per_token_advantages(advantages, mask):
     return advantages.expand(mask.shape) if advantages.dim() == 2 else advantages[:, None].expand(mask.shape)
 
 
+def check_call(progress, rl_scale, sft_scale):
+    """Refuse a progress outside [0, 1] and a loss scale that is negative or not finite (``loss_scales`` makes them
+    >= 0; a negative one would turn its terms' gradient around)."""
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"pact_loss: progress={progress} must lie in [0, 1] (training steps done / total)")
+    for name, value in (("rl_scale", rl_scale), ("sft_scale", sft_scale)):
+        if not 0.0 <= value < math.inf:
+            raise ValueError(f"pact_loss: {name}={value} must be a finite number >= 0 (this micro-batch's share of "
+                             "the step, pact_fast.losses.loss_scales)")
+
+
 def _check_finite(name, tensor, mask=None):
     values = tensor if mask is None else tensor[mask.bool()]
     if not torch.isfinite(values).all():
@@ -543,8 +554,7 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         response mask selects nothing).
     """
     config = config or PACTLossConfig()
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"pact_loss: progress={progress} must lie in [0, 1] (training steps done / total)")
+    check_call(progress, rl_scale, sft_scale)
     batch.validate()
     mode = config.mode
     if mode == "sft_then_grpo":

@@ -3,6 +3,7 @@ against pact_loss's, for every mode, aggregation, anchoring setting, KL estimato
 of it without a host synchronisation but the one in Metrics.resolve."""
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -220,6 +221,20 @@ def test_a_component_label_outside_0_to_4_is_refused_by_both(label):
     _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
     with pytest.raises(ValueError, match="sft_components must hold the labels 0-4"):
         metrics.resolve()
+
+
+@pytest.mark.parametrize("name,value", [("rl_scale", -1.0), ("sft_scale", -0.5), ("rl_scale", float("nan")),
+                                        ("sft_scale", float("inf"))])
+def test_a_loss_scale_that_is_negative_or_not_finite_is_refused_by_both(name, value):
+    """A negative rl_scale or sft_scale turned its terms around (the loss and every gradient negated, no word); NaN
+    or inf surfaced as 'the loss is not finite'. Refused in one line by pact_loss and by the fused head's prepare."""
+    config, batch, current = _setup(dict(), {}, 0)
+    full = PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}})
+    message = re.escape(f"pact_loss: {name}={value} must be a finite number >= 0")
+    with pytest.raises(ValueError, match=message):
+        pact_loss(full, config, 0.3, **{name: value})
+    with pytest.raises(ValueError, match=message):
+        loss_grads.prepare(batch, config, 0.3, **{name: value})
 
 
 def test_anchoring_draws_that_differ_within_a_group_are_refused_by_both():
