@@ -462,6 +462,8 @@ def _load(path, overrides, base=None, label="--config"):
     return config
 
 
+MAX_SEED = 2 ** 32 - 1  # the largest seed option
+
 # Bounds of numeric options, checked after the file and the overrides (None: unbounded; "open": the bound itself
 # is refused). Every float option must also be finite.
 BOUNDS = {
@@ -481,6 +483,9 @@ BOUNDS = {
     "model.hidden_size": (1, None),
     "model.num_layers": (1, None), "model.num_heads": (1, None), "model.num_kv_heads": (1, None),
     "model.head_dim": (1, None), "model.intermediate_size": (1, None),
+    # seeds: torch's generators take 64-bit seeds, and the trainer derives per-step and per-epoch ones from these
+    # (train.seed * 1_000_003 + ..., data.seed * 7919 + epoch); a larger seed failed mid-run with an overflow
+    **dict.fromkeys(("train.seed", "data.seed", "loss.seed", "data.world_seed"), (0, MAX_SEED)),
 }
 
 

@@ -38,6 +38,11 @@ from pact_fast.models import pretrained_defaults
     ("rollout.max_result_chars=-1", "rollout.max_result_chars=-1 must be >= 1"),
     ("data.format_reward=-1", "data.format_reward=-1.0 must be >= 0"),
     ("model.hidden_size=0", "model.hidden_size=0 must be >= 1"),
+    # past torch's 64-bit seeds once the trainer derives its per-step and per-epoch seeds: an overflow mid-run
+    ("train.seed=100000000000000000000", "train.seed=100000000000000000000 must be <= 4294967295"),
+    ("data.seed=4294967296", "data.seed=4294967296 must be <= 4294967295"),
+    ("loss.seed=-1", "loss.seed=-1 must be >= 0"),
+    ("data.world_seed=-5", "data.world_seed=-5 must be >= 0"),
     # read as 1.0 (YAML's yes is True, float(True) is 1.0): trained at a learning rate of 1
     ("train.lr=yes", "train.lr: expected a number, got True"),
     ("loss.lambda_sft=true", "loss.lambda_sft: expected a number, got True"),
