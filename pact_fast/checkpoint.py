@@ -196,6 +196,9 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
     ckpt = Path(ckpt)
     trainer_state = _readable(ckpt / STATE_FILE, lambda: torch.load(ckpt / STATE_FILE, weights_only=False))
     saved = trainer_state["order"]  # checked before anything is read into the model or the optimizer
+    if saved["seed"] != order.seed:  # the order restored below keeps the run's seed: a new one would be said, not used
+        raise CheckpointError(f"resume: {ckpt} draws its data order from data.seed={saved['seed']}; this config has "
+                              f"data.seed={order.seed}, which cannot change on resume (leave it out)")
     if saved["size"] != order.size or saved.get("fingerprint", order.fingerprint) != order.fingerprint:
         raise DataFormatError(f"resume: {ckpt} drew from {saved['size']:,} training rows; this config's data gives "
                               f"{order.size:,}{' other ones' if saved['size'] == order.size else ''} (the data file, "

@@ -297,7 +297,25 @@ def test_a_resume_whose_data_draws_other_rows_is_refused(tmp_path):
     with pytest.raises(DataFormatError, match=r"drew from 24 training rows; this config's data gives 20 \(the data"):
         build(load_config(None, base + ["data.train_tasks=20"]), resume=tmp_path, log=lambda *_: None)
     with pytest.raises(DataFormatError, match="drew from 24 training rows; this config's data gives 24 other ones"):
-        build(load_config(None, base + ["data.seed=5"]), resume=tmp_path, log=lambda *_: None)
+        build(load_config(None, base + ["data.world_seed=5"]), resume=tmp_path, log=lambda *_: None)
+
+
+def test_a_resume_with_another_data_seed_is_refused(tmp_path):
+    """The checkpoint's data order keeps the run's data.seed: a resume with another one said "changed data.seed"
+    and saved it in config.yaml, yet drew the rest of the epoch from the old seed's order (a data file's rows are
+    the same whatever the seed, so nothing else refused it)."""
+    from pact_fast.checkpoint import CheckpointError
+    from pact_fast.data import write_examples
+    from pact_fast.trainer import train
+
+    data = tmp_path / "tasks.jsonl"
+    write_examples(data, make_tasks(12, seed=0, hops=(1,), ops=False))
+    base = tiny_for(data_path=True) + [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
+                                       "train.stop_after=1"]
+    train(load_config(None, base), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match=r"draws its data order from data.seed=0; this config has data.seed=5, "
+                                              r"which cannot change on resume"):
+        build(load_config(None, base + ["data.seed=5"]), resume=tmp_path / "run", log=lambda *_: None)
 
 
 def test_a_chat_template_the_run_cannot_use_is_a_model_error(tiny):
