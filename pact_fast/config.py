@@ -7,6 +7,7 @@ error that names it and lists the valid keys or choices. The resolved config is 
 """
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -535,10 +536,27 @@ def _check_values(config):
                           f"{sorted(CHAINS)}")
 
 
+# the files and directories a run reads: a relative one is relative to the directory the command runs in
+PATH_OPTIONS = ("model.path", "model.lora.adapter", "data.path", "data.eval_path")
+
+
+def _absolute_paths(data):
+    """``data`` (``plain`` of a config) with each set ``PATH_OPTIONS`` made absolute from here, in place."""
+    for key in PATH_OPTIONS:
+        *sections, name = key.split(".")
+        holder = data
+        for section in sections:
+            holder = holder[section]
+        if holder[name]:
+            holder[name] = os.path.abspath(holder[name])
+    return data
+
+
 def save_config(config, path):
-    """Write the resolved config as YAML; one-off options (``train.stop_after``) are saved at their defaults,
-    so a later ``--resume`` does not repeat them."""
-    data = plain(config)
+    """Write the resolved config as YAML: one-off options (``train.stop_after``) at their defaults, so a later
+    ``--resume`` does not repeat them, and the paths a run reads (``PATH_OPTIONS``) absolute, so ``eval --run`` and
+    ``--resume`` find them from any directory (a run started with ``--data tasks.jsonl`` saved it as typed)."""
+    data = _absolute_paths(plain(config))
     for section, key, default in one_off_fields():
         data[section][key] = default
     write_text(path, yaml.safe_dump(data, sort_keys=False))  # whole or not at all: never a cut config.yaml
@@ -553,8 +571,10 @@ def one_off_fields():
 
 
 def config_changes(old, new):
-    """``[(key, old value, new value)]`` for every option that differs between two configs."""
-    a, b = plain(old), plain(new)
+    """``[(key, old value, new value)]`` for every option that differs between two configs; paths
+    (``PATH_OPTIONS``) as absolute ones, so a run's config.yaml (``save_config``) and the relative path that started
+    it agree."""
+    a, b = _absolute_paths(plain(old)), _absolute_paths(plain(new))
     return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 

@@ -369,9 +369,12 @@ def test_plot_into_a_directory_that_does_not_exist_names_it(tmp_path):
     assert proc.returncode == 2 and "missing/run: no metrics.jsonl" in proc.stderr, proc.stderr
 
 
-def test_a_runs_relative_data_path_not_found_from_here_is_named(tmp_path, monkeypatch, capsys):
-    """A run started with `--data tasks.jsonl` keeps that relative path: `eval --run` or `--resume` from another
-    directory said "data.path=tasks.jsonl: no such file", naming neither the run's config nor why."""
+def test_a_runs_relative_data_path_is_saved_absolute_and_an_older_runs_is_named(tmp_path, monkeypatch, capsys):
+    """A run started with `--data tasks.jsonl` kept that relative path in its config.yaml: `eval --run` or `--resume`
+    from another directory could not find the data. It is saved absolute now; an older run's relative path not found
+    from here is one line naming the run's config and why (it said "data.path=tasks.jsonl: no such file")."""
+    import yaml
+
     import pact_fast.cli as cli
     from pact_fast.envs import make_task
     from test_trainer import tiny_for
@@ -382,9 +385,15 @@ def test_a_runs_relative_data_path_not_found_from_here_is_named(tmp_path, monkey
     monkeypatch.chdir(started)
     assert cli.main(["train", "--data", "tasks.jsonl", "--out", str(run), *tiny_for(data_path=True),
                      "train.steps=1"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(started / "tasks.jsonl")
     monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--run", str(run)]) == 0
+    assert cli.main(["train", "--resume", str(run), "train.steps=2"]) == 0
     capsys.readouterr()
-    for argv in (["eval", "--run", str(run)], ["train", "--resume", str(run), "train.steps=2"]):
+    saved["data"]["path"] = "tasks.jsonl"  # as a run written before paths were saved absolute has it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    for argv in (["eval", "--run", str(run)], ["train", "--resume", str(run), "train.steps=3"]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{run / 'config.yaml'}: data.path=tasks.jsonl is relative to the directory the " \

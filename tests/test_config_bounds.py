@@ -249,3 +249,20 @@ def test_a_built_in_model_that_cannot_be_built_is_refused_by_its_config(override
     with pytest.raises(ConfigError, match=f"^{message}"):
         load_config(None, overrides)
     load_config(None, ["model.path=/m"])  # a pretrained model's own shape is not these options'
+
+
+def test_a_runs_config_saves_paths_absolute_and_they_compare_equal_to_the_relative_ones(tmp_path, monkeypatch):
+    """config.yaml holds model.path, model.lora.adapter, data.path and data.eval_path absolute (they are read from
+    any directory later), and config_changes reads them as the files they name: compare, which looks for a run of
+    its configuration in a run directory, would otherwise see `--data tasks.jsonl` as another run's data."""
+    from pact_fast.config import RUN_CONFIG, config_changes, save_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.path=tasks.jsonl", "data.eval_path=held/out.jsonl"])
+    save_config(config, tmp_path / "config.yaml")
+    saved = load_config(str(tmp_path / "config.yaml"), label=RUN_CONFIG)
+    assert (saved.data.path, saved.data.eval_path) == (str(tmp_path / "tasks.jsonl"), str(tmp_path / "held/out.jsonl"))
+    assert saved.model.path is None
+    assert config_changes(saved, config) == []
+    assert config_changes(saved, load_config(None, ["data.path=other.jsonl", "data.eval_path=held/out.jsonl"])) == [
+        ("data.path", str(tmp_path / "tasks.jsonl"), str(tmp_path / "other.jsonl"))]
