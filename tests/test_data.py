@@ -469,6 +469,13 @@ UNTRAINABLE_MULTIHOP = {
     "a-later-user-turn": (lambda r: r["trace"].extend([{"role": "user", "content": "and then ?"},
                                                        {"role": "assistant", "content": "paris"}]),
                           r"trace\[\d+\] is a later user turn, but env 'multihop' has one user turn"),
+    # the expert's calls and their results, then nothing: it taught calling tools and never answering
+    "a-trace-without-its-final-answer": (lambda r: r["trace"].pop(),
+                                         "the trace ends without a final answer .*: it earns no reward"),
+    # a typo of world_seed: the task ran in world 0 (a row without a trace, grpo's, earned 0 there without a word)
+    "an-env-key-it-does-not-read": (lambda r: r["env"].update(world_sed=3),
+                                    "env has 'world_sed', a key env 'multihop' does not read \\(it reads name, "
+                                    "world_seed\\)"),
 }
 
 
@@ -513,7 +520,8 @@ def _bfcl_row(**env):
     (dict(user_turns=[[{"role": "user", "content": "more"}]]), "'user_turns' has 1 later user turns, the trace 0"),
     (dict(gold=None), "needs 'gold'"),
     (dict(gold=[["ls()"], ["pwd()"]]), "'gold' has 2 turns for 1 user turns"),
-], ids=["no-classes", "unknown-class", "no-config", "user-turns", "no-gold", "gold-turns"])
+    (dict(long_contxt=True), "env has 'long_contxt', a key env 'bfcl' does not read"),
+], ids=["no-classes", "unknown-class", "no-config", "user-turns", "no-gold", "gold-turns", "unread-key"])
 def test_bfcl_rows_need_the_fields_their_back_ends_read(env, words):
     """Before, such rows loaded and the run stopped at the first episode (KeyError), or the first one scored."""
     pytest.importorskip("bfcl_eval")

@@ -223,16 +223,25 @@ def _entry_example(entry, gold, category):
                 "revealed_tools": {str(turn): names for turn, names in held.items()}, "gold": gold}}
 
 
+# what load_bfcl writes in a row's env: BFCLEnv reads all but ``category`` (the BFCL category it came from)
+ENV_KEYS = ("name", "category", "initial_config", "involved_classes", "long_context", "user_turns", "revealed_tools",
+            "gold")
+
+
 def check_example(example):
     """Why ``example`` cannot run in ``BFCLEnv`` (a one-line reason), or None: ``env`` needs
     ``involved_classes`` (BFCL back-end class names), ``initial_config`` (an object), ``user_turns`` (a list of
     message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
-    turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field."""
+    turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
+    A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:
         return "env 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval"
     env = example.env
+    unread = [k for k in env if k not in ENV_KEYS]
+    if unread:
+        return f"env has {unread[0]!r}, a key env 'bfcl' does not read (it reads {', '.join(ENV_KEYS)}); rename it"
     classes = env.get("involved_classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         return "env 'bfcl' needs 'involved_classes', a non-empty list of BFCL back-end class names"

@@ -247,12 +247,21 @@ class MultiHopEnv(ToolEnv):
         return float(correct) + (self.format_reward if clean_calls else 0.0)
 
 
+ENV_KEYS = ("name", "world_seed")  # what a row's env gives MultiHopEnv
+
+
 def check_example(example):
     """Why ``example`` cannot train against ``MultiHopEnv`` (a one-line reason), or None. Its tools must be the
     environment's own (it runs no other); its ``answer`` a string or an integer, as the reward compares it as
     text; its trace one user turn (the environment hands over no later one), and, replayed here, the trace's tool
     results must be what the environment answers in its world (``env.world_seed``) and its final answer must earn
-    the reward. Otherwise the RL terms would punish what the SFT term teaches."""
+    the reward; a trace that ends without a final answer (its last assistant turn calls tools) does not. Otherwise
+    the RL terms would punish what the SFT term teaches. ``env`` holds ``ENV_KEYS`` only: another key (a typo of
+    ``world_seed``) would be ignored, and the task run in world 0."""
+    unread = [k for k in example.env if k not in ENV_KEYS]
+    if unread:
+        return (f"env has {unread[0]!r}, a key env 'multihop' does not read (it reads {', '.join(ENV_KEYS)}); rename "
+                "it or leave it out")
     own = set(TOOLS) | set(DISTRACTORS)
     foreign = [t["function"]["name"] for t in example.tools if t["function"]["name"] not in own]
     if foreign:
@@ -279,7 +288,9 @@ def check_example(example):
                         f"{example.env.get('world_seed', 0)}) answers {excerpt(expected)}")
         elif m["role"] == "assistant":
             final = m.get("content") or ""
-    if final is not None and env.reward(final) < 1.0:
+    if final is None:
+        return "the trace ends without a final answer (an assistant turn without tool calls): it earns no reward"
+    if env.reward(final) < 1.0:
         return (f"the trace's final answer {excerpt(final_answer(final))} does not earn the reward against 'answer' "
                 f"{excerpt(str(example.answer))}")
     return None
