@@ -407,6 +407,18 @@ def check_fresh_run_dir(out_dir):
                           "resume): give a new --out (or train.out_dir), or delete that directory")
 
 
+def check_run_dir_writable(out_dir):
+    """A ``ConfigError`` when the run directory ``out_dir`` cannot be made or written: it, or the nearest of its
+    parents that exists, is not a directory or not writable. Checked before the model loads: ``mkdir`` failed with a
+    traceback after the model load and the held-out evaluation."""
+    path = Path(out_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is a file, not a directory; give the run a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is not writable")
+
+
 def reuse_run_dir(out_dir, log=print):
     """Before a fresh run in ``out_dir`` (``check_fresh_run_dir`` passed): the rows of a run that stopped before
     its first checkpoint move to ``metrics.jsonl.prev``, so that this run's rows start the file."""
@@ -463,6 +475,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     and writes its ``config.yaml``. ``engine_factory(model, tokenizer, rollout_cfg, seed)`` may supply another
     rollout engine (default ``rollout_vllm.make_rollout_engine``: the one ``rollout.engine`` names)."""
     train_cfg = config.train
+    check_run_dir_writable(train_cfg.out_dir)
     if not resume:
         check_fresh_run_dir(train_cfg.out_dir)
     dist.init()

@@ -545,6 +545,22 @@ def test_compare_over_seeds_reports_mean_and_spread_and_reuses_finished_runs(tmp
     assert len(calls) == 6
 
 
+def test_a_run_directory_that_cannot_be_made_or_written_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """train.out_dir naming a file, or a directory under a file: FileExistsError / NotADirectoryError from mkdir, a
+    traceback after the model load and the held-out evaluation."""
+    import pact_fast.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    a_file = tmp_path / "runs"
+    a_file.write_text("")
+    for out_dir in (a_file, a_file / "pact"):
+        with pytest.raises(ConfigError, match=f"^train.out_dir={out_dir}: {a_file} is a file, not a directory"):
+            train(load_config(None, TINY + [f"train.out_dir={out_dir}"]))
+    monkeypatch.setattr(trainer.os, "access", lambda path, mode: Path(path) != tmp_path)  # (root writes anywhere)
+    with pytest.raises(ConfigError, match=f"^train.out_dir={tmp_path / 'run'}: {tmp_path} is not writable$"):
+        train(load_config(None, TINY + [f"train.out_dir={tmp_path / 'run'}"]))
+
+
 def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_path):
     """A second `train` into a run's directory appended its metrics to the first's and pruned the newer run's
     checkpoints by name, and eval, plot and export then read the old model or a mix: refused, untouched; a
