@@ -231,6 +231,9 @@ def _coerce(value, tp, key):
     if tp is str:
         if isinstance(value, (list, tuple, dict)):  # str() would make "['runs/x']" a directory name
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if value is None or isinstance(value, (bool, int, float)):  # a YAML file's unquoted 010, yes or null
+            raise ConfigError(f"{key}: expected a string, got {'null' if value is None else repr(value)} (YAML reads "
+                              "an unquoted 010 as 8, yes as true, null as none: quote the text)")
         return str(value)
     return value
 

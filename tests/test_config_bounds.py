@@ -67,6 +67,18 @@ def test_a_list_or_mapping_for_a_string_option_is_refused(tmp_path):
         load_config(str(path))
 
 
+@pytest.mark.parametrize("value,shown", [("010", "8"), ("yes", "True"), ("1_000", "1000"), ("null", "null")])
+def test_a_config_files_unquoted_number_boolean_or_null_for_a_string_option_is_refused(tmp_path, value, shown):
+    """YAML reads `out_dir: 010` as 8 and `yes` as true: the run went to a directory named '8' or 'True' (`null`:
+    'None'). The command line takes a string option's text as given; a file's must be quoted."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  out_dir: {value}\n")
+    with pytest.raises(ConfigError, match=f"train.out_dir: expected a string, got {shown} \\(YAML reads an unquoted"):
+        load_config(str(path))
+    path.write_text(f"train:\n  out_dir: '{value}'\n")
+    assert load_config(str(path)).train.out_dir == value
+
+
 def test_every_bound_names_an_option_and_the_defaults_keep_them():
     config = Config()
     for key in BOUNDS:
