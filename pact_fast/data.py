@@ -286,8 +286,12 @@ def parse_example(row):
                 _fail(f"trace[{i}] is an assistant turn after the final answer trace[{final_answer}]; "
                       f"only a user turn may follow it")
             require_answered(i)
-            if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+            reasoning = m.get("reasoning_content")
+            if reasoning is not None and not isinstance(reasoning, str):
                 _fail(f"trace[{i}].reasoning_content must be a string")
+            if reasoning and ("<think>" in reasoning or "</think>" in reasoning):
+                _fail(f"trace[{i}].reasoning_content holds a <think> or </think> tag: rendered in the turn's <think> "
+                      "block it would end (or open) the reasoning there; give the reasoning without the tags")
             calls = [] if m.get("tool_calls") is None else m["tool_calls"]
             if not isinstance(calls, list):  # ({} and "" read as "no calls" put the error on the tool turn after)
                 _fail(f"trace[{i}].tool_calls must be a list, got {json.dumps(calls)[:60]}")

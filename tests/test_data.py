@@ -360,6 +360,9 @@ CONVERSIONS = {
     "object-tool-result": (lambda r, k: r["trace"][k + 1].update(content={"x": 1}), "JSON-encode a structured result"),
     "think-inside-the-answer": (lambda r, k: r["trace"][-1].update(content="it is <think>x</think> paris"),
                                 "<think> tags other than one leading"),
+    # rendered as `<think> i look </think> it up </think>`: the reasoning ended early, the rest trained as answer text
+    "think-inside-the-reasoning": (lambda r, k: r["trace"][k].update(reasoning_content="i look </think> it up"),
+                                   r"trace\[\d+\]\.reasoning_content holds a <think> or </think> tag"),
 }
 
 
