@@ -222,6 +222,8 @@ def _check_tools(tools, where):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             _fail(f"{where}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if t.get("type", "function") != "function":  # rendered and run as a function all the same
+            _fail(f"{where}[{i}].type is {t['type']!r}; the tools this format runs are functions ('type': 'function')")
         params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
@@ -257,8 +259,12 @@ def parse_example(row):
         _fail("'messages' must be a non-empty list")
     for i, m in enumerate(messages):
         _check_message(m, f"messages[{i}]", {"system", "user"})
-    if not any(m["role"] == "user" for m in messages):
+    roles = [m["role"] for m in messages]
+    if "user" not in roles:
         _fail("'messages' has no user message")
+    if "system" in roles[roles.index("user"):]:  # the built-in tool formats gather every system text in the first turn
+        _fail(f"messages[{roles.index('system', roles.index('user'))}] is a system message after a user message; the "
+              "prompt's system messages come first (the built-in tool format would move it before the user's text)")
     tools = row.get("tools", [])
     names = _check_tools(tools, "tools")
     trace = row.get("trace", [])

@@ -360,6 +360,12 @@ CONVERSIONS = {
     "object-tool-result": (lambda r, k: r["trace"][k + 1].update(content={"x": 1}), "JSON-encode a structured result"),
     "think-inside-the-answer": (lambda r, k: r["trace"][-1].update(content="it is <think>x</think> paris"),
                                 "<think> tags other than one leading"),
+    # rendered and run as a function, whatever the type said
+    "a-tool-of-another-type": (lambda r, k: r["tools"][0].update(type="retrieval"),
+                               r"tools\[0\]\.type is 'retrieval'; the tools this format runs are functions"),
+    # the built-in tool formats gather every system text in the first turn: it came before the user's question
+    "a-system-message-after-the-user": (lambda r, k: r["messages"].append({"role": "system", "content": "be brief"}),
+                                        r"messages\[2\] is a system message after a user message"),
     # rendered as `<think> i look </think> it up </think>`: the reasoning ended early, the rest trained as answer text
     "think-inside-the-reasoning": (lambda r, k: r["trace"][k].update(reasoning_content="i look </think> it up"),
                                    r"trace\[\d+\]\.reasoning_content holds a <think> or </think> tag"),
