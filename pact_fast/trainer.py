@@ -282,10 +282,11 @@ class _StepAborted(BaseException):
 
 
 class _Interrupt:
-    """The first Ctrl-C: inside the abortable part of a step (``abortable``: rollouts, scoring, backward, before
-    any optimizer update) it aborts the step, and the loop drops its gradients and rewinds its data; elsewhere (the
-    update, a checkpoint write) it is a flag the loop checks before the next step. Either way a checkpoint of the
-    last whole step is saved. A second Ctrl-C quits without saving.
+    """The first Ctrl-C (or SIGTERM, what a batch scheduler, ``kill`` or ``timeout`` sends): inside the abortable part
+    of a step (``abortable``: rollouts, scoring, backward, before any optimizer update) it aborts the step, and the
+    loop drops its gradients and rewinds its data; elsewhere (the update, a checkpoint write) it is a flag the loop
+    checks before the next step. Either way a checkpoint of the last whole step is saved (a SIGTERM killed the run on
+    the spot: the steps since the last periodic checkpoint were lost). A second one quits without saving.
 
     In one process the abort is at once. Under torchrun a rank that left its step alone would leave the others
     waiting in a collective, or pair their collectives with its checkpoint's, so the ranks agree: a Ctrl-C ends a
@@ -302,15 +303,18 @@ class _Interrupt:
         self.abortable = self.local = False
         self.log, self.distributed = log, distributed
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.log("[pact_fast] Ctrl-C: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"[pact_fast] {name}: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
         if self.abortable and (self.local or not self.distributed):
             raise _StepAborted
 
@@ -348,7 +352,8 @@ class _Interrupt:
         self.abortable = False
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 @dataclass

@@ -191,6 +191,24 @@ def test_a_ctrl_c_is_the_trainers_not_the_sandboxed_back_ends():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_sigterm_ends_a_sandboxed_back_end_not_the_trainers_handler_in_it():
+    """The trainer handles SIGTERM as a Ctrl-C; a forked child that inherited that handler outlived the SIGTERM
+    multiprocessing sends its daemon children at the parent's exit (whose join then waited for it)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a handler that returns, as the trainer's
+    sandbox = Sandbox(_Counter, (10,), timeout=5.0)
+    try:
+        assert sandbox.call("add", 1) == 11
+        child = sandbox.process
+        child.terminate()
+        child.join(timeout=5)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        sandbox.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_demo_shows_the_main_jobs_one_hop_tasks(capsys):
     from pact_fast.envs.__main__ import demo
 

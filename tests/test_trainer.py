@@ -708,7 +708,11 @@ def test_ctrl_c_at_start_up_is_one_line_and_exit_130(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists() or '"reward_mean"' not in (tmp_path / "metrics.jsonl").read_text()
 
 
-def test_ctrl_c_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path):
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path, signum, name):
+    """SIGTERM (a batch scheduler's, kill's, timeout's) is a Ctrl-C: it killed the run on the spot, losing the steps
+    since the last periodic checkpoint."""
     # steps of 8 groups x 2 rollouts of up to 30 tokens: several seconds each on this CPU
     proc = _start(tmp_path, "train.steps=50", "train.prompts_per_step=8", "rollout.max_new_tokens=30")
     metrics = tmp_path / "metrics.jsonl"
@@ -716,10 +720,10 @@ def test_ctrl_c_mid_step_aborts_the_step_and_saves_the_last_whole_one(tmp_path):
     while time.time() < deadline and not (metrics.exists() and '"reward_mean"' in metrics.read_text()):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # step 2 has just begun its rollouts
+    proc.send_signal(signum)  # step 2 has just begun its rollouts
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
-    assert "Ctrl-C: saving a checkpoint of the last whole step" in out + err
+    assert f"{name}: saving a checkpoint of the last whole step" in out + err
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
     assert [s["step"] for s in steps] == [1], "the step in progress was aborted, not finished"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]

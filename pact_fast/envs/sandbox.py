@@ -30,8 +30,10 @@ def _context():
 
 def _serve(conn, factory, args):
     """The child: build the object, then answer (method, args, kwargs) messages until ``None`` or EOF. A Ctrl-C is
-    the parent's to handle (a forked child inherits the trainer's handler); the parent ends its children."""
+    the parent's to handle (a forked child inherits the trainer's handler); the parent ends its children, and a
+    SIGTERM (multiprocessing's at the parent's exit) ends the child, not the trainer's handler in it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     obj = factory(*args)
     while True:
         try:
