@@ -37,6 +37,7 @@ available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite
 (no NaN or Infinity) and ids unique within a file.
 """
 import json
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -513,13 +514,19 @@ def _with_traces(examples, report, on_error, env_modules):
     return keep_rows(examples, partial(check_trainable, needs_trace=True, env_modules=env_modules), on_error, skipped)
 
 
-def load_data(cfg, *, needs_trace=True):
+def _to_stderr(message):
+    print(message, file=sys.stderr)
+
+
+def load_data(cfg, *, needs_trace=True, log=_to_stderr):
     """(train examples, held-out examples) from a data file or the built-in environment.
 
     A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
     trace when ``needs_trace``); held-out rows need no trace, and without ``data.eval_path`` they are split off
     before the trace check (a run and its evaluation hold out the same rows). No held-out task is a
-    ``DataFormatError``."""
+    ``DataFormatError``. ``log``: what was skipped (``data.on_error=skip``) and held-out ids that are also training
+    rows; default stderr (stdout is the command's JSON result: `pact-fast train > summary.json`); None: not said."""
+    log = log or (lambda message: None)
     from .envs import make_tasks
 
     for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
@@ -535,10 +542,10 @@ def load_data(cfg, *, needs_trace=True):
             held_out, eval_report = load_examples(cfg.eval_path, on_error=cfg.on_error, check=check)
             train = rows
             if eval_report.skipped:
-                print(f"[pact_fast] {eval_report.summary()}")
+                log(f"[pact_fast] {eval_report.summary()}")
             overlap = sorted({ex.id for ex in held_out} & {ex.id for ex in rows})
             if overlap:
-                print(f"[pact_fast] {len(overlap)} held-out ids are also training rows (first: {overlap[0]!r}): the "
+                log(f"[pact_fast] {len(overlap)} held-out ids are also training rows (first: {overlap[0]!r}): the "
                       "held-out results include tasks the run trains on")
         else:
             n = min(cfg.eval_tasks, len(rows) // 5)
@@ -549,7 +556,7 @@ def load_data(cfg, *, needs_trace=True):
                 raise DataFormatError(f"{cfg.path}: no training row has a trace (every loss mode but grpo trains on "
                                       "one)")
         if report.skipped:
-            print(f"[pact_fast] {report.summary()}")
+            log(f"[pact_fast] {report.summary()}")
     else:
         kw = dict(hops=cfg.hops, n_distractors=cfg.distractors, ops=cfg.ops)
         train = [parse_example(t) for t in make_tasks(cfg.train_tasks, seed=cfg.seed, world_seed=cfg.world_seed,

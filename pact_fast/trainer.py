@@ -494,7 +494,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     check_writers(train_cfg)
     run_dir = Path(train_cfg.out_dir)
     # data errors before the expensive model load (a LoRA set-up is checked on the model's skeleton there too)
-    train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo")
+    train_set, held_out = load_data(config.data, needs_trace=config.loss.mode != "grpo",
+                                    log=log if dist.rank() == 0 else None)
     policy = build_policy(without_start_adapters(config.model) if resume else config.model, device, train_cfg.seed,
                           log=log if dist.rank() == 0 else None, training=True)
     model, tokenizer = policy.model, policy.tokenizer

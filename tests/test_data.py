@@ -290,7 +290,8 @@ def test_a_run_and_its_evaluation_split_a_file_alike(tmp_path, capsys):
     with pytest.raises(DataFormatError, match="^" + re.escape(f"{path}:8 (id 'multihop-0-7'): missing 'trace'")):
         load_data(_split_config(path))
     train, held_out = load_data(_split_config(path, on_error="skip"))
-    assert f"{path}: 11 rows loaded, 1 skipped (first: line 8: missing 'trace'" in capsys.readouterr().out
+    said = capsys.readouterr()  # on stderr: stdout is the command's JSON (`pact-fast train > summary.json`)
+    assert f"{path}: 11 rows loaded, 1 skipped (first: line 8: missing 'trace'" in said.err and not said.out
     _, eval_held_out = load_data(_split_config(path, on_error="skip"), needs_trace=False)
     assert [ex.id for ex in held_out] == [ex.id for ex in eval_held_out] == [rows[0]["id"], rows[1]["id"]]
     assert [ex.id for ex in train] == [r["id"] for k, r in enumerate(rows) if k >= 2 and k != 7]
@@ -306,7 +307,9 @@ def test_skipped_held_out_rows_and_ids_shared_with_training_are_reported(tmp_pat
     held[1].pop("answer")
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     _, held_out = load_data(_split_config(path, eval_path=str(eval_path), on_error="skip"))
-    out = capsys.readouterr().out
+    said = capsys.readouterr()  # on stderr: on stdout they were read as part of `pact-fast train > summary.json`
+    out = said.err
+    assert not said.out
     assert [ex.id for ex in held_out] == [held[0]["id"], held[2]["id"]]
     assert f"{eval_path}: 2 rows loaded, 1 skipped (first: line 2: missing 'answer'" in out
     assert f"1 held-out ids are also training rows (first: {held[0]['id']!r})" in out
