@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -675,7 +676,9 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
         c.optimizer.step()
         c.optimizer.zero_grad(set_to_none=True)
     lr = c.scheduler.get_last_lr()[0]  # the rate this step trained at (logged; the scheduler now moves on)
-    c.scheduler.step()  # the schedule follows the step count, skipped steps included
+    with warnings.catch_warnings():  # a skipped first step: torch would say the schedule is called out of order
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        c.scheduler.step()  # the schedule follows the step count, skipped steps included
     anchor_frac = None
     if lc.mode == "pact":
         anchor_frac = lc.anchor_q if lc.anchor_mode == "mix" else float(

@@ -383,6 +383,22 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, how, fus
     assert any(f"step 2: non-finite {how}; step skipped" in line for line in logs), logs
 
 
+def test_a_skipped_first_step_says_no_torch_warning_about_the_schedule(tmp_path, monkeypatch):
+    """The schedule steps on a skipped step too; before the first update torch warned "Detected call of
+    `lr_scheduler.step()` before `optimizer.step()` ... call them in the opposite order", advice to the user about
+    the trainer's own code."""
+    import warnings
+
+    _flaky_loss(monkeypatch, {0}, "gradient")
+    cfg = load_config(None, TINY + ["train.steps=2", f"train.out_dir={tmp_path}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, log=lambda *a: None)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "reward_mean" in line]
+    assert [r["skipped_step"] for r in rows] == [1.0, 0.0]
+
+
 def test_a_ctrl_c_after_a_skipped_steps_gradients_lets_the_step_finish(tmp_path, monkeypatch):
     """A skipped step left the step abortable through the schedule's step: a Ctrl-C there aborted a step whose
     learning-rate schedule had already moved on (one step ahead of its data after a resume)."""
