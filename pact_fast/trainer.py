@@ -436,15 +436,18 @@ def reuse_run_dir(out_dir, log=print):
 
 
 def check_backends(train_cfg, device):
-    """Refuse (``ConfigError``, before the model loads) a Triton backend on a device it cannot run on: it failed
-    in the scoring check, blamed on the model, or (``scoring.check=false``) mid-run after the first evaluation."""
+    """Refuse (``ConfigError``, before the model loads) a Triton or FlexAttention backend on a device it cannot run
+    on: it failed in the scoring check, blamed on the model, or (``scoring.check=false``) mid-run after the first
+    evaluation. (Triton runs on the CPU under its interpreter; FlexAttention has no CPU backward at all.)"""
     from .kernels.registry import interpreting
 
-    if device.type == "cuda" or interpreting():
+    if device.type == "cuda":
         return
-    for key in ("attn_backend", "logprob_backend"):
-        if getattr(train_cfg, key) == "triton":
-            raise ConfigError(f"train.{key}=triton needs a CUDA device; this run is on {device} "
+    cuda_only = [("attn_backend", "flex")] + ([] if interpreting() else [("attn_backend", "triton"),
+                                                                         ("logprob_backend", "triton")])
+    for key, backend in cuda_only:
+        if getattr(train_cfg, key) == backend:
+            raise ConfigError(f"train.{key}={backend} needs a CUDA device; this run is on {device} "
                               f"(train.device={train_cfg.device}): use auto, which picks the torch path there")
 
 

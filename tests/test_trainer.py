@@ -105,6 +105,18 @@ def test_a_triton_backend_on_the_cpu_is_refused_before_the_model_loads(tmp_path,
     assert not loaded and not (tmp_path / "run").exists()
 
 
+def test_flex_attention_on_the_cpu_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """train.attn_backend=flex on a CPU (FlexAttention has no CPU backward) failed in the scoring check as
+    "Qwen3ForCausalLM: packed scoring failed on this model ... it cannot be scored packed", blaming the model."""
+    from pact_fast import trainer
+
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    cfg = load_config(None, TINY + ["train.attn_backend=flex", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^train.attn_backend=flex needs a CUDA device; this run is on cpu"):
+        trainer.build(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpoints_keep_the_last_k(tmp_path):
     cfg = load_config(None, TINY + ["train.steps=3", "train.save_every=1", "train.keep_last=2",
                                     f"train.out_dir={tmp_path}"])
