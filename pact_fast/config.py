@@ -361,6 +361,9 @@ def unread_options(config):
 
     if config.model.path:
         add("with model.path the built-in model's shape options are not read", *(f"model.{k}" for k in _SHAPE))
+    else:  # model_setup.fit_chat_template: the built-in tokenizer's template is the built-in format
+        add("the built-in model's tokenizer has its own tool template (the option is a pretrained model.path's)",
+            "model.chat_template")
     if not config.train.wandb:
         add("train.wandb=false: nothing logs to wandb", "train.wandb_project")
     if data.path:

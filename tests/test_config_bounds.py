@@ -188,6 +188,8 @@ def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
     (["loss.lambda_sft=0", "loss.beta_0=0.5"], "loss.beta_0=0.5: loss.lambda_sft=0: there is no SFT term"),
     (["loss.norm_adv_by_std=false", "loss.adv_eps=0.01"], "loss.adv_eps=0.01: loss.norm_adv_by_std=false"),
     (["train.wandb_project=mine"], "train.wandb_project=mine: train.wandb=false: nothing logs to wandb"),
+    # the built-in model always renders with its tokenizer's own template: `model` ran as if it had not been given
+    (["model.chat_template=model"], "model.chat_template=model: the built-in model's tokenizer has its own tool"),
 ])
 def test_an_option_the_rest_of_the_config_leaves_unread_is_refused(overrides, message):
     """Each of these ran as if it had not been given (a shape option beside a pretrained model, a built-in task

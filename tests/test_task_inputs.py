@@ -328,8 +328,7 @@ def test_a_chat_template_the_run_cannot_use_is_a_model_error(tiny):
 
     tok = build_tokenizer()
     tok.chat_template = NO_CALLS_TEMPLATE
-    cfg = load_config(None, ["model.chat_template=model"])
-    cfg.model.path = "/a/pretrained/model"  # fit_chat_template acts on pretrained models only
+    cfg = load_config(None, ["model.path=/a/pretrained/model", "model.chat_template=model"])  # a pretrained model's
     with pytest.raises(ModelError, match="^model.chat_template=model: chat_template=model, but the model's chat "
                                          "template cannot be trained on tool use"):
         fit_chat_template(cfg, tok, load_examples_from(_rows(1)), log=None)
