@@ -524,8 +524,8 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
     A file's rows must be trainable (``data.check_trainable``: tools, env, the answer its reward needs, and a
     trace when ``needs_trace``); held-out rows need no trace, and without ``data.eval_path`` they are split off
     before the trace check (a run and its evaluation hold out the same rows). No held-out task is a
-    ``DataFormatError``. ``log``: what was skipped (``data.on_error=skip``) and held-out ids that are also training
-    rows; default stderr (stdout is the command's JSON result: `pact-fast train > summary.json`); None: not said."""
+    ``DataFormatError``. ``log``: what was skipped (``data.on_error=skip``), held-out ids that are also training rows,
+    and a split smaller than ``data.eval_tasks``; default stderr (stdout is the command's JSON result: `pact-fast train > summary.json`); None: not said."""
     log = log or (lambda message: None)
     from .envs import make_tasks
 
@@ -550,6 +550,9 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
         else:
             n = min(cfg.eval_tasks, len(rows) // 5)
             train, held_out = rows[n:], rows[:n]
+            if n < cfg.eval_tasks:
+                log(f"[pact_fast] data.eval_tasks={cfg.eval_tasks}: {n} rows of {cfg.path} held out, at most a fifth of "
+                    f"its {len(rows)} (data.eval_path gives a held-out file of its own)")
         if needs_trace:
             train = _with_traces(train, report, cfg.on_error, cfg.env_modules)
             if not train:

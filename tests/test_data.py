@@ -273,7 +273,7 @@ def test_empty_values_of_other_keys_and_metadata_of_your_own_load():
 def _split_config(path, **kw):
     from pact_fast.config import DataConfig
 
-    return DataConfig(path=str(path), eval_tasks=2, **kw)
+    return DataConfig(**{"path": str(path), "eval_tasks": 2, **kw})
 
 
 def test_a_run_and_its_evaluation_split_a_file_alike(tmp_path, capsys):
@@ -295,6 +295,21 @@ def test_a_run_and_its_evaluation_split_a_file_alike(tmp_path, capsys):
     _, eval_held_out = load_data(_split_config(path, on_error="skip"), needs_trace=False)
     assert [ex.id for ex in held_out] == [ex.id for ex in eval_held_out] == [rows[0]["id"], rows[1]["id"]]
     assert [ex.id for ex in train] == [r["id"] for k, r in enumerate(rows) if k >= 2 and k != 7]
+
+
+def test_a_split_smaller_than_data_eval_tasks_is_said(tmp_path):
+    """data.eval_tasks=16 (a pretrained model's default) on a file of 40 rows held out 8, a fifth, without a word."""
+    from pact_fast.data import load_data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(make_task(k, hops=1)) + "\n" for k in range(40)))
+    said = []
+    _, held_out = load_data(_split_config(path, eval_tasks=16), log=said.append)
+    assert len(held_out) == 8 and said == [f"[pact_fast] data.eval_tasks=16: 8 rows of {path} held out, at most a "
+                                           "fifth of its 40 (data.eval_path gives a held-out file of its own)"]
+    said.clear()
+    load_data(_split_config(path, eval_tasks=8), log=said.append)
+    assert not said
 
 
 def test_skipped_held_out_rows_and_ids_shared_with_training_are_reported(tmp_path, capsys):
