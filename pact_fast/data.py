@@ -409,7 +409,6 @@ def _decode_row(raw, line_no=0):
     if line_no == 1:
         if raw.startswith(b"\x1f\x8b"):
             _fail("a gzip file: decompress it first (rows are JSONL text, one JSON object per line)")
-        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
         if raw.strip() in (b"[", b"{"):
             _fail(f"the line is {raw.strip().decode()!r} alone: a JSON array or pretty-printed JSON, not JSONL (one "
                   "JSON object per line)")
@@ -453,6 +452,8 @@ def load_examples(path, *, on_error="raise", check=None):
     first_line = {}  # id -> line where it first appeared
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:  # a UTF-8 byte order mark, on a line of its own too (then a blank line, skipped)
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 example = parse_example(_decode_row(raw, line_no)) if raw.strip() else None
                 if example is not None and example.id in first_line:

@@ -472,6 +472,10 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_good()).encode() + b"\n")
     examples, _ = load_examples(path)
     assert examples[0].id == _good()["id"]
+    # on a line of its own it is a blank line, skipped as blank lines are (it was "invalid JSON ... truncated?")
+    path.write_bytes(b"\xef\xbb\xbf\r\n" + json.dumps(_good()).encode() + b"\r\n")
+    examples, _ = load_examples(path)
+    assert [(e.id, e.line) for e in examples] == [(_good()["id"], 2)]
 
 
 def _multihop(change):
