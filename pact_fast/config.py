@@ -470,6 +470,7 @@ def _load(path, overrides, base=None, label="--config"):
 
 
 MAX_SEED = 2 ** 32 - 1  # the largest seed option
+MIN_TEMPERATURE = 1e-4  # the lowest rollout.temperature (rollout.greedy=true samples the argmax)
 
 # Bounds of numeric options, checked after the file and the overrides (None: unbounded; "open": the bound itself
 # is refused). Every float option must also be finite.
@@ -481,8 +482,11 @@ BOUNDS = {
     "train.keep_last": (1, None), "train.eval_every": (0, None),
     "data.train_tasks": (1, None), "data.eval_tasks": (1, None), "data.distractors": (0, None),
     "rollout.group_size": (1, None), "rollout.max_new_tokens": (1, None), "rollout.max_turns": (1, None),
-    "rollout.temperature": ((0, "open"), None), "rollout.top_p": ((0, "open"), 1),
-    "loss.adv_eps": (0, None), "loss.clip_eps_low": (0, (1, "open")), "loss.clip_eps_high": (0, None),
+    # the logits are divided by the temperature: at 1e-20 every step's gradient was not finite (skipped), at 1e-45
+    # sampling failed (a traceback); 1e-8 trained
+    "rollout.temperature": (MIN_TEMPERATURE, None), "rollout.top_p": ((0, "open"), 1),
+    # a group of equal rewards has std 0: (R - mean) / (0 + 0) was NaN, a traceback in the first step's loss
+    "loss.adv_eps": ((0, "open"), None), "loss.clip_eps_low": (0, (1, "open")), "loss.clip_eps_high": (0, None),
     "loss.lambda_sft": (0, None), "loss.w_reason": (0, None), "loss.w_other": (0, None), "loss.beta_0": (0, None),
     "loss.beta_1": (0, None), "loss.beta_kl": (0, None), "loss.c_ent": (0, None), "loss.switch_progress": (0, 1),
     "loss.loss_scale_factor": (1, None), "rollout.call_timeout": ((0, "open"), None), "rollout.max_call_chars": (1, None),

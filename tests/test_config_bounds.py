@@ -22,7 +22,11 @@ from pact_fast.models import pretrained_defaults
     ("train.grad_clip=-1", "train.grad_clip=-1.0 must be >= 0"),
     ("rollout.top_p=0", "rollout.top_p=0.0 must be > 0"),
     ("rollout.top_p=2", "rollout.top_p=2.0 must be <= 1"),
-    ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
+    ("rollout.temperature=0", "rollout.temperature=0.0 must be >= 0.0001"),
+    # the logits divided by it: every step's gradient was not finite at 1e-20; sampling failed at 1e-45
+    ("rollout.temperature=1e-45", "rollout.temperature=1e-45 must be >= 0.0001"),
+    # a group of equal rewards: (R - mean) / (0 + 0) was NaN, a traceback in the first step's loss
+    ("loss.adv_eps=0", "loss.adv_eps=0.0 must be > 0"),
     ("rollout.group_size=0", "rollout.group_size=0 must be >= 1"),
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0 must be >= 1"),
     ("train.prompts_per_step=0", "train.prompts_per_step=0 must be >= 1"),
