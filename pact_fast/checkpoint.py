@@ -19,6 +19,7 @@ from .data import DataFormatError
 from .files import read_or_raise
 
 STATE_FILE = "trainer_state.pt"
+STATE_KEYS = ("step", "optimizer", "scheduler", "order", "rng")  # what _write puts in it
 
 
 class CheckpointError(ValueError):
@@ -195,6 +196,10 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
     ``ckpt``; returns its step."""
     ckpt = Path(ckpt)
     trainer_state = _readable(ckpt / STATE_FILE, lambda: torch.load(ckpt / STATE_FILE, weights_only=False))
+    missing = [k for k in STATE_KEYS if not isinstance(trainer_state, dict) or k not in trainer_state]
+    if missing:  # another program's file under the name: a KeyError traceback below
+        raise CheckpointError(f"{ckpt / STATE_FILE}: not a pact_fast trainer state (no {missing[0]!r}); the checkpoint "
+                              "is damaged: move it aside to resume from the one before")
     saved = trainer_state["order"]  # checked before anything is read into the model or the optimizer
     if saved["seed"] != order.seed:  # the order restored below keeps the run's seed: a new one would be said, not used
         raise CheckpointError(f"resume: {ckpt} draws its data order from data.seed={saved['seed']}; this config has "

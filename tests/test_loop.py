@@ -258,6 +258,10 @@ def test_resume_refuses_what_it_would_ignore_or_could_not_load(tmp_path, capsys)
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{state}: cannot be read" in err and "move it aside" in err and "Traceback" not in err, err
+    torch.save({"step": 1}, state)  # another program's file under the name: a KeyError: 'order' traceback
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{state}: not a pact_fast trainer state (no 'optimizer')" in err and "Traceback" not in err, err
 
 
 def test_a_damaged_lora_checkpoint_or_model_directory_is_one_line(tmp_path, capsys):
