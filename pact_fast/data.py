@@ -551,7 +551,7 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
         else:
             n = min(cfg.eval_tasks, len(rows) // 5)
             train, held_out = rows[n:], rows[:n]
-            if n < cfg.eval_tasks:
+            if 0 < n < cfg.eval_tasks:  # (none held out is refused below)
                 log(f"[pact_fast] data.eval_tasks={cfg.eval_tasks}: {n} rows of {cfg.path} held out, at most a fifth of "
                     f"its {len(rows)} (data.eval_path gives a held-out file of its own)")
         if needs_trace:
