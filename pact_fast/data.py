@@ -526,7 +526,8 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
     trace when ``needs_trace``); held-out rows need no trace, and without ``data.eval_path`` they are split off
     before the trace check (a run and its evaluation hold out the same rows). No held-out task is a
     ``DataFormatError``. ``log``: what was skipped (``data.on_error=skip``), held-out ids that are also training rows,
-    and a split smaller than ``data.eval_tasks``; default stderr (stdout is the command's JSON result: `pact-fast train > summary.json`); None: not said."""
+    and a split smaller than ``data.eval_tasks``; default stderr (stdout is the command's JSON result, as in
+    ``pact-fast train > summary.json``); None: not said."""
     log = log or (lambda message: None)
     from .envs import make_tasks
 
@@ -547,13 +548,13 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
             overlap = sorted({ex.id for ex in held_out} & {ex.id for ex in rows})
             if overlap:
                 log(f"[pact_fast] {len(overlap)} held-out ids are also training rows (first: {overlap[0]!r}): the "
-                      "held-out results include tasks the run trains on")
+                    "held-out results include tasks the run trains on")
         else:
             n = min(cfg.eval_tasks, len(rows) // 5)
             train, held_out = rows[n:], rows[:n]
             if 0 < n < cfg.eval_tasks:  # (none held out is refused below)
-                log(f"[pact_fast] data.eval_tasks={cfg.eval_tasks}: {n} rows of {cfg.path} held out, at most a fifth of "
-                    f"its {len(rows)} (data.eval_path gives a held-out file of its own)")
+                log(f"[pact_fast] data.eval_tasks={cfg.eval_tasks}: {n} rows of {cfg.path} held out, at most a fifth "
+                    f"of its {len(rows)} (data.eval_path gives a held-out file of its own)")
         if needs_trace:
             train = _with_traces(train, report, cfg.on_error, cfg.env_modules)
             if not train:

@@ -298,13 +298,13 @@ class _Interrupt:
     The handler's raise lands wherever Python happens to be; where that is a finaliser (``__del__``, a weakref
     callback) Python prints it and goes on, so ``commit`` raises it again before the first update."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, log, distributed=False):
         self.requested = False  # a Ctrl-C came to this rank
         self.interrupted = False  # the run stops for a Ctrl-C, this rank's or (under torchrun) another's
         self.abortable = self.local = False
         self.log, self.distributed = log, distributed
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}

@@ -241,7 +241,8 @@ def check_example(example):
     env = example.env
     unread = [k for k in env if k not in ENV_KEYS]
     if unread:
-        return f"env has {unread[0]!r}, a key env 'bfcl' does not read (it reads {', '.join(ENV_KEYS)}); rename it"
+        return (f"env has {unread[0]!r}, a key env 'bfcl' does not read (it reads {', '.join(ENV_KEYS)}); rename it "
+                "or leave it out")
     classes = env.get("involved_classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         return "env 'bfcl' needs 'involved_classes', a non-empty list of BFCL back-end class names"
