@@ -254,10 +254,25 @@ def _override_value(obj, key, raw, path):
                           "[1, 2])") from None
 
 
+def _keys_named(name):
+    """Every ``section.name`` option of ``Config`` (``model.lora.name`` too) whose last part is ``name``."""
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            elif f.name == name:
+                yield prefix + name
+
+    return list(walk(Config(), ""))
+
+
 def _set(obj, key, value, path):
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
-        raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(fields))}")
+        elsewhere = " or ".join(_keys_named(key))  # a key of another section: train.temperature for rollout's
+        raise ConfigError(f"unknown key {path!r}{f' (did you mean {elsewhere}?)' if elsewhere else ''}; valid keys "
+                          f"here: {', '.join(sorted(fields))}")
     f = fields[key]
     hints = typing.get_type_hints(type(obj))
     if dataclasses.is_dataclass(getattr(obj, key)):

@@ -83,6 +83,20 @@ def test_a_config_files_unquoted_number_boolean_or_null_for_a_string_option_is_r
     assert load_config(str(path)).train.out_dir == value
 
 
+def test_a_key_of_another_section_is_named_where_it_lives(tmp_path):
+    """train.temperature listed train's keys only: which section holds temperature was left to the user."""
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.temperature' \(did you mean rollout.temperature\?\); "
+                                          "valid keys here: attn_backend"):
+        load_config(None, ["train.temperature=0.5"])
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'rollout.seed' \(did you mean data.seed or loss.seed or "
+                                          r"train.seed\?\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.stpes'; valid keys here"):
+        load_config(None, ["train.stpes=3"])
+
+
 def test_every_bound_names_an_option_and_the_defaults_keep_them():
     config = Config()
     for key in BOUNDS:
