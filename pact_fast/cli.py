@@ -430,20 +430,21 @@ def main(argv=None):
         except USER_ERRORS + (ValueError,) as exc:
             return _user_error(args, exc)
         return 0
-    try:  # --resume checks its overrides against the run's config, compare against every mode it trains
-        config = _resolve(args, check_read=not (args.command == "compare" or getattr(args, "resume", None)))
+    resume = getattr(args, "resume", None)
+    try:  # --resume reads its overrides onto the run's config (_resume_config), compare checks them per mode
+        config = None if resume else _resolve(args, check_read=args.command != "compare")
     except ConfigError as exc:
         return _user_error(args, f"config error: {exc}")
     if args.command == "train":
         from .trainer import train
 
-        if args.resume:
+        if resume:
             try:
                 config = _resume_config(args)
             except (ConfigError, FileNotFoundError, ValueError) as exc:
                 return _user_error(args, exc)
         try:
-            summary = train(config, resume=args.resume, log=_to_stderr)
+            summary = train(config, resume=resume, log=_to_stderr)
         except USER_ERRORS as exc:
             return _user_error(args, exc)
         if dist.rank() == 0:  # under torchrun every rank returns the summary: one JSON document on stdout

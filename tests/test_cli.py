@@ -252,6 +252,37 @@ def test_a_compare_interrupted_before_a_runs_first_step_keeps_the_finished_runs_
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["sft", "0.500"]
 
 
+def test_resume_reads_its_overrides_onto_the_runs_own_config(monkeypatch, tmp_path, capsys):
+    """`train --resume RUN data.eval_path=X` was refused ("needs data.path") by a check of the overrides against
+    the default config, before the run's own (which holds data.path) was read."""
+    import pact_fast.cli as cli
+    import pact_fast.trainer as trainer
+    from pact_fast.data import write_examples
+    from pact_fast.envs import make_tasks
+
+    data, held_out = tmp_path / "tasks.jsonl", tmp_path / "held_out.jsonl"
+    write_examples(data, make_tasks(12, seed=5, hops=(1, 2)))
+    write_examples(held_out, make_tasks(3, seed=6, hops=(1, 2)))
+    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.head_dim=16", "model.intermediate_size=64", "data.eval_tasks=2", "train.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.max_turns=1", "train.progress=false",
+            "train.tensorboard=false"]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(run), *tiny, "train.steps=2",
+                     "train.stop_after=1"]) == 0
+    seen = {}
+
+    def fake_train(config, resume, log):
+        seen["eval_path"] = config.data.eval_path
+        return {"stopped": None, "interrupted": False}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), f"data.eval_path={held_out}"]) == 0, \
+        capsys.readouterr().err
+    assert seen["eval_path"] == str(held_out)
+
+
 def _finishing_train(cfg, log):
     """A stand-in for ``trainer.train`` that writes what a finished run writes: metrics, summary and config."""
     from pact_fast.config import save_config
