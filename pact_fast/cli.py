@@ -22,7 +22,7 @@ import yaml
 
 from . import distributed as dist
 from .checkpoint import CheckpointError
-from .config import RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config
+from .config import MAX_SEED, RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config
 from .data import DataFormatError
 from .envs.base import ToolEnvError
 from .losses import MODES
@@ -123,6 +123,10 @@ def _resume_config(args):
                           "it cannot change on resume")
     config = load_config(str(run_cfg), list(args.overrides) + [f"train.out_dir={run_dir}"], label=RUN_CONFIG)
     check_run_paths(config, run_cfg, args.overrides)
+    if builtin and config.loss.beta_kl > 0 and config.train.seed != saved.train.seed:
+        raise ConfigError(f"--resume {run_dir}: train.seed is the run's own with loss.beta_kl > 0 (the built-in "
+                          "model's KL reference is its initial weights, drawn from train.seed); it cannot change on "
+                          "resume")
     if config.model.freeze_lm_head != saved.model.freeze_lm_head and not saved.model.lora.enabled:
         raise ConfigError(f"--resume {run_dir}: model.freeze_lm_head is the run's own (it decides which weights "
                           "train, and so the optimizer state its checkpoint holds); it cannot change on resume")
@@ -161,6 +165,9 @@ def _compare_lists(parser, args):
         if bad or not args.seeds:
             parser.error(f"compare: --seeds takes integers, got {' '.join(args.seeds) or 'none'}")
         args.seeds = [int(v) for v in args.seeds]
+        out_of_range = [s for s in args.seeds if not 0 <= s <= MAX_SEED]
+        if out_of_range:
+            parser.error(f"compare: --seeds takes seeds in [0, {MAX_SEED}], got {' '.join(map(str, out_of_range))}")
         for key in SEED_KEYS:
             if _overridden(args, key):
                 parser.error(f"compare: --seeds sets {key} to each seed in turn; {key}= would be ignored (leave it "

@@ -31,7 +31,7 @@ from .data import load_data
 from .files import write_json
 from .plots import pyplot
 from .tables import text_table
-from .trainer import train
+from .trainer import check_run_dir_writable, train
 
 # Where `pact-fast compare` writes when train.out_dir is left at its default (train's own run directory)
 COMPARE_DIR = "runs/compare"
@@ -51,6 +51,7 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
     # a data mistake is reported before any run directory is made
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
     root = Path(config.train.out_dir)
+    check_run_dir_writable(root)  # a file, or a directory it cannot write: one line, before any run
     _refuse_run_dir_as_root(root)
     root.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -147,6 +147,7 @@ def test_compare_lists_give_trailing_overrides_back_and_check_their_values(monke
     for argv, word in ((["compare", "--seeds", "x"], "integers"), (["compare", "--modes", "ppo"], "unknown mode"),
                        (["compare", "--modes"], "at least one"), (["compare", "--modes", "sft", "sft"], "twice"),
                        (["compare", "--seeds", "0", "0"], "a seed twice"),
+                       (["compare", "--seeds", "0", "99999999999"], "seeds in [0, 4294967295], got 99999999999"),
                        (["compare", "loss.mode=grpo"], "loss.mode is what --modes sets"),
                        (["compare", "--seeds", "0", "1", "train.seed=5"], "train.seed= would be ignored")):
         with pytest.raises(SystemExit) as info:
@@ -281,6 +282,32 @@ def test_resume_reads_its_overrides_onto_the_runs_own_config(monkeypatch, tmp_pa
     assert cli.main(["train", "--resume", str(run), f"data.eval_path={held_out}"]) == 0, \
         capsys.readouterr().err
     assert seen["eval_path"] == str(held_out)
+
+
+def test_compare_into_a_file_is_one_line(tmp_path, capsys):
+    """`compare --out FILE` raised FileExistsError from mkdir (a traceback) after the data had loaded."""
+    import pact_fast.cli as cli
+
+    (tmp_path / "taken").write_text("x")
+    assert cli.main(["compare", "--modes", "sft", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a directory" in err[0], err
+
+
+def test_resume_refuses_another_seed_for_the_built_in_models_kl_reference(tmp_path, capsys):
+    """With the built-in model and loss.beta_kl > 0 the reference is the initial weights, drawn from train.seed:
+    `--resume RUN train.seed=7` built another reference model without a word."""
+    import pact_fast.cli as cli
+
+    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=8", "data.eval_tasks=2",
+            "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.max_turns=1",
+            "train.progress=false", "train.tensorboard=false", "loss.beta_kl=0.1"]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), *tiny, "train.steps=2", "train.stop_after=1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "train.seed=7"]) == 2
+    assert "train.seed is the run's own with loss.beta_kl > 0" in capsys.readouterr().err
 
 
 def _finishing_train(cfg, log):
