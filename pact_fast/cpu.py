@@ -17,6 +17,9 @@ import os
 import time
 
 SPIN_COUNT = "10000"
+# train.threads above this many per core is refused: a thread past the cores only waits for one, and torch's pool
+# crashed the process at 100000 (exit 139) and was killed at 1000 on this 2-core machine
+MAX_THREADS_PER_CORE = 4
 
 
 def set_spin_limit():
@@ -44,11 +47,18 @@ def idle_cores(interval=0.25):
 
 
 def fit_threads(threads, log=None):
-    """Set torch's intra-op threads: ``threads`` when > 0; else, unless ``OMP_NUM_THREADS`` is set, the cores
-    idle right now (at least 1, at most torch's default). Returns the count in use."""
+    """Set torch's intra-op threads: ``threads`` when > 0 (a ``ConfigError`` past ``MAX_THREADS_PER_CORE`` per
+    core); else, unless ``OMP_NUM_THREADS`` is set, the cores idle right now (at least 1, at most torch's default).
+    Returns the count in use."""
     import torch
 
     if threads > 0:
+        cores = os.cpu_count() or 1
+        if threads > MAX_THREADS_PER_CORE * cores:
+            from .config import ConfigError
+
+            raise ConfigError(f"train.threads={threads}: more than {MAX_THREADS_PER_CORE} per core of this machine's "
+                              f"{cores} (a thread past the cores only waits for one)")
         torch.set_num_threads(threads)
         return threads
     if os.environ.get("OMP_NUM_THREADS"):

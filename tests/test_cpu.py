@@ -35,6 +35,16 @@ def test_an_explicit_count_or_omp_num_threads_wins(monkeypatch, restore_threads)
     assert cpu.fit_threads(1) == 1 == torch.get_num_threads()
 
 
+def test_more_threads_than_four_per_core_are_refused(monkeypatch, restore_threads):
+    """train.threads=100000 crashed the process in torch's thread pool (exit 139); 1000 had it killed."""
+    from pact_fast.config import ConfigError
+
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+    assert cpu.fit_threads(8) == 8 == torch.get_num_threads()  # bench/shared_cores.py's most: 4 per core
+    with pytest.raises(ConfigError, match=r"train.threads=9: more than 4 per core of this machine's 2"):
+        cpu.fit_threads(9)
+
+
 def test_idle_cores_reads_a_fraction_of_the_machine():
     idle = cpu.idle_cores(interval=0.05)
     assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
