@@ -12,6 +12,9 @@ the identity or its single-process meaning.
 import copy
 import math
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +143,34 @@ def gather_errors(error):
     errors = [None] * world_size()
     td.all_gather_object(errors, error)
     return errors
+
+
+@contextmanager
+def sigint_deferred():
+    """Under torchrun, a Ctrl-C (SIGINT) that comes inside the block is handled when the block ends: the handler's
+    raise (the trainer's step abort, ``KeyboardInterrupt``) would otherwise land before or between the collectives
+    of a block the other ranks run to its end (``gather_errors`` after a rollout engine's weight sync), leaving them
+    waiting or pairing those collectives with this rank's next ones. Nothing in a single process."""
+    if not is_distributed() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frames = []  # one per SIGINT held back
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        raised = None
+        for frame in frames:  # the handler's raise of the last one wins (a second Ctrl-C: KeyboardInterrupt)
+            try:
+                if callable(previous):
+                    previous(signal.SIGINT, frame)
+                elif previous == signal.SIG_DFL:
+                    signal.raise_signal(signal.SIGINT)
+            except BaseException as exc:  # the handler's raise: the trainer's step abort, KeyboardInterrupt
+                raised = exc
+        if raised is not None:
+            raise raised
 
 
 def check_same(value, what):

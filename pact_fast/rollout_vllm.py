@@ -28,7 +28,8 @@ the same order on every rank) and each rank pushes that copy into its own engine
 with the rank in its name. The engine's process is a plain single-process engine: torchrun's variables are
 hidden from it, and on CUDA it sees only the rank's GPU. Each rank checks its own engine; the ranks then share
 their outcome (``distributed.gather_errors``), so a failed sync or probe on any rank stops every rank with that
-rank's message, and no rank is left waiting in a collective.
+rank's message, and no rank is left waiting in a collective (nor by a Ctrl-C during the sync: its raise waits for
+that exchange, ``distributed.sigint_deferred``).
 
 Sleep mode (``rollout.vllm_sleep``, CUDA only: vLLM has none on CPU): after each rollout the engine sleeps
 (level 2: its KV cache and weights are freed while the trainer updates); before the next it wakes its weights,
@@ -421,14 +422,15 @@ class VLLMRolloutEngine(HFRolloutEngine):
         """``HFRolloutEngine.rollout`` after ``prepare`` (weights in and checked), whose outcome every rank shares
         (a failure on one rank raises on all); then, in sleep mode, the engine sleeps until the next call."""
         error, prompts = None, None
-        try:
-            prompts = self._prompt_ids(examples)
-            self.prepare(examples, prompts)
-        except RolloutEngineError as exc:
-            error = str(exc)
-        except Exception as exc:  # e.g. /dev/shm full, out of memory while gathering: still shared with every rank
-            error = f"weight sync failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
-        failed = [(r, e) for r, e in enumerate(dist.gather_errors(error)) if e is not None]
+        with dist.sigint_deferred():  # a Ctrl-C raises (the trainer's step abort) once every rank has shared
+            try:
+                prompts = self._prompt_ids(examples)
+                self.prepare(examples, prompts)
+            except RolloutEngineError as exc:
+                error = str(exc)
+            except Exception as exc:  # e.g. /dev/shm full, out of memory while gathering: shared with every rank
+                error = f"weight sync failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+            failed = [(r, e) for r, e in enumerate(dist.gather_errors(error)) if e is not None]
         if failed:  # on every rank alike: none goes on to a collective the others never reach
             r, message = failed[0]
             raise RolloutEngineError(f"rank {r}'s vLLM engine: {message}" if dist.is_distributed() else message)

@@ -63,3 +63,35 @@ def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path)
     summaries = [json.loads((tmp_path / f"summary.rank{r}").read_text()) for r in (0, 1)]
     assert [(s["steps"], s["interrupted"]) for s in summaries] == [(1, True), (1, True)]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
+
+
+def test_sigint_deferred_replays_each_ctrl_c_after_the_block_and_is_nothing_in_one_process(monkeypatch):
+    """Held-back SIGINTs reach the handler in order once the block ends (the last one's raise wins: a second Ctrl-C
+    quits); in a single process the handler runs at once."""
+    import signal
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise (KeyboardInterrupt if len(seen) > 1 else RuntimeError)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        monkeypatch.setattr(dist, "is_distributed", lambda: True)
+        with pytest.raises(KeyboardInterrupt):
+            with dist.sigint_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                seen.append("block done")
+        assert seen == ["block done", signal.SIGINT, signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is handler
+        monkeypatch.setattr(dist, "is_distributed", lambda: False)
+        seen.clear()
+        with pytest.raises(RuntimeError):
+            with dist.sigint_deferred():
+                signal.raise_signal(signal.SIGINT)
+                seen.append("block done")
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)

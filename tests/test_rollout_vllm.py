@@ -717,3 +717,35 @@ def test_pact_fast_train_with_the_vllm_engine(smollm2_dir, tmp_path):
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout[proc.stdout.index("{\n"):]) == pytest.approx(after)
+
+
+def test_under_torchrun_a_ctrl_c_in_the_weight_sync_raises_after_the_ranks_share_its_outcome(monkeypatch):
+    """Under torchrun the trainer's Ctrl-C raise (its step abort, ``_StepAborted``) landed wherever the rank was:
+    inside the engine's weight sync it left this rank out of ``gather_errors``, which the other ranks were in (they
+    waited, or paired it with the trainer's agreement collective). Now it raises once gather_errors is done."""
+    from pact_fast import rollout_vllm
+
+    class Abort(BaseException):
+        pass
+
+    def abort(signum, frame):
+        raise Abort
+
+    calls = []
+
+    def prepare(examples, prompts):
+        os.kill(os.getpid(), signal.SIGINT)
+        calls.append("prepare")  # not reached when the handler raises at once
+
+    engine = object.__new__(rollout_vllm.VLLMRolloutEngine)
+    engine._prompt_ids, engine.prepare = (lambda examples: [[1, 2]]), prepare
+    monkeypatch.setattr(rollout_vllm.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(rollout_vllm.dist, "gather_errors", lambda error: calls.append("gather") or [error, None])
+    previous = signal.signal(signal.SIGINT, abort)
+    try:
+        with pytest.raises(Abort):
+            engine.rollout([{}], None)
+        assert calls == ["prepare", "gather"]
+        assert signal.getsignal(signal.SIGINT) is abort  # the trainer's handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
