@@ -145,28 +145,35 @@ def gather_errors(error):
     return errors
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what the trainer stops on (trainer._Interrupt)
+
+
 @contextmanager
-def sigint_deferred():
-    """Under torchrun, a Ctrl-C (SIGINT) that comes inside the block is handled when the block ends: the handler's
-    raise (the trainer's step abort, ``KeyboardInterrupt``) would otherwise land before or between the collectives
-    of a block the other ranks run to its end (``gather_errors`` after a rollout engine's weight sync), leaving them
-    waiting or pairing those collectives with this rank's next ones. Nothing in a single process."""
+def signals_deferred():
+    """Under torchrun, a Ctrl-C or SIGTERM that comes inside the block is handled when the block ends: the
+    handler's raise (the trainer's step abort, ``KeyboardInterrupt``) would otherwise land before or between the
+    collectives of a block the other ranks run to its end (``gather_errors`` after a rollout engine's weight sync,
+    the weight sync before the final evaluation), leaving them waiting or pairing those collectives with this rank's
+    next ones. Nothing in a single process."""
     if not is_distributed() or threading.current_thread() is not threading.main_thread():
         yield
         return
-    frames = []  # one per SIGINT held back
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
+    held = []  # (signal, frame), one per signal held back
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append((signum, frame)))
+                for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         raised = None
-        for frame in frames:  # the handler's raise of the last one wins (a second Ctrl-C: KeyboardInterrupt)
+        for signum, frame in held:  # the handler's raise of the last one wins (a second Ctrl-C: KeyboardInterrupt)
             try:
-                if callable(previous):
-                    previous(signal.SIGINT, frame)
-                elif previous == signal.SIG_DFL:
-                    signal.raise_signal(signal.SIGINT)
+                handler = previous[signum]
+                if callable(handler):
+                    handler(signum, frame)
+                elif handler == signal.SIG_DFL:
+                    signal.raise_signal(signum)
             except BaseException as exc:  # the handler's raise: the trainer's step abort, KeyboardInterrupt
                 raised = exc
         if raised is not None:

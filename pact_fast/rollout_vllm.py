@@ -29,7 +29,7 @@ with the rank in its name. The engine's process is a plain single-process engine
 hidden from it, and on CUDA it sees only the rank's GPU. Each rank checks its own engine; the ranks then share
 their outcome (``distributed.gather_errors``), so a failed sync or probe on any rank stops every rank with that
 rank's message, and no rank is left waiting in a collective (nor by a Ctrl-C during the sync: its raise waits for
-that exchange, ``distributed.sigint_deferred``).
+that exchange, ``distributed.signals_deferred``).
 
 Sleep mode (``rollout.vllm_sleep``, CUDA only: vLLM has none on CPU): after each rollout the engine sleeps
 (level 2: its KV cache and weights are freed while the trainer updates); before the next it wakes its weights,
@@ -422,7 +422,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         """``HFRolloutEngine.rollout`` after ``prepare`` (weights in and checked), whose outcome every rank shares
         (a failure on one rank raises on all); then, in sleep mode, the engine sleeps until the next call."""
         error, prompts = None, None
-        with dist.sigint_deferred():  # a Ctrl-C raises (the trainer's step abort) once every rank has shared
+        with dist.signals_deferred():  # a Ctrl-C raises (the trainer's step abort) once every rank has shared
             try:
                 prompts = self._prompt_ids(examples)
                 self.prepare(examples, prompts)

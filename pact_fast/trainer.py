@@ -291,7 +291,8 @@ class _Interrupt:
 
     In one process the abort is at once. Under torchrun a rank that left its step alone would leave the others
     waiting in a collective, or pair their collectives with its checkpoint's, so the ranks agree: a Ctrl-C ends a
-    rank's rollouts at once (they make no collective calls) and is otherwise a flag; at each agreement point
+    rank's rollouts at once (they make no collective call a Ctrl-C can cut: the vLLM engine's weight-sync exchange
+    holds its raise back, ``distributed.signals_deferred``) and is otherwise a flag; at each agreement point
     (``agree``: after the rollouts, after every micro-batch's backward, at ``commit``), which every rank passes in
     the same order, all abort the step when any rank has had one, and the loop stops when any has.
 
@@ -901,7 +902,8 @@ def _evaluate_and_log(c, step, sync=True):
     (``sync``): under torchrun it is one update old, or (resumed) made before the checkpoint loaded. Before the
     first step it holds the weights it was made from (a step-0 checkpoint's are those): no push of them again."""
     if sync:
-        dist.sync_rollout_weights(c.scorer, c.rollout_model)
+        with dist.signals_deferred():  # a rank's Ctrl-C between two of the sync's gathers would strand the others
+            dist.sync_rollout_weights(c.scorer, c.rollout_model)
     result = evaluate(c.engine, c.held_out, c.make_env)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})

@@ -65,7 +65,29 @@ def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
 
 
-def test_sigint_deferred_replays_each_ctrl_c_after_the_block_and_is_nothing_in_one_process(monkeypatch):
+def test_signals_deferred_holds_a_sigterm_back_too(monkeypatch):
+    """The trainer stops on SIGTERM as on Ctrl-C: its raise must not cut the block's collectives either."""
+    import signal
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise RuntimeError("step aborted")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(dist, "is_distributed", lambda: True)
+        with pytest.raises(RuntimeError):
+            with dist.signals_deferred():
+                signal.raise_signal(signal.SIGTERM)
+                seen.append("block done")
+        assert seen == ["block done", signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_signals_deferred_replays_each_ctrl_c_after_the_block_and_is_nothing_in_one_process(monkeypatch):
     """Held-back SIGINTs reach the handler in order once the block ends (the last one's raise wins: a second Ctrl-C
     quits); in a single process the handler runs at once."""
     import signal
@@ -80,7 +102,7 @@ def test_sigint_deferred_replays_each_ctrl_c_after_the_block_and_is_nothing_in_o
     try:
         monkeypatch.setattr(dist, "is_distributed", lambda: True)
         with pytest.raises(KeyboardInterrupt):
-            with dist.sigint_deferred():
+            with dist.signals_deferred():
                 signal.raise_signal(signal.SIGINT)
                 signal.raise_signal(signal.SIGINT)
                 seen.append("block done")
@@ -89,7 +111,7 @@ def test_sigint_deferred_replays_each_ctrl_c_after_the_block_and_is_nothing_in_o
         monkeypatch.setattr(dist, "is_distributed", lambda: False)
         seen.clear()
         with pytest.raises(RuntimeError):
-            with dist.sigint_deferred():
+            with dist.signals_deferred():
                 signal.raise_signal(signal.SIGINT)
                 seen.append("block done")
         assert seen == [signal.SIGINT]
