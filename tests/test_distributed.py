@@ -18,26 +18,18 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 HERE = Path(__file__).parent
 
 
-def test_with_cuda_the_process_group_keeps_gloo_for_cpu_tensors(monkeypatch):
+@pytest.mark.parametrize("cuda,backends", [(True, {"cpu": "gloo", "cuda": "nccl"}),
+                                           (False, {"cpu": "gloo", "cuda": "gloo"})])
+def test_with_cuda_the_process_group_keeps_gloo_for_cpu_tensors(monkeypatch, cuda, backends):
     """With CUDA the group was NCCL alone, which refuses CPU tensors ("No backend type associated with device type
     cpu"): a torchrun run on GPUs stopped at its first step's counts (``sum_counts``, CPU tensors)."""
     seen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
     monkeypatch.setattr(dist.td, "init_process_group", lambda backend: seen.append(backend))
     monkeypatch.setenv("WORLD_SIZE", "2")
     dist.init()
-    assert BackendConfig(Backend(seen[0])).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
-
-
-def test_without_cuda_the_process_group_is_gloo(monkeypatch):
-    seen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist.td, "init_process_group", lambda backend: seen.append(backend))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    dist.init()
-    assert BackendConfig(Backend(seen[0])).get_device_backend_map() == {"cpu": "gloo", "cuda": "gloo"}
+    assert BackendConfig(Backend(seen[0])).get_device_backend_map() == backends
 
 
 @pytest.mark.parametrize("phase", ["rollout", "loss"])
