@@ -299,8 +299,6 @@ class _Interrupt:
     The handler's raise lands wherever Python happens to be; where that is a finaliser (``__del__``, a weakref
     callback) Python prints it and goes on, so ``commit`` raises it again before the first update."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, log, distributed=False):
         self.requested = False  # a Ctrl-C came to this rank
         self.interrupted = False  # the run stops for a Ctrl-C, this rank's or (under torchrun) another's
@@ -308,7 +306,7 @@ class _Interrupt:
         self.log, self.distributed = log, distributed
 
     def __enter__(self):
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in dist.STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
