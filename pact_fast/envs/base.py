@@ -36,6 +36,16 @@ class ToolEnvError(RuntimeError):
     a reward that is not a finite number): the run stops with this one line, naming the class."""
 
 
+def unread_env_key(env, name, keys):
+    """Why a row's ``env`` cannot go to the environment ``name``, which reads ``keys`` only (a one-line reason), or
+    None: another key (a typo of one it reads) would be ignored."""
+    unread = [k for k in env if k not in keys]
+    if unread:
+        return (f"env has {unread[0]!r}, a key env {name!r} does not read (it reads {', '.join(keys)}); rename it or "
+                "leave it out")
+    return None
+
+
 def excerpt_of(exc, limit=300):
     """An exception's message on one line, at most ``limit`` characters."""
     return " ".join(str(exc).split())[:limit]

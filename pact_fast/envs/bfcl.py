@@ -37,7 +37,7 @@ import json
 from importlib import resources
 
 from ..toolcalls import MAX_CALL_CHARS, excerpt
-from .base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnv
+from .base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS, ToolEnv, unread_env_key
 from .sandbox import CALL_TIMEOUT_S, Sandbox, SandboxTimeout
 
 CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
@@ -239,10 +239,9 @@ def check_example(example):
     except ImportError:
         return "env 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval"
     env = example.env
-    unread = [k for k in env if k not in ENV_KEYS]
+    unread = unread_env_key(env, "bfcl", ENV_KEYS)
     if unread:
-        return (f"env has {unread[0]!r}, a key env 'bfcl' does not read (it reads {', '.join(ENV_KEYS)}); rename it "
-                "or leave it out")
+        return unread
     classes = env.get("involved_classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         return "env 'bfcl' needs 'involved_classes', a non-empty list of BFCL back-end class names"

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..toolcalls import ToolCall, excerpt
-from .base import ToolEnv
+from .base import ToolEnv, unread_env_key
 
 PEOPLE = ["maya", "omar", "lena", "ivan", "nora", "theo", "zara", "hugo", "iris", "felix", "ada", "kai",
           "luca", "mina", "otto", "rosa"]
@@ -258,10 +258,9 @@ def check_example(example):
     the reward; a trace that ends without a final answer (its last assistant turn calls tools) does not. Otherwise
     the RL terms would punish what the SFT term teaches. ``env`` holds ``ENV_KEYS`` only: another key (a typo of
     ``world_seed``) would be ignored, and the task run in world 0."""
-    unread = [k for k in example.env if k not in ENV_KEYS]
+    unread = unread_env_key(example.env, "multihop", ENV_KEYS)
     if unread:
-        return (f"env has {unread[0]!r}, a key env 'multihop' does not read (it reads {', '.join(ENV_KEYS)}); rename "
-                "it or leave it out")
+        return unread
     own = set(TOOLS) | set(DISTRACTORS)
     foreign = [t["function"]["name"] for t in example.tools if t["function"]["name"] not in own]
     if foreign:
