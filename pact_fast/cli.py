@@ -135,11 +135,12 @@ def _resume_config(args):
         raise ConfigError(f"--resume {run_dir}: its last checkpoint is at step {step}, past train.steps="
                           f"{config.train.steps}; raise train.steps to go on (a run is never cut back)")
     step = "?" if step is None else step
-    print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
     check_unread(config, reference=saved)  # an override the run does not read (a loss option of another mode)
-    for key, old, new in config_changes(saved, config):
-        if key != "train.out_dir":
-            print(f"pact-fast: changed {key}: {old!r} -> {new!r}", file=sys.stderr)
+    if dist.launch_rank() == 0:  # under torchrun, once
+        print(f"pact-fast: resuming {run_dir} from {ckpt.name} (step {step} of {config.train.steps})", file=sys.stderr)
+        for key, old, new in config_changes(saved, config):
+            if key != "train.out_dir":
+                print(f"pact-fast: changed {key}: {old!r} -> {new!r}", file=sys.stderr)
     return config
 
 

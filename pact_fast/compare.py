@@ -45,8 +45,8 @@ _COSMETIC = {"train.out_dir", "train.progress", "train.tensorboard", "train.wand
 def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, log=print):
     """Train every mode (for every seed in ``seeds``; None: the config's own, one run per mode) and return
     one row per run: mode, seed, held-out success/reward after training, steps, seconds, whether it was
-    interrupted or stopped (the runs after such a run are not run). ``log``: the progress lines; the table is
-    printed on stdout."""
+    interrupted or stopped (the runs after such a run are not run). ``log``: the progress lines (under torchrun
+    rank 0's; every rank's runs log through it as ``train`` does); the table is printed on stdout."""
     check_modes(config, modes)  # an option no compared mode reads, or one a mode cannot train with
     # a data mistake is reported before any run directory is made
     load_data(config.data, needs_trace=set(modes) != {"grpo"})
@@ -64,15 +64,16 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                 _refuse_other_run(cfg)
             runs.append((seed, mode, run_dir, cfg, state, summary))
     rows = []
+    say = log if dist.rank() == 0 else _silent
     try:
         for seed, mode, run_dir, cfg, state, summary in runs:
             if state == "finished":
-                log(f"[compare] {run_dir} holds this run, finished: reading it back")
+                say(f"[compare] {run_dir} holds this run, finished: reading it back")
             elif state == "unfinished":
-                log(f"[compare] {run_dir} holds this run, unfinished: resuming it")
+                say(f"[compare] {run_dir} holds this run, unfinished: resuming it")
                 summary = train(cfg, resume=str(run_dir), log=log)
             else:
-                log(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
+                say(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
                     f"steps -> {run_dir}")
                 summary = train(cfg, log=log)
             rows.append({"mode": mode, "seed": cfg.train.seed, **(summary["eval_after"] or {}),
@@ -81,7 +82,7 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                          "interrupted": bool(summary["interrupted"]), "stopped": summary["stopped"],
                          "run_dir": str(run_dir)})
             if summary["interrupted"] or summary["stopped"]:
-                log(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
+                say(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
                     f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
                     "not run")
                 break
@@ -90,6 +91,10 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
             _report(root, rows, seeds, log)
         raise
     return _report(root, rows, seeds, log)
+
+
+def _silent(*_):
+    """The progress lines of a rank other than 0."""
 
 
 def _run_config(config, mode, seed, run_dir):

@@ -44,6 +44,11 @@ def rank():
     return td.get_rank() if is_distributed() else 0
 
 
+def launch_rank():
+    """This process's rank as torchrun set it (``RANK``; 0 without torchrun), before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size():
     return td.get_world_size() if is_distributed() else 1
 

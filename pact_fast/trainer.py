@@ -538,9 +538,10 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
             raise ValueError(f"resume: {ckpt} is at step {start_step}, past train.steps={train_cfg.steps}; "
                              f"raise train.steps to go on (its checkpoints would be overwritten otherwise)")
         resume_schedule(optimizer, scheduler, train_cfg)
-        log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
         newer = checkpoint.set_aside_newer(run_dir, start_step)
-        if newer:
+        if dist.rank() == 0:
+            log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
+        if newer and dist.rank() == 0:
             log(f"[pact_fast] {run_dir}: the newer checkpoints {', '.join(newer)} are not this run's continuation: "
                 f"moved to checkpoints/.abandoned-*")
     engine = (engine_factory or make_rollout_engine)(rollout_model, tokenizer, config.rollout, train_cfg.seed)

@@ -365,10 +365,12 @@ def test_compare_reports_on_rank_0_only(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(compare, "train", _finishing_train)
     monkeypatch.setattr(dist, "rank", lambda: 1)
+    lines = []
     rows = compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=2"]), modes=("sft",),
-                           log=lambda *a: None)
+                           log=lines.append)
     assert [r["mode"] for r in rows] == ["sft"]
     assert capsys.readouterr().out == "" and not (tmp_path / "compare.json").exists()
+    assert lines == []  # "[compare] training sft for 2 steps" came once per rank
 
 
 @pytest.mark.parametrize("override", ["train.steps=5", "loss.anchor_q=0.5", "rollout.greedy=false",

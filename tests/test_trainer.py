@@ -276,16 +276,24 @@ def test_torchrun_evaluations_see_the_weights_of_the_last_update(tmp_path):
 
 def test_the_command_under_torchrun_prints_one_summary_and_says_each_evaluation_once(tmp_path):
     """`torchrun -m pact_fast train ... > summary.json`: every rank printed the summary JSON (two documents on
-    stdout: json.load failed with "Extra data") and every held-out line; rank 0 alone says them now."""
+    stdout: json.load failed with "Extra data") and every held-out line; rank 0 alone says them now. So with
+    `--resume`: every rank said the resumption and each changed option (before 2026-12-06)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(HERE.parent)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m",
-           "pact_fast", "train", *TINY, "train.steps=1", "--out", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m",
+                "pact_fast", "train"]
+    cmd = [*torchrun, *TINY, "train.steps=2", "train.stop_after=1", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["steps"] == 1, proc.stdout
     assert proc.stderr.count("held-out before training:") == 1, proc.stderr[-3000:]
     assert proc.stderr.count("held-out evaluation before training") == 1, proc.stderr[-3000:]
+    proc = subprocess.run([*torchrun, "--resume", str(tmp_path / "run"), "train.keep_last=5"], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["steps"] == 2, proc.stdout
+    for line in ("pact-fast: resuming", "[pact_fast] resumed from", "pact-fast: changed train.keep_last"):
+        assert proc.stderr.count(line) == 1, (line, proc.stderr[-3000:])
 
 
 def test_torchrun_ranks_whose_clocks_disagree_save_at_the_same_steps(tmp_path):
