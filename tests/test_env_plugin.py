@@ -73,6 +73,11 @@ class Untupled(MultiHopEnv):
         return "a bare text"
 
 
+class TextFlag(MultiHopEnv):
+    def run_call(self, name, arguments):
+        return "error : the service is down", "False"
+
+
 class NanReward(MultiHopEnv):
     def reward(self, final_text):
         return math.nan
@@ -273,6 +278,8 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
 @pytest.mark.parametrize("attr, message", [
     ("Raises", r"Raises.run_call\('lookup'\) raised KeyError"),
     ("Untupled", r"Untupled.run_call\('lookup'\) returned 'a bare text': expected \(response text, "),
+    ("TextFlag", r"TextFlag.run_call\('lookup'\) returned \"\('error : the service is down', 'False'\)\": expected "
+                 r"\(response text, ran without error: True or False\)"),
     ("NanReward", r"NanReward.reward returned 'nan' for example .*: a reward must be a finite number"),
     ("NoneReward", r"NoneReward.reward returned 'None'"),
     ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
@@ -284,8 +291,9 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("RaisingClose", r"RaisingClose.close raised OSError: the service is gone"),
 ])
 def test_an_environment_that_breaks_its_contract_stops_the_rollout_in_one_line(tmp_path, user_module, attr, message):
-    """An exception in run_call, a response that is not text, a reward that is not a finite number (NaN turned its
-    group's advantages into NaN; None crashed far from the cause) name the class."""
+    """An exception in run_call, a response that is not text, a flag that is not a bool ("False" counted the failed
+    call as a success), a reward that is not a finite number (NaN turned its group's advantages into NaN; None
+    crashed far from the cause) name the class."""
     (ex,) = [parse_example(r) for r in _rows(f"{user_module}:{attr}", 1, tmp_path / "log")]
     engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1, max_call_chars=5000)
     with pytest.raises(ToolEnvError, match=message):

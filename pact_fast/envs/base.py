@@ -1,4 +1,6 @@
 """What every tool environment shares: turn and error bookkeeping, and size caps, around one-call execution."""
+import numpy
+
 from ..toolcalls import MAX_ARGUMENT_DEPTH, MAX_CALL_CHARS, nesting_depth
 
 MAX_RESULT_CHARS = 100_000  # characters of one tool response (BFCL long_context reaches 31,706)
@@ -32,8 +34,8 @@ def argument_chars(value, limit=MAX_CALL_CHARS):
 
 
 class ToolEnvError(RuntimeError):
-    """An environment broke its contract (its code raised, ``run_call`` answered something else than ``(text, ok)``,
-    a reward that is not a finite number): the run stops with this one line, naming the class."""
+    """An environment broke its contract (its code raised, ``run_call`` answered something else than ``(text, ok)``
+    with ``ok`` a bool, a reward that is not a finite number): the run stops with this one line, naming the class."""
 
 
 def unread_env_key(env, name, keys):
@@ -132,8 +134,11 @@ class ToolEnv:
         except Exception as exc:  # the environment's own bug: answer expected failures as (error text, False)
             raise ToolEnvError(f"{where} raised {type(exc).__name__}: {excerpt_of(exc)} (an environment answers a "
                                "call it cannot run with (error text, False))") from exc
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
-            raise ToolEnvError(f"{where} returned {str(result)[:100]!r}: expected (response text, ran without error)")
+        # a flag must be a bool: bool("False") or bool("error") would count a failed call as a success
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
+                and isinstance(result[1], (bool, numpy.bool_))):
+            raise ToolEnvError(f"{where} returned {str(result)[:100]!r}: expected (response text, ran without error: "
+                               "True or False)")
         return result[0], bool(result[1])
 
     def next_user_turn(self):
