@@ -332,7 +332,11 @@ class HFRolloutEngine:
         assistant = {"role": "assistant", "content": final.strip()}
         if calls:
             errors_before = getattr(env, "errors", None)
-            responses = env.step(calls)
+            responses = contract_call(env, "step", example.id, calls)
+            if not (isinstance(responses, (list, tuple)) and len(responses) == len(calls)
+                    and all(isinstance(r, str) for r in responses)):
+                raise ToolEnvError(f"{type(env).__name__}.step returned {str(responses)[:100]!r} for {len(calls)} "
+                                   f"calls of example {example.id}: expected a response text per call")
             errors = _count_errors(env, errors_before, calls, responses)
             ep.tool_calls += len(calls)
             ep.tool_errors += errors

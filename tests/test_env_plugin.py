@@ -78,6 +78,21 @@ class TextFlag(MultiHopEnv):
         return "error : the service is down", "False"
 
 
+class StepRaises(MultiHopEnv):
+    def step(self, calls):
+        raise KeyError("session")
+
+
+class StepDropsCalls(MultiHopEnv):
+    def step(self, calls):
+        return super().step(calls)[1:]
+
+
+class StepBytes(MultiHopEnv):
+    def step(self, calls):
+        return [text.encode() for text in super().step(calls)]
+
+
 class NanReward(MultiHopEnv):
     def reward(self, final_text):
         return math.nan
@@ -276,10 +291,14 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
 
 
 @pytest.mark.parametrize("attr, message", [
-    ("Raises", r"Raises.run_call\('lookup'\) raised KeyError"),
+    ("Raises", r"^Raises.run_call\('lookup'\) raised KeyError"),  # as run_call's, not step's
     ("Untupled", r"Untupled.run_call\('lookup'\) returned 'a bare text': expected \(response text, "),
     ("TextFlag", r"TextFlag.run_call\('lookup'\) returned \"\('error : the service is down', 'False'\)\": expected "
                  r"\(response text, ran without error: True or False\)"),
+    ("StepRaises", r"StepRaises.step raised KeyError: 'session' \(example multihop-0-0\)"),
+    ("StepDropsCalls", r"StepDropsCalls.step returned '\[\]' for 1 calls of example multihop-0-0: expected a response "
+                       "text per call"),
+    ("StepBytes", r"StepBytes.step returned \"\[b'delhi'\]\" for 1 calls"),
     ("NanReward", r"NanReward.reward returned 'nan' for example .*: a reward must be a finite number"),
     ("NoneReward", r"NoneReward.reward returned 'None'"),
     ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
@@ -291,7 +310,8 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("RaisingClose", r"RaisingClose.close raised OSError: the service is gone"),
 ])
 def test_an_environment_that_breaks_its_contract_stops_the_rollout_in_one_line(tmp_path, user_module, attr, message):
-    """An exception in run_call, a response that is not text, a flag that is not a bool ("False" counted the failed
+    """An exception in run_call or an override of step, a response that is not text or missing (the episode went on
+    without it), a flag that is not a bool ("False" counted the failed
     call as a success), a reward that is not a finite number (NaN turned its group's advantages into NaN; None
     crashed far from the cause) name the class."""
     (ex,) = [parse_example(r) for r in _rows(f"{user_module}:{attr}", 1, tmp_path / "log")]

@@ -55,9 +55,11 @@ def excerpt_of(exc, limit=300):
 
 def contract_call(env, method, example_id, *args):
     """``env.<method>(*args)``; an exception it raises is a ``ToolEnvError`` naming the class, the method and the
-    example (an environment's own bug, not the model's)."""
+    example (an environment's own bug, not the model's); a ``ToolEnvError`` (``step``'s, naming ``run_call``) as is."""
     try:
         return getattr(env, method)(*args)
+    except ToolEnvError:
+        raise
     except Exception as exc:
         raise ToolEnvError(f"{type(env).__name__}.{method} raised {type(exc).__name__}: {excerpt_of(exc)} (example "
                            f"{example_id})") from exc
