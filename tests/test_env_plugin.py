@@ -93,6 +93,15 @@ class StepBytes(MultiHopEnv):
         return [text.encode() for text in super().step(calls)]
 
 
+class PopsUserTurns(Scaled):
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.later = example.env["later"]
+
+    def next_user_turn(self):
+        return self.later.pop(0) if self.later else None
+
+
 class NanReward(MultiHopEnv):
     def reward(self, final_text):
         return math.nan
@@ -210,6 +219,19 @@ def test_the_environments_episodes_carry_its_calls_and_rewards(tmp_path, user_mo
     assert [ln for ln in lines if "call" in ln] == [{"call": call["name"], "ok": True}] * 2
     assert [ep.reward for ep in episodes] == [ln["reward"] for ln in lines if "reward" in ln] == [0.75, 0.75]
     assert [ep.tool_calls for ep in episodes] == [1, 1]
+
+
+def test_an_environment_that_changes_its_example_changes_its_episode_only(tmp_path, user_module):
+    """A class that popped the later user turns off its row's list took them from the group's other episodes and
+    from every later step: those answered the first question and ended, rewarded, one user turn short."""
+    (row,) = _rows(f"{user_module}:PopsUserTurns", 1, tmp_path / "log")
+    row["env"]["later"] = ["what is the answer ?"]
+    ex = parse_example(row)
+    make_env = make_env_factory(_data_cfg(user_module), RolloutConfig())
+    for _ in range(2):  # two steps
+        engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer, ex.answer], group_size=2)
+        assert [ep.turns for ep in engine.rollout([ex], make_env)[0]] == [3, 3]
+    assert ex.env["later"] == ["what is the answer ?"]
 
 
 @pytest.mark.parametrize("attr, message", [

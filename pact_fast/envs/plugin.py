@@ -1,7 +1,8 @@
 """Environments of your own: a row's ``env.name`` of the form ``"package.module:ClassName"`` names a ``ToolEnv``
 subclass that pact_fast imports (from ``sys.path``: install the package, or put its directory on ``PYTHONPATH``)
-and builds for every episode of that row. The run's config must allow the module (``data.env_modules``): a data
-file alone never makes pact_fast import code::
+and builds for every episode of that row, from a copy of the row (what the class changes in ``example``, such as
+a list of later user turns it pops, stays in that episode). The run's config must allow the module
+(``data.env_modules``): a data file alone never makes pact_fast import code::
 
     from pact_fast.envs.base import ToolEnv
 
@@ -34,6 +35,7 @@ are ``ToolEnv``'s to override too. The class (``resolve``) and every row (``chec
 data loads, before any model does: a class that cannot serve is refused whatever
 ``data.on_error`` says; a row its ``check_example`` refuses is skipped with ``data.on_error=skip``.
 """
+import copy
 import importlib
 import inspect
 import sys
@@ -119,12 +121,13 @@ def check_example(example, env_modules):
 
 def make_env(example, caps, env_modules):
     """The environment of one episode of ``example``: its class built with ``caps`` (``CAPS``, which it must hand
-    to ``ToolEnv``). Raises ``ToolEnvError`` when the constructor raises or drops a cap."""
+    to ``ToolEnv``) on a copy of ``example`` (the row's other episodes and later steps never see what it changes).
+    Raises ``ToolEnvError`` when the constructor raises or drops a cap."""
     cls, reason = resolve(example.env["name"], env_modules)
     if reason:
         raise DataSetupError(reason)
     try:
-        env = cls(example, **caps)
+        env = cls(copy.deepcopy(example), **caps)
     except Exception as exc:
         raise ToolEnvError(f"{cls.__name__}(example {example.id}) raised {type(exc).__name__}: {excerpt_of(exc)} (a "
                            "check of the row belongs in its check_example, which runs when the data loads)") from exc
