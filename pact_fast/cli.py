@@ -14,6 +14,7 @@
     pact-fast plan --model qwen3-1.7b --gpu-memory 24GB --lora   # predicted peak memory, largest micro-batch
 """
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -432,7 +433,9 @@ def main(argv=None):
 
         try:
             config = _eval_config(args)
-            print(json.dumps(evaluate_model(config, show=args.show, log=_to_stderr), indent=1))
+            with contextlib.redirect_stdout(sys.stderr):  # an environment's print: stdout is the JSON result
+                result = evaluate_model(config, show=args.show, log=_to_stderr)
+            print(json.dumps(result, indent=1))
         except ConfigError as exc:
             return _user_error(args, f"config error: {exc}")
         except USER_ERRORS + (ValueError,) as exc:
@@ -452,7 +455,8 @@ def main(argv=None):
             except (ConfigError, FileNotFoundError, ValueError) as exc:
                 return _user_error(args, exc)
         try:
-            summary = train(config, resume=resume, log=_to_stderr)
+            with contextlib.redirect_stdout(sys.stderr):  # an environment's print: stdout is the JSON summary
+                summary = train(config, resume=resume, log=_to_stderr)
         except USER_ERRORS as exc:
             return _user_error(args, exc)
         if dist.rank() == 0:  # under torchrun every rank returns the summary: one JSON document on stdout
