@@ -178,14 +178,15 @@ def _sample(logits, temperature, top_p, greedy, generator):
 
 def _checked_reward(env, example, reward):
     """``reward`` as a float (a Python, numpy or one-element torch number), or a ``ToolEnvError`` naming ``env``'s
-    class when it is not a finite number (a None or NaN would turn every advantage of its group into NaN)."""
+    class when it is not a finite number (a None or NaN would turn every advantage of its group into NaN), finite
+    in float32 too (the trainer's rewards are float32: 1e300 became inf there, and a crash)."""
     try:
         value = math.nan if isinstance(reward, (str, bytes)) or reward is None else float(reward)
     except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several numbers
         value = math.nan
-    if not math.isfinite(value):
+    if not abs(value) <= torch.finfo(torch.float32).max:
         raise ToolEnvError(f"{type(env).__name__}.reward returned {str(reward)[:100]!r} for example {example.id}: "
-                           "a reward must be a finite number")
+                           "a reward must be a finite number (within float32's range)")
     return value
 
 

@@ -108,6 +108,11 @@ class NanReward(MultiHopEnv):
         return math.nan
 
 
+class HugeReward(MultiHopEnv):
+    def reward(self, final_text):
+        return 1e300
+
+
 class NoneReward(MultiHopEnv):
     def reward(self, final_text):
         return None
@@ -324,6 +329,7 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("StepBytes", r"StepBytes.step returned \"\[b'delhi'\]\" for 1 calls"),
     ("NanReward", r"NanReward.reward returned 'nan' for example .*: a reward must be a finite number"),
     ("NoneReward", r"NoneReward.reward returned 'None'"),
+    ("HugeReward", r"HugeReward.reward returned '1e\+300' .*: a reward must be a finite number \(within float32's "),
     ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
     ("ListUser", r"ListUser.next_user_turn returned \"\['not', 'text'\]\""),
     ("RaisingInit", r"RaisingInit\(example multihop-0-0\) raised KeyError: 'city' \(a check of the row belongs in "
