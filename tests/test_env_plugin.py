@@ -151,6 +151,12 @@ class DropsCaps(MultiHopEnv):
         super().__init__(example, max_turns=caps["max_turns"])
 
 
+class NoTurnLimit(MultiHopEnv):
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.max_turns = None
+
+
 class RaisingReward(MultiHopEnv):
     def reward(self, final_text):
         return 1 / 0
@@ -335,6 +341,7 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("RaisingInit", r"RaisingInit\(example multihop-0-0\) raised KeyError: 'city' \(a check of the row belongs in "
                     "its check_example"),
     ("DropsCaps", r"DropsCaps.__init__ did not hand max_call_chars=5000 to ToolEnv.__init__"),
+    ("NoTurnLimit", r"NoTurnLimit\(example multihop-0-0\) has max_turns=None: expected a whole number >= 1"),
     ("RaisingReward", r"RaisingReward.reward raised ZeroDivisionError: division by zero \(example multihop-0-0\)"),
     ("RaisingClose", r"RaisingClose.close raised OSError: the service is gone"),
 ])

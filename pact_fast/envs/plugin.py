@@ -135,4 +135,8 @@ def make_env(example, caps, env_modules):
         if getattr(env, key, None) != caps[key]:
             raise ToolEnvError(f"{cls.__name__}.__init__ did not hand {key}={caps[key]} to ToolEnv.__init__ (the "
                                f"environment has {getattr(env, key, None)}): pass **caps on")
+    turns = getattr(env, "max_turns", None)
+    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+        raise ToolEnvError(f"{cls.__name__}(example {example.id}) has max_turns={turns!r}: expected a whole number "
+                           f">= 1 (its own turn limit, or the max_turns={caps['max_turns']} it was given)")
     return env
