@@ -8,7 +8,8 @@ Only the text after the turn's reasoning (past its last ``</think>``) is searche
 about is not made.
 
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
-observation for the model; parsing never raises on model text. Model text is untrusted, so a
+observation for the model; parsing never raises on model text. A name or argument given twice is one (the
+parser does not guess which the model meant). Model text is untrusted, so a
 call longer than ``MAX_CALL_CHARS`` or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is
 an error item before any parser sees it (deep JSON would otherwise raise ``RecursionError``), and
 error items keep only a short excerpt of the text.
@@ -90,6 +91,8 @@ def parse_compact(body):
             key = key.strip()
             if not re.fullmatch(r"[A-Za-z_]\w*", key):
                 return ToolCallError(body, "bad argument name")
+            if key in args:  # which value the model meant is not for the parser to guess
+                return ToolCallError(body, f"argument {key} is given twice")
             try:
                 args[key] = _value(value)
             except ValueError:  # an integer past Python's int-string conversion limit
@@ -101,25 +104,46 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_hermes(body):
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """A JSON object's pairs -> dict, refusing a key given twice (``json.loads`` keeps the last one silently, so
+    ``{"name": "lookup", "name": "add"}`` ran ``add``)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _RepeatedKey(f"ambiguous: the key {excerpt(key, 40)} appears twice")
+        obj[key] = value
+    return obj
+
+
+def _loads(text, what):
+    """``(value, None)`` for JSON ``text``, or ``(None, why not)`` with ``what`` ("tool call", "arguments") named."""
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys), None
     except RecursionError:
-        return ToolCallError(body, "tool call is nested too deeply")
+        return None, f"{what} nested too deeply"
+    except _RepeatedKey as exc:
+        return None, f"{what} {exc}"
     except ValueError:  # JSONDecodeError, NaN/Infinity, integers past Python's conversion limit
-        return ToolCallError(body, "tool call is not valid JSON")
+        return None, f"{what} not valid JSON"
+
+
+def parse_hermes(body):
+    obj, reason = _loads(body, "tool call is")
+    if reason:
+        return ToolCallError(body, reason)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCallError(body, "tool call needs a string 'name'")
     if "arguments" in obj and "parameters" in obj:
         return ToolCallError(body, "tool call has both 'arguments' and 'parameters'")
     args = obj.get("arguments", obj.get("parameters", {}))  # "parameters": Llama 3.1's name for them
     if isinstance(args, str):
-        try:
-            args = json.loads(args, parse_constant=_reject_constant)
-        except RecursionError:
-            return ToolCallError(body, "arguments are nested too deeply")
-        except ValueError:
-            return ToolCallError(body, "arguments are not valid JSON")
+        args, reason = _loads(args, "arguments are")
+        if reason:
+            return ToolCallError(body, reason)
     if not isinstance(args, dict):
         return ToolCallError(body, "arguments must be an object")
     return ToolCall(obj["name"], args)

@@ -30,6 +30,11 @@ HOSTILE = {
     "hermes-5000-digits": ("hermes", '{"name": "add", "arguments": {"a": ' + "7" * 5_000 + ', "b": 1}}',
                            "not valid JSON"),
     "hermes-nan": ("hermes", '{"name": "add", "arguments": {"a": NaN, "b": 1}}', "not valid JSON"),
+    "hermes-repeated-name": ("hermes", '{"name": "lookup", "name": "add", "arguments": {"a": 1, "b": 2}}',
+                             "tool call is ambiguous: the key 'name' appears twice"),
+    "hermes-repeated-argument": ("hermes", '{"name": "add", "arguments": "{\\"a\\": 1, \\"a\\": 9, \\"b\\": 2}"}',
+                                 "arguments are ambiguous: the key 'a' appears twice"),
+    "compact-repeated-argument": ("compact", "add ( a = 1 , a = 9 , b = 2 )", "argument a is given twice"),
     "hermes-huge": ("hermes", json.dumps({"name": "f", "arguments": {"x": "y" * 20_000}}),
                     "characters, more than the limit"),
 }
