@@ -134,7 +134,7 @@ class RolloutEngine(Protocol):
 
 def _encodable(text):
     """``text`` with what UTF-8 cannot encode (a lone surrogate the model wrote as ``\\ud800`` in a call's JSON and a
-    tool echoed back) replaced, so the tokenizer takes it: model text never stops a run."""
+    tool, or a simulated user, echoed back) replaced, so the tokenizer takes it: model text never stops a run."""
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
@@ -353,7 +353,7 @@ class HFRolloutEngine:
             if user is None:
                 ep.finish, ep.final_text = "answer", final
                 return False
-            new = [{"role": "user", "content": user}]
+            new = [{"role": "user", "content": _encodable(user)}]
         if ep.turns >= min(cfg.max_turns, getattr(env, "max_turns", cfg.max_turns)):
             ep.finish, ep.final_text = "turn_limit", final
             return False

@@ -103,6 +103,18 @@ class PopsUserTurns(Scaled):
         return self.later.pop(0) if self.later else None
 
 
+class EchoingUser(MultiHopEnv):
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.asked = False
+
+    def next_user_turn(self):  # a simulated user quoting what the model wrote: a lone surrogate from its JSON
+        if self.asked:
+            return None
+        self.asked = True
+        return "what is \\ud800 ?"
+
+
 class NanReward(MultiHopEnv):
     def reward(self, final_text):
         return math.nan
@@ -244,6 +256,15 @@ def test_an_environment_that_changes_its_example_changes_its_episode_only(tmp_pa
         engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer, ex.answer], group_size=2)
         assert [ep.turns for ep in engine.rollout([ex], make_env)[0]] == [3, 3]
     assert ex.env["later"] == ["what is the answer ?"]
+
+
+def test_a_user_turn_the_tokenizer_cannot_encode_goes_on_as_text(tmp_path, user_module):
+    """A simulated user's turn with a lone surrogate (the model's own text, quoted) crashed the tokenizer with a
+    TypeError; tool responses were already made encodable."""
+    (ex,) = [parse_example(r) for r in _rows(f"{user_module}:EchoingUser", 1, tmp_path / "log")]
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer, ex.answer], group_size=1)
+    (ep,) = engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))[0]
+    assert (ep.finish, ep.turns, ep.reward) == ("answer", 3, 1.0)
 
 
 @pytest.mark.parametrize("attr, message", [
