@@ -1,4 +1,5 @@
 """BFCL multi-turn (bfcl-eval, installed with --no-deps): conversion, safe replay, environment."""
+import re
 import time
 import uuid
 
@@ -185,6 +186,22 @@ def test_miss_func_holds_functions_back_until_bfcl_reveals_them(categories):
     assert "sort" in env.next_user_turn()  # turn 3 reveals it
     assert not env.step([call])[0].startswith("Error during execution")
     env.close()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("long_context", "false", "env 'long_context' is 'false': expected true or false"),
+    ("revealed_tools", {"0": ["sort"]}, "env 'revealed_tools' is .*: expected an object of later user turns"),
+    ("revealed_tools", {"3": "sort"}, "env 'revealed_tools' is"),
+], ids=["long-context-text", "reveal-at-the-prompt", "reveal-not-a-list"])
+def test_a_row_whose_environment_settings_would_be_misread_is_refused(key, value, words):
+    """"false" loaded the long back-ends (bool("false") is True); functions revealed at turn 0 (or past the last
+    turn) stayed unknown to every call of every episode, without a word."""
+    from pact_fast.envs.bfcl import check_example
+
+    (ex,) = load_bfcl("multi_turn_miss_func", limit=1)
+    assert check_example(ex) is None
+    ex.env[key] = value
+    assert re.match(words, check_example(ex))
 
 
 def test_miss_param_traces_close_the_turn_without_a_call(categories):

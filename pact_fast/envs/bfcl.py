@@ -233,7 +233,8 @@ def check_example(example):
     ``involved_classes`` (BFCL back-end class names), ``initial_config`` (an object), ``user_turns`` (a list of
     message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
     turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
-    A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
+    ``long_context`` must be a bool and ``revealed_tools`` map later user turns to function names (a turn outside
+    them never reveals). A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:
@@ -262,6 +263,15 @@ def check_example(example):
         return "env 'bfcl' needs 'gold', a list with the gold call strings of each user turn"
     if len(gold) != 1 + len(turns):
         return f"env 'gold' has {len(gold)} turns for {1 + len(turns)} user turns"
+    if not isinstance(env.get("long_context", False), bool):
+        return f"env 'long_context' is {env['long_context']!r}: expected true or false (\"false\" read as true)"
+    revealed = env.get("revealed_tools", {})
+    if not (isinstance(revealed, dict) and all(
+            str(k).isdecimal() and 1 <= int(k) <= len(turns) and isinstance(v, list)
+            and all(isinstance(n, str) for n in v) for k, v in revealed.items())):
+        return (f"env 'revealed_tools' is {excerpt(revealed)}: expected an object of later user turns (\"1\" to "
+                f"\"{len(turns)}\") -> the names of the functions each reveals (the functions of a turn outside "
+                "them stayed unknown to every call)")
     return None
 
 
