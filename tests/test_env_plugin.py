@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -247,9 +248,11 @@ def test_the_environments_episodes_carry_its_calls_and_rewards(tmp_path, user_mo
 
 def test_an_environment_that_changes_its_example_changes_its_episode_only(tmp_path, user_module):
     """A class that popped the later user turns off its row's list took them from the group's other episodes and
-    from every later step: those answered the first question and ended, rewarded, one user turn short."""
+    from every later step: those answered the first question and ended, rewarded, one user turn short. An object
+    that is not data (a lock, a client) is shared, not copied."""
     (row,) = _rows(f"{user_module}:PopsUserTurns", 1, tmp_path / "log")
     row["env"]["later"] = ["what is the answer ?"]
+    row["env"]["lock"] = threading.Lock()  # an object of a row built in Python (copy.deepcopy refuses a lock)
     ex = parse_example(row)
     make_env = make_env_factory(_data_cfg(user_module), RolloutConfig())
     for _ in range(2):  # two steps

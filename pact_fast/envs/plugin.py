@@ -1,7 +1,7 @@
 """Environments of your own: a row's ``env.name`` of the form ``"package.module:ClassName"`` names a ``ToolEnv``
 subclass that pact_fast imports (from ``sys.path``: install the package, or put its directory on ``PYTHONPATH``)
-and builds for every episode of that row, from a copy of the row (what the class changes in ``example``, such as
-a list of later user turns it pops, stays in that episode). The run's config must allow the module
+and builds for every episode of that row, from a copy of the row's dicts and lists (what the class changes in
+``example``, such as a list of later user turns it pops, stays in that episode). The run's config must allow the module
 (``data.env_modules``): a data file alone never makes pact_fast import code::
 
     from pact_fast.envs.base import ToolEnv
@@ -36,6 +36,7 @@ data loads, before any model does: a class that cannot serve is refused whatever
 ``data.on_error`` says; a row its ``check_example`` refuses is skipped with ``data.on_error=skip``.
 """
 import copy
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -119,15 +120,33 @@ def check_example(example, env_modules):
     return reason
 
 
+def _copied(value):
+    """``value`` with its dicts and lists copied; other objects shared (a client that a row built in Python carries,
+    which ``copy.deepcopy`` may not copy at all)."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
+
+
+def _own_copy(example):
+    """``example`` for one episode's environment: its fields ``_copied``."""
+    own = copy.copy(example)
+    for f in dataclasses.fields(example):
+        setattr(own, f.name, _copied(getattr(example, f.name)))
+    return own
+
+
 def make_env(example, caps, env_modules):
     """The environment of one episode of ``example``: its class built with ``caps`` (``CAPS``, which it must hand
-    to ``ToolEnv``) on a copy of ``example`` (the row's other episodes and later steps never see what it changes).
+    to ``ToolEnv``) on ``_own_copy(example)`` (the row's other episodes and later steps never see what it changes).
     Raises ``ToolEnvError`` when the constructor raises or drops a cap."""
     cls, reason = resolve(example.env["name"], env_modules)
     if reason:
         raise DataSetupError(reason)
     try:
-        env = cls(copy.deepcopy(example), **caps)
+        env = cls(_own_copy(example), **caps)
     except Exception as exc:
         raise ToolEnvError(f"{cls.__name__}(example {example.id}) raised {type(exc).__name__}: {excerpt_of(exc)} (a "
                            "check of the row belongs in its check_example, which runs when the data loads)") from exc
