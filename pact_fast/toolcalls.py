@@ -4,8 +4,8 @@
 - ``hermes``: ``<tool_call> {"name": ..., "arguments": {...}} </tool_call>`` (Qwen, Hermes templates;
   ``"parameters"`` in place of ``"arguments"``, as Llama 3.1 writes them, is read too).
 
-Only the text after the turn's reasoning (past its last ``</think>``) is searched: a call the model only thinks
-about is not made.
+Only the text after the turn's reasoning (past its last ``</think>`` outside a call) is searched: a call the
+model only thinks about is not made.
 
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
 observation for the model; parsing never raises on model text. A name or argument given twice is one (the
@@ -162,15 +162,28 @@ def parse_one(body, fmt="compact"):
     return call
 
 
+def _reasoning_end(text):
+    """Where the reasoning of ``text`` ends: past its last ``</think>`` whose next tag is not a ``</tool_call>`` (one
+    that is lies in a call's arguments: text a call writes or sends), or 0."""
+    cut, closes = len(text), False  # whether the first tag past ``cut`` is a </tool_call>
+    while (k := text.rfind("</think>", 0, cut)) >= 0:
+        close, opening = text.find(CLOSE, k, cut), text.find(OPEN, k, cut)  # each stretch read once: linear time
+        if close >= 0 or opening >= 0:
+            closes = opening < 0 or 0 <= close < opening
+        if not closes:
+            return k + len("</think>")
+        cut = k
+    return 0
+
+
 def parse_tool_calls(text, fmt="compact"):
-    """All tool calls in ``text`` after its reasoning (past the last ``</think>``: a call the model only thinks
-    about is not made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to
+    """All tool calls in ``text`` after its reasoning (``_reasoning_end``: a call the model only thinks about is not
+    made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to
     right in one pass (a degenerate turn of many unclosed tags costs linear time). An unclosed ``<tool_call>`` is
     an error item too."""
     if fmt not in PARSERS:
         raise ValueError(f"parse_tool_calls: unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
-    text = text.rsplit("</think>", 1)[-1]
-    calls, i = [], 0
+    calls, i = [], _reasoning_end(text)
     while (start := text.find(OPEN, i)) >= 0:
         end = text.find(CLOSE, start + len(OPEN))
         if end < 0:

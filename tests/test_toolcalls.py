@@ -52,6 +52,16 @@ def test_hostile_calls_are_short_error_items(fmt, body, reason):
     assert env.step(calls) == ["error : bad tool call"] and env.errors == 1
 
 
+def test_a_call_whose_arguments_read_think_end_is_made_and_a_call_in_the_reasoning_is_not():
+    """Parsing began past the last "</think>" anywhere: a call writing "</think>" (a file's text, a message) was cut
+    in two, and the turn, without a call, was taken as the final answer."""
+    call = _block(json.dumps({"name": "echo", "arguments": {"content": "done </think>"}}))
+    assert parse_tool_calls("<think> i write it </think> " + call, "hermes") == [
+        ToolCall("echo", {"content": "done </think>"})]
+    assert parse_tool_calls("<think> maybe " + call + " no </think> 42", "hermes") == []
+    assert parse_tool_calls(call, "hermes") == [ToolCall("echo", {"content": "done </think>"})]
+
+
 def test_calls_at_the_size_limit_still_parse():
     value = "w" * (MAX_CALL_CHARS - 40)
     (call,) = parse_tool_calls(_block(f"initial ( word = {value} )"))
