@@ -233,8 +233,8 @@ def check_example(example):
     ``involved_classes`` (BFCL back-end class names), ``initial_config`` (an object), ``user_turns`` (a list of
     message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
     turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
-    ``long_context`` must be a bool and ``revealed_tools`` map later user turns to function names (a turn outside
-    them never reveals). A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
+    ``long_context`` must be a bool, ``revealed_tools`` map later user turns to function names (a turn outside
+    them never reveals) and each gold call be a call of a function of the classes (``parse_call``). A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:
@@ -263,6 +263,15 @@ def check_example(example):
         return "env 'bfcl' needs 'gold', a list with the gold call strings of each user turn"
     if len(gold) != 1 + len(turns):
         return f"env 'gold' has {len(gold)} turns for {1 + len(turns)} user turns"
+    functions = {d["name"] for d in _func_docs(classes)}
+    for turn, calls in enumerate(gold):
+        for call in calls:
+            try:
+                name = parse_call(call)[0]
+            except ValueError as exc:
+                return f"env 'gold' turn {turn}: {exc}"
+            if name not in functions:  # its result, an error text, would pay the model's call of the same name
+                return f"env 'gold' turn {turn} calls {name!r}, not a function of {', '.join(classes)}"
     if not isinstance(env.get("long_context", False), bool):
         return f"env 'long_context' is {env['long_context']!r}: expected true or false (\"false\" read as true)"
     revealed = env.get("revealed_tools", {})
