@@ -9,10 +9,9 @@ model only thinks about is not made.
 
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
 observation for the model; parsing never raises on model text. A name or argument given twice is one (the
-parser does not guess which the model meant). Model text is untrusted, so a
-call longer than ``MAX_CALL_CHARS`` or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is
-an error item before any parser sees it (deep JSON would otherwise raise ``RecursionError``), and
-error items keep only a short excerpt of the text.
+parser does not guess which the model meant). Model text is untrusted, so a call longer than ``MAX_CALL_CHARS``
+or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is an error item before any parser sees it (deep
+JSON would otherwise raise ``RecursionError``), and error items keep only a short excerpt of the text.
 """
 import json
 import re
@@ -120,7 +119,7 @@ def _unique_keys(pairs):
 
 
 def _loads(text, what):
-    """``(value, None)`` for JSON ``text``, or ``(None, why not)`` with ``what`` ("tool call", "arguments") named."""
+    """``(value, None)`` for JSON ``text``, or ``(None, why not)``, said of ``what`` ("tool call is", ...)."""
     try:
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys), None
     except RecursionError:
@@ -178,9 +177,9 @@ def _reasoning_end(text):
 
 def parse_tool_calls(text, fmt="compact"):
     """All tool calls in ``text`` after its reasoning (``_reasoning_end``: a call the model only thinks about is not
-    made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to
-    right in one pass (a degenerate turn of many unclosed tags costs linear time). An unclosed ``<tool_call>`` is
-    an error item too."""
+    made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to right in one
+    pass (a degenerate turn of many unclosed tags costs linear time). An unclosed ``<tool_call>`` is an error item
+    too."""
     if fmt not in PARSERS:
         raise ValueError(f"parse_tool_calls: unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
     calls, i = [], _reasoning_end(text)

@@ -234,7 +234,8 @@ def check_example(example):
     message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
     turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
     ``long_context`` must be a bool, ``revealed_tools`` map later user turns to function names (a turn outside
-    them never reveals) and each gold call be a call of a function of the classes (``parse_call``). A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
+    them never reveals) and each gold call be a call of a function of the classes (``parse_call``). A key outside
+    ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:

@@ -1,8 +1,8 @@
 """Environments of your own: a row's ``env.name`` of the form ``"package.module:ClassName"`` names a ``ToolEnv``
 subclass that pact_fast imports (from ``sys.path``: install the package, or put its directory on ``PYTHONPATH``)
 and builds for every episode of that row, from a copy of the row's dicts and lists (what the class changes in
-``example``, such as a list of later user turns it pops, stays in that episode). The run's config must allow the module
-(``data.env_modules``): a data file alone never makes pact_fast import code::
+``example``, such as a list of later user turns it pops, stays in that episode). The run's config must allow the
+module (``data.env_modules``): a data file alone never makes pact_fast import code::
 
     from pact_fast.envs.base import ToolEnv
 
@@ -32,8 +32,8 @@ number, a response or user turn that is not text (``step``: one per call), and a
 ``False`` stop the run with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks: a later
 user turn in the trace counts towards the turns an episode needs) and ``close`` (release what an episode holds)
 are ``ToolEnv``'s to override too. The class (``resolve``) and every row (``check_example``) are checked when the
-data loads, before any model does: a class that cannot serve is refused whatever
-``data.on_error`` says; a row its ``check_example`` refuses is skipped with ``data.on_error=skip``.
+data loads, before any model does: a class that cannot serve is refused whatever ``data.on_error`` says; a row its
+``check_example`` refuses is skipped with ``data.on_error=skip``.
 """
 import copy
 import dataclasses
