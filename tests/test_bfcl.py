@@ -194,11 +194,15 @@ def test_miss_func_holds_functions_back_until_bfcl_reveals_them(categories):
     ("revealed_tools", {"3": "sort"}, "env 'revealed_tools' is"),
     ("gold", [["lss()"], [], [], [], []], "env 'gold' turn 0 calls 'lss', not a function of TwitterAPI, Gorilla"),
     ("gold", [["ls("], [], [], [], []], "env 'gold' turn 0: not a call: 'ls\\('"),
-], ids=["long-context-text", "reveal-at-the-prompt", "reveal-not-a-list", "gold-unknown-function", "gold-not-a-call"])
+    ("initial_config", {"GorillaFileSystem": {"root": 5}}, "env 'initial_config' does not load into TwitterAPI, "
+                                                           "GorillaFileSystem: AttributeError: \"'int' object"),
+], ids=["long-context-text", "reveal-at-the-prompt", "reveal-not-a-list", "gold-unknown-function", "gold-not-a-call",
+        "config-that-does-not-load"])
 def test_a_row_whose_environment_settings_would_be_misread_is_refused(key, value, words):
     """"false" loaded the long back-ends (bool("false") is True); functions revealed at turn 0 (or past the last
     turn) stayed unknown to every call of every episode, without a word; a gold call of no function has an error
-    text for its result, which paid an episode that made the same wrong call."""
+    text for its result, which paid an episode that made the same wrong call; a configuration the back-ends cannot
+    load had every call answered "ran past the time limit" and the reward raise."""
     from pact_fast.envs.bfcl import check_example
 
     (ex,) = load_bfcl("multi_turn_miss_func", limit=1)

@@ -234,8 +234,8 @@ def check_example(example):
     message lists, one per later user turn of the trace) and ``gold`` (a list of call-string lists, one per user
     turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
     ``long_context`` must be a bool, ``revealed_tools`` map later user turns to function names (a turn outside
-    them never reveals) and each gold call be a call of a function of the classes (``parse_call``). A key outside
-    ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
+    them never reveals), each gold call be a call of a function of the classes (``parse_call``) and the back-ends
+    load ``initial_config``. A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:
@@ -275,6 +275,10 @@ def check_example(example):
                 return f"env 'gold' turn {turn} calls {name!r}, not a function of {', '.join(classes)}"
     if not isinstance(env.get("long_context", False), bool):
         return f"env 'long_context' is {env['long_context']!r}: expected true or false (\"false\" read as true)"
+    try:  # in the worker process, a back-end that cannot load answered every call "ran past the time limit"
+        BFCLBackends(env["initial_config"], classes, env.get("long_context", False))
+    except Exception as exc:  # the back-ends' own code, on a configuration it does not expect
+        return f"env 'initial_config' does not load into {', '.join(classes)}: {type(exc).__name__}: {excerpt(exc)}"
     revealed = env.get("revealed_tools", {})
     if not (isinstance(revealed, dict) and all(
             str(k).isdecimal() and 1 <= int(k) <= len(turns) and isinstance(v, list)
