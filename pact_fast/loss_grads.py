@@ -45,8 +45,9 @@ def dense_groups(group_ids):
 
 def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     """``losses.group_advantages`` without a sync: (advantages [B], rewards_finite 0-dim bool). The caller
-    refuses non-finite rewards after its one sync (``Metrics.resolve``)."""
-    r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    refuses non-finite rewards after its one sync (``Metrics.resolve``). Computed in fp64 as there."""
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(torch.float64)
     inv, _ = dense_groups(group_ids)
     zeros = torch.zeros(r.shape[0], device=r.device, dtype=r.dtype)  # [B] >= G buckets
     count = zeros.index_add(0, inv, torch.ones_like(r))
@@ -57,10 +58,10 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     centered = torch.where(constant, torch.zeros_like(r), r - mean[inv])
     finite = torch.isfinite(rewards).all()
     if not norm_by_std:
-        return centered, finite
+        return centered.to(out_dtype), finite
     sq = zeros.index_add(0, inv, centered ** 2)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
-    return centered / (std[inv] + eps), finite
+    return (centered / (std[inv] + eps)).to(out_dtype), finite
 
 
 def sft_weights(components, segment_ids, turn_ids, progress, config, dtype=torch.float32):

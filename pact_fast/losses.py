@@ -202,7 +202,8 @@ CONSTANT_FIELDS = ("old_logp_tc", "old_logp_po", "behavior_logp", "ref_logp", "r
 def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     """GRPO advantages ``A_i = (R_i - mean_G R) / (std_G R + eps)`` (or without the std).
 
-    rewards: [B] float (any float dtype); group_ids: [B] int. Returns [B] fp32 (fp64 for fp64 rewards).
+    rewards: [B] float (any float dtype); group_ids: [B] int. Returns [B] fp32 (fp64 for fp64 rewards),
+    computed in fp64 (squares of rewards past ~1.8e19 overflow fp32: the std became inf, every advantage 0).
     The std is the unbiased sample std. A group of one rollout, or whose rewards are all equal, gets
     exactly 0: its rounded mean would otherwise leave a tiny ``R - mean`` that ``1 / (std + eps)``
     magnifies (0.7 x 16 in fp32 gives 0.106 each), pushing the whole group one way.
@@ -214,7 +215,8 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
         raise ValueError(f"group_advantages: group_ids must be an integer tensor, got {group_ids.dtype}")
     if not torch.isfinite(rewards).all():
         raise ValueError("group_advantages: rewards contain NaN or inf")
-    r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(torch.float64)
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
     zeros = torch.zeros(n_groups, device=r.device, dtype=r.dtype)
@@ -225,10 +227,10 @@ def group_advantages(rewards, group_ids, *, eps=1e-6, norm_by_std=True):
     constant = (lowest == highest)[inv]  # [B] the rollout's group has one reward value
     centered = torch.where(constant, torch.zeros_like(r), r - mean[inv])
     if not norm_by_std:
-        return centered
+        return centered.to(out_dtype)
     sq = zeros.index_add(0, inv, centered ** 2)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
-    return centered / (std[inv] + eps)
+    return (centered / (std[inv] + eps)).to(out_dtype)
 
 
 # ---------------------------------------------------------------- surrogate

@@ -57,6 +57,17 @@ def test_group_advantages(norm):
     assert group_advantages(torch.tensor([3.0]), torch.tensor([0])).item() == 0.0
 
 
+def test_group_advantages_of_rewards_whose_squares_overflow_float32():
+    """Rewards past ~1.8e19 (an environment's raw score): their squares overflowed fp32, the std became inf and
+    every advantage 0, so the group taught nothing, without a word."""
+    rewards = torch.tensor([1e20, 0.0, 0.0, 1e20])
+    groups = torch.tensor([0, 0, 0, 0])
+    adv = group_advantages(rewards, groups)
+    assert adv.dtype == torch.float32
+    assert torch.allclose(adv.double(), _hand_advantages(rewards.double(), groups, 1e-6, True), rtol=1e-6)
+    assert adv[0] > 0.8 and adv[1] < -0.8
+
+
 def _hand_token_loss(lp, old, a, lo, hi, c):
     r = math.exp(lp - old)
     loss = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
