@@ -18,9 +18,11 @@ Each run's config.yaml holds the options its mode reads; one it does not read (`
 run, ``loss.seed`` in the grpo run) stays at its default there, so the file is a ``--config`` that
 ``pact-fast train`` accepts.
 """
+import contextlib
 import copy
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from . import checkpoint
@@ -66,31 +68,38 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
     rows = []
     say = log if dist.rank() == 0 else _silent
     try:
-        for seed, mode, run_dir, cfg, state, summary in runs:
-            if state == "finished":
-                say(f"[compare] {run_dir} holds this run, finished: reading it back")
-            elif state == "unfinished":
-                say(f"[compare] {run_dir} holds this run, unfinished: resuming it")
-                summary = train(cfg, resume=str(run_dir), log=log)
-            else:
-                say(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
-                    f"steps -> {run_dir}")
-                summary = train(cfg, log=log)
-            rows.append({"mode": mode, "seed": cfg.train.seed, **(summary["eval_after"] or {}),
-                         "steps": summary["steps"], "train_seconds": summary["seconds"],
-                         "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate"),
-                         "interrupted": bool(summary["interrupted"]), "stopped": summary["stopped"],
-                         "run_dir": str(run_dir)})
-            if summary["interrupted"] or summary["stopped"]:
-                say(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
-                    f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
-                    "not run")
-                break
+        with contextlib.redirect_stdout(sys.stderr):  # an environment's print: stdout is the table
+            _train_all(runs, rows, say, log)
     except BaseException:  # a Ctrl-C before a run's first step, or an error: the runs done so far are reported
         if rows:
             _report(root, rows, seeds, log)
         raise
     return _report(root, rows, seeds, log)
+
+
+def _train_all(runs, rows, say, log):
+    """Train (or read back, or resume) each of ``runs`` in turn, appending its row to ``rows``; stop after a run that
+    was interrupted or stopped."""
+    for seed, mode, run_dir, cfg, state, summary in runs:
+        if state == "finished":
+            say(f"[compare] {run_dir} holds this run, finished: reading it back")
+        elif state == "unfinished":
+            say(f"[compare] {run_dir} holds this run, unfinished: resuming it")
+            summary = train(cfg, resume=str(run_dir), log=log)
+        else:
+            say(f"[compare] training {mode}{'' if seed is None else f' (seed {seed})'} for {cfg.train.steps} "
+                f"steps -> {run_dir}")
+            summary = train(cfg, log=log)
+        rows.append({"mode": mode, "seed": cfg.train.seed, **(summary["eval_after"] or {}),
+                     "steps": summary["steps"], "train_seconds": summary["seconds"],
+                     "untrained_success_rate": (summary["eval_before"] or {}).get("success_rate"),
+                     "interrupted": bool(summary["interrupted"]), "stopped": summary["stopped"],
+                     "run_dir": str(run_dir)})
+        if summary["interrupted"] or summary["stopped"]:
+            say(f"[compare] {mode} ended after {summary['steps']} of {cfg.train.steps} steps "
+                f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
+                "not run")
+            break
 
 
 def _silent(*_):

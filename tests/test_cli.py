@@ -357,6 +357,24 @@ def test_compare_reads_back_a_run_whose_metrics_were_deleted(monkeypatch, tmp_pa
     assert f"[compare] {tmp_path / 'sft'}/metrics.jsonl cannot be read: compare.png leaves its reward curve out" in lines
 
 
+def test_compare_keeps_what_its_runs_print_off_stdout(monkeypatch, tmp_path, capsys):
+    """An environment's debugging print inside a compared run went to stdout, into the table a script reads
+    (`pact-fast compare > table.txt`); train's own command sends it to stderr, and so does compare now."""
+    import pact_fast.compare as compare
+    from pact_fast.config import load_config
+
+    def printing_train(cfg, log):
+        print("env debug: step")
+        return _finishing_train(cfg, log)
+
+    monkeypatch.setattr(compare, "train", printing_train)
+    compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=2"]), modes=("sft", "pact"),
+                    log=lambda *a: None)
+    out, err = capsys.readouterr()
+    assert "env debug" not in out and err.count("env debug: step") == 2
+    assert out.splitlines()[0].split()[:2] == ["mode", "success"]
+
+
 def test_compare_reports_on_rank_0_only(monkeypatch, tmp_path, capsys):
     """Under torchrun every rank printed the table (one copy per rank on stdout) and wrote compare.json."""
     import pact_fast.compare as compare
