@@ -793,6 +793,13 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
                 break
+            except Exception:  # an environment's error, a memory error: the steps done since the last save are kept
+                if not interrupt.abortable or dist.is_distributed() or step == c.start_step or step in saved:
+                    raise  # (under torchrun the other ranks wait in a collective: a save would hang)
+                c.optimizer.zero_grad(set_to_none=True)
+                c.order.__dict__.update(order_state)
+                _save_after_failure(c, step, log)
+                raise
             finally:
                 interrupt.abortable = False
             skip_streak = skip_streak + 1 if stats.skipped else 0
@@ -894,6 +901,19 @@ def _not_logged(evaluation):
 def _save(c, step):
     return checkpoint.save(c.config.train.out_dir, step, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order,
                            c.config.train.keep_last, peft_model=c.peft)
+
+
+def _save_after_failure(c, step, log):
+    """The checkpoint of step ``step``, the last whole one, after step ``step + 1`` failed before its update. A save
+    that fails too is said, not raised: the step's own error is what the run stops with."""
+    try:
+        ckpt = _save(c, step)
+    except Exception as exc:
+        log(f"[pact_fast] step {step + 1} failed; the checkpoint of step {step} could not be saved either: "
+            f"{type(exc).__name__}: {exc}")
+    else:
+        log(f"[pact_fast] step {step + 1} failed before its update; saved the last whole step: {ckpt} (--resume "
+            f"{ckpt.parent.parent} goes on from there)")
 
 
 def _evaluate_and_log(c, step, sync=True):

@@ -480,6 +480,43 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_message(tmp_path, monk
     assert all(torch.equal(w["step_000001"][k], w["step_000003"][k]) for k in w["step_000001"])
 
 
+def test_a_step_that_fails_before_its_update_saves_the_last_whole_step(tmp_path):
+    """An environment's error at step 3 (with no periodic checkpoint) lost the two steps before it: the run stopped
+    with nothing on disk. Now the last whole step is saved before the error stops the run, and a resume from it
+    reaches the weights of an unbroken run."""
+    sys.path.insert(0, str(HERE))
+    from replay_engine import ReplayEngine
+
+    from pact_fast.envs.base import ToolEnvError
+
+    class FailsOnce(ReplayEngine):
+        calls = 0
+
+        def rollout(self, examples, make_env, group_size=None, greedy=None):
+            if not greedy:
+                FailsOnce.calls += 1
+                if FailsOnce.calls == 3:
+                    raise ToolEnvError("Flaky.reward raised ConnectionError: the grader is gone")
+            return super().rollout(examples, make_env, group_size, greedy)
+
+    overrides = TINY + ["train.steps=4", "train.save_every=0", "train.save_every_minutes=0"]
+    run = tmp_path / "run"
+    lines = []
+    with pytest.raises(ToolEnvError, match="the grader is gone"):
+        train(load_config(None, overrides + [f"train.out_dir={run}"]), engine_factory=FailsOnce,
+              log=lines.append)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+    assert any("step 3 failed before its update; saved the last whole step" in line for line in lines), lines
+    train(load_config(str(run / "config.yaml"), [f"train.out_dir={run}"]), resume=str(run),
+          engine_factory=ReplayEngine, log=lambda *a: None)
+    whole = tmp_path / "whole"
+    train(load_config(None, overrides + [f"train.out_dir={whole}"]), engine_factory=ReplayEngine,
+          log=lambda *a: None)
+    a = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+    b = load_file(str(whole / "checkpoints" / "step_000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluation_goes_through_the_runs_engine(tmp_path):
     sys.path.insert(0, str(HERE))
     from replay_engine import ReplayEngine
