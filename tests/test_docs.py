@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each cited line computes, in the order the links appear in docs/method.md.
 CITED = [
     "def group_advantages(",
-    "return centered / (std[inv] + eps)",
+    "return (centered / (std[inv] + eps)).to(out_dtype)",
     "def clipped_surrogate_tokens(",
     "ratio = torch.exp(log_ratio)",
     "loss = torch.maximum(loss_unclipped, loss_clipped)",
