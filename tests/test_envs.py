@@ -107,6 +107,9 @@ class _Counter:
     def fail(self):
         raise KeyError("no such key")
 
+    def exit(self, code):
+        os._exit(code)  # a back-end that ends its process (a crash, a sys.exit in C code)
+
     def value(self):
         return self.n
 
@@ -145,6 +148,19 @@ def test_a_sandbox_whose_replay_overran_refuses_every_later_call(tmp_path):
         sandbox.close()
     assert sandbox.call("inc") == 1, "close() starts over from factory(*args)"
     sandbox.close()
+
+
+def test_a_call_that_ends_the_back_ends_process_is_said_as_such_and_the_state_kept():
+    """A back-end that died in a call (os._exit, a crash) was reported as having run past the time limit: the
+    model read a time-out for what was a crash."""
+    sandbox = Sandbox(_Counter, (10,), timeout=5.0)
+    try:
+        assert sandbox.call("add", 2) == 12
+        with pytest.raises(RuntimeError, match=r"^exit ended the back-end's process \(exit code 3\)"):
+            sandbox.call("exit", 3)
+        assert sandbox.restarts == 1 and sandbox.call("value", record=False) == 12
+    finally:
+        sandbox.close()
 
 
 def test_sandbox_stops_an_overrunning_call_and_restores_the_state():

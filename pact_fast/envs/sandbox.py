@@ -58,7 +58,7 @@ class Sandbox:
 
     ``record=False`` marks a call that does not change the object (a state snapshot): it is not
     replayed after a restart. Raises ``SandboxTimeout`` on an overrun and ``RuntimeError`` for an
-    exception inside the child (its type and message in the text).
+    exception inside the child (its type and message in the text) or a call that ended the child (its exit code).
     """
 
     def __init__(self, factory, args=(), *, timeout=CALL_TIMEOUT_S):
@@ -94,9 +94,15 @@ class Sandbox:
             self._start()
         try:
             status, value = self._send((method, args, kwargs), self.timeout)
-        except (SandboxTimeout, EOFError, BrokenPipeError, ConnectionResetError):
+        except SandboxTimeout:
             self._restart()
             raise SandboxTimeout(f"{method} ran past the time limit of {self.timeout:g} s") from None
+        except (EOFError, BrokenPipeError, ConnectionResetError):  # the child died in the call (os._exit, a crash)
+            self.process.join(timeout=5)
+            code = self.process.exitcode
+            self._restart()
+            raise RuntimeError(f"{method} ended the back-end's process (exit code {code}); it was restarted with "
+                               "the state before the call") from None
         if status == "error":
             raise RuntimeError(value)
         if record:
