@@ -27,8 +27,8 @@ put in the order of the calls (``tool_call_id`` names the call), and, for multi-
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
 reasoning, equal to ``reasoning_content``) and content given as a list of parts are refused, not dropped; so
-is any key the format does not read (``ROW_KEYS``, ``MESSAGE_KEYS``) that holds a value: fields of your own
-go under ``metadata``, which is never read.
+is any key the format does not read (``ROW_KEYS``, ``MESSAGE_KEYS``, ``CALL_KEYS``, ``FUNCTION_KEYS``) that holds a
+value, and a call whose ``type`` is not ``function``: fields of your own go under ``metadata``, which is never read.
 
 A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
@@ -107,6 +107,9 @@ ROW_KEYS = ("id", "messages", "tools", "trace", "answer", "env", "metadata")
 MESSAGE_KEYS = {"system": ("role", "content", "name"), "user": ("role", "content", "name"),
                 "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", *_OTHER_SPELLINGS),
                 "tool": ("role", "content", "name", "tool_call_id")}
+# the keys of a tool call ("index": the call's place in OpenAI's streamed deltas) and of its function
+CALL_KEYS = ("id", "type", "function", "index")
+FUNCTION_KEYS = ("name", "arguments", "parameters")
 # values that say nothing: null and empty ones (OpenAI's "refusal": null, "annotations": []), and the "weight": 1
 # OpenAI's fine-tuning format writes on every assistant turn it trains (a 0 would not train the turn: refused)
 _NO_VALUE = (None, [], {})
@@ -167,6 +170,10 @@ def _normalise_call(call, where):
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         _fail(f"{where} must be an object with a 'function' object")
     fn = call["function"]
+    _check_keys(call, CALL_KEYS, where)
+    _check_keys(fn, FUNCTION_KEYS, f"{where}.function")
+    if call.get("type", "function") not in ("function", None):  # it would run as a function all the same
+        _fail(f"{where}.type is {call['type']!r}; the calls this format runs are functions ('type': 'function')")
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         _fail(f"{where}.function.name must be a non-empty string")
     if "arguments" in fn and "parameters" in fn:

@@ -387,6 +387,16 @@ CONVERSIONS = {
     # rendered as `<think> i look </think> it up </think>`: the reasoning ended early, the rest trained as answer text
     "think-inside-the-reasoning": (lambda r, k: r["trace"][k].update(reasoning_content="i look </think> it up"),
                                    r"trace\[\d+\]\.reasoning_content holds a <think> or </think> tag"),
+    # the arguments under another name were dropped: the call read as one without arguments (refused only where its
+    # schema requires some, as here, with a message about a missing argument)
+    "arguments-under-another-name": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
+        input=r["trace"][k]["tool_calls"][0]["function"].pop("arguments")),
+        r"trace\[\d+\]\.tool_calls\[0\]\.function has 'input', a key this format does not read"),
+    "a-key-of-its-own-on-a-call": (lambda r, k: r["trace"][k]["tool_calls"][0].update(thought="look it up"),
+                                   r"trace\[\d+\]\.tool_calls\[0\] has 'thought', a key this format does not read"),
+    # normalised to a function call, whatever the type said
+    "a-call-of-another-type": (lambda r, k: r["trace"][k]["tool_calls"][0].update(type="code_interpreter"),
+                               r"tool_calls\[0\]\.type is 'code_interpreter'; the calls this format runs are functions"),
 }
 
 
@@ -430,6 +440,17 @@ def test_null_keys_of_other_conventions_and_a_repeated_reasoning_are_read_past()
     row, k = _call_turn()
     row["trace"][k].update(function_call=None, reasoning=row["trace"][k].get("reasoning_content"), thinking=None)
     assert not {"function_call", "reasoning", "thinking"} & set(parse_example(row).trace[k])
+
+
+def test_an_openai_call_with_its_stream_index_and_null_keys_loads():
+    """A call as OpenAI's API returns it, accumulated from a stream: its place ("index") and null keys are no
+    unread values."""
+    row, k = _call_turn()
+    call = row["trace"][k]["tool_calls"][0]
+    want = dict(call["function"]["arguments"])
+    call.update(index=0, type="function")
+    call["function"].update(arguments=json.dumps(want), description=None)
+    assert parse_example(row).trace[k]["tool_calls"][0]["function"]["arguments"] == want
 
 
 def test_a_lone_closing_think_splits_off_the_reasoning():
