@@ -326,6 +326,9 @@ def parse_example(row):
             cid = m.get("tool_call_id")
             if cid is None:
                 _fail(f"trace[{i}] (a tool response) has no 'tool_call_id': it names the id of the call it answers")
+            if not isinstance(cid, str):  # call ids are strings (a list here stopped the load with a TypeError)
+                _fail(f"trace[{i}].tool_call_id must be a string, the 'id' of the call it answers; got "
+                      f"{json.dumps(cid)[:60]}")
             if cid in call_ids and cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers a tool call a second time")
             if cid not in open_calls:

@@ -362,6 +362,10 @@ CONVERSIONS = {
                                       "has both 'arguments' and 'parameters'"),
     "call-without-id": (lambda r, k: r["trace"][k]["tool_calls"][0].pop("id"), r"needs an 'id'"),
     "response-without-id": (lambda r, k: r["trace"][k + 1].pop("tool_call_id"), r"has no 'tool_call_id'"),
+    # a list stopped the load with a TypeError (unhashable), a number said it answered no earlier call
+    "response-id-a-list": (lambda r, k: r["trace"][k + 1].update(tool_call_id=["c1"]),
+                           r"trace\[\d+\]\.tool_call_id must be a string, the 'id' of the call it answers; got "
+                           r"\[\"c1\"\]"),
     "nan-in-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
         arguments='{"entity": "maya", "relation": NaN}'), r"arguments: NaN is not a JSON number"),
     "surrogate-in-arguments-string": (lambda r, k: r["trace"][k]["tool_calls"][0]["function"].update(
