@@ -20,9 +20,9 @@ turns with optional ``reasoning_content`` (a ``content`` that opens with ``<thin
 reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as an object or a JSON
 string, ``parameters`` read as its other name, checked against the function's schema: its required
 arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed,
-put in the order of the calls (``tool_call_id`` names the call), and, for multi-turn tasks, later
-``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is ``multihop``, ``bfcl``, or
-``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
+put in the order of the calls (``tool_call_id`` names the call; ``name``, where given, its function), and, for
+multi-turn tasks, later ``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is
+``multihop``, ``bfcl``, or ``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
@@ -280,7 +280,7 @@ def parse_example(row):
         _fail("'trace' must be a list")
     norm_trace = []
     open_calls = {}  # id -> where, of calls not answered yet
-    call_ids = set()
+    called = {}  # call id -> the function it calls
     final_answer = None  # index of the assistant turn that ended the conversation so far
 
     def require_answered(i):
@@ -315,9 +315,9 @@ def parse_example(row):
                     _fail(f"trace[{i}] calls {c['function']['name']!r}, which 'tools' does not list")
                 if tools:
                     _check_arguments(c, names, f"trace[{i}].tool_calls[{j}]")
-                if c["id"] in call_ids:
+                if c["id"] in called:
                     _fail(f"trace[{i}].tool_calls[{j}].id {c['id']!r} is used by an earlier tool call")
-                call_ids.add(c["id"])
+                called[c["id"]] = c["function"]["name"]
                 open_calls[c["id"]] = f"trace[{i}].tool_calls[{j}]"
             if not m["tool_calls"]:
                 m.pop("tool_calls")
@@ -329,11 +329,14 @@ def parse_example(row):
             if not isinstance(cid, str):  # call ids are strings (a list here stopped the load with a TypeError)
                 _fail(f"trace[{i}].tool_call_id must be a string, the 'id' of the call it answers; got "
                       f"{json.dumps(cid)[:60]}")
-            if cid in call_ids and cid not in open_calls:
+            if cid in called and cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers a tool call a second time")
             if cid not in open_calls:
                 _fail(f"trace[{i}].tool_call_id {cid!r} answers no earlier tool call")
             del open_calls[cid]
+            if m.get("name") not in (None, called[cid]):  # the data's own pairing says another call: ids mixed up
+                _fail(f"trace[{i}] is named {m['name']!r} but answers call {cid!r}, of {called[cid]!r}; a tool "
+                      "response's 'name' is the function of the call its 'tool_call_id' names")
             if not isinstance(m.get("content"), str):
                 _fail(f"trace[{i}].content of a tool response must be a string (JSON-encode a structured result)")
         else:

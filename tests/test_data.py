@@ -362,6 +362,9 @@ CONVERSIONS = {
                                       "has both 'arguments' and 'parameters'"),
     "call-without-id": (lambda r, k: r["trace"][k]["tool_calls"][0].pop("id"), r"needs an 'id'"),
     "response-without-id": (lambda r, k: r["trace"][k + 1].pop("tool_call_id"), r"has no 'tool_call_id'"),
+    # the response's name and its tool_call_id named two calls: which result belongs to which call, the row does not say
+    "response-named-for-another-function": (lambda r, k: r["trace"][k + 1].update(name="add"),
+                                            r"trace\[\d+\] is named 'add' but answers call 'call1', of 'lookup'"),
     # a list stopped the load with a TypeError (unhashable), a number said it answered no earlier call
     "response-id-a-list": (lambda r, k: r["trace"][k + 1].update(tool_call_id=["c1"]),
                            r"trace\[\d+\]\.tool_call_id must be a string, the 'id' of the call it answers; got "
@@ -447,12 +450,13 @@ def test_null_keys_of_other_conventions_and_a_repeated_reasoning_are_read_past()
 
 
 def test_an_openai_call_with_its_stream_index_and_null_keys_loads():
-    """A call as OpenAI's API returns it, accumulated from a stream: its place ("index") and null keys are no
-    unread values."""
+    """A call as OpenAI's API returns it, accumulated from a stream (its place, "index", and null keys are no unread
+    values), answered by a response named for its function."""
     row, k = _call_turn()
     call = row["trace"][k]["tool_calls"][0]
     want = dict(call["function"]["arguments"])
     call.update(index=0, type="function")
+    row["trace"][k + 1]["name"] = call["function"]["name"]
     call["function"].update(arguments=json.dumps(want), description=None)
     assert parse_example(row).trace[k]["tool_calls"][0]["function"]["arguments"] == want
 
