@@ -100,6 +100,9 @@ _OTHER_SPELLINGS = {
     "reasoning": "'reasoning': name it 'reasoning_content'",
     "thinking": "'thinking': name it 'reasoning_content'",
 }
+# tool calls written into an assistant turn's text: the call syntax of the rollout's formats (toolcalls.OPEN, CLOSE),
+# Glaive's
+_CALL_MARKERS = ("<tool_call>", "</tool_call>", "<functioncall>")
 # the keys this format reads: of a row ("metadata": anything of your own, never read), and of a message by role
 # ("tools" on a trace's later user turn); another key with a value is refused (a typo such as "answr", or
 # another convention's meaning such as axolotl's "weight": 0 would otherwise be dropped without a word)
@@ -306,6 +309,11 @@ def parse_example(row):
             if reasoning and ("<think>" in reasoning or "</think>" in reasoning):
                 _fail(f"trace[{i}].reasoning_content holds a <think> or </think> tag: rendered in the turn's <think> "
                       "block it would end (or open) the reasoning there; give the reasoning without the tags")
+            marker = next((t for t in _CALL_MARKERS if t in (m.get("content") or "")), None)
+            if marker:
+                _fail(f"trace[{i}].content holds {marker!r}, a tool call written as text (Hermes', Glaive's data): the "
+                      "rollout would read such text as a call, the trace as answer text; give the call in "
+                      "'tool_calls', answered by a 'tool' message")
             calls = [] if m.get("tool_calls") is None else m["tool_calls"]
             if not isinstance(calls, list):  # ({} and "" read as "no calls" put the error on the tool turn after)
                 _fail(f"trace[{i}].tool_calls must be a list, got {json.dumps(calls)[:60]}")

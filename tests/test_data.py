@@ -362,6 +362,13 @@ CONVERSIONS = {
                                       "has both 'arguments' and 'parameters'"),
     "call-without-id": (lambda r, k: r["trace"][k]["tool_calls"][0].pop("id"), r"needs an 'id'"),
     "response-without-id": (lambda r, k: r["trace"][k + 1].pop("tool_call_id"), r"has no 'tool_call_id'"),
+    # a call as text in the answer (Hermes', Glaive's data) trained as answer text, and read as a call by the rollout
+    "a-call-written-as-text": (lambda r, k: r["trace"][-1].update(
+        content='<tool_call>\n{"name": "lookup", "arguments": {"entity": "maya"}}\n</tool_call>'),
+        r"trace\[\d+\]\.content holds '<tool_call>', a tool call written as text"),
+    "a-glaive-call-as-text": (lambda r, k: r["trace"][-1].update(
+        content='<functioncall> {"name": "lookup", "arguments": \'{"entity": "maya"}\'}'),
+        r"trace\[\d+\]\.content holds '<functioncall>', a tool call written as text"),
     # the response's name and its tool_call_id named two calls: which result belongs to which call, the row does not say
     "response-named-for-another-function": (lambda r, k: r["trace"][k + 1].update(name="add"),
                                             r"trace\[\d+\] is named 'add' but answers call 'call1', of 'lookup'"),
