@@ -32,9 +32,9 @@ value, and a call whose ``type`` is not ``function``: fields of your own go unde
 
 A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
-which only a ``user`` turn may come. A later user turn may carry ``tools``, function specs it makes
-available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be finite JSON numbers
-(no NaN or Infinity) and ids unique within a file.
+which only a ``user`` turn may come, and a later ``user`` turn comes only after one (as a rollout gets it). It may
+carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be
+finite JSON numbers (no NaN or Infinity) and ids unique within a file.
 """
 import json
 import sys
@@ -349,6 +349,10 @@ def parse_example(row):
                 _fail(f"trace[{i}].content of a tool response must be a string (JSON-encode a structured result)")
         else:
             require_answered(i)
+            if final_answer is None:  # a rollout gets the next user turn once the assistant answers, never before
+                _fail(f"trace[{i}] is a user turn that follows no final answer: a later user turn comes after an "
+                      "assistant turn without tool calls" + (" (the prompt's user turns go in 'messages')" if not i else
+                                                             ""))
             final_answer = None
             if "tools" in m:
                 added = _check_tools(m["tools"], f"trace[{i}].tools")

@@ -193,8 +193,8 @@ def test_grpo_rows_need_no_trace_but_still_their_reward():
     for empty in ("", "  "):  # MultiHopEnv's reward paid an empty reply 1.0 against an empty answer
         with pytest.raises(DataFormatError, match="'answer' is empty: the multihop reward would pay an empty reply"):
             grpo(parse_example({**_good(), "answer": empty}))
-    with pytest.raises(DataFormatError, match="missing 'trace'"):  # a trace without an assistant turn is none
-        check_trainable(parse_example({**_good(), "trace": [{"role": "user", "content": "more"}]}))
+    with pytest.raises(DataFormatError, match="trace\\[0\\] is a user turn that follows no final answer"):
+        parse_example({**_good(), "trace": [{"role": "user", "content": "more"}]})  # no assistant turn: no trace
 
 
 @pytest.mark.parametrize("env,reason", [({"name": "chess"}, "unknown env name 'chess'; known: multihop, bfcl"),
@@ -362,6 +362,13 @@ CONVERSIONS = {
                                       "has both 'arguments' and 'parameters'"),
     "call-without-id": (lambda r, k: r["trace"][k]["tool_calls"][0].pop("id"), r"needs an 'id'"),
     "response-without-id": (lambda r, k: r["trace"][k + 1].pop("tool_call_id"), r"has no 'tool_call_id'"),
+    # a rollout gets a later user turn once the assistant answers: the trace taught a conversation no episode has (the
+    # question asked twice, a user speaking before the results were answered)
+    "the-question-again-in-the-trace": (lambda r, k: r["trace"].insert(0, dict(r["messages"][-1])),
+                                        r"trace\[0\] is a user turn that follows no final answer: a later user turn "
+                                        r"comes after an assistant turn without tool calls \(the prompt's user turns go"),
+    "a-user-turn-before-the-answer": (lambda r, k: r["trace"].insert(k + 2, {"role": "user", "content": "and then?"}),
+                                      r"trace\[\d+\] is a user turn that follows no final answer"),
     # a call as text in the answer (Hermes', Glaive's data) trained as answer text, and read as a call by the rollout
     "a-call-written-as-text": (lambda r, k: r["trace"][-1].update(
         content='<tool_call>\n{"name": "lookup", "arguments": {"entity": "maya"}}\n</tool_call>'),
