@@ -157,6 +157,15 @@ def latest_with_config(path):
     return ckpt, run_cfg
 
 
+def held_out_fingerprint(ckpt):
+    """``ids_fingerprint`` of the held-out rows the run of ``ckpt`` evaluated, or None for a checkpoint written before
+    runs recorded it. Its trainer state is memory-mapped: the optimizer's tensors are not read."""
+    path = Path(ckpt) / STATE_FILE
+    state = _readable(path, lambda: torch.load(path, mmap=True, weights_only=False))
+    order = state.get("order") if isinstance(state, dict) else None
+    return (order or {}).get("held_out") or None
+
+
 def step_of(ckpt):
     """The step a checkpoint directory's name says (``step_000012`` -> 12), or None for another name."""
     name = Path(ckpt).name
@@ -236,7 +245,7 @@ def load(ckpt, scorer, optimizer, scheduler, order, *, peft_model=None):
             model.tie_weights()
         optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
-    order.__dict__.update(saved)
+    order.__dict__.update({k: v for k, v in saved.items() if k != "held_out"})  # the held-out rows are this config's
     random.setstate(trainer_state["rng"]["python"])
     torch.set_rng_state(trainer_state["rng"]["torch"])
     return int(trainer_state["step"])

@@ -181,8 +181,10 @@ def _compare_lists(parser, args):
 
 def _eval_config(args):
     """The config of ``pact-fast eval``: ``--run DIR`` (its config.yaml and latest checkpoint) or the usual
-    --config / --model / --data, then the overrides (an override the evaluation does not read is refused)."""
-    from .evaluation import check_eval_overrides, run_config
+    --config / --model / --data, then the overrides (an override the evaluation does not read is refused); and the
+    checkpoint whose run's held-out rows the evaluation must score (``--run`` with no override that chooses others),
+    else None."""
+    from .evaluation import HELD_OUT_CHOICE, check_eval_overrides, fixed_override, run_config
 
     if not args.run:
         config = _resolve(args)
@@ -190,12 +192,12 @@ def _eval_config(args):
         if not config.model.path and not config.model.lora.adapter:  # `eval --config runs/pact/config.yaml`
             print("pact-fast: evaluating the built-in model untrained (no model.path; --run DIR evaluates a run's "
                   "checkpoint)", file=sys.stderr)
-        return config
+        return config, None
     _refuse_beside(args, "--run", "it evaluates the run's latest checkpoint with the run's config.yaml")
     config, ckpt = run_config(args.run, args.overrides)
     check_eval_overrides(args.overrides)
     print(f"pact-fast: evaluating {ckpt}", file=sys.stderr)
-    return config
+    return config, None if fixed_override(args.overrides, HELD_OUT_CHOICE) else ckpt
 
 
 def _plan_parser(sub):
@@ -432,9 +434,9 @@ def main(argv=None):
         from .evaluation import evaluate_model
 
         try:
-            config = _eval_config(args)
+            config, held_out_of = _eval_config(args)
             with contextlib.redirect_stdout(sys.stderr):  # an environment's print: stdout is the JSON result
-                result = evaluate_model(config, show=args.show, log=_to_stderr)
+                result = evaluate_model(config, show=args.show, log=_to_stderr, held_out_of=held_out_of)
             print(json.dumps(result, indent=1))
         except ConfigError as exc:
             return _user_error(args, f"config error: {exc}")

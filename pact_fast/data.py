@@ -36,6 +36,7 @@ which only a ``user`` turn may come, and a later ``user`` turn comes only after 
 carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be
 finite JSON numbers (no NaN or Infinity) and ids unique within a file.
 """
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -500,6 +501,11 @@ def load_examples(path, *, on_error="raise", check=None):
                                                           f"{report.skipped[0][0]}: {report.skipped[0][1]})"
                                                           if report.skipped else ""))
     return examples, report
+
+
+def ids_fingerprint(examples):
+    """A short hash of the examples' ids in order: what a run's data order draws from, or what it held out."""
+    return hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()[:16]
 
 
 def write_examples(path, examples):

@@ -112,10 +112,29 @@ def check_run_paths(config, run_cfg, overrides):
                               f"is not found from here: run from there (eval and --resume also take {key}=PATH)")
 
 
-def evaluate_model(config, *, show=0, log=print):
+# overrides of `pact-fast eval --run` that choose other held-out rows than the run's on purpose
+HELD_OUT_CHOICE = ("data.eval_path", "data.eval_tasks")
+
+
+def check_same_held_out(ckpt, held_out):
+    """A one-line ``DataFormatError`` when ``held_out`` (``Example`` items, checked as the trainer checks them) are
+    not the rows the run of checkpoint ``ckpt`` held out (its ``DataOrder.held_out``): its data file changed since,
+    and the metrics would be of other tasks, possibly ones it trained on."""
+    from .data import DataFormatError, ids_fingerprint
+
+    saved = checkpoint.held_out_fingerprint(ckpt)
+    if saved is not None and saved != ids_fingerprint(held_out):
+        raise DataFormatError(f"--run: the run of {ckpt} held out other rows than the {len(held_out)} its config's "
+                              "data gives now (the data file changed since): the metrics would be of other tasks, "
+                              "possibly ones it trained on; evaluate with the run's data, or choose held-out tasks with "
+                              "data.eval_path=FILE")
+
+
+def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     """Load ``config``'s model (``model.path``, else the built-in tiny model at its seed) and data, evaluate it
     on the held-out tasks through the engine ``rollout.engine`` names (on the CPU with ``train.threads``, as the
-    trainer), ``log`` the first ``show`` episodes as text; returns ``episode_metrics``."""
+    trainer), ``log`` the first ``show`` episodes as text; returns ``episode_metrics``. ``held_out_of``: a
+    checkpoint whose run's held-out rows these must be (``check_same_held_out``)."""
     from .cpu import fit_threads
     from .data import load_data
     from .envs import make_env_factory
@@ -132,6 +151,8 @@ def evaluate_model(config, *, show=0, log=print):
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # the run's own limits (its engine's): the same held-out rows as its training evaluated
     _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log)
+    if held_out_of is not None:
+        check_same_held_out(held_out_of, held_out)
     # the run's own engine, as its evaluations during training sampled
     engine = make_rollout_engine(model, tokenizer, config.rollout, seed=config.train.seed)
     try:
@@ -145,5 +166,6 @@ def evaluate_model(config, *, show=0, log=print):
     return metrics
 
 
-__all__ = ["check_eval_overrides", "check_run_paths", "episode_metrics", "evaluate", "evaluate_model", "format_episode",
+__all__ = ["check_eval_overrides", "check_run_paths", "check_same_held_out", "episode_metrics", "evaluate",
+           "evaluate_model", "format_episode",
            "run_config"]

@@ -16,7 +16,6 @@ Per step (``train_step``):
 The progress variable ``s = step / steps`` drives the annealing schedules. Rollouts, scoring and
 updates only meet through ``Episode`` lists, so a faster engine can replace ``HFRolloutEngine``.
 """
-import hashlib
 import importlib.util
 import json
 import math
@@ -36,7 +35,7 @@ from . import checkpoint
 from . import distributed as dist
 from .config import Config, ConfigError, plain, save_config
 from .cpu import fit_threads
-from .data import load_data
+from .data import ids_fingerprint, load_data
 from .envs import make_env_factory
 from .evaluation import evaluate
 from .files import write_json
@@ -82,11 +81,6 @@ def resume_schedule(optimizer, scheduler, cfg):
 WARN_CUT_EVERY = 50  # steps between the console lines that say episodes were cut to fit a step
 
 
-def ids_fingerprint(examples):
-    """A short hash of the examples' ids in order: what a run's data order draws from."""
-    return hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()[:16]
-
-
 @dataclass
 class DataOrder:
     """Seeded order over the training examples: an epoch's permutation and the position in it."""
@@ -96,6 +90,7 @@ class DataOrder:
     epoch: int = 0
     index: int = 0
     fingerprint: str = ""  # of the training rows' ids in order (ids_fingerprint): a resume must see the same rows
+    held_out: str = ""  # of the held-out rows' ids: `pact-fast eval --run` must score the same ones
 
     def take(self, n):
         out = []
@@ -529,7 +524,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
-    order = DataOrder(config.data.seed, len(train_set), fingerprint=ids_fingerprint(train_set))
+    order = DataOrder(config.data.seed, len(train_set), fingerprint=ids_fingerprint(train_set),
+                      held_out=ids_fingerprint(held_out))
     dist.check_same(json.dumps([plain(config), order.fingerprint], sort_keys=True, default=str), "config or data")
     start_step = 0
     if resume:

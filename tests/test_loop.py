@@ -202,6 +202,24 @@ def test_eval_of_a_run_reproduces_its_final_held_out_evaluation(tmp_path, capsys
     assert "model.hidden_size is the run's own" in capsys.readouterr().err
 
 
+def test_eval_of_a_run_whose_data_file_changed_is_refused(tmp_path, capsys):
+    """The run's held-out rows are split off its data file's start: rewritten since (rows reordered), the file's
+    start holds rows the run trained on, which `pact-fast eval --run` scored as held-out without a word."""
+    from pact_fast.cli import main
+    from pact_fast.envs import make_tasks
+
+    rows = make_tasks(10, seed=0)
+    data, run = tmp_path / "rows.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = [o for o in TINY if not o.startswith("data.train_tasks")]
+    assert main(["train", *tiny, "train.steps=1", "--data", str(data), "--out", str(run)]) == 0
+    capsys.readouterr()
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert main(["eval", "--run", str(run)]) == 2
+    assert "held out other rows than the 2 its config's data gives now" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run), f"data.eval_path={data}"]) == 0  # other held-out tasks, on purpose
+
+
 def test_eval_samples_through_the_engine_the_config_names_and_closes_it(monkeypatch):
     """``evaluate_model`` (``pact-fast eval``) builds the engine ``rollout.engine`` names, as the run's own
     evaluations sampled (it always took the HF engine: a vLLM run was re-evaluated on another engine), and closes
