@@ -34,7 +34,8 @@ A trace is a conversation: every tool call is answered exactly once, by a ``tool
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
 which only a ``user`` turn may come, and a later ``user`` turn comes only after one (as a rollout gets it). It may
 carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be
-finite JSON numbers (no NaN or Infinity) and ids unique within a file.
+finite JSON numbers (no NaN or Infinity), keys unique within an object (an arguments string's too) and ids
+unique within a file.
 """
 import hashlib
 import json
@@ -185,7 +186,8 @@ def _normalise_call(call, where):
     args = fn.get("arguments", fn.get("parameters", {}))  # "parameters": Llama 3.1's name for them
     if isinstance(args, str):  # decoded as strictly as a row (_decode_row)
         try:
-            args = json.loads(args, parse_constant=_reject_constant) if args.strip() else {}
+            args = json.loads(args, parse_constant=_reject_constant, object_pairs_hook=_unique_keys) \
+                if args.strip() else {}
             json.dumps(args, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as exc:
             _fail(f"{where}.function.arguments is not valid JSON ({exc.msg})")
@@ -430,6 +432,18 @@ def _reject_constant(name):
     _fail(f"{name} is not a JSON number (numbers must be finite)")
 
 
+def _unique_keys(pairs):
+    """A JSON object's (key, value) pairs -> a dict; a key given twice is a ``DataFormatError`` (``json`` keeps the last
+    value without a word, other readers the first)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        _fail(f"an object gives the key {key!r} twice; which value is meant is not said (Python's json reads the last, "
+              "other readers the first)")
+    return obj
+
+
 def _decode_row(raw, line_no=0):
     """One line of bytes (the ``line_no``-th) -> the decoded JSON value; every failure is a ``DataFormatError``."""
     if line_no == 1:
@@ -443,7 +457,7 @@ def _decode_row(raw, line_no=0):
     except UnicodeDecodeError as exc:
         _fail(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
     try:
-        value = json.loads(line, parse_constant=_reject_constant)
+        value = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character
         return value
     except UnicodeEncodeError:

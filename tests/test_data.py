@@ -103,6 +103,13 @@ HOSTILE_ROWS = [
      "-Infinity is not a JSON number"),
     (json.dumps({**_good(), "id": "surrogate", "answer": "x"}).replace('"x"', '"a\\ud800b"').encode(),
      "a string holds a lone surrogate escape"),
+    # json keeps the last of a key given twice: this row trained toward "paris", another reader's toward "rome"
+    (json.dumps({**_good(), "id": "twice", "answer": "rome"}).replace('"answer": "rome"',
+                                                                      '"answer": "rome", "answer": "paris"').encode(),
+     "an object gives the key 'answer' twice"),
+    (json.dumps({**_good(), "id": "twice-in-arguments", "trace": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "function": {"name": "lookup", "arguments": '{"entity": "maya", "entity": "ivan"}'}}]}]}).encode(),
+     r"trace\[0\]\.tool_calls\[0\]\.function\.arguments: an object gives the key 'entity' twice"),
 ]
 
 
