@@ -153,6 +153,10 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log)
     if held_out_of is not None:
         check_same_held_out(held_out_of, held_out)
+    data = config.data
+    source = f"data.eval_path={data.eval_path}" if data.eval_path else \
+        f"the first rows of {data.path}" if data.path else "the built-in environment's"
+    log(f"[pact_fast] held-out evaluation: {len(held_out)} tasks ({source}), one greedy episode each")
     # the run's own engine, as its evaluations during training sampled
     engine = make_rollout_engine(model, tokenizer, config.rollout, seed=config.train.seed)
     try:

@@ -218,6 +218,20 @@ def test_eval_of_a_run_whose_data_file_changed_is_refused(tmp_path, capsys):
     assert main(["eval", "--run", str(run)]) == 2
     assert "held out other rows than the 2 its config's data gives now" in capsys.readouterr().err
     assert main(["eval", "--run", str(run), f"data.eval_path={data}"]) == 0  # other held-out tasks, on purpose
+    assert f"held-out evaluation: 10 tasks (data.eval_path={data})" in capsys.readouterr().err
+
+
+def test_eval_says_how_many_tasks_it_scores_and_whence(tmp_path, capsys):
+    """`pact-fast eval --model DIR --data FILE` scores the held-out split of FILE, at most a fifth of it: its
+    metrics said nothing of how many tasks they were over (2 of a 10-row file here)."""
+    from pact_fast.cli import main
+    from pact_fast.envs import make_tasks
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_tasks(10, seed=0)))
+    assert main(["eval", "--data", str(data), *[o for o in TINY if o.startswith(("model.", "data.eval"))]]) == 0
+    assert f"held-out evaluation: 2 tasks (the first rows of {data}), one greedy episode each" in \
+        capsys.readouterr().err
 
 
 def test_eval_samples_through_the_engine_the_config_names_and_closes_it(monkeypatch):
