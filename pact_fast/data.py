@@ -465,6 +465,11 @@ def _decode_row(raw, line_no=0):
     except json.JSONDecodeError as exc:
         text = line.rstrip("\r\n")
         where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"  # some messages end in "at" already
+        if line_no == 1 and text.lstrip().startswith("["):  # `[{...},` over several lines, or cut short
+            _fail("invalid JSON: the file opens a JSON array, not JSONL (one JSON object per line)")
+        if exc.msg == "Extra data" and "\r" in text[exc.pos - 1:exc.pos + 1]:
+            _fail(f"invalid JSON ({where}): rows separated by a bare carriage return (old Mac line ends); JSONL "
+                  "separates them by newlines")
         if exc.pos >= len(text):  # the text ends before the value does: a truncated row
             _fail(f"invalid JSON: the line ends after column {len(text)} ({where}; truncated?)")
         _fail(f"invalid JSON ({where})")

@@ -103,6 +103,9 @@ HOSTILE_ROWS = [
      "-Infinity is not a JSON number"),
     (json.dumps({**_good(), "id": "surrogate", "answer": "x"}).replace('"x"', '"a\\ud800b"').encode(),
      "a string holds a lone surrogate escape"),
+    # rows split by a bare \r: it said "Extra data at column 1003" alone
+    (b"\r".join([json.dumps({**_good(), "id": "cr"}).encode()] * 2),
+     r"invalid JSON \(Extra data at column \d+\): rows separated by a bare carriage return"),
     # json keeps the last of a key given twice: this row trained toward "paris", another reader's toward "rome"
     (json.dumps({**_good(), "id": "twice", "answer": "rome"}).replace('"answer": "rome"',
                                                                       '"answer": "rome", "answer": "paris"').encode(),
@@ -509,6 +512,9 @@ def test_schemas_that_allow_other_arguments_allow_them(parameters):
     (b"\x1f\x8b\x08\x00", "a gzip file: decompress it first"),
     (b"[\n" + json.dumps(_good()).encode() + b"\n]\n", "the line is '\\[' alone: a JSON array or pretty-printed JSON"),
     (("[" + json.dumps(_good()) + "]\n").encode(), "a row must be a JSON object, got list \\(a JSON array file\\? rows are JSONL"),
+    # an array written one object per line: it was "invalid JSON: the line ends after column N (...; truncated?)"
+    (("[" + json.dumps(_good()) + ",\n" + json.dumps(_good()) + "]\n").encode(),
+     "invalid JSON: the file opens a JSON array, not JSONL"),
 ])
 def test_files_that_are_not_jsonl_say_what_they_are(tmp_path, content, words):
     path = tmp_path / "rows.jsonl"
