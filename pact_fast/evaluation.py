@@ -150,7 +150,8 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     model, tokenizer = policy.model, policy.tokenizer
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # the run's own limits (its engine's): the same held-out rows as its training evaluated
-    _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log)
+    _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log,
+                          tool_call_format=config.rollout.tool_call_format)
     if held_out_of is not None:
         check_same_held_out(held_out_of, held_out)
     data = config.data

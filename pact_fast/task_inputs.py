@@ -15,6 +15,8 @@ that first drew it would otherwise stop, possibly hours in, or train on quietly:
   the vLLM engine);
 - a rollout unit (both prompts and one response token under each, packed) or a trace sequence that packs to
   more tokens than ``train.micro_batch_tokens``.
+- a tool the run's ``rollout.tool_call_format`` cannot call (``check_tool_names``: the compact format writes names
+  as bare words; a held-out task is checked for it too).
 
 Held-out tasks are checked for their prompt-only prompt, the only one evaluation samples from. With
 ``data.on_error=skip`` such rows are left out and counted, as ``data.load_examples`` leaves out malformed ones.
@@ -32,6 +34,7 @@ from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trac
 from .data import DataFormatError, keep_rows
 from .envs import min_turns
 from .packing import packed_size
+from .toolcalls import ToolCall, parse_one
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often while checking a large data set
 
@@ -141,6 +144,23 @@ def check_trace_calls(tokenizer, example, inputs, tool_call_format):
                               f"differently{hint}")
 
 
+def check_tool_names(example, tool_call_format):
+    """Raise a one-line ``DataFormatError`` when a tool ``example`` offers (in ``tools`` or a later user turn) cannot
+    be called in ``tool_call_format``: the compact format writes a tool's name and its arguments' names as bare words
+    (letters, digits, _), so a call of ``get-weather``, ``math.sqrt`` or with a required ``max-results`` never
+    parses. Every episode's call of it fails, and only a trace that calls it reads back wrong (held-out rows and
+    ``grpo``'s rows have none)."""
+    if tool_call_format != "compact":  # hermes writes names as JSON strings
+        return
+    for spec in example.tools + [t for m in example.trace if m["role"] == "user" for t in m.get("tools") or []]:
+        name, required = spec["function"]["name"], spec["function"]["parameters"].get("required", [])
+        call = parse_one(f"{name} ( {' , '.join(f'{k} = 1' for k in required)} )", tool_call_format)
+        if not isinstance(call, ToolCall) or call.name != name or list(call.arguments) != required:
+            raise DataFormatError(f"{example.where()}: its tool {name!r}, with its required arguments {required}, "
+                                  "cannot be called in rollout.tool_call_format=compact, which writes names as "
+                                  "letters, digits and _: use rollout.tool_call_format=hermes")
+
+
 def check_lengths(example, inputs, lim):
     """Raise a one-line ``DataFormatError`` when ``example``'s ``inputs`` (``GroupInputs``) cannot go through a
     step within ``lim`` (``Limits``) even with a one-token response."""
@@ -239,7 +259,8 @@ def unrewardable(examples, lim):
 
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
     """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` (and, given
-    the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling``.
+    the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling`` (and,
+    given that format, every task passed ``check_tool_names``).
     ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left
     out and ``log``-ged as a count with the first reason (none left of a non-empty split is still an error).
     ``log``: also a progress line every PROGRESS_EVERY_S seconds on a large data set, and how many expert turns
@@ -260,6 +281,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
     def check_training(ex):
         check_special_text(tokenizer, ex)
+        check_tool_names(ex, tool_call_format)
         try:
             inputs = group_inputs(tokenizer, ex)
         except DataFormatError:
@@ -277,6 +299,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
     def check_held_out(ex):
         check_special_text(tokenizer, ex)
+        check_tool_names(ex, tool_call_format)
         ids = prompt_ids(tokenizer, ex)
         check_known_tokens(tokenizer, ex, [ids], "prompt")
         _check_sampling(ex, len(ids), lim)
@@ -307,5 +330,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths",
-           "check_trace_calls", "check_special_text", "longest_turn", "response_cap", "fit_episodes", "prepare",
-           "unrewardable", "PROGRESS_EVERY_S"]
+           "check_trace_calls", "check_special_text", "check_tool_names", "longest_turn", "response_cap", "fit_episodes",
+           "prepare", "unrewardable", "PROGRESS_EVERY_S"]

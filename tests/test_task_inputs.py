@@ -513,3 +513,26 @@ def test_text_holding_a_special_token_is_refused(tiny):
     with pytest.raises(DataFormatError, match=rf"task {rows[1]['id']!r}: trace\[{k}\]\.content holds '<\|im_end\|>', "
                                               "a special token of the tokenizer"):
         prepare(tok, load_examples_from(rows), [], Limits(10_000))
+
+
+@pytest.mark.parametrize("name, required", [("get-weather", ["city"]), ("math.sqrt", ["x"]), ("share", ["max-n"])])
+def test_a_tool_the_compact_format_cannot_call_is_refused_held_out_too(smollm2_dir, tmp_path, name, required):
+    """The compact format writes a tool's name and its arguments' names as bare words: a task offering `get-weather`
+    (or a required `max-n`) had every call of it fail; only a trace call of it read back wrong, so a held-out task
+    (or grpo's, without a trace) was evaluated, and trained on, without a word."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    row = _calling_row({"text": "hi"})
+    row["tools"].append({"type": "function", "function": {"name": name, "description": "d", "parameters": {
+        "type": "object", "properties": {k: {} for k in required}, "required": required}}})
+    held_out, _ = load_examples(_write(tmp_path / "d.jsonl", [row]))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    resolve_chat_template(tok, "builtin", "compact", log=None)
+    with pytest.raises(DataFormatError, match=rf"\(id 'r'\): its tool {name!r}, with its required arguments "
+                                              rf"\[{required[0]!r}\], cannot be called in rollout.tool_call_format="
+                                              "compact, which writes names as letters, digits and _"):
+        prepare(tok, [], held_out, Limits(10_000), tool_call_format="compact")
+    resolve_chat_template(tok, "builtin", "hermes", log=None)
+    assert prepare(tok, [], held_out, Limits(10_000), tool_call_format="hermes") == ([], held_out)
