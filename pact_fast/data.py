@@ -133,7 +133,10 @@ def _check_message(msg, where, roles):
         _fail(f"{where} must be an object, got {type(msg).__name__}")
     role = msg.get("role")
     if role not in roles:
-        _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}")
+        _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}" + (
+            ": 'messages' is the prompt, the expert's turns go in 'trace' (OpenAI's fine-tuning rows keep both in "
+            "'messages': split them before the first assistant turn)" if role in ("assistant", "tool")
+            and where.startswith("messages") else ""))
     later_user = role == "user" and where.startswith("trace")
     _check_keys(msg, MESSAGE_KEYS[role] + (("tools",) if later_user else ()), where)
     content = msg.get("content")

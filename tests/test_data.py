@@ -103,6 +103,10 @@ HOSTILE_ROWS = [
      "-Infinity is not a JSON number"),
     (json.dumps({**_good(), "id": "surrogate", "answer": "x"}).replace('"x"', '"a\\ud800b"').encode(),
      "a string holds a lone surrogate escape"),
+    # OpenAI's fine-tuning layout, the whole conversation in 'messages'
+    (json.dumps({**_good(), "id": "ft", "messages": _good()["messages"] + _good()["trace"], "trace": []}).encode(),
+     r"messages\[\d\]\.role is 'assistant'; expected one of \['system', 'user'\]: 'messages' is the prompt, the "
+     "expert's turns go in 'trace'"),
     # rows split by a bare \r: it said "Extra data at column 1003" alone
     (b"\r".join([json.dumps({**_good(), "id": "cr"}).encode()] * 2),
      r"invalid JSON \(Extra data at column \d+\): rows separated by a bare carriage return"),
