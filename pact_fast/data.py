@@ -282,9 +282,9 @@ def parse_example(row):
     if "system" in roles[roles.index("user"):]:  # the built-in tool formats gather every system text in the first turn
         _fail(f"messages[{roles.index('system', roles.index('user'))}] is a system message after a user message; the "
               "prompt's system messages come first (the built-in tool format would move it before the user's text)")
-    tools = row.get("tools", [])
+    tools = [] if row.get("tools") is None else row["tools"]  # null: a column another row fills (datasets' JSONL)
     names = _check_tools(tools, "tools")
-    trace = row.get("trace", [])
+    trace = [] if row.get("trace") is None else row["trace"]
     if not isinstance(trace, list):
         _fail("'trace' must be a list")
     norm_trace = []
@@ -370,7 +370,7 @@ def parse_example(row):
         norm_trace.append(m)
     require_answered(None)
     norm_trace = _responses_in_call_order(norm_trace)
-    env = row.get("env", {})
+    env = {} if row.get("env") is None else row["env"]
     if not isinstance(env, dict):
         _fail("'env' must be an object")
     return Example(str(row["id"]), messages, tools, norm_trace, row.get("answer"), env)

@@ -193,6 +193,21 @@ def test_a_row_that_cannot_train_names_file_line_and_field(tmp_path, drop, messa
     assert len(examples) == 1 and report.skipped[0][0] == 2 and message in report.skipped[0][1]
 
 
+def test_null_columns_are_absent_ones(tmp_path):
+    """`datasets` writes every column on every row, null where a row has none (a test split's trace, tools or env):
+    a held-out row with "trace": null was refused as "'trace' must be a list", where a row without the key loads."""
+    from pact_fast.data import load_data
+
+    rows = [make_task(k, hops=1) for k in range(10)]
+    rows[0]["trace"] = None
+    rows[1].update(trace=None, metadata=None)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held_out = load_data(_split_config(path))
+    assert [(ex.id, ex.trace) for ex in held_out] == [(rows[0]["id"], []), (rows[1]["id"], [])]
+    assert parse_example({**_good(), "tools": None, "env": None}) == parse_example({**_good(), "tools": [], "env": {}})
+
+
 def test_grpo_rows_need_no_trace_but_still_their_reward():
     from functools import partial
 
