@@ -33,7 +33,8 @@ value, and a call whose ``type`` is not ``function``: fields of your own go unde
 A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
 which only a ``user`` turn may come, and a later ``user`` turn comes only after one (as a rollout gets it). It may
-carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``). Numbers must be
+carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``), which its text
+shows (a user turn renders as its text alone). Numbers must be
 finite JSON numbers (no NaN or Infinity), keys unique within an object (an arguments string's too) and ids
 unique within a file.
 """
@@ -366,6 +367,11 @@ def parse_example(row):
                 if again:  # the prompt would show both specs, the calls be checked against the later one
                     _fail(f"trace[{i}].tools specifies {again[0]!r} again; a tool is specified once (in 'tools' "
                           "or the user turn that makes it available)")
+                unseen = [name for name in added if name not in m["content"]]
+                if unseen:  # no template renders a message's tools, no environment hands a rollout more than text
+                    _fail(f"trace[{i}].tools specifies {unseen[0]!r}, which the turn's text does not show: a user turn "
+                          "is rendered (and handed to a rollout) as its text alone, so the model would never see the "
+                          "spec; write it into the text, as pact_fast.envs.bfcl.load_bfcl does")
                 names.update(added)
         norm_trace.append(m)
     require_answered(None)

@@ -149,6 +149,10 @@ def test_a_later_user_turn_can_make_tools_available():
                             {"role": "assistant", "content": "X"}]
     ex = parse_example({**row, "trace": later})
     assert ex.trace[len(row["trace"])]["tools"] == [extra]
+    hidden = [*row["trace"], {"role": "user", "content": "now the other one", "tools": [extra]}, *later[-3:]]
+    with pytest.raises(DataFormatError, match=r"trace\[\d+\]\.tools specifies 'shout', which the turn's text does "
+                                              "not show: a user turn is rendered .* as its text alone"):
+        parse_example({**row, "trace": hidden})  # it trained calls of a function the model was never shown
     early = [{"role": "user", "content": "shout first"}, shout] + later
     with pytest.raises(DataFormatError, match="'shout', which 'tools' does not list"):
         parse_example({**row, "trace": row["trace"] + early[:2]})
