@@ -15,14 +15,14 @@ One JSON object per line, OpenAI chat style::
      "answer": "acme",
      "env": {"name": "multihop", "world_seed": 0}}
 
-``messages`` is the prompt (system and user turns). ``trace`` is the expert trace: assistant
-turns with optional ``reasoning_content`` (a ``content`` that opens with ``<think>...</think>`` is read as
-reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as an object or a JSON
-string, ``parameters`` read as its other name, checked against the function's schema: its required
-arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed,
-put in the order of the calls (``tool_call_id`` names the call; ``name``, where given, its function), and, for
-multi-turn tasks, later ``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is
-``multihop``, ``bfcl``, or ``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
+``messages`` is the prompt (system and user turns; OpenAI's ``developer`` role is read as ``system``). ``trace`` is
+the expert trace: assistant turns with optional ``reasoning_content`` (a ``content`` that opens with
+``<think>...</think>`` is read as reasoning and answer) and ``tool_calls`` (each with an ``id``; ``arguments`` as an
+object or a JSON string, ``parameters`` read as its other name, checked against the function's schema: its required
+arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed, put in the order
+of the calls (``tool_call_id`` names the call; ``name``, where given, its function), and, for multi-turn tasks,
+later ``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is ``multihop``, ``bfcl``, or
+``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
 format spells otherwise (``function_call``, ``reasoning``, ``thinking``: refused unless null, or, for the
@@ -275,6 +275,9 @@ def parse_example(row):
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         _fail("'messages' must be a non-empty list")
+    # OpenAI's name for the system message of its reasoning models
+    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+                for m in messages]
     for i, m in enumerate(messages):
         _check_message(m, f"messages[{i}]", {"system", "user"})
     roles = [m["role"] for m in messages]

@@ -508,6 +508,13 @@ def test_an_openai_call_with_its_stream_index_and_null_keys_loads():
     assert parse_example(row).trace[k]["tool_calls"][0]["function"]["arguments"] == want
 
 
+def test_a_developer_message_is_a_system_message():
+    """OpenAI's reasoning models take the system prompt as role "developer": it was refused as an unknown role."""
+    row = _good()
+    row["messages"][0]["role"] = "developer"
+    assert parse_example(row).messages == _good()["messages"] and row["messages"][0]["role"] == "developer"
+
+
 def test_a_lone_closing_think_splits_off_the_reasoning():
     """Templates that pre-fill <think> leave only its close in the text (R1 distills, QwQ)."""
     row = _good()
