@@ -190,6 +190,16 @@ class NumpyReward(MultiHopEnv):
 class ListReward(MultiHopEnv):
     def reward(self, final_text):
         return [1.0]
+
+
+class FailsInStep3(MultiHopEnv):
+    made = 0  # 2 held-out episodes before training, then 4 a step
+
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        FailsInStep3.made += 1
+        if FailsInStep3.made > 10:
+            raise ConnectionError("the backend went away")
 '''
 
 
@@ -456,3 +466,23 @@ class _ScriptedEngine(HFRolloutEngine):
         ids = self.tokenizer(self.turns[min(self.turn, len(self.turns) - 1)], add_special_tokens=False)["input_ids"]
         self.turn += 1
         return [ids + [self.eos] for _ in contexts], [[0.0] * (len(ids) + 1) for _ in contexts], [True] * len(contexts)
+
+
+def test_an_environment_failing_mid_run_keeps_the_steps_before_it(tmp_path, user_module, capsys):
+    """An environment that breaks in step 3 (a backend gone) stopped the run with its one line, and the two steps
+    trained before it were lost with it (no checkpoint until train.save_every=50): they are checkpointed first."""
+    import importlib
+
+    from pact_fast.cli import main
+
+    data = _write(tmp_path / "tasks.jsonl", _rows(f"{user_module}:FailsInStep3", 12, tmp_path / "log"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), f"data.env_modules=[{user_module}]",
+                 "train.steps=4", "train.prompts_per_step=2", "rollout.group_size=2", "data.eval_tasks=2"]) == 2
+    err = capsys.readouterr().err
+    assert "FailsInStep3(example" in err and "ConnectionError: the backend went away" in err
+    assert f"step 3 failed before its update; saved the last whole step: {run / 'checkpoints' / 'step_000002'}" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+    importlib.import_module(user_module).FailsInStep3.made = -1000  # the backend is back
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
