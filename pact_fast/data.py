@@ -242,6 +242,9 @@ def _check_tools(tools, where):
             _fail(f"{where}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
         if t.get("type", "function") != "function":  # rendered and run as a function all the same
             _fail(f"{where}[{i}].type is {t['type']!r}; the tools this format runs are functions ('type': 'function')")
+        if fn.get("input_schema") is not None:  # read as a function of no arguments, the schema shown beside it
+            _fail(f"{where}[{i}].function has 'input_schema' (Anthropic's name for its arguments' schema): name it "
+                  "'parameters'")
         params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")

@@ -107,6 +107,10 @@ HOSTILE_ROWS = [
     (json.dumps({**_good(), "id": "ft", "messages": _good()["messages"] + _good()["trace"], "trace": []}).encode(),
      r"messages\[\d\]\.role is 'assistant'; expected one of \['system', 'user'\]: 'messages' is the prompt, the "
      "expert's turns go in 'trace'"),
+    # read as a function of no arguments, Anthropic's schema rendered beside it (silently where no trace calls it)
+    (json.dumps({**_good(), "id": "anthropic", "trace": [], "tools": [{"type": "function", "function": {
+        "name": "lookup", "input_schema": {"type": "object", "properties": {"entity": {}}}}}]}).encode(),
+     r"tools\[0\]\.function has 'input_schema' \(Anthropic's name for its arguments' schema\): name it 'parameters'"),
     # rows split by a bare \r: it said "Extra data at column 1003" alone
     (b"\r".join([json.dumps({**_good(), "id": "cr"}).encode()] * 2),
      r"invalid JSON \(Extra data at column \d+\): rows separated by a bare carriage return"),
