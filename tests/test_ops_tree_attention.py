@@ -323,12 +323,15 @@ def test_windowed_tiles_drop_only_tiles_wholly_outside_the_window(block_m, block
     (lambda pos: {"window": 0, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
     (lambda pos: {"window": 2.5, "position_ids": pos}, ValueError, "window must be an integer >= 1"),
     (lambda pos: {"window": 3}, ValueError, "window needs position_ids"),
-    (lambda pos: {"softcap": -1.0}, ValueError, "softcap must be > 0"),
-    (lambda pos: {"softcap": "30"}, ValueError, "softcap must be > 0"),
+    (lambda pos: {"softcap": -1.0}, ValueError, "softcap must be a finite number > 0"),
+    (lambda pos: {"softcap": "30"}, ValueError, "softcap must be a finite number > 0"),
+    (lambda pos: {"softcap": float("inf")}, ValueError, "softcap must be a finite number > 0"),  # was NaN out
+    (lambda pos: {"scale": float("nan")}, ValueError, "`scale` must be a finite number"),
+    (lambda pos: {"scale": torch.tensor(0.25, requires_grad=True)}, ValueError, "`scale` is a tensor that requires"),
     (lambda pos: {"window": 3, "position_ids": pos[:, :-1]}, ValueError, "position_ids must be \\[B, L\\]"),
     (lambda pos: {"window": 3, "position_ids": pos.float()}, TypeError, "position_ids must be int"),
-], ids=["window0", "window-float", "no-positions", "softcap-negative", "softcap-str", "positions-shape",
-        "positions-float"])
+], ids=["window0", "window-float", "no-positions", "softcap-negative", "softcap-str", "softcap-inf", "scale-nan",
+        "scale-requires-grad", "positions-shape", "positions-float"])
 @pytest.mark.parametrize("backend", ["sdpa", "varlen"])
 def test_bad_window_or_softcap_is_a_clear_error(kwargs, exc, word, backend):
     packed = pack_tree(pact_group())
@@ -336,6 +339,22 @@ def test_bad_window_or_softcap_is_a_clear_error(kwargs, exc, word, backend):
     q = torch.randn(1, 2, e.shape[1], 16)
     with pytest.raises(exc, match=word):
         tree_attention(q, q, q, e, backend=backend, **kwargs(packed.position_ids[None]))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_a_layout_of_another_batch_is_refused_without_validation(backend):
+    # validate=False skips the layout's values, not its shape: varlen filled the second row with uninitialised memory
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randn(2, 2, e.shape[1], 16)
+    with pytest.raises(ValueError, match="subtree_end must be \\[B=2"):
+        tree_attention(q, q, q, layout=build_layout(e, backend), validate=False)
+
+
+def test_integer_inputs_are_refused():
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randint(0, 5, (1, 2, e.shape[1], 16))
+    with pytest.raises(TypeError, match="q, k, v must be floating point"):
+        tree_attention(q, q, q, e, backend="sdpa")
 
 
 def test_softcap_zero_is_off_and_positions_with_a_layout_are_refused():

@@ -65,10 +65,26 @@ def check_options(window, softcap, position_ids):
                              "passed to tree_attention or build_layout")
         window = int(window)
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0:
-            raise ValueError(f"tree_attention: softcap must be > 0 (None or 0 for no softcap), got {softcap!r}")
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
+            raise ValueError(f"tree_attention: softcap must be a finite number > 0 (None or 0 for no softcap), "
+                             f"got {softcap!r}")
         softcap = float(softcap) or None
     return window, softcap
+
+
+def _scale(scale):
+    """``scale`` as a float: a finite real number, or a one-element tensor that does not require grad."""
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise ValueError("tree_attention: `scale` is a tensor that requires grad; the op takes it as a constant "
+                             "(pass float(t) or t.detach())")
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"tree_attention: `scale` must be a finite number, got a {scale.dtype} tensor of shape "
+                             f"{tuple(scale.shape)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"tree_attention: `scale` must be a finite number (None: 1 / sqrt(D)), got {scale!r}")
+    return float(scale)
 
 
 def validate_position_ids(position_ids, subtree_end):
@@ -101,6 +117,12 @@ def validate_position_ids(position_ids, subtree_end):
 
 def validate_layout(q, k, v, subtree_end):
     """Raise ValueError on shapes or a subtree_end that no token trie produces."""
+    validate_shapes(q, k, v, subtree_end)
+    validate_subtree_end(subtree_end)
+
+
+def validate_shapes(q, k, v, subtree_end):
+    """Raise on shapes, dtypes or devices of q, k, v and subtree_end that do not fit together (no host sync)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"tree_attention: q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -114,13 +136,14 @@ def validate_layout(q, k, v, subtree_end):
         raise ValueError(f"tree_attention: query heads Hq={HQ} must be a multiple of key/value heads Hkv={k.shape[1]}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"tree_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"tree_attention: q, k, v must be floating point, got {q.dtype}")
     if tuple(subtree_end.shape) != (B, L):
         raise ValueError(f"tree_attention: subtree_end must be [B={B}, L={L}], got {tuple(subtree_end.shape)}")
     devices = {t.device for t in (q, k, v, subtree_end)}
     if len(devices) > 1:  # the layout (and the backend "auto" picks) follows subtree_end's device
         raise ValueError(f"tree_attention: q, k, v and subtree_end live on different devices: "
                          f"{sorted(map(str, devices))}")
-    validate_subtree_end(subtree_end)
 
 
 def validate_subtree_end(subtree_end):
@@ -458,10 +481,11 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         k, v: ``[B, Hkv, L, D]`` keys and values; ``Hq % Hkv == 0`` (grouped-query attention).
         subtree_end: ``[B, L]`` int32/int64; one past the last token of each token's subtree
             (``pact_fast.packing.pack_tree`` produces it).
-        scale: softmax scale; None means ``1 / sqrt(D)``.
+        scale: softmax scale, a finite number (a tensor that requires grad is refused: no gradient reaches it);
+            None means ``1 / sqrt(D)``.
         backend: ``"auto"`` (triton on CUDA, varlen on CPU), ``"triton"``, ``"sdpa"``, ``"varlen"`` or ``"flex"``.
-        validate: check shapes and the layout (one host sync); callers that validated the layout
-            once, e.g. per packed forward, pass False in every layer.
+        validate: check the layout's values (one host sync); callers that validated the layout once, e.g. per
+            packed forward, pass False in every layer. Shapes, dtypes and devices are checked on every call.
         layout: a ``build_layout(subtree_end, backend, position_ids=...)`` made once for several calls (every
             layer of a packed forward): no host synchronisation then happens in the call (but on a window's
             first use); ``subtree_end``, ``backend`` and ``position_ids`` are taken from it.
@@ -480,8 +504,9 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         if subtree_end is None:
             raise ValueError("tree_attention: pass subtree_end or a layout from build_layout")
         window, softcap = check_options(window, softcap, position_ids)
+        validate_shapes(q, k, v, subtree_end)
         if validate:
-            validate_layout(q, k, v, subtree_end)
+            validate_subtree_end(subtree_end)
             if position_ids is not None:
                 validate_position_ids(position_ids, subtree_end)
         layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode, position_ids=position_ids,
@@ -490,9 +515,10 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         if position_ids is not None:
             raise ValueError("tree_attention: with a layout, pass position_ids to build_layout, not to tree_attention")
         window, softcap = check_options(window, softcap, layout.position_ids)
+        validate_shapes(q, k, v, layout.subtree_end)  # every call: a layout of another batch or length is refused
         if validate:
-            validate_layout(q, k, v, layout.subtree_end)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            validate_subtree_end(layout.subtree_end)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else _scale(scale)
     if layout.backend == "triton":
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # a layout is made before any dtype
             raise TypeError(f"tree_attention: backend='triton' takes fp32, fp16 or bf16 inputs, got {q.dtype}; "
