@@ -97,6 +97,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline  # noqa: E402
 from roofline import CLASSES, DEVICES, MIB, TORCH_FREE, TORCH_SYNCS, Launch, flat_tensors, launch_terms  # noqa: E402
+from pact_fast.kernels.tree_attention_launch import GATE_HEAD_DIMS  # noqa: E402
 
 FP32, BF16 = 4, 2
 ENGINES = ("hf", "vllm", "vllm-eager")
@@ -179,6 +180,9 @@ class Workload:
                              f"not {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
         if self.heads % self.kv_heads:
             raise ValueError(f"step_model: heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if self.head_dim not in GATE_HEAD_DIMS:  # the attention's issue term is read off their SASS profiles
+            raise ValueError(f"step_model: head_dim={self.head_dim} must be one of {GATE_HEAD_DIMS}, the head dims "
+                             "the compile gate builds tree attention for (bench/results/roofline_sass.json)")
 
     @property
     def R(self):

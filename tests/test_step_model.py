@@ -178,6 +178,8 @@ def test_workload_defaults_are_w_group():
         with pytest.raises(ValueError, match=rf"not {field}=0"):
             sm.Workload(**{field: 0})
     assert sm.Workload(U=0, tool_tokens=0).U == 0
+    with pytest.raises(ValueError, match=r"head_dim=80 must be one of \(64, 128\)"):  # was a KeyError deep in sass.py
+        sm.Workload(head_dim=80)
 
 
 def test_hf_prefill_recomputes_the_whole_context_each_turn():
