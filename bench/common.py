@@ -147,9 +147,21 @@ def write_json(path, payload):
         json.dump(payload, f, indent=1)
 
 
+def json_target_error(path):
+    """Why results could not be written to ``path`` at the end of a run (a missing folder, a folder in its place),
+    or None: checked before the run, so a benchmark does not time for an hour and then lose its results."""
+    if os.path.isdir(path):
+        return f"--json {path}: is a directory; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--json {path}: no directory {folder}; create it first"
+    return None
+
+
 def bench_args(description, workloads, gpu_workload, cpu_workload, gpu_reps, cpu_reps, argv=None):
     """Parse the options every benchmark takes; returns (args, device, workload, reps). A device this torch cannot
-    use, repetitions below 1, or a GPU workload (any but ``cpu_workload`` and tiny) on a CPU are argparse errors (one line, exit 2)."""
+    use, repetitions below 1, a ``--json`` path that cannot be written (``json_target_error``), or a GPU workload
+    (any but ``cpu_workload`` and tiny) on a CPU are argparse errors (one line, exit 2)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workload", default=None, choices=sorted(workloads),
                         help=f"default: {gpu_workload} on CUDA, {cpu_workload} otherwise")
@@ -167,6 +179,8 @@ def bench_args(description, workloads, gpu_workload, cpu_workload, gpu_reps, cpu
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: the benchmarks time cpu and cuda devices")
+    if args.json and json_target_error(args.json):
+        parser.error(json_target_error(args.json))
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps {args.reps}: at least 1 timed repetition")
     cuda = device.type == "cuda"

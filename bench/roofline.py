@@ -1089,6 +1089,7 @@ def provenance(issue_source):
 
 def main(argv=None):
     import sass
+    from common import json_target_error
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write {'rows': [...], 'devices': ..., 'classes': ...} here")
@@ -1103,6 +1104,8 @@ def main(argv=None):
                     help="instead: the fused head's time ratio and extra memory at W-logprob-H2048 (H100) for row "
                          "blocks x dX splits around the default (head_block_sweep); with --json, written there")
     args = ap.parse_args(argv)
+    if args.json and json_target_error(args.json):
+        ap.error(json_target_error(args.json))
     if args.head_sweep:
         table = sass.issue_table(compile_here=False if args.stored_sass else None)
         sweep = head_block_sweep(table=table)

@@ -96,6 +96,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline  # noqa: E402
+from common import json_target_error  # noqa: E402
 from roofline import CLASSES, DEVICES, MIB, TORCH_FREE, TORCH_SYNCS, Launch, flat_tensors, launch_terms  # noqa: E402
 from pact_fast.kernels.tree_attention_launch import GATE_HEAD_DIMS  # noqa: E402
 
@@ -783,6 +784,8 @@ def main(argv=None):
     ap.add_argument("--score-pass", choices=("auto", "on", "off"), default="auto",
                     help="the old-log-prob pass: auto = as the trainer decides per engine (vLLM's TIS: on; HF: off)")
     args = ap.parse_args(argv)
+    if args.json and json_target_error(args.json):
+        ap.error(json_target_error(args.json))
     try:
         w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     except ValueError as exc:

@@ -27,6 +27,8 @@ def _args(argv, monkeypatch, cuda=False):
     (["--device", "gpu0"], "--device gpu0:"),
     (["--workload", "W-logprob"], "--workload W-logprob is a GPU workload"),
     (["--workload", "W-logprob-4096"], "on CPU use cpu or tiny"),
+    (["--json", "/nonexistent-pact-dir/out.json"], "--json /nonexistent-pact-dir/out.json: no directory"),
+    (["--json", "/tmp"], "--json /tmp: is a directory"),
 ])
 def test_bad_options_are_one_argparse_line(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -110,3 +112,11 @@ def test_the_gpu_suites_report_needs_its_directory_and_a_section_refuses_the_rep
         with pytest.raises(SystemExit) as exc:
             gpu_bench.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["step_model.py", "roofline.py"])
+def test_the_models_refuse_an_unwritable_json_before_running(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--json", "/nonexistent-pact-dir/out.json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--json /nonexistent-pact-dir/out.json: no directory" in proc.stderr and "Traceback" not in proc.stderr
