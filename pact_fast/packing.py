@@ -185,7 +185,8 @@ def pad_rows(rows, width=None, value=0, *, dtype=None, device=None, left=False):
         rows: B lists of numbers, or B 1-D tensors (which keep their autograd graph).
         width: W, at least the longest row; default the longest row (0 without rows).
         value: the padding value.
-        dtype, device: default the tensor rows' own, or int64 on the CPU for lists.
+        dtype, device: default the tensor rows' own, or on the CPU int64 for lists of ints, the values' type
+            where a row holds another (float32 for Python floats).
         left: pad before each row (left-padded prompts) instead of after it.
     """
     longest = max((len(r) for r in rows), default=0)
@@ -196,10 +197,16 @@ def pad_rows(rows, width=None, value=0, *, dtype=None, device=None, left=False):
         out = torch.stack([torch.nn.functional.pad(r, (width - len(r), 0) if left else (0, width - len(r)),
                                                    value=value) for r in rows])  # [B, W]
         return out.to(dtype=dtype or out.dtype, device=device or out.device)
-    out = torch.full((len(rows), width), value, dtype=dtype or torch.long)  # [B, W]
+    rows = [torch.as_tensor(r) for r in rows]
+    if dtype is None:  # int64 for ids and masks, promoted by the values (a float would be truncated to an int)
+        dtype = torch.long
+        for r in rows:
+            if r.numel():
+                dtype = torch.promote_types(dtype, r.dtype)
+    out = torch.full((len(rows), width), value, dtype=dtype)  # [B, W]
     for i, r in enumerate(rows):
         start = width - len(r) if left else 0
-        out[i, start:start + len(r)] = torch.as_tensor(r, dtype=out.dtype)
+        out[i, start:start + len(r)] = r
     return out if device is None else out.to(device)
 
 

@@ -118,6 +118,9 @@ def test_pad_rows_pads_lists_and_tensors_on_either_side():
     assert out.dtype == torch.float64 and out.tolist() == [[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]
     out.sum().backward()
     assert x.grad.tolist() == [2.0, 1.0]
+    # lists of floats (log-probs, rewards) were truncated to int64: [[0, -1], [2, 0]]
+    assert pad_rows([[0.5, -1.25], [2.0]]).tolist() == [[0.5, -1.25], [2.0, 0.0]]
+    assert pad_rows([torch.tensor([0.5]), [1]]).tolist() == [[0.5], [1.0]]
     for rows in ([torch.arange(5), torch.arange(3)], [[1, 2, 3], [4]]):  # tensors were cut to the width silently
         with pytest.raises(ValueError, match="width=2 is shorter than the longest row"):
             pad_rows(rows, width=2)
