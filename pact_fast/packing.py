@@ -77,8 +77,8 @@ class PackedTree:
 
         Args:
             seq_ids: sequences to score (default: all, in order).
-            token_ids: optional per chosen sequence a LongTensor of token positions t >= 1 to score
-                (default: every token 1..n-1).
+            token_ids: optional per chosen sequence an integer tensor (or list) of the token positions
+                1 <= t < n to score (default: every token 1..n-1).
 
         Returns:
             ``rows [M]`` (packed index of the hidden state that predicts each token; the same row
@@ -88,11 +88,21 @@ class PackedTree:
         seq_ids = range(len(self.token_index)) if seq_ids is None else seq_ids
         rows, targets, offsets = [], [], [0]
         for s, j in enumerate(seq_ids):
+            if not 0 <= j < len(self.token_index):  # a negative id would pick a sequence from the end
+                raise ValueError(f"predictor_rows: sequence id {j} is outside [0, {len(self.token_index)})")
             index = self.token_index[j]
-            t = torch.arange(1, len(index)) if token_ids is None else torch.as_tensor(token_ids[s]).long()
-            if t.numel() and int(t.min()) < 1:
-                raise ValueError(f"predictor_rows: sequence {j} asks to score token {int(t.min())}; "
-                                 "token 0 has no predictor")
+            if token_ids is None:
+                t = torch.arange(1, len(index))
+            else:
+                t = torch.as_tensor(token_ids[s])
+                if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:  # a mask read as ids 0 and 1
+                    raise TypeError(f"predictor_rows: token_ids[{s}] must hold integer token positions, got "
+                                    f"{t.dtype} (for a boolean mask m pass m.nonzero().squeeze(1))")
+                t = t.long()
+            if t.numel() and (int(t.min()) < 1 or int(t.max()) >= len(index)):
+                raise ValueError(f"predictor_rows: sequence {j} asks to score tokens in [{int(t.min())}, "
+                                 f"{int(t.max())}]; it has tokens 1..{len(index) - 1} to score (token 0 has no "
+                                 "predictor)")
             rows.append(index[t - 1])
             targets.append(self.input_ids[index[t]])
             offsets.append(offsets[-1] + t.numel())

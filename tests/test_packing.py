@@ -64,6 +64,17 @@ def test_predictor_rows_point_at_the_previous_token():
         p.predictor_rows([0], [torch.tensor([0])])
 
 
+def test_predictor_rows_refuse_masks_and_ids_out_of_range():
+    p = pack_tree([[1, 2, 3, 4], [1, 2, 5]])
+    # an all-True mask read as positions [1, 1, 1] scored token 1 three times
+    with pytest.raises(TypeError, match="token_ids\\[0\\] must hold integer token positions, got torch.bool"):
+        p.predictor_rows([0], [torch.tensor([True, True, True])])
+    with pytest.raises(ValueError, match="sequence id -1 is outside \\[0, 2\\)"):  # was the last sequence
+        p.predictor_rows([-1])
+    with pytest.raises(ValueError, match="it has tokens 1..2 to score"):  # an IndexError
+        p.predictor_rows([1], [torch.tensor([3])])
+
+
 def test_segments_follow_the_trie():
     seqs = pact_group(seed=2, G=2)
     p = pack_tree(seqs)
