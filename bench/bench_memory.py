@@ -171,6 +171,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.group_size < 1:
         parser.error(f"--tokens {args.tokens} and --group-size {args.group_size}: at least 1 each")
+    if os.path.isdir(args.json):  # a missing folder is made at the end; a folder in the file's place fails there
+        parser.error(f"--json {args.json}: is a directory; give a file name")
     from pact_fast.config import LoRAConfig
     from pact_fast.model_setup import lora_targets
     from pact_fast.models import fetch_model, load_pretrained

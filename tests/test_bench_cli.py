@@ -114,9 +114,13 @@ def test_the_gpu_suites_report_needs_its_directory_and_a_section_refuses_the_rep
         assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["step_model.py", "roofline.py"])
-def test_the_models_refuse_an_unwritable_json_before_running(script):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--json", "/nonexistent-pact-dir/out.json"],
-                          capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("script,path,message", [
+    ("step_model.py", "/nonexistent-pact-dir/out.json", "no directory"),
+    ("roofline.py", "/nonexistent-pact-dir/out.json", "no directory"),
+    ("bench_memory.py", "/tmp", "is a directory"),  # it makes a missing folder itself
+])
+def test_scripts_refuse_an_unwritable_json_before_running(script, path, message):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--json", path], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2
-    assert "--json /nonexistent-pact-dir/out.json: no directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"--json {path}: {message}" in proc.stderr and "Traceback" not in proc.stderr
