@@ -367,6 +367,23 @@ def test_softcap_zero_is_off_and_positions_with_a_layout_are_refused():
         tree_attention(q, q, q, layout=layout, position_ids=positions, window=2)
 
 
+def test_a_layout_with_its_own_arguments_passed_again_is_refused():
+    # a subtree_end (or backend, dq_mode) passed beside a layout was ignored: the layout's mask ran instead
+    e = pack_tree(pact_group()).subtree_end[None]
+    q = torch.randn(1, 2, e.shape[1], 16)
+    layout = build_layout(e, "sdpa")
+    chain = torch.full_like(e, e.shape[1])  # one causal chain: another mask
+    for kwargs, name in (({"subtree_end": chain}, "subtree_end"), ({"backend": "varlen"}, "backend"),
+                         ({"dq_mode": "atomic"}, "dq_mode")):
+        with pytest.raises(ValueError, match=f"with a layout, pass {name} to build_layout"):
+            tree_attention(q, q, q, layout=layout, **kwargs)
+
+
+def test_build_layout_of_one_packed_row_without_its_batch_dim_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"subtree_end must be \[B, L\], got shape \(\d+,\).*subtree_end\[None\]"):
+        build_layout(pack_tree(pact_group()).subtree_end, "varlen")  # was "not enough values to unpack"
+
+
 @pytest.mark.parametrize("backend", ["varlen", "sdpa"])
 def test_every_backend_refuses_positions_that_are_not_trie_depths(backend):
     """flash-attn's window counts key offsets, the other backends compare positions: with positions that do not

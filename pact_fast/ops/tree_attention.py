@@ -150,6 +150,9 @@ def validate_subtree_end(subtree_end):
     """Raise unless ``subtree_end [B, L]`` is integer with ``t + 1 <= subtree_end[b, t] <= L`` and subtrees that
     nest, as a token trie's do: every token u of t's subtree (t < u < subtree_end[b, t]) has
     ``subtree_end[b, u] <= subtree_end[b, t]``."""
+    if subtree_end.dim() != 2:
+        raise ValueError(f"tree_attention: subtree_end must be [B, L], got shape {tuple(subtree_end.shape)} (one "
+                         "packed row, pack_tree(...).subtree_end [L], is subtree_end[None])")
     L = subtree_end.shape[-1]
     if subtree_end.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: subtree_end must be int32 or int64, got {subtree_end.dtype}")
@@ -488,7 +491,8 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
             packed forward, pass False in every layer. Shapes, dtypes and devices are checked on every call.
         layout: a ``build_layout(subtree_end, backend, position_ids=...)`` made once for several calls (every
             layer of a packed forward): no host synchronisation then happens in the call (but on a window's
-            first use); ``subtree_end``, ``backend`` and ``position_ids`` are taken from it.
+            first use); ``subtree_end``, ``backend``, ``dq_mode`` and ``position_ids`` are taken from it (passing
+            them too is refused).
         dq_mode: the triton backward's dq path when no layout is given (``build_layout``).
         position_ids: ``[B, L]`` int, each token's position along its own path (the trie depth,
             ``pack_tree(...).position_ids``) when no layout is given; needed by ``window``.
@@ -512,8 +516,11 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
         layout = build_layout(subtree_end, backend, validate=False, dq_mode=dq_mode, position_ids=position_ids,
                               dtype=q.dtype)
     else:
-        if position_ids is not None:
-            raise ValueError("tree_attention: with a layout, pass position_ids to build_layout, not to tree_attention")
+        given = [name for name, unset in (("subtree_end", subtree_end is None), ("position_ids", position_ids is None),
+                                          ("backend", backend == "auto"), ("dq_mode", dq_mode == "split")) if not unset]
+        if given:  # the layout's own would be used in their place
+            raise ValueError(f"tree_attention: with a layout, pass {', '.join(given)} to build_layout, not to "
+                             "tree_attention")
         window, softcap = check_options(window, softcap, layout.position_ids)
         validate_shapes(q, k, v, layout.subtree_end)  # every call: a layout of another batch or length is refused
         if validate:
