@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pact_fast.kernels.registry import GEMM_TILE, gemm_waves  # noqa: E402  (as the launchers plan)
+from pact_fast.kernels.registry import GEMM_TILE, gemm_waves, interpreting  # noqa: E402  (as the launchers plan)
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,6 @@ def count_executed(count_torch_gemms=True, torch_ops=False):
     wraps (it never silently counts zero).
     """
     from triton.runtime import interpreter as interp
-
-    from pact_fast.kernels.registry import interpreting
 
     if not interpreting():
         raise RuntimeError("count_executed needs TRITON_INTERPRET=1 set before triton is imported")
@@ -1106,6 +1104,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.json and json_target_error(args.json):
         ap.error(json_target_error(args.json))
+    others = [flag for flag, on in (("--json", args.json), ("--stored-sass", args.stored_sass),
+                                    ("--readme", args.readme), ("--step", args.step), ("--head-sweep", args.head_sweep))
+              if on]
+    if args.probe and others:  # each would go unread
+        ap.error(f"--probe writes {TORCH_OPS.name} and takes no other option (got {' '.join(others)})")
+    if args.probe and not interpreting():
+        ap.error("--probe counts the ops under the Triton interpreter: set TRITON_INTERPRET=1")
+    if args.head_sweep and (args.readme or args.step):
+        ap.error("--head-sweep prints the sweep instead of the tables: it takes neither --readme nor --step")
     if args.head_sweep:
         table = sass.issue_table(compile_here=False if args.stored_sass else None)
         sweep = head_block_sweep(table=table)

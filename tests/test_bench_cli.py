@@ -1,5 +1,6 @@
 """The benchmarks' shared options (bench/common.py): bad input is one argparse line, not a traceback or an hours-long
 run, and a chosen subset of providers still runs the baseline its ratios divide by."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,17 @@ def test_scripts_refuse_an_unwritable_json_before_running(script, path, message)
                           timeout=300)
     assert proc.returncode == 2
     assert f"--json {path}: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,interpret,message", [
+    (["--probe", "--json", "/tmp/x.json"], "1", "--probe writes roofline_torch_ops.json and takes no other option "
+                                                "(got --json)"),  # the json went unwritten, silently
+    (["--probe", "--readme"], "1", "takes no other option (got --readme)"),
+    (["--probe"], "0", "--probe counts the ops under the Triton interpreter: set TRITON_INTERPRET=1"),  # a traceback
+    (["--head-sweep", "--step"], "1", "--head-sweep prints the sweep instead of the tables"),
+])
+def test_roofline_refuses_options_it_would_not_read(argv, interpret, message):
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    proc = subprocess.run([sys.executable, str(BENCH / "roofline.py"), *argv], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
