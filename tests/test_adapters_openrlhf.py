@@ -149,6 +149,16 @@ def test_an_action_mask_of_another_shape_is_named():
         PACTPolicyLoss(pact_config=PACTLossConfig(mode="grpo"))(po, old, adv, action_mask=mask[:, :-1])
 
 
+@pytest.mark.parametrize("token_level_loss,name", [(True, "batch_num_tokens"), (False, "global_batch_size")])
+def test_a_step_count_of_zero_is_refused(token_level_loss, name):
+    """A step total of 0 beside a non-empty micro-batch made its share 0: the RL loss and gradient silently 0
+    (OpenRLHF's PolicyLoss divides by it: inf)."""
+    po, old, adv, mask = _inputs()
+    loss = PACTPolicyLoss(token_level_loss=token_level_loss, pact_config=PACTLossConfig(mode="grpo"))
+    with pytest.raises(ValueError, match=f"{name}=0 must be > 0"):
+        loss(po, old, adv, action_mask=mask, dp_size=2, **{name: 0})
+
+
 def test_a_pact_config_that_disagrees_with_policy_loss_arguments_is_refused():
     """PolicyLoss's arguments set the clipping and reduction over pact_config's defaults; a pact_config field set
     to something else was silently replaced by them (by PolicyLoss's defaults when none were given)."""

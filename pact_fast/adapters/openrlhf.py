@@ -101,6 +101,11 @@ class PACTPolicyLoss(torch.nn.Module):
         if sft_on and (sft_log_probs is None or sft_components is None):
             raise ValueError(f"PACTPolicyLoss: mode {cfg.mode!r} with lambda_sft > 0 needs sft_log_probs and "
                              "sft_components [S, E] (S = 0, [0, E] tensors, in a micro-batch without traces)")
+        name, total = (("batch_num_tokens", batch_num_tokens) if cfg.loss_agg == "token-mean" else
+                       ("global_batch_size", global_batch_size))
+        if total is not None and not total > 0:  # 0 made this micro-batch's share, and its RL loss, 0
+            raise ValueError(f"PACTPolicyLoss: {name}={total!r} must be > 0: the step's count over all ranks, "
+                             "this micro-batch's included")
         if group_ids is None:
             group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
         batch = PACTBatch(
