@@ -60,6 +60,10 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results/lora_cpu.json")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every variant")
     args = parser.parse_args(argv)
+    from common import json_target_error
+
+    if json_target_error(args.out, "--out"):  # checked before the training runs, not after them
+        parser.error(json_target_error(args.out, "--out"))
     common = ["train.prompts_per_step=4", "rollout.group_size=2", "data.hops=[1]", "train.progress=false",
               "train.tensorboard=false", "train.save_every=0", "train.eval_every=0", *args.overrides]
     import torch

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, print_table, write_json  # noqa: E402
+from common import json_target_error, machine_info, print_table, write_json  # noqa: E402
 
 
 def contexts(tokenizer, n_prompts, samples, config):
@@ -69,6 +69,8 @@ def main(argv=None):
     for name in ("prompts", "samples", "max_new_tokens", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    if json_target_error(args.json):
+        parser.error(json_target_error(args.json))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     load = os.getloadavg()  # other work on the machine's cores when the run starts

@@ -147,14 +147,15 @@ def write_json(path, payload):
         json.dump(payload, f, indent=1)
 
 
-def json_target_error(path):
-    """Why results could not be written to ``path`` at the end of a run (a missing folder, a folder in its place),
-    or None: checked before the run, so a benchmark does not time for an hour and then lose its results."""
+def json_target_error(path, flag="--json"):
+    """Why results could not be written to ``path`` (given as ``flag``) at the end of a run (a missing folder, a
+    folder in its place), or None: checked before the run, so a benchmark does not time for an hour and then lose
+    its results."""
     if os.path.isdir(path):
-        return f"--json {path}: is a directory; give a file name"
+        return f"{flag} {path}: is a directory; give a file name"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        return f"--json {path}: no directory {folder}; create it first"
+        return f"{flag} {path}: no directory {folder}; create it first"
     return None
 
 

@@ -191,6 +191,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the table here (the stored table: bench/results/roofline_sass.json)")
     args = ap.parse_args(argv)
+    from common import json_target_error
+
+    if args.json and json_target_error(args.json):  # before every kernel is compiled
+        ap.error(json_target_error(args.json))
     table = measure()
     for name, p in table.items():
         print(f"{name:48} warps {p['num_warps']} loop {p['loop_instructions']:5d} of {p['total_instructions']:5d} "

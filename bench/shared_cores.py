@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, print_table, write_json
+from common import json_target_error, machine_info, print_table, write_json
 
 _COMMAND = [sys.executable, "-m", "pact_fast"]
 _CLI_ONLY = [sys.executable, "-c", "import sys; from pact_fast.cli import main; sys.exit(main())"]
@@ -81,6 +81,8 @@ def main():
     args = parser.parse_args()
     if args.steps < 1 or args.hogs < 0 or (args.hogs == 0 and "shared" in args.loads):
         parser.error(f"--steps {args.steps} (at least 1), --hogs {args.hogs} (at least 1 for the shared load)")
+    if args.json and json_target_error(args.json):
+        parser.error(json_target_error(args.json))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for load in args.loads:

@@ -119,12 +119,22 @@ def test_the_gpu_suites_report_needs_its_directory_and_a_section_refuses_the_rep
     ("step_model.py", "/nonexistent-pact-dir/out.json", "no directory"),
     ("roofline.py", "/nonexistent-pact-dir/out.json", "no directory"),
     ("bench_memory.py", "/tmp", "is a directory"),  # it makes a missing folder itself
+    ("bench_rollout.py", "/nonexistent-pact-dir/out.json", "no directory"),
+    ("shared_cores.py", "/nonexistent-pact-dir/out.json", "no directory"),
+    ("sass.py", "/tmp", "is a directory"),
 ])
 def test_scripts_refuse_an_unwritable_json_before_running(script, path, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--json", path], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2
     assert f"--json {path}: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_lora_refuses_an_unwritable_out_before_training():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_lora.py"), "--model", "unused", "--steps", "1",
+                           "--out", "/nonexistent-pact-dir/out.json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--out /nonexistent-pact-dir/out.json: no directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("argv,interpret,message", [
