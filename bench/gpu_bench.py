@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from common import machine_info, measure  # noqa: E402
+from common import json_target_error, machine_info, measure  # noqa: E402
 
 import roofline  # noqa: E402
 import sass  # noqa: E402
@@ -546,6 +546,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         ap.error(f"--reps {args.reps}: at least 1 timed repetition")
+    if args.json and json_target_error(args.json):
+        ap.error(json_target_error(args.json))
     given = [flag for flag, on in (("--dir", args.dir is not None), ("--sections", "--sections" in (argv or sys.argv)))
              if on]
     if args.section == "report" and args.dir is None:

@@ -346,13 +346,15 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    from common import json_target_error, machine_info
+
+    if args.json and json_target_error(args.json):  # before the checks run
+        ap.error(json_target_error(args.json))
     device = torch.device("cpu" if args.dry_run else "cuda")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; use --dry-run on the CPU")
     results = run(args.dry_run, device)
     if args.json:
-        from common import machine_info
-
         doc = {"section": "check", "dry_run": args.dry_run, "machine": machine_info(device),
                "criterion": f"relative error vs float64 < {TOL} and <= max(2 x plain PyTorch, {FLOOR})",
                "results": results}

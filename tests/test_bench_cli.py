@@ -130,6 +130,15 @@ def test_scripts_refuse_an_unwritable_json_before_running(script, path, message)
     assert f"--json {path}: {message}" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [["gpu_bench.py", "logprob", "--dry-run"], ["gpu_check.py", "--dry-run"]],
+                         ids=["gpu_bench", "gpu_check"])
+def test_the_gpu_scripts_refuse_an_unwritable_json_before_running(argv):
+    proc = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:], "--json", "/nonexistent-pact-dir/x.json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--json /nonexistent-pact-dir/x.json: no directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bench_lora_refuses_an_unwritable_out_before_training():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_lora.py"), "--model", "unused", "--steps", "1",
                            "--out", "/nonexistent-pact-dir/out.json"], capture_output=True, text=True, timeout=300)
