@@ -117,6 +117,9 @@ def _as_list(seq, j):
         if seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
             raise ValueError(f"pack_tree: sequence {j} must hold integer token ids, got {seq.dtype}")
         seq = seq.tolist()
+    if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):  # one sequence passed where a list of them goes
+        raise ValueError(f"pack_tree: sequence {j} must be a list or 1-D tensor of token ids, got {type(seq).__name__} "
+                         f"{seq!r:.40} (the argument is a list of sequences)")
     seq = list(seq)
     if not seq:
         raise ValueError(f"pack_tree: sequence {j} is empty")

@@ -135,3 +135,14 @@ def test_pad_rows_pads_lists_and_tensors_on_either_side():
     for rows in ([torch.arange(5), torch.arange(3)], [[1, 2, 3], [4]]):  # tensors were cut to the width silently
         with pytest.raises(ValueError, match="width=2 is shorter than the longest row"):
             pad_rows(rows, width=2)
+
+
+def test_one_sequence_where_a_list_of_them_goes_is_a_clear_error():
+    from pact_fast.packing import split_units
+
+    with pytest.raises(ValueError, match="sequence 0 must be a list or 1-D tensor of token ids, got int 1"):
+        pack_tree([1, 2, 3])  # was TypeError: 'int' object is not iterable
+    with pytest.raises(ValueError, match="sequence 0 must be a list or 1-D tensor of token ids, got int 1"):
+        split_units([[1, 2, 3], [1, 2, 4]], 10)  # sequences passed as units
+    with pytest.raises(ValueError, match="sequence 0 must be a list or 1-D tensor of token ids, got str"):
+        pack_tree(["abc"])
