@@ -252,7 +252,10 @@ def _plan(args):
             raise planner.PlanError("plan: give --model (a directory or one of "
                                     f"{', '.join(planner.KNOWN_SHAPES)}) or a --config with model.path")
         shape = planner.resolve_model(name)
-        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+        targets = None if args.lora_targets is None else tuple(t.strip() for t in args.lora_targets.split(","))
+        if targets is not None and not all(targets):  # '' (an unset shell variable) planned the default targets
+            raise planner.PlanError(f"--lora-targets {args.lora_targets!r} names an empty module; give "
+                                    "comma-separated module names (q_proj,v_proj) or leave it out for the default")
         explicit = dict(dtype=args.dtype, device=args.device, lora=args.lora, lora_r=args.lora_r,
                         lora_dropout=args.lora_dropout, lora_targets=targets, lora_base_dtype=args.lora_base_dtype,
                         grad_checkpointing=args.grad_checkpointing, fused_head=args.fused_head,

@@ -472,9 +472,13 @@ def test_plan_prints_the_largest_micro_batch_that_fits():
      "pact-fast: --lora-base-dtype bfloat16 without LoRA: a full fine-tune's AdamW updates float32 weights"),
     (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--lora-base-dtype", "float32"],
      "pact-fast: --lora-base-dtype without LoRA (--lora, or model.lora.enabled in --config) plan nothing"),
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--lora", "--lora-targets", ""],  # planned the default targets
+     "pact-fast: --lora-targets '' names an empty module"),
+    (["--model", "qwen3-4b", "--gpu-memory", "24GB", "--lora", "--lora-targets", "q_proj,"],
+     "pact-fast: --lora-targets 'q_proj,' names an empty module"),
 ], ids=["bad-size", "unknown-model", "bad-target", "bf16-cpu", "no-model", "rollout-without-context",
         "context-without-group-size", "lora-flag-without-lora", "lora-target-twice", "bf16-base-without-lora",
-        "base-dtype-without-lora"])
+        "base-dtype-without-lora", "empty-targets", "empty-target-in-list"])
 def test_plan_mistakes_are_one_line_with_status_2(args, message):
     rc, out, err = _plan(*args)
     assert rc == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
