@@ -794,7 +794,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                     raise  # (under torchrun the other ranks wait in a collective: a save would hang)
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
-                _save_after_failure(c, step, log)
+                _save_after_failure(c, step, log, f"step {step + 1}")
                 raise
             finally:
                 interrupt.abortable = False
@@ -830,7 +830,13 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 step += 1
                 break
             if _periodic_eval(train_cfg, step + 1):
-                result = _evaluate_and_log(c, step + 1)
+                try:
+                    result = _evaluate_and_log(c, step + 1)
+                except Exception:  # an environment's error in the evaluation: the steps trained so far are kept
+                    if dist.is_distributed() or step + 1 in saved:
+                        raise
+                    _save_after_failure(c, step + 1, log, f"the held-out evaluation after step {step + 1}")
+                    raise
                 if bar:
                     bar.clear()
                 log(f"[pact_fast] held-out at step {step + 1}: {result}")
@@ -899,17 +905,18 @@ def _save(c, step):
                            c.config.train.keep_last, peft_model=c.peft)
 
 
-def _save_after_failure(c, step, log):
-    """The checkpoint of step ``step``, the last whole one, after step ``step + 1`` failed before its update. A save
-    that fails too is said, not raised: the step's own error is what the run stops with."""
+def _save_after_failure(c, step, log, what):
+    """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
+    the evaluation after step ``step``) failed. A save that fails too is said, not raised: the failure's own error
+    is what the run stops with."""
     try:
         ckpt = _save(c, step)
     except Exception as exc:
-        log(f"[pact_fast] step {step + 1} failed; the checkpoint of step {step} could not be saved either: "
+        log(f"[pact_fast] {what} failed; the checkpoint of step {step} could not be saved either: "
             f"{type(exc).__name__}: {exc}")
     else:
-        log(f"[pact_fast] step {step + 1} failed before its update; saved the last whole step: {ckpt} (--resume "
-            f"{ckpt.parent.parent} goes on from there)")
+        log(f"[pact_fast] {what} failed; saved the last whole step: {ckpt} (--resume {ckpt.parent.parent} goes on "
+            "from there)")
 
 
 def _evaluate_and_log(c, step, sync=True):

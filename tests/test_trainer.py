@@ -480,33 +480,34 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_message(tmp_path, monk
     assert all(torch.equal(w["step_000001"][k], w["step_000003"][k]) for k in w["step_000001"])
 
 
-def test_a_step_that_fails_before_its_update_saves_the_last_whole_step(tmp_path):
-    """An environment's error at step 3 (with no periodic checkpoint) lost the two steps before it: the run stopped
-    with nothing on disk. Now the last whole step is saved before the error stops the run, and a resume from it
-    reaches the weights of an unbroken run."""
+@pytest.mark.parametrize("fails_in", ["step", "evaluation"])
+def test_a_failure_saves_the_last_whole_step(tmp_path, fails_in):
+    """An environment's error in step 3's rollouts, or in the held-out evaluation after step 2 (with no periodic
+    checkpoint), lost the steps before it: the run stopped with nothing on disk. Now the last whole step is saved
+    before the error stops the run, and a resume from it reaches the weights of an unbroken run."""
     sys.path.insert(0, str(HERE))
     from replay_engine import ReplayEngine
 
     from pact_fast.envs.base import ToolEnvError
 
     class FailsOnce(ReplayEngine):
-        calls = 0
+        calls = {False: 0, True: 0}
 
         def rollout(self, examples, make_env, group_size=None, greedy=None):
-            if not greedy:
-                FailsOnce.calls += 1
-                if FailsOnce.calls == 3:
-                    raise ToolEnvError("Flaky.reward raised ConnectionError: the grader is gone")
+            FailsOnce.calls[bool(greedy)] += 1  # greedy: the evaluations (before training, after step 2)
+            if (fails_in == "step" and FailsOnce.calls[False] == 3) or \
+                    (fails_in == "evaluation" and FailsOnce.calls[True] == 2):
+                raise ToolEnvError("Flaky.reward raised ConnectionError: the grader is gone")
             return super().rollout(examples, make_env, group_size, greedy)
 
-    overrides = TINY + ["train.steps=4", "train.save_every=0", "train.save_every_minutes=0"]
+    overrides = TINY + ["train.steps=4", "train.save_every=0", "train.save_every_minutes=0", "train.eval_every=2"]
     run = tmp_path / "run"
     lines = []
     with pytest.raises(ToolEnvError, match="the grader is gone"):
-        train(load_config(None, overrides + [f"train.out_dir={run}"]), engine_factory=FailsOnce,
-              log=lines.append)
+        train(load_config(None, overrides + [f"train.out_dir={run}"]), engine_factory=FailsOnce, log=lines.append)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
-    assert any("step 3 failed before its update; saved the last whole step" in line for line in lines), lines
+    what = "step 3" if fails_in == "step" else "the held-out evaluation after step 2"
+    assert any(f"{what} failed; saved the last whole step" in line for line in lines), lines
     train(load_config(str(run / "config.yaml"), [f"train.out_dir={run}"]), resume=str(run),
           engine_factory=ReplayEngine, log=lambda *a: None)
     whole = tmp_path / "whole"
