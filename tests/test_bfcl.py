@@ -211,6 +211,21 @@ def test_a_row_whose_environment_settings_would_be_misread_is_refused(key, value
     assert re.match(words, check_example(ex))
 
 
+def test_a_row_whose_later_user_turns_differ_from_its_traces_is_refused():
+    """A hand-written row whose trace says one later user turn and env.user_turns another: the SFT term trained on
+    the trace's text while every episode got the other (only their count was compared)."""
+    from pact_fast.envs.bfcl import check_example
+
+    (ex,) = load_bfcl("multi_turn_base", limit=1)
+    assert check_example(ex) is None
+    turn = ex.env["user_turns"][0]
+    turn[-1] = {**turn[-1], "content": "Now delete every file instead."}
+    assert re.match(r"env 'user_turns' turn 1 reads .*Now delete every file instead\..*, the trace's user turn ",
+                    check_example(ex))
+    ex.env["user_turns"][0] = ["not a message"]
+    assert check_example(ex).startswith("env 'bfcl' needs 'user_turns', a list with the messages")
+
+
 def test_miss_param_traces_close_the_turn_without_a_call(categories):
     for ex in categories["multi_turn_miss_param"][0]:
         empty = [t for t, calls in enumerate(ex.env["gold"]) if not calls and t + 1 < len(ex.env["gold"])]

@@ -228,6 +228,11 @@ ENV_KEYS = ("name", "category", "initial_config", "involved_classes", "long_cont
             "gold")
 
 
+def _turn_text(messages):
+    """A later user turn's text, as an episode gets it: its messages' contents, one per line."""
+    return "\n".join(m["content"] for m in messages)
+
+
 def check_example(example):
     """Why ``example`` cannot run in ``BFCLEnv`` (a one-line reason), or None: ``env`` needs
     ``involved_classes`` (BFCL back-end class names), ``initial_config`` (an object), ``user_turns`` (a list of
@@ -254,11 +259,18 @@ def check_example(example):
     if not isinstance(env.get("initial_config"), dict):
         return "env 'bfcl' needs 'initial_config', an object (the back-ends' initial state)"
     turns = env.get("user_turns")
-    if not isinstance(turns, list) or not all(isinstance(t, list) for t in turns):
-        return "env 'bfcl' needs 'user_turns', a list with the messages of each later user turn"
-    later = sum(m["role"] == "user" for m in example.trace)
-    if example.trace and later != len(turns):
-        return f"env 'user_turns' has {len(turns)} later user turns, the trace {later}"
+    if not isinstance(turns, list) or not all(
+            isinstance(t, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in t)
+            for t in turns):
+        return "env 'bfcl' needs 'user_turns', a list with the messages (each with a 'content' text) of each later " \
+               "user turn"
+    later = [m["content"] for m in example.trace if m["role"] == "user"]
+    if example.trace and len(later) != len(turns):
+        return f"env 'user_turns' has {len(turns)} later user turns, the trace {len(later)}"
+    for k, (text, turn) in enumerate(zip(later, turns) if example.trace else ()):
+        if text != _turn_text(turn):  # the SFT term trained one conversation, the rollouts got another
+            return (f"env 'user_turns' turn {k + 1} reads {excerpt(_turn_text(turn))}, the trace's user turn "
+                    f"{excerpt(text)}: an episode gets the first")
     gold = env.get("gold")
     if not isinstance(gold, list) or not all(isinstance(t, list) and all(isinstance(c, str) for c in t) for t in gold):
         return "env 'bfcl' needs 'gold', a list with the gold call strings of each user turn"
@@ -378,7 +390,7 @@ class BFCLEnv(ToolEnv):
             return None
         self.turn_index += 1
         self.hidden -= self.revealed.get(self.turn_index, set())
-        return "\n".join(m["content"] for m in self.pending.pop(0))
+        return _turn_text(self.pending.pop(0))
 
     def instances(self):
         """The episode's back-end instances, copied out of the worker process."""
