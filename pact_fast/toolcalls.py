@@ -22,6 +22,7 @@ MAX_ARGUMENT_DEPTH = 32  # nesting of lists and objects in a call's arguments
 EXCERPT_CHARS = 80  # characters of an offending text quoted in an error message
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_TAGS = re.compile(f"{re.escape(OPEN)}|{re.escape(CLOSE)}|</think>")
 _COMPACT = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
 
 
@@ -162,17 +163,20 @@ def parse_one(body, fmt="compact"):
 
 
 def _reasoning_end(text):
-    """Where the reasoning of ``text`` ends: past its last ``</think>`` whose next tag is not a ``</tool_call>`` (one
-    that is lies in a call's arguments: text a call writes or sends), or 0."""
-    cut, closes = len(text), False  # whether the first tag past ``cut`` is a </tool_call>
-    while (k := text.rfind("</think>", 0, cut)) >= 0:
-        close, opening = text.find(CLOSE, k, cut), text.find(OPEN, k, cut)  # each stretch read once: linear time
-        if close >= 0 or opening >= 0:
-            closes = opening < 0 or 0 <= close < opening
-        if not closes:
-            return k + len("</think>")
-        cut = k
-    return 0
+    """Where the reasoning of ``text`` ends: past its last ``</think>`` that lies in no call (between a
+    ``<tool_call>`` and the ``</tool_call>`` that closes it: text a call writes or sends), or 0. A call opened in
+    the reasoning and closed there, or never closed, holds no ``</think>``; one pass over the tags."""
+    end, inside, in_call = 0, 0, False  # inside: the last </think> since the open call's <tool_call>
+    for tag in _TAGS.finditer(text):
+        if tag.group() == OPEN:
+            in_call = True
+        elif tag.group() == CLOSE:
+            in_call, inside = False, 0  # the call closed: its </think> was text of its arguments
+        elif in_call:
+            inside = tag.end()
+        else:
+            end = tag.end()
+    return max(end, inside)
 
 
 def parse_tool_calls(text, fmt="compact"):

@@ -60,6 +60,11 @@ def test_a_call_whose_arguments_read_think_end_is_made_and_a_call_in_the_reasoni
         ToolCall("echo", {"content": "done </think>"})]
     assert parse_tool_calls("<think> maybe " + call + " no </think> 42", "hermes") == []
     assert parse_tool_calls(call, "hermes") == [ToolCall("echo", {"content": "done </think>"})]
+    # a stray </tool_call> in the answer made the last </think> look like a call's text: the drafted call ran
+    draft = _block(json.dumps({"name": "delete_all", "arguments": {}}))
+    assert parse_tool_calls("<think> maybe " + draft + " no. </think> Done (a stray </tool_call>)", "hermes") == []
+    # a <tool_call> the reasoning only mentions holds no </think>: the answer after it is the turn's
+    assert parse_tool_calls("<think> I could write <tool_call> here </think> 42", "hermes") == []
 
 
 def test_calls_at_the_size_limit_still_parse():
