@@ -159,8 +159,11 @@ def latest_with_config(path):
 
 def held_out_fingerprint(ckpt):
     """``ids_fingerprint`` of the held-out rows the run of ``ckpt`` evaluated, or None for a checkpoint written before
-    runs recorded it. Its trainer state is memory-mapped: the optimizer's tensors are not read."""
+    runs recorded it, or one whose trainer state was removed (an archived run keeps the weights alone). Its trainer
+    state is memory-mapped: the optimizer's tensors are not read."""
     path = Path(ckpt) / STATE_FILE
+    if not path.exists():
+        return None
     state = _readable(path, lambda: torch.load(path, mmap=True, weights_only=False))
     order = state.get("order") if isinstance(state, dict) else None
     return (order or {}).get("held_out") or None

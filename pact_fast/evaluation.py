@@ -125,8 +125,9 @@ def check_same_held_out(ckpt, held_out):
     saved = checkpoint.held_out_fingerprint(ckpt)
     if saved is not None and saved != ids_fingerprint(held_out):
         raise DataFormatError(f"--run: the run of {ckpt} held out other rows than the {len(held_out)} its config's "
-                              "data gives now (the data file changed since): the metrics would be of other tasks, "
-                              "possibly ones it trained on; evaluate with the run's data, or choose held-out tasks with "
+                              "data gives now (the data file changed since, or, with data.on_error=skip, an override "
+                              "leaves out other rows): the metrics would be of other tasks, possibly ones it trained "
+                              "on; evaluate with the run's data and options, or choose held-out tasks with "
                               "data.eval_path=FILE")
 
 

@@ -219,6 +219,10 @@ def test_eval_of_a_run_whose_data_file_changed_is_refused(tmp_path, capsys):
     assert "held out other rows than the 2 its config's data gives now" in capsys.readouterr().err
     assert main(["eval", "--run", str(run), f"data.eval_path={data}"]) == 0  # other held-out tasks, on purpose
     assert f"held-out evaluation: 10 tasks (data.eval_path={data})" in capsys.readouterr().err
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ckpt in (run / "checkpoints").iterdir():  # an archived run keeps its weights alone: it still evaluates
+        (ckpt / "trainer_state.pt").unlink()
+    assert main(["eval", "--run", str(run)]) == 0
 
 
 def test_eval_says_how_many_tasks_it_scores_and_whence(tmp_path, capsys):
