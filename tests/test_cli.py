@@ -357,6 +357,22 @@ def test_compare_reads_back_a_run_whose_metrics_were_deleted(monkeypatch, tmp_pa
     assert f"[compare] {tmp_path / 'sft'}/metrics.jsonl cannot be read: compare.png leaves its reward curve out" in lines
 
 
+def test_compare_says_its_progress_on_torchruns_rank_0_before_the_process_group_starts(monkeypatch, tmp_path):
+    """The progress lines were gated on the process group's rank, which the first run's train starts: every rank
+    said "[compare] training sft ..." under torchrun. torchrun's RANK decides before that."""
+    import pact_fast.compare as compare
+    from pact_fast.config import load_config
+
+    monkeypatch.setattr(compare, "train", _finishing_train)
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        lines = said[rank] = []
+        compare.compare(load_config(None, [f"train.out_dir={tmp_path / rank}", "train.steps=2"]), modes=("sft",),
+                        log=lines.append)
+    assert any(line.startswith("[compare] training sft") for line in said["0"]) and said["1"] == []
+
+
 def test_compare_keeps_what_its_runs_print_off_stdout(monkeypatch, tmp_path, capsys):
     """An environment's debugging print inside a compared run went to stdout, into the table a script reads
     (`pact-fast compare > table.txt`); train's own command sends it to stderr, and so does compare now."""
@@ -383,6 +399,7 @@ def test_compare_reports_on_rank_0_only(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(compare, "train", _finishing_train)
     monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
     lines = []
     rows = compare.compare(load_config(None, [f"train.out_dir={tmp_path}", "train.steps=2"]), modes=("sft",),
                            log=lines.append)
