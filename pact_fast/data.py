@@ -185,9 +185,11 @@ def _normalise_call(call, where):
         _fail(f"{where}.type is {call['type']!r}; the calls this format runs are functions ('type': 'function')")
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         _fail(f"{where}.function.name must be a non-empty string")
-    if "arguments" in fn and "parameters" in fn:
+    # "parameters": Llama 3.1's name for them; null: the other name's column in datasets' JSONL
+    given = [fn[k] for k in ("arguments", "parameters") if fn.get(k) is not None]
+    if len(given) == 2:
         _fail(f"{where}.function has both 'arguments' and 'parameters'")
-    args = fn.get("arguments", fn.get("parameters", {}))  # "parameters": Llama 3.1's name for them
+    args = given[0] if given else {}
     if isinstance(args, str):  # decoded as strictly as a row (_decode_row)
         try:
             args = json.loads(args, parse_constant=_reject_constant, object_pairs_hook=_unique_keys) \
@@ -367,7 +369,7 @@ def parse_example(row):
                       "assistant turn without tool calls" + (" (the prompt's user turns go in 'messages')" if not i else
                                                              ""))
             final_answer = None
-            if "tools" in m:
+            if m.get("tools") is not None:  # null: a column of another row's message (datasets' JSONL)
                 added = _check_tools(m["tools"], f"trace[{i}].tools")
                 again = sorted(set(added) & set(names))
                 if again:  # the prompt would show both specs, the calls be checked against the later one

@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 
@@ -214,6 +215,28 @@ def test_null_columns_are_absent_ones(tmp_path):
     train, held_out = load_data(_split_config(path))
     assert [(ex.id, ex.trace) for ex in held_out] == [(rows[0]["id"], []), (rows[1]["id"], [])]
     assert parse_example({**_good(), "tools": None, "env": None}) == parse_example({**_good(), "tools": [], "env": {}})
+
+
+def test_null_fields_of_messages_and_calls_are_absent_ones():
+    """`datasets` writes a null for every struct field on every message and call that lacks it: a later user turn's
+    "tools": null was refused as "must be a list", and a call's "parameters": null beside its "arguments" (another
+    row used Llama's name) as "has both 'arguments' and 'parameters'"."""
+    row = _good()
+    row["trace"] += [{"role": "user", "content": "And once more?"}, {"role": "assistant", "content": row["answer"]}]
+    nulled = copy.deepcopy(row)
+    for m in nulled["messages"] + nulled["trace"]:
+        m.setdefault("tools", None)
+        for call in m.get("tool_calls") or ():
+            call["function"].setdefault("parameters", None)
+    assert any(m.get("tool_calls") for m in nulled["trace"])
+    got, want = parse_example(nulled), parse_example(row)
+
+    def calls(ex):
+        return [c["function"] for m in ex.trace for c in m.get("tool_calls") or ()]
+
+    assert [c["arguments"] for c in calls(got)] == [c["arguments"] for c in calls(want)]
+    assert [(m["role"], m.get("content")) for m in got.messages + got.trace] == \
+        [(m["role"], m.get("content")) for m in want.messages + want.trace]
 
 
 def test_grpo_rows_need_no_trace_but_still_their_reward():
