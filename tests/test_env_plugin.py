@@ -170,6 +170,18 @@ class NoTurnLimit(MultiHopEnv):
         self.max_turns = None
 
 
+class InfiniteTurns(MultiHopEnv):  # no limit of its own: the config's holds
+    def __init__(self, example, **caps):
+        super().__init__(example, **caps)
+        self.max_turns = math.inf
+
+
+class IntegerFlag(MultiHopEnv):  # (text, 1) for a call that ran, (text, 0) for one that failed
+    def run_call(self, name, arguments):
+        text, ok = super().run_call(name, arguments)
+        return text, int(ok)
+
+
 class RaisingReward(MultiHopEnv):
     def reward(self, final_text):
         return 1 / 0
@@ -388,6 +400,16 @@ def test_an_environment_that_breaks_its_contract_stops_the_rollout_in_one_line(t
     engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1, max_call_chars=5000)
     with pytest.raises(ToolEnvError, match=message):
         engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))
+
+
+@pytest.mark.parametrize("attr", ["InfiniteTurns", "IntegerFlag"])
+def test_an_unlimited_turn_count_and_a_0_or_1_flag_are_the_contract_too(tmp_path, user_module, attr):
+    """max_turns = math.inf (no limit of the environment's own) and a flag of 1 / 0 were refused as breaking the
+    contract; the episode runs as with an int limit and a bool flag."""
+    (ex,) = [parse_example(r) for r in _rows(f"{user_module}:{attr}", 1, tmp_path / "log")]
+    engine = _ScriptedEngine(build_tokenizer(), [_call_text(ex), ex.answer], group_size=1)
+    (ep,) = engine.rollout([ex], make_env_factory(_data_cfg(user_module), engine.config))[0]
+    assert ep.reward == 1.0 and ep.turns == 2
 
 
 def test_a_numpy_reward_counts_as_its_number(tmp_path, user_module):

@@ -136,9 +136,9 @@ class ToolEnv:
         except Exception as exc:  # the environment's own bug: answer expected failures as (error text, False)
             raise ToolEnvError(f"{where} raised {type(exc).__name__}: {excerpt_of(exc)} (an environment answers a "
                                "call it cannot run with (error text, False))") from exc
-        # a flag must be a bool: bool("False") or bool("error") would count a failed call as a success
+        # a flag must be a bool (or 0 / 1): bool("False") or bool("error") would count a failed call as a success
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
-                and isinstance(result[1], (bool, numpy.bool_))):
+                and isinstance(result[1], (bool, numpy.bool_, int, numpy.integer)) and result[1] in (0, 1)):
             raise ToolEnvError(f"{where} returned {str(result)[:100]!r}: expected (response text, ran without error: "
                                "True or False)")
         return result[0], bool(result[1])

@@ -39,6 +39,8 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import math
+import numbers
 import sys
 from functools import lru_cache
 
@@ -155,7 +157,9 @@ def make_env(example, caps, env_modules):
             raise ToolEnvError(f"{cls.__name__}.__init__ did not hand {key}={caps[key]} to ToolEnv.__init__ (the "
                                f"environment has {getattr(env, key, None)}): pass **caps on")
     turns = getattr(env, "max_turns", None)
-    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+    # a whole number (numpy's too), or math.inf: no limit of its own (the config's holds)
+    whole = (isinstance(turns, numbers.Integral) and not isinstance(turns, bool)) or turns == math.inf
+    if not whole or turns < 1:
         raise ToolEnvError(f"{cls.__name__}(example {example.id}) has max_turns={turns!r}: expected a whole number "
-                           f">= 1 (its own turn limit, or the max_turns={caps['max_turns']} it was given)")
+                           f">= 1 (its own turn limit, or the max_turns={caps['max_turns']} it was given) or math.inf")
     return env
