@@ -113,8 +113,9 @@ ROW_KEYS = ("id", "messages", "tools", "trace", "answer", "env", "metadata")
 MESSAGE_KEYS = {"system": ("role", "content", "name"), "user": ("role", "content", "name"),
                 "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", *_OTHER_SPELLINGS),
                 "tool": ("role", "content", "name", "tool_call_id")}
-# the keys of a tool call ("index": the call's place in OpenAI's streamed deltas) and of its function
-CALL_KEYS = ("id", "type", "function", "index")
+# the keys of a tool call ("index": the call's place in OpenAI's streamed deltas; "extra_content": what Gemini's
+# OpenAI-compatible API adds, its thought signature: nothing a call runs with) and of its function
+CALL_KEYS = ("id", "type", "function", "index", "extra_content")
 FUNCTION_KEYS = ("name", "arguments", "parameters")
 # values that say nothing: null and empty ones (OpenAI's "refusal": null, "annotations": []), and the "weight": 1
 # OpenAI's fine-tuning format writes on every assistant turn it trains (a 0 would not train the turn: refused)

@@ -217,6 +217,19 @@ def test_null_columns_are_absent_ones(tmp_path):
     assert parse_example({**_good(), "tools": None, "env": None}) == parse_example({**_good(), "tools": [], "env": {}})
 
 
+def test_a_call_with_geminis_extra_content_loads():
+    """Traces distilled through Gemini's OpenAI-compatible API carry "extra_content" (a thought signature) on every
+    tool call: refused as a key this format does not read, though no call runs with it."""
+    row = _good()
+    plain = parse_example(copy.deepcopy(row))
+    for m in row["trace"]:
+        for call in m.get("tool_calls") or ():
+            call["extra_content"] = {"google": {"thought_signature": "CiQB0e2Kb..."}}
+    got = parse_example(row)
+    assert [c["function"] for m in got.trace for c in m.get("tool_calls") or ()] == \
+        [c["function"] for m in plain.trace for c in m.get("tool_calls") or ()]
+
+
 def test_null_fields_of_messages_and_calls_are_absent_ones():
     """`datasets` writes a null for every struct field on every message and call that lacks it: a later user turn's
     "tools": null was refused as "must be a list", and a call's "parameters": null beside its "arguments" (another
