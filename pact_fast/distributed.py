@@ -9,6 +9,7 @@ unsharded copy of the policy whose weights are refreshed from the shards before 
 ranks never wait on each other's generation lengths. Without torchrun every function here is
 the identity or its single-process meaning.
 """
+import atexit
 import copy
 import math
 import os
@@ -29,6 +30,14 @@ def init():
     alone refuses every CPU tensor ("No backend type associated with device type cpu")."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
         td.init_process_group(backend_name())
+        atexit.register(_destroy)
+
+
+def _destroy():
+    """Leave the process group before the interpreter ends: a gloo group left to exit's destructors could abort the
+    process ("terminate called without an active exception", status -6) after a run that ended well."""
+    if td.is_initialized():
+        td.destroy_process_group()
 
 
 def backend_name():
