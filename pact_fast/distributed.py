@@ -30,7 +30,8 @@ def init():
     alone refuses every CPU tensor ("No backend type associated with device type cpu")."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
         td.init_process_group(backend_name())
-        atexit.register(_destroy)
+        if backend_name() == "gloo":  # (NCCL's teardown may wait on a rank that failed: left to exit, as before)
+            atexit.register(_destroy)
 
 
 def _destroy():
