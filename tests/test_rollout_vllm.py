@@ -687,7 +687,8 @@ def test_a_rank_whose_engine_serves_other_weights_stops_every_rank(smollm2_dir, 
         lines = [line for line in log.splitlines() if line.startswith("pact-fast:")]
         assert len(lines) == 1 and "rank 1's vLLM engine" in lines[0], (rank, log[-3000:])
         assert "does not hold the trained weights" in lines[0]
-        assert "Traceback" not in log
+        # no uncaught error (vLLM's own logged warnings may quote one: its chat-template warmup, with no tokenizer)
+        assert not any(line.startswith("Traceback") for line in log.splitlines()), log[-3000:]
     passed = {rank: [json.loads(line)["syncs"] for line in (tmp_path / "run" / f"probes_rank{rank}.jsonl")
                      .read_text().splitlines()] for rank in (0, 1)}
     assert passed == {0: [0, 1], 1: [0]}, "rank 0 passed its step-1 check, rank 1 failed it"
