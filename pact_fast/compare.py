@@ -66,7 +66,7 @@ def compare(config, modes=("sft", "grpo", "sft_then_grpo", "pact"), seeds=None, 
                 _refuse_other_run(cfg)
             runs.append((seed, mode, run_dir, cfg, state, summary))
     rows = []
-    say = log if dist.launch_rank() == 0 else _silent  # (the process group starts in the first run's train)
+    say = log if dist.launch_rank() == 0 else dist.silent  # (the process group starts in the first run's train)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # an environment's print: stdout is the table
             _train_all(runs, rows, say, log)
@@ -100,10 +100,6 @@ def _train_all(runs, rows, say, log):
                 f"({'interrupted' if summary['interrupted'] else summary['stopped']}); the runs after it are "
                 "not run")
             break
-
-
-def _silent(*_):
-    """The progress lines of a rank other than 0."""
 
 
 def _run_config(config, mode, seed, run_dir):

@@ -59,6 +59,10 @@ def launch_rank():
     return int(os.environ.get("RANK", "0"))
 
 
+def silent(*args, **kwargs):
+    """The log of a rank other than 0: says nothing."""
+
+
 def world_size():
     return td.get_world_size() if is_distributed() else 1
 

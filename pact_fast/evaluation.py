@@ -144,6 +144,8 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     from .task_inputs import limits, prepare
 
     train_set, held_out = load_data(config.data, needs_trace=False)  # data errors before the model loads
+    if held_out_of is not None and config.data.on_error == "raise":  # prepare keeps every row or raises
+        check_same_held_out(held_out_of, held_out)
     device = resolve_device(config.train.device)
     if device.type == "cpu":
         fit_threads(config.train.threads, log=log)
@@ -153,7 +155,7 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     # the run's own limits (its engine's): the same held-out rows as its training evaluated
     _, held_out = prepare(tokenizer, [], held_out, limits(model, config), on_error=config.data.on_error, log=log,
                           tool_call_format=config.rollout.tool_call_format)
-    if held_out_of is not None:
+    if held_out_of is not None and config.data.on_error == "skip":  # which rows are left out needs the model
         check_same_held_out(held_out_of, held_out)
     data = config.data
     source = f"data.eval_path={data.eval_path}" if data.eval_path else \

@@ -537,9 +537,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         newer = checkpoint.set_aside_newer(run_dir, start_step)
         if dist.rank() == 0:
             log(f"[pact_fast] resumed from {ckpt} at step {start_step}")
-        if newer and dist.rank() == 0:
-            log(f"[pact_fast] {run_dir}: the newer checkpoints {', '.join(newer)} are not this run's continuation: "
-                f"moved to checkpoints/.abandoned-*")
+            if newer:
+                log(f"[pact_fast] {run_dir}: the newer checkpoints {', '.join(newer)} are not this run's "
+                    "continuation: moved to checkpoints/.abandoned-*")
     engine = (engine_factory or make_rollout_engine)(rollout_model, tokenizer, config.rollout, train_cfg.seed)
     if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -749,16 +749,12 @@ def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, ol
     return loss, metrics, n_tok
 
 
-def _silent(*args, **kwargs):
-    """The log of a rank other than 0."""
-
-
 def train(config: Config, *, resume=None, engine_factory=None, log=print):
     """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
     eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     if dist.rank() != 0:  # the ranks agree on what is said below (evaluations, skips, cuts): rank 0 says it once
-        log = _silent
+        log = dist.silent
     train_cfg, run_dir, writers = config.train, Path(config.train.out_dir), c.writers
     # a resumed run's summary carries on from the rows it keeps (its evaluations, steps' seconds, last reward)
     before = _Carried(writers.kept if writers else [])
@@ -790,11 +786,11 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 c.order.__dict__.update(order_state)
                 break
             except Exception:  # an environment's error, a memory error: the steps done since the last save are kept
-                if not interrupt.abortable or dist.is_distributed() or step == c.start_step or step in saved:
-                    raise  # (under torchrun the other ranks wait in a collective: a save would hang)
+                if not interrupt.abortable or step == c.start_step:
+                    raise
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
-                _save_after_failure(c, step, log, f"step {step + 1}")
+                _save_after_failure(c, step, saved, log, f"step {step + 1}")
                 raise
             finally:
                 interrupt.abortable = False
@@ -833,9 +829,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 try:
                     result = _evaluate_and_log(c, step + 1)
                 except Exception:  # an environment's error in the evaluation: the steps trained so far are kept
-                    if dist.is_distributed() or step + 1 in saved:
-                        raise
-                    _save_after_failure(c, step + 1, log, f"the held-out evaluation after step {step + 1}")
+                    _save_after_failure(c, step + 1, saved, log, f"the held-out evaluation after step {step + 1}")
                     raise
                 if bar:
                     bar.clear()
@@ -905,10 +899,13 @@ def _save(c, step):
                            c.config.train.keep_last, peft_model=c.peft)
 
 
-def _save_after_failure(c, step, log, what):
+def _save_after_failure(c, step, saved, log, what):
     """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
-    the evaluation after step ``step``) failed. A save that fails too is said, not raised: the failure's own error
-    is what the run stops with."""
+    the evaluation after step ``step``) failed; nothing when ``saved`` (step -> checkpoint) holds it already, or
+    under torchrun (the other ranks wait in a collective: a save would hang). A save that fails too is said, not
+    raised: the failure's own error is what the run stops with."""
+    if dist.is_distributed() or step in saved:
+        return
     try:
         ckpt = _save(c, step)
     except Exception as exc:
