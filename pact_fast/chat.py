@@ -82,7 +82,7 @@ class TraceContextTemplate:
                 if m.get("content"):  # in the turn's order: its text, then its calls (an answer has none)
                     parts.append((self.note if calls else self.answer).format(text=m["content"]))
                 for c in calls:
-                    args = " , ".join(f"{k} = {v}" for k, v in c["function"]["arguments"].items())
+                    args = " , ".join(f"{k} = {_arg_text(v)}" for k, v in c["function"]["arguments"].items())
                     parts.append(self.tool_call.format(name=c["function"]["name"], args=args))
             elif m["role"] == "tool":
                 parts.append(self.tool_result.format(text=m["content"]))
@@ -90,6 +90,13 @@ class TraceContextTemplate:
                 parts.append(self.user.format(text=m["content"]))
         parts.append(self.footer)
         return self.separator.join(parts)
+
+
+def _arg_text(value):
+    """A call argument as the privileged trace writes it: a string as it is, anything else as JSON (``true``,
+    ``null``, ``{"a": 1}``, as the model must write it in a call; Python's ``True``, ``None``, ``{'a': 1}`` taught
+    another syntax)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 @dataclass

@@ -226,6 +226,11 @@ def test_the_privileged_trace_keeps_a_turns_order_and_system_messages_stay_apart
              {"role": "assistant", "content": "done"}]
     assert TraceContextTemplate().render(trace) == ("[ privileged expert trace ] note : let me check call : lookup ( "
                                                     "entity = x ) result : r answer : done [ end trace ]")
+    # arguments other than strings as JSON, the syntax a call is written in (Python's True/None/'...' were not)
+    call = {"function": {"name": "f", "arguments": {"ok": True, "opts": {"k": None, "v": [1.5, "é"]}, "n": 3}}}
+    assert TraceContextTemplate().render([{"role": "assistant", "tool_calls": [call]}]) == (
+        '[ privileged expert trace ] call : f ( ok = true , opts = {"k": null, "v": [1.5, "é"]} , n = 3 ) '
+        '[ end trace ]')
     tok = build_tokenizer()
     tok.chat_template = builtin_chat_template()
     text = tok.apply_chat_template([{"role": "system", "content": "a ."}, {"role": "system", "content": "b ."},
