@@ -21,7 +21,8 @@ the expert trace: assistant turns with optional ``reasoning_content`` (a ``conte
 object or a JSON string, ``parameters`` read as its other name, checked against the function's schema: its required
 arguments given, no argument its ``properties`` do not list), the ``tool`` responses that followed, put in the order
 of the calls (``tool_call_id`` names the call; ``name``, where given, its function), and, for multi-turn tasks,
-later ``user`` turns. ``answer`` and ``env`` are what the reward needs; ``env.name`` is ``multihop``, ``bfcl``, or
+later ``user`` turns. ``tools`` (a trace turn's too) and a spec's ``parameters`` may be given as JSON text, as
+``datasets`` stores columns of mixed shapes. ``answer`` and ``env`` are what the reward needs; ``env.name`` is ``multihop``, ``bfcl``, or
 ``"package.module:ClassName"``, an environment of your own (``pact_fast.envs.plugin``).
 
 User messages need text (a system prompt may be empty, not null). Keys of other conventions that this
@@ -191,22 +192,8 @@ def _normalise_call(call, where):
     if len(given) == 2:
         _fail(f"{where}.function has both 'arguments' and 'parameters'")
     args = given[0] if given else {}
-    if isinstance(args, str):  # decoded as strictly as a row (_decode_row)
-        try:
-            args = json.loads(args, parse_constant=_reject_constant, object_pairs_hook=_unique_keys) \
-                if args.strip() else {}
-            json.dumps(args, ensure_ascii=False).encode("utf-8")
-        except json.JSONDecodeError as exc:
-            _fail(f"{where}.function.arguments is not valid JSON ({exc.msg})")
-        except RecursionError:
-            _fail(f"{where}.function.arguments is nested too deeply")
-        except UnicodeEncodeError:
-            _fail(f"{where}.function.arguments holds a lone surrogate escape (\\ud800-\\udfff): it encodes no "
-                  "character")
-        except DataFormatError as exc:
-            _fail(f"{where}.function.arguments: {exc}")
-        except ValueError:
-            _fail(f"{where}.function.arguments has a number past Python's int conversion limit")
+    if isinstance(args, str):
+        args = _json_text(args, f"{where}.function.arguments") if args.strip() else {}
     if not isinstance(args, dict):
         _fail(f"{where}.function.arguments must be an object")
     if "id" not in call or not isinstance(call["id"], str) or not call["id"]:
@@ -234,8 +221,30 @@ def _check_arguments(call, specs, where):
                   f"not list ({sorted(properties) or 'none'}; additionalProperties would allow them)")
 
 
+def _json_text(text, where):
+    """``text``, a field written as JSON text (``datasets`` stores a column of mixed shapes so: xLAM's ``tools``, a
+    call's ``arguments``), decoded as strictly as a row (``_decode_row``)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as exc:
+        _fail(f"{where} is not valid JSON ({exc.msg})")
+    except RecursionError:
+        _fail(f"{where} is nested too deeply")
+    except UnicodeEncodeError:
+        _fail(f"{where} holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
+    except DataFormatError as exc:
+        _fail(f"{where}: {exc}")
+    except ValueError:
+        _fail(f"{where} has a number past Python's int conversion limit")
+    return value
+
+
 def _check_tools(tools, where):
-    """Validate a list of function specs; returns {name: function spec}."""
+    """Validate a list of function specs (or its JSON text), decoding a spec's ``parameters`` given as JSON text in
+    place; returns (the list, {name: function spec})."""
+    if isinstance(tools, str):
+        tools = _json_text(tools, where)
     if not isinstance(tools, list):
         _fail(f"{where} must be a list")
     names = {}
@@ -249,6 +258,8 @@ def _check_tools(tools, where):
             _fail(f"{where}[{i}].function has 'input_schema' (Anthropic's name for its arguments' schema): name it "
                   "'parameters'")
         params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
+        if isinstance(params, str):
+            params = fn["parameters"] = _json_text(params, f"{where}[{i}].function.parameters")
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
         if params and "type" not in params and "properties" not in params:  # read as a schema, it checks nothing
@@ -265,7 +276,7 @@ def _check_tools(tools, where):
             _fail(f"{where}[{i}] is a second function named {fn['name']!r} (the first is {where}[{first}]); one "
                   "spec per name")
         names[fn["name"]] = fn
-    return names
+    return tools, names
 
 
 def parse_example(row):
@@ -293,7 +304,7 @@ def parse_example(row):
         _fail(f"messages[{roles.index('system', roles.index('user'))}] is a system message after a user message; the "
               "prompt's system messages come first (the built-in tool format would move it before the user's text)")
     tools = [] if row.get("tools") is None else row["tools"]  # null: a column another row fills (datasets' JSONL)
-    names = _check_tools(tools, "tools")
+    tools, names = _check_tools(tools, "tools")
     trace = [] if row.get("trace") is None else row["trace"]
     if not isinstance(trace, list):
         _fail("'trace' must be a list")
@@ -371,7 +382,7 @@ def parse_example(row):
                                                              ""))
             final_answer = None
             if m.get("tools") is not None:  # null: a column of another row's message (datasets' JSONL)
-                added = _check_tools(m["tools"], f"trace[{i}].tools")
+                m["tools"], added = _check_tools(m["tools"], f"trace[{i}].tools")
                 again = sorted(set(added) & set(names))
                 if again:  # the prompt would show both specs, the calls be checked against the later one
                     _fail(f"trace[{i}].tools specifies {again[0]!r} again; a tool is specified once (in 'tools' "

@@ -63,6 +63,32 @@ def test_arguments_as_json_strings_are_normalised_and_round_trip(tmp_path):
     assert again[0].to_json() == ex.to_json()
 
 
+def test_tools_and_parameters_as_json_text_are_decoded_and_checked_as_objects():
+    """``datasets`` stores a column of mixed shapes as JSON text (xLAM's ``tools``, a spec's ``parameters``): read
+    as the objects they spell, schema checks included, where ``parameters`` as text was refused."""
+    row = _good()
+    as_text = copy.deepcopy(row)
+    for t in as_text["tools"]:
+        t["function"]["parameters"] = json.dumps(t["function"]["parameters"])
+    assert parse_example(as_text).to_json() == parse_example(row).to_json()
+    as_text["tools"] = json.dumps(as_text["tools"])
+    assert parse_example(as_text).to_json() == parse_example(row).to_json()
+    narrow = copy.deepcopy(row)  # the trace calls lookup with entity and relation: a schema listing one refuses it
+    params = narrow["tools"][0]["function"]["parameters"]
+    params["properties"].pop("relation")
+    params["required"] = [r for r in params.get("required", []) if r != "relation"]
+    narrow["tools"][0]["function"]["parameters"] = json.dumps(params)
+    with pytest.raises(DataFormatError, match=r"argument\(s\) \['relation'\] that its parameters do not list"):
+        parse_example(narrow)
+    for bad, match in (("[{", r"^tools is not valid JSON"), ('{"a": 1}', r"^tools must be a list"),
+                       ('[{"type": "function", "function": {"name": "f", "parameters": "[1"}}]',
+                        r"tools\[0\].function.parameters is not valid JSON"),
+                       ('[{"type": "function", "function": {"name": "f", "parameters": "[1]"}}]',
+                        r"tools\[0\].function.parameters must be a JSON schema object")):
+        with pytest.raises(DataFormatError, match=match):
+            parse_example({**row, "tools": bad})
+
+
 def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("{}\n")
