@@ -71,7 +71,7 @@ def _empty_path(args):
 SEED_KEYS = ("train.seed", "data.seed", "loss.seed")
 # the user's model, data, files or rollout engine (vLLM missing or dead), not bugs
 USER_ERRORS = (ModelError, DataFormatError, FileNotFoundError, RolloutEngineError, ConfigError, CheckpointError,
-               ToolEnvError)
+               ToolEnvError, dist.OtherRankFailed)
 
 
 def _user_error(args, message):

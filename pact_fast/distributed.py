@@ -164,6 +164,24 @@ def gather_errors(error):
     return errors
 
 
+class OtherRankFailed(RuntimeError):
+    """What the other ranks raise when one rank's error stopped a part that each rank runs alone (its rollouts, an
+    evaluation); the message names that rank and its error, whose traceback is in that rank's output."""
+
+
+def agree_on_failure(error):
+    """After a part each rank runs alone, every rank at the same point: None when no rank's ``error`` (an exception
+    or None) is set; else what this rank raises, its own error or an ``OtherRankFailed`` naming the first failed
+    rank's. One process: ``error`` itself."""
+    if not is_distributed() or not max_count(int(error is not None)):
+        return error
+    messages = gather_errors(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        return error
+    failed, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    return OtherRankFailed(f"rank {failed} failed: {message}")
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what the trainer stops on (trainer._Interrupt)
 
 

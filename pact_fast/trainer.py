@@ -271,6 +271,33 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
 # ---------------------------------------------------------------- loop
 
 
+class _AgreedFailure(Exception):
+    """Under torchrun, a part each rank runs alone (its rollouts, an evaluation) failed on some rank, and every rank
+    raised this at the same point (``_agreed``), none waiting in a collective: the ranks can still save the last whole
+    step together. ``train`` raises ``error`` in its place: this rank's own, or ``distributed.OtherRankFailed``."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _agreed(run):
+    """``run()``, a part each rank runs alone; under torchrun, when it raised on any rank, every rank raises
+    ``_AgreedFailure`` here (a rank left its collectives while the others went on to theirs: a hang, then a
+    crash that lost the steps since the last periodic checkpoint)."""
+    if not dist.is_distributed():
+        return run()
+    error, out = None, None
+    try:
+        out = run()
+    except Exception as exc:
+        error = exc
+    error = dist.agree_on_failure(error)
+    if error is not None:
+        raise _AgreedFailure(error)
+    return out
+
+
 class _StepAborted(BaseException):
     """The first Ctrl-C, raised inside the abortable part of a step (rollouts, scoring, backward). A
     ``BaseException``, as ``KeyboardInterrupt`` is: code that turns any ``Exception`` into a result (a tool
@@ -327,14 +354,19 @@ class _Interrupt:
             raise _StepAborted
 
     def rollouts(self, sample):
-        """``sample()``, the step's rollouts, then an agreement point; under torchrun a Ctrl-C ends them at once."""
+        """``sample()``, the step's rollouts, then an agreement point; under torchrun a Ctrl-C ends them at once, and
+        an error on any rank stops every rank there (``_agreed``)."""
         if self.distributed:
-            try:
-                self.local = True
-                episodes = sample()
-                self.local = False
-            except _StepAborted:
-                self.local, episodes = False, None
+            def local_sample():
+                try:
+                    self.local = True
+                    return sample()
+                except _StepAborted:
+                    return None
+                finally:
+                    self.local = False
+
+            episodes = _agreed(local_sample)
         else:
             episodes = sample()
         self.agree()
@@ -752,6 +784,13 @@ def _micro_batch_loss(c, units, inputs, flat, sft_flat, advantages, anchored, ol
 def train(config: Config, *, resume=None, engine_factory=None, log=print):
     """Run PACT training; returns a summary dict (steps, interrupted, stopped, checkpoint, run_dir, eval_before,
     eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
+    try:
+        return _train(config, resume, engine_factory, log)
+    except _AgreedFailure as failure:  # (torchrun) this rank's own error, or the failed rank's named
+        raise failure.error from failure.error.__cause__
+
+
+def _train(config, resume, engine_factory, log):
     c = build(config, resume=resume, engine_factory=engine_factory, log=log)
     if dist.rank() != 0:  # the ranks agree on what is said below (evaluations, skips, cuts): rank 0 says it once
         log = dist.silent
@@ -785,12 +824,12 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
                 break
-            except Exception:  # an environment's error, a memory error: the steps done since the last save are kept
+            except Exception as exc:  # an environment's error, a memory error: the steps since the last save are kept
                 if not interrupt.abortable or step == c.start_step:
                     raise
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
-                _save_after_failure(c, step, saved, log, f"step {step + 1}")
+                _save_after_failure(c, step, saved, log, f"step {step + 1}", isinstance(exc, _AgreedFailure))
                 raise
             finally:
                 interrupt.abortable = False
@@ -828,8 +867,9 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
             if _periodic_eval(train_cfg, step + 1):
                 try:
                     result = _evaluate_and_log(c, step + 1)
-                except Exception:  # an environment's error in the evaluation: the steps trained so far are kept
-                    _save_after_failure(c, step + 1, saved, log, f"the held-out evaluation after step {step + 1}")
+                except Exception as exc:  # an environment's error in the evaluation: the steps trained so far are kept
+                    _save_after_failure(c, step + 1, saved, log, f"the held-out evaluation after step {step + 1}",
+                                        isinstance(exc, _AgreedFailure))
                     raise
                 if bar:
                     bar.clear()
@@ -899,12 +939,13 @@ def _save(c, step):
                            c.config.train.keep_last, peft_model=c.peft)
 
 
-def _save_after_failure(c, step, saved, log, what):
+def _save_after_failure(c, step, saved, log, what, agreed):
     """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
     the evaluation after step ``step``) failed; nothing when ``saved`` (step -> checkpoint) holds it already, or
-    under torchrun (the other ranks wait in a collective: a save would hang). A save that fails too is said, not
-    raised: the failure's own error is what the run stops with."""
-    if dist.is_distributed() or step in saved:
+    under torchrun unless the ranks ``agreed`` on the failure (``_AgreedFailure``: every rank is here; otherwise the
+    others wait in a collective and a save would hang). A save that fails too is said, not raised: the failure's
+    own error is what the run stops with."""
+    if (dist.is_distributed() and not agreed) or step in saved:
         return
     try:
         ckpt = _save(c, step)
@@ -923,7 +964,7 @@ def _evaluate_and_log(c, step, sync=True):
     if sync:
         with dist.signals_deferred():  # a rank's Ctrl-C between two of the sync's gathers would strand the others
             dist.sync_rollout_weights(c.scorer, c.rollout_model)
-    result = evaluate(c.engine, c.held_out, c.make_env)
+    result = _agreed(lambda: evaluate(c.engine, c.held_out, c.make_env))
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result

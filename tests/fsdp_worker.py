@@ -5,7 +5,8 @@ set, the run resumes from its run directory's latest checkpoint. On the rank ``P
 trainer's ``time.monotonic()`` moves on 1000 s at every read (a rank whose clock disagrees). ``PACT_TEST_SIGINT`` =
 ``RANK:PHASE:K`` sends that rank alone a SIGINT in its K-th training step, during its rollouts (``PHASE`` rollout)
 or its first micro-batch loss (``loss``); with ``PACT_TEST_SUMMARY`` set, each rank writes train's summary to
-``$PACT_TEST_SUMMARY.rank<RANK>``."""
+``$PACT_TEST_SUMMARY.rank<RANK>``. ``PACT_TEST_FAIL`` = ``RANK:KIND:K``: that rank's K-th rollout call of ``KIND``
+(``step``, a training step's; ``evaluation``, a held-out evaluation's) raises a ``ToolEnvError``."""
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ from replay_engine import ReplayEngine
 
 RANK = os.environ.get("RANK", "0")
 SIGINT_AT = os.environ.get("PACT_TEST_SIGINT", "::0").split(":")  # rank, phase, step
+FAIL_AT = os.environ.get("PACT_TEST_FAIL", "::0").split(":")  # rank, kind, call
 steps = {"rollout": 0, "loss": 0}  # the training step each phase was last in
+calls = {"step": 0, "evaluation": 0}
 
 
 def _reached(phase, step):
@@ -34,6 +37,12 @@ def _reached(phase, step):
 
 class RecordingReplayEngine(ReplayEngine):
     def rollout(self, examples, make_env, group_size=None, greedy=None):
+        kind = "evaluation" if greedy else "step"
+        calls[kind] += 1
+        if FAIL_AT == [RANK, kind, str(calls[kind])]:
+            from pact_fast.envs.base import ToolEnvError
+
+            raise ToolEnvError("Flaky.reward raised ConnectionError: the grader is gone")
         if not greedy:
             _reached("rollout", steps["rollout"] + 1)
         log = os.environ.get("PACT_TEST_ROLLOUT_LOG")

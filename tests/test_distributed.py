@@ -57,6 +57,34 @@ def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
 
 
+@pytest.mark.parametrize("fails_in", ["step", "evaluation"])
+def test_an_error_on_one_rank_saves_the_last_whole_step_on_every_rank(fails_in, tmp_path):
+    """Under torchrun an environment's error in one rank's rollouts (step 3's) or held-out evaluation (after step 2)
+    left the other rank waiting in its next collective until torchrun killed them both: the steps since the last
+    periodic checkpoint were lost (one process saved them). Now the ranks agree on the failure where they agree on a
+    Ctrl-C, save step 2 together and stop: the failed rank with its own error, the other naming it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the evaluations: before training (call 1) and after step 2 (call 2)
+    env.update(PYTHONPATH=f"{HERE}:{HERE.parent}", PACT_TEST_FAIL=f"1:{fails_in}:{3 if fails_in == 'step' else 2}")
+    port = {"step": 29563, "evaluation": 29564}[fails_in]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=4", "train.save_every=0",
+           "train.save_every_minutes=0", "train.eval_every=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        out = proc.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=60)
+        pytest.fail("the ranks hung: one left its step with an error while the other went on")
+    assert proc.returncode != 0, out[-3000:]
+    assert "ToolEnvError: Flaky.reward raised ConnectionError: the grader is gone" in out, out[-3000:]
+    assert "OtherRankFailed: rank 1 failed: ToolEnvError: Flaky.reward raised" in out, out[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step_000002"], out[-3000:]
+    assert (ckpts / "step_000002" / "trainer_state.pt").exists()
+
+
 def test_signals_deferred_holds_a_sigterm_back_too(monkeypatch):
     """The trainer stops on SIGTERM as on Ctrl-C: its raise must not cut the block's collectives either."""
     import signal
