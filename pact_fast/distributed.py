@@ -182,7 +182,7 @@ def agree_on_failure(error):
     return OtherRankFailed(f"rank {failed} failed: {message}")
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what the trainer stops on (trainer._Interrupt)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what the trainer stops on (stopping.Interrupt)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The PACT training loop (SPEC sections 1 and 2), flat and readable: ``build(config) -> Components`` makes
 everything a run trains with, ``train_step(components, step) -> StepStats`` is one step, and ``train(config)``
-is the loop around them (logging, checkpoints, evaluation, Ctrl-C) that returns the run's summary.
+is the loop around them (logging, checkpoints, evaluation, Ctrl-C: ``stopping``) that returns the run's summary.
 
 Per step (``train_step``):
 1. take the next ``prompts_per_step`` prompt groups (a seeded order, resumable);
@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -48,6 +47,7 @@ from .packing import pack_tree, pad_rows, split_units
 from .plots import plot_runs
 from .rollout_vllm import is_cap, make_rollout_engine
 from .scoring import PackedScorer, check_model
+from .stopping import AgreedFailure, Interrupt, StepAborted, agreed
 from .task_inputs import fit_episodes, group_inputs, limits, prepare
 
 
@@ -269,118 +269,6 @@ def batch_for_loss(units, results, episodes_flat, sft_flat, advantages, anchored
 
 
 # ---------------------------------------------------------------- loop
-
-
-class _AgreedFailure(Exception):
-    """Under torchrun, a part each rank runs alone (its rollouts, an evaluation) failed on some rank, and every rank
-    raised this at the same point (``_agreed``), none waiting in a collective: the ranks can still save the last whole
-    step together. ``train`` raises ``error`` in its place: this rank's own, or ``distributed.OtherRankFailed``."""
-
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
-
-
-def _agreed(run):
-    """``run()``, a part each rank runs alone; under torchrun, when it raised on any rank, every rank raises
-    ``_AgreedFailure`` here (a rank left its collectives while the others went on to theirs: a hang, then a
-    crash that lost the steps since the last periodic checkpoint)."""
-    if not dist.is_distributed():
-        return run()
-    error, out = None, None
-    try:
-        out = run()
-    except Exception as exc:
-        error = exc
-    error = dist.agree_on_failure(error)
-    if error is not None:
-        raise _AgreedFailure(error)
-    return out
-
-
-class _StepAborted(BaseException):
-    """The first Ctrl-C, raised inside the abortable part of a step (rollouts, scoring, backward). A
-    ``BaseException``, as ``KeyboardInterrupt`` is: code that turns any ``Exception`` into a result (a tool
-    environment's back-end errors, a library's feature probe) must not swallow it."""
-
-
-class _Interrupt:
-    """The first Ctrl-C (or SIGTERM, what a batch scheduler, ``kill`` or ``timeout`` sends): inside the abortable part
-    of a step (``abortable``: rollouts, scoring, backward, before any optimizer update) it aborts the step, and the
-    loop drops its gradients and rewinds its data; elsewhere (the update, a checkpoint write) it is a flag the loop
-    checks before the next step. Either way a checkpoint of the last whole step is saved (a SIGTERM killed the run on
-    the spot: the steps since the last periodic checkpoint were lost). A second one quits without saving.
-
-    In one process the abort is at once. Under torchrun a rank that left its step alone would leave the others
-    waiting in a collective, or pair their collectives with its checkpoint's, so the ranks agree: a Ctrl-C ends a
-    rank's rollouts at once (they make no collective call a Ctrl-C can cut: the vLLM engine's weight-sync exchange
-    holds its raise back, ``distributed.signals_deferred``) and is otherwise a flag; at each agreement point
-    (``agree``: after the rollouts, after every micro-batch's backward, at ``commit``), which every rank passes in
-    the same order, all abort the step when any rank has had one, and the loop stops when any has.
-
-    The handler's raise lands wherever Python happens to be; where that is a finaliser (``__del__``, a weakref
-    callback) Python prints it and goes on, so ``commit`` raises it again before the first update."""
-
-    def __init__(self, log, distributed=False):
-        self.requested = False  # a Ctrl-C came to this rank
-        self.interrupted = False  # the run stops for a Ctrl-C, this rank's or (under torchrun) another's
-        self.abortable = self.local = False
-        self.log, self.distributed = log, distributed
-
-    def __enter__(self):
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in dist.STOP_SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.log(f"[pact_fast] {name}: saving a checkpoint of the last whole step (Ctrl-C again quits without saving)")
-        if self.abortable and (self.local or not self.distributed):
-            raise _StepAborted
-
-    def any_requested(self):
-        """Whether a Ctrl-C came to this rank or, under torchrun, to any rank (a collective: every rank calls it at
-        the same point); marks the run interrupted when one did."""
-        anyone = dist.max_count(int(self.requested)) if self.distributed else self.requested
-        self.interrupted = self.interrupted or bool(anyone)
-        return self.interrupted
-
-    def agree(self):
-        """An agreement point of the abortable part: abort the step when a Ctrl-C came (its raise lost, or under
-        torchrun to any rank)."""
-        if self.abortable and self.any_requested():
-            raise _StepAborted
-
-    def rollouts(self, sample):
-        """``sample()``, the step's rollouts, then an agreement point; under torchrun a Ctrl-C ends them at once, and
-        an error on any rank stops every rank there (``_agreed``)."""
-        if self.distributed:
-            def local_sample():
-                try:
-                    self.local = True
-                    return sample()
-                except _StepAborted:
-                    return None
-                finally:
-                    self.local = False
-
-            episodes = _agreed(local_sample)
-        else:
-            episodes = sample()
-        self.agree()
-        return episodes
-
-    def commit(self):
-        """End the abortable part of a step (an agreement point): abort it if a Ctrl-C came during it, else from
-        here on the step completes."""
-        self.agree()
-        self.abortable = False
-
-    def __exit__(self, *exc):
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
 
 
 @dataclass
@@ -637,7 +525,7 @@ def train_step(c: Components, step, interrupt=None) -> StepStats:
     """One PACT step (0-based ``step``): rollouts of the next prompt groups, advantages and anchoring, old
     log-probs when needed, ``update_epochs`` passes of packed micro-batches (loss, backward), then clip, AdamW
     and the schedule. A non-finite loss or gradient skips the update on every rank. ``interrupt.abortable`` is
-    ended (``commit``) before the first optimizer update: up to there a Ctrl-C aborts the step (``_StepAborted``)."""
+    ended (``commit``) before the first optimizer update: up to there a Ctrl-C aborts the step (``StepAborted``)."""
     config, train_cfg, lc = c.config, c.config.train, c.config.loss
     t0 = time.perf_counter()
     progress = step / max(1, train_cfg.steps)
@@ -786,7 +674,7 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     eval_after, final_eval_interrupted, final_reward_mean, seconds). ``engine_factory``: see ``build``."""
     try:
         return _train(config, resume, engine_factory, log)
-    except _AgreedFailure as failure:  # (torchrun) this rank's own error, or the failed rank's named
+    except AgreedFailure as failure:  # (torchrun) this rank's own error, or the failed rank's named
         raise failure.error from failure.error.__cause__
 
 
@@ -811,7 +699,7 @@ def _train(config, resume, engine_factory, log):
     # final checkpoint (writing it again replaced a checkpoint on disk for nothing)
     resumed = checkpoint.step_dir(run_dir, c.start_step)
     saved = {c.start_step: resumed} if c.start_step and (resumed / checkpoint.STATE_FILE).exists() else {}
-    interrupt = _Interrupt(log, distributed=dist.is_distributed())
+    interrupt = Interrupt(log, distributed=dist.is_distributed())
     with interrupt:
         for step in range(c.start_step, train_cfg.steps):
             if interrupt.any_requested() or (train_cfg.stop_after and step - c.start_step >= train_cfg.stop_after):
@@ -820,7 +708,7 @@ def _train(config, resume, engine_factory, log):
             try:
                 interrupt.abortable = True  # a Ctrl-C in rollouts, scoring or backward aborts the step at once
                 stats = train_step(c, step, interrupt)
-            except _StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
+            except StepAborted:  # nothing of this step was applied: drop its gradients, replay its data
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
                 break
@@ -829,7 +717,7 @@ def _train(config, resume, engine_factory, log):
                     raise
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
-                _save_after_failure(c, step, saved, log, f"step {step + 1}", isinstance(exc, _AgreedFailure))
+                _save_after_failure(c, step, saved, log, f"step {step + 1}", isinstance(exc, AgreedFailure))
                 raise
             finally:
                 interrupt.abortable = False
@@ -869,7 +757,7 @@ def _train(config, resume, engine_factory, log):
                     result = _evaluate_and_log(c, step + 1)
                 except Exception as exc:  # an environment's error in the evaluation: the steps trained so far are kept
                     _save_after_failure(c, step + 1, saved, log, f"the held-out evaluation after step {step + 1}",
-                                        isinstance(exc, _AgreedFailure))
+                                        isinstance(exc, AgreedFailure))
                     raise
                 if bar:
                     bar.clear()
@@ -942,7 +830,7 @@ def _save(c, step):
 def _save_after_failure(c, step, saved, log, what, agreed):
     """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
     the evaluation after step ``step``) failed; nothing when ``saved`` (step -> checkpoint) holds it already, or
-    under torchrun unless the ranks ``agreed`` on the failure (``_AgreedFailure``: every rank is here; otherwise the
+    under torchrun unless the ranks ``agreed`` on the failure (``AgreedFailure``: every rank is here; otherwise the
     others wait in a collective and a save would hang). A save that fails too is said, not raised: the failure's
     own error is what the run stops with."""
     if (dist.is_distributed() and not agreed) or step in saved:
@@ -964,7 +852,7 @@ def _evaluate_and_log(c, step, sync=True):
     if sync:
         with dist.signals_deferred():  # a rank's Ctrl-C between two of the sync's gathers would strand the others
             dist.sync_rollout_weights(c.scorer, c.rollout_model)
-    result = _agreed(lambda: evaluate(c.engine, c.held_out, c.make_env))
+    result = agreed(lambda: evaluate(c.engine, c.held_out, c.make_env))
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result

@@ -721,7 +721,7 @@ def test_pact_fast_train_with_the_vllm_engine(smollm2_dir, tmp_path):
 
 
 def test_under_torchrun_a_ctrl_c_in_the_weight_sync_raises_after_the_ranks_share_its_outcome(monkeypatch):
-    """Under torchrun the trainer's Ctrl-C raise (its step abort, ``_StepAborted``) landed wherever the rank was:
+    """Under torchrun the trainer's Ctrl-C raise (its step abort, ``stopping.StepAborted``) landed wherever the rank was:
     inside the engine's weight sync it left this rank out of ``gather_errors``, which the other ranks were in (they
     waited, or paired it with the trainer's agreement collective). Now it raises once gather_errors is done."""
     from pact_fast import rollout_vllm

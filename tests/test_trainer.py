@@ -811,24 +811,24 @@ def test_a_ctrl_c_that_code_on_the_way_swallows_still_aborts_the_step():
     """The handler's raise lands wherever Python is: an ``except Exception`` there (a tool back-end's errors
     made observations, a library's probe) must not take it, and where a finaliser does (Python prints it and goes
     on), the step still aborts before its first update instead of finishing (CI saw that: steps [1, 2])."""
-    from pact_fast.trainer import _Interrupt, _StepAborted
+    from pact_fast.stopping import Interrupt, StepAborted
 
-    interrupt = _Interrupt(log=lambda *a: None)
+    interrupt = Interrupt(log=lambda *a: None)
     interrupt.abortable = True
-    with pytest.raises(_StepAborted):
+    with pytest.raises(StepAborted):
         try:
             interrupt._handle(signal.SIGINT, None)
         except Exception:  # what BFCL's tool runner and many libraries do with anything a call raises
             pass
-    lost = _Interrupt(log=lambda *a: None)
+    lost = Interrupt(log=lambda *a: None)
     lost.abortable = True
     try:
         lost._handle(signal.SIGINT, None)
     except BaseException:  # a finaliser: Python reports it and the step goes on
         pass
-    with pytest.raises(_StepAborted):
+    with pytest.raises(StepAborted):
         lost.commit()
-    calm = _Interrupt(log=lambda *a: None)
+    calm = Interrupt(log=lambda *a: None)
     calm.abortable = True
     calm.commit()  # no Ctrl-C: the step goes on to its update, and a Ctrl-C now is only a flag
     calm._handle(signal.SIGINT, None)
