@@ -683,7 +683,8 @@ def test_packed_scoring_equals_trls_padded_forwards(tmp_path):
 
 def test_two_ranks_share_a_prompt_group(tmp_path):
     """torchrun, 2 processes (DDP on gloo): a prompt group split across the ranks gets one anchoring draw,
-    its trace is held by exactly one row, and the ranks end with the same weights."""
+    its trace is held by exactly one row, its SFT term weighs as in one process, and the ranks end with the same
+    weights."""
     here = Path(__file__).resolve().parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{here}:{here.parent}"
@@ -699,6 +700,14 @@ def test_two_ranks_share_a_prompt_group(tmp_path):
         assert len({row["anchored"] for row in rows}) == 1  # one draw for the group, on both ranks
         assert sorted(row["sft"] > 0 for row in rows) == [False, False, False, True]
         assert len({tuple(row["prompt"]) for row in rows}) == 1  # the ranks did hold one group
+        # one micro-batch per rank and step: DDP averages the two ranks' gradients, so a trace weighs
+        # sft_scale / (its micro-batch's traces) / 2 in the step, which must be 1 / (the step's traces), as in one
+        # process (each rank's own trace count gave the rank holding the trace sft_scale 1: half the SFT term)
+        calls = [rank["calls"][step] for rank in ranks]
+        assert sum(call["traces"] for call in calls) == 1
+        for call in calls:
+            if call["traces"]:
+                assert call["sft_scale"] / call["traces"] / 2 == pytest.approx(1.0)
     for key, value in ranks[0]["weights"].items():
         assert torch.allclose(torch.tensor(value), torch.tensor(ranks[1]["weights"][key])), key
 

@@ -1,7 +1,8 @@
 """PACTGRPOTrainer under torchrun (DDP on gloo, CPU); used by test_adapters_trl.
 
 Writes, per rank, what each rollout row of every generation batch carried (its global prompt group,
-anchoring draw, how many trace sequences it holds) and the final weights."""
+anchoring draw, how many trace sequences it holds), the trace sequences and SFT scale of each pact_loss
+call, and the final weights."""
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,19 @@ from pathlib import Path
 import torch.distributed as dist
 
 import test_adapters_trl as T
+import pact_fast.adapters.trl as trl_adapter
 from pact_fast.adapters.trl import PACTGRPOTrainer, pact_config_from_grpo_args
+
+CALLS = []  # per pact_loss call of this rank: its trace sequences and sft_scale
+_pact_loss = trl_adapter.pact_loss
+
+
+def recording_pact_loss(batch, config, progress, **kwargs):
+    CALLS.append({"traces": batch.sft_components.shape[0], "sft_scale": kwargs["sft_scale"]})
+    return _pact_loss(batch, config, progress, **kwargs)
+
+
+trl_adapter.pact_loss = recording_pact_loss
 
 
 class Logging(PACTGRPOTrainer):
@@ -37,4 +50,4 @@ if __name__ == "__main__":
     trainer.train()
     rank = dist.get_rank() if dist.is_initialized() else 0
     weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
-    (out / f"rank{rank}.json").write_text(json.dumps({"rows": trainer.rows, "weights": weights}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rows": trainer.rows, "calls": CALLS, "weights": weights}))

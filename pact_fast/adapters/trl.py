@@ -339,7 +339,11 @@ class PACTGRPOTrainer(GRPOTrainer):
         owner = (global_index % n_gen == 0).tolist()
         output["pact_sft"] = [trace_sequences(self._tokenizer, ex, **self._template_kwargs()) if own and ex.trace
                               else [] for ex, own in zip(examples, owner)]
-        output["pact_n_sft"] = torch.tensor(float(sum(len(s) for s in output["pact_sft"])), device=device)
+        # the generation batch's trace sequences over every rank: each rank's SFT term is its share of them (DDP
+        # averages the ranks' gradients; a rank's own count made a trace weigh 1 / its rank's count, and the term
+        # 1 / num_processes of a one-process run's where a prompt group spans ranks and one of them holds its trace)
+        n_sft = torch.tensor(float(sum(len(s) for s in output["pact_sft"])), device=device)
+        output["pact_n_sft"] = self.accelerator.reduce(n_sft, reduction="sum")
         return output
 
     # ------------------------------------------------------------ loss side
@@ -550,15 +554,16 @@ class PACTGRPOTrainer(GRPOTrainer):
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1
         # pact_loss averages the SFT term over the micro-batch's trace sequences; this makes every sequence
-        # of the generation batch weigh the same in the optimizer step
+        # of the generation batch weigh the same in the optimizer step, on every rank (pact_n_sft and
+        # num_items_in_batch count the generation batch over all ranks; DDP averages the ranks' gradients)
         per_micro = inputs["pact_n_sft"].item() / (self.args.steps_per_generation if training else 1)
         here = sum(len(owned) for owned in inputs["pact_sft"])
         tokens = None  # TRL's other loss types average each micro-batch; gradient accumulation adds them
-        if self.args.loss_type == "dapo":  # a token sum over the generation batch's tokens (per process)
-            tokens = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
+        if self.args.loss_type == "dapo":  # a token sum over the generation batch's tokens
+            tokens = inputs["num_items_in_batch"].clamp(min=1.0).item()
             tokens = tokens * accumulation / self.args.steps_per_generation if training else tokens
         rl_scale, sft_scale = loss_scales(batch.response_mask, here, "token-mean", step_tokens=tokens,
-                                          step_traces=per_micro * accumulation)
+                                          step_traces=per_micro * accumulation, world=self.accelerator.num_processes)
         if tokens is None:
             rl_scale = 1.0 / accumulation
             if self.args.loss_type in ("grpo", "dr_grpo"):
