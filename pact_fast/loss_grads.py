@@ -200,10 +200,10 @@ def prepare(batch, config=None, progress=0.0, *, step=0, generator=None, rl_scal
                         batch.sft_turn_ids if batch.sft_turn_ids is not None else zeros, progress, config, dtype=dtype)
         assistant = (comps == REASONING) | (comps == TOOL_CALL) | (comps == OTHER)
         n_trace = assistant.sum(-1).clamp_min(1).to(dtype)  # [S]
-        n_has = assistant.any(-1).sum().clamp_min(1).to(dtype)
+        n_rows = max(comps.shape[0], 1)  # every trace row counts in the mean (losses.sft_loss)
         prep.sft_w = w
         scale = torch.full((), sft_scale * config.lambda_sft, dtype=dtype, device=w.device)  # d total / d L_SFT
-        prep.sft_grad = torch.where(w > 0, -((scale / n_has) / n_trace[:, None]) * w, torch.zeros_like(w))
+        prep.sft_grad = torch.where(w > 0, -((scale / n_rows) / n_trace[:, None]) * w, torch.zeros_like(w))
     return prep
 
 
@@ -488,8 +488,7 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
         assistant = (comps == REASONING) | (comps == TOOL_CALL) | (comps == OTHER)
         n_trace = assistant.sum(-1).clamp_min(1).to(logp.dtype)
         per_trace = (-(logp * w.to(logp.dtype))).sum(-1) / n_trace
-        has = assistant.any(-1)
-        l_sft = torch.where(has, per_trace, torch.zeros_like(per_trace)).sum() / has.sum().clamp_min(1)
+        l_sft = per_trace.sum() / max(comps.shape[0], 1)  # every trace row counts (losses.sft_loss)
         total = total + prep.sft_scale * c.lambda_sft * l_sft
         entries.append(("loss/sft", l_sft, None))
         entries.append(("sft_weight_mean", _mean_where(w, target), None))

@@ -445,13 +445,15 @@ def sft_loss(sft_logp, weights, components):
     """``L_SFT = mean over traces of sum_t w_t * nll_t / N_trace`` with N_trace the trace's assistant tokens.
 
     sft_logp: [S, E] log-probs of trace tokens; weights: [S, E]; components: [S, E]. Returns a scalar.
+    Every one of the S rows counts in the mean, a row without assistant tokens as 0: ``loss_scales`` and the
+    adapters share the SFT term out by the step's trace rows, so the micro-batch losses add up to the step's
+    whichever micro-batch holds such a row (counting only rows with assistant tokens here, they did not).
     """
     sft_logp = at_least_fp32(sft_logp)
     assistant = (components == REASONING) | (components == TOOL_CALL) | (components == OTHER)
     n_trace = assistant.sum(-1).clamp_min(1).to(sft_logp.dtype)  # [S]
     per_trace = (-(sft_logp * weights.to(sft_logp.dtype))).sum(-1) / n_trace
-    has = assistant.any(-1)
-    return per_trace[has].sum() / has.sum().clamp_min(1)
+    return per_trace.sum() / max(components.shape[0], 1)
 
 
 # ---------------------------------------------------------------- regularisers

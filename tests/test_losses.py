@@ -489,6 +489,38 @@ def test_loss_scales_make_micro_batch_losses_add_up_to_the_step_loss(agg, split)
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["sft", "pact"])
+def test_a_trace_row_without_assistant_tokens_counts_in_the_mean_so_micro_batches_add_up(mode):
+    """A trace row with no assistant token (a trace cut to its tool responses, a row masked out) is a trace
+    row to loss_scales, the adapters and the trainer: the step's SFT term is the mean over the step's rows, that
+    row counting 0. pact_loss averaged over rows with assistant tokens only, so the micro-batch losses
+    (1.5 / 3 + 2 / 1 * 2 / 3 = 1.83 here) did not add up to the whole step's ((1.5 + 2) / 2 = 1.75), and a
+    trace's weight depended on which micro-batch held the empty row."""
+    from pact_fast.losses import loss_scales
+
+    comps = torch.tensor([[REASONING, TOOL_CALL], [TOOL_RESPONSE, NONE], [OTHER, OTHER]])
+    logp = torch.tensor([[-1.0, -2.0], [-5.0, -5.0], [-3.0, -1.0]], dtype=D, requires_grad=True)
+    cfg = PACTLossConfig(mode=mode, w_other=1.0, beta_0=1.0, beta_1=1.0)  # every assistant token weighs 1
+    empty = torch.zeros(0, 2, dtype=D)
+
+    def loss(rows, step_traces):
+        batch = PACTBatch(response_mask=empty, rewards=torch.zeros(0, dtype=D), group_ids=torch.zeros(0).long(),
+                          logp_po=empty, old_logp_po=empty, logp_tc=empty, old_logp_tc=empty,
+                          sft_logp=logp[rows], sft_components=comps[rows],
+                          sft_segment_ids=torch.zeros_like(comps[rows]), sft_turn_ids=torch.zeros_like(comps[rows]))
+        _, sft_scale = loss_scales(empty, len(rows), step_traces=step_traces)
+        return pact_loss(batch, cfg, 0.0, sft_scale=sft_scale)[0]
+
+    whole = loss([0, 1, 2], None)
+    assert whole.item() == pytest.approx((1.5 + 0.0 + 2.0) / 3, rel=1e-12)  # by hand: the mean over 3 rows
+    for split in ([[0], [1, 2]], [[0, 1], [2]], [[1], [0, 2]]):
+        total = sum(loss(rows, 3) for rows in split)
+        assert total.item() == pytest.approx(whole.item(), rel=1e-12)
+        got, = torch.autograd.grad(total, logp)
+        want = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], dtype=D) / -(2 * 3)  # -w_t / N_trace / 3 rows
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
 def test_loss_scales_without_step_counts_take_the_micro_batch_as_the_step():
     from pact_fast.losses import loss_scales
 
