@@ -196,3 +196,30 @@ def test_a_micro_batch_without_traces():
                             sft_components=torch.zeros(0, 6, dtype=torch.long))[0]
     rl_only = PACTPolicyLoss(pact_config=PACTLossConfig(lambda_sft=0.0))(po, old_po, adv, **common)[0]
     assert loss.item() == pytest.approx(rl_only.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("step", [dict(dp_size=2), dict(batch_num_tokens=1000.0), dict(dp_size=2, batch_num_tokens=1e3),
+                                  dict(global_batch_size=9.0, token_level_loss=False)],
+                         ids=["two-ranks", "two-micro-batches", "both", "samples"])
+def test_an_sft_term_in_a_part_of_the_step_needs_its_sft_scale(step):
+    """OpenRLHF passes the step's counts (batch_num_tokens, global_batch_size, dp_size), which scale the RL term
+    to this micro-batch's share; the SFT term's share is the caller's sft_scale. Left at its default 1 in a
+    micro-batch that is part of a step, every micro-batch and rank added a whole step's SFT term (here 4 micro-batches
+    on 2 ranks: 8 times the RL term's weight relative to one batch). Whole-step calls keep the default."""
+    po, old_po, adv, mask = _inputs(seed=3)
+    step = dict(step)
+    token_level = step.pop("token_level_loss", True)
+    common = dict(action_mask=mask, log_probs_tc=po, old_log_probs_tc=old_po, anchored=torch.zeros(4, dtype=torch.bool),
+                  sft_log_probs=-torch.rand(2, 6, dtype=D), sft_components=torch.full((2, 6), TOOL_CALL), progress=0.3)
+    loss_fn = PACTPolicyLoss(token_level_loss=token_level, pact_config=PACTLossConfig(sft_reasoning_mode="scale"))
+    with pytest.raises(ValueError, match=r"part of a step .*pass sft_scale"):
+        loss_fn(po, old_po, adv, **common, **step)
+    with_scale = loss_fn(po, old_po, adv, **common, **step, sft_scale=0.25)[0]
+    without_sft = PACTPolicyLoss(token_level_loss=token_level, pact_config=PACTLossConfig(lambda_sft=0.0))(
+        po, old_po, adv, **{k: v for k, v in common.items() if k[:4] != "sft_"}, **step)[0]
+    nll = sum(-tool_call_weight(0.3) * common["sft_log_probs"][s].sum().item() / 6 for s in range(2)) / 2
+    assert with_scale.item() - without_sft.item() == pytest.approx(0.25 * nll, rel=1e-10)
+    # the whole step in one call (OpenRLHF's counts equal to this micro-batch's): the default share 1
+    whole = dict(batch_num_tokens=float(mask.sum())) if token_level else dict(global_batch_size=4.0)
+    assert loss_fn(po, old_po, adv, **common, **whole)[0].item() == pytest.approx(
+        loss_fn(po, old_po, adv, **common, **whole, sft_scale=1.0)[0].item(), rel=1e-12)

@@ -17,7 +17,11 @@ statistics). The PACT terms need tensors OpenRLHF does not compute, passed as ke
 - ``sft_log_probs`` [S, E] with ``sft_components`` [S, E] (and ``sft_segment_ids``, ``sft_turn_ids``
   in ``segment`` mode): the trace tokens' log-probs under the prompt and their labels from
   ``pact_fast.chat.trace_sequences`` ([0, E] in a micro-batch without traces); ``sft_scale`` is this
-  micro-batch's share of the step's traces;
+  micro-batch's share of the step's traces times ``dp_size`` (``pact_fast.losses.loss_scales(action_mask,
+  n_traces, step_traces=..., world=dp_size)[1]``, as the RL term's ``batch_num_tokens`` share), required with an
+  SFT term when the micro-batch is not the whole step (``dp_size > 1``, or fewer tokens or samples than
+  ``batch_num_tokens`` / ``global_batch_size``): 1, the default otherwise, would count every micro-batch's traces
+  as a whole step's;
 - ``progress`` in [0, 1] for the annealing schedules (and sft_then_grpo's switch): required when the config has
   one (``pact_fast.losses.has_schedule``), as OpenRLHF passes no step.
 
@@ -27,7 +31,8 @@ import dataclasses
 
 import torch
 
-from ..losses import PACTBatch, PACTLossConfig, advantage_options, has_schedule, loss_scales, pact_loss
+from ..losses import (PACTBatch, PACTLossConfig, advantage_options, has_schedule, loss_scales, pact_loss,
+                      response_counts)
 
 
 class PACTPolicyLoss(torch.nn.Module):
@@ -79,7 +84,7 @@ class PACTPolicyLoss(torch.nn.Module):
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None, *, log_probs_tc=None, old_log_probs_tc=None,
                 group_ids=None, anchored=None, sft_log_probs=None, sft_components=None, sft_segment_ids=None,
-                sft_turn_ids=None, sft_scale=1.0, progress=None):
+                sft_turn_ids=None, sft_scale=None, progress=None):
         """log_probs, old_log_probs, advantages, action_mask: [B, T]. Returns (loss, clip_ratio, ppo_kl, None, None)."""
         if action_mask is None:
             action_mask = torch.ones_like(log_probs)
@@ -106,6 +111,18 @@ class PACTPolicyLoss(torch.nn.Module):
         if total is not None and not total > 0:  # 0 made this micro-batch's share, and its RL loss, 0
             raise ValueError(f"PACTPolicyLoss: {name}={total!r} must be > 0: the step's count over all ranks, "
                              "this micro-batch's included")
+        if sft_scale is None:
+            own = response_counts(action_mask)[0 if cfg.loss_agg == "token-mean" else 1]
+            if sft_on and (dp_size > 1 or (total is not None and own < total)):
+                # the RL term is this micro-batch's share of the step (batch_num_tokens, dp_size); an SFT term at
+                # scale 1 would be a whole step's in every micro-batch and on every rank
+                step = "?" if total is None else f"{float(total):g}"
+                raise ValueError(f"PACTPolicyLoss: this micro-batch is part of a step ({own} of {name}={step} "
+                                 f"{'tokens' if name == 'batch_num_tokens' else 'samples'}, dp_size={dp_size}): "
+                                 "pass sft_scale, its share of the step's traces times dp_size "
+                                 "(pact_fast.losses.loss_scales(action_mask, n_traces, step_traces=..., "
+                                 "world=dp_size)[1])")
+            sft_scale = 1.0
         if group_ids is None:
             group_ids = torch.arange(B, device=log_probs.device)  # the draws come in per sample via `anchored`
         batch = PACTBatch(
