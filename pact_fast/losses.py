@@ -176,6 +176,14 @@ class PACTBatch:
         if self.advantages is not None and tuple(self.advantages.shape) not in ((B,), tuple(self.response_mask.shape)):
             raise ValueError(f"PACTBatch: advantages must be [B] = [{B}] or [B, T] = "
                              f"{list(self.response_mask.shape)}, got {tuple(self.advantages.shape)}")
+        if self.advantages is not None and not self.advantages.is_floating_point():
+            # integers failed deep in the metrics (mean of a Long tensor), bools at the surrogate's negation
+            raise ValueError(f"PACTBatch: advantages must be a floating-point tensor, got {self.advantages.dtype}")
+        meta = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)
+                and getattr(self, f.name).is_meta]
+        if meta:  # the loss reads values (its checks, metrics and counts): Tensor.item() failed deep inside
+            raise ValueError(f"PACTBatch: {', '.join(meta)} on the meta device; the loss reads its inputs' values "
+                             "(checks, counts, metrics): pass tensors on a real device")
         if self.sft_components is not None:  # the trace fields: every one [S, E], as sft_components
             if self.sft_components.dim() != 2:
                 raise ValueError(f"PACTBatch: sft_components must be [S, E], got {tuple(self.sft_components.shape)}")

@@ -521,6 +521,26 @@ def test_a_trace_row_without_assistant_tokens_counts_in_the_mean_so_micro_batche
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("advantages", torch.tensor([1, -1, 0, 2, 1, 0]), r"advantages must be a floating-point tensor, got torch.int64"),
+    ("advantages", torch.tensor([True, False] * 3), r"advantages must be a floating-point tensor, got torch.bool"),
+    ("response_mask", torch.ones(6, 7, device="meta"), r"response_mask on the meta device"),
+    ("old_logp_po", torch.ones(6, 7, device="meta"), r"old_logp_po on the meta device"),
+], ids=["int-advantages", "bool-advantages", "meta-mask", "meta-old-logp"])
+def test_advantages_that_are_not_floats_and_meta_tensors_are_refused_in_one_line(field, value, message):
+    """Integer advantages failed in the metrics (mean of a Long tensor), bool ones at the surrogate's negation, and
+    a meta tensor at the first Tensor.item(), each a deep traceback naming no input; pact_loss and loss_grads'
+    prepare (the fused head's) refuse them by name."""
+    from pact_fast import loss_grads
+
+    batch = _batch()
+    setattr(batch, field, value)
+    with pytest.raises(ValueError, match=message):
+        pact_loss(batch, PACTLossConfig(), 0.3)
+    with pytest.raises(ValueError, match=message):
+        loss_grads.prepare(batch, PACTLossConfig(), 0.3)
+
+
 def test_loss_scales_without_step_counts_take_the_micro_batch_as_the_step():
     from pact_fast.losses import loss_scales
 
