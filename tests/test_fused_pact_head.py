@@ -252,6 +252,20 @@ def test_a_chunk_rows_that_is_not_a_positive_int_is_refused(chunk_rows):
                         backend="torch")
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float32, torch.bool], ids=["u8", "i16", "f32", "bool"])
+def test_row_indices_of_another_dtype_than_int32_or_int64_are_refused_naming_the_field(dtype):
+    """uint8 indices were refused as 'outside [-1, N)' though every one was inside (uint8 has no -1), int16 ones
+    failed inside index_add_; int32 works as int64 does."""
+    hidden, weight, _, targets, rows, batch = _problem(4)
+    bad = dict(rows, logp_tc=rows["logp_tc"].clamp_min(0).to(dtype))
+    with pytest.raises(TypeError, match=rf"rows\['logp_tc'\] must be an int32 or int64 tensor .* got {dtype}"):
+        fused_pact_head(hidden, weight, targets, bad, batch, PACTLossConfig(), 0.1, backend="torch")
+    as_int32 = {name: index.int() for name, index in rows.items()}
+    got = fused_pact_head(hidden, weight, targets, as_int32, batch, PACTLossConfig(), 0.1, backend="torch")[0]
+    want = fused_pact_head(hidden, weight, targets, rows, batch, PACTLossConfig(), 0.1, backend="torch")[0]
+    assert got.item() == want.item()
+
+
 # ------------------------------------------------------------------ the Triton backend (interpreter on CPU)
 
 # fp32: tight; 16-bit: the logits are rounded to the input dtype before the softmax, dz (or U) and dW too

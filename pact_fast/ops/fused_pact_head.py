@@ -76,8 +76,10 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
     if unknown:
         raise ValueError(f"fused_pact_head: rows has unknown fields {sorted(unknown)}; expected {SCORED_FIELDS}")
     for name, index in rows.items():
-        if index.is_floating_point():
-            raise TypeError(f"fused_pact_head: rows[{name!r}] must be an integer tensor of row indices (-1 = none)")
+        if index.dtype not in (torch.int32, torch.int64):  # uint8 cannot hold -1 (and indexes as a mask), int16
+            # failed in index_add_; both with messages that named no argument or the wrong fault
+            raise TypeError(f"fused_pact_head: rows[{name!r}] must be an int32 or int64 tensor of row indices "
+                            f"(-1 = none), got {index.dtype}")
         if getattr(batch, name) is not None:
             raise ValueError(f"fused_pact_head: batch.{name} is computed by this op from rows[{name!r}]; leave it None")
     if batch.entropy is not None:
