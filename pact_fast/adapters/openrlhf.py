@@ -19,7 +19,7 @@ statistics). The PACT terms need tensors OpenRLHF does not compute, passed as ke
   ``pact_fast.chat.trace_sequences`` ([0, E] in a micro-batch without traces); ``sft_scale`` is this
   micro-batch's share of the step's traces times ``dp_size`` (``pact_fast.losses.loss_scales(action_mask,
   n_traces, step_traces=..., world=dp_size)[1]``, as the RL term's ``batch_num_tokens`` share), required with an
-  SFT term when the micro-batch is not the whole step (``dp_size > 1``, or fewer tokens or samples than
+  SFT term and traces when the micro-batch is not the whole step (``dp_size > 1``, or fewer tokens or samples than
   ``batch_num_tokens`` / ``global_batch_size``): 1, the default otherwise, would count every micro-batch's traces
   as a whole step's;
 - ``progress`` in [0, 1] for the annealing schedules (and sft_then_grpo's switch): required when the config has
@@ -113,7 +113,7 @@ class PACTPolicyLoss(torch.nn.Module):
                              "this micro-batch's included")
         if sft_scale is None:
             own = response_counts(action_mask)[0 if cfg.loss_agg == "token-mean" else 1]
-            if sft_on and (dp_size > 1 or (total is not None and own < total)):
+            if sft_on and len(sft_log_probs) and (dp_size > 1 or (total is not None and own < total)):
                 # the RL term is this micro-batch's share of the step (batch_num_tokens, dp_size); an SFT term at
                 # scale 1 would be a whole step's in every micro-batch and on every rank
                 step = "?" if total is None else f"{float(total):g}"
