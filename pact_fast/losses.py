@@ -170,7 +170,9 @@ class PACTBatch:
                                  f"got {tuple(t.shape)}")
         for name in ("group_ids", "anchored"):
             t = getattr(self, name)
-            if t is not None and (t.is_floating_point() or t.is_complex()):
+            # bool group ids (a mask passed as ids) read as two groups; group_advantages and anchor_rows refuse them
+            if t is not None and (t.is_floating_point() or t.is_complex() or
+                                  (name == "group_ids" and t.dtype == torch.bool)):
                 raise ValueError(f"PACTBatch: {name} must be an integer{' or bool' if name == 'anchored' else ''} "
                                  f"tensor, got {t.dtype}")
         if self.advantages is not None and tuple(self.advantages.shape) not in ((B,), tuple(self.response_mask.shape)):

@@ -417,8 +417,11 @@ def test_a_group_of_equal_rewards_contributes_no_loss_and_no_gradient(dtype, mod
     (lambda b: setattr(b, "group_ids", b.group_ids.double()), "group_ids must be an integer"),
     (lambda b: setattr(b, "rewards", b.rewards[:4]), "rewards must be \\[B\\]"),
     (lambda b: setattr(b, "anchored", torch.ones(6, dtype=D)), "anchored must be an integer or bool"),
+    # with advantages given, bool group ids (a mask passed as ids) were taken as two groups without a word
+    (lambda b: (setattr(b, "group_ids", b.group_ids > 0), setattr(b, "advantages", torch.ones(6, dtype=D))),
+     "group_ids must be an integer tensor, got torch.bool"),
 ], ids=["anchored-length", "advantages-2d", "advantages-length", "float-group-ids", "rewards-length",
-        "float-anchored"])
+        "float-anchored", "bool-group-ids-with-advantages"])
 def test_wrong_per_rollout_fields_name_the_field(change, word):
     batch = _batch()
     change(batch)
