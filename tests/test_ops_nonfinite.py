@@ -118,3 +118,22 @@ def test_fused_head_refuses_a_nan_hidden_row_on_every_backend(backend):
     with pytest.raises(ValueError, match="not finite|NaN"):
         fused_pact_head(hidden, weight, targets, rows, _as_fp32_batch(batch), PACTLossConfig(), 0.3, step=4,
                         backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=1e-40), r"logit_scale / temperature = 1e\+40 is past float32's range"),
+    (dict(logit_scale=1e39), r"logit_scale / temperature = 1e\+39 is past float32's range"),
+    (dict(logit_scale=1e-30, softcap=1e30), r"softcap / logit_scale = 1e\+60 is past float32's range"),
+])
+def test_a_logit_transform_past_float32_is_refused_by_both_ops(kwargs, match):
+    """Each factor finite as a Python float, their quotient past float32's range: every log-prob came out NaN
+    (the ops compute in float32) where it is now refused in one line; a quotient inside the range is exact."""
+    hidden, weight, _, targets, rows, batch = _problem(1, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(hidden, weight, targets, backend="torch", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_pact_head(hidden, weight, targets, rows, _as_fp32_batch(batch), PACTLossConfig(), 0.3, step=4,
+                        backend="torch", **kwargs)
+    got = linear_logprobs(hidden, weight, targets, backend="torch", temperature=1e-30)
+    want = linear_logprobs_reference(hidden.double(), weight.double(), targets, temperature=1e-30)[0]
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5

@@ -74,6 +74,14 @@ def check_logit_transform(op, temperature, logit_scale, softcap):
         raise ValueError(f"{op}: `logit_scale` must be a finite number > 0, got {logit_scale!r}")
     if softcap is not None and not positive(softcap):
         raise ValueError(f"{op}: `softcap` must be None or a finite number > 0, got {softcap!r}")
+    inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
+    largest = torch.finfo(torch.float32).max  # the kernels and the torch path take both factors as float32
+    if inv_temp > largest:
+        raise ValueError(f"{op}: logit_scale / temperature = {inv_temp:.3g} is past float32's range ({largest:.3g}): "
+                         "the logits would be inf and the log-probs NaN")
+    if cap > largest:
+        raise ValueError(f"{op}: softcap / logit_scale = {cap:.3g} is past float32's range ({largest:.3g}): the soft "
+                         "cap would be inf and the log-probs NaN")
 
 
 def logit_transform(temperature, logit_scale, softcap):
