@@ -33,7 +33,8 @@ value, and a call whose ``type`` is not ``function``: fields of your own go unde
 
 A trace is a conversation: every tool call is answered exactly once, by a ``tool`` message before
 the next assistant or user turn; an assistant turn without tool calls is a final answer, after
-which only a ``user`` turn may come, and a later ``user`` turn comes only after one (as a rollout gets it). It may
+which only a ``user`` turn may come, and a later ``user`` turn comes only after one (as a rollout gets it); the
+trace ends with a final answer, as an episode does. It may
 carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``), which its text
 shows (a user turn renders as its text alone). Numbers must be
 finite JSON numbers (no NaN or Infinity), keys unique within an object (an arguments string's too) and ids
@@ -395,6 +396,11 @@ def parse_example(row):
                 names.update(added)
         norm_trace.append(m)
     require_answered(None)
+    if trace and final_answer is None:  # an episode ends at a final answer (the reward reads it): so does a trace
+        last = trace[-1]["role"]
+        _fail(f"the trace ends on trace[{len(trace) - 1}], a {'tool response' if last == 'tool' else last + ' turn'}: "
+              "it ends with the expert's final answer, an assistant turn without tool calls (an episode ends "
+              "there, and the trained answer would be missing)")
     norm_trace = _responses_in_call_order(norm_trace)
     env = {} if row.get("env") is None else row["env"]
     if not isinstance(env, dict):

@@ -652,9 +652,6 @@ UNTRAINABLE_MULTIHOP = {
     "a-later-user-turn": (lambda r: r["trace"].extend([{"role": "user", "content": "and then ?"},
                                                        {"role": "assistant", "content": "paris"}]),
                           r"trace\[\d+\] is a later user turn, but env 'multihop' has one user turn"),
-    # the expert's calls and their results, then nothing: it taught calling tools and never answering
-    "a-trace-without-its-final-answer": (lambda r: r["trace"].pop(),
-                                         "the trace ends without a final answer .*: it earns no reward"),
     # a typo of world_seed: the task ran in world 0 (a row without a trace, grpo's, earned 0 there without a word)
     "an-env-key-it-does-not-read": (lambda r: r["env"].update(world_sed=3),
                                     "env has 'world_sed', a key env 'multihop' does not read \\(it reads name, "
@@ -667,6 +664,23 @@ def test_multihop_rows_must_replay_to_their_reward(change, words):
     example = _multihop(change)
     with pytest.raises(DataFormatError, match=words):
         check_trainable(example)
+
+
+@pytest.mark.parametrize("env", [{"name": "multihop", "world_seed": 0}, {"name": "my_envs.weather:WeatherEnv"}])
+def test_a_trace_that_ends_before_its_final_answer_is_refused_for_every_environment(env):
+    """The expert's calls and their results, then nothing (or a later user turn left unanswered): it taught calling
+    tools and never answering, where an episode ends at a final answer. The multi-hop replay caught it; an
+    environment of the user's own (its rows checked by its own ``check_example`` alone) trained it."""
+    row = {**_good(), "env": env}
+    assert row["trace"][-1]["role"] == "assistant" and "tool_calls" not in row["trace"][-1]
+    cut = {**row, "trace": row["trace"][:-1]}
+    with pytest.raises(DataFormatError, match=rf"the trace ends on trace\[{len(cut['trace']) - 1}\], a tool "
+                                              r"response: it ends with the expert's final answer"):
+        parse_example(cut)
+    asked = {**row, "trace": row["trace"] + [{"role": "user", "content": "and then?"}]}
+    with pytest.raises(DataFormatError, match=rf"the trace ends on trace\[{len(row['trace'])}\], a user turn"):
+        parse_example(asked)
+    assert parse_example(row).trace[-1]["content"] == row["trace"][-1]["content"]
 
 
 def test_every_built_in_task_replays_to_its_reward():

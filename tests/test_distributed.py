@@ -32,6 +32,18 @@ def test_with_cuda_the_process_group_keeps_gloo_for_cpu_tensors(monkeypatch, cud
     assert BackendConfig(Backend(seen[0])).get_device_backend_map() == backends
 
 
+def _torchrun(cmd, env, cwd, hang):
+    """(exit status, stdout and stderr) of a torchrun command; a test failure naming ``hang`` past 240 s."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    try:
+        out = proc.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=60)
+        pytest.fail(f"the ranks hung: {hang}")
+    return proc.returncode, out
+
+
 @pytest.mark.parametrize("phase", ["rollout", "loss"])
 def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path):
     """Under torchrun a rank's Ctrl-C aborted its own step at once: it went on to save its checkpoint (collectives)
@@ -44,14 +56,8 @@ def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(phase, tmp_path)
     port = {"rollout": 29561, "loss": 29562}[phase]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=4", "train.save_every=0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        out = proc.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=60)
-        pytest.fail("the ranks hung: one left its step for its checkpoint while the other trained on")
-    assert proc.returncode == 0, out[-3000:]
+    returncode, out = _torchrun(cmd, env, tmp_path, "one left its step for its checkpoint while the other trained on")
+    assert returncode == 0, out[-3000:]
     summaries = [json.loads((tmp_path / f"summary.rank{r}").read_text()) for r in (0, 1)]
     assert [(s["steps"], s["interrupted"]) for s in summaries] == [(1, True), (1, True)]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
@@ -70,14 +76,8 @@ def test_an_error_on_one_rank_saves_the_last_whole_step_on_every_rank(fails_in, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(HERE / "fsdp_worker.py"), str(tmp_path / "run"), *TINY, "train.steps=4", "train.save_every=0",
            "train.save_every_minutes=0", "train.eval_every=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        out = proc.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=60)
-        pytest.fail("the ranks hung: one left its step with an error while the other went on")
-    assert proc.returncode != 0, out[-3000:]
+    returncode, out = _torchrun(cmd, env, tmp_path, "one left its step with an error while the other went on")
+    assert returncode != 0, out[-3000:]
     assert "ToolEnvError: Flaky.reward raised ConnectionError: the grader is gone" in out, out[-3000:]
     assert "OtherRankFailed: rank 1 failed: ToolEnvError: Flaky.reward raised" in out, out[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"

@@ -255,7 +255,7 @@ def check_example(example):
     environment's own (it runs no other); its ``answer`` a string or an integer, as the reward compares it as
     text; its trace one user turn (the environment hands over no later one), and, replayed here, the trace's tool
     results must be what the environment answers in its world (``env.world_seed``) and its final answer must earn
-    the reward; a trace that ends without a final answer (its last assistant turn calls tools) does not. Otherwise
+    the reward (``data.parse_example`` has refused a trace that does not end with one). Otherwise
     the RL terms would punish what the SFT term teaches. ``env`` holds ``ENV_KEYS`` only: another key (a typo of
     ``world_seed``) would be ignored, and the task run in world 0."""
     unread = unread_env_key(example.env, "multihop", ENV_KEYS)
@@ -275,7 +275,7 @@ def check_example(example):
     if not any(m["role"] == "assistant" for m in example.trace):
         return None
     env = MultiHopEnv(example, max_turns=len(example.trace) + 1)
-    results, final = [], None
+    results, final = [], ""
     for i, m in enumerate(example.trace):
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
@@ -287,8 +287,6 @@ def check_example(example):
                         f"{example.env.get('world_seed', 0)}) answers {excerpt(expected)}")
         elif m["role"] == "assistant":
             final = m.get("content") or ""
-    if final is None:
-        return "the trace ends without a final answer (an assistant turn without tool calls): it earns no reward"
     if env.reward(final) < 1.0:
         return (f"the trace's final answer {excerpt(final_answer(final))} does not earn the reward against 'answer' "
                 f"{excerpt(str(example.answer))}")
