@@ -10,6 +10,8 @@ got, the expected answer).
 """
 from pathlib import Path
 
+import yaml
+
 from . import checkpoint
 from .config import RUN_CONFIG, ConfigError, load_config
 
@@ -48,13 +50,31 @@ MODEL_SHAPE = ("model.hidden_size", "model.num_layers", "model.num_heads", "mode
                "model.intermediate_size")  # the built-in model's shape options
 
 
+def override_keys(item):
+    """The keys an override ``key=value`` may set: ``key``, and for a value that reads as a mapping (a section
+    given whole: ``model.lora={enabled: true, dropout: 0.5}``) each key inside it too (``model.lora.enabled``,
+    ``model.lora.dropout``), so that a check by key sees them (a string option takes the text as it is)."""
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:  # load_config says what is wrong with it
+        return [key]
+
+    def keys(prefix, value):
+        return [prefix] + [k for name, v in (value.items() if isinstance(value, dict) else ())
+                           for k in keys(f"{prefix}.{name}", v)]
+
+    return keys(key, value)
+
+
 def fixed_override(overrides, fixed):
-    """The first key of ``overrides`` (``key=value`` strings) that ``fixed`` names (a key, or a prefix ending in
-    "."), or None."""
+    """The first key set by ``overrides`` (``key=value`` strings; a section's mapping sets each key in it) that
+    ``fixed`` names (a key, or a prefix ending in "."), or None."""
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
-            return key
+        for key in override_keys(item):
+            if any(key == f or (f.endswith(".") and key.startswith(f)) for f in fixed):
+                return key
     return None
 
 
@@ -68,8 +88,7 @@ EVAL_READ_TRAIN = ("train.device", "train.threads", "train.seed", "train.micro_b
 def check_eval_overrides(overrides):
     """A one-line ``ConfigError`` for the first of ``overrides`` (``key=value`` strings) that the evaluation does
     not read (a loss, optimizer or scoring option, a sampling option): it would change nothing."""
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
+    for key in (k for item in overrides for k in override_keys(item)):
         if key in EVAL_UNREAD_ROLLOUT or not (key.startswith(("model.", "data.", "rollout."))
                                               or key in EVAL_READ_TRAIN):
             raise ConfigError(f"{key}: the evaluation does not read it (one greedy episode per held-out task; of "
@@ -175,5 +194,4 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
 
 
 __all__ = ["check_eval_overrides", "check_run_paths", "check_same_held_out", "episode_metrics", "evaluate",
-           "evaluate_model", "format_episode",
-           "run_config"]
+           "evaluate_model", "fixed_override", "format_episode", "override_keys", "run_config"]

@@ -3,6 +3,7 @@ with no run directory left behind; --debug shows the traceback instead."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -494,3 +495,30 @@ def test_a_runs_relative_data_path_is_saved_absolute_and_an_older_runs_is_named(
         assert len(err) == 1 and f"{run / 'config.yaml'}: data.path=tasks.jsonl is relative to the directory the " \
             "run was started in" in err[0], err
     assert cli.main(["eval", "--run", str(run), f"data.path={started / 'tasks.jsonl'}"]) == 0
+
+
+def test_a_section_given_whole_cannot_change_what_resume_and_eval_run_keep(tmp_path, capsys):
+    """`--resume RUN 'model.lora={enabled: true, r: 4, dropout: 0.5}'` (a section as one YAML mapping) passed the
+    check of the LoRA options by key: the run went on with another dropout, and `eval --run` with another adapter
+    evaluated that one under the run's name."""
+    import pact_fast.cli as cli
+
+    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.head_dim=16", "model.intermediate_size=64", "data.train_tasks=8", "data.eval_tasks=2",
+            "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.max_turns=1",
+            "train.progress=false", "train.tensorboard=false", "model.lora.enabled=true", "model.lora.r=4"]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), *tiny, "train.steps=2", "train.stop_after=1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "model.lora={enabled: true, r: 4, dropout: 0.5}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"model\.lora\.\w+ is the run's own", err[0]), err
+    assert not (run / "checkpoints" / "step_000002").exists()
+    other = tmp_path / "other"
+    assert cli.main(["train", "--out", str(other), *tiny, "train.steps=1", "train.lr=0.5"]) == 0
+    capsys.readouterr()
+    adapter = other / "checkpoints" / "step_000001"
+    assert cli.main(["eval", "--run", str(run), f"model.lora={{enabled: true, r: 4, adapter: {adapter}}}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"model\.lora\.\w+ is the run's own", err[0]), err
+    assert cli.main(["eval", "--run", str(run), "data.on_error=skip"]) == 0  # the run itself evaluates
