@@ -9,6 +9,7 @@ ignores. Under ``torchrun`` the state is gathered unsharded and rank 0 writes it
 """
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def save(run_dir, step, scorer, tokenizer, optimizer, scheduler, order, keep_las
         os.replace(tmp, final)
         _fsync_tree(ckpt_root, files=False)
         shutil.rmtree(old, ignore_errors=True)
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+        for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -112,7 +113,7 @@ def set_aside_newer(run_dir, step):
     does not see) and return their names: a run resumed from an older checkpoint goes on from there, and its new
     checkpoints would otherwise be pruned by name in favour of the abandoned ones, which a later ``--resume``
     would then pick up. Rank 0 renames; every rank gets the names."""
-    newer = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step_*")) if (step_of(p) or 0) > step]
+    newer = [p for p in checkpoints(run_dir) if step_of(p) > step]
     if dist.rank() == 0:
         for p in newer:
             target = p.with_name(f".abandoned-{p.name}")
@@ -122,9 +123,16 @@ def set_aside_newer(run_dir, step):
     return [p.name for p in newer]
 
 
+def checkpoints(run_dir):
+    """The checkpoint directories of ``run_dir`` (``checkpoints/step_N``), oldest first by step: by name, step
+    1000000 (``step_1000000``) sorted before step 999999, and a copy such as ``step_000003.bak`` counted as one."""
+    found = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if step_of(p) is not None]
+    return sorted(found, key=step_of)
+
+
 def has_checkpoint(run_dir):
-    """Whether a run directory holds a checkpoint (``checkpoints/step_*``) to resume from."""
-    return any((Path(run_dir) / "checkpoints").glob("step_*"))
+    """Whether a run directory holds a checkpoint (``checkpoints/step_N``) to resume from."""
+    return bool(checkpoints(run_dir))
 
 
 def latest(path):
@@ -140,7 +148,7 @@ def latest(path):
                 os.replace(old, final)
             except OSError:  # another rank put it back first
                 pass
-    found = sorted((path / "checkpoints").glob("step_*"))
+    found = checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (expected {path}/checkpoints/step_*, or a checkpoint directory)")
     return found[-1]
@@ -171,8 +179,8 @@ def held_out_fingerprint(ckpt):
 
 def step_of(ckpt):
     """The step a checkpoint directory's name says (``step_000012`` -> 12), or None for another name."""
-    name = Path(ckpt).name
-    return int(name.rsplit("_", 1)[-1]) if name.startswith("step_") else None
+    match = re.fullmatch(r"step_(\d+)", Path(ckpt).name)
+    return int(match.group(1)) if match else None
 
 
 def _read_weights(ckpt, peft_model):
