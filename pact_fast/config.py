@@ -98,8 +98,8 @@ class DataConfig:
     on_error: str = field(default="raise", metadata={"help": "bad data rows: raise or skip",
                                                      "choices": ("raise", "skip")})
     format_reward: float = field(default=0.0, metadata={
-        "help": "multi-hop environment: reward for episodes whose tool calls all ran (refused for data without "
-                "multihop rows)"})
+        "help": "multi-hop environment: reward for episodes whose tool calls all ran, added to the answer's 1; below "
+                "1 (an episode of reward >= 1 counts as a success); refused for data without multihop rows"})
     env_modules: Tuple[str, ...] = field(default=(), metadata={
         "help": "modules (or packages) a data file's rows may take environments of your own from: a row's env name "
                 "'package.module:ClassName' names a ToolEnv subclass there (pact_fast.envs.plugin); a data file "
@@ -533,6 +533,9 @@ def _check_values(config):
                     if bad:
                         relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
                         raise ConfigError(f"{key}={value} must be {relation} {limit}")
+    if config.data.format_reward >= 1:  # evaluation.episode_metrics: success is reward >= 1
+        raise ConfigError(f"data.format_reward={config.data.format_reward} must be < 1: an episode of reward >= 1 "
+                          "counts as a success, and a wrong answer with clean tool calls would count as one")
     if config.loss.mode in ("sft", "sft_then_grpo") and config.loss.lambda_sft == 0:
         phase = "" if config.loss.mode == "sft" else " before loss.switch_progress"
         raise ConfigError(f"loss.mode={config.loss.mode} with loss.lambda_sft=0: the SFT term is the only loss"

@@ -41,6 +41,10 @@ from pact_fast.models import pretrained_defaults
     ("rollout.call_timeout=0", "rollout.call_timeout=0.0 must be > 0"),
     ("rollout.max_result_chars=-1", "rollout.max_result_chars=-1 must be >= 1"),
     ("data.format_reward=-1", "data.format_reward=-1.0 must be >= 0"),
+    # success is reward >= 1: with a format reward of 1 a wrong answer whose calls all ran counted as a held-out
+    # success (eval/success_rate, the summary's)
+    ("data.format_reward=1", "data.format_reward=1.0 must be < 1: an episode of reward >= 1 counts as a success, and "
+                             "a wrong answer with clean tool calls would count as one"),
     ("model.hidden_size=0", "model.hidden_size=0 must be >= 1"),
     # past torch's 64-bit seeds once the trainer derives its per-step and per-epoch seeds: an overflow mid-run
     ("train.seed=100000000000000000000", "train.seed=100000000000000000000 must be <= 4294967295"),
