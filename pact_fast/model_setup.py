@@ -438,7 +438,8 @@ def export_merged(config, out, log=print):
     """Write ``config``'s LoRA policy (the adapters of ``model.lora.adapter`` on ``model.path``) with the adapters
     folded into the weights, as a plain Hugging Face model directory ``out`` (model, config, and the tokenizer
     the adapters were trained with), which ``transformers`` loads without peft. Written under a temporary name,
-    then renamed. The merge runs in float32 whatever ``model.lora.base_dtype`` trained on: a bf16 base is cast up
+    then renamed; a write that fails (a full disk: a one-line ``ModelError``) or a Ctrl-C removes the temporary
+    directory. The merge runs in float32 whatever ``model.lora.base_dtype`` trained on: a bf16 base is cast up
     (exactly) first, so the merged weights are the base the adapters trained on plus their delta, without a bf16
     rounding of the sum; the directory holds float32 weights either way. Returns ``out``."""
     import shutil
@@ -462,8 +463,18 @@ def export_merged(config, out, log=print):
     merged = merged_model(policy)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException as exc:  # a Ctrl-C or a full disk: no half-written model (a 7B's is 28 GB) left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        from .checkpoint import _disk_error
+
+        if isinstance(exc, Exception) and _disk_error(exc):
+            reason = " ".join(str(exc).split())[:200]
+            raise ModelError(f"--merge {out}: the merged model could not be written ({type(exc).__name__}: "
+                             f"{reason}); is the disk full?") from exc
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

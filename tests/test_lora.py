@@ -767,3 +767,36 @@ def test_the_adapters_of_a_pretrained_model_are_drawn_from_the_runs_seed(tmp_pat
     a, b, other = adapters(0, 1), adapters(0, 7), adapters(1, 1)
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     assert not any(torch.equal(a[n], other[n]) for n in a)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_an_export_cut_short_leaves_no_half_written_model(tmp_path, monkeypatch, error):
+    """A full disk (or a Ctrl-C) while `export --merge` wrote the merged model left `.tmp-OUT` beside OUT, as big as
+    the model, and the disk error was a traceback."""
+    from transformers import PreTrainedModel
+
+    from pact_fast.evaluation import run_config
+    from pact_fast.model_setup import export_merged
+
+    run = tmp_path / "run"
+    train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={run}"]), log=lambda *a: None)
+    config, _ = run_config(run)
+    save = PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, directory, *args, **kwargs):
+        save(self, directory, *args, **kwargs)
+        assert any(Path(directory).iterdir()), "the weights are written before the failure"
+        raise error
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+    out = tmp_path / "exports" / "merged"
+    expected = ModelError if isinstance(error, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        export_merged(config, out, log=lambda *a: None)
+    if expected is ModelError:
+        assert "could not be written" in str(info.value) and "disk full" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert not out.exists() and not list(out.parent.iterdir()), "nothing left behind"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
+    assert export_merged(config, out, log=lambda *a: None) == out and (out / "config.json").is_file()
