@@ -278,13 +278,20 @@ def check_adapter_options(path, saved):
 
 
 def _adapter_config(path):
+    """The settings of ``path``'s ``adapter_config.json``; a ``ModelError`` (one line, naming the file) when there is
+    none or it is damaged (cut short, not JSON, not a mapping of settings)."""
     import json
 
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
         raise ModelError(f"model.lora.adapter={path}: no {ADAPTER_CONFIG} (expected a LoRA checkpoint of a pact-fast "
                          "run, or a peft adapter directory)")
-    return json.loads(file.read_text())
+    saved = read_or_raise(lambda: json.loads(file.read_text()), lambda reason: ModelError(
+        f"{file}: cannot be read ({reason}); the adapter's settings are damaged"))
+    if not isinstance(saved, dict):
+        raise ModelError(f"{file}: not a mapping of LoRA settings (got a JSON {type(saved).__name__}); the adapter's "
+                         "settings are damaged")
+    return saved
 
 
 def apply_lora(model, lora_cfg, seed=0, log=None):

@@ -800,3 +800,21 @@ def test_an_export_cut_short_leaves_no_half_written_model(tmp_path, monkeypatch,
     assert not out.exists() and not list(out.parent.iterdir()), "nothing left behind"
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
     assert export_merged(config, out, log=lambda *a: None) == out and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ['{"r": 4, "lora_al', "[4, 8]"], ids=["cut-short", "not-a-mapping"])
+def test_a_damaged_adapter_config_is_one_line_naming_it(tmp_path, damage):
+    """A LoRA checkpoint's adapter_config.json cut short (or not a mapping) was a JSONDecodeError (AttributeError)
+    traceback from `export --merge`, and a bare JSON message that named no file from `eval --run`."""
+    run = tmp_path / "run"
+    train(load_config(None, TINY + LORA + ["train.steps=1", f"train.out_dir={run}"]), log=lambda *a: None)
+    file = run / "checkpoints" / "step_000001" / "adapter_config.json"
+    file.write_text(damage)
+    for args in (["export", str(run), "--merge", str(tmp_path / "merged")], ["eval", "--run", str(run)],
+                 ["train", "--out", str(tmp_path / "again"), *TINY, *LORA, f"model.lora.adapter={file.parent}"]):
+        proc = _cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr and last.startswith(f"pact-fast: {file}: ") and "damaged" in last, \
+            (args, proc.stderr[-2000:])
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "again").exists()
