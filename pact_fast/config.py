@@ -479,6 +479,7 @@ def _load(path, overrides, base=None, label="--config"):
         if len(parts) == 1:
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.steps=10")
         _set(obj, parts[-1], _override_value(obj, parts[-1], raw, key.strip()), key.strip())
+    _expand_home(config)
     _check_values(config)  # first, so that a bound BOUNDS holds is named by its key (loss.c_ent, not PACTLossConfig)
     _rebuild(config)
     return config
@@ -566,6 +567,21 @@ def _check_values(config):
 
 # the files and directories a run reads: a relative one is relative to the directory the command runs in
 PATH_OPTIONS = ("model.path", "model.lora.adapter", "data.path", "data.eval_path")
+
+
+def _expand_home(config):
+    """``~`` and ``~user`` at the start of the paths a run reads or writes (``PATH_OPTIONS``, ``train.out_dir``)
+    expanded, in place: neither a YAML file nor an override such as ``train.out_dir=~/runs/x`` (not a word the shell
+    expands) does it, so the run went to a directory named ``~`` under the working one, and ``model.path=~/m``
+    was "does not exist"."""
+    for key in PATH_OPTIONS + ("train.out_dir",):
+        *sections, name = key.split(".")
+        holder = config
+        for section in sections:
+            holder = getattr(holder, section)
+        value = getattr(holder, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(holder, name, os.path.expanduser(value))
 
 
 def _absolute_paths(data):

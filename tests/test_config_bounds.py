@@ -302,3 +302,17 @@ def test_a_runs_config_saves_paths_absolute_and_they_compare_equal_to_the_relati
     assert config_changes(saved, config) == []
     assert config_changes(saved, load_config(None, ["data.path=other.jsonl", "data.eval_path=held/out.jsonl"])) == [
         ("data.path", str(tmp_path / "tasks.jsonl"), str(tmp_path / "other.jsonl"))]
+
+
+def test_a_path_that_starts_with_a_tilde_is_the_home_directorys(tmp_path, monkeypatch):
+    """Neither YAML nor an override such as `train.out_dir=~/runs/x` (a word the shell leaves alone) expands `~`:
+    the run went into a directory named `~` under the working one, and `model.path: ~/m` "did not exist"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("train:\n  out_dir: ~/runs/x\ndata:\n  path: ~/tasks.jsonl\n")
+    config = load_config(str(tmp_path / "run.yaml"), ["model.lora.enabled=true", "model.lora.adapter=~/adapters"])
+    home = tmp_path / "home"
+    assert config.train.out_dir == str(home / "runs" / "x")
+    assert config.data.path == str(home / "tasks.jsonl")
+    assert config.model.lora.adapter == str(home / "adapters")
+    assert load_config(None, ["train.out_dir=runs/~x"]).train.out_dir == "runs/~x", "a ~ inside a path is a name"
