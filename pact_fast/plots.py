@@ -126,6 +126,21 @@ def plot_runs(run_dirs, png_path, labels=None):
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    _save_whole(fig, png_path)
     plt.close(fig)
     return png_path
+
+
+def _save_whole(fig, path):
+    """``fig`` at ``path``, whole or not at all: drawn into a temporary file beside it, then renamed over it (a run
+    killed or out of disk while its curves.png is drawn keeps the previous picture, never a cut one)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -120,3 +120,27 @@ def test_plot_of_a_comparisons_directory_names_its_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="a comparison, not a run") as info:
         read_metrics(tmp_path / "cmp")
     assert f"{tmp_path / 'cmp' / 'pact'} {tmp_path / 'cmp' / 'sft'}" in str(info.value)
+
+
+def test_a_plot_cut_short_keeps_the_previous_picture(tmp_path, monkeypatch):
+    """A run killed (or out of disk) while drawing curves.png left a cut PNG in place of the last whole one."""
+    import pytest
+    from matplotlib.figure import Figure
+
+    run = _sft_run(tmp_path / "r")
+    png = run / "curves.png"
+    plot_runs([run], png)
+    before = png.read_bytes()
+    savefig = Figure.savefig
+
+    def cut_short(self, fname, *args, **kwargs):
+        savefig(self, fname, *args, **kwargs)
+        Path(fname).write_bytes(Path(fname).read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError):
+        plot_runs([run], png)
+    assert png.read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert plot_runs([run], tmp_path / "other.svg") and (tmp_path / "other.svg").read_bytes().lstrip().startswith(b"<")
