@@ -767,7 +767,9 @@ def options_from_config(config, **overrides):
     """``PlanOptions`` from a resolved ``pact_fast.config.Config`` (train.bf16, grad_checkpointing, fused_head,
     fused_head_memory_lean, attn_backend, device; model.lora, its base_dtype too, and model.freeze_lm_head;
     loss.beta_kl > 0: a reference model; the rollout's group size and new tokens), then ``overrides`` (the command
-    line's explicit options). An empty ``model.lora.target_modules`` is the trainer's default
+    line's explicit options). With ``rollout.engine=vllm`` the step is planned only when the engine sleeps while
+    the trainer updates (its memory is vLLM's own, not predicted here): a rollout phase (``rollout_context``) or an
+    engine awake through the update is a ``PlanError``. An empty ``model.lora.target_modules`` is the trainer's default
     (``model_setup.default_lora_targets``: every linear layer of a Llama/Qwen decoder layer,
     ``DEFAULT_LORA_TARGETS``)."""
     train, lora = config.train, config.model.lora
@@ -777,6 +779,16 @@ def options_from_config(config, **overrides):
     else:
         device = "cpu" if train.device == "cpu" else "cuda"
         attn = "sdpa" if train.attn_backend == "sdpa" else "flash"
+    if config.rollout.engine == "vllm":  # vLLM holds its own copy of the weights and its own KV cache
+        if overrides.get("rollout_context"):
+            raise PlanError("--rollout-context plans the hf rollout engine (its KV cache among the trainer's tensors); "
+                            "with rollout.engine=vllm the engine's memory is vLLM's own (rollout.vllm_kv_cache_gb, "
+                            "vllm_gpu_memory_utilization), which the planner does not predict: leave it out")
+        sleeps = config.rollout.vllm_sleep if config.rollout.vllm_sleep is not None else device == "cuda"
+        if not sleeps:
+            raise PlanError("rollout.engine=vllm without sleep mode (rollout.vllm_sleep false, or on the CPU): the "
+                            "engine keeps its weights and KV cache in memory while the trainer updates, which the "
+                            "planner does not count; plan with rollout.vllm_sleep=true (CUDA)")
     if device == "cpu" and not overrides.get("device") and train.attn_backend != "sdpa":
         raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
                         "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")

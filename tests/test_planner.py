@@ -4,6 +4,8 @@ bench/bench_memory.py in bench/results/memory_cpu.json)."""
 import contextlib
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -640,3 +642,30 @@ def test_the_cpu_adamw_step_keeps_two_temporaries_of_its_largest_tensor():
     peak, _ = allocator_peak(optimizer.step)
     predicted = 8 * big.numel()  # planner.predict's CPU adamw_temporaries: 8 * (largest trainable tensor)
     assert predicted <= peak <= predicted * 1.05, (peak, predicted)
+
+
+def test_a_vllm_config_is_planned_only_where_the_planners_terms_hold(tmp_path):
+    """`plan --config` of a run with rollout.engine=vllm planned the hf engine's KV cache for --rollout-context (vLLM
+    sizes its own, in its own memory) and, with vllm_sleep=false, a step beside an engine that keeps its weights and
+    KV cache through the update, uncounted: the numbers fitted a GPU the run would not. The default (sleep mode on
+    CUDA: the engine's memory is freed while the trainer updates) plans the step as an hf run's."""
+    from pact_fast.config import load_config
+
+    def plan(*overrides, **flags):
+        return planner.options_from_config(load_config(None, list(overrides)), **flags)
+
+    hf = plan()
+    assert plan("rollout.engine=vllm") == hf
+    with pytest.raises(planner.PlanError, match="rollout.engine=vllm without sleep mode"):
+        plan("rollout.engine=vllm", "rollout.vllm_sleep=false")
+    with pytest.raises(planner.PlanError, match="rollout.engine=vllm without sleep mode"):
+        plan("rollout.engine=vllm", "train.device=cpu", "train.attn_backend=sdpa")  # no sleep mode on the CPU
+    with pytest.raises(planner.PlanError, match="--rollout-context plans the hf rollout engine"):
+        plan("rollout.engine=vllm", rollout_context=1024)
+    assert plan(rollout_context=1024).rollout_context == 1024
+    config = tmp_path / "run.yaml"
+    config.write_text("rollout:\n  engine: vllm\n  vllm_sleep: false\n")
+    proc = subprocess.run([sys.executable, "-m", "pact_fast", "plan", "--model", "qwen3-0.6b", "--gpu-memory", "24GB",
+                           "--config", str(config)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "without sleep mode" in proc.stderr
