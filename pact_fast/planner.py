@@ -789,9 +789,14 @@ def options_from_config(config, **overrides):
             raise PlanError("rollout.engine=vllm without sleep mode (rollout.vllm_sleep false, or on the CPU): the "
                             "engine keeps its weights and KV cache in memory while the trainer updates, which the "
                             "planner does not count; plan with rollout.vllm_sleep=true (CUDA)")
-    if device == "cpu" and not overrides.get("device") and train.attn_backend != "sdpa":
-        raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
-                        "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
+    if not overrides.get("attn_backend"):  # --attn-backend wins over the config's
+        if device == "cpu" and not overrides.get("device") and train.attn_backend != "sdpa":
+            raise PlanError(f"train.device=cpu with train.attn_backend={train.attn_backend}: on the CPU the planner "
+                            "predicts train.attn_backend=sdpa only (varlen's memory depends on the packed trie)")
+        if device == "cuda" and train.attn_backend == "varlen":  # its gathered keys are not flash's O(T) state
+            raise PlanError("train.attn_backend=varlen: its memory depends on the packed trie (each segment gathers "
+                            "its ancestors' keys and values), which the planner does not know; plan triton, flex or "
+                            "sdpa (--attn-backend flash or sdpa)")
     kw = dict(dtype="bf16" if train.bf16 and device == "cuda" else "float32", device=device,
               grad_checkpointing=train.grad_checkpointing, fused_head=train.fused_head,
               memory_lean=train.fused_head_memory_lean,

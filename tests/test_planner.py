@@ -669,3 +669,22 @@ def test_a_vllm_config_is_planned_only_where_the_planners_terms_hold(tmp_path):
                            "--config", str(config)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "without sleep mode" in proc.stderr
+
+
+def test_attn_backend_on_the_command_line_wins_and_varlen_is_not_planned_as_flash():
+    """`plan --config cpu-run.yaml --attn-backend sdpa` was refused for the config's attn_backend (auto) although the
+    flag named the one the planner predicts on the CPU; a CUDA config with train.attn_backend=varlen (each segment
+    gathers its ancestors' keys and values) was planned as flash's O(T) attention, without a word."""
+    from pact_fast.config import load_config
+
+    cpu = load_config(None, ["train.device=cpu"])
+    with pytest.raises(planner.PlanError, match="on the CPU the planner predicts train.attn_backend=sdpa only"):
+        planner.options_from_config(cpu)
+    options = planner.options_from_config(cpu, attn_backend="sdpa")
+    assert (options.device, options.attn_backend, options.dtype) == ("cpu", "sdpa", "float32")
+    varlen = load_config(None, ["train.attn_backend=varlen"])
+    with pytest.raises(planner.PlanError, match="train.attn_backend=varlen: its memory depends on the packed trie"):
+        planner.options_from_config(varlen)
+    assert planner.options_from_config(varlen, attn_backend="flash").attn_backend == "flash"
+    for backend in ("auto", "triton", "flex"):  # flash-like: O(T) saved state
+        assert planner.options_from_config(load_config(None, [f"train.attn_backend={backend}"])).attn_backend == "flash"
