@@ -212,6 +212,8 @@ def _coerce(value, tp, key):
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(value, _Octal) and tp in (int, float):
+        raise ConfigError(_octal_message(key, value.text))
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -248,7 +250,7 @@ def _override_value(obj, key, raw, path):
     if hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)):
         return raw
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_UniqueKeyLoader)  # as a file's value: 010 refused by _coerce, not read as 8
     except yaml.YAMLError:
         raise ConfigError(f"{path}={raw!r}: not a valid value (YAML: a number, true/false, or a list such as "
                           "[1, 2])") from None
@@ -301,6 +303,25 @@ def _rebuild(obj):
                 raise ConfigError(str(exc)) from None
 
 
+# an integer YAML 1.1 reads as octal (010 is 8; 08 and 09 are strings), where nearly everyone else reads the decimal
+# number: train.save_every=010 checkpointed every 8 steps
+_LEADING_ZERO = re.compile(r"[-+]?0[0-7_]+")
+
+
+class _Octal(int):
+    """An integer a config file wrote with a leading zero (``text``), which YAML read as octal."""
+
+    def __new__(cls, value, text):
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+
+def _octal_message(key, text):
+    return (f"{key}: {text} has a leading zero, which YAML reads as the octal number {int(yaml.safe_load(text))}; "
+            f"write {int(text.replace('_', ''), 10)} without it")
+
+
 class _KeyError(yaml.constructor.ConstructorError):
     """A key ``_UniqueKeyLoader`` refuses: YAML that parses, but not as a config."""
 
@@ -309,6 +330,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one, quietly) and a
     section's key left empty (``path:`` reads as null: a model path forgotten there trained the built-in model);
     ``null`` written out, as a run's own config.yaml has it, stays None."""
+
+    def construct_yaml_int(self, node):
+        value = super().construct_yaml_int(node)
+        return _Octal(value, node.value) if _LEADING_ZERO.fullmatch(node.value) else value
 
     def construct_document(self, node):
         self._root = node
@@ -327,6 +352,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                 key_node.start_mark)
             first[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def load_config(path=None, overrides=(), *, label="--config", check_read=True):

@@ -316,3 +316,25 @@ def test_a_path_that_starts_with_a_tilde_is_the_home_directorys(tmp_path, monkey
     assert config.data.path == str(home / "tasks.jsonl")
     assert config.model.lora.adapter == str(home / "adapters")
     assert load_config(None, ["train.out_dir=runs/~x"]).train.out_dir == "runs/~x", "a ~ inside a path is a name"
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path, where):
+    """YAML 1.1 reads 010 as the octal 8: `train.save_every: 010` checkpointed every 8 steps, `train.lr=010` trained
+    at 8.0, and `data.hops: [010]` named an 8-hop task, each without a word."""
+    cases = {"train.save_every": "010", "train.lr": "010", "data.hops": "[010]"}
+    for key, text in cases.items():
+        section, name = key.split(".")
+        if where == "file":
+            path = tmp_path / "run.yaml"
+            path.write_text(f"{section}:\n  {name}: {text}\n")
+            args = (str(path), [])
+        else:
+            args = (None, [f"{key}={text}"])
+        with pytest.raises(ConfigError) as info:
+            load_config(*args)
+        assert f"{key}: 010 has a leading zero, which YAML reads as the octal number 8; write 10 without it" \
+            in str(info.value)
+    # a number without one, 0 itself, and 08 and 09 (no octal: YAML reads them as text, decimal here) read as written
+    config = load_config(None, ["train.save_every=10", "train.seed=0", "train.steps=08", "data.seed=09"])
+    assert (config.train.save_every, config.train.seed, config.train.steps, config.data.seed) == (10, 0, 8, 9)
