@@ -228,12 +228,16 @@ def random_qwen3(vocab_size, *, hidden_size, intermediate_size, num_layers, num_
                                             **({"dtype": dtype} if dtype is not None else {}))
 
 
-def apply_liger(model):
-    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the model body (CUDA only)."""
+def apply_liger(model, device):
+    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels in the body of ``model``, which trains on ``device`` (a
+    ``torch.device``; CUDA only: on a CUDA machine, a run on its CPU got Triton kernels it cannot run)."""
     import torch
 
     if not torch.cuda.is_available():
         raise ModelError("train.liger=true needs CUDA (liger-kernel's Triton kernels)")
+    if device.type != "cuda":
+        raise ModelError(f"train.liger=true needs the run on CUDA (liger-kernel's Triton kernels); it runs on "
+                         f"{device} (train.device)")
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError as exc:

@@ -522,3 +522,15 @@ def test_a_section_given_whole_cannot_change_what_resume_and_eval_run_keep(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(r"model\.lora\.\w+ is the run's own", err[0]), err
     assert cli.main(["eval", "--run", str(run), "data.on_error=skip"]) == 0  # the run itself evaluates
+
+
+def test_liger_on_a_cuda_machine_refuses_a_run_on_its_cpu(monkeypatch):
+    """``train.liger=true train.device=cpu`` on a machine with CUDA patched liger-kernel's Triton kernels into a
+    model that runs on the CPU (it checked the machine, not the run's device): one line naming the device."""
+    import torch
+
+    from pact_fast.models import ModelError, apply_liger
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ModelError, match=r"^train.liger=true needs the run on CUDA .* it runs on cpu \(train.device\)"):
+        apply_liger(torch.nn.Linear(2, 2), torch.device("cpu"))
