@@ -223,6 +223,12 @@ def test_an_sft_term_in_a_part_of_the_step_needs_its_sft_scale(step):
     whole = dict(batch_num_tokens=float(mask.sum())) if token_level else dict(global_batch_size=4.0)
     assert loss_fn(po, old_po, adv, **common, **whole)[0].item() == pytest.approx(
         loss_fn(po, old_po, adv, **common, **whole, sft_scale=1.0)[0].item(), rel=1e-12)
+    if not token_level:  # global_batch_size counts samples, a fully masked one too: still the whole step
+        masked = mask.clone()
+        masked[3] = 0
+        masked_common = dict(common, action_mask=masked)
+        assert loss_fn(po, old_po, adv, **masked_common, **whole)[0].item() == pytest.approx(
+            loss_fn(po, old_po, adv, **masked_common, **whole, sft_scale=1.0)[0].item(), rel=1e-12)
     # a micro-batch without traces has no SFT term to scale
     no_traces = dict(common, sft_log_probs=torch.zeros(0, 6, dtype=D), sft_components=torch.zeros(0, 6).long())
     assert loss_fn(po, old_po, adv, **no_traces, **step)[0].item() == pytest.approx(without_sft.item(), rel=1e-12)

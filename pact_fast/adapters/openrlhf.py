@@ -112,7 +112,8 @@ class PACTPolicyLoss(torch.nn.Module):
             raise ValueError(f"PACTPolicyLoss: {name}={total!r} must be > 0: the step's count over all ranks, "
                              "this micro-batch's included")
         if sft_scale is None:
-            own = response_counts(action_mask)[0 if cfg.loss_agg == "token-mean" else 1]
+            # what OpenRLHF counts: response tokens, or samples (global_batch_size counts a masked one too)
+            own = response_counts(action_mask)[0] if cfg.loss_agg == "token-mean" else action_mask.shape[0]
             if sft_on and len(sft_log_probs) and (dp_size > 1 or (total is not None and own < total)):
                 # the RL term is this micro-batch's share of the step (batch_num_tokens, dp_size); an SFT term at
                 # scale 1 would be a whole step's in every micro-batch and on every rank
