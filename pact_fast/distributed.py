@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,10 +35,18 @@ def init():
             atexit.register(_destroy)
 
 
+EXIT_PAUSE_S = 0.5  # seconds a gloo rank waits at exit for its worker threads (``_destroy``)
+
+
 def _destroy():
-    """Leave the process group before the interpreter ends: a gloo group left to exit's destructors could abort the
-    process ("terminate called without an active exception", status -6) after a run that ended well."""
+    """Leave the process group before the interpreter ends, after a pause in which a gloo worker thread can release
+    the last collective's work. That release frees the work's tensors and takes the GIL to free their Python
+    objects; once the interpreter is finalizing, taking the GIL ends the thread inside a C++ destructor, which
+    aborts the process ("terminate called without an active exception", status -6, seen in a core dump: the
+    thread in ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject``) after a
+    run that ended well. A busy machine delays the thread past the main thread's exit; the sleep gives it the GIL."""
     if td.is_initialized():
+        time.sleep(EXIT_PAUSE_S)
         td.destroy_process_group()
 
 

@@ -317,8 +317,15 @@ def check_fresh_run_dir(out_dir):
     would append its rows to the first's, prune the newer run's checkpoints by name (older step numbers sort first)
     and leave eval, plot and export reading a mix of the two. A run that stopped before its first checkpoint
     (killed, out of memory) left nothing to resume: the directory is reused, its ``metrics.jsonl`` kept as
-    ``metrics.jsonl.prev`` (``reuse_run_dir``)."""
+    ``metrics.jsonl.prev`` (``reuse_run_dir``). Nor may ``out_dir`` lie inside a run's directory (one with its
+    ``config.yaml`` and a checkpoint or ``metrics.jsonl``; ``--out RUN/checkpoints`` wrote a second run's files
+    among the first's checkpoints)."""
     run_dir = Path(out_dir)
+    for parent in run_dir.absolute().parents:
+        if (parent / "config.yaml").is_file() and (checkpoint.has_checkpoint(parent)
+                                                   or (parent / "metrics.jsonl").is_file()):
+            raise ConfigError(f"train.out_dir={out_dir} is inside the directory of the run {parent}: a second run "
+                              "there would mix its files with that run's; give it a directory of its own")
     if checkpoint.has_checkpoint(run_dir):
         raise ConfigError(f"train.out_dir={out_dir} already holds a run (checkpoints): continue it with --resume "
                           f"{out_dir}, or give a new --out (or train.out_dir)")
@@ -431,7 +438,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         # frozen tied head) would silently drop the gradients of the layers inside it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_cfg.liger:
-        apply_liger(model)
+        apply_liger(model, device)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun
     if config.scoring.check:  # an architecture scored wrongly is refused before any step
         check_model(model, backend=train_cfg.attn_backend, logprob_backend=train_cfg.logprob_backend,
@@ -675,7 +682,8 @@ def train(config: Config, *, resume=None, engine_factory=None, log=print):
     try:
         return _train(config, resume, engine_factory, log)
     except AgreedFailure as failure:  # (torchrun) this rank's own error, or the failed rank's named
-        raise failure.error from failure.error.__cause__
+        error = failure.error
+    raise error  # outside the handler: the error keeps its own context, not the AgreedFailure's
 
 
 def _train(config, resume, engine_factory, log):
@@ -717,6 +725,7 @@ def _train(config, resume, engine_factory, log):
                     raise
                 c.optimizer.zero_grad(set_to_none=True)
                 c.order.__dict__.update(order_state)
+                interrupt.abortable = False  # a Ctrl-C during the save is a flag: the save finishes
                 _save_after_failure(c, step, saved, log, f"step {step + 1}", isinstance(exc, AgreedFailure))
                 raise
             finally:
@@ -775,7 +784,7 @@ def _train(config, resume, engine_factory, log):
         eval_after = before.evals.get(step)  # a finished run resumed: evaluated already, nothing trained since
         if _not_logged(eval_after):
             try:
-                eval_after = _evaluate_and_log(c, step)
+                eval_after = _evaluate_and_log(c, step, last=True)
             except KeyboardInterrupt:  # the checkpoint is complete: the summary and the plot are still written
                 final_eval_interrupted = True
                 log(f"[pact_fast] Ctrl-C during the final held-out evaluation: checkpoint {ckpt} is complete; "
@@ -845,14 +854,18 @@ def _save_after_failure(c, step, saved, log, what, agreed):
             "from there)")
 
 
-def _evaluate_and_log(c, step, sync=True):
+def _evaluate_and_log(c, step, sync=True, last=False):
     """``evaluate`` on the held-out examples, logged as ``eval/*`` at ``step``. The rollout copy is refreshed first
     (``sync``): under torchrun it is one update old, or (resumed) made before the checkpoint loaded. Before the
-    first step it holds the weights it was made from (a step-0 checkpoint's are those): no push of them again."""
+    first step it holds the weights it was made from (a step-0 checkpoint's are those): no push of them again.
+    Under torchrun the ranks agree on an error in it (``agreed``), unless it is the ``last`` collective work of the
+    run (the final evaluation, after the final checkpoint): an error there leaves no rank waiting, and a collective
+    as a process's last act can abort it at exit (``distributed._destroy``)."""
     if sync:
         with dist.signals_deferred():  # a rank's Ctrl-C between two of the sync's gathers would strand the others
             dist.sync_rollout_weights(c.scorer, c.rollout_model)
-    result = agreed(lambda: evaluate(c.engine, c.held_out, c.make_env))
+    run = partial(evaluate, c.engine, c.held_out, c.make_env)
+    result = run() if last else agreed(run)
     if c.writers:
         c.writers.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result

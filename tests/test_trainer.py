@@ -518,6 +518,65 @@ def test_a_failure_saves_the_last_whole_step(tmp_path, fails_in):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_ctrl_c_during_the_save_after_a_failure_lets_the_save_finish(tmp_path, monkeypatch):
+    """The save after a failed step ran with the step still abortable: a Ctrl-C during it raised the step abort
+    (a BaseException) out of train, no checkpoint written. Now it is a flag there: the save finishes and the
+    step's own error stops the run."""
+    sys.path.insert(0, str(HERE))
+    from replay_engine import ReplayEngine
+
+    from pact_fast import checkpoint
+    from pact_fast.envs.base import ToolEnvError
+
+    class FailsAtStep3(ReplayEngine):
+        steps = 0
+
+        def rollout(self, examples, make_env, group_size=None, greedy=None):
+            if not greedy:
+                FailsAtStep3.steps += 1
+                if FailsAtStep3.steps == 3:
+                    raise ToolEnvError("the grader is gone")
+            return super().rollout(examples, make_env, group_size, greedy)
+
+    save = checkpoint.save
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once, in this thread
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted_save)
+    run = tmp_path / "run"
+    with pytest.raises(ToolEnvError, match="the grader is gone"):
+        train(load_config(None, TINY + ["train.steps=4", "train.save_every=0", "train.save_every_minutes=0",
+                                        f"train.out_dir={run}"]), engine_factory=FailsAtStep3, log=lambda *a: None)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+
+
+def test_an_agreed_failure_keeps_its_own_context(monkeypatch):
+    """Under torchrun a rank's error comes out of train in place of the agreement that carried it: raised from
+    inside that handler, its traceback lost the exception it was raised while handling (a ConnectionError)."""
+    from pact_fast import trainer
+    from pact_fast.envs.base import ToolEnvError
+    from pact_fast.stopping import AgreedFailure
+
+    try:
+        try:
+            raise ConnectionError("the grader's socket closed")
+        except ConnectionError:
+            raise ToolEnvError("Flaky.reward raised")
+    except ToolEnvError as exc:
+        error = exc
+
+    def fails(*args):
+        raise AgreedFailure(error)
+
+    monkeypatch.setattr(trainer, "_train", fails)
+    with pytest.raises(ToolEnvError) as info:
+        train(load_config(None, TINY))
+    assert info.value is error and isinstance(error.__context__, ConnectionError)
+    assert not error.__suppress_context__
+
+
 def test_evaluation_goes_through_the_runs_engine(tmp_path):
     sys.path.insert(0, str(HERE))
     from replay_engine import ReplayEngine
@@ -648,6 +707,13 @@ def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_
                                           f"with --resume {run}"):
         train(load_config(None, TINY + ["train.steps=1", "model.hidden_size=64", f"train.out_dir={run}"]))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    for inside in (run / "checkpoints", run / "checkpoints" / "step_000001" / "more", run / "sub"):  # nested in it
+        with pytest.raises(ConfigError, match=f"train.out_dir={inside} is inside the directory of the run {run}:"):
+            check_fresh_run_dir(inside)
+    project = tmp_path / "project"  # a directory holding a config file of the user's own is no run
+    (project / "runs").mkdir(parents=True)
+    (project / "config.yaml").write_text("train:\n  steps: 2\n")
+    check_fresh_run_dir(project / "runs" / "a")
     finished = tmp_path / "finished"  # save_every=0: a summary, nothing to resume
     finished.mkdir()
     (finished / "summary.json").write_text("{}")
