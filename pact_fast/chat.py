@@ -94,8 +94,9 @@ class TraceContextTemplate:
 
 def _arg_text(value):
     """A call argument as the privileged trace writes it: a string as it is, anything else as JSON (``true``,
-    ``null``, ``{"a": 1}``, as the model must write it in a call; Python's ``True``, ``None``, ``{'a': 1}`` taught
-    another syntax)."""
+    ``null``, ``{"a": 1}``, as a JSON call format writes it; Python's ``True``, ``None``, ``{'a': 1}`` taught
+    another syntax). The compact format's calls hold strings and integers alone (``task_inputs.check_trace_calls``),
+    which render alike either way."""
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 

@@ -244,8 +244,8 @@ def _json_text(text, where):
 def _check_tools(tools, where):
     """Validate a list of function specs (or its JSON text), decoding a spec's ``parameters`` given as JSON text in
     place; returns (the list, {name: function spec})."""
-    if isinstance(tools, str):
-        tools = _json_text(tools, where)
+    if isinstance(tools, str):  # "" as a call's arguments "" is {}: none
+        tools = _json_text(tools, where) if tools.strip() else []
     if not isinstance(tools, list):
         _fail(f"{where} must be a list")
     names = {}
@@ -260,7 +260,8 @@ def _check_tools(tools, where):
                   "'parameters'")
         params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
         if isinstance(params, str):
-            params = fn["parameters"] = _json_text(params, f"{where}[{i}].function.parameters")
+            params = fn["parameters"] = _json_text(params, f"{where}[{i}].function.parameters") if params.strip() \
+                else {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             _fail(f"{where}[{i}].function.parameters must be a JSON schema object")
         if params and "type" not in params and "properties" not in params:  # read as a schema, it checks nothing

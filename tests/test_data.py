@@ -80,6 +80,7 @@ def test_tools_and_parameters_as_json_text_are_decoded_and_checked_as_objects():
     narrow["tools"][0]["function"]["parameters"] = json.dumps(params)
     with pytest.raises(DataFormatError, match=r"argument\(s\) \['relation'\] that its parameters do not list"):
         parse_example(narrow)
+    assert parse_example({**row, "tools": " "}).tools == []  # empty text: none, as a call's arguments ""
     for bad, match in (("[{", r"^tools is not valid JSON"), ('{"a": 1}', r"^tools must be a list"),
                        ('[{"type": "function", "function": {"name": "f", "parameters": "[1"}}]',
                         r"tools\[0\].function.parameters is not valid JSON"),
