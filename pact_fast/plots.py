@@ -126,17 +126,20 @@ def plot_runs(run_dirs, png_path, labels=None):
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    _save_whole(fig, png_path)
+    png_path = _save_whole(fig, png_path)
     plt.close(fig)
     return png_path
 
 
 def _save_whole(fig, path):
-    """``fig`` at ``path``, whole or not at all: drawn into a temporary file beside it, then renamed over it (a run
-    killed or out of disk while its curves.png is drawn keeps the previous picture, never a cut one)."""
+    """``fig`` at ``path`` (``.png`` added to a name without a suffix, as matplotlib does), whole or not at all:
+    drawn into a temporary file beside it, then renamed over it (a run killed or out of disk while its curves.png is
+    drawn keeps the previous picture, never a cut one). Returns the path written."""
     import os
 
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png")
@@ -144,3 +147,4 @@ def _save_whole(fig, path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path

@@ -91,6 +91,9 @@ def test_plot_of_a_metrics_file_and_an_out_without_suffix(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "noext.png")
     assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
+    from pact_fast.plots import plot_runs  # the function too: the written path, with the suffix matplotlib adds
+
+    assert plot_runs([run], tmp_path / "api") == tmp_path / "api.png" and (tmp_path / "api.png").is_file()
 
 
 def test_metrics_without_a_quantity_to_plot_are_refused_not_drawn_blank(tmp_path):
