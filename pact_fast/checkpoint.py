@@ -135,6 +135,13 @@ def has_checkpoint(run_dir):
     return bool(checkpoints(run_dir))
 
 
+def is_run_dir(path):
+    """Whether ``path`` is a training run's directory: its ``config.yaml`` with a checkpoint or ``metrics.jsonl``
+    (a directory holding a config file of the user's own is no run)."""
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (has_checkpoint(path) or (path / "metrics.jsonl").is_file())
+
+
 def latest(path):
     """A checkpoint directory: ``path`` itself, or the newest ``checkpoints/step_*`` of a run directory (a checkpoint
     that ``save`` had moved aside, ``.old-step_N``, when a kill left no ``step_N`` in its place, is put back first)."""

@@ -142,11 +142,10 @@ def _refuse_other_run(cfg):
 def _refuse_run_dir_as_root(root):
     """A ``ConfigError`` when ``root`` is a training run's directory (an arm's config.yaml reused as ``--config``
     names its own run as ``train.out_dir``): the comparison's runs would be made inside that run."""
-    held = [what for what, there in (("config.yaml", (root / "config.yaml").is_file()),
-                                     ("checkpoints", checkpoint.has_checkpoint(root))) if there]
-    if held:
-        raise ConfigError(f"compare: {root} is the directory of a training run (it holds its {' and '.join(held)}); "
-                          "a comparison there would put its runs inside that run: compare into another --out")
+    if checkpoint.is_run_dir(root):
+        raise ConfigError(f"compare: {root} is the directory of a training run (its config.yaml with checkpoints or "
+                          "metrics.jsonl); a comparison there would put its runs inside that run: compare into another "
+                          "--out")
 
 
 def _earlier_run(cfg):

@@ -181,8 +181,8 @@ class OtherRankFailed(RuntimeError):
 def agree_on_failure(error):
     """After a part each rank runs alone, every rank at the same point: None when no rank's ``error`` (an exception
     or None) is set; else what this rank raises, its own error or an ``OtherRankFailed`` naming the first failed
-    rank's. One process: ``error`` itself."""
-    if not is_distributed() or not max_count(int(error is not None)):
+    rank's (``error`` itself in one process)."""
+    if not max_count(int(error is not None)):
         return error
     messages = gather_errors(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:

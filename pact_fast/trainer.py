@@ -319,11 +319,10 @@ def check_fresh_run_dir(out_dir):
     (killed, out of memory) left nothing to resume: the directory is reused, its ``metrics.jsonl`` kept as
     ``metrics.jsonl.prev`` (``reuse_run_dir``). Nor may ``out_dir`` lie inside a run's directory (one with its
     ``config.yaml`` and a checkpoint or ``metrics.jsonl``; ``--out RUN/checkpoints`` wrote a second run's files
-    among the first's checkpoints)."""
+    among the first's checkpoints; ``checkpoint.is_run_dir``)."""
     run_dir = Path(out_dir)
     for parent in run_dir.absolute().parents:
-        if (parent / "config.yaml").is_file() and (checkpoint.has_checkpoint(parent)
-                                                   or (parent / "metrics.jsonl").is_file()):
+        if checkpoint.is_run_dir(parent):
             raise ConfigError(f"train.out_dir={out_dir} is inside the directory of the run {parent}: a second run "
                               "there would mix its files with that run's; give it a directory of its own")
     if checkpoint.has_checkpoint(run_dir):
@@ -836,13 +835,13 @@ def _save(c, step):
                            c.config.train.keep_last, peft_model=c.peft)
 
 
-def _save_after_failure(c, step, saved, log, what, agreed):
+def _save_after_failure(c, step, saved, log, what, after_agreement):
     """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
     the evaluation after step ``step``) failed; nothing when ``saved`` (step -> checkpoint) holds it already, or
-    under torchrun unless the ranks ``agreed`` on the failure (``AgreedFailure``: every rank is here; otherwise the
-    others wait in a collective and a save would hang). A save that fails too is said, not raised: the failure's
+    under torchrun unless the ranks agreed on the failure first (``after_agreement``, an ``AgreedFailure``: every
+    rank is here; otherwise the others wait in a collective and a save would hang). A save that fails too is said, not raised: the failure's
     own error is what the run stops with."""
-    if (dist.is_distributed() and not agreed) or step in saved:
+    if (dist.is_distributed() and not after_agreement) or step in saved:
         return
     try:
         ckpt = _save(c, step)

@@ -339,6 +339,11 @@ def test_compare_refuses_to_put_its_runs_inside_a_training_run(monkeypatch, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"compare: {arm} is the directory of a training run" in err[0], err
     assert not (arm / "sft").exists()
+    project = tmp_path / "project"  # a directory holding a config file of the user's own is no run
+    project.mkdir()
+    (project / "config.yaml").write_text("train:\n  steps: 2\n")
+    assert cli.main(["compare", "--modes", "sft", "--config", str(project / "config.yaml"), "--out", str(project)]) == 0
+    assert (project / "sft" / "summary.json").is_file()
 
 
 def test_compare_reads_back_a_run_whose_metrics_were_deleted(monkeypatch, tmp_path, capsys):
