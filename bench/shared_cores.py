@@ -5,7 +5,9 @@
 Each case runs ``pact-fast train train.steps=N`` in a fresh process (its own run directory) and records the
 wall-clock time of the whole command and of its training steps (the sum of ``step_seconds`` in metrics.jsonl).
 "Shared" starts ``--hogs`` busy processes beside it (``--hog-kind``: pure-Python loops, or small torch jobs
-whose OpenMP threads spin as torch's do by default) and ends them after. The settings compared:
+whose OpenMP threads spin as torch's do by default) and ends them after; "passing" ends them ``--passing-s``
+seconds into the job (a build that finishes while the run goes on: the run starts on busy cores and ends on quiet
+ones). The settings compared:
 
 - ``shipped``: ``python -m pact_fast``, i.e. the command with whatever its module sets before torch loads;
 - ``spin``: OpenMP's default waiting (idle workers spin up to GOMP_SPINCOUNT=300k, then sleep):
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,19 +57,27 @@ def start_hogs(kind, n):
     return [subprocess.Popen([sys.executable, "-c", HOGS[kind]], env=env) for _ in range(n)]
 
 
-def run_case(setting, steps, out_dir):
-    """Seconds of the whole command and of its training steps for one setting."""
+def run_case(setting, steps, out_dir, hogs=(), hogs_for=None):
+    """Seconds of the whole command and of its training steps for one setting, and how often it refitted its
+    threads; ``hogs`` (busy processes) are killed ``hogs_for`` seconds into the command when given."""
     command, extra, env_extra = SETTINGS[setting]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     env.update(env_extra)
     args = ["train", f"train.steps={steps}", "train.progress=false", f"train.out_dir={out_dir}", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env)
+    proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(hogs_for, lambda: [h.kill() for h in hogs]) if hogs_for is not None else None
+    if timer:
+        timer.start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - t0
+    if timer:
+        timer.cancel()
     if proc.returncode != 0:
-        raise RuntimeError(f"{setting}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{setting}: exit {proc.returncode}\n{err[-2000:]}")
     rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl") if '"step_seconds"' in line]
-    return {"wall_s": round(wall, 2), "step_s": round(sum(r["step_seconds"] for r in rows), 2)}
+    return {"wall_s": round(wall, 2), "step_s": round(sum(r["step_seconds"] for r in rows), 2),
+            "refits": (out + err).count("cores free of other processes")}
 
 
 def main():
@@ -76,7 +87,9 @@ def main():
     parser.add_argument("--hog-kind", default="python", choices=list(HOGS), help="what each busy process runs")
     parser.add_argument("--settings", nargs="+", default=["shipped", "spin", "passive", "threads1"],
                         choices=list(SETTINGS))
-    parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared"])
+    parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared", "passing"])
+    parser.add_argument("--passing-s", type=float, default=20.0,
+                        help="seconds into each command that the busy processes of the passing load end")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.steps < 1 or args.hogs < 0 or (args.hogs == 0 and "shared" in args.loads):
@@ -89,8 +102,14 @@ def main():
             hogs = start_hogs(args.hog_kind, args.hogs if load == "shared" else 0)
             try:
                 for i, setting in enumerate(args.settings):
-                    row = {"load": load, "setting": setting, **run_case(setting, args.steps,
-                                                                         Path(tmp) / f"{load}-{i}-{setting}")}
+                    passing = start_hogs(args.hog_kind, args.hogs) if load == "passing" else []
+                    try:
+                        case = run_case(setting, args.steps, Path(tmp) / f"{load}-{i}-{setting}", passing,
+                                        args.passing_s if passing else None)
+                    finally:
+                        for h in passing:
+                            h.kill()
+                    row = {"load": load, "setting": setting, **case}
                     results.append(row)
                     print(row, flush=True)
             finally:
@@ -98,16 +117,17 @@ def main():
                     h.kill()
     quiet = {r["setting"]: r for r in results if r["load"] == "quiet"}
     for r in results:
-        if r["load"] == "shared" and r["setting"] in quiet:
+        if r["load"] != "quiet" and r["setting"] in quiet:
             r["step_s_vs_quiet"] = round(r["step_s"] / quiet[r["setting"]]["step_s"], 2)
             r["wall_s_vs_quiet"] = round(r["wall_s"] / quiet[r["setting"]]["wall_s"], 2)
-        if r["load"] == "shared" and "shipped" in quiet:  # against the command as a user runs it on a quiet machine
+        if r["load"] != "quiet" and "shipped" in quiet:  # against the command as a user runs it on a quiet machine
             r["step_s_vs_quiet_shipped"] = round(r["step_s"] / quiet["shipped"]["step_s"], 2)
-    print_table(results, ["load", "setting", "wall_s", "step_s", "step_s_vs_quiet", "wall_s_vs_quiet",
+    print_table(results, ["load", "setting", "wall_s", "step_s", "refits", "step_s_vs_quiet", "wall_s_vs_quiet",
                           "step_s_vs_quiet_shipped"])
     if args.json:
         write_json(args.json, {"machine": machine_info("cpu"), "steps": args.steps, "hogs": args.hogs,
-                               "hog_kind": args.hog_kind, "results": results})
+                               "hog_kind": args.hog_kind, "passing_s": args.passing_s if "passing" in args.loads
+                               else None, "results": results})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 from . import checkpoint
 from . import distributed as dist
 from .config import Config, ConfigError, plain, save_config
-from .cpu import fit_threads
+from .cpu import FreeCores, fit_threads, threads_by_load
 from .data import ids_fingerprint, load_data
 from .envs import make_env_factory
 from .evaluation import evaluate
@@ -293,6 +293,7 @@ class Components:
     limits: Optional[object] = None  # task_inputs.Limits (set by build): what a step's sequences must fit
     group_inputs: dict = field(default_factory=dict)  # example id -> GroupInputs, made on the task's first draw
     peft: Optional[torch.nn.Module] = None  # the PeftModel around the policy with LoRA (model_setup.Policy)
+    free_cores: Optional[FreeCores] = None  # on CPU, threads chosen by the load: refitted after each step
 
     @property
     def model(self):
@@ -414,6 +415,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     device = resolve_device(train_cfg.device) if not dist.is_distributed() else dist.device(train_cfg.device)
     if device.type == "cpu":
         fit_threads(train_cfg.threads, log=log if dist.rank() == 0 else None)
+    # (torchrun's ranks share the cores by OMP_NUM_THREADS; a vLLM engine's processes would count as others)
+    follow_load = (device.type == "cpu" and threads_by_load(train_cfg.threads) and config.rollout.engine == "hf"
+                   and not dist.is_distributed())
     check_backends(train_cfg, device)
     check_writers(train_cfg)
     run_dir = Path(train_cfg.out_dir)
@@ -475,7 +479,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     writers = _Writers(run_dir, train_cfg, config, start_step) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
                       make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step,
-                      lim, peft=policy.peft)
+                      lim, peft=policy.peft, free_cores=FreeCores() if follow_load else None)
 
 
 @dataclass
@@ -741,6 +745,9 @@ def _train(config, resume, engine_factory, log):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics.get('loss/total', 0):.3f}",
                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
                 bar.update(1)
+            refitted = c.free_cores.step() if c.free_cores else None
+            if refitted:
+                _say(bar, log, refitted)
             minutes = train_cfg.save_every_minutes
             # every rank saves when any is due: their clocks differ by their own evaluations and steps, and a rank
             # saving (collectives) while another trains on hung both
@@ -767,11 +774,7 @@ def _train(config, resume, engine_factory, log):
                     _save_after_failure(c, step + 1, saved, log, f"the held-out evaluation after step {step + 1}",
                                         isinstance(exc, AgreedFailure))
                     raise
-                if bar:
-                    bar.clear()
-                log(f"[pact_fast] held-out at step {step + 1}: {result}")
-                if bar:
-                    bar.refresh()
+                _say(bar, log, f"[pact_fast] held-out at step {step + 1}: {result}")
         else:
             step = train_cfg.steps
         if bar:
@@ -833,6 +836,15 @@ def _not_logged(evaluation):
 def _save(c, step):
     return checkpoint.save(c.config.train.out_dir, step, c.scorer, c.tokenizer, c.optimizer, c.scheduler, c.order,
                            c.config.train.keep_last, peft_model=c.peft)
+
+
+def _say(bar, log, line):
+    """``log(line)`` with the progress ``bar`` (or None) cleared around it."""
+    if bar:
+        bar.clear()
+    log(line)
+    if bar:
+        bar.refresh()
 
 
 def _save_after_failure(c, step, saved, log, what, after_agreement):
