@@ -103,10 +103,10 @@ def fit_threads(threads, log=None):
 
 class FreeCores:
     """Refits torch's threads, at each ``step()`` call, to the cores the other processes left free since the last
-    call: the machine's busy time (/proc/stat) less this process's own CPU time, over the wall time between. The
-    count moves only when the free cores differ from it by more than ``HYSTERESIS`` and stays within 1 and torch's
-    default. Processes of this run's own (a vLLM engine's) would count as others: the trainer follows only with
-    the in-process engine."""
+    call: the machine's busy time (/proc/stat) less this process's own CPU time (its ended subprocesses' included),
+    over the wall time between. The count moves only when the free cores differ from it by more than
+    ``HYSTERESIS`` and stays within 1 and torch's default. Processes of this run's own that live on (a vLLM
+    engine's) would count as others: the trainer follows only with the in-process engine."""
 
     def __init__(self):
         import torch
@@ -116,8 +116,13 @@ class FreeCores:
 
     @staticmethod
     def _sample():
+        """(idle, total, own) seconds: the machine's, and this process's CPU time with its ended children's (a tool
+        environment's subprocesses are this run's own work)."""
         times = _cpu_times()
-        return None if times is None else (*times, time.process_time())
+        if times is None:
+            return None
+        own = os.times()
+        return (*times, own.user + own.system + own.children_user + own.children_system)
 
     def free(self):
         """Cores the other processes left free since the last call (a float), or None where /proc/stat is absent."""

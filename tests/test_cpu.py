@@ -72,7 +72,8 @@ def _fake_machine(monkeypatch, cores, samples):
 
     monkeypatch.setattr(cpu.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(cpu, "_cpu_times", times)
-    monkeypatch.setattr(cpu.time, "process_time", lambda: current["sample"][2])
+    monkeypatch.setattr(cpu.os, "times", lambda: os.times_result((current["sample"][2] / 2, 0.0, 0.0,
+                                                                   current["sample"][2] / 2, 0.0)))
 
 
 @pytest.mark.parametrize("own,others,expected", [
