@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,15 +80,31 @@ def _disk_error(exc):
     return isinstance(exc, OSError) or any(word in str(exc) for word in _DISK_WORDS)
 
 
+@contextmanager
+def _no_transformers_bars():
+    """transformers' progress bars off inside the block ("Writing model shards" printed a bar at every checkpoint,
+    through the run's own bar and with ``train.progress=false``), as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _write(tmp, step, scorer, tokenizer, scheduler, order, model_state, optim_state, peft_model):
     """Every file of a checkpoint into ``tmp``, fsynced: on disk before the rename makes it visible."""
-    if peft_model is not None:
-        from .model_setup import save_adapter
+    with _no_transformers_bars():
+        if peft_model is not None:
+            from .model_setup import save_adapter
 
-        save_adapter(peft_model, model_state, tmp)
-    else:
-        scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+            save_adapter(peft_model, model_state, tmp)
+        else:
+            scorer.model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "order": order.__dict__, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
                tmp / STATE_FILE)

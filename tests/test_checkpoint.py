@@ -36,3 +36,19 @@ def test_pruning_keeps_the_newest_steps(tmp_path):
     assert written.is_dir() and written.name == "step_1000000"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1000000", "step_999999.bak"]
     assert checkpoint.latest(tmp_path) == written
+
+
+def test_a_checkpoint_prints_no_progress_bar_and_leaves_transformers_bars_as_they_were(tmp_path, capfd):
+    """transformers' "Writing model shards" bar printed at every checkpoint, with train.progress=false and through
+    the run's own bar."""
+    from transformers.utils import logging as hf_logging
+
+    from pact_fast.trainer import train
+
+    assert hf_logging.is_progress_bar_enabled()
+    train(load_config(None, TINY + ["train.steps=2", "train.save_every=1", f"train.out_dir={tmp_path / 'run'}"]),
+          log=lambda *a: None)
+    assert len(checkpoint.checkpoints(tmp_path / "run")) == 2
+    out, err = capfd.readouterr()
+    assert "Writing model shards" not in out + err and "it/s" not in out + err
+    assert hf_logging.is_progress_bar_enabled()
