@@ -24,8 +24,8 @@ SPIN_COUNT = "10000"
 # train.threads above this many per core is refused: a thread past the cores only waits for one, and torch's pool
 # crashed the process at 100000 (exit 139) and was killed at 1000 on this 2-core machine
 MAX_THREADS_PER_CORE = 4
-# FreeCores changes the count only when the free cores differ from it by more than this: a machine near the middle
-# (1.5 free cores) would otherwise flip the count at every step
+# FreeCores changes the count only when the free cores differ from it by more than this many cores (or a tenth of
+# torch's default count, when more): a machine near the middle (1.5 free cores) would otherwise flip it every step
 HYSTERESIS = 0.75
 _default_threads = None  # torch's own count, before fit_threads first set one (a second run in a process starts there)
 
@@ -105,7 +105,7 @@ class FreeCores:
     """Refits torch's threads, at each ``step()`` call, to the cores the other processes left free since the last
     call: the machine's busy time (/proc/stat) less this process's own CPU time (its ended subprocesses' included),
     over the wall time between. The count moves only when the free cores differ from it by more than
-    ``HYSTERESIS`` and stays within 1 and torch's default. Processes of this run's own that live on (a vLLM
+    ``HYSTERESIS`` (or a tenth of torch's default) and stays within 1 and torch's default. Processes of this run's own that live on (a vLLM
     engine's) would count as others: the trainer follows only with the in-process engine."""
 
     def __init__(self):
@@ -140,7 +140,7 @@ class FreeCores:
         import torch
 
         free = self.free()
-        if free is None or abs(free - self.threads) <= HYSTERESIS:
+        if free is None or abs(free - self.threads) <= max(HYSTERESIS, 0.1 * self.ceiling):
             return None
         fitted = max(1, min(self.ceiling, int(free + 0.5)))
         if fitted == self.threads:

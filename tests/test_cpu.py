@@ -106,6 +106,17 @@ def test_free_cores_refits_the_threads_past_the_hysteresis_within_one_and_the_de
     assert follower.threads == 2 == torch.get_num_threads()
 
 
+def test_on_many_cores_the_hysteresis_is_a_tenth_of_the_default(monkeypatch, restore_threads):
+    """Sixteen cores and a load that wavers by a core: the count followed each wave, a line a step."""
+    monkeypatch.setattr(cpu, "_default_threads", 16)
+    torch.set_num_threads(13)
+    free = iter([12.0, 14.5, 11.3])
+    follower = cpu.FreeCores()
+    monkeypatch.setattr(follower, "free", lambda: next(free))
+    assert [follower.step() is not None for _ in range(3)] == [False, False, True]
+    assert follower.threads == 11 == torch.get_num_threads()
+
+
 @pytest.mark.parametrize("omp", [None, "2"])
 def test_the_trainer_refits_its_threads_after_each_step_unless_they_are_fixed(monkeypatch, restore_threads, tmp_path,
                                                                               omp):
