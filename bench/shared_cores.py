@@ -7,7 +7,10 @@ wall-clock time of the whole command and of its training steps (the sum of ``ste
 "Shared" starts ``--hogs`` busy processes beside it (``--hog-kind``: pure-Python loops, or small torch jobs
 whose OpenMP threads spin as torch's do by default) and ends them after; "passing" ends them ``--passing-s``
 seconds into the job (a build that finishes while the run goes on: the run starts on busy cores and ends on quiet
-ones). The settings compared:
+ones). ``--hog-session``: the busy processes in one session of their own (``setsid``: another terminal's jobs, a
+service; where the kernel groups the scheduler by session, ``/proc/sys/kernel/sched_autogroup_enabled`` = 1, that
+session and the job's share the cores half and half, whatever their thread counts) or in the job's own session
+(jobs started from the job's terminal: every busy thread of either takes an equal share). The settings compared:
 
 - ``shipped``: ``python -m pact_fast``, i.e. the command with whatever its module sets before torch loads;
 - ``spin``: OpenMP's default waiting (idle workers spin up to GOMP_SPINCOUNT=300k, then sleep):
@@ -22,6 +25,7 @@ The ratio that matters is shared/quiet of one setting; the command's target is a
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,9 +56,30 @@ HOGS = {
 }
 
 
-def start_hogs(kind, n):
+def start_hogs(kind, n, session="own"):
+    """``n`` busy processes running ``HOGS[kind]``: in one new session of their own (``session`` "own"), or in this
+    one ("same")."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
-    return [subprocess.Popen([sys.executable, "-c", HOGS[kind]], env=env) for _ in range(n)]
+    if not n:
+        return []
+    code = HOGS[kind]
+    if session == "own":  # one leader process in a new session, its busy children beside it in that session
+        code = (f"import subprocess, sys\nkids = [subprocess.Popen([sys.executable, '-c', {code!r}]) "
+                f"for _ in range({n - 1})]\n{code}")
+        leader = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+        leader.own_group = True  # its process group is its session: stop_hogs kills the group
+        return [leader]
+    return [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(n)]
+
+
+def stop_hogs(hogs):
+    """Kill the busy processes and, for a session of their own, every process of that session."""
+    for h in hogs:
+        try:
+            os.killpg(h.pid, signal.SIGKILL) if getattr(h, "own_group", False) else h.kill()
+        except ProcessLookupError:  # ended already
+            pass
+        h.wait()
 
 
 def run_case(setting, steps, out_dir, hogs=(), hogs_for=None):
@@ -66,7 +91,7 @@ def run_case(setting, steps, out_dir, hogs=(), hogs_for=None):
     args = ["train", f"train.steps={steps}", "train.progress=false", f"train.out_dir={out_dir}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    timer = threading.Timer(hogs_for, lambda: [h.kill() for h in hogs]) if hogs_for is not None else None
+    timer = threading.Timer(hogs_for, stop_hogs, (hogs,)) if hogs_for is not None else None
     if timer:
         timer.start()
     out, err = proc.communicate()
@@ -85,6 +110,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hogs", type=int, default=3, help="busy processes beside the job on shared cores")
     parser.add_argument("--hog-kind", default="python", choices=list(HOGS), help="what each busy process runs")
+    parser.add_argument("--hog-session", default="own", choices=["own", "same"],
+                        help="busy processes in a session of their own (another terminal's) or in the job's")
     parser.add_argument("--settings", nargs="+", default=["shipped", "spin", "passive", "threads1"],
                         choices=list(SETTINGS))
     parser.add_argument("--loads", nargs="+", default=["quiet", "shared"], choices=["quiet", "shared", "passing"])
@@ -92,29 +119,27 @@ def main():
                         help="seconds into each command that the busy processes of the passing load end")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if args.steps < 1 or args.hogs < 0 or (args.hogs == 0 and "shared" in args.loads):
-        parser.error(f"--steps {args.steps} (at least 1), --hogs {args.hogs} (at least 1 for the shared load)")
+    if args.steps < 1 or args.hogs < 0 or (args.hogs == 0 and {"shared", "passing"} & set(args.loads)):
+        parser.error(f"--steps {args.steps} (at least 1), --hogs {args.hogs} (at least 1 for a busy load)")
     if args.json and json_target_error(args.json):
         parser.error(json_target_error(args.json))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for load in args.loads:
-            hogs = start_hogs(args.hog_kind, args.hogs if load == "shared" else 0)
+            hogs = start_hogs(args.hog_kind, args.hogs if load == "shared" else 0, args.hog_session)
             try:
                 for i, setting in enumerate(args.settings):
-                    passing = start_hogs(args.hog_kind, args.hogs) if load == "passing" else []
+                    passing = start_hogs(args.hog_kind, args.hogs if load == "passing" else 0, args.hog_session)
                     try:
                         case = run_case(setting, args.steps, Path(tmp) / f"{load}-{i}-{setting}", passing,
                                         args.passing_s if passing else None)
                     finally:
-                        for h in passing:
-                            h.kill()
+                        stop_hogs(passing)
                     row = {"load": load, "setting": setting, **case}
                     results.append(row)
                     print(row, flush=True)
             finally:
-                for h in hogs:
-                    h.kill()
+                stop_hogs(hogs)
     quiet = {r["setting"]: r for r in results if r["load"] == "quiet"}
     for r in results:
         if r["load"] != "quiet" and r["setting"] in quiet:
@@ -126,8 +151,8 @@ def main():
                           "step_s_vs_quiet_shipped"])
     if args.json:
         write_json(args.json, {"machine": machine_info("cpu"), "steps": args.steps, "hogs": args.hogs,
-                               "hog_kind": args.hog_kind, "passing_s": args.passing_s if "passing" in args.loads
-                               else None, "results": results})
+                               "hog_kind": args.hog_kind, "hog_session": args.hog_session,
+                               "passing_s": args.passing_s if "passing" in args.loads else None, "results": results})
 
 
 if __name__ == "__main__":

@@ -105,8 +105,9 @@ class FreeCores:
     """Refits torch's threads, at each ``step()`` call, to the cores the other processes left free since the last
     call: the machine's busy time (/proc/stat) less this process's own CPU time (its ended subprocesses' included),
     over the wall time between. The count moves only when the free cores differ from it by more than
-    ``HYSTERESIS`` (or a tenth of torch's default) and stays within 1 and torch's default. Processes of this run's own that live on (a vLLM
-    engine's) would count as others: the trainer follows only with the in-process engine."""
+    ``HYSTERESIS`` (or a tenth of torch's default) and stays within 1 and torch's default. Processes of this run's
+    own that live on (a vLLM engine's) would count as others: the trainer follows only with the in-process
+    engine."""
 
     def __init__(self):
         import torch

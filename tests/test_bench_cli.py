@@ -158,3 +158,38 @@ def test_roofline_refuses_options_it_would_not_read(argv, interpret, message):
     proc = subprocess.run([sys.executable, str(BENCH / "roofline.py"), *argv], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _running(pid):
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("session", ["own", "same"])
+def test_shared_cores_busy_processes_all_end(session):
+    """bench/shared_cores.py's busy processes (in a session of their own: a leader and its children) must all end
+    when it stops them: one left spinning would slow the user's machine, and every later measurement on it."""
+    import time
+
+    import shared_cores
+
+    hogs = shared_cores.start_hogs("python", 3, session)
+    deadline = time.monotonic() + 20
+    while True:  # a session of its own: the leader starts its children
+        if session == "own":
+            found = subprocess.run(["pgrep", "-s", str(hogs[0].pid)], capture_output=True, text=True).stdout
+            pids = [int(p) for p in found.split()]
+        else:
+            pids = [h.pid for h in hogs]
+        if len(pids) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(pids) == 3 and all(_running(p) for p in pids)
+    shared_cores.stop_hogs(hogs)
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _running(p)]
