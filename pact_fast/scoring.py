@@ -47,7 +47,9 @@ _NEUTRAL_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "out
 
 def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             sliding_window=None, softcap=None, **kwargs):
-    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None).
+    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None);
+    inside an autocast region in its dtype, as SDPA's inputs are cast (under bf16 autocast a model's rotary or q/k
+    norm leaves query and key fp32 beside a bf16 value).
 
     Implements what the model passes: ``scaling``, ``sliding_window`` (positions along each query's own path,
     as the model attends over that sequence alone) and ``softcap`` (attention logit soft-capping). Any other
@@ -77,6 +79,10 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     if dropout and module.training:
         raise PackedScoringError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree "
                                  "attention; set the config's attention dropout to 0")
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (rotary or a q/k norm left q, k fp32)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, window=sliding_window or None,
                          softcap=softcap or None, validate=False)
     layout.calls += 1
@@ -293,8 +299,20 @@ def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backen
     hidden = packed_hidden_states(model, packed, backend=backend)  # [L, H]
     device = hidden.device
     picked = hidden.index_select(0, rows.to(device))  # [M, H]; a branch row repeats, its prefix never re-runs
-    return linear_logprobs(picked, head.weight, targets.to(device), bias=head.bias, temperature=temperature,
+    picked, weight, bias = head_inputs(picked, head)
+    return linear_logprobs(picked, weight, targets.to(device), bias=bias, temperature=temperature,
                            return_entropy=return_entropy, backend=logprob_backend, **logit_transform(model.config))
+
+
+def head_inputs(hidden, head):
+    """``(hidden, weight, bias)`` for an lm_head op: inside an autocast region, cast to its dtype, as autocast casts
+    a linear layer's (the trainer's bf16 autocast on CUDA keeps fp32 weights; the ops compute in their inputs'
+    dtype, and their backward runs outside the region); else as they are."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, head.weight, head.bias
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
 class PackedScorer(torch.nn.Module):
@@ -318,9 +336,8 @@ class PackedScorer(torch.nn.Module):
             return score_packed(self.model, packed, rows, targets, **kwargs)
         _, head = _decoder_and_head(self.model)
         hidden = packed_hidden_states(self.model, packed, backend=kwargs.get("backend", "auto"))  # [L, H]
-        picked = hidden.index_select(0, rows.to(hidden.device))  # [M, H]
-        return head_loss(picked, head.weight, head.bias, targets.to(hidden.device),
-                         **logit_transform(self.model.config))
+        picked, weight, bias = head_inputs(hidden.index_select(0, rows.to(hidden.device)), head)  # [M, H]
+        return head_loss(picked, weight, bias, targets.to(hidden.device), **logit_transform(self.model.config))
 
 
 def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto", temperature=1.0,

@@ -138,3 +138,46 @@ def test_tree_attention_with_a_prebuilt_layout_equals_building_it(backend):
     q, k, v = (torch.randn(1, h, ends.shape[1], 16, generator=g) for h in (4, 2, 2))
     layout = build_layout(ends, backend)
     assert torch.equal(tree_attention(q, k, v, layout=layout), tree_attention(q, k, v, ends, backend=backend))
+
+
+def test_under_autocast_the_head_gets_its_inputs_in_the_autocast_dtype_and_its_gradient_reaches_the_weight():
+    """The lm_head ops compute in their inputs' dtype: under the trainer's bf16 autocast (fp32 weights on CUDA) the
+    scorer must hand them bf16 inputs, as autocast hands a linear layer, not an fp32 head."""
+    from pact_fast.packing import pack_tree
+    from pact_fast.scoring import PackedScorer
+
+    model = tiny_causal_lm("qwen3")
+    packed = pack_tree(pact_group(seed=6, vocab=60))
+    rows, targets, _ = packed.predictor_rows()
+    seen = {}
+
+    def head_loss(hidden, weight, bias, targets, **transform):
+        seen.update(hidden=hidden.dtype, weight=weight.dtype)
+        return torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[:, None]).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = PackedScorer(model)(packed, rows, targets, head_loss=head_loss)
+    loss.backward()
+    assert seen == {"hidden": torch.bfloat16, "weight": torch.bfloat16}
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight.grad.abs().sum() > 0
+    outside = {}
+    PackedScorer(model)(packed, rows, targets, head_loss=lambda h, w, b, t, **k: outside.update(h=h.dtype) or 0)
+    assert outside == {"h": torch.float32}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_packed_scoring_under_bf16_autocast_matches_the_models_own_autocast_forward(family, backend):
+    """The trainer's default on CUDA is bf16 autocast over fp32 weights. There a model's rotary (or q/k norm) leaves
+    query and key fp32 beside a bf16 value, and tree attention refused the mix at the first step; SDPA, which
+    autocast casts, takes it. Checked here under the CPU's bf16 autocast, against the model's own forward under it."""
+    model = tiny_causal_lm(family)
+    seqs = pact_group(seed=7, prompt=13, trace=6, header=3, G=3, response=4, sft=5, vocab=60)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = separate_logprobs(model, seqs)
+        ours = sequence_logprobs(model, seqs, backend=backend)
+    ref_plain = separate_logprobs(model, seqs)
+    for o, r, p in zip(ours, ref, ref_plain):
+        assert o.dtype == torch.float32
+        # bf16's rounding: the autocast forward is ~1e-3 off the fp32 one here; packed is as close to it as that
+        assert (o.double() - r).abs().max() < 2 * (r - p).abs().max() + 1e-4
