@@ -142,7 +142,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={
         "help": "CPU threads of torch's intra-op pool; 0 = OMP_NUM_THREADS if set, else the cores idle when the run "
-                "starts (pact_fast.cpu: busy cores shared with other processes slow a run that also uses them)"})
+                "starts, refitted after each step to the cores other processes leave free (pact_fast.cpu: busy "
+                "cores shared with other processes slow a run that also uses them)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
     liger: bool = field(default=False, metadata={"help": "liger-kernel RMSNorm/SwiGLU/RoPE patches (CUDA)"})

@@ -1275,3 +1275,24 @@ def test_a_ctrl_c_in_the_final_evaluation_still_writes_the_summary_and_the_plot(
     assert not again["interrupted"] and not again["final_eval_interrupted"] and again["eval_after"] is not None
     for key in ("eval_before", "seconds", "final_reward_mean"):
         assert again[key] == first[key], key
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_training_steps_under_bf16_autocast_as_on_cuda(tmp_path, monkeypatch, fused_head):
+    """The trainer's default on CUDA (train.bf16: fp32 weights under bf16 autocast), run here under the CPU's bf16
+    autocast: the first step failed in tree attention (query and key fp32 beside a bf16 value). Steps must train:
+    finite losses, a gradient, weights that move."""
+    from pact_fast import trainer
+
+    monkeypatch.setattr(trainer.Components, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    run = tmp_path / "run"
+    summary = train(load_config(None, TINY + ["train.steps=2", f"train.fused_head={str(fused_head).lower()}",
+                                              "train.warmup_steps=0", "train.save_every=1", f"train.out_dir={run}"]),
+                    log=lambda *a: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    assert summary["steps"] == 2 and len(steps) == 2
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) and r["grad_norm"] > 0 for r in steps)
+    one, two = (load_file(str(run / "checkpoints" / f"step_00000{i}" / "model.safetensors")) for i in (1, 2))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in two.values())
+    assert any(not torch.equal(one[k], two[k]) for k in two)
