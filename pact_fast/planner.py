@@ -84,7 +84,10 @@ The terms:
   upper bound (measured: 6-7% over the step's peak on small models).
 - ``final_norm_and_rows`` = 4 * (3T + M) * h (LoRA: 2T + M): the final RMSNorm's saved tensors and the
   scored rows; bf16 base: (6T + 2M) * h, the norm's fp32 copy of its input, its bf16 output, the bf16 rows.
-- ``logprob_op``: dX 4Mh (bf16 base: 2Mh, dX in the rows' dtype) and, for a trained lm_head only, dW 4Vh (the
+- ``logprob_op``: dX 4Mh (bf16 base: 2Mh, dX in the rows' dtype; bf16 autocast: the rows and the lm_head cast to
+  bf16, ``scoring.head_inputs``, so 6Mh, dX in bf16 and its fp32 cast, 2Vh for the weight's bf16 copy and, trained,
+  6Vh in place of 4Vh, dW in bf16 and its fp32 cast, with the workspace of bf16 inputs) and, for a trained lm_head
+  only, dW 4Vh (the
   fused head forms both in its forward and hands them to the backward in place; a frozen head, i.e. LoRA or
   ``model.freeze_lm_head``, gets no dW GEMM and no dW buffer from either op), plus the workspace of [C, V] fp32
   chunks on the CPU (torch backend; fp32 on a bf16 base too), C the op's own chunk rows: the fused head's
@@ -534,14 +537,19 @@ def varlen_sizes(subtree_end):
 
 def logprob_op_bytes(shape, rows, options):
     """Bytes of the log-prob op at its peak, every activation alive: dX, dW (a trained lm_head only) and the
-    workspace (see the module doc). The hidden rows and the lm_head weight are float32, or bf16 for a bf16 base;
-    the workspace is float32 on the CPU either way."""
+    workspace (see the module doc). The hidden rows and the lm_head weight are float32, or bf16 for a bf16 base or
+    under bf16 autocast (cast on the way in); the workspace is float32 on the CPU either way."""
     import torch
 
     h, vocab = shape.hidden_size, shape.vocab_size
     e = 2 if options.bf16_base else 4  # bytes of a hidden (and dX) element and of an lm_head weight element
     dtype = torch.bfloat16 if options.bf16_base else torch.float32
     grads = e * rows * h + (4 * vocab * h if options.head_trainable else 0)
+    if options.dtype == "bf16" and not options.bf16_base:
+        # under autocast the rows and the lm_head go in cast to bf16 (scoring.head_inputs): the weight's bf16 copy
+        # (2Vh); dX and dW come out in bf16 and are cast to the fp32 parameters' (2 + 4 bytes each)
+        dtype = torch.bfloat16
+        grads = 6 * rows * h + (6 if options.head_trainable else 2) * vocab * h
     if options.device == "cpu":
         if options.fused_head:
             from .ops.fused_pact_head import _chunk_rows
