@@ -11,6 +11,7 @@ reference policy is that model with its adapters switched off (``adapters_off``)
         ...
 """
 import dataclasses
+import re
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -108,13 +109,29 @@ def without_start_adapters(cfg):
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, adapter=None))
 
 
+def _attention_dropouts(config):
+    """``{key: rate}`` of the attention-dropout settings in ``config`` (a text config) that ask for dropout:
+    ``attention_dropout`` (Llama, Qwen), ``attn_pdrop`` (GPT-2, GPTBigCode: 0.1 by default),
+    ``attention_probs_dropout_prob`` (BioGPT: 0.1 by default), ``attn_dropout``..."""
+    rates = {}
+    for key in sorted(config.to_dict()):
+        value = getattr(config, key, None)
+        if (re.match(r"(attn|attention)_.*drop", key) and isinstance(value, (int, float))
+                and not isinstance(value, bool) and value > 0):
+            rates[key] = value
+    return rates
+
+
 def check_attention_dropout(model):
-    """A ``ModelError`` (one line) when ``model``'s config asks for attention dropout: packed scoring's tree
-    attention does not implement it, and a model in training mode would apply it."""
-    rate = getattr(model.config.get_text_config(), "attention_dropout", 0.0)
-    if isinstance(rate, (int, float)) and rate > 0:
-        raise ModelError(f"{type(model).__name__}: its config has attention_dropout={rate:g}, which tree attention "
-                         "does not implement; set \"attention_dropout\": 0.0 in its config.json to train it without")
+    """A ``ModelError`` (one line) when ``model``'s config asks for attention dropout, under any of its names
+    (``_attention_dropouts``): packed scoring's tree attention does not implement it, and a model in training
+    mode would apply it (the first step's scoring would raise)."""
+    rates = _attention_dropouts(model.config.get_text_config())
+    if rates:
+        said = ", ".join(f"{k}={v:g}" for k, v in rates.items())
+        zero = ", ".join(f'"{k}": 0.0' for k in rates)
+        raise ModelError(f"{type(model).__name__}: its config has {said}, which tree attention does not implement; "
+                         f"set {zero} in its config.json to train it without")
 
 
 def freeze_lm_head(model, log=None):

@@ -245,6 +245,31 @@ def test_a_window_only_in_the_mask_is_accepted_while_it_is_longer_than_every_seq
         check_model(model)  # its probe crosses windows up to 256 tokens
 
 
+@pytest.mark.parametrize("model_type,key", [("gpt2", "attn_pdrop"), ("gpt_bigcode", "attn_pdrop"),
+                                            ("biogpt", "attention_probs_dropout_prob")])
+def test_attention_dropout_by_any_name_is_refused_before_any_step(model_type, key):
+    """GPT-2's and GPTBigCode's ``attn_pdrop`` and BioGPT's ``attention_probs_dropout_prob`` (0.1 by default, as
+    their checkpoints ship) are attention dropout under other names: the trainer's policy, in training mode, passed
+    them to tree attention, which refused them at the first step's scoring (after the evaluation before training
+    and the first rollouts); ``check_attention_dropout`` read only ``attention_dropout`` and let them through."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.model_setup import check_attention_dropout
+    from pact_fast.models import ModelError
+    from pact_fast.scoring import PackedScoringError, sequence_logprobs
+
+    config = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4)
+    assert getattr(config, key) == 0.1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    with pytest.raises(PackedScoringError, match="attention dropout 0.1 is not supported"):
+        sequence_logprobs(model, group(512))
+    with pytest.raises(ModelError, match=f"its config has {key}=0.1, which tree attention does not implement; "
+                                         f"set \"{key}\": 0.0 in its config.json"):
+        check_attention_dropout(model)
+
+
 def readme_table():
     """The README table of architectures, from ``ARCHITECTURES``."""
     lines = ["| architecture (`model_type`) | packed scoring |", "|---|---|"]
