@@ -215,14 +215,13 @@ def lora_targets(model, lora_cfg):
 
 def _skeleton(cfg):
     """The model of ``cfg`` on the meta device (no weights read or allocated), for checks before loading."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .envs import build_tokenizer
-    from .models import check_model_dir
+    from .models import read_model_config
 
     if cfg.path:
-        check_model_dir(cfg.path)
-        config = AutoConfig.from_pretrained(str(cfg.path), local_files_only=True)
+        config = read_model_config(cfg.path)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     with torch.device("meta"):

@@ -193,17 +193,36 @@ def _read(path, what, read):
         f"{path}: the {what} cannot be read from it ({reason}); a file there is damaged or of another format"))
 
 
+def read_model_config(path):
+    """The config of the local HF directory ``path`` (after ``check_model_dir``); a one-line ``ModelError`` for a
+    multimodal or composite model (its language model's config inside, ``text_config``: Gemma3 4B+, Gemma 3n,
+    Llama 4, Mllama...): packed scoring reads the decoder's shape and the head's logit transform (Gemma3's
+    ``final_logit_softcapping``) from the top-level config, where such a model has neither."""
+    from transformers import AutoConfig
+
+    check_model_dir(path)
+    config = _read(path, "config.json", lambda: AutoConfig.from_pretrained(str(path), local_files_only=True))
+    try:
+        text = config.get_text_config()
+    except ValueError:  # several text configs (an encoder's and a decoder's)
+        text = None
+    if text is not config:
+        raise ModelError(f"{path}: a {config.model_type} model is multimodal or composite (its language model's "
+                         "config sits inside its config.json), which pact_fast does not train; give a text-only "
+                         "causal LM directory (its language model saved on its own)")
+    return config
+
+
 def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
-    """``(model, tokenizer)`` from a local HF directory, offline, after ``check_model_dir``.
+    """``(model, tokenizer)`` from a local HF directory, offline, after ``read_model_config``.
 
     dtype: torch dtype of the weights; None = float32 (the CPU default; use bf16 autocast on CUDA).
     A tokenizer without a pad token gets its end-of-sequence token as pad.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_model_dir(path)
-    _read(path, "config.json", lambda: AutoConfig.from_pretrained(str(path), local_files_only=True))  # read first
+    read_model_config(path)  # read and checked first
     tokenizer = _read(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     model = _read(path, "model", lambda: AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, dtype=dtype or torch.float32, attn_implementation=attn_implementation))

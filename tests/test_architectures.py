@@ -270,6 +270,37 @@ def test_attention_dropout_by_any_name_is_refused_before_any_step(model_type, ke
         check_attention_dropout(model)
 
 
+def test_a_multimodal_model_directory_is_refused_in_one_line_before_any_step(tmp_path):
+    """``AutoModelForCausalLM`` makes a Gemma3 4B+ checkpoint (``model_type`` gemma3) a
+    Gemma3ForConditionalGeneration whose top-level config holds the language model's inside (``text_config``):
+    the trainer's start-up check raised a bare "AttributeError: 'Gemma3Config' object has no attribute
+    'vocab_size'" traceback (with scoring.check=false, the first step raised one), and the head's
+    ``final_logit_softcapping`` lives only in the text config, out of sight of the log-prob ops."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.config import load_config
+    from pact_fast.envs import build_tokenizer
+    from pact_fast.models import ModelError
+    from pact_fast.trainer import build
+    from test_trainer import tiny_for
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model("gemma3")
+    for key, value in {**SMALL, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                       "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None,
+                       "layer_types": ["sliding_attention", "full_attention"]}.items():
+        setattr(config.text_config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run = load_config(None, tiny_for(model_path=True) + [f"model.path={tmp_path / 'model'}", "model.chat_template=model",
+                                                         f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ModelError, match="a gemma3 model is multimodal or composite .* which pact_fast does not "
+                                         "train; give a text-only causal LM directory") as info:
+        build(run, log=lambda *a: None)
+    assert "\n" not in str(info.value)
+
+
 def readme_table():
     """The README table of architectures, from ``ARCHITECTURES``."""
     lines = ["| architecture (`model_type`) | packed scoring |", "|---|---|"]
