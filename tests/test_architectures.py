@@ -43,8 +43,8 @@ ARCHITECTURES = [
      None),
     ("granite", "granite", "Granite (logits_scaling)", {"logits_scaling": 4.0}, None),
     ("hyperclovax", "hyperclovax", "HyperCLOVAX (logits_scaling multiplies)", {"logits_scaling": 4.0}, None),
-    ("minicpm3", "minicpm3", "MiniCPM3 (MLA; logits_scaling = hidden_size / dim_model_base)",
-     {"dim_model_base": 16, "head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    ("minicpm3", "minicpm3", "MiniCPM3 (MLA, values narrower than keys; logits_scaling = hidden_size / dim_model_base)",
+     {"dim_model_base": 16, "head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
       "kv_lora_rank": 16, "q_lora_rank": 32, "num_key_value_heads": 4}, None),
     ("starcoder2", "starcoder2", "Starcoder2, sliding window", {"sliding_window": WINDOW}, None),
     ("olmo", "olmo", "OLMo (clip_qkv)", {"clip_qkv": 0.5}, None),
@@ -56,8 +56,16 @@ ARCHITECTURES = [
     ("exaone4", "exaone4", "EXAONE 4, sliding window", {"sliding_window": WINDOW}, None),
     ("qwen2_moe", "qwen2_moe", "Qwen2-MoE", {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
                                              "num_experts": 4, "num_experts_per_tok": 2}, None),
-    ("deepseek_v3", "deepseek_v3", "DeepSeek-V3 (MLA, MoE)",
-     {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
+    ("deepseek_v3", "deepseek_v3", "DeepSeek-V3 (MLA, values narrower than keys as in its 192 / 128; MoE)",
+     {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 16,
+      "q_lora_rank": 32, "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
+      "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}, None),
+    ("deepseek_v3-wide-values", "deepseek_v3", "DeepSeek-V3 (MLA, values wider than keys)",
+     {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 32, "kv_lora_rank": 16,
+      "q_lora_rank": 32, "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
+      "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}, None),
+    ("deepseek_v2", "deepseek_v2", "DeepSeek-V2 (MLA, values narrower than keys; MoE)",
+     {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 16,
       "q_lora_rank": 32, "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
       "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}, None),
     ("glm4", "glm4", "GLM-4 (partial rotary)", {}, None),
@@ -161,9 +169,10 @@ def test_packed_scoring_equals_the_models_own_forward_or_refuses(arch_id):
     assert check_model(model)["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("arch_id", ["gemma2-caps", "mistral", "granite"])
+@pytest.mark.parametrize("arch_id", ["gemma2-caps", "mistral", "granite", "deepseek_v3"])
 def test_triton_kernels_score_windows_softcaps_and_logit_scales_exactly(arch_id):
-    """The same check through the Triton tree attention and log-prob kernels (the interpreter, fp32)."""
+    """The same check through the Triton tree attention and log-prob kernels (the interpreter, fp32); DeepSeek-V3's
+    values are narrower than its keys."""
     from pact_fast.scoring import sequence_logprobs
 
     model = tiny(arch_id)

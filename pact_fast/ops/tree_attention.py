@@ -481,7 +481,10 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
 
     Args:
         q: ``[B, Hq, L, D]`` queries (fp32/fp16/bf16).
-        k, v: ``[B, Hkv, L, D]`` keys and values; ``Hq % Hkv == 0`` (grouped-query attention).
+        k, v: ``[B, Hkv, L, D]`` keys and ``[B, Hkv, L, Dv]`` values; ``Hq % Hkv == 0`` (grouped-query attention).
+            Values of another head dim than the keys' (multi-head latent attention: DeepSeek-V2/V3's and MiniCPM3's
+            192 and 128) are attended zero-padded to the wider of the two (keys and queries padded when the values
+            are wider: their dot products are unchanged), the output cut back to ``Dv``.
         subtree_end: ``[B, L]`` int32/int64; one past the last token of each token's subtree
             (``pact_fast.packing.pack_tree`` produces it).
         scale: softmax scale, a finite number (a tensor that requires grad is refused: no gradient reaches it);
@@ -502,8 +505,15 @@ def tree_attention(q, k, v, subtree_end=None, *, scale=None, backend="auto", val
             ``softcap * tanh(s / softcap)`` before masking and softmax (Gemma2's ``attn_logit_softcapping``).
 
     Returns:
-        ``[B, Hq, L, D]`` in the dtype of ``q``; exact gradients for q, k and v.
+        ``[B, Hq, L, Dv]`` in the dtype of ``q``; exact gradients for q, k and v.
     """
+    if (q.dim() == k.dim() == v.dim() == 4 and k.shape[:3] == v.shape[:3] and q.shape[3] == k.shape[3]
+            and min(k.shape[3], v.shape[3]) > 0 and v.shape[3] != k.shape[3]):
+        width, dv = max(k.shape[3], v.shape[3]), v.shape[3]
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale  # of the queries' own head dim
+        q, k, v = (F.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
+        return tree_attention(q, k, v, subtree_end, scale=scale, backend=backend, validate=validate, layout=layout,
+                              dq_mode=dq_mode, position_ids=position_ids, window=window, softcap=softcap)[..., :dv]
     if layout is None:
         if subtree_end is None:
             raise ValueError("tree_attention: pass subtree_end or a layout from build_layout")
