@@ -213,10 +213,13 @@ def read_model_config(path):
     return config
 
 
-def load_pretrained(path, *, dtype=None, attn_implementation="sdpa"):
+def load_pretrained(path, *, dtype=None, attn_implementation=None):
     """``(model, tokenizer)`` from a local HF directory, offline, after ``read_model_config``.
 
     dtype: torch dtype of the weights; None = float32 (the CPU default; use bf16 autocast on CUDA).
+    attn_implementation: the model's own attention (generation, and the start-up check's reference); None =
+    transformers' choice: sdpa, or eager for a model without it (Gemma2, whose attention softcap sdpa lacks:
+    asking sdpa of it failed to load).
     A tokenizer without a pad token gets its end-of-sequence token as pad.
     """
     import torch

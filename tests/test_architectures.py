@@ -310,6 +310,32 @@ def test_a_multimodal_model_directory_is_refused_in_one_line_before_any_step(tmp
     assert "\n" not in str(info.value)
 
 
+def test_a_saved_gemma2_loads_through_model_path_and_scores_exactly(tmp_path):
+    """Gemma2 has no sdpa attention (its attention softcap): ``load_pretrained`` asked sdpa of every model, and a
+    saved Gemma2 was refused as "the model cannot be read from it (ValueError: ... does not support ...
+    scaled_dot_product_attention ...); a file there is damaged", although packed scoring supports it. It loads
+    with transformers' own choice (eager), and its packed log-probs equal that model's own forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.envs import build_tokenizer
+    from pact_fast.models import load_pretrained
+    from pact_fast.scoring import check_model, sequence_logprobs
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model("gemma2", **{**SMALL, **BY_ID["gemma2-caps"][3], "vocab_size": len(tokenizer)})
+    config.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    model, _ = load_pretrained(tmp_path / "gemma2")
+    assert model.config._attn_implementation == "eager"
+    sequences = group(len(tokenizer))
+    ref = separate_logprobs(model, sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(sequence_logprobs(model, sequences), ref))
+    assert diff < 1e-4, f"packed vs separate log-probs differ by {diff:.3g}"
+    check_model(model)
+
+
 def readme_table():
     """The README table of architectures, from ``ARCHITECTURES``."""
     lines = ["| architecture (`model_type`) | packed scoring |", "|---|---|"]
