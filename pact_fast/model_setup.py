@@ -310,6 +310,29 @@ def _adapter_config(path):
     return saved
 
 
+@contextmanager
+def _targets_as_named():
+    """peft on transformers 5 rewrites LoRA targets named as transformers 4's mixture-of-experts layers were
+    (``gate_proj``, ``up_proj``, ``down_proj``; Mixtral's ``w1``..``w3``) for DeepSeek-V2/V3, GLM-4-MoE, Ernie
+    4.5-MoE... into ``target_parameters`` of the fused experts (with ``rank_pattern`` and ``alpha_pattern`` doubling
+    r and alpha there), dropping them from ``target_modules``: the dense MLP layers and shared experts named so got
+    no adapters, the routed experts got some, and the run's adapter_config.json was refused when read back
+    (``check_adapter_options``). The rewrite is for adapters trained on transformers 4; pact_fast makes and reads its
+    adapters by its own module names, so it is off for the block (a peft without it: nothing to do)."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        conversion = None
+    original = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if original is not None:
+        conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            conversion.convert_peft_config_for_transformers = original
+
+
 def apply_lora(model, lora_cfg, seed=0, log=None):
     """Inject LoRA adapters into ``model`` in place (``peft.get_peft_model``): the base weights freeze, the
     adapters train. Their initialisation (A random, B = 0) is drawn from ``seed`` whatever the global random state
@@ -327,10 +350,17 @@ def apply_lora(model, lora_cfg, seed=0, log=None):
             # peft asks transformers 5 a deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(seed)  # peft inits the adapters on the model's device
-            peft_model = get_peft_model(model, config)
+            with _targets_as_named():
+                peft_model = get_peft_model(model, config)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ModelError(f"model.lora: peft cannot adapt {type(model).__name__} ({' '.join(str(exc).split())})") \
             from None
+    made = peft_model.peft_config["default"]
+    if (sorted(made.target_modules) != sorted(set(targets)) or getattr(made, "target_parameters", None)
+            or made.rank_pattern or made.alpha_pattern):
+        raise ModelError(f"model.lora: peft re-targeted the LoRA of {type(model).__name__} (target_modules "
+                         f"{sorted(made.target_modules)}, target_parameters {getattr(made, 'target_parameters', None)}"
+                         f", asked {sorted(set(targets))}), which pact_fast's LoRA does not implement")
     if lora_cfg.adapter:
         load_adapter_weights(peft_model, lora_cfg.adapter)
         made_on, base = _adapter_config(lora_cfg.adapter).get("base_model_name_or_path"), model.name_or_path

@@ -75,6 +75,35 @@ def test_default_targets_are_the_decoder_linears_and_bad_targets_are_refused():
         lora_targets(model, _lora_cfg(target_modules="[act_fn]"))
 
 
+def test_default_targets_of_a_moe_model_with_dense_mlps_adapt_those_layers_and_read_back(tmp_path):
+    """peft on transformers 5 rewrote targets named gate_proj, up_proj, down_proj of DeepSeek-V3 (and GLM-4-MoE,
+    Ernie 4.5-MoE...) into target_parameters of the fused routed experts, with r and alpha doubled there: the
+    dense first layer's MLP and the shared experts (the decoder linears the default names) got no adapters, the
+    routed experts (never a default target) got some, and the run's adapter_config.json was refused when read
+    back ("made with peft's alpha_pattern=..."). Now every decoder linear, and only those, gets an adapter, the
+    adapters save and load as they were, and scoring with them stays exact."""
+    from pact_fast.model_setup import _adapter_config, check_adapter_options, read_adapter, save_adapter
+    from test_architectures import group, tiny
+
+    model = tiny("deepseek_v3")
+    linears = {n for n, m in decoder_layers(model).named_modules() if isinstance(m, torch.nn.Linear)}
+    peft_model = apply_lora(model, _lora_cfg())
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert {f"model.layers.{n}" for n in linears} == adapted
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.down_proj"} <= adapted
+    _randomise_adapters(model)
+    save_adapter(peft_model, model.state_dict(), tmp_path / "adapter")
+    check_adapter_options(tmp_path / "adapter", _adapter_config(tmp_path / "adapter"))
+    again = tiny("deepseek_v3")
+    state = read_adapter(apply_lora(again, _lora_cfg()), tmp_path / "adapter")
+    assert all(torch.equal(state[n], p) for n, p in model.named_parameters() if "lora_" in n)
+    sequences = group(model.config.vocab_size)
+    with torch.no_grad():
+        diff = max((a - b).abs().max().item()
+                   for a, b in zip(sequence_logprobs(model, sequences), separate_logprobs(model, sequences)))
+    assert diff < 1e-4, f"packed vs separate log-probs differ by {diff:.3g}"
+
+
 def test_lora_config_refusals():
     with pytest.raises(ConfigError, match="model.lora.r=0 must be >= 1"):
         load_config(None, LORA + ["model.lora.r=0"])
