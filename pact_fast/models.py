@@ -195,13 +195,23 @@ def _read(path, what, read):
 
 def read_model_config(path):
     """The config of the local HF directory ``path`` (after ``check_model_dir``); a one-line ``ModelError`` for a
+    model type transformers does not implement (custom code, ``auto_map``, is never run: transformers asked on a
+    terminal whether to run it, and the refusal read as a damaged file), and for a
     multimodal or composite model (its language model's config inside, ``text_config``: Gemma3 4B+, Gemma 3n,
     Llama 4, Mllama...): packed scoring reads the decoder's shape and the head's logit transform (Gemma3's
     ``final_logit_softcapping``) from the top-level config, where such a model has neither."""
-    from transformers import AutoConfig
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     check_model_dir(path)
-    config = _read(path, "config.json", lambda: AutoConfig.from_pretrained(str(path), local_files_only=True))
+    raw = _read(path, "config.json", lambda: json.loads((Path(path) / "config.json").read_text()))
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        custom = " and names custom code for it (auto_map), which pact_fast never runs" if "auto_map" in raw else ""
+        raise ModelError(f"{path}: its config.json has model_type {model_type!r}, not an architecture transformers "
+                         f"{transformers.__version__} implements{custom}; give a model of an architecture it has")
+    config = _read(path, "config.json", lambda: AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                                          trust_remote_code=False))
     try:
         text = config.get_text_config()
     except ValueError:  # several text configs (an encoder's and a decoder's)
@@ -226,9 +236,11 @@ def load_pretrained(path, *, dtype=None, attn_implementation=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     read_model_config(path)  # read and checked first
-    tokenizer = _read(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    tokenizer = _read(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                                                trust_remote_code=False))
     model = _read(path, "model", lambda: AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, dtype=dtype or torch.float32, attn_implementation=attn_implementation))
+        str(path), local_files_only=True, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
+        trust_remote_code=False))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -138,6 +138,32 @@ def test_model_directory_errors(tmp_path):
         check_model_dir(tmp_path)
 
 
+
+def test_a_model_of_custom_code_is_refused_at_once_and_a_native_one_that_names_some_loads(tmp_path):
+    """A directory whose config.json names an architecture transformers lacks, with its own code (``auto_map``),
+    made transformers ask on a terminal whether to run that code ("Do you wish to run the custom code? [y/N]"),
+    and fail: said as "the config.json cannot be read from it (...); a file there is damaged". Custom code is
+    never run: such a directory is refused in one line that says why; one of a native architecture that ships
+    custom code beside it (as many hub repos do) loads with transformers' own implementation."""
+    from models import tiny_causal_lm
+    from pact_fast.envs import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for name, model_type in (("custom", "my_custom_lm"), ("native", "llama")):
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                       "AutoModelForCausalLM": "modeling_my.MyCausalLM"})
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="has model_type 'my_custom_lm', not an architecture transformers .* "
+                                         "implements and names custom code for it \\(auto_map\\), which pact_fast "
+                                         "never runs") as info:
+        load_pretrained(tmp_path / "custom")
+    assert "\n" not in str(info.value)
+    model, _ = load_pretrained(tmp_path / "native")
+    assert type(model).__name__ == "LlamaForCausalLM"
+
 def _complete(model, tokenizer, text, max_new_tokens=4):
     ids = tokenizer(text, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
