@@ -224,21 +224,13 @@ def _check_arguments(call, specs, where):
 
 def _json_text(text, where):
     """``text``, a field written as JSON text (``datasets`` stores a column of mixed shapes so: xLAM's ``tools``, a
-    call's ``arguments``), decoded as strictly as a row (``_decode_row``)."""
+    call's ``arguments``), decoded as strictly as a row (``_strict_json``); a refusal names the field ``where``."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return _strict_json(text)
     except json.JSONDecodeError as exc:
         _fail(f"{where} is not valid JSON ({exc.msg})")
-    except RecursionError:
-        _fail(f"{where} is nested too deeply")
-    except UnicodeEncodeError:
-        _fail(f"{where} holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
     except DataFormatError as exc:
         _fail(f"{where}: {exc}")
-    except ValueError:
-        _fail(f"{where} has a number past Python's int conversion limit")
-    return value
 
 
 def _check_tools(tools, where):
@@ -493,11 +485,7 @@ def _decode_row(raw, line_no=0):
     except UnicodeDecodeError as exc:
         _fail(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
     try:
-        value = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character
-        return value
-    except UnicodeEncodeError:
-        _fail("a string holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
+        return _strict_json(line)
     except json.JSONDecodeError as exc:
         text = line.rstrip("\r\n")
         where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"  # some messages end in "at" already
@@ -509,10 +497,22 @@ def _decode_row(raw, line_no=0):
         if exc.pos >= len(text):  # the text ends before the value does: a truncated row
             _fail(f"invalid JSON: the line ends after column {len(text)} ({where}; truncated?)")
         _fail(f"invalid JSON ({where})")
+
+
+def _strict_json(text):
+    """``text`` -> its JSON value, decoded strictly: NaN or Infinity, a key given twice, a lone surrogate escape, nesting
+    past Python's recursion limit and a number past its int conversion limit are each a ``DataFormatError``; a
+    syntax error is raised as ``json.JSONDecodeError`` for the caller to explain (a row's names its column)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character
+        return value
+    except (json.JSONDecodeError, DataFormatError):  # (both ValueErrors: before the last clause)
+        raise
+    except UnicodeEncodeError:
+        _fail("a string holds a lone surrogate escape (\\ud800-\\udfff): it encodes no character")
     except RecursionError:
         _fail("JSON nested too deeply")
-    except DataFormatError:
-        raise
     except ValueError:  # Python's int-string conversion limit
         _fail("a number has more digits than Python's int conversion limit (4300 by default)")
 
