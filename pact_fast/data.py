@@ -619,8 +619,10 @@ def load_data(cfg, *, needs_trace=True, log=_to_stderr):
 
     for key, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{key}={path}: " + ("a directory; give a JSONL file" if Path(path).is_dir()
-                                                          else "no such file"))
+            raise FileNotFoundError(f"{key}={path}: " + (
+                "a directory; give a JSONL file" if Path(path).is_dir() else
+                "not a regular file (a pipe, as --data <(zcat ...) gives, reads once; a resume and `pact-fast eval "
+                "--run` read the data again); give a JSONL file" if Path(path).exists() else "no such file"))
     if cfg.path:
         # the held-out split is made before the trace check (held-out rows need none), so that a run and
         # `pact-fast eval` of it split a file alike whatever the loss mode

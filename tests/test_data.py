@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import re
 
 import pytest
@@ -732,3 +733,13 @@ def test_an_empty_system_prompt_is_allowed():
     row = _good()
     row["messages"][0]["content"] = ""
     assert parse_example(row).messages[0]["content"] == ""
+
+
+def test_a_pipe_as_the_data_file_is_refused_as_one_not_as_missing(tmp_path):
+    """``--data <(zcat rows.jsonl.gz)`` (what a user does once a gzip file is refused) was refused as "no such
+    file", of a path that exists; a pipe reads once, where a resume and ``pact-fast eval --run`` read it again."""
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FileNotFoundError, match=rf"^data.path={fifo}: not a regular file \(a pipe, .*give a JSONL "
+                                                r"file$"):
+        load_data(_split_config(fifo))
