@@ -347,9 +347,9 @@ class HFRolloutEngine:
         else:
             ep.turn_tools.append((0, 0))
             user = contract_call(env, "next_user_turn", example.id)
-            if user is not None and not isinstance(user, str):
+            if user is not None and not (isinstance(user, str) and user.strip()):  # "" went on as an empty turn
                 raise ToolEnvError(f"{type(env).__name__}.next_user_turn returned {str(user)[:100]!r} for example "
-                                   f"{example.id}: expected the user's text, or None to end the episode")
+                                   f"{example.id}: expected the user's text (not blank), or None to end the episode")
             if user is None:
                 ep.finish, ep.final_text = "answer", final
                 return False

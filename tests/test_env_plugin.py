@@ -136,6 +136,11 @@ class ListUser(MultiHopEnv):
         return ["not", "text"]
 
 
+class BlankUser(MultiHopEnv):
+    def next_user_turn(self):  # meant as "no more turns": every episode went on to its turn limit, reward 0
+        return ""
+
+
 class BadCheck(MultiHopEnv):
     @staticmethod
     def check_example(example):
@@ -384,6 +389,8 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("HugeReward", r"HugeReward.reward returned '1e\+300' .*: a reward must be a finite number \(within float32's "),
     ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
     ("ListUser", r"ListUser.next_user_turn returned \"\['not', 'text'\]\""),
+    ("BlankUser", r"BlankUser.next_user_turn returned '' for example multihop-0-0: expected the user's text \(not "
+                  r"blank\), or None to end the episode"),
     ("RaisingInit", r"RaisingInit\(example multihop-0-0\) raised KeyError: 'city' \(a check of the row belongs in "
                     "its check_example"),
     ("DropsCaps", r"DropsCaps.__init__ did not hand max_call_chars=5000 to ToolEnv.__init__"),

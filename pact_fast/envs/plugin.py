@@ -28,8 +28,8 @@ The environment runs in the trainer's process, one episode after another, with n
 ``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response. An
 exception from the class's code (its constructor, ``run_call``, ``reward``, ``next_user_turn``, ``close``, an
 override of ``step``), a constructor that does not hand the caps to ``ToolEnv``, a reward that is not a finite
-number, a response or user turn that is not text (``step``: one per call), and a flag that is not ``True`` or
-``False`` stop the run with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks: a later
+number, a response or user turn that is not text (``step``: one per call), a blank user turn (None ends the
+episode), and a flag that is not ``True`` or ``False`` stop the run with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks: a later
 user turn in the trace counts towards the turns an episode needs) and ``close`` (release what an episode holds)
 are ``ToolEnv``'s to override too. The class (``resolve``) and every row (``check_example``) are checked when the
 data loads, before any model does: a class that cannot serve is refused whatever ``data.on_error`` says; a row its
