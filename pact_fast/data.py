@@ -428,9 +428,9 @@ def check_trainable(example, *, needs_trace=True, env_modules=()):
     scores the episode: ``ENVIRONMENTS``, or ``"package.module:Class"``, ``envs.plugin``), and, for the
     multi-hop environment, ``answer`` (its reward). ``needs_trace`` (every loss mode but ``grpo``): a ``trace``
     with at least one assistant turn. Then its environment's own check (``envs.check_example``: a multi-hop
-    trace must replay to reward 1 there; a BFCL row needs the fields its back-ends read; an environment of the
-    user's own must come from ``env_modules``, ``data.env_modules``, or it is a ``DataSetupError``). Raises
-    ``DataFormatError``.
+    trace must replay to reward 1 there; a BFCL row needs the fields its back-ends read, and its trace must replay
+    to reward 1 on them; an environment of the user's own must come from ``env_modules``, ``data.env_modules``, or
+    it is a ``DataSetupError``). Raises ``DataFormatError``.
     """
     if not example.tools:
         _fail("missing 'tools': a row lists the functions the policy may call")
@@ -500,9 +500,9 @@ def _decode_row(raw, line_no=0):
 
 
 def _strict_json(text):
-    """``text`` -> its JSON value, decoded strictly: NaN or Infinity, a key given twice, a lone surrogate escape, nesting
-    past Python's recursion limit and a number past its int conversion limit are each a ``DataFormatError``; a
-    syntax error is raised as ``json.JSONDecodeError`` for the caller to explain (a row's names its column)."""
+    """``text`` -> its JSON value, decoded strictly: NaN or Infinity, a key given twice, a lone surrogate escape,
+    nesting past Python's recursion limit and a number past its int conversion limit are each a ``DataFormatError``;
+    a syntax error is raised as ``json.JSONDecodeError`` for the caller to explain (a row's names its column)."""
     try:
         value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character

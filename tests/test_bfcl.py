@@ -226,6 +226,39 @@ def test_a_row_whose_later_user_turns_differ_from_its_traces_is_refused():
     assert check_example(ex).startswith("env 'bfcl' needs 'user_turns', a list with the messages")
 
 
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_converted_row_passes_the_check_that_its_trace_earns_the_reward(categories, category):
+    from pact_fast.envs.bfcl import check_example
+
+    assert [(ex.id, check_example(ex)) for ex in categories[category][0] if check_example(ex)] == []
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("dropped-call", r"the trace's calls do not earn the reward: user turn 3's gold result .* is not among the "
+                     r"results so far$"),
+    ("response", r"trace\[1\] gives 'cd' the result 'something else', where the back-ends answer "),
+    ("blank-user", r"env 'bfcl' needs 'user_turns', .* none of them blank"),
+])
+def test_a_row_whose_trace_does_not_earn_the_reward_is_refused(edit, words):
+    """A hand-edited row whose trace leaves out a gold call (or says another result than the back-ends give)
+    loaded: the SFT term taught that call while every episode making it earned 0 (the multi-hop
+    environment refused such a trace; BFCL's checked only the env fields). A blank later user turn went to the
+    episode as an empty turn (the rollout now refuses it: None ends an episode)."""
+    from pact_fast.envs.bfcl import check_example
+
+    (ex,) = load_bfcl("multi_turn_base", limit=1)
+    assert check_example(ex) is None and ex.trace[0]["tool_calls"][0]["function"] == {
+        "name": "cd", "arguments": {"folder": "document"}}
+    if edit == "dropped-call":  # the trace's last call (diff, which reads) and its response
+        last = max(i for i, m in enumerate(ex.trace) if m.get("tool_calls"))
+        del ex.trace[last:last + 2]
+    elif edit == "response":
+        ex.trace[1]["content"] = "something else"
+    else:
+        ex.env["user_turns"][0] = [{"role": "user", "content": " "}]
+    assert re.match(words, check_example(ex)), check_example(ex)
+
+
 def test_miss_param_traces_close_the_turn_without_a_call(categories):
     for ex in categories["multi_turn_miss_param"][0]:
         empty = [t for t, calls in enumerate(ex.env["gold"]) if not calls and t + 1 < len(ex.env["gold"])]

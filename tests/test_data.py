@@ -705,7 +705,17 @@ def test_a_listed_tool_the_environment_does_not_have_is_an_error_observation():
 
 
 def _bfcl_row(**env):
+    """A BFCL row whose trace (``ls()``, answered as the back-end answers it) earns the reward of its ``gold``."""
+    from pact_fast.envs.bfcl import BFCLBackends
+
     row = _good()
+    row["tools"] = [{"type": "function", "function": {"name": "ls", "parameters": {
+        "type": "object", "properties": {"a": {"type": "boolean"}}}}}]
+    listing = BFCLBackends({}, ["GorillaFileSystem"]).execute("ls")
+    row["trace"] = [{"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": {}}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": listing},
+                    {"role": "assistant", "content": ""}]
     row["answer"] = None
     row["env"] = {"name": "bfcl", "involved_classes": ["GorillaFileSystem"], "initial_config": {}, "user_turns": [],
                   "gold": [["ls()"]], **env}

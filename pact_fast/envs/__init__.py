@@ -31,8 +31,9 @@ def make_env_factory(cfg, rollout_cfg):
 def check_example(example, env_modules=()):
     """Why ``example`` cannot train in its environment (``env.name``; a one-line reason), or None:
     ``multihop.check_example`` (its own tools, a text answer, a trace that replays to reward 1),
-    ``bfcl.check_example`` (the fields ``BFCLEnv`` reads) or ``plugin.check_example`` (the class resolves from
-    ``env_modules``, ``data.env_modules``, and its own ``check_example`` passes)."""
+    ``bfcl.check_example`` (the fields ``BFCLEnv`` reads, a trace that replays to reward 1) or
+    ``plugin.check_example`` (the class resolves from ``env_modules``, ``data.env_modules``, and its own
+    ``check_example`` passes)."""
     name = (example.env or {}).get("name")
     if plugin.is_plugin(name):
         return plugin.check_example(example, env_modules)

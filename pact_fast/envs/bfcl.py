@@ -240,7 +240,8 @@ def check_example(example):
     turn), as ``load_bfcl`` writes them; a row without them ran until its first episode reached the missing field.
     ``long_context`` must be a bool, ``revealed_tools`` map later user turns to function names (a turn outside
     them never reveals), each gold call be a call of a function of the classes (``parse_call``) and the back-ends
-    load ``initial_config``. A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused."""
+    load ``initial_config``. A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused. A
+    later user turn must not be blank, and a trace must replay to reward 1 (``_replay_mismatch``)."""
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
     except ImportError:
@@ -261,9 +262,9 @@ def check_example(example):
     turns = env.get("user_turns")
     if not isinstance(turns, list) or not all(
             isinstance(t, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in t)
-            for t in turns):
+            and _turn_text(t).strip() for t in turns):  # a blank turn: the rollout refuses it (None ends an episode)
         return "env 'bfcl' needs 'user_turns', a list with the messages (each with a 'content' text) of each later " \
-               "user turn"
+               "user turn, none of them blank"
     later = [m["content"] for m in example.trace if m["role"] == "user"]
     if example.trace and len(later) != len(turns):
         return f"env 'user_turns' has {len(turns)} later user turns, the trace {len(later)}"
@@ -288,7 +289,7 @@ def check_example(example):
     if not isinstance(env.get("long_context", False), bool):
         return f"env 'long_context' is {env['long_context']!r}: expected true or false (\"false\" read as true)"
     try:  # in the worker process, a back-end that cannot load answered every call "ran past the time limit"
-        BFCLBackends(env["initial_config"], classes, env.get("long_context", False))
+        backends = BFCLBackends(env["initial_config"], classes, env.get("long_context", False))
     except Exception as exc:  # the back-ends' own code, on a configuration it does not expect
         return f"env 'initial_config' does not load into {', '.join(classes)}: {type(exc).__name__}: {excerpt(exc)}"
     revealed = env.get("revealed_tools", {})
@@ -298,6 +299,55 @@ def check_example(example):
         return (f"env 'revealed_tools' is {excerpt(revealed)}: expected an object of later user turns (\"1\" to "
                 f"\"{len(turns)}\") -> the names of the functions each reveals (the functions of a turn outside "
                 "them stayed unknown to every call)")
+    return _replay_mismatch(example, backends) if example.trace else None
+
+
+def _replay_mismatch(example, backends):
+    """Why ``example``'s trace does not earn ``BFCLEnv``'s reward (a one-line reason), or None: its calls, run in
+    order on ``backends`` (fresh, in this process: the data is trusted), must answer what its tool responses say and
+    pass ``gold_mismatch``, or the RL terms would punish what the SFT term teaches (a hand-edited call or response
+    trained on while every episode making that call earned 0)."""
+    results, answers = [[]], []  # the trace's results per user turn; (function, result) of the open turn's calls
+    for i, m in enumerate(example.trace):
+        if m["role"] == "user":
+            results.append([])
+        elif m["role"] == "assistant":
+            answers = [(c["function"]["name"], backends.execute(c["function"]["name"], (), c["function"]["arguments"]))
+                       for c in m.get("tool_calls") or []]
+            results[-1] += [result for _, result in answers]
+        else:  # tool responses come in the order of their turn's calls (data.parse_example)
+            name, result = answers.pop(0)
+            if m["content"] != result:
+                return (f"trace[{i}] gives {name!r} the result {excerpt(m['content'])}, where the back-ends answer "
+                        f"{excerpt(result)}")
+    reason = gold_mismatch(example.env, backends.instances, results)
+    return f"the trace's calls do not earn the reward: {reason}" if reason else None
+
+
+def gold_state(spec):
+    """(gold back-ends after every gold call of ``spec``, a row's ``env``; the gold calls' execution results per
+    user turn)."""
+    gold = BFCLBackends(spec["initial_config"], spec["involved_classes"], bool(spec.get("long_context", False)))
+    return gold, [[gold.execute_string(call) for call in turn] for turn in spec["gold"]]
+
+
+def gold_mismatch(spec, instances, results):
+    """Why back-end ``instances`` and per-user-turn call ``results`` fail BFCL's checks against ``spec``'s gold
+    calls (one line), or None: every back-end ends in the gold state (public attributes equal, as BFCL's state
+    check) and, as BFCL's response check, every gold call's execution result of each user turn is among the results
+    of the calls up to that turn (in any order): a final state that needs no call (a task of read-only calls) is
+    not paid to an episode that never made them."""
+    gold, gold_results = gold_state(spec)
+    for name, instance in gold.instances.items():
+        for attr, value in vars(instance).items():
+            if not attr.startswith("_") and getattr(instances[name], attr) != value:
+                return f"{name}.{attr} ends other than the gold calls leave it"
+    so_far = collections.Counter()
+    for turn, expected in enumerate(gold_results):
+        so_far.update(results[turn] if turn < len(results) else [])
+        missing = collections.Counter(expected) - so_far
+        if missing:
+            return f"user turn {turn}'s gold result {excerpt(next(iter(missing)))} is not among the results so far"
     return None
 
 
@@ -398,30 +448,16 @@ class BFCLEnv(ToolEnv):
 
     def gold_state(self):
         """(gold back-ends after every gold call, the gold calls' execution results per user turn)."""
-        gold = BFCLBackends(self.spec["initial_config"], self.spec["involved_classes"], self.long_context)
-        results = [[gold.execute_string(call) for call in turn] for turn in self.spec["gold"]]
-        return gold, results
+        return gold_state(self.spec)
 
     def reward(self, final_text):
-        """1.0 when every back-end ends in the gold state (public attributes equal, as BFCL's state check) and,
-        as BFCL's response check, every gold call's execution result of each user turn is among the results of
-        the episode's calls up to that turn (in any order): a final state that needs no call (a task of
-        read-only calls) is not paid to an episode that never made them."""
-        gold, gold_results = self.gold_state()
+        """1.0 when the episode's back-ends and call results pass ``gold_mismatch`` (BFCL's state and response
+        checks), else 0.0."""
         try:
             mine = self.instances()
         except (SandboxTimeout, RuntimeError):
             return 0.0
-        for name, instance in gold.instances.items():
-            for attr, value in vars(instance).items():
-                if not attr.startswith("_") and getattr(mine[name], attr) != value:
-                    return 0.0
-        so_far = collections.Counter()
-        for turn, expected in enumerate(gold_results):
-            so_far.update(self.results[turn] if turn < len(self.results) else [])
-            if collections.Counter(expected) - so_far:
-                return 0.0
-        return 1.0
+        return 0.0 if gold_mismatch(self.spec, mine, self.results) else 1.0
 
     def close(self):
         """Stop the worker process (it also stops when the environment is garbage-collected)."""
