@@ -141,6 +141,17 @@ class BlankUser(MultiHopEnv):
         return ""
 
 
+class ExitingCall(MultiHopEnv):
+    def run_call(self, name, arguments):  # a command-line tool's main() wrapped as a tool: it ends in sys.exit
+        raise SystemExit(0)
+
+
+class ExitingCheck(MultiHopEnv):
+    @staticmethod
+    def check_example(example):
+        raise SystemExit("usage: check ROW")
+
+
 class BadCheck(MultiHopEnv):
     @staticmethod
     def check_example(example):
@@ -320,6 +331,7 @@ def test_a_class_that_cannot_serve_is_refused_when_the_data_loads_even_when_skip
 @pytest.mark.parametrize("attr, message", [
     ("BadCheck", r"BadCheck.check_example returned False: expected None or a reason"),
     ("RaisingCheck", r"RaisingCheck.check_example raised KeyError: 'city'"),
+    ("ExitingCheck", r"ExitingCheck.check_example raised SystemExit: usage: check ROW"),
 ])
 def test_a_row_its_check_refuses_or_trips_on_is_named_or_skipped(tmp_path, user_module, attr, message):
     from pact_fast.data import check_trainable
@@ -349,6 +361,21 @@ def test_a_module_that_does_not_import_or_a_row_the_class_refuses_is_named_with_
     with pytest.raises(DataFormatError, match="unknown env name 'weather'; known: multihop, bfcl, or "
                                               "'package.module:Class'"):
         load_examples(_write(tmp_path / "third.jsonl", rows), check=check_trainable)
+
+
+def test_a_module_that_exits_while_it_imports_is_refused_in_one_line(tmp_path, user_module):
+    """A script's top-level argparse or sys.exit ended pact-fast with the script's status (0: a run that trained
+    nothing and said nothing) or its usage line."""
+    from pact_fast.data import DataSetupError, check_trainable
+
+    for code, status in (("import sys\nsys.exit(0)\n", "0"),
+                         ("import argparse\nargparse.ArgumentParser().parse_args(['--n'])\n", "2")):
+        module = f"{user_module}_script{status}"
+        (tmp_path / f"{module}.py").write_text(code)
+        data = _write(tmp_path / "tasks.jsonl", _rows(f"{module}:Env", 1, tmp_path / "log"))
+        with pytest.raises(DataSetupError, match=rf"^{data}:1: env name '{module}:Env': importing {module} exits "
+                                                 rf"\(SystemExit: {status}\): its top-level code runs on import; "):
+            load_examples(data, check=partial(check_trainable, env_modules=(module,)))
 
 
 def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
@@ -389,6 +416,7 @@ def test_a_data_file_alone_never_imports_code(tmp_path, user_module):
     ("HugeReward", r"HugeReward.reward returned '1e\+300' .*: a reward must be a finite number \(within float32's "),
     ("ListReward", r"ListReward.reward returned '\[1.0\]'"),
     ("ListUser", r"ListUser.next_user_turn returned \"\['not', 'text'\]\""),
+    ("ExitingCall", r"^ExitingCall.run_call\('lookup'\) raised SystemExit: 0 \(an environment answers"),
     ("BlankUser", r"BlankUser.next_user_turn returned '' for example multihop-0-0: expected the user's text \(not "
                   r"blank\), or None to end the episode"),
     ("RaisingInit", r"RaisingInit\(example multihop-0-0\) raised KeyError: 'city' \(a check of the row belongs in "

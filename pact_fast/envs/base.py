@@ -60,7 +60,7 @@ def contract_call(env, method, example_id, *args):
         return getattr(env, method)(*args)
     except ToolEnvError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: a CLI's main() ended the run with its status, 0 too
         raise ToolEnvError(f"{type(env).__name__}.{method} raised {type(exc).__name__}: {excerpt_of(exc)} (example "
                            f"{example_id})") from exc
 
@@ -133,7 +133,7 @@ class ToolEnv:
         where = f"{type(self).__name__}.run_call({call.name!r})"
         try:
             result = self.run_call(call.name, call.arguments)
-        except Exception as exc:  # the environment's own bug: answer expected failures as (error text, False)
+        except (Exception, SystemExit) as exc:  # its own bug (or a CLI's sys.exit): answer failures as (text, False)
             raise ToolEnvError(f"{where} raised {type(exc).__name__}: {excerpt_of(exc)} (an environment answers a "
                                "call it cannot run with (error text, False))") from exc
         # a flag must be a bool (or 0 / 1): bool("False") or bool("error") would count a failed call as a success

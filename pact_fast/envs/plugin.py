@@ -26,14 +26,15 @@ module (``data.env_modules``): a data file alone never makes pact_fast import co
 The environment runs in the trainer's process, one episode after another, with no time limit of pact_fast's
 (``BFCLEnv`` has its worker process for that): a call that may hang must bound its own time.
 ``run_call`` answers what the model may get wrong (an unknown tool, bad arguments) as an error response. An
-exception from the class's code (its constructor, ``run_call``, ``reward``, ``next_user_turn``, ``close``, an
-override of ``step``), a constructor that does not hand the caps to ``ToolEnv``, a reward that is not a finite
-number, a response or user turn that is not text (``step``: one per call), a blank user turn (None ends the
-episode), and a flag that is not ``True`` or ``False`` stop the run with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks: a later
-user turn in the trace counts towards the turns an episode needs) and ``close`` (release what an episode holds)
-are ``ToolEnv``'s to override too. The class (``resolve``) and every row (``check_example``) are checked when the
-data loads, before any model does: a class that cannot serve is refused whatever ``data.on_error`` says; a row its
-``check_example`` refuses is skipped with ``data.on_error=skip``.
+exception (``SystemExit`` too: a command-line tool's ``main()``) from the class's code (its constructor,
+``run_call``, ``reward``, ``next_user_turn``, ``close``, an override of ``step``), a constructor that does not hand
+the caps to ``ToolEnv``, a reward that is not a finite number, a response or user turn that is not text (``step``:
+one per call), a blank user turn (None ends the episode), and a flag that is not ``True`` or ``False`` stop the run
+with a ``ToolEnvError`` naming the class. ``next_user_turn`` (multi-turn tasks: a later user turn in the trace
+counts towards the turns an episode needs) and ``close`` (release what an episode holds) are ``ToolEnv``'s to
+override too. The class (``resolve``) and every row (``check_example``) are checked when the data loads, before any
+model does: a class that cannot serve is refused whatever ``data.on_error`` says; a row its ``check_example``
+refuses is skipped with ``data.on_error=skip``.
 """
 import copy
 import dataclasses
@@ -70,6 +71,9 @@ def _resolve(name, env_modules):
                       f"data.env_modules=[{module_name}] allows it")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # a script's top level (argparse, sys.exit) ended pact-fast with its status, 0 too
+        return None, (f"env name {name!r}: importing {module_name} exits (SystemExit: {exc.code}): its top-level code "
+                      "runs on import; put a script's own start under `if __name__ == '__main__':`")
     except Exception as exc:  # the user's module may raise anything while it imports
         path = ", ".join(sys.path[:3])
         return None, (f"env name {name!r}: cannot import {module_name} ({type(exc).__name__}: "
@@ -98,7 +102,7 @@ def _resolve(name, env_modules):
 def resolve(name, env_modules):
     """``(ToolEnv subclass, None)`` for env name ``name``, or ``(None, one-line reason)``: a module outside
     ``env_modules`` (``data.env_modules``: modules and the packages whose modules may be imported), not
-    importable, no such attribute, not a ``ToolEnv`` subclass, ``run_call`` or ``reward`` not implemented, a
+    importable (or exiting as it imports: a script's top-level argparse), no such attribute, not a ``ToolEnv`` subclass, ``run_call`` or ``reward`` not implemented, a
     constructor that does not take ``(example, **caps)``. Imported once per name."""
     return _resolve(name, tuple(env_modules))
 
@@ -115,7 +119,7 @@ def check_example(example, env_modules):
         return None
     try:
         reason = check(example)
-    except Exception as exc:  # the user's check may raise anything on a row it does not expect
+    except (Exception, SystemExit) as exc:  # the user's check may raise anything on a row it does not expect
         return f"{cls.__name__}.check_example raised {type(exc).__name__}: {excerpt_of(exc)}"
     if reason is not None and not isinstance(reason, str):
         return f"{cls.__name__}.check_example returned {reason!r}: expected None or a reason (a string)"
@@ -149,7 +153,7 @@ def make_env(example, caps, env_modules):
         raise DataSetupError(reason)
     try:
         env = cls(_own_copy(example), **caps)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ToolEnvError(f"{cls.__name__}(example {example.id}) raised {type(exc).__name__}: {excerpt_of(exc)} (a "
                            "check of the row belongs in its check_example, which runs when the data loads)") from exc
     for key in CAPS[1:]:  # max_turns: the rollout takes the smaller of the env's and the config's
