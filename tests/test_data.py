@@ -739,6 +739,21 @@ def test_bfcl_rows_need_the_fields_their_back_ends_read(env, words):
         check_trainable(_bfcl_row(**env), needs_trace=False)
 
 
+def test_bfcl_rows_without_bfcl_eval_installed_are_refused_even_when_skipping_rows(tmp_path, monkeypatch):
+    """The missing package is the same for every BFCL row: with data.on_error=skip a file of multi-hop and BFCL rows
+    trained on the multi-hop ones alone, the BFCL ones counted among the skipped."""
+    import sys
+
+    from pact_fast.data import DataSetupError
+
+    pytest.importorskip("bfcl_eval")
+    rows = [_good(), {**_bfcl_row().to_json(), "id": "bfcl-0"}]
+    monkeypatch.setitem(sys.modules, "bfcl_eval.constants.executable_backend_config", None)  # import fails
+    write_examples(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataSetupError, match=r"mixed.jsonl:2: env 'bfcl' needs the bfcl-eval package"):
+        load_examples(tmp_path / "mixed.jsonl", on_error="skip", check=check_trainable)
+
+
 def test_an_empty_system_prompt_is_allowed():
     row = _good()
     row["messages"][0]["content"] = ""

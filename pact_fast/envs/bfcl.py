@@ -241,11 +241,14 @@ def check_example(example):
     ``long_context`` must be a bool, ``revealed_tools`` map later user turns to function names (a turn outside
     them never reveals), each gold call be a call of a function of the classes (``parse_call``) and the back-ends
     load ``initial_config``. A key outside ``ENV_KEYS`` (a typo of ``long_context``) would be ignored: refused. A
-    later user turn must not be blank, and a trace must replay to reward 1 (``_replay_mismatch``)."""
+    later user turn must not be blank, and a trace must replay to reward 1 (``_replay_mismatch``). Without
+    bfcl-eval installed, a ``DataSetupError`` (refused whatever ``data.on_error`` says)."""
+    from ..data import DataSetupError
+
     try:
         from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING
-    except ImportError:
-        return "env 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval"
+    except ImportError:  # the same for every BFCL row: data.on_error=skip trained on without them, said in a count
+        raise DataSetupError("env 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval") from None
     env = example.env
     unread = unread_env_key(env, "bfcl", ENV_KEYS)
     if unread:
