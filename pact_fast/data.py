@@ -250,7 +250,9 @@ def _check_tools(tools, where):
         if fn.get("input_schema") is not None:  # read as a function of no arguments, the schema shown beside it
             _fail(f"{where}[{i}].function has 'input_schema' (Anthropic's name for its arguments' schema): name it "
                   "'parameters'")
-        params = fn.setdefault("parameters", {"type": "object", "properties": {}})  # a function of no arguments
+        if fn.get("parameters") is None:  # a function of no arguments (null: another row's column, datasets' JSONL)
+            fn["parameters"] = {"type": "object", "properties": {}}
+        params = fn["parameters"]
         if isinstance(params, str):
             params = fn["parameters"] = _json_text(params, f"{where}[{i}].function.parameters") if params.strip() \
                 else {"type": "object", "properties": {}}

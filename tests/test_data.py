@@ -82,6 +82,10 @@ def test_tools_and_parameters_as_json_text_are_decoded_and_checked_as_objects():
     with pytest.raises(DataFormatError, match=r"argument\(s\) \['relation'\] that its parameters do not list"):
         parse_example(narrow)
     assert parse_example({**row, "tools": " "}).tools == []  # empty text: none, as a call's arguments ""
+    # null: a spec without parameters in a column of specs with them (datasets' JSONL), as if left out; was refused
+    for no_params in ({"name": "ping"}, {"name": "ping", "parameters": None}):
+        spec = parse_example({**row, "tools": row["tools"] + [{"type": "function", "function": no_params}]}).tools[-1]
+        assert spec["function"]["parameters"] == {"type": "object", "properties": {}}
     for bad, match in (("[{", r"^tools is not valid JSON"), ('{"a": 1}', r"^tools must be a list"),
                        ('[{"type": "function", "function": {"name": "f", "parameters": "[1"}}]',
                         r"tools\[0\].function.parameters is not valid JSON"),
