@@ -136,7 +136,7 @@ def _check_message(msg, where, roles):
     if not isinstance(msg, dict):
         _fail(f"{where} must be an object, got {type(msg).__name__}")
     role = msg.get("role")
-    if role not in roles:
+    if not isinstance(role, str) or role not in roles:  # (a list is no set member: it raised TypeError)
         _fail(f"{where}.role is {role!r}; expected one of {sorted(roles)}" + (
             ": 'messages' is the prompt, the expert's turns go in 'trace' (OpenAI's fine-tuning rows keep both in "
             "'messages': split them before the first assistant turn)" if role in ("assistant", "tool")

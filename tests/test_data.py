@@ -154,6 +154,11 @@ HOSTILE_ROWS = [
     (json.dumps({**_good(), "id": "twice-in-arguments", "trace": [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c", "function": {"name": "lookup", "arguments": '{"entity": "maya", "entity": "ivan"}'}}]}]}).encode(),
      r"trace\[0\]\.tool_calls\[0\]\.function\.arguments: an object gives the key 'entity' twice"),
+    # a role that is a list or an object stopped the load with "TypeError: unhashable type"
+    (json.dumps({**_good(), "id": "role-list", "messages": [{"role": ["user"], "content": "q"}]}).encode(),
+     r"messages\[0\]\.role is \['user'\]; expected one of \['system', 'user'\]"),
+    (_with_trace([{**_FINAL, "role": {"name": "assistant"}}]).encode(),
+     r"trace\[0\]\.role is \{'name': 'assistant'\}; expected one of \['assistant', 'tool', 'user'\]"),
 ]
 
 
