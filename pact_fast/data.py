@@ -238,6 +238,8 @@ def _check_tools(tools, where):
     place; returns (the list, {name: function spec})."""
     if isinstance(tools, str):  # "" as a call's arguments "" is {}: none
         tools = _json_text(tools, where) if tools.strip() else []
+    from .envs.base import MAX_NAME_CHARS
+
     if not isinstance(tools, list):
         _fail(f"{where} must be a list")
     names = {}
@@ -245,6 +247,9 @@ def _check_tools(tools, where):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             _fail(f"{where}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if len(fn["name"]) > MAX_NAME_CHARS:  # every episode's call of it would fail, a trace's call teach it anyway
+            _fail(f"{where}[{i}].function.name has {len(fn['name'])} characters: a rollout runs no call of a name "
+                  f"longer than {MAX_NAME_CHARS} (pact_fast.envs.base.ToolEnv)")
         if t.get("type", "function") != "function":  # rendered and run as a function all the same
             _fail(f"{where}[{i}].type is {t['type']!r}; the tools this format runs are functions ('type': 'function')")
         if fn.get("input_schema") is not None:  # read as a function of no arguments, the schema shown beside it

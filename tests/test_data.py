@@ -154,6 +154,10 @@ HOSTILE_ROWS = [
     (json.dumps({**_good(), "id": "twice-in-arguments", "trace": [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c", "function": {"name": "lookup", "arguments": '{"entity": "maya", "entity": "ivan"}'}}]}]}).encode(),
      r"trace\[0\]\.tool_calls\[0\]\.function\.arguments: an object gives the key 'entity' twice"),
+    # every episode's call of it was refused as "bad tool name", while the trace taught calling it
+    (json.dumps({**_good(), "id": "long-name", "tools": [{"type": "function", "function": {"name": "f" * 101}}],
+                 "trace": []}).encode(),
+     r"tools\[0\]\.function\.name has 101 characters: a rollout runs no call of a name longer than 100"),
     # a role that is a list or an object stopped the load with "TypeError: unhashable type"
     (json.dumps({**_good(), "id": "role-list", "messages": [{"role": ["user"], "content": "q"}]}).encode(),
      r"messages\[0\]\.role is \['user'\]; expected one of \['system', 'user'\]"),
