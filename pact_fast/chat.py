@@ -54,7 +54,7 @@ import re
 from dataclasses import dataclass
 
 from .losses import NONE, OTHER, REASONING, TOOL_CALL, TOOL_RESPONSE
-from .toolcalls import PARSERS, ToolCall, parse_tool_calls
+from .toolcalls import MAX_CALL_CHARS, PARSERS, ToolCall, parse_tool_calls
 
 
 @dataclass
@@ -502,10 +502,11 @@ def turn_tokens(sequences):
     return out
 
 
-def trace_call_mismatch(tokenizer, example, sequences, tool_call_format):
+def trace_call_mismatch(tokenizer, example, sequences, tool_call_format, max_call_chars=MAX_CALL_CHARS):
     """How the first of the trace's tool-call turns reads back, or None when every one does: each assistant turn
     with ``tool_calls``, decoded from its labelled tokens in ``sequences`` (``trace_sequences`` output) as a
-    rollout decodes a sampled turn and parsed in ``tool_call_format``, must give the trace's calls, names,
+    rollout decodes a sampled turn and parsed in ``tool_call_format`` (a call's text at most ``max_call_chars``,
+    ``rollout.max_call_chars``), must give the trace's calls, names,
     arguments and their JSON types. Where it does not (the compact format writes ``True``, ``[1, 2]`` or a
     comma inside a value as bare text), the SFT term teaches calls that the rollout would run differently.
     Returns a one-line description: the turn, the calls as written and as read back."""
@@ -515,7 +516,8 @@ def trace_call_mismatch(tokenizer, example, sequences, tool_call_format):
         if not msg.get("tool_calls"):
             continue
         written = [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
-        read = parse_tool_calls(tokenizer.decode(tokens.get(k, []), skip_special_tokens=False), tool_call_format)
+        read = parse_tool_calls(tokenizer.decode(tokens.get(k, []), skip_special_tokens=False), tool_call_format,
+                                max_call_chars)
         if [_call_text(c) for c in read] != [_call_text(c) for c in written]:
             return (f"assistant turn {k}'s tool calls, rendered and read back in rollout.tool_call_format="
                     f"{tool_call_format!r}, are {_cut('; '.join(map(_call_text, read)) or 'no call')}, not "

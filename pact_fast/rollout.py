@@ -329,7 +329,7 @@ class HFRolloutEngine:
             ep.finish, ep.final_text = "length", final
             ep.turn_tools.append((0, 0))
             return False
-        calls = parse_tool_calls(text, cfg.tool_call_format)
+        calls = parse_tool_calls(text, cfg.tool_call_format, cfg.max_call_chars)
         assistant = {"role": "assistant", "content": final.strip()}
         if calls:
             errors_before = getattr(env, "errors", None)

@@ -34,7 +34,7 @@ from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trac
 from .data import DataFormatError, keep_rows
 from .envs import min_turns
 from .packing import packed_size
-from .toolcalls import ToolCall, parse_one
+from .toolcalls import MAX_CALL_CHARS, ToolCall, parse_one
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often while checking a large data set
 
@@ -60,6 +60,7 @@ class Limits:
     max_turns: Optional[int] = None  # rollout.max_turns: assistant turns an episode may take
     max_new_tokens: Optional[int] = None  # rollout.max_new_tokens: tokens an episode's turn may take
     positions_name: str = "max_position_embeddings"  # what sets ``positions``
+    max_call_chars: int = MAX_CALL_CHARS  # rollout.max_call_chars: the longest call text a rollout reads
 
 
 def limits(model, config):
@@ -81,7 +82,7 @@ def limits(model, config):
     if config.rollout.engine == "vllm" and (sampling is None or vllm_len < sampling):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
     return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns,
-                  config.rollout.max_new_tokens, positions_name)
+                  config.rollout.max_new_tokens, positions_name, config.rollout.max_call_chars)
 
 
 def group_inputs(tokenizer, example):
@@ -133,10 +134,11 @@ def longest_turn(sequences):
     return max(map(len, turn_tokens(sequences).values()), default=0)
 
 
-def check_trace_calls(tokenizer, example, inputs, tool_call_format):
+def check_trace_calls(tokenizer, example, inputs, tool_call_format, max_call_chars=MAX_CALL_CHARS):
     """Raise a one-line ``DataFormatError`` when a trace turn's tool calls do not read back from their rendered
-    tokens as written (``chat.trace_call_mismatch``): its SFT term would teach calls that run differently."""
-    mismatch = trace_call_mismatch(tokenizer, example, inputs.sft, tool_call_format)
+    tokens as written (``chat.trace_call_mismatch``, calls of at most ``max_call_chars``): its SFT term would teach
+    calls that run differently."""
+    mismatch = trace_call_mismatch(tokenizer, example, inputs.sft, tool_call_format, max_call_chars)
     if mismatch:
         hint = " (the compact format writes values as bare text: use rollout.tool_call_format=hermes, with a " \
             "pretrained model, whose tokenizer can write JSON)" if tool_call_format == "compact" else ""
@@ -292,7 +294,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
         check_known_tokens(tokenizer, ex, [inputs.tc_prompt] + [s.input_ids for s in inputs.sft], "prompt or trace")
         check_lengths(ex, inputs, lim)
         if tool_call_format is not None:
-            check_trace_calls(tokenizer, ex, inputs, tool_call_format)
+            check_trace_calls(tokenizer, ex, inputs, tool_call_format, lim.max_call_chars)
         longest = longest_turn(inputs.sft)
         if lim.max_new_tokens is not None and longest > lim.max_new_tokens:
             long_turns.append((ex, longest))

@@ -10,8 +10,9 @@ model only thinks about is not made.
 A malformed call is returned as a ``ToolCallError`` item, which the rollout turns into an error
 observation for the model; parsing never raises on model text. A name or argument given twice is one (the
 parser does not guess which the model meant). Model text is untrusted, so a call longer than ``MAX_CALL_CHARS``
-or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is an error item before any parser sees it (deep
-JSON would otherwise raise ``RecursionError``), and error items keep only a short excerpt of the text.
+(a rollout's: ``rollout.max_call_chars``) or with arguments nested deeper than ``MAX_ARGUMENT_DEPTH`` is an error
+item before any parser sees it (deep JSON would otherwise raise ``RecursionError``), and error items keep only a
+short excerpt of the text.
 """
 import json
 import re
@@ -152,10 +153,11 @@ def parse_hermes(body):
 PARSERS = {"compact": parse_compact, "hermes": parse_hermes}
 
 
-def parse_one(body, fmt="compact"):
-    """One call's text (between the tags) -> ``ToolCall`` or ``ToolCallError``, size and depth capped."""
-    if len(body) > MAX_CALL_CHARS:
-        return ToolCallError(body, f"tool call has {len(body)} characters, more than the limit of {MAX_CALL_CHARS}")
+def parse_one(body, fmt="compact", max_chars=MAX_CALL_CHARS):
+    """One call's text (between the tags) -> ``ToolCall`` or ``ToolCallError``, size (``max_chars``: a rollout's
+    ``rollout.max_call_chars``) and depth capped."""
+    if len(body) > max_chars:
+        return ToolCallError(body, f"tool call has {len(body)} characters, more than the limit of {max_chars}")
     call = PARSERS[fmt](body)
     if isinstance(call, ToolCall) and nesting_depth(call.arguments) > MAX_ARGUMENT_DEPTH:
         return ToolCallError(body, f"arguments are nested deeper than {MAX_ARGUMENT_DEPTH} levels")
@@ -179,11 +181,11 @@ def _reasoning_end(text):
     return max(end, inside)
 
 
-def parse_tool_calls(text, fmt="compact"):
+def parse_tool_calls(text, fmt="compact", max_chars=MAX_CALL_CHARS):
     """All tool calls in ``text`` after its reasoning (``_reasoning_end``: a call the model only thinks about is not
     made): a list of ``ToolCall`` or ``ToolCallError``, one per ``<tool_call>`` block, read left to right in one
     pass (a degenerate turn of many unclosed tags costs linear time). An unclosed ``<tool_call>`` is an error item
-    too."""
+    too, and so is a call's text longer than ``max_chars`` (``parse_one``)."""
     if fmt not in PARSERS:
         raise ValueError(f"parse_tool_calls: unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
     calls, i = [], _reasoning_end(text)
@@ -192,6 +194,6 @@ def parse_tool_calls(text, fmt="compact"):
         if end < 0:
             calls.append(ToolCallError(text[start:], "unclosed <tool_call>"))
             break
-        calls.append(parse_one(text[start + len(OPEN):end], fmt))
+        calls.append(parse_one(text[start + len(OPEN):end], fmt, max_chars))
         i = end + len(CLOSE)
     return calls

@@ -462,3 +462,15 @@ def test_a_context_block_is_encoded_as_in_the_whole_text_with_a_sentencepiece_to
     assert whole[:len(prefix)] == prefix
     assert engine._context_block(ex, conv, new) == whole[len(prefix):]
     assert tok(after[len(head):], add_special_tokens=False)["input_ids"] != whole[len(prefix):], "alone it differs"
+
+
+def test_a_raised_rollout_max_call_chars_lets_longer_calls_run():
+    """The parser capped a call's text at 10,000 characters whatever rollout.max_call_chars said: raised to let a
+    long call run (a file's content written by a tool), every such call was still an error observation."""
+    tok = build_tokenizer()
+    ex = parse_example(make_task(1, hops=1, n_distractors=3))
+    call = "<tool_call> length ( word = " + "maya " * 3000 + ") </tool_call>"  # 15,000 characters
+    for limit, errors in ((20_000, 0), (10_000, 1)):
+        (ep,) = _OneTurnEngine(tok, call, group_size=1, max_turns=2, max_call_chars=limit).rollout(
+            [ex], lambda e: MultiHopEnv(e, max_call_chars=limit))[0]
+        assert (ep.tool_calls, ep.tool_errors) == (2, 2 * errors), limit  # the same call in both turns

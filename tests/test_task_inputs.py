@@ -424,6 +424,23 @@ def test_trace_calls_that_do_not_read_back_are_refused(smollm2_dir, tmp_path, ar
     assert "assistant turn 0's tool calls" in lines[0]
 
 
+def test_a_trace_call_is_read_back_under_the_runs_rollout_max_call_chars(smollm2_dir, tmp_path):
+    """A trace call longer than 10,000 characters read back as an error (the parser's own cap) however far
+    rollout.max_call_chars was raised: the row was refused as a call the rollout runs differently."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    examples, _ = load_examples(_write(tmp_path / "d.jsonl", [_calling_row({"text": "long " * 3000})]))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    resolve_chat_template(tok, "builtin", "hermes", log=None)
+    assert prepare(tok, examples, [], Limits(100_000, max_call_chars=20_000), tool_call_format="hermes") == (
+        examples, [])
+    with pytest.raises(DataFormatError, match=r"are an error \(tool call has 150\d\d characters, more than the limit "
+                                              r"of 10000\)"):
+        prepare(tok, examples, [], Limits(100_000), tool_call_format="hermes")
+
+
 def test_compact_values_that_read_back_pass(smollm2_dir, tmp_path):
     """What the compact format does carry is not refused: words, numbers, an id with leading zeros, inner spaces."""
     from transformers import AutoTokenizer
