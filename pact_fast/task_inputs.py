@@ -16,7 +16,8 @@ that first drew it would otherwise stop, possibly hours in, or train on quietly:
 - a rollout unit (both prompts and one response token under each, packed) or a trace sequence that packs to
   more tokens than ``train.micro_batch_tokens``.
 - a tool the run's ``rollout.tool_call_format`` cannot call (``check_tool_names``: the compact format writes names
-  as bare words; a held-out task is checked for it too).
+  as bare words; a held-out task is checked for it too);
+- a trace turn of more tool calls than a rollout runs in one turn (``check_calls_per_turn``).
 
 Held-out tasks are checked for their prompt-only prompt, the only one evaluation samples from. With
 ``data.on_error=skip`` such rows are left out and counted, as ``data.load_examples`` leaves out malformed ones.
@@ -33,6 +34,7 @@ from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trac
                    trace_sequences, turn_tokens)
 from .data import DataFormatError, keep_rows
 from .envs import min_turns
+from .envs.base import MAX_CALLS_PER_TURN
 from .packing import packed_size
 from .toolcalls import MAX_CALL_CHARS, ToolCall, parse_one
 
@@ -61,6 +63,7 @@ class Limits:
     max_new_tokens: Optional[int] = None  # rollout.max_new_tokens: tokens an episode's turn may take
     positions_name: str = "max_position_embeddings"  # what sets ``positions``
     max_call_chars: int = MAX_CALL_CHARS  # rollout.max_call_chars: the longest call text a rollout reads
+    max_calls_per_turn: int = MAX_CALLS_PER_TURN  # rollout.max_calls_per_turn: calls a rollout runs in one turn
 
 
 def limits(model, config):
@@ -82,7 +85,8 @@ def limits(model, config):
     if config.rollout.engine == "vllm" and (sampling is None or vllm_len < sampling):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
     return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns,
-                  config.rollout.max_new_tokens, positions_name, config.rollout.max_call_chars)
+                  config.rollout.max_new_tokens, positions_name, config.rollout.max_call_chars,
+                  config.rollout.max_calls_per_turn)
 
 
 def group_inputs(tokenizer, example):
@@ -144,6 +148,18 @@ def check_trace_calls(tokenizer, example, inputs, tool_call_format, max_call_cha
             "pretrained model, whose tokenizer can write JSON)" if tool_call_format == "compact" else ""
         raise DataFormatError(f"{example.where()}: {mismatch}; the SFT term would teach calls the rollout runs "
                               f"differently{hint}")
+
+
+def check_calls_per_turn(example, lim):
+    """Raise a one-line ``DataFormatError`` when a trace turn makes more tool calls than a rollout runs in one turn
+    (``lim.max_calls_per_turn``): the SFT term would teach calls that every episode imitating it gets answered
+    "not run"."""
+    turns = [m for m in example.trace if m["role"] == "assistant"]
+    for k, n in enumerate(len(m.get("tool_calls") or []) for m in turns):
+        if n > lim.max_calls_per_turn:
+            raise DataFormatError(f"{example.where()}: assistant turn {k} makes {n} tool calls, more than the "
+                                  f"rollout.max_calls_per_turn={lim.max_calls_per_turn} a rollout runs in one turn "
+                                  "(the others are answered 'not run'); raise it")
 
 
 def check_tool_names(example, tool_call_format):
@@ -260,7 +276,8 @@ def unrewardable(examples, lim):
 
 
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
-    """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` (and, given
+    """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` and
+    ``check_calls_per_turn`` (and, given
     the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling`` (and,
     given that format, every task passed ``check_tool_names``).
     ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left
@@ -293,6 +310,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
                                   f"{' '.join(str(exc).split())})") from None
         check_known_tokens(tokenizer, ex, [inputs.tc_prompt] + [s.input_ids for s in inputs.sft], "prompt or trace")
         check_lengths(ex, inputs, lim)
+        check_calls_per_turn(ex, lim)
         if tool_call_format is not None:
             check_trace_calls(tokenizer, ex, inputs, tool_call_format, lim.max_call_chars)
         longest = longest_turn(inputs.sft)
@@ -332,5 +350,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths",
-           "check_trace_calls", "check_special_text", "check_tool_names", "longest_turn", "response_cap", "fit_episodes",
+           "check_trace_calls", "check_calls_per_turn", "check_special_text", "check_tool_names", "longest_turn", "response_cap", "fit_episodes",
            "prepare", "unrewardable", "PROGRESS_EVERY_S"]

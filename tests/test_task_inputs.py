@@ -122,6 +122,9 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
     vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
     # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
     assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2, 10)
+    caps = load_config(None, TINY + ["rollout.max_call_chars=20000", "rollout.max_calls_per_turn=2"])
+    assert limits(model, caps) == Limits(700, 2048, 2048, "the model's max_position_embeddings", 2, 10,
+                                         max_call_chars=20_000, max_calls_per_turn=2)
 
 
 def test_a_longrope_model_keeps_its_sequences_where_its_frequencies_stay(tiny):
@@ -439,6 +442,27 @@ def test_a_trace_call_is_read_back_under_the_runs_rollout_max_call_chars(smollm2
     with pytest.raises(DataFormatError, match=r"are an error \(tool call has 150\d\d characters, more than the limit "
                                               r"of 10000\)"):
         prepare(tok, examples, [], Limits(100_000), tool_call_format="hermes")
+
+
+def test_a_trace_turn_of_more_calls_than_a_rollout_runs_is_refused(smollm2_dir, tmp_path):
+    """A trace turn of three parallel calls under rollout.max_calls_per_turn=2 trained the third call, which every
+    episode imitating it got answered "not run" (an environment of your own replays no trace at load)."""
+    from transformers import AutoTokenizer
+
+    from pact_fast.chat import resolve_chat_template
+
+    row = _calling_row({"text": "hi"})
+    calls = [{**row["trace"][0]["tool_calls"][0], "id": f"c{k}"} for k in (1, 2, 3)]
+    row["trace"][:2] = [{**row["trace"][0], "tool_calls": calls}] + [
+        {"role": "tool", "tool_call_id": c["id"], "content": "done"} for c in calls]
+    examples, _ = load_examples(_write(tmp_path / "d.jsonl", [row]))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    resolve_chat_template(tok, "builtin", "hermes", log=None)
+    assert prepare(tok, examples, [], Limits(10_000, max_calls_per_turn=3), tool_call_format="hermes") == (
+        examples, [])
+    with pytest.raises(DataFormatError, match=r"d.jsonl:1 \(id 'r'\): assistant turn 0 makes 3 tool calls, more than "
+                                              r"the rollout.max_calls_per_turn=2 a rollout runs in one turn"):
+        prepare(tok, examples, [], Limits(10_000, max_calls_per_turn=2), tool_call_format="hermes")
 
 
 def test_compact_values_that_read_back_pass(smollm2_dir, tmp_path):
