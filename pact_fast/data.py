@@ -37,11 +37,12 @@ which only a ``user`` turn may come, and a later ``user`` turn comes only after 
 trace ends with a final answer, as an episode does. It may
 carry ``tools``, function specs it makes available from then on (BFCL's ``multi_turn_miss_func``), which its text
 shows (a user turn renders as its text alone). Numbers must be
-finite JSON numbers (no NaN or Infinity), keys unique within an object (an arguments string's too) and ids
+finite JSON numbers (no NaN, Infinity or 1e999), keys unique within an object (an arguments string's too) and ids
 unique within a file.
 """
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -467,6 +468,15 @@ def _reject_constant(name):
     _fail(f"{name} is not a JSON number (numbers must be finite)")
 
 
+def _finite_float(text):
+    """A JSON number's ``text`` -> float; one past a double's range (``1e999``, which Python reads as inf) is a
+    ``DataFormatError``, as ``Infinity`` is."""
+    value = float(text)
+    if not math.isfinite(value):
+        _fail(f"{text if len(text) <= 24 else text[:20] + '...'} is past a float's range (numbers must be finite)")
+    return value
+
+
 def _unique_keys(pairs):
     """A JSON object's (key, value) pairs -> a dict; a key given twice is a ``DataFormatError`` (``json`` keeps the last
     value without a word, other readers the first)."""
@@ -507,11 +517,13 @@ def _decode_row(raw, line_no=0):
 
 
 def _strict_json(text):
-    """``text`` -> its JSON value, decoded strictly: NaN or Infinity, a key given twice, a lone surrogate escape,
-    nesting past Python's recursion limit and a number past its int conversion limit are each a ``DataFormatError``;
-    a syntax error is raised as ``json.JSONDecodeError`` for the caller to explain (a row's names its column)."""
+    """``text`` -> its JSON value, decoded strictly: NaN or Infinity (or 1e999, past a float's range), a key given
+    twice, a lone surrogate escape, nesting past Python's recursion limit and a number past its int conversion limit
+    are each a ``DataFormatError``; a syntax error is raised as ``json.JSONDecodeError`` for the caller to explain (a
+    row's names its column)."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant,
+                           object_pairs_hook=_unique_keys)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone \ud800-\udfff escape: no character
         return value
     except (json.JSONDecodeError, DataFormatError):  # (both ValueErrors: before the last clause)

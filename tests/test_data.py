@@ -82,6 +82,11 @@ def test_tools_and_parameters_as_json_text_are_decoded_and_checked_as_objects():
     with pytest.raises(DataFormatError, match=r"argument\(s\) \['relation'\] that its parameters do not list"):
         parse_example(narrow)
     assert parse_example({**row, "tools": " "}).tools == []  # empty text: none, as a call's arguments ""
+    with pytest.raises(DataFormatError, match=r"^trace\[0\]\.tool_calls\[0\]\.function\.arguments: 1e400 is past a "
+                                              r"float's range"):
+        call = {**row["trace"][0]["tool_calls"][0], "function": {
+            "name": "lookup", "arguments": '{"entity": 1e400, "relation": "age"}'}}
+        parse_example({**row, "trace": [{**row["trace"][0], "tool_calls": [call]}] + row["trace"][1:]})
     # null: a spec without parameters in a column of specs with them (datasets' JSONL), as if left out; was refused
     for no_params in ({"name": "ping"}, {"name": "ping", "parameters": None}):
         spec = parse_example({**row, "tools": row["tools"] + [{"type": "function", "function": no_params}]}).tools[-1]
@@ -134,6 +139,9 @@ HOSTILE_ROWS = [
     (json.dumps({**_good(), "id": "nan", "answer": 1.5}).replace("1.5", "NaN").encode(), "NaN is not a JSON number"),
     (json.dumps({**_good(), "id": "inf", "answer": 1.5}).replace("1.5", "-Infinity").encode(),
      "-Infinity is not a JSON number"),
+    # a number literal past a double's range: Python's json reads it as inf, which "numbers must be finite" refuses
+    (json.dumps({**_good(), "id": "overflow", "env": {"name": "m:X", "t": 1.5}}).replace("1.5", "-1e999").encode(),
+     r"-1e999 is past a float's range \(numbers must be finite\)"),
     (json.dumps({**_good(), "id": "surrogate", "answer": "x"}).replace('"x"', '"a\\ud800b"').encode(),
      "a string holds a lone surrogate escape"),
     # OpenAI's fine-tuning layout, the whole conversation in 'messages'
