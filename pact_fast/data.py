@@ -489,11 +489,20 @@ def _unique_keys(pairs):
     return obj
 
 
+# how files that are not JSONL text start: compressed files, archives, and Hugging Face data sets' Parquet
+_BINARY_STARTS = {b"\x1f\x8b": "a gzip file: decompress it first", b"BZh": "a bzip2 file: decompress it first",
+                  b"\xfd7zXZ\x00": "an xz file: decompress it first",
+                  b"\x28\xb5\x2f\xfd": "a zstd file: decompress it first",
+                  b"PK\x03\x04": "a zip archive: extract the data file from it",
+                  b"PAR1": "a Parquet file: convert it (datasets.Dataset.from_parquet(path).to_json('rows.jsonl'))"}
+
+
 def _decode_row(raw, line_no=0):
     """One line of bytes (the ``line_no``-th) -> the decoded JSON value; every failure is a ``DataFormatError``."""
     if line_no == 1:
-        if raw.startswith(b"\x1f\x8b"):
-            _fail("a gzip file: decompress it first (rows are JSONL text, one JSON object per line)")
+        what = next((what for start, what in _BINARY_STARTS.items() if raw.startswith(start)), None)
+        if what:
+            _fail(f"{what} (rows are JSONL text, one JSON object per line)")
         if raw.strip() in (b"[", b"{"):
             _fail(f"the line is {raw.strip().decode()!r} alone: a JSON array or pretty-printed JSON, not JSONL (one "
                   "JSON object per line)")

@@ -1,5 +1,7 @@
+import bz2
 import copy
 import json
+import lzma
 import os
 import re
 
@@ -629,6 +631,11 @@ def test_schemas_that_allow_other_arguments_allow_them(parameters):
 
 @pytest.mark.parametrize("content, words", [
     (b"\x1f\x8b\x08\x00", "a gzip file: decompress it first"),
+    # these said "not UTF-8 (byte 0x80 at column 8)" and the like, not what the file is
+    (bz2.compress(json.dumps(_good()).encode()), "a bzip2 file: decompress it first"),
+    (lzma.compress(json.dumps(_good()).encode()), "an xz file: decompress it first"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00", "a zip archive: extract the data file from it"),
+    (b"PAR1\x15\x04\x15\x80\x01\x15\x80\x01L", r"a Parquet file: convert it \(datasets"),
     (b"[\n" + json.dumps(_good()).encode() + b"\n]\n", "the line is '\\[' alone: a JSON array or pretty-printed JSON"),
     (("[" + json.dumps(_good()) + "]\n").encode(), "a row must be a JSON object, got list \\(a JSON array file\\? rows are JSONL"),
     # an array written one object per line: it was "invalid JSON: the line ends after column N (...; truncated?)"
