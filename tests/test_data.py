@@ -355,6 +355,13 @@ def test_a_flat_argument_map_or_a_second_spec_of_one_name_is_refused():
     with pytest.raises(DataFormatError, match=r"tools\[0\].function.parameters must be a JSON schema .* neither "
                                               r"'type' nor 'properties' but \['entity', 'relation'\]"):
         parse_example(flat)
+    # with an argument named "type" (xLAM's search tools have one) it read as a schema of no properties: every
+    # argument passed, misspelt or not
+    flat["tools"] = copy.deepcopy(row["tools"])
+    flat["tools"][0]["function"]["parameters"] = {**fn["parameters"]["properties"], "type": {"type": "str"}}
+    with pytest.raises(DataFormatError, match=r"tools\[0\].function.parameters.type is an object, not a JSON schema "
+                                              r"type: a flat map of arguments"):
+        parse_example(flat)
     twice = {**row, "tools": row["tools"] + [row["tools"][0]]}
     n = len(row["tools"])
     with pytest.raises(DataFormatError, match=rf"tools\[{n}\] is a second function named {fn['name']!r} \(the "
