@@ -68,8 +68,9 @@ def contract_call(env, method, example_id, *args):
 class ToolEnv:
     """Base of the environments the rollout drives.
 
-    Subclasses implement ``run_call(name, arguments) -> (response text, ok)`` and ``reward(final_text)``;
-    multi-turn environments also override ``next_user_turn``. ``max_turns`` is the episode's turn limit.
+    Subclasses implement ``run_call(name, arguments) -> (response text, ok)`` and ``reward(final_text)`` (the
+    episode's last turn as the model wrote it, its ``<think>`` reasoning included: ``multihop.final_answer`` keeps
+    the answer); multi-turn environments also override ``next_user_turn``. ``max_turns`` is the episode's turn limit.
 
     ``step`` refuses, with an error observation and before ``run_call`` sees them, calls whose name is
     not a short string, whose arguments are not an object, write out to more than ``max_call_chars``

@@ -5,6 +5,7 @@ and builds for every episode of that row, from a copy of the row's dicts and lis
 module (``data.env_modules``): a data file alone never makes pact_fast import code::
 
     from pact_fast.envs.base import ToolEnv
+    from pact_fast.envs.multihop import final_answer
 
     class WeatherEnv(ToolEnv):
         def __init__(self, example, **caps):  # caps: max_turns, max_call_chars, max_result_chars, ...
@@ -17,7 +18,9 @@ module (``data.env_modules``): a data file alone never makes pact_fast import co
             return "sunny", True
 
         def reward(self, final_text):  # -> a finite number; success counts reward >= 1
-            return float("sunny" in final_text.lower())
+            # final_text: the last turn as the model wrote it, <think> reasoning included: "sunny?" in the reasoning
+            # would pay a wrong answer
+            return float("sunny" in final_answer(final_text).lower())
 
         @staticmethod
         def check_example(example):  # optional: why a row cannot train here (one line), or None
