@@ -562,7 +562,11 @@ def load_examples(path, *, on_error="raise", check=None):
     path = Path(path)
     report, examples = LoadReport(str(path)), []
     first_line = {}  # id -> line where it first appeared
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as exc:  # a file of another user's, say: one line, not a PermissionError traceback
+        raise DataFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:  # a UTF-8 byte order mark, on a line of its own too (then a blank line, skipped)
                 raw = raw.removeprefix(b"\xef\xbb\xbf")

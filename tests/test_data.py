@@ -795,6 +795,22 @@ def test_an_empty_system_prompt_is_allowed():
     assert parse_example(row).messages[0]["content"] == ""
 
 
+def test_a_data_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """A file the user may not read (its mode, as root cannot show here) stopped the command with a PermissionError
+    traceback."""
+    from pathlib import Path
+
+    path = tmp_path / "rows.jsonl"
+    write_examples(path, [_good()])
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(DataFormatError, match=rf"^{path}: cannot be read \(Permission denied\)$"):
+        load_examples(path)
+
+
 def test_a_pipe_as_the_data_file_is_refused_as_one_not_as_missing(tmp_path):
     """``--data <(zcat rows.jsonl.gz)`` (what a user does once a gzip file is refused) was refused as "no such
     file", of a path that exists; a pipe reads once, where a resume and ``pact-fast eval --run`` read it again."""
