@@ -259,6 +259,18 @@ def test_a_row_whose_trace_does_not_earn_the_reward_is_refused(edit, words):
     assert re.match(words, check_example(ex)), check_example(ex)
 
 
+def test_a_trace_calling_a_function_before_its_env_reveals_it_is_refused():
+    """env.revealed_tools says when an episode may call a held-back function: a trace that calls it a turn earlier
+    (its user turn's tools reveal it there) taught a call every episode got answered "unknown function"."""
+    from pact_fast.envs.bfcl import check_example
+
+    (ex,) = load_bfcl("multi_turn_miss_func", limit=1)
+    assert ex.env["revealed_tools"] == {"3": ["sort"]} and check_example(ex) is None
+    ex.env["revealed_tools"] = {"4": ["sort"]}
+    assert re.match(r"trace\[\d+\] gives 'sort' the result .*, where the back-ends answer 'Error during execution: "
+                    r"unknown function sort'$", check_example(ex)), check_example(ex)
+
+
 def test_miss_param_traces_close_the_turn_without_a_call(categories):
     for ex in categories["multi_turn_miss_param"][0]:
         empty = [t for t, calls in enumerate(ex.env["gold"]) if not calls and t + 1 < len(ex.env["gold"])]

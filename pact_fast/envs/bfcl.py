@@ -307,17 +307,26 @@ def check_example(example):
 
 def _replay_mismatch(example, backends):
     """Why ``example``'s trace does not earn ``BFCLEnv``'s reward (a one-line reason), or None: its calls, run in
-    order on ``backends`` (fresh, in this process: the data is trusted), must answer what its tool responses say and
-    pass ``gold_mismatch``, or the RL terms would punish what the SFT term teaches (a hand-edited call or response
-    trained on while every episode making that call earned 0)."""
+    order on ``backends`` (fresh, in this process: the data is trusted) as ``BFCLEnv.run_call`` runs them (a function
+    that ``revealed_tools`` holds back until a later user turn is unknown until then), must answer what its tool
+    responses say and pass ``gold_mismatch``, or the RL terms would punish what the SFT term teaches (a hand-edited
+    call or response trained on while every episode making that call earned 0)."""
+    revealed = {int(k): set(v) for k, v in example.env.get("revealed_tools", {}).items()}
+    hidden = set().union(*revealed.values())
     results, answers = [[]], []  # the trace's results per user turn; (function, result) of the open turn's calls
     for i, m in enumerate(example.trace):
         if m["role"] == "user":
             results.append([])
+            hidden -= revealed.get(len(results) - 1, set())
         elif m["role"] == "assistant":
-            answers = [(c["function"]["name"], backends.execute(c["function"]["name"], (), c["function"]["arguments"]))
-                       for c in m.get("tool_calls") or []]
-            results[-1] += [result for _, result in answers]
+            answers = []
+            for call in m.get("tool_calls") or []:
+                name = call["function"]["name"]
+                if name in hidden:
+                    answers.append((name, f"{ERROR}unknown function {name}"))
+                else:
+                    answers.append((name, backends.execute(name, (), call["function"]["arguments"])))
+                    results[-1].append(answers[-1][1])
         else:  # tool responses come in the order of their turn's calls (data.parse_example)
             name, result = answers.pop(0)
             if m["content"] != result:
