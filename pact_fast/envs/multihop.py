@@ -252,7 +252,7 @@ ENV_KEYS = ("name", "world_seed")  # what a row's env gives MultiHopEnv
 
 def check_example(example):
     """Why ``example`` cannot train against ``MultiHopEnv`` (a one-line reason), or None. Its tools must be the
-    environment's own (it runs no other); its ``answer`` a string or an integer, as the reward compares it as
+    environment's own (it runs no other), each spec with the arguments the environment runs it with, all required; its ``answer`` a string or an integer, as the reward compares it as
     text; its trace one user turn (the environment hands over no later one), and, replayed here, the trace's tool
     results must be what the environment answers in its world (``env.world_seed``) and its final answer must earn
     the reward (``data.parse_example`` has refused a trace that does not end with one). Otherwise
@@ -266,6 +266,13 @@ def check_example(example):
     if foreign:
         return (f"env 'multihop' runs only its own tools ({', '.join(sorted(own))}); the row lists {foreign[0]!r}: "
                 "give such rows an environment that runs their tools")
+    for t in example.tools:  # a spec of other arguments: the model calls as it reads, every call fails
+        name, schema = t["function"]["name"], t["function"]["parameters"]
+        wants = sorted((TOOLS.get(name) or DISTRACTORS[name])["parameters"])
+        given, required = sorted(schema.get("properties") or {}), sorted(schema.get("required", []))
+        if given != wants or required != wants:
+            return (f"the row's spec of {name!r} lists the arguments {given} (required: {required}); env 'multihop' "
+                    f"runs {name} with {wants}, all required")
     if not isinstance(example.answer, (str, int)) or isinstance(example.answer, bool):
         return (f"'answer' must be a string or an integer for the multihop reward (it compares the final answer "
                 f"as text), got {type(example.answer).__name__}")
