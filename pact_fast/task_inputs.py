@@ -350,5 +350,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths",
-           "check_trace_calls", "check_calls_per_turn", "check_special_text", "check_tool_names", "longest_turn", "response_cap", "fit_episodes",
-           "prepare", "unrewardable", "PROGRESS_EVERY_S"]
+           "check_trace_calls", "check_calls_per_turn", "check_special_text", "check_tool_names", "longest_turn",
+           "response_cap", "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]

@@ -252,12 +252,12 @@ ENV_KEYS = ("name", "world_seed")  # what a row's env gives MultiHopEnv
 
 def check_example(example):
     """Why ``example`` cannot train against ``MultiHopEnv`` (a one-line reason), or None. Its tools must be the
-    environment's own (it runs no other), each spec with the arguments the environment runs it with, all required; its ``answer`` a string or an integer, as the reward compares it as
-    text; its trace one user turn (the environment hands over no later one), and, replayed here, the trace's tool
-    results must be what the environment answers in its world (``env.world_seed``) and its final answer must earn
-    the reward (``data.parse_example`` has refused a trace that does not end with one). Otherwise
-    the RL terms would punish what the SFT term teaches. ``env`` holds ``ENV_KEYS`` only: another key (a typo of
-    ``world_seed``) would be ignored, and the task run in world 0."""
+    environment's own (it runs no other), each spec with the arguments the environment runs it with, all required; its
+    ``answer`` a string or an integer, as the reward compares it as text; its trace one user turn (the environment hands
+    over no later one), and, replayed here, the trace's tool results must be what the environment answers in its world
+    (``env.world_seed``) and its final answer must earn the reward (``data.parse_example`` has refused a trace that does
+    not end with one). Otherwise the RL terms would punish what the SFT term teaches. ``env`` holds ``ENV_KEYS`` only:
+    another key (a typo of ``world_seed``) would be ignored, and the task run in world 0."""
     unread = unread_env_key(example.env, "multihop", ENV_KEYS)
     if unread:
         return unread

@@ -104,9 +104,9 @@ def _resolve(name, env_modules):
 
 def resolve(name, env_modules):
     """``(ToolEnv subclass, None)`` for env name ``name``, or ``(None, one-line reason)``: a module outside
-    ``env_modules`` (``data.env_modules``: modules and the packages whose modules may be imported), not
-    importable (or exiting as it imports: a script's top-level argparse), no such attribute, not a ``ToolEnv`` subclass, ``run_call`` or ``reward`` not implemented, a
-    constructor that does not take ``(example, **caps)``. Imported once per name."""
+    ``env_modules`` (``data.env_modules``: modules and the packages whose modules may be imported), not importable (or
+    exiting as it imports: a script's top-level argparse), no such attribute, not a ``ToolEnv`` subclass, ``run_call``
+    or ``reward`` not implemented, a constructor that does not take ``(example, **caps)``. Imported once per name."""
     return _resolve(name, tuple(env_modules))
 
 
