@@ -17,7 +17,8 @@ that first drew it would otherwise stop, possibly hours in, or train on quietly:
   more tokens than ``train.micro_batch_tokens``.
 - a tool the run's ``rollout.tool_call_format`` cannot call (``check_tool_names``: the compact format writes names
   as bare words; a held-out task is checked for it too);
-- a trace turn of more tool calls than a rollout runs in one turn (``check_calls_per_turn``).
+- a trace turn of more tool calls than a rollout runs in one turn, or a tool response longer than a rollout hands
+  over (``check_rollout_caps``).
 
 Held-out tasks are checked for their prompt-only prompt, the only one evaluation samples from. With
 ``data.on_error=skip`` such rows are left out and counted, as ``data.load_examples`` leaves out malformed ones.
@@ -34,7 +35,7 @@ from .chat import (check_trace_components, prompt_ids, trace_call_mismatch, trac
                    trace_sequences, turn_tokens)
 from .data import DataFormatError, keep_rows
 from .envs import min_turns
-from .envs.base import MAX_CALLS_PER_TURN
+from .envs.base import MAX_CALLS_PER_TURN, MAX_RESULT_CHARS
 from .packing import packed_size
 from .toolcalls import MAX_CALL_CHARS, ToolCall, parse_one
 
@@ -64,6 +65,7 @@ class Limits:
     positions_name: str = "max_position_embeddings"  # what sets ``positions``
     max_call_chars: int = MAX_CALL_CHARS  # rollout.max_call_chars: the longest call text a rollout reads
     max_calls_per_turn: int = MAX_CALLS_PER_TURN  # rollout.max_calls_per_turn: calls a rollout runs in one turn
+    max_result_chars: int = MAX_RESULT_CHARS  # rollout.max_result_chars: the longest tool response a rollout hands over
 
 
 def limits(model, config):
@@ -86,7 +88,7 @@ def limits(model, config):
         sampling, name = vllm_len, "rollout.vllm_max_model_len"
     return Limits(config.train.micro_batch_tokens, positions, sampling, name, config.rollout.max_turns,
                   config.rollout.max_new_tokens, positions_name, config.rollout.max_call_chars,
-                  config.rollout.max_calls_per_turn)
+                  config.rollout.max_calls_per_turn, config.rollout.max_result_chars)
 
 
 def group_inputs(tokenizer, example):
@@ -150,16 +152,22 @@ def check_trace_calls(tokenizer, example, inputs, tool_call_format, max_call_cha
                               f"differently{hint}")
 
 
-def check_calls_per_turn(example, lim):
+def check_rollout_caps(example, lim):
     """Raise a one-line ``DataFormatError`` when a trace turn makes more tool calls than a rollout runs in one turn
-    (``lim.max_calls_per_turn``): the SFT term would teach calls that every episode imitating it gets answered
-    "not run"."""
+    (``lim.max_calls_per_turn``), or a tool response is longer than a rollout hands over (``lim.max_result_chars``):
+    the SFT term would teach calls, or answers from a response, that every episode imitating it gets an error
+    observation for."""
     turns = [m for m in example.trace if m["role"] == "assistant"]
     for k, n in enumerate(len(m.get("tool_calls") or []) for m in turns):
         if n > lim.max_calls_per_turn:
             raise DataFormatError(f"{example.where()}: assistant turn {k} makes {n} tool calls, more than the "
                                   f"rollout.max_calls_per_turn={lim.max_calls_per_turn} a rollout runs in one turn "
                                   "(the others are answered 'not run'); raise it")
+    for i, m in enumerate(example.trace):
+        if m["role"] == "tool" and len(m["content"]) > lim.max_result_chars:
+            raise DataFormatError(f"{example.where()}: trace[{i}], a tool response, has {len(m['content']):,} "
+                                  f"characters, more than the rollout.max_result_chars={lim.max_result_chars:,} a "
+                                  "rollout hands over (a longer one is answered with an error); raise it")
 
 
 def check_tool_names(example, tool_call_format):
@@ -277,7 +285,7 @@ def unrewardable(examples, lim):
 
 def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, tool_call_format=None):
     """``(train_set, held_out)`` once every training task's ``GroupInputs`` passed ``check_lengths`` and
-    ``check_calls_per_turn`` (and, given
+    ``check_rollout_caps`` (and, given
     the run's ``tool_call_format``, ``check_trace_calls``) and every held-out prompt fits ``lim.sampling`` (and,
     given that format, every task passed ``check_tool_names``).
     ``on_error="raise"``: the first task that fails is a ``DataFormatError``; ``"skip"``: failing tasks are left
@@ -310,7 +318,7 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
                                   f"{' '.join(str(exc).split())})") from None
         check_known_tokens(tokenizer, ex, [inputs.tc_prompt] + [s.input_ids for s in inputs.sft], "prompt or trace")
         check_lengths(ex, inputs, lim)
-        check_calls_per_turn(ex, lim)
+        check_rollout_caps(ex, lim)
         if tool_call_format is not None:
             check_trace_calls(tokenizer, ex, inputs, tool_call_format, lim.max_call_chars)
         longest = longest_turn(inputs.sft)
@@ -350,5 +358,5 @@ def prepare(tokenizer, train_set, held_out, lim, *, on_error="raise", log=None, 
 
 
 __all__ = ["GroupInputs", "Limits", "limits", "group_inputs", "check_known_tokens", "check_lengths",
-           "check_trace_calls", "check_calls_per_turn", "check_special_text", "check_tool_names", "longest_turn",
+           "check_trace_calls", "check_rollout_caps", "check_special_text", "check_tool_names", "longest_turn",
            "response_cap", "fit_episodes", "prepare", "unrewardable", "PROGRESS_EVERY_S"]

@@ -122,9 +122,10 @@ def test_the_lengths_bound_what_a_step_packs(tiny):
     vllm = load_config(None, TINY + ["rollout.engine=vllm", "rollout.vllm_max_model_len=1024"])
     # vLLM samples the prompt-only prompt within its max_model_len; the trainer scores longer sequences
     assert limits(model, vllm) == Limits(700, 2048, 1024, "rollout.vllm_max_model_len", 2, 10)
-    caps = load_config(None, TINY + ["rollout.max_call_chars=20000", "rollout.max_calls_per_turn=2"])
+    caps = load_config(None, TINY + ["rollout.max_call_chars=20000", "rollout.max_calls_per_turn=2",
+                                     "rollout.max_result_chars=50"])
     assert limits(model, caps) == Limits(700, 2048, 2048, "the model's max_position_embeddings", 2, 10,
-                                         max_call_chars=20_000, max_calls_per_turn=2)
+                                         max_call_chars=20_000, max_calls_per_turn=2, max_result_chars=50)
 
 
 def test_a_longrope_model_keeps_its_sequences_where_its_frequencies_stay(tiny):
@@ -444,9 +445,10 @@ def test_a_trace_call_is_read_back_under_the_runs_rollout_max_call_chars(smollm2
         prepare(tok, examples, [], Limits(100_000), tool_call_format="hermes")
 
 
-def test_a_trace_turn_of_more_calls_than_a_rollout_runs_is_refused(smollm2_dir, tmp_path):
+def test_a_trace_past_what_a_rollout_runs_or_hands_over_is_refused(smollm2_dir, tmp_path):
     """A trace turn of three parallel calls under rollout.max_calls_per_turn=2 trained the third call, which every
-    episode imitating it got answered "not run" (an environment of your own replays no trace at load)."""
+    episode imitating it got answered "not run", and a response longer than rollout.max_result_chars trained an
+    answer from text no episode gets (an environment of your own replays no trace at load)."""
     from transformers import AutoTokenizer
 
     from pact_fast.chat import resolve_chat_template
@@ -463,6 +465,10 @@ def test_a_trace_turn_of_more_calls_than_a_rollout_runs_is_refused(smollm2_dir, 
     with pytest.raises(DataFormatError, match=r"d.jsonl:1 \(id 'r'\): assistant turn 0 makes 3 tool calls, more than "
                                               r"the rollout.max_calls_per_turn=2 a rollout runs in one turn"):
         prepare(tok, examples, [], Limits(10_000, max_calls_per_turn=2), tool_call_format="hermes")
+    # a response longer than a rollout hands over: every episode imitating the call got an error in its place
+    with pytest.raises(DataFormatError, match=r"d.jsonl:1 \(id 'r'\): trace\[1\], a tool response, has 4 characters, "
+                                              r"more than the rollout.max_result_chars=3 a rollout hands over"):
+        prepare(tok, examples, [], Limits(10_000, max_result_chars=3), tool_call_format="hermes")
 
 
 def test_compact_values_that_read_back_pass(smollm2_dir, tmp_path):
