@@ -109,29 +109,50 @@ def without_start_adapters(cfg):
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, adapter=None))
 
 
-def _attention_dropouts(config):
-    """``{key: rate}`` of the attention-dropout settings in ``config`` (a text config) that ask for dropout:
-    ``attention_dropout`` (Llama, Qwen), ``attn_pdrop`` (GPT-2, GPTBigCode: 0.1 by default),
-    ``attention_probs_dropout_prob`` (BioGPT: 0.1 by default), ``attn_dropout``..."""
+# dropout settings a causal LM's forward never reads: a classification head's, GPT-2's double-heads' summary
+_NOT_LM_DROPOUTS = frozenset({"classifier_dropout", "summary_first_dropout"})
+
+
+def _dropouts(config, attention):
+    """``{key: rate}`` of the dropout settings in ``config`` (a text config) that ask for dropout: the attention
+    ones (``attention``: ``attention_dropout`` of Llama and Qwen, ``attn_pdrop`` of GPT-2 and GPTBigCode, 0.1 by
+    default, BioGPT's ``attention_probs_dropout_prob``, ``attn_dropout``...), or every other (``resid_pdrop``,
+    ``embd_pdrop``, ``hidden_dropout``, OPT's ``dropout`` and ``layerdrop``...)."""
     rates = {}
     for key in sorted(config.to_dict()):
         value = getattr(config, key, None)
-        if (re.match(r"(attn|attention)_.*drop", key) and isinstance(value, (int, float))
-                and not isinstance(value, bool) and value > 0):
+        if ("drop" in key and key not in _NOT_LM_DROPOUTS and bool(re.match(r"(attn|attention)_.*drop", key)) ==
+                attention and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
             rates[key] = value
     return rates
 
 
+def _zero_them(model, rates):
+    said = ", ".join(f"{k}={v:g}" for k, v in rates.items())
+    zero = ", ".join(f'"{k}": 0.0' for k in rates)
+    return f"{type(model).__name__}: its config has {said}", f"set {zero} in its config.json"
+
+
 def check_attention_dropout(model):
     """A ``ModelError`` (one line) when ``model``'s config asks for attention dropout, under any of its names
-    (``_attention_dropouts``): packed scoring's tree attention does not implement it, and a model in training
-    mode would apply it (the first step's scoring would raise)."""
-    rates = _attention_dropouts(model.config.get_text_config())
+    (``_dropouts``): packed scoring's tree attention does not implement it, and a model in training mode would
+    apply it (the first step's scoring would raise)."""
+    rates = _dropouts(model.config.get_text_config(), attention=True)
     if rates:
-        said = ", ".join(f"{k}={v:g}" for k, v in rates.items())
-        zero = ", ".join(f'"{k}": 0.0' for k in rates)
-        raise ModelError(f"{type(model).__name__}: its config has {said}, which tree attention does not implement; "
-                         f"set {zero} in its config.json to train it without")
+        has, fix = _zero_them(model, rates)
+        raise ModelError(f"{has}, which tree attention does not implement; {fix} to train it without")
+
+
+def check_no_dropout(model, why):
+    """A ``ModelError`` (one line) when ``model``'s config asks for dropout outside attention (``_dropouts``) and
+    the run compares its log-probs across passes (``why``, a list of reasons: several update epochs, a KL to a
+    reference scored in eval mode, importance weights to a rollout engine's log-probs): in training mode each pass
+    draws its own dropout, so those ratios come out random where the method has them exact."""
+    rates = _dropouts(model.config.get_text_config(), attention=False)
+    if rates:
+        has, fix = _zero_them(model, rates)
+        raise ModelError(f"{has}: training-mode dropout makes each pass's log-probs a random draw, which this run "
+                         f"compares across passes ({'; '.join(why)}); {fix}")
 
 
 def freeze_lm_head(model, log=None):
@@ -554,6 +575,6 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 
 __all__ = ["Policy", "build_policy", "base_dtype", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
-           "check_attention_dropout", "without_start_adapters", "default_lora_targets", "lora_targets", "check_lora",
+           "check_attention_dropout", "check_no_dropout", "without_start_adapters", "default_lora_targets", "lora_targets", "check_lora",
            "check_adapter_options", "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter",
            "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -40,7 +40,8 @@ from .evaluation import evaluate
 from .files import write_json
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
                      truncated_importance_weights)
-from .model_setup import AdaptersOffScorer, build_policy, fit_chat_template, resolve_device, without_start_adapters
+from .model_setup import (AdaptersOffScorer, build_policy, check_no_dropout, fit_chat_template, resolve_device,
+                          without_start_adapters)
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
@@ -427,6 +428,12 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
     policy = build_policy(without_start_adapters(config.model) if resume else config.model, device, train_cfg.seed,
                           log=log if dist.rank() == 0 else None, training=True)
     model, tokenizer = policy.model, policy.tokenizer
+    compared = [why for why, on in ((f"train.update_epochs={train_cfg.update_epochs}", train_cfg.update_epochs > 1),
+                                    ("loss.beta_kl > 0, its reference scored in eval mode", config.loss.beta_kl > 0),
+                                    ("rollout.is_cap, against the rollout engine's eval-mode log-probs",
+                                     bool(is_cap(config.rollout)))) if on]
+    if compared:
+        check_no_dropout(model, compared)
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
     lim = limits(model, config)

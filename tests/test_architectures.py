@@ -279,6 +279,28 @@ def test_attention_dropout_by_any_name_is_refused_before_any_step(model_type, ke
         check_attention_dropout(model)
 
 
+def test_dropout_outside_attention_is_found_under_its_names_and_refused_where_passes_are_compared():
+    """GPT-2 ships resid_pdrop and embd_pdrop of 0.1, OPT dropout 0.1: in training mode each scoring pass draws its
+    own dropout, so the ratio of two passes (several update epochs), the KL to an eval-mode reference or the
+    importance weights to the rollout engine were random where the method has them exact."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_fast.model_setup import check_no_dropout
+    from pact_fast.models import ModelError
+
+    for model_type, keys in (("gpt2", ("embd_pdrop", "resid_pdrop")), ("opt", ("dropout",))):
+        config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, n_embd=32, num_hidden_layers=1,
+                                      n_layer=1, num_attention_heads=2, n_head=2, ffn_dim=64, word_embed_proj_dim=32)
+        model = AutoModelForCausalLM.from_config(config)
+        said = ", ".join(f"{k}=0.1" for k in keys)
+        with pytest.raises(ModelError, match=f"its config has {said}: training-mode dropout .* \\(train.update_"
+                                             "epochs=2\\); set " + ", ".join(f'"{k}": 0.0' for k in keys)):
+            check_no_dropout(model, ["train.update_epochs=2"])
+        for k in keys:
+            setattr(config, k, 0.0)
+        check_no_dropout(AutoModelForCausalLM.from_config(config), ["train.update_epochs=2"])  # none left: passes
+
+
 def test_a_multimodal_model_directory_is_refused_in_one_line_before_any_step(tmp_path):
     """``AutoModelForCausalLM`` makes a Gemma3 4B+ checkpoint (``model_type`` gemma3) a
     Gemma3ForConditionalGeneration whose top-level config holds the language model's inside (``text_config``):

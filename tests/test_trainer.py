@@ -1296,3 +1296,28 @@ def test_training_steps_under_bf16_autocast_as_on_cuda(tmp_path, monkeypatch, fu
     one, two = (load_file(str(run / "checkpoints" / f"step_00000{i}" / "model.safetensors")) for i in (1, 2))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in two.values())
     assert any(not torch.equal(one[k], two[k]) for k in two)
+
+
+@pytest.mark.parametrize("overrides,refused", [([], False), (["train.update_epochs=2"], True),
+                                               (["loss.beta_kl=0.1"], True), (["rollout.is_cap=2.0"], True)])
+def test_a_model_with_hidden_dropout_is_refused_where_the_run_compares_passes(tmp_path, monkeypatch, overrides,
+                                                                              refused):
+    """A policy's dropout outside attention (GPT-2's resid_pdrop) made the ratios between passes random: refused
+    before any step where a run compares them, trained as dropout where it does not (one update, no KL, HF engine)."""
+    from pact_fast import trainer
+    from pact_fast.models import ModelError
+
+    real = trainer.build_policy
+
+    def with_dropout(*args, **kwargs):
+        policy = real(*args, **kwargs)
+        policy.model.config.resid_pdrop = 0.1
+        return policy
+
+    monkeypatch.setattr(trainer, "build_policy", with_dropout)
+    cfg = load_config(None, TINY + overrides + [f"train.out_dir={tmp_path / 'run'}"])
+    if refused:
+        with pytest.raises(ModelError, match=f"resid_pdrop=0.1: training-mode dropout .*{overrides[0].split('=')[0]}"):
+            trainer.build(cfg, log=lambda *a: None)
+    else:
+        assert trainer.build(cfg, log=lambda *a: None).model.config.resid_pdrop == 0.1
