@@ -8,7 +8,6 @@ hidden state into fp32 log-probs without materialising logits (SPEC section 4).
 import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 import torch
 
@@ -19,16 +18,19 @@ from .packing import PackedTree, pack_tree
 ATTN_IMPLEMENTATION = "pact_tree"
 
 
-@dataclass
 class TreeLayout:
     """Forward kwarg ``tree_layout``: what every attention layer of a packed forward needs, built once per
     forward (``build_layout``: validation, tile lists or segment gathers, all host syncs), and what the forward
-    did with it: the layers that used it, the windows they were passed, the windows of the masks the model built."""
+    did with it: the layers that used it (``calls``), the windows they were passed (``windows``: each attention
+    call's ``sliding_window``, None for none), the windows of the masks the model built (``mask_windows``; None:
+    causal). Not a dataclass: FSDP2's mixed precision (bf16 under torchrun) copies a dataclass argument field by
+    field on its way into each sharded layer, and the layers counted on the copies."""
 
-    attention: TreeAttentionLayout
-    calls: int = 0
-    windows: set = field(default_factory=set)  # sliding_window of each attention call; None: no window
-    mask_windows: set = field(default_factory=set)  # window (or chunk) of each mask the model built; None: causal
+    def __init__(self, attention: TreeAttentionLayout):
+        self.attention = attention
+        self.calls = 0
+        self.windows = set()
+        self.mask_windows = set()
 
 
 class PackedScoringError(ValueError):

@@ -6,7 +6,9 @@ trainer's ``time.monotonic()`` moves on 1000 s at every read (a rank whose clock
 ``RANK:PHASE:K`` sends that rank alone a SIGINT in its K-th training step, during its rollouts (``PHASE`` rollout)
 or its first micro-batch loss (``loss``); with ``PACT_TEST_SUMMARY`` set, each rank writes train's summary to
 ``$PACT_TEST_SUMMARY.rank<RANK>``. ``PACT_TEST_FAIL`` = ``RANK:KIND:K``: that rank's K-th rollout call of ``KIND``
-(``step``, a training step's; ``evaluation``, a held-out evaluation's) raises a ``ToolEnvError``."""
+(``step``, a training step's; ``evaluation``, a held-out evaluation's) raises a ``ToolEnvError``. With
+``PACT_TEST_BF16`` set, the run is the trainer's on CUDA with ``train.bf16`` (FSDP2 in bf16 mixed precision under
+bf16 autocast) with the CPU's bf16 autocast in place of CUDA's."""
 import json
 import os
 import signal
@@ -68,6 +70,12 @@ if __name__ == "__main__":
         return out
 
     trainer._micro_batch_loss = counted_loss
+    if os.environ.get("PACT_TEST_BF16"):
+        import torch
+
+        shard = trainer.dist.shard
+        trainer.dist.shard = lambda model, bf16=False: shard(model, bf16=True)
+        trainer.Components.autocast = lambda self: torch.autocast("cpu", dtype=torch.bfloat16)
     config = load_config(None, [f"train.out_dir={out_dir}", *overrides])
     summary = train(config, resume=out_dir if os.environ.get("PACT_TEST_RESUME") else None,
                     engine_factory=lambda m, t, c, s: RecordingReplayEngine(m, t, c, s), log=lambda *a: None)

@@ -211,6 +211,23 @@ def test_fsdp2_on_gloo_matches_one_process(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+def test_fsdp2_in_bf16_mixed_precision_trains_as_one_process_under_autocast(tmp_path):
+    """The trainer's default under torchrun on CUDA: FSDP2 with bf16 parameters under bf16 autocast (the CPU's here).
+    FSDP2 copied the tree layout (a dataclass) into each layer field by field, so the forward's layer count read 0 and
+    the first step failed ("tree attention ran in 0 of 2 layers")."""
+    bf16 = {"PACT_TEST_BF16": "1"}
+    one = _fsdp_run(tmp_path / "one", 1, tmp_path, env_extra=bf16)
+    two = _fsdp_run(tmp_path / "two", 2, tmp_path, env_extra=bf16)
+    initial = _initial_weights()
+    assert one.keys() == two.keys() and all(torch.isfinite(two[k]).all() for k in two)
+    assert any(not torch.allclose(two[k], initial[k]) for k in two), "training must move the weights"
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                if '"sampled_tokens"' in line] for n in ("one", "two")}
+    assert len(rows["one"]) == len(rows["two"]) == 3
+    for a, b in zip(rows["one"], rows["two"]):  # bf16 weights under FSDP2, fp32 ones in one process
+        assert b["loss/total"] == pytest.approx(a["loss/total"], rel=0.05, abs=0.02)
+
+
 def test_torchrun_loss_metrics_weigh_the_ranks_as_one_process_weighs_its_micro_batches(tmp_path):
     """2 ranks, one prompt group each, 2 epochs: the RL terms' metrics were each rank's token mean averaged plainly
     over the ranks (loss/rl 0.00931 where one process logged 0.00923, clip fractions off by 0.5-1%); now weighted
