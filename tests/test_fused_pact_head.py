@@ -595,3 +595,21 @@ def test_bf16_shift_gradients_are_as_accurate_as_rounding_d_logits_once(logit_sc
         assert got.dtype == torch.bfloat16, name
         assert rel_err(got, ref_grad) <= 1.5 * rel_err(base, ref_grad), (name, rel_err(got, ref_grad),
                                                                           rel_err(base, ref_grad))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp32_inputs_inside_a_bf16_autocast_region_stay_fp32_exact(backend):
+    """A trainer's bf16 autocast region around the op ran the torch backend's fp32 GEMMs (logits, dX) in bf16:
+    loss 2e-4 and gradients 3e-3 relative off float64 here. The op computes in its inputs' dtype whatever the
+    region."""
+    config = PACTLossConfig(c_ent=0.01)
+    hidden, weight, bias, targets, rows, batch = _problem(3, dtype=torch.float32, bias=True, weight_scale=4.0)
+    batch = _as_fp32_batch(batch)
+    ref_loss, _ = _unfused(hidden, weight, bias, targets, rows, batch, config, 0.4, 1.0, False)
+    ref = torch.autograd.grad(ref_loss, [hidden, weight, bias])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4, bias=bias, backend=backend)
+    got = torch.autograd.grad(loss, [hidden, weight, bias])
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, abs(ref_loss.item()))
+    for name, g, r in zip(["hidden", "weight", "bias"], got, ref):
+        assert g.dtype == torch.float32 and rel_err(g, r) < 1e-4, name

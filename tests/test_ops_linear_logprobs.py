@@ -399,3 +399,29 @@ def test_ignore_index_of_numpy_or_a_tensor_is_the_int():
     assert (want[targets == 7] == 0).all() and (want[targets != 7] != 0).all()
     for value in (np.int64(7), torch.tensor(7)):
         torch.testing.assert_close(linear_logprobs(hidden, weight, targets, ignore_index=value), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
+def test_fp32_inputs_inside_a_bf16_autocast_region_stay_fp32_exact(backend, backward_inside):
+    """A trainer's bf16 autocast region around the op ran the torch path's fp32 GEMMs in bf16: log-probs from
+    bf16-rounded logits (0.09 nats off here), and backward, run after the region, took fp32 logits against
+    forward's bf16 log-sum-exp (dX 4% off). The op computes in its inputs' dtype whatever the region."""
+    hidden, weight, bias, targets = _inputs(16, 32, 50, torch.float32, "cpu", scale=4.0)
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ref = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
+    g = torch.Generator().manual_seed(2)
+    g_logp, g_ent = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = linear_logprobs(*ours[:2], targets, bias=ours[2], return_entropy=True, backend=backend)
+        loss = (logp * g_logp + ent * g_ent).sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    logp_r, ent_r = linear_logprobs_reference(*ref[:2], targets, bias=ref[2])
+    (logp_r * g_logp.double() + ent_r * g_ent.double()).sum().backward()
+    assert logp.dtype == torch.float32
+    assert rel_err(logp, logp_r) < TOL[torch.float32] and rel_err(ent, ent_r) < TOL[torch.float32]
+    for name, o, r in zip(["hidden", "weight", "bias"], ours, ref):
+        assert rel_err(o.grad, r.grad) < TOL[torch.float32], name

@@ -1,4 +1,8 @@
-"""Which backend an op runs, decided one way for every op (``backend="auto"`` and its checks)."""
+"""Which backend an op runs, decided one way for every op (``backend="auto"`` and its checks), and the autocast
+state the ops compute under."""
+import contextlib
+
+import torch
 
 
 def resolve_backend(op, backend, device, choices, cpu_default, dtype=None):
@@ -25,3 +29,11 @@ def resolve_backend(op, backend, device, choices, cpu_default, dtype=None):
             raise ValueError(f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              f"imported; use backend='{cpu_default}' on CPU")
     return backend
+
+
+def autocast_off(device):
+    """A context with autocast off for ``device``'s type: an op computes in its inputs' dtype inside a caller's
+    autocast region (a bf16 one ran the torch path's fp32 GEMMs in bf16, and, as backward runs outside the
+    region, linear_logprobs' forward and backward on different logits)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    return torch.autocast(device.type, enabled=False) if available(device.type) else contextlib.nullcontext()

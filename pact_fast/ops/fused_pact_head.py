@@ -36,7 +36,7 @@ import torch
 
 from .. import loss_grads
 from ..losses import NONE, PACTLossConfig
-from ._backend import resolve_backend
+from ._backend import autocast_off, resolve_backend
 from .linear_logprobs import FINITE, check_logit_transform, chunk_logits, logit_transform
 
 # A chunk's fp32 logits (and the dz built in place of them) stay under this budget, but hold at least
@@ -294,8 +294,9 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     row_grads = _RowGrads(prep, rows, hidden.shape[0], want_entropy, backend == "triton") if needs_grad else None
     run = _run_triton if backend == "triton" else _run_torch
     inv_temp, cap = logit_transform(temperature, logit_scale, softcap)
-    logp, ent, grads = run(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
-                           inv_temp, cap, want_entropy, row_grads, chunk_rows, weight_grad, memory_lean)
+    with autocast_off(hidden.device):  # a caller's bf16 autocast would run the torch backend's fp32 GEMMs in bf16
+        logp, ent, grads = run(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
+                               inv_temp, cap, want_entropy, row_grads, chunk_rows, weight_grad, memory_lean)
     with torch.no_grad():
         current = {name: _scatter(logp, index) for name, index in rows.items()}
         if want_entropy:

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import autocast_off, resolve_backend
 from ._custom import custom_op
 
 BACKENDS = ("auto", "torch", "triton")
@@ -276,13 +276,15 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     x = hidden.contiguous() if n == n_all else hidden.index_select(0, rows)
     t = targets.contiguous() if n == n_all else targets.index_select(0, rows)
     w = weight.contiguous()
-    if backend == "triton":
-        from ..kernels import linear_logprobs_launch as launch
+    with autocast_off(hidden.device):  # the logits in the inputs' dtype, as backward recomputes them
+        if backend == "triton":
+            from ..kernels import linear_logprobs_launch as launch
 
-        out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab),
-                             cap=cap or None)
-    else:
-        out = _torch_forward(x, w, bias, t, inv_temp, cap, chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype))
+            out = launch.forward(x, w, bias, t, inv_temp, blocking=_blocking(n, weight, chunk_rows, vocab_slab),
+                                 cap=cap or None)
+        else:
+            out = _torch_forward(x, w, bias, t, inv_temp, cap,
+                                 chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype))
     if n == n_all:
         return out
     return tuple(v.new_zeros(n_all).index_copy(0, rows, v) for v in out)
@@ -310,14 +312,15 @@ def _backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
     x, t, w = kept(hidden), kept(targets), weight.contiguous()
     args = (x, w, bias, t, kept(lse), kept(ent), kept(g_logp), None if g_ent is None else kept(g_ent), inv_temp)
-    if backend == "triton":
-        from ..kernels import linear_logprobs_launch as launch
+    with autocast_off(hidden.device):  # a backward run inside an autocast region
+        if backend == "triton":
+            from ..kernels import linear_logprobs_launch as launch
 
-        dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab), cap=cap or None,
-                                     weight_grad=weight_grad)
-    else:
-        dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype),
-                                     weight_grad=weight_grad)
+            dx, dw, db = launch.backward(*args, blocking=_blocking(n, weight, chunk_rows, vocab_slab),
+                                         cap=cap or None, weight_grad=weight_grad)
+        else:
+            dx, dw, db = _torch_backward(*args, cap, chunk_rows or _torch_chunk_rows(weight.shape[0], x.dtype),
+                                         weight_grad=weight_grad)
     if n != n_all:
         dx = hidden.new_zeros(hidden.shape).index_copy(0, rows, dx)
     return (dx, dw if weight_grad else weight.new_empty(0),
