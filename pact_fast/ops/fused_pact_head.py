@@ -223,6 +223,7 @@ class _FusedHead(torch.autograd.Function):
                 _scale_(db, grad) if db is not None else None, None, None, None, None)
 
 
+@torch.compiler.disable  # run eagerly inside a compiled region: Inductor compiled loss_grads.prepare wrong
 def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=0.0, *, bias=None, temperature=1.0,
                     logit_scale=1.0, softcap=None, old_from_current=False, step=0, generator=None, rl_scale=1.0,
                     sft_scale=1.0, chunk_rows=None, memory_lean=False, backend="auto"):
@@ -271,6 +272,9 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         at the loss's own scale (``rl_scale``, ``sft_scale``) before the backward's incoming gradient (a
         GradScaler's loss scale) multiplies them, in fp32: loss scaling cannot lift a d-logit under fp16's
         normal range (6e-5) out of it as it does in the unfused path; prefer bf16.
+
+    Inside ``torch.compile`` the op runs eagerly (a graph break; ``fullgraph=True`` refuses it): it reads its
+    metrics on the host, and Inductor compiled its constants wrong (segment-mode SFT weights zeroed: loss 1.7 off).
     """
     config = config or PACTLossConfig()
     backend = resolve_backend("fused_pact_head", backend, hidden.device, ("auto", "torch", "triton"), "torch",
