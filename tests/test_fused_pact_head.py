@@ -630,3 +630,20 @@ def test_inside_torch_compile_the_op_runs_eagerly_and_equals_float64():
     assert abs(loss.item() - 2 * ref_loss.item()) < 1e-12
     for name, g, r in zip(["hidden", "weight", "bias"], got, ref):
         assert rel_err(g, 2 * r) < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_narrow_integer_targets_under_a_vocabulary_past_their_range(dtype):
+    """Targets held in uint8 / int8 under a vocabulary past that type's range (V = 300) were refused as outside
+    [0, V) (V wrapped to 44 in the comparison); they are scored as their int64 values, and an id below 0 is still
+    refused."""
+    config = PACTLossConfig(c_ent=0.01)
+    hidden, _, _, targets, rows, batch = _problem(3)
+    weight = (torch.randn(300, H, generator=torch.Generator().manual_seed(1), dtype=D) / 3).requires_grad_()
+    ids = targets + 70  # in [70, 107): each narrow dtype holds them, and each is past 300 wrapped to 44
+    loss, _ = fused_pact_head(hidden, weight, ids.to(dtype), rows, batch, config, 0.4)
+    ref, _ = fused_pact_head(hidden, weight, ids, rows, batch, config, 0.4)
+    assert loss.item() == ref.item()
+    if dtype != torch.uint8:
+        with pytest.raises(RuntimeError, match="targets must lie in"):
+            fused_pact_head(hidden, weight, (ids - 100).to(dtype), rows, batch, config, 0.4)

@@ -96,7 +96,8 @@ def _check(hidden, weight, targets, bias, rows, batch, temperature, logit_scale,
                          f"sft_components {tuple(batch.sft_components.shape)}")
     n, vocab = hidden.shape[0], weight.shape[0]
     if targets.numel():
-        torch._assert_async(((targets >= 0) & (targets < vocab)).all(),
+        ids = targets.long()  # uint8 / int8 ids compared with a V past their range wrapped V (300 -> 44)
+        torch._assert_async(((ids >= 0) & (ids < vocab)).all(),
                             f"fused_pact_head: targets must lie in [0, V={vocab})")
     for name, index in rows.items():
         if index.numel():
