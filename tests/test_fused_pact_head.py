@@ -647,3 +647,16 @@ def test_narrow_integer_targets_under_a_vocabulary_past_their_range(dtype):
     if dtype != torch.uint8:
         with pytest.raises(RuntimeError, match="targets must lie in"):
             fused_pact_head(hidden, weight, (ids - 100).to(dtype), rows, batch, config, 0.4)
+
+
+def test_a_backward_that_creates_a_graph_is_refused():
+    """create_graph=True gave gradients that were constants of the inputs: a gradient penalty through the op
+    silently lost its second-order term (the unfused path has one). It is refused in one line."""
+    config = PACTLossConfig(c_ent=0.01)
+    hidden, weight, _, targets, rows, batch = _problem(3)
+    loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.4)
+    with pytest.raises(RuntimeError, match="create_graph=True is refused"):
+        torch.autograd.grad(loss, [hidden], create_graph=True)
+    ref, _ = _unfused(hidden, weight, None, targets, rows, batch, config, 0.4, 1.0, False)
+    g, = torch.autograd.grad(ref, [hidden], create_graph=True)
+    assert g.requires_grad  # what the refused call would have silently dropped: the unfused one has a graph

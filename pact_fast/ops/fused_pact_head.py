@@ -215,6 +215,9 @@ class _FusedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the handed-over gradients are constants of the inputs
+            raise RuntimeError("fused_pact_head: backward with create_graph=True is refused: its gradients were "
+                               "formed in forward and have no second derivative (use linear_logprobs + pact_loss)")
         if ctx.grads is None:
             raise RuntimeError("fused_pact_head: its gradients were formed in forward and handed over by the first "
                                "backward; a second backward (retain_graph) needs a second call of the op")
@@ -266,7 +269,8 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
     Returns:
         ``(loss, metrics)`` as ``pact_loss`` returns them (and raising what it raises: ``ValueError`` for
         non-finite inputs, ``FloatingPointError`` for a non-finite loss); ``loss`` is differentiable with respect
-        to ``hidden``, ``weight`` and ``bias``; a single backward (the gradients are handed over, not copied).
+        to ``hidden``, ``weight`` and ``bias``; a single backward (the gradients are handed over, not copied) and
+        no second derivative (``create_graph=True`` is refused).
         torch: logits, log-probs and dW accumulate in fp32 (float64 for float64 inputs). triton: logits rounded
         to the input dtype (as the model's lm_head output would be), fp32 statistics, dW (and db) rounded once
         per row block (see the launcher's doc). dX and dW come back in the input dtype. In fp16 they are formed
