@@ -415,3 +415,17 @@ def test_validation_refuses_subtrees_that_do_not_nest():
         ends = [int(torch.randint(t + 1, L + 1, (1,), generator=g)) for t in range(L)]
         want = [max(ends[t + 1:ends[t]], default=0) for t in range(L)]
         assert _subtree_max(torch.tensor([ends]))[0].tolist() == want
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "triton"])
+@pytest.mark.parametrize("window", [2 ** 31, 2 ** 40, 2 ** 63 - 1])
+def test_a_window_past_int32_is_no_window(backend, window):
+    """The layout holds positions as int32: a window of 2^31 or more wrapped in the sdpa / varlen masks and hid
+    every key (output 100% off, silently), and triton could not take 2^63 - 1. Wider than any trie, it is the
+    tree mask alone on every backend."""
+    subtree_end, position_ids = _packed([(2, 2), (5, 2)])
+    B, L = subtree_end.shape
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, L, 8, generator=g) for h in (2, 1, 1))
+    out = tree_attention(q, k, v, subtree_end, backend=backend, window=window, position_ids=position_ids)
+    assert rel_err(out, tree_attention_reference(q.double(), k.double(), v.double(), subtree_end)) < TOL[torch.float32]

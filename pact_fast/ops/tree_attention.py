@@ -63,7 +63,9 @@ def check_options(window, softcap, position_ids):
         if position_ids is None:
             raise ValueError("tree_attention: a window needs position_ids [B, L] (pack_tree(...).position_ids), "
                              "passed to tree_attention or build_layout")
-        window = int(window)
+        # the layout's positions are int32: a window past int32 wrapped in the sdpa / varlen masks (2^31 hid every
+        # key), and no two tokens of a trie are that far apart, so it is the widest int32 window, exactly
+        window = min(int(window), torch.iinfo(torch.int32).max)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
             raise ValueError(f"tree_attention: softcap must be a finite number > 0 (None or 0 for no softcap), "
