@@ -283,10 +283,11 @@ def test_leading_dims_are_kept():
     (dict(ignore_index=None), TypeError, "ignore_index` must be an int"),
     (dict(ignore_index=True), TypeError, "ignore_index` must be an int"),
     (dict(ignore_index=-100.0), TypeError, "ignore_index` must be an int"),
+    (dict(ignore_index=2 ** 63), TypeError, "ignore_index` must be an int"),  # was torch's "expected 'int', found 'int'"
 ], ids=["targets-shape", "targets-float", "target-too-big", "target-negative", "temp-zero", "temp-negative",
         "scale-zero", "scale-negative", "scale-inf", "scale-nan", "softcap-zero", "softcap-negative", "softcap-inf",
         "hidden-H", "H-zero", "V-zero", "weight-dtype", "bias-shape", "devices", "backend-name", "chunk-rows", "vocab-slab",
-        "chunk-rows-bool", "ignore-none", "ignore-bool", "ignore-float"])
+        "chunk-rows-bool", "ignore-none", "ignore-bool", "ignore-float", "ignore-past-int64"])
 def test_bad_input_is_a_clear_error(kwargs, exc, word):
     args = dict(hidden=torch.randn(6, 16), weight=torch.randn(40, 16), targets=torch.zeros(6, dtype=torch.long))
     args.update(kwargs)

@@ -360,14 +360,17 @@ _linear_logprobs = custom_op("linear_logprobs", _forward, fake=_forward_fake, ba
 
 
 def _integer(ignore_index):
-    """``ignore_index`` as an int (numpy's and 0-dim tensors' too); None, a bool or a float refused in one line."""
+    """``ignore_index`` as an int (numpy's and 0-dim tensors' too); None, a bool, a float or an int past int64 (the
+    op's argument type) refused in one line."""
     if not isinstance(ignore_index, bool):
         try:
-            return operator.index(ignore_index)
+            value = operator.index(ignore_index)
         except TypeError:
-            pass
-    raise TypeError(f"linear_logprobs: `ignore_index` must be an int (one that no target holds, such as the default "
-                    f"-100, ignores no row), got {ignore_index!r}")
+            value = None
+        if value is not None and -2 ** 63 <= value < 2 ** 63:
+            return value
+    raise TypeError(f"linear_logprobs: `ignore_index` must be an int (int64; one that no target holds, such as the "
+                    f"default -100, ignores no row), got {ignore_index!r}")
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
