@@ -429,3 +429,25 @@ def test_a_window_past_int32_is_no_window(backend, window):
     q, k, v = (torch.randn(B, h, L, 8, generator=g) for h in (2, 1, 1))
     out = tree_attention(q, k, v, subtree_end, backend=backend, window=window, position_ids=position_ids)
     assert rel_err(out, tree_attention_reference(q.double(), k.double(), v.double(), subtree_end)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("options", [{}, {"window": 3, "softcap": 2.0}], ids=["plain", "window-softcap"])
+def test_varlen_with_grouped_heads_under_inductor_equals_float64(options):
+    """torch.compile (Inductor, CPU) of the varlen backend's per-segment loop with Hq > Hkv gave dk 90% off float64,
+    silently (aot_eager, which the fullgraph test uses, did not): a run of lone-token segments (the padding chain)
+    each through SDPA. Such a segment's output is its value, now taken without an SDPA call."""
+    subtree_end, position_ids = _packed([(2, 2), (5, 2)])
+    layout = build_layout(subtree_end, "varlen", position_ids=position_ids)
+    B, L = subtree_end.shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(B, h, L, 8, generator=g) for h in (4, 2, 2, 4))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, b, c: tree_attention(a, b, c, layout=layout, validate=False, **options))(*ours)
+    out.backward(do)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out_r = tree_attention_reference(*ref, subtree_end, position_ids=position_ids, **options)
+    out_r.backward(do.double())
+    assert rel_err(out, out_r) < TOL[torch.float32]
+    for name, o, r in zip("qkv", ours, ref):
+        assert rel_err(o.grad, r.grad) < TOL[torch.float32], f"d{name}"

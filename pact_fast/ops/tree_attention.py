@@ -376,6 +376,11 @@ def _varlen(q, k, v, layout, scale, window, softcap):
             k0, k1 = row.cu_k[i], row.cu_k[i + 1]
             ks = kk[:, k0:k1].repeat_interleave(group, dim=0)  # [Hq, n_anc + len, D]
             vs = vv[:, k0:k1].repeat_interleave(group, dim=0)
+            if k1 - k0 == 1:  # a lone token that sees only itself: softmax over one key is 1, its output its value.
+                # Exact, and no SDPA call: Inductor (CPU) compiled a row of such calls with grouped heads into key
+                # gradients 90% off, silently
+                out[b, :, s:e] = vs
+                continue
             n_anc = k1 - k0 - (e - s)
             qpos = torch.arange(e - s, device=q.device)[:, None]
             kpos = torch.arange(k1 - k0, device=q.device)[None, :]
