@@ -10,8 +10,11 @@ job on this 2-core machine took 12 s of steps alone and 171 s beside three busy 
   job, whose parallel regions follow each other within microseconds; a short spin keeps that speed.
 - ``fit_threads`` (the trainer and ``eval``, on CPU): as many threads as the cores that are idle when the run
   starts; ``FreeCores`` (the trainer) refits them after each step to the cores the other processes left free during
-  it, so a run started beside a busy process gets its cores back when that process ends (it kept one thread, 1.4x
-  slower, to its end) and one started on a quiet machine gives a core up to a newcomer.
+  it, so a run started beside a busy process gets its cores back when that process ends (it kept one thread to
+  its end), and one started on a quiet machine gives a core up to a newcomer that takes one: a process
+  in another session (a terminal's, a service; where the kernel shares the cores by session, ``autogroup``), not
+  one in the run's own session, which gets a thread's share (2/3 of a core beside two threads on two cores), too
+  little to move the count past ``HYSTERESIS``; two threads there did as well as one (bench/shared_cores.py).
 
 An ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in the environment, ``OMP_NUM_THREADS``, or ``train.threads``
 always wins.

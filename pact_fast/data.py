@@ -269,8 +269,9 @@ def _check_tools(tools, where):
                   f"{{...}}}}); it has neither 'type' nor 'properties' but {sorted(params)[:5]} (a flat map of "
                   "arguments, as xLAM writes them? put it under 'properties')")
         if not isinstance(params.get("type", ""), (str, list)):  # the same flat map, with an argument named "type"
-            _fail(f"{where}[{i}].function.parameters.type is an object, not a JSON schema type: a flat map of "
-                  "arguments, as xLAM writes them, with one named 'type'? put them under 'properties'")
+            _fail(f"{where}[{i}].function.parameters.type is {type(params['type']).__name__}, not a JSON schema type "
+                  "(a string, or a list of them): a flat map of arguments, as xLAM writes them, with one named "
+                  "'type'? put them under 'properties'")
         if not isinstance(params.get("properties", {}), dict):
             _fail(f"{where}[{i}].function.parameters.properties must be an object")
         required = params.get("required", [])

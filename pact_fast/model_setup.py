@@ -127,32 +127,34 @@ def _dropouts(config, attention):
     return rates
 
 
-def _zero_them(model, rates):
-    said = ", ".join(f"{k}={v:g}" for k, v in rates.items())
-    zero = ", ".join(f'"{k}": 0.0' for k in rates)
-    return f"{type(model).__name__}: its config has {said}", f"set {zero} in its config.json"
-
-
 def check_attention_dropout(model):
     """A ``ModelError`` (one line) when ``model``'s config asks for attention dropout, under any of its names
     (``_dropouts``): packed scoring's tree attention does not implement it, and a model in training mode would
     apply it (the first step's scoring would raise)."""
     rates = _dropouts(model.config.get_text_config(), attention=True)
     if rates:
-        has, fix = _zero_them(model, rates)
-        raise ModelError(f"{has}, which tree attention does not implement; {fix} to train it without")
+        said = ", ".join(f"{k}={v:g}" for k, v in rates.items())
+        zero = ", ".join(f'"{k}": 0.0' for k in rates)
+        raise ModelError(f"{type(model).__name__}: its config has {said}, which tree attention does not implement; "
+                         f"set {zero} in its config.json to train it without")
 
 
-def check_no_dropout(model, why):
-    """A ``ModelError`` (one line) when ``model``'s config asks for dropout outside attention (``_dropouts``) and
-    the run compares its log-probs across passes (``why``, a list of reasons: several update epochs, a KL to a
-    reference scored in eval mode, importance weights to a rollout engine's log-probs): in training mode each pass
-    draws its own dropout, so those ratios come out random where the method has them exact."""
+def check_no_dropout(model, why, options=None):
+    """A ``ModelError`` (one line) when ``model``'s config asks for dropout outside attention (``_dropouts``), or
+    ``options`` (``{option: rate}``: ``model.lora.dropout``) do, and the run compares its log-probs across passes
+    (``why``, a list of reasons: several update epochs, a KL to a reference, importance weights to a rollout
+    engine's log-probs): in training mode each pass draws its own dropout, so those ratios come out random where
+    the method has them exact."""
     rates = _dropouts(model.config.get_text_config(), attention=False)
-    if rates:
-        has, fix = _zero_them(model, rates)
-        raise ModelError(f"{has}: training-mode dropout makes each pass's log-probs a random draw, which this run "
-                         f"compares across passes ({'; '.join(why)}); {fix}")
+    options = {k: v for k, v in (options or {}).items() if v > 0}
+    if not rates and not options:
+        return
+    in_config = ", ".join(f'"{k}": 0.0' for k in rates)
+    fixes = ([f"set {in_config} in its config.json"] if rates else []) + \
+        ([f"set {', '.join(f'{k}=0' for k in options)}"] if options else [])
+    said = ", ".join(f"{k}={v:g}" for k, v in {**rates, **options}.items())
+    raise ModelError(f"{type(model).__name__}: dropout {said}: training-mode dropout makes each pass's log-probs a "
+                     f"random draw, which this run compares across passes ({'; '.join(why)}); {'; '.join(fixes)}")
 
 
 def freeze_lm_head(model, log=None):
@@ -440,7 +442,8 @@ def adapter_names(model):
 def save_adapter(peft_model, model_state, directory):
     """Write the adapters of ``model_state`` (the causal LM's full state dict, e.g. gathered from FSDP shards) to
     ``directory`` in peft's format (``adapter_config.json``, ``adapter_model.safetensors``), loadable with
-    ``peft.PeftModel.from_pretrained``."""
+    ``peft.PeftModel.from_pretrained`` (which, under transformers 5, re-targets a mixture-of-experts model's dense
+    MLP adapters: ``read_adapter`` and ``export_merged`` do not)."""
     from safetensors.torch import save_file
 
     model = peft_model.base_model.model
@@ -575,6 +578,6 @@ def fit_chat_template(config, tokenizer, examples, log=print):
 
 
 __all__ = ["Policy", "build_policy", "base_dtype", "build_model_and_tokenizer", "resolve_device", "freeze_lm_head",
-           "check_attention_dropout", "check_no_dropout", "without_start_adapters", "default_lora_targets", "lora_targets", "check_lora",
-           "check_adapter_options", "apply_lora", "adapters_off", "AdaptersOffScorer", "save_adapter", "read_adapter",
-           "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]
+           "check_attention_dropout", "check_no_dropout", "without_start_adapters", "default_lora_targets",
+           "lora_targets", "check_lora", "check_adapter_options", "apply_lora", "adapters_off", "AdaptersOffScorer",
+           "save_adapter", "read_adapter", "load_adapter_weights", "merged_model", "export_merged", "fit_chat_template"]

@@ -49,9 +49,9 @@ _NEUTRAL_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "out
 
 def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             sliding_window=None, softcap=None, **kwargs):
-    """``AttentionInterface`` function: query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None);
-    inside an autocast region in its dtype, as SDPA's inputs are cast (under bf16 autocast a model's rotary or q/k
-    norm leaves query and key fp32 beside a bf16 value).
+    """``AttentionInterface`` function: query [B, Hq, L, D], key [B, Hkv, L, D], value [B, Hkv, L, Dv] ->
+    ([B, L, Hq, Dv], None); inside an autocast region in its dtype, as SDPA's inputs are cast (under bf16 autocast a
+    model's rotary or q/k norm leaves query and key fp32 beside a bf16 value).
 
     Implements what the model passes: ``scaling``, ``sliding_window`` (positions along each query's own path,
     as the model attends over that sequence alone) and ``softcap`` (attention logit soft-capping). Any other
@@ -81,10 +81,7 @@ def _tree_attention_forward(module, query, key, value, attention_mask, scaling=N
     if dropout and module.training:
         raise PackedScoringError(f"{type(module).__name__}: attention dropout {dropout} is not supported by tree "
                                  "attention; set the config's attention dropout to 0")
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (rotary or a q/k norm left q, k fp32)
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    query, key, value = _autocast_dtype(query, key, value)  # (rotary or a q/k norm left q, k fp32 beside a bf16 v)
     out = tree_attention(query, key, value, layout=layout.attention, scale=scaling, window=sliding_window or None,
                          softcap=softcap or None, validate=False)
     layout.calls += 1
@@ -307,14 +304,21 @@ def score_packed(model, packed, rows, targets, *, backend="auto", logprob_backen
 
 
 def head_inputs(hidden, head):
-    """``(hidden, weight, bias)`` for an lm_head op: inside an autocast region, cast to its dtype, as autocast casts
-    a linear layer's (the trainer's bf16 autocast on CUDA keeps fp32 weights; the ops compute in their inputs'
-    dtype, and their backward runs outside the region); else as they are."""
-    device = hidden.device.type
+    """``(hidden, weight, bias)`` for an lm_head op, inside an autocast region cast to its dtype as autocast casts a
+    linear layer's (``_autocast_dtype``; the trainer's bf16 autocast on CUDA keeps fp32 weights; the ops compute in
+    their inputs' dtype, and their backward runs outside the region)."""
+    return _autocast_dtype(hidden, head.weight, head.bias)
+
+
+def _autocast_dtype(*tensors):
+    """``tensors`` (None passes) inside an autocast region cast to its dtype, as autocast casts a matmul's or SDPA's
+    inputs: floating ones but float64; outside one, as they are."""
+    device = next(t for t in tensors if t is not None).device.type
     if not torch.is_autocast_enabled(device):
-        return hidden, head.weight, head.bias
+        return tensors
     dtype = torch.get_autocast_dtype(device)
-    return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 class PackedScorer(torch.nn.Module):

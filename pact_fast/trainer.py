@@ -429,11 +429,12 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
                           log=log if dist.rank() == 0 else None, training=True)
     model, tokenizer = policy.model, policy.tokenizer
     compared = [why for why, on in ((f"train.update_epochs={train_cfg.update_epochs}", train_cfg.update_epochs > 1),
-                                    ("loss.beta_kl > 0, its reference scored in eval mode", config.loss.beta_kl > 0),
+                                    ("loss.beta_kl > 0, against the reference's log-probs", config.loss.beta_kl > 0),
                                     ("rollout.is_cap, against the rollout engine's eval-mode log-probs",
                                      bool(is_cap(config.rollout)))) if on]
     if compared:
-        check_no_dropout(model, compared)
+        lora = config.model.lora
+        check_no_dropout(model, compared, {"model.lora.dropout": lora.dropout} if lora.enabled and lora.dropout else {})
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
     lim = limits(model, config)
@@ -858,8 +859,8 @@ def _save_after_failure(c, step, saved, log, what, after_agreement):
     """The checkpoint of step ``step``, the last whole one, after ``what`` (step ``step + 1`` before its update, or
     the evaluation after step ``step``) failed; nothing when ``saved`` (step -> checkpoint) holds it already, or
     under torchrun unless the ranks agreed on the failure first (``after_agreement``, an ``AgreedFailure``: every
-    rank is here; otherwise the others wait in a collective and a save would hang). A save that fails too is said, not raised: the failure's
-    own error is what the run stops with."""
+    rank is here; otherwise the others wait in a collective and a save would hang). A save that fails too is said,
+    not raised: the failure's own error is what the run stops with."""
     if (dist.is_distributed() and not after_agreement) or step in saved:
         return
     try:

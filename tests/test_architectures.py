@@ -293,7 +293,7 @@ def test_dropout_outside_attention_is_found_under_its_names_and_refused_where_pa
                                       n_layer=1, num_attention_heads=2, n_head=2, ffn_dim=64, word_embed_proj_dim=32)
         model = AutoModelForCausalLM.from_config(config)
         said = ", ".join(f"{k}=0.1" for k in keys)
-        with pytest.raises(ModelError, match=f"its config has {said}: training-mode dropout .* \\(train.update_"
+        with pytest.raises(ModelError, match=f"dropout {said}: training-mode dropout .* \\(train.update_"
                                              "epochs=2\\); set " + ", ".join(f'"{k}": 0.0' for k in keys)):
             check_no_dropout(model, ["train.update_epochs=2"])
         for k in keys:

@@ -359,8 +359,8 @@ def test_a_flat_argument_map_or_a_second_spec_of_one_name_is_refused():
     # argument passed, misspelt or not
     flat["tools"] = copy.deepcopy(row["tools"])
     flat["tools"][0]["function"]["parameters"] = {**fn["parameters"]["properties"], "type": {"type": "str"}}
-    with pytest.raises(DataFormatError, match=r"tools\[0\].function.parameters.type is an object, not a JSON schema "
-                                              r"type: a flat map of arguments"):
+    with pytest.raises(DataFormatError, match=r"tools\[0\].function.parameters.type is dict, not a JSON schema "
+                                              r"type \(a string, or a list of them\): a flat map of arguments"):
         parse_example(flat)
     twice = {**row, "tools": row["tools"] + [row["tools"][0]]}
     n = len(row["tools"])

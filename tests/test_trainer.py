@@ -1338,3 +1338,17 @@ def test_a_model_with_hidden_dropout_is_refused_where_the_run_compares_passes(tm
             trainer.build(cfg, log=lambda *a: None)
     else:
         assert trainer.build(cfg, log=lambda *a: None).model.config.resid_pdrop == 0.1
+
+
+def test_lora_dropout_is_refused_where_the_run_compares_passes(tmp_path):
+    """model.lora.dropout acts in the policy's training mode: with two update epochs the ratio to the step's first
+    log-probs was two dropout draws."""
+    from pact_fast import trainer
+    from pact_fast.models import ModelError
+
+    lora = ["model.lora.enabled=true", "model.lora.dropout=0.1"]
+    cfg = load_config(None, TINY + lora + ["train.update_epochs=2", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ModelError, match=r"dropout model.lora.dropout=0.1: .*\(train.update_epochs=2\); set "
+                                         r"model.lora.dropout=0$"):
+        trainer.build(cfg, log=lambda *a: None)
+    trainer.build(load_config(None, TINY + lora + [f"train.out_dir={tmp_path / 'one'}"]), log=lambda *a: None)
