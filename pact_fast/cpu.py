@@ -62,6 +62,11 @@ def idle_cores(interval=0.25):
     return cores * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
 
 
+def _threads_for(cores, ceiling):
+    """Threads for ``cores`` free (a float): rounded, at least 1, at most ``ceiling`` (torch's default)."""
+    return max(1, min(ceiling, int(cores + 0.5)))
+
+
 def threads_by_load(threads):
     """Whether the load chooses torch's threads: no ``train.threads`` (``threads`` 0) and no ``OMP_NUM_THREADS``."""
     return threads <= 0 and not os.environ.get("OMP_NUM_THREADS")
@@ -96,7 +101,7 @@ def fit_threads(threads, log=None):
     if not threads_by_load(threads):
         return torch.get_num_threads()
     idle = idle_cores()
-    fitted = default if idle is None else max(1, min(default, int(idle + 0.5)))
+    fitted = default if idle is None else _threads_for(idle, default)
     torch.set_num_threads(fitted)
     if fitted < default and log:
         log(f"[pact_fast] {idle:.1f} of {os.cpu_count()} cores idle: torch uses {fitted} thread"
@@ -146,7 +151,7 @@ class FreeCores:
         free = self.free()
         if free is None or abs(free - self.threads) <= max(HYSTERESIS, 0.1 * self.ceiling):
             return None
-        fitted = max(1, min(self.ceiling, int(free + 0.5)))
+        fitted = _threads_for(free, self.ceiling)
         if fitted == self.threads:
             return None
         said = (f"[pact_fast] {free:.1f} of {os.cpu_count()} cores free of other processes: torch now uses {fitted} "

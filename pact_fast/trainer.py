@@ -433,8 +433,8 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
                                     ("rollout.is_cap, against the rollout engine's eval-mode log-probs",
                                      bool(is_cap(config.rollout)))) if on]
     if compared:
-        lora = config.model.lora
-        check_no_dropout(model, compared, {"model.lora.dropout": lora.dropout} if lora.enabled and lora.dropout else {})
+        check_no_dropout(model, compared, {"model.lora.dropout": config.model.lora.dropout}
+                         if config.model.lora.enabled else {})
     fit_chat_template(config, tokenizer, train_set + held_out, log=log)
     # every task tokenised and checked once: a row that cannot go through a step fails here, not on its first draw
     lim = limits(model, config)
@@ -743,8 +743,8 @@ def _train(config, resume, engine_factory, log):
                 interrupt.abortable = False
             skip_streak = skip_streak + 1 if stats.skipped else 0
             if stats.skipped:
-                log(f"[pact_fast] step {step + 1}: non-finite {'loss' if stats.non_finite_loss else 'gradient'}; "
-                    f"step skipped ({skip_streak} in a row)")
+                _say(bar, log, f"[pact_fast] step {step + 1}: non-finite "
+                     f"{'loss' if stats.non_finite_loss else 'gradient'}; step skipped ({skip_streak} in a row)")
             metrics = _step_metrics(stats)
             history.append(metrics)
             if writers:
@@ -765,10 +765,10 @@ def _train(config, resume, engine_factory, log):
                 last_save = time.monotonic()
             if stats.truncated and step >= warned_cut:  # the first cut, then at most every WARN_CUT_EVERY steps
                 warned_cut = step + WARN_CUT_EVERY
-                log(f"[pact_fast] step {step + 1}: {int(metrics['truncated_episodes'])} of "
-                    f"{len(stats.episodes) * dist.world_size()} episodes were cut to fit "
-                    f"train.micro_batch_tokens={train_cfg.micro_batch_tokens} or the positions, as out of length "
-                    "(reward 0); raise the budget if that is many (metric truncated_episodes)")
+                _say(bar, log, f"[pact_fast] step {step + 1}: {int(metrics['truncated_episodes'])} of "
+                     f"{len(stats.episodes) * dist.world_size()} episodes were cut to fit "
+                     f"train.micro_batch_tokens={train_cfg.micro_batch_tokens} or the positions, as out of length "
+                     "(reward 0); raise the budget if that is many (metric truncated_episodes)")
             if skip_streak >= train_cfg.max_skipped_steps:
                 stopped = (f"{skip_streak} consecutive steps had a non-finite loss or gradient (the last at step "
                            f"{step + 1}); stopped with the last good weights (lower train.lr, or check the data "
