@@ -11,6 +11,7 @@ import torch.distributed as td
 def run(rank, out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     td.init_process_group("gloo", rank=rank, world_size=2)
+    from pact_fast.distributed import _destroy
     from pact_fast.trainer import StepStats, _average, _step_metrics
 
     # rank 0: 2 rollouts of 200 tokens, rewards 1, 1, |advantage| 1, its largest ratio 1.2; rank 1: 2 rollouts of
@@ -31,7 +32,7 @@ def run(rank, out, port):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(logged, f)
-    td.destroy_process_group()
+    _destroy()  # as the trainer leaves: a bare destroy_process_group aborted rank 0 at exit on a busy CI machine
 
 
 if __name__ == "__main__":
