@@ -34,6 +34,7 @@ import torch
 from pact_fast import planner
 from pact_fast.chat import LabeledSequence
 from pact_fast.losses import OTHER, REASONING, TOOL_CALL, PACTLossConfig, anchor_rows, group_advantages, pact_loss
+from pact_fast.model_setup import enable_checkpointing
 from pact_fast.rollout import Episode
 from pact_fast.scoring import PackedScorer
 from pact_fast.task_inputs import GroupInputs
@@ -149,7 +150,7 @@ def measure_step(model, episodes, inputs, *, fused_head=True, grad_checkpointing
                  memory_lean=False, lr=1e-5):
     """Measured peak bytes (and its parts) of a steady-state step of ``model`` (its trainable parameters)."""
     if grad_checkpointing:  # as the trainer enables it
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     step = lambda: train_step(model, optimizer, episodes, inputs, fused_head=fused_head,  # noqa: E731

@@ -157,6 +157,18 @@ def check_no_dropout(model, why, options=None):
                      f"random draw, which this run compares across passes ({'; '.join(why)}); {'; '.join(fixes)}")
 
 
+def enable_checkpointing(model):
+    """Activation checkpointing of ``model``'s decoder layers, non-reentrant: a reentrant checkpoint whose inputs
+    need no gradient (frozen embeddings under LoRA or a frozen tied head) would silently drop the gradients of the
+    layers inside it. transformers >= 5.25 names it ``activation_checkpointing_enable`` (its
+    ``gradient_checkpointing_enable`` warns and goes in v6); older ones have only the second."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def freeze_lm_head(model, log=None):
     """Stop training the lm_head weight: the log-prob ops then skip its gradient (two GEMMs instead of three).
     With tied embeddings the input embedding is the same tensor and is frozen with it (said in ``log``)."""

@@ -40,8 +40,8 @@ from .evaluation import evaluate
 from .files import write_json
 from .losses import (PACTBatch, anchor_rows, group_advantages, loss_scales, pact_loss, response_counts,
                      truncated_importance_weights)
-from .model_setup import (AdaptersOffScorer, build_policy, check_no_dropout, fit_chat_template, resolve_device,
-                          without_start_adapters)
+from .model_setup import (AdaptersOffScorer, build_policy, check_no_dropout, enable_checkpointing, fit_chat_template,
+                          resolve_device, without_start_adapters)
 from .models import apply_liger
 from .ops.fused_pact_head import fused_pact_head
 from .packing import pack_tree, pad_rows, split_units
@@ -445,9 +445,7 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         for warning in config_warnings(config, len(train_set)):
             log(f"[pact_fast] {warning}")
     if train_cfg.grad_checkpointing:
-        # non-reentrant: a reentrant checkpoint whose inputs need no gradient (frozen embeddings under LoRA or a
-        # frozen tied head) would silently drop the gradients of the layers inside it
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if train_cfg.liger:
         apply_liger(model, device)
     rollout_model = dist.rollout_copy(model)  # before sharding: an unsharded copy under torchrun

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,17 @@ def test_gradient_checkpointing_keeps_adapter_gradients(tmp_path):
         [n for n, _ in c.model.named_parameters() if "lora_" in n])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_grad_checkpointing_uses_transformers_current_name(tmp_path):
+    """transformers 5.25 deprecates ``gradient_checkpointing_enable`` (a FutureWarning each run; gone in v6): the
+    trainer calls ``activation_checkpointing_enable`` where the model has it, and still checkpoints every layer."""
+    config = load_config(None, TINY + ["train.grad_checkpointing=true", "loss.mode=sft", f"train.out_dir={tmp_path}"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        c = build(config, log=lambda *a: None)
+    assert not [w for w in seen if "gradient_checkpointing_enable" in str(w.message)], [str(w.message) for w in seen]
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(c.model))
 
 
 def _adapters(run_dir):
