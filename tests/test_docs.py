@@ -109,3 +109,155 @@ def test_readmes_pact_loss_snippet_runs_on_grpo_layout_tensors():
     by_uid = group_advantages(space["rewards"], torch.tensor([1, 0, 1, 0, 2, 2])).abs().mean().item()
     assert space["metrics"]["adv_abs_mean"] == pytest.approx(by_uid)
     assert by_uid != pytest.approx(group_advantages(space["rewards"], torch.zeros(B, dtype=torch.long)).abs().mean().item())
+
+
+def _config_defaults():
+    """``{"section.key": default}`` of every config key."""
+    import dataclasses
+
+    from pact_fast.config import Config
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", value
+    return dict(walk(Config(), ""))
+
+
+SECTIONS = ("model", "data", "rollout", "loss", "train", "scoring")
+
+
+def test_every_config_key_readme_names_exists():
+    """A `section.key` in README's code spans is a config key (a module path such as `pact_fast.scoring.x` is not
+    one: the lookbehind leaves it out)."""
+    keys = _config_defaults()
+    text = (ROOT / "README.md").read_text()
+    named = set()
+    for span in re.findall(r"`([^`\n]+)`", text):
+        for key in re.findall(rf"(?<![\w./-])((?:{'|'.join(SECTIONS)})\.[a-z_][a-z_0-9.]*[a-z_0-9])", span):
+            named.add(key)
+    unknown = sorted(k for k in named if k not in keys and not any(x.startswith(k + ".") for x in keys))
+    assert not unknown, f"README names config keys that do not exist: {unknown}"
+    assert len(named) > 50
+
+
+def _table_value(text):
+    """A README table cell's default as Python: true/false, None, [] and [1], numbers, else the text."""
+    text = text.strip().strip("`")
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "None":
+        return None
+    if text.startswith("["):
+        return tuple(_table_value(x) for x in text[1:-1].split(",") if x.strip())
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def test_readmes_main_options_table_gives_the_config_defaults():
+    """Each row of README's "Main options" table: its keys exist and its defaults are the config's
+    (``.r`` after ``model.lora.enabled`` is ``model.lora.r``; one default for several keys is each one's)."""
+    defaults = _config_defaults()
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("Main options (sections"):]
+    rows = re.findall(r"^\| (`.*?) \| (.*?) \| .* \|$", table[:table.index("\n\n", table.index("| key |"))], re.M)
+    assert len(rows) > 20
+    wrong = []
+    for key_cell, default_cell in rows:
+        keys, prefix = [], None
+        for k in re.findall(r"`([^`]+)`", key_cell):
+            if k.startswith("."):
+                k = prefix + k
+            prefix = k.rsplit(".", 1)[0]
+            keys.append(k)
+        values = [v for v in re.split(r",\s*(?![^\[]*\])", default_cell)]
+        if len(values) == 1:
+            values = values * len(keys)
+        assert len(values) == len(keys), f"row {key_cell}: {len(keys)} keys, {len(values)} defaults"
+        for k, v in zip(keys, values):
+            if k not in defaults:
+                wrong.append(f"{k}: no such key")
+                continue
+            want, got = defaults[k], _table_value(v)
+            if isinstance(want, tuple):
+                want = tuple(float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in want)
+            elif isinstance(want, (int, float)) and not isinstance(want, bool):
+                want = float(want)
+            if got != want:
+                wrong.append(f"{k}: README says {v.strip()}, the config's default is {defaults[k]!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def _readme_commands():
+    """``(words, whole)`` of each ``pact-fast`` command in README: the lines of its ```bash blocks (whole: a
+    command to parse as given) and its inline code spans (a fragment: only its sub-command and option names)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            for part in re.split(r"\s&&\s", re.sub(r"\s+#\s.*$", "", line)):
+                part = re.sub(r"^(\w+=\S*\s+)+", "", part.strip())  # PYTHONPATH=. pact-fast ...
+                part = re.sub(r"^torchrun\s.*?-m pact_fast\s", "pact-fast ", part)
+                if part.startswith("pact-fast "):
+                    found.append((shlex.split(part)[1:], True))
+    for span in re.findall(r"`(pact-fast [^`\n]+)`", text):
+        found.append((shlex.split(span.replace("...", ""))[1:], False))
+    return found
+
+
+def test_readmes_pact_fast_commands_parse():
+    """Every ``pact-fast`` command README shows: its sub-command and options exist (a whole command in a ```bash
+    block parses as written, with no argparse error), and its ``section.key=value`` overrides name config keys."""
+    from pact_fast import cli
+
+    keys = _config_defaults()
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    commands = _readme_commands()
+    assert len(commands) > 20
+    bad = []
+    for words, whole in commands:
+        shown = "pact-fast " + " ".join(words)
+        if not words or words[0] not in subs:
+            bad.append(f"{shown}: no such sub-command")
+            continue
+        options = {s for a in subs[words[0]]._actions for s in a.option_strings}
+        bad += [f"{shown}: {w} is not an option of {words[0]}" for w in words
+                if w.startswith("--") and w.split("=")[0] not in options]
+        bad += [f"{shown}: {w.split('=')[0]} is not a config key" for w in words
+                if re.match(rf"({'|'.join(SECTIONS)})\.", w) and "=" in w and w.split("=")[0] not in keys]
+        if whole:
+            try:
+                cli._parse(parser, words)
+            except SystemExit:
+                bad.append(f"{shown}: argparse refuses it")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_sub_command_says_what_it_does_in_its_own_help():
+    """``pact-fast SUB --help`` starts with the line ``pact-fast --help`` lists for SUB (demo, plot, export, config,
+    fetch-model and plan showed a bare usage line)."""
+    import argparse
+
+    from pact_fast import cli
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {c.dest: c.help for c in subs._choices_actions}
+    assert set(listed) == set(subs.choices)
+    bare = [name for name, p in subs.choices.items() if not listed[name] or p.description != listed[name]]
+    assert not bare, f"sub-commands whose --help lacks their description: {bare}"
+
+
+def test_readme_installs_extras_from_the_checkout():
+    """The package is not on PyPI under this name: an extra is installed as ``pip install -e '.[extra]'`` (README
+    said ``pip install 'pact_fast[lora]'``, which asks the package index)."""
+    text = (ROOT / "README.md").read_text()
+    assert not re.findall(r"pip install[^\n`]*?['\"]?pact[_-]fast\[", text)
