@@ -235,9 +235,16 @@ def test_readmes_pact_fast_commands_parse():
                 if re.match(rf"({'|'.join(SECTIONS)})\.", w) and "=" in w and w.split("=")[0] not in keys]
         if whole:
             try:
-                cli._parse(parser, words)
+                args = cli._parse(parser, words)
             except SystemExit:
                 bad.append(f"{shown}: argparse refuses it")
+                continue
+            # a fresh train or compare (no run or file to read): its options and overrides make a valid config
+            if words[0] in ("train", "compare") and not (getattr(args, "resume", None) or args.config):
+                try:
+                    cli._resolve(args)
+                except ValueError as exc:
+                    bad.append(f"{shown}: {exc}")
     assert not bad, "\n".join(bad)
 
 
