@@ -211,7 +211,8 @@ def _plan_parser(sub):
     p.add_argument("--model", help="a local HF directory (its config.json) or a known name; default: the "
                    "config's model.path")
     p.add_argument("--gpu-memory", required=True, help="memory of the GPU, e.g. 24GB, 24GiB, 24000MB")
-    p.add_argument("--config", help="a run's YAML config: its train, rollout (and model.lora) settings")
+    p.add_argument("--config", help="a run's YAML config: its train and rollout settings, model.lora, "
+                   "model.freeze_lm_head and loss.beta_kl (a reference model when > 0); flags given win")
     p.add_argument("--dtype", choices=("bf16", "float32"), help="bf16: fp32 weights under bf16 autocast (the "
                    "trainer on CUDA, default); float32: no autocast")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default cuda")
