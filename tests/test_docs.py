@@ -268,3 +268,31 @@ def test_readme_installs_extras_from_the_checkout():
     said ``pip install 'pact_fast[lora]'``, which asks the package index)."""
     text = (ROOT / "README.md").read_text()
     assert not re.findall(r"pip install[^\n`]*?['\"]?pact[_-]fast\[", text)
+
+
+def test_the_files_and_python_names_readme_cites_exist():
+    """Every repository path README cites in code spans (`bench/results/x.json`, `pact_fast/task_inputs.py`) is a
+    file here, and every `pact_fast.module.name` it cites imports."""
+    import importlib
+
+    text = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|json|png|md|sh|yaml))`", text))
+    paths |= set(re.findall(r"\]\(([\w./-]+\.(?:md|png|json))\)", text))
+    assert len(paths) > 20
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    names = set(re.findall(r"`(pact_fast(?:\.[A-Za-z_]\w*)+)", text))
+    assert len(names) > 15
+    for name in sorted(names):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                missing.append(name)
+                break
+            obj = getattr(obj, attr)
+    assert not missing, f"README cites what does not exist: {missing}"
