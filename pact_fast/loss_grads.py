@@ -24,10 +24,11 @@ from typing import Optional
 
 import torch
 
-from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, TOOL_CALL,
-                     TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig, aggregate, anchor_generator, binary,
-                     check_call, clipped_surrogate_tokens, known_components, kl_penalty, one_draw_per_group,
-                     per_token_advantages, reasoning_segments_kept, sft_weights_before_segments, tool_call_weight)
+from .losses import (ANCHORED_VALUES, COMPONENT_VALUES, MASK_VALUES, NONE, OTHER, REASONING, SEGMENT_VALUES,
+                     TOOL_CALL, TOOL_RESPONSE, COMPONENT_NAMES, PACTBatch, PACTLossConfig, aggregate, anchor_generator,
+                     binary, check_call, clipped_surrogate_tokens, known_components, known_segments, kl_penalty,
+                     one_draw_per_group, per_token_advantages, reasoning_segments_kept, sft_weights_before_segments,
+                     tool_call_weight)
 
 LOG_RATIO_CLAMP = 20.0  # clipped_surrogate_tokens clamps logp - old_logp to [-20, 20]
 KL_CLAMP = 20.0  # kl_penalty's k3 clamps -(logp - ref_logp) to <= 20
@@ -479,6 +480,8 @@ def loss_and_metrics(prep, logp_po=None, logp_tc=None, sft_logp=None, entropy=No
             raise ValueError(f"pact_loss: sft_components {tuple(comps.shape)} must match sft_logp "
                              f"{tuple(sft_logp.shape)}")
         checks.append((known_components(comps), ValueError, COMPONENT_VALUES))
+        if c.mode == "pact" and c.sft_reasoning_mode == "segment" and len(comps):  # the annealing reads them
+            checks.append((known_segments(comps, b.sft_segment_ids, b.sft_turn_ids), ValueError, SEGMENT_VALUES))
         target = comps != NONE
         checked = target & (comps != TOOL_RESPONSE)
         checks.append((torch.isfinite(torch.where(checked, sft_logp, torch.zeros_like(sft_logp))).all(), ValueError,

@@ -195,6 +195,12 @@ class PACTBatch:
                 if t is not None and tuple(t.shape) != shape:
                     raise ValueError(f"PACTBatch: {name} must be [S, E] = {list(shape)} (the shape of "
                                      f"sft_components), got {tuple(t.shape)}")
+        for name in ("sft_components", "sft_segment_ids", "sft_turn_ids"):
+            t = getattr(self, name)
+            # a float label 1.5 matched no component (read as none), a float segment id was truncated, and a bool
+            # mask passed as labels read every token as reasoning
+            if t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+                raise ValueError(f"PACTBatch: {name} must be an integer tensor, got {t.dtype}")
         for name in CONSTANT_FIELDS:
             t = getattr(self, name)
             if t is not None and t.requires_grad:
@@ -495,6 +501,16 @@ def known_components(components):
     return ((components >= NONE) & (components <= OTHER)).all()
 
 
+SEGMENT_VALUES = ("pact_loss: sft_segment_ids and sft_turn_ids must be >= 0 on reasoning tokens (the annealing counts "
+                  "each turn's segments from them; pact_fast.chat.trace_sequences makes them)")
+
+
+def known_segments(components, segment_ids, turn_ids):
+    """0-dim bool tensor: ``segment_ids`` and ``turn_ids`` ([S, E], as ``components``) are >= 0 on every reasoning
+    token (the only tokens whose segment and turn the annealing reads)."""
+    return ((components != REASONING) | ((segment_ids >= 0) & (turn_ids >= 0))).all()
+
+
 ANCHORED_VALUES = ("pact_loss: anchored differs between rollouts of one prompt group (group_ids); it is the group's "
                    "draw, the same on each of its rows (anchor_rows(group_ids, ...) of these rows, in their order)")
 
@@ -675,6 +691,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
         needs_segments = mode == "pact" and config.sft_reasoning_mode == "segment" and len(batch.sft_components)
         if needs_segments:
             _require(batch, ["sft_segment_ids", "sft_turn_ids"], "sft_reasoning_mode='segment'")
+            if not known_segments(batch.sft_components, batch.sft_segment_ids, batch.sft_turn_ids):
+                raise ValueError(SEGMENT_VALUES)
         zeros = torch.zeros_like(batch.sft_components)
         sft_logp = at_least_fp32(batch.sft_logp)
         weights = sft_token_weights(batch.sft_components,

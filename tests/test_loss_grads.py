@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pact_fast import loss_grads
-from pact_fast.losses import NONE, PACTBatch, PACTLossConfig, group_advantages, pact_loss, sft_token_weights
+from pact_fast.losses import NONE, REASONING, PACTBatch, PACTLossConfig, group_advantages, pact_loss, sft_token_weights
 
 from sync_count import count_syncs
 
@@ -220,6 +220,39 @@ def test_a_component_label_outside_0_to_4_is_refused_by_both(label):
     prep = loss_grads.prepare(batch, config, 0.3)
     _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
     with pytest.raises(ValueError, match="sft_components must hold the labels 0-4"):
+        metrics.resolve()
+
+
+@pytest.mark.parametrize("name", ["sft_components", "sft_segment_ids", "sft_turn_ids"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_trace_labels_of_a_float_or_bool_dtype_are_refused_by_both(name, dtype):
+    """A float label 1.5 matched no component (its tokens left the SFT term, read as none), a float segment id 0.7
+    was truncated to 0, and a bool mask passed as labels read every token as reasoning: all without a word. The
+    labels must be integers, in pact_loss and in the fused head's prepare."""
+    config, batch, current = _setup(dict(), {}, 0)
+    setattr(batch, name, getattr(batch, name).to(dtype))
+    with pytest.raises(ValueError, match=f"{name} must be an integer tensor, got {dtype}"):
+        pact_loss(PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}}), config, 0.3)
+    with pytest.raises(ValueError, match=f"{name} must be an integer tensor, got {dtype}"):
+        loss_grads.prepare(batch, config, 0.3)
+
+
+@pytest.mark.parametrize("name", ["sft_segment_ids", "sft_turn_ids"])
+def test_a_negative_segment_or_turn_id_on_a_reasoning_token_is_refused_by_both(name):
+    """The annealing read a negative turn id as turn 0 and kept a negative segment at every progress (loss moved,
+    no word). Refused on reasoning tokens, the only ones whose ids it reads, by pact_loss and the fused head's
+    resolve; a negative id on another token is not read and passes."""
+    config, batch, current = _setup(dict(), {}, 0)
+    ids = getattr(batch, name)
+    ids[batch.sft_components != REASONING] = -1
+    full = PACTBatch(**{**vars(batch), **{k: v for k, v in current.items() if k != "entropy"}})
+    pact_loss(full, config, 0.3)
+    ids[batch.sft_components == REASONING] = -1
+    with pytest.raises(ValueError, match="must be >= 0 on reasoning tokens"):
+        pact_loss(full, config, 0.3)
+    prep = loss_grads.prepare(batch, config, 0.3)
+    _, metrics = loss_grads.loss_and_metrics(prep, current["logp_po"], current["logp_tc"], current["sft_logp"])
+    with pytest.raises(ValueError, match="must be >= 0 on reasoning tokens"):
         metrics.resolve()
 
 
