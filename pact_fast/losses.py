@@ -298,17 +298,21 @@ def loss_scales(response_mask, n_traces=0, loss_agg="token-mean", *, step_tokens
         loss_agg: the RL aggregation: ``token-mean`` counts response tokens, the others non-empty responses.
         step_tokens, step_seqs, step_traces: the same counts over the whole step, all micro-batches and ranks
             (``response_counts`` summed, and the traces); None means this micro-batch is the whole step
-            (share 1).
+            (share 1). A count of 0 beside a micro-batch that holds some is refused (``ValueError``).
         world: data-parallel ranks whose gradients are averaged.
     """
     tokens, seqs = response_counts(response_mask)
     local, total = (tokens, step_tokens) if loss_agg == "token-mean" else (seqs, step_seqs)
-    return _share(local, total, world), _share(n_traces, step_traces, world)
+    names = ("step_tokens" if loss_agg == "token-mean" else "step_seqs", "step_traces")
+    return _share(local, total, world, names[0]), _share(n_traces, step_traces, world, names[1])
 
 
-def _share(local, total, world):
+def _share(local, total, world, name):
     if total is None:
         return 1.0
+    if not total and local:  # the share was 0: this micro-batch's term left the loss
+        raise ValueError(f"loss_scales: {name}={total} while this micro-batch holds {local}; it counts the whole step, "
+                         "this micro-batch included")
     return world * local / total if total else 0.0
 
 

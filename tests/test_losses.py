@@ -553,6 +553,19 @@ def test_loss_scales_without_step_counts_take_the_micro_batch_as_the_step():
     assert loss_scales(mask, 0, "seq-mean-token-mean", step_seqs=4, step_traces=0) == (0.25, 0.0)
 
 
+@pytest.mark.parametrize("kwargs,name", [(dict(step_tokens=0, step_traces=4), "step_tokens"),
+                                         (dict(loss_agg="seq-mean-token-mean", step_seqs=0, step_traces=4), "step_seqs"),
+                                         (dict(step_tokens=8, step_traces=0), "step_traces")])
+def test_loss_scales_refuse_a_step_count_of_0_beside_a_micro_batch_that_holds_some(kwargs, name):
+    """A step count of 0 gave this micro-batch's share as 0: its RL or SFT term silently left the loss (step_traces=0
+    with traces here turned the SFT term off). The step's count includes the micro-batch's own."""
+    from pact_fast.losses import loss_scales
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=f"loss_scales: {name}=0 while this micro-batch holds"):
+        loss_scales(mask, 2, **kwargs)
+
+
 @pytest.mark.parametrize("name", ["old_logp_po", "old_logp_tc", "ref_logp", "behavior_logp"])
 def test_a_constant_that_carries_a_gradient_is_refused(name):
     """old_logp_po=logp_po without .detach() (on-policy, one epoch) makes every ratio exp(0) with a gradient that
