@@ -697,7 +697,11 @@ def predict_rollout(shape, options):
     return Prediction(sum(terms.values()), {k: v for k, v in terms.items() if v}, "rollout")
 
 
-def max_micro_batch_tokens(shape, budget, options=None, *, limit=1 << 22):
+# The largest micro_batch_tokens max_micro_batch_tokens searches (4,194,304): a budget that fits it may fit more
+SEARCH_LIMIT = 1 << 22
+
+
+def max_micro_batch_tokens(shape, budget, options=None, *, limit=SEARCH_LIMIT):
     """The largest ``train.micro_batch_tokens`` (a multiple of 64, at most ``limit``) whose predicted step
     peak fits in ``budget`` bytes; 0 when not even 64 tokens fit (or the rollout phase does not fit)."""
     options = options or PlanOptions()
@@ -744,7 +748,9 @@ def report(shape, budget, options, tokens=None):
         lines.append(f"predicted rollout peak (G={options.rollout_group_size}, context {options.rollout_context}"
                      f" + {options.rollout_new_tokens} new): {gib(rollout.total):.2f} GiB")
         lines += [f"  {name:<28} {gib(value):8.3f} GiB" for name, value in rollout.terms.items()]
-    if best:
+    if best >= SEARCH_LIMIT:  # the search stopped there: "largest" would understate what fits
+        lines.append(f"fits: train.micro_batch_tokens={best} and beyond (the planner searches no further)")
+    elif best:
         lines.append(f"fits: train.micro_batch_tokens={best} (largest multiple of 64 predicted to fit)")
     elif rollout is not None and rollout.total > budget:
         lines.append(f"does not fit: the rollout phase alone is predicted at {gib(rollout.total):.2f} GiB (fewer "

@@ -461,6 +461,16 @@ def test_plan_prints_the_largest_micro_batch_that_fits():
     assert rc == 1 and "does not fit" in out
 
 
+def test_plan_says_when_its_search_limit_fits_rather_than_calling_it_the_largest():
+    """On a budget past what 2^22 tokens need (80 TB), the search stops at its limit: the line called 4,194,304 the
+    largest micro-batch predicted to fit, yet 8,388,608 fits too."""
+    shape, budget = planner.KNOWN_SHAPES["qwen3-1.7b"], 80 * 10 ** 12
+    assert planner.predict(shape, 2 * planner.SEARCH_LIMIT, planner.PlanOptions()).total <= budget
+    rc, out, _ = _plan("--model", "qwen3-1.7b", "--gpu-memory", "80TB")
+    assert rc == 0 and out.splitlines()[-1] == (f"fits: train.micro_batch_tokens={planner.SEARCH_LIMIT} and beyond "
+                                                "(the planner searches no further)")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "qwen3-1.7b", "--gpu-memory", "lots"], "pact-fast: --gpu-memory 'lots' is not a size"),
     (["--model", "llama-70b", "--gpu-memory", "24GB"], "pact-fast: unknown model 'llama-70b' (not a known name nor "
