@@ -44,8 +44,8 @@ class LoRAConfig:
     def __post_init__(self):
         if self.r < 1:
             raise ValueError(f"model.lora.r={self.r} must be >= 1")
-        if not self.alpha > 0:
-            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        if not 0 < self.alpha < math.inf:  # inf: the adapters' scale alpha / r times B = 0 made every logit NaN
+            raise ValueError(f"model.lora.alpha={self.alpha} must be a finite number > 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
         if not self.enabled:  # an option of LoRA while LoRA is off would be ignored: every weight would train

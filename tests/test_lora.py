@@ -108,6 +108,11 @@ def test_default_targets_of_a_moe_model_with_dense_mlps_adapt_those_layers_and_r
 def test_lora_config_refusals():
     with pytest.raises(ConfigError, match="model.lora.r=0 must be >= 1"):
         load_config(None, LORA + ["model.lora.r=0"])
+    # model.lora is a section inside model: the check of every float option for finiteness did not reach it, and
+    # alpha=inf scaled the adapters' B = 0 at init by inf: every logit NaN at the first forward
+    for alpha in ("inf", "nan", "0"):
+        with pytest.raises(ConfigError, match=f"model.lora.alpha={float(alpha)} must be a finite number > 0"):
+            load_config(None, LORA + [f"model.lora.alpha={alpha}"])
     with pytest.raises(ConfigError, match="model.lora.adapter=/somewhere is set but model.lora.enabled is false"):
         load_config(None, ["model.lora.adapter=/somewhere"])
     with pytest.raises(ConfigError, match="unknown key 'model.lora.rank'"):
