@@ -310,6 +310,19 @@ def test_a_per_row_field_of_another_length_than_the_log_probs_is_refused(name):
         pact_loss_fn(None, {"log_probs": log_probs[:-1]}, rows, pact_config=config, progress=0.3)
 
 
+@pytest.mark.parametrize("role", [torch.tensor(3), torch.tensor(-1), torch.tensor(2.5)], ids=["3", "-1", "2.5"])
+def test_a_row_role_other_than_po_tc_or_trace_is_refused(role):
+    """A pact_role outside PO, TC and TRACE matched no role: a trace row marked 3 left the loss (0.357 for 0.344)
+    with no word, and a float role was truncated (2.5 read as TRACE)."""
+    _, rows, log_probs = _group_rows()
+    roles = rows["pact_role"].to(role.dtype)
+    roles[-1] = role
+    with pytest.raises(ValueError, match=re.escape("data['pact_role'] must hold the integers 0 (PO), 1 (TC) and 2 "
+                                                   "(TRACE)")):
+        pact_loss_fn(None, {"log_probs": log_probs}, {**rows, "pact_role": roles},
+                     pact_config=PACTLossConfig(anchor_q=0.5), progress=0.3)
+
+
 def test_the_policy_loss_refuses_a_mask_or_weights_of_another_shape_and_a_soft_mask():
     """A response_mask or rollout_is_weights of another shape than log_prob failed inside torch's broadcasting
     ("The size of tensor a (4) must match ..."); a soft mask (0.5) was read as 1 (the loss of a 0/1 mask)."""

@@ -266,7 +266,13 @@ def pact_loss_fn(config, model_output, data, dp_group=None, *, pact_config=None,
     _check_rows(data, logp.shape[0], entropy)
     mask = _need(data, "response_mask")
     old = _need(data, "old_log_probs")
-    role = _need(data, "pact_role", " (PO, TC or TRACE per row)").long()
+    role = _need(data, "pact_role", " (PO, TC or TRACE per row)")
+    # another value matched no role: its row left the loss without a word (a float role was truncated)
+    if role.is_floating_point() or role.is_complex() or role.dtype == torch.bool or \
+            not bool(((role >= PO) & (role <= TRACE)).all()):
+        raise ValueError(f"pact_loss_fn: data['pact_role'] must hold the integers {PO} (PO), {TC} (TC) and {TRACE} "
+                         f"(TRACE), got {role.dtype} values {sorted(set(role.reshape(-1).tolist()))[:8]}")
+    role = role.long()
     po = torch.nonzero(role == PO)[:, 0]
     tc_rows = torch.nonzero(role == TC)[:, 0]
     trace = torch.nonzero(role == TRACE)[:, 0]
