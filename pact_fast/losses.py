@@ -301,6 +301,10 @@ def loss_scales(response_mask, n_traces=0, loss_agg="token-mean", *, step_tokens
             (share 1). A count of 0 beside a micro-batch that holds some is refused (``ValueError``).
         world: data-parallel ranks whose gradients are averaged.
     """
+    if loss_agg not in LOSS_AGGS:  # a typo (token_mean) counted responses where the loss averages tokens
+        raise ValueError(f"loss_scales: unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGS}")
+    if not world >= 1:  # 0 made every share 0: the whole loss left the step
+        raise ValueError(f"loss_scales: world={world} must be >= 1 (the data-parallel ranks)")
     tokens, seqs = response_counts(response_mask)
     local, total = (tokens, step_tokens) if loss_agg == "token-mean" else (seqs, step_seqs)
     names = ("step_tokens" if loss_agg == "token-mean" else "step_seqs", "step_traces")

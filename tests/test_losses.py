@@ -566,6 +566,19 @@ def test_loss_scales_refuse_a_step_count_of_0_beside_a_micro_batch_that_holds_so
         loss_scales(mask, 2, **kwargs)
 
 
+def test_loss_scales_refuse_an_unknown_aggregation_and_a_world_below_1():
+    """loss_agg='token_mean' (a typo) took the responses' count where the loss averages tokens (rl_scale 1.0 for
+    0.5), and world=0 made both shares 0: the micro-batch's loss left the step without a word."""
+    from pact_fast.losses import loss_scales
+
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="loss_scales: unknown loss_agg 'token_mean'"):
+        loss_scales(mask, 1, "token_mean", step_tokens=12, step_traces=2)
+    with pytest.raises(ValueError, match="loss_scales: world=0 must be >= 1"):
+        loss_scales(mask, 1, "token-mean", step_tokens=12, step_traces=2, world=0)
+    assert loss_scales(mask, 1, "token-mean", step_tokens=12, step_traces=2) == (0.5, 0.5)
+
+
 @pytest.mark.parametrize("name", ["old_logp_po", "old_logp_tc", "ref_logp", "behavior_logp"])
 def test_a_constant_that_carries_a_gradient_is_refused(name):
     """old_logp_po=logp_po without .detach() (on-policy, one epoch) makes every ratio exp(0) with a gradient that
