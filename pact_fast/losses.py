@@ -10,6 +10,7 @@ supply log-probs from any engine (``pact_fast.scoring`` or their own).
 baselines ``sft``, ``grpo`` and ``sft_then_grpo`` are values of ``PACTLossConfig.mode``.
 """
 import math
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -402,8 +403,21 @@ def anchor_rows(group_ids, num_groups, q, seed, step):
 
 
 def anchor_generator(seed, step):
-    """The generator ``pact_loss`` draws from at a given step: reproducible from (seed, step)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63))
+    """The generator ``pact_loss`` draws from at a given step: reproducible from (seed, step), both integers."""
+    return torch.Generator().manual_seed((_integer("seed", seed) * 1_000_003 + _integer("step", step)) % (2 ** 63))
+
+
+def _integer(name, value):
+    """``value`` as an int (numpy's, 0-dim integer tensors' and a float's such as 3.0 too); a fraction or a bool
+    refused: int() truncated, and a progress in [0, 1) passed as the step drew the same groups at every step."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+    raise ValueError(f"anchoring: {name}={value!r} must be an integer (the step: optimizer steps done, not the "
+                     "training progress)" if name == "step" else f"anchoring: {name}={value!r} must be an integer")
 
 
 # ---------------------------------------------------------------- SFT

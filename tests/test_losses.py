@@ -660,6 +660,23 @@ def test_anchor_rows_refuses_a_probability_or_group_ids_it_would_misread():
             anchor_rows(uid, 3, 0.5, 4, 7)
 
 
+def test_a_fractional_step_or_seed_of_the_anchoring_is_refused():
+    """int() truncated the step: a training progress in [0, 1) passed as the step (pact_loss takes both) drew the
+    same groups at every step, without a word. Integers (numpy's, 0-dim tensors', 3.0) are taken as they are."""
+    from pact_fast.losses import anchor_rows
+
+    ids = torch.arange(6)
+    assert torch.equal(anchor_rows(ids, 6, 0.5, 4, 3.0), anchor_rows(ids, 6, 0.5, 4, np.int64(3)))
+    assert torch.equal(anchor_rows(ids, 6, 0.5, 4, torch.tensor(3)), anchor_rows(ids, 6, 0.5, 4, 3))
+    for step in (0.3, 0.9, math.nan, True):
+        with pytest.raises(ValueError, match=re.escape(f"anchoring: step={step!r} must be an integer (the step")):
+            anchor_rows(ids, 6, 0.5, 4, step)
+    with pytest.raises(ValueError, match="anchoring: step=0.5 must be an integer"):
+        pact_loss(_batch(), PACTLossConfig(), 0.5, step=0.5)
+    with pytest.raises(ValueError, match="anchoring: seed=1.5 must be an integer"):
+        anchor_rows(ids, 6, 0.5, 1.5, 3)
+
+
 def test_a_mask_of_token_weights_is_refused_and_aggregate_counts_what_it_sums():
     """A soft mask (0.5) was read as 1 by pact_loss (same loss as a 0/1 mask) while aggregate divided by the soft
     sum: pact_loss refuses it; aggregate selects with nonzero entries in the sums and the counts alike."""
