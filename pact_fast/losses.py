@@ -578,6 +578,20 @@ def _check_finite(name, tensor, mask=None):
         raise ValueError(f"pact_loss: {name} contains NaN or inf" + (" on unmasked tokens" if mask is not None else ""))
 
 
+def _check_gradients(batch, used):
+    """Refuse current-policy inputs of which some carry gradients and others do not: one scored under
+    ``torch.no_grad()`` or detached by mistake would add its term's value and no gradient (the trace-conditioned
+    surrogate, the PACT signal, silently off). ``used``: {field: whether the loss reads it}; empty tensors (a
+    micro-batch without traces) are not counted."""
+    present = [n for n, on in used.items() if on and getattr(batch, n) is not None and getattr(batch, n).numel()]
+    without = [n for n in present if not getattr(batch, n).requires_grad]
+    if without and len(without) < len(present):
+        carry = [n for n in present if n not in without]
+        raise ValueError(f"pact_loss: {', '.join(carry)} {'carries' if len(carry) == 1 else 'carry'} gradients but "
+                         f"{', '.join(without)} {'does' if len(without) == 1 else 'do'} not (scored under "
+                         "torch.no_grad() or detached?): its terms would add no gradient")
+
+
 def _require(batch, names, why):
     missing = [n for n in names if getattr(batch, n) is None]
     if missing:
@@ -621,6 +635,8 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
     if use_rl and batch.response_mask.shape[0] == 0:
         use_rl = False  # a micro-batch holding only trace sequences: no RL term here
         metrics["loss/rl"] = 0.0
+    _check_gradients(batch, {"logp_po": use_rl, "logp_tc": use_rl and rl_kind == "pact",
+                             "entropy": use_rl and config.c_ent > 0, "sft_logp": use_sft and config.lambda_sft > 0})
     if use_rl:
         _require(batch, ["logp_po", "old_logp_po"], f"mode {mode!r} (prompt-only surrogate)")
         if not binary(batch.response_mask):

@@ -97,7 +97,7 @@ def test_readmes_pact_loss_snippet_runs_on_grpo_layout_tensors():
     space = {"uid": np.array(["q7", "q3", "q7", "q3", "q9", "q9"], dtype=object),
              "response_mask": torch.ones(B, T), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
              "logp": logp, "old_logp": old, "logp_tc": logp, "old_logp_tc": old,
-             "trace_logp": -torch.rand(S, E, generator=g, dtype=torch.float64),
+             "trace_logp": (-torch.rand(S, E, generator=g, dtype=torch.float64)).requires_grad_(),
              "components": torch.tensor([[REASONING, REASONING, TOOL_CALL, TOOL_CALL]] * S),
              "segment_ids": torch.zeros(S, E, dtype=torch.long), "turn_ids": torch.zeros(S, E, dtype=torch.long),
              "step": 3, "total_steps": 10}

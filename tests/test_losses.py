@@ -660,6 +660,29 @@ def test_anchor_rows_refuses_a_probability_or_group_ids_it_would_misread():
             anchor_rows(uid, 3, 0.5, 4, 7)
 
 
+@pytest.mark.parametrize("name", ["logp_tc", "sft_logp", "logp_po", "entropy"])
+def test_a_current_policy_input_without_gradient_beside_ones_with_it_is_refused(name):
+    """logp_tc scored under torch.no_grad() (as old log-probs are) added the trace-conditioned surrogate's value and
+    no gradient: PACT's signal silently off for every group not anchored. A used current-policy input without
+    gradient beside ones with it is refused; all without (evaluation under no_grad) and an empty one (a micro-batch
+    without traces) pass, and so does one the loss does not read."""
+    config = PACTLossConfig(c_ent=0.1)
+    batch = _batch()
+    batch.entropy = torch.rand_like(batch.logp_po).requires_grad_()
+    setattr(batch, name, getattr(batch, name).detach())
+    with pytest.raises(ValueError, match=rf"pact_loss: .* gradients but {name} does not \(scored under"):
+        pact_loss(batch, config, 0.3)
+    unused = {"logp_tc": dict(mode="grpo"), "sft_logp": dict(mode="grpo"), "logp_po": dict(mode="sft"), "entropy": {}}
+    pact_loss(batch, PACTLossConfig(**unused[name]), 0.3)
+    with torch.no_grad():
+        pact_loss(PACTBatch(**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}),
+                  config, 0.3)
+    empty = _batch()
+    empty.sft_logp, empty.sft_components = torch.zeros(0, 9, dtype=D), torch.zeros(0, 9, dtype=torch.long)
+    empty.sft_segment_ids = empty.sft_turn_ids = empty.sft_components
+    pact_loss(empty, PACTLossConfig(), 0.3)
+
+
 def test_a_fractional_step_or_seed_of_the_anchoring_is_refused():
     """int() truncated the step: a training progress in [0, 1) passed as the step (pact_loss takes both) drew the
     same groups at every step, without a word. Integers (numpy's, 0-dim tensors', 3.0) are taken as they are."""
