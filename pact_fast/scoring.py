@@ -257,11 +257,28 @@ def _check_sequence_mixers(model, decoder):
                                  "this model cannot be scored packed")
 
 
+def _check_token_ids(model, packed):
+    """Refuse a token id outside the model's input embedding, ``[0, num_embeddings)`` (a tokenizer with more tokens
+    than the model's vocabulary, say): the lookup failed with "index out of range in self" on the CPU, naming
+    nothing, and with a device-side assert on CUDA. ``packed.input_ids`` is a CPU tensor (``pack_tree``): no device
+    sync."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    ids = packed.input_ids
+    if rows is None or not ids.numel():
+        return
+    low, high = (int(v) for v in ids.aminmax())
+    if low < 0 or high >= rows:
+        raise PackedScoringError(f"{type(model).__name__}: token id {low if low < 0 else high} is outside its input "
+                                 f"embedding's [0, {rows}) (a tokenizer with more tokens than the model's vocabulary? "
+                                 "model.resize_token_embeddings)")
+
+
 def packed_hidden_states(model, packed, *, backend="auto"):
     """Last hidden states of a packed trie: ``[L, H]`` (one forward of the model's decoder)."""
     decoder, _ = _decoder_and_head(model)
     _check_sequence_mixers(model, decoder)
     _check_rope_length(model, packed)
+    _check_token_ids(model, packed)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     input_ids = packed.input_ids.to(device)[None]  # [1, L]
     subtree_end = packed.subtree_end.to(device=device, dtype=torch.int32)[None]  # [1, L]

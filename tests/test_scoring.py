@@ -42,6 +42,19 @@ def test_activation_checkpointing_recomputes_with_the_tree_layout(use_reentrant)
         assert rel_err(checkpointed[name], plain[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("bad", [-2, 67])
+def test_a_token_id_outside_the_vocabulary_is_refused_naming_it(bad):
+    """A token id past the model's input embedding (a tokenizer with added tokens and no resize) or below 0 failed
+    inside the embedding with "index out of range in self" (a device-side assert on CUDA), naming nothing."""
+    from pact_fast.scoring import PackedScoringError
+
+    model = tiny_causal_lm("llama")
+    assert model.get_input_embeddings().num_embeddings == 67
+    with pytest.raises(PackedScoringError, match=rf"token id {bad} is outside its input embedding's \[0, 67\)"):
+        sequence_logprobs(model, [[1, 2, 3], [1, bad, 4]])
+    assert [o.shape for o in sequence_logprobs(model, [[1, 66]])] == [(1,)]
+
+
 def test_entropy_and_temperature():
     model = tiny_causal_lm("qwen3")
     seqs = pact_group(seed=5, vocab=60)
