@@ -315,7 +315,7 @@ def loss_scales(response_mask, n_traces=0, loss_agg="token-mean", *, step_tokens
 def _share(local, total, world, name):
     if total is None:
         return 1.0
-    if not total and local:  # the share was 0: this micro-batch's term left the loss
+    if not total and local:  # a share of 0 would drop this micro-batch's term from the loss
         raise ValueError(f"loss_scales: {name}={total} while this micro-batch holds {local}; it counts the whole step, "
                          "this micro-batch included")
     return world * local / total if total else 0.0
