@@ -381,6 +381,8 @@ def sequence_logprobs(model, sequences, *, backend="auto", logprob_backend="auto
         forward, log_softmax and gather), or a list of ``(logp, entropy)`` pairs with ``return_entropy``.
     """
     packed = pack_tree(sequences)
+    if not packed.input_ids.numel():  # no sequences: an empty row failed inside transformers' mask preparation
+        return []
     rows, targets, offsets = packed.predictor_rows()
     out = score_packed(model, packed, rows, targets, backend=backend, logprob_backend=logprob_backend,
                        temperature=temperature, return_entropy=return_entropy)

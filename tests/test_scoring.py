@@ -55,6 +55,13 @@ def test_a_token_id_outside_the_vocabulary_is_refused_naming_it(bad):
     assert [o.shape for o in sequence_logprobs(model, [[1, 66]])] == [(1,)]
 
 
+def test_no_sequences_score_to_an_empty_list():
+    """sequence_logprobs(model, []) failed inside transformers' mask preparation (IndexError: index -1 is out of
+    bounds), as a micro-batch whose rows were all filtered out would."""
+    model = tiny_causal_lm("llama")
+    assert sequence_logprobs(model, []) == [] and sequence_logprobs(model, [], return_entropy=True) == []
+
+
 def test_entropy_and_temperature():
     model = tiny_causal_lm("qwen3")
     seqs = pact_group(seed=5, vocab=60)
