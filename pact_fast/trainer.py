@@ -321,7 +321,8 @@ def check_fresh_run_dir(out_dir):
     (killed, out of memory) left nothing to resume: the directory is reused, its ``metrics.jsonl`` kept as
     ``metrics.jsonl.prev`` (``reuse_run_dir``). Nor may ``out_dir`` lie inside a run's directory (one with its
     ``config.yaml`` and a checkpoint or ``metrics.jsonl``; ``--out RUN/checkpoints`` wrote a second run's files
-    among the first's checkpoints; ``checkpoint.is_run_dir``)."""
+    among the first's checkpoints; ``checkpoint.is_run_dir``), nor hold a ``config.yaml`` that is no run's (the
+    user's own: the run writes its resolved config there)."""
     run_dir = Path(out_dir)
     for parent in run_dir.absolute().parents:
         if checkpoint.is_run_dir(parent):
@@ -333,6 +334,10 @@ def check_fresh_run_dir(out_dir):
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"train.out_dir={out_dir} already holds a finished run (summary.json, no checkpoint to "
                           "resume): give a new --out (or train.out_dir), or delete that directory")
+    if (run_dir / "config.yaml").exists() and not checkpoint.is_run_dir(run_dir):
+        # (`--config exp/config.yaml --out exp`: the run wrote its resolved config over the user's file)
+        raise ConfigError(f"train.out_dir={out_dir} holds a config.yaml that is no run's (no metrics.jsonl): the "
+                          "run would write its own over it; give the run a directory of its own")
 
 
 def check_run_dir_writable(out_dir):

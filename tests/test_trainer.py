@@ -731,6 +731,9 @@ def test_a_second_run_into_a_run_directory_is_refused_before_anything_loads(tmp_
     (project / "runs").mkdir(parents=True)
     (project / "config.yaml").write_text("train:\n  steps: 2\n")
     check_fresh_run_dir(project / "runs" / "a")
+    # `--config project/config.yaml --out project`: the run wrote its resolved config over the user's file
+    with pytest.raises(ConfigError, match=f"train.out_dir={project} holds a config.yaml that is no run's"):
+        check_fresh_run_dir(project)
     finished = tmp_path / "finished"  # save_every=0: a summary, nothing to resume
     finished.mkdir()
     (finished / "summary.json").write_text("{}")
