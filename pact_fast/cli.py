@@ -193,14 +193,14 @@ def _eval_config(args):
 
     if not args.run:
         config = _resolve(args)
-        check_eval_overrides(args.overrides)
+        check_eval_overrides(args.overrides, config)
         if not config.model.path and not config.model.lora.adapter:  # `eval --config runs/pact/config.yaml`
             print("pact-fast: evaluating the built-in model untrained (no model.path; --run DIR evaluates a run's "
                   "checkpoint)", file=sys.stderr)
         return config, None
     _refuse_beside(args, "--run", "it evaluates the run's latest checkpoint with the run's config.yaml")
     config, ckpt = run_config(args.run, args.overrides)
-    check_eval_overrides(args.overrides)
+    check_eval_overrides(args.overrides, config)
     print(f"pact-fast: evaluating {ckpt}", file=sys.stderr)
     return config, None if fixed_override(args.overrides, HELD_OUT_CHOICE) else ckpt
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint
-from .config import RUN_CONFIG, ConfigError, load_config
+from .config import RUN_CONFIG, ConfigError, check_unread, load_config
 
 
 def episode_metrics(episodes):
@@ -78,19 +78,21 @@ def fixed_override(overrides, fixed):
     return None
 
 
-# What an evaluation reads besides model.* and data.*: the rollout options but those of sampling for training
-# (one greedy episode per task), and of train.* the device, threads, seed and the episode length cap
-EVAL_UNREAD_ROLLOUT = ("rollout.group_size", "rollout.temperature", "rollout.top_p", "rollout.greedy",
-                       "rollout.is_cap")
+# What an evaluation reads: model.*, data.* and rollout.* but the options of training alone (sampling for training:
+# one greedy episode per task; which weights train; the training tasks, which the held-out ones do not depend on),
+# and of train.* the device, threads, seed and the episode length cap
+EVAL_UNREAD = ("rollout.group_size", "rollout.temperature", "rollout.top_p", "rollout.greedy", "rollout.is_cap",
+               "model.freeze_lm_head", "data.train_tasks")
 EVAL_READ_TRAIN = ("train.device", "train.threads", "train.seed", "train.micro_batch_tokens")
 
 
-def check_eval_overrides(overrides):
-    """A one-line ``ConfigError`` for the first of ``overrides`` (``key=value`` strings) that the evaluation does
-    not read (a loss, optimizer or scoring option, a sampling option): it would change nothing."""
+def check_eval_overrides(overrides, config):
+    """A one-line ``ConfigError`` for the first of ``overrides`` (``key=value`` strings) that the evaluation of
+    ``config`` does not read (a loss, optimizer or scoring option, a sampling option, ``data.seed`` with a data file:
+    it orders the training rows alone): it would change nothing."""
+    unread = EVAL_UNREAD + (("data.seed",) if config.data.path else ())
     for key in (k for item in overrides for k in override_keys(item)):
-        if key in EVAL_UNREAD_ROLLOUT or not (key.startswith(("model.", "data.", "rollout."))
-                                              or key in EVAL_READ_TRAIN):
+        if key in unread or not (key.startswith(("model.", "data.", "rollout.")) or key in EVAL_READ_TRAIN):
             raise ConfigError(f"{key}: the evaluation does not read it (one greedy episode per held-out task; of "
                               f"train.* it reads {', '.join(k[6:] for k in EVAL_READ_TRAIN)}), so it would change "
                               "nothing; leave it out")
@@ -116,6 +118,7 @@ def run_config(run, overrides=()):
     key = "model.lora.adapter" if lora else "model.path"
     config = load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG)
     check_run_paths(config, run_cfg, overrides)
+    check_unread(config, reference=saved)  # data.hops=[2] for a run on a data file evaluated its rows as they were
     return config, ckpt
 
 

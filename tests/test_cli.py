@@ -415,7 +415,8 @@ def test_compare_reports_on_rank_0_only(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override", ["train.steps=5", "loss.anchor_q=0.5", "rollout.greedy=false",
-                                      "rollout.temperature=0.5", "scoring.check=false"])
+                                      "rollout.temperature=0.5", "scoring.check=false", "model.freeze_lm_head=true",
+                                      "data.train_tasks=5"])
 def test_eval_refuses_an_override_it_does_not_read(override, capsys):
     """`pact-fast eval train.steps=5` (or a sampling temperature: the evaluation is greedy) ran and printed metrics
     as if the option had been applied."""
@@ -425,6 +426,26 @@ def test_eval_refuses_an_override_it_does_not_read(override, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     key = override.split("=")[0]
     assert len(err) == 1 and err[0].startswith(f"pact-fast: config error: {key}: the evaluation does not read it")
+
+
+def test_eval_refuses_an_override_its_data_leaves_unread(tmp_path, capsys):
+    """`eval --data F data.seed=3` (the seed orders the training rows alone) and `eval --run RUN data.hops=[2]` of a
+    run on a data file (the built-in tasks' option) ran and printed the metrics of the same rows, as if applied."""
+    import pact_fast.cli as cli
+    from pact_fast.config import ConfigError, load_config, save_config
+    from pact_fast.evaluation import run_config
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n")
+    assert cli.main(["eval", "--data", str(rows), "data.seed=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pact-fast: config error: data.seed: the evaluation does not read it")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "trainer_state.pt").write_bytes(b"")
+    save_config(load_config(None, [f"data.path={rows}"]), run / "config.yaml")
+    with pytest.raises(ConfigError, match=r"^data.hops=\[2\]: with data.path the built-in tasks' options are not read"):
+        run_config(run, ["data.hops=[2]"])
 
 
 def test_eval_uses_train_threads_on_the_cpu(capsys):
