@@ -252,6 +252,8 @@ def _override_value(obj, key, raw, path):
         return raw
     try:
         return yaml.load(raw, Loader=_UniqueKeyLoader)  # as a file's value: 010 refused by _coerce, not read as 8
+    except _KeyError as exc:
+        raise ConfigError(f"{path}={raw}: {exc.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"{path}={raw!r}: not a valid value (YAML: a number, true/false, or a list such as "
                           "[1, 2])") from None
@@ -334,7 +336,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node):
         value = super().construct_yaml_int(node)
+        _refuse_base_60(node, value)
         return _Octal(value, node.value) if _LEADING_ZERO.fullmatch(node.value) else value
+
+    def construct_yaml_float(self, node):
+        value = super().construct_yaml_float(node)
+        _refuse_base_60(node, value)
+        return value
 
     def construct_document(self, node):
         self._root = node
@@ -356,6 +364,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
+
+
+def _refuse_base_60(node, value):
+    """YAML 1.1 reads a number with colons in base 60: ``train.save_every_minutes=1:30`` checkpointed every 90
+    minutes, without a word."""
+    if ":" in node.value:
+        raise _KeyError(None, None, f"{node.value} is a base-60 number to YAML ({value:g}); write the number itself",
+                        node.start_mark)
 
 
 def load_config(path=None, overrides=(), *, label="--config", check_read=True):

@@ -338,3 +338,20 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path, whe
     # a number without one, 0 itself, and 08 and 09 (no octal: YAML reads them as text, decimal here) read as written
     config = load_config(None, ["train.save_every=10", "train.seed=0", "train.steps=08", "data.seed=09"])
     assert (config.train.save_every, config.train.seed, config.train.steps, config.data.seed) == (10, 0, 8, 9)
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_number_with_colons_is_refused_not_read_in_base_60(tmp_path, where):
+    """YAML 1.1 reads 1:30 in base 60: `train.save_every_minutes=1:30` (a minute and a half?) checkpointed every 90
+    minutes, and `train.seed: 1:20` drew seed 80, each without a word."""
+    for key, text, value in (("train.save_every_minutes", "1:30", "90"), ("train.seed", "1:20", "80")):
+        section, name = key.split(".")
+        if where == "file":
+            path = tmp_path / "run.yaml"
+            path.write_text(f"{section}:\n  {name}: {text}\n")
+            args, start = (str(path), []), f"--config {path}:2: "
+        else:
+            args, start = (None, [f"{key}={text}"]), f"{key}={text}: "
+        with pytest.raises(ConfigError, match=f"^{start}{text} is a base-60 number to YAML \\({value}\\); write the "
+                                              "number itself$"):
+            load_config(*args)
