@@ -55,6 +55,9 @@ def _resolve(args, check_read=True):
     for flag, key in (("model", "model.path"), ("data", "data.path"), ("out", "train.out_dir")):
         value = getattr(args, flag, None)
         if value is not None:
+            given = [o for o in args.overrides if o.split("=", 1)[0].strip() == key]
+            if given:  # the flag won, whichever came first: `--out a train.out_dir=b` wrote to a without a word
+                raise ConfigError(f"--{flag} {value} and {given[-1]} both set {key}; give one")
             overrides.append(f"{key}={value}")
     return load_config(args.config, overrides, check_read=check_read)
 

@@ -33,10 +33,13 @@ def _cli(*args, cwd=None):
     # overrides on both sides of an option are all read, the last one winning
     (None, ["train.steps=3", "--data", "nope.jsonl", "train.steps=0"], "pact-fast: config error: train.steps=0 must"),
     (None, ["--data", ""], "pact-fast: --data was given an empty path"),
+    (None, ["train.out_dir=elsewhere"], "pact-fast: config error: --out out and train.out_dir=elsewhere both set "
+                                        "train.out_dir; give one"),
     ("x: 1\n", ["--model", "run.yaml"], "pact-fast: model directory 'run.yaml' is a file; give the directory"),
     ("x: 1\n", ["--data", "."], "pact-fast: data.path=.: a directory; give a JSONL file"),
 ], ids=["missing-config", "section-not-mapping", "bad-yaml", "missing-data", "bad-choice", "missing-model",
-        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option", "empty-path", "model-a-file",
+        "steps-zero", "no-such-gpu", "liger", "overrides-after-an-option", "empty-path", "flag-and-override",
+        "model-a-file",
         "data-a-directory"])
 def test_user_mistakes_are_one_line_with_status_2_and_leave_no_run_directory(tmp_path, setup, args, message):
     if setup is not None:
