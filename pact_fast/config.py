@@ -190,7 +190,12 @@ RUN_CONFIG = "the run's config"  # load_config's label for a run directory's own
 
 
 class ConfigError(ValueError):
-    """A bad key or value; the message names it and what would be valid."""
+    """A bad key or value; the message names it and what would be valid. ``key``: the option (``section.key``) it
+    is about, where it is one (``load_config`` then names the line of a config file that set it)."""
+
+    def __init__(self, message, key=None):
+        super().__init__(message)
+        self.key = key
 
 
 def _coerce(value, tp, key):
@@ -277,20 +282,24 @@ def _set(obj, key, value, path):
     if key not in fields:
         elsewhere = " or ".join(_keys_named(key))  # a key of another section: train.temperature for rollout's
         raise ConfigError(f"unknown key {path!r}{f' (did you mean {elsewhere}?)' if elsewhere else ''}; valid keys "
-                          f"here: {', '.join(sorted(fields))}")
+                          f"here: {', '.join(sorted(fields))}", key=path)
     f = fields[key]
     hints = typing.get_type_hints(type(obj))
     if dataclasses.is_dataclass(getattr(obj, key)):
         if not isinstance(value, dict):
             keys = sorted(f.name for f in dataclasses.fields(getattr(obj, key)))
-            raise ConfigError(f"{path}: expected a section (a mapping of its keys {', '.join(keys)}), got {value!r}")
+            raise ConfigError(f"{path}: expected a section (a mapping of its keys {', '.join(keys)}), got {value!r}",
+                              key=path)
         for k, v in value.items():
             _set(getattr(obj, key), k, v, f"{path}.{k}")
         return
-    coerced = _coerce(value, hints[key], path)
+    try:
+        coerced = _coerce(value, hints[key], path)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key=path) from None
     choices = f.metadata.get("choices")
     if choices and coerced not in choices:
-        raise ConfigError(f"{path}={coerced!r} is not valid; choose one of {list(choices)}")
+        raise ConfigError(f"{path}={coerced!r} is not valid; choose one of {list(choices)}", key=path)
     setattr(obj, key, coerced)
 
 
@@ -302,8 +311,8 @@ def _rebuild(obj):
             _rebuild(child)
             try:
                 setattr(obj, f.name, type(child)(**{g.name: getattr(child, g.name) for g in dataclasses.fields(child)}))
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+            except ValueError as exc:  # (its message starts with the key: "model.lora.r=0 must be >= 1")
+                raise ConfigError(str(exc), key=re.match(r"[\w.]*", str(exc)).group()) from None
 
 
 # an integer YAML 1.1 reads as octal (010 is 8; 08 and 09 are strings), where nearly everyone else reads the decimal
@@ -384,12 +393,37 @@ def load_config(path=None, overrides=(), *, label="--config", check_read=True):
     option the rest of the config leaves unread (``check_unread``); a run's own config.yaml is never checked
     again (it was when the run began; compare sets loss.mode itself), nor is a config that ``--resume`` or
     ``compare`` checks their own way."""
-    config = _load(path, overrides, label=label)
-    if config.model.path:
-        config = _load(path, overrides, base=_pretrained_defaults(), label=label)
-    if check_read and label != RUN_CONFIG:
-        check_unread(config)
+    try:
+        config = _load(path, overrides, label=label)
+        if config.model.path:
+            config = _load(path, overrides, base=_pretrained_defaults(), label=label)
+        if check_read and label != RUN_CONFIG:
+            check_unread(config)
+    except ConfigError as exc:
+        raise _at_line(exc, path, overrides, label) from None
     return config
+
+
+def _at_line(exc, path, overrides, label):
+    """``exc`` (a ``ConfigError``) about an option that the config file ``path`` sets and no override does, as one
+    that names the file's line: ``--config run.yaml:3: train.steps=0 must be >= 1``; else ``exc``."""
+    set_by_override = [item.split("=", 1)[0].strip() for item in overrides]
+    if not path or exc.key is None or any(exc.key == k or exc.key.startswith(k + ".") for k in set_by_override):
+        return exc
+    with open(path) as f:  # read already: valid YAML
+        line = _key_lines(yaml.compose(f, Loader=yaml.SafeLoader)).get(exc.key)
+    return exc if line is None else ConfigError(f"{label} {path}:{line}: {exc}", key=exc.key)
+
+
+def _key_lines(node, prefix=""):
+    """``{"section.key": line}`` (1-based) of every key of the YAML mapping ``node``, nested sections' keys too."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, f"{key}."))
+    return lines
 
 
 def defaults_for(config):
@@ -467,7 +501,7 @@ def check_unread(config, reference=None, modes=None):
         if value != getattr(getattr(reference, section), name):
             if len(modes) > 1 and key.startswith("loss."):
                 reason = f"none of the modes {', '.join(modes)} reads it"
-            raise ConfigError(f"{key}={_show(value)}: {reason}, so it would change nothing; leave it out")
+            raise ConfigError(f"{key}={_show(value)}: {reason}, so it would change nothing; leave it out", key=key)
 
 
 def check_modes(config, modes):
@@ -506,11 +540,8 @@ def _load(path, overrides, base=None, label="--config"):
             raise ConfigError(f"{label} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
-        try:
-            for section, values in data.items():
-                _set(config, section, values, section)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        for section, values in data.items():
+            _set(config, section, values, section)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -569,7 +600,7 @@ def _check_values(config):
         for f in dataclasses.fields(values):
             key, value = f"{section.name}.{f.name}", getattr(values, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{key}={value} must be a finite number")
+                raise ConfigError(f"{key}={value} must be a finite number", key=key)
             if key in BOUNDS and value is not None:
                 for bound, below in zip(BOUNDS[key], (True, False)):
                     limit, is_open = bound if isinstance(bound, tuple) else (bound, False)
@@ -579,7 +610,7 @@ def _check_values(config):
                         (value >= limit if is_open else value > limit)
                     if bad:
                         relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
-                        raise ConfigError(f"{key}={value} must be {relation} {limit}")
+                        raise ConfigError(f"{key}={value} must be {relation} {limit}", key=key)
     if config.data.format_reward >= 1:  # evaluation.episode_metrics: success is reward >= 1
         raise ConfigError(f"data.format_reward={config.data.format_reward} must be < 1: an episode of reward >= 1 "
                           "counts as a success, and a wrong answer with clean tool calls would count as one")

@@ -21,7 +21,8 @@ def _cli(*args, cwd=None):
 
 @pytest.mark.parametrize("setup,args,message", [
     (None, ["--config", "missing.yaml"], "pact-fast: config error: --config missing.yaml: no such file"),
-    ("train: 5\n", ["--config", "run.yaml"], "pact-fast: config error: run.yaml: train: expected a section (a mapping of its "
+    ("train: 5\n", ["--config", "run.yaml"], "pact-fast: config error: --config run.yaml:1: train: expected a section (a "
+                                             "mapping of its "
                                              "keys attn_backend, bf16,"),
     ("train: [\n", ["--config", "run.yaml"], "pact-fast: config error: --config run.yaml: not valid YAML"),
     (None, ["--data", "nope.jsonl"], "pact-fast: data.path=nope.jsonl: no such file"),

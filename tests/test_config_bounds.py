@@ -355,3 +355,23 @@ def test_a_number_with_colons_is_refused_not_read_in_base_60(tmp_path, where):
         with pytest.raises(ConfigError, match=f"^{start}{text} is a base-60 number to YAML \\({value}\\); write the "
                                               "number itself$"):
             load_config(*args)
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_its_line(tmp_path):
+    """A value out of bounds, of the wrong type or unread in a --config file was said without the file (or its
+    line): `train.steps=0 must be >= 1` sent the user looking for an override they never gave. One an override sets
+    is the override's, said as before."""
+    path = tmp_path / "run.yaml"
+    for text, key_line, message in (
+            ("train:\n  lr: 0.1\n  steps: 0\n", 3, "train.steps=0 must be >= 1"),
+            ("train:\n  lr: 1e-3x\n", 2, "train.lr: expected a number, got '1e-3x'"),
+            ("model:\n  lora:\n    r: 0\n", 3, "model.lora.r=0 must be >= 1"),
+            ("loss:\n  mode: grpo\n  w_reason: 2\n", 3, "loss.w_reason=2.0: loss.mode=grpo does not read it"),
+            ("trainer:\n  steps: 3\n", 1, "unknown key 'trainer'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert str(info.value).startswith(f"--config {path}:{key_line}: {message}"), str(info.value)
+    path.write_text("train:\n  steps: 0\n")
+    with pytest.raises(ConfigError, match="^train.steps=-1 must be >= 1$"):
+        load_config(str(path), ["train.steps=-1"])
