@@ -31,6 +31,28 @@ from .models import KNOWN_MODELS, ModelError, fetch_model
 from .rollout_vllm import RolloutEngineError
 
 
+class _Once(argparse.Action):
+    """argparse's ``store``, but an option given twice is an error: argparse kept the last one, so ``--config
+    a.yaml --config b.yaml`` read b.yaml alone and ``--out a --out b`` wrote to b, without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if option_string and self.dest in given:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose options that take a value (``store``) are given at most once (``_Once``);
+    its sub-commands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
+
+
 def _sub(sub, name, help_text):
     """A sub-command whose own ``--help`` starts with the line ``pact-fast --help`` shows for it."""
     return sub.add_parser(name, help=help_text, description=help_text)
@@ -347,7 +369,7 @@ def _parse(parser, argv):
 
 def build_parser():
     """The ``pact-fast`` argument parser (``main`` parses with it; tests/test_docs.py checks README's commands)."""
-    parser = argparse.ArgumentParser(prog="pact-fast", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="pact-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = _train_parser(sub, "train", "train with PACT (or a baseline: loss.mode=sft|grpo|sft_then_grpo)")
     p_train.add_argument("--resume", help="run or checkpoint directory to continue from")

@@ -117,6 +117,23 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["train", "--config", "a.yaml", "--config", "b.yaml"],
+                                  ["train", "--out", "a", "train.steps=1", "--out", "b"],
+                                  ["eval", "--show", "1", "--show", "2"]])
+def test_an_option_given_twice_is_refused(args, capsys, tmp_path, monkeypatch):
+    """argparse kept the last of two: `--config a.yaml --config b.yaml` trained on b.yaml alone (a's options lost,
+    not layered), `--out a --out b` wrote to b, without a word."""
+    import pact_fast.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    option, first, second = args[1], args[2], args[-1]
+    assert f"error: {option} given twice ({first} and {second}); give it once" in capsys.readouterr().err
+
+
 def test_compare_reports_missing_data_as_one_line(tmp_path):
     proc = _cli("compare", "--data", "nope.jsonl", "--out", "out", "--modes", "sft", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
