@@ -119,7 +119,26 @@ def run_config(run, overrides=()):
     config = load_config(str(run_cfg), [f"{key}={ckpt}", *overrides], label=RUN_CONFIG)
     check_run_paths(config, run_cfg, overrides)
     check_unread(config, reference=saved)  # data.hops=[2] for a run on a data file evaluated its rows as they were
+    check_split(config, saved)
     return config, ckpt
+
+
+def check_split(config, saved):
+    """A one-line ``ConfigError`` when ``config`` (``eval --run`` of the run of config ``saved``) splits more held-out
+    rows off the run's data file than the run did: the run held out the file's first rows and trained on the rest,
+    so the extra ones are rows it trained on (``data.eval_tasks=8`` of a run that held out 2 scored 6 of them)."""
+    from .data import load_data
+
+    data, run_data = config.data, saved.data
+    if not data.path or data.eval_path or data.path != run_data.path or data.eval_tasks <= run_data.eval_tasks:
+        return
+    train_rows, held_out = load_data(run_data, needs_trace=False, log=None)
+    n = min(data.eval_tasks, (len(train_rows) + len(held_out)) // 5)  # (load_data's split)
+    if n > len(held_out):
+        raise ConfigError(f"data.eval_tasks={data.eval_tasks} holds out the first {n} rows of {data.path}, but the run "
+                          f"held out its first {len(held_out)} and trained on the rest: the metrics would include "
+                          f"tasks it trained on; give at most {len(held_out)}, or held-out tasks of their own with "
+                          "data.eval_path=FILE")
 
 
 def check_run_paths(config, run_cfg, overrides):
@@ -196,5 +215,5 @@ def evaluate_model(config, *, show=0, log=print, held_out_of=None):
     return metrics
 
 
-__all__ = ["check_eval_overrides", "check_run_paths", "check_same_held_out", "episode_metrics", "evaluate",
+__all__ = ["check_eval_overrides", "check_run_paths", "check_same_held_out", "check_split", "episode_metrics", "evaluate",
            "evaluate_model", "fixed_override", "format_episode", "override_keys", "run_config"]

@@ -469,6 +469,27 @@ def test_eval_refuses_an_override_its_data_leaves_unread(tmp_path, capsys):
         run_config(run, ["data.hops=[2]"])
 
 
+def test_eval_of_a_run_refuses_to_split_off_rows_the_run_trained_on(tmp_path):
+    """`eval --run RUN data.eval_tasks=4` of a run that held out the first 2 rows of its data file (and trained on
+    the rest) scored rows 3 and 4, which it trained on, as held-out, without a word. Fewer rows, or as many as the
+    file's fifth the run's split was capped at, are its own held-out rows."""
+    from pact_fast.config import ConfigError, load_config, save_config
+    from pact_fast.envs import make_tasks
+    from pact_fast.evaluation import run_config
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in make_tasks(20, seed=0)))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    save_config(load_config(None, [f"data.path={rows}", "data.eval_tasks=2"]), run / "config.yaml")
+    with pytest.raises(ConfigError, match=rf"^data.eval_tasks=4 holds out the first 4 rows of {rows}, but the run held "
+                                          "out its first 2 and trained on the rest"):
+        run_config(run, ["data.eval_tasks=4"])
+    assert run_config(run, ["data.eval_tasks=1"])[0].data.eval_tasks == 1
+    save_config(load_config(None, [f"data.path={rows}", "data.eval_tasks=6"]), run / "config.yaml")  # 4: a fifth
+    assert run_config(run, ["data.eval_tasks=8"])[0].data.eval_tasks == 8
+
+
 def test_eval_uses_train_threads_on_the_cpu(capsys):
     """`pact-fast eval train.threads=1` was accepted and ran on all of torch's threads; the built-in model it
     evaluates without model.path (or --run) is untrained, and it says so."""
