@@ -380,8 +380,8 @@ def _refuse_base_60(node, value):
     """YAML 1.1 reads a number with colons in base 60: ``train.save_every_minutes=1:30`` checkpointed every 90
     minutes, without a word."""
     if ":" in node.value:
-        raise _KeyError(None, None, f"{node.value} is a base-60 number to YAML ({value:g}); write the number itself",
-                        node.start_mark)
+        raise _KeyError(None, None, f"{node.value} is a base-60 number to YAML ({value:g}); write the number itself, "
+                        "or quote it if it is text", node.start_mark)
 
 
 def load_config(path=None, overrides=(), *, label="--config", check_read=True):
@@ -410,9 +410,18 @@ def _at_line(exc, path, overrides, label):
     set_by_override = [item.split("=", 1)[0].strip() for item in overrides]
     if not path or exc.key is None or any(exc.key == k or exc.key.startswith(k + ".") for k in set_by_override):
         return exc
-    with open(path) as f:  # read already: valid YAML
-        line = _key_lines(yaml.compose(f, Loader=yaml.SafeLoader)).get(exc.key)
-    return exc if line is None else ConfigError(f"{label} {path}:{line}: {exc}", key=exc.key)
+    line = _line_of(path, exc.key)
+    return ConfigError(f"{label} {path}{line}: {exc}", key=exc.key) if line else exc
+
+
+def _line_of(path, key):
+    """``":N"``: the line of the config file ``path`` (read already: valid YAML) that sets ``key``
+    (``section.key``); "" where none does (no key, or one set through a YAML merge key ``<<``)."""
+    if key is None:
+        return ""
+    with open(path) as f:
+        line = _key_lines(yaml.compose(f, Loader=yaml.SafeLoader)).get(key)
+    return "" if line is None else f":{line}"
 
 
 def _key_lines(node, prefix=""):
@@ -540,8 +549,11 @@ def _load(path, overrides, base=None, label="--config"):
             raise ConfigError(f"{label} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Config)]}")
-        for section, values in data.items():
-            _set(config, section, values, section)
+        try:
+            for section, values in data.items():
+                _set(config, section, values, section)
+        except ConfigError as exc:  # the file's own value, whatever the overrides set later
+            raise ConfigError(f"{label} {path}{_line_of(path, exc.key)}: {exc}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")

@@ -353,7 +353,7 @@ def test_a_number_with_colons_is_refused_not_read_in_base_60(tmp_path, where):
         else:
             args, start = (None, [f"{key}={text}"]), f"{key}={text}: "
         with pytest.raises(ConfigError, match=f"^{start}{text} is a base-60 number to YAML \\({value}\\); write the "
-                                              "number itself$"):
+                                              "number itself, or quote it if it is text$"):
             load_config(*args)
 
 
@@ -375,3 +375,12 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_its_line(tmp_path):
     path.write_text("train:\n  steps: 0\n")
     with pytest.raises(ConfigError, match="^train.steps=-1 must be >= 1$"):
         load_config(str(path), ["train.steps=-1"])
+    # a value the file cannot give at all (of the wrong type, an unknown key) is the file's, whatever an override
+    # sets later: the override does not reach it, so the file is named
+    for text, line, message, override in (
+            ("train:\n  steps: abc\n", 2, "train.steps: expected an integer", "train.steps=3"),
+            ("train:\n  stepz: 3\n", 2, "unknown key 'train.stepz'", "train.stepz=3")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), [override])
+        assert str(info.value).startswith(f"--config {path}:{line}: {message}"), str(info.value)
