@@ -635,7 +635,10 @@ def pact_loss(batch, config=None, progress=0.0, *, step=0, generator=None, rl_sc
     if use_rl and batch.response_mask.shape[0] == 0:
         use_rl = False  # a micro-batch holding only trace sequences: no RL term here
         metrics["loss/rl"] = 0.0
-    _check_gradients(batch, {"logp_po": use_rl, "logp_tc": use_rl and rl_kind == "pact",
+    # anchoring by anchor_q (a weight, or a draw when the batch brings none): every group anchored at 1, none at 0
+    by_q = rl_kind == "pact" and (config.anchor_mode == "mix" or batch.anchored is None)
+    _check_gradients(batch, {"logp_po": use_rl and not (by_q and config.anchor_q == 0.0),
+                             "logp_tc": use_rl and rl_kind == "pact" and not (by_q and config.anchor_q == 1.0),
                              "entropy": use_rl and config.c_ent > 0, "sft_logp": use_sft and config.lambda_sft > 0})
     if use_rl:
         _require(batch, ["logp_po", "old_logp_po"], f"mode {mode!r} (prompt-only surrogate)")

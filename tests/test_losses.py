@@ -672,8 +672,13 @@ def test_a_current_policy_input_without_gradient_beside_ones_with_it_is_refused(
     setattr(batch, name, getattr(batch, name).detach())
     with pytest.raises(ValueError, match=rf"pact_loss: .* gradients but {name} does not \(scored under"):
         pact_loss(batch, config, 0.3)
-    unused = {"logp_tc": dict(mode="grpo"), "sft_logp": dict(mode="grpo"), "logp_po": dict(mode="sft"), "entropy": {}}
-    pact_loss(batch, PACTLossConfig(**unused[name]), 0.3)
+    # read with weight 0 is unused too: every group anchored (anchor_q=1) weighs the trace-conditioned term 0,
+    # none (anchor_q=0) the prompt-only one
+    unused = {"logp_tc": [dict(mode="grpo"), dict(anchor_q=1.0), dict(anchor_q=1.0, anchor_mode="mix")],
+              "logp_po": [dict(mode="sft"), dict(anchor_q=0.0), dict(anchor_q=0.0, anchor_mode="mix")],
+              "sft_logp": [dict(mode="grpo")], "entropy": [{}]}
+    for options in unused[name]:
+        pact_loss(batch, PACTLossConfig(**options), 0.3)
     with torch.no_grad():
         pact_loss(PACTBatch(**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}),
                   config, 0.3)
