@@ -11,6 +11,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Tuple
 
 import yaml
@@ -685,13 +686,19 @@ def _absolute_paths(data):
     return data
 
 
-def save_config(config, path):
+def save_config(config, path, *, keep_as=None):
     """Write the resolved config as YAML: one-off options (``train.stop_after``) at their defaults, so a later
     ``--resume`` does not repeat them, and the paths a run reads (``PATH_OPTIONS``) absolute, so ``eval --run`` and
-    ``--resume`` find them from any directory (a run started with ``--data tasks.jsonl`` saved it as typed)."""
+    ``--resume`` find them from any directory (a run started with ``--data tasks.jsonl`` saved it as typed).
+    ``keep_as``: a file name beside ``path`` for the config already there when it holds other values (a resume with
+    changed options: what the earlier steps trained with stays in the run directory); a file of that name is kept."""
     data = _absolute_paths(plain(config))
     for section, key, default in one_off_fields():
         data[section][key] = default
+    path = Path(path)
+    if keep_as and path.is_file() and not (path.parent / keep_as).exists():
+        if yaml.safe_load(path.read_text()) != data:
+            os.replace(path, path.parent / keep_as)
     write_text(path, yaml.safe_dump(data, sort_keys=False))  # whole or not at all: never a cut config.yaml
 
 

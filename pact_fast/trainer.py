@@ -486,7 +486,9 @@ def build(config: Config, *, resume=None, engine_factory=None, log=print) -> Com
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             reuse_run_dir(run_dir, log)
-        save_config(config, run_dir / "config.yaml")
+        # resumed with changed options: the values the steps so far trained with stay, as config.before_step_N.yaml
+        save_config(config, run_dir / "config.yaml", keep_as=f"config.before_step_{start_step:06d}.yaml" if resume
+                    else None)
     writers = _Writers(run_dir, train_cfg, config, start_step) if dist.rank() == 0 else None
     return Components(config, device, tokenizer, scorer, ref_scorer, rollout_model, optimizer, scheduler, engine,
                       make_env_factory(config.data, config.rollout), train_set, held_out, order, writers, start_step,

@@ -813,8 +813,12 @@ def test_resume_says_what_changed_and_never_keeps_one_off_options(tmp_path):
     assert f"resuming {tmp_path} from step_000001 (step 1 of 3)" in again.stderr
     assert "changed loss.anchor_q: 0.3 -> 0.5" in again.stderr and "changed train.stop_after: 0 -> 1" in again.stderr
     assert json.loads(again.stdout[again.stdout.index("{"):])["steps"] == 2
+    # the options step 1 trained with stay in the run directory (the resume wrote config.yaml over them)
+    assert (tmp_path / "config.before_step_000001.yaml").read_text() == saved
+    assert "anchor_q: 0.5" in (tmp_path / "config.yaml").read_text()
     last = subprocess.run(base + ["--resume", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert last.returncode == 0 and "pact-fast: changed" not in last.stderr  # anchor_q=0.5 is now the run's own option
+    assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.before_step_000001.yaml", "config.yaml"]
     assert json.loads(last.stdout[last.stdout.index("{"):])["steps"] == 3  # no stop_after carried over
     # a resume that would end before the run's last checkpoint is refused: it would overwrite that step's files
     weights = (tmp_path / "checkpoints" / "step_000003" / "model.safetensors").read_bytes()
