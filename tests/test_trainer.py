@@ -28,7 +28,7 @@ def tiny_for(*, data_path=False, eval_path=False, model_path=False, evaluation=F
     drop = (("data.train_tasks",) if data_path else ()) + (("data.eval_tasks",) if eval_path else ()) + \
         (("model.",) if model_path else ()) + \
         (("train.prompts_per_step", "rollout.group_size", "train.progress", "train.tensorboard",
-          "train.warmup_steps") if evaluation else ())
+          "train.warmup_steps", "data.train_tasks") if evaluation else ())
     return [o for o in TINY if not o.startswith(drop)]
 
 
