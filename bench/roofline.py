@@ -823,7 +823,7 @@ def _ideal_gemms(N, V, H, backward=True, weight_grad=True):
 
 def _head_family(table, shape, kwargs, stored):
     """The same for the Triton fused PACT head (bf16, no bias, no row over the shift limit): row blocks of
-    ``default_rows`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op called that
+    ``fused_pact_head_launch.plan`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op called that
     way (frozen weight, lean), counted through it (``PROBES``)."""
     from pact_fast.kernels import fused_pact_head_launch as launch
     from pact_fast.kernels import linear_logprobs_launch
@@ -833,14 +833,15 @@ def _head_family(table, shape, kwargs, stored):
     costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, **kwargs)
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, has_bias=False, **kwargs)
     if lean:
-        rows_per_block = (kwargs.get("blocking") or linear_logprobs_launch.plan(N, V, H)).rows
+        row_blocks = -(-N // (kwargs.get("blocking") or linear_logprobs_launch.plan(N, V, H)).rows)
     else:
-        rows_per_block = kwargs.get("rows_per_block") or launch.default_rows(
-            N, V, H, torch.bfloat16, kwargs.get("want_entropy", False), weight_grad=weight_grad)
+        row_blocks = len(launch.plan(N, V, H, torch.bfloat16, kwargs.get("want_entropy", False),
+                                     weight_grad=weight_grad, rows_per_block=kwargs.get("rows_per_block"),
+                                     splits=kwargs.get("splits")).blocks)
     probe = "fused_pact_head fwd+bwd" + ("" if weight_grad else " frozen") + (" lean" if lean else "")
     if probe not in (stored or stored_torch_ops()):
         raise ValueError(f"roofline: no torch-op probe {probe!r} for this fused-head variant; add it to PROBES")
-    aux, syncs = torch_launches(probe, -(-N // min(N, rows_per_block)), N, stored)
+    aux, syncs = torch_launches(probe, row_blocks, N, stored)
     extra = launch.extra_memory_bytes(N, V, H, torch.bfloat16, **_accepted(launch.extra_memory_bytes, kwargs))
     gemms = _ideal_gemms(N, V, H, weight_grad=weight_grad)
     return (costs, launches + aux, gemm_launches(gemms), lambda d: ideal_logprob_ms(N, V, H, d, len(gemms)), extra,
@@ -940,27 +941,29 @@ def fused_head_rows(workload, N, V, H, devices=("H100", "H200"), table=None):
 
 def head_block_sweep(workload="W-logprob-H2048", rows=(320, 384, 448, 480, 496, 512, 576, 640), splits=range(1, 17),
                      device="H100", table=None):
-    """The default fused head (no entropy bonus) at every row block R x dX split S of ``rows`` x ``splits``: one
-    dict each with ``rows``, ``splits``, ``time_ratio``, ``work_ratio``, ``extra_memory_bytes``, ``dw_share``
-    (extra memory over dW's bytes), ``within_budget`` (``dw_share`` <= WORKSPACE_SHARE) and ``default`` (the
-    plan ``default_plan`` picks). It shows what the default's memory budget costs in time: the logits workspace of
-    an R-row block is R / H of dW's bytes, so at H = 2,048 a 512-row block's alone is the whole 25%."""
+    """The default fused head (no entropy bonus): its own plan (``fused_pact_head_launch.plan``), then uniform row
+    blocks of every R x dX split S of ``rows`` x ``splits``: one dict each with ``rows`` and ``splits`` (the
+    default's: "plan"), ``blocks`` (the plan in runs, ``plan_summary``), ``time_ratio``, ``work_ratio``,
+    ``extra_memory_bytes``, ``dw_share`` (extra memory over dW's bytes), ``within_budget`` (``dw_share`` <=
+    WORKSPACE_SHARE) and ``default`` (True on the plan's row). It shows what the default's memory budget costs in
+    time: the logits workspace of an R-row block is R / H of dW's bytes, so at H = 2,048 a 512-row block's alone
+    is the whole 25%, which the default reaches by parking everything else in dX's unwritten rows."""
     from pact_fast.kernels import fused_pact_head_launch as launch
 
     shape = W_LOGPROB[workload]
     N, V, H = shape["N"], shape["V"], shape["H"]
-    chosen = launch.default_plan(N, V, H, torch.bfloat16)
     dw_bytes = V * H * torch.empty((), dtype=torch.bfloat16).element_size()
     out = []
-    for R in rows:
-        for S in splits:
-            kwargs = dict(want_entropy=False, rows_per_block=R, splits=S)
-            (row,) = variant_rows(workload, "head", shape, (device,), table,
-                                  variants=[("head", f"fused_pact_head fwd+bwd R={R} S={S}", kwargs)])
-            share = row["extra_memory_bytes"] / dw_bytes
-            out.append({"rows": R, "splits": S, "time_ratio": row["time_ratio"], "work_ratio": row["work_ratio"],
-                        "extra_memory_bytes": row["extra_memory_bytes"], "dw_share": share,
-                        "within_budget": share <= launch.WORKSPACE_SHARE, "default": (R, S) == tuple(chosen)})
+    for R, S in [(None, None)] + [(R, S) for R in rows for S in splits]:
+        kwargs = dict(want_entropy=False, rows_per_block=R, splits=S)
+        (row,) = variant_rows(workload, "head", shape, (device,), table,
+                              variants=[("head", f"fused_pact_head fwd+bwd R={R} S={S}", kwargs)])
+        share = row["extra_memory_bytes"] / dw_bytes
+        blocks = launch.plan(N, V, H, torch.bfloat16, rows_per_block=R, splits=S)
+        out.append({"rows": R or "plan", "splits": S or "plan", "blocks": launch.plan_summary(blocks),
+                    "time_ratio": row["time_ratio"], "work_ratio": row["work_ratio"],
+                    "extra_memory_bytes": row["extra_memory_bytes"], "dw_share": share,
+                    "within_budget": share <= launch.WORKSPACE_SHARE, "default": R is None})
     return out
 
 
@@ -1120,7 +1123,7 @@ def main(argv=None):
         for r in sweep:
             print(f"{r['rows']:>5} {r['splits']:>7} {r['time_ratio']:>8.3f} {r['work_ratio']:>7.3f} "
                   f"{100 * r['dw_share']:>8.1f}%{'' if r['within_budget'] else '  over budget'}"
-                  f"{'  <- default' if r['default'] else ''}")
+                  f"{'  <- default: ' + r['blocks'] if r['default'] else ''}")
         if args.json:
             doc = {"note": "performance model (bench/roofline.py --head-sweep): predictions, not measurements",
                    "workload": "W-logprob-H2048", "device": "H100", "op": "fused_pact_head fwd+bwd",

@@ -1,6 +1,7 @@
 """Launcher of the Triton backend of ``fused_pact_head``: loss, dX and dW in one pass over the logits.
 
-Per block of ``R`` rows (``rows_per_block``, default ``default_plan``'s: the workspace within 25% of dW):
+Per block of rows (``plan``: by default the workspace within 25% of dW; ``rows_per_block`` names uniform
+blocks):
 
 1. ``torch.mm[logits]``: the block's logits over the whole vocabulary into a workspace ``[R, V]`` (input
    dtype; cuBLAS, with the bias by ``addmm``).
@@ -16,10 +17,13 @@ Per block of ``R`` rows (``rows_per_block``, default ``default_plan``'s: the wor
 6NVH FLOPs, no logit computed twice. dX is rounded to the input dtype once (after its GEMM, again after
 the row scaling in shift mode); dW and (shift mode) db accumulate over row blocks in the input dtype, so
 they carry ceil(N / R) roundings, as ``linear_logprobs``'s dW does; fp32 inputs are fp32 throughout.
-The workspace ``R * V`` elements plus ``R * H`` (xs) and dX's S partial products ``S * R * H`` are the memory
-beyond the outputs (``extra_memory_bytes``). The default (R, S) (``default_plan``) keeps them within
-``WORKSPACE_SHARE`` (25%) of dW's bytes and fills the GPU's waves of GEMM tiles: at W-logprob (V=151,936,
-H=2048, bf16) R=384 and S=11, 130 MiB against dW's 594 MiB.
+Memory beyond the outputs (``extra_memory_bytes``): one workspace, the logits of the largest block. What else
+a block needs (dX's S partial products, xs = beta x, beta, lse and s: ``park_layout``) it parks in dX's rows
+past its own, which no block has written yet; the last blocks, where those rows run out, park past their
+logits in the workspace, and the plan gives them fewer rows so that fits. The default plan keeps the workspace
+within ``WORKSPACE_SHARE`` (25%) of dW's bytes and fills the GPU's waves of GEMM tiles: at W-logprob
+(V=151,936, H=2048, bf16) 58 blocks of 512 rows split 4 ways and 8 of 384 split 11 ways, a workspace of 512
+rows of logits (148 MiB against dW's 594 MiB, 25.0%).
 
 ``weight_grad=False`` (a frozen lm_head): no dW GEMM, no dW, no xs; the scaling kernel only scales dX.
 
@@ -31,7 +35,9 @@ logits and the dX (and dW) GEMMs: 8NVH FLOPs (with a frozen weight 6NVH) for a w
 ``kernel_costs(..., memory_lean, weight_grad)`` and ``extra_memory_bytes(..., memory_lean, weight_grad)`` model
 every variant; tests/test_roofline_fused_head.py holds them to what the interpreter executes.
 """
+import dataclasses
 import functools
+import itertools
 
 import torch
 import triton
@@ -40,11 +46,13 @@ from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_k
 from . import linear_logprobs_launch as lean
 from .linear_logprobs_launch import slab_grad
 from . import registry
-from .registry import (DEFAULT_SMS, GEMM_RIDGE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost, block_sizes,
-                       device_sms, gemm_cost, gemm_work, interpreting, vocab_variants)
+from .registry import (DEFAULT_SMS, GEMM_RIDGE, GEMM_TILE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost,
+                       block_sizes, device_sms, gemm_cost, gemm_work, interpreting, vocab_variants)
 
-BLOCK_ROWS = 2048  # the most rows per block (default_rows): the dW GEMM (K = R) is compute-bound well before
-ROW_MULTIPLE = 64  # default row blocks are multiples of this (tensor-core friendly K for the dW GEMM)
+BLOCK_ROWS = 2048  # the most rows per block (plan): the dW GEMM (K = R) is compute-bound well before
+# default row blocks are multiples of this (but the last): the rows of cuBLAS's output tile (registry.GEMM_TILE),
+# as a block of a partial tile row pays for a whole one in its logits and dX GEMMs
+ROW_MULTIPLE = GEMM_TILE[0]
 WORKSPACE_SHARE = 0.25  # default: extra memory within this share of dW's bytes (V * H * itemsize)
 # Rows whose max logit exceeds the target's by more are re-shifted (a target less likely than ~e^-20). Within
 # it U <= e^20 and s <= V e^20, so beta = -g / (T s) >= |g| e^-20 / (T V): beta * x in bf16 / fp32 stays far
@@ -126,75 +134,192 @@ def _dx_parts(z, w, parts, S):
     return out
 
 
-def row_blocks(N, R):
-    """(r0, r) for every block of at most R rows."""
-    return [(r0, min(R, N - r0)) for r0 in range(0, N, R)]
+PARK_ALIGN = 16  # bytes: each parked buffer starts on this boundary (cuBLAS's and the kernels' vector loads)
 
 
-def default_rows(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
-    """Rows per block by default: ``default_plan``'s."""
-    return default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)[0]
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One row block of a ``Plan``: rows [r0, r0 + r), dX's GEMM split ``splits`` ways, and where the block's
+    own buffers (``park_layout``: dX's partial products, xs, beta, lse, s) lie: ``"dx"``, in dX's rows past the
+    block (unwritten until their own blocks, which come later), or ``"workspace"``, past the block's logits."""
+
+    r0: int
+    r: int
+    splits: int
+    parked: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Row blocks in launch order and the workspace they share (bytes): the logits of the largest block, and the
+    parked buffers of every block whose own buffers do not fit in dX's rows past it."""
+
+    blocks: tuple
+    workspace_bytes: int
+
+
+def _aligned(nbytes):
+    return -(-nbytes // PARK_ALIGN) * PARK_ALIGN
+
+
+def park_layout(r, H, S, e, shift, weight_grad, backward=True):
+    """{name: (byte offset, elements, dtype)} of a block's own buffers, packed from offset 0 on PARK_ALIGN
+    boundaries: ``lse`` and ``s`` [r] fp32; with the backward ``parts`` [S, r, H] (dX's partial products, S > 1)
+    and, in shift mode, ``beta`` [r] and ``xs`` [r, H] (with weight_grad), both in the input dtype ``e`` bytes
+    an element wide ("in"). The last offset plus its bytes is what the block parks (``park_bytes``)."""
+    items = [("lse", r, "fp32"), ("s", r, "fp32")]
+    if backward:
+        items += [("parts", S * r * H, "in")] if S > 1 else []
+        items += ([("beta", r, "in")] + ([("xs", r * H, "in")] if weight_grad else [])) if shift else []
+    layout, offset = {}, 0
+    for name, elements, dtype in items:
+        layout[name] = (offset, elements, dtype)
+        offset = _aligned(offset + elements * (4 if dtype == "fp32" else e))
+    return layout
+
+
+def park_bytes(r, H, S, e, shift, weight_grad, backward=True):
+    """Bytes a block of r rows parks (``park_layout``)."""
+    layout = park_layout(r, H, S, e, shift, weight_grad, backward)
+    offset, elements, dtype = list(layout.values())[-1]
+    return offset + elements * (4 if dtype == "fp32" else e)
+
+
+def _dx_room(N, H, e, end):
+    """Bytes of dX's rows [end, N) usable for parking: from the first PARK_ALIGN boundary on."""
+    return max(0, (N * H * e) // PARK_ALIGN * PARK_ALIGN - _aligned(end * H * e))
+
+
+def _placed(N, V, H, e, shift, weight_grad, backward, blocks):
+    """Plan of ``blocks`` [(r0, r, S)]: each block parks in dX's rows past it when they hold its buffers (with the
+    backward: dX exists), else in the workspace."""
+    placed, workspace = [], 0
+    for r0, r, S in blocks:
+        need = park_bytes(r, H, S, e, shift, weight_grad, backward)
+        in_dx = backward and need <= _dx_room(N, H, e, r0 + r)
+        placed.append(Block(r0, r, S, "dx" if in_dx else "workspace"))
+        workspace = max(workspace, _aligned(r * V * e) + (0 if in_dx else need))
+    return Plan(tuple(placed), workspace)
+
+
+def _parked(blk, workspace, dx, V, H, dtype, shift, weight_grad, backward):
+    """{name: tensor} of a block's own buffers (``park_layout``) as views of where its plan parks them: dX's
+    rows past the block, or the workspace past its logits."""
+    e = dtype.itemsize
+    if blk.parked == "dx":
+        flat = dx.view(-1).view(torch.uint8)
+        start = _aligned((blk.r0 + blk.r) * H * e)
+    else:
+        flat, start = workspace, _aligned(blk.r * V * e)
+    shapes = {"lse": (blk.r,), "s": (blk.r,), "parts": (-1,), "beta": (blk.r, 1), "xs": (blk.r, H)}
+    views = {}
+    for name, (offset, elements, kind) in park_layout(blk.r, H, blk.splits, e, shift, weight_grad, backward).items():
+        width = 4 if kind == "fp32" else e
+        raw = flat[start + offset:start + offset + elements * width]
+        views[name] = raw.view(torch.float32 if kind == "fp32" else dtype).view(shapes[name])
+    return views
+
+
+def plan_summary(blocks):
+    """A ``Plan``'s blocks in runs, e.g. "58 x (512 rows, 4 splits, parked in dx) + 8 x (384, 11, workspace)"."""
+    runs = []
+    for blk in blocks.blocks:
+        key = (blk.r, blk.splits, blk.parked)
+        if runs and runs[-1][1] == key:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, key])
+    return " + ".join(f"{n} x ({r} rows, {S} splits, parked in {where})" if i == 0 else f"{n} x ({r}, {S}, {where})"
+                      for i, (n, (r, S, where)) in enumerate(runs))
+
+
+def budget_bytes(V, H, dtype):
+    """The default's extra memory at most: WORKSPACE_SHARE of dW's bytes (V x H in the input dtype)."""
+    return int(WORKSPACE_SHARE * V * H * dtype.itemsize)
 
 
 @functools.lru_cache(maxsize=256)
-def default_plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS):
-    """(rows per block R, dX splits S) by default: of the R that are multiples of ROW_MULTIPLE up to
-    BLOCK_ROWS (and N itself below that), each with ``dx_splits``' S within the budget (``_budget``: extra
-    memory within WORKSPACE_SHARE of dW's bytes), the one whose launches over all N rows cost least
-    (``_block_work``: waves of cuBLAS tiles on ``sms`` SMs, or their bytes where those dominate, and a launch
-    overhead each). At W-logprob (H=2048) that is R=384, three tiles of 128 rows where 448 fills three and a half,
-    and S=11, two full waves of dX's tiles. The largest R on a tie."""
-    e = torch.empty((), dtype=dtype).element_size()
-    shift = shift_mode(dtype, want_entropy, softcap)
+def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS, rows_per_block=None,
+         splits=None, backward=True):
+    """The row blocks ``run`` walks over N rows (``Plan``).
+
+    Default: the blocks whose launches cost least in all (``_block_work``: waves of cuBLAS tiles on ``sms`` SMs,
+    or their bytes where those dominate, and a launch overhead each) with the extra memory within
+    ``budget_bytes`` (25% of dW). Block sizes are multiples of ROW_MULTIPLE up to BLOCK_ROWS, and the rest of
+    the rows at the end; each block's dX split S is its own. Blocks park their own buffers in dX's unwritten
+    rows, so the workspace is the logits of one block, except near the end where those rows run out: the last
+    blocks take fewer rows (or splits), leaving room in the workspace for what they park. At W-logprob (V =
+    151,936, H = 2048, bf16) the workspace is 512 rows of logits, exactly 25% of dW: 59 blocks of 512 rows split
+    4 ways, then a tail (``python bench/roofline.py --head-sweep`` prints it). The search is a shortest path over
+    the rows left (one state per ROW_MULTIPLE rows).
+
+    ``rows_per_block``: blocks of that many rows, each split ``splits`` ways (default ``dx_splits``' S for the
+    device, within the budget when the blocks fit it unsplit); ``splits`` alone applies to the default blocks.
+    ``backward=False``: forward only (no dX to park in; lse and s park in the workspace)."""
+    e = dtype.itemsize
+    shift = backward and shift_mode(dtype, want_entropy, softcap)
     if N == 0:
-        return ROW_MULTIPLE, 1
-    candidates = set(range(ROW_MULTIPLE, min(N, BLOCK_ROWS) + 1, ROW_MULTIPLE)) | ({N} if N <= BLOCK_ROWS else set())
-    best = None
-    for R in sorted(candidates, reverse=True):
-        fits = _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, R)
-        if not fits(1):
-            continue
-        S = dx_splits(R, H, V, sms, e, fits, shift, N)
-        work = sum(count * _block_work(r, V, H, S, e, weight_grad, shift, sms) for r, count in block_sizes(N, R))
-        if best is None or work < best[0]:
-            best = (work, R, S)
-    if best is None:  # not even ROW_MULTIPLE rows fit: the smallest block
-        return min(N, ROW_MULTIPLE), 1
-    return best[1], best[2]
+        return Plan((), 0)
+    budget = budget_bytes(V, H, dtype)
+    if rows_per_block:
+        R = min(rows_per_block, N)
+
+        def uniform(S):
+            return _placed(N, V, H, e, shift, weight_grad, backward, [(r0, min(R, N - r0), S)
+                                                                        for r0 in range(0, N, R)])
+        if not splits and backward:
+            fits = (lambda S: uniform(S).workspace_bytes <= budget) if uniform(1).workspace_bytes <= budget else None
+            splits = dx_splits(R, H, V, sms, e, fits, shift, N)
+        return uniform(splits or 1)
+    most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K)) if backward and not splits else 1
+    options = [splits] if splits else list(range(1, most + 1))
+    by_size = {}  # r -> [(parked bytes, least work of the splits parking at most that, S)], by parked bytes
+
+    def choices(r):
+        if r not in by_size:
+            rows, least = [], None
+            for S in sorted(options, key=lambda S: park_bytes(r, H, S, e, shift, weight_grad, backward)):
+                cost = round(_block_work(r, V, H, S, e, weight_grad, shift, sms, backward))  # exact sums: ties
+                if least is None or cost < least[0]:
+                    least = (cost, S)
+                rows.append((park_bytes(r, H, S, e, shift, weight_grad, backward), *least))
+            by_size[r] = rows
+        return by_size[r]
+
+    best = {0: (0.0, None)}  # rows left -> (least work over the last rows, the first block of them (r, S))
+    for left in range(N % ROW_MULTIPLE or ROW_MULTIPLE, N + 1, ROW_MULTIPLE):
+        sizes = list(range(ROW_MULTIPLE, min(left, BLOCK_ROWS) + 1, ROW_MULTIPLE))
+        sizes += [left] if left <= BLOCK_ROWS and left % ROW_MULTIPLE else []
+        keys = []
+        for r in sizes:
+            if left - r not in best or _aligned(r * V * e) > budget:
+                continue
+            room = max(_dx_room(N, H, e, N - left + r) if backward else 0, budget - _aligned(r * V * e))
+            fitting = [row for row in itertools.takewhile(lambda row: row[0] <= room, choices(r))]
+            if fitting:
+                keys.append((fitting[-1][1] + best[left - r][0], -r, fitting[-1][2]))
+        if keys:
+            cost, r, S = min(keys)
+            best[left] = (cost, (-r, S))
+    if N not in best:  # not even ROW_MULTIPLE rows fit the budget: blocks of as many rows as their logits fit
+        return plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, max(1, min(N, budget // (V * e))),
+                    splits, backward)
+    blocks, left = [], N
+    while left:
+        r, S = best[left][1]
+        blocks.append((N - left, r, S))
+        left -= r
+    return _placed(N, V, H, e, shift, weight_grad, backward, blocks)
 
 
-def _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, R):
-    """``fits(S)``: whether row blocks of R rows with dX split S ways keep the extra memory within
-    WORKSPACE_SHARE of dW's bytes."""
-    budget = WORKSPACE_SHARE * V * H * torch.empty((), dtype=dtype).element_size()
-
-    def fits(S):
-        return extra_memory_bytes(N, V, H, dtype, want_entropy=want_entropy, rows_per_block=R, softcap=softcap,
-                                  weight_grad=weight_grad, splits=S, sms=sms) <= budget
-    return fits
-
-
-def _block_work(r, V, H, S, e, weight_grad, shift, sms):
+def _block_work(r, V, H, S, e, weight_grad, shift, sms, backward=True):
     """Planned cost (``registry.gemm_work``) of one row block: logits, the pass (one launch; its bytes are the
-    same for any blocking), dX split S ways, dW (accumulated)."""
-    work = gemm_work(r, V, H, 0, e, sms) + LAUNCH_WORK + _dx_work(r, H, V, S, sms, e, shift)
+    same for any blocking), dX split S ways, dW (accumulated); forward only the logits and the pass."""
+    work = gemm_work(r, V, H, 0, e, sms) + LAUNCH_WORK
+    if not backward:
+        return work
+    work += _dx_work(r, H, V, S, sms, e, shift)
     return work + (gemm_work(V, H, r, V * H, e, sms) if weight_grad else 0)
-
-
-def blocking_of(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sms=DEFAULT_SMS,
-                rows_per_block=None, splits=None):
-    """(R, S) that ``run`` uses: ``default_plan``'s, or ``rows_per_block`` with ``dx_splits``' S for it (within the
-    budget when blocks of that many rows fit it unsplit: ``rows_per_block=default_rows(...)`` runs as the default
-    does); ``splits`` replaces S when given."""
-    if not rows_per_block:
-        R, S = default_plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms)
-        return R, splits or S
-    if splits:
-        return rows_per_block, splits
-    fits = _budget(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block)
-    e = torch.empty((), dtype=dtype).element_size()
-    return rows_per_block, dx_splits(min(rows_per_block, N), H, V, sms, e, fits if fits(1) else None,
-                                     shift_mode(dtype, want_entropy, softcap), N)
 
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
@@ -225,34 +350,35 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     V = w.shape[0]
     cfgs = configs or _configs()
     sms = device_sms(x.device)
-    R, S = blocking_of(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms, rows_per_block, splits)
     shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
-    if grads is not None and not shift and min(R, N) * V >= 2 ** 31:
+    blocks = plan(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms, rows_per_block, splits,
+                  backward=grads is not None)
+    R = max((blk.r for blk in blocks.blocks), default=0)
+    if grads is not None and not shift and R * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
                          "linear_logprobs' gradient epilogue; use fewer rows per block")
-    logp, lse, ent, s = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(4))
+    logp, ent = (torch.full((N,), float("nan"), device=x.device, dtype=torch.float32) for _ in range(2))
     dx = dw = db = None
     if grads is not None:  # dW and db are written by the first row block: zeros when there is none
-        dx = torch.empty_like(x)
+        dx = torch.empty((N, H), device=x.device, dtype=x.dtype)  # contiguous: blocks park in its rows
         dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if weight_grad else None
         if b is not None:
             db = torch.zeros((V, 1), device=x.device, dtype=x.dtype) if shift else \
                 torch.zeros(V, device=x.device, dtype=torch.float32)
-    workspace = torch.empty(min(R, N) * V, device=x.device, dtype=x.dtype)  # [R * V]
-    # beta * x of a block, the dW GEMM's right operand
-    xs = torch.empty((min(R, N), H), device=x.device, dtype=x.dtype) if shift and weight_grad else None
-    beta = torch.empty((min(R, N), 1), device=x.device, dtype=x.dtype) if shift else None
-    parts = torch.empty(S * min(R, N) * H, device=x.device, dtype=x.dtype) if grads is not None and S > 1 else None
+    # the largest block's logits, and what the blocks that cannot park in dX's rows park past them
+    workspace = torch.empty(blocks.workspace_bytes, device=x.device, dtype=torch.uint8)
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
-    for r0, r in row_blocks(N, R):
+    for blk in blocks.blocks:
+        r0, r, S = blk.r0, blk.r, blk.splits
         rows = slice(r0, r0 + r)
-        z = workspace[:r * V].view(r, V)
+        z = workspace[:r * V * x.element_size()].view(x.dtype).view(r, V)
+        own = _parked(blk, workspace, dx, V, H, x.dtype, shift, weight_grad, grads is not None)
         if b is None:
             torch.mm(x[rows], w.t(), out=z)
         else:
             torch.addmm(b, x[rows], w.t(), out=z)
         _head_pass_kernel[(triton.cdiv(r, pcfg.blocks["BLOCK_R"]),)](
-            z, z.stride(0), targets[rows], logp[rows], lse[rows], ent[rows], s[rows], r, V, inv_temp, limit,
+            z, z.stride(0), targets[rows], logp[rows], own["lse"], ent[rows], own["s"], r, V, inv_temp, limit,
             cap or 1.0, WRITE_U=shift, SOFTCAP=cap is not None, ENTROPY=want_entropy, **pcfg.blocks,
             num_warps=pcfg.num_warps, num_stages=pcfg.num_stages)
         if grads is None:
@@ -261,18 +387,19 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
         g_logp = g_logp.float().contiguous()
         first = r0 == 0
         if not shift:  # d logits in place of the logits
-            slab_grad(z, 0, targets[rows], lse[rows], ent[rows], g_logp,
+            slab_grad(z, 0, targets[rows], own["lse"], ent[rows], g_logp,
                       g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
-        src = _dx_parts(z, w, parts, S) if S > 1 else torch.mm(z, w, out=dx[rows])
+        src = _dx_parts(z, w, own["parts"], S) if S > 1 else torch.mm(z, w, out=dx[rows])
+        xs, beta = own.get("xs"), own.get("beta")
         if shift or S > 1:  # dx = beta * (U @ w) (shift mode), or the partial products summed (ordinary mode)
             _scale_rows_kernel[(triton.cdiv(r, scfg.blocks["BLOCK_R"]), triton.cdiv(H, scfg.blocks["BLOCK_H"]))](
-                dx[rows], src, x[rows], xs[:r] if xs is not None else dx[rows], beta[:r] if shift else dx[rows],
-                g_logp, s[rows], r, H, S, r * H, inv_temp, SCALE=shift, WRITE_XS=shift and weight_grad,
+                dx[rows], src, x[rows], xs if xs is not None else dx[rows], beta if shift else dx[rows],
+                g_logp, own["s"], r, H, S, r * H, inv_temp, SCALE=shift, WRITE_XS=shift and weight_grad,
                 **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
         if dw is not None:
-            _accumulate(dw, z.t(), xs[:r] if shift else x[rows], first)
+            _accumulate(dw, z.t(), xs if shift else x[rows], first)
         if db is not None and shift:  # (ordinary mode: slab_grad's atomics)
-            _accumulate(db, z.t(), beta[:r], first)
+            _accumulate(db, z.t(), beta, first)
     if db is not None and shift:
         db = db.view(V)
     return logp, ent, dx, dw, db
@@ -375,22 +502,22 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         costs = lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
                                   passes=("fwd", "bwd") if backward and N else ("fwd",))
         return [c for c in costs if weight_grad or c.kernel != "torch.mm[dw]"]
-    R, S = blocking_of(N, V, H, dtype, want_entropy, softcap, weight_grad, rows_per_block=rows_per_block,
-                       splits=splits)
-    blocks = row_blocks(N, R)
+    blocks = plan(N, V, H, dtype, want_entropy, softcap, weight_grad, rows_per_block=rows_per_block, splits=splits,
+                  backward=backward).blocks
     bad_rows = bad_rows or [0] * len(blocks)
     if len(bad_rows) != len(blocks):
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
-    e = torch.empty((), dtype=dtype).element_size()
+    e = dtype.itemsize
     shift = backward and shift_mode(dtype, want_entropy, softcap)
-    k_split, rem = split_columns(V, S)
     h_tiles = triton.cdiv(H, cfgs["scale"].blocks["BLOCK_H"])
     costs = []
 
     def gemm(tag, m, n, k, c_elems, batch=1):
         costs.append(gemm_cost(tag, m, n, k, c_elems, e, batch))
 
-    for (r0, r), bad in zip(blocks, bad_rows):
+    for blk, bad in zip(blocks, bad_rows):
+        r0, r, S = blk.r0, blk.r, blk.splits
+        k_split, rem = split_columns(V, S)
         gemm("logits", r, V, H, V if has_bias else 0)
         # targets; target logits (the shift c in shift mode); logits read once; logp, lse (entropy)
         nbytes = 8 * r + r * e + r * V * e + (12 if want_entropy else 8) * r
@@ -423,20 +550,18 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
 
 
 def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_per_block=None, softcap=False,
-                       memory_lean=False, weight_grad=True, blocking=None, splits=None, sms=DEFAULT_SMS):
-    """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the logits workspace
-    [R, V], dX's S partial products [S, R, H] when its GEMM is split (``dx_splits`` on ``sms`` SMs) and, in
-    shift mode, xs [R, H] (with weight_grad) and beta [R] (input dtype); fp32 lse and s [N].
-    memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the forward's state [4, R]."""
-    e = torch.empty((), dtype=dtype).element_size()
+                       memory_lean=False, weight_grad=True, blocking=None, splits=None, sms=DEFAULT_SMS, backward=True):
+    """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the workspace of its
+    ``plan`` (the largest block's logits [r, V] and what the blocks that cannot park in dX's rows park past
+    them: fp32 lse and s [r], dX's partial products [S, r, H] when split and, in shift mode, beta [r] and xs
+    [r, H] in the input dtype). memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the
+    forward's state [4, R]."""
     if memory_lean:
+        e = dtype.itemsize
         blocking = blocking or lean.plan(N, V, H, sms, e)
         return blocking.rows * blocking.slab * e + 4 * N + 16 * blocking.rows
-    R, S = blocking_of(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block, splits)
-    R = min(N, R)
-    shift = shift_mode(dtype, want_entropy, softcap)
-    return R * V * e + (S * R * H * e if S > 1 else 0) + ((R * H * e if weight_grad else 0) + R * e if shift else 0) \
-        + 8 * N
+    return plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, rows_per_block, splits,
+                backward).workspace_bytes
 
 
 def gate_entries():

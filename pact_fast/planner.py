@@ -100,7 +100,7 @@ The terms:
   bf16 base adds to either the fp32 copies it multiplies in, 4(C + S)h: a chunk's rows (or dX's accumulator) and
   one vocabulary slab of the lm_head, S = ``linear_logprobs.upcast_slab_cols`` (logits never rounded to bf16,
   no [V, H] fp32 copy of the head). On CUDA (triton backend)
-  ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default row block ``default_rows``: workspace
+  ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default ``plan``: workspace
   within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: within 5%) or
   ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false), in the rows' dtype (fp32,
   bf16 on a bf16 base).

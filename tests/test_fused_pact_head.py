@@ -584,7 +584,8 @@ def test_bf16_shift_gradients_are_as_accurate_as_rounding_d_logits_once(logit_sc
     t = torch.randint(0, Vb, (N,), generator=g)
     g_logp = torch.randn(N, generator=g)
     assert launch.shift_mode(torch.bfloat16, False)
-    _, _, dx, dw, db = launch.run(x, w, b, t, 1 / T, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None))
+    _, _, dx, dw, db = launch.run(x, w, b, t, 1 / T, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None),
+                                  rows_per_block=N)
     ref = [p.double().requires_grad_() for p in (x, w, b)]
     logp = torch.log_softmax((ref[0] @ ref[1].t() + ref[2]) / T, -1).gather(1, t[:, None]).squeeze(1)
     want = torch.autograd.grad((g_logp.double() * logp).sum(), ref)

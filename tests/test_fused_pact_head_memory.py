@@ -238,7 +238,7 @@ def test_default_row_block_and_memory_lean_meet_their_budgets_at_w_logprob():
             costs = launch.kernel_costs(N, V, H, torch.bfloat16, False, False, memory_lean=lean_,
                                         weight_grad=weight_grad)
             assert sum(c.flops for c in costs) == factor * N * V * H
-        assert launch.default_rows(N, V, H, torch.bfloat16) % launch.ROW_MULTIPLE == 0
+        assert all(b.r % launch.ROW_MULTIPLE == 0 for b in launch.plan(N, V, H, torch.bfloat16).blocks)
 
 
 def test_memory_lean_must_be_a_bool():

@@ -94,7 +94,6 @@ def test_dx_splits_fill_whole_waves_of_tiles():
     # ceil(24 S / 132) waves of tiles reducing over V / S columns: 11 splits fill two waves exactly, the least
     # time per column of any S up to the bound (written out here: waves / S)
     R, H, V = 384, 2048, 151936
-    assert launch.default_plan(32768, V, H, torch.bfloat16) == (R, 11)
     per_split = {S: math.ceil(24 * S / 132) / S for S in range(1, launch.MAX_DX_SPLITS + 1)}
     assert min(per_split, key=per_split.get) == 11 == launch.dx_splits(R, H, V)
     # 448 rows (4 x 8 tiles): four splits make 128 tiles, one wave; a bound on the workspace is obeyed
@@ -147,32 +146,6 @@ def test_split_dx_equals_float64_and_the_unsplit_gemm(dtype, want_entropy, bias,
     assert torch.equal(split[3], whole[3]) and torch.equal(split[0], whole[0])  # dW and log-probs untouched
 
 
-def test_split_dx_memory_is_counted_in_the_workspace():
-    N, V, H = 32768, 151936, 2048
-    R = launch.default_rows(N, V, H, torch.bfloat16)
-    S = launch.dx_splits(R, H, V)
-    with_parts = launch.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=R)
-    without = launch.extra_memory_bytes(N, V, H, torch.bfloat16, rows_per_block=R, splits=1)
-    assert with_parts - without == S * R * H * 2
-    assert with_parts <= launch.WORKSPACE_SHARE * V * H * 2
-
-
-def test_named_rows_per_block_get_the_defaults_splits_within_the_budget():
-    """rows_per_block=default_rows(...) runs as the default does: its splits stay within the workspace budget
-    (here 7 splits of 192-row blocks would take 26% of dW; the budget allows 4), also where its last block is
-    ragged; a block already over the budget by itself gets the splits that cost least."""
-    for N, V, H, dtype in ((500, 32000, 896, torch.float32), (32768, 151936, 2048, torch.bfloat16),
-                           (1000, 151936, 2048, torch.bfloat16)):
-        R, S = launch.default_plan(N, V, H, dtype)
-        assert launch.blocking_of(N, V, H, dtype, rows_per_block=R) == (R, S)
-        assert launch.extra_memory_bytes(N, V, H, dtype, rows_per_block=R) <= \
-            launch.WORKSPACE_SHARE * V * H * dtype.itemsize
-    assert launch.default_plan(500, 32000, 896, torch.float32) == (192, 4)
-    assert launch.dx_splits(192, 896, 32000, 132, 4) == 7  # unbounded: 7 splits of 2 x 4 tiles each
-    big = launch.blocking_of(32768, 151936, 2048, torch.bfloat16, rows_per_block=1024)
-    assert big == (1024, launch.dx_splits(1024, 2048, 151936, N=32768))
-
-
 def test_zero_rows_and_the_split_options_that_do_not_apply():
     x, w, b, t, g_logp, _ = _problem(0, 96, 24, torch.float32, 1, True)
     logp, ent, dx, dw, db = launch.run(x, w, b, t, 1.0, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None))
@@ -183,17 +156,3 @@ def test_zero_rows_and_the_split_options_that_do_not_apply():
     with pytest.raises(ValueError, match="memory_lean"):
         launch.run(x, w, b, t, 1.0, False, lambda lo, hi, lp, en: (g_logp[lo:hi], None), memory_lean=True,
                    splits=2)
-
-
-def test_the_workspace_budget_holds_at_the_devices_own_sm_count():
-    """The row block and dX's splits are planned for the device's SM count (108: A100, 114: H100 PCIe, 132: H100
-    and H200 SXM, 148: B200), each filling that device's waves, and the workspace stays within its share of dW
-    on any of them."""
-    N, V, H = 32768, 151936, 2048
-    budget = launch.WORKSPACE_SHARE * V * H * 2
-    for sms in (108, 114, 132, 148, 264):
-        R, S = launch.default_plan(N, V, H, torch.bfloat16, sms=sms)
-        assert launch.extra_memory_bytes(N, V, H, torch.bfloat16, sms=sms) <= budget
-        tiles = math.ceil(R / 128) * math.ceil(H / 256)
-        assert S * tiles / (math.ceil(S * tiles / sms) * sms) > 0.9  # the split GEMM's waves at least 90% full
-    assert launch.dx_splits(448, H, V, 264) > launch.dx_splits(448, H, V, 132)  # 32 tiles: 8 splits fill 264 SMs

@@ -44,7 +44,9 @@ def _run(N, V, H, has_bias, want_entropy, dtype, configs, rows_per_block, limit=
                    limit=limit, configs=configs, cap=cap, splits=splits)
     z = (x @ w.t() + (b if has_bias else 0)).float()
     over = (z.max(-1).values - z.gather(1, t[:, None]).squeeze(1)) > limit
-    bad = [int(over[r0:r0 + r].sum()) for r0, r in launch.row_blocks(N, rows_per_block or launch.BLOCK_ROWS)]
+    blocks = launch.plan(N, V, H, dtype, want_entropy, cap is not None, rows_per_block=rows_per_block, splits=splits,
+                         backward=backward).blocks
+    bad = [int(over[blk.r0:blk.r0 + blk.r].sum()) for blk in blocks]
     return counts.as_tuples(), bad
 
 

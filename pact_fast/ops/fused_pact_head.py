@@ -21,8 +21,8 @@ cuBLAS GEMM into a bounded workspace, a Triton epilogue that reads them once for
 same pass, leaves a matrix whose row scaling is d loss / d logits, then the dX and dW GEMMs). ``auto``
 picks triton on CUDA, torch elsewhere; triton on CPU tensors runs under ``TRITON_INTERPRET=1`` (tests).
 
-Memory: by default the triton backend's row block keeps its workspace within 25% of dW's bytes
-(``fused_pact_head_launch.default_rows``); ``memory_lean=True`` recomputes the logits over vocabulary slabs
+Memory: by default the triton backend's row blocks keep its workspace within 25% of dW's bytes
+(``fused_pact_head_launch.plan``: one block's logits; the rest parks in dX's unwritten rows); ``memory_lean=True`` recomputes the logits over vocabulary slabs
 instead (workspace within 5% of dW, 8NVH instead of 6NVH), and on the torch backend takes chunks of rows
 whose fp32 logits stay within 5% of dW. A frozen lm_head (``weight.requires_grad`` False) skips dW: no GEMM,
 no buffer.
@@ -258,8 +258,8 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
         old_from_current: the old log-probs of both contexts are the current ones, detached (one update epoch
             on fresh rollouts); ``batch.old_logp_tc`` / ``old_logp_po`` must then be None.
         chunk_rows: rows per chunk (torch) or row block (triton); default: torch, a chunk's fp32 logits near
-            64 MiB, at least 256 rows; triton, ``fused_pact_head_launch.default_rows`` (workspace within 25% of
-            dW's bytes).
+            64 MiB, at least 256 rows; triton, ``fused_pact_head_launch.plan``'s blocks (workspace within 25% of
+            dW's bytes; a named chunk_rows gives uniform blocks).
         memory_lean: False (default): one pass, a workspace of a row block's logits over the whole vocabulary.
             True: triton recomputes the logits over vocabulary slabs (``linear_logprobs``' blocking, workspace
             within 5% of dW, 8NVH FLOPs instead of 6NVH); torch takes chunks whose two [C, V] buffers stay within
