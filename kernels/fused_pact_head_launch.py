@@ -53,6 +53,7 @@ BLOCK_ROWS = 2048  # the most rows per block (plan): the dW GEMM (K = R) is comp
 # default row blocks are multiples of this (but the last): the rows of cuBLAS's output tile (registry.GEMM_TILE),
 # as a block of a partial tile row pays for a whole one in its logits and dX GEMMs
 ROW_MULTIPLE = GEMM_TILE[0]
+FINE_MULTIPLE = 8  # where whole tile rows cannot fit the budget (H below ~512): blocks of multiples of 8 rows
 WORKSPACE_SHARE = 0.25  # default: extra memory within this share of dW's bytes (V * H * itemsize)
 # Rows whose max logit exceeds the target's by more are re-shifted (a target less likely than ~e^-20). Within
 # it U <= e^20 and s <= V e^20, so beta = -g / (T s) >= |g| e^-20 / (T V): beta * x in bf16 / fp32 stays far
@@ -249,9 +250,11 @@ def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sm
     the rows at the end; each block's dX split S is its own. Blocks park their own buffers in dX's unwritten
     rows, so the workspace is the logits of one block, except near the end where those rows run out: the last
     blocks take fewer rows (or splits), leaving room in the workspace for what they park. At W-logprob (V =
-    151,936, H = 2048, bf16) the workspace is 512 rows of logits, exactly 25% of dW: 59 blocks of 512 rows split
-    4 ways, then a tail (``python bench/roofline.py --head-sweep`` prints it). The search is a shortest path over
-    the rows left (one state per ROW_MULTIPLE rows).
+    151,936, H = 2048, bf16) the workspace is 512 rows of logits, exactly 25% of dW: 58 blocks of 512 rows split
+    4 ways, then 8 of 384 rows split 11 ways (``python bench/roofline.py --head-sweep`` prints it). The search is
+    a shortest path over the rows left (``_search``); where no blocks of whole tile rows fit the budget (H below
+    ~512), blocks of multiples of FINE_MULTIPLE rows, then of any rows; where not even those fit, blocks of as
+    many rows as their logits fit, unsplit (over the budget: what they park has no room).
 
     ``rows_per_block``: blocks of that many rows, each split ``splits`` ways (default ``dx_splits``' S for the
     device, within the budget when the blocks fit it unsplit); ``splits`` alone applies to the default blocks.
@@ -273,6 +276,19 @@ def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sm
         return uniform(splits or 1)
     most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K)) if backward and not splits else 1
     options = [splits] if splits else list(range(1, most + 1))
+    for multiple in (ROW_MULTIPLE, FINE_MULTIPLE, 1):  # finer blocks only where whole tile rows cannot fit
+        blocks = _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, multiple)
+        if blocks:
+            return _placed(N, V, H, e, shift, weight_grad, backward, blocks)
+    # not even one row parks within the budget: blocks of as many rows as their logits fit, unsplit
+    return plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, max(1, min(N, budget // (V * e))), 1,
+                backward)
+
+
+def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, multiple):
+    """``plan``'s shortest path: [(r0, r, S)] of least ``_block_work`` over N rows in blocks of multiples of
+    ``multiple`` rows (and the rest of the rows last), each parking in dX's rows past it or past its logits within
+    ``budget``; None when no such blocks exist. One state per ``multiple`` rows left."""
     by_size = {}  # r -> [(parked bytes, least work of the splits parking at most that, S)], by parked bytes
 
     def choices(r):
@@ -286,10 +302,11 @@ def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sm
             by_size[r] = rows
         return by_size[r]
 
-    best = {0: (0.0, None)}  # rows left -> (least work over the last rows, the first block of them (r, S))
-    for left in range(N % ROW_MULTIPLE or ROW_MULTIPLE, N + 1, ROW_MULTIPLE):
-        sizes = list(range(ROW_MULTIPLE, min(left, BLOCK_ROWS) + 1, ROW_MULTIPLE))
-        sizes += [left] if left <= BLOCK_ROWS and left % ROW_MULTIPLE else []
+    most_rows = min(BLOCK_ROWS, budget // (V * e))  # the logits of more rows exceed the budget by themselves
+    best = {0: (0, None)}  # rows left -> (least work over the last rows, the first block of them (r, S))
+    for left in range(N % multiple or multiple, N + 1, multiple):
+        sizes = list(range(multiple, min(left, most_rows) + 1, multiple))
+        sizes += [left] if left <= most_rows and left % multiple else []
         keys = []
         for r in sizes:
             if left - r not in best or _aligned(r * V * e) > budget:
@@ -301,15 +318,14 @@ def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sm
         if keys:
             cost, r, S = min(keys)
             best[left] = (cost, (-r, S))
-    if N not in best:  # not even ROW_MULTIPLE rows fit the budget: blocks of as many rows as their logits fit
-        return plan(N, V, H, dtype, want_entropy, softcap, weight_grad, sms, max(1, min(N, budget // (V * e))),
-                    splits, backward)
+    if N not in best:
+        return None
     blocks, left = [], N
     while left:
         r, S = best[left][1]
         blocks.append((N - left, r, S))
         left -= r
-    return _placed(N, V, H, e, shift, weight_grad, backward, blocks)
+    return blocks
 
 
 def _block_work(r, V, H, S, e, weight_grad, shift, sms, backward=True):
