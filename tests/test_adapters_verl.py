@@ -101,6 +101,24 @@ def test_policy_loss_is_verls_vanilla_surrogate(mode, info, with_weights):
     assert torch.isfinite(x.grad).all() and (x.grad[mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_weights_of_masked_tokens_do_not_reach_the_loss_or_its_gradient(bad):
+    """rollout_is_weights past a response (verl pads them as it likes) gave a finite loss and a NaN gradient: the
+    masked tokens' weights are read as 0, whatever they hold."""
+    new, old, adv, mask = _tokens(4, 7, seed=3)
+    config = SimpleNamespace(clip_ratio=0.2, global_batch_info={})
+    weights = torch.rand(4, 7, dtype=D) + 0.5
+    results = []
+    for fill in (bad, 1.0):
+        w = torch.where(mask != 0, weights, torch.full_like(weights, fill))
+        x = new.clone().requires_grad_()
+        loss, _ = compute_policy_loss_pact(old, x, adv, mask, "token-mean", config, rollout_is_weights=w)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (want_loss, want_grad) = results
+    assert torch.isfinite(grad).all() and torch.equal(grad, want_grad) and torch.equal(loss, want_loss)
+
+
 def _no_padding_batch(fields, log_probs, prompt_lens, seed=0):
     """A micro-batch as verl's engine hands it to a loss: ``fields`` ([N, T] response-aligned tensors, or [N])
     in a TensorDict in verl's no-padding layout, and per-token log-probs [N, T] of the responses placed in

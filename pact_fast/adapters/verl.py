@@ -92,8 +92,8 @@ def compute_policy_loss_pact(old_log_prob, log_prob, advantages, response_mask, 
     loss_mat, ratio, low, high, dual = clipped_surrogate_tokens(
         log_prob, old_log_prob, advantages, clip_eps_low=_get(config, "clip_ratio_low", clip),
         clip_eps_high=_get(config, "clip_ratio_high", clip), dual_clip=_get(config, "clip_ratio_c", 3.0))
-    if rollout_is_weights is not None:
-        loss_mat = loss_mat * rollout_is_weights
+    if rollout_is_weights is not None:  # masked tokens' weights read as 0: a NaN there gave a NaN gradient
+        loss_mat = loss_mat * torch.where(response_mask != 0, rollout_is_weights, 0.0)
     info = dict(_get(config, "global_batch_info", {}) or {})
     loss = verl_aggregate(loss_mat, response_mask, loss_agg_mode, **info)
     m = surrogate_metrics(log_prob, old_log_prob, ratio, low, high, dual, response_mask)
