@@ -304,16 +304,21 @@ def _set(obj, key, value, path):
     setattr(obj, key, coerced)
 
 
-def _rebuild(obj):
-    """Re-run __post_init__ checks of nested dataclasses after overrides."""
+def _rebuild(obj, prefix=""):
+    """Re-run __post_init__ checks of nested dataclasses after overrides (``prefix``: the section path of ``obj``)."""
     for f in dataclasses.fields(obj):
         child = getattr(obj, f.name)
         if dataclasses.is_dataclass(child):
-            _rebuild(child)
+            _rebuild(child, f"{prefix}{f.name}.")
             try:
                 setattr(obj, f.name, type(child)(**{g.name: getattr(child, g.name) for g in dataclasses.fields(child)}))
-            except ValueError as exc:  # (its message starts with the key: "model.lora.r=0 must be >= 1")
-                raise ConfigError(str(exc), key=re.match(r"[\w.]*", str(exc)).group()) from None
+            except ValueError as exc:  # its message starts with the key ("model.lora.r=0 must be >= 1") or, from a
+                # class that also serves outside a config, with the class ("PACTLossConfig.s_end=0.0"): say the key
+                message = str(exc)
+                own = f"{type(child).__name__}."
+                if message.startswith(own):
+                    message = f"{prefix}{f.name}.{message[len(own):]}"
+                raise ConfigError(message, key=re.match(r"[\w.]*", message).group()) from None
 
 
 # an integer YAML 1.1 reads as octal (010 is 8; 08 and 09 are strings), where nearly everyone else reads the decimal

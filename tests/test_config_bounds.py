@@ -367,6 +367,8 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_its_line(tmp_path):
             ("train:\n  lr: 1e-3x\n", 2, "train.lr: expected a number, got '1e-3x'"),
             ("model:\n  lora:\n    r: 0\n", 3, "model.lora.r=0 must be >= 1"),
             ("loss:\n  mode: grpo\n  w_reason: 2\n", 3, "loss.w_reason=2.0: loss.mode=grpo does not read it"),
+            # PACTLossConfig's own check named the class, not the key, and so no line
+            ("loss:\n  lambda_sft: 1\n  s_end: 0\n", 3, "loss.s_end=0.0 must be > 0"),
             ("trainer:\n  steps: 3\n", 1, "unknown key 'trainer'")):
         path.write_text(text)
         with pytest.raises(ConfigError) as info:
