@@ -23,7 +23,8 @@ import yaml
 
 from . import distributed as dist
 from .checkpoint import CheckpointError
-from .config import MAX_SEED, RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config
+from .config import (MAX_SEED, RUN_CONFIG, ConfigError, check_unread, config_changes, describe, load_config,
+                     read_config_text)
 from .data import DataFormatError
 from .envs.base import ToolEnvError
 from .losses import MODES
@@ -81,7 +82,9 @@ def _resolve(args, check_read=True):
             if given:  # the flag won, whichever came first: `--out a train.out_dir=b` wrote to a without a word
                 raise ConfigError(f"--{flag} {value} and {given[-1]} both set {key}; give one")
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides, check_read=check_read)
+    # read once: a pipe (--config /dev/stdin) is empty the second time, and compare reads what the file sets
+    args.config_text = read_config_text(args.config) if args.config else None
+    return load_config(args.config, overrides, check_read=check_read, text=args.config_text)
 
 
 def _empty_path(args):
@@ -344,8 +347,7 @@ def _config_file_sets(args, key):
     """Whether the command's --config file sets ``key`` (``section.key``)."""
     if not args.config:
         return False
-    with open(args.config) as f:  # loaded already: it exists and is YAML
-        data = yaml.safe_load(f) or {}
+    data = yaml.safe_load(args.config_text) or {}  # loaded already (_resolve): valid YAML
     section, name = key.split(".")
     return isinstance(data.get(section), dict) and name in data[section]
 

@@ -390,7 +390,24 @@ def _refuse_base_60(node, value):
                         "or quote it if it is text", node.start_mark)
 
 
-def load_config(path=None, overrides=(), *, label="--config", check_read=True):
+def read_config_text(path, label="--config"):
+    """The text of the config file ``path``, read once: a pipe (``--config /dev/stdin``) holds it only for the
+    first read, so the config, its pretrained defaults' second pass and the error lines all use this text."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{label} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label} {path}: a directory; give a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label} {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); a YAML file is "
+                          "text") from None
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def load_config(path=None, overrides=(), *, label="--config", check_read=True, text=None):
     """A ``Config`` from an optional YAML file and ``section.key=value`` overrides (applied in order).
 
     With a pretrained ``model.path``, ``pact_fast.models.pretrained_defaults()`` replace the built-in tiny
@@ -398,35 +415,38 @@ def load_config(path=None, overrides=(), *, label="--config", check_read=True):
     the file in errors (a run's own config.yaml is not a --config the user gave). ``check_read``: refuse an
     option the rest of the config leaves unread (``check_unread``); a run's own config.yaml is never checked
     again (it was when the run began; compare sets loss.mode itself), nor is a config that ``--resume`` or
-    ``compare`` checks their own way."""
+    ``compare`` checks their own way. ``text``: the file's text when the caller read it already
+    (``read_config_text``); the file is read once either way."""
+    if path and text is None:
+        text = read_config_text(path, label)
     try:
-        config = _load(path, overrides, label=label)
+        config = _load(path, overrides, label=label, text=text)
         if config.model.path:
-            config = _load(path, overrides, base=_pretrained_defaults(), label=label)
+            config = _load(path, overrides, base=_pretrained_defaults(), label=label, text=text)
         if check_read and label != RUN_CONFIG:
             check_unread(config)
     except ConfigError as exc:
-        raise _at_line(exc, path, overrides, label) from None
+        raise _at_line(exc, path, text, overrides, label) from None
     return config
 
 
-def _at_line(exc, path, overrides, label):
-    """``exc`` (a ``ConfigError``) about an option that the config file ``path`` sets and no override does, as one
-    that names the file's line: ``--config run.yaml:3: train.steps=0 must be >= 1``; else ``exc``."""
+def _at_line(exc, path, text, overrides, label):
+    """``exc`` (a ``ConfigError``) about an option that the config file ``path`` (its ``text``) sets and no
+    override does, as one that names the file's line: ``--config run.yaml:3: train.steps=0 must be >= 1``; else
+    ``exc``."""
     set_by_override = [item.split("=", 1)[0].strip() for item in overrides]
     if not path or exc.key is None or any(exc.key == k or exc.key.startswith(k + ".") for k in set_by_override):
         return exc
-    line = _line_of(path, exc.key)
+    line = _line_of(text, exc.key)
     return ConfigError(f"{label} {path}{line}: {exc}", key=exc.key) if line else exc
 
 
-def _line_of(path, key):
-    """``":N"``: the line of the config file ``path`` (read already: valid YAML) that sets ``key``
-    (``section.key``); "" where none does (no key, or one set through a YAML merge key ``<<``)."""
+def _line_of(text, key):
+    """``":N"``: the line of a config file's ``text`` (valid YAML) that sets ``key`` (``section.key``); "" where
+    none does (no key, or one set through a YAML merge key ``<<``)."""
     if key is None:
         return ""
-    with open(path) as f:
-        line = _key_lines(yaml.compose(f, Loader=yaml.SafeLoader)).get(key)
+    line = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader)).get(key)
     return "" if line is None else f":{line}"
 
 
@@ -531,24 +551,17 @@ def _show(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _load(path, overrides, base=None, label="--config"):
+def _load(path, overrides, base=None, label="--config", text=None):
+    """A ``Config``: ``base`` (defaults), then the file ``path`` (its ``text``; read here when None), then the
+    overrides."""
     config = Config()
     for key, value in (base or {}).items():
         section, name = key.split(".")
         _set(getattr(config, section), name, value, key)
     if path:
+        text = read_config_text(path, label) if text is None else text
         try:
-            with open(path) as f:
-                data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{label} {path}: no such file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{label} {path}: a directory; give a YAML file") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{label} {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); a YAML file is "
-                              "text") from None
-        except OSError as exc:
-            raise ConfigError(f"{label} {path}: cannot be read ({exc.strerror or exc})") from None
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except _KeyError as exc:
             raise ConfigError(f"{label} {path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
         except yaml.YAMLError as exc:
@@ -559,7 +572,7 @@ def _load(path, overrides, base=None, label="--config"):
             for section, values in data.items():
                 _set(config, section, values, section)
         except ConfigError as exc:  # the file's own value, whatever the overrides set later
-            raise ConfigError(f"{label} {path}{_line_of(path, exc.key)}: {exc}") from None
+            raise ConfigError(f"{label} {path}{_line_of(text, exc.key)}: {exc}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")

@@ -2,6 +2,8 @@
 before any step: a NaN weight would switch a loss term off, a negative step count would name a checkpoint
 "step_-00001", a top_p of 0 would sample nothing."""
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -386,3 +388,38 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_its_line(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_config(str(path), [override])
         assert str(info.value).startswith(f"--config {path}:{line}: {message}"), str(info.value)
+
+
+def _from_stdin(code, text):
+    """Run ``code`` in a fresh interpreter with ``text`` on its standard input, as ``--config /dev/stdin`` is
+    read (a pipe: it holds the text for the first read only). Returns its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_config_from_a_pipe_is_read_once_and_used_whole():
+    """A piped config that names a pretrained model was read a second time for the model's defaults, found empty,
+    and trained the built-in model's defaults instead (model.path None, 300 steps) without a word; its error
+    lines were lost the same way."""
+    code = ("from pact_fast.config import ConfigError, load_config\n"
+            "c = load_config('/dev/stdin', check_read=False)\n"
+            "print(c.model.path, c.train.steps, c.train.out_dir)")
+    text = "model:\n  path: HuggingFaceTB/SmolLM2-135M\ntrain:\n  steps: 7\n  out_dir: runs/piped\n"
+    assert _from_stdin(code, text).split() == ["HuggingFaceTB/SmolLM2-135M", "7", "runs/piped"]
+    code = ("from pact_fast.config import ConfigError, load_config\n"
+            "try:\n    load_config('/dev/stdin')\nexcept ConfigError as exc:\n    print(exc)")
+    text = "model:\n  path: HuggingFaceTB/SmolLM2-135M\ntrain:\n  steps: 0\n"
+    assert _from_stdin(code, text).startswith("--config /dev/stdin:4: train.steps=0 must be >= 1")
+
+
+def test_compare_reads_the_out_dir_a_piped_config_sets():
+    """compare asked the file a second time whether it set train.out_dir: a pipe said no, and the comparison went
+    to runs/compare instead of the config's directory."""
+    code = ("from pact_fast import cli\n"
+            "args = cli.build_parser().parse_args(['compare', '--config', '/dev/stdin'])\n"
+            "c = cli._resolve(args, check_read=False)\n"
+            "print(c.train.out_dir, cli._out_dir_given(args), cli._config_file_sets(args, 'train.seed'),"
+            " cli._config_file_sets(args, 'rollout.seed'))")
+    out = _from_stdin(code, "train:\n  out_dir: runs/piped\n  seed: 3\n")
+    assert out.split() == ["runs/piped", "True", "True", "False"]
