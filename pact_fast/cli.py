@@ -327,7 +327,8 @@ def _plan(args):
             fits = peak <= budget
             what = f"--tokens {asked}" if args.tokens else \
                 f"--config {args.config}: train.micro_batch_tokens={asked}"
-            verdict = "fits" if fits else f"does not fit; at most {best} does"
+            verdict = "fits" if fits else f"does not fit; {best} does, and beyond (the planner searches no further)" \
+                if best >= planner.SEARCH_LIMIT else f"does not fit; at most {best} does"
             lines.append(f"{what} is predicted at {planner.gib(peak):.2f} GiB: {verdict}")
             best = best if fits else 0
     except ConfigError as exc:

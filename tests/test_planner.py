@@ -469,6 +469,12 @@ def test_plan_says_when_its_search_limit_fits_rather_than_calling_it_the_largest
     rc, out, _ = _plan("--model", "qwen3-1.7b", "--gpu-memory", "80TB")
     assert rc == 0 and out.splitlines()[-1] == (f"fits: train.micro_batch_tokens={planner.SEARCH_LIMIT} and beyond "
                                                 "(the planner searches no further)")
+    # --tokens past what fits: "at most 4194304 does" understated it the same way
+    asked = 64 * planner.SEARCH_LIMIT
+    assert planner.predict(shape, asked, planner.PlanOptions()).total > budget
+    rc, out, _ = _plan("--model", "qwen3-1.7b", "--gpu-memory", "80TB", "--tokens", str(asked))
+    assert rc == 1 and out.splitlines()[-1].endswith(f"does not fit; {planner.SEARCH_LIMIT} does, and beyond (the "
+                                                     "planner searches no further)"), out
 
 
 @pytest.mark.parametrize("args,message", [
