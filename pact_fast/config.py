@@ -6,6 +6,7 @@ Every field has a default and a help string; an unknown key or a value of the wr
 error that names it and lists the valid keys or choices. The resolved config is saved with every run.
 """
 import dataclasses
+import io
 import math
 import os
 import re
@@ -561,7 +562,9 @@ def _load(path, overrides, base=None, label="--config", text=None):
     if path:
         text = read_config_text(path, label) if text is None else text
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            stream = io.StringIO(text)
+            stream.name = str(path)  # (YAML's errors name the file, not "<unicode string>")
+            data = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
         except _KeyError as exc:
             raise ConfigError(f"{label} {path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
         except yaml.YAMLError as exc:

@@ -178,8 +178,10 @@ def test_a_runs_broken_config_is_named_as_the_runs_not_as_a_config_flag(tmp_path
     (run / "checkpoints" / "step_000001").mkdir(parents=True)
     (run / "checkpoints" / "step_000001" / "trainer_state.pt").write_bytes(b"")
     (run / "config.yaml").write_text("train: [\n")
-    with pytest.raises(ConfigError, match=f"^the run's config {run / 'config.yaml'}: not valid YAML"):
+    with pytest.raises(ConfigError, match=f"^the run's config {run / 'config.yaml'}: not valid YAML") as info:
         run_config(run)
+    # YAML's own words name the file and its line, not a "<unicode string>" with a source excerpt
+    assert f'in "{run / "config.yaml"}", line 2' in str(info.value) and "unicode string" not in str(info.value)
 
 
 def test_options_that_run_but_not_as_they_suggest_are_said_at_start():
