@@ -823,8 +823,8 @@ def _ideal_gemms(N, V, H, backward=True, weight_grad=True):
 
 def _head_family(table, shape, kwargs, stored):
     """The same for the Triton fused PACT head (bf16, no bias, no row over the shift limit): row blocks of
-    ``fused_pact_head_launch.plan`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op called that
-    way (frozen weight, lean), counted through it (``PROBES``)."""
+    ``fused_pact_head_launch.plan`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op
+    called that way (frozen weight, lean), counted through it (``PROBES``)."""
     from pact_fast.kernels import fused_pact_head_launch as launch
     from pact_fast.kernels import linear_logprobs_launch
 

@@ -163,6 +163,11 @@ def _aligned(nbytes):
     return -(-nbytes // PARK_ALIGN) * PARK_ALIGN
 
 
+def _nbytes(elements, kind, e):
+    """Bytes of a parked buffer of ``elements`` of ``kind`` ("fp32", or "in": the input dtype, ``e`` bytes)."""
+    return elements * (4 if kind == "fp32" else e)
+
+
 def park_layout(r, H, S, e, shift, weight_grad, backward=True):
     """{name: (byte offset, elements, dtype)} of a block's own buffers, packed from offset 0 on PARK_ALIGN
     boundaries: ``lse`` and ``s`` [r] fp32; with the backward ``parts`` [S, r, H] (dX's partial products, S > 1)
@@ -173,17 +178,17 @@ def park_layout(r, H, S, e, shift, weight_grad, backward=True):
         items += [("parts", S * r * H, "in")] if S > 1 else []
         items += ([("beta", r, "in")] + ([("xs", r * H, "in")] if weight_grad else [])) if shift else []
     layout, offset = {}, 0
-    for name, elements, dtype in items:
-        layout[name] = (offset, elements, dtype)
-        offset = _aligned(offset + elements * (4 if dtype == "fp32" else e))
+    for name, elements, kind in items:
+        layout[name] = (offset, elements, kind)
+        offset = _aligned(offset + _nbytes(elements, kind, e))
     return layout
 
 
 def park_bytes(r, H, S, e, shift, weight_grad, backward=True):
     """Bytes a block of r rows parks (``park_layout``)."""
     layout = park_layout(r, H, S, e, shift, weight_grad, backward)
-    offset, elements, dtype = list(layout.values())[-1]
-    return offset + elements * (4 if dtype == "fp32" else e)
+    offset, elements, kind = list(layout.values())[-1]
+    return offset + _nbytes(elements, kind, e)
 
 
 def _dx_room(N, H, e, end):
@@ -215,8 +220,7 @@ def _parked(blk, workspace, dx, V, H, dtype, shift, weight_grad, backward):
     shapes = {"lse": (blk.r,), "s": (blk.r,), "parts": (-1,), "beta": (blk.r, 1), "xs": (blk.r, H)}
     views = {}
     for name, (offset, elements, kind) in park_layout(blk.r, H, blk.splits, e, shift, weight_grad, backward).items():
-        width = 4 if kind == "fp32" else e
-        raw = flat[start + offset:start + offset + elements * width]
+        raw = flat[start + offset:start + offset + _nbytes(elements, kind, e)]
         views[name] = raw.view(torch.float32 if kind == "fp32" else dtype).view(shapes[name])
     return views
 
@@ -294,11 +298,11 @@ def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, mult
     def choices(r):
         if r not in by_size:
             rows, least = [], None
-            for S in sorted(options, key=lambda S: park_bytes(r, H, S, e, shift, weight_grad, backward)):
+            for parked, S in sorted((park_bytes(r, H, S, e, shift, weight_grad, backward), S) for S in options):
                 cost = round(_block_work(r, V, H, S, e, weight_grad, shift, sms, backward))  # exact sums: ties
                 if least is None or cost < least[0]:
                     least = (cost, S)
-                rows.append((park_bytes(r, H, S, e, shift, weight_grad, backward), *least))
+                rows.append((parked, *least))
             by_size[r] = rows
         return by_size[r]
 
@@ -312,9 +316,10 @@ def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, mult
             if left - r not in best or _aligned(r * V * e) > budget:
                 continue
             room = max(_dx_room(N, H, e, N - left + r) if backward else 0, budget - _aligned(r * V * e))
-            fitting = [row for row in itertools.takewhile(lambda row: row[0] <= room, choices(r))]
+            fitting = list(itertools.takewhile(lambda row: row[0] <= room, choices(r)))
             if fitting:
-                keys.append((fitting[-1][1] + best[left - r][0], -r, fitting[-1][2]))
+                _, cost, S = fitting[-1]
+                keys.append((cost + best[left - r][0], -r, S))
         if keys:
             cost, r, S = min(keys)
             best[left] = (cost, (-r, S))

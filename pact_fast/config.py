@@ -553,14 +553,13 @@ def _show(value):
 
 
 def _load(path, overrides, base=None, label="--config", text=None):
-    """A ``Config``: ``base`` (defaults), then the file ``path`` (its ``text``; read here when None), then the
+    """A ``Config``: ``base`` (defaults), then the file ``path`` (its ``text``, ``read_config_text``), then the
     overrides."""
     config = Config()
     for key, value in (base or {}).items():
         section, name = key.split(".")
         _set(getattr(config, section), name, value, key)
     if path:
-        text = read_config_text(path, label) if text is None else text
         try:
             stream = io.StringIO(text)
             stream.name = str(path)  # (YAML's errors name the file, not "<unicode string>")

@@ -7,6 +7,7 @@ products, xs, beta, lse, s) in dX's unwritten rows, so the workspace is one bloc
 - blocks parked in dX's rows and in the workspace give float64's gradients (interpreter), in shift and
   ordinary mode, with a bias and with a frozen weight;
 - what ``run`` allocates beyond its outputs is ``extra_memory_bytes``, byte for byte."""
+import itertools
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ from test_fused_pact_head_split import _float64_grads, _problem, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import roofline  # noqa: E402
+import sass  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="runs the Triton kernels under the interpreter")
 W = (32768, 151936, 2048)
@@ -33,7 +35,7 @@ def _check_plan(N, V, H, dtype, blocks, budget=None, **kw):
     workspace past its logits; the workspace is the largest such need (and within ``budget``)."""
     e = dtype.itemsize
     shift = kw.get("backward", True) and launch.shift_mode(dtype, kw.get("want_entropy", False))
-    assert [b.r0 for b in blocks.blocks] == [0] + list(itertools_accumulate(b.r for b in blocks.blocks))[:-1]
+    assert [b.r0 for b in blocks.blocks] == [0] + list(itertools.accumulate(b.r for b in blocks.blocks))[:-1]
     assert sum(b.r for b in blocks.blocks) == N
     need = 0
     for b in blocks.blocks:
@@ -48,13 +50,6 @@ def _check_plan(N, V, H, dtype, blocks, budget=None, **kw):
         assert need <= budget
 
 
-def itertools_accumulate(values):
-    total = 0
-    for v in values:
-        total += v
-        yield total
-
-
 def test_the_default_at_w_logprob_is_512_row_blocks_in_25_percent_of_dw():
     """The logits of 512 rows are exactly 25% of dW at H=2,048; everything else parks in dX's rows, and the last
     blocks, where those run out, take fewer rows and park past their logits in the same workspace."""
@@ -66,15 +61,10 @@ def test_the_default_at_w_logprob_is_512_row_blocks_in_25_percent_of_dw():
     assert sum(b.r for b in in_dx) >= 0.9 * N and {(b.r, b.splits) for b in in_dx} == {(512, 4)}
     assert all(b.r < 512 for b in blocks.blocks if b.parked == "workspace")  # room past their logits
     # the model's prediction of the plan (H100): within 1.15x three GEMMs; H200 less
-    rows = roofline.fused_head_rows("W-logprob-H2048", N, V, H, table=roofline_table())
+    rows = roofline.fused_head_rows("W-logprob-H2048", N, V, H, table=sass.stored())
     default = {r["device"]: r for r in rows if r["op"] == "fused_pact_head fwd+bwd"}
     assert default["H100"]["time_ratio"] <= 1.15 and default["H200"]["time_ratio"] <= default["H100"]["time_ratio"]
     assert default["H100"]["extra_memory_bytes"] == blocks.workspace_bytes
-
-
-def roofline_table():
-    import sass
-    return sass.stored()
 
 
 @pytest.mark.parametrize("shape", [W, (32768, 151936, 4096), (3000, 151936, 2048), (32768, 32000, 896),

@@ -22,10 +22,10 @@ same pass, leaves a matrix whose row scaling is d loss / d logits, then the dX a
 picks triton on CUDA, torch elsewhere; triton on CPU tensors runs under ``TRITON_INTERPRET=1`` (tests).
 
 Memory: by default the triton backend's row blocks keep its workspace within 25% of dW's bytes
-(``fused_pact_head_launch.plan``: one block's logits; the rest parks in dX's unwritten rows); ``memory_lean=True`` recomputes the logits over vocabulary slabs
-instead (workspace within 5% of dW, 8NVH instead of 6NVH), and on the torch backend takes chunks of rows
-whose fp32 logits stay within 5% of dW. A frozen lm_head (``weight.requires_grad`` False) skips dW: no GEMM,
-no buffer.
+(``fused_pact_head_launch.plan``: one block's logits; the rest parks in dX's unwritten rows);
+``memory_lean=True`` recomputes the logits over vocabulary slabs instead (workspace within 5% of dW, 8NVH
+instead of 6NVH), and on the torch backend takes chunks of rows whose fp32 logits stay within 5% of dW. A
+frozen lm_head (``weight.requires_grad`` False) skips dW: no GEMM, no buffer.
 
 A model's logit transform is part of the contract, as in ``linear_logprobs``: ``logit_scale`` folds into the
 inverse temperature (the triton backend keeps its row-scaling fast path); ``softcap`` applies ``tanh`` to the
