@@ -669,7 +669,8 @@ PROBES = {
                                        dict(weight_grad=False)),
     "fused_pact_head fwd+bwd": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), {}),
     "fused_pact_head fwd+bwd frozen": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), dict(weight_grad=False)),
-    "fused_pact_head fwd+bwd lean": (_probe_head, ("fwd", "bwd"), True, ((1, 1), (2, 1)), dict(memory_lean=True)),
+    # (memory_lean's first-pass blocks keep their logits in dW's rows: at most H=16 rows each here)
+    "fused_pact_head fwd+bwd lean": (_probe_head, ("fwd", "bwd"), True, ((3, 1), (6, 1)), dict(memory_lean=True)),
     "tree_attention fwd+bwd": (_probe_attention, ("fwd", "bwd"), False, ((1, 1),), {}),
 }
 _MODELLED = ("torch.mm",)  # the formulas (kernel_costs) price these and every Triton kernel of the launchers
@@ -823,8 +824,9 @@ def _ideal_gemms(N, V, H, backward=True, weight_grad=True):
 
 def _head_family(table, shape, kwargs, stored):
     """The same for the Triton fused PACT head (bf16, no bias, no row over the shift limit): row blocks of
-    ``fused_pact_head_launch.plan`` (or, ``memory_lean``, linear_logprobs' blocking); the torch kernels of the op
-    called that way (frozen weight, lean), counted through it (``PROBES``)."""
+    ``fused_pact_head_launch.plan`` (or, ``memory_lean``, ``lean_plan``'s first pass; without dW, linear_logprobs'
+    blocking); the torch kernels of the op called that way (frozen weight, lean), counted through it
+    (``PROBES``)."""
     from pact_fast.kernels import fused_pact_head_launch as launch
     from pact_fast.kernels import linear_logprobs_launch
 
@@ -832,8 +834,11 @@ def _head_family(table, shape, kwargs, stored):
     weight_grad, lean = kwargs.get("weight_grad", True), kwargs.get("memory_lean", False)
     costs = launch.kernel_costs(N, V, H, torch.bfloat16, has_bias=False, **kwargs)
     launches = epilogue_launches(launch, table, N, V, H, torch.bfloat16, has_bias=False, **kwargs)
-    if lean:
+    if lean and not weight_grad:
         row_blocks = -(-N // (kwargs.get("blocking") or linear_logprobs_launch.plan(N, V, H)).rows)
+    elif lean:
+        row_blocks = len(launch.lean_plan(N, V, H, torch.bfloat16, kwargs.get("want_entropy", False),
+                                          rows_per_block=kwargs.get("rows_per_block")).head.blocks)
     else:
         row_blocks = len(launch.plan(N, V, H, torch.bfloat16, kwargs.get("want_entropy", False),
                                      weight_grad=weight_grad, rows_per_block=kwargs.get("rows_per_block"),

@@ -27,10 +27,16 @@ rows of logits (148 MiB against dW's 594 MiB, 25.0%).
 
 ``weight_grad=False`` (a frozen lm_head): no dW GEMM, no dW, no xs; the scaling kernel only scales dX.
 
-``memory_lean=True``: cut-cross-entropy style, ``linear_logprobs``' blocking (row blocks x vocabulary slabs,
-workspace within 5% of dW): its forward (GEMM + online-LSE epilogue per slab) for every row, the upstream
-gradients of all rows at once, then per slab the logits again (GEMM), ``linear_logprobs.bwd`` into d
-logits and the dX (and dW) GEMMs: 8NVH FLOPs (with a frozen weight 6NVH) for a workspace of R x S.
+``memory_lean=True`` with dW (``lean_plan``): the same row blocks, their workspace dW's last ``tail`` rows, which
+the blocks' dW GEMM leaves out (dW[:V - tail] only); then a second pass forms those rows: per slab of their
+vocabulary columns, per tile of rows, the logits again (GEMM), ``linear_logprobs.bwd`` into d logits in place (from
+lse [N] kept by the first pass and the upstream gradients of all rows) and the slab's dW GEMM, each tile's logits
+parked in dW's rows past its slab (unwritten: their slabs come later) or, where those run out, in a workspace.
+Extra memory: that workspace and lse, within ``LEAN_SHARE`` (5%) of dW; 6NVH + 2N tail H FLOPs. At W-logprob the
+tail is a quarter of the vocabulary. Without dW (a frozen weight, or the forward alone) there are no rows of dW
+to work in: cut-cross-entropy style, ``linear_logprobs``' blocking (row blocks x vocabulary slabs, workspace
+within 5% of dW): its forward (GEMM + online-LSE epilogue per slab), the upstream gradients of all rows, then per
+slab the logits again, ``linear_logprobs.bwd`` and dX's GEMM.
 
 ``kernel_costs(..., memory_lean, weight_grad)`` and ``extra_memory_bytes(..., memory_lean, weight_grad)`` model
 every variant; tests/test_roofline_fused_head.py holds them to what the interpreter executes.
@@ -191,9 +197,10 @@ def park_bytes(r, H, S, e, shift, weight_grad, backward=True):
     return offset + _nbytes(elements, kind, e)
 
 
-def _dx_room(N, H, e, end):
-    """Bytes of dX's rows [end, N) usable for parking: from the first PARK_ALIGN boundary on."""
-    return max(0, (N * H * e) // PARK_ALIGN * PARK_ALIGN - _aligned(end * H * e))
+def _room(n, H, e, end):
+    """Bytes of an [n, H] buffer's rows [end, n) (dX's, or memory_lean's dW) usable for parking: from the first
+    PARK_ALIGN boundary on."""
+    return max(0, (n * H * e) // PARK_ALIGN * PARK_ALIGN - _aligned(end * H * e))
 
 
 def _placed(N, V, H, e, shift, weight_grad, backward, blocks):
@@ -202,7 +209,7 @@ def _placed(N, V, H, e, shift, weight_grad, backward, blocks):
     placed, workspace = [], 0
     for r0, r, S in blocks:
         need = park_bytes(r, H, S, e, shift, weight_grad, backward)
-        in_dx = backward and need <= _dx_room(N, H, e, r0 + r)
+        in_dx = backward and need <= _room(N, H, e, r0 + r)
         placed.append(Block(r0, r, S, "dx" if in_dx else "workspace"))
         workspace = max(workspace, _aligned(r * V * e) + (0 if in_dx else need))
     return Plan(tuple(placed), workspace)
@@ -289,17 +296,18 @@ def plan(N, V, H, dtype, want_entropy=False, softcap=False, weight_grad=True, sm
                 backward)
 
 
-def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, multiple):
+def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, multiple, dw_rows=None):
     """``plan``'s shortest path: [(r0, r, S)] of least ``_block_work`` over N rows in blocks of multiples of
     ``multiple`` rows (and the rest of the rows last), each parking in dX's rows past it or past its logits within
-    ``budget``; None when no such blocks exist. One state per ``multiple`` rows left."""
+    ``budget``; None when no such blocks exist. One state per ``multiple`` rows left. ``dw_rows``: the rows of
+    dW the blocks' dW GEMM forms (default V; memory_lean's first pass, fewer)."""
     by_size = {}  # r -> [(parked bytes, least work of the splits parking at most that, S)], by parked bytes
 
     def choices(r):
         if r not in by_size:
             rows, least = [], None
             for parked, S in sorted((park_bytes(r, H, S, e, shift, weight_grad, backward), S) for S in options):
-                cost = round(_block_work(r, V, H, S, e, weight_grad, shift, sms, backward))  # exact sums: ties
+                cost = round(_block_work(r, V, H, S, e, weight_grad, shift, sms, backward, dw_rows))  # exact: ties
                 if least is None or cost < least[0]:
                     least = (cost, S)
                 rows.append((parked, *least))
@@ -315,7 +323,7 @@ def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, mult
         for r in sizes:
             if left - r not in best or _aligned(r * V * e) > budget:
                 continue
-            room = max(_dx_room(N, H, e, N - left + r) if backward else 0, budget - _aligned(r * V * e))
+            room = max(_room(N, H, e, N - left + r) if backward else 0, budget - _aligned(r * V * e))
             fitting = list(itertools.takewhile(lambda row: row[0] <= room, choices(r)))
             if fitting:
                 _, cost, S = fitting[-1]
@@ -333,15 +341,168 @@ def _search(N, V, H, e, shift, weight_grad, backward, sms, budget, options, mult
     return blocks
 
 
-def _block_work(r, V, H, S, e, weight_grad, shift, sms, backward=True):
+def _block_work(r, V, H, S, e, weight_grad, shift, sms, backward=True, dw_rows=None):
     """Planned cost (``registry.gemm_work``) of one row block: logits, the pass (one launch; its bytes are the
-    same for any blocking), dX split S ways, dW (accumulated); forward only the logits and the pass."""
+    same for any blocking), dX split S ways, dW's first ``dw_rows`` rows (default V; accumulated); forward only
+    the logits and the pass."""
     work = gemm_work(r, V, H, 0, e, sms) + LAUNCH_WORK
     if not backward:
         return work
     work += _dx_work(r, H, V, S, sms, e, shift)
-    return work + (gemm_work(V, H, r, V * H, e, sms) if weight_grad else 0)
+    dw_rows = V if dw_rows is None else dw_rows
+    return work + (gemm_work(dw_rows, H, r, dw_rows * H, e, sms) if weight_grad and dw_rows else 0)
 
+
+
+# memory_lean with dW (a trainable head's backward): no workspace of its own but for the end of the second pass
+LEAN_SHARE = 0.05  # memory_lean: extra memory within this share of dW's bytes
+MAX_SLAB = 16384  # the widest slab of vocabulary columns the second pass's search tries
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One recompute of memory_lean's second pass: rows [r0, r0 + r) x vocabulary columns [c0, c0 + s), the logits
+    parked in dW's rows past the slab (``"dw"``: unwritten, their slabs come later) or in the workspace."""
+
+    c0: int
+    s: int
+    r0: int
+    r: int
+    parked: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LeanPlan:
+    """memory_lean with dW: ``head``, the first pass's row blocks (a ``Plan`` whose workspace is dW's last ``tail``
+    rows, formed later); ``tiles``, the second pass over those ``tail`` vocabulary columns, slab by slab; and
+    ``workspace_bytes``, what the tiles that do not fit in dW's unwritten rows share."""
+
+    head: Plan
+    tail: int
+    tiles: tuple
+    workspace_bytes: int
+
+
+def lean_budget_bytes(V, H, dtype):
+    """memory_lean's extra memory at most: LEAN_SHARE of dW's bytes (V x H in the input dtype)."""
+    return int(LEAN_SHARE * V * H * dtype.itemsize)
+
+
+@functools.lru_cache(maxsize=64)
+def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS, rows_per_block=None):
+    """The two passes of ``run(memory_lean=True)`` with dW (``LeanPlan``).
+
+    First pass: the default mode's row blocks (logits, pass, dX, and dW of all but the last ``tail`` vocabulary
+    rows), with dW's last ``tail`` rows as their workspace: no block has formed them yet. Second pass: those
+    columns' logits again, slab by slab (``Tile``), each slab's logits parked in dW's rows past it, or where those
+    run out in a workspace within ``lean_budget_bytes`` (less the first pass's lse [N] fp32, kept for it), then d
+    logits in place (``linear_logprobs.bwd``) and the slab's dW. The tail trades the first pass's blocks (a
+    larger block needs more rows of dW) against the second pass's recompute: each candidate (the tail that
+    holds blocks of 128, 256, ... BLOCK_ROWS rows) is priced like ``plan`` prices blocks (``_block_work`` and
+    ``_slab_work``) and the least taken. At W-logprob (V = 151,936, H = 2048, bf16): the default's blocks (512
+    rows), a tail of 38,016 rows, and 50 tiles, the last in a workspace of 4.98% of dW. ``rows_per_block``:
+    first-pass blocks of that many rows (``dx_splits`` each), the tail the fewest rows that hold them; refused
+    where dW cannot hold them (more than about H rows)."""
+    e = dtype.itemsize
+    shift = shift_mode(dtype, want_entropy, softcap)
+    if N == 0:
+        return LeanPlan(Plan((), 0), 0, (), 0)
+    budget = max(0, lean_budget_bytes(V, H, dtype) - 4 * N)
+    heads = {}
+    if rows_per_block:
+        head = _uniform_head(N, V, H, e, shift, sms, min(rows_per_block, N))
+        if head.workspace_bytes > _room(V, H, e, 0):
+            fits = [r for r in range(min(rows_per_block, N) - 1, 0, -1)
+                    if _uniform_head(N, V, H, e, shift, sms, r).workspace_bytes <= _room(V, H, e, 0)]
+            raise ValueError(f"fused_pact_head: memory_lean keeps a first-pass block's logits in dW's rows: blocks "
+                             f"of {rows_per_block} rows (chunk_rows) need {head.workspace_bytes} bytes, more than "
+                             f"dW's {V * H * e}; take at most {fits[0] if fits else 0} rows or leave it unset")
+        heads[_tail_rows(head.workspace_bytes, V, H, e)] = head
+    else:
+        for T in sorted({_tail_rows(_aligned(min(r, N) * V * e) + PARK_ALIGN, V, H, e)
+                         for r in range(ROW_MULTIPLE, BLOCK_ROWS + ROW_MULTIPLE, ROW_MULTIPLE)}):
+            heads[T] = _lean_head(N, V, H, e, shift, sms, T)
+    for room in (budget, _aligned(N * min(V, lean.SLAB_MULTIPLE) * e)):  # the second: where the budget holds no slab
+        slabs = _slab_search(N, V, H, e, room, sms, max(heads))
+        costs = {T: sum(_block_work(b.r, V, H, b.splits, e, True, shift, sms, True, V - T) for b in head.blocks) +
+                 slabs[T][0] for T, head in heads.items() if head and T in slabs}
+        if costs:
+            break
+    T = min(costs, key=lambda t: (costs[t], t))
+    tiles, left = [], T
+    while left:
+        s, R, parked = slabs[left][1]
+        c0 = V - left
+        tiles += [Tile(c0, s, r0, min(R, N - r0), parked) for r0 in range(0, N, R)]
+        left -= s
+    workspace = max((_aligned(t.r * t.s * e) for t in tiles if t.parked == "workspace"), default=0)
+    return LeanPlan(heads[T], T, tuple(tiles), workspace)
+
+
+def _tail_rows(nbytes, V, H, e):
+    """The fewest rows of dW, a multiple of ``lean.SLAB_MULTIPLE`` (or V), whose room (``_room``) holds
+    ``nbytes``."""
+    rows = min(V, -(-nbytes // (H * e * lean.SLAB_MULTIPLE)) * lean.SLAB_MULTIPLE)
+    while rows < V and _room(V, H, e, V - rows) < nbytes:
+        rows = min(V, rows + lean.SLAB_MULTIPLE)
+    return rows
+
+
+def _uniform_head(N, V, H, e, shift, sms, R):
+    """memory_lean's first-pass ``Plan`` of blocks of R rows (``dx_splits`` each)."""
+    S = dx_splits(R, H, V, sms, e, None, shift, N)
+    return _placed(N, V, H, e, shift, True, True, [(r0, min(R, N - r0), S) for r0 in range(0, N, R)])
+
+
+def _lean_head(N, V, H, e, shift, sms, T):
+    """memory_lean's first-pass ``Plan`` with dW's last T rows as its workspace (``_search``, as ``plan``), or
+    None where no blocks fit them."""
+    most = max(1, min(MAX_DX_SPLITS, V // MIN_SPLIT_K))
+    for multiple in (ROW_MULTIPLE, FINE_MULTIPLE, 1):
+        blocks = _search(N, V, H, e, shift, True, True, sms, _room(V, H, e, V - T), list(range(1, most + 1)),
+                         multiple, V - T)
+        if blocks:
+            return _placed(N, V, H, e, shift, True, True, blocks)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _slab_search(N, V, H, e, budget, sms, most):
+    """memory_lean's second pass as a shortest path over the vocabulary columns left (the last ``most`` at most,
+    in multiples of ``lean.SLAB_MULTIPLE``, and V): {columns left: (least ``_slab_work`` over them, their first
+    slab (s, R, parked))}. A slab of s columns takes up to MAX_SLAB, its tiles of R rows parked in dW's rows past
+    it or, where those hold less than ``budget`` bytes, in the workspace."""
+    step = lean.SLAB_MULTIPLE
+    best = {0: (0, None)}
+    for left in list(range(step, most + 1, step)) + ([V] if most == V and V % step else []):
+        keys = []
+        for s in range(left % step or step, min(left, MAX_SLAB) + 1, step):
+            option = _slab_work(N, V, H, e, budget, sms, V - left, s) if left - s in best else None
+            if option:
+                keys.append((option[0] + best[left - s][0], -s, option[1], option[2]))
+        if keys:
+            cost, s, R, parked = min(keys)
+            best[left] = (cost, (-s, R, parked))
+    return best
+
+
+def _slab_work(N, V, H, e, budget, sms, c0, s):
+    """(planned cost, R, parked) of memory_lean's second pass over columns [c0, c0 + s): tiles of R rows (as
+    many as the room holds, balanced, whole tile rows where they fit) parked in dW's rows past the slab or,
+    where those hold less than ``budget`` bytes, in the workspace; each tile a logits GEMM, the gradient
+    epilogue (its launch; its bytes are the same for any tiling) and the slab's dW GEMM (accumulated after the
+    first tile). None where not one row fits."""
+    room = _room(V, H, e, c0 + s)
+    parked, space = ("dw", room) if room >= budget else ("workspace", budget)
+    most = space // (s * e)
+    if most == 0:
+        return None
+    R = -(-N // -(-N // most))
+    if R >= ROW_MULTIPLE:
+        R = min(most, -(-R // ROW_MULTIPLE) * ROW_MULTIPLE)
+    cost = sum(n * (gemm_work(r, s, H, 0, e, sms) + LAUNCH_WORK + gemm_work(s, H, r, s * H, e, sms))
+               for r, n in block_sizes(N, R))
+    return cost, R, parked
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
         configs=None, weight_grad=True, memory_lean=False, blocking=None, splits=None):
@@ -350,30 +511,43 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
 
     ``grads(lo, hi, logp, ent) -> (g_logp [hi-lo], g_ent [hi-lo] | None)`` upstream gradients (any float dtype)
     of rows [lo, hi), called once per block after that block's log-probs are in ``logp [N]`` (and entropies in
-    ``ent [N]``); ``grads=None``: forward only. ``weight_grad=False``: no dW (returned None). ``memory_lean``:
-    recompute over ``blocking`` (default ``linear_logprobs_launch.plan``, its rows replaced by
-    ``rows_per_block`` when given), ``grads`` called once for all rows.
+    ``ent [N]``); ``grads=None``: forward only. ``weight_grad=False``: no dW (returned None). ``memory_lean``
+    with dW: the two passes of ``lean_plan`` (first-pass blocks of ``rows_per_block`` rows when given), ``grads``
+    called once more for all rows before the second; without dW (frozen weight, or forward only): the recompute
+    over ``blocking`` (default ``linear_logprobs_launch.plan``, its rows replaced by ``rows_per_block`` when
+    given), ``grads`` called once for all rows.
 
     Returns ``(logp [N], ent [N], dx [N, H], dw [V, H] | None, db [V] | None)``: fp32 log-probs and entropies (NaN
-    without want_entropy, but in memory_lean);
-    gradients in the input dtype except db (fp32 in ordinary and lean mode); dx, dw, db None without
-    ``grads``. ``splits``: vocabulary splits of each block's dX GEMM (default ``dx_splits`` for the device)."""
-    if memory_lean:
-        if splits is not None:
-            raise ValueError("fused_pact_head: splits applies to the default mode's dX GEMM; memory_lean forms dX "
-                             "slab by slab (no split)")
-        if blocking is None:
-            planned = lean.plan(x.shape[0], w.shape[0], x.shape[1], device_sms(x.device), x.element_size())
-            blocking = lean.Blocking(min(rows_per_block, x.shape[0]), planned.slab) if rows_per_block else planned
-        return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, configs or _configs(), weight_grad,
-                         blocking)
+    without want_entropy, but in memory_lean without dW); gradients in the input dtype except db (fp32 in ordinary
+    mode and in memory_lean without dW); dx, dw, db None without ``grads``. ``splits``: vocabulary splits of each
+    block's dX GEMM (default ``dx_splits`` for the device; not with memory_lean)."""
     N, H = x.shape
     V = w.shape[0]
     cfgs = configs or _configs()
+    if memory_lean:
+        if splits is not None:
+            raise ValueError("fused_pact_head: splits applies to the default mode's row blocks; memory_lean plans "
+                             "its own")
+        if grads is None or not weight_grad:  # no dW to work in: the recompute over a bounded workspace
+            if blocking is None:
+                planned = lean.plan(N, V, H, device_sms(x.device), x.element_size())
+                blocking = lean.Blocking(min(rows_per_block, N), planned.slab) if rows_per_block else planned
+            return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, blocking)
+        if blocking is not None:
+            raise ValueError("fused_pact_head: blocking applies to memory_lean without dW (a frozen weight, or the "
+                             "forward alone); with dW it plans its own passes (lean_plan)")
+        if w.dtype != x.dtype:
+            raise TypeError("fused_pact_head: memory_lean keeps logits in dW's rows: x and w must share one dtype")
+    elif blocking is not None:
+        raise ValueError("fused_pact_head: blocking applies to memory_lean; the default mode takes rows_per_block")
     sms = device_sms(x.device)
     shift = grads is not None and shift_mode(x.dtype, want_entropy, softcap=cap is not None)
-    blocks = plan(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms, rows_per_block, splits,
-                  backward=grads is not None)
+    if memory_lean:
+        lean_blocks = lean_plan(N, V, H, x.dtype, want_entropy, cap is not None, sms, rows_per_block)
+        blocks, dw_rows = lean_blocks.head, V - lean_blocks.tail
+    else:
+        blocks, dw_rows = plan(N, V, H, x.dtype, want_entropy, cap is not None, weight_grad, sms, rows_per_block,
+                               splits, backward=grads is not None), V
     R = max((blk.r for blk in blocks.blocks), default=0)
     if grads is not None and not shift and R * V >= 2 ** 31:
         raise ValueError(f"fused_pact_head: rows_per_block={R} x V={V} logits overflow the int32 offsets of "
@@ -382,18 +556,26 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     dx = dw = db = None
     if grads is not None:  # dW and db are written by the first row block: zeros when there is none
         dx = torch.empty((N, H), device=x.device, dtype=x.dtype)  # contiguous: blocks park in its rows
-        dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if weight_grad else None
+        if weight_grad:  # contiguous: memory_lean works in its rows
+            dw = torch.empty((V, H), device=x.device, dtype=w.dtype) if N else torch.zeros((V, H), device=x.device,
+                                                                                            dtype=w.dtype)
         if b is not None:
             db = torch.zeros((V, 1), device=x.device, dtype=x.dtype) if shift else \
                 torch.zeros(V, device=x.device, dtype=torch.float32)
-    # the largest block's logits, and what the blocks that cannot park in dX's rows park past them
-    workspace = torch.empty(blocks.workspace_bytes, device=x.device, dtype=torch.uint8)
+    if memory_lean:  # dW's last rows, which the second pass forms, and lse [N] kept for it
+        workspace = dw.view(-1).view(torch.uint8)[_aligned(dw_rows * H * x.element_size()):]
+        lse = torch.empty(N, device=x.device, dtype=torch.float32)
+    else:  # the largest block's logits, and what the blocks that cannot park in dX's rows park past them
+        workspace = torch.empty(blocks.workspace_bytes, device=x.device, dtype=torch.uint8)
+        lse = None
     pcfg, scfg = cfgs["pass"], cfgs["scale"]
     for blk in blocks.blocks:
         r0, r, S = blk.r0, blk.r, blk.splits
         rows = slice(r0, r0 + r)
         z = workspace[:r * V * x.element_size()].view(x.dtype).view(r, V)
         own = _parked(blk, workspace, dx, V, H, x.dtype, shift, weight_grad, grads is not None)
+        if lse is not None:
+            own["lse"] = lse[rows]
         if b is None:
             torch.mm(x[rows], w.t(), out=z)
         else:
@@ -417,13 +599,35 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
                 dx[rows], src, x[rows], xs if xs is not None else dx[rows], beta if shift else dx[rows],
                 g_logp, own["s"], r, H, S, r * H, inv_temp, SCALE=shift, WRITE_XS=shift and weight_grad,
                 **scfg.blocks, num_warps=scfg.num_warps, num_stages=scfg.num_stages)
-        if dw is not None:
-            _accumulate(dw, z.t(), xs if shift else x[rows], first)
+        if dw is not None and dw_rows:
+            _accumulate(dw[:dw_rows], z[:, :dw_rows].t(), xs if shift else x[rows], first)
         if db is not None and shift:  # (ordinary mode: slab_grad's atomics)
             _accumulate(db, z.t(), beta, first)
+    if memory_lean and N:
+        _lean_tail(x, w, b, targets, inv_temp, grads, logp, ent, lse, dw, lean_blocks, cap, cfgs)
     if db is not None and shift:
         db = db.view(V)
     return logp, ent, dx, dw, db
+
+
+def _lean_tail(x, w, b, targets, inv_temp, grads, logp, ent, lse, dw, lean_blocks, cap, cfgs):
+    """memory_lean's second pass (``LeanPlan.tiles``): dW's last ``tail`` rows from the logits again, tile by tile,
+    each parked in dW's rows past its slab or in the workspace; d logits in place by ``linear_logprobs.bwd`` from
+    lse and the upstream gradients of all rows (the first pass formed db and dX whole)."""
+    H, e = x.shape[1], x.element_size()
+    g_logp, g_ent = grads(0, x.shape[0], logp, ent)
+    g_logp = g_logp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    rows_of_dw = dw.view(-1).view(torch.uint8)
+    workspace = torch.empty(lean_blocks.workspace_bytes, device=x.device, dtype=torch.uint8)
+    for t in lean_blocks.tiles:
+        rows, cols = slice(t.r0, t.r0 + t.r), slice(t.c0, t.c0 + t.s)
+        flat = rows_of_dw[_aligned((t.c0 + t.s) * H * e):] if t.parked == "dw" else workspace
+        z = flat[:t.r * t.s * e].view(x.dtype).view(t.r, t.s)
+        lean.slab_logits(x[rows], w, b, t.c0, z)
+        slab_grad(z, t.c0, targets[rows], lse[rows], ent[rows], g_logp[rows],
+                  g_ent[rows] if g_ent is not None else None, None, inv_temp, cfgs["grad"], cap)
+        _accumulate(dw[cols], z.t(), x[rows], t.r0 == 0)
 
 
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
@@ -462,21 +666,20 @@ def row_grads(logp, base=None, po=None, tc=None, *, clip_eps_low=0.2, clip_eps_h
     return out
 
 
-def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, weight_grad, blocking):
-    """memory_lean: linear_logprobs' forward over row blocks x vocabulary slabs, the upstream gradients of every
-    row, then per (block, slab) the logits again, d logits in place, dX (+)= dz @ w[cols], dW[cols] (+)= dz.T @
-    x[rows] (rounded once per vocabulary slab / row block, as in linear_logprobs)."""
-    N, H = x.shape
+def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, blocking):
+    """memory_lean without dW (a frozen weight, or the forward alone): linear_logprobs' forward over row blocks x
+    vocabulary slabs, the upstream gradients of every row, then per (block, slab) the logits again, d logits in
+    place and dX (+)= dz @ w[cols] (rounded once per vocabulary slab, as in linear_logprobs)."""
+    N = x.shape[0]
     V = w.shape[0]
     logp, lse, ent = lean.forward(x, w, b, targets, inv_temp, configs={"fwd": cfgs["lean_fwd"]}, blocking=blocking,
                                   cap=cap)
     if grads is None:
         return logp, ent, None, None, None
     dx = torch.zeros_like(x) if N == 0 else torch.empty_like(x)
-    dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if weight_grad else None
     db = torch.zeros(V, device=x.device, dtype=torch.float32) if b is not None else None
     if N == 0:
-        return logp, ent, dx, dw, db
+        return logp, ent, dx, None, db
     g_logp, g_ent = grads(0, N, logp, ent)
     g_logp = g_logp.float().contiguous()
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
@@ -489,9 +692,7 @@ def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, weight
                   g_ent[rows] if g_ent is not None else None, db[cols] if db is not None else None, inv_temp,
                   cfgs["grad"], cap)
         _accumulate(dx[rows], z, w[cols], v0 == 0)
-        if dw is not None:
-            _accumulate(dw[cols], z.t(), x[rows], r0 == 0)
-    return logp, ent, dx, dw, db
+    return logp, ent, dx, None, db
 
 
 def _accumulate(out, a, b, first):
@@ -512,19 +713,24 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     the pass re-shifts in its second loop (their max logit over ``limit`` above the target's; data-dependent,
     0 by default); ``backward=False``: forward only (``grads=None``); ``softcap``: ``run`` with a cap (ordinary
     mode; the cap itself moves no byte); ``weight_grad=False``: a frozen weight (no dW GEMM, no xs; two GEMMs
-    per block instead of three); ``memory_lean``: the recompute over ``blocking`` (default
-    ``linear_logprobs_launch.plan``), 8NVH FLOPs with dW. ``configs`` / ``rows_per_block`` / ``splits`` default to
+    per block instead of three); ``memory_lean``: with dW, ``lean_plan``'s two passes (6NVH + 2N tail H FLOPs);
+    without, the recompute over ``blocking`` (default ``linear_logprobs_launch.plan``, 6NVH). ``configs`` /
+    ``rows_per_block`` / ``splits`` default to
     what ``run`` uses on a GPU of DEFAULT_SMS SMs. dX's GEMM split S ways is one batched GEMM of S [r, H] outputs
     (``gemm_cost``'s ``batch``), plus one for the columns past the splits, and the scaling kernel reads the S
     partial products."""
     cfgs = configs or GPU_CONFIGS
-    if memory_lean:
+    if memory_lean and not (backward and weight_grad and N):
         lean_cfgs = {"fwd": cfgs["lean_fwd"], "bwd": cfgs["grad"]}
-        costs = lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
-                                  passes=("fwd", "bwd") if backward and N else ("fwd",))
-        return [c for c in costs if weight_grad or c.kernel != "torch.mm[dw]"]
-    blocks = plan(N, V, H, dtype, want_entropy, softcap, weight_grad, rows_per_block=rows_per_block, splits=splits,
-                  backward=backward).blocks
+        return lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
+                                 passes=("fwd", "bwd") if backward and N else ("fwd",), weight_grad=False)
+    if memory_lean:
+        lean_blocks = lean_plan(N, V, H, dtype, want_entropy, softcap, rows_per_block=rows_per_block)
+        blocks, dw_rows = lean_blocks.head.blocks, V - lean_blocks.tail
+    else:
+        blocks = plan(N, V, H, dtype, want_entropy, softcap, weight_grad, rows_per_block=rows_per_block,
+                      splits=splits, backward=backward).blocks
+        dw_rows = V
     bad_rows = bad_rows or [0] * len(blocks)
     if len(bad_rows) != len(blocks):
         raise ValueError(f"kernel_costs: bad_rows has {len(bad_rows)} entries for {len(blocks)} row blocks")
@@ -563,10 +769,16 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
                                     8 * r * h_tiles + r * e + (S + 1 + (2 if weight_grad else 0)) * r * H * e))
         elif S > 1:  # the partial products summed into dx
             costs.append(KernelCost("fused_pact_head.scale", 0, (S + 1) * r * H * e))
-        if weight_grad:
-            gemm("dw", V, H, r, acc * V * H)
+        if weight_grad and dw_rows:
+            gemm("dw", dw_rows, H, r, acc * dw_rows * H)
         if has_bias and shift:
             gemm("db", V, 1, r, acc * V)
+    if memory_lean:  # the second pass: per tile the logits, d logits in place, the slab's dW
+        for t in lean_blocks.tiles:
+            gemm("logits", t.r, t.s, H, t.s if has_bias else 0)
+            row_bytes = (8 + 4 + 4 + (8 if want_entropy else 0)) * t.r  # targets, lse, g_logp (+ entropy, g_ent)
+            costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * t.r * t.s * e))
+            gemm("dw", t.s, H, t.r, 0 if t.r0 == 0 else t.s * H)
     return costs
 
 
@@ -575,8 +787,11 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
     """Bytes ``run`` allocates beyond its outputs (log-probs, entropies, dX, dW, db): the workspace of its
     ``plan`` (the largest block's logits [r, V] and what the blocks that cannot park in dX's rows park past
     them: fp32 lse and s [r], dX's partial products [S, r, H] when split and, in shift mode, beta [r] and xs
-    [r, H] in the input dtype). memory_lean: the workspace [R, S] of ``blocking`` and fp32 lse [N] and the
-    forward's state [4, R]."""
+    [r, H] in the input dtype). memory_lean with dW: ``lean_plan``'s workspace (the second pass's tiles that do
+    not fit in dW's unwritten rows) and fp32 lse [N]; without dW: the workspace [R, S] of ``blocking``, fp32 lse
+    [N] and the forward's state [4, R]."""
+    if memory_lean and backward and weight_grad and N:
+        return lean_plan(N, V, H, dtype, want_entropy, softcap, sms, rows_per_block).workspace_bytes + 4 * N
     if memory_lean:
         e = dtype.itemsize
         blocking = blocking or lean.plan(N, V, H, sms, e)

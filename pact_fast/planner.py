@@ -101,7 +101,7 @@ The terms:
   one vocabulary slab of the lm_head, S = ``linear_logprobs.upcast_slab_cols`` (logits never rounded to bf16,
   no [V, H] fp32 copy of the head). On CUDA (triton backend)
   ``kernels.fused_pact_head_launch.extra_memory_bytes`` (its default ``plan``: workspace
-  within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: within 5%) or
+  within 25% of dW's bytes, the dW-sized share also for a frozen head; ``memory_lean``: ``lean_plan``, within 5%) or
   ``kernels.linear_logprobs_launch.extra_memory_bytes`` (``train.fused_head`` false), in the rows' dtype (fp32,
   bf16 on a bf16 base).
 - rollout phase (``predict_rollout``; only when a rollout is planned, it runs before the step's backward

@@ -23,8 +23,9 @@ picks triton on CUDA, torch elsewhere; triton on CPU tensors runs under ``TRITON
 
 Memory: by default the triton backend's row blocks keep its workspace within 25% of dW's bytes
 (``fused_pact_head_launch.plan``: one block's logits; the rest parks in dX's unwritten rows);
-``memory_lean=True`` recomputes the logits over vocabulary slabs instead (workspace within 5% of dW, 8NVH
-instead of 6NVH), and on the torch backend takes chunks of rows whose fp32 logits stay within 5% of dW. A
+``memory_lean=True`` keeps the blocks' logits in dW's own unwritten rows and recomputes those rows' vocabulary
+columns in a second pass (extra memory within 5% of dW; ``fused_pact_head_launch.lean_plan``), and on the torch
+backend takes chunks of rows whose fp32 logits stay within 5% of dW. A
 frozen lm_head (``weight.requires_grad`` False) skips dW: no GEMM, no buffer.
 
 A model's logit transform is part of the contract, as in ``linear_logprobs``: ``logit_scale`` folds into the
@@ -261,9 +262,11 @@ def fused_pact_head(hidden, weight, targets, rows, batch, config=None, progress=
             64 MiB, at least 256 rows; triton, ``fused_pact_head_launch.plan``'s blocks (workspace within 25% of
             dW's bytes; a named chunk_rows gives uniform blocks).
         memory_lean: False (default): one pass, a workspace of a row block's logits over the whole vocabulary.
-            True: triton recomputes the logits over vocabulary slabs (``linear_logprobs``' blocking, workspace
-            within 5% of dW, 8NVH FLOPs instead of 6NVH); torch takes chunks whose two [C, V] buffers stay within
-            5% of dW.
+            True: triton keeps the row blocks' logits in dW's last rows and forms those rows in a second pass that
+            recomputes their vocabulary columns (``fused_pact_head_launch.lean_plan``: extra memory within 5% of
+            dW; a named chunk_rows must fit in dW's rows, at most about H); with a frozen weight, the logits
+            recomputed over vocabulary slabs (``linear_logprobs``' blocking, 6NVH FLOPs instead of 4NVH); torch
+            takes chunks whose two [C, V] buffers stay within 5% of dW.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere and for float64), ``"torch"`` or ``"triton"``.
 
     Returns:
