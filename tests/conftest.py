@@ -48,3 +48,26 @@ def smollm2_dir():
         return fetch_model("smollm2-135m", log=None)
     except ModelError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture
+def small_lean_plans(monkeypatch):
+    """``set_up(share)``: memory_lean's plans at shapes the interpreter runs: second-pass slabs of multiples of 16
+    vocabulary columns, at most 48 wide, first-pass blocks of multiples of 4 rows (at most 8), a budget of
+    ``share`` of dW. The plans' caches are cleared before and after."""
+    from pact_fast.kernels import fused_pact_head_launch as launch
+    from pact_fast.kernels import linear_logprobs_launch
+
+    cached = (launch.lean_plan, launch._slab_search)  # (a test may wrap lean_plan in its own monkeypatch)
+
+    def set_up(share=0.05):
+        monkeypatch.setattr(linear_logprobs_launch, "SLAB_MULTIPLE", 16)
+        monkeypatch.setattr(launch, "MAX_SLAB", 48)
+        monkeypatch.setattr(launch, "ROW_MULTIPLE", 4)
+        monkeypatch.setattr(launch, "BLOCK_ROWS", 8)
+        monkeypatch.setattr(launch, "LEAN_SHARE", share)
+        for fn in cached:
+            fn.cache_clear()
+    yield set_up
+    for fn in cached:
+        fn.cache_clear()

@@ -59,23 +59,6 @@ def _check_lean(N, V, H, dtype, lp, want_entropy=False, softcap=False):
                 assert t.parked == "workspace" and _aligned(nbytes) <= lp.workspace_bytes
 
 
-@pytest.fixture
-def small(monkeypatch):
-    """Slabs of multiples of 16 columns, at most 48 wide, first-pass blocks of multiples of 4 rows (at most 8), and
-    a budget of ``share`` of dW: several slabs and tiles at a shape the interpreter runs."""
-    def set_up(share):
-        monkeypatch.setattr(lean, "SLAB_MULTIPLE", 16)
-        monkeypatch.setattr(launch, "MAX_SLAB", 48)
-        monkeypatch.setattr(launch, "ROW_MULTIPLE", 4)
-        monkeypatch.setattr(launch, "BLOCK_ROWS", 8)
-        monkeypatch.setattr(launch, "LEAN_SHARE", share)
-        launch.lean_plan.cache_clear()
-        launch._slab_search.cache_clear()
-    yield set_up
-    launch.lean_plan.cache_clear()
-    launch._slab_search.cache_clear()
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,want_entropy", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False),
                                                 (torch.float16, False)], ids=["bf16", "bf16-ent", "fp32", "fp16"])
@@ -109,11 +92,11 @@ CASES = [(torch.float32, False, True, None), (torch.bfloat16, False, False, None
 @pytest.mark.parametrize("dtype,want_entropy,bias,cap", CASES,
                          ids=["fp32-shift-bias", "bf16-shift", "fp32-ordinary-bias", "fp16-ordinary-bias",
                               "fp32-softcap"])
-def test_lean_with_tiles_in_dw_and_in_the_workspace_equals_float64(dtype, want_entropy, bias, cap, small):
+def test_lean_with_tiles_in_dw_and_in_the_workspace_equals_float64(dtype, want_entropy, bias, cap, small_lean_plans):
     """40 rows, V = 300, H = 16: first-pass blocks of 4 rows keep their logits in dW's last rows; the second pass's
     slabs park in dW's rows past them, the last ones in the workspace in several row tiles. Log-probs, dX, dW (row
     by row: no tile overwrote a formed row) and db are float64's."""
-    small(0.03)
+    small_lean_plans(0.03)
     N, V, H = 40, 300, 16
     lp = launch.lean_plan(N, V, H, dtype, want_entropy, cap is not None, rows_per_block=4)
     _check_lean(N, V, H, dtype, lp, want_entropy, cap is not None)
@@ -160,8 +143,8 @@ def test_lean_with_its_own_plan_equals_float64_and_the_default():
 @pytest.mark.parametrize("dtype,want_entropy,bias", [(torch.float32, False, True), (torch.float16, False, True),
                                                      (torch.bfloat16, True, False)],
                          ids=["fp32-shift-bias", "fp16-ordinary-bias", "bf16-ordinary"])
-def test_what_lean_allocates_beyond_its_outputs_is_extra_memory_bytes(dtype, want_entropy, bias, small):
-    small(0.03)
+def test_what_lean_allocates_beyond_its_outputs_is_extra_memory_bytes(dtype, want_entropy, bias, small_lean_plans):
+    small_lean_plans(0.03)
     N, V, H = 40, 300, 16
     x, w, b, t, g_logp, g_ent = _problem(N, V, H, dtype, 5, bias)
     g_ent = g_ent.float()

@@ -173,11 +173,14 @@ def test_memory_lean_equals_the_unfused_path_in_float64(cfg, progress, opts):
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cfg,progress,opts", [CASES[0], CASES[2], CASES[8], CASES[9]])
-def test_triton_memory_lean_over_several_slabs_equals_float64(cfg, progress, opts, dtype, monkeypatch):
-    """Row blocks of 7 x vocabulary slabs of 16 (V=37: three slabs, the last ragged)."""
-    from pact_fast.kernels import linear_logprobs_launch as lean
-
-    monkeypatch.setattr(lean, "plan", lambda N, V, H, *device: lean.Blocking(7, 16))
+def test_triton_memory_lean_over_several_slabs_equals_float64(cfg, progress, opts, dtype, small_lean_plans,
+                                                             monkeypatch):
+    """First-pass blocks of 4-8 rows keep their logits in dW's last 16 rows; the second pass forms those in slabs
+    (V=37, H=11), through the op as a trainer calls it."""
+    small_lean_plans()
+    plans = []
+    planned = launch.lean_plan
+    monkeypatch.setattr(launch, "lean_plan", lambda *a, **k: plans.append(planned(*a, **k)) or plans[-1])
     config = PACTLossConfig(**cfg)
     transform = _transform(opts)
     hidden, weight, bias, targets, rows, batch = _problem(1, dtype=dtype, weight_scale=opts.get("weight_scale", 1.0),
@@ -195,6 +198,7 @@ def test_triton_memory_lean_over_several_slabs_equals_float64(cfg, progress, opt
     # more (z * log2 e, error ~|z| eps rather than ~|z - max| eps): 2.03e-5 at the large-logits case's |z| ~ 300,
     # where the fp32 logits themselves already carry ~|z| eps = 1.8e-5
     tol = {torch.float32: 4e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    assert len(plans) == 1 and 0 < plans[0].tail < weight.shape[0] and len(plans[0].tiles) > 1
     assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
     for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype and rel_err(got, want) < tol
