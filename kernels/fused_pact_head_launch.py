@@ -357,6 +357,8 @@ def _block_work(r, V, H, S, e, weight_grad, shift, sms, backward=True, dw_rows=N
 # memory_lean with dW (a trainable head's backward): no workspace of its own but for the end of the second pass
 LEAN_SHARE = 0.05  # memory_lean: extra memory within this share of dW's bytes
 MAX_SLAB = 16384  # the widest slab of vocabulary columns the second pass's search tries
+LEAN_CANDIDATES = 5  # tails whose first pass the plan's search fills, of those uniform blocks price best
+LEAN_STATES = 300  # the second pass's search: about this many states at most (its slab step grows with V)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,8 +401,9 @@ def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS
     logits in place (``linear_logprobs.bwd``) and the slab's dW. The tail trades the first pass's blocks (a
     larger block needs more rows of dW) against the second pass's recompute: each candidate (the tail that
     holds blocks of 128, 256, ... BLOCK_ROWS rows) is priced like ``plan`` prices blocks (``_block_work`` and
-    ``_slab_work``) and the least taken. At W-logprob (V = 151,936, H = 2048, bf16): the default's blocks (512
-    rows), a tail of 38,016 rows, and 50 tiles, the last in a workspace of 4.98% of dW. ``rows_per_block``:
+    ``_slab_work``; the best LEAN_CANDIDATES by uniform blocks are filled by ``plan``'s search) and the least
+    taken. At W-logprob (V = 151,936, H = 2048, bf16): the default's blocks (512 rows), a tail of 38,400 rows, and
+    49 tiles, the last in a workspace of 4.98% of dW. ``rows_per_block``:
     first-pass blocks of that many rows (``dx_splits`` each), the tail the fewest rows that hold them; refused
     where dW cannot hold them (more than about H rows)."""
     e = dtype.itemsize
@@ -418,17 +421,25 @@ def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS
                              f"of {rows_per_block} rows (chunk_rows) need {head.workspace_bytes} bytes, more than "
                              f"dW's {V * H * e}; take at most {fits[0] if fits else 0} rows or leave it unset")
         heads[_tail_rows(head.workspace_bytes, V, H, e)] = head
-    else:
-        for T in sorted({_tail_rows(_aligned(min(r, N) * V * e) + PARK_ALIGN, V, H, e)
-                         for r in range(ROW_MULTIPLE, BLOCK_ROWS + ROW_MULTIPLE, ROW_MULTIPLE)}):
-            heads[T] = _lean_head(N, V, H, e, shift, sms, T)
-    for room in (budget, _aligned(N * min(V, lean.SLAB_MULTIPLE) * e)):  # the second: where the budget holds no slab
+    else:  # each candidate tail priced with uniform blocks of its rows; the plan's search then fills the best one
+        for r in range(ROW_MULTIPLE, BLOCK_ROWS + ROW_MULTIPLE, ROW_MULTIPLE):
+            heads.setdefault(_tail_rows(_aligned(min(r, N) * V * e) + PARK_ALIGN, V, H, e), min(r, N))
+    for room in (budget, _aligned(N * min(V, _slab_step(V)) * e)):  # the second: where the budget holds no slab
         slabs = _slab_search(N, V, H, e, room, sms, max(heads))
-        costs = {T: sum(_block_work(b.r, V, H, b.splits, e, True, shift, sms, True, V - T) for b in head.blocks) +
-                 slabs[T][0] for T, head in heads.items() if head and T in slabs}
+        costs = {T: _head_work(N, V, H, e, shift, sms, T, head) + slabs[T][0] for T, head in heads.items()
+                 if T in slabs}
         if costs:
             break
-    T = min(costs, key=lambda t: (costs[t], t))
+    # the best few candidates filled by the plan's search (uniform blocks price a tail's head only roughly)
+    filled = {}
+    for T in sorted(costs, key=lambda t: (costs[t], t)):
+        head = heads[T] if isinstance(heads[T], Plan) else _lean_head(N, V, H, e, shift, sms, T)
+        if head is not None:
+            filled[T] = (_head_work(N, V, H, e, shift, sms, T, head) + slabs[T][0], head)
+        if len(filled) == LEAN_CANDIDATES:
+            break
+    T = min(filled, key=lambda t: (filled[t][0], t))
+    head = filled[T][1]
     tiles, left = [], T
     while left:
         s, R, parked = slabs[left][1]
@@ -436,15 +447,33 @@ def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS
         tiles += [Tile(c0, s, r0, min(R, N - r0), parked) for r0 in range(0, N, R)]
         left -= s
     workspace = max((_aligned(t.r * t.s * e) for t in tiles if t.parked == "workspace"), default=0)
-    return LeanPlan(heads[T], T, tuple(tiles), workspace)
+    return LeanPlan(head, T, tuple(tiles), workspace)
+
+
+def _head_work(N, V, H, e, shift, sms, T, head):
+    """Planned cost of memory_lean's first pass with a tail of T rows: ``head``'s blocks (a ``Plan``), or uniform
+    blocks of ``head`` rows (an int: a candidate, before ``_lean_head`` fills it)."""
+    if isinstance(head, Plan):
+        blocks = [(b.r, b.splits, 1) for b in head.blocks]
+    else:
+        S = dx_splits(head, H, V, sms, e, None, shift, N)
+        blocks = [(r, S, n) for r, n in block_sizes(N, head)]
+    return sum(n * _block_work(r, V, H, S, e, True, shift, sms, True, V - T) for r, S, n in blocks)
+
+
+def _slab_step(V):
+    """The second pass's slabs are multiples of this many columns: ``lean.SLAB_MULTIPLE``, or a multiple of it that
+    keeps its search within about LEAN_STATES states (512 at V = 151,936)."""
+    step = lean.SLAB_MULTIPLE
+    return step * max(1, -(-V // (step * LEAN_STATES)))
 
 
 def _tail_rows(nbytes, V, H, e):
-    """The fewest rows of dW, a multiple of ``lean.SLAB_MULTIPLE`` (or V), whose room (``_room``) holds
-    ``nbytes``."""
-    rows = min(V, -(-nbytes // (H * e * lean.SLAB_MULTIPLE)) * lean.SLAB_MULTIPLE)
+    """The fewest rows of dW, a multiple of ``_slab_step`` (or V), whose room (``_room``) holds ``nbytes``."""
+    step = _slab_step(V)
+    rows = min(V, -(-nbytes // (H * e * step)) * step)
     while rows < V and _room(V, H, e, V - rows) < nbytes:
-        rows = min(V, rows + lean.SLAB_MULTIPLE)
+        rows = min(V, rows + step)
     return rows
 
 
@@ -469,30 +498,33 @@ def _lean_head(N, V, H, e, shift, sms, T):
 @functools.lru_cache(maxsize=64)
 def _slab_search(N, V, H, e, budget, sms, most):
     """memory_lean's second pass as a shortest path over the vocabulary columns left (the last ``most`` at most,
-    in multiples of ``lean.SLAB_MULTIPLE``, and V): {columns left: (least ``_slab_work`` over them, their first
+    in multiples of ``_slab_step``, and V): {columns left: (least planned cost over them, their first
     slab (s, R, parked))}. A slab of s columns takes up to MAX_SLAB, its tiles of R rows parked in dW's rows past
-    it or, where those hold less than ``budget`` bytes, in the workspace."""
-    step = lean.SLAB_MULTIPLE
-    best = {0: (0, None)}
+    it or, where those hold less than ``budget`` bytes, in the workspace (``_slab_tiles``); a slab's cost is
+    ``_slab_work``'s, once per (s, R)."""
+    step = _slab_step(V)
+    best, work, rooms = {0: (0, None)}, {}, {0: 0}  # rooms: bytes of dW's rows past a slab with that many left
     for left in list(range(step, most + 1, step)) + ([V] if most == V and V % step else []):
         keys = []
         for s in range(left % step or step, min(left, MAX_SLAB) + 1, step):
-            option = _slab_work(N, V, H, e, budget, sms, V - left, s) if left - s in best else None
-            if option:
-                keys.append((option[0] + best[left - s][0], -s, option[1], option[2]))
+            if left - s not in best:
+                continue
+            tiles = _slab_tiles(N, s, e, rooms[left - s], budget)
+            if tiles:
+                if tiles not in work:
+                    work[tiles] = _slab_work(N, H, e, sms, s, tiles[0])
+                keys.append((work[tiles] + best[left - s][0], -s, *tiles[:2]))
+        rooms[left] = _room(V, H, e, V - left)
         if keys:
             cost, s, R, parked = min(keys)
             best[left] = (cost, (-s, R, parked))
     return best
 
 
-def _slab_work(N, V, H, e, budget, sms, c0, s):
-    """(planned cost, R, parked) of memory_lean's second pass over columns [c0, c0 + s): tiles of R rows (as
-    many as the room holds, balanced, whole tile rows where they fit) parked in dW's rows past the slab or,
-    where those hold less than ``budget`` bytes, in the workspace; each tile a logits GEMM, the gradient
-    epilogue (its launch; its bytes are the same for any tiling) and the slab's dW GEMM (accumulated after the
-    first tile). None where not one row fits."""
-    room = _room(V, H, e, c0 + s)
+def _slab_tiles(N, s, e, room, budget):
+    """(R, parked, s) of memory_lean's second pass over a slab of s columns with ``room`` bytes of dW's rows past
+    it: tiles of R rows, as many as the room holds, balanced, whole tile rows where they fit, parked in those rows
+    or, where they hold less than ``budget`` bytes, in the workspace; None where not one row fits."""
     parked, space = ("dw", room) if room >= budget else ("workspace", budget)
     most = space // (s * e)
     if most == 0:
@@ -500,9 +532,15 @@ def _slab_work(N, V, H, e, budget, sms, c0, s):
     R = -(-N // -(-N // most))
     if R >= ROW_MULTIPLE:
         R = min(most, -(-R // ROW_MULTIPLE) * ROW_MULTIPLE)
-    cost = sum(n * (gemm_work(r, s, H, 0, e, sms) + LAUNCH_WORK + gemm_work(s, H, r, s * H, e, sms))
+    return R, parked, s
+
+
+def _slab_work(N, H, e, sms, s, R):
+    """Planned cost (``registry.gemm_work``) of a slab of s columns in tiles of R rows: per tile a logits GEMM,
+    the gradient epilogue (its launch; its bytes are the same for any tiling) and the slab's dW GEMM (accumulated
+    after the first tile)."""
+    return sum(n * (gemm_work(r, s, H, 0, e, sms) + LAUNCH_WORK + gemm_work(s, H, r, s * H, e, sms))
                for r, n in block_sizes(N, R))
-    return cost, R, parked
 
 def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_block=None, limit=SHIFT_LIMIT,
         configs=None, weight_grad=True, memory_lean=False, blocking=None, splits=None):
