@@ -42,7 +42,8 @@ def _args(backend, seed=0, bias=False):
                                  dict(c_ent=0.02, beta_kl=0.1, anchor_mode="mix", loss_agg="seq-mean-token-mean"),
                                  dict(mode="grpo", dual_clip=3.0, kl_ratio_weighted=True, beta_kl=0.1)],
                          ids=["pact-bernoulli", "pact-mix-entropy-kl", "grpo"])
-def test_one_host_sync_per_call_whatever_the_row_blocks(backend, cfg):
+@pytest.mark.parametrize("memory_lean", [False, True], ids=["", "lean"])
+def test_one_host_sync_per_call_whatever_the_row_blocks(backend, cfg, memory_lean):
     """52 rows in 1 block and in 13 blocks of 4: each forward + backward reads the device once (the metrics)."""
     config = PACTLossConfig(**cfg)
     totals = []
@@ -50,7 +51,7 @@ def test_one_host_sync_per_call_whatever_the_row_blocks(backend, cfg):
         hidden, weight, _, targets, rows, batch = _args(backend)
         with count_syncs() as syncs:
             loss, _ = fused_pact_head(hidden, weight, targets, rows, batch, config, 0.3, step=2,
-                                      chunk_rows=chunk_rows, backend=backend)
+                                      chunk_rows=chunk_rows, memory_lean=memory_lean, backend=backend)
             loss.backward()
         assert hidden.grad is not None and weight.grad is not None
         totals.append(syncs.total)
