@@ -401,11 +401,11 @@ def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS
     logits in place (``linear_logprobs.bwd``) and the slab's dW. The tail trades the first pass's blocks (a
     larger block needs more rows of dW) against the second pass's recompute: each candidate (the tail that
     holds blocks of 128, 256, ... BLOCK_ROWS rows) is priced like ``plan`` prices blocks (``_block_work`` and
-    ``_slab_work``; the best LEAN_CANDIDATES by uniform blocks are filled by ``plan``'s search) and the least
-    taken. At W-logprob (V = 151,936, H = 2048, bf16): the default's blocks (512 rows), a tail of 38,400 rows, and
-    49 tiles, the last in a workspace of 4.98% of dW. ``rows_per_block``:
-    first-pass blocks of that many rows (``dx_splits`` each), the tail the fewest rows that hold them; refused
-    where dW cannot hold them (more than about H rows)."""
+    ``_slab_work``; the best LEAN_CANDIDATES by uniform blocks get ``plan``'s search and those uniform blocks as
+    heads, each with the fewest rows of dW that hold it) and the least taken. At W-logprob (V = 151,936, H =
+    2048, bf16): blocks of 512 rows, a tail of 40,960 rows, and 50 tiles, the last in a workspace of 4.98% of dW.
+    ``rows_per_block``: first-pass blocks of that many rows (``dx_splits`` each), the tail the fewest rows that
+    hold them; refused where dW cannot hold them (more than about H rows)."""
     e = dtype.itemsize
     shift = shift_mode(dtype, want_entropy, softcap)
     if N == 0:
@@ -422,22 +422,34 @@ def lean_plan(N, V, H, dtype, want_entropy=False, softcap=False, sms=DEFAULT_SMS
                              f"dW's {V * H * e}; take at most {fits[0] if fits else 0} rows or leave it unset")
         heads[_tail_rows(head.workspace_bytes, V, H, e)] = head
     else:  # each candidate tail priced with uniform blocks of its rows; the plan's search then fills the best one
-        for r in range(ROW_MULTIPLE, BLOCK_ROWS + ROW_MULTIPLE, ROW_MULTIPLE):
-            heads.setdefault(_tail_rows(_aligned(min(r, N) * V * e) + PARK_ALIGN, V, H, e), min(r, N))
-    for room in (budget, _aligned(N * min(V, _slab_step(V)) * e)):  # the second: where the budget holds no slab
+        for r in range(ROW_MULTIPLE, BLOCK_ROWS + ROW_MULTIPLE, ROW_MULTIPLE):  # (a block's buffers fit past it)
+            r = min(r, N)
+            heads.setdefault(_tail_rows(_aligned(r * V * e) + park_bytes(r, H, 1, e, shift, True), V, H, e), r)
+    # the second room: where the budget holds no slab (lse [N] alone can exceed it at millions of rows), one tile
+    # of at most BLOCK_ROWS rows
+    for room in (budget, max(budget, _aligned(min(N, BLOCK_ROWS) * min(V, _slab_step(V)) * e))):
         slabs = _slab_search(N, V, H, e, room, sms, max(heads))
         costs = {T: _head_work(N, V, H, e, shift, sms, T, head) + slabs[T][0] for T, head in heads.items()
                  if T in slabs}
         if costs:
             break
-    # the best few candidates filled by the plan's search (uniform blocks price a tail's head only roughly)
+    # the best few candidates filled by the plan's search, and by their uniform blocks (which price a tail's head
+    # only roughly), each with the fewest rows of dW that hold it
     filled = {}
     for T in sorted(costs, key=lambda t: (costs[t], t)):
-        head = heads[T] if isinstance(heads[T], Plan) else _lean_head(N, V, H, e, shift, sms, T)
-        if head is not None:
-            filled[T] = (_head_work(N, V, H, e, shift, sms, T, head) + slabs[T][0], head)
-        if len(filled) == LEAN_CANDIDATES:
+        options = [heads[T]] if isinstance(heads[T], Plan) else [
+            _lean_head(N, V, H, e, shift, sms, T), _uniform_head(N, V, H, e, shift, sms, heads[T])]
+        for head in options:
+            t = _tail_rows(head.workspace_bytes, V, H, e) if head else None
+            if t in slabs and _room(V, H, e, V - t) >= head.workspace_bytes:
+                cost = _head_work(N, V, H, e, shift, sms, t, head) + slabs[t][0]
+                if t not in filled or cost < filled[t][0]:
+                    filled[t] = (cost, head)
+        if len(filled) >= LEAN_CANDIDATES:
             break
+    if not filled:
+        raise ValueError(f"fused_pact_head: memory_lean keeps a block's logits in dW's rows, and dW ({V} x {H}) "
+                         f"cannot hold one row of logits over V={V} with its buffers; use memory_lean=False")
     T = min(filled, key=lambda t: (filled[t][0], t))
     head = filled[T][1]
     tiles, left = [], T
@@ -506,7 +518,7 @@ def _slab_search(N, V, H, e, budget, sms, most):
     best, work, rooms = {0: (0, None)}, {}, {0: 0}  # rooms: bytes of dW's rows past a slab with that many left
     for left in list(range(step, most + 1, step)) + ([V] if most == V and V % step else []):
         keys = []
-        for s in range(left % step or step, min(left, MAX_SLAB) + 1, step):
+        for s in range(left % step or step, min(left, max(MAX_SLAB, step)) + 1, step):
             if left - s not in best:
                 continue
             tiles = _slab_tiles(N, s, e, rooms[left - s], budget)
@@ -563,17 +575,13 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     V = w.shape[0]
     cfgs = configs or _configs()
     if memory_lean:
-        if splits is not None:
-            raise ValueError("fused_pact_head: splits applies to the default mode's row blocks; memory_lean plans "
-                             "its own")
+        _lean_options(splits, None)
         if grads is None or not weight_grad:  # no dW to work in: the recompute over a bounded workspace
             if blocking is None:
                 planned = lean.plan(N, V, H, device_sms(x.device), x.element_size())
                 blocking = lean.Blocking(min(rows_per_block, N), planned.slab) if rows_per_block else planned
             return _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, blocking)
-        if blocking is not None:
-            raise ValueError("fused_pact_head: blocking applies to memory_lean without dW (a frozen weight, or the "
-                             "forward alone); with dW it plans its own passes (lean_plan)")
+        _lean_options(None, blocking)
         if w.dtype != x.dtype:
             raise TypeError("fused_pact_head: memory_lean keeps logits in dW's rows: x and w must share one dtype")
     elif blocking is not None:
@@ -704,6 +712,16 @@ def row_grads(logp, base=None, po=None, tc=None, *, clip_eps_low=0.2, clip_eps_h
     return out
 
 
+def _lean_options(splits, blocking):
+    """Refuse what memory_lean does not take: ``splits`` (it plans its own), ``blocking`` where it has dW (the
+    ``lean_plan`` passes; ``blocking`` is the slab recompute's, without dW)."""
+    if splits is not None:
+        raise ValueError("fused_pact_head: splits applies to the default mode's row blocks; memory_lean plans its own")
+    if blocking is not None:
+        raise ValueError("fused_pact_head: blocking applies to memory_lean without dW (a frozen weight, or the "
+                         "forward alone); with dW it plans its own passes (lean_plan)")
+
+
 def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, blocking):
     """memory_lean without dW (a frozen weight, or the forward alone): linear_logprobs' forward over row blocks x
     vocabulary slabs, the upstream gradients of every row, then per (block, slab) the logits again, d logits in
@@ -763,6 +781,7 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
         return lean.kernel_costs(N, V, H, dtype, has_bias, want_entropy, configs=lean_cfgs, blocking=blocking,
                                  passes=("fwd", "bwd") if backward and N else ("fwd",), weight_grad=False)
     if memory_lean:
+        _lean_options(splits, blocking)
         lean_blocks = lean_plan(N, V, H, dtype, want_entropy, softcap, rows_per_block=rows_per_block)
         blocks, dw_rows = lean_blocks.head.blocks, V - lean_blocks.tail
     else:
@@ -826,10 +845,13 @@ def extra_memory_bytes(N, V, H, dtype, has_bias=False, want_entropy=False, rows_
     ``plan`` (the largest block's logits [r, V] and what the blocks that cannot park in dX's rows park past
     them: fp32 lse and s [r], dX's partial products [S, r, H] when split and, in shift mode, beta [r] and xs
     [r, H] in the input dtype). memory_lean with dW: ``lean_plan``'s workspace (the second pass's tiles that do
-    not fit in dW's unwritten rows) and fp32 lse [N]; without dW: the workspace [R, S] of ``blocking``, fp32 lse
-    [N] and the forward's state [4, R]."""
+    not fit in dW's unwritten rows) and fp32 lse [N] (the caller's ``grads`` of all rows, [N] each, come on top);
+    without dW: the workspace [R, S] of ``blocking``, fp32 lse [N] and the forward's state [4, R]."""
     if memory_lean and backward and weight_grad and N:
+        _lean_options(splits, blocking)
         return lean_plan(N, V, H, dtype, want_entropy, softcap, sms, rows_per_block).workspace_bytes + 4 * N
+    if memory_lean and N == 0:
+        return 0
     if memory_lean:
         e = dtype.itemsize
         blocking = blocking or lean.plan(N, V, H, sms, e)

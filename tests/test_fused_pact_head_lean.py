@@ -177,3 +177,29 @@ def test_blocking_is_refused_where_it_does_not_apply():
         launch.run(x, w, b, t, 1.0, False, grads, memory_lean=True, blocking=lean.Blocking(4, 16))
     with pytest.raises(ValueError, match="the default mode takes rows_per_block"):
         launch.run(x, w, b, t, 1.0, False, grads, blocking=lean.Blocking(4, 16))
+
+
+def test_shapes_at_the_edges_plan_or_are_refused_in_one_line():
+    """A vocabulary wider than the slab search's widest slab step (V > 300 x 16,384) plans; a lone row, a tiny
+    hidden size plan; where dW cannot hold one row of logits with its buffers, a ValueError says so; with lse
+    alone over the budget (millions of rows) the workspace stays one tile, not a slab of every row."""
+    for N, V, H in ((64, 4_915_201, 512), (1, 1000, 2), (3, 301, 4)):
+        lp = launch.lean_plan(N, V, H, torch.bfloat16)
+        _check_lean(N, V, H, torch.bfloat16, lp)
+    for N, V, H in ((7, 129, 1), (5, 1, 8)):
+        with pytest.raises(ValueError, match="cannot hold one row of logits"):
+            launch.lean_plan(N, V, H, torch.bfloat16)
+    N, V, H = 500_000, 32000, 512
+    lp = launch.lean_plan(N, V, H, torch.bfloat16)
+    _check_lean(N, V, H, torch.bfloat16, lp)
+    assert lp.workspace_bytes <= launch.BLOCK_ROWS * launch._slab_step(V) * 2
+
+
+def test_the_model_refuses_what_run_refuses_and_prices_no_rows_at_nothing():
+    for fn in (launch.kernel_costs, launch.extra_memory_bytes):
+        with pytest.raises(ValueError, match="splits applies"):
+            fn(64, 300, 16, torch.float32, False, False, memory_lean=True, splits=2)
+        with pytest.raises(ValueError, match="blocking applies"):
+            fn(64, 300, 16, torch.float32, False, False, memory_lean=True, blocking=lean.Blocking(4, 16))
+    assert launch.extra_memory_bytes(0, 300, 16, torch.float32, memory_lean=True) == 0
+    assert launch.extra_memory_bytes(0, 300, 16, torch.float32, memory_lean=True, weight_grad=False) == 0

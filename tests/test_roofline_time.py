@@ -75,18 +75,19 @@ def test_launchers_plan_with_the_models_tile_and_ridge():
 
 @pytest.mark.parametrize("N,H", [(32768, 2048), (32768, 4096), (3000, 2048)])
 def test_default_blockings_are_the_time_models_best(N, H):
-    """The fused head's default (rows per block, dX splits) and the log-prob op's default slab, planned by the
-    launchers' own few lines, are the best of every blocking the budget allows by the full time model, on H100
-    and H200 (within 1%): the workspace holds whole tile rows (W-logprob, H=2048: 384 rows, three tiles of 128,
-    where 448 left half a tile idle in every logits and dX GEMM) and the splits fill whole waves; a smaller N too."""
+    """The fused head's default (rows per block, dX splits), its memory_lean plan and the log-prob op's default
+    slab, planned by the launchers' own few lines, are the best of every blocking the budget allows by the full
+    time model, on H100 and H200 (within 1%): the workspace holds whole tile rows (W-logprob, H=2048: 384 rows,
+    three tiles of 128, where 448 left half a tile idle in every logits and dX GEMM) and the splits fill whole
+    waves; the lean plan against first-pass blocks of every multiple of 128 rows dW holds; a smaller N too."""
     from pact_fast.kernels import fused_pact_head_launch as head
 
     V = 151936
     shape = {"N": N, "V": V, "H": H}
     table = sass.issue_table()
 
-    def ratios(kwargs):
-        rows = roofline.variant_rows("W", "head", shape, table=table, variants=[("head", "x", kwargs)])
+    def ratios(kwargs, family="head"):
+        rows = roofline.variant_rows("W", family, shape, table=table, variants=[(family, "x", kwargs)])
         return [r["time_ratio"] for r in rows]
 
     budget = head.WORKSPACE_SHARE * V * H * 2
@@ -99,10 +100,20 @@ def test_default_blockings_are_the_time_models_best(N, H):
     for device in (0, 1):
         assert planned[device] <= 1.01 * min(g[device] for g in grid)
     lean = {"want_entropy": False, "memory_lean": True}
+    planned = ratios(lean)
+    grid = []
+    for r in range(128, min(N, H) + 1, 128):
+        try:
+            grid.append(ratios({**lean, "rows_per_block": r}))
+        except ValueError:  # blocks whose logits dW cannot hold
+            continue
+    assert len(grid) >= 3
+    for device in (0, 1):
+        assert planned[device] <= 1.01 * min(g[device] for g in grid)
     blocking = launch.plan(N, V, H)
     assert blocking.rows * blocking.slab <= launch.WORKSPACE_FRACTION * V * H
-    planned = ratios(lean)
-    grid = [ratios({**lean, "blocking": launch.Blocking(blocking.rows, s)})
+    planned = ratios({}, "logprob")
+    grid = [ratios({"blocking": launch.Blocking(blocking.rows, s)}, "logprob")
             for s in range(128, int(launch.WORKSPACE_FRACTION * V * H) // blocking.rows + 1, 128)]
     for device in (0, 1):
         assert planned[device] <= 1.01 * min(g[device] for g in grid)

@@ -371,8 +371,8 @@ def _run_torch(x, w, b, targets, inv_temp, cap, want_entropy, row_grads, chunk_r
 
 
 def _run_triton(x, w, b, targets, inv_temp, cap, want_entropy, row_grads, chunk_rows, weight_grad, memory_lean):
-    """Row blocks (or, memory_lean, row blocks x vocabulary slabs) through
-    ``kernels/fused_pact_head_launch.run``; same contract as ``_run_torch``."""
+    """Row blocks (memory_lean: ``lean_plan``'s two passes, or with a frozen weight row blocks x vocabulary
+    slabs) through ``kernels/fused_pact_head_launch.run``; same contract as ``_run_torch``."""
     from ..kernels import fused_pact_head_launch as launch
 
     logp, ent, dx, dw, db = launch.run(x.contiguous(), w.contiguous(), b, targets.long().contiguous(), inv_temp,
