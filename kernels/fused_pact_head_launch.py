@@ -33,8 +33,8 @@ vocabulary columns, per tile of rows, the logits again (GEMM), ``linear_logprobs
 lse [N] kept by the first pass and the upstream gradients of all rows) and the slab's dW GEMM, each tile's logits
 parked in dW's rows past its slab (unwritten: their slabs come later) or, where those run out, in a workspace.
 Extra memory: that workspace and lse, within ``LEAN_SHARE`` (5%) of dW; 6NVH + 2N tail H FLOPs. At W-logprob the
-tail is a quarter of the vocabulary. Without dW (a frozen weight, or the forward alone) there are no rows of dW
-to work in: cut-cross-entropy style, ``linear_logprobs``' blocking (row blocks x vocabulary slabs, workspace
+tail is about a quarter of the vocabulary. Without dW (a frozen weight, or the forward alone) there are no rows of
+dW to work in: cut-cross-entropy style, ``linear_logprobs``' blocking (row blocks x vocabulary slabs, workspace
 within 5% of dW): its forward (GEMM + online-LSE epilogue per slab), the upstream gradients of all rows, then per
 slab the logits again, ``linear_logprobs.bwd`` and dX's GEMM.
 
