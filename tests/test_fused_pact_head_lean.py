@@ -20,7 +20,7 @@ from pact_fast.kernels import fused_pact_head_launch as launch
 from pact_fast.kernels import linear_logprobs_launch as lean
 from pact_fast.kernels.registry import interpreting
 
-from test_fused_pact_head_plan import _Allocations, _check_plan
+from test_fused_pact_head_plan import _check_plan, allocated_beyond_outputs, float64_reference
 from test_fused_pact_head_split import _float64_grads, _problem, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -109,16 +109,9 @@ def test_lean_with_tiles_in_dw_and_in_the_workspace_equals_float64(dtype, want_e
 
     logp, ent, dx, dw, db = launch.run(x, w, b, t, 1 / 0.9, want_entropy, grads, cap=cap, rows_per_block=4,
                                        memory_lean=True)
-    ref = [p.double().requires_grad_() for p in (x, w) + ((b,) if bias else ())]
-    z = (ref[0] @ ref[1].t() + (ref[2] if bias else 0))
-    z = (cap * torch.tanh(z / cap) if cap else z) / 0.9
-    lp64 = torch.log_softmax(z, -1)
-    out = (g_logp.double() * lp64.gather(1, t[:, None]).squeeze(1)).sum()
-    if want_entropy:
-        out = out + (g_ent.double() * -(lp64.exp() * lp64).sum(-1)).sum()
-    want = torch.autograd.grad(out, ref)
+    want_logp, want = float64_reference(x, w, b, t, g_logp, g_ent, 1 / 0.9, want_entropy, cap)
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
-    assert rel_err(logp, lp64.gather(1, t[:, None]).squeeze(1)) < tol
+    assert rel_err(logp, want_logp) < tol
     assert dx.dtype == dw.dtype == dtype
     assert rel_err(dx, want[0]) < tol and rel_err(dw, want[1]) < tol
     row_err = ((dw.double() - want[1]).norm(dim=1) / want[1].norm(dim=1)).max().item()
@@ -152,10 +145,8 @@ def test_what_lean_allocates_beyond_its_outputs_is_extra_memory_bytes(dtype, wan
     def grads(lo, hi, logp, ent):
         return g_logp[lo:hi], g_ent[lo:hi] if want_entropy else None
 
-    with _Allocations() as spy:
-        outputs = launch.run(x, w, b, t, 1.0, want_entropy, grads, rows_per_block=4, memory_lean=True)
-    produced = {o.untyped_storage().data_ptr() for o in outputs if o is not None}
-    extra = sum(a.untyped_storage().nbytes() for a in spy.tensors if a.untyped_storage().data_ptr() not in produced)
+    extra = allocated_beyond_outputs(lambda: launch.run(x, w, b, t, 1.0, want_entropy, grads, rows_per_block=4,
+                                                        memory_lean=True))
     assert launch.lean_plan(N, V, H, dtype, want_entropy, rows_per_block=4).workspace_bytes > 0
     assert extra == launch.extra_memory_bytes(N, V, H, dtype, bias, want_entropy, rows_per_block=4, memory_lean=True)
 

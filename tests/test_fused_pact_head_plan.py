@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pact_fast.kernels import fused_pact_head_launch as launch
 from pact_fast.kernels.registry import interpreting
 
-from test_fused_pact_head_split import _float64_grads, _problem, rel_err
+from test_fused_pact_head_split import _problem, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import roofline  # noqa: E402
@@ -111,6 +111,20 @@ def test_named_rows_per_block_are_uniform_with_the_budgets_splits():
     assert launch.plan(0, 96, 24, torch.float32) == launch.Plan((), 0)
 
 
+def float64_reference(x, w, b, t, g_logp, g_ent, inv_temp, want_entropy, cap=None):
+    """(logp [N], (dX, dW[, db])) in float64 of sum(g_logp * logp) (+ sum(g_ent * entropy)) over the logits
+    ``(x w^T + b) * inv_temp``, or ``cap * tanh((x w^T + b) / cap) * inv_temp``."""
+    ref = [p.double().requires_grad_() for p in (x, w) + ((b,) if b is not None else ())]
+    z = ref[0] @ ref[1].t() + (ref[2] if b is not None else 0)
+    z = (cap * torch.tanh(z / cap) if cap else z) * inv_temp
+    lp = torch.log_softmax(z, -1)
+    logp = lp.gather(1, t[:, None]).squeeze(1)
+    out = (g_logp.double() * logp).sum()
+    if want_entropy:
+        out = out + (g_ent.double() * -(lp.exp() * lp).sum(-1)).sum()
+    return logp.detach(), torch.autograd.grad(out, ref)
+
+
 CASES = [(torch.float32, False, True, True), (torch.bfloat16, False, False, True), (torch.float32, True, True, True),
          (torch.float16, False, True, True), (torch.float32, False, False, False), (torch.float32, True, False, False)]
 
@@ -133,15 +147,9 @@ def test_blocks_parked_in_dx_rows_and_in_the_workspace_equal_float64(dtype, want
 
     logp, ent, dx, dw, db = launch.run(x, w, b, t, 1 / 0.9, want_entropy, grads, rows_per_block=16, splits=2,
                                        weight_grad=weight_grad)
-    ref = [p.double().requires_grad_() for p in (x, w) + ((b,) if bias else ())]
-    z = (ref[0] @ ref[1].t() + (ref[2] if bias else 0)) / 0.9
-    lp = torch.log_softmax(z, -1)
-    out = (g_logp.double() * lp.gather(1, t[:, None]).squeeze(1)).sum()
-    if want_entropy:
-        out = out + (g_ent.double() * -(lp.exp() * lp).sum(-1)).sum()
-    want = torch.autograd.grad(out, ref)
+    want_logp, want = float64_reference(x, w, b, t, g_logp, g_ent, 1 / 0.9, want_entropy)
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
-    assert rel_err(logp, lp.gather(1, t[:, None]).squeeze(1)) < tol
+    assert rel_err(logp, want_logp) < tol
     assert rel_err(dx, want[0]) < tol
     assert (rel_err(dw, want[1]) < tol) if weight_grad else dw is None
     if bias:
@@ -173,6 +181,14 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
+def allocated_beyond_outputs(call):
+    """Bytes the launcher's own lines allocate in ``call()`` (``_Allocations``) beyond the tensors it returns."""
+    with _Allocations() as spy:
+        outputs = call()
+    produced = {o.untyped_storage().data_ptr() for o in outputs if o is not None}
+    return sum(a.untyped_storage().nbytes() for a in spy.tensors if a.untyped_storage().data_ptr() not in produced)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype,want_entropy,bias,weight_grad", CASES[:4] + CASES[4:5],
                          ids=["fp32-shift-bias", "bf16-shift", "fp32-ordinary-bias", "fp16-ordinary-bias",
@@ -187,11 +203,9 @@ def test_what_run_allocates_beyond_its_outputs_is_extra_memory_bytes(dtype, want
     def grads(lo, hi, logp, ent):
         return g_logp[lo:hi], g_ent[lo:hi] if want_entropy else None
 
-    with _Allocations() as spy:
-        outputs = launch.run(x, w, b, t, 1.0, want_entropy, grads, rows_per_block=rows_per_block,
-                             splits=2 if rows_per_block else None, weight_grad=weight_grad)
-    produced = {o.untyped_storage().data_ptr() for o in outputs if o is not None}
-    extra = sum(a.untyped_storage().nbytes() for a in spy.tensors if a.untyped_storage().data_ptr() not in produced)
+    extra = allocated_beyond_outputs(lambda: launch.run(x, w, b, t, 1.0, want_entropy, grads,
+                                                        rows_per_block=rows_per_block,
+                                                        splits=2 if rows_per_block else None, weight_grad=weight_grad))
     assert extra == launch.extra_memory_bytes(N, V, H, dtype, bias, want_entropy, rows_per_block,
                                               weight_grad=weight_grad, splits=2 if rows_per_block else None) > 0
 
