@@ -538,7 +538,7 @@ def _slab_tiles(N, s, e, room, budget):
     it: tiles of R rows, as many as the room holds, balanced, whole tile rows where they fit, parked in those rows
     or, where they hold less than ``budget`` bytes, in the workspace; None where not one row fits."""
     parked, space = ("dw", room) if room >= budget else ("workspace", budget)
-    most = space // (s * e)
+    most = min(space // (s * e), (2 ** 31 - 1) // s)  # (the gradient epilogue's offsets are int32)
     if most == 0:
         return None
     R = -(-N // -(-N // most))

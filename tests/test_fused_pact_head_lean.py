@@ -184,6 +184,12 @@ def test_shapes_at_the_edges_plan_or_are_refused_in_one_line():
     lp = launch.lean_plan(N, V, H, torch.bfloat16)
     _check_lean(N, V, H, torch.bfloat16, lp)
     assert lp.workspace_bytes <= launch.BLOCK_ROWS * launch._slab_step(V) * 2
+    # a head whose dW (2.5e9 elements) could hold more logits than the gradient epilogue's int32 offsets reach:
+    # no tile is that large
+    N, V, H = 200_000, 151936, 16384
+    lp = launch.lean_plan(N, V, H, torch.bfloat16)
+    _check_lean(N, V, H, torch.bfloat16, lp)
+    assert max(t.r * t.s for t in lp.tiles) < 2 ** 31
 
 
 def test_the_model_refuses_what_run_refuses_and_prices_no_rows_at_nothing():
