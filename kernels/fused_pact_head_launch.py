@@ -50,7 +50,7 @@ import triton
 
 from .fused_pact_head import _head_pass_kernel, _row_grads_kernel, _scale_rows_kernel
 from . import linear_logprobs_launch as lean
-from .linear_logprobs_launch import slab_grad
+from .linear_logprobs_launch import slab_grad, slab_grad_cost
 from . import registry
 from .registry import (DEFAULT_SMS, GEMM_RIDGE, GEMM_TILE, LAUNCH_WORK, TRITON_DTYPE, GateEntry, KernelCost,
                        block_sizes, device_sms, gemm_cost, gemm_work, interpreting, vocab_variants)
@@ -632,12 +632,10 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
             num_warps=pcfg.num_warps, num_stages=pcfg.num_stages)
         if grads is None:
             continue
-        g_logp, g_ent = grads(r0, r0 + r, logp, ent)
-        g_logp = g_logp.float().contiguous()
+        g_logp, g_ent = _upstream(grads, r0, r0 + r, logp, ent)
         first = r0 == 0
         if not shift:  # d logits in place of the logits
-            slab_grad(z, 0, targets[rows], own["lse"], ent[rows], g_logp,
-                      g_ent.float().contiguous() if g_ent is not None else None, db, inv_temp, cfgs["grad"], cap)
+            slab_grad(z, 0, targets[rows], own["lse"], ent[rows], g_logp, g_ent, db, inv_temp, cfgs["grad"], cap)
         src = _dx_parts(z, w, own["parts"], S) if S > 1 else torch.mm(z, w, out=dx[rows])
         xs, beta = own.get("xs"), own.get("beta")
         if shift or S > 1:  # dx = beta * (U @ w) (shift mode), or the partial products summed (ordinary mode)
@@ -656,14 +654,19 @@ def run(x, w, b, targets, inv_temp, want_entropy, grads, *, cap=None, rows_per_b
     return logp, ent, dx, dw, db
 
 
+def _upstream(grads, lo, hi, logp, ent):
+    """The caller's upstream gradients of rows [lo, hi) as the epilogues read them: fp32, contiguous (g_ent None
+    without an entropy term)."""
+    g_logp, g_ent = grads(lo, hi, logp, ent)
+    return g_logp.float().contiguous(), g_ent.float().contiguous() if g_ent is not None else None
+
+
 def _lean_tail(x, w, b, targets, inv_temp, grads, logp, ent, lse, dw, lean_blocks, cap, cfgs):
     """memory_lean's second pass (``LeanPlan.tiles``): dW's last ``tail`` rows from the logits again, tile by tile,
     each parked in dW's rows past its slab or in the workspace; d logits in place by ``linear_logprobs.bwd`` from
     lse and the upstream gradients of all rows (the first pass formed db and dX whole)."""
     H, e = x.shape[1], x.element_size()
-    g_logp, g_ent = grads(0, x.shape[0], logp, ent)
-    g_logp = g_logp.float().contiguous()
-    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    g_logp, g_ent = _upstream(grads, 0, x.shape[0], logp, ent)
     rows_of_dw = dw.view(-1).view(torch.uint8)
     workspace = torch.empty(lean_blocks.workspace_bytes, device=x.device, dtype=torch.uint8)
     for t in lean_blocks.tiles:
@@ -736,9 +739,7 @@ def _run_lean(x, w, b, targets, inv_temp, want_entropy, grads, cap, cfgs, blocki
     db = torch.zeros(V, device=x.device, dtype=torch.float32) if b is not None else None
     if N == 0:
         return logp, ent, dx, None, db
-    g_logp, g_ent = grads(0, N, logp, ent)
-    g_logp = g_logp.float().contiguous()
-    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    g_logp, g_ent = _upstream(grads, 0, N, logp, ent)
     workspace = torch.empty(blocking.rows * blocking.slab, device=x.device, dtype=x.dtype)  # [R * S]
     for r0, r, v0, s in lean.blocks(N, V, blocking):
         rows, cols = slice(r0, r0 + r), slice(v0, v0 + s)
@@ -812,9 +813,7 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
             continue
         acc = 0 if r0 == 0 else 1
         if not shift:
-            row_bytes = (8 + 4 + 4 + (8 if want_entropy else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
-            atomics = 2 * 4 * V * triton.cdiv(r, cfgs["grad"].blocks["BLOCK_R"]) if has_bias else 0
-            costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * V * e + atomics))
+            costs.append(slab_grad_cost(r, V, e, want_entropy, has_bias, cfgs["grad"].blocks["BLOCK_R"]))
         if S == 1:
             gemm("dx", r, H, V, 0)
         else:
@@ -833,8 +832,7 @@ def kernel_costs(N, V, H, dtype, has_bias, want_entropy, bad_rows=None, configs=
     if memory_lean:  # the second pass: per tile the logits, d logits in place, the slab's dW
         for t in lean_blocks.tiles:
             gemm("logits", t.r, t.s, H, t.s if has_bias else 0)
-            row_bytes = (8 + 4 + 4 + (8 if want_entropy else 0)) * t.r  # targets, lse, g_logp (+ entropy, g_ent)
-            costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * t.r * t.s * e))
+            costs.append(slab_grad_cost(t.r, t.s, e, want_entropy, False, cfgs["grad"].blocks["BLOCK_R"]))
             gemm("dw", t.s, H, t.r, 0 if t.r0 == 0 else t.s * H)
     return costs
 

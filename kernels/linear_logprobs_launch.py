@@ -129,6 +129,15 @@ def slab_grad(z, v0, targets, lse, ent, g_logp, g_ent, db, inv_temp, cfg, cap=No
             HAS_GENT=g_ent is not None, HAS_BIAS=db is not None, SOFTCAP=cap is not None)
 
 
+def slab_grad_cost(r, s, e, has_gent, has_bias, block_r):
+    """KernelCost of ``slab_grad`` over r rows x s columns of logits (``e`` bytes each): the rows' targets, lse and
+    g_logp (+ entropy and g_ent), the logits read and written, and with a bias the fp32 column sums' atomics (a
+    load and a store per column and program of ``block_r`` rows)."""
+    row_bytes = (8 + 4 + 4 + (8 if has_gent else 0)) * r
+    atomics = 2 * 4 * s * triton.cdiv(r, block_r) if has_bias else 0
+    return KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * s * e + atomics)
+
+
 def accumulate_grads(dz, x_blk, w_slab, dx_blk, dw_slab, first_slab, first_block):
     """dx_blk [r, H] (+)= dz [r, s] @ w_slab [s, H]; dw_slab [s, H] (+)= dz.T @ x_blk [r, H] (no dW GEMM when
     dw_slab is None: a frozen weight): cuBLAS GEMMs in the input dtype that overwrite on a block's first slab /
@@ -224,9 +233,7 @@ def kernel_costs(N, V, H, dtype, has_bias, has_gent, configs=None, blocking=None
     bwd_block_r = cfgs["bwd"].blocks["BLOCK_R"]
     for r0, r, v0, s in blocks(N, V, blocking) if "bwd" in passes else ():
         gemm("logits", r, s, H, s if has_bias else 0)
-        row_bytes = (8 + 4 + 4 + (8 if has_gent else 0)) * r  # targets, lse, g_logp (+ entropy, g_ent)
-        atomics = 2 * 4 * s * triton.cdiv(r, bwd_block_r) if has_bias else 0
-        costs.append(KernelCost("linear_logprobs.bwd", 0, row_bytes + 2 * r * s * e + atomics))
+        costs.append(slab_grad_cost(r, s, e, has_gent, has_bias, bwd_block_r))
         gemm("dx", r, H, s, 0 if v0 == 0 else r * H)
         if weight_grad:
             gemm("dw", s, H, r, 0 if r0 == 0 else s * H)
